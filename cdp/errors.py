@@ -1,0 +1,118 @@
+"""The one error tree of the CDP engine.
+
+Every error that leaves a `cdp` module is one of these. Backends translate the
+errors of their SDKs at the edge (``raise StoreUnavailable(...) from exc``), so
+callers never see botocore, azure-core or OSError types. Each class carries the
+exit code the CLI uses when the error reaches it, and its docstring is the
+default message::
+
+    CdpError                         exit 1
+    ├── ConfigError                  exit 2   bad configuration or arguments
+    ├── FormatError                  exit 3   bytes that do not follow docs/FORMAT.md
+    │   ├── ChecksumMismatch                  a checksum does not match its bytes
+    │   └── TruncatedError                    fewer bytes than a length field promises
+    ├── LogError                     exit 4   replication-log partition
+    │   ├── LogFull                           appending would overwrite untrimmed data
+    │   └── LogCorruption                     invalid data where durable data must be
+    ├── MetaError                    exit 4   metadata repository unreadable
+    └── StoreError                   exit 5   object store
+        ├── InvalidKey                        a key the validator refuses
+        ├── NotFound                          no object under that key
+        ├── AlreadyExists                     a conditional (if-absent) put lost
+        ├── PermissionDenied                  credentials refused
+        └── StoreUnavailable                  transient: network, 5xx, throttling
+            └── StoreTimeout                  the store did not answer in time
+
+Messages name the file, object, offset or field that was wrong and what was
+expected. They never contain credentials: backends build them from keys and
+status codes, not from SDK exception text that may echo a signed URL.
+"""
+
+from __future__ import annotations
+
+
+class CdpError(Exception):
+    """CDP engine error."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or type(self).__name__).strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(CdpError):
+    """Invalid configuration or arguments."""
+
+    exit_code = 2
+
+
+class FormatError(CdpError):
+    """Data does not follow docs/FORMAT.md."""
+
+    exit_code = 3
+
+
+class ChecksumMismatch(FormatError):
+    """A checksum does not match the bytes it covers."""
+
+
+class TruncatedError(FormatError):
+    """Fewer bytes than a length field promises."""
+
+
+class LogError(CdpError):
+    """Replication-log partition error."""
+
+    exit_code = 4
+
+
+class LogFull(LogError):
+    """The replication log is full: appending would overwrite untrimmed data."""
+
+
+class LogCorruption(LogError):
+    """The replication log holds invalid data where durable data must be."""
+
+
+class MetaError(CdpError):
+    """The metadata repository cannot be read or written."""
+
+    exit_code = 4
+
+
+class StoreError(CdpError):
+    """Object store error."""
+
+    exit_code = 5
+    #: True when retrying the same call later may succeed.
+    retryable = False
+
+
+class InvalidKey(StoreError):
+    """Object key refused by the key validator."""
+
+
+class NotFound(StoreError):
+    """No object under that key."""
+
+
+class AlreadyExists(StoreError):
+    """An object already exists under that key (conditional put lost)."""
+
+
+class PermissionDenied(StoreError):
+    """The object store refused the credentials."""
+
+
+class StoreUnavailable(StoreError):
+    """The object store is unreachable or failed transiently."""
+
+    retryable = True
+
+
+class StoreTimeout(StoreUnavailable):
+    """The object store did not answer in time."""

@@ -1,0 +1,165 @@
+"""Byte layouts of the replication-log partition (docs/FORMAT.md §3).
+
+Pure functions: pack and check superblocks and entry headers. The I/O and the scan
+rules live in ``cdp.replog``.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as uuidlib
+from dataclasses import dataclass, replace
+
+import xxhash
+
+BLOCK = 4096  # §0: log block; O_DIRECT alignment
+SUPERBLOCK_COUNT = 2
+DATA_START = SUPERBLOCK_COUNT * BLOCK  # §3.1
+DATA_SIZE_MIN = 1 << 20  # §3.1
+
+SB_MAGIC = b"CDPLOGSB"
+SB_VERSION = 1
+ENTRY_MAGIC = b"CDPL"
+ENTRY_VERSION = 1
+KIND_DATA = 1
+KIND_PAD = 2
+EMPTY_XXH3 = xxhash.xxh3_64_intdigest(b"")
+
+# FORMAT.md §3.2: superblock fields; the copy on disk is padded to one log block.
+_SB = struct.Struct("<8sHHI16sQQQQQQII32sQ")
+assert _SB.size == 128, "FORMAT.md §3.2"
+_SB_SUMMED = 120
+
+# FORMAT.md §3.3: entry header, 64 bytes.
+_ENTRY = struct.Struct("<4sHHQQIIQ16sQ")
+assert _ENTRY.size == 64, "FORMAT.md §3.3"
+ENTRY_HEADER_SIZE = _ENTRY.size
+_ENTRY_SUMMED = 56
+
+
+def align_up(n: int, to: int = BLOCK) -> int:
+    return (n + to - 1) // to * to
+
+
+def entry_stride(body_len: int) -> int:
+    """Bytes a DATA entry with ``body_len`` bytes of body occupies in the ring."""
+    return align_up(ENTRY_HEADER_SIZE + body_len)
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock:
+    """One decoded superblock copy (§3.2). ``head <= tail_hint`` always holds."""
+
+    uuid: bytes
+    partition_size: int
+    data_size: int
+    generation: int
+    head: int
+    tail_hint: int
+    epoch: int
+    commit_bytes_max: int
+    label: str
+
+    def copy_index(self) -> int:
+        return self.generation % SUPERBLOCK_COUNT
+
+    def next(self, **changes: int) -> "Superblock":
+        """The superblock to write next: one generation later, with ``changes``."""
+        return replace(self, generation=self.generation + 1, **changes)
+
+    @staticmethod
+    def new(partition_size: int, data_size: int, commit_bytes_max: int, label: str) -> "Superblock":
+        return Superblock(
+            uuid=uuidlib.uuid4().bytes, partition_size=partition_size, data_size=data_size,
+            generation=0, head=0, tail_hint=0, epoch=0, commit_bytes_max=commit_bytes_max,
+            label=label,
+        )
+
+
+def pack_superblock(sb: Superblock) -> bytes:
+    label = sb.label.encode("utf-8")[:32]
+    raw = bytearray(BLOCK)
+    _SB.pack_into(
+        raw, 0, SB_MAGIC, SB_VERSION, 0, BLOCK, sb.uuid, sb.partition_size, DATA_START,
+        sb.data_size, sb.generation, sb.head, sb.tail_hint, sb.epoch, sb.commit_bytes_max,
+        label, 0,
+    )
+    struct.pack_into("<Q", raw, _SB_SUMMED, xxhash.xxh3_64_intdigest(raw[:_SB_SUMMED]))
+    return bytes(raw)
+
+
+def unpack_superblock(raw: bytes | memoryview) -> Superblock | str:
+    """The superblock in ``raw``, or a string saying why this copy is not valid."""
+    if len(raw) < _SB.size:
+        return "short read"
+    (magic, version, flags, block_size, uid, partition_size, data_start, data_size,
+     generation, head, tail_hint, epoch, commit_max, label, summed) = _SB.unpack_from(raw)
+    if magic != SB_MAGIC:
+        return f"magic {magic!r}, expected {SB_MAGIC!r}"
+    if version != SB_VERSION:
+        return f"version {version}, expected {SB_VERSION}"
+    if xxhash.xxh3_64_intdigest(bytes(raw[:_SB_SUMMED])) != summed:
+        return "superblock checksum mismatch"
+    if flags or block_size != BLOCK or data_start != DATA_START:
+        return f"unsupported geometry (flags {flags}, block {block_size}, data_start {data_start})"
+    if data_size < DATA_SIZE_MIN or data_size % BLOCK or head > tail_hint:
+        return f"inconsistent fields (data_size {data_size}, head {head}, tail_hint {tail_hint})"
+    return Superblock(
+        uuid=uid, partition_size=partition_size, data_size=data_size, generation=generation,
+        head=head, tail_hint=tail_hint, epoch=epoch, commit_bytes_max=commit_max,
+        label=label.rstrip(b"\0").decode("utf-8", "replace"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EntryHeader:
+    kind: int
+    pos: int
+    commit_pos: int
+    epoch: int
+    body_len: int
+    body_xxh3: int
+
+
+def pack_entry_header(kind: int, pos: int, commit_pos: int, epoch: int, body_len: int,
+                      body_xxh3: int, uuid: bytes) -> bytes:
+    raw = bytearray(
+        _ENTRY.pack(ENTRY_MAGIC, ENTRY_VERSION, kind, pos, commit_pos, epoch, body_len,
+                    body_xxh3, uuid, 0)
+    )
+    struct.pack_into("<Q", raw, _ENTRY_SUMMED, xxhash.xxh3_64_intdigest(raw[:_ENTRY_SUMMED]))
+    return bytes(raw)
+
+
+def unpack_entry_header(
+    raw: bytes | memoryview, pos: int, uuid: bytes, body_len_max: int
+) -> EntryHeader | str:
+    """The entry header at logical ``pos``, or why it is not one (§3.3, header checks only).
+
+    Checks magic, version, kind, ``header_xxh3``, the partition ``uuid`` (an entry of an
+    earlier format carries another one), that the entry claims to be at ``pos`` (a stale
+    entry of an earlier lap claims another position), ``commit_pos <= pos`` and the body
+    length bound. Epoch, ring fit and body checksum are
+    the caller's, who knows the context.
+    """
+    if len(raw) < ENTRY_HEADER_SIZE:
+        return "short read"
+    (magic, version, kind, epos, commit_pos, epoch, body_len, body_xxh3,
+     entry_uuid, summed) = _ENTRY.unpack_from(raw)
+    if magic != ENTRY_MAGIC:
+        return "no entry magic"
+    if version != ENTRY_VERSION:
+        return f"entry version {version}, expected {ENTRY_VERSION}"
+    if xxhash.xxh3_64_intdigest(bytes(raw[:_ENTRY_SUMMED])) != summed:
+        return "entry header checksum mismatch"
+    if entry_uuid != uuid:
+        return "entry of another partition format (uuid differs)"
+    if epos != pos:
+        return f"entry claims position {epos} (stale entry of another lap)"
+    if kind not in (KIND_DATA, KIND_PAD):
+        return f"unknown entry kind {kind}"
+    if commit_pos > pos:
+        return f"inconsistent entry header (commit_pos {commit_pos})"
+    if body_len > body_len_max or (kind == KIND_PAD and body_len):
+        return f"entry body_len {body_len} out of bounds"
+    return EntryHeader(kind, epos, commit_pos, epoch, body_len, body_xxh3)

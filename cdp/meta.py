@@ -1,0 +1,153 @@
+"""Metadata repository: per-domain engine state, durable and atomic (docs/FORMAT.md §4).
+
+One JSON document lives in one of two fixed slots of a preallocated file (or device).
+A write goes to the slot *not* holding the current state, then ``fdatasync``; a torn
+write can only damage that slot, so the previous state stays readable. Invariant: after
+``write`` returns, ``read`` — in this process or after a crash — returns that document
+or a newer one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from cdp.durable import fsync_dir, preallocate
+from cdp.errors import ConfigError, MetaError
+
+META_MAGIC = b"CDPM"
+META_VERSION = 1
+SLOT_SIZE_DEFAULT = 1 << 20
+_ALIGN = 4096
+
+# FORMAT.md §4: slot header, 64 bytes; header_xxh3 covers [0, 56).
+_SLOT = struct.Struct("<4sHHQIIQ24sQ")
+assert _SLOT.size == 64, "FORMAT.md §4"
+_SUMMED = 56
+
+
+def _pack_slot(generation: int, slot_size: int, body: bytes) -> bytes:
+    raw = bytearray(_SLOT.pack(META_MAGIC, META_VERSION, 0, generation, slot_size, len(body),
+                               xxhash.xxh3_64_intdigest(body), bytes(24), 0))
+    struct.pack_into("<Q", raw, _SUMMED, xxhash.xxh3_64_intdigest(raw[:_SUMMED]))
+    raw += body
+    raw += bytes(-len(raw) % _ALIGN)
+    return bytes(raw)
+
+
+def _unpack_slot(raw: bytes, slot_size: int) -> tuple[int, dict[str, Any]] | str:
+    if len(raw) < _SLOT.size:
+        return "short read"
+    magic, version, flags, gen, size, body_len, body_xxh3, reserved, summed = _SLOT.unpack_from(raw)
+    if magic != META_MAGIC:
+        return f"magic {magic!r}, expected {META_MAGIC!r}"
+    if version != META_VERSION:
+        return f"version {version}, expected {META_VERSION}"
+    if xxhash.xxh3_64_intdigest(raw[:_SUMMED]) != summed:
+        return "slot header checksum mismatch"
+    if flags or any(reserved) or size != slot_size or body_len > slot_size - _SLOT.size:
+        return f"inconsistent slot header (slot_size {size}, body_len {body_len})"
+    body = raw[_SLOT.size : _SLOT.size + body_len]
+    if xxhash.xxh3_64_intdigest(body) != body_xxh3:
+        return "slot body checksum mismatch"
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        return f"slot body is not JSON ({exc})"
+    if not isinstance(doc, dict):
+        return "slot body is not a JSON object"
+    return gen, doc
+
+
+class MetaRepository:
+    """The two-slot metadata repository at ``path`` (see the module docstring)."""
+
+    def __init__(self, path: Path, fd: int, slot_size: int, generation: int, doc: dict[str, Any]):
+        self.path = path
+        self._fd = fd
+        self._slot_size = slot_size
+        self._generation = generation
+        self._doc = doc
+        self._lock = threading.Lock()
+
+    @classmethod
+    def format(cls, path: str | os.PathLike[str], *, slot_size: int = SLOT_SIZE_DEFAULT) -> None:
+        """Create the repository holding an empty document (generation 1 in slot 1)."""
+        if slot_size % _ALIGN or slot_size < _ALIGN:
+            raise ConfigError(f"metadata repository {path}: slot_size must be a multiple of {_ALIGN}")
+        path = Path(path)
+        is_device = path.exists() and stat.S_ISBLK(path.stat().st_mode)
+        if not is_device:
+            preallocate(path, 2 * slot_size)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if os.lseek(fd, 0, os.SEEK_END) < 2 * slot_size:
+                raise ConfigError(f"metadata repository {path}: smaller than two slots of {slot_size}")
+            os.pwrite(fd, bytes(_ALIGN), 0)  # no stale slot 0 of an earlier format
+            os.pwrite(fd, _pack_slot(1, slot_size, b"{}"), slot_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not is_device:
+            fsync_dir(path.resolve().parent)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, slot_size: int = SLOT_SIZE_DEFAULT) -> "MetaRepository":
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise MetaError(f"metadata repository {path}: cannot open ({exc.strerror})") from exc
+        best: tuple[int, dict[str, Any]] | None = None
+        reasons = []
+        for i in range(2):
+            got = _unpack_slot(os.pread(fd, slot_size, i * slot_size), slot_size)
+            if isinstance(got, str):
+                reasons.append(f"slot {i}: {got}")
+            elif got[0] % 2 != i:
+                reasons.append(f"slot {i}: generation {got[0]} belongs to the other slot")
+            elif best is None or got[0] > best[0]:
+                best = got
+        if best is None:
+            os.close(fd)
+            raise MetaError(f"metadata repository {path}: no valid slot ({'; '.join(reasons)})")
+        return cls(path, fd, slot_size, best[0], best[1])
+
+    def read(self) -> dict[str, Any]:
+        """A copy of the current document."""
+        return json.loads(json.dumps(self._doc))
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def write(self, doc: dict[str, Any]) -> None:
+        """Replace the document atomically and durably."""
+        body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        if len(body) > self._slot_size - _SLOT.size:
+            raise MetaError(
+                f"metadata repository {self.path}: document of {len(body)} bytes exceeds the "
+                f"slot ({self._slot_size - _SLOT.size} bytes)"
+            )
+        with self._lock:
+            gen = self._generation + 1
+            os.pwrite(self._fd, _pack_slot(gen, self._slot_size, body), (gen % 2) * self._slot_size)
+            os.fdatasync(self._fd)
+            self._generation = gen
+            self._doc = json.loads(body)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "MetaRepository":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""Write records as numpy structured arrays (docs/FORMAT.md §1, §2.2).
+
+A batch of records is one ``RECORD_DTYPE`` array, never a list of Python objects: the
+record table of a frame *is* such an array, viewed in place over the received bytes.
+``check_records`` holds the per-kind rules of §1, vectorised, so the frame and segment
+codecs share one definition of a valid record.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cdp.errors import FormatError
+
+SECTOR = 512
+WRITE_LEN_MAX = 16 << 20  # §1: one write is at most 16 MiB
+MARK_NAME_MAX = 255  # §1: a mark's name is 1..255 UTF-8 bytes
+OFFSET_END_MAX = 1 << 62  # §1: offset + length must not exceed 2**62
+
+KIND_WRITE = 0
+KIND_ZERO = 1
+KIND_MARK = 2
+KIND_RESYNC_BEGIN = 3
+KIND_RESYNC_END = 4
+KIND_MAX = KIND_RESYNC_END
+KIND_NAMES = ("WRITE", "ZERO", "MARK", "RESYNC_BEGIN", "RESYNC_END")
+
+# FORMAT.md §2.2: record table entry, 40 bytes.
+RECORD_DTYPE = np.dtype(
+    [
+        ("seq", "<u8"),
+        ("timestamp_ns", "<u8"),
+        ("offset", "<u8"),
+        ("length", "<u4"),
+        ("disk", "<u4"),
+        ("kind", "<u2"),
+        ("reserved", "V6"),
+    ]
+)
+assert RECORD_DTYPE.itemsize == 40, "FORMAT.md §2.2"
+
+
+def empty_records(count: int) -> np.ndarray:
+    """A zeroed record array of ``count`` entries (reserved bytes already zero)."""
+    return np.zeros(count, dtype=RECORD_DTYPE)
+
+
+def payload_lengths(records: np.ndarray) -> np.ndarray:
+    """Bytes of payload each record carries in a frame (``WRITE`` and ``MARK`` only)."""
+    kind = records["kind"]
+    carries = (kind == KIND_WRITE) | (kind == KIND_MARK)
+    return np.where(carries, records["length"], 0).astype(np.uint64)
+
+
+def payload_starts(lengths: np.ndarray) -> np.ndarray:
+    """Start of each record's payload in the concatenated payload, from its lengths."""
+    starts = np.empty(len(lengths), dtype=np.uint64)
+    if len(lengths):
+        starts[0] = 0
+        np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _first_bad(bad: np.ndarray, records: np.ndarray, what: str, where: str) -> None:
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        r = records[i]
+        raise FormatError(
+            f"{where}: record {i} (seq {int(r['seq'])}, kind {int(r['kind'])}, "
+            f"offset {int(r['offset'])}, length {int(r['length'])}): {what}"
+        )
+
+
+def check_records(records: np.ndarray, first_seq: int, where: str) -> None:
+    """Raise FormatError naming the first record that breaks FORMAT.md §1/§2.3 rule 7.
+
+    Checks, vectorised: consecutive seqs from ``first_seq``, non-decreasing timestamps,
+    known kinds, zero reserved bytes, and the offset/length rules of each kind.
+    """
+    n = len(records)
+    if n == 0:
+        return
+    seq = records["seq"]
+    expected = np.arange(first_seq, first_seq + n, dtype=np.uint64)
+    _first_bad(seq != expected, records, f"seq is not consecutive from {first_seq}", where)
+    ts = records["timestamp_ns"]
+    if n > 1:
+        back = np.zeros(n, dtype=bool)
+        back[1:] = ts[1:] < ts[:-1]
+        _first_bad(back, records, "timestamp_ns goes backwards", where)
+    kind = records["kind"]
+    _first_bad(kind > KIND_MAX, records, f"unknown kind (expected 0..{KIND_MAX})", where)
+    reserved = records.view(np.uint8).reshape(n, RECORD_DTYPE.itemsize)[:, 34:]
+    _first_bad(reserved.any(axis=1), records, "reserved bytes are not zero", where)
+
+    offset = records["offset"]
+    length = records["length"].astype(np.uint64)
+    is_data = kind <= KIND_ZERO
+    bad_align = is_data & (((offset | length) % SECTOR) != 0)
+    _first_bad(bad_align, records, "offset/length not a multiple of 512", where)
+    bad_len = is_data & ((length == 0) | (length > WRITE_LEN_MAX))
+    _first_bad(bad_len, records, f"length not in 512..{WRITE_LEN_MAX}", where)
+    bad_end = is_data & (offset > np.uint64(OFFSET_END_MAX) - length)
+    _first_bad(bad_end, records, "offset + length exceeds 2**62", where)
+
+    is_mark = kind == KIND_MARK
+    bad_mark = is_mark & (
+        (offset != 0) | (records["disk"] != 0) | (length == 0) | (length > MARK_NAME_MAX)
+    )
+    _first_bad(bad_mark, records, f"MARK needs offset 0, disk 0, length 1..{MARK_NAME_MAX}", where)
+    is_resync = kind >= KIND_RESYNC_BEGIN
+    bad_resync = is_resync & ((offset != 0) | (length != 0))
+    _first_bad(bad_resync, records, "RESYNC_BEGIN/END need offset 0 and length 0", where)

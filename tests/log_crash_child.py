@@ -1,0 +1,62 @@
+"""Child process of the log crash test: appends frames forever, reporting durability.
+
+Every line it prints is printed *after* the fact it reports is durable:
+``D pos first_seq last_seq`` after ``append_batch`` returned for that entry, ``T pos``
+after a trim returned. The parent kills it with SIGKILL at a random moment.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import numpy as np
+
+from cdp.frame import decode_frame, encode_frame_parts
+from cdp.records import KIND_WRITE, empty_records
+from tests.frames_gen import TS0, payload_for
+
+
+def make_frame(first_seq: int, lengths: list[int]) -> list:
+    records = empty_records(len(lengths))
+    seqs = np.arange(first_seq, first_seq + len(lengths), dtype=np.uint64)
+    records["seq"] = seqs
+    records["timestamp_ns"] = TS0 + seqs
+    records["offset"] = seqs * 512
+    records["length"] = lengths
+    records["kind"] = KIND_WRITE
+    payload = b"".join(payload_for(int(s), n) for s, n in zip(seqs, lengths))
+    return list(encode_frame_parts(1, records, payload))
+
+
+def main(path: str, seed: int, start_seq: int) -> None:
+    from cdp.replog import ReplicationLog
+
+    rng = random.Random(seed)
+    log = ReplicationLog.open(path)
+    seq = start_seq
+    for _, body in log.entries():
+        seq = max(seq, decode_frame(body).last_seq + 1)
+    out = sys.stdout
+    while True:
+        frames, meta = [], []
+        for _ in range(rng.randint(1, 4)):
+            lengths = [rng.randint(1, 32) * 512 for _ in range(rng.randint(1, 16))]
+            frames.append(make_frame(seq, lengths))
+            meta.append((seq, seq + len(lengths) - 1))
+            seq += len(lengths)
+        positions = log.append_batch(frames)
+        out.write("".join(f"D {p} {a} {b}\n" for p, (a, b) in zip(positions, meta)))
+        out.flush()
+        stats = log.stats()
+        if stats.used_bytes > stats.data_size // 2:
+            target = log.head
+            while target < log.tail and log.tail - target > stats.data_size // 4:
+                target = log.next_position(target)
+            log.trim(target)
+            out.write(f"T {target}\n")
+            out.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
