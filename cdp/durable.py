@@ -24,7 +24,36 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview, chunk_bytes_max: int = 64 << 20) -> None:
+    """``os.write`` all of ``data``, resuming after short writes, in bounded chunks."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done : done + chunk_bytes_max])
+
+
+def publish(tmp: Path, path: Path, *, if_absent: bool = False) -> None:
+    """Move the complete, fsynced temporary file ``tmp`` to ``path`` and make it durable.
+
+    ``if_absent`` links instead of renaming, so that it fails with ``FileExistsError``
+    when ``path`` exists, even against a concurrent writer. ``tmp`` is gone afterwards,
+    whatever happened.
+    """
+    try:
+        if if_absent:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
+                 if_absent: bool = False) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
     Writes a temporary file beside it, fsyncs it, renames it over ``path`` and fsyncs
@@ -33,23 +62,16 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    publish(tmp, path, if_absent=if_absent)
 
 
 def preallocate(path: str | os.PathLike[str], size: int) -> None:

@@ -71,6 +71,7 @@ class ReplicationLog:
         self._durable_head = sb.head
         self._body_len_max = FRAME_LEN_MAX
         self._closed = False
+        self._readonly = False
 
     # ------------------------------------------------------------------ format / open
 
@@ -113,10 +114,16 @@ class ReplicationLog:
             fsync_dir(path.resolve().parent)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, direct: bool = False) -> "ReplicationLog":
-        """Open for writing: recover (§3.5), then bump the epoch durably."""
+    def open(cls, path: str | os.PathLike[str], *, direct: bool = False,
+             readonly: bool = False) -> "ReplicationLog":
+        """Open for writing: recover (§3.5), then bump the epoch durably.
+
+        ``readonly`` recovers the same way but writes nothing (inspection tools); such a
+        log refuses appends and trims.
+        """
         path = Path(path)
-        flags = os.O_RDWR | (getattr(os, "O_DIRECT", 0) if direct else 0)
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | (
+            getattr(os, "O_DIRECT", 0) if direct else 0)
         try:
             fd = os.open(path, flags)
         except OSError as exc:
@@ -125,7 +132,9 @@ class ReplicationLog:
             sb = cls._read_superblocks(path, fd, direct)
             log = cls(path, fd, sb, direct)
             log._recover()
-            log._write_superblock(log._sb.next(epoch=sb.epoch + 1, tail_hint=log._tail))
+            log._readonly = readonly
+            if not readonly:
+                log._write_superblock(log._sb.next(epoch=sb.epoch + 1, tail_hint=log._tail))
         except BaseException:
             os.close(fd)
             raise
@@ -419,6 +428,8 @@ class ReplicationLog:
     def _check_open(self) -> None:
         if self._closed:
             raise LogError(f"log partition {self.path}: closed")
+        if self._readonly:
+            raise LogError(f"log partition {self.path}: opened read-only")
 
     def close(self) -> None:
         with self._lock:

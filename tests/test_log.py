@@ -213,3 +213,14 @@ def test_entries_of_an_earlier_format_are_refused(path):
     # format cleared only the first block; the second entry is intact but foreign
     with ReplicationLog.open(path) as log:
         assert list(log.entries()) == []
+
+
+def test_readonly_open_changes_nothing(path):
+    with ReplicationLog.open(path) as log:
+        log.append_batch([[body(1)]])
+    before = path.read_bytes()
+    with ReplicationLog.open(path, readonly=True) as log:
+        assert [b for _, b in log.entries()] == [body(1)]
+        with pytest.raises(LogError, match="read-only"):
+            log.append_batch([[body(2)]])
+    assert path.read_bytes() == before

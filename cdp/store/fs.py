@@ -1,0 +1,282 @@
+"""FileStore: objects as files under a root directory (the embedded default).
+
+Key "a/b/c" is the file ``root/a/b/c``. Invariants:
+
+- A file under its key is always a whole object. ``put`` writes a temporary
+  file ``.tmp-<random>`` in the target directory, fsyncs it, then renames it
+  over the key (``os.replace``) or, for ``if_absent``, hard-links it to the
+  key (``os.link`` fails if the key exists, atomically against any other
+  writer), and fsyncs the directory. New directories are fsynced into their
+  parents. After a crash, a key holds the old or the new object; a leftover
+  ``.tmp-*`` file is garbage that ``list`` skips (names starting with "." are
+  never keys, see cdp.store.keys).
+- POSIX promises durability only for what was fsynced: file data and the
+  directory entry are; a ``delete`` is not fsynced (a crash may bring a
+  deleted object back, never a partial one).
+- ``list`` walks the tree in full-key byte order without sorting the whole
+  tree: within one directory, a subdirectory "x" sorts as "x/" and a file "x"
+  as "x". Since every key below "x" starts with "x/", this per-directory
+  order is the order of the full keys ("a-b" < "a.b" < "a/b" < "a/b/c" < "a0").
+- A file and a directory cannot share a name: with this backend a key cannot
+  also be the directory part of another key ("a" and "a/b"); such a put raises
+  InvalidKey.
+
+Blocking file I/O runs in worker threads (``asyncio.to_thread``); a put that
+is cancelled may still complete in its thread, but never leaves a partial
+object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import stat as stat_mode
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import NamedTuple
+
+from cdp.durable import fsync_dir, publish, write_all
+from cdp.errors import (
+    AlreadyExists,
+    InvalidKey,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+    StoreUnavailable,
+)
+from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_range, resolve_range
+from cdp.store.keys import is_valid_key, show_key, validate_key, validate_prefix
+
+TMP_PREFIX = ".tmp-"
+#: Attempts to create a directory and a temp file in it, when a concurrent
+#: delete keeps pruning the (empty) directory.
+DIR_CREATE_ATTEMPTS_MAX = 5
+#: Largest single os.pread / os.write call.
+IO_CHUNK_BYTES_MAX = 64 * 1024 * 1024
+
+
+class FileStore(StoreBase):
+    """Objects stored as files below `root` (created on first put)."""
+
+    kind = "file"
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).absolute()
+
+    def describe(self) -> str:
+        return f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(_write_atomic, path, data, if_absent=if_absent)
+        except FileExistsError as exc:
+            if if_absent and exc.filename2 == str(path) and not path.is_dir():
+                raise AlreadyExists(
+                    f"{self.describe()}: put if_absent {show_key(key)}: an object already exists"
+                ) from exc
+            raise self._error("put", key, exc) from exc
+        except OSError as exc:
+            raise self._error("put", key, exc) from exc
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(key)
+        check_range(offset, length)
+        try:
+            return await asyncio.to_thread(_read_range, path, offset, length)
+        except OSError as exc:
+            raise self._error("get", key, exc) from exc
+
+    async def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except OSError as exc:
+            raise self._error("stat", key, exc) from exc
+        if not stat_mode.S_ISREG(st.st_mode):
+            raise NotFound(f"{self.describe()}: stat {show_key(key)}: no such object")
+        return ObjectInfo(key, st.st_size, st.st_mtime, _etag(st))
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(_delete, path, self.root)
+        except OSError as exc:
+            raise self._error("delete", key, exc) from exc
+
+    async def list(
+        self, prefix: str = "", *, start_after: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        validate_prefix(prefix)
+        directory, _, name_prefix = prefix.rpartition("/")
+        async for info in self._walk(directory, name_prefix, start_after):
+            yield info
+
+    async def _walk(
+        self, directory: str, name_prefix: str, start_after: str | None
+    ) -> AsyncIterator[ObjectInfo]:
+        """Objects below the relative `directory`, in key order (recursive)."""
+        try:
+            entries = await asyncio.to_thread(_scan, self.root / directory)
+        except OSError as exc:
+            raise self._error("list", directory or ".", exc) from exc
+        for entry in entries:
+            if not entry.name.startswith(name_prefix):
+                continue
+            key = f"{directory}/{entry.name}" if directory else entry.name
+            if entry.is_dir:
+                below = key + "/"
+                if start_after is not None and below <= start_after:
+                    if not start_after.startswith(below):
+                        continue  # every key below is < start_after
+                async for info in self._walk(key, "", start_after):
+                    yield info
+            elif start_after is None or key > start_after:
+                yield ObjectInfo(key, entry.size, entry.mtime, entry.etag)
+
+    def _error(self, op: str, key: str, exc: OSError) -> StoreError:
+        """Translate an OSError of `op` on `key` into the store error tree."""
+        where = f"{self.describe()}: {op} {show_key(key)}"
+        code = errno.errorcode.get(exc.errno or 0, "?")
+        if op in ("get", "stat") and isinstance(
+            exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+        ):
+            return NotFound(f"{where}: no such object")
+        if isinstance(exc, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+            return InvalidKey(
+                f"{where}: a file store cannot hold a key that is also the "
+                f"directory part of another key ({code})"
+            )
+        if isinstance(exc, PermissionError):
+            return PermissionDenied(f"{where}: permission denied ({code})")
+        return StoreUnavailable(f"{where}: I/O error {code}: {exc.strerror}")
+
+
+class _Entry(NamedTuple):
+    sort_name: str
+    name: str
+    is_dir: bool
+    size: int
+    mtime: float
+    etag: str | None
+
+
+def _etag(st: os.stat_result) -> str:
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _scan(directory: Path) -> list[_Entry]:
+    """The key-like entries of one directory, sorted as their full keys sort."""
+    entries = []
+    try:
+        with os.scandir(directory) as it:
+            for dirent in it:
+                if not is_valid_key(dirent.name):
+                    continue  # temp files (".tmp-*") and foreign names
+                try:
+                    if dirent.is_dir(follow_symlinks=False):
+                        entries.append(_Entry(dirent.name + "/", dirent.name, True, 0, 0.0, None))
+                    elif dirent.is_file(follow_symlinks=False):
+                        st = dirent.stat(follow_symlinks=False)
+                        name = dirent.name
+                        entries.append(_Entry(name, name, False, st.st_size, st.st_mtime, _etag(st)))
+                except FileNotFoundError:
+                    continue  # deleted while listing
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    entries.sort()
+    return entries
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create directory and its missing parents, each fsynced into its parent."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        try:
+            os.mkdir(new)
+        except FileExistsError:
+            if not new.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(new)) from None
+        fsync_dir(new.parent)
+
+
+def _open_temp(directory: Path) -> tuple[int, Path]:
+    """Create a fresh temp file in directory (creating it); return (fd, path)."""
+    for attempt in range(DIR_CREATE_ATTEMPTS_MAX):
+        try:
+            _make_dirs(directory)
+            tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            return fd, tmp
+        except FileNotFoundError:
+            if attempt == DIR_CREATE_ATTEMPTS_MAX - 1:
+                raise
+            # A concurrent delete pruned a directory we just made: retry.
+    raise AssertionError("unreachable")
+
+
+def _write_atomic(path: Path, data: Bytes, *, if_absent: bool) -> None:
+    """Write data to path so that path never holds a partial object.
+
+    if_absent: fails with FileExistsError (filename2 == path) when path exists, even
+    against a concurrent writer (see cdp.durable.publish).
+    """
+    fd, tmp = _open_temp(path.parent)
+    try:
+        write_all(fd, data, IO_CHUNK_BYTES_MAX)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    publish(tmp, path, if_absent=if_absent)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _read_range(path: Path, offset: int, length: int | None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat_mode.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        start, end = resolve_range(st.st_size, offset, length)
+        chunks = []
+        while start < end:
+            chunk = os.pread(fd, min(end - start, IO_CHUNK_BYTES_MAX), start)
+            if not chunk:
+                break  # cannot happen: objects are replaced, never truncated
+            chunks.append(chunk)
+            start += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _delete(path: Path, root: Path) -> None:
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, IsADirectoryError):
+        return  # no such object: delete is idempotent
+    # Prune directories left empty, so listings do not walk dead branches.
+    directory = path.parent
+    while directory != root and root in directory.parents:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty (or gone): stop
+        directory = directory.parent

@@ -1,0 +1,150 @@
+"""open_store(url): the one place that turns a store URL into an ObjectStore.
+
+    file:///abs/path           FileStore (a plain path works too)
+    mem://name                 MemoryStore; the same name gives the same
+                               instance within the process ("mem://": a new one)
+    s3://bucket[/prefix][?endpoint=URL&region=R]
+                               S3Store; credentials only from the environment:
+                               AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+                               AWS_SESSION_TOKEN; endpoint also from
+                               CDP_S3_ENDPOINT, region from AWS_REGION or
+                               AWS_DEFAULT_REGION (default us-east-1)
+    azure://container[/prefix] AzureBlobStore; connection string from
+                               CDP_AZURE_CONNECTION_STRING, else
+                               AZURE_STORAGE_CONNECTION_STRING
+
+Secrets never travel in the URL: a URL with user info or an unknown query
+parameter is refused, and every message quotes the URL through
+``redact_url``. The prefix is applied transparently: callers use keys
+relative to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from cdp.errors import ConfigError
+from cdp.store.base import ObjectStore
+from cdp.store.fs import FileStore
+from cdp.store.memory import MemoryStore
+
+#: Query parameters whose values are not secret (shown in messages).
+PUBLIC_PARAMS = frozenset({"endpoint", "region"})
+
+_memory_stores: dict[str, MemoryStore] = {}
+
+
+def redact_url(url: str) -> str:
+    """url with user info, non-public query values and fragment replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = "&".join(
+        f"{name}={redact_url(value) if name in PUBLIC_PARAMS else '***'}" for name, value in pairs
+    )
+    redacted = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
+    if query:
+        redacted += "?" + query
+    if parts.fragment:
+        redacted += "#***"
+    return redacted
+
+
+def open_store(url: str, *, env: Mapping[str, str] = os.environ) -> ObjectStore:
+    """Return the store that url names (see the module docstring); ConfigError if bad."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError("empty store URL: expected file://, mem://, s3:// or azure://")
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if not scheme or scheme == "file":
+            return _open_file(url, parts.netloc if scheme == "file" else None)
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError("credentials in the URL are refused: use the environment")
+        if scheme == "mem":
+            return _open_memory(parts.netloc + parts.path)
+        params = _params(parts.query)
+        if scheme == "s3":
+            return _open_s3(parts.netloc, parts.path, params, env)
+        if scheme == "azure":
+            return _open_azure(parts.netloc, parts.path, params, env)
+        raise ConfigError(f"unknown scheme {scheme!r}: expected file, mem, s3 or azure")
+    except ConfigError as exc:
+        raise ConfigError(f"store URL {redact_url(url)}: {exc.message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"store URL {redact_url(url)}: not a valid URL") from exc
+
+
+def _params(query: str) -> dict[str, str]:
+    params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    unknown = sorted(set(params) - PUBLIC_PARAMS)
+    if unknown:
+        raise ConfigError(
+            f"unknown query parameter(s) {', '.join(unknown)}: expected only "
+            f"{', '.join(sorted(PUBLIC_PARAMS))} (credentials come from the environment)"
+        )
+    return params
+
+
+def _open_file(url: str, netloc: str | None) -> FileStore:
+    if netloc is None:  # a plain path
+        return FileStore(Path(url))
+    parts = urlsplit(url)
+    if netloc not in ("", "localhost"):
+        raise ConfigError(f"file URL with host {netloc!r}: expected file:///absolute/path")
+    if parts.query or parts.fragment or not parts.path.startswith("/"):
+        raise ConfigError("expected file:///absolute/path with no query")
+    return FileStore(Path(unquote(parts.path)))
+
+
+def _open_memory(name: str) -> MemoryStore:
+    if not name:
+        return MemoryStore()
+    store = _memory_stores.get(name)
+    if store is None:
+        store = _memory_stores[name] = MemoryStore(name)
+    return store
+
+
+def _open_s3(bucket: str, path: str, params: dict[str, str], env: Mapping[str, str]) -> ObjectStore:
+    from cdp.store.s3 import S3Store  # aioboto3 is slow to import: only when used
+
+    if not bucket:
+        raise ConfigError("no bucket: expected s3://bucket/optional/prefix")
+    return S3Store(
+        bucket,
+        unquote(path),
+        endpoint_url=params.get("endpoint") or env.get("CDP_S3_ENDPOINT") or None,
+        region=params.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+        access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+        secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+        session_token=env.get("AWS_SESSION_TOKEN") or None,
+    )
+
+
+def _open_azure(
+    container: str, path: str, params: dict[str, str], env: Mapping[str, str]
+) -> ObjectStore:
+    from cdp.store.azure import AzureBlobStore  # azure-storage is slow to import
+
+    if not container:
+        raise ConfigError("no container: expected azure://container/optional/prefix")
+    if params:
+        raise ConfigError("azure URLs take no query parameters")
+    connection_string = env.get("CDP_AZURE_CONNECTION_STRING") or env.get(
+        "AZURE_STORAGE_CONNECTION_STRING"
+    )
+    if not connection_string:
+        raise ConfigError(
+            "no connection string: set CDP_AZURE_CONNECTION_STRING or "
+            "AZURE_STORAGE_CONNECTION_STRING"
+        )
+    return AzureBlobStore(container, unquote(path), connection_string=connection_string)

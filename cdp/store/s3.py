@@ -1,0 +1,350 @@
+"""S3Store: objects in an S3 bucket (or an S3-compatible server) via aioboto3.
+
+Invariants and how S3 gives them:
+
+- Atomic put: S3 makes an object visible only when a PutObject or a
+  CompleteMultipartUpload succeeds. Objects larger than
+  ``multipart_threshold`` go up in ``part_size`` parts, at most
+  ``max_concurrency`` at a time; any failure or cancellation aborts the
+  upload, so no part is ever visible under the key.
+- ``if_absent``: ``IfNoneMatch="*"`` on PutObject / CompleteMultipartUpload,
+  which S3 evaluates atomically; 412 PreconditionFailed (or 409
+  ConditionalRequestConflict, a concurrent conditional write) is AlreadyExists.
+- ``list``: ListObjectsV2, ``page_size`` keys a request, StartAfter on the
+  first; S3 returns keys in UTF-8 byte order.
+- Keys are ``prefix + key``; callers only see keys relative to the prefix.
+
+One aioboto3 session and one client are opened on first use and reused until
+``close()``. Credentials go straight into the session: they are never stored
+on this object, never in ``describe()``, and never in an error message, which
+is built from the operation, key, HTTP status and S3 error code only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import aioboto3
+import botocore.exceptions as bce
+from aiobotocore.config import AioConfig
+
+from cdp.errors import (
+    AlreadyExists,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+)
+from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range
+from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
+from cdp.store.open import redact_url
+
+log = logging.getLogger(__name__)
+
+#: S3 refuses parts smaller than this (except the last one).
+PART_BYTES_MIN = 5 * MiB
+#: S3 allows at most this many parts in one upload.
+PARTS_MAX = 10_000
+#: ListObjectsV2 returns at most this many keys a request.
+PAGE_KEYS_MAX = 1000
+
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchBucket"}
+_DENIED_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "403",
+}
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+_THROTTLE_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequestsException", "ServiceUnavailable", "InternalError", "503", "500",
+}
+_TIMEOUT_CODES = {"RequestTimeout", "RequestTimeoutException"}
+
+
+class S3Store(StoreBase):
+    """Objects under `prefix` in S3 bucket `bucket`."""
+
+    kind = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        session_token: str | None = None,
+        multipart_threshold: int = 16 * MiB,
+        part_size: int = 16 * MiB,
+        max_concurrency: int = 4,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 5,
+        page_size: int = PAGE_KEYS_MAX,
+    ) -> None:
+        if _BUCKET_NAME.fullmatch(bucket) is None:
+            raise ConfigError(f"invalid S3 bucket name {bucket!r}: expected 3-63 of a-z 0-9 . -")
+        if part_size < PART_BYTES_MIN:
+            raise ConfigError(f"S3 part_size {part_size} is below the S3 minimum {PART_BYTES_MIN}")
+        if multipart_threshold < part_size:
+            raise ConfigError(
+                f"S3 multipart_threshold {multipart_threshold} is below part_size {part_size}"
+            )
+        if not 1 <= page_size <= PAGE_KEYS_MAX:
+            raise ConfigError(f"S3 page_size {page_size}: expected 1..{PAGE_KEYS_MAX}")
+        if max_concurrency < 1 or max_attempts < 1:
+            raise ConfigError("S3 max_concurrency and max_attempts must be >= 1")
+        self.bucket = bucket
+        self.prefix = normalize_root_prefix(prefix)
+        self.endpoint_url = endpoint_url
+        self.region = region or "us-east-1"
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.max_concurrency = max_concurrency
+        self.page_size = page_size
+        self._session = aioboto3.Session(
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            aws_session_token=session_token,
+            region_name=self.region,
+        )
+        self._config = AioConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, 2 * max_concurrency),
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+
+    def describe(self) -> str:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        return f"{where} at {redact_url(self.endpoint_url)}" if self.endpoint_url else where
+
+    async def close(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _s3(self) -> Any:
+        """The shared client, opened on first use."""
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    stack = contextlib.AsyncExitStack()
+                    client = self._session.client(
+                        "s3", endpoint_url=self.endpoint_url, config=self._config
+                    )
+                    self._client = await stack.enter_async_context(client)
+                    self._stack = stack
+        return self._client
+
+    # -- the store ---------------------------------------------------------
+
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+        name = self.prefix + validate_key(key)
+        view = memoryview(data).cast("B")
+        try:
+            s3 = await self._s3()
+            if len(view) > self.multipart_threshold:
+                await self._put_multipart(s3, name, view, if_absent)
+            else:
+                extra = {"IfNoneMatch": "*"} if if_absent else {}
+                await s3.put_object(Bucket=self.bucket, Key=name, Body=bytes(view), **extra)
+        except Exception as exc:
+            raise self._error("put", key, exc, if_absent=if_absent) from exc
+
+    async def _put_multipart(self, s3: Any, name: str, view: memoryview, if_absent: bool) -> None:
+        part_size = max(self.part_size, -(-len(view) // PARTS_MAX))
+        created = await s3.create_multipart_upload(Bucket=self.bucket, Key=name)
+        upload_id = created["UploadId"]
+        try:
+            slots = asyncio.Semaphore(self.max_concurrency)
+
+            async def upload_part(number: int, start: int) -> dict[str, Any]:
+                async with slots:
+                    body = bytes(view[start : start + part_size])
+                    reply = await s3.upload_part(
+                        Bucket=self.bucket, Key=name, UploadId=upload_id,
+                        PartNumber=number, Body=body,
+                    )
+                    return {"PartNumber": number, "ETag": reply["ETag"]}
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(upload_part(number, start))
+                        for number, start in enumerate(range(0, len(view), part_size), start=1)
+                    ]
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0]  # the first part that failed says why
+            extra = {"IfNoneMatch": "*"} if if_absent else {}
+            await s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=name, UploadId=upload_id,
+                MultipartUpload={"Parts": [task.result() for task in tasks]}, **extra,
+            )
+        except BaseException as exc:
+            await self._abort(s3, name, upload_id, exc)
+            raise
+
+    async def _abort(self, s3: Any, name: str, upload_id: str, cause: BaseException) -> None:
+        """Abort a failed upload so its parts neither show nor cost (best effort)."""
+        try:
+            await s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+        except Exception as exc:  # the original error matters more
+            log.warning(
+                "%s: could not abort multipart upload of %r after %s: %s",
+                self.describe(), name, type(cause).__name__, type(exc).__name__,
+            )
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        name = self.prefix + validate_key(key)
+        check_range(offset, length)
+        if length == 0:
+            await self._head("get", key)  # NotFound if missing; S3 cannot ask for 0 bytes
+            return b""
+        extra = {}
+        if offset < 0:
+            extra["Range"] = f"bytes={offset}"
+        elif length is not None:
+            extra["Range"] = f"bytes={offset}-{offset + length - 1}"
+        elif offset > 0:
+            extra["Range"] = f"bytes={offset}-"
+        try:
+            s3 = await self._s3()
+            reply = await s3.get_object(Bucket=self.bucket, Key=name, **extra)
+            stream = reply["Body"]
+            async with stream:
+                return bytes(await stream.read())
+        except bce.ClientError as exc:
+            if _status(exc) == 416:
+                return b""  # the object exists; the range starts at or after its end
+            raise self._error("get", key, exc) from exc
+        except Exception as exc:
+            raise self._error("get", key, exc) from exc
+
+    async def list(
+        self, prefix: str = "", *, start_after: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        validate_prefix(prefix)
+        request: dict[str, Any] = {
+            "Bucket": self.bucket, "Prefix": self.prefix + prefix, "MaxKeys": self.page_size,
+        }
+        if start_after is not None:
+            request["StartAfter"] = self.prefix + start_after
+        cut = len(self.prefix)
+        while True:
+            try:
+                s3 = await self._s3()
+                reply = await s3.list_objects_v2(**request)
+            except Exception as exc:
+                raise self._error("list", prefix, exc) from exc
+            for item in reply.get("Contents", ()):
+                yield ObjectInfo(
+                    key=item["Key"][cut:],
+                    size=int(item["Size"]),
+                    mtime=item["LastModified"].timestamp() if "LastModified" in item else None,
+                    etag=item.get("ETag", "").strip('"') or None,
+                )
+            if not reply.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = reply["NextContinuationToken"]
+            request.pop("StartAfter", None)
+
+    async def delete(self, key: str) -> None:
+        name = self.prefix + validate_key(key)
+        try:
+            s3 = await self._s3()
+            await s3.delete_object(Bucket=self.bucket, Key=name)
+        except Exception as exc:  # S3 answers 204 for a missing key: no NotFound case
+            raise self._error("delete", key, exc) from exc
+
+    async def stat(self, key: str) -> ObjectInfo:
+        return await self._head("stat", validate_key(key))
+
+    async def _head(self, op: str, key: str) -> ObjectInfo:
+        try:
+            s3 = await self._s3()
+            reply = await s3.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except Exception as exc:
+            raise self._error(op, key, exc) from exc
+        return ObjectInfo(
+            key=key,
+            size=int(reply["ContentLength"]),
+            mtime=reply["LastModified"].timestamp() if "LastModified" in reply else None,
+            etag=reply.get("ETag", "").strip('"') or None,
+        )
+
+    async def create_bucket(self) -> None:
+        """Create the bucket if it does not exist (for install and tests)."""
+        extra = {}
+        if self.region != "us-east-1":
+            extra["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            s3 = await self._s3()
+            await s3.create_bucket(Bucket=self.bucket, **extra)
+        except bce.ClientError as exc:
+            if _code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return
+            raise self._error("create_bucket", "", exc) from exc
+        except Exception as exc:
+            raise self._error("create_bucket", "", exc) from exc
+
+    # -- errors ------------------------------------------------------------
+
+    def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False) -> StoreError:
+        """Translate an SDK error of `op` on `key` into the store error tree.
+
+        The message is built from the status and code only: SDK text may
+        quote a URL, and never reaches the caller.
+        """
+        where = f"{self.describe()}: {op} {show_key(key)}"
+        if isinstance(exc, bce.ClientError):
+            code, status = _code(exc), _status(exc)
+            said = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
+            if code == "NoSuchBucket":
+                return NotFound(f"{where}: {said}: bucket {self.bucket!r} does not exist")
+            if code in _NOT_FOUND_CODES or status == 404:
+                return NotFound(f"{where}: {said}: no such object")
+            if code in _DENIED_CODES or status == 403:
+                return PermissionDenied(f"{where}: {said}: credentials refused")
+            if if_absent and (code in _CONFLICT_CODES or status == 412):
+                return AlreadyExists(f"{where}: {said}: if_absent put lost, the object exists")
+            if code in _TIMEOUT_CODES:
+                return StoreTimeout(f"{where}: {said}: the server timed out")
+            if code in _THROTTLE_CODES or (status or 0) >= 500 or status == 429:
+                return StoreUnavailable(f"{where}: {said}: server busy or failing")
+            return StoreError(f"{where}: {said}: unexpected error")
+        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+            return PermissionDenied(f"{where}: no usable credentials configured")
+        if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError, TimeoutError)):
+            return StoreTimeout(f"{where}: no answer in time ({type(exc).__name__})")
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            return StoreTimeout(f"{where}: no answer in time ({type(exc).__name__})")
+        unreachable = (bce.ConnectionError, bce.HTTPClientError, aiohttp.ClientError, OSError)
+        if isinstance(exc, unreachable):
+            return StoreUnavailable(f"{where}: cannot reach the server ({type(exc).__name__})")
+        return StoreError(f"{where}: unexpected error ({type(exc).__name__})")
+
+
+def _code(exc: bce.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: bce.ClientError) -> int | None:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
