@@ -1,0 +1,132 @@
+"""Object keys (FORMAT.md §7): one ``*_key`` / ``parse_*_key`` pair per kind of object.
+
+::
+
+    d/<domain:08x>/cat/<generation:016x>.cat                  catalog object (§8)
+    d/<domain:08x>/seg/<first_seq:016x>-<last_seq:016x>.seg   segment (§5)
+    d/<domain:08x>/base/<seq:016x>/<disk:08x>.bmf             base manifest (§6.2)
+    c/<h[0:2]>/<h:032x>.chk                                   chunk (§6.1), all domains
+
+Numbers are fixed-width lower-case hex, so a plain listing (byte order) returns objects
+in numeric order, and a prefix lists one domain's segments or catalog. Parsers accept
+exactly what the formatters produce and raise ``FormatError`` naming the key otherwise.
+
+The chunk name ``h`` is the 128-bit ``xxh3_128`` value in hex, most significant digit
+first (what ``xxhash.xxh3_128_hexdigest`` prints). Chunk headers and manifests store the
+same value as 16 little-endian bytes (§0), so ``chunk_key`` takes those 16 bytes and
+``parse_chunk_key`` gives them back.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cdp.errors import FormatError
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+HASH_BYTES = 16  # §0: xxh3_128 is stored as 16 bytes
+
+_SEGMENT = re.compile(r"d/([0-9a-f]{8})/seg/([0-9a-f]{16})-([0-9a-f]{16})\.seg")
+_CATALOG = re.compile(r"d/([0-9a-f]{8})/cat/([0-9a-f]{16})\.cat")
+_MANIFEST = re.compile(r"d/([0-9a-f]{8})/base/([0-9a-f]{16})/([0-9a-f]{8})\.bmf")
+_CHUNK = re.compile(r"c/([0-9a-f]{2})/([0-9a-f]{32})\.chk")
+
+
+def _u(value: int, limit: int, what: str) -> int:
+    """Refuse a number that does not fit its fixed-width field (a caller's error)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise ValueError(f"{what} {value!r} not in 0..{limit:#x}")
+    return value
+
+
+def _match(pattern: re.Pattern[str], key: object, what: str) -> re.Match[str]:
+    m = pattern.fullmatch(key) if isinstance(key, str) else None
+    if m is None:
+        raise FormatError(f"key {key!r} is not a {what} key (FORMAT.md §7: {pattern.pattern})")
+    return m
+
+
+def domain_prefix(domain: int) -> str:
+    """``d/<domain>/``: every object of one domain."""
+    return f"d/{_u(domain, U32_MAX, 'domain'):08x}/"
+
+
+def segment_prefix(domain: int) -> str:
+    """``d/<domain>/seg/``: a domain's segments, listed in seq order."""
+    return domain_prefix(domain) + "seg/"
+
+
+def catalog_prefix(domain: int) -> str:
+    """``d/<domain>/cat/``: a domain's catalog objects, listed in generation order."""
+    return domain_prefix(domain) + "cat/"
+
+
+def base_prefix(domain: int) -> str:
+    """``d/<domain>/base/``: a domain's base manifests, listed in seq order."""
+    return domain_prefix(domain) + "base/"
+
+
+def segment_key(domain: int, first_seq: int, last_seq: int) -> str:
+    """Key of the segment holding seqs ``first_seq..last_seq`` (inclusive)."""
+    _u(first_seq, U64_MAX, "first_seq")
+    _u(last_seq, U64_MAX, "last_seq")
+    if last_seq < first_seq:
+        raise ValueError(f"segment last_seq {last_seq} < first_seq {first_seq}")
+    return f"{segment_prefix(domain)}{first_seq:016x}-{last_seq:016x}.seg"
+
+
+def parse_segment_key(key: str) -> tuple[int, int, int]:
+    """(domain, first_seq, last_seq) of a segment key."""
+    m = _match(_SEGMENT, key, "segment")
+    domain, first, last = (int(g, 16) for g in m.groups())
+    if last < first:
+        raise FormatError(f"key {key!r}: last_seq {last} < first_seq {first}")
+    return domain, first, last
+
+
+def catalog_key(domain: int, generation: int) -> str:
+    """Key of a domain's catalog object of ``generation`` (≥ 1)."""
+    if _u(generation, U64_MAX, "generation") < 1:
+        raise ValueError("a catalog generation is >= 1")
+    return f"{catalog_prefix(domain)}{generation:016x}.cat"
+
+
+def parse_catalog_key(key: str) -> tuple[int, int]:
+    """(domain, generation) of a catalog key."""
+    m = _match(_CATALOG, key, "catalog")
+    domain, generation = (int(g, 16) for g in m.groups())
+    if generation < 1:
+        raise FormatError(f"key {key!r}: catalog generation 0 (generations start at 1)")
+    return domain, generation
+
+
+def base_manifest_key(domain: int, seq: int, disk: int) -> str:
+    """Key of the base manifest of ``disk`` at ``seq``."""
+    _u(seq, U64_MAX, "seq")
+    _u(disk, U32_MAX, "disk")
+    return f"{base_prefix(domain)}{seq:016x}/{disk:08x}.bmf"
+
+
+def parse_base_manifest_key(key: str) -> tuple[int, int, int]:
+    """(domain, seq, disk) of a base manifest key."""
+    m = _match(_MANIFEST, key, "base manifest")
+    domain, seq, disk = (int(g, 16) for g in m.groups())
+    return domain, seq, disk
+
+
+def chunk_key(h: bytes) -> str:
+    """Key of the chunk whose ``xxh3_128`` is ``h`` (16 bytes, little-endian as stored)."""
+    if not isinstance(h, (bytes, bytearray)) or len(h) != HASH_BYTES:
+        raise ValueError(f"a chunk hash is {HASH_BYTES} bytes, got {h!r}")
+    name = f"{int.from_bytes(h, 'little'):032x}"
+    return f"c/{name[:2]}/{name}.chk"
+
+
+def parse_chunk_key(key: str) -> bytes:
+    """The 16 stored (little-endian) bytes of the ``xxh3_128`` a chunk key names."""
+    m = _match(_CHUNK, key, "chunk")
+    fan, name = m.groups()
+    if fan != name[:2]:
+        raise FormatError(f"key {key!r}: directory {fan!r} is not the first two digits of {name!r}")
+    return int(name, 16).to_bytes(HASH_BYTES, "little")

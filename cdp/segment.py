@@ -1,0 +1,263 @@
+"""Segment objects: every record of one domain for a contiguous seq range (FORMAT.md §5).
+
+::
+
+    segment := header(64) block_0 … block_{n-1} block_table record_index footer(64)
+
+The code lives in three modules; import everything from this one:
+
+- ``cdp.segment_format``: the layouts (structs and numpy dtypes, sizes asserted next to
+  their §), ``SegmentIndex`` and ``parse_segment_tail``, the §5.6 checks of the tail;
+- ``cdp.segment_build``: ``build_segment``, the batch writer;
+- here: the readers. ``read_segment_index`` fetches footer, block table and record index
+  with one suffix GET (a second one only when the index is larger than the guess, and
+  no ``stat``: the footer gives the object size); ``read_blocks`` fetches just the
+  blocks a reader needs with one ranged GET and verifies them; ``decode_segment``
+  verifies a whole object (scrub, tests).
+
+Every byte of a segment is under exactly one checksum. Each checksum is checked right
+after its bytes are read and before any field under it is trusted; LZ4 only ever sees
+bytes whose ``stored_xxh3`` matched. Errors name the object key, the offset and the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import lz4.block
+import numpy as np
+import xxhash
+
+from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
+from cdp.segment_build import build_segment, build_segment_from_arrays
+from cdp.segment_format import (
+    BLOCK_DTYPE,
+    BLOCK_RAW_SIZE_DEFAULT,
+    BLOCK_RAW_SIZE_MAX,
+    BLOCK_RAW_SIZE_MIN,
+    CODEC_LZ4,
+    CODEC_STORED,
+    FOOTER_MAGIC,
+    FOOTER_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    INDEX_DTYPE,
+    SEGMENT_MAGIC,
+    SEGMENT_VERSION,
+    SUMMED,
+    SegmentIndex,
+    index_as_records,
+    parse_footer,
+    parse_segment_tail,
+    payload_spans,
+)
+
+__all__ = [
+    "BLOCK_DTYPE", "BLOCK_RAW_SIZE_DEFAULT", "BLOCK_RAW_SIZE_MAX", "BLOCK_RAW_SIZE_MIN",
+    "CODEC_LZ4", "CODEC_STORED", "FOOTER_MAGIC", "FOOTER_SIZE", "HEADER_SIZE", "INDEX_DTYPE",
+    "SEGMENT_MAGIC", "SEGMENT_VERSION", "TAIL_GUESS_DEFAULT", "SegmentHeader", "SegmentIndex",
+    "build_segment", "build_segment_from_arrays", "decode_segment", "index_as_records",
+    "parse_segment_header", "parse_segment_tail", "payload_spans", "read_blocks",
+    "read_payloads", "read_segment_index",
+]
+
+#: Bytes of the first (suffix) GET of a segment's tail: 64 KiB holds the index of
+#: about 1300 records; a larger index costs one more GET.
+TAIL_GUESS_DEFAULT = 64 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    """A segment header (§5.1) whose magic, version, checksum and ranges were checked."""
+
+    domain: int
+    block_raw_size: int
+    first_seq: int
+    last_seq: int
+    first_ts: int
+    last_ts: int
+
+
+def parse_segment_header(key: str, raw: bytes | bytearray | memoryview) -> SegmentHeader:
+    """Validate the 64-byte header at the start of ``raw`` (§5.1)."""
+    mv = memoryview(raw).cast("B")
+    where = f"segment {key}: header at offset 0"
+    if len(mv) < HEADER_SIZE:
+        raise TruncatedError(f"{where}: {len(mv)} bytes, a header needs {HEADER_SIZE}")
+    (magic, version, flags, domain, block_raw_size, first_seq, last_seq, first_ts, last_ts,
+     reserved, header_xxh3) = HEADER.unpack_from(mv)
+    if magic != SEGMENT_MAGIC:
+        raise FormatError(f"{where}: magic {magic!r}, expected {SEGMENT_MAGIC!r}")
+    if version != SEGMENT_VERSION:
+        raise FormatError(f"{where}: version {version}, expected {SEGMENT_VERSION}")
+    if xxhash.xxh3_64_intdigest(mv[:SUMMED]) != header_xxh3:
+        raise ChecksumMismatch(f"{where}: header_xxh3 does not match header[0:56]")
+    if flags or reserved:
+        raise FormatError(f"{where}: flags/reserved are not zero")
+    in_range = BLOCK_RAW_SIZE_MIN <= block_raw_size <= BLOCK_RAW_SIZE_MAX
+    if not in_range or block_raw_size & (block_raw_size - 1):
+        raise FormatError(
+            f"{where}: block_raw_size {block_raw_size} is not a power of two in "
+            f"{BLOCK_RAW_SIZE_MIN}..{BLOCK_RAW_SIZE_MAX}"
+        )
+    if last_seq < first_seq or last_ts < first_ts:
+        raise FormatError(f"{where}: last_seq/last_ts before first_seq/first_ts")
+    return SegmentHeader(domain, block_raw_size, first_seq, last_seq, first_ts, last_ts)
+
+
+async def read_segment_index(store, key: str, *, tail_guess: int = TAIL_GUESS_DEFAULT) -> SegmentIndex:
+    """Fetch and validate a segment's tail (§5.6): one suffix GET, two if the index is big.
+
+    The object size comes from the footer (``index_offset + index + 64``), so no ``stat``
+    is needed; when the first GET returned the whole object its length must agree.
+    """
+    assert tail_guess >= HEADER_SIZE + FOOTER_SIZE, tail_guess
+    tail = await store.get(key, offset=-tail_guess)
+    whole = len(tail) < tail_guess
+    if len(tail) < HEADER_SIZE + FOOTER_SIZE:
+        raise TruncatedError(
+            f"segment {key}: {len(tail)} bytes, a segment needs at least {HEADER_SIZE + FOOTER_SIZE}"
+        )
+    at = f"{len(tail) - FOOTER_SIZE}" if whole else "end-64"
+    footer = parse_footer(key, memoryview(tail)[-FOOTER_SIZE:], at)
+    size = footer.object_size
+    if (whole and size != len(tail)) or size < len(tail):
+        raise FormatError(
+            f"segment {key}: footer: index_offset {footer.index_offset} and the index make "
+            f"{size} bytes, the object has {'' if whole else 'at least '}{len(tail)}"
+        )
+    need = footer.index_len + FOOTER_SIZE
+    if len(tail) < need:
+        missing = need - len(tail)
+        head = await store.get(key, offset=size - need, length=missing)
+        if len(head) != missing:
+            raise TruncatedError(
+                f"segment {key}: index at offset {size - need}: got {len(head)} bytes, "
+                f"expected {missing}"
+            )
+        tail = head + tail
+    return parse_segment_tail(key, tail, size)
+
+
+def _unpack_block(key: str, number: int, row: tuple, stored: memoryview) -> bytes | memoryview:
+    """Verify one block's stored bytes, decompress them, verify the raw bytes (§5.3)."""
+    stored_offset, stored_len, raw_len, stored_xxh3, raw_xxh3, codec, _ = row
+    where = f"segment {key}: block {number} at offset {stored_offset}"
+    if len(stored) != stored_len:
+        raise TruncatedError(f"{where}: {len(stored)} stored bytes, stored_len is {stored_len}")
+    if xxhash.xxh3_64_intdigest(stored) != stored_xxh3:
+        raise ChecksumMismatch(f"{where}: stored_xxh3 does not match the {stored_len} stored bytes")
+    if codec == CODEC_STORED:
+        raw = stored
+    else:
+        try:
+            raw = lz4.block.decompress(stored, uncompressed_size=raw_len)
+        except lz4.block.LZ4BlockError as exc:
+            raise FormatError(f"{where}: LZ4 block does not decompress to raw_len {raw_len}") from exc
+    if len(raw) != raw_len:
+        raise FormatError(f"{where}: decompressed to {len(raw)} bytes, raw_len is {raw_len}")
+    if xxhash.xxh3_64_intdigest(raw) != raw_xxh3:
+        raise ChecksumMismatch(f"{where}: raw_xxh3 does not match the decompressed bytes")
+    return raw
+
+
+def _block_jobs(key: str, rows: np.ndarray, first_block: int, stored: memoryview) -> list[tuple]:
+    """Arguments of ``_unpack_block`` for contiguous blocks whose stored bytes are ``stored``."""
+    base = int(rows["stored_offset"][0]) if len(rows) else 0
+    jobs = []
+    for k, row in enumerate(rows.tolist()):
+        a = row[0] - base
+        jobs.append((key, first_block + k, row, stored[a : a + row[1]]))
+    return jobs
+
+
+def _joined(raws: list[bytes | memoryview]) -> bytes:
+    return bytes(raws[0]) if len(raws) == 1 else b"".join(raws)
+
+
+async def read_blocks(
+    store, index: SegmentIndex, first_block: int, last_block: int, *, executor: Executor | None = None
+) -> bytes:
+    """The raw payload-stream bytes of blocks ``first_block..last_block`` (inclusive).
+
+    One ranged GET for their stored bytes; each block is verified (``stored_xxh3``, then
+    ``raw_xxh3`` after decompression). The result starts at stream position
+    ``first_block × index.block_raw_size``. Decompression runs on ``executor`` if given.
+    """
+    if not 0 <= first_block <= last_block < index.block_count:
+        raise ValueError(
+            f"segment {index.key}: blocks {first_block}..{last_block} not in 0..{index.block_count - 1}"
+        )
+    rows = index.blocks[first_block : last_block + 1]
+    start = int(rows["stored_offset"][0])
+    end = int(rows["stored_offset"][-1]) + int(rows["stored_len"][-1])
+    data = await store.get(index.key, offset=start, length=end - start)
+    if len(data) != end - start:
+        raise TruncatedError(
+            f"segment {index.key}: blocks {first_block}..{last_block} at offset {start}: "
+            f"got {len(data)} bytes, expected {end - start}"
+        )
+    jobs = _block_jobs(index.key, rows, first_block, memoryview(data))
+    if executor is None:
+        return _joined([_unpack_block(*job) for job in jobs])
+    loop = asyncio.get_running_loop()
+    return _joined(await asyncio.gather(*(loop.run_in_executor(executor, _unpack_block, *j) for j in jobs)))
+
+
+async def read_payloads(
+    store, index: SegmentIndex, rows: np.ndarray, *, executor: Executor | None = None
+) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(raw, starts, lengths): the payload of row ``i`` is ``raw[starts[i]:starts[i] + lengths[i]]``.
+
+    ``rows`` are index rows of this segment (e.g. ``index.rows_for_seqs(a, b)`` or a
+    selection of them); one GET fetches the blocks that hold their payloads. Rows
+    without a payload (``ZERO``, ``RESYNC_*``) get length 0.
+    """
+    span = index.block_span(rows)
+    if span is None:
+        empty = np.zeros(len(rows), dtype=np.int64)
+        return b"", empty, empty.copy()
+    raw = await read_blocks(store, index, span[0], span[1], executor=executor)
+    starts, lengths = payload_spans(index, rows, span[0], len(raw))
+    return raw, starts, lengths
+
+
+def decode_segment(key: str, data: bytes | bytearray | memoryview) -> tuple[SegmentIndex, bytes]:
+    """Verify a whole segment object (§5.6); return its index and its payload stream."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < HEADER_SIZE + FOOTER_SIZE:
+        raise TruncatedError(
+            f"segment {key}: {len(mv)} bytes, a segment needs at least {HEADER_SIZE + FOOTER_SIZE}"
+        )
+    index = parse_segment_tail(key, mv, len(mv))
+    header = parse_segment_header(key, mv)
+    _check_header_agrees(key, header, index)
+    jobs = _block_jobs(key, index.blocks, 0, mv[HEADER_SIZE : index.index_offset])
+    raw = _joined([_unpack_block(*job) for job in jobs]) if jobs else b""
+    return index, raw
+
+
+def _check_header_agrees(key: str, header: SegmentHeader, index: SegmentIndex) -> None:
+    """§5.6: the header agrees with the footer (domain, seqs) and the index (ts, blocks)."""
+    recs = index.records
+    pairs = [
+        ("domain", header.domain, index.domain),
+        ("first_seq", header.first_seq, index.first_seq),
+        ("last_seq", header.last_seq, index.last_seq),
+        ("first_ts", header.first_ts, int(recs["timestamp_ns"][0])),
+        ("last_ts", header.last_ts, int(recs["timestamp_ns"][-1])),
+    ]
+    if index.block_count > 1:
+        pairs.append(("block_raw_size", header.block_raw_size, index.block_raw_size))
+    for field, got, expected in pairs:
+        if got != expected:
+            raise FormatError(
+                f"segment {key}: header at offset 0: {field} {got}, the footer/index say {expected}"
+            )
+    if index.block_raw_size > header.block_raw_size:
+        raise FormatError(
+            f"segment {key}: header at offset 0: block_raw_size {header.block_raw_size} is "
+            f"smaller than block 0 ({index.block_raw_size} raw bytes)"
+        )

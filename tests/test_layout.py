@@ -1,0 +1,123 @@
+"""Object keys (docs/FORMAT.md §7): format∘parse is the identity, listing order is numeric."""
+
+from __future__ import annotations
+
+import pytest
+import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cdp.errors import FormatError
+from cdp.layout import (
+    base_manifest_key, base_prefix, catalog_key, catalog_prefix, chunk_key, domain_prefix,
+    parse_base_manifest_key, parse_catalog_key, parse_chunk_key, parse_segment_key,
+    segment_key, segment_prefix,
+)
+from cdp.store.keys import is_valid_key
+
+u32 = st.integers(0, (1 << 32) - 1)
+u64 = st.integers(0, (1 << 64) - 1)
+seq_ranges = st.tuples(u64, u64).map(sorted)
+
+
+@given(u32, seq_ranges)
+def test_segment_key_round_trip(domain, seqs) -> None:
+    key = segment_key(domain, *seqs)
+    assert parse_segment_key(key) == (domain, *seqs)
+    assert key.startswith(segment_prefix(domain)) and key.startswith(domain_prefix(domain))
+    assert is_valid_key(key)
+
+
+@given(u32, st.integers(1, (1 << 64) - 1))
+def test_catalog_key_round_trip(domain, generation) -> None:
+    key = catalog_key(domain, generation)
+    assert parse_catalog_key(key) == (domain, generation)
+    assert key.startswith(catalog_prefix(domain)) and is_valid_key(key)
+
+
+@given(u32, u64, u32)
+def test_base_manifest_key_round_trip(domain, seq, disk) -> None:
+    key = base_manifest_key(domain, seq, disk)
+    assert parse_base_manifest_key(key) == (domain, seq, disk)
+    assert key.startswith(base_prefix(domain)) and is_valid_key(key)
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_chunk_key_round_trip(h) -> None:
+    key = chunk_key(h)
+    assert parse_chunk_key(key) == h and is_valid_key(key)
+
+
+def test_chunk_key_is_the_hexdigest_of_the_content() -> None:
+    raw = b"some chunk content"
+    stored = xxhash.xxh3_128_intdigest(raw).to_bytes(16, "little")  # §0
+    name = xxhash.xxh3_128_hexdigest(raw)
+    assert chunk_key(stored) == f"c/{name[:2]}/{name}.chk"
+
+
+@given(st.lists(st.tuples(u32, seq_ranges), min_size=2, max_size=20))
+def test_segment_keys_sort_in_numeric_order(items) -> None:
+    keys = [segment_key(d, *s) for d, s in items]
+    assert sorted(keys) == [segment_key(d, *s) for d, s in sorted((d, tuple(s)) for d, s in items)]
+
+
+@given(u32, st.lists(st.integers(1, (1 << 64) - 1), min_size=2, max_size=20))
+def test_catalog_keys_sort_in_generation_order(domain, gens) -> None:
+    assert sorted(catalog_key(domain, g) for g in gens) == [catalog_key(domain, g) for g in sorted(gens)]
+
+
+@given(st.lists(st.tuples(u32, u64, u32), min_size=2, max_size=20))
+def test_manifest_keys_sort_in_numeric_order(items) -> None:
+    assert sorted(base_manifest_key(*t) for t in items) == [base_manifest_key(*t) for t in sorted(items)]
+
+
+@given(st.lists(st.binary(min_size=16, max_size=16), min_size=2, max_size=20))
+def test_chunk_keys_sort_by_value(hashes) -> None:
+    by_value = sorted(hashes, key=lambda h: int.from_bytes(h, "little"))
+    assert sorted(chunk_key(h) for h in hashes) == [chunk_key(h) for h in by_value]
+
+
+@pytest.mark.parametrize(
+    "parse,key",
+    [
+        (parse_segment_key, "d/00000007/seg/0000000000000001-00000000000003E8.seg"),  # upper case
+        (parse_segment_key, "d/00000007/seg/1-3e8.seg"),  # not fixed width
+        (parse_segment_key, "d/00000007/seg/00000000000003e8-0000000000000001.seg"),  # last < first
+        (parse_segment_key, "d/00000007/seg/0000000000000001-00000000000003e8.seg\n"),
+        (parse_segment_key, "d/0000007/seg/0000000000000001-00000000000003e8.seg"),
+        (parse_segment_key, "x/00000007/seg/0000000000000001-00000000000003e8.seg"),
+        (parse_segment_key, "d/00000007/seg/0000000000000001-00000000000003e8.cat"),
+        (parse_segment_key, None),
+        (parse_catalog_key, "d/00000007/cat/0000000000000000.cat"),  # generation 0
+        (parse_catalog_key, "d/00000007/cat/000000000000001.cat"),
+        (parse_catalog_key, "d/00000007/cat/+000000000000001.cat"),
+        (parse_base_manifest_key, "d/00000007/base/0000000000000000/0000000.bmf"),
+        (parse_base_manifest_key, "d/00000007/base/000000000000000g/00000000.bmf"),
+        (parse_chunk_key, "c/ab/cd" + "0" * 30 + ".chk"),  # fan-out dir is not the prefix
+        (parse_chunk_key, "c/ab/ab" + "0" * 29 + ".chk"),
+    ],
+)
+def test_parsers_refuse_everything_else(parse, key) -> None:
+    with pytest.raises(FormatError) as err:
+        parse(key)
+    assert repr(key) in str(err.value)
+
+
+def test_formatters_refuse_out_of_range_numbers() -> None:
+    for bad in (-1, 1 << 32, True, 1.0):
+        with pytest.raises(ValueError):
+            domain_prefix(bad)
+    with pytest.raises(ValueError):
+        segment_key(1, 5, 4)
+    with pytest.raises(ValueError):
+        segment_key(1, 0, 1 << 64)
+    with pytest.raises(ValueError):
+        catalog_key(1, 0)
+    with pytest.raises(ValueError):
+        chunk_key(b"\0" * 15)
+
+
+def test_spec_examples() -> None:
+    assert segment_key(7, 1, 1000) == "d/00000007/seg/0000000000000001-00000000000003e8.seg"
+    assert base_manifest_key(7, 0, 0) == "d/00000007/base/0000000000000000/00000000.bmf"
+    assert catalog_key(7, 1) == "d/00000007/cat/0000000000000001.cat"
