@@ -14,7 +14,7 @@ What it does, in the order data flows:
    replayed into new images at the mark and at the latest point and compared (sha256)
    with the primaries as they were at those points.
 
-The replay here is the plain reference replay (every record in seq order); the
+The replay here is ``cdp.replay.replay_reference`` (every record in seq order); the
 point-in-time planner of ``rocva`` supersedes it.
 """
 
@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from cdp.catalog import CatalogState, CatalogWriter, load_catalog
+from cdp.catalog import CatalogState, CatalogWriter
 from cdp.frame import decode_frame, encode_frame_parts
 from cdp.layout import segment_key
 from cdp.logfmt import DATA_START
 from cdp.records import KIND_MARK, KIND_WRITE, KIND_ZERO, SECTOR, empty_records
 from cdp.replog import ReplicationLog
-from cdp.segment import build_segment, read_blocks, read_segment_index
+from cdp.replay import replay_reference
+from cdp.segment import build_segment, read_segment_index
 from cdp.store.fs import FileStore
 
 DOMAIN = 1
@@ -203,8 +204,8 @@ async def _run(opts: DemoOptions, root: Path) -> dict[str, Any]:
 
     # 5. replay from the store alone and compare.
     t0 = time.perf_counter()
-    mark_ok = await _replay_and_compare(store, root / "recovered-mark", opts.disk_size, mark_seq, mark_sums)
-    latest_ok = await _replay_and_compare(store, root / "recovered-latest", opts.disk_size, None, latest_sums)
+    mark_ok = await _replay_and_compare(store, root / "recovered-mark", mark_seq, mark_sums)
+    latest_ok = await _replay_and_compare(store, root / "recovered-latest", None, latest_sums)
     replay_s = time.perf_counter() - t0
     await store.close()
     mb = captured / 1e6
@@ -247,33 +248,9 @@ async def _seal(store, writer: CatalogWriter, frames: list, pool: ThreadPoolExec
     return len(data)
 
 
-async def _replay_and_compare(store, out: Path, disk_size: int, upto: int | None,
-                              expected: list[str]) -> bool:
+async def _replay_and_compare(store, out: Path, upto: int | None, expected: list[str]) -> bool:
     """Reference replay of every record <= ``upto`` onto zero images; compare sha256."""
-    state, _ = await load_catalog(store, DOMAIN)
-    assert state is not None
-    out.mkdir()
-    paths = [out / f"{d['vm']}-{d['name']}.img" for d in state.disks]
-    fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in paths]
-    try:
-        for fd in fds:
-            os.ftruncate(fd, disk_size)
-        last = state.committed_seq if upto is None else upto
-        for row in state.segments_between(1, last):
-            key = segment_key(DOMAIN, int(row["first_seq"]), int(row["last_seq"]))
-            index = await read_segment_index(store, key)
-            raw = await read_blocks(store, index, 0, len(index.blocks) - 1) if len(index.blocks) else b""
-            rec = index.records
-            for i in np.flatnonzero(rec["seq"] <= last):
-                kind, disk = int(rec["kind"][i]), int(rec["disk"][i])
-                off, n, at = int(rec["offset"][i]), int(rec["length"][i]), int(rec["raw_pos"][i])
-                if kind == KIND_WRITE:
-                    os.pwrite(fds[disk], raw[at : at + n], off)
-                elif kind == KIND_ZERO:
-                    os.pwrite(fds[disk], bytes(n), off)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    paths, _ = await replay_reference(store, DOMAIN, out, upto)
     return _sha256_files(paths) == expected
 
 

@@ -274,17 +274,30 @@ class ReplicationLog:
             positions += self._commit(run)
             return positions
 
-    def _check_space(self, plans: list[tuple[Body, int]]) -> None:
+    def _planned_tails(self, body_lens: Sequence[int]) -> list[int]:
+        """The tail after each body if they were appended now, PADs included."""
         ds = self._sb.data_size
         tail = self._tail
-        for _, n in plans:
+        tails = []
+        for n in body_lens:
             stride = entry_stride(n)
             if stride > ds - tail % ds:
                 tail += ds - tail % ds  # the PAD to the end of the lap
             tail += stride
-        if tail - self._durable_head > ds:
+            tails.append(tail)
+        return tails
+
+    def fits(self, body_lens: Sequence[int]) -> int:
+        """How many of these bodies, in order, ``append_batch`` would take right now."""
+        limit = self._durable_head + self._sb.data_size
+        return sum(1 for t in self._planned_tails(body_lens) if t <= limit)
+
+    def _check_space(self, plans: list[tuple[Body, int]]) -> None:
+        ds = self._sb.data_size
+        tails = self._planned_tails([n for _, n in plans])
+        if tails[-1] - self._durable_head > ds:
             raise LogFull(
-                f"log partition {self.path}: batch needs {tail - self._tail} bytes, "
+                f"log partition {self.path}: batch needs {tails[-1] - self._tail} bytes, "
                 f"{ds - (self._tail - self._durable_head)} free of {ds}"
             )
 

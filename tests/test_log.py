@@ -224,3 +224,14 @@ def test_readonly_open_changes_nothing(path):
         with pytest.raises(LogError, match="read-only"):
             log.append_batch([[body(2)]])
     assert path.read_bytes() == before
+
+
+def test_fits_predicts_append_batch(path):
+    with ReplicationLog.open(path) as log:
+        sizes = [60000] * 100
+        k = log.fits(sizes)
+        assert 0 < k < 100
+        log.append_batch([[body(i, n)] for i, n in enumerate(sizes[:k])])
+        assert log.fits([60000]) == 0
+        with pytest.raises(LogFull):
+            log.append_batch([[body(0, 60000)]])

@@ -1,0 +1,209 @@
+"""DRVA configuration: one TOML file per DRVA process.
+
+```toml
+name = "drva-1"
+listen = "127.0.0.1:32873"        # the filter port (32873..32878 by convention)
+state_dir = "/var/lib/cdp/drva-1" # status.json lives here
+store = "file:///var/lib/cdp/store"
+secret_env = "CDP_SITE_SECRET"    # the handshake secret comes from the environment
+
+[log]                  # the replication-log partition: a file or a block device
+path = "/var/lib/cdp/drva-1/replog"
+size = "1GiB"          # only to create a file
+direct = false         # O_DIRECT
+[meta]
+path = "/var/lib/cdp/drva-1/meta"
+[seal]
+bytes = "16MiB"        # cut a segment at this many bytes of frames ...
+age_s = 1.0            # ... or when its oldest frame is this old
+[upload]
+concurrency = 4
+[backpressure]
+high_water = 0.80      # log usage above which filters are told to back off
+low_water = 0.60
+
+[[domains]]
+id = 1
+name = "erp"
+disks = [{ vm = "erp-db", name = "disk0", size = "64MiB" }]
+```
+
+``load_drva_config`` refuses a bad file with the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdp.errors import ConfigError
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Bytes from an int or a string such as '64MiB', '1G', '4096'."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{where}: {value!r} is not a size (expected e.g. 4096, '64MiB', '1GiB')")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    index: int
+    vm: str
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    id: int
+    name: str
+    disks: tuple[DiskSpec, ...]
+
+    def catalog_disks(self) -> list[dict[str, Any]]:
+        return [{"disk": d.index, "vm": d.vm, "name": d.name, "size": d.size} for d in self.disks]
+
+
+@dataclass(frozen=True)
+class DrvaConfig:
+    name: str
+    host: str
+    port: int
+    state_dir: Path
+    store_url: str
+    secret: bytes = field(repr=False)
+    log_path: Path
+    log_size: int | None
+    log_direct: bool
+    meta_path: Path
+    domains: tuple[DomainConfig, ...]
+    seal_bytes: int = 16 << 20
+    seal_age_s: float = 1.0
+    upload_concurrency: int = 4
+    high_water: float = 0.80
+    low_water: float = 0.60
+    staging_bytes_max: int = 32 << 20
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def status_path(self) -> Path:
+        return self.state_dir / "status.json"
+
+    def domain(self, domain_id: int) -> DomainConfig | None:
+        return next((d for d in self.domains if d.id == domain_id), None)
+
+
+class _Reader:
+    """Typed access to a TOML table, with errors that name the file and the key."""
+
+    def __init__(self, doc: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        self.doc, self.source, self.prefix = doc, source, prefix
+
+    def where(self, key: str) -> str:
+        return f"{self.source}: {self.prefix}{key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.doc:
+            if default is ...:
+                raise ConfigError(f"{self.where(key)}: missing")
+            return default
+        value = self.doc[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(f"{self.where(key)}: {value!r} is not a {names}")
+        return value
+
+    def table(self, key: str) -> "_Reader":
+        return _Reader(self.get(key, dict, {}), self.source, f"{self.prefix}{key}.")
+
+    def name(self, key: str) -> str:
+        value = self.get(key, str)
+        if not _NAME.fullmatch(value):
+            raise ConfigError(f"{self.where(key)}: {value!r} is not a name ([A-Za-z0-9._-], 1-64)")
+        return value
+
+
+def load_drva_config(path: str | os.PathLike[str], env: Mapping[str, str] = os.environ) -> DrvaConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    return parse_drva_config(doc, str(path), env)
+
+
+def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str] = os.environ) -> DrvaConfig:
+    r = _Reader(doc, source)
+    host, _, port_text = r.get("listen", str).rpartition(":")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{r.where('listen')}: expected HOST:PORT with a port in 0..65535 (0: any free port)")
+    secret_env = r.get("secret_env", str, "CDP_SITE_SECRET")
+    secret = env.get(secret_env, "")
+    if len(secret) < 16:
+        raise ConfigError(
+            f"{r.where('secret_env')}: environment variable {secret_env} must hold the site "
+            f"secret (at least 16 characters)"
+        )
+    log, meta, seal = r.table("log"), r.table("meta"), r.table("seal")
+    upload, bp, tls = r.table("upload"), r.table("backpressure"), r.table("tls")
+    high = float(bp.get("high_water", (int, float), 0.80))
+    low = float(bp.get("low_water", (int, float), 0.60))
+    if not 0 < low < high <= 1:
+        raise ConfigError(f"{bp.where('low_water')}: expected 0 < low_water < high_water <= 1")
+    domains = tuple(_domain(_Reader(d, source, f"domains[{i}]."), i)
+                    for i, d in enumerate(r.get("domains", list)))
+    if len({d.id for d in domains}) != len(domains):
+        raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
+    cfg = DrvaConfig(
+        name=r.name("name"), host=host, port=int(port_text),
+        state_dir=Path(r.get("state_dir", str)), store_url=r.get("store", str),
+        secret=secret.encode(),
+        log_path=Path(log.get("path", str)),
+        log_size=parse_size(log.get("size", (int, str)), log.where("size")) if "size" in log.doc else None,
+        log_direct=log.get("direct", bool, False),
+        meta_path=Path(meta.get("path", str)),
+        domains=domains,
+        seal_bytes=parse_size(seal.get("bytes", (int, str), 16 << 20), seal.where("bytes")),
+        seal_age_s=float(seal.get("age_s", (int, float), 1.0)),
+        upload_concurrency=upload.get("concurrency", int, 4),
+        high_water=high, low_water=low,
+        tls_cert=Path(tls.get("cert", str)) if "cert" in tls.doc else None,
+        tls_key=Path(tls.get("key", str)) if "key" in tls.doc else None,
+    )
+    if not 1 <= cfg.upload_concurrency <= 64:
+        raise ConfigError(f"{upload.where('concurrency')}: expected 1..64")
+    if not (1 << 20) <= cfg.seal_bytes <= (256 << 20):
+        raise ConfigError(f"{seal.where('bytes')}: expected 1MiB..256MiB")
+    if not 0.05 <= cfg.seal_age_s <= 3600:
+        raise ConfigError(f"{seal.where('age_s')}: expected 0.05..3600 seconds")
+    return cfg
+
+
+def _domain(r: _Reader, i: int) -> DomainConfig:
+    domain_id = r.get("id", int)
+    if not 1 <= domain_id < 1 << 32:
+        raise ConfigError(f"{r.where('id')}: expected 1..{(1 << 32) - 1}")
+    disks = []
+    for j, d in enumerate(r.get("disks", list)):
+        dr = _Reader(d, r.source, f"{r.prefix}disks[{j}].")
+        size = parse_size(dr.get("size", (int, str)), dr.where("size"))
+        if size <= 0 or size % 512:
+            raise ConfigError(f"{dr.where('size')}: {size} is not a positive multiple of 512")
+        disks.append(DiskSpec(j, dr.name("vm"), dr.name("name"), size))
+    if not disks:
+        raise ConfigError(f"{r.where('disks')}: a domain needs at least one disk")
+    return DomainConfig(domain_id, r.name("name"), tuple(disks))

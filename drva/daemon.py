@@ -1,0 +1,258 @@
+"""The DRVA daemon: accept filter streams, make them durable, ship them to the store.
+
+``Drva.start`` recovers before it listens: it opens (or formats) the log partition and
+the metadata repository, rebuilds each domain's pending entries from the log, then
+starts a few long-lived tasks, each a loop around a ``step`` that tests may call
+directly: the group committer, the sealer, the upload workers, the catalog committer,
+the catalog opener (retries while the store is unreachable) and the status writer.
+
+A restart resumes with no gap and no duplicate: what the log holds beyond the catalog's
+committed seq is sealed and uploaded again; what the catalog already names is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import ssl
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cdp.durable import atomic_write
+from cdp.errors import CdpError, ConfigError, StoreError
+from cdp.frame import decode_frame
+from cdp.logs import get_logger, setup_logging
+from cdp.meta import MetaRepository
+from cdp.replog import ReplicationLog
+from cdp.store import open_store
+from drva.committer import GroupCommitter, log_entry
+from drva.config import DrvaConfig, load_drva_config
+from drva.domain import DomainState
+from drva.seeder import Seeder
+from drva.session import Session
+from drva.shipper import Shipper, backoff_s
+from drva.status import build_status
+
+log = get_logger("drva")
+
+SEAL_TICK_S = 0.05
+STATUS_TICK_S = 1.0
+
+
+class Drva:
+    """One DRVA process (see the module docstring)."""
+
+    def __init__(self, cfg: DrvaConfig, *, exit_on_task_failure: bool = True) -> None:
+        self.cfg = cfg
+        self.exit_on_task_failure = exit_on_task_failure
+        self.failure: BaseException | None = None
+        self.domains = {d.id: DomainState(d) for d in cfg.domains}
+        self.sessions: set[Session] = set()
+        self.tasks: list[asyncio.Task] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="drva-seal")
+        self.started = time.time()
+        self._port = cfg.port
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = await asyncio.to_thread(self._open_log)
+        self.meta = await asyncio.to_thread(self._open_meta)
+        self.store = open_store(cfg.store_url)
+        await asyncio.to_thread(self._recover)
+        self.committer = GroupCommitter(
+            self.log, staging_bytes_max=cfg.staging_bytes_max, high_water=cfg.high_water,
+            low_water=cfg.low_water, on_durable=self._on_durable)
+        self.shipper = Shipper(
+            name=cfg.name, log_=self.log, store=self.store, meta=self.meta,
+            committer=self.committer, domains=self.domains, seal_bytes=cfg.seal_bytes,
+            seal_age_s=cfg.seal_age_s, upload_concurrency=cfg.upload_concurrency, pool=self.pool)
+        self.seeder = Seeder(self)
+        spawn = self._spawn
+        spawn(self.committer.run(), "committer")
+        spawn(self._seal_loop(), "sealer")
+        for i in range(cfg.upload_concurrency):
+            spawn(self.shipper.upload_worker(), f"uploader-{i}")
+        spawn(self._commit_loop(), "catalog-committer")
+        spawn(self._open_catalogs(), "catalog-opener")
+        spawn(self._status_loop(), "status")
+        self.server = await asyncio.start_server(
+            self._accept, cfg.host, cfg.port, ssl=self._tls(), limit=1 << 20, reuse_address=True)
+        self._port = self.server.sockets[0].getsockname()[1]
+        log.info("drva_started", name=cfg.name, listen=f"{cfg.host}:{self.port}",
+                 log=str(cfg.log_path), store=self.store.describe(),
+                 domains=sorted(self.domains), log_head=self.log.head, log_tail=self.log.tail)
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (the configuration may say 0)."""
+        return self._port
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self.tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # A pipeline task must not die quietly: without it acked data stops moving.
+            self.failure = task.exception()
+            log.error("task_failed", task=task.get_name(), error=repr(self.failure))
+            if self.exit_on_task_failure:
+                os._exit(70)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for s in list(self.sessions):
+            s.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.to_thread(self._write_status)
+        await self.store.close()
+        self.log.close()
+        self.meta.close()
+        self.pool.shutdown()
+        log.info("drva_stopped", name=self.cfg.name)
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if self.cfg.tls_cert is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+        return ctx
+
+    def _open_log(self) -> ReplicationLog:
+        if not self.cfg.log_path.exists():
+            if self.cfg.log_size is None:
+                raise ConfigError(f"log partition {self.cfg.log_path} does not exist and log.size is not set")
+            ReplicationLog.format(self.cfg.log_path, self.cfg.log_size, label=self.cfg.name)
+        return ReplicationLog.open(self.cfg.log_path, direct=self.cfg.log_direct)
+
+    def _open_meta(self) -> MetaRepository:
+        if not self.cfg.meta_path.exists():
+            MetaRepository.format(self.cfg.meta_path)
+        return MetaRepository.open(self.cfg.meta_path)
+
+    def _recover(self) -> None:
+        """Per domain: committed seq from the metadata repository, entries from the log."""
+        doc = self.meta.read().get("domains", {})
+        for dom in self.domains.values():
+            state = doc.get(str(dom.id), {})
+            dom.committed_seq = dom.sealed_seq = state.get("committed_seq", 0)
+            dom.committed_ts = state.get("committed_ts", 0)
+            dom.accepted_seq = dom.durable_seq = dom.committed_seq
+        now = time.monotonic()
+        for pos, body in self.log.entries():
+            frame = decode_frame(body, f"{self.cfg.log_path} position {pos}")
+            dom = self.domains.get(frame.domain)
+            if dom is None:
+                raise ConfigError(
+                    f"log partition {self.cfg.log_path} holds frames of domain {frame.domain}, "
+                    f"which is not in this DRVA's configuration")
+            if frame.last_seq <= dom.committed_seq:
+                continue
+            dom.unsealed.append(log_entry(frame, len(body), pos, self.log.next_position(pos), now))
+            dom.accepted_seq = dom.durable_seq = frame.last_seq
+        for dom in self.domains.values():
+            log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,
+                     durable_seq=dom.durable_seq, pending_entries=len(dom.unsealed))
+
+    # ------------------------------------------------------------------ loops
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Session(self, reader, writer).run()
+
+    def _on_durable(self, touched: set[DomainState]) -> None:
+        for dom in touched:
+            if dom.session is not None:
+                dom.session.want_ack()
+
+    async def _seal_loop(self) -> None:
+        while True:
+            if not await self.shipper.seal_step():
+                await asyncio.sleep(SEAL_TICK_S)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            self.shipper.uploaded.clear()
+            await self.shipper.commit_step()
+            try:
+                await asyncio.wait_for(self.shipper.uploaded.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _open_catalogs(self) -> None:
+        """Open every domain's catalog, retrying while the store is unreachable."""
+        attempt = 0
+        pending = list(self.domains.values())
+        while pending:
+            dom = pending[0]
+            try:
+                await self.shipper.open_catalog(dom)
+                pending.pop(0)
+                attempt = 0
+            except StoreError as exc:
+                attempt += 1
+                self.shipper._store_error(dom, "catalog_open_failed", exc, attempt=attempt)
+                await asyncio.sleep(backoff_s(attempt, self.shipper.rng))
+            except CdpError as exc:  # a corrupt catalog: this domain cannot be served
+                dom.fenced = True
+                dom.stats.last_error = exc.message
+                log.error("catalog_unusable", domain=dom.id, error=exc.message)
+                pending.pop(0)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.to_thread(self._write_status)
+            await asyncio.sleep(STATUS_TICK_S)
+
+    def status(self) -> dict[str, Any]:
+        return build_status(self)
+
+    def _write_status(self) -> None:
+        atomic_write(self.cfg.status_path, json.dumps(self.status(), indent=1).encode())
+
+
+async def run(cfg: DrvaConfig) -> None:
+    drva = Drva(cfg)
+    await drva.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await drva.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="drva", description="DR virtual appliance daemon")
+    p.add_argument("--config", required=True, help="the DRVA's TOML configuration")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load_drva_config(args.config)
+        try:
+            import uvloop
+        except ImportError:  # uvloop is optional on platforms that lack it
+            asyncio.run(run(cfg))
+        else:
+            uvloop.run(run(cfg))
+    except CdpError as exc:
+        log.error("drva_failed", error=exc.message)
+        print(f"drva: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

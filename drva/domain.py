@@ -1,0 +1,143 @@
+"""Per-domain state of a DRVA: where each seq of the domain is on its way to the store.
+
+Seqs of one domain move through four marks, never backwards:
+
+    accepted_seq  >=  durable_seq  >=  sealed_seq  >=  committed_seq
+    (staged for a     (in the log,     (in a segment   (named by a catalog
+     group commit)     acked)           being uploaded)  generation in the store)
+
+``unsealed`` holds the log entries in (sealed_seq, durable_seq], ``inflight`` the segment
+jobs in (committed_seq, sealed_seq], both in seq order. The log may be trimmed only
+before the first entry of either (``first_needed_pos``).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from drva.config import DomainConfig
+
+
+@dataclass(slots=True)
+class LogEntry:
+    """One frame durable in the log (positions are log positions)."""
+
+    pos: int
+    next_pos: int
+    first_seq: int
+    last_seq: int
+    nbytes: int
+    first_ts: int
+    last_ts: int
+    arrived: float  # monotonic time it became durable
+    marks: list[tuple[int, str, int]]  # (seq, name, ts)
+    resync: list[tuple[int, int]]  # (kind, seq) of RESYNC_BEGIN/END records
+
+
+@dataclass(slots=True)
+class SegmentJob:
+    """A sealed segment on its way: uploaded, then named by a catalog generation."""
+
+    domain: int
+    key: str
+    data: bytes
+    entries: list[LogEntry]
+    payload_raw_len: int
+    size: int
+    uploaded: bool = False
+    upload_attempts: int = 0
+
+    @property
+    def first_seq(self) -> int:
+        return self.entries[0].first_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.entries[-1].last_seq
+
+
+@dataclass
+class DomainStats:
+    frames_received: int = 0
+    bytes_received: int = 0
+    duplicates_dropped: int = 0
+    frames_refused: int = 0
+    segments_uploaded: int = 0
+    bytes_uploaded: int = 0
+    upload_errors: int = 0
+    catalog_errors: int = 0
+    upload_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
+    last_error: str | None = None
+
+
+class DomainState:
+    """Everything a DRVA knows about one protection domain (see the module docstring)."""
+
+    def __init__(self, cfg: DomainConfig) -> None:
+        self.cfg = cfg
+        self.accepted_seq = 0
+        self.durable_seq = 0
+        self.sealed_seq = 0
+        self.committed_seq = 0
+        self.committed_ts = 0
+        self.newest_received_ts = 0
+        self.unsealed: collections.deque[LogEntry] = collections.deque()
+        self.inflight: collections.deque[SegmentJob] = collections.deque()
+        self.catalog_ready = False
+        self.fenced = False
+        self.stats = DomainStats()
+        self.session: Any = None  # the filter session streaming this domain, if any
+        self.filter_state: dict[str, Any] = {}  # the filter's last FILTER_STATE
+
+    @property
+    def id(self) -> int:
+        return self.cfg.id
+
+    def first_needed_pos(self) -> int | None:
+        """Log position of the oldest entry not yet committed to the store, if any."""
+        if self.inflight:
+            return self.inflight[0].entries[0].pos
+        if self.unsealed:
+            return self.unsealed[0].pos
+        return None
+
+    def unsealed_bytes(self) -> int:
+        return sum(e.nbytes for e in self.unsealed)
+
+    def pending_bytes(self) -> int:
+        return self.unsealed_bytes() + sum(sum(e.nbytes for e in j.entries) for j in self.inflight)
+
+    def oldest_pending_ts(self) -> int | None:
+        if self.inflight:
+            return self.inflight[0].entries[0].first_ts
+        if self.unsealed:
+            return self.unsealed[0].first_ts
+        return None
+
+    def newest_seq_ts(self) -> tuple[int, int]:
+        """(seq, ts) of the newest write captured: by the filter, or received here."""
+        fs = self.filter_state
+        seq, ts = self.accepted_seq, self.newest_received_ts
+        if isinstance(fs.get("captured_seq"), int) and fs["captured_seq"] > seq:
+            seq, ts = fs["captured_seq"], max(ts, fs.get("captured_ts") or 0)
+        return seq, ts
+
+    def rpo_lag_s(self) -> float:
+        """Time between the newest captured write and the newest write in the store
+        (0 when everything captured is in the store)."""
+        seq, ts = self.newest_seq_ts()
+        if seq <= self.committed_seq:
+            return 0.0
+        # Nothing committed yet: the exposure starts at the oldest write not in the store.
+        base = self.committed_ts or self.oldest_pending_ts() or ts
+        return max(0.0, (ts - base) / 1e9)
+
+    def rpo_lag_bytes(self) -> int:
+        """Bytes captured that are not in the store yet (here, and buffered in the filter)."""
+        if self.newest_seq_ts()[0] <= self.committed_seq:
+            return 0
+        buffered = self.filter_state.get("buffered_bytes") or 0
+        return self.pending_bytes() + int(buffered)

@@ -1,0 +1,189 @@
+"""Initial seeding: a disk with existing content becomes a base image in the store.
+
+The filter reads its primary disk chunk by chunk while the disk's live writes keep being
+captured (FORMAT.md §9: ``SEED_BEGIN``, ``SEED_CHUNK``…, ``SEED_END``). This is a fuzzy
+copy: a chunk may be read before or after a write that lands on it. It is made exact by
+the stream: the base is recorded at ``start_seq`` (the last seq captured before the
+copy began), and replaying every record after ``start_seq`` over it gives the disk at
+any seq from ``end_seq`` on. Points in ``(start_seq, end_seq]`` are not consistent and
+the catalog says so with a ``seeding`` window.
+
+Chunks are content-addressed (FORMAT.md §6.1): an all-zero chunk is never sent nor
+stored, a chunk already in the store (or seen in this process) is not uploaded again.
+Uploads run with bounded concurrency; when they lag, the session stops reading, which
+slows the filter down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cdp import wire
+from cdp.base_image import encode_chunk, encode_manifest, is_zero
+from cdp.errors import NotFound, StoreError
+from cdp.layout import base_manifest_key, chunk_key
+from cdp.logs import get_logger
+from drva.shipper import backoff_s
+
+if TYPE_CHECKING:
+    from drva.daemon import Drva
+    from drva.session import Session
+
+log = get_logger("drva.seeder")
+
+UPLOADS_MAX = 4
+KNOWN_CHUNKS_MAX = 1 << 16  # hashes remembered to skip a stat; bounded memory
+
+
+@dataclass
+class SeedJob:
+    domain: int
+    disk: int
+    disk_size: int
+    chunk_size: int
+    start_seq: int
+    hashes: np.ndarray
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    stored: int = 0
+    deduplicated: int = 0
+    failed: BaseException | None = None
+
+
+class Seeder:
+    """Turns SEED_* messages into chunks, a manifest and a catalog base (module docstring)."""
+
+    def __init__(self, drva: "Drva") -> None:
+        self.drva = drva
+        self.jobs: dict[tuple[int, int], SeedJob] = {}
+        self.slots = asyncio.Semaphore(UPLOADS_MAX)
+        self.known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+
+    async def handle(self, session: "Session", msg: wire.Message) -> None:
+        from drva.session import Refused
+
+        if msg.type == wire.SEED_CHUNK:
+            domain, disk, chunk, data = wire.parse_seed_chunk(msg.body, session.where)
+            job = self.jobs.get((domain, disk))
+            if job is None or domain not in session.domains:
+                raise Refused("bad_seed", f"SEED_CHUNK for domain {domain} disk {disk} without SEED_BEGIN")
+            await self._chunk(job, chunk, bytes(data), session)
+            return
+        doc = msg.json(session.where)
+        domain, disk = doc.get("domain"), doc.get("disk")
+        dom = session.domains.get(domain)  # type: ignore[arg-type]
+        if dom is None or not isinstance(disk, int) or not 0 <= disk < len(dom.cfg.disks):
+            raise Refused("bad_seed", f"{msg.name} for unknown domain/disk {domain!r}/{disk!r}")
+        if msg.type == wire.SEED_BEGIN:
+            self._begin(dom, disk, doc)
+        else:
+            asyncio.create_task(self._end(session, dom, disk, doc))
+
+    def _begin(self, dom: Any, disk: int, doc: dict[str, Any]) -> None:
+        from drva.session import Refused
+
+        size, chunk_size, start = doc.get("disk_size"), doc.get("chunk_size"), doc.get("start_seq")
+        if size != dom.cfg.disks[disk].size:
+            raise Refused("bad_seed", f"disk {disk} of domain {dom.id}: size {size!r}, configured {dom.cfg.disks[disk].size}")
+        if not isinstance(chunk_size, int) or chunk_size & (chunk_size - 1) or not (64 << 10) <= chunk_size <= (64 << 20):
+            raise Refused("bad_seed", f"chunk_size {chunk_size!r}: expected a power of two, 64 KiB..64 MiB")
+        if not isinstance(start, int) or start < 0:
+            raise Refused("bad_seed", f"start_seq {start!r}")
+        count = -(-size // chunk_size)
+        self.jobs[(dom.id, disk)] = SeedJob(dom.id, disk, size, chunk_size, start,
+                                            np.zeros((count, 16), dtype=np.uint8))
+        log.info("seed_begin", domain=dom.id, disk=disk, disk_size=size, chunk_size=chunk_size, start_seq=start)
+
+    async def _chunk(self, job: SeedJob, chunk: int, data: bytes, session: "Session") -> None:
+        from drva.session import Refused
+
+        count = len(job.hashes)
+        expect = min(job.chunk_size, job.disk_size - chunk * job.chunk_size) if chunk < count else -1
+        if len(data) != expect:
+            raise Refused("bad_seed", f"SEED_CHUNK {chunk} of disk {job.disk}: {len(data)} bytes, expected {expect}")
+        if is_zero(data):
+            return
+        await self.slots.acquire()  # bounded uploads; the session waits here
+        task = asyncio.create_task(self._upload(job, chunk, data))
+        job.tasks.add(task)
+        task.add_done_callback(job.tasks.discard)
+
+    async def _upload(self, job: SeedJob, chunk: int, data: bytes) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            h, obj = await loop.run_in_executor(self.drva.pool, encode_chunk, data)
+            job.hashes[chunk] = np.frombuffer(h, dtype=np.uint8)
+            if h in self.known:
+                job.deduplicated += 1
+                return
+            key = chunk_key(h)
+            store = self.drva.store
+            attempt = 0
+            while True:
+                try:
+                    try:
+                        await store.stat(key)
+                        job.deduplicated += 1
+                    except NotFound:
+                        await store.put(key, obj)
+                        job.stored += 1
+                    break
+                except StoreError as exc:
+                    attempt += 1
+                    log.warning("seed_upload_failed", key=key, attempt=attempt, error=exc.message)
+                    await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
+            self.known[h] = None
+            while len(self.known) > KNOWN_CHUNKS_MAX:
+                self.known.popitem(last=False)
+        except BaseException as exc:  # remembered: SEED_END must not commit a hole
+            job.failed = exc
+            raise
+        finally:
+            self.slots.release()
+
+    async def _end(self, session: "Session", dom: Any, disk: int, doc: dict[str, Any]) -> None:
+        job = self.jobs.get((dom.id, disk))
+        end = doc.get("end_seq")
+        if job is None or not isinstance(end, int) or end < job.start_seq:
+            log.warning("seed_refused", domain=dom.id, disk=disk, reason="SEED_END without SEED_BEGIN or bad end_seq")
+            return
+        while job.tasks:
+            await asyncio.gather(*list(job.tasks), return_exceptions=True)
+        if job.failed is not None:
+            log.error("seed_failed", domain=dom.id, disk=disk, error=repr(job.failed))
+            return
+        key = base_manifest_key(dom.id, job.start_seq, disk)
+        data = encode_manifest(dom.id, disk, job.start_seq, job.disk_size, job.chunk_size, job.hashes)
+        await self._put_retrying(key, data)
+        while not dom.catalog_ready:
+            await asyncio.sleep(0.1)
+
+        def delta() -> dict[str, Any]:
+            windows = list(self.drva.shipper.writers[dom.id].state.windows)
+            if end > job.start_seq:
+                windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end})
+            return {"add_bases": [{"seq": job.start_seq, "disk": disk, "key": key}], "set_windows": windows}
+
+        await self.drva.shipper.commit_delta(dom, delta)
+        del self.jobs[(dom.id, disk)]
+        log.info("seed_done", domain=dom.id, disk=disk, base_seq=job.start_seq, end_seq=end,
+                 chunks_stored=job.stored, chunks_deduplicated=job.deduplicated)
+        if not session.closed:
+            session.writer.writelines(wire.control(wire.SEED_DONE, {
+                "domain": dom.id, "disk": disk, "base_seq": job.start_seq,
+                "chunks_stored": job.stored, "chunks_deduplicated": job.deduplicated}))
+
+    async def _put_retrying(self, key: str, data: bytes) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.drva.store.put(key, data)
+                return
+            except StoreError as exc:
+                attempt += 1
+                log.warning("seed_upload_failed", key=key, attempt=attempt, error=exc.message)
+                await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))

@@ -1,0 +1,221 @@
+"""One filter connection on a DRVA: handshake, frames in, acks out (FORMAT.md §9).
+
+Every refusal is logged with its reason and answered with an ``ERROR``; a refused frame
+never reaches the log (it is validated whole before it is staged), and a broken stream
+closes only this connection. Frames of a domain are deduplicated by seq: records at or
+below the domain's accepted seq are a resend and are dropped, a frame that overlaps is
+cut to its new records, a frame after a gap is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cdp import wire
+from cdp.errors import FormatError
+from cdp.frame import Frame, decode_frame, encode_frame
+from cdp.logs import get_logger
+from cdp.records import payload_lengths, payload_starts
+
+if TYPE_CHECKING:
+    from drva.daemon import Drva
+    from drva.domain import DomainState
+
+log = get_logger("drva.session")
+
+HANDSHAKE_TIMEOUT_S = 10.0
+ACK_WRITE_BUFFER_MAX = 1 << 20
+
+
+class Refused(Exception):
+    """This session must end: an ERROR with ``code`` goes to the peer first."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Session:
+    """A filter's connection. Invariant: ``domains`` are streamed by this session only."""
+
+    def __init__(self, drva: "Drva", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.drva = drva
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.where = f"filter session from {peer[0]}:{peer[1]}" if peer else "filter session"
+        self.filter_name = "?"
+        self.domains: dict[int, DomainState] = {}
+        self._acked: dict[int, int] = {}
+        self._ack_wanted = asyncio.Event()
+        self.closed = False
+
+    async def run(self) -> None:
+        ack_task = None
+        try:
+            await asyncio.wait_for(self._handshake(), HANDSHAKE_TIMEOUT_S)
+            ack_task = asyncio.create_task(self._ack_loop())
+            while True:
+                msg = await wire.read_message(self.reader, self.where)
+                await self._dispatch(msg)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.info("session_closed", peer=self.where, filter=self.filter_name)
+        except asyncio.TimeoutError:
+            await self._refuse("timeout", "no complete handshake in time")
+        except wire.ProtocolError as exc:
+            await self._refuse(exc.code, exc.message)
+        except Refused as exc:
+            await self._refuse(exc.code, str(exc))
+        except FormatError as exc:
+            await self._refuse("bad_frame", exc.message)
+        finally:
+            if ack_task is not None:
+                ack_task.cancel()
+            self.close()
+
+    async def _refuse(self, code: str, message: str) -> None:
+        log.warning("session_refused", peer=self.where, filter=self.filter_name, code=code, reason=message)
+        try:
+            self.writer.writelines(wire.error_message(code, message))
+            await asyncio.wait_for(self.writer.drain(), 2)
+        except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+            pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for dom in self.domains.values():
+            if dom.session is self:
+                dom.session = None
+        self.drva.sessions.discard(self)
+        self.writer.close()
+
+    # ------------------------------------------------------------------ handshake
+
+    async def _expect(self, mtype: int) -> dict[str, Any]:
+        msg = await wire.read_message(self.reader, self.where)
+        if msg.type != mtype:
+            raise Refused("unexpected_message", f"expected {wire.TYPE_NAMES[mtype]}, got {msg.name}")
+        return msg.json(self.where)
+
+    async def _handshake(self) -> None:
+        hello = await self._expect(wire.HELLO)
+        if hello.get("version") != wire.WIRE_VERSION:
+            raise Refused("unsupported_version", f"protocol version {hello.get('version')!r}, this DRVA speaks {wire.WIRE_VERSION}")
+        name, wanted = hello.get("filter"), hello.get("domains")
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise Refused("bad_message", "HELLO.filter must be a name")
+        if not isinstance(wanted, list) or not all(isinstance(d, int) for d in wanted):
+            raise Refused("bad_message", "HELLO.domains must be a list of domain ids")
+        self.filter_name = name
+        filter_nonce = wire.parse_nonce(hello.get("nonce"), self.where)
+        drva_nonce = wire.new_nonce()
+        self.writer.writelines(wire.control(wire.CHALLENGE, {"drva": self.drva.cfg.name, "nonce": drva_nonce.hex()}))
+        auth = await self._expect(wire.AUTH)
+        expected = wire.filter_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, name)
+        if not wire.mac_matches(expected, auth.get("mac")):
+            raise Refused("bad_auth", f"authentication failed for filter {name!r}")
+        for domain_id in wanted:
+            dom = self.drva.domains.get(domain_id)
+            if dom is None:
+                raise Refused("unknown_domain", f"domain {domain_id} is not served by DRVA {self.drva.cfg.name}")
+            if dom.session is not None and dom.session is not self:
+                log.info("session_replaced", domain=domain_id, old=dom.session.where, new=self.where)
+                dom.session.close()
+            dom.session = self
+            self.domains[domain_id] = dom
+        self.drva.sessions.add(self)
+        mac = wire.drva_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, self.drva.cfg.name)
+        state = {str(d.id): {"durable_seq": d.durable_seq} for d in self.domains.values()}
+        self.writer.writelines(wire.control(wire.WELCOME, {"mac": mac, "domains": state}))
+        await self.writer.drain()
+        log.info("session_open", peer=self.where, filter=name, domains=sorted(self.domains))
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _dispatch(self, msg: wire.Message) -> None:
+        if msg.type == wire.FRAME:
+            await self._frame(msg.body)
+        elif msg.type in (wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEED_END):
+            await self.drva.seeder.handle(self, msg)
+        elif msg.type == wire.FILTER_STATE:
+            self._filter_state(msg.json(self.where))
+        elif msg.type == wire.PING:
+            self.writer.writelines(wire.control(wire.PONG, {}))
+        elif msg.type == wire.PONG:
+            pass
+        else:
+            raise Refused("unexpected_message", f"{msg.name} is not expected from a filter")
+
+    async def _frame(self, raw: bytes) -> None:
+        frame = decode_frame(raw, self.where)
+        dom = self.domains.get(frame.domain)
+        if dom is None:
+            raise Refused("unknown_domain", f"frame of domain {frame.domain}, not in this session's HELLO")
+        if dom.fenced:
+            raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA (another owner)")
+        dom.stats.frames_received += 1
+        dom.stats.bytes_received += len(raw)
+        if frame.last_seq <= dom.accepted_seq:
+            dom.stats.duplicates_dropped += 1
+            log.debug("duplicate_dropped", domain=dom.id, first_seq=frame.first_seq, last_seq=frame.last_seq)
+            self.want_ack()
+            return
+        if frame.first_seq > dom.accepted_seq + 1:
+            dom.stats.frames_refused += 1
+            raise Refused("seq_gap", f"domain {dom.id}: frame starts at seq {frame.first_seq}, "
+                                     f"expected {dom.accepted_seq + 1} (records are missing)")
+        if frame.first_seq <= dom.accepted_seq:
+            raw, frame = _cut(frame, dom.accepted_seq + 1)
+        dom.newest_received_ts = int(frame.records["timestamp_ns"][-1])
+        await self.drva.committer.submit(dom, raw, frame)
+
+    def _filter_state(self, doc: dict[str, Any]) -> None:
+        dom = self.domains.get(doc.get("domain"))  # type: ignore[arg-type]
+        if dom is None:
+            raise Refused("unknown_domain", f"FILTER_STATE for domain {doc.get('domain')!r}, not in this session")
+        if doc.get("mode") not in ("normal", "bitmap", "resync"):
+            raise Refused("bad_message", f"FILTER_STATE.mode {doc.get('mode')!r}")
+        if dom.filter_state.get("mode") != doc["mode"]:
+            log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc.get("dirty_bytes"))
+        dom.filter_state = {k: doc.get(k) for k in
+                            ("mode", "captured_seq", "captured_ts", "buffered_bytes", "dirty_bytes")}
+
+    # ------------------------------------------------------------------ acks
+
+    def want_ack(self) -> None:
+        self._ack_wanted.set()
+
+    async def _ack_loop(self) -> None:
+        """Send the newest durable seq of each domain when it moved (coalesced), and at
+        least every second with the current back-pressure flag."""
+        while True:
+            try:
+                await asyncio.wait_for(self._ack_wanted.wait(), 1.0)
+            except asyncio.TimeoutError:
+                self._acked.clear()  # periodic: resend the state of every domain
+            self._ack_wanted.clear()
+            if self.writer.transport.get_write_buffer_size() > ACK_WRITE_BUFFER_MAX:
+                continue  # the filter does not read: acks are cumulative, send later
+            flags = wire.ACK_BACKPRESSURE if self.drva.committer.backpressure else 0
+            permille = int(self.drva.committer.usage() * 1000)
+            for dom in self.domains.values():
+                if self._acked.get(dom.id) == dom.durable_seq and not flags:
+                    continue
+                f = flags | (wire.ACK_STOPPED if dom.fenced else 0)
+                self.writer.writelines(wire.ack_message(dom.id, dom.durable_seq, f, permille))
+                self._acked[dom.id] = dom.durable_seq
+
+
+def _cut(frame: Frame, from_seq: int) -> tuple[bytes, Frame]:
+    """The records of ``frame`` from ``from_seq`` on, as a new frame (a partial resend)."""
+    k = from_seq - frame.first_seq
+    starts = payload_starts(payload_lengths(frame.records))
+    at = int(starts[k])
+    records = np.array(frame.records[k:])
+    raw = encode_frame(frame.domain, records, frame.payload[at:])
+    return raw, decode_frame(raw, "cut frame")

@@ -1,0 +1,274 @@
+"""From the log to the store: seal segments, upload them, commit the catalog, trim.
+
+Three steps, each callable on its own (tests call them directly; the daemon runs them in
+short loops):
+
+* ``seal_step`` cuts a domain's durable-but-unsealed log entries into a segment when they
+  reach ``seal_bytes`` or their oldest is ``seal_age_s`` old. Frames are read back from
+  the log (not kept in memory) and the segment is built on a thread pool.
+* upload workers put sealed segments, with bounded concurrency and retries (exponential
+  backoff with jitter, forever: an outage shows as RPO lag and errors, never as loss).
+* ``commit_step`` names uploaded segments in the catalog, in seq order, after they are
+  durable in the store (conditional create: losing it means another owner — fenced),
+  records the committed seq in the metadata repository, then trims the log behind the
+  oldest entry any domain still needs.
+
+Memory is bounded: the upload queue holds at most ``upload_concurrency`` segments, a
+segment's bytes are dropped once uploaded, and entries wait in the log, not in RAM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cdp.catalog import CatalogState, CatalogWriter, decode_catalog_object
+from cdp.errors import AlreadyExists, CdpError, StoreError
+from cdp.frame import decode_frame
+from cdp.layout import catalog_key, segment_key
+from cdp.logs import get_logger
+from cdp.meta import MetaRepository
+from cdp.records import KIND_RESYNC_BEGIN
+from cdp.replog import ReplicationLog
+from cdp.segment import build_segment
+from cdp.segment_format import parse_segment_tail
+from drva.committer import GroupCommitter
+from drva.domain import DomainState, SegmentJob
+
+log = get_logger("drva.shipper")
+
+RETRY_BASE_S = 0.1
+RETRY_MAX_S = 5.0
+
+
+def backoff_s(attempt: int, rng: random.Random) -> float:
+    """Exponential backoff with full jitter, capped."""
+    return rng.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(attempt, 16)))
+
+
+class Shipper:
+    """Seal, upload, commit and trim for every domain of one DRVA."""
+
+    def __init__(self, *, name: str, log_: ReplicationLog, store: Any, meta: MetaRepository,
+                 committer: GroupCommitter, domains: dict[int, DomainState], seal_bytes: int,
+                 seal_age_s: float, upload_concurrency: int, pool: ThreadPoolExecutor) -> None:
+        self.name = name
+        self.log = log_
+        self.store = store
+        self.meta = meta
+        self.committer = committer
+        self.domains = domains
+        self.seal_bytes = seal_bytes
+        self.seal_age_s = seal_age_s
+        self.pool = pool
+        self.upload_concurrency = upload_concurrency
+        self.queue: asyncio.Queue[SegmentJob] = asyncio.Queue(maxsize=upload_concurrency)
+        self.writers: dict[int, CatalogWriter] = {}
+        # One catalog commit at a time per domain: the sealer and the seeder both commit.
+        self.catalog_locks = {d: asyncio.Lock() for d in domains}
+        self.uploaded = asyncio.Event()
+        self.rng = random.Random()
+        self.store_errors = 0
+        self.last_store_error: str | None = None
+
+    # ------------------------------------------------------------------ catalog open
+
+    async def open_catalog(self, dom: DomainState) -> None:
+        """Load (or create) the domain's catalog; drop log entries it already names."""
+        writer = await CatalogWriter.open(self.store, dom.id)
+        if writer is None:
+            writer = CatalogWriter(self.store, CatalogState.new(dom.id, dom.cfg.name, time.time_ns()))
+            await self._commit(dom, writer, {"disks": dom.cfg.catalog_disks()})
+        elif writer.state.disks != dom.cfg.catalog_disks():
+            await self._commit(dom, writer, {"disks": dom.cfg.catalog_disks()})
+        self.writers[dom.id] = writer
+        committed = writer.state.committed_seq
+        dom.committed_seq = max(dom.committed_seq, committed)
+        while dom.unsealed and dom.unsealed[0].last_seq <= dom.committed_seq:
+            dom.unsealed.popleft()  # committed before a restart; only the trim was lost
+        dom.sealed_seq = dom.committed_seq
+        for seq in (dom.accepted_seq, dom.durable_seq):
+            if seq < dom.committed_seq:
+                dom.accepted_seq = dom.durable_seq = dom.committed_seq
+        dom.catalog_ready = True
+        log.info("catalog_open", domain=dom.id, generation=writer.generation,
+                 committed_seq=committed, pending_entries=len(dom.unsealed))
+
+    # ------------------------------------------------------------------ seal
+
+    async def seal_step(self, now: float | None = None, force: bool = False) -> int:
+        """Seal at most one segment per domain that is due; return how many were sealed."""
+        now = time.monotonic() if now is None else now
+        sealed = 0
+        for dom in self.domains.values():
+            if not dom.unsealed or dom.fenced:
+                continue
+            due = force or dom.unsealed_bytes() >= self.seal_bytes or (
+                now - dom.unsealed[0].arrived >= self.seal_age_s)
+            if due:
+                await self._seal(dom)
+                sealed += 1
+        return sealed
+
+    async def _seal(self, dom: DomainState) -> None:
+        entries, nbytes = [], 0
+        for e in dom.unsealed:
+            if entries and nbytes + e.nbytes > self.seal_bytes:
+                break
+            entries.append(e)
+            nbytes += e.nbytes
+        loop = asyncio.get_running_loop()
+        data, raw_len = await loop.run_in_executor(self.pool, self._build, dom.id, entries)
+        key = segment_key(dom.id, entries[0].first_seq, entries[-1].last_seq)
+        for _ in entries:
+            dom.unsealed.popleft()
+        job = SegmentJob(dom.id, key, data, entries, raw_len, len(data))
+        dom.inflight.append(job)
+        dom.sealed_seq = job.last_seq
+        await self.queue.put(job)  # waits while the uploaders are busy: bounded memory
+
+    def _build(self, domain: int, entries: list) -> tuple[bytes, int]:
+        frames = [decode_frame(self.log.read(e.pos), f"{self.log.path} position {e.pos}")
+                  for e in entries]
+        data = build_segment(domain, frames)
+        key = segment_key(domain, frames[0].first_seq, frames[-1].last_seq)
+        return data, parse_segment_tail(key, data[-(64 << 10):], len(data)).payload_raw_len
+
+    # ------------------------------------------------------------------ upload
+
+    async def upload_worker(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                await self.upload(job)
+            finally:
+                self.queue.task_done()
+
+    async def upload(self, job: SegmentJob) -> None:
+        dom = self.domains[job.domain]
+        t0 = time.monotonic()
+        while True:
+            try:
+                await self.store.put(job.key, job.data)
+                break
+            except StoreError as exc:
+                job.upload_attempts += 1
+                dom.stats.upload_errors += 1
+                self._store_error(dom, "upload_failed", exc, key=job.key, attempt=job.upload_attempts)
+                await asyncio.sleep(backoff_s(job.upload_attempts, self.rng))
+        dom.stats.upload_latency_s.append(time.monotonic() - t0)
+        dom.stats.segments_uploaded += 1
+        dom.stats.bytes_uploaded += len(job.data)
+        job.data = b""  # durable in the store: the bytes are not needed any more
+        job.uploaded = True
+        self.uploaded.set()
+
+    def _store_error(self, dom: DomainState, event: str, exc: CdpError, **fields: Any) -> None:
+        self.store_errors += 1
+        self.last_store_error = dom.stats.last_error = f"{type(exc).__name__}: {exc.message}"
+        log.warning(event, domain=dom.id, error=self.last_store_error, **fields)
+
+    # ------------------------------------------------------------------ commit + trim
+
+    async def commit_step(self) -> int:
+        """Commit every domain's uploaded head-of-line segments; trim. Returns segments."""
+        done = 0
+        for dom in self.domains.values():
+            jobs = []
+            for job in dom.inflight:
+                if not job.uploaded:
+                    break
+                jobs.append(job)
+            if not jobs or dom.fenced or dom.id not in self.writers:
+                continue
+            try:
+                await self.commit_delta(dom, lambda: self._delta(dom, jobs))
+            except StoreError as exc:
+                dom.stats.catalog_errors += 1
+                self._store_error(dom, "catalog_commit_failed", exc)
+                continue
+            for _ in jobs:
+                dom.inflight.popleft()
+            dom.committed_seq = jobs[-1].last_seq
+            dom.committed_ts = jobs[-1].entries[-1].last_ts
+            done += len(jobs)
+        if done:
+            await asyncio.to_thread(self.meta.write, self.meta_doc())
+            await self.trim()
+        return done
+
+    def _delta(self, dom: DomainState, jobs: list[SegmentJob]) -> dict[str, Any]:
+        delta: dict[str, Any] = {"add_segments": [{
+            "key": j.key, "first_seq": j.first_seq, "last_seq": j.last_seq,
+            "first_ts": j.entries[0].first_ts, "last_ts": j.entries[-1].last_ts,
+            "size": j.size, "payload_raw_len": j.payload_raw_len,
+        } for j in jobs]}
+        marks = [{"name": n, "seq": s, "ts": t} for j in jobs for e in j.entries for s, n, t in e.marks]
+        if marks:
+            delta["add_marks"] = marks
+        events = [ev for j in jobs for e in j.entries for ev in e.resync]
+        if events:
+            delta["set_windows"] = _apply_resync(self.writers[dom.id].state.windows, events)
+        return delta
+
+    async def commit_delta(self, dom: DomainState, make_delta: Any) -> None:
+        """Commit ``make_delta()`` (built under the domain's catalog lock) to its catalog."""
+        async with self.catalog_locks[dom.id]:
+            await self._commit(dom, self.writers[dom.id], make_delta())
+
+    async def _commit(self, dom: DomainState, writer: CatalogWriter, delta: dict[str, Any]) -> None:
+        """writer.commit, telling a lost reply of our own create from a fence."""
+        generation = writer.next_generation
+        try:
+            await writer.commit(delta)
+        except AlreadyExists:
+            if await self._is_ours(dom, writer, generation, delta):
+                return
+            dom.fenced = True
+            log.error("fenced", domain=dom.id, generation=generation,
+                      reason="another writer created this catalog generation")
+            raise
+
+    async def _is_ours(self, dom: DomainState, writer: CatalogWriter, generation: int,
+                       delta: dict[str, Any]) -> bool:
+        """After AlreadyExists: was it our own put whose reply was lost? (retry safety)"""
+        try:
+            data = await self.store.get(catalog_key(dom.id, generation))
+            _, gen, _, body = decode_catalog_object(catalog_key(dom.id, generation), data)
+        except CdpError:
+            return False
+        new = writer.state.copy()
+        new.apply_delta(delta)
+        if body == delta or body == new.to_snapshot_body():
+            writer.state, writer.generation = new, gen
+            return True
+        return False
+
+    async def trim(self) -> None:
+        needed = [p for d in self.domains.values() if (p := d.first_needed_pos()) is not None]
+        target = min(needed) if needed else self.committer.durable_end
+        if target > self.log.head:
+            await asyncio.to_thread(self.log.trim, target)
+            self.committer.poke()
+
+    def meta_doc(self) -> dict[str, Any]:
+        return {"drva": self.name, "domains": {
+            str(d.id): {"committed_seq": d.committed_seq, "committed_ts": d.committed_ts,
+                        "generation": self.writers[d.id].generation if d.id in self.writers else 0}
+            for d in self.domains.values()}}
+
+
+def _apply_resync(windows: list[dict], events: list[tuple[int, int]]) -> list[dict]:
+    """The catalog's window list after RESYNC_BEGIN/END records (kind, seq), in order."""
+    out = [dict(w) for w in windows]
+    for kind, seq in events:
+        open_ = next((w for w in out if w["kind"] == "resync" and w["last_seq"] is None), None)
+        if kind == KIND_RESYNC_BEGIN:
+            if open_ is None:
+                out.append({"kind": "resync", "first_seq": seq, "last_seq": None})
+        elif open_ is not None:
+            open_["last_seq"] = seq
+    return out

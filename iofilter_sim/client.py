@@ -1,0 +1,177 @@
+"""The filter's connection to a DRVA: handshake, stream frames, take acks, reconnect.
+
+One ``FilterClient`` carries the domains that stream to one DRVA. It keeps connecting
+(with backoff) for as long as it runs; after each ``WELCOME`` it drops what the DRVA
+reports durable and resends every other buffered frame, oldest first — the DRVA drops
+duplicates by seq, so a resend is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from cdp import wire
+from cdp.logs import get_logger
+from iofilter_sim.filter import DomainFilter
+
+log = get_logger("iofilter.client")
+
+STATE_EVERY_S = 1.0
+RECONNECT_MAX_S = 2.0
+SEND_WINDOW_BYTES = 8 << 20  # drain after this much, so acks keep flowing
+
+
+class AuthError(Exception):
+    """The DRVA refused us, or is not who it claims to be."""
+
+
+class FilterClient:
+    """Streams the frames of ``filters`` to the DRVA at ``host:port``."""
+
+    def __init__(self, filters: Sequence[DomainFilter], host: str, port: int, secret: bytes,
+                 name: str, *, site: str = "site", tls: ssl.SSLContext | None = None) -> None:
+        self.filters = {f.domain: f for f in filters}
+        self.host, self.port, self.secret, self.name, self.site, self.tls = host, port, secret, name, site, tls
+        self.connected = False
+        self.connections = 0
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self.seed_done: dict[tuple[int, int], dict[str, Any]] = {}
+        self.seed_event = asyncio.Event()
+        for f in filters:
+            f.on_change = self._wake.set
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+            except OSError as exc:
+                attempt += 1
+                self.last_error = f"connect: {exc}"
+                await asyncio.sleep(random.uniform(0, min(RECONNECT_MAX_S, 0.05 * 2 ** attempt)))
+                continue
+            try:
+                await self._session(reader, writer)
+                attempt = 0
+            except (OSError, asyncio.IncompleteReadError, wire.ProtocolError, AuthError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.info("filter_disconnected", drva=f"{self.host}:{self.port}", error=self.last_error)
+                attempt += 1
+            finally:
+                self.connected = False
+                self._writer = None
+                writer.close()
+            await asyncio.sleep(random.uniform(0, min(RECONNECT_MAX_S, 0.05 * 2 ** attempt)))
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        where = f"DRVA {self.host}:{self.port}"
+        nonce = wire.new_nonce()
+        writer.writelines(wire.control(wire.HELLO, {
+            "version": wire.WIRE_VERSION, "filter": self.name, "site": self.site,
+            "domains": sorted(self.filters), "nonce": nonce.hex()}))
+        challenge = await self._expect(reader, wire.CHALLENGE, where)
+        drva_nonce = wire.parse_nonce(challenge.get("nonce"), where)
+        drva_name = str(challenge.get("drva", ""))
+        writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(self.secret, nonce, drva_nonce, self.name)}))
+        welcome = await self._expect(reader, wire.WELCOME, where)
+        if not wire.mac_matches(wire.drva_mac(self.secret, nonce, drva_nonce, drva_name), welcome.get("mac")):
+            raise AuthError(f"{where} failed to prove it knows the site secret")
+        for domain, st in (welcome.get("domains") or {}).items():
+            f = self.filters.get(int(domain))
+            if f is not None:
+                f.on_ack(int(st.get("durable_seq", 0)))
+                f.rewind()
+        self.connected = True
+        self.connections += 1
+        self._writer = writer
+        log.info("filter_connected", drva=where, drva_name=drva_name, domains=sorted(self.filters))
+        tasks = [asyncio.create_task(self._receive(reader, where)), asyncio.create_task(self._send(writer))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _expect(self, reader: asyncio.StreamReader, mtype: int, where: str) -> dict[str, Any]:
+        msg = await asyncio.wait_for(wire.read_message(reader, where), 10)
+        if msg.type == wire.ERROR:
+            doc = msg.json(where)
+            raise AuthError(f"{where} refused: {doc.get('code')}: {doc.get('message')}")
+        if msg.type != mtype:
+            raise wire.ProtocolError("unexpected_message", f"{where}: expected {wire.TYPE_NAMES[mtype]}, got {msg.name}")
+        return msg.json(where)
+
+    async def _receive(self, reader: asyncio.StreamReader, where: str) -> None:
+        while True:
+            msg = await wire.read_message(reader, where)
+            if msg.type == wire.ACK:
+                domain, flags, durable, _ = wire.parse_ack(msg.body, where)
+                f = self.filters.get(domain)
+                if f is not None:
+                    f.on_ack(durable)
+                    f.backpressure = bool(flags & wire.ACK_BACKPRESSURE)
+                    self._wake.set()
+            elif msg.type == wire.ERROR:
+                doc = msg.json(where)
+                raise wire.ProtocolError(str(doc.get("code")), f"{where}: {doc.get('message')}")
+            elif msg.type == wire.SEED_DONE:
+                doc = msg.json(where)
+                self.seed_done[(doc["domain"], doc["disk"])] = doc
+                self.seed_event.set()
+            elif msg.type == wire.PING:
+                self._writer and self._writer.writelines(wire.control(wire.PONG, {}))
+
+    async def _send(self, writer: asyncio.StreamWriter) -> None:
+        """Send unsent frames, oldest first; a FILTER_STATE per domain every second."""
+        loop = asyncio.get_running_loop()
+        next_state = 0.0
+        reported: dict[int, str] = {}
+        while True:
+            sent = 0
+            for f in self.filters.values():
+                # Re-read the buffer after every await: capture may have dropped unsent
+                # frames meanwhile (bitmap mode), and their seqs are reused.
+                while not f.backpressure and (frame := f.next_unsent()) is not None:
+                    writer.writelines(wire.frame_message(frame.parts))
+                    f.mark_sent()
+                    sent += frame.nbytes
+                    if sent >= SEND_WINDOW_BYTES:
+                        await writer.drain()
+                        sent = 0
+            for f in self.filters.values():
+                if f.mode != "normal":  # bitmap/resync: the path is up, move dirty regions
+                    f.resync_step(self.connected)
+            modes = {d: f.mode for d, f in self.filters.items()}
+            if loop.time() >= next_state or modes != reported:
+                for f in self.filters.values():
+                    writer.writelines(wire.control(wire.FILTER_STATE, f.state()))
+                next_state, reported = loop.time() + STATE_EVERY_S, modes
+            await writer.drain()
+            self._wake.clear()
+            if not any((f.next_unsent() and not f.backpressure) or (f.mode != "normal" and f.healthy(True))
+                       for f in self.filters.values()):
+                try:
+                    await asyncio.wait_for(self._wake.wait(), STATE_EVERY_S / 4)
+                except asyncio.TimeoutError:
+                    pass
+
+    # ------------------------------------------------------------------ seeding
+
+    async def send_seed(self, messages: list[list]) -> None:
+        """Send seeding messages on the current connection (raises if not connected)."""
+        if self._writer is None:
+            raise ConnectionError("not connected to the DRVA")
+        for m in messages:
+            self._writer.writelines(m)
+            await self._writer.drain()

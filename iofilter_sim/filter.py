@@ -1,0 +1,274 @@
+"""The I/O filter of one protection domain: capture in order, buffer until acked,
+fall back to a dirty-region bitmap when the path is too slow, resync from the disk.
+
+Modes (FORMAT.md §1 kinds RESYNC_BEGIN/END mark the windows in the stream):
+
+* ``normal``: every write is applied to its primary disk, given the domain's next seq
+  and a timestamp, and kept in a bounded buffer of frames until a DRVA acks it.
+* ``bitmap``: the buffer was full. Frames not yet sent are dropped (their seqs are
+  reused: no DRVA has seen them) and their regions, like every new write's, are marked
+  in a bounded dirty bitmap. Sent-but-unacked frames stay, to be resent.
+* ``resync``: the path is healthy again; a RESYNC_BEGIN record opens the window, dirty
+  regions are read back from the primary disks and captured as ordinary writes (live
+  writes keep being captured between them), and RESYNC_END closes the window when the
+  bitmap is clean. Points inside the window are not crash-consistent.
+
+Invariants: seqs in the buffer are consecutive and start right after ``acked_seq``;
+the frames before ``buffer[unsent_from]`` have been sent on the current connection and
+the others not (so only never-sent frames are ever dropped, and their seqs reused);
+``buffered_bytes <= buffer_bytes_max`` except for one frame; a region is either in a
+buffered frame, in the bitmap, or already acked.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from cdp.frame import encode_frame_parts
+from cdp.records import (
+    KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, empty_records,
+    payload_lengths,
+)
+
+FRAME_BYTES_MAX = 1 << 20
+FRAME_RECORDS_MAX = 4096
+BUFFER_BYTES_MAX = 64 << 20
+REGIONS_PER_DISK_MAX = 1 << 20  # bounds the bitmap: 1 MiB of flags per disk at most
+REGION_BYTES_MIN = 64 << 10
+RESYNC_STEP_BYTES = 4 << 20
+
+
+class Disk(Protocol):
+    size: int
+
+    def write_batch(self, records: np.ndarray, payload: bytes | memoryview) -> None: ...
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+class FilterError(Exception):
+    """An operation the filter cannot do in its current state (e.g. a mark in bitmap mode)."""
+
+
+@dataclass(slots=True)
+class BufferedFrame:
+    first_seq: int
+    last_seq: int
+    parts: list
+    nbytes: int
+    records: np.ndarray  # kept to mark regions dirty if the frame is dropped unsent
+
+
+class DomainFilter:
+    """Capture side of one domain (see the module docstring)."""
+
+    def __init__(self, domain: int, disks: Sequence[Disk], *, buffer_bytes_max: int = BUFFER_BYTES_MAX,
+                 frame_bytes_max: int = FRAME_BYTES_MAX, clock: Callable[[], int] = time.time_ns,
+                 first_seq: int = 1) -> None:
+        self.domain = domain
+        self.disks = list(disks)
+        self.buffer_bytes_max = buffer_bytes_max
+        self.frame_bytes_max = frame_bytes_max
+        self.clock = clock
+        self.next_seq = first_seq
+        self.acked_seq = first_seq - 1
+        self.last_ts = 0
+        self.mode = "normal"
+        self.window_open_seq: int | None = None
+        self.buffer: collections.deque[BufferedFrame] = collections.deque()
+        self.buffered_bytes = 0
+        self.unsent_from = 0
+        self.region_bytes = [max(REGION_BYTES_MIN, -(-d.size // REGIONS_PER_DISK_MAX)) for d in self.disks]
+        self.region_bytes = [1 << (r - 1).bit_length() for r in self.region_bytes]
+        self.dirty = [np.zeros(-(-d.size // r), dtype=bool) for d, r in zip(self.disks, self.region_bytes)]
+        self.backpressure = False
+        self.stats = collections.Counter()
+        self.on_change: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------ capture
+
+    def capture(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
+                payload: bytes) -> None:
+        """Apply a batch of writes to the primary disks and capture them, in order."""
+        n = len(disk)
+        if n == 0:
+            return
+        records = empty_records(n)
+        records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
+        self._apply(records, payload)
+        self.stats["writes"] += n
+        self.stats["bytes"] += int(length.sum())
+        if self.mode == "bitmap":
+            self._mark_dirty(records)
+            return
+        self._capture_records(records, payload)
+
+    def _apply(self, records: np.ndarray, payload: bytes) -> None:
+        lengths = payload_lengths(records)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        view = memoryview(payload)
+        for d in np.unique(records["disk"]):
+            sel = np.flatnonzero(records["disk"] == d)
+            parts = b"".join(view[int(starts[i]) : int(starts[i] + lengths[i])] for i in sel
+                             if lengths[i]) if len(sel) != len(records) else payload
+            self.disks[int(d)].write_batch(records[sel], parts)
+
+    def _stamp(self, records: np.ndarray) -> None:
+        """Give records the next seqs and non-decreasing timestamps."""
+        n = len(records)
+        records["seq"] = np.arange(self.next_seq, self.next_seq + n, dtype=np.uint64)
+        self.last_ts = max(self.last_ts, self.clock())
+        records["timestamp_ns"] = self.last_ts
+        self.next_seq += n
+
+    def _capture_records(self, records: np.ndarray, payload: bytes | memoryview) -> bool:
+        """Stamp and buffer records as frames; False (and bitmap mode) if they do not fit."""
+        lengths = payload_lengths(records)
+        if self.buffered_bytes + int(lengths.sum()) + 40 * len(records) > self.buffer_bytes_max and self.buffer:
+            self._enter_bitmap(records)
+            return False
+        self._stamp(records)
+        view = memoryview(payload)
+        ends = np.cumsum(lengths)
+        start_rec, start_byte = 0, 0
+        while start_rec < len(records):
+            # Cut frames at frame_bytes_max of payload or FRAME_RECORDS_MAX records.
+            limit = start_byte + self.frame_bytes_max
+            stop = int(np.searchsorted(ends, limit, side="right"))
+            stop = max(start_rec + 1, min(stop, start_rec + FRAME_RECORDS_MAX, len(records)))
+            end_byte = int(ends[stop - 1])
+            self._buffer_frame(records[start_rec:stop], view[start_byte:end_byte])
+            start_rec, start_byte = stop, end_byte
+        self.on_change()
+        return True
+
+    def _buffer_frame(self, records: np.ndarray, payload: memoryview) -> None:
+        parts = list(encode_frame_parts(self.domain, records, payload))
+        nbytes = sum(len(memoryview(p).cast("B")) for p in parts)
+        self.buffer.append(BufferedFrame(int(records["seq"][0]), int(records["seq"][-1]), parts,
+                                         nbytes, records.copy()))
+        self.buffered_bytes += nbytes
+
+    def _special(self, kind: int, name: bytes = b"") -> int:
+        records = empty_records(1)
+        records["kind"] = kind
+        records["length"] = len(name)
+        self._stamp(records)
+        self._buffer_frame(records, memoryview(name))
+        self.on_change()
+        return int(records["seq"][0])
+
+    def mark(self, name: str) -> int:
+        """Insert a named recovery point after every write captured so far; its seq."""
+        if self.mode != "normal":
+            raise FilterError(f"domain {self.domain} is in {self.mode} mode: a mark now would not be a consistent point")
+        raw = name.encode()
+        if not 1 <= len(raw) <= 255:
+            raise FilterError(f"mark name must be 1..255 UTF-8 bytes, got {len(raw)}")
+        return self._special(KIND_MARK, raw)
+
+    # ------------------------------------------------------------------ acks and sending
+
+    def on_ack(self, durable_seq: int) -> None:
+        while self.buffer and self.buffer[0].last_seq <= durable_seq:
+            f = self.buffer.popleft()
+            self.buffered_bytes -= f.nbytes
+            self.unsent_from = max(0, self.unsent_from - 1)
+        self.acked_seq = max(self.acked_seq, durable_seq)
+
+    def next_unsent(self) -> BufferedFrame | None:
+        """The oldest frame not sent on this connection yet, if any."""
+        return self.buffer[self.unsent_from] if self.unsent_from < len(self.buffer) else None
+
+    def mark_sent(self) -> None:
+        self.unsent_from += 1
+
+    def rewind(self) -> None:
+        """After a reconnect: every buffered frame must be sent again."""
+        self.unsent_from = 0
+
+    # ------------------------------------------------------------------ bitmap and resync
+
+    def _enter_bitmap(self, records: np.ndarray) -> None:
+        """The buffer is full: drop unsent frames (their seqs are reused) into the bitmap."""
+        self._mark_dirty(records)
+        while len(self.buffer) > self.unsent_from:
+            f = self.buffer.pop()
+            self.buffered_bytes -= f.nbytes
+            self._mark_dirty(f.records)
+            self.next_seq = f.first_seq
+            if self.window_open_seq is not None and self.window_open_seq >= f.first_seq:
+                self.window_open_seq = None  # the RESYNC_BEGIN itself was never sent
+            dropped_marks = int((f.records["kind"] == KIND_MARK).sum())
+            self.stats["marks_dropped"] += dropped_marks
+        if self.mode != "bitmap":
+            self.stats["bitmap_entries"] += 1
+        self.mode = "bitmap"
+        self.on_change()
+
+    def _mark_dirty(self, records: np.ndarray) -> None:
+        data = records[records["kind"] <= KIND_ZERO]
+        for d in np.unique(data["disk"]):
+            sel = data[data["disk"] == d]
+            r = self.region_bytes[int(d)]
+            first = (sel["offset"] // r).astype(np.int64)
+            last = ((sel["offset"] + sel["length"] - 1) // r).astype(np.int64)
+            marks = np.zeros(len(self.dirty[int(d)]) + 1, dtype=np.int32)
+            np.add.at(marks, first, 1)
+            np.add.at(marks, last + 1, -1)
+            self.dirty[int(d)] |= np.cumsum(marks[:-1]) > 0
+
+    def dirty_bytes(self) -> int:
+        return sum(int(m.sum()) * r for m, r in zip(self.dirty, self.region_bytes))
+
+    def healthy(self, connected: bool) -> bool:
+        return connected and not self.backpressure and self.buffered_bytes < self.buffer_bytes_max // 4
+
+    def resync_step(self, connected: bool, step_bytes: int = RESYNC_STEP_BYTES) -> int:
+        """Move up to ``step_bytes`` of dirty regions back into the stream; bytes moved."""
+        if self.mode == "normal" or not self.healthy(connected):
+            return 0
+        if self.mode == "bitmap":
+            self.mode = "resync"
+            if self.window_open_seq is None:
+                self.window_open_seq = self._special(KIND_RESYNC_BEGIN)
+        moved = 0
+        for d, (mask, r) in enumerate(zip(self.dirty, self.region_bytes)):
+            idx = np.flatnonzero(mask)[: max(1, (step_bytes - moved) // r)]
+            if not len(idx):
+                continue
+            records, payload = self._read_regions(d, idx, r)
+            if not self._capture_records(records, payload):
+                return moved  # buffer full again: back in bitmap mode, regions still dirty
+            mask[idx] = False
+            moved += int(records["length"].sum())
+            if moved >= step_bytes:
+                return moved
+        if not any(m.any() for m in self.dirty):
+            self._special(KIND_RESYNC_END)
+            self.window_open_seq = None
+            self.mode = "normal"
+            self.stats["resyncs_completed"] += 1
+        return moved
+
+    def _read_regions(self, d: int, idx: np.ndarray, r: int) -> tuple[np.ndarray, bytes]:
+        """WRITE records with the current primary content of regions ``idx`` of disk ``d``."""
+        size = self.disks[d].size
+        records = empty_records(len(idx))
+        records["disk"] = d
+        records["kind"] = KIND_WRITE
+        records["offset"] = idx.astype(np.uint64) * r
+        records["length"] = np.minimum(r, size - idx.astype(np.int64) * r)
+        parts = [self.disks[d].read(int(o), int(n)) for o, n in zip(records["offset"], records["length"])]
+        return records, b"".join(parts)
+
+    def state(self) -> dict[str, Any]:
+        """The FILTER_STATE body (FORMAT.md §9)."""
+        return {"domain": self.domain, "mode": self.mode, "captured_seq": self.next_seq - 1,
+                "captured_ts": self.last_ts, "buffered_bytes": self.buffered_bytes,
+                "dirty_bytes": self.dirty_bytes()}

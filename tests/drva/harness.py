@@ -1,0 +1,200 @@
+"""Helpers to run DRVAs and filters in tests: configs, in-process daemons, subprocesses,
+simple primary disks, and the checks every end-to-end test makes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdp.catalog import load_catalog
+from cdp.layout import segment_key
+from cdp.replay import replay_reference
+from cdp.segment import decode_segment
+from drva.config import DrvaConfig, parse_drva_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "test-site-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drva_doc(tmp: Path, name: str, domains: list[dict], *, port: int = 0, store: str | None = None,
+             log_size: str = "64MiB", seal_bytes: str = "4MiB", seal_age_s: float = 0.3,
+             **extra: Any) -> dict[str, Any]:
+    d = tmp / name
+    doc = {
+        "name": name, "listen": f"127.0.0.1:{port}", "state_dir": str(d),
+        "store": store or f"file://{tmp / 'store'}",
+        "log": {"path": str(d / "replog"), "size": log_size}, "meta": {"path": str(d / "meta")},
+        "seal": {"bytes": seal_bytes, "age_s": seal_age_s}, "domains": domains,
+    }
+    doc.update(extra)
+    return doc
+
+
+def domain_doc(domain_id: int, name: str, disks: list[tuple[str, str, int]]) -> dict[str, Any]:
+    return {"id": domain_id, "name": name,
+            "disks": [{"vm": vm, "name": dn, "size": size} for vm, dn, size in disks]}
+
+
+def config(doc: dict[str, Any]) -> DrvaConfig:
+    return parse_drva_config(doc, "test config", {"CDP_SITE_SECRET": SECRET})
+
+
+def write_toml(doc: dict[str, Any], path: Path) -> Path:
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        return "[" + ", ".join(val(x) for x in v) + "]"
+    lines = [f"{k} = {val(v)}" for k, v in doc.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Disk:
+    """A primary disk image for tests: pwrite per record, sha256."""
+
+    def __init__(self, path: Path, size: int, fill_seed: int | None = None) -> None:
+        self.path, self.size = path, size
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, size)
+        if fill_seed is not None:  # existing content, e.g. for seeding
+            rng = np.random.default_rng(fill_seed)
+            for at in range(0, size, 1 << 20):
+                if rng.random() < 0.6:
+                    os.pwrite(self.fd, rng.integers(0, 4, 1 << 20, dtype=np.uint8).tobytes(), at)
+
+    def write_batch(self, records: np.ndarray, payload: bytes | memoryview) -> None:
+        at = 0
+        for off, n, kind in zip(records["offset"].tolist(), records["length"].tolist(), records["kind"].tolist()):
+            if kind == 0:
+                os.pwrite(self.fd, payload[at : at + n], off)
+                at += n
+            else:
+                os.pwrite(self.fd, bytes(n), off)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_writes(rng: np.random.Generator, disk_sizes: list[int], n: int, max_sectors: int = 128):
+    """(disk, offset, length, kind, payload) of ``n`` random writes, some of them zero."""
+    disk = rng.integers(0, len(disk_sizes), n).astype(np.uint32)
+    length = (rng.integers(1, max_sectors + 1, n) * 512).astype(np.uint32)
+    sizes = np.array(disk_sizes, dtype=np.int64)[disk]
+    offset = (rng.integers(0, (sizes - length) // 512 + 1) * 512).astype(np.uint64)
+    kind = np.where(rng.random(n) < 0.03, 1, 0).astype(np.uint16)
+    total = int(length[kind == 0].sum())
+    base = rng.integers(0, 8, total // 8 + 1, dtype=np.uint8)
+    payload = np.repeat(base, 8)[:total].tobytes()
+    return disk, offset, length, kind, payload
+
+
+async def wait_until(predicate, timeout_s: float, what: str, step_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(step_s)
+
+
+class DrvaProcess:
+    """A DRVA in a subprocess (to SIGKILL it), on a fixed port so it can come back."""
+
+    def __init__(self, doc: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.doc = doc
+        self.path = write_toml(doc, tmp / f"{doc['name']}.toml")
+        self.env = {**os.environ, "CDP_SITE_SECRET": SECRET, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = tmp / f"{doc['name']}.log"
+
+    def start(self) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "drva.daemon", "--config", str(self.path)],
+                                     cwd=ROOT, env=self.env, stdout=out, stderr=out)
+        out.close()
+        host, port = self.doc["listen"].rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"DRVA exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise AssertionError("DRVA did not start listening")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def status(self) -> dict[str, Any]:
+        import json
+        return json.loads((Path(self.doc["state_dir"]) / "status.json").read_text())
+
+
+async def check_store(store, domain: int, disks: list[Disk], tmp: Path,
+                      initial: dict[int, Path] | None = None) -> dict[str, Any]:
+    """Every segment decodes, seq ranges have no gap or overlap, and the replay of the
+    store equals the primaries. Returns the catalog state's summary."""
+    state, _ = await load_catalog(store, domain)
+    assert state is not None, f"domain {domain} has no catalog"
+    rows = state.segments_between(1, state.committed_seq)
+    expected_first = int(rows["first_seq"][0]) if len(rows) else 1
+    for row in rows:
+        first, last = int(row["first_seq"]), int(row["last_seq"])
+        assert first == expected_first, f"gap or overlap at seq {first} (expected {expected_first})"
+        key = segment_key(domain, first, last)
+        index, _ = decode_segment(key, await store.get(key))
+        assert index.first_seq == first and index.last_seq == last
+        expected_first = last + 1
+    out = tmp / f"replay-{domain}-{time.monotonic_ns()}"
+    paths, _ = await replay_reference(store, domain, out, initial=initial)
+    for disk, path in zip(disks, paths):
+        assert sha256_file(path) == disk.sha256(), f"replayed {path.name} differs from its primary"
+    return {"committed_seq": state.committed_seq, "segments": len(rows), "windows": state.windows,
+            "marks": state.marks, "bases": state.bases}

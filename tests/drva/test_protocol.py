@@ -1,0 +1,219 @@
+"""The DRVA's wire protocol and its refusals (FORMAT.md §9), against an in-process DRVA.
+
+Each bad input is refused with a logged reason and an ERROR; the DRVA stays up, and its
+log is untouched (the log tail does not move)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+
+import numpy as np
+import pytest
+
+from cdp import wire
+from cdp.frame import encode_frame
+from cdp.records import empty_records
+from drva.daemon import Drva
+from iofilter_sim.client import FilterClient
+from iofilter_sim.filter import DomainFilter
+from tests.drva.harness import SECRET, Disk, config, domain_doc, drva_doc, random_writes, wait_until
+
+SIZE = 8 << 20
+
+
+@pytest.fixture
+async def drva(tmp_path):
+    doc = drva_doc(tmp_path, "drva-t", [domain_doc(1, "erp", [("vm1", "d0", SIZE)]),
+                                        domain_doc(2, "crm", [("vm2", "d0", SIZE)])])
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    yield d
+    await d.stop()
+    assert d.failure is None
+
+
+async def handshake(drva: Drva, domains=(1,), secret: str = SECRET, name: str = "host-1"):
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    nonce = wire.new_nonce()
+    writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": name, "site": "s",
+                                                "domains": list(domains), "nonce": nonce.hex()}))
+    ch = (await wire.read_message(reader, "t")).json("t")
+    dn = bytes.fromhex(ch["nonce"])
+    writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(secret.encode(), nonce, dn, name)}))
+    return reader, writer, nonce, dn, ch["drva"]
+
+
+async def expect_error(reader, code: str) -> dict:
+    while True:
+        msg = await asyncio.wait_for(wire.read_message(reader, "t"), 5)
+        if msg.type == wire.ERROR:
+            doc = msg.json("t")
+            assert doc["code"] == code, doc
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+                await asyncio.wait_for(wire.read_message(reader, "t"), 5)
+            return doc
+
+
+def frame(first_seq: int, n: int = 4, domain: int = 1) -> bytes:
+    rec = empty_records(n)
+    rec["seq"] = np.arange(first_seq, first_seq + n)
+    rec["timestamp_ns"] = 1
+    rec["offset"] = np.arange(n) * 4096
+    rec["length"] = 4096
+    return encode_frame(domain, rec, bytes(range(256)) * 16 * n)
+
+
+async def send_frame(writer, raw: bytes) -> None:
+    writer.writelines(wire.frame_message([raw]))
+    await writer.drain()
+
+
+async def good_session_still_works(drva: Drva) -> None:
+    reader, writer, nonce, dn, name = await handshake(drva, (2,))
+    welcome = await wire.read_message(reader, "t")
+    assert welcome.type == wire.WELCOME
+    assert wire.mac_matches(wire.drva_mac(SECRET.encode(), nonce, dn, name), welcome.json("t")["mac"])
+    writer.close()
+
+
+async def test_handshake_welcome_proves_the_drva_and_frames_are_acked(drva):
+    reader, writer, nonce, dn, name = await handshake(drva)
+    welcome = (await wire.read_message(reader, "t")).json("t")
+    assert wire.mac_matches(wire.drva_mac(SECRET.encode(), nonce, dn, name), welcome["mac"])
+    assert welcome["domains"] == {"1": {"durable_seq": 0}}
+    await send_frame(writer, frame(1))
+    await send_frame(writer, frame(5))
+    acked = 0
+    while acked < 8:
+        msg = await asyncio.wait_for(wire.read_message(reader, "t"), 5)
+        if msg.type == wire.ACK:
+            _, _, acked, _ = wire.parse_ack(msg.body, "t")
+    assert drva.domains[1].durable_seq == 8
+    # A resend of acked records is dropped, and a partial overlap is cut.
+    await send_frame(writer, frame(5))
+    await send_frame(writer, frame(7, 4))  # seqs 7..10: 9 and 10 are new
+    await wait_until(lambda: drva.domains[1].durable_seq == 10, 5, "the cut frame")
+    assert drva.domains[1].stats.duplicates_dropped == 1
+    writer.close()
+
+
+@pytest.mark.parametrize("case", ["wrong_secret", "unknown_domain", "bad_version", "garbage"])
+async def test_handshake_refusals(drva, case, caplog):
+    tail = drva.log.tail
+    caplog.set_level(logging.INFO)
+    if case == "garbage":
+        reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await expect_error(reader, "bad_message")
+    elif case == "bad_version":
+        reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+        writer.writelines(wire.control(wire.HELLO, {"version": 9, "filter": "f", "domains": [1],
+                                                    "nonce": "00" * 32}))
+        await expect_error(reader, "unsupported_version")
+    else:
+        secret = "not-the-secret-at-all" if case == "wrong_secret" else SECRET
+        domains = (7,) if case == "unknown_domain" else (1,)
+        reader, writer, *_ = await handshake(drva, domains, secret)
+        await expect_error(reader, "bad_auth" if case == "wrong_secret" else "unknown_domain")
+    assert "session_refused" in caplog.text
+    assert "not-the-secret" not in caplog.text
+    assert drva.log.tail == tail
+    await good_session_still_works(drva)
+
+
+def corrupt(raw: bytes, at: int) -> bytes:
+    b = bytearray(raw)
+    b[at] ^= 0x40
+    return bytes(b)
+
+
+def backwards(raw: bytes) -> bytes:
+    rec = np.frombuffer(raw[64 : 64 + 40 * 4], dtype=np.dtype([("seq", "<u8"), ("rest", "V32")])).copy()
+    rec["seq"][2] = rec["seq"][1] - 1  # seq goes backwards inside the frame, checksums redone
+    import xxhash
+    body = rec.tobytes() + raw[64 + 160 :]
+    header = bytearray(raw[:64])
+    struct.pack_into("<Q", header, 40, xxhash.xxh3_64_intdigest(body))
+    struct.pack_into("<Q", header, 56, xxhash.xxh3_64_intdigest(bytes(header[:56])))
+    return bytes(header) + body
+
+
+@pytest.mark.parametrize("case,code", [
+    ("flipped_payload", "bad_frame"), ("flipped_header", "bad_frame"), ("seq_backwards", "bad_frame"),
+    ("seq_gap", "seq_gap"), ("other_domain", "unknown_domain"), ("oversized", "oversized"),
+    ("bad_body_sum", "bad_checksum"),
+])
+async def test_bad_frames_are_refused_and_the_log_is_untouched(drva, case, code, caplog):
+    caplog.set_level(logging.INFO)
+    reader, writer, *_ = await handshake(drva)
+    assert (await wire.read_message(reader, "t")).type == wire.WELCOME
+    await send_frame(writer, frame(1))
+    await wait_until(lambda: drva.domains[1].durable_seq == 4, 5, "the first frame")
+    tail = drva.log.tail
+    if case == "flipped_payload":
+        await send_frame(writer, corrupt(frame(5), 64 + 160 + 100))
+    elif case == "flipped_header":
+        await send_frame(writer, corrupt(frame(5), 20))
+    elif case == "seq_backwards":
+        await send_frame(writer, backwards(frame(5)))
+    elif case == "seq_gap":
+        await send_frame(writer, frame(50))
+    elif case == "other_domain":
+        await send_frame(writer, frame(1, domain=2))
+    elif case == "oversized":
+        writer.write(wire.pack_header(wire.FRAME, 1 << 30, 0))
+    elif case == "bad_body_sum":
+        writer.write(wire.pack_header(wire.PING, 2, 12345) + b"{}")
+    await expect_error(reader, code)
+    assert "session_refused" in caplog.text
+    await asyncio.sleep(0.2)
+    assert drva.log.tail == tail and drva.domains[1].durable_seq == 4
+    await good_session_still_works(drva)
+
+
+async def test_truncated_frame_then_disconnect_changes_nothing(drva):
+    reader, writer, *_ = await handshake(drva)
+    await wire.read_message(reader, "t")
+    raw = frame(1)
+    writer.write(wire.pack_header(wire.FRAME, len(raw), 0) + raw[:100])
+    await writer.drain()
+    writer.close()
+    await asyncio.sleep(0.3)
+    assert drva.log.tail == 0 and drva.domains[1].accepted_seq == 0
+    await good_session_still_works(drva)
+
+
+async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path):
+    """The store hangs: the log fills, the DRVA stops reading, the filter's buffer fills and
+    it falls back to bitmap mode; DRVA staging stays under its bound throughout."""
+    from cdp.store.faulty import FaultyStore
+    from cdp.store.fs import FileStore
+
+    doc = drva_doc(tmp_path, "drva-m", [domain_doc(1, "erp", [("vm1", "d0", 64 << 20)])],
+                   log_size="12MiB", seal_bytes="1MiB")
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    faulty = FaultyStore(FileStore(tmp_path / "store"))
+    faulty.hang("put")
+    d.store = d.shipper.store = faulty
+    disk = Disk(tmp_path / "p.img", 64 << 20)
+    f = DomainFilter(1, [disk], buffer_bytes_max=16 << 20)
+    client = FilterClient([f], "127.0.0.1", d.port, SECRET.encode(), "host-1")
+    task = asyncio.create_task(client.run())
+    rng = np.random.default_rng(3)
+    peak_staged = 0
+    for _ in range(200):  # ~400 MB offered, far more than log + buffers
+        f.capture(*random_writes(rng, [64 << 20], 64, 64))
+        peak_staged = max(peak_staged, d.committer._staged_bytes)
+        await asyncio.sleep(0.005)
+    assert f.mode == "bitmap" and f.stats["bitmap_entries"] >= 1
+    assert d.committer.backpressure
+    assert peak_staged <= d.cfg.staging_bytes_max + (1 << 20)
+    assert f.buffered_bytes <= 16 << 20
+    assert d.log.stats().used_bytes <= d.log.data_size
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    faulty.release("put")
+    await d.stop()
