@@ -53,6 +53,7 @@ class Drva:
         self.failure: BaseException | None = None
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
         self.sessions: set[Session] = set()
+        self.session_tasks: set[asyncio.Task] = set()
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="drva-seal")
@@ -112,11 +113,9 @@ class Drva:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        for s in list(self.sessions):
-            s.close()
-        for t in self.tasks:
+        for t in [*self.session_tasks, *self.tasks]:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.session_tasks, *self.tasks, return_exceptions=True)
         await asyncio.to_thread(self._write_status)
         await self.store.close()
         self.log.close()
@@ -170,7 +169,15 @@ class Drva:
     # ------------------------------------------------------------------ loops
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await Session(self, reader, writer).run()
+        task = asyncio.current_task()
+        assert task is not None
+        self.session_tasks.add(task)
+        try:
+            await Session(self, reader, writer).run()
+        except asyncio.CancelledError:
+            pass  # stop(): the session is closed by Session.run's finally
+        finally:
+            self.session_tasks.discard(task)
 
     def _on_durable(self, touched: set[DomainState]) -> None:
         for dom in touched:

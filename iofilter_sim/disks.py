@@ -1,0 +1,223 @@
+"""Primary disks: the VMs' own virtual disks, as sparse raw image files.
+
+A ``PrimaryDisk`` is what a VM's writes land on before the filter ships them. Recovery is
+checked against it: a disk rebuilt at seq S must hash like the primary did at seq S.
+
+``write_batch`` takes the records a filter captured (``cdp.records.RECORD_DTYPE``) and
+their payload in frame layout (the payloads of ``WRITE`` and ``MARK`` records,
+concatenated in record order). It applies ``WRITE`` and ``ZERO`` records in order — so
+of two overlapping writes in one batch, the later wins — and skips ``MARK`` and
+``RESYNC_*`` records, which are stream events, not disk writes. Consecutive records that
+continue each other on the disk and in the payload go down in one ``pwrite``.
+
+A ``ZERO`` record punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``) where the file
+system can; elsewhere it writes zeros. Either way the range reads back as zeros.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdp.errors import ConfigError
+from cdp.records import (
+    KIND_WRITE, KIND_ZERO, SECTOR, WRITE_LEN_MAX, payload_lengths, payload_starts,
+)
+
+HASH_CHUNK_BYTES = 8 << 20
+_ZEROS = bytes(1 << 20)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _libc_fallocate() -> Any:
+    """libc's fallocate(fd, mode, offset, len), or None where there is none (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.fallocate64
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _libc_fallocate()
+
+
+class PrimaryDisk:
+    """A sparse raw image of a fixed ``size``, written in place with pwrite.
+
+    Invariants: the file is exactly ``size`` bytes from creation on (made with ftruncate,
+    never truncated, extended or rewritten wholesale); every write applied is 512-aligned
+    and inside [0, size).
+    """
+
+    def __init__(self, path: str | Path, size: int, *, name: str | None = None,
+                 create: bool = True) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.name
+        if size <= 0 or size % SECTOR:
+            raise ConfigError(f"disk {self.name} ({self.path}): size {size}: "
+                              f"expected a multiple of 512 > 0")
+        self.size = size
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"disk {self.name}: cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            have = os.fstat(self._fd).st_size
+            if have == 0:
+                os.ftruncate(self._fd, size)  # sparse: no data block is written
+            elif have != size:
+                raise ConfigError(f"disk {self.name}: {self.path} is {have} bytes, expected "
+                                  f"{size} (an existing image is never resized)")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._punch = _fallocate is not None
+
+    @classmethod
+    def for_disk(cls, disk: Any, *, create: bool = True) -> PrimaryDisk:
+        """The image of a ``cluster.Disk`` (its directory is created if needed)."""
+        if create:
+            Path(disk.image).parent.mkdir(parents=True, exist_ok=True)
+        return cls(disk.image, disk.size, name=f"{disk.vm}/{disk.name}", create=create)
+
+    # ------------------------------------------------------------------ writes
+
+    def write_batch(self, records: np.ndarray, payload: bytes | bytearray | memoryview) -> None:
+        """Apply the ``WRITE``/``ZERO`` records of a batch, in order.
+
+        ``payload`` is in frame layout (see the module docstring). Raises ValueError naming
+        the disk and the record when a record is unaligned, too long, past the end of the
+        disk or past the end of the payload; nothing of the batch is written then.
+        """
+        view = memoryview(payload).cast("B")
+        starts = payload_starts(payload_lengths(records)).astype(np.int64)
+        data = np.flatnonzero((records["kind"] == KIND_WRITE) | (records["kind"] == KIND_ZERO))
+        kind = records["kind"][data]
+        self._check(data, kind, records["offset"][data], records["length"][data],
+                    starts[data], len(view))
+        if not len(data):
+            return
+        offset = records["offset"][data].astype(np.int64)  # now known to be < size
+        length = records["length"][data].astype(np.int64)
+        start = starts[data]
+        # A run continues while the kind stays the same, the disk range continues and (for
+        # WRITE) the payload range continues: then it is one system call.
+        cont = np.zeros(len(data), dtype=bool)
+        cont[1:] = (kind[1:] == kind[:-1]) & (offset[1:] == offset[:-1] + length[:-1]) & (
+            (kind[1:] == KIND_ZERO) | (start[1:] == start[:-1] + length[:-1]))
+        heads = np.flatnonzero(~cont)
+        run_bytes = np.add.reduceat(length, heads)
+        for h, nbytes in zip(heads.tolist(), run_bytes.tolist()):
+            at = int(offset[h])
+            if kind[h] == KIND_WRITE:
+                self._pwrite_all(view[int(start[h]) : int(start[h]) + nbytes], at)
+            else:
+                self.zero(at, nbytes)
+
+    def _check(self, data: np.ndarray, kind: np.ndarray, offset: np.ndarray, length: np.ndarray,
+               start: np.ndarray, payload_len: int) -> None:
+        """ValueError naming the first bad record. Checked in u64, where nothing wraps:
+        an offset is compared with the size before the length is added to it."""
+        offset, length = offset.astype(np.uint64), length.astype(np.uint64)
+        size, start = np.uint64(self.size), start.astype(np.uint64)
+        problems = (
+            (((offset | length) % SECTOR) != 0, "offset/length not a multiple of 512"),
+            ((length == 0) | (length > WRITE_LEN_MAX), f"length not in 512..{WRITE_LEN_MAX}"),
+            ((offset > size) | (offset + length > size),
+             f"range past the end of the disk ({self.size} bytes)"),
+            ((kind == KIND_WRITE) & (start + length > payload_len),
+             f"payload past the end of the batch payload ({payload_len} bytes)"),
+        )
+        for bad, what in problems:
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"disk {self.name} ({self.path}): record {int(data[i])} "
+                                 f"(offset {int(offset[i])}, length {int(length[i])}): {what}")
+
+    def _pwrite_all(self, data: memoryview, offset: int) -> None:
+        while len(data):
+            n = os.pwrite(self._fd, data, offset)
+            data, offset = data[n:], offset + n
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros (a hole where possible)."""
+        self._check_range(offset, length)
+        if self._punch:
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if _fallocate(self._fd, mode, offset, length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, f"fallocate(PUNCH_HOLE) on {self.path}: {os.strerror(err)}")
+            self._punch = False  # this file system cannot: write zeros from now on
+        zeros = memoryview(_ZEROS)
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(zeros))
+            self._pwrite_all(zeros[:n], offset)
+            offset += n
+
+    # ------------------------------------------------------------------ reads
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"disk {self.name} ({self.path}): range [{offset}, "
+                             f"{offset + length}) is not inside [0, {self.size})")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes at [offset, offset + length), which must lie inside the disk."""
+        self._check_range(offset, length)
+        parts = []
+        while length > 0:
+            chunk = os.pread(self._fd, length, offset)
+            if not chunk:
+                raise OSError(errno.EIO, f"{self.path}: short read at {offset}")
+            parts.append(chunk)
+            offset, length = offset + len(chunk), length - len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def sha256(self) -> str:
+        """SHA-256 (hex) of the whole disk, read in 8 MiB chunks into one reused buffer."""
+        digest = hashlib.sha256()
+        buf = bytearray(min(HASH_CHUNK_BYTES, self.size))
+        view = memoryview(buf)
+        offset = 0
+        while offset < self.size:
+            want = min(len(buf), self.size - offset)
+            got = os.preadv(self._fd, [view[:want]], offset)
+            if got <= 0:
+                raise OSError(errno.EIO, f"{self.path}: short read at {offset}")
+            digest.update(view[:got])
+            offset += got
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ lifetime
+
+    def fsync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> PrimaryDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PrimaryDisk({self.name!r}, {str(self.path)!r}, size={self.size})"
