@@ -37,7 +37,8 @@ class GroupCommitter:
     """Owns all appends to the replication log (invariant: one append at a time)."""
 
     def __init__(self, log: ReplicationLog, *, staging_bytes_max: int, high_water: float,
-                 low_water: float, on_durable: Callable[[set[DomainState]], None]) -> None:
+                 low_water: float, on_durable: Callable[[set[DomainState]], None],
+                 cache_bytes_max: int = 0) -> None:
         self.log = log
         self.staging_bytes_max = staging_bytes_max
         self.high_water = high_water
@@ -50,6 +51,9 @@ class GroupCommitter:
         self.commits = 0
         self.commit_latency_s = 0.0
         self.durable_end = log.tail  # log end of the last registered entry
+        # Frames kept in memory for the sealer (bounded; the log has them all anyway).
+        self.cache_bytes_max = cache_bytes_max
+        self.cache_bytes = 0
 
     # ------------------------------------------------------------------ back-pressure
 
@@ -110,13 +114,24 @@ class GroupCommitter:
         now = time.monotonic()
         touched: set[DomainState] = set()
         for s, pos, nxt in zip(batch, positions, positions[1:] + [tail]):
-            s.domain.unsealed.append(log_entry(s.frame, len(s.raw), pos, nxt, now))
+            entry = log_entry(s.frame, len(s.raw), pos, nxt, now)
+            if self.cache_bytes + entry.nbytes <= self.cache_bytes_max:
+                entry.frame = s.frame
+                self.cache_bytes += entry.nbytes
+            s.domain.unsealed.append(entry)
             s.domain.durable_seq = s.frame.last_seq
             touched.add(s.domain)
         self.durable_end = tail
         self._changed.set()
         self.on_durable(touched)
         return len(batch)
+
+    def uncache(self, entries: list[LogEntry]) -> None:
+        """The sealer is done with these entries' frames: free their cache budget."""
+        for e in entries:
+            if e.frame is not None:
+                e.frame = None
+                self.cache_bytes -= e.nbytes
 
     def _append(self, bodies: list[bytes]) -> tuple[list[int], int]:
         positions = self.log.append_batch([[b] for b in bodies])

@@ -4,6 +4,7 @@
 name = "drva-1"
 listen = "127.0.0.1:32873"        # the filter port (32873..32878 by convention)
 state_dir = "/var/lib/cdp/drva-1" # status.json lives here
+status_interval_s = 1.0           # how often status.json is rewritten
 store = "file:///var/lib/cdp/store"
 secret_env = "CDP_SITE_SECRET"    # the handshake secret comes from the environment
 
@@ -94,6 +95,8 @@ class DrvaConfig:
     high_water: float = 0.80
     low_water: float = 0.60
     staging_bytes_max: int = 32 << 20
+    frame_cache_bytes: int = 32 << 20  # durable frames kept in RAM for the sealer
+    status_interval_s: float = 1.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -181,6 +184,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
         seal_age_s=float(seal.get("age_s", (int, float), 1.0)),
         upload_concurrency=upload.get("concurrency", int, 4),
         high_water=high, low_water=low,
+        status_interval_s=float(r.get("status_interval_s", (int, float), 1.0)),
         tls_cert=Path(tls.get("cert", str)) if "cert" in tls.doc else None,
         tls_key=Path(tls.get("key", str)) if "key" in tls.doc else None,
     )

@@ -41,7 +41,6 @@ from drva.status import build_status
 log = get_logger("drva")
 
 SEAL_TICK_S = 0.05
-STATUS_TICK_S = 1.0
 
 
 class Drva:
@@ -71,7 +70,8 @@ class Drva:
         await asyncio.to_thread(self._recover)
         self.committer = GroupCommitter(
             self.log, staging_bytes_max=cfg.staging_bytes_max, high_water=cfg.high_water,
-            low_water=cfg.low_water, on_durable=self._on_durable)
+            low_water=cfg.low_water, on_durable=self._on_durable,
+            cache_bytes_max=cfg.frame_cache_bytes)
         self.shipper = Shipper(
             name=cfg.name, log_=self.log, store=self.store, meta=self.meta,
             committer=self.committer, domains=self.domains, seal_bytes=cfg.seal_bytes,
@@ -221,7 +221,7 @@ class Drva:
     async def _status_loop(self) -> None:
         while True:
             await asyncio.to_thread(self._write_status)
-            await asyncio.sleep(STATUS_TICK_S)
+            await asyncio.sleep(self.cfg.status_interval_s)
 
     def status(self) -> dict[str, Any]:
         return build_status(self)
@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import uvloop
         except ImportError:  # uvloop is optional on platforms that lack it
+            uvloop = None
+        if uvloop is None or os.environ.get("CDP_NO_UVLOOP"):
             asyncio.run(run(cfg))
         else:
             uvloop.run(run(cfg))

@@ -35,6 +35,9 @@ class LogEntry:
     arrived: float  # monotonic time it became durable
     marks: list[tuple[int, str, int]]  # (seq, name, ts)
     resync: list[tuple[int, int]]  # (kind, seq) of RESYNC_BEGIN/END records
+    # The decoded frame while it is cached in memory (within the DRVA's budget), so the
+    # sealer need not read it back from the log; None once evicted or after a restart.
+    frame: Any = None
 
 
 @dataclass(slots=True)

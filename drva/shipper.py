@@ -122,6 +122,7 @@ class Shipper:
             nbytes += e.nbytes
         loop = asyncio.get_running_loop()
         data, raw_len = await loop.run_in_executor(self.pool, self._build, dom.id, entries)
+        self.committer.uncache(entries)
         key = segment_key(dom.id, entries[0].first_seq, entries[-1].last_seq)
         for _ in entries:
             dom.unsealed.popleft()
@@ -131,11 +132,12 @@ class Shipper:
         await self.queue.put(job)  # waits while the uploaders are busy: bounded memory
 
     def _build(self, domain: int, entries: list) -> tuple[bytes, int]:
-        frames = [decode_frame(self.log.read(e.pos), f"{self.log.path} position {e.pos}")
+        frames = [e.frame if e.frame is not None else
+                  decode_frame(self.log.read(e.pos), f"{self.log.path} position {e.pos}")
                   for e in entries]
         data = build_segment(domain, frames)
         key = segment_key(domain, frames[0].first_seq, frames[-1].last_seq)
-        return data, parse_segment_tail(key, data[-(64 << 10):], len(data)).payload_raw_len
+        return data, parse_segment_tail(key, data, len(data)).payload_raw_len
 
     # ------------------------------------------------------------------ upload
 

@@ -217,3 +217,30 @@ async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path
     await asyncio.gather(task, return_exceptions=True)
     faulty.release("put")
     await d.stop()
+
+
+async def test_segments_of_thousands_of_small_records_are_sealed_and_committed(tmp_path):
+    """A 16 MiB segment of 4 KiB writes has an index larger than any fixed tail guess."""
+    from cdp.catalog import load_catalog
+    from cdp.store.fs import FileStore
+
+    doc = drva_doc(tmp_path, "drva-s", [domain_doc(1, "erp", [("vm1", "d0", 64 << 20)])],
+                   seal_bytes="16MiB", seal_age_s=0.5)
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    disk = Disk(tmp_path / "p.img", 64 << 20)
+    f = DomainFilter(1, [disk])
+    client = FilterClient([f], "127.0.0.1", d.port, SECRET.encode(), "host-1")
+    task = asyncio.create_task(client.run())
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        f.capture(*random_writes(rng, [64 << 20], 1024, 8))  # 1024 writes of 512 B .. 4 KiB
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: d.domains[1].committed_seq == f.next_seq - 1, 30, "the commit")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await d.stop()
+    assert d.failure is None
+    state, _ = await load_catalog(FileStore(tmp_path / "store"), 1)
+    rows = state.segments_between(1, state.committed_seq)
+    assert int((rows["last_seq"] - rows["first_seq"] + 1).max()) > 2000

@@ -1,0 +1,64 @@
+"""Summed 64-byte headers and footers (FORMAT.md §0, §2.1, §5.1, §5.5, §6.1, §6.2, §8.1).
+
+Each starts with a 4-byte ``magic`` and a u16 ``version`` and ends with a u64 xxh3 of
+the 56 bytes before it. ``pack_summed`` writes one; ``unpack_summed`` runs the checks
+they share, in the §0 order (checksum before any field is trusted), and leaves the
+fields between ``version`` and the checksum to the caller's own checks.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import xxhash
+
+from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
+
+SUMMED = 56  # the checksum covers [0, 56) and sits at [56, 64)
+
+
+def pack_summed(layout: struct.Struct, *fields: object) -> bytes:
+    """Pack ``fields`` (all but the last, checksum field) and append their xxh3."""
+    buf = bytearray(layout.pack(*fields, 0))
+    struct.pack_into("<Q", buf, SUMMED, xxhash.xxh3_64_intdigest(buf[:SUMMED]))
+    return bytes(buf)
+
+
+def unpack_summed(
+    layout: struct.Struct,
+    buf: bytes | bytearray | memoryview,
+    *,
+    where: str,
+    magic: bytes,
+    version: int,
+    what: str = "header",
+    at: int | str = 0,
+    zero: dict[str, tuple[int, int]] | None = None,
+) -> tuple:
+    """Check the summed ``layout`` at the start of ``buf``; return the fields after ``version``.
+
+    The returned tuple leaves out magic, version and the checksum. Raises TruncatedError
+    (short ``buf``), FormatError (magic, version), ChecksumMismatch ([0, 56)), then
+    FormatError if a ``zero`` field, ``{name: (offset, size)}`` (flags, reserved), is not
+    zero. Messages start with ``where`` (key, peer, log position) and give the offset of
+    the field: ``at`` is where the ``what`` starts, a number or a text such as "end-64".
+    """
+    mv = memoryview(buf).cast("B")
+    if len(mv) < layout.size:
+        raise TruncatedError(f"{where}: {len(mv)} bytes, a {what} needs {layout.size}")
+    fields = layout.unpack_from(mv)
+
+    def fail(error: type[FormatError], offset: int, problem: str) -> None:
+        pos = at + offset if isinstance(at, int) else f"{at}+{offset}"
+        raise error(f"{where}: {what} at offset {pos}: {problem}")
+
+    if fields[0] != magic:
+        fail(FormatError, 0, f"magic {fields[0]!r}, expected {magic!r}")
+    if fields[1] != version:
+        fail(FormatError, 4, f"version {fields[1]}, expected {version}")
+    if xxhash.xxh3_64_intdigest(mv[:SUMMED]) != fields[-1]:
+        fail(ChecksumMismatch, SUMMED, f"{what}_xxh3 does not match {what}[0:56]")
+    for name, (offset, size) in (zero or {}).items():
+        if any(mv[offset : offset + size]):
+            fail(FormatError, offset, f"{name} is not zero")
+    return fields[2:-1]
