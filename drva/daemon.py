@@ -27,6 +27,7 @@ from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, StoreError
 from cdp.frame import decode_frame
 from cdp.logs import get_logger, setup_logging
+from cdp.memory import bound_malloc
 from cdp.meta import MetaRepository
 from cdp.replog import ReplicationLog
 from cdp.store import open_store
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     setup_logging(args.log_level)
+    bound_malloc()
     try:
         cfg = load_drva_config(args.config)
         try:
