@@ -1,5 +1,7 @@
 """DRVA configuration: one TOML file per DRVA process.
 
+Relative paths are relative to the file's directory.
+
 ```toml
 name = "drva-1"
 listen = "127.0.0.1:32873"        # the filter port (32873..32878 by convention)
@@ -146,11 +148,15 @@ def load_drva_config(path: str | os.PathLike[str], env: Mapping[str, str] = os.e
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    return parse_drva_config(doc, str(path), env)
+    return parse_drva_config(doc, str(path), env, base_dir=path.resolve().parent)
 
 
-def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str] = os.environ) -> DrvaConfig:
+def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str] = os.environ,
+                      base_dir: Path | None = None) -> DrvaConfig:
+    """``base_dir``: relative paths (and a store given as a plain path) are relative to it
+    — the configuration file's directory — rather than to wherever the daemon started."""
     r = _Reader(doc, source)
+    here = base_dir or Path.cwd()
     host, _, port_text = r.get("listen", str).rpartition(":")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{r.where('listen')}: expected HOST:PORT with a port in 0..65535 (0: any free port)")
@@ -173,20 +179,20 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
         raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
     cfg = DrvaConfig(
         name=r.name("name"), host=host, port=int(port_text),
-        state_dir=Path(r.get("state_dir", str)), store_url=r.get("store", str),
+        state_dir=here / r.get("state_dir", str), store_url=_store_url(r.get("store", str), here),
         secret=secret.encode(),
-        log_path=Path(log.get("path", str)),
+        log_path=here / log.get("path", str),
         log_size=parse_size(log.get("size", (int, str)), log.where("size")) if "size" in log.doc else None,
         log_direct=log.get("direct", bool, False),
-        meta_path=Path(meta.get("path", str)),
+        meta_path=here / meta.get("path", str),
         domains=domains,
         seal_bytes=parse_size(seal.get("bytes", (int, str), 16 << 20), seal.where("bytes")),
         seal_age_s=float(seal.get("age_s", (int, float), 1.0)),
         upload_concurrency=upload.get("concurrency", int, 4),
         high_water=high, low_water=low,
         status_interval_s=float(r.get("status_interval_s", (int, float), 1.0)),
-        tls_cert=Path(tls.get("cert", str)) if "cert" in tls.doc else None,
-        tls_key=Path(tls.get("key", str)) if "key" in tls.doc else None,
+        tls_cert=here / tls.get("cert", str) if "cert" in tls.doc else None,
+        tls_key=here / tls.get("key", str) if "key" in tls.doc else None,
     )
     if not 1 <= cfg.upload_concurrency <= 64:
         raise ConfigError(f"{upload.where('concurrency')}: expected 1..64")
@@ -195,6 +201,13 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
     if not 0.05 <= cfg.seal_age_s <= 3600:
         raise ConfigError(f"{seal.where('age_s')}: expected 0.05..3600 seconds")
     return cfg
+
+
+def _store_url(url: str, here: Path) -> str:
+    """A plain relative path names a file store relative to the configuration file."""
+    if "://" in url or url.startswith("/"):
+        return url
+    return f"file://{here / url}"
 
 
 def _domain(r: _Reader, i: int) -> DomainConfig:
