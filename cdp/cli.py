@@ -16,7 +16,8 @@ from typing import Any
 
 import click
 
-from cdp.errors import CdpError
+from cdp.errors import CdpError, ConfigError
+from cdp.units import parse_size
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -27,14 +28,10 @@ def _emit(as_json: bool, result: dict[str, Any], human: Callable[[dict[str, Any]
 
 def _size(text: str) -> int:
     """'64MiB', '1G', '4096' -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 4096, 64MiB, 1GiB)") from None
+        return parse_size(text, "size")
+    except ConfigError as exc:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 4096, 64MiB, 1GiB)") from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -45,21 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
+from cdp.units import parse_size
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: Any, where: str) -> int:
-    """Bytes from an int or a string such as '64MiB', '1G', '4096'."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"{where}: {value!r} is not a size (expected e.g. 4096, '64MiB', '1GiB')")
-
-
 @dataclass(frozen=True)
 class DiskSpec:
     index: int

@@ -26,7 +26,6 @@ write's number, for replaying traces that must come out the same every time.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from cdp.errors import ConfigError
+from cdp.units import parse_size  # noqa: F401  (cluster and workloads import it from here)
 from cdp.records import SECTOR
 
 WRITE_SIZE_MAX = 1 << 20  # the simulator's largest write (FORMAT.md §1 allows 16 MiB)
@@ -48,20 +48,6 @@ _MIXED_PIECE_BYTES = 512
 _MIXED_TEXT_SHARE = 0.6  # 60 % text pieces: lz4 gets about 1.5:1 (measured)
 _TEXT_VOCABULARY = 1024  # with Zipf exponent 1.2: lz4 gets about 2.6:1 (measured)
 _TEXT_ZIPF_A = 1.2
-_SIZE = re.compile(r"(\d+)\s*(|b|k|kib|m|mib|g|gib|t|tib)", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: Any, where: str) -> int:
-    """Bytes from an int or a string such as '4096', '64KiB', '64MiB', '1GiB' (binary units)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
-        return int(m.group(1)) * _UNITS[m.group(2).lower()[:1]]
-    raise ConfigError(f"{where}: expected a size (an integer or e.g. '64KiB', '64MiB'), "
-                      f"got {value!r}")
-
-
 class SizeDist:
     """A distribution of write sizes: multiples of 512 in 512 .. WRITE_SIZE_MAX."""
 
