@@ -114,9 +114,10 @@ class Drva:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        for t in [*self.session_tasks, *self.tasks]:
+        pending = [*self.session_tasks, *self.seeder.finishing, *self.tasks]
+        for t in pending:
             t.cancel()
-        await asyncio.gather(*self.session_tasks, *self.tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.to_thread(self._write_status)
         await self.store.close()
         self.log.close()

@@ -62,6 +62,7 @@ class Seeder:
         self.jobs: dict[tuple[int, int], SeedJob] = {}
         self.slots = asyncio.Semaphore(UPLOADS_MAX)
         self.known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.finishing: set[asyncio.Task] = set()
 
     async def handle(self, session: "Session", msg: wire.Message) -> None:
         from drva.session import Refused
@@ -81,7 +82,15 @@ class Seeder:
         if msg.type == wire.SEED_BEGIN:
             self._begin(dom, disk, doc)
         else:
-            asyncio.create_task(self._end(session, dom, disk, doc))
+            # Finishing waits for uploads and the catalog: not on the session's read path.
+            task = asyncio.create_task(self._end(session, dom, disk, doc))
+            self.finishing.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("seed_failed", error=repr(task.exception()))
 
     def _begin(self, dom: Any, disk: int, doc: dict[str, Any]) -> None:
         from drva.session import Refused
@@ -168,7 +177,17 @@ class Seeder:
                 windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end})
             return {"add_bases": [{"seq": job.start_seq, "disk": disk, "key": key}], "set_windows": windows}
 
-        await self.drva.shipper.commit_delta(dom, delta)
+        attempt = 0
+        while True:
+            try:
+                await self.drva.shipper.commit_delta(dom, delta)
+                break
+            except StoreError as exc:  # AlreadyExists (fenced) is not retried: it propagates
+                if not exc.retryable:
+                    raise
+                attempt += 1
+                log.warning("seed_commit_failed", domain=dom.id, disk=disk, attempt=attempt, error=exc.message)
+                await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
         del self.jobs[(dom.id, disk)]
         log.info("seed_done", domain=dom.id, disk=disk, base_seq=job.start_seq, end_seq=end,
                  chunks_stored=job.stored, chunks_deduplicated=job.deduplicated)
