@@ -21,6 +21,7 @@ import xxhash
 
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import parse_base_manifest_key
+from cdp.summed import pack_summed, unpack_summed
 
 CHUNK_MAGIC = b"CDPK"
 MANIFEST_MAGIC = b"CDPB"
@@ -37,11 +38,12 @@ SECTOR = 512
 # FORMAT.md §6.1: chunk header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _CHUNK = struct.Struct("<4sHHII16sQ16sQ")
 assert _CHUNK.size == 64, "FORMAT.md §6.1"
+_CHUNK_ZERO = {"reserved": (40, 16)}  # must be zero: {name: (offset, size)}
 # FORMAT.md §6.2: manifest header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _MANIFEST = struct.Struct("<4sHHIIQQIIQQQ")
 assert _MANIFEST.size == 64, "FORMAT.md §6.2"
+_MANIFEST_ZERO = {"flags": (6, 2), "reserved": (48, 8)}  # must be zero: {name: (offset, size)}
 HEADER_SIZE = 64
-_SUMMED = 56
 
 # The first bytes is_zero looks at before it scans the rest: non-zero data almost
 # always fails here, so a random chunk costs one small read, not a full pass.
@@ -51,12 +53,6 @@ _ZERO_PROBE_BYTES = 4096
 def xxh3_128(raw: bytes | bytearray | memoryview) -> bytes:
     """``xxh3_128(raw)`` as the 16 little-endian bytes FORMAT.md §0 stores."""
     return xxhash.xxh3_128_intdigest(raw).to_bytes(HASH_BYTES, "little")
-
-
-def _summed(layout: struct.Struct, *fields: object) -> bytes:
-    buf = bytearray(layout.pack(*fields, 0))
-    struct.pack_into("<Q", buf, _SUMMED, xxhash.xxh3_64_intdigest(buf[:_SUMMED]))
-    return bytes(buf)
 
 
 def is_zero(buf: bytes | bytearray | memoryview | np.ndarray) -> bool:
@@ -87,7 +83,7 @@ def encode_chunk(raw: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
     h = xxh3_128(mv)
     packed = lz4.block.compress(mv, store_size=False)
     codec, stored = (CODEC_LZ4, packed) if len(packed) < len(mv) else (CODEC_STORED, mv)
-    header = _summed(
+    header = pack_summed(
         _CHUNK, CHUNK_MAGIC, VERSION, codec, len(mv), len(stored), h,
         xxhash.xxh3_64_intdigest(stored), bytes(16),
     )
@@ -102,18 +98,9 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
     """
     mv = memoryview(obj).cast("B")
     where = f"chunk {name}"
-    if len(mv) < HEADER_SIZE:
-        raise TruncatedError(f"{where}: {len(mv)} bytes, a chunk header needs {HEADER_SIZE}")
-    (magic, version, codec, raw_len, stored_len, raw_hash, stored_xxh3, reserved,
-     header_xxh3) = _CHUNK.unpack_from(mv)
-    if magic != CHUNK_MAGIC:
-        raise FormatError(f"{where}: header at offset 0: magic {magic!r}, expected {CHUNK_MAGIC!r}")
-    if version != VERSION:
-        raise FormatError(f"{where}: header at offset 0: version {version}, expected {VERSION}")
-    if xxhash.xxh3_64_intdigest(mv[:_SUMMED]) != header_xxh3:
-        raise ChecksumMismatch(f"{where}: header_xxh3 does not match header[0:56]")
-    if any(reserved):
-        raise FormatError(f"{where}: header at offset 40: reserved bytes are not zero")
+    codec, raw_len, stored_len, raw_hash, stored_xxh3, _ = unpack_summed(
+        _CHUNK, mv, where=where, magic=CHUNK_MAGIC, version=VERSION, zero=_CHUNK_ZERO
+    )
     if codec not in (CODEC_STORED, CODEC_LZ4):
         raise FormatError(f"{where}: header at offset 6: unknown codec {codec}")
     if not 1 <= raw_len <= CHUNK_SIZE_MAX:
@@ -209,7 +196,7 @@ def encode_manifest(
     if len(rows) != count:
         raise ValueError(f"manifest to encode: {len(rows)} hashes, ceil(disk_size/chunk_size) is {count}")
     table = rows.tobytes()
-    header = _summed(
+    header = pack_summed(
         _MANIFEST, MANIFEST_MAGIC, VERSION, 0, domain, disk, seq, disk_size, chunk_size,
         count, xxhash.xxh3_64_intdigest(table), 0,
     )
@@ -221,18 +208,9 @@ def decode_manifest(key: str, data: bytes | bytearray | memoryview) -> Manifest:
     mv = memoryview(data).cast("B")
     where = f"manifest {key}"
     key_fields = parse_base_manifest_key(key)
-    if len(mv) < HEADER_SIZE:
-        raise TruncatedError(f"{where}: {len(mv)} bytes, a manifest header needs {HEADER_SIZE}")
-    (magic, version, flags, domain, disk, seq, disk_size, chunk_size, count, table_xxh3,
-     reserved, header_xxh3) = _MANIFEST.unpack_from(mv)
-    if magic != MANIFEST_MAGIC:
-        raise FormatError(f"{where}: header at offset 0: magic {magic!r}, expected {MANIFEST_MAGIC!r}")
-    if version != VERSION:
-        raise FormatError(f"{where}: header at offset 0: version {version}, expected {VERSION}")
-    if xxhash.xxh3_64_intdigest(mv[:_SUMMED]) != header_xxh3:
-        raise ChecksumMismatch(f"{where}: header_xxh3 does not match header[0:56]")
-    if flags or reserved:
-        raise FormatError(f"{where}: header: flags/reserved are not zero")
+    _, domain, disk, seq, disk_size, chunk_size, count, table_xxh3, _ = unpack_summed(
+        _MANIFEST, mv, where=where, magic=MANIFEST_MAGIC, version=VERSION, zero=_MANIFEST_ZERO
+    )
     problem = _check_geometry(disk_size, chunk_size)
     if problem:
         raise FormatError(f"{where}: header: {problem}")

@@ -26,6 +26,7 @@ import xxhash
 from cdp.catalog_state import SEGMENT_DTYPE, CatalogState, SegmentRef, SegmentTable
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
+from cdp.summed import pack_summed, unpack_summed
 
 __all__ = [
     "KIND_DELTA", "KIND_SNAPSHOT", "SEGMENT_DTYPE", "CatalogState", "CatalogWriter", "SegmentRef",
@@ -49,7 +50,7 @@ SNAPSHOT_EVERY_DEFAULT = 64
 _HEADER = struct.Struct("<4sHHIIQQ24sQ")
 assert _HEADER.size == 64, "FORMAT.md §8.1"
 HEADER_SIZE = _HEADER.size
-_SUMMED = 56
+_HEADER_ZERO = {"reserved": (32, 24)}  # must be zero: {name: (offset, size)}
 
 
 def _refuse_constant(name: str) -> None:
@@ -66,12 +67,11 @@ def encode_catalog_object(domain: int, generation: int, kind: int, body: dict) -
     data = text.encode("utf-8")
     if len(data) > BODY_LEN_MAX:
         raise ValueError(f"catalog body of {len(data)} bytes > {BODY_LEN_MAX}")
-    header = bytearray(_HEADER.pack(
-        CATALOG_MAGIC, CATALOG_VERSION, kind, domain, len(data), generation,
-        xxhash.xxh3_64_intdigest(data), bytes(24), 0,
-    ))
-    struct.pack_into("<Q", header, _SUMMED, xxhash.xxh3_64_intdigest(header[:_SUMMED]))
-    return bytes(header) + data
+    header = pack_summed(
+        _HEADER, CATALOG_MAGIC, CATALOG_VERSION, kind, domain, len(data), generation,
+        xxhash.xxh3_64_intdigest(data), bytes(24),
+    )
+    return header + data
 
 
 def decode_catalog_object(key: str, data: bytes | bytearray | memoryview) -> tuple[int, int, int, Any]:
@@ -82,18 +82,9 @@ def decode_catalog_object(key: str, data: bytes | bytearray | memoryview) -> tup
     mv = memoryview(data).cast("B")
     where = f"catalog {key}"
     key_domain, key_generation = parse_catalog_key(key)
-    if len(mv) < HEADER_SIZE:
-        raise TruncatedError(f"{where}: {len(mv)} bytes, a header needs {HEADER_SIZE}")
-    (magic, version, kind, domain, body_len, generation, body_xxh3, reserved,
-     header_xxh3) = _HEADER.unpack_from(mv)
-    if magic != CATALOG_MAGIC:
-        raise FormatError(f"{where}: header at offset 0: magic {magic!r}, expected {CATALOG_MAGIC!r}")
-    if version != CATALOG_VERSION:
-        raise FormatError(f"{where}: header at offset 4: version {version}, expected {CATALOG_VERSION}")
-    if xxhash.xxh3_64_intdigest(mv[:_SUMMED]) != header_xxh3:
-        raise ChecksumMismatch(f"{where}: header_xxh3 does not match header[0:56]")
-    if any(reserved):
-        raise FormatError(f"{where}: header at offset 32: reserved bytes are not zero")
+    kind, domain, body_len, generation, body_xxh3, _ = unpack_summed(
+        _HEADER, mv, where=where, magic=CATALOG_MAGIC, version=CATALOG_VERSION, zero=_HEADER_ZERO
+    )
     if kind not in KIND_NAMES:
         raise FormatError(f"{where}: header at offset 6: kind {kind}, expected 1 (DELTA) or 2 (SNAPSHOT)")
     if generation != key_generation or domain != key_domain:

@@ -22,6 +22,7 @@ from cdp.records import (
     payload_lengths,
     payload_starts,
 )
+from cdp.summed import pack_summed, unpack_summed
 
 FRAME_MAGIC = b"CDPF"
 FRAME_VERSION = 1
@@ -32,7 +33,7 @@ PAYLOAD_LEN_MAX = 64 << 20  # §2.1
 _HEADER = struct.Struct("<4sHHIIQQQQQQ")
 assert _HEADER.size == 64, "FORMAT.md §2.1"
 HEADER_SIZE = _HEADER.size
-_HEADER_SUMMED = 56
+_HEADER_ZERO = {"flags": (6, 2), "reserved": (48, 8)}  # must be zero: {name: (offset, size)}
 
 FRAME_LEN_MAX = HEADER_SIZE + RECORD_COUNT_MAX * RECORD_DTYPE.itemsize + PAYLOAD_LEN_MAX
 
@@ -118,14 +119,11 @@ def encode_frame_parts(
     body = xxhash.xxh3_64()
     body.update(table)
     body.update(payload)
-    header = bytearray(
-        _HEADER.pack(
-            FRAME_MAGIC, FRAME_VERSION, 0, domain, count,
-            first_seq, first_seq + count - 1, len(payload), body.intdigest(), 0, 0,
-        )
+    header = pack_summed(
+        _HEADER, FRAME_MAGIC, FRAME_VERSION, 0, domain, count,
+        first_seq, first_seq + count - 1, len(payload), body.intdigest(), 0,
     )
-    struct.pack_into("<Q", header, _HEADER_SUMMED, xxhash.xxh3_64_intdigest(header[:_HEADER_SUMMED]))
-    return bytes(header), table, payload
+    return header, table, payload
 
 
 def encode_frame(domain: int, records: np.ndarray, payload: bytes | bytearray | memoryview) -> bytes:
@@ -135,19 +133,9 @@ def encode_frame(domain: int, records: np.ndarray, payload: bytes | bytearray | 
 
 def decode_header(buf: bytes | bytearray | memoryview, where: str = "frame") -> FrameHeader:
     """Validate the 64-byte header at the start of ``buf`` (§2.3 checks 1–4)."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) < HEADER_SIZE:
-        raise TruncatedError(f"{where}: {len(mv)} bytes, a frame header needs {HEADER_SIZE}")
-    (magic, version, flags, domain, count, first_seq, last_seq,
-     payload_len, body_xxh3, reserved, header_xxh3) = _HEADER.unpack_from(mv)
-    if magic != FRAME_MAGIC:
-        raise FormatError(f"{where}: magic {magic!r}, expected {FRAME_MAGIC!r}")
-    if version != FRAME_VERSION:
-        raise FormatError(f"{where}: version {version}, expected {FRAME_VERSION}")
-    if xxhash.xxh3_64_intdigest(mv[:_HEADER_SUMMED]) != header_xxh3:
-        raise ChecksumMismatch(f"{where}: frame header checksum mismatch")
-    if flags or reserved:
-        raise FormatError(f"{where}: reserved header fields are not zero")
+    _, domain, count, first_seq, last_seq, payload_len, body_xxh3, _ = unpack_summed(
+        _HEADER, buf, where=where, magic=FRAME_MAGIC, version=FRAME_VERSION, zero=_HEADER_ZERO
+    )
     if not 1 <= count <= RECORD_COUNT_MAX:
         raise FormatError(f"{where}: record_count {count} not in 1..{RECORD_COUNT_MAX}")
     if last_seq != first_seq + count - 1:

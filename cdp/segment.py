@@ -43,16 +43,17 @@ from cdp.segment_format import (
     FOOTER_SIZE,
     HEADER,
     HEADER_SIZE,
+    HEADER_ZERO,
     INDEX_DTYPE,
     SEGMENT_MAGIC,
     SEGMENT_VERSION,
-    SUMMED,
     SegmentIndex,
     index_as_records,
     parse_footer,
     parse_segment_tail,
     payload_spans,
 )
+from cdp.summed import unpack_summed
 
 __all__ = [
     "BLOCK_DTYPE", "BLOCK_RAW_SIZE_DEFAULT", "BLOCK_RAW_SIZE_MAX", "BLOCK_RAW_SIZE_MIN",
@@ -82,20 +83,10 @@ class SegmentHeader:
 
 def parse_segment_header(key: str, raw: bytes | bytearray | memoryview) -> SegmentHeader:
     """Validate the 64-byte header at the start of ``raw`` (§5.1)."""
-    mv = memoryview(raw).cast("B")
+    fields = unpack_summed(HEADER, raw, where=f"segment {key}", magic=SEGMENT_MAGIC,
+                           version=SEGMENT_VERSION, zero=HEADER_ZERO)
+    _, domain, block_raw_size, first_seq, last_seq, first_ts, last_ts, _ = fields
     where = f"segment {key}: header at offset 0"
-    if len(mv) < HEADER_SIZE:
-        raise TruncatedError(f"{where}: {len(mv)} bytes, a header needs {HEADER_SIZE}")
-    (magic, version, flags, domain, block_raw_size, first_seq, last_seq, first_ts, last_ts,
-     reserved, header_xxh3) = HEADER.unpack_from(mv)
-    if magic != SEGMENT_MAGIC:
-        raise FormatError(f"{where}: magic {magic!r}, expected {SEGMENT_MAGIC!r}")
-    if version != SEGMENT_VERSION:
-        raise FormatError(f"{where}: version {version}, expected {SEGMENT_VERSION}")
-    if xxhash.xxh3_64_intdigest(mv[:SUMMED]) != header_xxh3:
-        raise ChecksumMismatch(f"{where}: header_xxh3 does not match header[0:56]")
-    if flags or reserved:
-        raise FormatError(f"{where}: flags/reserved are not zero")
     in_range = BLOCK_RAW_SIZE_MIN <= block_raw_size <= BLOCK_RAW_SIZE_MAX
     if not in_range or block_raw_size & (block_raw_size - 1):
         raise FormatError(
@@ -120,7 +111,7 @@ async def read_segment_index(store, key: str, *, tail_guess: int = TAIL_GUESS_DE
         raise TruncatedError(
             f"segment {key}: {len(tail)} bytes, a segment needs at least {HEADER_SIZE + FOOTER_SIZE}"
         )
-    at = f"{len(tail) - FOOTER_SIZE}" if whole else "end-64"
+    at = len(tail) - FOOTER_SIZE if whole else -FOOTER_SIZE
     footer = parse_footer(key, memoryview(tail)[-FOOTER_SIZE:], at)
     size = footer.object_size
     if (whole and size != len(tail)) or size < len(tail):

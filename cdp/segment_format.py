@@ -16,6 +16,7 @@ import xxhash
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import parse_segment_key
 from cdp.records import RECORD_DTYPE, check_records, payload_lengths, payload_starts
+from cdp.summed import pack_summed, unpack_summed  # pack_summed: for cdp.segment_build
 
 SEGMENT_MAGIC = b"CDPS"
 FOOTER_MAGIC = b"CDPE"
@@ -29,12 +30,13 @@ CODEC_LZ4 = 1  # §5.2
 # FORMAT.md §5.1: segment header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 HEADER = struct.Struct("<4sHHIIQQQQQQ")
 assert HEADER.size == 64, "FORMAT.md §5.1"
+HEADER_ZERO = {"flags": (6, 2), "reserved": (48, 8)}  # must be zero: {name: (offset, size)}
 # FORMAT.md §5.5: segment footer, 64 bytes; footer_xxh3 (last field) covers [0, 56).
 FOOTER = struct.Struct("<4sHHIIQQQQQQ")
 assert FOOTER.size == 64, "FORMAT.md §5.5"
+FOOTER_ZERO = {"flags": (6, 2)}  # must be zero: {name: (offset, size)}
 HEADER_SIZE = HEADER.size
 FOOTER_SIZE = FOOTER.size
-SUMMED = 56
 
 # FORMAT.md §5.3: block table entry, 40 bytes.
 BLOCK_DTYPE = np.dtype(
@@ -69,13 +71,6 @@ assert INDEX_DTYPE.fields["kind"][1] == 40, "FORMAT.md §5.4"
 
 # The fields a record index entry shares with a record table entry (§1).
 _RECORD_FIELDS = ("seq", "timestamp_ns", "offset", "length", "disk", "kind", "reserved")
-
-
-def pack_summed(layout: struct.Struct, *fields: object) -> bytes:
-    """Pack a 64-byte header/footer whose last u64 is the xxh3 of the 56 bytes before it."""
-    buf = bytearray(layout.pack(*fields, 0))
-    struct.pack_into("<Q", buf, SUMMED, xxhash.xxh3_64_intdigest(buf[:SUMMED]))
-    return bytes(buf)
 
 
 def check_block_raw_size(block_raw_size: int) -> None:
@@ -189,19 +184,15 @@ class Footer:
         return self.index_offset + self.index_len + FOOTER_SIZE
 
 
-def parse_footer(key: str, raw: memoryview, at: str) -> Footer:
-    """Check a footer's magic, version, checksum and plain fields (§5.5); ``at``: its offset."""
+def parse_footer(key: str, raw: memoryview, at: int) -> Footer:
+    """Check a footer's magic, version, checksum and plain fields (§5.5).
+
+    ``at`` is the footer's offset in the object, or -64 when the object size is unknown.
+    """
+    fields = unpack_summed(FOOTER, raw, where=f"segment {key}", what="footer", at=at,
+                           magic=FOOTER_MAGIC, version=SEGMENT_VERSION, zero=FOOTER_ZERO)
+    _, domain, block_count, first_seq, last_seq, index_offset, payload_raw_len, index_xxh3 = fields
     where = f"segment {key}: footer at offset {at}"
-    (magic, version, flags, domain, block_count, first_seq, last_seq, index_offset,
-     payload_raw_len, index_xxh3, footer_xxh3) = FOOTER.unpack_from(raw)
-    if magic != FOOTER_MAGIC:
-        raise FormatError(f"{where}: magic {magic!r}, expected {FOOTER_MAGIC!r}")
-    if version != SEGMENT_VERSION:
-        raise FormatError(f"{where}: version {version}, expected {SEGMENT_VERSION}")
-    if xxhash.xxh3_64_intdigest(raw[:SUMMED]) != footer_xxh3:
-        raise ChecksumMismatch(f"{where}: footer_xxh3 does not match footer[0:56]")
-    if flags:
-        raise FormatError(f"{where}: flags {flags:#x}, expected 0")
     if last_seq < first_seq:
         raise FormatError(f"{where}: last_seq {last_seq} < first_seq {first_seq}")
     if index_offset < HEADER_SIZE:
@@ -226,7 +217,7 @@ def parse_segment_tail(key: str, tail: bytes | bytearray | memoryview, object_si
             f"segment {key}: {object_size} bytes, a segment needs at least "
             f"{HEADER_SIZE + FOOTER_SIZE}"
         )
-    footer = parse_footer(key, mv[-FOOTER_SIZE:], str(object_size - FOOTER_SIZE))
+    footer = parse_footer(key, mv[-FOOTER_SIZE:], object_size - FOOTER_SIZE)
     named = parse_segment_key(key)
     if (footer.domain, footer.first_seq, footer.last_seq) != named:
         raise FormatError(

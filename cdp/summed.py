@@ -32,7 +32,7 @@ def unpack_summed(
     magic: bytes,
     version: int,
     what: str = "header",
-    at: int | str = 0,
+    at: int = 0,
     zero: dict[str, tuple[int, int]] | None = None,
 ) -> tuple:
     """Check the summed ``layout`` at the start of ``buf``; return the fields after ``version``.
@@ -41,7 +41,8 @@ def unpack_summed(
     (short ``buf``), FormatError (magic, version), ChecksumMismatch ([0, 56)), then
     FormatError if a ``zero`` field, ``{name: (offset, size)}`` (flags, reserved), is not
     zero. Messages start with ``where`` (key, peer, log position) and give the offset of
-    the field: ``at`` is where the ``what`` starts, a number or a text such as "end-64".
+    the field: ``at`` is where the ``what`` starts (negative: from the end, as in
+    ``store.get``).
     """
     mv = memoryview(buf).cast("B")
     if len(mv) < layout.size:
@@ -49,8 +50,7 @@ def unpack_summed(
     fields = layout.unpack_from(mv)
 
     def fail(error: type[FormatError], offset: int, problem: str) -> None:
-        pos = at + offset if isinstance(at, int) else f"{at}+{offset}"
-        raise error(f"{where}: {what} at offset {pos}: {problem}")
+        raise error(f"{where}: {what} at offset {at + offset}: {problem}")
 
     if fields[0] != magic:
         fail(FormatError, 0, f"magic {fields[0]!r}, expected {magic!r}")
