@@ -84,8 +84,8 @@ class DrvaConfig:
     upload_concurrency: int = 4
     high_water: float = 0.80
     low_water: float = 0.60
-    staging_bytes_max: int = 32 << 20
-    frame_cache_bytes: int = 32 << 20  # durable frames kept in RAM for the sealer
+    staging_bytes_max: int = 24 << 20
+    frame_cache_bytes: int = 24 << 20  # durable frames kept in RAM for the sealer
     status_interval_s: float = 1.0
     tls_cert: Path | None = None
     tls_key: Path | None = None

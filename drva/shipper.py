@@ -13,8 +13,9 @@ short loops):
   records the committed seq in the metadata repository, then trims the log behind the
   oldest entry any domain still needs.
 
-Memory is bounded: the upload queue holds at most ``upload_concurrency`` segments, a
-segment's bytes are dropped once uploaded, and entries wait in the log, not in RAM.
+Memory is bounded: at most ``upload_concurrency + 1`` sealed segments are held (being put,
+or waiting), a segment's bytes are dropped once uploaded, and beyond the frame cache
+entries wait in the log, not in RAM.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class Shipper:
         self.seal_age_s = seal_age_s
         self.pool = pool
         self.upload_concurrency = upload_concurrency
-        self.queue: asyncio.Queue[SegmentJob] = asyncio.Queue(maxsize=upload_concurrency)
+        # One sealed segment waits while ``upload_concurrency`` are being put: enough to
+        # keep the uploaders busy, and it bounds the segments held in memory.
+        self.queue: asyncio.Queue[SegmentJob] = asyncio.Queue(maxsize=1)
         self.writers: dict[int, CatalogWriter] = {}
         # One catalog commit at a time per domain: the sealer and the seeder both commit.
         self.catalog_locks = {d: asyncio.Lock() for d in domains}
