@@ -21,7 +21,7 @@ import xxhash
 
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import parse_base_manifest_key
-from cdp.summed import pack_summed, unpack_summed
+from cdp.summed import checked_body, pack_summed, unpack_summed
 
 CHUNK_MAGIC = b"CDPK"
 MANIFEST_MAGIC = b"CDPB"
@@ -112,12 +112,8 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
             f"{where}: header at offset 16: raw_xxh3_128 {raw_hash.hex()} is not the "
             f"expected {bytes(expected_hash).hex()}"
         )
-    if len(mv) != HEADER_SIZE + stored_len:
-        err = TruncatedError if len(mv) < HEADER_SIZE + stored_len else FormatError
-        raise err(f"{where}: {len(mv)} bytes, the header promises {HEADER_SIZE + stored_len}")
-    stored = mv[HEADER_SIZE:]
-    if xxhash.xxh3_64_intdigest(stored) != stored_xxh3:
-        raise ChecksumMismatch(f"{where}: stored_xxh3 does not match the bytes at offset 64")
+    stored = checked_body(mv, stored_len, stored_xxh3, where=where, what="stored_xxh3",
+                          header_size=HEADER_SIZE)
     if codec == CODEC_STORED:
         raw = bytes(stored)
     else:

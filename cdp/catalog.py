@@ -24,9 +24,9 @@ from typing import Any
 import xxhash
 
 from cdp.catalog_state import SEGMENT_DTYPE, CatalogState, SegmentRef, SegmentTable
-from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
+from cdp.errors import FormatError
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
-from cdp.summed import pack_summed, unpack_summed
+from cdp.summed import checked_body, pack_summed, unpack_summed
 
 __all__ = [
     "KIND_DELTA", "KIND_SNAPSHOT", "SEGMENT_DTYPE", "CatalogState", "CatalogWriter", "SegmentRef",
@@ -94,12 +94,7 @@ def decode_catalog_object(key: str, data: bytes | bytearray | memoryview) -> tup
         )
     if body_len > BODY_LEN_MAX:
         raise FormatError(f"{where}: header at offset 12: body_len {body_len} > {BODY_LEN_MAX}")
-    if len(mv) != HEADER_SIZE + body_len:
-        err = TruncatedError if len(mv) < HEADER_SIZE + body_len else FormatError
-        raise err(f"{where}: {len(mv)} bytes, the header promises {HEADER_SIZE + body_len}")
-    raw = mv[HEADER_SIZE:]
-    if xxhash.xxh3_64_intdigest(raw) != body_xxh3:
-        raise ChecksumMismatch(f"{where}: body_xxh3 does not match the body at offset 64")
+    raw = checked_body(mv, body_len, body_xxh3, where=where, what="body_xxh3", header_size=HEADER_SIZE)
     try:
         body = json.loads(str(raw, "utf-8"), parse_constant=_refuse_constant)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

@@ -16,7 +16,7 @@ import xxhash
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import parse_segment_key
 from cdp.records import RECORD_DTYPE, check_records, payload_lengths, payload_starts
-from cdp.summed import pack_summed, unpack_summed  # pack_summed: for cdp.segment_build
+from cdp.summed import pack_summed, unpack_summed  # noqa: F401  (pack_summed: for cdp.segment_build)
 
 SEGMENT_MAGIC = b"CDPS"
 FOOTER_MAGIC = b"CDPE"

@@ -62,3 +62,17 @@ def unpack_summed(
         if any(mv[offset : offset + size]):
             fail(FormatError, offset, f"{name} is not zero")
     return fields[2:-1]
+
+
+def checked_body(buf: memoryview, body_len: int, body_xxh3: int, *, where: str, what: str,
+                 header_size: int = 64) -> memoryview:
+    """The ``body_len`` bytes after a header, which must be all that follows it, checked
+    against ``body_xxh3`` (``what`` names that field in the message)."""
+    total = header_size + body_len
+    if len(buf) != total:
+        err = TruncatedError if len(buf) < total else FormatError
+        raise err(f"{where}: {len(buf)} bytes, the header promises {total}")
+    body = buf[header_size:]
+    if xxhash.xxh3_64_intdigest(body) != body_xxh3:
+        raise ChecksumMismatch(f"{where}: {what} does not match the bytes at offset {header_size}")
+    return body

@@ -14,7 +14,6 @@ before the first entry of either (``first_needed_pos``).
 from __future__ import annotations
 
 import collections
-import time
 from dataclasses import dataclass, field
 from typing import Any
 

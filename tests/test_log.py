@@ -3,7 +3,6 @@ rules of §3.5, one test per named rule."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
