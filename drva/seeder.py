@@ -5,7 +5,7 @@ captured (FORMAT.md §9: ``SEED_BEGIN``, ``SEED_CHUNK``…, ``SEED_END``). This 
 copy: a chunk may be read before or after a write that lands on it. It is made exact by
 the stream: the base is recorded at ``start_seq`` (the last seq captured before the
 copy began), and replaying every record after ``start_seq`` over it gives the disk at
-any seq from ``end_seq`` on. Points in ``(start_seq, end_seq]`` are not consistent and
+any seq from ``end_seq`` on. Points in ``(start_seq, end_seq)`` are not consistent and
 the catalog says so with a ``seeding`` window.
 
 Chunks are content-addressed (FORMAT.md §6.1): an all-zero chunk is never sent nor
@@ -173,8 +173,10 @@ class Seeder:
 
         def delta() -> dict[str, Any]:
             windows = list(self.drva.shipper.writers[dom.id].state.windows)
-            if end > job.start_seq:
-                windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end})
+            # Every chunk was read before SEED_END, after record ``end`` at the latest:
+            # replaying (start, end] over the copy is exact at ``end``, not before.
+            if end - 1 > job.start_seq:
+                windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1})
             return {"add_bases": [{"seq": job.start_seq, "disk": disk, "key": key}], "set_windows": windows}
 
         attempt = 0

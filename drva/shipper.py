@@ -275,5 +275,6 @@ def _apply_resync(windows: list[dict], events: list[tuple[int, int]]) -> list[di
             if open_ is None:
                 out.append({"kind": "resync", "first_seq": seq, "last_seq": None})
         elif open_ is not None:
-            open_["last_seq"] = seq
+            # FORMAT.md §1: the stream is consistent again from the RESYNC_END record on.
+            open_["last_seq"] = seq - 1
     return out
