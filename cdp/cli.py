@@ -59,6 +59,162 @@ def demo(workdir: Path | None, disk_size: str, writes_mb: int, as_json: bool) ->
         sys.exit(1)
 
 
+store_option = click.option(
+    "--store", "store_url", envvar="CDP_STORE", required=True,
+    help="Object store URL: file:///path, s3://bucket/prefix, azure://container/prefix (env CDP_STORE).")
+
+
+async def _with_store(url: str, work: Callable[[Any], Any]) -> Any:
+    from cdp.store import open_store
+
+    store = open_store(url)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+async def _domain_id(store: Any, domain: str) -> int:
+    """A domain id from its number or its name (catalogs are found without a full listing)."""
+    if domain.isdigit():
+        return int(domain)
+    from cdp.catalog import load_catalog
+
+    after = "d/"
+    while True:
+        first = None
+        async for info in store.list("d/", start_after=after):
+            first = info.key
+            break
+        if first is None:
+            raise ConfigError(f"no domain named {domain!r} in {store.describe()}")
+        domain_id = int(first.split("/")[1], 16)
+        state, _ = await load_catalog(store, domain_id)
+        if state is not None and state.domain["name"] == domain:
+            return domain_id
+        after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
+
+
+def _progress_bar(desc: str, as_json: bool) -> tuple[Any, Callable[[int, int], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+               disable=as_json or not sys.stderr.isatty(), leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return bar, update
+
+
+def _ns_text(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@cli.command()
+@click.argument("domain")
+@store_option
+@json_option
+def points(domain: str, store_url: str, as_json: bool) -> None:
+    """List DOMAIN's recovery points (id or name), from the store's catalog alone."""
+    from rocva.points import list_points
+
+    async def work(store: Any) -> dict[str, Any]:
+        return await list_points(store, await _domain_id(store, domain))
+
+    result = asyncio.run(_with_store(store_url, work))
+
+    def human(r: dict[str, Any]) -> str:
+        lines = [f"domain {r['domain']['name']} (id {r['domain']['id']}): committed seq "
+                 f"{r['committed_seq']}, retention horizon seq {r['horizon_seq']}"]
+        for w in r["consistent"]:
+            lines.append(f"  consistent  seq {w['first_seq']}..{w['last_seq']}  "
+                         f"{_ns_text(w['first_ts'])} .. {_ns_text(w['last_ts'])}")
+        for w in r["not_consistent"]:
+            lines.append(f"  NOT consistent ({w['kind']})  seq {w['first_seq']}..{w['last_seq'] or 'open'}")
+        for m in r["marks"]:
+            lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {_ns_text(m['ts'])}"
+                         + ("" if m["consistent"] else "  (not a consistent point)"))
+        for b in r["bases"]:
+            lines.append(f"  base  disk {b['disk']} at seq {b['seq']}")
+        return "\n".join(lines)
+
+    _emit(as_json, result, human)
+
+
+@cli.command()
+@click.argument("domain")
+@store_option
+@click.option("--at", "at", default=None, help="A time: ISO 8601 (with zone) or relative, e.g. -15m.")
+@click.option("--seq", "seq", type=int, default=None, help="A seq number.")
+@click.option("--mark", "mark", default=None, help="A mark's name.")
+@click.option("--latest", is_flag=True, help="The newest consistent point.")
+@click.option("--to", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory for the images (<vm>-<disk>.img); an interrupted recovery resumes.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Ranged GETs in flight.")
+@json_option
+def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None,
+            latest: bool, out_dir: Path, concurrency: int, as_json: bool) -> None:
+    """Rebuild DOMAIN's disks at one point in time, from the object store alone."""
+    from rocva import Target
+    from rocva import recover as rocva_recover
+
+    chosen = [t for t in (at is not None and Target.at(at), seq is not None and Target.seq(seq),
+                          mark is not None and Target.mark(mark), latest and Target.latest()) if t]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --at, --seq, --mark, --latest")
+    bar, update = _progress_bar("recover", as_json)
+
+    async def work(store: Any) -> dict[str, Any]:
+        return await rocva_recover(store, await _domain_id(store, domain), chosen[0], out_dir,
+                                   progress=update, concurrency=concurrency)
+
+    try:
+        result = asyncio.run(_with_store(store_url, work))
+    finally:
+        bar.close()
+    result.pop("plan", None)
+    _emit(as_json, result, lambda r: "\n".join(
+        [f"recovered seq {r.get('seq')} into {out_dir}: {r['bytes_written'] / 1e6:,.1f} MB written, "
+         f"{r['bytes_fetched'] / 1e6:,.1f} MB fetched, {r['seconds']} s ({r['mb_per_s']} MB/s)"]
+        + [f"  {img['path']}" for img in r.get("images", [])]))
+
+
+@cli.command()
+@click.argument("domain")
+@store_option
+@click.option("--deep", is_flag=True, help="Read every byte of every object (default: indexes and manifests).")
+@click.option("--sample", type=float, default=0.0, help="Deep-check this share of segments (0..1).")
+@json_option
+def verify(domain: str, store_url: str, deep: bool, sample: float, as_json: bool) -> None:
+    """Check DOMAIN in the store: catalog vs objects, seq continuity, checksums."""
+    from rocva.verify import verify as rocva_verify
+
+    bar, update = _progress_bar("verify", as_json)
+
+    async def work(store: Any) -> dict[str, Any]:
+        return await rocva_verify(store, await _domain_id(store, domain), deep=deep, sample=sample,
+                                  progress=update)
+
+    try:
+        result = asyncio.run(_with_store(store_url, work))
+    finally:
+        bar.close()
+    _emit(as_json, result, lambda r: "\n".join(
+        [f"domain {r['domain']}: {'OK' if r['ok'] else 'PROBLEMS'} — {r['checked']['segments']} segments, "
+         f"{r['checked']['manifests']} manifests, {r['checked']['chunks']} chunks, "
+         f"{r['checked']['bytes_read'] / 1e6:,.1f} MB read in {r['seconds']} s"]
+        + [f"  {p['object']}: {p['problem']}" for p in r["problems"]]
+        + [f"  (unreferenced) {k}" for k in r["unreferenced"]]))
+    if not result["ok"]:
+        sys.exit(6)
+
+
 @cli.group()
 def log() -> None:
     """Replication-log partitions."""

@@ -1,0 +1,24 @@
+"""RocVA: point-in-time recovery of a protection domain from the object store alone.
+
+::
+
+    from rocva import Target, recover
+    result = await recover(store, domain, Target.mark("app-quiesced"), "/srv/restore")
+
+Modules: ``target`` (``--seq/--mark/--at/--latest`` -> a checked seq, and the set of
+recovery points), ``extents`` (vectorised last-writer resolution), ``plan`` (the
+planner: bases, segment indexes, extents per disk), ``fetch`` (work units: ranged GETs
+of block runs and base chunks, pwrite), ``recover`` (images, resume state, verification,
+publication), ``errors``.
+"""
+
+from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention, RecoveryError
+from rocva.plan import DiskPlan, RecoveryPlan, build_plan, plan_recovery
+from rocva.recover import execute_plan, recover
+from rocva.target import ResolvedTarget, Target, recoverable_ranges, resolve_target
+
+__all__ = [
+    "DiskPlan", "InconsistentPoint", "InvalidTarget", "OutsideRetention", "RecoveryError",
+    "RecoveryPlan", "ResolvedTarget", "Target", "build_plan", "execute_plan", "plan_recovery",
+    "recover", "recoverable_ranges", "resolve_target",
+]

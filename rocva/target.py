@@ -1,0 +1,333 @@
+"""Recovery targets: ``--seq N``, ``--mark NAME``, ``--at TIME``, ``--latest`` -> one seq.
+
+A seq ``S`` is a **recovery point** of a domain when all of these hold (FORMAT.md §8.2):
+
+1. ``horizon_seq <= S <= committed_seq`` (retention);
+2. ``S`` is in no not-consistent window (``seeding``/``resync``, ``first_seq..last_seq``
+   inclusive, ``last_seq`` None = still open), and is not the seq of a fuzzy seeded base
+   (a seeding window ``f..l`` means the base at ``f - 1`` was copied while the disk was
+   written, so it is exact from ``l`` on only — §6.2);
+3. every disk can be rebuilt at ``S``: its newest base at or below ``S`` is ``b`` (a disk
+   with no base at all starts as zeros at ``b = 0``; a disk whose bases are all above
+   ``S`` cannot be rebuilt) and the segments hold every seq in ``(b, S]`` — they are
+   contiguous up to ``committed_seq``, so that means ``b == S`` or ``b + 1 >= F``, the
+   first retained segment's ``first_seq``.
+
+``recoverable_ranges`` computes the whole set as a few inclusive ranges, so a refusal
+can name the nearest valid points on either side. Time targets map to the last record
+whose ``timestamp_ns <= T``: a ``searchsorted`` over the catalog's segment
+``first_ts``/``last_ts`` columns, then, only when ``T`` falls inside a segment, one
+``searchsorted`` over that segment's index (one index read).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from fractions import Fraction
+
+import numpy as np
+
+from cdp.catalog_state import CatalogState
+from cdp.errors import ConfigError
+from cdp.segment import read_segment_index
+from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention
+
+#: An upper bound above every seq (seqs are u64): the end of an open range.
+SEQ_INF = 1 << 64
+TARGET_KINDS = ("seq", "mark", "at", "latest")
+_RELATIVE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
+_UNIT_NS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9}
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+Ranges = list[tuple[int, int]]  # sorted, disjoint, non-adjacent, inclusive (first, last)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What the user asked for; build one with ``Target.seq(n)``, ``.mark(name)``,
+    ``.at(text)`` or ``.latest()`` (the CLI's four options map one to one)."""
+
+    kind: str
+    value: int | str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.kind in TARGET_KINDS, self.kind
+
+    @classmethod
+    def seq(cls, n: int) -> Target:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"--seq {n!r}: expected a non-negative integer")
+        return cls("seq", n)
+
+    @classmethod
+    def mark(cls, name: str) -> Target:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"--mark {name!r}: expected a mark name")
+        return cls("mark", name)
+
+    @classmethod
+    def at(cls, text: str) -> Target:
+        parse_time(text, 0)  # refuse a malformed time now, not after loading the catalog
+        return cls("at", text)
+
+    @classmethod
+    def latest(cls) -> Target:
+        return cls("latest")
+
+    def describe(self) -> str:
+        return "--latest" if self.kind == "latest" else f"--{self.kind} {self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedTarget:
+    """A target resolved to ``seq``, a recovery point of the catalog it was resolved in."""
+
+    seq: int
+    target: Target
+    #: The time asked for (``--at``), ns since the epoch.
+    at_ns: int | None = None
+    #: The mark (``--mark``): ``{"name", "seq", "ts"}``.
+    mark: dict | None = None
+
+
+def as_target(target: Target | int | str) -> Target:
+    """Accept a Target, a bare seq, or one of "latest", "seq:N", "mark:NAME", "at:TIME"."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, int) and not isinstance(target, bool):
+        return Target.seq(target)
+    if isinstance(target, str):
+        kind, _, value = target.partition(":")
+        if kind == "latest" and not value:
+            return Target.latest()
+        if kind == "seq" and value.isdigit():
+            return Target.seq(int(value))
+        if kind == "mark" and value:
+            return Target.mark(value)
+        if kind == "at" and value:
+            return Target.at(value)
+    raise ConfigError(f"recovery target {target!r}: expected a seq, latest, seq:N, mark:NAME or at:TIME")
+
+
+def parse_time(text: str, now_ns: int) -> int:
+    """ns since the epoch of ``text``: ISO 8601 with a timezone, or ``-15m``/``-2h``/
+    ``-30s``/``-1d`` (also fractional, ``-1.5h``) before ``now_ns``."""
+    if not isinstance(text, str):
+        raise ConfigError(f"--at {text!r}: expected a time")
+    m = _RELATIVE.fullmatch(text.strip())
+    if m:
+        return now_ns - int(Fraction(m.group(1)) * _UNIT_NS[m.group(2)])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--at {text!r}: expected ISO 8601 with a timezone (2024-05-01T12:00:00+02:00, …Z) "
+            f"or a relative time (-30s, -15m, -2h, -1d)"
+        ) from None
+    if when.tzinfo is None:
+        raise ConfigError(f"--at {text!r}: no timezone; add Z or +HH:MM (a bare time is ambiguous)")
+    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+# --------------------------------------------------------------------------- range sets
+
+
+def _normalize(ranges: Ranges) -> Ranges:
+    out: Ranges = []
+    for a, b in sorted(r for r in ranges if r[0] <= r[1]):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _intersect(x: Ranges, y: Ranges) -> Ranges:
+    out, i, j = [], 0, 0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if a <= b:
+            out.append((a, b))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _subtract(x: Ranges, holes: Ranges) -> Ranges:
+    out = []
+    for a, b in x:
+        for h0, h1 in holes:
+            if h1 < a or h0 > b:
+                continue
+            if h0 > a:
+                out.append((a, h0 - 1))
+            a = h1 + 1
+            if a > b:
+                break
+        if a <= b:
+            out.append((a, b))
+    return out
+
+
+def _first_segment_seq(state: CatalogState) -> int:
+    """F: the first seq the segments hold (``committed_seq + 1`` when none are left)."""
+    firsts = state.segments.column("first_seq")
+    return int(firsts[0]) if len(firsts) else state.committed_seq + 1
+
+
+def _base_seqs(state: CatalogState, disk: int) -> list[int]:
+    return sorted(b["seq"] for b in state.bases if b["disk"] == disk)
+
+
+def _disk_ranges(state: CatalogState, disk: int, first: int) -> Ranges:
+    """Seqs at which ``disk`` can be rebuilt (rule 3 of the module docstring)."""
+    bases = _base_seqs(state, disk)
+    if not bases:
+        return [(0, SEQ_INF)] if first <= 1 else [(0, 0)]
+    ranges = [(b, b) for b in bases]  # the base itself, with no record to replay
+    up = next((b for b in bases if b + 1 >= first), None)
+    if up is not None:
+        ranges.append((up, SEQ_INF))
+    return _normalize(ranges)
+
+
+def _window_holes(state: CatalogState) -> Ranges:
+    base_seqs = {b["seq"] for b in state.bases}
+    holes = []
+    for w in state.windows:
+        last = SEQ_INF if w["last_seq"] is None else w["last_seq"]
+        first = w["first_seq"]
+        if w["kind"] == "seeding" and first - 1 in base_seqs:
+            first -= 1  # the fuzzy base itself (module docstring, rule 2)
+        holes.append((first, last))
+    return _normalize(holes)
+
+
+def recoverable_ranges(state: CatalogState) -> Ranges:
+    """Every recovery point of ``state``, as sorted inclusive (first, last) ranges."""
+    if state.committed_seq < state.horizon_seq:
+        return []
+    ranges = [(state.horizon_seq, state.committed_seq)]
+    first = _first_segment_seq(state)
+    for d in state.disks:
+        ranges = _intersect(ranges, _disk_ranges(state, d["disk"], first))
+    return _subtract(ranges, _window_holes(state))
+
+
+def nearest_points(ranges: Ranges, seq: int) -> tuple[int | None, int | None]:
+    """(the largest recovery point < seq, the smallest > seq), None where there is none."""
+    below = above = None
+    for a, b in ranges:
+        if a < seq:
+            below = min(b, seq - 1)
+        if b > seq and above is None:
+            above = max(a, seq + 1)
+    return below, above
+
+
+def _nearest_text(near: tuple[int | None, int | None]) -> str:
+    points = [f"seq {p}" for p in near if p is not None]
+    if not points:
+        return "the domain has no recovery point"
+    return f"nearest consistent point{'s' if len(points) > 1 else ''}: {', '.join(points)}"
+
+
+def _why_not(state: CatalogState, seq: int) -> tuple[type[InvalidTarget], str]:
+    """Why ``seq`` is no recovery point: the first rule it breaks, in module-docstring order."""
+    if seq > state.committed_seq or seq < state.horizon_seq:
+        return OutsideRetention, (
+            f"seq {seq} is outside retention (horizon seq {state.horizon_seq} .. committed "
+            f"seq {state.committed_seq})")
+    base_seqs = {b["seq"] for b in state.bases}
+    for w in state.windows:
+        last = w["last_seq"]
+        span = f"{w['first_seq']}..{'(still open)' if last is None else last}"
+        if w["first_seq"] <= seq and (last is None or seq <= last):
+            return InconsistentPoint, f"seq {seq} is inside the {w['kind']} window {span}"
+        if w["kind"] == "seeding" and seq == w["first_seq"] - 1 and seq in base_seqs:
+            return InconsistentPoint, (
+                f"seq {seq} is the fuzzy base of the seeding window {span}: the base is exact "
+                f"only from the end of that window")
+    first = _first_segment_seq(state)
+    for d in state.disks:
+        bases = _base_seqs(state, d["disk"])
+        name = f"disk {d['disk']} ({d['vm']}/{d['name']})"
+        below = [b for b in bases if b <= seq]
+        if bases and not below:
+            return OutsideRetention, (
+                f"seq {seq} is before the first point the catalog can rebuild: {name} has no "
+                f"base at or below it (oldest base: seq {bases[0]})")
+        b = below[-1] if below else 0
+        if b != seq and b + 1 < first:
+            start = f"its base at seq {b}" if below else "it has no base, so it replays from seq 1"
+            return OutsideRetention, (
+                f"seq {seq} is before the first point the catalog can rebuild: {name}: {start}, "
+                f"but the oldest retained segment starts at seq {first}")
+    raise AssertionError(f"seq {seq} is not in the recoverable ranges, but breaks no rule")
+
+
+def check_point(state: CatalogState, seq: int, what: str = "") -> None:
+    """Raise ``InvalidTarget`` (with the nearest valid points) unless ``seq`` is a recovery point."""
+    ranges = recoverable_ranges(state)
+    if any(a <= seq <= b for a, b in ranges):
+        return
+    error, why = _why_not(state, seq)
+    near = nearest_points(ranges, seq)
+    raise error(f"domain {state.domain_id}: {what}{why}; {_nearest_text(near)}", near)
+
+
+async def seq_at_time(store, state: CatalogState, t_ns: int) -> int | None:
+    """The seq of the last retained record with ``timestamp_ns <= t_ns``; None if none is."""
+    first_ts = state.segments.column("first_ts")
+    i = int(np.searchsorted(first_ts, np.uint64(t_ns), side="right")) - 1
+    if i < 0:
+        return None
+    if int(state.segments.column("last_ts")[i]) <= t_ns:
+        # Segments do not overlap in time: nothing after segment i is at or before t.
+        return int(state.segments.column("last_seq")[i])
+    index = await read_segment_index(store, state.segment_key(i))
+    j = int(np.searchsorted(index.records["timestamp_ns"], np.uint64(t_ns), side="right")) - 1
+    assert j >= 0, "first_ts <= t_ns, so the first record is at or before t"
+    return int(index.records["seq"][j])
+
+
+async def resolve_target(store, state: CatalogState, target: Target | int | str, *,
+                         now_ns: int | None = None) -> ResolvedTarget:
+    """Resolve ``target`` against ``state``; ``InvalidTarget`` unless it is a recovery point.
+
+    ``now_ns`` anchors relative times (default: the wall clock).
+    """
+    target = as_target(target)
+    dom = f"domain {state.domain_id}"
+    if target.kind == "latest":
+        seq = state.committed_seq
+        check_point(state, seq, "--latest: ")
+        return ResolvedTarget(seq, target)
+    if target.kind == "seq":
+        check_point(state, target.value)
+        return ResolvedTarget(target.value, target)
+    if target.kind == "mark":
+        marks = [m for m in state.marks if m["name"] == target.value]
+        if not marks:
+            known = ", ".join(repr(m["name"]) for m in state.marks[-10:]) or "none"
+            raise InvalidTarget(f"{dom}: no mark named {target.value!r} in retention (newest marks: {known})")
+        mark = max(marks, key=lambda m: m["seq"])  # a name used twice: the newest one
+        check_point(state, mark["seq"], f"mark {target.value!r}: ")
+        return ResolvedTarget(mark["seq"], target, mark=mark)
+    if now_ns is None:
+        now_ns = time.time_ns()
+    t_ns = parse_time(target.value, now_ns)
+    seq = await seq_at_time(store, state, t_ns)
+    when = datetime.fromtimestamp(t_ns / 1e9, timezone.utc).isoformat()
+    if seq is None:
+        near = nearest_points(recoverable_ranges(state), -1)
+        raise OutsideRetention(
+            f"{dom}: --at {target.value} ({when}) is before the oldest retained record; "
+            f"{_nearest_text(near)}", near)
+    check_point(state, seq, f"--at {target.value} ({when}) is seq {seq}: ")
+    return ResolvedTarget(seq, target, at_ns=t_ns)
