@@ -16,7 +16,7 @@ import numpy as np
 
 from cdp.base_image import decode_chunk, decode_manifest
 from cdp.catalog import CatalogState, load_catalog
-from cdp.errors import NotFound
+from cdp.errors import FormatError, NotFound
 from cdp.layout import chunk_key, segment_key
 from cdp.records import KIND_WRITE, KIND_ZERO
 from cdp.segment import read_blocks, read_segment_index
@@ -84,7 +84,13 @@ async def _apply_segment(store, state: CatalogState, row: np.void, fds: list[int
     raw = await read_blocks(store, index, 0, len(index.blocks) - 1) if len(index.blocks) else b""
     rec = index.records
     keep = (rec["seq"] <= target) & (rec["kind"] <= KIND_ZERO)
-    keep &= rec["seq"] > base_seq[np.minimum(rec["disk"], len(base_seq) - 1)]
+    unknown = keep & (rec["disk"] >= len(base_seq))
+    if unknown.any():
+        i = int(np.flatnonzero(unknown)[0])
+        raise FormatError(f"segment {key}: seq {int(rec['seq'][i])} writes disk {int(rec['disk'][i])}, "
+                          f"which the catalog does not list")
+    disk = np.where(keep, rec["disk"], 0)  # rows not kept look at disk 0: any valid index
+    keep &= rec["seq"] > base_seq[disk]
     for i in np.flatnonzero(keep):
         disk, off, n = int(rec["disk"][i]), int(rec["offset"][i]), int(rec["length"][i])
         if rec["kind"][i] == KIND_WRITE:

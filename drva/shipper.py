@@ -89,13 +89,18 @@ class Shipper:
             await self._commit(dom, writer, {"disks": dom.cfg.catalog_disks()})
         self.writers[dom.id] = writer
         committed = writer.state.committed_seq
+        if dom.committed_seq > committed:
+            # The metadata repository saw commits the store's catalog does not hold: the
+            # store lost generations (or is not the store this DRVA wrote to).
+            log.error("catalog_behind_metadata", domain=dom.id, catalog_committed_seq=committed,
+                      meta_committed_seq=dom.committed_seq)
         dom.committed_seq = max(dom.committed_seq, committed)
         while dom.unsealed and dom.unsealed[0].last_seq <= dom.committed_seq:
             dom.unsealed.popleft()  # committed before a restart; only the trim was lost
+        # Nothing is sealed before the catalog is open (seal_step waits for it).
         dom.sealed_seq = dom.committed_seq
-        for seq in (dom.accepted_seq, dom.durable_seq):
-            if seq < dom.committed_seq:
-                dom.accepted_seq = dom.durable_seq = dom.committed_seq
+        if dom.accepted_seq < dom.committed_seq:  # durable_seq <= accepted_seq always
+            dom.accepted_seq = dom.durable_seq = dom.committed_seq
         dom.catalog_ready = True
         log.info("catalog_open", domain=dom.id, generation=writer.generation,
                  committed_seq=committed, pending_entries=len(dom.unsealed))
@@ -107,7 +112,8 @@ class Shipper:
         now = time.monotonic() if now is None else now
         sealed = 0
         for dom in self.domains.values():
-            if not dom.unsealed or dom.fenced:
+            # Before the catalog is open we do not know which entries it already names.
+            if not dom.unsealed or dom.fenced or not dom.catalog_ready:
                 continue
             due = force or dom.unsealed_bytes() >= self.seal_bytes or (
                 now - dom.unsealed[0].arrived >= self.seal_age_s)
