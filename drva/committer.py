@@ -113,8 +113,8 @@ class GroupCommitter:
         self.commits += 1
         now = time.monotonic()
         touched: set[DomainState] = set()
-        for s, pos, nxt in zip(batch, positions, positions[1:] + [tail]):
-            entry = log_entry(s.frame, len(s.raw), pos, nxt, now)
+        for s, pos in zip(batch, positions):
+            entry = log_entry(s.frame, len(s.raw), pos, now)
             if self.cache_bytes + entry.nbytes <= self.cache_bytes_max:
                 entry.frame = s.frame
                 self.cache_bytes += entry.nbytes
@@ -138,7 +138,7 @@ class GroupCommitter:
         return positions, self.log.tail
 
 
-def log_entry(frame: Frame, nbytes: int, pos: int, next_pos: int, now: float) -> LogEntry:
+def log_entry(frame: Frame, nbytes: int, pos: int, now: float) -> LogEntry:
     """What a domain keeps about a durable frame: seqs, times, marks, resync bounds."""
     rec = frame.records
     ts = rec["timestamp_ns"]
@@ -153,5 +153,5 @@ def log_entry(frame: Frame, nbytes: int, pos: int, next_pos: int, now: float) ->
                 marks.append((seq, names[seq], int(ts[i])))
             elif kind >= KIND_RESYNC_BEGIN:
                 resync.append((kind, seq))
-    return LogEntry(pos, next_pos, frame.first_seq, frame.last_seq, nbytes,
+    return LogEntry(pos, frame.first_seq, frame.last_seq, nbytes,
                     int(ts[0]), int(ts[-1]), now, marks, resync)

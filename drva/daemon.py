@@ -162,7 +162,7 @@ class Drva:
                     f"which is not in this DRVA's configuration")
             if frame.last_seq <= dom.committed_seq:
                 continue
-            dom.unsealed.append(log_entry(frame, len(body), pos, self.log.next_position(pos), now))
+            dom.unsealed.append(log_entry(frame, len(body), pos, now))
             dom.accepted_seq = dom.durable_seq = frame.last_seq
         for dom in self.domains.values():
             log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,

@@ -25,7 +25,6 @@ class LogEntry:
     """One frame durable in the log (positions are log positions)."""
 
     pos: int
-    next_pos: int
     first_seq: int
     last_seq: int
     nbytes: int

@@ -22,6 +22,7 @@ from cdp.layout import segment_key
 from cdp.replay import replay_reference
 from cdp.segment import decode_segment
 from drva.config import DrvaConfig, parse_drva_config
+from iofilter_sim.disks import PrimaryDisk
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-site-secret-0123456789"
@@ -72,36 +73,17 @@ def write_toml(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
-class Disk:
-    """A primary disk image for tests: pwrite per record, sha256."""
-
-    def __init__(self, path: Path, size: int, fill_seed: int | None = None) -> None:
-        self.path, self.size = path, size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, size)
-        if fill_seed is not None:  # existing content, e.g. for seeding
-            rng = np.random.default_rng(fill_seed)
-            for at in range(0, size, 1 << 20):
-                if rng.random() < 0.6:
-                    os.pwrite(self.fd, rng.integers(0, 4, 1 << 20, dtype=np.uint8).tobytes(), at)
-
-    def write_batch(self, records: np.ndarray, payload: bytes | memoryview) -> None:
-        at = 0
-        for off, n, kind in zip(records["offset"].tolist(), records["length"].tolist(), records["kind"].tolist()):
-            if kind == 0:
-                os.pwrite(self.fd, payload[at : at + n], off)
-                at += n
-            else:
-                os.pwrite(self.fd, bytes(n), off)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
-
-    def sha256(self) -> str:
-        return sha256_file(self.path)
-
-    def close(self) -> None:
-        os.close(self.fd)
+def Disk(path: Path, size: int, fill_seed: int | None = None) -> PrimaryDisk:
+    """A primary disk for tests; ``fill_seed`` gives it existing content (for seeding)."""
+    if fill_seed is not None:
+        rng = np.random.default_rng(fill_seed)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, size)
+        for at in range(0, size, 1 << 20):
+            if rng.random() < 0.6:
+                os.pwrite(fd, rng.integers(0, 4, 1 << 20, dtype=np.uint8).tobytes(), at)
+        os.close(fd)
+    return PrimaryDisk(path, size)
 
 
 def sha256_file(path: Path) -> str:
