@@ -14,40 +14,11 @@ from hypothesis import strategies as st
 
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
-from rocva import InvalidTarget, RecoveryError, Target, plan_recovery, recover, recoverable_ranges
-from rocva.plan import load_state
-from tests.rocva.domain import SECTOR, DomainBuilder, file_sha256, random_workload
+from rocva import RecoveryError, Target, plan_recovery, recover
+from tests.rocva.build import check, recovery_property, seed_initial
+from tests.rocva.domain import DomainBuilder, file_sha256, random_workload
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def initial_content(rng: np.random.Generator, size: int, chunk: int) -> bytes:
-    """Random content with an all-zero chunk and one chunk repeated (dedup in the base)."""
-    data = bytearray(rng.bytes(size))
-    chunks = size // chunk
-    if chunks >= 3:
-        data[chunk : 2 * chunk] = bytes(chunk)
-        data[2 * chunk : 3 * chunk] = data[0:chunk]
-    return bytes(data)
-
-
-async def seed_initial(b: DomainBuilder, disk: int, rng: np.random.Generator, chunk: int = 64 * KiB) -> None:
-    """Disk ``disk`` joins with content: its base at seq 0 (before any record)."""
-    assert b.seq == 0
-    b.model[disk][:] = initial_content(rng, b.disks[disk]["size"], chunk)
-    await b.add_base(disk, chunk_size=chunk)
-
-
-async def check(b: DomainBuilder, seq: int, work: Path, expected: list[str] | None = None, **kw) -> dict:
-    """Recover at ``seq``; the images must equal the reference replay (and ``expected``)."""
-    out = Path(tempfile.mkdtemp(dir=work))
-    result = await recover(b.store, b.domain, seq, out / "rec", checksum=True, **kw)
-    got = [im["sha256"] for im in result["images"]]
-    assert got == await b.reference(out / "ref", seq), f"seq {seq}"
-    if expected is not None:
-        assert got == expected, f"seq {seq} vs the model"
-    assert sorted(os.listdir(out / "rec")) == sorted(f"{d['vm']}-{d['name']}.img" for d in b.disks)
-    return result
 
 
 async def test_bases_consolidation_and_both_disks(tmp_path: Path) -> None:
@@ -123,40 +94,10 @@ async def test_result_progress_and_no_overwrite(tmp_path: Path) -> None:
     assert before == [file_sha256(i["path"]) for i in result["images"]]
 
 
-async def _property(seed: int, ops: int, seal_every: int, bases: str, resync: bool, brs: int, work: Path) -> None:
-    rng = np.random.default_rng(seed)
-    disks = tuple((f"vm{k}", "d", int(rng.integers(16, 384)) * SECTOR) for k in range(int(rng.integers(1, 4))))
-    b = await DomainBuilder(MemoryStore(), disks=disks, block_raw_size=brs).start()
-    if bases != "none":
-        await seed_initial(b, 0, rng, chunk=64 * KiB)
-    marks = await random_workload(b, rng, ops // 2, seal_every=seal_every, resync=resync)
-    first_base = {0: 0} if bases != "none" else {}
-    if bases == "initial+mid":
-        for disk in range(len(disks)):
-            await b.add_base(disk, chunk_size=64 * KiB)
-            first_base.setdefault(disk, b.seq)
-    marks |= await random_workload(b, rng, ops - ops // 2, seal_every=seal_every)
-    state, _ = await load_state(b.store, b.domain)
-    ranges = recoverable_ranges(state)
-    seqs = sorted({*marks, b.seq, *rng.integers(0, b.seq + 1, 4).tolist()})
-    for seq in seqs:
-        # Independently of rocva.target: a point inside a window, or before the first base
-        # of a disk that has bases (a disk without one starts as zeros at seq 0), is none.
-        refused = (any(w["first_seq"] <= seq <= (w["last_seq"] or b.seq) for w in b.windows)
-                   or any(seq < first for first in first_base.values()))
-        assert any(a <= seq <= z for a, z in ranges) == (not refused), (seq, ranges, b.windows)
-        if refused:
-            with pytest.raises(InvalidTarget):
-                await recover(b.store, b.domain, seq, work / f"x{seq}")
-            assert not (work / f"x{seq}").exists()
-            continue
-        await check(b, seq, work, marks.get(seq), concurrency=int(rng.integers(1, 9)))
-
-
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), ops=st.integers(2, 160), seal_every=st.integers(1, 40),
        bases=st.sampled_from(["none", "initial", "initial+mid"]), resync=st.booleans(),
        brs=st.sampled_from([4 * KiB, 8 * KiB, 64 * KiB]))
 def test_random_workloads_match_the_reference(seed, ops, seal_every, bases, resync, brs) -> None:
     with tempfile.TemporaryDirectory() as work:
-        asyncio.run(_property(seed, ops, seal_every, bases, resync, brs, Path(work)))
+        asyncio.run(recovery_property(MemoryStore(), seed, ops, seal_every, bases, resync, brs, Path(work)))

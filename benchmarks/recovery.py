@@ -1,0 +1,251 @@
+"""Cold point-in-time recovery from the file store against ``cp`` and ``restic restore``.
+
+Setup (not timed): one 1 GiB disk (``--quick``: 256 MiB) whose base image (4 MiB chunks)
+holds realistic data (``PayloadSource("mixed")``), then as many bytes again of random
+64 KiB writes of the same style, sealed in 16 MiB segments, with a mark half way; all
+built with the library (``tests.rocva.domain.DomainBuilder``) in a ``FileStore``. The
+disk as it is at the end (the model) is kept as a file: the primary image.
+
+Timed, every read cold: before each run the page cache of every input file (all files
+under the store; the primary image for ``cp``; the repository for restic) and of the
+previous run's output is dropped with ``posix_fadvise(DONTNEED)`` after an ``os.sync()``.
+Each side is timed until its output is durable: recovery fsyncs its images itself, and
+the ``cp --sparse=auto`` copy and restic's restored file are fsynced inside the timing.
+Medians over rounds.
+
+Fields: ``mb_per_s`` (disk bytes / seconds to recover the latest point),
+``middle_mb_per_s`` (the mark half way), ``ratio_vs_cp`` (our speed / cp's),
+``ratio_vs_restic`` (restic restore seconds / ours; null without ``restic`` on PATH),
+``churn16_vs_churn1``: the same disk after 16x the writes, recovered latest *after
+consolidation*, in seconds, over the 1x latest seconds. Consolidation is EMULATED until
+the consolidation job exists: the benchmark itself writes a base of the model at the
+latest seq (chunks + manifest via ``cdp.base_image``, catalog ``add_bases``), as the job
+would (the JSON says ``"consolidation": "emulated: base written by the benchmark"``).
+``verified``: every recovered image's sha256 equals the model's at its point (untimed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import emit, parse_args, progress, work_dir
+from cdp.base_image import CHUNK_SIZE_DEFAULT
+from cdp.store.fs import FileStore
+from iofilter_sim.payloads import PayloadSource
+from rocva import Target, recover
+from tests.rocva.domain import DomainBuilder
+
+MiB = 1 << 20
+WRITE = 64 << 10
+PER_SEGMENT = 256  # 256 × 64 KiB = 16 MiB of payload per segment
+CONCURRENCY = 8
+CHURN_FACTOR = 16
+HASH_READ_BYTES = 8 << 20
+
+
+def evict(*roots: Path) -> None:
+    """Write back dirty pages, then drop every file under ``roots`` from the page cache."""
+    os.sync()
+    for root in roots:
+        paths = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_READ_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clear(path: Path) -> None:
+    """Drop a previous run's output (from the cache first, then from the disk)."""
+    if path.exists():
+        evict(path)
+        shutil.rmtree(path)
+
+
+async def write_history(b: DomainBuilder, src: PayloadSource, rng: np.random.Generator, nbytes: int,
+                        bar, mark_at: int | None = None) -> str | None:
+    """``nbytes`` of random 64 KiB writes, sealed every 16 MiB; a mark after ``mark_at``
+    writes, whose disk sha256 is returned."""
+    mark_sha = None
+    writes = nbytes // WRITE
+    slots = b.disks[0]["size"] // WRITE
+    for first in range(0, writes, PER_SEGMENT):
+        count = min(PER_SEGMENT, writes - first)
+        payload = src.batch(np.full(count, WRITE))
+        for i, slot in enumerate(rng.integers(0, slots, count).tolist()):
+            b.write(0, slot * WRITE, payload[i * WRITE : (i + 1) * WRITE])
+            if mark_at is not None and first + i + 1 == mark_at:
+                b.mark("half")
+                mark_sha = hashlib.sha256(b.model[0]).hexdigest()
+        await b.seal()
+        bar.update(count * WRITE)
+    return mark_sha
+
+
+async def build(root: Path, size: int, bar) -> tuple[DomainBuilder, PayloadSource, np.random.Generator, str]:
+    """The 1x domain: a base at seq 0, ``size`` bytes of writes; returns the mark's sha256."""
+    b = await DomainBuilder(FileStore(root / "store"), disks=(("vm", "disk0", size),),
+                            block_raw_size=1 * MiB).start()
+    src = PayloadSource("mixed", seed=1)
+    rng = np.random.default_rng(1)
+    b.model[0][:] = src.batch(np.full(size // WRITE, WRITE))
+    await b.add_base(0, chunk_size=CHUNK_SIZE_DEFAULT)
+    bar.update(size)
+    half_sha = await write_history(b, src, rng, size, bar, mark_at=size // WRITE // 2)
+    return b, src, rng, half_sha
+
+
+def time_recover(store_dir: Path, domain: int, target: Target, out: Path, rounds: int) -> tuple[float, Path]:
+    """Median seconds of ``rounds`` cold recoveries; the last image's path."""
+    times = []
+    for _ in range(rounds):
+        clear(out)
+        evict(store_dir)
+        t0 = time.perf_counter()
+        result = asyncio.run(recover(FileStore(store_dir), domain, target, out, concurrency=CONCURRENCY))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), Path(result["images"][0]["path"])
+
+
+def time_cp(primary: Path, out: Path, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        clear(out)
+        out.mkdir()
+        evict(primary)
+        dst = out / "copy.img"
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "--sparse=auto", str(primary), str(dst)], check=True)
+        fsync_file(dst)
+        times.append(time.perf_counter() - t0)
+    clear(out)
+    return statistics.median(times)
+
+
+def time_restic(primary: Path, root: Path, rounds: int) -> float | None:
+    """Median seconds of a cold ``restic restore latest``; None when restic is absent."""
+    restic = shutil.which("restic")
+    if restic is None:
+        return None
+    repo, out = root / "restic-repo", root / "restic-out"
+    env = {**os.environ, "RESTIC_PASSWORD": "benchmark", "RESTIC_REPOSITORY": str(repo)}
+
+    def run(*args: str) -> None:
+        subprocess.run([restic, "--no-cache", "--quiet", *args], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+
+    run("init")
+    run("backup", str(primary))
+    times = []
+    for _ in range(rounds):
+        clear(out)
+        evict(repo)
+        t0 = time.perf_counter()
+        run("restore", "latest", "--target", str(out))
+        restored = out / primary.relative_to(primary.anchor)
+        fsync_file(restored)
+        times.append(time.perf_counter() - t0)
+    clear(out)
+    shutil.rmtree(repo)
+    return statistics.median(times)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    size = (256 if args.quick else 1024) * MiB
+    rounds = 3
+    with work_dir(args) as d:
+        root = Path(d)
+        bar = progress(2 * size, "build 1x")
+        b, src, rng, half_sha = asyncio.run(build(root, size, bar))
+        bar.close()
+        primary = root / "primary.img"
+        primary.write_bytes(b.model[0])
+        fsync_file(primary)
+        model_sha = file_sha256(primary)
+        store_dir = root / "store"
+        store_bytes = sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file())
+        half_seq = b.marks[0]["seq"]
+
+        latest_s, image = time_recover(store_dir, b.domain, Target.latest(), root / "out", rounds)
+        verified = file_sha256(image) == model_sha
+        middle_s, image = time_recover(store_dir, b.domain, Target.mark("half"), root / "out", rounds)
+        verified &= file_sha256(image) == half_sha
+        clear(root / "out")
+        cp_s = time_cp(primary, root / "cp-out", rounds)
+        restic_s = time_restic(primary, root, rounds)
+
+        # 16x the churn: continue the history to 16x the writes, then the emulated
+        # consolidation writes a base at the latest seq.
+        bar = progress((CHURN_FACTOR - 1) * size, "build 16x")
+        asyncio.run(write_history(b, src, rng, (CHURN_FACTOR - 1) * size, bar))
+        bar.close()
+        asyncio.run(b.add_base(0, chunk_size=CHUNK_SIZE_DEFAULT))
+        churn16_s, image = time_recover(store_dir, b.domain, Target.latest(), root / "out", rounds)
+        verified &= file_sha256(image) == hashlib.sha256(b.model[0]).hexdigest()
+        clear(root / "out")
+
+    mbps = size / 1e6 / latest_s
+    result = {
+        "benchmark": "recovery",
+        "quick": args.quick,
+        "disk_bytes": size,
+        "writes_bytes": size,
+        "store_bytes_1x": store_bytes,
+        "segments_16x": len(b.segment_keys),
+        "rounds": rounds,
+        "cold": "posix_fadvise DONTNEED on every input and previous output before each run",
+        "sync": "included: recovery fsyncs its images; cp's copy and restic's file are fsynced in the timing",
+        "recover_latest_s": round(latest_s, 3),
+        "recover_middle_s": round(middle_s, 3),
+        "middle_seq": half_seq,
+        "mb_per_s": round(mbps, 1),
+        "middle_mb_per_s": round(size / 1e6 / middle_s, 1),
+        "cp_s": round(cp_s, 3),
+        "cp_mb_per_s": round(size / 1e6 / cp_s, 1),
+        "ratio_vs_cp": round(cp_s / latest_s, 3),
+        "restic_restore_s": None if restic_s is None else round(restic_s, 3),
+        "ratio_vs_restic": None if restic_s is None else round(restic_s / latest_s, 3),
+        "churn16_recover_s": round(churn16_s, 3),
+        "churn16_vs_churn1": round(churn16_s / latest_s, 3),
+        "consolidation": "emulated: base written by the benchmark",
+        "verified": bool(verified),
+    }
+    emit(args, result, [
+        ("recover latest (cold)", f"{mbps:,.0f} MB/s ({latest_s:.2f} s)"),
+        ("recover middle mark (cold)", f"{middle_s:.2f} s"),
+        ("cp --sparse=auto + fsync", f"{cp_s:.2f} s (ratio ours/cp {cp_s / latest_s:.2f})"),
+        ("restic restore", "absent" if restic_s is None else f"{restic_s:.2f} s"),
+        ("16x churn after consolidation", f"{churn16_s:.2f} s ({churn16_s / latest_s:.2f}x)"),
+        ("verified", str(bool(verified))),
+    ])
+
+
+if __name__ == "__main__":
+    main()
