@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import emit, parse_args, progress, work_dir
+from cdp.digest import sha256_file
 from cdp.base_image import CHUNK_SIZE_DEFAULT
 from cdp.store.fs import FileStore
 from iofilter_sim.payloads import PayloadSource
@@ -49,7 +50,6 @@ WRITE = 64 << 10
 PER_SEGMENT = 256  # 256 × 64 KiB = 16 MiB of payload per segment
 CONCURRENCY = 8
 CHURN_FACTOR = 16
-HASH_READ_BYTES = 8 << 20
 
 
 def evict(*roots: Path) -> None:
@@ -63,14 +63,6 @@ def evict(*roots: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_READ_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_file(path: Path) -> None:
@@ -188,15 +180,15 @@ def main() -> None:
         primary = root / "primary.img"
         primary.write_bytes(b.model[0])
         fsync_file(primary)
-        model_sha = file_sha256(primary)
+        model_sha = sha256_file(primary)
         store_dir = root / "store"
         store_bytes = sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file())
         half_seq = b.marks[0]["seq"]
 
         latest_s, image = time_recover(store_dir, b.domain, Target.latest(), root / "out", rounds)
-        verified = file_sha256(image) == model_sha
+        verified = sha256_file(image) == model_sha
         middle_s, image = time_recover(store_dir, b.domain, Target.mark("half"), root / "out", rounds)
-        verified &= file_sha256(image) == half_sha
+        verified &= sha256_file(image) == half_sha
         clear(root / "out")
         cp_s = time_cp(primary, root / "cp-out", rounds)
         restic_s = time_restic(primary, root, rounds)
@@ -208,7 +200,7 @@ def main() -> None:
         bar.close()
         asyncio.run(b.add_base(0, chunk_size=CHUNK_SIZE_DEFAULT))
         churn16_s, image = time_recover(store_dir, b.domain, Target.latest(), root / "out", rounds)
-        verified &= file_sha256(image) == hashlib.sha256(b.model[0]).hexdigest()
+        verified &= sha256_file(image) == hashlib.sha256(b.model[0]).hexdigest()
         clear(root / "out")
 
     mbps = size / 1e6 / latest_s

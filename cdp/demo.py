@@ -20,7 +20,6 @@ point-in-time planner of ``rocva`` supersedes it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cdp.catalog import CatalogState, CatalogWriter
+from cdp.digest import sha256_file
 from cdp.frame import decode_frame, encode_frame_parts
 from cdp.layout import segment_key
 from cdp.logfmt import DATA_START
@@ -118,17 +118,6 @@ def _mark_frame(seq: int, ts: int) -> tuple[np.ndarray, bytes]:
     return records, name
 
 
-def _sha256_files(paths: list[Path]) -> list[str]:
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        out.append(h.hexdigest())
-    return out
-
-
 async def run_demo(opts: DemoOptions) -> dict[str, Any]:
     keep = opts.workdir is not None
     root = Path(opts.workdir or tempfile.mkdtemp(prefix="cdp-demo-"))
@@ -163,7 +152,7 @@ async def _run(opts: DemoOptions, root: Path) -> dict[str, Any]:
             last_seq = int(records["seq"][-1])
             if records["kind"][0] == KIND_MARK:
                 mark_seq = last_seq
-                mark_sums = _sha256_files(primary_paths)
+                mark_sums = [sha256_file(p) for p in primary_paths]
             if len(batch) >= COMMIT_FRAMES_MAX:
                 t = time.perf_counter()
                 log.append_batch(batch)
@@ -175,7 +164,7 @@ async def _run(opts: DemoOptions, root: Path) -> dict[str, Any]:
     for fd in fds:
         os.fsync(fd)
         os.close(fd)
-    latest_sums = _sha256_files(primary_paths)
+    latest_sums = [sha256_file(p) for p in primary_paths]
 
     # 3-4. reopen (recovery scan), seal segments, upload, commit the catalog, trim.
     t0 = time.perf_counter()
@@ -251,7 +240,7 @@ async def _seal(store, writer: CatalogWriter, frames: list, pool: ThreadPoolExec
 async def _replay_and_compare(store, out: Path, upto: int | None, expected: list[str]) -> bool:
     """Reference replay of every record <= ``upto`` onto zero images; compare sha256."""
     paths, _ = await replay_reference(store, DOMAIN, out, upto)
-    return _sha256_files(paths) == expected
+    return [sha256_file(p) for p in paths] == expected
 
 
 def format_summary(r: dict[str, Any]) -> str:

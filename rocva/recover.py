@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cdp.digest import sha256_file
 from cdp.durable import atomic_write, fsync_dir
 from rocva.errors import RecoveryError
 from rocva.fetch import (
@@ -50,7 +50,6 @@ LOCK_NAME = ".recover.lock"
 PARTIAL_SUFFIX = ".partial"
 #: Least time between two saves of the state file (each one fsyncs every image).
 STATE_SAVE_INTERVAL_S = 2.0
-HASH_READ_BYTES = 8 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -194,14 +193,6 @@ def _publish(plan: RecoveryPlan, out_dir: Path) -> None:
     fsync_dir(out_dir)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_READ_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 async def execute_plan(store, plan: RecoveryPlan, out_dir: Path | str, *, progress: Progress | None = None,
                        concurrency: int = CONCURRENCY_DEFAULT, checksum: bool = False,
                        run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
@@ -307,7 +298,7 @@ async def _execute_locked(store, plan, out_dir, progress, concurrency, checksum,
     fsync_dir(out_dir)
     images = [{"disk": d.disk, "path": str(out_dir / d.image_name), "size": d.size} for d in plan.disks]
     if checksum:
-        sums = await asyncio.gather(*(asyncio.to_thread(_sha256, Path(i["path"])) for i in images))
+        sums = await asyncio.gather(*(asyncio.to_thread(sha256_file, Path(i["path"])) for i in images))
         for image, digest in zip(images, sums):
             image["sha256"] = digest
     seconds = time.monotonic() - t0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cdp.catalog import load_catalog
+from cdp.digest import sha256_file  # noqa: F401  (tests import it from here)
 from cdp.layout import segment_key
 from cdp.replay import replay_reference
 from cdp.segment import decode_segment
@@ -84,14 +84,6 @@ def Disk(path: Path, size: int, fill_seed: int | None = None) -> PrimaryDisk:
                 os.pwrite(fd, rng.integers(0, 4, 1 << 20, dtype=np.uint8).tobytes(), at)
         os.close(fd)
     return PrimaryDisk(path, size)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_writes(rng: np.random.Generator, disk_sizes: list[int], n: int, max_sectors: int = 128):
