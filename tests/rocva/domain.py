@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cdp.digest import sha256_file
 from cdp.base_image import ZERO_HASH, encode_chunk, encode_manifest, is_zero
 from cdp.catalog import CatalogState, CatalogWriter
+from cdp.digest import sha256_file
 from cdp.layout import base_manifest_key, chunk_key, segment_key
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, RECORD_DTYPE,
