@@ -169,7 +169,7 @@ class ReplicationLog:
             if isinstance(got, str):
                 reason = got
                 break
-            stride, epoch = got
+            stride, epoch, _ = got
             self._bounds.append(pos)
             prev_epoch = epoch
             pos += stride
@@ -188,8 +188,10 @@ class ReplicationLog:
             )
         self._tail = pos
 
-    def _check_entry(self, pos: int, prev_epoch: int, epoch_max: int) -> tuple[int, int] | str:
-        """(stride, epoch) of the valid entry at ``pos``, or why there is none."""
+    def _check_entry(self, pos: int, prev_epoch: int,
+                     epoch_max: int) -> tuple[int, int, memoryview | None] | str:
+        """(stride, epoch, body) of the valid entry at ``pos`` — body None for a PAD — or
+        why there is none. Reads the entry once."""
         lap_left = self._sb.data_size - pos % self._sb.data_size
         raw = _pread(self._fd, min(BLOCK, lap_left), self._phys(pos), self._direct)
         h = unpack_entry_header(raw, pos, self._sb.uuid, self._body_len_max)
@@ -198,14 +200,14 @@ class ReplicationLog:
         if not prev_epoch <= h.epoch <= epoch_max:
             return f"entry epoch {h.epoch} outside {prev_epoch}..{epoch_max}"
         if h.kind == KIND_PAD:
-            return lap_left, h.epoch
+            return lap_left, h.epoch, None
         stride = entry_stride(h.body_len)
         if stride > lap_left:
             return f"entry of {stride} bytes crosses the end of the ring"
         body = self._read_body(pos, h.body_len, raw)
         if xxhash.xxh3_64_intdigest(body) != h.body_xxh3:
             return "entry body checksum mismatch"
-        return stride, h.epoch
+        return stride, h.epoch, body
 
     def _read_body(self, pos: int, body_len: int, first_block: bytes) -> memoryview:
         end = ENTRY_HEADER_SIZE + body_len
@@ -381,15 +383,17 @@ class ReplicationLog:
         """The body of the live DATA entry at ``pos``, checked again (§3.3)."""
         if not self._sb.head <= pos < self._tail:
             raise LogError(f"log partition {self.path}: position {pos} outside [{self.head}, {self.tail})")
+        body = self._checked_body(pos)
+        if body is None:
+            raise LogError(f"log partition {self.path}: position {pos} is a PAD entry")
+        return bytes(body)
+
+    def _checked_body(self, pos: int) -> memoryview | None:
+        """The body of the live entry at ``pos`` (None for a PAD), checked again (§3.3)."""
         got = self._check_entry(pos, 0, self._sb.epoch)
         if isinstance(got, str):
             raise LogCorruption(f"log partition {self.path}: entry at position {pos}: {got}")
-        raw = _pread(self._fd, BLOCK, self._phys(pos), self._direct)
-        h = unpack_entry_header(raw, pos, self._sb.uuid, self._body_len_max)
-        assert not isinstance(h, str)
-        if h.kind != KIND_DATA:
-            raise LogError(f"log partition {self.path}: position {pos} is a PAD entry")
-        return bytes(self._read_body(pos, h.body_len, raw))
+        return got[2]
 
     def entries(self, start: int | None = None) -> Iterator[tuple[int, bytes]]:
         """(position, body) of every live DATA entry from ``start`` (default ``head``)."""
@@ -397,11 +401,9 @@ class ReplicationLog:
         for pos in list(self._bounds):
             if pos < start:
                 continue
-            raw = _pread(self._fd, BLOCK, self._phys(pos), self._direct)
-            h = unpack_entry_header(raw, pos, self._sb.uuid, self._body_len_max)
-            if not isinstance(h, str) and h.kind == KIND_PAD:
-                continue
-            yield pos, self.read(pos)
+            body = self._checked_body(pos)
+            if body is not None:
+                yield pos, bytes(body)
 
     def next_position(self, pos: int) -> int:
         """The entry boundary right after the entry at ``pos`` (the trim point once that
