@@ -39,7 +39,8 @@ from cdp.logfmt import DATA_START
 from cdp.records import KIND_MARK, KIND_WRITE, KIND_ZERO, SECTOR, empty_records
 from cdp.replog import ReplicationLog
 from cdp.replay import replay_reference
-from cdp.segment import build_segment, read_segment_index
+from cdp.segment import build_segment
+from cdp.segment_format import parse_segment_tail
 from cdp.store.fs import FileStore
 
 DOMAIN = 1
@@ -222,8 +223,9 @@ async def _seal(store, writer: CatalogWriter, frames: list, pool: ThreadPoolExec
     data = build_segment(DOMAIN, frames, executor=pool)
     first, last = frames[0].first_seq, frames[-1].last_seq
     key = segment_key(DOMAIN, first, last)
+    # Check what was built before it leaves (as the DRVA's sealer does); no read-back GET.
+    index = parse_segment_tail(key, data, len(data))
     await store.put(key, data)
-    index = await read_segment_index(store, key)
     delta: dict[str, Any] = {"add_segments": [{
         "key": key, "first_seq": first, "last_seq": last,
         "first_ts": int(frames[0].records["timestamp_ns"][0]),
