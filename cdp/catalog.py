@@ -24,7 +24,7 @@ from typing import Any
 import xxhash
 
 from cdp.catalog_state import SEGMENT_DTYPE, CatalogState, SegmentRef, SegmentTable
-from cdp.errors import FormatError
+from cdp.errors import CdpError, FormatError, NotFound
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
@@ -207,3 +207,28 @@ class CatalogWriter:
             await commit_catalog(self.store, domain, generation, KIND_DELTA, delta)
         self.state, self.generation = new, generation
         return generation
+
+    async def catch_up_maintenance(self) -> str | None:
+        """After a lost conditional create: move over the generations others created since
+        ours, provided each only consolidates or applies retention (§8.3: bases added or
+        removed, the oldest segments removed, the horizon moved). Returns None when caught
+        up (the caller retries its delta on top), else why not: another writer owns the
+        domain and this one is fenced. The state is left at the last absorbed generation."""
+        while True:
+            generation = self.next_generation
+            key = catalog_key(self.state.domain_id, generation)
+            try:
+                kind, _, _, body = decode_catalog_object(key, await self.store.get(key))
+                if kind == KIND_SNAPSHOT:
+                    new = CatalogState.from_snapshot_body(body, f"catalog {key}")
+                else:
+                    new = self.state.copy()
+                    new.apply_delta(body, f"catalog {key}")
+            except NotFound:
+                return None
+            except CdpError as exc:
+                return f"another writer created generation {generation}: {exc.message}"
+            why = self.state.maintenance_difference(new)
+            if why is not None:
+                return f"another writer created generation {generation}: {why}"
+            self.state, self.generation = new, generation

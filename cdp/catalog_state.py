@@ -34,6 +34,9 @@ SEGMENT_FIELDS = ("first_seq", "last_seq", "first_ts", "last_ts", "size", "paylo
 #: One catalog segment as a row (what ``segments_between`` returns).
 SEGMENT_DTYPE = np.dtype([(name, "<u8") for name in SEGMENT_FIELDS])
 WINDOW_KINDS = ("seeding", "resync")
+#: §8.2: "seed": the disk joined with this content (nothing before it is known);
+#: "consolidation": derived from the domain's own records (earlier points stay as they were).
+BASE_ORIGINS = ("seed", "consolidation")
 MARK_NAME_BYTES_MAX = 255  # §1
 SNAPSHOT_KEYS = frozenset(
     ("domain", "disks", "segments", "bases", "marks", "windows", "committed_seq", "horizon_seq")
@@ -88,12 +91,14 @@ def _disks(value: Any, where: str) -> list[dict]:
 
 
 def _base(b: Any, i: int, domain: int, what: str, where: str) -> dict:
-    b = _obj(b, {"seq", "disk", "key"}, f"{what}[{i}]", where)
+    b = _obj(b, {"seq", "disk", "key", "origin"}, f"{what}[{i}]", where)
     seq = _int(b["seq"], f"{what}[{i}].seq", where)
     disk = _int(b["disk"], f"{what}[{i}].disk", where, U32_MAX)
     if b["key"] != base_manifest_key(domain, seq, disk):
         raise FormatError(f"{where}: {what}[{i}].key {b['key']!r} is not the key of seq {seq}, disk {disk}")
-    return {"seq": seq, "disk": disk, "key": b["key"]}
+    if b["origin"] not in BASE_ORIGINS:
+        raise FormatError(f"{where}: {what}[{i}].origin {b['origin']!r} not in {BASE_ORIGINS}")
+    return {"seq": seq, "disk": disk, "key": b["key"], "origin": b["origin"]}
 
 
 def _marks(value: Any, after_seq: int, what: str, where: str) -> list[dict]:
@@ -330,6 +335,25 @@ class CatalogState:
         prefix = segment_prefix(self.domain_id)
         return [f"{prefix}{a:016x}-{b:016x}.seg"
                 for a, b in zip(rows["first_seq"].tolist(), rows["last_seq"].tolist())]
+
+    def maintenance_difference(self, new: CatalogState) -> str | None:
+        """None when ``new`` is this state after consolidation and retention only (§8.3):
+        bases added or removed, the oldest segments removed, the horizon moved (and the
+        marks below it dropped). Otherwise what else changed: another writer owns the
+        domain. The DRVA uses it to tell a maintenance job's generation from a fence."""
+        if new.domain != self.domain or new.disks != self.disks or new.windows != self.windows:
+            return "the domain, its disks or its windows changed"
+        if new.committed_seq != self.committed_seq:
+            return f"committed_seq moved from {self.committed_seq} to {new.committed_seq}"
+        if new.horizon_seq < self.horizon_seq:
+            return f"horizon_seq went back from {self.horizon_seq} to {new.horizon_seq}"
+        k = len(self.segments) - len(new.segments)
+        if k < 0 or any(not np.array_equal(self.segments.column(f)[k:], new.segments.column(f))
+                        for f in SEGMENT_FIELDS):
+            return "segments were added or replaced, not only the oldest ones removed"
+        if new.marks != [m for m in self.marks if m["seq"] >= new.horizon_seq]:
+            return "marks changed"
+        return None
 
     # ---- snapshots
 

@@ -215,6 +215,77 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, as_json: bool
         sys.exit(6)
 
 
+def _duration(text: str | None, option: str) -> float | None:
+    from cdp.units import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return parse_duration(text, option)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from exc
+
+
+@cli.command()
+@click.argument("domain")
+@store_option
+@click.option("--older-than", default="1h", show_default=True,
+              help="Roll the segments older than this into a new base (e.g. 30m, 24h).")
+@click.option("--retention", default=None,
+              help="Keep every point at most this old (e.g. 72h); older segments and bases are deleted. "
+                   "Default: no retention.")
+@click.option("--scratch", type=click.Path(path_type=Path), default=None,
+              help="Directory for the temporary images (default: the system's temporary directory).")
+@click.option("--sweep-chunks", is_flag=True, help="Also delete unreferenced chunks when no base was removed.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Store requests in flight.")
+@json_option
+def consolidate(domain: str, store_url: str, older_than: str, retention: str | None, scratch: Path | None,
+                sweep_chunks: bool, concurrency: int, as_json: bool) -> None:
+    """Roll DOMAIN's old segments into a base image and apply retention."""
+    from rocva.consolidate import consolidate as run
+
+    older_s = _duration(older_than, "--older-than")
+    retention_s = _duration(retention, "--retention")
+    bar, update = _progress_bar("consolidate", as_json)
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar.set_description(phase, refresh=False)
+        update(done, total)
+
+    async def work(store: Any) -> dict[str, Any]:
+        return await run(store, await _domain_id(store, domain), older_than_s=older_s,
+                         retention_s=retention_s, scratch_dir=scratch, concurrency=concurrency,
+                         progress=progress, sweep_all_chunks=sweep_chunks)
+
+    try:
+        result = asyncio.run(_with_store(store_url, work))
+    finally:
+        bar.close()
+
+    def human(r: dict[str, Any]) -> str:
+        lines = [f"domain {r['domain']}: " + (
+            f"new base at seq {r['consolidated_seq']} ({r['bases_added']} disks)"
+            if r["consolidated_seq"] is not None else "nothing old enough to consolidate")]
+        if r["chunks"]:
+            c = r["chunks"]
+            lines.append(f"  chunks: {c['chunks']} read, {c['chunks_stored']} stored "
+                         f"({c['bytes_stored'] / 1e6:,.1f} MB), {c['chunks_deduplicated']} already stored, "
+                         f"{c['zero_chunks']} zero")
+        lines.append(f"  retention horizon seq {r['horizon_seq']}: {r['segments_removed']} segments and "
+                     f"{r['bases_removed']} bases dropped from the catalog")
+        sw = r["sweep"]
+        lines.append(f"  deleted {sw['objects_deleted']} objects"
+                     + (f"; {sw['deferred']} kept for now: {sw['deferred_by']}" if sw["deferred"] else ""))
+        if r["chunk_sweep"]:
+            cs = r["chunk_sweep"]
+            lines.append(f"  chunk sweep: {cs['deferred']}" if "deferred" in cs else
+                         f"  chunk sweep: {cs['chunks_deleted']} deleted, {cs['chunks_kept']} kept")
+        lines.append(f"  {r['seconds']} s")
+        return "\n".join(lines)
+
+    _emit(as_json, result, human)
+
+
 @cli.group()
 def log() -> None:
     """Replication-log partitions."""

@@ -15,6 +15,8 @@ default message::
     │   ├── LogFull                           appending would overwrite untrimmed data
     │   └── LogCorruption                     invalid data where durable data must be
     ├── MetaError                    exit 4   metadata repository unreadable
+    ├── Busy                         exit 7   another process holds the lock (FORMAT.md §11)
+    ├── LeaseLost                    exit 7   a held lock or lease expired or was superseded
     └── StoreError                   exit 5   object store
         ├── InvalidKey                        a key the validator refuses
         ├── NotFound                          no object under that key
@@ -82,6 +84,18 @@ class MetaError(CdpError):
     """The metadata repository cannot be read or written."""
 
     exit_code = 4
+
+
+class Busy(CdpError):
+    """Another process holds the lock this operation needs; try again later."""
+
+    exit_code = 7
+
+
+class LeaseLost(CdpError):
+    """A lock or lease expired (or was superseded) while its holder still needed it."""
+
+    exit_code = 7
 
 
 class StoreError(CdpError):

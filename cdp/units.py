@@ -22,3 +22,17 @@ def parse_size(value: Any, where: str) -> int:
     if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
         return int(m.group(1)) * _UNITS[m.group(2).lower()[:1]]
     raise ConfigError(f"{where}: expected a size (an integer or e.g. '64KiB', '64MiB'), got {value!r}")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?", re.IGNORECASE)
+_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """Seconds from a non-negative number or a string such as '90', '15m', '72h', '7d'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+        unit = m.group(2).lower() if m.group(2) else None
+        return float(m.group(1)) * _SECONDS[unit]
+    raise ConfigError(f"{where}: expected a duration (seconds, or e.g. '15m', '72h', '7d'), got {value!r}")

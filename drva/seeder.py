@@ -9,7 +9,10 @@ any seq from ``end_seq`` on. Points in ``(start_seq, end_seq)`` are not consiste
 the catalog says so with a ``seeding`` window.
 
 Chunks are content-addressed (FORMAT.md §6.1): an all-zero chunk is never sent nor
-stored, a chunk already in the store (or seen in this process) is not uploaded again.
+stored, a chunk already in the store (or seen by this job) is not uploaded again. A job
+relies on chunks it saw in the store only under its chunk-writer lease (FORMAT.md §11.4),
+held from its first upload until its manifest is in the store, so that no chunk sweep
+can delete one between the look and the manifest that names it.
 Uploads run with bounded concurrency; when they lag, the session stops reading, which
 slows the filter down.
 """
@@ -27,6 +30,7 @@ from cdp import wire
 from cdp.base_image import encode_chunk, encode_manifest, is_zero
 from cdp.errors import NotFound, StoreError
 from cdp.layout import base_manifest_key, chunk_key
+from cdp.locks import Lease, chunk_writer_lease
 from cdp.logs import get_logger
 from drva.shipper import backoff_s
 
@@ -49,6 +53,10 @@ class SeedJob:
     start_seq: int
     hashes: np.ndarray
     tasks: set[asyncio.Task] = field(default_factory=set)
+    # Chunks seen in the store (or put) under ``lease``: valid only while it is held.
+    known: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    lease: Lease | None = None
+    lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stored: int = 0
     deduplicated: int = 0
     failed: BaseException | None = None
@@ -61,7 +69,6 @@ class Seeder:
         self.drva = drva
         self.jobs: dict[tuple[int, int], SeedJob] = {}
         self.slots = asyncio.Semaphore(UPLOADS_MAX)
-        self.known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.finishing: set[asyncio.Task] = set()
 
     async def handle(self, session: "Session", msg: wire.Message) -> None:
@@ -103,6 +110,11 @@ class Seeder:
         if not isinstance(start, int) or start < 0:
             raise Refused("bad_seed", f"start_seq {start!r}")
         count = -(-size // chunk_size)
+        old = self.jobs.get((dom.id, disk))
+        if old is not None and old.lease is not None:  # a restarted seeding: the old one is abandoned
+            task = asyncio.create_task(self._drop_lease(old))
+            self.finishing.add(task)
+            task.add_done_callback(self._finished)
         self.jobs[(dom.id, disk)] = SeedJob(dom.id, disk, size, chunk_size, start,
                                             np.zeros((count, 16), dtype=np.uint8))
         log.info("seed_begin", domain=dom.id, disk=disk, disk_size=size, chunk_size=chunk_size, start_seq=start)
@@ -126,7 +138,7 @@ class Seeder:
             loop = asyncio.get_running_loop()
             h, obj = await loop.run_in_executor(self.drva.pool, encode_chunk, data)
             job.hashes[chunk] = np.frombuffer(h, dtype=np.uint8)
-            if h in self.known:
+            if h in job.known:
                 job.deduplicated += 1
                 return
             key = chunk_key(h)
@@ -134,6 +146,8 @@ class Seeder:
             attempt = 0
             while True:
                 try:
+                    await self._hold_lease(job)
+                    job.lease.check()
                     try:
                         await store.stat(key)
                         job.deduplicated += 1
@@ -145,14 +159,27 @@ class Seeder:
                     attempt += 1
                     log.warning("seed_upload_failed", key=key, attempt=attempt, error=exc.message)
                     await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
-            self.known[h] = None
-            while len(self.known) > KNOWN_CHUNKS_MAX:
-                self.known.popitem(last=False)
+            job.known[h] = None
+            while len(job.known) > KNOWN_CHUNKS_MAX:
+                job.known.popitem(last=False)
         except BaseException as exc:  # remembered: SEED_END must not commit a hole
             job.failed = exc
             raise
         finally:
             self.slots.release()
+
+    async def _hold_lease(self, job: SeedJob) -> None:
+        async with job.lease_lock:
+            if job.lease is None:
+                job.lease = await chunk_writer_lease(
+                    self.drva.store, owner=f"drva {self.drva.cfg.name}: seeding domain {job.domain} disk {job.disk}")
+
+    @staticmethod
+    async def _drop_lease(job: SeedJob) -> None:
+        if job.lease is not None:
+            lease, job.lease = job.lease, None
+            job.known.clear()
+            await lease.release()
 
     async def _end(self, session: "Session", dom: Any, disk: int, doc: dict[str, Any]) -> None:
         job = self.jobs.get((dom.id, disk))
@@ -164,10 +191,16 @@ class Seeder:
             await asyncio.gather(*list(job.tasks), return_exceptions=True)
         if job.failed is not None:
             log.error("seed_failed", domain=dom.id, disk=disk, error=repr(job.failed))
+            await self._drop_lease(job)
             return
         key = base_manifest_key(dom.id, job.start_seq, disk)
         data = encode_manifest(dom.id, disk, job.start_seq, job.disk_size, job.chunk_size, job.hashes)
-        await self._put_retrying(key, data)
+        try:
+            if job.lease is not None:
+                job.lease.check()  # the chunks it names were seen under the lease (§11.4)
+            await self._put_retrying(key, data)
+        finally:
+            await self._drop_lease(job)
         while not dom.catalog_ready:
             await asyncio.sleep(0.1)
 
@@ -177,7 +210,7 @@ class Seeder:
             # replaying (start, end] over the copy is exact at ``end``, not before.
             if end - 1 > job.start_seq:
                 windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1})
-            return {"add_bases": [{"seq": job.start_seq, "disk": disk, "key": key}], "set_windows": windows}
+            return {"add_bases": [{"seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}], "set_windows": windows}
 
         attempt = 0
         while True:

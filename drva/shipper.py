@@ -43,6 +43,8 @@ log = get_logger("drva.shipper")
 
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
+#: Catalog races lost to consolidation/retention jobs in a row before giving up (fenced).
+MAINTENANCE_RETRIES = 16
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -231,17 +233,37 @@ class Shipper:
             await self._commit(dom, self.writers[dom.id], make_delta())
 
     async def _commit(self, dom: DomainState, writer: CatalogWriter, delta: dict[str, Any]) -> None:
-        """writer.commit, telling a lost reply of our own create from a fence."""
-        generation = writer.next_generation
-        try:
-            await writer.commit(delta)
-        except AlreadyExists:
-            if await self._is_ours(dom, writer, generation, delta):
+        """writer.commit, telling a lost reply of our own create, and a consolidation or
+        retention job's generation (FORMAT.md §8.3: absorbed, then our delta is retried),
+        from a fence."""
+        for _ in range(MAINTENANCE_RETRIES):
+            generation = writer.next_generation
+            try:
+                await writer.commit(delta)
                 return
-            dom.fenced = True
-            log.error("fenced", domain=dom.id, generation=generation,
-                      reason="another writer created this catalog generation")
-            raise
+            except AlreadyExists:
+                if await self._is_ours(dom, writer, generation, delta):
+                    return
+                why = await self._absorb_maintenance(dom, writer)
+                if why is not None:
+                    dom.fenced = True
+                    log.error("fenced", domain=dom.id, generation=generation, reason=why)
+                    raise
+        dom.fenced = True
+        log.error("fenced", domain=dom.id, generation=writer.next_generation,
+                  reason=f"lost {MAINTENANCE_RETRIES} catalog races in a row")
+        raise AlreadyExists(f"catalog of domain {dom.id}: generation {writer.next_generation} "
+                            f"lost {MAINTENANCE_RETRIES} races in a row")
+
+    async def _absorb_maintenance(self, dom: DomainState, writer: CatalogWriter) -> str | None:
+        """Move ``writer`` over the generations others created after its own, if each is
+        only consolidation/retention (§8.3); else return why this DRVA is fenced."""
+        before = writer.generation
+        why = await writer.catch_up_maintenance()
+        if why is None:
+            log.info("catalog_maintenance_absorbed", domain=dom.id, generations=writer.generation - before,
+                     horizon_seq=writer.state.horizon_seq, bases=len(writer.state.bases))
+        return why
 
     async def _is_ours(self, dom: DomainState, writer: CatalogWriter, generation: int,
                        delta: dict[str, Any]) -> bool:

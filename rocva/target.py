@@ -8,10 +8,11 @@ A seq ``S`` is a **recovery point** of a domain when all of these hold (FORMAT.m
    (a seeding window ``f..l`` means the base at ``f - 1`` was copied while the disk was
    written, so it is exact from ``l`` on only — §6.2);
 3. every disk can be rebuilt at ``S``: its newest base at or below ``S`` is ``b`` (a disk
-   with no base at all starts as zeros at ``b = 0``; a disk whose bases are all above
-   ``S`` cannot be rebuilt) and the segments hold every seq in ``(b, S]`` — they are
-   contiguous up to ``committed_seq``, so that means ``b == S`` or ``b + 1 >= F``, the
-   first retained segment's ``first_seq``.
+   with no ``seed`` base starts as zeros at ``b = 0`` — its ``consolidation`` bases are
+   derived from its records and change none of its points; a disk that joined with a
+   ``seed`` base cannot be rebuilt before it) and the segments hold every seq in
+   ``(b, S]`` — they are contiguous up to ``committed_seq``, so that means ``b == S`` or
+   ``b + 1 >= F``, the first retained segment's ``first_seq``.
 
 ``recoverable_ranges`` computes the whole set as a few inclusive ranges, so a refusal
 can name the nearest valid points on either side. Time targets map to the last record
@@ -181,14 +182,18 @@ def _first_segment_seq(state: CatalogState) -> int:
 
 
 def _base_seqs(state: CatalogState, disk: int) -> list[int]:
-    return sorted(b["seq"] for b in state.bases if b["disk"] == disk)
+    """The seqs ``disk`` can start a replay from: its bases, and 0 (all zeros) when it has
+    no ``seed`` base (rule 3)."""
+    mine = [b for b in state.bases if b["disk"] == disk]
+    seqs = {b["seq"] for b in mine}
+    if not any(b["origin"] == "seed" for b in mine):
+        seqs.add(0)
+    return sorted(seqs)
 
 
 def _disk_ranges(state: CatalogState, disk: int, first: int) -> Ranges:
     """Seqs at which ``disk`` can be rebuilt (rule 3 of the module docstring)."""
     bases = _base_seqs(state, disk)
-    if not bases:
-        return [(0, SEQ_INF)] if first <= 1 else [(0, 0)]
     ranges = [(b, b) for b in bases]  # the base itself, with no record to replay
     up = next((b for b in bases if b + 1 >= first), None)
     if up is not None:
@@ -258,13 +263,14 @@ def _why_not(state: CatalogState, seq: int) -> tuple[type[InvalidTarget], str]:
         bases = _base_seqs(state, d["disk"])
         name = f"disk {d['disk']} ({d['vm']}/{d['name']})"
         below = [b for b in bases if b <= seq]
-        if bases and not below:
+        if not below:
             return OutsideRetention, (
                 f"seq {seq} is before the first point the catalog can rebuild: {name} has no "
                 f"base at or below it (oldest base: seq {bases[0]})")
-        b = below[-1] if below else 0
+        b = below[-1]
         if b != seq and b + 1 < first:
-            start = f"its base at seq {b}" if below else "it has no base, so it replays from seq 1"
+            start = (f"its base at seq {b}" if any(x["seq"] == b and x["disk"] == d["disk"] for x in state.bases)
+                     else "it has no base, so it replays from seq 1")
             return OutsideRetention, (
                 f"seq {seq} is before the first point the catalog can rebuild: {name}: {start}, "
                 f"but the oldest retained segment starts at seq {first}")

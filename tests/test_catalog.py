@@ -27,7 +27,7 @@ SPEC_EXAMPLE = {  # FORMAT.md §8.2, verbatim
                   "first_seq": 1, "last_seq": 1000,
                   "first_ts": 1700000000000000000, "last_ts": 1700000000900000000,
                   "size": 4194304, "payload_raw_len": 4096000}],
-    "bases": [{"seq": 0, "disk": 0, "key": "d/00000007/base/0000000000000000/00000000.bmf"}],
+    "bases": [{"seq": 0, "disk": 0, "key": "d/00000007/base/0000000000000000/00000000.bmf", "origin": "seed"}],
     "marks": [{"name": "app-quiesced", "seq": 1000, "ts": 1700000000900000000}],
     "windows": [{"kind": "seeding", "first_seq": 1, "last_seq": 40}],
     "committed_seq": 1000,
@@ -180,7 +180,8 @@ def test_many_segments_append_and_trim_without_python_objects_per_lookup() -> No
         ({"set_windows": [{"kind": "other", "first_seq": 1, "last_seq": None}]}, "kind"),
         ({"set_windows": [{"kind": "resync", "first_seq": 5, "last_seq": 4}]}, "ends before"),
         ({"remove_bases": [{"seq": 1, "disk": 0}]}, "not in the catalog"),
-        ({"add_bases": [{"seq": 0, "disk": 0, "key": "x"}]}, "is not the key"),
+        ({"add_bases": [{"seq": 0, "disk": 0, "key": "x", "origin": "seed"}]}, "is not the key"),
+        ({"add_bases": [{"seq": 0, "disk": 0, "key": base_manifest_key(7, 0, 0), "origin": "x"}]}, "origin"),
         ({"disks": [{"disk": 0, "vm": "a", "name": "b", "size": 1}] * 2}, "twice"),
         ({"committed_seq": -1}, "integer"),
         ({"committed_seq": True}, "integer"),
@@ -189,7 +190,7 @@ def test_many_segments_append_and_trim_without_python_objects_per_lookup() -> No
 )
 def test_refused_deltas_leave_the_state_unchanged(delta, message) -> None:
     state = _state(3)
-    state.apply_delta({"add_bases": [{"seq": 0, "disk": 0, "key": base_manifest_key(7, 0, 0)}],
+    state.apply_delta({"add_bases": [{"seq": 0, "disk": 0, "key": base_manifest_key(7, 0, 0), "origin": "seed"}],
                        "horizon_seq": 5})
     before = state.to_snapshot_body()
     if message is None:  # the control case: a valid delta
@@ -363,3 +364,26 @@ def test_marks_below_the_horizon_are_dropped() -> None:
     state.apply_delta({"add_marks": [{"name": "a", "seq": 5, "ts": 1}, {"name": "b", "seq": 15, "ts": 2}]})
     state.apply_delta({"horizon_seq": 11})
     assert [m["name"] for m in state.marks] == ["b"]
+
+
+def test_maintenance_difference_tells_consolidation_from_another_writer() -> None:
+    """§8.3: what a DRVA may absorb (bases, front removal, horizon) and what fences it."""
+    old = _state(6)
+    old.apply_delta({"add_marks": [{"name": "a", "seq": 2, "ts": 1}, {"name": "b", "seq": 5, "ts": 2}]})
+    keys = old.segment_keys(old.segments.rows(0, 2))
+    base = {"seq": 4, "disk": 0, "key": base_manifest_key(7, 4, 0), "origin": "consolidation"}
+    ok = old.copy()
+    ok.apply_delta({"add_bases": [base], "remove_segments": keys, "horizon_seq": 4})
+    assert old.maintenance_difference(ok) is None
+    assert [m["name"] for m in ok.marks] == ["b"]  # the horizon dropped mark "a"
+    assert old.maintenance_difference(old.copy()) is None
+    grown = old.copy()
+    grown.apply_delta({"add_segments": [seg(7, old.committed_seq + 1, old.committed_seq + 3)]})
+    assert "committed_seq" in old.maintenance_difference(grown)
+    marked = old.copy()
+    marked.apply_delta({"add_marks": [{"name": "c", "seq": 6, "ts": 3}]})
+    assert "marks" in old.maintenance_difference(marked)
+    windowed = old.copy()
+    windowed.apply_delta({"set_windows": [{"kind": "resync", "first_seq": 3, "last_seq": 4}]})
+    assert "windows" in old.maintenance_difference(windowed)
+    assert "committed_seq" in grown.maintenance_difference(old)

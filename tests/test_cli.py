@@ -71,3 +71,25 @@ def test_points_recover_verify_on_the_demo_store(tmp_path):
     seg.write_bytes(bytes(raw))
     r = cdp("verify", "erp", *store, "--deep")
     assert r.returncode == 6 and seg.name in r.stdout
+    # Consolidation reads the damaged segment: it stops and names it, the catalog unchanged.
+    r = cdp("consolidate", "erp", *store, "--older-than", "0", "--retention", "0", "--json")
+    assert r.returncode == 3 and seg.name in r.stderr, r.stderr
+    raw[200] ^= 1
+    seg.write_bytes(bytes(raw))
+    r = cdp("consolidate", "erp", *store, "--older-than", "0", "--retention", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    latest = pts["latest"]
+    assert out["consolidated_seq"] == out["horizon_seq"] == latest and out["segments_removed"] >= 2
+    assert not seg.exists()
+    r = cdp("recover", "erp", *store, "--latest", "--to", str(tmp_path / "after"), "--json")
+    assert r.returncode == 0, r.stderr
+    for ref in sorted((d / "recovered-latest").glob("*.img")):
+        assert (tmp_path / "after" / ref.name).read_bytes() == ref.read_bytes()
+    r = cdp("recover", "erp", *store, "--mark", "demo-mark", "--to", str(tmp_path / "gone"))
+    assert r.returncode == 2 and "no mark named" in r.stderr  # dropped with the horizon
+    r = cdp("recover", "erp", *store, "--seq", str(mark_seq), "--to", str(tmp_path / "gone"))
+    assert r.returncode == 2 and "outside retention" in r.stderr and f"seq {latest}" in r.stderr
+    assert json.loads(cdp("verify", "erp", *store, "--deep", "--json").stdout)["ok"] is True
+    r = cdp("consolidate", "erp", *store, "--older-than", "soon")
+    assert r.returncode == 2 and "duration" in r.stderr

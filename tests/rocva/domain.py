@@ -17,6 +17,7 @@ import numpy as np
 from cdp.base_image import ZERO_HASH, encode_chunk, encode_manifest, is_zero
 from cdp.catalog import CatalogState, CatalogWriter
 from cdp.digest import sha256_file
+from cdp.errors import AlreadyExists
 from cdp.layout import base_manifest_key, chunk_key, segment_key
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, RECORD_DTYPE,
@@ -63,8 +64,19 @@ class DomainBuilder:
 
     async def start(self) -> DomainBuilder:
         self.writer = CatalogWriter(self.store, CatalogState.new(self.domain, "dom", TS0), snapshot_every=5)
-        await self.writer.commit({"disks": self.disks})
+        await self._commit({"disks": self.disks})
         return self
+
+    async def _commit(self, delta: dict) -> None:
+        """Commit like a DRVA: a consolidation job's generation is absorbed, then retried on."""
+        while True:
+            try:
+                await self.writer.commit(delta)
+                return
+            except AlreadyExists:
+                why = await self.writer.catch_up_maintenance()
+                if why is not None:
+                    raise AssertionError(f"fenced: {why}") from None
 
     # ---- records
 
@@ -127,14 +139,16 @@ class DomainBuilder:
                  "set_windows": [dict(w) for w in self.windows]}
         if self._new_marks:
             delta["add_marks"] = self._new_marks
-        await self.writer.commit(delta)
+        await self._commit(delta)
         self.segment_keys.append(key)
         self._records, self._payload, self._new_marks = [], [], []
         return key
 
-    async def add_base(self, disk: int, *, chunk_size: int = 64 << 10, seeding_until: int | None = None) -> str:
-        """Store disk ``disk`` as it is now as a base at ``self.seq``; optionally declare the
-        seeding window ``seq + 1 .. seeding_until``."""
+    async def add_base(self, disk: int, *, chunk_size: int = 64 << 10, seeding_until: int | None = None,
+                       origin: str = "seed") -> str:
+        """Store disk ``disk`` as it is now as a base at ``self.seq`` (a disk joining with
+        content unless ``origin="consolidation"``); optionally declare the seeding window
+        ``seq + 1 .. seeding_until``."""
         seq = self.seq
         content = bytes(self.model[disk])
         count = -(-len(content) // chunk_size)
@@ -151,18 +165,18 @@ class DomainBuilder:
         assert ZERO_HASH == bytes(16)
         key = base_manifest_key(self.domain, seq, disk)
         await self.store.put(key, encode_manifest(self.domain, disk, seq, len(content), chunk_size, hashes))
-        delta = {"add_bases": [{"seq": seq, "disk": disk, "key": key}]}
+        delta = {"add_bases": [{"seq": seq, "disk": disk, "key": key, "origin": origin}]}
         if seeding_until is not None:
             self.windows.append({"kind": "seeding", "first_seq": seq + 1, "last_seq": seeding_until})
             delta["set_windows"] = [dict(w) for w in self.windows]
-        await self.writer.commit(delta)
+        await self._commit(delta)
         self.base_keys.append(key)
         return key
 
     async def retire(self, segments: int, horizon: int) -> None:
         """Retention: drop the oldest ``segments`` segments and raise the horizon."""
         gone, self.segment_keys = self.segment_keys[:segments], self.segment_keys[segments:]
-        await self.writer.commit({"remove_segments": gone, "horizon_seq": horizon})
+        await self._commit({"remove_segments": gone, "horizon_seq": horizon})
 
     async def reference(self, out_dir: Path, seq: int) -> list[str]:
         """sha256 of every disk at ``seq`` by ``cdp.replay.replay_reference``."""

@@ -31,7 +31,7 @@ async def make_domain(store, segments: int = 6) -> dict:
     hashes[0] = hashes[2] = np.frombuffer(h, dtype=np.uint8)
     mkey = base_manifest_key(1, 0, 1)
     await store.put(mkey, encode_manifest(1, 1, 0, DISK, 1 << 20, hashes))
-    await writer.commit({"add_bases": [{"seq": 0, "disk": 1, "key": mkey}]})
+    await writer.commit({"add_bases": [{"seq": 0, "disk": 1, "key": mkey, "origin": "seed"}]})
     seq = 1
     for i in range(segments):
         records, payload = write_batch(seq, PER_SEGMENT, 4096)

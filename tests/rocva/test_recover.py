@@ -28,7 +28,7 @@ async def test_bases_consolidation_and_both_disks(tmp_path: Path) -> None:
     early = await random_workload(b, rng, 150, seal_every=12)
     mid = b.seq
     mid_shas = b.snapshot()
-    await b.add_base(0, chunk_size=64 * KiB)  # a consolidated base of disk 0 at `mid`
+    await b.add_base(0, chunk_size=64 * KiB, origin="consolidation")  # a consolidated base of disk 0 at `mid`
     late = await random_workload(b, rng, 150, seal_every=12)
     for seq, shas in [*early.items(), *late.items(), (mid, mid_shas), (b.seq, b.snapshot())]:
         await check(b, seq, tmp_path, shas)

@@ -1,0 +1,321 @@
+"""Locks and leases in the object store (FORMAT.md §11).
+
+Objects that retention and chunk garbage collection delete may be in use by another
+process that only *reads* the store: a recovery planned from an older catalog
+generation, or a seeder/consolidation about to name an existing chunk in a new
+manifest. Both sides announce themselves with small lock objects under ``l/``, and every
+rule below is "create your own object first, then list the other side's": of two
+processes racing, at least one sees the other (the stores are strongly consistent for
+list-after-put).
+
+- ``l/recovery/<domain>/<id>.lock`` (shared): a recovery reads that domain's objects.
+  Retention deletes nothing of the domain while one is live.
+- ``l/writer/<id>.lock`` (shared): a chunk writer may rely on chunks it saw in the store.
+  The chunk sweep does not run while one is live; a writer waits while a sweep runs.
+- ``l/gc/<n>.lock`` and ``l/maint/<domain>/<n>.lock`` (exclusive): the live lock with the
+  highest ``n`` holds; a new holder creates ``n + 1`` with a conditional put, so two
+  takers of an expired lock cannot both win.
+
+A lock lives until ``expires_ns`` (+ ``skew_s`` for everyone but its holder, for clock
+skew between hosts); the holder rewrites it every ``ttl / 3`` and stops relying on it
+(``check()`` raises ``LeaseLost``) once its own clock passes ``expires_ns − ttl / 3``
+without a renewal, or, for an exclusive lock, when a higher ``n`` appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from cdp.errors import AlreadyExists, Busy, FormatError, LeaseLost, NotFound, StoreError
+from cdp.layout import U32_MAX
+from cdp.logs import get_logger
+from cdp.summed import checked_body, pack_summed, unpack_summed
+
+log = get_logger("cdp.locks")
+
+LOCK_MAGIC = b"CDPL"
+LOCK_VERSION = 1
+KIND_GC, KIND_MAINTENANCE, KIND_WRITER, KIND_RECOVERY = 1, 2, 3, 4  # §11.1
+KIND_NAMES = {KIND_GC: "gc", KIND_MAINTENANCE: "maintenance", KIND_WRITER: "writer",
+              KIND_RECOVERY: "recovery"}
+NO_DOMAIN = U32_MAX  # §11.1: the domain field of store-wide locks
+BODY_LEN_MAX = 64 << 10
+TTL_DEFAULT_S = 120.0
+#: How far the clocks of two hosts may disagree: a lock is someone else's until this long
+#: after its expiry. ``cdp preflight system`` checks the skew against the store.
+SKEW_DEFAULT_S = 30.0
+WRITER_WAIT_DEFAULT_S = 600.0
+
+# FORMAT.md §11.1: lock header, 64 bytes; header_xxh3 (last field) covers [0, 56).
+_HEADER = struct.Struct("<4sHHIIQQ24sQ")
+assert _HEADER.size == 64, "FORMAT.md §11.1"
+_HEADER_ZERO = {"reserved": (32, 24)}
+_BODY_KEYS = frozenset(("owner", "host", "pid", "token", "created_ns"))
+
+
+def gc_prefix() -> str:
+    return "l/gc/"
+
+
+def maintenance_prefix(domain: int) -> str:
+    return f"l/maint/{domain:08x}/"
+
+
+def writer_prefix() -> str:
+    return "l/writer/"
+
+
+def recovery_prefix(domain: int) -> str:
+    return f"l/recovery/{domain:08x}/"
+
+
+# --------------------------------------------------------------------------- codec
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """One decoded lock object."""
+
+    key: str
+    kind: int
+    domain: int
+    expires_ns: int
+    body: dict
+
+    def live(self, now_ns: int, skew_s: float = SKEW_DEFAULT_S) -> bool:
+        """Seen by anyone but its holder: still held at ``now_ns``."""
+        return now_ns <= self.expires_ns + int(skew_s * 1e9)
+
+    def describe(self) -> str:
+        b = self.body
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b["created_ns"] / 1e9))
+        return f"{b['owner']} (host {b['host']}, pid {b['pid']}, since {since}, lock {self.key})"
+
+
+def encode_lock(kind: int, domain: int, expires_ns: int, body: dict) -> bytes:
+    """A lock object (§11.1): header, then ``body`` as compact, key-sorted UTF-8 JSON."""
+    if kind not in KIND_NAMES:
+        raise ValueError(f"lock kind {kind} not in {sorted(KIND_NAMES)}")
+    data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    if len(data) > BODY_LEN_MAX:
+        raise ValueError(f"lock body of {len(data)} bytes > {BODY_LEN_MAX}")
+    return pack_summed(_HEADER, LOCK_MAGIC, LOCK_VERSION, kind, domain, len(data), expires_ns,
+                       xxhash.xxh3_64_intdigest(data), bytes(24)) + data
+
+
+def decode_lock(key: str, data: bytes | bytearray | memoryview) -> LockInfo:
+    """Verify the lock object stored under ``key`` (FormatError naming it otherwise)."""
+    mv = memoryview(data).cast("B")
+    where = f"lock {key}"
+    kind, domain, body_len, expires_ns, body_xxh3, _ = unpack_summed(
+        _HEADER, mv, where=where, magic=LOCK_MAGIC, version=LOCK_VERSION, zero=_HEADER_ZERO)
+    if kind not in KIND_NAMES:
+        raise FormatError(f"{where}: header at offset 6: kind {kind}, expected 1..4")
+    if body_len > BODY_LEN_MAX:
+        raise FormatError(f"{where}: header at offset 12: body_len {body_len} > {BODY_LEN_MAX}")
+    raw = checked_body(mv, body_len, body_xxh3, where=where, what="body_xxh3")
+    try:
+        body = json.loads(str(raw, "utf-8"))
+    except ValueError as exc:
+        raise FormatError(f"{where}: the body at offset 64 is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(body, dict) or set(body) != _BODY_KEYS:
+        got = sorted(body) if isinstance(body, dict) else type(body).__name__
+        raise FormatError(f"{where}: body keys {got}, expected {sorted(_BODY_KEYS)}")
+    return LockInfo(key, kind, domain, expires_ns, body)
+
+
+async def list_locks(store, prefix: str) -> list[LockInfo]:
+    """Every lock object under ``prefix``, in key order. A lock that vanishes between the
+    listing and the read is skipped (its holder released it)."""
+    out = []
+    async for info in store.list(prefix):
+        try:
+            out.append(decode_lock(info.key, await store.get(info.key)))
+        except NotFound:
+            continue
+    return out
+
+
+async def live_locks(store, prefix: str, *, now_ns: int | None = None,
+                     skew_s: float = SKEW_DEFAULT_S) -> list[LockInfo]:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    return [lk for lk in await list_locks(store, prefix) if lk.live(now_ns, skew_s)]
+
+
+# --------------------------------------------------------------------------- holding
+
+
+class Lease:
+    """A lock object this process holds, renewed in the background until ``release``."""
+
+    def __init__(self, store, key: str, kind: int, domain: int, *, owner: str,
+                 ttl_s: float = TTL_DEFAULT_S, exclusive_prefix: str | None = None) -> None:
+        assert ttl_s > 0, ttl_s
+        self.store = store
+        self.key = key
+        self.kind = kind
+        self.domain = domain
+        self.ttl_s = ttl_s
+        self.exclusive_prefix = exclusive_prefix
+        self.body = {"owner": owner, "host": socket.gethostname()[:255], "pid": os.getpid(),
+                     "token": uuid.uuid4().hex, "created_ns": time.time_ns()}
+        self.expires_ns = 0
+        self.lost: str | None = None
+        self._task: asyncio.Task | None = None
+
+    def _object(self) -> tuple[bytes, int]:
+        expires = time.time_ns() + int(self.ttl_s * 1e9)
+        return encode_lock(self.kind, self.domain, expires, self.body), expires
+
+    async def create(self, *, if_absent: bool = False) -> None:
+        data, expires = self._object()
+        await self.store.put(self.key, data, if_absent=if_absent)
+        self.expires_ns = expires
+        self._task = asyncio.create_task(self._renew_loop(), name=f"lease {self.key}")
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` unless this lease is certainly still held."""
+        if self.lost is None and time.time_ns() > self.expires_ns - int(self.ttl_s / 3 * 1e9):
+            self.lost = f"not renewed since {self.ttl_s * 2 / 3:.0f} s before its expiry"
+        if self.lost is not None:
+            raise LeaseLost(f"lock {self.key} lost: {self.lost}")
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                if self.exclusive_prefix is not None:
+                    newer = [i.key async for i in self.store.list(self.exclusive_prefix) if i.key > self.key]
+                    if newer:
+                        self.lost = f"superseded by {newer[-1]}"
+                        log.error("lock_lost", key=self.key, reason=self.lost)
+                        return
+                data, expires = self._object()
+                await self.store.put(self.key, data)
+                self.expires_ns = expires
+            except StoreError as exc:  # retried next tick; check() tells when it is too late
+                log.warning("lock_renew_failed", key=self.key, error=exc.message)
+
+    async def release(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self.store.delete(self.key)
+        except StoreError as exc:  # it expires by itself
+            log.warning("lock_release_failed", key=self.key, error=exc.message)
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.release()
+
+
+def _exclusive_number(prefix: str, key: str) -> int:
+    name = key[len(prefix):]
+    if len(name) != 21 or not name.endswith(".lock") or not all(c in "0123456789abcdef" for c in name[:16]):
+        raise FormatError(f"lock {key}: expected {prefix}<n: 16 hex digits>.lock (FORMAT.md §11.2)")
+    return int(name[:16], 16)
+
+
+async def acquire_exclusive(store, prefix: str, kind: int, domain: int, *, owner: str,
+                            ttl_s: float = TTL_DEFAULT_S, skew_s: float = SKEW_DEFAULT_S) -> Lease:
+    """Hold the exclusive lock under ``prefix`` (§11.2), or raise ``Busy`` naming its holder."""
+    locks = await list_locks(store, prefix)
+    now = time.time_ns()
+    n = 0
+    if locks:
+        top = locks[-1]
+        if top.live(now, skew_s):
+            raise Busy(f"{KIND_NAMES[kind]} lock held by {top.describe()}")
+        n = _exclusive_number(prefix, top.key)
+    key = f"{prefix}{n + 1:016x}.lock"
+    lease = Lease(store, key, kind, domain, owner=owner, ttl_s=ttl_s, exclusive_prefix=prefix)
+    try:
+        await lease.create(if_absent=True)
+    except AlreadyExists:
+        raise Busy(f"{KIND_NAMES[kind]} lock {key} was taken at the same moment by another process") from None
+    for old in locks:  # expired predecessors: nobody relies on them
+        await store.delete(old.key)
+    return lease
+
+
+async def recovery_lease(store, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S) -> Lease:
+    """Announce a recovery reading ``domain`` (§11.3). Take it *before* loading the catalog."""
+    lease = Lease(store, f"{recovery_prefix(domain)}{uuid.uuid4().hex}.lock", KIND_RECOVERY, domain,
+                  owner=owner, ttl_s=ttl_s)
+    await lease.create()
+    return lease
+
+
+async def maintenance_lock(store, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+                           skew_s: float = SKEW_DEFAULT_S) -> Lease:
+    """The one consolidation/retention job of ``domain`` at a time (§11.2)."""
+    return await acquire_exclusive(store, maintenance_prefix(domain), KIND_MAINTENANCE, domain,
+                                   owner=owner, ttl_s=ttl_s, skew_s=skew_s)
+
+
+async def chunk_writer_lease(store, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+                             skew_s: float = SKEW_DEFAULT_S,
+                             wait_s: float = WRITER_WAIT_DEFAULT_S) -> Lease:
+    """Announce a chunk writer (§11.4): create ours, then make sure no sweep runs.
+
+    While a chunk sweep holds the gc lock, ours is withdrawn and we wait (sweeps are
+    short) up to ``wait_s``, then ``Busy``. Chunks seen in the store before this returns
+    must not be relied on: look again under the lease.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        lease = Lease(store, f"{writer_prefix()}{uuid.uuid4().hex}.lock", KIND_WRITER, NO_DOMAIN,
+                      owner=owner, ttl_s=ttl_s)
+        await lease.create()
+        try:
+            sweeps = await live_locks(store, gc_prefix(), skew_s=skew_s)
+        except BaseException:
+            await lease.release()
+            raise
+        if not sweeps:
+            return lease
+        await lease.release()
+        if time.monotonic() >= deadline:
+            raise Busy(f"chunk writer: a chunk sweep still runs after {wait_s:.0f} s: {sweeps[-1].describe()}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def gc_lock(store, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+                  skew_s: float = SKEW_DEFAULT_S) -> Lease:
+    """The store-wide chunk-sweep lock (§11.4): exclusive, and only while no chunk writer
+    is live (``Busy`` naming one otherwise, the lock released)."""
+    lease = await acquire_exclusive(store, gc_prefix(), KIND_GC, NO_DOMAIN, owner=owner,
+                                    ttl_s=ttl_s, skew_s=skew_s)
+    try:
+        writers = await live_locks(store, writer_prefix(), skew_s=skew_s)
+    except BaseException:
+        await lease.release()
+        raise
+    if writers:
+        await lease.release()
+        raise Busy(f"chunk sweep: {len(writers)} chunk writer(s) active, e.g. {writers[0].describe()}")
+    return lease
+
+
+__all__ = [
+    "KIND_GC", "KIND_MAINTENANCE", "KIND_NAMES", "KIND_RECOVERY", "KIND_WRITER", "Lease", "LockInfo",
+    "NO_DOMAIN", "SKEW_DEFAULT_S", "TTL_DEFAULT_S", "acquire_exclusive", "chunk_writer_lease",
+    "decode_lock", "encode_lock", "gc_lock", "gc_prefix", "list_locks", "live_locks",
+    "maintenance_lock", "maintenance_prefix", "recovery_lease", "recovery_prefix", "writer_prefix",
+]

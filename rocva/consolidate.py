@@ -1,0 +1,263 @@
+"""Consolidation and retention of one domain: ``cdp consolidate DOMAIN``.
+
+One job, under the domain's maintenance lock (FORMAT.md §11.2, one job per domain):
+
+1. **Choose** the consolidation seq ``B``: the end of the newest segment whose last
+   record is older than ``older_than`` and that is a recovery point (so the new base is
+   exact, not inside a seeding or resync window). Nothing to do when every disk already
+   has a base at or after ``B``.
+2. **Build** a base of every disk at ``B``: the recovery planner and executor rebuild the
+   disks at ``B`` into a scratch directory (every checksum checked, as for a recovery);
+   each image is cut into chunks; all-zero chunks are not stored, a chunk already in the
+   store (looked up under a chunk-writer lease, §11.4) or already seen in this job is
+   stored once; a manifest per disk names them.
+3. **Commit** one catalog delta: the new bases, plus the retention delta
+   (``rocva.retention.retention_delta``) when a retention window is given. The DRVA
+   writing the same catalog absorbs this generation and retries its own on top (§8.3);
+   if the DRVA wins the race, the job reloads the catalog and recomputes the delta.
+4. **Sweep**: delete what the catalog no longer names (``sweep_domain``; deferred while a
+   recovery of the domain holds a lease), then, if any manifest was deleted, the chunks
+   no manifest names (``sweep_chunks``, store-wide).
+
+Recovery cost stays bounded: after a consolidation, the latest point needs one base and
+the segments written since ``B``, whatever the churn before ``B``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdp.base_image import CHUNK_SIZE_DEFAULT, HASH_BYTES, encode_chunk, encode_manifest, is_zero, xxh3_128
+from cdp.catalog import CatalogWriter
+from cdp.catalog_state import CatalogState
+from cdp.errors import AlreadyExists, Busy, NotFound
+from cdp.layout import base_manifest_key, chunk_key
+from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, chunk_writer_lease, maintenance_lock
+from cdp.logs import get_logger
+from rocva.plan import CONCURRENCY_DEFAULT, build_plan, load_state
+from rocva.recover import execute_plan
+from rocva.retention import retention_delta, sweep_chunks, sweep_domain
+from rocva.target import ResolvedTarget, Target, recoverable_ranges
+
+log = get_logger("rocva.consolidate")
+
+COMMIT_RETRIES = 16
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def consolidation_seq(state: CatalogState, cutoff_ns: int) -> int | None:
+    """``B`` of step 1 (module docstring), or None when there is nothing to consolidate."""
+    last_ts = state.segments.column("last_ts")
+    k = int(np.searchsorted(last_ts, np.uint64(cutoff_ns), side="right"))  # segments older than the cutoff
+    if k == 0:
+        return None
+    ends = state.segments.column("last_seq")[:k].astype(np.int64)
+    best = None
+    for a, b in recoverable_ranges(state):
+        inside = ends[(ends >= a) & (ends <= b)]
+        if len(inside):
+            best = int(inside[-1]) if best is None else max(best, int(inside[-1]))
+    if best is None or not state.disks:
+        return None
+    newest = [max((b["seq"] for b in state.bases if b["disk"] == d["disk"]), default=-1) for d in state.disks]
+    return None if min(newest) >= best else best
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def _read_chunk(fd: int, offset: int, length: int) -> tuple[bytes | None, bytes]:
+    """(hash16, raw) of one chunk of an image; (None, b"") when it is all zeros."""
+    raw = os.pread(fd, length, offset)
+    if len(raw) != length:
+        raise OSError(f"short read of {len(raw)} bytes at offset {offset}, expected {length}")
+    if is_zero(raw):
+        return None, b""
+    return xxh3_128(raw), raw
+
+
+class _ChunkUploader:
+    """Stores the chunks of images under one chunk-writer lease, each distinct one once."""
+
+    def __init__(self, store, lease: Lease, pool: ThreadPoolExecutor, concurrency: int) -> None:
+        self.store = store
+        self.lease = lease
+        self.pool = pool
+        self.sem = asyncio.Semaphore(concurrency)
+        self.present: set[bytes] = set()  # seen in the store (or put) under this lease
+        self.failed = False
+        self.stats = {"chunks": 0, "zero_chunks": 0, "chunks_stored": 0, "chunks_deduplicated": 0,
+                      "bytes_stored": 0}
+
+    async def image(self, path: Path, size: int, chunk_size: int,
+                    progress: Callable[[int], None]) -> np.ndarray:
+        count = -(-size // chunk_size)
+        hashes = np.zeros((count, HASH_BYTES), dtype=np.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            tasks = []
+            for i in range(count):
+                await self.sem.acquire()  # taken before the task: pending work stays bounded
+                if self.failed:  # stop starting work; gather below raises the error
+                    self.sem.release()
+                    break
+                tasks.append(asyncio.create_task(self._one(fd, i, chunk_size, size, hashes, progress)))
+            await asyncio.gather(*tasks)
+        finally:
+            os.close(fd)
+        return hashes
+
+    async def _one(self, fd: int, i: int, chunk_size: int, size: int, hashes: np.ndarray,
+                   progress: Callable[[int], None]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            length = min(chunk_size, size - i * chunk_size)
+            h, raw = await loop.run_in_executor(self.pool, _read_chunk, fd, i * chunk_size, length)
+            self.stats["chunks"] += 1
+            if h is None:
+                self.stats["zero_chunks"] += 1
+            else:
+                hashes[i] = np.frombuffer(h, dtype=np.uint8)
+                await self._store(h, raw)
+            progress(length)
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self.sem.release()
+
+    async def _store(self, h: bytes, raw: bytes) -> None:
+        if h in self.present:
+            self.stats["chunks_deduplicated"] += 1
+            return
+        self.present.add(h)  # before the awaits: a twin in flight counts as a duplicate
+        key = chunk_key(h)
+        self.lease.check()
+        try:
+            await self.store.stat(key)
+            self.stats["chunks_deduplicated"] += 1
+            return
+        except NotFound:
+            pass
+        _, obj = await asyncio.get_running_loop().run_in_executor(self.pool, encode_chunk, raw)
+        self.lease.check()
+        await self.store.put(key, obj)
+        self.stats["chunks_stored"] += 1
+        self.stats["bytes_stored"] += len(obj)
+
+
+async def build_bases(store, state: CatalogState, generation: int, seq: int, scratch: Path, *,
+                      chunk_size: int = CHUNK_SIZE_DEFAULT, concurrency: int = CONCURRENCY_DEFAULT,
+                      progress: Progress | None = None, lease_ttl_s: float = TTL_DEFAULT_S,
+                      skew_s: float = SKEW_DEFAULT_S) -> tuple[list[dict], dict]:
+    """Write a base (chunks + manifest) of every disk of ``state`` at ``seq`` (step 2);
+    return the catalog ``add_bases`` entries and the chunk statistics."""
+    plan = await build_plan(store, state, generation, ResolvedTarget(seq, Target.seq(seq)),
+                            concurrency=concurrency)
+    images = scratch / "images"
+    total = sum(d.size for d in plan.disks)
+    await execute_plan(store, plan, images, concurrency=concurrency,
+                       progress=(lambda done, tot: progress("rebuild", done, tot)) if progress else None)
+    done = 0
+
+    def chunked(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("chunk", done, total)
+
+    entries = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="consolidate") as pool:
+        async with await chunk_writer_lease(store, owner=f"cdp consolidate domain {state.domain_id}",
+                                            ttl_s=lease_ttl_s, skew_s=skew_s) as lease:
+            up = _ChunkUploader(store, lease, pool, concurrency)
+            for d in plan.disks:
+                hashes = await up.image(images / d.image_name, d.size, chunk_size, chunked)
+                key = base_manifest_key(state.domain_id, seq, d.disk)
+                lease.check()  # the chunks it names were seen under this lease (§11.4)
+                await store.put(key, encode_manifest(state.domain_id, d.disk, seq, d.size, chunk_size, hashes))
+                entries.append({"seq": seq, "disk": d.disk, "key": key, "origin": "consolidation"})
+    return entries, up.stats
+
+
+# --------------------------------------------------------------------------- the job
+
+
+async def consolidate(store, domain: int, *, older_than_s: float, retention_s: float | None = None,
+                      now_ns: int | None = None, scratch_dir: Path | str | None = None,
+                      chunk_size: int = CHUNK_SIZE_DEFAULT, concurrency: int = CONCURRENCY_DEFAULT,
+                      progress: Progress | None = None, lease_ttl_s: float = TTL_DEFAULT_S,
+                      skew_s: float = SKEW_DEFAULT_S, sweep_all_chunks: bool = False) -> dict[str, Any]:
+    """Run the consolidation and retention job of ``domain`` (module docstring).
+
+    ``older_than_s``: consolidate what is older than this; ``retention_s``: keep every
+    point at most this old (None: no retention). ``now_ns`` anchors both (default: the
+    clock). ``sweep_all_chunks`` runs the chunk sweep even when no manifest was deleted.
+    Raises ``Busy`` when another job holds the domain's maintenance lock.
+    """
+    t0 = time.monotonic()
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    summary: dict[str, Any] = {"domain": domain, "consolidated_seq": None, "bases_added": 0,
+                               "chunks": None, "horizon_seq": None, "segments_removed": 0,
+                               "bases_removed": 0, "generation": None, "sweep": None, "chunk_sweep": None}
+    owner = f"cdp consolidate domain {domain}"
+    async with await maintenance_lock(store, domain, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s) as mlock:
+        state, generation = await load_state(store, domain)
+        seq = consolidation_seq(state, now_ns - int(older_than_s * 1e9))
+        built: list[dict] = []
+        if seq is not None:
+            scratch = Path(tempfile.mkdtemp(prefix=f"consolidate-{domain:08x}-", dir=scratch_dir))
+            try:
+                built, summary["chunks"] = await build_bases(
+                    store, state, generation, seq, scratch, chunk_size=chunk_size, concurrency=concurrency,
+                    progress=progress, lease_ttl_s=lease_ttl_s, skew_s=skew_s)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            summary["consolidated_seq"] = seq
+        for _ in range(COMMIT_RETRIES):
+            have = {(b["seq"], b["disk"]) for b in state.bases}
+            delta: dict[str, Any] = {}
+            add = [b for b in built if (b["seq"], b["disk"]) not in have]
+            if add:
+                delta["add_bases"] = add
+            after = state.copy()
+            after.apply_delta(delta)
+            if retention_s is not None:
+                delta.update(await retention_delta(store, after, now_ns - int(retention_s * 1e9)))
+            if not delta:
+                break
+            mlock.check()
+            writer = CatalogWriter(store, state, generation)
+            try:
+                generation = await writer.commit(delta)
+            except AlreadyExists:  # the DRVA committed first: reload, recompute, retry
+                state, generation = await load_state(store, domain)
+                continue
+            state = writer.state
+            summary.update(bases_added=len(add), segments_removed=len(delta.get("remove_segments", [])),
+                           bases_removed=len(delta.get("remove_bases", [])), generation=generation)
+            log.info("consolidation_committed", domain=domain, generation=generation,
+                     consolidated_seq=seq, horizon_seq=state.horizon_seq, **{
+                         k: summary[k] for k in ("bases_added", "segments_removed", "bases_removed")})
+            break
+        else:
+            raise Busy(f"domain {domain}: lost {COMMIT_RETRIES} catalog races in a row; try again")
+        summary["horizon_seq"] = state.horizon_seq
+        summary["sweep"] = await sweep_domain(store, state, skew_s=skew_s, check=mlock.check)
+    if summary["sweep"]["manifests_deleted"] or sweep_all_chunks:
+        try:
+            summary["chunk_sweep"] = await sweep_chunks(store, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s)
+        except Busy as exc:  # a seeding or another consolidation writes chunks: next time
+            summary["chunk_sweep"] = {"deferred": exc.message}
+    summary["seconds"] = round(time.monotonic() - t0, 3)
+    return summary
