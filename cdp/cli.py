@@ -59,6 +59,10 @@ def demo(workdir: Path | None, disk_size: str, writes_mb: int, as_json: bool) ->
         sys.exit(1)
 
 
+config_option = click.option(
+    "--config", "config_path", envvar="CDP_CONFIG", required=True, type=click.Path(path_type=Path),
+    help="The site file (see examples/site.toml; env CDP_CONFIG).")
+
 store_option = click.option(
     "--store", "store_url", envvar="CDP_STORE", required=True,
     help="Object store URL: file:///path, s3://bucket/prefix, azure://container/prefix (env CDP_STORE).")
@@ -326,6 +330,18 @@ def log_info(path: Path, as_json: bool) -> None:
                 "tail": st.tail, "data_size": st.data_size, "used_bytes": st.used_bytes,
                 "frames": frames, "first_seq": first, "last_seq": last}
     _emit(as_json, info, lambda r: "\n".join(f"{k:<10} {v}" for k, v in r.items()))
+
+
+def _register_management_verbs() -> None:
+    """The management verbs live in their own modules (site operations; the daemon and
+    the verbs that talk to it); each adds its commands to ``cli``."""
+    from cdp import cli_msa, cli_site
+
+    cli_site.register(cli)
+    cli_msa.register(cli)
+
+
+_register_management_verbs()
 
 
 def main() -> None:

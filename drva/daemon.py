@@ -35,6 +35,7 @@ from drva.committer import GroupCommitter, log_entry
 from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
 from drva.seeder import Seeder
+from drva.requests import RequestBox
 from drva.session import Session
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
@@ -86,6 +87,7 @@ class Drva:
         spawn(self._commit_loop(), "catalog-committer")
         spawn(self._open_catalogs(), "catalog-opener")
         spawn(self._status_loop(), "status")
+        spawn(RequestBox(self).run(), "requests")
         self.server = await asyncio.start_server(
             self._accept, cfg.host, cfg.port, ssl=self._tls(), limit=1 << 20, reuse_address=True)
         self._port = self.server.sockets[0].getsockname()[1]
@@ -136,11 +138,13 @@ class Drva:
         if not self.cfg.log_path.exists():
             if self.cfg.log_size is None:
                 raise ConfigError(f"log partition {self.cfg.log_path} does not exist and log.size is not set")
+            self.cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
             ReplicationLog.format(self.cfg.log_path, self.cfg.log_size, label=self.cfg.name)
         return ReplicationLog.open(self.cfg.log_path, direct=self.cfg.log_direct)
 
     def _open_meta(self) -> MetaRepository:
         if not self.cfg.meta_path.exists():
+            self.cfg.meta_path.parent.mkdir(parents=True, exist_ok=True)
             MetaRepository.format(self.cfg.meta_path)
         return MetaRepository.open(self.cfg.meta_path)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from cdp import wire
 from cdp.logs import get_logger
-from iofilter_sim.filter import DomainFilter
+from iofilter_sim.filter import DomainFilter, FilterError
 
 log = get_logger("iofilter.client")
 
@@ -131,6 +131,23 @@ class FilterClient:
                 self.seed_event.set()
             elif msg.type == wire.PING:
                 self._writer and self._writer.writelines(wire.control(wire.PONG, {}))
+            elif msg.type == wire.MARK_REQUEST:
+                self._mark_requested(msg.json(where), where)
+
+    def _mark_requested(self, doc: dict[str, Any], where: str) -> None:
+        """A mark asked for by the management server (FORMAT.md §9, ``MARK_REQUEST``)."""
+        f = self.filters.get(doc.get("domain"))  # type: ignore[arg-type]
+        name = doc.get("name")
+        if f is None or not isinstance(name, str):
+            log.warning("mark_request_refused", where=where, reason="unknown domain or no name")
+            return
+        try:
+            seq = f.mark(name)
+        except FilterError as exc:  # bitmap/resync mode: no consistent point to mark
+            log.warning("mark_request_refused", where=where, domain=f.domain, reason=str(exc))
+            return
+        log.info("mark_inserted", domain=f.domain, name=name, seq=seq)
+        self._wake.set()
 
     async def _send(self, writer: asyncio.StreamWriter) -> None:
         """Send unsent frames, oldest first; a FILTER_STATE per domain every second."""

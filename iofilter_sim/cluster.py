@@ -40,25 +40,19 @@ them, so a protected domain's file must only ever be appended to.
 
 from __future__ import annotations
 
-import re
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 from cdp.errors import ConfigError
-from cdp.records import SECTOR
-from iofilter_sim.payloads import parse_size
+from cdp.tomlread import NAME, U32_MAX, Endpoint, TomlReader
 from iofilter_sim.workloads import KINDS, Workload, check_workload_options, make_workload
 
-NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 DEFAULT_STATE_DIR = "sim-state"
-U32_MAX = 2**32 - 1
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -82,14 +76,6 @@ class Vm:
 class Host:
     name: str
     vms: tuple[str, ...]  # names of the VMs on this host, in file order
-
-
-class Endpoint(NamedTuple):
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 class DomainDisk(NamedTuple):
@@ -175,67 +161,6 @@ def _by_name(items: Sequence[Any], name: str, what: str, source: str) -> Any:
     raise ConfigError(f"{source}: no {what} named {name!r}")
 
 
-class _Reader:
-    """Typed access to the parsed TOML; every refusal names the file and the key path."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, path: str, expected: str, value: Any = _MISSING) -> NoReturn:
-        got = "nothing" if value is _MISSING else repr(value)
-        raise ConfigError(f"{self.source}: {path}: expected {expected}, got {got}")
-
-    def table(self, value: Any, path: str, required: set[str], optional: set[str]) -> Mapping:
-        if not isinstance(value, Mapping):
-            self.fail(path, "a table", value)
-        for key in sorted(set(value) - required - optional):
-            keys = ", ".join(sorted(required | optional))
-            at = f"{path}.{key}" if path else key
-            raise ConfigError(f"{self.source}: {at}: unknown key (expected one of: {keys})")
-        for key in sorted(required - set(value)):
-            self.fail(f"{path}.{key}" if path else key, self._expects.get(key, "a value"))
-        return value
-
-    _expects = {"name": "a name", "size": "a size", "id": "a u32 domain id",
-                "drva": "'host:port'", "host": "a host name", "disks": "a list of disks",
-                "vms": "a list of VM names", "site": "a site name", "hosts": "a list of hosts"}
-
-    def list(self, value: Any, path: str, *, nonempty: bool) -> list:
-        if not isinstance(value, list) or (nonempty and not value):
-            self.fail(path, "a non-empty list" if nonempty else "a list", value)
-        return value
-
-    def name(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not NAME.fullmatch(value):
-            self.fail(path, "a name of 1..64 characters [A-Za-z0-9._-]", value)
-        return value
-
-    def size(self, value: Any, path: str) -> int:
-        try:
-            size = parse_size(value, path)
-        except ConfigError:
-            size = -1
-        if size <= 0 or size % SECTOR:
-            self.fail(path, "a size > 0 that is a multiple of 512 (e.g. 67108864, '64MiB')", value)
-        return size
-
-    def u32(self, value: Any, path: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
-            self.fail(path, f"an integer in 0..{U32_MAX}", value)
-        return value
-
-    def endpoint(self, value: Any, path: str) -> Endpoint:
-        m = _ENDPOINT.fullmatch(value) if isinstance(value, str) else None
-        if m is None or not 1 <= int(m.group(2)) <= 65535:
-            self.fail(path, "'host:port' with a port in 1..65535 (e.g. '127.0.0.1:32873')", value)
-        return Endpoint(m.group(1).strip("[]"), int(m.group(2)))
-
-    def unique(self, name: str, seen: set[str], path: str, what: str) -> None:
-        if name in seen:
-            self.fail(path, f"a {what} name not used before", name)
-        seen.add(name)
-
-
 def load_cluster(path: str | Path, *, state_dir: str | Path | None = None) -> Cluster:
     """Read and check a cluster file; ``state_dir`` overrides the file's."""
     path = Path(path)
@@ -256,7 +181,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     ``source`` names the file in errors; a relative ``state_dir`` is relative to
     ``base_dir``; the ``state_dir`` argument, when given, overrides the file's.
     """
-    r = _Reader(source)
+    r = TomlReader(source)
     r.table(data, "", {"site", "hosts", "vms"}, {"state_dir", "domains"})
     site = r.name(data["site"], "site")
     state = state_dir if state_dir is not None else data.get("state_dir", DEFAULT_STATE_DIR)
@@ -275,7 +200,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     return Cluster(site, state_path, hosts, vms, domains, source)
 
 
-def _vms(r: _Reader, value: Any, hosts: set[str], state_dir: Path) -> tuple[Vm, ...]:
+def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[Vm, ...]:
     vms: list[Vm] = []
     vm_names: set[str] = set()
     images: set[Path] = set()
@@ -306,7 +231,7 @@ def _vms(r: _Reader, value: Any, hosts: set[str], state_dir: Path) -> tuple[Vm, 
     return tuple(vms)
 
 
-def _domains(r: _Reader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSpec, ...]:
+def _domains(r: TomlReader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSpec, ...]:
     domains: list[DomainSpec] = []
     names: set[str] = set()
     ids: dict[int, str] = {}
@@ -340,7 +265,7 @@ def _domains(r: _Reader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSpec,
     return tuple(domains)
 
 
-def _workload(r: _Reader, table: Any, path: str, default_seed: int,
+def _workload(r: TomlReader, table: Any, path: str, default_seed: int,
               disk_count: int) -> WorkloadSpec:
     if not isinstance(table, Mapping):
         r.fail(path, "a table such as { kind = \"random\", rate_mb_s = 10 }", table)

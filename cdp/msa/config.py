@@ -1,0 +1,293 @@
+"""The site configuration: one TOML file for the management server (``cdp``'s verbs).
+
+Relative paths are relative to the file's directory. ``examples/site.toml`` is a complete
+one that needs no service at all (file store, log files in a local directory)::
+
+    site = "site-a"                    # this site's name
+    cluster = "cluster.toml"           # the inventory: hosts, VMs, disks, and which DRVA
+                                       # each domain's filter streams to (iofilter_sim format)
+    store = "store"                    # object store: a path (file store) or a URL
+                                       # (file:///…, s3://bucket/prefix, azure://container/prefix);
+                                       # credentials only from the environment
+    state_dir = "state"                # the MSA's own state: DRVA configs, jobs, logs
+    secret_env = "CDP_SITE_SECRET"     # the filter handshake secret (>= 16 characters)
+
+    [api]
+    listen = "127.0.0.1:32880"         # the REST API and /metrics
+    token_env = "CDP_API_TOKEN"        # the API's bearer token (>= 16 characters)
+
+    [[drvas]]
+    name = "drva-1"
+    listen = "127.0.0.1:32873"         # one DRVA per port, 32873..32878 by convention
+    log = { path = "state/drva-1/replog", size = "256MiB" }   # the replication-log partition
+    meta = { path = "state/drva-1/meta" }                      # the metadata repository
+    seal = { bytes = "16MiB", age_s = 1.0 }                    # optional
+    upload_concurrency = 4                                     # optional
+
+    [defaults]                         # every protected domain, unless its [[protect]] says otherwise
+    retention = "72h"                  # points kept at least this long
+    rpo_target_s = 60                  # the RPO alarm threshold
+    consolidate_after = "1h"           # segments older than this are rolled into a base ...
+    consolidate_every = "15m"          # ... by a job this often
+
+    [[protect]]                        # the domains protected at install (protect/unprotect change it)
+    domain = "erp"                     # a domain of the cluster file
+    rpo_target_s = 30                  # any key of [defaults]
+
+    [alarms]
+    log_usage_pct = 90                 # a DRVA's log fuller than this
+    backpressure_s = 300               # back-pressure held longer than this
+
+    [jobs]
+    retention_days = 60                # job records are kept this long
+
+``load_site_config`` refuses a bad file with the file, the key and what was expected
+(``cdp.tomlread``). Secrets are read from the environment by ``secret()`` and
+``api_token()``; they are never stored in the file, in logs or in messages.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp.errors import ConfigError
+from cdp.tomlread import Endpoint, TomlReader
+from iofilter_sim.cluster import Cluster, DomainSpec, load_cluster
+
+SECRET_MIN_CHARS = 16
+DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports
+DEFAULT_API = "127.0.0.1:32880"
+_POLICY_KEYS = {"retention", "rpo_target_s", "consolidate_after", "consolidate_every"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the MSA does for one protected domain."""
+
+    retention_s: float = 72 * 3600.0
+    rpo_target_s: float = 60.0
+    consolidate_after_s: float = 3600.0
+    consolidate_every_s: float = 900.0
+
+
+@dataclass(frozen=True)
+class DrvaSpec:
+    name: str
+    listen: Endpoint
+    log_path: Path
+    log_size: int
+    meta_path: Path
+    seal_bytes: int | None = None
+    seal_age_s: float | None = None
+    upload_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class Alarms:
+    log_usage_pct: float = 90.0
+    backpressure_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A checked site file. Invariant: every protected domain is a domain of ``cluster``
+    whose ``drva`` endpoint is the ``listen`` of one of ``drvas``."""
+
+    path: Path
+    site: str
+    cluster: Cluster
+    cluster_path: Path
+    store_url: str
+    state_dir: Path
+    secret_env: str
+    api_listen: Endpoint
+    token_env: str
+    drvas: tuple[DrvaSpec, ...]
+    defaults: Policy
+    protect: Mapping[str, Policy]  # domain name -> policy, in file order
+    alarms: Alarms
+    jobs_retention_s: float
+
+    # ---- lookups
+
+    def drva(self, name: str) -> DrvaSpec:
+        for d in self.drvas:
+            if d.name == name:
+                return d
+        raise ConfigError(f"{self.path}: no DRVA named {name!r} (drvas: {', '.join(d.name for d in self.drvas)})")
+
+    def drva_of(self, domain: DomainSpec) -> DrvaSpec:
+        for d in self.drvas:
+            if d.listen == domain.drva:
+                return d
+        raise ConfigError(f"{self.cluster_path}: domain {domain.name} streams to {domain.drva}, "
+                          f"which no [[drvas]] of {self.path} listens on")
+
+    def domain(self, name: str) -> DomainSpec:
+        return self.cluster.domain(name)
+
+    def policy(self, domain: str) -> Policy:
+        return self.protect.get(domain, self.defaults)
+
+    # ---- secrets (from the environment only)
+
+    def secret(self, env: Mapping[str, str] = os.environ) -> bytes:
+        return _secret(env, self.secret_env, "the filter handshake secret", self.path).encode()
+
+    def api_token(self, env: Mapping[str, str] = os.environ) -> str:
+        return _secret(env, self.token_env, "the API token", self.path)
+
+    # ---- what the MSA writes for its DRVAs
+
+    def drva_state_dir(self, drva: DrvaSpec) -> Path:
+        return self.state_dir / "drvas" / drva.name
+
+    def drva_config_doc(self, drva: DrvaSpec, domains: list[str]) -> dict[str, Any]:
+        """The ``drva.config`` document of ``drva`` serving the protected ``domains``
+        (absolute paths, so it can live anywhere)."""
+        doms = []
+        for name in domains:
+            spec = self.domain(name)
+            if self.drva_of(spec) is not drva:
+                raise ConfigError(f"domain {name} streams to {spec.drva}, not to DRVA {drva.name}")
+            doms.append({"id": spec.id, "name": spec.name, "disks": [
+                {"vm": d.vm.name, "name": d.disk.name, "size": d.disk.size} for d in spec.disks]})
+        doc: dict[str, Any] = {
+            "name": drva.name, "listen": str(drva.listen),
+            "state_dir": str(self.drva_state_dir(drva)), "store": self.store_url,
+            "secret_env": self.secret_env,
+            "log": {"path": str(drva.log_path), "size": drva.log_size},
+            "meta": {"path": str(drva.meta_path)},
+            "domains": doms,
+        }
+        if drva.seal_bytes is not None or drva.seal_age_s is not None:
+            doc["seal"] = {k: v for k, v in (("bytes", drva.seal_bytes), ("age_s", drva.seal_age_s))
+                           if v is not None}
+        if drva.upload_concurrency is not None:
+            doc["upload"] = {"concurrency": drva.upload_concurrency}
+        return doc
+
+
+def _secret(env: Mapping[str, str], name: str, what: str, source: Path) -> str:
+    value = env.get(name, "")
+    if len(value) < SECRET_MIN_CHARS:
+        raise ConfigError(f"{source}: environment variable {name} must hold {what} "
+                          f"(at least {SECRET_MIN_CHARS} characters); it is "
+                          f"{'unset' if name not in env else 'too short'}")
+    return value
+
+
+def _store_url(value: str, here: Path) -> str:
+    """A plain path names a file store, relative to the site file."""
+    if "://" in value:
+        return value
+    return f"file://{(here / value).resolve()}"
+
+
+def _policy(r: TomlReader, table: Mapping[str, Any], path: str, base: Policy) -> Policy:
+    def get(key: str, default: float, dur: bool) -> float:
+        if key not in table:
+            return default
+        at = f"{path}.{key}" if path else key
+        return r.duration(table[key], at) if dur else r.number(table[key], at, 1, 86400 * 365)
+
+    return Policy(get("retention", base.retention_s, True), get("rpo_target_s", base.rpo_target_s, False),
+                  get("consolidate_after", base.consolidate_after_s, True),
+                  get("consolidate_every", base.consolidate_every_s, True))
+
+
+def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the site file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_site_config(data, path)
+
+
+def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
+    r = TomlReader(str(path))
+    here = path.resolve().parent
+    r.table(data, "", {"site", "cluster", "store", "drvas"},
+            {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs"})
+    site = r.name(data["site"], "site")
+    if not isinstance(data["cluster"], str):
+        r.fail("cluster", "a file path", data["cluster"])
+    cluster_path = here / data["cluster"]
+    cluster = load_cluster(cluster_path)
+    if not isinstance(data["store"], str) or not data["store"]:
+        r.fail("store", "a store URL or path", data["store"])
+    state_dir = data.get("state_dir", "state")
+    if not isinstance(state_dir, str) or not state_dir:
+        r.fail("state_dir", "a directory path", state_dir)
+    secret_env = data.get("secret_env", "CDP_SITE_SECRET")
+    if not isinstance(secret_env, str) or not secret_env:
+        r.fail("secret_env", "an environment variable name", secret_env)
+    api = r.table(data.get("api", {}), "api", set(), {"listen", "token_env"})
+    token_env = api.get("token_env", "CDP_API_TOKEN")
+    if not isinstance(token_env, str) or not token_env:
+        r.fail("api.token_env", "an environment variable name", token_env)
+    drvas = _drvas(r, data["drvas"], here)
+    defaults = _policy(r, r.table(data.get("defaults", {}), "defaults", set(), _POLICY_KEYS), "defaults",
+                       Policy())
+    protect: dict[str, Policy] = {}
+    for i, p in enumerate(r.list(data.get("protect", []), "protect", nonempty=False)):
+        at = f"protect[{i}]"
+        r.table(p, at, {"domain"}, _POLICY_KEYS)
+        name = r.name(p["domain"], f"{at}.domain")
+        if name in protect:
+            r.fail(f"{at}.domain", "a domain not listed twice", name)
+        if name not in {d.name for d in cluster.domains}:
+            r.fail(f"{at}.domain", f"a domain of {cluster_path.name} "
+                   f"({', '.join(d.name for d in cluster.domains) or 'none'})", name)
+        protect[name] = _policy(r, p, at, defaults)
+    alarms_t = r.table(data.get("alarms", {}), "alarms", set(), {"log_usage_pct", "backpressure_s"})
+    alarms = Alarms(r.number(alarms_t.get("log_usage_pct", 90), "alarms.log_usage_pct", 1, 100),
+                    r.number(alarms_t.get("backpressure_s", 300), "alarms.backpressure_s", 1, 86400))
+    jobs = r.table(data.get("jobs", {}), "jobs", set(), {"retention_days"})
+    retention_days = r.number(jobs.get("retention_days", 60), "jobs.retention_days", 1, 3650)
+    cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, _store_url(data["store"], here),
+                     here / state_dir, secret_env,
+                     r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
+                     protect, alarms, retention_days * 86400)
+    for name in protect:  # every protected domain has a DRVA here
+        spec = cluster.domain(name)
+        if not any(d.listen == spec.drva for d in drvas):
+            r.fail(f"protect[{list(protect).index(name)}].domain",
+                   f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
+    return cfg
+
+
+def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
+    out: list[DrvaSpec] = []
+    names: set[str] = set()
+    endpoints: set[Endpoint] = set()
+    for i, d in enumerate(r.list(value, "drvas", nonempty=True)):
+        at = f"drvas[{i}]"
+        r.table(d, at, {"name", "listen", "log", "meta"}, {"seal", "upload_concurrency"})
+        name = r.name(d["name"], f"{at}.name")
+        r.unique(name, names, f"{at}.name", "DRVA")
+        listen = r.endpoint(d["listen"], f"{at}.listen")
+        if listen in endpoints:
+            r.fail(f"{at}.listen", "an endpoint no other DRVA listens on", str(listen))
+        endpoints.add(listen)
+        log = r.table(d["log"], f"{at}.log", {"path", "size"}, set())
+        meta = r.table(d["meta"], f"{at}.meta", {"path"}, set())
+        seal = r.table(d.get("seal", {}), f"{at}.seal", set(), {"bytes", "age_s"})
+        for key, tbl in (("log.path", log), ("meta.path", meta)):
+            if not isinstance(tbl["path"], str) or not tbl["path"]:
+                r.fail(f"{at}.{key}", "a file path", tbl["path"])
+        upload = d.get("upload_concurrency")
+        out.append(DrvaSpec(
+            name, listen, here / log["path"], r.size(log["size"], f"{at}.log.size"), here / meta["path"],
+            r.size(seal["bytes"], f"{at}.seal.bytes") if "bytes" in seal else None,
+            r.number(seal["age_s"], f"{at}.seal.age_s", 0.05, 3600) if "age_s" in seal else None,
+            int(r.number(upload, f"{at}.upload_concurrency", 1, 64)) if upload is not None else None))
+    return tuple(out)

@@ -1,0 +1,57 @@
+"""``cdp mark DOMAIN NAME``: ask the domain's filter for a named recovery point.
+
+The request goes to the DRVA serving the domain as a file in its requests directory
+(``drva.requests``), from there to the filter as ``MARK_REQUEST`` (FORMAT.md §9); the
+filter inserts a ``MARK`` record after every write it captured so far. The mark is a
+recovery point once the catalog in the store names it, which is what ``request_mark``
+waits for: it returns the mark's seq and time as the catalog has them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+from cdp.catalog import load_catalog
+from cdp.durable import atomic_write
+from cdp.errors import CdpError, ConfigError
+from cdp.msa.config import SiteConfig
+from cdp.store import open_store
+from drva.requests import NAME_BYTES_MAX, requests_dir
+
+POLL_S = 0.25
+
+
+async def request_mark(cfg: SiteConfig, domain: str, name: str, timeout_s: float = 30.0) -> dict:
+    """Place mark ``name`` in ``domain``; return ``{"domain", "name", "seq", "ts"}`` once the
+    store's catalog names it. ``CdpError`` when it does not within ``timeout_s``."""
+    if not isinstance(name, str) or not 1 <= len(name.encode()) <= NAME_BYTES_MAX:
+        raise ConfigError(f"mark name {name!r}: expected 1..{NAME_BYTES_MAX} UTF-8 bytes")
+    spec = cfg.domain(domain)
+    drva = cfg.drva_of(spec)
+    store = open_store(cfg.store_url)
+    try:
+        state, _ = await load_catalog(store, spec.id)
+        before = max((m["seq"] for m in state.marks if m["name"] == name), default=0) if state else 0
+        box = requests_dir(cfg.drva_state_dir(drva))
+        box.mkdir(parents=True, exist_ok=True)
+        path = box / f"mark-{time.time_ns():x}-{secrets.token_hex(4)}.json"
+        atomic_write(path, json.dumps({"domain": spec.id, "name": name}).encode())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            state, _ = await load_catalog(store, spec.id)
+            new = [m for m in (state.marks if state else []) if m["name"] == name and m["seq"] > before]
+            if new:
+                return {"domain": domain, "name": name, "seq": new[0]["seq"], "ts": new[0]["ts"]}
+        delivered = not path.exists()
+        path.unlink(missing_ok=True)
+        raise CdpError(
+            f"domain {domain}: mark {name!r} is not in the catalog after {timeout_s:g} s: "
+            + ("the filter got the request but no mark was committed (bitmap or resync mode? "
+               "see `cdp status`)" if delivered else
+               f"DRVA {drva.name} did not pass it on (is it running and is the domain's filter connected?)"))
+    finally:
+        await store.close()

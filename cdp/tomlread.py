@@ -1,0 +1,105 @@
+"""Reading checked TOML: typed access where every refusal names the file and the key path.
+
+One reader for the configuration files people write (the simulated cluster, the site):
+``TomlReader.table`` refuses unknown keys (they are typos) and missing ones, and the
+value checks say what was expected, e.g. ``site.toml: drvas[1].listen: expected 'host:port'
+with a port in 1..65535 (e.g. '127.0.0.1:32873'), got 'localhost'``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple, NoReturn
+
+from cdp.errors import ConfigError
+from cdp.records import SECTOR
+from cdp.units import parse_duration, parse_size
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+U32_MAX = 2**32 - 1
+_MISSING = object()
+
+
+class Endpoint(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+
+class TomlReader:
+    """Typed access to the parsed TOML; every refusal names the file and the key path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, expected: str, value: Any = _MISSING) -> NoReturn:
+        got = "nothing" if value is _MISSING else repr(value)
+        raise ConfigError(f"{self.source}: {path}: expected {expected}, got {got}")
+
+    def table(self, value: Any, path: str, required: set[str], optional: set[str]) -> Mapping:
+        if not isinstance(value, Mapping):
+            self.fail(path, "a table", value)
+        for key in sorted(set(value) - required - optional):
+            keys = ", ".join(sorted(required | optional))
+            at = f"{path}.{key}" if path else key
+            raise ConfigError(f"{self.source}: {at}: unknown key (expected one of: {keys})")
+        for key in sorted(required - set(value)):
+            self.fail(f"{path}.{key}" if path else key, self._expects.get(key, "a value"))
+        return value
+
+    _expects = {"name": "a name", "size": "a size", "id": "a u32 domain id",
+                "drva": "'host:port'", "host": "a host name", "disks": "a list of disks",
+                "vms": "a list of VM names", "site": "a site name", "hosts": "a list of hosts",
+                "listen": "'host:port'", "domain": "a domain name", "cluster": "a file path",
+                "store": "a store URL or path", "path": "a file path"}
+
+    def list(self, value: Any, path: str, *, nonempty: bool) -> list:
+        if not isinstance(value, list) or (nonempty and not value):
+            self.fail(path, "a non-empty list" if nonempty else "a list", value)
+        return value
+
+    def name(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not NAME.fullmatch(value):
+            self.fail(path, "a name of 1..64 characters [A-Za-z0-9._-]", value)
+        return value
+
+    def size(self, value: Any, path: str) -> int:
+        try:
+            size = parse_size(value, path)
+        except ConfigError:
+            size = -1
+        if size <= 0 or size % SECTOR:
+            self.fail(path, "a size > 0 that is a multiple of 512 (e.g. 67108864, '64MiB')", value)
+        return size
+
+    def u32(self, value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
+            self.fail(path, f"an integer in 0..{U32_MAX}", value)
+        return value
+
+    def endpoint(self, value: Any, path: str) -> Endpoint:
+        m = _ENDPOINT.fullmatch(value) if isinstance(value, str) else None
+        if m is None or not 1 <= int(m.group(2)) <= 65535:
+            self.fail(path, "'host:port' with a port in 1..65535 (e.g. '127.0.0.1:32873')", value)
+        return Endpoint(m.group(1).strip("[]"), int(m.group(2)))
+
+    def unique(self, name: str, seen: set[str], path: str, what: str) -> None:
+        if name in seen:
+            self.fail(path, f"a {what} name not used before", name)
+        seen.add(name)
+
+    def duration(self, value: Any, path: str) -> float:
+        try:
+            return parse_duration(value, path)
+        except ConfigError:
+            self.fail(path, "a duration (seconds, or e.g. '15m', '72h', '7d')", value)
+
+    def number(self, value: Any, path: str, lo: float, hi: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            self.fail(path, f"a number in {lo:g}..{hi:g}", value)
+        return float(value)

@@ -1,0 +1,75 @@
+"""Job records (cdp.msa.jobs): states, progress, timeout, errors, retention, abandoned jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from cdp.errors import ConfigError, NotFound, StoreUnavailable
+from cdp.msa.jobs import JobStore, run_job
+
+
+async def test_a_job_records_progress_output_and_state(tmp_path):
+    store = JobStore(tmp_path / "jobs")
+    seen = []
+
+    async def work(job):
+        job.progress("copy", 5, 10)
+        job.event("half way")
+        seen.append(store.get(job.id))
+        return {"bytes": 10}
+
+    record = await run_job(store, "consolidate", {"domain": "erp"}, 60, work)
+    assert record["state"] == "succeeded" and record["output"] == {"bytes": 10}
+    assert record["ended_ns"] >= record["created_ns"] and record["args"] == {"domain": "erp"}
+    assert seen[0]["state"] == "running" and seen[0]["events"][0]["message"] == "half way"
+    assert store.get(record["id"]) == record
+    assert [r["id"] for r in store.list()] == [record["id"]]
+
+
+async def test_failures_timeouts_and_bugs_are_recorded(tmp_path):
+    store = JobStore(tmp_path / "jobs")
+
+    async def fails(job):
+        raise StoreUnavailable("s3://b: 503 from the store")
+
+    async def hangs(job):
+        await asyncio.sleep(10)
+
+    async def bug(job):
+        raise KeyError("oops")
+
+    r = await run_job(store, "recover", {}, 60, fails)
+    assert r["state"] == "failed" and "503" in r["error"] and r["exit_code"] == 5
+    r = await run_job(store, "verify", {}, 0.1, hangs)
+    assert r["state"] == "timed_out" and "0.1 s" in r["error"]
+    with pytest.raises(KeyError):
+        await run_job(store, "install", {}, 60, bug)
+    assert store.list(name="install")[0]["state"] == "failed"
+    assert len(store.list()) == 3 and len(store.list(limit=2)) == 2
+
+
+async def test_retention_and_abandoned_jobs(tmp_path):
+    store = JobStore(tmp_path / "jobs", retention_s=60)
+
+    async def work(job):
+        return None
+
+    old = await run_job(store, "preflight-system", {}, 60, work)
+    assert store.prune(now_ns=old["ended_ns"] + 30 * 10**9) == 0
+    assert store.prune(now_ns=old["ended_ns"] + 61 * 10**9) == 1
+    with pytest.raises(NotFound):
+        store.get(old["id"])
+    # A record left "running" by a process that died reads as abandoned.
+    job = store.create("protect", {}, 60)
+    path = store.path(job.id)
+    doc = json.loads(path.read_text())
+    doc["pid"] = 2**22 + 12345  # no such process
+    path.write_text(json.dumps(doc))
+    assert store.get(job.id)["state"] == "abandoned"
+    assert os.getpid() == store.create("x", {}, 1).record["pid"]
+    with pytest.raises(ConfigError):
+        store.get("../etc/passwd")
