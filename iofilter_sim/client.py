@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cdp import wire
@@ -43,6 +43,9 @@ class FilterClient:
         self._writer: asyncio.StreamWriter | None = None
         self.seed_done: dict[tuple[int, int], dict[str, Any]] = {}
         self.seed_event = asyncio.Event()
+        # Called as on_mark(domain, name, seq) right after a requested mark is inserted,
+        # before anything else runs: the primaries are exactly at the mark then.
+        self.on_mark: Callable[[int, str, int], None] | None = None
         for f in filters:
             f.on_change = self._wake.set
 
@@ -147,6 +150,8 @@ class FilterClient:
             log.warning("mark_request_refused", where=where, domain=f.domain, reason=str(exc))
             return
         log.info("mark_inserted", domain=f.domain, name=name, seq=seq)
+        if self.on_mark is not None:
+            self.on_mark(f.domain, name, seq)
         self._wake.set()
 
     async def _send(self, writer: asyncio.StreamWriter) -> None:

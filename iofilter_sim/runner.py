@@ -67,6 +67,7 @@ class ClusterRunner:
             doms = self.cluster.domains_of(endpoint)
             client = FilterClient([self.filters[d.name] for d in doms], endpoint.host, endpoint.port,
                                   self.secret, f"{self.cluster.site}-filter", site=self.cluster.site)
+            client.on_mark = self._requested_mark
             self.clients.append(client)
             for d in doms:
                 self.client_of[d.name] = client
@@ -135,6 +136,13 @@ class ClusterRunner:
                     log.warning("mark_skipped", domain=domain, name=name, reason=str(exc))
                     return None
                 await asyncio.sleep(0.1)
+
+    def _requested_mark(self, domain_id: int, name: str, seq: int) -> None:
+        """A mark the management server asked for (``cdp mark``): recorded like ours, with
+        the primaries' sha256 at that very point (nothing ran since it was inserted)."""
+        domain = next(n for n, f in self.filters.items() if f.domain == domain_id)
+        sha = [d.sha256() for d in self.disks[domain]]
+        self.marks.append({"domain": domain, "name": name, "seq": seq, "sha256": sha})
 
     async def drain(self, timeout_s: float = 120.0) -> bool:
         """Wait until every captured write of every domain is acked and no domain is in
