@@ -1,9 +1,312 @@
-"""``cdp daemon`` and the verbs that talk to it: protect, unprotect, status, mark, jobs."""
+"""``cdp daemon`` and the verbs that talk to it: protect, unprotect, status, mark, jobs.
+
+Each verb is a thin REST call (``cdp.msa.client``); the daemon does the work. ``cdp jobs``
+reads ``<state_dir>/jobs`` itself when no daemon runs. The commands are built in
+``register`` because they use ``cdp.cli``'s options, and ``cdp.cli`` imports this module.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
 import click
+
+from cdp.msa.jobs import FINAL
+
+FOLLOW_POLL_S = 0.5
+
+
+# ---------------------------------------------------------------------- calling the daemon
+
+
+def _site(config_path: Path) -> Any:
+    from cdp.msa.config import load_site_config
+
+    return load_site_config(config_path)
+
+
+def _call(config_path: Path, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    from cdp.msa.client import MsaClient
+
+    cfg = _site(config_path)
+
+    async def run() -> Any:
+        async with MsaClient(cfg) as client:
+            return await work(client)
+
+    return asyncio.run(run())
+
+
+def _job_result(record: dict[str, Any]) -> dict[str, Any]:
+    """The record of a job that ended; a job that did not succeed is an error with its code."""
+    from cdp.msa.client import DaemonError
+
+    if record.get("state") != "succeeded":
+        raise DaemonError(f"job {record.get('id')} {record.get('state')}: {record.get('error')}", 200,
+                          str(record.get("state")), int(record.get("exit_code") or 1))
+    return record
+
+
+# ---------------------------------------------------------------------- text for people
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def status_text(doc: dict[str, Any]) -> str:
+    lines = [f"site {doc['site']}: daemon pid {doc['pid']}, API {doc['api']}, store {doc['store']}", ""]
+    rows = [["DRVA", "STATE", "PID", "RESTARTS", "LOG USED", "BACK-PRESSURE", "DOMAINS"]]
+    for d in doc["drvas"]:
+        ratio = d.get("log_usage_ratio")
+        bp = d.get("backpressure")
+        rows.append([d["name"], d["state"], str(d.get("pid") or "-"), str(d.get("restarts", 0)),
+                     "-" if ratio is None else f"{ratio * 100:.1f} %", "-" if bp is None else ("YES" if bp else "no"),
+                     ",".join(d.get("domains", [])) or "-"])
+    lines += _table(rows) + [""]
+    rows = [["DOMAIN", "DRVA", "RPO LAG / TARGET", "NOT IN STORE", "IN", "UPLOADED", "MODE", "ALARMS"]]
+    for d in doc["domains"]:
+        st = d.get("status") or {}
+        tp = d.get("throughput") or {}
+        lag = st.get("rpo_lag_s")
+        mode = [st.get("filter_mode") or ("-" if not st else "normal")]
+        mode += [m for m, on in (("back-pressure", st.get("backpressure")), ("fenced", st.get("fenced"))) if on]
+        rate_in, rate_up = tp.get("received_bytes_per_s"), tp.get("uploaded_bytes_per_s")
+        rows.append([d["name"], d["drva"],
+                     f"{'-' if lag is None else f'{lag:.1f} s'} / {d['policy']['rpo_target_s']:g} s",
+                     _bytes(st.get("rpo_lag_bytes")), "-" if rate_in is None else _bytes(rate_in) + "/s",
+                     "-" if rate_up is None else _bytes(rate_up) + "/s", ",".join(mode),
+                     str(len(d.get("alarms", []))) if d.get("alarms") else "-"])
+    lines += _table(rows) if len(rows) > 1 else ["no protected domain"]
+    lines.append("")
+    if doc["alarms"]:
+        lines.append("ALARMS")
+        lines += ["  " + line for line in _table([[a["severity"], a["kind"], a["subject"], a["message"]]
+                                                  for a in doc["alarms"]])]
+    else:
+        lines.append("no active alarm")
+    return "\n".join(lines)
+
+
+def _ns(ns: int | None) -> str:
+    if not ns:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
+
+
+def _progress_text(p: dict[str, Any] | None) -> str:
+    p = p or {}
+    if p.get("done") is None:
+        return p.get("phase") or "-"
+    total = f"/{p['total']}" if p.get("total") is not None else ""
+    return f"{p.get('phase') or ''} {p['done']}{total}".strip()
+
+
+def jobs_text(doc: dict[str, Any]) -> str:
+    if not doc["jobs"]:
+        return "no jobs"
+    rows = [["ID", "NAME", "STATE", "PROGRESS", "CREATED", "ARGS"]]
+    for j in doc["jobs"]:
+        args = " ".join(f"{k}={v if not isinstance(v, (dict, list)) else json.dumps(v)}"
+                        for k, v in sorted(j.get("args", {}).items()))
+        rows.append([j["id"], j["name"], j["state"], _progress_text(j.get("progress")), _ns(j.get("created_ns")), args])
+    return "\n".join(_table(rows))
+
+
+def job_text(j: dict[str, Any]) -> str:
+    lines = [f"job {j['id']}: {j['name']} {j['state']}",
+             f"  args      {json.dumps(j.get('args', {}), sort_keys=True)}",
+             f"  created   {_ns(j.get('created_ns'))}   ended {_ns(j.get('ended_ns'))}   timeout {_dur(j.get('timeout_s'))}",
+             f"  progress  {_progress_text(j.get('progress'))}"]
+    if j.get("error"):
+        lines.append(f"  error     {j['error']}")
+    for e in j.get("events", [])[-10:]:
+        lines.append(f"  {_ns(e['ts_ns'])}  {e['message']}")
+    if j.get("output") is not None:
+        lines.append("  output    " + json.dumps(j["output"], indent=2, sort_keys=True).replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def _protected_text(record: dict[str, Any]) -> str:
+    out = record["output"]
+    p = out["policy"]
+    return (f"domain {out['domain']} {'policy changed' if out['was_protected'] else 'protected'} on {out['drva']}: "
+            f"retention {_dur(p['retention_s'])}, RPO target {_dur(p['rpo_target_s'])}, consolidate what is older "
+            f"than {_dur(p['consolidate_after_s'])} every {_dur(p['consolidate_every_s'])}")
+
+
+# ---------------------------------------------------------------------- jobs, with or without a daemon
+
+
+def _local_jobs(config_path: Path) -> Any:
+    from cdp.msa.jobs import JobStore
+
+    cfg = _site(config_path)
+    return JobStore(cfg.state_dir / "jobs", cfg.jobs_retention_s)
+
+
+def _jobs_list(config_path: Path, name: str | None, limit: int) -> dict[str, Any]:
+    from cdp.msa.client import DaemonNotRunning
+
+    params = {"limit": str(limit), **({"name": name} if name else {})}
+    try:
+        return _call(config_path, lambda c: c.get("/v1/jobs", **params))
+    except DaemonNotRunning:
+        return {"jobs": _local_jobs(config_path).list(name=name, limit=limit)}
+
+
+def _job_get(config_path: Path) -> Callable[[str], dict[str, Any]]:
+    """A reader of job records: from the daemon, or from the state directory without one."""
+    from cdp.msa.client import DaemonNotRunning, MsaClient
+
+    cfg = _site(config_path)
+
+    def via_daemon(job_id: str) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            async with MsaClient(cfg) as c:
+                return await c.get(f"/v1/jobs/{job_id}")
+        return asyncio.run(run())
+
+    def local(job_id: str) -> dict[str, Any]:
+        return _local_jobs(config_path).get(job_id)
+
+    state = {"reader": via_daemon}
+
+    def get(job_id: str) -> dict[str, Any]:
+        try:
+            return state["reader"](job_id)
+        except DaemonNotRunning:
+            state["reader"] = local
+            return local(job_id)
+    return get
+
+
+def _follow(get: Callable[[str], dict[str, Any]], job_id: str, as_json: bool) -> dict[str, Any]:
+    from cdp.cli import _progress_bar
+
+    bar, update = _progress_bar(job_id, as_json)
+    try:
+        while True:
+            record = get(job_id)
+            p = record.get("progress") or {}
+            if p.get("phase"):
+                bar.set_description(p["phase"], refresh=False)
+            if isinstance(p.get("done"), int) and isinstance(p.get("total"), int):
+                update(p["done"], p["total"])
+            if record["state"] in FINAL or record["state"] == "abandoned":
+                return record
+            time.sleep(FOLLOW_POLL_S)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------- the commands
 
 
 def register(cli: click.Group) -> None:
-    """Add the daemon verbs to ``cli`` (being written: issue 4/4)."""
+    """Add the daemon verbs to ``cli``."""
+    from cdp.cli import _emit, config_option, json_option
+
+    @cli.command()
+    @config_option
+    @click.option("--log-level", default="info", show_default=True,
+                  type=click.Choice(["debug", "info", "warning", "error"]), help="JSON log lines on stderr from this level.")
+    def daemon(config_path: Path, log_level: str) -> None:
+        """Run the protection service: REST API, metrics, DRVAs, alarms, scheduled jobs.
+        Stops in order on SIGTERM or SIGINT."""
+        from cdp.logs import setup_logging
+        from cdp.msa.daemon import run_daemon
+
+        setup_logging(log_level)
+        run_daemon(_site(config_path))
+
+    @cli.command()
+    @click.argument("domain")
+    @config_option
+    @click.option("--retention", default=None, help="Keep points at least this long (e.g. 72h).")
+    @click.option("--rpo-target", "rpo_target", type=float, default=None, help="RPO alarm threshold in seconds.")
+    @click.option("--consolidate-after", default=None, help="Roll segments older than this into a base (e.g. 1h).")
+    @click.option("--consolidate-every", default=None, help="Run the consolidation job this often (e.g. 15m).")
+    @json_option
+    def protect(domain: str, config_path: Path, retention: str | None, rpo_target: float | None,
+                consolidate_after: str | None, consolidate_every: str | None, as_json: bool) -> None:
+        """Protect DOMAIN (or change its policy); returns when its DRVA serves it."""
+        body = {k: v for k, v in (("retention", retention), ("rpo_target_s", rpo_target),
+                                  ("consolidate_after", consolidate_after),
+                                  ("consolidate_every", consolidate_every)) if v is not None}
+        record = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/protect", body, wait=True))
+        _emit(as_json, _job_result(record), _protected_text)
+
+    @cli.command()
+    @click.argument("domain")
+    @config_option
+    @json_option
+    def unprotect(domain: str, config_path: Path, as_json: bool) -> None:
+        """Stop protecting DOMAIN (what is in the store stays recoverable)."""
+        result = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/unprotect"))
+        _emit(as_json, result, lambda r: f"domain {r['domain']} is no longer protected (DRVA {r['drva']})")
+
+    @cli.command()
+    @config_option
+    @json_option
+    def status(config_path: Path, as_json: bool) -> None:
+        """DRVAs, protected domains (RPO lag vs target, throughput, modes), active alarms."""
+        _emit(as_json, _call(config_path, lambda c: c.get("/v1/status")), status_text)
+
+    @cli.command()
+    @click.argument("domain")
+    @click.argument("name")
+    @config_option
+    @json_option
+    def mark(domain: str, name: str, config_path: Path, as_json: bool) -> None:
+        """Insert mark NAME in DOMAIN's stream; returns once it is in the store's catalog."""
+        record = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/marks", {"name": name}, wait=True))
+        _emit(as_json, _job_result(record), lambda r: (
+            f"mark {r['output'].get('name')!r} of domain {r['output'].get('domain')} at seq {r['output'].get('seq')}"))
+
+    @cli.command()
+    @click.argument("job_id", required=False)
+    @config_option
+    @click.option("--follow", is_flag=True, help="With ID: follow a running job until it ends.")
+    @click.option("--name", default=None, help="Only jobs of this name (e.g. consolidate).")
+    @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="At most this many.")
+    @json_option
+    def jobs(job_id: str | None, config_path: Path, follow: bool, name: str | None, limit: int,
+             as_json: bool) -> None:
+        """List jobs, newest first, or show job ID (works without a daemon too)."""
+        if job_id is None:
+            if follow:
+                raise click.UsageError("--follow needs a job ID")
+            _emit(as_json, _jobs_list(config_path, name, limit), jobs_text)
+            return
+        get = _job_get(config_path)
+        record = _follow(get, job_id, as_json) if follow else get(job_id)
+        _emit(as_json, record, job_text)
+        if follow and record["state"] != "succeeded":
+            sys.exit(int(record.get("exit_code") or 1))
+

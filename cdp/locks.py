@@ -43,7 +43,7 @@ from cdp.summed import checked_body, pack_summed, unpack_summed
 
 log = get_logger("cdp.locks")
 
-LOCK_MAGIC = b"CDPL"
+LOCK_MAGIC = b"CDPX"  # "CDPL" is the log entry (§3.3)
 LOCK_VERSION = 1
 KIND_GC, KIND_MAINTENANCE, KIND_WRITER, KIND_RECOVERY = 1, 2, 3, 4  # §11.1
 KIND_NAMES = {KIND_GC: "gc", KIND_MAINTENANCE: "maintenance", KIND_WRITER: "writer",

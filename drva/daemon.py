@@ -157,17 +157,28 @@ class Drva:
             dom.committed_ts = state.get("committed_ts", 0)
             dom.accepted_seq = dom.durable_seq = dom.committed_seq
         now = time.monotonic()
+        dropped: dict[int, list[int]] = {}  # unconfigured domain -> [frames, first, last] unshipped
         for pos, body in self.log.entries():
             frame = decode_frame(body, f"{self.cfg.log_path} position {pos}")
             dom = self.domains.get(frame.domain)
             if dom is None:
-                raise ConfigError(
-                    f"log partition {self.cfg.log_path} holds frames of domain {frame.domain}, "
-                    f"which is not in this DRVA's configuration")
+                # The domain was unprotected (removed from the configuration): its frames
+                # are not shipped any more. Those the store already has are simply behind
+                # us; the others are reported, since protection of them stopped by request.
+                committed = doc.get(str(frame.domain), {}).get("committed_seq", 0)
+                if frame.last_seq > committed:
+                    d = dropped.setdefault(frame.domain, [0, frame.first_seq, frame.last_seq])
+                    d[0] += 1
+                    d[2] = frame.last_seq
+                continue
             if frame.last_seq <= dom.committed_seq:
                 continue
             dom.unsealed.append(log_entry(frame, len(body), pos, now))
             dom.accepted_seq = dom.durable_seq = frame.last_seq
+        for domain, (frames, first, last) in dropped.items():
+            log.warning("unconfigured_domain_frames_dropped", domain=domain, frames=frames,
+                        first_seq=first, last_seq=last,
+                        reason="the domain is no longer in this DRVA's configuration (unprotected)")
         for dom in self.domains.values():
             log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,
                      durable_seq=dom.durable_seq, pending_entries=len(dom.unsealed))

@@ -17,7 +17,7 @@ def test_header_layout_matches_the_spec_table() -> None:
     assert _HEADER.size == 64
     blob = encode_lock(KIND_RECOVERY, 7, 123, BODY)
     magic, version, kind, domain, body_len, expires = struct.unpack_from("<4sHHIIQ", blob)
-    assert (magic, version, kind, domain, body_len, expires) == (b"CDPL", 1, 4, 7, len(blob) - 64, 123)
+    assert (magic, version, kind, domain, body_len, expires) == (b"CDPX", 1, 4, 7, len(blob) - 64, 123)
 
 
 def test_round_trip_and_liveness() -> None:

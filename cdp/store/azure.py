@@ -50,7 +50,7 @@ from cdp.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range
+from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range, http_date_seconds
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
 
 #: List Blobs returns at most this many blobs a request.
@@ -223,6 +223,35 @@ class AzureBlobStore(StoreBase):
             mtime=props.last_modified.timestamp() if props.last_modified else None,
             etag=(props.etag or "").strip('"') or None,
         )
+
+    async def server_time(self) -> float | None:
+        """The service's clock from the Date header of Get Container Properties. Any
+        HTTP answer has one, so a missing container still tells the time."""
+        dates: list[str | None] = []
+
+        def keep_date(response: Any) -> None:
+            dates.append(response.http_response.headers.get("Date"))
+
+        try:
+            await self._client.get_container_properties(raw_response_hook=keep_date)
+        except Exception as exc:
+            when = http_date_seconds(dates[-1]) if dates and isinstance(exc, HttpResponseError) else None
+            if when is None:
+                raise self._error("server_time", "", exc) from exc
+            return when
+        return http_date_seconds(dates[-1]) if dates else None
+
+    async def ensure_container(self) -> None:
+        """Create the container unless it exists (a SAS that may not create containers
+        can still use an existing one)."""
+        try:
+            await self._client.get_container_properties()
+            return
+        except ResourceNotFoundError:
+            pass
+        except Exception as exc:
+            raise self._error("ensure_container", "", exc) from exc
+        await self.create_container()
 
     async def create_container(self) -> None:
         """Create the container if it does not exist (for install and tests)."""

@@ -11,6 +11,18 @@ contract suite (tests/store/test_contract.py):
 - ``list`` yields objects in ascending byte order of their keys.
 - ``delete`` is idempotent; ``stat`` and ``get`` raise ``NotFound``.
 
+Two more coroutines are optional (callers look them up with ``getattr`` and cope
+with their absence); every backend here has them, and the contract suite checks them:
+
+- ``server_time() -> float | None``: the store's own clock, seconds since the epoch,
+  or None when the store cannot tell. S3 and Azure read the HTTP ``Date`` header of
+  a cheap request (1 s resolution: the middle of the second it names); the file and
+  memory stores are local and give this host's clock. ``cdp preflight system``
+  compares it with the local clock, because store locks (FORMAT.md §11) allow only
+  so much skew between hosts.
+- ``ensure_container() -> None``: create the bucket, container or root directory if
+  it does not exist yet (``cdp install``); idempotent.
+
 Every key goes through ``cdp.store.keys.validate_key`` before any I/O. Keys
 are relative to the store's root or prefix; ``list`` returns relative keys.
 Errors are ``cdp.errors.StoreError`` subclasses; SDK errors never leak.
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -147,3 +160,20 @@ def resolve_range(size: int, offset: int, length: int | None) -> tuple[int, int]
     start = min(offset, size)
     end = size if length is None else min(size, offset + length)
     return start, max(start, end)
+
+
+def http_date_seconds(value: str | None) -> float | None:
+    """An HTTP ``Date`` header as seconds since the epoch, None if absent or unparsable.
+
+    The header has a resolution of one second and names the second during which the
+    server answered: the middle of that second is the best estimate of its clock.
+    """
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # RFC 9110: an HTTP date is always GMT
+        return None
+    return when.timestamp() + 0.5

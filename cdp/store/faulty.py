@@ -13,8 +13,9 @@ its key validated, then checked against the plan, in this order:
 5. ``set_error_rate(op, p, seed)``: each call fails with probability p, drawn
    from a ``random.Random(seed)`` of its own, so a run is reproducible.
 
-op may be "*" for every operation. With no fault planned the wrapper is
-transparent: it passes the contract suite.
+``server_time`` and ``ensure_container`` delegate to the inner store, uncounted;
+of the plan only ``offline()`` applies to them. op may be "*" for every operation.
+With no fault planned the wrapper is transparent: it passes the contract suite.
 """
 
 from __future__ import annotations
@@ -156,8 +157,24 @@ class FaultyStore(StoreBase):
         self._after("stat", key, after)
         return info
 
+    async def server_time(self) -> float | None:
+        """The inner store's clock (None if it cannot tell); fails while offline."""
+        self._check_online("server_time")
+        inner = getattr(self.inner, "server_time", None)
+        return None if inner is None else await inner()
+
+    async def ensure_container(self) -> None:
+        self._check_online("ensure_container")
+        inner = getattr(self.inner, "ensure_container", None)
+        if inner is not None:
+            await inner()
+
     async def close(self) -> None:
         await self.inner.close()
+
+    def _check_online(self, op: str) -> None:
+        if self._offline:
+            raise StoreUnavailable(f"{self.describe()}: {op}: store offline (injected)")
 
     async def _before(self, op: str, key: str) -> _Failure | None:
         """Apply the plan before the inner call; return a failure due after it."""

@@ -33,6 +33,7 @@ import errno
 import os
 import secrets
 import stat as stat_mode
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NamedTuple
@@ -108,6 +109,17 @@ class FileStore(StoreBase):
             await asyncio.to_thread(_delete, path, self.root)
         except OSError as exc:
             raise self._error("delete", key, exc) from exc
+
+    async def server_time(self) -> float | None:
+        """The store is this host's file system: its clock is ours."""
+        return time.time()
+
+    async def ensure_container(self) -> None:
+        """Create the root directory (and its parents) if missing."""
+        try:
+            await asyncio.to_thread(_make_dirs, self.root)
+        except OSError as exc:
+            raise self._error("ensure_container", ".", exc) from exc
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None

@@ -78,6 +78,13 @@ class MemoryStore(StoreBase):
         validate_key(key)
         self._objects.pop(key, None)
 
+    async def server_time(self) -> float | None:
+        """The store lives in this process: its clock is ours."""
+        return time.time()
+
+    async def ensure_container(self) -> None:
+        """Nothing to create: the dict exists."""
+
     async def stat(self, key: str) -> ObjectInfo:
         validate_key(key)
         obj = self._lookup("stat", key)

@@ -43,7 +43,7 @@ from cdp.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range
+from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range, http_date_seconds
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
 from cdp.store.open import redact_url
 
@@ -289,6 +289,42 @@ class S3Store(StoreBase):
             etag=reply.get("ETag", "").strip('"') or None,
         )
 
+    async def server_time(self) -> float | None:
+        """The server's clock from the Date header of a HeadBucket. Any HTTP answer has
+        one, so a missing bucket or refused credentials still tell the time."""
+        try:
+            s3 = await self._s3()
+            reply = await s3.head_bucket(Bucket=self.bucket)
+        except bce.ClientError as exc:
+            when = http_date_seconds(_header(exc.response, "date"))
+            if when is None:
+                raise self._error("server_time", "", exc) from exc
+            return when
+        except Exception as exc:
+            raise self._error("server_time", "", exc) from exc
+        return http_date_seconds(_header(reply, "date"))
+
+    async def ensure_container(self) -> None:
+        """Create the bucket unless HeadBucket finds it (a credential that may not
+        create buckets can still use an existing one)."""
+        try:
+            s3 = await self._s3()
+            await s3.head_bucket(Bucket=self.bucket)
+            return
+        except bce.ClientError as exc:
+            if _status(exc) != 404:
+                raise self._bucket_error("ensure_container", exc) from exc
+        except Exception as exc:
+            raise self._error("ensure_container", "", exc) from exc
+        await self.create_bucket()
+
+    def _bucket_error(self, op: str, exc: bce.ClientError) -> StoreError:
+        # HeadBucket answers without a body: a bare 403 is about the bucket, not a key.
+        if _status(exc) == 403:
+            return PermissionDenied(f"{self.describe()}: {op}: HTTP 403: access to bucket "
+                                    f"{self.bucket!r} refused")
+        return self._error(op, "", exc)
+
     async def create_bucket(self) -> None:
         """Create the bucket if it does not exist (for install and tests)."""
         extra = {}
@@ -343,6 +379,11 @@ class S3Store(StoreBase):
 
 def _code(exc: bce.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _header(response: dict[str, Any], name: str) -> str | None:
+    """An HTTP header of a botocore response (botocore lower-cases the names)."""
+    return response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(name)
 
 
 def _status(exc: bce.ClientError) -> int | None:

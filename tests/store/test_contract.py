@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import asyncio
 import os
+import time
 from typing import Any
 
 import pytest
@@ -250,3 +251,45 @@ async def test_many_concurrent_puts_and_gets(store: Any) -> None:
     await asyncio.gather(*(store.put(k, v) for k, v in blobs.items()))
     got = await asyncio.gather(*(store.get(k) for k in blobs))
     assert dict(zip(blobs, got)) == blobs
+
+
+# -- the optional coroutines: server_time and ensure_container ------------------------
+
+
+async def test_server_time_is_the_stores_clock(store: Any) -> None:
+    before = time.time()
+    when = await store.server_time()
+    after = time.time()
+    assert when is not None
+    # The local test servers share this host's clock; an HTTP Date has 1 s resolution.
+    assert before - 1.0 <= when <= after + 1.0
+
+
+async def test_ensure_container_is_idempotent(store: Any) -> None:
+    await store.put("kept/k", b"v")
+    await store.ensure_container()
+    await store.ensure_container()
+    assert await store.get("kept/k") == b"v"
+    assert await keys_of(store) == ["kept/k"]
+
+
+@pytest.mark.parametrize("kind", ["file", "s3", "azure"])
+async def test_ensure_container_creates_a_missing_one(
+    kind: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    from cdp.store import FileStore
+    from tests.conftest import make_azure_store, make_s3_store, unique_name
+
+    if kind == "file":
+        made: Any = FileStore(tmp_path / "not" / "yet")
+    elif kind == "s3":
+        made = make_s3_store(request.getfixturevalue("moto_server"), unique_name())
+    else:
+        made = make_azure_store(request.getfixturevalue("azurite"), unique_name())
+    async with made:
+        # The server's clock is known even before the bucket exists.
+        assert abs(await made.server_time() - time.time()) < 2.0
+        await made.ensure_container()
+        await made.ensure_container()
+        await made.put("a/b", b"x")
+        assert await made.get("a/b") == b"x"

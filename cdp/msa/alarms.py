@@ -1,0 +1,207 @@
+"""Alarms: conditions of the DRVAs and the protected domains that need a person.
+
+``AlarmEvaluator.evaluate(now_ns, drvas, policies)`` looks at the supervisor's views
+(``DrvaView``: state, restarts, the DRVA's ``status.json``) and the domains' policies,
+and raises or clears alarms. One alarm per (kind, subject) at a time:
+
+=============  ========  =======  ==========================================================
+kind           severity  subject  raised while
+=============  ========  =======  ==========================================================
+drva_down      critical  DRVA     it is restarting after an exit, has not come up within
+                                  ``start_grace_s``, or its status.json is older than ``stale_s``
+fenced         critical  domain   the DRVA stopped shipping it (another writer owns its catalog,
+                                  or the catalog is unusable)
+rpo_lag        major     domain   its RPO lag is above the policy's ``rpo_target_s``
+bitmap_mode    major     domain   its filter fell back to a dirty-region bitmap
+backpressure   major     DRVA     back-pressure held longer than ``alarms.backpressure_s``
+store_errors   warning   domain   its upload/catalog error counters rose, or a new last_error
+                                  appeared, within the last ``store_error_quiet_s`` (not when fenced)
+log_usage      warning   DRVA     its log partition is fuller than ``alarms.log_usage_pct``
+=============  ========  =======  ==========================================================
+
+While a DRVA is not up its domains cannot be judged: their alarms stay as they are
+(neither raised nor cleared), and ``drva_down`` says why. An active alarm's message is
+kept current (the lag it quotes); raising and clearing are logged once each. Cleared
+alarms are kept in a bounded history, newest last.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cdp.logs import get_logger
+from cdp.msa.config import Alarms, Policy
+from cdp.msa.supervisor import DrvaView, exit_text
+
+log = get_logger("cdp.msa.alarms")
+
+KINDS = ("drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage")
+SEVERITY = {"drva_down": "critical", "fenced": "critical", "rpo_lag": "major", "bitmap_mode": "major",
+            "backpressure": "major", "store_errors": "warning", "log_usage": "warning"}
+HISTORY_MAX = 500
+START_GRACE_S = 15.0
+STALE_S = 10.0
+STORE_ERROR_QUIET_S = 60.0
+
+
+@dataclass
+class Alarm:
+    id: str
+    kind: str
+    severity: str
+    subject: str
+    subject_kind: str  # "domain" or "drva"
+    message: str
+    raised_ns: int
+    cleared_ns: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Condition = tuple[str, str]  # (subject_kind, message)
+
+
+class AlarmEvaluator:
+    """Invariant: ``active`` holds at most one alarm per (kind, subject), none cleared;
+    ``history`` holds at most ``history_max`` cleared alarms."""
+
+    def __init__(self, thresholds: Alarms, *, history_max: int = HISTORY_MAX, start_grace_s: float = START_GRACE_S,
+                 stale_s: float = STALE_S, store_error_quiet_s: float = STORE_ERROR_QUIET_S) -> None:
+        self.thresholds = thresholds
+        self.start_grace_s, self.stale_s, self.store_error_quiet_s = start_grace_s, stale_s, store_error_quiet_s
+        self.active: dict[tuple[str, str], Alarm] = {}
+        self.history: collections.deque[Alarm] = collections.deque(maxlen=history_max)
+        self._ids = itertools.count(1)
+        self._backpressure_since_ns: dict[str, int] = {}  # DRVA -> when back-pressure began
+        # (DRVA, domain) -> (pid, error count, last_error) seen last time; a new pid restarts the counters
+        self._errors_seen: dict[tuple[str, str], tuple[int, int, str | None]] = {}
+        self._error_at_ns: dict[str, tuple[int, str]] = {}  # domain -> (when, what) of its newest error
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, now_ns: int, drvas: Sequence[DrvaView], policies: Mapping[str, Policy]
+                 ) -> tuple[list[Alarm], list[Alarm]]:
+        """Raise and clear alarms for this moment; return (raised, cleared)."""
+        conditions: dict[tuple[str, str], Condition] = {}
+        unknown: set[str] = set()  # subjects that cannot be judged now (their DRVA is not up)
+        for v in drvas:
+            down = self._drva_down(v)
+            if down is not None:
+                conditions[("drva_down", v.name)] = ("drva", down)
+                unknown.update(v.domains)
+                unknown.add(v.name)
+                continue
+            if v.status is None:
+                unknown.update(v.domains)
+                unknown.add(v.name)
+                continue
+            self._drva_conditions(now_ns, v, conditions)
+            for dom in v.status.get("domains", []):
+                policy = policies.get(dom.get("name"))
+                if policy is not None:
+                    self._domain_conditions(now_ns, v, dom, policy, conditions)
+        raised, cleared = [], []
+        for key, (subject_kind, message) in conditions.items():
+            alarm = self.active.get(key)
+            if alarm is not None:
+                alarm.message = message
+                continue
+            alarm = Alarm(f"{key[0]}-{next(self._ids)}", key[0], SEVERITY[key[0]], key[1], subject_kind, message,
+                          now_ns)
+            self.active[key] = alarm
+            raised.append(alarm)
+            log.warning("alarm_raised", **alarm.to_dict())
+        for key in [k for k in self.active if k not in conditions and k[1] not in unknown]:
+            alarm = self.active.pop(key)
+            alarm.cleared_ns = now_ns
+            self.history.append(alarm)
+            cleared.append(alarm)
+            log.info("alarm_cleared", **alarm.to_dict())
+        return raised, cleared
+
+    def _drva_down(self, v: DrvaView) -> str | None:
+        if v.state == "restarting":
+            why = exit_text(v.last_exit) + (f" ({v.last_error})" if v.last_error else "")
+            return (f"DRVA {v.name} is down: {why}; restart {v.restarts + 1} in "
+                    f"{v.restart_in_s or 0:.1f} s")
+        if v.state == "starting" and v.state_for_s > self.start_grace_s:
+            return f"DRVA {v.name} has not come up {v.state_for_s:.0f} s after it was started"
+        if v.state == "up" and v.status_age_s is not None and v.status_age_s > self.stale_s:
+            return f"DRVA {v.name} is not reporting: its status is {v.status_age_s:.0f} s old (hung?)"
+        return None
+
+    def _drva_conditions(self, now_ns: int, v: DrvaView, out: dict[tuple[str, str], Condition]) -> None:
+        st = v.status or {}
+        usage = (st.get("log") or {}).get("used_ratio")
+        if isinstance(usage, (int, float)) and usage * 100 > self.thresholds.log_usage_pct:
+            out[("log_usage", v.name)] = ("drva", f"DRVA {v.name}: log partition {usage * 100:.1f} % full "
+                                                  f"(alarm above {self.thresholds.log_usage_pct:g} %)")
+        if st.get("backpressure"):
+            since = self._backpressure_since_ns.setdefault(v.name, now_ns)
+            held_s = (now_ns - since) / 1e9
+            if held_s > self.thresholds.backpressure_s:
+                out[("backpressure", v.name)] = ("drva", f"DRVA {v.name}: back-pressure held for {held_s:.0f} s "
+                                                         f"(alarm after {self.thresholds.backpressure_s:g} s)")
+        else:
+            self._backpressure_since_ns.pop(v.name, None)
+
+    def _domain_conditions(self, now_ns: int, v: DrvaView, dom: Mapping[str, Any], policy: Policy,
+                           out: dict[tuple[str, str], Condition]) -> None:
+        name = str(dom.get("name"))
+        if dom.get("fenced"):
+            out[("fenced", name)] = ("domain", f"domain {name}: DRVA {v.name} stopped shipping it (fenced)"
+                                     + (f": {dom['last_error']}" if dom.get("last_error") else ""))
+        lag = dom.get("rpo_lag_s")
+        if isinstance(lag, (int, float)) and lag > policy.rpo_target_s:
+            out[("rpo_lag", name)] = ("domain", f"domain {name}: RPO lag {lag:.1f} s exceeds its target "
+                                                f"{policy.rpo_target_s:g} s ({dom.get('rpo_lag_bytes') or 0:,} "
+                                                f"bytes not in the store)")
+        if dom.get("bitmap_mode"):
+            out[("bitmap_mode", name)] = ("domain", f"domain {name}: the filter fell back to a dirty-region bitmap "
+                                                    f"({dom.get('dirty_bytes') or 0:,} bytes dirty); no consistent "
+                                                    f"point until its resync ends")
+        errors = int(dom.get("upload_errors") or 0) + int(dom.get("catalog_errors") or 0)
+        last_error = dom.get("last_error")
+        pid = v.pid or 0
+        seen = self._errors_seen.get((v.name, name))
+        if seen is None or seen[0] != pid:
+            rising = bool(errors or last_error)
+        else:
+            rising = errors > seen[1] or (last_error is not None and last_error != seen[2])
+        self._errors_seen[(v.name, name)] = (pid, errors, last_error)
+        if dom.get("fenced"):
+            return  # the fenced alarm quotes its error already
+        if rising:
+            self._error_at_ns[name] = (now_ns, str(last_error or "store error"))
+        recent = self._error_at_ns.get(name)
+        if recent is not None and (now_ns - recent[0]) / 1e9 < self.store_error_quiet_s:
+            out[("store_errors", name)] = (
+                "domain", f"domain {name}: store errors (upload {dom.get('upload_errors') or 0}, catalog "
+                          f"{dom.get('catalog_errors') or 0} since DRVA {v.name} started); last: {recent[1]}")
+
+    # ------------------------------------------------------------------ reading
+
+    def active_alarms(self) -> list[Alarm]:
+        return sorted(self.active.values(), key=lambda a: (a.raised_ns, a.id))
+
+    def recent_alarms(self) -> list[Alarm]:
+        """Cleared alarms, newest last."""
+        return list(self.history)
+
+    def counts_by_kind(self) -> dict[str, int]:
+        counts = dict.fromkeys(KINDS, 0)
+        for a in self.active.values():
+            counts[a.kind] += 1
+        return counts
+
+    def forget_subjects(self, keep: set[str]) -> None:
+        """Drop the bookkeeping of subjects no longer supervised (bounded memory)."""
+        for k in [k for k in self._errors_seen if k[0] not in keep or k[1] not in keep]:
+            del self._errors_seen[k]
+        for k in [k for k in self._error_at_ns if k not in keep]:
+            del self._error_at_ns[k]

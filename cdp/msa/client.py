@@ -1,0 +1,87 @@
+"""The CLI's client of the daemon's REST API.
+
+The base URL is the site file's ``[api] listen``; the token comes from the environment
+variable it names. An error answer becomes a ``DaemonError`` carrying the daemon's message
+and the exit code it chose (FORMAT.md §13.5); no daemon at all is ``DaemonNotRunning``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from cdp.errors import CdpError
+from cdp.msa.config import SiteConfig
+
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0  # a ?wait=1 request has no total limit: the job's timeout bounds it
+
+
+class DaemonNotRunning(CdpError):
+    """No daemon answers at the site's API address."""
+
+
+class DaemonError(CdpError):
+    """The daemon refused or failed a request; ``exit_code`` is the one it chose."""
+
+    def __init__(self, message: str, status: int, code: str, exit_code: int = 1, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.field = status, code, field
+        self.exit_code = exit_code
+
+
+class MsaClient:
+    """``async with MsaClient(cfg) as c: await c.get("/v1/status")``."""
+
+    def __init__(self, cfg: SiteConfig, env: Mapping[str, str] = os.environ) -> None:
+        self.cfg = cfg
+        self.base_url = f"http://{cfg.api_listen}"
+        self._headers = {"Authorization": f"Bearer {cfg.api_token(env)}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> MsaClient:
+        self._session = aiohttp.ClientSession(headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, path: str, body: Any = None, *, params: Mapping[str, str] | None = None,
+                      wait: bool = False) -> Any:
+        assert self._session is not None, "use MsaClient in 'async with'"
+        timeout = aiohttp.ClientTimeout(total=None if wait else REQUEST_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S)
+        if wait:
+            params = {**(params or {}), "wait": "1"}
+        try:
+            async with self._session.request(method, self.base_url + path, json=body, params=params,
+                                             timeout=timeout) as resp:
+                text = await resp.text()
+                status = resp.status
+        except aiohttp.ClientConnectorError as exc:
+            raise DaemonNotRunning(f"no daemon at {self.base_url} ({exc.os_error.strerror or exc}): start it with "
+                                   f"`cdp daemon --config {self.cfg.path}`") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise CdpError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from None
+        try:
+            doc = json.loads(text) if text else None
+        except ValueError:
+            doc = None
+        if status >= 400:
+            err = doc.get("error") if isinstance(doc, dict) and isinstance(doc.get("error"), dict) else {}
+            raise DaemonError(f"daemon: {err.get('message') or f'HTTP {status}'}", status,
+                              str(err.get("code") or "http_error"), int(err.get("exit_code") or 1), err.get("field"))
+        if doc is None and text:
+            return text  # /metrics
+        return doc
+
+    async def get(self, path: str, **params: str) -> Any:
+        return await self.request("GET", path, params=params or None)
+
+    async def post(self, path: str, body: Any = None, *, wait: bool = False) -> Any:
+        return await self.request("POST", path, body, wait=wait)

@@ -1,0 +1,326 @@
+"""``cdp daemon``: the MSA — the protection service of one site.
+
+One process, a few long-lived tasks around it:
+
+* the **supervisor** (``cdp.msa.supervisor``) keeps one DRVA subprocess per DRVA that
+  serves protected domains (``<state_dir>/protection.json``), restarting crashed ones;
+* the **alarm loop** reads the DRVAs' statuses every second, raises and clears alarms
+  (``cdp.msa.alarms``) and measures throughput;
+* the **consolidation scheduler** starts a ``consolidate`` job per protected domain every
+  ``consolidate_every`` of its policy (not while one of that domain runs);
+* the **pruner** deletes job records older than ``[jobs] retention_days``, daily;
+* the **REST API** (``cdp.msa.api``) on ``[api] listen``, with ``/metrics``.
+
+``<state_dir>/msa.pid`` holds the daemon's pid while it runs (``cdp uninstall`` sends it
+SIGTERM); a second daemon for the same state directory refuses to start. SIGTERM and
+SIGINT stop it in order: API, jobs (recorded as cancelled), DRVAs (SIGTERM, then
+SIGKILL), pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+from cdp.durable import atomic_write
+from cdp.errors import Busy, CdpError, ConfigError
+from cdp.logs import get_logger
+from cdp.msa import operations
+from cdp.msa.alarms import AlarmEvaluator
+from cdp.msa.config import Policy, SiteConfig
+from cdp.msa.jobs import Job, JobStore
+from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
+from cdp.msa.protection import load_protection, save_protection
+from cdp.msa.runner import JobRunner
+from cdp.msa.supervisor import STEP_INTERVAL_S, DrvaView, Supervisor
+from cdp.store.open import redact_url
+
+log = get_logger("cdp.msa.daemon")
+
+PID_NAME = "msa.pid"
+ALARM_INTERVAL_S = 1.0
+SCHEDULE_INTERVAL_S = 1.0
+PRUNE_INTERVAL_S = 3600.0
+JOBS_PRUNE_EVERY_S = 86400.0
+SERVE_TIMEOUT_S = 60.0  # a protect job waits this long for its DRVA to serve the domain
+#: Each job kind's timeout (run_job cancels it after this).
+JOB_TIMEOUT_S = {"protect": 120.0, "mark": 120.0, "preflight": 600.0, "verify": 6 * 3600.0,
+                 "consolidate": 6 * 3600.0, "recover": 24 * 3600.0}
+RATE_SAMPLES = 6  # throughput over the last ~5 alarm ticks
+
+
+class Throughput:
+    """Bytes/s received and uploaded per domain, from the DRVAs' counters over the last
+    few samples. Invariant: at most ``RATE_SAMPLES`` samples per (DRVA, domain)."""
+
+    def __init__(self) -> None:
+        self.samples: dict[tuple[str, str], collections.deque] = {}
+
+    def update(self, now: float, views: list[DrvaView]) -> None:
+        seen = set()
+        for v in views:
+            for dom in (v.status or {}).get("domains", []):
+                key = (v.name, str(dom.get("name")))
+                seen.add(key)
+                q = self.samples.setdefault(key, collections.deque(maxlen=RATE_SAMPLES))
+                sample = (now, v.pid, int(dom.get("bytes_received") or 0), int(dom.get("bytes_uploaded") or 0))
+                if q and (q[-1][1] != sample[1] or sample[2] < q[-1][2] or sample[3] < q[-1][3]):
+                    q.clear()  # the DRVA restarted: its counters started again
+                q.append(sample)
+        for key in [k for k in self.samples if k not in seen]:
+            del self.samples[key]
+
+    def rates(self, drva: str, domain: str) -> dict[str, float | None]:
+        q = self.samples.get((drva, domain))
+        if not q or len(q) < 2 or q[-1][0] <= q[0][0]:
+            return {"received_bytes_per_s": None, "uploaded_bytes_per_s": None}
+        dt = q[-1][0] - q[0][0]
+        return {"received_bytes_per_s": round((q[-1][2] - q[0][2]) / dt),
+                "uploaded_bytes_per_s": round((q[-1][3] - q[0][3]) / dt)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
+class MsaDaemon:
+    """The running service (see the module docstring). ``start``/``stop`` for tests and
+    ``run_daemon``; the API handlers call the public methods."""
+
+    def __init__(self, cfg: SiteConfig, env: Mapping[str, str] = os.environ, *,
+                 supervisor_options: Mapping[str, Any] | None = None,
+                 alarm_options: Mapping[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.env = dict(env)
+        self.token = cfg.api_token(env)  # refuse to start an API nobody can call
+        self.jobs = JobStore(cfg.state_dir / "jobs", cfg.jobs_retention_s)
+        self.runner = JobRunner(self.jobs)
+        self.supervisor = Supervisor(cfg, env, **(supervisor_options or {}))
+        self.alarms = AlarmEvaluator(cfg.alarms, **(alarm_options or {}))
+        self.metrics = MsaMetrics(self.metrics_snapshot)
+        self.throughput = Throughput()
+        self.protection: dict[str, Policy] = {}
+        self.pid_path = cfg.state_dir / PID_NAME
+        self.started_ns = 0
+        self._protection_lock = asyncio.Lock()
+        self._next_consolidation: dict[str, float] = {}
+        self._pruned_at = time.monotonic()  # start() prunes once itself
+        self._tasks: list[asyncio.Task] = []
+        self._api: Any = None  # aiohttp AppRunner
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        from cdp.msa.api import start_api
+
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_pid_file()
+        try:
+            self.protection = load_protection(self.cfg)
+            await asyncio.to_thread(self.jobs.prune)
+            await self.supervisor.apply(self.protection)
+            self._api = await start_api(self)
+            loops = ((self.supervisor.step, STEP_INTERVAL_S, "supervisor"),
+                     (self._alarm_step, ALARM_INTERVAL_S, "alarms"),
+                     (self._schedule_step, SCHEDULE_INTERVAL_S, "consolidation-scheduler"),
+                     (self._prune_step, PRUNE_INTERVAL_S, "pruner"))
+            for step, interval_s, name in loops:
+                self._tasks.append(asyncio.create_task(_every(interval_s, step, name), name=name))
+        except BaseException:
+            await self.stop()
+            raise
+        self.started_ns = time.time_ns()
+        log.info("msa_started", site=self.cfg.site, api=str(self.cfg.api_listen), pid=os.getpid(),
+                 protected=sorted(self.protection), drvas=sorted(self.supervisor.drvas))
+
+    async def stop(self) -> None:
+        if self._api is not None:
+            await self._api.cleanup()
+            self._api = None
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.runner.cancel_all()
+        await self.supervisor.stop_all()
+        self._release_pid_file()
+        log.info("msa_stopped", site=self.cfg.site)
+
+    def _claim_pid_file(self) -> None:
+        try:
+            other = int(self.pid_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            other = 0
+        except (OSError, ValueError):
+            other = 0  # unreadable: a leftover, replaced below
+        if other and other != os.getpid() and _pid_alive(other):
+            raise Busy(f"a daemon already runs for {self.cfg.state_dir} (pid {other}, from {self.pid_path}); "
+                       f"stop it first")
+        atomic_write(self.pid_path, f"{os.getpid()}\n".encode())
+
+    def _release_pid_file(self) -> None:
+        try:
+            if int(self.pid_path.read_text().strip() or 0) == os.getpid():
+                self.pid_path.unlink()
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ loops
+
+    async def _alarm_step(self) -> None:
+        self.evaluate_alarms()
+
+    def evaluate_alarms(self) -> None:
+        views = self.supervisor.views()
+        self.throughput.update(time.monotonic(), views)
+        self.alarms.evaluate(time.time_ns(), views, self.protection)
+        self.alarms.forget_subjects(set(self.protection) | {d.name for d in self.cfg.drvas})
+
+    async def _schedule_step(self) -> None:
+        await self.consolidation_step(time.monotonic())
+
+    async def consolidation_step(self, now: float) -> list[str]:
+        """Start the consolidation jobs that are due; return their ids."""
+        started = []
+        for domain in [d for d in self._next_consolidation if d not in self.protection]:
+            del self._next_consolidation[domain]
+        for domain, policy in list(self.protection.items()):
+            due = self._next_consolidation.setdefault(domain, now + policy.consolidate_every_s)
+            if now < due:
+                continue
+            self._next_consolidation[domain] = now + policy.consolidate_every_s
+            if self.runner.running("consolidate", {"domain": domain}):
+                log.info("consolidation_skipped", domain=domain, reason="one is still running")
+                continue
+            record = await self.start_consolidation(domain, trigger="schedule")
+            started.append(record["id"])
+        return started
+
+    async def _prune_step(self) -> None:
+        if time.monotonic() - self._pruned_at >= JOBS_PRUNE_EVERY_S:
+            self._pruned_at = time.monotonic()
+            gone = await asyncio.to_thread(self.jobs.prune)
+            log.info("jobs_pruned", records=gone)
+
+    # ------------------------------------------------------------------ operations
+
+    def check_domain(self, domain: str) -> None:
+        """ConfigError (→ 404) when the cluster file has no such domain."""
+        self.cfg.domain(domain)
+
+    async def start_job(self, name: str, args: dict[str, Any], work: Any) -> dict[str, Any]:
+        return await self.runner.start(name, args, JOB_TIMEOUT_S[name], work)
+
+    async def start_consolidation(self, domain: str, trigger: str = "request") -> dict[str, Any]:
+        policy = self.protection.get(domain) or self.cfg.policy(domain)
+        return await self.start_job("consolidate", {"domain": domain, "trigger": trigger},
+                                    lambda job: operations.consolidate(self.cfg, domain, policy, job))
+
+    async def protect(self, domain: str, policy: Policy, job: Job) -> dict[str, Any]:
+        """Protect ``domain`` with ``policy`` (or change its policy); its DRVA is restarted
+        when its domain set changes, and the job ends when the DRVA serves the domain."""
+        drva = self.cfg.drva_of(self.cfg.domain(domain))
+        async with self._protection_lock:
+            protection = dict(self.protection)
+            was = protection.get(domain)
+            protection[domain] = policy
+            await asyncio.to_thread(save_protection, self.cfg, protection)
+            self.protection = protection
+            job.progress("drva", 0, 1)
+            restarted = await self.supervisor.apply(protection)
+        log.info("domain_protected", domain=domain, drva=drva.name, policy=asdict(policy),
+                 already=was is not None)
+        await self.supervisor.wait_serving(drva.name, domain, SERVE_TIMEOUT_S)
+        job.progress("drva", 1, 1)
+        return {"domain": domain, "id": self.cfg.domain(domain).id, "drva": drva.name,
+                "policy": asdict(policy), "was_protected": was is not None, "drva_restarted": drva.name in restarted}
+
+    async def unprotect(self, domain: str) -> dict[str, Any]:
+        drva = self.cfg.drva_of(self.cfg.domain(domain))
+        async with self._protection_lock:
+            if domain not in self.protection:
+                raise NotProtected(f"domain {domain} is not protected (protected: "
+                                   f"{', '.join(sorted(self.protection)) or 'none'})")
+            protection = {d: p for d, p in self.protection.items() if d != domain}
+            await asyncio.to_thread(save_protection, self.cfg, protection)
+            self.protection = protection
+            await self.supervisor.apply(protection)
+        log.info("domain_unprotected", domain=domain, drva=drva.name)
+        return {"domain": domain, "drva": drva.name, "protected": False,
+                "drva_running": drva.name in self.supervisor.drvas}
+
+    # ------------------------------------------------------------------ views
+
+    def status(self) -> dict[str, Any]:
+        views = {v.name: v for v in self.supervisor.views()}
+        active = self.alarms.active_alarms()
+        drvas = []
+        for spec in self.cfg.drvas:
+            v = views.get(spec.name)
+            drvas.append(v.to_dict() if v is not None else {
+                "name": spec.name, "listen": str(spec.listen), "domains": [], "state": "idle", "up": False,
+                "restarts": 0, "pid": None})
+        domains = []
+        for name, policy in self.protection.items():
+            drva = self.cfg.drva_of(self.cfg.domain(name)).name
+            v = views.get(drva)
+            dom = next((d for d in (v.status or {}).get("domains", []) if d.get("name") == name), None) if v else None
+            domains.append({"name": name, "id": self.cfg.domain(name).id, "drva": drva, "policy": asdict(policy),
+                            "status": dom, "throughput": self.throughput.rates(drva, name),
+                            "alarms": [a.id for a in active if a.subject in (name, drva)]})
+        return {"site": self.cfg.site, "pid": os.getpid(), "api": str(self.cfg.api_listen),
+                "store": redact_url(self.cfg.store_url), "state_dir": str(self.cfg.state_dir),
+                "started_ns": self.started_ns, "time_ns": time.time_ns(), "drvas": drvas, "domains": domains,
+                "alarms": [a.to_dict() for a in active], "jobs_running": len(self.runner.tasks)}
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        return MetricsSnapshot(self.supervisor.views(), dict(self.protection), self.alarms.counts_by_kind(),
+                               self.runner.running_by_name(), dict(self.runner.finished))
+
+
+async def _every(interval_s: float, step: Any, name: str) -> None:
+    """Call ``step()`` every ``interval_s``. A failing step is logged and the loop goes on:
+    one bad status document must not end supervision or alarms for good."""
+    while True:
+        try:
+            await step()
+        except CdpError as exc:
+            log.error("loop_step_failed", loop=name, error=exc.message)
+        except Exception:
+            log.error("loop_step_failed", loop=name, exc_info=True)
+        await asyncio.sleep(interval_s)
+
+
+class NotProtected(ConfigError):
+    """The domain is not protected."""
+
+
+async def serve(daemon: MsaDaemon) -> None:
+    """Run ``daemon`` until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.start()
+    try:
+        await stop.wait()
+        log.info("msa_stopping", reason="signal")
+    finally:
+        await daemon.stop()
+
+
+def run_daemon(cfg: SiteConfig, env: Mapping[str, str] = os.environ) -> None:
+    """``cdp daemon``: blocks until the daemon is told to stop."""
+    asyncio.run(serve(MsaDaemon(cfg, env)))

@@ -1,0 +1,186 @@
+"""The OpenAPI 3.1 document of the MSA's REST API (``GET /openapi.json``), by hand.
+
+Kept beside ``cdp.msa.api.ROUTES``; ``tests/mgmt/test_api.py`` checks that every route
+is described here and nothing else is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cdp.msa.config import SiteConfig
+
+_REF = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF + name}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": {"$ref": "#/components/responses/BadRequest"},
+    "401": {"$ref": "#/components/responses/Unauthorized"},
+}
+_DOMAIN_ERRORS = {**_ERRORS, "404": {"$ref": "#/components/responses/NotFound"}}
+_NAME = {"name": "name", "in": "path", "required": True, "description": "A domain of the cluster file.",
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}}
+_WAIT = {"name": "wait", "in": "query", "required": False,
+         "description": "1: wait for the job to end and answer 200 with its final record.",
+         "schema": {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}}
+
+
+def _job_op(summary: str, body: dict[str, Any] | None, *, domain: bool = True,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": ([_NAME] if domain else []) + [_WAIT],
+        "responses": {"202": _json(_ref("Job"), "The job started (Location: /v1/jobs/{id})."),
+                      "200": _json(_ref("Job"), "With ?wait=1: the job's final record."),
+                      **(_DOMAIN_ERRORS if domain else _ERRORS), **(extra or {})},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def _schemas() -> dict[str, Any]:
+    duration = {"oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "examples": ["15m", "72h", "7d"]}],
+                "description": "Seconds, or a number with a unit s, m, h, d or w."}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["status", "code", "message"], "properties": {
+                "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"},
+                "field": {"type": ["string", "null"], "description": "The request field that was wrong."},
+                "exit_code": {"type": "integer", "description": "The exit code the cdp command uses."}}}}},
+        "Policy": {"type": "object", "properties": {
+            "retention_s": {"type": "number"}, "rpo_target_s": {"type": "number"},
+            "consolidate_after_s": {"type": "number"}, "consolidate_every_s": {"type": "number"}}},
+        "PolicyOverrides": {"type": "object", "additionalProperties": False, "properties": {
+            "retention": duration, "rpo_target_s": {"type": "number", "exclusiveMinimum": 0},
+            "consolidate_after": duration, "consolidate_every": duration}},
+        "Job": {"type": "object", "description": "A job record (FORMAT.md §13.2).", "properties": {
+            "version": {"type": "integer"}, "id": {"type": "string"}, "name": {"type": "string"},
+            "args": {"type": "object"},
+            "state": {"type": "string", "enum": ["running", "succeeded", "failed", "timed_out", "cancelled",
+                                                 "abandoned"]},
+            "timeout_s": {"type": "number"}, "created_ns": {"type": "integer"},
+            "ended_ns": {"type": ["integer", "null"]}, "pid": {"type": "integer"},
+            "progress": {"type": "object"}, "events": {"type": "array"}, "output": {},
+            "error": {"type": ["string", "null"]}, "exit_code": {"type": "integer"}}},
+        "Alarm": {"type": "object", "properties": {
+            "id": {"type": "string"}, "kind": {"type": "string", "enum": [
+                "drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage"]},
+            "severity": {"type": "string", "enum": ["critical", "major", "warning"]},
+            "subject": {"type": "string"}, "subject_kind": {"type": "string", "enum": ["domain", "drva"]},
+            "message": {"type": "string"}, "raised_ns": {"type": "integer"},
+            "cleared_ns": {"type": ["integer", "null"]}}},
+        "Target": {"oneOf": [
+            {"const": "latest"},
+            {"type": "object", "required": ["seq"], "additionalProperties": False,
+             "properties": {"seq": {"type": "integer", "minimum": 0}}},
+            {"type": "object", "required": ["mark"], "additionalProperties": False,
+             "properties": {"mark": {"type": "string"}}},
+            {"type": "object", "required": ["at"], "additionalProperties": False,
+             "properties": {"at": {"type": "string", "description": "ISO 8601 with a zone, or relative (-15m)."}}}]},
+        "Status": {"type": "object", "properties": {
+            "site": {"type": "string"}, "pid": {"type": "integer"}, "api": {"type": "string"},
+            "store": {"type": "string"}, "drvas": {"type": "array", "items": {"type": "object"}},
+            "domains": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "id": {"type": "integer"}, "drva": {"type": "string"},
+                "policy": _ref("Policy"),
+                "status": {"type": ["object", "null"], "description": "The DRVA's status fields of the domain."},
+                "throughput": {"type": "object"}, "alarms": {"type": "array", "items": {"type": "string"}}}}},
+            "alarms": {"type": "array", "items": _ref("Alarm")}, "jobs_running": {"type": "integer"}}},
+    }
+
+
+def _paths() -> dict[str, Any]:
+    domain_get = {"parameters": [_NAME]}
+    return {
+        "/healthz": {"get": {"summary": "Liveness (no token needed).", "security": [],
+                             "responses": {"200": _json({"type": "object"}, "The daemon answers.")}}},
+        "/openapi.json": {"get": {"summary": "This document.",
+                                  "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERRORS}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format).", "responses": {
+            "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_ERRORS}}},
+        "/v1/status": {"get": {"summary": "Site, DRVAs, protected domains with their DRVA status, active alarms.",
+                               "responses": {"200": _json(_ref("Status"), "The status."), **_ERRORS}}},
+        "/v1/alarms": {"get": {"summary": "Active alarms and recently cleared ones (bounded).", "responses": {
+            "200": _json({"type": "object", "properties": {
+                "active": {"type": "array", "items": _ref("Alarm")},
+                "recent": {"type": "array", "items": _ref("Alarm")}}}, "The alarms."), **_ERRORS}}},
+        "/v1/domains/{name}/protect": {"post": _job_op(
+            "Protect the domain (or change its policy); the job ends when its DRVA serves it.",
+            _ref("PolicyOverrides"), extra={"409": {"$ref": "#/components/responses/Conflict"}})},
+        "/v1/domains/{name}/unprotect": {"post": {
+            "summary": "Stop protecting the domain (its DRVA restarts without it).", "parameters": [_NAME],
+            "responses": {"200": _json({"type": "object"}, "Unprotected."), **_DOMAIN_ERRORS,
+                          "409": {"$ref": "#/components/responses/Conflict"}}}},
+        "/v1/domains/{name}/points": {"get": {
+            **domain_get, "summary": "Recovery points of the domain, from the store's catalog.",
+            "responses": {"200": _json({"type": "object"}, "Consistent windows, marks, bases."),
+                          **_DOMAIN_ERRORS}}},
+        "/v1/domains/{name}/marks": {"post": _job_op(
+            "Insert a named mark in the domain's stream; the job ends when it is in the catalog.",
+            {"type": "object", "required": ["name"], "additionalProperties": False,
+             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}}},
+            extra={"409": {"$ref": "#/components/responses/Conflict"},
+                   "501": {"$ref": "#/components/responses/NotImplemented"}})},
+        "/v1/domains/{name}/recover": {"post": _job_op(
+            "Rebuild the domain's disks at a point in time into a directory of the daemon's host.",
+            {"type": "object", "required": ["target", "to"], "additionalProperties": False,
+             "properties": {"target": _ref("Target"), "to": {"type": "string", "description": "An absolute path."}}})},
+        "/v1/domains/{name}/verify": {"post": _job_op(
+            "Check the domain's objects in the store.",
+            {"type": "object", "additionalProperties": False, "properties": {
+                "deep": {"type": "boolean"}, "sample": {"type": "number", "minimum": 0, "maximum": 1}}})},
+        "/v1/domains/{name}/consolidate": {"post": _job_op(
+            "Roll old segments into a base and apply retention, with the domain's policy.", None,
+            extra={"409": {"$ref": "#/components/responses/Conflict"}})},
+        "/v1/preflight/{kind}": {"post": {**_job_op("Run the preflight checks of one kind.", None, domain=False,
+                                                    extra={"501": {"$ref": "#/components/responses/NotImplemented"}}),
+                                          "parameters": [
+            {"name": "kind", "in": "path", "required": True,
+             "schema": {"type": "string", "enum": ["system", "install", "uninstall"]}}, _WAIT]}},
+        "/v1/jobs": {"get": {"summary": "Job records, newest first.", "parameters": [
+            {"name": "name", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "jobs": {"type": "array", "items": _ref("Job")}}}, "The jobs."), **_ERRORS}}},
+        "/v1/jobs/{id}": {"get": {"summary": "One job record.", "parameters": [
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("Job"), "The job."), **_ERRORS,
+                          "404": {"$ref": "#/components/responses/NotFound"}}}},
+    }
+
+
+def openapi_document(cfg: SiteConfig) -> dict[str, Any]:
+    def error(description: str) -> dict[str, Any]:
+        return _json(_ref("Error"), description)
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cdp MSA", "version": "1",
+                 "description": f"The management API of site {cfg.site}: protection, status, recovery, jobs."},
+        "servers": [{"url": f"http://{cfg.api_listen}"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": f"The token of the environment variable {cfg.token_env}."}},
+            "schemas": _schemas(),
+            "responses": {
+                "BadRequest": error("Bad input: the message names the field and what was expected."),
+                "Unauthorized": error("No bearer token, or a wrong one."),
+                "NotFound": error("No such domain, job or route."),
+                "Conflict": error("Not in a state for this (not protected, or another job holds the domain)."),
+                "NotImplemented": error("Not available in this build."),
+            },
+        },
+    }

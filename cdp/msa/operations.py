@@ -1,0 +1,70 @@
+"""The store operations the daemon runs for a domain of the site, as jobs: list points,
+recover, verify, consolidate. Each opens the site's store, calls the RocVA function
+the ``cdp`` verbs call, and closes the store; the REST handlers only check their input.
+
+Domains are named as in the cluster file; the store knows them by id
+(``SiteConfig.domain(name).id``), so no catalog search is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from cdp.msa.config import Policy, SiteConfig
+from cdp.msa.jobs import Job
+from cdp.store import open_store
+
+
+async def with_store(cfg: SiteConfig, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    store = open_store(cfg.store_url)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (paths and other objects as strings): a job's output
+    is written as JSON and must never fail to be."""
+    return json.loads(json.dumps(value, default=str))
+
+
+async def points(cfg: SiteConfig, domain: str) -> dict[str, Any]:
+    from rocva.points import list_points
+
+    domain_id = cfg.domain(domain).id
+    return jsonable(await with_store(cfg, lambda store: list_points(store, domain_id)))
+
+
+async def recover(cfg: SiteConfig, domain: str, target: Any, out_dir: Path, job: Job) -> dict[str, Any]:
+    from rocva import recover as rocva_recover
+
+    domain_id = cfg.domain(domain).id
+    result = await with_store(cfg, lambda store: rocva_recover(
+        store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total)))
+    result.pop("plan", None)  # large, and the summary says what matters
+    return jsonable(result)
+
+
+async def verify(cfg: SiteConfig, domain: str, deep: bool, sample: float, job: Job) -> dict[str, Any]:
+    from rocva.verify import verify as rocva_verify
+
+    domain_id = cfg.domain(domain).id
+    return jsonable(await with_store(cfg, lambda store: rocva_verify(
+        store, domain_id, deep=deep, sample=sample,
+        progress=lambda done, total: job.progress("verify", done, total))))
+
+
+async def consolidate(cfg: SiteConfig, domain: str, policy: Policy, job: Job) -> dict[str, Any]:
+    """The domain's consolidation and retention job, with the times of its policy."""
+    from rocva.consolidate import consolidate as rocva_consolidate
+
+    domain_id = cfg.domain(domain).id
+    scratch = cfg.state_dir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return jsonable(await with_store(cfg, lambda store: rocva_consolidate(
+        store, domain_id, older_than_s=policy.consolidate_after_s, retention_s=policy.retention_s,
+        scratch_dir=scratch, progress=job.progress)))

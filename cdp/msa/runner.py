@@ -1,0 +1,106 @@
+"""Jobs running inside the daemon: start one in the background, answer with its record at
+once (HTTP 202), or wait for its end (``?wait=1``).
+
+Each job is ``cdp.msa.jobs.run_job`` in an asyncio task; the record file is the truth
+(the CLI reads it too). The runner bounds how many jobs run at once and counts finished
+ones by name and state for the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cdp.errors import CdpError
+from cdp.logs import get_logger
+from cdp.msa.jobs import Job, JobStore, run_job
+
+log = get_logger("cdp.msa.runner")
+
+RUNNING_MAX = 32
+
+
+class TooManyJobs(CdpError):
+    """Too many jobs are running; try again when some have finished."""
+
+
+class JobRunner:
+    """Invariant: ``tasks`` holds exactly the jobs started here that have not ended."""
+
+    def __init__(self, store: JobStore, running_max: int = RUNNING_MAX) -> None:
+        self.store = store
+        self.running_max = running_max
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.names: dict[str, str] = {}  # job id -> name, while running
+        self.args: dict[str, dict[str, Any]] = {}  # job id -> args, while running
+        self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    async def start(self, name: str, args: dict[str, Any], timeout_s: float,
+                    work: Callable[[Job], Awaitable[Any]]) -> dict[str, Any]:
+        """Start job ``name``; return its first record (state ``running``)."""
+        if len(self.tasks) >= self.running_max:
+            raise TooManyJobs(f"{len(self.tasks)} jobs are running (at most {self.running_max}); "
+                              f"try again when some have finished")
+        loop = asyncio.get_running_loop()
+        created: asyncio.Future[Job] = loop.create_future()
+        task = asyncio.create_task(run_job(self.store, name, args, timeout_s, work,
+                                           on_start=created.set_result), name=f"job-{name}")
+        await asyncio.wait({created, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not created.done():  # the record could not even be created
+            created.cancel()
+            task.result()  # raises why
+        job = created.result()
+        self.tasks[job.id] = task
+        self.names[job.id] = name
+        self.args[job.id] = args
+        task.add_done_callback(lambda t, job_id=job.id: self._done(job_id, t))
+        if task.done():  # ended before we registered the callback's bookkeeping
+            self._done(job.id, task)
+        log.info("job_started", job=job.id, name=name, args=args)
+        return _copy(job.record)
+
+    def _done(self, job_id: str, task: asyncio.Task) -> None:
+        if self.tasks.pop(job_id, None) is None:
+            return
+        name = self.names.pop(job_id)
+        self.args.pop(job_id, None)
+        if task.cancelled():
+            state = "cancelled"
+        elif task.exception() is not None:
+            state = "failed"
+            log.error("job_crashed", job=job_id, name=name, error=repr(task.exception()))
+        else:
+            record = task.result()
+            state = record["state"]
+            log.info("job_ended", job=job_id, name=name, state=state, error=record.get("error"))
+        self.finished[(name, state)] += 1
+
+    async def wait(self, job_id: str) -> dict[str, Any]:
+        """The final record of job ``job_id`` (waits while it runs here)."""
+        task = self.tasks.get(job_id)
+        if task is not None:
+            await asyncio.wait({task})  # not the task's result: a bug in it is logged by _done
+        return self.store.get(job_id)
+
+    def running(self, name: str | None = None, args: dict[str, Any] | None = None) -> list[str]:
+        """Ids of running jobs, optionally of one name whose args contain ``args``."""
+        return [job_id for job_id, n in self.names.items()
+                if (name is None or n == name)
+                and (args is None or all(self.args[job_id].get(k) == v for k, v in args.items()))]
+
+    def running_by_name(self) -> dict[str, int]:
+        return dict(collections.Counter(self.names.values()))
+
+    async def cancel_all(self) -> None:
+        tasks = list(self.tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _copy(record: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot of a live record (the job keeps changing its own)."""
+    return json.loads(json.dumps(record))

@@ -1,0 +1,357 @@
+"""DRVA supervision: one ``python -m drva.daemon`` subprocess per DRVA that serves
+protected domains, kept running.
+
+For each ``[[drvas]]`` entry of the site with at least one protected domain, the
+supervisor writes ``<state_dir>/drvas/<name>.toml`` (``SiteConfig.drva_config_doc``),
+starts the DRVA with its output appended to ``<state_dir>/logs/<name>.log``, and:
+
+* restarts it when it exits (crash, signal, error exit), after a back-off that starts at
+  ``backoff_first_s`` and doubles up to ``backoff_max_s``; a DRVA that stayed up for
+  ``stable_after_s`` starts again from the first step;
+* restarts it when its set of domains changes (``apply`` after protect / unprotect), and
+  stops a DRVA left with no domain;
+* reads its ``status.json`` (``drva/status.py``), trusting only a document written by the
+  current process (its ``pid``): a restarted DRVA's old status says nothing about it;
+* stops them all on shutdown: SIGTERM, then SIGKILL after ``stop_timeout_s``.
+
+States of one DRVA: ``starting`` (spawned, no status of its own yet), ``up`` (it wrote
+a status), ``restarting`` (exited; waiting for its back-off), ``stopped``.
+
+``step()`` does one round (reap exits, restart what is due, read statuses); the daemon
+calls it a few times a second (``STEP_INTERVAL_S``); tests may call it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from cdp.durable import atomic_write
+from cdp.errors import CdpError
+from cdp.logs import get_logger
+from cdp.msa.config import DrvaSpec, Policy, SiteConfig
+
+log = get_logger("cdp.msa.supervisor")
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # up this long: the next exit starts the back-off afresh
+STOP_TIMEOUT_S = 20.0
+STEP_INTERVAL_S = 0.2
+LOG_ROTATE_BYTES = 64 << 20  # a DRVA log bigger than this is moved to .1 at the next start
+LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
+ERROR_TEXT_MAX = 400
+#: Where ``python -m drva.daemon`` finds its package (cdp and drva are siblings).
+CODE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Supervised:
+    """One DRVA and its process. Invariant: ``proc`` is None exactly when ``state`` is
+    ``restarting`` or ``stopped``."""
+
+    spec: DrvaSpec
+    domains: tuple[str, ...]
+    config_path: Path
+    log_path: Path
+    status_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "stopped"
+    state_since: float = 0.0  # monotonic
+    restarts: int = 0
+    backoff_s: float = BACKOFF_FIRST_S
+    restart_at: float | None = None  # monotonic, while restarting
+    last_exit: int | None = None  # the exit code (negative: the signal)
+    last_error: str | None = None  # the last error its log gave before it exited
+    status: dict[str, Any] | None = None  # the newest status.json of the current process
+    status_read_at: float | None = None  # monotonic
+    expected_exit: bool = field(default=False, repr=False)  # we are stopping it
+
+
+@dataclass(frozen=True)
+class DrvaView:
+    """A snapshot of one supervised DRVA, for status, alarms and metrics."""
+
+    name: str
+    listen: str
+    domains: tuple[str, ...]
+    state: str
+    state_for_s: float
+    pid: int | None
+    restarts: int
+    last_exit: int | None
+    last_error: str | None
+    restart_in_s: float | None
+    status: dict[str, Any] | None
+    status_age_s: float | None  # how old its status.json is (by its own clock field)
+
+    def to_dict(self) -> dict[str, Any]:
+        log_doc = (self.status or {}).get("log") or {}
+        return {"name": self.name, "listen": self.listen, "domains": list(self.domains), "state": self.state,
+                "up": self.state == "up", "state_for_s": round(self.state_for_s, 1), "pid": self.pid,
+                "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
+                "restart_in_s": None if self.restart_in_s is None else round(self.restart_in_s, 2),
+                "log_usage_ratio": log_doc.get("used_ratio"), "log_used_bytes": log_doc.get("used_bytes"),
+                "log_size_bytes": log_doc.get("data_size"),
+                "backpressure": (self.status or {}).get("backpressure"),
+                "uptime_s": (self.status or {}).get("uptime_s"),
+                "status_age_s": None if self.status_age_s is None else round(self.status_age_s, 1)}
+
+
+def exit_text(code: int | None) -> str:
+    if code is None:
+        return "not exited"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    """The DRVA processes of one site (see the module docstring)."""
+
+    def __init__(self, cfg: SiteConfig, env: Mapping[str, str], *, clock: Callable[[], float] = time.monotonic,
+                 backoff_first_s: float = BACKOFF_FIRST_S, backoff_max_s: float = BACKOFF_MAX_S,
+                 stable_after_s: float = STABLE_AFTER_S, stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
+        cfg.secret(env)  # refuse to start DRVAs that could not authenticate a filter
+        self.cfg = cfg
+        # The DRVAs get the site secret, not the API token: they never serve the API.
+        self.env = {k: v for k, v in env.items() if k != cfg.token_env}
+        self.clock = clock
+        self.backoff_first_s, self.backoff_max_s = backoff_first_s, backoff_max_s
+        self.stable_after_s, self.stop_timeout_s = stable_after_s, stop_timeout_s
+        self.drvas: dict[str, Supervised] = {}
+        self._lock = asyncio.Lock()  # apply / step / stop_all change the same processes
+
+    # ------------------------------------------------------------------ desired state
+
+    def assignment(self, protection: Mapping[str, Policy]) -> dict[str, tuple[str, ...]]:
+        """DRVA name -> the protected domains it serves (DRVAs with none left out)."""
+        out: dict[str, list[str]] = {}
+        for domain in protection:
+            out.setdefault(self.cfg.drva_of(self.cfg.domain(domain)).name, []).append(domain)
+        return {name: tuple(sorted(doms)) for name, doms in out.items()}
+
+    async def apply(self, protection: Mapping[str, Policy]) -> list[str]:
+        """Run exactly the DRVAs ``protection`` needs, each with its domains; return the
+        names of the DRVAs (re)started. A DRVA whose domains did not change is left alone."""
+        wanted = self.assignment(protection)
+        changed: list[str] = []
+        async with self._lock:
+            for name in [n for n in self.drvas if n not in wanted]:
+                log.info("drva_unassigned", drva=name)
+                await self._stop(self.drvas.pop(name))
+            for name, domains in wanted.items():
+                current = self.drvas.get(name)
+                if current is not None and current.domains == domains:
+                    continue
+                if current is not None:
+                    log.info("drva_domains_changed", drva=name, before=list(current.domains), after=list(domains))
+                    await self._stop(current)
+                sup = current or self._new(self.cfg.drva(name), domains)
+                sup.domains = domains
+                sup.status = None
+                self._write_config(sup)
+                await self._start(sup)
+                self.drvas[name] = sup
+                changed.append(name)
+        return changed
+
+    def _new(self, spec: DrvaSpec, domains: tuple[str, ...]) -> Supervised:
+        root = self.cfg.state_dir
+        return Supervised(spec, domains, root / "drvas" / f"{spec.name}.toml", root / "logs" / f"{spec.name}.log",
+                          self.cfg.drva_state_dir(spec) / "status.json", backoff_s=self.backoff_first_s)
+
+    def _write_config(self, sup: Supervised) -> None:
+        doc = self.cfg.drva_config_doc(sup.spec, list(sup.domains))
+        sup.config_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(sup.config_path, tomli_w.dumps(doc).encode())
+
+    # ------------------------------------------------------------------ processes
+
+    def _set_state(self, sup: Supervised, state: str) -> None:
+        sup.state, sup.state_since = state, self.clock()
+
+    async def _start(self, sup: Supervised) -> None:
+        try:
+            sup.log_path.parent.mkdir(parents=True, exist_ok=True)
+            _rotate(sup.log_path)
+            out = os.open(sup.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            try:
+                # A session of its own: a Ctrl-C meant for the daemon must not reach the
+                # DRVAs directly; the daemon stops them in order.
+                sup.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "drva.daemon", "--config", str(sup.config_path),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=self.env, cwd=CODE_ROOT,
+                    start_new_session=True)
+            finally:
+                os.close(out)
+        except OSError as exc:  # the next step retries, after the back-off
+            sup.proc = None
+            sup.last_error = f"cannot start: {exc.strerror or exc} ({exc.filename or sys.executable})"
+            log.error("drva_start_failed", drva=sup.spec.name, error=sup.last_error)
+            self._schedule_restart(sup)
+            return
+        sup.expected_exit = False
+        sup.status = None
+        self._set_state(sup, "starting")
+        log.info("drva_spawned", drva=sup.spec.name, pid=sup.proc.pid, domains=list(sup.domains),
+                 config=str(sup.config_path), restarts=sup.restarts)
+
+    async def _stop(self, sup: Supervised) -> None:
+        proc = sup.proc
+        sup.restart_at = None
+        if proc is None:
+            self._set_state(sup, "stopped")
+            return
+        sup.expected_exit = True
+        if proc.returncode is None:
+            _signal(proc, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+            except TimeoutError:
+                log.warning("drva_stop_timeout", drva=sup.spec.name, pid=proc.pid, timeout_s=self.stop_timeout_s)
+                _signal(proc, signal.SIGKILL)
+                await proc.wait()
+        sup.proc = None
+        sup.status = None
+        sup.last_exit = proc.returncode
+        self._set_state(sup, "stopped")
+        log.info("drva_stopped", drva=sup.spec.name, pid=proc.pid, exit=exit_text(proc.returncode))
+
+    def _schedule_restart(self, sup: Supervised) -> None:
+        now = self.clock()
+        if sup.state == "up" and now - sup.state_since >= self.stable_after_s:
+            sup.backoff_s = self.backoff_first_s  # it had been fine for a while: not a crash loop
+        sup.restart_at = now + sup.backoff_s
+        self._set_state(sup, "restarting")
+        log.warning("drva_restarting", drva=sup.spec.name, in_s=sup.backoff_s, restarts=sup.restarts + 1,
+                    last_exit=exit_text(sup.last_exit), error=sup.last_error)
+        sup.backoff_s = min(self.backoff_max_s, sup.backoff_s * 2)
+
+    async def step(self) -> None:
+        """Reap exited DRVAs, restart the ones whose back-off is over, read statuses."""
+        async with self._lock:
+            now = self.clock()
+            for sup in self.drvas.values():
+                proc = sup.proc
+                if proc is not None and proc.returncode is not None and not sup.expected_exit:
+                    sup.proc, sup.status, sup.last_exit = None, None, proc.returncode
+                    sup.last_error = _last_error(sup.log_path)
+                    log.error("drva_exited", drva=sup.spec.name, pid=proc.pid, exit=exit_text(proc.returncode),
+                              error=sup.last_error)
+                    self._schedule_restart(sup)
+                elif sup.state == "restarting" and sup.restart_at is not None and now >= sup.restart_at:
+                    sup.restarts += 1
+                    sup.restart_at = None
+                    await self._start(sup)
+                elif sup.proc is not None:
+                    self._read_status(sup)
+
+    def _read_status(self, sup: Supervised) -> None:
+        try:
+            doc = json.loads(sup.status_path.read_bytes())
+        except (OSError, ValueError):
+            return  # not written yet, or between its writes: the next step reads it
+        if not isinstance(doc, dict) or sup.proc is None or doc.get("pid") != sup.proc.pid:
+            return  # an earlier process's document
+        sup.status, sup.status_read_at = doc, self.clock()
+        if sup.state == "starting":
+            self._set_state(sup, "up")
+            sup.last_error = None
+            log.info("drva_up", drva=sup.spec.name, pid=sup.proc.pid, listen=doc.get("listen"))
+
+    async def stop_all(self) -> None:
+        async with self._lock:
+            await asyncio.gather(*(self._stop(sup) for sup in self.drvas.values()))
+
+    # ------------------------------------------------------------------ views
+
+    def views(self) -> list[DrvaView]:
+        now = self.clock()
+        out = []
+        for sup in self.drvas.values():
+            st = sup.status
+            age = None
+            if st is not None and isinstance(st.get("time"), (int, float)):
+                age = max(0.0, time.time() - st["time"])
+            out.append(DrvaView(
+                sup.spec.name, str(sup.spec.listen), sup.domains, sup.state, now - sup.state_since,
+                sup.proc.pid if sup.proc is not None else None, sup.restarts, sup.last_exit, sup.last_error,
+                None if sup.restart_at is None else max(0.0, sup.restart_at - now), st, age))
+        return out
+
+    def view(self, name: str) -> DrvaView | None:
+        return next((v for v in self.views() if v.name == name), None)
+
+    def pid(self, name: str) -> int | None:
+        sup = self.drvas.get(name)
+        return sup.proc.pid if sup is not None and sup.proc is not None else None
+
+    async def wait_serving(self, name: str, domain: str, timeout_s: float) -> DrvaView:
+        """Wait until DRVA ``name`` is up and its status lists ``domain``."""
+        deadline = self.clock() + timeout_s
+        while True:
+            v = self.view(name)
+            if v is not None and v.state == "up" and v.status is not None and any(
+                    d.get("name") == domain for d in v.status.get("domains", [])):
+                return v
+            if self.clock() >= deadline:
+                why = "" if v is None else f" (it is {v.state}; {exit_text(v.last_exit)}" + (
+                    f": {v.last_error}" if v.last_error else "") + ")"
+                raise CdpError(f"DRVA {name} did not start serving domain {domain} within {timeout_s:g} s{why}; "
+                               f"see {self.cfg.state_dir / 'logs' / (name + '.log')}")
+            await asyncio.sleep(STEP_INTERVAL_S)
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass  # already gone
+
+
+def _rotate(path: Path) -> None:
+    try:
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+def _last_error(path: Path) -> str | None:
+    """The last error its log holds (JSON lines from cdp.logs, or a plain traceback line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            if doc.get("level") == "error":
+                text = f"{doc.get('event')}: {doc.get('error') or ''}".rstrip(": ")
+                return text[:ERROR_TEXT_MAX]
+            continue
+        if line.startswith("drva: error:") or "Error" in line:
+            return line[:ERROR_TEXT_MAX]
+    return None

@@ -1,0 +1,168 @@
+"""The site file (cdp/msa/config.py): the example loads; a bad file is refused with the
+file, the key path and what was expected; secrets come from the environment only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdp.errors import ConfigError
+from cdp.msa.config import load_site_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CLUSTER = """\
+site = "site-c"
+[[hosts]]
+name = "esx-01"
+[[vms]]
+name = "db"
+host = "esx-01"
+disks = [{ name = "disk0", size = "1MiB" }]
+[[vms]]
+name = "app"
+host = "esx-01"
+disks = [{ name = "disk0", size = "1MiB" }]
+[[domains]]
+name = "erp"
+id = 1
+drva = "127.0.0.1:32873"
+vms = ["db"]
+[[domains]]
+name = "stray"
+id = 2
+drva = "127.0.0.1:32999"
+vms = ["app"]
+"""
+
+SITE = """\
+site = "site-c"
+cluster = "cluster.toml"
+store = "store"
+
+[[drvas]]
+name = "drva-1"
+listen = "127.0.0.1:32873"
+log = { path = "state/drva-1/replog", size = "8MiB" }
+meta = { path = "state/drva-1/meta" }
+
+[[drvas]]
+name = "drva-2"
+listen = "127.0.0.1:32874"
+log = { path = "state/drva-2/replog", size = "8MiB" }
+meta = { path = "state/drva-2/meta" }
+
+[defaults]
+retention = "72h"
+
+[[protect]]
+domain = "erp"
+"""
+
+
+def write_site(tmp_path: Path, site: str = SITE) -> Path:
+    (tmp_path / "cluster.toml").write_text(CLUSTER)
+    path = tmp_path / "site.toml"
+    path.write_text(site)
+    return path
+
+
+def test_the_example_site_loads() -> None:
+    cfg = load_site_config(ROOT / "examples" / "site.toml")
+    assert cfg.site == "site-a" and cfg.cluster.site == "site-a"
+    assert [(d.name, d.listen.port) for d in cfg.drvas] == [("drva-1", 32873), ("drva-2", 32874)]
+    assert list(cfg.protect) == ["erp", "web", "files"]
+    assert cfg.policy("erp").rpo_target_s == 30 and cfg.policy("erp").retention_s == 72 * 3600
+    assert cfg.policy("files").retention_s == 24 * 3600
+    assert cfg.store_url == f"file://{(ROOT / 'examples' / 'sim-store').resolve()}"
+    assert cfg.drva_of(cfg.domain("files")).name == "drva-2"
+    doc = cfg.drva_config_doc(cfg.drva("drva-1"), ["erp", "web"])
+    assert [d["name"] for d in doc["domains"]] == ["erp", "web"]
+    assert doc["secret_env"] == "CDP_SITE_SECRET" and "secret" not in doc
+    assert cfg.jobs_retention_s == 60 * 86400
+
+
+def test_the_minimal_site_loads(tmp_path: Path) -> None:
+    cfg = load_site_config(write_site(tmp_path))
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.secret_env == "CDP_SITE_SECRET" and cfg.token_env == "CDP_API_TOKEN"
+    assert str(cfg.api_listen) == "127.0.0.1:32880"
+
+
+BAD_SITES = [
+    # (what, change to the text, key path in the message, words of what was expected)
+    ("unknown key", lambda s: 'colour = "blue"\n' + s, "colour", "unknown key"),
+    ("unknown key in a DRVA", lambda s: s.replace('meta = { path = "state/drva-2/meta" }',
+                                                  'meta = { path = "state/drva-2/meta" }\nlgo = 1'),
+     "drvas[1].lgo", "unknown key"),
+    ("missing key", lambda s: s.replace('store = "store"\n', ""), "store", "expected a store URL or path"),
+    ("bad listen", lambda s: s.replace('listen = "127.0.0.1:32874"', 'listen = "localhost"'),
+     "drvas[1].listen", "expected 'host:port'"),
+    ("port out of range", lambda s: s.replace('listen = "127.0.0.1:32874"', 'listen = "127.0.0.1:70000"'),
+     "drvas[1].listen", "port in 1..65535"),
+    ("duplicate DRVA name", lambda s: s.replace('name = "drva-2"', 'name = "drva-1"'),
+     "drvas[1].name", "a DRVA name not used before"),
+    ("duplicate DRVA port", lambda s: s.replace('listen = "127.0.0.1:32874"', 'listen = "127.0.0.1:32873"'),
+     "drvas[1].listen", "an endpoint no other DRVA listens on"),
+    ("protect of an unknown domain", lambda s: s.replace('domain = "erp"', 'domain = "payroll"'),
+     "protect[0].domain", "a domain of cluster.toml (erp, stray)"),
+    ("a domain whose DRVA is not in [[drvas]]", lambda s: s.replace('domain = "erp"', 'domain = "stray"'),
+     "protect[0].domain", "a domain whose DRVA (127.0.0.1:32999, from cluster.toml) is one of the [[drvas]]"),
+    ("bad duration", lambda s: s.replace('retention = "72h"', 'retention = "3 fortnights"'),
+     "defaults.retention", "a duration"),
+    ("bad log size", lambda s: s.replace('size = "8MiB" }\nmeta = { path = "state/drva-2/meta" }',
+                                         'size = "8MB" }\nmeta = { path = "state/drva-2/meta" }'),
+     "drvas[1].log.size", "a size > 0 that is a multiple of 512"),
+    ("empty drvas", lambda s: s.split("[[drvas]]")[0] + "drvas = []\n", "drvas", "a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("what,change,key,expected", BAD_SITES, ids=[b[0] for b in BAD_SITES])
+def test_a_bad_site_file_is_refused(tmp_path: Path, what: str, change, key: str, expected: str) -> None:
+    path = write_site(tmp_path, change(SITE))
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    message = err.value.message
+    assert message.startswith(f"{path}: {key}: "), message
+    assert expected in message, message
+    assert err.value.exit_code == 2
+
+
+def test_a_file_that_is_not_toml_or_missing_is_named(tmp_path: Path) -> None:
+    path = write_site(tmp_path, "site = \n")
+    with pytest.raises(ConfigError, match=f"{path}: not valid TOML"):
+        load_site_config(path)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'nope.toml'}: cannot read the site file"):
+        load_site_config(tmp_path / "nope.toml")
+
+
+def test_a_bad_cluster_file_is_named(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    (tmp_path / "cluster.toml").write_text(CLUSTER.replace('host = "esx-01"\ndisks', 'host = "esx-09"\ndisks', 1))
+    with pytest.raises(ConfigError, match=r"cluster.toml: vms\[0\].host: expected one of the hosts"):
+        load_site_config(path)
+
+
+def test_secrets_come_from_the_environment_and_are_never_shown(tmp_path: Path) -> None:
+    cfg = load_site_config(write_site(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        cfg.secret({})
+    assert "CDP_SITE_SECRET" in err.value.message and "unset" in err.value.message
+    short = "tiny-secret"
+    with pytest.raises(ConfigError) as err:
+        cfg.api_token({"CDP_API_TOKEN": short})
+    assert "CDP_API_TOKEN" in err.value.message and "too short" in err.value.message
+    assert short not in err.value.message
+    good = "a-long-enough-secret-value"
+    assert cfg.secret({"CDP_SITE_SECRET": good}) == good.encode()
+    assert cfg.api_token({"CDP_API_TOKEN": good}) == good
+
+
+def test_secret_variable_names_are_configurable(tmp_path: Path) -> None:
+    site = SITE.replace('store = "store"\n', 'store = "store"\nsecret_env = "MY_SECRET"\n'
+                                             '[api]\ntoken_env = "MY_TOKEN"\n')
+    cfg = load_site_config(write_site(tmp_path, site))
+    with pytest.raises(ConfigError, match="MY_SECRET"):
+        cfg.secret({"CDP_SITE_SECRET": "x" * 32})
+    assert cfg.api_token({"MY_TOKEN": "y" * 16}) == "y" * 16
