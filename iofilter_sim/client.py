@@ -89,9 +89,22 @@ class FilterClient:
             raise AuthError(f"{where} failed to prove it knows the site secret")
         for domain, st in (welcome.get("domains") or {}).items():
             f = self.filters.get(int(domain))
-            if f is not None:
-                f.on_ack(int(st.get("durable_seq", 0)))
-                f.rewind()
+            if f is None:
+                continue
+            durable = int(st.get("durable_seq", 0))
+            if durable > f.next_seq - 1:
+                # The DRVA holds seqs this filter never numbered: a new filter instance for
+                # an existing domain. Before any capture it continues after them; after,
+                # taking the ack would silently drop our own writes numbered <= durable.
+                if f.next_seq == 1 and not f.buffer:
+                    f.continue_after(durable)
+                else:
+                    raise wire.ProtocolError(
+                        "seq_behind", f"{where}: domain {f.domain} is durable up to seq {durable} on the "
+                        f"DRVA, but this filter numbered only up to {f.next_seq - 1}: another filter "
+                        f"instance wrote this domain; refusing to treat our writes as acked")
+            f.on_ack(durable)
+            f.rewind()
         self.connected = True
         self.connections += 1
         self._writer = writer

@@ -174,6 +174,15 @@ class DomainFilter:
 
     # ------------------------------------------------------------------ acks and sending
 
+    def continue_after(self, seq: int) -> None:
+        """A new filter instance for a domain the DRVA already holds up to ``seq``: number
+        from ``seq + 1`` on. Only before anything was captured — renumbering captured
+        writes would change what was acked."""
+        if self.next_seq != 1 or self.buffer:
+            raise FilterError(f"domain {self.domain}: cannot continue after seq {seq}: "
+                              f"this filter already numbered writes up to {self.next_seq - 1}")
+        self.next_seq, self.acked_seq = seq + 1, seq
+
     def on_ack(self, durable_seq: int) -> None:
         while self.buffer and self.buffer[0].last_seq <= durable_seq:
             f = self.buffer.popleft()

@@ -38,6 +38,10 @@ class RunOptions:
     trace_speed: float | None = None
     buffer_bytes_max: int = BUFFER_BYTES_MAX
     seed_disks: bool = False  # seed every disk's existing content first
+    # Wait this long for each DRVA's first WELCOME before writing: a domain the DRVA
+    # already holds continues after its durable seq (FilterClient), which is only
+    # possible before the first write is numbered.
+    connect_wait_s: float = 10.0
 
 
 class ClusterRunner:
@@ -72,6 +76,13 @@ class ClusterRunner:
             for d in doms:
                 self.client_of[d.name] = client
             self._tasks.append(asyncio.create_task(client.run(), name=f"client-{endpoint}"))
+        deadline = time.monotonic() + self.opts.connect_wait_s
+        while any(c.connections == 0 for c in self.clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for c in self.clients:
+            if c.connections == 0:
+                log.warning("drva_not_reached", drva=f"{c.host}:{c.port}", waited_s=self.opts.connect_wait_s,
+                            error=c.last_error)
         if self.opts.seed_disks:
             for dom in self.cluster.domains:
                 for i in range(len(self.disks[dom.name])):
