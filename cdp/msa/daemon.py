@@ -35,6 +35,7 @@ from cdp.msa import operations
 from cdp.msa.alarms import AlarmEvaluator
 from cdp.msa.config import Policy, SiteConfig
 from cdp.msa.jobs import Job, JobStore
+from cdp.msa.procs import pid_alive
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
 from cdp.msa.runner import JobRunner
@@ -83,16 +84,6 @@ class Throughput:
         dt = q[-1][0] - q[0][0]
         return {"received_bytes_per_s": round((q[-1][2] - q[0][2]) / dt),
                 "uploaded_bytes_per_s": round((q[-1][3] - q[0][3]) / dt)}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
 
 
 class MsaDaemon:
@@ -165,7 +156,7 @@ class MsaDaemon:
             other = 0
         except (OSError, ValueError):
             other = 0  # unreadable: a leftover, replaced below
-        if other and other != os.getpid() and _pid_alive(other):
+        if other and other != os.getpid() and pid_alive(other):
             raise Busy(f"a daemon already runs for {self.cfg.state_dir} (pid {other}, from {self.pid_path}); "
                        f"stop it first")
         atomic_write(self.pid_path, f"{os.getpid()}\n".encode())

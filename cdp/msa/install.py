@@ -56,6 +56,7 @@ from cdp.msa.deployment import (
     read_deployment,
 )
 from cdp.msa.protection import load_protection, protection_path, save_protection
+from cdp.msa.procs import pid_alive
 from cdp.replog import ReplicationLog
 
 log = get_logger("cdp.msa.install")
@@ -235,21 +236,6 @@ def _read_pid(path: Path) -> int | None:
     return value
 
 
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie waiting for its parent."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: kill(0) is all we know
-    return status.rpartition(")")[2].split()[:1] != ["Z"]
-
-
 def _looks_like_cdp(pid: int) -> bool:
     """A pid file left by a crashed daemon may name a process that reused the pid: only a
     process whose command line mentions cdp is ever signalled (without procfs, trust it)."""
@@ -266,7 +252,7 @@ def daemon_state(cfg: SiteConfig) -> DaemonState:
     pid = _read_pid(path)
     if pid is None:
         return DaemonState(path, None, False, "no pid file")
-    if not _alive(pid):
+    if not pid_alive(pid):
         return DaemonState(path, pid, False, f"stale pid file: process {pid} is gone")
     if not _looks_like_cdp(pid):
         return DaemonState(path, pid, False, f"stale pid file: process {pid} is not a cdp process")
@@ -284,7 +270,7 @@ async def stop_daemon(cfg: SiteConfig, timeout_s: float = DAEMON_STOP_TIMEOUT_S)
     except ProcessLookupError:
         return DaemonState(state.pid_file, state.pid, False, f"process {state.pid} exited")
     deadline = time.monotonic() + timeout_s
-    while _alive(state.pid):
+    while pid_alive(state.pid):
         if time.monotonic() >= deadline:
             raise Busy(f"the daemon (process {state.pid}, from {state.pid_file}) did not exit within "
                        f"{timeout_s:g} s of SIGTERM; stop it (kill {state.pid}) and run uninstall again")

@@ -28,6 +28,7 @@ from typing import Any
 
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, NotFound
+from cdp.msa.procs import pid_alive
 
 JOB_VERSION = 1
 STATES = ("running", "succeeded", "failed", "timed_out", "cancelled", "abandoned")
@@ -35,16 +36,6 @@ FINAL = frozenset(("succeeded", "failed", "timed_out", "cancelled"))
 EVENTS_MAX = 200  # the newest progress messages kept in a record
 PROGRESS_WRITES_PER_S = 2.0
 RETENTION_DEFAULT_S = 60 * 86400.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Job:
@@ -117,7 +108,7 @@ class JobStore:
             raise NotFound(f"no job {job_id} in {self.root}") from None
         except (OSError, ValueError) as exc:
             raise CdpError(f"job record {path}: unreadable: {exc}") from exc
-        if record.get("state") == "running" and not _pid_alive(record.get("pid", 0)):
+        if record.get("state") == "running" and not pid_alive(record.get("pid", 0)):
             record["state"] = "abandoned"  # its process is gone; the record says how far it got
         return record
 
