@@ -6,26 +6,42 @@ resume (``rocva.recover``):
 
 - ``seg:<key>``: every ``WRITE`` extent of one segment, sorted by payload position and
   cut into ``SegmentRun`` units — runs of contiguous blocks (at most about
-  ``run_bytes_max`` raw bytes each), fetched by ``read_blocks``, which verifies each
-  block's ``stored_xxh3`` and ``raw_xxh3``;
+  ``run_bytes_max`` raw bytes each), fetched by ``cdp.segment.fetch_blocks`` and
+  verified block by block (``stored_xxh3``, ``raw_xxh3``) by ``unpack_blocks``;
 - ``base:<disk>:<batch>``: the base pieces of ``batch_chunks`` consecutive chunk positions
   of one disk, one ``ChunkCopy`` unit per distinct chunk hash (a chunk that appears
-  several times in the batch is fetched once), decoded by ``decode_chunk``.
+  several times in the batch is fetched once), in disk order, decoded by
+  ``decode_chunk``.
+
+Units run segment runs first, then base chunks; a unit writes bytes no other unit
+writes (the plan's extents are disjoint), so any order is correct, and this one lets
+``Writeback`` start writing each region of an image out as soon as its last byte lands.
+
+Each unit is one GET (on the event loop) and then one job on a small thread pool
+(``pool_workers``) that verifies, decompresses (a segment's blocks into the thread's
+reused buffer) and pwrites: LZ4 (through liblz4 for segments, see ``cdp.segment``),
+xxhash, numpy's zero-page scan and pwrite run without the GIL; the event loop never
+touches payload.
 
 Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* a task
-is created, so pending work never piles up as tasks), each holding one run or one
-chunk: memory stays below ``concurrency × (run_bytes_max + one write + one block)``.
-Decompression, checksums and pwrite run on a thread pool (lz4, xxhash and os.pwrite
-release the GIL). A unit writes bytes no other unit writes (the plan's extents are
-disjoint), so units run in any order.
+is created, so pending work never piles up as tasks). A unit holds its stored bytes:
+one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
+``run_bytes_max`` for scattered writes) or one chunk object. While it is decoded it
+holds one raw block (in the pool thread's buffer, ``block_raw_size``: 1 MiB by default,
+16 MiB at most) and one page carried to the next block, or one raw chunk
+(``decode_chunk``: 4 MiB by default, 64 MiB at most, twice while python-lz4 copies
+it). So memory stays below ``concurrency × (2 × run_bytes_max + one block) +
+pool_workers × (one block + 2 × one chunk)``: 8 × 33 MiB + 2 × 9 MiB with the
+defaults and 1 MiB blocks, 4 MiB chunks, 2 CPUs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +49,7 @@ import numpy as np
 from cdp.base_image import decode_chunk
 from cdp.errors import FormatError, NotFound
 from cdp.layout import chunk_key
-from cdp.segment import SegmentIndex, read_blocks
+from cdp.segment import SegmentIndex, fetch_blocks, unpack_blocks
 from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
 
 RUN_BYTES_MAX_DEFAULT = 16 << 20
@@ -88,6 +104,26 @@ def _coalesce(slot, off, pos, length):
     return slot[heads], off[heads], pos[heads], np.add.reduceat(length, heads) if n else length
 
 
+def _split_long(slot, off, pos, length, cap: int):
+    """Cut pieces longer than ``cap`` bytes (coalesced sequential writes can be any length)
+    into parts of at most ``cap``, so that a run, which ``_runs`` cuts by where its pieces
+    start, stays below ``2 × cap`` plus a block. Every cut falls on a file page boundary
+    (the first part is shortened to reach one), so zero pages are found exactly as in
+    the piece written whole."""
+    cap = max(PAGE, cap - cap % PAGE)
+    long = length > cap
+    if not long.any():
+        return slot, off, pos, length
+    head = np.where(long, cap - off % PAGE, length)  # the first part ends on a page boundary
+    parts = 1 + -(-(length - head) // cap)
+    first = np.repeat(np.cumsum(parts) - parts, parts)
+    j = np.arange(int(parts.sum()), dtype=np.int64) - first  # part number within its piece
+    rep = lambda a: np.repeat(a, parts)  # noqa: E731
+    at = np.where(j == 0, 0, rep(head) + (j - 1) * cap)  # where the part starts in its piece
+    size = np.where(j == 0, rep(head), np.minimum(cap, rep(length) - at))
+    return rep(slot), rep(off) + at, rep(pos) + at, size
+
+
 def _runs(index: SegmentIndex, slot, off, pos, length, run_bytes_max: int) -> list[SegmentRun]:
     """Cut one segment's writes (sorted by ``pos``) into runs of contiguous blocks."""
     brs = index.block_raw_size
@@ -128,7 +164,7 @@ def segment_groups(plan: RecoveryPlan, run_bytes_max: int = RUN_BYTES_MAX_DEFAUL
         index = plan.segments[int(seg[lo])]
         cols = _coalesce(slot[lo:hi], ext["offset"][lo:hi].astype(np.int64),
                          ext["pos"][lo:hi].astype(np.int64), ext["length"][lo:hi].astype(np.int64))
-        units = _runs(index, *cols, run_bytes_max)
+        units = _runs(index, *_split_long(*cols, run_bytes_max), run_bytes_max)
         yield f"seg:{index.key}", sum(u.nbytes for u in units), units
 
 
@@ -146,7 +182,9 @@ def base_groups(plan: RecoveryPlan, batch_chunks: int = BASE_BATCH_CHUNKS_DEFAUL
             hashes = np.ascontiguousarray(m.hashes[p["chunk"]]).view("V16").ravel()
             uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
             units = []
-            for u in range(len(uniq)):
+            # In disk order (not hash order): a base batch then completes the image's
+            # regions front to back, so their write-out starts early (see Writeback).
+            for u in np.argsort(first, kind="stable").tolist():
                 sel = np.flatnonzero(inverse.ravel() == u)
                 h = m.hash_of(int(p["chunk"][first[u]]))
                 units.append(ChunkCopy(chunk_key(h), h, m.chunk_len(int(p["chunk"][first[u]])),
@@ -157,6 +195,33 @@ def base_groups(plan: RecoveryPlan, batch_chunks: int = BASE_BATCH_CHUNKS_DEFAUL
 
 
 # --------------------------------------------------------------------------- doing
+
+
+def pool_workers(concurrency: int) -> int:
+    """Threads for decoding and writing: one per CPU, not one per unit in flight.
+
+    The units in flight (``concurrency``) bound memory and keep GETs outstanding; the
+    pool only does CPU work and pwrite (and pwrites to one image serialize on its inode
+    lock). More threads than CPUs only add GIL hand-offs and context switches: on 2 CPUs
+    a 256 MiB recovery measured 2 threads ≤ 3 < 8 (8 was the old pool, one per unit).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(concurrency, cpus))
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(size: int) -> bytearray:
+    """This pool thread's reusable buffer for decompressed blocks, at least ``size`` bytes
+    (one ``block_raw_size``: 1 MiB by default, 16 MiB at most).
+
+    A fresh buffer per block cost a page fault per 4 KiB every time (python-lz4's own
+    output: two); the buffer lives as long as the pool's thread, i.e. one recovery."""
+    buf = getattr(_scratch_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _scratch_local.buf = bytearray(size)
+    return buf
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -193,42 +258,215 @@ def _pwrite_sparse(fd: int, data: memoryview, offset: int) -> None:
         _pwrite_all(fd, data[tail:], offset + tail)
 
 
-def _place(fds: list[int], unit: Unit, raw: bytes) -> None:
+def _zero_pages_before(buf) -> list[int]:
+    """``z[i]``: how many of the first ``i`` whole pages of ``buf`` are all zero bytes.
+
+    One numpy pass per decoded block or chunk, so that writing one of its (often
+    hundreds of) pieces costs a little arithmetic and a pwrite, not a zero scan of its
+    own. (``max`` over the words: faster than ``any``, which casts every word to bool.)"""
+    pages = len(buf) // PAGE
+    words = np.frombuffer(buf, dtype=np.uint64, count=pages * (PAGE // 8)).reshape(pages, PAGE // 8)
+    z = np.zeros(pages + 1, dtype=np.int64)
+    np.cumsum(words.max(axis=1, initial=0) == 0, out=z[1:])
+    return z.tolist()
+
+
+def _write_piece(fd: int, mv: memoryview, x0: int, x1: int, offset: int, zeros: list[int]) -> None:
+    """pwrite ``mv[x0:x1]`` at ``offset`` exactly as ``_pwrite_sparse`` would (whole zero
+    pages stay holes): one pwrite when ``zeros`` (``_zero_pages_before(mv)``) shows the
+    piece has no whole zero page, which needs the buffer's pages to be the file's."""
+    if (offset - x0) % PAGE == 0:
+        p0, p1 = -(-x0 // PAGE), x1 // PAGE
+        if p1 <= p0 or zeros[p1] == zeros[p0]:
+            _pwrite_all(fd, mv[x0:x1], offset)
+            return
+    _pwrite_sparse(fd, mv[x0:x1], offset)
+
+
+def _place(fds: list[int], unit: Unit, raw: bytes | memoryview) -> None:
     """pwrite every piece of ``unit`` from ``raw`` (runs on the thread pool)."""
     mv = memoryview(raw)
+    zeros = _zero_pages_before(mv)
     for s, o, a, n in zip(unit.slot.tolist(), unit.offset.tolist(), unit.start.tolist(), unit.length.tolist()):
         if a + n > len(mv):  # the plan's positions come from a verified index: a bug if hit
             raise AssertionError(f"piece {a}+{n} outside {len(mv)} fetched bytes")
-        _pwrite_sparse(fds[s], mv[a : a + n], o)
+        _write_piece(fds[s], mv, a, a + n, o, zeros)
+
+
+def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None) -> None:
+    """Verify and decode one chunk object, pwrite its pieces (thread pool)."""
+    raw = decode_chunk(unit.key, data, unit.hash16)
+    if len(raw) != unit.chunk_len:
+        raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
+    _place(fds, unit, raw)
+    if writeback is not None:
+        writeback.written(unit)
+
+
+def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Writeback | None = None) -> None:
+    """Verify and decompress the run's blocks one by one into this thread's buffer, and
+    pwrite each piece's part in a block as soon as that block is decoded (thread pool).
+
+    Why block by block: joining a 16 MiB run into one object cost a copy of every byte
+    into freshly faulted memory, on the event loop; here nothing is copied after LZ4,
+    and a run holds one raw block (plus the previous one's last page) at a time.
+
+    A piece that spans a block boundary is written as one part per block. So that zero
+    pages are found exactly as if the piece were written whole (``_pwrite_sparse`` only
+    skips pages wholly inside one call), a part that does not end on a file page keeps
+    that page's bytes (< 4 KiB, copied) and they are written together with the next
+    block's bytes of the same page.
+    """
+    brs = unit.index.block_raw_size
+    starts = unit.start
+    ends = unit.start + unit.length  # pieces are sorted by start and disjoint in the stream
+    slot, offset, start, length = (unit.slot.tolist(), unit.offset.tolist(), starts.tolist(),
+                                   unit.length.tolist())
+    carry: tuple[int, bytes] | None = None  # (file offset, bytes) of a page cut at a block end
+    hi = 0
+    blocks = unpack_blocks(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(brs))
+    for k, raw in enumerate(blocks):
+        lo, hi = k * brs, k * brs + len(raw)
+        mv = memoryview(raw)
+        zeros = _zero_pages_before(mv)
+        first = int(np.searchsorted(ends, lo, side="right"))  # pieces ending after lo ...
+        last = int(np.searchsorted(starts, hi, side="left"))  # ... and starting before hi
+        for i in range(first, last):
+            s, o, a, n = slot[i], offset[i], start[i], length[i]
+            b0, b1 = max(a, lo), min(a + n, hi)  # the part in this block, in run positions
+            x0, x1, d0 = b0 - lo, b1 - lo, o + b0 - a  # ... in the block, and in the file
+            if carry is not None and b0 > a:  # finish the page the previous block began
+                cd, cbytes = carry
+                take = min(-d0 % PAGE, x1 - x0)
+                _pwrite_sparse(fds[s], memoryview(cbytes + mv[x0 : x0 + take]), cd)
+                x0, d0, carry = x0 + take, d0 + take, None
+            if b1 < a + n:  # continues into the next block: hold back its cut page
+                d1 = d0 + x1 - x0
+                cut = max(d0, d1 - d1 % PAGE)
+                if cut < d1:
+                    carry = (cut, bytes(mv[x0 + cut - d0 : x1]))
+                    x1 = x0 + cut - d0
+            if x1 > x0:
+                _write_piece(fds[s], mv, x0, x1, d0, zeros)
+    if carry is not None or (len(ends) and int(ends[-1]) > hi):  # verified index: a bug if hit
+        raise AssertionError(f"run of {unit.index.key}: pieces outside the {hi} fetched bytes")
+    if writeback is not None:
+        writeback.written(unit)
+
+
+def _region_parts(offset: np.ndarray, length: np.ndarray, region: int) -> tuple[np.ndarray, np.ndarray]:
+    """(region, bytes): how many bytes of the pieces ``[offset, offset + length)`` fall in
+    each region of ``region`` bytes they touch, one entry per piece and region (a long
+    piece gives one per region it crosses)."""
+    a = offset.astype(np.int64)
+    b = a + length.astype(np.int64)
+    r0, r1 = a // region, (b - 1) // region
+    counts = np.maximum(r1 - r0 + 1, 0)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    idx = np.repeat(r0, counts) + (np.arange(int(counts.sum()), dtype=np.int64) - first)
+    lo = np.maximum(np.repeat(a, counts), idx * region)
+    hi = np.minimum(np.repeat(b, counts), (idx + 1) * region)
+    return idx, hi - lo
+
+
+WRITEBACK_REGION_DEFAULT = 16 << 20
+
+
+def _start_writeout(fd: int, offset: int, length: int) -> None:
+    """``posix_fadvise(DONTNEED)``: starts the write-out of the range's dirty pages
+    without waiting for it (and drops its clean pages). A hint: errors are ignored."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+class Writeback:
+    """Starts the write-out of each region of an image as soon as every byte the plan
+    puts in that region has been pwritten, so that the final fsync finds little left.
+
+    Why regions, and only complete ones: write-out of each piece as it lands (or a
+    periodic fdatasync) sent thousands of small scattered writes to the device and
+    measured slower than the one sorted sweep of the final fsync; a complete region is
+    written out in a few large sequential writes while later units are still fetched.
+    Units come segment runs first, then base chunks in disk order, so regions complete
+    front to back during the base copy. No byte of a complete region is written again,
+    so the hint cannot make a later partial-page write read a page back from disk.
+
+    The hint is ``posix_fadvise(DONTNEED)`` (it drops only clean pages; ours are dirty or
+    under write-out), given on one background thread: submitting the write-out of 16 MiB
+    blocks for milliseconds when the device queue is full, which must not hold a fetch
+    worker. Durability still comes from the fsync before publication; the hint does not
+    consume a write-back error that fsync must report. ``close`` before closing the
+    images.
+    """
+
+    def __init__(self, plan: RecoveryPlan, fds: list[int], region: int = WRITEBACK_REGION_DEFAULT) -> None:
+        assert region > 0 and region % PAGE == 0, region
+        self.fds = fds
+        self.region = region
+        self.left = []  # per disk slot: bytes still to be written in each region
+        for d in plan.disks:
+            count = -(-d.size // region)
+            left = np.zeros(count, dtype=np.int64)
+            for pieces in (d.extents[d.extents["kind"] == SRC_WRITE], d.base_pieces):
+                regions, nbytes = _region_parts(pieces["offset"], pieces["length"], region)
+                left += np.bincount(regions, weights=nbytes, minlength=count).astype(np.int64)  # exact < 2**53
+            self.left.append(left)
+        self.lock = threading.Lock()
+        usable = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rocva-writeback") if usable else None
+
+    def written(self, unit: Unit) -> None:
+        """Count the unit's bytes as written (from any thread, once its pwrites are done);
+        start the write-out of the regions it completed."""
+        done = []
+        for k in np.unique(unit.slot).tolist():
+            sel = unit.slot == k
+            regions, nbytes = _region_parts(unit.offset[sel], unit.length[sel], self.region)
+            touched, where = np.unique(regions, return_inverse=True)
+            got = np.bincount(where.ravel(), weights=nbytes, minlength=len(touched)).astype(np.int64)
+            with self.lock:
+                left = self.left[k]
+                left[touched] -= got
+                done += [(k, r) for r in touched[left[touched] == 0].tolist()]
+        if self._pool is not None:
+            for k, r in done:
+                self._pool.submit(_start_writeout, self.fds[k], r * self.region, self.region)
+
+    def close(self, *, drop_pending: bool = False) -> None:
+        """Wait until the hints given are done (``drop_pending``: only the one running)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=drop_pending)
 
 
 class Fetcher:
     """Runs units against ``store`` into the open image files ``fds`` (by disk slot)."""
 
-    def __init__(self, store, fds: list[int], executor: Executor) -> None:
+    def __init__(self, store, fds: list[int], executor: Executor, writeback: Writeback | None = None) -> None:
         self.store = store
         self.fds = fds
         self.executor = executor
+        self.writeback = writeback
         self.bytes_written = 0
         self.units_done = 0
 
     async def run(self, unit: Unit) -> None:
+        """One GET, then one job on the pool that verifies, decodes and writes it all
+        (one hand-off per unit, not one per block: the event loop only schedules)."""
         loop = asyncio.get_running_loop()
         if isinstance(unit, SegmentRun):
             try:
-                raw = await read_blocks(self.store, unit.index, unit.first_block, unit.last_block,
-                                        executor=self.executor)
+                stored = await fetch_blocks(self.store, unit.index, unit.first_block, unit.last_block)
             except NotFound as exc:
                 raise NotFound(f"segment {unit.index.key} is missing from {self.store.describe()}") from exc
+            await loop.run_in_executor(self.executor, _place_run, self.fds, unit, stored, self.writeback)
         else:
             try:
                 data = await self.store.get(unit.key)
             except NotFound as exc:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
-            raw = await loop.run_in_executor(self.executor, decode_chunk, unit.key, data, unit.hash16)
-            if len(raw) != unit.chunk_len:
-                raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
-        await loop.run_in_executor(self.executor, _place, self.fds, unit, raw)
+            await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, data, self.writeback)
         self.bytes_written += unit.nbytes
         self.units_done += 1
 

@@ -37,12 +37,18 @@ from pathlib import Path
 
 from cdp.digest import sha256_file
 from cdp.durable import atomic_write, fsync_dir
+from cdp.errors import NotFound, PermissionDenied
+from cdp.locks import Lease, recovery_lease
+from cdp.logs import get_logger
 from rocva.errors import RecoveryError
 from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, base_groups, execute, segment_groups,
+    BASE_BATCH_CHUNKS_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, base_groups, execute, pool_workers,
+    segment_groups,
 )
 from rocva.plan import CONCURRENCY_DEFAULT, RecoveryPlan, plan_recovery
 from rocva.target import Target
+
+log = get_logger("rocva.recover")
 
 STATE_NAME = "recover.state.json"
 STATE_VERSION = 1
@@ -264,11 +270,23 @@ async def _fetch_all(plan, state: ResumeState, fds: list[int], fetcher: Fetcher,
         state.done.add(name)
         state.save_soon(fds)
 
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="rocva") as pool:
+    # Fewer threads than units in flight: see pool_workers.
+    with ThreadPoolExecutor(pool_workers(concurrency), thread_name_prefix="rocva") as pool:
         fetcher.executor = pool
         groups = itertools.chain(segment_groups(plan, run_bytes_max), base_groups(plan, base_batch_chunks))
-        await execute(groups, fetcher, concurrency=concurrency, skip=skip, on_group_done=group_done,
-                      on_unit_done=tally.add)
+        try:
+            await execute(groups, fetcher, concurrency=concurrency, skip=skip, on_group_done=group_done,
+                          on_unit_done=tally.add)
+        except BaseException:
+            if fetcher.writeback is not None:  # the images are closed next: drop the hints not begun
+                fetcher.writeback.close(drop_pending=True)
+            raise
+        if fetcher.writeback is not None:
+            try:
+                await asyncio.to_thread(fetcher.writeback.close)
+            except BaseException:
+                fetcher.writeback.close(drop_pending=True)
+                raise
     await state.settle()
 
 
@@ -281,6 +299,9 @@ async def _execute_locked(store, plan, out_dir, progress, concurrency, checksum,
     fetcher = Fetcher(store, fds, None)
     try:
         if not finished_before:
+            # Start each image region's write-out once it is complete, so that the fsync
+            # before publication has little left to write (see rocva.fetch.Writeback).
+            fetcher.writeback = Writeback(plan, fds)
             await _fetch_all(plan, state, fds, fetcher, tally, concurrency, run_bytes_max, base_batch_chunks)
             _verify(plan, fds, state, tally, fetcher)
             state.complete = True
@@ -346,7 +367,24 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
     ``NotFound``/``FormatError`` naming the missing or damaged object, ``RecoveryError``.
     """
     counting = CountingStore(store)
-    plan = await plan_recovery(counting, domain, target, concurrency=concurrency, now_ns=now_ns)
-    return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=concurrency,
-                              checksum=checksum, run_bytes_max=run_bytes_max,
-                              base_batch_chunks=base_batch_chunks)
+    lease = await _take_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
+    try:
+        plan = await plan_recovery(counting, domain, target, concurrency=concurrency, now_ns=now_ns)
+        return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=concurrency,
+                                  checksum=checksum, run_bytes_max=run_bytes_max,
+                                  base_batch_chunks=base_batch_chunks)
+    finally:
+        if lease is not None:
+            await lease.release()
+
+
+async def _take_lease(store, domain: int) -> Lease | None:
+    """The recovery lease that keeps retention from deleting what this recovery reads.
+    Credentials that may only read the store cannot write one: the recovery goes on
+    without it (a concurrent retention could then delete an object it needs, which the
+    recovery reports by name — never a wrong image)."""
+    try:
+        return await recovery_lease(store, domain, owner=f"cdp recover domain {domain}")
+    except (PermissionDenied, NotFound) as exc:
+        log.warning("recovery_without_lease", domain=domain, error=exc.message)
+        return None

@@ -22,8 +22,10 @@ from cdp.records import (
 from cdp.segment import (
     BLOCK_DTYPE, CODEC_LZ4, CODEC_STORED, FOOTER_SIZE, HEADER_SIZE, INDEX_DTYPE,
     build_segment, build_segment_from_arrays, decode_segment, index_as_records,
-    parse_segment_tail, read_blocks, read_payloads, read_segment_index,
+    fetch_blocks, parse_segment_tail, read_block_list, read_blocks, read_payloads,
+    read_segment_index, unpack_blocks,
 )
+import cdp.segment as segment_module
 from cdp.segment_format import FOOTER, HEADER
 from cdp.store.memory import MemoryStore
 
@@ -443,6 +445,75 @@ def test_corrupt_block_error_names_key_block_and_offset() -> None:
             await read_blocks(store, tail, 0, 2)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("ctypes_lz4", [True, False])
+def test_block_list_and_unpack_give_the_joined_bytes(ctypes_lz4: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_block_list, fetch_blocks + unpack_blocks (reused buffer or not, executor or
+    not) and read_blocks agree, with liblz4 through ctypes and with python-lz4."""
+    if ctypes_lz4 and segment_module._LZ4_DECOMPRESS_SAFE is None:
+        pytest.skip("no liblz4 to call")
+    if not ctypes_lz4:
+        monkeypatch.setattr(segment_module, "_LZ4_DECOMPRESS_SAFE", None)
+    obj = _small_segment()
+    index, stream = decode_segment(SMALL_KEY, obj)
+    brs = index.block_raw_size
+
+    async def run(pool) -> None:
+        store = MemoryStore()
+        await store.put(SMALL_KEY, obj)
+        for a in range(index.block_count):
+            for b in range(a, index.block_count):
+                want = stream[a * brs : (b + 1) * brs]
+                parts = await read_block_list(store, index, a, b, executor=pool)
+                assert [len(p) for p in parts] == index.blocks["raw_len"][a : b + 1].tolist()
+                assert b"".join(parts) == want == await read_blocks(store, index, a, b, executor=pool)
+                stored = await fetch_blocks(store, index, a, b)
+                for out in (None, bytearray(brs)):
+                    got = b"".join(bytes(p) for p in unpack_blocks(index, a, b, stored, out=out))
+                    assert got == want
+
+    asyncio.run(run(None))
+    with ThreadPoolExecutor(2) as pool:
+        asyncio.run(run(pool))
+
+
+@pytest.mark.parametrize("ctypes_lz4", [True, False])
+def test_unpack_blocks_checks_each_block_before_yielding_it(ctypes_lz4: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if ctypes_lz4 and segment_module._LZ4_DECOMPRESS_SAFE is None:
+        pytest.skip("no liblz4 to call")
+    if not ctypes_lz4:
+        monkeypatch.setattr(segment_module, "_LZ4_DECOMPRESS_SAFE", None)
+    obj = _small_segment()
+    index, stream = decode_segment(SMALL_KEY, obj)
+    first = int(index.blocks["stored_offset"][0])
+    last = index.block_count - 1
+    end = int(index.blocks["stored_offset"][-1]) + int(index.blocks["stored_len"][-1])
+    at = int(index.blocks["stored_offset"][1])
+    bad = bytearray(obj[first:end])
+    bad[at - first + 1] ^= 0x01
+    blocks = unpack_blocks(index, 0, last, bytes(bad))
+    assert bytes(next(blocks)) == stream[: index.block_raw_size]
+    with pytest.raises(ChecksumMismatch, match=f"block 1 at offset {at}: stored_xxh3"):
+        next(blocks)
+    with pytest.raises(TruncatedError, match=f"block {last} at offset .*stored_len is"):
+        list(unpack_blocks(index, 0, last, obj[first : end - 1]))
+    with pytest.raises(ValueError, match="not in 0.."):
+        list(unpack_blocks(index, 0, last + 1, obj[first:end]))
+    # LZ4 itself refusing (reachable only with a matching stored_xxh3) is a FormatError.
+    lz4_row = int(np.flatnonzero(index.blocks["codec"] == CODEC_LZ4)[0])
+    row = index.blocks[lz4_row : lz4_row + 1].tolist()[0]
+    junk = b"\xff" * 64
+    forged = (row[0], len(junk), row[2], xxhash.xxh3_64_intdigest(junk), *row[4:])
+    with pytest.raises(FormatError, match=f"block {lz4_row} at offset .*LZ4 block does not decompress"):
+        segment_module._unpack_block(SMALL_KEY, lz4_row, forged, memoryview(junk), bytearray(row[2]))
+    raw_len = row[2]
+    stored = memoryview(obj)[row[0] : row[0] + row[1]]
+    out = bytearray(raw_len + 100)
+    raw = segment_module.lz4_decompress(stored, raw_len, out=out)
+    assert bytes(raw) == stream[lz4_row * index.block_raw_size :][:raw_len]
+    assert raw.obj is out if isinstance(raw, memoryview) else segment_module._LZ4_DECOMPRESS_SAFE is None
 
 
 def test_records_view_is_readonly_and_rows_for_seqs_clips() -> None:

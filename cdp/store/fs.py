@@ -56,6 +56,8 @@ TMP_PREFIX = ".tmp-"
 DIR_CREATE_ATTEMPTS_MAX = 5
 #: Largest single os.pread / os.write call.
 IO_CHUNK_BYTES_MAX = 64 * 1024 * 1024
+#: Bytes per os.pread of a get (see _read_range).
+READ_STEP_BYTES = 512 * 1024
 
 
 class FileStore(StoreBase):
@@ -261,6 +263,15 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def _read_range(path: Path, offset: int, length: int | None) -> bytes:
+    """Bytes ``[offset, offset + length)`` of the file, read in ``READ_STEP_BYTES`` steps.
+
+    Why steps, not one pread of the whole range: reading a cold store (ext4, 6 threads,
+    objects of 2.7 and 10 MB) measured 1.5 GB/s and 0.14 s of CPU per 338 MB with one
+    pread per object, 2.2 GB/s and 0.09 s with 512 KiB steps (kernel readahead keeps up
+    better with moderate requests; 128 KiB..512 KiB measured alike, 2 MiB as slow as one
+    read). Joining the steps costs one copy, included in those figures; a range of one
+    step is not copied at all (``join`` returns its only part).
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -269,7 +280,7 @@ def _read_range(path: Path, offset: int, length: int | None) -> bytes:
         start, end = resolve_range(st.st_size, offset, length)
         chunks = []
         while start < end:
-            chunk = os.pread(fd, min(end - start, IO_CHUNK_BYTES_MAX), start)
+            chunk = os.pread(fd, min(end - start, READ_STEP_BYTES), start)
             if not chunk:
                 break  # cannot happen: objects are replaced, never truncated
             chunks.append(chunk)

@@ -202,3 +202,23 @@ async def test_chunk_sweep_deletes_only_unreferenced_chunks() -> None:
     await store.put("c/ab/" + "ab" * 16 + ".chk", b"garbage nobody names")
     r = await sweep_chunks(store)
     assert r["chunks_deleted"] == 1 and await keys(store, "c/") == named
+
+
+async def test_recover_holds_a_lease_while_it_reads(tmp_path: Path) -> None:
+    """recover() takes its lease before it reads the catalog and drops it at the end."""
+    store = MemoryStore()
+    rng = np.random.default_rng(4)
+    b = await DomainBuilder(store, disks=(("vm", "d", 256 * KiB),), ns_per_seq=S).start()
+    await workload(b, rng, 30, {})
+    seen = []
+    real_get = store.get
+
+    async def spying_get(key, *a, **kw):
+        if key.startswith("d/") and "/cat/" in key:
+            seen.append(sorted(await keys(store, "l/recovery/")))
+        return await real_get(key, *a, **kw)
+
+    store.get = spying_get
+    await recover(store, b.domain, "latest", tmp_path / "out")
+    assert seen and all(len(s) == 1 for s in seen)  # the lease existed when the catalog was read
+    assert await keys(store, "l/") == set()

@@ -1,0 +1,177 @@
+"""rocva.fetch's writers: block-by-block placement, zero pages, region write-out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdp.segment import fetch_blocks, read_blocks
+from cdp.store.memory import MemoryStore
+from rocva import Target, plan_recovery
+from rocva.fetch import (
+    PAGE, SegmentRun, Writeback, _place_run, _pwrite_sparse, _region_parts, _write_piece,
+    _zero_pages_before, base_groups, segment_groups,
+)
+from tests.rocva.domain import SECTOR, DomainBuilder
+
+KiB = 1 << 10
+
+
+def _extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data extents of a file (SEEK_DATA/SEEK_HOLE): where its non-hole pages are."""
+    out, at = [], 0
+    while at < size:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after ``at``
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, end))
+        at = end
+    return out
+
+
+def _payload(rng: np.random.Generator, offset: int, length: int) -> bytes:
+    """Random bytes with some whole file pages zeroed and one page zeroed but one byte."""
+    buf = bytearray(rng.bytes(length))
+    first = -(-offset // PAGE) * PAGE
+    for page in range(first, offset + length - PAGE + 1, PAGE):
+        roll = rng.random()
+        if roll < 0.35:
+            buf[page - offset : page - offset + PAGE] = bytes(PAGE)
+        elif roll < 0.45:
+            buf[page - offset : page - offset + PAGE] = bytes(PAGE)
+            buf[page - offset + int(rng.integers(0, PAGE))] = 1
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_block_by_block_writes_what_the_joined_run_writes(tmp_path: Path, seed: int) -> None:
+    """Pieces cross 4 KiB blocks at sector (not page) offsets, with zero pages on the
+    boundaries: the bytes and the holes are those of writing each piece whole."""
+    rng = np.random.default_rng(seed)
+    size = 512 * KiB
+    b = await DomainBuilder(MemoryStore(), disks=(("vm", "d", size),), block_raw_size=4 * KiB).start()
+    for _ in range(3):
+        for _ in range(40):
+            length = int(rng.integers(1, 48)) * SECTOR
+            offset = int(rng.integers(0, (size - length) // SECTOR + 1)) * SECTOR
+            b.write(0, offset, _payload(rng, offset, length))
+        # A sequential stream: its writes coalesce into one piece longer than a run.
+        offset = int(rng.integers(0, size // 2 // SECTOR)) * SECTOR
+        for _ in range(12):
+            length = int(rng.integers(8, 24)) * SECTOR
+            b.write(0, offset, _payload(rng, offset, length))
+            offset += length
+        await b.seal()
+    plan = await plan_recovery(b.store, b.domain, Target.latest())
+    cap = int(rng.choice([8, 16, 64])) * KiB
+    runs = [u for _, _, units in segment_groups(plan, run_bytes_max=cap) for u in units]
+    assert any(u.last_block > u.first_block for u in runs)
+    assert sum(u.nbytes for u in runs) == sum(d.bytes_of(0) for d in plan.disks)  # WRITE bytes, once
+    for u in runs:  # a run stays below 2 × run_bytes_max plus a block, sequential writes or not
+        assert (u.last_block - u.first_block + 1) * 4 * KiB <= 2 * cap + 4 * KiB
+        assert (u.length <= cap).all()
+    paths = [tmp_path / "blocks.img", tmp_path / "joined.img"]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC) for p in paths]
+    try:
+        for fd in fds:
+            os.ftruncate(fd, size)
+        for unit in runs:
+            assert isinstance(unit, SegmentRun)
+            _place_run([fds[0]], unit, await fetch_blocks(b.store, unit.index, unit.first_block, unit.last_block))
+            raw = memoryview(await read_blocks(b.store, unit.index, unit.first_block, unit.last_block))
+            for o, a, n in zip(unit.offset.tolist(), unit.start.tolist(), unit.length.tolist()):
+                _pwrite_sparse(fds[1], raw[a : a + n], o)
+        assert os.pread(fds[0], size, 0) == os.pread(fds[1], size, 0)
+        assert _extents(fds[0], size) == _extents(fds[1], size)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_write_piece_equals_pwrite_sparse(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    buf = bytearray(rng.bytes(64 * KiB))
+    for page in rng.choice(16, 6, replace=False).tolist():
+        buf[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+    mv = memoryview(bytes(buf))
+    zeros = _zero_pages_before(mv)
+    assert zeros[-1] == 6
+    size = 8 << 20
+    paths = [tmp_path / "a.img", tmp_path / "b.img"]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC) for p in paths]
+    try:
+        for fd in fds:
+            os.ftruncate(fd, size)
+        at = 0
+        for _ in range(60):
+            x0 = int(rng.integers(0, len(mv) // SECTOR)) * SECTOR
+            x1 = int(rng.integers(x0 // SECTOR + 1, len(mv) // SECTOR + 1)) * SECTOR
+            aligned = rng.random() < 0.5  # same page grid as the buffer, or shifted by sectors
+            offset = at + (x0 % PAGE if aligned else int(rng.integers(1, 8)) * SECTOR)
+            _write_piece(fds[0], mv, x0, x1, offset, zeros)
+            _pwrite_sparse(fds[1], mv[x0:x1], offset)
+            at = -(-(offset + x1 - x0) // PAGE) * PAGE + PAGE
+        assert at < size
+        assert os.pread(fds[0], size, 0) == os.pread(fds[1], size, 0)
+        assert _extents(fds[0], size) == _extents(fds[1], size)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_region_parts_count_every_byte_once() -> None:
+    rng = np.random.default_rng(8)
+    region, count = 64 * KiB, 40
+    size = region * count
+    long_from = size - 3 * region - 5 * SECTOR  # one piece crossing three region boundaries
+    cuts = np.sort(rng.choice(long_from // SECTOR, 300, replace=False)) * SECTOR
+    starts = np.append(cuts, long_from)
+    ends = np.append(starts[1:], size - 7 * SECTOR)
+    keep = rng.random(len(starts)) < 0.7
+    keep[-1] = True
+    offset, length = starts[keep], (ends - starts)[keep]
+    regions, nbytes = _region_parts(offset, length, region)
+    assert (nbytes > 0).all() and len(regions) == int(((offset + length - 1) // region - offset // region + 1).sum())
+    got = np.zeros(count, dtype=np.int64)
+    np.add.at(got, regions, nbytes)
+    covered = np.zeros(size, dtype=bool)
+    for o, n in zip(offset.tolist(), length.tolist()):
+        covered[o : o + n] = True
+    assert got.tolist() == covered.reshape(count, region).sum(axis=1).tolist()
+    empty = _region_parts(offset[:0], length[:0], region)
+    assert len(empty[0]) == len(empty[1]) == 0
+
+
+async def test_writeback_starts_each_region_once_when_complete(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    size = 1 << 20
+    b = await DomainBuilder(MemoryStore(), disks=(("vm", "a", size), ("vm", "b", size // 2)),
+                            block_raw_size=8 * KiB).start()
+    b.model[0][:] = rng.bytes(size)
+    await b.add_base(0, chunk_size=64 * KiB)
+    for _ in range(120):
+        disk = int(rng.integers(0, 2))
+        length = int(rng.integers(1, 64)) * SECTOR
+        offset = int(rng.integers(0, (b.disks[disk]["size"] - length) // SECTOR + 1)) * SECTOR
+        b.write(disk, offset, rng.bytes(length))
+    await b.seal()
+    plan = await plan_recovery(b.store, b.domain, Target.latest())
+    started: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: started.append((fd, off, n)))
+    region = 128 * KiB
+    wb = Writeback(plan, [100, 101], region)
+    planned = [left.copy() for left in wb.left]
+    units = [u for _, _, us in segment_groups(plan) for u in us] + [u for _, _, us in base_groups(plan) for u in us]
+    for unit in units:
+        wb.written(unit)
+        assert all((left >= 0).all() for left in wb.left)
+    wb.close()
+    assert all((left == 0).all() for left in wb.left)
+    expected = {(100 + k, r * region, region) for k in range(2) for r in np.flatnonzero(planned[k]).tolist()}
+    assert sorted(started) == sorted(expected)  # each region with planned bytes, once
