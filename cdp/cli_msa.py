@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from cdp.errors import ConfigError
 from cdp.msa.jobs import FINAL
 
 FOLLOW_POLL_S = 0.5
@@ -176,7 +177,9 @@ def _jobs_list(config_path: Path, name: str | None, limit: int) -> dict[str, Any
     params = {"limit": str(limit), **({"name": name} if name else {})}
     try:
         return _call(config_path, lambda c: c.get("/v1/jobs", **params))
-    except DaemonNotRunning:
+    except (DaemonNotRunning, ConfigError):
+        # No daemon, or no API token in this shell: the records are files in the state
+        # directory (a site file that is itself wrong fails again, with its own message).
         return {"jobs": _local_jobs(config_path).list(name=name, limit=limit)}
 
 
@@ -200,7 +203,7 @@ def _job_get(config_path: Path) -> Callable[[str], dict[str, Any]]:
     def get(job_id: str) -> dict[str, Any]:
         try:
             return state["reader"](job_id)
-        except DaemonNotRunning:
+        except (DaemonNotRunning, ConfigError):  # no daemon, or no API token: read the file
             state["reader"] = local
             return local(job_id)
     return get

@@ -30,6 +30,10 @@ def test_demo_json_verifies_every_image(tmp_path):
         assert (d / "recovered-latest" / prim.name).read_bytes() == prim.read_bytes()
     # It ran through the daemon: the mark was a job, the DRVA ran under supervision.
     assert any("mark" in p.name for p in (d / "msa" / "jobs").glob("*.json"))
+    # With no daemon (and no API token in this shell) the job records are read from disk.
+    r = cdp("jobs", "--config", str(d / "site.toml"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert [j["name"] for j in json.loads(r.stdout)["jobs"]] == ["mark"]
     assert (d / "msa" / "logs" / "drva-1.log").stat().st_size > 0
 
 
