@@ -95,7 +95,7 @@ class _ChunkUploader:
         self.pool = pool
         self.sem = asyncio.Semaphore(concurrency)
         self.present: set[bytes] = set()  # seen in the store (or put) under this lease
-        self.failed = False
+        self.failed: BaseException | None = None  # the first error of a chunk task
         self.stats = {"chunks": 0, "zero_chunks": 0, "chunks_stored": 0, "chunks_deduplicated": 0,
                       "bytes_stored": 0}
 
@@ -104,17 +104,28 @@ class _ChunkUploader:
         count = -(-size // chunk_size)
         hashes = np.zeros((count, HASH_BYTES), dtype=np.uint8)
         fd = os.open(path, os.O_RDONLY)
+        # Only the tasks in flight are kept (at most ``concurrency``), not one per chunk.
+        pending: set[asyncio.Task] = set()
         try:
-            tasks = []
             for i in range(count):
                 await self.sem.acquire()  # taken before the task: pending work stays bounded
-                if self.failed:  # stop starting work; gather below raises the error
+                if self.failed is not None:  # stop starting work; raised below
                     self.sem.release()
                     break
-                tasks.append(asyncio.create_task(self._one(fd, i, chunk_size, size, hashes, progress)))
-            await asyncio.gather(*tasks)
+                task = asyncio.create_task(self._one(fd, i, chunk_size, size, hashes, progress))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        except BaseException:
+            for task in pending:
+                task.cancel()
+            raise
         finally:
+            # Every task that reads ``fd`` has ended before it is closed (a closed fd
+            # number could be reused by another open meanwhile).
+            await asyncio.gather(*pending, return_exceptions=True)
             os.close(fd)
+        if self.failed is not None:
+            raise self.failed
         return hashes
 
     async def _one(self, fd: int, i: int, chunk_size: int, size: int, hashes: np.ndarray,
@@ -130,9 +141,9 @@ class _ChunkUploader:
                 hashes[i] = np.frombuffer(h, dtype=np.uint8)
                 await self._store(h, raw)
             progress(length)
-        except BaseException:
-            self.failed = True
-            raise
+        except BaseException as exc:
+            if self.failed is None:
+                self.failed = exc
         finally:
             self.sem.release()
 

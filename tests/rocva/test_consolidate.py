@@ -222,3 +222,31 @@ async def test_recover_holds_a_lease_while_it_reads(tmp_path: Path) -> None:
     await recover(store, b.domain, "latest", tmp_path / "out")
     assert seen and all(len(s) == 1 for s in seen)  # the lease existed when the catalog was read
     assert await keys(store, "l/") == set()
+
+
+async def test_a_store_failure_during_chunking_leaves_the_catalog_unchanged(tmp_path: Path) -> None:
+    from cdp.errors import StoreUnavailable
+
+    store = MemoryStore()
+    rng = np.random.default_rng(8)
+    b = await DomainBuilder(store, disks=(("vm", "d", 512 * KiB),), ns_per_seq=S).start()
+    await workload(b, rng, 60, {})
+    _, before = await load_catalog(store, b.domain)
+    real_put = store.put
+
+    async def failing_put(key, data, **kw):
+        if key.startswith("c/"):
+            raise StoreUnavailable(f"mem://: put {key}: injected outage")
+        return await real_put(key, data, **kw)
+
+    store.put = failing_put
+    with pytest.raises(StoreUnavailable, match="injected outage"):
+        await consolidate(store, b.domain, older_than_s=1, now_ns=b.ts(b.seq), chunk_size=64 * KiB,
+                          scratch_dir=tmp_path)
+    _, after = await load_catalog(store, b.domain)
+    assert after == before and not list(tmp_path.glob("consolidate-*"))  # no new generation, no scratch
+    assert await keys(store, "l/") == set()  # its locks and leases are gone too
+    store.put = real_put
+    r = await consolidate(store, b.domain, older_than_s=1, now_ns=b.ts(b.seq), chunk_size=64 * KiB,
+                          scratch_dir=tmp_path)
+    assert r["bases_added"] == 1
