@@ -39,7 +39,7 @@ import xxhash
 from cdp.errors import AlreadyExists, Busy, FormatError, LeaseLost, NotFound, StoreError
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
-from cdp.summed import checked_body, pack_summed, unpack_summed
+from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 log = get_logger("cdp.locks")
 
@@ -121,16 +121,7 @@ def decode_lock(key: str, data: bytes | bytearray | memoryview) -> LockInfo:
         _HEADER, mv, where=where, magic=LOCK_MAGIC, version=LOCK_VERSION, zero=_HEADER_ZERO)
     if kind not in KIND_NAMES:
         raise FormatError(f"{where}: header at offset 6: kind {kind}, expected 1..4")
-    if body_len > BODY_LEN_MAX:
-        raise FormatError(f"{where}: header at offset 12: body_len {body_len} > {BODY_LEN_MAX}")
-    raw = checked_body(mv, body_len, body_xxh3, where=where, what="body_xxh3")
-    try:
-        body = json.loads(str(raw, "utf-8"))
-    except ValueError as exc:
-        raise FormatError(f"{where}: the body at offset 64 is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(body, dict) or set(body) != _BODY_KEYS:
-        got = sorted(body) if isinstance(body, dict) else type(body).__name__
-        raise FormatError(f"{where}: body keys {got}, expected {sorted(_BODY_KEYS)}")
+    body = checked_json_body(mv, body_len, body_xxh3, where=where, body_len_max=BODY_LEN_MAX, keys=_BODY_KEYS)
     return LockInfo(key, kind, domain, expires_ns, body)
 
 

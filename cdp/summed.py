@@ -8,6 +8,7 @@ fields between ``version`` and the checksum to the caller's own checks.
 
 from __future__ import annotations
 
+import json
 import struct
 
 import xxhash
@@ -75,4 +76,24 @@ def checked_body(buf: memoryview, body_len: int, body_xxh3: int, *, where: str, 
     body = buf[header_size:]
     if xxhash.xxh3_64_intdigest(body) != body_xxh3:
         raise ChecksumMismatch(f"{where}: {what} does not match the bytes at offset {header_size}")
+    return body
+
+
+def checked_json_body(buf: memoryview, body_len: int, body_xxh3: int, *, where: str,
+                      body_len_max: int, keys: frozenset[str] | None = None,
+                      header_size: int = 64) -> dict:
+    """The JSON object after a summed header (lock, deployment record): ``body_len``
+    within its bound (the field at offset 12), the bytes checked against ``body_xxh3``,
+    then UTF-8 JSON, an object, with exactly ``keys`` when given (an unknown key means a
+    newer writer, §0)."""
+    if body_len > body_len_max:
+        raise FormatError(f"{where}: header at offset 12: body_len {body_len} > {body_len_max}")
+    raw = checked_body(buf, body_len, body_xxh3, where=where, what="body_xxh3", header_size=header_size)
+    try:
+        body = json.loads(str(raw, "utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FormatError(f"{where}: the body at offset {header_size} is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(body, dict) or (keys is not None and set(body) != keys):
+        got = sorted(body) if isinstance(body, dict) else type(body).__name__
+        raise FormatError(f"{where}: body keys {got}, expected {sorted(keys or ())}")
     return body

@@ -21,7 +21,7 @@ from typing import Any
 import xxhash
 
 from cdp.errors import FormatError, NotFound
-from cdp.summed import checked_body, pack_summed, unpack_summed
+from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 DEPLOYMENT_MAGIC = b"CDPD"
 DEPLOYMENT_VERSION = 1
@@ -78,16 +78,7 @@ def decode_deployment(key: str, data: bytes | bytearray | memoryview) -> Deploym
     where = f"deployment record {key}"
     _, body_len, created_ns, body_xxh3, _ = unpack_summed(
         _HEADER, mv, where=where, magic=DEPLOYMENT_MAGIC, version=DEPLOYMENT_VERSION, zero=_HEADER_ZERO)
-    if body_len > BODY_LEN_MAX:
-        raise FormatError(f"{where}: header at offset 12: body_len {body_len} > {BODY_LEN_MAX}")
-    raw = checked_body(mv, body_len, body_xxh3, where=where, what="body_xxh3")
-    try:
-        body = json.loads(str(raw, "utf-8"))
-    except ValueError as exc:
-        raise FormatError(f"{where}: the body at offset 64 is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(body, dict) or set(body) != _BODY_KEYS:
-        got = sorted(body) if isinstance(body, dict) else type(body).__name__
-        raise FormatError(f"{where}: body keys {got}, expected {sorted(_BODY_KEYS)}")
+    body = checked_json_body(mv, body_len, body_xxh3, where=where, body_len_max=BODY_LEN_MAX, keys=_BODY_KEYS)
     drvas = body["drvas"]
     if not isinstance(drvas, list) or not all(
             isinstance(d, dict) and set(d) == _DRVA_KEYS and all(isinstance(v, str) for v in d.values())
