@@ -48,7 +48,8 @@ def cli() -> None:
 @click.option("--writes-mb", default=256, show_default=True, help="MB of writes to generate.")
 @json_option
 def demo(workdir: Path | None, disk_size: str, writes_mb: int, as_json: bool) -> None:
-    """Run the data path end to end on the embedded default (file store, local log file)."""
+    """The whole cycle on the embedded default in a temporary directory: site, install,
+    daemon + DRVA, a workload, a mark, recovery at the mark and at latest, sha256 checked."""
     from cdp.demo import DemoOptions, format_summary, run_demo
 
     opts = DemoOptions(workdir=workdir, disk_size=_size(disk_size), writes_bytes=writes_mb * 10**6,
