@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
+from cdp.store.open import config_store_url
 from cdp.units import parse_size
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -167,7 +168,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
         raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
     cfg = DrvaConfig(
         name=r.name("name"), host=host, port=int(port_text),
-        state_dir=here / r.get("state_dir", str), store_url=_store_url(r.get("store", str), here),
+        state_dir=here / r.get("state_dir", str), store_url=config_store_url(r.get("store", str), here),
         secret=secret.encode(),
         log_path=here / log.get("path", str),
         log_size=parse_size(log.get("size", (int, str)), log.where("size")) if "size" in log.doc else None,
@@ -189,13 +190,6 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
     if not 0.05 <= cfg.seal_age_s <= 3600:
         raise ConfigError(f"{seal.where('age_s')}: expected 0.05..3600 seconds")
     return cfg
-
-
-def _store_url(url: str, here: Path) -> str:
-    """A plain relative path names a file store relative to the configuration file."""
-    if "://" in url or url.startswith("/"):
-        return url
-    return f"file://{here / url}"
 
 
 def _domain(r: _Reader, i: int) -> DomainConfig:

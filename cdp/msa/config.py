@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
+from cdp.store.open import config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from iofilter_sim.cluster import Cluster, DomainSpec, load_cluster
 
@@ -182,13 +183,6 @@ def _secret(env: Mapping[str, str], name: str, what: str, source: Path) -> str:
     return value
 
 
-def _store_url(value: str, here: Path) -> str:
-    """A plain path names a file store, relative to the site file."""
-    if "://" in value:
-        return value
-    return f"file://{(here / value).resolve()}"
-
-
 def _policy(r: TomlReader, table: Mapping[str, Any], path: str, base: Policy) -> Policy:
     def get(key: str, default: float, dur: bool) -> float:
         if key not in table:
@@ -253,7 +247,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
                     r.number(alarms_t.get("backpressure_s", 300), "alarms.backpressure_s", 1, 86400))
     jobs = r.table(data.get("jobs", {}), "jobs", set(), {"retention_days"})
     retention_days = r.number(jobs.get("retention_days", 60), "jobs.retention_days", 1, 3650)
-    cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, _store_url(data["store"], here),
+    cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, config_store_url(data["store"], here),
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
                      protect, alarms, retention_days * 86400)

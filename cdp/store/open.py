@@ -37,6 +37,15 @@ PUBLIC_PARAMS = frozenset({"endpoint", "region"})
 _memory_stores: dict[str, MemoryStore] = {}
 
 
+def config_store_url(value: str, base_dir: Path) -> str:
+    """A store as a configuration file names it: a URL stays as it is; a plain path is a
+    file store, relative to ``base_dir`` (the file's directory, not wherever the process
+    started), made absolute."""
+    if "://" in value:
+        return value
+    return f"file://{(base_dir / value).resolve()}"
+
+
 def redact_url(url: str) -> str:
     """url with user info, non-public query values and fragment replaced by ***."""
     try:
