@@ -22,7 +22,6 @@ is done per record or per sector in Python.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -33,6 +32,7 @@ import numpy as np
 from cdp.base_image import Manifest, decode_manifest
 from cdp.catalog import CatalogState, load_catalog
 from cdp.errors import FormatError, NotFound
+from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
 from cdp.segment import SegmentIndex, read_segment_index
 from rocva.extents import last_writer
@@ -127,17 +127,6 @@ class RecoveryPlan:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-async def _bounded(coros, limit: int) -> list:
-    """Run ``coros`` with at most ``limit`` in flight; results in order."""
-    sem = asyncio.Semaphore(limit)
-
-    async def one(coro):
-        async with sem:
-            return await coro
-
-    return await asyncio.gather(*(one(c) for c in coros))
 
 
 async def _get_manifest(store, key: str) -> Manifest:
@@ -261,7 +250,7 @@ async def build_plan(store, state: CatalogState, generation: int, target: Resolv
     for d in state.disks:
         below = [b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= seq]
         bases.append(max(below, key=lambda b: b["seq"]) if below else None)
-    manifests = await _bounded([_get_manifest(store, b["key"]) for b in bases if b], concurrency)
+    manifests = await gather_bounded([_get_manifest(store, b["key"]) for b in bases if b], concurrency)
     by_disk = dict(zip([b["disk"] for b in bases if b], manifests))
     for d in state.disks:
         m = by_disk.get(d["disk"])
@@ -272,7 +261,7 @@ async def build_plan(store, state: CatalogState, generation: int, target: Resolv
     lo = int(base_seq.min()) + 1 if len(base_seq) else seq + 1
     rows = state.segments_between(lo, seq) if lo <= seq else state.segments.rows(0, 0)
     keys = state.segment_keys(rows)
-    indexes = await _bounded([_get_index(store, k, int(r)) for k, r in zip(keys, rows["payload_raw_len"])],
+    indexes = await gather_bounded([_get_index(store, k, int(r)) for k, r in zip(keys, rows["payload_raw_len"])],
                              concurrency)
     cols = _concat_rows(indexes, lo, seq)
     disk_ids = np.array([d["disk"] for d in state.disks], dtype=np.int64)

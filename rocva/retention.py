@@ -29,7 +29,6 @@ Three steps, each on its own (``rocva.consolidate`` runs them in order):
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ import numpy as np
 from cdp.base_image import decode_manifest
 from cdp.catalog_state import CatalogState
 from cdp.errors import FormatError
+from cdp.gather import gather_bounded
 from cdp.layout import (
     base_prefix, parse_base_manifest_key, parse_chunk_key, parse_segment_key, segment_prefix,
 )
@@ -79,15 +79,12 @@ async def retention_delta(store, state: CatalogState, cutoff_ns: int) -> dict[st
 
 
 async def _delete_all(store, keys: list[str], check=None) -> int:
-    sem = asyncio.Semaphore(CONCURRENCY)
-
     async def one(key: str) -> None:
-        async with sem:
-            if check is not None:
-                check()
-            await store.delete(key)
+        if check is not None:  # right before each delete: a lost lock stops the sweep
+            check()
+        await store.delete(key)
 
-    await asyncio.gather(*(one(k) for k in keys))
+    await gather_bounded((one(k) for k in keys), CONCURRENCY)
     return len(keys)
 
 
@@ -139,13 +136,10 @@ async def sweep_chunks(store, *, owner: str = "cdp consolidate", ttl_s: float = 
     naming it): without it we cannot know which chunks are still needed."""
     async with await gc_lock(store, owner=owner, ttl_s=ttl_s, skew_s=skew_s) as lease:
         keys = [i.key async for i in store.list("d/") if i.key.endswith(_MANIFEST_SUFFIX)]
-        sem = asyncio.Semaphore(CONCURRENCY)
-
         async def hashes(key: str) -> np.ndarray:
-            async with sem:
-                return decode_manifest(key, await store.get(key)).hashes
+            return decode_manifest(key, await store.get(key)).hashes
 
-        tables = await asyncio.gather(*(hashes(k) for k in keys))
+        tables = await gather_bounded((hashes(k) for k in keys), CONCURRENCY)
         referenced = {row.tobytes() for t in tables for row in t}
         garbage, kept = [], 0
         async for info in store.list("c/"):
