@@ -24,8 +24,9 @@ from typing import Any
 import xxhash
 
 from cdp.catalog_state import SEGMENT_DTYPE, CatalogState, SegmentRef, SegmentTable
-from cdp.errors import CdpError, FormatError, NotFound
+from cdp.errors import AlreadyExists, CdpError, FormatError, NotFound
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
+from cdp.logs import get_logger
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 __all__ = [
@@ -45,6 +46,11 @@ FETCH_BATCH_MAX = 8
 #: A writer writes a SNAPSHOT instead of a DELTA every this many generations, which
 #: bounds the deltas a load must apply.
 SNAPSHOT_EVERY_DEFAULT = 64
+#: Catalog races lost to consolidation/retention jobs in a row before ``commit_shared``
+#: gives up (fenced).
+MAINTENANCE_RETRIES = 16
+
+log = get_logger("cdp.catalog")
 
 # FORMAT.md §8.1: catalog object header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _HEADER = struct.Struct("<4sHHIIQQ24sQ")
@@ -207,6 +213,44 @@ class CatalogWriter:
             await commit_catalog(self.store, domain, generation, KIND_DELTA, delta)
         self.state, self.generation = new, generation
         return generation
+
+    async def commit_shared(self, delta: dict, *, retries: int = MAINTENANCE_RETRIES) -> int:
+        """``commit`` for the owner of a chain that consolidation/retention jobs also write
+        (FORMAT.md §8.3): a lost conditional create that was our own put (its reply lost)
+        counts as done; one lost to maintenance generations is absorbed and the delta
+        retried on top. Anything else — another owner — raises ``AlreadyExists`` saying
+        why: this writer is fenced. Returns the generation that holds ``delta``."""
+        domain = self.state.domain_id
+        for _ in range(retries):
+            generation = self.next_generation
+            try:
+                return await self.commit(delta)
+            except AlreadyExists:
+                if await self._is_own_create(generation, delta):
+                    return generation
+                before = self.generation
+                why = await self.catch_up_maintenance()
+                if why is not None:
+                    raise AlreadyExists(f"catalog of domain {domain}: {why}") from None
+                log.info("catalog_maintenance_absorbed", domain=domain, generations=self.generation - before,
+                         horizon_seq=self.state.horizon_seq, bases=len(self.state.bases))
+        raise AlreadyExists(f"catalog of domain {domain}: generation {self.next_generation} lost "
+                            f"{retries} races in a row")
+
+    async def _is_own_create(self, generation: int, delta: dict) -> bool:
+        """After AlreadyExists at ``generation``: is the object there the one our put wrote
+        (the reply was lost, the put was not)? Then the state moves to it."""
+        key = catalog_key(self.state.domain_id, generation)
+        try:
+            _, gen, _, body = decode_catalog_object(key, await self.store.get(key))
+        except CdpError:
+            return False
+        new = self.state.copy()
+        new.apply_delta(delta)
+        if body == delta or body == new.to_snapshot_body():
+            self.state, self.generation = new, gen
+            return True
+        return False
 
     async def catch_up_maintenance(self) -> str | None:
         """After a lost conditional create: move over the generations others created since

@@ -26,10 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cdp.catalog import CatalogState, CatalogWriter, decode_catalog_object
+from cdp.catalog import CatalogState, CatalogWriter
 from cdp.errors import AlreadyExists, CdpError, StoreError
 from cdp.frame import decode_frame
-from cdp.layout import catalog_key, segment_key
+from cdp.layout import segment_key
 from cdp.logs import get_logger
 from cdp.meta import MetaRepository
 from cdp.records import KIND_RESYNC_BEGIN
@@ -43,8 +43,6 @@ log = get_logger("drva.shipper")
 
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
-#: Catalog races lost to consolidation/retention jobs in a row before giving up (fenced).
-MAINTENANCE_RETRIES = 16
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -233,52 +231,14 @@ class Shipper:
             await self._commit(dom, self.writers[dom.id], make_delta())
 
     async def _commit(self, dom: DomainState, writer: CatalogWriter, delta: dict[str, Any]) -> None:
-        """writer.commit, telling a lost reply of our own create, and a consolidation or
-        retention job's generation (FORMAT.md §8.3: absorbed, then our delta is retried),
-        from a fence."""
-        for _ in range(MAINTENANCE_RETRIES):
-            generation = writer.next_generation
-            try:
-                await writer.commit(delta)
-                return
-            except AlreadyExists:
-                if await self._is_ours(dom, writer, generation, delta):
-                    return
-                why = await self._absorb_maintenance(dom, writer)
-                if why is not None:
-                    dom.fenced = True
-                    log.error("fenced", domain=dom.id, generation=generation, reason=why)
-                    raise
-        dom.fenced = True
-        log.error("fenced", domain=dom.id, generation=writer.next_generation,
-                  reason=f"lost {MAINTENANCE_RETRIES} catalog races in a row")
-        raise AlreadyExists(f"catalog of domain {dom.id}: generation {writer.next_generation} "
-                            f"lost {MAINTENANCE_RETRIES} races in a row")
-
-    async def _absorb_maintenance(self, dom: DomainState, writer: CatalogWriter) -> str | None:
-        """Move ``writer`` over the generations others created after its own, if each is
-        only consolidation/retention (§8.3); else return why this DRVA is fenced."""
-        before = writer.generation
-        why = await writer.catch_up_maintenance()
-        if why is None:
-            log.info("catalog_maintenance_absorbed", domain=dom.id, generations=writer.generation - before,
-                     horizon_seq=writer.state.horizon_seq, bases=len(writer.state.bases))
-        return why
-
-    async def _is_ours(self, dom: DomainState, writer: CatalogWriter, generation: int,
-                       delta: dict[str, Any]) -> bool:
-        """After AlreadyExists: was it our own put whose reply was lost? (retry safety)"""
+        """``writer.commit_shared``: our own lost reply and consolidation/retention
+        generations are handled there (FORMAT.md §8.3); what it refuses is a fence."""
         try:
-            data = await self.store.get(catalog_key(dom.id, generation))
-            _, gen, _, body = decode_catalog_object(catalog_key(dom.id, generation), data)
-        except CdpError:
-            return False
-        new = writer.state.copy()
-        new.apply_delta(delta)
-        if body == delta or body == new.to_snapshot_body():
-            writer.state, writer.generation = new, gen
-            return True
-        return False
+            await writer.commit_shared(delta)
+        except AlreadyExists as exc:
+            dom.fenced = True
+            log.error("fenced", domain=dom.id, generation=writer.next_generation, reason=exc.message)
+            raise
 
     async def trim(self) -> None:
         needed = [p for d in self.domains.values() if (p := d.first_needed_pos()) is not None]

@@ -387,3 +387,23 @@ def test_maintenance_difference_tells_consolidation_from_another_writer() -> Non
     windowed.apply_delta({"set_windows": [{"kind": "resync", "first_seq": 3, "last_seq": 4}]})
     assert "windows" in old.maintenance_difference(windowed)
     assert "committed_seq" in grown.maintenance_difference(old)
+
+
+def test_commit_shared_absorbs_maintenance_and_refuses_another_owner() -> None:
+    """§8.3 through CatalogWriter.commit_shared: a lost race to a consolidation generation is
+    absorbed and the delta retried on top; a race lost to another owner fences."""
+    async def go() -> None:
+        store = MemoryStore()
+        owner = CatalogWriter(store, _state(2), 0)
+        await owner.commit({})
+        job = await CatalogWriter.open(store, 7)
+        keys = job.state.segment_keys(job.state.segments.rows(0, 1))
+        await job.commit({"remove_segments": keys, "horizon_seq": 10})
+        generation = await owner.commit_shared({"add_segments": [seg(7, 21, 30)]})
+        assert generation == 3 and owner.state.horizon_seq == 10 and owner.state.committed_seq == 30
+        other = await CatalogWriter.open(store, 7)
+        await other.commit({"add_segments": [seg(7, 31, 40)]})
+        with pytest.raises(AlreadyExists, match="committed_seq moved"):
+            await owner.commit_shared({"add_segments": [seg(7, 31, 35)]})
+
+    run(go())

@@ -17,7 +17,6 @@ import numpy as np
 from cdp.base_image import ZERO_HASH, encode_chunk, encode_manifest, is_zero
 from cdp.catalog import CatalogState, CatalogWriter
 from cdp.digest import sha256_file
-from cdp.errors import AlreadyExists
 from cdp.layout import base_manifest_key, chunk_key, segment_key
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, RECORD_DTYPE,
@@ -69,14 +68,7 @@ class DomainBuilder:
 
     async def _commit(self, delta: dict) -> None:
         """Commit like a DRVA: a consolidation job's generation is absorbed, then retried on."""
-        while True:
-            try:
-                await self.writer.commit(delta)
-                return
-            except AlreadyExists:
-                why = await self.writer.catch_up_maintenance()
-                if why is not None:
-                    raise AssertionError(f"fenced: {why}") from None
+        await self.writer.commit_shared(delta)
 
     # ---- records
 
