@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -137,7 +138,8 @@ async def read_segment_index(store, key: str, *, tail_guess: int = TAIL_GUESS_DE
     return parse_segment_tail(key, tail, size)
 
 
-def _find_lz4_decompress_safe():
+@functools.cache
+def _lz4_decompress_safe():
     """liblz4's ``LZ4_decompress_safe(src, dst, srcSize, dstCapacity)`` through ctypes, or
     None (then python-lz4 decompresses).
 
@@ -168,9 +170,6 @@ def _find_lz4_decompress_safe():
     return None
 
 
-_LZ4_DECOMPRESS_SAFE = _find_lz4_decompress_safe()
-
-
 def lz4_decompress(stored: bytes | bytearray | memoryview, raw_len: int, *, out: bytearray | None = None
                    ) -> bytes | memoryview:
     """An LZ4 block (no frame, no size prefix) decompressed, as ``lz4.block.decompress(
@@ -179,13 +178,16 @@ def lz4_decompress(stored: bytes | bytearray | memoryview, raw_len: int, *, out:
     ``lz4.block.LZ4BlockError`` when LZ4 refuses the input. With ``out`` (at least
     ``raw_len`` bytes) the bytes go there and the result is a view of it, valid until
     the caller reuses it."""
-    if _LZ4_DECOMPRESS_SAFE is None:
+    # Looked up on first use, not at import: find_library runs ldconfig (or a compiler),
+    # which every process importing this module (the CLI, each DRVA) need not pay.
+    decompress_safe = _lz4_decompress_safe()
+    if decompress_safe is None:
         return lz4.block.decompress(stored, uncompressed_size=raw_len)
     if out is None or len(out) < raw_len:
         out = bytearray(raw_len)
     src = np.frombuffer(stored, dtype=np.uint8)  # a pointer to read-only bytes, no copy
     dst = np.frombuffer(out, dtype=np.uint8)
-    n = _LZ4_DECOMPRESS_SAFE(src.ctypes.data, dst.ctypes.data, len(src), raw_len)
+    n = decompress_safe(src.ctypes.data, dst.ctypes.data, len(src), raw_len)
     if n < 0:
         raise lz4.block.LZ4BlockError(f"LZ4_decompress_safe: error at input byte {-n - 1}")
     return memoryview(out)[:n]

@@ -451,10 +451,10 @@ def test_corrupt_block_error_names_key_block_and_offset() -> None:
 def test_block_list_and_unpack_give_the_joined_bytes(ctypes_lz4: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """read_block_list, fetch_blocks + unpack_blocks (reused buffer or not, executor or
     not) and read_blocks agree, with liblz4 through ctypes and with python-lz4."""
-    if ctypes_lz4 and segment_module._LZ4_DECOMPRESS_SAFE is None:
+    if ctypes_lz4 and segment_module._lz4_decompress_safe() is None:
         pytest.skip("no liblz4 to call")
     if not ctypes_lz4:
-        monkeypatch.setattr(segment_module, "_LZ4_DECOMPRESS_SAFE", None)
+        monkeypatch.setattr(segment_module, "_lz4_decompress_safe", lambda: None)
     obj = _small_segment()
     index, stream = decode_segment(SMALL_KEY, obj)
     brs = index.block_raw_size
@@ -481,10 +481,10 @@ def test_block_list_and_unpack_give_the_joined_bytes(ctypes_lz4: bool, monkeypat
 @pytest.mark.parametrize("ctypes_lz4", [True, False])
 def test_unpack_blocks_checks_each_block_before_yielding_it(ctypes_lz4: bool,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    if ctypes_lz4 and segment_module._LZ4_DECOMPRESS_SAFE is None:
+    if ctypes_lz4 and segment_module._lz4_decompress_safe() is None:
         pytest.skip("no liblz4 to call")
     if not ctypes_lz4:
-        monkeypatch.setattr(segment_module, "_LZ4_DECOMPRESS_SAFE", None)
+        monkeypatch.setattr(segment_module, "_lz4_decompress_safe", lambda: None)
     obj = _small_segment()
     index, stream = decode_segment(SMALL_KEY, obj)
     first = int(index.blocks["stored_offset"][0])
@@ -513,7 +513,7 @@ def test_unpack_blocks_checks_each_block_before_yielding_it(ctypes_lz4: bool,
     out = bytearray(raw_len + 100)
     raw = segment_module.lz4_decompress(stored, raw_len, out=out)
     assert bytes(raw) == stream[lz4_row * index.block_raw_size :][:raw_len]
-    assert raw.obj is out if isinstance(raw, memoryview) else segment_module._LZ4_DECOMPRESS_SAFE is None
+    assert raw.obj is out if isinstance(raw, memoryview) else segment_module._lz4_decompress_safe() is None
 
 
 def test_records_view_is_readonly_and_rows_for_seqs_clips() -> None:
