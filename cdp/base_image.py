@@ -203,7 +203,7 @@ def decode_manifest(key: str, data: bytes | bytearray | memoryview) -> Manifest:
     """Verify a base manifest object (§6.2) stored under ``key``, which must name it (§7)."""
     mv = memoryview(data).cast("B")
     where = f"manifest {key}"
-    key_fields = parse_base_manifest_key(key)
+    key_domain, _, key_seq, key_disk = parse_base_manifest_key(key)
     _, domain, disk, seq, disk_size, chunk_size, count, table_xxh3, _ = unpack_summed(
         _MANIFEST, mv, where=where, magic=MANIFEST_MAGIC, version=VERSION, zero=_MANIFEST_ZERO
     )
@@ -219,7 +219,7 @@ def decode_manifest(key: str, data: bytes | bytearray | memoryview) -> Manifest:
     table = mv[HEADER_SIZE:]
     if xxhash.xxh3_64_intdigest(table) != table_xxh3:
         raise ChecksumMismatch(f"{where}: table_xxh3 does not match the entries at offset 64")
-    if (domain, seq, disk) != key_fields:
+    if (domain, seq, disk) != (key_domain, key_seq, key_disk):
         raise FormatError(f"{where}: header says domain {domain}, seq {seq}, disk {disk}; the key does not")
     hashes = np.frombuffer(table, dtype=np.uint8).reshape(count, HASH_BYTES).copy()
     hashes.flags.writeable = False

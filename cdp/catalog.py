@@ -1,54 +1,67 @@
-"""The catalog: a chain of objects per domain that makes the store self-describing (FORMAT.md §8).
+"""The catalog: a chain of generation objects and a tree of pages per domain (FORMAT.md §8).
 
 Generation 1, 2, 3, … of ``d/<domain>/cat/<generation>.cat``: each a ``SNAPSHOT`` (the
-whole ``CatalogState``) or a ``DELTA`` (the changes since the generation before). The state
-at generation ``g`` is the newest snapshot at or below ``g`` with every delta after it
-applied in order; ``load_catalog`` rebuilds the state at the newest generation.
+whole head, ``CatalogState``) or a ``DELTA`` (the changes since the generation before).
+The head at generation ``g`` is the newest snapshot at or below ``g`` with every delta
+after it applied in order; ``load_catalog`` rebuilds the head at the newest generation.
+The segment history sits in pages (``cdp.catalog_page``) that the head references, so
+neither a commit nor a load grows with the history.
 
 Ownership is fencing by conditional create: a generation is written with
-``put(if_absent=True)`` after every object it names is durable; whoever creates
-generation ``n + 1`` owns the domain, and a writer whose create fails (``AlreadyExists``,
-propagated unchanged) has been fenced off and must stop.
+``put(if_absent=True)`` after every object it names (segments, manifests, pages) is
+durable; whoever creates generation ``n + 1`` owns the domain. ``CatalogWriter`` tells a
+lost create that was its own (its writer id in the object), or a maintenance job's,
+from another owner's, which fences it (``Fenced``).
 
-This module holds the object codec, ``load_catalog``/``commit_catalog`` and the small
-``CatalogWriter``; the state and the delta rules are in ``cdp.catalog_state``.
+This module holds the object codec, ``load_catalog``, ``CatalogWriter`` and the
+collection of old generations; the head and the delta rules are in
+``cdp.catalog_state``, reading pages in ``cdp.catalog_read``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import struct
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import xxhash
 
-from cdp.catalog_state import SEGMENT_DTYPE, CatalogState, SegmentRef, SegmentTable
-from cdp.errors import AlreadyExists, CdpError, FormatError, NotFound
+from cdp.catalog_json import refs_json
+from cdp.catalog_page import Fold
+from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
+from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
+from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
 from cdp.logs import get_logger
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 __all__ = [
-    "KIND_DELTA", "KIND_SNAPSHOT", "SEGMENT_DTYPE", "CatalogState", "CatalogWriter", "SegmentRef",
-    "SegmentTable", "commit_catalog", "decode_catalog_object", "encode_catalog_object",
-    "load_catalog",
+    "KIND_DELTA", "KIND_SNAPSHOT", "CatalogState", "CatalogWriter", "collect_generations",
+    "commit_catalog", "decode_catalog_object", "encode_catalog_object", "load_catalog",
 ]
 
 CATALOG_MAGIC = b"CDPC"
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2  # §8: pages and timelines; version 1 objects are refused
 KIND_DELTA = 1  # §8.1
 KIND_SNAPSHOT = 2  # §8.1
 KIND_NAMES = {KIND_DELTA: "DELTA", KIND_SNAPSHOT: "SNAPSHOT"}
 BODY_LEN_MAX = 256 << 20  # §8.1
 #: Catalog objects fetched at once while walking back from the newest generation.
 FETCH_BATCH_MAX = 8
-#: A writer writes a SNAPSHOT instead of a DELTA every this many generations, which
-#: bounds the deltas a load must apply.
-SNAPSHOT_EVERY_DEFAULT = 64
-#: Catalog races lost to consolidation/retention jobs in a row before ``commit_shared``
-#: gives up (fenced).
+#: §8.1: a SNAPSHOT at generation 1 and every this many generations, which bounds the
+#: deltas a load applies and lets generations older than the previous snapshot go.
+SNAPSHOT_EVERY = 64
+#: Listings a load makes when generations vanish under it (a collector raced it).
+LOAD_ATTEMPTS_MAX = 3
+#: Catalog races lost to others' maintenance generations in a row before
+#: ``commit_shared`` gives up (fenced).
 MAINTENANCE_RETRIES = 16
+#: Deletions of old generations in flight at once.
+DELETE_CONCURRENCY = 8
 
 log = get_logger("cdp.catalog")
 
@@ -61,6 +74,11 @@ _HEADER_ZERO = {"reserved": (32, 24)}  # must be zero: {name: (offset, size)}
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def new_writer_id(by: str) -> dict:
+    """A ``writer`` record (§8.1): a fresh random id and what the writer is."""
+    return {"id": secrets.token_hex(16), "by": by[:200]}
 
 
 def encode_catalog_object(domain: int, generation: int, kind: int, body: dict) -> bytes:
@@ -103,49 +121,80 @@ def decode_catalog_object(key: str, data: bytes | bytearray | memoryview) -> tup
     raw = checked_body(mv, body_len, body_xxh3, where=where, what="body_xxh3", header_size=HEADER_SIZE)
     try:
         body = json.loads(str(raw, "utf-8"), parse_constant=_refuse_constant)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise FormatError(f"{where}: the body at offset 64 is not UTF-8 JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise FormatError(f"{where}: the body is not a JSON object")
     return kind, generation, domain, body
 
 
+def _state_after(state: CatalogState | None, kind: int, body: Any, where: str) -> CatalogState:
+    """The head after one generation's object (§8.1)."""
+    if kind == KIND_SNAPSHOT:
+        return CatalogState.from_snapshot_body(body, where)
+    assert state is not None
+    new = state.copy()
+    new.apply_delta(body, where)
+    return new
+
+
 async def commit_catalog(store, domain: int, generation: int, kind: int, body: dict) -> str:
     """Create generation ``generation`` with a conditional put; return its key.
 
-    ``AlreadyExists`` propagates: another writer created that generation first, so this
-    one has lost ownership of the domain (fenced) and must stop.
+    ``AlreadyExists`` propagates: another writer created that generation first.
     """
     key = catalog_key(domain, generation)
     await store.put(key, encode_catalog_object(domain, generation, kind, body), if_absent=True)
     return key
 
 
-async def load_catalog(store, domain: int) -> tuple[CatalogState | None, int]:
-    """(state, generation) at the newest catalog generation of ``domain``; (None, 0) if none.
+async def list_generations(store, domain: int) -> list[int]:
+    """The generations under ``d/<domain>/cat/``, ascending; stray keys are logged and
+    skipped (§8.1)."""
+    generations = []
+    async for info in store.list(catalog_prefix(domain)):
+        try:
+            key_domain, generation = parse_catalog_key(info.key)
+        except FormatError:
+            log.warning("catalog_stray_key", domain=domain, key=info.key,
+                        reason="not a catalog key (FORMAT.md §7): skipped")
+            continue
+        if key_domain == domain:
+            generations.append(generation)
+    return generations
+
+
+async def load_catalog(store, domain: int, *, stats: dict | None = None) -> tuple[CatalogState | None, int]:
+    """(head, generation) at the newest catalog generation of ``domain``; (None, 0) if none.
 
     Walks back from the newest generation to the newest snapshot (fetching a few objects
     at once), then applies the deltas after it in order. A generation missing from that
-    chain is a FormatError naming it; so is any object that fails to decode or apply.
+    chain is a FormatError naming it, unless it vanished while being read (a collector
+    raced the load): then the load lists again (§8.1). ``stats``, when given, receives
+    ``objects_listed`` and ``objects_read``.
     """
-    generations = []
-    async for info in store.list(catalog_prefix(domain)):
-        key_domain, generation = parse_catalog_key(info.key)
-        if key_domain != domain:  # pragma: no cover - the prefix guarantees it
-            raise FormatError(f"catalog {info.key}: listed under domain {domain}")
-        generations.append(generation)
-    if not generations:
-        return None, 0
-    present = set(generations)
-    head = max(generations)
+    for attempt in range(LOAD_ATTEMPTS_MAX):
+        generations = await list_generations(store, domain)
+        if stats is not None:
+            stats["objects_listed"] = stats.get("objects_listed", 0) + len(generations)
+        if not generations:
+            return None, 0
+        try:
+            return await _load_chain(store, domain, set(generations), max(generations), stats), max(generations)
+        except NotFound:
+            if attempt == LOAD_ATTEMPTS_MAX - 1:
+                raise
+            log.info("catalog_load_raced", domain=domain, attempt=attempt + 1)
+    raise AssertionError("unreachable")
+
+
+async def _load_chain(store, domain: int, present: set[int], head: int, stats: dict | None) -> CatalogState:
     chain: list[tuple[str, int, Any]] = []  # (key, kind, body), newest first
     nxt = head
     while not chain or chain[-1][1] != KIND_SNAPSHOT:
         if nxt < 1:
-            raise FormatError(
-                f"catalog of domain {domain}: generation 1 is a DELTA: the chain from "
-                f"generation {head} has no snapshot"
-            )
+            raise FormatError(f"catalog of domain {domain}: generation 1 is a DELTA: the chain from "
+                              f"generation {head} has no snapshot")
         if nxt not in present:
             raise FormatError(
                 f"catalog of domain {domain}: generation {nxt} ({catalog_key(domain, nxt)}) is "
@@ -157,35 +206,69 @@ async def load_catalog(store, domain: int) -> tuple[CatalogState | None, int]:
             batch.append(catalog_key(domain, nxt))
             nxt -= 1
         blobs = await asyncio.gather(*(store.get(key) for key in batch))
+        if stats is not None:
+            stats["objects_read"] = stats.get("objects_read", 0) + len(batch)
         for key, blob in zip(batch, blobs):
             kind, _, _, body = decode_catalog_object(key, blob)
             chain.append((key, kind, body))
             if kind == KIND_SNAPSHOT:
                 break
-    key, _, body = chain.pop()
-    state = CatalogState.from_snapshot_body(body, f"catalog {key}")
+    key, kind, body = chain.pop()
+    state = _state_after(None, kind, body, f"catalog {key}")
     if state.domain_id != domain:
         raise FormatError(f"catalog {key}: the snapshot is of domain {state.domain_id}")
-    for key, _, body in reversed(chain):
+    for key, kind, body in reversed(chain):
         state.apply_delta(body, f"catalog {key}")
-    return state, head
+    return state
+
+
+async def collect_generations(store, domain: int, generation: int, *,
+                              skew_s: float = SKEW_DEFAULT_S) -> dict[str, Any]:
+    """Delete the generations older than the snapshot before the newest one at or below
+    ``generation`` (§8.1), unless a recovery lease on the domain is live (§11.3).
+    Returns ``{"deleted": n, "deferred_by": lease or None}``."""
+    snapshot = generation // SNAPSHOT_EVERY * SNAPSHOT_EVERY
+    keep_from = snapshot - SNAPSHOT_EVERY
+    if keep_from <= 1:
+        return {"deleted": 0, "deferred_by": None}
+    leases = await live_locks(store, recovery_prefix(domain), skew_s=skew_s)
+    if leases:
+        return {"deleted": 0, "deferred_by": leases[0].describe()}
+    old = [g for g in await list_generations(store, domain) if g < keep_from]
+    sem = asyncio.Semaphore(DELETE_CONCURRENCY)
+
+    async def delete(g: int) -> None:
+        async with sem:
+            try:
+                await store.delete(catalog_key(domain, g))
+            except NotFound:
+                pass  # another collector was first
+
+    await asyncio.gather(*(delete(g) for g in old))
+    return {"deleted": len(old), "deferred_by": None}
 
 
 class CatalogWriter:
-    """The one writer of a domain's catalog chain.
+    """A writer of one domain's catalog chain.
 
-    Invariant: ``state`` is the state at ``generation``, which this writer (or the load
-    it started from) has seen committed. ``commit`` checks a delta against a copy of the
-    state first, so a refused delta or a lost conditional put leaves both unchanged.
+    Invariant: ``state`` is the head at ``generation``, which this writer (or the load it
+    started from) has seen committed. ``commit`` checks a delta against a copy of the
+    head first, so a refused delta or a lost conditional put leaves both unchanged.
+    ``owner``, when set, is the site this writer writes for: it writes only the current
+    timeline, and only while that timeline is ``owner``'s (§8.5).
     """
 
-    def __init__(self, store, state: CatalogState, generation: int = 0, *,
-                 snapshot_every: int = SNAPSHOT_EVERY_DEFAULT) -> None:
+    def __init__(self, store, state: CatalogState, generation: int = 0, *, by: str,
+                 owner: str | None = None, snapshot_every: int = SNAPSHOT_EVERY) -> None:
         assert snapshot_every >= 1, snapshot_every
         self.store = store
         self.state = state
         self.generation = generation
+        self.owner = owner
         self.snapshot_every = snapshot_every
+        self.writer = new_writer_id(by)
+        #: Generations of the newest snapshot this writer wrote (for ``collect_generations``).
+        self.snapshots_written = 0
 
     @classmethod
     async def open(cls, store, domain: int, **kwargs: Any) -> CatalogWriter | None:
@@ -197,82 +280,97 @@ class CatalogWriter:
     def next_generation(self) -> int:
         return self.generation + 1
 
-    async def commit(self, delta: dict) -> int:
-        """Apply ``delta`` and create the next generation; return it.
+    def is_snapshot(self, generation: int) -> bool:
+        return generation == 1 or generation % self.snapshot_every == 0
 
-        The next generation is a SNAPSHOT when it is generation 1 or a multiple of
-        ``snapshot_every``, else the DELTA itself. ``AlreadyExists`` means fenced.
-        """
+    def check_owner(self) -> None:
+        """``Fenced`` unless this writer may write the current timeline (§8.5)."""
+        tl = self.state.timeline()
+        if self.owner is not None and tl.owner != self.owner:
+            raise Fenced(f"catalog of domain {self.state.domain_id}: the current timeline {tl.id} is owned by "
+                         f"{tl.owner!r}, not {self.owner!r} (forked from timeline {tl.parent} at seq {tl.fork_seq})")
+
+    async def commit(self, delta: dict) -> int:
+        """Apply ``delta``, fold the pages it fills (putting them first) and create the
+        next generation; return it. ``AlreadyExists`` means someone else created it."""
         domain = self.state.domain_id
-        new = self.state.copy()
-        new.apply_delta(delta, f"catalog delta for generation {self.next_generation} of domain {domain}")
+        self.check_owner()
         generation = self.next_generation
-        if generation == 1 or generation % self.snapshot_every == 0:
-            await commit_catalog(self.store, domain, generation, KIND_SNAPSHOT, new.to_snapshot_body())
+        where = f"catalog delta for generation {generation} of domain {domain}"
+        body = dict(delta, writer=self.writer)
+        new = self.state.copy()
+        new.apply_delta(body, where)
+        folds = new.timeline(body.get("timeline")).fold_plan(domain) if "add_timeline" not in body else []
+        if folds:
+            await self._put_pages(folds)
+            body["add_pages"] = refs_json(_concat_refs(folds))
+            new = self.state.copy()
+            new.apply_delta(body, where)
+        if self.is_snapshot(generation):
+            await commit_catalog(self.store, domain, generation, KIND_SNAPSHOT, new.to_snapshot_body(self.writer))
+            self.snapshots_written = generation
         else:
-            await commit_catalog(self.store, domain, generation, KIND_DELTA, delta)
+            await commit_catalog(self.store, domain, generation, KIND_DELTA, body)
         self.state, self.generation = new, generation
         return generation
 
-    async def commit_shared(self, delta: dict, *, retries: int = MAINTENANCE_RETRIES) -> int:
-        """``commit`` for the owner of a chain that consolidation/retention jobs also write
-        (FORMAT.md §8.3): a lost conditional create that was our own put (its reply lost)
-        counts as done; one lost to maintenance generations is absorbed and the delta
-        retried on top. Anything else — another owner — raises ``AlreadyExists`` saying
-        why: this writer is fenced. Returns the generation that holds ``delta``."""
+    async def _put_pages(self, folds: list[Fold]) -> None:
+        # Pages are named by their content: one that exists holds these very bytes.
+        for fold in folds:
+            try:
+                await self.store.put(fold.key, fold.data, if_absent=True)
+            except AlreadyExists:
+                pass
+
+    async def commit_shared(self, make_delta: Callable[[CatalogState], dict | None], *,
+                            retries: int = MAINTENANCE_RETRIES) -> int:
+        """``commit(make_delta(state))`` for the owner of a chain that others also write
+        (§8.3): a lost create that was this writer's own earlier attempt (its reply lost)
+        or a maintenance job's is moved over, and the delta is rebuilt on top —
+        ``make_delta`` returns None when nothing is left to commit. Anything else raises
+        ``Fenced`` saying why. Returns the generation that holds the change."""
         domain = self.state.domain_id
         for _ in range(retries):
-            generation = self.next_generation
+            delta = make_delta(self.state)
+            if delta is None:
+                return self.generation
             try:
                 return await self.commit(delta)
             except AlreadyExists:
-                if await self._is_own_create(generation, delta):
-                    return generation
                 before = self.generation
-                why = await self.catch_up_maintenance()
+                why = await self.catch_up()
                 if why is not None:
-                    raise AlreadyExists(f"catalog of domain {domain}: {why}") from None
-                log.info("catalog_maintenance_absorbed", domain=domain, generations=self.generation - before,
-                         horizon_seq=self.state.horizon_seq, bases=len(self.state.bases))
-        raise AlreadyExists(f"catalog of domain {domain}: generation {self.next_generation} lost "
-                            f"{retries} races in a row")
+                    raise Fenced(f"catalog of domain {domain}: {why}") from None
+                log.info("catalog_caught_up", domain=domain, generations=self.generation - before,
+                         horizon_seq=self.state.timeline().horizon_seq)
+        raise Fenced(f"catalog of domain {domain}: generation {self.next_generation} lost {retries} races in a row")
 
-    async def _is_own_create(self, generation: int, delta: dict) -> bool:
-        """After AlreadyExists at ``generation``: is the object there the one our put wrote
-        (the reply was lost, the put was not)? Then the state moves to it."""
-        key = catalog_key(self.state.domain_id, generation)
-        try:
-            _, gen, _, body = decode_catalog_object(key, await self.store.get(key))
-        except CdpError:
-            return False
-        new = self.state.copy()
-        new.apply_delta(delta)
-        if body == delta or body == new.to_snapshot_body():
-            self.state, self.generation = new, gen
-            return True
-        return False
-
-    async def catch_up_maintenance(self) -> str | None:
-        """After a lost conditional create: move over the generations others created since
-        ours, provided each only consolidates or applies retention (§8.3: bases added or
-        removed, the oldest segments removed, the horizon moved). Returns None when caught
-        up (the caller retries its delta on top), else why not: another writer owns the
-        domain and this one is fenced. The state is left at the last absorbed generation."""
+    async def catch_up(self) -> str | None:
+        """After a lost conditional create: move over the generations created since ours
+        that are our own (an earlier attempt whose reply was lost) or only consolidate or
+        apply retention (§8.3). Returns None when caught up (the caller rebuilds its
+        delta on top), else why not: another writer owns the domain and this one is
+        fenced. The head is left at the last generation moved over."""
         while True:
             generation = self.next_generation
             key = catalog_key(self.state.domain_id, generation)
             try:
                 kind, _, _, body = decode_catalog_object(key, await self.store.get(key))
-                if kind == KIND_SNAPSHOT:
-                    new = CatalogState.from_snapshot_body(body, f"catalog {key}")
-                else:
-                    new = self.state.copy()
-                    new.apply_delta(body, f"catalog {key}")
+                new = _state_after(self.state, kind, body, f"catalog {key}")
             except NotFound:
                 return None
             except CdpError as exc:
                 return f"another writer created generation {generation}: {exc.message}"
-            why = self.state.maintenance_difference(new)
-            if why is not None:
-                return f"another writer created generation {generation}: {why}"
+            own = new.writer is not None and new.writer["id"] == self.writer["id"]
+            if not own:
+                if kind == KIND_DELTA and not set(body) <= MAINTENANCE_KEYS:
+                    why = self.state.maintenance_difference(new) or "it is not a maintenance delta"
+                else:
+                    why = self.state.maintenance_difference(new)
+                if why is not None:
+                    return f"generation {generation} by {new.writer['by'] if new.writer else '?'}: {why}"
             self.state, self.generation = new, generation
+
+
+def _concat_refs(folds: list[Fold]) -> np.ndarray:
+    return np.concatenate([f.ref for f in folds])

@@ -121,32 +121,42 @@ def _ns_text(ns: int | None) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
 
 
+timeline_option = click.option("--timeline", "timeline", type=click.IntRange(1, (1 << 32) - 1), default=None,
+                               help="The timeline (default: the current one; see `cdp points`).")
+
+
 @cli.command()
 @click.argument("domain")
 @store_option
+@timeline_option
 @json_option
-def points(domain: str, store_url: str, as_json: bool) -> None:
-    """List DOMAIN's recovery points (id or name), from the store's catalog alone."""
+def points(domain: str, store_url: str, timeline: int | None, as_json: bool) -> None:
+    """List DOMAIN's recovery points (id or name) on every timeline, from the store's catalog alone."""
     from rocva.points import list_points
 
     async def work(store: Any) -> dict[str, Any]:
-        return await list_points(store, await _domain_id(store, domain))
+        return await list_points(store, await _domain_id(store, domain), timeline)
 
     result = asyncio.run(_with_store(store_url, work))
 
     def human(r: dict[str, Any]) -> str:
-        lines = [f"domain {r['domain']['name']} (id {r['domain']['id']}): committed seq "
-                 f"{r['committed_seq']}, retention horizon seq {r['horizon_seq']}"]
-        for w in r["consistent"]:
-            lines.append(f"  consistent  seq {w['first_seq']}..{w['last_seq']}  "
-                         f"{_ns_text(w['first_ts'])} .. {_ns_text(w['last_ts'])}")
-        for w in r["not_consistent"]:
-            lines.append(f"  NOT consistent ({w['kind']})  seq {w['first_seq']}..{w['last_seq'] or 'open'}")
-        for m in r["marks"]:
-            lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {_ns_text(m['ts'])}"
-                         + ("" if m["consistent"] else "  (not a consistent point)"))
-        for b in r["bases"]:
-            lines.append(f"  base  disk {b['disk']} at seq {b['seq']}")
+        lines = [f"domain {r['domain']['name']} (id {r['domain']['id']}): current timeline "
+                 f"{r['current_timeline']}"]
+        for t in r["timelines"]:
+            fork = f", forked from timeline {t['parent']} at seq {t['fork_seq']}" if t["parent"] else ""
+            lines.append(f"timeline {t['timeline']} (owner {t['owner']}{fork}"
+                         f"{', current' if t['current'] else ''}): committed seq {t['committed_seq']}, "
+                         f"retention horizon seq {t['horizon_seq']}, {t['segments']} segments")
+            for w in t["consistent"]:
+                lines.append(f"  consistent  seq {w['first_seq']}..{w['last_seq']}  "
+                             f"{_ns_text(w['first_ts'])} .. {_ns_text(w['last_ts'])}")
+            for w in t["not_consistent"]:
+                lines.append(f"  NOT consistent ({w['kind']})  seq {w['first_seq']}..{w['last_seq'] or 'open'}")
+            for m in t["marks"]:
+                lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {_ns_text(m['ts'])}"
+                             + ("" if m["consistent"] else "  (not a consistent point)"))
+            for b in t["bases"]:
+                lines.append(f"  base  disk {b['disk']} at seq {b['seq']}")
         return "\n".join(lines)
 
     _emit(as_json, result, human)
@@ -162,9 +172,10 @@ def points(domain: str, store_url: str, as_json: bool) -> None:
 @click.option("--to", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Directory for the images (<vm>-<disk>.img); an interrupted recovery resumes.")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Ranged GETs in flight.")
+@timeline_option
 @json_option
 def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None,
-            latest: bool, out_dir: Path, concurrency: int, as_json: bool) -> None:
+            latest: bool, out_dir: Path, concurrency: int, timeline: int | None, as_json: bool) -> None:
     """Rebuild DOMAIN's disks at one point in time, from the object store alone."""
     from rocva import Target
     from rocva import recover as rocva_recover
@@ -177,7 +188,7 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
 
     async def work(store: Any) -> dict[str, Any]:
         return await rocva_recover(store, await _domain_id(store, domain), chosen[0], out_dir,
-                                   progress=update, concurrency=concurrency)
+                                   progress=update, concurrency=concurrency, timeline=timeline)
 
     try:
         result = asyncio.run(_with_store(store_url, work))
@@ -195,8 +206,9 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
 @store_option
 @click.option("--deep", is_flag=True, help="Read every byte of every object (default: indexes and manifests).")
 @click.option("--sample", type=float, default=0.0, help="Deep-check this share of segments (0..1).")
+@timeline_option
 @json_option
-def verify(domain: str, store_url: str, deep: bool, sample: float, as_json: bool) -> None:
+def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int | None, as_json: bool) -> None:
     """Check DOMAIN in the store: catalog vs objects, seq continuity, checksums."""
     from rocva.verify import verify as rocva_verify
 
@@ -204,7 +216,7 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, as_json: bool
 
     async def work(store: Any) -> dict[str, Any]:
         return await rocva_verify(store, await _domain_id(store, domain), deep=deep, sample=sample,
-                                  progress=update)
+                                  progress=update, timeline=timeline)
 
     try:
         result = asyncio.run(_with_store(store_url, work))

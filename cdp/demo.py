@@ -195,7 +195,8 @@ async def _run(opts: DemoOptions, root: Path, env: dict[str, str]) -> dict[str, 
         "ingest_mb_per_s": round(dom["bytes"] / 1e6 / write_elapsed, 1),
         "rpo_lag_p50_s": round(statistics.median(lags), 3) if lags else None,
         "rpo_lag_max_s": round(max(lags), 3) if lags else None,
-        "mark_seq": mark["seq"], "committed_seq": state.committed_seq, "segments": len(state.segments),
+        "mark_seq": mark["seq"], "committed_seq": state.timeline().committed_seq,
+        "segments": state.timeline().segments,
         "stored_mb": round(store_bytes / 1e6, 1),
         "compression_ratio": round(dom["bytes"] / store_bytes, 2) if store_bytes else None,
         "recover_mark_s": round(mark_s, 3), "recover_latest_s": round(latest_s, 3),
@@ -240,10 +241,10 @@ async def _wait_committed(store_url: str, seq: int):
         deadline = time.monotonic() + COMMIT_WAIT_S
         while True:
             state, _ = await load_catalog(store, DOMAIN_ID)
-            if state is not None and state.committed_seq >= seq:
+            if state is not None and state.timeline().committed_seq >= seq:
                 return state
             if time.monotonic() > deadline:
-                got = state.committed_seq if state else 0
+                got = state.timeline().committed_seq if state else 0
                 raise CdpError(f"demo: the store's catalog holds seq {got} after {COMMIT_WAIT_S:.0f} s, "
                                f"the filter captured {seq}")
             await asyncio.sleep(0.1)

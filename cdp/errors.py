@@ -15,6 +15,7 @@ default message::
     │   ├── LogFull                           appending would overwrite untrimmed data
     │   └── LogCorruption                     invalid data where durable data must be
     ├── MetaError                    exit 4   metadata repository unreadable
+    ├── Fenced                       exit 8   another writer owns the domain's catalog (FORMAT.md §8.3)
     ├── Busy                         exit 7   another process holds the lock (FORMAT.md §11)
     ├── LeaseLost                    exit 7   a held lock or lease expired or was superseded
     └── StoreError                   exit 5   object store
@@ -84,6 +85,12 @@ class MetaError(CdpError):
     """The metadata repository cannot be read or written."""
 
     exit_code = 4
+
+
+class Fenced(CdpError):
+    """Another writer owns the domain's catalog: this writer must stop writing it."""
+
+    exit_code = 8
 
 
 class Busy(CdpError):

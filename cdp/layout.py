@@ -2,13 +2,16 @@
 
 ::
 
-    d/<domain:08x>/cat/<generation:016x>.cat                  catalog object (§8)
-    d/<domain:08x>/seg/<first_seq:016x>-<last_seq:016x>.seg   segment (§5)
-    d/<domain:08x>/base/<seq:016x>/<disk:08x>.bmf             base manifest (§6.2)
-    c/<h[0:2]>/<h:032x>.chk                                   chunk (§6.1), all domains
+    d/<domain:08x>/cat/<generation:016x>.cat                               catalog object (§8.1)
+    d/<domain:08x>/page/<first:016x>-<last:016x>-<level:02x>-<h:016x>.pg   catalog page (§8.4)
+    d/<domain:08x>/seg/<timeline:08x>/<first_seq:016x>-<last_seq:016x>.seg segment (§5)
+    d/<domain:08x>/base/<timeline:08x>/<seq:016x>/<disk:08x>.bmf          base manifest (§6.2)
+    c/<h[0:2]>/<h:032x>.chk                                                chunk (§6.1), all domains
 
 Numbers are fixed-width lower-case hex, so a plain listing (byte order) returns objects
-in numeric order, and a prefix lists one domain's segments or catalog. Parsers accept
+in numeric order, and a prefix lists one domain's segments (of one timeline) or catalog.
+Segments and bases carry their timeline (§8.5) in the key: after a fork, two timelines
+hold different records under the same seqs. Parsers accept
 exactly what the formatters produce and raise ``FormatError`` naming the key otherwise.
 
 The chunk name ``h`` is the 128-bit ``xxh3_128`` value in hex, most significant digit
@@ -27,9 +30,10 @@ U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 HASH_BYTES = 16  # §0: xxh3_128 is stored as 16 bytes
 
-_SEGMENT = re.compile(r"d/([0-9a-f]{8})/seg/([0-9a-f]{16})-([0-9a-f]{16})\.seg")
+_SEGMENT = re.compile(r"d/([0-9a-f]{8})/seg/([0-9a-f]{8})/([0-9a-f]{16})-([0-9a-f]{16})\.seg")
 _CATALOG = re.compile(r"d/([0-9a-f]{8})/cat/([0-9a-f]{16})\.cat")
-_MANIFEST = re.compile(r"d/([0-9a-f]{8})/base/([0-9a-f]{16})/([0-9a-f]{8})\.bmf")
+_PAGE = re.compile(r"d/([0-9a-f]{8})/page/([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{2})-([0-9a-f]{16})\.pg")
+_MANIFEST = re.compile(r"d/([0-9a-f]{8})/base/([0-9a-f]{8})/([0-9a-f]{16})/([0-9a-f]{8})\.bmf")
 _CHUNK = re.compile(r"c/([0-9a-f]{2})/([0-9a-f]{32})\.chk")
 
 
@@ -52,9 +56,18 @@ def domain_prefix(domain: int) -> str:
     return f"d/{_u(domain, U32_MAX, 'domain'):08x}/"
 
 
-def segment_prefix(domain: int) -> str:
-    """``d/<domain>/seg/``: a domain's segments, listed in seq order."""
-    return domain_prefix(domain) + "seg/"
+def segment_prefix(domain: int, timeline: int | None = None) -> str:
+    """``d/<domain>/seg/``: a domain's segments; with ``timeline``, that timeline's
+    segments (``d/<domain>/seg/<timeline>/``), listed in seq order."""
+    prefix = domain_prefix(domain) + "seg/"
+    if timeline is None:
+        return prefix
+    return f"{prefix}{_u(timeline, U32_MAX, 'timeline'):08x}/"
+
+
+def page_prefix(domain: int) -> str:
+    """``d/<domain>/page/``: a domain's catalog pages, listed by first seq."""
+    return domain_prefix(domain) + "page/"
 
 
 def catalog_prefix(domain: int) -> str:
@@ -63,26 +76,46 @@ def catalog_prefix(domain: int) -> str:
 
 
 def base_prefix(domain: int) -> str:
-    """``d/<domain>/base/``: a domain's base manifests, listed in seq order."""
+    """``d/<domain>/base/``: a domain's base manifests, by timeline, then seq."""
     return domain_prefix(domain) + "base/"
 
 
-def segment_key(domain: int, first_seq: int, last_seq: int) -> str:
-    """Key of the segment holding seqs ``first_seq..last_seq`` (inclusive)."""
+def segment_key(domain: int, timeline: int, first_seq: int, last_seq: int) -> str:
+    """Key of timeline ``timeline``'s segment holding seqs ``first_seq..last_seq`` (inclusive)."""
     _u(first_seq, U64_MAX, "first_seq")
     _u(last_seq, U64_MAX, "last_seq")
     if last_seq < first_seq:
         raise ValueError(f"segment last_seq {last_seq} < first_seq {first_seq}")
-    return f"{segment_prefix(domain)}{first_seq:016x}-{last_seq:016x}.seg"
+    return f"{segment_prefix(domain, timeline)}{first_seq:016x}-{last_seq:016x}.seg"
 
 
-def parse_segment_key(key: str) -> tuple[int, int, int]:
-    """(domain, first_seq, last_seq) of a segment key."""
+def parse_segment_key(key: str) -> tuple[int, int, int, int]:
+    """(domain, timeline, first_seq, last_seq) of a segment key."""
     m = _match(_SEGMENT, key, "segment")
-    domain, first, last = (int(g, 16) for g in m.groups())
+    domain, timeline, first, last = (int(g, 16) for g in m.groups())
     if last < first:
         raise FormatError(f"key {key!r}: last_seq {last} < first_seq {first}")
-    return domain, first, last
+    return domain, timeline, first, last
+
+
+def page_key(domain: int, first_seq: int, last_seq: int, level: int, body_hash: int) -> str:
+    """Key of a catalog page (§8.4): its seq range, level and ``xxh3`` of its body."""
+    _u(first_seq, U64_MAX, "first_seq")
+    _u(last_seq, U64_MAX, "last_seq")
+    _u(level, 0xFF, "level")
+    _u(body_hash, U64_MAX, "page hash")
+    if last_seq < first_seq:
+        raise ValueError(f"page last_seq {last_seq} < first_seq {first_seq}")
+    return f"{page_prefix(domain)}{first_seq:016x}-{last_seq:016x}-{level:02x}-{body_hash:016x}.pg"
+
+
+def parse_page_key(key: str) -> tuple[int, int, int, int, int]:
+    """(domain, first_seq, last_seq, level, body_hash) of a catalog page key."""
+    m = _match(_PAGE, key, "catalog page")
+    domain, first, last, level, body_hash = (int(g, 16) for g in m.groups())
+    if last < first:
+        raise FormatError(f"key {key!r}: last_seq {last} < first_seq {first}")
+    return domain, first, last, level, body_hash
 
 
 def catalog_key(domain: int, generation: int) -> str:
@@ -101,18 +134,19 @@ def parse_catalog_key(key: str) -> tuple[int, int]:
     return domain, generation
 
 
-def base_manifest_key(domain: int, seq: int, disk: int) -> str:
-    """Key of the base manifest of ``disk`` at ``seq``."""
+def base_manifest_key(domain: int, timeline: int, seq: int, disk: int) -> str:
+    """Key of the base manifest of ``disk`` at ``seq`` on ``timeline``."""
+    _u(timeline, U32_MAX, "timeline")
     _u(seq, U64_MAX, "seq")
     _u(disk, U32_MAX, "disk")
-    return f"{base_prefix(domain)}{seq:016x}/{disk:08x}.bmf"
+    return f"{base_prefix(domain)}{timeline:08x}/{seq:016x}/{disk:08x}.bmf"
 
 
-def parse_base_manifest_key(key: str) -> tuple[int, int, int]:
-    """(domain, seq, disk) of a base manifest key."""
+def parse_base_manifest_key(key: str) -> tuple[int, int, int, int]:
+    """(domain, timeline, seq, disk) of a base manifest key."""
     m = _match(_MANIFEST, key, "base manifest")
-    domain, seq, disk = (int(g, 16) for g in m.groups())
-    return domain, seq, disk
+    domain, timeline, seq, disk = (int(g, 16) for g in m.groups())
+    return domain, timeline, seq, disk
 
 
 def chunk_key(h: bytes) -> str:

@@ -15,22 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from cdp.base_image import decode_chunk, decode_manifest
-from cdp.catalog import CatalogState, load_catalog
+from cdp.catalog import load_catalog
+from cdp.catalog_read import CatalogView
 from cdp.errors import FormatError, NotFound
-from cdp.layout import chunk_key, segment_key
+from cdp.layout import chunk_key
 from cdp.records import KIND_WRITE, KIND_ZERO
 from cdp.segment import read_blocks, read_segment_index
 
 
 async def replay_reference(store, domain: int, out_dir: Path, upto_seq: int | None = None, *,
-                           initial: dict[int, Path] | None = None) -> tuple[list[Path], CatalogState]:
+                           initial: dict[int, Path] | None = None,
+                           timeline: int | None = None) -> tuple[list[Path], CatalogView]:
     """Write one image per disk of ``domain`` into ``out_dir`` at ``upto_seq`` (default:
-    the newest committed seq). ``initial`` maps a disk to an image to start from when the
-    catalog has no base for it (the disk's content before protection began); otherwise
-    a disk without a base starts as zeros. Returns the image paths, by disk index."""
-    state, _ = await load_catalog(store, domain)
-    if state is None:
+    the newest committed seq) on ``timeline`` (default: the current one). ``initial``
+    maps a disk to an image to start from when the catalog has no base for it (the disk's
+    content before protection began); otherwise a disk without a base starts as zeros.
+    Returns the image paths, by disk index."""
+    head, generation = await load_catalog(store, domain)
+    if head is None:
         raise NotFound(f"domain {domain}: no catalog in {store.describe()}")
+    state = CatalogView(store, head, generation, timeline)
     target = state.committed_seq if upto_seq is None else upto_seq
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, fds, base_seq = [], [], []
@@ -51,7 +55,7 @@ async def replay_reference(store, domain: int, out_dir: Path, upto_seq: int | No
                     _copy_into(initial[d["disk"]], fd)
                 base_seq.append(0)
         first = min(base_seq) + 1
-        for row in state.segments_between(first, target):
+        for row in await state.rows_between(first, target):
             await _apply_segment(store, state, row, fds, np.array(base_seq, dtype=np.uint64), target)
     finally:
         for fd in fds:
@@ -77,13 +81,14 @@ def _copy_into(src: Path, fd: int) -> None:
             at += len(chunk)
 
 
-async def _apply_segment(store, state: CatalogState, row: np.void, fds: list[int],
+async def _apply_segment(store, state: CatalogView, row: np.void, fds: list[int],
                          base_seq: np.ndarray, target: int) -> None:
-    key = segment_key(state.domain_id, int(row["first_seq"]), int(row["last_seq"]))
+    key = state.row_key(row)
     index = await read_segment_index(store, key)
     raw = await read_blocks(store, index, 0, len(index.blocks) - 1) if len(index.blocks) else b""
     rec = index.records
-    keep = (rec["seq"] <= target) & (rec["kind"] <= KIND_ZERO)
+    # A row inherited at a fork holds its segment only up to the fork (FORMAT.md §8.5).
+    keep = (rec["seq"] <= min(target, int(row["last_seq"]))) & (rec["kind"] <= KIND_ZERO)
     unknown = keep & (rec["disk"] >= len(base_seq))
     if unknown.any():
         i = int(np.flatnonzero(unknown)[0])

@@ -218,12 +218,12 @@ def parse_segment_tail(key: str, tail: bytes | bytearray | memoryview, object_si
             f"{HEADER_SIZE + FOOTER_SIZE}"
         )
     footer = parse_footer(key, mv[-FOOTER_SIZE:], object_size - FOOTER_SIZE)
-    named = parse_segment_key(key)
-    if (footer.domain, footer.first_seq, footer.last_seq) != named:
+    named_domain, _, named_first, named_last = parse_segment_key(key)
+    if (footer.domain, footer.first_seq, footer.last_seq) != (named_domain, named_first, named_last):
         raise FormatError(
             f"segment {key}: footer at offset {object_size - FOOTER_SIZE}: domain {footer.domain}, "
-            f"seqs {footer.first_seq}..{footer.last_seq}; the key names domain {named[0]}, "
-            f"seqs {named[1]}..{named[2]}"
+            f"seqs {footer.first_seq}..{footer.last_seq}; the key names domain {named_domain}, "
+            f"seqs {named_first}..{named_last}"
         )
     if footer.object_size != object_size:
         raise FormatError(

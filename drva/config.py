@@ -4,6 +4,7 @@ Relative paths are relative to the file's directory.
 
 ```toml
 name = "drva-1"
+site = "site-a"                   # the site it writes for: owner of the timelines it writes (default "default")
 listen = "127.0.0.1:32873"        # the filter port (32873..32878 by convention)
 state_dir = "/var/lib/cdp/drva-1" # status.json lives here
 status_interval_s = 1.0           # how often status.json is rewritten
@@ -49,6 +50,7 @@ from cdp.store.open import config_store_url
 from cdp.units import parse_size
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_SITE = "default"
 @dataclass(frozen=True)
 class DiskSpec:
     index: int
@@ -90,6 +92,9 @@ class DrvaConfig:
     status_interval_s: float = 1.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: The site this DRVA writes for: it writes a domain's catalog only while the
+    #: current timeline is owned by this site (FORMAT.md §8.5).
+    site: str = DEFAULT_SITE
 
     @property
     def status_path(self) -> Path:
@@ -168,6 +173,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
         raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
     cfg = DrvaConfig(
         name=r.name("name"), host=host, port=int(port_text),
+        site=r.name("site") if "site" in r.doc else DEFAULT_SITE,
         state_dir=here / r.get("state_dir", str), store_url=config_store_url(r.get("store", str), here),
         secret=secret.encode(),
         log_path=here / log.get("path", str),

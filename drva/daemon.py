@@ -75,7 +75,7 @@ class Drva:
             low_water=cfg.low_water, on_durable=self._on_durable,
             cache_bytes_max=cfg.frame_cache_bytes)
         self.shipper = Shipper(
-            name=cfg.name, log_=self.log, store=self.store, meta=self.meta,
+            name=cfg.name, site=cfg.site, log_=self.log, store=self.store, meta=self.meta,
             committer=self.committer, domains=self.domains, seal_bytes=cfg.seal_bytes,
             seal_age_s=cfg.seal_age_s, upload_concurrency=cfg.upload_concurrency, pool=self.pool)
         self.seeder = Seeder(self)

@@ -42,6 +42,7 @@ log = get_logger("drva.seeder")
 
 UPLOADS_MAX = 4
 KNOWN_CHUNKS_MAX = 1 << 16  # hashes remembered to skip a stat; bounded memory
+CATALOG_WAIT_S = 0.1  # poll for the catalog to open before committing a base
 
 
 @dataclass
@@ -193,7 +194,14 @@ class Seeder:
             log.error("seed_failed", domain=dom.id, disk=disk, error=repr(job.failed))
             await self._drop_lease(job)
             return
-        key = base_manifest_key(dom.id, job.start_seq, disk)
+        while not dom.catalog_ready:
+            if dom.fenced:  # the catalog will not open: the base can never be committed here
+                log.error("seed_failed", domain=dom.id, disk=disk, error="the domain is fenced on this DRVA")
+                await self._drop_lease(job)
+                return
+            await asyncio.sleep(CATALOG_WAIT_S)
+        timeline = self.drva.shipper.writers[dom.id].state.current
+        key = base_manifest_key(dom.id, timeline, job.start_seq, disk)
         data = encode_manifest(dom.id, disk, job.start_seq, job.disk_size, job.chunk_size, job.hashes)
         try:
             if job.lease is not None:
@@ -201,23 +209,25 @@ class Seeder:
             await self._put_retrying(key, data)
         finally:
             await self._drop_lease(job)
-        while not dom.catalog_ready:
-            await asyncio.sleep(0.1)
+        base = {"timeline": timeline, "seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}
 
-        def delta() -> dict[str, Any]:
-            windows = list(self.drva.shipper.writers[dom.id].state.windows)
+        def delta(state: Any) -> dict[str, Any] | None:
+            tl = state.timeline()
+            if base in tl.bases:
+                return None  # a generation of ours holds it already (its reply was lost: §8.3)
+            windows = list(tl.windows)
             # Every chunk was read before SEED_END, after record ``end`` at the latest:
             # replaying (start, end] over the copy is exact at ``end``, not before.
             if end - 1 > job.start_seq:
                 windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1})
-            return {"add_bases": [{"seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}], "set_windows": windows}
+            return {"add_bases": [base], "set_windows": windows}
 
         attempt = 0
         while True:
             try:
                 await self.drva.shipper.commit_delta(dom, delta)
                 break
-            except StoreError as exc:  # AlreadyExists (fenced) is not retried: it propagates
+            except StoreError as exc:  # Fenced is not retried: it propagates
                 if not exc.retryable:
                     raise
                 attempt += 1

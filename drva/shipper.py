@@ -24,10 +24,12 @@ import asyncio
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
-from cdp.catalog import CatalogState, CatalogWriter
-from cdp.errors import AlreadyExists, CdpError, StoreError
+from cdp.catalog import CatalogState, CatalogWriter, collect_generations
+from cdp.errors import CdpError, Fenced, StoreError
+from cdp.catalog_page import ROW_FIELDS
 from cdp.frame import decode_frame
 from cdp.layout import segment_key
 from cdp.logs import get_logger
@@ -53,10 +55,11 @@ def backoff_s(attempt: int, rng: random.Random) -> float:
 class Shipper:
     """Seal, upload, commit and trim for every domain of one DRVA."""
 
-    def __init__(self, *, name: str, log_: ReplicationLog, store: Any, meta: MetaRepository,
+    def __init__(self, *, name: str, site: str, log_: ReplicationLog, store: Any, meta: MetaRepository,
                  committer: GroupCommitter, domains: dict[int, DomainState], seal_bytes: int,
                  seal_age_s: float, upload_concurrency: int, pool: ThreadPoolExecutor) -> None:
         self.name = name
+        self.site = site
         self.log = log_
         self.store = store
         self.meta = meta
@@ -76,19 +79,27 @@ class Shipper:
         self.rng = random.Random()
         self.store_errors = 0
         self.last_store_error: str | None = None
+        # Old catalog generations are deleted off the commit path, one domain at a time.
+        self._collecting: asyncio.Task | None = None
+        self._collected: dict[int, int] = {}
 
     # ------------------------------------------------------------------ catalog open
 
     async def open_catalog(self, dom: DomainState) -> None:
-        """Load (or create) the domain's catalog; drop log entries it already names."""
-        writer = await CatalogWriter.open(self.store, dom.id)
+        """Load (or create) the domain's catalog; drop log entries it already names.
+        ``Fenced`` when the current timeline is not this DRVA's site's (FORMAT.md §8.5)."""
+        by, disks = f"drva {self.name}@{self.site}", dom.cfg.catalog_disks()
+        writer = await CatalogWriter.open(self.store, dom.id, by=by, owner=self.site)
         if writer is None:
-            writer = CatalogWriter(self.store, CatalogState.new(dom.id, dom.cfg.name, time.time_ns()))
-            await self._commit(dom, writer, {"disks": dom.cfg.catalog_disks()})
-        elif writer.state.disks != dom.cfg.catalog_disks():
-            await self._commit(dom, writer, {"disks": dom.cfg.catalog_disks()})
+            state = CatalogState.new(dom.id, dom.cfg.name, time.time_ns(), self.site)
+            writer = CatalogWriter(self.store, state, by=by, owner=self.site)
+        writer.check_owner()
+        if writer.generation == 0 or writer.state.disks != disks:
+            # None once a generation of ours holds them (its reply was lost: §8.3).
+            await self._commit(dom, writer, lambda st: {"disks": disks} if st.disks != disks or not writer.generation
+                               else None)
         self.writers[dom.id] = writer
-        committed = writer.state.committed_seq
+        committed = writer.state.timeline().committed_seq
         if dom.committed_seq > committed:
             # The metadata repository saw commits the store's catalog does not hold: the
             # store lost generations (or is not the store this DRVA wrote to).
@@ -131,8 +142,8 @@ class Shipper:
             nbytes += e.nbytes
         loop = asyncio.get_running_loop()
         data, raw_len = await loop.run_in_executor(self.pool, self._build, dom.id, entries)
+        key = segment_key(dom.id, self.writers[dom.id].state.current, entries[0].first_seq, entries[-1].last_seq)
         self.committer.uncache(entries)
-        key = segment_key(dom.id, entries[0].first_seq, entries[-1].last_seq)
         for _ in entries:
             dom.unsealed.popleft()
         job = SegmentJob(dom.id, key, data, entries, raw_len, len(data))
@@ -145,7 +156,7 @@ class Shipper:
                   decode_frame(self.log.read(e.pos), f"{self.log.path} position {e.pos}")
                   for e in entries]
         data = build_segment(domain, frames)
-        key = segment_key(domain, frames[0].first_seq, frames[-1].last_seq)
+        key = segment_key(domain, 1, frames[0].first_seq, frames[-1].last_seq)  # the key's timeline is not in the bytes
         return data, parse_segment_tail(key, data, len(data)).payload_raw_len
 
     # ------------------------------------------------------------------ upload
@@ -188,60 +199,101 @@ class Shipper:
         """Commit every domain's uploaded head-of-line segments; trim. Returns segments."""
         done = 0
         for dom in self.domains.values():
-            jobs = []
-            for job in dom.inflight:
-                if not job.uploaded:
-                    break
-                jobs.append(job)
-            if not jobs or dom.fenced or dom.id not in self.writers:
+            if not dom.inflight or not dom.inflight[0].uploaded or dom.fenced or dom.id not in self.writers:
                 continue
             try:
-                await self.commit_delta(dom, lambda: self._delta(dom, jobs))
+                await self.commit_delta(dom, lambda state: self._delta(dom, state))
             except StoreError as exc:
                 dom.stats.catalog_errors += 1
                 self._store_error(dom, "catalog_commit_failed", exc)
                 continue
-            for _ in jobs:
-                dom.inflight.popleft()
-            dom.committed_seq = jobs[-1].last_seq
-            dom.committed_ts = jobs[-1].entries[-1].last_ts
-            done += len(jobs)
+            except Fenced:
+                continue
+            done += self._committed(dom)
         if done:
             await asyncio.to_thread(self.meta.write, self.meta_doc())
             await self.trim()
         return done
 
-    def _delta(self, dom: DomainState, jobs: list[SegmentJob]) -> dict[str, Any]:
-        delta: dict[str, Any] = {"add_segments": [{
-            "key": j.key, "first_seq": j.first_seq, "last_seq": j.last_seq,
-            "first_ts": j.entries[0].first_ts, "last_ts": j.entries[-1].last_ts,
-            "size": j.size, "payload_raw_len": j.payload_raw_len,
-        } for j in jobs]}
+    def _committed(self, dom: DomainState) -> int:
+        """Retire the in-flight segments the catalog now names; return how many."""
+        committed = self.writers[dom.id].state.timeline().committed_seq
+        n = 0
+        while dom.inflight and dom.inflight[0].last_seq <= committed:
+            job = dom.inflight.popleft()
+            dom.committed_seq, dom.committed_ts = job.last_seq, job.entries[-1].last_ts
+            n += 1
+        return n
+
+    def _delta(self, dom: DomainState, state: CatalogState) -> dict[str, Any] | None:
+        """The delta naming the uploaded head-of-line segments ``state`` does not hold yet
+        (a generation of ours whose reply was lost may hold some: FORMAT.md §8.3)."""
+        tl = state.timeline()
+        jobs = []
+        for job in dom.inflight:
+            if not job.uploaded:
+                break
+            if job.last_seq > tl.committed_seq:
+                jobs.append(job)
+        if not jobs:
+            return None
+        cols: dict[str, list[int]] = {name: [] for name in ROW_FIELDS}
+        for j in jobs:
+            for name, value in (("timeline", tl.id), ("first_seq", j.first_seq), ("last_seq", j.last_seq),
+                                ("object_last_seq", j.last_seq), ("first_ts", j.entries[0].first_ts),
+                                ("last_ts", j.entries[-1].last_ts), ("size", j.size),
+                                ("payload_raw_len", j.payload_raw_len)):
+                cols[name].append(value)
+        delta: dict[str, Any] = {"add_segments": cols}
         marks = [{"name": n, "seq": s, "ts": t} for j in jobs for e in j.entries for s, n, t in e.marks]
         if marks:
             delta["add_marks"] = marks
         events = [ev for j in jobs for e in j.entries for ev in e.resync]
         if events:
-            delta["set_windows"] = _apply_resync(self.writers[dom.id].state.windows, events)
+            delta["set_windows"] = _apply_resync(tl.windows, events)
         return delta
 
-    async def commit_delta(self, dom: DomainState, make_delta: Any) -> None:
-        """Commit ``make_delta()`` (built under the domain's catalog lock) to its catalog."""
+    async def commit_delta(self, dom: DomainState, make_delta: Callable[[CatalogState], dict | None]) -> None:
+        """Commit ``make_delta(state)`` to the domain's catalog, under its catalog lock."""
         async with self.catalog_locks[dom.id]:
-            await self._commit(dom, self.writers[dom.id], make_delta())
+            await self._commit(dom, self.writers[dom.id], make_delta)
 
-    async def _commit(self, dom: DomainState, writer: CatalogWriter, delta: dict[str, Any]) -> None:
+    async def _commit(self, dom: DomainState, writer: CatalogWriter,
+                      make_delta: Callable[[CatalogState], dict | None]) -> None:
         """``writer.commit_shared``: our own lost reply and consolidation/retention
         generations are handled there (FORMAT.md §8.3); what it refuses is a fence."""
         try:
-            await writer.commit_shared(delta)
-        except AlreadyExists as exc:
+            await writer.commit_shared(make_delta)
+        except Fenced as exc:
             dom.fenced = True
+            dom.stats.last_error = exc.message
             log.error("fenced", domain=dom.id, generation=writer.next_generation, reason=exc.message)
             raise
+        self._collect_soon(dom.id, writer)
+
+    def _collect_soon(self, domain: int, writer: CatalogWriter) -> None:
+        """Delete generations older than the previous snapshot (FORMAT.md §8.1), in the
+        background so that no commit waits for it; one collection at a time."""
+        if writer.snapshots_written <= self._collected.get(domain, 0):
+            return
+        if self._collecting is not None and not self._collecting.done():
+            return
+        self._collected[domain] = writer.snapshots_written
+        self._collecting = asyncio.create_task(self._collect(domain, writer.snapshots_written))
+
+    async def _collect(self, domain: int, generation: int) -> None:
+        try:
+            result = await collect_generations(self.store, domain, generation)
+        except StoreError as exc:  # a later snapshot tries again
+            log.warning("catalog_collect_failed", domain=domain, error=exc.message)
+            return
+        if result["deleted"] or result["deferred_by"]:
+            log.info("catalog_collected", domain=domain, generation=generation, **result)
 
     async def trim(self) -> None:
-        needed = [p for d in self.domains.values() if (p := d.first_needed_pos()) is not None]
+        # A fenced domain's entries will never be committed by this DRVA: they hold no
+        # log space back from the other domains.
+        needed = [p for d in self.domains.values() if not d.fenced and (p := d.first_needed_pos()) is not None]
         target = min(needed) if needed else self.committer.durable_end
         if target > self.log.head:
             await asyncio.to_thread(self.log.trim, target)
@@ -250,7 +302,8 @@ class Shipper:
     def meta_doc(self) -> dict[str, Any]:
         return {"drva": self.name, "domains": {
             str(d.id): {"committed_seq": d.committed_seq, "committed_ts": d.committed_ts,
-                        "generation": self.writers[d.id].generation if d.id in self.writers else 0}
+                        "generation": self.writers[d.id].generation if d.id in self.writers else 0,
+                        "timeline": self.writers[d.id].state.current if d.id in self.writers else 0}
             for d in self.domains.values()}}
 
 

@@ -1,6 +1,7 @@
 """Consolidation and retention of one domain: ``cdp consolidate DOMAIN``.
 
-One job, under the domain's maintenance lock (FORMAT.md §11.2, one job per domain):
+One job, under the domain's maintenance lock (FORMAT.md §11.2, one job per domain), for
+each of the domain's timelines in turn (§8.5; the current one first):
 
 1. **Choose** the consolidation seq ``B``: the end of the newest segment whose last
    record is older than ``older_than`` and that is a recovery point (so the new base is
@@ -39,7 +40,7 @@ import numpy as np
 
 from cdp.base_image import CHUNK_SIZE_DEFAULT, HASH_BYTES, encode_chunk, encode_manifest, is_zero, xxh3_128
 from cdp.catalog import CatalogWriter
-from cdp.catalog_state import CatalogState
+from cdp.catalog_read import CatalogView
 from cdp.errors import AlreadyExists, Busy, NotFound
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, chunk_writer_lease, maintenance_lock
@@ -52,22 +53,31 @@ from rocva.target import ResolvedTarget, Target, recoverable_ranges
 log = get_logger("rocva.consolidate")
 
 COMMIT_RETRIES = 16
+#: The ``writer`` a delta is checked with before it is committed (the real one is drawn
+#: by the ``CatalogWriter`` that commits it).
+CONSOLIDATE_WRITER = {"id": "0" * 32, "by": "cdp consolidate"}
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-def consolidation_seq(state: CatalogState, cutoff_ns: int) -> int | None:
+async def consolidation_seq(state: CatalogView, cutoff_ns: int) -> int | None:
     """``B`` of step 1 (module docstring), or None when there is nothing to consolidate."""
-    last_ts = state.segments.column("last_ts")
-    k = int(np.searchsorted(last_ts, np.uint64(cutoff_ns), side="right"))  # segments older than the cutoff
-    if k == 0:
+    r = await state.seq_at_time(cutoff_ns)
+    if r is None or r <= state.horizon_seq or not state.disks:
         return None
-    ends = state.segments.column("last_seq")[:k].astype(np.int64)
+    row = await state.row_for_seq(r)
+    # The newest segment end at or before r: r itself, or the end of the row before.
+    end = r if row is None or int(row["last_seq"]) == r else int(row["first_seq"]) - 1
     best = None
-    for a, b in recoverable_ranges(state):
-        inside = ends[(ends >= a) & (ends <= b)]
-        if len(inside):
-            best = int(inside[-1]) if best is None else max(best, int(inside[-1]))
-    if best is None or not state.disks:
+    for a, b in reversed(recoverable_ranges(state)):
+        cap = min(b, end)
+        if cap < a:
+            continue
+        row = await state.row_for_seq(cap)
+        e = cap if row is None or int(row["last_seq"]) == cap else int(row["first_seq"]) - 1
+        if e >= a:
+            best = e
+            break
+    if best is None:
         return None
     newest = [max((b["seq"] for b in state.bases if b["disk"] == d["disk"]), default=-1) for d in state.disks]
     return None if min(newest) >= best else best
@@ -167,14 +177,13 @@ class _ChunkUploader:
         self.stats["bytes_stored"] += len(obj)
 
 
-async def build_bases(store, state: CatalogState, generation: int, seq: int, scratch: Path, *,
+async def build_bases(store, state: CatalogView, seq: int, scratch: Path, *,
                       chunk_size: int = CHUNK_SIZE_DEFAULT, concurrency: int = CONCURRENCY_DEFAULT,
                       progress: Progress | None = None, lease_ttl_s: float = TTL_DEFAULT_S,
                       skew_s: float = SKEW_DEFAULT_S) -> tuple[list[dict], dict]:
     """Write a base (chunks + manifest) of every disk of ``state`` at ``seq`` (step 2);
     return the catalog ``add_bases`` entries and the chunk statistics."""
-    plan = await build_plan(store, state, generation, ResolvedTarget(seq, Target.seq(seq)),
-                            concurrency=concurrency)
+    plan = await build_plan(store, state, ResolvedTarget(seq, Target.seq(seq)), concurrency=concurrency)
     images = scratch / "images"
     total = sum(d.size for d in plan.disks)
     await execute_plan(store, plan, images, concurrency=concurrency,
@@ -194,10 +203,11 @@ async def build_bases(store, state: CatalogState, generation: int, seq: int, scr
             up = _ChunkUploader(store, lease, pool, concurrency)
             for d in plan.disks:
                 hashes = await up.image(images / d.image_name, d.size, chunk_size, chunked)
-                key = base_manifest_key(state.domain_id, seq, d.disk)
+                key = base_manifest_key(state.domain_id, state.timeline_id, seq, d.disk)
                 lease.check()  # the chunks it names were seen under this lease (§11.4)
                 await store.put(key, encode_manifest(state.domain_id, d.disk, seq, d.size, chunk_size, hashes))
-                entries.append({"seq": seq, "disk": d.disk, "key": key, "origin": "consolidation"})
+                entries.append({"timeline": state.timeline_id, "seq": seq, "disk": d.disk, "key": key,
+                                "origin": "consolidation"})
     return entries, up.stats
 
 
@@ -214,61 +224,84 @@ async def consolidate(store, domain: int, *, older_than_s: float, retention_s: f
     ``older_than_s``: consolidate what is older than this; ``retention_s``: keep every
     point at most this old (None: no retention). ``now_ns`` anchors both (default: the
     clock). ``sweep_all_chunks`` runs the chunk sweep even when no manifest was deleted.
-    Raises ``Busy`` when another job holds the domain's maintenance lock.
+    Raises ``Busy`` when another job holds the domain's maintenance lock. The top level
+    of the summary is the current timeline's; ``timelines`` has one per timeline.
     """
     t0 = time.monotonic()
     now_ns = time.time_ns() if now_ns is None else now_ns
-    summary: dict[str, Any] = {"domain": domain, "consolidated_seq": None, "bases_added": 0,
-                               "chunks": None, "horizon_seq": None, "segments_removed": 0,
-                               "bases_removed": 0, "generation": None, "sweep": None, "chunk_sweep": None}
     owner = f"cdp consolidate domain {domain}"
+    opts = dict(older_than_s=older_than_s, retention_s=retention_s, now_ns=now_ns, scratch_dir=scratch_dir,
+                chunk_size=chunk_size, concurrency=concurrency, progress=progress, lease_ttl_s=lease_ttl_s,
+                skew_s=skew_s)
     async with await maintenance_lock(store, domain, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s) as mlock:
-        state, generation = await load_state(store, domain)
-        seq = consolidation_seq(state, now_ns - int(older_than_s * 1e9))
-        built: list[dict] = []
-        if seq is not None:
-            scratch = Path(tempfile.mkdtemp(prefix=f"consolidate-{domain:08x}-", dir=scratch_dir))
-            try:
-                built, summary["chunks"] = await build_bases(
-                    store, state, generation, seq, scratch, chunk_size=chunk_size, concurrency=concurrency,
-                    progress=progress, lease_ttl_s=lease_ttl_s, skew_s=skew_s)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            summary["consolidated_seq"] = seq
-        for _ in range(COMMIT_RETRIES):
-            have = {(b["seq"], b["disk"]) for b in state.bases}
-            delta: dict[str, Any] = {}
-            add = [b for b in built if (b["seq"], b["disk"]) not in have]
-            if add:
-                delta["add_bases"] = add
-            after = state.copy()
-            after.apply_delta(delta)
-            if retention_s is not None:
-                delta.update(await retention_delta(store, after, now_ns - int(retention_s * 1e9)))
-            if not delta:
-                break
-            mlock.check()
-            writer = CatalogWriter(store, state, generation)
-            try:
-                generation = await writer.commit(delta)
-            except AlreadyExists:  # the DRVA committed first: reload, recompute, retry
-                state, generation = await load_state(store, domain)
-                continue
-            state = writer.state
-            summary.update(bases_added=len(add), segments_removed=len(delta.get("remove_segments", [])),
-                           bases_removed=len(delta.get("remove_bases", [])), generation=generation)
-            log.info("consolidation_committed", domain=domain, generation=generation,
-                     consolidated_seq=seq, horizon_seq=state.horizon_seq, **{
-                         k: summary[k] for k in ("bases_added", "segments_removed", "bases_removed")})
-            break
-        else:
-            raise Busy(f"domain {domain}: lost {COMMIT_RETRIES} catalog races in a row; try again")
-        summary["horizon_seq"] = state.horizon_seq
-        summary["sweep"] = await sweep_domain(store, state, skew_s=skew_s, check=mlock.check)
-    if summary["sweep"]["manifests_deleted"] or sweep_all_chunks:
+        state = await load_state(store, domain)
+        order = [state.state.current] + sorted(t for t in state.state.timelines if t != state.state.current)
+        per = []
+        for tl in order:
+            per.append(await _consolidate_timeline(store, domain, tl, mlock, **opts))
+        state = await load_state(store, domain)
+        sweep = await sweep_domain(store, state.state, state.generation, skew_s=skew_s, check=mlock.check)
+    summary = dict(per[0], domain=domain, sweep=sweep, chunk_sweep=None, timelines=per)
+    if sweep["manifests_deleted"] or sweep_all_chunks:
         try:
             summary["chunk_sweep"] = await sweep_chunks(store, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s)
         except Busy as exc:  # a seeding or another consolidation writes chunks: next time
             summary["chunk_sweep"] = {"deferred": exc.message}
     summary["seconds"] = round(time.monotonic() - t0, 3)
+    return summary
+
+
+async def _consolidate_timeline(store, domain: int, timeline: int, mlock: Lease, *, older_than_s: float,
+                                retention_s: float | None, now_ns: int, scratch_dir: Path | str | None,
+                                chunk_size: int, concurrency: int, progress: Progress | None,
+                                lease_ttl_s: float, skew_s: float) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring on one timeline."""
+    summary: dict[str, Any] = {"timeline": timeline, "consolidated_seq": None, "bases_added": 0, "chunks": None,
+                               "horizon_seq": None, "segments_removed": 0, "bases_removed": 0, "generation": None}
+    state = await load_state(store, domain, timeline)
+    seq = await consolidation_seq(state, now_ns - int(older_than_s * 1e9))
+    built: list[dict] = []
+    if seq is not None:
+        scratch = Path(tempfile.mkdtemp(prefix=f"consolidate-{domain:08x}-", dir=scratch_dir))
+        try:
+            built, summary["chunks"] = await build_bases(
+                store, state, seq, scratch, chunk_size=chunk_size, concurrency=concurrency,
+                progress=progress, lease_ttl_s=lease_ttl_s, skew_s=skew_s)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        summary["consolidated_seq"] = seq
+    for _ in range(COMMIT_RETRIES):
+        have = {(b["seq"], b["disk"]) for b in state.bases}
+        delta: dict[str, Any] = {"timeline": timeline}
+        add = [b for b in built if (b["seq"], b["disk"]) not in have]
+        if add:
+            delta["add_bases"] = add
+        after = state.state.copy()
+        after.apply_delta(dict(delta, writer=CONSOLIDATE_WRITER))
+        if retention_s is not None:
+            delta.update(await retention_delta(CatalogView(store, after, state.generation, timeline),
+                                               now_ns - int(retention_s * 1e9)))
+        if set(delta) == {"timeline"}:
+            break
+        removed = 0
+        if "horizon_seq" in delta:  # the rows the new horizon drops, for the summary
+            rows = await state.rows_between(state.horizon_seq + 1, delta["horizon_seq"])
+            removed = int((rows["last_seq"] <= np.uint64(delta["horizon_seq"])).sum())
+        mlock.check()
+        writer = CatalogWriter(store, state.state, state.generation, by="cdp consolidate")
+        try:
+            generation = await writer.commit(delta)
+        except AlreadyExists:  # the DRVA committed first: reload, recompute, retry
+            state = await load_state(store, domain, timeline)
+            continue
+        state = CatalogView(store, writer.state, generation, timeline)
+        summary.update(bases_added=len(add), bases_removed=len(delta.get("remove_bases", [])),
+                       segments_removed=removed, generation=generation)
+        log.info("consolidation_committed", domain=domain, timeline=timeline, generation=generation,
+                 consolidated_seq=seq, horizon_seq=state.horizon_seq, **{
+                     k: summary[k] for k in ("bases_added", "segments_removed", "bases_removed")})
+        break
+    else:
+        raise Busy(f"domain {domain}: lost {COMMIT_RETRIES} catalog races in a row; try again")
+    summary["horizon_seq"] = state.horizon_seq
     return summary

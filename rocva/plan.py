@@ -1,10 +1,12 @@
 """The recovery planner: which bytes of which object become which bytes of which disk.
 
-For a target seq ``S`` and each disk: the newest base at or below ``S`` (``b``, 0 when the
-disk has none); then the segments holding ``(min b, S]``; their indexes are read (bounded
-concurrency) and concatenated; every ``WRITE``/``ZERO`` record with ``b < seq <= S`` of
-its disk takes part in a last-writer resolution (``rocva.extents``), newest first, so
-each output byte has exactly one source.
+For a target seq ``S`` on one timeline and each disk: the newest base at or below ``S``
+(``b``, 0 when the disk has none); then the timeline's rows holding ``(min b, S]`` (only
+the catalog pages that cover those seqs are read); their segments' indexes are read
+(bounded concurrency) and concatenated, each clipped to the seqs its row holds (after a
+fork, the parent's last segment holds records the child does not: FORMAT.md §8.5); every
+``WRITE``/``ZERO`` record with ``b < seq <= S`` of its disk takes part in a last-writer
+resolution (``rocva.extents``), newest first, so each output byte has exactly one source.
 
 Invariants of a ``DiskPlan``:
 
@@ -30,12 +32,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cdp.base_image import Manifest, decode_manifest
-from cdp.catalog import CatalogState, load_catalog
+from cdp.catalog import load_catalog
+from cdp.catalog_read import CatalogView
 from cdp.errors import FormatError, NotFound
 from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
 from cdp.segment import SegmentIndex, read_segment_index
 from rocva.extents import last_writer
+from rocva.errors import InvalidTarget
 from rocva.target import ResolvedTarget, Target, resolve_target
 
 SRC_WRITE, SRC_ZERO, SRC_BASE = 0, 1, 2  # extent kinds (WRITE/ZERO equal the record kinds)
@@ -86,6 +90,7 @@ class RecoveryPlan:
     domain: int
     domain_name: str
     generation: int
+    timeline: int
     target: ResolvedTarget
     disks: list[DiskPlan]
     segments: list[SegmentIndex]
@@ -104,7 +109,7 @@ class RecoveryPlan:
     def identity(self) -> str:
         """A digest of what the plan produces: same identity, same images, same work units."""
         doc = {
-            "domain": self.domain, "seq": self.seq,
+            "domain": self.domain, "timeline": self.timeline, "seq": self.seq,
             "disks": [[d.disk, d.vm, d.name, d.size, d.manifest.key if d.manifest else None]
                       for d in self.disks],
             "segments": [s.key for s in self.segments],
@@ -113,7 +118,8 @@ class RecoveryPlan:
 
     def summary(self) -> dict:
         return {
-            "domain": self.domain, "target_seq": self.seq, "generation": self.generation,
+            "domain": self.domain, "timeline": self.timeline, "target_seq": self.seq,
+            "generation": self.generation,
             "segments_read": len(self.segments),
             "segments_fetched": len({int(s) for d in self.disks
                                      for s in d.extents["seg"][d.extents["kind"] == SRC_WRITE]}),
@@ -148,7 +154,7 @@ async def _get_index(store, key: str, payload_raw_len: int) -> SegmentIndex:
     return index
 
 
-def _check_disks(state: CatalogState) -> None:
+def _check_disks(state: CatalogView) -> None:
     names = set()
     for d in state.disks:
         for part in (d["vm"], d["name"]):
@@ -164,11 +170,12 @@ def _check_disks(state: CatalogState) -> None:
 # --------------------------------------------------------------------------- resolving
 
 
-def _concat_rows(indexes: list[SegmentIndex], first: int, last: int) -> dict[str, np.ndarray]:
-    """The WRITE/ZERO index rows with ``first <= seq <= last``, as columns, plus ``seg``."""
+def _concat_rows(indexes: list[SegmentIndex], firsts: list[int], lasts: list[int]) -> dict[str, np.ndarray]:
+    """The WRITE/ZERO records of ``indexes[k]`` with ``firsts[k] <= seq <= lasts[k]``, as
+    columns, plus ``seg`` (= k)."""
     parts = []
     for k, index in enumerate(indexes):
-        rows = index.rows_for_seqs(first, last)
+        rows = index.rows_for_seqs(firsts[k], lasts[k])
         parts.append((k, rows[rows["kind"] <= KIND_ZERO]))
     cols = {}
     for name in ("seq", "offset", "length", "disk", "kind", "raw_pos"):
@@ -238,7 +245,25 @@ def _base_pieces(extents: np.ndarray, manifest: Manifest | None) -> np.ndarray:
     return out
 
 
-async def build_plan(store, state: CatalogState, generation: int, target: ResolvedTarget, *,
+def choose_bases(state: CatalogView, seq: int) -> list[dict | None]:
+    """Per disk of ``state``, its newest base at or below ``seq`` (None: zeros)."""
+    bases = []
+    for d in state.disks:
+        below = [b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= seq]
+        bases.append(max(below, key=lambda b: b["seq"]) if below else None)
+    return bases
+
+
+async def plan_rows(state: CatalogView, seq: int) -> tuple[list[dict | None], int, np.ndarray]:
+    """The catalog's part of a plan at ``seq``: (bases per disk, the first seq to replay,
+    the rows holding ``first..seq``). Reads only the pages that cover those seqs."""
+    bases = choose_bases(state, seq)
+    lo = min((b["seq"] if b else 0) for b in bases) + 1 if bases else seq + 1
+    rows = await state.rows_between(lo, seq) if lo <= seq else await state.rows_between(1, 0)
+    return bases, lo, rows
+
+
+async def build_plan(store, state: CatalogView, target: ResolvedTarget, *,
                      concurrency: int = CONCURRENCY_DEFAULT) -> RecoveryPlan:
     """Plan the recovery of every disk of ``state`` at ``target.seq`` (already checked to be a
     recovery point by ``resolve_target``). Reads the chosen base manifests and the
@@ -246,10 +271,7 @@ async def build_plan(store, state: CatalogState, generation: int, target: Resolv
     assert concurrency >= 1, concurrency
     _check_disks(state)
     seq = target.seq
-    bases = []
-    for d in state.disks:
-        below = [b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= seq]
-        bases.append(max(below, key=lambda b: b["seq"]) if below else None)
+    bases, lo, rows = await plan_rows(state, seq)
     manifests = await gather_bounded([_get_manifest(store, b["key"]) for b in bases if b], concurrency)
     by_disk = dict(zip([b["disk"] for b in bases if b], manifests))
     for d in state.disks:
@@ -258,12 +280,11 @@ async def build_plan(store, state: CatalogState, generation: int, target: Resolv
             raise FormatError(f"manifest {m.key}: disk_size {m.disk_size}, the catalog says disk "
                               f"{d['disk']} has {d['size']} bytes")
     base_seq = np.array([b["seq"] if b else 0 for b in bases], dtype=np.uint64)
-    lo = int(base_seq.min()) + 1 if len(base_seq) else seq + 1
-    rows = state.segments_between(lo, seq) if lo <= seq else state.segments.rows(0, 0)
     keys = state.segment_keys(rows)
     indexes = await gather_bounded([_get_index(store, k, int(r)) for k, r in zip(keys, rows["payload_raw_len"])],
-                             concurrency)
-    cols = _concat_rows(indexes, lo, seq)
+                                   concurrency)
+    cols = _concat_rows(indexes, np.maximum(rows["first_seq"], lo).tolist(),
+                        np.minimum(rows["last_seq"], seq).tolist())
     disk_ids = np.array([d["disk"] for d in state.disks], dtype=np.int64)
     order = np.argsort(disk_ids)
     at = np.searchsorted(disk_ids[order], cols["disk"].astype(np.int64))
@@ -285,22 +306,27 @@ async def build_plan(store, state: CatalogState, generation: int, target: Resolv
         m = by_disk.get(d["disk"])
         disks.append(DiskPlan(d["disk"], d["vm"], d["name"], d["size"], int(base_seq[k]), m,
                               extents, _base_pieces(extents, m)))
-    return RecoveryPlan(state.domain_id, state.domain["name"], generation, target, disks, indexes,
-                        len(cols["seq"]))
+    return RecoveryPlan(state.domain_id, state.domain["name"], state.generation, state.timeline_id, target,
+                        disks, indexes, len(cols["seq"]))
 
 
-async def load_state(store, domain: int) -> tuple[CatalogState, int]:
-    """The catalog state and generation of ``domain``; NotFound when it has no catalog."""
+async def load_state(store, domain: int, timeline: int | None = None) -> CatalogView:
+    """Timeline ``timeline`` (default: the current one) of ``domain``'s catalog; NotFound
+    when it has no catalog, InvalidTarget when it has no such timeline."""
     state, generation = await load_catalog(store, domain)
     if state is None:
         raise NotFound(f"domain {domain}: no catalog in {store.describe()}")
-    return state, generation
+    if timeline is not None and timeline not in state.timelines:
+        raise InvalidTarget(f"domain {domain}: no timeline {timeline} (timelines: "
+                            f"{', '.join(map(str, sorted(state.timelines)))})", (None, None))
+    return CatalogView(store, state, generation, timeline)
 
 
-async def plan_recovery(store, domain: int, target: Target | int | str, *,
+async def plan_recovery(store, domain: int, target: Target | int | str, *, timeline: int | None = None,
                         concurrency: int = CONCURRENCY_DEFAULT, now_ns: int | None = None) -> RecoveryPlan:
-    """Load the catalog of ``domain``, resolve ``target`` and plan its recovery (no payload
-    is fetched). ``InvalidTarget`` names the nearest recovery points when it is none."""
-    state, generation = await load_state(store, domain)
-    resolved = await resolve_target(store, state, target, now_ns=now_ns)
-    return await build_plan(store, state, generation, resolved, concurrency=concurrency)
+    """Load the catalog of ``domain``, resolve ``target`` on ``timeline`` (default: the
+    current one) and plan its recovery (no payload is fetched). ``InvalidTarget`` names
+    the nearest recovery points when it is none."""
+    state = await load_state(store, domain, timeline)
+    resolved = await resolve_target(state, target, now_ns=now_ns)
+    return await build_plan(store, state, resolved, concurrency=concurrency)

@@ -1,63 +1,84 @@
 """Recovery points of a domain, from the store's catalog alone (``cdp points DOMAIN``).
 
-The consistent windows are ``target.recoverable_ranges``: the seqs inside retention at
-which every disk can be rebuilt, minus the seeding/resync windows. Each window's ends are
-given with their times (the record's ``timestamp_ns``: from the catalog's segment
-columns when the seq ends a segment, else from that one segment's index). Marks say
-whether they are consistent points; bases, the not-consistent windows and the retention
-horizon are listed as the catalog has them.
+Per timeline (FORMAT.md §8.5; the current one first in ``timelines``' order of ids),
+the consistent windows are ``target.recoverable_ranges``: the seqs inside retention at
+which every disk can be rebuilt, minus the seeding/resync windows. Each window's ends
+are given with their times (the record's ``timestamp_ns``: from the catalog's rows when
+the seq ends or starts a segment, else from that one segment's index). Marks say whether
+they are consistent points; bases, the not-consistent windows and the retention horizon
+are listed as the catalog has them.
+
+It summarises from the head: no page is read but the few that hold the windows' ends,
+however long the history.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from cdp.catalog_state import CatalogState
-from cdp.segment import read_segment_index
+from cdp.catalog_read import CatalogView
 from rocva.plan import load_state
 from rocva.target import recoverable_ranges
 
 
-
-async def seq_time_ns(store, state: CatalogState, seq: int) -> int | None:
-    """``timestamp_ns`` of record ``seq`` (None for seq 0 or one no segment holds)."""
-    ref = state.segment_for_seq(seq) if seq > 0 else None
-    if ref is None:
+async def seq_time_ns(state: CatalogView, seq: int) -> int | None:
+    """``timestamp_ns`` of record ``seq`` (None for seq 0 or one no retained row holds)."""
+    row = await state.row_for_seq(seq) if seq > 0 else None
+    if row is None:
         return None
-    if seq == ref.last_seq:
-        return ref.last_ts
-    if seq == ref.first_seq:
-        return ref.first_ts
-    index = await read_segment_index(store, ref.key)
-    i = int(np.searchsorted(index.records["seq"], np.uint64(seq)))
-    return int(index.records["timestamp_ns"][i])
+    return await state.record_time(row, seq)
 
 
-async def list_points(store, domain: int) -> dict[str, Any]:
-    """Everything a user needs to pick a recovery point (see the module docstring)."""
-    state, generation = await load_state(store, domain)
+async def timeline_points(state: CatalogView) -> dict[str, Any]:
+    """The recovery points of the timeline ``state`` reads (module docstring)."""
     ranges = recoverable_ranges(state)
     windows = []
     for first, last in ranges:
         last = min(last, state.committed_seq)
         windows.append({"first_seq": first, "last_seq": last,
-                        "first_ts": await seq_time_ns(store, state, first),
-                        "last_ts": await seq_time_ns(store, state, last)})
+                        "first_ts": await seq_time_ns(state, first),
+                        "last_ts": await seq_time_ns(state, last)})
 
     def consistent(seq: int) -> bool:
         return any(a <= seq <= b for a, b in ranges)
 
+    tl = state.tl
     return {
-        "domain": {"id": state.domain_id, "name": state.domain["name"]},
-        "generation": generation,
+        "timeline": tl.id, "parent": tl.parent or None, "fork_seq": tl.fork_seq if tl.parent else None,
+        "owner": tl.owner, "created_ns": tl.created_ns,
+        "current": tl.id == state.state.current,
         "committed_seq": state.committed_seq,
         "horizon_seq": state.horizon_seq,
+        "segments": state.segment_count,
         "consistent": windows,
         "latest": windows[-1]["last_seq"] if windows else None,
         "marks": [dict(m, consistent=consistent(m["seq"])) for m in state.marks],
         "bases": list(state.bases),
         "not_consistent": list(state.windows),
+    }
+
+
+async def list_points(store, domain: int, timeline: int | None = None) -> dict[str, Any]:
+    """Everything a user needs to pick a recovery point (see the module docstring).
+
+    The top level describes ``timeline`` (default: the current one), as before timelines
+    existed; ``timelines`` lists every timeline the same way (all of them unless one was
+    asked for)."""
+    state = await load_state(store, domain, timeline)
+    asked = state.timeline_id
+    others = [asked] if timeline is not None else sorted(state.state.timelines)
+    per = {}
+    for tl in others:
+        view = state if tl == asked else CatalogView(store, state.state, state.generation, tl)
+        per[tl] = await timeline_points(view)
+    top = per[asked]
+    return {
+        "domain": {"id": state.domain_id, "name": state.domain["name"]},
+        "generation": state.generation,
+        "timeline": asked,
+        "current_timeline": state.state.current,
+        **{k: top[k] for k in ("committed_seq", "horizon_seq", "consistent", "latest", "marks", "bases",
+                               "not_consistent")},
         "disks": list(state.disks),
+        "timelines": [per[tl] for tl in others],
     }

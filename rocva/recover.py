@@ -355,8 +355,9 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
                   progress: Progress | None = None, concurrency: int = CONCURRENCY_DEFAULT,
                   checksum: bool = False, now_ns: int | None = None,
                   run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
-                  base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT) -> dict:
-    """Rebuild every disk of ``domain`` at ``target`` as ``<vm>-<disk>.img`` in ``out_dir``.
+                  base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT, timeline: int | None = None) -> dict:
+    """Rebuild every disk of ``domain`` at ``target`` on ``timeline`` (default: the
+    current one) as ``<vm>-<disk>.img`` in ``out_dir``.
 
     ``progress(done_bytes, total_bytes)`` is called as work completes. Returns a summary:
     ``bytes_fetched``, ``bytes_written``, ``seconds``, ``mb_per_s``, ``images`` (path,
@@ -369,7 +370,8 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
     counting = CountingStore(store)
     lease = await _take_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
     try:
-        plan = await plan_recovery(counting, domain, target, concurrency=concurrency, now_ns=now_ns)
+        plan = await plan_recovery(counting, domain, target, timeline=timeline, concurrency=concurrency,
+                                   now_ns=now_ns)
         return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=concurrency,
                                   checksum=checksum, run_bytes_max=run_bytes_max,
                                   base_batch_chunks=base_batch_chunks)

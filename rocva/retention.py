@@ -3,24 +3,26 @@
 Three steps, each on its own (``rocva.consolidate`` runs them in order):
 
 ``retention_delta``
-    The catalog delta that moves the horizon. With ``R`` the last record older than the
-    retention window, the new horizon ``F`` is the newest seq ``<= R`` at which **every**
-    disk has a base (a consolidation writes such a cut). Points ``>= F`` keep everything
-    they need: the bases at ``F`` and after, the segments holding seqs after ``F``. So the
-    delta removes the segments that end at or before ``F`` (always the oldest ones) and
-    the bases below ``F``, and sets ``horizon_seq = F``. The newest base is never
-    removed (it is at ``F`` or later). Points older than the window stay recoverable until
-    the next base passes them: retention is at least the window, never less.
+    The catalog delta that moves one timeline's horizon. With ``R`` the last record older
+    than the retention window, the new horizon ``F`` is the newest seq ``<= R`` at which
+    **every** disk has a base (a consolidation writes such a cut). Points ``>= F`` keep
+    everything they need: the bases at ``F`` and after, the rows holding seqs after
+    ``F``. So the delta sets ``horizon_seq = F`` (the rows ending at or before it leave
+    the head with it, FORMAT.md §8.2) and removes the bases below ``F``. The newest base
+    is never removed (it is at ``F`` or later). Points older than the window stay
+    recoverable until the next base passes them: retention is at least the window.
 
 ``sweep_domain``
-    Deletes what the catalog no longer names, found by listing (so a sweep that was
-    deferred or interrupted is finished by the next one): segments before the first one
-    the catalog holds and manifests below the horizon — but nothing of them while a
-    recovery lease on the domain is live (FORMAT.md §11.3: the recovery may have planned
-    from an older generation). Uploads that can never be committed (a segment that starts
-    at or before ``committed_seq`` but is not in the catalog: the DRVA only extends the
-    end) were never part of a recovery point and go regardless. Manifests at or above the
-    horizon that the catalog does not name may be a seeding about to commit: kept.
+    Deletes what the catalog no longer needs, found by listing (so a sweep that was
+    deferred or interrupted is finished by the next one): segments that no timeline keeps
+    (a timeline keeps its own rows above its horizon, and those it inherited at a fork),
+    listed only up to each timeline's horizon; pages behind every timeline's horizon;
+    manifests no timeline names below their timeline's horizon; catalog generations older
+    than the previous snapshot (FORMAT.md §8.1). Nothing of the first three while a
+    recovery lease on the domain is live (§11.3: the recovery may have planned from an
+    older generation). A segment uploaded but never committed (a crash between upload
+    and commit) goes when the horizon passes it. Manifests at or above their timeline's
+    horizon that no timeline names may be a seeding about to commit: kept.
 
 ``sweep_chunks``
     Store-wide: under the gc lock (only while no chunk writer is live, §11.4), reads every
@@ -31,18 +33,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from cdp.base_image import decode_manifest
+from cdp.catalog import collect_generations
+from cdp.catalog_read import CatalogView
 from cdp.catalog_state import CatalogState
 from cdp.errors import FormatError
 from cdp.gather import gather_bounded
 from cdp.layout import (
-    base_prefix, parse_base_manifest_key, parse_chunk_key, parse_segment_key, segment_prefix,
+    base_prefix, page_prefix, parse_base_manifest_key, parse_chunk_key, parse_page_key, parse_segment_key,
+    segment_prefix,
 )
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, gc_lock, live_locks, recovery_prefix
 from cdp.logs import get_logger
-from rocva.target import seq_at_time
 
 log = get_logger("rocva.retention")
 
@@ -50,7 +52,7 @@ CONCURRENCY = 8
 _MANIFEST_SUFFIX = ".bmf"
 
 
-def full_base_seqs(state: CatalogState) -> list[int]:
+def full_base_seqs(state: CatalogView) -> list[int]:
     """Seqs at which every disk of ``state`` has a base, ascending."""
     if not state.disks:
         return []
@@ -58,20 +60,18 @@ def full_base_seqs(state: CatalogState) -> list[int]:
     return sorted(set.intersection(*per_disk))
 
 
-async def retention_delta(store, state: CatalogState, cutoff_ns: int) -> dict[str, Any]:
-    """The delta applying retention at ``cutoff_ns`` (module docstring); {} for none."""
-    r = await seq_at_time(store, state, cutoff_ns)
+async def retention_delta(state: CatalogView, cutoff_ns: int) -> dict[str, Any]:
+    """The delta applying retention at ``cutoff_ns`` to the timeline ``state`` reads
+    (module docstring); {} for none. The rows at or below the new horizon leave the
+    catalog with it (FORMAT.md §8.2)."""
+    r = await state.seq_at_time(cutoff_ns)
     if r is None:
         return {}
     cuts = [s for s in full_base_seqs(state) if s <= r]
     if not cuts or cuts[-1] <= state.horizon_seq:
         return {}
     f = cuts[-1]
-    last = state.segments.column("last_seq")
-    k = int(np.searchsorted(last, np.uint64(f), side="right"))  # segments ending at or before F
-    delta: dict[str, Any] = {"horizon_seq": f}
-    if k:
-        delta["remove_segments"] = state.segment_keys(state.segments.rows(0, k))
+    delta: dict[str, Any] = {"timeline": state.timeline_id, "horizon_seq": f}
     old = [{"seq": b["seq"], "disk": b["disk"]} for b in state.bases if b["seq"] < f]
     if old:
         delta["remove_bases"] = old
@@ -88,45 +88,82 @@ async def _delete_all(store, keys: list[str], check=None) -> int:
     return len(keys)
 
 
-async def sweep_domain(store, state: CatalogState, *, skew_s: float = SKEW_DEFAULT_S,
+def _still_named(state: CatalogState, owner: int, first: int, last: int) -> bool:
+    """Does a timeline that descends from ``owner`` (or ``owner`` itself) keep a row of
+    ``owner``'s segment ``first..last``? (Rows inherited at a fork are clipped at it.)"""
+    for tl in state.timelines:
+        for ancestor, cap in state.lineage(tl):
+            if ancestor != owner:
+                continue
+            t = state.timelines[tl]
+            if first <= cap and min(last, cap) > t.horizon_seq:
+                return True
+    return False
+
+
+async def _expired_segments(store, state: CatalogState) -> list[str]:
+    """Segments no timeline keeps: each timeline's listing is read only up to its
+    horizon (keys sort by first seq), so a sweep costs what expired, not the history."""
+    out = []
+    for tl_id, tl in state.timelines.items():
+        async for info in store.list(segment_prefix(state.domain_id, tl_id)):
+            _, _, first, last = parse_segment_key(info.key)
+            if first > tl.horizon_seq:
+                break
+            if not _still_named(state, tl_id, first, last):
+                out.append(info.key)
+    return out
+
+
+async def _expired_pages(store, state: CatalogState) -> list[str]:
+    """Pages no timeline can reference any more: at or below every timeline's horizon
+    (or after all it holds). Pages are shared between timelines and name none, so this
+    is the conservative rule (FORMAT.md §8.4)."""
+    out = []
+    horizons = [(t.horizon_seq, t.committed_seq) for t in state.timelines.values()]
+    low = min(h for h, _ in horizons)
+    async for info in store.list(page_prefix(state.domain_id)):
+        _, first, last, _, _ = parse_page_key(info.key)
+        if first > max(h for h, _ in horizons):
+            break
+        if last <= low or all(last <= h or first > c for h, c in horizons):
+            out.append(info.key)
+    return out
+
+
+async def sweep_domain(store, state: CatalogState, generation: int, *, skew_s: float = SKEW_DEFAULT_S,
                        check=None) -> dict[str, Any]:
-    """Delete the objects of ``state``'s domain the catalog no longer needs (module docstring)."""
+    """Delete the objects of ``state``'s domain the catalog no longer needs (module
+    docstring): segments and pages behind every timeline's horizon, manifests no
+    timeline names below their timeline's horizon, generations older than the previous
+    snapshot — nothing while a recovery lease on the domain is live (§11.3)."""
     domain = state.domain_id
-    firsts = state.segments.column("first_seq")
-    front = int(firsts[0]) if len(firsts) else state.committed_seq + 1
-    named = set(state.segment_keys(state.segments.rows(0, len(state.segments))))
-    expired, never = [], []
-    async for info in store.list(segment_prefix(domain)):
-        if info.key in named:
-            continue
-        _, first, last = parse_segment_key(info.key)
-        if last < front:
-            expired.append(info.key)
-        elif first <= state.committed_seq:
-            never.append(info.key)
-    bases = {b["key"] for b in state.bases}
+    expired = await _expired_segments(store, state)
+    pages = await _expired_pages(store, state)
+    named = {b["key"] for t in state.timelines.values() for b in t.bases}
     old_manifests, kept = [], 0
     async for info in store.list(base_prefix(domain)):
-        if info.key in bases:
+        if info.key in named:
             continue
-        _, seq, _ = parse_base_manifest_key(info.key)
-        if seq < state.horizon_seq:
+        _, tl, seq, _ = parse_base_manifest_key(info.key)
+        if tl in state.timelines and seq < state.timelines[tl].horizon_seq:
             old_manifests.append(info.key)
         else:
             kept += 1
     leases = await live_locks(store, recovery_prefix(domain), skew_s=skew_s)
-    deleted = await _delete_all(store, never, check)
-    deferred = 0
-    if leases and (expired or old_manifests):
-        deferred = len(expired) + len(old_manifests)
+    deferred = deleted = 0
+    if leases and (expired or old_manifests or pages):
+        deferred = len(expired) + len(old_manifests) + len(pages)
         log.info("retention_deferred", domain=domain, objects=deferred,
                  reason=f"recovery in progress: {leases[0].describe()}")
     else:
-        deleted += await _delete_all(store, expired + old_manifests, check)
-    return {"objects_deleted": deleted, "segments_deleted": len(expired) + len(never) if not deferred else len(never),
-            "manifests_deleted": 0 if deferred else len(old_manifests), "deferred": deferred,
+        deleted += await _delete_all(store, expired + old_manifests + pages, check)
+    generations = await collect_generations(store, domain, generation, skew_s=skew_s)
+    return {"objects_deleted": deleted, "segments_deleted": 0 if deferred else len(expired),
+            "manifests_deleted": 0 if deferred else len(old_manifests),
+            "pages_deleted": 0 if deferred else len(pages), "deferred": deferred,
             "deferred_by": leases[0].describe() if deferred else None,
-            "uncommitted_manifests_kept": kept}
+            "uncommitted_manifests_kept": kept, "generations_deleted": generations["deleted"]}
 
 
 async def sweep_chunks(store, *, owner: str = "cdp consolidate", ttl_s: float = TTL_DEFAULT_S,

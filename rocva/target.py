@@ -11,13 +11,16 @@ A seq ``S`` is a **recovery point** of a domain when all of these hold (FORMAT.m
    with no ``seed`` base starts as zeros at ``b = 0`` — its ``consolidation`` bases are
    derived from its records and change none of its points; a disk that joined with a
    ``seed`` base cannot be rebuilt before it) and the segments hold every seq in
-   ``(b, S]`` — they are contiguous up to ``committed_seq``, so that means ``b == S`` or
-   ``b + 1 >= F``, the first retained segment's ``first_seq``.
+   ``(b, S]`` — the rows hold every seq from ``F = horizon_seq + 1`` to
+   ``committed_seq`` (§8.2), so that means ``b == S`` or ``b + 1 >= F``.
+
+Everything is read from one timeline of the catalog (a ``CatalogView``): its bases,
+marks and windows, and its rows — the parent's up to the fork, then its own (§8.5).
 
 ``recoverable_ranges`` computes the whole set as a few inclusive ranges, so a refusal
 can name the nearest valid points on either side. Time targets map to the last record
-whose ``timestamp_ns <= T``: a ``searchsorted`` over the catalog's segment
-``first_ts``/``last_ts`` columns, then, only when ``T`` falls inside a segment, one
+whose ``timestamp_ns <= T``: a ``searchsorted`` down the page tree's ``first_ts``/``last_ts``
+columns (a page per level), then, only when ``T`` falls inside a segment, one
 ``searchsorted`` over that segment's index (one index read).
 """
 
@@ -31,9 +34,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from cdp.catalog_state import CatalogState
+from cdp.catalog_read import CatalogView
 from cdp.errors import ConfigError
-from cdp.segment import read_segment_index
 from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention
 
 #: An upper bound above every seq (seqs are u64): the end of an open range.
@@ -175,13 +177,12 @@ def _subtract(x: Ranges, holes: Ranges) -> Ranges:
     return out
 
 
-def _first_segment_seq(state: CatalogState) -> int:
-    """F: the first seq the segments hold (``committed_seq + 1`` when none are left)."""
-    firsts = state.segments.column("first_seq")
-    return int(firsts[0]) if len(firsts) else state.committed_seq + 1
+def _first_segment_seq(state: CatalogView) -> int:
+    """F: from this seq on, the rows hold every seq up to ``committed_seq`` (§8.2)."""
+    return state.horizon_seq + 1
 
 
-def _base_seqs(state: CatalogState, disk: int) -> list[int]:
+def _base_seqs(state: CatalogView, disk: int) -> list[int]:
     """The seqs ``disk`` can start a replay from: its bases, and 0 (all zeros) when it has
     no ``seed`` base (rule 3)."""
     mine = [b for b in state.bases if b["disk"] == disk]
@@ -191,7 +192,7 @@ def _base_seqs(state: CatalogState, disk: int) -> list[int]:
     return sorted(seqs)
 
 
-def _disk_ranges(state: CatalogState, disk: int, first: int) -> Ranges:
+def _disk_ranges(state: CatalogView, disk: int, first: int) -> Ranges:
     """Seqs at which ``disk`` can be rebuilt (rule 3 of the module docstring)."""
     bases = _base_seqs(state, disk)
     ranges = [(b, b) for b in bases]  # the base itself, with no record to replay
@@ -201,7 +202,7 @@ def _disk_ranges(state: CatalogState, disk: int, first: int) -> Ranges:
     return _normalize(ranges)
 
 
-def _window_holes(state: CatalogState) -> Ranges:
+def _window_holes(state: CatalogView) -> Ranges:
     base_seqs = {b["seq"] for b in state.bases}
     holes = []
     for w in state.windows:
@@ -213,7 +214,7 @@ def _window_holes(state: CatalogState) -> Ranges:
     return _normalize(holes)
 
 
-def recoverable_ranges(state: CatalogState) -> Ranges:
+def recoverable_ranges(state: CatalogView) -> Ranges:
     """Every recovery point of ``state``, as sorted inclusive (first, last) ranges."""
     if state.committed_seq < state.horizon_seq:
         return []
@@ -242,7 +243,7 @@ def _nearest_text(near: tuple[int | None, int | None]) -> str:
     return f"nearest consistent point{'s' if len(points) > 1 else ''}: {', '.join(points)}"
 
 
-def _why_not(state: CatalogState, seq: int) -> tuple[type[InvalidTarget], str]:
+def _why_not(state: CatalogView, seq: int) -> tuple[type[InvalidTarget], str]:
     """Why ``seq`` is no recovery point: the first rule it breaks, in module-docstring order."""
     if seq > state.committed_seq or seq < state.horizon_seq:
         return OutsideRetention, (
@@ -277,39 +278,28 @@ def _why_not(state: CatalogState, seq: int) -> tuple[type[InvalidTarget], str]:
     raise AssertionError(f"seq {seq} is not in the recoverable ranges, but breaks no rule")
 
 
-def check_point(state: CatalogState, seq: int, what: str = "") -> None:
+def check_point(state: CatalogView, seq: int, what: str = "") -> None:
     """Raise ``InvalidTarget`` (with the nearest valid points) unless ``seq`` is a recovery point."""
     ranges = recoverable_ranges(state)
     if any(a <= seq <= b for a, b in ranges):
         return
     error, why = _why_not(state, seq)
     near = nearest_points(ranges, seq)
-    raise error(f"domain {state.domain_id}: {what}{why}; {_nearest_text(near)}", near)
+    raise error(f"domain {state.domain_id}{_timeline_text(state)}: {what}{why}; {_nearest_text(near)}", near)
 
 
-async def seq_at_time(store, state: CatalogState, t_ns: int) -> int | None:
-    """The seq of the last retained record with ``timestamp_ns <= t_ns``; None if none is."""
-    first_ts = state.segments.column("first_ts")
-    i = int(np.searchsorted(first_ts, np.uint64(t_ns), side="right")) - 1
-    if i < 0:
-        return None
-    if int(state.segments.column("last_ts")[i]) <= t_ns:
-        # Segments do not overlap in time: nothing after segment i is at or before t.
-        return int(state.segments.column("last_seq")[i])
-    index = await read_segment_index(store, state.segment_key(i))
-    j = int(np.searchsorted(index.records["timestamp_ns"], np.uint64(t_ns), side="right")) - 1
-    assert j >= 0, "first_ts <= t_ns, so the first record is at or before t"
-    return int(index.records["seq"][j])
+def _timeline_text(state: CatalogView) -> str:
+    """", timeline N" when the domain has more than one timeline (else nothing)."""
+    return f", timeline {state.timeline_id}" if len(state.state.timelines) > 1 else ""
 
 
-async def resolve_target(store, state: CatalogState, target: Target | int | str, *,
+async def resolve_target(state: CatalogView, target: Target | int | str, *,
                          now_ns: int | None = None) -> ResolvedTarget:
-    """Resolve ``target`` against ``state``; ``InvalidTarget`` unless it is a recovery point.
-
-    ``now_ns`` anchors relative times (default: the wall clock).
+    """Resolve ``target`` on the timeline ``state`` reads; ``InvalidTarget`` unless it is
+    a recovery point there. ``now_ns`` anchors relative times (default: the wall clock).
     """
     target = as_target(target)
-    dom = f"domain {state.domain_id}"
+    dom = f"domain {state.domain_id}{_timeline_text(state)}"
     if target.kind == "latest":
         seq = state.committed_seq
         check_point(state, seq, "--latest: ")
@@ -328,7 +318,7 @@ async def resolve_target(store, state: CatalogState, target: Target | int | str,
     if now_ns is None:
         now_ns = time.time_ns()
     t_ns = parse_time(target.value, now_ns)
-    seq = await seq_at_time(store, state, t_ns)
+    seq = await state.seq_at_time(t_ns)
     when = datetime.fromtimestamp(t_ns / 1e9, timezone.utc).isoformat()
     if seq is None:
         near = nearest_points(recoverable_ranges(state), -1)

@@ -4,8 +4,10 @@
 the first one, so one run tells an operator everything that is wrong:
 
 * the catalog chain loads (every generation decodes; a missing one is named);
-* segments named by the catalog exist, with the size the catalog records, and cover
-  ``first..committed_seq`` without a gap (a deleted segment is reported as a gap);
+* per timeline (FORMAT.md §8.5): the catalog's pages decode and agree with the
+  references that name them; the segments its rows name exist, with the size the catalog
+  records, and cover ``horizon_seq + 1 .. committed_seq`` without a gap (a deleted
+  segment is reported as a gap);
 * base manifests exist and decode, and every chunk they name exists;
 * checksums: the default reads every segment's index (its tail: footer and index sums)
   and every manifest; ``deep`` reads every byte — whole segments, every chunk — and
@@ -25,6 +27,7 @@ from typing import Any
 
 from cdp.base_image import decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
+from cdp.catalog_read import CatalogView
 from cdp.errors import CdpError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.segment import decode_segment, read_segment_index
@@ -43,8 +46,10 @@ class _Report:
 
 
 async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0, seed: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Check ``domain`` (see the module docstring); returns a report with ``ok``."""
+                 progress: Callable[[int, int], None] | None = None,
+                 timeline: int | None = None) -> dict[str, Any]:
+    """Check ``domain`` (see the module docstring): every timeline, or only ``timeline``;
+    returns a report with ``ok``."""
     t0 = time.monotonic()
     report = _Report()
     try:
@@ -55,15 +60,23 @@ async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0,
     if state is None:
         report.problem(f"d/{domain:08x}/cat/", "no catalog: the domain is not in this store")
         return _summary(domain, None, report, t0, deep)
-    rows = state.segments_between(0, state.committed_seq)
-    keys = state.segment_keys(rows)
+    if timeline is not None and timeline not in state.timelines:
+        report.problem(f"d/{domain:08x}/cat/", f"no timeline {timeline} in the catalog")
+        return _summary(domain, generation, report, t0, deep, state)
     listed = {info.key: info.size async for info in store.list(segment_prefix(domain))}
-    _continuity(state, rows, keys, listed, report)
+    named: dict[str, int] = {}  # key -> size, every timeline's rows (shared objects once)
+    bases: dict[str, dict] = {}
+    for tl in ([timeline] if timeline is not None else sorted(state.timelines)):
+        view = CatalogView(store, state, generation, tl)
+        try:
+            await _continuity(view, listed, named, report)
+        except CdpError as exc:  # a page that does not decode: the rest of it is unknown
+            report.problem(f"d/{domain:08x}/page/", f"timeline {tl}: {exc.message}")
+        bases.update({b["key"]: b for b in view.bases})
     rng = random.Random(seed)
-    jobs = [(k, int(r["size"]), deep or (sample > 0 and rng.random() < sample)) for k, r in zip(keys, rows)
-            if k in listed]
+    jobs = [(k, size, deep or (sample > 0 and rng.random() < sample)) for k, size in named.items() if k in listed]
     done = 0
-    total = len(jobs) + len(state.bases)
+    total = len(jobs) + len(bases)
     sem = asyncio.Semaphore(CONCURRENCY)
 
     async def one_segment(key: str, size: int, whole: bool) -> None:
@@ -85,30 +98,40 @@ async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0,
             progress(done, total)
 
     await asyncio.gather(*(one_segment(*j) for j in jobs))
-    for base in state.bases:
-        await _check_base(store, base["key"], deep, report, sem)
+    for key in sorted(bases):
+        await _check_base(store, key, deep, report, sem)
         done += 1
         if progress:
             progress(done, total)
-    report.unreferenced = sorted(set(listed) - set(keys))
+    report.unreferenced = sorted(set(listed) - set(named))
     return _summary(domain, generation, report, t0, deep, state)
 
 
-def _continuity(state, rows, keys: list[str], listed: dict[str, int], report: _Report) -> None:
-    """Every catalog segment exists with its size; seqs are contiguous to committed_seq."""
-    expect = int(rows["first_seq"][0]) if len(rows) else state.committed_seq + 1
-    for key, row in zip(keys, rows):
-        first, last = int(row["first_seq"]), int(row["last_seq"])
-        if first != expect:
-            report.problem(key, f"seq gap: expected a segment starting at seq {expect}")
-        expect = last + 1
-        if key not in listed:
-            report.problem(key, f"missing: seqs {first}..{last} are named by the catalog but "
-                                f"the object is gone (a gap in the recovery history)")
-        elif listed[key] != int(row["size"]):
-            report.problem(key, f"size {listed[key]} bytes, the catalog records {int(row['size'])}")
-    if len(rows) and expect != state.committed_seq + 1:
-        report.problem(keys[-1], f"segments end at seq {expect - 1}, committed_seq is {state.committed_seq}")
+async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str, int], report: _Report) -> None:
+    """Every segment the timeline's rows name exists with its size; the rows hold every
+    seq from ``horizon_seq + 1`` to ``committed_seq``."""
+    expect = None
+    where = f"timeline {view.timeline_id}: " if len(view.state.timelines) > 1 else ""
+    last_key = f"d/{view.domain_id:08x}/cat/"
+    async for rows in view.iter_rows():
+        for key, row in zip(view.segment_keys(rows), rows):
+            first, last = int(row["first_seq"]), int(row["last_seq"])
+            if expect is None:
+                expect = first if first <= view.horizon_seq + 1 else view.horizon_seq + 1
+            if first != expect:
+                report.problem(key, f"{where}seq gap: expected a segment starting at seq {expect}")
+            expect, last_key = last + 1, key
+            if key in named:
+                continue
+            named[key] = int(row["size"])
+            if key not in listed:
+                report.problem(key, f"{where}missing: seqs {first}..{last} are named by the catalog but "
+                                    f"the object is gone (a gap in the recovery history)")
+            elif listed[key] != int(row["size"]):
+                report.problem(key, f"{where}size {listed[key]} bytes, the catalog records {int(row['size'])}")
+    end = view.committed_seq if expect is None else expect - 1
+    if end != view.committed_seq:
+        report.problem(last_key, f"{where}segments end at seq {end}, committed_seq is {view.committed_seq}")
 
 
 async def _check_base(store, key: str, deep: bool, report: _Report, sem: asyncio.Semaphore) -> None:
@@ -149,7 +172,8 @@ def _summary(domain: int, generation: int | None, report: _Report, t0: float, de
         "ok": not report.problems,
         "deep": deep,
         "generation": generation,
-        "committed_seq": state.committed_seq if state is not None else None,
+        "committed_seq": state.timeline().committed_seq if state is not None else None,
+        "timelines": sorted(state.timelines) if state is not None else [],
         "checked": report.checked,
         "problems": report.problems,
         "unreferenced": report.unreferenced,

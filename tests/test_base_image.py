@@ -17,7 +17,7 @@ from cdp.base_image import (
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import base_manifest_key, chunk_key, parse_chunk_key
 
-MKEY = base_manifest_key(7, 1000, 2)
+MKEY = base_manifest_key(7, 1, 1000, 2)
 
 
 def _codec(obj: bytes) -> int:
@@ -136,7 +136,7 @@ def test_manifest_round_trip(sectors, log_chunk, seq) -> None:
     chunk_size = 1 << log_chunk
     n = -(-disk_size // chunk_size)
     hashes = _hashes(n, seq)
-    key = base_manifest_key(3, seq, 1)
+    key = base_manifest_key(3, 1, seq, 1)
     m = decode_manifest(key, encode_manifest(3, 1, seq, disk_size, chunk_size, hashes))
     assert (m.domain, m.disk, m.seq, m.disk_size, m.chunk_size) == (3, 1, seq, disk_size, chunk_size)
     assert np.array_equal(m.hashes, hashes) and m.chunk_count == n
@@ -187,6 +187,6 @@ def test_every_manifest_byte_flip_and_truncation_is_detected() -> None:
 def test_manifest_must_match_its_key() -> None:
     obj = encode_manifest(7, 2, 1000, CHUNK_SIZE_MIN, CHUNK_SIZE_MIN, _hashes(1))
     with pytest.raises(FormatError, match="key"):
-        decode_manifest(base_manifest_key(7, 1001, 2), obj)
+        decode_manifest(base_manifest_key(7, 1, 1001, 2), obj)
     with pytest.raises(FormatError):
         decode_manifest("not/a/manifest", obj)

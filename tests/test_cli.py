@@ -74,7 +74,7 @@ def test_points_recover_verify_on_the_demo_store(tmp_path):
     r = cdp("recover", "erp", *store, "--seq", "999999", "--to", str(tmp_path / "bad"))
     assert r.returncode == 2 and "nearest" in r.stderr
     assert json.loads(cdp("verify", "1", *store, "--deep", "--json").stdout)["ok"] is True
-    seg = sorted((d / "store" / "d" / "00000001" / "seg").iterdir())[0]
+    seg = sorted((d / "store" / "d" / "00000001" / "seg" / "00000001").iterdir())[0]
     raw = bytearray(seg.read_bytes())
     raw[200] ^= 1
     seg.write_bytes(bytes(raw))

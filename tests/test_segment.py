@@ -120,7 +120,7 @@ def test_round_trip(drawn, log_block, tail_guess, data) -> None:
     batch, cuts = drawn
     domain = 7
     obj = build_segment(domain, batch.frames(domain, cuts), block_raw_size=1 << log_block)
-    key = segment_key(domain, batch.rows[0][0], batch.rows[-1][0])
+    key = segment_key(domain, 1, batch.rows[0][0], batch.rows[-1][0])
     index, stream = decode_segment(key, obj)
     _check_index_matches(index, batch, domain)
     assert stream == batch.expected()[1]
@@ -190,7 +190,7 @@ def _small_batch() -> _Batch:
     return b
 
 
-SMALL_KEY = "d/00000007/seg/0000000000000064-000000000000006e.seg"
+SMALL_KEY = "d/00000007/seg/00000001/0000000000000064-000000000000006e.seg"
 
 
 def _small_segment() -> bytes:
@@ -308,7 +308,7 @@ def test_header_must_agree_with_footer_and_index() -> None:
 
 def test_key_must_name_the_footer_range() -> None:
     obj = _small_segment()
-    for key in (segment_key(7, 100, 111), segment_key(7, 99, 110), segment_key(8, 100, 110), "x"):
+    for key in (segment_key(7, 1, 100, 111), segment_key(7, 1, 99, 110), segment_key(8, 1, 100, 110), "x"):
         with pytest.raises(FormatError, match="key"):
             decode_segment(key, obj)
 
@@ -334,7 +334,7 @@ def test_zero_writes_after_odd_marks_are_found() -> None:
     b.add(KIND_WRITE, length=512, style="sparse")
     b.add(KIND_WRITE, length=512, style="zero")
     obj = build_segment(1, b.frames(1, []), block_raw_size=4096)
-    index, stream = decode_segment(segment_key(1, 1, 7), obj)
+    index, stream = decode_segment(segment_key(1, 1, 1, 7), obj)
     assert index.records["kind"].tolist() == [2, 1, 0, 1, 2, 0, 1]
     assert stream == b.expected()[1]
     assert index.records["raw_pos"].tolist() == [0, 3, 3, 515, 515, 520, 1032]
@@ -345,7 +345,7 @@ def test_all_zero_payloads_make_no_blocks() -> None:
     b.add(KIND_WRITE, length=4096, style="zero")
     b.add(KIND_RESYNC_BEGIN)
     obj = build_segment(1, b.frames(1, []))
-    index, stream = decode_segment(segment_key(1, 1, 2), obj)
+    index, stream = decode_segment(segment_key(1, 1, 1, 2), obj)
     assert index.block_count == 0 and stream == b"" and index.index_offset == HEADER_SIZE
     assert index.block_span(index.records) is None
 
@@ -356,7 +356,7 @@ def test_executor_gives_the_same_bytes() -> None:
         b.add(KIND_WRITE, length=16384, offset=i * 16384, style=STYLES[i % 4])
     frames = b.frames(3, [10, 20])
     plain = build_segment(3, frames, block_raw_size=16384)
-    key = segment_key(3, 1, 40)
+    key = segment_key(3, 1, 1, 40)
     with ThreadPoolExecutor(2) as pool:
         assert build_segment(3, frames, block_raw_size=16384, executor=pool) == plain
 
@@ -409,7 +409,7 @@ def test_index_reads_take_one_get_or_two_for_a_big_index() -> None:
     for i in range(2000):  # 2000 × 48 bytes of index: more than the 64 KiB guess
         b.add(KIND_WRITE, length=512, offset=512 * i, style="text")
     big = build_segment(9, b.frames(9, []), block_raw_size=1 << 16)
-    big_key = segment_key(9, 1, 2000)
+    big_key = segment_key(9, 1, 1, 2000)
     small = _small_segment()
 
     async def run() -> None:

@@ -159,7 +159,7 @@ class SiteConfig:
             doms.append({"id": spec.id, "name": spec.name, "disks": [
                 {"vm": d.vm.name, "name": d.disk.name, "size": d.disk.size} for d in spec.disks]})
         doc: dict[str, Any] = {
-            "name": drva.name, "listen": str(drva.listen),
+            "name": drva.name, "site": self.site, "listen": str(drva.listen),
             "state_dir": str(self.drva_state_dir(drva)), "store": self.store_url,
             "secret_env": self.secret_env,
             "log": {"path": str(drva.log_path), "size": drva.log_size},

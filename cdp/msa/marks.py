@@ -34,7 +34,7 @@ async def request_mark(cfg: SiteConfig, domain: str, name: str, timeout_s: float
     store = open_store(cfg.store_url)
     try:
         state, _ = await load_catalog(store, spec.id)
-        before = max((m["seq"] for m in state.marks if m["name"] == name), default=0) if state else 0
+        before = max((m["seq"] for m in state.timeline().marks if m["name"] == name), default=0) if state else 0
         box = requests_dir(cfg.drva_state_dir(drva))
         box.mkdir(parents=True, exist_ok=True)
         path = box / f"mark-{time.time_ns():x}-{secrets.token_hex(4)}.json"
@@ -43,7 +43,7 @@ async def request_mark(cfg: SiteConfig, domain: str, name: str, timeout_s: float
         while time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
             state, _ = await load_catalog(store, spec.id)
-            new = [m for m in (state.marks if state else []) if m["name"] == name and m["seq"] > before]
+            new = [m for m in (state.timeline().marks if state else []) if m["name"] == name and m["seq"] > before]
             if new:
                 return {"domain": domain, "name": name, "seq": new[0]["seq"], "ts": new[0]["ts"]}
         delivered = not path.exists()

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from cdp.catalog import load_catalog
+from cdp.catalog_read import CatalogView
 from cdp.digest import sha256_file  # noqa: F401  (tests import it from here)
-from cdp.layout import segment_key
 from cdp.replay import replay_reference
 from cdp.segment import decode_segment
 from drva.config import DrvaConfig, parse_drva_config
@@ -155,14 +155,14 @@ async def check_store(store, domain: int, expected_sha256: list[str], tmp: Path,
                       initial: dict[int, Path] | None = None) -> dict[str, Any]:
     """Every segment decodes, seq ranges have no gap or overlap, and the replay of the
     store equals the primaries. Returns the catalog state's summary."""
-    state, _ = await load_catalog(store, domain)
-    assert state is not None, f"domain {domain} has no catalog"
-    rows = state.segments_between(1, state.committed_seq)
+    head, generation = await load_catalog(store, domain)
+    assert head is not None, f"domain {domain} has no catalog"
+    state = CatalogView(store, head, generation)
+    rows = await state.rows_between(1, state.committed_seq)
     expected_first = int(rows["first_seq"][0]) if len(rows) else 1
-    for row in rows:
+    for row, key in zip(rows, state.segment_keys(rows)):
         first, last = int(row["first_seq"]), int(row["last_seq"])
         assert first == expected_first, f"gap or overlap at seq {first} (expected {expected_first})"
-        key = segment_key(domain, first, last)
         index, _ = decode_segment(key, await store.get(key))
         assert index.first_seq == first and index.last_seq == last
         expected_first = last + 1

@@ -80,7 +80,7 @@ async def test_sigkill_drva_ten_times_under_load(tmp_path):
 async def wait_until_committed(store, domain: int, seq: int, timeout_s: float = 60) -> None:
     async def committed() -> int:
         state, _ = await load_catalog(store, domain)
-        return state.committed_seq if state else 0
+        return state.timeline().committed_seq if state else 0
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

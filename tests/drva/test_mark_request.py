@@ -74,7 +74,7 @@ async def test_a_requested_mark_lands_after_every_captured_write(tmp_path):
         got = await request_mark(cfg, "erp", "before-upgrade", timeout_s=20)
         assert got["name"] == "before-upgrade" and got["seq"] > captured
         state, _ = await load_catalog(FileStore(tmp_path / "store"), 1)
-        assert [m["name"] for m in state.marks] == ["before-upgrade"]
+        assert [m["name"] for m in state.timeline().marks] == ["before-upgrade"]
         # A second mark with the same name is a new point, not the old one.
         again = await request_mark(cfg, "erp", "before-upgrade", timeout_s=20)
         assert again["seq"] > got["seq"]

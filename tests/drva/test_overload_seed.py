@@ -111,4 +111,4 @@ async def test_seeding_a_disk_with_content_while_it_is_written(tmp_path):
     seeding = [w for w in summary["windows"] if w["kind"] == "seeding"]
     assert len(seeding) == 2
     state, _ = await load_catalog(store, 1)
-    assert all(w["last_seq"] <= state.committed_seq for w in seeding)
+    assert all(w["last_seq"] <= state.timeline().committed_seq for w in seeding)

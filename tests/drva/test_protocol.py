@@ -222,6 +222,7 @@ async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path
 async def test_segments_of_thousands_of_small_records_are_sealed_and_committed(tmp_path):
     """A 16 MiB segment of 4 KiB writes has an index larger than any fixed tail guess."""
     from cdp.catalog import load_catalog
+    from cdp.catalog_read import CatalogView
     from cdp.store.fs import FileStore
 
     doc = drva_doc(tmp_path, "drva-s", [domain_doc(1, "erp", [("vm1", "d0", 64 << 20)])],
@@ -241,6 +242,8 @@ async def test_segments_of_thousands_of_small_records_are_sealed_and_committed(t
     await asyncio.gather(task, return_exceptions=True)
     await d.stop()
     assert d.failure is None
-    state, _ = await load_catalog(FileStore(tmp_path / "store"), 1)
-    rows = state.segments_between(1, state.committed_seq)
+    store = FileStore(tmp_path / "store")
+    state, generation = await load_catalog(store, 1)
+    view = CatalogView(store, state, generation)
+    rows = await view.rows_between(1, view.committed_seq)
     assert int((rows["last_seq"] - rows["first_seq"] + 1).max()) > 2000

@@ -45,7 +45,7 @@ async def test_a_second_filter_run_continues_the_domain(tmp_path):
         store = FileStore(tmp_path / "store")
         await wait_until_committed(store, 1, second.next_seq - 1)
         state, _ = await load_catalog(store, 1)
-        assert state.committed_seq == second.next_seq - 1
+        assert state.timeline().committed_seq == second.next_seq - 1
         # A filter that numbered writes before it could learn the DRVA's seq is refused
         # loudly (and keeps its writes unacked) instead of losing them.
         late = DomainFilter(1, [disk])

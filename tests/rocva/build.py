@@ -67,7 +67,7 @@ async def recovery_property(store, seed: int, ops: int, seal_every: int, bases: 
             await b.add_base(disk, chunk_size=64 * KiB)
             first_base.setdefault(disk, b.seq)
     marks |= await random_workload(b, rng, ops - ops // 2, seal_every=seal_every)
-    state, _ = await load_state(b.store, b.domain)
+    state = await load_state(b.store, b.domain)
     ranges = recoverable_ranges(state)
     seqs = sorted({*marks, b.seq, *rng.integers(0, b.seq + 1, 4).tolist()})
     for seq in seqs:

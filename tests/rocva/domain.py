@@ -26,6 +26,7 @@ from cdp.segment import build_segment_from_arrays, decode_segment
 
 TS0 = 1_700_000_000_000_000_000
 SECTOR = 512
+SITE = "site-a"  # the owner of the builder's timelines
 
 
 def sha256(data: bytes | bytearray) -> str:
@@ -62,13 +63,28 @@ class DomainBuilder:
         return TS0 + (seq // 2) * self.ns_per_seq
 
     async def start(self) -> DomainBuilder:
-        self.writer = CatalogWriter(self.store, CatalogState.new(self.domain, "dom", TS0), snapshot_every=5)
+        self.writer = CatalogWriter(self.store, CatalogState.new(self.domain, "dom", TS0, SITE), by="test builder",
+                                    owner=SITE, snapshot_every=5)
         await self._commit({"disks": self.disks})
         return self
 
+    @property
+    def timeline(self) -> int:
+        return self.writer.state.current
+
     async def _commit(self, delta: dict) -> None:
-        """Commit like a DRVA: a consolidation job's generation is absorbed, then retried on."""
-        await self.writer.commit_shared(delta)
+        """Commit like a DRVA: a consolidation job's generation is absorbed, then retried on
+        (and a generation of ours whose reply was lost is not committed twice)."""
+        def make(state) -> dict | None:
+            tl = state.timeline()
+            rows = delta.get("add_segments")
+            if rows and tl.committed_seq >= rows["last_seq"][-1]:
+                return None
+            if any(b in tl.bases for b in delta.get("add_bases", [])):
+                return None
+            return delta
+
+        await self.writer.commit_shared(make)
 
     # ---- records
 
@@ -122,12 +138,13 @@ class DomainBuilder:
         data = build_segment_from_arrays(self.domain, records, b"".join(self._payload),
                                          block_raw_size=self.block_raw_size)
         first, last = int(records["seq"][0]), int(records["seq"][-1])
-        key = segment_key(self.domain, first, last)
+        key = segment_key(self.domain, self.timeline, first, last)
         await self.store.put(key, data)
         index, _ = decode_segment(key, data)
-        delta = {"add_segments": [{"key": key, "first_seq": first, "last_seq": last,
-                                   "first_ts": self.ts(first), "last_ts": self.ts(last), "size": len(data),
-                                   "payload_raw_len": index.payload_raw_len}],
+        delta = {"add_segments": {"timeline": [self.timeline], "first_seq": [first], "last_seq": [last],
+                                  "object_last_seq": [last], "first_ts": [self.ts(first)],
+                                  "last_ts": [self.ts(last)], "size": [len(data)],
+                                  "payload_raw_len": [index.payload_raw_len]},
                  "set_windows": [dict(w) for w in self.windows]}
         if self._new_marks:
             delta["add_marks"] = self._new_marks
@@ -155,9 +172,9 @@ class DomainBuilder:
                 await self.store.put(chunk_key(h), obj)
                 self.chunk_keys.add(chunk_key(h))
         assert ZERO_HASH == bytes(16)
-        key = base_manifest_key(self.domain, seq, disk)
+        key = base_manifest_key(self.domain, self.timeline, seq, disk)
         await self.store.put(key, encode_manifest(self.domain, disk, seq, len(content), chunk_size, hashes))
-        delta = {"add_bases": [{"seq": seq, "disk": disk, "key": key, "origin": origin}]}
+        delta = {"add_bases": [{"timeline": self.timeline, "seq": seq, "disk": disk, "key": key, "origin": origin}]}
         if seeding_until is not None:
             self.windows.append({"kind": "seeding", "first_seq": seq + 1, "last_seq": seeding_until})
             delta["set_windows"] = [dict(w) for w in self.windows]
@@ -166,9 +183,10 @@ class DomainBuilder:
         return key
 
     async def retire(self, segments: int, horizon: int) -> None:
-        """Retention: drop the oldest ``segments`` segments and raise the horizon."""
-        gone, self.segment_keys = self.segment_keys[:segments], self.segment_keys[segments:]
-        await self._commit({"remove_segments": gone, "horizon_seq": horizon})
+        """Retention: raise the horizon, which drops the oldest ``segments`` segments
+        (those ending at or before it: FORMAT.md §8.2)."""
+        self.segment_keys = self.segment_keys[segments:]
+        await self._commit({"horizon_seq": horizon})
 
     async def reference(self, out_dir: Path, seq: int) -> list[str]:
         """sha256 of every disk at ``seq`` by ``cdp.replay.replay_reference``."""

@@ -13,6 +13,7 @@ from cdp.segment import build_segment
 from cdp.store.memory import MemoryStore
 from rocva.points import list_points
 from rocva.verify import verify
+from tests.catalog_rows import segment_rows
 from tests.frames_gen import write_batch
 
 PER_SEGMENT = 20
@@ -20,7 +21,7 @@ DISK = 4 << 20
 
 
 async def make_domain(store, segments: int = 6) -> dict:
-    writer = CatalogWriter(store, CatalogState.new(1, "erp", 1))
+    writer = CatalogWriter(store, CatalogState.new(1, "erp", 1, "site-a"), by="test")
     await writer.commit({"disks": [{"disk": 0, "vm": "vm", "name": "d0", "size": DISK},
                                    {"disk": 1, "vm": "vm", "name": "d1", "size": DISK}]})
     # A base for disk 1 at seq 0: two identical chunks (stored once) and a zero chunk.
@@ -29,9 +30,9 @@ async def make_domain(store, segments: int = 6) -> dict:
     await store.put(chunk_key(h), obj)
     hashes = np.zeros((4, 16), dtype=np.uint8)
     hashes[0] = hashes[2] = np.frombuffer(h, dtype=np.uint8)
-    mkey = base_manifest_key(1, 0, 1)
+    mkey = base_manifest_key(1, 1, 0, 1)
     await store.put(mkey, encode_manifest(1, 1, 0, DISK, 1 << 20, hashes))
-    await writer.commit({"add_bases": [{"seq": 0, "disk": 1, "key": mkey, "origin": "seed"}]})
+    await writer.commit({"add_bases": [{"timeline": 1, "seq": 0, "disk": 1, "key": mkey, "origin": "seed"}]})
     seq = 1
     for i in range(segments):
         records, payload = write_batch(seq, PER_SEGMENT, 4096)
@@ -40,11 +41,12 @@ async def make_domain(store, segments: int = 6) -> dict:
         records["offset"] -= records["offset"] % 4096
         frame = decode_frame(encode_frame(1, records, payload))
         data = build_segment(1, [frame])
-        key = segment_key(1, seq, seq + PER_SEGMENT - 1)
+        key = segment_key(1, 1, seq, seq + PER_SEGMENT - 1)
         await store.put(key, data)
-        delta = {"add_segments": [{"key": key, "first_seq": seq, "last_seq": seq + PER_SEGMENT - 1,
-                                   "first_ts": 1_000_000 * seq, "last_ts": 1_000_000 * (seq + PER_SEGMENT - 1),
-                                   "size": len(data), "payload_raw_len": PER_SEGMENT * 4096}]}
+        delta = {"add_segments": segment_rows({
+            "first_seq": seq, "last_seq": seq + PER_SEGMENT - 1, "first_ts": 1_000_000 * seq,
+            "last_ts": 1_000_000 * (seq + PER_SEGMENT - 1), "size": len(data),
+            "payload_raw_len": PER_SEGMENT * 4096})}
         if i == 1:
             delta["add_marks"] = [{"name": "m1", "seq": seq + 5, "ts": 1_000_000 * (seq + 5)}]
         if i == 3:
@@ -76,18 +78,18 @@ async def test_verify_clean_then_every_kind_of_damage_is_named():
         report = await verify(store, 1, deep=deep)
         assert report["ok"], report["problems"]
         assert report["checked"]["segments"] == 6 and report["checked"]["chunks"] == 1
-    seg2 = segment_key(1, 21, 40)
-    seg4 = segment_key(1, 61, 80)
+    seg2 = segment_key(1, 1, 21, 40)
+    seg4 = segment_key(1, 1, 61, 80)
     data = bytearray(await store.get(seg2))
     data[100] ^= 1  # inside a block: only a deep scrub reads it
     await store.put(seg2, bytes(data))
     await store.delete(seg4)
-    await store.put(segment_key(1, 121, 140), b"orphan")
+    await store.put(segment_key(1, 1, 121, 140), b"orphan")
     report = await verify(store, 1)
     assert not report["ok"]
     assert [p["object"] for p in report["problems"]] == [seg4]
     assert "missing" in report["problems"][0]["problem"] and "gap" in report["problems"][0]["problem"]
-    assert report["unreferenced"] == [segment_key(1, 121, 140)]
+    assert report["unreferenced"] == [segment_key(1, 1, 121, 140)]
     deep = await verify(store, 1, deep=True)
     objects = {p["object"] for p in deep["problems"]}
     assert objects == {seg2, seg4}

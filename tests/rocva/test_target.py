@@ -32,8 +32,8 @@ async def linear(writes: int = 60, *, seal_every: int = 10, store=None) -> Domai
 
 
 async def resolve(b: DomainBuilder, target, **kw):
-    state, _ = await load_state(b.store, b.domain)
-    return await resolve_target(b.store, state, target, **kw)
+    state = await load_state(b.store, b.domain)
+    return await resolve_target(state, target, **kw)
 
 
 async def test_seq_mark_and_latest() -> None:
@@ -133,7 +133,7 @@ async def test_outside_retention_and_before_the_first_rebuildable_point() -> Non
         if i % 10 == 9:
             await b.seal()
     await b.retire(5, base_seq)  # the 5 segments of seqs 1..50 are gone
-    state, _ = await load_state(b.store, b.domain)
+    state = await load_state(b.store, b.domain)
     assert recoverable_ranges(state) == [(50, 80)]
     with pytest.raises(OutsideRetention) as info:
         await resolve(b, 49)

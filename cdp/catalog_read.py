@@ -1,0 +1,192 @@
+"""Reading one timeline of a catalog: its segment rows, fetched page by page (FORMAT.md §8.4).
+
+A ``CatalogView`` is a head (``CatalogState``) seen through one timeline. What is small
+(disks, bases, marks, windows, seqs) is an attribute; the segment rows are behind async
+methods that walk the page tree and fetch only the pages that overlap the seqs or time
+asked for, each verified against the reference that led to it and kept in a bounded
+cache (pages are immutable, so a cached page never goes stale).
+
+Only rows that retention keeps (``last_seq > horizon_seq``) are returned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from cdp.catalog_page import Page, decode_page, empty_rows, ref_key
+from cdp.catalog_state import CatalogState, Timeline
+from cdp.gather import gather_bounded
+from cdp.layout import segment_key, segment_prefix
+from cdp.segment import read_segment_index
+
+#: Pages fetched at once.
+PAGE_FETCH_CONCURRENCY = 8
+#: Pages kept in a view's cache (a level-0 page is 16 KiB: 4 MiB at most).
+PAGE_CACHE_MAX = 256
+
+
+class CatalogView:
+    """Timeline ``timeline`` (default: the current one) of ``state``, read from ``store``."""
+
+    def __init__(self, store, state: CatalogState, generation: int = 0, timeline: int | None = None) -> None:
+        self.store = store
+        self.state = state
+        self.generation = generation
+        self.tl: Timeline = state.timeline(timeline)
+        self._cache: OrderedDict[str, Page] = OrderedDict()
+        self.pages_read = 0
+
+    # ---- the small part of the head
+
+    @property
+    def timeline_id(self) -> int:
+        return self.tl.id
+
+    @property
+    def domain_id(self) -> int:
+        return self.state.domain_id
+
+    @property
+    def domain(self) -> dict:
+        return self.state.domain
+
+    @property
+    def disks(self) -> list[dict]:
+        return self.state.disks
+
+    @property
+    def bases(self) -> list[dict]:
+        return self.tl.bases
+
+    @property
+    def marks(self) -> list[dict]:
+        return self.tl.marks
+
+    @property
+    def windows(self) -> list[dict]:
+        return self.tl.windows
+
+    @property
+    def committed_seq(self) -> int:
+        return self.tl.committed_seq
+
+    @property
+    def horizon_seq(self) -> int:
+        return self.tl.horizon_seq
+
+    @property
+    def segment_count(self) -> int:
+        """Rows held, counted from the references (no page is read); may include a few
+        that retention has passed but whose page is still partly needed."""
+        return self.tl.segments
+
+    def segment_keys(self, rows: np.ndarray) -> list[str]:
+        """§7 keys of the segment objects of ``ROW_DTYPE`` rows."""
+        return [segment_key(self.domain_id, t, a, b) for t, a, b in
+                zip(rows["timeline"].tolist(), rows["first_seq"].tolist(), rows["object_last_seq"].tolist())]
+
+    def segment_prefixes(self) -> list[str]:
+        return [segment_prefix(self.domain_id, t) for t, _ in self.state.lineage(self.timeline_id)]
+
+    # ---- pages
+
+    async def page(self, ref: np.void) -> Page:
+        key = ref_key(self.domain_id, ref)
+        page = self._cache.get(key)
+        if page is not None:
+            self._cache.move_to_end(key)
+            return page
+        page = decode_page(key, await self.store.get(key), ref)
+        self.pages_read += 1
+        self._cache[key] = page
+        if len(self._cache) > PAGE_CACHE_MAX:
+            self._cache.popitem(last=False)
+        return page
+
+    async def _rows_under(self, refs: np.ndarray, first: int, last: int) -> list[np.ndarray]:
+        """Rows overlapping ``first..last`` under the page references ``refs``, in order."""
+        sel = refs[(refs["last_seq"] >= np.uint64(first)) & (refs["first_seq"] <= np.uint64(last))]
+        pages = await gather_bounded((self.page(r) for r in sel), PAGE_FETCH_CONCURRENCY)
+        out: list[np.ndarray] = []
+        for page in pages:
+            if page.level == 0:
+                rows = page.entries
+                out.append(rows[(rows["last_seq"] >= np.uint64(first)) & (rows["first_seq"] <= np.uint64(last))])
+            else:
+                out.extend(await self._rows_under(page.entries, first, last))
+        return out
+
+    async def rows_between(self, first: int, last: int) -> np.ndarray:
+        """The retained rows holding any seq in ``first..last`` (``ROW_DTYPE``, in order)."""
+        first = max(first, self.horizon_seq + 1)
+        if first > last:
+            return empty_rows()
+        parts = await self._rows_under(self.tl.refs, first, last)
+        tail = self.tl.tail
+        parts.append(tail[(tail["last_seq"] >= np.uint64(first)) & (tail["first_seq"] <= np.uint64(last))])
+        return np.concatenate(parts) if parts else empty_rows()
+
+    async def row_for_seq(self, seq: int) -> np.void | None:
+        """The retained row holding ``seq``, or None."""
+        rows = await self.rows_between(seq, seq)
+        return rows[0] if len(rows) else None
+
+    async def iter_rows(self) -> AsyncIterator[np.ndarray]:
+        """Every retained row, a level-0 page (or the tail) at a time, oldest first."""
+        async def walk(refs: np.ndarray) -> AsyncIterator[np.ndarray]:
+            for ref in refs:
+                page = await self.page(ref)
+                if page.level == 0:
+                    rows = page.entries
+                    yield rows[rows["last_seq"] > np.uint64(self.horizon_seq)]
+                else:
+                    async for rows in walk(page.entries):
+                        yield rows
+
+        async for rows in walk(self.tl.refs):
+            yield rows
+        yield self.tl.tail[self.tl.tail["last_seq"] > np.uint64(self.horizon_seq)]
+
+    def row_key(self, row: np.void) -> str:
+        """§7 key of the segment object of one row."""
+        return segment_key(self.domain_id, int(row["timeline"]), int(row["first_seq"]), int(row["object_last_seq"]))
+
+    async def record_time(self, row: np.void, seq: int) -> int:
+        """``timestamp_ns`` of record ``seq`` of ``row``'s segment (reads its index
+        unless ``seq`` ends or starts the row)."""
+        if seq == int(row["last_seq"]):
+            return int(row["last_ts"])
+        if seq == int(row["first_seq"]):
+            return int(row["first_ts"])
+        index = await read_segment_index(self.store, self.row_key(row))
+        i = int(np.searchsorted(index.records["seq"], np.uint64(seq)))
+        return int(index.records["timestamp_ns"][i])
+
+    async def seq_at_time(self, t_ns: int) -> int | None:
+        """The seq of the last record with ``timestamp_ns <= t_ns`` (None if none is held).
+        At or below the horizon, a seq there (its segment may be gone) without reading it."""
+        refs, rows = self.tl.refs, self.tl.tail
+        while True:
+            firsts = np.concatenate([refs["first_ts"], rows["first_ts"]])
+            i = int(np.searchsorted(firsts, np.uint64(t_ns), side="right")) - 1
+            if i < 0:
+                return None
+            entry = refs[i] if i < len(refs) else rows[i - len(refs)]
+            if int(entry["last_ts"]) <= t_ns or int(entry["last_seq"]) <= self.horizon_seq:
+                # Entries do not overlap in time: nothing after this one is at or before t.
+                return int(entry["last_seq"])
+            if i >= len(refs):
+                return await self._seq_in_segment(entry, t_ns)
+            page = await self.page(entry)
+            refs, rows = (page.entries, empty_rows()) if page.level else (self.tl.refs[:0], page.entries)
+
+    async def _seq_in_segment(self, row: np.void, t_ns: int) -> int:
+        index = await read_segment_index(self.store, self.row_key(row))
+        recs = index.records
+        recs = recs[(recs["seq"] >= row["first_seq"]) & (recs["seq"] <= row["last_seq"])]
+        j = int(np.searchsorted(recs["timestamp_ns"], np.uint64(t_ns), side="right")) - 1
+        assert j >= 0, "first_ts <= t_ns, so the first record is at or before t"
+        return int(recs["seq"][j])
