@@ -16,6 +16,7 @@ import numpy as np
 
 from cdp.base_image import ZERO_HASH, encode_chunk, encode_manifest, is_zero
 from cdp.catalog import CatalogState, CatalogWriter
+from cdp.catalog_fork import fork_timeline
 from cdp.digest import sha256_file
 from cdp.layout import base_manifest_key, chunk_key, segment_key
 from cdp.records import (
@@ -187,6 +188,24 @@ class DomainBuilder:
         (those ending at or before it: FORMAT.md §8.2)."""
         self.segment_keys = self.segment_keys[segments:]
         await self._commit({"horizon_seq": horizon})
+
+    async def fork(self, fork_seq: int, model_at_fork: list[bytearray], owner: str) -> int:
+        """Branch the domain at ``fork_seq`` (FORMAT.md §8.5) and go on writing the new
+        timeline as ``owner`` from there, with the disks as they were at ``fork_seq``
+        (``model_at_fork``); returns the new timeline's id."""
+        assert not self._records, "seal first"
+        state, generation = await fork_timeline(self.store, self.domain, fork_seq, owner)
+        self.writer = CatalogWriter(self.store, state, generation, by=f"test builder of {owner}", owner=owner,
+                                    snapshot_every=5)
+        self.seq = fork_seq
+        self.model = [bytearray(m) for m in model_at_fork]
+        self.marks = [m for m in self.marks if m["seq"] <= fork_seq]
+        self.windows = [w for w in self.windows if w["first_seq"] <= fork_seq]
+        return state.current
+
+    async def reference_paths(self, out_dir: Path, seq: int, timeline: int | None = None):
+        """``cdp.replay.replay_reference`` at ``seq`` on ``timeline``: (paths, view)."""
+        return await replay_reference(self.store, self.domain, out_dir, seq, timeline=timeline)
 
     async def reference(self, out_dir: Path, seq: int) -> list[str]:
         """sha256 of every disk at ``seq`` by ``cdp.replay.replay_reference``."""
