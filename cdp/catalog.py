@@ -34,6 +34,7 @@ from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
 from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound
+from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
 from cdp.logs import get_logger
@@ -50,8 +51,11 @@ KIND_DELTA = 1  # §8.1
 KIND_SNAPSHOT = 2  # §8.1
 KIND_NAMES = {KIND_DELTA: "DELTA", KIND_SNAPSHOT: "SNAPSHOT"}
 BODY_LEN_MAX = 256 << 20  # §8.1
-#: Catalog objects fetched at once while walking back from the newest generation.
+#: Catalog objects fetched at once while walking back from the newest generation
+#: (after the first batch, which runs from where the newest snapshot should be).
 FETCH_BATCH_MAX = 8
+#: Catalog objects in flight at once while a load fetches them.
+FETCH_CONCURRENCY = 16
 #: §8.1: a SNAPSHOT at generation 1 and every this many generations, which bounds the
 #: deltas a load applies and lets generations older than the previous snapshot go.
 SNAPSHOT_EVERY = 64
@@ -191,6 +195,9 @@ async def load_catalog(store, domain: int, *, stats: dict | None = None) -> tupl
 async def _load_chain(store, domain: int, present: set[int], head: int, stats: dict | None) -> CatalogState:
     chain: list[tuple[str, int, Any]] = []  # (key, kind, body), newest first
     nxt = head
+    # Writers snapshot every SNAPSHOT_EVERY generations: fetch from there to the head in
+    # one go (a chain by another rule is still found, a batch at a time, further back).
+    batch_max = head - max(1, head // SNAPSHOT_EVERY * SNAPSHOT_EVERY) + 1
     while not chain or chain[-1][1] != KIND_SNAPSHOT:
         if nxt < 1:
             raise FormatError(f"catalog of domain {domain}: generation 1 is a DELTA: the chain from "
@@ -202,10 +209,11 @@ async def _load_chain(store, domain: int, present: set[int], head: int, stats: d
                 f"and the newest generation {head}"
             )
         batch = []
-        while nxt in present and len(batch) < FETCH_BATCH_MAX:
+        while nxt in present and len(batch) < batch_max:
             batch.append(catalog_key(domain, nxt))
             nxt -= 1
-        blobs = await asyncio.gather(*(store.get(key) for key in batch))
+        batch_max = FETCH_BATCH_MAX
+        blobs = await gather_bounded((store.get(key) for key in batch), FETCH_CONCURRENCY)
         if stats is not None:
             stats["objects_read"] = stats.get("objects_read", 0) + len(batch)
         for key, blob in zip(batch, blobs):

@@ -10,8 +10,9 @@ its key validated, then checked against the plan, in this order:
 4. ``fail_next(op, n, exc_type, after=False)``: the next n calls raise
    exc_type; with ``after=True`` the inner call runs first and *then* the
    error is raised (a lost reply: the put happened, the caller thinks not).
-5. ``set_error_rate(op, p, seed)``: each call fails with probability p, drawn
-   from a ``random.Random(seed)`` of its own, so a run is reproducible.
+5. ``set_error_rate(op, p, seed, after=False, match="")``: each call whose key
+   contains ``match`` fails with probability p, drawn from a ``random.Random(seed)``
+   of its own, so a run is reproducible; ``after`` as for ``fail_next``.
 
 ``server_time`` and ``ensure_container`` delegate to the inner store, uncounted;
 of the plan only ``offline()`` applies to them. op may be "*" for every operation.
@@ -42,6 +43,8 @@ class _ErrorRate:
     probability: float
     exc_type: type[StoreError]
     rng: random.Random
+    after: bool = False
+    match: str = ""
 
 
 class FaultyStore(StoreBase):
@@ -54,6 +57,8 @@ class FaultyStore(StoreBase):
         self.seed = seed
         #: Calls per operation, failed and injected ones included.
         self.calls: Counter[str] = Counter()
+        #: Faults injected per operation.
+        self.injected: Counter[str] = Counter()
         self._offline = False
         self._delay_s: dict[str, float] = {}
         self._hangs: dict[str, asyncio.Event] = {}
@@ -109,12 +114,16 @@ class FaultyStore(StoreBase):
         probability: float,
         seed: int | None = None,
         exc_type: type[StoreError] = StoreUnavailable,
+        *,
+        after: bool = False,
+        match: str = "",
     ) -> None:
-        """Make each call of op fail with the given probability (0 removes it)."""
+        """Make each call of op on a key containing ``match`` fail with the given
+        probability (0 removes it); with ``after``, once the inner call is done."""
         assert 0.0 <= probability <= 1.0, probability
         for index, name in enumerate(_ops(op)):
             rng = random.Random((self.seed if seed is None else seed) * 31 + index)
-            self._rates[name] = _ErrorRate(probability, exc_type, rng)
+            self._rates[name] = _ErrorRate(probability, exc_type, rng, after, match)
 
     def clear(self) -> None:
         """Remove every planned fault (counters are kept)."""
@@ -190,8 +199,8 @@ class FaultyStore(StoreBase):
         failure = self._failures[op].popleft() if self._failures[op] else None
         if failure is None:
             rate = self._rates.get(op)
-            if rate is not None and rate.rng.random() < rate.probability:
-                failure = _Failure(rate.exc_type, after=False)
+            if rate is not None and rate.match in key and rate.rng.random() < rate.probability:
+                failure = _Failure(rate.exc_type, after=rate.after)
         if failure is not None and not failure.after:
             raise self._injected(failure, op, key)
         return failure
@@ -201,6 +210,7 @@ class FaultyStore(StoreBase):
             raise self._injected(failure, op, key)
 
     def _injected(self, failure: _Failure, op: str, key: str) -> StoreError:
+        self.injected[op] += 1
         when = "after the call" if failure.after else "before the call"
         return failure.exc_type(f"{self.describe()}: {op} {show_key(key)}: injected fault ({when})")
 

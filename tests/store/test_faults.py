@@ -147,6 +147,16 @@ def test_error_rate_bounds() -> None:
     assert all(failure_pattern(always, "put", 50))
 
 
+async def test_an_error_rate_can_lose_replies_of_matching_keys_only() -> None:
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    store.set_error_rate("put", 1.0, seed=1, after=True, match="/cat/")
+    await store.put("d/1/seg/a", b"x")  # not matched: no fault
+    with pytest.raises(StoreUnavailable, match="after the call"):
+        await store.put("d/1/cat/b", b"y")
+    assert await inner.get("d/1/cat/b") == b"y"  # the put landed: only its reply was lost
+
+
 async def test_offline_and_online(faulty: FaultyStore) -> None:
     await faulty.put("k", b"1")
     faulty.offline()
