@@ -8,8 +8,10 @@
 Modules: ``target`` (``--seq/--mark/--at/--latest`` -> a checked seq, and the set of
 recovery points), ``extents`` (vectorised last-writer resolution), ``plan`` (the
 planner: bases, segment indexes, extents per disk), ``fetch`` (work units: ranged GETs
-of block runs and base chunks, pwrite), ``recover`` (images, resume state, verification,
-publication), ``errors``.
+of block runs and base chunks, pwrite, digests), ``recover`` (images, verification,
+publication), ``resume`` (the state file and what a resume must prove), ``destination``
+(where a recovery may write, and opening its directory without following links),
+``errors``.
 """
 
 from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention, RecoveryError

@@ -23,6 +23,12 @@ reused buffer) and pwrites: LZ4 (through liblz4 for segments, see ``cdp.segment`
 xxhash, numpy's zero-page scan and pwrite run without the GIL; the event loop never
 touches payload.
 
+Each unit returns the **digest** of the bytes it placed — ``xxh3`` (§0 of FORMAT.md) of
+its pieces' bytes in the unit's piece order — and a group's digest is the ``xxh3`` of its
+units' digests (8 bytes little-endian each) in the group's unit order
+(``group_digest``). A resume (``rocva.resume``) records group digests and proves them
+again by reading the pieces back (``unit_digest_from_file``) before it trusts them.
+
 Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* a task
 is created, so pending work never piles up as tasks). A unit holds its stored bytes:
 one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
@@ -45,6 +51,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from cdp.base_image import decode_chunk
 from cdp.errors import FormatError, NotFound
@@ -283,29 +290,58 @@ def _write_piece(fd: int, mv: memoryview, x0: int, x1: int, offset: int, zeros: 
     _pwrite_sparse(fd, mv[x0:x1], offset)
 
 
-def _place(fds: list[int], unit: Unit, raw: bytes | memoryview) -> None:
-    """pwrite every piece of ``unit`` from ``raw`` (runs on the thread pool)."""
+def group_digest(unit_digests: list[int]) -> int:
+    """A group's digest: xxh3 of its units' digests, u64 little-endian, in unit order."""
+    return xxhash.xxh3_64_intdigest(np.asarray(unit_digests, dtype="<u8").tobytes())
+
+
+READBACK_BYTES = 1 << 20  # one pread of a piece read back
+
+
+def unit_digest_from_file(fds: list[int], unit: Unit, buf: bytearray) -> int:
+    """The digest of ``unit`` as its pieces read now in the image files (``buf``: the
+    reused read buffer, any size). A file too short reads as a different digest."""
+    h = xxhash.xxh3_64()
+    view = memoryview(buf)
+    for s, o, n in zip(unit.slot.tolist(), unit.offset.tolist(), unit.length.tolist()):
+        while n > 0:
+            got = os.preadv(fds[s], [view[: min(n, len(view))]], o)
+            if got <= 0:
+                h.update(b"\xff")  # short: the bytes are missing, and that must not hash as if present
+                break
+            h.update(view[:got])
+            o, n = o + got, n - got
+    return h.intdigest()
+
+
+def _place(fds: list[int], unit: Unit, raw: bytes | memoryview) -> int:
+    """pwrite every piece of ``unit`` from ``raw`` (runs on the thread pool); its digest."""
     mv = memoryview(raw)
     zeros = _zero_pages_before(mv)
+    h = xxhash.xxh3_64()
     for s, o, a, n in zip(unit.slot.tolist(), unit.offset.tolist(), unit.start.tolist(), unit.length.tolist()):
         if a + n > len(mv):  # the plan's positions come from a verified index: a bug if hit
             raise AssertionError(f"piece {a}+{n} outside {len(mv)} fetched bytes")
+        h.update(mv[a : a + n])
         _write_piece(fds[s], mv, a, a + n, o, zeros)
+    return h.intdigest()
 
 
-def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None) -> None:
-    """Verify and decode one chunk object, pwrite its pieces (thread pool)."""
+def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None) -> int:
+    """Verify and decode one chunk object, pwrite its pieces (thread pool); its digest."""
     raw = decode_chunk(unit.key, data, unit.hash16)
     if len(raw) != unit.chunk_len:
         raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
-    _place(fds, unit, raw)
+    digest = _place(fds, unit, raw)
     if writeback is not None:
         writeback.written(unit)
+    return digest
 
 
-def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Writeback | None = None) -> None:
+def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Writeback | None = None) -> int:
     """Verify and decompress the run's blocks one by one into this thread's buffer, and
-    pwrite each piece's part in a block as soon as that block is decoded (thread pool).
+    pwrite each piece's part in a block as soon as that block is decoded (thread pool);
+    the unit's digest (each piece's parts are hashed in order, so it is the piece's).
 
     Why block by block: joining a 16 MiB run into one object cost a copy of every byte
     into freshly faulted memory, on the event loop; here nothing is copied after LZ4,
@@ -324,6 +360,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
                                    unit.length.tolist())
     carry: tuple[int, bytes] | None = None  # (file offset, bytes) of a page cut at a block end
     hi = 0
+    h = xxhash.xxh3_64()
     blocks = unpack_blocks(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(brs))
     for k, raw in enumerate(blocks):
         lo, hi = k * brs, k * brs + len(raw)
@@ -335,6 +372,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
             s, o, a, n = slot[i], offset[i], start[i], length[i]
             b0, b1 = max(a, lo), min(a + n, hi)  # the part in this block, in run positions
             x0, x1, d0 = b0 - lo, b1 - lo, o + b0 - a  # ... in the block, and in the file
+            h.update(mv[x0:x1])
             if carry is not None and b0 > a:  # finish the page the previous block began
                 cd, cbytes = carry
                 take = min(-d0 % PAGE, x1 - x0)
@@ -352,6 +390,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
         raise AssertionError(f"run of {unit.index.key}: pieces outside the {hi} fetched bytes")
     if writeback is not None:
         writeback.written(unit)
+    return h.intdigest()
 
 
 def _region_parts(offset: np.ndarray, length: np.ndarray, region: int) -> tuple[np.ndarray, np.ndarray]:
@@ -451,45 +490,48 @@ class Fetcher:
         self.bytes_written = 0
         self.units_done = 0
 
-    async def run(self, unit: Unit) -> None:
+    async def run(self, unit: Unit) -> int:
         """One GET, then one job on the pool that verifies, decodes and writes it all
-        (one hand-off per unit, not one per block: the event loop only schedules)."""
+        (one hand-off per unit, not one per block: the event loop only schedules); the
+        unit's digest."""
         loop = asyncio.get_running_loop()
         if isinstance(unit, SegmentRun):
             try:
                 stored = await fetch_blocks(self.store, unit.index, unit.first_block, unit.last_block)
             except NotFound as exc:
                 raise NotFound(f"segment {unit.index.key} is missing from {self.store.describe()}") from exc
-            await loop.run_in_executor(self.executor, _place_run, self.fds, unit, stored, self.writeback)
+            digest = await loop.run_in_executor(self.executor, _place_run, self.fds, unit, stored, self.writeback)
         else:
             try:
                 data = await self.store.get(unit.key)
             except NotFound as exc:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
-            await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, data, self.writeback)
+            digest = await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, data, self.writeback)
         self.bytes_written += unit.nbytes
         self.units_done += 1
+        return digest
 
 
 async def execute(groups, fetcher: Fetcher, *, concurrency: int, skip: Callable[[str, int], bool],
-                  on_group_done: Callable[[str], None], on_unit_done: Callable[[int], None]) -> None:
+                  on_group_done: Callable[[str, int], None], on_unit_done: Callable[[int], None]) -> None:
     """Run every unit of every group for which ``skip(name, nbytes)`` is false,
     ``concurrency`` units at a time.
 
-    ``on_group_done(name)`` is called once all of a group's units have returned, i.e.
-    their pwrites are done (not yet fsynced). On the first failure no new unit starts;
+    ``on_group_done(name, digest)`` is called once all of a group's units have returned,
+    i.e. their pwrites are done (not yet fsynced), with the group's digest. On the first failure no new unit starts;
     the units in flight finish (their groups may still complete), then the first error
     is raised.
     """
     assert concurrency >= 1, concurrency
     sem = asyncio.Semaphore(concurrency)
     remaining: dict[str, int] = {}
+    digests: dict[str, list[int]] = {}  # of the groups in flight, by unit
     failures: list[BaseException] = []
     tasks: set[asyncio.Task] = set()
 
-    async def one(name: str, unit: Unit) -> None:
+    async def one(name: str, k: int, unit: Unit) -> None:
         try:
-            await fetcher.run(unit)
+            digests[name][k] = await fetcher.run(unit)
         except Exception as exc:  # noqa: BLE001 - recorded, raised by execute()
             failures.append(exc)
             return
@@ -498,7 +540,7 @@ async def execute(groups, fetcher: Fetcher, *, concurrency: int, skip: Callable[
         on_unit_done(unit.nbytes)
         remaining[name] -= 1
         if remaining[name] == 0:
-            on_group_done(name)
+            on_group_done(name, group_digest(digests.pop(name)))
 
     try:
         for name, nbytes, units in groups:
@@ -507,14 +549,15 @@ async def execute(groups, fetcher: Fetcher, *, concurrency: int, skip: Callable[
             if skip(name, nbytes):
                 continue
             remaining[name] = len(units)
+            digests[name] = [0] * len(units)
             if not units:
-                on_group_done(name)
-            for unit in units:
+                on_group_done(name, group_digest(digests.pop(name)))
+            for k, unit in enumerate(units):
                 await sem.acquire()
                 if failures:
                     sem.release()
                     break
-                task = asyncio.create_task(one(name, unit))
+                task = asyncio.create_task(one(name, k, unit))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
     except BaseException:

@@ -1,25 +1,34 @@
 """``recover``: plan, fetch, verify and publish one raw sparse image per disk.
 
-Output directory layout::
+Output directory layout (FORMAT.md §14)::
 
     <vm>-<disk>.img            a finished image (never overwritten)
     <vm>-<disk>.img.partial    an image being built
     recover.state.json         progress of the unfinished recovery (gone when it finishes)
     .recover.lock              flock()ed while a recovery runs (removed when it finishes)
 
+Where the directory may be, and how it and its files are opened: ``rocva.destination``
+(every name is reached through the directory's descriptor and never followed if it is
+a symbolic link). The state file and the proofs a resume gives: ``rocva.resume``.
+
 Invariants:
 
+- Every file a recovery creates is created with ``O_CREAT|O_EXCL|O_NOFOLLOW``. A name it
+  finds already there is used only if it is its own leftover: a regular file with no
+  other hard link that the directory's state file claims (by name and inode); anything
+  else under an image's name is refused, naming the file.
 - A ``.img`` is published only after every group of the plan is done, the bytes
   written add up to the plan's, every file has its disk's size, and the images are
   fsynced; then it is *linked* into place (never replacing an existing file) and the
   directory fsynced. On any error the ``.partial`` files stay and nothing is renamed:
   a recovery never hands back a silently wrong disk.
-- A group listed as done in ``recover.state.json`` had all its bytes pwritten *and
-  fsynced* before the state file was (atomically) written: the state is saved only
-  after an ``fsync`` of every image, with the set of groups done before that fsync.
-- A state whose plan identity (``RecoveryPlan.identity``: domain, target seq, bases,
-  segments, disks) equals the new plan's resumes: its done groups are skipped. Any other
-  state is discarded and the ``.partial`` files are recreated empty (sparse).
+- A group listed as done in ``recover.state.json``, with the digest of its bytes, had
+  them pwritten *and fsynced* before the state file was (atomically) written.
+- A state of the same plan (``RecoveryPlan.identity``) cut into the same units resumes
+  only once its done groups' digests are read back from the images and match; then
+  every byte outside them is zeroed. A state that says the images are complete is
+  proved in full before they are published. Any other state is discarded (with a
+  warning when it failed a proof) and the ``.partial`` files are created again, empty.
 """
 
 from __future__ import annotations
@@ -27,35 +36,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import itertools
-import json
+import hashlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from cdp.digest import sha256_file
-from cdp.durable import atomic_write, fsync_dir
 from cdp.errors import NotFound, PermissionDenied
 from cdp.locks import Lease, recovery_lease
 from cdp.logs import get_logger
+from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
 from rocva.errors import RecoveryError
 from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, base_groups, execute, pool_workers,
-    segment_groups,
+    BASE_BATCH_CHUNKS_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, execute, pool_workers,
 )
 from rocva.plan import CONCURRENCY_DEFAULT, RecoveryPlan, plan_recovery
+from rocva.resume import (
+    PARTIAL_SUFFIX, STATE_NAME, STATE_SAVE_INTERVAL_S, STATE_VERSION, ResumeState, SavedState, all_groups,
+    clear_outside, discarded, prove, read_state, zeros_outside,
+)
 from rocva.target import Target
 
 log = get_logger("rocva.recover")
 
-STATE_NAME = "recover.state.json"
-STATE_VERSION = 1
+__all__ = ["LOCK_NAME", "PARTIAL_SUFFIX", "STATE_NAME", "STATE_SAVE_INTERVAL_S", "STATE_VERSION", "execute_plan",
+           "recover"]
+
 LOCK_NAME = ".recover.lock"
-PARTIAL_SUFFIX = ".partial"
-#: Least time between two saves of the state file (each one fsyncs every image).
-STATE_SAVE_INTERVAL_S = 2.0
+SHA256_READ_BYTES = 8 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -81,101 +92,17 @@ class CountingStore:
         return self.inner.describe()
 
 
-class ResumeState:
-    """Progress of one recovery in its output directory (see the module invariants)."""
-
-    def __init__(self, path: Path, plan: RecoveryPlan, done: set[str]) -> None:
-        self.path = path
-        self.plan = plan
-        self.done = done
-        self.complete = False
-        self._task: asyncio.Task | None = None
-        self._failed: BaseException | None = None
-        self._last_save = time.monotonic()
-
-    @staticmethod
-    def read(path: Path) -> dict | None:
-        """The saved document, or None when there is none or it is not ours to trust."""
-        try:
-            doc = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return None  # unreadable: start over (the state is written atomically, so rare)
-        ok = isinstance(doc, dict) and doc.get("version") == STATE_VERSION and isinstance(doc.get("done"), list)
-        return doc if ok else None
-
-    def document(self, done: list[str]) -> dict:
-        p = self.plan
-        return {"version": STATE_VERSION, "identity": p.identity(), "domain": p.domain,
-                "target_seq": p.seq, "generation": p.generation, "complete": self.complete,
-                "images": [d.image_name for d in p.disks], "done": done}
-
-    def save(self, fds: list[int]) -> None:
-        """fsync every image, then atomically write the groups done before that fsync."""
-        done = sorted(self.done)
-        for fd in fds:
-            os.fsync(fd)
-        atomic_write(self.path, json.dumps(self.document(done), indent=1).encode())
-        self._last_save = time.monotonic()
-
-    def save_soon(self, fds: list[int]) -> None:
-        """Start a save in a thread, at most every STATE_SAVE_INTERVAL_S, one at a time."""
-        if self._task is not None:
-            if not self._task.done():
-                return
-            if not self._task.cancelled() and self._task.exception() is not None:
-                self._failed = self._failed or self._task.exception()
-            self._task = None
-        if time.monotonic() - self._last_save < STATE_SAVE_INTERVAL_S:
-            return
-        self._task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.save, fds))
-
-    async def settle(self) -> None:
-        """Wait for the save in flight (call before closing the images); raise the error
-        of any background save that failed."""
-        task, self._task = self._task, None
-        if task is not None:
-            await task
-        if self._failed is not None:
-            raise self._failed
-
-
-def _lock(out_dir: Path) -> int:
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _lock(out: OutputDir) -> int:
+    try:
+        fd = out.create(LOCK_NAME)
+    except RecoveryError:  # there already (left by an earlier run, or another one's)
+        fd = out.open(LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RecoveryError(f"{out_dir}: another recovery is running in this directory") from None
+        raise RecoveryError(f"{out.path}: another recovery is running in this directory") from None
     return fd
-
-
-def _open_images(plan: RecoveryPlan, out_dir: Path, resume: bool) -> list[int] | None:
-    """Open the ``.partial`` images: as they are to resume (None if one is missing or of
-    the wrong size), or recreated empty and sparse."""
-    fds = []
-    try:
-        for d in plan.disks:
-            path = out_dir / (d.image_name + PARTIAL_SUFFIX)
-            if resume:
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    return None
-                fds.append(fd)
-                if os.fstat(fd).st_size != d.size:
-                    return None
-            else:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                fds.append(fd)
-                os.ftruncate(fd, d.size)  # a hole: reads as zeros, takes no blocks
-    except BaseException:
-        _close(fds)
-        raise
-    if resume and len(fds) != len(plan.disks):  # pragma: no cover - loop returns first
-        return None
-    return fds
 
 
 def _close(fds: list[int]) -> None:
@@ -184,58 +111,202 @@ def _close(fds: list[int]) -> None:
     fds.clear()
 
 
-def _publish(plan: RecoveryPlan, out_dir: Path) -> None:
-    """Link every finished ``.partial`` to its final name (never over a file), then drop it."""
+@dataclass
+class _Found:
+    """What an image's two names hold when the recovery starts (None: absent)."""
+
+    partial: os.stat_result | None
+    final: os.stat_result | None
+
+
+_UNCLAIMED = object()
+
+
+def _find(plan: RecoveryPlan, out: OutputDir, saved: SavedState | None) -> list[_Found]:
+    """Each image's names; RecoveryError naming a ``.partial`` that is not a leftover of
+    this directory's recoveries (a symbolic link, hard-linked, not a regular file, or
+    not claimed by the state file)."""
+    names = [d.image_name for d in plan.disks]
+    if len(set(names)) != len(names):
+        raise RecoveryError(f"domain {plan.domain}: two disks have the same image name "
+                            f"({sorted(n for n in names if names.count(n) > 1)[0]})")
+    found = []
     for d in plan.disks:
-        final, partial = out_dir / d.image_name, out_dir / (d.image_name + PARTIAL_SUFFIX)
-        if final.exists() and (not partial.exists() or os.path.samefile(final, partial)):
-            partial.unlink(missing_ok=True)  # published before an interruption
+        name = d.image_name + PARTIAL_SUFFIX
+        partial, final = out.lstat(name), out.lstat(d.image_name)
+        if partial is not None:
+            both = final is not None and (final.st_dev, final.st_ino) == (partial.st_dev, partial.st_ino)
+            refuse_odd(out, name, partial, 2 if both else 1)
+            claim = saved.images.get(d.image_name, _UNCLAIMED) if saved is not None else _UNCLAIMED
+            if claim is _UNCLAIMED or (claim.ino is not None and claim.ino != partial.st_ino):
+                raise RecoveryError(f"{out.show(name)} exists and is not a leftover of a recovery in this "
+                                    f"directory (no {STATE_NAME} claims it): remove it or choose another directory")
+        found.append(_Found(partial, final))
+    return found
+
+
+def _refuse_finals(plan: RecoveryPlan, out: OutputDir, found: list[_Found]) -> None:
+    for d, f in zip(plan.disks, found):
+        if f.final is not None:
+            raise RecoveryError(f"{out.show(d.image_name)} already exists: a recovery never overwrites an "
+                                f"image; remove it or choose another directory")
+
+
+def _open_saved(plan: RecoveryPlan, out: OutputDir, saved: SavedState, found: list[_Found],
+                complete: bool) -> tuple[list[int], str | None]:
+    """The saved images, opened to be proved (read-only when ``complete``: one may be
+    published already), and why they cannot be used (None if they can)."""
+    fds: list[int] = []
+    try:
+        for d, f in zip(plan.disks, found):
+            name = d.image_name + PARTIAL_SUFFIX
+            if f.partial is None:
+                if not complete or f.final is None:
+                    return fds, f"{name} is missing"
+                name = d.image_name  # published before an interruption
+            fd = out.open(name, os.O_RDONLY if complete else os.O_RDWR, links_max=2 if complete else 1)
+            fds.append(fd)
+            st = os.fstat(fd)
+            if st.st_ino != saved.images[d.image_name].ino:
+                return fds, f"{name} is not the file the state recorded (inode {st.st_ino})"
+            if st.st_size != d.size:
+                return fds, f"{name} has {st.st_size} bytes, disk {d.disk} has {d.size}"
+    except BaseException:
+        _close(fds)
+        raise
+    return fds, None
+
+
+def _resume(plan: RecoveryPlan, out: OutputDir, saved: SavedState, found: list[_Found],
+            units: dict[str, int]) -> tuple[ResumeState, list[int]] | str:
+    """The state and images of a saved run proved right (and, unless complete, cleared
+    outside its done groups), or why the saved run cannot be kept."""
+    fds, problem = _open_saved(plan, out, saved, found, saved.complete)
+    try:
+        if problem is None:
+            problem, keep = prove(plan, fds, units, saved.done, complete=saved.complete)
+        if problem is None and saved.complete:
+            for d, fd, pieces in zip(plan.disks, fds, keep):
+                stray = zeros_outside(fd, d.size, pieces)
+                if stray is not None:
+                    problem = f"{d.image_name}: bytes {stray[0]}..{stray[1]} should be zeros and are not"
+                    break
+        if problem is not None:
+            _close(fds)
+            return problem
+        if not saved.complete:
+            for d, fd, pieces in zip(plan.disks, fds, keep):
+                clear_outside(fd, d.size, pieces)
+    except BaseException:
+        _close(fds)
+        raise
+    state = ResumeState(out, plan, units, dict(saved.done), [saved.images[d.image_name].ino for d in plan.disks])
+    state.complete = saved.complete
+    return state, fds
+
+
+def _start_over(plan: RecoveryPlan, out: OutputDir, found: list[_Found], units: dict[str, int]
+                ) -> tuple[ResumeState, list[int]]:
+    """Claim the image names in a new state, then create the ``.partial`` images empty
+    (replacing leftovers ``_find`` recognised) and record their inodes."""
+    state = ResumeState(out, plan, units, {}, [None] * len(plan.disks))
+    state.save([])  # claims the names before any file exists: a crash now leaves ours
+    fds: list[int] = []
+    try:
+        for k, (d, f) in enumerate(zip(plan.disks, found)):
+            name = d.image_name + PARTIAL_SUFFIX
+            if f.partial is not None:
+                out.unlink(name)
+            fd = out.create(name)
+            fds.append(fd)
+            os.ftruncate(fd, d.size)  # a hole: reads as zeros, takes no blocks
+            state.inos[k] = os.fstat(fd).st_ino
+        state.save(fds)
+    except BaseException:
+        _close(fds)
+        raise
+    return state, fds
+
+
+def _prepare(plan: RecoveryPlan, out: OutputDir, units: dict[str, int]
+             ) -> tuple[ResumeState, list[int], bool, str | None]:
+    """(state, open images, resumed, why a saved state was discarded): resume a saved
+    state of this plan once proved, or claim the directory with fresh ``.partial`` images."""
+    saved = read_state(out)
+    found = _find(plan, out, saved)
+    problem = None
+    if saved is not None and saved.resumes(plan, units):
+        if saved.complete:  # published before an interruption: only the images it created
+            _refuse_finals(plan, out, [f if f.final is None or f.final.st_ino != saved.images[d.image_name].ino
+                                       else _Found(f.partial, None) for d, f in zip(plan.disks, found)])
+        else:
+            _refuse_finals(plan, out, found)
+        kept = _resume(plan, out, saved, found, units)
+        if not isinstance(kept, str):
+            return kept[0], kept[1], True, None
+        problem = kept
+        discarded(out, problem)
+    _refuse_finals(plan, out, found)
+    state, fds = _start_over(plan, out, found, units)
+    return state, fds, False, problem
+
+
+def _publish(plan: RecoveryPlan, out: OutputDir, inos: list[int | None]) -> None:
+    """Link every finished ``.partial`` to its final name (never over a file), then drop it."""
+    for d, ino in zip(plan.disks, inos):
+        final, partial = d.image_name, d.image_name + PARTIAL_SUFFIX
+        st = out.lstat(final)
+        if st is not None:
+            if st.st_ino != ino or not stat.S_ISREG(st.st_mode):
+                raise RecoveryError(f"{out.show(final)} appeared during the recovery; {partial} is kept")
+            out.unlink(partial)  # published before an interruption
             continue
         try:
-            os.link(partial, final)
+            out.link(partial, final)
         except FileExistsError:
-            raise RecoveryError(f"{final} appeared during the recovery; {partial.name} is kept") from None
-        os.unlink(partial)
-    fsync_dir(out_dir)
+            raise RecoveryError(f"{out.show(final)} appeared during the recovery; {partial} is kept") from None
+        st = out.lstat(final)
+        if st is None or st.st_ino != ino or not stat.S_ISREG(st.st_mode):  # the name was swapped under us
+            out.unlink(final)
+            raise RecoveryError(f"{out.show(partial)} was replaced during the recovery: nothing is published")
+        out.unlink(partial)
+    out.fsync()
+
+
+def _sha256(out: OutputDir, name: str) -> str:
+    fd = out.open(name, os.O_RDONLY)
+    try:
+        digest = hashlib.sha256()
+        buf = bytearray(SHA256_READ_BYTES)
+        view = memoryview(buf)
+        while n := os.readv(fd, [buf]):
+            digest.update(view[:n])
+        return digest.hexdigest()
+    finally:
+        os.close(fd)
 
 
 async def execute_plan(store, plan: RecoveryPlan, out_dir: Path | str, *, progress: Progress | None = None,
                        concurrency: int = CONCURRENCY_DEFAULT, checksum: bool = False,
                        run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
-                       base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT) -> dict:
-    """Build the images of ``plan`` in ``out_dir`` (resuming a matching interrupted run)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out_dir)
+                       base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT,
+                       destination: Destination | None = None) -> dict:
+    """Build the images of ``plan`` in ``out_dir`` (resuming a matching interrupted run).
+
+    ``destination`` says where ``out_dir`` may be (default: anywhere this process can
+    write); never inside ``store``'s own directory (``rocva.destination``)."""
+    out = open_output_dir(out_dir, for_store(store, destination))
     try:
-        result = await _execute_locked(store, plan, out_dir, progress, concurrency, checksum,
-                                       run_bytes_max, base_batch_chunks)
-        (out_dir / LOCK_NAME).unlink()  # still held: a finished directory holds only images
-        return result
+        lock = _lock(out)
+        try:
+            result = await _execute_locked(store, plan, out, progress, concurrency, checksum,
+                                           {"run_bytes_max": run_bytes_max, "base_batch_chunks": base_batch_chunks})
+            out.unlink(LOCK_NAME)  # still held: a finished directory holds only images
+            return result
+        finally:
+            os.close(lock)
     finally:
-        os.close(lock)
-
-
-def _prepare(plan: RecoveryPlan, out_dir: Path) -> tuple[ResumeState, list[int], bool, bool]:
-    """(state, open images, resuming, finished before): resume a matching saved state, or
-    claim the directory for this plan with fresh sparse ``.partial`` images."""
-    state_path = out_dir / STATE_NAME
-    saved = ResumeState.read(state_path)
-    resume = saved is not None and saved.get("identity") == plan.identity()
-    state = ResumeState(state_path, plan, set(saved["done"]) if resume else set())
-    if resume and saved.get("complete") is True:
-        return state, [], True, True  # interrupted while publishing: only links are left
-    for d in plan.disks:
-        if (out_dir / d.image_name).exists():
-            raise RecoveryError(f"{out_dir / d.image_name} already exists: a recovery never "
-                                f"overwrites an image; remove it or choose another directory")
-    fds = _open_images(plan, out_dir, resume)
-    if fds is None:  # a partial image is missing or resized: resuming is impossible
-        resume, state.done = False, set()
-        fds = _open_images(plan, out_dir, False)
-    if not resume:
-        state.save(fds)  # claim the directory for this plan before any byte is written
-    return state, fds, resume, False
+        out.close()
 
 
 class _Tally:
@@ -256,7 +327,7 @@ class _Tally:
 
 
 async def _fetch_all(plan, state: ResumeState, fds: list[int], fetcher: Fetcher, tally: _Tally,
-                     concurrency: int, run_bytes_max: int, base_batch_chunks: int) -> None:
+                     concurrency: int, units: dict[str, int]) -> None:
     def skip(name: str, nbytes: int) -> bool:
         tally.groups.add(name)
         if name not in state.done:
@@ -266,17 +337,16 @@ async def _fetch_all(plan, state: ResumeState, fds: list[int], fetcher: Fetcher,
         tally.add(nbytes)
         return True
 
-    def group_done(name: str) -> None:
-        state.done.add(name)
+    def group_done(name: str, digest: int) -> None:
+        state.done[name] = digest
         state.save_soon(fds)
 
     # Fewer threads than units in flight: see pool_workers.
     with ThreadPoolExecutor(pool_workers(concurrency), thread_name_prefix="rocva") as pool:
         fetcher.executor = pool
-        groups = itertools.chain(segment_groups(plan, run_bytes_max), base_groups(plan, base_batch_chunks))
         try:
-            await execute(groups, fetcher, concurrency=concurrency, skip=skip, on_group_done=group_done,
-                          on_unit_done=tally.add)
+            await execute(all_groups(plan, units), fetcher, concurrency=concurrency, skip=skip,
+                          on_group_done=group_done, on_unit_done=tally.add)
         except BaseException:
             if fetcher.writeback is not None:  # the images are closed next: drop the hints not begun
                 fetcher.writeback.close(drop_pending=True)
@@ -290,10 +360,10 @@ async def _fetch_all(plan, state: ResumeState, fds: list[int], fetcher: Fetcher,
     await state.settle()
 
 
-async def _execute_locked(store, plan, out_dir, progress, concurrency, checksum, run_bytes_max,
-                          base_batch_chunks) -> dict:
+async def _execute_locked(store, plan, out: OutputDir, progress, concurrency, checksum, units) -> dict:
     t0 = time.monotonic()
-    state, fds, resume, finished_before = _prepare(plan, out_dir)
+    state, fds, resume, discarded_because = await asyncio.to_thread(_prepare, plan, out, units)
+    finished_before = state.complete
     tally = _Tally(plan.bytes_to_write, progress)
     tally.add(0)  # tell the progress bar the total before the first unit ends
     fetcher = Fetcher(store, fds, None)
@@ -302,30 +372,30 @@ async def _execute_locked(store, plan, out_dir, progress, concurrency, checksum,
             # Start each image region's write-out once it is complete, so that the fsync
             # before publication has little left to write (see rocva.fetch.Writeback).
             fetcher.writeback = Writeback(plan, fds)
-            await _fetch_all(plan, state, fds, fetcher, tally, concurrency, run_bytes_max, base_batch_chunks)
+            await _fetch_all(plan, state, fds, fetcher, tally, concurrency, units)
             _verify(plan, fds, state, tally, fetcher)
             state.complete = True
             state.save(fds)
     except BaseException:
-        if fds:  # keep what is durable for a resume; the first error is the one raised
+        if fds and not finished_before:  # keep what is durable for a resume; the first error is raised
             with contextlib.suppress(Exception):
                 await state.settle()
             await asyncio.to_thread(state.save, fds)
         raise
     finally:
         _close(fds)
-    _publish(plan, out_dir)
-    state.path.unlink(missing_ok=True)
-    fsync_dir(out_dir)
-    images = [{"disk": d.disk, "path": str(out_dir / d.image_name), "size": d.size} for d in plan.disks]
+    _publish(plan, out, state.inos)
+    out.unlink(STATE_NAME)
+    out.fsync()
+    images = [{"disk": d.disk, "path": str(out.path / d.image_name), "size": d.size} for d in plan.disks]
     if checksum:
-        sums = await asyncio.gather(*(asyncio.to_thread(sha256_file, Path(i["path"])) for i in images))
+        sums = await asyncio.gather(*(asyncio.to_thread(_sha256, out, d.image_name) for d in plan.disks))
         for image, digest in zip(images, sums):
             image["sha256"] = digest
     seconds = time.monotonic() - t0
     return {
         "domain": plan.domain, "seq": plan.seq, "target_seq": plan.seq, "generation": plan.generation,
-        "target": plan.target.target.describe(), "resumed": resume,
+        "target": plan.target.target.describe(), "resumed": resume, "state_discarded": discarded_because,
         "bytes_fetched": getattr(store, "bytes", None), "gets": getattr(store, "gets", None),
         "bytes_written": fetcher.bytes_written, "bytes_skipped": tally.skipped_bytes,
         "groups_skipped": tally.skipped_groups, "groups": len(tally.groups),
@@ -337,7 +407,7 @@ async def _execute_locked(store, plan, out_dir, progress, concurrency, checksum,
 
 def _verify(plan: RecoveryPlan, fds: list[int], state: ResumeState, tally: _Tally, fetcher: Fetcher) -> None:
     """Refuse to publish unless every group is done and every byte of the plan is written."""
-    missing = tally.groups - state.done
+    missing = tally.groups - set(state.done)
     if missing:
         raise RecoveryError(f"recovery of domain {plan.domain} at seq {plan.seq}: {len(missing)} work "
                             f"groups not done (e.g. {min(missing)})")
@@ -355,18 +425,26 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
                   progress: Progress | None = None, concurrency: int = CONCURRENCY_DEFAULT,
                   checksum: bool = False, now_ns: int | None = None,
                   run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
-                  base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT, timeline: int | None = None) -> dict:
+                  base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT,
+                  destination: Destination | None = None, timeline: int | None = None) -> dict:
     """Rebuild every disk of ``domain`` at ``target`` on ``timeline`` (default: the
     current one) as ``<vm>-<disk>.img`` in ``out_dir``.
 
     ``progress(done_bytes, total_bytes)`` is called as work completes. Returns a summary:
     ``bytes_fetched``, ``bytes_written``, ``seconds``, ``mb_per_s``, ``images`` (path,
-    size, and ``sha256`` when ``checksum``), ``resumed``/``groups_skipped``, the plan.
+    size, and ``sha256`` when ``checksum``), ``resumed``/``groups_skipped``,
+    ``state_discarded`` (why a saved state could not be kept, or None), the plan.
     ``run_bytes_max`` bounds one ranged GET of blocks, ``base_batch_chunks`` the chunk
-    positions per resume group of a base (see ``rocva.fetch``).
+    positions per resume group of a base (see ``rocva.fetch``). ``destination``: where
+    ``out_dir`` may be (``rocva.destination``; default anywhere but the store's own
+    directory), checked before the store is read.
     Raises ``InvalidTarget`` (no recovery point: the message names the nearest ones),
-    ``NotFound``/``FormatError`` naming the missing or damaged object, ``RecoveryError``.
+    ``NotFound``/``FormatError`` naming the missing or damaged object, ``RecoveryError``
+    (the destination or a file in it refused, naming it).
     """
+    from rocva.destination import resolve_destination
+
+    resolve_destination(out_dir, for_store(store, destination))  # refuse early; checked again when opened
     counting = CountingStore(store)
     lease = await _take_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
     try:
@@ -374,7 +452,7 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
                                    now_ns=now_ns)
         return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=concurrency,
                                   checksum=checksum, run_bytes_max=run_bytes_max,
-                                  base_batch_chunks=base_batch_chunks)
+                                  base_batch_chunks=base_batch_chunks, destination=for_store(store, destination))
     finally:
         if lease is not None:
             await lease.release()

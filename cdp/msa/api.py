@@ -318,6 +318,10 @@ async def recover(request: web.Request) -> web.Response:
     to = doc["to"]
     if not isinstance(to, str) or not to or not Path(to).is_absolute():
         raise bad("to", f"expected an absolute directory path (the images go there), got {json.dumps(to)}")
+    try:  # under the site's recovery_roots, not in the store or the state directory
+        operations.check_recovery_destination(daemon.cfg, to)
+    except CdpError as exc:
+        raise bad("to", exc.message) from None
     record = await daemon.start_job("recover", {"domain": domain, "target": doc["target"], "to": to},
                                     lambda job: operations.recover(daemon.cfg, domain, target, Path(to), job))
     return await _job_answer(request, record, wait)

@@ -10,6 +10,9 @@ one that needs no service at all (file store, log files in a local directory)::
                                        # (file:///…, s3://bucket/prefix, azure://container/prefix);
                                        # credentials only from the environment
     state_dir = "state"                # the MSA's own state: DRVA configs, jobs, logs
+    recovery_roots = ["/srv/restore"]  # where recoveries started through the MSA may write
+                                       # (REST "to"); none: such recoveries are refused.
+                                       # Never inside the store or state_dir (rocva.destination)
     secret_env = "CDP_SITE_SECRET"     # the filter handshake secret (>= 16 characters)
 
     [api]
@@ -113,6 +116,7 @@ class SiteConfig:
     protect: Mapping[str, Policy]  # domain name -> policy, in file order
     alarms: Alarms
     jobs_retention_s: float
+    recovery_roots: tuple[Path, ...] = ()  # where the MSA's recoveries may write (rocva.destination)
 
     # ---- lookups
 
@@ -210,7 +214,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     r = TomlReader(str(path))
     here = path.resolve().parent
     r.table(data, "", {"site", "cluster", "store", "drvas"},
-            {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs"})
+            {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs", "recovery_roots"})
     site = r.name(data["site"], "site")
     if not isinstance(data["cluster"], str):
         r.fail("cluster", "a file path", data["cluster"])
@@ -247,10 +251,15 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
                     r.number(alarms_t.get("backpressure_s", 300), "alarms.backpressure_s", 1, 86400))
     jobs = r.table(data.get("jobs", {}), "jobs", set(), {"retention_days"})
     retention_days = r.number(jobs.get("retention_days", 60), "jobs.retention_days", 1, 3650)
+    recovery_roots = []
+    for i, root in enumerate(r.list(data.get("recovery_roots", []), "recovery_roots", nonempty=False)):
+        if not isinstance(root, str) or not root or "\0" in root:
+            r.fail(f"recovery_roots[{i}]", "a directory path", root)
+        recovery_roots.append(here / root)
     cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, config_store_url(data["store"], here),
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
-                     protect, alarms, retention_days * 86400)
+                     protect, alarms, retention_days * 86400, tuple(recovery_roots))
     for name in protect:  # every protected domain has a DRVA here
         spec = cluster.domain(name)
         if not any(d.listen == spec.drva for d in drvas):

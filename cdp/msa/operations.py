@@ -39,12 +39,34 @@ async def points(cfg: SiteConfig, domain: str) -> dict[str, Any]:
     return jsonable(await with_store(cfg, lambda store: list_points(store, domain_id)))
 
 
+def recovery_destination(cfg: SiteConfig) -> Any:
+    """Where the recoveries the daemon runs may write: under the site file's
+    ``recovery_roots``, never in the store or the state directory (``rocva.destination``;
+    the messages name neither)."""
+    from rocva.destination import Destination, store_root
+
+    forbidden = [(cfg.state_dir, "the MSA's state directory")]
+    if cfg.store_url.startswith("file://"):
+        forbidden.append((store_root(open_store(cfg.store_url)), "the site's object store"))
+    return Destination(cfg.recovery_roots, tuple(forbidden))
+
+
+def check_recovery_destination(cfg: SiteConfig, to: str) -> None:
+    """Refuse (``CdpError``) a recovery ``to`` that ``recovery_destination`` forbids, as
+    the file system resolves it now; writes nothing."""
+    from rocva.destination import resolve_destination
+
+    resolve_destination(to, recovery_destination(cfg))
+
+
 async def recover(cfg: SiteConfig, domain: str, target: Any, out_dir: Path, job: Job) -> dict[str, Any]:
     from rocva import recover as rocva_recover
 
     domain_id = cfg.domain(domain).id
+    destination = recovery_destination(cfg)
     result = await with_store(cfg, lambda store: rocva_recover(
-        store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total)))
+        store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total),
+        destination=destination))
     result.pop("plan", None)  # large, and the summary says what matters
     return jsonable(result)
 

@@ -13,6 +13,7 @@ to drva-2. ``protect`` says which are protected at install.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ cluster = "cluster.toml"
 store = "store"
 state_dir = "state"
 secret_env = "CDP_SITE_SECRET"
-
+{recovery_roots}
 [api]
 listen = "127.0.0.1:{api}"
 token_env = "CDP_API_TOKEN"
@@ -124,14 +125,18 @@ class Site:
 
 
 def make_site(root: Path, *, protect: Iterable[str] = ("erp",), log_size: str = "8MiB",
-              install: bool = True) -> Site:
+              install: bool = True, recovery_roots: Iterable[str] | None = None) -> Site:
+    """``recovery_roots``: the site file's (default: ``root``'s parent, which holds the
+    site's store and state directory, where recoveries are refused all the same)."""
     root.mkdir(parents=True, exist_ok=True)
     p1, p2, api = free_port(), free_port(), free_port()
     (root / "cluster.toml").write_text(CLUSTER.format(p1=p1, p2=p2))
     tables = "".join(f'[[protect]]\ndomain = "{d}"\n' + ("rpo_target_s = 30\n" if d == "erp" else "") + "\n"
                      for d in protect)
     path = root / "site.toml"
-    path.write_text(SITE.format(p1=p1, p2=p2, api=api, log_size=log_size, protect=tables))
+    roots = [str(root.parent)] if recovery_roots is None else list(recovery_roots)
+    path.write_text(SITE.format(p1=p1, p2=p2, api=api, log_size=log_size, protect=tables,
+                                recovery_roots=f"recovery_roots = {json.dumps(roots)}\n" if roots else ""))
     cfg = load_site_config(path)
     env = {**os.environ, "CDP_SITE_SECRET": SECRET, "CDP_API_TOKEN": TOKEN}
     if install:
