@@ -153,10 +153,15 @@ def points(domain: str, store_url: str, timeline: int | None, as_json: bool) -> 
             for w in t["not_consistent"]:
                 lines.append(f"  NOT consistent ({w['kind']})  seq {w['first_seq']}..{w['last_seq'] or 'open'}")
             for m in t["marks"]:
-                lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {_ns_text(m['ts'])}"
-                             + ("" if m["consistent"] else "  (not a consistent point)"))
+                why = (f"  (MISSING from the store: {', '.join(m['missing'])})" if m["missing"]
+                       else "" if m["consistent"] else "  (not a consistent point)")
+                lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {_ns_text(m['ts'])}{why}")
+            if t["latest_missing"]:
+                lines.append(f"  latest seq {t['latest']}: MISSING from the store: {', '.join(t['latest_missing'])}")
             for b in t["bases"]:
                 lines.append(f"  base  disk {b['disk']} at seq {b['seq']}")
+        for p in r["problems"]:
+            lines.append(f"PROBLEM {p['object']}: {p['problem']}")
         return "\n".join(lines)
 
     _emit(as_json, result, human)

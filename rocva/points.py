@@ -8,8 +8,11 @@ the seq ends or starts a segment, else from that one segment's index). Marks say
 they are consistent points; bases, the not-consistent windows and the retention horizon
 are listed as the catalog has them.
 
-It summarises from the head: no page is read but the few that hold the windows' ends,
-however long the history.
+It summarises from the head: no page is read but the few that hold the windows' ends
+and the marks, however long the history. A mark (or the latest point) whose segment or
+base is missing from the store is shown with ``missing`` naming the objects and is not
+offered as consistent; ``problems`` lists signs that the catalog was rolled back
+(``rocva.integrity``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from cdp.catalog_read import CatalogView
+from rocva.integrity import missing_for_points, rollback_problems
 from rocva.plan import load_state
 from rocva.target import recoverable_ranges
 
@@ -42,6 +46,8 @@ async def timeline_points(state: CatalogView) -> dict[str, Any]:
     def consistent(seq: int) -> bool:
         return any(a <= seq <= b for a, b in ranges)
 
+    latest = windows[-1]["last_seq"] if windows else None
+    missing = await missing_for_points(state, [m["seq"] for m in state.marks] + ([latest] if latest is not None else []))
     tl = state.tl
     return {
         "timeline": tl.id, "parent": tl.parent or None, "fork_seq": tl.fork_seq if tl.parent else None,
@@ -51,8 +57,10 @@ async def timeline_points(state: CatalogView) -> dict[str, Any]:
         "horizon_seq": state.horizon_seq,
         "segments": state.segment_count,
         "consistent": windows,
-        "latest": windows[-1]["last_seq"] if windows else None,
-        "marks": [dict(m, consistent=consistent(m["seq"])) for m in state.marks],
+        "latest": latest,
+        "latest_missing": missing.get(latest, []) if latest is not None else [],
+        "marks": [dict(m, consistent=consistent(m["seq"]) and not missing[m["seq"]], missing=missing[m["seq"]])
+                  for m in state.marks],
         "bases": list(state.bases),
         "not_consistent": list(state.windows),
     }
@@ -77,8 +85,9 @@ async def list_points(store, domain: int, timeline: int | None = None) -> dict[s
         "generation": state.generation,
         "timeline": asked,
         "current_timeline": state.state.current,
-        **{k: top[k] for k in ("committed_seq", "horizon_seq", "consistent", "latest", "marks", "bases",
-                               "not_consistent")},
+        **{k: top[k] for k in ("committed_seq", "horizon_seq", "consistent", "latest", "latest_missing", "marks",
+                               "bases", "not_consistent")},
         "disks": list(state.disks),
         "timelines": [per[tl] for tl in others],
+        "problems": await rollback_problems(store, state.state),
     }

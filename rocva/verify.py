@@ -14,7 +14,10 @@ the first one, so one run tells an operator everything that is wrong:
   checks every block and chunk sum; ``sample`` deep-checks a random share of segments.
 
 Objects under the domain's prefix that the catalog does not name are listed as
-``unreferenced`` (uploads whose catalog commit never happened); they are not errors.
+``unreferenced`` (uploads whose catalog commit never happened); they are not errors —
+unless they lie past the current timeline's ``committed_seq`` and are no upload in
+flight, or pages lie past every timeline's: then the catalog was rolled back, a problem
+(``rocva.integrity.rollback_problems``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from cdp.catalog_read import CatalogView
 from cdp.errors import CdpError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.segment import decode_segment, read_segment_index
+from rocva.integrity import rollback_problems
 
 CONCURRENCY = 8
 
@@ -104,6 +108,8 @@ async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0,
         if progress:
             progress(done, total)
     report.unreferenced = sorted(set(listed) - set(named))
+    for p in await rollback_problems(store, state):
+        report.problem(p["object"], p["problem"])
     return _summary(domain, generation, report, t0, deep, state)
 
 

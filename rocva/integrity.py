@@ -1,0 +1,87 @@
+"""What the catalog alone cannot see: objects it names that are gone, and signs that the
+catalog itself was rolled back (FORMAT.md §8; issue 10).
+
+* ``missing_for_points``: per recovery point (a mark, the latest seq), the objects its
+  recovery needs first — the segment holding it and each disk's base — that the store
+  does not have. ``cdp points`` shows such a point as not recoverable, by name; a
+  recovery of it is refused when planning reads the missing object (``NotFound`` naming it).
+* ``rollback_problems``: segments of the current timeline that start after its
+  ``committed_seq`` and are older than ``PENDING_GRACE_S`` (the DRVA commits an upload
+  within seconds, so an old one means the generations that named it are gone), and
+  pages that start after every timeline's ``committed_seq`` (folds of generations that
+  no longer exist). Uploads younger than the grace are in flight, not a problem.
+
+Neither is a substitute for ``verify``, which reads every object; both cost a few
+requests, so ``cdp points`` can afford them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cdp.catalog_read import CatalogView
+from cdp.catalog_state import CatalogState
+from cdp.errors import NotFound
+from cdp.gather import gather_bounded
+from cdp.layout import page_prefix, parse_page_key, segment_prefix
+
+#: An upload not yet named by the catalog after this long is no upload in flight.
+PENDING_GRACE_S = 120.0
+#: Objects looked up at once.
+STAT_CONCURRENCY = 16
+#: Stray objects named in one report (the count is always given).
+NAMED_MAX = 20
+
+
+async def _exists(store, key: str) -> bool:
+    try:
+        await store.stat(key)
+        return True
+    except NotFound:
+        return False
+
+
+async def missing_for_points(view: CatalogView, seqs: list[int]) -> dict[int, list[str]]:
+    """{seq: keys missing from the store} for the recovery points ``seqs`` (module docstring)."""
+    needs: dict[int, list[str]] = {}
+    for seq in seqs:
+        keys = []
+        row = await view.row_for_seq(seq) if seq > view.horizon_seq else None
+        if row is not None:
+            keys.append(view.row_key(row))
+        for d in view.disks:
+            below = [b for b in view.bases if b["disk"] == d["disk"] and b["seq"] <= seq]
+            if below:
+                keys.append(max(below, key=lambda b: b["seq"])["key"])
+        needs[seq] = keys
+    unique = sorted({k for keys in needs.values() for k in keys})
+    present = dict(zip(unique, await gather_bounded((_exists(view.store, k) for k in unique), STAT_CONCURRENCY)))
+    return {seq: [k for k in keys if not present[k]] for seq, keys in needs.items()}
+
+
+async def rollback_problems(store, state: CatalogState, *, now: float | None = None) -> list[dict[str, Any]]:
+    """Signs that generations of ``state``'s catalog were removed (module docstring)."""
+    now = time.time() if now is None else now
+    domain, tl = state.domain_id, state.timeline()
+    problems: list[dict[str, Any]] = []
+    prefix = segment_prefix(domain, tl.id)
+    stray = []
+    async for info in store.list(prefix, start_after=f"{prefix}{tl.committed_seq:016x}-~"):
+        if info.mtime is None or now - info.mtime > PENDING_GRACE_S:
+            stray.append(info.key)
+    if stray:
+        problems.append({"object": stray[0], "problem": (
+            f"{len(stray)} segment(s) of timeline {tl.id} start after its committed_seq {tl.committed_seq} and "
+            f"were uploaded more than {PENDING_GRACE_S:g} s ago: the catalog generations that named them are "
+            f"gone (rolled back?) or the DRVA cannot commit: {', '.join(stray[:NAMED_MAX])}")})
+    top = max(t.committed_seq for t in state.timelines.values())
+    pages = []
+    async for info in store.list(page_prefix(domain), start_after=f"{page_prefix(domain)}{top:016x}-~"):
+        if parse_page_key(info.key)[1] > top:
+            pages.append(info.key)
+    if pages:
+        problems.append({"object": pages[0], "problem": (
+            f"{len(pages)} catalog page(s) start after every timeline's committed_seq (at most {top}): "
+            f"they were folded by generations that are gone (rolled back?): {', '.join(pages[:NAMED_MAX])}")})
+    return problems

@@ -1,0 +1,91 @@
+"""Issue 10, items 4 and 11, against a tampered file store: a rolled-back catalog is a
+problem that `verify` reports and `points` shows; stray objects under the catalog prefix
+are skipped; a point whose objects are missing is shown as such and refused by name."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cdp.catalog import list_generations, load_catalog
+from cdp.errors import NotFound
+from cdp.layout import catalog_key
+from cdp.store.fs import FileStore
+from rocva import recover
+from rocva.points import list_points
+from rocva.verify import verify
+from tests.rocva.domain import DomainBuilder, random_workload
+
+HOUR_S = 3600
+
+
+async def build(tmp_path: Path) -> DomainBuilder:
+    b = await DomainBuilder(FileStore(tmp_path / "store")).start()
+    await random_workload(b, np.random.default_rng(4), 120, seal_every=8)
+    return b
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+async def test_a_rolled_back_catalog_is_a_problem_for_verify_and_points(tmp_path: Path) -> None:
+    b = await build(tmp_path)
+    store = b.store
+    assert (await verify(store, b.domain))["ok"]
+    head, generation = await load_catalog(store, b.domain)
+    committed = head.timeline().committed_seq
+    # The tester deletes the newest generations, back to the last snapshot (every 5).
+    keep = generation // 5 * 5
+    for g in range(keep + 1, generation + 1):
+        await store.delete(catalog_key(b.domain, g))
+    older, _ = await load_catalog(store, b.domain)
+    assert older.timeline().committed_seq < committed
+    # Just uploaded segments past committed_seq are uploads in flight: no problem yet.
+    report = await verify(store, b.domain)
+    assert report["ok"] and report["unreferenced"], report
+    for p in (tmp_path / "store" / "d" / f"{b.domain:08x}" / "seg" / "00000001").iterdir():
+        age(p, 2 * HOUR_S)
+    report = await verify(store, b.domain, deep=True)
+    assert not report["ok"]
+    assert any("rolled back" in p["problem"] for p in report["problems"]), report["problems"]
+    pts = await list_points(store, b.domain)
+    assert pts["committed_seq"] == older.timeline().committed_seq
+    assert pts["problems"] and "committed_seq" in pts["problems"][0]["problem"]
+
+
+async def test_stray_objects_under_the_catalog_prefix_do_not_make_the_domain_unrecoverable(tmp_path: Path) -> None:
+    b = await build(tmp_path)
+    cat = tmp_path / "store" / "d" / f"{b.domain:08x}" / "cat"
+    (cat / "README").write_text("what these files are")
+    (cat / "0000000000000099.cat.tmp").write_bytes(b"partial")  # not a key: .tmp suffix
+    pts = await list_points(b.store, b.domain)
+    assert pts["latest"] == b.seq
+    result = await recover(b.store, b.domain, "latest", tmp_path / "out", checksum=True)
+    assert [im["sha256"] for im in result["images"]] == b.snapshot()
+    assert len(await list_generations(b.store, b.domain)) >= 1
+
+
+async def test_a_mark_whose_segment_is_missing_is_shown_and_refused_by_name(tmp_path: Path) -> None:
+    b = await build(tmp_path)
+    pts = await list_points(b.store, b.domain)
+    marks = [m for m in pts["marks"] if m["consistent"]]
+    assert marks and all(m["missing"] == [] for m in pts["marks"])
+    victim = marks[len(marks) // 2]
+    head, generation = await load_catalog(b.store, b.domain)
+    from cdp.catalog_read import CatalogView
+
+    view = CatalogView(b.store, head, generation)
+    key = view.row_key(await view.row_for_seq(victim["seq"]))
+    await b.store.delete(key)
+    pts = await list_points(b.store, b.domain)
+    shown = next(m for m in pts["marks"] if m["seq"] == victim["seq"])
+    assert shown["missing"] == [key] and shown["consistent"] is False
+    with pytest.raises(NotFound, match=key):
+        await recover(b.store, b.domain, f"mark:{victim['name']}", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.img"))
