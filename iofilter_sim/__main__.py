@@ -11,7 +11,8 @@ captured write is acked) and prints a summary, including each disk's sha256. A s
 SIGINT/SIGTERM stops waiting for the drain.
 
 Exit status of ``run``: 0 when every captured write was acked ("drained"), 1 when not
-(the drain timed out or was given up), 2 for a usage error.
+(the drain timed out or was given up), 2 for bad arguments or a bad cluster file, another
+``cdp.errors`` code for any other error, 130 for a SIGINT before the run started.
 """
 
 from __future__ import annotations
