@@ -127,8 +127,11 @@ async def rpo_samples(status: Path, seconds: float, load: Load) -> list[float]:
             except (OSError, ValueError, KeyError, IndexError):
                 pass
     task = asyncio.create_task(sample())
-    await load.run(seconds, 64, rate_bytes_s=100e6)
-    task.cancel()
+    try:
+        await load.run(seconds, 64, rate_bytes_s=100e6)
+    finally:
+        task.cancel()  # and wait for it: a task left pending is cancelled at exit, if ever
+        await asyncio.gather(task, return_exceptions=True)
     return samples
 
 

@@ -146,25 +146,33 @@ async def _run(opts: DemoOptions, root: Path, env: dict[str, str]) -> dict[str, 
             await _wait_daemon(client, daemon, root)
             _say(opts, f"daemon up; writing {opts.writes_bytes / 1e6:.0f} MB at {rate:.0f} MB/s")
             runner = ClusterRunner(load_cluster(cfg.cluster_path), cfg.secret(env))
-            await runner.start()
-            lags: list[float] = []
-            sampler = asyncio.create_task(_sample_lag(client, lags))
-            work = asyncio.create_task(runner.run(write_s))
-            await asyncio.sleep(write_s / 2)
-            job = await client.post(f"/v1/domains/{DOMAIN}/marks", {"name": MARK_NAME}, wait=True)
-            if job.get("state") != "succeeded":
-                raise CdpError(f"demo: the mark job {job.get('id')} {job.get('state')}: {job.get('error')}")
-            await work
-            write_elapsed = time.monotonic() - runner.started
-            _say(opts, "draining")
-            if not await runner.drain(COMMIT_WAIT_S):
-                raise CdpError(f"demo: the filter did not drain in {COMMIT_WAIT_S:.0f} s (see {root}/msa/logs)")
-            captured = runner.filters[DOMAIN].next_seq - 1
-            state = await _wait_committed(cfg.store_url, captured)
-            sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
-            summary = runner.summary()
-            await runner.close()
+            tasks: list[asyncio.Task] = []
+            try:
+                await runner.start()
+                lags: list[float] = []
+                tasks.append(sampler := asyncio.create_task(_sample_lag(client, lags)))
+                tasks.append(work := asyncio.create_task(runner.run(write_s)))
+                await asyncio.sleep(write_s / 2)
+                job = await client.post(f"/v1/domains/{DOMAIN}/marks", {"name": MARK_NAME}, wait=True)
+                if job.get("state") != "succeeded":
+                    raise CdpError(f"demo: the mark job {job.get('id')} {job.get('state')}: {job.get('error')}")
+                await work
+                write_elapsed = time.monotonic() - runner.started
+                _say(opts, "draining")
+                if not await runner.drain(COMMIT_WAIT_S):
+                    raise CdpError(f"demo: the filter did not drain in {COMMIT_WAIT_S:.0f} s (see {root}/msa/logs)")
+                captured = runner.filters[DOMAIN].next_seq - 1
+                state = await _wait_committed(cfg.store_url, captured)
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+                summary = runner.summary()
+            finally:
+                # On an error too: tasks left pending would only be cancelled by
+                # asyncio.run's shutdown, after the daemon is gone, with the clients open.
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await runner.close()
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:

@@ -5,6 +5,12 @@ bytes, not the disk; ``fdatasync`` makes a file's data (and the metadata needed 
 it back) durable; a rename or a new directory entry is durable only once the directory
 itself is fsynced. ``atomic_write`` combines them so a reader sees the whole old file or
 the whole new one, never a mix, even across a power loss.
+
+Every write and sync of the replication log and the metadata repository goes through
+``pwrite_all``, ``sync_data`` and ``sync_file`` here (called as ``durable.sync_data``,
+looked up at each call), so a test can record their order and check that nothing was
+reported durable before a sync covered it (tests/test_durable_order.py): a SIGKILL test
+cannot see a missing sync, the page cache survives it.
 """
 
 from __future__ import annotations
@@ -12,14 +18,49 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
+
+# Most buffers one pwritev takes (Linux's IOV_MAX).
+IOV_MAX = 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+def sync_data(fd: int) -> None:
+    """``fdatasync``: what was written to ``fd`` (and the metadata needed to read it back)
+    is durable when this returns. Nothing written may be reported durable before that."""
+    os.fdatasync(fd)
+
+
+def sync_file(fd: int) -> None:
+    """``fsync``: as ``sync_data``, and every metadata of the file too (size, times)."""
+    os.fsync(fd)
+
+
+def pwrite_all(fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+    """``pwritev`` every buffer at ``offset``, resuming after short writes, at most
+    ``IOV_MAX`` buffers a call. Like any write, it makes nothing durable (``sync_data``)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    i = 0
+    while i < len(views):
+        batch = views[i : i + IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        offset += written
+        for v in batch:
+            if written >= len(v):
+                written -= len(v)
+                i += 1
+            else:
+                views[i] = v[written:]
+                break
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` (renames, creations) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        sync_file(fd)
     finally:
         os.close(fd)
 
@@ -65,7 +106,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        sync_file(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -83,7 +124,7 @@ def preallocate(path: str | os.PathLike[str], size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.posix_fallocate(fd, 0, size)
-        os.fsync(fd)
+        sync_file(fd)
     finally:
         os.close(fd)
     fsync_dir(Path(path).resolve().parent)

@@ -19,6 +19,7 @@ from typing import Any
 
 import xxhash
 
+from cdp import durable  # every write and sync through it, looked up at each call
 from cdp.durable import fsync_dir, preallocate
 from cdp.errors import ConfigError, MetaError
 
@@ -90,9 +91,9 @@ class MetaRepository:
         try:
             if os.lseek(fd, 0, os.SEEK_END) < 2 * slot_size:
                 raise ConfigError(f"metadata repository {path}: smaller than two slots of {slot_size}")
-            os.pwrite(fd, bytes(_ALIGN), 0)  # no stale slot 0 of an earlier format
-            os.pwrite(fd, _pack_slot(1, slot_size, b"{}"), slot_size)
-            os.fsync(fd)
+            durable.pwrite_all(fd, [bytes(_ALIGN)], 0)  # no stale slot 0 of an earlier format
+            durable.pwrite_all(fd, [_pack_slot(1, slot_size, b"{}")], slot_size)
+            durable.sync_file(fd)
         finally:
             os.close(fd)
         if not is_device:
@@ -138,8 +139,8 @@ class MetaRepository:
             )
         with self._lock:
             gen = self._generation + 1
-            os.pwrite(self._fd, _pack_slot(gen, self._slot_size, body), (gen % 2) * self._slot_size)
-            os.fdatasync(self._fd)
+            durable.pwrite_all(self._fd, [_pack_slot(gen, self._slot_size, body)], (gen % 2) * self._slot_size)
+            durable.sync_data(self._fd)
             self._generation = gen
             self._doc = json.loads(body)
 

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import xxhash
 
-from cdp.durable import aligned_buffer, fsync_dir, preallocate
+# Every write and sync goes through cdp.durable, looked up at each call: the one place
+# that makes bytes durable, where tests record their order (test_durable_order.py).
+from cdp import durable
 from cdp.errors import ConfigError, LogCorruption, LogError, LogFull
 from cdp.frame import FRAME_LEN_MAX
 from cdp.logfmt import (
@@ -40,7 +42,6 @@ from cdp.logfmt import (
 )
 
 COMMIT_BYTES_MAX_DEFAULT = 128 << 20
-_IOV_MAX = 1024
 _ZEROS = memoryview(bytes(BLOCK))
 _LOOKAHEAD_CHUNK = 1 << 20
 
@@ -85,7 +86,7 @@ class ReplicationLog:
         if not is_device:
             if size is None:
                 raise ConfigError(f"log partition {path}: a size is needed to create a file")
-            preallocate(path, size)
+            durable.preallocate(path, size)
         fd = os.open(path, os.O_RDWR)
         try:
             part_size = os.lseek(fd, 0, os.SEEK_END)
@@ -102,16 +103,16 @@ class ReplicationLog:
                 )
             sb = Superblock.new(part_size, data_size, commit_bytes_max, label)
             # Both copies, generations 0 and 1, so neither holds an older partition's state.
-            os.pwrite(fd, pack_superblock(sb), 0)
-            os.pwrite(fd, pack_superblock(sb.next()), BLOCK)
+            durable.pwrite_all(fd, [pack_superblock(sb)], 0)
+            durable.pwrite_all(fd, [pack_superblock(sb.next())], BLOCK)
             # Clear the first data block: a fresh file is zero anyway; a reused device
             # could hold anything, and entries of an earlier format are refused by uuid.
-            os.pwrite(fd, bytes(BLOCK), DATA_START)
-            os.fsync(fd)
+            durable.pwrite_all(fd, [bytes(BLOCK)], DATA_START)
+            durable.sync_file(fd)
         finally:
             os.close(fd)
         if not is_device:
-            fsync_dir(path.resolve().parent)
+            durable.fsync_dir(path.resolve().parent)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, direct: bool = False,
@@ -325,7 +326,7 @@ class ReplicationLog:
             positions.append(pos)
             pos += stride
         self._write(iov, commit_pos, pos - commit_pos)
-        os.fdatasync(self._fd)
+        durable.sync_data(self._fd)  # only now may the caller ack these entries
         self._bounds.extend(positions)
         self._tail = pos
         return positions
@@ -335,7 +336,7 @@ class ReplicationLog:
         pos = self._tail
         header = pack_entry_header(KIND_PAD, pos, pos, self._sb.epoch, 0, EMPTY_XXH3, self._sb.uuid)
         self._write([header, _ZEROS[ENTRY_HEADER_SIZE:]], pos, BLOCK)
-        os.fdatasync(self._fd)
+        durable.sync_data(self._fd)
         self._bounds.append(pos)
         self._tail = pos + self._sb.data_size - pos % self._sb.data_size
 
@@ -344,15 +345,15 @@ class ReplicationLog:
         offset = self._phys(pos)
         assert offset + nbytes <= DATA_START + self._sb.data_size, "a write crosses the ring end"
         if self._direct:
-            buf = aligned_buffer(nbytes)
+            buf = durable.aligned_buffer(nbytes)
             at = 0
             for part in iov:
                 buf[at : at + len(part)] = part
                 at += len(part)
-            _pwrite_all(self._fd, [memoryview(buf)[:nbytes]], offset)
+            durable.pwrite_all(self._fd, [memoryview(buf)[:nbytes]], offset)
             buf.close()
         else:
-            _pwrite_all(self._fd, iov, offset)
+            durable.pwrite_all(self._fd, iov, offset)
 
     def trim(self, pos: int) -> None:
         """Drop every entry before ``pos`` (an entry boundary or the tail), durably."""
@@ -372,8 +373,8 @@ class ReplicationLog:
 
     def _write_superblock(self, sb: Superblock) -> None:
         raw = pack_superblock(sb)
-        _pwrite_all(self._fd, [_aligned_copy(raw) if self._direct else raw], sb.copy_index() * BLOCK)
-        os.fdatasync(self._fd)
+        durable.pwrite_all(self._fd, [_aligned_copy(raw) if self._direct else raw], sb.copy_index() * BLOCK)
+        durable.sync_data(self._fd)
         self._sb = sb
         self._durable_head = sb.head
 
@@ -460,33 +461,17 @@ class ReplicationLog:
 
 
 def _aligned_copy(raw: bytes) -> memoryview:
-    buf = aligned_buffer(len(raw))
+    buf = durable.aligned_buffer(len(raw))
     buf[: len(raw)] = raw
     return memoryview(buf)[: len(raw)]
 
 
 def _pread(fd: int, n: int, offset: int, direct: bool = False) -> bytes:
     if direct:
-        buf = aligned_buffer(n)
+        buf = durable.aligned_buffer(n)
         got = os.preadv(fd, [buf], offset)
         data = bytes(memoryview(buf)[:got])
         buf.close()
         return data
     return os.pread(fd, n, offset)
 
-
-def _pwrite_all(fd: int, iov: list, offset: int) -> None:
-    """``pwritev`` every buffer, resuming after short writes, at most IOV_MAX at a time."""
-    views = [memoryview(b).cast("B") for b in iov]
-    i = 0
-    while i < len(views):
-        batch = views[i : i + _IOV_MAX]
-        written = os.pwritev(fd, batch, offset)
-        offset += written
-        for v in batch:
-            if written >= len(v):
-                written -= len(v)
-                i += 1
-            else:
-                views[i] = v[written:]
-                break

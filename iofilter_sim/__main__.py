@@ -7,7 +7,12 @@
 
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
-captured write is acked) and prints a summary, including each disk's sha256.
+captured write is acked) and prints a summary, including each disk's sha256. A second
+SIGINT/SIGTERM stops waiting for the drain.
+
+Exit status of ``run``: 0 when every captured write was acked ("drained"), 1 when not
+(the drain timed out or was given up), 2 for bad arguments or a bad cluster file, another
+``cdp.errors`` code for any other error, 130 for a SIGINT before the run started.
 """
 
 from __future__ import annotations
@@ -102,8 +107,23 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
 async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None, marks) -> dict:
     runner = ClusterRunner(cluster, secret, opts)
     loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        # The first signal stops the workloads and drains; a second one (the user will
+        # not wait for a DRVA that does not answer) gives the drain up too.
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            click.echo("iofilter-sim: stopping: waiting until every captured write is acked "
+                       "(signal again to give up)", err=True)
+            runner.stop()
+        else:
+            click.echo("iofilter-sim: giving up the drain", err=True)
+            runner.give_up()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runner.stop)
+        loop.add_signal_handler(sig, on_signal)
     await runner.start()
     try:
         await runner.run(duration, marks)

@@ -21,6 +21,10 @@ from iofilter_sim.filter import DomainFilter, FilterError
 log = get_logger("iofilter.client")
 
 STATE_EVERY_S = 1.0
+# An idle sender still wakes this often: resync progress and FILTER_STATE are due.
+SEND_IDLE_WAKE_S = STATE_EVERY_S / 4
+# The DRVA answers each handshake step at once; a silent one is not worth waiting on.
+HANDSHAKE_REPLY_TIMEOUT_S = 10.0
 RECONNECT_MAX_S = 2.0
 SEND_WINDOW_BYTES = 8 << 20  # drain after this much, so acks keep flowing
 
@@ -120,7 +124,10 @@ class FilterClient:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _expect(self, reader: asyncio.StreamReader, mtype: int, where: str) -> dict[str, Any]:
-        msg = await asyncio.wait_for(wire.read_message(reader, where), 10)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the message and
+        # drops a cancellation that lands in the loop iteration the message completes in.
+        async with asyncio.timeout(HANDSHAKE_REPLY_TIMEOUT_S):
+            msg = await wire.read_message(reader, where)
         if msg.type == wire.ERROR:
             doc = msg.json(where)
             raise AuthError(f"{where} refused: {doc.get('code')}: {doc.get('message')}")
@@ -146,7 +153,8 @@ class FilterClient:
                 self.seed_done[(doc["domain"], doc["disk"])] = doc
                 self.seed_event.set()
             elif msg.type == wire.PING:
-                self._writer and self._writer.writelines(wire.control(wire.PONG, {}))
+                if self._writer is not None:
+                    self._writer.writelines(wire.control(wire.PONG, {}))
             elif msg.type == wire.MARK_REQUEST:
                 self._mark_requested(msg.json(where), where)
 
@@ -196,9 +204,12 @@ class FilterClient:
             self._wake.clear()
             if not any((f.next_unsent() and not f.backpressure) or (f.mode != "normal" and f.healthy(True))
                        for f in self.filters.values()):
+                # Not wait_for (Python 3.11): a cancellation landing as the wake fires
+                # would be dropped and this loop would run on, so a stop never ended.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), STATE_EVERY_S / 4)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(SEND_IDLE_WAKE_S):
+                        await self._wake.wait()
+                except TimeoutError:
                     pass
 
     # ------------------------------------------------------------------ seeding

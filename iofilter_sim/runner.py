@@ -59,6 +59,7 @@ class ClusterRunner:
         self.marks: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
+        self._give_up = asyncio.Event()  # stop waiting in ``drain`` too
         self.started = time.monotonic()
 
     async def start(self) -> None:
@@ -77,7 +78,8 @@ class ClusterRunner:
                 self.client_of[d.name] = client
             self._tasks.append(asyncio.create_task(client.run(), name=f"client-{endpoint}"))
         deadline = time.monotonic() + self.opts.connect_wait_s
-        while any(c.connections == 0 for c in self.clients) and time.monotonic() < deadline:
+        while (any(c.connections == 0 for c in self.clients) and time.monotonic() < deadline
+               and not self._stop.is_set()):
             await asyncio.sleep(0.02)
         for c in self.clients:
             if c.connections == 0:
@@ -112,10 +114,13 @@ class ClusterRunner:
 
     async def _sleep_until(self, t: float) -> bool:
         """Sleep until monotonic time ``t``; True if stopped first."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation
+        # that lands in the iteration the stop event fires.
         try:
-            await asyncio.wait_for(self._stop.wait(), max(0.0, t - time.monotonic()))
+            async with asyncio.timeout(max(0.0, t - time.monotonic())):
+                await self._stop.wait()
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _drive(self, name: str) -> None:
@@ -129,7 +134,14 @@ class ClusterRunner:
             await asyncio.sleep(0)  # let the clients send between batches
 
     def stop(self) -> None:
+        """Stop the workloads; ``drain`` then waits for what was captured to be acked."""
         self._stop.set()
+
+    def give_up(self) -> None:
+        """Stop the workloads and stop waiting in ``drain`` (it returns False): for a user
+        who will not wait for a DRVA that does not answer."""
+        self._stop.set()
+        self._give_up.set()
 
     async def mark(self, domain: str, name: str, wait_s: float = 30.0) -> int | None:
         """Place mark ``name`` in ``domain``, waiting (bounded) for normal mode."""
@@ -159,7 +171,7 @@ class ClusterRunner:
         """Wait until every captured write of every domain is acked and no domain is in
         bitmap or resync mode; False on timeout."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._give_up.is_set():
             if all(f.mode == "normal" and f.acked_seq == f.next_seq - 1 for f in self.filters.values()):
                 return True
             await asyncio.sleep(0.05)

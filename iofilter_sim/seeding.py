@@ -37,14 +37,13 @@ async def seed_disk(client: FilterClient, f: DomainFilter, disk: int, *,
             await client.send_seed([wire.seed_chunk_message(f.domain, disk, i, data)])
     await client.send_seed([wire.control(wire.SEED_END, {
         "domain": f.domain, "disk": disk, "end_seq": f.next_seq - 1})])
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while (done := client.seed_done.get((f.domain, disk))) is None:
-        if loop.time() > deadline:
-            raise TimeoutError(f"domain {f.domain} disk {disk}: no SEED_DONE in {timeout_s} s")
-        client.seed_event.clear()
-        try:
-            await asyncio.wait_for(client.seed_event.wait(), 1)
-        except asyncio.TimeoutError:
-            pass
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancellation
+    # that lands as the event fires, and the caller's stop would be lost.
+    try:
+        async with asyncio.timeout(timeout_s):
+            while (done := client.seed_done.get((f.domain, disk))) is None:
+                client.seed_event.clear()
+                await client.seed_event.wait()
+    except TimeoutError:
+        raise TimeoutError(f"domain {f.domain} disk {disk}: no SEED_DONE in {timeout_s} s") from None
     return done

@@ -2,7 +2,8 @@
 
 Every line it prints is printed *after* the fact it reports is durable:
 ``D pos first_seq last_seq`` after ``append_batch`` returned for that entry, ``T pos``
-after a trim returned. The parent kills it with SIGKILL at a random moment.
+after a trim returned. ``R`` first, once the log is open: the parent kills it with
+SIGKILL at a random moment after that.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main(path: str, seed: int, start_seq: int) -> None:
     for _, body in log.entries():
         seq = max(seq, decode_frame(body).last_seq + 1)
     out = sys.stdout
+    out.write("R\n")
+    out.flush()
     while True:
         frames, meta = [], []
         for _ in range(rng.randint(1, 4)):

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The demo writes, uploads, recovers and verifies: tens of seconds; bounds a hang.
+CLI_EXIT_S = 300.0
 
 
 def cdp(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cdp.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=CLI_EXIT_S)
 
 
 def test_demo_json_verifies_every_image(tmp_path):

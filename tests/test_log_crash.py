@@ -22,9 +22,12 @@ from cdp.frame import decode_frame
 from cdp.logfmt import DATA_START
 from cdp.replog import ReplicationLog
 from tests.frames_gen import TS0, payload_for
+from tests.waiting import EVENTUALLY_S, wait_until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 KILLS = 50
+# A SIGKILLed child is reaped at once, and its stdout then ends.
+KILLED_EXIT_S = 30.0
 
 
 def run_child_until_killed(path: Path, seed: int, start_seq: int, delay_s: float) -> list[str]:
@@ -33,12 +36,20 @@ def run_child_until_killed(path: Path, seed: int, start_seq: int, delay_s: float
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    time.sleep(delay_s)
+    # The random moment counts from the child's first append, not from the start of a
+    # Python process: on a slow machine the imports alone can outlast the delay.
+    wait_until_sync(lambda: lines or proc.poll() is not None, EVENTUALLY_S, "the child to open the log")
+    time.sleep(delay_s)  # the random moment of the kill: it waits for nothing
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    reader.join(timeout=30)
+    proc.wait(timeout=KILLED_EXIT_S)
+    reader.join(timeout=KILLED_EXIT_S)
     err = proc.stderr.read()
     assert proc.returncode == -signal.SIGKILL, f"child died on its own: {err}"
     return lines

@@ -3,7 +3,6 @@ simple primary disks, and the checks every end-to-end test makes."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -23,9 +22,15 @@ from cdp.replay import replay_reference
 from cdp.segment import decode_segment
 from drva.config import DrvaConfig, parse_drva_config
 from iofilter_sim.disks import PrimaryDisk
+from tests.waiting import EVENTUALLY_S, wait_until, wait_until_sync  # noqa: F401  (wait_until: tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "test-site-secret-0123456789"
+# A SIGKILLed process is reaped at once; a SIGTERMed DRVA drains its tasks first.
+KILLED_EXIT_S = 10.0
+STOP_EXIT_S = 20.0
+# One attempt to connect to a local port that is not listening yet fails at once.
+CONNECT_PROBE_S = 0.2
 
 
 def free_port() -> int:
@@ -99,14 +104,6 @@ def random_writes(rng: np.random.Generator, disk_sizes: list[int], n: int, max_s
     return disk, offset, length, kind, payload
 
 
-async def wait_until(predicate, timeout_s: float, what: str, step_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(step_s)
-
-
 class DrvaProcess:
     """A DRVA in a subprocess (to SIGKILL it), on a fixed port so it can come back."""
 
@@ -123,28 +120,30 @@ class DrvaProcess:
                                      cwd=ROOT, env=self.env, stdout=out, stderr=out)
         out.close()
         host, port = self.doc["listen"].rsplit(":", 1)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def listening() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"DRVA exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.2):
-                return
-            time.sleep(0.05)
-        raise AssertionError("DRVA did not start listening")
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=CONNECT_PROBE_S):
+                return True
+            return False
+
+        # A DRVA starts in about a second (imports, log recovery); more under coverage.
+        wait_until_sync(listening, EVENTUALLY_S, f"DRVA {self.doc['name']} to listen on {host}:{port}")
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.wait(KILLED_EXIT_S)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(STOP_EXIT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(5)
+                self.proc.wait(KILLED_EXIT_S)
 
     def status(self) -> dict[str, Any]:
         import json

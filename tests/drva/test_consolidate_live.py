@@ -16,12 +16,14 @@ from rocva import recover
 from rocva.consolidate import consolidate
 from rocva.verify import verify
 from tests.drva.harness import (
-    SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes, wait_until,
+    SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes,
 )
 from tests.drva.test_crash import wait_until_committed
+from tests.waiting import EVENTUALLY_S, wait_until
 
 DISK = 16 << 20
-RUN_S = 8
+# Consolidation jobs that must commit a catalog generation while the DRVA writes.
+JOBS_COMMITTED_MIN = 3
 
 
 async def test_consolidation_races_a_live_drva(tmp_path):
@@ -46,19 +48,27 @@ async def test_consolidation_races_a_live_drva(tmp_path):
     jobs = []
 
     async def maintain() -> None:
-        await asyncio.sleep(1.5)
+        # Something to consolidate first: segments the DRVA committed.
+        await wait_until_committed(store, 1, 1)
         while not stop.is_set():
             jobs.append(await consolidate(store, 1, older_than_s=0.3, retention_s=1.0, scratch_dir=tmp_path,
                                           sweep_all_chunks=True))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # paces the jobs; it waits for nothing
+
+    def raced_enough() -> bool:
+        committed = [j for j in jobs if j["generation"] is not None]
+        return len(committed) >= JOBS_COMMITTED_MIN and sum(j["segments_removed"] for j in jobs) > 0
 
     load_task, maint_task = asyncio.create_task(load()), asyncio.create_task(maintain())
     try:
-        await asyncio.sleep(RUN_S)
+        # Until the jobs did what the test checks, however long a slow machine takes.
+        await wait_until(lambda: raced_enough() or maint_task.done(), EVENTUALLY_S,
+                         f"{JOBS_COMMITTED_MIN} consolidations committed while the DRVA writes")
     finally:
         stop.set()
         await asyncio.gather(load_task, maint_task)
-    await wait_until(lambda: filt.mode == "normal" and filt.acked_seq == filt.next_seq - 1, 60, "the drain")
+    await wait_until(lambda: filt.mode == "normal" and filt.acked_seq == filt.next_seq - 1, EVENTUALLY_S,
+                     "the drain")
     await wait_until_committed(store, 1, filt.next_seq - 1)
     client_task.cancel()
     await asyncio.gather(client_task, return_exceptions=True)
@@ -66,7 +76,7 @@ async def test_consolidation_races_a_live_drva(tmp_path):
     drva.stop()
     logs = drva.log_path.read_text()
     committed = [j for j in jobs if j["generation"] is not None]
-    assert len(committed) >= 3, jobs
+    assert len(committed) >= JOBS_COMMITTED_MIN, jobs
     assert "catalog_caught_up" in logs and '"fenced"' not in logs
     assert [d["fenced"] for d in status["domains"]] == [False]
     state, _ = await load_catalog(store, 1)

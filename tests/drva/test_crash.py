@@ -14,8 +14,9 @@ from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import (
-    SECRET, Disk, DrvaProcess, check_store, domain_doc, drva_doc, free_port, random_writes, wait_until,
+    SECRET, Disk, DrvaProcess, check_store, domain_doc, drva_doc, free_port, random_writes,
 )
+from tests.waiting import EVENTUALLY_S, wait_until, wait_until_async
 
 KILLS = 10
 DISK = 32 << 20
@@ -48,20 +49,26 @@ async def test_sigkill_drva_ten_times_under_load(tmp_path):
     acked_at_kill: list[dict[int, int]] = []
     try:
         for i in range(KILLS):
-            await wait_until(lambda: client.connections > i, 30, "the filter to reconnect")
+            await wait_until(lambda: client.connections > i, EVENTUALLY_S, "the filter to reconnect")
+            # Kill under load, with acks flowing: some acked since the restart, then a
+            # random moment (the sleep picks when to kill, it waits for nothing).
+            acked = {f.domain: f.acked_seq for f in filters}
+            await wait_until(lambda: all(f.acked_seq > acked[f.domain] for f in filters), EVENTUALLY_S,
+                             f"acks after restart {i}")
             await asyncio.sleep(rng.uniform(0.2, 0.8))
             drva.kill()
             acked_at_kill.append({f.domain: f.acked_seq for f in filters})
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             await asyncio.to_thread(drva.start)
-        await wait_until(lambda: client.connections > KILLS, 30, "the filter to reconnect")
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: client.connections > KILLS, EVENTUALLY_S, "the filter to reconnect")
+        await wait_until(lambda: all(f.acked_seq > acked_at_kill[-1][f.domain] for f in filters), EVENTUALLY_S,
+                         "acks after the last restart")
     finally:
         stop.set()
         await load_task
     assert client.connections >= KILLS + 1
     await wait_until(lambda: all(f.mode == "normal" and f.acked_seq == f.next_seq - 1 for f in filters),
-                     60, "the filters to drain")
+                     EVENTUALLY_S, "the filters to drain")
     store = FileStore(tmp_path / "store")
     for f in filters:
         await wait_until_committed(store, f.domain, f.next_seq - 1)
@@ -77,14 +84,10 @@ async def test_sigkill_drva_ten_times_under_load(tmp_path):
     assert "drva_started" in drva.log_path.read_text()
 
 
-async def wait_until_committed(store, domain: int, seq: int, timeout_s: float = 60) -> None:
-    async def committed() -> int:
+async def wait_until_committed(store, domain: int, seq: int, timeout_s: float = EVENTUALLY_S) -> None:
+    """Wait until the store's catalog of ``domain`` holds ``seq`` committed."""
+    async def committed() -> bool:
         state, _ = await load_catalog(store, domain)
-        return state.timeline().committed_seq if state else 0
+        return state is not None and state.timeline().committed_seq >= seq
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while (got := await committed()) < seq:
-        if loop.time() > deadline:
-            raise AssertionError(f"domain {domain}: committed {got}, expected {seq}")
-        await asyncio.sleep(0.1)
+    await wait_until_async(committed, timeout_s, f"domain {domain}'s catalog to commit seq {seq}")

@@ -22,6 +22,8 @@ from tests.drva.harness import (
 from tests.drva.test_crash import wait_until_committed
 
 DURATION_S = 20
+# After the workload: drain and summary (seconds), bounded for a hang.
+DRAIN_S = 120.0
 
 CLUSTER = """
 site = "site-a"
@@ -90,7 +92,8 @@ async def test_two_drvas_three_domains_five_vms(tmp_path):
             sys.executable, "-m", "iofilter_sim", "run", str(cluster_path), "--duration", str(DURATION_S),
             "--mark", "8:mid-run", "--json", cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": SECRET},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), DURATION_S + 120)
+        async with asyncio.timeout(DURATION_S + DRAIN_S):
+            out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()[-3000:]
         summary = json.loads(out.decode().splitlines()[-1])
         store = FileStore(tmp_path / "store")

@@ -18,10 +18,21 @@ from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import (
-    SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes, wait_until,
+    SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes,
 )
+from tests.waiting import EVENTUALLY_S, wait_until
 
 DISK = 4 << 20
+# How long a request that cannot be answered is waited for: the error is the point.
+UNANSWERED_S = 1.5
+
+
+def _connected(drva: DrvaProcess) -> bool | None:
+    """Whether the DRVA's status shows a filter connected for the domain (None: no status yet)."""
+    try:
+        return bool(drva.status()["domains"][0]["connected"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 def site_files(tmp, port: int) -> None:
@@ -68,29 +79,31 @@ async def test_a_requested_mark_lands_after_every_captured_write(tmp_path):
     client = FilterClient([filt], "127.0.0.1", port, SECRET.encode(), "host-1")
     task = asyncio.create_task(client.run())
     try:
-        await wait_until(lambda: client.connections >= 1, 20, "the filter to connect")
+        await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter to connect")
         filt.capture(*random_writes(np.random.default_rng(1), [DISK], 50, 16))
         captured = filt.next_seq - 1
-        got = await request_mark(cfg, "erp", "before-upgrade", timeout_s=20)
+        got = await request_mark(cfg, "erp", "before-upgrade", timeout_s=EVENTUALLY_S)
         assert got["name"] == "before-upgrade" and got["seq"] > captured
         state, _ = await load_catalog(FileStore(tmp_path / "store"), 1)
         assert [m["name"] for m in state.timeline().marks] == ["before-upgrade"]
         # A second mark with the same name is a new point, not the old one.
-        again = await request_mark(cfg, "erp", "before-upgrade", timeout_s=20)
+        again = await request_mark(cfg, "erp", "before-upgrade", timeout_s=EVENTUALLY_S)
         assert again["seq"] > got["seq"]
         # Bad requests are dropped by the DRVA, with a log line.
         box = cfg.drva_state_dir(cfg.drva("drva-m")) / "requests"
         (box / "mark-bad.json").write_text("{not json")
         (box / "mark-other.json").write_text(json.dumps({"domain": 9, "name": "x"}))
-        await wait_until(lambda: not list(box.glob("mark-*.json")), 10, "bad requests to be dropped")
-        with pytest.raises(Exception, match="expected 1..255"):
-            await request_mark(cfg, "erp", "", timeout_s=1)
+        await wait_until(lambda: not list(box.glob("mark-*.json")), EVENTUALLY_S, "bad requests to be dropped")
+        with pytest.raises(Exception, match="expected 1..255"):  # refused before any wait
+            await request_mark(cfg, "erp", "", timeout_s=UNANSWERED_S)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    # No filter connected: the request is not delivered; the error says where it stuck.
+    # No filter connected (as the DRVA sees it): the request is not delivered; the error
+    # says where it stuck.
+    await wait_until(lambda: _connected(drva) is False, EVENTUALLY_S, "the DRVA to see the filter gone")
     with pytest.raises(CdpError, match="did not pass it on"):
-        await request_mark(cfg, "erp", "nobody-listens", timeout_s=1.5)
+        await request_mark(cfg, "erp", "nobody-listens", timeout_s=UNANSWERED_S)
     drva.stop()
     logs = drva.log_path.read_text()
     assert logs.count('"request_refused"') == 2 and '"mark_requested"' in logs

@@ -16,8 +16,9 @@ from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from iofilter_sim.seeding import seed_disk
 from tests.drva.harness import (
-    SECRET, Disk, check_store, config, domain_doc, drva_doc, random_writes, sha256_file, wait_until,
+    SECRET, Disk, check_store, config, domain_doc, drva_doc, random_writes, sha256_file,
 )
+from tests.waiting import EVENTUALLY_S, wait_until
 from tests.drva.test_crash import wait_until_committed
 
 DISK = 32 << 20
@@ -53,17 +54,21 @@ async def test_full_log_forces_backpressure_then_bitmap_then_resync(tmp_path):
         if f.mode == "bitmap" and saw_backpressure:
             break
     assert saw_backpressure and f.mode == "bitmap"
-    await wait_until(lambda: drva.domains[1].filter_state.get("mode") == "bitmap", 5, "bitmap in DRVA status")
+    # FILTER_STATE travels in the stream, behind the frames already sent; the DRVA reads
+    # them only as the log drains below low water, one slow (2 s) segment upload at a
+    # time: seconds on an idle machine, more under coverage. Hence no short deadline.
+    await wait_until(lambda: drva.domains[1].filter_state.get("mode") == "bitmap", EVENTUALLY_S,
+                     "bitmap in DRVA status")
     assert drva.status()["domains"][0]["bitmap_mode"] is True
     for _ in range(20):  # live writes go on in bitmap mode
         f.capture(*random_writes(rng, [DISK], 32, 64))
         await asyncio.sleep(0.01)
     slow.set_delay("put", 0)
-    await wait_until(lambda: f.mode == "normal", 60, "the resync to finish")
+    await wait_until(lambda: f.mode == "normal", EVENTUALLY_S, "the resync to finish")
     assert f.stats["resyncs_completed"] >= 1
     f.capture(*random_writes(rng, [DISK], 32, 32))
-    await wait_until(lambda: f.acked_seq == f.next_seq - 1, 30, "the filter to drain")
-    await wait_until(lambda: drva.domains[1].committed_seq == f.next_seq - 1, 30, "the commits")
+    await wait_until(lambda: f.acked_seq == f.next_seq - 1, EVENTUALLY_S, "the filter to drain")
+    await wait_until(lambda: drva.domains[1].committed_seq == f.next_seq - 1, EVENTUALLY_S, "the commits")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await drva.stop()
@@ -100,7 +105,7 @@ async def test_seeding_a_disk_with_content_while_it_is_written(tmp_path):
     # The disks started identical: chunks disk 0 did not change since are stored once.
     assert first["chunks_stored"] > 8
     assert second["chunks_deduplicated"] >= first["chunks_stored"] - 4
-    await wait_until(lambda: f.acked_seq == f.next_seq - 1, 30, "the filter to drain")
+    await wait_until(lambda: f.acked_seq == f.next_seq - 1, EVENTUALLY_S, "the filter to drain")
     store = FileStore(tmp_path / "store")
     await wait_until_committed(store, 1, f.next_seq - 1)
     task.cancel()

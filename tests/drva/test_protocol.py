@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from cdp import wire
-from cdp.frame import encode_frame
+from cdp.frame import decode_frame, encode_frame
 from cdp.records import empty_records
 from drva.daemon import Drva
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import SECRET, Disk, config, domain_doc, drva_doc, random_writes, wait_until
+from tests.drva.harness import SECRET, Disk, config, domain_doc, drva_doc, random_writes
+from tests.waiting import EVENTUALLY_S, wait_until
 
 SIZE = 8 << 20
 
@@ -46,14 +47,16 @@ async def handshake(drva: Drva, domains=(1,), secret: str = SECRET, name: str = 
 
 
 async def expect_error(reader, code: str) -> dict:
-    while True:
-        msg = await asyncio.wait_for(wire.read_message(reader, "t"), 5)
-        if msg.type == wire.ERROR:
-            doc = msg.json("t")
-            assert doc["code"] == code, doc
-            with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
-                await asyncio.wait_for(wire.read_message(reader, "t"), 5)
-            return doc
+    """The ERROR ``code``, then the end of the connection."""
+    async with asyncio.timeout(EVENTUALLY_S):
+        while True:
+            msg = await wire.read_message(reader, "t")
+            if msg.type == wire.ERROR:
+                doc = msg.json("t")
+                assert doc["code"] == code, doc
+                with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+                    await wire.read_message(reader, "t")
+                return doc
 
 
 def frame(first_seq: int, n: int = 4, domain: int = 1) -> bytes:
@@ -71,11 +74,22 @@ async def send_frame(writer, raw: bytes) -> None:
 
 
 async def good_session_still_works(drva: Drva) -> None:
+    """A new session of domain 2 is welcome and its frame (seqs 1..2) made durable. Also
+    a barrier: the committer takes frames in order, one commit at a time, so anything a
+    refused session got staged before it was refused is in the log by now."""
     reader, writer, nonce, dn, name = await handshake(drva, (2,))
     welcome = await wire.read_message(reader, "t")
     assert welcome.type == wire.WELCOME
     assert wire.mac_matches(wire.drva_mac(SECRET.encode(), nonce, dn, name), welcome.json("t")["mac"])
+    await send_frame(writer, frame(1, 2, domain=2))
+    await wait_until(lambda: drva.domains[2].durable_seq >= 2, EVENTUALLY_S, "the good session's frame")
     writer.close()
+
+
+def log_since(drva: Drva, tail: int) -> list[tuple[int, int, int]]:
+    """(domain, first seq, last seq) of every log entry from position ``tail``."""
+    frames = [decode_frame(body) for _, body in drva.log.entries(tail)]
+    return [(f.domain, f.first_seq, f.last_seq) for f in frames]
 
 
 async def test_handshake_welcome_proves_the_drva_and_frames_are_acked(drva):
@@ -86,15 +100,16 @@ async def test_handshake_welcome_proves_the_drva_and_frames_are_acked(drva):
     await send_frame(writer, frame(1))
     await send_frame(writer, frame(5))
     acked = 0
-    while acked < 8:
-        msg = await asyncio.wait_for(wire.read_message(reader, "t"), 5)
-        if msg.type == wire.ACK:
-            _, _, acked, _ = wire.parse_ack(msg.body, "t")
+    async with asyncio.timeout(EVENTUALLY_S):
+        while acked < 8:
+            msg = await wire.read_message(reader, "t")
+            if msg.type == wire.ACK:
+                _, _, acked, _ = wire.parse_ack(msg.body, "t")
     assert drva.domains[1].durable_seq == 8
     # A resend of acked records is dropped, and a partial overlap is cut.
     await send_frame(writer, frame(5))
     await send_frame(writer, frame(7, 4))  # seqs 7..10: 9 and 10 are new
-    await wait_until(lambda: drva.domains[1].durable_seq == 10, 5, "the cut frame")
+    await wait_until(lambda: drva.domains[1].durable_seq == 10, EVENTUALLY_S, "the cut frame")
     assert drva.domains[1].stats.duplicates_dropped == 1
     writer.close()
 
@@ -150,7 +165,7 @@ async def test_bad_frames_are_refused_and_the_log_is_untouched(drva, case, code,
     reader, writer, *_ = await handshake(drva)
     assert (await wire.read_message(reader, "t")).type == wire.WELCOME
     await send_frame(writer, frame(1))
-    await wait_until(lambda: drva.domains[1].durable_seq == 4, 5, "the first frame")
+    await wait_until(lambda: drva.domains[1].durable_seq == 4, EVENTUALLY_S, "the first frame")
     tail = drva.log.tail
     if case == "flipped_payload":
         await send_frame(writer, corrupt(frame(5), 64 + 160 + 100))
@@ -168,9 +183,8 @@ async def test_bad_frames_are_refused_and_the_log_is_untouched(drva, case, code,
         writer.write(wire.pack_header(wire.PING, 2, 12345) + b"{}")
     await expect_error(reader, code)
     assert "session_refused" in caplog.text
-    await asyncio.sleep(0.2)
-    assert drva.log.tail == tail and drva.domains[1].durable_seq == 4
-    await good_session_still_works(drva)
+    await good_session_still_works(drva)  # also a barrier for a late commit of the bad frame
+    assert log_since(drva, tail) == [(2, 1, 2)] and drva.domains[1].durable_seq == 4
 
 
 async def test_truncated_frame_then_disconnect_changes_nothing(drva):
@@ -180,9 +194,9 @@ async def test_truncated_frame_then_disconnect_changes_nothing(drva):
     writer.write(wire.pack_header(wire.FRAME, len(raw), 0) + raw[:100])
     await writer.drain()
     writer.close()
-    await asyncio.sleep(0.3)
-    assert drva.log.tail == 0 and drva.domains[1].accepted_seq == 0
-    await good_session_still_works(drva)
+    await wait_until(lambda: drva.domains[1].session is None, EVENTUALLY_S, "the DRVA to end the session")
+    await good_session_still_works(drva)  # also a barrier for a late commit of the cut frame
+    assert log_since(drva, 0) == [(2, 1, 2)] and drva.domains[1].accepted_seq == 0
 
 
 async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path):
@@ -237,7 +251,7 @@ async def test_segments_of_thousands_of_small_records_are_sealed_and_committed(t
     for _ in range(5):
         f.capture(*random_writes(rng, [64 << 20], 1024, 8))  # 1024 writes of 512 B .. 4 KiB
         await asyncio.sleep(0.01)
-    await wait_until(lambda: d.domains[1].committed_seq == f.next_seq - 1, 30, "the commit")
+    await wait_until(lambda: d.domains[1].committed_seq == f.next_seq - 1, EVENTUALLY_S, "the commit")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await d.stop()

@@ -15,6 +15,7 @@ from tests.drva.harness import (
     SECRET, Disk, DrvaProcess, check_store, domain_doc, drva_doc, free_port, random_writes,
     wait_until, write_toml,
 )
+from tests.waiting import EVENTUALLY_S
 from tests.drva.test_crash import wait_until_committed
 
 DISK = 4 << 20
@@ -33,7 +34,7 @@ async def test_unprotected_domain_frames_do_not_stop_the_drva(tmp_path):
     rng = np.random.default_rng(5)
     for f in filters.values():
         f.capture(*random_writes(rng, [DISK], 40, 16))
-    await wait_until(lambda: all(f.acked_seq == f.next_seq - 1 for f in filters.values()), 20, "acks")
+    await wait_until(lambda: all(f.acked_seq == f.next_seq - 1 for f in filters.values()), EVENTUALLY_S, "acks")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     drva.kill()  # both domains' frames are durable in the log, none is in the store yet
@@ -44,9 +45,9 @@ async def test_unprotected_domain_frames_do_not_stop_the_drva(tmp_path):
     client = FilterClient([filters[1]], "127.0.0.1", port, SECRET.encode(), "host-1")
     task = asyncio.create_task(client.run())
     filters[1].capture(*random_writes(rng, [DISK], 40, 16))
-    await wait_until(lambda: filters[1].acked_seq == filters[1].next_seq - 1, 20, "erp acks")
+    await wait_until(lambda: filters[1].acked_seq == filters[1].next_seq - 1, EVENTUALLY_S, "erp acks")
     store = FileStore(tmp_path / "store")
-    await wait_until_committed(store, 1, filters[1].next_seq - 1, timeout_s=60)
+    await wait_until_committed(store, 1, filters[1].next_seq - 1)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     drva.stop()

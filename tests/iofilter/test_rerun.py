@@ -13,7 +13,8 @@ from cdp.catalog import load_catalog
 from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter, FilterError
-from tests.drva.harness import SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes, wait_until
+from tests.drva.harness import SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes
+from tests.waiting import EVENTUALLY_S, wait_until
 from tests.drva.test_crash import wait_until_committed
 
 DISK = 4 << 20
@@ -23,9 +24,9 @@ async def _run_filter(port: int, disk: Disk, rng: np.random.Generator, writes: i
     f = DomainFilter(1, [disk])
     client = FilterClient([f], "127.0.0.1", port, SECRET.encode(), "host-1")
     task = asyncio.create_task(client.run())
-    await wait_until(lambda: client.connections >= 1, 20, "the filter to connect")
+    await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter to connect")
     f.capture(*random_writes(rng, [DISK], writes, 16))
-    await wait_until(lambda: f.acked_seq == f.next_seq - 1, 20, "acks")
+    await wait_until(lambda: f.acked_seq == f.next_seq - 1, EVENTUALLY_S, "acks")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return f
@@ -52,8 +53,8 @@ async def test_a_second_filter_run_continues_the_domain(tmp_path):
         late.capture(*random_writes(rng, [DISK], 5, 16))
         client = FilterClient([late], "127.0.0.1", port, SECRET.encode(), "host-1")
         task = asyncio.create_task(client.run())
-        await wait_until(lambda: client.last_error and "another filter instance" in client.last_error, 10,
-                         "the refusal")
+        await wait_until(lambda: client.last_error and "another filter instance" in client.last_error,
+                         EVENTUALLY_S, "the refusal")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert late.acked_seq == 0 and len(late.buffer) > 0

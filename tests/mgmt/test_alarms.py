@@ -15,8 +15,12 @@ from cdp.msa.config import Alarms, Policy
 from cdp.msa.supervisor import DrvaView
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import SECRET, Disk, random_writes, wait_until
+from tests.drva.harness import SECRET, Disk, random_writes
 from tests.mgmt.site_fixture import installed_site, running_daemon
+from tests.waiting import EVENTUALLY_S, wait_until
+
+# Held writes are captured at this pace while the test waits for the RPO alarm.
+HELD_CAPTURE_EVERY_S = 0.2
 
 S = 1_000_000_000  # ns
 POLICIES = {"erp": Policy(rpo_target_s=30.0), "web": Policy(rpo_target_s=60.0)}
@@ -205,19 +209,21 @@ async def test_live_rpo_alarm_fires_and_clears(tmp_path):
             return ("rpo_lag", "erp") in kinds(daemon.alarms)
         try:
             filt.capture(*random_writes(rng, [d.size for d in disks], 8, 8))
-            await wait_until(lambda: erp().get("committed_seq") == filt.next_seq - 1, 15, "the first commit")
+            await wait_until(lambda: erp().get("committed_seq") == filt.next_seq - 1, EVENTUALLY_S,
+                             "the first commit")
             filt.next_unsent = lambda: None  # hold every new frame in the filter (acks would lift a
-            deadline = time.monotonic() + 10  # back-pressure flag set by hand)
+            deadline = time.monotonic() + EVENTUALLY_S  # back-pressure flag set by hand)
             while not rpo_alarm():
                 filt.capture(*random_writes(rng, [d.size for d in disks], 4, 8))
-                await asyncio.sleep(0.2)
-                assert time.monotonic() < deadline, f"no RPO alarm after 10 s of held writes: {erp()}"
+                await asyncio.sleep(HELD_CAPTURE_EVERY_S)  # the load; the loop waits for the alarm
+                assert time.monotonic() < deadline, f"no RPO alarm after {EVENTUALLY_S:g} s of held writes: {erp()}"
             alarm = daemon.alarms.active[("rpo_lag", "erp")]
             assert "exceeds its target 1 s" in alarm.message
             del filt.next_unsent
             client._wake.set()
-            await wait_until(lambda: erp().get("committed_seq") == filt.next_seq - 1, 15, "the held writes")
-            await wait_until(lambda: not rpo_alarm(), 15, "the RPO alarm to clear")
+            await wait_until(lambda: erp().get("committed_seq") == filt.next_seq - 1, EVENTUALLY_S,
+                             "the held writes")
+            await wait_until(lambda: not rpo_alarm(), EVENTUALLY_S, "the RPO alarm to clear")
             assert alarm in daemon.alarms.recent_alarms() and alarm.cleared_ns is not None
         finally:
             task.cancel()

@@ -27,9 +27,10 @@ from cdp.msa.api import ROUTES, make_app
 from cdp.msa.protection import load_protection
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import ROOT, SECRET, Disk, random_writes, wait_until
+from tests.drva.harness import ROOT, SECRET, Disk, random_writes
 from tests.drva.test_crash import wait_until_committed
 from tests.mgmt.site_fixture import TOKEN, Site, installed_site, running_daemon
+from tests.waiting import EVENTUALLY_S, wait_until, wait_until_async, wait_until_sync
 
 MARKS_WRITTEN = importlib.util.find_spec("cdp.msa.marks") is not None
 PREFLIGHT_WRITTEN = importlib.util.find_spec("cdp.msa.preflight") is not None
@@ -82,8 +83,8 @@ class Api:
 async def api(tmp_path):
     site = await installed_site(tmp_path / "site", protect=("erp",))
     async with running_daemon(site) as daemon:
-        await wait_until(lambda: (v := daemon.supervisor.view("drva-1")) is not None and v.state == "up", 15,
-                         "drva-1 up")
+        await wait_until(lambda: (v := daemon.supervisor.view("drva-1")) is not None and v.state == "up",
+                         EVENTUALLY_S, "drva-1 up")
         async with aiohttp.ClientSession() as http:
             yield Api(site, daemon, http)
 
@@ -196,10 +197,7 @@ async def test_protect_and_unprotect(api):
     async def ended() -> bool:
         final.update(await api.ok("GET", f"/v1/jobs/{running['id']}"))
         return final["state"] != "running"
-    deadline = time.monotonic() + 15
-    while not await ended():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await wait_until_async(ended, EVENTUALLY_S, "the protect job to end")
     assert final["state"] == "succeeded" and final["output"]["drva_restarted"] is False
     assert final["output"]["policy"]["retention_s"] == 3600.0  # kept from before
     assert final["output"]["policy"]["rpo_target_s"] == 50.0
@@ -241,10 +239,10 @@ async def _stream(api: Api, tmp: Path, domain: str, writes: int) -> tuple[Domain
         for _ in range(writes // 20):
             filt.capture(*random_writes(rng, [d.size for d in disks], 20, 16))
             await asyncio.sleep(0.005)
-        await wait_until(lambda: filt.acked_seq == filt.next_seq - 1, 15, "the acks")
+        await wait_until(lambda: filt.acked_seq == filt.next_seq - 1, EVENTUALLY_S, "the acks")
         from cdp.store.fs import FileStore
 
-        await wait_until_committed(FileStore(api.site.root / "store"), spec.id, filt.next_seq - 1, 15)
+        await wait_until_committed(FileStore(api.site.root / "store"), spec.id, filt.next_seq - 1)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -359,7 +357,15 @@ async def test_mark_reaches_the_catalog(api, tmp_path):
 # ---------------------------------------------------------------------- the daemon and the CLI as processes
 
 
-def _cdp(site: Site, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+# A CLI verb is a Python process start and one request: seconds; bounded for a hang.
+CLI_EXIT_S = 60.0
+# One /healthz probe of a local daemon: it answers at once or is not up yet.
+HEALTH_PROBE_S = 0.5
+# The daemon is gone once stop_daemon returns: waiting for it only reaps it.
+REAP_S = 5.0
+
+
+def _cdp(site: Site, *args: str, timeout: float = CLI_EXIT_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cdp.cli", *args, "--config", str(site.config_path)],
                           cwd=ROOT, env=site.env, capture_output=True, text=True, timeout=timeout)
 
@@ -368,7 +374,7 @@ def _healthy(site: Site) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(site.api + "/healthz", timeout=0.5) as r:
+        with urllib.request.urlopen(site.api + "/healthz", timeout=HEALTH_PROBE_S) as r:
             return r.status == 200
     except OSError:
         return False
@@ -380,21 +386,20 @@ def test_daemon_process_and_cli_verbs(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cdp.cli", "daemon", "--config", str(site.config_path)],
                             cwd=ROOT, env=site.env, stdout=stderr, stderr=stderr)
     try:
-        deadline = time.monotonic() + 20
-        while not _healthy(site):
+        def healthy() -> bool:
             assert proc.poll() is None, (tmp_path / "daemon.err").read_text()
-            assert time.monotonic() < deadline, "the daemon did not answer"
-            time.sleep(0.1)
+            return _healthy(site)
+
+        wait_until_sync(healthy, EVENTUALLY_S, "the daemon to answer /healthz")
         assert (site.cfg.state_dir / "msa.pid").read_text().strip() == str(proc.pid)
         second = _cdp(site, "daemon")
         assert second.returncode == 7 and "already runs" in second.stderr, second.stderr
 
-        while True:
+        def drva_up() -> dict | None:
             st = json.loads(_cdp(site, "status", "--json").stdout)
-            if st["drvas"][0]["state"] == "up":
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+            return st if st["drvas"][0]["state"] == "up" else None
+
+        st = wait_until_sync(drva_up, EVENTUALLY_S, "drva-1 up in `cdp status`")
         assert st["site"] == "site-t" and st["pid"] == proc.pid
         drva_pid = st["drvas"][0]["pid"]
         human = _cdp(site, "status")
@@ -425,7 +430,7 @@ def test_daemon_process_and_cli_verbs(tmp_path):
         from cdp.msa.install import stop_daemon
 
         stopped = asyncio.run(stop_daemon(site.cfg, 30))
-        assert stopped.pid == proc.pid and proc.wait(5) == 0
+        assert stopped.pid == proc.pid and proc.wait(REAP_S) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -34,6 +34,12 @@ from tests.rocva.build import seed_initial
 from tests.rocva.domain import DomainBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
+# A verb as a process (preflight, install, uninstall): seconds; bounds a hang.
+CLI_EXIT_S = 120.0
+# A process already stopped or signalled is reaped at once.
+REAP_S = 5.0
+# How long uninstall waits for a daemon that ignores SIGTERM: the error is the point.
+STUBBORN_STOP_S = 0.5
 
 FAKE_DAEMON = """\
 import signal, sys, time
@@ -294,7 +300,7 @@ async def test_uninstall_stops_the_daemon(site: Site, tmp_path: Path) -> None:
         assert check["status"] == "warn" and str(daemon.pid) in check["reason"]
         result = await uninstall(site.cfg, False, site.env)
         assert result["daemon"]["pid"] == daemon.pid and "stopped" in result["daemon"]["note"]
-        assert daemon.wait(5) == -15  # SIGTERM
+        assert daemon.wait(REAP_S) == -15  # SIGTERM
         assert not (site.cfg.state_dir / "msa.pid").exists()  # the fake leaves it: removed as stale
     finally:
         daemon.kill()
@@ -309,8 +315,8 @@ async def test_a_daemon_that_does_not_stop_is_a_clear_error(site: Site, tmp_path
     try:
         assert daemon.stdout is not None and daemon.stdout.readline() == b"ready\n"
         (site.cfg.state_dir / "msa.pid").write_text(f"{daemon.pid}\n")
-        with pytest.raises(Busy, match=f"process {daemon.pid}.*did not exit within 0.5 s") as err:
-            await uninstall(site.cfg, False, site.env, stop_timeout_s=0.5)
+        with pytest.raises(Busy, match=f"process {daemon.pid}.*did not exit within {STUBBORN_STOP_S:g} s") as err:
+            await uninstall(site.cfg, False, site.env, stop_timeout_s=STUBBORN_STOP_S)
         assert err.value.exit_code == 7
         assert daemon.poll() is None
         assert site.cfg.drva("drva-1").log_path.exists()  # nothing removed under a live daemon
@@ -337,7 +343,7 @@ async def test_a_stale_pid_file_naming_another_process_is_not_signalled(site: Si
 
 def cdp(site: Site, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cdp.cli", *args, "--config", str(site.config_path)],
-                          cwd=ROOT, env=env or site.env, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env or site.env, capture_output=True, text=True, timeout=CLI_EXIT_S)
 
 
 def test_the_site_verbs_with_json_and_exit_codes(site: Site) -> None:

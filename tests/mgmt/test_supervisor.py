@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import numpy as np
 
@@ -14,9 +15,14 @@ from cdp.msa.supervisor import Supervisor
 from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import SECRET, Disk, check_store, random_writes, wait_until
+from tests.drva.harness import SECRET, Disk, check_store, random_writes
 from tests.drva.test_crash import wait_until_committed
 from tests.mgmt.site_fixture import installed_site, running_daemon
+from tests.waiting import EVENTUALLY_S, wait_until
+
+# A back-off that does not end by itself: the test moves the supervisor's clock past it,
+# so "restarting" lasts until the test has looked at it (a 1 s back-off did not always).
+HELD_BACKOFF_S = 3600.0
 
 
 def _alive(pid: int) -> bool:
@@ -29,9 +35,12 @@ def _alive(pid: int) -> bool:
 
 async def test_sigkilled_drva_is_restarted_and_protection_resumes_with_no_loss(tmp_path):
     site = await installed_site(tmp_path / "site", protect=("erp",))
-    async with running_daemon(site, supervisor_options={"backoff_first_s": 1.0}) as daemon:
+    skew_s = [0.0]
+    options = {"backoff_first_s": HELD_BACKOFF_S, "clock": lambda: time.monotonic() + skew_s[0]}
+    async with running_daemon(site, supervisor_options=options) as daemon:
         sup = daemon.supervisor
-        await wait_until(lambda: (v := sup.view("drva-1")) is not None and v.state == "up", 15, "drva-1 up")
+        await wait_until(lambda: (v := sup.view("drva-1")) is not None and v.state == "up", EVENTUALLY_S,
+                         "drva-1 up")
         spec = site.cfg.domain("erp")
         disks = [Disk(tmp_path / f"erp-{i}.img", d.disk.size) for i, d in enumerate(spec.disks)]
         filt = DomainFilter(spec.id, disks)
@@ -47,26 +56,27 @@ async def test_sigkilled_drva_is_restarted_and_protection_resumes_with_no_loss(t
 
         load_task = asyncio.create_task(load())
         try:
-            await wait_until(lambda: filt.acked_seq > 50, 15, "writes acked before the kill")
+            await wait_until(lambda: filt.acked_seq > 50, EVENTUALLY_S, "writes acked before the kill")
             first_pid = sup.pid("drva-1")
             os.kill(first_pid, signal.SIGKILL)
             acked_at_kill = filt.acked_seq
-            await wait_until(lambda: sup.view("drva-1").state == "restarting", 5, "the exit to be seen")
+            await wait_until(lambda: sup.view("drva-1").state == "restarting", EVENTUALLY_S, "the exit to be seen")
             daemon.evaluate_alarms()
             down = [a for a in daemon.alarms.active_alarms() if a.kind == "drva_down"]
             assert len(down) == 1 and "killed by SIGKILL" in down[0].message, down
-            await wait_until(lambda: sup.view("drva-1").state == "up", 15, "drva-1 to come back")
+            skew_s[0] += HELD_BACKOFF_S  # the back-off is over
+            await wait_until(lambda: sup.view("drva-1").state == "up", EVENTUALLY_S, "drva-1 to come back")
             view = sup.view("drva-1")
             assert view.restarts == 1 and view.pid != first_pid and view.last_exit == -signal.SIGKILL
-            await wait_until(lambda: client.connections >= 2, 15, "the filter to reconnect")
-            await wait_until(lambda: filt.acked_seq > acked_at_kill + 50, 15, "acks after the restart")
+            await wait_until(lambda: client.connections >= 2, EVENTUALLY_S, "the filter to reconnect")
+            await wait_until(lambda: filt.acked_seq > acked_at_kill + 50, EVENTUALLY_S, "acks after the restart")
         finally:
             stop.set()
             await load_task
-        await wait_until(lambda: filt.mode == "normal" and filt.acked_seq == filt.next_seq - 1, 30,
+        await wait_until(lambda: filt.mode == "normal" and filt.acked_seq == filt.next_seq - 1, EVENTUALLY_S,
                          "the filter to drain")
         store = FileStore(site.root / "store")
-        await wait_until_committed(store, spec.id, filt.next_seq - 1, 30)
+        await wait_until_committed(store, spec.id, filt.next_seq - 1)
         daemon.evaluate_alarms()
         assert not [a for a in daemon.alarms.active_alarms() if a.kind == "drva_down"]
         assert any(a.kind == "drva_down" for a in daemon.alarms.recent_alarms())
@@ -95,7 +105,8 @@ async def test_failing_drva_is_restarted_with_a_doubling_backoff(tmp_path):
         delays = []
         for attempt in range(5):
             proc = sup.drvas["drva-1"].proc
-            await asyncio.wait_for(proc.wait(), 15)
+            async with asyncio.timeout(EVENTUALLY_S):  # it exits at once (bad log path)
+                await proc.wait()
             await sup.step()
             view = sup.view("drva-1")
             assert view.state == "restarting" and view.restarts == attempt
@@ -120,8 +131,8 @@ async def test_domain_set_change_restarts_the_drva_and_daemon_stop_stops_all(tmp
     site = await installed_site(tmp_path / "site", protect=("erp", "files"))
     async with running_daemon(site) as daemon:
         sup = daemon.supervisor
-        await wait_until(lambda: all(v.state == "up" for v in sup.views()) and len(sup.views()) == 2, 15,
-                         "both DRVAs up")
+        await wait_until(lambda: all(v.state == "up" for v in sup.views()) and len(sup.views()) == 2,
+                         EVENTUALLY_S, "both DRVAs up")
         pids = {v.name: v.pid for v in sup.views()}
         assert sup.assignment(daemon.protection) == {"drva-1": ("erp",), "drva-2": ("files",)}
         cfg_text = (site.cfg.state_dir / "drvas" / "drva-1.toml").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from cdp.catalog import load_catalog
 from cdp.errors import Busy
 from cdp.layout import base_prefix, segment_prefix
 from cdp.locks import chunk_writer_lease, gc_lock, maintenance_lock, recovery_lease
+from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
 from rocva import InvalidTarget, OutsideRetention, recover, recoverable_ranges
@@ -26,6 +28,7 @@ from rocva.verify import verify
 from tests.conftest import make_azure_store, make_s3_store, unique_name
 from tests.rocva.build import seed_initial
 from tests.rocva.domain import SECTOR, DomainBuilder
+from tests.waiting import EVENTUALLY_S, wait_until
 
 KiB = 1 << 10
 S = 1_000_000_000  # ns
@@ -184,8 +187,12 @@ async def test_a_recovery_lease_defers_deletion(tmp_path: Path) -> None:
     assert await keys(store, segment_prefix(b.domain)) == set(state.segment_keys(await state.rows_between(1, state.committed_seq)))
 
 
+# How long a chunk writer waits for a sweep that is not going to end: the Busy is the point.
+SWEEP_WAIT_S = 0.2
+
+
 async def test_locks_exclude_each_other() -> None:
-    store = MemoryStore()
+    store = FaultyStore(MemoryStore())  # no fault: it counts the calls
     m = await maintenance_lock(store, 7, owner="job one")
     with pytest.raises(Busy, match="job one"):
         await maintenance_lock(store, 7, owner="job two")
@@ -199,9 +206,11 @@ async def test_locks_exclude_each_other() -> None:
     await w.release()
     g = await gc_lock(store, owner="sweep")
     with pytest.raises(Busy, match="sweep"):
-        await chunk_writer_lease(store, owner="seeder", wait_s=0.2)
-    waiter = asyncio.create_task(chunk_writer_lease(store, owner="seeder", wait_s=10))
-    await asyncio.sleep(0.1)
+        await chunk_writer_lease(store, owner="seeder", wait_s=SWEEP_WAIT_S)
+    withdrawn = store.calls["delete"]
+    waiter = asyncio.create_task(chunk_writer_lease(store, owner="seeder", wait_s=EVENTUALLY_S))
+    # It saw the sweep and withdrew its lease (a delete): now it waits for the sweep to end.
+    await wait_until(lambda: store.calls["delete"] > withdrawn, EVENTUALLY_S, "the writer to see the sweep")
     assert not waiter.done()
     await g.release()
     await (await waiter).release()
@@ -211,7 +220,7 @@ async def test_an_expired_lock_is_taken_over_and_its_holder_knows(monkeypatch) -
     store = MemoryStore()
     old = await maintenance_lock(store, 7, owner="stalled job", ttl_s=0.3, skew_s=0)
     old._task.cancel()  # it stops renewing (a paused process)
-    await asyncio.sleep(0.35)
+    await wait_until(lambda: time.time_ns() > old.expires_ns, EVENTUALLY_S, "the stalled lock to expire")
     new = await maintenance_lock(store, 7, owner="new job", ttl_s=5, skew_s=0)
     with pytest.raises(Exception, match="lost"):
         old.check()

@@ -31,6 +31,16 @@ from cdp.errors import (
 from cdp.store import FaultyStore, MemoryStore
 from tests.conftest import make_azure_store, make_s3_store, unique_name
 from tests.services import AZURITE_KEY, MotoServer, connection_string, free_port
+from tests.waiting import EVENTUALLY_S, wait_until
+
+# An injected delay: long enough that an in-memory call without it is far quicker, even
+# on a slow machine (the check below is an upper bound, so the margin must be wide).
+DELAY_S = 0.3
+# A caller's timeout on a call that hangs for ever: any bound proves the same.
+CALLER_TIMEOUT_S = 0.05
+# Calls to a store that is down fail at once (connection refused); a hang would last
+# the SDK's retries and timeouts, minutes.
+UNAVAILABLE_WITHIN_S = 5.0
 
 # -- FaultyStore ----------------------------------------------------------
 
@@ -86,25 +96,26 @@ async def _drain(listing: Any) -> list[Any]:
 
 
 async def test_delay(faulty: FaultyStore) -> None:
-    faulty.set_delay("stat", 0.05)
+    faulty.set_delay("stat", DELAY_S)
     await faulty.put("k", b"1")
     started = time.monotonic()
     await faulty.stat("k")
-    assert time.monotonic() - started >= 0.05
+    assert time.monotonic() - started >= DELAY_S
     faulty.set_delay("stat", 0)
     started = time.monotonic()
     await faulty.stat("k")
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < DELAY_S
 
 
 async def test_hang_until_the_callers_timeout(faulty: FaultyStore) -> None:
     faulty.hang("get")
     await faulty.put("k", b"1")
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(faulty.get("k"), 0.05)
+        async with asyncio.timeout(CALLER_TIMEOUT_S):
+            await faulty.get("k")
     waiting = asyncio.create_task(faulty.get("k"))
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    await wait_until(lambda: faulty.calls["get"] == 2, EVENTUALLY_S, "the second get to start")
+    assert not waiting.done()  # it hangs until released
     faulty.release("get")
     assert await waiting == b"1"
     assert await faulty.get("k") == b"1"
@@ -218,7 +229,7 @@ async def test_s3_outage_is_unavailable_not_a_hang(
                 await call
             assert caught.value.retryable
             assert_no_secret(caught.value, store, caplog)
-        assert time.monotonic() - started < 5.0
+        assert time.monotonic() - started < UNAVAILABLE_WITHIN_S
         private_moto.start()  # same port; moto's state is gone
         await store.create_bucket()
         await store.put("k", b"after")
@@ -405,6 +416,6 @@ async def test_azure_unreachable_is_unavailable(caplog: pytest.LogCaptureFixture
             assert encoded_key not in str(caught.value)
         with pytest.raises(InvalidKey):
             await store.put("/abs", b"x")
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < UNAVAILABLE_WITHIN_S
     for record in caplog.records:
         assert encoded_key not in record.getMessage()
