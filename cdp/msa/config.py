@@ -58,12 +58,23 @@ from typing import Any
 from cdp.errors import ConfigError
 from cdp.store.open import config_store_url
 from cdp.tomlread import Endpoint, TomlReader
+from cdp.units import parse_duration
 from iofilter_sim.cluster import Cluster, DomainSpec, load_cluster
 
 SECRET_MIN_CHARS = 16
 DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports
 DEFAULT_API = "127.0.0.1:32880"
-_POLICY_KEYS = {"retention", "rpo_target_s", "consolidate_after", "consolidate_every"}
+SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
+#: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
+#: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
+#: for both, so the API refuses what the site file would (and no policy is inf or NaN).
+POLICY_LIMITS: Mapping[str, tuple[float, float, bool]] = {
+    "retention": (1.0, 3650 * 86400.0, True),
+    "rpo_target_s": (1.0, 365 * 86400.0, False),
+    "consolidate_after": (0.0, 3650 * 86400.0, True),
+    "consolidate_every": (1.0, 365 * 86400.0, True),
+}
+_POLICY_KEYS = set(POLICY_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -183,16 +194,46 @@ def _secret(env: Mapping[str, str], name: str, what: str, source: Path) -> str:
     return value
 
 
+def policy_value(key: str, value: Any) -> float:
+    """Seconds of policy key ``key`` (``POLICY_LIMITS``); ``ConfigError`` saying what was
+    expected (without a location: the caller adds the file and key, or the field)."""
+    lo, hi, is_duration = POLICY_LIMITS[key]
+    what = "a duration (seconds, or e.g. '15m', '72h', '7d')" if is_duration else "a number of seconds"
+    expected = f"{what} in {lo:g}..{hi:g} s"
+    try:
+        seconds = parse_duration(value, key) if is_duration else _plain_number(value)
+    except (ConfigError, OverflowError):
+        raise ConfigError(f"expected {expected}, got {shown(value)}") from None
+    if not lo <= seconds <= hi:  # also refuses NaN
+        raise ConfigError(f"expected {expected}, got {shown(value)}")
+    return seconds
+
+
+def _plain_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError("not a number")
+    return float(value)
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS_MAX) -> str:
+    """``value`` as it may appear in a message: its repr, cut to ``limit`` characters (a
+    value from a file or a request can be a megabyte long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _policy(r: TomlReader, table: Mapping[str, Any], path: str, base: Policy) -> Policy:
-    def get(key: str, default: float, dur: bool) -> float:
+    def get(key: str, default: float) -> float:
         if key not in table:
             return default
-        at = f"{path}.{key}" if path else key
-        return r.duration(table[key], at) if dur else r.number(table[key], at, 1, 86400 * 365)
+        try:
+            return policy_value(key, table[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{r.source}: {path}.{key}: {exc.message}") from None
 
-    return Policy(get("retention", base.retention_s, True), get("rpo_target_s", base.rpo_target_s, False),
-                  get("consolidate_after", base.consolidate_after_s, True),
-                  get("consolidate_every", base.consolidate_every_s, True))
+    return Policy(get("retention", base.retention_s), get("rpo_target_s", base.rpo_target_s),
+                  get("consolidate_after", base.consolidate_after_s),
+                  get("consolidate_every", base.consolidate_every_s))
 
 
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:

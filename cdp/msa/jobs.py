@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ FINAL = frozenset(("succeeded", "failed", "timed_out", "cancelled"))
 EVENTS_MAX = 200  # the newest progress messages kept in a record
 PROGRESS_WRITES_PER_S = 2.0
 RETENTION_DEFAULT_S = 60 * 86400.0
+JOB_ID_CHARS_MAX = 128  # a name of 64 and the 23 characters around it, with room to spare
+JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{JOB_ID_CHARS_MAX}}}")
 
 
 class Job:
@@ -78,8 +81,9 @@ class JobStore:
         self.retention_s = retention_s
 
     def path(self, job_id: str) -> Path:
-        if not job_id or not all(c.isalnum() or c in "-_" for c in job_id):
-            raise ConfigError(f"job id {job_id!r}: expected letters, digits, '-' and '_'")
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            shown = repr(job_id)[:JOB_ID_CHARS_MAX]
+            raise ConfigError(f"job id {shown}: expected 1..{JOB_ID_CHARS_MAX} ASCII letters, digits, '-' and '_'")
         return self.root / f"{job_id}.json"
 
     def create(self, name: str, args: dict[str, Any], timeout_s: float) -> Job:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cdp.errors import CdpError
 from cdp.msa.config import Policy, SiteConfig
 from cdp.msa.jobs import Job
 from cdp.store import open_store
@@ -43,8 +44,11 @@ async def recover(cfg: SiteConfig, domain: str, target: Any, out_dir: Path, job:
     from rocva import recover as rocva_recover
 
     domain_id = cfg.domain(domain).id
-    result = await with_store(cfg, lambda store: rocva_recover(
-        store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total)))
+    try:
+        result = await with_store(cfg, lambda store: rocva_recover(
+            store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total)))
+    except OSError as exc:  # the destination, as the client named it: an error of the request, not a bug
+        raise CdpError(f"to: cannot write the images there: {exc.strerror or type(exc).__name__}") from exc
     result.pop("plan", None)  # large, and the summary says what matters
     return jsonable(result)
 
