@@ -45,6 +45,7 @@ from cdp.errors import Busy, CdpError, ConfigError, LeaseLost, NotFound, StoreEr
 from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.config import POLICY_LIMITS, Policy, policy_value
+from cdp.msa.http_limits import LimitedSite
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
 from cdp.msa.runner import TooManyJobs
 from cdp.tomlread import NAME
@@ -60,7 +61,6 @@ PREFLIGHT_KINDS = ("system", "install", "uninstall")
 JOBS_LIST_MAX = 1000
 SHUTDOWN_TIMEOUT_S = 3.0  # open requests (a ?wait=1) get this long at shutdown
 BODY_BYTES_MAX = 1 << 20  # 413 above
-BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this (408 otherwise)
 BODY_DEPTH_MAX = 8  # the deepest valid body is 2 ({"target": {"seq": N}})
 SHOWN_CHARS_MAX = 80  # of a client's value quoted in an error message
 FIELD_CHARS_MAX = 64  # of a body key named as the error's field
@@ -249,11 +249,12 @@ async def read_body(request: web.Request, allowed: set[str], required: set[str] 
     if (request.content_length or 0) > BODY_BYTES_MAX:
         raise ApiError(413, "too_large", f"request body: {request.content_length} bytes, at most {BODY_BYTES_MAX}",
                        "request body")
+    timeout_s = request.app[MSA].api_limits.body_timeout_s
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             data = await request.read() if request.can_read_body else b""
     except TimeoutError:
-        raise ApiError(408, "timeout", f"request body: not received within {BODY_TIMEOUT_S:g} s",
+        raise ApiError(408, "timeout", f"request body: not received within {timeout_s:g} s",
                        "request body") from None
     try:
         text = data.decode("utf-8")
@@ -558,7 +559,7 @@ ROUTES = (
 
 
 def make_app(daemon: MsaDaemon) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=1 << 20)
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_BYTES_MAX)
     app[MSA] = daemon
     app[REDACTIONS] = redactions(daemon)
     for method, path, handler in ROUTES:
@@ -570,12 +571,15 @@ def make_app(daemon: MsaDaemon) -> web.Application:
 
 
 async def start_api(daemon: MsaDaemon) -> web.AppRunner:
-    """Serve the API on the site's ``[api] listen``; the caller cleans the runner up."""
-    runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    """Serve the API on the site's ``[api] listen`` within ``daemon.api_limits``
+    (``cdp.msa.http_limits``); the caller cleans the runner up."""
+    limits = daemon.api_limits
+    runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           **limits.runner_options())
     await runner.setup()
     listen = daemon.cfg.api_listen
     try:
-        await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+        await LimitedSite(runner, listen.host, listen.port, limits.connections_max).start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"{daemon.cfg.path}: api.listen {listen}: cannot listen ({exc.strerror})") from exc
