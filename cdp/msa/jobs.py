@@ -154,11 +154,19 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
     if on_start is not None:
         on_start(job)
     record = job.record
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+    # that arrives as the work ends, and the daemon's stop must reach every job.
+    deadline = asyncio.timeout(timeout_s)
     try:
-        record["output"] = await asyncio.wait_for(work(job), timeout_s)
+        async with deadline:
+            record["output"] = await work(job)
         record["state"] = "succeeded"
-    except TimeoutError:
-        record["state"], record["error"] = "timed_out", f"did not finish within {timeout_s:g} s"
+    except TimeoutError as exc:
+        if deadline.expired():
+            record["state"], record["error"] = "timed_out", f"did not finish within {timeout_s:g} s"
+        else:  # the work's own timeout (an operating error, e.g. a socket's): it failed
+            record["state"], record["error"] = "failed", f"timed out: {exc or type(exc).__name__}"
+            record["exit_code"] = 1
     except CdpError as exc:
         record["state"], record["error"] = "failed", exc.message
         record["exit_code"] = exc.exit_code
