@@ -59,6 +59,10 @@ from cdp.errors import ConfigError
 from cdp.store.open import config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
+from drva.config import (
+    DOMAIN_ID_RANGE, LOG_SIZE_MIN, SEAL_AGE_S_RANGE, SEAL_BYTES_RANGE, UPLOAD_CONCURRENCY_RANGE, blocking_file,
+    parse_drva_config,
+)
 from iofilter_sim.cluster import Cluster, DomainSpec, load_cluster
 
 SECRET_MIN_CHARS = 16
@@ -262,6 +266,10 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     state_dir = data.get("state_dir", "state")
     if not isinstance(state_dir, str) or not state_dir:
         r.fail("state_dir", "a directory path", state_dir)
+    if (blocker := blocking_file(here / state_dir)) is not None:
+        raise ConfigError(f"{path}: state_dir: expected a directory (or a path where one can be made), got "
+                          f"{state_dir!r}: {blocker!r} is a regular file")
+    _check_domain_ids(cluster, cluster_path)
     secret_env = data.get("secret_env", "CDP_SITE_SECRET")
     if not isinstance(secret_env, str) or not secret_env:
         r.fail("secret_env", "an environment variable name", secret_env)
@@ -297,7 +305,34 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if not any(d.listen == spec.drva for d in drvas):
             r.fail(f"protect[{list(protect).index(name)}].domain",
                    f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
+    _check_drva_configs(cfg)
     return cfg
+
+
+def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:
+    """The cluster file allows any u32; a DRVA serves none of them outside its range
+    (0 is no domain), so a site that names one would restart its DRVA for ever."""
+    lo, hi = DOMAIN_ID_RANGE
+    for i, spec in enumerate(cluster.domains):
+        if not lo <= spec.id <= hi:
+            raise ConfigError(f"{cluster_path}: domains[{i}].id: expected an integer in {lo}..{hi} "
+                              f"(a DRVA serves no domain {spec.id}), got {spec.id}")
+
+
+def _check_drva_configs(cfg: SiteConfig) -> None:
+    """Each DRVA's configuration as the MSA would write it (serving every domain that
+    streams to it), read by the DRVA's own reader: whatever a DRVA would refuse at start
+    is refused here, when the site file is loaded, by every verb (preflight and install
+    alike). The checks above name the site file's keys; this is the net under them."""
+    secret = {cfg.secret_env: "x" * SECRET_MIN_CHARS}  # the value is checked elsewhere
+    for i, drva in enumerate(cfg.drvas):
+        domains = [d.name for d in cfg.cluster.domains if d.drva == drva.listen]
+        doc = cfg.drva_config_doc(drva, domains)
+        try:
+            parse_drva_config(doc, f"drvas/{drva.name}.toml", secret, base_dir=cfg.state_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg.path}: drvas[{i}]: DRVA {drva.name} would refuse the configuration "
+                              f"the MSA writes for it: {exc.message}") from None
 
 
 def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
@@ -319,10 +354,15 @@ def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
         for key, tbl in (("log.path", log), ("meta.path", meta)):
             if not isinstance(tbl["path"], str) or not tbl["path"]:
                 r.fail(f"{at}.{key}", "a file path", tbl["path"])
+            if (blocker := blocking_file((here / tbl["path"]).parent)) is not None:
+                raise ConfigError(f"{r.source}: {at}.{key}: expected a file path whose directories exist or can "
+                                  f"be made, got {tbl['path']!r}: {blocker!r} is a regular file")
         upload = d.get("upload_concurrency")
         out.append(DrvaSpec(
-            name, listen, here / log["path"], r.size(log["size"], f"{at}.log.size"), here / meta["path"],
-            r.size(seal["bytes"], f"{at}.seal.bytes") if "bytes" in seal else None,
-            r.number(seal["age_s"], f"{at}.seal.age_s", 0.05, 3600) if "age_s" in seal else None,
-            int(r.number(upload, f"{at}.upload_concurrency", 1, 64)) if upload is not None else None))
+            name, listen, here / log["path"], r.size(log["size"], f"{at}.log.size", LOG_SIZE_MIN),
+            here / meta["path"],
+            r.size(seal["bytes"], f"{at}.seal.bytes", *SEAL_BYTES_RANGE) if "bytes" in seal else None,
+            r.number(seal["age_s"], f"{at}.seal.age_s", *SEAL_AGE_S_RANGE) if "age_s" in seal else None,
+            int(r.number(upload, f"{at}.upload_concurrency", *UPLOAD_CONCURRENCY_RANGE))
+            if upload is not None else None))
     return tuple(out)

@@ -96,9 +96,13 @@ class JobStore:
             "progress": {"phase": None, "done": None, "total": None},
             "events": [], "output": None, "error": None,
         }
-        self.root.mkdir(parents=True, exist_ok=True)
         job = Job(self, record)
-        job._write()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            job._write()
+        except OSError as exc:
+            raise CdpError(f"job records {self.root}: cannot write a record ({exc.strerror}): the state "
+                           f"directory must be a writable directory") from exc
         return job
 
     def write(self, record: dict[str, Any]) -> None:
@@ -148,8 +152,10 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
                   work: Callable[[Job], Awaitable[Any]], *, on_start: Callable[[Job], None] | None = None
                   ) -> dict[str, Any]:
     """Run ``work(job)`` as job ``name``; return its final record. ``work``'s result (a JSON
-    value) becomes the record's ``output``; a ``CdpError`` its ``error`` (state ``failed``);
-    the timeout cancels it (``timed_out``). Other exceptions are bugs: recorded, re-raised."""
+    value) becomes the record's ``output``; a ``CdpError`` or an ``OSError`` (an operating
+    error) its ``error`` (state ``failed``); the timeout cancels it (``timed_out``), and so
+    does a cancellation (``cancelled``, re-raised). Other exceptions are bugs: recorded,
+    re-raised."""
     job = store.create(name, args, timeout_s)
     if on_start is not None:
         on_start(job)
@@ -175,6 +181,10 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
         record["ended_ns"] = time.time_ns()
         store.write(record)
         raise
+    except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
+        record["state"], record["error"] = "failed", f"{exc.strerror or type(exc).__name__}" + (
+            f": {exc.filename}" if exc.filename else "")
+        record["exit_code"] = 1
     except Exception as exc:
         record["state"], record["error"] = "failed", f"internal error: {type(exc).__name__}: {exc}"
         record["ended_ns"] = time.time_ns()
