@@ -170,11 +170,12 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path == "/healthz" and request.method in ("GET", "HEAD"):
         return await handler(request)
     daemon = request.app[MSA]
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    sent = request.headers.getall("Authorization", [])
+    scheme, _, given = (sent[0] if len(sent) == 1 else "").partition(" ")  # two: which one counts? neither
     # A header is text as aiohttp decoded it (UTF-8, undecodable bytes as surrogates):
     # compare it as the bytes that were sent.
-    sent = given.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, daemon.token.encode()):
+    token = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token, daemon.token.encode()):
         raise ApiError(401, "unauthorized",
                        f"missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
                        f"in the daemon's environment variable {daemon.cfg.token_env}")

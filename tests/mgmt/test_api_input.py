@@ -73,6 +73,9 @@ async def test_non_ascii_bearer_header_is_401(api):
     for value in ("Bearer t\u00f6k\u00e9n-0123456789abcdef", "Bearer \udcff\udcfe", "B\u00e9arer x"):
         status, doc, _ = await raw(api, f"GET /v1/status HTTP/1.1\r\n{host}Authorization: {value}")
         assert_refusal(api, status, doc, expect=401)
+    # Two Authorization headers, one of them right: neither counts.
+    status, doc, _ = await raw(api, f"GET /v1/status HTTP/1.1\r\n{host}{auth()}Authorization: Bearer nope")
+    assert_refusal(api, status, doc, expect=401)
     # The right token followed by a stray byte is still the wrong token.
     status, doc, _ = await raw(api, f"GET /v1/status HTTP/1.1\r\n{host}", extra=b"Authorization: Bearer "
                                + TOKEN.encode() + b"\xff")
