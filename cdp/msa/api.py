@@ -28,15 +28,11 @@ Routes (the OpenAPI document, ``GET /openapi.json``, describes each one):
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import json
-import os
 import re
-import stat
 import time
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -44,7 +40,10 @@ from aiohttp import web
 from cdp.errors import Busy, CdpError, ConfigError, LeaseLost, NotFound, StoreError
 from cdp.logs import get_logger
 from cdp.msa import operations
-from cdp.msa.config import POLICY_LIMITS, Policy, policy_value
+from cdp.msa.api_input import (
+    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, not_a_directory, policy_from, read_body, recovery_dir, shown,
+    target_from, wants_wait,
+)
 from cdp.msa.http_limits import LimitedSite
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
 from cdp.msa.runner import TooManyJobs
@@ -60,31 +59,9 @@ REDACTIONS: web.AppKey[tuple[tuple[str, str], ...]] = web.AppKey("redactions")
 PREFLIGHT_KINDS = ("system", "install", "uninstall")
 JOBS_LIST_MAX = 1000
 SHUTDOWN_TIMEOUT_S = 3.0  # open requests (a ?wait=1) get this long at shutdown
-BODY_BYTES_MAX = 1 << 20  # 413 above
-BODY_DEPTH_MAX = 8  # the deepest valid body is 2 ({"target": {"seq": N}})
-SHOWN_CHARS_MAX = 80  # of a client's value quoted in an error message
-FIELD_CHARS_MAX = 64  # of a body key named as the error's field
-SEQ_MAX = (1 << 64) - 1
-MARK_BYTES_MAX = 255  # FORMAT.md §13.6
-TIME_CHARS_MAX = 64
-PATH_BYTES_MAX = 4096  # PATH_MAX on Linux
 JOB_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 LIMIT = re.compile(r"[0-9]{1,4}")
 _dumps = partial(json.dumps, sort_keys=True)
-
-
-class ApiError(Exception):
-    """An answer other than 2xx, with the field of the request that was wrong."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.exit_code = exit_code if exit_code is not None else (7 if status == 409 else 2 if status < 500 else 1)
-
-
-def bad(field: str, message: str) -> ApiError:
-    return ApiError(400, "bad_request", f"{field}: {message}", field)
 
 
 def error_response(err: ApiError, places: tuple[tuple[str, str], ...] = ()) -> web.Response:
@@ -182,113 +159,6 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
-# ---------------------------------------------------------------------- input
-#
-# Every byte of a request is hostile until checked here: the body is UTF-8 JSON (RFC 8259)
-# of bounded size, depth and time to arrive, every string in it valid Unicode; each field
-# is checked for type and range before anything uses it, and a refusal names the field
-# and quotes at most ``SHOWN_CHARS_MAX`` characters of what was sent.
-
-
-def shown(value: Any) -> str:
-    """A client's value as JSON in a message, cut short (a field can be a megabyte)."""
-    try:
-        text = json.dumps(value, ensure_ascii=True, allow_nan=True)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(value)
-    return text if len(text) <= SHOWN_CHARS_MAX else text[:SHOWN_CHARS_MAX] + f"... ({len(text)} characters)"
-
-
-def _field_name(key: str) -> str:
-    """A body key as the ``field`` of an error: printable ASCII, cut short."""
-    text = key.encode("ascii", "backslashreplace").decode("ascii")
-    return text if len(text) <= FIELD_CHARS_MAX else text[:FIELD_CHARS_MAX] + "..."
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
-
-
-def _check_json(doc: Any) -> None:
-    """No deeper than ``BODY_DEPTH_MAX``, every string (key or value) valid Unicode:
-    ``json.loads`` lets a lone surrogate (``"\\ud800"``) through, and no file name,
-    record or log line can hold one."""
-    stack = [(doc, 1, "request body")]
-    while stack:
-        value, depth, field = stack.pop()
-        if depth > BODY_DEPTH_MAX:
-            raise bad("request body", f"nested too deeply (at most {BODY_DEPTH_MAX} levels)")
-        items: Any = ()
-        if isinstance(value, dict):
-            items = value.items()
-        elif isinstance(value, list):
-            items = ((None, v) for v in value)
-        elif isinstance(value, str):
-            _check_text(value, field)
-        for key, item in items:
-            at = field
-            if key is not None:
-                _check_text(key, "request body")
-                at = key if depth == 1 else field
-            stack.append((item, depth + 1, at))
-
-
-def _check_text(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad(_field_name(field), f"not valid Unicode: a lone surrogate at character {exc.start}") from None
-
-
-async def read_body(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
-    """The JSON object of the request body ({} when there is none); unknown keys refused."""
-    charset = request.charset
-    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type: charset {shown(charset)}: expected UTF-8 (JSON is UTF-8) or no charset",
-                       "Content-Type")
-    if (request.content_length or 0) > BODY_BYTES_MAX:
-        raise ApiError(413, "too_large", f"request body: {request.content_length} bytes, at most {BODY_BYTES_MAX}",
-                       "request body")
-    timeout_s = request.app[MSA].api_limits.body_timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            data = await request.read() if request.can_read_body else b""
-    except TimeoutError:
-        raise ApiError(408, "timeout", f"request body: not received within {timeout_s:g} s",
-                       "request body") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad("request body", f"not UTF-8 (byte {exc.start}): a JSON body is UTF-8") from None
-    if not text.strip():
-        doc: Any = {}
-    else:
-        try:
-            doc = json.loads(text, parse_constant=_refuse_constant)
-        except RecursionError:
-            raise bad("request body", f"nested too deeply (at most {BODY_DEPTH_MAX} levels)") from None
-        except ValueError as exc:
-            raise bad("request body", f"not valid JSON ({str(exc)[:SHOWN_CHARS_MAX]})") from None
-    _check_json(doc)
-    if not isinstance(doc, dict):
-        raise bad("request body", f"expected a JSON object, got {type(doc).__name__}")
-    for key in sorted(set(doc) - allowed):
-        raise bad(_field_name(key), f"unknown field (expected {', '.join(sorted(allowed)) or 'no body'})")
-    for key in sorted(required - set(doc)):
-        raise bad(key, "missing")
-    return doc
-
-
-def wants_wait(request: web.Request) -> bool:
-    value = request.query.get("wait", "0").strip().lower()
-    if value in ("1", "true", "yes"):
-        return True
-    if value in ("0", "false", "no", ""):
-        return False
-    raise bad("wait", f"expected 1 or 0, got {shown(value)}")
-
-
 def domain_of(request: web.Request) -> str:
     daemon = request.app[MSA]
     name = request.match_info["name"]
@@ -299,86 +169,6 @@ def domain_of(request: web.Request) -> str:
         raise ApiError(404, "unknown_domain", f"no domain named {shown(name)} in {daemon.cfg.cluster_path.name} "
                                               f"(domains: {known})", "name") from None
     return name
-
-
-def policy_from(doc: dict[str, Any], base: Policy) -> Policy:
-    """``base`` with the fields the protect body overrides (the site file's limits)."""
-    given: dict[str, float] = {}
-    for key in POLICY_LIMITS:
-        if key in doc:
-            try:
-                given[key] = policy_value(key, doc[key])
-            except ConfigError as exc:
-                raise bad(key, exc.message) from None
-    return Policy(retention_s=given.get("retention", base.retention_s),
-                  rpo_target_s=given.get("rpo_target_s", base.rpo_target_s),
-                  consolidate_after_s=given.get("consolidate_after", base.consolidate_after_s),
-                  consolidate_every_s=given.get("consolidate_every", base.consolidate_every_s))
-
-
-def target_from(value: Any) -> Any:
-    """The recovery target of a request: "latest", {"seq": N}, {"mark": NAME}, {"at": TIME}."""
-    from rocva import Target
-
-    expected = 'expected "latest", {"seq": N}, {"mark": NAME} or {"at": TIME}'
-    if value == "latest":
-        return Target.latest()
-    if not isinstance(value, dict) or len(value) != 1:
-        raise bad("target", f"{expected}, got {shown(value)}")
-    kind, arg = next(iter(value.items()))
-    if kind == "seq":
-        if isinstance(arg, bool) or not isinstance(arg, int) or not 0 <= arg <= SEQ_MAX:
-            raise bad("target.seq", f"expected an integer in 0..{SEQ_MAX}, got {shown(arg)}")
-        return Target.seq(arg)
-    if kind == "mark":
-        if not isinstance(arg, str) or not 1 <= len(arg.encode()) <= MARK_BYTES_MAX or "\0" in arg:
-            raise bad("target.mark", f"expected a mark name of 1..{MARK_BYTES_MAX} UTF-8 bytes, got {shown(arg)}")
-        return Target.mark(arg)
-    if kind == "at":
-        if not isinstance(arg, str) or not 1 <= len(arg) <= TIME_CHARS_MAX:
-            raise bad("target.at", f"expected a time of 1..{TIME_CHARS_MAX} characters (ISO 8601 with a zone, "
-                                   f"or relative such as -15m), got {shown(arg)}")
-        try:
-            return Target.at(arg)
-        except ConfigError as exc:
-            raise bad("target.at", exc.message) from None
-    raise bad("target", f"{expected}, got {shown(value)}")
-
-
-def recovery_dir(value: Any) -> Path:
-    """The ``to`` of a recover request, checked as a string that can name a directory:
-    where recoveries may land at all is the recovery's own policy (rocva), not this."""
-    expected = "expected an absolute directory path (the images go there)"
-    if not isinstance(value, str) or not value:
-        raise bad("to", f"{expected}, got {shown(value)}")
-    if "\0" in value:
-        raise bad("to", f"{expected}: a path holds no NUL character")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise bad("to", f"{expected}: not valid UTF-8 (a lone surrogate)") from None
-    if size > PATH_BYTES_MAX:
-        raise bad("to", f"{expected}: {size} bytes long, at most {PATH_BYTES_MAX}")
-    path = Path(value)
-    if not path.is_absolute():
-        raise bad("to", f"{expected}, got {shown(value)}")
-    return path
-
-
-def _not_a_directory(path: Path) -> str | None:
-    """The name of the first component of ``path`` that exists and is not a directory."""
-    for part in (*reversed(path.parents), path):
-        try:
-            st = os.stat(part)
-        except FileNotFoundError:
-            return None  # from here on it is made by the recovery
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                return part.name[:FIELD_CHARS_MAX]
-            return None  # not ours to judge (permissions): the recovery says what it cannot do
-        if not stat.S_ISDIR(st.st_mode):
-            return part.name[:FIELD_CHARS_MAX] or "/"
-    return None
 
 
 # ---------------------------------------------------------------------- handlers
@@ -473,7 +263,7 @@ async def recover(request: web.Request) -> web.Response:
     doc = await read_body(request, {"target", "to"}, {"target", "to"})
     target = target_from(doc["target"])
     to = recovery_dir(doc["to"])
-    if (blocker := await asyncio.to_thread(_not_a_directory, to)) is not None:
+    if (blocker := await asyncio.to_thread(not_a_directory, to)) is not None:
         raise bad("to", f"expected a directory (or a path where one can be made), but {blocker!r} on "
                         f"the way is not a directory")
     record = await daemon.start_job("recover", {"domain": domain, "target": doc["target"], "to": str(to)},
@@ -563,6 +353,7 @@ def make_app(daemon: MsaDaemon) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_BYTES_MAX)
     app[MSA] = daemon
     app[REDACTIONS] = redactions(daemon)
+    app[BODY_TIMEOUT_S] = daemon.api_limits.body_timeout_s
     for method, path, handler in ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)  # and HEAD: a HEAD /healthz is a health check too
