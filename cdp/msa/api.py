@@ -1,8 +1,11 @@
 """The MSA's REST API (aiohttp): one endpoint per management verb, JSON in and out.
 
-Every request but ``GET /healthz`` carries ``Authorization: Bearer <token>``, the token
-of the environment variable the site file names (``[api] token_env``); it is compared in
-constant time and never logged. Errors are JSON (FORMAT.md §13.5)::
+Every request but ``GET /healthz`` (and ``HEAD``) carries ``Authorization: Bearer <token>``,
+the token of the environment variable the site file names (``[api] token_env``); it is
+compared in constant time and never logged. A request is checked by
+``cdp.msa.api_input`` before anything uses it; a connection is bounded in time and number
+by ``cdp.msa.http_limits``. Errors are JSON (FORMAT.md §13.5) and name no path of this
+machine (``redactions``)::
 
     {"error": {"status": 400, "code": "bad_request", "field": "target",
                "message": "target: expected ...", "exit_code": 2}}
