@@ -9,7 +9,6 @@ A refusal is an ``ApiError`` (FORMAT.md §13.5) that names the field and quotes 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import stat
@@ -32,6 +31,7 @@ SEQ_MAX = (1 << 64) - 1
 MARK_BYTES_MAX = 255  # FORMAT.md §13.6
 TIME_CHARS_MAX = 64
 PATH_BYTES_MAX = 4096  # PATH_MAX on Linux
+PATH_PART_BYTES_MAX = 255  # NAME_MAX
 
 
 class ApiError(Exception):
@@ -208,6 +208,8 @@ def recovery_dir(value: Any) -> Path:
     path = Path(value)
     if not path.is_absolute():
         raise bad("to", f"{expected}, got {shown(value)}")
+    if any(len(part.encode()) > PATH_PART_BYTES_MAX for part in path.parts):
+        raise bad("to", f"{expected}: a name in it is longer than {PATH_PART_BYTES_MAX} bytes")
     return path
 
 
@@ -218,9 +220,7 @@ def not_a_directory(path: Path) -> str | None:
             st = os.stat(part)
         except FileNotFoundError:
             return None  # from here on it is made by the recovery
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                return part.name[:FIELD_CHARS_MAX]
+        except OSError:
             return None  # not ours to judge (permissions): the recovery says what it cannot do
         if not stat.S_ISDIR(st.st_mode):
             return part.name[:FIELD_CHARS_MAX] or "/"

@@ -130,7 +130,7 @@ async def test_recover_to_is_checked(api, tmp_path):
     plain = tmp_path / "a-file"
     plain.write_bytes(b"not a directory")
     for to, why in ((str(plain), "not a directory"), (str(plain / "below"), "not a directory"),
-                    ("/tmp/x\u0000y", "NUL"), ("/tmp/x\ud800y", "surrogate"), ("/" + "a" * 5000, "long")):
+                    ("/tmp/x\u0000y", "NUL"), ("/tmp/x\ud800y", "surrogate"), ("/" + "a" * 5000, "long"), ("/tmp/" + "b" * 300 + "/x", "longer than 255")):
         got, doc, _ = await api.call("POST", "/v1/domains/erp/recover", {"target": "latest", "to": to})
         err = assert_refusal(api, got, doc, field="to")
         assert why in err["message"], err
