@@ -55,7 +55,7 @@ from typing import Any
 from cdp.errors import ConfigError
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START
 from cdp.store.open import config_store_url
-from cdp.tomlread import NAME, NAME_EXPECTED
+from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX
 from cdp.units import parse_size
 
 # The ranges of the values a DRVA accepts (inclusive).
@@ -212,9 +212,9 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
     log_size = None
     if "size" in log.doc:
         log_size = parse_size(log.get("size", (int, str)), log.where("size"))
-        if log_size < LOG_SIZE_MIN:
-            raise ConfigError(f"{log.where('size')}: expected at least {LOG_SIZE_MIN} bytes (FORMAT.md §3.1), "
-                              f"got {log_size}")
+        if not LOG_SIZE_MIN <= log_size <= SIZE_MAX:
+            raise ConfigError(f"{log.where('size')}: expected at least {LOG_SIZE_MIN} bytes (FORMAT.md §3.1) "
+                              f"and at most {SIZE_MAX}, got {log_size}")
     cfg = DrvaConfig(
         name=r.name("name"), host=host, port=int(port_text),
         state_dir=state_dir, store_url=config_store_url(r.get("store", str), here),

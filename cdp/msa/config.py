@@ -207,9 +207,9 @@ def policy_value(key: str, value: Any) -> float:
     try:
         seconds = parse_duration(value, key) if is_duration else _plain_number(value)
     except (ConfigError, OverflowError):
-        raise ConfigError(f"expected {expected}, got {shown(value)}") from None
+        raise ConfigError(f"expected {expected}, got {_quoted(value)}") from None
     if not lo <= seconds <= hi:  # also refuses NaN
-        raise ConfigError(f"expected {expected}, got {shown(value)}")
+        raise ConfigError(f"expected {expected}, got {_quoted(value)}")
     return seconds
 
 
@@ -219,7 +219,7 @@ def _plain_number(value: Any) -> float:
     return float(value)
 
 
-def shown(value: Any, limit: int = SHOWN_CHARS_MAX) -> str:
+def _quoted(value: Any, limit: int = SHOWN_CHARS_MAX) -> str:
     """``value`` as it may appear in a message: its repr, cut to ``limit`` characters (a
     value from a file or a request can be a megabyte long)."""
     text = repr(value)
