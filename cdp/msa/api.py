@@ -89,13 +89,13 @@ def redactions(daemon: MsaDaemon) -> tuple[tuple[str, str], ...]:
     places = {str(cfg.state_dir): "<state_dir>", str(cfg.path.parent): "<site dir>",
               str(cfg.cluster_path.parent): "<cluster dir>", str(cfg.cluster.state_dir): "<disk images>"}
     if cfg.store_url.startswith("file://"):
-        places[cfg.store_url] = "<store>"
-        places[cfg.store_url.removeprefix("file://")] = "<store>"
+        places[cfg.store_url.removeprefix("file://").rstrip("/")] = "<store>"
     for drva in cfg.drvas:
         places[str(drva.log_path)] = f"<log partition of {drva.name}>"
         places[str(drva.meta_path)] = f"<metadata of {drva.name}>"
-    return tuple(sorted(((p, n) for p, n in places.items() if p.startswith("/") and len(p) > 1),
-                        key=lambda item: -len(item[0])))
+    paths = {p: n for p, n in places.items() if p.startswith("/") and len(p) > 1}
+    urls = {f"file://{p}": n for p, n in paths.items()}  # a file store describes itself so
+    return tuple(sorted({**paths, **urls}.items(), key=lambda item: -len(item[0])))
 
 
 def _from_cdp_error(exc: CdpError) -> ApiError:

@@ -217,3 +217,11 @@ async def test_a_body_that_never_ends_is_bounded(api):
     status, doc, _ = await raw(api, f"POST /v1/domains/erp/verify HTTP/1.1\r\n{host}{auth()}"
                                     f"Content-Type: application/json\r\nContent-Length: {2 << 20}")
     assert_refusal(api, status, doc, expect=413)
+
+
+async def test_library_errors_name_no_path_of_this_machine(api):
+    """The engine's messages name files for the operator at the console ("no catalog in
+    file:///srv/..."); an error answer says the place instead."""
+    got, doc, _ = await api.call("GET", "/v1/domains/files/points")
+    err = assert_refusal(api, got, doc, expect=404)
+    assert "no catalog in <store>" in err["message"], err
