@@ -373,6 +373,10 @@ def main() -> None:
     except CdpError as exc:
         click.echo(f"cdp: error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"cdp: error: {exc.strerror or type(exc).__name__}{where}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

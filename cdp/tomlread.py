@@ -16,9 +16,13 @@ from cdp.errors import ConfigError
 from cdp.records import SECTOR
 from cdp.units import parse_duration, parse_size
 
-NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: A name that is also a path component (a DRVA's state directory, a site's prefix in
+#: the store): never "." or "..", which would name the directory above.
+NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9._-]{1,64}")
+NAME_EXPECTED = "a name of 1..64 characters [A-Za-z0-9._-], not '.' or '..'"
 _ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 U32_MAX = 2**32 - 1
+SIZE_MAX = 1 << 50  # 1 PiB: larger is a typo, and more than a file system will preallocate
 _MISSING = object()
 
 
@@ -65,16 +69,21 @@ class TomlReader:
 
     def name(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not NAME.fullmatch(value):
-            self.fail(path, "a name of 1..64 characters [A-Za-z0-9._-]", value)
+            self.fail(path, NAME_EXPECTED, value)
         return value
 
-    def size(self, value: Any, path: str) -> int:
+    def size(self, value: Any, path: str, minimum: int = SECTOR, maximum: int = SIZE_MAX) -> int:
+        """Bytes, a multiple of 512 in ``minimum..maximum``; each refusal says which rule."""
         try:
             size = parse_size(value, path)
         except ConfigError:
-            size = -1
-        if size <= 0 or size % SECTOR:
-            self.fail(path, "a size > 0 that is a multiple of 512 (e.g. 67108864, '64MiB')", value)
+            self.fail(path, "a size: a number of bytes, or a number and a unit B, K/KiB, M/MiB, G/GiB or "
+                            "T/TiB (e.g. 67108864, '64MiB')", value)
+        if not minimum <= size <= maximum:
+            self.fail(path, f"a size of at least {minimum} bytes and at most {maximum} ({maximum >> 40} TiB)",
+                      value)
+        if size % SECTOR:
+            self.fail(path, f"a size that is a multiple of {SECTOR} (e.g. 67108864, '64MiB')", value)
         return size
 
     def u32(self, value: Any, path: str) -> int:

@@ -7,7 +7,7 @@ name = "drva-1"
 site = "site-a"                   # the site it writes for: owner of the timelines it writes (default "default")
 listen = "127.0.0.1:32873"        # the filter port (32873..32878 by convention)
 state_dir = "/var/lib/cdp/drva-1" # status.json lives here
-status_interval_s = 1.0           # how often status.json is rewritten
+status_interval_s = 1.0           # how often status.json is rewritten (0.1..60)
 store = "file:///var/lib/cdp/store"
 secret_env = "CDP_SITE_SECRET"    # the handshake secret comes from the environment
 
@@ -25,6 +25,9 @@ concurrency = 4
 [backpressure]
 high_water = 0.80      # log usage above which filters are told to back off
 low_water = 0.60
+[tls]                  # optional: filters connect with TLS
+cert = "/etc/cdp/drva-1.pem"      # PEM certificate (and key, unless key is given)
+key = "/etc/cdp/drva-1.key"
 
 [[domains]]
 id = 1
@@ -32,13 +35,18 @@ name = "erp"
 disks = [{ vm = "erp-db", name = "disk0", size = "64MiB" }]
 ```
 
-``load_drva_config`` refuses a bad file with the file, the key and what was expected.
+``load_drva_config`` refuses a bad file with the file, the key and what was expected,
+before the DRVA touches anything: a value out of range, a ``state_dir`` that is a file
+(or below one), a TLS certificate that does not load. The ranges are constants here
+(``SEAL_BYTES_RANGE``, …): the site file (``cdp.msa.config``) checks its own values
+against them, so that preflight and install refuse what a DRVA would.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import ssl
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,11 +54,36 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
+from cdp.logfmt import DATA_SIZE_MIN, DATA_START
 from cdp.store.open import config_store_url
+from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX
 from cdp.units import parse_size
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_SITE = "default"
+# The ranges of the values a DRVA accepts (inclusive).
+DOMAIN_ID_RANGE = (1, (1 << 32) - 1)  # 0 is no domain: frames and keys reserve it
+SEAL_BYTES_RANGE = (1 << 20, 256 << 20)
+SEAL_AGE_S_RANGE = (0.05, 3600.0)
+UPLOAD_CONCURRENCY_RANGE = (1, 64)
+STATUS_INTERVAL_S_RANGE = (0.1, 60.0)  # status.json is rewritten this often: below, a busy loop
+LOG_SIZE_MIN = DATA_START + DATA_SIZE_MIN  # FORMAT.md §3.1: the superblocks and the smallest ring
+
+
+def blocking_file(path: Path) -> str | None:
+    """The name of the first component of ``path`` (itself included) that exists and is
+    not a directory, so that ``path`` cannot be (or become) a directory; None if none."""
+    for part in (*reversed(path.parents), path):
+        try:
+            mode = os.stat(part).st_mode
+        except FileNotFoundError:
+            return None  # from here on it can be made
+        except OSError:
+            return None  # not ours to judge (permissions): creating it says what is wrong
+        if not stat.S_ISDIR(mode):
+            return part.name or str(part)
+    return None
+
+
 @dataclass(frozen=True)
 class DiskSpec:
     index: int
@@ -129,8 +162,14 @@ class _Reader:
 
     def name(self, key: str) -> str:
         value = self.get(key, str)
-        if not _NAME.fullmatch(value):
-            raise ConfigError(f"{self.where(key)}: {value!r} is not a name ([A-Za-z0-9._-], 1-64)")
+        if not NAME.fullmatch(value):
+            raise ConfigError(f"{self.where(key)}: {value!r} is not a name (expected {NAME_EXPECTED})")
+        return value
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = float(self.get(key, (int, float), default))
+        if not lo <= value <= hi:  # also refuses NaN
+            raise ConfigError(f"{self.where(key)}: expected {lo:g}..{hi:g}, got {value!r}")
         return value
 
 
@@ -171,37 +210,63 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
                     for i, d in enumerate(r.get("domains", list)))
     if len({d.id for d in domains}) != len(domains):
         raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
+    state_dir = here / r.get("state_dir", str)
+    if (blocker := blocking_file(state_dir)) is not None:
+        raise ConfigError(f"{r.where('state_dir')}: expected a directory (or a path where one can be made); "
+                          f"{blocker!r} is a regular file")
+    log_size = None
+    if "size" in log.doc:
+        log_size = parse_size(log.get("size", (int, str)), log.where("size"))
+        if not LOG_SIZE_MIN <= log_size <= SIZE_MAX:
+            raise ConfigError(f"{log.where('size')}: expected at least {LOG_SIZE_MIN} bytes (FORMAT.md §3.1) "
+                              f"and at most {SIZE_MAX}, got {log_size}")
     cfg = DrvaConfig(
         name=r.name("name"), host=host, port=int(port_text),
         site=r.name("site") if "site" in r.doc else DEFAULT_SITE,
-        state_dir=here / r.get("state_dir", str), store_url=config_store_url(r.get("store", str), here),
+        state_dir=state_dir, store_url=config_store_url(r.get("store", str), here),
         secret=secret.encode(),
         log_path=here / log.get("path", str),
-        log_size=parse_size(log.get("size", (int, str)), log.where("size")) if "size" in log.doc else None,
+        log_size=log_size,
         log_direct=log.get("direct", bool, False),
         meta_path=here / meta.get("path", str),
         domains=domains,
         seal_bytes=parse_size(seal.get("bytes", (int, str), 16 << 20), seal.where("bytes")),
-        seal_age_s=float(seal.get("age_s", (int, float), 1.0)),
+        seal_age_s=seal.number("age_s", 1.0, *SEAL_AGE_S_RANGE),
         upload_concurrency=upload.get("concurrency", int, 4),
         high_water=high, low_water=low,
-        status_interval_s=float(r.get("status_interval_s", (int, float), 1.0)),
+        status_interval_s=r.number("status_interval_s", 1.0, *STATUS_INTERVAL_S_RANGE),
         tls_cert=here / tls.get("cert", str) if "cert" in tls.doc else None,
         tls_key=here / tls.get("key", str) if "key" in tls.doc else None,
     )
-    if not 1 <= cfg.upload_concurrency <= 64:
-        raise ConfigError(f"{upload.where('concurrency')}: expected 1..64")
-    if not (1 << 20) <= cfg.seal_bytes <= (256 << 20):
+    if not UPLOAD_CONCURRENCY_RANGE[0] <= cfg.upload_concurrency <= UPLOAD_CONCURRENCY_RANGE[1]:
+        raise ConfigError(f"{upload.where('concurrency')}: expected {UPLOAD_CONCURRENCY_RANGE[0]}.."
+                          f"{UPLOAD_CONCURRENCY_RANGE[1]}")
+    if not SEAL_BYTES_RANGE[0] <= cfg.seal_bytes <= SEAL_BYTES_RANGE[1]:
         raise ConfigError(f"{seal.where('bytes')}: expected 1MiB..256MiB")
-    if not 0.05 <= cfg.seal_age_s <= 3600:
-        raise ConfigError(f"{seal.where('age_s')}: expected 0.05..3600 seconds")
+    _check_tls(cfg, tls)
     return cfg
+
+
+def _check_tls(cfg: DrvaConfig, tls: _Reader) -> None:
+    """Load the certificate and key as the DRVA will (``drva.daemon``), so that a missing
+    or unreadable file is a configuration error now, not a traceback at listen time."""
+    if cfg.tls_cert is None:
+        if cfg.tls_key is not None:
+            raise ConfigError(f"{tls.where('key')}: a key without tls.cert (expected both, or a cert holding the key)")
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except OSError as exc:
+        problem = exc.strerror if exc.strerror and not isinstance(exc, ssl.SSLError) else (
+            getattr(exc, "reason", None) or str(exc))
+        raise ConfigError(f"{tls.where('cert')}: expected a readable PEM certificate (and key) at {cfg.tls_cert}"
+                          f"{'' if cfg.tls_key is None else f' and {cfg.tls_key}'}: {problem}") from None
 
 
 def _domain(r: _Reader, i: int) -> DomainConfig:
     domain_id = r.get("id", int)
-    if not 1 <= domain_id < 1 << 32:
-        raise ConfigError(f"{r.where('id')}: expected 1..{(1 << 32) - 1}")
+    if not DOMAIN_ID_RANGE[0] <= domain_id <= DOMAIN_ID_RANGE[1]:
+        raise ConfigError(f"{r.where('id')}: expected {DOMAIN_ID_RANGE[0]}..{DOMAIN_ID_RANGE[1]}, got {domain_id}")
     disks = []
     for j, d in enumerate(r.get("disks", list)):
         dr = _Reader(d, r.source, f"{r.prefix}disks[{j}].")

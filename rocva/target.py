@@ -44,6 +44,9 @@ TARGET_KINDS = ("seq", "mark", "at", "latest")
 _RELATIVE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
 _UNIT_NS = {"s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9}
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: The latest time a target may name: numpy's int64 ns (2262-04-11T23:47:16Z).
+TIME_NS_MAX = (1 << 63) - 1
+_TIME_MAX_TEXT = "2262-04-11T23:47:16Z"
 
 Ranges = list[tuple[int, int]]  # sorted, disjoint, non-adjacent, inclusive (first, last)
 
@@ -73,7 +76,7 @@ class Target:
 
     @classmethod
     def at(cls, text: str) -> Target:
-        parse_time(text, 0)  # refuse a malformed time now, not after loading the catalog
+        parse_time(text, time.time_ns())  # refuse a malformed time now, not after loading the catalog
         return cls("at", text)
 
     @classmethod
@@ -117,22 +120,36 @@ def as_target(target: Target | int | str) -> Target:
 
 def parse_time(text: str, now_ns: int) -> int:
     """ns since the epoch of ``text``: ISO 8601 with a timezone, or ``-15m``/``-2h``/
-    ``-30s``/``-1d`` (also fractional, ``-1.5h``) before ``now_ns``."""
+    ``-30s``/``-1d`` (also fractional, ``-1.5h``) before ``now_ns``. The result is a
+    record timestamp (u64 ns, FORMAT.md §1) that numpy can hold: 1970-01-01 ..
+    ``TIME_NS_MAX`` (2262-04-11); anything else is a ``ConfigError`` saying so."""
     if not isinstance(text, str):
         raise ConfigError(f"--at {text!r}: expected a time")
+    shown = repr(text) if len(text) <= 64 else repr(text[:64]) + "..."
     m = _RELATIVE.fullmatch(text.strip())
     if m:
-        return now_ns - int(Fraction(m.group(1)) * _UNIT_NS[m.group(2)])
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(
-            f"--at {text!r}: expected ISO 8601 with a timezone (2024-05-01T12:00:00+02:00, …Z) "
-            f"or a relative time (-30s, -15m, -2h, -1d)"
-        ) from None
-    if when.tzinfo is None:
-        raise ConfigError(f"--at {text!r}: no timezone; add Z or +HH:MM (a bare time is ambiguous)")
-    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
+        try:
+            ns = now_ns - int(Fraction(m.group(1)) * _UNIT_NS[m.group(2)])
+        except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+            ns = -1
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ConfigError(
+                f"--at {shown}: expected ISO 8601 with a timezone (2024-05-01T12:00:00+02:00, …Z) "
+                f"or a relative time (-30s, -15m, -2h, -1d)"
+            ) from None
+        if when.tzinfo is None:
+            raise ConfigError(f"--at {shown}: no timezone; add Z or +HH:MM (a bare time is ambiguous)")
+        try:
+            ns = (when - _EPOCH) // timedelta(microseconds=1) * 1000
+        except OverflowError:
+            ns = -1
+    if not 0 <= ns <= TIME_NS_MAX:
+        raise ConfigError(f"--at {shown}: expected a time between 1970-01-01T00:00:00Z and "
+                          f"{_TIME_MAX_TEXT} (record times are ns since 1970 in 63 bits)")
+    return ns
 
 
 # --------------------------------------------------------------------------- range sets

@@ -1,8 +1,11 @@
 """The MSA's REST API (aiohttp): one endpoint per management verb, JSON in and out.
 
-Every request but ``GET /healthz`` carries ``Authorization: Bearer <token>``, the token
-of the environment variable the site file names (``[api] token_env``); it is compared in
-constant time and never logged. Errors are JSON (FORMAT.md §13.5)::
+Every request but ``GET /healthz`` (and ``HEAD``) carries ``Authorization: Bearer <token>``,
+the token of the environment variable the site file names (``[api] token_env``); it is
+compared in constant time and never logged. A request is checked by
+``cdp.msa.api_input`` before anything uses it; a connection is bounded in time and number
+by ``cdp.msa.http_limits``. Errors are JSON (FORMAT.md §13.5) and name no path of this
+machine (``redactions``)::
 
     {"error": {"status": 400, "code": "bad_request", "field": "target",
                "message": "target: expected ...", "exit_code": 2}}
@@ -27,11 +30,12 @@ Routes (the OpenAPI document, ``GET /openapi.json``, describes each one):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
 import time
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -39,10 +43,14 @@ from aiohttp import web
 from cdp.errors import Busy, CdpError, ConfigError, LeaseLost, NotFound, StoreError
 from cdp.logs import get_logger
 from cdp.msa import operations
-from cdp.msa.config import Policy
+from cdp.msa.api_input import (
+    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, not_a_directory, policy_from, read_body, recovery_dir, shown,
+    target_from, wants_wait,
+)
+from cdp.msa.http_limits import LimitedSite
+from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
 from cdp.msa.runner import TooManyJobs
 from cdp.tomlread import NAME
-from cdp.units import parse_duration
 
 if TYPE_CHECKING:
     from cdp.msa.daemon import MsaDaemon
@@ -50,31 +58,44 @@ if TYPE_CHECKING:
 log = get_logger("cdp.msa.api")
 
 MSA: web.AppKey[MsaDaemon] = web.AppKey("msa")
+REDACTIONS: web.AppKey[tuple[tuple[str, str], ...]] = web.AppKey("redactions")
 PREFLIGHT_KINDS = ("system", "install", "uninstall")
 JOBS_LIST_MAX = 1000
 SHUTDOWN_TIMEOUT_S = 3.0  # open requests (a ?wait=1) get this long at shutdown
+JOB_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+LIMIT = re.compile(r"[0-9]{1,4}")
 _dumps = partial(json.dumps, sort_keys=True)
 
 
-class ApiError(Exception):
-    """An answer other than 2xx, with the field of the request that was wrong."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-        self.exit_code = exit_code if exit_code is not None else (7 if status == 409 else 2 if status < 500 else 1)
-
-
-def bad(field: str, message: str) -> ApiError:
-    return ApiError(400, "bad_request", f"{field}: {message}", field)
-
-
-def error_response(err: ApiError) -> web.Response:
-    body = {"error": {"status": err.status, "code": err.code, "message": err.message, "field": err.field,
+def error_response(err: ApiError, places: tuple[tuple[str, str], ...] = ()) -> web.Response:
+    """The JSON error answer; ``places`` (``redactions``) are replaced in its message."""
+    message = err.message
+    for path, name in places:
+        message = message.replace(path, name)
+    body = {"error": {"status": err.status, "code": err.code, "message": message, "field": err.field,
                       "exit_code": err.exit_code}}
     headers = {"WWW-Authenticate": 'Bearer realm="cdp"'} if err.status == 401 else None
-    return web.json_response(body, status=err.status, headers=headers, dumps=_dumps)
+    response = web.json_response(body, status=err.status, headers=headers, dumps=_dumps)
+    if err.status in (408, 413):
+        response.force_close()  # the rest of the body is not worth waiting for
+    return response
+
+
+def redactions(daemon: MsaDaemon) -> tuple[tuple[str, str], ...]:
+    """Where the site lives on this machine, as it must never appear in an error answer:
+    (absolute path or URL, the placeholder said instead), longest first. The library's
+    messages name files for the operator at the console; a client is told the place."""
+    cfg = daemon.cfg
+    places = {str(cfg.state_dir): "<state_dir>", str(cfg.path.parent): "<site dir>",
+              str(cfg.cluster_path.parent): "<cluster dir>", str(cfg.cluster.state_dir): "<disk images>"}
+    if cfg.store_url.startswith("file://"):
+        places[cfg.store_url.removeprefix("file://").rstrip("/")] = "<store>"
+    for drva in cfg.drvas:
+        places[str(drva.log_path)] = f"<log partition of {drva.name}>"
+        places[str(drva.meta_path)] = f"<metadata of {drva.name}>"
+    paths = {p: n for p, n in places.items() if p.startswith("/") and len(p) > 1}
+    urls = {f"file://{p}": n for p, n in paths.items()}  # a file store describes itself so
+    return tuple(sorted({**paths, **urls}.items(), key=lambda item: -len(item[0])))
 
 
 def _from_cdp_error(exc: CdpError) -> ApiError:
@@ -101,17 +122,18 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     t0 = time.monotonic()
+    places = request.app[REDACTIONS]
     try:
         response = await handler(request)
     except ApiError as err:
-        response = error_response(err)
+        response = error_response(err, places)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         response = error_response(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
-                                           f"{request.method} {request.path}: {exc.reason}"))
+                                           f"{request.method} {shown(request.path)}: {exc.reason}"), places)
     except CdpError as exc:
-        response = error_response(_from_cdp_error(exc))
+        response = error_response(_from_cdp_error(exc), places)
     except Exception as exc:  # a bug: logged with its traceback, answered without it
         log.error("api_handler_failed", exc_info=True, method=request.method, path=request.path)
         response = error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"))
@@ -128,43 +150,16 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path == "/healthz" and request.method in ("GET", "HEAD"):
         return await handler(request)
     daemon = request.app[MSA]
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), daemon.token.encode()):
+    sent = request.headers.getall("Authorization", [])
+    scheme, _, given = (sent[0] if len(sent) == 1 else "").partition(" ")  # two: which one counts? neither
+    # A header is text as aiohttp decoded it (UTF-8, undecodable bytes as surrogates):
+    # compare it as the bytes that were sent.
+    token = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token, daemon.token.encode()):
         raise ApiError(401, "unauthorized",
                        f"missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
                        f"in the daemon's environment variable {daemon.cfg.token_env}")
     return await handler(request)
-
-
-# ---------------------------------------------------------------------- input
-
-
-async def read_body(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
-    """The JSON object of the request body ({} when there is none); unknown keys refused."""
-    text = await request.text() if request.can_read_body else ""
-    if not text.strip():
-        doc: Any = {}
-    else:
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise bad("request body", f"not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise bad("request body", f"expected a JSON object, got {type(doc).__name__}")
-    for key in sorted(set(doc) - allowed):
-        raise bad(key, f"unknown field (expected {', '.join(sorted(allowed)) or 'no body'})")
-    for key in sorted(required - set(doc)):
-        raise bad(key, "missing")
-    return doc
-
-
-def wants_wait(request: web.Request) -> bool:
-    value = request.query.get("wait", "0").strip().lower()
-    if value in ("1", "true", "yes"):
-        return True
-    if value in ("0", "false", "no", ""):
-        return False
-    raise bad("wait", f"expected 1 or 0, got {value!r}")
 
 
 def domain_of(request: web.Request) -> str:
@@ -174,56 +169,9 @@ def domain_of(request: web.Request) -> str:
         daemon.check_domain(name)
     except ConfigError:
         known = ", ".join(d.name for d in daemon.cfg.cluster.domains) or "none"
-        raise ApiError(404, "unknown_domain", f"no domain named {name!r} in {daemon.cfg.cluster_path.name} "
+        raise ApiError(404, "unknown_domain", f"no domain named {shown(name)} in {daemon.cfg.cluster_path.name} "
                                               f"(domains: {known})", "name") from None
     return name
-
-
-def _duration(doc: dict[str, Any], key: str, minimum_s: float) -> float | None:
-    if key not in doc:
-        return None
-    try:
-        value = parse_duration(doc[key], key)
-    except ConfigError:
-        raise bad(key, f"expected a duration (seconds, or e.g. '15m', '72h', '7d'), got {doc[key]!r}") from None
-    if value < minimum_s:
-        raise bad(key, f"expected at least {minimum_s:g} s, got {doc[key]!r}")
-    return value
-
-
-def policy_from(doc: dict[str, Any], base: Policy) -> Policy:
-    """``base`` with the fields the protect body overrides."""
-    rpo = doc.get("rpo_target_s", base.rpo_target_s)
-    if isinstance(rpo, bool) or not isinstance(rpo, (int, float)) or not 0 < rpo <= 365 * 86400:
-        raise bad("rpo_target_s", f"expected a number of seconds in (0, 31536000], got {rpo!r}")
-    retention = _duration(doc, "retention", 1)
-    after = _duration(doc, "consolidate_after", 0)
-    every = _duration(doc, "consolidate_every", 1)
-    return Policy(retention_s=base.retention_s if retention is None else retention, rpo_target_s=float(rpo),
-                  consolidate_after_s=base.consolidate_after_s if after is None else after,
-                  consolidate_every_s=base.consolidate_every_s if every is None else every)
-
-
-def target_from(value: Any) -> Any:
-    """The recovery target of a request: "latest", {"seq": N}, {"mark": NAME}, {"at": TIME}."""
-    from rocva import Target
-
-    expected = 'expected "latest", {"seq": N}, {"mark": NAME} or {"at": TIME}'
-    if value == "latest":
-        return Target.latest()
-    if not isinstance(value, dict) or len(value) != 1:
-        raise bad("target", f"{expected}, got {json.dumps(value)}")
-    kind, arg = next(iter(value.items()))
-    try:
-        if kind == "seq" and isinstance(arg, int) and not isinstance(arg, bool):
-            return Target.seq(arg)
-        if kind == "mark" and isinstance(arg, str):
-            return Target.mark(arg)
-        if kind == "at" and isinstance(arg, str):
-            return Target.at(arg)
-    except ConfigError as exc:
-        raise bad(f"target.{kind}", exc.message) from None
-    raise bad("target", f"{expected}, got {json.dumps(value)}")
 
 
 # ---------------------------------------------------------------------- handlers
@@ -269,10 +217,12 @@ async def protect(request: web.Request) -> web.Response:
     domain = domain_of(request)
     wait = wants_wait(request)
     doc = await read_body(request, {"retention", "rpo_target_s", "consolidate_after", "consolidate_every"})
+    spec = daemon.cfg.domain(domain)
     try:
-        daemon.cfg.drva_of(daemon.cfg.domain(domain))
+        daemon.cfg.drva_of(spec)
     except ConfigError as exc:
-        raise ApiError(409, "no_drva", exc.message, "name", exit_code=exc.exit_code) from None
+        raise ApiError(409, "no_drva", f"domain {domain} streams to {spec.drva}, which no DRVA of the site "
+                                       f"listens on", "name", exit_code=exc.exit_code) from None
     policy = policy_from(doc, daemon.protection.get(domain) or daemon.cfg.policy(domain))
     record = await daemon.start_job("protect", {"domain": domain, **doc},
                                     lambda job: daemon.protect(domain, policy, job))
@@ -297,7 +247,7 @@ async def mark(request: web.Request) -> web.Response:
     doc = await read_body(request, {"name"}, {"name"})
     name = doc["name"]
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise bad("name", f"expected a mark name of 1..64 characters [A-Za-z0-9._-], got {json.dumps(name)}")
+        raise bad("name", f"expected a mark name of 1..64 characters [A-Za-z0-9._-], got {shown(name)}")
     if domain not in daemon.protection:
         raise ApiError(409, "not_protected", f"domain {domain} is not protected: a mark needs its stream", "name")
     try:
@@ -315,15 +265,16 @@ async def recover(request: web.Request) -> web.Response:
     wait = wants_wait(request)
     doc = await read_body(request, {"target", "to"}, {"target", "to"})
     target = target_from(doc["target"])
-    to = doc["to"]
-    if not isinstance(to, str) or not to or not Path(to).is_absolute():
-        raise bad("to", f"expected an absolute directory path (the images go there), got {json.dumps(to)}")
+    to = recovery_dir(doc["to"])
+    if (blocker := await asyncio.to_thread(not_a_directory, to)) is not None:
+        raise bad("to", f"expected a directory (or a path where one can be made), but {blocker!r} on "
+                        f"the way is not a directory")
     try:  # under the site's recovery_roots, not in the store or the state directory
-        operations.check_recovery_destination(daemon.cfg, to)
+        operations.check_recovery_destination(daemon.cfg, str(to))
     except CdpError as exc:
         raise bad("to", exc.message) from None
-    record = await daemon.start_job("recover", {"domain": domain, "target": doc["target"], "to": to},
-                                    lambda job: operations.recover(daemon.cfg, domain, target, Path(to), job))
+    record = await daemon.start_job("recover", {"domain": domain, "target": doc["target"], "to": str(to)},
+                                    lambda job: operations.recover(daemon.cfg, domain, target, to, job))
     return await _job_answer(request, record, wait)
 
 
@@ -334,9 +285,9 @@ async def verify(request: web.Request) -> web.Response:
     doc = await read_body(request, {"deep", "sample"})
     deep, sample = doc.get("deep", False), doc.get("sample", 0.0)
     if not isinstance(deep, bool):
-        raise bad("deep", f"expected true or false, got {json.dumps(deep)}")
+        raise bad("deep", f"expected true or false, got {shown(deep)}")
     if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 <= sample <= 1:
-        raise bad("sample", f"expected a share of segments in 0..1, got {json.dumps(sample)}")
+        raise bad("sample", f"expected a share of segments in 0..1, got {shown(sample)}")
     record = await daemon.start_job("verify", {"domain": domain, "deep": deep, "sample": sample},
                                     lambda job: operations.verify(daemon.cfg, domain, deep, float(sample), job))
     return await _job_answer(request, record, wait)
@@ -354,7 +305,7 @@ async def preflight(request: web.Request) -> web.Response:
     daemon = request.app[MSA]
     kind = request.match_info["kind"]
     if kind not in PREFLIGHT_KINDS:
-        raise ApiError(404, "not_found", f"no preflight {kind!r} (expected one of {', '.join(PREFLIGHT_KINDS)})",
+        raise ApiError(404, "not_found", f"no preflight {shown(kind)} (expected one of {', '.join(PREFLIGHT_KINDS)})",
                        "kind")
     wait = wants_wait(request)
     await read_body(request, set())
@@ -376,20 +327,22 @@ async def preflight(request: web.Request) -> web.Response:
 async def jobs_list(request: web.Request) -> web.Response:
     daemon = request.app[MSA]
     name = request.query.get("name") or None
+    if name is not None and not JOB_NAME.fullmatch(name):
+        raise bad("name", f"expected a job name of 1..64 characters [A-Za-z0-9_-], got {shown(name)}")
     text = request.query.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= JOBS_LIST_MAX:
-        raise bad("limit", f"expected an integer in 1..{JOBS_LIST_MAX}, got {text!r}")
-    return _json({"jobs": daemon.jobs.list(name=name, limit=int(text))})
+    if not LIMIT.fullmatch(text) or not 1 <= int(text) <= JOBS_LIST_MAX:
+        raise bad("limit", f"expected an integer in 1..{JOBS_LIST_MAX}, got {shown(text)}")
+    return _json({"jobs": await asyncio.to_thread(daemon.jobs.list, name=name, limit=int(text))})
 
 
 async def job_get(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
+    if not JOB_ID.fullmatch(job_id):
+        raise bad("id", f"expected a job id of 1..{JOB_ID_CHARS_MAX} characters [A-Za-z0-9_-], got {shown(job_id)}")
     try:
-        return _json(request.app[MSA].jobs.get(job_id))
-    except NotFound as exc:
-        raise ApiError(404, "unknown_job", exc.message, "id") from None
-    except ConfigError as exc:
-        raise bad("id", exc.message) from None
+        return _json(await asyncio.to_thread(request.app[MSA].jobs.get, job_id))
+    except NotFound:
+        raise ApiError(404, "unknown_job", f"no job {job_id}", "id") from None
 
 
 ROUTES = (
@@ -404,20 +357,28 @@ ROUTES = (
 
 
 def make_app(daemon: MsaDaemon) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=1 << 20)
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_BYTES_MAX)
     app[MSA] = daemon
+    app[REDACTIONS] = redactions(daemon)
+    app[BODY_TIMEOUT_S] = daemon.api_limits.body_timeout_s
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        if method == "GET":
+            app.router.add_get(path, handler)  # and HEAD: a HEAD /healthz is a health check too
+        else:
+            app.router.add_route(method, path, handler)
     return app
 
 
 async def start_api(daemon: MsaDaemon) -> web.AppRunner:
-    """Serve the API on the site's ``[api] listen``; the caller cleans the runner up."""
-    runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    """Serve the API on the site's ``[api] listen`` within ``daemon.api_limits``
+    (``cdp.msa.http_limits``); the caller cleans the runner up."""
+    limits = daemon.api_limits
+    runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           **limits.runner_options())
     await runner.setup()
     listen = daemon.cfg.api_listen
     try:
-        await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+        await LimitedSite(runner, listen.host, listen.port, limits.connections_max).start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"{daemon.cfg.path}: api.listen {listen}: cannot listen ({exc.strerror})") from exc

@@ -61,12 +61,27 @@ from typing import Any
 from cdp.errors import ConfigError
 from cdp.store.open import config_store_url
 from cdp.tomlread import Endpoint, TomlReader
+from cdp.units import parse_duration
+from drva.config import (
+    DOMAIN_ID_RANGE, LOG_SIZE_MIN, SEAL_AGE_S_RANGE, SEAL_BYTES_RANGE, UPLOAD_CONCURRENCY_RANGE, blocking_file,
+    parse_drva_config,
+)
 from iofilter_sim.cluster import Cluster, DomainSpec, load_cluster
 
 SECRET_MIN_CHARS = 16
 DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports
 DEFAULT_API = "127.0.0.1:32880"
-_POLICY_KEYS = {"retention", "rpo_target_s", "consolidate_after", "consolidate_every"}
+SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
+#: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
+#: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
+#: for both, so the API refuses what the site file would (and no policy is inf or NaN).
+POLICY_LIMITS: Mapping[str, tuple[float, float, bool]] = {
+    "retention": (1.0, 3650 * 86400.0, True),
+    "rpo_target_s": (1.0, 365 * 86400.0, False),
+    "consolidate_after": (0.0, 3650 * 86400.0, True),
+    "consolidate_every": (1.0, 365 * 86400.0, True),
+}
+_POLICY_KEYS = set(POLICY_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -187,16 +202,46 @@ def _secret(env: Mapping[str, str], name: str, what: str, source: Path) -> str:
     return value
 
 
+def policy_value(key: str, value: Any) -> float:
+    """Seconds of policy key ``key`` (``POLICY_LIMITS``); ``ConfigError`` saying what was
+    expected (without a location: the caller adds the file and key, or the field)."""
+    lo, hi, is_duration = POLICY_LIMITS[key]
+    what = "a duration (seconds, or e.g. '15m', '72h', '7d')" if is_duration else "a number of seconds"
+    expected = f"{what} in {lo:g}..{hi:g} s"
+    try:
+        seconds = parse_duration(value, key) if is_duration else _plain_number(value)
+    except (ConfigError, OverflowError):
+        raise ConfigError(f"expected {expected}, got {_quoted(value)}") from None
+    if not lo <= seconds <= hi:  # also refuses NaN
+        raise ConfigError(f"expected {expected}, got {_quoted(value)}")
+    return seconds
+
+
+def _plain_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError("not a number")
+    return float(value)
+
+
+def _quoted(value: Any, limit: int = SHOWN_CHARS_MAX) -> str:
+    """``value`` as it may appear in a message: its repr, cut to ``limit`` characters (a
+    value from a file or a request can be a megabyte long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _policy(r: TomlReader, table: Mapping[str, Any], path: str, base: Policy) -> Policy:
-    def get(key: str, default: float, dur: bool) -> float:
+    def get(key: str, default: float) -> float:
         if key not in table:
             return default
-        at = f"{path}.{key}" if path else key
-        return r.duration(table[key], at) if dur else r.number(table[key], at, 1, 86400 * 365)
+        try:
+            return policy_value(key, table[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{r.source}: {path}.{key}: {exc.message}") from None
 
-    return Policy(get("retention", base.retention_s, True), get("rpo_target_s", base.rpo_target_s, False),
-                  get("consolidate_after", base.consolidate_after_s, True),
-                  get("consolidate_every", base.consolidate_every_s, True))
+    return Policy(get("retention", base.retention_s), get("rpo_target_s", base.rpo_target_s),
+                  get("consolidate_after", base.consolidate_after_s),
+                  get("consolidate_every", base.consolidate_every_s))
 
 
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
@@ -225,6 +270,10 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     state_dir = data.get("state_dir", "state")
     if not isinstance(state_dir, str) or not state_dir:
         r.fail("state_dir", "a directory path", state_dir)
+    if (blocker := blocking_file(here / state_dir)) is not None:
+        raise ConfigError(f"{path}: state_dir: expected a directory (or a path where one can be made), got "
+                          f"{state_dir!r}: {blocker!r} is a regular file")
+    _check_domain_ids(cluster, cluster_path)
     secret_env = data.get("secret_env", "CDP_SITE_SECRET")
     if not isinstance(secret_env, str) or not secret_env:
         r.fail("secret_env", "an environment variable name", secret_env)
@@ -265,7 +314,34 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if not any(d.listen == spec.drva for d in drvas):
             r.fail(f"protect[{list(protect).index(name)}].domain",
                    f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
+    _check_drva_configs(cfg)
     return cfg
+
+
+def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:
+    """The cluster file allows any u32; a DRVA serves none of them outside its range
+    (0 is no domain), so a site that names one would restart its DRVA for ever."""
+    lo, hi = DOMAIN_ID_RANGE
+    for i, spec in enumerate(cluster.domains):
+        if not lo <= spec.id <= hi:
+            raise ConfigError(f"{cluster_path}: domains[{i}].id: expected an integer in {lo}..{hi} "
+                              f"(a DRVA serves no domain {spec.id}), got {spec.id}")
+
+
+def _check_drva_configs(cfg: SiteConfig) -> None:
+    """Each DRVA's configuration as the MSA would write it (serving every domain that
+    streams to it), read by the DRVA's own reader: whatever a DRVA would refuse at start
+    is refused here, when the site file is loaded, by every verb (preflight and install
+    alike). The checks above name the site file's keys; this is the net under them."""
+    secret = {cfg.secret_env: "x" * SECRET_MIN_CHARS}  # the value is checked elsewhere
+    for i, drva in enumerate(cfg.drvas):
+        domains = [d.name for d in cfg.cluster.domains if d.drva == drva.listen]
+        doc = cfg.drva_config_doc(drva, domains)
+        try:
+            parse_drva_config(doc, f"drvas/{drva.name}.toml", secret, base_dir=cfg.state_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg.path}: drvas[{i}]: DRVA {drva.name} would refuse the configuration "
+                              f"the MSA writes for it: {exc.message}") from None
 
 
 def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
@@ -287,10 +363,15 @@ def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
         for key, tbl in (("log.path", log), ("meta.path", meta)):
             if not isinstance(tbl["path"], str) or not tbl["path"]:
                 r.fail(f"{at}.{key}", "a file path", tbl["path"])
+            if (blocker := blocking_file((here / tbl["path"]).parent)) is not None:
+                raise ConfigError(f"{r.source}: {at}.{key}: expected a file path whose directories exist or can "
+                                  f"be made, got {tbl['path']!r}: {blocker!r} is a regular file")
         upload = d.get("upload_concurrency")
         out.append(DrvaSpec(
-            name, listen, here / log["path"], r.size(log["size"], f"{at}.log.size"), here / meta["path"],
-            r.size(seal["bytes"], f"{at}.seal.bytes") if "bytes" in seal else None,
-            r.number(seal["age_s"], f"{at}.seal.age_s", 0.05, 3600) if "age_s" in seal else None,
-            int(r.number(upload, f"{at}.upload_concurrency", 1, 64)) if upload is not None else None))
+            name, listen, here / log["path"], r.size(log["size"], f"{at}.log.size", LOG_SIZE_MIN),
+            here / meta["path"],
+            r.size(seal["bytes"], f"{at}.seal.bytes", *SEAL_BYTES_RANGE) if "bytes" in seal else None,
+            r.number(seal["age_s"], f"{at}.seal.age_s", *SEAL_AGE_S_RANGE) if "age_s" in seal else None,
+            int(r.number(upload, f"{at}.upload_concurrency", *UPLOAD_CONCURRENCY_RANGE))
+            if upload is not None else None))
     return tuple(out)

@@ -34,6 +34,7 @@ from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.alarms import AlarmEvaluator
 from cdp.msa.config import Policy, SiteConfig
+from cdp.msa.http_limits import ApiLimits
 from cdp.msa.jobs import Job, JobStore
 from cdp.msa.procs import pid_alive
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
@@ -92,8 +93,9 @@ class MsaDaemon:
 
     def __init__(self, cfg: SiteConfig, env: Mapping[str, str] = os.environ, *,
                  supervisor_options: Mapping[str, Any] | None = None,
-                 alarm_options: Mapping[str, Any] | None = None) -> None:
+                 alarm_options: Mapping[str, Any] | None = None, api_limits: ApiLimits = ApiLimits()) -> None:
         self.cfg = cfg
+        self.api_limits = api_limits
         self.env = dict(env)
         self.token = cfg.api_token(env)  # refuse to start an API nobody can call
         self.jobs = JobStore(cfg.state_dir / "jobs", cfg.jobs_retention_s)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ FINAL = frozenset(("succeeded", "failed", "timed_out", "cancelled"))
 EVENTS_MAX = 200  # the newest progress messages kept in a record
 PROGRESS_WRITES_PER_S = 2.0
 RETENTION_DEFAULT_S = 60 * 86400.0
+JOB_ID_CHARS_MAX = 128  # a name of 64 and the 23 characters around it, with room to spare
+JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{JOB_ID_CHARS_MAX}}}")
 
 
 class Job:
@@ -78,8 +81,9 @@ class JobStore:
         self.retention_s = retention_s
 
     def path(self, job_id: str) -> Path:
-        if not job_id or not all(c.isalnum() or c in "-_" for c in job_id):
-            raise ConfigError(f"job id {job_id!r}: expected letters, digits, '-' and '_'")
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            shown = repr(job_id)[:JOB_ID_CHARS_MAX]
+            raise ConfigError(f"job id {shown}: expected 1..{JOB_ID_CHARS_MAX} ASCII letters, digits, '-' and '_'")
         return self.root / f"{job_id}.json"
 
     def create(self, name: str, args: dict[str, Any], timeout_s: float) -> Job:
@@ -92,9 +96,13 @@ class JobStore:
             "progress": {"phase": None, "done": None, "total": None},
             "events": [], "output": None, "error": None,
         }
-        self.root.mkdir(parents=True, exist_ok=True)
         job = Job(self, record)
-        job._write()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            job._write()
+        except OSError as exc:
+            raise CdpError(f"job records {self.root}: cannot write a record ({exc.strerror}): the state "
+                           f"directory must be a writable directory") from exc
         return job
 
     def write(self, record: dict[str, Any]) -> None:
@@ -144,17 +152,27 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
                   work: Callable[[Job], Awaitable[Any]], *, on_start: Callable[[Job], None] | None = None
                   ) -> dict[str, Any]:
     """Run ``work(job)`` as job ``name``; return its final record. ``work``'s result (a JSON
-    value) becomes the record's ``output``; a ``CdpError`` its ``error`` (state ``failed``);
-    the timeout cancels it (``timed_out``). Other exceptions are bugs: recorded, re-raised."""
+    value) becomes the record's ``output``; a ``CdpError`` or an ``OSError`` (an operating
+    error) its ``error`` (state ``failed``); the timeout cancels it (``timed_out``), and so
+    does a cancellation (``cancelled``, re-raised). Other exceptions are bugs: recorded,
+    re-raised."""
     job = store.create(name, args, timeout_s)
     if on_start is not None:
         on_start(job)
     record = job.record
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+    # that arrives as the work ends, and the daemon's stop must reach every job.
+    deadline = asyncio.timeout(timeout_s)
     try:
-        record["output"] = await asyncio.wait_for(work(job), timeout_s)
+        async with deadline:
+            record["output"] = await work(job)
         record["state"] = "succeeded"
-    except TimeoutError:
-        record["state"], record["error"] = "timed_out", f"did not finish within {timeout_s:g} s"
+    except TimeoutError as exc:
+        if deadline.expired():
+            record["state"], record["error"] = "timed_out", f"did not finish within {timeout_s:g} s"
+        else:  # the work's own timeout (an operating error, e.g. a socket's): it failed
+            record["state"], record["error"] = "failed", f"timed out: {exc or type(exc).__name__}"
+            record["exit_code"] = 1
     except CdpError as exc:
         record["state"], record["error"] = "failed", exc.message
         record["exit_code"] = exc.exit_code
@@ -163,6 +181,10 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
         record["ended_ns"] = time.time_ns()
         store.write(record)
         raise
+    except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
+        record["state"], record["error"] = "failed", f"{exc.strerror or type(exc).__name__}" + (
+            f": {exc.filename}" if exc.filename else "")
+        record["exit_code"] = 1
     except Exception as exc:
         record["state"], record["error"] = "failed", f"internal error: {type(exc).__name__}: {exc}"
         record["ended_ns"] = time.time_ns()

@@ -26,8 +26,12 @@ _ERRORS = {
     "401": {"$ref": "#/components/responses/Unauthorized"},
 }
 _DOMAIN_ERRORS = {**_ERRORS, "404": {"$ref": "#/components/responses/NotFound"}}
+#: What any operation with a body may answer besides (FORMAT.md §13.5).
+_BODY_ERRORS = {"408": {"$ref": "#/components/responses/RequestTimeout"},
+                "413": {"$ref": "#/components/responses/TooLarge"},
+                "415": {"$ref": "#/components/responses/UnsupportedMediaType"}}
 _NAME = {"name": "name", "in": "path", "required": True, "description": "A domain of the cluster file.",
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}}
+         "schema": {"type": "string", "pattern": "^(?!\\.\\.?$)[A-Za-z0-9._-]{1,64}$"}}
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "description": "1: wait for the job to end and answer 200 with its final record.",
          "schema": {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}}
@@ -40,7 +44,8 @@ def _job_op(summary: str, body: dict[str, Any] | None, *, domain: bool = True,
         "parameters": ([_NAME] if domain else []) + [_WAIT],
         "responses": {"202": _json(_ref("Job"), "The job started (Location: /v1/jobs/{id})."),
                       "200": _json(_ref("Job"), "With ?wait=1: the job's final record."),
-                      **(_DOMAIN_ERRORS if domain else _ERRORS), **(extra or {})},
+                      **(_DOMAIN_ERRORS if domain else _ERRORS), **_BODY_ERRORS,
+                      "503": {"$ref": "#/components/responses/TooManyJobs"}, **(extra or {})},
     }
     if body is not None:
         op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
@@ -181,6 +186,11 @@ def openapi_document(cfg: SiteConfig) -> dict[str, Any]:
                 "NotFound": error("No such domain, job or route."),
                 "Conflict": error("Not in a state for this (not protected, or another job holds the domain)."),
                 "NotImplemented": error("Not available in this build."),
+                "RequestTimeout": error("The body did not arrive in time; the connection is closed."),
+                "TooLarge": error("A body over 1 MiB."),
+                "UnsupportedMediaType": error("A charset other than UTF-8."),
+                "TooManyJobs": error("As many jobs as the daemon runs at once are running (or, as "
+                                     "too_many_connections, as many connections are open): try again later."),
             },
         },
     }

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cdp.errors import CdpError
 from cdp.msa.config import Policy, SiteConfig
 from cdp.msa.jobs import Job
 from cdp.store import open_store
@@ -64,9 +65,12 @@ async def recover(cfg: SiteConfig, domain: str, target: Any, out_dir: Path, job:
 
     domain_id = cfg.domain(domain).id
     destination = recovery_destination(cfg)
-    result = await with_store(cfg, lambda store: rocva_recover(
-        store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total),
-        destination=destination))
+    try:
+        result = await with_store(cfg, lambda store: rocva_recover(
+            store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total),
+            destination=destination))
+    except OSError as exc:  # the destination, as the client named it: an error of the request, not a bug
+        raise CdpError(f"to: cannot write the images there: {exc.strerror or type(exc).__name__}") from exc
     result.pop("plan", None)  # large, and the summary says what matters
     return jsonable(result)
 

@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -268,9 +268,16 @@ def check_secrets(cfg: SiteConfig, env: Mapping[str, str]) -> list[Check]:
     return checks
 
 
-async def _timed(op: Any) -> tuple[Any, float]:
+async def _within(op: Awaitable[Any], timeout_s: float = STORE_OP_TIMEOUT_S) -> Any:
+    """``await op``, TimeoutError after ``timeout_s``. ``asyncio.timeout`` rather than
+    ``wait_for``, which on Python 3.11 can swallow a cancellation of the caller."""
+    async with asyncio.timeout(timeout_s):
+        return await op
+
+
+async def _timed(op: Awaitable[Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
-    result = await asyncio.wait_for(op, STORE_OP_TIMEOUT_S)
+    result = await _within(op)
     return result, time.perf_counter() - t0
 
 
@@ -291,7 +298,7 @@ async def check_store_writable(cfg: SiteConfig, store: Any) -> Check:
                          f"what was written ({len(got)} bytes for {len(data)})")
         _, delete_s = await _timed(store.delete(key))
         try:
-            await asyncio.wait_for(store.stat(key), STORE_OP_TIMEOUT_S)
+            await _within(store.stat(key))
             return Check("store.write", "fail", f"{where}: the probe {key} is still there after delete")
         except NotFound:
             pass
@@ -301,7 +308,7 @@ async def check_store_writable(cfg: SiteConfig, store: Any) -> Check:
         return Check("store.write", "fail", exc.message)
     finally:
         try:
-            await asyncio.wait_for(store.delete(key), STORE_OP_TIMEOUT_S)
+            await _within(store.delete(key))
         except (StoreError, TimeoutError):
             pass  # already reported; a stray probe is harmless
     latency = {"put_ms": _ms(put_s), "get_ms": _ms(get_s), "delete_ms": _ms(delete_s), "bytes": PROBE_BYTES}
@@ -318,7 +325,7 @@ async def check_clock(store: Any) -> Check:
     try:
         for _ in range(CLOCK_SAMPLES):
             t0 = time.time()
-            theirs = await asyncio.wait_for(server_time(), STORE_OP_TIMEOUT_S)
+            theirs = await _within(server_time())
             t1 = time.time()
             if theirs is None:
                 return Check("store.clock", "warn", f"{store.describe()} gave no time: skew unknown")
@@ -670,11 +677,11 @@ async def check_installation(cfg: SiteConfig, env: Mapping[str, str], store: Any
     try:
         where = store.describe()
         try:
-            others = await asyncio.wait_for(other_sites(store, cfg.site), STORE_OP_TIMEOUT_S)
+            others = await _within(other_sites(store, cfg.site))
             if others:
                 return Check("installation", "fail", f"{where} holds the installation of site(s) "
                              f"{', '.join(others)}: one store per site", {"sites": others})
-            mine = await asyncio.wait_for(read_deployment(store, cfg.site), STORE_OP_TIMEOUT_S)
+            mine = await _within(read_deployment(store, cfg.site))
         except NotFound:
             return Check("installation", "pass", f"{where}: the bucket or container does not exist yet "
                          "(install creates it)")
@@ -764,7 +771,7 @@ def check_site_removal(cfg: SiteConfig, installed: bool) -> Check:
 
 async def check_kept_data(cfg: SiteConfig, store: Any) -> list[Check]:
     """Each domain's objects: kept by uninstall, deleted by ``--purge``."""
-    usage = await asyncio.wait_for(domain_usage(store, cfg), STORE_OP_TIMEOUT_S * 10)
+    usage = await _within(domain_usage(store, cfg), STORE_OP_TIMEOUT_S * 10)
     checks = []
     for u in usage:
         checks.append(Check(f"keep.{u['domain']}", "pass", f"{u['objects']} objects, "
@@ -787,7 +794,7 @@ async def preflight_uninstall(cfg: SiteConfig, env: Mapping[str, str] = os.envir
             nonlocal installed
             where = store_.describe()
             try:
-                record = await asyncio.wait_for(read_deployment(store_, cfg.site), STORE_OP_TIMEOUT_S)
+                record = await _within(read_deployment(store_, cfg.site))
             except NotFound:
                 record = None
             except TimeoutError:

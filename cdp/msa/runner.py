@@ -26,9 +26,13 @@ RUNNING_MAX = 32
 class TooManyJobs(CdpError):
     """Too many jobs are running; try again when some have finished."""
 
+    exit_code = 7  # busy, as a held lock: the same request later succeeds
+
 
 class JobRunner:
-    """Invariant: ``tasks`` holds exactly the jobs started here that have not ended."""
+    """Invariant: ``tasks`` holds exactly the jobs started here that have not ended, and
+    ``len(tasks) + reserved <= running_max``: ``start`` takes its slot before its first
+    ``await``, so requests that arrive together cannot all pass the check."""
 
     def __init__(self, store: JobStore, running_max: int = RUNNING_MAX) -> None:
         self.store = store
@@ -37,28 +41,46 @@ class JobRunner:
         self.names: dict[str, str] = {}  # job id -> name, while running
         self.args: dict[str, dict[str, Any]] = {}  # job id -> args, while running
         self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.reserved = 0  # slots of jobs being started (their record not written yet)
+        self._live: set[asyncio.Task] = set()  # every job task, registered or still starting
 
     async def start(self, name: str, args: dict[str, Any], timeout_s: float,
                     work: Callable[[Job], Awaitable[Any]]) -> dict[str, Any]:
         """Start job ``name``; return its first record (state ``running``)."""
-        if len(self.tasks) >= self.running_max:
-            raise TooManyJobs(f"{len(self.tasks)} jobs are running (at most {self.running_max}); "
+        # Check and reserve with no await in between: this is the only place a slot is taken.
+        if len(self.tasks) + self.reserved >= self.running_max:
+            raise TooManyJobs(f"{len(self.tasks) + self.reserved} jobs are running (at most {self.running_max}); "
                               f"try again when some have finished")
+        self.reserved += 1
         loop = asyncio.get_running_loop()
         created: asyncio.Future[Job] = loop.create_future()
-        task = asyncio.create_task(run_job(self.store, name, args, timeout_s, work,
-                                           on_start=created.set_result), name=f"job-{name}")
+        ids: list[str] = []
+
+        def on_start(job: Job) -> None:
+            # The reserved slot becomes the task's in one step, inside the task, so a
+            # caller cancelled while it waits below leaves no job outside the count.
+            self.reserved -= 1
+            ids.append(job.id)
+            self.tasks[job.id], self.names[job.id], self.args[job.id] = task, name, args
+            if not created.done():
+                created.set_result(job)
+
+        def on_done(t: asyncio.Task) -> None:
+            self._live.discard(t)
+            if ids:
+                self._done(ids[0], t)
+            else:  # it ended before its record existed
+                self.reserved -= 1
+
+        task = asyncio.create_task(run_job(self.store, name, args, timeout_s, work, on_start=on_start),
+                                   name=f"job-{name}")
+        self._live.add(task)
+        task.add_done_callback(on_done)
         await asyncio.wait({created, task}, return_when=asyncio.FIRST_COMPLETED)
         if not created.done():  # the record could not even be created
             created.cancel()
             task.result()  # raises why
         job = created.result()
-        self.tasks[job.id] = task
-        self.names[job.id] = name
-        self.args[job.id] = args
-        task.add_done_callback(lambda t, job_id=job.id: self._done(job_id, t))
-        if task.done():  # ended before we registered the callback's bookkeeping
-            self._done(job.id, task)
         log.info("job_started", job=job.id, name=name, args=args)
         return _copy(job.record)
 
@@ -95,7 +117,7 @@ class JobRunner:
         return dict(collections.Counter(self.names.values()))
 
     async def cancel_all(self) -> None:
-        tasks = list(self.tasks.values())
+        tasks = list(self._live)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -220,7 +220,8 @@ class Supervisor:
         if proc.returncode is None:
             _signal(proc, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+                async with asyncio.timeout(self.stop_timeout_s):
+                    await proc.wait()
             except TimeoutError:
                 log.warning("drva_stop_timeout", drva=sup.spec.name, pid=proc.pid, timeout_s=self.stop_timeout_s)
                 _signal(proc, signal.SIGKILL)

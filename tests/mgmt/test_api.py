@@ -208,7 +208,7 @@ async def test_protect_and_unprotect(api):
     await api.error("POST", "/v1/domains/web/unprotect", status=409, contains="web is not protected")
 
     # Bad input: each refusal names what was wrong.
-    await api.error("POST", "/v1/domains/nope/protect", {}, status=404, field="name", contains="no domain named 'nope'")
+    await api.error("POST", "/v1/domains/nope/protect", {}, status=404, field="name", contains='no domain named "nope"')
     await api.error("POST", "/v1/domains/web/protect", {"retention": "soon"}, status=400, field="retention",
                     contains="expected a duration")
     await api.error("POST", "/v1/domains/web/protect", {"consolidate_every": 0}, status=400,
@@ -274,7 +274,7 @@ async def test_points_recover_verify_consolidate_and_jobs(api, tmp_path):
         await api.error("POST", "/v1/domains/erp/recover", body, status=400, field=field, contains=contains)
     await bad_recover({"target": "newest", "to": str(out)}, "target", 'expected "latest"')
     await bad_recover({"target": {"seq": -1}, "to": str(out)}, "target.seq")
-    await bad_recover({"target": {"seq": "7"}, "to": str(out)}, "target")
+    await bad_recover({"target": {"seq": "7"}, "to": str(out)}, "target.seq")
     await bad_recover({"target": {"at": "yesterday"}, "to": str(out)}, "target.at")
     await bad_recover({"target": {"seq": 1, "mark": "x"}, "to": str(out)}, "target")
     await bad_recover({"target": "latest", "to": "relative/dir"}, "to", "absolute")

@@ -77,3 +77,58 @@ async def test_retention_and_abandoned_jobs(tmp_path):
     assert os.getpid() == store.create("x", {}, 1).record["pid"]
     with pytest.raises(ConfigError):
         store.get("../etc/passwd")
+
+
+async def test_a_cancelled_job_is_recorded_and_the_cancellation_goes_through(tmp_path):
+    """The daemon's stop cancels its jobs: each must end "cancelled" and let the
+    cancellation reach its caller, even when it comes as the work ends."""
+    store = JobStore(tmp_path / "jobs")
+    started = asyncio.Event()
+
+    async def waits(job):
+        started.set()
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(run_job(store, "consolidate", {}, 60, waits))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.list()[0]["state"] == "cancelled"
+
+    # Cancelled just as the work ends: a cancel() that was accepted must end the task
+    # cancelled. (With wait_for on 3.11 the work ran in a task of its own; a cancel that
+    # came between its end and run_job's wake-up was accepted, then swallowed.)
+    finished = asyncio.Event()
+
+    async def quick(job):
+        finished.set()
+        return {"done": True}
+
+    task = asyncio.create_task(run_job(store, "verify", {}, 60, quick))
+    await finished.wait()
+    accepted = task.cancel()
+    try:
+        await task
+        outcome = "returned"
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+    assert outcome == ("cancelled" if accepted else "returned"), (accepted, outcome)
+
+
+async def test_a_timeout_of_the_work_itself_is_a_failure_not_the_jobs_timeout(tmp_path):
+    store = JobStore(tmp_path / "jobs")
+
+    async def socket_timeout(job):
+        raise TimeoutError("connect timed out")
+
+    r = await run_job(store, "verify", {}, 60, socket_timeout)
+    assert r["state"] == "failed" and "connect timed out" in r["error"] and r["exit_code"] == 1
+
+
+def test_job_ids_are_ascii_and_bounded(tmp_path):
+    store = JobStore(tmp_path / "jobs")
+    for job_id in ("\u00b2", "\uff11", "a" * 129, "", "a/b", "a\x00"):
+        with pytest.raises(ConfigError) as err:
+            store.path(job_id)
+        assert str(tmp_path) not in err.value.message

@@ -113,7 +113,14 @@ BAD_SITES = [
      "defaults.retention", "a duration"),
     ("bad log size", lambda s: s.replace('size = "8MiB" }\nmeta = { path = "state/drva-2/meta" }',
                                          'size = "8MB" }\nmeta = { path = "state/drva-2/meta" }'),
-     "drvas[1].log.size", "a size > 0 that is a multiple of 512"),
+     "drvas[1].log.size", "a number and a unit B, K/KiB, M/MiB, G/GiB or T/TiB"),
+    ("log size not a multiple of 512", lambda s: s.replace('size = "8MiB" }\nmeta = { path = "state/drva-2/meta" }',
+                                                           'size = 8388609 }\nmeta = { path = "state/drva-2/meta" }'),
+     "drvas[1].log.size", "a size that is a multiple of 512"),
+    ("a seal the DRVA refuses", lambda s: s.replace('meta = { path = "state/drva-2/meta" }',
+                                                    'meta = { path = "state/drva-2/meta" }\nseal = { bytes = 4096 }'),
+     "drvas[1].seal.bytes", "at least 1048576 bytes"),
+    ("a DRVA named ..", lambda s: s.replace('name = "drva-2"', 'name = ".."'), "drvas[1].name", "not '.' or '..'"),
     ("empty drvas", lambda s: s.split("[[drvas]]")[0] + "drvas = []\n", "drvas", "a non-empty list"),
 ]
 

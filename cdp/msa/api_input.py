@@ -1,0 +1,227 @@
+"""Reading a request of the MSA's REST API: every byte is hostile until checked here.
+
+The body is UTF-8 JSON (RFC 8259) of bounded size, depth and time to arrive, every string
+in it valid Unicode; each field is checked for type and range before anything uses it.
+A refusal is an ``ApiError`` (FORMAT.md §13.5) that names the field and quotes at most
+``SHOWN_CHARS_MAX`` characters of what was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cdp.errors import ConfigError
+from cdp.msa.config import POLICY_LIMITS, Policy, policy_value
+
+#: The time a body has to arrive (``ApiLimits.body_timeout_s``), set by ``make_app``.
+BODY_TIMEOUT_S: web.AppKey[float] = web.AppKey("body_timeout_s")
+
+BODY_BYTES_MAX = 1 << 20  # 413 above
+BODY_DEPTH_MAX = 8  # the deepest valid body is 2 ({"target": {"seq": N}})
+SHOWN_CHARS_MAX = 80  # of a client's value quoted in an error message
+FIELD_CHARS_MAX = 64  # of a body key named as the error's field
+SEQ_MAX = (1 << 64) - 1
+MARK_BYTES_MAX = 255  # FORMAT.md §13.6
+TIME_CHARS_MAX = 64
+PATH_BYTES_MAX = 4096  # PATH_MAX on Linux
+PATH_PART_BYTES_MAX = 255  # NAME_MAX
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, with the field of the request that was wrong."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.exit_code = exit_code if exit_code is not None else (7 if status == 409 else 2 if status < 500 else 1)
+
+
+def bad(field: str, message: str) -> ApiError:
+    return ApiError(400, "bad_request", f"{field}: {message}", field)
+
+
+def shown(value: Any) -> str:
+    """A client's value as JSON in a message, cut short (a field can be a megabyte)."""
+    try:
+        text = json.dumps(value, ensure_ascii=True, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= SHOWN_CHARS_MAX else text[:SHOWN_CHARS_MAX] + f"... ({len(text)} characters)"
+
+
+def field_name(key: str) -> str:
+    """A body key as the ``field`` of an error: printable ASCII, cut short."""
+    text = key.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= FIELD_CHARS_MAX else text[:FIELD_CHARS_MAX] + "..."
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _check_json(doc: Any) -> None:
+    """No deeper than ``BODY_DEPTH_MAX``, every string (key or value) valid Unicode:
+    ``json.loads`` lets a lone surrogate (``"\\ud800"``) through, and no file name,
+    record or log line can hold one."""
+    stack = [(doc, 1, "request body")]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > BODY_DEPTH_MAX:
+            raise bad("request body", f"nested too deeply (at most {BODY_DEPTH_MAX} levels)")
+        items: Any = ()
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = ((None, v) for v in value)
+        elif isinstance(value, str):
+            _check_text(value, field)
+        for key, item in items:
+            at = field
+            if key is not None:
+                _check_text(key, "request body")
+                at = key if depth == 1 else field
+            stack.append((item, depth + 1, at))
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(field_name(field), f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+
+
+async def read_body(request: web.Request, allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
+    """The JSON object of the request body ({} when there is none); unknown keys refused."""
+    charset = request.charset
+    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type: charset {shown(charset)}: expected UTF-8 (JSON is UTF-8) or no charset",
+                       "Content-Type")
+    if (request.content_length or 0) > BODY_BYTES_MAX:
+        raise ApiError(413, "too_large", f"request body: {request.content_length} bytes, at most {BODY_BYTES_MAX}",
+                       "request body")
+    timeout_s = request.app[BODY_TIMEOUT_S]
+    try:
+        async with asyncio.timeout(timeout_s):
+            data = await request.read() if request.can_read_body else b""
+    except TimeoutError:
+        raise ApiError(408, "timeout", f"request body: not received within {timeout_s:g} s",
+                       "request body") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad("request body", f"not UTF-8 (byte {exc.start}): a JSON body is UTF-8") from None
+    if not text.strip():
+        doc: Any = {}
+    else:
+        try:
+            doc = json.loads(text, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise bad("request body", f"nested too deeply (at most {BODY_DEPTH_MAX} levels)") from None
+        except ValueError as exc:
+            raise bad("request body", f"not valid JSON ({str(exc)[:SHOWN_CHARS_MAX]})") from None
+    _check_json(doc)
+    if not isinstance(doc, dict):
+        raise bad("request body", f"expected a JSON object, got {type(doc).__name__}")
+    for key in sorted(set(doc) - allowed):
+        raise bad(field_name(key), f"unknown field (expected {', '.join(sorted(allowed)) or 'no body'})")
+    for key in sorted(required - set(doc)):
+        raise bad(key, "missing")
+    return doc
+
+
+def wants_wait(request: web.Request) -> bool:
+    value = request.query.get("wait", "0").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no", ""):
+        return False
+    raise bad("wait", f"expected 1 or 0, got {shown(value)}")
+
+
+def policy_from(doc: dict[str, Any], base: Policy) -> Policy:
+    """``base`` with the fields the protect body overrides (the site file's limits)."""
+    given: dict[str, float] = {}
+    for key in POLICY_LIMITS:
+        if key in doc:
+            try:
+                given[key] = policy_value(key, doc[key])
+            except ConfigError as exc:
+                raise bad(key, exc.message) from None
+    return Policy(retention_s=given.get("retention", base.retention_s),
+                  rpo_target_s=given.get("rpo_target_s", base.rpo_target_s),
+                  consolidate_after_s=given.get("consolidate_after", base.consolidate_after_s),
+                  consolidate_every_s=given.get("consolidate_every", base.consolidate_every_s))
+
+
+def target_from(value: Any) -> Any:
+    """The recovery target of a request: "latest", {"seq": N}, {"mark": NAME}, {"at": TIME}."""
+    from rocva import Target
+
+    expected = 'expected "latest", {"seq": N}, {"mark": NAME} or {"at": TIME}'
+    if value == "latest":
+        return Target.latest()
+    if not isinstance(value, dict) or len(value) != 1:
+        raise bad("target", f"{expected}, got {shown(value)}")
+    kind, arg = next(iter(value.items()))
+    if kind == "seq":
+        if isinstance(arg, bool) or not isinstance(arg, int) or not 0 <= arg <= SEQ_MAX:
+            raise bad("target.seq", f"expected an integer in 0..{SEQ_MAX}, got {shown(arg)}")
+        return Target.seq(arg)
+    if kind == "mark":
+        if not isinstance(arg, str) or not 1 <= len(arg.encode()) <= MARK_BYTES_MAX or "\0" in arg:
+            raise bad("target.mark", f"expected a mark name of 1..{MARK_BYTES_MAX} UTF-8 bytes, got {shown(arg)}")
+        return Target.mark(arg)
+    if kind == "at":
+        if not isinstance(arg, str) or not 1 <= len(arg) <= TIME_CHARS_MAX:
+            raise bad("target.at", f"expected a time of 1..{TIME_CHARS_MAX} characters (ISO 8601 with a zone, "
+                                   f"or relative such as -15m), got {shown(arg)}")
+        try:
+            return Target.at(arg)
+        except ConfigError as exc:
+            raise bad("target.at", exc.message) from None
+    raise bad("target", f"{expected}, got {shown(value)}")
+
+
+def recovery_dir(value: Any) -> Path:
+    """The ``to`` of a recover request, checked as a string that can name a directory:
+    where recoveries may land at all is the recovery's own policy (rocva), not this."""
+    expected = "expected an absolute directory path (the images go there)"
+    if not isinstance(value, str) or not value:
+        raise bad("to", f"{expected}, got {shown(value)}")
+    if "\0" in value:
+        raise bad("to", f"{expected}: a path holds no NUL character")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise bad("to", f"{expected}: not valid UTF-8 (a lone surrogate)") from None
+    if size > PATH_BYTES_MAX:
+        raise bad("to", f"{expected}: {size} bytes long, at most {PATH_BYTES_MAX}")
+    path = Path(value)
+    if not path.is_absolute():
+        raise bad("to", f"{expected}, got {shown(value)}")
+    if any(len(part.encode()) > PATH_PART_BYTES_MAX for part in path.parts):
+        raise bad("to", f"{expected}: a name in it is longer than {PATH_PART_BYTES_MAX} bytes")
+    return path
+
+
+def not_a_directory(path: Path) -> str | None:
+    """The name of the first component of ``path`` that exists and is not a directory."""
+    for part in (*reversed(path.parents), path):
+        try:
+            st = os.stat(part)
+        except FileNotFoundError:
+            return None  # from here on it is made by the recovery
+        except OSError:
+            return None  # not ours to judge (permissions): the recovery says what it cannot do
+        if not stat.S_ISDIR(st.st_mode):
+            return part.name[:FIELD_CHARS_MAX] or "/"
+    return None
