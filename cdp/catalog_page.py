@@ -77,12 +77,7 @@ def rows_problem(rows: np.ndarray) -> str | None:
         return (f"row {i} is not a segment row (timeline {int(rows['timeline'][i])}, seqs "
                 f"{int(rows['first_seq'][i])}..{int(rows['last_seq'][i])} of "
                 f"..{int(rows['object_last_seq'][i])}, ts {int(rows['first_ts'][i])}..{int(rows['last_ts'][i])})")
-    gap = np.flatnonzero(rows["first_seq"][1:] != rows["last_seq"][:-1] + np.uint64(1))
-    if len(gap):
-        i = int(gap[0]) + 1
-        return (f"row {i} starts at seq {int(rows['first_seq'][i])}, expected "
-                f"{int(rows['last_seq'][i - 1]) + 1} (rows are contiguous)")
-    return None
+    return _gap(rows, "row", "rows")
 
 
 def refs_problem(refs: np.ndarray) -> str | None:
@@ -97,12 +92,17 @@ def refs_problem(refs: np.ndarray) -> str | None:
         return (f"page reference {i} is not one (level {int(refs['level'][i])}, seqs "
                 f"{int(refs['first_seq'][i])}..{int(refs['last_seq'][i])}, count {int(refs['count'][i])}, "
                 f"segments {int(refs['segments'][i])})")
-    gap = np.flatnonzero(refs["first_seq"][1:] != refs["last_seq"][:-1] + np.uint64(1))
-    if len(gap):
-        i = int(gap[0]) + 1
-        return (f"page reference {i} starts at seq {int(refs['first_seq'][i])}, expected "
-                f"{int(refs['last_seq'][i - 1]) + 1} (pages are contiguous)")
-    return None
+    return _gap(refs, "page reference", "pages")
+
+
+def _gap(entries: np.ndarray, what: str, whats: str) -> str | None:
+    """Where ``entries`` (rows or references) stop being contiguous in seq, if they do."""
+    gap = np.flatnonzero(entries["first_seq"][1:] != entries["last_seq"][:-1] + np.uint64(1))
+    if not len(gap):
+        return None
+    i = int(gap[0]) + 1
+    return (f"{what} {i} starts at seq {int(entries['first_seq'][i])}, expected "
+            f"{int(entries['last_seq'][i - 1]) + 1} ({whats} are contiguous)")
 
 
 def summary_ref(level: int, entries: np.ndarray, body_hash: int) -> np.ndarray:

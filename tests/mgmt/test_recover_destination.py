@@ -234,5 +234,5 @@ async def test_a_regular_file_as_to_is_refused(rest):
     victim = rest.tmp / "roots" / "file"
     victim.write_bytes(VICTIM)
     await rest.refused(str(victim), "is not a directory")
-    await rest.refused(str(victim / "sub"), "'file' is not a directory")
+    await rest.refused(str(victim / "sub"), "'file' on the way is not a directory")
     assert victim.read_bytes() == VICTIM
