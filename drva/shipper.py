@@ -23,13 +23,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cdp.catalog import CatalogState, CatalogWriter, collect_generations
-from cdp.errors import CdpError, Fenced, StoreError
 from cdp.catalog_page import ROW_FIELDS
+from cdp.errors import CdpError, Fenced, StoreError
 from cdp.frame import decode_frame
 from cdp.layout import segment_key
 from cdp.logs import get_logger
@@ -94,10 +94,13 @@ class Shipper:
             state = CatalogState.new(dom.id, dom.cfg.name, time.time_ns(), self.site)
             writer = CatalogWriter(self.store, state, by=by, owner=self.site)
         writer.check_owner()
+
+        def disks_delta(state: CatalogState) -> dict[str, Any] | None:
+            # None once a generation holds them: ours, whose reply was lost (§8.3).
+            return None if state.disks == disks and writer.generation else {"disks": disks}
+
         if writer.generation == 0 or writer.state.disks != disks:
-            # None once a generation of ours holds them (its reply was lost: §8.3).
-            await self._commit(dom, writer, lambda st: {"disks": disks} if st.disks != disks or not writer.generation
-                               else None)
+            await self._commit(dom, writer, disks_delta)
         self.writers[dom.id] = writer
         committed = writer.state.timeline().committed_seq
         if dom.committed_seq > committed:
