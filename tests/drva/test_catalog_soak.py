@@ -4,8 +4,9 @@ and loading the catalog lists and reads no more objects at the end than at the s
 
 Lost replies are injected above the S3 store (``FaultyStore``, ``after=True``): the put
 lands in moto, the DRVA hears an error, and its next commit meets its own generation.
-The run lasts ``CDP_SOAK_S`` seconds (60 in CI; ``CDP_SOAK_S=600`` by hand, with
-``CDP_SOAK_SEAL_S=1`` for one segment a second, gives the figures in the issue's note).
+The run lasts ``CDP_SOAK_S`` seconds (60 in CI; by hand, ``CDP_SOAK_S=600
+CDP_SOAK_SEAL_S=1 ./dev test -s --timeout 1200 tests/drva/test_catalog_soak.py`` — one
+segment a second for ten minutes — prints the figures in the issue's note).
 In CI segments are sealed every 0.25 s so that a minute writes enough generations for
 the collection of old ones to run several times.
 """
