@@ -120,7 +120,7 @@ class Drva:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.to_thread(self._write_status)
+        await self.write_status()
         await self.store.close()
         self.log.close()
         self.meta.close()
@@ -237,14 +237,23 @@ class Drva:
 
     async def _status_loop(self) -> None:
         while True:
-            await asyncio.to_thread(self._write_status)
+            await self.write_status()
             await asyncio.sleep(self.cfg.status_interval_s)
 
     def status(self) -> dict[str, Any]:
+        """The status document; on the loop only (it iterates deques the loop mutates)."""
         return build_status(self)
 
-    def _write_status(self) -> None:
-        atomic_write(self.cfg.status_path, json.dumps(self.status(), indent=1).encode())
+    async def write_status(self) -> None:
+        """One status write: the snapshot is a plain dict taken here, on the loop, where
+        nothing mutates the domains' deques meanwhile; only its encoding and the file
+        write leave the loop (they touch nothing shared)."""
+        doc = self.status()
+        await asyncio.to_thread(_write_json, self.cfg.status_path, doc)
+
+
+def _write_json(path: Any, doc: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(doc, indent=1).encode())
 
 
 async def run(cfg: DrvaConfig) -> None:
