@@ -43,6 +43,7 @@ from drva.status import build_status
 log = get_logger("drva")
 
 SEAL_TICK_S = 0.05
+COMMIT_POLL_S = 0.5  # the catalog committer's wait for an upload, at most
 
 
 class Drva:
@@ -185,16 +186,19 @@ class Drva:
 
     # ------------------------------------------------------------------ loops
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A task of our own rather than a coroutine callback: Python 3.11's stream server
+        # calls task.exception() on a cancelled callback task (stop() cancels sessions),
+        # which raises; and so nothing here has to swallow a cancellation.
+        task = asyncio.create_task(Session(self, reader, writer).run(), name="session")
         self.session_tasks.add(task)
-        try:
-            await Session(self, reader, writer).run()
-        except asyncio.CancelledError:
-            pass  # stop(): the session is closed by Session.run's finally
-        finally:
-            self.session_tasks.discard(task)
+        task.add_done_callback(self._session_done)
+
+    def _session_done(self, task: asyncio.Task) -> None:
+        self.session_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug in one session: it is closed (Session.run's finally), the DRVA goes on.
+            log.error("session_failed", error=repr(task.exception()))
 
     def _on_durable(self, touched: set[DomainState]) -> None:
         for dom in touched:
@@ -211,9 +215,10 @@ class Drva:
             self.shipper.uploaded.clear()
             await self.shipper.commit_step()
             try:
-                await asyncio.wait_for(self.shipper.uploaded.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+                async with asyncio.timeout(COMMIT_POLL_S):
+                    await self.shipper.uploaded.wait()
+            except TimeoutError:
+                pass  # commit at least this often: a seeding commit may be waiting too
 
     async def _open_catalogs(self) -> None:
         """Open every domain's catalog, retrying while the store is unreachable."""

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = get_logger("drva.seeder")
 
 UPLOADS_MAX = 4
+CATALOG_POLL_S = 0.1  # SEED_END waits for the domain's catalog to be open, polling
 KNOWN_CHUNKS_MAX = 1 << 16  # hashes remembered to skip a stat; bounded memory
 
 
@@ -202,7 +203,7 @@ class Seeder:
         finally:
             await self._drop_lease(job)
         while not dom.catalog_ready:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(CATALOG_POLL_S)
 
         def delta() -> dict[str, Any]:
             windows = list(self.drva.shipper.writers[dom.id].state.windows)

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 log = get_logger("drva.session")
 
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  # from accept to WELCOME sent
+REFUSE_DRAIN_TIMEOUT_S = 2.0  # for the ERROR of a refusal to leave; then the socket closes
+ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at least this often
 ACK_WRITE_BUFFER_MAX = 1 << 20
 
 
@@ -56,15 +58,17 @@ class Session:
     async def run(self) -> None:
         ack_task = None
         try:
-            await asyncio.wait_for(self._handshake(), HANDSHAKE_TIMEOUT_S)
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    await self._handshake()
+            except TimeoutError:
+                raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None
             ack_task = asyncio.create_task(self._ack_loop())
             while True:
                 msg = await wire.read_message(self.reader, self.where)
                 await self._dispatch(msg)
         except (asyncio.IncompleteReadError, ConnectionError):
             log.info("session_closed", peer=self.where, filter=self.filter_name)
-        except asyncio.TimeoutError:
-            await self._refuse("timeout", "no complete handshake in time")
         except wire.ProtocolError as exc:
             await self._refuse(exc.code, exc.message)
         except Refused as exc:
@@ -72,17 +76,19 @@ class Session:
         except FormatError as exc:
             await self._refuse("bad_frame", exc.message)
         finally:
+            self.close()
             if ack_task is not None:
                 ack_task.cancel()
-            self.close()
+                await asyncio.gather(ack_task, return_exceptions=True)
 
     async def _refuse(self, code: str, message: str) -> None:
         log.warning("session_refused", peer=self.where, filter=self.filter_name, code=code, reason=message)
         try:
             self.writer.writelines(wire.error_message(code, message))
-            await asyncio.wait_for(self.writer.drain(), 2)
-        except (ConnectionError, asyncio.TimeoutError, RuntimeError):
-            pass
+            async with asyncio.timeout(REFUSE_DRAIN_TIMEOUT_S):
+                await self.writer.drain()
+        except (ConnectionError, TimeoutError, RuntimeError):
+            pass  # the peer does not read or is gone: the socket closes anyway
 
     def close(self) -> None:
         if self.closed:
@@ -195,8 +201,9 @@ class Session:
         least every second with the current back-pressure flag."""
         while True:
             try:
-                await asyncio.wait_for(self._ack_wanted.wait(), 1.0)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(ACK_PERIOD_S):
+                    await self._ack_wanted.wait()
+            except TimeoutError:
                 self._acked.clear()  # periodic: resend the state of every domain
             self._ack_wanted.clear()
             if self.writer.transport.get_write_buffer_size() > ACK_WRITE_BUFFER_MAX:
