@@ -125,21 +125,31 @@ class Session:
         expected = wire.filter_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, name)
         if not wire.mac_matches(expected, auth.get("mac")):
             raise Refused("bad_auth", f"authentication failed for filter {name!r}")
+        accepted = {}
         for domain_id in wanted:
             dom = self.drva.domains.get(domain_id)
             if dom is None:
                 raise Refused("unknown_domain", f"domain {domain_id} is not served by DRVA {self.drva.cfg.name}")
+            accepted[domain_id] = dom
+        # Every check passed: only now may this session take its domains over. A refused
+        # HELLO must never close the live session of a domain it named.
+        self._take_over(accepted)
+        mac = wire.drva_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, self.drva.cfg.name)
+        state = {str(d.id): {"durable_seq": d.durable_seq} for d in self.domains.values()}
+        self.writer.writelines(wire.control(wire.WELCOME, {"mac": mac, "domains": state}))
+        await self.writer.drain()
+        log.info("session_open", peer=self.where, filter=name, domains=sorted(self.domains))
+
+    def _take_over(self, domains: dict[int, "DomainState"]) -> None:
+        """Become the one session of ``domains``, closing any older one (FORMAT.md §9.2).
+        No await in here: nothing can run between the last check and WELCOME."""
+        for domain_id, dom in domains.items():
             if dom.session is not None and dom.session is not self:
                 log.info("session_replaced", domain=domain_id, old=dom.session.where, new=self.where)
                 dom.session.close()
             dom.session = self
             self.domains[domain_id] = dom
         self.drva.sessions.add(self)
-        mac = wire.drva_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, self.drva.cfg.name)
-        state = {str(d.id): {"durable_seq": d.durable_seq} for d in self.domains.values()}
-        self.writer.writelines(wire.control(wire.WELCOME, {"mac": mac, "domains": state}))
-        await self.writer.drain()
-        log.info("session_open", peer=self.where, filter=name, domains=sorted(self.domains))
 
     # ------------------------------------------------------------------ streaming
 
