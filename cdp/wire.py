@@ -96,14 +96,35 @@ class Message:
         return TYPE_NAMES[self.type]
 
     def json(self, where: str) -> dict[str, Any]:
-        """The body of a control message as a JSON object."""
+        """The body of a control message as a JSON object: strict UTF-8 (``json.loads``
+        would also guess UTF-16/32), no duplicate key, no NaN/Infinity, bounded nesting."""
         try:
-            doc = json.loads(self.body)
+            text = bytes(self.body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(
+                "bad_message", f"{where}: {self.name} body is not UTF-8 (byte {exc.start})") from None
+        try:
+            doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except RecursionError:
+            raise ProtocolError("bad_message", f"{where}: {self.name} body is nested too deep") from None
         except ValueError as exc:
-            raise ProtocolError("bad_message", f"{where}: {self.name} body is not JSON ({exc})") from None
+            raise ProtocolError(
+                "bad_message", f"{where}: {self.name} body is not JSON ({str(exc)[:200]})") from None
         if not isinstance(doc, dict):
-            raise ProtocolError("bad_message", f"{where}: {self.name} body is not a JSON object")
+            raise ProtocolError(
+                "bad_message", f"{where}: {self.name} body is a JSON {type(doc).__name__}, expected an object")
         return doc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate key in an object")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def read_message(reader: asyncio.StreamReader, where: str) -> Message:

@@ -19,6 +19,7 @@ from cdp.errors import FormatError
 from cdp.frame import Frame, decode_frame, encode_frame
 from cdp.logs import get_logger
 from cdp.records import payload_lengths, payload_starts
+from drva import messages
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -38,6 +39,10 @@ class Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _PeerEnded(Exception):
+    """The filter ended the session (a fatal ERROR): close it, answer nothing."""
 
 
 class Session:
@@ -67,7 +72,7 @@ class Session:
             while True:
                 msg = await wire.read_message(self.reader, self.where)
                 await self._dispatch(msg)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, _PeerEnded):
             log.info("session_closed", peer=self.where, filter=self.filter_name)
         except wire.ProtocolError as exc:
             await self._refuse(exc.code, exc.message)
@@ -106,24 +111,18 @@ class Session:
         msg = await wire.read_message(self.reader, self.where)
         if msg.type != mtype:
             raise Refused("unexpected_message", f"expected {wire.TYPE_NAMES[mtype]}, got {msg.name}")
-        return msg.json(self.where)
+        return messages.parse(msg, self.where)
 
     async def _handshake(self) -> None:
         hello = await self._expect(wire.HELLO)
-        if hello.get("version") != wire.WIRE_VERSION:
-            raise Refused("unsupported_version", f"protocol version {hello.get('version')!r}, this DRVA speaks {wire.WIRE_VERSION}")
-        name, wanted = hello.get("filter"), hello.get("domains")
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise Refused("bad_message", "HELLO.filter must be a name")
-        if not isinstance(wanted, list) or not all(isinstance(d, int) for d in wanted):
-            raise Refused("bad_message", "HELLO.domains must be a list of domain ids")
+        name, wanted = hello["filter"], hello["domains"]
         self.filter_name = name
-        filter_nonce = wire.parse_nonce(hello.get("nonce"), self.where)
+        filter_nonce = bytes.fromhex(hello["nonce"])
         drva_nonce = wire.new_nonce()
         self.writer.writelines(wire.control(wire.CHALLENGE, {"drva": self.drva.cfg.name, "nonce": drva_nonce.hex()}))
         auth = await self._expect(wire.AUTH)
         expected = wire.filter_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, name)
-        if not wire.mac_matches(expected, auth.get("mac")):
+        if not wire.mac_matches(expected, auth["mac"]):
             raise Refused("bad_auth", f"authentication failed for filter {name!r}")
         accepted = {}
         for domain_id in wanted:
@@ -159,11 +158,18 @@ class Session:
         elif msg.type in (wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEED_END):
             await self.drva.seeder.handle(self, msg)
         elif msg.type == wire.FILTER_STATE:
-            self._filter_state(msg.json(self.where))
+            self._filter_state(messages.parse(msg, self.where))
         elif msg.type == wire.PING:
+            messages.parse(msg, self.where)
             self.writer.writelines(wire.control(wire.PONG, {}))
         elif msg.type == wire.PONG:
-            pass
+            messages.parse(msg, self.where)
+        elif msg.type == wire.ERROR:
+            doc = messages.parse(msg, self.where)
+            log.warning("filter_error", peer=self.where, filter=self.filter_name, code=doc["code"],
+                        reason=doc["message"], fatal=doc["fatal"])
+            if doc["fatal"]:
+                raise _PeerEnded()
         else:
             raise Refused("unexpected_message", f"{msg.name} is not expected from a filter")
 
@@ -191,14 +197,13 @@ class Session:
         await self.drva.committer.submit(dom, raw, frame)
 
     def _filter_state(self, doc: dict[str, Any]) -> None:
-        dom = self.domains.get(doc.get("domain"))  # type: ignore[arg-type]
+        """``doc`` is checked whole (drva.messages): every field is there, typed, in range."""
+        dom = self.domains.get(doc["domain"])
         if dom is None:
-            raise Refused("unknown_domain", f"FILTER_STATE for domain {doc.get('domain')!r}, not in this session")
-        if doc.get("mode") not in ("normal", "bitmap", "resync"):
-            raise Refused("bad_message", f"FILTER_STATE.mode {doc.get('mode')!r}")
+            raise Refused("unknown_domain", f"FILTER_STATE for domain {doc['domain']}, not in this session")
         if dom.filter_state.get("mode") != doc["mode"]:
-            log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc.get("dirty_bytes"))
-        dom.filter_state = {k: doc.get(k) for k in
+            log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc["dirty_bytes"])
+        dom.filter_state = {k: doc[k] for k in
                             ("mode", "captured_seq", "captured_ts", "buffered_bytes", "dirty_bytes")}
 
     # ------------------------------------------------------------------ acks
