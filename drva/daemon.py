@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cdp import wire
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, StoreError
 from cdp.frame import decode_frame
@@ -36,7 +37,7 @@ from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
 from drva.seeder import Seeder
 from drva.requests import RequestBox
-from drva.session import Session
+from drva.session import HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
 
@@ -44,6 +45,7 @@ log = get_logger("drva")
 
 SEAL_TICK_S = 0.05
 COMMIT_POLL_S = 0.5  # the catalog committer's wait for an upload, at most
+BUSY_LOG_INTERVAL_S = 1.0
 
 
 class Drva:
@@ -54,7 +56,10 @@ class Drva:
         self.exit_on_task_failure = exit_on_task_failure
         self.failure: BaseException | None = None
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session] = set()  # welcomed
+        self.handshaking: set[Session] = set()  # accepted, not welcomed yet (<= HANDSHAKES_MAX)
+        self.refused_busy = 0
+        self._busy_logged = -BUSY_LOG_INTERVAL_S
         self.session_tasks: set[asyncio.Task] = set()
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
@@ -90,7 +95,8 @@ class Drva:
         spawn(self._status_loop(), "status")
         spawn(RequestBox(self).run(), "requests")
         self.server = await asyncio.start_server(
-            self._accept, cfg.host, cfg.port, ssl=self._tls(), limit=1 << 20, reuse_address=True)
+            self._accept, cfg.host, cfg.port, ssl=self._tls(), limit=STREAM_READ_AHEAD_BYTES,
+            reuse_address=True)
         self._port = self.server.sockets[0].getsockname()[1]
         log.info("drva_started", name=cfg.name, listen=f"{cfg.host}:{self.port}",
                  log=str(cfg.log_path), store=self.store.describe(),
@@ -190,9 +196,27 @@ class Drva:
         # A task of our own rather than a coroutine callback: Python 3.11's stream server
         # calls task.exception() on a cancelled callback task (stop() cancels sessions),
         # which raises; and so nothing here has to swallow a cancellation.
-        task = asyncio.create_task(Session(self, reader, writer).run(), name="session")
+        if len(self.handshaking) >= HANDSHAKES_MAX:
+            self._refuse_busy(writer)
+            return
+        session = Session(self, reader, writer)
+        self.handshaking.add(session)  # until WELCOME (Session._take_over) or close
+        task = asyncio.create_task(session.run(), name="session")
         self.session_tasks.add(task)
         task.add_done_callback(self._session_done)
+
+    def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
+        """Too many handshakes in progress: ERROR busy and close, nothing read. Logged
+        at most once per BUSY_LOG_INTERVAL_S, with the count: a flood must not flood
+        the log too."""
+        self.refused_busy += 1
+        writer.writelines(wire.error_message(
+            "busy", f"DRVA {self.cfg.name}: {HANDSHAKES_MAX} handshakes in progress, retry later"))
+        writer.close()  # the ERROR fits the socket's send buffer: this does not linger
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_INTERVAL_S:
+            self._busy_logged = now
+            log.warning("handshakes_full", handshakes_max=HANDSHAKES_MAX, refused_total=self.refused_busy)
 
     def _session_done(self, task: asyncio.Task) -> None:
         self.session_tasks.discard(task)

@@ -27,7 +27,21 @@ if TYPE_CHECKING:
 
 log = get_logger("drva.session")
 
+# Before WELCOME a peer is a stranger (FORMAT.md §9.1): only HELLO, then AUTH, whose
+# bodies are at most CONTROL_BODY_MAX (64 KiB); any other type is refused from its header
+# before its body is read. At most HANDSHAKES_MAX connections may be between accept and
+# WELCOME (more get ERROR busy at once), each for at most HANDSHAKE_TIMEOUT_S; a stream
+# reader stops reading its socket once it holds 2 x STREAM_READ_AHEAD_BYTES (TCP flow
+# control takes over). So the bytes buffered for peers not yet authenticated stay under
+# HANDSHAKES_MAX x (2 x STREAM_READ_AHEAD_BYTES + one socket read of 256 KiB) = 12 MiB.
+HANDSHAKES_MAX = 16
 HANDSHAKE_TIMEOUT_S = 10.0  # from accept to WELCOME sent
+STREAM_READ_AHEAD_BYTES = 256 << 10
+HANDSHAKE_TYPES = (wire.HELLO, wire.AUTH)
+assert all(wire.body_max(t) == wire.CONTROL_BODY_MAX for t in HANDSHAKE_TYPES), "FORMAT.md §9.1"
+# What a filter may send once welcomed; anything else is refused from its header.
+STREAM_TYPES = frozenset((wire.FRAME, wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEED_END,
+                          wire.FILTER_STATE, wire.PING, wire.PONG, wire.ERROR))
 REFUSE_DRAIN_TIMEOUT_S = 2.0  # for the ERROR of a refusal to leave; then the socket closes
 ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at least this often
 ACK_WRITE_BUFFER_MAX = 1 << 20
@@ -70,7 +84,7 @@ class Session:
                 raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None
             ack_task = asyncio.create_task(self._ack_loop())
             while True:
-                msg = await wire.read_message(self.reader, self.where)
+                msg = await wire.read_message(self.reader, self.where, STREAM_TYPES)
                 await self._dispatch(msg)
         except (asyncio.IncompleteReadError, ConnectionError, _PeerEnded):
             log.info("session_closed", peer=self.where, filter=self.filter_name)
@@ -81,7 +95,7 @@ class Session:
         except FormatError as exc:
             await self._refuse("bad_frame", exc.message)
         finally:
-            self.close()
+            self.close()  # also frees its handshake slot, if it never got past WELCOME
             if ack_task is not None:
                 ack_task.cancel()
                 await asyncio.gather(ack_task, return_exceptions=True)
@@ -92,8 +106,11 @@ class Session:
             self.writer.writelines(wire.error_message(code, message))
             async with asyncio.timeout(REFUSE_DRAIN_TIMEOUT_S):
                 await self.writer.drain()
-        except (ConnectionError, TimeoutError, RuntimeError):
-            pass  # the peer does not read or is gone: the socket closes anyway
+        except TimeoutError:
+            # The peer does not read: close() would wait for the flush forever.
+            self.writer.transport.abort()
+        except (ConnectionError, RuntimeError):
+            pass  # the peer is gone: the socket closes anyway
 
     def close(self) -> None:
         if self.closed:
@@ -103,14 +120,16 @@ class Session:
             if dom.session is self:
                 dom.session = None
         self.drva.sessions.discard(self)
+        self.drva.handshaking.discard(self)
         self.writer.close()
 
     # ------------------------------------------------------------------ handshake
 
     async def _expect(self, mtype: int) -> dict[str, Any]:
-        msg = await wire.read_message(self.reader, self.where)
-        if msg.type != mtype:
-            raise Refused("unexpected_message", f"expected {wire.TYPE_NAMES[mtype]}, got {msg.name}")
+        assert mtype in HANDSHAKE_TYPES
+        # Any other type is refused from its header: a stranger's FRAME header announcing
+        # 66 MiB costs 16 bytes of reading, not 66 MiB.
+        msg = await wire.read_message(self.reader, self.where, (mtype,))
         return messages.parse(msg, self.where)
 
     async def _handshake(self) -> None:
@@ -148,6 +167,7 @@ class Session:
                 dom.session.close()
             dom.session = self
             self.domains[domain_id] = dom
+        self.drva.handshaking.discard(self)
         self.drva.sessions.add(self)
 
     # ------------------------------------------------------------------ streaming
