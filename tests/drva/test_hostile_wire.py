@@ -208,3 +208,45 @@ async def test_a_malformed_message_closes_only_its_session(drva, live, mtype, bo
     await still_streaming(drva, f, client, rng)
     await good_session_still_works(drva)
     assert drva.failure is None
+
+
+async def test_a_drva_process_survives_the_filter_state_that_once_ended_it(tmp_path):
+    """The finding as reported: an authenticated filter's FILTER_STATE with
+    ``"captured_ts": "x"`` made the status task fail and the DRVA exit 70."""
+    import json
+    from pathlib import Path
+
+    from tests.drva.harness import DrvaProcess, free_port
+
+    port = free_port()
+    doc = drva_doc(tmp_path, "drva-hp", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])],
+                   port=port, status_interval_s=0.05)
+    proc = DrvaProcess(doc, tmp_path)
+    proc.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        nonce = wire.new_nonce()
+        writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "host-1", "site": "s",
+                                                    "domains": [1], "nonce": nonce.hex()}))
+        dn = bytes.fromhex((await wire.read_message(reader, "t")).json("t")["nonce"])
+        writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
+        assert (await wire.read_message(reader, "t")).type == wire.WELCOME
+        bad = dict(GOOD[wire.FILTER_STATE], domain=1, captured_seq=10, captured_ts="x")
+        writer.writelines(wire.control(wire.FILTER_STATE, bad))
+        doc_ = await expect_error(reader, "bad_message")
+        assert "FILTER_STATE.captured_ts" in doc_["message"]
+        writer.close()
+        status_path = Path(doc["state_dir"]) / "status.json"
+        times: set[float] = set()
+
+        def rewritten_twice() -> bool:
+            assert proc.proc.poll() is None, f"the DRVA exited with {proc.proc.returncode}"
+            try:
+                times.add(json.loads(status_path.read_text())["time"])
+            except (FileNotFoundError, ValueError):
+                pass
+            return len(times) >= 3
+
+        await wait_until(rewritten_twice, DEADLINE_S, "status rewrites after the bad message")
+    finally:
+        proc.stop()
