@@ -37,7 +37,7 @@ from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
 from drva.seeder import Seeder
 from drva.requests import RequestBox
-from drva.session import HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session
+from drva.session import HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
 
@@ -94,9 +94,13 @@ class Drva:
         spawn(self._open_catalogs(), "catalog-opener")
         spawn(self._status_loop(), "status")
         spawn(RequestBox(self).run(), "requests")
+        tls = self._tls()
+        # The TLS handshake comes before _accept (and its cap): give it the wire
+        # handshake's deadline rather than asyncio's 60 s.
+        tls_timeout = {"ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if tls is not None else {}
         self.server = await asyncio.start_server(
-            self._accept, cfg.host, cfg.port, ssl=self._tls(), limit=STREAM_READ_AHEAD_BYTES,
-            reuse_address=True)
+            self._accept, cfg.host, cfg.port, ssl=tls, limit=STREAM_READ_AHEAD_BYTES,
+            reuse_address=True, **tls_timeout)
         self._port = self.server.sockets[0].getsockname()[1]
         log.info("drva_started", name=cfg.name, listen=f"{cfg.host}:{self.port}",
                  log=str(cfg.log_path), store=self.store.describe(),

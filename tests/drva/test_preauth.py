@@ -200,3 +200,25 @@ async def _welcomed(port: int) -> None:
     writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
     assert (await wire.read_message(reader, "t")).type == wire.WELCOME
     writer.close()
+
+
+async def test_a_tls_handshake_has_the_same_deadline(tmp_path, monkeypatch):
+    """The TLS handshake runs before the wire handshake and its cap: a peer that opens a
+    TCP connection to a TLS DRVA and says nothing is dropped at the wire deadline, not
+    after asyncio's default 60 s."""
+    from drva import daemon as daemon_mod
+    from tests.drva.test_tls_trace import self_signed
+
+    monkeypatch.setattr(daemon_mod, "HANDSHAKE_TIMEOUT_S", 0.5, raising=False)
+    cert, key = self_signed(tmp_path)
+    doc = drva_doc(tmp_path, "drva-tls-p", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])],
+                   tls={"cert": str(cert), "key": str(key)})
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)  # plain TCP, silent
+        async with asyncio.timeout(DEADLINE_S):
+            assert await reader.read() == b""  # the DRVA closed it
+        writer.close()
+    finally:
+        await d.stop()
