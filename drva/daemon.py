@@ -197,14 +197,14 @@ class Drva:
     # ------------------------------------------------------------------ loops
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A task of our own rather than a coroutine callback: Python 3.11's stream server
-        # calls task.exception() on a cancelled callback task (stop() cancels sessions),
-        # which raises; and so nothing here has to swallow a cancellation.
         if len(self.handshaking) >= HANDSHAKES_MAX:
             self._refuse_busy(writer)
             return
         session = Session(self, reader, writer)
         self.handshaking.add(session)  # until WELCOME (Session._take_over) or close
+        # A task of our own rather than a coroutine callback: Python 3.11's stream server
+        # calls task.exception() on a cancelled callback task (stop() cancels sessions),
+        # which raises; and so nothing here has to swallow a cancellation.
         task = asyncio.create_task(session.run(), name="session")
         self.session_tasks.add(task)
         task.add_done_callback(self._session_done)
