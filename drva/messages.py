@@ -38,12 +38,24 @@ _SHOWN_CHARS_MAX = 40  # of a refused value, in the ERROR and the log
 Check = Callable[[Any, str], Any]
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing (the field is missing)"
+
+
+_MISSING = _Missing()
+
+
+def _shown(value: Any) -> str:
+    got = repr(value)
+    return got if len(got) <= _SHOWN_CHARS_MAX else got[:_SHOWN_CHARS_MAX] + "..."
+
+
 def _refuse(field: str, expected: str, value: Any, *, secret: bool = False) -> wire.ProtocolError:
-    if secret:  # never echo what could be (close to) a credential
+    if secret and value is not _MISSING:  # never echo what could be (close to) a credential
         got = f"a {type(value).__name__}" + (f" of {len(value)} characters" if isinstance(value, str) else "")
     else:
-        got = repr(value)
-        got = got if len(got) <= _SHOWN_CHARS_MAX else got[:_SHOWN_CHARS_MAX] + "..."
+        got = _shown(value)
     return wire.ProtocolError("bad_message", f"{field}: expected {expected}, got {got}")
 
 
@@ -152,19 +164,17 @@ def parse(msg: wire.Message, where: str) -> dict[str, Any]:
     name = msg.name
     if msg.type == wire.HELLO:
         version = doc.get("version")
-        # An other version is not malformed: it gets its own code, whatever else it holds.
+        # Another version is not malformed: it gets its own code, whatever else it holds.
         if isinstance(version, int) and not isinstance(version, bool) and version != wire.WIRE_VERSION:
-            raise wire.ProtocolError("unsupported_version",
-                                     f"{where}: protocol version {version}, this DRVA speaks {wire.WIRE_VERSION}")
+            raise wire.ProtocolError("unsupported_version", f"{where}: protocol version {_shown(version)}, "
+                                                            f"this DRVA speaks {wire.WIRE_VERSION}")
     unknown = sorted(set(doc) - set(schema))
     if unknown:
         raise wire.ProtocolError("bad_message", f"{where}: {name}: unknown field {unknown[0][:_SHOWN_CHARS_MAX]!r} "
                                                 f"(expected {', '.join(schema) or 'no field'})")
     for key, check in schema.items():
-        if key not in doc:
-            raise wire.ProtocolError("bad_message", f"{where}: {name}.{key}: missing")
         try:
-            check(doc[key], f"{name}.{key}")
+            check(doc.get(key, _MISSING), f"{name}.{key}")  # a missing key fails every check
         except wire.ProtocolError as exc:
             raise wire.ProtocolError(exc.code, f"{where}: {exc.message}") from None
     return doc
