@@ -13,6 +13,7 @@ import hmac
 import json
 import secrets
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,11 @@ def pack_header(mtype: int, body_len: int, summed: int) -> bytes:
     return _HEADER.pack(WIRE_MAGIC, mtype, 0, WIRE_VERSION, body_len, summed)
 
 
+def body_max(mtype: int) -> int:
+    """The largest body a message of this type may have (FORMAT.md §9)."""
+    return _BODY_MAX.get(mtype, CONTROL_BODY_MAX)
+
+
 def parse_header(raw: bytes, where: str) -> tuple[int, int, int]:
     """(type, body_len, body_sum) of a message header; ProtocolError when it is not one."""
     magic, mtype, flags, version, body_len, summed = _HEADER.unpack(raw)
@@ -79,7 +85,7 @@ def parse_header(raw: bytes, where: str) -> tuple[int, int, int]:
         raise ProtocolError("unsupported_version", f"{where}: wire version {version}, expected {WIRE_VERSION}")
     if mtype not in TYPE_NAMES or flags:
         raise ProtocolError("bad_message", f"{where}: unknown message type {mtype} (flags {flags})")
-    limit = _BODY_MAX.get(mtype, CONTROL_BODY_MAX)
+    limit = body_max(mtype)
     if body_len > limit:
         raise ProtocolError(
             "oversized", f"{where}: {TYPE_NAMES[mtype]} of {body_len} bytes exceeds {limit}")
@@ -96,19 +102,48 @@ class Message:
         return TYPE_NAMES[self.type]
 
     def json(self, where: str) -> dict[str, Any]:
-        """The body of a control message as a JSON object."""
+        """The body of a control message as a JSON object: strict UTF-8 (``json.loads``
+        would also guess UTF-16/32), no duplicate key, no NaN/Infinity, bounded nesting."""
         try:
-            doc = json.loads(self.body)
+            text = bytes(self.body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(
+                "bad_message", f"{where}: {self.name} body is not UTF-8 (byte {exc.start})") from None
+        try:
+            doc = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except RecursionError:
+            raise ProtocolError("bad_message", f"{where}: {self.name} body is nested too deep") from None
         except ValueError as exc:
-            raise ProtocolError("bad_message", f"{where}: {self.name} body is not JSON ({exc})") from None
+            raise ProtocolError(
+                "bad_message", f"{where}: {self.name} body is not JSON ({str(exc)[:200]})") from None
         if not isinstance(doc, dict):
-            raise ProtocolError("bad_message", f"{where}: {self.name} body is not a JSON object")
+            raise ProtocolError(
+                "bad_message", f"{where}: {self.name} body is a JSON {type(doc).__name__}, expected an object")
         return doc
 
 
-async def read_message(reader: asyncio.StreamReader, where: str) -> Message:
-    """The next message; ``asyncio.IncompleteReadError`` at a clean or torn end of stream."""
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate key in an object")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def read_message(reader: asyncio.StreamReader, where: str,
+                       allowed: Container[int] | None = None) -> Message:
+    """The next message; ``asyncio.IncompleteReadError`` at a clean or torn end of stream.
+
+    A type not in ``allowed`` is refused from its header alone, before a byte of its
+    body is read: what a peer may make us buffer is bounded by the types we accept."""
     mtype, body_len, summed = parse_header(await reader.readexactly(HEADER_SIZE), where)
+    if allowed is not None and mtype not in allowed:
+        names = "/".join(TYPE_NAMES[t] for t in sorted(allowed))
+        raise ProtocolError("unexpected_message", f"{where}: {TYPE_NAMES[mtype]} ({body_len} bytes) "
+                                                  f"where {names} was expected")
     body = await reader.readexactly(body_len) if body_len else b""
     if mtype != FRAME and body_sum(body) != summed:
         raise ProtocolError("bad_checksum", f"{where}: {TYPE_NAMES[mtype]} body checksum mismatch")

@@ -23,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cdp import wire
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, StoreError
 from cdp.frame import decode_frame
@@ -36,13 +37,15 @@ from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
 from drva.seeder import Seeder
 from drva.requests import RequestBox
-from drva.session import Session
+from drva.session import HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
 
 log = get_logger("drva")
 
 SEAL_TICK_S = 0.05
+COMMIT_POLL_S = 0.5  # the catalog committer's wait for an upload, at most
+BUSY_LOG_INTERVAL_S = 1.0
 
 
 class Drva:
@@ -53,7 +56,10 @@ class Drva:
         self.exit_on_task_failure = exit_on_task_failure
         self.failure: BaseException | None = None
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session] = set()  # welcomed
+        self.handshaking: set[Session] = set()  # accepted, not welcomed yet (<= HANDSHAKES_MAX)
+        self.refused_busy = 0
+        self._busy_logged = -BUSY_LOG_INTERVAL_S
         self.session_tasks: set[asyncio.Task] = set()
         self.tasks: list[asyncio.Task] = []
         self.server: asyncio.AbstractServer | None = None
@@ -88,8 +94,13 @@ class Drva:
         spawn(self._open_catalogs(), "catalog-opener")
         spawn(self._status_loop(), "status")
         spawn(RequestBox(self).run(), "requests")
+        tls = self._tls()
+        # The TLS handshake comes before _accept (and its cap): give it the wire
+        # handshake's deadline rather than asyncio's 60 s.
+        tls_timeout = {"ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if tls is not None else {}
         self.server = await asyncio.start_server(
-            self._accept, cfg.host, cfg.port, ssl=self._tls(), limit=1 << 20, reuse_address=True)
+            self._accept, cfg.host, cfg.port, ssl=tls, limit=STREAM_READ_AHEAD_BYTES,
+            reuse_address=True, **tls_timeout)
         self._port = self.server.sockets[0].getsockname()[1]
         log.info("drva_started", name=cfg.name, listen=f"{cfg.host}:{self.port}",
                  log=str(cfg.log_path), store=self.store.describe(),
@@ -120,7 +131,7 @@ class Drva:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.to_thread(self._write_status)
+        await self.write_status()
         await self.store.close()
         self.log.close()
         self.meta.close()
@@ -185,16 +196,37 @@ class Drva:
 
     # ------------------------------------------------------------------ loops
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.handshaking) >= HANDSHAKES_MAX:
+            self._refuse_busy(writer)
+            return
+        session = Session(self, reader, writer)
+        self.handshaking.add(session)  # until WELCOME (Session._take_over) or close
+        # A task of our own rather than a coroutine callback: Python 3.11's stream server
+        # calls task.exception() on a cancelled callback task (stop() cancels sessions),
+        # which raises; and so nothing here has to swallow a cancellation.
+        task = asyncio.create_task(session.run(), name="session")
         self.session_tasks.add(task)
-        try:
-            await Session(self, reader, writer).run()
-        except asyncio.CancelledError:
-            pass  # stop(): the session is closed by Session.run's finally
-        finally:
-            self.session_tasks.discard(task)
+        task.add_done_callback(self._session_done)
+
+    def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
+        """Too many handshakes in progress: ERROR busy and close, nothing read. Logged
+        at most once per BUSY_LOG_INTERVAL_S, with the count: a flood must not flood
+        the log too."""
+        self.refused_busy += 1
+        writer.writelines(wire.error_message(
+            "busy", f"DRVA {self.cfg.name}: {HANDSHAKES_MAX} handshakes in progress, retry later"))
+        writer.close()  # the ERROR fits the socket's send buffer: this does not linger
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_INTERVAL_S:
+            self._busy_logged = now
+            log.warning("handshakes_full", handshakes_max=HANDSHAKES_MAX, refused_total=self.refused_busy)
+
+    def _session_done(self, task: asyncio.Task) -> None:
+        self.session_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug in one session: it is closed (Session.run's finally), the DRVA goes on.
+            log.error("session_failed", error=repr(task.exception()))
 
     def _on_durable(self, touched: set[DomainState]) -> None:
         for dom in touched:
@@ -211,9 +243,10 @@ class Drva:
             self.shipper.uploaded.clear()
             await self.shipper.commit_step()
             try:
-                await asyncio.wait_for(self.shipper.uploaded.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+                async with asyncio.timeout(COMMIT_POLL_S):
+                    await self.shipper.uploaded.wait()
+            except TimeoutError:
+                pass  # commit at least this often: a seeding commit may be waiting too
 
     async def _open_catalogs(self) -> None:
         """Open every domain's catalog, retrying while the store is unreachable."""
@@ -237,14 +270,23 @@ class Drva:
 
     async def _status_loop(self) -> None:
         while True:
-            await asyncio.to_thread(self._write_status)
+            await self.write_status()
             await asyncio.sleep(self.cfg.status_interval_s)
 
     def status(self) -> dict[str, Any]:
+        """The status document; on the loop only (it iterates deques the loop mutates)."""
         return build_status(self)
 
-    def _write_status(self) -> None:
-        atomic_write(self.cfg.status_path, json.dumps(self.status(), indent=1).encode())
+    async def write_status(self) -> None:
+        """One status write: the snapshot is a plain dict taken here, on the loop, where
+        nothing mutates the domains' deques meanwhile; only its encoding and the file
+        write leave the loop (they touch nothing shared)."""
+        doc = self.status()
+        await asyncio.to_thread(_write_json, self.cfg.status_path, doc)
+
+
+def _write_json(path: Any, doc: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(doc, indent=1).encode())
 
 
 async def run(cfg: DrvaConfig) -> None:

@@ -32,6 +32,7 @@ from cdp.errors import NotFound, StoreError
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import Lease, chunk_writer_lease
 from cdp.logs import get_logger
+from drva import messages
 from drva.shipper import backoff_s
 
 if TYPE_CHECKING:
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 log = get_logger("drva.seeder")
 
 UPLOADS_MAX = 4
+CATALOG_POLL_S = 0.1  # SEED_END waits for the domain's catalog to be open, polling
 KNOWN_CHUNKS_MAX = 1 << 16  # hashes remembered to skip a stat; bounded memory
-CATALOG_WAIT_S = 0.1  # poll for the catalog to open before committing a base
 
 
 @dataclass
@@ -82,11 +83,11 @@ class Seeder:
                 raise Refused("bad_seed", f"SEED_CHUNK for domain {domain} disk {disk} without SEED_BEGIN")
             await self._chunk(job, chunk, bytes(data), session)
             return
-        doc = msg.json(session.where)
-        domain, disk = doc.get("domain"), doc.get("disk")
-        dom = session.domains.get(domain)  # type: ignore[arg-type]
-        if dom is None or not isinstance(disk, int) or not 0 <= disk < len(dom.cfg.disks):
-            raise Refused("bad_seed", f"{msg.name} for unknown domain/disk {domain!r}/{disk!r}")
+        doc = messages.parse(msg, session.where)  # every field present, typed, in range
+        domain, disk = doc["domain"], doc["disk"]
+        dom = session.domains.get(domain)
+        if dom is None or not disk < len(dom.cfg.disks):
+            raise Refused("bad_seed", f"{msg.name} for unknown domain/disk {domain}/{disk}")
         if msg.type == wire.SEED_BEGIN:
             self._begin(dom, disk, doc)
         else:
@@ -103,13 +104,11 @@ class Seeder:
     def _begin(self, dom: Any, disk: int, doc: dict[str, Any]) -> None:
         from drva.session import Refused
 
-        size, chunk_size, start = doc.get("disk_size"), doc.get("chunk_size"), doc.get("start_seq")
+        # Types and ranges were checked at the edge (drva.messages); what is left is
+        # whether they fit this domain.
+        size, chunk_size, start = doc["disk_size"], doc["chunk_size"], doc["start_seq"]
         if size != dom.cfg.disks[disk].size:
-            raise Refused("bad_seed", f"disk {disk} of domain {dom.id}: size {size!r}, configured {dom.cfg.disks[disk].size}")
-        if not isinstance(chunk_size, int) or chunk_size & (chunk_size - 1) or not (64 << 10) <= chunk_size <= (64 << 20):
-            raise Refused("bad_seed", f"chunk_size {chunk_size!r}: expected a power of two, 64 KiB..64 MiB")
-        if not isinstance(start, int) or start < 0:
-            raise Refused("bad_seed", f"start_seq {start!r}")
+            raise Refused("bad_seed", f"disk {disk} of domain {dom.id}: size {size}, configured {dom.cfg.disks[disk].size}")
         count = -(-size // chunk_size)
         old = self.jobs.get((dom.id, disk))
         if old is not None and old.lease is not None:  # a restarted seeding: the old one is abandoned
@@ -184,8 +183,8 @@ class Seeder:
 
     async def _end(self, session: "Session", dom: Any, disk: int, doc: dict[str, Any]) -> None:
         job = self.jobs.get((dom.id, disk))
-        end = doc.get("end_seq")
-        if job is None or not isinstance(end, int) or end < job.start_seq:
+        end = doc["end_seq"]
+        if job is None or end < job.start_seq:
             log.warning("seed_refused", domain=dom.id, disk=disk, reason="SEED_END without SEED_BEGIN or bad end_seq")
             return
         while job.tasks:
@@ -199,7 +198,7 @@ class Seeder:
                 log.error("seed_failed", domain=dom.id, disk=disk, error="the domain is fenced on this DRVA")
                 await self._drop_lease(job)
                 return
-            await asyncio.sleep(CATALOG_WAIT_S)
+            await asyncio.sleep(CATALOG_POLL_S)
         timeline = self.drva.shipper.writers[dom.id].state.current
         key = base_manifest_key(dom.id, timeline, job.start_seq, disk)
         data = encode_manifest(dom.id, disk, job.start_seq, job.disk_size, job.chunk_size, job.hashes)

@@ -19,6 +19,7 @@ from cdp.errors import FormatError
 from cdp.frame import Frame, decode_frame, encode_frame
 from cdp.logs import get_logger
 from cdp.records import payload_lengths, payload_starts
+from drva import messages
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -26,7 +27,23 @@ if TYPE_CHECKING:
 
 log = get_logger("drva.session")
 
-HANDSHAKE_TIMEOUT_S = 10.0
+# Before WELCOME a peer is a stranger (FORMAT.md §9.1): only HELLO, then AUTH, whose
+# bodies are at most CONTROL_BODY_MAX (64 KiB); any other type is refused from its header
+# before its body is read. At most HANDSHAKES_MAX connections may be between accept and
+# WELCOME (more get ERROR busy at once), each for at most HANDSHAKE_TIMEOUT_S; a stream
+# reader stops reading its socket once it holds 2 x STREAM_READ_AHEAD_BYTES (TCP flow
+# control takes over). So the bytes buffered for peers not yet authenticated stay under
+# HANDSHAKES_MAX x (2 x STREAM_READ_AHEAD_BYTES + one socket read of 256 KiB) = 12 MiB.
+HANDSHAKES_MAX = 16
+HANDSHAKE_TIMEOUT_S = 10.0  # from accept to WELCOME sent
+STREAM_READ_AHEAD_BYTES = 256 << 10
+HANDSHAKE_TYPES = (wire.HELLO, wire.AUTH)
+assert all(wire.body_max(t) == wire.CONTROL_BODY_MAX for t in HANDSHAKE_TYPES), "FORMAT.md §9.1"
+# What a filter may send once welcomed; anything else is refused from its header.
+STREAM_TYPES = frozenset((wire.FRAME, wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEED_END,
+                          wire.FILTER_STATE, wire.PING, wire.PONG, wire.ERROR))
+REFUSE_DRAIN_TIMEOUT_S = 2.0  # for the ERROR of a refusal to leave; then the socket closes
+ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at least this often
 ACK_WRITE_BUFFER_MAX = 1 << 20
 
 
@@ -36,6 +53,10 @@ class Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _PeerEnded(Exception):
+    """The filter ended the session (a fatal ERROR): close it, answer nothing."""
 
 
 class Session:
@@ -56,15 +77,17 @@ class Session:
     async def run(self) -> None:
         ack_task = None
         try:
-            await asyncio.wait_for(self._handshake(), HANDSHAKE_TIMEOUT_S)
+            try:
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                    await self._handshake()
+            except TimeoutError:
+                raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None
             ack_task = asyncio.create_task(self._ack_loop())
             while True:
-                msg = await wire.read_message(self.reader, self.where)
+                msg = await wire.read_message(self.reader, self.where, STREAM_TYPES)
                 await self._dispatch(msg)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, _PeerEnded):
             log.info("session_closed", peer=self.where, filter=self.filter_name)
-        except asyncio.TimeoutError:
-            await self._refuse("timeout", "no complete handshake in time")
         except wire.ProtocolError as exc:
             await self._refuse(exc.code, exc.message)
         except Refused as exc:
@@ -72,17 +95,22 @@ class Session:
         except FormatError as exc:
             await self._refuse("bad_frame", exc.message)
         finally:
+            self.close()  # also frees its handshake slot, if it never got past WELCOME
             if ack_task is not None:
                 ack_task.cancel()
-            self.close()
+                await asyncio.gather(ack_task, return_exceptions=True)
 
     async def _refuse(self, code: str, message: str) -> None:
         log.warning("session_refused", peer=self.where, filter=self.filter_name, code=code, reason=message)
         try:
             self.writer.writelines(wire.error_message(code, message))
-            await asyncio.wait_for(self.writer.drain(), 2)
-        except (ConnectionError, asyncio.TimeoutError, RuntimeError):
-            pass
+            async with asyncio.timeout(REFUSE_DRAIN_TIMEOUT_S):
+                await self.writer.drain()
+        except TimeoutError:
+            # The peer does not read: close() would wait for the flush forever.
+            self.writer.transport.abort()
+        except (ConnectionError, RuntimeError):
+            pass  # the peer is gone: the socket closes anyway
 
     def close(self) -> None:
         if self.closed:
@@ -92,48 +120,55 @@ class Session:
             if dom.session is self:
                 dom.session = None
         self.drva.sessions.discard(self)
+        self.drva.handshaking.discard(self)
         self.writer.close()
 
     # ------------------------------------------------------------------ handshake
 
     async def _expect(self, mtype: int) -> dict[str, Any]:
-        msg = await wire.read_message(self.reader, self.where)
-        if msg.type != mtype:
-            raise Refused("unexpected_message", f"expected {wire.TYPE_NAMES[mtype]}, got {msg.name}")
-        return msg.json(self.where)
+        assert mtype in HANDSHAKE_TYPES
+        # Any other type is refused from its header: a stranger's FRAME header announcing
+        # 66 MiB costs 16 bytes of reading, not 66 MiB.
+        msg = await wire.read_message(self.reader, self.where, (mtype,))
+        return messages.parse(msg, self.where)
 
     async def _handshake(self) -> None:
         hello = await self._expect(wire.HELLO)
-        if hello.get("version") != wire.WIRE_VERSION:
-            raise Refused("unsupported_version", f"protocol version {hello.get('version')!r}, this DRVA speaks {wire.WIRE_VERSION}")
-        name, wanted = hello.get("filter"), hello.get("domains")
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
-            raise Refused("bad_message", "HELLO.filter must be a name")
-        if not isinstance(wanted, list) or not all(isinstance(d, int) for d in wanted):
-            raise Refused("bad_message", "HELLO.domains must be a list of domain ids")
+        name, wanted = hello["filter"], hello["domains"]
         self.filter_name = name
-        filter_nonce = wire.parse_nonce(hello.get("nonce"), self.where)
+        filter_nonce = bytes.fromhex(hello["nonce"])
         drva_nonce = wire.new_nonce()
         self.writer.writelines(wire.control(wire.CHALLENGE, {"drva": self.drva.cfg.name, "nonce": drva_nonce.hex()}))
         auth = await self._expect(wire.AUTH)
         expected = wire.filter_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, name)
-        if not wire.mac_matches(expected, auth.get("mac")):
+        if not wire.mac_matches(expected, auth["mac"]):
             raise Refused("bad_auth", f"authentication failed for filter {name!r}")
+        accepted = {}
         for domain_id in wanted:
             dom = self.drva.domains.get(domain_id)
             if dom is None:
                 raise Refused("unknown_domain", f"domain {domain_id} is not served by DRVA {self.drva.cfg.name}")
-            if dom.session is not None and dom.session is not self:
-                log.info("session_replaced", domain=domain_id, old=dom.session.where, new=self.where)
-                dom.session.close()
-            dom.session = self
-            self.domains[domain_id] = dom
-        self.drva.sessions.add(self)
+            accepted[domain_id] = dom
+        # Every check passed: only now may this session take its domains over. A refused
+        # HELLO must never close the live session of a domain it named.
+        self._take_over(accepted)
         mac = wire.drva_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, self.drva.cfg.name)
         state = {str(d.id): {"durable_seq": d.durable_seq} for d in self.domains.values()}
         self.writer.writelines(wire.control(wire.WELCOME, {"mac": mac, "domains": state}))
         await self.writer.drain()
         log.info("session_open", peer=self.where, filter=name, domains=sorted(self.domains))
+
+    def _take_over(self, domains: dict[int, "DomainState"]) -> None:
+        """Become the one session of ``domains``, closing any older one (FORMAT.md §9.2).
+        No await in here: nothing can run between the last check and WELCOME."""
+        for domain_id, dom in domains.items():
+            if dom.session is not None and dom.session is not self:
+                log.info("session_replaced", domain=domain_id, old=dom.session.where, new=self.where)
+                dom.session.close()
+            dom.session = self
+            self.domains[domain_id] = dom
+        self.drva.handshaking.discard(self)
+        self.drva.sessions.add(self)
 
     # ------------------------------------------------------------------ streaming
 
@@ -143,11 +178,18 @@ class Session:
         elif msg.type in (wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEED_END):
             await self.drva.seeder.handle(self, msg)
         elif msg.type == wire.FILTER_STATE:
-            self._filter_state(msg.json(self.where))
+            self._filter_state(messages.parse(msg, self.where))
         elif msg.type == wire.PING:
+            messages.parse(msg, self.where)
             self.writer.writelines(wire.control(wire.PONG, {}))
         elif msg.type == wire.PONG:
-            pass
+            messages.parse(msg, self.where)
+        elif msg.type == wire.ERROR:
+            doc = messages.parse(msg, self.where)
+            log.warning("filter_error", peer=self.where, filter=self.filter_name, code=doc["code"],
+                        reason=doc["message"], fatal=doc["fatal"])
+            if doc["fatal"]:
+                raise _PeerEnded()
         else:
             raise Refused("unexpected_message", f"{msg.name} is not expected from a filter")
 
@@ -175,14 +217,13 @@ class Session:
         await self.drva.committer.submit(dom, raw, frame)
 
     def _filter_state(self, doc: dict[str, Any]) -> None:
-        dom = self.domains.get(doc.get("domain"))  # type: ignore[arg-type]
+        """``doc`` is checked whole (drva.messages): every field is there, typed, in range."""
+        dom = self.domains.get(doc["domain"])
         if dom is None:
-            raise Refused("unknown_domain", f"FILTER_STATE for domain {doc.get('domain')!r}, not in this session")
-        if doc.get("mode") not in ("normal", "bitmap", "resync"):
-            raise Refused("bad_message", f"FILTER_STATE.mode {doc.get('mode')!r}")
+            raise Refused("unknown_domain", f"FILTER_STATE for domain {doc['domain']}, not in this session")
         if dom.filter_state.get("mode") != doc["mode"]:
-            log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc.get("dirty_bytes"))
-        dom.filter_state = {k: doc.get(k) for k in
+            log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc["dirty_bytes"])
+        dom.filter_state = {k: doc[k] for k in
                             ("mode", "captured_seq", "captured_ts", "buffered_bytes", "dirty_bytes")}
 
     # ------------------------------------------------------------------ acks
@@ -195,8 +236,9 @@ class Session:
         least every second with the current back-pressure flag."""
         while True:
             try:
-                await asyncio.wait_for(self._ack_wanted.wait(), 1.0)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(ACK_PERIOD_S):
+                    await self._ack_wanted.wait()
+            except TimeoutError:
                 self._acked.clear()  # periodic: resend the state of every domain
             self._ack_wanted.clear()
             if self.writer.transport.get_write_buffer_size() > ACK_WRITE_BUFFER_MAX:

@@ -81,6 +81,8 @@ def build_status(drva: "Drva") -> dict[str, Any]:
         "group_commits": drva.committer.commits,
         "last_commit_latency_s": round(drva.committer.commit_latency_s, 5),
         "sessions": len(drva.sessions),
+        "handshakes": len(drva.handshaking),
+        "handshakes_refused_busy": drva.refused_busy,
         "store": drva.store.describe(),
         "store_errors": drva.shipper.store_errors,
         "last_store_error": drva.shipper.last_store_error,

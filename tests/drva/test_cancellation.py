@@ -1,0 +1,66 @@
+"""Cancelling a DRVA loop ends it, whatever it was waiting for when the cancel landed.
+
+On Python 3.11 ``asyncio.wait_for`` returns the inner result, swallowing the cancel, when
+the awaited thing completes in the same turn as the cancellation; a loop around it then
+runs on and ``Drva.stop`` waits for it forever (issue 9). Each test wakes the loop, then
+cancels it after 0, 1, 2 ... turns of the event loop, so one of the cancels lands in
+that window whatever the exact number of turns in between."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cdp import wire
+from drva.daemon import Drva
+from tests.drva.harness import SECRET, config, domain_doc, drva_doc, wait_until
+
+SIZE = 8 << 20
+TURNS_MAX = 10
+ENDS_WITHIN_S = 5.0
+
+
+@pytest.fixture
+async def drva(tmp_path):
+    doc = drva_doc(tmp_path, "drva-c", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])])
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    yield d
+    await d.stop()
+    assert d.failure is None
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def _cancel_after_wake(make_loop, wake) -> None:
+    for turns in range(TURNS_MAX):
+        task = asyncio.create_task(make_loop())
+        await _turns(3)  # the loop is parked in its wait
+        wake()
+        await _turns(turns)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=ENDS_WITHIN_S)
+        assert done, f"the loop ran on after a cancel {turns} turns after its wake-up"
+        assert task.cancelled(), f"the loop ended without its cancellation: {task!r}"
+
+
+async def test_a_cancelled_commit_loop_ends(drva):
+    await _cancel_after_wake(drva._commit_loop, drva.shipper.uploaded.set)
+
+
+async def test_a_cancelled_ack_loop_ends(drva):
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    nonce = wire.new_nonce()
+    writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "host-1", "site": "s",
+                                                "domains": [1], "nonce": nonce.hex()}))
+    dn = bytes.fromhex((await wire.read_message(reader, "t")).json("t")["nonce"])
+    writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
+    assert (await wire.read_message(reader, "t")).type == wire.WELCOME
+    await wait_until(lambda: drva.sessions, 10, "the session")
+    session = next(iter(drva.sessions))
+    await _cancel_after_wake(session._ack_loop, session.want_ack)
+    writer.close()

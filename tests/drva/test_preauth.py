@@ -1,0 +1,226 @@
+"""Before WELCOME a peer is a stranger: what it may make a DRVA hold is bounded (issue 10).
+
+FORMAT.md §9.1: before WELCOME only HELLO then AUTH are accepted, refused from their
+header alone otherwise (a FRAME header announcing 66 MiB costs 16 bytes of reading, not
+66 MiB); handshakes in progress are capped (``HANDSHAKES_MAX``, then ``ERROR busy``) and
+each has a deadline. The acceptance test runs a real DRVA process and reads its RSS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from cdp import wire
+from cdp.frame import FRAME_LEN_MAX
+from drva import session as session_mod
+from drva.daemon import Drva
+from tests.drva.harness import (SECRET, DrvaProcess, config, domain_doc, drva_doc, free_port,
+                                wait_until)
+from tests.drva.test_protocol import expect_error, good_session_still_works
+
+SIZE = 8 << 20
+DEADLINE_S = 30.0
+
+
+@pytest.fixture
+async def drva(tmp_path):
+    doc = drva_doc(tmp_path, "drva-p", [domain_doc(1, "erp", [("vm1", "d0", SIZE)]),
+                                        domain_doc(2, "crm", [("vm2", "d0", SIZE)])])
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    yield d
+    await d.stop()
+    assert d.failure is None
+
+
+# ---------------------------------------------------------------------- header-level refusal
+
+
+async def test_read_message_refuses_a_type_from_its_header_alone():
+    reader = asyncio.StreamReader()
+    reader.feed_data(wire.pack_header(wire.FRAME, FRAME_LEN_MAX, 0))  # no body, no EOF
+    with pytest.raises(wire.ProtocolError) as refused:
+        async with asyncio.timeout(DEADLINE_S):  # a read of the body would wait forever
+            await wire.read_message(reader, "t", allowed=(wire.HELLO,))
+    assert refused.value.code == "unexpected_message"
+    assert "FRAME" in refused.value.message and "HELLO" in refused.value.message
+
+
+@pytest.mark.parametrize("mtype,body_len", [
+    (wire.FRAME, FRAME_LEN_MAX), (wire.SEED_CHUNK, wire.SEED_CHUNK_MAX + 16), (wire.PING, 2),
+])
+@pytest.mark.parametrize("phase", ["instead_of_hello", "instead_of_auth"])
+async def test_only_hello_then_auth_before_welcome(drva, mtype, body_len, phase):
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    if phase == "instead_of_auth":
+        writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "f", "site": "s",
+                                                    "domains": [1], "nonce": "00" * 32}))
+        assert (await wire.read_message(reader, "t")).type == wire.CHALLENGE
+    writer.write(wire.pack_header(mtype, body_len, 0))  # the header only: no body follows
+    await writer.drain()
+    doc = await expect_error(reader, "unexpected_message")
+    assert wire.TYPE_NAMES[mtype] in doc["message"]
+    writer.close()
+    await good_session_still_works(drva)
+
+
+async def test_a_handshake_body_over_64_kib_is_refused_from_its_header(drva):
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    writer.write(wire.pack_header(wire.HELLO, wire.CONTROL_BODY_MAX + 1, 0))
+    await writer.drain()
+    await expect_error(reader, "oversized")
+    writer.close()
+
+
+# ---------------------------------------------------------------------- caps and deadline
+
+
+async def test_handshakes_in_progress_are_capped(drva, monkeypatch):
+    # The idle connections must outlive the test's steps, however slow the machine.
+    monkeypatch.setattr(session_mod, "HANDSHAKE_TIMEOUT_S", 600.0)
+    idle = [await asyncio.open_connection("127.0.0.1", drva.port)
+            for _ in range(session_mod.HANDSHAKES_MAX)]
+    await wait_until(lambda: len(drva.handshaking) == session_mod.HANDSHAKES_MAX, DEADLINE_S,
+                     "every idle connection counted as a handshake")
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    doc = await expect_error(reader, "busy")
+    assert str(session_mod.HANDSHAKES_MAX) in doc["message"]
+    writer.close()
+    for _, w in idle:
+        w.close()
+    await wait_until(lambda: not drva.handshaking, DEADLINE_S, "the idle handshakes to end")
+    await good_session_still_works(drva)
+
+
+async def test_a_handshake_has_a_deadline(drva, monkeypatch):
+    monkeypatch.setattr(session_mod, "HANDSHAKE_TIMEOUT_S", 0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    hello = b"".join(wire.control(wire.HELLO, {"version": 1, "filter": "f", "site": "s",
+                                               "domains": [1], "nonce": "00" * 32}))
+    writer.write(hello[: len(hello) - 3])  # a HELLO that never completes
+    await writer.drain()
+    await expect_error(reader, "timeout")
+    writer.close()
+    await wait_until(lambda: not drva.handshaking, DEADLINE_S, "the handshake slot to be freed")
+
+
+# ---------------------------------------------------------------------- RSS of a real DRVA
+
+FLOOD_SOCKETS = 40
+FLOOD_CHUNK = bytes(1 << 20)
+RSS_SAMPLE_S = 0.02
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (Linux >= 4.0: write 5 to clear_refs), so it measures the load only."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+async def _flood(port: int) -> int:
+    """A FRAME header announcing the largest frame, then its body as fast as the DRVA
+    takes it, unauthenticated. Returns the body bytes sent before the DRVA hung up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+    try:
+        writer.write(wire.pack_header(wire.FRAME, FRAME_LEN_MAX, 0))
+        while sent < FRAME_LEN_MAX:
+            chunk = FLOOD_CHUNK[: FRAME_LEN_MAX - sent]
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+    except OSError:
+        pass  # refused and closed by the DRVA: what the test wants
+    finally:
+        writer.close()
+    return sent
+
+
+async def test_rss_stays_bounded_under_unauthenticated_big_bodies(tmp_path):
+    port = free_port()
+    doc = drva_doc(tmp_path, "drva-rss", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])],
+                   port=port, status_interval_s=0.2)
+    proc = DrvaProcess(doc, tmp_path)
+    proc.start()
+    try:
+        pid = proc.proc.pid
+        status_path = Path(doc["state_dir"]) / "status.json"
+        await wait_until(status_path.exists, DEADLINE_S, "the first status")
+        idle_kb = _status_kb(pid, "VmRSS")
+        peak_resettable = _reset_peak_rss(pid)
+        peak_kb = idle_kb
+        floods = [asyncio.create_task(_flood(port)) for _ in range(FLOOD_SOCKETS)]
+        while not all(t.done() for t in floods):
+            peak_kb = max(peak_kb, _status_kb(pid, "VmRSS"))
+            await asyncio.wait(floods, timeout=RSS_SAMPLE_S)
+        sent = [t.result() for t in floods]
+        if peak_resettable:
+            peak_kb = max(peak_kb, _status_kb(pid, "VmHWM"))
+        assert proc.proc.poll() is None, "the DRVA died under the flood"
+        print(f"\nDRVA RSS: idle {idle_kb / 1024:.1f} MiB, peak under {FLOOD_SOCKETS} sockets "
+              f"{peak_kb / 1024:.1f} MiB, body bytes accepted per socket max {max(sent)}")
+        assert peak_kb <= 2 * idle_kb, f"RSS peaked at {peak_kb} KiB, idle was {idle_kb} KiB"
+
+        settled: list[int] = []
+
+        def rss_back() -> bool:
+            settled.append(_status_kb(pid, "VmRSS"))
+            return settled[-1] <= idle_kb * 5 // 4
+
+        await wait_until(rss_back, DEADLINE_S, "the DRVA's RSS to return near idle")
+        print(f"DRVA RSS after the sockets closed: {settled[-1] / 1024:.1f} MiB")
+        # And it still serves: a filter handshakes and is welcomed.
+        await _welcomed(port)
+        before = json.loads(status_path.read_text())["time"]
+        await wait_until(lambda: json.loads(status_path.read_text())["time"] > before, DEADLINE_S,
+                         "a status rewrite")
+    finally:
+        proc.stop()
+
+
+async def _welcomed(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    nonce = wire.new_nonce()
+    writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "host-1", "site": "s",
+                                                "domains": [1], "nonce": nonce.hex()}))
+    dn = bytes.fromhex((await wire.read_message(reader, "t")).json("t")["nonce"])
+    writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
+    assert (await wire.read_message(reader, "t")).type == wire.WELCOME
+    writer.close()
+
+
+async def test_a_tls_handshake_has_the_same_deadline(tmp_path, monkeypatch):
+    """The TLS handshake runs before the wire handshake and its cap: a peer that opens a
+    TCP connection to a TLS DRVA and says nothing is dropped at the wire deadline, not
+    after asyncio's default 60 s."""
+    from drva import daemon as daemon_mod
+    from tests.drva.test_tls_trace import self_signed
+
+    monkeypatch.setattr(daemon_mod, "HANDSHAKE_TIMEOUT_S", 0.5, raising=False)
+    cert, key = self_signed(tmp_path)
+    doc = drva_doc(tmp_path, "drva-tls-p", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])],
+                   tls={"cert": str(cert), "key": str(key)})
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)  # plain TCP, silent
+        async with asyncio.timeout(DEADLINE_S):
+            assert await reader.read() == b""  # the DRVA closed it
+        writer.close()
+    finally:
+        await d.stop()
