@@ -49,7 +49,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from cdp.errors import ConfigError
-from cdp.tomlread import NAME, U32_MAX, Endpoint, TomlReader
+from cdp.tomlread import Endpoint, TomlReader
 from iofilter_sim.workloads import KINDS, Workload, check_workload_options, make_workload
 
 DEFAULT_STATE_DIR = "sim-state"

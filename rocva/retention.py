@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cdp.base_image import decode_manifest
 from cdp.catalog import collect_generations
 from cdp.catalog_read import CatalogView

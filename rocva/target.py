@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 
-import numpy as np
 
 from cdp.catalog_read import CatalogView
 from cdp.errors import ConfigError

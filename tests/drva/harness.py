@@ -58,8 +58,30 @@ def domain_doc(domain_id: int, name: str, disks: list[tuple[str, str, int]]) -> 
             "disks": [{"vm": vm, "name": dn, "size": size} for vm, dn, size in disks]}
 
 
+def two_domains(tmp: Path, name: str, size: int = 8 << 20, **options: Any) -> dict[str, Any]:
+    """A DRVA serving domains 1 (erp, vm1) and 2 (crm, vm2), one disk each."""
+    return drva_doc(tmp, name, [domain_doc(1, "erp", [("vm1", "d0", size)]),
+                                domain_doc(2, "crm", [("vm2", "d0", size)])], **options)
+
+
 def config(doc: dict[str, Any]) -> DrvaConfig:
     return parse_drva_config(doc, "test config", {"CDP_SITE_SECRET": SECRET})
+
+
+@contextlib.asynccontextmanager
+async def running_drva(cfg: DrvaConfig, *, check_failure: bool = True):
+    """An in-process DRVA, started, stopped on the way out; a task that failed while it
+    ran fails the test (it would have ended a real DRVA with 70)."""
+    from drva.daemon import Drva
+
+    d = Drva(cfg, exit_on_task_failure=False)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+    if check_failure:
+        assert d.failure is None
 
 
 def write_toml(doc: dict[str, Any], path: Path) -> Path:

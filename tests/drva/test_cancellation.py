@@ -13,8 +13,7 @@ import asyncio
 import pytest
 
 from cdp import wire
-from drva.daemon import Drva
-from tests.drva.harness import SECRET, config, domain_doc, drva_doc, wait_until
+from tests.drva.harness import SECRET, config, domain_doc, drva_doc, running_drva, wait_until
 
 SIZE = 8 << 20
 TURNS_MAX = 10
@@ -23,12 +22,8 @@ ENDS_WITHIN_S = 5.0
 
 @pytest.fixture
 async def drva(tmp_path):
-    doc = drva_doc(tmp_path, "drva-c", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])])
-    d = Drva(config(doc), exit_on_task_failure=False)
-    await d.start()
-    yield d
-    await d.stop()
-    assert d.failure is None
+    async with running_drva(config(drva_doc(tmp_path, "drva-c", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])]))) as d:
+        yield d
 
 
 async def _turns(n: int) -> None:

@@ -17,22 +17,17 @@ from cdp import wire
 from drva.daemon import Drva
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import SECRET, Disk, config, domain_doc, drva_doc, random_writes, wait_until
+from tests.drva.harness import (EVENTUALLY_S, SECRET, Disk, config, domain_doc, drva_doc, random_writes,
+                                running_drva, two_domains, wait_until)
 from tests.drva.test_protocol import expect_error, good_session_still_works, handshake
 
 SIZE = 8 << 20
-DEADLINE_S = 30.0
 
 
 @pytest.fixture
 async def drva(tmp_path):
-    doc = drva_doc(tmp_path, "drva-h", [domain_doc(1, "erp", [("vm1", "d0", SIZE)]),
-                                        domain_doc(2, "crm", [("vm2", "d0", SIZE)])])
-    d = Drva(config(doc), exit_on_task_failure=False)
-    await d.start()
-    yield d
-    await d.stop()
-    assert d.failure is None
+    async with running_drva(config(two_domains(tmp_path, "drva-h"))) as d:
+        yield d
 
 
 @pytest.fixture
@@ -43,7 +38,7 @@ async def live(drva, tmp_path):
     task = asyncio.create_task(client.run())
     rng = np.random.default_rng(9)
     f.capture(*random_writes(rng, [SIZE], 16))
-    await wait_until(lambda: f.acked_seq == f.next_seq - 1, DEADLINE_S, "the first ack")
+    await wait_until(lambda: f.acked_seq == f.next_seq - 1, EVENTUALLY_S, "the first ack")
     yield f, client, rng
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -54,7 +49,7 @@ async def still_streaming(drva: Drva, f: DomainFilter, client: FilterClient, rng
     assert client.connected and client.connections == 1, client.last_error
     assert drva.domains[1].session is not None and not drva.domains[1].session.closed
     f.capture(*random_writes(rng, [SIZE], 16))
-    await wait_until(lambda: f.acked_seq == f.next_seq - 1, DEADLINE_S, "acks after the refusal")
+    await wait_until(lambda: f.acked_seq == f.next_seq - 1, EVENTUALLY_S, "acks after the refusal")
     assert client.connections == 1, client.last_error
 
 
@@ -247,6 +242,6 @@ async def test_a_drva_process_survives_the_filter_state_that_once_ended_it(tmp_p
                 pass
             return len(times) >= 3
 
-        await wait_until(rewritten_twice, DEADLINE_S, "status rewrites after the bad message")
+        await wait_until(rewritten_twice, EVENTUALLY_S, "status rewrites after the bad message")
     finally:
         proc.stop()

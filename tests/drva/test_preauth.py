@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,23 +17,17 @@ from cdp import wire
 from cdp.frame import FRAME_LEN_MAX
 from drva import session as session_mod
 from drva.daemon import Drva
-from tests.drva.harness import (SECRET, DrvaProcess, config, domain_doc, drva_doc, free_port,
-                                wait_until)
+from tests.drva.harness import (EVENTUALLY_S, SECRET, DrvaProcess, config, domain_doc, drva_doc, free_port,
+                                running_drva, two_domains, wait_until)
 from tests.drva.test_protocol import expect_error, good_session_still_works
 
 SIZE = 8 << 20
-DEADLINE_S = 30.0
 
 
 @pytest.fixture
 async def drva(tmp_path):
-    doc = drva_doc(tmp_path, "drva-p", [domain_doc(1, "erp", [("vm1", "d0", SIZE)]),
-                                        domain_doc(2, "crm", [("vm2", "d0", SIZE)])])
-    d = Drva(config(doc), exit_on_task_failure=False)
-    await d.start()
-    yield d
-    await d.stop()
-    assert d.failure is None
+    async with running_drva(config(two_domains(tmp_path, "drva-p"))) as d:
+        yield d
 
 
 # ---------------------------------------------------------------------- header-level refusal
@@ -45,7 +37,7 @@ async def test_read_message_refuses_a_type_from_its_header_alone():
     reader = asyncio.StreamReader()
     reader.feed_data(wire.pack_header(wire.FRAME, FRAME_LEN_MAX, 0))  # no body, no EOF
     with pytest.raises(wire.ProtocolError) as refused:
-        async with asyncio.timeout(DEADLINE_S):  # a read of the body would wait forever
+        async with asyncio.timeout(EVENTUALLY_S):  # a read of the body would wait forever
             await wire.read_message(reader, "t", allowed=(wire.HELLO,))
     assert refused.value.code == "unexpected_message"
     assert "FRAME" in refused.value.message and "HELLO" in refused.value.message
@@ -85,7 +77,7 @@ async def test_handshakes_in_progress_are_capped(drva, monkeypatch):
     monkeypatch.setattr(session_mod, "HANDSHAKE_TIMEOUT_S", 600.0)
     idle = [await asyncio.open_connection("127.0.0.1", drva.port)
             for _ in range(session_mod.HANDSHAKES_MAX)]
-    await wait_until(lambda: len(drva.handshaking) == session_mod.HANDSHAKES_MAX, DEADLINE_S,
+    await wait_until(lambda: len(drva.handshaking) == session_mod.HANDSHAKES_MAX, EVENTUALLY_S,
                      "every idle connection counted as a handshake")
     reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
     doc = await expect_error(reader, "busy")
@@ -93,7 +85,7 @@ async def test_handshakes_in_progress_are_capped(drva, monkeypatch):
     writer.close()
     for _, w in idle:
         w.close()
-    await wait_until(lambda: not drva.handshaking, DEADLINE_S, "the idle handshakes to end")
+    await wait_until(lambda: not drva.handshaking, EVENTUALLY_S, "the idle handshakes to end")
     await good_session_still_works(drva)
 
 
@@ -106,7 +98,7 @@ async def test_a_handshake_has_a_deadline(drva, monkeypatch):
     await writer.drain()
     await expect_error(reader, "timeout")
     writer.close()
-    await wait_until(lambda: not drva.handshaking, DEADLINE_S, "the handshake slot to be freed")
+    await wait_until(lambda: not drva.handshaking, EVENTUALLY_S, "the handshake slot to be freed")
 
 
 # ---------------------------------------------------------------------- RSS of a real DRVA
@@ -160,7 +152,7 @@ async def test_rss_stays_bounded_under_unauthenticated_big_bodies(tmp_path):
     try:
         pid = proc.proc.pid
         status_path = Path(doc["state_dir"]) / "status.json"
-        await wait_until(status_path.exists, DEADLINE_S, "the first status")
+        await wait_until(status_path.exists, EVENTUALLY_S, "the first status")
         idle_kb = _status_kb(pid, "VmRSS")
         peak_resettable = _reset_peak_rss(pid)
         peak_kb = idle_kb
@@ -182,12 +174,12 @@ async def test_rss_stays_bounded_under_unauthenticated_big_bodies(tmp_path):
             settled.append(_status_kb(pid, "VmRSS"))
             return settled[-1] <= idle_kb * 5 // 4
 
-        await wait_until(rss_back, DEADLINE_S, "the DRVA's RSS to return near idle")
+        await wait_until(rss_back, EVENTUALLY_S, "the DRVA's RSS to return near idle")
         print(f"DRVA RSS after the sockets closed: {settled[-1] / 1024:.1f} MiB")
         # And it still serves: a filter handshakes and is welcomed.
         await _welcomed(port)
         before = json.loads(status_path.read_text())["time"]
-        await wait_until(lambda: json.loads(status_path.read_text())["time"] > before, DEADLINE_S,
+        await wait_until(lambda: json.loads(status_path.read_text())["time"] > before, EVENTUALLY_S,
                          "a status rewrite")
     finally:
         proc.stop()
@@ -219,7 +211,7 @@ async def test_a_tls_handshake_has_the_same_deadline(tmp_path, monkeypatch):
     await d.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", d.port)  # plain TCP, silent
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(EVENTUALLY_S):
             assert await reader.read() == b""  # the DRVA closed it
         writer.close()
     finally:

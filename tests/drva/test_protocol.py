@@ -18,7 +18,7 @@ from cdp.records import empty_records
 from drva.daemon import Drva
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import SECRET, Disk, config, domain_doc, drva_doc, random_writes
+from tests.drva.harness import SECRET, Disk, config, domain_doc, drva_doc, random_writes, running_drva, two_domains
 from tests.waiting import EVENTUALLY_S, wait_until
 
 SIZE = 8 << 20
@@ -26,13 +26,8 @@ SIZE = 8 << 20
 
 @pytest.fixture
 async def drva(tmp_path):
-    doc = drva_doc(tmp_path, "drva-t", [domain_doc(1, "erp", [("vm1", "d0", SIZE)]),
-                                        domain_doc(2, "crm", [("vm2", "d0", SIZE)])])
-    d = Drva(config(doc), exit_on_task_failure=False)
-    await d.start()
-    yield d
-    await d.stop()
-    assert d.failure is None
+    async with running_drva(config(two_domains(tmp_path, "drva-t"))) as d:
+        yield d
 
 
 async def handshake(drva: Drva, domains=(1,), secret: str = SECRET, name: str = "host-1"):

@@ -14,28 +14,22 @@ import threading
 import pytest
 
 from drva import daemon as daemon_mod
-from drva.daemon import Drva
 from drva.domain import LogEntry
-from tests.drva.harness import config, domain_doc, drva_doc, wait_until
+from tests.drva.harness import EVENTUALLY_S, config, running_drva, two_domains, wait_until
 
 SIZE = 8 << 20
 # Enough entries that summing their sizes in a thread spans several GIL switch
 # intervals (5 ms each): the loop gets to run in between, as it does in production.
 FAKE_ENTRIES = 200_000
 REWRITES_WANTED = 6
-DEADLINE_S = 60.0
 
 
 @pytest.fixture
 async def drva(tmp_path):
-    doc = drva_doc(tmp_path, "drva-st", [domain_doc(1, "erp", [("vm1", "d0", SIZE)]),
-                                         domain_doc(2, "crm", [("vm2", "d0", SIZE)])],
-                   status_interval_s=0.1)
+    doc = two_domains(tmp_path, "drva-st")
     # Faster than a configuration may ask (0.1 s at least): more rewrites race the loop.
-    d = Drva(dataclasses.replace(config(doc), status_interval_s=0.01), exit_on_task_failure=False)
-    await d.start()
-    yield d
-    await d.stop()
+    async with running_drva(dataclasses.replace(config(doc), status_interval_s=0.01)) as d:
+        yield d
 
 
 def _entry(i: int) -> LogEntry:
@@ -74,7 +68,7 @@ async def test_status_is_rewritten_while_the_loop_mutates_the_deques(drva):
         return len(seen) >= REWRITES_WANTED
 
     try:
-        await wait_until(rewritten_often, DEADLINE_S, f"{REWRITES_WANTED} status rewrites")
+        await wait_until(rewritten_often, EVENTUALLY_S, f"{REWRITES_WANTED} status rewrites")
     finally:
         stop.set()
         await mutator
@@ -94,5 +88,5 @@ async def test_the_snapshot_is_taken_on_the_loop_thread(drva, monkeypatch):
         return real(d)
 
     monkeypatch.setattr(daemon_mod, "build_status", recording)
-    await wait_until(lambda: len(threads) >= 3, DEADLINE_S, "three status snapshots")
+    await wait_until(lambda: len(threads) >= 3, EVENTUALLY_S, "three status snapshots")
     assert set(threads) == {threading.get_ident()}

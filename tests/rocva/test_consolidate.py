@@ -5,7 +5,6 @@ points outside it are refused, and what the catalog no longer needs is gone."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from cdp.locks import chunk_writer_lease, gc_lock, maintenance_lock, recovery_le
 from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
-from rocva import InvalidTarget, OutsideRetention, recover, recoverable_ranges
+from rocva import OutsideRetention, recover, recoverable_ranges
 from rocva.consolidate import consolidate
 from rocva.plan import load_state
 from rocva.retention import sweep_chunks
