@@ -13,7 +13,8 @@ import asyncio
 import pytest
 
 from cdp import wire
-from tests.drva.harness import SECRET, config, domain_doc, drva_doc, running_drva, wait_until
+from tests.drva.harness import config, domain_doc, drva_doc, running_drva, wait_until
+from tests.drva.test_protocol import handshake
 
 SIZE = 8 << 20
 TURNS_MAX = 10
@@ -48,12 +49,7 @@ async def test_a_cancelled_commit_loop_ends(drva):
 
 
 async def test_a_cancelled_ack_loop_ends(drva):
-    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
-    nonce = wire.new_nonce()
-    writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "host-1", "site": "s",
-                                                "domains": [1], "nonce": nonce.hex()}))
-    dn = bytes.fromhex((await wire.read_message(reader, "t")).json("t")["nonce"])
-    writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
+    reader, writer, *_ = await handshake(drva.port)
     assert (await wire.read_message(reader, "t")).type == wire.WELCOME
     await wait_until(lambda: drva.sessions, 10, "the session")
     session = next(iter(drva.sessions))

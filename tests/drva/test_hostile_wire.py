@@ -219,12 +219,7 @@ async def test_a_drva_process_survives_the_filter_state_that_once_ended_it(tmp_p
     proc = DrvaProcess(doc, tmp_path)
     proc.start()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        nonce = wire.new_nonce()
-        writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "host-1", "site": "s",
-                                                    "domains": [1], "nonce": nonce.hex()}))
-        dn = bytes.fromhex((await wire.read_message(reader, "t")).json("t")["nonce"])
-        writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
+        reader, writer, *_ = await handshake(port)
         assert (await wire.read_message(reader, "t")).type == wire.WELCOME
         bad = dict(GOOD[wire.FILTER_STATE], domain=1, captured_seq=10, captured_ts="x")
         writer.writelines(wire.control(wire.FILTER_STATE, bad))

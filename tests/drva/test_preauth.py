@@ -17,9 +17,9 @@ from cdp import wire
 from cdp.frame import FRAME_LEN_MAX
 from drva import session as session_mod
 from drva.daemon import Drva
-from tests.drva.harness import (EVENTUALLY_S, SECRET, DrvaProcess, config, domain_doc, drva_doc, free_port,
+from tests.drva.harness import (EVENTUALLY_S, DrvaProcess, config, domain_doc, drva_doc, free_port,
                                 running_drva, two_domains, wait_until)
-from tests.drva.test_protocol import expect_error, good_session_still_works
+from tests.drva.test_protocol import expect_error, good_session_still_works, handshake
 
 SIZE = 8 << 20
 
@@ -186,12 +186,7 @@ async def test_rss_stays_bounded_under_unauthenticated_big_bodies(tmp_path):
 
 
 async def _welcomed(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    nonce = wire.new_nonce()
-    writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": "host-1", "site": "s",
-                                                "domains": [1], "nonce": nonce.hex()}))
-    dn = bytes.fromhex((await wire.read_message(reader, "t")).json("t")["nonce"])
-    writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(SECRET.encode(), nonce, dn, "host-1")}))
+    reader, writer, *_ = await handshake(port)
     assert (await wire.read_message(reader, "t")).type == wire.WELCOME
     writer.close()
 

@@ -30,8 +30,10 @@ async def drva(tmp_path):
         yield d
 
 
-async def handshake(drva: Drva, domains=(1,), secret: str = SECRET, name: str = "host-1"):
-    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+async def handshake(drva: Drva | int, domains=(1,), secret: str = SECRET, name: str = "host-1"):
+    """HELLO and AUTH to a DRVA (in process, or its port); the answer to AUTH is unread."""
+    port = drva if isinstance(drva, int) else drva.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     nonce = wire.new_nonce()
     writer.writelines(wire.control(wire.HELLO, {"version": 1, "filter": name, "site": "s",
                                                 "domains": list(domains), "nonce": nonce.hex()}))
