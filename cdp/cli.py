@@ -121,6 +121,19 @@ def _ns_text(ns: int | None) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
 
 
+metadata_option = click.option(
+    "--metadata", "metadata", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
+    help="A DRVA's metadata repository (its [meta] path; repeatable): a catalog older than what it "
+         "last saw committed is reported as rolled back.")
+
+
+def _seen(paths: tuple[Path, ...], domain_id: int) -> tuple[Any, ...]:
+    from rocva.integrity import seen_in_metadata
+
+    found = (seen_in_metadata(p, domain_id, f"the DRVA metadata {p}") for p in paths)
+    return tuple(s for s in found if s is not None)
+
+
 timeline_option = click.option("--timeline", "timeline", type=click.IntRange(1, (1 << 32) - 1), default=None,
                                help="The timeline (default: the current one; see `cdp points`).")
 
@@ -129,13 +142,16 @@ timeline_option = click.option("--timeline", "timeline", type=click.IntRange(1, 
 @click.argument("domain")
 @store_option
 @timeline_option
+@metadata_option
 @json_option
-def points(domain: str, store_url: str, timeline: int | None, as_json: bool) -> None:
-    """List DOMAIN's recovery points (id or name) on every timeline, from the store's catalog alone."""
+def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Path, ...], as_json: bool) -> None:
+    """List DOMAIN's recovery points (id or name) on every timeline, from the store's catalog
+    (checked against DRVA metadata with --metadata)."""
     from rocva.points import list_points
 
     async def work(store: Any) -> dict[str, Any]:
-        return await list_points(store, await _domain_id(store, domain), timeline)
+        domain_id = await _domain_id(store, domain)
+        return await list_points(store, domain_id, timeline, _seen(metadata, domain_id))
 
     result = asyncio.run(_with_store(store_url, work))
 
@@ -212,16 +228,20 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
 @click.option("--deep", is_flag=True, help="Read every byte of every object (default: indexes and manifests).")
 @click.option("--sample", type=float, default=0.0, help="Deep-check this share of segments (0..1).")
 @timeline_option
+@metadata_option
 @json_option
-def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int | None, as_json: bool) -> None:
-    """Check DOMAIN in the store: catalog vs objects, seq continuity, checksums."""
+def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int | None,
+           metadata: tuple[Path, ...], as_json: bool) -> None:
+    """Check DOMAIN in the store: catalog vs objects, seq continuity, checksums (and, with
+    --metadata, that the catalog is not older than what a DRVA last committed)."""
     from rocva.verify import verify as rocva_verify
 
     bar, update = _progress_bar("verify", as_json)
 
     async def work(store: Any) -> dict[str, Any]:
-        return await rocva_verify(store, await _domain_id(store, domain), deep=deep, sample=sample,
-                                  progress=update, timeline=timeline)
+        domain_id = await _domain_id(store, domain)
+        return await rocva_verify(store, domain_id, deep=deep, sample=sample, progress=update,
+                                  timeline=timeline, seen=_seen(metadata, domain_id))
 
     try:
         result = asyncio.run(_with_store(store_url, work))

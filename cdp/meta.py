@@ -67,6 +67,38 @@ def _unpack_slot(raw: bytes, slot_size: int) -> tuple[int, dict[str, Any]] | str
     return gen, doc
 
 
+def _newest_slot(fd: int, path: Path, slot_size: int) -> tuple[int, dict[str, Any]]:
+    """(generation, document) of the newest valid slot; ``MetaError`` when neither is."""
+    best: tuple[int, dict[str, Any]] | None = None
+    reasons = []
+    for i in range(2):
+        got = _unpack_slot(os.pread(fd, slot_size, i * slot_size), slot_size)
+        if isinstance(got, str):
+            reasons.append(f"slot {i}: {got}")
+        elif got[0] % 2 != i:
+            reasons.append(f"slot {i}: generation {got[0]} belongs to the other slot")
+        elif best is None or got[0] > best[0]:
+            best = got
+    if best is None:
+        raise MetaError(f"metadata repository {path}: no valid slot ({'; '.join(reasons)})")
+    return best
+
+
+def read_metadata(path: str | os.PathLike[str], *, slot_size: int = SLOT_SIZE_DEFAULT) -> dict[str, Any]:
+    """The current document of the repository at ``path``, opened read-only: for readers
+    beside the DRVA that owns it. A slot caught half written fails its checksum and the
+    other, the previous document, is read: never a torn one."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise MetaError(f"metadata repository {path}: cannot open ({exc.strerror})") from exc
+    try:
+        return _newest_slot(fd, path, slot_size)[1]
+    finally:
+        os.close(fd)
+
+
 class MetaRepository:
     """The two-slot metadata repository at ``path`` (see the module docstring)."""
 
@@ -106,20 +138,12 @@ class MetaRepository:
             fd = os.open(path, os.O_RDWR)
         except OSError as exc:
             raise MetaError(f"metadata repository {path}: cannot open ({exc.strerror})") from exc
-        best: tuple[int, dict[str, Any]] | None = None
-        reasons = []
-        for i in range(2):
-            got = _unpack_slot(os.pread(fd, slot_size, i * slot_size), slot_size)
-            if isinstance(got, str):
-                reasons.append(f"slot {i}: {got}")
-            elif got[0] % 2 != i:
-                reasons.append(f"slot {i}: generation {got[0]} belongs to the other slot")
-            elif best is None or got[0] > best[0]:
-                best = got
-        if best is None:
+        try:
+            generation, doc = _newest_slot(fd, path, slot_size)
+        except MetaError:
             os.close(fd)
-            raise MetaError(f"metadata repository {path}: no valid slot ({'; '.join(reasons)})")
-        return cls(path, fd, slot_size, best[0], best[1])
+            raise
+        return cls(path, fd, slot_size, generation, doc)
 
     def read(self) -> dict[str, Any]:
         """A copy of the current document."""

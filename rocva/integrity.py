@@ -10,6 +10,10 @@ catalog itself was rolled back (FORMAT.md §8; issue 10).
   within seconds, so an old one means the generations that named it are gone), and
   pages that start after every timeline's ``committed_seq`` (folds of generations that
   no longer exist). Uploads younger than the grace are in flight, not a problem.
+* ``behind_problems``: a catalog older than what a witness outside the store last saw
+  committed — the DRVA's metadata repository records the timeline, committed seq and
+  generation of every commit it made (FORMAT.md §4). A rollback that removed the newest
+  generations *and* their segments leaves no trace in the store; it does there.
 
 Neither is a substitute for ``verify``, which reads every object; both cost a few
 requests, so ``cdp points`` can afford them.
@@ -18,13 +22,15 @@ requests, so ``cdp points`` can afford them.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from cdp.catalog_read import CatalogView
 from cdp.catalog_state import CatalogState
-from cdp.errors import NotFound
+from cdp.errors import MetaError, NotFound
 from cdp.gather import gather_bounded
-from cdp.layout import page_prefix, parse_page_key, segment_prefix
+from cdp.layout import U32_MAX, U64_MAX, page_prefix, parse_page_key, segment_prefix
+from cdp.meta import read_metadata
 
 #: An upload not yet named by the catalog after this long is no upload in flight.
 PENDING_GRACE_S = 120.0
@@ -84,4 +90,59 @@ async def rollback_problems(store, state: CatalogState, *, now: float | None = N
         problems.append({"object": pages[0], "problem": (
             f"{len(pages)} catalog page(s) start after every timeline's committed_seq (at most {top}): "
             f"they were folded by generations that are gone (rolled back?): {', '.join(pages[:NAMED_MAX])}")})
+    return problems
+
+
+@dataclass(frozen=True)
+class SeenCommit:
+    """What a witness outside the store last saw committed for one domain."""
+
+    by: str  # who saw it, for the messages ("the metadata of DRVA drva-1")
+    timeline: int
+    committed_seq: int
+    generation: int
+
+
+def seen_in_metadata(path, domain: int, by: str) -> SeenCommit | None:
+    """What the DRVA metadata repository at ``path`` last recorded for ``domain`` (None:
+    the DRVA never opened its catalog); ``MetaError`` naming the file when it cannot be
+    read or does not hold what a DRVA writes there."""
+    doc = read_metadata(path)
+    entry = doc.get("domains", {}).get(str(domain)) if isinstance(doc.get("domains"), dict) else None
+    if entry is None:
+        return None
+    fields = {}
+    for name, high in (("timeline", U32_MAX), ("committed_seq", U64_MAX), ("generation", U64_MAX)):
+        value = entry.get(name) if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise MetaError(f"metadata repository {path}: domains.{domain}.{name} is {value!r}, "
+                            f"expected an integer in 0..{high}")
+        fields[name] = value
+    if fields["timeline"] == 0:  # written before the catalog was open: nothing seen yet
+        return None
+    return SeenCommit(by, **fields)
+
+
+def behind_problems(domain: int, state: CatalogState | None, generation: int | None,
+                    seen: list[SeenCommit]) -> list[dict[str, Any]]:
+    """Where the catalog (``state`` at head ``generation``; None: no catalog at all) is
+    older than a witness in ``seen`` last saw: generations were removed (module docstring)."""
+    problems = []
+    prefix = f"d/{domain:08x}/cat/"
+    for w in seen:
+        tl = state.timelines.get(w.timeline) if state is not None else None
+        if state is None:
+            what = "the store holds no catalog for the domain"
+        elif tl is None:
+            what = f"the catalog has no timeline {w.timeline}"
+        elif tl.committed_seq < w.committed_seq:
+            what = f"timeline {w.timeline} is committed up to seq {tl.committed_seq} only"
+        elif generation is not None and generation < w.generation:
+            what = f"the newest catalog generation is {generation}"
+        else:
+            continue
+        problems.append({"object": prefix, "problem": (
+            f"{what}, but {w.by} saw timeline {w.timeline} committed up to seq {w.committed_seq} at generation "
+            f"{w.generation}: the catalog was rolled back (generations removed), or this is not the store "
+            f"that DRVA writes to")})
     return problems

@@ -12,7 +12,8 @@ It summarises from the head: no page is read but the few that hold the windows' 
 and the marks, however long the history. A mark (or the latest point) whose segment or
 base is missing from the store is shown with ``missing`` naming the objects and is not
 offered as consistent; ``problems`` lists signs that the catalog was rolled back
-(``rocva.integrity``).
+(``rocva.integrity``): traces in the store, and a catalog older than what a witness in
+``seen`` (the DRVA's metadata) last saw committed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from cdp.catalog_read import CatalogView
-from rocva.integrity import missing_for_points, rollback_problems
+from rocva.integrity import SeenCommit, behind_problems, missing_for_points, rollback_problems
 from rocva.plan import load_state
 from rocva.target import recoverable_ranges
 
@@ -66,7 +67,8 @@ async def timeline_points(state: CatalogView) -> dict[str, Any]:
     }
 
 
-async def list_points(store, domain: int, timeline: int | None = None) -> dict[str, Any]:
+async def list_points(store, domain: int, timeline: int | None = None,
+                      seen: tuple[SeenCommit, ...] = ()) -> dict[str, Any]:
     """Everything a user needs to pick a recovery point (see the module docstring).
 
     The top level describes ``timeline`` (default: the current one), as before timelines
@@ -89,5 +91,6 @@ async def list_points(store, domain: int, timeline: int | None = None) -> dict[s
                                "bases", "not_consistent")},
         "disks": list(state.disks),
         "timelines": [per[tl] for tl in others],
-        "problems": await rollback_problems(store, state.state),
+        "problems": (behind_problems(domain, state.state, state.generation, list(seen))
+                     + await rollback_problems(store, state.state)),
     }

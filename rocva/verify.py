@@ -17,7 +17,8 @@ Objects under the domain's prefix that the catalog does not name are listed as
 ``unreferenced`` (uploads whose catalog commit never happened); they are not errors —
 unless they lie past the current timeline's ``committed_seq`` and are no upload in
 flight, or pages lie past every timeline's: then the catalog was rolled back, a problem
-(``rocva.integrity.rollback_problems``).
+(``rocva.integrity.rollback_problems``). So is a catalog older than what a witness in
+``seen`` (the DRVA's metadata) last saw committed (``rocva.integrity.behind_problems``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from cdp.catalog_read import CatalogView
 from cdp.errors import CdpError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.segment import decode_segment, read_segment_index
-from rocva.integrity import rollback_problems
+from rocva.integrity import SeenCommit, behind_problems, rollback_problems
 
 CONCURRENCY = 8
 
@@ -51,7 +52,7 @@ class _Report:
 
 async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0, seed: int | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 timeline: int | None = None) -> dict[str, Any]:
+                 timeline: int | None = None, seen: tuple[SeenCommit, ...] = ()) -> dict[str, Any]:
     """Check ``domain`` (see the module docstring): every timeline, or only ``timeline``;
     returns a report with ``ok``."""
     t0 = time.monotonic()
@@ -61,6 +62,8 @@ async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0,
     except CdpError as exc:
         report.problem(f"d/{domain:08x}/cat/", f"catalog unreadable: {exc.message}")
         return _summary(domain, None, report, t0, deep)
+    for p in behind_problems(domain, state, generation, list(seen)):
+        report.problem(p["object"], p["problem"])
     if state is None:
         report.problem(f"d/{domain:08x}/cat/", "no catalog: the domain is not in this store")
         return _summary(domain, None, report, t0, deep)

@@ -8,15 +8,19 @@ Domains are named as in the cluster file; the store knows them by id
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from cdp.errors import CdpError
+from cdp.errors import CdpError, MetaError
+from cdp.logs import get_logger
 from cdp.msa.config import Policy, SiteConfig
 from cdp.msa.jobs import Job
 from cdp.store import open_store
+
+log = get_logger("cdp.msa.operations")
 
 
 async def with_store(cfg: SiteConfig, work: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -33,11 +37,31 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def seen_by_drva(cfg: SiteConfig, domain: str) -> tuple[Any, ...]:
+    """What the DRVA serving ``domain`` last recorded as committed in its metadata
+    repository: the catalog must not be older (``rocva.integrity.behind_problems``).
+    Nothing before the DRVA is installed; an unreadable repository is logged, not fatal
+    (the store's own checks still run)."""
+    from rocva.integrity import seen_in_metadata
+
+    spec = cfg.domain(domain)
+    drva = cfg.drva_of(spec)
+    if not drva.meta_path.exists():
+        return ()
+    try:
+        seen = seen_in_metadata(drva.meta_path, spec.id, f"the metadata of DRVA {drva.name}")
+    except MetaError as exc:
+        log.warning("drva_metadata_unreadable", drva=drva.name, domain=domain, error=exc.message)
+        return ()
+    return (seen,) if seen is not None else ()
+
+
 async def points(cfg: SiteConfig, domain: str) -> dict[str, Any]:
     from rocva.points import list_points
 
     domain_id = cfg.domain(domain).id
-    return jsonable(await with_store(cfg, lambda store: list_points(store, domain_id)))
+    seen = await asyncio.to_thread(seen_by_drva, cfg, domain)
+    return jsonable(await with_store(cfg, lambda store: list_points(store, domain_id, seen=seen)))
 
 
 def recovery_destination(cfg: SiteConfig) -> Any:
@@ -79,8 +103,9 @@ async def verify(cfg: SiteConfig, domain: str, deep: bool, sample: float, job: J
     from rocva.verify import verify as rocva_verify
 
     domain_id = cfg.domain(domain).id
+    seen = await asyncio.to_thread(seen_by_drva, cfg, domain)
     return jsonable(await with_store(cfg, lambda store: rocva_verify(
-        store, domain_id, deep=deep, sample=sample,
+        store, domain_id, deep=deep, sample=sample, seen=seen,
         progress=lambda done, total: job.progress("verify", done, total))))
 
 

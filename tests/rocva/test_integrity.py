@@ -1,10 +1,15 @@
 """Issue 10, items 4 and 11, against a tampered file store: a rolled-back catalog is a
-problem that `verify` reports and `points` shows; stray objects under the catalog prefix
-are skipped; a point whose objects are missing is shown as such and refused by name."""
+problem that `verify` reports and `points` shows — by the traces it leaves in the store,
+or against what the DRVA's metadata last saw committed when it leaves none; stray objects
+under the catalog prefix are skipped; a point whose objects are missing is shown as such
+and refused by name."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,15 +17,19 @@ import numpy as np
 import pytest
 
 from cdp.catalog import list_generations, load_catalog
-from cdp.errors import NotFound
-from cdp.layout import catalog_key
+from cdp.errors import MetaError, NotFound
+from cdp.layout import catalog_key, segment_prefix
+from cdp.meta import MetaRepository
 from cdp.store.fs import FileStore
 from rocva import recover
+from rocva.integrity import SeenCommit, seen_in_metadata
 from rocva.points import list_points
 from rocva.verify import verify
 from tests.rocva.domain import DomainBuilder, random_workload
 
 HOUR_S = 3600
+ROOT = Path(__file__).resolve().parents[2]
+CLI_EXIT_S = 120.0
 
 
 async def build(tmp_path: Path) -> DomainBuilder:
@@ -89,3 +98,67 @@ async def test_a_mark_whose_segment_is_missing_is_shown_and_refused_by_name(tmp_
     with pytest.raises(NotFound, match=key):
         await recover(b.store, b.domain, f"mark:{victim['name']}", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.img"))
+
+
+def drva_metadata(path: Path, domain: int, timeline: int, committed_seq: int, generation: int) -> Path:
+    """A metadata repository holding what a DRVA records after a commit (FORMAT.md §4)."""
+    MetaRepository.format(path)
+    with MetaRepository.open(path) as meta:
+        meta.write({"drva": "drva-1", "domains": {str(domain): {
+            "committed_seq": committed_seq, "committed_ts": 0, "generation": generation, "timeline": timeline}}})
+    return path
+
+
+async def test_a_rollback_that_leaves_no_trace_is_seen_against_the_drva_metadata(tmp_path: Path) -> None:
+    b = await build(tmp_path)
+    store = b.store
+    head, generation = await load_catalog(store, b.domain)
+    tl = head.timeline()
+    meta = drva_metadata(tmp_path / "meta", b.domain, tl.id, tl.committed_seq, generation)
+    seen = (seen_in_metadata(meta, b.domain, "the metadata of DRVA drva-1"),)
+    assert seen == (SeenCommit("the metadata of DRVA drva-1", tl.id, tl.committed_seq, generation),)
+    assert (await verify(store, b.domain, seen=seen))["ok"]
+    assert (await list_points(store, b.domain, seen=seen))["problems"] == []
+    # The tester deletes the newest generations and every segment they named: the store
+    # alone now looks like a domain that never went further.
+    keep = generation // 5 * 5
+    for g in range(keep + 1, generation + 1):
+        await store.delete(catalog_key(b.domain, g))
+    older, _ = await load_catalog(store, b.domain)
+    past = [i.key async for i in store.list(segment_prefix(b.domain, tl.id))
+            if int(i.key.rsplit("/", 1)[1].split("-")[0], 16) > older.timeline().committed_seq]
+    assert past
+    for key in past:
+        await store.delete(key)
+    assert (await verify(store, b.domain))["ok"]  # what an unkeyed store cannot see alone
+    report = await verify(store, b.domain, seen=seen)
+    assert not report["ok"]
+    problem = report["problems"][0]["problem"]
+    assert "rolled back" in problem and "drva-1" in problem and str(tl.committed_seq) in problem, problem
+    pts = await list_points(store, b.domain, seen=seen)
+    assert pts["committed_seq"] == older.timeline().committed_seq
+    assert any("rolled back" in p["problem"] for p in pts["problems"]), pts["problems"]
+    # The same through the command a user runs.
+    url = f"file://{tmp_path / 'store'}"
+    r = cli("verify", str(b.domain), "--store", url, "--metadata", str(meta), "--json")
+    assert r.returncode == 6, r.stderr
+    assert not json.loads(r.stdout)["ok"]
+    r = cli("points", str(b.domain), "--store", url, "--metadata", str(meta))
+    assert r.returncode == 0, r.stderr
+    assert "PROBLEM" in r.stdout and "rolled back" in r.stdout
+    r = cli("verify", str(b.domain), "--store", url, "--metadata", str(tmp_path / "store"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "metadata" in r.stderr
+
+
+async def test_metadata_that_is_not_a_drvas_is_refused_by_name(tmp_path: Path) -> None:
+    meta = drva_metadata(tmp_path / "meta", 7, 1, 10, 3)
+    assert seen_in_metadata(meta, 8, "m") is None  # a domain this DRVA never served
+    with MetaRepository.open(meta) as m:
+        m.write({"domains": {"7": {"committed_seq": "10", "generation": 3, "timeline": 1}}})
+    with pytest.raises(MetaError, match=r"domains\.7\.committed_seq is '10'"):
+        seen_in_metadata(meta, 7, "m")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cdp.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=CLI_EXIT_S)
