@@ -199,7 +199,7 @@ class Session:
         if dom is None:
             raise Refused("unknown_domain", f"frame of domain {frame.domain}, not in this session's HELLO")
         if dom.fenced:
-            raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA (another owner)")
+            raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA: {dom.stats.last_error or 'another owner'}")
         dom.stats.frames_received += 1
         dom.stats.bytes_received += len(raw)
         if frame.last_seq <= dom.accepted_seq:

@@ -94,6 +94,14 @@ class Shipper:
             state = CatalogState.new(dom.id, dom.cfg.name, time.time_ns(), self.site)
             writer = CatalogWriter(self.store, state, by=by, owner=self.site)
         writer.check_owner()
+        behind = self._behind_metadata(dom, writer)
+        if behind is not None:
+            # Committing on top would put rows after a gap the log can no longer fill (its
+            # entries were trimmed once committed): stop this domain, loudly, and no other.
+            dom.fenced = True
+            dom.stats.last_error = behind
+            log.error("catalog_behind_metadata", domain=dom.id, reason=behind)
+            return
 
         def disks_delta(state: CatalogState) -> dict[str, Any] | None:
             # None once a generation holds them: ours, whose reply was lost (§8.3).
@@ -103,11 +111,6 @@ class Shipper:
             await self._commit(dom, writer, disks_delta)
         self.writers[dom.id] = writer
         committed = writer.state.timeline().committed_seq
-        if dom.committed_seq > committed:
-            # The metadata repository saw commits the store's catalog does not hold: the
-            # store lost generations (or is not the store this DRVA wrote to).
-            log.error("catalog_behind_metadata", domain=dom.id, catalog_committed_seq=committed,
-                      meta_committed_seq=dom.committed_seq)
         dom.committed_seq = max(dom.committed_seq, committed)
         while dom.unsealed and dom.unsealed[0].last_seq <= dom.committed_seq:
             dom.unsealed.popleft()  # committed before a restart; only the trim was lost
@@ -118,6 +121,18 @@ class Shipper:
         dom.catalog_ready = True
         log.info("catalog_open", domain=dom.id, generation=writer.generation,
                  committed_seq=committed, pending_entries=len(dom.unsealed))
+
+    def _behind_metadata(self, dom: DomainState, writer: CatalogWriter) -> str | None:
+        """Why the store's catalog is older than what this DRVA committed to it, as its
+        metadata repository recorded (None: it is not). Then generations were removed —
+        a rollback (FORMAT.md §0) — or the store is not the one this DRVA wrote to."""
+        committed = writer.state.timeline().committed_seq if writer.generation else 0
+        if dom.committed_seq <= committed:
+            return None
+        return (f"ROLLED BACK: the store's catalog of domain {dom.id} is committed up to seq {committed}, "
+                f"but this DRVA committed up to seq {dom.committed_seq} (its metadata repository): catalog "
+                f"generations were removed, or this is not the store it wrote to; the domain is stopped "
+                f"here (cdp verify --metadata shows the problem)")
 
     # ------------------------------------------------------------------ seal
 
