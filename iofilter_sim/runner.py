@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdp.inventory import Cluster, DomainSpec
 from cdp.logs import get_logger
 from iofilter_sim.client import FilterClient
-from iofilter_sim.cluster import Cluster, DomainSpec
+from iofilter_sim.cluster import domain_workload
 from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import BUFFER_BYTES_MAX, DomainFilter, FilterError
 from iofilter_sim.seeding import seed_disk
@@ -96,7 +97,7 @@ class ClusterRunner:
         if self.opts.workload is not None:
             options = {"seed": dom.id, **self.opts.workload_options}
             return make_workload(self.opts.workload, dom.disk_sizes, **options)
-        return dom.make_workload()
+        return domain_workload(dom)
 
     async def run(self, duration_s: float | None, marks: list[tuple[float, str]] = ()) -> None:
         """Drive every workload for ``duration_s`` (None: until ``stop``), placing marks."""

@@ -5,7 +5,7 @@ one that needs no service at all (file store, log files in a local directory)::
 
     site = "site-a"                    # this site's name
     cluster = "cluster.toml"           # the inventory: hosts, VMs, disks, and which DRVA
-                                       # each domain's filter streams to (iofilter_sim format)
+                                       # each domain's filter streams to (cdp.inventory)
     store = "store"                    # object store: a path (file store) or a URL
                                        # (file:///…, s3://bucket/prefix, azure://container/prefix);
                                        # credentials only from the environment
@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
+from cdp.inventory import Cluster, DomainSpec, load_cluster
 from cdp.store.open import config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
@@ -66,7 +67,6 @@ from drva.config import (
     DOMAIN_ID_RANGE, LOG_SIZE_MIN, SEAL_AGE_S_RANGE, SEAL_BYTES_RANGE, UPLOAD_CONCURRENCY_RANGE, blocking_file,
     parse_drva_config,
 )
-from iofilter_sim.cluster import Cluster, DomainSpec, load_cluster
 
 SECRET_MIN_CHARS = 16
 DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports

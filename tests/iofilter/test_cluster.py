@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from cdp.errors import ConfigError
-from iofilter_sim.cluster import Endpoint, load_cluster, parse_cluster
+from cdp.tomlread import Endpoint
+from iofilter_sim.cluster import domain_workload, load_cluster, parse_cluster
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cluster.toml"
 MiB = 1 << 20
@@ -33,7 +34,7 @@ def test_example_parses() -> None:
     assert c.vm("files").host == "esx-02"
     assert c.host("esx-01").vms == ("erp-db", "web-1")
     for domain in c.domains:
-        batch = domain.make_workload().next_batch(64, 4 * MiB)
+        batch = domain_workload(domain).next_batch(64, 4 * MiB)
         assert batch.count > 0 and int(batch.disk.max()) < len(domain.disks)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cdp.errors import ConfigError
+from cdp.inventory import Disk
 from cdp.records import KIND_MARK, KIND_RESYNC_BEGIN, KIND_WRITE, KIND_ZERO, empty_records
-from iofilter_sim.cluster import Disk
 from iofilter_sim.disks import PrimaryDisk
 
 SIZE = 1 << 20
