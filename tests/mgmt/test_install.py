@@ -1,5 +1,5 @@
 """Install and uninstall (cdp/msa/install.py), the deployment record (cdp/msa/deployment.py)
-and the site verbs of the ``cdp`` command (cdp/cli_site.py)."""
+and the site verbs of the ``cdp`` command (cdp/cli/site_verbs.py)."""
 
 from __future__ import annotations
 

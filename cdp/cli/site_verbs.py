@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from cdp.cli.common import config_option, emit, json_option, progress_bar
+
 #: Default job timeouts, seconds (--timeout overrides).
 PREFLIGHT_TIMEOUT_S = 600.0
 INSTALL_TIMEOUT_S = 3600.0
@@ -32,7 +34,6 @@ def _run_as_job(config_path: Path, name: str, args: dict[str, Any], timeout_s: f
                 work: Callable[[Any, Any], Awaitable[dict[str, Any]]],
                 human: Callable[[dict[str, Any]], str]) -> None:
     """Load the site file, run ``work(cfg, job)`` as job ``name``, print the result, exit."""
-    from cdp.cli import _emit
     from cdp.msa.config import load_site_config
     from cdp.msa.jobs import JobStore, run_job
 
@@ -54,9 +55,9 @@ def _run_as_job(config_path: Path, name: str, args: dict[str, Any], timeout_s: f
         sys.exit(record.get("exit_code", 1))
     result = record["output"]
     if as_json:
-        _emit(True, {**result, "job": job}, human)
+        emit(True, {**result, "job": job}, human)
     else:
-        _emit(False, result, lambda r: f"{human(r)}\njob {record['id']}: {record['state']}")
+        emit(False, result, lambda r: f"{human(r)}\njob {record['id']}: {record['state']}")
     if result.get("ok") is False:  # a preflight with a failed check
         sys.exit(1)
 
@@ -96,70 +97,69 @@ def _uninstall_text(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- verbs
 
 
-def register(cli: click.Group) -> None:
-    """Add the site verbs to ``cli``."""
-    # Imported here, not at the top: cdp.cli imports this module while it is being built.
-    from cdp.cli import _progress_bar, config_option, json_option
 
-    @cli.group()
-    def preflight() -> None:
-        """Check this machine, the site and the store before install or uninstall."""
+@click.group()
+def preflight() -> None:
+    """Check this machine, the site and the store before install or uninstall."""
 
-    def preflight_verb(kind: str, doc: str) -> None:
-        @preflight.command(kind, help=doc)
-        @config_option
-        @_timeout_option(PREFLIGHT_TIMEOUT_S)
-        @json_option
-        def verb(config_path: Path, timeout_s: float, as_json: bool) -> None:
-            from cdp.msa import preflight as pf
-
-            run = {"system": pf.preflight_system, "install": pf.preflight_install,
-                   "uninstall": pf.preflight_uninstall}[kind]
-            _run_as_job(config_path, f"preflight-{kind}", {}, timeout_s, as_json,
-                        lambda cfg, job: run(cfg, progress=job.progress), pf.format_checks)
-
-    preflight_verb("system", "Runtime, modules, secrets, the store (writable, clock skew), and each "
-                             "DRVA's log partition (size, fsync latency) and metadata path.")
-    preflight_verb("install", "The cluster file, protected VMs and hosts, disk images, name clashes, "
-                              "ports free, and no other installation in the store.")
-    preflight_verb("uninstall", "The installation, the daemon, what uninstall would remove and what "
-                                "it keeps unless --purge.")
-
-    @cli.command("install")
+def preflight_verb(kind: str, doc: str) -> None:
+    @preflight.command(kind, help=doc)
     @config_option
-    @_timeout_option(INSTALL_TIMEOUT_S)
+    @_timeout_option(PREFLIGHT_TIMEOUT_S)
     @json_option
-    def install_verb(config_path: Path, timeout_s: float, as_json: bool) -> None:
-        """Install the site: the store's container and deployment record, each DRVA's log
-        partition, metadata repository and configuration, protection.json. Idempotent."""
-        from cdp.msa.install import install
+    def verb(config_path: Path, timeout_s: float, as_json: bool) -> None:
+        from cdp.msa import preflight as pf
 
-        _run_as_job(config_path, "install", {}, timeout_s, as_json,
-                    lambda cfg, job: install(cfg, progress=job.progress), _install_text)
+        run = {"system": pf.preflight_system, "install": pf.preflight_install,
+               "uninstall": pf.preflight_uninstall}[kind]
+        _run_as_job(config_path, f"preflight-{kind}", {}, timeout_s, as_json,
+                    lambda cfg, job: run(cfg, progress=job.progress), pf.format_checks)
 
-    @cli.command("uninstall")
-    @config_option
-    @click.option("--purge", is_flag=True, help="Also delete every replicated object of the site's domains.")
-    @click.option("--yes", is_flag=True, help="Confirm --purge.")
-    @_timeout_option(UNINSTALL_TIMEOUT_S)
-    @json_option
-    def uninstall_verb(config_path: Path, purge: bool, yes: bool, timeout_s: float, as_json: bool) -> None:
-        """Stop the daemon and remove what install made; replicated data is kept unless --purge."""
-        from cdp.msa.install import uninstall
+preflight_verb("system", "Runtime, modules, secrets, the store (writable, clock skew), and each "
+                         "DRVA's log partition (size, fsync latency) and metadata path.")
+preflight_verb("install", "The cluster file, protected VMs and hosts, disk images, name clashes, "
+                          "ports free, and no other installation in the store.")
+preflight_verb("uninstall", "The installation, the daemon, what uninstall would remove and what "
+                            "it keeps unless --purge.")
 
-        if purge and not yes:
-            raise click.UsageError("--purge deletes every replicated object of the site's domains "
-                                   "(no recovery is possible afterwards): add --yes to confirm")
-        bar, update = _progress_bar("purge", as_json)
+@click.command("install")
+@config_option
+@_timeout_option(INSTALL_TIMEOUT_S)
+@json_option
+def install_verb(config_path: Path, timeout_s: float, as_json: bool) -> None:
+    """Install the site: the store's container and deployment record, each DRVA's log
+    partition, metadata repository and configuration, protection.json. Idempotent."""
+    from cdp.msa.install import install
 
-        async def work(cfg: Any, job: Any) -> dict[str, Any]:
-            def progress(phase: str, done: int | None = None, total: int | None = None) -> None:
-                job.progress(phase, done, total)
-                if phase.startswith("purge") and done is not None and total is not None:
-                    update(done, total)
-            return await uninstall(cfg, purge, progress=progress)
+    _run_as_job(config_path, "install", {}, timeout_s, as_json,
+                lambda cfg, job: install(cfg, progress=job.progress), _install_text)
 
-        try:
-            _run_as_job(config_path, "uninstall", {"purge": purge}, timeout_s, as_json, work, _uninstall_text)
-        finally:
-            bar.close()
+@click.command("uninstall")
+@config_option
+@click.option("--purge", is_flag=True, help="Also delete every replicated object of the site's domains.")
+@click.option("--yes", is_flag=True, help="Confirm --purge.")
+@_timeout_option(UNINSTALL_TIMEOUT_S)
+@json_option
+def uninstall_verb(config_path: Path, purge: bool, yes: bool, timeout_s: float, as_json: bool) -> None:
+    """Stop the daemon and remove what install made; replicated data is kept unless --purge."""
+    from cdp.msa.install import uninstall
+
+    if purge and not yes:
+        raise click.UsageError("--purge deletes every replicated object of the site's domains "
+                               "(no recovery is possible afterwards): add --yes to confirm")
+    bar, update = progress_bar("purge", as_json)
+
+    async def work(cfg: Any, job: Any) -> dict[str, Any]:
+        def progress(phase: str, done: int | None = None, total: int | None = None) -> None:
+            job.progress(phase, done, total)
+            if phase.startswith("purge") and done is not None and total is not None:
+                update(done, total)
+        return await uninstall(cfg, purge, progress=progress)
+
+    try:
+        _run_as_job(config_path, "uninstall", {"purge": purge}, timeout_s, as_json, work, _uninstall_text)
+    finally:
+        bar.close()
+
+
+COMMANDS = (preflight, install_verb, uninstall_verb)

@@ -1,8 +1,7 @@
 """``cdp daemon`` and the verbs that talk to it: protect, unprotect, status, mark, jobs.
 
 Each verb is a thin REST call (``cdp.msa.client``); the daemon does the work. ``cdp jobs``
-reads ``<state_dir>/jobs`` itself when no daemon runs. The commands are built in
-``register`` because they use ``cdp.cli``'s options, and ``cdp.cli`` imports this module.
+reads ``<state_dir>/jobs`` itself when no daemon runs.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from typing import Any
 
 import click
 
+from cdp.cli.common import config_option, emit, json_option, progress_bar
 from cdp.errors import ConfigError
 from cdp.msa.jobs import FINAL
 
@@ -210,9 +210,7 @@ def _job_get(config_path: Path) -> Callable[[str], dict[str, Any]]:
 
 
 def _follow(get: Callable[[str], dict[str, Any]], job_id: str, as_json: bool) -> dict[str, Any]:
-    from cdp.cli import _progress_bar
-
-    bar, update = _progress_bar(job_id, as_json)
+    bar, update = progress_bar(job_id, as_json)
     try:
         while True:
             record = get(job_id)
@@ -231,85 +229,84 @@ def _follow(get: Callable[[str], dict[str, Any]], job_id: str, as_json: bool) ->
 # ---------------------------------------------------------------------- the commands
 
 
-def register(cli: click.Group) -> None:
-    """Add the daemon verbs to ``cli``."""
-    from cdp.cli import _emit, config_option, json_option
 
-    @cli.command()
-    @config_option
-    @click.option("--log-level", default="info", show_default=True,
-                  type=click.Choice(["debug", "info", "warning", "error"]), help="JSON log lines on stderr from this level.")
-    def daemon(config_path: Path, log_level: str) -> None:
-        """Run the protection service: REST API, metrics, DRVAs, alarms, scheduled jobs.
-        Stops in order on SIGTERM or SIGINT."""
-        from cdp.logs import setup_logging
-        from cdp.msa.daemon import run_daemon
+@click.command()
+@config_option
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="JSON log lines on stderr from this level.")
+def daemon(config_path: Path, log_level: str) -> None:
+    """Run the protection service: REST API, metrics, DRVAs, alarms, scheduled jobs.
+    Stops in order on SIGTERM or SIGINT."""
+    from cdp.logs import setup_logging
+    from cdp.msa.daemon import run_daemon
 
-        setup_logging(log_level)
-        run_daemon(_site(config_path))
+    setup_logging(log_level)
+    run_daemon(_site(config_path))
 
-    @cli.command()
-    @click.argument("domain")
-    @config_option
-    @click.option("--retention", default=None, help="Keep points at least this long (e.g. 72h).")
-    @click.option("--rpo-target", "rpo_target", type=float, default=None, help="RPO alarm threshold in seconds.")
-    @click.option("--consolidate-after", default=None, help="Roll segments older than this into a base (e.g. 1h).")
-    @click.option("--consolidate-every", default=None, help="Run the consolidation job this often (e.g. 15m).")
-    @json_option
-    def protect(domain: str, config_path: Path, retention: str | None, rpo_target: float | None,
-                consolidate_after: str | None, consolidate_every: str | None, as_json: bool) -> None:
-        """Protect DOMAIN (or change its policy); returns when its DRVA serves it."""
-        body = {k: v for k, v in (("retention", retention), ("rpo_target_s", rpo_target),
-                                  ("consolidate_after", consolidate_after),
-                                  ("consolidate_every", consolidate_every)) if v is not None}
-        record = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/protect", body, wait=True))
-        _emit(as_json, _job_result(record), _protected_text)
+@click.command()
+@click.argument("domain")
+@config_option
+@click.option("--retention", default=None, help="Keep points at least this long (e.g. 72h).")
+@click.option("--rpo-target", "rpo_target", type=float, default=None, help="RPO alarm threshold in seconds.")
+@click.option("--consolidate-after", default=None, help="Roll segments older than this into a base (e.g. 1h).")
+@click.option("--consolidate-every", default=None, help="Run the consolidation job this often (e.g. 15m).")
+@json_option
+def protect(domain: str, config_path: Path, retention: str | None, rpo_target: float | None,
+            consolidate_after: str | None, consolidate_every: str | None, as_json: bool) -> None:
+    """Protect DOMAIN (or change its policy); returns when its DRVA serves it."""
+    body = {k: v for k, v in (("retention", retention), ("rpo_target_s", rpo_target),
+                              ("consolidate_after", consolidate_after),
+                              ("consolidate_every", consolidate_every)) if v is not None}
+    record = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/protect", body, wait=True))
+    emit(as_json, _job_result(record), _protected_text)
 
-    @cli.command()
-    @click.argument("domain")
-    @config_option
-    @json_option
-    def unprotect(domain: str, config_path: Path, as_json: bool) -> None:
-        """Stop protecting DOMAIN (what is in the store stays recoverable)."""
-        result = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/unprotect"))
-        _emit(as_json, result, lambda r: f"domain {r['domain']} is no longer protected (DRVA {r['drva']})")
+@click.command()
+@click.argument("domain")
+@config_option
+@json_option
+def unprotect(domain: str, config_path: Path, as_json: bool) -> None:
+    """Stop protecting DOMAIN (what is in the store stays recoverable)."""
+    result = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/unprotect"))
+    emit(as_json, result, lambda r: f"domain {r['domain']} is no longer protected (DRVA {r['drva']})")
 
-    @cli.command()
-    @config_option
-    @json_option
-    def status(config_path: Path, as_json: bool) -> None:
-        """DRVAs, protected domains (RPO lag vs target, throughput, modes), active alarms."""
-        _emit(as_json, _call(config_path, lambda c: c.get("/v1/status")), status_text)
+@click.command()
+@config_option
+@json_option
+def status(config_path: Path, as_json: bool) -> None:
+    """DRVAs, protected domains (RPO lag vs target, throughput, modes), active alarms."""
+    emit(as_json, _call(config_path, lambda c: c.get("/v1/status")), status_text)
 
-    @cli.command()
-    @click.argument("domain")
-    @click.argument("name")
-    @config_option
-    @json_option
-    def mark(domain: str, name: str, config_path: Path, as_json: bool) -> None:
-        """Insert mark NAME in DOMAIN's stream; returns once it is in the store's catalog."""
-        record = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/marks", {"name": name}, wait=True))
-        _emit(as_json, _job_result(record), lambda r: (
-            f"mark {r['output'].get('name')!r} of domain {r['output'].get('domain')} at seq {r['output'].get('seq')}"))
+@click.command()
+@click.argument("domain")
+@click.argument("name")
+@config_option
+@json_option
+def mark(domain: str, name: str, config_path: Path, as_json: bool) -> None:
+    """Insert mark NAME in DOMAIN's stream; returns once it is in the store's catalog."""
+    record = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/marks", {"name": name}, wait=True))
+    emit(as_json, _job_result(record), lambda r: (
+        f"mark {r['output'].get('name')!r} of domain {r['output'].get('domain')} at seq {r['output'].get('seq')}"))
 
-    @cli.command()
-    @click.argument("job_id", required=False)
-    @config_option
-    @click.option("--follow", is_flag=True, help="With ID: follow a running job until it ends.")
-    @click.option("--name", default=None, help="Only jobs of this name (e.g. consolidate).")
-    @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="At most this many.")
-    @json_option
-    def jobs(job_id: str | None, config_path: Path, follow: bool, name: str | None, limit: int,
-             as_json: bool) -> None:
-        """List jobs, newest first, or show job ID (works without a daemon too)."""
-        if job_id is None:
-            if follow:
-                raise click.UsageError("--follow needs a job ID")
-            _emit(as_json, _jobs_list(config_path, name, limit), jobs_text)
-            return
-        get = _job_get(config_path)
-        record = _follow(get, job_id, as_json) if follow else get(job_id)
-        _emit(as_json, record, job_text)
-        if follow and record["state"] != "succeeded":
-            sys.exit(int(record.get("exit_code") or 1))
+@click.command()
+@click.argument("job_id", required=False)
+@config_option
+@click.option("--follow", is_flag=True, help="With ID: follow a running job until it ends.")
+@click.option("--name", default=None, help="Only jobs of this name (e.g. consolidate).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="At most this many.")
+@json_option
+def jobs(job_id: str | None, config_path: Path, follow: bool, name: str | None, limit: int,
+         as_json: bool) -> None:
+    """List jobs, newest first, or show job ID (works without a daemon too)."""
+    if job_id is None:
+        if follow:
+            raise click.UsageError("--follow needs a job ID")
+        emit(as_json, _jobs_list(config_path, name, limit), jobs_text)
+        return
+    get = _job_get(config_path)
+    record = _follow(get, job_id, as_json) if follow else get(job_id)
+    emit(as_json, record, job_text)
+    if follow and record["state"] != "succeeded":
+        sys.exit(int(record.get("exit_code") or 1))
 
+
+COMMANDS = (daemon, protect, unprotect, status, mark, jobs)

@@ -1,47 +1,22 @@
-"""The ``cdp`` command. Thin: each verb fills an options object, calls the library and
-prints the result, as a table for people or as JSON (``--json``) for scripts.
-
-A ``CdpError`` reaching here is printed as one line on stderr and becomes the process's
-exit code (``errors.py`` gives each class its code).
+"""The store verbs of ``cdp``: ``points``, ``recover``, ``verify``, ``consolidate`` (from the
+object store alone, no daemon), ``log format|info`` (replication-log partitions), and
+``demo``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cdp.errors import CdpError, ConfigError
-from cdp.units import parse_size
+from cdp.cli.common import (domain_id_of, emit, json_option, metadata_option, ns_text, parse_duration_option,
+                            parse_size_option, progress_bar, seen_from_metadata, store_option, timeline_option,
+                            with_store)
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-
-
-def _emit(as_json: bool, result: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
-    click.echo(json.dumps(result, sort_keys=True) if as_json else human(result))
-
-
-def _size(text: str) -> int:
-    """'64MiB', '1G', '4096' -> bytes."""
-    try:
-        return parse_size(text, "size")
-    except ConfigError as exc:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 4096, 64MiB, 1GiB)") from exc
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="cdp-engine")
-def cli() -> None:
-    """Continuous data protection: capture every write, replicate it to an object store,
-    recover disks at any point in time."""
-
-
-@cli.command()
+@click.command()
 @click.option("--dir", "workdir", type=click.Path(path_type=Path), default=None,
               help="Work here instead of a temporary directory (kept afterwards).")
 @click.option("--disk-size", default="64MiB", show_default=True, help="Size of each simulated disk.")
@@ -52,93 +27,15 @@ def demo(workdir: Path | None, disk_size: str, writes_mb: int, as_json: bool) ->
     daemon + DRVA, a workload, a mark, recovery at the mark and at latest, sha256 checked."""
     from cdp.demo import DemoOptions, format_summary, run_demo
 
-    opts = DemoOptions(workdir=workdir, disk_size=_size(disk_size), writes_bytes=writes_mb * 10**6,
+    opts = DemoOptions(workdir=workdir, disk_size=parse_size_option(disk_size), writes_bytes=writes_mb * 10**6,
                        show_progress=not as_json and sys.stderr.isatty())
     result = asyncio.run(run_demo(opts))
-    _emit(as_json, result, format_summary)
+    emit(as_json, result, format_summary)
     if not result["verified"]:
         sys.exit(1)
 
 
-config_option = click.option(
-    "--config", "config_path", envvar="CDP_CONFIG", required=True, type=click.Path(path_type=Path),
-    help="The site file (see examples/site.toml; env CDP_CONFIG).")
-
-store_option = click.option(
-    "--store", "store_url", envvar="CDP_STORE", required=True,
-    help="Object store URL: file:///path, s3://bucket/prefix, azure://container/prefix (env CDP_STORE).")
-
-
-async def _with_store(url: str, work: Callable[[Any], Any]) -> Any:
-    from cdp.store import open_store
-
-    store = open_store(url)
-    try:
-        return await work(store)
-    finally:
-        await store.close()
-
-
-async def _domain_id(store: Any, domain: str) -> int:
-    """A domain id from its number or its name (catalogs are found without a full listing)."""
-    if domain.isdigit():
-        return int(domain)
-    from cdp.catalog import load_catalog
-
-    after = "d/"
-    while True:
-        first = None
-        async for info in store.list("d/", start_after=after):
-            first = info.key
-            break
-        if first is None:
-            raise ConfigError(f"no domain named {domain!r} in {store.describe()}")
-        domain_id = int(first.split("/")[1], 16)
-        state, _ = await load_catalog(store, domain_id)
-        if state is not None and state.domain["name"] == domain:
-            return domain_id
-        after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
-
-
-def _progress_bar(desc: str, as_json: bool) -> tuple[Any, Callable[[int, int], None]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
-               disable=as_json or not sys.stderr.isatty(), leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return bar, update
-
-
-def _ns_text(ns: int | None) -> str:
-    if ns is None:
-        return "-"
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
-
-
-metadata_option = click.option(
-    "--metadata", "metadata", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
-    help="A DRVA's metadata repository (its [meta] path; repeatable): a catalog older than what it "
-         "last saw committed is reported as rolled back.")
-
-
-def _seen(paths: tuple[Path, ...], domain_id: int) -> tuple[Any, ...]:
-    from rocva.integrity import seen_in_metadata
-
-    found = (seen_in_metadata(p, domain_id, f"the DRVA metadata {p}") for p in paths)
-    return tuple(s for s in found if s is not None)
-
-
-timeline_option = click.option("--timeline", "timeline", type=click.IntRange(1, (1 << 32) - 1), default=None,
-                               help="The timeline (default: the current one; see `cdp points`).")
-
-
-@cli.command()
+@click.command()
 @click.argument("domain")
 @store_option
 @timeline_option
@@ -150,10 +47,10 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
     from rocva.points import list_points
 
     async def work(store: Any) -> dict[str, Any]:
-        domain_id = await _domain_id(store, domain)
-        return await list_points(store, domain_id, timeline, _seen(metadata, domain_id))
+        domain_id = await domain_id_of(store, domain)
+        return await list_points(store, domain_id, timeline, seen_from_metadata(metadata, domain_id))
 
-    result = asyncio.run(_with_store(store_url, work))
+    result = asyncio.run(with_store(store_url, work))
 
     def human(r: dict[str, Any]) -> str:
         lines = [f"domain {r['domain']['name']} (id {r['domain']['id']}): current timeline "
@@ -165,13 +62,13 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
                          f"retention horizon seq {t['horizon_seq']}, {t['segments']} segments")
             for w in t["consistent"]:
                 lines.append(f"  consistent  seq {w['first_seq']}..{w['last_seq']}  "
-                             f"{_ns_text(w['first_ts'])} .. {_ns_text(w['last_ts'])}")
+                             f"{ns_text(w['first_ts'])} .. {ns_text(w['last_ts'])}")
             for w in t["not_consistent"]:
                 lines.append(f"  NOT consistent ({w['kind']})  seq {w['first_seq']}..{w['last_seq'] or 'open'}")
             for m in t["marks"]:
                 why = (f"  (MISSING from the store: {', '.join(m['missing'])})" if m["missing"]
                        else "" if m["consistent"] else "  (not a consistent point)")
-                lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {_ns_text(m['ts'])}{why}")
+                lines.append(f"  mark {m['name']!r}  seq {m['seq']}  {ns_text(m['ts'])}{why}")
             if t["latest_missing"]:
                 lines.append(f"  latest seq {t['latest']}: MISSING from the store: {', '.join(t['latest_missing'])}")
             for b in t["bases"]:
@@ -180,10 +77,10 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
             lines.append(f"PROBLEM {p['object']}: {p['problem']}")
         return "\n".join(lines)
 
-    _emit(as_json, result, human)
+    emit(as_json, result, human)
 
 
-@cli.command()
+@click.command()
 @click.argument("domain")
 @store_option
 @click.option("--at", "at", default=None, help="A time: ISO 8601 (with zone) or relative, e.g. -15m.")
@@ -205,24 +102,24 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
                           mark is not None and Target.mark(mark), latest and Target.latest()) if t]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of --at, --seq, --mark, --latest")
-    bar, update = _progress_bar("recover", as_json)
+    bar, update = progress_bar("recover", as_json)
 
     async def work(store: Any) -> dict[str, Any]:
-        return await rocva_recover(store, await _domain_id(store, domain), chosen[0], out_dir,
+        return await rocva_recover(store, await domain_id_of(store, domain), chosen[0], out_dir,
                                    progress=update, concurrency=concurrency, timeline=timeline)
 
     try:
-        result = asyncio.run(_with_store(store_url, work))
+        result = asyncio.run(with_store(store_url, work))
     finally:
         bar.close()
     result.pop("plan", None)
-    _emit(as_json, result, lambda r: "\n".join(
+    emit(as_json, result, lambda r: "\n".join(
         [f"recovered seq {r.get('seq')} into {out_dir}: {r['bytes_written'] / 1e6:,.1f} MB written, "
          f"{r['bytes_fetched'] / 1e6:,.1f} MB fetched, {r['seconds']} s ({r['mb_per_s']} MB/s)"]
         + [f"  {img['path']}" for img in r.get("images", [])]))
 
 
-@cli.command()
+@click.command()
 @click.argument("domain")
 @store_option
 @click.option("--deep", is_flag=True, help="Read every byte of every object (default: indexes and manifests).")
@@ -236,18 +133,18 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int
     --metadata, that the catalog is not older than what a DRVA last committed)."""
     from rocva.verify import verify as rocva_verify
 
-    bar, update = _progress_bar("verify", as_json)
+    bar, update = progress_bar("verify", as_json)
 
     async def work(store: Any) -> dict[str, Any]:
-        domain_id = await _domain_id(store, domain)
+        domain_id = await domain_id_of(store, domain)
         return await rocva_verify(store, domain_id, deep=deep, sample=sample, progress=update,
-                                  timeline=timeline, seen=_seen(metadata, domain_id))
+                                  timeline=timeline, seen=seen_from_metadata(metadata, domain_id))
 
     try:
-        result = asyncio.run(_with_store(store_url, work))
+        result = asyncio.run(with_store(store_url, work))
     finally:
         bar.close()
-    _emit(as_json, result, lambda r: "\n".join(
+    emit(as_json, result, lambda r: "\n".join(
         [f"domain {r['domain']}: {'OK' if r['ok'] else 'PROBLEMS'} — {r['checked']['segments']} segments, "
          f"{r['checked']['manifests']} manifests, {r['checked']['chunks']} chunks, "
          f"{r['checked']['bytes_read'] / 1e6:,.1f} MB read in {r['seconds']} s"]
@@ -257,18 +154,7 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int
         sys.exit(6)
 
 
-def _duration(text: str | None, option: str) -> float | None:
-    from cdp.units import parse_duration
-
-    if text is None:
-        return None
-    try:
-        return parse_duration(text, option)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from exc
-
-
-@cli.command()
+@click.command()
 @click.argument("domain")
 @store_option
 @click.option("--older-than", default="1h", show_default=True,
@@ -286,21 +172,21 @@ def consolidate(domain: str, store_url: str, older_than: str, retention: str | N
     """Roll DOMAIN's old segments into a base image and apply retention."""
     from rocva.consolidate import consolidate as run
 
-    older_s = _duration(older_than, "--older-than")
-    retention_s = _duration(retention, "--retention")
-    bar, update = _progress_bar("consolidate", as_json)
+    older_s = parse_duration_option(older_than, "--older-than")
+    retention_s = parse_duration_option(retention, "--retention")
+    bar, update = progress_bar("consolidate", as_json)
 
     def progress(phase: str, done: int, total: int) -> None:
         bar.set_description(phase, refresh=False)
         update(done, total)
 
     async def work(store: Any) -> dict[str, Any]:
-        return await run(store, await _domain_id(store, domain), older_than_s=older_s,
+        return await run(store, await domain_id_of(store, domain), older_than_s=older_s,
                          retention_s=retention_s, scratch_dir=scratch, concurrency=concurrency,
                          progress=progress, sweep_all_chunks=sweep_chunks)
 
     try:
-        result = asyncio.run(_with_store(store_url, work))
+        result = asyncio.run(with_store(store_url, work))
     finally:
         bar.close()
 
@@ -325,10 +211,10 @@ def consolidate(domain: str, store_url: str, older_than: str, retention: str | N
         lines.append(f"  {r['seconds']} s")
         return "\n".join(lines)
 
-    _emit(as_json, result, human)
+    emit(as_json, result, human)
 
 
-@cli.group()
+@click.group()
 def log() -> None:
     """Replication-log partitions."""
 
@@ -342,10 +228,10 @@ def log_format(path: Path, size: str | None, label: str, as_json: bool) -> None:
     """Format PATH (a file or a block device) as a replication-log partition."""
     from cdp.replog import ReplicationLog
 
-    ReplicationLog.format(path, _size(size) if size else None, label=label)
+    ReplicationLog.format(path, parse_size_option(size) if size else None, label=label)
     with ReplicationLog.open(path, readonly=True) as lg:
         info = {"path": str(path), "data_size": lg.data_size, "label": lg.label}
-    _emit(as_json, info, lambda r: f"formatted {r['path']}: {r['data_size']:,} bytes of ring")
+    emit(as_json, info, lambda r: f"formatted {r['path']}: {r['data_size']:,} bytes of ring")
 
 
 @log.command("info")
@@ -367,37 +253,7 @@ def log_info(path: Path, as_json: bool) -> None:
         info = {"path": str(path), "label": lg.label, "epoch": st.epoch, "head": st.head,
                 "tail": st.tail, "data_size": st.data_size, "used_bytes": st.used_bytes,
                 "frames": frames, "first_seq": first, "last_seq": last}
-    _emit(as_json, info, lambda r: "\n".join(f"{k:<10} {v}" for k, v in r.items()))
+    emit(as_json, info, lambda r: "\n".join(f"{k:<10} {v}" for k, v in r.items()))
 
 
-def _register_management_verbs() -> None:
-    """The management verbs live in their own modules (site operations; the daemon and
-    the verbs that talk to it); each adds its commands to ``cli``."""
-    from cdp import cli_msa, cli_site
-
-    cli_site.register(cli)
-    cli_msa.register(cli)
-
-
-_register_management_verbs()
-
-
-def main() -> None:
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except CdpError as exc:
-        click.echo(f"cdp: error: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
-        where = f": {exc.filename}" if exc.filename else ""
-        click.echo(f"cdp: error: {exc.strerror or type(exc).__name__}{where}", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
+COMMANDS = (demo, points, recover, verify, consolidate, log)

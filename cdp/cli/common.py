@@ -1,0 +1,122 @@
+"""What every ``cdp`` verb shares: the common options, printing a result for people or
+as JSON, the progress bar, parsing sizes and durations, opening the store.
+
+Nothing here imports a verb module, so the verb modules import from here and
+``cdp.cli`` (the group) imports them: no cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cdp.errors import ConfigError
+from cdp.units import parse_size
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def emit(as_json: bool, result: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
+    click.echo(json.dumps(result, sort_keys=True) if as_json else human(result))
+
+
+def parse_size_option(text: str) -> int:
+    """'64MiB', '1G', '4096' -> bytes."""
+    try:
+        return parse_size(text, "size")
+    except ConfigError as exc:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 4096, 64MiB, 1GiB)") from exc
+
+
+config_option = click.option(
+    "--config", "config_path", envvar="CDP_CONFIG", required=True, type=click.Path(path_type=Path),
+    help="The site file (see examples/site.toml; env CDP_CONFIG).")
+
+store_option = click.option(
+    "--store", "store_url", envvar="CDP_STORE", required=True,
+    help="Object store URL: file:///path, s3://bucket/prefix, azure://container/prefix (env CDP_STORE).")
+
+
+async def with_store(url: str, work: Callable[[Any], Any]) -> Any:
+    from cdp.store import open_store
+
+    store = open_store(url)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+async def domain_id_of(store: Any, domain: str) -> int:
+    """A domain id from its number or its name (catalogs are found without a full listing)."""
+    if domain.isdigit():
+        return int(domain)
+    from cdp.catalog import load_catalog
+
+    after = "d/"
+    while True:
+        first = None
+        async for info in store.list("d/", start_after=after):
+            first = info.key
+            break
+        if first is None:
+            raise ConfigError(f"no domain named {domain!r} in {store.describe()}")
+        domain_id = int(first.split("/")[1], 16)
+        state, _ = await load_catalog(store, domain_id)
+        if state is not None and state.domain["name"] == domain:
+            return domain_id
+        after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
+
+
+def progress_bar(desc: str, as_json: bool) -> tuple[Any, Callable[[int, int], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+               disable=as_json or not sys.stderr.isatty(), leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return bar, update
+
+
+def ns_text(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
+
+
+metadata_option = click.option(
+    "--metadata", "metadata", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
+    help="A DRVA's metadata repository (its [meta] path; repeatable): a catalog older than what it "
+         "last saw committed is reported as rolled back.")
+
+
+def seen_from_metadata(paths: tuple[Path, ...], domain_id: int) -> tuple[Any, ...]:
+    from rocva.integrity import seen_in_metadata
+
+    found = (seen_in_metadata(p, domain_id, f"the DRVA metadata {p}") for p in paths)
+    return tuple(s for s in found if s is not None)
+
+
+timeline_option = click.option("--timeline", "timeline", type=click.IntRange(1, (1 << 32) - 1), default=None,
+                               help="The timeline (default: the current one; see `cdp points`).")
+
+
+def parse_duration_option(text: str | None, option: str) -> float | None:
+    from cdp.units import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return parse_duration(text, option)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from exc
