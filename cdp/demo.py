@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdp import site_files
 from cdp.catalog import load_catalog
 from cdp.errors import CdpError
 from cdp.msa.client import MsaClient
@@ -72,47 +73,23 @@ def _free_port() -> int:
 
 def _write_site(root: Path, opts: DemoOptions, rate_mb_s: float) -> Path:
     drva_port, api_port = _free_port(), _free_port()
-    size = f"{opts.disk_size}"
-    (root / "cluster.toml").write_text(f"""\
-site = "demo"
-state_dir = "sim-state"
-[[hosts]]
-name = "esx-01"
-[[hosts]]
-name = "esx-02"
-[[vms]]
-name = "erp-db"
-host = "esx-01"
-disks = [{{ name = "data", size = {size} }}, {{ name = "log", size = {size} }}]
-[[vms]]
-name = "erp-app"
-host = "esx-02"
-disks = [{{ name = "disk0", size = {size} }}]
-[[domains]]
-name = "{DOMAIN}"
-id = {DOMAIN_ID}
-drva = "127.0.0.1:{drva_port}"
-vms = ["erp-db", "erp-app"]
-workload = {{ kind = "database", log_disk = 1, rate_mb_s = {rate_mb_s:.3f}, payload = "mixed", seed = {opts.seed} }}
-""")
-    (root / "site.toml").write_text(f"""\
-site = "demo"
-cluster = "cluster.toml"
-store = "store"
-state_dir = "msa"
-[api]
-listen = "127.0.0.1:{api_port}"
-[[drvas]]
-name = "drva-1"
-listen = "127.0.0.1:{drva_port}"
-log = {{ path = "msa/drva-1.replog", size = "256MiB" }}
-meta = {{ path = "msa/drva-1.meta" }}
-[defaults]
-consolidate_every = "1h"   # not during the demo
-[[protect]]
-domain = "{DOMAIN}"
-""")
-    return root / "site.toml"
+    size = opts.disk_size
+    drva_at = f"127.0.0.1:{drva_port}"
+    workload = {"kind": "database", "log_disk": 1, "rate_mb_s": round(rate_mb_s, 3), "payload": "mixed",
+                "seed": opts.seed}
+    inventory = site_files.inventory(
+        "demo", ["esx-01", "esx-02"],
+        [site_files.vm("erp-db", "esx-01", [("data", size), ("log", size)]),
+         site_files.vm("erp-app", "esx-02", [("disk0", size)])],
+        [site_files.domain(DOMAIN, DOMAIN_ID, drva_at, ["erp-db", "erp-app"], workload)],
+        state_dir="sim-state")
+    site = site_files.site(
+        "demo", state_dir="msa", api_listen=f"127.0.0.1:{api_port}",
+        drvas=[site_files.drva("drva-1", drva_at, log_path="msa/drva-1.replog", log_size="256MiB",
+                               meta_path="msa/drva-1.meta")],
+        defaults={"consolidate_every": "1h"},  # not during the demo
+        protect=[DOMAIN])
+    return site_files.write_site(root, site, inventory)
 
 
 async def run_demo(opts: DemoOptions) -> dict[str, Any]:

@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from cdp import site_files
 from cdp.replay import replay_reference
 from cdp.store.fs import FileStore
 from iofilter_sim.cluster import load_cluster
@@ -25,59 +27,27 @@ DURATION_S = 20
 # After the workload: drain and summary (seconds), bounded for a hang.
 DRAIN_S = 120.0
 
-CLUSTER = """
-site = "site-a"
-state_dir = "{state}"
-[[hosts]]
-name = "esx-01"
-[[hosts]]
-name = "esx-02"
-[[vms]]
-name = "erp-db"
-host = "esx-01"
-disks = [{{ name = "data", size = "32MiB" }}, {{ name = "log", size = "16MiB" }}]
-[[vms]]
-name = "erp-app"
-host = "esx-02"
-disks = [{{ name = "disk0", size = "32MiB" }}]
-[[vms]]
-name = "web-1"
-host = "esx-01"
-disks = [{{ name = "disk0", size = "32MiB" }}]
-[[vms]]
-name = "web-2"
-host = "esx-02"
-disks = [{{ name = "disk0", size = "32MiB" }}]
-[[vms]]
-name = "files"
-host = "esx-02"
-disks = [{{ name = "disk0", size = "32MiB" }}, {{ name = "disk1", size = "32MiB" }}]
-[[domains]]
-name = "erp"
-id = 1
-drva = "127.0.0.1:{p1}"
-vms = ["erp-db", "erp-app"]
-workload = {{ kind = "database", log_disk = 1, rate_mb_s = 4, payload = "mixed" }}
-[[domains]]
-name = "web"
-id = 2
-drva = "127.0.0.1:{p1}"
-vms = ["web-1", "web-2"]
-workload = {{ kind = "zipf", rate_mb_s = 3, write_size = {{ "4KiB" = 6, "64KiB" = 3, "1MiB" = 1 }} }}
-[[domains]]
-name = "files"
-id = 3
-drva = "127.0.0.1:{p2}"
-vms = ["files"]
-workload = {{ kind = "burst", rate_mb_s = 10, on_s = 1.0, off_s = 2.0 }}
-"""
+def inventory(state: Path, p1: int, p2: int) -> dict:
+    """Five VMs in three domains on two DRVAs, each domain with its own kind of workload."""
+    v = site_files.vm
+    return site_files.inventory(
+        "site-a", ["esx-01", "esx-02"],
+        [v("erp-db", "esx-01", [("data", "32MiB"), ("log", "16MiB")]), v("erp-app", "esx-02", [("disk0", "32MiB")]),
+         v("web-1", "esx-01", [("disk0", "32MiB")]), v("web-2", "esx-02", [("disk0", "32MiB")]),
+         v("files", "esx-02", [("disk0", "32MiB"), ("disk1", "32MiB")])],
+        [site_files.domain("erp", 1, f"127.0.0.1:{p1}", ["erp-db", "erp-app"],
+                           {"kind": "database", "log_disk": 1, "rate_mb_s": 4, "payload": "mixed"}),
+         site_files.domain("web", 2, f"127.0.0.1:{p1}", ["web-1", "web-2"],
+                           {"kind": "zipf", "rate_mb_s": 3, "write_size": {"4KiB": 6, "64KiB": 3, "1MiB": 1}}),
+         site_files.domain("files", 3, f"127.0.0.1:{p2}", ["files"],
+                           {"kind": "burst", "rate_mb_s": 10, "on_s": 1.0, "off_s": 2.0})],
+        state_dir=state)
 
 
 @pytest.mark.slow
 async def test_two_drvas_three_domains_five_vms(tmp_path):
     p1, p2 = free_port(), free_port()
-    cluster_path = tmp_path / "cluster.toml"
-    cluster_path.write_text(CLUSTER.format(state=tmp_path / "disks", p1=p1, p2=p2))
+    cluster_path = site_files.write_inventory(tmp_path / "cluster.toml", inventory(tmp_path / "disks", p1, p2))
     cluster = load_cluster(cluster_path)
     drvas = []
     for name, port in (("drva-1", p1), ("drva-2", p2)):

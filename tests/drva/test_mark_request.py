@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from cdp import site_files
 from cdp.catalog import load_catalog
 from cdp.errors import CdpError
 from cdp.msa.config import load_site_config
@@ -35,39 +36,19 @@ def _connected(drva: DrvaProcess) -> bool | None:
         return None
 
 
-def site_files(tmp, port: int) -> None:
-    (tmp / "cluster.toml").write_text(f"""
-site = "s"
-[[hosts]]
-name = "h1"
-[[vms]]
-name = "vm1"
-host = "h1"
-disks = [{{ name = "d0", size = "4MiB" }}]
-[[domains]]
-name = "erp"
-id = 1
-drva = "127.0.0.1:{port}"
-vms = ["vm1"]
-""")
-    (tmp / "site.toml").write_text(f"""
-site = "s"
-cluster = "cluster.toml"
-store = "store"
-state_dir = "msa"
-[[drvas]]
-name = "drva-m"
-listen = "127.0.0.1:{port}"
-log = {{ path = "msa/drvas/drva-m/replog", size = "16MiB" }}
-meta = {{ path = "msa/drvas/drva-m/meta" }}
-[[protect]]
-domain = "erp"
-""")
+def write_site(tmp, port: int) -> None:
+    listen = f"127.0.0.1:{port}"
+    site_files.write_site(tmp, site_files.site(
+        "s", state_dir="msa", protect=["erp"],
+        drvas=[site_files.drva("drva-m", listen, log_path="msa/drvas/drva-m/replog", log_size="16MiB",
+                               meta_path="msa/drvas/drva-m/meta")]),
+        site_files.inventory("s", ["h1"], [site_files.vm("vm1", "h1", [("d0", "4MiB")])],
+                             [site_files.domain("erp", 1, listen, ["vm1"])]))
 
 
 async def test_a_requested_mark_lands_after_every_captured_write(tmp_path):
     port = free_port()
-    site_files(tmp_path, port)
+    write_site(tmp_path, port)
     cfg = load_site_config(tmp_path / "site.toml")
     doc = drva_doc(tmp_path, "drva-m", [domain_doc(1, "erp", [("vm1", "d0", DISK)])], port=port,
                    seal_bytes="1MiB", seal_age_s=0.1)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from cdp import site_files
 from tests.drva.harness import ROOT, SECRET, DrvaProcess, domain_doc, drva_doc, free_port
 from tests.waiting import EVENTUALLY_S, wait_until
 
@@ -30,30 +31,14 @@ STOP_S = 30.0
 # The message iofilter-sim prints on stderr when the first signal is taken.
 STOPPING = "iofilter-sim: stopping"
 
-CLUSTER = """
-site = "site-a"
-state_dir = "{state}"
-[[hosts]]
-name = "esx-01"
-[[vms]]
-name = "vm1"
-host = "esx-01"
-disks = [{{ name = "d0", size = {size} }}]
-[[domains]]
-name = "erp"
-id = 1
-drva = "127.0.0.1:{port}"
-vms = ["vm1"]
-workload = {{ kind = "random", rate_mb_s = 2 }}
-"""
-
-
 def _setup(tmp_path: Path) -> tuple[DrvaProcess, Path]:
     port = free_port()
     drva = DrvaProcess(drva_doc(tmp_path, "drva-s", [domain_doc(1, "erp", [("vm1", "d0", DISK)])], port=port,
                                 status_interval_s=0.1), tmp_path)
-    cluster = tmp_path / "cluster.toml"
-    cluster.write_text(CLUSTER.format(state=tmp_path / "disks", size=DISK, port=port))
+    cluster = site_files.write_inventory(tmp_path / "cluster.toml", site_files.inventory(
+        "site-a", ["esx-01"], [site_files.vm("vm1", "esx-01", [("d0", DISK)])],
+        [site_files.domain("erp", 1, f"127.0.0.1:{port}", ["vm1"], {"kind": "random", "rate_mb_s": 2})],
+        state_dir=tmp_path / "disks"))
     return drva, cluster
 
 

@@ -13,13 +13,13 @@ to drva-2. ``protect`` says which are protected at install.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdp import site_files
 from cdp.meta import MetaRepository
 from cdp.msa.config import SiteConfig, load_site_config
 from cdp.msa.protection import save_protection
@@ -29,83 +29,29 @@ from tests.drva.harness import SECRET, free_port
 TOKEN = "test-api-token-0123456789abcdef"
 DISK_SIZE = 4 << 20
 
-CLUSTER = """\
-site = "site-t"
-state_dir = "primaries"
+def inventory_doc(p1: int, p2: int) -> dict[str, Any]:
+    return site_files.inventory(
+        "site-t", ["esx-01"],
+        [site_files.vm("erp-db", "esx-01", [("data", "4MiB"), ("log", "4MiB")]),
+         site_files.vm("web-1", "esx-01", [("disk0", "4MiB")]),
+         site_files.vm("files", "esx-01", [("disk0", "4MiB")])],
+        [site_files.domain("erp", 1, f"127.0.0.1:{p1}", ["erp-db"]),
+         site_files.domain("web", 2, f"127.0.0.1:{p1}", ["web-1"]),
+         site_files.domain("files", 3, f"127.0.0.1:{p2}", ["files"])],
+        state_dir="primaries")
 
-[[hosts]]
-name = "esx-01"
 
-[[vms]]
-name = "erp-db"
-host = "esx-01"
-disks = [{{ name = "data", size = "4MiB" }}, {{ name = "log", size = "4MiB" }}]
-
-[[vms]]
-name = "web-1"
-host = "esx-01"
-disks = [{{ name = "disk0", size = "4MiB" }}]
-
-[[vms]]
-name = "files"
-host = "esx-01"
-disks = [{{ name = "disk0", size = "4MiB" }}]
-
-[[domains]]
-name = "erp"
-id = 1
-drva = "127.0.0.1:{p1}"
-vms = ["erp-db"]
-
-[[domains]]
-name = "web"
-id = 2
-drva = "127.0.0.1:{p1}"
-vms = ["web-1"]
-
-[[domains]]
-name = "files"
-id = 3
-drva = "127.0.0.1:{p2}"
-vms = ["files"]
-"""
-
-SITE = """\
-site = "site-t"
-cluster = "cluster.toml"
-store = "store"
-state_dir = "state"
-secret_env = "CDP_SITE_SECRET"
-{recovery_roots}
-[api]
-listen = "127.0.0.1:{api}"
-token_env = "CDP_API_TOKEN"
-
-[[drvas]]
-name = "drva-1"
-listen = "127.0.0.1:{p1}"
-log = {{ path = "state/drva-1/replog", size = "{log_size}" }}
-meta = {{ path = "state/drva-1/meta" }}
-seal = {{ bytes = "1MiB", age_s = 0.2 }}
-
-[[drvas]]
-name = "drva-2"
-listen = "127.0.0.1:{p2}"
-log = {{ path = "state/drva-2/replog", size = "{log_size}" }}
-meta = {{ path = "state/drva-2/meta" }}
-seal = {{ bytes = "1MiB", age_s = 0.2 }}
-
-[defaults]
-retention = "72h"
-rpo_target_s = 60
-consolidate_after = "1h"
-consolidate_every = "15m"
-
-{protect}
-[alarms]
-log_usage_pct = 90
-backpressure_s = 300
-"""
+def site_doc(p1: int, p2: int, api: int, *, log_size: str, protect: Iterable[str],
+             recovery_roots: list[str]) -> dict[str, Any]:
+    drvas = [site_files.drva(name, f"127.0.0.1:{port}", log_path=f"state/{name}/replog", log_size=log_size,
+                             meta_path=f"state/{name}/meta", seal_bytes="1MiB", seal_age_s=0.2)
+             for name, port in (("drva-1", p1), ("drva-2", p2))]
+    return site_files.site(
+        "site-t", secret_env="CDP_SITE_SECRET", api_listen=f"127.0.0.1:{api}", token_env="CDP_API_TOKEN",
+        recovery_roots=recovery_roots or None, drvas=drvas,
+        defaults={"retention": "72h", "rpo_target_s": 60, "consolidate_after": "1h", "consolidate_every": "15m"},
+        protect=[{"domain": d, "rpo_target_s": 30} if d == "erp" else d for d in protect],
+        alarms={"log_usage_pct": 90, "backpressure_s": 300})
 
 
 @dataclass
@@ -128,15 +74,10 @@ def make_site(root: Path, *, protect: Iterable[str] = ("erp",), log_size: str = 
               install: bool = True, recovery_roots: Iterable[str] | None = None) -> Site:
     """``recovery_roots``: the site file's (default: ``root``'s parent, which holds the
     site's store and state directory, where recoveries are refused all the same)."""
-    root.mkdir(parents=True, exist_ok=True)
     p1, p2, api = free_port(), free_port(), free_port()
-    (root / "cluster.toml").write_text(CLUSTER.format(p1=p1, p2=p2))
-    tables = "".join(f'[[protect]]\ndomain = "{d}"\n' + ("rpo_target_s = 30\n" if d == "erp" else "") + "\n"
-                     for d in protect)
-    path = root / "site.toml"
     roots = [str(root.parent)] if recovery_roots is None else list(recovery_roots)
-    path.write_text(SITE.format(p1=p1, p2=p2, api=api, log_size=log_size, protect=tables,
-                                recovery_roots=f"recovery_roots = {json.dumps(roots)}\n" if roots else ""))
+    path = site_files.write_site(root, site_doc(p1, p2, api, log_size=log_size, protect=protect, recovery_roots=roots),
+                                 inventory_doc(p1, p2))
     cfg = load_site_config(path)
     env = {**os.environ, "CDP_SITE_SECRET": SECRET, "CDP_API_TOKEN": TOKEN}
     if install:

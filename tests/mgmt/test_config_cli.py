@@ -79,7 +79,7 @@ CASES: dict[str, tuple[Callable[[Site], None], tuple[str, ...]]] = {
         ("site.toml: site: expected a name",)),
     "a VM named ..": (
         lambda s: (_edit(s.root / "cluster.toml", 'name = "web-1"', 'name = ".."'),
-                   _edit(s.root / "cluster.toml", 'vms = ["web-1"]', 'vms = [".."]')),
+                   _edit(s.root / "cluster.toml", '    "web-1",', '    "..",')),
         ("cluster.toml: vms[1].name:", "got '..'")),
     "log.size 512": (
         lambda s: _edit(s.config_path, 'size = "8MiB"', "size = 512"),

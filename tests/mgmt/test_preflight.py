@@ -203,8 +203,8 @@ async def test_a_log_partition_too_small_or_not_ours(site: Site) -> None:
     # Configured below what a partition needs at all: the site file is refused, by
     # preflight as by install (issue 10: it used to pass one and fail the other).
     with pytest.raises(ConfigError, match=r"drvas\[0\]\.log\.size: expected a size of at least 1056768 bytes"):
-        with_site_text(site, 'log = { path = "state/drva-1/replog", size = "64MiB" }',
-                       'log = { path = "state/drva-1/replog", size = "1MiB" }')
+        with_site_text(site, 'path = "state/drva-1/replog"\nsize = "64MiB"',
+                       'path = "state/drva-1/replog"\nsize = "1MiB"')
     # Configured small: a warning (a short outage fills it).
     small = with_site_text(site, 'size = "1MiB"', 'size = "8MiB"')
     checks = by_name(await preflight_system(small.cfg, site.env))
@@ -324,7 +324,7 @@ async def test_a_domain_that_could_never_be_protected_warns(site: Site) -> None:
     p2 = site.cfg.drva("drva-2").listen.port
     cluster = site.root / "cluster.toml"
     cluster.write_text(cluster.read_text().replace(f'drva = "127.0.0.1:{p2}"', 'drva = "127.0.0.1:9"'))
-    fewer = with_site_text(site, '[[protect]]\ndomain = "files"\n', "")
+    fewer = with_site_text(site, '    { domain = "files" },\n', "")
     check = by_name(await preflight_install(fewer.cfg, site.env))["domain.files"]
     assert check["status"] == "warn" and "cannot be protected" in check["reason"]
 
