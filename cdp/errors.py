@@ -53,6 +53,11 @@ class ConfigError(CdpError):
     exit_code = 2
 
 
+class FailoverRefused(ConfigError):
+    """A failover cannot be done as asked (the domain's state forbids it); the message says
+    what to do instead."""
+
+
 class FormatError(CdpError):
     """Data does not follow docs/FORMAT.md."""
 

@@ -1,0 +1,124 @@
+"""Failover of a domain to this site, from the object store alone (issue 11).
+
+``failover`` rehydrates every disk of the domain at the chosen point into ``out_dir``
+(the recovery site's datastore), then forks the domain's timeline at that seq, owned by
+this ``site`` (FORMAT.md §8.5). From the fork on, the protected site's DRVA is fenced
+(its next conditional create meets the new timeline) and a DRVA of this site continues
+the domain on the new timeline: its catalog opens at ``committed_seq == fork_seq`` and a
+new filter numbers its writes from ``fork_seq + 1``.
+
+Order, and what a crash leaves (``failover.json`` in ``out_dir``, FORMAT.md §14.4):
+
+1. rehydrate: a resumable recovery (``rocva.recover``, under a recovery lease) of the
+   current timeline. A crash here leaves the catalog untouched and the protected site
+   unfenced; a rerun resumes the recovery.
+2. ``phase: "rehydrated"`` is recorded with the parent timeline and the seq.
+3. fork. A crash between the fork and step 4 is recognised on rerun: the current
+   timeline is owned by this site and forked from the recorded parent at the recorded
+   seq — it is ours, and is not forked again.
+4. ``phase: "forked"`` with the new timeline. A rerun now returns the same result and
+   touches nothing (the VMs may already be writing to the images).
+
+Refused, with what to do: a domain without a catalog; a point outside retention or in a
+not-consistent window (``InvalidTarget`` naming the nearest points); a domain whose
+current timeline this site already owns and this failover did not create (it failed over
+before: there is nothing to fail over; failing back is another verb).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cdp.catalog import load_catalog
+from cdp.catalog_fork import fork_timeline
+from cdp.durable import atomic_write
+from cdp.errors import FailoverRefused, NotFound
+from cdp.logs import get_logger
+from rocva.recover import Progress, recover
+from rocva.target import Target
+
+log = get_logger("rocva.failover")
+
+STATE_NAME = "failover.json"
+STATE_VERSION = 1
+STATE_BYTES_MAX = 64 << 10
+
+
+def _read_state(out_dir: Path, domain: int, site: str) -> dict[str, Any] | None:
+    """This failover's record in ``out_dir`` (None: none, or another domain's or site's)."""
+    path = out_dir / STATE_NAME
+    try:
+        raw = path.read_bytes()[:STATE_BYTES_MAX + 1]
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw) if len(raw) <= STATE_BYTES_MAX else None
+    except ValueError:
+        doc = None
+    fields = {"version": int, "domain": int, "site": str, "parent_timeline": int, "seq": int, "phase": str}
+    if not isinstance(doc, dict) or any(not isinstance(doc.get(k), t) or isinstance(doc.get(k), bool)
+                                        for k, t in fields.items()):
+        raise FailoverRefused(f"{path}: not a failover record this version can read; move it away to "
+                              f"start this failover over")
+    if doc["version"] != STATE_VERSION or doc["phase"] not in ("rehydrated", "forked"):
+        raise FailoverRefused(f"{path}: failover record version {doc['version']} phase {doc['phase']!r}; "
+                              f"expected version {STATE_VERSION}")
+    if doc["domain"] != domain or doc["site"] != site:
+        raise FailoverRefused(f"{path}: the record of a failover of domain {doc['domain']} to site "
+                              f"{doc['site']!r}; use another directory for domain {domain} to site {site!r}")
+    return doc
+
+
+def _write_state(out_dir: Path, doc: dict[str, Any]) -> None:
+    atomic_write(out_dir / STATE_NAME, json.dumps(doc, sort_keys=True).encode())
+
+
+async def failover(store, domain: int, target: Target | int | str, out_dir: Path | str, *, site: str,
+                   progress: Progress | None = None, destination: Any = None,
+                   now_ns: int | None = None) -> dict[str, Any]:
+    """Fail ``domain`` over to ``site`` at ``target`` (module docstring). Returns the
+    timeline the domain now continues on, its fork seq and parent, the recovered images
+    (``None`` on a rerun that found the failover done), and ``resumed``."""
+    out_dir = Path(out_dir)
+    t0 = time.monotonic()
+    state, _ = await load_catalog(store, domain)
+    if state is None:
+        raise NotFound(f"domain {domain}: no catalog in {store.describe()}: nothing to fail over")
+    record = _read_state(out_dir, domain, site) if out_dir.is_dir() else None
+    current = state.timeline()
+    if record is not None and record["phase"] == "forked" and record.get("timeline") == current.id:
+        return _summary(domain, record, None, True, t0)
+    ours = (record is not None and current.owner == site and current.parent == record["parent_timeline"]
+            and current.fork_seq == record["seq"])
+    if current.owner == site and not ours:
+        fork = (f", forked from timeline {current.parent} at seq {current.fork_seq}" if current.parent else "")
+        raise FailoverRefused(
+            f"domain {domain} already runs on timeline {current.id} owned by site {site!r}{fork}: there is "
+            f"nothing to fail over to this site (`cdp points` shows its timelines)")
+    images = None
+    if not ours:
+        recovered = await recover(store, domain, target, out_dir, progress=progress, destination=destination,
+                                  timeline=current.id, now_ns=now_ns)
+        record = {"version": STATE_VERSION, "domain": domain, "site": site, "parent_timeline": current.id,
+                  "seq": recovered["seq"], "phase": "rehydrated", "timeline": None}
+        _write_state(out_dir, record)
+        images = recovered["images"]
+        log.info("failover_rehydrated", domain=domain, site=site, timeline=current.id, seq=recovered["seq"],
+                 bytes=recovered["bytes_written"], seconds=recovered["seconds"])
+        state, _ = await fork_timeline(store, domain, record["seq"], site, parent=current.id,
+                                       by=f"cdp failover to {site}")
+    assert record is not None
+    record = {**record, "phase": "forked", "timeline": state.current}
+    _write_state(out_dir, record)
+    log.info("failover_forked", domain=domain, site=site, timeline=state.current,
+             parent=record["parent_timeline"], fork_seq=record["seq"])
+    return _summary(domain, record, images, ours, t0)
+
+
+def _summary(domain: int, record: dict[str, Any], images: Any, resumed: bool, t0: float) -> dict[str, Any]:
+    return {"domain": domain, "site": record["site"], "timeline": record["timeline"],
+            "parent_timeline": record["parent_timeline"], "fork_seq": record["seq"], "images": images,
+            "resumed": resumed, "seconds": round(time.monotonic() - t0, 3)}
