@@ -88,6 +88,9 @@ class DomainState:
         self.unsealed: collections.deque[LogEntry] = collections.deque()
         self.inflight: collections.deque[SegmentJob] = collections.deque()
         self.catalog_ready = False
+        # The metadata repository holds a commit of this domain: its durable seq is known
+        # here before the store's catalog is open (see Session._handshake).
+        self.catalog_known = False
         self.fenced = False
         self.stats = DomainStats()
         self.session: Any = None  # the filter session streaming this domain, if any

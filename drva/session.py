@@ -148,6 +148,17 @@ class Session:
             dom = self.drva.domains.get(domain_id)
             if dom is None:
                 raise Refused("unknown_domain", f"domain {domain_id} is not served by DRVA {self.drva.cfg.name}")
+            if dom.fenced:
+                raise Refused("fenced", f"domain {domain_id} is fenced on this DRVA: "
+                                        f"{dom.stats.last_error or 'another owner'}")
+            if not dom.catalog_ready and not dom.catalog_known:
+                # WELCOME tells the filter where to number from. A DRVA that never
+                # committed this domain learns its durable seq only from the store's
+                # catalog (after a failover: the fork seq); welcoming before would let
+                # the filter number from 1 and have its writes taken for ones already
+                # committed, acked and dropped.
+                raise Refused("not_ready", f"domain {domain_id}: DRVA {self.drva.cfg.name} has not opened its "
+                                           f"catalog yet; retry")
             accepted[domain_id] = dom
         # Every check passed: only now may this session take its domains over. A refused
         # HELLO must never close the live session of a domain it named.

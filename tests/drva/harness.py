@@ -69,14 +69,18 @@ def config(doc: dict[str, Any]) -> DrvaConfig:
 
 
 @contextlib.asynccontextmanager
-async def running_drva(cfg: DrvaConfig, *, check_failure: bool = True):
-    """An in-process DRVA, started, stopped on the way out; a task that failed while it
-    ran fails the test (it would have ended a real DRVA with 70)."""
+async def running_drva(cfg: DrvaConfig, *, check_failure: bool = True, ready: bool = True):
+    """An in-process DRVA, started (with ``ready``: every domain's catalog open, or the
+    domain fenced), stopped on the way out; a task that failed while it ran fails the
+    test (it would have ended a real DRVA with 70)."""
     from drva.daemon import Drva
 
     d = Drva(cfg, exit_on_task_failure=False)
     await d.start()
     try:
+        # Ready to serve: a filter is refused (not_ready) until its domain's catalog is open.
+        await wait_until(lambda: not ready or all(dom.catalog_ready or dom.fenced for dom in d.domains.values()),
+                         EVENTUALLY_S, "every domain's catalog open")
         yield d
     finally:
         await d.stop()

@@ -1,0 +1,131 @@
+"""After a failover (``rocva.failover``), the recovery site's DRVA continues the domain on
+the new timeline: a new filter on the recovered disks numbers its writes from the fork
+seq on, everything it acks reaches the store on the new timeline, and a recovery of the
+new timeline's latest point equals the recovery site's disks. The protected site's DRVA,
+still running, is fenced at its next commit and serves the domain no more (issue 11)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+
+from cdp.catalog import load_catalog
+from cdp.digest import sha256_file
+from cdp.store.fs import FileStore
+from iofilter_sim.client import FilterClient
+from iofilter_sim.filter import DomainFilter
+from rocva import Target, recover
+from rocva.failover import failover
+from tests.drva.harness import (EVENTUALLY_S, SECRET, Disk, config, domain_doc, drva_doc, random_writes,
+                                running_drva, wait_until)
+
+DISK = 8 << 20
+
+
+def drva_config(tmp_path, name: str, site: str):
+    doc = drva_doc(tmp_path, name, [domain_doc(1, "erp", [("vm1", "d0", DISK)])], seal_bytes="1MiB",
+                   seal_age_s=0.1)
+    return dataclasses.replace(config(doc), site=site)
+
+
+async def stream(drva, f: DomainFilter, rng, writes: int) -> None:
+    client = FilterClient([f], "127.0.0.1", drva.port, SECRET.encode(), "host-1")
+    task = asyncio.create_task(client.run())
+    try:
+        # A new filter numbers its writes once WELCOME said where the domain's seqs are.
+        await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter connected")
+        f.capture(*random_writes(rng, [DISK], writes, 32))
+        await wait_until(lambda: drva.domains[1].committed_seq == f.next_seq - 1, EVENTUALLY_S,
+                         "every write committed")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_recovery_site_continues_the_domain_on_the_new_timeline(tmp_path) -> None:
+    store = FileStore(tmp_path / "store")
+    rng = np.random.default_rng(3)
+    (tmp_path / "a").mkdir()
+    primary_a = Disk(tmp_path / "a" / "d0.img", DISK)
+    filter_a = DomainFilter(1, [primary_a])
+    datastore = tmp_path / "site-b" / "datastore"
+    async with running_drva(drva_config(tmp_path, "drva-a", "site-a"), check_failure=False) as drva_a:
+        await stream(drva_a, filter_a, rng, 200)
+        at_failover = sha256_file(primary_a.path)
+        result = await failover(store, 1, Target.latest(), datastore, site="site-b")
+        fork_seq = result["fork_seq"]
+        assert fork_seq == filter_a.next_seq - 1
+        assert sha256_file(datastore / "vm1-d0.img") == at_failover
+
+        # Site A goes on writing: its DRVA is fenced at the next commit.
+        client = FilterClient([filter_a], "127.0.0.1", drva_a.port, SECRET.encode(), "host-1")
+        task = asyncio.create_task(client.run())
+        filter_a.capture(*random_writes(rng, [DISK], 50, 32))
+        await wait_until(lambda: drva_a.domains[1].fenced, EVENTUALLY_S, "site A's DRVA fenced")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert "timeline 2 (owner site-b)" in drva_a.domains[1].stats.last_error
+
+        # Site B: a DRVA that never served the domain, a new filter on the recovered disk.
+        async with running_drva(drva_config(tmp_path, "drva-b", "site-b")) as drva_b:
+            primary_b = Disk(datastore / "vm1-d0.img", DISK)
+            filter_b = DomainFilter(1, [primary_b])
+            await stream(drva_b, filter_b, rng, 150)
+            assert filter_b.next_seq - 1 == fork_seq + 150  # numbered on from the fork
+    state, _ = await load_catalog(store, 1)
+    tl = state.timeline()
+    assert (tl.id, tl.owner, tl.fork_seq, tl.committed_seq) == (2, "site-b", fork_seq, fork_seq + 150)
+    recovered = await recover(store, 1, Target.latest(), tmp_path / "check", checksum=True)
+    assert recovered["images"][0]["sha256"] == sha256_file(datastore / "vm1-d0.img")
+    # Nothing site A wrote after the fork is on the new timeline: at the fork seq the
+    # new timeline equals site A's disk at the failover.
+    at_fork = await recover(store, 1, Target.seq(fork_seq), tmp_path / "fork", checksum=True)
+    assert at_fork["images"][0]["sha256"] == at_failover
+
+
+async def test_a_filter_is_not_welcomed_before_the_catalog_says_where_seqs_continue(tmp_path, monkeypatch) -> None:
+    """The recovery site's DRVA knows the domain's durable seq only from the catalog. A
+    filter that connected before the catalog opened was once welcomed with durable seq 0,
+    numbered from 1, and had its acked writes dropped as already committed."""
+    from drva.shipper import Shipper
+
+    store = FileStore(tmp_path / "store")
+    rng = np.random.default_rng(4)
+    (tmp_path / "a").mkdir()
+    async with running_drva(drva_config(tmp_path, "drva-a", "site-a")) as drva_a:
+        await stream(drva_a, DomainFilter(1, [Disk(tmp_path / "a" / "d0.img", DISK)]), rng, 80)
+    datastore = tmp_path / "site-b"
+    fork_seq = (await failover(store, 1, Target.latest(), datastore, site="site-b"))["fork_seq"]
+
+    opened = asyncio.Event()
+    real_open = Shipper.open_catalog
+
+    async def late_open(self, dom):
+        await opened.wait()
+        await real_open(self, dom)
+
+    monkeypatch.setattr(Shipper, "open_catalog", late_open)
+    async with running_drva(drva_config(tmp_path, "drva-b", "site-b"), ready=False) as drva_b:
+        filter_b = DomainFilter(1, [Disk(datastore / "vm1-d0.img", DISK)])
+        client = FilterClient([filter_b], "127.0.0.1", drva_b.port, SECRET.encode(), "host-1")
+        task = asyncio.create_task(client.run())
+        try:
+            await wait_until(lambda: client.connections or "not_ready" in (client.last_error or ""), EVENTUALLY_S,
+                             "the filter welcomed or refused")
+            # Write as soon as the filter may: before the catalog opens if it was welcomed.
+            if not client.connections:
+                opened.set()
+                await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter welcomed")
+            filter_b.capture(*random_writes(rng, [DISK], 60, 32))
+            await wait_until(lambda: filter_b.acked_seq == filter_b.next_seq - 1, EVENTUALLY_S, "acks")
+            opened.set()
+            await wait_until(lambda: drva_b.domains[1].committed_seq == filter_b.next_seq - 1, EVENTUALLY_S,
+                             "every write committed")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert filter_b.next_seq - 1 == fork_seq + 60
+    recovered = await recover(store, 1, Target.latest(), tmp_path / "check", checksum=True)
+    assert recovered["images"][0]["sha256"] == sha256_file(datastore / "vm1-d0.img")
