@@ -29,6 +29,9 @@ async def start(tmp_path, log_size="64MiB", seal_bytes="2MiB", disks=1):
                    log_size=log_size, seal_bytes=seal_bytes)
     d = Drva(config(doc), exit_on_task_failure=False)
     await d.start()
+    # A filter is welcomed once the domain's catalog is open (ERROR not_ready before):
+    # the tests below slow the store down right after, which must not delay the open.
+    await wait_until(lambda: d.domains[1].catalog_ready, EVENTUALLY_S, "the catalog open")
     return d
 
 
