@@ -67,6 +67,13 @@ def _unpack_slot(raw: bytes, slot_size: int) -> tuple[int, dict[str, Any]] | str
     return gen, doc
 
 
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        raise MetaError(f"metadata repository {path}: cannot open ({exc.strerror})") from exc
+
+
 def _newest_slot(fd: int, path: Path, slot_size: int) -> tuple[int, dict[str, Any]]:
     """(generation, document) of the newest valid slot; ``MetaError`` when neither is."""
     best: tuple[int, dict[str, Any]] | None = None
@@ -89,10 +96,7 @@ def read_metadata(path: str | os.PathLike[str], *, slot_size: int = SLOT_SIZE_DE
     beside the DRVA that owns it. A slot caught half written fails its checksum and the
     other, the previous document, is read: never a torn one."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise MetaError(f"metadata repository {path}: cannot open ({exc.strerror})") from exc
+    fd = _open(path, os.O_RDONLY)
     try:
         return _newest_slot(fd, path, slot_size)[1]
     finally:
@@ -134,10 +138,7 @@ class MetaRepository:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, slot_size: int = SLOT_SIZE_DEFAULT) -> "MetaRepository":
         path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise MetaError(f"metadata repository {path}: cannot open ({exc.strerror})") from exc
+        fd = _open(path, os.O_RDWR)
         try:
             generation, doc = _newest_slot(fd, path, slot_size)
         except MetaError:

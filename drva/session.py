@@ -55,6 +55,11 @@ class Refused(Exception):
         self.code = code
 
 
+def _fenced(dom: "DomainState") -> Refused:
+    """The refusal of a domain this DRVA no longer writes, with the reason it stopped."""
+    return Refused("fenced", f"domain {dom.id} is fenced on this DRVA: {dom.stats.last_error or 'another owner'}")
+
+
 class _PeerEnded(Exception):
     """The filter ended the session (a fatal ERROR): close it, answer nothing."""
 
@@ -149,8 +154,7 @@ class Session:
             if dom is None:
                 raise Refused("unknown_domain", f"domain {domain_id} is not served by DRVA {self.drva.cfg.name}")
             if dom.fenced:
-                raise Refused("fenced", f"domain {domain_id} is fenced on this DRVA: "
-                                        f"{dom.stats.last_error or 'another owner'}")
+                raise _fenced(dom)
             if not dom.catalog_ready and not dom.catalog_known:
                 # WELCOME tells the filter where to number from. A DRVA that never
                 # committed this domain learns its durable seq only from the store's
@@ -210,7 +214,7 @@ class Session:
         if dom is None:
             raise Refused("unknown_domain", f"frame of domain {frame.domain}, not in this session's HELLO")
         if dom.fenced:
-            raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA: {dom.stats.last_error or 'another owner'}")
+            raise _fenced(dom)
         dom.stats.frames_received += 1
         dom.stats.bytes_received += len(raw)
         if frame.last_seq <= dom.accepted_seq:

@@ -111,7 +111,7 @@ class Shipper:
             await self._commit(dom, writer, disks_delta)
         self.writers[dom.id] = writer
         committed = writer.state.timeline().committed_seq
-        dom.committed_seq = max(dom.committed_seq, committed)
+        dom.committed_seq = committed  # never below the metadata's: _behind_metadata stopped that
         while dom.unsealed and dom.unsealed[0].last_seq <= dom.committed_seq:
             dom.unsealed.popleft()  # committed before a restart; only the trim was lost
         # Nothing is sealed before the catalog is open (seal_step waits for it).
@@ -126,7 +126,7 @@ class Shipper:
         """Why the store's catalog is older than what this DRVA committed to it, as its
         metadata repository recorded (None: it is not). Then generations were removed —
         a rollback (FORMAT.md §0) — or the store is not the one this DRVA wrote to."""
-        committed = writer.state.timeline().committed_seq if writer.generation else 0
+        committed = writer.state.timeline().committed_seq  # 0 for a catalog created here
         if dom.committed_seq <= committed:
             return None
         return (f"ROLLED BACK: the store's catalog of domain {dom.id} is committed up to seq {committed}, "

@@ -3,6 +3,7 @@ simple primary disks, and the checks every end-to-end test makes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -115,6 +116,26 @@ def Disk(path: Path, size: int, fill_seed: int | None = None) -> PrimaryDisk:
                 os.pwrite(fd, rng.integers(0, 4, 1 << 20, dtype=np.uint8).tobytes(), at)
         os.close(fd)
     return PrimaryDisk(path, size)
+
+
+async def stream_committed(drva: Any, filters: list[Any], rng: np.random.Generator, writes: int,
+                           max_sectors: int = 128) -> None:
+    """``writes`` more random writes per filter, streamed to the in-process ``drva`` until
+    each domain has committed them all. Captured once the filter is welcomed: a new
+    filter numbers its writes from the durable seq WELCOME gives it."""
+    from iofilter_sim.client import FilterClient
+
+    client = FilterClient(filters, "127.0.0.1", drva.port, SECRET.encode(), "host-1")
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter connected")
+        for f in filters:
+            f.capture(*random_writes(rng, [d.size for d in f.disks], writes, max_sectors))
+        await wait_until(lambda: all(drva.domains[f.domain].committed_seq == f.next_seq - 1 for f in filters),
+                         EVENTUALLY_S, "every write committed")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def random_writes(rng: np.random.Generator, disk_sizes: list[int], n: int, max_sectors: int = 128):

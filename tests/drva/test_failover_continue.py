@@ -19,6 +19,7 @@ from iofilter_sim.filter import DomainFilter
 from rocva import Target, recover
 from rocva.failover import failover
 from tests.drva.harness import (EVENTUALLY_S, SECRET, Disk, config, domain_doc, drva_doc, random_writes,
+                                stream_committed,
                                 running_drva, wait_until)
 
 DISK = 8 << 20
@@ -30,20 +31,6 @@ def drva_config(tmp_path, name: str, site: str):
     return dataclasses.replace(config(doc), site=site)
 
 
-async def stream(drva, f: DomainFilter, rng, writes: int) -> None:
-    client = FilterClient([f], "127.0.0.1", drva.port, SECRET.encode(), "host-1")
-    task = asyncio.create_task(client.run())
-    try:
-        # A new filter numbers its writes once WELCOME said where the domain's seqs are.
-        await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter connected")
-        f.capture(*random_writes(rng, [DISK], writes, 32))
-        await wait_until(lambda: drva.domains[1].committed_seq == f.next_seq - 1, EVENTUALLY_S,
-                         "every write committed")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 async def test_the_recovery_site_continues_the_domain_on_the_new_timeline(tmp_path) -> None:
     store = FileStore(tmp_path / "store")
     rng = np.random.default_rng(3)
@@ -52,7 +39,7 @@ async def test_the_recovery_site_continues_the_domain_on_the_new_timeline(tmp_pa
     filter_a = DomainFilter(1, [primary_a])
     datastore = tmp_path / "site-b" / "datastore"
     async with running_drva(drva_config(tmp_path, "drva-a", "site-a"), check_failure=False) as drva_a:
-        await stream(drva_a, filter_a, rng, 200)
+        await stream_committed(drva_a, [filter_a], rng, 200, 32)
         at_failover = sha256_file(primary_a.path)
         result = await failover(store, 1, Target.latest(), datastore, site="site-b")
         fork_seq = result["fork_seq"]
@@ -72,7 +59,7 @@ async def test_the_recovery_site_continues_the_domain_on_the_new_timeline(tmp_pa
         async with running_drva(drva_config(tmp_path, "drva-b", "site-b")) as drva_b:
             primary_b = Disk(datastore / "vm1-d0.img", DISK)
             filter_b = DomainFilter(1, [primary_b])
-            await stream(drva_b, filter_b, rng, 150)
+            await stream_committed(drva_b, [filter_b], rng, 150, 32)
             assert filter_b.next_seq - 1 == fork_seq + 150  # numbered on from the fork
     state, _ = await load_catalog(store, 1)
     tl = state.timeline()
@@ -95,7 +82,7 @@ async def test_a_filter_is_not_welcomed_before_the_catalog_says_where_seqs_conti
     rng = np.random.default_rng(4)
     (tmp_path / "a").mkdir()
     async with running_drva(drva_config(tmp_path, "drva-a", "site-a")) as drva_a:
-        await stream(drva_a, DomainFilter(1, [Disk(tmp_path / "a" / "d0.img", DISK)]), rng, 80)
+        await stream_committed(drva_a, [DomainFilter(1, [Disk(tmp_path / "a" / "d0.img", DISK)])], rng, 80, 32)
     datastore = tmp_path / "site-b"
     fork_seq = (await failover(store, 1, Target.latest(), datastore, site="site-b"))["fork_seq"]
 

@@ -6,33 +6,17 @@ committing on top would leave a gap its trimmed log cannot fill — and serve th
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 
 from cdp.catalog import list_generations, load_catalog
 from cdp.layout import catalog_key
 from cdp.store.fs import FileStore
-from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from tests.drva.harness import (EVENTUALLY_S, SECRET, Disk, config, random_writes, running_drva, two_domains,
+from tests.drva.harness import (EVENTUALLY_S, Disk, config, running_drva, stream_committed, two_domains,
                                 wait_until)
 
 DISK = 8 << 20
-
-
-async def stream(drva, filters, rng, writes: int) -> None:
-    """``writes`` more writes per filter, until each is committed."""
-    client = FilterClient(filters, "127.0.0.1", drva.port, SECRET.encode(), "host-1")
-    task = asyncio.create_task(client.run())
-    try:
-        for f in filters:
-            f.capture(*random_writes(rng, [DISK], writes, 16))
-        await wait_until(lambda: all(drva.domains[f.domain].committed_seq == f.next_seq - 1 for f in filters),
-                         EVENTUALLY_S, "every domain committed")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_catalog_behind_the_drva_metadata_stops_only_that_domain(tmp_path) -> None:
@@ -41,7 +25,7 @@ async def test_a_catalog_behind_the_drva_metadata_stops_only_that_domain(tmp_pat
     filters = [DomainFilter(1, [disks[0]]), DomainFilter(2, [disks[1]])]
     rng = np.random.default_rng(5)
     async with running_drva(cfg) as d:
-        await stream(d, filters, rng, 64)
+        await stream_committed(d, filters, rng, 64, 16)
         seen = d.domains[1].committed_seq
     store = FileStore(tmp_path / "store")
     generations = await list_generations(store, 1)
@@ -57,7 +41,7 @@ async def test_a_catalog_behind_the_drva_metadata_stops_only_that_domain(tmp_pat
         assert error.startswith("ROLLED BACK") and str(seen) in error, error
         assert str(tmp_path) not in error  # no path in what a filter and the API are told
         # Nothing was committed on top of the rolled-back catalog...
-        assert [g for g in await list_generations(store, 1)] == generations[:1]
+        assert await list_generations(store, 1) == generations[:1]
         # ... and the other domain goes on.
-        await stream(d, filters[1:], rng, 32)
+        await stream_committed(d, filters[1:], rng, 32, 16)
         assert d.status()["domains"][0]["fenced"] is True
