@@ -35,7 +35,8 @@ from typing import Any
 
 from cdp.logs import get_logger
 from cdp.msa.config import Alarms, Policy
-from cdp.msa.supervisor import DrvaView, exit_text
+from cdp.msa.keeper import exit_text
+from cdp.msa.supervisor import DrvaView
 
 log = get_logger("cdp.msa.alarms")
 

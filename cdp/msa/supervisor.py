@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,42 +37,25 @@ from cdp.durable import atomic_write
 from cdp.errors import CdpError
 from cdp.logs import get_logger
 from cdp.msa.config import DrvaSpec, Policy, SiteConfig
+from cdp.msa.keeper import (
+    BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S, STOP_TIMEOUT_S, Kept, ProcessKeeper, exit_text,
+)
 
 log = get_logger("cdp.msa.supervisor")
 
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
-STABLE_AFTER_S = 60.0  # up this long: the next exit starts the back-off afresh
-STOP_TIMEOUT_S = 20.0
 STEP_INTERVAL_S = 0.2
-LOG_ROTATE_BYTES = 64 << 20  # a DRVA log bigger than this is moved to .1 at the next start
-LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
-ERROR_TEXT_MAX = 400
-#: Where ``python -m drva.daemon`` finds its package (cdp and drva are siblings).
-CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Supervised:
-    """One DRVA and its process. Invariant: ``proc`` is None exactly when ``state`` is
-    ``restarting`` or ``stopped``."""
+@dataclass(kw_only=True)
+class Supervised(Kept):
+    """One DRVA and its process (``Kept``)."""
 
     spec: DrvaSpec
     domains: tuple[str, ...]
     config_path: Path
-    log_path: Path
     status_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    state: str = "stopped"
-    state_since: float = 0.0  # monotonic
-    restarts: int = 0
-    backoff_s: float = BACKOFF_FIRST_S
-    restart_at: float | None = None  # monotonic, while restarting
-    last_exit: int | None = None  # the exit code (negative: the signal)
-    last_error: str | None = None  # the last error its log gave before it exited
     status: dict[str, Any] | None = None  # the newest status.json of the current process
     status_read_at: float | None = None  # monotonic
-    expected_exit: bool = field(default=False, repr=False)  # we are stopping it
 
 
 @dataclass(frozen=True)
@@ -108,17 +88,6 @@ class DrvaView:
                 "status_age_s": None if self.status_age_s is None else round(self.status_age_s, 1)}
 
 
-def exit_text(code: int | None) -> str:
-    if code is None:
-        return "not exited"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class Supervisor:
     """The DRVA processes of one site (see the module docstring)."""
 
@@ -128,10 +97,10 @@ class Supervisor:
         cfg.secret(env)  # refuse to start DRVAs that could not authenticate a filter
         self.cfg = cfg
         # The DRVAs get the site secret, not the API token: they never serve the API.
-        self.env = {k: v for k, v in env.items() if k != cfg.token_env}
+        self.keeper = ProcessKeeper("drva", {k: v for k, v in env.items() if k != cfg.token_env}, clock,
+                                    backoff_first_s=backoff_first_s, backoff_max_s=backoff_max_s,
+                                    stable_after_s=stable_after_s, stop_timeout_s=stop_timeout_s)
         self.clock = clock
-        self.backoff_first_s, self.backoff_max_s = backoff_first_s, backoff_max_s
-        self.stable_after_s, self.stop_timeout_s = stable_after_s, stop_timeout_s
         self.drvas: dict[str, Supervised] = {}
         self._lock = asyncio.Lock()  # apply / step / stop_all change the same processes
 
@@ -171,8 +140,10 @@ class Supervisor:
 
     def _new(self, spec: DrvaSpec, domains: tuple[str, ...]) -> Supervised:
         root = self.cfg.state_dir
-        return Supervised(spec, domains, root / "drvas" / f"{spec.name}.toml", root / "logs" / f"{spec.name}.log",
-                          self.cfg.drva_state_dir(spec) / "status.json", backoff_s=self.backoff_first_s)
+        return Supervised(name=spec.name, log_path=root / "logs" / f"{spec.name}.log", spec=spec, domains=domains,
+                          config_path=root / "drvas" / f"{spec.name}.toml",
+                          status_path=self.cfg.drva_state_dir(spec) / "status.json",
+                          backoff_s=self.keeper.backoff_first_s)
 
     def _write_config(self, sup: Supervised) -> None:
         doc = self.cfg.drva_config_doc(sup.spec, list(sup.domains))
@@ -181,82 +152,22 @@ class Supervisor:
 
     # ------------------------------------------------------------------ processes
 
-    def _set_state(self, sup: Supervised, state: str) -> None:
-        sup.state, sup.state_since = state, self.clock()
-
     async def _start(self, sup: Supervised) -> None:
-        try:
-            sup.log_path.parent.mkdir(parents=True, exist_ok=True)
-            _rotate(sup.log_path)
-            out = os.open(sup.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-            try:
-                # A session of its own: a Ctrl-C meant for the daemon must not reach the
-                # DRVAs directly; the daemon stops them in order.
-                sup.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "drva.daemon", "--config", str(sup.config_path),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=self.env, cwd=CODE_ROOT,
-                    start_new_session=True)
-            finally:
-                os.close(out)
-        except OSError as exc:  # the next step retries, after the back-off
-            sup.proc = None
-            sup.last_error = f"cannot start: {exc.strerror or exc} ({exc.filename or sys.executable})"
-            log.error("drva_start_failed", drva=sup.spec.name, error=sup.last_error)
-            self._schedule_restart(sup)
-            return
-        sup.expected_exit = False
         sup.status = None
-        self._set_state(sup, "starting")
-        log.info("drva_spawned", drva=sup.spec.name, pid=sup.proc.pid, domains=list(sup.domains),
-                 config=str(sup.config_path), restarts=sup.restarts)
+        await self.keeper.spawn(sup, ("-m", "drva.daemon", "--config", str(sup.config_path)),
+                                domains=list(sup.domains), config=str(sup.config_path))
 
     async def _stop(self, sup: Supervised) -> None:
-        proc = sup.proc
-        sup.restart_at = None
-        if proc is None:
-            self._set_state(sup, "stopped")
-            return
-        sup.expected_exit = True
-        if proc.returncode is None:
-            _signal(proc, signal.SIGTERM)
-            try:
-                async with asyncio.timeout(self.stop_timeout_s):
-                    await proc.wait()
-            except TimeoutError:
-                log.warning("drva_stop_timeout", drva=sup.spec.name, pid=proc.pid, timeout_s=self.stop_timeout_s)
-                _signal(proc, signal.SIGKILL)
-                await proc.wait()
-        sup.proc = None
+        await self.keeper.stop(sup)
         sup.status = None
-        sup.last_exit = proc.returncode
-        self._set_state(sup, "stopped")
-        log.info("drva_stopped", drva=sup.spec.name, pid=proc.pid, exit=exit_text(proc.returncode))
-
-    def _schedule_restart(self, sup: Supervised) -> None:
-        now = self.clock()
-        if sup.state == "up" and now - sup.state_since >= self.stable_after_s:
-            sup.backoff_s = self.backoff_first_s  # it had been fine for a while: not a crash loop
-        sup.restart_at = now + sup.backoff_s
-        self._set_state(sup, "restarting")
-        log.warning("drva_restarting", drva=sup.spec.name, in_s=sup.backoff_s, restarts=sup.restarts + 1,
-                    last_exit=exit_text(sup.last_exit), error=sup.last_error)
-        sup.backoff_s = min(self.backoff_max_s, sup.backoff_s * 2)
 
     async def step(self) -> None:
         """Reap exited DRVAs, restart the ones whose back-off is over, read statuses."""
         async with self._lock:
-            now = self.clock()
             for sup in self.drvas.values():
-                proc = sup.proc
-                if proc is not None and proc.returncode is not None and not sup.expected_exit:
-                    sup.proc, sup.status, sup.last_exit = None, None, proc.returncode
-                    sup.last_error = _last_error(sup.log_path)
-                    log.error("drva_exited", drva=sup.spec.name, pid=proc.pid, exit=exit_text(proc.returncode),
-                              error=sup.last_error)
-                    self._schedule_restart(sup)
-                elif sup.state == "restarting" and sup.restart_at is not None and now >= sup.restart_at:
-                    sup.restarts += 1
-                    sup.restart_at = None
+                if self.keeper.reap(sup):
+                    sup.status = None
+                elif self.keeper.restart_due(sup):
                     await self._start(sup)
                 elif sup.proc is not None:
                     self._read_status(sup)
@@ -270,7 +181,7 @@ class Supervisor:
             return  # an earlier process's document
         sup.status, sup.status_read_at = doc, self.clock()
         if sup.state == "starting":
-            self._set_state(sup, "up")
+            self.keeper.set_state(sup, "up")
             sup.last_error = None
             log.info("drva_up", drva=sup.spec.name, pid=sup.proc.pid, listen=doc.get("listen"))
 
@@ -317,42 +228,3 @@ class Supervisor:
             await asyncio.sleep(STEP_INTERVAL_S)
 
 
-def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
-    try:
-        proc.send_signal(sig)
-    except ProcessLookupError:
-        pass  # already gone
-
-
-def _rotate(path: Path) -> None:
-    try:
-        if path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(path, path.with_name(path.name + ".1"))
-    except FileNotFoundError:
-        pass
-
-
-def _last_error(path: Path) -> str | None:
-    """The last error its log holds (JSON lines from cdp.logs, or a plain traceback line)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            if doc.get("level") == "error":
-                text = f"{doc.get('event')}: {doc.get('error') or ''}".rstrip(": ")
-                return text[:ERROR_TEXT_MAX]
-            continue
-        if line.startswith("drva: error:") or "Error" in line:
-            return line[:ERROR_TEXT_MAX]
-    return None

@@ -1,0 +1,197 @@
+"""Keep child processes running: spawn, stop in order, restart after a crash with a
+growing back-off. The DRVA supervisor (``cdp.msa.supervisor``) and the simulator
+hypervisor's host processes (``cdp.hypervisor.simulator``) are both built on it.
+
+Each process gets its own session (a Ctrl-C meant for the daemon must not reach it
+directly: the daemon stops its children in order) and its output appended to its log
+file, which is moved to ``.1`` at a start when it grew past ``LOG_ROTATE_BYTES``.
+
+States of one kept process: ``starting`` (spawned; the owner says when it is ``up``),
+``up``, ``restarting`` (exited; waiting for its back-off), ``stopped``. A process that
+stayed up for ``stable_after_s`` starts its next back-off from the first step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cdp.logs import get_logger
+
+log = get_logger("cdp.msa.keeper")
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # up this long: the next exit starts the back-off afresh
+STOP_TIMEOUT_S = 20.0
+LOG_ROTATE_BYTES = 64 << 20
+LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
+ERROR_TEXT_MAX = 400
+#: Where ``python -m drva.daemon`` and ``python -m iofilter_sim`` find their packages.
+CODE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Kept:
+    """One kept process. Invariant: ``proc`` is None exactly when ``state`` is
+    ``restarting`` or ``stopped``."""
+
+    name: str
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "stopped"
+    state_since: float = 0.0  # monotonic
+    restarts: int = 0
+    backoff_s: float = BACKOFF_FIRST_S
+    restart_at: float | None = None  # monotonic, while restarting
+    last_exit: int | None = None  # the exit code (negative: the signal)
+    last_error: str | None = None  # the last error its log gave before it exited
+    expected_exit: bool = field(default=False, repr=False)  # we are stopping it
+
+
+class ProcessKeeper:
+    """Spawns, stops and restarts ``Kept`` processes. ``kind`` prefixes the log events
+    (``drva_spawned``, ``host_exited``); ``clock`` is monotonic (tests move it)."""
+
+    def __init__(self, kind: str, env: Mapping[str, str], clock: Callable[[], float], *,
+                 backoff_first_s: float = BACKOFF_FIRST_S, backoff_max_s: float = BACKOFF_MAX_S,
+                 stable_after_s: float = STABLE_AFTER_S, stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
+        self.kind = kind
+        self.env = dict(env)
+        self.clock = clock
+        self.backoff_first_s, self.backoff_max_s = backoff_first_s, backoff_max_s
+        self.stable_after_s, self.stop_timeout_s = stable_after_s, stop_timeout_s
+
+    def set_state(self, kept: Kept, state: str) -> None:
+        kept.state, kept.state_since = state, self.clock()
+
+    async def spawn(self, kept: Kept, args: Sequence[str], **fields: object) -> None:
+        """Start ``python args...``; on failure the next ``reap`` retries after the back-off."""
+        try:
+            kept.log_path.parent.mkdir(parents=True, exist_ok=True)
+            _rotate(kept.log_path)
+            out = os.open(kept.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            try:
+                kept.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                    env=self.env, cwd=CODE_ROOT, start_new_session=True)
+            finally:
+                os.close(out)
+        except OSError as exc:
+            kept.proc = None
+            kept.last_error = f"cannot start: {exc.strerror or exc} ({exc.filename or sys.executable})"
+            log.error(f"{self.kind}_start_failed", name=kept.name, error=kept.last_error)
+            self.schedule_restart(kept)
+            return
+        kept.expected_exit = False
+        self.set_state(kept, "starting")
+        log.info(f"{self.kind}_spawned", name=kept.name, pid=kept.proc.pid, restarts=kept.restarts, **fields)
+
+    async def stop(self, kept: Kept, *, sig: int = signal.SIGTERM, timeout_s: float | None = None) -> None:
+        """Signal it (SIGTERM), wait, then SIGKILL after ``timeout_s`` (default ``stop_timeout_s``)."""
+        proc = kept.proc
+        kept.restart_at = None
+        if proc is None:
+            self.set_state(kept, "stopped")
+            return
+        kept.expected_exit = True
+        if proc.returncode is None:
+            send_signal(proc, sig)
+            try:
+                async with asyncio.timeout(self.stop_timeout_s if timeout_s is None else timeout_s):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning(f"{self.kind}_stop_timeout", name=kept.name, pid=proc.pid)
+                send_signal(proc, signal.SIGKILL)
+                await proc.wait()
+        kept.proc = None
+        kept.last_exit = proc.returncode
+        self.set_state(kept, "stopped")
+        log.info(f"{self.kind}_stopped", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode))
+
+    def schedule_restart(self, kept: Kept) -> None:
+        now = self.clock()
+        if kept.state == "up" and now - kept.state_since >= self.stable_after_s:
+            kept.backoff_s = self.backoff_first_s  # it had been fine for a while: not a crash loop
+        kept.restart_at = now + kept.backoff_s
+        self.set_state(kept, "restarting")
+        log.warning(f"{self.kind}_restarting", name=kept.name, in_s=kept.backoff_s, restarts=kept.restarts + 1,
+                    last_exit=exit_text(kept.last_exit), error=kept.last_error)
+        kept.backoff_s = min(self.backoff_max_s, kept.backoff_s * 2)
+
+    def reap(self, kept: Kept) -> bool:
+        """True when it exited on its own (then a restart is scheduled)."""
+        proc = kept.proc
+        if proc is None or proc.returncode is None or kept.expected_exit:
+            return False
+        kept.proc, kept.last_exit = None, proc.returncode
+        kept.last_error = last_error(kept.log_path)
+        log.error(f"{self.kind}_exited", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode),
+                  error=kept.last_error)
+        self.schedule_restart(kept)
+        return True
+
+    def restart_due(self, kept: Kept) -> bool:
+        due = kept.state == "restarting" and kept.restart_at is not None and self.clock() >= kept.restart_at
+        if due:
+            kept.restarts += 1
+            kept.restart_at = None
+        return due
+
+
+def exit_text(code: int | None) -> str:
+    if code is None:
+        return "not exited"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def send_signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass  # already gone
+
+
+def _rotate(path: Path) -> None:
+    try:
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+def last_error(path: Path) -> str | None:
+    """The last error a log holds (JSON lines from cdp.logs, or a plain traceback line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            if doc.get("level") == "error":
+                text = f"{doc.get('event')}: {doc.get('error') or ''}".rstrip(": ")
+                return text[:ERROR_TEXT_MAX]
+            continue
+        if ": error:" in line or "Error" in line:
+            return line[:ERROR_TEXT_MAX]
+    return None
