@@ -192,6 +192,27 @@ async def load_catalog(store, domain: int, *, stats: dict | None = None) -> tupl
     raise AssertionError("unreachable")
 
 
+async def find_domain(store, name: str) -> tuple[int, CatalogState] | None:
+    """(id, head) of the domain named ``name`` in the store; None when none is. Walks the
+    domains in key order, one listing call and one catalog load each (no full listing)."""
+    after = "d/"
+    while True:
+        first = None
+        async for info in store.list("d/", start_after=after):
+            first = info.key
+            break
+        if first is None:
+            return None
+        try:
+            domain_id = int(first.split("/")[1], 16)
+        except (IndexError, ValueError):
+            raise FormatError(f"{store.describe()}: key {first!r} is not under d/<domain id in hex>/") from None
+        state, _ = await load_catalog(store, domain_id)
+        if state is not None and state.domain["name"] == name:
+            return domain_id, state
+        after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
+
+
 async def _load_chain(store, domain: int, present: set[int], head: int, stats: dict | None) -> CatalogState:
     chain: list[tuple[str, int, Any]] = []  # (key, kind, body), newest first
     nxt = head

@@ -11,8 +11,8 @@ a complete one)::
     [[hosts]]
     name = "esx-01"
 
-    [[vms]]
-    name = "erp-db"
+    [[vms]]                          # none at all is fine: a recovery site's pilot
+    name = "erp-db"                  # light is a host and a datastore
     host = "esx-01"                  # one of the [[hosts]]
     disks = [                        # at least one; the order is the domain's disk order
       { name = "disk0", size = "64MiB" },   # bytes: an integer or "<n>KiB|MiB|GiB|TiB"
@@ -175,7 +175,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     ``base_dir``; the ``state_dir`` argument, when given, overrides the file's.
     """
     r = TomlReader(source)
-    r.table(data, "", {"site", "hosts", "vms"}, {"state_dir", "domains"})
+    r.table(data, "", {"site", "hosts"}, {"state_dir", "vms", "domains"})
     site = r.name(data["site"], "site")
     state = state_dir if state_dir is not None else data.get("state_dir", DEFAULT_STATE_DIR)
     if not isinstance(state, (str, Path)) or not str(state):
@@ -187,7 +187,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
         name = r.name(host["name"], f"hosts[{i}].name")
         r.unique(name, set(host_names), f"hosts[{i}].name", "host")
         host_names.append(name)
-    vms = _vms(r, data["vms"], set(host_names), state_path)
+    vms = _vms(r, data.get("vms", []), set(host_names), state_path)
     hosts = tuple(Host(h, tuple(vm.name for vm in vms if vm.host == h)) for h in host_names)
     domains = _domains(r, data.get("domains", []), {vm.name: vm for vm in vms})
     return Cluster(site, state_path, hosts, vms, domains, source)
@@ -197,7 +197,7 @@ def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[V
     vms: list[Vm] = []
     vm_names: set[str] = set()
     images: set[Path] = set()
-    for i, vm in enumerate(r.list(value, "vms", nonempty=True)):
+    for i, vm in enumerate(r.list(value, "vms", nonempty=False)):
         at = f"vms[{i}]"
         r.table(vm, at, {"name", "host", "disks"}, set())
         name = r.name(vm["name"], f"{at}.name")

@@ -23,9 +23,16 @@ from cdp.durable import atomic_write
 Size = int | str
 
 
-def vm(name: str, host: str, disks: Sequence[tuple[str, Size]]) -> dict[str, Any]:
-    """A ``[[vms]]`` entry: ``disks`` as (name, size) in the domain's disk order."""
-    return {"name": name, "host": host, "disks": [{"name": d, "size": size} for d, size in disks]}
+def vm(name: str, host: str, disks: Sequence[tuple[str, Size] | tuple[str, Size, str | Path]]) -> dict[str, Any]:
+    """A ``[[vms]]`` entry: ``disks`` as (name, size) or (name, size, image) in the
+    domain's disk order (an image relative to the inventory's ``state_dir``)."""
+    out = []
+    for d in disks:
+        entry: dict[str, Any] = {"name": d[0], "size": d[1]}
+        if len(d) > 2:
+            entry["image"] = str(d[2])
+        out.append(entry)
+    return {"name": name, "host": host, "disks": out}
 
 
 def domain(name: str, domain_id: int, drva: str, vms: Sequence[str],
@@ -66,7 +73,8 @@ def site(name: str, *, drvas: Sequence[Mapping[str, Any]], protect: Sequence[str
          cluster: str = "cluster.toml", store: str = "store", state_dir: str | Path = "state",
          secret_env: str | None = None, api_listen: str | None = None, token_env: str | None = None,
          recovery_roots: Sequence[str | Path] | None = None, defaults: Mapping[str, Any] | None = None,
-         alarms: Mapping[str, Any] | None = None) -> dict[str, Any]:
+         alarms: Mapping[str, Any] | None = None, hypervisor: Mapping[str, Any] | None = None,
+         peer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The site file document. ``protect``: domain names, or ``[[protect]]`` tables with a
     policy (``{"domain": "erp", "rpo_target_s": 30}``)."""
     doc: dict[str, Any] = {"site": name, "cluster": cluster, "store": store, "state_dir": str(state_dir)}
@@ -84,6 +92,10 @@ def site(name: str, *, drvas: Sequence[Mapping[str, Any]], protect: Sequence[str
         doc["protect"] = [{"domain": p} if isinstance(p, str) else dict(p) for p in protect]
     if alarms is not None:
         doc["alarms"] = dict(alarms)
+    if hypervisor is not None:
+        doc["hypervisor"] = dict(hypervisor)
+    if peer is not None:
+        doc["peer"] = dict(peer)
     return doc
 
 

@@ -3,7 +3,7 @@
     iofilter-sim check CLUSTER.toml
     iofilter-sim run CLUSTER.toml [--duration 60] [--workload random --rate-mb-s 50]
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
-                 [--seed-disks] [--json]
+                 [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN] [--json]
 
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
@@ -81,17 +81,26 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--mark", "marks", multiple=True, help="SECONDS:NAME — place a mark in every domain.")
 @click.option("--seed-disks", is_flag=True, help="Seed each disk's existing content first.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Where the disk images live.")
+@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None,
+              help="Rewrite this JSON status file twice a second (for a supervisor).")
+@click.option("--marks-log", type=click.Path(path_type=Path), default=None,
+              help="Append each mark placed (with the disks' sha256 at it) to this file, one JSON line each.")
+@click.option("--control", "control_path", type=click.Path(path_type=Path), default=None,
+              help='A JSON file {"pause": [domain, ...]}: re-read on SIGUSR1; paused domains stop writing.')
+@click.option("--isolated", multiple=True, help="DOMAIN: its VMs write their disks only (no DRVA).")
 @click.option("--json", "as_json", is_flag=True)
 def run(cluster_file: Path, duration: float | None, workload: str | None, rate_mb_s: float | None,
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
-        seed_disks: bool, state_dir: Path | None, as_json: bool) -> None:
+        seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
+        control_path: Path | None, isolated: tuple[str, ...], as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
         raise click.UsageError("set CDP_SITE_SECRET to the site secret (at least 16 characters)")
     cluster = load_cluster(cluster_file, state_dir=state_dir)
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
-                      seed_disks=seed_disks,
+                      seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
+                      control_path=control_path, isolated=frozenset(isolated),
                       workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {})
     summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks)))
     if as_json:
@@ -124,6 +133,7 @@ async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None,
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGUSR1, runner.read_control)
     await runner.start()
     try:
         await runner.run(duration, marks)

@@ -108,6 +108,18 @@ class DomainFilter:
             return
         self._capture_records(records, payload)
 
+    def write_only(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
+                   payload: bytes) -> None:
+        """Apply a batch of writes to the primary disks without capturing them: a VM that
+        runs isolated (a test failover's copy) writes locally and replicates nothing."""
+        if len(disk) == 0:
+            return
+        records = empty_records(len(disk))
+        records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
+        self._apply(records, payload)
+        self.stats["writes"] += len(disk)
+        self.stats["bytes"] += int(length.sum())
+
     def _apply(self, records: np.ndarray, payload: bytes) -> None:
         lengths = payload_lengths(records)
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)

@@ -9,11 +9,14 @@ waits until every captured write is acked; ``summary`` reports what happened.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdp.durable import atomic_write
 from cdp.inventory import Cluster, DomainSpec
 from cdp.logs import get_logger
 from iofilter_sim.client import FilterClient
@@ -28,6 +31,7 @@ log = get_logger("iofilter.runner")
 
 BATCH_WRITES_MAX = 4096
 BATCH_BYTES_MAX = 4 << 20
+STATUS_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -43,6 +47,17 @@ class RunOptions:
     # already holds continues after its durable seq (FilterClient), which is only
     # possible before the first write is numbered.
     connect_wait_s: float = 10.0
+    # For the hypervisor that runs this simulator (cdp.hypervisor.simulator): a status
+    # document rewritten every STATUS_INTERVAL_S, and each mark appended as a JSON line
+    # (with the primaries' sha256 at it) to ``marks_log``.
+    status_path: Path | None = None
+    marks_log: Path | None = None
+    # ``{"pause": [domain, ...]}``: those domains' workloads stop issuing writes (their
+    # filters stay connected: a mark can still be placed). Read at start and by
+    # ``read_control`` (the simulator calls it on SIGUSR1).
+    control_path: Path | None = None
+    # Domains whose VMs run isolated: their writes go to the primaries only, no DRVA.
+    isolated: frozenset[str] = frozenset()
 
 
 class ClusterRunner:
@@ -61,16 +76,21 @@ class ClusterRunner:
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._give_up = asyncio.Event()  # stop waiting in ``drain`` too
+        self.pause: set[str] = set()  # domains whose workloads must not write (control file)
+        self.paused: set[str] = set()  # ... and that stopped writing: their loops saw it
         self.started = time.monotonic()
 
     async def start(self) -> None:
+        self.read_control()
         for dom in self.cluster.domains:
             self.disks[dom.name] = [PrimaryDisk.for_disk(d.disk) for d in dom.disks]
             self.filters[dom.name] = DomainFilter(dom.id, self.disks[dom.name],
                                                   buffer_bytes_max=self.opts.buffer_bytes_max)
             self.workloads[dom.name] = self._workload(dom)
         for endpoint in self.cluster.drvas:
-            doms = self.cluster.domains_of(endpoint)
+            doms = tuple(d for d in self.cluster.domains_of(endpoint) if d.name not in self.opts.isolated)
+            if not doms:
+                continue
             client = FilterClient([self.filters[d.name] for d in doms], endpoint.host, endpoint.port,
                                   self.secret, f"{self.cluster.site}-filter", site=self.cluster.site)
             client.on_mark = self._requested_mark
@@ -78,6 +98,8 @@ class ClusterRunner:
             for d in doms:
                 self.client_of[d.name] = client
             self._tasks.append(asyncio.create_task(client.run(), name=f"client-{endpoint}"))
+        if self.opts.status_path is not None:
+            self._tasks.append(asyncio.create_task(self._write_status_every(self.opts.status_path), name="status"))
         deadline = time.monotonic() + self.opts.connect_wait_s
         while (any(c.connections == 0 for c in self.clients) and time.monotonic() < deadline
                and not self._stop.is_set()):
@@ -87,7 +109,7 @@ class ClusterRunner:
                 log.warning("drva_not_reached", drva=f"{c.host}:{c.port}", waited_s=self.opts.connect_wait_s,
                             error=c.last_error)
         if self.opts.seed_disks:
-            for dom in self.cluster.domains:
+            for dom in [d for d in self.cluster.domains if d.name not in self.opts.isolated]:
                 for i in range(len(self.disks[dom.name])):
                     await seed_disk(self.client_of[dom.name], self.filters[dom.name], i)
 
@@ -124,14 +146,35 @@ class ClusterRunner:
         except TimeoutError:
             return False
 
+    def read_control(self) -> None:
+        """Apply the control file (``RunOptions.control_path``): which domains are paused."""
+        if self.opts.control_path is None:
+            return
+        try:
+            doc = json.loads(self.opts.control_path.read_bytes())
+        except FileNotFoundError:
+            doc = {}
+        except (OSError, ValueError) as exc:
+            log.error("control_unreadable", path=str(self.opts.control_path), error=str(exc))
+            return
+        pause = doc.get("pause", []) if isinstance(doc, dict) else []
+        self.pause = {d for d in pause if isinstance(d, str)} if isinstance(pause, list) else set()
+        self.paused &= self.pause
+        log.info("control_read", pause=sorted(self.pause))
+
     async def _drive(self, name: str) -> None:
         wl, f = self.workloads[name], self.filters[name]
         while not self._stop.is_set() and not wl.done:
+            if name in self.pause:
+                self.paused.add(name)  # between batches: nothing of it is being captured
+                await asyncio.sleep(0.02)
+                continue
             batch = wl.paced_batch(BATCH_WRITES_MAX, BATCH_BYTES_MAX)
             if batch.count == 0:
                 await asyncio.sleep(max(0.001, min(wl.delay_s(), 0.1)))
                 continue
-            f.capture(batch.disk, batch.offset, batch.length, batch.kind, batch.payload)
+            write = f.write_only if name in self.opts.isolated else f.capture
+            write(batch.disk, batch.offset, batch.length, batch.kind, batch.payload)
             await asyncio.sleep(0)  # let the clients send between batches
 
     def stop(self) -> None:
@@ -151,8 +194,7 @@ class ClusterRunner:
         while True:
             try:
                 seq = f.mark(name)
-                sha = [d.sha256() for d in self.disks[domain]]
-                self.marks.append({"domain": domain, "name": name, "seq": seq, "sha256": sha})
+                self._record_mark(domain, name, seq)
                 log.info("mark_placed", domain=domain, name=name, seq=seq)
                 return seq
             except FilterError as exc:
@@ -165,8 +207,29 @@ class ClusterRunner:
         """A mark the management server asked for (``cdp mark``): recorded like ours, with
         the primaries' sha256 at that very point (nothing ran since it was inserted)."""
         domain = next(n for n, f in self.filters.items() if f.domain == domain_id)
-        sha = [d.sha256() for d in self.disks[domain]]
-        self.marks.append({"domain": domain, "name": name, "seq": seq, "sha256": sha})
+        self._record_mark(domain, name, seq)
+
+    def _record_mark(self, domain: str, name: str, seq: int) -> None:
+        record = {"domain": domain, "name": name, "seq": seq, "sha256": [d.sha256() for d in self.disks[domain]]}
+        self.marks.append(record)
+        if self.opts.marks_log is not None:
+            with open(self.opts.marks_log, "ab") as f:
+                f.write(json.dumps(record).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def status(self) -> dict[str, Any]:
+        """What a supervisor reads: each domain's sequence numbers and mode."""
+        return {"pid": os.getpid(), "time": time.time(), "site": self.cluster.site, "paused": sorted(self.paused),
+                "domains": {
+            name: {"id": f.domain, "captured_seq": f.next_seq - 1, "acked_seq": f.acked_seq, "mode": f.mode,
+                   "writes": f.stats["writes"], "bytes": f.stats["bytes"]} for name, f in self.filters.items()},
+            "connections": sum(c.connections for c in self.clients)}
+
+    async def _write_status_every(self, path: Path) -> None:
+        while True:
+            await asyncio.to_thread(atomic_write, path, json.dumps(self.status()).encode())
+            await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def drain(self, timeout_s: float = 120.0) -> bool:
         """Wait until every captured write of every domain is acked and no domain is in
@@ -182,6 +245,8 @@ class ClusterRunner:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.opts.status_path is not None:  # the last word: what was acked when it stopped
+            await asyncio.to_thread(atomic_write, self.opts.status_path, json.dumps(self.status()).encode())
         for disks in self.disks.values():
             for d in disks:
                 d.fsync()

@@ -21,6 +21,28 @@ from cdp.units import parse_size
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
+def point_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--at, --seq, --mark, --latest: one recovery point (``one_point``)."""
+    for option in reversed((
+            click.option("--at", "at", default=None, help="A time: ISO 8601 (with zone) or relative, e.g. -15m."),
+            click.option("--seq", "seq", type=int, default=None, help="A seq number."),
+            click.option("--mark", "mark", default=None, help="A mark's name."),
+            click.option("--latest", is_flag=True, help="The newest consistent point."))):
+        f = option(f)
+    return f
+
+
+def one_point(at: str | None, seq: int | None, mark: str | None, latest: bool) -> Any:
+    """The ``rocva.Target`` of ``point_options``; a usage error unless exactly one is given."""
+    from rocva import Target
+
+    chosen = [t for t in (at is not None and Target.at(at), seq is not None and Target.seq(seq),
+                          mark is not None and Target.mark(mark), latest and Target.latest()) if t]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --at, --seq, --mark, --latest")
+    return chosen[0]
+
+
 def emit(as_json: bool, result: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
     click.echo(json.dumps(result, sort_keys=True) if as_json else human(result))
 
@@ -53,24 +75,15 @@ async def with_store(url: str, work: Callable[[Any], Any]) -> Any:
 
 
 async def domain_id_of(store: Any, domain: str) -> int:
-    """A domain id from its number or its name (catalogs are found without a full listing)."""
+    """A domain id from its number or its name (``cdp.catalog.find_domain``)."""
     if domain.isdigit():
         return int(domain)
-    from cdp.catalog import load_catalog
+    from cdp.catalog import find_domain
 
-    after = "d/"
-    while True:
-        first = None
-        async for info in store.list("d/", start_after=after):
-            first = info.key
-            break
-        if first is None:
-            raise ConfigError(f"no domain named {domain!r} in {store.describe()}")
-        domain_id = int(first.split("/")[1], 16)
-        state, _ = await load_catalog(store, domain_id)
-        if state is not None and state.domain["name"] == domain:
-            return domain_id
-        after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
+    found = await find_domain(store, domain)
+    if found is None:
+        raise ConfigError(f"no domain named {domain!r} in {store.describe()}")
+    return found[0]
 
 
 def progress_bar(desc: str, as_json: bool) -> tuple[Any, Callable[[int, int], None]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from cdp.cli.common import config_option, emit, json_option, progress_bar
+from cdp.cli.common import config_option, emit, json_option, one_point, point_options, progress_bar
 from cdp.errors import ConfigError
 from cdp.msa.jobs import FINAL
 
@@ -309,4 +309,78 @@ def jobs(job_id: str | None, config_path: Path, follow: bool, name: str | None, 
         sys.exit(int(record.get("exit_code") or 1))
 
 
-COMMANDS = (daemon, protect, unprotect, status, mark, jobs)
+@click.command()
+@click.argument("domain")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@config_option
+@json_option
+def power(domain: str, state: str, config_path: Path, as_json: bool) -> None:
+    """Power DOMAIN's VMs on or off through the site's hypervisor (kept across restarts)."""
+    result = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/power", {"on": state == "on"}))
+    emit(as_json, result, lambda r: f"domain {r['domain']}: VMs {', '.join(r['vms'])} powered "
+                                    f"{'on' if r['on'] else 'off'}" + (f" on host {r['host']}" if r['host'] else ""))
+
+
+def _failover_text(record: dict[str, Any]) -> str:
+    r = record["output"]
+    ack = r.get("first_write_acked_s")
+    handover = r.get("handover")
+    planned = ([f"  handed over by site {handover['site']} at mark {handover['mark']} (seq {handover['seq']}); "
+                f"writes it acknowledged after that point: {handover['lost_writes']}"] if handover else [])
+    return "\n".join([
+        f"domain {r['domain']} failed over to site {r['site']} at {r['target']}: timeline {r['timeline']} "
+        f"(forked from timeline {r['parent_timeline']} at seq {r['fork_seq']})",
+        f"  VMs on host(s) {', '.join(r['hosts'])}" + (f" (added: {', '.join(r['added_hosts'])})"
+                                                         if r['added_hosts'] else "")
+        + f", protected by DRVA {r['drva']}",
+        f"  rehydrated in {r['rehydrate_s']:.1f} s; first write acknowledged "
+        + (f"{ack:.1f} s after the start" if ack is not None else "not yet (the VMs wrote nothing)"), *planned])
+
+
+@click.command()
+@click.argument("domain")
+@point_options
+@click.option("--planned", is_flag=True, help="Zero loss: the protected site ([peer]) quiesces the domain and "
+                                              "hands it over at a final mark; no point option.")
+@click.option("--test", "test", is_flag=True, help="The VMs come up isolated from the point (no fork, nothing "
+                                                   "written to the store); cdp failover-cleanup removes them.")
+@config_option
+@json_option
+def failover(domain: str, at: str | None, seq: int | None, mark: str | None, latest: bool, planned: bool,
+             test: bool, config_path: Path, as_json: bool) -> None:
+    """Fail DOMAIN over to this site (the recovery site's --config): its disks at the
+    point, a new timeline owned here, its VMs registered, protected and powered on.
+    Unplanned: from the store alone. Rerun a failover that did not finish to resume it."""
+    if planned and test:
+        raise click.UsageError("--planned and --test exclude each other")
+    if planned:
+        if any(v is not None for v in (at, seq, mark)) or latest:
+            raise click.UsageError("--planned fails over at the protected site's final mark: give no point")
+        body: dict[str, Any] = {"mode": "planned"}
+    else:
+        target = one_point(at, seq, mark, latest)
+        body = {"target": "latest" if target.kind == "latest" else {target.kind: target.value}}
+        if test:
+            body["mode"] = "test"
+    started = _call(config_path, lambda c: c.post(f"/v1/failover/{domain}", body))
+    record = _follow(_job_get(config_path), started["id"], as_json)
+    emit(as_json, _job_result(record), _test_failover_text if test else _failover_text)
+
+
+def _test_failover_text(record: dict[str, Any]) -> str:
+    r = record["output"]
+    return (f"test failover of domain {r['domain']} at {r['target']} (seq {r['seq']}): its VMs run isolated on "
+            f"host(s) {', '.join(r['hosts'])}; `cdp failover-cleanup {r['domain']}` removes them")
+
+
+@click.command("failover-cleanup")
+@click.argument("domain")
+@config_option
+@json_option
+def failover_cleanup(domain: str, config_path: Path, as_json: bool) -> None:
+    """Remove DOMAIN's test failover: its VMs, their registration, its test area."""
+    result = _call(config_path, lambda c: c.post(f"/v1/failover/{domain}/cleanup"))
+    emit(as_json, result, lambda r: f"test failover of domain {r['domain']} removed ({r['removed']})")
+
+
+COMMANDS = (daemon, protect, unprotect, status, mark, jobs, power, failover, failover_cleanup)

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from cdp.cli.common import (domain_id_of, emit, json_option, metadata_option, ns_text, parse_duration_option,
-                            parse_size_option, progress_bar, seen_from_metadata, store_option, timeline_option,
-                            with_store)
+from cdp.cli.common import (domain_id_of, emit, json_option, metadata_option, ns_text, one_point,
+                            parse_duration_option, parse_size_option, point_options, progress_bar,
+                            seen_from_metadata, store_option, timeline_option, with_store)
 
 @click.command()
 @click.option("--dir", "workdir", type=click.Path(path_type=Path), default=None,
@@ -83,10 +83,7 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
 @click.command()
 @click.argument("domain")
 @store_option
-@click.option("--at", "at", default=None, help="A time: ISO 8601 (with zone) or relative, e.g. -15m.")
-@click.option("--seq", "seq", type=int, default=None, help="A seq number.")
-@click.option("--mark", "mark", default=None, help="A mark's name.")
-@click.option("--latest", is_flag=True, help="The newest consistent point.")
+@point_options
 @click.option("--to", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Directory for the images (<vm>-<disk>.img); an interrupted recovery resumes.")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Ranged GETs in flight.")
@@ -95,17 +92,13 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
 def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None,
             latest: bool, out_dir: Path, concurrency: int, timeline: int | None, as_json: bool) -> None:
     """Rebuild DOMAIN's disks at one point in time, from the object store alone."""
-    from rocva import Target
     from rocva import recover as rocva_recover
 
-    chosen = [t for t in (at is not None and Target.at(at), seq is not None and Target.seq(seq),
-                          mark is not None and Target.mark(mark), latest and Target.latest()) if t]
-    if len(chosen) != 1:
-        raise click.UsageError("give exactly one of --at, --seq, --mark, --latest")
+    target = one_point(at, seq, mark, latest)
     bar, update = progress_bar("recover", as_json)
 
     async def work(store: Any) -> dict[str, Any]:
-        return await rocva_recover(store, await domain_id_of(store, domain), chosen[0], out_dir,
+        return await rocva_recover(store, await domain_id_of(store, domain), target, out_dir,
                                    progress=update, concurrency=concurrency, timeline=timeline)
 
     try:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from cdp.errors import Busy, CdpError, ConfigError, LeaseLost, NotFound, StoreError
+from cdp.errors import Busy, CdpError, ConfigError, FailoverRefused, LeaseLost, NotFound, StoreError
 from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.api_input import (
@@ -99,10 +99,14 @@ def redactions(daemon: MsaDaemon) -> tuple[tuple[str, str], ...]:
 
 
 def _from_cdp_error(exc: CdpError) -> ApiError:
-    from cdp.msa.daemon import NotProtected
+    from cdp.msa.daemon import FailedOver, NotProtected
 
     if isinstance(exc, NotProtected):
         return ApiError(409, "not_protected", exc.message, exit_code=exc.exit_code)
+    if isinstance(exc, FailedOver):
+        return ApiError(409, "failed_over", exc.message, exit_code=exc.exit_code)
+    if isinstance(exc, FailoverRefused):
+        return ApiError(409, "failover_refused", exc.message, exit_code=exc.exit_code)
     if isinstance(exc, (Busy, LeaseLost)):
         return ApiError(409, "busy", exc.message, exit_code=exc.exit_code)
     if isinstance(exc, TooManyJobs):
@@ -324,6 +328,80 @@ async def preflight(request: web.Request) -> web.Response:
     return await _job_answer(request, record, wait)
 
 
+async def power(request: web.Request) -> web.Response:
+    daemon = request.app[MSA]
+    domain = domain_of(request)
+    doc = await read_body(request, {"on"}, {"on"})
+    if not isinstance(doc["on"], bool):
+        raise bad("on", f"expected true (power the domain's VMs on) or false, got {shown(doc['on'])}")
+    return _json(await daemon.power(domain, doc["on"]))
+
+
+async def quiesce(request: web.Request) -> web.Response:
+    daemon = request.app[MSA]
+    domain = domain_of(request)
+    wait = wants_wait(request)
+    doc = await read_body(request, {"mark"}, {"mark"})
+    name = doc["mark"]
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise bad("mark", f"expected a mark name of 1..64 characters [A-Za-z0-9._-], got {shown(name)}")
+    if daemon.runner.running("quiesce", {"domain": domain}):
+        raise ApiError(409, "busy", f"domain {domain} is being quiesced already", "name")
+    record = await daemon.start_job("quiesce", {"domain": domain, "mark": name},
+                                    lambda job: daemon.quiesce(domain, name, job))
+    return await _job_answer(request, record, wait)
+
+
+async def failover(request: web.Request) -> web.Response:
+    """The domain is named as the store knows it: this site's inventory does not have it
+    until the failover registers it."""
+    from cdp.msa.failover import run_failover, run_test_failover
+
+    daemon = request.app[MSA]
+    name = request.match_info["name"]
+    if not NAME.fullmatch(name):
+        raise ApiError(404, "unknown_domain", f"expected a domain name of 1..64 characters [A-Za-z0-9._-], got "
+                                              f"{shown(name)}", "name")
+    wait = wants_wait(request)
+    doc = await read_body(request, {"target", "mode"})
+    mode = doc.get("mode", "unplanned")
+    if mode not in ("unplanned", "planned", "test"):
+        raise bad("mode", f'expected "unplanned", "planned" or "test", got {shown(mode)}')
+    if mode == "planned" and doc.get("target", "latest") != "latest":
+        raise bad("target", "a planned failover is at the final mark the protected site places: give no target")
+    if "target" not in doc and mode != "planned":
+        raise bad("target", 'expected "latest", {"seq": N}, {"mark": NAME} or {"at": TIME}')
+    target = target_text(target_from(doc.get("target", "latest")))
+    if daemon.runner.running("failover", {"domain": name}):
+        raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
+    async def work(job: Any) -> Any:
+        if mode == "test":
+            return await run_test_failover(daemon, name, target, job)
+        return await run_failover(daemon, name, target, job, planned=mode == "planned")
+
+    record = await daemon.start_job("failover", {"domain": name, "target": doc.get("target"), "mode": mode}, work)
+    return await _job_answer(request, record, wait)
+
+
+async def failover_cleanup(request: web.Request) -> web.Response:
+    from cdp.msa.failover import cleanup_test_failover
+
+    daemon = request.app[MSA]
+    name = request.match_info["name"]
+    if not NAME.fullmatch(name):
+        raise ApiError(404, "unknown_domain", f"expected a domain name of 1..64 characters [A-Za-z0-9._-], got "
+                                              f"{shown(name)}", "name")
+    await read_body(request, set())
+    if daemon.runner.running("failover", {"domain": name}):
+        raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
+    return _json(await cleanup_test_failover(daemon, name))
+
+
+def target_text(target: Any) -> str:
+    """A ``rocva.Target`` as the recovery appliance's --target takes it."""
+    return "latest" if target.kind == "latest" else f"{target.kind}:{target.value}"
+
+
 async def jobs_list(request: web.Request) -> web.Response:
     daemon = request.app[MSA]
     name = request.query.get("name") or None
@@ -352,6 +430,8 @@ ROUTES = (
     ("GET", "/v1/domains/{name}/points", points), ("POST", "/v1/domains/{name}/marks", mark),
     ("POST", "/v1/domains/{name}/recover", recover), ("POST", "/v1/domains/{name}/verify", verify),
     ("POST", "/v1/domains/{name}/consolidate", consolidate), ("POST", "/v1/preflight/{kind}", preflight),
+    ("POST", "/v1/domains/{name}/power", power), ("POST", "/v1/domains/{name}/quiesce", quiesce),
+    ("POST", "/v1/failover/{name}", failover), ("POST", "/v1/failover/{name}/cleanup", failover_cleanup),
     ("GET", "/v1/jobs", jobs_list), ("GET", "/v1/jobs/{id}", job_get),
 )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from cdp.errors import CdpError
+from cdp.errors import CdpError, ConfigError
 from cdp.msa.config import SiteConfig
 
 CONNECT_TIMEOUT_S = 5.0
@@ -39,9 +39,23 @@ class MsaClient:
     """``async with MsaClient(cfg) as c: await c.get("/v1/status")``."""
 
     def __init__(self, cfg: SiteConfig, env: Mapping[str, str] = os.environ) -> None:
-        self.cfg = cfg
-        self.base_url = f"http://{cfg.api_listen}"
-        self._headers = {"Authorization": f"Bearer {cfg.api_token(env)}"}
+        self._setup(f"http://{cfg.api_listen}", cfg.api_token(env),
+                    f"start it with `cdp daemon --config {cfg.path}`")
+
+    @classmethod
+    def for_peer(cls, cfg: SiteConfig, env: Mapping[str, str] = os.environ) -> MsaClient:
+        """A client of the peer site's API (the site file's ``[peer]``)."""
+        if cfg.peer is None:
+            raise ConfigError(f"{cfg.path}: no [peer]: the address and token of the other site's API are needed")
+        client = cls.__new__(cls)
+        client._setup(f"http://{cfg.peer.api}", cfg.peer_token(env),
+                      f"is site {cfg.peer.site}'s daemon running and reachable from here?")
+        return client
+
+    def _setup(self, base_url: str, token: str, hint: str) -> None:
+        self.base_url = base_url
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._hint = hint
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> MsaClient:
@@ -64,8 +78,8 @@ class MsaClient:
                 text = await resp.text()
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
-            raise DaemonNotRunning(f"no daemon at {self.base_url} ({exc.os_error.strerror or exc}): start it with "
-                                   f"`cdp daemon --config {self.cfg.path}`") from None
+            raise DaemonNotRunning(f"no daemon at {self.base_url} ({exc.os_error.strerror or exc}): "
+                                   f"{self._hint}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise CdpError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from None
         try:

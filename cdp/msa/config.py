@@ -44,6 +44,20 @@ one that needs no service at all (file store, log files in a local directory)::
     [jobs]
     retention_days = 60                # job records are kept this long
 
+    [hypervisor]                       # how the MSA powers VMs on and off (cdp.hypervisor)
+    driver = "simulator"               # the only driver so far: a simulator process per host
+    on_demand_hosts = ["esx-b02"]      # hosts a failover may add to the inventory (pilot light)
+    vms_per_host = 16                  # a host running this many VMs has no room left
+    recovered_workload = { kind = "random", rate_mb_s = 1 }  # what failed-over VMs write
+
+    [peer]                             # the other site of the pair (a planned failover asks it)
+    site = "site-a"
+    api = "127.0.0.1:32880"            # its [api] listen
+    token_env = "CDP_PEER_TOKEN"       # its API token, from this environment variable
+
+The inventory the site uses is the ``cluster`` file plus what this MSA registered in
+``<state_dir>/registered.toml`` (``cdp.msa.registry``): the VMs a failover brought.
+
 ``load_site_config`` refuses a bad file with the file, the key and what was expected
 (``cdp.tomlread``). Secrets are read from the environment by ``secret()`` and
 ``api_token()``; they are never stored in the file, in logs or in messages.
@@ -54,12 +68,12 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
-from cdp.inventory import Cluster, DomainSpec, load_cluster
+from cdp.inventory import Cluster, DomainSpec, parse_cluster
 from cdp.store.open import config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
@@ -71,6 +85,10 @@ from drva.config import (
 SECRET_MIN_CHARS = 16
 DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports
 DEFAULT_API = "127.0.0.1:32880"
+HYPERVISOR_DRIVERS = ("simulator",)
+VMS_PER_HOST_DEFAULT = 16
+VMS_PER_HOST_RANGE = (1, 1024)
+RECOVERED_WORKLOAD_DEFAULT: Mapping[str, Any] = {"kind": "random", "rate_mb_s": 1}
 SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
 #: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
 #: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
@@ -113,6 +131,26 @@ class Alarms:
 
 
 @dataclass(frozen=True)
+class HypervisorSpec:
+    """How the MSA runs VMs (``cdp.hypervisor``) and where a failover may put them."""
+
+    driver: str = "simulator"
+    on_demand_hosts: tuple[str, ...] = ()  # added to the inventory when a failover needs room
+    vms_per_host: int = VMS_PER_HOST_DEFAULT  # a host with this many VMs has no room left
+    recovered_workload: Mapping[str, Any] = field(  # what recovered VMs write (the simulator's options)
+        default_factory=lambda: dict(RECOVERED_WORKLOAD_DEFAULT), hash=False)
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """The other site of the pair: its name and API; its token comes from ``token_env``."""
+
+    site: str
+    api: Endpoint
+    token_env: str
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """A checked site file. Invariant: every protected domain is a domain of ``cluster``
     whose ``drva`` endpoint is the ``listen`` of one of ``drvas``."""
@@ -132,6 +170,9 @@ class SiteConfig:
     alarms: Alarms
     jobs_retention_s: float
     recovery_roots: tuple[Path, ...] = ()  # where the MSA's recoveries may write (rocva.destination)
+    hypervisor: HypervisorSpec = HypervisorSpec()
+    peer: PeerSpec | None = None
+    isolated: frozenset[str] = frozenset()  # registered domains whose VMs run unreplicated (test failovers)
 
     # ---- lookups
 
@@ -161,6 +202,10 @@ class SiteConfig:
 
     def api_token(self, env: Mapping[str, str] = os.environ) -> str:
         return _secret(env, self.token_env, "the API token", self.path)
+
+    def peer_token(self, env: Mapping[str, str] = os.environ) -> str:
+        assert self.peer is not None
+        return _secret(env, self.peer.token_env, f"the API token of site {self.peer.site}", self.path)
 
     # ---- what the MSA writes for its DRVAs
 
@@ -259,12 +304,12 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     r = TomlReader(str(path))
     here = path.resolve().parent
     r.table(data, "", {"site", "cluster", "store", "drvas"},
-            {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs", "recovery_roots"})
+            {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs", "recovery_roots",
+             "hypervisor", "peer"})
     site = r.name(data["site"], "site")
     if not isinstance(data["cluster"], str):
         r.fail("cluster", "a file path", data["cluster"])
     cluster_path = here / data["cluster"]
-    cluster = load_cluster(cluster_path)
     if not isinstance(data["store"], str) or not data["store"]:
         r.fail("store", "a store URL or path", data["store"])
     state_dir = data.get("state_dir", "state")
@@ -273,6 +318,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     if (blocker := blocking_file(here / state_dir)) is not None:
         raise ConfigError(f"{path}: state_dir: expected a directory (or a path where one can be made), got "
                           f"{state_dir!r}: {blocker!r} is a regular file")
+    cluster, isolated = _inventory(cluster_path, here / state_dir, site)
     _check_domain_ids(cluster, cluster_path)
     secret_env = data.get("secret_env", "CDP_SITE_SECRET")
     if not isinstance(secret_env, str) or not secret_env:
@@ -305,10 +351,21 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if not isinstance(root, str) or not root or "\0" in root:
             r.fail(f"recovery_roots[{i}]", "a directory path", root)
         recovery_roots.append(here / root)
+    hypervisor = _hypervisor(r, data.get("hypervisor", {}))
+    peer = None
+    if "peer" in data:
+        p = r.table(data["peer"], "peer", {"site", "api"}, {"token_env"})
+        peer_name = r.name(p["site"], "peer.site")
+        if peer_name == site:
+            r.fail("peer.site", "another site's name", peer_name)
+        peer_token_env = p.get("token_env", "CDP_PEER_TOKEN")
+        if not isinstance(peer_token_env, str) or not peer_token_env:
+            r.fail("peer.token_env", "an environment variable name", peer_token_env)
+        peer = PeerSpec(peer_name, r.endpoint(p["api"], "peer.api"), peer_token_env)
     cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, config_store_url(data["store"], here),
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
-                     protect, alarms, retention_days * 86400, tuple(recovery_roots))
+                     protect, alarms, retention_days * 86400, tuple(recovery_roots), hypervisor, peer, isolated)
     for name in protect:  # every protected domain has a DRVA here
         spec = cluster.domain(name)
         if not any(d.listen == spec.drva for d in drvas):
@@ -316,6 +373,45 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
                    f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
     _check_drva_configs(cfg)
     return cfg
+
+
+def _inventory(cluster_path: Path, state_dir: Path, site: str) -> tuple[Cluster, frozenset[str]]:
+    """The operator's inventory with what this site's MSA registered (``cdp.msa.registry``),
+    checked together — a clash names both files — and the registered domains that run
+    isolated (a test failover's)."""
+    from cdp.msa.registry import load_registry, merged, registry_path
+
+    try:
+        data = tomllib.loads(cluster_path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{cluster_path}: cannot read the cluster file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cluster_path}: not valid TOML: {exc}") from exc
+    registry = load_registry(state_dir, site)
+    if not (registry["hosts"] or registry["vms"] or registry["domains"]):
+        return parse_cluster(data, str(cluster_path), base_dir=cluster_path.parent), frozenset()
+    source = f"{cluster_path} with {registry_path(state_dir)}"
+    return (parse_cluster(merged(data, registry), source, base_dir=cluster_path.parent),
+            frozenset(registry["isolated"]))
+
+
+def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
+    t = r.table(value, "hypervisor", set(), {"driver", "on_demand_hosts", "vms_per_host", "recovered_workload"})
+    driver = t.get("driver", "simulator")
+    if driver not in HYPERVISOR_DRIVERS:
+        r.fail("hypervisor.driver", f"one of {', '.join(HYPERVISOR_DRIVERS)}", driver)
+    hosts: list[str] = []
+    for i, h in enumerate(r.list(t.get("on_demand_hosts", []), "hypervisor.on_demand_hosts", nonempty=False)):
+        name = r.name(h, f"hypervisor.on_demand_hosts[{i}]")
+        r.unique(name, set(hosts), f"hypervisor.on_demand_hosts[{i}]", "on-demand host")
+        hosts.append(name)
+    vms_per_host = int(r.number(t.get("vms_per_host", VMS_PER_HOST_DEFAULT), "hypervisor.vms_per_host",
+                                *VMS_PER_HOST_RANGE))
+    workload = t.get("recovered_workload", RECOVERED_WORKLOAD_DEFAULT)
+    # The options are the simulator's: it checks them (cdp.hypervisor.simulator).
+    r.table(workload, "hypervisor.recovered_workload", {"kind"}, set(workload) - {"kind"}
+            if isinstance(workload, Mapping) else set())
+    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload))
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:

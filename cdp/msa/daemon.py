@@ -30,12 +30,14 @@ from typing import Any
 
 from cdp.durable import atomic_write
 from cdp.errors import Busy, CdpError, ConfigError
+from cdp.hypervisor import open_hypervisor
 from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.alarms import AlarmEvaluator
 from cdp.msa.config import Policy, SiteConfig
 from cdp.msa.http_limits import ApiLimits
 from cdp.msa.jobs import Job, JobStore
+from cdp.msa.power import load_power, save_power
 from cdp.msa.procs import pid_alive
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
@@ -53,7 +55,8 @@ JOBS_PRUNE_EVERY_S = 86400.0
 SERVE_TIMEOUT_S = 60.0  # a protect job waits this long for its DRVA to serve the domain
 #: Each job kind's timeout (run_job cancels it after this).
 JOB_TIMEOUT_S = {"protect": 120.0, "mark": 120.0, "preflight": 600.0, "verify": 6 * 3600.0,
-                 "consolidate": 6 * 3600.0, "recover": 24 * 3600.0}
+                 "consolidate": 6 * 3600.0, "recover": 24 * 3600.0, "failover": 24 * 3600.0, "quiesce": 300.0}
+OWNER_CHECK_EVERY_S = 30.0  # a fenced domain's catalog is read this often to say who owns it
 RATE_SAMPLES = 6  # throughput over the last ~5 alarm ticks
 
 
@@ -93,7 +96,8 @@ class MsaDaemon:
 
     def __init__(self, cfg: SiteConfig, env: Mapping[str, str] = os.environ, *,
                  supervisor_options: Mapping[str, Any] | None = None,
-                 alarm_options: Mapping[str, Any] | None = None, api_limits: ApiLimits = ApiLimits()) -> None:
+                 alarm_options: Mapping[str, Any] | None = None, api_limits: ApiLimits = ApiLimits(),
+                 hypervisor_options: Mapping[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.api_limits = api_limits
         self.env = dict(env)
@@ -101,6 +105,13 @@ class MsaDaemon:
         self.jobs = JobStore(cfg.state_dir / "jobs", cfg.jobs_retention_s)
         self.runner = JobRunner(self.jobs)
         self.supervisor = Supervisor(cfg, env, **(supervisor_options or {}))
+        self.hypervisor = open_hypervisor(cfg, env, **(hypervisor_options or {}))
+        self.powered: list[str] = []  # the domains whose VMs run here (<state_dir>/power.json)
+        # Domains whose current timeline another site owns (they failed over there), with
+        # when that was last read from the store.
+        self.failed_over: dict[str, dict[str, Any]] = {}
+        self._owner_checked: dict[str, float] = {}
+        self._power_lock = asyncio.Lock()
         self.alarms = AlarmEvaluator(cfg.alarms, **(alarm_options or {}))
         self.metrics = MsaMetrics(self.metrics_snapshot)
         self.throughput = Throughput()
@@ -124,8 +135,11 @@ class MsaDaemon:
             self.protection = load_protection(self.cfg)
             await asyncio.to_thread(self.jobs.prune)
             await self.supervisor.apply(self.protection)
+            self.powered = await self._runnable(load_power(self.cfg))
+            await self.hypervisor.apply(self.powered)
             self._api = await start_api(self)
             loops = ((self.supervisor.step, STEP_INTERVAL_S, "supervisor"),
+                     (self.hypervisor.step, STEP_INTERVAL_S, "hypervisor"),
                      (self._alarm_step, ALARM_INTERVAL_S, "alarms"),
                      (self._schedule_step, SCHEDULE_INTERVAL_S, "consolidation-scheduler"),
                      (self._prune_step, PRUNE_INTERVAL_S, "pruner"))
@@ -147,6 +161,7 @@ class MsaDaemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.runner.cancel_all()
+        await self.hypervisor.stop_all()  # the filters drain into the DRVAs before those stop
         await self.supervisor.stop_all()
         self._release_pid_file()
         log.info("msa_stopped", site=self.cfg.site)
@@ -174,6 +189,20 @@ class MsaDaemon:
 
     async def _alarm_step(self) -> None:
         self.evaluate_alarms()
+        await self._check_fenced_owners(time.monotonic())
+
+    async def _check_fenced_owners(self, now: float) -> None:
+        """Who owns the domains a DRVA stopped shipping (fenced): a failover elsewhere shows
+        in the status as such, not only as an alarm."""
+        for v in self.supervisor.views():
+            for dom in (v.status or {}).get("domains", []):
+                name = str(dom.get("name"))
+                if not dom.get("fenced") or name not in self.protection:
+                    continue
+                if now - self._owner_checked.get(name, -OWNER_CHECK_EVERY_S) < OWNER_CHECK_EVERY_S:
+                    continue
+                self._owner_checked[name] = now
+                await self.owner_elsewhere(name)
 
     def evaluate_alarms(self) -> None:
         views = self.supervisor.views()
@@ -221,9 +250,108 @@ class MsaDaemon:
         return await self.start_job("consolidate", {"domain": domain, "trigger": trigger},
                                     lambda job: operations.consolidate(self.cfg, domain, policy, job))
 
+    async def owner_elsewhere(self, domain: str, *, strict: bool = False) -> dict[str, Any] | None:
+        """The site that owns ``domain``'s current timeline when it is not this one
+        (``operations.owned_elsewhere``), remembered for the status. A store that cannot
+        be read says nothing: logged, and None — unless ``strict``."""
+        try:
+            where = await operations.owned_elsewhere(self.cfg, domain)
+        except CdpError as exc:
+            if strict:
+                raise
+            log.warning("owner_unknown", domain=domain, error=exc.message)
+            return self.failed_over.get(domain)
+        if where is None:
+            self.failed_over.pop(domain, None)
+        else:
+            self.failed_over[domain] = {**where, "checked_ns": time.time_ns()}
+        return where
+
+    async def refuse_if_failed_over(self, domain: str, doing: str) -> None:
+        where = await self.owner_elsewhere(domain)
+        if where is not None:
+            raise FailedOver(f"{operations.failed_over_text(domain, where)}: {doing} here would act on the "
+                             f"old timeline, which is fenced for good; fail the domain back to site "
+                             f"{self.cfg.site} first")
+
+    def reload_config(self) -> None:
+        """Read the site file and the inventory again (a failover registered VMs)."""
+        from cdp.msa.config import load_site_config
+
+        cfg = load_site_config(self.cfg.path)
+        self.cfg = cfg
+        self.supervisor.cfg = cfg
+        self.hypervisor.set_inventory(cfg)
+
+    async def _runnable(self, domains: list[str]) -> list[str]:
+        """``domains`` less those that failed over to another site (their VMs stay off)."""
+        out = []
+        for name in domains:
+            if name in self.cfg.isolated:
+                out.append(name)
+                continue
+            where = await self.owner_elsewhere(name)
+            if where is not None:
+                log.error("power_on_refused", domain=name, reason=operations.failed_over_text(name, where))
+                continue
+            out.append(name)
+        return out
+
+    async def power(self, domain: str, on: bool) -> dict[str, Any]:
+        """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts."""
+        spec = self.cfg.domain(domain)
+        if on:
+            self.hypervisor.check(spec)
+            if domain not in self.cfg.isolated:  # a test failover's copy writes nothing to the store
+                await self.refuse_if_failed_over(domain, "powering its VMs on")
+        async with self._power_lock:
+            was = domain in self.powered
+            powered = [d for d in self.powered if d != domain] + ([domain] if on else [])
+            await asyncio.to_thread(save_power, self.cfg, powered)
+            self.powered = powered
+            await self.hypervisor.apply(powered)
+        log.info("domain_powered", domain=domain, on=on, was_on=was)
+        view = next((v for v in self.hypervisor.views() if v.domain == domain), None)
+        last = None if on else self.hypervisor.last_run(domain)
+        return {"domain": domain, "on": on, "was_on": was, "vms": [vm.name for vm in spec.vms],
+                "host": view.host if view else None,
+                "acked_seq": last.get("acked_seq") if last else None}
+
+    async def quiesce(self, domain: str, mark: str, job: Job) -> dict[str, Any]:
+        """Hand ``domain`` over for a planned failover (the recovery site asks, over the
+        API): its VMs stop issuing writes, mark ``mark`` is placed after their last write
+        and committed — so every write they had acknowledged is in the store before it —
+        then they are powered off and the domain is no longer protected (shipped) here.
+        Returns the mark's seq: the point the recovery site fails over at."""
+        from cdp.msa.marks import request_mark
+
+        if domain not in self.protection:
+            raise NotProtected(f"domain {domain} is not protected at site {self.cfg.site}: nothing to hand over")
+        if domain not in self.powered:
+            raise ConfigError(f"domain {domain}: its VMs are not running at site {self.cfg.site}, so no final "
+                              f"mark can be placed in their stream; power them on (`cdp power {domain} on`), "
+                              f"or fail over unplanned at the latest point (they write nothing)")
+        job.progress("pause", 0, 4)
+        paused = await self.hypervisor.pause(domain)
+        job.progress("mark", 1, 4)
+        placed = await request_mark(self.cfg, domain, mark)
+        job.progress("power-off", 2, 4)
+        off = await self.power(domain, False)
+        job.progress("unprotect", 3, 4)
+        await self.unprotect(domain)
+        job.progress("done", 4, 4)
+        acked = off["acked_seq"]
+        log.info("domain_quiesced", domain=domain, mark=mark, seq=placed["seq"], acked_seq=acked)
+        return {"domain": domain, "site": self.cfg.site, "mark": mark, "seq": placed["seq"], "ts": placed["ts"],
+                "captured_seq_at_pause": paused.get("captured_seq"), "acked_seq": acked}
+
     async def protect(self, domain: str, policy: Policy, job: Job) -> dict[str, Any]:
         """Protect ``domain`` with ``policy`` (or change its policy); its DRVA is restarted
         when its domain set changes, and the job ends when the DRVA serves the domain."""
+        if domain in self.cfg.isolated:
+            raise ConfigError(f"domain {domain} is a test failover's copy: its VMs run isolated and are never "
+                              f"protected (`cdp failover-cleanup {domain}` removes them)")
+        await self.refuse_if_failed_over(domain, "protecting it")
         drva = self.cfg.drva_of(self.cfg.domain(domain))
         async with self._protection_lock:
             protection = dict(self.protection)
@@ -272,10 +400,13 @@ class MsaDaemon:
             dom = next((d for d in (v.status or {}).get("domains", []) if d.get("name") == name), None) if v else None
             domains.append({"name": name, "id": self.cfg.domain(name).id, "drva": drva, "policy": asdict(policy),
                             "status": dom, "throughput": self.throughput.rates(drva, name),
+                            "failed_over": self.failed_over.get(name),
                             "alarms": [a.id for a in active if a.subject in (name, drva)]})
         return {"site": self.cfg.site, "pid": os.getpid(), "api": str(self.cfg.api_listen),
                 "store": redact_url(self.cfg.store_url), "state_dir": str(self.cfg.state_dir),
                 "started_ns": self.started_ns, "time_ns": time.time_ns(), "drvas": drvas, "domains": domains,
+                "vms": [v.to_dict() for v in self.hypervisor.views()], "powered": list(self.powered),
+                "failed_over": dict(self.failed_over),
                 "alarms": [a.to_dict() for a in active], "jobs_running": len(self.runner.tasks)}
 
     def metrics_snapshot(self) -> MetricsSnapshot:
@@ -298,6 +429,10 @@ async def _every(interval_s: float, step: Any, name: str) -> None:
 
 class NotProtected(ConfigError):
     """The domain is not protected."""
+
+
+class FailedOver(ConfigError):
+    """Another site owns the domain's current timeline: it failed over there."""
 
 
 async def serve(daemon: MsaDaemon) -> None:

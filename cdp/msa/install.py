@@ -3,8 +3,10 @@
 Install, in this order, each step idempotent so a second run (or a run after a crash
 half-way) ends in the same state:
 
-1. the bucket / container / root directory exists (``ensure_container``), and no other
-   site is installed on the store (one store per site: domain ids would collide);
+1. the bucket / container / root directory exists (``ensure_container``), and no domain
+   of this site's inventory has an id whose catalog in the store another site owns
+   (``foreign_domains``). Sites may share a store — a recovery site must reach its
+   protected site's — but a domain id is one domain's in the store;
 2. per DRVA: its state directory, its replication-log partition (formatted with the
    DRVA's name as label when missing or blank; kept when it already carries that label;
    anything else is refused, never overwritten), its metadata repository (same rules)
@@ -299,6 +301,25 @@ async def other_sites(store: Any, site: str) -> list[str]:
         return []
 
 
+async def foreign_domains(store: Any, cfg: SiteConfig) -> list[str]:
+    """This site's domains whose id the store holds as another site's (the owner of the
+    catalog's current timeline), as "<name> (id N: <what the store has>)"."""
+    from cdp.catalog import load_catalog
+
+    out = []
+    for spec in cfg.cluster.domains:
+        try:
+            state, _ = await load_catalog(store, spec.id)
+        except NotFound:
+            return out  # no bucket yet
+        if state is None:
+            continue
+        tl = state.timeline()
+        if tl.owner != cfg.site:
+            out.append(f"{spec.name} (id {spec.id}: domain {state.domain.get('name')!r} of site {tl.owner!r})")
+    return out
+
+
 def _deployment_for(cfg: SiteConfig, created_ns: int) -> Deployment:
     return Deployment(cfg.site, created_ns, engine_version(),
                       tuple((d.name, str(d.listen)) for d in cfg.drvas), str(cfg.api_listen))
@@ -401,11 +422,11 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
         ensure_container = getattr(store, "ensure_container", None)  # optional (cdp.store.base)
         if ensure_container is not None:
             await ensure_container()
-        others = await other_sites(store, cfg.site)
-        if others:
-            raise ConfigError(f"{store.describe()} holds the installation of site(s) "
-                              f"{', '.join(others)} (under sites/): one store per site — "
-                              f"point store in {cfg.path} at another bucket or prefix")
+        foreign = await foreign_domains(store, cfg)
+        if foreign:
+            raise ConfigError(f"{store.describe()} holds domain ids of {cfg.cluster_path.name} as another "
+                              f"site's: {'; '.join(foreign)} — give this site's domains ids of their own, "
+                              f"or point store in {cfg.path} at another bucket or prefix")
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         protection = await asyncio.to_thread(_install_protection, cfg)
         progress("protection", 1, steps)
@@ -586,6 +607,6 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
 
 __all__ = [
     "DaemonState", "PathState", "daemon_state", "domain_usage", "drva_config_path",
-    "engine_version", "inspect_log", "inspect_meta", "install", "label_for", "other_sites",
+    "engine_version", "foreign_domains", "inspect_log", "inspect_meta", "install", "label_for", "other_sites",
     "pid_path", "stop_daemon", "uninstall",
 ]

@@ -98,7 +98,14 @@ def _schemas() -> dict[str, Any]:
                 "name": {"type": "string"}, "id": {"type": "integer"}, "drva": {"type": "string"},
                 "policy": _ref("Policy"),
                 "status": {"type": ["object", "null"], "description": "The DRVA's status fields of the domain."},
-                "throughput": {"type": "object"}, "alarms": {"type": "array", "items": {"type": "string"}}}}},
+                "throughput": {"type": "object"}, "alarms": {"type": "array", "items": {"type": "string"}},
+                "failed_over": {"type": ["object", "null"],
+                                "description": "The site that owns the domain's timeline now, when not this one."}}}},
+            "vms": {"type": "array", "items": {"type": "object"},
+                    "description": "Powered-on domains, their host and what their VMs report."},
+            "powered": {"type": "array", "items": {"type": "string"}},
+            "failed_over": {"type": "object", "description": "Domains another site owns now: site, timeline, "
+                                                             "parent, fork_seq."},
             "alarms": {"type": "array", "items": _ref("Alarm")}, "jobs_running": {"type": "integer"}}},
     }
 
@@ -147,6 +154,41 @@ def _paths() -> dict[str, Any]:
         "/v1/domains/{name}/consolidate": {"post": _job_op(
             "Roll old segments into a base and apply retention, with the domain's policy.", None,
             extra={"409": {"$ref": "#/components/responses/Conflict"}})},
+        "/v1/domains/{name}/power": {"post": {
+            "summary": "Power the domain's VMs on or off through the site's hypervisor driver (remembered "
+                       "across restarts). Refused (409 failed_over) for a domain that failed over to another site.",
+            "parameters": [_NAME],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["on"], "additionalProperties": False,
+                "properties": {"on": {"type": "boolean"}}}}}},
+            "responses": {"200": _json({"type": "object"}, "Powered on or off."), **_DOMAIN_ERRORS, **_BODY_ERRORS,
+                          "409": {"$ref": "#/components/responses/Conflict"}}}},
+        "/v1/domains/{name}/quiesce": {"post": _job_op(
+            "Hand the domain over for a planned failover: its VMs stop writing, a final mark is committed "
+            "after their last write, they are powered off and the domain is no longer shipped from here. The "
+            "job's output holds the mark's seq.",
+            {"type": "object", "required": ["mark"], "additionalProperties": False,
+             "properties": {"mark": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}}},
+            extra={"409": {"$ref": "#/components/responses/Conflict"}})},
+        "/v1/failover/{name}": {"post": _job_op(
+            "Fail the domain (named as the store knows it) over to this site from the store alone: rehydrate "
+            "its disks at the point in a recovery appliance, fork its timeline (the other site is fenced), "
+            "register its VMs here, protect them on the new timeline and power them on. Rerun a failed one "
+            "to resume it.",
+            {"type": "object", "additionalProperties": False, "properties": {
+                "target": {**_ref("Target"), "description": "Required for an unplanned failover."},
+                "mode": {"type": "string", "enum": ["unplanned", "planned", "test"], "default": "unplanned",
+                         "description": "planned: the peer site ([peer] of the site file) quiesces the domain "
+                                        "first and the failover is at its final mark (no target); test: the "
+                                        "VMs come up isolated from the point, nothing is forked or written to "
+                                        "the store, /v1/failover/{name}/cleanup removes them"}}},
+            extra={"409": {"$ref": "#/components/responses/Conflict"},
+                   "501": {"$ref": "#/components/responses/NotImplemented"}})},
+        "/v1/failover/{name}/cleanup": {"post": {
+            "summary": "Remove a test failover: power its VMs off, unregister them and their on-demand hosts, "
+                       "delete its test area.", "parameters": [_NAME],
+            "responses": {"200": _json({"type": "object"}, "Removed."), **_DOMAIN_ERRORS,
+                          "409": {"$ref": "#/components/responses/Conflict"}}}},
         "/v1/preflight/{kind}": {"post": {**_job_op("Run the preflight checks of one kind.", None, domain=False,
                                                     extra={"501": {"$ref": "#/components/responses/NotImplemented"}}),
                                           "parameters": [

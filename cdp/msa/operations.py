@@ -119,3 +119,24 @@ async def consolidate(cfg: SiteConfig, domain: str, policy: Policy, job: Job) ->
     return jsonable(await with_store(cfg, lambda store: rocva_consolidate(
         store, domain_id, older_than_s=policy.consolidate_after_s, retention_s=policy.retention_s,
         scratch_dir=scratch, progress=job.progress)))
+
+
+async def owned_elsewhere(cfg: SiteConfig, domain: str) -> dict[str, Any] | None:
+    """The domain's current timeline when another site owns it — it failed over there
+    (FORMAT.md §8.5) — as ``{site, timeline, parent, fork_seq}``; None when this site
+    owns it or the store has no catalog of it yet."""
+    from cdp.catalog import load_catalog
+
+    domain_id = cfg.domain(domain).id
+    state, _ = await with_store(cfg, lambda store: load_catalog(store, domain_id))
+    if state is None:
+        return None
+    tl = state.timeline()
+    if tl.owner == cfg.site:
+        return None
+    return {"site": tl.owner, "timeline": tl.id, "parent": tl.parent, "fork_seq": tl.fork_seq}
+
+
+def failed_over_text(domain: str, where: dict[str, Any]) -> str:
+    fork = (f", forked from timeline {where['parent']} at seq {where['fork_seq']}" if where.get("parent") else "")
+    return f"domain {domain} runs at site {where['site']} now (timeline {where['timeline']}{fork})"

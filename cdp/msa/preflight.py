@@ -47,7 +47,8 @@ from cdp.meta import SLOT_SIZE_DEFAULT
 from cdp.msa.config import DRVA_PORTS, DrvaSpec, SiteConfig
 from cdp.msa.deployment import SITES_PREFIX, deployment_key, read_deployment
 from cdp.msa.install import (
-    daemon_state, domain_usage, drva_config_path, inspect_log, inspect_meta, jobs_dir, other_sites,
+    daemon_state, domain_usage, drva_config_path, foreign_domains, inspect_log, inspect_meta, jobs_dir,
+    other_sites,
 )
 from cdp.msa.protection import load_protection, protection_path
 
@@ -677,10 +678,11 @@ async def check_installation(cfg: SiteConfig, env: Mapping[str, str], store: Any
     try:
         where = store.describe()
         try:
+            foreign = await _within(foreign_domains(store, cfg))
+            if foreign:
+                return Check("installation", "fail", f"{where} holds domain ids of this site as another "
+                             f"site's: {'; '.join(foreign)}", {"domains": foreign})
             others = await _within(other_sites(store, cfg.site))
-            if others:
-                return Check("installation", "fail", f"{where} holds the installation of site(s) "
-                             f"{', '.join(others)}: one store per site", {"sites": others})
             mine = await _within(read_deployment(store, cfg.site))
         except NotFound:
             return Check("installation", "pass", f"{where}: the bucket or container does not exist yet "
@@ -689,11 +691,13 @@ async def check_installation(cfg: SiteConfig, env: Mapping[str, str], store: Any
             return Check("installation", "fail", f"{where}: no answer within {STORE_OP_TIMEOUT_S:g} s")
         except CdpError as exc:
             return Check("installation", "fail", exc.message)
+        shared = f"; shared with site(s) {', '.join(others)}" if others else ""
         if mine is not None:
             return Check("installation", "warn", f"{where}: {cfg.site} already installed "
                          f"({_when(mine.created_ns)}, cdp-engine {mine.engine_version}); install is "
-                         "idempotent", mine.body())
-        return Check("installation", "pass", f"{where}: no installation")
+                         f"idempotent{shared}", {**mine.body(), "other_sites": others})
+        return Check("installation", "pass", f"{where}: no installation of {cfg.site}{shared}",
+                     {"other_sites": others})
     finally:
         if opened:
             await store.close()

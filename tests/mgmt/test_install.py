@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cdp.catalog import CatalogWriter
+from cdp.catalog_state import CatalogState
 from cdp.errors import Busy, ChecksumMismatch, ConfigError, FormatError, LogError, MetaError
 from cdp.meta import MetaRepository
 from cdp.msa.config import load_site_config
@@ -181,17 +183,24 @@ async def test_install_refuses_what_it_did_not_format(site: Site) -> None:
     MetaRepository.open(meta).close()
 
 
-async def test_install_refuses_another_sites_store_and_missing_secrets(site: Site) -> None:
+async def test_install_refuses_another_sites_domain_ids_and_missing_secrets(site: Site) -> None:
     env = {k: v for k, v in site.env.items() if k != "CDP_SITE_SECRET"}
     with pytest.raises(ConfigError, match="CDP_SITE_SECRET") as err:
         await install(site.cfg, env)
     assert not (site.root / "state").exists()
+    # Another site's domain under one of this site's domain ids: refused, nothing made.
     other = Deployment("site-o", time.time_ns(), "0.1.0", (), "127.0.0.1:1")
     await store_of(site).put(deployment_key("site-o"), encode_deployment(other))
-    with pytest.raises(ConfigError, match="holds the installation of site.s. site-o") as err:
+    foreign = CatalogWriter(store_of(site), CatalogState.new(3, "shop", 1, "site-o"), by="test")
+    await foreign.commit({"disks": []})
+    with pytest.raises(ConfigError, match="files .id 3: domain 'shop' of site 'site-o'") as err:
         await install(site.cfg, site.env)
     assert err.value.exit_code == 2
     assert not (site.root / "state").exists()
+    # Sharing the store with another site is fine (a recovery site shares its protected site's).
+    for key in sorted([i.key async for i in store_of(site).list("d/")]):
+        await store_of(site).delete(key)
+    await install(site.cfg, site.env)
 
 
 async def test_install_creates_a_missing_bucket(site: Site, moto_server: str) -> None:

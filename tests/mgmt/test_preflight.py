@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from cdp.catalog import CatalogWriter
+from cdp.catalog_state import CatalogState
 from cdp.errors import ConfigError, PermissionDenied
 from cdp.logfmt import DATA_START
 from cdp.meta import MetaRepository
@@ -345,12 +347,18 @@ async def test_an_existing_installation(site: Site) -> None:
     checks = by_name(await preflight_install(site.cfg, site.env))
     assert checks["installation"]["status"] == "warn" and "already installed" in checks["installation"]["reason"]
     assert checks["state"]["status"] == "warn"
-    # Another site's record in the same store: one store per site.
+    # Another site's record in the same store: sites share a store (a recovery site must).
     other = Deployment("site-o", time.time_ns(), "0.1.0", (("drva-x", "127.0.0.1:1"),), "127.0.0.1:2")
-    await FileStore(site.root / "store").put(deployment_key("site-o"), encode_deployment(other))
+    store = FileStore(site.root / "store")
+    await store.put(deployment_key("site-o"), encode_deployment(other))
+    check = by_name(await preflight_install(site.cfg, site.env))["installation"]
+    assert check["status"] == "warn" and check["details"]["other_sites"] == ["site-o"], check
+    # ... but a domain id of this site that the store holds as the other site's domain does not.
+    await CatalogWriter(store, CatalogState.new(2, "shop", 1, "site-o"), by="test").commit({"disks": []})
     summary = await preflight_install(site.cfg, site.env)
     check = by_name(summary)["installation"]
-    assert check["status"] == "fail" and "site-o" in check["reason"] and not summary["ok"]
+    assert check["status"] == "fail" and not summary["ok"], check
+    assert "web (id 2: domain 'shop' of site 'site-o')" in check["reason"]
 
 
 async def test_another_sites_state_directory_fails(site: Site) -> None:

@@ -83,6 +83,37 @@ def test_the_example_site_loads() -> None:
     assert cfg.jobs_retention_s == 60 * 86400
 
 
+def test_the_example_recovery_site_loads_beside_site_a() -> None:
+    a = load_site_config(ROOT / "examples" / "site.toml")
+    b = load_site_config(ROOT / "examples" / "site-b.toml")
+    assert b.site == "site-b" and b.store_url == a.store_url  # one store, two sites
+    assert [h.name for h in b.cluster.hosts] == ["esx-b01"] and b.cluster.vms == () and b.cluster.domains == ()
+    assert b.hypervisor.on_demand_hosts == ("esx-b02", "esx-b03") and b.hypervisor.vms_per_host == 2
+    ports = {d.listen.port for d in a.drvas} | {a.api_listen.port}
+    assert not ports & ({d.listen.port for d in b.drvas} | {b.api_listen.port})  # both run on one machine
+    assert b.state_dir != a.state_dir and b.cluster.state_dir != a.cluster.state_dir
+
+
+def test_hypervisor_keys_are_checked(tmp_path: Path) -> None:
+    for table, key in (({"driver": "vmware"}, "hypervisor.driver"),
+                       ({"vms_per_host": 0}, "hypervisor.vms_per_host"),
+                       ({"on_demand_hosts": ["a b"]}, "hypervisor.on_demand_hosts[0]"),
+                       ({"recovered_workload": {"rate_mb_s": 1}}, "hypervisor.recovered_workload"),
+                       ({"surprise": 1}, "hypervisor")):
+        path = write_site(tmp_path)
+        path.write_text(path.read_text() + "\n[hypervisor]\n" + "".join(
+            f"{k} = {_toml(v)}\n" for k, v in table.items()))
+        with pytest.raises(ConfigError) as err:
+            load_site_config(path)
+        assert err.value.message.startswith(f"{path}: {key}"), err.value.message
+
+
+def _toml(value: object) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
 def test_the_minimal_site_loads(tmp_path: Path) -> None:
     cfg = load_site_config(write_site(tmp_path))
     assert cfg.state_dir == tmp_path / "state"

@@ -1,0 +1,80 @@
+"""The hypervisor driver: how a site's MSA powers its VMs on and off.
+
+The MSA decides *which* domains' VMs run (``<state_dir>/power.json``, ``cdp power``,
+failover); a driver makes it so and says how they are doing. The unit is the domain:
+a protection domain is a consistency group whose writes share one sequence, so its
+VMs start and stop together.
+
+Drivers:
+
+* ``simulator`` (``cdp.hypervisor.simulator``): one supervised ``iofilter-sim`` process
+  per host, running the inventory workload of the domains whose VMs it hosts.
+
+A driver for real block clients (issue 13, NBD) implements the same ``Hypervisor``
+protocol. ``open_hypervisor`` picks the one the site file's ``[hypervisor] driver`` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cdp.inventory import DomainSpec
+
+
+@dataclass(frozen=True)
+class PowerView:
+    """One powered-on domain, as its driver sees it. ``state``: ``starting``, ``up``,
+    ``restarting`` (its host process exited and is restarted after a back-off)."""
+
+    domain: str
+    host: str
+    state: str
+    pid: int | None
+    restarts: int
+    last_error: str | None
+    status: Mapping[str, Any] | None  # the driver's own figures (seqs, mode), when known
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "host": self.host, "state": self.state, "pid": self.pid,
+                "restarts": self.restarts, "last_error": self.last_error,
+                "status": dict(self.status) if self.status is not None else None}
+
+
+class Hypervisor(Protocol):
+    def check(self, domain: DomainSpec) -> None:
+        """``ConfigError`` when ``domain``'s VMs could not run here (say why)."""
+
+    def set_inventory(self, cfg: Any) -> None:
+        """The site's inventory changed (a failover registered VMs); takes effect at the
+        next ``apply``."""
+
+    async def apply(self, powered: Sequence[str]) -> list[str]:
+        """Run exactly the VMs of ``powered`` domains; return the domains (re)started."""
+
+    async def pause(self, domain: str) -> Mapping[str, Any]:
+        """Quiesce ``domain``'s running VMs: no new writes, their filter still connected
+        (a final mark can be placed); returns once they stopped, with their figures."""
+
+    async def step(self) -> None:
+        """Supervise: restart what crashed, read what the VMs report."""
+
+    async def stop_all(self) -> None:
+        """Power everything off (the MSA is stopping); ``apply`` after it starts them again."""
+
+    def views(self) -> list[PowerView]:
+        """The powered domains, in ``apply`` order."""
+
+    def last_run(self, domain: str) -> Mapping[str, Any] | None:
+        """What ``domain``'s VMs reported when they last stopped (at least ``acked_seq``:
+        the last write acknowledged), None when unknown."""
+
+
+def open_hypervisor(cfg: Any, env: Mapping[str, str], **options: Any) -> Hypervisor:
+    """The driver the site file names (``[hypervisor] driver``)."""
+    if cfg.hypervisor.driver == "simulator":
+        from cdp.hypervisor.simulator import SimulatorHypervisor
+
+        return SimulatorHypervisor(cfg, env, **options)
+    raise AssertionError(cfg.hypervisor.driver)  # the site loader admits only the drivers above

@@ -1,0 +1,251 @@
+"""The simulator as a hypervisor: one supervised ``iofilter-sim run`` process per host.
+
+A powered-on domain runs on its *home host*, the host of its first VM: the simulator
+numbers a domain's writes in one filter (one sequence per consistency group), so one
+process holds all of them even when the inventory spreads the VMs over hosts. For each
+host with powered-on domains the driver writes ``<state_dir>/hypervisor/<host>.toml``
+— an inventory of just those domains, images as absolute paths in the site's datastore
+— and keeps ``python -m iofilter_sim run`` on it running (``cdp.msa.keeper``: logs in
+``<state_dir>/logs/host-<host>.log``, restarts with a back-off). The process rewrites
+``<host>.status.json`` twice a second (each domain's captured and acked seq, mode) and
+appends each mark, with the primaries' sha256 at it, to ``<host>.marks.jsonl``.
+``pause`` (a planned failover's quiesce) lists domains in ``<host>.control.json`` and
+sends SIGUSR1: their workloads stop issuing writes, their filters stay connected. A
+domain the site registered as isolated (a test failover's copy) runs with
+``--isolated``: its VMs write their disks and nothing else.
+
+A host whose set of domains changes is restarted: SIGTERM makes the simulator stop its
+workloads and drain (every captured write acked) before it exits, so the domains that
+stay on it continue on the DRVA's sequence (the filter waits for its WELCOME). A host
+killed outright loses what it had captured and not yet sent — a crashed host's VMs
+lose their in-flight writes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp import site_files
+from cdp.durable import atomic_write
+from cdp.errors import CdpError, ConfigError
+from cdp.hypervisor import PowerView
+from cdp.inventory import DomainSpec
+from cdp.logs import get_logger
+from cdp.msa.keeper import Kept, ProcessKeeper, send_signal
+
+log = get_logger("cdp.hypervisor.simulator")
+
+SIM_SECRET_ENV = "CDP_SITE_SECRET"  # where iofilter-sim reads the handshake secret
+DRAIN_STOP_TIMEOUT_S = 60.0  # a host draining longer than this is killed (its DRVA is gone)
+PAUSE_WAIT_S = 10.0  # a paused domain's loop notices within one batch
+
+
+@dataclass(kw_only=True)
+class HostProcess(Kept):
+    domains: tuple[str, ...]
+    inventory_path: Path
+    status_path: Path
+    marks_log: Path
+    control_path: Path
+    status: dict[str, Any] | None = None
+
+
+class SimulatorHypervisor:
+    """See the module docstring. ``cfg`` is the site (``cdp.msa.config.SiteConfig``)."""
+
+    def __init__(self, cfg: Any, env: Mapping[str, str], *, clock: Callable[[], float] = time.monotonic,
+                 **keeper_options: Any) -> None:
+        self.cfg = cfg
+        # The filters get the site secret under the name the simulator reads, and
+        # nothing of the API's.
+        sim_env = {k: v for k, v in env.items() if k != cfg.token_env}
+        sim_env[SIM_SECRET_ENV] = cfg.secret(env).decode()
+        keeper_options.setdefault("stop_timeout_s", DRAIN_STOP_TIMEOUT_S)
+        self.keeper = ProcessKeeper("host", sim_env, clock, **keeper_options)
+        self.hosts: dict[str, HostProcess] = {}
+        self.root = cfg.state_dir / "hypervisor"
+        self.stopped: dict[str, dict[str, Any]] = {}  # domain -> its figures when its host last stopped
+        self.paused: set[str] = set()  # powered-on domains whose VMs issue no writes (quiesced)
+
+    # ------------------------------------------------------------------ what runs where
+
+    def set_inventory(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def home_host(self, domain: DomainSpec) -> str:
+        return domain.vms[0].host
+
+    def check(self, domain: DomainSpec) -> None:
+        from iofilter_sim.cluster import check_workloads
+
+        if domain.workload is None:
+            raise ConfigError(f"domain {domain.name}: no workload in {self.cfg.cluster_path.name}: the simulator "
+                              f"has nothing for its VMs to run")
+        check_workloads(_only(self.cfg.cluster, [domain]))
+
+    def placement(self, powered: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for name in powered:
+            out.setdefault(self.home_host(self.cfg.domain(name)), []).append(name)
+        return {host: tuple(sorted(doms)) for host, doms in out.items()}
+
+    async def apply(self, powered: Sequence[str]) -> list[str]:
+        self.paused &= set(powered)  # a domain powered off is no longer paused
+        wanted = self.placement(powered)
+        started: list[str] = []
+        for host in [h for h in self.hosts if h not in wanted]:
+            hp = self.hosts.pop(host)
+            log.info("host_powered_off", host=host, domains=list(hp.domains))
+            await self._stop(hp)
+        for host, domains in wanted.items():
+            hp = self.hosts.get(host)
+            if hp is not None and hp.domains == domains and hp.state != "stopped":
+                continue
+            if hp is not None:
+                await self._stop(hp)
+            hp = hp or self._new(host, domains)
+            hp.domains = domains
+            self._write_inventory(hp)
+            await self._start(hp)
+            self.hosts[host] = hp
+            started += list(domains)
+        return started
+
+    def _new(self, host: str, domains: tuple[str, ...]) -> HostProcess:
+        return HostProcess(name=host, log_path=self.cfg.state_dir / "logs" / f"host-{host}.log", domains=domains,
+                           inventory_path=self.root / f"{host}.toml", status_path=self.root / f"{host}.status.json",
+                           marks_log=self.root / f"{host}.marks.jsonl", control_path=self.root / f"{host}.control.json",
+                           backoff_s=self.keeper.backoff_first_s)
+
+    def _write_inventory(self, hp: HostProcess) -> None:
+        cluster = self.cfg.cluster
+        specs = [self.cfg.domain(d) for d in hp.domains]
+        vms = [vm for d in specs for vm in d.vms]
+        doc = site_files.inventory(
+            cluster.site, sorted({vm.host for vm in vms}),
+            [site_files.vm(vm.name, vm.host, [(d.name, d.size, d.image) for d in vm.disks]) for vm in vms],
+            [site_files.domain(d.name, d.id, str(d.drva), [vm.name for vm in d.vms],
+                               {"kind": d.workload.kind, **d.workload.options} if d.workload else None)
+             for d in specs],
+            state_dir=cluster.state_dir.resolve())
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(hp.inventory_path, site_files.toml_text(doc).encode())
+
+    def _write_control(self, hp: HostProcess) -> None:
+        doc = {"pause": sorted(self.paused & set(hp.domains))}
+        atomic_write(hp.control_path, json.dumps(doc).encode())
+
+    async def _start(self, hp: HostProcess) -> None:
+        hp.status = None
+        self._write_control(hp)
+        isolated = [a for d in hp.domains if d in self.cfg.isolated for a in ("--isolated", d)]
+        await self.keeper.spawn(hp, ("-m", "iofilter_sim", "run", str(hp.inventory_path), "--status",
+                                     str(hp.status_path), "--marks-log", str(hp.marks_log), "--control",
+                                     str(hp.control_path), *isolated), domains=list(hp.domains))
+
+    async def pause(self, domain: str, timeout_s: float = PAUSE_WAIT_S) -> dict[str, Any]:
+        """Make ``domain``'s VMs stop issuing writes (their filter stays connected) and
+        wait until they did; their figures then (``captured_seq``...)."""
+        hp = next((h for h in self.hosts.values() if domain in h.domains and h.proc is not None), None)
+        if hp is None:
+            raise CdpError(f"domain {domain}: its VMs are not running here")
+        self.paused.add(domain)
+        self._write_control(hp)
+        asked = time.time()
+        send_signal(hp.proc, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._read_status(hp)
+            st = hp.status or {}
+            if domain in (st.get("paused") or []) and float(st.get("time") or 0) > asked:
+                return dict((st.get("domains") or {}).get(domain) or {})
+            await asyncio.sleep(0.05)
+        raise CdpError(f"domain {domain}: its VMs on host {hp.name} did not stop writing within {timeout_s:g} s "
+                       f"(see {hp.log_path})")
+
+    async def _stop(self, hp: HostProcess) -> None:
+        """Stop the host (its simulator drains first) and keep what it said last: the
+        process rewrites its status once more after the drain."""
+        pid = hp.proc.pid if hp.proc is not None else None
+        await self.keeper.stop(hp)
+        hp.status = None
+        try:
+            doc = json.loads(hp.status_path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(doc, dict) and pid is not None and doc.get("pid") == pid:
+            for name, figures in (doc.get("domains") or {}).items():
+                if name in hp.domains and isinstance(figures, dict):
+                    self.stopped[name] = figures
+
+    def last_run(self, domain: str) -> dict[str, Any] | None:
+        """What the domain's VMs reported when their host last stopped (``acked_seq``...)."""
+        return self.stopped.get(domain)
+
+    # ------------------------------------------------------------------ supervision
+
+    async def step(self) -> None:
+        for hp in list(self.hosts.values()):
+            if self.keeper.reap(hp):
+                hp.status = None
+            elif self.keeper.restart_due(hp):
+                await self._start(hp)
+            elif hp.proc is not None:
+                self._read_status(hp)
+
+    def _read_status(self, hp: HostProcess) -> None:
+        try:
+            doc = json.loads(hp.status_path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if not isinstance(doc, dict) or hp.proc is None or doc.get("pid") != hp.proc.pid:
+            return  # an earlier process's document
+        hp.status = doc
+        if hp.state == "starting":
+            self.keeper.set_state(hp, "up")
+            hp.last_error = None
+            log.info("host_up", host=hp.name, pid=hp.proc.pid, domains=list(hp.domains))
+
+    async def stop_all(self) -> None:
+        for hp in self.hosts.values():
+            await self._stop(hp)
+
+    def views(self) -> list[PowerView]:
+        out = []
+        for hp in self.hosts.values():
+            for d in hp.domains:
+                status = ((hp.status or {}).get("domains") or {}).get(d)
+                out.append(PowerView(d, hp.name, hp.state, hp.proc.pid if hp.proc else None, hp.restarts,
+                                     hp.last_error, status if isinstance(status, dict) else None))
+        return out
+
+    def marks(self, domain: str) -> list[dict[str, Any]]:
+        """The marks the domain's host process recorded (with the primaries' sha256)."""
+        hp = next((h for h in self.hosts.values() if domain in h.domains), None)
+        if hp is None:
+            return []
+        try:
+            lines = hp.marks_log.read_text().splitlines()
+        except OSError:
+            return []
+        return [m for m in map(_json_line, lines) if isinstance(m, dict) and m.get("domain") == domain]
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None  # a torn last line
+
+
+def _only(cluster: Any, domains: Sequence[DomainSpec]) -> Any:
+    from dataclasses import replace
+
+    return replace(cluster, domains=tuple(domains))

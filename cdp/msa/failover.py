@@ -1,0 +1,409 @@
+"""``cdp failover DOMAIN`` (unplanned), run by the recovery site's MSA as a job.
+
+From the store alone — the protected site may be gone:
+
+1. **find** the domain by name in the store and refuse what cannot be done: a name the
+   site's own inventory already uses, a domain that already failed over here (its
+   record says ``done``), a domain this site already owns;
+2. **rehydrate and fork** in a short-lived ``python -m rocva failover`` process (the seed's
+   temporary recovery appliance): every disk at the point, into ``<datastore>/<domain>/``,
+   then the new timeline owned by this site (``rocva.failover``; progress is relayed to
+   the job);
+3. **register** the domain's VMs and disks (names and sizes from the catalog) on this
+   site's hosts — adding on-demand hosts when the inventory's are full — in
+   ``<state_dir>/registered.toml`` (``cdp.msa.registry``), streaming to this site's
+   least-loaded DRVA, running ``[hypervisor] recovered_workload``;
+4. **protect** it here (the DRVA continues the domain on the new timeline) and **power
+   on** its VMs (``cdp.hypervisor``);
+5. wait (bounded) for the first write of a recovered VM to be acknowledged by the DRVA:
+   the recovery time objective ends there.
+
+``<state_dir>/failovers/<domain>.json`` records the phase reached (FORMAT.md §13.4).
+Every step is idempotent, so a crashed or failed job is resumed by running it again:
+the recovery resumes, a fork already made is recognised, registration replaces itself.
+Once ``done``, a new failover of the domain is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cdp import site_files
+from cdp.durable import atomic_write
+from cdp.errors import CdpError, ConfigError, FailoverRefused, NotFound
+from cdp.logs import get_logger
+from cdp.msa import registry
+from cdp.msa.jobs import Job
+from cdp.msa.keeper import CODE_ROOT
+from cdp.store import open_store
+from cdp.tomlread import NAME
+
+log = get_logger("cdp.msa.failover")
+
+RECORD_VERSION = 1
+RECORD_BYTES_MAX = 64 << 10
+FIRST_ACK_WAIT_S = 60.0
+ROCVA_LINE_BYTES_MAX = 1 << 20  # a result line with every image's path is far below this
+ROCVA_STDERR_BYTES_MAX = 64 << 10
+
+
+def record_path(state_dir: Path, domain: str) -> Path:
+    return state_dir / "failovers" / f"{domain}.json"
+
+
+def read_record(state_dir: Path, domain: str) -> dict[str, Any] | None:
+    path = record_path(state_dir, domain)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw) if len(raw) <= RECORD_BYTES_MAX else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("domain") != domain:
+        raise ConfigError(f"{path}: not a failover record of domain {domain} (version {RECORD_VERSION}); "
+                          f"move it away to run the failover again")
+    return doc
+
+
+def write_record(state_dir: Path, doc: Mapping[str, Any]) -> None:
+    path = record_path(state_dir, str(doc["domain"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode())
+
+
+def check_domain_name(name: str) -> None:
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"domain {name!r}: expected a domain name of 1..64 characters [A-Za-z0-9._-]")
+
+
+async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned: bool = False) -> dict[str, Any]:
+    """The job (module docstring). ``daemon`` is the site's ``MsaDaemon``; ``target`` is
+    ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME`` — for a ``planned`` one, the
+    final mark the peer site places when it hands the domain over (``target`` unused)."""
+    t0 = time.monotonic()
+    cfg = daemon.cfg
+    check_domain_name(name)
+    reg = registry.load_registry(cfg.state_dir, cfg.site)
+    if name in reg["isolated"]:
+        raise FailoverRefused(f"a test failover of domain {name} is up at site {cfg.site}: "
+                              f"`cdp failover-cleanup {name}` removes it first")
+    registered = name in registry.registered_domains(reg)
+    if not registered and any(d.name == name for d in cfg.cluster.domains):
+        raise FailoverRefused(f"site {cfg.site} already has a domain {name} of its own in "
+                              f"{cfg.cluster_path.name}: a failover would shadow it; rename one of them")
+    record = read_record(cfg.state_dir, name)
+    if record is not None and record.get("phase") == "done" and registered:
+        raise FailoverRefused(
+            f"domain {name} already failed over to site {cfg.site} (timeline {record.get('timeline')}, forked "
+            f"from timeline {record.get('parent_timeline')} at seq {record.get('fork_seq')}); it runs here "
+            f"(`cdp status`); failing back is another verb")
+    job.progress("find", 0, 1)
+    domain_id, disks = await _find(cfg, name)
+    job.progress("find", 1, 1)
+    handover = None
+    if planned and record is not None and record.get("phase") != "done" and record.get("planned"):
+        target = str(record["target"])  # the peer handed the domain over already: resume at its mark
+    elif planned:
+        handover = await _handover(daemon, name, job)
+        target = f"mark:{handover['mark']}"
+    if record is None or record.get("phase") == "done" or (planned and handover is not None):
+        # (done but unregistered: a new failover)
+        record = {"version": RECORD_VERSION, "domain": name, "id": domain_id, "site": cfg.site, "target": target,
+                  "planned": planned, "phase": "started", "started_ns": time.time_ns()}
+        if handover is not None:
+            record["handover"] = handover
+        write_record(cfg.state_dir, record)
+    elif record.get("target") != target:
+        raise FailoverRefused(f"a failover of domain {name} to {record.get('target')} was started and did not "
+                              f"finish; run it again with that point to resume it (or see the job's error)")
+
+    job.progress("rehydrate", 0, 0)
+    t_rehydrate = time.monotonic()
+    try:
+        forked = await _rocva_failover(cfg, domain_id, name, target, job, daemon.env)
+    except CdpError:
+        if record["phase"] == "started":  # nothing forked: a rerun may pick another point
+            record_path(cfg.state_dir, name).unlink(missing_ok=True)
+        raise
+    rehydrate_s = time.monotonic() - t_rehydrate
+    record.update(phase="forked", timeline=forked["timeline"], parent_timeline=forked["parent_timeline"],
+                  fork_seq=forked["fork_seq"])
+    write_record(cfg.state_dir, record)
+
+    job.progress("register", 0, 1)
+    placed = await _register(daemon, name, domain_id, disks, forked["fork_seq"])
+    record.update(phase="registered", hosts=placed["hosts"], drva=placed["drva"])
+    write_record(cfg.state_dir, record)
+    job.progress("register", 1, 1)
+
+    job.progress("protect", 0, 1)
+    await daemon.protect(name, daemon.cfg.policy(name), job)
+    job.progress("power-on", 0, 1)
+    await daemon.power(name, True)
+    job.progress("first-ack", 0, 1)
+    first_ack_s = await _first_ack(daemon, name, forked["fork_seq"], t0)
+    record.update(phase="done", done_ns=time.time_ns())
+    write_record(cfg.state_dir, record)
+    job.progress("done", 1, 1)
+    handover = record.get("handover")
+    result = {"domain": name, "id": domain_id, "site": cfg.site, "target": target, "planned": planned,
+              "timeline": forked["timeline"], "parent_timeline": forked["parent_timeline"],
+              "fork_seq": forked["fork_seq"], "resumed": forked["resumed"], "images": forked["images"],
+              "hosts": placed["hosts"], "added_hosts": placed["added_hosts"], "drva": placed["drva"],
+              "rehydrate_s": round(rehydrate_s, 3), "first_write_acked_s": first_ack_s,
+              "seconds": round(time.monotonic() - t0, 3)}
+    if handover is not None:
+        # Writes the protected site acknowledged after the point failed over to: lost.
+        result["handover"] = {**handover, "lost_writes": max(0, int(handover["acked_seq"] or 0) - forked["fork_seq"])}
+    log.info("failover_done", **{k: v for k, v in result.items() if k != "images"})
+    return result
+
+
+async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> dict[str, Any]:
+    """``cdp failover --test``: the domain's VMs come up here from ``target`` in an
+    isolated test area — disks in ``<datastore>/test-<name>/``, registered as isolated,
+    powered on — while the protected site keeps replicating. No DRVA, no fork: nothing is
+    written to the store but the recovery's lease. ``cleanup_test_failover`` undoes it."""
+    t0 = time.monotonic()
+    cfg = daemon.cfg
+    check_domain_name(name)
+    reg = registry.load_registry(cfg.state_dir, cfg.site)
+    if name in reg["isolated"]:
+        raise FailoverRefused(f"a test failover of domain {name} is up at site {cfg.site} already; "
+                              f"`cdp failover-cleanup {name}` removes it first")
+    if any(d.name == name for d in cfg.cluster.domains):
+        raise FailoverRefused(f"site {cfg.site} already runs a domain {name} (its own, or failed over here): "
+                              f"a test failover would shadow it")
+    job.progress("find", 0, 1)
+    domain_id, disks = await _find(cfg, name)
+    write_record(cfg.state_dir, {"version": RECORD_VERSION, "domain": name, "id": domain_id, "site": cfg.site,
+                                 "target": target, "test": True, "phase": "started", "started_ns": time.time_ns()})
+    job.progress("rehydrate", 0, 0)
+    try:
+        recovered = await _rocva_failover(cfg, domain_id, name, target, job, daemon.env, test=True)
+    except CdpError:
+        record_path(cfg.state_dir, name).unlink(missing_ok=True)
+        raise
+    placed = await _register(daemon, name, domain_id, disks, recovered["seq"], test=True)
+    job.progress("power-on", 0, 1)
+    await daemon.power(name, True)
+    write_record(cfg.state_dir, {"version": RECORD_VERSION, "domain": name, "id": domain_id, "site": cfg.site,
+                                 "target": target, "test": True, "phase": "done", "seq": recovered["seq"],
+                                 "hosts": placed["hosts"], "done_ns": time.time_ns()})
+    job.progress("done", 1, 1)
+    result = {"domain": name, "id": domain_id, "site": cfg.site, "target": target, "test": True,
+              "seq": recovered["seq"], "images": recovered["images"], "hosts": placed["hosts"],
+              "added_hosts": placed["added_hosts"], "seconds": round(time.monotonic() - t0, 3)}
+    log.info("test_failover_up", **{k: v for k, v in result.items() if k != "images"})
+    return result
+
+
+async def cleanup_test_failover(daemon: Any, name: str) -> dict[str, Any]:
+    """Remove a test failover: power its VMs off, unregister them (and the on-demand
+    hosts they took), delete ``<datastore>/test-<name>/`` and the record."""
+    import shutil
+
+    cfg = daemon.cfg
+    check_domain_name(name)
+    reg = registry.load_registry(cfg.state_dir, cfg.site)
+    if name not in reg["isolated"]:
+        raise FailoverRefused(f"no test failover of domain {name} at site {cfg.site} "
+                              f"(test failovers: {', '.join(reg['isolated']) or 'none'})")
+    if name in daemon.powered:
+        await daemon.power(name, False)
+    registry.save_registry(cfg.state_dir, registry.without_domain(reg, name))
+    daemon.reload_config()
+    area = cfg.cluster.state_dir / f"test-{name}"
+    await asyncio.to_thread(shutil.rmtree, area, True)
+    record_path(cfg.state_dir, name).unlink(missing_ok=True)
+    log.info("test_failover_removed", domain=name, area=str(area))
+    return {"domain": name, "site": cfg.site, "removed": str(area)}
+
+
+async def _handover(daemon: Any, name: str, job: Job) -> dict[str, Any]:
+    """Ask the peer site (``[peer]``) to quiesce ``name`` and hand it over at a final mark
+    (``POST /v1/domains/{name}/quiesce``); that job's output."""
+    from cdp.msa.client import MsaClient
+
+    cfg = daemon.cfg
+    if cfg.peer is None:
+        raise FailoverRefused(f"a planned failover asks the protected site to hand domain {name} over, and "
+                              f"{cfg.path.name} has no [peer] (its site, api and token_env); add it, or fail "
+                              f"over unplanned (without --planned) from the store alone")
+    mark = f"handover-to-{cfg.site}-{time.time_ns() // 1_000_000_000}"
+    job.progress("quiesce", 0, 1)
+    try:
+        async with MsaClient.for_peer(cfg, daemon.env) as peer:
+            record = await peer.post(f"/v1/domains/{name}/quiesce", {"mark": mark}, wait=True)
+    except CdpError as exc:
+        raise FailoverRefused(f"site {cfg.peer.site} ({cfg.peer.api}) did not hand domain {name} over: "
+                              f"{exc.message}; a planned failover needs that site's daemon — fail over unplanned "
+                              f"(without --planned) if it is gone") from None
+    if not isinstance(record, dict) or record.get("state") != "succeeded" or not isinstance(record.get("output"), dict):
+        error = record.get("error") if isinstance(record, dict) else None
+        raise FailoverRefused(f"site {cfg.peer.site} could not hand domain {name} over: {error or record!r:.300}")
+    out = record["output"]
+    job.progress("quiesce", 1, 1)
+    log.info("failover_handed_over", domain=name, peer=cfg.peer.site, mark=mark, seq=out.get("seq"),
+             acked_seq=out.get("acked_seq"))
+    return {"site": cfg.peer.site, "mark": mark, "seq": out.get("seq"), "acked_seq": out.get("acked_seq")}
+
+
+async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]]]:
+    from cdp.catalog import find_domain
+
+    store = open_store(cfg.store_url)
+    try:
+        found = await find_domain(store, name)
+        if found is None:
+            raise NotFound(f"no domain named {name} in {store.describe()}: nothing to fail over "
+                           f"(`cdp points` lists what a store holds)")
+    finally:
+        await store.close()
+    domain_id, state = found
+    return domain_id, [dict(d) for d in sorted(state.disks, key=lambda d: d["disk"])]
+
+
+async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job: Job,
+                          env: Mapping[str, str], *, test: bool = False) -> dict[str, Any]:
+    """Run ``python -m rocva failover`` and relay its progress; its result, or its error
+    (with its exit code) as a ``CdpError``."""
+    child_env = {k: v for k, v in env.items() if k != cfg.token_env}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rocva", "failover", "--config", str(cfg.path), "--domain", str(domain_id),
+        "--name", name, "--target", target, *(["--test"] if test else []), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=child_env, cwd=CODE_ROOT, limit=ROCVA_LINE_BYTES_MAX)
+    log.info("rocva_started", domain=name, pid=proc.pid, target=target)
+    stderr_task = asyncio.create_task(_tail(proc.stderr, ROCVA_STDERR_BYTES_MAX))
+    outcome: dict[str, Any] | None = None
+    try:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue  # not ours (a library printing): the protocol lines are JSON
+            if not isinstance(doc, dict):
+                continue
+            if "progress" in doc and isinstance(doc["progress"], list) and len(doc["progress"]) == 2:
+                done, total = doc["progress"]
+                if isinstance(done, int) and isinstance(total, int):
+                    job.progress("rehydrate", done, total)
+            elif "result" in doc or "error" in doc:
+                outcome = doc
+        code = await proc.wait()
+    except BaseException:
+        if proc.returncode is None:  # the job was cancelled: the appliance goes with it
+            proc.kill()
+            await proc.wait()
+        raise
+    finally:
+        stderr = await stderr_task
+    log.info("rocva_exited", domain=name, pid=proc.pid, exit=code)
+    if outcome is not None and "result" in outcome and code == 0 and isinstance(outcome["result"], dict):
+        return outcome["result"]
+    if outcome is not None and isinstance(outcome.get("error"), str):
+        err = CdpError(outcome["error"])
+        exit_code = outcome.get("exit_code")
+        err.exit_code = exit_code if isinstance(exit_code, int) and 1 <= exit_code <= 125 else 1
+        raise err
+    last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    raise CdpError(f"the recovery appliance (rocva) exited with code {code} and no result: {last[0][:400]}")
+
+
+async def _tail(stream: asyncio.StreamReader | None, limit: int) -> bytes:
+    """Read ``stream`` to its end, keeping only its last ``limit`` bytes."""
+    kept = b""
+    if stream is None:
+        return kept
+    while chunk := await stream.read(65536):
+        kept = (kept + chunk)[-limit:]
+    return kept
+
+
+async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str, Any]],
+                    fork_seq: int, *, test: bool = False) -> dict[str, Any]:
+    """Register the domain's VMs here (module docstring, step 3); reload the site.
+    ``test``: isolated, their images under ``test-<name>/``."""
+    cfg = daemon.cfg
+    reg = registry.without_domain(registry.load_registry(cfg.state_dir, cfg.site), name)
+    vms: dict[str, list[dict[str, Any]]] = {}
+    for d in disks:
+        vms.setdefault(d["vm"], []).append(d)
+    hosts, added = _place(cfg, reg, name, list(vms))
+    drva = _least_loaded_drva(daemon)
+    folder = f"test-{name}" if test else name  # rocva.__main__.failover_dir
+    vm_entries = [site_files.vm(vm, hosts[vm], [(d["name"], d["size"], f"{folder}/{vm}-{d['name']}.img")
+                                                for d in vm_disks]) for vm, vm_disks in vms.items()]
+    workload = dict(cfg.hypervisor.recovered_workload)
+    # Seeded by the fork: the same seed as at the protected site would replay the writes
+    # its VMs made first, which the disks already hold.
+    workload.setdefault("seed", fork_seq & 0x7FFF_FFFF)
+    domain_entry = site_files.domain(name, domain_id, str(drva.listen), list(vms), workload)
+    new = registry.with_domain(reg, domain_entry, vm_entries, added, isolated=test)
+    previous = registry.load_registry(cfg.state_dir, cfg.site)
+    registry.save_registry(cfg.state_dir, new)
+    try:
+        daemon.reload_config()  # the loader checks the sum: a clash is refused here
+        daemon.hypervisor.check(daemon.cfg.domain(name))
+    except CdpError:
+        registry.save_registry(cfg.state_dir, previous)
+        daemon.reload_config()
+        raise
+    log.info("failover_registered", domain=name, vms=list(vms), hosts=sorted(set(hosts.values())),
+             added_hosts=added, drva=drva.name)
+    return {"hosts": sorted(set(hosts.values())), "added_hosts": added, "drva": drva.name}
+
+
+def _place(cfg: Any, reg: Mapping[str, Any], domain: str, vms: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Each VM on the first host with room — the operator's hosts, then the on-demand
+    ones — and the on-demand hosts that takes. ``FailoverRefused`` when there is no room."""
+    per_host = cfg.hypervisor.vms_per_host
+    on_demand = list(cfg.hypervisor.on_demand_hosts)
+    registered_hosts = {h["name"] for h in reg["hosts"]}
+    order = [h.name for h in cfg.cluster.hosts if h.name not in registered_hosts and h.name not in on_demand]
+    order += on_demand
+    leaving = {vm.name for d in cfg.cluster.domains if d.name == domain for vm in d.vms}  # re-registered
+    load = {h: sum(1 for vm in cfg.cluster.vms if vm.host == h and vm.name not in leaving) for h in order}
+    placed: dict[str, str] = {}
+    for vm in vms:
+        host = next((h for h in order if load[h] < per_host), None)
+        if host is None:
+            raise FailoverRefused(
+                f"no room for the {len(vms)} VM(s) of domain {domain}: every host of {cfg.cluster_path.name} "
+                f"and every on-demand host already runs {per_host} VMs ([hypervisor] vms_per_host); add "
+                f"on_demand_hosts to {cfg.path.name}")
+        placed[vm] = host
+        load[host] += 1
+    return placed, sorted({h for h in placed.values() if h in on_demand}, key=on_demand.index)
+
+
+def _least_loaded_drva(daemon: Any) -> Any:
+    cfg = daemon.cfg
+    counts = {d.name: 0 for d in cfg.drvas}
+    for domain in daemon.protection:
+        counts[cfg.drva_of(cfg.domain(domain)).name] += 1
+    return cfg.drva(min(counts, key=lambda n: (counts[n], list(counts).index(n))))
+
+
+async def _first_ack(daemon: Any, name: str, fork_seq: int, t0: float) -> float | None:
+    """Seconds from the job's start until the DRVA acknowledged a write after the fork
+    (None if none came within ``FIRST_ACK_WAIT_S``: the VMs may not write)."""
+    deadline = time.monotonic() + FIRST_ACK_WAIT_S
+    drva = daemon.cfg.drva_of(daemon.cfg.domain(name)).name
+    while time.monotonic() < deadline:
+        v = daemon.supervisor.view(drva)
+        dom = next((d for d in ((v.status or {}).get("domains") or []) if d.get("name") == name), None) if v else None
+        if dom is not None and isinstance(dom.get("durable_seq"), int) and dom["durable_seq"] > fork_seq:
+            return round(time.monotonic() - t0, 3)
+        await asyncio.sleep(0.05)
+    log.warning("failover_no_first_ack", domain=name, waited_s=FIRST_ACK_WAIT_S)
+    return None

@@ -1,0 +1,119 @@
+"""``python -m rocva``: the short-lived recovery appliance a site's MSA starts for a job.
+
+    python -m rocva failover --config SITE.toml --domain ID --name NAME --target TARGET [--test]
+
+Rehydrates the domain into the site's datastore and forks its timeline for this site
+(``rocva.failover``), then exits; with ``--test``, only recovers into ``test-<name>``
+(a test failover: no fork). It speaks to the MSA in JSON lines on stdout, one
+object each: ``{"progress": [done_bytes, total_bytes]}`` (a few a second at most), then
+``{"result": {...}}`` and exit 0, or ``{"error": MESSAGE, "exit_code": N}`` and exit N
+(``cdp.errors``). TARGET is ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME``.
+Store credentials come from the environment, as for every verb; the images go only
+under the datastore, never into the store or the MSA's state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cdp.errors import CdpError
+from cdp.logs import setup_logging
+
+PROGRESS_EVERY_S = 0.25
+
+
+def _line(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def failover_dir(cfg: Any, domain_name: str, *, test: bool = False) -> Path:
+    """Where a failover of ``domain_name`` rehydrates its disks: a directory of its own
+    in the site's datastore (the inventory's ``state_dir``); ``test-<name>`` for a test
+    failover, which must never touch a real one's images."""
+    return cfg.cluster.state_dir / (f"test-{domain_name}" if test else domain_name)
+
+
+async def _failover(config: Path, domain: int, target: str, name: str, test: bool) -> dict[str, Any]:
+    from cdp.msa.config import load_site_config
+    from cdp.store import open_store
+    from rocva.destination import Destination, store_root
+    from rocva.failover import failover
+    from rocva.target import as_target
+
+    cfg = load_site_config(config)
+    store = open_store(cfg.store_url)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            _line({"progress": [done, total]})
+
+    forbidden = [(cfg.state_dir, "the MSA's state directory")]
+    if (root := store_root(store)) is not None:
+        forbidden.append((root, "the site's object store"))
+    cfg.cluster.state_dir.mkdir(parents=True, exist_ok=True)  # the datastore: a pilot light's may be new
+    destination = Destination((cfg.cluster.state_dir,), tuple(forbidden))
+    try:
+        if test:  # a plain recovery: no fork, nothing written to the store but its lease
+            from rocva.recover import recover
+
+            result = await recover(store, domain, as_target(target), failover_dir(cfg, name, test=True),
+                                   progress=progress, destination=destination)
+            result.pop("plan", None)
+            return result
+        return await failover(store, domain, as_target(target), failover_dir(cfg, name), site=cfg.site,
+                              progress=progress, destination=destination)
+    finally:
+        await store.close()
+
+
+@click.group()
+def cli() -> None:
+    """The recovery appliance (started by the MSA)."""
+
+
+@cli.command("failover")
+@click.option("--config", "config", type=click.Path(path_type=Path), required=True)
+@click.option("--domain", type=int, required=True, help="The domain id.")
+@click.option("--name", required=True, help="The domain's name (its directory in the datastore).")
+@click.option("--target", default="latest", show_default=True)
+@click.option("--test", is_flag=True, help="Rehydrate into test-<name> only: no fork (a test failover).")
+def failover_command(config: Path, domain: int, name: str, target: str, test: bool) -> None:
+    from cdp.errors import ConfigError
+    from cdp.tomlread import NAME
+
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: expected a domain name of 1..64 characters [A-Za-z0-9._-]")
+    result = asyncio.run(_failover(config, domain, target, name, test))
+    _line({"result": result})
+
+
+def main() -> None:
+    setup_logging(os.environ.get("CDP_LOG_LEVEL", "warning"))
+    try:
+        cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        _line({"error": exc.format_message(), "exit_code": 2})
+        sys.exit(2)
+    except CdpError as exc:
+        _line({"error": exc.message, "exit_code": exc.exit_code})
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _line({"error": f"{exc.strerror or type(exc).__name__}{where}", "exit_code": 1})
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

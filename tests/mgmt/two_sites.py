@@ -1,0 +1,85 @@
+"""Two sites over one file store, for the failover tests: site A protects domain ``erp``
+(VMs erp-db with two disks and erp-app with one, on host esx-a1, writing a random
+workload); site B is a pilot light — host esx-b1, no VM — with one on-demand host
+esx-b2 and room for one VM per host, so a failover of erp's two VMs must add it; B's
+``[peer]`` is A's API (a planned failover asks A to hand the domain over).
+
+Both sites share the secret and the API token (the tests' environment); their DRVAs
+and APIs are on free ports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp import site_files
+from cdp.msa.config import load_site_config
+from tests.drva.harness import SECRET, free_port
+from tests.mgmt.site_fixture import TOKEN, Site, install_site
+
+DISK = "2MiB"
+WORKLOAD = {"kind": "random", "rate_mb_s": 2, "write_size": "4KiB"}
+
+
+def _drva(name: str, port: int, state: str) -> dict[str, Any]:
+    return site_files.drva(name, f"127.0.0.1:{port}", log_path=f"{state}/{name}/replog", log_size="8MiB",
+                           meta_path=f"{state}/{name}/meta", seal_bytes="1MiB", seal_age_s=0.2)
+
+
+@dataclass
+class TwoSites:
+    a: Site
+    b: Site
+    store: Path
+
+    def primaries_a(self) -> list[str]:
+        """sha256 of erp's disks at site A, in the domain's disk order."""
+        return [sha256(d.disk.image) for d in self.a.cfg.domain("erp").disks]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_url: str | None = None,
+                   install: bool = True, env: dict[str, str] | None = None) -> TwoSites:
+    """``store_url``: default a file store under ``root``; ``install``: what the daemon
+    needs of ``cdp install`` (else the test runs it); ``env``: added to the sites'."""
+    store = root / "store"
+    pa, pb, api_a, api_b = free_port(), free_port(), free_port(), free_port()
+    a_inventory = site_files.inventory(
+        "site-a", ["esx-a1"],
+        [site_files.vm("erp-db", "esx-a1", [("data", DISK), ("log", DISK)]),
+         site_files.vm("erp-app", "esx-a1", [("disk0", DISK)])],
+        [site_files.domain("erp", 1, f"127.0.0.1:{pa}", ["erp-db", "erp-app"], workload or WORKLOAD)],
+        state_dir="datastore")
+    a_doc = site_files.site("site-a", drvas=[_drva("drva-a1", pa, "state")], protect=["erp"],
+                            store=store_url or str(store),
+                            api_listen=f"127.0.0.1:{api_a}", cluster="inventory.toml")
+    b_inventory = site_files.inventory("site-b", ["esx-b1"], [], [], state_dir="datastore")
+    b_doc = site_files.site("site-b", drvas=[_drva("drva-b1", pb, "state")], store=store_url or str(store),
+                            api_listen=f"127.0.0.1:{api_b}", cluster="inventory.toml",
+                            hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 1,
+                                        "recovered_workload": WORKLOAD},
+                            peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN"})
+    env = {**os.environ, "CDP_SITE_SECRET": SECRET, "CDP_API_TOKEN": TOKEN, "CDP_PEER_TOKEN": TOKEN, **(env or {})}
+    sites = []
+    for name, doc, inventory in (("a", a_doc, a_inventory), ("b", b_doc, b_inventory)):
+        path = site_files.write_site(root / name, doc, inventory)
+        cfg = load_site_config(path)
+        if install:
+            install_site(cfg)
+        sites.append(Site(root / name, path, cfg, env))
+    return TwoSites(sites[0], sites[1], store)
+
+
+def reload(site: Site) -> Site:
+    return Site(site.root, site.config_path, load_site_config(site.config_path), site.env)

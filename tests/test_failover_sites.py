@@ -1,0 +1,213 @@
+"""Unplanned failover between two sites, as an operator runs it (issue 11): every step is
+a ``cdp`` command in a subprocess, on the file store, moto S3 and Azurite.
+
+Both sites run (``cdp daemon``); site A's VMs write through A's hypervisor; a mark is
+placed, then A goes on writing (the garbage a ransomware burst would leave); every
+process of A is SIGKILLed and A's state directory deleted. ``cdp failover --mark`` at
+B must bring the disks back exactly as they were at the mark (the sha256 A's simulator
+recorded there), run the VMs at B, and replicate their writes on the new timeline:
+``cdp recover`` of that timeline's latest point equals B's disks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import unique_name
+from tests.mgmt.two_sites import TwoSites, make_two_sites, sha256
+from tests.test_walkthrough import CDP, CLI_EXIT_S, EXIT_S, HTTP_S, _stop
+
+S3_CREDS = {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key"}
+WRITES_S = 60.0  # bound on a few hundred small writes reaching the store's catalog
+MARK = "before-garbage"
+
+
+@pytest.fixture(params=["file", "s3", "azure"])
+def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str | None, dict[str, str]]:
+    """(the sites' store URL — None: a file store under the test's directory — and the
+    environment its credentials come from)."""
+    if request.param == "file":
+        return None, {}
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("moto_server")
+        return f"s3://{unique_name()}/dr?endpoint={endpoint}&region=us-east-1", dict(S3_CREDS)
+    conn = request.getfixturevalue("azurite")
+    return f"azure://{unique_name()}/dr", {"CDP_AZURE_CONNECTION_STRING": conn}
+
+
+class Operator:
+    """Runs ``cdp`` for both sites and keeps their daemons."""
+
+    def __init__(self, sites: TwoSites, root: Path) -> None:
+        self.sites, self.root = sites, root
+        self.env = {k: v for k, v in sites.a.env.items() if k not in ("CDP_CONFIG", "CDP_STORE")}
+        self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+
+    def config(self, site: str) -> str:
+        return str((self.sites.a if site == "a" else self.sites.b).config_path)
+
+    def cdp(self, *args: str, expect: int = 0) -> dict[str, Any]:
+        r = subprocess.run([*CDP, *args, "--json"], cwd=self.root, env=self.env, capture_output=True, text=True,
+                           timeout=CLI_EXIT_S)
+        if r.returncode != expect:
+            raise AssertionError(f"cdp {' '.join(args)}: exit {r.returncode}, expected {expect}\n"
+                                 f"stdout: {r.stdout[-3000:]}\nstderr: {r.stderr[-3000:]}\n{self.logs()}")
+        return json.loads(r.stdout) if r.stdout.strip() else {}
+
+    def at(self, site: str, *args: str, expect: int = 0) -> dict[str, Any]:
+        return self.cdp(*args, "--config", self.config(site), expect=expect)
+
+    def start_daemon(self, site: str) -> None:
+        log = open(self.root / f"daemon-{site}.log", "ab")
+        with log:
+            self.daemons[site] = subprocess.Popen([*CDP, "daemon", "--config", self.config(site)], cwd=self.root,
+                                                  env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        cfg = (self.sites.a if site == "a" else self.sites.b).cfg
+        self.wait(f"site {site}'s API", lambda: _healthy(str(cfg.api_listen)), CLI_EXIT_S)
+
+    def domain_status(self, site: str, name: str = "erp") -> dict[str, Any]:
+        doc = self.at(site, "status")
+        return next((d.get("status") or {} for d in doc["domains"] if d["name"] == name), {})
+
+    def committed(self, site: str) -> int:
+        return int(self.domain_status(site).get("committed_seq") or 0)
+
+    def wait(self, what: str, probe: Any, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not (got := probe()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}\n{self.logs()}")
+            time.sleep(0.2)
+        return got
+
+    def logs(self) -> str:
+        out = []
+        for path in sorted(self.root.glob("daemon-*.log")) + sorted(self.root.glob("*/state/logs/*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-20:]
+            out.append(f"--- {path}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def _healthy(listen: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=HTTP_S) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _kill_site(status: dict[str, Any], daemon: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the daemon and every child it named, at once (each child leads a session)."""
+    pids = [d["pid"] for d in status["drvas"] if d.get("pid")] + [v["pid"] for v in status["vms"] if v.get("pid")]
+    daemon.kill()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    daemon.wait(EXIT_S)
+
+
+def test_unplanned_failover_to_a_mark_before_the_garbage(tmp_path: Path, store_env) -> None:
+    url, store_creds = store_env
+    sites = make_two_sites(tmp_path, store_url=url, install=False, env=store_creds)
+    op = Operator(sites, tmp_path)
+    store = ("--store", sites.a.cfg.store_url)
+    try:
+        for site in ("a", "b"):
+            assert op.at(site, "install")["site"] == f"site-{site}"
+            op.start_daemon(site)
+        assert op.at("a", "power", "erp", "on")["on"] is True
+        op.wait("A's first writes in the store", lambda: op.committed("a") >= 100, WRITES_S)
+        mark = op.at("a", "mark", "erp", MARK)["output"]
+        marks_log = sites.a.cfg.state_dir / "hypervisor" / "esx-a1.marks.jsonl"
+        at_mark = next(json.loads(line) for line in marks_log.read_text().splitlines()
+                       if json.loads(line)["name"] == MARK)
+        assert at_mark["seq"] == mark["seq"]
+        op.wait("A's garbage after the mark", lambda: op.committed("a") > mark["seq"] + 100, WRITES_S)
+        assert sites.primaries_a() != at_mark["sha256"]
+
+        _kill_site(op.at("a", "status"), op.daemons.pop("a"))  # site A is lost ...
+        shutil.rmtree(sites.a.cfg.state_dir)  # ... with its state
+
+        failed_over = op.at("b", "failover", "erp", "--mark", MARK)["output"]
+        assert (failed_over["timeline"], failed_over["parent_timeline"]) == (2, 1), failed_over
+        assert failed_over["fork_seq"] == mark["seq"] and failed_over["first_write_acked_s"] is not None
+        at_fork = op.cdp("recover", "erp", *store, "--seq", str(mark["seq"]), "--timeline", "2",
+                         "--to", str(tmp_path / "at-fork"))
+        assert [sha256(Path(i["path"])) for i in at_fork["images"]] == at_mark["sha256"]
+
+        status_b = op.at("b", "status")
+        assert status_b["powered"] == ["erp"] and [v["domain"] for v in status_b["vms"]] == ["erp"]
+        op.wait("B's writes on timeline 2", lambda: op.committed("b") > mark["seq"] + 50, WRITES_S)
+        acked = op.at("b", "power", "erp", "off")["acked_seq"]
+        op.wait(f"B's seq {acked} committed", lambda: op.committed("b") >= acked, WRITES_S)
+        latest = op.cdp("recover", "erp", *store, "--latest", "--timeline", "2", "--to", str(tmp_path / "b"))
+        datastore = sites.b.cfg.cluster.state_dir / "erp"
+        assert [sha256(Path(i["path"])) for i in latest["images"]] == [
+            sha256(datastore / f"{vm}-{disk}.img") for vm, disk in
+            (("erp-db", "data"), ("erp-db", "log"), ("erp-app", "disk0"))]
+        points = op.cdp("points", "erp", *store)
+        assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-a"), (2, "site-b")]
+        assert points["current_timeline"] == 2
+    finally:
+        for proc in op.daemons.values():
+            _stop(proc)
+
+
+def test_test_failover_then_planned_failover(tmp_path: Path) -> None:
+    """On the file store: a test failover at B while A replicates (A's RPO lag stays under
+    its target; cleanup leaves B's inventory as it was), then a planned failover that
+    loses no write A acknowledged."""
+    sites = make_two_sites(tmp_path, install=False)
+    op = Operator(sites, tmp_path)
+    store = ("--store", sites.a.cfg.store_url)
+    inventory = sites.b.cfg.cluster
+    try:
+        for site in ("a", "b"):
+            op.at(site, "install")
+            op.start_daemon(site)
+        op.at("a", "power", "erp", "on")
+        op.wait("A's first writes in the store", lambda: op.committed("a") >= 100, WRITES_S)
+
+        test = op.at("b", "failover", "erp", "--test", "--latest")["output"]
+        assert test["test"] is True and test["hosts"] == ["esx-b1", "esx-b2"]
+        target_s = sites.a.cfg.policy("erp").rpo_target_s
+        lags = []
+        start = op.committed("a")
+        while op.committed("a") < start + 100:  # A replicates on while the test VMs run at B
+            lags.append(float(op.domain_status("a").get("rpo_lag_s") or 0.0))
+            assert len(lags) < 300, "A stopped replicating during the test failover"
+        assert max(lags) < target_s, lags
+        assert op.at("b", "status")["vms"][0]["domain"] == "erp"
+        op.at("b", "failover-cleanup", "erp")
+        assert reload_cluster(sites) == inventory and not (sites.b.cfg.cluster.state_dir / "test-erp").exists()
+
+        planned = op.at("b", "failover", "erp", "--planned")["output"]
+        handover = planned["handover"]
+        assert handover["lost_writes"] == 0 and planned["fork_seq"] == handover["seq"], planned
+        at_fork = op.cdp("recover", "erp", *store, "--seq", str(planned["fork_seq"]), "--timeline", "2",
+                         "--to", str(tmp_path / "at-fork"))
+        assert [sha256(Path(i["path"])) for i in at_fork["images"]] == sites.primaries_a()
+        status_a = op.at("a", "status")
+        assert status_a["powered"] == [] and status_a["domains"] == []  # A stopped its VMs and shipping
+        op.at("a", "power", "erp", "on", expect=2)  # refused: the domain runs at B now
+    finally:
+        for proc in op.daemons.values():
+            _stop(proc)
+
+
+def reload_cluster(sites: TwoSites) -> Any:
+    from cdp.msa.config import load_site_config
+
+    return load_site_config(sites.b.config_path).cluster
