@@ -74,7 +74,7 @@ def site(name: str, *, drvas: Sequence[Mapping[str, Any]], protect: Sequence[str
          secret_env: str | None = None, api_listen: str | None = None, token_env: str | None = None,
          recovery_roots: Sequence[str | Path] | None = None, defaults: Mapping[str, Any] | None = None,
          alarms: Mapping[str, Any] | None = None, hypervisor: Mapping[str, Any] | None = None,
-         peer: Mapping[str, Any] | None = None) -> dict[str, Any]:
+         peer: Mapping[str, Any] | None = None, standby: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The site file document. ``protect``: domain names, or ``[[protect]]`` tables with a
     policy (``{"domain": "erp", "rpo_target_s": 30}``)."""
     doc: dict[str, Any] = {"site": name, "cluster": cluster, "store": store, "state_dir": str(state_dir)}
@@ -96,6 +96,8 @@ def site(name: str, *, drvas: Sequence[Mapping[str, Any]], protect: Sequence[str
         doc["hypervisor"] = dict(hypervisor)
     if peer is not None:
         doc["peer"] = dict(peer)
+    if standby:
+        doc["standby"] = [dict(x) for x in standby]
     return doc
 
 

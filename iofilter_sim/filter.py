@@ -77,6 +77,9 @@ class DomainFilter:
         self.clock = clock
         self.next_seq = first_seq
         self.acked_seq = first_seq - 1
+        # Wall-clock time of the first ack of a write this instance numbered (the end of
+        # a recovery time objective: a recovered VM's write is durable at its DRVA).
+        self.first_ack_time: float | None = None
         self.last_ts = 0
         self.mode = "normal"
         self.window_open_seq: int | None = None
@@ -200,6 +203,8 @@ class DomainFilter:
             f = self.buffer.popleft()
             self.buffered_bytes -= f.nbytes
             self.unsent_from = max(0, self.unsent_from - 1)
+        if self.first_ack_time is None and durable_seq > self.acked_seq:
+            self.first_ack_time = time.time()
         self.acked_seq = max(self.acked_seq, durable_seq)
 
     def next_unsent(self) -> BufferedFrame | None:

@@ -223,7 +223,8 @@ class ClusterRunner:
         return {"pid": os.getpid(), "time": time.time(), "site": self.cluster.site, "paused": sorted(self.paused),
                 "domains": {
             name: {"id": f.domain, "captured_seq": f.next_seq - 1, "acked_seq": f.acked_seq, "mode": f.mode,
-                   "writes": f.stats["writes"], "bytes": f.stats["bytes"]} for name, f in self.filters.items()},
+                   "writes": f.stats["writes"], "bytes": f.stats["bytes"], "first_ack_time": f.first_ack_time}
+            for name, f in self.filters.items()},
             "connections": sum(c.connections for c in self.clients)}
 
     async def _write_status_every(self, path: Path) -> None:

@@ -1,6 +1,7 @@
 """``python -m rocva``: the short-lived recovery appliance a site's MSA starts for a job.
 
     python -m rocva failover --config SITE.toml --domain ID --name NAME --target TARGET [--test]
+    python -m rocva standby --config SITE.toml --name NAME [--interval 0.5]
 
 Rehydrates the domain into the site's datastore and forks its timeline for this site
 (``rocva.failover``), then exits; with ``--test``, only recovers into ``test-<name>``
@@ -8,7 +9,11 @@ Rehydrates the domain into the site's datastore and forks its timeline for this 
 object each: ``{"progress": [done_bytes, total_bytes]}`` (a few a second at most), then
 ``{"result": {...}}`` and exit 0, or ``{"error": MESSAGE, "exit_code": N}`` and exit N
 (``cdp.errors``). TARGET is ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME``.
-Store credentials come from the environment, as for every verb; the images go only
+``standby`` is the long-lived form the MSA keeps running for a ``[[standby]]`` domain
+(continuous rehydration, ``rocva.standby``): it brings ``<datastore>/<domain>/`` to the
+newest consistent point every interval, writes ``<state_dir>/standby/<name>.status.json``
+and exits once this site owns the domain. Store credentials come from the environment,
+as for every verb; the images go only
 under the datastore, never into the store or the MSA's state directory.
 """
 
@@ -81,6 +86,73 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
 @click.group()
 def cli() -> None:
     """The recovery appliance (started by the MSA)."""
+
+
+async def _standby(config: Path, name: str, interval_s: float) -> None:
+    """Keep ``name``'s standby warm until this site owns the domain (it failed over here)."""
+    from cdp.catalog import find_domain
+    from cdp.durable import atomic_write
+    from cdp.errors import StoreError
+    from cdp.msa.config import load_site_config
+    from cdp.store import open_store
+    from rocva.destination import Destination, store_root
+    from rocva.errors import InvalidTarget
+    from rocva.standby import keep_warm
+
+    cfg = load_site_config(config)
+    store = open_store(cfg.store_url)
+    status_path = cfg.state_dir / "standby" / f"{name}.status.json"
+    status_path.parent.mkdir(parents=True, exist_ok=True)
+    forbidden = [(cfg.state_dir, "the MSA's state directory")]
+    if (root := store_root(store)) is not None:
+        forbidden.append((root, "the site's object store"))
+    cfg.cluster.state_dir.mkdir(parents=True, exist_ok=True)
+    destination = Destination((cfg.cluster.state_dir,), tuple(forbidden))
+    doc: dict[str, Any] = {"pid": os.getpid(), "domain": name, "seq": None, "timeline": None, "committed_seq": None,
+                           "cold_builds": 0, "applies": 0, "last_error": None}
+    try:
+        domain_id = None
+        while True:
+            t0 = time.monotonic()
+            try:
+                found = await find_domain(store, name)
+                if found is not None:
+                    domain_id, state = found
+                    tl = state.timeline()
+                    if tl.owner == cfg.site:
+                        doc["last_error"] = None
+                        doc["state"] = "owned here"  # it failed over here: nothing to stand by for
+                        atomic_write(status_path, json.dumps({**doc, "time": time.time()}).encode())
+                        return
+                    step = await keep_warm(store, domain_id, failover_dir(cfg, name), destination=destination)
+                    doc.update(seq=step["seq"], timeline=step["timeline"], committed_seq=tl.committed_seq,
+                               last_apply_s=step["seconds"], last_bytes=step["bytes_written"], last_error=None,
+                               state="warm")
+                    doc["cold_builds" if step["cold"] else "applies"] += 1
+                else:
+                    doc.update(state="waiting", last_error=f"no domain named {name} in the store yet")
+            except InvalidTarget as exc:
+                doc.update(state="waiting", last_error=exc.message)
+            except (StoreError, CdpError) as exc:
+                doc.update(state="error", last_error=exc.message)
+            atomic_write(status_path, json.dumps({**doc, "id": domain_id, "time": time.time()}).encode())
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
+    finally:
+        await store.close()
+
+
+@cli.command("standby")
+@click.option("--config", "config", type=click.Path(path_type=Path), required=True)
+@click.option("--name", required=True, help="The domain's name (its directory in the datastore).")
+@click.option("--interval", "interval_s", type=click.FloatRange(0.05, 60.0), default=0.5, show_default=True)
+def standby_command(config: Path, name: str, interval_s: float) -> None:
+    """Continuous rehydration of domain NAME (supervised by the MSA)."""
+    from cdp.errors import ConfigError
+    from cdp.tomlread import NAME
+
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: expected a domain name of 1..64 characters [A-Za-z0-9._-]")
+    asyncio.run(_standby(config, name, interval_s))
 
 
 @cli.command("failover")

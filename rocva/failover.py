@@ -27,6 +27,7 @@ before: there is nothing to fail over; failing back is another verb).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
     record = _read_state(out_dir, domain, site) if out_dir.is_dir() else None
     current = state.timeline()
     if record is not None and record["phase"] == "forked" and record.get("timeline") == current.id:
-        return _summary(domain, record, None, True, t0)
+        return {**_summary(domain, record, None, True, t0), "warm": False}
     ours = (record is not None and current.owner == site and current.parent == record["parent_timeline"]
             and current.fork_seq == record["seq"])
     if current.owner == site and not ours:
@@ -99,13 +100,15 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
             f"domain {domain} already runs on timeline {current.id} owned by site {site!r}{fork}: there is "
             f"nothing to fail over to this site (`cdp points` shows its timelines)")
     images = None
+    record_warm = False
     if not ours:
-        recovered = await recover(store, domain, target, out_dir, progress=progress, destination=destination,
-                                  timeline=current.id, now_ns=now_ns)
+        recovered = await _rehydrate(store, domain, target, out_dir, current.id, progress=progress,
+                                     destination=destination, now_ns=now_ns)
         record = {"version": STATE_VERSION, "domain": domain, "site": site, "parent_timeline": current.id,
                   "seq": recovered["seq"], "phase": "rehydrated", "timeline": None}
         _write_state(out_dir, record)
         images = recovered["images"]
+        record_warm = recovered.get("warm", False)
         log.info("failover_rehydrated", domain=domain, site=site, timeline=current.id, seq=recovered["seq"],
                  bytes=recovered["bytes_written"], seconds=recovered["seconds"])
         state, _ = await fork_timeline(store, domain, record["seq"], site, parent=current.id,
@@ -115,7 +118,52 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
     _write_state(out_dir, record)
     log.info("failover_forked", domain=domain, site=site, timeline=state.current,
              parent=record["parent_timeline"], fork_seq=record["seq"])
-    return _summary(domain, record, images, ours, t0)
+    return {**_summary(domain, record, images, ours, t0), "warm": record_warm}
+
+
+async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: int, *, progress: Progress | None,
+                     destination: Any, now_ns: int | None) -> dict[str, Any]:
+    """The disks at ``target`` in ``out_dir``: from a standby there (continuous
+    rehydration, ``rocva.standby``) by applying its tail when it can, else a recovery."""
+    from rocva.destination import for_store, open_output_dir
+    from rocva.recover import _take_lease
+    from rocva.standby import STATE_NAME as STANDBY_NAME
+    from rocva.standby import StandbyUnusable, bring_to, discard
+    from rocva.target import as_target
+
+    if (out_dir / STANDBY_NAME).is_file():
+        lease = await _take_lease(store, domain)
+        try:
+            out = open_output_dir(out_dir, for_store(store, destination))
+            try:
+                try:
+                    warm = await bring_to(store, domain, out, as_target(target), timeline=timeline, now_ns=now_ns)
+                    out.unlink(STANDBY_NAME)  # the images are the failover's now
+                    out.fsync()
+                    log.info("failover_warm", domain=domain, seq=warm["seq"], from_seq=warm["from_seq"],
+                             bytes=warm["bytes_written"], seconds=warm["seconds"])
+                    images = [{"disk": d["disk"], "path": str(out_dir / f"{d['vm']}-{d['name']}.img"),
+                               "size": d["size"]} for d in await _disks(store, domain)]
+                    return {"seq": warm["seq"], "bytes_written": warm["bytes_written"], "seconds": warm["seconds"],
+                            "images": images, "warm": True, "standby_seq": warm["from_seq"]}
+                except StandbyUnusable as why:
+                    log.info("failover_standby_unusable", domain=domain, reason=str(why))
+                    await asyncio.to_thread(discard, out, [f"{d['vm']}-{d['name']}.img"
+                                                           for d in await _disks(store, domain)])
+            finally:
+                out.close()
+        finally:
+            if lease is not None:
+                await lease.release()
+    recovered = await recover(store, domain, target, out_dir, progress=progress, destination=destination,
+                              timeline=timeline, now_ns=now_ns)
+    return {**recovered, "warm": False}
+
+
+async def _disks(store, domain: int) -> list[dict[str, Any]]:
+    state, _ = await load_catalog(store, domain)
+    assert state is not None
+    return sorted(state.disks, key=lambda d: d["disk"])
 
 
 def _summary(domain: int, record: dict[str, Any], images: Any, resumed: bool, t0: float) -> dict[str, Any]:

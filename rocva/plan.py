@@ -264,14 +264,23 @@ async def plan_rows(state: CatalogView, seq: int) -> tuple[list[dict | None], in
 
 
 async def build_plan(store, state: CatalogView, target: ResolvedTarget, *,
-                     concurrency: int = CONCURRENCY_DEFAULT) -> RecoveryPlan:
+                     concurrency: int = CONCURRENCY_DEFAULT, after_seq: int | None = None) -> RecoveryPlan:
     """Plan the recovery of every disk of ``state`` at ``target.seq`` (already checked to be a
     recovery point by ``resolve_target``). Reads the chosen base manifests and the
-    indexes of the segments in ``(min base seq, S]``; fetches no payload."""
+    indexes of the segments in ``(min base seq, S]``; fetches no payload.
+
+    ``after_seq``: the disks already hold the domain at that seq (a standby's images,
+    ``rocva.standby``): no base is used, only the records in ``(after_seq, S]`` are
+    planned, and ``BASE`` extents mean "keep what the image holds"."""
     assert concurrency >= 1, concurrency
     _check_disks(state)
     seq = target.seq
-    bases, lo, rows = await plan_rows(state, seq)
+    if after_seq is None:
+        bases, lo, rows = await plan_rows(state, seq)
+    else:
+        assert after_seq <= seq, (after_seq, seq)
+        bases, lo = [None] * len(state.disks), after_seq + 1
+        rows = await state.rows_between(lo, seq) if lo <= seq else await state.rows_between(1, 0)
     manifests = await gather_bounded([_get_manifest(store, b["key"]) for b in bases if b], concurrency)
     by_disk = dict(zip([b["disk"] for b in bases if b], manifests))
     for d in state.disks:
@@ -279,7 +288,7 @@ async def build_plan(store, state: CatalogView, target: ResolvedTarget, *,
         if m is not None and m.disk_size != d["size"]:
             raise FormatError(f"manifest {m.key}: disk_size {m.disk_size}, the catalog says disk "
                               f"{d['disk']} has {d['size']} bytes")
-    base_seq = np.array([b["seq"] if b else 0 for b in bases], dtype=np.uint64)
+    base_seq = np.array([b["seq"] if b else (after_seq or 0) for b in bases], dtype=np.uint64)
     keys = state.segment_keys(rows)
     indexes = await gather_bounded([_get_index(store, k, int(r)) for k, r in zip(keys, rows["payload_raw_len"])],
                                    concurrency)

@@ -55,6 +55,11 @@ one that needs no service at all (file store, log files in a local directory)::
     api = "127.0.0.1:32880"            # its [api] listen
     token_env = "CDP_PEER_TOKEN"       # its API token, from this environment variable
 
+    [[standby]]                        # continuous rehydration of a domain of the peer site
+    domain = "erp"                     # kept at its newest consistent point in the datastore,
+    mode = "continuous"                # so a failover applies only the tail
+    interval_s = 0.5                   # how often the catalog is read
+
 The inventory the site uses is the ``cluster`` file plus what this MSA registered in
 ``<state_dir>/registered.toml`` (``cdp.msa.registry``): the VMs a failover brought.
 
@@ -86,6 +91,7 @@ SECRET_MIN_CHARS = 16
 DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports
 DEFAULT_API = "127.0.0.1:32880"
 HYPERVISOR_DRIVERS = ("simulator",)
+STANDBY_MODES = ("continuous",)
 VMS_PER_HOST_DEFAULT = 16
 VMS_PER_HOST_RANGE = (1, 1024)
 RECOVERED_WORKLOAD_DEFAULT: Mapping[str, Any] = {"kind": "random", "rate_mb_s": 1}
@@ -142,6 +148,15 @@ class HypervisorSpec:
 
 
 @dataclass(frozen=True)
+class StandbySpec:
+    """A domain of the peer site this site keeps warm (continuous rehydration)."""
+
+    domain: str
+    mode: str = "continuous"
+    interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
 class PeerSpec:
     """The other site of the pair: its name and API; its token comes from ``token_env``."""
 
@@ -173,6 +188,7 @@ class SiteConfig:
     hypervisor: HypervisorSpec = HypervisorSpec()
     peer: PeerSpec | None = None
     isolated: frozenset[str] = frozenset()  # registered domains whose VMs run unreplicated (test failovers)
+    standby: tuple[StandbySpec, ...] = ()
 
     # ---- lookups
 
@@ -305,7 +321,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     here = path.resolve().parent
     r.table(data, "", {"site", "cluster", "store", "drvas"},
             {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs", "recovery_roots",
-             "hypervisor", "peer"})
+             "hypervisor", "peer", "standby"})
     site = r.name(data["site"], "site")
     if not isinstance(data["cluster"], str):
         r.fail("cluster", "a file path", data["cluster"])
@@ -362,10 +378,21 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if not isinstance(peer_token_env, str) or not peer_token_env:
             r.fail("peer.token_env", "an environment variable name", peer_token_env)
         peer = PeerSpec(peer_name, r.endpoint(p["api"], "peer.api"), peer_token_env)
+    standby: list[StandbySpec] = []
+    for i, sb in enumerate(r.list(data.get("standby", []), "standby", nonempty=False)):
+        at = f"standby[{i}]"
+        r.table(sb, at, {"domain"}, {"mode", "interval_s"})
+        name = r.name(sb["domain"], f"{at}.domain")
+        r.unique(name, {x.domain for x in standby}, f"{at}.domain", "standby domain")
+        mode = sb.get("mode", "continuous")
+        if mode not in STANDBY_MODES:
+            r.fail(f"{at}.mode", f"one of {', '.join(STANDBY_MODES)} (without an entry a failover is cold)", mode)
+        standby.append(StandbySpec(name, mode, r.number(sb.get("interval_s", 0.5), f"{at}.interval_s", 0.05, 60)))
     cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, config_store_url(data["store"], here),
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
-                     protect, alarms, retention_days * 86400, tuple(recovery_roots), hypervisor, peer, isolated)
+                     protect, alarms, retention_days * 86400, tuple(recovery_roots), hypervisor, peer, isolated,
+                     tuple(standby))
     for name in protect:  # every protected domain has a DRVA here
         spec = cluster.domain(name)
         if not any(d.listen == spec.drva for d in drvas):

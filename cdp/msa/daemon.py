@@ -4,6 +4,8 @@ One process, a few long-lived tasks around it:
 
 * the **supervisor** (``cdp.msa.supervisor``) keeps one DRVA subprocess per DRVA that
   serves protected domains (``<state_dir>/protection.json``), restarting crashed ones;
+* the **hypervisor** driver (``cdp.hypervisor``) runs the VMs of ``<state_dir>/power.json``;
+* the **standby keeper** (``cdp.msa.standby``) keeps the ``[[standby]]`` domains warm;
 * the **alarm loop** reads the DRVAs' statuses every second, raises and clears alarms
   (``cdp.msa.alarms``) and measures throughput;
 * the **consolidation scheduler** starts a ``consolidate`` job per protected domain every
@@ -42,6 +44,7 @@ from cdp.msa.procs import pid_alive
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
 from cdp.msa.runner import JobRunner
+from cdp.msa.standby import StandbyKeeper
 from cdp.msa.supervisor import STEP_INTERVAL_S, DrvaView, Supervisor
 from cdp.store.open import redact_url
 
@@ -106,6 +109,7 @@ class MsaDaemon:
         self.runner = JobRunner(self.jobs)
         self.supervisor = Supervisor(cfg, env, **(supervisor_options or {}))
         self.hypervisor = open_hypervisor(cfg, env, **(hypervisor_options or {}))
+        self.standby = StandbyKeeper(cfg, env)
         self.powered: list[str] = []  # the domains whose VMs run here (<state_dir>/power.json)
         # Domains whose current timeline another site owns (they failed over there), with
         # when that was last read from the store.
@@ -137,9 +141,11 @@ class MsaDaemon:
             await self.supervisor.apply(self.protection)
             self.powered = await self._runnable(load_power(self.cfg))
             await self.hypervisor.apply(self.powered)
+            await self.standby.apply()
             self._api = await start_api(self)
             loops = ((self.supervisor.step, STEP_INTERVAL_S, "supervisor"),
                      (self.hypervisor.step, STEP_INTERVAL_S, "hypervisor"),
+                     (self.standby.step, STEP_INTERVAL_S, "standby"),
                      (self._alarm_step, ALARM_INTERVAL_S, "alarms"),
                      (self._schedule_step, SCHEDULE_INTERVAL_S, "consolidation-scheduler"),
                      (self._prune_step, PRUNE_INTERVAL_S, "pruner"))
@@ -162,6 +168,7 @@ class MsaDaemon:
         self._tasks.clear()
         await self.runner.cancel_all()
         await self.hypervisor.stop_all()  # the filters drain into the DRVAs before those stop
+        await self.standby.stop_all()
         await self.supervisor.stop_all()
         self._release_pid_file()
         log.info("msa_stopped", site=self.cfg.site)
@@ -282,6 +289,7 @@ class MsaDaemon:
         self.cfg = cfg
         self.supervisor.cfg = cfg
         self.hypervisor.set_inventory(cfg)
+        self.standby.set_config(cfg)
 
     async def _runnable(self, domains: list[str]) -> list[str]:
         """``domains`` less those that failed over to another site (their VMs stay off)."""
@@ -406,6 +414,7 @@ class MsaDaemon:
                 "store": redact_url(self.cfg.store_url), "state_dir": str(self.cfg.state_dir),
                 "started_ns": self.started_ns, "time_ns": time.time_ns(), "drvas": drvas, "domains": domains,
                 "vms": [v.to_dict() for v in self.hypervisor.views()], "powered": list(self.powered),
+                "standby": self.standby.views(),
                 "failed_over": dict(self.failed_over),
                 "alarms": [a.to_dict() for a in active], "jobs_running": len(self.runner.tasks)}
 

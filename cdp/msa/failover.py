@@ -8,13 +8,14 @@ From the store alone — the protected site may be gone:
 2. **rehydrate and fork** in a short-lived ``python -m rocva failover`` process (the seed's
    temporary recovery appliance): every disk at the point, into ``<datastore>/<domain>/``,
    then the new timeline owned by this site (``rocva.failover``; progress is relayed to
-   the job);
+   the job). With a ``[[standby]]`` of the domain its process is stopped first and the
+   appliance only applies the tail to the warm images (``rocva.standby``);
 3. **register** the domain's VMs and disks (names and sizes from the catalog) on this
    site's hosts — adding on-demand hosts when the inventory's are full — in
    ``<state_dir>/registered.toml`` (``cdp.msa.registry``), streaming to this site's
    least-loaded DRVA, running ``[hypervisor] recovered_workload``;
 4. **protect** it here (the DRVA continues the domain on the new timeline) and **power
-   on** its VMs (``cdp.hypervisor``);
+   on** its VMs (``cdp.hypervisor``), both at once;
 5. wait (bounded) for the first write of a recovered VM to be acknowledged by the DRVA:
    the recovery time objective ends there.
 
@@ -88,7 +89,7 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     """The job (module docstring). ``daemon`` is the site's ``MsaDaemon``; ``target`` is
     ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME`` — for a ``planned`` one, the
     final mark the peer site places when it hands the domain over (``target`` unused)."""
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), time.time()
     cfg = daemon.cfg
     check_domain_name(name)
     reg = registry.load_registry(cfg.state_dir, cfg.site)
@@ -127,38 +128,50 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
 
     job.progress("rehydrate", 0, 0)
     t_rehydrate = time.monotonic()
+    await daemon.standby.suspend(name)  # the appliance alone touches the images from here
     try:
         forked = await _rocva_failover(cfg, domain_id, name, target, job, daemon.env)
     except CdpError:
         if record["phase"] == "started":  # nothing forked: a rerun may pick another point
             record_path(cfg.state_dir, name).unlink(missing_ok=True)
+            daemon.standby.resume(name)
         raise
     rehydrate_s = time.monotonic() - t_rehydrate
     record.update(phase="forked", timeline=forked["timeline"], parent_timeline=forked["parent_timeline"],
                   fork_seq=forked["fork_seq"])
     write_record(cfg.state_dir, record)
 
+    phases = {"to_rehydrate": round(t_rehydrate - t0, 3), "rehydrate": round(rehydrate_s, 3)}
+    t = time.monotonic()
     job.progress("register", 0, 1)
     placed = await _register(daemon, name, domain_id, disks, forked["fork_seq"])
     record.update(phase="registered", hosts=placed["hosts"], drva=placed["drva"])
     write_record(cfg.state_dir, record)
     job.progress("register", 1, 1)
 
-    job.progress("protect", 0, 1)
-    await daemon.protect(name, daemon.cfg.policy(name), job)
-    job.progress("power-on", 0, 1)
-    await daemon.power(name, True)
+    job.progress("protect and power on", 0, 1)
+    # Together: the DRVA and the host process start in parallel. The filter numbers no
+    # write before the DRVA's WELCOME, which waits for the domain's catalog to open at
+    # the fork (FORMAT.md §9.1), so the VMs' first write continues the new timeline.
+    phases["register"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    await asyncio.gather(_timed(daemon.protect(name, daemon.cfg.policy(name), job), phases, "protect"),
+                         _timed(daemon.power(name, True), phases, "power_on"))
+    t = time.monotonic()
     job.progress("first-ack", 0, 1)
-    first_ack_s = await _first_ack(daemon, name, forked["fork_seq"], t0)
+    first_ack_s = await _first_ack(daemon, name, t0_wall)
+    phases["first_ack"] = round(time.monotonic() - t, 3)
+    daemon.standby.resume(name)  # it stays off: the domain is this site's now
     record.update(phase="done", done_ns=time.time_ns())
     write_record(cfg.state_dir, record)
     job.progress("done", 1, 1)
     handover = record.get("handover")
     result = {"domain": name, "id": domain_id, "site": cfg.site, "target": target, "planned": planned,
+              "warm": forked.get("warm", False),
               "timeline": forked["timeline"], "parent_timeline": forked["parent_timeline"],
               "fork_seq": forked["fork_seq"], "resumed": forked["resumed"], "images": forked["images"],
               "hosts": placed["hosts"], "added_hosts": placed["added_hosts"], "drva": placed["drva"],
-              "rehydrate_s": round(rehydrate_s, 3), "first_write_acked_s": first_ack_s,
+              "rehydrate_s": round(rehydrate_s, 3), "first_write_acked_s": first_ack_s, "phases_s": phases,
               "seconds": round(time.monotonic() - t0, 3)}
     if handover is not None:
         # Writes the protected site acknowledged after the point failed over to: lost.
@@ -226,6 +239,14 @@ async def cleanup_test_failover(daemon: Any, name: str) -> dict[str, Any]:
     record_path(cfg.state_dir, name).unlink(missing_ok=True)
     log.info("test_failover_removed", domain=name, area=str(area))
     return {"domain": name, "site": cfg.site, "removed": str(area)}
+
+
+async def _timed(work: Any, phases: dict[str, float], name: str) -> Any:
+    t = time.monotonic()
+    try:
+        return await work
+    finally:
+        phases[name] = round(time.monotonic() - t, 3)
 
 
 async def _handover(daemon: Any, name: str, job: Job) -> dict[str, Any]:
@@ -394,16 +415,16 @@ def _least_loaded_drva(daemon: Any) -> Any:
     return cfg.drva(min(counts, key=lambda n: (counts[n], list(counts).index(n))))
 
 
-async def _first_ack(daemon: Any, name: str, fork_seq: int, t0: float) -> float | None:
-    """Seconds from the job's start until the DRVA acknowledged a write after the fork
-    (None if none came within ``FIRST_ACK_WAIT_S``: the VMs may not write)."""
+async def _first_ack(daemon: Any, name: str, t0_wall: float) -> float | None:
+    """Seconds from the job's start (wall clock ``t0_wall``) until a recovered VM's first
+    write was acknowledged by the DRVA, as its filter timed it; None if none came within
+    ``FIRST_ACK_WAIT_S`` (the VMs may not write)."""
     deadline = time.monotonic() + FIRST_ACK_WAIT_S
-    drva = daemon.cfg.drva_of(daemon.cfg.domain(name)).name
     while time.monotonic() < deadline:
-        v = daemon.supervisor.view(drva)
-        dom = next((d for d in ((v.status or {}).get("domains") or []) if d.get("name") == name), None) if v else None
-        if dom is not None and isinstance(dom.get("durable_seq"), int) and dom["durable_seq"] > fork_seq:
-            return round(time.monotonic() - t0, 3)
+        view = next((v for v in daemon.hypervisor.views() if v.domain == name), None)
+        acked_at = (view.status or {}).get("first_ack_time") if view is not None else None
+        if isinstance(acked_at, (int, float)):
+            return round(max(0.0, acked_at - t0_wall), 3)
         await asyncio.sleep(0.05)
     log.warning("failover_no_first_ack", domain=name, waited_s=FIRST_ACK_WAIT_S)
     return None

@@ -253,3 +253,27 @@ async def test_a_test_failover_runs_isolated_and_cleanup_leaves_b_as_it_was(tmp_
         assert not (b.cfg.state_dir / "failovers" / "erp.json").exists()
         missing = await b.start_job("failover", {"domain": "erp"}, lambda job: cleanup_test_failover(b, "erp"))
         assert (await b.runner.wait(missing["id"]))["error"].startswith("no test failover of domain erp")
+
+
+async def test_a_failover_from_a_continuous_standby_applies_only_the_tail(tmp_path):
+    sites = make_two_sites(tmp_path, standby=True)
+    async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:
+        await a.power("erp", True)
+        await wait_until(lambda: committed(a, "erp") >= 200, WRITE_S, "site A's writes committed")
+
+        def standby_seq() -> int:
+            view = next(v for v in b.status()["standby"] if v["domain"] == "erp")
+            return int(view["seq"] or 0)
+
+        await wait_until(lambda: standby_seq() >= 200, WRITE_S, "B's standby following A")
+        expected_seq = await power_off_and_commit(a)
+        expected = sites.primaries_a()
+        await wait_until(lambda: standby_seq() >= expected_seq, WRITE_S, "B's standby at A's last write")
+        record = await failover(b)
+        assert record["state"] == "succeeded", record
+        out = record["output"]
+        assert out["warm"] is True and out["fork_seq"] == expected_seq, out
+        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        assert [i["sha256"] for i in await _hashed(at_fork)] == expected
+        assert next(v for v in b.status()["standby"] if v["domain"] == "erp")["state"] == "owned here"
+        assert b.powered == ["erp"] and out["first_write_acked_s"] is not None

@@ -89,6 +89,8 @@ def test_the_example_recovery_site_loads_beside_site_a() -> None:
     assert b.site == "site-b" and b.store_url == a.store_url  # one store, two sites
     assert [h.name for h in b.cluster.hosts] == ["esx-b01"] and b.cluster.vms == () and b.cluster.domains == ()
     assert b.hypervisor.on_demand_hosts == ("esx-b02", "esx-b03") and b.hypervisor.vms_per_host == 2
+    assert b.peer is not None and (b.peer.site, b.peer.api) == (a.site, a.api_listen)
+    assert [(s.domain, s.mode) for s in b.standby] == [("erp", "continuous")]
     ports = {d.listen.port for d in a.drvas} | {a.api_listen.port}
     assert not ports & ({d.listen.port for d in b.drvas} | {b.api_listen.port})  # both run on one machine
     assert b.state_dir != a.state_dir and b.cluster.state_dir != a.cluster.state_dir
@@ -103,6 +105,21 @@ def test_hypervisor_keys_are_checked(tmp_path: Path) -> None:
         path = write_site(tmp_path)
         path.write_text(path.read_text() + "\n[hypervisor]\n" + "".join(
             f"{k} = {_toml(v)}\n" for k, v in table.items()))
+        with pytest.raises(ConfigError) as err:
+            load_site_config(path)
+        assert err.value.message.startswith(f"{path}: {key}"), err.value.message
+
+
+def test_peer_and_standby_keys_are_checked(tmp_path: Path) -> None:
+    for text, key in (('[peer]\nsite = "site-c"\napi = "127.0.0.1:1"\n', "peer.site"),
+                      ('[peer]\nsite = "site-o"\napi = "nowhere"\n', "peer.api"),
+                      ('[peer]\nsite = "site-o"\n', "peer"),
+                      ('[[standby]]\ndomain = "erp"\nmode = "cold"\n', "standby[0].mode"),
+                      ('[[standby]]\ndomain = "erp"\ninterval_s = 0\n', "standby[0].interval_s"),
+                      ('[[standby]]\ndomain = "../x"\n', "standby[0].domain"),
+                      ('[[standby]]\ndomain = "erp"\n[[standby]]\ndomain = "erp"\n', "standby[1].domain")):
+        path = write_site(tmp_path)
+        path.write_text(path.read_text() + "\n" + text)
         with pytest.raises(ConfigError) as err:
             load_site_config(path)
         assert err.value.message.startswith(f"{path}: {key}"), err.value.message

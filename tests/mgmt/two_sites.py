@@ -50,15 +50,16 @@ def sha256(path: Path) -> str:
 
 
 def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_url: str | None = None,
-                   install: bool = True, env: dict[str, str] | None = None) -> TwoSites:
+                   install: bool = True, env: dict[str, str] | None = None, standby: bool = False,
+                   disk: str = DISK) -> TwoSites:
     """``store_url``: default a file store under ``root``; ``install``: what the daemon
     needs of ``cdp install`` (else the test runs it); ``env``: added to the sites'."""
     store = root / "store"
     pa, pb, api_a, api_b = free_port(), free_port(), free_port(), free_port()
     a_inventory = site_files.inventory(
         "site-a", ["esx-a1"],
-        [site_files.vm("erp-db", "esx-a1", [("data", DISK), ("log", DISK)]),
-         site_files.vm("erp-app", "esx-a1", [("disk0", DISK)])],
+        [site_files.vm("erp-db", "esx-a1", [("data", disk), ("log", disk)]),
+         site_files.vm("erp-app", "esx-a1", [("disk0", disk)])],
         [site_files.domain("erp", 1, f"127.0.0.1:{pa}", ["erp-db", "erp-app"], workload or WORKLOAD)],
         state_dir="datastore")
     a_doc = site_files.site("site-a", drvas=[_drva("drva-a1", pa, "state")], protect=["erp"],
@@ -69,7 +70,8 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
                             api_listen=f"127.0.0.1:{api_b}", cluster="inventory.toml",
                             hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 1,
                                         "recovered_workload": WORKLOAD},
-                            peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN"})
+                            peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN"},
+                            standby=[{"domain": "erp", "mode": "continuous", "interval_s": 0.2}] if standby else ())
     env = {**os.environ, "CDP_SITE_SECRET": SECRET, "CDP_API_TOKEN": TOKEN, "CDP_PEER_TOKEN": TOKEN, **(env or {})}
     sites = []
     for name, doc, inventory in (("a", a_doc, a_inventory), ("b", b_doc, b_inventory)):

@@ -41,9 +41,10 @@ class DomainBuilder:
     """One domain in ``store``; ``model[k]`` is disk ``k``'s content after record ``seq``."""
 
     def __init__(self, store, *, domain: int = 7, disks=(("vm1", "disk0", 256 << 10), ("vm2", "disk1", 128 << 10)),
-                 block_raw_size: int = 8 << 10, ns_per_seq: int = 1_000_000) -> None:
+                 block_raw_size: int = 8 << 10, ns_per_seq: int = 1_000_000, name: str = "dom") -> None:
         self.store = store
         self.domain = domain
+        self.name = name
         self.disks = [{"disk": i, "vm": vm, "name": name, "size": size} for i, (vm, name, size) in enumerate(disks)]
         self.model = [bytearray(d["size"]) for d in self.disks]
         self.block_raw_size = block_raw_size
@@ -64,7 +65,7 @@ class DomainBuilder:
         return TS0 + (seq // 2) * self.ns_per_seq
 
     async def start(self) -> DomainBuilder:
-        self.writer = CatalogWriter(self.store, CatalogState.new(self.domain, "dom", TS0, SITE), by="test builder",
+        self.writer = CatalogWriter(self.store, CatalogState.new(self.domain, self.name, TS0, SITE), by="test builder",
                                     owner=SITE, snapshot_every=5)
         await self._commit({"disks": self.disks})
         return self

@@ -1,0 +1,223 @@
+"""Failover to a recovery site: recovery time cold and warm, planned loss, test-failover RPO.
+
+Setup (not timed): a domain ``erp`` of 3 disks of 1 GiB each (``--quick``: 128 MiB) whose
+bases hold realistic data (``PayloadSource("mixed")``) and a quarter of each disk again
+of random 64 KiB writes (churn) sealed in 16 MiB segments, built with the library in a
+file store as site A's DRVA would have left it (``tests.rocva.domain.DomainBuilder``).
+Site B is the two-site fixture's pilot light (``tests.mgmt.two_sites``): its MSA runs
+in this process, its DRVA, simulated hosts and recovery appliance as subprocesses.
+
+Fields (the last line of ``--json``):
+
+- ``rto_cold_s``: ``cdp failover`` (the job) until the first write of a recovered VM is
+  acknowledged by B's DRVA — rehydrate in the appliance, fork, register, protect, power
+  on; the store's files are dropped from the page cache first.
+- ``recover_s`` and ``rto_cold_vs_recover``: ``rocva.recover`` of the same point (the
+  ``benchmarks.recovery`` path, cold, same bytes, same run), and the cold RTO over it.
+- ``rto_warm_s``: the same with ``[[standby]] mode = "continuous"``: B's standby followed
+  the domain, then 16 MiB more of churn lands and the failover starts at once (the
+  appliance applies the tail the standby had not); ``rto_warm_4x_s`` the same with
+  disks 4x larger, ``rto_warm_growth`` = 4x / 1x.
+- ``planned_lost_writes``, ``planned_s``: site A and B both running (small disks), A's
+  VMs writing; ``cdp failover --planned``: writes A acknowledged after the point B
+  failed over at, and the job's seconds (quiesce, final mark, rehydrate, fork, start).
+- ``test_failover_rpo_p99_s``: A's RPO lag (its DRVA's ``rpo_lag_s``, sampled every
+  0.1 s) while a test failover at B rehydrates and runs its VMs, 99th percentile.
+
+Targets (issue 11): ``rto_cold_vs_recover`` <= 1.3, ``rto_warm_s`` <= 5,
+``rto_warm_growth`` <= 1.3, ``planned_lost_writes`` = 0, ``test_failover_rpo_p99_s`` <= 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import emit, parse_args, progress, work_dir
+from benchmarks.recovery import clear, evict
+from cdp.base_image import CHUNK_SIZE_DEFAULT
+from cdp.store.fs import FileStore
+from iofilter_sim.payloads import PayloadSource
+from rocva import Target, recover
+from tests.mgmt.site_fixture import running_daemon
+from tests.mgmt.two_sites import make_two_sites
+from tests.rocva.domain import DomainBuilder
+
+MiB = 1 << 20
+WRITE = 64 << 10
+PER_SEGMENT = 256  # 16 MiB of payload per segment
+DISKS = (("erp-db", "data"), ("erp-db", "log"), ("erp-app", "disk0"))
+TAIL_BYTES = 16 * MiB
+WAIT_S = 600.0
+
+
+async def build(root: Path, size: int, bar) -> DomainBuilder:
+    """Domain erp (id 1) of site A in ``root/store``: full bases, then churn."""
+    b = await DomainBuilder(FileStore(root / "store"), domain=1, name="erp",
+                            disks=tuple((vm, disk, size) for vm, disk in DISKS), block_raw_size=1 * MiB).start()
+    src = PayloadSource("mixed", seed=1)
+    for k in range(len(DISKS)):
+        b.model[k][:] = src.batch(np.full(size // WRITE, WRITE))
+        await b.add_base(k, chunk_size=CHUNK_SIZE_DEFAULT)
+        bar.update(size)
+    await churn(b, src, np.random.default_rng(1), size // 4 * len(DISKS), bar)
+    return b
+
+
+async def churn(b: DomainBuilder, src: PayloadSource, rng: np.random.Generator, nbytes: int, bar=None) -> None:
+    writes = nbytes // WRITE
+    slots = b.disks[0]["size"] // WRITE
+    for first in range(0, writes, PER_SEGMENT):
+        count = min(PER_SEGMENT, writes - first)
+        payload = src.batch(np.full(count, WRITE))
+        disks = rng.integers(0, len(b.disks), count).tolist()
+        for i, slot in enumerate(rng.integers(0, slots, count).tolist()):
+            b.write(disks[i], slot * WRITE, payload[i * WRITE : (i + 1) * WRITE])
+        await b.seal()
+        if bar is not None:
+            bar.update(count * WRITE)
+
+
+async def run_failover(daemon: Any, mode: str = "unplanned") -> dict[str, Any]:
+    from cdp.msa.failover import run_failover as job_failover
+    from cdp.msa.failover import run_test_failover
+
+    if mode == "test":
+        record = await daemon.start_job("failover", {"domain": "erp", "mode": "test"},
+                                        lambda job: run_test_failover(daemon, "erp", "latest", job))
+    else:
+        record = await daemon.start_job("failover", {"domain": "erp", "mode": mode}, lambda job: job_failover(
+            daemon, "erp", "latest", job, planned=mode == "planned"))
+    record = await daemon.runner.wait(record["id"])
+    if record["state"] != "succeeded":
+        raise RuntimeError(f"failover job {record['state']}: {record.get('error')}")
+    return record["output"]
+
+
+async def cold(root: Path, size: int) -> dict[str, float]:
+    bar = progress(size * len(DISKS) * 5 // 4, "build (cold)")
+    b = await build(root, size, bar)
+    bar.close()
+    store_dir = root / "store"
+    out = root / "recover-out"
+    times = []
+    for _ in range(2):
+        clear(out)
+        evict(store_dir)
+        t0 = time.perf_counter()
+        await recover(FileStore(store_dir), b.domain, Target.latest(), out)
+        times.append(time.perf_counter() - t0)
+    clear(out)
+    sites = make_two_sites(root, disk=size)
+    async with running_daemon(sites.b) as daemon:
+        evict(store_dir)
+        result = await run_failover(daemon)
+    return {"rto_cold_s": result["first_write_acked_s"], "recover_s": statistics.median(times),
+            "rehydrate_s": result["rehydrate_s"], "phases_s": result["phases_s"]}
+
+
+async def warm(root: Path, size: int) -> dict[str, float]:
+    bar = progress(size * len(DISKS) * 5 // 4, f"build (warm, {size // MiB} MiB disks)")
+    b = await build(root, size, bar)
+    bar.close()
+    sites = make_two_sites(root, disk=size, standby=True)
+    async with running_daemon(sites.b) as daemon:
+        def standby() -> dict[str, Any]:
+            return next(v for v in daemon.status()["standby"] if v["domain"] == "erp")
+
+        deadline = time.monotonic() + WAIT_S
+        while (standby()["seq"] or 0) < b.seq:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby did not warm up: {standby()}")
+            await asyncio.sleep(0.1)
+        await churn(b, PayloadSource("mixed", seed=2), np.random.default_rng(2), TAIL_BYTES)  # A goes on writing
+        result = await run_failover(daemon)
+    if not result["warm"]:
+        raise RuntimeError("the failover did not use the standby")
+    return {"rto_warm_s": result["first_write_acked_s"], "warm_rehydrate_s": result["rehydrate_s"],
+            "phases_s": result["phases_s"]}
+
+
+async def planned_and_test(root: Path) -> dict[str, Any]:
+    from tests.mgmt.test_failover_job import committed
+
+    sites = make_two_sites(root, disk="16MiB", workload={"kind": "random", "rate_mb_s": 4, "write_size": "16KiB"})
+    async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:
+        await a.power("erp", True)
+        deadline = time.monotonic() + WAIT_S
+        while committed(a, "erp") < 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("site A's writes did not reach the store")
+            await asyncio.sleep(0.1)
+
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                for v in a.supervisor.views():
+                    for d in (v.status or {}).get("domains", []):
+                        if d.get("name") == "erp" and isinstance(d.get("rpo_lag_s"), (int, float)):
+                            lags.append(float(d["rpo_lag_s"]))
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample())
+        await run_failover(b, "test")
+        await asyncio.sleep(5.0)  # the test VMs run at B while A replicates
+        stop.set()
+        await sampler
+        from cdp.msa.failover import cleanup_test_failover
+
+        await cleanup_test_failover(b, "erp")
+
+        t0 = time.perf_counter()
+        planned = await run_failover(b, "planned")
+        planned_s = time.perf_counter() - t0
+    return {"planned_lost_writes": planned["handover"]["lost_writes"], "planned_s": planned_s,
+            "test_failover_rpo_p99_s": float(np.percentile(lags, 99)) if lags else None,
+            "rpo_samples": len(lags)}
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    size = (128 if args.quick else 1024) * MiB
+    with work_dir(args) as d:
+        root = Path(d)
+        c = asyncio.run(cold(root / "cold", size))
+        shutil.rmtree(root / "cold")  # the 4x run needs the room
+        w1 = asyncio.run(warm(root / "warm1", size))
+        shutil.rmtree(root / "warm1")
+        w4 = asyncio.run(warm(root / "warm4", 4 * size))
+        shutil.rmtree(root / "warm4")
+        p = asyncio.run(planned_and_test(root / "planned"))
+    result = {
+        "benchmark": "failover", "quick": args.quick, "disk_bytes": size, "disks": len(DISKS),
+        "rto_cold_s": round(c["rto_cold_s"], 3), "rehydrate_cold_s": round(c["rehydrate_s"], 3),
+        "recover_s": round(c["recover_s"], 3),
+        "rto_cold_vs_recover": round(c["rto_cold_s"] / c["recover_s"], 3),
+        "rto_warm_s": round(w1["rto_warm_s"], 3), "rto_warm_4x_s": round(w4["rto_warm_s"], 3),
+        "rto_warm_growth": round(w4["rto_warm_s"] / w1["rto_warm_s"], 3),
+        "planned_lost_writes": p["planned_lost_writes"], "planned_s": round(p["planned_s"], 3),
+        "test_failover_rpo_p99_s": None if p["test_failover_rpo_p99_s"] is None
+        else round(p["test_failover_rpo_p99_s"], 3),
+        "rpo_samples": p["rpo_samples"], "cold_phases_s": c["phases_s"], "warm_phases_s": w1["phases_s"],
+    }
+    emit(args, result, [
+        ("RTO cold (failover -> first write acked)", f"{result['rto_cold_s']:.2f} s"),
+        ("recover the same point", f"{result['recover_s']:.2f} s (RTO cold / recover "
+                                   f"{result['rto_cold_vs_recover']:.2f})"),
+        ("RTO warm (continuous standby)", f"{result['rto_warm_s']:.2f} s; 4x disks "
+                                          f"{result['rto_warm_4x_s']:.2f} s (x{result['rto_warm_growth']:.2f})"),
+        ("planned failover", f"{result['planned_s']:.2f} s, {result['planned_lost_writes']} writes lost"),
+        ("A's RPO during a test failover (p99)", f"{result['test_failover_rpo_p99_s']} s"),
+    ])
+
+
+if __name__ == "__main__":
+    main()
