@@ -122,13 +122,8 @@ def test_unplanned_failover_to_a_mark_before_the_garbage(tmp_path: Path, store_e
     url, store_creds = store_env
     sites = make_two_sites(tmp_path, store_url=url, install=False, env=store_creds)
     op = Operator(sites, tmp_path)
-    store = ("--store", sites.a.cfg.store_url)
     try:
-        for site in ("a", "b"):
-            assert op.at(site, "install")["site"] == f"site-{site}"
-            op.start_daemon(site)
-        assert op.at("a", "power", "erp", "on")["on"] is True
-        op.wait("A's first writes in the store", lambda: op.committed("a") >= 100, WRITES_S)
+        start_both(op)
         mark = op.at("a", "mark", "erp", MARK)["output"]
         marks_log = sites.a.cfg.state_dir / "hypervisor" / "esx-a1.marks.jsonl"
         at_mark = next(json.loads(line) for line in marks_log.read_text().splitlines()
@@ -141,28 +136,85 @@ def test_unplanned_failover_to_a_mark_before_the_garbage(tmp_path: Path, store_e
         shutil.rmtree(sites.a.cfg.state_dir)  # ... with its state
 
         failed_over = op.at("b", "failover", "erp", "--mark", MARK)["output"]
-        assert (failed_over["timeline"], failed_over["parent_timeline"]) == (2, 1), failed_over
-        assert failed_over["fork_seq"] == mark["seq"] and failed_over["first_write_acked_s"] is not None
-        at_fork = op.cdp("recover", "erp", *store, "--seq", str(mark["seq"]), "--timeline", "2",
-                         "--to", str(tmp_path / "at-fork"))
-        assert [sha256(Path(i["path"])) for i in at_fork["images"]] == at_mark["sha256"]
-
-        status_b = op.at("b", "status")
-        assert status_b["powered"] == ["erp"] and [v["domain"] for v in status_b["vms"]] == ["erp"]
-        op.wait("B's writes on timeline 2", lambda: op.committed("b") > mark["seq"] + 50, WRITES_S)
-        acked = op.at("b", "power", "erp", "off")["acked_seq"]
-        op.wait(f"B's seq {acked} committed", lambda: op.committed("b") >= acked, WRITES_S)
-        latest = op.cdp("recover", "erp", *store, "--latest", "--timeline", "2", "--to", str(tmp_path / "b"))
-        datastore = sites.b.cfg.cluster.state_dir / "erp"
-        assert [sha256(Path(i["path"])) for i in latest["images"]] == [
-            sha256(datastore / f"{vm}-{disk}.img") for vm, disk in
-            (("erp-db", "data"), ("erp-db", "log"), ("erp-app", "disk0"))]
-        points = op.cdp("points", "erp", *store)
-        assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-a"), (2, "site-b")]
-        assert points["current_timeline"] == 2
+        assert failed_over["fork_seq"] == mark["seq"]
+        check_b(op, sites, tmp_path, failed_over, at_mark["sha256"])
     finally:
         for proc in op.daemons.values():
             _stop(proc)
+
+
+def test_unplanned_failover_at_the_latest_point_then_site_a_comes_back(tmp_path: Path) -> None:
+    """On the file store: A's VMs stop (every write acked and committed: the latest point
+    is their disks), every process of A is SIGKILLed, B fails over at the latest point;
+    then A comes back with its old state: fenced, alarmed, refused, and nothing of it
+    reaches the new timeline."""
+    sites = make_two_sites(tmp_path, install=False)
+    op = Operator(sites, tmp_path)
+    try:
+        start_both(op)
+        acked = op.at("a", "power", "erp", "off")["acked_seq"]
+        op.wait(f"A's seq {acked} committed", lambda: op.committed("a") >= acked, WRITES_S)
+        expected = sites.primaries_a()
+        op.at("a", "power", "erp", "on")  # A is lost with its VMs on: power.json says so
+        _kill_site(op.at("a", "status"), op.daemons.pop("a"))
+
+        failed_over = op.at("b", "failover", "erp", "--latest")["output"]
+        assert failed_over["fork_seq"] >= acked
+        check_b(op, sites, tmp_path, failed_over, expected)
+
+        before = domain_objects(sites)
+        op.start_daemon("a")  # site A comes back with what it had
+        status_a = op.wait("A's DRVA fenced", lambda: (doc := op.at("a", "status"))["alarms"] and doc, WRITES_S)
+        assert status_a["powered"] == [] and status_a["failed_over"]["erp"]["site"] == "site-b"
+        fenced = [x for x in status_a["alarms"] if x["kind"] == "fenced"]
+        assert fenced and "site-b" in fenced[0]["message"], status_a["alarms"]
+        op.at("a", "power", "erp", "on", expect=2)
+        op.at("a", "protect", "erp", expect=2)
+        assert domain_objects(sites) == before
+    finally:
+        for proc in op.daemons.values():
+            _stop(proc)
+
+
+def start_both(op: Operator) -> None:
+    for site in ("a", "b"):
+        assert op.at(site, "install")["site"] == f"site-{site}"
+        op.start_daemon(site)
+    assert op.at("a", "power", "erp", "on")["on"] is True
+    op.wait("A's first writes in the store", lambda: op.committed("a") >= 100, WRITES_S)
+
+
+def check_b(op: Operator, sites: TwoSites, tmp_path: Path, failed_over: dict[str, Any], expected: list[str]) -> None:
+    """B's failover: timeline 2 forked from 1 at the point, whose disks are ``expected``;
+    B's VMs write on timeline 2, and its latest point is B's disks."""
+    store = ("--store", sites.a.cfg.store_url)
+    fork = failed_over["fork_seq"]
+    assert (failed_over["timeline"], failed_over["parent_timeline"]) == (2, 1), failed_over
+    assert failed_over["first_write_acked_s"] is not None
+    at_fork = op.cdp("recover", "erp", *store, "--seq", str(fork), "--timeline", "2",
+                     "--to", str(tmp_path / "at-fork"))
+    assert [sha256(Path(i["path"])) for i in at_fork["images"]] == expected
+
+    status_b = op.at("b", "status")
+    assert status_b["powered"] == ["erp"] and [v["domain"] for v in status_b["vms"]] == ["erp"]
+    op.wait("B's writes on timeline 2", lambda: op.committed("b") > fork + 50, WRITES_S)
+    acked = op.at("b", "power", "erp", "off")["acked_seq"]
+    op.wait(f"B's seq {acked} committed", lambda: op.committed("b") >= acked, WRITES_S)
+    latest = op.cdp("recover", "erp", *store, "--latest", "--timeline", "2", "--to", str(tmp_path / "b"))
+    datastore = sites.b.cfg.cluster.state_dir / "erp"
+    assert [sha256(Path(i["path"])) for i in latest["images"]] == [
+        sha256(datastore / f"{vm}-{disk}.img") for vm, disk in
+        (("erp-db", "data"), ("erp-db", "log"), ("erp-app", "disk0"))]
+    points = op.cdp("points", "erp", *store)
+    assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-a"), (2, "site-b")]
+    assert points["current_timeline"] == 2
+
+
+def domain_objects(sites: TwoSites) -> list[str]:
+    """The domain's objects in the file store but its catalog generations (which B's DRVA
+    may collect at any time): segments, pages, bases — where a write of A's would land."""
+    rels = (p.relative_to(sites.store).as_posix() for p in sites.store.rglob("*") if p.is_file())
+    return sorted(r for r in rels if r.startswith("d/") and "/cat/" not in r)
 
 
 def test_test_failover_then_planned_failover(tmp_path: Path) -> None:

@@ -105,6 +105,25 @@ def status_text(doc: dict[str, Any]) -> str:
                      str(len(d.get("alarms", []))) if d.get("alarms") else "-"])
     lines += _table(rows) if len(rows) > 1 else ["no protected domain"]
     lines.append("")
+    if doc.get("vms"):
+        rows = [["POWERED ON", "HOST", "STATE", "PID", "CAPTURED", "ACKED"]]
+        for v in doc["vms"]:
+            st = v.get("status") or {}
+            rows.append([v["domain"], v["host"], v["state"], str(v.get("pid") or "-"),
+                         str(st.get("captured_seq", "-")), str(st.get("acked_seq", "-"))])
+        lines += _table(rows) + [""]
+    if doc.get("standby"):
+        rows = [["STANDBY", "STATE", "SEQ", "BEHIND (SEQS)", "LAST APPLY"]]
+        for sb in doc["standby"]:
+            rows.append([sb["domain"], sb["state"], str(sb.get("seq") or "-"),
+                         "-" if sb.get("lag_seqs") is None else str(sb["lag_seqs"]),
+                         "-" if sb.get("last_apply_s") is None else f"{sb['last_apply_s']:.2f} s"])
+        lines += _table(rows) + [""]
+    for name, where in (doc.get("failed_over") or {}).items():
+        lines.append(f"domain {name} FAILED OVER to site {where['site']} (timeline {where['timeline']}, forked "
+                     f"from {where.get('parent')} at seq {where.get('fork_seq')}): fenced here")
+    if doc.get("failed_over"):
+        lines.append("")
     if doc["alarms"]:
         lines.append("ALARMS")
         lines += ["  " + line for line in _table([[a["severity"], a["kind"], a["subject"], a["message"]]
