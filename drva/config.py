@@ -33,6 +33,8 @@ key = "/etc/cdp/drva-1.key"
 id = 1
 name = "erp"
 disks = [{ vm = "erp-db", name = "disk0", size = "64MiB" }]
+takeover = false       # true while a failover to this site forks the domain's timeline:
+                       # wait for the fork instead of being fenced by the other site's
 ```
 
 ``load_drva_config`` refuses a bad file with the file, the key and what was expected,
@@ -97,6 +99,10 @@ class DomainConfig:
     id: int
     name: str
     disks: tuple[DiskSpec, ...]
+    # Taking the domain over from another site (a failover in progress): while its
+    # current timeline is not this site's, the catalog is not opened — the domain waits
+    # (filters get not_ready) instead of being fenced.
+    takeover: bool = False
 
     def catalog_disks(self) -> list[dict[str, Any]]:
         return [{"disk": d.index, "vm": d.vm, "name": d.name, "size": d.size} for d in self.disks]
@@ -276,4 +282,5 @@ def _domain(r: _Reader, i: int) -> DomainConfig:
         disks.append(DiskSpec(j, dr.name("vm"), dr.name("name"), size))
     if not disks:
         raise ConfigError(f"{r.where('disks')}: a domain needs at least one disk")
-    return DomainConfig(domain_id, r.name("name"), tuple(disks))
+    takeover = r.get("takeover", bool, False)
+    return DomainConfig(domain_id, r.name("name"), tuple(disks), takeover)

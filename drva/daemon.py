@@ -25,7 +25,7 @@ from typing import Any
 
 from cdp import wire
 from cdp.durable import atomic_write
-from cdp.errors import CdpError, ConfigError, StoreError
+from cdp.errors import CdpError, ConfigError, Fenced, StoreError
 from cdp.frame import decode_frame
 from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
@@ -45,6 +45,8 @@ log = get_logger("drva")
 
 SEAL_TICK_S = 0.05
 COMMIT_POLL_S = 0.5  # the catalog committer's wait for an upload, at most
+TAKEOVER_POLL_S = 0.1  # a domain being taken over reads the catalog this often until the fork
+TAKEOVER_WAITING = "waiting for the failover's fork"
 BUSY_LOG_INTERVAL_S = 1.0
 
 
@@ -250,7 +252,8 @@ class Drva:
                 pass  # commit at least this often: a seeding commit may be waiting too
 
     async def _open_catalogs(self) -> None:
-        """Open every domain's catalog, retrying while the store is unreachable."""
+        """Open every domain's catalog, retrying while the store is unreachable, and while
+        a domain taken over from another site (``takeover``) is not this site's yet."""
         attempt = 0
         pending = list(self.domains.values())
         while pending:
@@ -259,15 +262,31 @@ class Drva:
                 await self.shipper.open_catalog(dom)
                 pending.pop(0)
                 attempt = 0
+                if dom.cfg.takeover and (dom.stats.last_error or "").startswith(TAKEOVER_WAITING):
+                    dom.stats.last_error = None
+                    log.info("takeover_done", domain=dom.id)
+            except Fenced as exc:
+                if not dom.cfg.takeover:
+                    self._unusable(dom, exc)  # another site owns it: fenced for good
+                    pending.pop(0)
+                    continue
+                if not dom.stats.last_error:
+                    log.info("takeover_waiting", domain=dom.id, reason=exc.message)
+                dom.stats.last_error = f"{TAKEOVER_WAITING}: {exc.message}"
+                pending.append(pending.pop(0))  # the other domains open meanwhile
+                await asyncio.sleep(TAKEOVER_POLL_S)
             except StoreError as exc:
                 attempt += 1
                 self.shipper._store_error(dom, "catalog_open_failed", exc, attempt=attempt)
                 await asyncio.sleep(backoff_s(attempt, self.shipper.rng))
             except CdpError as exc:  # a corrupt catalog: this domain cannot be served
-                dom.fenced = True
-                dom.stats.last_error = exc.message
-                log.error("catalog_unusable", domain=dom.id, error=exc.message)
+                self._unusable(dom, exc)
                 pending.pop(0)
+
+    def _unusable(self, dom: DomainState, exc: CdpError) -> None:
+        dom.fenced = True
+        dom.stats.last_error = exc.message
+        log.error("catalog_unusable", domain=dom.id, error=exc.message)
 
     async def _status_loop(self) -> None:
         while True:

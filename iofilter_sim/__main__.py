@@ -3,7 +3,7 @@
     iofilter-sim check CLUSTER.toml
     iofilter-sim run CLUSTER.toml [--duration 60] [--workload random --rate-mb-s 50]
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
-                 [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN] [--json]
+                 [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN] [--no-hashes] [--json]
 
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
@@ -88,11 +88,12 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--control", "control_path", type=click.Path(path_type=Path), default=None,
               help='A JSON file {"pause": [domain, ...]}: re-read on SIGUSR1; paused domains stop writing.')
 @click.option("--isolated", multiple=True, help="DOMAIN: its VMs write their disks only (no DRVA).")
+@click.option("--no-hashes", is_flag=True, help="No sha256 of the disks in the summary.")
 @click.option("--json", "as_json", is_flag=True)
 def run(cluster_file: Path, duration: float | None, workload: str | None, rate_mb_s: float | None,
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
-        control_path: Path | None, isolated: tuple[str, ...], as_json: bool) -> None:
+        control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
@@ -100,7 +101,7 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     cluster = load_cluster(cluster_file, state_dir=state_dir)
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
-                      control_path=control_path, isolated=frozenset(isolated),
+                      control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,
                       workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {})
     summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks)))
     if as_json:

@@ -65,7 +65,7 @@ class SimulatorHypervisor:
         self.cfg = cfg
         # The filters get the site secret under the name the simulator reads, and
         # nothing of the API's.
-        sim_env = {k: v for k, v in env.items() if k != cfg.token_env}
+        sim_env = cfg.child_env(env)
         sim_env[SIM_SECRET_ENV] = cfg.secret(env).decode()
         keeper_options.setdefault("stop_timeout_s", DRAIN_STOP_TIMEOUT_S)
         self.keeper = ProcessKeeper("host", sim_env, clock, **keeper_options)
@@ -148,7 +148,7 @@ class SimulatorHypervisor:
         isolated = [a for d in hp.domains if d in self.cfg.isolated for a in ("--isolated", d)]
         await self.keeper.spawn(hp, ("-m", "iofilter_sim", "run", str(hp.inventory_path), "--status",
                                      str(hp.status_path), "--marks-log", str(hp.marks_log), "--control",
-                                     str(hp.control_path), *isolated), domains=list(hp.domains))
+                                     str(hp.control_path), "--no-hashes", *isolated), domains=list(hp.domains))
 
     async def pause(self, domain: str, timeout_s: float = PAUSE_WAIT_S) -> dict[str, Any]:
         """Make ``domain``'s VMs stop issuing writes (their filter stays connected) and

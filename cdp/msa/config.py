@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +219,12 @@ class SiteConfig:
     def api_token(self, env: Mapping[str, str] = os.environ) -> str:
         return _secret(env, self.token_env, "the API token", self.path)
 
+    def child_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` for the processes the MSA starts (DRVAs, hosts, appliances): without
+        the API tokens — this site's and the peer's — which only the MSA uses."""
+        tokens = {self.token_env} | ({self.peer.token_env} if self.peer is not None else set())
+        return {k: v for k, v in env.items() if k not in tokens}
+
     def peer_token(self, env: Mapping[str, str] = os.environ) -> str:
         assert self.peer is not None
         return _secret(env, self.peer.token_env, f"the API token of site {self.peer.site}", self.path)
@@ -228,9 +234,10 @@ class SiteConfig:
     def drva_state_dir(self, drva: DrvaSpec) -> Path:
         return self.state_dir / "drvas" / drva.name
 
-    def drva_config_doc(self, drva: DrvaSpec, domains: list[str]) -> dict[str, Any]:
+    def drva_config_doc(self, drva: DrvaSpec, domains: list[str], takeover: Collection[str] = ()) -> dict[str, Any]:
         """The ``drva.config`` document of ``drva`` serving the protected ``domains``
-        (absolute paths, so it can live anywhere)."""
+        (absolute paths, so it can live anywhere); those in ``takeover`` are being failed
+        over to this site (the DRVA waits for the fork instead of being fenced)."""
         doms = []
         for name in domains:
             spec = self.domain(name)
@@ -238,6 +245,8 @@ class SiteConfig:
                 raise ConfigError(f"domain {name} streams to {spec.drva}, not to DRVA {drva.name}")
             doms.append({"id": spec.id, "name": spec.name, "disks": [
                 {"vm": d.vm.name, "name": d.disk.name, "size": d.disk.size} for d in spec.disks]})
+            if name in takeover:
+                doms[-1]["takeover"] = True
         doc: dict[str, Any] = {
             "name": drva.name, "site": self.site, "listen": str(drva.listen),
             "state_dir": str(self.drva_state_dir(drva)), "store": self.store_url,

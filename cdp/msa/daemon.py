@@ -353,13 +353,18 @@ class MsaDaemon:
         return {"domain": domain, "site": self.cfg.site, "mark": mark, "seq": placed["seq"], "ts": placed["ts"],
                 "captured_seq_at_pause": paused.get("captured_seq"), "acked_seq": acked}
 
-    async def protect(self, domain: str, policy: Policy, job: Job) -> dict[str, Any]:
+    async def protect(self, domain: str, policy: Policy, job: Job, *, takeover: bool = False) -> dict[str, Any]:
         """Protect ``domain`` with ``policy`` (or change its policy); its DRVA is restarted
-        when its domain set changes, and the job ends when the DRVA serves the domain."""
+        when its domain set changes, and the job ends when the DRVA serves the domain.
+        ``takeover``: a failover to this site is forking the domain (``cdp.msa.failover``):
+        its DRVA starts now and waits for the fork instead of being fenced."""
         if domain in self.cfg.isolated:
             raise ConfigError(f"domain {domain} is a test failover's copy: its VMs run isolated and are never "
                               f"protected (`cdp failover-cleanup {domain}` removes them)")
-        await self.refuse_if_failed_over(domain, "protecting it")
+        if takeover:
+            self.supervisor.takeover.add(domain)
+        else:
+            await self.refuse_if_failed_over(domain, "protecting it")
         drva = self.cfg.drva_of(self.cfg.domain(domain))
         async with self._protection_lock:
             protection = dict(self.protection)

@@ -10,12 +10,15 @@ From the store alone — the protected site may be gone:
    then the new timeline owned by this site (``rocva.failover``; progress is relayed to
    the job). With a ``[[standby]]`` of the domain its process is stopped first and the
    appliance only applies the tail to the warm images (``rocva.standby``);
-3. **register** the domain's VMs and disks (names and sizes from the catalog) on this
-   site's hosts — adding on-demand hosts when the inventory's are full — in
-   ``<state_dir>/registered.toml`` (``cdp.msa.registry``), streaming to this site's
-   least-loaded DRVA, running ``[hypervisor] recovered_workload``;
-4. **protect** it here (the DRVA continues the domain on the new timeline) and **power
-   on** its VMs (``cdp.hypervisor``), both at once;
+3. before that, **register** the domain's VMs and disks (names and sizes from the
+   catalog) on this site's hosts — adding on-demand hosts when the inventory's are full —
+   in ``<state_dir>/registered.toml`` (``cdp.msa.registry``), streaming to this site's
+   least-loaded DRVA, running ``[hypervisor] recovered_workload``; and **protect** it:
+   the DRVA starts while the appliance works, and waits for the fork (``takeover`` in its
+   configuration) instead of being fenced by the other site's timeline. If the appliance
+   fails before the fork, both are rolled back;
+4. once forked, **power on** its VMs (``cdp.hypervisor``): the DRVA continues the domain
+   on the new timeline;
 5. wait (bounded) for the first write of a recovered VM to be acknowledged by the DRVA:
    the recovery time objective ends there.
 
@@ -107,7 +110,7 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
             f"from timeline {record.get('parent_timeline')} at seq {record.get('fork_seq')}); it runs here "
             f"(`cdp status`); failing back is another verb")
     job.progress("find", 0, 1)
-    domain_id, disks = await _find(cfg, name)
+    domain_id, disks, seed = await _find(cfg, name)
     job.progress("find", 1, 1)
     handover = None
     if planned and record is not None and record.get("phase") != "done" and record.get("planned"):
@@ -126,42 +129,42 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
         raise FailoverRefused(f"a failover of domain {name} to {record.get('target')} was started and did not "
                               f"finish; run it again with that point to resume it (or see the job's error)")
 
+    # Registered and protected first: the DRVA starts while the appliance rehydrates and
+    # waits for the fork (takeover) instead of being fenced by the other site's timeline.
+    phases: dict[str, float] = {"to_rehydrate": round(time.monotonic() - t0, 3)}
+    t = time.monotonic()
+    placed = await _register(daemon, name, domain_id, disks, seed)
+    phases["register"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    protecting = asyncio.create_task(_timed(daemon.protect(name, daemon.cfg.policy(name), _Quiet(), takeover=True),
+                                            phases, "protect"))
     job.progress("rehydrate", 0, 0)
     t_rehydrate = time.monotonic()
     await daemon.standby.suspend(name)  # the appliance alone touches the images from here
     try:
         forked = await _rocva_failover(cfg, domain_id, name, target, job, daemon.env)
-    except CdpError:
-        if record["phase"] == "started":  # nothing forked: a rerun may pick another point
+    except BaseException:
+        if record["phase"] == "started":  # nothing forked: roll back, a rerun may pick another point
+            protecting.cancel()
+            await asyncio.gather(protecting, return_exceptions=True)
+            await _unregister(daemon, name)
             record_path(cfg.state_dir, name).unlink(missing_ok=True)
             daemon.standby.resume(name)
         raise
     rehydrate_s = time.monotonic() - t_rehydrate
+    phases["rehydrate"] = round(rehydrate_s, 3)
     record.update(phase="forked", timeline=forked["timeline"], parent_timeline=forked["parent_timeline"],
-                  fork_seq=forked["fork_seq"])
+                  fork_seq=forked["fork_seq"], hosts=placed["hosts"], drva=placed["drva"])
     write_record(cfg.state_dir, record)
-
-    phases = {"to_rehydrate": round(t_rehydrate - t0, 3), "rehydrate": round(rehydrate_s, 3)}
-    t = time.monotonic()
-    job.progress("register", 0, 1)
-    placed = await _register(daemon, name, domain_id, disks, forked["fork_seq"])
-    record.update(phase="registered", hosts=placed["hosts"], drva=placed["drva"])
-    write_record(cfg.state_dir, record)
-    job.progress("register", 1, 1)
-
     job.progress("protect and power on", 0, 1)
-    # Together: the DRVA and the host process start in parallel. The filter numbers no
-    # write before the DRVA's WELCOME, which waits for the domain's catalog to open at
-    # the fork (FORMAT.md §9.1), so the VMs' first write continues the new timeline.
-    phases["register"] = round(time.monotonic() - t, 3)
-    t = time.monotonic()
-    await asyncio.gather(_timed(daemon.protect(name, daemon.cfg.policy(name), job), phases, "protect"),
-                         _timed(daemon.power(name, True), phases, "power_on"))
+    await protecting  # usually long done: the DRVA started during the rehydration
+    await _timed(daemon.power(name, True), phases, "power_on")
     t = time.monotonic()
     job.progress("first-ack", 0, 1)
     first_ack_s = await _first_ack(daemon, name, t0_wall)
     phases["first_ack"] = round(time.monotonic() - t, 3)
     daemon.standby.resume(name)  # it stays off: the domain is this site's now
+    daemon.supervisor.takeover.discard(name)  # a later restart of the DRVA must fence, not wait
     record.update(phase="done", done_ns=time.time_ns())
     write_record(cfg.state_dir, record)
     job.progress("done", 1, 1)
@@ -196,7 +199,7 @@ async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> di
         raise FailoverRefused(f"site {cfg.site} already runs a domain {name} (its own, or failed over here): "
                               f"a test failover would shadow it")
     job.progress("find", 0, 1)
-    domain_id, disks = await _find(cfg, name)
+    domain_id, disks, _ = await _find(cfg, name)
     write_record(cfg.state_dir, {"version": RECORD_VERSION, "domain": name, "id": domain_id, "site": cfg.site,
                                  "target": target, "test": True, "phase": "started", "started_ns": time.time_ns()})
     job.progress("rehydrate", 0, 0)
@@ -241,6 +244,26 @@ async def cleanup_test_failover(daemon: Any, name: str) -> dict[str, Any]:
     return {"domain": name, "site": cfg.site, "removed": str(area)}
 
 
+class _Quiet:
+    """A job handle for work the job runs beside its own steps (their progress would
+    overwrite the job's)."""
+
+    def progress(self, *args: Any) -> None:
+        pass
+
+
+async def _unregister(daemon: Any, name: str) -> None:
+    """Undo ``_register`` and the protection of a failover that did not fork."""
+    cfg = daemon.cfg
+    daemon.supervisor.takeover.discard(name)
+    if name in daemon.protection:
+        await daemon.unprotect(name)
+    registry.save_registry(cfg.state_dir, registry.without_domain(registry.load_registry(cfg.state_dir, cfg.site),
+                                                                  name))
+    daemon.reload_config()
+    log.info("failover_rolled_back", domain=name)
+
+
 async def _timed(work: Any, phases: dict[str, float], name: str) -> Any:
     t = time.monotonic()
     try:
@@ -278,7 +301,8 @@ async def _handover(daemon: Any, name: str, job: Job) -> dict[str, Any]:
     return {"site": cfg.peer.site, "mark": mark, "seq": out.get("seq"), "acked_seq": out.get("acked_seq")}
 
 
-async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]]]:
+async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]], int]:
+    """The domain's id, its disks and its committed seq (to seed the recovered VMs' writes)."""
     from cdp.catalog import find_domain
 
     store = open_store(cfg.store_url)
@@ -290,14 +314,14 @@ async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]]]:
     finally:
         await store.close()
     domain_id, state = found
-    return domain_id, [dict(d) for d in sorted(state.disks, key=lambda d: d["disk"])]
+    return domain_id, [dict(d) for d in sorted(state.disks, key=lambda d: d["disk"])], state.timeline().committed_seq
 
 
 async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job: Job,
                           env: Mapping[str, str], *, test: bool = False) -> dict[str, Any]:
     """Run ``python -m rocva failover`` and relay its progress; its result, or its error
     (with its exit code) as a ``CdpError``."""
-    child_env = {k: v for k, v in env.items() if k != cfg.token_env}
+    child_env = cfg.child_env(env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rocva", "failover", "--config", str(cfg.path), "--domain", str(domain_id),
         "--name", name, "--target", target, *(["--test"] if test else []), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -351,7 +375,7 @@ async def _tail(stream: asyncio.StreamReader | None, limit: int) -> bytes:
 
 
 async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str, Any]],
-                    fork_seq: int, *, test: bool = False) -> dict[str, Any]:
+                    seed: int, *, test: bool = False) -> dict[str, Any]:
     """Register the domain's VMs here (module docstring, step 3); reload the site.
     ``test``: isolated, their images under ``test-<name>/``."""
     cfg = daemon.cfg
@@ -365,9 +389,9 @@ async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str
     vm_entries = [site_files.vm(vm, hosts[vm], [(d["name"], d["size"], f"{folder}/{vm}-{d['name']}.img")
                                                 for d in vm_disks]) for vm, vm_disks in vms.items()]
     workload = dict(cfg.hypervisor.recovered_workload)
-    # Seeded by the fork: the same seed as at the protected site would replay the writes
-    # its VMs made first, which the disks already hold.
-    workload.setdefault("seed", fork_seq & 0x7FFF_FFFF)
+    # Seeded by the point (its committed seq when the failover began): the protected
+    # site's seed would replay the writes its VMs made first, which the disks hold.
+    workload.setdefault("seed", seed & 0x7FFF_FFFF)
     domain_entry = site_files.domain(name, domain_id, str(drva.listen), list(vms), workload)
     new = registry.with_domain(reg, domain_entry, vm_entries, added, isolated=test)
     previous = registry.load_registry(cfg.state_dir, cfg.site)

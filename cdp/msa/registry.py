@@ -67,6 +67,11 @@ def merged(inventory: Mapping[str, Any], registry: Mapping[str, Any]) -> dict[st
 
 
 def save_registry(state_dir: Path, doc: Mapping[str, Any]) -> None:
+    """Write ``doc``; one that registers nothing removes the file (the site is as the
+    operator's inventory alone makes it)."""
+    if not (doc["hosts"] or doc["vms"] or doc["domains"]):
+        registry_path(state_dir).unlink(missing_ok=True)
+        return
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(registry_path(state_dir), toml_text(doc).encode())
 

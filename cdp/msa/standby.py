@@ -34,7 +34,7 @@ class StandbyProcess(Kept):
 class StandbyKeeper:
     def __init__(self, cfg: Any, env: Mapping[str, str], *, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
-        self.keeper = ProcessKeeper("standby", {k: v for k, v in env.items() if k != cfg.token_env}, clock)
+        self.keeper = ProcessKeeper("standby", cfg.child_env(env), clock)
         self.running: dict[str, StandbyProcess] = {}
         self.suspended: set[str] = set()
 

@@ -97,11 +97,12 @@ class Supervisor:
         cfg.secret(env)  # refuse to start DRVAs that could not authenticate a filter
         self.cfg = cfg
         # The DRVAs get the site secret, not the API token: they never serve the API.
-        self.keeper = ProcessKeeper("drva", {k: v for k, v in env.items() if k != cfg.token_env}, clock,
+        self.keeper = ProcessKeeper("drva", cfg.child_env(env), clock,
                                     backoff_first_s=backoff_first_s, backoff_max_s=backoff_max_s,
                                     stable_after_s=stable_after_s, stop_timeout_s=stop_timeout_s)
         self.clock = clock
         self.drvas: dict[str, Supervised] = {}
+        self.takeover: set[str] = set()  # domains a failover is forking to this site (drva.config)
         self._lock = asyncio.Lock()  # apply / step / stop_all change the same processes
 
     # ------------------------------------------------------------------ desired state
@@ -146,7 +147,7 @@ class Supervisor:
                           backoff_s=self.keeper.backoff_first_s)
 
     def _write_config(self, sup: Supervised) -> None:
-        doc = self.cfg.drva_config_doc(sup.spec, list(sup.domains))
+        doc = self.cfg.drva_config_doc(sup.spec, list(sup.domains), self.takeover)
         sup.config_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(sup.config_path, tomli_w.dumps(doc).encode())
 

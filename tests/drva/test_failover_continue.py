@@ -116,3 +116,33 @@ async def test_a_filter_is_not_welcomed_before_the_catalog_says_where_seqs_conti
     assert filter_b.next_seq - 1 == fork_seq + 60
     recovered = await recover(store, 1, Target.latest(), tmp_path / "check", checksum=True)
     assert recovered["images"][0]["sha256"] == sha256_file(datastore / "vm1-d0.img")
+
+
+async def test_a_drva_taking_a_domain_over_waits_for_the_fork_instead_of_fencing(tmp_path) -> None:
+    """``takeover``: the recovery site's DRVA starts while the failover rehydrates; until
+    the fork it neither fences the domain nor welcomes a filter, then continues it. The
+    same DRVA without takeover is fenced by the other site's timeline (site A back)."""
+    store = FileStore(tmp_path / "store")
+    rng = np.random.default_rng(4)
+    (tmp_path / "a").mkdir()
+    filter_a = DomainFilter(1, [Disk(tmp_path / "a" / "d0.img", DISK)])
+    async with running_drva(drva_config(tmp_path, "drva-a", "site-a")) as drva_a:
+        await stream_committed(drva_a, [filter_a], rng, 100, 32)
+    doc = drva_doc(tmp_path, "drva-b", [{**domain_doc(1, "erp", [("vm1", "d0", DISK)]), "takeover": True}],
+                   seal_bytes="1MiB", seal_age_s=0.1)
+    cfg_b = dataclasses.replace(config(doc), site="site-b")
+    assert cfg_b.domains[0].takeover
+    async with running_drva(cfg_b, ready=False) as drva_b:
+        dom = drva_b.domains[1]
+        await wait_until(lambda: "waiting for the failover's fork" in (dom.stats.last_error or ""), EVENTUALLY_S,
+                         "the takeover waiting")
+        assert not dom.fenced and not dom.catalog_ready
+        result = await failover(store, 1, Target.latest(), tmp_path / "datastore", site="site-b")
+        await wait_until(lambda: dom.catalog_ready, EVENTUALLY_S, "the catalog open after the fork")
+        assert not dom.fenced and dom.stats.last_error is None and dom.committed_seq == result["fork_seq"]
+        filter_b = DomainFilter(1, [Disk(tmp_path / "datastore" / "vm1-d0.img", DISK)])
+        await stream_committed(drva_b, [filter_b], rng, 50, 32)
+        assert filter_b.next_seq - 1 == result["fork_seq"] + 50
+    # without takeover, a DRVA of site A meets site B's timeline: fenced, as before
+    async with running_drva(drva_config(tmp_path, "drva-a2", "site-a")) as drva_a2:
+        assert drva_a2.domains[1].fenced and "owned by 'site-b'" in drva_a2.domains[1].stats.last_error

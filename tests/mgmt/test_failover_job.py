@@ -164,11 +164,11 @@ async def test_a_failover_that_failed_after_the_fork_resumes_when_rerun(tmp_path
         real_protect = b.protect
         calls = []
 
-        async def protect_fails_once(*args: Any) -> Any:
+        async def protect_fails_once(*args: Any, **kwargs: Any) -> Any:
             calls.append(args[0])
             if len(calls) == 1:
                 raise CdpError("the DRVA did not start (injected)")
-            return await real_protect(*args)
+            return await real_protect(*args, **kwargs)
 
         monkeypatch.setattr(b, "protect", protect_fails_once)
         first = await failover(b)

@@ -221,3 +221,11 @@ def test_secret_variable_names_are_configurable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MY_SECRET"):
         cfg.secret({"CDP_SITE_SECRET": "x" * 32})
     assert cfg.api_token({"MY_TOKEN": "y" * 16}) == "y" * 16
+
+
+def test_child_processes_get_neither_api_token(tmp_path: Path) -> None:
+    path = write_site(tmp_path)
+    path.write_text(path.read_text() + '\n[peer]\nsite = "site-o"\napi = "127.0.0.1:1"\ntoken_env = "PEER_T"\n')
+    cfg = load_site_config(path)
+    env = {"CDP_API_TOKEN": "a" * 20, "PEER_T": "b" * 20, "CDP_SITE_SECRET": "s" * 20, "PATH": "/bin"}
+    assert cfg.child_env(env) == {"CDP_SITE_SECRET": "s" * 20, "PATH": "/bin"}
