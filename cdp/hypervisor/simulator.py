@@ -54,7 +54,6 @@ class HostProcess(Kept):
     status_path: Path
     marks_log: Path
     control_path: Path
-    status: dict[str, Any] | None = None
 
 
 class SimulatorHypervisor:
@@ -162,7 +161,7 @@ class SimulatorHypervisor:
         send_signal(hp.proc, signal.SIGUSR1)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self._read_status(hp)
+            self.keeper.read_status(hp)
             st = hp.status or {}
             if domain in (st.get("paused") or []) and float(st.get("time") or 0) > asked:
                 return dict((st.get("domains") or {}).get(domain) or {})
@@ -193,25 +192,8 @@ class SimulatorHypervisor:
 
     async def step(self) -> None:
         for hp in list(self.hosts.values()):
-            if self.keeper.reap(hp):
-                hp.status = None
-            elif self.keeper.restart_due(hp):
-                await self._start(hp)
-            elif hp.proc is not None:
-                self._read_status(hp)
-
-    def _read_status(self, hp: HostProcess) -> None:
-        try:
-            doc = json.loads(hp.status_path.read_bytes())
-        except (OSError, ValueError):
-            return
-        if not isinstance(doc, dict) or hp.proc is None or doc.get("pid") != hp.proc.pid:
-            return  # an earlier process's document
-        hp.status = doc
-        if hp.state == "starting":
-            self.keeper.set_state(hp, "up")
-            hp.last_error = None
-            log.info("host_up", host=hp.name, pid=hp.proc.pid, domains=list(hp.domains))
+            if await self.keeper.tend(hp, self._start):
+                log.info("host_up", host=hp.name, pid=hp.proc.pid, domains=list(hp.domains))
 
     async def stop_all(self) -> None:
         for hp in self.hosts.values():

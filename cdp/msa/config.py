@@ -241,7 +241,7 @@ class SiteConfig:
         doms = []
         for name in domains:
             spec = self.domain(name)
-            if self.drva_of(spec) is not drva:
+            if self.drva_of(spec).name != drva.name:  # by name: the site may have been reloaded
                 raise ConfigError(f"domain {name} streams to {spec.drva}, not to DRVA {drva.name}")
             doms.append({"id": spec.id, "name": spec.name, "disks": [
                 {"vm": d.vm.name, "name": d.disk.name, "size": d.disk.size} for d in spec.disks]})

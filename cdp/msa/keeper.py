@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,12 @@ class Kept:
     last_exit: int | None = None  # the exit code (negative: the signal)
     last_error: str | None = None  # the last error its log gave before it exited
     expected_exit: bool = field(default=False, repr=False)  # we are stopping it
+    # The JSON status the process rewrites (None: it writes none), and its newest
+    # document written by the current process (a restarted one's old status says
+    # nothing about it).
+    status_path: Path | None = None
+    status: dict | None = None
+    status_read_at: float | None = None  # monotonic
 
 
 class ProcessKeeper:
@@ -135,6 +141,37 @@ class ProcessKeeper:
         log.error(f"{self.kind}_exited", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode),
                   error=kept.last_error)
         self.schedule_restart(kept)
+        return True
+
+    async def tend(self, kept: Kept, start: Callable[[Kept], Awaitable[None]]) -> bool:
+        """One supervision round for ``kept``: reap an exit (a restart is scheduled),
+        restart it once its back-off is over (``start``), else read its status. True
+        when this round saw it come up (its first status)."""
+        if self.reap(kept):
+            kept.status = None
+        elif self.restart_due(kept):
+            kept.status = None
+            await start(kept)
+        elif kept.proc is not None:
+            return self.read_status(kept)
+        return False
+
+    def read_status(self, kept: Kept) -> bool:
+        """Read ``kept.status_path`` if the current process wrote it; True when that made
+        it ``up`` (its first status)."""
+        if kept.status_path is None or kept.proc is None:
+            return False
+        try:
+            doc = json.loads(kept.status_path.read_bytes())
+        except (OSError, ValueError):
+            return False  # not written yet, or between its writes: the next round reads it
+        if not isinstance(doc, dict) or doc.get("pid") != kept.proc.pid:
+            return False  # an earlier process's document
+        kept.status, kept.status_read_at = doc, self.clock()
+        if kept.state != "starting":
+            return False
+        self.set_state(kept, "up")
+        kept.last_error = None
         return True
 
     def restart_due(self, kept: Kept) -> bool:

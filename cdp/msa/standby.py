@@ -11,11 +11,9 @@ current process. Logs go to ``<state_dir>/logs/standby-<domain>.log``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cdp.logs import get_logger
@@ -27,8 +25,6 @@ log = get_logger("cdp.msa.standby")
 @dataclass(kw_only=True)
 class StandbyProcess(Kept):
     interval_s: float
-    status_path: Path
-    status: dict[str, Any] | None = None
 
 
 class StandbyKeeper:
@@ -75,22 +71,7 @@ class StandbyKeeper:
                 sp.proc = None
                 log.info("standby_done", domain=sp.name)
                 continue
-            if self.keeper.reap(sp):
-                sp.status = None
-            elif self.keeper.restart_due(sp):
-                await self._start(sp)
-            elif sp.proc is not None:
-                self._read_status(sp)
-
-    def _read_status(self, sp: StandbyProcess) -> None:
-        try:
-            doc = json.loads(sp.status_path.read_bytes())
-        except (OSError, ValueError):
-            return
-        if isinstance(doc, dict) and sp.proc is not None and doc.get("pid") == sp.proc.pid:
-            sp.status = doc
-            if sp.state == "starting":
-                self.keeper.set_state(sp, "up")
+            await self.keeper.tend(sp, self._start)
 
     async def suspend(self, name: str) -> None:
         """Stop ``name``'s standby and keep it stopped (a failover takes its images)."""

@@ -24,7 +24,6 @@ calls it a few times a second (``STEP_INTERVAL_S``); tests may call it directly.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,9 +52,6 @@ class Supervised(Kept):
     spec: DrvaSpec
     domains: tuple[str, ...]
     config_path: Path
-    status_path: Path
-    status: dict[str, Any] | None = None  # the newest status.json of the current process
-    status_read_at: float | None = None  # monotonic
 
 
 @dataclass(frozen=True)
@@ -147,6 +143,7 @@ class Supervisor:
                           backoff_s=self.keeper.backoff_first_s)
 
     def _write_config(self, sup: Supervised) -> None:
+        sup.spec = self.cfg.drva(sup.spec.name)  # the site may have been reloaded (a failover registered VMs)
         doc = self.cfg.drva_config_doc(sup.spec, list(sup.domains), self.takeover)
         sup.config_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(sup.config_path, tomli_w.dumps(doc).encode())
@@ -166,25 +163,8 @@ class Supervisor:
         """Reap exited DRVAs, restart the ones whose back-off is over, read statuses."""
         async with self._lock:
             for sup in self.drvas.values():
-                if self.keeper.reap(sup):
-                    sup.status = None
-                elif self.keeper.restart_due(sup):
-                    await self._start(sup)
-                elif sup.proc is not None:
-                    self._read_status(sup)
-
-    def _read_status(self, sup: Supervised) -> None:
-        try:
-            doc = json.loads(sup.status_path.read_bytes())
-        except (OSError, ValueError):
-            return  # not written yet, or between its writes: the next step reads it
-        if not isinstance(doc, dict) or sup.proc is None or doc.get("pid") != sup.proc.pid:
-            return  # an earlier process's document
-        sup.status, sup.status_read_at = doc, self.clock()
-        if sup.state == "starting":
-            self.keeper.set_state(sup, "up")
-            sup.last_error = None
-            log.info("drva_up", drva=sup.spec.name, pid=sup.proc.pid, listen=doc.get("listen"))
+                if await self.keeper.tend(sup, self._start):
+                    log.info("drva_up", drva=sup.spec.name, pid=sup.proc.pid, listen=sup.status.get("listen"))
 
     async def stop_all(self) -> None:
         async with self._lock:

@@ -10,13 +10,13 @@ and APIs are on free ports.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cdp import site_files
+from cdp.digest import sha256_file
 from cdp.msa.config import load_site_config
 from tests.drva.harness import SECRET, free_port
 from tests.mgmt.site_fixture import TOKEN, Site, install_site
@@ -36,24 +36,21 @@ class TwoSites:
     b: Site
     store: Path
 
-    def primaries_a(self) -> list[str]:
-        """sha256 of erp's disks at site A, in the domain's disk order."""
-        return [sha256(d.disk.image) for d in self.a.cfg.domain("erp").disks]
+    def primaries_a(self, domain: str = "erp") -> list[str]:
+        """sha256 of the domain's disks at site A, in the domain's disk order."""
+        return [sha256(d.disk.image) for d in self.a.cfg.domain(domain).disks]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = sha256_file  # the tests' name for it
 
 
 def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_url: str | None = None,
                    install: bool = True, env: dict[str, str] | None = None, standby: bool = False,
-                   disk: str = DISK) -> TwoSites:
+                   disk: str = DISK, web: bool = False) -> TwoSites:
     """``store_url``: default a file store under ``root``; ``install``: what the daemon
-    needs of ``cdp install`` (else the test runs it); ``env``: added to the sites'."""
+    needs of ``cdp install`` (else the test runs it); ``env``: added to the sites';
+    ``web``: a second protected domain at A, ``web`` (id 2, VM web-1 with one disk), and
+    room for it at B (two VMs per host)."""
     store = root / "store"
     pa, pb, api_a, api_b = free_port(), free_port(), free_port(), free_port()
     a_inventory = site_files.inventory(
@@ -62,13 +59,16 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
          site_files.vm("erp-app", "esx-a1", [("disk0", disk)])],
         [site_files.domain("erp", 1, f"127.0.0.1:{pa}", ["erp-db", "erp-app"], workload or WORKLOAD)],
         state_dir="datastore")
-    a_doc = site_files.site("site-a", drvas=[_drva("drva-a1", pa, "state")], protect=["erp"],
+    if web:
+        a_inventory["vms"].append(site_files.vm("web-1", "esx-a1", [("disk0", disk)]))
+        a_inventory["domains"].append(site_files.domain("web", 2, f"127.0.0.1:{pa}", ["web-1"], workload or WORKLOAD))
+    a_doc = site_files.site("site-a", drvas=[_drva("drva-a1", pa, "state")], protect=["erp", "web"] if web else ["erp"],
                             store=store_url or str(store),
                             api_listen=f"127.0.0.1:{api_a}", cluster="inventory.toml")
     b_inventory = site_files.inventory("site-b", ["esx-b1"], [], [], state_dir="datastore")
     b_doc = site_files.site("site-b", drvas=[_drva("drva-b1", pb, "state")], store=store_url or str(store),
                             api_listen=f"127.0.0.1:{api_b}", cluster="inventory.toml",
-                            hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 1,
+                            hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 2 if web else 1,
                                         "recovered_workload": WORKLOAD},
                             peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN"},
                             standby=[{"domain": "erp", "mode": "continuous", "interval_s": 0.2}] if standby else ())
