@@ -148,7 +148,8 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
             protecting.cancel()
             await asyncio.gather(protecting, return_exceptions=True)
             await _unregister(daemon, name)
-            record_path(cfg.state_dir, name).unlink(missing_ok=True)
+            if not record.get("planned"):  # a planned one keeps its handover: a rerun resumes at its mark
+                record_path(cfg.state_dir, name).unlink(missing_ok=True)
             daemon.standby.resume(name)
         raise
     rehydrate_s = time.monotonic() - t_rehydrate
