@@ -147,11 +147,9 @@ async def _standby(config: Path, name: str, interval_s: float) -> None:
 @click.option("--interval", "interval_s", type=click.FloatRange(0.05, 60.0), default=0.5, show_default=True)
 def standby_command(config: Path, name: str, interval_s: float) -> None:
     """Continuous rehydration of domain NAME (supervised by the MSA)."""
-    from cdp.errors import ConfigError
-    from cdp.tomlread import NAME
+    from cdp.msa.failover import check_domain_name
 
-    if not NAME.fullmatch(name):
-        raise ConfigError(f"--name {name!r}: expected a domain name of 1..64 characters [A-Za-z0-9._-]")
+    check_domain_name(name)
     asyncio.run(_standby(config, name, interval_s))
 
 
@@ -162,11 +160,9 @@ def standby_command(config: Path, name: str, interval_s: float) -> None:
 @click.option("--target", default="latest", show_default=True)
 @click.option("--test", is_flag=True, help="Rehydrate into test-<name> only: no fork (a test failover).")
 def failover_command(config: Path, domain: int, name: str, target: str, test: bool) -> None:
-    from cdp.errors import ConfigError
-    from cdp.tomlread import NAME
+    from cdp.msa.failover import check_domain_name
 
-    if not NAME.fullmatch(name):
-        raise ConfigError(f"--name {name!r}: expected a domain name of 1..64 characters [A-Za-z0-9._-]")
+    check_domain_name(name)
     result = asyncio.run(_failover(config, domain, target, name, test))
     _line({"result": result})
 

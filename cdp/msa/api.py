@@ -178,6 +178,23 @@ def domain_of(request: web.Request) -> str:
     return name
 
 
+def store_domain_of(request: web.Request) -> str:
+    """A domain named as the store knows it (a failover's: this site's inventory has it
+    only once the failover registered it), checked as a name."""
+    name = request.match_info["name"]
+    if not NAME.fullmatch(name):
+        raise ApiError(404, "unknown_domain", f"expected a domain name of 1..64 characters [A-Za-z0-9._-], got "
+                                              f"{shown(name)}", "name")
+    return name
+
+
+def mark_name(doc: dict[str, Any], field: str) -> str:
+    name = doc[field]
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise bad(field, f"expected a mark name of 1..64 characters [A-Za-z0-9._-], got {shown(name)}")
+    return name
+
+
 # ---------------------------------------------------------------------- handlers
 
 
@@ -249,9 +266,7 @@ async def mark(request: web.Request) -> web.Response:
     domain = domain_of(request)
     wait = wants_wait(request)
     doc = await read_body(request, {"name"}, {"name"})
-    name = doc["name"]
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise bad("name", f"expected a mark name of 1..64 characters [A-Za-z0-9._-], got {shown(name)}")
+    name = mark_name(doc, "name")
     if domain not in daemon.protection:
         raise ApiError(409, "not_protected", f"domain {domain} is not protected: a mark needs its stream", "name")
     try:
@@ -342,9 +357,7 @@ async def quiesce(request: web.Request) -> web.Response:
     domain = domain_of(request)
     wait = wants_wait(request)
     doc = await read_body(request, {"mark"}, {"mark"})
-    name = doc["mark"]
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise bad("mark", f"expected a mark name of 1..64 characters [A-Za-z0-9._-], got {shown(name)}")
+    name = mark_name(doc, "mark")
     if daemon.runner.running("quiesce", {"domain": domain}):
         raise ApiError(409, "busy", f"domain {domain} is being quiesced already", "name")
     record = await daemon.start_job("quiesce", {"domain": domain, "mark": name},
@@ -358,10 +371,7 @@ async def failover(request: web.Request) -> web.Response:
     from cdp.msa.failover import run_failover, run_test_failover
 
     daemon = request.app[MSA]
-    name = request.match_info["name"]
-    if not NAME.fullmatch(name):
-        raise ApiError(404, "unknown_domain", f"expected a domain name of 1..64 characters [A-Za-z0-9._-], got "
-                                              f"{shown(name)}", "name")
+    name = store_domain_of(request)
     wait = wants_wait(request)
     doc = await read_body(request, {"target", "mode"})
     mode = doc.get("mode", "unplanned")
@@ -387,10 +397,7 @@ async def failover_cleanup(request: web.Request) -> web.Response:
     from cdp.msa.failover import cleanup_test_failover
 
     daemon = request.app[MSA]
-    name = request.match_info["name"]
-    if not NAME.fullmatch(name):
-        raise ApiError(404, "unknown_domain", f"expected a domain name of 1..64 characters [A-Za-z0-9._-], got "
-                                              f"{shown(name)}", "name")
+    name = store_domain_of(request)
     await read_body(request, set())
     if daemon.runner.running("failover", {"domain": name}):
         raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")

@@ -83,6 +83,15 @@ def write_record(state_dir: Path, doc: Mapping[str, Any]) -> None:
     atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode())
 
 
+def _registry_without_test(cfg: Any, name: str) -> dict[str, Any]:
+    """The site's registrations; ``FailoverRefused`` while a test failover of ``name`` is up."""
+    reg = registry.load_registry(cfg.state_dir, cfg.site)
+    if name in reg["isolated"]:
+        raise FailoverRefused(f"a test failover of domain {name} is up at site {cfg.site}: "
+                              f"`cdp failover-cleanup {name}` removes it first")
+    return reg
+
+
 def check_domain_name(name: str) -> None:
     if not NAME.fullmatch(name):
         raise ConfigError(f"domain {name!r}: expected a domain name of 1..64 characters [A-Za-z0-9._-]")
@@ -95,10 +104,7 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     t0, t0_wall = time.monotonic(), time.time()
     cfg = daemon.cfg
     check_domain_name(name)
-    reg = registry.load_registry(cfg.state_dir, cfg.site)
-    if name in reg["isolated"]:
-        raise FailoverRefused(f"a test failover of domain {name} is up at site {cfg.site}: "
-                              f"`cdp failover-cleanup {name}` removes it first")
+    reg = _registry_without_test(cfg, name)
     registered = name in registry.registered_domains(reg)
     if not registered and any(d.name == name for d in cfg.cluster.domains):
         raise FailoverRefused(f"site {cfg.site} already has a domain {name} of its own in "
@@ -192,10 +198,7 @@ async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> di
     t0 = time.monotonic()
     cfg = daemon.cfg
     check_domain_name(name)
-    reg = registry.load_registry(cfg.state_dir, cfg.site)
-    if name in reg["isolated"]:
-        raise FailoverRefused(f"a test failover of domain {name} is up at site {cfg.site} already; "
-                              f"`cdp failover-cleanup {name}` removes it first")
+    _registry_without_test(cfg, name)
     if any(d.name == name for d in cfg.cluster.domains):
         raise FailoverRefused(f"site {cfg.site} already runs a domain {name} (its own, or failed over here): "
                               f"a test failover would shadow it")
@@ -380,7 +383,8 @@ async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str
     """Register the domain's VMs here (module docstring, step 3); reload the site.
     ``test``: isolated, their images under ``test-<name>/``."""
     cfg = daemon.cfg
-    reg = registry.without_domain(registry.load_registry(cfg.state_dir, cfg.site), name)
+    previous = registry.load_registry(cfg.state_dir, cfg.site)
+    reg = registry.without_domain(previous, name)
     vms: dict[str, list[dict[str, Any]]] = {}
     for d in disks:
         vms.setdefault(d["vm"], []).append(d)
@@ -395,7 +399,6 @@ async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str
     workload.setdefault("seed", seed & 0x7FFF_FFFF)
     domain_entry = site_files.domain(name, domain_id, str(drva.listen), list(vms), workload)
     new = registry.with_domain(reg, domain_entry, vm_entries, added, isolated=test)
-    previous = registry.load_registry(cfg.state_dir, cfg.site)
     registry.save_registry(cfg.state_dir, new)
     try:
         daemon.reload_config()  # the loader checks the sum: a clash is refused here
