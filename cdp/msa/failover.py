@@ -34,7 +34,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +142,8 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     placed = await _register(daemon, name, domain_id, disks, seed)
     phases["register"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    protecting = asyncio.create_task(_timed(daemon.protect(name, daemon.cfg.policy(name), _Quiet(), takeover=True),
-                                            phases, "protect"))
+    protecting = asyncio.create_task(
+        _timed(lambda: daemon.protect(name, daemon.cfg.policy(name), _Quiet(), takeover=True), phases, "protect"))
     job.progress("rehydrate", 0, 0)
     t_rehydrate = time.monotonic()
     await daemon.standby.suspend(name)  # the appliance alone touches the images from here
@@ -165,7 +165,7 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     write_record(cfg.state_dir, record)
     job.progress("protect and power on", 0, 1)
     await protecting  # usually long done: the DRVA started during the rehydration
-    await _timed(daemon.power(name, True), phases, "power_on")
+    await _timed(lambda: daemon.power(name, True), phases, "power_on")
     t = time.monotonic()
     job.progress("first-ack", 0, 1)
     first_ack_s = await _first_ack(daemon, name, t0_wall)
@@ -268,10 +268,12 @@ async def _unregister(daemon: Any, name: str) -> None:
     log.info("failover_rolled_back", domain=name)
 
 
-async def _timed(work: Any, phases: dict[str, float], name: str) -> Any:
+async def _timed(work: Callable[[], Awaitable[Any]], phases: dict[str, float], name: str) -> Any:
+    # ``work`` makes its coroutine only once this task runs: a task cancelled before its
+    # first step must not leave a coroutine never awaited.
     t = time.monotonic()
     try:
-        return await work
+        return await work()
     finally:
         phases[name] = round(time.monotonic() - t, 3)
 

@@ -202,6 +202,41 @@ async def test_planned_failover_loses_no_write_site_a_acknowledged(tmp_path):
         assert b.powered == ["erp"]
 
 
+async def test_a_planned_failover_that_failed_before_the_fork_resumes_at_the_handed_over_mark(tmp_path, monkeypatch):
+    import cdp.msa.failover as failover_job
+
+    sites = make_two_sites(tmp_path)
+    async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:
+        await a.power("erp", True)
+        await wait_until(lambda: committed(a, "erp") >= 50, WRITE_S, "site A's writes committed")
+        real_appliance = failover_job._rocva_failover
+        calls = []
+
+        async def appliance_fails_once(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args[3])
+            if len(calls) == 1:
+                raise CdpError("the appliance died (injected)")
+            return await real_appliance(*args, **kwargs)
+
+        monkeypatch.setattr(failover_job, "_rocva_failover", appliance_fails_once)
+        first = await failover(b, planned=True)
+        assert first["state"] == "failed" and "injected" in first["error"], first
+        kept = failover_job.read_record(b.cfg.state_dir, "erp")
+        assert kept is not None and kept["phase"] == "started" and kept["planned"] is True
+        mark = kept["handover"]["mark"]
+        assert a.powered == [] and "erp" not in a.protection  # A handed over once, and only once
+        assert b.protection == {} and b.powered == []  # nothing of the domain left running at B
+        quiesced = sites.primaries_a()
+        second = await failover(b, planned=True)  # A would refuse a second handover: B resumes at the mark
+        assert second["state"] == "succeeded", second
+        out = second["output"]
+        assert calls == [f"mark:{mark}", f"mark:{mark}"] and out["target"] == f"mark:{mark}"
+        assert out["handover"]["lost_writes"] == 0 and out["fork_seq"] == kept["handover"]["seq"]
+        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        assert [i["sha256"] for i in await _hashed(at_fork)] == quiesced
+        assert b.powered == ["erp"]
+
+
 async def test_planned_failover_with_the_peer_unreachable_is_refused(tmp_path):
     sites = make_two_sites(tmp_path)
     await run_a_then_stop(sites, min_seq=20)  # A's daemon is not running
