@@ -19,7 +19,7 @@ from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import (EVENTUALLY_S, SECRET, Disk, config, domain_doc, drva_doc, random_writes,
                                 running_drva, two_domains, wait_until)
-from tests.drva.test_protocol import expect_error, good_session_still_works, handshake
+from tests.drva.test_protocol import expect_error, good_session_still_works, handshake, welcomed
 
 SIZE = 8 << 20
 
@@ -219,8 +219,7 @@ async def test_a_drva_process_survives_the_filter_state_that_once_ended_it(tmp_p
     proc = DrvaProcess(doc, tmp_path)
     proc.start()
     try:
-        reader, writer, *_ = await handshake(port)
-        assert (await wire.read_message(reader, "t")).type == wire.WELCOME
+        reader, writer = await welcomed(port)
         bad = dict(GOOD[wire.FILTER_STATE], domain=1, captured_seq=10, captured_ts="x")
         writer.writelines(wire.control(wire.FILTER_STATE, bad))
         doc_ = await expect_error(reader, "bad_message")

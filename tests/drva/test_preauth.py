@@ -19,7 +19,7 @@ from drva import session as session_mod
 from drva.daemon import Drva
 from tests.drva.harness import (EVENTUALLY_S, DrvaProcess, config, domain_doc, drva_doc, free_port,
                                 running_drva, two_domains, wait_until)
-from tests.drva.test_protocol import expect_error, good_session_still_works, handshake
+from tests.drva.test_protocol import expect_error, good_session_still_works, welcomed
 
 SIZE = 8 << 20
 
@@ -186,8 +186,7 @@ async def test_rss_stays_bounded_under_unauthenticated_big_bodies(tmp_path):
 
 
 async def _welcomed(port: int) -> None:
-    reader, writer, *_ = await handshake(port)
-    assert (await wire.read_message(reader, "t")).type == wire.WELCOME
+    _, writer = await welcomed(port)
     writer.close()
 
 

@@ -43,6 +43,21 @@ async def handshake(drva: Drva | int, domains=(1,), secret: str = SECRET, name: 
     return reader, writer, nonce, dn, ch["drva"]
 
 
+async def welcomed(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An authenticated session with a DRVA process that may still be opening its
+    catalogs: ``not_ready`` is retried, as the filter client does; anything else fails."""
+    deadline = asyncio.get_running_loop().time() + EVENTUALLY_S
+    while True:
+        reader, writer, *_ = await handshake(port)
+        msg = await wire.read_message(reader, "t")
+        if msg.type == wire.WELCOME:
+            return reader, writer
+        writer.close()
+        assert msg.type == wire.ERROR and msg.json("t")["code"] == "not_ready", msg
+        assert asyncio.get_running_loop().time() < deadline, "the DRVA never opened its catalog"
+        await asyncio.sleep(0.05)
+
+
 async def expect_error(reader, code: str) -> dict:
     """The ERROR ``code``, then the end of the connection."""
     async with asyncio.timeout(EVENTUALLY_S):
