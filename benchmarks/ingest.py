@@ -1,7 +1,9 @@
 """Ingest: filter -> DRVA (a separate process) -> file store, with durable acks.
 
 Phases, each on the same DRVA: 64 KiB random writes as fast as acks allow
-(``mb_per_s_64k``), 4 KiB random writes likewise (``writes_per_s_4k``), then a steady
+(``mb_per_s_64k``), 4 KiB random writes likewise (``writes_per_s_4k``) — in turns with
+the same load on a second domain whose filter keeps dirty-region maps
+(``writes_per_s_4k_dirty_map``; ``dirty_map_4k_ratio`` = with over without) — then a steady
 100 MB/s of 64 KiB writes with a 1 s seal age, sampling the DRVA's RPO lag
 (``rpo_p50_s``, ``rpo_p99_s``). ``ack_p50_ms``/``ack_p99_ms``: capture-to-ack time of
 each captured batch during the throughput phases. ``drva_rss_mb_max``: the DRVA's peak
@@ -26,6 +28,7 @@ import numpy as np
 
 from benchmarks._common import emit, parse_args, progress, work_dir
 from benchmarks.log_append import run_raw
+from cdp.dirtymap import DirtyMap
 from cdp.durable import preallocate
 from iofilter_sim.client import FilterClient
 from iofilter_sim.disks import PrimaryDisk
@@ -86,7 +89,9 @@ class Load:
 
 
 def start_drva(d: Path, port: int) -> tuple[subprocess.Popen, Path]:
-    doc = drva_doc(d, "drva-bench", [domain_doc(1, "bench", [("vm", "disk0", DISK_BYTES)])], port=port,
+    domains = [domain_doc(1, "bench", [("vm", "disk0", DISK_BYTES)]),
+               domain_doc(2, "bench-map", [("vm2", "disk0", DISK_BYTES)])]
+    doc = drva_doc(d, "drva-bench", domains, port=port,
                    log_size="1GiB", seal_bytes="16MiB", seal_age_s=1.0, status_interval_s=0.2)
     cfg = write_toml(doc, d / "drva.toml")
     log = open(d / "drva.log", "wb")
@@ -95,15 +100,16 @@ def start_drva(d: Path, port: int) -> tuple[subprocess.Popen, Path]:
     return proc, Path(doc["state_dir"]) / "status.json"
 
 
-async def drained(status: Path, f: DomainFilter, timeout_s: float = 120) -> None:
+async def drained(status: Path, f: DomainFilter, timeout_s: float = 120, *, domain: int = 1) -> None:
     """Wait until the DRVA has committed everything the filter captured (between phases,
     so that one phase's backlog does not count against the next)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if json.loads(status.read_text())["domains"][0]["committed_seq"] >= f.next_seq - 1:
+            doms = json.loads(status.read_text())["domains"]
+            if next(x for x in doms if x["id"] == domain)["committed_seq"] >= f.next_seq - 1:
                 return
-        except (OSError, ValueError, KeyError, IndexError):
+        except (OSError, ValueError, KeyError, StopIteration):
             pass
         await asyncio.sleep(0.1)
     raise TimeoutError("the DRVA did not drain")
@@ -123,8 +129,9 @@ async def rpo_samples(status: Path, seconds: float, load: Load) -> list[float]:
         while True:
             await asyncio.sleep(0.2)
             try:
-                samples.append(json.loads(status.read_text())["domains"][0]["rpo_lag_s"])
-            except (OSError, ValueError, KeyError, IndexError):
+                doms = json.loads(status.read_text())["domains"]
+                samples.append(next(x for x in doms if x["id"] == 1)["rpo_lag_s"])
+            except (OSError, ValueError, KeyError, StopIteration):
                 pass
     task = asyncio.create_task(sample())
     try:
@@ -150,7 +157,12 @@ async def bench(d: Path, quick: bool) -> dict:
     preallocate(d / "primary.img", DISK_BYTES)
     disk = PrimaryDisk(d / "primary.img", DISK_BYTES)
     f = DomainFilter(1, [disk], buffer_bytes_max=INFLIGHT_BYTES * 2)
-    client = FilterClient([f], "127.0.0.1", port, SECRET.encode(), "bench")
+    # The domain with dirty-region maps writes the same file, in turns with the first:
+    # two files would differ in what the page cache and the file system hold of them.
+    mapped_disk = PrimaryDisk(d / "primary.img", DISK_BYTES)
+    mapped = DomainFilter(2, [mapped_disk], buffer_bytes_max=INFLIGHT_BYTES * 2,
+                          dirty_maps=[DirtyMap.open(mapped_disk.path, DISK_BYTES, 2)])
+    client = FilterClient([f, mapped], "127.0.0.1", port, SECRET.encode(), "bench")
     ctask = asyncio.create_task(client.run())
     try:
         while not client.connected:
@@ -164,11 +176,23 @@ async def bench(d: Path, quick: bool) -> dict:
         mb_64k = acked / el / 1e6
         ack_ms = list(load64.ack_ms)
         await drained(status, f)
-        load4 = Load(f, 4 << 10, 2)
-        el, acked = await load4.run(seconds, 1024)
-        writes_4k = acked / (4 << 10) / el
+        # 4 KiB without and with dirty-region maps, in turns (this machine's speed drifts).
+        load4, load4_map = Load(f, 4 << 10, 2), Load(mapped, 4 << 10, 2)
+        plain, with_map = [0.0, 0], [0.0, 0]
+        order = "ABBAABBA"  # A without, B with: each side takes its turns early and late alike
+        bar = progress(len(order), "4 KiB writes, without and with dirty-region maps", unit="turn")
+        for turn in order:
+            load, tally, filt = (load4, plain, f) if turn == "A" else (load4_map, with_map, mapped)
+            el, acked = await load.run(seconds / 4, 1024)
+            tally[0] += el
+            tally[1] += acked
+            await drained(status, filt, domain=filt.domain)
+            bar.update(1)
+        bar.close()
+        writes_4k = plain[1] / (4 << 10) / plain[0]
+        writes_4k_map = with_map[1] / (4 << 10) / with_map[0]
+        map_syncs = mapped.stats["map_syncs"]
         ack_ms += load4.ack_ms
-        await drained(status, f)
         rpo = await rpo_samples(status, seconds, Load(f, 64 << 10, 3))
         rss = peak_rss_mb(proc.pid)
     finally:
@@ -177,11 +201,16 @@ async def bench(d: Path, quick: bool) -> dict:
         proc.terminate()
         proc.wait(30)
         disk.close()
+        mapped.close_maps()
+        mapped_disk.close()
     q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
     return {
         "benchmark": "ingest",
         "mb_per_s_64k": round(mb_64k, 1),
         "writes_per_s_4k": round(writes_4k),
+        "writes_per_s_4k_dirty_map": round(writes_4k_map),
+        "dirty_map_4k_ratio": round(writes_4k_map / writes_4k, 3),
+        "dirty_map_syncs": map_syncs,
         "ack_p50_ms": round(q(ack_ms, 50), 2),
         "ack_p99_ms": round(q(ack_ms, 99), 2),
         "rpo_p50_s": round(q(rpo, 50), 3),
@@ -201,6 +230,8 @@ def main() -> None:
     emit(args, result, [
         ("64 KiB random writes, durable acks", f"{result['mb_per_s_64k']:,} MB/s"),
         ("4 KiB random writes, durable acks", f"{result['writes_per_s_4k']:,} writes/s"),
+        ("... with dirty-region maps", f"{result['writes_per_s_4k_dirty_map']:,} writes/s "
+                                       f"(ratio {result['dirty_map_4k_ratio']})"),
         ("ack latency p50 / p99", f"{result['ack_p50_ms']} / {result['ack_p99_ms']} ms"),
         ("RPO lag p50 / p99 at 100 MB/s", f"{result['rpo_p50_s']} / {result['rpo_p99_s']} s"),
         ("DRVA peak RSS", f"{result['drva_rss_mb_max']} MiB"),

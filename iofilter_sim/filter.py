@@ -13,6 +13,12 @@ Modes (FORMAT.md §1 kinds RESYNC_BEGIN/END mark the windows in the stream):
   writes keep being captured between them), and RESYNC_END closes the window when the
   bitmap is clean. Points inside the window are not crash-consistent.
 
+Dirty-region maps (``cdp.dirtymap``, one per disk, optional): a write's regions are
+flagged durably before it reaches the primary disk, and unflagged once every write to
+them has been acked for ``MAP_KEEP_S`` (checked every ``MAP_CLEAR_EVERY_S``). Regions a map had flagged when it
+was opened — writes of an earlier run that may never have reached a DRVA — start in the
+bitmap, so they are resynced.
+
 Invariants: seqs in the buffer are consecutive and start right after ``acked_seq``;
 the frames before ``buffer[unsent_from]`` have been sent on the current connection and
 the others not (so only never-sent frames are ever dropped, and their seqs reused);
@@ -24,12 +30,13 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from cdp.dirtymap import DirtyMap, region_bytes_for, regions_of
 from cdp.frame import encode_frame_parts
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, empty_records,
@@ -39,9 +46,14 @@ from cdp.records import (
 FRAME_BYTES_MAX = 1 << 20
 FRAME_RECORDS_MAX = 4096
 BUFFER_BYTES_MAX = 64 << 20
-REGIONS_PER_DISK_MAX = 1 << 20  # bounds the bitmap: 1 MiB of flags per disk at most
-REGION_BYTES_MIN = 64 << 10
 RESYNC_STEP_BYTES = 4 << 20
+# Acked regions are unflagged in the dirty-region maps at most this often (each clear
+# scans every region), and only once their last write has been acked for MAP_KEEP_S: a
+# region unflagged costs a synced set when it is written again, and a region written
+# again within a second is the common case. The price: after a crash, the map also
+# flags what was written (and acked) in the last MAP_KEEP_S.
+MAP_CLEAR_EVERY_S = 0.25
+MAP_KEEP_S = 1.0
 
 
 class Disk(Protocol):
@@ -69,7 +81,7 @@ class DomainFilter:
 
     def __init__(self, domain: int, disks: Sequence[Disk], *, buffer_bytes_max: int = BUFFER_BYTES_MAX,
                  frame_bytes_max: int = FRAME_BYTES_MAX, clock: Callable[[], int] = time.time_ns,
-                 first_seq: int = 1) -> None:
+                 first_seq: int = 1, dirty_maps: Sequence[DirtyMap] | None = None) -> None:
         self.domain = domain
         self.disks = list(disks)
         self.buffer_bytes_max = buffer_bytes_max
@@ -86,12 +98,27 @@ class DomainFilter:
         self.buffer: collections.deque[BufferedFrame] = collections.deque()
         self.buffered_bytes = 0
         self.unsent_from = 0
-        self.region_bytes = [max(REGION_BYTES_MIN, -(-d.size // REGIONS_PER_DISK_MAX)) for d in self.disks]
-        self.region_bytes = [1 << (r - 1).bit_length() for r in self.region_bytes]
+        self.region_bytes = [region_bytes_for(d.size) for d in self.disks]
         self.dirty = [np.zeros(-(-d.size // r), dtype=bool) for d, r in zip(self.disks, self.region_bytes)]
         self.backpressure = False
         self.stats = collections.Counter()
         self.on_change: Callable[[], None] = lambda: None
+        self.maps = list(dirty_maps or [])
+        if self.maps and len(self.maps) != len(self.disks):
+            raise ValueError(f"domain {domain}: {len(self.maps)} dirty-region maps for {len(self.disks)} disks")
+        # Per region, the seq of the last captured write to it (the map unflags a region
+        # once that seq is acked and the region is not in the bitmap).
+        self.last_seq = [np.zeros(len(m), dtype=np.uint64) for m in self.dirty] if self.maps else []
+        self._cleared_at = 0.0
+        self._acked_at: collections.deque[tuple[float, int]] = collections.deque()  # (when, acked_seq)
+        for d, m in enumerate(self.maps):
+            if m.region_bytes != self.region_bytes[d]:
+                raise ValueError(f"{m.path}: regions of {m.region_bytes} bytes, "
+                                 f"the filter's are {self.region_bytes[d]}")
+            self.dirty[d] |= m.left
+        if any(m.any() for m in self.dirty):  # writes of an earlier run that may never have been acked
+            self.mode = "bitmap"
+            self.stats["left_dirty_bytes"] = self.dirty_bytes()
 
     # ------------------------------------------------------------------ capture
 
@@ -103,6 +130,8 @@ class DomainFilter:
             return
         records = empty_records(n)
         records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
+        if self.maps:
+            self._flag(records)
         self._apply(records, payload)
         self.stats["writes"] += n
         self.stats["bytes"] += int(length.sum())
@@ -148,6 +177,8 @@ class DomainFilter:
             self._enter_bitmap(records)
             return False
         self._stamp(records)
+        if self.maps:
+            self._note_seqs(records)
         view = memoryview(payload)
         ends = np.cumsum(lengths)
         start_rec, start_byte = 0, 0
@@ -206,6 +237,59 @@ class DomainFilter:
         if self.first_ack_time is None and durable_seq > self.acked_seq:
             self.first_ack_time = time.time()
         self.acked_seq = max(self.acked_seq, durable_seq)
+        if self.maps and time.monotonic() - self._cleared_at >= MAP_CLEAR_EVERY_S:
+            self.clear_acked_regions()
+
+    # ------------------------------------------------------------------ dirty-region maps
+
+    def _data_by_disk(self, records: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """The WRITE and ZERO records of a batch, disk by disk (no copy in the usual case:
+        a batch of writes to one disk)."""
+        is_data = records["kind"] <= KIND_ZERO
+        data = records if is_data.all() else records[is_data]
+        if not len(data):
+            return
+        disks = data["disk"]
+        if (disks == disks[0]).all():
+            yield int(disks[0]), data
+            return
+        for d in np.unique(disks).tolist():
+            yield d, data[disks == d]
+
+    def _flag(self, records: np.ndarray) -> None:
+        """Flag, durably, the regions these writes touch: before they reach the disks."""
+        for d, sel in self._data_by_disk(records):
+            idx, _ = regions_of(sel["offset"], sel["length"], self.region_bytes[d])
+            if self.maps[d].set_before_write(idx):
+                self.stats["map_syncs"] += 1
+
+    def _note_seqs(self, records: np.ndarray) -> None:
+        for d, sel in self._data_by_disk(records):
+            idx, count = regions_of(sel["offset"], sel["length"], self.region_bytes[d])
+            seqs = sel["seq"] if count is None else np.repeat(sel["seq"], count)
+            np.maximum.at(self.last_seq[d], idx, seqs)  # seqs grow: a region keeps its last write's
+
+    def clear_acked_regions(self, keep_s: float = MAP_KEEP_S) -> int:
+        """Unflag the regions whose every write was acked at least ``keep_s`` ago (and
+        that are not waiting in the bitmap for a resync); how many."""
+        now = self._cleared_at = time.monotonic()
+        self._acked_at.append((now, self.acked_seq))
+        acked = 0
+        while self._acked_at and self._acked_at[0][0] <= now - keep_s:
+            acked = self._acked_at.popleft()[1]
+        if acked:
+            self._acked_at.appendleft((now - keep_s, acked))  # still the bound until a newer one ages
+        threshold = np.uint64(max(0, acked))
+        return sum(m.clear((seqs <= threshold) & ~dirty)
+                   for m, seqs, dirty in zip(self.maps, self.last_seq, self.dirty))
+
+    def close_maps(self) -> bool:
+        """Close the dirty-region maps: clean (all unflagged) when every captured write is
+        acked and nothing waits in the bitmap, else flagged as they are. True if clean."""
+        clean = self.mode == "normal" and self.acked_seq == self.next_seq - 1 and not self.buffer
+        for m in self.maps:
+            m.close(clean=clean)
+        return clean
 
     def next_unsent(self) -> BufferedFrame | None:
         """The oldest frame not sent on this connection yet, if any."""
@@ -238,16 +322,8 @@ class DomainFilter:
         self.on_change()
 
     def _mark_dirty(self, records: np.ndarray) -> None:
-        data = records[records["kind"] <= KIND_ZERO]
-        for d in np.unique(data["disk"]):
-            sel = data[data["disk"] == d]
-            r = self.region_bytes[int(d)]
-            first = (sel["offset"] // r).astype(np.int64)
-            last = ((sel["offset"] + sel["length"] - 1) // r).astype(np.int64)
-            marks = np.zeros(len(self.dirty[int(d)]) + 1, dtype=np.int32)
-            np.add.at(marks, first, 1)
-            np.add.at(marks, last + 1, -1)
-            self.dirty[int(d)] |= np.cumsum(marks[:-1]) > 0
+        for d, sel in self._data_by_disk(records):
+            self.dirty[d][regions_of(sel["offset"], sel["length"], self.region_bytes[d])[0]] = True
 
     def dirty_bytes(self) -> int:
         return sum(int(m.sum()) * r for m, r in zip(self.dirty, self.region_bytes))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdp.dirtymap import DirtyMap
 from cdp.durable import atomic_write
 from cdp.inventory import Cluster, DomainSpec
 from cdp.logs import get_logger
@@ -61,6 +62,8 @@ class RunOptions:
     # The summary's sha256 of every disk (a supervisor that reads the status does
     # without: hashing terabytes at every power-off would be the slowest part of it).
     hash_at_end: bool = True
+    # Keep a dirty-region map (cdp.dirtymap) next to each disk of a replicated domain.
+    dirty_maps: bool = True
 
 
 class ClusterRunner:
@@ -87,8 +90,15 @@ class ClusterRunner:
         self.read_control()
         for dom in self.cluster.domains:
             self.disks[dom.name] = [PrimaryDisk.for_disk(d.disk) for d in dom.disks]
+            maps = None
+            if self.opts.dirty_maps and dom.name not in self.opts.isolated:
+                maps = [DirtyMap.open(d.disk.image, d.disk.size, dom.id) for d in dom.disks]
+                for m in maps:
+                    if m.left.any():
+                        log.warning("dirty_regions_left", domain=dom.name, map=str(m.path),
+                                    bytes=int(m.left.sum()) * m.region_bytes, reason=m.left_reason)
             self.filters[dom.name] = DomainFilter(dom.id, self.disks[dom.name],
-                                                  buffer_bytes_max=self.opts.buffer_bytes_max)
+                                                  buffer_bytes_max=self.opts.buffer_bytes_max, dirty_maps=maps)
             self.workloads[dom.name] = self._workload(dom)
         for endpoint in self.cluster.drvas:
             doms = tuple(d for d in self.cluster.domains_of(endpoint) if d.name not in self.opts.isolated)
@@ -255,6 +265,10 @@ class ClusterRunner:
             for d in disks:
                 d.fsync()
                 d.close()
+        for name, f in self.filters.items():
+            if f.maps and not f.close_maps():
+                log.warning("dirty_regions_kept", domain=name, bytes=sum(m.dirty_bytes() for m in f.maps),
+                            acked_seq=f.acked_seq, captured_seq=f.next_seq - 1)
 
     def summary(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self.started)

@@ -109,6 +109,7 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
         _write_state(out_dir, record)
         images = recovered["images"]
         record_warm = recovered.get("warm", False)
+        await asyncio.to_thread(_forget_dirty_maps, store, out_dir, images, destination)
         log.info("failover_rehydrated", domain=domain, site=site, timeline=current.id, seq=recovered["seq"],
                  bytes=recovered["bytes_written"], seconds=recovered["seconds"])
         state, _ = await fork_timeline(store, domain, record["seq"], site, parent=current.id,
@@ -158,6 +159,22 @@ async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: i
     recovered = await recover(store, domain, target, out_dir, progress=progress, destination=destination,
                               timeline=timeline, now_ns=now_ns)
     return {**recovered, "warm": False}
+
+
+def _forget_dirty_maps(store, out_dir: Path, images: list[dict[str, Any]], destination: Any) -> None:
+    """Remove the dirty-region map (``cdp.dirtymap``) an earlier life of these images left
+    next to them: their content comes from the store now, the map describes nothing of
+    it, and a filter opening it would resync regions for no reason."""
+    from cdp.dirtymap import sidecar_path
+    from rocva.destination import for_store, open_output_dir
+
+    out = open_output_dir(out_dir, for_store(store, destination))
+    try:
+        for image in images:
+            out.unlink(sidecar_path(image["path"]).name)
+        out.fsync()
+    finally:
+        out.close()
 
 
 async def _disks(store, domain: int) -> list[dict[str, Any]]:

@@ -1,0 +1,251 @@
+"""The dirty-region map: a sidecar file next to each primary disk (``<image>.dirty``,
+FORMAT.md §15) naming the regions that may hold a write its DRVA has not made durable.
+
+The I/O filter sets a region's flag, and makes it durable, *before* the write reaches
+the primary disk, and clears it once every write to the region is acknowledged. So
+after any crash — of the filter, the host, the site — the regions where the primary
+may differ from what reached the replication log are a subset of the flagged ones. A
+failback uses that to undo the protected site's writes that never replicated; a
+filter that starts on a disk with flags left resyncs those regions.
+
+Why a byte per region and no body checksum while it runs: flags only go 0 → 1 before
+the write they guard (and that set is synced before the write is issued) and 1 → 0
+after its ack (lazily, never synced). A torn page after a power loss mixes old and new
+flag bytes, and either value of either transition is safe: an unsynced set guards a
+write that was never issued, an unsynced clear leaves a region flagged that needs
+nothing (more is moved, nothing is lost). The header and a body checksum are written
+only at a clean close, when every write was acknowledged; a map whose header does not
+check, whose geometry does not match its disk, or whose body holds a byte other than
+0/1 is *unusable*: whoever reads it must treat every region as dirty, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from cdp import durable
+from cdp.errors import FormatError
+
+MAGIC = b"CDPR"
+VERSION = 1
+HEADER_BYTES = 4096  # the body (one flag byte per region) starts on the next block
+FLAG_CLEAN = 0x0001
+# magic, version, flags, disk_size, region_shift, domain, regions, opens, body_xxh3
+_HEADER = struct.Struct("<4sHHQIIQQQ")
+_HEADER_SUM = struct.Struct("<Q")
+assert _HEADER.size == 48  # FORMAT.md §15
+REGIONS_MAX = 1 << 20  # as the filter's bitmap: 1 MiB of flags per disk at most
+REGION_BYTES_MIN = 64 << 10
+# Past this many touched 4 KiB pages a set writes the span between them in one pwrite.
+PAGES_PER_WRITE_MAX = 8
+_PAGE = 4096
+
+
+class DirtyMapUnusable(FormatError):
+    """A map that cannot say which regions are clean (see the module docstring)."""
+
+
+def region_bytes_for(disk_size: int) -> int:
+    """The region size for a disk: at least 64 KiB, a power of two, at most
+    ``REGIONS_MAX`` regions. The filter's in-memory bitmap uses the same."""
+    r = max(REGION_BYTES_MIN, -(-disk_size // REGIONS_MAX))
+    return 1 << (r - 1).bit_length()
+
+
+def sidecar_path(image: str | os.PathLike[str]) -> Path:
+    image = Path(image)
+    return image.with_name(image.name + ".dirty")
+
+
+def regions_of(offset: np.ndarray, length: np.ndarray, region_bytes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every region index the byte ranges [offset, offset + length) touch, in range order
+    (with repetitions), and how many each range touches — ``None`` when every range
+    touches exactly one (the usual case, computed without the expansion). Every length
+    must be > 0."""
+    first = offset.astype(np.int64) // region_bytes
+    if not len(first):
+        return first, None
+    count = (offset.astype(np.int64) + length.astype(np.int64) - 1) // region_bytes - first + 1
+    if int(count.max()) == 1:
+        return first, None
+    starts = np.repeat(first - np.concatenate(([0], np.cumsum(count)[:-1])), count)
+    return starts + np.arange(int(count.sum()), dtype=np.int64), count
+
+
+@dataclass(frozen=True, slots=True)
+class MapHeader:
+    disk_size: int
+    region_bytes: int
+    domain: int
+    regions: int
+    opens: int
+    clean: bool
+    body_xxh3: int
+
+
+def _pack_header(h: MapHeader) -> bytes:
+    body = _HEADER.pack(MAGIC, VERSION, FLAG_CLEAN if h.clean else 0, h.disk_size,
+                        h.region_bytes.bit_length() - 1, h.domain, h.regions, h.opens, h.body_xxh3)
+    out = body + _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(body))
+    return out + bytes(HEADER_BYTES - len(out))
+
+
+def _unpack_header(raw: bytes, where: str) -> MapHeader:
+    if len(raw) < HEADER_BYTES:
+        raise DirtyMapUnusable(f"{where}: {len(raw)} bytes, shorter than its {HEADER_BYTES}-byte header")
+    magic, version, flags, disk_size, shift, domain, regions, opens, body_sum = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise DirtyMapUnusable(f"{where}: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise DirtyMapUnusable(f"{where}: version {version}, expected {VERSION}")
+    (want,) = _HEADER_SUM.unpack_from(raw, _HEADER.size)
+    if xxhash.xxh3_64_intdigest(raw[: _HEADER.size]) != want:
+        raise DirtyMapUnusable(f"{where}: header checksum mismatch")
+    if flags & ~FLAG_CLEAN or any(raw[_HEADER.size + _HEADER_SUM.size : HEADER_BYTES]):
+        raise DirtyMapUnusable(f"{where}: unknown flags or non-zero reserved bytes (a newer writer?)")
+    if not 16 <= shift <= 40:
+        raise DirtyMapUnusable(f"{where}: region_shift {shift}, expected 16..40")
+    return MapHeader(disk_size, 1 << shift, domain, regions, opens, bool(flags & FLAG_CLEAN), body_sum)
+
+
+def read_dirty_map(path: str | os.PathLike[str], disk_size: int) -> tuple[np.ndarray, int]:
+    """The flags of the map at ``path`` for a disk of ``disk_size`` bytes, without
+    changing it: (bool array, one per region; region bytes). ``DirtyMapUnusable``
+    saying why when the map is missing or cannot be trusted."""
+    header, flags = _read(Path(path), disk_size)
+    return flags, header.region_bytes
+
+
+def _read(path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DirtyMapUnusable(f"{path}: no dirty-region map next to the disk") from None
+    h = _unpack_header(raw, str(path))
+    want_regions = -(-disk_size // h.region_bytes)
+    if h.disk_size != disk_size or h.region_bytes != region_bytes_for(disk_size) or h.regions != want_regions:
+        raise DirtyMapUnusable(f"{path}: a map of a {h.disk_size}-byte disk in {h.regions} regions of "
+                               f"{h.region_bytes} bytes; the disk is {disk_size} bytes")
+    if len(raw) != HEADER_BYTES + h.regions:
+        raise DirtyMapUnusable(f"{path}: {len(raw)} bytes, expected {HEADER_BYTES + h.regions}")
+    body = np.frombuffer(raw, dtype=np.uint8, count=h.regions, offset=HEADER_BYTES)
+    if (body > 1).any():
+        i = int(np.flatnonzero(body > 1)[0])
+        raise DirtyMapUnusable(f"{path}: region {i} holds {int(body[i])}, expected 0 or 1")
+    if h.clean and xxhash.xxh3_64_intdigest(body.tobytes()) != h.body_xxh3:
+        raise DirtyMapUnusable(f"{path}: closed clean but its body checksum does not match")
+    return h, body.astype(bool)
+
+
+class DirtyMap:
+    """The writer: the filter's handle on one disk's map (see the module docstring).
+
+    ``left`` holds the regions flagged when it was opened: writes of an earlier run that
+    may never have been acknowledged (all of them when the map was unusable, and
+    ``left_reason`` then says why)."""
+
+    def __init__(self, path: Path, fd: int, header: MapHeader, flags: np.ndarray, left: np.ndarray,
+                 left_reason: str | None) -> None:
+        self.path = path
+        self._fd = fd
+        self.header = header
+        self.region_bytes = header.region_bytes
+        self.flags = flags  # what the file holds (or will, for clears not yet written)
+        self.left = left
+        self.left_reason = left_reason
+        self.syncs = 0
+
+    @classmethod
+    def open(cls, image: str | os.PathLike[str], disk_size: int, domain: int) -> DirtyMap:
+        """Open (or create) the map next to ``image`` and mark it in use (not clean),
+        durably, before any write of this run can reach the disk."""
+        path = sidecar_path(image)
+        region_bytes = region_bytes_for(disk_size)
+        regions = -(-disk_size // region_bytes)
+        left_reason = None
+        opens = 0
+        created = not path.exists()
+        if created:  # a disk never written through a filter with a map: nothing is pending
+            left = np.zeros(regions, dtype=bool)
+        else:
+            try:
+                old, left = _read(path, disk_size)
+                opens = old.opens
+            except DirtyMapUnusable as exc:  # there, and not to be trusted: every region is suspect
+                left_reason = str(exc)
+                left = np.ones(regions, dtype=bool)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            header = MapHeader(disk_size, region_bytes, domain, regions, opens + 1, False, 0)
+            flags = left.copy()
+            durable.pwrite_all(fd, [_pack_header(header), flags.view(np.uint8)], 0)
+            os.ftruncate(fd, HEADER_BYTES + regions)
+            durable.sync_file(fd)
+            if created:
+                durable.fsync_dir(path.parent)  # a new file: its entry too
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, header, flags, left, left_reason)
+
+    def set_before_write(self, regions: np.ndarray) -> bool:
+        """Flag ``regions`` (indexes, repetitions allowed) durably; True when something
+        new had to be written and synced. Call before the writes reach the disk."""
+        new = np.unique(regions[~self.flags[regions]]) if len(regions) else regions
+        if not len(new):
+            return False
+        self.flags[new] = True
+        self._write_pages(new)
+        durable.sync_data(self._fd)
+        self.syncs += 1
+        return True
+
+    def clear(self, mask: np.ndarray) -> int:
+        """Unflag the regions of ``mask`` (every write to them acknowledged); written,
+        not synced (see the module docstring). How many were cleared."""
+        gone = np.flatnonzero(mask & self.flags)
+        if len(gone):
+            self.flags[gone] = False
+            self._write_pages(gone)
+        return len(gone)
+
+    def _write_pages(self, regions: np.ndarray) -> None:
+        pages = np.unique(regions // _PAGE)
+        body = self.flags.view(np.uint8)
+        if len(pages) > PAGES_PER_WRITE_MAX:
+            lo, hi = int(pages[0]) * _PAGE, min(len(body), (int(pages[-1]) + 1) * _PAGE)
+            durable.pwrite_all(self._fd, [body[lo:hi]], HEADER_BYTES + lo)
+            return
+        for p in pages.tolist():
+            lo, hi = p * _PAGE, min(len(body), (p + 1) * _PAGE)
+            durable.pwrite_all(self._fd, [body[lo:hi]], HEADER_BYTES + lo)
+
+    def close(self, *, clean: bool) -> None:
+        """Close. ``clean``: every write of this run was acknowledged — the flags are all
+        cleared, and the header says so with the body's checksum. Otherwise the flags
+        stay as they are, synced."""
+        if self._fd < 0:
+            return
+        try:
+            if clean:
+                self.flags[:] = False
+                body = self.flags.view(np.uint8)
+                durable.pwrite_all(self._fd, [body], HEADER_BYTES)
+                durable.sync_data(self._fd)
+                self.header = MapHeader(self.header.disk_size, self.region_bytes, self.header.domain,
+                                        self.header.regions, self.header.opens, True,
+                                        xxhash.xxh3_64_intdigest(body.tobytes()))
+                durable.pwrite_all(self._fd, [_pack_header(self.header)], 0)
+            durable.sync_data(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def dirty_bytes(self) -> int:
+        return int(self.flags.sum()) * self.region_bytes
