@@ -138,3 +138,26 @@ async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
         yield made
     finally:
         await made.close()
+
+
+SOAK_TEST = "tests/drva/test_catalog_soak.py::test_lost_catalog_replies_never_fence_and_loads_stay_flat"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
+    """The catalog soak is a minute of wall clock with a core mostly idle: start it now,
+    in a process of its own, and check its report last (tests/drva/soak_run.py)."""
+    soak = [item for item in items if item.nodeid == SOAK_TEST]
+    if not soak or config.option.collectonly:
+        return
+    from tests.drva.test_catalog_soak import start_soak
+
+    items[:] = [item for item in items if item.nodeid != SOAK_TEST] + soak
+    start_soak(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests.drva.test_catalog_soak import SOAK_KEY
+
+    soak = config.stash.get(SOAK_KEY, None)
+    if soak is not None:
+        soak.remove()  # a session that ended before the soak's test (-x, ^C)

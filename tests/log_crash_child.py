@@ -4,6 +4,12 @@ Every line it prints is printed *after* the fact it reports is durable:
 ``D pos first_seq last_seq`` after ``append_batch`` returned for that entry, ``T pos``
 after a trim returned. ``R`` first, once the log is open: the parent kills it with
 SIGKILL at a random moment after that.
+
+``--zygote`` starts it once for the whole test: it imports everything, then for each
+line ``path seed start_seq report`` read from stdin forks an appender whose stdout is
+the file ``report`` (opened for append: what it wrote before a SIGKILL is there), prints
+``P pid``, reaps it and prints ``X pid status`` (``status`` as ``os.waitpid`` gives it). A
+forked appender is killed like a started one, without a Python start-up per kill.
 """
 
 from __future__ import annotations
@@ -61,5 +67,29 @@ def main(path: str, seed: int, start_seq: int) -> None:
             out.flush()
 
 
+def zygote() -> None:
+    import os
+
+    import cdp.replog  # noqa: F401  (imported once, here, for every child)
+
+    for line in sys.stdin:
+        path, seed, start_seq, report = line.split()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                fd = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                sys.stdout = os.fdopen(1, "w", buffering=1)
+                main(path, int(seed), int(start_seq))
+            finally:
+                os._exit(70)  # main never returns: anything else is a failure
+        print(f"P {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"X {pid} {status}", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    if sys.argv[1:] == ["--zygote"]:
+        zygote()
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

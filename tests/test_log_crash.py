@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,28 +29,50 @@ KILLS = 50
 KILLED_EXIT_S = 30.0
 
 
-def run_child_until_killed(path: Path, seed: int, start_seq: int, delay_s: float) -> list[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.log_crash_child", str(path), str(seed), str(start_seq)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    lines: list[str] = []
+class Zygote:
+    """``tests.log_crash_child --zygote``: forks each appender from one warm process."""
 
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.log_crash_child", "--zygote"], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    # The random moment counts from the child's first append, not from the start of a
-    # Python process: on a slow machine the imports alone can outlast the delay.
-    wait_until_sync(lambda: lines or proc.poll() is not None, EVENTUALLY_S, "the child to open the log")
+    def line(self) -> list[str]:
+        got = self.proc.stdout.readline()
+        if not got:
+            raise AssertionError(f"the zygote ended: {self.proc.stderr.read()[-3000:]}")
+        return got.split()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(KILLED_EXIT_S)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_child_until_killed(zygote: Zygote, path: Path, seed: int, start_seq: int, delay_s: float) -> list[str]:
+    report = path.with_name(f"report-{seed}")
+    zygote.proc.stdin.write(f"{path} {seed} {start_seq} {report}\n")
+    zygote.proc.stdin.flush()
+    tag, pid = zygote.line()
+    assert tag == "P", (tag, pid)
+
+    def opened() -> bool:
+        return report.exists() and report.stat().st_size > 0
+
+    # The random moment counts from the child's first append ("R" once the log is open).
+    wait_until_sync(opened, EVENTUALLY_S, "the child to open the log")
     time.sleep(delay_s)  # the random moment of the kill: it waits for nothing
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=KILLED_EXIT_S)
-    reader.join(timeout=KILLED_EXIT_S)
-    err = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL, f"child died on its own: {err}"
+    os.kill(int(pid), signal.SIGKILL)
+    tag, reaped, status = zygote.line()
+    assert (tag, reaped) == ("X", pid)
+    assert os.WIFSIGNALED(int(status)) and os.WTERMSIG(int(status)) == signal.SIGKILL, \
+        f"child died on its own: status {status}; {zygote.proc.stderr.read() if zygote.proc.poll() else ''}"
+    lines = report.read_text().splitlines(keepends=True)
+    report.unlink()
     return lines
 
 
@@ -88,20 +109,24 @@ def test_sigkill_at_random_moments_loses_no_acked_frame(tmp_path):
     trimmed_to = 0
     last_seq = 0
     reported = 0
-    for i in range(KILLS):
-        lines = run_child_until_killed(path, rng.randrange(1 << 30), last_seq + 1,
-                                       rng.uniform(0.05, 0.6))
-        for line in lines:
-            parts = line.split()
-            if not line.endswith("\n"):
-                continue  # a line cut by the kill reports nothing
-            if parts[0] == "D":
-                durable[int(parts[1])] = (int(parts[2]), int(parts[3]))
-                reported += 1
-            elif parts[0] == "T":
-                trimmed_to = max(trimmed_to, int(parts[1]))
-        durable = {p: s for p, s in durable.items() if p >= trimmed_to}
-        last_seq = max(last_seq, check_log(path, durable, trimmed_to))
+    zygote = Zygote()
+    try:
+        for i in range(KILLS):
+            lines = run_child_until_killed(zygote, path, rng.randrange(1 << 30), last_seq + 1,
+                                           rng.uniform(0.05, 0.6))
+            for line in lines:
+                parts = line.split()
+                if not line.endswith("\n"):
+                    continue  # a line cut by the kill reports nothing
+                if parts[0] == "D":
+                    durable[int(parts[1])] = (int(parts[2]), int(parts[3]))
+                    reported += 1
+                elif parts[0] == "T":
+                    trimmed_to = max(trimmed_to, int(parts[1]))
+            durable = {p: s for p, s in durable.items() if p >= trimmed_to}
+            last_seq = max(last_seq, check_log(path, durable, trimmed_to))
+    finally:
+        zygote.close()
     assert reported > 200, "the child barely ran: the test would prove nothing"
     with ReplicationLog.open(path) as log:
         assert log.tail > log.data_size, "the ring never wrapped"

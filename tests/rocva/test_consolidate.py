@@ -123,7 +123,7 @@ async def window_survives(store, tmp_path: Path) -> None:
     window = [s for s in shas if s >= base1]
     marks = [m["seq"] for m in state.marks]
     assert marks and min(marks) >= base1
-    sample = sorted({base1, r2["consolidated_seq"], b.seq, *marks, *rng.choice(window, 25).tolist()})
+    sample = sorted({base1, r2["consolidated_seq"], b.seq, *marks, *rng.choice(window, 8).tolist()})
     for seq in sample:
         assert await recovered(b, seq, tmp_path) == shas[seq], seq
     for seq in (0, base1 - 1):  # before the horizon: a clear refusal naming the nearest point
