@@ -23,7 +23,7 @@ from rocva.target import resolve_target
 from tests.rocva.domain import DomainBuilder, random_workload
 
 KiB = 1 << 10
-DISKS = (("vm1", "disk0", 256 * KiB), ("vm2", "disk1", 128 * KiB))
+DISKS = (("vm1", "disk0", 1024 * KiB), ("vm2", "disk1", 512 * KiB))  # room no workload touches
 
 
 def sha(data: bytes | bytearray) -> str:
@@ -128,9 +128,9 @@ async def test_writes_only_at_the_old_site_need_their_log_or_their_flags(tmp_pat
     a_disks[1][8 * KiB : 8 * KiB + 512] = payload[4 * KiB :]
     # Written, never acked: only A's dirty-region map knows (a 64 KiB region of disk 0).
     a_disks[0][200 * KiB : 201 * KiB] = rng.bytes(KiB)
-    flags = np.zeros(4, bool)
+    flags = np.zeros(16, bool)
     flags[3] = True
-    unacked = [flagged(flags, 64 * KiB, 256 * KiB), flagged(np.zeros(2, bool), 64 * KiB, 128 * KiB)]
+    unacked = [flagged(flags, 64 * KiB, 1024 * KiB), flagged(np.zeros(8, bool), 64 * KiB, 512 * KiB)]
 
     in_log, last = changed_in_log(log_path, b.domain, old.committed_seq, [0, 1])
     assert last == old.committed_seq + 2

@@ -1,0 +1,194 @@
+"""Failback (issue 12): the protected site takes its domain back from the recovery site.
+
+The domain runs on a timeline the recovery site forked from this site's at ``F`` (a
+failover, ``rocva.failover``). This site's disks still hold its old timeline up to ``F``
+and then whatever it wrote before it went down. ``failback`` brings them to the current
+timeline's content at ``target`` (the final mark the recovery site committed when it
+quiesced) by writing only the ranges that may differ (``rocva.delta``):
+
+* its old timeline's records after ``F`` (segment indexes),
+* the domain's frames its DRVAs' replication logs still hold after ``F`` (acked, perhaps
+  never shipped: read-only, every entry checksummed),
+* the regions its filters' dirty-region maps flag (written, perhaps never acked),
+* the current timeline's records in ``(F, target]``;
+
+read from the store (the recovery site's disks are remote, and the store already holds
+every byte of the target point: a read of the delta from it costs what a read from the
+other site would, and needs nothing of that site but the mark it committed). A disk
+whose image is missing, of another size than the inventory says, or whose dirty-region
+map is missing or damaged cannot say what it holds: it is rewritten whole from the
+store, and the result says so. Then the domain gets a new timeline owned by this site,
+forked from the current one at ``target``; the dirty-region maps are removed (they
+describe the disks' old life).
+
+A rerun after a crash computes the same ranges (nothing writes the disks meanwhile: the
+MSA keeps the VMs off until the failback is done) and writes them again; once the fork
+exists it only finishes (removes the maps). Nothing here powers a VM on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdp.catalog import load_catalog
+from cdp.catalog_fork import fork_timeline
+from cdp.catalog_read import CatalogView
+from cdp.dirtymap import DirtyMapUnusable, read_dirty_map, sidecar_path
+from cdp.errors import FailoverRefused, NotFound
+from cdp.logs import get_logger
+from rocva import delta
+from rocva.plan import build_plan
+from rocva.target import Target, as_target, resolve_target
+
+log = get_logger("rocva.failback")
+
+
+@dataclass(frozen=True)
+class LocalDisk:
+    """One of this site's disks of the domain: the catalog's disk id, its image, and the
+    size the site's inventory gives it."""
+
+    disk: int
+    path: Path
+    size: int
+
+
+def _timeline_chain(view_state: Any, current: Any, site: str) -> Any:
+    """The timeline this site's disks follow: the current one's parent, which must be
+    this site's (``FailoverRefused`` otherwise)."""
+    if not current.parent:
+        raise FailoverRefused(f"domain runs on timeline {current.id} owned by site {current.owner!r}, which was "
+                              f"never forked from another: it never failed over, there is nothing to fail back")
+    old = view_state.timeline(current.parent)
+    if old.owner != site:
+        raise FailoverRefused(
+            f"timeline {current.id} (owner {current.owner!r}) was forked from timeline {old.id}, owned by "
+            f"{old.owner!r}, not by this site ({site!r}): this site's disks do not hold it; fail over instead")
+    return old
+
+
+def _check_disks(catalog_disks: list[dict], disks: Sequence[LocalDisk], domain: int) -> list[LocalDisk]:
+    by_id = {d.disk: d for d in disks}
+    out = []
+    for d in catalog_disks:
+        mine = by_id.get(int(d["disk"]))
+        if mine is None:
+            raise FailoverRefused(f"domain {domain}: the catalog's disk {d['disk']} ({d['vm']}/{d['name']}) has no "
+                                  f"disk in this site's inventory; add it (same vm and name) to fail back")
+        if mine.size != int(d["size"]):
+            raise FailoverRefused(
+                f"domain {domain}: disk {d['vm']}/{d['name']} is {d['size']} bytes in the catalog, {mine.size} in "
+                f"this site's inventory ({mine.path}): fix the inventory; nothing was changed")
+        out.append(mine)
+    return out
+
+
+def _why_whole(disk: LocalDisk) -> str | None:
+    """Why this disk cannot be brought back by a delta (None: it can)."""
+    try:
+        have = os.stat(disk.path).st_size
+    except FileNotFoundError:
+        return f"{disk.path} is missing"
+    if have != disk.size:
+        return f"{disk.path} is {have} bytes, not {disk.size}"
+    try:
+        read_dirty_map(sidecar_path(disk.path), disk.size)
+    except DirtyMapUnusable as exc:
+        return f"its dirty-region map cannot be trusted ({exc.message})"
+    return None
+
+
+def _prepare_whole(disk: LocalDisk) -> None:
+    """A fresh sparse image of the right size where the old one is missing or mis-sized."""
+    disk.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(disk.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        if os.fstat(fd).st_size != disk.size:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, disk.size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def failback(store, domain: int, target: Target | int | str, *, site: str, disks: Sequence[LocalDisk],
+                   logs: Sequence[Path] = (), progress: Callable[[int, int], None] | None = None,
+                   now_ns: int | None = None) -> dict[str, Any]:
+    """Bring ``disks`` to the current timeline at ``target`` and fork a timeline for
+    ``site`` there (module docstring). Returns what was moved, per disk, and the fork."""
+    t0 = time.monotonic()
+    state, generation = await load_catalog(store, domain)
+    if state is None:
+        raise NotFound(f"domain {domain}: no catalog in {store.describe()}: nothing to fail back")
+    current = state.timeline()
+    if current.owner == site:
+        parent = state.timeline(current.parent) if current.parent else None
+        if parent is not None and parent.owner != site:  # our fork exists: a rerun that only finishes
+            _forget_maps(disks)
+            return {"domain": domain, "site": site, "timeline": current.id, "parent_timeline": parent.id,
+                    "fork_seq": current.fork_seq, "resumed": True, "disks": None,
+                    "seconds": round(time.monotonic() - t0, 3)}
+        raise FailoverRefused(f"domain {domain} runs on timeline {current.id}, owned by this site ({site!r}): it "
+                              f"never failed over to another site, there is nothing to fail back")
+    old = _timeline_chain(state, current, site)
+    fork = current.fork_seq
+    view = CatalogView(store, state, generation)
+    resolved = await resolve_target(view, as_target(target), now_ns=now_ns)
+    if resolved.seq < fork:
+        raise FailoverRefused(f"domain {domain}: the point (seq {resolved.seq}) is before timeline {current.id}'s fork "
+                              f"from this site's timeline (seq {fork}); fail back to the recovery site's final mark")
+    mine = _check_disks(view.disks, disks, domain)
+    # Where the two histories may differ (rocva.delta), per disk slot.
+    old_view = CatalogView(store, state, generation, old.id)
+    theirs = await delta.changed_in_store(store, view, fork, resolved.seq)
+    ours = await delta.changed_in_store(store, old_view, fork, old.committed_seq)
+    ids = [int(d["disk"]) for d in view.disks]
+    in_logs = [delta.empty() for _ in ids]
+    for path in logs:
+        found, _ = delta.changed_in_log(path, domain, fork, ids)
+        in_logs = [delta.union(a, b) for a, b in zip(in_logs, found)]
+    ranges, report = [], []
+    for k, disk in enumerate(mine):
+        why = _why_whole(disk)
+        if why is not None:
+            log.warning("failback_whole_disk", domain=domain, disk=disk.disk, path=str(disk.path), reason=why)
+            _prepare_whole(disk)
+            r = (np.zeros(1, np.int64), np.full(1, disk.size, np.int64))
+        else:
+            flags, region = read_dirty_map(sidecar_path(disk.path), disk.size)
+            r = delta.union(theirs[k], ours[k], in_logs[k], delta.flagged(flags, region, disk.size))
+        ranges.append(r)
+        report.append({"disk": disk.disk, "path": str(disk.path), "mode": "whole" if why else "delta",
+                       "reason": why, "bytes": delta.total(r),
+                       "ranges": {"theirs": delta.total(theirs[k]), "ours": delta.total(ours[k]),
+                                  "log": delta.total(in_logs[k])}})
+    plan = delta.restrict(await build_plan(store, view, resolved), ranges)
+    moved = sum(delta.total(r) for r in ranges)
+    if progress is not None:
+        progress(0, moved)
+    written = await delta.apply_in_place(store, plan, [d.path for d in mine])
+    if progress is not None:
+        progress(moved, moved)
+    log.info("failback_applied", domain=domain, seq=resolved.seq, bytes_moved=moved, bytes_written=written)
+    state, _ = await fork_timeline(store, domain, resolved.seq, site, parent=current.id, by=f"cdp failback to {site}")
+    _forget_maps(mine)
+    log.info("failback_forked", domain=domain, site=site, timeline=state.current, parent=current.id,
+             fork_seq=resolved.seq)
+    return {"domain": domain, "site": site, "timeline": state.current, "parent_timeline": current.id,
+            "fork_seq": resolved.seq, "old_timeline": old.id, "old_fork_seq": fork, "resumed": False,
+            "disks": report, "bytes_moved": moved, "bytes_written": written,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _forget_maps(disks: Sequence[LocalDisk]) -> None:
+    """The disks hold the new timeline's point now: their dirty-region maps describe a
+    life that is over (a filter opening one would resync for nothing)."""
+    for disk in disks:
+        sidecar_path(disk.path).unlink(missing_ok=True)
