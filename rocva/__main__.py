@@ -2,6 +2,7 @@
 
     python -m rocva failover --config SITE.toml --domain ID --name NAME --target TARGET [--test]
     python -m rocva standby --config SITE.toml --name NAME [--interval 0.5]
+    python -m rocva failback --config SITE.toml --domain ID --name NAME --target TARGET
 
 Rehydrates the domain into the site's datastore and forks its timeline for this site
 (``rocva.failover``), then exits; with ``--test``, only recovers into ``test-<name>``
@@ -12,7 +13,10 @@ object each: ``{"progress": [done_bytes, total_bytes]}`` (a few a second at most
 ``standby`` is the long-lived form the MSA keeps running for a ``[[standby]]`` domain
 (continuous rehydration, ``rocva.standby``): it brings ``<datastore>/<domain>/`` to the
 newest consistent point every interval, writes ``<state_dir>/standby/<name>.status.json``
-and exits once this site owns the domain. Store credentials come from the environment,
+and exits once this site owns the domain. ``failback`` brings this site's own disks of the
+domain (its inventory's images) to TARGET on the current timeline by the delta of both
+histories, this site's DRVA logs and its dirty-region maps, then forks a timeline for
+this site (``rocva.failback``). Store credentials come from the environment,
 as for every verb; the images go only
 under the datastore, never into the store or the MSA's state directory.
 """
@@ -79,6 +83,43 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
             return result
         return await failover(store, domain, as_target(target), failover_dir(cfg, name), site=cfg.site,
                               progress=progress, destination=destination)
+    finally:
+        await store.close()
+
+
+async def _failback(config: Path, domain: int, target: str, name: str) -> dict[str, Any]:
+    from cdp.catalog import load_catalog
+    from cdp.errors import FailoverRefused, NotFound
+    from cdp.msa.config import load_site_config
+    from cdp.store import open_store
+    from rocva.failback import LocalDisk, failback
+    from rocva.target import as_target
+
+    cfg = load_site_config(config)
+    spec = next((d for d in cfg.cluster.domains if d.name == name), None)
+    if spec is None:
+        raise FailoverRefused(f"{cfg.cluster_path.name} has no domain {name}: a failback brings back this site's "
+                              f"own disks of it; add the domain (its VMs and disks) to the inventory")
+    store = open_store(cfg.store_url)
+    try:
+        state, _ = await load_catalog(store, domain)
+        if state is None:
+            raise NotFound(f"domain {domain}: no catalog in {store.describe()}: nothing to fail back")
+        inventory = {(d.vm.name, d.disk.name): d.disk for d in spec.disks}
+        disks = [LocalDisk(int(c["disk"]), Path(inventory[(c["vm"], c["name"])].image),
+                           inventory[(c["vm"], c["name"])].size)
+                 for c in state.disks if (c["vm"], c["name"]) in inventory]
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S or done == total:
+                last[0] = now
+                _line({"progress": [done, total]})
+
+        logs = [d.log_path for d in cfg.drvas if d.log_path.exists()]
+        return await failback(store, domain, as_target(target), site=cfg.site, disks=disks, logs=logs,
+                              progress=progress)
     finally:
         await store.close()
 
@@ -164,6 +205,19 @@ def failover_command(config: Path, domain: int, name: str, target: str, test: bo
 
     check_domain_name(name)
     result = asyncio.run(_failover(config, domain, target, name, test))
+    _line({"result": result})
+
+
+@cli.command("failback")
+@click.option("--config", "config", type=click.Path(path_type=Path), required=True)
+@click.option("--domain", type=int, required=True, help="The domain id.")
+@click.option("--name", required=True, help="The domain's name in this site's inventory.")
+@click.option("--target", required=True, help="The point on the current timeline (the other site's final mark).")
+def failback_command(config: Path, domain: int, name: str, target: str) -> None:
+    from cdp.msa.failover import check_domain_name
+
+    check_domain_name(name)
+    result = asyncio.run(_failback(config, domain, target, name))
     _line({"result": result})
 
 
