@@ -170,6 +170,7 @@ class Drva:
             dom.committed_ts = state.get("committed_ts", 0)
             dom.accepted_seq = dom.durable_seq = dom.committed_seq
             dom.catalog_known = state.get("generation", 0) > 0 or dom.committed_seq > 0
+            dom.meta_timeline = state.get("timeline", 0)
         now = time.monotonic()
         dropped: dict[int, list[int]] = {}  # unconfigured domain -> [frames, first, last] unshipped
         for pos, body in self.log.entries():

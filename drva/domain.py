@@ -92,6 +92,9 @@ class DomainState:
         # here before the store's catalog is open (see Session._handshake).
         self.catalog_known = False
         self.fenced = False
+        # The timeline this DRVA last committed the domain on (its metadata repository);
+        # 0: never. A different current timeline of this site's means a failback.
+        self.meta_timeline = 0
         self.stats = DomainStats()
         self.session: Any = None  # the filter session streaming this domain, if any
         self.filter_state: dict[str, Any] = {}  # the filter's last FILTER_STATE

@@ -94,6 +94,9 @@ class Shipper:
             state = CatalogState.new(dom.id, dom.cfg.name, time.time_ns(), self.site)
             writer = CatalogWriter(self.store, state, by=by, owner=self.site)
         writer.check_owner()
+        current = writer.state.timeline()
+        if dom.meta_timeline and dom.meta_timeline != current.id:
+            self._adopt(dom, current)
         behind = self._behind_metadata(dom, writer)
         if behind is not None:
             # Committing on top would put rows after a gap the log can no longer fill (its
@@ -121,6 +124,24 @@ class Shipper:
         dom.catalog_ready = True
         log.info("catalog_open", domain=dom.id, generation=writer.generation,
                  committed_seq=committed, pending_entries=len(dom.unsealed))
+
+    def _adopt(self, dom: DomainState, current: Any) -> None:
+        """The domain is this site's again on a timeline this DRVA never wrote: another
+        site failed it over, and it was failed back here (``rocva.failback``), forked at
+        ``current.fork_seq``. What this DRVA holds of its old timeline — its log entries
+        and its committed seq — is not part of the new one: the failback rewrote the
+        primaries where those writes landed. Drop them; the domain continues from the
+        catalog's committed seq, as on a first open."""
+        dropped = list(dom.unsealed)
+        dom.unsealed.clear()
+        dom.committed_seq = dom.sealed_seq = dom.accepted_seq = dom.durable_seq = current.committed_seq
+        dom.committed_ts = 0
+        log.warning("timeline_adopted", domain=dom.id, old_timeline=dom.meta_timeline, timeline=current.id,
+                    parent=current.parent, fork_seq=current.fork_seq, entries_dropped=len(dropped),
+                    first_seq=dropped[0].first_seq if dropped else None,
+                    last_seq=dropped[-1].last_seq if dropped else None,
+                    reason="the domain came back to this site on a timeline forked from another site's")
+        dom.meta_timeline = current.id
 
     def _behind_metadata(self, dom: DomainState, writer: CatalogWriter) -> str | None:
         """Why the store's catalog is older than what this DRVA committed to it, as its

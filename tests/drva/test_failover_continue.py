@@ -146,3 +146,56 @@ async def test_a_drva_taking_a_domain_over_waits_for_the_fork_instead_of_fencing
     # without takeover, a DRVA of site A meets site B's timeline: fenced, as before
     async with running_drva(drva_config(tmp_path, "drva-a2", "site-a")) as drva_a2:
         assert drva_a2.domains[1].fenced and "owned by 'site-b'" in drva_a2.domains[1].stats.last_error
+
+
+async def test_after_a_failback_the_old_site_drva_adopts_the_new_timeline_and_drops_its_old_entries(tmp_path):
+    """Site A's DRVA holds writes of the old timeline it never shipped (fenced after the
+    failover) — more of them than site B wrote on the new one. After the failback
+    (``rocva.failback``) forks a timeline for A at B's last point, A's DRVA, restarted,
+    must drop those entries (the failback rewrote where they landed) instead of shipping
+    them onto A's new timeline, and go on from the fork."""
+    from cdp.dirtymap import DirtyMap
+    from rocva.failback import LocalDisk, failback
+
+    store = FileStore(tmp_path / "store")
+    rng = np.random.default_rng(8)
+    (tmp_path / "a").mkdir()
+    primary_a = Disk(tmp_path / "a" / "d0.img", DISK)
+    map_a = DirtyMap.open(primary_a.path, DISK, 1)
+    filter_a = DomainFilter(1, [primary_a], dirty_maps=[map_a])
+    datastore = tmp_path / "site-b" / "datastore"
+    cfg_a = drva_config(tmp_path, "drva-a", "site-a")
+    async with running_drva(cfg_a, check_failure=False) as drva_a:
+        await stream_committed(drva_a, [filter_a], rng, 100, 32)
+        result = await failover(store, 1, Target.latest(), datastore, site="site-b")
+        fork_seq = result["fork_seq"]
+        client = FilterClient([filter_a], "127.0.0.1", drva_a.port, SECRET.encode(), "host-1")
+        task = asyncio.create_task(client.run())
+        filter_a.capture(*random_writes(rng, [DISK], 300, 32))  # acked into A's log, never shipped
+        await wait_until(lambda: drva_a.domains[1].fenced and filter_a.acked_seq == filter_a.next_seq - 1,
+                         EVENTUALLY_S, "site A's DRVA fenced, every write acked")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    filter_a.close_maps()
+    async with running_drva(drva_config(tmp_path, "drva-b", "site-b")) as drva_b:
+        filter_b = DomainFilter(1, [Disk(datastore / "vm1-d0.img", DISK)])
+        await stream_committed(drva_b, [filter_b], rng, 100, 32)
+    final = fork_seq + 100  # fewer than A's 300 leftovers: seqs A's log holds past B's last point
+
+    out = await failback(store, 1, Target.seq(final), site="site-a", disks=[LocalDisk(0, primary_a.path, DISK)],
+                         logs=[cfg_a.log_path])
+    assert out["disks"][0]["mode"] == "delta" and out["disks"][0]["ranges"]["log"] > 0, out
+    assert sha256_file(primary_a.path) == sha256_file(datastore / "vm1-d0.img")
+
+    async with running_drva(cfg_a) as drva_a:  # back with its old log and metadata
+        dom = drva_a.domains[1]
+        await wait_until(lambda: dom.catalog_ready, EVENTUALLY_S, "the catalog open")
+        assert not dom.fenced and dom.committed_seq == final and not dom.unsealed
+        filter_a2 = DomainFilter(1, [primary_a])
+        await stream_committed(drva_a, [filter_a2], rng, 60, 32)
+        assert filter_a2.next_seq - 1 == final + 60
+    state, _ = await load_catalog(store, 1)
+    tl = state.timeline()
+    assert (tl.id, tl.owner, tl.parent, tl.fork_seq, tl.committed_seq) == (3, "site-a", 2, final, final + 60)
+    latest = await recover(store, 1, Target.latest(), tmp_path / "t3", checksum=True)
+    assert latest["images"][0]["sha256"] == sha256_file(primary_a.path)
