@@ -191,8 +191,11 @@ def parse_seed_chunk(body: bytes, where: str) -> tuple[int, int, int, memoryview
     return domain, disk, chunk, memoryview(body)[_SEED_CHUNK.size :]
 
 
-def error_message(code: str, message: str, fatal: bool = True) -> list[bytes]:
-    return control(ERROR, {"code": code, "message": message[:2000], "fatal": fatal})
+def error_message(code: str, message: str, fatal: bool = True, domain: int | None = None) -> list[bytes]:
+    body: dict = {"code": code, "message": message[:2000], "fatal": fatal}
+    if domain is not None:  # the domain the error is about (``fenced``)
+        body["domain"] = domain
+    return control(ERROR, body)
 
 
 # --------------------------------------------------------------------------- handshake

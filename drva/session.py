@@ -50,14 +50,16 @@ ACK_WRITE_BUFFER_MAX = 1 << 20
 class Refused(Exception):
     """This session must end: an ERROR with ``code`` goes to the peer first."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, domain: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.domain = domain
 
 
 def _fenced(dom: "DomainState") -> Refused:
     """The refusal of a domain this DRVA no longer writes, with the reason it stopped."""
-    return Refused("fenced", f"domain {dom.id} is fenced on this DRVA: {dom.stats.last_error or 'another owner'}")
+    return Refused("fenced", f"domain {dom.id} is fenced on this DRVA: {dom.stats.last_error or 'another owner'}",
+                   dom.id)
 
 
 class _PeerEnded(Exception):
@@ -96,7 +98,7 @@ class Session:
         except wire.ProtocolError as exc:
             await self._refuse(exc.code, exc.message)
         except Refused as exc:
-            await self._refuse(exc.code, str(exc))
+            await self._refuse(exc.code, str(exc), exc.domain)
         except FormatError as exc:
             await self._refuse("bad_frame", exc.message)
         finally:
@@ -105,10 +107,10 @@ class Session:
                 ack_task.cancel()
                 await asyncio.gather(ack_task, return_exceptions=True)
 
-    async def _refuse(self, code: str, message: str) -> None:
+    async def _refuse(self, code: str, message: str, domain: int | None = None) -> None:
         log.warning("session_refused", peer=self.where, filter=self.filter_name, code=code, reason=message)
         try:
-            self.writer.writelines(wire.error_message(code, message))
+            self.writer.writelines(wire.error_message(code, message, domain=domain))
             async with asyncio.timeout(REFUSE_DRAIN_TIMEOUT_S):
                 await self.writer.drain()
         except TimeoutError:

@@ -130,6 +130,7 @@ class FilterClient:
             msg = await wire.read_message(reader, where)
         if msg.type == wire.ERROR:
             doc = msg.json(where)
+            self._note_fenced(doc, where)
             raise AuthError(f"{where} refused: {doc.get('code')}: {doc.get('message')}")
         if msg.type != mtype:
             raise wire.ProtocolError("unexpected_message", f"{where}: expected {wire.TYPE_NAMES[mtype]}, got {msg.name}")
@@ -147,6 +148,7 @@ class FilterClient:
                     self._wake.set()
             elif msg.type == wire.ERROR:
                 doc = msg.json(where)
+                self._note_fenced(doc, where)
                 raise wire.ProtocolError(str(doc.get("code")), f"{where}: {doc.get('message')}")
             elif msg.type == wire.SEED_DONE:
                 doc = msg.json(where)
@@ -157,6 +159,16 @@ class FilterClient:
                     self._writer.writelines(wire.control(wire.PONG, {}))
             elif msg.type == wire.MARK_REQUEST:
                 self._mark_requested(msg.json(where), where)
+
+    def _note_fenced(self, doc: dict[str, Any], where: str) -> None:
+        """An ``ERROR fenced`` names a domain its DRVA will never write again (another site
+        owns it): that filter's unacked writes can never be acked, so nothing waits on
+        them (``DomainFilter.fenced``); they stay flagged in its dirty-region maps."""
+        f = self.filters.get(doc.get("domain")) if doc.get("code") == "fenced" else None  # type: ignore[arg-type]
+        if f is not None and not f.fenced:
+            f.fenced = True
+            log.warning("domain_fenced", drva=where, domain=f.domain, unacked=f.next_seq - 1 - f.acked_seq,
+                        reason=str(doc.get("message"))[:300])
 
     def _mark_requested(self, doc: dict[str, Any], where: str) -> None:
         """A mark asked for by the management server (FORMAT.md §9, ``MARK_REQUEST``)."""

@@ -101,6 +101,9 @@ class DomainFilter:
         self.region_bytes = [region_bytes_for(d.size) for d in self.disks]
         self.dirty = [np.zeros(-(-d.size // r), dtype=bool) for d, r in zip(self.disks, self.region_bytes)]
         self.backpressure = False
+        # Its DRVA refused it as fenced (the domain runs at another site): its unacked
+        # writes will never be acked, and a drain does not wait for them.
+        self.fenced = False
         self.stats = collections.Counter()
         self.on_change: Callable[[], None] = lambda: None
         self.maps = list(dirty_maps or [])

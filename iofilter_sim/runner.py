@@ -236,6 +236,7 @@ class ClusterRunner:
         return {"pid": os.getpid(), "time": time.time(), "site": self.cluster.site, "paused": sorted(self.paused),
                 "domains": {
             name: {"id": f.domain, "captured_seq": f.next_seq - 1, "acked_seq": f.acked_seq, "mode": f.mode,
+                   "fenced": f.fenced,
                    "writes": f.stats["writes"], "bytes": f.stats["bytes"], "first_ack_time": f.first_ack_time}
             for name, f in self.filters.items()},
             "connections": sum(c.connections for c in self.clients)}
@@ -247,10 +248,11 @@ class ClusterRunner:
 
     async def drain(self, timeout_s: float = 120.0) -> bool:
         """Wait until every captured write of every domain is acked and no domain is in
-        bitmap or resync mode; False on timeout."""
+        bitmap or resync mode — but for domains whose DRVA said they are fenced (they run
+        at another site: nothing will ever ack them); False on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self._give_up.is_set():
-            if all(f.mode == "normal" and f.acked_seq == f.next_seq - 1 for f in self.filters.values()):
+            if all(f.fenced or (f.mode == "normal" and f.acked_seq == f.next_seq - 1) for f in self.filters.values()):
                 return True
             await asyncio.sleep(0.05)
         return False

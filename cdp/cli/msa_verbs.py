@@ -402,4 +402,31 @@ def failover_cleanup(domain: str, config_path: Path, as_json: bool) -> None:
     emit(as_json, result, lambda r: f"test failover of domain {r['domain']} removed ({r['removed']})")
 
 
-COMMANDS = (daemon, protect, unprotect, status, mark, jobs, power, failover, failover_cleanup)
+def _failback_text(record: dict[str, Any]) -> str:
+    r = record["output"]
+    lines = [f"domain {r['domain']} is back at site {r['site']} from site {r['from_site']} at {r['target']}: "
+             f"timeline {r['timeline']} (forked from timeline {r['parent_timeline']} at seq {r['fork_seq']})"]
+    for d in r.get("disks") or []:
+        how = "rewritten whole: " + d["reason"] if d["mode"] == "whole" else "delta"
+        lines.append(f"  {d['path']}: {d['bytes']:,} bytes moved ({how})")
+    if r.get("bytes_moved") is not None:
+        lines.append(f"  {r['bytes_moved']:,} bytes moved in all; VMs protected and powered on here; site "
+                     f"{r['from_site']} released the domain")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("domain")
+@config_option
+@json_option
+def failback(domain: str, config_path: Path, as_json: bool) -> None:
+    """Bring DOMAIN back to this site (the protected site's --config) from the site it
+    failed over to ([peer]): that site quiesces it at a final mark, only what changed is
+    written into this site's disks, a timeline owned here is forked, the VMs are protected
+    and powered on here, the other site releases them. Rerun one that did not finish."""
+    started = _call(config_path, lambda c: c.post(f"/v1/failback/{domain}", {}))
+    record = _follow(_job_get(config_path), started["id"], as_json)
+    emit(as_json, _job_result(record), _failback_text)
+
+
+COMMANDS = (daemon, protect, unprotect, status, mark, jobs, power, failover, failover_cleanup, failback)

@@ -143,6 +143,8 @@ class SimulatorHypervisor:
 
     async def _start(self, hp: HostProcess) -> None:
         hp.status = None
+        for domain in hp.domains:  # a new run: the last one's figures say nothing of it
+            self.stopped.pop(domain, None)
         self._write_control(hp)
         isolated = [a for d in hp.domains if d in self.cfg.isolated for a in ("--isolated", d)]
         await self.keeper.spawn(hp, ("-m", "iofilter_sim", "run", str(hp.inventory_path), "--status",

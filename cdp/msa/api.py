@@ -404,6 +404,32 @@ async def failover_cleanup(request: web.Request) -> web.Response:
     return _json(await cleanup_test_failover(daemon, name))
 
 
+async def failback(request: web.Request) -> web.Response:
+    """A domain of this site's inventory that runs at another site after a failover."""
+    from cdp.msa.failback import run_failback
+
+    daemon = request.app[MSA]
+    name = store_domain_of(request)
+    wait = wants_wait(request)
+    await read_body(request, set())
+    if daemon.runner.running("failback", {"domain": name}):
+        raise ApiError(409, "busy", f"a failback of domain {name} is running (`cdp jobs --name failback`)", "name")
+    record = await daemon.start_job("failback", {"domain": name}, lambda job: run_failback(daemon, name, job))
+    return await _job_answer(request, record, wait)
+
+
+async def failover_release(request: web.Request) -> web.Response:
+    """The site a domain came back to (``cdp failback``) asks this one to let it go."""
+    from cdp.msa.failback import release_failed_over
+
+    daemon = request.app[MSA]
+    name = store_domain_of(request)
+    await read_body(request, set())
+    if daemon.runner.running("failover", {"domain": name}):
+        raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
+    return _json(await release_failed_over(daemon, name))
+
+
 def target_text(target: Any) -> str:
     """A ``rocva.Target`` as the recovery appliance's --target takes it."""
     return "latest" if target.kind == "latest" else f"{target.kind}:{target.value}"
@@ -439,6 +465,7 @@ ROUTES = (
     ("POST", "/v1/domains/{name}/consolidate", consolidate), ("POST", "/v1/preflight/{kind}", preflight),
     ("POST", "/v1/domains/{name}/power", power), ("POST", "/v1/domains/{name}/quiesce", quiesce),
     ("POST", "/v1/failover/{name}", failover), ("POST", "/v1/failover/{name}/cleanup", failover_cleanup),
+    ("POST", "/v1/failover/{name}/release", failover_release), ("POST", "/v1/failback/{name}", failback),
     ("GET", "/v1/jobs", jobs_list), ("GET", "/v1/jobs/{id}", job_get),
 )
 

@@ -58,7 +58,8 @@ JOBS_PRUNE_EVERY_S = 86400.0
 SERVE_TIMEOUT_S = 60.0  # a protect job waits this long for its DRVA to serve the domain
 #: Each job kind's timeout (run_job cancels it after this).
 JOB_TIMEOUT_S = {"protect": 120.0, "mark": 120.0, "preflight": 600.0, "verify": 6 * 3600.0,
-                 "consolidate": 6 * 3600.0, "recover": 24 * 3600.0, "failover": 24 * 3600.0, "quiesce": 300.0}
+                 "consolidate": 6 * 3600.0, "recover": 24 * 3600.0, "failover": 24 * 3600.0, "quiesce": 300.0,
+                 "failback": 24 * 3600.0}
 OWNER_CHECK_EVERY_S = 30.0  # a fenced domain's catalog is read this often to say who owns it
 RATE_SAMPLES = 6  # throughput over the last ~5 alarm ticks
 
@@ -302,8 +303,22 @@ class MsaDaemon:
             if where is not None:
                 log.error("power_on_refused", domain=name, reason=operations.failed_over_text(name, where))
                 continue
+            if (why := self._half_failed_back(name)) is not None:
+                log.error("power_on_refused", domain=name, reason=why)
+                continue
             out.append(name)
         return out
+
+    def _half_failed_back(self, domain: str) -> str | None:
+        """Why ``domain``'s disks may not be run on (a failback that has not brought them
+        to its point yet: ``cdp.msa.failback``), else None."""
+        from cdp.msa.failback import in_progress
+
+        doc = in_progress(self.cfg.state_dir, domain)
+        if doc is None or doc["phase"] not in ("handed_over", "unreadable"):
+            return None
+        return (f"a failback of domain {domain} started and its disks are not brought back yet (phase "
+                f"{doc['phase']}): they may be half-written; run `cdp failback {domain}` again to finish it")
 
     async def power(self, domain: str, on: bool) -> dict[str, Any]:
         """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts."""
@@ -312,6 +327,8 @@ class MsaDaemon:
             self.hypervisor.check(spec)
             if domain not in self.cfg.isolated:  # a test failover's copy writes nothing to the store
                 await self.refuse_if_failed_over(domain, "powering its VMs on")
+                if (why := self._half_failed_back(domain)) is not None:
+                    raise FailedOver(why)
         async with self._power_lock:
             was = domain in self.powered
             powered = [d for d in self.powered if d != domain] + ([domain] if on else [])
@@ -353,11 +370,14 @@ class MsaDaemon:
         return {"domain": domain, "site": self.cfg.site, "mark": mark, "seq": placed["seq"], "ts": placed["ts"],
                 "captured_seq_at_pause": paused.get("captured_seq"), "acked_seq": acked}
 
-    async def protect(self, domain: str, policy: Policy, job: Job, *, takeover: bool = False) -> dict[str, Any]:
+    async def protect(self, domain: str, policy: Policy, job: Job, *, takeover: bool = False,
+                      reopen: bool = False) -> dict[str, Any]:
         """Protect ``domain`` with ``policy`` (or change its policy); its DRVA is restarted
         when its domain set changes, and the job ends when the DRVA serves the domain.
         ``takeover``: a failover to this site is forking the domain (``cdp.msa.failover``):
-        its DRVA starts now and waits for the fork instead of being fenced."""
+        its DRVA starts now and waits for the fork instead of being fenced. ``reopen``:
+        its DRVA is restarted even if it already served the domain (a failback forked a
+        new timeline for it: ``cdp.msa.failback``)."""
         if domain in self.cfg.isolated:
             raise ConfigError(f"domain {domain} is a test failover's copy: its VMs run isolated and are never "
                               f"protected (`cdp failover-cleanup {domain}` removes them)")
@@ -374,6 +394,8 @@ class MsaDaemon:
             self.protection = protection
             job.progress("drva", 0, 1)
             restarted = await self.supervisor.apply(protection)
+            if reopen and drva.name not in restarted and await self.supervisor.restart_serving(domain):
+                restarted.append(drva.name)
         log.info("domain_protected", domain=domain, drva=drva.name, policy=asdict(policy),
                  already=was is not None)
         await self.supervisor.wait_serving(drva.name, domain, SERVE_TIMEOUT_S)

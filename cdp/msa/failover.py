@@ -278,16 +278,20 @@ async def _timed(work: Callable[[], Awaitable[Any]], phases: dict[str, float], n
         phases[name] = round(time.monotonic() - t, 3)
 
 
-async def _handover(daemon: Any, name: str, job: Job) -> dict[str, Any]:
+async def _handover(daemon: Any, name: str, job: Job, *, failback: bool = False) -> dict[str, Any]:
     """Ask the peer site (``[peer]``) to quiesce ``name`` and hand it over at a final mark
-    (``POST /v1/domains/{name}/quiesce``); that job's output."""
+    (``POST /v1/domains/{name}/quiesce``); that job's output. ``failback``: the domain
+    comes back to this site (the messages say so)."""
     from cdp.msa.client import MsaClient
 
     cfg = daemon.cfg
+    doing = "a failback" if failback else "a planned failover"
+    instead = ("the domain cannot come back without that site's final mark (its writes since the failover "
+               "are only there)" if failback else "fail over unplanned (without --planned) if it is gone")
     if cfg.peer is None:
-        raise FailoverRefused(f"a planned failover asks the protected site to hand domain {name} over, and "
-                              f"{cfg.path.name} has no [peer] (its site, api and token_env); add it, or fail "
-                              f"over unplanned (without --planned) from the store alone")
+        raise FailoverRefused(f"{doing} asks the other site to hand domain {name} over, and {cfg.path.name} has no "
+                              f"[peer] (its site, api and token_env); add it" +
+                              ("" if failback else ", or fail over unplanned (without --planned) from the store alone"))
     mark = f"handover-to-{cfg.site}-{time.time_ns() // 1_000_000_000}"
     job.progress("quiesce", 0, 1)
     try:
@@ -295,15 +299,14 @@ async def _handover(daemon: Any, name: str, job: Job) -> dict[str, Any]:
             record = await peer.post(f"/v1/domains/{name}/quiesce", {"mark": mark}, wait=True)
     except CdpError as exc:
         raise FailoverRefused(f"site {cfg.peer.site} ({cfg.peer.api}) did not hand domain {name} over: "
-                              f"{exc.message}; a planned failover needs that site's daemon — fail over unplanned "
-                              f"(without --planned) if it is gone") from None
+                              f"{exc.message}; {doing} needs that site's daemon — {instead}") from None
     if not isinstance(record, dict) or record.get("state") != "succeeded" or not isinstance(record.get("output"), dict):
         error = record.get("error") if isinstance(record, dict) else None
         raise FailoverRefused(f"site {cfg.peer.site} could not hand domain {name} over: {error or record!r:.300}")
     out = record["output"]
     job.progress("quiesce", 1, 1)
-    log.info("failover_handed_over", domain=name, peer=cfg.peer.site, mark=mark, seq=out.get("seq"),
-             acked_seq=out.get("acked_seq"))
+    log.info("domain_handed_over", domain=name, peer=cfg.peer.site, mark=mark, seq=out.get("seq"),
+             acked_seq=out.get("acked_seq"), failback=failback)
     return {"site": cfg.peer.site, "mark": mark, "seq": out.get("seq"), "acked_seq": out.get("acked_seq")}
 
 
@@ -325,14 +328,20 @@ async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]], int]:
 
 async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job: Job,
                           env: Mapping[str, str], *, test: bool = False) -> dict[str, Any]:
-    """Run ``python -m rocva failover`` and relay its progress; its result, or its error
-    (with its exit code) as a ``CdpError``."""
+    """Run ``python -m rocva failover`` (``run_appliance``)."""
+    return await run_appliance(cfg, ["failover", "--domain", str(domain_id), "--name", name, "--target", target,
+                                     *(["--test"] if test else [])], job, env, "rehydrate")
+
+
+async def run_appliance(cfg: Any, args: list[str], job: Job, env: Mapping[str, str], phase: str) -> dict[str, Any]:
+    """Run ``python -m rocva ARGS --config SITE`` and relay its progress as ``phase``; its
+    result, or its error (with its exit code) as a ``CdpError`` (FORMAT.md §14.5)."""
     child_env = cfg.child_env(env)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rocva", "failover", "--config", str(cfg.path), "--domain", str(domain_id),
-        "--name", name, "--target", target, *(["--test"] if test else []), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "rocva", *args[:1], "--config", str(cfg.path), *args[1:],
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=child_env, cwd=CODE_ROOT, limit=ROCVA_LINE_BYTES_MAX)
-    log.info("rocva_started", domain=name, pid=proc.pid, target=target)
+    log.info("rocva_started", command=args[0], pid=proc.pid, args=args[1:])
     stderr_task = asyncio.create_task(_tail(proc.stderr, ROCVA_STDERR_BYTES_MAX))
     outcome: dict[str, Any] | None = None
     try:
@@ -347,7 +356,7 @@ async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job:
             if "progress" in doc and isinstance(doc["progress"], list) and len(doc["progress"]) == 2:
                 done, total = doc["progress"]
                 if isinstance(done, int) and isinstance(total, int):
-                    job.progress("rehydrate", done, total)
+                    job.progress(phase, done, total)
             elif "result" in doc or "error" in doc:
                 outcome = doc
         code = await proc.wait()
@@ -358,7 +367,7 @@ async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job:
         raise
     finally:
         stderr = await stderr_task
-    log.info("rocva_exited", domain=name, pid=proc.pid, exit=code)
+    log.info("rocva_exited", command=args[0], pid=proc.pid, exit=code)
     if outcome is not None and "result" in outcome and code == 0 and isinstance(outcome["result"], dict):
         return outcome["result"]
     if outcome is not None and isinstance(outcome.get("error"), str):

@@ -189,6 +189,20 @@ def _paths() -> dict[str, Any]:
                        "delete its test area.", "parameters": [_NAME],
             "responses": {"200": _json({"type": "object"}, "Removed."), **_DOMAIN_ERRORS,
                           "409": {"$ref": "#/components/responses/Conflict"}}}},
+        "/v1/failover/{name}/release": {"post": {
+            "summary": "At the site a domain had failed over to, once it runs at another site again (a "
+                       "failback): power its VMs off, stop protecting it, unregister its VMs and the on-demand "
+                       "hosts they took. Refused while the domain runs here.", "parameters": [_NAME],
+            "responses": {"200": _json({"type": "object"}, "Released."), **_DOMAIN_ERRORS,
+                          "409": {"$ref": "#/components/responses/Conflict"}}}},
+        "/v1/failback/{name}": {"post": _job_op(
+            "Bring a domain of this site's inventory back from the site it failed over to ([peer]): the peer "
+            "quiesces it at a final mark, a recovery appliance writes only what changed into this site's disks "
+            "(both timelines' indexes, this site's DRVA logs and dirty-region maps; a disk that cannot say what "
+            "it holds is rewritten whole) and forks a timeline for this site, which protects the domain and "
+            "powers its VMs on; the peer releases it. Rerun a failed one to resume it.",
+            {"type": "object", "additionalProperties": False, "properties": {}},
+            extra={"409": {"$ref": "#/components/responses/Conflict"}})},
         "/v1/preflight/{kind}": {"post": {**_job_op("Run the preflight checks of one kind.", None, domain=False,
                                                     extra={"501": {"$ref": "#/components/responses/NotImplemented"}}),
                                           "parameters": [

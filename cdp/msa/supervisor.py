@@ -135,6 +135,19 @@ class Supervisor:
                 changed.append(name)
         return changed
 
+    async def restart_serving(self, domain: str) -> str | None:
+        """Restart the DRVA serving ``domain``, so that it opens the domain's catalog again
+        (a failback's new timeline is adopted at open); its name, None if none serves it."""
+        async with self._lock:
+            sup = next((s for s in self.drvas.values() if domain in s.domains), None)
+            if sup is None:
+                return None
+            log.info("drva_restarted_for", drva=sup.spec.name, domain=domain)
+            await self._stop(sup)
+            self._write_config(sup)
+            await self._start(sup)
+            return sup.spec.name
+
     def _new(self, spec: DrvaSpec, domains: tuple[str, ...]) -> Supervised:
         root = self.cfg.state_dir
         return Supervised(name=spec.name, log_path=root / "logs" / f"{spec.name}.log", spec=spec, domains=domains,

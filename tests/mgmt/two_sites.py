@@ -64,7 +64,8 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
         a_inventory["domains"].append(site_files.domain("web", 2, f"127.0.0.1:{pa}", ["web-1"], workload or WORKLOAD))
     a_doc = site_files.site("site-a", drvas=[_drva("drva-a1", pa, "state")], protect=["erp", "web"] if web else ["erp"],
                             store=store_url or str(store),
-                            api_listen=f"127.0.0.1:{api_a}", cluster="inventory.toml")
+                            api_listen=f"127.0.0.1:{api_a}", cluster="inventory.toml",
+                            peer={"site": "site-b", "api": f"127.0.0.1:{api_b}", "token_env": "CDP_PEER_TOKEN"})
     b_inventory = site_files.inventory("site-b", ["esx-b1"], [], [], state_dir="datastore")
     b_doc = site_files.site("site-b", drvas=[_drva("drva-b1", pb, "state")], store=store_url or str(store),
                             api_listen=f"127.0.0.1:{api_b}", cluster="inventory.toml",

@@ -1,0 +1,197 @@
+"""The failback job (``cdp failback DOMAIN``, issue 12), run by the protected site's MSA
+once the domain runs at the recovery site after a failover:
+
+1. The recovery site (``[peer]``) quiesces the domain over its REST API, as for a planned
+   failover: its VMs stop issuing writes, a final mark is committed after their last
+   acknowledged write, the VMs are powered off and it stops shipping the domain.
+2. A short-lived recovery appliance (``python -m rocva failback``) brings this site's own
+   disks to that mark by moving only what changed (``rocva.failback``: both timelines'
+   indexes, this site's DRVA logs and its filters' dirty-region maps), then forks a
+   timeline owned by this site.
+3. The domain is protected here again (its DRVA restarted: it adopts the new timeline,
+   dropping what it held of the old one) and its VMs are powered on.
+4. The recovery site releases the domain (``POST /v1/failover/{name}/release``): it
+   unregisters the VMs and the on-demand hosts they took.
+
+``failbacks/<domain>.json`` (FORMAT.md §13.12) records the phase reached: a rerun resumes
+after it — never asks for a second handover, never forks twice. While a failback is
+recorded and not done, the domain's VMs are not powered on here (their disks may be
+half-written).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cdp.durable import atomic_write
+from cdp.errors import CdpError, ConfigError, FailoverRefused
+from cdp.logs import get_logger
+from cdp.msa.failover import _handover, _Quiet, check_domain_name, run_appliance
+from cdp.msa.jobs import Job
+
+log = get_logger("msa.failback")
+
+RECORD_VERSION = 1
+RECORD_BYTES_MAX = 1 << 20
+PHASES = ("handed_over", "forked", "protected", "done")
+
+
+def record_path(state_dir: Path, domain: str) -> Path:
+    return state_dir / "failbacks" / f"{domain}.json"
+
+
+def read_record(state_dir: Path, domain: str) -> dict[str, Any] | None:
+    path = record_path(state_dir, domain)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw) if len(raw) <= RECORD_BYTES_MAX else None
+    except ValueError:
+        doc = None
+    if (not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("domain") != domain
+            or doc.get("phase") not in PHASES):
+        raise ConfigError(f"{path}: not a failback record of domain {domain} (version {RECORD_VERSION}); "
+                          f"move it away to run the failback again")
+    return doc
+
+
+def write_record(state_dir: Path, doc: Mapping[str, Any]) -> None:
+    path = record_path(state_dir, str(doc["domain"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode())
+
+
+def in_progress(state_dir: Path, domain: str) -> dict[str, Any] | None:
+    """The record of a failback of ``domain`` that is not done (its disks may be
+    half-written: nothing may run on them), else None."""
+    try:
+        doc = read_record(state_dir, domain)
+    except ConfigError:
+        return {"domain": domain, "phase": "unreadable"}
+    return doc if doc is not None and doc["phase"] != "done" else None
+
+
+async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
+    """The job (module docstring). ``daemon`` is the protected site's ``MsaDaemon``."""
+    t0 = time.monotonic()
+    cfg = daemon.cfg
+    check_domain_name(name)
+    spec = next((d for d in cfg.cluster.domains if d.name == name), None)
+    if spec is None:
+        raise FailoverRefused(f"site {cfg.site} has no domain {name} of its own in {cfg.cluster_path.name}: a "
+                              f"failback brings a domain back to the site whose disks it was protected from")
+    if name in cfg.isolated:
+        raise FailoverRefused(f"domain {name} is a test failover's copy here: `cdp failover-cleanup {name}`")
+    record = read_record(cfg.state_dir, name)
+    if record is not None and record["phase"] == "done":
+        record = None  # an earlier failback: this is a new one
+    phases: dict[str, float] = {}
+    if record is None:
+        where = await daemon.owner_elsewhere(name, strict=True)
+        if where is None:
+            raise FailoverRefused(f"domain {name} runs at site {cfg.site} (it never failed over, or it already "
+                                  f"came back): there is nothing to fail back")
+        if cfg.peer is None or cfg.peer.site != where["site"]:
+            peer = "no [peer]" if cfg.peer is None else f"[peer] site {cfg.peer.site}"
+            raise FailoverRefused(f"domain {name} runs at site {where['site']}, and {cfg.path.name} has {peer}: "
+                                  f"the failback asks the site running the domain for its final mark; make "
+                                  f"[peer] that site")
+        t = time.monotonic()
+        handover = await _handover(daemon, name, job, failback=True)
+        phases["quiesce"] = round(time.monotonic() - t, 3)
+        record = {"version": RECORD_VERSION, "domain": name, "id": spec.id, "site": cfg.site,
+                  "peer": where["site"], "target": f"mark:{handover['mark']}", "handover": handover,
+                  "phase": "handed_over", "started_ns": time.time_ns()}
+        write_record(cfg.state_dir, record)
+    else:
+        log.info("failback_resumed", domain=name, phase=record["phase"])
+    if record["phase"] == "handed_over":
+        t = time.monotonic()
+        job.progress("rehydrate", 0, 0)
+        result = await run_appliance(cfg, ["failback", "--domain", str(record["id"]), "--name", name,
+                                           "--target", str(record["target"])], job, daemon.env, "rehydrate")
+        phases["rehydrate"] = round(time.monotonic() - t, 3)
+        record.update(phase="forked", appliance=result)
+        write_record(cfg.state_dir, record)
+    if record["phase"] == "forked":
+        t = time.monotonic()
+        job.progress("protect", 0, 1)
+        await daemon.protect(name, daemon.protection.get(name) or cfg.policy(name), _Quiet(), reopen=True)
+        phases["protect"] = round(time.monotonic() - t, 3)
+        record.update(phase="protected")
+        write_record(cfg.state_dir, record)
+    if record["phase"] == "protected":
+        t = time.monotonic()
+        job.progress("power on", 0, 1)
+        await daemon.power(name, True)
+        phases["power_on"] = round(time.monotonic() - t, 3)
+        release = await _release(daemon, name, job)
+        phases["release"] = round(time.monotonic() - t, 3)
+        record.update(phase="done", release=release, done_ns=time.time_ns())
+        write_record(cfg.state_dir, record)
+    job.progress("done", 1, 1)
+    appliance = record.get("appliance") or {}
+    out = {"domain": name, "id": record["id"], "site": cfg.site, "from_site": record["peer"],
+           "target": record["target"], "handover": record["handover"],
+           "timeline": appliance.get("timeline"), "parent_timeline": appliance.get("parent_timeline"),
+           "fork_seq": appliance.get("fork_seq"), "disks": appliance.get("disks"),
+           "bytes_moved": appliance.get("bytes_moved"), "bytes_written": appliance.get("bytes_written"),
+           "release": record.get("release"), "phases_s": phases, "seconds": round(time.monotonic() - t0, 3)}
+    log.info("failback_done", **{k: v for k, v in out.items() if k != "disks"})
+    return out
+
+
+async def _release(daemon: Any, name: str, job: Job) -> dict[str, Any]:
+    """Ask the site the domain came back from to release it (unregister its VMs and the
+    on-demand hosts they took); its answer. A failure says to rerun: the domain runs here
+    already, only the other site's inventory is left to tidy."""
+    from cdp.msa.client import MsaClient
+
+    cfg = daemon.cfg
+    job.progress("release", 0, 1)
+    try:
+        async with MsaClient.for_peer(cfg, daemon.env) as peer:
+            doc = await peer.post(f"/v1/failover/{name}/release", {})
+    except CdpError as exc:
+        raise CdpError(f"domain {name} runs at site {cfg.site} again, but site {cfg.peer.site} did not release it "
+                       f"({exc.message}); run `cdp failback {name}` again to finish") from None
+    job.progress("release", 1, 1)
+    return doc if isinstance(doc, dict) else {"answer": doc}
+
+
+async def release_failed_over(daemon: Any, name: str) -> dict[str, Any]:
+    """At the site a domain had failed over to: the domain runs at another site again
+    (its current timeline is not this site's): power its VMs off if they are on, stop
+    protecting it, unregister its VMs and the on-demand hosts they took, and remove the
+    failover record. Refused while the domain still runs here."""
+    from cdp.msa import registry
+    from cdp.msa.failover import record_path as failover_record
+
+    cfg = daemon.cfg
+    check_domain_name(name)
+    reg = registry.load_registry(cfg.state_dir, cfg.site)
+    if name not in registry.registered_domains(reg) or name in reg["isolated"]:
+        raise FailoverRefused(f"domain {name} was not failed over to site {cfg.site} (failed over here: "
+                              f"{', '.join(sorted(registry.registered_domains(reg))) or 'none'}): nothing to release")
+    where = await daemon.owner_elsewhere(name, strict=True)
+    if where is None:
+        raise FailoverRefused(f"domain {name} still runs at site {cfg.site} (its current timeline is this site's): "
+                              f"fail it back first (`cdp failback {name}` at the site it came from)")
+    if name in daemon.powered:
+        await daemon.power(name, False)
+    if name in daemon.protection:
+        await daemon.unprotect(name)
+    hosts = [h for h in reg.get("hosts", []) if isinstance(h, dict)]
+    registry.save_registry(cfg.state_dir, registry.without_domain(reg, name))
+    daemon.reload_config()
+    failover_record(cfg.state_dir, name).unlink(missing_ok=True)
+    left = {h["name"] for h in registry.load_registry(cfg.state_dir, cfg.site).get("hosts", [])}
+    removed = sorted(h["name"] for h in hosts if h.get("name") not in left)
+    log.info("failed_over_domain_released", domain=name, now_at=where["site"], hosts_removed=removed)
+    return {"domain": name, "site": cfg.site, "released": True, "runs_at": where["site"], "hosts_removed": removed}

@@ -1,0 +1,75 @@
+"""Failback through the protected site's MSA (issue 12), both daemons in this process,
+their DRVAs and simulated hosts real subprocesses: site A's domain failed over to B at a
+point before A's last writes (A, fenced, went on writing into its log), B ran it; ``cdp
+failback`` at A brings it home — B quiesces at a final mark, only what changed is written
+into A's disks, A's DRVA adopts the new timeline, A's VMs run, B releases the domain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cdp.catalog import load_catalog
+from cdp.msa import registry
+from cdp.msa.failback import read_record, run_failback
+from cdp.store.fs import FileStore
+from rocva import Target, recover
+from tests.mgmt.site_fixture import running_daemon
+from tests.mgmt.test_failover_job import WRITE_S, committed, failover, power_off_and_commit
+from tests.mgmt.two_sites import make_two_sites, sha256
+from tests.waiting import wait_until
+
+
+def acked(daemon: Any, name: str = "erp") -> int:
+    """The seq up to which the domain's running VMs had their writes acked (their host's status)."""
+    view = next((v for v in daemon.hypervisor.views() if v.domain == name), None)
+    return int(((view.status or {}) if view is not None else {}).get("acked_seq") or 0)
+
+
+async def failback(daemon: Any, name: str = "erp") -> dict[str, Any]:
+    record = await daemon.start_job("failback", {"domain": name}, lambda job: run_failback(daemon, name, job))
+    return await daemon.runner.wait(record["id"])
+
+
+async def test_failback_brings_the_domain_home_moving_only_what_changed(tmp_path):
+    sites = make_two_sites(tmp_path, disk="16MiB")  # room the workloads leave unwritten
+    images_a = [d.disk.image for d in sites.a.cfg.domain("erp").disks]
+    async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:
+        await a.power("erp", True)
+        await wait_until(lambda: committed(a, "erp") >= 150, WRITE_S, "site A's first writes committed")
+        point = committed(a, "erp")
+        await wait_until(lambda: committed(a, "erp") >= point + 60, WRITE_S, "site A's writes after the point")
+        over = await failover(b, target=f"seq:{point}")  # A is still running: it is fenced, and goes on writing
+        assert over["state"] == "succeeded", over
+        fork = over["output"]["fork_seq"]
+        await wait_until(lambda: committed(b, "erp") > fork + 60, WRITE_S, "B's writes on the new timeline")
+        await a.power("erp", False)  # A's VMs stop (their last writes acked into A's log, never shipped)
+
+        record = await failback(a)
+        assert record["state"] == "succeeded", record
+        out = record["output"]
+        assert out["from_site"] == "site-b" and out["target"] == f"mark:{out['handover']['mark']}"
+        assert (out["timeline"], out["parent_timeline"]) == (3, 2) and out["fork_seq"] == out["handover"]["seq"]
+        assert [d["mode"] for d in out["disks"]] == ["delta"] * len(images_a), out["disks"]
+        total = sum(d.disk.size for d in sites.a.cfg.domain("erp").disks)
+        assert 0 < out["bytes_moved"] < total and any(d["ranges"]["log"] for d in out["disks"]), out["disks"]
+        assert read_record(a.cfg.state_dir, "erp")["phase"] == "done"
+        # B let the domain go: VMs off, not protected, unregistered, on-demand host gone.
+        assert b.powered == [] and "erp" not in b.protection
+        assert "erp" not in registry.registered_domains(registry.load_registry(b.cfg.state_dir, "site-b"))
+        assert out["release"]["hosts_removed"] == ["esx-b2"] and not any(d.name == "erp" for d in b.cfg.cluster.domains)
+        # A runs it on timeline 3: its VMs write on, its DRVA (which adopted the timeline) ships.
+        assert a.powered == ["erp"] and a.failed_over == {}
+        await wait_until(lambda: acked(a) > out["fork_seq"] + 60, WRITE_S, "A's writes acked on timeline 3")
+        await power_off_and_commit(a)
+        again = await failback(a)
+        assert again["state"] == "failed" and "nothing to fail back" in again["error"], again
+    store = FileStore(sites.store)
+    state, _ = await load_catalog(store, 1)
+    assert state.current == 3 and state.timeline().owner == "site-a"
+    # A's disks were B's at the mark: what A wrote since on top of them is the new
+    # timeline's latest point, byte for byte.
+    latest = await recover(store, 1, Target.latest(), tmp_path / "t3", timeline=3)
+    assert [sha256(i["path"]) for i in latest["images"]] == [sha256(p) for p in images_a]
+    at_mark = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "t2", timeline=2)
+    on_three = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "t3m", timeline=3)
+    assert [sha256(i["path"]) for i in at_mark["images"]] == [sha256(i["path"]) for i in on_three["images"]]
