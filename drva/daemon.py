@@ -45,7 +45,11 @@ log = get_logger("drva")
 
 SEAL_TICK_S = 0.05
 COMMIT_POLL_S = 0.5  # the catalog committer's wait for an upload, at most
-TAKEOVER_POLL_S = 0.1  # a domain being taken over reads the catalog this often until the fork
+# A domain being taken over reads the catalog this often until the fork — and at once when
+# nudged (SIGUSR1: the failover's MSA sends it when its appliance has forked). A
+# rehydration takes seconds to hours: reading the catalog ten times a second meanwhile
+# took CPU from it on a 2-core machine.
+TAKEOVER_POLL_S = 1.0
 TAKEOVER_WAITING = "waiting for the failover's fork"
 BUSY_LOG_INTERVAL_S = 1.0
 
@@ -58,6 +62,7 @@ class Drva:
         self.exit_on_task_failure = exit_on_task_failure
         self.failure: BaseException | None = None
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
+        self.takeover_nudge = asyncio.Event()  # set: read the catalogs of taken-over domains now
         self.sessions: set[Session] = set()  # welcomed
         self.handshaking: set[Session] = set()  # accepted, not welcomed yet (<= HANDSHAKES_MAX)
         self.refused_busy = 0
@@ -275,7 +280,14 @@ class Drva:
                     log.info("takeover_waiting", domain=dom.id, reason=exc.message)
                 dom.stats.last_error = f"{TAKEOVER_WAITING}: {exc.message}"
                 pending.append(pending.pop(0))  # the other domains open meanwhile
-                await asyncio.sleep(TAKEOVER_POLL_S)
+                if all(d.cfg.takeover and (d.stats.last_error or "").startswith(TAKEOVER_WAITING) for d in pending):
+                    # Nothing else to open: wait for the fork (or a nudge).
+                    try:
+                        async with asyncio.timeout(TAKEOVER_POLL_S):
+                            await self.takeover_nudge.wait()
+                    except TimeoutError:
+                        pass
+                    self.takeover_nudge.clear()
             except StoreError as exc:
                 attempt += 1
                 self.shipper._store_error(dom, "catalog_open_failed", exc, attempt=attempt)
@@ -312,9 +324,11 @@ def _write_json(path: Any, doc: dict[str, Any]) -> None:
 
 async def run(cfg: DrvaConfig) -> None:
     drva = Drva(cfg)
+    loop = asyncio.get_running_loop()
+    # Before start(): the MSA nudges only a DRVA whose status it read, written after this.
+    loop.add_signal_handler(signal.SIGUSR1, drva.takeover_nudge.set)
     await drva.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

@@ -149,6 +149,7 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     await daemon.standby.suspend(name)  # the appliance alone touches the images from here
     try:
         forked = await _rocva_failover(cfg, domain_id, name, target, job, daemon.env)
+        daemon.supervisor.nudge(name)  # its DRVA waits for the fork: it is there
     except BaseException:
         if record["phase"] == "started":  # nothing forked: roll back, a rerun may pick another point
             protecting.cancel()

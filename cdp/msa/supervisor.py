@@ -24,6 +24,7 @@ calls it a few times a second (``STEP_INTERVAL_S``); tests may call it directly.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from cdp.errors import CdpError
 from cdp.logs import get_logger
 from cdp.msa.config import DrvaSpec, Policy, SiteConfig
 from cdp.msa.keeper import (
-    BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S, STOP_TIMEOUT_S, Kept, ProcessKeeper, exit_text,
+    BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S, STOP_TIMEOUT_S, Kept, ProcessKeeper, exit_text, send_signal,
 )
 
 log = get_logger("cdp.msa.supervisor")
@@ -134,6 +135,16 @@ class Supervisor:
                 self.drvas[name] = sup
                 changed.append(name)
         return changed
+
+    def nudge(self, domain: str) -> bool:
+        """Tell the DRVA serving ``domain`` to read its catalog now (SIGUSR1: a failover's
+        fork is done, ``drva.daemon.TAKEOVER_POLL_S``); only a DRVA that is up — it handles
+        the signal from before its first status. True if one was told."""
+        sup = next((s for s in self.drvas.values() if domain in s.domains), None)
+        if sup is None or sup.proc is None or sup.state != "up" or sup.proc.returncode is not None:
+            return False
+        send_signal(sup.proc, signal.SIGUSR1)
+        return True
 
     async def restart_serving(self, domain: str) -> str | None:
         """Restart the DRVA serving ``domain``, so that it opens the domain's catalog again
