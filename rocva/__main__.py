@@ -44,6 +44,19 @@ def _line(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _progress_lines() -> Any:
+    """A ``progress(done, total)`` that prints ``{"progress": [done, total]}`` lines, at
+    most every ``PROGRESS_EVERY_S`` (and the last one)."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            _line({"progress": [done, total]})
+    return progress
+
+
 def failover_dir(cfg: Any, domain_name: str, *, test: bool = False) -> Path:
     """Where a failover of ``domain_name`` rehydrates its disks: a directory of its own
     in the site's datastore (the inventory's ``state_dir``); ``test-<name>`` for a test
@@ -60,13 +73,7 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
 
     cfg = load_site_config(config)
     store = open_store(cfg.store_url)
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY_S or done == total:
-            last[0] = now
-            _line({"progress": [done, total]})
+    progress = _progress_lines()
 
     forbidden = [(cfg.state_dir, "the MSA's state directory")]
     if (root := store_root(store)) is not None:
@@ -109,14 +116,7 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
         disks = [LocalDisk(int(c["disk"]), Path(inventory[(c["vm"], c["name"])].image),
                            inventory[(c["vm"], c["name"])].size)
                  for c in state.disks if (c["vm"], c["name"]) in inventory]
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= PROGRESS_EVERY_S or done == total:
-                last[0] = now
-                _line({"progress": [done, total]})
-
+        progress = _progress_lines()
         logs = [d.log_path for d in cfg.drvas if d.log_path.exists()]
         return await failback(store, domain, as_target(target), site=cfg.site, disks=disks, logs=logs,
                               progress=progress)

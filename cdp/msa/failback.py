@@ -21,15 +21,14 @@ half-written).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, FailoverRefused
 from cdp.logs import get_logger
+from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa.failover import _handover, _Quiet, check_domain_name, run_appliance
 from cdp.msa.jobs import Job
 
@@ -45,26 +44,13 @@ def record_path(state_dir: Path, domain: str) -> Path:
 
 
 def read_record(state_dir: Path, domain: str) -> dict[str, Any] | None:
-    path = record_path(state_dir, domain)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(raw) if len(raw) <= RECORD_BYTES_MAX else None
-    except ValueError:
-        doc = None
-    if (not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("domain") != domain
-            or doc.get("phase") not in PHASES):
-        raise ConfigError(f"{path}: not a failback record of domain {domain} (version {RECORD_VERSION}); "
-                          f"move it away to run the failback again")
-    return doc
+    return read_domain_record(record_path(state_dir, domain), domain, version=RECORD_VERSION,
+                              bytes_max=RECORD_BYTES_MAX, what="failback",
+                              valid=lambda doc: doc.get("phase") in PHASES)
 
 
 def write_record(state_dir: Path, doc: Mapping[str, Any]) -> None:
-    path = record_path(state_dir, str(doc["domain"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode())
+    write_domain_record(record_path(state_dir, str(doc["domain"])), doc)
 
 
 def in_progress(state_dir: Path, domain: str) -> dict[str, Any] | None:

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from cdp import site_files
-from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, FailoverRefused, NotFound
 from cdp.logs import get_logger
+from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa import registry
 from cdp.msa.jobs import Job
 from cdp.msa.keeper import CODE_ROOT
@@ -62,25 +62,12 @@ def record_path(state_dir: Path, domain: str) -> Path:
 
 
 def read_record(state_dir: Path, domain: str) -> dict[str, Any] | None:
-    path = record_path(state_dir, domain)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        doc = json.loads(raw) if len(raw) <= RECORD_BYTES_MAX else None
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("domain") != domain:
-        raise ConfigError(f"{path}: not a failover record of domain {domain} (version {RECORD_VERSION}); "
-                          f"move it away to run the failover again")
-    return doc
+    return read_domain_record(record_path(state_dir, domain), domain, version=RECORD_VERSION,
+                              bytes_max=RECORD_BYTES_MAX, what="failover")
 
 
 def write_record(state_dir: Path, doc: Mapping[str, Any]) -> None:
-    path = record_path(state_dir, str(doc["domain"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode())
+    write_domain_record(record_path(state_dir, str(doc["domain"])), doc)
 
 
 def _registry_without_test(cfg: Any, name: str) -> dict[str, Any]:
