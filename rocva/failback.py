@@ -90,19 +90,20 @@ def _check_disks(catalog_disks: list[dict], disks: Sequence[LocalDisk], domain: 
     return out
 
 
-def _why_whole(disk: LocalDisk) -> str | None:
-    """Why this disk cannot be brought back by a delta (None: it can)."""
+def _flagged_or_why_whole(disk: LocalDisk) -> tuple[delta.Ranges | None, str | None]:
+    """The ranges this disk's dirty-region map flags, or why the disk cannot be brought
+    back by a delta (then it is rewritten whole)."""
     try:
         have = os.stat(disk.path).st_size
     except FileNotFoundError:
-        return f"{disk.path} is missing"
+        return None, f"{disk.path} is missing"
     if have != disk.size:
-        return f"{disk.path} is {have} bytes, not {disk.size}"
+        return None, f"{disk.path} is {have} bytes, not {disk.size}"
     try:
-        read_dirty_map(sidecar_path(disk.path), disk.size)
+        flags, region = read_dirty_map(sidecar_path(disk.path), disk.size)
     except DirtyMapUnusable as exc:
-        return f"its dirty-region map cannot be trusted ({exc.message})"
-    return None
+        return None, f"its dirty-region map cannot be trusted ({exc.message})"
+    return delta.flagged(flags, region, disk.size), None
 
 
 def _prepare_whole(disk: LocalDisk) -> None:
@@ -156,14 +157,13 @@ async def failback(store, domain: int, target: Target | int | str, *, site: str,
         in_logs = [delta.union(a, b) for a, b in zip(in_logs, found)]
     ranges, report = [], []
     for k, disk in enumerate(mine):
-        why = _why_whole(disk)
-        if why is not None:
+        unacked, why = _flagged_or_why_whole(disk)
+        if unacked is None:
             log.warning("failback_whole_disk", domain=domain, disk=disk.disk, path=str(disk.path), reason=why)
             _prepare_whole(disk)
             r = (np.zeros(1, np.int64), np.full(1, disk.size, np.int64))
         else:
-            flags, region = read_dirty_map(sidecar_path(disk.path), disk.size)
-            r = delta.union(theirs[k], ours[k], in_logs[k], delta.flagged(flags, region, disk.size))
+            r = delta.union(theirs[k], ours[k], in_logs[k], unacked)
         ranges.append(r)
         report.append({"disk": disk.disk, "path": str(disk.path), "mode": "whole" if why else "delta",
                        "reason": why, "bytes": delta.total(r),

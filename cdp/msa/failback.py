@@ -173,11 +173,11 @@ async def release_failed_over(daemon: Any, name: str) -> dict[str, Any]:
         await daemon.power(name, False)
     if name in daemon.protection:
         await daemon.unprotect(name)
-    hosts = [h for h in reg.get("hosts", []) if isinstance(h, dict)]
-    registry.save_registry(cfg.state_dir, registry.without_domain(reg, name))
+    remaining = registry.without_domain(reg, name)
+    registry.save_registry(cfg.state_dir, remaining)
     daemon.reload_config()
     failover_record(cfg.state_dir, name).unlink(missing_ok=True)
-    left = {h["name"] for h in registry.load_registry(cfg.state_dir, cfg.site).get("hosts", [])}
-    removed = sorted(h["name"] for h in hosts if h.get("name") not in left)
+    left = {h["name"] for h in remaining["hosts"]}
+    removed = sorted(h["name"] for h in reg["hosts"] if h["name"] not in left)
     log.info("failed_over_domain_released", domain=name, now_at=where["site"], hosts_removed=removed)
     return {"domain": name, "site": cfg.site, "released": True, "runs_at": where["site"], "hosts_removed": removed}
