@@ -10,6 +10,8 @@ Rehydrates the domain into the site's datastore and forks its timeline for this 
 object each: ``{"progress": [done_bytes, total_bytes]}`` (a few a second at most), then
 ``{"result": {...}}`` and exit 0, or ``{"error": MESSAGE, "exit_code": N}`` and exit N
 (``cdp.errors``). TARGET is ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME``.
+The MSA adds ``--exit-with-stdin`` before the verb and holds stdin open as a pipe: when
+the MSA dies the appliance exits too, and a rerun of the job never meets it.
 ``standby`` is the long-lived form the MSA keeps running for a ``[[standby]]`` domain
 (continuous rehydration, ``rocva.standby``): it brings ``<datastore>/<domain>/`` to the
 newest consistent point every interval, writes ``<state_dir>/standby/<name>.status.json``
@@ -125,8 +127,29 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
 
 
 @click.group()
-def cli() -> None:
+@click.option("--exit-with-stdin", is_flag=True,
+              help="Exit (code 1) as soon as stdin reaches its end: the MSA that started the appliance holds "
+                   "stdin open as a pipe and never writes to it, so its death ends the job's appliance too.")
+def cli(exit_with_stdin: bool) -> None:
     """The recovery appliance (started by the MSA)."""
+    if exit_with_stdin:
+        _exit_with_stdin()
+
+
+def _exit_with_stdin() -> None:
+    """Die with the MSA: a failover or failback whose job is gone must not go on writing
+    the disks or fork the timeline while a rerun of the job starts its own appliance."""
+    import threading
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass  # the MSA writes nothing; anything read is ignored
+        except OSError:
+            pass
+        os._exit(1)  # no cleanup: what was written is redone by the rerun, nothing forked half
+
+    threading.Thread(target=watch, name="exit-with-stdin", daemon=True).start()
 
 
 async def _standby(config: Path, name: str, interval_s: float) -> None:

@@ -52,6 +52,7 @@ class Operator:
         self.sites, self.root = sites, root
         self.env = {k: v for k, v in sites.a.env.items() if k not in ("CDP_CONFIG", "CDP_STORE")}
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        self.background: list[subprocess.Popen[bytes]] = []
 
     def config(self, site: str) -> str:
         return str((self.sites.a if site == "a" else self.sites.b).config_path)
@@ -62,10 +63,19 @@ class Operator:
         if r.returncode != expect:
             raise AssertionError(f"cdp {' '.join(args)}: exit {r.returncode}, expected {expect}\n"
                                  f"stdout: {r.stdout[-3000:]}\nstderr: {r.stderr[-3000:]}\n{self.logs()}")
+        if expect:
+            return {"error": r.stderr}  # what the operator is told
         return json.loads(r.stdout) if r.stdout.strip() else {}
 
     def at(self, site: str, *args: str, expect: int = 0) -> dict[str, Any]:
         return self.cdp(*args, "--config", self.config(site), expect=expect)
+
+    def at_background(self, site: str, *args: str) -> subprocess.Popen[bytes]:
+        """``cdp ARGS --config SITE`` started and not waited for (a test kills what it runs)."""
+        proc = subprocess.Popen([*CDP, *args, "--json", "--config", self.config(site)], cwd=self.root, env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.background.append(proc)
+        return proc
 
     def start_daemon(self, site: str) -> None:
         log = open(self.root / f"daemon-{site}.log", "ab")
@@ -139,7 +149,8 @@ def test_unplanned_failover_at_a_mark_before_the_garbage_and_at_the_latest_point
     (every write acked and committed: its latest point is their disks). Every process of
     A is SIGKILLed. B fails erp over at the mark and web at the latest point. On S3 and
     Azure A's state is deleted; on the file store A then comes back with its old state:
-    fenced, alarmed, refused, and nothing of it reaches the new timelines."""
+    fenced, alarmed, refused, and nothing of it reaches the new timelines. Then erp fails
+    back to A (``fail_back``)."""
     url, store_creds = store_env
     sites = make_two_sites(tmp_path, store_url=url, install=False, env=store_creds, web=True)
     op = Operator(sites, tmp_path)
@@ -182,9 +193,48 @@ def test_unplanned_failover_at_a_mark_before_the_garbage_and_at_the_latest_point
         op.at("a", "power", "erp", "on", expect=2)
         op.at("a", "protect", "web", expect=2)
         assert domain_objects(sites) == before
+        fail_back(op, sites, tmp_path, erp)  # issue 12: erp comes home, A's garbage undone
     finally:
         for proc in op.daemons.values():
             _stop(proc)
+
+
+def fail_back(op: Operator, sites: TwoSites, tmp_path: Path, over: dict[str, Any]) -> None:
+    """Issue 12's acceptance: A is back with its disks (garbage after the fork, writes
+    its filter never had acked: dirty-region flags) and its log leftovers; B runs erp and
+    writes. ``cdp failback`` at A: A's disks become B's at B's final mark — every write B
+    acked there, A's own writes since the fork undone — A's VMs write on a timeline of its
+    own, B is fenced, and the three timelines' points recover."""
+    store = ("--store", sites.a.cfg.store_url)
+    b_from = op.committed("b")
+    op.at("b", "power", "erp", "on")  # B runs erp again and writes on timeline 2
+    op.wait("B's writes before the failback", lambda: op.committed("b") > b_from + 30, WRITES_S)
+
+    back = op.at("a", "failback", "erp")["output"]
+    handover, fork = back["handover"], back["fork_seq"]
+    assert back["from_site"] == "site-b" and (back["timeline"], back["parent_timeline"]) == (3, 2), back
+    assert fork == handover["seq"] and handover["acked_seq"] <= fork, back  # every write B acked is before the mark
+    assert [d["mode"] for d in back["disks"]] == ["delta"] * 3, back["disks"]
+    assert sum(d["ranges"]["ours"] for d in back["disks"]) > 0, back["disks"]  # A's garbage after the fork
+    status_b = op.status("b")
+    assert status_b["powered"] == [] and not status_b["vms"], status_b  # B released erp ...
+    op.at("b", "power", "erp", "on", expect=2)  # ... and refuses to run it
+    assert op.status("a")["powered"] == ["erp"]
+
+    # A's VMs write on timeline 3 and A's DRVA ships them: the store's point at the fork
+    # plus those writes is A's disks, which holds only if A's disks were B's at the mark.
+    op.wait("A's writes on timeline 3", lambda: op.committed("a") > fork + 50, WRITES_S)
+    acked = op.at("a", "power", "erp", "off")["acked_seq"]
+    op.wait(f"A's seq {acked} committed", lambda: op.committed("a") >= acked, WRITES_S)
+    latest = op.cdp("recover", "erp", *store, "--latest", "--timeline", "3", "--to", str(tmp_path / "erp-t3"))
+    assert [sha256(Path(i["path"])) for i in latest["images"]] == sites.primaries_a()
+    on_two = op.cdp("recover", "erp", *store, "--seq", str(fork), "--timeline", "2", "--to", str(tmp_path / "t2"))
+    on_three = op.cdp("recover", "erp", *store, "--seq", str(fork), "--timeline", "3", "--to", str(tmp_path / "t3"))
+    assert [sha256(Path(i["path"])) for i in on_two["images"]] == [sha256(Path(i["path"])) for i in on_three["images"]]
+    points = op.cdp("points", "erp", *store)
+    assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-a"), (2, "site-b"), (3, "site-a")]
+    old = op.cdp("recover", "erp", *store, "--latest", "--timeline", "1", "--to", str(tmp_path / "t1"))
+    assert len(old["images"]) == 3 and over["fork_seq"] < old["seq"]  # the garbage A shipped: still a point
 
 
 def start_both(op: Operator, domains: tuple[str, ...] = ("erp",)) -> None:

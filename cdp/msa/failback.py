@@ -29,7 +29,7 @@ from typing import Any
 from cdp.errors import CdpError, ConfigError, FailoverRefused
 from cdp.logs import get_logger
 from cdp.msa.job_records import read_domain_record, write_domain_record
-from cdp.msa.failover import _handover, _Quiet, check_domain_name, run_appliance
+from cdp.msa.failover import _find, _handover, _Quiet, check_domain_name, run_appliance
 from cdp.msa.jobs import Job
 
 log = get_logger("msa.failback")
@@ -88,6 +88,7 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
             raise FailoverRefused(f"domain {name} runs at site {where['site']}, and {cfg.path.name} has {peer}: "
                                   f"the failback asks the site running the domain for its final mark; make "
                                   f"[peer] that site")
+        await _check_inventory(cfg, spec, name)  # before the peer stops anything
         t = time.monotonic()
         handover = await _handover(daemon, name, job, failback=True)
         phases["quiesce"] = round(time.monotonic() - t, 3)
@@ -131,6 +132,24 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
            "release": record.get("release"), "phases_s": phases, "seconds": round(time.monotonic() - t0, 3)}
     log.info("failback_done", **{k: v for k, v in out.items() if k != "disks"})
     return out
+
+
+async def _check_inventory(cfg: Any, spec: Any, name: str) -> None:
+    """This site's inventory must give the domain every disk the catalog has, at the
+    catalog's size: the appliance writes the disks the inventory names. Checked before
+    the other site is asked to quiesce, so a refusal changes nothing anywhere."""
+    _, catalog_disks, _ = await _find(cfg, name)
+    mine = {(d.vm.name, d.disk.name): d.disk for d in spec.disks}
+    for d in catalog_disks:
+        disk = mine.get((d["vm"], d["name"]))
+        if disk is None:
+            raise FailoverRefused(f"domain {name}: the catalog's disk {d['vm']}/{d['name']} is not in "
+                                  f"{cfg.cluster_path.name}; add it (same vm and disk name, {d['size']} bytes) to "
+                                  f"fail back; nothing was changed")
+        if disk.size != int(d["size"]):
+            raise FailoverRefused(f"domain {name}: disk {d['vm']}/{d['name']} is {d['size']} bytes in the catalog "
+                                  f"and {disk.size} in {cfg.cluster_path.name}; make the inventory say "
+                                  f"{d['size']} bytes; nothing was changed")
 
 
 async def _release(daemon: Any, name: str, job: Job) -> dict[str, Any]:

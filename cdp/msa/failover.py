@@ -326,8 +326,8 @@ async def run_appliance(cfg: Any, args: list[str], job: Job, env: Mapping[str, s
     result, or its error (with its exit code) as a ``CdpError`` (FORMAT.md §14.5)."""
     child_env = cfg.child_env(env)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rocva", *args[:1], "--config", str(cfg.path), *args[1:],
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "rocva", "--exit-with-stdin", *args[:1], "--config", str(cfg.path), *args[1:],
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=child_env, cwd=CODE_ROOT, limit=ROCVA_LINE_BYTES_MAX)
     log.info("rocva_started", command=args[0], pid=proc.pid, args=args[1:])
     stderr_task = asyncio.create_task(_tail(proc.stderr, ROCVA_STDERR_BYTES_MAX))
@@ -355,6 +355,8 @@ async def run_appliance(cfg: Any, args: list[str], job: Job, env: Mapping[str, s
         raise
     finally:
         stderr = await stderr_task
+        if proc.stdin is not None:  # held open only to tie the appliance's life to this process
+            proc.stdin.close()
     log.info("rocva_exited", command=args[0], pid=proc.pid, exit=code)
     if outcome is not None and "result" in outcome and code == 0 and isinstance(outcome["result"], dict):
         return outcome["result"]

@@ -9,15 +9,24 @@ file, which is moved to ``.1`` at a start when it grew past ``LOG_ROTATE_BYTES``
 States of one kept process: ``starting`` (spawned; the owner says when it is ``up``),
 ``up``, ``restarting`` (exited; waiting for its back-off), ``stopped``. A process that
 stayed up for ``stable_after_s`` starts its next back-off from the first step.
+
+While a process runs, ``<log stem>.pid`` beside its log names it (``PID START_TICKS``,
+FORMAT.md §13.13). A daemon that was killed leaves its children running; the next one
+finds them by these files and stops them (SIGTERM, then SIGKILL) before it starts its
+own: two DRVAs on one replication log, or two hosts writing one disk, must never run.
+The start time (``/proc/PID/stat`` field 22) tells a leftover from a process that got
+its pid later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +42,7 @@ STOP_TIMEOUT_S = 20.0
 LOG_ROTATE_BYTES = 64 << 20
 LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
 ERROR_TEXT_MAX = 400
+LEFTOVER_POLL_S = 0.05
 #: Where ``python -m drva.daemon`` and ``python -m iofilter_sim`` find their packages.
 CODE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,8 +88,10 @@ class ProcessKeeper:
         kept.state, kept.state_since = state, self.clock()
 
     async def spawn(self, kept: Kept, args: Sequence[str], **fields: object) -> None:
-        """Start ``python args...``; on failure the next ``reap`` retries after the back-off."""
+        """Start ``python args...``; on failure the next ``reap`` retries after the back-off.
+        A leftover of an earlier daemon under the same name is stopped first."""
         try:
+            await self.stop_leftover(kept)
             kept.log_path.parent.mkdir(parents=True, exist_ok=True)
             _rotate(kept.log_path)
             out = os.open(kept.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -96,6 +108,10 @@ class ProcessKeeper:
             self.schedule_restart(kept)
             return
         kept.expected_exit = False
+        try:
+            _write_pid_file(pid_path(kept), kept.proc.pid)
+        except OSError as exc:  # it runs; only a later daemon's cleanup after a kill is lost
+            log.warning(f"{self.kind}_pid_file_failed", name=kept.name, error=str(exc))
         self.set_state(kept, "starting")
         log.info(f"{self.kind}_spawned", name=kept.name, pid=kept.proc.pid, restarts=kept.restarts, **fields)
 
@@ -118,8 +134,33 @@ class ProcessKeeper:
                 await proc.wait()
         kept.proc = None
         kept.last_exit = proc.returncode
+        pid_path(kept).unlink(missing_ok=True)
         self.set_state(kept, "stopped")
         log.info(f"{self.kind}_stopped", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode))
+
+    async def stop_leftover(self, kept: Kept) -> None:
+        """Stop the process ``kept``'s pid file names if an earlier daemon left it running
+        (module docstring): SIGTERM, SIGKILL after ``stop_timeout_s``. Not our child: its
+        exit is seen by polling (whoever inherited it reaps it)."""
+        path = pid_path(kept)
+        pid = _leftover(path)
+        if pid is None:
+            path.unlink(missing_ok=True)
+            return
+        ticks = start_ticks(pid)
+        log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, pid_file=str(path))
+        for sig, wait_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, self.stop_timeout_s)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while _same_process(pid, ticks) and time.monotonic() < deadline:
+                await asyncio.sleep(LEFTOVER_POLL_S)
+            if not _same_process(pid, ticks):
+                break
+        else:
+            raise OSError(f"process {pid} (named by {path}) outlived SIGKILL")
+        path.unlink(missing_ok=True)
+        log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
 
     def schedule_restart(self, kept: Kept) -> None:
         now = self.clock()
@@ -137,6 +178,7 @@ class ProcessKeeper:
         if proc is None or proc.returncode is None or kept.expected_exit:
             return False
         kept.proc, kept.last_exit = None, proc.returncode
+        pid_path(kept).unlink(missing_ok=True)
         kept.last_error = last_error(kept.log_path)
         log.error(f"{self.kind}_exited", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode),
                   error=kept.last_error)
@@ -180,6 +222,44 @@ class ProcessKeeper:
             kept.restarts += 1
             kept.restart_at = None
         return due
+
+
+def pid_path(kept: Kept) -> Path:
+    return kept.log_path.with_suffix(".pid")
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None if it is gone or a
+    zombie (exited: only waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    if not fields or fields[0] == b"Z" or len(fields) < 20:
+        return None
+    return int(fields[19])
+
+
+def _same_process(pid: int, ticks: int | None) -> bool:
+    return ticks is not None and start_ticks(pid) == ticks
+
+
+def _write_pid_file(path: Path, pid: int) -> None:
+    """Not fsynced: after a power loss no process it could name is running."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(f"{pid} {start_ticks(pid) or 0}\n")
+    os.replace(tmp, path)
+
+
+def _leftover(path: Path) -> int | None:
+    """The pid ``path`` names if that process still runs (same start time), else None."""
+    try:
+        words = path.read_text(errors="replace").split()
+        pid, ticks = int(words[0]), int(words[1])
+    except (OSError, ValueError, IndexError):
+        return None  # none, or not one we wrote: nothing to stop
+    return pid if pid > 1 and pid != os.getpid() and _same_process(pid, ticks) else None
 
 
 def exit_text(code: int | None) -> str:

@@ -1,0 +1,133 @@
+"""Failback as an operator runs it (issue 12), every step a ``cdp`` command in a
+subprocess, both sites' daemons real processes on the file store: what is refused with
+nothing changed, and a failback onto disks that are gone (rewritten whole) that dies
+twice — its recovery appliance SIGKILLed, then site A's MSA SIGKILLed — and completes
+when rerun, never running A's VMs on a half-written disk.
+
+The failback of a site that comes back with its disks and log leftovers is the end of
+``tests/test_failover_sites.py``'s unplanned failover on the file store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from tests.mgmt.two_sites import make_two_sites, sha256
+from tests.test_failover_sites import WRITES_S, Operator, _kill_site, domain_objects, start_both
+from tests.test_walkthrough import CLI_EXIT_S, EXIT_S, _stop
+
+
+def appliances(parent: int) -> list[int]:
+    """Pids of the ``python -m rocva ... failback`` processes whose parent is ``parent``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and b"rocva" in argv and b"failback" in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # a zombie has exited
+    except OSError:
+        return True
+
+
+def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_rerun(tmp_path: Path) -> None:
+    sites = make_two_sites(tmp_path, install=False)
+    op = Operator(sites, tmp_path)
+    rng = random.Random(os.environ.get("CDP_TEST_SEED", "failback"))
+    state_a = sites.a.cfg.state_dir
+    try:
+        start_both(op)
+        refused = op.at("a", "failback", "erp", expect=2)  # erp never failed over
+        assert "nothing to fail back" in refused["error"], refused
+
+        _kill_site(op.status("a"), op.daemons.pop("a"))  # site A is lost, its disks with it
+        over = op.at("b", "failover", "erp", "--latest")["output"]
+        op.wait("B's writes on timeline 2", lambda: op.committed("b") > over["fork_seq"] + 30, WRITES_S)
+        images = [d.disk.image for d in sites.a.cfg.domain("erp").disks]
+        for image in images:
+            image.unlink()
+            image.with_name(image.name + ".dirty").unlink(missing_ok=True)
+
+        # Site A's inventory gives a disk another size than the catalog's: refused before
+        # B is asked anything.
+        inventory = sites.a.cfg.cluster_path
+        good = inventory.read_text()
+        assert good.count('"2MiB"') == 3, good
+        inventory.write_text(good.replace('"2MiB"', '"3MiB"', 1))
+        op.start_daemon("a")
+        before = (domain_objects(sites), op.committed("b"))
+        refused = op.at("a", "failback", "erp", expect=2)
+        assert "bytes in the catalog" in refused["error"] and "make the inventory say" in refused["error"], refused
+        assert op.status("b")["powered"] == ["erp"]  # B runs on, untouched
+        op.wait("B's writes after the refusal", lambda: op.committed("b") > before[1], WRITES_S)
+        _stop(op.daemons.pop("a"))
+        inventory.write_text(good)
+
+        # Site B's daemon is down: refused (A cannot have B's final mark), nothing changed.
+        _stop(op.daemons.pop("b"))
+        op.start_daemon("a")
+        before = domain_objects(sites)
+        refused = op.at("a", "failback", "erp", expect=2)
+        assert "did not hand domain erp over" in refused["error"], refused
+        assert domain_objects(sites) == before and not (state_a / "failbacks").exists()
+        assert not any(image.exists() for image in images)
+        op.start_daemon("b")
+        op.wait("B running erp again", lambda: op.status("b")["powered"] == ["erp"], WRITES_S)
+
+        # The failback's appliance is SIGKILLed, then (rerun) A's MSA is: the disks are
+        # half-written at most, and A refuses to run its VMs on them.
+        dies = op.at_background("a", "failback", "erp")
+        appliance = op.wait("the failback's appliance", lambda: appliances(op.daemons["a"].pid), CLI_EXIT_S)[0]
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(appliance, signal.SIGKILL)
+        assert dies.wait(CLI_EXIT_S) != 0
+        op.at("a", "power", "erp", "on", expect=2)  # the disks may be half-written
+        assert op.status("a")["powered"] == []
+
+        op.at_background("a", "failback", "erp")
+        appliance = op.wait("the rerun's appliance", lambda: appliances(op.daemons["a"].pid), CLI_EXIT_S)[0]
+        time.sleep(rng.uniform(0.0, 0.5))
+        op.daemons.pop("a").kill()  # A's MSA dies: its appliance goes with it (stdin closed)
+        op.wait("the appliance gone with its MSA", lambda: gone(appliance), EXIT_S)
+        op.start_daemon("a")
+        assert op.status("a")["powered"] == []
+
+        back = op.at("a", "failback", "erp")["output"]
+        assert back["timeline"] == 3 and back["fork_seq"] == back["handover"]["seq"], back
+        if back["disks"] is not None:  # None: an appliance had forked before it died
+            assert [d["mode"] for d in back["disks"]] == ["whole"] * 3, back["disks"]
+        assert op.status("a")["powered"] == ["erp"] and op.status("b")["powered"] == []
+        op.at("b", "power", "erp", "on", expect=2)  # B let the domain go
+
+        fork = back["fork_seq"]
+        op.wait("A's writes on timeline 3", lambda: op.committed("a") > fork + 30, WRITES_S)
+        acked = op.at("a", "power", "erp", "off")["acked_seq"]
+        op.wait(f"A's seq {acked} committed", lambda: op.committed("a") >= acked, WRITES_S)
+        store = ("--store", sites.a.cfg.store_url)
+        latest = op.cdp("recover", "erp", *store, "--latest", "--timeline", "3", "--to", str(tmp_path / "t3"))
+        assert [sha256(Path(i["path"])) for i in latest["images"]] == sites.primaries_a()
+    finally:
+        for proc in op.daemons.values():
+            _stop(proc)
+        for proc in op.background:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(EXIT_S)
+
