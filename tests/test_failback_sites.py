@@ -10,9 +10,11 @@ The failback of a site that comes back with its disks and log leftovers is the e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -131,3 +133,58 @@ def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_reru
                 proc.kill()
                 proc.wait(EXIT_S)
 
+
+
+def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_path: Path) -> None:
+    """Each site protects its own domain and is the other's recovery site, one store: A's
+    erp fails over to B (planned) and back (``cdp failback``) while B's crm, on the same
+    DRVA of B that takes erp in, stays within its RPO target all along."""
+    sites = make_two_sites(tmp_path, install=False, crm=True)
+    op = Operator(sites, tmp_path)
+    store = ("--store", sites.a.cfg.store_url)
+    target_s = sites.b.cfg.policy("crm").rpo_target_s
+    lags: list[float] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.2):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                lags.append(float(op.domain_status("b", "crm").get("rpo_lag_s") or 0.0))
+
+    sampler = threading.Thread(target=sample, name="crm-rpo", daemon=True)
+    try:
+        for site in ("a", "b"):
+            op.at(site, "install")
+            op.start_daemon(site)
+        op.at("a", "power", "erp", "on")
+        op.at("b", "power", "crm", "on")
+        for site, name in (("a", "erp"), ("b", "crm")):
+            op.wait(f"{name}'s first writes in the store", lambda: op.committed(site, name) >= 100, WRITES_S)
+        sampler.start()
+
+        planned = op.at("b", "failover", "erp", "--planned")["output"]
+        assert planned["handover"]["lost_writes"] == 0 and planned["timeline"] == 2, planned
+        op.wait("B's writes of erp", lambda: op.committed("b") > planned["fork_seq"] + 30, WRITES_S)
+        assert sorted(op.status("b")["powered"]) == ["crm", "erp"]
+        crm_before = op.committed("b", "crm")
+
+        back = op.at("a", "failback", "erp")["output"]
+        assert (back["timeline"], back["parent_timeline"]) == (3, 2), back
+        assert [d["mode"] for d in back["disks"]] == ["delta"] * 3, back["disks"]
+        op.wait("A's writes of erp on timeline 3", lambda: op.committed("a") > back["fork_seq"] + 30, WRITES_S)
+        assert op.status("b")["powered"] == ["crm"] and op.status("a")["powered"] == ["erp"]
+        op.wait("crm's writes after erp left B", lambda: op.committed("b", "crm") > crm_before + 100, WRITES_S)
+        sampling.set()
+        sampler.join(EXIT_S)
+        assert len(lags) > 10 and max(lags) < target_s, lags
+
+        acked = op.at("b", "power", "crm", "off")["acked_seq"]
+        op.wait(f"crm's seq {acked} committed", lambda: op.committed("b", "crm") >= acked, WRITES_S)
+        crm = op.cdp("recover", "crm", *store, "--latest", "--to", str(tmp_path / "crm"))
+        assert [sha256(Path(i["path"])) for i in crm["images"]] == sites.primaries_b("crm")
+        points = op.cdp("points", "crm", *store)
+        assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-b")]
+    finally:
+        sampling.set()
+        for proc in op.daemons.values():
+            _stop(proc)

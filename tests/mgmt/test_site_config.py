@@ -87,7 +87,10 @@ def test_the_example_recovery_site_loads_beside_site_a() -> None:
     a = load_site_config(ROOT / "examples" / "site.toml")
     b = load_site_config(ROOT / "examples" / "site-b.toml")
     assert b.site == "site-b" and b.store_url == a.store_url  # one store, two sites
-    assert [h.name for h in b.cluster.hosts] == ["esx-b01"] and b.cluster.vms == () and b.cluster.domains == ()
+    assert [h.name for h in b.cluster.hosts] == ["esx-b01"] and [d.name for d in b.cluster.domains] == ["crm"]
+    assert list(b.protect) == ["crm"] and b.drva_of(b.domain("crm")).name == "drva-b1"  # both ways
+    assert not {d.id for d in a.cluster.domains} & {d.id for d in b.cluster.domains}  # one store
+    assert a.hypervisor.on_demand_hosts == ("esx-03",) and a.peer is not None and a.peer.site == b.site
     assert b.hypervisor.on_demand_hosts == ("esx-b02", "esx-b03") and b.hypervisor.vms_per_host == 2
     assert b.peer is not None and (b.peer.site, b.peer.api) == (a.site, a.api_listen)
     assert [(s.domain, s.mode) for s in b.standby] == [("erp", "continuous")]

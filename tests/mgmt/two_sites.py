@@ -40,17 +40,23 @@ class TwoSites:
         """sha256 of the domain's disks at site A, in the domain's disk order."""
         return [sha256(d.disk.image) for d in self.a.cfg.domain(domain).disks]
 
+    def primaries_b(self, domain: str) -> list[str]:
+        """The same for a domain site B protects (``crm``)."""
+        return [sha256(d.disk.image) for d in self.b.cfg.domain(domain).disks]
+
 
 sha256 = sha256_file  # the tests' name for it
 
 
 def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_url: str | None = None,
                    install: bool = True, env: dict[str, str] | None = None, standby: bool = False,
-                   disk: str = DISK, web: bool = False) -> TwoSites:
+                   disk: str = DISK, web: bool = False, crm: bool = False) -> TwoSites:
     """``store_url``: default a file store under ``root``; ``install``: what the daemon
     needs of ``cdp install`` (else the test runs it); ``env``: added to the sites';
     ``web``: a second protected domain at A, ``web`` (id 2, VM web-1 with one disk), and
-    room for it at B (two VMs per host)."""
+    room for it at B (two VMs per host); ``crm``: protection both ways — site B protects
+    its own domain ``crm`` (id 3, VM crm-1 with one disk on esx-b1, B's DRVA) with A as
+    its recovery site (A gets an on-demand host), and B has room for erp beside it."""
     store = root / "store"
     pa, pb, api_a, api_b = free_port(), free_port(), free_port(), free_port()
     a_inventory = site_files.inventory(
@@ -66,10 +72,16 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
                             store=store_url or str(store),
                             api_listen=f"127.0.0.1:{api_a}", cluster="inventory.toml",
                             peer={"site": "site-b", "api": f"127.0.0.1:{api_b}", "token_env": "CDP_PEER_TOKEN"})
-    b_inventory = site_files.inventory("site-b", ["esx-b1"], [], [], state_dir="datastore")
+    if crm:
+        a_doc["hypervisor"] = {"on_demand_hosts": ["esx-a2"], "vms_per_host": 2, "recovered_workload": WORKLOAD}
+    b_inventory = site_files.inventory(
+        "site-b", ["esx-b1"], [site_files.vm("crm-1", "esx-b1", [("disk0", disk)])] if crm else [],
+        [site_files.domain("crm", 3, f"127.0.0.1:{pb}", ["crm-1"], workload or WORKLOAD)] if crm else [],
+        state_dir="datastore")
     b_doc = site_files.site("site-b", drvas=[_drva("drva-b1", pb, "state")], store=store_url or str(store),
+                            protect=["crm"] if crm else (),
                             api_listen=f"127.0.0.1:{api_b}", cluster="inventory.toml",
-                            hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 2 if web else 1,
+                            hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 2 if web or crm else 1,
                                         "recovered_workload": WORKLOAD},
                             peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN"},
                             standby=[{"domain": "erp", "mode": "continuous", "interval_s": 0.2}] if standby else ())
