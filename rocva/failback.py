@@ -13,8 +13,10 @@ quiesced) by writing only the ranges that may differ (``rocva.delta``):
 * the current timeline's records in ``(F, target]``;
 
 read from the store (the recovery site's disks are remote, and the store already holds
-every byte of the target point: a read of the delta from it costs what a read from the
-other site would, and needs nothing of that site but the mark it committed). A disk
+every byte of the target point: the delta needs nothing of that site but the mark it
+committed). What it reads from the store is whole stored units: a segment's payload
+blocks and base chunks, so scattered small ranges read more than they move
+(``benchmarks.failback`` reports both). A disk
 whose image is missing, of another size than the inventory says, or whose dirty-region
 map is missing or damaged cannot say what it holds: it is rewritten whole from the
 store, and the result says so. Then the domain gets a new timeline owned by this site,
