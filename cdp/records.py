@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from cdp.errors import FormatError
+from cdp.units import SECTOR
 
-SECTOR = 512
 WRITE_LEN_MAX = 16 << 20  # §1: one write is at most 16 MiB
 MARK_NAME_MAX = 255  # §1: a mark's name is 1..255 UTF-8 bytes
 OFFSET_END_MAX = 1 << 62  # §1: offset + length must not exceed 2**62

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple, NoReturn
 
 from cdp.errors import ConfigError
-from cdp.records import SECTOR
+from cdp.units import SECTOR
 from cdp.units import parse_duration, parse_size
 
 #: A name that is also a path component (a DRVA's state directory, a site's prefix in

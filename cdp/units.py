@@ -7,6 +7,8 @@ from typing import Any
 
 from cdp.errors import ConfigError
 
+SECTOR = 512  # bytes: every disk size and write is a multiple (cdp.records uses this one)
+
 _SIZE = re.compile(r"(\d+)\s*(|b|k|kib|m|mib|g|gib|t|tib)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

@@ -7,6 +7,7 @@ that cannot start fails the tests that need it (never a skip).
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests import lanes
 from tests.services import Azurite, MotoServer, ServiceError
 
 #: The backends of the `store` fixture; "faulty" is FaultyStore(MemoryStore) with no fault.
@@ -143,11 +145,14 @@ async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
 SOAK_TEST = "tests/drva/test_catalog_soak.py::test_lost_catalog_replies_never_fence_and_loads_stay_flat"
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: a lane runs only what was selected
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
-    """The catalog soak is a minute of wall clock with a core mostly idle: start it now,
-    in a process of its own, and check its report last (tests/drva/soak_run.py)."""
+    """Wall clock with a core mostly idle runs beside the rest, each in a process of its
+    own started now and checked last: the two-site tests (``tests/lanes.py``) and the
+    catalog soak (``tests/drva/soak_run.py``), which stays the very last."""
+    lanes.split(config, items)
     soak = [item for item in items if item.nodeid == SOAK_TEST]
-    if not soak or config.option.collectonly:
+    if not soak or config.option.collectonly or os.environ.get(lanes.LANE_ENV):
         return
     from tests.drva.test_catalog_soak import start_soak
 
@@ -155,9 +160,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     start_soak(config)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    lanes.report_phase(report)  # only in a lane's process
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from tests.drva.test_catalog_soak import SOAK_KEY
 
+    lanes.finish(config)
     soak = config.stash.get(SOAK_KEY, None)
     if soak is not None:
         soak.remove()  # a session that ended before the soak's test (-x, ^C)

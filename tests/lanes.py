@@ -1,0 +1,162 @@
+"""A second lane for the test session: the two-site tests, the walkthrough and the S3
+outage run in a pytest process of their own, beside the rest of the suite.
+
+Those tests drive daemons, DRVAs, simulated hosts and ``cdp`` commands as subprocesses,
+or wait out an outage, and spend most of their wall clock waiting: measured, a two-site
+test keeps about half of the machine's two cores busy. Run after the rest they add minutes to
+the suite; run beside it they mostly fill the idle core.
+
+At collection (``tests/conftest.py``) the session starts ``python -m pytest`` on the
+lane's test ids, with ``CDP_TEST_LANE`` naming a report file: that process's
+``pytest_runtest_logreport`` appends one JSON line per test phase to it. The session
+keeps the lane's items, last in its order, but without their fixtures: each one waits
+for its own phases in the report and passes, fails (with the lane's failure text) or
+skips as they did. A lane that does not end in ``LANE_WITHIN_S`` is killed and its
+waiting tests fail with the tail of its output.
+
+``CDP_TEST_LANES=0`` runs everything in the one session. A session that selected only
+lane tests runs them itself (there is nothing to run beside them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+LANE_ENV = "CDP_TEST_LANE"  # in the lane's process: where its phases are reported
+LANES_ENV = "CDP_TEST_LANES"  # "0": no lane
+LANE_FILES = ("tests/test_failover_sites.py::", "tests/test_failback_sites.py::", "tests/test_walkthrough.py::",
+              "tests/drva/test_outage.py::")
+#: The lane's own run (about 4 minutes on an idle 2-core machine) on a machine the rest
+#: of the suite keeps busy meanwhile; bounds a hang, not a speed.
+LANE_WITHIN_S = 1500.0
+POLL_S = 0.2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Lane:
+    """The lane's pytest process and what it reported."""
+
+    def __init__(self, nodeids: list[str], config: pytest.Config) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cdp-lane-"))
+        self.report_path = self.dir / "phases.jsonl"
+        self.log_path = self.dir / "lane.log"
+        self.deadline = time.monotonic() + LANE_WITHIN_S
+        self.phases: dict[str, list[dict[str, Any]]] = {}
+        self._read_at = 0
+        args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={self.dir / 'tmp'}"]
+        if config.option.verbose > 0:
+            args.append("-v")
+        env = {**os.environ, LANE_ENV: str(self.report_path)}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([*args, *nodeids], cwd=ROOT, env=env, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+
+    def _read(self) -> None:
+        try:
+            with open(self.report_path, "rb") as f:
+                f.seek(self._read_at)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # a line being written is read next time
+        self._read_at += end
+        for line in data[:end].splitlines():
+            doc = json.loads(line)
+            self.phases.setdefault(doc["nodeid"], []).append(doc)
+
+    def wait_for(self, nodeid: str) -> list[dict[str, Any]]:
+        """The phases the lane reported for ``nodeid`` once its teardown is in."""
+        while True:
+            self._read()
+            got = self.phases.get(nodeid, [])
+            if any(p["when"] == "teardown" for p in got):
+                return got
+            if self.proc.poll() is not None:
+                self._read()
+                got = self.phases.get(nodeid, [])
+                if any(p["when"] == "teardown" for p in got):
+                    return got
+                pytest.fail(f"the test lane exited ({self.proc.returncode}) without running {nodeid}\n"
+                            f"{self.log_tail()}", pytrace=False)
+            if time.monotonic() > self.deadline:
+                self.stop()
+                pytest.fail(f"the test lane did not end within {LANE_WITHIN_S:g} s\n{self.log_tail()}",
+                            pytrace=False)
+            time.sleep(POLL_S)
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-60:])
+        except OSError:
+            return "(no lane output)"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+LANE_KEY = pytest.StashKey[Lane]()
+
+
+def split(config: pytest.Config, items: list[Any]) -> None:
+    """Start the lane on the selected lane tests and make their items wait for it (module
+    docstring). Called by ``pytest_collection_modifyitems``."""
+    if os.environ.get(LANE_ENV) or os.environ.get(LANES_ENV) == "0" or config.option.collectonly:
+        return
+    lane = [item for item in items if item.nodeid.startswith(LANE_FILES)]
+    if not lane or len(lane) == len(items):
+        return
+    started = config.stash[LANE_KEY] = Lane([item.nodeid for item in lane], config)
+    for item in lane:
+        _wait_instead(item, started)
+    ids = {id(item) for item in lane}
+    items[:] = [item for item in items if id(item) not in ids] + lane
+
+
+def _wait_instead(item: Any, lane: Lane) -> None:
+    """``item`` runs no fixture and no code of its own: it reports the lane's outcome."""
+    def run() -> None:
+        phases = lane.wait_for(item.nodeid)
+        failed = [p for p in phases if p["outcome"] == "failed"]
+        if failed:
+            text = "\n\n".join(f"[{p['when']}, in the test lane]\n{p['longrepr']}" for p in failed)
+            pytest.fail(text, pytrace=False)
+        skipped = [p for p in phases if p["outcome"] == "skipped"]
+        if skipped:
+            pytest.skip(f"in the test lane: {skipped[0]['longrepr']}")
+
+    item.setup = lambda: None
+    item.runtest = run
+
+
+def report_phase(report: Any) -> None:
+    """In the lane's process: one JSON line per phase (``pytest_runtest_logreport``)."""
+    path = os.environ.get(LANE_ENV)
+    if not path:
+        return
+    doc = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+           "duration": round(report.duration, 3),
+           "longrepr": str(report.longrepr) if report.longrepr is not None else None}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(doc) + "\n")
+
+
+def finish(config: pytest.Config) -> None:
+    lane = config.stash.get(LANE_KEY, None)
+    if lane is not None:
+        lane.remove()
