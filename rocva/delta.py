@@ -44,8 +44,14 @@ from rocva.plan import (
 from rocva.resume import zero_range
 
 Ranges = tuple[np.ndarray, np.ndarray]  # (start, end), int64
-CONCURRENCY = 8
-RUN_BYTES_MAX = 4 << 20
+# Units in flight while a delta is applied. Its units are small: a partial chunk read
+# (rocva.fetch.ChunkCopy) is a head of ~2 KiB and then a few 64 KiB sub-blocks, a
+# segment run one or two blocks of scattered writes, so the time goes into GET latency,
+# not bytes: twice the recovery's 8 keeps GETs outstanding. Memory stays below
+# CONCURRENCY x (2 x RUN_BYTES_MAX + a block) for runs, or x one chunk object: 16 x 5
+# MiB with 1 MiB blocks and 4 MiB chunks.
+CONCURRENCY = 16
+RUN_BYTES_MAX = 2 << 20
 
 
 def empty() -> Ranges:
