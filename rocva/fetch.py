@@ -355,7 +355,7 @@ def _place(fds: list[int], unit: Unit, parts: list[tuple[int, bytes | bytearray 
 def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None,
                  sparse: bool = True) -> int:
     """Verify and decode one chunk object, pwrite its pieces (thread pool); its digest."""
-    raw = decode_chunk(unit.key, data, unit.hash16)
+    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len))
     if len(raw) != unit.chunk_len:
         raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
     digest = _place(fds, unit, [(0, raw)], sparse)
