@@ -11,7 +11,8 @@ resume (``rocva.recover``):
 - ``base:<disk>:<batch>``: the base pieces of ``batch_chunks`` consecutive chunk positions
   of one disk, one ``ChunkCopy`` unit per distinct chunk hash (a chunk that appears
   several times in the batch is fetched once), in disk order, decoded by
-  ``decode_chunk``.
+  ``decode_chunk``; a delta's units (``partial``) fetch only the chunk's header and
+  table and the runs of 64 KiB sub-blocks that hold their pieces (FORMAT.md §6.1).
 
 Units run segment runs first, then base chunks; a unit writes bytes no other unit
 writes (the plan's extents are disjoint), so any order is correct, and this one lets
@@ -32,13 +33,13 @@ again by reading the pieces back (``unit_digest_from_file``) before it trusts th
 Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* a task
 is created, so pending work never piles up as tasks). A unit holds its stored bytes:
 one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
-``run_bytes_max`` for scattered writes) or one chunk object. While it is decoded it
-holds one raw block (in the pool thread's buffer, ``block_raw_size``: 1 MiB by default,
-16 MiB at most) and one page carried to the next block, or one raw chunk
-(``decode_chunk``: 4 MiB by default, 64 MiB at most, twice while python-lz4 copies
-it). So memory stays below ``concurrency × (2 × run_bytes_max + one block) +
-pool_workers × (one block + 2 × one chunk)``: 8 × 33 MiB + 2 × 9 MiB with the
-defaults and 1 MiB blocks, 4 MiB chunks, 2 CPUs.
+``run_bytes_max`` for scattered writes) or one chunk object (a partial read: less).
+While it is decoded it holds one raw block and one page carried to the next block, or
+one raw chunk (4 MiB by default, 64 MiB at most), in the pool thread's buffer (a
+version-1 chunk: in python-lz4's output, twice while it copies it). So memory stays
+below ``concurrency × (2 × run_bytes_max + one block) + pool_workers × (2 × one
+chunk)``: 8 × 33 MiB + 2 × 8 MiB with the defaults and 1 MiB blocks, 4 MiB chunks, 2
+CPUs.
 """
 
 from __future__ import annotations
@@ -227,8 +228,9 @@ _scratch_local = threading.local()
 
 
 def _scratch(size: int) -> bytearray:
-    """This pool thread's reusable buffer for decompressed blocks, at least ``size`` bytes
-    (one ``block_raw_size``: 1 MiB by default, 16 MiB at most).
+    """This pool thread's reusable buffer for decompressed blocks or chunks, at least
+    ``size`` bytes (one ``block_raw_size``, 1 MiB by default, 16 MiB at most; one chunk,
+    4 MiB by default, 64 MiB at most).
 
     A fresh buffer per block cost a page fault per 4 KiB every time (python-lz4's own
     output: two); the buffer lives as long as the pool's thread, i.e. one recovery."""
