@@ -5,6 +5,12 @@ chunks; each chunk that is not all zeros is stored once under the hex of its
 ``xxh3_128`` (``cdp.layout.chunk_key``), and a manifest lists the chunk hashes of the
 disk in order, sixteen zero bytes standing for an all-zero chunk (never stored).
 
+A chunk object (version 2) is cut into 64 KiB sub-blocks behind a table, so that a
+reader who needs a few ranges of a chunk (a failback's delta) fetches the header and
+table (``chunk_head_bytes``, ``decode_chunk_head``) and then only the sub-blocks that
+cover them (``ChunkTable.span``, ``ChunkTable.decode``); ``decode_chunk`` reads a whole
+object of either version.
+
 This module is the codec only: ``encode_chunk``/``decode_chunk``,
 ``encode_manifest``/``decode_manifest`` and ``is_zero``. Every check follows the rule of
 §0: a checksum is verified right after the bytes are read, before a field is trusted.
@@ -21,11 +27,13 @@ import xxhash
 
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import parse_base_manifest_key
+from cdp.segment import _lz4_decompress_safe
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 CHUNK_MAGIC = b"CDPK"
 MANIFEST_MAGIC = b"CDPB"
-VERSION = 1
+VERSION = 1  # manifests (§6.2) and the first chunk layout (§6.1, read only)
+VERSION_CHUNK = 2  # the chunk layout written (§6.1)
 CODEC_STORED = 0  # §6.1
 CODEC_LZ4 = 1  # §6.1
 CHUNK_SIZE_MIN = 64 << 10  # §6.2
@@ -39,6 +47,14 @@ SECTOR = 512
 _CHUNK = struct.Struct("<4sHHII16sQ16sQ")
 assert _CHUNK.size == 64, "FORMAT.md §6.1"
 _CHUNK_ZERO = {"reserved": (40, 16)}  # must be zero: {name: (offset, size)}
+# FORMAT.md §6.1, version 2: chunk header, 64 bytes, then one table entry per sub-block.
+_CHUNK2 = struct.Struct("<4sHHII16sIIQQQ")
+assert _CHUNK2.size == 64, "FORMAT.md §6.1"
+_CHUNK2_ZERO = {"flags": (6, 2), "reserved": (36, 4), "reserved2": (48, 8)}
+SUB_BLOCK_BYTES = 64 << 10  # §6.1: raw bytes per sub-block of a version-2 chunk (the last may be shorter)
+SUB_BLOCK_DTYPE = np.dtype([("stored_offset", "<u8"), ("stored_len", "<u4"), ("codec", "<u2"),
+                            ("reserved", "<u2"), ("stored_xxh3", "<u8"), ("raw_xxh3", "<u8")])
+assert SUB_BLOCK_DTYPE.itemsize == 32, "FORMAT.md §6.1"
 # FORMAT.md §6.2: manifest header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _MANIFEST = struct.Struct("<4sHHIIQQIIQQQ")
 assert _MANIFEST.size == 64, "FORMAT.md §6.2"
@@ -70,16 +86,36 @@ def is_zero(buf: bytes | bytearray | memoryview | np.ndarray) -> bool:
 
 
 def encode_chunk(raw: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
-    """(hash16, object) of one chunk (§6.1): LZ4 block when smaller, else stored.
+    """(hash16, object) of one chunk, version 2 (§6.1): 64 KiB sub-blocks, each LZ4
+    block when smaller, else stored, behind a table that lets a reader fetch only some.
 
     ``hash16`` is ``xxh3_128(raw)`` as stored; the key is ``cdp.layout.chunk_key(hash16)``.
     An all-zero chunk is never stored: the caller checks ``is_zero`` first.
     """
-    mv = memoryview(raw).cast("B")
-    if not 1 <= len(mv) <= CHUNK_SIZE_MAX:
-        raise ValueError(f"a chunk holds 1..{CHUNK_SIZE_MAX} bytes, got {len(mv)}")
-    if is_zero(mv):
-        raise ValueError("an all-zero chunk is never stored (FORMAT.md §6.1)")
+    mv = _chunk_raw(raw)
+    count = -(-len(mv) // SUB_BLOCK_BYTES)
+    table = np.zeros(count, dtype=SUB_BLOCK_DTYPE)
+    stored_parts = []
+    at = HEADER_SIZE + SUB_BLOCK_DTYPE.itemsize * count
+    for k in range(count):
+        sub = mv[k * SUB_BLOCK_BYTES : (k + 1) * SUB_BLOCK_BYTES]
+        packed = lz4.block.compress(sub, store_size=False)
+        codec, stored = (CODEC_LZ4, packed) if len(packed) < len(sub) else (CODEC_STORED, bytes(sub))
+        table[k] = (at, len(stored), codec, 0, xxhash.xxh3_64_intdigest(stored), xxhash.xxh3_64_intdigest(sub))
+        stored_parts.append(stored)
+        at += len(stored)
+    table_bytes = table.tobytes()
+    h = xxh3_128(mv)
+    header = pack_summed(_CHUNK2, CHUNK_MAGIC, VERSION_CHUNK, 0, len(mv), SUB_BLOCK_BYTES, h, count, 0,
+                         xxhash.xxh3_64_intdigest(table_bytes), 0)
+    return h, b"".join([header, table_bytes, *stored_parts])
+
+
+def encode_chunk_v1(raw: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    """(hash16, object) of one chunk in version 1 (§6.1.1: one LZ4 block for the whole
+    chunk). No longer written by the engine; kept so that tests can make the version-1
+    objects a store may still hold."""
+    mv = _chunk_raw(raw)
     h = xxh3_128(mv)
     packed = lz4.block.compress(mv, store_size=False)
     codec, stored = (CODEC_LZ4, packed) if len(packed) < len(mv) else (CODEC_STORED, mv)
@@ -90,13 +126,51 @@ def encode_chunk(raw: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
     return h, header + bytes(stored)
 
 
-def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: bytes | None) -> bytes:
-    """Verify a chunk object (§6.1) and return its raw bytes.
+def _chunk_raw(raw: bytes | bytearray | memoryview) -> memoryview:
+    mv = memoryview(raw).cast("B")
+    if not 1 <= len(mv) <= CHUNK_SIZE_MAX:
+        raise ValueError(f"a chunk holds 1..{CHUNK_SIZE_MAX} bytes, got {len(mv)}")
+    if is_zero(mv):
+        raise ValueError("an all-zero chunk is never stored (FORMAT.md §6.1)")
+    return mv
+
+
+def _version_of(mv: memoryview) -> int | None:
+    """The ``version`` field of a chunk object (None: too short to hold one; the header
+    checks then say what is wrong). Read before the checksum only to pick the layout
+    whose checks follow: both layouts sum the same 56 bytes."""
+    return struct.unpack_from("<H", mv, 4)[0] if len(mv) >= 6 else None
+
+
+def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: bytes | None, *,
+                 out: bytearray | None = None) -> bytes | memoryview:
+    """Verify a whole chunk object (§6.1, version 1 or 2) and return its raw bytes.
 
     ``name`` (the key) is used in messages; ``expected_hash`` (16 bytes, the key's or
-    the manifest's) must equal the header's ``raw_xxh3_128`` when given.
+    the manifest's) must equal the header's ``raw_xxh3_128`` when given. Every
+    sub-block of a version-2 object is verified, then ``xxh3_128`` of the whole.
+    ``out``: a buffer to decode a version-2 chunk into when it is large enough (the
+    result is then a view of it, valid until the caller reuses it): a fresh 4 MiB per
+    chunk cost a page fault per 4 KiB, as for segment blocks (``cdp.segment._scratch``).
     """
     mv = memoryview(obj).cast("B")
+    if _version_of(mv) == VERSION:
+        return _decode_chunk_v1(name, mv, expected_hash)
+    table = decode_chunk_head(name, mv, expected_hash)
+    assert table is not None
+    size = table.stored_end
+    if len(mv) != size:
+        err = TruncatedError if len(mv) < size else FormatError
+        raise err(f"chunk {name}: {len(mv)} bytes, the header and table promise {size}")
+    raw = memoryview(out)[: table.raw_len] if out is not None and len(out) >= table.raw_len \
+        else memoryview(bytearray(table.raw_len))
+    table.decode_into(0, table.block_count - 1, mv[table.stored_start :], raw)
+    if xxh3_128(raw) != table.raw_hash:
+        raise ChecksumMismatch(f"chunk {name}: xxh3_128 of the {len(raw)} raw bytes is not raw_xxh3_128")
+    return raw if out is not None else raw.obj
+
+
+def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None) -> bytes:
     where = f"chunk {name}"
     codec, raw_len, stored_len, raw_hash, stored_xxh3, _ = unpack_summed(
         _CHUNK, mv, where=where, magic=CHUNK_MAGIC, version=VERSION, zero=_CHUNK_ZERO
@@ -107,11 +181,7 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
         raise FormatError(f"{where}: header at offset 8: raw_len {raw_len} not in 1..{CHUNK_SIZE_MAX}")
     if codec == CODEC_STORED and stored_len != raw_len:
         raise FormatError(f"{where}: header at offset 12: stored_len {stored_len} != raw_len {raw_len}")
-    if expected_hash is not None and raw_hash != bytes(expected_hash):
-        raise FormatError(
-            f"{where}: header at offset 16: raw_xxh3_128 {raw_hash.hex()} is not the "
-            f"expected {bytes(expected_hash).hex()}"
-        )
+    _check_expected(where, raw_hash, expected_hash)
     stored = checked_body(mv, stored_len, stored_xxh3, where=where, what="stored_xxh3",
                           header_size=HEADER_SIZE)
     if codec == CODEC_STORED:
@@ -124,6 +194,173 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
     if len(raw) != raw_len or xxh3_128(raw) != raw_hash:
         raise ChecksumMismatch(f"{where}: xxh3_128 of the {len(raw)} raw bytes is not raw_xxh3_128")
     return raw
+
+
+def _check_expected(where: str, raw_hash: bytes, expected_hash: bytes | None) -> None:
+    if expected_hash is not None and raw_hash != bytes(expected_hash):
+        raise FormatError(
+            f"{where}: header at offset 16: raw_xxh3_128 {raw_hash.hex()} is not the "
+            f"expected {bytes(expected_hash).hex()}"
+        )
+
+
+def chunk_head_bytes(raw_len: int) -> int:
+    """Bytes of a version-2 chunk's header and sub-block table for ``raw_len`` raw bytes:
+    what a partial reader GETs first (the manifest gives ``raw_len``)."""
+    return HEADER_SIZE + SUB_BLOCK_DTYPE.itemsize * -(-raw_len // SUB_BLOCK_BYTES)
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """The verified header and sub-block table of a version-2 chunk (§6.1).
+
+    Invariant: ``entries`` (read-only, ``SUB_BLOCK_DTYPE``) hold ``block_count =
+    ceil(raw_len / SUB_BLOCK_BYTES)`` sub-blocks stored contiguously from
+    ``stored_start`` (right after the table) to ``stored_end`` (the object's size), each
+    with a known codec and a length that codec allows.
+    """
+
+    name: str
+    raw_len: int
+    raw_hash: bytes
+    entries: np.ndarray
+
+    @property
+    def block_count(self) -> int:
+        return len(self.entries)
+
+    @property
+    def stored_start(self) -> int:
+        return HEADER_SIZE + SUB_BLOCK_DTYPE.itemsize * self.block_count
+
+    @property
+    def stored_end(self) -> int:
+        return int(self.entries["stored_offset"][-1]) + int(self.entries["stored_len"][-1])
+
+    def block_raw_len(self, k: int) -> int:
+        return min(SUB_BLOCK_BYTES, self.raw_len - k * SUB_BLOCK_BYTES)
+
+    def blocks_for(self, start: int, end: int) -> tuple[int, int]:
+        """(first, last): the sub-blocks holding raw bytes ``[start, end)`` (``end > start``)."""
+        if not 0 <= start < end <= self.raw_len:
+            raise ValueError(f"chunk {self.name}: raw range [{start}, {end}) not in [0, {self.raw_len})")
+        return start // SUB_BLOCK_BYTES, (end - 1) // SUB_BLOCK_BYTES
+
+    def span(self, first: int, last: int) -> tuple[int, int]:
+        """(object offset, length) of the stored bytes of sub-blocks ``first..last``."""
+        if not 0 <= first <= last < self.block_count:
+            raise ValueError(f"chunk {self.name}: sub-blocks {first}..{last} not in 0..{self.block_count - 1}")
+        start = int(self.entries["stored_offset"][first])
+        end = int(self.entries["stored_offset"][last]) + int(self.entries["stored_len"][last])
+        return start, end - start
+
+    def decode_into(self, first: int, last: int, stored: bytes | bytearray | memoryview, out: memoryview) -> None:
+        """Verify sub-blocks ``first..last`` from their stored bytes (``stored``, from
+        ``span(first, last)`` on: anything after is ignored) and decompress them into
+        ``out``, which holds their raw bytes (``out[0]`` is sub-block ``first``'s first)."""
+        src = memoryview(stored).cast("B")
+        base = int(self.entries["stored_offset"][first])
+        need = self.span(first, last)[1]
+        if len(src) < need:
+            raise TruncatedError(f"chunk {self.name}: sub-blocks {first}..{last} at offset {base}: "
+                                 f"{len(src)} stored bytes, the table promises {need}")
+        # liblz4 called with addresses into the two buffers, taken once: per sub-block,
+        # lz4_decompress's own lookups cost more than decompressing 64 KiB (measured).
+        decompress_safe = _lz4_decompress_safe()
+        src_at = np.frombuffer(src, dtype=np.uint8).ctypes.data if decompress_safe and len(src) else 0
+        dst_at = np.frombuffer(out, dtype=np.uint8).ctypes.data if decompress_safe and len(out) else 0
+        at = 0
+        for k, row in enumerate(self.entries[first : last + 1].tolist(), first):
+            offset, stored_len, codec, _, stored_xxh3, raw_xxh3 = row
+            a = offset - base
+            part = src[a : a + stored_len]
+            if xxhash.xxh3_64_intdigest(part) != stored_xxh3:
+                raise ChecksumMismatch(f"chunk {self.name}: sub-block {k} at offset {offset}: stored_xxh3 "
+                                       f"does not match the {stored_len} stored bytes")
+            n = min(SUB_BLOCK_BYTES, self.raw_len - k * SUB_BLOCK_BYTES)
+            dst = out[at : at + n]
+            if codec == CODEC_STORED:
+                dst[:] = part
+            elif decompress_safe is not None:
+                got = decompress_safe(src_at + a, dst_at + at, stored_len, n)
+                if got != n:
+                    raise FormatError(f"chunk {self.name}: sub-block {k} at offset {offset}: LZ4 block "
+                                      f"does not decompress to {n} bytes")
+            else:
+                try:
+                    dst[:] = lz4.block.decompress(part, uncompressed_size=n)
+                except (lz4.block.LZ4BlockError, ValueError) as exc:
+                    raise FormatError(f"chunk {self.name}: sub-block {k} at offset {offset}: LZ4 block "
+                                      f"does not decompress to {n} bytes") from exc
+            if xxhash.xxh3_64_intdigest(dst) != raw_xxh3:
+                raise ChecksumMismatch(f"chunk {self.name}: sub-block {k} at offset {offset}: raw_xxh3 does not "
+                                       "match the decompressed bytes")
+            at += n
+
+    def decode(self, first: int, last: int, stored: bytes | bytearray | memoryview) -> bytearray:
+        """The raw bytes of sub-blocks ``first..last``, verified (see ``decode_into``)."""
+        raw = bytearray(min(self.raw_len, (last + 1) * SUB_BLOCK_BYTES) - first * SUB_BLOCK_BYTES)
+        self.decode_into(first, last, stored, memoryview(raw))
+        return raw
+
+
+def decode_chunk_head(name: str, head: bytes | bytearray | memoryview, expected_hash: bytes | None,
+                      raw_len: int | None = None) -> ChunkTable | None:
+    """Verify the header and sub-block table at the start of ``head`` (a chunk object's
+    first ``chunk_head_bytes(raw_len)`` bytes or more) and return them; None for a
+    version-1 chunk, which has no table (then only the whole object can be read).
+
+    ``expected_hash`` as in ``decode_chunk``; ``raw_len``, when given (the manifest's
+    chunk length), must equal the header's.
+    """
+    mv = memoryview(head).cast("B")
+    if _version_of(mv) == VERSION:
+        return None
+    where = f"chunk {name}"
+    _, raw_len_h, block_bytes, raw_hash, count, _, table_xxh3, _ = unpack_summed(
+        _CHUNK2, mv, where=where, magic=CHUNK_MAGIC, version=VERSION_CHUNK, zero=_CHUNK2_ZERO
+    )
+    if not 1 <= raw_len_h <= CHUNK_SIZE_MAX:
+        raise FormatError(f"{where}: header at offset 8: raw_len {raw_len_h} not in 1..{CHUNK_SIZE_MAX}")
+    if block_bytes != SUB_BLOCK_BYTES:
+        raise FormatError(f"{where}: header at offset 12: sub_block_size {block_bytes}, expected {SUB_BLOCK_BYTES}")
+    if count != -(-raw_len_h // SUB_BLOCK_BYTES):
+        raise FormatError(f"{where}: header at offset 32: block_count {count} != ceil(raw_len / sub_block_size)")
+    _check_expected(where, raw_hash, expected_hash)
+    if raw_len is not None and raw_len != raw_len_h:
+        raise FormatError(f"{where}: header at offset 8: raw_len {raw_len_h}, the manifest needs {raw_len}")
+    end = chunk_head_bytes(raw_len_h)
+    if len(mv) < end:
+        raise TruncatedError(f"{where}: {len(mv)} bytes, the header and table need {end}")
+    if xxhash.xxh3_64_intdigest(mv[HEADER_SIZE:end]) != table_xxh3:
+        raise ChecksumMismatch(f"{where}: table_xxh3 does not match the sub-block table at offset {HEADER_SIZE}")
+    entries = np.frombuffer(mv[HEADER_SIZE:end], dtype=SUB_BLOCK_DTYPE).copy()
+    entries.flags.writeable = False
+    _check_table(where, entries, raw_len_h, end)
+    return ChunkTable(name, raw_len_h, raw_hash, entries)
+
+
+def _check_table(where: str, entries: np.ndarray, raw_len: int, stored_start: int) -> None:
+    """The table's own rules (§6.1): codecs, lengths, sub-blocks contiguous after it."""
+    count = len(entries)
+    raw = np.full(count, SUB_BLOCK_BYTES, dtype=np.int64)
+    raw[-1] = raw_len - (count - 1) * SUB_BLOCK_BYTES
+    offset = entries["stored_offset"].astype(np.int64)
+    length = entries["stored_len"].astype(np.int64)
+    expect = stored_start + np.concatenate(([0], np.cumsum(length)[:-1]))
+    bad = [
+        ("codec", entries["codec"] > CODEC_LZ4, "unknown codec"),
+        ("reserved", entries["reserved"] != 0, "reserved is not zero"),
+        ("stored_len", length < 1, "stored_len is 0"),
+        ("stored_len", (entries["codec"] == CODEC_STORED) & (length != raw), "stored_len != the raw length"),
+        ("stored_len", (entries["codec"] == CODEC_LZ4) & (length >= raw), "LZ4 not smaller than the raw length"),
+        ("stored_offset", offset != expect, "not right after the previous sub-block"),
+    ]
+    for field, mask, problem in bad:
+        if mask.any():
+            k = int(np.flatnonzero(mask)[0])
+            at = HEADER_SIZE + SUB_BLOCK_DTYPE.itemsize * k + SUB_BLOCK_DTYPE.fields[field][1]
+            raise FormatError(f"{where}: table entry {k} at offset {at}: {field}: {problem}")
 
 
 # --------------------------------------------------------------------------- manifests

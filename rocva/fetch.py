@@ -11,7 +11,8 @@ resume (``rocva.recover``):
 - ``base:<disk>:<batch>``: the base pieces of ``batch_chunks`` consecutive chunk positions
   of one disk, one ``ChunkCopy`` unit per distinct chunk hash (a chunk that appears
   several times in the batch is fetched once), in disk order, decoded by
-  ``decode_chunk``.
+  ``decode_chunk``; a delta's units (``partial``) fetch only the chunk's header and
+  table and the runs of 64 KiB sub-blocks that hold their pieces (FORMAT.md §6.1).
 
 Units run segment runs first, then base chunks; a unit writes bytes no other unit
 writes (the plan's extents are disjoint), so any order is correct, and this one lets
@@ -32,13 +33,13 @@ again by reading the pieces back (``unit_digest_from_file``) before it trusts th
 Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* a task
 is created, so pending work never piles up as tasks). A unit holds its stored bytes:
 one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
-``run_bytes_max`` for scattered writes) or one chunk object. While it is decoded it
-holds one raw block (in the pool thread's buffer, ``block_raw_size``: 1 MiB by default,
-16 MiB at most) and one page carried to the next block, or one raw chunk
-(``decode_chunk``: 4 MiB by default, 64 MiB at most, twice while python-lz4 copies
-it). So memory stays below ``concurrency × (2 × run_bytes_max + one block) +
-pool_workers × (one block + 2 × one chunk)``: 8 × 33 MiB + 2 × 9 MiB with the
-defaults and 1 MiB blocks, 4 MiB chunks, 2 CPUs.
+``run_bytes_max`` for scattered writes) or one chunk object (a partial read: less).
+While it is decoded it holds one raw block and one page carried to the next block, or
+one raw chunk (4 MiB by default, 64 MiB at most), in the pool thread's buffer (a
+version-1 chunk: in python-lz4's output, twice while it copies it). So memory stays
+below ``concurrency × (2 × run_bytes_max + one block) + pool_workers × (2 × one
+chunk)``: 8 × 33 MiB + 2 × 8 MiB with the defaults and 1 MiB blocks, 4 MiB chunks, 2
+CPUs.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from cdp.base_image import decode_chunk
+from cdp.base_image import SUB_BLOCK_BYTES, ChunkTable, chunk_head_bytes, decode_chunk, decode_chunk_head
 from cdp.errors import FormatError, NotFound
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_blocks
@@ -82,7 +83,12 @@ class SegmentRun:
 
 @dataclass(frozen=True, eq=False)
 class ChunkCopy:
-    """One base chunk and where its pieces go (``chunk_off`` inside the chunk)."""
+    """One base chunk and where its pieces go (``chunk_off`` inside the chunk).
+
+    ``partial``: fetch only the sub-blocks that hold the pieces (a version-2 chunk,
+    FORMAT.md §6.1; a version-1 chunk is still fetched whole), for a delta whose pieces
+    are a small part of each chunk. A full recovery needs nearly all of every chunk and
+    fetches each whole, in one GET."""
 
     key: str
     hash16: bytes
@@ -92,6 +98,7 @@ class ChunkCopy:
     start: np.ndarray
     length: np.ndarray
     nbytes: int
+    partial: bool = False
 
 
 Unit = SegmentRun | ChunkCopy
@@ -175,9 +182,10 @@ def segment_groups(plan: RecoveryPlan, run_bytes_max: int = RUN_BYTES_MAX_DEFAUL
         yield f"seg:{index.key}", sum(u.nbytes for u in units), units
 
 
-def base_groups(plan: RecoveryPlan, batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT
+def base_groups(plan: RecoveryPlan, batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT, *, partial: bool = False
                 ) -> Iterator[tuple[str, int, list[ChunkCopy]]]:
-    """(group name, bytes, units) per batch of ``batch_chunks`` chunk positions of each disk."""
+    """(group name, bytes, units) per batch of ``batch_chunks`` chunk positions of each
+    disk; ``partial``: units that fetch only the sub-blocks they need (``ChunkCopy``)."""
     for k, d in enumerate(plan.disks):
         pieces, m = d.base_pieces, d.manifest
         if m is None or not len(pieces):
@@ -197,7 +205,7 @@ def base_groups(plan: RecoveryPlan, batch_chunks: int = BASE_BATCH_CHUNKS_DEFAUL
                 units.append(ChunkCopy(chunk_key(h), h, m.chunk_len(int(p["chunk"][first[u]])),
                                        np.full(len(sel), k, np.int64), p["offset"][sel].astype(np.int64),
                                        p["chunk_off"][sel].astype(np.int64), p["length"][sel].astype(np.int64),
-                                       int(p["length"][sel].sum())))
+                                       int(p["length"][sel].sum()), partial))
             yield f"base:{d.disk}:{int(batch[lo])}", sum(u.nbytes for u in units), units
 
 
@@ -220,8 +228,9 @@ _scratch_local = threading.local()
 
 
 def _scratch(size: int) -> bytearray:
-    """This pool thread's reusable buffer for decompressed blocks, at least ``size`` bytes
-    (one ``block_raw_size``: 1 MiB by default, 16 MiB at most).
+    """This pool thread's reusable buffer for decompressed blocks or chunks, at least
+    ``size`` bytes (one ``block_raw_size``, 1 MiB by default, 16 MiB at most; one chunk,
+    4 MiB by default, 64 MiB at most).
 
     A fresh buffer per block cost a page fault per 4 KiB every time (python-lz4's own
     output: two); the buffer lives as long as the pool's thread, i.e. one recovery."""
@@ -278,10 +287,21 @@ def _zero_pages_before(buf) -> list[int]:
     return z.tolist()
 
 
-def _write_piece(fd: int, mv: memoryview, x0: int, x1: int, offset: int, zeros: list[int]) -> None:
+def _pwrite(fd: int, data: memoryview, offset: int, sparse: bool) -> None:
+    if sparse:
+        _pwrite_sparse(fd, data, offset)
+    else:
+        _pwrite_all(fd, data, offset)
+
+
+def _write_piece(fd: int, mv: memoryview, x0: int, x1: int, offset: int, zeros: list[int] | None) -> None:
     """pwrite ``mv[x0:x1]`` at ``offset`` exactly as ``_pwrite_sparse`` would (whole zero
     pages stay holes): one pwrite when ``zeros`` (``_zero_pages_before(mv)``) shows the
-    piece has no whole zero page, which needs the buffer's pages to be the file's."""
+    piece has no whole zero page, which needs the buffer's pages to be the file's.
+    ``zeros`` None: dense, every byte written (the file is not known to be zero there)."""
+    if zeros is None:
+        _pwrite_all(fd, mv[x0:x1], offset)
+        return
     if (offset - x0) % PAGE == 0:
         p0, p1 = -(-x0 // PAGE), x1 // PAGE
         if p1 <= p0 or zeros[p1] == zeros[p0]:
@@ -314,31 +334,81 @@ def unit_digest_from_file(fds: list[int], unit: Unit, buf: bytearray) -> int:
     return h.intdigest()
 
 
-def _place(fds: list[int], unit: Unit, raw: bytes | memoryview) -> int:
-    """pwrite every piece of ``unit`` from ``raw`` (runs on the thread pool); its digest."""
-    mv = memoryview(raw)
-    zeros = _zero_pages_before(mv)
+def _place(fds: list[int], unit: Unit, parts: list[tuple[int, bytes | bytearray | memoryview]],
+           sparse: bool = True) -> int:
+    """pwrite every piece of ``unit`` from ``parts``, ``(start, raw)`` pairs sorted by
+    ``start``: the raw bytes of the unit from ``start`` on (a whole chunk is one part, a
+    partial read one per run of sub-blocks); runs on the thread pool; its digest."""
+    starts = np.array([a for a, _ in parts], dtype=np.int64)
+    views = [memoryview(raw) for _, raw in parts]
+    zeros = [_zero_pages_before(mv) if sparse else None for mv in views]
+    which = (np.searchsorted(starts, unit.start, side="right") - 1).tolist()
     h = xxhash.xxh3_64()
-    for s, o, a, n in zip(unit.slot.tolist(), unit.offset.tolist(), unit.start.tolist(), unit.length.tolist()):
-        if a + n > len(mv):  # the plan's positions come from a verified index: a bug if hit
-            raise AssertionError(f"piece {a}+{n} outside {len(mv)} fetched bytes")
-        h.update(mv[a : a + n])
-        _write_piece(fds[s], mv, a, a + n, o, zeros)
+    for s, o, a, n, r in zip(unit.slot.tolist(), unit.offset.tolist(), unit.start.tolist(), unit.length.tolist(),
+                             which):
+        mv, x0 = views[r], a - int(starts[r])
+        if r < 0 or x0 + n > len(mv):  # the plan's positions come from a verified index: a bug if hit
+            raise AssertionError(f"piece {a}+{n} outside the fetched bytes")
+        h.update(mv[x0 : x0 + n])
+        _write_piece(fds[s], mv, x0, x0 + n, o, zeros[r])
     return h.intdigest()
 
 
-def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None) -> int:
+def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None,
+                 sparse: bool = True) -> int:
     """Verify and decode one chunk object, pwrite its pieces (thread pool); its digest."""
-    raw = decode_chunk(unit.key, data, unit.hash16)
+    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len))
     if len(raw) != unit.chunk_len:
         raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
-    digest = _place(fds, unit, raw)
+    digest = _place(fds, unit, [(0, raw)], sparse)
     if writeback is not None:
         writeback.written(unit)
     return digest
 
 
-def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Writeback | None = None) -> int:
+def _sub_block_runs(unit: ChunkCopy) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive sub-blocks that hold ``unit``'s pieces.
+
+    One GET per run, not one spanning them all: a delta's pieces are scattered 64 KiB
+    ranges, a few per 4 MiB chunk, and a span from the first to the last would read
+    most of the chunk."""
+    first = unit.start // SUB_BLOCK_BYTES
+    last = (unit.start + unit.length - 1) // SUB_BLOCK_BYTES
+    need = np.zeros(-(-unit.chunk_len // SUB_BLOCK_BYTES) + 1, dtype=np.int64)
+    np.add.at(need, first, 1)
+    np.add.at(need, last + 1, -1)
+    covered = np.cumsum(need)[:-1] > 0
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], covered, [False]]).astype(np.int8)))
+    return [(a, b - 1) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
+
+
+async def _fetch_chunk_parts(store, unit: ChunkCopy) -> tuple[ChunkTable | None, list, list]:
+    """The partial read of a chunk (FORMAT.md §6.1): its header and table (verified),
+    then the stored bytes of each run of sub-blocks ``unit`` needs, as (table, runs,
+    stored bytes per run). A version-1 chunk has no table: (None, [], [the whole object])."""
+    head = await store.get(unit.key, 0, chunk_head_bytes(unit.chunk_len))
+    table = decode_chunk_head(unit.key, head, unit.hash16, unit.chunk_len)
+    if table is None:
+        return None, [], [head + await store.get(unit.key, len(head))]
+    runs = _sub_block_runs(unit)
+    spans = [table.span(a, b) for a, b in runs]
+    stored = await asyncio.gather(*(store.get(unit.key, offset, length) for offset, length in spans))
+    return table, runs, stored
+
+
+def _place_chunk_parts(fds: list[int], unit: ChunkCopy, table: ChunkTable, runs: list[tuple[int, int]],
+                       stored: list[bytes], writeback: Writeback | None = None, sparse: bool = True) -> int:
+    """Verify and decode the sub-blocks a partial read fetched, pwrite the unit's pieces
+    from them (thread pool); its digest, the same as a whole read's."""
+    parts = [(a * SUB_BLOCK_BYTES, table.decode(a, b, data)) for (a, b), data in zip(runs, stored)]
+    digest = _place(fds, unit, parts, sparse)
+    if writeback is not None:
+        writeback.written(unit)
+    return digest
+
+
+def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Writeback | None = None,
+               sparse: bool = True) -> int:
     """Verify and decompress the run's blocks one by one into this thread's buffer, and
     pwrite each piece's part in a block as soon as that block is decoded (thread pool);
     the unit's digest (each piece's parts are hashed in order, so it is the piece's).
@@ -365,7 +435,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     for k, raw in enumerate(blocks):
         lo, hi = k * brs, k * brs + len(raw)
         mv = memoryview(raw)
-        zeros = _zero_pages_before(mv)
+        zeros = _zero_pages_before(mv) if sparse else None
         first = int(np.searchsorted(ends, lo, side="right"))  # pieces ending after lo ...
         last = int(np.searchsorted(starts, hi, side="left"))  # ... and starting before hi
         for i in range(first, last):
@@ -376,7 +446,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
             if carry is not None and b0 > a:  # finish the page the previous block began
                 cd, cbytes = carry
                 take = min(-d0 % PAGE, x1 - x0)
-                _pwrite_sparse(fds[s], memoryview(cbytes + mv[x0 : x0 + take]), cd)
+                _pwrite(fds[s], memoryview(cbytes + mv[x0 : x0 + take]), cd, sparse)
                 x0, d0, carry = x0 + take, d0 + take, None
             if b1 < a + n:  # continues into the next block: hold back its cut page
                 d1 = d0 + x1 - x0
@@ -480,33 +550,48 @@ class Writeback:
 
 
 class Fetcher:
-    """Runs units against ``store`` into the open image files ``fds`` (by disk slot)."""
+    """Runs units against ``store`` into the open image files ``fds`` (by disk slot).
 
-    def __init__(self, store, fds: list[int], executor: Executor, writeback: Writeback | None = None) -> None:
+    ``sparse``: the files read as zeros wherever the units write (fresh images), so whole
+    zero pages are left unwritten, as holes; false for files with old content there (a
+    delta applied in place), where every byte is written."""
+
+    def __init__(self, store, fds: list[int], executor: Executor, writeback: Writeback | None = None,
+                 *, sparse: bool = True) -> None:
         self.store = store
         self.fds = fds
         self.executor = executor
         self.writeback = writeback
+        self.sparse = sparse
         self.bytes_written = 0
         self.units_done = 0
 
     async def run(self, unit: Unit) -> int:
-        """One GET, then one job on the pool that verifies, decodes and writes it all
-        (one hand-off per unit, not one per block: the event loop only schedules); the
-        unit's digest."""
+        """One GET (a partial chunk read: the head, then one per run of sub-blocks), then
+        one job on the pool that verifies, decodes and writes it all (one hand-off per
+        unit, not one per block: the event loop only schedules); the unit's digest."""
         loop = asyncio.get_running_loop()
         if isinstance(unit, SegmentRun):
             try:
                 stored = await fetch_blocks(self.store, unit.index, unit.first_block, unit.last_block)
             except NotFound as exc:
                 raise NotFound(f"segment {unit.index.key} is missing from {self.store.describe()}") from exc
-            digest = await loop.run_in_executor(self.executor, _place_run, self.fds, unit, stored, self.writeback)
+            digest = await loop.run_in_executor(self.executor, _place_run, self.fds, unit, stored, self.writeback,
+                                                self.sparse)
         else:
             try:
-                data = await self.store.get(unit.key)
+                if unit.partial:
+                    table, runs, stored = await _fetch_chunk_parts(self.store, unit)
+                else:
+                    table, runs, stored = None, [], [await self.store.get(unit.key)]
             except NotFound as exc:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
-            digest = await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, data, self.writeback)
+            if table is None:
+                digest = await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, stored[0],
+                                                    self.writeback, self.sparse)
+            else:
+                digest = await loop.run_in_executor(self.executor, _place_chunk_parts, self.fds, unit, table, runs,
+                                                    stored, self.writeback, self.sparse)
         self.bytes_written += unit.nbytes
         self.units_done += 1
         return digest

@@ -224,20 +224,26 @@ def _disk_extents(cols: dict, sel: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _base_pieces(extents: np.ndarray, manifest: Manifest | None) -> np.ndarray:
-    """The parts of ``BASE`` extents that fall in non-zero chunks of ``manifest``."""
+def base_parts(extents: np.ndarray, chunk_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(chunk, start, end): the ``BASE`` extents of ``extents`` cut at chunk boundaries."""
     base = extents[extents["kind"] == SRC_BASE]
-    if manifest is None or not len(base):
-        return np.zeros(0, dtype=PIECE_DTYPE)
-    cs = manifest.chunk_size
     a = base["offset"].astype(np.int64)
     b = a + base["length"].astype(np.int64)
-    c0, c1 = a // cs, (b - 1) // cs
+    c0, c1 = a // chunk_size, (b - 1) // chunk_size
     counts = c1 - c0 + 1
     first = np.repeat(np.cumsum(counts) - counts, counts)
     chunk = np.repeat(c0, counts) + (np.arange(int(counts.sum())) - first)
-    ps = np.maximum(np.repeat(a, counts), chunk * cs)
-    pe = np.minimum(np.repeat(b, counts), (chunk + 1) * cs)
+    ps = np.maximum(np.repeat(a, counts), chunk * chunk_size)
+    pe = np.minimum(np.repeat(b, counts), (chunk + 1) * chunk_size)
+    return chunk, ps, pe
+
+
+def _base_pieces(extents: np.ndarray, manifest: Manifest | None) -> np.ndarray:
+    """The parts of ``BASE`` extents that fall in non-zero chunks of ``manifest``."""
+    if manifest is None or not (extents["kind"] == SRC_BASE).any():
+        return np.zeros(0, dtype=PIECE_DTYPE)
+    cs = manifest.chunk_size
+    chunk, ps, pe = base_parts(extents, cs)
     keep = ~manifest.zero_mask()[chunk]
     out = np.zeros(int(keep.sum()), dtype=PIECE_DTYPE)
     out["chunk"], out["offset"] = chunk[keep], ps[keep]

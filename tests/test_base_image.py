@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp.base_image import (
-    CHUNK_SIZE_MIN, CODEC_LZ4, CODEC_STORED, ZERO_HASH, _CHUNK, _MANIFEST, decode_chunk,
-    decode_manifest, encode_chunk, encode_manifest, is_zero, xxh3_128,
+    _CHUNK, _CHUNK2, _MANIFEST, CHUNK_SIZE_MIN, CODEC_LZ4, CODEC_STORED, SUB_BLOCK_BYTES, SUB_BLOCK_DTYPE,
+    ZERO_HASH, chunk_head_bytes, decode_chunk, decode_chunk_head, decode_manifest, encode_chunk, encode_chunk_v1,
+    encode_manifest, is_zero, xxh3_128,
 )
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import base_manifest_key, chunk_key, parse_chunk_key
@@ -20,8 +21,10 @@ from cdp.layout import base_manifest_key, chunk_key, parse_chunk_key
 MKEY = base_manifest_key(7, 1, 1000, 2)
 
 
-def _codec(obj: bytes) -> int:
-    return struct.unpack_from("<H", obj, 6)[0]
+def _codecs(obj: bytes) -> list[int]:
+    """The codec of each sub-block of a version-2 chunk."""
+    count = struct.unpack_from("<I", obj, 32)[0]
+    return np.frombuffer(obj, SUB_BLOCK_DTYPE, count, 64)["codec"].tolist()
 
 
 def test_header_layouts_match_the_spec_tables() -> None:
@@ -29,6 +32,12 @@ def test_header_layouts_match_the_spec_tables() -> None:
     raw = _CHUNK.pack(b"CDPK", 1, 2, 3, 4, b"h" * 16, 5, b"r" * 16, 6)
     assert raw[6:8] == b"\2\0" and raw[8:12] == struct.pack("<I", 3) and raw[12:16] == struct.pack("<I", 4)
     assert raw[16:32] == b"h" * 16 and raw[32:40] == struct.pack("<Q", 5) and raw[40:56] == b"r" * 16
+    raw = _CHUNK2.pack(b"CDPK", 2, 0, 3, 4, b"h" * 16, 5, 6, 7, 8, 9)
+    assert raw[8:12] == struct.pack("<I", 3) and raw[12:16] == struct.pack("<I", 4) and raw[16:32] == b"h" * 16
+    assert raw[32:36] == struct.pack("<I", 5) and raw[36:40] == struct.pack("<I", 6)
+    assert raw[40:48] == struct.pack("<Q", 7) and raw[48:56] == struct.pack("<Q", 8)
+    entry = np.array([(1, 2, 3, 4, 5, 6)], dtype=SUB_BLOCK_DTYPE).tobytes()
+    assert entry == struct.pack("<QIHHQQ", 1, 2, 3, 4, 5, 6)
     raw = _MANIFEST.pack(b"CDPB", 1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     assert raw[12:16] == struct.pack("<I", 3) and raw[16:24] == struct.pack("<Q", 4)
     assert raw[32:36] == struct.pack("<I", 6) and raw[36:40] == struct.pack("<I", 7)
@@ -53,7 +62,7 @@ def test_chunk_round_trip(style, size, seed) -> None:
     assert decode_chunk(key, obj, parse_chunk_key(key)) == raw
     assert decode_chunk(key, obj, None) == raw
     if style == "random" and size > 64:
-        assert _codec(obj) == CODEC_STORED and len(obj) == 64 + size
+        assert set(_codecs(obj)) == {CODEC_STORED} and len(obj) == chunk_head_bytes(size) + size
 
 
 def test_all_zero_chunks_are_never_stored() -> None:
@@ -83,7 +92,7 @@ def _chunks() -> list[tuple[str, bytes, bytes]]:
 
 
 def test_chunk_codecs_are_both_exercised() -> None:
-    assert [_codec(obj) for _, obj, _ in _chunks()] == [CODEC_LZ4, CODEC_STORED]
+    assert [_codecs(obj) for _, obj, _ in _chunks()] == [[CODEC_LZ4], [CODEC_STORED]]
 
 
 @pytest.mark.parametrize("which", [0, 1])
@@ -118,6 +127,137 @@ def test_chunk_with_a_resummed_but_wrong_raw_hash_is_refused() -> None:
     bad_hash = bytes(buf[16:32])
     with pytest.raises(ChecksumMismatch, match="xxh3_128"):
         decode_chunk(key, buf, bad_hash)
+
+
+# --------------------------------------------------------------------------- sub-blocks (version 2)
+
+
+def _raw(style: str, size: int, seed: int) -> bytes:
+    """Chunk content: incompressible, text, or random runs between zero runs (so that
+    some sub-blocks are all zeros, some stored, some LZ4); never all zeros."""
+    rng = np.random.default_rng(seed)
+    if style == "random":
+        raw = bytearray(rng.bytes(size))
+    elif style == "text":
+        raw = bytearray((b"chunk %d " % seed * (size // 6 + 1))[:size])
+    else:
+        raw = bytearray(size)
+        for _ in range(int(rng.integers(1, 6))):
+            a = int(rng.integers(0, size))
+            n = int(rng.integers(1, 3 * SUB_BLOCK_BYTES))
+            raw[a : a + n] = rng.bytes(len(raw[a : a + n]))
+    if not any(raw):
+        raw[-1] = 1
+    return bytes(raw)
+
+
+def _partial(key: str, obj: bytes, h: bytes, raw_len: int, start: int, end: int) -> bytes:
+    """Raw bytes ``[start, end)`` as a partial reader gets them: the head, then the span."""
+    table = decode_chunk_head(key, obj[: chunk_head_bytes(raw_len)], h, raw_len)
+    assert table is not None
+    first, last = table.blocks_for(start, end)
+    offset, length = table.span(first, last)
+    raw = table.decode(first, last, obj[offset : offset + length])
+    return bytes(raw[start - first * SUB_BLOCK_BYTES : end - first * SUB_BLOCK_BYTES])
+
+
+_STYLES = st.sampled_from(["random", "text", "runs"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(_STYLES, st.integers(1, 5 * SUB_BLOCK_BYTES + 100), st.integers(0, 2**32), st.data())
+def test_sub_block_round_trip_whole_and_partial(style, size, seed, data) -> None:
+    raw = _raw(style, size, seed)
+    h, obj = encode_chunk(raw)
+    key = chunk_key(h)
+    assert struct.unpack_from("<HH", obj, 4) == (2, 0) and h == xxh3_128(raw)
+    assert decode_chunk(key, obj, h) == raw and decode_chunk(key, obj, None) == raw
+    for _ in range(3):
+        start = data.draw(st.integers(0, size - 1))
+        end = data.draw(st.integers(start + 1, size))
+        assert _partial(key, obj, h, size, start, end) == raw[start:end]
+    codecs = _codecs(obj)
+    assert len(codecs) == -(-size // SUB_BLOCK_BYTES)
+    if style == "random" and size > 64:
+        assert set(codecs) == {CODEC_STORED}
+
+
+def test_sub_blocks_mix_codecs_and_a_zero_sub_block_compresses() -> None:
+    raw = np.random.default_rng(1).bytes(SUB_BLOCK_BYTES) + bytes(SUB_BLOCK_BYTES) + b"x" * 100
+    h, obj = encode_chunk(raw)
+    assert _codecs(obj) == [CODEC_STORED, CODEC_LZ4, CODEC_LZ4]
+    assert len(obj) < chunk_head_bytes(len(raw)) + SUB_BLOCK_BYTES + 1000
+    assert _partial(chunk_key(h), obj, h, len(raw), SUB_BLOCK_BYTES + 5, len(raw)) == raw[SUB_BLOCK_BYTES + 5 :]
+
+
+@settings(max_examples=25, deadline=None)
+@given(_STYLES, st.integers(0, 2**32))
+def test_version_1_chunks_still_decode(style, seed) -> None:
+    raw = _raw(style, 3 * SUB_BLOCK_BYTES + 17, seed)
+    h, obj = encode_chunk_v1(raw)
+    assert struct.unpack_from("<H", obj, 4)[0] == 1
+    assert decode_chunk(chunk_key(h), obj, h) == raw
+    assert decode_chunk_head(chunk_key(h), obj[: chunk_head_bytes(len(raw))], h, len(raw)) is None
+
+
+_FLIP_SIZE = 2 * SUB_BLOCK_BYTES + 3000  # three sub-blocks: stored, LZ4, a short last one
+_FLIP_CASES = {
+    style: encode_chunk(_raw(style, _FLIP_SIZE, 5)) for style in ("random", "runs", "text")
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(_FLIP_CASES)), st.data(), st.sampled_from([0x01, 0x80, 0xFF]))
+def test_any_flipped_byte_is_detected_by_whole_and_partial_reads(style, data, mask) -> None:
+    h, obj = _FLIP_CASES[style]
+    key = chunk_key(h)
+    pos = data.draw(st.integers(0, len(obj) - 1))
+    bad = bytearray(obj)
+    bad[pos] ^= mask
+    with pytest.raises(FormatError, match=key):
+        decode_chunk(key, bad, h)
+    head = chunk_head_bytes(_FLIP_SIZE)
+    table = decode_chunk_head(key, obj, h, _FLIP_SIZE)
+    if pos < head:  # the header or the table: any partial read checks them
+        start = data.draw(st.integers(0, _FLIP_SIZE - 1))
+        end = start + 1
+    else:  # a sub-block: a partial read that fetches it
+        k = int(np.searchsorted(table.entries["stored_offset"], pos, side="right")) - 1
+        start = k * SUB_BLOCK_BYTES + data.draw(st.integers(0, table.block_raw_len(k) - 1))
+        end = data.draw(st.integers(start + 1, _FLIP_SIZE))
+    with pytest.raises(FormatError, match=key):
+        _partial(key, bytes(bad), h, _FLIP_SIZE, start, end)
+
+
+def test_partial_reads_refuse_a_short_head_or_span_and_the_wrong_length() -> None:
+    h, obj = _FLIP_CASES["runs"]
+    key = chunk_key(h)
+    head = chunk_head_bytes(_FLIP_SIZE)
+    for n in (0, 5, 63, 64, head - 1):
+        with pytest.raises(FormatError):
+            decode_chunk_head(key, obj[:n], h, _FLIP_SIZE)
+    with pytest.raises(FormatError, match="raw_len"):
+        decode_chunk_head(key, obj[:head], h, _FLIP_SIZE - 512)
+    table = decode_chunk_head(key, obj[:head], h, _FLIP_SIZE)
+    offset, length = table.span(1, 2)
+    with pytest.raises(TruncatedError, match="sub-blocks 1..2"):
+        table.decode(1, 2, obj[offset : offset + length - 1])
+    with pytest.raises(FormatError, match="expected"):
+        decode_chunk_head(key, obj[:head], _FLIP_CASES["text"][0], _FLIP_SIZE)
+
+
+def test_a_resummed_table_that_breaks_its_rules_is_refused() -> None:
+    """A table whose checksums were recomputed but whose entries are not contiguous: the
+    structural checks name the entry and field."""
+    h, obj = _FLIP_CASES["runs"]
+    key = chunk_key(h)
+    bad = bytearray(obj)
+    struct.pack_into("<Q", bad, 64 + 32, struct.unpack_from("<Q", bad, 64 + 32)[0] + 1)  # entry 1's offset
+    head = chunk_head_bytes(_FLIP_SIZE)
+    struct.pack_into("<Q", bad, 40, xxhash.xxh3_64_intdigest(bytes(bad[64:head])))
+    struct.pack_into("<Q", bad, 56, xxhash.xxh3_64_intdigest(bytes(bad[:56])))
+    with pytest.raises(FormatError, match="table entry 1 at offset 96: stored_offset"):
+        decode_chunk(key, bad, h)
 
 
 # --------------------------------------------------------------------------- manifests

@@ -23,6 +23,7 @@ from rocva.target import resolve_target
 from tests.rocva.domain import DomainBuilder, random_workload
 
 KiB = 1 << 10
+PAGE = 4 * KiB
 DISKS = (("vm1", "disk0", 1024 * KiB), ("vm2", "disk1", 512 * KiB))  # room no workload touches
 
 
@@ -48,16 +49,21 @@ def test_clip_keeps_the_parts_inside_and_moves_payload_positions():
     assert out["pos"].tolist() == [0, 1050, 1190, 0]
 
 
-async def _two_histories(store, seed: int, a_ops: int, b_ops: int, base: bool):
+async def _two_histories(store, seed: int, a_ops: int, b_ops: int, base: bool, *, chunk_size: int = 64 * KiB,
+                        zero_pages: int = 0):
     """Timeline 1 written up to F, then A goes on (sealed: in the store); B forks at F and
     writes; a mark M on timeline 2. Returns (builder, F, M, A's disks after its writes,
-    B's model at M)."""
+    B's model at M).
+
+    ``chunk_size``: of the bases (above 64 KiB, a chunk has several sub-blocks, which a
+    delta reads apart); ``zero_pages``: B's last writes, each with whole zero pages among
+    random ones, over ranges A wrote after F (old content that is not zero)."""
     rng = np.random.default_rng(seed)
     b = await DomainBuilder(store, disks=DISKS).start()
     await random_workload(b, rng, 40, seal_every=7)
     if base:
         for k in range(len(DISKS)):
-            await b.add_base(k)
+            await b.add_base(k, chunk_size=chunk_size)
     await random_workload(b, rng, 10, seal_every=5)
     await b.seal()
     fork = b.seq
@@ -67,6 +73,16 @@ async def _two_histories(store, seed: int, a_ops: int, b_ops: int, base: bool):
     a_disks = [bytearray(m) for m in b.model]
     await b.fork(fork, at_fork, "site-b")
     await random_workload(b, rng, b_ops, seal_every=6)  # B's writes on the new timeline
+    for _ in range(zero_pages):
+        disk = int(rng.integers(0, len(DISKS)))
+        changed = np.flatnonzero(np.frombuffer(a_disks[disk], np.uint8) != np.frombuffer(at_fork[disk], np.uint8))
+        at = int(rng.choice(changed)) if len(changed) else int(rng.integers(0, DISKS[disk][2]))
+        at = min(at - at % PAGE, DISKS[disk][2] - 4 * PAGE)
+        payload = bytearray(rng.bytes(4 * PAGE))
+        for page in rng.choice(4, size=int(rng.integers(1, 4)), replace=False).tolist():
+            payload[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
+        b.write(disk, at, bytes(payload))
+    await b.seal()
     mark = b.mark("final")
     await b.seal()
     return b, fork, mark, a_disks, [bytes(m) for m in b.model]
@@ -85,14 +101,18 @@ async def _failback(store, b, fork: int, mark: int, paths: list[Path], extra: li
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31), a_ops=st.integers(0, 25), b_ops=st.integers(0, 25), base=st.booleans())
-def test_a_delta_from_both_timelines_makes_a_equal_b_at_the_mark(tmp_path_factory, seed, a_ops, b_ops, base):
-    asyncio.run(_delta_makes_a_equal_b(tmp_path_factory, seed, a_ops, b_ops, base))
+@given(seed=st.integers(0, 2**31), a_ops=st.integers(0, 25), b_ops=st.integers(0, 25), base=st.booleans(),
+       chunk_size=st.sampled_from([64 * KiB, 256 * KiB]), zero_pages=st.integers(0, 3))
+def test_a_delta_from_both_timelines_makes_a_equal_b_at_the_mark(tmp_path_factory, seed, a_ops, b_ops, base,
+                                                                  chunk_size, zero_pages):
+    asyncio.run(_delta_makes_a_equal_b(tmp_path_factory, seed, a_ops, b_ops, base, chunk_size, zero_pages))
 
 
-async def _delta_makes_a_equal_b(tmp_path_factory, seed: int, a_ops: int, b_ops: int, base: bool) -> None:
+async def _delta_makes_a_equal_b(tmp_path_factory, seed: int, a_ops: int, b_ops: int, base: bool,
+                                 chunk_size: int, zero_pages: int) -> None:
     store = MemoryStore()
-    b, fork, mark, a_disks, at_mark = await _two_histories(store, seed, a_ops, b_ops, base)
+    b, fork, mark, a_disks, at_mark = await _two_histories(store, seed, a_ops, b_ops, base, chunk_size=chunk_size,
+                                                           zero_pages=zero_pages)
     d = tmp_path_factory.mktemp("a")
     paths = [d / f"{vm}-{name}.img" for vm, name, _ in DISKS]
     for p, content in zip(paths, a_disks):

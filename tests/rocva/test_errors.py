@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cdp.base_image import chunk_head_bytes
 from cdp.errors import ChecksumMismatch, NotFound
 from cdp.layout import chunk_key
 from cdp.store.memory import MemoryStore
@@ -59,8 +60,9 @@ async def test_damage_is_detected_and_named(damage: str, tmp_path: Path) -> None
         key, error, what, at_fetch = last_segment, ChecksumMismatch, "index_xxh3", False
         await flip(b.store, key, -64 - 7)
     elif damage == "base chunk":
-        key, error, what = chunk, ChecksumMismatch, "stored_xxh3"
-        await flip(b.store, key, 64 + 5)
+        at = chunk_head_bytes(64 * KiB)  # a version-2 chunk's first sub-block (FORMAT.md §6.1)
+        key, error, what = chunk, ChecksumMismatch, f"sub-block 0 at offset {at}: stored_xxh3"
+        await flip(b.store, key, at + 5)
     elif damage == "manifest":
         key, error, what, at_fetch = manifest, ChecksumMismatch, "table_xxh3", False
         await flip(b.store, key, 64 + 3)

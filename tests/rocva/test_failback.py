@@ -123,7 +123,7 @@ async def test_a_failback_that_died_half_way_completes_when_rerun(tmp_path, monk
 
         fds = [os.open(p, os.O_RDWR) for p in paths]
         try:
-            delta._punch_all(plan, fds)  # the ranges are holes now: the disks are half-written
+            delta._punch_zeros(plan, fds)  # the zero ranges are holes now: the disks are half-written
         finally:
             for fd in fds:
                 os.close(fd)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cdp.base_image import SUB_BLOCK_BYTES, encode_chunk, encode_chunk_v1
+from cdp.layout import chunk_key
 from cdp.segment import fetch_blocks, read_blocks
 from cdp.store.memory import MemoryStore
 from rocva import Target, plan_recovery
 from rocva.fetch import (
-    PAGE, SegmentRun, Writeback, _place_run, _pwrite_sparse, _region_parts, _write_piece,
-    _zero_pages_before, base_groups, segment_groups,
+    PAGE, ChunkCopy, Fetcher, SegmentRun, Writeback, _place_run, _pwrite_sparse, _region_parts, _sub_block_runs,
+    _write_piece, _zero_pages_before, base_groups, segment_groups,
 )
 from tests.rocva.domain import SECTOR, DomainBuilder
 
@@ -175,3 +178,57 @@ async def test_writeback_starts_each_region_once_when_complete(tmp_path: Path,
     assert all((left == 0).all() for left in wb.left)
     expected = {(100 + k, r * region, region) for k in range(2) for r in np.flatnonzero(planned[k]).tolist()}
     assert sorted(started) == sorted(expected)  # each region with planned bytes, once
+
+
+class _CountingStore(MemoryStore):
+    """A memory store that counts the bytes its gets return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_bytes = 0
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = await super().get(key, offset, length)
+        self.read_bytes += len(data)
+        return data
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_partial_chunk_read_places_what_a_whole_read_does(tmp_path: Path, version: int) -> None:
+    """A ChunkCopy with ``partial`` fetches the head and the runs of sub-blocks its pieces
+    need (a version-1 chunk: the whole object), and writes and digests exactly as a whole
+    read does; dense (``sparse=False``) writes put zero pages over old content."""
+    rng = np.random.default_rng(version)
+    size = 16 * SUB_BLOCK_BYTES + 3000
+    raw = bytearray(rng.bytes(size))
+    raw[3 * SUB_BLOCK_BYTES : 3 * SUB_BLOCK_BYTES + 2 * PAGE] = bytes(2 * PAGE)  # zero pages in a piece
+    h, obj = (encode_chunk if version == 2 else encode_chunk_v1)(bytes(raw))
+    store = _CountingStore()
+    await store.put(chunk_key(h), obj)
+    start = np.array([100, 3 * SUB_BLOCK_BYTES - 5, 4 * SUB_BLOCK_BYTES + 7, 15 * SUB_BLOCK_BYTES + 11], np.int64)
+    length = np.array([200, 3 * PAGE, 9, size - 15 * SUB_BLOCK_BYTES - 11], np.int64)
+    assert [(a, b) for a, b in _sub_block_runs(ChunkCopy("k", h, size, start, start, start, length, 0))] == [
+        (0, 0), (2, 4), (15, 16)]
+    digests, files = [], []
+    for partial in (False, True):
+        path = tmp_path / f"{partial}.img"
+        path.write_bytes(b"\xee" * size)  # old content everywhere
+        fd = os.open(path, os.O_RDWR)
+        try:
+            unit = ChunkCopy(chunk_key(h), h, size, np.zeros(4, np.int64), start, start, length,
+                             int(length.sum()), partial)
+            store.read_bytes = 0
+            with ThreadPoolExecutor(1) as pool:
+                digests.append(await Fetcher(store, [fd], pool, sparse=False).run(unit))
+        finally:
+            os.close(fd)
+        files.append(path.read_bytes())
+        if partial and version == 2:
+            assert store.read_bytes < len(obj) // 3
+        else:
+            assert store.read_bytes == len(obj)
+    assert digests[0] == digests[1] and files[0] == files[1]
+    want = bytearray(b"\xee" * size)
+    for a, n in zip(start.tolist(), length.tolist()):
+        want[a : a + n] = raw[a : a + n]
+    assert files[0] == bytes(want)
