@@ -221,6 +221,10 @@ async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path
                    log_size="12MiB", seal_bytes="1MiB")
     d = Drva(config(doc), exit_on_task_failure=False)
     await d.start()
+    # The catalog's first generation is a put: hanging puts before it lands kept the DRVA
+    # not_ready for good, the filter was never welcomed and the log stayed empty (the
+    # cause of this test's failures on a loaded machine).
+    await wait_until(lambda: d.domains[1].catalog_ready, EVENTUALLY_S, "the catalog open")
     faulty = FaultyStore(FileStore(tmp_path / "store"))
     faulty.hang("put")
     d.store = d.shipper.store = faulty
@@ -230,22 +234,29 @@ async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path
     task = asyncio.create_task(client.run())
     rng = np.random.default_rng(3)
     peak_staged = 0
-    for _ in range(200):  # ~400 MB offered, far more than log + buffers
-        f.capture(*random_writes(rng, [64 << 20], 64, 64))
-        peak_staged = max(peak_staged, d.committer._staged_bytes)
-        await asyncio.sleep(0.005)
-    assert f.mode == "bitmap" and f.stats["bitmap_entries"] >= 1
-    # On a starved machine the filter's buffer can fill before the DRVA has read enough to
-    # fill its log; the buffered frames still go on arriving (12 MiB log < 16 MiB buffer).
-    async def held() -> bool:
-        nonlocal peak_staged
-        peak_staged = max(peak_staged, d.committer._staged_bytes)
-        return d.committer.backpressure
+    loop = asyncio.get_running_loop()
 
-    deadline = asyncio.get_running_loop().time() + EVENTUALLY_S
-    while not await held():
-        assert asyncio.get_running_loop().time() < deadline, "the log never filled up to its high water"
-        await asyncio.sleep(0.01)
+    def offer() -> None:
+        nonlocal peak_staged
+        f.capture(*random_writes(rng, [64 << 20], 64, 64))  # ~1 MiB
+        peak_staged = max(peak_staged, d.committer._staged_bytes)
+
+    # First the log fills (12 MiB). The sender keeps at most 8 MiB waiting in the filter
+    # meanwhile: on a starved machine a DRVA that reads slowly must not let the filter's
+    # buffer fill first (it then goes to bitmap mode and sends nothing more, and the log
+    # never fills: a run under load showed exactly that).
+    deadline = loop.time() + EVENTUALLY_S
+    while not d.committer.backpressure:
+        assert loop.time() < deadline, f"the log never filled up to its high water: {d.log.stats()}, filter {f.mode}"
+        if f.buffered_bytes < 8 << 20:
+            offer()
+        await asyncio.sleep(0.005)
+    # Then the DRVA reads no more: the filter's buffer fills and it falls back to bitmap.
+    while f.mode != "bitmap":
+        assert loop.time() < deadline, "the filter never fell back to bitmap mode"
+        offer()
+        await asyncio.sleep(0.005)
+    assert f.stats["bitmap_entries"] >= 1 and d.committer.backpressure
     assert peak_staged <= d.cfg.staging_bytes_max + (1 << 20)
     assert f.buffered_bytes <= 16 << 20
     assert d.log.stats().used_bytes <= d.log.data_size
