@@ -101,7 +101,7 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
     from cdp.errors import FailoverRefused, NotFound
     from cdp.msa.config import load_site_config
     from cdp.store import open_store
-    from rocva.failback import LocalDisk, failback
+    from rocva.failback import failback, inventory_disks
     from rocva.target import as_target
 
     cfg = load_site_config(config)
@@ -114,10 +114,8 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
         state, _ = await load_catalog(store, domain)
         if state is None:
             raise NotFound(f"domain {domain}: no catalog in {store.describe()}: nothing to fail back")
-        inventory = {(d.vm.name, d.disk.name): d.disk for d in spec.disks}
-        disks = [LocalDisk(int(c["disk"]), Path(inventory[(c["vm"], c["name"])].image),
-                           inventory[(c["vm"], c["name"])].size)
-                 for c in state.disks if (c["vm"], c["name"]) in inventory]
+        disks = inventory_disks(state.disks, {(d.vm.name, d.disk.name): d.disk for d in spec.disks}, name,
+                                cfg.cluster_path.name)
         progress = _progress_lines()
         logs = [d.log_path for d in cfg.drvas if d.log_path.exists()]
         return await failback(store, domain, as_target(target), site=cfg.site, disks=disks, logs=logs,

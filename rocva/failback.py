@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,27 @@ def _timeline_chain(view_state: Any, current: Any, site: str) -> Any:
             f"timeline {current.id} (owner {current.owner!r}) was forked from timeline {old.id}, owned by "
             f"{old.owner!r}, not by this site ({site!r}): this site's disks do not hold it; fail over instead")
     return old
+
+
+def inventory_disks(catalog_disks: Sequence[Mapping[str, Any]], inventory: Mapping[tuple[str, str], Any],
+                    name: str, inventory_file: str) -> list[LocalDisk]:
+    """This site's disks for the catalog's, matched by VM and disk name (``inventory``:
+    ``(vm, disk)`` -> the inventory's disk, with ``image`` and ``size``), in the catalog's
+    order. ``FailoverRefused`` saying what to fix when one is missing or of another
+    size: the MSA checks this before the other site quiesces, so nothing has changed."""
+    out = []
+    for d in catalog_disks:
+        disk = inventory.get((d["vm"], d["name"]))
+        if disk is None:
+            raise FailoverRefused(f"domain {name}: the catalog's disk {d['vm']}/{d['name']} is not in "
+                                  f"{inventory_file}; add it (same vm and disk name, {d['size']} bytes) to "
+                                  f"fail back; nothing was changed")
+        if disk.size != int(d["size"]):
+            raise FailoverRefused(f"domain {name}: disk {d['vm']}/{d['name']} is {d['size']} bytes in the catalog "
+                                  f"and {disk.size} in {inventory_file}; make the inventory say "
+                                  f"{d['size']} bytes; nothing was changed")
+        out.append(LocalDisk(int(d["disk"]), Path(disk.image), disk.size))
+    return out
 
 
 def _check_disks(catalog_disks: list[dict], disks: Sequence[LocalDisk], domain: int) -> list[LocalDisk]:

@@ -136,20 +136,13 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
 
 async def _check_inventory(cfg: Any, spec: Any, name: str) -> None:
     """This site's inventory must give the domain every disk the catalog has, at the
-    catalog's size: the appliance writes the disks the inventory names. Checked before
-    the other site is asked to quiesce, so a refusal changes nothing anywhere."""
+    catalog's size (the appliance writes the disks it names): checked before the other
+    site is asked to quiesce, so a refusal changes nothing anywhere."""
+    from rocva.failback import inventory_disks
+
     _, catalog_disks, _ = await _find(cfg, name)
-    mine = {(d.vm.name, d.disk.name): d.disk for d in spec.disks}
-    for d in catalog_disks:
-        disk = mine.get((d["vm"], d["name"]))
-        if disk is None:
-            raise FailoverRefused(f"domain {name}: the catalog's disk {d['vm']}/{d['name']} is not in "
-                                  f"{cfg.cluster_path.name}; add it (same vm and disk name, {d['size']} bytes) to "
-                                  f"fail back; nothing was changed")
-        if disk.size != int(d["size"]):
-            raise FailoverRefused(f"domain {name}: disk {d['vm']}/{d['name']} is {d['size']} bytes in the catalog "
-                                  f"and {disk.size} in {cfg.cluster_path.name}; make the inventory say "
-                                  f"{d['size']} bytes; nothing was changed")
+    inventory_disks(catalog_disks, {(d.vm.name, d.disk.name): d.disk for d in spec.disks}, name,
+                    cfg.cluster_path.name)
 
 
 async def _release(daemon: Any, name: str, job: Job) -> dict[str, Any]:

@@ -143,11 +143,11 @@ class ProcessKeeper:
         (module docstring): SIGTERM, SIGKILL after ``stop_timeout_s``. Not our child: its
         exit is seen by polling (whoever inherited it reaps it)."""
         path = pid_path(kept)
-        pid = _leftover(path)
-        if pid is None:
+        found = _leftover(path)
+        if found is None:
             path.unlink(missing_ok=True)
             return
-        ticks = start_ticks(pid)
+        pid, ticks = found
         log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, pid_file=str(path))
         for sig, wait_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, self.stop_timeout_s)):
             with contextlib.suppress(ProcessLookupError):
@@ -252,14 +252,15 @@ def _write_pid_file(path: Path, pid: int) -> None:
     os.replace(tmp, path)
 
 
-def _leftover(path: Path) -> int | None:
-    """The pid ``path`` names if that process still runs (same start time), else None."""
+def _leftover(path: Path) -> tuple[int, int] | None:
+    """The pid and start ticks ``path`` names if that process still runs (same start
+    time), else None."""
     try:
         words = path.read_text(errors="replace").split()
         pid, ticks = int(words[0]), int(words[1])
     except (OSError, ValueError, IndexError):
         return None  # none, or not one we wrote: nothing to stop
-    return pid if pid > 1 and pid != os.getpid() and _same_process(pid, ticks) else None
+    return (pid, ticks) if pid > 1 and pid != os.getpid() and _same_process(pid, ticks) else None
 
 
 def exit_text(code: int | None) -> str:
