@@ -23,6 +23,10 @@ from tests.test_failover_sites import WRITES_S, Operator, _kill_site, domain_obj
 from tests.test_walkthrough import CLI_EXIT_S, EXIT_S, _stop
 
 
+APPLIANCE_POLL_S = 0.01
+KILL_WITHIN_S = 0.15  # after it is seen: a random moment of its start or its work
+
+
 def appliances(parent: int) -> list[int]:
     """Pids of the ``python -m rocva ... failback`` processes whose parent is ``parent``."""
     found = []
@@ -39,6 +43,17 @@ def appliances(parent: int) -> list[int]:
         if ppid == parent and b"rocva" in argv and b"failback" in argv:
             found.append(int(entry.name))
     return found
+
+
+def first_appliance(op: Operator, what: str) -> int:
+    """The pid of A's failback appliance, seen within ``APPLIANCE_POLL_S`` of its start:
+    the kill that follows must land while it runs, and its imports alone outlast the
+    poll plus ``KILL_WITHIN_S`` (a 0.2 s poll and a 0.5 s wait once found it finished)."""
+    deadline = time.monotonic() + CLI_EXIT_S
+    while not (found := appliances(op.daemons["a"].pid)):
+        assert time.monotonic() < deadline, f"timed out after {CLI_EXIT_S:g} s waiting for {what}\n{op.logs()}"
+        time.sleep(APPLIANCE_POLL_S)
+    return found[0]
 
 
 def gone(pid: int) -> bool:
@@ -96,16 +111,16 @@ def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_reru
         # The failback's appliance is SIGKILLed, then (rerun) A's MSA is: the disks are
         # half-written at most, and A refuses to run its VMs on them.
         dies = op.at_background("a", "failback", "erp")
-        appliance = op.wait("the failback's appliance", lambda: appliances(op.daemons["a"].pid), CLI_EXIT_S)[0]
-        time.sleep(rng.uniform(0.0, 0.5))
+        appliance = first_appliance(op, "the failback's appliance")
+        time.sleep(rng.uniform(0.0, KILL_WITHIN_S))
         os.kill(appliance, signal.SIGKILL)
         assert dies.wait(CLI_EXIT_S) != 0
         op.at("a", "power", "erp", "on", expect=2)  # the disks may be half-written
         assert op.status("a")["powered"] == []
 
         op.at_background("a", "failback", "erp")
-        appliance = op.wait("the rerun's appliance", lambda: appliances(op.daemons["a"].pid), CLI_EXIT_S)[0]
-        time.sleep(rng.uniform(0.0, 0.5))
+        appliance = first_appliance(op, "the rerun's appliance")
+        time.sleep(rng.uniform(0.0, KILL_WITHIN_S))
         op.daemons.pop("a").kill()  # A's MSA dies: its appliance goes with it (stdin closed)
         op.wait("the appliance gone with its MSA", lambda: gone(appliance), EXIT_S)
         op.start_daemon("a")
