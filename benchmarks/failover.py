@@ -45,6 +45,7 @@ import numpy as np
 from benchmarks._common import emit, parse_args, progress, work_dir
 from benchmarks.recovery import clear, evict
 from cdp.base_image import CHUNK_SIZE_DEFAULT
+from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
 from cdp.store.fs import FileStore
 from iofilter_sim.payloads import PayloadSource
 from rocva import Target, recover
@@ -63,7 +64,7 @@ WAIT_S = 600.0
 async def build(root: Path, size: int, bar) -> DomainBuilder:
     """Domain erp (id 1) of site A in ``root/store``: full bases, then churn."""
     b = await DomainBuilder(FileStore(root / "store"), domain=1, name="erp",
-                            disks=tuple((vm, disk, size) for vm, disk in DISKS), block_raw_size=1 * MiB).start()
+                            disks=tuple((vm, disk, size) for vm, disk in DISKS), block_raw_size=BLOCK_RAW_SIZE_DEFAULT).start()
     src = PayloadSource("mixed", seed=1)
     for k in range(len(DISKS)):
         b.model[k][:] = src.batch(np.full(size // WRITE, WRITE))

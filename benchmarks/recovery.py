@@ -41,6 +41,7 @@ import numpy as np
 from benchmarks._common import emit, parse_args, progress, work_dir
 from cdp.digest import sha256_file
 from cdp.base_image import CHUNK_SIZE_DEFAULT
+from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
 from cdp.store.fs import FileStore
 from iofilter_sim.payloads import PayloadSource
 from rocva import Target, recover
@@ -105,7 +106,7 @@ async def write_history(b: DomainBuilder, src: PayloadSource, rng: np.random.Gen
 async def build(root: Path, size: int, bar) -> tuple[DomainBuilder, PayloadSource, np.random.Generator, str]:
     """The 1x domain: a base at seq 0, ``size`` bytes of writes; returns the mark's sha256."""
     b = await DomainBuilder(FileStore(root / "store"), disks=(("vm", "disk0", size),),
-                            block_raw_size=1 * MiB).start()
+                            block_raw_size=BLOCK_RAW_SIZE_DEFAULT).start()
     src = PayloadSource("mixed", seed=1)
     rng = np.random.default_rng(1)
     b.model[0][:] = src.batch(np.full(size // WRITE, WRITE))

@@ -28,7 +28,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -259,8 +259,8 @@ async def fetch_blocks(store, index: SegmentIndex, first_block: int, last_block:
 
 def unpack_blocks(
     index: SegmentIndex, first_block: int, last_block: int, stored: bytes | bytearray | memoryview,
-    *, out: bytearray | None = None,
-) -> Iterator[bytes | memoryview]:
+    *, out: bytearray | None = None, wanted: Sequence[bool] | None = None,
+) -> Iterator[bytes | memoryview | None]:
     """Verify and decompress, one block at a time and in order, the stored bytes that
     ``fetch_blocks`` returned: yields each block's raw bytes (``block_raw_size`` each but
     maybe the last), only after its ``stored_xxh3`` and ``raw_xxh3`` matched.
@@ -270,11 +270,15 @@ def unpack_blocks(
     ``out`` (at least ``index.block_raw_size`` bytes): every block is decompressed into
     it, so a yielded block is only valid until the next one is asked for (no allocation,
     no page faults per block). A codec-0 block is a view into ``stored``.
+
+    ``wanted`` (one flag per block of the range): a block flagged False is neither
+    verified nor decompressed and yields None — a reader that fetched it only to join
+    two needed blocks in one GET (``rocva.fetch``) uses none of its bytes.
     """
     _check_block_range(index, first_block, last_block)
     rows = index.blocks[first_block : last_block + 1]
-    for job in _block_jobs(index.key, rows, first_block, memoryview(stored).cast("B")):
-        yield _unpack_block(*job, out)
+    for k, job in enumerate(_block_jobs(index.key, rows, first_block, memoryview(stored).cast("B"))):
+        yield _unpack_block(*job, out) if wanted is None or wanted[k] else None
 
 
 async def read_block_list(

@@ -46,12 +46,15 @@ from rocva.resume import zero_range
 Ranges = tuple[np.ndarray, np.ndarray]  # (start, end), int64
 # Units in flight while a delta is applied. Its units are small: a partial chunk read
 # (rocva.fetch.ChunkCopy) is a head of ~2 KiB and then a few 64 KiB sub-blocks, a
-# segment run one or two blocks of scattered writes, so the time goes into GET latency,
-# not bytes: twice the recovery's 8 keeps GETs outstanding. Memory stays below
+# segment run one or two 64 KiB blocks of scattered writes, so the time goes into GET
+# latency, not bytes: twice the recovery's 8 keeps GETs outstanding. Memory stays below
 # CONCURRENCY x (2 x RUN_BYTES_MAX + a block) for runs, or x one chunk object: 16 x 5
-# MiB with 1 MiB blocks and 4 MiB chunks.
+# MiB with 64 KiB .. 1 MiB blocks and 4 MiB chunks.
 CONCURRENCY = 16
 RUN_BYTES_MAX = 2 << 20
+# Read through gaps of at most two 64 KiB blocks, not a recovery's 1 MiB: a delta's
+# writes are scattered, and a GET of a few blocks costs less than 16 blocks of bytes.
+GAP_BYTES_MAX = 128 << 10
 
 
 def empty() -> Ranges:
@@ -217,7 +220,7 @@ async def apply_in_place(store, plan: RecoveryPlan, paths: Sequence[Path]) -> in
         fetcher = Fetcher(store, fds, None, sparse=False)
         with ThreadPoolExecutor(pool_workers(CONCURRENCY), thread_name_prefix="delta") as pool:
             fetcher.executor = pool
-            for groups in (segment_groups(plan, RUN_BYTES_MAX), base_groups(plan, partial=True)):
+            for groups in (segment_groups(plan, RUN_BYTES_MAX, GAP_BYTES_MAX), base_groups(plan, partial=True)):
                 await execute(groups, fetcher, concurrency=CONCURRENCY, skip=lambda name, nbytes: False,
                               on_group_done=lambda name, digest: None, on_unit_done=lambda nbytes: None)
         await asyncio.to_thread(lambda: [os.fsync(fd) for fd in fds])

@@ -6,8 +6,9 @@ resume (``rocva.recover``):
 
 - ``seg:<key>``: every ``WRITE`` extent of one segment, sorted by payload position and
   cut into ``SegmentRun`` units — runs of contiguous blocks (at most about
-  ``run_bytes_max`` raw bytes each), fetched by ``cdp.segment.fetch_blocks`` and
-  verified block by block (``stored_xxh3``, ``raw_xxh3``) by ``unpack_blocks``;
+  ``run_bytes_max`` raw bytes each, read through gaps of unneeded blocks of at most
+  ``gap_bytes_max``), fetched by ``cdp.segment.fetch_blocks`` and the blocks that hold
+  pieces verified block by block (``stored_xxh3``, ``raw_xxh3``) by ``unpack_blocks``;
 - ``base:<disk>:<batch>``: the base pieces of ``batch_chunks`` consecutive chunk positions
   of one disk, one ``ChunkCopy`` unit per distinct chunk hash (a chunk that appears
   several times in the batch is fetched once), in disk order, decoded by
@@ -38,7 +39,7 @@ While it is decoded it holds one raw block and one page carried to the next bloc
 one raw chunk (4 MiB by default, 64 MiB at most), in the pool thread's buffer (a
 version-1 chunk: in python-lz4's output, twice while it copies it). So memory stays
 below ``concurrency × (2 × run_bytes_max + one block) + pool_workers × (2 × one
-chunk)``: 8 × 33 MiB + 2 × 8 MiB with the defaults and 1 MiB blocks, 4 MiB chunks, 2
+chunk)``: 8 × 33 MiB + 2 × 8 MiB with the defaults and blocks of 1 MiB at most, 4 MiB chunks, 2
 CPUs.
 """
 
@@ -61,6 +62,12 @@ from cdp.segment import SegmentIndex, fetch_blocks, unpack_blocks
 from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
 
 RUN_BYTES_MAX_DEFAULT = 16 << 20
+# A full recovery reads through gaps of overwritten writes up to this many raw bytes
+# rather than cutting a run there: one GET instead of many (with 64 KiB blocks, random
+# 64 KiB writes of which a third are dead cut a 16 MiB segment into ~60 runs; 1723 GETs
+# against 97 for 512 MiB of them in tests.rocva.bench_recover), for a few more bytes
+# read; their blocks are not decoded. A delta (rocva.delta) passes its own.
+GAP_BYTES_MAX_DEFAULT = 1 << 20
 PAGE = 4096  # file-system block: all-zero pages are left as holes
 BASE_BATCH_CHUNKS_DEFAULT = 64
 
@@ -138,13 +145,16 @@ def _split_long(slot, off, pos, length, cap: int):
     return rep(slot), rep(off) + at, rep(pos) + at, size
 
 
-def _runs(index: SegmentIndex, slot, off, pos, length, run_bytes_max: int) -> list[SegmentRun]:
-    """Cut one segment's writes (sorted by ``pos``) into runs of contiguous blocks."""
+def _runs(index: SegmentIndex, slot, off, pos, length, run_bytes_max: int,
+          gap_bytes_max: int = 0) -> list[SegmentRun]:
+    """Cut one segment's writes (sorted by ``pos``) into runs of contiguous blocks; a gap
+    of unneeded blocks of at most ``gap_bytes_max`` raw bytes is read through rather than
+    cut at (its blocks are fetched, not decoded: ``_place_run``)."""
     brs = index.block_raw_size
     fb = (pos // brs).astype(np.int64)
     lb = ((pos + length - 1) // brs).astype(np.int64)
     new = np.ones(len(fb), dtype=bool)
-    new[1:] = fb[1:] > np.maximum.accumulate(lb)[:-1] + 1  # a gap of unneeded blocks
+    new[1:] = fb[1:] > np.maximum.accumulate(lb)[:-1] + 1 + gap_bytes_max // brs  # too long a gap
     group_first = fb[new][np.cumsum(new) - 1]
     sub = (fb - group_first) // max(1, run_bytes_max // brs)  # cap a long contiguous stretch
     new[1:] |= sub[1:] != sub[:-1]
@@ -159,9 +169,10 @@ def _runs(index: SegmentIndex, slot, off, pos, length, run_bytes_max: int) -> li
     return runs
 
 
-def segment_groups(plan: RecoveryPlan, run_bytes_max: int = RUN_BYTES_MAX_DEFAULT
-                   ) -> Iterator[tuple[str, int, list[SegmentRun]]]:
-    """(group name, bytes, units) per segment with surviving writes, in seq order."""
+def segment_groups(plan: RecoveryPlan, run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
+                   gap_bytes_max: int = GAP_BYTES_MAX_DEFAULT) -> Iterator[tuple[str, int, list[SegmentRun]]]:
+    """(group name, bytes, units) per segment with surviving writes, in seq order; gaps
+    of at most ``gap_bytes_max`` unneeded raw bytes inside a run (``_runs``)."""
     parts = []
     for k, d in enumerate(plan.disks):
         ext = d.extents[d.extents["kind"] == SRC_WRITE]
@@ -178,7 +189,7 @@ def segment_groups(plan: RecoveryPlan, run_bytes_max: int = RUN_BYTES_MAX_DEFAUL
         index = plan.segments[int(seg[lo])]
         cols = _coalesce(slot[lo:hi], ext["offset"][lo:hi].astype(np.int64),
                          ext["pos"][lo:hi].astype(np.int64), ext["length"][lo:hi].astype(np.int64))
-        units = _runs(index, *_split_long(*cols, run_bytes_max), run_bytes_max)
+        units = _runs(index, *_split_long(*cols, run_bytes_max), run_bytes_max, gap_bytes_max)
         yield f"seg:{index.key}", sum(u.nbytes for u in units), units
 
 
@@ -431,8 +442,15 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     carry: tuple[int, bytes] | None = None  # (file offset, bytes) of a page cut at a block end
     hi = 0
     h = xxhash.xxh3_64()
-    blocks = unpack_blocks(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(brs))
+    # The blocks some piece lies in; the rest only joined them into one GET.
+    edge = np.zeros(unit.last_block - unit.first_block + 2, dtype=np.int64)
+    np.add.at(edge, starts // brs, 1)
+    np.add.at(edge, (ends - 1) // brs + 1, -1)
+    wanted = (np.cumsum(edge[:-1]) > 0).tolist()
+    blocks = unpack_blocks(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(brs), wanted=wanted)
     for k, raw in enumerate(blocks):
+        if raw is None:
+            continue
         lo, hi = k * brs, k * brs + len(raw)
         mv = memoryview(raw)
         zeros = _zero_pages_before(mv) if sparse else None

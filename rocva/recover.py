@@ -51,7 +51,7 @@ from cdp.logs import get_logger
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
 from rocva.errors import RecoveryError
 from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, execute, pool_workers,
+    BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, execute, pool_workers,
 )
 from rocva.plan import CONCURRENCY_DEFAULT, RecoveryPlan, plan_recovery
 from rocva.resume import (
@@ -300,7 +300,8 @@ async def execute_plan(store, plan: RecoveryPlan, out_dir: Path | str, *, progre
         lock = _lock(out)
         try:
             result = await _execute_locked(store, plan, out, progress, concurrency, checksum,
-                                           {"run_bytes_max": run_bytes_max, "base_batch_chunks": base_batch_chunks})
+                                           {"run_bytes_max": run_bytes_max, "gap_bytes_max": GAP_BYTES_MAX_DEFAULT,
+                                            "base_batch_chunks": base_batch_chunks})
             out.unlink(LOCK_NAME)  # still held: a finished directory holds only images
             return result
         finally:

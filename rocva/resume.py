@@ -122,9 +122,12 @@ def parse_state(doc: Any) -> SavedState:
         raise ValueError("identity: expected 64 lowercase hex digits")
     for key in ("domain", "target_seq", "generation"):
         _int(doc[key], key)
-    units = _keys(doc["units"], "units", {"run_bytes_max", "base_batch_chunks"})
+    cut = {"run_bytes_max", "base_batch_chunks"}
+    # A state written before gap_bytes_max existed parses, and is then not resumed: its
+    # runs were cut without gaps, so its digests are not the new plan's (``resumes``).
+    units = _keys(doc["units"], "units", cut if set(doc["units"] or ()) == cut else cut | {"gap_bytes_max"})
     for key, value in units.items():
-        if not _int(value, f"units.{key}"):
+        if not _int(value, f"units.{key}") and key != "gap_bytes_max":
             raise ValueError(f"units.{key}: expected a positive integer")
     if not isinstance(doc["complete"], bool):
         raise ValueError("complete: expected true or false")
@@ -228,7 +231,7 @@ class ResumeState:
 
 def all_groups(plan: RecoveryPlan, units: dict[str, int]) -> Iterator[tuple[str, int, list[Unit]]]:
     """Every work group of ``plan``, cut as ``units`` says (the order ``rocva.recover`` runs them)."""
-    return itertools.chain(segment_groups(plan, units["run_bytes_max"]),
+    return itertools.chain(segment_groups(plan, units["run_bytes_max"], units.get("gap_bytes_max", 0)),
                            base_groups(plan, units["base_batch_chunks"]))
 
 

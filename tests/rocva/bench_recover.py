@@ -10,6 +10,7 @@ cache is warm (the store was just written): this measures the recovery path, not
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import tempfile
@@ -30,7 +31,7 @@ PER_SEGMENT = 256  # 16 MiB of payload per segment
 async def bench(root: Path, disk_mib: int, writes_mib: int, concurrency: int) -> dict:
     size = disk_mib * MiB
     b = await DomainBuilder(FileStore(root / "store"), disks=(("vm", "disk0", size),),
-                            block_raw_size=1 * MiB).start()
+                            block_raw_size=int(os.environ.get("BLK", 1 << 20))).start()
     rng = np.random.default_rng(1)
     offsets = rng.integers(0, size // WRITE, writes_mib * MiB // WRITE) * WRITE
     pool = rng.bytes(64 * MiB)

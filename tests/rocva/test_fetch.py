@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cdp.base_image import SUB_BLOCK_BYTES, encode_chunk, encode_chunk_v1
+from cdp.errors import ChecksumMismatch
 from cdp.layout import chunk_key
 from cdp.segment import fetch_blocks, read_blocks
 from cdp.store.memory import MemoryStore
@@ -72,7 +73,8 @@ async def test_block_by_block_writes_what_the_joined_run_writes(tmp_path: Path, 
         await b.seal()
     plan = await plan_recovery(b.store, b.domain, Target.latest())
     cap = int(rng.choice([8, 16, 64])) * KiB
-    runs = [u for _, _, units in segment_groups(plan, run_bytes_max=cap) for u in units]
+    gap = [0, 8 * KiB, 1 << 20][seed % 3]  # runs read through gaps of unneeded blocks, or not
+    runs = [u for _, _, units in segment_groups(plan, run_bytes_max=cap, gap_bytes_max=gap) for u in units]
     assert any(u.last_block > u.first_block for u in runs)
     assert sum(u.nbytes for u in runs) == sum(d.bytes_of(0) for d in plan.disks)  # WRITE bytes, once
     for u in runs:  # a run stays below 2 × run_bytes_max plus a block, sequential writes or not
@@ -94,6 +96,47 @@ async def test_block_by_block_writes_what_the_joined_run_writes(tmp_path: Path, 
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def test_runs_read_through_short_gaps_and_never_decode_the_gap(tmp_path: Path) -> None:
+    """Writes in 4 KiB blocks 0, 2 and 6 of a segment: a gap of one block is read
+    through (one GET) and a gap of three is cut at, for a gap_bytes_max of 8 KiB; the
+    block read only to join the run is not decoded (garbage there is not noticed),
+    while garbage in a block a piece lies in is."""
+    b = await DomainBuilder(MemoryStore(), disks=(("vm", "d", 64 * KiB),), block_raw_size=4 * KiB).start()
+    rng = np.random.default_rng(3)
+    for block in range(7):  # every block of the payload stream holds one 4 KiB write ...
+        b.write(0, block * 4 * KiB, rng.bytes(4 * KiB))
+    await b.seal()
+    for block in (1, 3, 4, 5):  # ... and these are overwritten by the next segment: dead
+        b.write(0, block * 4 * KiB, rng.bytes(4 * KiB))
+    await b.seal()
+    want = bytes(b.model[0])
+    plan = await plan_recovery(b.store, b.domain, Target.latest())
+    first = plan.segments[0]
+    cut = {gap: [(u.first_block, u.last_block) for name, _, units in segment_groups(plan, gap_bytes_max=gap)
+                 if name == f"seg:{first.key}" for u in units] for gap in (0, 8 * KiB, 16 * KiB)}
+    assert cut == {0: [(0, 0), (2, 2), (6, 6)], 8 * KiB: [(0, 2), (6, 6)], 16 * KiB: [(0, 6)]}
+    run = next(u for _, _, units in segment_groups(plan, gap_bytes_max=16 * KiB) for u in units if u.index is first)
+    stored = bytearray(await fetch_blocks(b.store, first, run.first_block, run.last_block))
+    rows = first.blocks
+    base = int(rows["stored_offset"][0])
+    path = tmp_path / "d.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.ftruncate(fd, 64 * KiB)
+        for dead in (1, 4):  # garbage in blocks the run only reads through
+            at = int(rows["stored_offset"][dead]) - base
+            stored[at : at + int(rows["stored_len"][dead])] = bytes(int(rows["stored_len"][dead]))
+        _place_run([fd], run, bytes(stored))
+        for block in (0, 2, 6):
+            assert os.pread(fd, 4 * KiB, block * 4 * KiB) == want[block * 4 * KiB : (block + 1) * 4 * KiB]
+        at = int(rows["stored_offset"][2]) - base
+        stored[at] ^= 0xFF  # and in a block it needs
+        with pytest.raises(ChecksumMismatch, match="block 2"):
+            _place_run([fd], run, bytes(stored))
+    finally:
+        os.close(fd)
 
 
 def test_write_piece_equals_pwrite_sparse(tmp_path: Path) -> None:

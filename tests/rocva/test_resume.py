@@ -15,9 +15,9 @@ from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from rocva import RecoveryError, Target, plan_recovery, recover
 from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, READBACK_BYTES, RUN_BYTES_MAX_DEFAULT, group_digest, unit_digest_from_file,
+    BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, READBACK_BYTES, RUN_BYTES_MAX_DEFAULT, group_digest, unit_digest_from_file,
 )
-from rocva.resume import PARTIAL_SUFFIX, all_groups, prove
+from rocva.resume import PARTIAL_SUFFIX, all_groups, parse_state, prove
 from tests.rocva.domain import DomainBuilder, file_sha256, random_workload
 from tests.rocva.test_recover import seed_initial
 
@@ -125,7 +125,8 @@ async def test_an_interrupted_publication_completes(tmp_path: Path, monkeypatch:
 
 # ---------------------------------------------------------------------- what a resume may keep (issue 10, item 3)
 
-UNITS = {"run_bytes_max": RUN_BYTES_MAX_DEFAULT, "base_batch_chunks": BASE_BATCH_CHUNKS_DEFAULT}
+UNITS = {"run_bytes_max": RUN_BYTES_MAX_DEFAULT, "gap_bytes_max": GAP_BYTES_MAX_DEFAULT,
+         "base_batch_chunks": BASE_BATCH_CHUNKS_DEFAULT}
 
 
 async def garbage_partials(b: DomainBuilder, out: Path, seed: int = 99):
@@ -299,6 +300,28 @@ async def test_a_resume_cut_into_other_units_starts_over(tmp_path: Path) -> None
     out = tmp_path / "out"
     await interrupted(b, out)  # base groups of 2 chunks
     result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)  # of 64
+    assert [i["sha256"] for i in result["images"]] == b.snapshot()
+    assert not result["resumed"] and result["groups_skipped"] == 0
+
+
+async def test_a_state_cut_before_gaps_parses_and_is_not_resumed(tmp_path: Path) -> None:
+    """A state written before runs read through gaps (no gap_bytes_max) still claims its
+    images, but its runs were cut otherwise: never resumed, redone whole."""
+    b = await domain(tmp_path)
+    plan = await plan_recovery(b.store, b.domain, Target.latest())
+    old = {k: v for k, v in UNITS.items() if k != "gap_bytes_max"}
+    doc = {"version": 2, "identity": plan.identity(), "domain": 1, "target_seq": 1, "generation": 1,
+           "units": old, "complete": False, "done": {}, "images": [{"name": "vm-a.img", "size": 1, "ino": None}]}
+    saved = parse_state(doc)
+    assert saved.units == old and not saved.resumes(plan, UNITS)
+    with pytest.raises(ValueError, match="units.gap_bytes_max"):
+        parse_state({**doc, "units": {**UNITS, "gap_bytes_max": -1}})
+    out = tmp_path / "out"
+    state = await interrupted(b, out, base_batch_chunks=BASE_BATCH_CHUNKS_DEFAULT)
+    assert state["units"] == UNITS and state["done"]  # as it is, it would be resumed
+    state["units"] = old
+    (out / "recover.state.json").write_text(json.dumps(state))
+    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert not result["resumed"] and result["groups_skipped"] == 0
 
