@@ -23,7 +23,9 @@ Key "a/b/c" is the file ``root/a/b/c``. Invariants:
 
 Blocking file I/O runs in worker threads (``asyncio.to_thread``); a put that
 is cancelled may still complete in its thread, but never leaves a partial
-object.
+object. Gets run on a pool of their own (``READ_THREADS``): a cold read waits on
+the disk, and scattered reads (a failback's 64 KiB blocks) go as fast as the
+device's queue is deep, not as the loop's default pool (CPUs + 4 threads) is wide.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ import errno
 import os
 import secrets
 import stat as stat_mode
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,6 +62,21 @@ DIR_CREATE_ATTEMPTS_MAX = 5
 IO_CHUNK_BYTES_MAX = 64 * 1024 * 1024
 #: Bytes per os.pread of a get (see _read_range).
 READ_STEP_BYTES = 512 * 1024
+#: Threads reading for gets, shared by every FileStore of the process. Cold random
+#: 64 KiB preads of a store on this project's machines (virtio disk): 170-350 MB/s
+#: with 6 threads, 310-650 MB/s with 32, no better with 64. Threads start on demand;
+#: what they hold is bounded by the callers' own concurrency.
+READ_THREADS = 32
+_read_pool: ThreadPoolExecutor | None = None
+_read_pool_lock = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _read_pool
+    with _read_pool_lock:
+        if _read_pool is None:
+            _read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="fs-read")
+        return _read_pool
 
 
 class FileStore(StoreBase):
@@ -91,7 +110,7 @@ class FileStore(StoreBase):
         path = self._path(key)
         check_range(offset, length)
         try:
-            return await asyncio.to_thread(_read_range, path, offset, length)
+            return await asyncio.get_running_loop().run_in_executor(_readers(), _read_range, path, offset, length)
         except OSError as exc:
             raise self._error("get", key, exc) from exc
 
