@@ -16,9 +16,9 @@ short loops):
 Each store the DRVA ships to is a lane (``drva.lanes``): a step given a lane works on
 that lane's domains only, and segments go to their domain's lane's store.
 
-Memory is bounded: per lane, at most ``upload_concurrency + 1`` sealed segments are held
-(being put, or waiting), a segment's bytes are dropped once uploaded, and beyond the
-frame cache entries wait in the log, not in RAM.
+Memory is bounded: per lane, at most ``upload_concurrency + 2`` sealed segments are held
+(being put, waiting in the lane's queue, or handed to it by the sealer), a segment's bytes
+are dropped once uploaded, and beyond the frame cache entries wait in the log, not in RAM.
 """
 
 from __future__ import annotations

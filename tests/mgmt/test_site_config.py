@@ -300,3 +300,22 @@ def test_a_bad_store_is_refused_with_the_file_and_the_key(tmp_path: Path, key: s
     message = err.value.message
     assert message.startswith(f"{path}: {key}: expected a store URL or path"), message
     assert expected in message and HIDDEN not in message and HIDDEN not in repr(err.value), message
+
+
+def test_the_examples_with_one_store_per_direction_load(tmp_path: Path) -> None:
+    """The commented ``[peer] store`` lines of the examples, switched on as the README says
+    (``Both ways at once``): each site's own domains in its store, the peer's in the other."""
+    examples = ROOT / "examples"
+    a = (examples / "site.toml").read_text().replace('# store = "sim-store-b"', 'store = "sim-store-b"')
+    b = (examples / "site-b.toml").read_text()
+    b = b.replace('\nstore = "sim-store" ', '\n# store = "sim-store" ').replace(
+        '# store = "sim-store-b"', 'store = "sim-store-b"').replace(
+        '# store = "sim-store"          # one store', 'store = "sim-store"          # one store')
+    for name, text in (("site.toml", a), ("site-b.toml", b), ("cluster.toml", None), ("cluster-b.toml", None)):
+        (tmp_path / name).write_text(text if text is not None else (examples / name).read_text())
+    site_a, site_b = load_site_config(tmp_path / "site.toml"), load_site_config(tmp_path / "site-b.toml")
+    sa, sb = f"file://{tmp_path / 'sim-store'}", f"file://{tmp_path / 'sim-store-b'}"
+    assert (site_a.store_url, site_a.store_urls()) == (sa, (sa, sb))
+    assert (site_b.store_url, site_b.store_urls()) == (sb, (sb, sa))
+    assert site_a.store_url_for("erp") == site_b.store_url_for("erp") == sa  # erp's for its whole life
+    assert site_a.store_url_for("crm") == site_b.store_url_for("crm") == sb
