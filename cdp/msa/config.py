@@ -90,7 +90,7 @@ from typing import Any
 
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
-from cdp.store.open import check_store_url, config_store_url, redact_url
+from cdp.store.open import check_store_url, config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
 from drva.config import (
@@ -279,8 +279,10 @@ class SiteConfig:
                 doms[-1]["store"] = store
             if name in takeover:
                 doms[-1]["takeover"] = True
-        doc: dict[str, Any] = {
-            **({"version": DRVA_DOMAIN_STORES_VERSION} if any("store" in d for d in doms) else {}),
+        doc: dict[str, Any] = {}
+        if any("store" in d for d in doms):  # a reader of version 1 would ship them to "store"
+            doc["version"] = DRVA_DOMAIN_STORES_VERSION
+        doc |= {
             "name": drva.name, "site": self.site, "listen": str(drva.listen),
             "state_dir": str(self.drva_state_dir(drva)), "store": self.store_url,
             "secret_env": self.secret_env,
@@ -467,8 +469,8 @@ def _inventory(cluster_path: Path, state_dir: Path, site: str) -> tuple[Cluster,
 
 def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
     """The store URL of key ``key`` (a plain path is a file store relative to ``here``),
-    refused by its form (``check_store_url``) with the file and the key. Its credentials
-    come from the environment, so a URL is shown redacted: never a secret in a message."""
+    refused by its form (``check_store_url``) with the file and the key; the message
+    quotes the URL redacted (``open_store``'s words): never a secret."""
     expected = ("a store URL or path (file:///…, s3://bucket/prefix, azure://container/prefix; "
                 "credentials only from the environment)")
     if not isinstance(value, str) or not value:
@@ -477,8 +479,7 @@ def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
     try:
         check_store_url(url)
     except ConfigError as exc:
-        raise ConfigError(f"{r.source}: {key}: expected {expected}, got {redact_url(value)!r}: "
-                          f"{exc.message}") from None
+        raise ConfigError(f"{r.source}: {key}: expected {expected}: {exc.message}") from None
     return url
 
 
