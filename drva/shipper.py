@@ -84,8 +84,8 @@ class Shipper:
         self.rng = random.Random()
         self.store_errors = 0
         self.last_store_error: str | None = None
-        # Old catalog generations are deleted off the commit path, one domain at a time.
-        self._collecting: asyncio.Task | None = None
+        # Old catalog generations are deleted off the commit path, one domain at a time per store.
+        self._collecting: dict[int, asyncio.Task] = {}  # lane index -> its collection
         self._collected: dict[int, int] = {}
 
     @property
@@ -341,13 +341,14 @@ class Shipper:
 
     def _collect_soon(self, domain: int, writer: CatalogWriter) -> None:
         """Delete generations older than the previous snapshot (FORMAT.md §8.1), in the
-        background so that no commit waits for it; one collection at a time."""
+        background so that no commit waits for it; one collection at a time per store."""
         if writer.snapshots_written <= self._collected.get(domain, 0):
             return
-        if self._collecting is not None and not self._collecting.done():
+        lane = self.lane_of[domain].index
+        if lane in self._collecting and not self._collecting[lane].done():
             return
         self._collected[domain] = writer.snapshots_written
-        self._collecting = asyncio.create_task(self._collect(domain, writer.snapshots_written))
+        self._collecting[lane] = asyncio.create_task(self._collect(domain, writer.snapshots_written))
 
     async def _collect(self, domain: int, generation: int) -> None:
         try:
