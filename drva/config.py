@@ -3,12 +3,13 @@
 Relative paths are relative to the file's directory.
 
 ```toml
+version = 2                       # optional: 1 (the default) or 2, which allows [[domains]] store
 name = "drva-1"
 site = "site-a"                   # the site it writes for: owner of the timelines it writes (default "default")
 listen = "127.0.0.1:32873"        # the filter port (32873..32878 by convention)
 state_dir = "/var/lib/cdp/drva-1" # status.json lives here
 status_interval_s = 1.0           # how often status.json is rewritten (0.1..60)
-store = "file:///var/lib/cdp/store"
+store = "file:///var/lib/cdp/store"   # where the domains ship to, unless theirs says otherwise
 secret_env = "CDP_SITE_SECRET"    # the handshake secret comes from the environment
 
 [log]                  # the replication-log partition: a file or a block device
@@ -35,6 +36,12 @@ name = "erp"
 disks = [{ vm = "erp-db", name = "disk0", size = "64MiB" }]
 takeover = false       # true while a failover to this site forks the domain's timeline:
                        # wait for the fork instead of being fenced by the other site's
+
+[[domains]]            # (version 2) a domain that lives in another store: shipped there,
+id = 3                 # its catalog and leases there too (FORMAT.md §13.4)
+name = "crm"
+disks = [{ vm = "crm-1", name = "disk0", size = "64MiB" }]
+store = "s3://dr-site-b/cdp"
 ```
 
 ``load_drva_config`` refuses a bad file with the file, the key and what was expected,
@@ -57,11 +64,16 @@ from typing import Any
 
 from cdp.errors import ConfigError
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START
-from cdp.store.open import config_store_url
+from cdp.store.open import check_store_url, config_store_url
 from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX
 from cdp.units import parse_size
 
 DEFAULT_SITE = "default"
+#: Versions of this file a DRVA reads. Version 2 added ``[[domains]] store``: a reader of
+#: version 1 knows no such key and would ship the domain to ``store`` — so a file that
+#: uses it says version 2, and one that does not stays version 1 (no ``version`` key).
+DRVA_CONFIG_VERSIONS = (1, 2)
+DRVA_DOMAIN_STORES_VERSION = 2
 # The ranges of the values a DRVA accepts (inclusive).
 DOMAIN_ID_RANGE = (1, (1 << 32) - 1)  # 0 is no domain: frames and keys reserve it
 SEAL_BYTES_RANGE = (1 << 20, 256 << 20)
@@ -103,6 +115,8 @@ class DomainConfig:
     # current timeline is not this site's, the catalog is not opened — the domain waits
     # (filters get not_ready) instead of being fenced.
     takeover: bool = False
+    #: The store the domain lives in when it is not the DRVA's ``store`` (version 2).
+    store_url: str | None = None
 
     def catalog_disks(self) -> list[dict[str, Any]]:
         return [{"disk": d.index, "vm": d.vm, "name": d.name, "size": d.size} for d in self.disks]
@@ -141,6 +155,18 @@ class DrvaConfig:
 
     def domain(self, domain_id: int) -> DomainConfig | None:
         return next((d for d in self.domains if d.id == domain_id), None)
+
+    def store_url_of(self, domain: DomainConfig) -> str:
+        return domain.store_url or self.store_url
+
+    def store_urls(self) -> tuple[str, ...]:
+        """Every store this DRVA ships to: ``store`` first (always: its status names it),
+        then each other one a domain names, in the domains' order."""
+        urls = [self.store_url]
+        for d in self.domains:
+            if (url := self.store_url_of(d)) not in urls:
+                urls.append(url)
+        return tuple(urls)
 
 
 class _Reader:
@@ -196,6 +222,11 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
     — the configuration file's directory — rather than to wherever the daemon started."""
     r = _Reader(doc, source)
     here = base_dir or Path.cwd()
+    version = r.get("version", int, 1)
+    if version not in DRVA_CONFIG_VERSIONS:
+        raise ConfigError(f"{r.where('version')}: expected one of {', '.join(map(str, DRVA_CONFIG_VERSIONS))} "
+                          f"(a newer MSA wrote it? this DRVA reads up to version {DRVA_CONFIG_VERSIONS[-1]}), "
+                          f"got {version}")
     host, _, port_text = r.get("listen", str).rpartition(":")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{r.where('listen')}: expected HOST:PORT with a port in 0..65535 (0: any free port)")
@@ -212,7 +243,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
     low = float(bp.get("low_water", (int, float), 0.60))
     if not 0 < low < high <= 1:
         raise ConfigError(f"{bp.where('low_water')}: expected 0 < low_water < high_water <= 1")
-    domains = tuple(_domain(_Reader(d, source, f"domains[{i}]."), i)
+    domains = tuple(_domain(_Reader(d, source, f"domains[{i}]."), i, here, version)
                     for i, d in enumerate(r.get("domains", list)))
     if len({d.id for d in domains}) != len(domains):
         raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
@@ -229,7 +260,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
     cfg = DrvaConfig(
         name=r.name("name"), host=host, port=int(port_text),
         site=r.name("site") if "site" in r.doc else DEFAULT_SITE,
-        state_dir=state_dir, store_url=config_store_url(r.get("store", str), here),
+        state_dir=state_dir, store_url=_store_url(r, "store", here),
         secret=secret.encode(),
         log_path=here / log.get("path", str),
         log_size=log_size,
@@ -269,7 +300,20 @@ def _check_tls(cfg: DrvaConfig, tls: _Reader) -> None:
                           f"{'' if cfg.tls_key is None else f' and {cfg.tls_key}'}: {problem}") from None
 
 
-def _domain(r: _Reader, i: int) -> DomainConfig:
+def _store_url(r: _Reader, key: str, here: Path) -> str:
+    """The store URL of ``key`` (a plain path: a file store relative to ``here``), checked
+    by its form; the message names the key and shows the URL redacted."""
+    value = r.get(key, str)
+    url = config_store_url(value, here) if value else value
+    try:
+        check_store_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"{r.where(key)}: expected a store URL or path (file:///…, s3://bucket/prefix, "
+                          f"azure://container/prefix): {exc.message}") from None
+    return url
+
+
+def _domain(r: _Reader, i: int, here: Path, version: int) -> DomainConfig:
     domain_id = r.get("id", int)
     if not DOMAIN_ID_RANGE[0] <= domain_id <= DOMAIN_ID_RANGE[1]:
         raise ConfigError(f"{r.where('id')}: expected {DOMAIN_ID_RANGE[0]}..{DOMAIN_ID_RANGE[1]}, got {domain_id}")
@@ -283,4 +327,11 @@ def _domain(r: _Reader, i: int) -> DomainConfig:
     if not disks:
         raise ConfigError(f"{r.where('disks')}: a domain needs at least one disk")
     takeover = r.get("takeover", bool, False)
-    return DomainConfig(domain_id, r.name("name"), tuple(disks), takeover)
+    store_url = None
+    if "store" in r.doc:
+        if version < DRVA_DOMAIN_STORES_VERSION:
+            raise ConfigError(f"{r.where('store')}: a domain's own store needs version = "
+                              f"{DRVA_DOMAIN_STORES_VERSION} at the top of the file (a reader of version 1 "
+                              f"would ship the domain to the default store)")
+        store_url = _store_url(r, "store", here)
+    return DomainConfig(domain_id, r.name("name"), tuple(disks), takeover, store_url)

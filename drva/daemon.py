@@ -4,7 +4,9 @@
 the metadata repository, rebuilds each domain's pending entries from the log, then
 starts a few long-lived tasks, each a loop around a ``step`` that tests may call
 directly: the group committer, the sealer, the upload workers, the catalog committer,
-the catalog opener (retries while the store is unreachable) and the status writer.
+the catalog opener (retries while the store is unreachable) and the status writer. The
+sealer, the upload workers, the catalog committer and the catalog opener are per store
+(``drva.lanes``): one set for a DRVA whose domains all live in one store.
 
 A restart resumes with no gap and no duplicate: what the log holds beyond the catalog's
 committed seq is sealed and uploaded again; what the catalog already names is dropped.
@@ -31,10 +33,10 @@ from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
 from cdp.meta import MetaRepository
 from cdp.replog import ReplicationLog
-from cdp.store import open_store
 from drva.committer import GroupCommitter, log_entry
 from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
+from drva.lanes import StoreLane, open_lanes
 from drva.seeder import Seeder
 from drva.requests import RequestBox
 from drva.session import HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session
@@ -62,7 +64,7 @@ class Drva:
         self.exit_on_task_failure = exit_on_task_failure
         self.failure: BaseException | None = None
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
-        self.takeover_nudge = asyncio.Event()  # set: read the catalogs of taken-over domains now
+        self.lanes: list[StoreLane] = []  # one per store (start)
         self.sessions: set[Session] = set()  # welcomed
         self.handshaking: set[Session] = set()  # accepted, not welcomed yet (<= HANDSHAKES_MAX)
         self.refused_busy = 0
@@ -81,24 +83,25 @@ class Drva:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.log = await asyncio.to_thread(self._open_log)
         self.meta = await asyncio.to_thread(self._open_meta)
-        self.store = open_store(cfg.store_url)
+        self.lanes = open_lanes(cfg, self.domains)
         await asyncio.to_thread(self._recover)
         self.committer = GroupCommitter(
             self.log, staging_bytes_max=cfg.staging_bytes_max, high_water=cfg.high_water,
             low_water=cfg.low_water, on_durable=self._on_durable,
             cache_bytes_max=cfg.frame_cache_bytes)
         self.shipper = Shipper(
-            name=cfg.name, site=cfg.site, log_=self.log, store=self.store, meta=self.meta,
+            name=cfg.name, site=cfg.site, log_=self.log, lanes=self.lanes, meta=self.meta,
             committer=self.committer, domains=self.domains, seal_bytes=cfg.seal_bytes,
             seal_age_s=cfg.seal_age_s, upload_concurrency=cfg.upload_concurrency, pool=self.pool)
         self.seeder = Seeder(self)
         spawn = self._spawn
         spawn(self.committer.run(), "committer")
-        spawn(self._seal_loop(), "sealer")
-        for i in range(cfg.upload_concurrency):
-            spawn(self.shipper.upload_worker(), f"uploader-{i}")
-        spawn(self._commit_loop(), "catalog-committer")
-        spawn(self._open_catalogs(), "catalog-opener")
+        for lane in self.lanes:
+            spawn(self._seal_loop(lane), lane.task_name("sealer"))
+            for i in range(cfg.upload_concurrency):
+                spawn(self.shipper.upload_worker(lane), lane.task_name(f"uploader-{i}"))
+            spawn(self._commit_loop(lane), lane.task_name("catalog-committer"))
+            spawn(self._open_catalogs(lane), lane.task_name("catalog-opener"))
         spawn(self._status_loop(), "status")
         spawn(RequestBox(self).run(), "requests")
         tls = self._tls()
@@ -110,8 +113,10 @@ class Drva:
             reuse_address=True, **tls_timeout)
         self._port = self.server.sockets[0].getsockname()[1]
         log.info("drva_started", name=cfg.name, listen=f"{cfg.host}:{self.port}",
-                 log=str(cfg.log_path), store=self.store.describe(),
-                 domains=sorted(self.domains), log_head=self.log.head, log_tail=self.log.tail)
+                 log=str(cfg.log_path), store=self.shipper.store.describe(),
+                 domains=sorted(self.domains), log_head=self.log.head, log_tail=self.log.tail,
+                 **({"stores": {lane.store.describe(): sorted(d.id for d in lane.domains) for lane in self.lanes}}
+                    if len(self.lanes) > 1 else {}))
 
     @property
     def port(self) -> int:
@@ -139,7 +144,8 @@ class Drva:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await self.write_status()
-        await self.store.close()
+        for lane in self.lanes:
+            await lane.store.close()
         self.log.close()
         self.meta.close()
         self.pool.shutdown()
@@ -242,26 +248,34 @@ class Drva:
             if dom.session is not None:
                 dom.session.want_ack()
 
-    async def _seal_loop(self) -> None:
+    def nudge_takeovers(self) -> None:
+        """Read the catalogs of the domains being taken over now (SIGUSR1)."""
+        for lane in self.lanes:
+            lane.takeover_nudge.set()
+
+    async def _seal_loop(self, lane: StoreLane | None = None) -> None:
+        lane = lane or self.lanes[0]
         while True:
-            if not await self.shipper.seal_step():
+            if not await self.shipper.seal_step(lane=lane):
                 await asyncio.sleep(SEAL_TICK_S)
 
-    async def _commit_loop(self) -> None:
+    async def _commit_loop(self, lane: StoreLane | None = None) -> None:
+        lane = lane or self.lanes[0]
         while True:
-            self.shipper.uploaded.clear()
-            await self.shipper.commit_step()
+            lane.uploaded.clear()
+            await self.shipper.commit_step(lane)
             try:
                 async with asyncio.timeout(COMMIT_POLL_S):
-                    await self.shipper.uploaded.wait()
+                    await lane.uploaded.wait()
             except TimeoutError:
                 pass  # commit at least this often: a seeding commit may be waiting too
 
-    async def _open_catalogs(self) -> None:
-        """Open every domain's catalog, retrying while the store is unreachable, and while
-        a domain taken over from another site (``takeover``) is not this site's yet."""
+    async def _open_catalogs(self, lane: StoreLane) -> None:
+        """Open the catalog of every domain of ``lane``, retrying while its store is
+        unreachable, and while a domain taken over from another site (``takeover``) is
+        not this site's yet."""
         attempt = 0
-        pending = list(self.domains.values())
+        pending = list(lane.domains)
         while pending:
             dom = pending[0]
             try:
@@ -284,10 +298,10 @@ class Drva:
                     # Nothing else to open: wait for the fork (or a nudge).
                     try:
                         async with asyncio.timeout(TAKEOVER_POLL_S):
-                            await self.takeover_nudge.wait()
+                            await lane.takeover_nudge.wait()
                     except TimeoutError:
                         pass
-                    self.takeover_nudge.clear()
+                    lane.takeover_nudge.clear()
             except StoreError as exc:
                 attempt += 1
                 self.shipper._store_error(dom, "catalog_open_failed", exc, attempt=attempt)
@@ -326,7 +340,7 @@ async def run(cfg: DrvaConfig) -> None:
     drva = Drva(cfg)
     loop = asyncio.get_running_loop()
     # Before start(): the MSA nudges only a DRVA whose status it read, written after this.
-    loop.add_signal_handler(signal.SIGUSR1, drva.takeover_nudge.set)
+    loop.add_signal_handler(signal.SIGUSR1, drva.nudge_takeovers)
     await drva.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

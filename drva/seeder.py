@@ -142,7 +142,7 @@ class Seeder:
                 job.deduplicated += 1
                 return
             key = chunk_key(h)
-            store = self.drva.store
+            store = self.drva.shipper.store_of(job.domain)  # the domain's store: its chunks and its lease
             attempt = 0
             while True:
                 try:
@@ -171,8 +171,10 @@ class Seeder:
     async def _hold_lease(self, job: SeedJob) -> None:
         async with job.lease_lock:
             if job.lease is None:
+                # In the domain's store: the chunk sweep it holds off is that store's.
                 job.lease = await chunk_writer_lease(
-                    self.drva.store, owner=f"drva {self.drva.cfg.name}: seeding domain {job.domain} disk {job.disk}")
+                    self.drva.shipper.store_of(job.domain),
+                    owner=f"drva {self.drva.cfg.name}: seeding domain {job.domain} disk {job.disk}")
 
     @staticmethod
     async def _drop_lease(job: SeedJob) -> None:
@@ -205,7 +207,7 @@ class Seeder:
         try:
             if job.lease is not None:
                 job.lease.check()  # the chunks it names were seen under the lease (§11.4)
-            await self._put_retrying(key, data)
+            await self._put_retrying(self.drva.shipper.store_of(dom.id), key, data)
         finally:
             await self._drop_lease(job)
         base = {"timeline": timeline, "seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}
@@ -240,11 +242,11 @@ class Seeder:
                 "domain": dom.id, "disk": disk, "base_seq": job.start_seq,
                 "chunks_stored": job.stored, "chunks_deduplicated": job.deduplicated}))
 
-    async def _put_retrying(self, key: str, data: bytes) -> None:
+    async def _put_retrying(self, store: Any, key: str, data: bytes) -> None:
         attempt = 0
         while True:
             try:
-                await self.drva.store.put(key, data)
+                await store.put(key, data)
                 return
             except StoreError as exc:
                 attempt += 1

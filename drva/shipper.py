@@ -13,9 +13,12 @@ short loops):
   records the committed seq in the metadata repository, then trims the log behind the
   oldest entry any domain still needs.
 
-Memory is bounded: at most ``upload_concurrency + 1`` sealed segments are held (being put,
-or waiting), a segment's bytes are dropped once uploaded, and beyond the frame cache
-entries wait in the log, not in RAM.
+Each store the DRVA ships to is a lane (``drva.lanes``): a step given a lane works on
+that lane's domains only, and segments go to their domain's lane's store.
+
+Memory is bounded: per lane, at most ``upload_concurrency + 2`` sealed segments are held
+(being put, waiting in the lane's queue, or handed to it by the sealer), a segment's bytes
+are dropped once uploaded, and beyond the frame cache entries wait in the log, not in RAM.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from cdp.segment import build_segment
 from cdp.segment_format import parse_segment_tail
 from drva.committer import GroupCommitter
 from drva.domain import DomainState, SegmentJob
+from drva.lanes import StoreLane
 
 log = get_logger("drva.shipper")
 
@@ -55,13 +59,15 @@ def backoff_s(attempt: int, rng: random.Random) -> float:
 class Shipper:
     """Seal, upload, commit and trim for every domain of one DRVA."""
 
-    def __init__(self, *, name: str, site: str, log_: ReplicationLog, store: Any, meta: MetaRepository,
+    def __init__(self, *, name: str, site: str, log_: ReplicationLog, lanes: list[StoreLane], meta: MetaRepository,
                  committer: GroupCommitter, domains: dict[int, DomainState], seal_bytes: int,
                  seal_age_s: float, upload_concurrency: int, pool: ThreadPoolExecutor) -> None:
         self.name = name
         self.site = site
         self.log = log_
-        self.store = store
+        self.lanes = lanes
+        self.lane_of = {dom.id: lane for lane in lanes for dom in lane.domains}
+        assert set(self.lane_of) == set(domains), "every domain ships to exactly one store"
         self.meta = meta
         self.committer = committer
         self.domains = domains
@@ -69,30 +75,47 @@ class Shipper:
         self.seal_age_s = seal_age_s
         self.pool = pool
         self.upload_concurrency = upload_concurrency
-        # One sealed segment waits while ``upload_concurrency`` are being put: enough to
-        # keep the uploaders busy, and it bounds the segments held in memory.
-        self.queue: asyncio.Queue[SegmentJob] = asyncio.Queue(maxsize=1)
         self.writers: dict[int, CatalogWriter] = {}
         # One catalog commit at a time per domain: the sealer and the seeder both commit.
         self.catalog_locks = {d: asyncio.Lock() for d in domains}
-        self.uploaded = asyncio.Event()
+        # The lanes' catalog committers share the metadata repository and the log: one
+        # of them at a time records its commits and trims.
+        self.meta_lock = asyncio.Lock()
         self.rng = random.Random()
         self.store_errors = 0
         self.last_store_error: str | None = None
-        # Old catalog generations are deleted off the commit path, one domain at a time.
-        self._collecting: asyncio.Task | None = None
+        # Old catalog generations are deleted off the commit path, one domain at a time per store.
+        self._collecting: dict[int, asyncio.Task] = {}  # lane index -> its collection
         self._collected: dict[int, int] = {}
+
+    @property
+    def store(self) -> Any:
+        """The configuration's ``store`` (lane 0): the only one of a one-store DRVA."""
+        return self.lanes[0].store
+
+    @store.setter
+    def store(self, store: Any) -> None:  # tests swap in a fault-injecting store
+        self.lanes[0].store = store
+
+    @property
+    def uploaded(self) -> asyncio.Event:
+        """Lane 0's upload event (``StoreLane.uploaded``)."""
+        return self.lanes[0].uploaded
+
+    def store_of(self, domain: int) -> Any:
+        """The store domain ``domain`` (an id) lives in."""
+        return self.lane_of[domain].store
 
     # ------------------------------------------------------------------ catalog open
 
     async def open_catalog(self, dom: DomainState) -> None:
         """Load (or create) the domain's catalog; drop log entries it already names.
         ``Fenced`` when the current timeline is not this DRVA's site's (FORMAT.md §8.5)."""
-        by, disks = f"drva {self.name}@{self.site}", dom.cfg.catalog_disks()
-        writer = await CatalogWriter.open(self.store, dom.id, by=by, owner=self.site)
+        by, disks, store = f"drva {self.name}@{self.site}", dom.cfg.catalog_disks(), self.store_of(dom.id)
+        writer = await CatalogWriter.open(store, dom.id, by=by, owner=self.site)
         if writer is None:
             state = CatalogState.new(dom.id, dom.cfg.name, time.time_ns(), self.site)
-            writer = CatalogWriter(self.store, state, by=by, owner=self.site)
+            writer = CatalogWriter(store, state, by=by, owner=self.site)
         writer.check_owner()
         current = writer.state.timeline()
         if dom.meta_timeline and dom.meta_timeline != current.id:
@@ -157,11 +180,12 @@ class Shipper:
 
     # ------------------------------------------------------------------ seal
 
-    async def seal_step(self, now: float | None = None, force: bool = False) -> int:
-        """Seal at most one segment per domain that is due; return how many were sealed."""
+    async def seal_step(self, now: float | None = None, force: bool = False, lane: StoreLane | None = None) -> int:
+        """Seal at most one segment per domain (of ``lane``, or of every lane) that is
+        due; return how many were sealed."""
         now = time.monotonic() if now is None else now
         sealed = 0
-        for dom in self.domains.values():
+        for dom in self.domains.values() if lane is None else lane.domains:
             # Before the catalog is open we do not know which entries it already names.
             if not dom.unsealed or dom.fenced or not dom.catalog_ready:
                 continue
@@ -188,7 +212,7 @@ class Shipper:
         job = SegmentJob(dom.id, key, data, entries, raw_len, len(data))
         dom.inflight.append(job)
         dom.sealed_seq = job.last_seq
-        await self.queue.put(job)  # waits while the uploaders are busy: bounded memory
+        await self.lane_of[dom.id].queue.put(job)  # waits while its uploaders are busy: bounded memory
 
     def _build(self, domain: int, entries: list) -> tuple[bytes, int]:
         frames = [e.frame if e.frame is not None else
@@ -200,20 +224,23 @@ class Shipper:
 
     # ------------------------------------------------------------------ upload
 
-    async def upload_worker(self) -> None:
+    async def upload_worker(self, lane: StoreLane | None = None) -> None:
+        """Put ``lane``'s sealed segments (lane 0's by default), one at a time, forever."""
+        queue = (lane or self.lanes[0]).queue
         while True:
-            job = await self.queue.get()
+            job = await queue.get()
             try:
                 await self.upload(job)
             finally:
-                self.queue.task_done()
+                queue.task_done()
 
     async def upload(self, job: SegmentJob) -> None:
         dom = self.domains[job.domain]
+        lane = self.lane_of[job.domain]
         t0 = time.monotonic()
         while True:
             try:
-                await self.store.put(job.key, job.data)
+                await lane.store.put(job.key, job.data)
                 break
             except StoreError as exc:
                 job.upload_attempts += 1
@@ -225,7 +252,7 @@ class Shipper:
         dom.stats.bytes_uploaded += len(job.data)
         job.data = b""  # durable in the store: the bytes are not needed any more
         job.uploaded = True
-        self.uploaded.set()
+        lane.uploaded.set()
 
     def _store_error(self, dom: DomainState, event: str, exc: CdpError, **fields: Any) -> None:
         self.store_errors += 1
@@ -234,10 +261,11 @@ class Shipper:
 
     # ------------------------------------------------------------------ commit + trim
 
-    async def commit_step(self) -> int:
-        """Commit every domain's uploaded head-of-line segments; trim. Returns segments."""
+    async def commit_step(self, lane: StoreLane | None = None) -> int:
+        """Commit every domain's (of ``lane``, or of every lane) uploaded head-of-line
+        segments; trim. Returns segments."""
         done = 0
-        for dom in self.domains.values():
+        for dom in self.domains.values() if lane is None else lane.domains:
             if not dom.inflight or not dom.inflight[0].uploaded or dom.fenced or dom.id not in self.writers:
                 continue
             try:
@@ -250,8 +278,9 @@ class Shipper:
                 continue
             done += self._committed(dom)
         if done:
-            await asyncio.to_thread(self.meta.write, self.meta_doc())
-            await self.trim()
+            async with self.meta_lock:
+                await asyncio.to_thread(self.meta.write, self.meta_doc())
+                await self.trim()
         return done
 
     def _committed(self, dom: DomainState) -> int:
@@ -312,17 +341,18 @@ class Shipper:
 
     def _collect_soon(self, domain: int, writer: CatalogWriter) -> None:
         """Delete generations older than the previous snapshot (FORMAT.md §8.1), in the
-        background so that no commit waits for it; one collection at a time."""
+        background so that no commit waits for it; one collection at a time per store."""
         if writer.snapshots_written <= self._collected.get(domain, 0):
             return
-        if self._collecting is not None and not self._collecting.done():
+        lane = self.lane_of[domain].index
+        if lane in self._collecting and not self._collecting[lane].done():
             return
         self._collected[domain] = writer.snapshots_written
-        self._collecting = asyncio.create_task(self._collect(domain, writer.snapshots_written))
+        self._collecting[lane] = asyncio.create_task(self._collect(domain, writer.snapshots_written))
 
     async def _collect(self, domain: int, generation: int) -> None:
         try:
-            result = await collect_generations(self.store, domain, generation)
+            result = await collect_generations(self.store_of(domain), domain, generation)
         except StoreError as exc:  # a later snapshot tries again
             log.warning("catalog_collect_failed", domain=domain, error=exc.message)
             return

@@ -2,7 +2,8 @@
 
 Per domain: the four seq marks, RPO lag in seconds and bytes, the filter's mode
 (normal / bitmap / resync) and back-pressure, upload latency and error counts; for the
-DRVA: log usage, group-commit figures, sessions, store errors.
+DRVA: log usage, group-commit figures, sessions, store errors, and — when it ships to more
+than one store — each store with its domains.
 """
 
 from __future__ import annotations
@@ -83,8 +84,15 @@ def build_status(drva: "Drva") -> dict[str, Any]:
         "sessions": len(drva.sessions),
         "handshakes": len(drva.handshaking),
         "handshakes_refused_busy": drva.refused_busy,
-        "store": drva.store.describe(),
+        "store": drva.shipper.store.describe(),
         "store_errors": drva.shipper.store_errors,
         "last_store_error": drva.shipper.last_store_error,
         "domains": [domain_status(d, backpressure) for d in drva.domains.values()],
+        **({"stores": stores_status(drva)} if len(drva.lanes) > 1 else {}),
     }
+
+
+def stores_status(drva: "Drva") -> list[dict[str, Any]]:
+    """Each store of a DRVA that ships to more than one (``drva.lanes``), with its domains
+    (ids): ``store`` is the first's, where a domain ships unless it names its own."""
+    return [{"store": lane.store.describe(), "domains": [d.id for d in lane.domains]} for lane in drva.lanes]

@@ -68,20 +68,18 @@ def failover_dir(cfg: Any, domain_name: str, *, test: bool = False) -> Path:
 
 async def _failover(config: Path, domain: int, target: str, name: str, test: bool) -> dict[str, Any]:
     from cdp.msa.config import load_site_config
+    from cdp.msa.operations import forbidden_places
     from cdp.store import open_store
-    from rocva.destination import Destination, store_root
+    from rocva.destination import Destination
     from rocva.failover import failover
     from rocva.target import as_target
 
     cfg = load_site_config(config)
-    store = open_store(cfg.store_url)
+    store = open_store(cfg.store_url_for(name))  # the peer's, for a domain of the peer
     progress = _progress_lines()
 
-    forbidden = [(cfg.state_dir, "the MSA's state directory")]
-    if (root := store_root(store)) is not None:
-        forbidden.append((root, "the site's object store"))
     cfg.cluster.state_dir.mkdir(parents=True, exist_ok=True)  # the datastore: a pilot light's may be new
-    destination = Destination((cfg.cluster.state_dir,), tuple(forbidden))
+    destination = Destination((cfg.cluster.state_dir,), forbidden_places(cfg))
     try:
         if test:  # a plain recovery: no fork, nothing written to the store but its lease
             from rocva.recover import recover
@@ -109,7 +107,7 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
     if spec is None:
         raise FailoverRefused(f"{cfg.cluster_path.name} has no domain {name}: a failback brings back this site's "
                               f"own disks of it; add the domain (its VMs and disks) to the inventory")
-    store = open_store(cfg.store_url)
+    store = open_store(cfg.store_url_for(name))  # this site's: the domain is its own
     try:
         state, _ = await load_catalog(store, domain)
         if state is None:
@@ -156,20 +154,18 @@ async def _standby(config: Path, name: str, interval_s: float) -> None:
     from cdp.durable import atomic_write
     from cdp.errors import StoreError
     from cdp.msa.config import load_site_config
+    from cdp.msa.operations import forbidden_places
     from cdp.store import open_store
-    from rocva.destination import Destination, store_root
+    from rocva.destination import Destination
     from rocva.errors import InvalidTarget
     from rocva.standby import keep_warm
 
     cfg = load_site_config(config)
-    store = open_store(cfg.store_url)
+    store = open_store(cfg.store_url_for(name))  # the peer's: a standby is of a domain of the peer
     status_path = cfg.state_dir / "standby" / f"{name}.status.json"
     status_path.parent.mkdir(parents=True, exist_ok=True)
-    forbidden = [(cfg.state_dir, "the MSA's state directory")]
-    if (root := store_root(store)) is not None:
-        forbidden.append((root, "the site's object store"))
     cfg.cluster.state_dir.mkdir(parents=True, exist_ok=True)
-    destination = Destination((cfg.cluster.state_dir,), tuple(forbidden))
+    destination = Destination((cfg.cluster.state_dir,), forbidden_places(cfg))
     doc: dict[str, Any] = {"pid": os.getpid(), "domain": name, "seq": None, "timeline": None, "committed_seq": None,
                            "cold_builds": 0, "applies": 0, "last_error": None}
     try:

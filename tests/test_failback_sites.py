@@ -18,7 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-from tests.mgmt.two_sites import make_two_sites, sha256
+import pytest
+
+from cdp.layout import domain_prefix
+from tests.mgmt.two_sites import TwoSites, make_two_sites, sha256
 from tests.test_failover_sites import WRITES_S, Operator, _kill_site, domain_objects, start_both
 from tests.test_walkthrough import CLI_EXIT_S, EXIT_S, _stop
 
@@ -150,13 +153,36 @@ def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_reru
 
 
 
-def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_path: Path) -> None:
-    """Each site protects its own domain and is the other's recovery site, one store: A's
-    erp fails over to B (planned) and back (``cdp failback``) while B's crm, on the same
-    DRVA of B that takes erp in, stays within its RPO target all along."""
-    sites = make_two_sites(tmp_path, install=False, crm=True)
+ERP_ID, CRM_ID = 1, 3  # tests.mgmt.two_sites
+
+
+def domains_in(root: Path) -> set[str]:
+    """The domain prefixes (``d/<id>/``) with objects in the file store at ``root``."""
+    return {f"d/{p.relative_to(root).parts[1]}/" for p in (root / "d").rglob("*") if p.is_file()}
+
+
+def check_stores(sites: TwoSites, two_stores: bool) -> None:
+    """Each domain's objects are in its store only: with two stores erp's in A's (where it
+    was protected from, whichever site writes it) and crm's in B's; else both in the one."""
+    if two_stores:
+        assert sites.store_b is not None
+        assert (domains_in(sites.store), domains_in(sites.store_b)) == ({domain_prefix(ERP_ID)},
+                                                                       {domain_prefix(CRM_ID)})
+    else:
+        assert domains_in(sites.store) == {domain_prefix(ERP_ID), domain_prefix(CRM_ID)}
+
+
+@pytest.mark.parametrize("two_stores", [False, True], ids=["one-store", "two-stores"])
+def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_path: Path, two_stores: bool) -> None:
+    """Each site protects its own domain and is the other's recovery site — with one store,
+    or with one per direction (erp in A's, crm in B's): A's erp fails over to B (planned)
+    and back (``cdp failback``) while B's crm, on the same DRVA of B that takes erp in,
+    stays within its RPO target all along; each domain's objects only ever land in its
+    own store, and both domains' latest points recover to their disks."""
+    sites = make_two_sites(tmp_path, install=False, crm=True, two_stores=two_stores)
     op = Operator(sites, tmp_path)
-    store = ("--store", sites.a.cfg.store_url)
+    erp_store, crm_store = ("--store", sites.a.cfg.store_url), ("--store", sites.b.cfg.store_url)
+    assert (erp_store == crm_store) is not two_stores
     target_s = sites.b.cfg.policy("crm").rpo_target_s
     lags: list[float] = []
     sampling = threading.Event()
@@ -176,11 +202,14 @@ def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_pa
         for site, name in (("a", "erp"), ("b", "crm")):
             op.wait(f"{name}'s first writes in the store", lambda: op.committed(site, name) >= 100, WRITES_S)
         sampler.start()
+        assert ("peer_store" in op.status("b")) is two_stores
+        check_stores(sites, two_stores)
 
         planned = op.at("b", "failover", "erp", "--planned")["output"]
         assert planned["handover"]["lost_writes"] == 0 and planned["timeline"] == 2, planned
         op.wait("B's writes of erp", lambda: op.committed("b") > planned["fork_seq"] + 30, WRITES_S)
         assert sorted(op.status("b")["powered"]) == ["crm", "erp"]
+        check_stores(sites, two_stores)  # B's DRVA writes erp to A's store, crm to its own
         crm_before = op.committed("b", "crm")
 
         back = op.at("a", "failback", "erp")["output"]
@@ -195,10 +224,19 @@ def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_pa
 
         acked = op.at("b", "power", "crm", "off")["acked_seq"]
         op.wait(f"crm's seq {acked} committed", lambda: op.committed("b", "crm") >= acked, WRITES_S)
-        crm = op.cdp("recover", "crm", *store, "--latest", "--to", str(tmp_path / "crm"))
+        crm = op.cdp("recover", "crm", *crm_store, "--latest", "--to", str(tmp_path / "crm"))
         assert [sha256(Path(i["path"])) for i in crm["images"]] == sites.primaries_b("crm")
-        points = op.cdp("points", "crm", *store)
+        points = op.cdp("points", "crm", *crm_store)
         assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-b")]
+
+        acked = op.at("a", "power", "erp", "off")["acked_seq"]
+        op.wait(f"erp's seq {acked} committed", lambda: op.committed("a") >= acked, WRITES_S)
+        erp = op.cdp("recover", "erp", *erp_store, "--latest", "--to", str(tmp_path / "erp"))
+        assert [sha256(Path(i["path"])) for i in erp["images"]] == sites.primaries_a()
+        points = op.cdp("points", "erp", *erp_store)
+        assert [(t["timeline"], t["owner"]) for t in points["timelines"]] == [(1, "site-a"), (2, "site-b"),
+                                                                              (3, "site-a")]
+        check_stores(sites, two_stores)
     finally:
         sampling.set()
         for proc in op.daemons.values():

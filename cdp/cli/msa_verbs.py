@@ -81,7 +81,8 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def status_text(doc: dict[str, Any]) -> str:
-    lines = [f"site {doc['site']}: daemon pid {doc['pid']}, API {doc['api']}, store {doc['store']}", ""]
+    peer_store = f", peer's domains in {doc['peer_store']}" if doc.get("peer_store") else ""
+    lines = [f"site {doc['site']}: daemon pid {doc['pid']}, API {doc['api']}, store {doc['store']}{peer_store}", ""]
     rows = [["DRVA", "STATE", "PID", "RESTARTS", "LOG USED", "BACK-PRESSURE", "DOMAINS"]]
     for d in doc["drvas"]:
         ratio = d.get("log_usage_ratio")

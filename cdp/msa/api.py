@@ -88,8 +88,9 @@ def redactions(daemon: MsaDaemon) -> tuple[tuple[str, str], ...]:
     cfg = daemon.cfg
     places = {str(cfg.state_dir): "<state_dir>", str(cfg.path.parent): "<site dir>",
               str(cfg.cluster_path.parent): "<cluster dir>", str(cfg.cluster.state_dir): "<disk images>"}
-    if cfg.store_url.startswith("file://"):
-        places[cfg.store_url.removeprefix("file://").rstrip("/")] = "<store>"
+    for url, name in zip(cfg.store_urls(), ("<store>", "<peer store>")):
+        if url.startswith("file://"):
+            places[url.removeprefix("file://").rstrip("/")] = name
     for drva in cfg.drvas:
         places[str(drva.log_path)] = f"<log partition of {drva.name}>"
         places[str(drva.meta_path)] = f"<metadata of {drva.name}>"

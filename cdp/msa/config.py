@@ -6,8 +6,9 @@ one that needs no service at all (file store, log files in a local directory)::
     site = "site-a"                    # this site's name
     cluster = "cluster.toml"           # the inventory: hosts, VMs, disks, and which DRVA
                                        # each domain's filter streams to (cdp.inventory)
-    store = "store"                    # object store: a path (file store) or a URL
-                                       # (file:///…, s3://bucket/prefix, azure://container/prefix);
+    store = "store"                    # this site's own store: where the domains of the cluster
+                                       # file live. A path (file store) or a URL (file:///…,
+                                       # s3://bucket/prefix, azure://container/prefix);
                                        # credentials only from the environment
     state_dir = "state"                # the MSA's own state: DRVA configs, jobs, logs
     recovery_roots = ["/srv/restore"]  # where recoveries started through the MSA may write
@@ -54,6 +55,8 @@ one that needs no service at all (file store, log files in a local directory)::
     site = "site-a"
     api = "127.0.0.1:32880"            # its [api] listen
     token_env = "CDP_PEER_TOKEN"       # its API token, from this environment variable
+    store = "../site-b/store"          # optional: the peer's own store, where its domains live
+                                       # (as `store`); absent: they live in this site's `store`
 
     [[standby]]                        # continuous rehydration of a domain of the peer site
     domain = "erp"                     # kept at its newest consistent point in the datastore,
@@ -62,6 +65,14 @@ one that needs no service at all (file store, log files in a local directory)::
 
 The inventory the site uses is the ``cluster`` file plus what this MSA registered in
 ``<state_dir>/registered.toml`` (``cdp.msa.registry``): the VMs a failover brought.
+
+**Which store a domain lives in** (``SiteConfig.store_url_for``): a domain's catalog stays
+in one store for its whole life — its timelines, failovers and failbacks. A domain of the
+``cluster`` file (this site's own) lives in ``store``; any other — one a failover brought
+here, the peer's domain a ``[[standby]]`` keeps warm, a domain looked up by name to be
+failed over — lives in ``[peer] store``, or in ``store`` when the peer has none (both
+sites share one store). So a pair can protect both ways with one store, or with two:
+one per direction, each site's ``store`` being the other's ``[peer] store``.
 
 ``load_site_config`` refuses a bad file with the file, the key and what was expected
 (``cdp.tomlread``). Secrets are read from the environment by ``secret()`` and
@@ -79,12 +90,12 @@ from typing import Any
 
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
-from cdp.store.open import config_store_url
+from cdp.store.open import check_store_url, config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
 from drva.config import (
-    DOMAIN_ID_RANGE, LOG_SIZE_MIN, SEAL_AGE_S_RANGE, SEAL_BYTES_RANGE, UPLOAD_CONCURRENCY_RANGE, blocking_file,
-    parse_drva_config,
+    DOMAIN_ID_RANGE, DRVA_DOMAIN_STORES_VERSION, LOG_SIZE_MIN, SEAL_AGE_S_RANGE, SEAL_BYTES_RANGE,
+    UPLOAD_CONCURRENCY_RANGE, blocking_file, parse_drva_config,
 )
 
 SECRET_MIN_CHARS = 16
@@ -158,11 +169,13 @@ class StandbySpec:
 
 @dataclass(frozen=True)
 class PeerSpec:
-    """The other site of the pair: its name and API; its token comes from ``token_env``."""
+    """The other site of the pair: its name and API; its token comes from ``token_env``.
+    ``store_url``: the peer's own store (its domains'), None when it is this site's."""
 
     site: str
     api: Endpoint
     token_env: str
+    store_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,7 @@ class SiteConfig:
     peer: PeerSpec | None = None
     isolated: frozenset[str] = frozenset()  # registered domains whose VMs run unreplicated (test failovers)
     standby: tuple[StandbySpec, ...] = ()
+    own_domains: frozenset[str] = frozenset()  # the cluster file's domains (not registered): in ``store``
 
     # ---- lookups
 
@@ -210,6 +224,20 @@ class SiteConfig:
 
     def policy(self, domain: str) -> Policy:
         return self.protect.get(domain, self.defaults)
+
+    # ---- stores
+
+    def store_url_for(self, domain: str) -> str:
+        """The store domain ``domain`` (a name) lives in (module docstring): this site's
+        ``store`` for a domain of its own, else the peer's store."""
+        if domain in self.own_domains or self.peer is None or self.peer.store_url is None:
+            return self.store_url
+        return self.peer.store_url
+
+    def store_urls(self) -> tuple[str, ...]:
+        """Every store the site reaches: its own, then the peer's if it has another."""
+        peer = self.peer.store_url if self.peer is not None else None
+        return (self.store_url,) if peer is None or peer == self.store_url else (self.store_url, peer)
 
     # ---- secrets (from the environment only)
 
@@ -237,7 +265,9 @@ class SiteConfig:
     def drva_config_doc(self, drva: DrvaSpec, domains: list[str], takeover: Collection[str] = ()) -> dict[str, Any]:
         """The ``drva.config`` document of ``drva`` serving the protected ``domains``
         (absolute paths, so it can live anywhere); those in ``takeover`` are being failed
-        over to this site (the DRVA waits for the fork instead of being fenced)."""
+        over to this site (the DRVA waits for the fork instead of being fenced). A domain
+        that lives in another store than the site's own (``store_url_for``) names it; the
+        document is then of version 2 (FORMAT.md §13.4), otherwise it is as before."""
         doms = []
         for name in domains:
             spec = self.domain(name)
@@ -245,9 +275,14 @@ class SiteConfig:
                 raise ConfigError(f"domain {name} streams to {spec.drva}, not to DRVA {drva.name}")
             doms.append({"id": spec.id, "name": spec.name, "disks": [
                 {"vm": d.vm.name, "name": d.disk.name, "size": d.disk.size} for d in spec.disks]})
+            if (store := self.store_url_for(name)) != self.store_url:
+                doms[-1]["store"] = store
             if name in takeover:
                 doms[-1]["takeover"] = True
-        doc: dict[str, Any] = {
+        doc: dict[str, Any] = {}
+        if any("store" in d for d in doms):  # a reader of version 1 would ship them to "store"
+            doc["version"] = DRVA_DOMAIN_STORES_VERSION
+        doc |= {
             "name": drva.name, "site": self.site, "listen": str(drva.listen),
             "state_dir": str(self.drva_state_dir(drva)), "store": self.store_url,
             "secret_env": self.secret_env,
@@ -335,15 +370,14 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     if not isinstance(data["cluster"], str):
         r.fail("cluster", "a file path", data["cluster"])
     cluster_path = here / data["cluster"]
-    if not isinstance(data["store"], str) or not data["store"]:
-        r.fail("store", "a store URL or path", data["store"])
+    store_url = _store_url(r, data["store"], "store", here)
     state_dir = data.get("state_dir", "state")
     if not isinstance(state_dir, str) or not state_dir:
         r.fail("state_dir", "a directory path", state_dir)
     if (blocker := blocking_file(here / state_dir)) is not None:
         raise ConfigError(f"{path}: state_dir: expected a directory (or a path where one can be made), got "
                           f"{state_dir!r}: {blocker!r} is a regular file")
-    cluster, isolated = _inventory(cluster_path, here / state_dir, site)
+    cluster, isolated, registered = _inventory(cluster_path, here / state_dir, site)
     _check_domain_ids(cluster, cluster_path)
     secret_env = data.get("secret_env", "CDP_SITE_SECRET")
     if not isinstance(secret_env, str) or not secret_env:
@@ -379,14 +413,15 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     hypervisor = _hypervisor(r, data.get("hypervisor", {}))
     peer = None
     if "peer" in data:
-        p = r.table(data["peer"], "peer", {"site", "api"}, {"token_env"})
+        p = r.table(data["peer"], "peer", {"site", "api"}, {"token_env", "store"})
         peer_name = r.name(p["site"], "peer.site")
         if peer_name == site:
             r.fail("peer.site", "another site's name", peer_name)
         peer_token_env = p.get("token_env", "CDP_PEER_TOKEN")
         if not isinstance(peer_token_env, str) or not peer_token_env:
             r.fail("peer.token_env", "an environment variable name", peer_token_env)
-        peer = PeerSpec(peer_name, r.endpoint(p["api"], "peer.api"), peer_token_env)
+        peer = PeerSpec(peer_name, r.endpoint(p["api"], "peer.api"), peer_token_env,
+                        _store_url(r, p["store"], "peer.store", here) if "store" in p else None)
     standby: list[StandbySpec] = []
     for i, sb in enumerate(r.list(data.get("standby", []), "standby", nonempty=False)):
         at = f"standby[{i}]"
@@ -397,11 +432,12 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if mode not in STANDBY_MODES:
             r.fail(f"{at}.mode", f"one of {', '.join(STANDBY_MODES)} (without an entry a failover is cold)", mode)
         standby.append(StandbySpec(name, mode, r.number(sb.get("interval_s", 0.5), f"{at}.interval_s", 0.05, 60)))
-    cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, config_store_url(data["store"], here),
+    own = frozenset(d.name for d in cluster.domains) - registered
+    cfg = SiteConfig(path.resolve(), site, cluster, cluster_path, store_url,
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
                      protect, alarms, retention_days * 86400, tuple(recovery_roots), hypervisor, peer, isolated,
-                     tuple(standby))
+                     tuple(standby), own)
     for name in protect:  # every protected domain has a DRVA here
         spec = cluster.domain(name)
         if not any(d.listen == spec.drva for d in drvas):
@@ -411,11 +447,11 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     return cfg
 
 
-def _inventory(cluster_path: Path, state_dir: Path, site: str) -> tuple[Cluster, frozenset[str]]:
+def _inventory(cluster_path: Path, state_dir: Path, site: str) -> tuple[Cluster, frozenset[str], frozenset[str]]:
     """The operator's inventory with what this site's MSA registered (``cdp.msa.registry``),
-    checked together — a clash names both files — and the registered domains that run
-    isolated (a test failover's)."""
-    from cdp.msa.registry import load_registry, merged, registry_path
+    checked together — a clash names both files —, the registered domains that run
+    isolated (a test failover's) and the names of all the registered domains."""
+    from cdp.msa.registry import load_registry, merged, registered_domains, registry_path
 
     try:
         data = tomllib.loads(cluster_path.read_text())
@@ -425,10 +461,26 @@ def _inventory(cluster_path: Path, state_dir: Path, site: str) -> tuple[Cluster,
         raise ConfigError(f"{cluster_path}: not valid TOML: {exc}") from exc
     registry = load_registry(state_dir, site)
     if not (registry["hosts"] or registry["vms"] or registry["domains"]):
-        return parse_cluster(data, str(cluster_path), base_dir=cluster_path.parent), frozenset()
+        return parse_cluster(data, str(cluster_path), base_dir=cluster_path.parent), frozenset(), frozenset()
     source = f"{cluster_path} with {registry_path(state_dir)}"
     return (parse_cluster(merged(data, registry), source, base_dir=cluster_path.parent),
-            frozenset(registry["isolated"]))
+            frozenset(registry["isolated"]), frozenset(registered_domains(registry)))
+
+
+def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
+    """The store URL of key ``key`` (a plain path is a file store relative to ``here``),
+    refused by its form (``check_store_url``) with the file and the key; the message
+    quotes the URL redacted (``open_store``'s words): never a secret."""
+    expected = ("a store URL or path (file:///…, s3://bucket/prefix, azure://container/prefix; "
+                "credentials only from the environment)")
+    if not isinstance(value, str) or not value:
+        r.fail(key, expected, value)
+    url = config_store_url(value, here)
+    try:
+        check_store_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"{r.source}: {key}: expected {expected}: {exc.message}") from None
+    return url
 
 
 def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:

@@ -439,11 +439,18 @@ class MsaDaemon:
                             "alarms": [a.id for a in active if a.subject in (name, drva)]})
         return {"site": self.cfg.site, "pid": os.getpid(), "api": str(self.cfg.api_listen),
                 "store": redact_url(self.cfg.store_url), "state_dir": str(self.cfg.state_dir),
+                **self._peer_store(),
                 "started_ns": self.started_ns, "time_ns": time.time_ns(), "drvas": drvas, "domains": domains,
                 "vms": [v.to_dict() for v in self.hypervisor.views()], "powered": list(self.powered),
                 "standby": self.standby.views(),
                 "failed_over": dict(self.failed_over),
                 "alarms": [a.to_dict() for a in active], "jobs_running": len(self.runner.tasks)}
+
+    def _peer_store(self) -> dict[str, str]:
+        """``{"peer_store": URL}`` (redacted) when the peer's domains live in a store of
+        their own (``[peer] store``), else nothing: the status is as with one store."""
+        urls = self.cfg.store_urls()
+        return {"peer_store": redact_url(urls[1])} if len(urls) > 1 else {}
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         return MetricsSnapshot(self.supervisor.views(), dict(self.protection), self.alarms.counts_by_kind(),

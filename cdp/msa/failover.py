@@ -299,10 +299,11 @@ async def _handover(daemon: Any, name: str, job: Job, *, failback: bool = False)
 
 
 async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]], int]:
-    """The domain's id, its disks and its committed seq (to seed the recovered VMs' writes)."""
+    """The domain's id, its disks and its committed seq (to seed the recovered VMs' writes),
+    from the store it lives in: the peer's for a domain of the peer (``store_url_for``)."""
     from cdp.catalog import find_domain
 
-    store = open_store(cfg.store_url)
+    store = open_store(cfg.store_url_for(name))
     try:
         found = await find_domain(store, name)
         if found is None:

@@ -31,7 +31,7 @@ async def request_mark(cfg: SiteConfig, domain: str, name: str, timeout_s: float
         raise ConfigError(f"mark name {name!r}: expected 1..{NAME_BYTES_MAX} UTF-8 bytes")
     spec = cfg.domain(domain)
     drva = cfg.drva_of(spec)
-    store = open_store(cfg.store_url)
+    store = open_store(cfg.store_url_for(domain))
     try:
         state, _ = await load_catalog(store, spec.id)
         before = max((m["seq"] for m in state.timeline().marks if m["name"] == name), default=0) if state else 0

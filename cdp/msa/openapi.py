@@ -93,7 +93,10 @@ def _schemas() -> dict[str, Any]:
              "properties": {"at": {"type": "string", "description": "ISO 8601 with a zone, or relative (-15m)."}}}]},
         "Status": {"type": "object", "properties": {
             "site": {"type": "string"}, "pid": {"type": "integer"}, "api": {"type": "string"},
-            "store": {"type": "string"}, "drvas": {"type": "array", "items": {"type": "object"}},
+            "store": {"type": "string", "description": "This site's own store (its domains'), redacted."},
+            "peer_store": {"type": "string", "description": "Where the peer's domains live, when not in store "
+                           "([peer] store), redacted; absent otherwise."},
+            "drvas": {"type": "array", "items": {"type": "object"}},
             "domains": {"type": "array", "items": {"type": "object", "properties": {
                 "name": {"type": "string"}, "id": {"type": "integer"}, "drva": {"type": "string"},
                 "policy": _ref("Policy"),

@@ -1,5 +1,6 @@
 """The store operations the daemon runs for a domain of the site, as jobs: list points,
-recover, verify, consolidate. Each opens the site's store, calls the RocVA function
+recover, verify, consolidate. Each opens the domain's store (``SiteConfig.store_url_for``:
+the site's own, or the peer's for a domain failed over here), calls the RocVA function
 the ``cdp`` verbs call, and closes the store; the REST handlers only check their input.
 
 Domains are named as in the cluster file; the store knows them by id
@@ -23,8 +24,9 @@ from cdp.store import open_store
 log = get_logger("cdp.msa.operations")
 
 
-async def with_store(cfg: SiteConfig, work: Callable[[Any], Awaitable[Any]]) -> Any:
-    store = open_store(cfg.store_url)
+async def with_store(cfg: SiteConfig, domain: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    """``work(store)`` on the store ``domain`` lives in, closed after."""
+    store = open_store(cfg.store_url_for(domain))
     try:
         return await work(store)
     finally:
@@ -61,19 +63,28 @@ async def points(cfg: SiteConfig, domain: str) -> dict[str, Any]:
 
     domain_id = cfg.domain(domain).id
     seen = await asyncio.to_thread(seen_by_drva, cfg, domain)
-    return jsonable(await with_store(cfg, lambda store: list_points(store, domain_id, seen=seen)))
+    return jsonable(await with_store(cfg, domain, lambda store: list_points(store, domain_id, seen=seen)))
+
+
+def forbidden_places(cfg: SiteConfig) -> tuple[tuple[Path, str], ...]:
+    """Where no recovery of the site may write (``rocva.destination``): the MSA's state
+    directory and every file store the site reaches (its own, and its peer's)."""
+    from rocva.destination import store_root
+
+    forbidden = [(cfg.state_dir, "the MSA's state directory")]
+    for url in cfg.store_urls():
+        if url.startswith("file://"):
+            forbidden.append((store_root(open_store(url)), "the site's object store"))
+    return tuple(forbidden)
 
 
 def recovery_destination(cfg: SiteConfig) -> Any:
     """Where the recoveries the daemon runs may write: under the site file's
-    ``recovery_roots``, never in the store or the state directory (``rocva.destination``;
+    ``recovery_roots``, never in a store or the state directory (``rocva.destination``;
     the messages name neither)."""
-    from rocva.destination import Destination, store_root
+    from rocva.destination import Destination
 
-    forbidden = [(cfg.state_dir, "the MSA's state directory")]
-    if cfg.store_url.startswith("file://"):
-        forbidden.append((store_root(open_store(cfg.store_url)), "the site's object store"))
-    return Destination(cfg.recovery_roots, tuple(forbidden))
+    return Destination(cfg.recovery_roots, forbidden_places(cfg))
 
 
 def check_recovery_destination(cfg: SiteConfig, to: str) -> None:
@@ -90,7 +101,7 @@ async def recover(cfg: SiteConfig, domain: str, target: Any, out_dir: Path, job:
     domain_id = cfg.domain(domain).id
     destination = recovery_destination(cfg)
     try:
-        result = await with_store(cfg, lambda store: rocva_recover(
+        result = await with_store(cfg, domain, lambda store: rocva_recover(
             store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total),
             destination=destination))
     except OSError as exc:  # the destination, as the client named it: an error of the request, not a bug
@@ -104,7 +115,7 @@ async def verify(cfg: SiteConfig, domain: str, deep: bool, sample: float, job: J
 
     domain_id = cfg.domain(domain).id
     seen = await asyncio.to_thread(seen_by_drva, cfg, domain)
-    return jsonable(await with_store(cfg, lambda store: rocva_verify(
+    return jsonable(await with_store(cfg, domain, lambda store: rocva_verify(
         store, domain_id, deep=deep, sample=sample, seen=seen,
         progress=lambda done, total: job.progress("verify", done, total))))
 
@@ -116,7 +127,7 @@ async def consolidate(cfg: SiteConfig, domain: str, policy: Policy, job: Job) ->
     domain_id = cfg.domain(domain).id
     scratch = cfg.state_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    return jsonable(await with_store(cfg, lambda store: rocva_consolidate(
+    return jsonable(await with_store(cfg, domain, lambda store: rocva_consolidate(
         store, domain_id, older_than_s=policy.consolidate_after_s, retention_s=policy.retention_s,
         scratch_dir=scratch, progress=job.progress)))
 
@@ -128,7 +139,7 @@ async def owned_elsewhere(cfg: SiteConfig, domain: str) -> dict[str, Any] | None
     from cdp.catalog import load_catalog
 
     domain_id = cfg.domain(domain).id
-    state, _ = await with_store(cfg, lambda store: load_catalog(store, domain_id))
+    state, _ = await with_store(cfg, domain, lambda store: load_catalog(store, domain_id))
     if state is None:
         return None
     tl = state.timeline()

@@ -244,27 +244,36 @@ def check_secrets(cfg: SiteConfig, env: Mapping[str, str]) -> list[Check]:
                                 f"{state}: set it to {what} (at least 16 characters)", {"state": state}))
             continue
         checks.append(Check(f"secret.{var}", "pass", f"set ({what})", {"state": "set"}))
-    scheme = cfg.store_url.partition("://")[0].lower()
+    checks += _store_credentials(cfg.store_url, env, "secret.store")
+    if len(urls := cfg.store_urls()) > 1:  # the peer's domains live in another store: its credentials too
+        checks += _store_credentials(urls[1], env, "secret.peer_store")
+    return checks
+
+
+def _store_credentials(url: str, env: Mapping[str, str], name: str) -> list[Check]:
+    """Check ``name``: the environment holds the credentials of the store at ``url`` (a
+    file store needs none). Names only, never a value."""
+    checks = []
+    scheme = url.partition("://")[0].lower()
     if scheme == "s3":
         names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
         state = {n: "set" if env.get(n) else "unset" for n in names}
         if state["AWS_ACCESS_KEY_ID"] != state["AWS_SECRET_ACCESS_KEY"]:
-            checks.append(Check("secret.store", "fail", "only one of AWS_ACCESS_KEY_ID and "
+            checks.append(Check(name, "fail", "only one of AWS_ACCESS_KEY_ID and "
                                 "AWS_SECRET_ACCESS_KEY is set: set both", state))
         elif state["AWS_ACCESS_KEY_ID"] == "unset":
-            checks.append(Check("secret.store", "warn", "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+            checks.append(Check(name, "warn", "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                                 "unset: the SDK falls back to its shared files or an instance role", state))
         else:
-            checks.append(Check("secret.store", "pass", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set",
-                                state))
+            checks.append(Check(name, "pass", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set", state))
     elif scheme == "azure":
         names = ("CDP_AZURE_CONNECTION_STRING", "AZURE_STORAGE_CONNECTION_STRING")
         state = {n: "set" if env.get(n) else "unset" for n in names}
         if "set" in state.values():
             used = next(n for n in names if state[n] == "set")
-            checks.append(Check("secret.store", "pass", f"{used} set", state))
+            checks.append(Check(name, "pass", f"{used} set", state))
         else:
-            checks.append(Check("secret.store", "fail", f"set {names[0]} (or {names[1]}) to the "
+            checks.append(Check(name, "fail", f"set {names[0]} (or {names[1]}) to the "
                                 "storage account's connection string", state))
     return checks
 
@@ -282,8 +291,13 @@ async def _timed(op: Awaitable[Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
-async def check_store_writable(cfg: SiteConfig, store: Any) -> Check:
+async def check_store_writable(cfg: SiteConfig, store: Any, name: str = "store.write") -> Check:
     """Put, get, compare and delete a probe object under the site's prefix."""
+    got = await _probe_writes(cfg, store)
+    return Check(name, got.status, got.reason, got.details)
+
+
+async def _probe_writes(cfg: SiteConfig, store: Any) -> Check:
     key = f"{SITES_PREFIX}{cfg.site}/preflight/{uuid.uuid4().hex}.probe"
     data = os.urandom(PROBE_BYTES)
     where = store.describe()
@@ -351,6 +365,29 @@ async def check_clock(store: Any) -> Check:
         return Check("store.clock", "warn", f"{text}: above {SKEW_WARN_S:g} s; locks tolerate "
                      f"{SKEW_FAIL_S:g} s, synchronise the clocks (NTP)", details)
     return Check("store.clock", "pass", text, details)
+
+
+async def check_peer_store(cfg: SiteConfig, env: Mapping[str, str]) -> list[Check]:
+    """``peer_store.write``: the store of the peer's domains (``[peer] store``), when it is
+    not this site's, is reachable and writable — this site's DRVAs write a domain failed
+    over here into it. A failure names the file and the key."""
+    from cdp.store import open_store
+
+    urls = cfg.store_urls()
+    if len(urls) == 1:
+        return []
+    where = f"{cfg.path}: peer.store"
+    try:
+        store = open_store(urls[1], env=env)
+    except ConfigError as exc:
+        return [Check("peer_store.write", "fail", f"{where}: {exc.message}")]
+    try:
+        check = await check_store_writable(cfg, store, "peer_store.write")
+    finally:
+        await store.close()
+    if check.status != "pass":
+        return [Check(check.name, check.status, f"{where}: {check.reason}", check.details)]
+    return [check]
 
 
 async def check_store(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> list[Check]:
@@ -479,9 +516,13 @@ async def preflight_system(cfg: SiteConfig, env: Mapping[str, str] = os.environ,
     async def store_checks() -> list[Check]:
         return await check_store(cfg, env, store)
 
+    async def peer_store_checks() -> list[Check]:
+        return await check_peer_store(cfg, env)
+
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("runtime", check_runtime), ("modules", check_modules),
-        ("secrets", lambda: check_secrets(cfg, env)), ("store", store_checks)]
+        ("secrets", lambda: check_secrets(cfg, env)), ("store", store_checks),
+        ("peer_store", peer_store_checks)]
     for drva in cfg.drvas:
         steps += [(f"drva.{drva.name}.log", lambda d=drva: check_log_partition(d)),
                   (f"drva.{drva.name}.fsync", lambda d=drva: check_fsync(d)),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from cdp.errors import ConfigError
 from cdp.store.base import ObjectStore
@@ -67,25 +67,57 @@ def redact_url(url: str) -> str:
     return redacted
 
 
+def check_store_url(url: str) -> None:
+    """ConfigError (as ``open_store`` words it) when ``url`` cannot name a store, judged by
+    its form alone: no I/O, no SDK import, no credential read — a configuration file is
+    checked where the store's credentials may not be in the environment. What only the
+    backend can judge (an S3 bucket name's rules, the Azure connection string) is left to
+    ``open_store``."""
+    _checked(url)
+
+
 def open_store(url: str, *, env: Mapping[str, str] = os.environ) -> ObjectStore:
     """Return the store that url names (see the module docstring); ConfigError if bad."""
+    scheme, parts, params = _checked(url)
+    try:
+        if scheme == "file":
+            return FileStore(_file_path(url, parts))
+        if scheme == "mem":
+            return _open_memory(parts.netloc + parts.path)
+        if scheme == "s3":
+            return _open_s3(parts.netloc, parts.path, params, env)
+        return _open_azure(parts.netloc, parts.path, env)
+    except ConfigError as exc:
+        raise ConfigError(f"store URL {redact_url(url)}: {exc.message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"store URL {redact_url(url)}: not a valid URL") from exc
+
+
+def _checked(url: str) -> tuple[str, SplitResult, dict[str, str]]:
+    """(scheme — ``file`` for a plain path too —, the split URL, its query parameters)
+    of a well-formed store URL; ConfigError naming the URL (redacted) otherwise."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("empty store URL: expected file://, mem://, s3:// or azure://")
     try:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if not scheme or scheme == "file":
-            return _open_file(url, parts.netloc if scheme == "file" else None)
+            _file_path(url, parts)
+            return "file", parts, {}
         if parts.username is not None or parts.password is not None:
             raise ConfigError("credentials in the URL are refused: use the environment")
         if scheme == "mem":
-            return _open_memory(parts.netloc + parts.path)
+            return scheme, parts, {}
+        if scheme not in ("s3", "azure"):
+            raise ConfigError(f"unknown scheme {scheme!r}: expected file, mem, s3 or azure")
         params = _params(parts.query)
-        if scheme == "s3":
-            return _open_s3(parts.netloc, parts.path, params, env)
-        if scheme == "azure":
-            return _open_azure(parts.netloc, parts.path, params, env)
-        raise ConfigError(f"unknown scheme {scheme!r}: expected file, mem, s3 or azure")
+        if scheme == "s3" and not parts.netloc:
+            raise ConfigError("no bucket: expected s3://bucket/optional/prefix")
+        if scheme == "azure" and not parts.netloc:
+            raise ConfigError("no container: expected azure://container/optional/prefix")
+        if scheme == "azure" and params:
+            raise ConfigError("azure URLs take no query parameters")
+        return scheme, parts, params
     except ConfigError as exc:
         raise ConfigError(f"store URL {redact_url(url)}: {exc.message}") from None
     except ValueError as exc:
@@ -103,15 +135,15 @@ def _params(query: str) -> dict[str, str]:
     return params
 
 
-def _open_file(url: str, netloc: str | None) -> FileStore:
-    if netloc is None:  # a plain path
-        return FileStore(Path(url))
-    parts = urlsplit(url)
-    if netloc not in ("", "localhost"):
-        raise ConfigError(f"file URL with host {netloc!r}: expected file:///absolute/path")
+def _file_path(url: str, parts: SplitResult) -> Path:
+    """The directory of a file store: a plain path, or file:///absolute/path."""
+    if not parts.scheme:
+        return Path(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(f"file URL with host {parts.netloc!r}: expected file:///absolute/path")
     if parts.query or parts.fragment or not parts.path.startswith("/"):
         raise ConfigError("expected file:///absolute/path with no query")
-    return FileStore(Path(unquote(parts.path)))
+    return Path(unquote(parts.path))
 
 
 def _open_memory(name: str) -> MemoryStore:
@@ -126,8 +158,6 @@ def _open_memory(name: str) -> MemoryStore:
 def _open_s3(bucket: str, path: str, params: dict[str, str], env: Mapping[str, str]) -> ObjectStore:
     from cdp.store.s3 import S3Store  # aioboto3 is slow to import: only when used
 
-    if not bucket:
-        raise ConfigError("no bucket: expected s3://bucket/optional/prefix")
     return S3Store(
         bucket,
         unquote(path),
@@ -139,15 +169,9 @@ def _open_s3(bucket: str, path: str, params: dict[str, str], env: Mapping[str, s
     )
 
 
-def _open_azure(
-    container: str, path: str, params: dict[str, str], env: Mapping[str, str]
-) -> ObjectStore:
+def _open_azure(container: str, path: str, env: Mapping[str, str]) -> ObjectStore:
     from cdp.store.azure import AzureBlobStore  # azure-storage is slow to import
 
-    if not container:
-        raise ConfigError("no container: expected azure://container/optional/prefix")
-    if params:
-        raise ConfigError("azure URLs take no query parameters")
     connection_string = env.get("CDP_AZURE_CONNECTION_STRING") or env.get(
         "AZURE_STORAGE_CONNECTION_STRING"
     )

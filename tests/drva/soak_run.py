@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 async def soak(tmp_path: Path, endpoint: str) -> dict[str, Any]:
     """Run the soak against the S3 server at ``endpoint``; its report."""
-    import drva.daemon
+    import drva.lanes
     from cdp.catalog import list_generations, load_catalog
     from cdp.store.faulty import FaultyStore
     from cdp.store.open import open_store
@@ -61,7 +61,7 @@ async def soak(tmp_path: Path, endpoint: str) -> dict[str, Any]:
         faulty.append(store)
         return store
 
-    drva.daemon.open_store = lossy_store
+    drva.lanes.open_store = lossy_store  # every store the DRVA opens (drva.lanes.open_lanes)
     doc = drva_doc(tmp_path, "drva-soak", [domain_doc(1, "erp", [("vm1", "d0", DISK)])], store=url,
                    seal_bytes="1MiB", seal_age_s=SEAL_S)
     d = Drva(config(doc), exit_on_task_failure=False)

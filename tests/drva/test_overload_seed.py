@@ -41,7 +41,7 @@ async def test_full_log_forces_backpressure_then_bitmap_then_resync(tmp_path, ca
     caplog.set_level(logging.INFO, logger="drva.session")
     drva = await start(tmp_path, log_size="10MiB", seal_bytes="1MiB")
     slow = FaultyStore(FileStore(tmp_path / "store"))
-    drva.store = drva.shipper.store = slow
+    drva.shipper.store = slow
     disk = Disk(tmp_path / "erp0.img", DISK)
     f = DomainFilter(1, [disk], buffer_bytes_max=8 << 20)
     client = FilterClient([f], "127.0.0.1", drva.port, SECRET.encode(), "host-1")

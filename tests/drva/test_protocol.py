@@ -227,7 +227,7 @@ async def test_memory_stays_bounded_under_a_sender_faster_than_the_path(tmp_path
     await wait_until(lambda: d.domains[1].catalog_ready, EVENTUALLY_S, "the catalog open")
     faulty = FaultyStore(FileStore(tmp_path / "store"))
     faulty.hang("put")
-    d.store = d.shipper.store = faulty
+    d.shipper.store = faulty
     disk = Disk(tmp_path / "p.img", 64 << 20)
     f = DomainFilter(1, [disk], buffer_bytes_max=16 << 20)
     client = FilterClient([f], "127.0.0.1", d.port, SECRET.encode(), "host-1")

@@ -25,6 +25,7 @@ SITE_VERBS = (("preflight", "system"), ("preflight", "install"), ("install",), (
               ("preflight", "uninstall"), ("uninstall",), ("status",), ("jobs",), ("protect", "erp"),
               ("mark", "erp", "m"))
 CORE_VERBS = SITE_VERBS[:4]
+HIDDEN = "hunter2-SECRET"  # a credential in a bad value: never in what is printed
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -171,6 +172,10 @@ DRVA_CASES = {
     "a name of ..": (lambda t: {"name": ".."}, ("name: '..' is not a name",)),
     "log.size 512": (lambda t: {"log": {"path": str(t / "replog"), "size": 512}},
                      ("log.size: expected at least 1056768 bytes",)),
+    "a domain's store with credentials in it": (lambda t: {"version": 2, "domains": [{
+        "id": 1, "name": "erp", "disks": [{"vm": "db", "name": "d0", "size": "1MiB"}],
+        "store": f"s3://AKID:{HIDDEN}@bucket/x"}]},
+        ("domains[0].store: expected a store URL", "credentials in the URL are refused")),
 }
 
 
@@ -182,6 +187,7 @@ def test_the_drva_refuses_a_bad_file_cleanly(tmp_path: Path, case: str) -> None:
             {**os.environ, "CDP_SITE_SECRET": SECRET}, timeout=60)
     assert "Traceback" not in r.stderr, r.stderr
     assert r.returncode == CONFIG_EXIT, (r.returncode, r.stderr)
+    assert HIDDEN not in r.stderr + r.stdout
     [line] = [line for line in r.stderr.splitlines() if line.startswith("drva: error:")]
     assert str(path) in line, line
     for word in words:

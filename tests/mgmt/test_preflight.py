@@ -156,6 +156,27 @@ async def test_a_store_whose_read_back_differs_fails(site: Site) -> None:
     assert checks["store.write"]["status"] == "fail" and "differs" in checks["store.write"]["reason"]
 
 
+async def test_the_peers_store_is_checked_when_the_peers_domains_live_in_it(site: Site) -> None:
+    assert "peer_store.write" not in by_name(await preflight_system(site.cfg, site.env))  # one store: as before
+    text = site.config_path.read_text() + '\n[peer]\nsite = "site-o"\napi = "127.0.0.1:1"\nstore = "peer-store"\n'
+    site.config_path.write_text(text)
+    two = with_site_text(site)
+    check = by_name(await preflight_system(two.cfg, two.env))["peer_store.write"]
+    assert check["status"] == "pass" and "peer-store" in check["reason"], check
+    assert [i.key async for i in FileStore(site.root / "peer-store").list()] == []  # the probe is gone
+    (site.root / "peer-store").rmdir()
+    (site.root / "peer-store").write_text("a file where the peer's store should be")
+    check = by_name(await preflight_system(two.cfg, two.env))["peer_store.write"]
+    assert check["status"] == "fail" and check["reason"].startswith(f"{two.cfg.path}: peer.store: "), check
+    azure = with_site_text(two, 'store = "peer-store"', 'store = "azure://peer-box/p"')
+    env = {k: v for k, v in site.env.items() if "CONNECTION_STRING" not in k}
+    checks = by_name(await preflight_system(azure.cfg, env))
+    assert checks["secret.peer_store"]["status"] == "fail" and "secret.store" not in checks  # its own: a file store
+    assert "CDP_AZURE_CONNECTION_STRING" in checks["secret.peer_store"]["reason"]
+    check = checks["peer_store.write"]  # the store cannot even be opened
+    assert check["status"] == "fail" and check["reason"].startswith(f"{azure.cfg.path}: peer.store: "), check
+
+
 @pytest.mark.parametrize("skew,status", [(0.0, "pass"), (-(SKEW_WARN_S + 3), "warn"), (SKEW_WARN_S + 3, "warn"),
                                          (SKEW_FAIL_S + 10, "fail"), (-(SKEW_FAIL_S + 10), "fail"),
                                          (None, "warn")])

@@ -232,3 +232,90 @@ def test_child_processes_get_neither_api_token(tmp_path: Path) -> None:
     cfg = load_site_config(path)
     env = {"CDP_API_TOKEN": "a" * 20, "PEER_T": "b" * 20, "CDP_SITE_SECRET": "s" * 20, "PATH": "/bin"}
     assert cfg.child_env(env) == {"CDP_SITE_SECRET": "s" * 20, "PATH": "/bin"}
+
+
+# ---------------------------------------------------------------------- one store per direction
+
+PEER = '\n[peer]\nsite = "site-o"\napi = "127.0.0.1:1"\n'
+HIDDEN = "hunter2-SECRET"  # in a bad URL: never in a message
+
+
+def _with_failed_over_domain(tmp_path: Path, peer: str) -> Path:
+    """The minimal site with ``peer`` appended and domain ``crm`` (id 7) registered, as a
+    failover of the peer's domain registers it (``cdp.msa.registry``)."""
+    from cdp import site_files
+    from cdp.msa import registry
+
+    path = write_site(tmp_path)
+    path.write_text(path.read_text() + peer)
+    doc = registry.with_domain(registry.empty("site-c"), site_files.domain("crm", 7, "127.0.0.1:32873", ["crm-1"]),
+                               [site_files.vm("crm-1", "esx-01", [("disk0", "1MiB", "crm/crm-1-disk0.img")])], [])
+    registry.save_registry(tmp_path / "state", doc)
+    return path
+
+
+def test_a_domain_lives_in_this_sites_store_if_its_own_else_in_the_peers(tmp_path: Path) -> None:
+    path = _with_failed_over_domain(tmp_path, PEER + 'store = "../peer-store"\n')
+    cfg = load_site_config(path)
+    own, peers = f"file://{tmp_path / 'store'}", f"file://{(tmp_path / '..' / 'peer-store').resolve()}"
+    assert cfg.store_url == own and cfg.peer is not None and cfg.peer.store_url == peers
+    assert cfg.own_domains == {"erp", "stray"}
+    assert [cfg.store_url_for(d) for d in ("erp", "stray", "crm", "unknown")] == [own, own, peers, peers]
+    assert cfg.store_urls() == (own, peers)
+    doc = cfg.drva_config_doc(cfg.drva("drva-1"), ["erp", "crm"])
+    assert doc["version"] == 2 and doc["store"] == own  # the default: this site's own domains
+    assert ["store" in d for d in doc["domains"]] == [False, True] and doc["domains"][1]["store"] == peers
+
+
+def test_without_a_peer_store_every_domain_lives_in_the_sites_store(tmp_path: Path) -> None:
+    for peer in ("", PEER):
+        cfg = load_site_config(_with_failed_over_domain(tmp_path, peer))
+        assert {cfg.store_url_for(d) for d in ("erp", "crm", "unknown")} == {cfg.store_url}
+        assert cfg.store_urls() == (cfg.store_url,)
+        doc = cfg.drva_config_doc(cfg.drva("drva-1"), ["erp", "crm"])
+        assert "version" not in doc and not any("store" in d for d in doc["domains"])  # as before two stores
+
+
+BAD_STORES = [
+    # (the key's TOML value, words of the message)
+    ('""', "expected a store URL or path"),
+    ("42", "expected a store URL or path"),
+    ('"ftp://host/x"', "unknown scheme 'ftp'"),
+    ('"file://otherhost/x"', "expected file:///absolute/path"),
+    ('"s3://"', "no bucket"),
+    (f'"s3://AKID:{HIDDEN}@bucket/x"', "credentials in the URL are refused"),
+    (f'"s3://bucket/x?secret_key={HIDDEN}"', "unknown query parameter(s) secret_key"),
+    ('"azure://cont?endpoint=x"', "azure URLs take no query parameters"),
+]
+
+
+@pytest.mark.parametrize("key", ["peer.store", "store"])
+@pytest.mark.parametrize("value,expected", BAD_STORES, ids=[b[0] for b in BAD_STORES])
+def test_a_bad_store_is_refused_with_the_file_and_the_key(tmp_path: Path, key: str, value: str,
+                                                          expected: str) -> None:
+    text = SITE + PEER + f"store = {value}\n" if key == "peer.store" else SITE.replace('"store"', value, 1)
+    path = write_site(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    message = err.value.message
+    assert message.startswith(f"{path}: {key}: expected a store URL or path"), message
+    assert expected in message and HIDDEN not in message and HIDDEN not in repr(err.value), message
+
+
+def test_the_examples_with_one_store_per_direction_load(tmp_path: Path) -> None:
+    """The commented ``[peer] store`` lines of the examples, switched on as the README says
+    (``Both ways at once``): each site's own domains in its store, the peer's in the other."""
+    examples = ROOT / "examples"
+    a = (examples / "site.toml").read_text().replace('# store = "sim-store-b"', 'store = "sim-store-b"')
+    b = (examples / "site-b.toml").read_text()
+    b = b.replace('\nstore = "sim-store" ', '\n# store = "sim-store" ').replace(
+        '# store = "sim-store-b"', 'store = "sim-store-b"').replace(
+        '# store = "sim-store"          # one store', 'store = "sim-store"          # one store')
+    for name, text in (("site.toml", a), ("site-b.toml", b), ("cluster.toml", None), ("cluster-b.toml", None)):
+        (tmp_path / name).write_text(text if text is not None else (examples / name).read_text())
+    site_a, site_b = load_site_config(tmp_path / "site.toml"), load_site_config(tmp_path / "site-b.toml")
+    sa, sb = f"file://{tmp_path / 'sim-store'}", f"file://{tmp_path / 'sim-store-b'}"
+    assert (site_a.store_url, site_a.store_urls()) == (sa, (sa, sb))
+    assert (site_b.store_url, site_b.store_urls()) == (sb, (sb, sa))
+    assert site_a.store_url_for("erp") == site_b.store_url_for("erp") == sa  # erp's for its whole life
+    assert site_a.store_url_for("crm") == site_b.store_url_for("crm") == sb

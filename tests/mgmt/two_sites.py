@@ -1,6 +1,6 @@
-"""Two sites over one file store, for the failover tests: site A protects domain ``erp``
-(VMs erp-db with two disks and erp-app with one, on host esx-a1, writing a random
-workload); site B is a pilot light — host esx-b1, no VM — with one on-demand host
+"""Two sites over one file store (or one per direction: ``two_stores``), for the failover
+tests: site A protects domain ``erp`` (VMs erp-db with two disks and erp-app with one, on
+host esx-a1, writing a random workload); site B is a pilot light — host esx-b1, no VM — with one on-demand host
 esx-b2 and room for one VM per host, so a failover of erp's two VMs must add it; B's
 ``[peer]`` is A's API (a planned failover asks A to hand the domain over).
 
@@ -34,7 +34,8 @@ def _drva(name: str, port: int, state: str) -> dict[str, Any]:
 class TwoSites:
     a: Site
     b: Site
-    store: Path
+    store: Path  # site A's store: erp's, and with one store every domain's
+    store_b: Path | None = None  # with two stores, site B's own: crm's
 
     def primaries_a(self, domain: str = "erp") -> list[str]:
         """sha256 of the domain's disks at site A, in the domain's disk order."""
@@ -50,14 +51,20 @@ sha256 = sha256_file  # the tests' name for it
 
 def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_url: str | None = None,
                    install: bool = True, env: dict[str, str] | None = None, standby: bool = False,
-                   disk: str = DISK, web: bool = False, crm: bool = False) -> TwoSites:
+                   disk: str = DISK, web: bool = False, crm: bool = False, two_stores: bool = False) -> TwoSites:
     """``store_url``: default a file store under ``root``; ``install``: what the daemon
     needs of ``cdp install`` (else the test runs it); ``env``: added to the sites';
     ``web``: a second protected domain at A, ``web`` (id 2, VM web-1 with one disk), and
     room for it at B (two VMs per host); ``crm``: protection both ways — site B protects
     its own domain ``crm`` (id 3, VM crm-1 with one disk on esx-b1, B's DRVA) with A as
-    its recovery site (A gets an on-demand host), and B has room for erp beside it."""
+    its recovery site (A gets an on-demand host), and B has room for erp beside it;
+    ``two_stores``: one file store per direction — A's domains in ``root/store``, B's in
+    ``root/store-b``, each site naming the other's as ``[peer] store``."""
+    assert not (two_stores and store_url), "two_stores: two file stores under root"
     store = root / "store"
+    store_b = root / "store-b" if two_stores else None
+    a_peer_store = {"store": str(store_b)} if store_b else {}
+    b_peer_store = {"store": str(store)} if store_b else {}
     pa, pb, api_a, api_b = free_port(), free_port(), free_port(), free_port()
     a_inventory = site_files.inventory(
         "site-a", ["esx-a1"],
@@ -71,19 +78,21 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
     a_doc = site_files.site("site-a", drvas=[_drva("drva-a1", pa, "state")], protect=["erp", "web"] if web else ["erp"],
                             store=store_url or str(store),
                             api_listen=f"127.0.0.1:{api_a}", cluster="inventory.toml",
-                            peer={"site": "site-b", "api": f"127.0.0.1:{api_b}", "token_env": "CDP_PEER_TOKEN"})
+                            peer={"site": "site-b", "api": f"127.0.0.1:{api_b}", "token_env": "CDP_PEER_TOKEN",
+                                  **a_peer_store})
     if crm:
         a_doc["hypervisor"] = {"on_demand_hosts": ["esx-a2"], "vms_per_host": 2, "recovered_workload": WORKLOAD}
     b_inventory = site_files.inventory(
         "site-b", ["esx-b1"], [site_files.vm("crm-1", "esx-b1", [("disk0", disk)])] if crm else [],
         [site_files.domain("crm", 3, f"127.0.0.1:{pb}", ["crm-1"], workload or WORKLOAD)] if crm else [],
         state_dir="datastore")
-    b_doc = site_files.site("site-b", drvas=[_drva("drva-b1", pb, "state")], store=store_url or str(store),
+    b_doc = site_files.site("site-b", drvas=[_drva("drva-b1", pb, "state")], store=store_url or str(store_b or store),
                             protect=["crm"] if crm else (),
                             api_listen=f"127.0.0.1:{api_b}", cluster="inventory.toml",
                             hypervisor={"on_demand_hosts": ["esx-b2"], "vms_per_host": 2 if web or crm else 1,
                                         "recovered_workload": WORKLOAD},
-                            peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN"},
+                            peer={"site": "site-a", "api": f"127.0.0.1:{api_a}", "token_env": "CDP_PEER_TOKEN",
+                                  **b_peer_store},
                             standby=[{"domain": "erp", "mode": "continuous", "interval_s": 0.2}] if standby else ())
     env = {**os.environ, "CDP_SITE_SECRET": SECRET, "CDP_API_TOKEN": TOKEN, "CDP_PEER_TOKEN": TOKEN, **(env or {})}
     sites = []
@@ -93,7 +102,7 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
         if install:
             install_site(cfg)
         sites.append(Site(root / name, path, cfg, env))
-    return TwoSites(sites[0], sites[1], store)
+    return TwoSites(sites[0], sites[1], store, store_b)
 
 
 def reload(site: Site) -> Site:

@@ -8,6 +8,7 @@ import pytest
 
 from cdp.errors import ConfigError
 from cdp.store import FileStore, MemoryStore, open_store, redact_url
+from cdp.store.open import check_store_url
 from tests.services import AZURITE_KEY, connection_string
 
 
@@ -94,6 +95,25 @@ def test_bad_urls_are_config_errors_without_secrets(url: str, expected: str) -> 
     assert SECRET not in str(caught.value) and SECRET not in repr(caught.value)
     if url:
         assert "store URL" in str(caught.value)
+
+
+#: What the form of a URL shows (``check_store_url``); the rest needs the backend.
+FORM_ERRORS = {"", "ftp://host/x", "file://otherhost/x", "s3://", f"s3://AKID:{SECRET}@bucket/x",
+               f"s3://bucket/x?secret_key={SECRET}", "azure://", "azure://cont-x?endpoint=x"}
+
+
+@pytest.mark.parametrize("url", sorted(FORM_ERRORS))
+def test_check_store_url_refuses_by_form_as_open_store_does(url: str) -> None:
+    with pytest.raises(ConfigError) as opening:
+        open_store(url, env={})
+    with pytest.raises(ConfigError) as checking:
+        check_store_url(url)
+    assert checking.value.message == opening.value.message and SECRET not in checking.value.message
+
+
+def test_check_store_url_needs_no_credentials() -> None:
+    for url in ("azure://cont-x/p", "s3://bucket/p?region=r", "file:///srv/store", "relative/dir", "mem://x"):
+        check_store_url(url)  # no Azure connection string in the environment: open_store would refuse
 
 
 def test_redact_url() -> None:
