@@ -404,7 +404,8 @@ def main() -> None:
         "failback_store_read_split": m["failback_store_read_split"],
         "full_copy_store_read_bytes": m["full_copy_store_read_bytes"],
         "checksum_scan_moved_bytes": m["checksum_scan_moved_bytes"],
-        "dirty_map_4k_ratio": ingest["dirty_map_4k_ratio"], "writes_per_s_4k": ingest["writes_per_s_4k"],
+        "dirty_map_4k_ratio": ingest["dirty_map_4k_ratio"],
+        "dirty_map_4k_block_ratios": ingest["dirty_map_4k_block_ratios"], "writes_per_s_4k": ingest["writes_per_s_4k"],
         "writes_per_s_4k_dirty_map": ingest["writes_per_s_4k_dirty_map"],
         "verified": True, "seconds": round(time.perf_counter() - t_start, 1),
     }

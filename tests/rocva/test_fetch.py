@@ -14,7 +14,7 @@ from cdp.errors import ChecksumMismatch
 from cdp.layout import chunk_key
 from cdp.segment import fetch_blocks, read_blocks
 from cdp.store.memory import MemoryStore
-from rocva import Target, plan_recovery
+from rocva import Target, fetch, plan_recovery
 from rocva.fetch import (
     PAGE, ChunkCopy, Fetcher, SegmentRun, Writeback, _place_run, _pwrite_sparse, _region_parts, _sub_block_runs,
     _write_piece, _zero_pages_before, base_groups, segment_groups,
@@ -53,9 +53,11 @@ def _payload(rng: np.random.Generator, offset: int, length: int) -> bytes:
 
 
 @pytest.mark.parametrize("seed", range(6))
-async def test_block_by_block_writes_what_the_joined_run_writes(tmp_path: Path, seed: int) -> None:
-    """Pieces cross 4 KiB blocks at sector (not page) offsets, with zero pages on the
-    boundaries: the bytes and the holes are those of writing each piece whole."""
+async def test_block_by_block_writes_what_the_joined_run_writes(tmp_path: Path, seed: int, monkeypatch) -> None:
+    """Pieces cross 4 KiB blocks (decoded alone, by 3, or all of a run together) at sector
+    (not page) offsets, with zero pages on the boundaries: the bytes and the holes are
+    those of writing each piece whole."""
+    monkeypatch.setattr(fetch, "DECODE_GROUP_BYTES", [4 * KiB, 12 * KiB, 1 << 20][(seed + 1) % 3])
     rng = np.random.default_rng(seed)
     size = 512 * KiB
     b = await DomainBuilder(MemoryStore(), disks=(("vm", "d", size),), block_raw_size=4 * KiB).start()
