@@ -35,7 +35,8 @@ Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* 
 is created, so pending work never piles up as tasks). A unit holds its stored bytes:
 one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
 ``run_bytes_max`` for scattered writes) or one chunk object (a partial read: less).
-While it is decoded it holds one raw block and one page carried to the next block, or
+While it is decoded it holds one group of raw blocks (``DECODE_GROUP_BYTES`` or one
+block) and one page carried to the next group, or
 one raw chunk (4 MiB by default, 64 MiB at most), in the pool thread's buffer (a
 version-1 chunk: in python-lz4's output, twice while it copies it). So memory stays
 below ``concurrency × (2 × run_bytes_max + one block) + pool_workers × (2 × one
