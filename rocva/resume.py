@@ -122,10 +122,10 @@ def parse_state(doc: Any) -> SavedState:
         raise ValueError("identity: expected 64 lowercase hex digits")
     for key in ("domain", "target_seq", "generation"):
         _int(doc[key], key)
-    cut = {"run_bytes_max", "base_batch_chunks"}
     # A state written before gap_bytes_max existed parses, and is then not resumed: its
     # runs were cut without gaps, so its digests are not the new plan's (``resumes``).
-    units = _keys(doc["units"], "units", cut if set(doc["units"] or ()) == cut else cut | {"gap_bytes_max"})
+    gap = {"gap_bytes_max"} if isinstance(doc["units"], dict) and "gap_bytes_max" in doc["units"] else set()
+    units = _keys(doc["units"], "units", {"run_bytes_max", "base_batch_chunks"} | gap)
     for key, value in units.items():
         if not _int(value, f"units.{key}") and key != "gap_bytes_max":
             raise ValueError(f"units.{key}: expected a positive integer")

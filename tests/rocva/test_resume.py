@@ -331,6 +331,9 @@ async def test_a_malformed_state_claims_nothing(tmp_path: Path) -> None:
     plan = await plan_recovery(b.store, b.domain, Target.latest())
     for i, text in enumerate(["{", "[]", '{"version": 2}', "\xff", "[" * 100000, json.dumps({
             "version": 2, "identity": plan.identity(), "domain": 1, "target_seq": 1, "generation": 1,
+            "units": 5, "complete": False, "done": {}, "images": [{"name": "vm-a.img", "size": 1, "ino": 1}]}),
+            json.dumps({
+            "version": 2, "identity": plan.identity(), "domain": 1, "target_seq": 1, "generation": 1,
             "units": UNITS, "complete": True, "done": {},
             "images": [{"name": "../../etc/x.img", "size": 1, "ino": 1}]})]):
         out = tmp_path / f"m{i}"
