@@ -383,18 +383,22 @@ def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeb
     return digest
 
 
+def _covered(first: np.ndarray, last: np.ndarray, count: int) -> np.ndarray:
+    """Per block ``0..count-1``, whether a range ``[first[i], last[i]]`` holds it."""
+    edge = np.zeros(count + 1, dtype=np.int64)
+    np.add.at(edge, first, 1)
+    np.add.at(edge, last + 1, -1)
+    return np.cumsum(edge[:-1]) > 0
+
+
 def _sub_block_runs(unit: ChunkCopy) -> list[tuple[int, int]]:
     """(first, last) of each run of consecutive sub-blocks that hold ``unit``'s pieces.
 
     One GET per run, not one spanning them all: a delta's pieces are scattered 64 KiB
     ranges, a few per 4 MiB chunk, and a span from the first to the last would read
     most of the chunk."""
-    first = unit.start // SUB_BLOCK_BYTES
-    last = (unit.start + unit.length - 1) // SUB_BLOCK_BYTES
-    need = np.zeros(-(-unit.chunk_len // SUB_BLOCK_BYTES) + 1, dtype=np.int64)
-    np.add.at(need, first, 1)
-    np.add.at(need, last + 1, -1)
-    covered = np.cumsum(need)[:-1] > 0
+    covered = _covered(unit.start // SUB_BLOCK_BYTES, (unit.start + unit.length - 1) // SUB_BLOCK_BYTES,
+                       -(-unit.chunk_len // SUB_BLOCK_BYTES))
     edges = np.flatnonzero(np.diff(np.concatenate([[False], covered, [False]]).astype(np.int8)))
     return [(a, b - 1) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
 
@@ -450,10 +454,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     hi = 0
     h = xxhash.xxh3_64()
     # The blocks some piece lies in; the rest only joined them into one GET.
-    edge = np.zeros(unit.last_block - unit.first_block + 2, dtype=np.int64)
-    np.add.at(edge, starts // brs, 1)
-    np.add.at(edge, (ends - 1) // brs + 1, -1)
-    wanted = (np.cumsum(edge[:-1]) > 0).tolist()
+    wanted = _covered(starts // brs, (ends - 1) // brs, unit.last_block - unit.first_block + 1).tolist()
     group = max(brs, DECODE_GROUP_BYTES)
     groups = unpack_block_groups(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(group),
                                  wanted=wanted, group_bytes=group)
