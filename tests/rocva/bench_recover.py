@@ -1,8 +1,8 @@
 """Recovery throughput: a 256 MiB disk after ~256 MiB of random 64 KiB writes, FileStore.
 
-    .venv/bin/python -m tests.rocva.bench_recover [--disk-mib 256] [--writes-mib 256] [--dir DIR]
+    .venv/bin/python -m tests.rocva.bench_recover [--disk-mib 256] [--writes-mib 256] [--block-kib 1024] [--dir DIR]
 
-Builds the domain with the library (16 MiB segments, 1 MiB blocks), recovers the latest
+Builds the domain with the library (16 MiB segments, 1 MiB blocks unless --block-kib), recovers the latest
 point with ``rocva.recover`` and checks the image against the in-memory model. The page
 cache is warm (the store was just written): this measures the recovery path, not a disk.
 """
@@ -10,7 +10,6 @@ cache is warm (the store was just written): this measures the recovery path, not
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import json
 import tempfile
@@ -28,10 +27,10 @@ WRITE = 64 << 10
 PER_SEGMENT = 256  # 16 MiB of payload per segment
 
 
-async def bench(root: Path, disk_mib: int, writes_mib: int, concurrency: int) -> dict:
+async def bench(root: Path, disk_mib: int, writes_mib: int, concurrency: int, block_kib: int = 1024) -> dict:
     size = disk_mib * MiB
     b = await DomainBuilder(FileStore(root / "store"), disks=(("vm", "disk0", size),),
-                            block_raw_size=int(os.environ.get("BLK", 1 << 20))).start()
+                            block_raw_size=block_kib << 10).start()
     rng = np.random.default_rng(1)
     offsets = rng.integers(0, size // WRITE, writes_mib * MiB // WRITE) * WRITE
     pool = rng.bytes(64 * MiB)
@@ -57,10 +56,12 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--writes-mib", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--block-kib", type=int, default=1024, help="segment block_raw_size")
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
-        print(json.dumps(asyncio.run(bench(Path(root), args.disk_mib, args.writes_mib, args.concurrency)), indent=1))
+        print(json.dumps(asyncio.run(bench(Path(root), args.disk_mib, args.writes_mib, args.concurrency,
+                                                 args.block_kib)), indent=1))
 
 
 if __name__ == "__main__":
