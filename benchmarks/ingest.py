@@ -61,12 +61,12 @@ class Load:
                 self.ack_ms.append((now - self.pending.pop(0)[1]) * 1e3)
         f.on_ack = on_ack
 
-    def capture(self, n: int) -> int:
+    async def capture(self, n: int) -> int:
         slots = DISK_BYTES // self.write_bytes
         offset = (self.rng.integers(0, slots, n) * self.write_bytes).astype(np.uint64)
         length = np.full(n, self.write_bytes, dtype=np.uint32)
         payload = self.payloads.batch(length)
-        self.f.capture(np.zeros(n, np.uint32), offset, length, np.zeros(n, np.uint16), payload)
+        await self.f.capture_async(np.zeros(n, np.uint32), offset, length, np.zeros(n, np.uint16), payload)
         self.pending.append((self.f.next_seq - 1, time.perf_counter()))
         return n * self.write_bytes
 
@@ -97,7 +97,7 @@ class Load:
             if f.buffered_bytes >= INFLIGHT_BYTES or f.mode != "normal":
                 await asyncio.sleep(0.0005)
                 continue
-            sent += self.capture(batch_writes)
+            sent += await self.capture(batch_writes)
             await asyncio.sleep(0)
         elapsed = time.perf_counter() - t0
         return elapsed, (f.acked_seq - acked0) * self.write_bytes

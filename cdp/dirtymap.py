@@ -21,6 +21,7 @@ check, whose geometry does not match its disk, or whose body holds a byte other 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 from dataclasses import dataclass
@@ -160,6 +161,10 @@ class DirtyMap:
         self.left = left
         self.left_reason = left_reason
         self.syncs = 0
+        # Sets written and sets synced, counted: a set is durable once a sync that began
+        # after it was written has returned (``sync_async`` runs off the caller's thread).
+        self._written = 0
+        self._synced = 0
 
     @classmethod
     def open(cls, image: str | os.PathLike[str], disk_size: int, domain: int) -> DirtyMap:
@@ -196,13 +201,37 @@ class DirtyMap:
 
     def set_before_write(self, regions: np.ndarray) -> bool:
         """Flag ``regions`` (indexes, repetitions allowed) durably; True when something
-        new had to be written and synced. Call before the writes reach the disk."""
+        had to be synced (new flags, or flags ``flag`` wrote and no sync covers yet).
+        Call before the writes reach the disk."""
+        self.flag(regions)
+        if self._synced == self._written:
+            return False
+        upto = self._written
+        durable.sync_data(self._fd)
+        self._synced = max(self._synced, upto)
+        self.syncs += 1
+        return True
+
+    def flag(self, regions: np.ndarray) -> bool:
+        """Flag ``regions`` and write them, without syncing: True when new flags were
+        written. They are durable only after a ``sync_async`` (or ``set_before_write``)
+        that began after this call returns."""
         new = np.unique(regions[~self.flags[regions]]) if len(regions) else regions
         if not len(new):
             return False
         self.flags[new] = True
         self._write_pages(new)
-        durable.sync_data(self._fd)
+        self._written += 1
+        return True
+
+    async def sync_async(self) -> bool:
+        """Make every flag written so far durable, in a worker thread: the event loop
+        keeps sending and acking while the device flushes. True if it had to sync."""
+        if self._synced == self._written:
+            return False
+        upto = self._written
+        await asyncio.to_thread(durable.sync_data, self._fd)
+        self._synced = max(self._synced, upto)
         self.syncs += 1
         return True
 

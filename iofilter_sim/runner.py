@@ -186,8 +186,10 @@ class ClusterRunner:
             if batch.count == 0:
                 await asyncio.sleep(max(0.001, min(wl.delay_s(), 0.1)))
                 continue
-            write = f.write_only if name in self.opts.isolated else f.capture
-            write(batch.disk, batch.offset, batch.length, batch.kind, batch.payload)
+            if name in self.opts.isolated:
+                f.write_only(batch.disk, batch.offset, batch.length, batch.kind, batch.payload)
+            else:
+                await f.capture_async(batch.disk, batch.offset, batch.length, batch.kind, batch.payload)
             await asyncio.sleep(0)  # let the clients send between batches
 
     def stop(self) -> None:
