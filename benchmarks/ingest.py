@@ -61,11 +61,16 @@ class Load:
                 self.ack_ms.append((now - self.pending.pop(0)[1]) * 1e3)
         f.on_ack = on_ack
 
-    async def capture(self, n: int) -> int:
+    def make(self, n: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+        """The next batch of ``n`` random writes: offsets, lengths, payload."""
         slots = DISK_BYTES // self.write_bytes
         offset = (self.rng.integers(0, slots, n) * self.write_bytes).astype(np.uint64)
         length = np.full(n, self.write_bytes, dtype=np.uint32)
-        payload = self.payloads.batch(length)
+        return offset, length, self.payloads.batch(length)
+
+    async def capture(self, batch: tuple[np.ndarray, np.ndarray, bytes]) -> int:
+        offset, length, payload = batch
+        n = len(offset)
         await self.f.capture_async(np.zeros(n, np.uint32), offset, length, np.zeros(n, np.uint16), payload)
         self.pending.append((self.f.next_seq - 1, time.perf_counter()))
         return n * self.write_bytes
@@ -90,15 +95,28 @@ class Load:
         acked0 = f.acked_seq
         t0 = time.perf_counter()
         sent = 0
-        while (now := time.perf_counter()) - t0 < seconds:
-            if rate_bytes_s is not None and sent > rate_bytes_s * (now - t0):
-                await asyncio.sleep(0.002)
-                continue
-            if f.buffered_bytes >= INFLIGHT_BYTES or f.mode != "normal":
-                await asyncio.sleep(0.0005)
-                continue
-            sent += await self.capture(batch_writes)
-            await asyncio.sleep(0)
+        # Like a VM with more than one write outstanding: the next batch is made while the
+        # last one waits to be captured (a filter with dirty-region maps holds a batch
+        # until its map is synced), and batches are captured in order.
+        capturing: asyncio.Future | None = None
+        try:
+            while (now := time.perf_counter()) - t0 < seconds:
+                if rate_bytes_s is not None and sent > rate_bytes_s * (now - t0):
+                    await asyncio.sleep(0.002)
+                    continue
+                if f.buffered_bytes >= INFLIGHT_BYTES or f.mode != "normal":
+                    await asyncio.sleep(0.0005)
+                    continue
+                batch = self.make(batch_writes)
+                if capturing is not None:
+                    sent += await capturing
+                capturing = asyncio.ensure_future(self.capture(batch))
+                await asyncio.sleep(0)
+            if capturing is not None:
+                sent += await capturing
+        finally:
+            if capturing is not None and not capturing.done():
+                capturing.cancel()
         elapsed = time.perf_counter() - t0
         return elapsed, (f.acked_seq - acked0) * self.write_bytes
 
