@@ -85,6 +85,8 @@ def _uninstall_text(r: dict[str, Any]) -> str:
     for u in r["kept"]["domains"]:
         lines.append(f"  kept domain {u['domain']}: {u['objects']} objects, {u['bytes']:,} bytes "
                      f"under {u['prefix']} (--purge deletes them)")
+    for u in r["kept"].get("registered", []):
+        lines.append(f"  kept domain {u['domain']}: {u['why']}")
     if r["purged"] is not None:
         for u in r["purged"]["domains"]:
             lines.append(f"  purged domain {u['domain']}: {u['deleted']} objects, {u['bytes']:,} bytes")

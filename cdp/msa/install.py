@@ -22,7 +22,8 @@ partitions and metadata repositories that carry this DRVA's format, protection.j
 the deployment record — and keeps ``<state_dir>/jobs`` (job history has its own
 retention) and every replicated object, unless ``purge``: then each domain of the
 cluster file loses every object under ``d/<id>/`` and a chunk sweep drops the chunks no
-manifest names any more.
+manifest names any more. A domain a failover registered here is never purged: its
+objects are the peer site's history too (``registered_kept``).
 
 Secrets are read from the environment only to check that they are there; no summary,
 log line or record holds one.
@@ -504,9 +505,12 @@ def _uninstall_drva(cfg: SiteConfig, drva: DrvaSpec) -> tuple[list[dict[str, Any
 
 
 async def domain_usage(store: Any, cfg: SiteConfig) -> list[dict[str, Any]]:
-    """Per domain of the cluster file: its objects in the store (count, bytes)."""
+    """Per domain of this site's own (its cluster file's): its objects in the store
+    (count, bytes). Not a domain a failover registered here (``registered_kept``)."""
     out = []
     for spec in cfg.cluster.domains:
+        if spec.name not in cfg.own_domains:
+            continue
         prefix = domain_prefix(spec.id)
         count = size = 0
         try:
@@ -517,6 +521,15 @@ async def domain_usage(store: Any, cfg: SiteConfig) -> list[dict[str, Any]]:
             pass
         out.append({"domain": spec.name, "id": spec.id, "prefix": prefix, "objects": count, "bytes": size})
     return out
+
+
+def registered_kept(cfg: SiteConfig) -> list[dict[str, Any]]:
+    """The domains a failover registered here: never purged with the site. Their objects
+    hold the peer site's history as well (its old timeline, which a failback reads), and
+    the domain may be running here."""
+    return [{"domain": spec.name, "id": spec.id, "why": "registered by a failover from the peer site: its objects "
+             "are its history at both sites; fail it back or release it, then purge from the site that owns it"}
+            for spec in cfg.cluster.domains if spec.name not in cfg.own_domains]
 
 
 async def _purge_domain(store: Any, domain_id: int, progress: Progress, done_bytes: list[int],
@@ -596,7 +609,7 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
             removed.append({"key": key, "what": "deployment record"})
         purged = await _purge(store, cfg, progress) if purge else None
         kept = {"jobs": str(jobs_dir(cfg)),
-                "domains": [] if purge else await domain_usage(store, cfg)}
+                "domains": [] if purge else await domain_usage(store, cfg), "registered": registered_kept(cfg)}
         log.info("uninstalled", site=cfg.site, purge=purge, removed=len(removed))
         return {"site": cfg.site, "store": store.describe(), "purge": purge, "daemon": daemon.to_dict(),
                 "removed": removed, "left_alone": left, "kept": kept, "purged": purged}
@@ -606,7 +619,7 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
 
 
 __all__ = [
-    "DaemonState", "PathState", "daemon_state", "domain_usage", "drva_config_path",
+    "DaemonState", "PathState", "daemon_state", "domain_usage", "drva_config_path", "registered_kept",
     "engine_version", "foreign_domains", "inspect_log", "inspect_meta", "install", "label_for", "other_sites",
     "pid_path", "stop_daemon", "uninstall",
 ]

@@ -48,7 +48,7 @@ from cdp.msa.config import DRVA_PORTS, DrvaSpec, SiteConfig
 from cdp.msa.deployment import SITES_PREFIX, deployment_key, read_deployment
 from cdp.msa.install import (
     daemon_state, domain_usage, drva_config_path, foreign_domains, inspect_log, inspect_meta, jobs_dir,
-    other_sites,
+    other_sites, registered_kept,
 )
 from cdp.msa.protection import load_protection, protection_path
 
@@ -821,6 +821,8 @@ async def check_kept_data(cfg: SiteConfig, store: Any) -> list[Check]:
     for u in usage:
         checks.append(Check(f"keep.{u['domain']}", "pass", f"{u['objects']} objects, "
                             f"{format_size(u['bytes'])} under {u['prefix']}: kept (deleted with --purge)", u))
+    for r in registered_kept(cfg):
+        checks.append(Check(f"keep.{r['domain']}", "pass", f"kept, even with --purge: {r['why']}", r))
     return checks
 
 

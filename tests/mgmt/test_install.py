@@ -295,6 +295,35 @@ async def test_purge_deletes_the_sites_objects_and_unreferenced_chunks(site: Sit
     assert result["kept"]["domains"] == []
 
 
+async def test_purge_keeps_a_domain_a_failover_registered_here(site: Site) -> None:
+    """Domain crm failed over to this site (registered in its state directory): its
+    objects are also the peer's history, which a failback reads. ``--purge`` deletes
+    this site's own domains and leaves crm's every object (and chunk), saying why."""
+    from cdp import site_files
+    from cdp.msa import registry
+    from cdp.msa.preflight import check_kept_data
+
+    doc = registry.with_domain(registry.empty(site.cfg.site),
+                               site_files.domain("crm", 7, str(site.cfg.drvas[0].listen), ["crm-1"]),
+                               [site_files.vm("crm-1", "esx-01", [("disk0", "1MiB", "crm/crm-1-disk0.img")])], [])
+    registry.save_registry(site.cfg.state_dir, doc)
+    cfg = load_site_config(site.config_path)
+    assert "crm" in {d.name for d in cfg.cluster.domains} and "crm" not in cfg.own_domains
+    await install(cfg, site.env)
+    store = store_of(site)
+    erp = await build_domain(store, 1, seed=1)
+    crm = await build_domain(store, 7, seed=7)
+    crm_keys = await keys(store, "d/00000007/")
+    checks = {c.name: c for c in await check_kept_data(cfg, store)}
+    assert "kept, even with --purge" in checks["keep.crm"].reason
+    result = await uninstall(cfg, True, site.env)
+    assert {u["domain"] for u in result["purged"]["domains"]} == {"erp", "web", "files"}
+    assert await keys(store, "d/00000001/") == [] and await keys(store, "d/00000007/") == crm_keys
+    assert crm.chunk_keys <= set(await keys(store, "c/")) and not erp.chunk_keys & set(await keys(store, "c/"))
+    [kept] = result["kept"]["registered"]
+    assert kept["domain"] == "crm" and "registered by a failover" in kept["why"]
+
+
 async def test_uninstall_stops_the_daemon(site: Site, tmp_path: Path) -> None:
     await install(site.cfg, site.env)
     script = tmp_path / "cdp-fake-daemon.py"  # "cdp" in its command line, like the real one
