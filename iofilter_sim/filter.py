@@ -61,6 +61,13 @@ MAP_CLEAR_EVERY_S = 1.0
 MAP_KEEP_S = 5.0
 
 
+def _batch_records(disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """A batch's records, not yet stamped (no seq, no timestamp)."""
+    records = empty_records(len(disk))
+    records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
+    return records
+
+
 class Disk(Protocol):
     size: int
 
@@ -133,16 +140,15 @@ class DomainFilter:
     def capture(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
                 payload: bytes) -> None:
         """Apply a batch of writes to the primary disks and capture them, in order."""
-        n = len(disk)
-        if n == 0:
-            return
-        records = empty_records(n)
-        records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
+        if len(disk):
+            self._capture(_batch_records(disk, offset, length, kind), payload)
+
+    def _capture(self, records: np.ndarray, payload: bytes) -> None:
         if self.maps:
             self._flag(records)
         self._apply(records, payload)
-        self.stats["writes"] += n
-        self.stats["bytes"] += int(length.sum())
+        self.stats["writes"] += len(records)
+        self.stats["bytes"] += int(records["length"].sum())
         if self.mode == "bitmap":
             self._mark_dirty(records)
             return
@@ -155,15 +161,16 @@ class DomainFilter:
         event loop goes on sending frames and taking acks while the device flushes (a
         sync on the loop stalled the whole filter: ``benchmarks.ingest``). One caller
         per filter: a batch is captured before the next one is flagged."""
-        if self.maps and len(disk):
-            records = empty_records(len(disk))
-            records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
-            for d, sel in self._data_by_disk(records):
-                self.maps[d].flag(regions_of(sel["offset"], sel["length"], self.region_bytes[d])[0])
+        if not len(disk):
+            return
+        records = _batch_records(disk, offset, length, kind)
+        if self.maps:
+            for d, idx in self._map_regions(records):
+                self.maps[d].flag(idx)
             synced = await asyncio.gather(*(m.sync_async() for m in self.maps))
             self.stats["map_syncs"] += sum(synced)
         # A region unflagged by an ack meanwhile is flagged (and synced) again here.
-        self.capture(disk, offset, length, kind, payload)
+        self._capture(records, payload)
 
     def write_only(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
                    payload: bytes) -> None:
@@ -171,8 +178,7 @@ class DomainFilter:
         runs isolated (a test failover's copy) writes locally and replicates nothing."""
         if len(disk) == 0:
             return
-        records = empty_records(len(disk))
-        records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
+        records = _batch_records(disk, offset, length, kind)
         self._apply(records, payload)
         self.stats["writes"] += len(disk)
         self.stats["bytes"] += int(length.sum())
@@ -281,10 +287,14 @@ class DomainFilter:
         for d in np.unique(disks).tolist():
             yield d, data[disks == d]
 
+    def _map_regions(self, records: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Per disk, the regions the batch's WRITE and ZERO records touch."""
+        for d, sel in self._data_by_disk(records):
+            yield d, regions_of(sel["offset"], sel["length"], self.region_bytes[d])[0]
+
     def _flag(self, records: np.ndarray) -> None:
         """Flag, durably, the regions these writes touch: before they reach the disks."""
-        for d, sel in self._data_by_disk(records):
-            idx, _ = regions_of(sel["offset"], sel["length"], self.region_bytes[d])
+        for d, idx in self._map_regions(records):
             if self.maps[d].set_before_write(idx):
                 self.stats["map_syncs"] += 1
 
