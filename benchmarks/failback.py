@@ -68,7 +68,7 @@ import numpy as np
 import xxhash
 
 from benchmarks._common import emit, parse_args, progress, work_dir
-from benchmarks.failover import DISKS, PER_SEGMENT, WRITE
+from benchmarks.failover import DISKS, PER_SEGMENT, WRITE, linked_copy
 from benchmarks.failover import build as build_domain
 from benchmarks.ingest import bench as ingest_bench
 from benchmarks.recovery import clear, evict
@@ -326,15 +326,6 @@ def checksum_scan(a_paths: list[Path], b_paths: list[Path], bar) -> int:
         return sum(_scan_disk(pool, a, b, bar) for a, b in zip(a_paths, b_paths))
 
 
-def linked_copy(src: Path, dst: Path) -> Path:
-    """``src``'s tree with every file hard-linked: a store a failback may fork (the
-    FileStore replaces objects by rename, never in place, so the original stays as it
-    was) without copying gigabytes for each round."""
-    clear(dst)
-    shutil.copytree(src, dst, copy_function=os.link)
-    return dst
-
-
 async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int) -> dict[str, Any]:
     """Each method ``rounds`` times, in turns (full copy, scan, failback), each from cold
     and on fresh copies of A's disks; their times, and the last round's reports. The
@@ -378,7 +369,9 @@ async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int) -> 
         # The failback, on a fresh copy of A's disks and maps, against a linked copy of
         # the store (a failback forks the domain: each round needs the store unforked).
         paths = fresh_copy(s["a_paths"], run, maps=True)
-        fork_dir = linked_copy(store_dir, root / "store-round")
+        fork_dir = root / "store-round"
+        clear(fork_dir)
+        linked_copy(store_dir, fork_dir)
         evict(*cold, run, fork_dir)
         store = CountingStore(FileStore(fork_dir))
         bar = progress(total, f"failback, round {r + 1}/{rounds}")

@@ -70,7 +70,8 @@ WARM_ROUNDS = 3
 async def build(root: Path, size: int, bar) -> DomainBuilder:
     """Domain erp (id 1) of site A in ``root/store``: full bases, then churn."""
     b = await DomainBuilder(FileStore(root / "store"), domain=1, name="erp",
-                            disks=tuple((vm, disk, size) for vm, disk in DISKS), block_raw_size=BLOCK_RAW_SIZE_DEFAULT).start()
+                            disks=tuple((vm, disk, size) for vm, disk in DISKS),
+                            block_raw_size=BLOCK_RAW_SIZE_DEFAULT).start()
     src = PayloadSource("mixed", seed=1)
     for k in range(len(DISKS)):
         b.model[k][:] = src.batch(np.full(size // WRITE, WRITE))
@@ -169,8 +170,9 @@ async def clone_onto(b: DomainBuilder, store: FileStore) -> DomainBuilder:
 
 
 def linked_copy(src: Path, dst: Path) -> None:
-    """``src``'s tree with every file hard-linked (a FileStore replaces objects by rename,
-    never in place: what a round adds or forks stays in its copy)."""
+    """``src``'s tree with every file hard-linked, without copying gigabytes a round (a
+    FileStore replaces objects by rename, never in place: what a round adds or forks
+    stays in its copy, the original stays as it was)."""
     shutil.copytree(src, dst, copy_function=os.link)
 
 
