@@ -8,7 +8,8 @@ resume (``rocva.recover``):
   cut into ``SegmentRun`` units — runs of contiguous blocks (at most about
   ``run_bytes_max`` raw bytes each, read through gaps of unneeded blocks of at most
   ``gap_bytes_max``), fetched by ``cdp.segment.fetch_blocks`` and the blocks that hold
-  pieces verified block by block (``stored_xxh3``, ``raw_xxh3``) by ``unpack_blocks``;
+  pieces verified block by block (``stored_xxh3``, ``raw_xxh3``) and decoded a group at
+  a time by ``unpack_block_groups``;
 - ``base:<disk>:<batch>``: the base pieces of ``batch_chunks`` consecutive chunk positions
   of one disk, one ``ChunkCopy`` unit per distinct chunk hash (a chunk that appears
   several times in the batch is fetched once), in disk order, decoded by

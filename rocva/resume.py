@@ -95,10 +95,11 @@ def _int(value: Any, what: str, *, nullable: bool = False) -> int | None:
     return value
 
 
-def _keys(doc: Any, what: str, keys: set[str]) -> dict:
-    if not isinstance(doc, dict) or set(doc) != keys:
+def _keys(doc: Any, what: str, keys: set[str], optional: frozenset[str] = frozenset()) -> dict:
+    if not isinstance(doc, dict) or not keys <= set(doc) <= keys | optional:
         got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{what}: expected an object with keys {sorted(keys)}, got {got}"[:300])
+        also = f" (and maybe {sorted(optional)})" if optional else ""
+        raise ValueError(f"{what}: expected an object with keys {sorted(keys)}{also}, got {got}"[:300])
     return doc
 
 
@@ -124,8 +125,8 @@ def parse_state(doc: Any) -> SavedState:
         _int(doc[key], key)
     # A state written before gap_bytes_max existed parses, and is then not resumed: its
     # runs were cut without gaps, so its digests are not the new plan's (``resumes``).
-    gap = {"gap_bytes_max"} if isinstance(doc["units"], dict) and "gap_bytes_max" in doc["units"] else set()
-    units = _keys(doc["units"], "units", {"run_bytes_max", "base_batch_chunks"} | gap)
+    units = _keys(doc["units"], "units", {"run_bytes_max", "base_batch_chunks"},
+                  optional=frozenset({"gap_bytes_max"}))
     for key, value in units.items():
         if not _int(value, f"units.{key}") and key != "gap_bytes_max":
             raise ValueError(f"units.{key}: expected a positive integer")
