@@ -76,16 +76,19 @@ def test_points_recover_verify_on_the_demo_store(tmp_path):
     r = cdp("recover", "erp", *store, "--seq", "999999", "--to", str(tmp_path / "bad"))
     assert r.returncode == 2 and "nearest" in r.stderr
     assert json.loads(cdp("verify", "1", *store, "--deep", "--json").stdout)["ok"] is True
-    seg = sorted((d / "store" / "d" / "00000001" / "seg" / "00000001").iterdir())[0]
+    # The last stored byte of the newest segment's last block: the last payload written, which no later write
+    # supersedes, so consolidation must read it (a block whose writes were all overwritten later is rightly skipped).
+    seg = sorted((d / "store" / "d" / "00000001" / "seg" / "00000001").iterdir())[-1]
     raw = bytearray(seg.read_bytes())
-    raw[200] ^= 1
+    damaged_at = int.from_bytes(raw[-64 + 32:-64 + 40], "little") - 1  # footer `index_offset` (FORMAT.md §5.5)
+    raw[damaged_at] ^= 1
     seg.write_bytes(bytes(raw))
     r = cdp("verify", "erp", *store, "--deep")
     assert r.returncode == 6 and seg.name in r.stdout
     # Consolidation reads the damaged segment: it stops and names it, the catalog unchanged.
     r = cdp("consolidate", "erp", *store, "--older-than", "0", "--retention", "0", "--json")
     assert r.returncode == 3 and seg.name in r.stderr, r.stderr
-    raw[200] ^= 1
+    raw[damaged_at] ^= 1
     seg.write_bytes(bytes(raw))
     r = cdp("consolidate", "erp", *store, "--older-than", "0", "--retention", "0", "--json")
     assert r.returncode == 0, r.stderr
