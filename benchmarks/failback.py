@@ -56,10 +56,16 @@ Targets (issue 12): ``moved_vs_changed`` <= 1.1, ``speedup_vs_checksum_scan`` >=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import os
+import secrets
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,6 +74,7 @@ import numpy as np
 import xxhash
 
 from benchmarks._common import emit, parse_args, progress, work_dir
+from benchmarks._peer_site import TOKEN_ENV as PEER_TOKEN_ENV
 from benchmarks.failover import DISKS, PER_SEGMENT, WRITE, linked_copy
 from benchmarks.failover import build as build_domain
 from benchmarks.ingest import bench as ingest_bench
@@ -80,6 +87,7 @@ from cdp.replog import ReplicationLog
 from cdp.store.fs import FileStore
 from rocva import Target, recover
 from rocva.failback import LocalDisk, failback
+from rocva.peer_extents import Peer
 from iofilter_sim.payloads import PayloadSource
 from tests.rocva.domain import SITE as SITE_A
 from tests.rocva.domain import DomainBuilder
@@ -326,7 +334,30 @@ def checksum_scan(a_paths: list[Path], b_paths: list[Path], bar) -> int:
         return sum(_scan_disk(pool, a, b, bar) for a, b in zip(a_paths, b_paths))
 
 
-async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def peer_site(s: dict[str, Any], size: int) -> Iterator[Peer]:
+    """Site B's extents route over B's disks at the target (``benchmarks._peer_site``), in
+    its own process, as B's MSA would serve them."""
+    token = secrets.token_hex(16)
+    doc = {"domain": s["domain"], "seq": s["target_seq"],
+           "files": {str(k): [str(p), size] for k, p in enumerate(s["b_paths"])}}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks._peer_site", json.dumps(doc)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env={**os.environ, PEER_TOKEN_ENV: token})
+    try:
+        line = proc.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"site B's extents server did not start (it said {line!r})")
+        yield Peer(f"http://127.0.0.1:{int(line.split()[1])}/extents", token, SITE_B)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int, peer: Peer) -> dict[str, Any]:
     """Each method ``rounds`` times, in turns (full copy, scan, failback), each from cold
     and on fresh copies of A's disks; their times, and the last round's reports. The
     medians make the ratios: one run of a few seconds on this machine moves by ±40 %
@@ -335,7 +366,9 @@ async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int) -> 
     cold = (store_dir, root / "b", s["log"])
     target = Target.mark(MARK)
     total = size * len(DISKS)
-    times: dict[str, list[float]] = {"full_copy_s": [], "checksum_scan_s": [], "failback_s": []}
+    times: dict[str, list[float]] = {"full_copy_s": [], "checksum_scan_s": [], "failback_s": [],
+                                     "failback_from_store_s": []}
+    reports: dict[str, Any] = {}
     for r in range(rounds):
         # A full rehydration of the target point. It needs no copy of A's disks, but one
         # is made and dropped first all the same: every method then starts right after
@@ -367,30 +400,38 @@ async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int) -> 
         check(paths, s["target_sha"], "checksum scan")
 
         # The failback, on a fresh copy of A's disks and maps, against a linked copy of
-        # the store (a failback forks the domain: each round needs the store unforked).
-        paths = fresh_copy(s["a_paths"], run, maps=True)
-        fork_dir = root / "store-round"
-        clear(fork_dir)
-        linked_copy(store_dir, fork_dir)
-        evict(*cold, run, fork_dir)
-        store = CountingStore(FileStore(fork_dir))
-        bar = progress(total, f"failback, round {r + 1}/{rounds}")
-        t0 = time.perf_counter()
-        fb = await failback(store, s["domain"], target, site=SITE_A,
-                            disks=[LocalDisk(k, p, size) for k, p in enumerate(paths)], logs=[s["log"]],
-                            progress=lambda done, all_: (setattr(bar, "total", all_), setattr(bar, "n", done),
-                                                         bar.refresh()))
-        times["failback_s"].append(time.perf_counter() - t0)
-        bar.close()
-        whole = [d for d in fb["disks"] if d["mode"] != "delta"]
-        if whole:
-            raise RuntimeError(f"failback rewrote disks whole: {whole}")
-        check(paths, s["target_sha"], "failback")
-        clear(run)
-        clear(fork_dir)
+        # the store (a failback forks the domain: each round needs the store unforked):
+        # as the product runs it, reading B's handed-back disks through B's extents route
+        # (``failback_s``), then reading the store instead (``failback_from_store_s``).
+        for key, via in (("failback_s", peer), ("failback_from_store_s", None)):
+            paths = fresh_copy(s["a_paths"], run, maps=True)
+            fork_dir = root / "store-round"
+            clear(fork_dir)
+            linked_copy(store_dir, fork_dir)
+            evict(*cold, run, fork_dir)
+            store = CountingStore(FileStore(fork_dir))
+            bar = progress(total, f"{key[:-2].replace('_', ' ')}, round {r + 1}/{rounds}")
+            t0 = time.perf_counter()
+            fb = await failback(store, s["domain"], target, site=SITE_A,
+                                disks=[LocalDisk(k, p, size) for k, p in enumerate(paths)], logs=[s["log"]],
+                                progress=lambda done, all_: (setattr(bar, "total", all_), setattr(bar, "n", done),
+                                                             bar.refresh()), peer=via)
+            times[key].append(time.perf_counter() - t0)
+            bar.close()
+            whole = [d for d in fb["disks"] if d["mode"] != "delta"]
+            if whole:
+                raise RuntimeError(f"failback rewrote disks whole: {whole}")
+            if fb["source"] != ("peer" if via else "store"):
+                raise RuntimeError(f"failback read the {fb['source']}, not as asked: {fb['peer_error']}")
+            check(paths, s["target_sha"], key)
+            reports[key] = (fb, store.bytes)
+            clear(run)
+            clear(fork_dir)
+    fb, _ = reports["failback_s"]
+    _, from_store_bytes = reports["failback_from_store_s"]
     return {**{key: float(np.median(v)) for key, v in times.items()}, "rounds": times, "failback": fb,
-            "failback_store_read_bytes": sum(store.bytes.values()),
-            "failback_store_read_split": store.bytes, "full_copy_store_read_bytes": full["bytes_fetched"],
+            "failback_from_store_read_bytes": sum(from_store_bytes.values()),
+            "failback_from_store_read_split": from_store_bytes, "full_copy_store_read_bytes": full["bytes_fetched"],
             "checksum_scan_moved_bytes": scan_moved}
 
 
@@ -401,7 +442,8 @@ def main() -> None:
     with work_dir(args) as d:
         root = Path(d)
         s = asyncio.run(setup(root / "failback", size))
-        m = asyncio.run(run_methods(root / "failback", s, size, ROUNDS_QUICK if args.quick else ROUNDS))
+        with peer_site(s, size) as peer:
+            m = asyncio.run(run_methods(root / "failback", s, size, ROUNDS_QUICK if args.quick else ROUNDS, peer))
         shutil.rmtree(root / "failback")  # the ingest run needs the room
         (root / "ingest").mkdir()
         ingest = asyncio.run(ingest_bench(root / "ingest", args.quick))
@@ -422,8 +464,11 @@ def main() -> None:
         "rounds": {key: [round(t, 3) for t in v] for key, v in m["rounds"].items()},
         "speedup_vs_checksum_scan": round(m["checksum_scan_s"] / m["failback_s"], 3),
         "speedup_vs_full_copy": round(m["full_copy_s"] / m["failback_s"], 3),
-        "failback_store_read_bytes": m["failback_store_read_bytes"],
-        "failback_store_read_split": m["failback_store_read_split"],
+        "failback_source": fb["source"],
+        "failback_from_store_s": round(m["failback_from_store_s"], 3),
+        "speedup_vs_full_copy_from_store": round(m["full_copy_s"] / m["failback_from_store_s"], 3),
+        "failback_from_store_read_bytes": m["failback_from_store_read_bytes"],
+        "failback_from_store_read_split": m["failback_from_store_read_split"],
         "full_copy_store_read_bytes": m["full_copy_store_read_bytes"],
         "checksum_scan_moved_bytes": m["checksum_scan_moved_bytes"],
         "dirty_map_4k_ratio": ingest["dirty_map_4k_ratio"],
@@ -433,9 +478,11 @@ def main() -> None:
     }
     emit(args, result, [
         ("changed (A and B since the fork)", f"{result['changed_bytes'] / MiB:,.1f} MiB"),
-        ("failback moved", f"{result['bytes_moved'] / MiB:,.1f} MiB (x{result['moved_vs_changed']} the changed; "
-                           f"read {result['failback_store_read_bytes'] / MiB:,.1f} MiB from the store)"),
-        ("failback", f"{result['failback_s']:.2f} s"),
+        ("failback moved", f"{result['bytes_moved'] / MiB:,.1f} MiB (x{result['moved_vs_changed']} the changed)"),
+        ("failback (B's handed-back disks)", f"{result['failback_s']:.2f} s"),
+        ("failback from the store", f"{result['failback_from_store_s']:.2f} s (read "
+                                    f"{result['failback_from_store_read_bytes'] / MiB:,.1f} MiB; full copy "
+                                    f"x{result['speedup_vs_full_copy_from_store']})"),
         ("full copy (rocva.recover)", f"{result['full_copy_s']:.2f} s (failback x{result['speedup_vs_full_copy']})"),
         ("checksum scan (xxh3, 64 KiB)", f"{result['checksum_scan_s']:.2f} s "
                                          f"(failback x{result['speedup_vs_checksum_scan']})"),

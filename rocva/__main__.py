@@ -117,9 +117,23 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
         progress = _progress_lines()
         logs = [d.log_path for d in cfg.drvas if d.log_path.exists()]
         return await failback(store, domain, as_target(target), site=cfg.site, disks=disks, logs=logs,
-                              progress=progress)
+                              progress=progress, peer=_peer_extents(cfg, name))
     finally:
         await store.close()
+
+
+def _peer_extents(cfg: Any, name: str) -> Any:
+    """Where a failback reads the recovery site's handed-back disks (``rocva.peer_extents``):
+    its API's extents route, with the peer token the MSA passed on; None (the store is
+    read) without a [peer] or its token."""
+    from urllib.parse import quote
+
+    from rocva.peer_extents import Peer
+
+    if cfg.peer is None or not os.environ.get(cfg.peer.token_env):
+        return None
+    return Peer(f"http://{cfg.peer.api}/v1/failback/{quote(name, safe='')}/extents", cfg.peer_token(os.environ),
+                cfg.peer.site)
 
 
 @click.group()

@@ -12,11 +12,14 @@ quiesced) by writing only the ranges that may differ (``rocva.delta``):
 * the regions its filters' dirty-region maps flag (written, perhaps never acked),
 * the current timeline's records in ``(F, target]``;
 
-read from the store (the recovery site's disks are remote, and the store already holds
-every byte of the target point: the delta needs nothing of that site but the mark it
-committed). What it reads from the store is whole stored units: a segment's payload
-blocks and base chunks, so scattered small ranges read more than they move
-(``benchmarks.failback`` reports both). A disk
+read from the recovery site's disks, which its quiesce left exactly at the target and
+which it serves as extent streams (``rocva.peer_extents``, FORMAT.md §16): those bytes
+are read as they lie, where the store holds them as whole compressed units — segment
+blocks and base-chunk sub-blocks, thousands of small GETs for scattered ranges, each
+decompressed — so the store path took 2.2x as long in ``benchmarks.failback``. The
+store holds the same point, every byte checksummed: it is read instead when no peer is
+given, or when the peer refuses or fails (a partial stream's writes are then rewritten
+from the store), and for disks rewritten whole. A disk
 whose image is missing, of another size than the inventory says, or whose dirty-region
 map is missing or damaged cannot say what it holds: it is rewritten whole from the
 store, and the result says so. Then the domain gets a new timeline owned by this site,
@@ -44,8 +47,10 @@ from cdp.catalog_fork import fork_timeline
 from cdp.catalog_read import CatalogView
 from cdp.dirtymap import DirtyMapUnusable, read_dirty_map, sidecar_path
 from cdp.errors import FailoverRefused, NotFound
+from cdp.extent_stream import request_for
 from cdp.logs import get_logger
 from rocva import delta
+from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
 from rocva.plan import build_plan
 from rocva.target import Target, as_target, resolve_target
 
@@ -144,9 +149,11 @@ def _prepare_whole(disk: LocalDisk) -> None:
 
 async def failback(store, domain: int, target: Target | int | str, *, site: str, disks: Sequence[LocalDisk],
                    logs: Sequence[Path] = (), progress: Callable[[int, int], None] | None = None,
-                   now_ns: int | None = None) -> dict[str, Any]:
+                   now_ns: int | None = None, peer: Peer | None = None) -> dict[str, Any]:
     """Bring ``disks`` to the current timeline at ``target`` and fork a timeline for
-    ``site`` there (module docstring). Returns what was moved, per disk, and the fork."""
+    ``site`` there (module docstring). Returns what was moved, per disk, and the fork.
+    ``peer``: read the delta from the recovery site's quiesced disks (``source`` "peer"),
+    and from the store when it cannot serve them; else from the store."""
     t0 = time.monotonic()
     state, generation = await load_catalog(store, domain)
     if state is None:
@@ -192,22 +199,63 @@ async def failback(store, domain: int, target: Target | int | str, *, site: str,
                        "reason": why, "bytes": delta.total(r),
                        "ranges": {"theirs": delta.total(theirs[k]), "ours": delta.total(ours[k]),
                                   "log": delta.total(in_logs[k])}})
-    plan = delta.restrict(await build_plan(store, view, resolved), ranges)
     moved = sum(delta.total(r) for r in ranges)
     if progress is not None:
         progress(0, moved)
-    written = await delta.apply_in_place(store, plan, [d.path for d in mine])
+    whole = {k for k, r in enumerate(report) if r["mode"] == "whole"}
+    from_store, source, peer_error, written = ranges, "store", None, 0
+    if peer is not None and len(whole) < len(mine):
+        try:
+            written = await _from_peer(peer, domain, resolved.seq, mine,
+                                       [delta.empty() if k in whole else r for k, r in enumerate(ranges)], progress,
+                                       moved)
+            from_store = [r if k in whole else delta.empty() for k, r in enumerate(ranges)]
+            source = "peer"
+        except PeerUnavailable as exc:
+            # The store holds the same point: the ranges are read from it instead, every
+            # byte written again (whatever the peer's stream wrote is overwritten).
+            peer_error = exc.message
+            log.warning("failback_peer_unavailable", domain=domain, peer=peer.name, error=exc.message)
+            written = 0
+    if any(len(r[0]) for r in from_store):
+        plan = delta.restrict(await build_plan(store, view, resolved), from_store)
+        written += await delta.apply_in_place(store, plan, [d.path for d in mine])
     if progress is not None:
         progress(moved, moved)
-    log.info("failback_applied", domain=domain, seq=resolved.seq, bytes_moved=moved, bytes_written=written)
+    log.info("failback_applied", domain=domain, seq=resolved.seq, bytes_moved=moved, bytes_written=written,
+             source=source)
     state, _ = await fork_timeline(store, domain, resolved.seq, site, parent=current.id, by=f"cdp failback to {site}")
     _forget_maps(mine)
     log.info("failback_forked", domain=domain, site=site, timeline=state.current, parent=current.id,
              fork_seq=resolved.seq)
     return {"domain": domain, "site": site, "timeline": state.current, "parent_timeline": current.id,
             "fork_seq": resolved.seq, "old_timeline": old.id, "old_fork_seq": fork, "resumed": False,
-            "disks": report, "bytes_moved": moved, "bytes_written": written,
+            "disks": report, "bytes_moved": moved, "bytes_written": written, "source": source,
+            "peer_error": peer_error,
             "seconds": round(time.monotonic() - t0, 3)}
+
+
+async def _from_peer(peer: Peer, domain: int, seq: int, disks: Sequence[LocalDisk], ranges: list[delta.Ranges],
+                     progress: Callable[[int, int], None] | None, moved: int) -> int:
+    req = request_for(domain, seq, [d.disk for d in disks], ranges)
+    done = 0
+
+    def step(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, moved)
+
+    fds: dict[int, int] = {}
+    try:
+        for d in disks:
+            fds[d.disk] = os.open(d.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            if os.fstat(fds[d.disk]).st_size != d.size:
+                raise FailoverRefused(f"{d.path}: {os.fstat(fds[d.disk]).st_size} bytes, its disk has {d.size}")
+        return await copy_from_peer(peer, req, fds, progress=step)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _forget_maps(disks: Sequence[LocalDisk]) -> None:

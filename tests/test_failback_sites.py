@@ -215,6 +215,7 @@ def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_pa
         back = op.at("a", "failback", "erp")["output"]
         assert (back["timeline"], back["parent_timeline"]) == (3, 2), back
         assert [d["mode"] for d in back["disks"]] == ["delta"] * 3, back["disks"]
+        assert back["source"] == "peer", back
         op.wait("A's writes of erp on timeline 3", lambda: op.committed("a") > back["fork_seq"] + 30, WRITES_S)
         assert op.status("b")["powered"] == ["crm"] and op.status("a")["powered"] == ["erp"]
         op.wait("crm's writes after erp left B", lambda: op.committed("b", "crm") > crm_before + 100, WRITES_S)

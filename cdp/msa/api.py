@@ -25,6 +25,7 @@ Routes (the OpenAPI document, ``GET /openapi.json``, describes each one):
     POST /v1/domains/{name}/verify         job "verify"       {"deep": bool, "sample": 0..1}
     POST /v1/domains/{name}/consolidate    job "consolidate"
     POST /v1/preflight/{kind}              job "preflight"    kind: system | install | uninstall
+    POST /v1/failback/{name}/extents       an extent stream of this site's handed-back disks (FORMAT.md §16)
     GET  /v1/jobs                          GET /v1/jobs/{id}
 """
 
@@ -431,6 +432,23 @@ async def failover_release(request: web.Request) -> web.Response:
     return _json(await release_failed_over(daemon, name))
 
 
+async def failback_extents(request: web.Request) -> web.StreamResponse:
+    """The site failing a domain back reads this site's quiesced disks (FORMAT.md §16)."""
+    from cdp.msa.extents import BadExtentRequest, check_inside, read_request, send_extents
+    from cdp.msa.failback import extent_files
+
+    daemon = request.app[MSA]
+    name = store_domain_of(request)
+    codes = {400: "bad_request", 408: "timeout", 409: "failover_refused", 413: "too_large"}
+    try:
+        req = await read_request(request, request.app[BODY_TIMEOUT_S])
+        files = await extent_files(daemon, name, req)
+        check_inside(req, files, f"domain {name}")
+    except BadExtentRequest as exc:
+        raise ApiError(exc.status, codes.get(exc.status, "bad_request"), exc.message, "request body") from None
+    return await send_extents(request, req, files, f"domain {name}")
+
+
 def target_text(target: Any) -> str:
     """A ``rocva.Target`` as the recovery appliance's --target takes it."""
     return "latest" if target.kind == "latest" else f"{target.kind}:{target.value}"
@@ -467,6 +485,7 @@ ROUTES = (
     ("POST", "/v1/domains/{name}/power", power), ("POST", "/v1/domains/{name}/quiesce", quiesce),
     ("POST", "/v1/failover/{name}", failover), ("POST", "/v1/failover/{name}/cleanup", failover_cleanup),
     ("POST", "/v1/failover/{name}/release", failover_release), ("POST", "/v1/failback/{name}", failback),
+    ("POST", "/v1/failback/{name}/extents", failback_extents),
     ("GET", "/v1/jobs", jobs_list), ("GET", "/v1/jobs/{id}", job_get),
 )
 

@@ -310,10 +310,14 @@ class MsaDaemon:
         return out
 
     def _half_failed_back(self, domain: str) -> str | None:
-        """Why ``domain``'s disks may not be run on (a failback that has not brought them
-        to its point yet: ``cdp.msa.failback``), else None."""
-        from cdp.msa.failback import in_progress
+        """Why ``domain``'s disks may not be run on, else None: a failback here has not
+        brought them to its point yet (``cdp.msa.failback``), or this site handed the
+        domain back to the site it came from, which reads these disks as they were at the
+        final mark (``handed_back``)."""
+        from cdp.msa.failback import handed_back, in_progress
 
+        if (why := handed_back(self.cfg, domain)) is not None:
+            return why
         doc = in_progress(self.cfg.state_dir, domain)
         if doc is None or doc["phase"] not in ("handed_over", "unreadable"):
             return None
@@ -364,6 +368,9 @@ class MsaDaemon:
         off = await self.power(domain, False)
         job.progress("unprotect", 3, 4)
         await self.unprotect(domain)
+        from cdp.msa.failback import record_handed_back
+
+        await asyncio.to_thread(record_handed_back, self.cfg, domain, mark, placed["seq"])
         job.progress("done", 4, 4)
         acked = off["acked_seq"]
         log.info("domain_quiesced", domain=domain, mark=mark, seq=placed["seq"], acked_seq=acked)

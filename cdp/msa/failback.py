@@ -28,8 +28,8 @@ from typing import Any
 
 from cdp.errors import CdpError, ConfigError, FailoverRefused
 from cdp.logs import get_logger
-from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa.failover import _find, _handover, _Quiet, check_domain_name, run_appliance
+from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa.jobs import Job
 
 log = get_logger("msa.failback")
@@ -102,7 +102,8 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
         t = time.monotonic()
         job.progress("rehydrate", 0, 0)
         result = await run_appliance(cfg, ["failback", "--domain", str(record["id"]), "--name", name,
-                                           "--target", str(record["target"])], job, daemon.env, "rehydrate")
+                                           "--target", str(record["target"])], job, daemon.env, "rehydrate",
+                                     peer_token=True)
         phases["rehydrate"] = round(time.monotonic() - t, 3)
         record.update(phase="forked", appliance=result)
         write_record(cfg.state_dir, record)
@@ -129,6 +130,7 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
            "timeline": appliance.get("timeline"), "parent_timeline": appliance.get("parent_timeline"),
            "fork_seq": appliance.get("fork_seq"), "disks": appliance.get("disks"),
            "bytes_moved": appliance.get("bytes_moved"), "bytes_written": appliance.get("bytes_written"),
+           "source": appliance.get("source"), "peer_error": appliance.get("peer_error"),
            "release": record.get("release"), "phases_s": phases, "seconds": round(time.monotonic() - t0, 3)}
     log.info("failback_done", **{k: v for k, v in out.items() if k != "disks"})
     return out
@@ -161,6 +163,69 @@ async def _release(daemon: Any, name: str, job: Job) -> dict[str, Any]:
                        f"({exc.message}); run `cdp failback {name}` again to finish") from None
     job.progress("release", 1, 1)
     return doc if isinstance(doc, dict) else {"answer": doc}
+
+
+def record_handed_back(cfg: Any, domain: str, mark: str, seq: int) -> None:
+    """At the site a domain failed over to, once its quiesce handed the domain back
+    (``MsaDaemon.quiesce``): its failover record (FORMAT.md §13.10) gets ``handed_back``
+    (the final mark and its seq). From then on the disks stay at that mark — the VMs are
+    refused power-on (``handed_back``) until the domain is released — and the site
+    failing back may read them (``extent_files``). Nothing at a site the domain did not
+    fail over to (a planned failover's quiesce at the protected site)."""
+    from cdp.msa.failover import read_record as read_failover
+    from cdp.msa.failover import write_record as write_failover
+
+    try:
+        doc = read_failover(cfg.state_dir, domain)
+    except ConfigError:
+        return
+    if doc is None or doc.get("phase") != "done" or doc.get("test"):
+        return
+    write_failover(cfg.state_dir, {**doc, "handed_back": {"mark": mark, "seq": int(seq), "ns": time.time_ns()}})
+
+
+def handed_back(cfg: Any, domain: str) -> str | None:
+    """Why ``domain``'s VMs may not run here (``record_handed_back``), else None."""
+    from cdp.msa.failover import read_record as read_failover
+
+    try:
+        doc = read_failover(cfg.state_dir, domain)
+    except ConfigError:
+        return None
+    back = doc.get("handed_back") if doc is not None else None
+    if not isinstance(back, dict):
+        return None
+    return (f"domain {domain} was handed back at its final mark {back.get('mark')!r} (seq {back.get('seq')}) for "
+            f"a failback to the site it came from, which may be reading these disks: they stay at that mark until "
+            f"`cdp failback {domain}` there releases the domain")
+
+
+async def extent_files(daemon: Any, name: str, req: Any) -> dict[int, tuple[Path, int]]:
+    """For ``POST /v1/failback/{name}/extents`` (``cdp.msa.extents``): this site's disk
+    images of ``name`` by catalog disk id, with their sizes — only while they hold
+    exactly the point asked for: the domain was handed back at ``req.seq``
+    (``record_handed_back``), its VMs are off, and nothing was committed after that
+    seq. ``FailoverRefused`` otherwise (the other site then reads the store)."""
+    from cdp.msa.failover import read_record as read_failover
+    from rocva.failback import inventory_disks
+
+    cfg = daemon.cfg
+    doc = read_failover(cfg.state_dir, name)
+    back = doc.get("handed_back") if doc is not None else None
+    if not isinstance(back, dict) or back.get("seq") != req.seq or doc.get("id") != req.domain:
+        have = f"handed back at seq {back.get('seq')}" if isinstance(back, dict) else "not handed back"
+        raise FailoverRefused(f"domain {name} (id {req.domain}) is {have} at site {cfg.site}, not at seq {req.seq}: "
+                              f"its disks are not at that point; read the store")
+    if name in daemon.powered:
+        raise FailoverRefused(f"domain {name}'s VMs are on at site {cfg.site}: its disks are changing")
+    _, catalog_disks, committed = await _find(cfg, name)
+    if committed != req.seq:
+        raise FailoverRefused(f"domain {name}: the store holds commits up to seq {committed}, past the handed-back "
+                              f"seq {req.seq}: these disks are not the current point; read the store")
+    spec = cfg.domain(name)
+    disks = inventory_disks(catalog_disks, {(d.vm.name, d.disk.name): d.disk for d in spec.disks}, name,
+                            cfg.cluster_path.name)
+    return {d.disk: (d.path, d.size) for d in disks}
 
 
 async def release_failed_over(daemon: Any, name: str) -> dict[str, Any]:

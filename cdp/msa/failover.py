@@ -322,10 +322,15 @@ async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job:
                                      *(["--test"] if test else [])], job, env, "rehydrate")
 
 
-async def run_appliance(cfg: Any, args: list[str], job: Job, env: Mapping[str, str], phase: str) -> dict[str, Any]:
+async def run_appliance(cfg: Any, args: list[str], job: Job, env: Mapping[str, str], phase: str, *,
+                        peer_token: bool = False) -> dict[str, Any]:
     """Run ``python -m rocva ARGS --config SITE`` and relay its progress as ``phase``; its
-    result, or its error (with its exit code) as a ``CdpError`` (FORMAT.md §14.5)."""
+    result, or its error (with its exit code) as a ``CdpError`` (FORMAT.md §14.5).
+    ``peer_token``: the appliance keeps the peer's API token (a failback reads the peer's
+    disks through its API); children get no token otherwise."""
     child_env = cfg.child_env(env)
+    if peer_token and cfg.peer is not None and cfg.peer.token_env in env:
+        child_env[cfg.peer.token_env] = env[cfg.peer.token_env]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "rocva", "--exit-with-stdin", *args[:1], "--config", str(cfg.path), *args[1:],
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

@@ -206,6 +206,17 @@ def _paths() -> dict[str, Any]:
             "powers its VMs on; the peer releases it. Rerun a failed one to resume it.",
             {"type": "object", "additionalProperties": False, "properties": {}},
             extra={"409": {"$ref": "#/components/responses/Conflict"}})},
+        "/v1/failback/{name}/extents": {"post": {
+            "summary": "At the site a domain failed over to, once its quiesce handed the domain back: the bytes of "
+                       "its disks at the ranges asked for, read from the disks as they are at the final mark. The "
+                       "body is an extent request, the answer an extent stream (FORMAT.md §16). Refused (409) "
+                       "unless the domain was handed back at the request's seq, its VMs are off and nothing was "
+                       "committed after it.", "parameters": [_NAME],
+            "requestBody": {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}},
+            "responses": {"200": {"description": "An extent stream.", "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}}, **_DOMAIN_ERRORS, **_BODY_ERRORS,
+                          "409": {"$ref": "#/components/responses/Conflict"}}}},
         "/v1/preflight/{kind}": {"post": {**_job_op("Run the preflight checks of one kind.", None, domain=False,
                                                     extra={"501": {"$ref": "#/components/responses/NotImplemented"}}),
                                           "parameters": [

@@ -6,13 +6,21 @@ into A's disks, A's DRVA adopts the new timeline, A's VMs run, B releases the do
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import numpy as np
+
 from cdp.catalog import load_catalog
+from cdp.errors import CdpError
+from cdp.extent_stream import request_for
 from cdp.msa import registry
 from cdp.msa.failback import read_record, run_failback
+from cdp.msa.failover import _find
+from cdp.msa.failover import read_record as read_failover
 from cdp.store.fs import FileStore
 from rocva import Target, recover
+from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
 from tests.mgmt.site_fixture import running_daemon
 from tests.mgmt.test_failover_job import WRITE_S, committed, failover, power_off_and_commit
 from tests.mgmt.two_sites import make_two_sites, sha256
@@ -50,6 +58,7 @@ async def test_failback_brings_the_domain_home_moving_only_what_changed(tmp_path
         assert out["from_site"] == "site-b" and out["target"] == f"mark:{out['handover']['mark']}"
         assert (out["timeline"], out["parent_timeline"]) == (3, 2) and out["fork_seq"] == out["handover"]["seq"]
         assert [d["mode"] for d in out["disks"]] == ["delta"] * len(images_a), out["disks"]
+        assert (out["source"], out["peer_error"]) == ("peer", None), out  # read from B's handed-back disks
         total = sum(d.disk.size for d in sites.a.cfg.domain("erp").disks)
         assert 0 < out["bytes_moved"] < total and any(d["ranges"]["log"] for d in out["disks"]), out["disks"]
         assert read_record(a.cfg.state_dir, "erp")["phase"] == "done"
@@ -73,3 +82,61 @@ async def test_failback_brings_the_domain_home_moving_only_what_changed(tmp_path
     at_mark = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "t2", timeline=2)
     on_three = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "t3m", timeline=3)
     assert [sha256(i["path"]) for i in at_mark["images"]] == [sha256(i["path"]) for i in on_three["images"]]
+
+
+async def test_handed_back_disks_are_served_at_their_mark_and_stay_off(tmp_path):
+    """B's quiesce for a failback records the hand-back: B's VMs are refused power-on, and
+    B's API serves its disks (FORMAT.md §16) only at the handed-back seq — bytes equal to
+    B's images, checked piece by piece; another seq, a wrong token: refused."""
+    sites = make_two_sites(tmp_path, disk="16MiB")
+    async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:
+        await a.power("erp", True)
+        await wait_until(lambda: committed(a, "erp") >= 100, WRITE_S, "site A's first writes committed")
+        await power_off_and_commit(a)
+        over = await failover(b, target="latest")
+        assert over["state"] == "succeeded", over
+        await wait_until(lambda: committed(b, "erp") > over["output"]["fork_seq"] + 40, WRITE_S, "B's writes")
+        job = await b.start_job("quiesce", {"domain": "erp"}, lambda j: b.quiesce("erp", "handover-test", j))
+        done = await b.runner.wait(job["id"])
+        assert done["state"] == "succeeded", done
+        seq = done["output"]["seq"]
+        assert read_failover(b.cfg.state_dir, "erp")["handed_back"]["seq"] == seq
+        try:
+            await b.power("erp", True)
+            raise AssertionError("B powered a handed-back domain on")
+        except CdpError as exc:
+            assert "handed back" in exc.message and "handover-test" in exc.message
+        domain_id, disks, committed_seq = await _find(b.cfg, "erp")
+        assert committed_seq == seq
+        images_b = {(d.vm.name, d.disk.name): d.disk for d in b.cfg.domain("erp").disks}
+        ids = [int(d["disk"]) for d in disks]
+        sizes = [int(d["size"]) for d in disks]
+        whole = [(np.array([0]), np.array([size])) for size in sizes]
+        url = f"http://{b.cfg.api_listen}/v1/failback/erp/extents"
+        fds, copies = {}, []
+        try:
+            for disk, size in zip(ids, sizes):
+                path = tmp_path / f"copy-{disk}.img"
+                path.write_bytes(b"")
+                os.truncate(path, size)
+                fds[disk] = os.open(path, os.O_RDWR)
+                copies.append(path)
+            for bad, why in ((request_for(domain_id, seq + 1, ids, whole), f"not at seq {seq + 1}"),
+                             (request_for(domain_id + 1, seq, ids, whole), "not at seq")):
+                try:
+                    await copy_from_peer(Peer(url, b.token, "site-b"), bad, fds)
+                    raise AssertionError(f"served {why}")
+                except PeerUnavailable as exc:
+                    assert why in exc.message, exc.message
+            try:
+                await copy_from_peer(Peer(url, "not-the-token", "site-b"), request_for(domain_id, seq, ids, whole), fds)
+                raise AssertionError("served without the token")
+            except PeerUnavailable as exc:
+                assert "bearer token" in exc.message and b.token not in exc.message
+            written = await copy_from_peer(Peer(url, b.token, "site-b"), request_for(domain_id, seq, ids, whole), fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        assert written == sum(sizes)
+        want = [sha256(images_b[(d["vm"], d["name"])].image) for d in disks]
+        assert [sha256(p) for p in copies] == want

@@ -1,0 +1,130 @@
+"""Reading the recovery site's quiesced disks for a failback (FORMAT.md §16).
+
+``copy_from_peer`` sends an extent request to the site the domain runs at and writes
+the stream's bytes into this site's disks, in place, then fsyncs them. The request is
+cut into ``STREAMS`` parts sent at once (``extent_stream.split``): the other site reads
+its disks at that depth, and the bytes of one stream are written while the others
+arrive. Every piece is checked (``StreamReader``) before a byte of it is written; a
+refusal, an unreachable site or a bad stream raises ``PeerUnavailable``, and whatever
+was written is rewritten by the caller from the store (the same ranges, the same
+content).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aiohttp
+
+from cdp.errors import CdpError, FormatError
+from cdp.extent_stream import PIECE, STREAM, TRAILER, ExtentRequest, StreamReader, encode_request, split
+from cdp.msa.extents import CONTENT_TYPE
+
+STREAMS = 8
+WRITE_BATCH_BYTES = 4 << 20  # written by one thread call; a stream holds at most this much
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0  # between two reads of a stream: the other site's disk or network stalled
+
+
+class PeerUnavailable(CdpError):
+    """The other site did not serve the ranges (refused, unreachable, or a bad stream)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where the ranges come from: ``url`` of the extents route, the bearer ``token``
+    (never shown), and ``name`` for messages (the site)."""
+
+    url: str
+    token: str
+    name: str
+
+    def __repr__(self) -> str:  # the token stays out of logs and tracebacks
+        return f"Peer(url={self.url!r}, name={self.name!r})"
+
+
+def _write(batch: list[tuple[int, int, bytes]]) -> None:
+    for fd, offset, data in batch:
+        os.pwrite(fd, data, offset)
+
+
+async def _one(session: aiohttp.ClientSession, peer: Peer, req: ExtentRequest, fds: Mapping[int, int],
+               pool: ThreadPoolExecutor, progress: Callable[[int], None] | None) -> int:
+    where = f"extent stream from site {peer.name}"
+    loop = asyncio.get_running_loop()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+    async with session.post(peer.url, data=encode_request(req), timeout=timeout,
+                            headers={"Authorization": f"Bearer {peer.token}", "Content-Type": CONTENT_TYPE}) as resp:
+        if resp.status != 200:
+            try:
+                doc = await resp.json(content_type=None)
+                message = doc["error"]["message"]
+            except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+                message = f"HTTP {resp.status}"
+            raise PeerUnavailable(f"site {peer.name} refused the extent request: {str(message)[:500]}")
+        reader = StreamReader(req, where)
+        content = resp.content
+        reader.header(await content.readexactly(STREAM.size))
+        batch: list[tuple[int, int, bytes]] = []
+        size = written = 0
+        while not reader.done:
+            head = await content.readexactly(PIECE.size)
+            disk, offset, length, _ = reader.piece(head)
+            data = await content.readexactly(length)
+            reader.check(head, data)
+            batch.append((fds[disk], offset, data))
+            size += length
+            if size >= WRITE_BATCH_BYTES:
+                await loop.run_in_executor(pool, _write, batch)
+                written += size
+                if progress is not None:
+                    progress(size)
+                batch, size = [], 0
+        reader.trailer(await content.readexactly(TRAILER.size))
+        if await content.read(1):
+            raise FormatError(f"{where}: bytes after the trailer")
+        if batch:
+            await loop.run_in_executor(pool, _write, batch)
+            written += size
+            if progress is not None:
+                progress(size)
+        return written
+
+
+async def copy_from_peer(peer: Peer, req: ExtentRequest, fds: Mapping[int, int], *, streams: int = STREAMS,
+                         progress: Callable[[int], None] | None = None) -> int:
+    """Write ``req``'s ranges, read from ``peer``, into ``fds`` (disk id -> an open image,
+    read-write) and fsync them; bytes written. ``PeerUnavailable`` on any failure."""
+    parts = split(req, streams)
+    try:
+        with ThreadPoolExecutor(max(1, len(parts)), thread_name_prefix="peer-write") as pool:
+            async with aiohttp.ClientSession() as session:
+                tasks = [asyncio.ensure_future(_one(session, peer, part, fds, pool, progress)) for part in parts]
+                try:
+                    done = await asyncio.gather(*tasks)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            await loop_fsync(fds)
+    except PeerUnavailable:
+        raise
+    except asyncio.IncompleteReadError as exc:
+        raise PeerUnavailable(f"extent stream from site {peer.name} ended early ({len(exc.partial)} of "
+                              f"{exc.expected} bytes of a part): the connection was cut") from None
+    except aiohttp.ClientPayloadError:
+        raise PeerUnavailable(f"extent stream from site {peer.name} ended early: the connection was cut "
+                              f"before its trailer") from None
+    except FormatError as exc:
+        raise PeerUnavailable(exc.message) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise PeerUnavailable(f"site {peer.name} ({peer.url}): {type(exc).__name__}: {exc}") from None
+    return sum(done)
+
+
+async def loop_fsync(fds: Mapping[int, int]) -> None:
+    await asyncio.gather(*(asyncio.to_thread(os.fsync, fd) for fd in set(fds.values())))
