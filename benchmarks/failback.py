@@ -464,7 +464,7 @@ def main() -> None:
         "rounds": {key: [round(t, 3) for t in v] for key, v in m["rounds"].items()},
         "speedup_vs_checksum_scan": round(m["checksum_scan_s"] / m["failback_s"], 3),
         "speedup_vs_full_copy": round(m["full_copy_s"] / m["failback_s"], 3),
-        "failback_source": fb["source"],
+        "failback_source": fb["source"], "failback_phases_s": fb["phases_s"],
         "failback_from_store_s": round(m["failback_from_store_s"], 3),
         "speedup_vs_full_copy_from_store": round(m["full_copy_s"] / m["failback_from_store_s"], 3),
         "failback_from_store_read_bytes": m["failback_from_store_read_bytes"],

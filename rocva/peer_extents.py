@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from cdp import durable
 from cdp.errors import CdpError, FormatError
 from cdp.extent_stream import PIECE, STREAM, TRAILER, ExtentRequest, StreamReader, encode_request, split
 from cdp.msa.extents import CONTENT_TYPE
@@ -48,8 +49,14 @@ class Peer:
 
 
 def _write(batch: list[tuple[int, int, bytes]]) -> None:
+    span: dict[int, tuple[int, int]] = {}
     for fd, offset, data in batch:
         os.pwrite(fd, data, offset)
+        lo, hi = span.get(fd, (offset, offset + len(data)))
+        span[fd] = (min(lo, offset), max(hi, offset + len(data)))
+    # A batch is a contiguous run of the ranges (``split``): its span holds little else.
+    for fd, (lo, hi) in span.items():
+        durable.start_writeback(fd, lo, hi - lo)
 
 
 async def _one(session: aiohttp.ClientSession, peer: Peer, req: ExtentRequest, fds: Mapping[int, int],

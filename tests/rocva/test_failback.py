@@ -138,3 +138,63 @@ async def test_a_failback_that_died_half_way_completes_when_rerun(tmp_path, monk
     out = await failback(store, b.domain, mark, site=SITE, disks=disks)
     assert [x["mode"] for x in out["disks"]] == ["delta", "delta"]  # the maps were kept for the rerun
     assert [sha(d.path.read_bytes()) for d in disks] == [sha(m) for m in at_mark]
+
+
+async def _serve(app):
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/extents"
+
+
+async def test_the_delta_is_read_from_the_peer_and_from_the_store_when_the_peer_fails(tmp_path):
+    """With B's handed-back disks served (FORMAT.md §16) the delta is read from them; a
+    peer that is gone, or whose stream stops after some pieces were written, leaves the
+    store to read every range again: the disks end at the mark byte for byte each time."""
+    from aiohttp import web
+
+    from cdp.extent_stream import parse_request, piece_head, pieces, stream_header
+    from cdp.msa.extents import serve_files
+    from rocva.peer_extents import Peer
+
+    async def cut(request: web.Request) -> web.StreamResponse:  # two good pieces, then the connection drops
+        req = parse_request(await request.read())
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(stream_header(req))
+        for disk, offset, length in pieces(req)[:2]:
+            data = files[disk][0].read_bytes()[offset:offset + length]
+            await resp.write(piece_head(disk, offset, data) + data)
+        request.transport.close()
+        return resp
+
+    for how in ("peer", "gone", "cut"):
+        store = MemoryStore()
+        b, fork, mark, a_disks, at_mark = await _two_histories(store, 31, 12, 12, True)
+        (tmp_path / how / "b").mkdir(parents=True)
+        files = {}
+        for k, ((vm, name, size), content) in enumerate(zip(DISKS, at_mark)):
+            path = tmp_path / how / "b" / f"{vm}-{name}.img"
+            path.write_bytes(content)
+            files[k] = (path, size)
+        disks = site_a_disks(tmp_path / how, a_disks)
+        if how == "cut":
+            app = web.Application()
+            app.router.add_post("/extents", cut)
+        else:
+            app = serve_files(b.domain, mark, files, "tok")
+        runner, url = await _serve(app)
+        try:
+            peer = Peer("http://127.0.0.1:1/extents" if how == "gone" else url, "tok", "site-b")
+            out = await failback(store, b.domain, mark, site=SITE, disks=disks, peer=peer)
+        finally:
+            await runner.cleanup()
+        assert [sha(d.path.read_bytes()) for d in disks] == [sha(m) for m in at_mark], how
+        assert out["source"] == ("peer" if how == "peer" else "store"), (how, out)
+        if how == "peer":
+            assert out["peer_error"] is None and out["bytes_written"] == out["bytes_moved"]
+        else:
+            assert "site-b" in out["peer_error"] and ("ended early" in out["peer_error"]) is (how == "cut"), out
