@@ -15,7 +15,6 @@ cannot see a missing sync, the page cache survives it.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import secrets
@@ -37,32 +36,6 @@ def sync_data(fd: int) -> None:
 def sync_file(fd: int) -> None:
     """``fsync``: as ``sync_data``, and every metadata of the file too (size, times)."""
     os.fsync(fd)
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-
-
-def _libc_sync_file_range():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``[offset, offset + length)`` of ``fd`` back to the disk, without
-    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; nothing elsewhere). It
-    makes nothing durable: a ``sync_data`` must follow. It lets a large scattered write
-    reach the disk while the rest is still produced, so that sync waits for little
-    (a failback's 314 MB fsync took 0.25-0.3 s at its end)."""
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: an error changes nothing
 
 
 def pwrite_all(fd: int, buffers: Sequence[Buffer], offset: int) -> None:
