@@ -23,14 +23,19 @@ of the copy, of B's disks and of A's log is dropped from the page cache (cold).
 
 Fields (the last line of ``--json``):
 
-- ``failback_s``: ``rocva.failback`` (ranges from both timelines' indexes, A's log and
-  A's maps; read the target's content there from the store; write it in place; fsync;
-  fork a timeline for site A). ``bytes_moved`` is its count of bytes in those ranges,
-  ``failback_store_read_bytes`` what it read from the store (``..._split``: base chunks,
-  segments, the rest; ``full_copy_store_read_bytes`` the same for the full copy).
-  Afterwards every disk must have been brought back as a delta (not rewritten whole) and
-  its sha256 must equal the target point's (the builder's model); the benchmark fails
-  otherwise.
+- ``failback_s``: ``rocva.failback`` as the product runs it (ranges from both timelines'
+  indexes, A's log and A's maps; read the target's content there from B's handed-back
+  disks, served as extent streams by ``benchmarks._peer_site`` — B's extents route in its
+  own process, on the same 2 cores — FORMAT.md §16; write it in place; fsync; fork a
+  timeline for site A); ``failback_phases_s`` when each step ended. ``bytes_moved`` is its
+  count of bytes in those ranges.
+- ``failback_from_store_s``: the same failback reading the store instead (what it does
+  when B cannot serve), ``failback_from_store_read_bytes`` what it read (``..._split``:
+  base chunks, segments, the rest; ``full_copy_store_read_bytes`` the same for the full
+  copy), ``speedup_vs_full_copy_from_store``.
+  After each failback every disk must have been brought back as a delta (not rewritten
+  whole), from the source asked for, and its sha256 must equal the target point's (the
+  builder's model); the benchmark fails otherwise.
 - ``changed_bytes``: from the images, in 4 KiB pages: where A's disks differ from the
   disks at F, united with where the target differs from them. ``moved_vs_changed`` =
   ``bytes_moved`` / ``changed_bytes``.
@@ -45,9 +50,9 @@ Fields (the last line of ``--json``):
   this run by ``benchmarks.ingest`` (its whole run, at its ``--quick`` length with
   ``--quick``); ``writes_per_s_4k`` and ``writes_per_s_4k_dirty_map`` with it.
 
-Each timed method runs 3 times (``--quick``: once), in turns, each from cold; the
-``..._s`` fields are the medians and ``rounds`` lists every time. Each failback runs on a
-hard-linked copy of the store, as it forks the domain.
+Each timed method runs 3 times (``--quick``: once), in turns, each from cold (B's disks
+too); the ``..._s`` fields are the medians and ``rounds`` lists every time. Each failback
+runs on a hard-linked copy of the store, as it forks the domain.
 
 Targets (issue 12): ``moved_vs_changed`` <= 1.1, ``speedup_vs_checksum_scan`` >= 5,
 ``speedup_vs_full_copy`` >= 5, ``dirty_map_4k_ratio`` >= 0.9.

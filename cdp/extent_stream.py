@@ -197,16 +197,20 @@ class StreamReader:
                               f"expected disk {want[0]} [{want[1]}, +{want[2]})")
         return disk, offset, length, digest
 
-    def check(self, head: bytes, data: bytes | bytearray | memoryview) -> None:
-        digest = PIECE.unpack(head)[5]
+    def check(self, head: bytes, data: bytes | bytearray | memoryview | Sequence[memoryview]) -> None:
+        """The piece's bytes (one buffer, or the parts it arrived in) against its head's xxh3."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        _, disk, offset, _, _, digest = PIECE.unpack(head)
         h = xxhash.xxh3_64(head[:24])
-        h.update(data)
+        for part in parts:
+            h.update(part)
         if h.intdigest() != digest:
-            raise ChecksumMismatch(f"{self.where}: piece at offset {self.at} (disk {PIECE.unpack(head)[1]}, "
-                                   f"offset {PIECE.unpack(head)[2]}): xxh3 does not match its bytes")
+            raise ChecksumMismatch(f"{self.where}: piece at offset {self.at} (disk {disk}, offset {offset}): xxh3 "
+                                   f"does not match its bytes")
+        length = sum(len(p) for p in parts)
         self._next += 1
-        self.at += PIECE.size + len(data)
-        self.byte_count += len(data)
+        self.at += PIECE.size + length
+        self.byte_count += length
 
     def trailer(self, buf: bytes) -> None:
         if not self.done:
