@@ -4,7 +4,7 @@ Phases, each on the same DRVA: 64 KiB random writes as fast as acks allow
 (``mb_per_s_64k``), 4 KiB random writes likewise (``writes_per_s_4k``) — in turns with
 the same load on a second domain whose filter keeps dirty-region maps
 (``writes_per_s_4k_dirty_map``; ``dirty_map_4k_ratio`` = with over without, the median of
-4 blocks of ABBA turns, ``dirty_map_4k_block_ratios``) — then a steady
+8 blocks of ABBA turns, 4 with ``--quick``, ``dirty_map_4k_block_ratios``) — then a steady
 100 MB/s of 64 KiB writes with a 1 s seal age, sampling the DRVA's RPO lag
 (``rpo_p50_s``, ``rpo_p99_s``). ``ack_p50_ms``/``ack_p99_ms``: capture-to-ack time of
 each captured batch during the throughput phases. ``drva_rss_mb_max``: the DRVA's peak
@@ -215,9 +215,9 @@ async def bench(d: Path, quick: bool) -> dict:
         # flight at the end of a turn counts, for both sides alike). The ratio is the
         # median of the blocks' ratios: one turn caught by a stall elsewhere on the
         # machine moves a ratio of sums (0.70..1.33 across runs with 2 blocks of
-        # 3.75 s turns), not the median of 4 blocks.
+        # 3.75 s turns), not the median of the blocks.
         load4, load4_map = Load(f, 4 << 10, 2), Load(mapped, 4 << 10, 2)
-        blocks = 4
+        blocks = 4 if quick else 8  # 8: block ratios spread 0.78..1.17 over two runs; a median of 4 moved 0.85..1.01
         turns: dict[str, list[float]] = {"A": [], "B": []}  # writes/s of each turn
         bar = progress(4 * blocks, "4 KiB writes, without and with dirty-region maps", unit="turn")
         for turn in "ABBA" * blocks:
