@@ -439,13 +439,15 @@ async def failback_extents(request: web.Request) -> web.StreamResponse:
 
     daemon = request.app[MSA]
     name = store_domain_of(request)
-    codes = {400: "bad_request", 408: "timeout", 409: "failover_refused", 413: "too_large"}
+    codes = {400: "bad_request", 408: "timeout", 409: "failover_refused", 413: "too_large",
+             415: "unsupported_media_type"}
     try:
         req = await read_request(request, request.app[BODY_TIMEOUT_S])
         files = await extent_files(daemon, name, req)
         check_inside(req, files, f"domain {name}")
     except BadExtentRequest as exc:
-        raise ApiError(exc.status, codes.get(exc.status, "bad_request"), exc.message, "request body") from None
+        field = "Content-Type" if exc.status == 415 else "request body"
+        raise ApiError(exc.status, codes.get(exc.status, "bad_request"), exc.message, field) from None
     return await send_extents(request, req, files, f"domain {name}")
 
 

@@ -61,6 +61,9 @@ class BadExtentRequest(Exception):
 
 async def read_request(request: web.Request, timeout_s: float) -> ExtentRequest:
     """The request body, bounded in size and time, parsed (``BadExtentRequest`` otherwise)."""
+    if request.content_type != CONTENT_TYPE:
+        raise BadExtentRequest(415, f"Content-Type {request.content_type[:80]!r}: an extent request is "
+                                    f"{CONTENT_TYPE} (FORMAT.md §16.1)")
     if (request.content_length or 0) > REQUEST_BYTES_MAX:
         raise BadExtentRequest(413, f"extent request: {request.content_length} bytes, at most {REQUEST_BYTES_MAX}")
     buf = bytearray()

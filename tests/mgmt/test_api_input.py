@@ -181,15 +181,20 @@ async def test_every_field_of_every_body_refuses_hostile_values(api):
 async def test_every_route_refuses_bad_bodies_and_paths(api):
     host = f"Host: {api.site.cfg.api_listen}\r\n"
     posts = [p for m, p, _ in ROUTES if m == "POST"]
+    json_cases = (("application/json", b"\xff\xfe", 400, "request body"),
+                  ("application/json", b'{"x": 1}', 400, "x"),
+                  ("application/json", b"[1]", 400, "request body"),
+                  ("application/json", b"{\"a\": NaN}", 400, None),
+                  ("application/json", b"[" * 100_000, 400, "request body"),
+                  ("application/json; charset=bogus-enc", b"{}", 415, "Content-Type"))
+    # The extents route takes a binary extent request (FORMAT.md §16.1), nothing else.
+    binary_cases = (("application/json", b'{"x": 1}', 415, "Content-Type"),
+                    ("application/octet-stream", b"\xff\xfe", 400, "request body"),
+                    ("application/octet-stream", b"CDPQ" + bytes(60), 400, "request body"),
+                    ("application/octet-stream", b"[" * 100_000, 400, "request body"))
     for path in posts:
         concrete = path.replace("{name}", "erp").replace("{kind}", "system")
-        for ctype, body, expect, field in (
-                ("application/json", b"\xff\xfe", 400, "request body"),
-                ("application/json", b'{"x": 1}', 400, "x"),
-                ("application/json", b"[1]", 400, "request body"),
-                ("application/json", b"{\"a\": NaN}", 400, None),
-                ("application/json", b"[" * 100_000, 400, "request body"),
-                ("application/json; charset=bogus-enc", b"{}", 415, "Content-Type")):
+        for ctype, body, expect, field in (binary_cases if path.endswith("/extents") else json_cases):
             status, doc, _ = await raw(api, f"POST {concrete} HTTP/1.1\r\n{host}{auth()}Content-Type: {ctype}", body)
             assert_refusal(api, status, doc, expect=expect, field=field)
         # Hostile path parameters: a 4xx naming the parameter, no path of this machine.
