@@ -103,6 +103,7 @@ class NbdServer:
         self.handshake_timeout_s = handshake_timeout_s
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task] = set()
+        self._closing = False
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on TCP; port 0 picks a free one. Returns the bound (host, port)."""
@@ -123,8 +124,13 @@ class NbdServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    async def wait_connections(self) -> None:
+        """Until every connection open now has ended (closed its socket, awaited its requests)."""
+        await asyncio.gather(*list(self._connections), return_exceptions=True)
+
     async def close(self) -> None:
         """Stop listening, drop every connection (cancelling its requests), wait for all."""
+        self._closing = True
         for server in self._servers:
             server.close()
         for task in list(self._connections):
@@ -146,6 +152,11 @@ class NbdServer:
         self._connections.add(task)
         try:
             await _Connection(self, reader, writer, peer).run()
+        except asyncio.CancelledError:
+            # close() cancelled us and waits for us; asyncio's stream callback would log a
+            # cancelled handler task as an error. Any other cancellation goes through.
+            if not self._closing:
+                raise
         finally:
             self._connections.discard(task)
 

@@ -81,14 +81,16 @@ class RawClient:
         await self.send(nbd.pack_request(command, handle, offset, length, flags), payload)
 
     async def reply(self, read_length: int = 0) -> Reply:
-        """The next reply; ``read_length`` is the data a successful simple READ reply carries."""
-        if not self.structured:
-            error, handle = nbd.parse_simple_reply(await self.read(nbd.SIMPLE_REPLY_SIZE))
+        """The next reply, simple or structured (with structured replies on, the server may
+        still answer non-reads simply); ``read_length`` is the data a simple READ reply carries."""
+        magic = await self.read(4)
+        if int.from_bytes(magic, "big") == nbd.SIMPLE_REPLY_MAGIC:
+            error, handle = nbd.parse_simple_reply(magic + await self.read(nbd.SIMPLE_REPLY_SIZE - 4))
             data = await self.read(read_length) if read_length and not error else b""
             return Reply(error, handle, data)
-        data, error = bytearray(), 0
+        data, error, head = bytearray(), 0, magic + await self.read(nbd.CHUNK_HEADER_SIZE - 4)
         while True:
-            flags, reply_type, handle, length = nbd.parse_chunk_header(await self.read(nbd.CHUNK_HEADER_SIZE))
+            flags, reply_type, handle, length = nbd.parse_chunk_header(head)
             payload = await self.read(length) if length else b""
             if reply_type == nbd.REPLY_TYPE_OFFSET_DATA:
                 data += payload[8:]
@@ -96,6 +98,7 @@ class RawClient:
                 error = int.from_bytes(payload[:4], "big")
             if flags & nbd.REPLY_FLAG_DONE:
                 return Reply(error, handle, bytes(data))
+            head = await self.read(nbd.CHUNK_HEADER_SIZE)
 
     async def closed_by_server(self) -> bool:
         """True when the server has closed the connection (reads give end of stream)."""
