@@ -62,24 +62,34 @@ def nbd_errno(exc: BaseException) -> int:
     return nbd.EIO
 
 
-class _ByteBudget:
-    """Payload bytes in flight on one connection, at most ``limit`` (one request larger
-    than the whole budget still runs, alone)."""
+class _InflightBudget:
+    """Requests and payload bytes in flight on one connection: at most ``requests_max``
+    requests and ``bytes_max`` bytes (one request larger than ``bytes_max`` still runs, alone).
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._changed = asyncio.Condition()
+    One taker (the connection's reader loop); ``give`` is synchronous so that a finishing
+    or cancelled request returns its share without awaiting anything.
+    """
 
-    async def take(self, n: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
-            self.used += n
+    def __init__(self, requests_max: int, bytes_max: int) -> None:
+        self.requests_max, self.bytes_max = requests_max, bytes_max
+        self.requests = 0
+        self.bytes = 0
+        self._changed = asyncio.Event()
 
-    async def give(self, n: int) -> None:
-        async with self._changed:
-            self.used -= n
-            self._changed.notify_all()
+    def _fits(self, cost: int) -> bool:
+        return self.requests < self.requests_max and (self.bytes == 0 or self.bytes + cost <= self.bytes_max)
+
+    async def take(self, cost: int) -> None:
+        while not self._fits(cost):
+            self._changed.clear()
+            await self._changed.wait()
+        self.requests += 1
+        self.bytes += cost
+
+    def give(self, cost: int) -> None:
+        self.requests -= 1
+        self.bytes -= cost
+        self._changed.set()
 
 
 class NbdServer:
@@ -181,8 +191,9 @@ class _Connection:
         self.limits: nbd.ExportLimits | None = None
         self._write_lock = asyncio.Lock()
         self._requests: set[asyncio.Task] = set()
-        self._slots = asyncio.Semaphore(server.inflight_max)
-        self._bytes = _ByteBudget(server.inflight_bytes_max)
+        self._budget = _InflightBudget(server.inflight_max, server.inflight_bytes_max)
+        self.served = 0  # requests answered, refused ones included
+        self.refused = 0
 
     async def run(self) -> None:
         sock = self.writer.get_extra_info("socket")
@@ -210,7 +221,7 @@ class _Connection:
             self.writer.close()
             with contextlib.suppress(Exception):  # the peer may be gone already
                 await self.writer.wait_closed()
-        logger.info("nbd_disconnected", peer=self.peer, reason=reason)
+        logger.info("nbd_disconnected", peer=self.peer, reason=reason, requests=self.served, refused=self.refused)
 
     async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
         """One whole message: no other reply can come between its parts."""
@@ -261,7 +272,7 @@ class _Connection:
             if export is None:
                 await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNKNOWN, f"no export named {name!r}"))
                 return False, None
-            await self._send(*self._info_replies(option, export, name, wanted))
+            await self._send(*self._info_replies(option, export, wanted))
             if option == nbd.OPT_GO:
                 self._enter(export)
                 return True, export
@@ -286,12 +297,12 @@ class _Connection:
         await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNSUP, f"option {option} is not supported"))
         return False, None
 
-    def _info_replies(self, option: int, export: Export, asked_name: str, wanted: tuple[int, ...]) -> list[bytes]:
+    def _info_replies(self, option: int, export: Export, wanted: tuple[int, ...]) -> list[bytes]:
         sizes = export.backend.block_sizes
         # EXPORT is mandatory; BLOCK_SIZE always goes along, as our minimum is not the default 1.
         infos = [nbd.pack_info_export(export.backend.size, self._tflags(export)),
                  nbd.pack_info_block_size(sizes.minimum, sizes.preferred, sizes.maximum)]
-        if nbd.INFO_NAME in wanted and asked_name != export.name:
+        if nbd.INFO_NAME in wanted:
             infos.append(nbd.pack_info_string(nbd.INFO_NAME, export.name))
         if nbd.INFO_DESCRIPTION in wanted and export.description:
             infos.append(nbd.pack_info_string(nbd.INFO_DESCRIPTION, export.description))
@@ -321,32 +332,27 @@ class _Connection:
     # ------------------------------------------------------------------ transmission
 
     async def _transmission(self) -> str:
-        """Read requests until DISC (returns "disc") or a protocol error / end of stream."""
+        """Read requests until DISC (returns "disc") or a protocol error / end of stream.
+        Each request waits for its share of the in-flight budget before its payload is read:
+        a client can make us hold at most the budget, plus one 28-byte header."""
         assert self.export is not None and self.limits is not None
         while True:
-            await self._slots.acquire()
-            try:
-                req = nbd.parse_request(await self.reader.readexactly(nbd.REQUEST_SIZE))
-                if req.command == nbd.CMD_DISC:
-                    self._slots.release()
-                    await self._drain_requests()
-                    return "disc"
-                payload_len = req.length if req.command == nbd.CMD_WRITE else 0
-                if payload_len > nbd.REQUEST_BYTES_MAX:
-                    # We will not buffer it, and cannot skip it: answer, then hang up.
-                    await self._reply_error(req, nbd.EINVAL, f"write of {req.length} bytes exceeds "
-                                                             f"{nbd.REQUEST_BYTES_MAX}")
-                    raise nbd.NbdProtocolError(f"write of {req.length} bytes exceeds {nbd.REQUEST_BYTES_MAX}")
-                cost = max(payload_len, req.length if req.command == nbd.CMD_READ else 0)
-                await self._bytes.take(cost)
-            except BaseException:
-                self._slots.release()
-                raise
+            req = nbd.parse_request(await self.reader.readexactly(nbd.REQUEST_SIZE))
+            if req.command == nbd.CMD_DISC:
+                await self._drain_requests()
+                return "disc"
+            payload_len = req.length if req.command == nbd.CMD_WRITE else 0
+            if payload_len > nbd.REQUEST_BYTES_MAX:
+                # We will not buffer it, and cannot skip it: answer, then hang up.
+                message = f"write of {req.length} bytes exceeds {nbd.REQUEST_BYTES_MAX}"
+                await self._reply_error(req, nbd.EINVAL, message)
+                raise nbd.NbdProtocolError(message)
+            cost = max(payload_len, req.length if req.command == nbd.CMD_READ else 0)
+            await self._budget.take(cost)
             try:
                 payload = await self.reader.readexactly(payload_len) if payload_len else b""
             except BaseException:
-                self._slots.release()
-                await self._bytes.give(cost)
+                self._budget.give(cost)
                 raise
             task = asyncio.create_task(self._serve(req, payload, cost))
             self._requests.add(task)
@@ -356,8 +362,11 @@ class _Connection:
         try:
             code, message = nbd.request_error(req, self.limits)
             if code:
-                logger.info("nbd_request_refused", peer=self.peer, export=self.export.name, command=req.name,
-                            offset=req.offset, length=req.length, error=code, reason=message)
+                # Debug only: a client can send these as fast as it likes; the count is
+                # in the disconnect event.
+                self.refused += 1
+                logger.debug("nbd_request_refused", peer=self.peer, export=self.export.name, command=req.name,
+                             offset=req.offset, length=req.length, error=code, reason=message)
                 await self._reply_error(req, code, message)
                 return
             try:
@@ -380,8 +389,8 @@ class _Connection:
             # The socket went away under the reply; the reader loop sees it and cleans up.
             pass
         finally:
-            self._slots.release()
-            await self._bytes.give(cost)
+            self.served += 1
+            self._budget.give(cost)
 
     async def _run(self, req: nbd.Request, payload: bytes) -> bytes | bytearray | memoryview | None:
         backend = self.export.backend

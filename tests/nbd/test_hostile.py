@@ -3,13 +3,9 @@ connection, and after each the server still serves a fresh qemu-io client."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from iofilter_sim import nbd_protocol as nbd
-from iofilter_sim.nbd_backend import FileBackend
-from iofilter_sim.nbd_server import INFLIGHT_MAX, NbdServer
 from tests.nbd.conftest import EXPORT_SIZES, MiB, Served, run_tool
 from tests.nbd.raw_client import RawClient
 
@@ -163,98 +159,3 @@ async def test_disconnect_in_the_middle_of_a_write_payload(served: Served) -> No
     await client.close()
     await still_serves(served)
     assert served.file_bytes()[: 64 * KiB] == bytes(64 * KiB)  # the torn write never reached the file
-
-
-class GatedBackend:
-    """A FileBackend whose reads wait at a gate: requests stay in flight until a test opens it."""
-
-    def __init__(self, inner: FileBackend) -> None:
-        self.inner = inner
-        self.size, self.read_only, self.block_sizes = inner.size, inner.read_only, inner.block_sizes
-        self.multi_conn_safe = inner.multi_conn_safe
-        self.gate = asyncio.Event()
-        self.running = 0
-        self.running_max = 0
-        self.cancelled = 0
-        self.reached = asyncio.Event()
-        self.reach_count = INFLIGHT_MAX
-
-    async def read(self, offset: int, length: int) -> bytes:
-        self.running += 1
-        self.running_max = max(self.running_max, self.running)
-        if self.running >= self.reach_count:
-            self.reached.set()
-        try:
-            await self.gate.wait()
-            return await self.inner.read(offset, length)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.running -= 1
-
-    async def write(self, offset: int, data: bytes, fua: bool) -> None:
-        await self.inner.write(offset, data, fua)
-
-    async def flush(self) -> None:
-        await self.inner.flush()
-
-    async def trim(self, offset: int, length: int) -> None:
-        await self.inner.trim(offset, length)
-
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        await self.inner.write_zeroes(offset, length, may_trim, fua)
-
-
-@pytest.fixture
-def gated(served: Served) -> GatedBackend:
-    return GatedBackend(served.backends["vm/disk"])
-
-
-async def test_inflight_cap_and_out_of_order_replies(served: Served, gated: GatedBackend, tmp_path) -> None:
-    server = NbdServer({"vm/disk": gated})
-    address = await server.start_unix(tmp_path / "g.sock")
-    try:
-        client = await RawClient.connect(address)
-        await client.go("vm/disk", structured=True)
-        n = INFLIGHT_MAX + 8
-        for handle in range(n):
-            await client.request(nbd.CMD_READ, handle, handle * 4096, 4096)
-        await gated.reached.wait()  # INFLIGHT_MAX reads are at the gate; the rest wait unread
-        gated.gate.set()
-        handles = set()
-        for _ in range(n):
-            got = await client.reply()
-            assert got.error == 0 and got.data == bytes(4096)
-            handles.add(got.handle)
-        assert handles == set(range(n))
-        assert gated.running_max == INFLIGHT_MAX
-        await client.close()
-    finally:
-        await server.close()
-
-
-async def test_dropped_connection_cancels_requests_in_flight(served: Served, gated: GatedBackend, tmp_path) -> None:
-    server = NbdServer({"vm/disk": gated})
-    address = await server.start_unix(tmp_path / "g.sock")
-    gated.reach_count = 5
-    try:
-        client = await RawClient.connect(address)
-        await client.go("vm/disk")
-        for handle in range(5):
-            await client.request(nbd.CMD_READ, handle, 0, 4096)
-        await gated.reached.wait()
-        await client.close()
-        await server.wait_connections()
-        assert server.connection_count == 0
-        assert (gated.cancelled, gated.running) == (5, 0)
-        # The server takes new clients on the same export.
-        client = await RawClient.connect(address)
-        await client.go("vm/disk")
-        gated.gate.set()
-        await client.request(nbd.CMD_READ, 1, 0, 512)
-        assert (await client.reply(512)).error == 0
-        await client.close()
-    finally:
-        await server.close()
-    await still_serves(served)
