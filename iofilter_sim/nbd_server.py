@@ -104,7 +104,10 @@ class NbdServer:
                  connections_max: int = CONNECTIONS_MAX, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.exports: dict[str, Export] = {}
         for name, backend in exports.items():
-            nbd.parse_export_name(name.encode())  # the same rule a client's name meets
+            try:
+                nbd.parse_export_name(name.encode())  # the same rule a client's name meets
+            except nbd.OptionInvalid as exc:
+                raise ConfigError(f"NBD export name {name[:64]!r}: {exc.message}") from None
             backend.block_sizes.check(backend.size, f"export {name!r}")
             self.exports[name] = Export(name, backend, (descriptions or {}).get(name, ""))
         self.inflight_max = inflight_max

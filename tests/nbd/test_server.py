@@ -226,3 +226,21 @@ async def test_disc_answers_requests_in_flight_first(served: Served, gated: Gate
         assert gated.cancelled == 0
     finally:
         await server.close()
+
+
+def test_bad_configuration_is_refused(served: Served, tmp_path: Path) -> None:
+    from cdp.errors import ConfigError
+    from iofilter_sim.nbd_backend import BlockSizes
+
+    with pytest.raises(ConfigError, match="NUL"):
+        NbdServer({"vm\x00disk": served.backends["vm/disk"]})
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(1000))  # not a multiple of 512
+    with pytest.raises(ConfigError, match="multiple of the minimum"):
+        FileBackend(odd)
+    for sizes in (BlockSizes(minimum=3), BlockSizes(preferred=256), BlockSizes(maximum=64 << 20),
+                  BlockSizes(minimum=4096, preferred=4096, maximum=4096 * 3 + 512)):
+        with pytest.raises(ConfigError):
+            FileBackend(served.files["vm/disk"], block_sizes=sizes)
+    with pytest.raises(ConfigError, match="no-such"):
+        FileBackend(tmp_path / "no-such.img")
