@@ -89,6 +89,7 @@ class _InflightBudget:
     def give(self, cost: int) -> None:
         self.requests -= 1
         self.bytes -= cost
+        assert self.requests >= 0 and self.bytes >= 0, (self.requests, self.bytes)
         self._changed.set()
 
 
@@ -115,6 +116,7 @@ class NbdServer:
         self.connections_max = connections_max
         self.handshake_timeout_s = handshake_timeout_s
         self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
         self._connections: set[asyncio.Task] = set()
         self._closing = False
 
@@ -130,6 +132,7 @@ class NbdServer:
         path = os.fspath(path)
         server = await asyncio.start_unix_server(self._accept, path)
         self._servers.append(server)
+        self._unix_paths.append(path)
         logger.info("nbd_listening", transport="unix", path=path, exports=sorted(self.exports))
         return path
 
@@ -152,6 +155,10 @@ class NbdServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        for path in self._unix_paths:  # Python 3.11 leaves the socket file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -25,7 +25,6 @@ class Reply:
 class RawClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.structured = False
 
     @classmethod
     async def connect(cls, address: tuple[str, int] | str) -> RawClient:
@@ -68,7 +67,6 @@ class RawClient:
         if structured:
             [(_, reply_type, _)] = await self.option(nbd.OPT_STRUCTURED_REPLY)
             assert reply_type == nbd.REP_ACK
-            self.structured = True
         replies = await self.option(nbd.OPT_GO, nbd.pack_info_request(name))
         assert replies[-1][1] == nbd.REP_ACK, replies
         for _, _, data in replies[:-1]:

@@ -244,3 +244,11 @@ def test_bad_configuration_is_refused(served: Served, tmp_path: Path) -> None:
             FileBackend(served.files["vm/disk"], block_sizes=sizes)
     with pytest.raises(ConfigError, match="no-such"):
         FileBackend(tmp_path / "no-such.img")
+
+
+async def test_close_removes_the_unix_socket(served: Served, tmp_path: Path) -> None:
+    server = NbdServer({"vm/disk": served.backends["vm/disk"]})
+    path = Path(await server.start_unix(tmp_path / "u.sock"))
+    assert path.is_socket()
+    await server.close()
+    assert not path.exists()
