@@ -137,3 +137,19 @@ async def test_fio_nbd_engine_verify(served: Served) -> None:
     # fio wrote every 4 KiB block of the first 4 MiB (each with its verify header), nothing past it.
     assert all(data[i : i + 4096] != bytes(4096) for i in range(0, 4 * MiB, 4096))
     assert data[4 * MiB :] == bytes(4 * MiB)
+
+
+async def test_ext4_image_through_the_export(served: Served, tmp_path: Path) -> None:
+    """A file system written through NBD and read back through NBD is still a file system
+    holding the same file: the whole path (writes, zeroes, reads) keeps every byte."""
+    content = tmp_path / "content"
+    content.mkdir()
+    text = "written through NBD\n" * 200
+    (content / "hello.txt").write_text(text)
+    image = tmp_path / "fs.img"
+    await run_tool("mkfs.ext4", "-q", "-F", "-d", str(content), str(image), "4M")
+    await run_tool("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), served.uri("vm/disk2"))
+    back = tmp_path / "back.img"
+    await run_tool("nbdcopy", served.uri("vm/disk2", "unix"), str(back))
+    assert back.read_bytes() == image.read_bytes()
+    assert await run_tool("debugfs", "-R", "cat /hello.txt", str(back)) == text
