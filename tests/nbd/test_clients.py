@@ -129,7 +129,8 @@ async def test_nbdcopy_into_export(served: Served, tmp_path: Path) -> None:
 async def test_fio_nbd_engine_verify(served: Served) -> None:
     out = await run_tool("fio", "--name=nbdverify", "--ioengine=nbd", f"--uri={served.uri('vm/disk')}",
                          "--rw=randwrite", "--bs=4k", "--size=4M", "--iodepth=16", "--verify=crc32c",
-                         "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+                         "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+                         "--output-format=json")
     job = json.loads(out[out.index("{"):])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 4 * MiB
