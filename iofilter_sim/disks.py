@@ -16,8 +16,6 @@ system can; elsewhere it writes zeros. Either way the range reads back as zeros.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -27,29 +25,14 @@ from typing import Any
 import numpy as np
 
 from cdp.errors import ConfigError
+from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
+from cdp.fallocate import available as fallocate_available
 from cdp.records import (
     KIND_WRITE, KIND_ZERO, SECTOR, WRITE_LEN_MAX, payload_lengths, payload_starts,
 )
 
 HASH_CHUNK_BYTES = 8 << 20
 _ZEROS = bytes(1 << 20)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def _libc_fallocate() -> Any:
-    """libc's fallocate(fd, mode, offset, len), or None where there is none (not Linux)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fn = libc.fallocate64
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _libc_fallocate()
 
 
 class PrimaryDisk:
@@ -83,7 +66,7 @@ class PrimaryDisk:
         except BaseException:
             os.close(self._fd)
             raise
-        self._punch = _fallocate is not None
+        self._punch = fallocate_available
 
     @classmethod
     def for_disk(cls, disk: Any, *, create: bool = True) -> PrimaryDisk:
@@ -155,12 +138,8 @@ class PrimaryDisk:
         """Make [offset, offset + length) read as zeros (a hole where possible)."""
         self._check_range(offset, length)
         if self._punch:
-            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if _fallocate(self._fd, mode, offset, length) == 0:
+            if fallocate(self._fd, PUNCH_HOLE | KEEP_SIZE, offset, length, f"fallocate(PUNCH_HOLE) on {self.path}"):
                 return
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(err, f"fallocate(PUNCH_HOLE) on {self.path}: {os.strerror(err)}")
             self._punch = False  # this file system cannot: write zeros from now on
         zeros = memoryview(_ZEROS)
         end = offset + length

@@ -13,13 +13,13 @@ durable at the DRVA) and the store-backed mount of a past point (read-only).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 from dataclasses import dataclass
 from typing import Protocol
 
 from cdp.errors import ConfigError
+from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, fallocate
 from iofilter_sim.nbd_protocol import REQUEST_BYTES_MAX
 
 
@@ -72,28 +72,8 @@ class NbdBackend(Protocol):
         """The range reads back as zeros; ``may_trim`` allows deallocating it."""
 
 
-# fallocate(2) modes (linux/falloc.h).
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 #: Zeros are written in pieces of this size where the file system cannot zero a range.
 ZERO_FILL_BYTES = 1 << 20
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
-_libc.fallocate.restype = ctypes.c_int
-# The file system cannot do this mode: fall back (zeroing) or skip (a trim is a hint).
-_FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
-    """True when done; False when the file system does not support ``mode``."""
-    if _libc.fallocate(fd, mode, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in _FALLOCATE_UNSUPPORTED:
-        return False
-    raise OSError(err, os.strerror(err))
 
 
 class FileBackend:
@@ -138,7 +118,7 @@ class FileBackend:
         await asyncio.to_thread(os.fdatasync, self._fd)
 
     async def trim(self, offset: int, length: int) -> None:
-        await asyncio.to_thread(_fallocate, self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        await asyncio.to_thread(fallocate, self._fd, PUNCH_HOLE | KEEP_SIZE, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         await asyncio.to_thread(self._write_zeroes, offset, length, may_trim, fua)
@@ -167,8 +147,8 @@ class FileBackend:
 
     def _write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         # A punched hole reads as zeros; ZERO_RANGE keeps the blocks allocated (NO_HOLE).
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-        if not _fallocate(self._fd, mode, offset, length):
+        mode = PUNCH_HOLE | KEEP_SIZE if may_trim else ZERO_RANGE | KEEP_SIZE
+        if not fallocate(self._fd, mode, offset, length):
             zeros = bytes(min(length, ZERO_FILL_BYTES))
             end = offset + length
             while offset < end:

@@ -23,7 +23,6 @@ they are published.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import itertools
 import json
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from cdp.logs import get_logger
 from rocva.destination import OutputDir
 from rocva.fetch import (
@@ -311,30 +311,11 @@ def outside(fd: int, size: int, pieces: Pieces) -> Iterator[tuple[int, int]]:
                 yield x, y
 
 
-def _libc_fallocate():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _libc_fallocate()
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-
-
 def zero_range(fd: int, offset: int, length: int) -> None:
     """Make ``[offset, offset + length)`` read as zeros: a punched hole, or written zeros
     where the file system cannot punch."""
-    if _fallocate is not None:
-        if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, os.strerror(err))
+    if fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length):
+        return
     zeros = bytes(min(length, ZERO_WRITE_BYTES))
     end = offset + length
     while offset < end:

@@ -1,0 +1,50 @@
+"""``fallocate(2)`` from libc: punching holes and zeroing ranges of a file in place.
+
+Python's ``os`` has only ``posix_fallocate`` (which reserves space); the modes that make
+a range read as zeros without writing it need libc's own call. One binding for the
+primary disks (``iofilter_sim.disks``), recovered images (``rocva.resume``) and NBD
+exports (``iofilter_sim.nbd_backend``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+# Modes (linux/falloc.h).
+KEEP_SIZE = 0x01
+PUNCH_HOLE = 0x02
+ZERO_RANGE = 0x10
+# The file system (or the platform) cannot do a mode: callers fall back to writing zeros.
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
+
+def _bind() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _bind()
+available = _fallocate is not None  # False where libc has no fallocate (not Linux)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int, what: str = "") -> bool:
+    """``fallocate(fd, mode, offset, length)``: True when done, False when unavailable or
+    the file system does not support ``mode``; any other failure is an ``OSError``
+    (its message starts with ``what``, when given)."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, f"{what}: {os.strerror(err)}" if what else os.strerror(err))
