@@ -4,6 +4,12 @@
     iofilter-sim run CLUSTER.toml [--duration 60] [--workload random --rate-mb-s 50]
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
                  [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN] [--no-hashes] [--json]
+                 [--nbd HOST:PORT] [--nbd-unix PATH] [--export-name VM/DISK] [--flush-timeout S]
+
+With ``--nbd`` or ``--nbd-unix`` no workload runs: every disk (or each ``--export-name``)
+is served as the NBD export ``vm/disk`` and what real block clients write is captured
+and streamed to the DRVAs; a FLUSH returns once the DRVA holds every earlier write. The
+first line on stdout then says where it serves (a JSON object with ``--json``).
 
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
@@ -29,6 +35,7 @@ import click
 from cdp.errors import CdpError
 from cdp.logs import setup_logging
 from iofilter_sim.cluster import load_cluster
+from iofilter_sim.nbd_site import NbdListen, parse_tcp
 from iofilter_sim.runner import ClusterRunner, RunOptions
 
 
@@ -89,21 +96,41 @@ def check(cluster_file: Path, as_json: bool) -> None:
               help='A JSON file {"pause": [domain, ...]}: re-read on SIGUSR1; paused domains stop writing.')
 @click.option("--isolated", multiple=True, help="DOMAIN: its VMs write their disks only (no DRVA).")
 @click.option("--no-hashes", is_flag=True, help="No sha256 of the disks in the summary.")
+@click.option("--nbd", "nbd_tcp", default=None, metavar="HOST:PORT",
+              help="Serve the disks as NBD exports on TCP (port 0: any free one) instead of running workloads.")
+@click.option("--nbd-unix", type=click.Path(path_type=Path), default=None,
+              help="Serve the NBD exports on this Unix socket too (or only).")
+@click.option("--export-name", "export_names", multiple=True, metavar="VM/DISK",
+              help="With --nbd/--nbd-unix: serve only these disks (default: every disk).")
+@click.option("--flush-timeout", type=float, default=None,
+              help="With NBD: fail a FLUSH/FUA with EIO when the DRVA has not got the writes within S seconds "
+                   "(default: wait).")
 @click.option("--json", "as_json", is_flag=True)
 def run(cluster_file: Path, duration: float | None, workload: str | None, rate_mb_s: float | None,
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
-        control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, as_json: bool) -> None:
+        control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, nbd_tcp: str | None,
+        nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None, as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
         raise click.UsageError("set CDP_SITE_SECRET to the site secret (at least 16 characters)")
     cluster = load_cluster(cluster_file, state_dir=state_dir)
+    nbd = None
+    if nbd_tcp is not None or nbd_unix is not None:
+        if workload or trace:
+            raise click.UsageError("--nbd serves the disks to real clients: no --workload or --trace with it")
+        if flush_timeout is not None and flush_timeout <= 0:
+            raise click.UsageError("--flush-timeout must be > 0")
+        nbd = NbdListen(tcp=parse_tcp(nbd_tcp) if nbd_tcp is not None else None, unix=nbd_unix,
+                        exports=frozenset(export_names) if export_names else None, flush_timeout_s=flush_timeout)
+    elif export_names or flush_timeout is not None:
+        raise click.UsageError("--export-name and --flush-timeout go with --nbd or --nbd-unix")
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
                       control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,
-                      workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {})
-    summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks)))
+                      workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {}, nbd=nbd)
+    summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks), as_json))
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -114,7 +141,7 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     sys.exit(0 if summary["drained"] else 1)
 
 
-async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None, marks) -> dict:
+async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None, marks, as_json: bool) -> dict:
     runner = ClusterRunner(cluster, secret, opts)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -137,11 +164,23 @@ async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None,
     loop.add_signal_handler(signal.SIGUSR1, runner.read_control)
     await runner.start()
     try:
+        if runner.nbd is not None:
+            _say_serving(runner.nbd.address, as_json)
         await runner.run(duration, marks)
         drained = await runner.drain()
         return {**runner.summary(), "drained": drained}
     finally:
         await runner.close()
+
+
+def _say_serving(address: dict, as_json: bool) -> None:
+    """The first line on stdout: where the exports are (scripts wait for it)."""
+    if as_json:
+        click.echo(json.dumps({"event": "serving", **address}))
+    else:
+        where = " and ".join(x for x in (address.get("tcp"), address.get("unix")) if x)
+        click.echo(f"serving {len(address['exports'])} NBD exports on {where}: {', '.join(sorted(address['exports']))}")
+    sys.stdout.flush()
 
 
 def main() -> None:

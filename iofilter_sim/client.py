@@ -167,6 +167,7 @@ class FilterClient:
         f = self.filters.get(doc.get("domain")) if doc.get("code") == "fenced" else None  # type: ignore[arg-type]
         if f is not None and not f.fenced:
             f.fenced = True
+            f.on_acked()
             log.warning("domain_fenced", drva=where, domain=f.domain, unacked=f.next_seq - 1 - f.acked_seq,
                         reason=str(doc.get("message"))[:300])
 

@@ -118,6 +118,12 @@ class DomainFilter:
         self.fenced = False
         self.stats = collections.Counter()
         self.on_change: Callable[[], None] = lambda: None
+        # Called after every ack and when the domain is fenced: whoever waits for a
+        # write to be durable at the DRVA (an NBD FLUSH) looks again.
+        self.on_acked: Callable[[], None] = lambda: None
+        # The seq of the RESYNC_END that closed the last resync window: every write
+        # captured before that window opened is durable once it is acked.
+        self.resync_end_seq = 0
         self.maps = list(dirty_maps or [])
         if self.maps and len(self.maps) != len(self.disks):
             raise ValueError(f"domain {domain}: {len(self.maps)} dirty-region maps for {len(self.disks)} disks")
@@ -182,6 +188,13 @@ class DomainFilter:
         self._apply(records, payload)
         self.stats["writes"] += len(disk)
         self.stats["bytes"] += int(length.sum())
+
+    def mark_unreplicated(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray) -> None:
+        """A batch failed part way (its primary write raised): the disks may hold some of
+        it and the stream none, so its regions go to the bitmap; the resync reads them
+        back from the disks."""
+        if len(disk):
+            self._enter_bitmap(_batch_records(disk, offset, length, kind))
 
     def _apply(self, records: np.ndarray, payload: bytes) -> None:
         lengths = payload_lengths(records)
@@ -270,6 +283,7 @@ class DomainFilter:
         self.acked_seq = max(self.acked_seq, durable_seq)
         if self.maps and time.monotonic() - self._cleared_at >= MAP_CLEAR_EVERY_S:
             self.clear_acked_regions()
+        self.on_acked()
 
     # ------------------------------------------------------------------ dirty-region maps
 
@@ -370,6 +384,10 @@ class DomainFilter:
         """Move up to ``step_bytes`` of dirty regions back into the stream; bytes moved."""
         if self.mode == "normal" or not self.healthy(connected):
             return 0
+        # A step must fit the buffer beside what is in it (healthy: under a quarter), or
+        # capturing it fails, drops the RESYNC_BEGIN just buffered, and the next step
+        # does the same for ever: a buffer smaller than two steps livelocked the sender.
+        step_bytes = min(step_bytes, self.buffer_bytes_max // 2)
         if self.mode == "bitmap":
             self.mode = "resync"
             if self.window_open_seq is None:
@@ -387,7 +405,7 @@ class DomainFilter:
             if moved >= step_bytes:
                 return moved
         if not any(m.any() for m in self.dirty):
-            self._special(KIND_RESYNC_END)
+            self.resync_end_seq = self._special(KIND_RESYNC_END)
             self.window_open_seq = None
             self.mode = "normal"
             self.stats["resyncs_completed"] += 1

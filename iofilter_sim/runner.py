@@ -2,8 +2,10 @@
 
 ``ClusterRunner`` opens every protected VM's primary disk, gives each domain a
 ``DomainFilter`` and each DRVA endpoint a ``FilterClient``, then drives each domain's
-workload (or a block trace) at its pace. Marks are placed while it runs; ``drain``
-waits until every captured write is acked; ``summary`` reports what happened.
+workload (or a block trace) at its pace — or, with ``RunOptions.nbd``, serves every disk
+as an NBD export and captures what real block clients write (``iofilter_sim.nbd_site``).
+Marks are placed while it runs; ``drain`` waits until every captured write is acked;
+``summary`` reports what happened.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from iofilter_sim.client import FilterClient
 from iofilter_sim.cluster import domain_workload
 from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import BUFFER_BYTES_MAX, DomainFilter, FilterError
+from iofilter_sim.nbd_site import NbdFace, NbdListen
 from iofilter_sim.seeding import seed_disk
 from iofilter_sim.trace import TraceWorkload
 from iofilter_sim.workloads import Workload, make_workload
@@ -64,6 +67,8 @@ class RunOptions:
     hash_at_end: bool = True
     # Keep a dirty-region map (cdp.dirtymap) next to each disk of a replicated domain.
     dirty_maps: bool = True
+    # Serve the disks over NBD instead of running workloads (real block clients write).
+    nbd: NbdListen | None = None
 
 
 class ClusterRunner:
@@ -85,6 +90,7 @@ class ClusterRunner:
         self.pause: set[str] = set()  # domains whose workloads must not write (control file)
         self.paused: set[str] = set()  # ... and that stopped writing: their loops saw it
         self.started = time.monotonic()
+        self.nbd: NbdFace | None = None
 
     async def start(self) -> None:
         self.read_control()
@@ -99,7 +105,8 @@ class ClusterRunner:
                                     bytes=int(m.left.sum()) * m.region_bytes, reason=m.left_reason)
             self.filters[dom.name] = DomainFilter(dom.id, self.disks[dom.name],
                                                   buffer_bytes_max=self.opts.buffer_bytes_max, dirty_maps=maps)
-            self.workloads[dom.name] = self._workload(dom)
+            if self.opts.nbd is None:
+                self.workloads[dom.name] = self._workload(dom)
         for endpoint in self.cluster.drvas:
             doms = tuple(d for d in self.cluster.domains_of(endpoint) if d.name not in self.opts.isolated)
             if not doms:
@@ -125,6 +132,9 @@ class ClusterRunner:
             for dom in [d for d in self.cluster.domains if d.name not in self.opts.isolated]:
                 for i in range(len(self.disks[dom.name])):
                     await seed_disk(self.client_of[dom.name], self.filters[dom.name], i)
+        if self.opts.nbd is not None:  # after the WELCOMEs: a domain continues on its DRVA's seqs
+            self.nbd = NbdFace(self, self.opts.nbd)
+            await self.nbd.start()
 
     def _workload(self, dom: DomainSpec) -> Workload:
         if self.opts.trace is not None and self.opts.trace_domain in (None, dom.name):
@@ -137,7 +147,7 @@ class ClusterRunner:
     async def run(self, duration_s: float | None, marks: list[tuple[float, str]] = ()) -> None:
         """Drive every workload for ``duration_s`` (None: until ``stop``), placing marks."""
         self.started = time.monotonic()
-        loops = [asyncio.create_task(self._drive(name)) for name in self.filters]
+        loops = [asyncio.create_task(self._drive(name)) for name in self.workloads]
         for at_s, name in sorted(marks):
             if await self._sleep_until(self.started + at_s):
                 break
@@ -147,6 +157,9 @@ class ClusterRunner:
             await self._sleep_until(self.started + duration_s)
             self._stop.set()
         await asyncio.gather(*loops)
+        if self.nbd is not None:
+            await self._stop.wait()
+            await self.nbd.stop_serving()  # writes already queued are still captured
 
     async def _sleep_until(self, t: float) -> bool:
         """Sleep until monotonic time ``t``; True if stopped first."""
@@ -173,6 +186,8 @@ class ClusterRunner:
         pause = doc.get("pause", []) if isinstance(doc, dict) else []
         self.pause = {d for d in pause if isinstance(d, str)} if isinstance(pause, list) else set()
         self.paused &= self.pause
+        if self.nbd is not None:
+            self.nbd.wake()
         log.info("control_read", pause=sorted(self.pause))
 
     async def _drive(self, name: str) -> None:
@@ -235,7 +250,9 @@ class ClusterRunner:
 
     def status(self) -> dict[str, Any]:
         """What a supervisor reads: each domain's sequence numbers and mode."""
-        return {"pid": os.getpid(), "time": time.time(), "site": self.cluster.site, "paused": sorted(self.paused),
+        paused = self.paused | (self.nbd.paused() if self.nbd is not None else set())
+        return {"pid": os.getpid(), "time": time.time(), "site": self.cluster.site, "paused": sorted(paused),
+                **({"nbd": self.nbd.status()} if self.nbd is not None else {}),
                 "domains": {
             name: {"id": f.domain, "captured_seq": f.next_seq - 1, "acked_seq": f.acked_seq, "mode": f.mode,
                    "fenced": f.fenced,
@@ -260,6 +277,8 @@ class ClusterRunner:
         return False
 
     async def close(self) -> None:
+        if self.nbd is not None:
+            await self.nbd.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,322 @@
+"""The filter's NBD face: each disk of a protected domain served as an NBD export whose
+writes go through the capture path (FORMAT.md §17.5).
+
+Writes from every connection and every disk of a domain go through one ``DomainCapture``:
+a queue, bounded in bytes, drained by one task that hands batches to
+``DomainFilter.capture_async`` (a filter takes one caller at a time), so the domain's
+writes are numbered in the order they reach its primary disks, whatever connection
+they came on. A write is answered once it is captured: on its primary disk and in the
+filter's buffer (or, in bitmap mode, its dirty bitmap). Reads come from the primary disk.
+
+FLUSH, and FUA on a write, are answered only once every write answered before is
+durable both on the primary disk (``fdatasync``, one for many callers) and in the DRVA's
+log — so what a client flushed is protected (RPO 0 for flushed data):
+
+* the filter stayed in normal mode since the flush arrived: its DRVA acked every seq
+  captured before it;
+* the filter was in bitmap or resync mode, or went into it since: some of those writes
+  wait as dirty regions, not as frames; the flush waits for the resync that captures
+  them again (a ``RESYNC_END`` numbered after the flush, acked).
+
+A flush waits as long as that takes (the DRVA may be restarting: synchronous
+replication semantics for flushed data), unless ``flush_timeout_s`` is set: then it fails
+with EIO after it, and the client's file system sees a failed flush, not a false one.
+A fenced domain (its DRVA says another site now owns it) fails flushes with EIO at once:
+nothing written here can be protected any more. An isolated domain (a test failover's
+copy) replicates nothing: its flushes sync the primary only.
+
+TRIM is captured as a ``ZERO`` record like WRITE_ZEROES: its range reads back as zeros
+at both sites, so the replica keeps equal to the primary byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdp.logs import get_logger
+from cdp.records import KIND_WRITE, KIND_ZERO, WRITE_LEN_MAX
+from iofilter_sim.disks import PrimaryDisk
+from iofilter_sim.filter import FRAME_BYTES_MAX, DomainFilter
+from iofilter_sim.nbd_backend import BlockSizes
+
+log = get_logger("iofilter.nbd_capture")
+
+#: Bytes of writes waiting to be captured, per domain; a writer beyond it waits (and its
+#: connection stops reading: TCP pushes back on the client).
+QUEUE_BYTES_MAX = 64 << 20
+BATCH_RECORDS_MAX = 4096
+BATCH_BYTES_MAX = 8 << 20
+#: A WRITE is cut into records of at most this many bytes, so a frame stays near the
+#: filter's frame size and a large write does not hold one frame of 32 MiB.
+WRITE_RECORD_BYTES = FRAME_BYTES_MAX
+#: A flush waiting for the DRVA looks again at least this often (fenced, timed out).
+DURABLE_RECHECK_S = 0.25
+#: The block sizes every captured export advertises: records are 512-aligned.
+CAPTURE_BLOCK_SIZES = BlockSizes(minimum=512, preferred=4096)
+
+
+@dataclass(slots=True)
+class _Write:
+    disk: int
+    offset: int
+    length: int
+    kind: int  # KIND_WRITE or KIND_ZERO
+    data: bytes | memoryview | None  # KIND_WRITE only
+    done: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What a flush must see durable: the filter's state when it arrived."""
+
+    seq: int  # last seq captured
+    normal: bool  # the filter was in normal mode
+    bitmap_entries: int
+    resyncs: int
+
+
+class _GroupSync:
+    """``fdatasync`` of one file for many callers: a caller returns after a sync that
+    started after it called has finished, and callers that arrive during one sync share
+    the next one."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._lock = asyncio.Lock()
+        self.started = 0
+        self.finished = 0
+
+    async def __call__(self) -> None:
+        ticket = self.started
+        async with self._lock:
+            if self.finished > ticket:  # one started after we called and is done
+                return
+            self.started += 1
+            mine = self.started
+            await asyncio.to_thread(self._sync)
+            self.finished = mine
+
+
+class DomainCapture:
+    """Capture of one domain's NBD writes, in order, and their durability (module docstring)."""
+
+    def __init__(self, filt: DomainFilter, disks: Sequence[PrimaryDisk], *, name: str, isolated: bool = False,
+                 paused: Callable[[], bool] = lambda: False, queue_bytes_max: int = QUEUE_BYTES_MAX,
+                 flush_timeout_s: float | None = None) -> None:
+        self.filt = filt
+        self.disks = list(disks)
+        self.name = name
+        self.isolated = isolated
+        self.paused = paused
+        self.queue_bytes_max = queue_bytes_max
+        self.flush_timeout_s = flush_timeout_s
+        self.idle = True  # no batch is being captured (a pause has taken effect)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._queue: collections.deque[_Write] = collections.deque()
+        self._queued_bytes = 0
+        self._work = asyncio.Event()
+        self._room = asyncio.Event()
+        self._acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._syncs = [_GroupSync(d.fsync) for d in self.disks]
+        self._task: asyncio.Task[None] | None = None
+        filt.on_acked = self._on_acked
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._capture_loop(), name=f"nbd-capture-{self.name}")
+
+    async def close(self) -> None:
+        """Stop capturing; writes still queued fail (their connections are closing)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue:
+            w = self._queue.popleft()
+            if not w.done.done():
+                w.done.set_exception(OSError(errno.ESHUTDOWN, f"domain {self.name}: the filter is stopping"))
+        self._queued_bytes = 0
+
+    def wake(self) -> None:
+        """The pause state may have changed."""
+        self._work.set()
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, disk: int, offset: int, data: bytes | memoryview) -> None:
+        await self._enqueue(_Write(disk, offset, len(data), KIND_WRITE, data,
+                                   asyncio.get_running_loop().create_future()))
+
+    async def zero(self, disk: int, offset: int, length: int) -> None:
+        await self._enqueue(_Write(disk, offset, length, KIND_ZERO, None, asyncio.get_running_loop().create_future()))
+
+    async def _enqueue(self, w: _Write) -> None:
+        cost = w.length if w.kind == KIND_WRITE else 0
+        while self._queued_bytes and self._queued_bytes + cost > self.queue_bytes_max:
+            self._room.clear()
+            await self._room.wait()
+        self._queue.append(w)
+        self._queued_bytes += cost
+        self._work.set()
+        await w.done  # a cancelled request leaves its write queued: it was sent, it may land
+
+    async def _capture_loop(self) -> None:
+        while True:
+            while not self._queue or self.paused():
+                self.idle = True
+                self._work.clear()
+                await self._work.wait()
+            self.idle = False
+            batch = self._take()
+            try:
+                await self._capture(batch)
+            except Exception as exc:  # noqa: BLE001 - the writes fail with it; the domain goes on
+                log.error("nbd_capture_failed", domain=self.name, writes=len(batch), error=str(exc))
+                for w in batch:
+                    if not w.done.done():
+                        w.done.set_exception(exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc)))
+                continue
+            for w in batch:
+                if not w.done.done():
+                    w.done.set_result(None)
+
+    def _take(self) -> list[_Write]:
+        """The oldest queued writes, up to a batch."""
+        batch: list[_Write] = []
+        records = nbytes = 0
+        while self._queue:
+            w = self._queue[0]
+            pieces = -(-w.length // (WRITE_RECORD_BYTES if w.kind == KIND_WRITE else WRITE_LEN_MAX))
+            cost = w.length if w.kind == KIND_WRITE else 0
+            if batch and (records + pieces > BATCH_RECORDS_MAX or nbytes + cost > BATCH_BYTES_MAX):
+                break
+            batch.append(self._queue.popleft())
+            records, nbytes = records + pieces, nbytes + cost
+        self._queued_bytes -= nbytes
+        self._room.set()
+        return batch
+
+    async def _capture(self, batch: list[_Write]) -> None:
+        disk, offset, length, kind = _records_of(batch)
+        datas = [w.data for w in batch if w.kind == KIND_WRITE]
+        payload = datas[0] if len(datas) == 1 else b"".join(datas)  # type: ignore[arg-type]
+        if self.isolated:
+            self.filt.write_only(disk, offset, length, kind, payload)
+        else:
+            try:
+                await self.filt.capture_async(disk, offset, length, kind, payload)
+            except OSError:
+                # The primary may hold part of the batch: its regions go to the bitmap,
+                # and a resync reads them back from the disk (what it holds is what counts).
+                self.filt.mark_unreplicated(disk, offset, length, kind)
+                raise
+        self.stats["writes"] += len(batch)
+        self.stats["batches"] += 1
+
+    # ------------------------------------------------------------------ durability
+
+    def _on_acked(self) -> None:
+        if not self._acked.done():
+            self._acked.set_result(None)
+        self._acked = asyncio.get_running_loop().create_future()
+
+    def _snapshot(self) -> _Snapshot:
+        f = self.filt
+        return _Snapshot(f.next_seq - 1, f.mode == "normal", f.stats["bitmap_entries"], f.stats["resyncs_completed"])
+
+    def _covered(self, snap: _Snapshot) -> bool:
+        f = self.filt
+        if snap.normal and f.stats["bitmap_entries"] == snap.bitmap_entries:
+            return f.acked_seq >= snap.seq
+        return (f.stats["resyncs_completed"] > snap.resyncs and f.mode == "normal"
+                and f.acked_seq >= f.resync_end_seq)
+
+    async def durable(self, disks: Sequence[int] | None = None) -> None:
+        """Every write answered so far is durable on the primaries ``disks`` (default:
+        all) and, unless isolated, in the DRVA's log."""
+        snap = self._snapshot()
+        started = time.monotonic()
+        syncs = [self._syncs[d]() for d in (range(len(self.disks)) if disks is None else disks)]
+        await asyncio.gather(*syncs, self._replicated(snap))
+        self.stats["flushes"] += 1
+        self.stats["flush_wait_ms"] += int((time.monotonic() - started) * 1000)
+
+    async def _replicated(self, snap: _Snapshot) -> None:
+        if self.isolated:
+            return
+        deadline = None if self.flush_timeout_s is None else time.monotonic() + self.flush_timeout_s
+        while not self._covered(snap):
+            if self.filt.fenced:
+                raise OSError(errno.EIO, f"domain {self.name} is fenced: another site owns it; "
+                                         f"writes here are not protected")
+            wait = DURABLE_RECHECK_S
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    self.stats["flush_timeouts"] += 1
+                    raise OSError(errno.EIO, f"domain {self.name}: writes not durable at the DRVA within "
+                                             f"{self.flush_timeout_s:g} s (acked seq {self.filt.acked_seq}, "
+                                             f"mode {self.filt.mode})")
+            try:
+                async with asyncio.timeout(wait):
+                    await asyncio.shield(self._acked)
+            except TimeoutError:
+                pass
+
+
+def _records_of(batch: list[_Write]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The batch as record columns: writes cut into WRITE_RECORD_BYTES pieces, zeroes
+    into WRITE_LEN_MAX pieces (a record's limit), in order."""
+    disks: list[int] = []
+    offsets: list[int] = []
+    lengths: list[int] = []
+    kinds: list[int] = []
+    for w in batch:
+        piece = WRITE_RECORD_BYTES if w.kind == KIND_WRITE else WRITE_LEN_MAX
+        for at in range(w.offset, w.offset + w.length, piece):
+            disks.append(w.disk)
+            offsets.append(at)
+            lengths.append(min(piece, w.offset + w.length - at))
+            kinds.append(w.kind)
+    return (np.array(disks, dtype=np.uint32), np.array(offsets, dtype=np.uint64),
+            np.array(lengths, dtype=np.uint32), np.array(kinds, dtype=np.uint8))
+
+
+class CapturedDisk:
+    """One primary disk of a domain as an NBD export (``NbdBackend``): reads from the
+    disk, writes through the domain's ``DomainCapture``."""
+
+    multi_conn_safe = True  # a flush covers the whole domain's writes, on every connection
+    read_only = False
+    block_sizes = CAPTURE_BLOCK_SIZES
+
+    def __init__(self, capture: DomainCapture, index: int) -> None:
+        self.capture = capture
+        self.index = index
+        self.disk = capture.disks[index]
+        self.size = self.disk.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self.disk.read, offset, length)
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self.capture.write(self.index, offset, data)
+        if fua:
+            await self.capture.durable([self.index])
+
+    async def flush(self) -> None:
+        await self.capture.durable([self.index])
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.capture.zero(self.index, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        await self.capture.zero(self.index, offset, length)
+        if fua:
+            await self.capture.durable([self.index])
