@@ -3,7 +3,7 @@
 Python's ``os`` has only ``posix_fallocate`` (which reserves space); the modes that make
 a range read as zeros without writing it need libc's own call. One binding for the
 primary disks (``iofilter_sim.disks``), recovered images (``rocva.resume``) and NBD
-exports (``iofilter_sim.nbd_backend``).
+exports (``cdp.nbd.backend``).
 """
 
 from __future__ import annotations

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdp.logs import get_logger
+from cdp.nbd.backend import BlockSizes
 from cdp.records import KIND_WRITE, KIND_ZERO, WRITE_LEN_MAX
 from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import FRAME_BYTES_MAX, DomainFilter
-from iofilter_sim.nbd_backend import BlockSizes
 
 log = get_logger("iofilter.nbd_capture")
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from cdp.errors import ConfigError
 from cdp.logs import get_logger
+from cdp.nbd.server import NbdServer
 from iofilter_sim.nbd_capture import CapturedDisk, DomainCapture
-from iofilter_sim.nbd_server import NbdServer
 
 if TYPE_CHECKING:
     from iofilter_sim.runner import ClusterRunner

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from iofilter_sim.nbd_backend import FileBackend
-from iofilter_sim.nbd_server import NbdServer
+from cdp.nbd.backend import FileBackend
+from cdp.nbd.server import NbdServer
 
 MiB = 1 << 20
 #: A real client gets this long; it needs well under a second here.

@@ -1,6 +1,6 @@
 """A bare NBD client over asyncio streams, for the tests that play a hostile client.
 
-It speaks just enough of the protocol (through ``iofilter_sim.nbd_protocol``'s client-side
+It speaks just enough of the protocol (through ``cdp.nbd.protocol``'s client-side
 packers) to reach any state, then lets a test send whatever bytes it likes.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from iofilter_sim import nbd_protocol as nbd
+from cdp.nbd import protocol as nbd
 
 #: Safety net for a read that should complete at once; a hang fails the test, never passes it.
 REPLY_TIMEOUT_S = 10.0

@@ -7,10 +7,16 @@ import asyncio
 import json
 
 from cdp.digest import sha256_file
-from tests.nbd.capture_site import (
-    DISKS, MiB, drva_config, nbd_runner, protected_site, recover, wait_for,
-)
 from tests.drva.harness import free_port, running_drva
+from tests.nbd.capture_site import (
+    DISKS,
+    MiB,
+    drva_config,
+    nbd_runner,
+    protected_site,
+    recover,
+    wait_for,
+)
 from tests.nbd.conftest import run_tool, run_tool_status, tool
 
 

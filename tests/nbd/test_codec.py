@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iofilter_sim import nbd_protocol as nbd
-from iofilter_sim.nbd_backend import FileBackend
-from iofilter_sim.nbd_server import NbdServer
+from cdp.nbd import protocol as nbd
+from cdp.nbd.backend import FileBackend
+from cdp.nbd.server import NbdServer
 from tests.nbd.raw_client import RawClient
 
 u16 = st.integers(0, (1 << 16) - 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from iofilter_sim import nbd_protocol as nbd
+from cdp.nbd import protocol as nbd
 from tests.nbd.conftest import EXPORT_SIZES, MiB, Served, run_tool
 from tests.nbd.raw_client import RawClient
 

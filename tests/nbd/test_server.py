@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from cdp.errors import LogFull
-from iofilter_sim import nbd_protocol as nbd
-from iofilter_sim.nbd_backend import FileBackend
-from iofilter_sim.nbd_server import INFLIGHT_MAX, NbdServer
+from cdp.nbd import protocol as nbd
+from cdp.nbd.backend import FileBackend
+from cdp.nbd.server import INFLIGHT_MAX, NbdServer
 from tests.nbd.conftest import Served
 from tests.nbd.raw_client import RawClient
 from tests.nbd.test_hostile import still_serves
+
 
 class GatedBackend:
     """A FileBackend whose reads wait at a gate: requests stay in flight until a test opens it."""
@@ -230,7 +231,7 @@ async def test_disc_answers_requests_in_flight_first(served: Served, gated: Gate
 
 def test_bad_configuration_is_refused(served: Served, tmp_path: Path) -> None:
     from cdp.errors import ConfigError
-    from iofilter_sim.nbd_backend import BlockSizes
+    from cdp.nbd.backend import BlockSizes
 
     with pytest.raises(ConfigError, match="NUL"):
         NbdServer({"vm\x00disk": served.backends["vm/disk"]})

@@ -1,6 +1,6 @@
 """An asyncio NBD server: named exports over TCP and Unix sockets (docs/FORMAT.md §17).
 
-One task per connection. A connection haggles options (``iofilter_sim.nbd_protocol``
+One task per connection. A connection haggles options (``cdp.nbd.protocol``
 decodes them), then reads requests in order and runs each as a task of its own, at most
 ``inflight_max`` requests and ``inflight_bytes_max`` payload bytes at once per
 connection: when either cap is reached the reader stops reading and TCP pushes back on
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from cdp.errors import CdpError, ConfigError, LogFull
 from cdp.logs import get_logger
-from iofilter_sim import nbd_protocol as nbd
-from iofilter_sim.nbd_backend import NbdBackend
+from cdp.nbd import protocol as nbd
+from cdp.nbd.backend import NbdBackend
 
 logger = get_logger("iofilter.nbd")
 

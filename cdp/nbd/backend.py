@@ -1,6 +1,6 @@
 """What an NBD export serves: the backend protocol, and ``FileBackend`` over a plain file.
 
-The server (``iofilter_sim.nbd_server``) checks every request against ``size``,
+The server (``cdp.nbd.server``) checks every request against ``size``,
 ``read_only`` and ``block_sizes`` before it calls a backend, so a backend only ever sees
 in-range, aligned requests of at most ``block_sizes.maximum`` bytes (trims excepted:
 they may span the whole export). A backend reports a failure by raising ``OSError``
@@ -20,7 +20,7 @@ from typing import Protocol
 
 from cdp.errors import ConfigError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, fallocate
-from iofilter_sim.nbd_protocol import REQUEST_BYTES_MAX
+from cdp.nbd.protocol import REQUEST_BYTES_MAX
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The NBD wire protocol, server side (docs/FORMAT.md §17): constants and a pure codec.
 
-No I/O here: ``iofilter_sim.nbd_server`` reads the fixed-size parts with ``readexactly``
+No I/O here: ``cdp.nbd.server`` reads the fixed-size parts with ``readexactly``
 and hands the bytes to these functions. The subset is the fixed newstyle handshake, the
 options GO / INFO / LIST / ABORT / STRUCTURED_REPLY / EXPORT_NAME, and the commands READ,
 WRITE, FLUSH, TRIM, WRITE_ZEROES and DISC, as the NBD protocol document (proto.md of the
