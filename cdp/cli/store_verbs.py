@@ -1,4 +1,4 @@
-"""The store verbs of ``cdp``: ``points``, ``recover``, ``verify``, ``consolidate`` (from the
+"""The store verbs of ``cdp``: ``points``, ``recover``, ``mount``, ``verify``, ``consolidate`` (from the
 object store alone, no daemon), ``log format|info`` (replication-log partitions), and
 ``demo``.
 """
@@ -110,6 +110,69 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
         [f"recovered seq {r.get('seq')} into {out_dir}: {r['bytes_written'] / 1e6:,.1f} MB written, "
          f"{r['bytes_fetched'] / 1e6:,.1f} MB fetched, {r['seconds']} s ({r['mb_per_s']} MB/s)"]
         + [f"  {img['path']}" for img in r.get("images", [])]))
+
+
+@click.command()
+@click.argument("domain")
+@store_option
+@point_options
+@timeline_option
+@click.option("--nbd", "nbd_address", required=True,
+              help="Where to serve: HOST:PORT (port 0: any free one) or unix:PATH.")
+@click.option("--writable", is_flag=True, help="Accept writes, into a local copy-on-write overlay (never the store).")
+@click.option("--overlay", "overlay_dir", type=click.Path(path_type=Path), default=None,
+              help="Overlay directory (with --writable; reopened when it holds this point's overlay). "
+                   "Default: a temporary one, removed at exit.")
+@click.option("--keep-overlay", is_flag=True, help="Keep the temporary overlay directory at exit.")
+@click.option("--rehydrate-to", "rehydrate_to", type=click.Path(path_type=Path), default=None,
+              help="Restore the point into this directory in the background while serving; then serve from it.")
+@click.option("--cache-mb", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
+              help="MiB of decoded segment blocks and base chunks kept in memory.")
+@json_option
+def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None, latest: bool,
+          timeline: int | None, nbd_address: str, writable: bool, overlay_dir: Path | None, keep_overlay: bool,
+          rehydrate_to: Path | None, cache_mb: int, as_json: bool) -> None:
+    """Serve DOMAIN's disks at one point as NBD exports named VM/DISK, straight from the
+    store (instant recovery), until SIGINT or SIGTERM."""
+    import signal
+
+    from cdp.errors import ConfigError
+    from cdp.logs import setup_logging
+    from rocva.mount import MountOptions
+    from rocva.mount_serve import parse_nbd_address, serve_mount
+
+    target = one_point(at, seq, mark, latest)
+    address = parse_nbd_address(nbd_address)
+    if (overlay_dir is not None or keep_overlay) and not writable:
+        raise ConfigError("--overlay and --keep-overlay need --writable")
+    setup_logging("info")
+
+    def say(event: dict[str, Any]) -> None:
+        emit(as_json, event, _mount_event_text)
+
+    async def work(store: Any) -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        options = MountOptions(await domain_id_of(store, domain), target, timeline, writable, overlay_dir,
+                               keep_overlay, rehydrate_to, cache_bytes_max=cache_mb << 20)
+        return await serve_mount(store, options, address, say, stop)
+
+    say(asyncio.run(with_store(store_url, work)))
+
+
+def _mount_event_text(event: dict[str, Any]) -> str:
+    if event["event"] == "serving":
+        exports = ", ".join(f"{e['name']} ({e['size']:,} bytes)" for e in event["exports"])
+        mode = "read-write (overlay " + str(event["overlay"]) + ")" if event["writable"] else "read-only"
+        return (f"serving domain {event['domain']} seq {event['seq']} (timeline {event['timeline']}) at "
+                f"{event['address']['uri']}, {mode}: {exports}")
+    if event["event"] == "rehydrated":
+        return f"rehydrated into {event['to']} in {event['seconds']} s; reads now come from the images"
+    return (f"stopped: {event['reads']} reads, {event['bytes_served'] / 1e6:,.1f} MB served, cache "
+            f"{event['cache_hits']} hits / {event['cache_misses']} misses, {event['bytes_fetched'] / 1e6:,.1f} MB "
+            f"fetched, rehydrated: {'yes' if event['rehydrated'] else 'no'}")
 
 
 @click.command()
@@ -249,4 +312,4 @@ def log_info(path: Path, as_json: bool) -> None:
     emit(as_json, info, lambda r: "\n".join(f"{k:<10} {v}" for k, v in r.items()))
 
 
-COMMANDS = (demo, points, recover, verify, consolidate, log)
+COMMANDS = (demo, points, recover, mount, verify, consolidate, log)

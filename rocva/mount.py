@@ -1,0 +1,342 @@
+"""Instant recovery: the disks of a recovery point as NBD backends, before any copy.
+
+``Mount.open`` plans the point (``rocva.plan``: the catalog and the segment indexes,
+nothing proportional to the disks' size) and builds one ``MountedDisk`` per disk of
+the plan. A ``MountedDisk`` is an ``NbdBackend`` (``cdp.nbd.backend``) over
+two layers:
+
+- the *lower* layer: first a ``PlanSource`` (``rocva.mount_source``: ranged GETs through
+  one bounded ``UnitCache`` shared by every disk), then — once the background
+  rehydration (``rocva.recover.execute_plan``: resumable, verified) has published the
+  images — an ``ImageSource`` over the local image, which is faster;
+- with ``writable``, an ``Overlay`` (``rocva.overlay``): copy-on-write in a local
+  directory. Without it the export is read-only and the server refuses every write.
+
+Nothing ever writes the store. When the mount stops (``close``): the overlays are
+flushed, a rehydration still running is cancelled (it resumes next time), and when it
+had finished, each overlay's blocks are copied into its image, so that the rehydrated
+directory holds exactly what the exports served last.
+
+Memory: the cache's bound (``cache_bytes_max``), plus the units being fetched (at most
+``loads_max`` GETs of one segment block or base chunk each), plus what the NBD server
+holds in flight (FORMAT.md §17.4); the plan's extent arrays; one bit per 4 KiB per
+disk for an overlay. Nothing grows with how much of a disk is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp.errors import Busy, ConfigError
+from cdp.logs import get_logger
+from cdp.nbd.backend import BlockSizes
+from rocva.fetch import pool_workers
+from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCache
+from rocva.mount_source import PlanSource
+from rocva.overlay import Overlay, OverlayIdentity
+from rocva.plan import CONCURRENCY_DEFAULT, DiskPlan, RecoveryPlan, plan_recovery
+from rocva.recover import CountingStore, execute_plan
+from rocva.target import Target
+
+logger = get_logger("rocva.mount")
+
+OVERLAY_LOCK_NAME = ".mount.lock"
+#: A rehydration in progress is logged at most this often.
+REHYDRATE_LOG_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """What ``cdp mount`` was asked for (the CLI fills it)."""
+
+    domain: int
+    target: Target | int | str
+    timeline: int | None = None
+    writable: bool = False
+    overlay_dir: Path | None = None  # None: a fresh temporary directory (writable only)
+    keep_overlay: bool = False  # keep the temporary overlay directory at exit
+    rehydrate_to: Path | None = None
+    cache_bytes_max: int = CACHE_BYTES_MAX_DEFAULT
+    loads_max: int = LOADS_MAX_DEFAULT  # store GETs in flight for reads
+    rehydrate_concurrency: int = CONCURRENCY_DEFAULT
+
+
+def export_name(disk: DiskPlan) -> str:
+    return f"{disk.vm}/{disk.name}"
+
+
+class ImageSource:
+    """A rehydrated image, read with ``pread`` in a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self._pread, offset, length)
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"{self.path}: short read at {offset}")
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class MountedDisk:
+    """One export: reads from the overlay (if any) over the lower layer.
+
+    Invariant: ``read_only`` is true exactly when there is no overlay, and the server
+    refuses writes before they get here (FORMAT.md §17.4), so the store is never written.
+    """
+
+    multi_conn_safe = True  # one overlay file and one bitmap behind every connection
+
+    def __init__(self, name: str, disk: DiskPlan, lower: PlanSource | ImageSource, overlay: Overlay | None,
+                 block_sizes: BlockSizes = BlockSizes()) -> None:
+        self.name = name
+        self.disk = disk
+        self.size = disk.size
+        self.lower = lower
+        self.overlay = overlay
+        self.read_only = overlay is None
+        self.block_sizes = block_sizes
+        self.reads = 0
+        self.bytes_served = 0
+
+    async def _lower_read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        return await self.lower.read(offset, length)  # looked up per call: the layer can change
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.overlay is None:
+            data = await self._lower_read(offset, length)
+        else:
+            data = await self.overlay.read(offset, length, self._lower_read)
+        self.reads += 1
+        self.bytes_served += length
+        return data
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        assert self.overlay is not None, "the server lets no write reach a read-only export"
+        await self.overlay.write(offset, data, self._lower_read, fua)
+
+    async def flush(self) -> None:
+        if self.overlay is not None:
+            await self.overlay.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        # Trimmed bytes are unspecified; zeros keep the export's content a function of its writes.
+        await self.write_zeroes(offset, length, True, False)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        assert self.overlay is not None, "the server lets no write reach a read-only export"
+        await self.overlay.write_zeroes(offset, length, self._lower_read, fua)
+
+
+class _OverlayDir:
+    """The overlay directory, locked (``flock``) for as long as one mount uses it."""
+
+    def __init__(self, path: Path, temporary: bool) -> None:
+        self.path = path
+        self.temporary = temporary
+        self._lock_fd = os.open(path / OVERLAY_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise Busy(f"overlay directory {path}: another cdp mount uses it") from None
+
+    @classmethod
+    def make(cls, wanted: Path | None) -> _OverlayDir:
+        if wanted is None:
+            return cls(Path(tempfile.mkdtemp(prefix="cdp-mount-overlay-")), True)
+        try:
+            wanted.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--overlay {wanted}: cannot create the directory ({exc.strerror})") from None
+        if not wanted.is_dir():
+            raise ConfigError(f"--overlay {wanted}: not a directory")
+        return cls(wanted, False)
+
+    def close(self, keep: bool) -> None:
+        os.close(self._lock_fd)
+        if self.temporary and not keep:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Mount:
+    """A recovery point being served (module docstring). ``open``, then ``exports`` to a
+    server, ``start_rehydration`` if wanted, and ``close`` once the server is closed."""
+
+    def __init__(self, store, plan: RecoveryPlan, options: MountOptions, cache: UnitCache,
+                 executor: ThreadPoolExecutor, disks: dict[str, MountedDisk], overlay_dir: _OverlayDir | None) -> None:
+        self.store = store
+        self.plan = plan
+        self.options = options
+        self.cache = cache
+        self.executor = executor
+        self.disks = disks
+        self.overlay_dir = overlay_dir
+        self.rehydration: asyncio.Task | None = None
+        self.rehydrated = False
+        self.rehydrate_error: str | None = None
+        self.rehydrate_progress = (0, 0)
+        self.rehydrate_store: CountingStore | None = None
+        self.overlay_bytes_applied = 0
+        self._images: list[ImageSource] = []
+
+    @classmethod
+    async def open(cls, store, options: MountOptions) -> Mount:
+        plan = await plan_recovery(store, options.domain, options.target, timeline=options.timeline)
+        cache = UnitCache(options.cache_bytes_max, options.loads_max)
+        executor = ThreadPoolExecutor(pool_workers(options.loads_max), thread_name_prefix="rocva-mount")
+        overlay_dir = None
+        disks: dict[str, MountedDisk] = {}
+        try:
+            if options.writable:
+                overlay_dir = _OverlayDir.make(options.overlay_dir)
+            for d in plan.disks:
+                overlay = None
+                if overlay_dir is not None:
+                    identity = OverlayIdentity(plan.domain, plan.timeline, plan.seq, d.disk, d.size)
+                    overlay = await asyncio.to_thread(Overlay.open, overlay_dir.path, d.image_name.removesuffix(".img"),
+                                                      identity)
+                source = PlanSource(store, d, plan.segments, cache, executor)
+                disks[export_name(d)] = MountedDisk(export_name(d), d, source, overlay)
+        except BaseException:
+            for disk in disks.values():
+                if disk.overlay is not None:
+                    disk.overlay.close()
+            if overlay_dir is not None:
+                overlay_dir.close(options.keep_overlay)
+            executor.shutdown(wait=False)
+            raise
+        mount = cls(store, plan, options, cache, executor, disks, overlay_dir)
+        logger.info("mount_opened", domain=plan.domain, seq=plan.seq, timeline=plan.timeline,
+                    exports=[{"name": n, "size": d.size} for n, d in disks.items()], writable=options.writable,
+                    overlay=str(overlay_dir.path) if overlay_dir else None)
+        return mount
+
+    def describe(self) -> dict[str, Any]:
+        return {"domain": self.plan.domain, "seq": self.plan.seq, "timeline": self.plan.timeline,
+                "writable": self.options.writable,
+                "exports": [{"name": n, "size": d.size} for n, d in self.disks.items()],
+                "overlay": str(self.overlay_dir.path) if self.overlay_dir else None}
+
+    # ------------------------------------------------------------------ rehydration
+
+    def start_rehydration(self, on_done=None) -> None:
+        """Restore the point into ``options.rehydrate_to`` in the background; once done,
+        reads come from the images (``on_done(summary)`` is called then)."""
+        assert self.options.rehydrate_to is not None and self.rehydration is None
+        self.rehydration = asyncio.create_task(self._rehydrate(on_done))
+
+    async def _rehydrate(self, on_done) -> None:
+        self.rehydrate_store = CountingStore(self.store)
+        t0 = time.monotonic()
+        last_log = [t0]
+
+        def progress(done: int, total: int) -> None:
+            self.rehydrate_progress = (done, total)
+            now = time.monotonic()
+            if now - last_log[0] >= REHYDRATE_LOG_INTERVAL_S:
+                last_log[0] = now
+                logger.info("mount_rehydrate_progress", done_bytes=done, total_bytes=total,
+                            percent=round(100 * done / total, 1) if total else 100.0)
+
+        logger.info("mount_rehydrate_started", to=str(self.options.rehydrate_to), total_bytes=self.plan.bytes_to_write)
+        try:
+            result = await execute_plan(self.rehydrate_store, self.plan, self.options.rehydrate_to, progress=progress,
+                                        concurrency=self.options.rehydrate_concurrency)
+        except asyncio.CancelledError:
+            logger.info("mount_rehydrate_stopped", done_bytes=self.rehydrate_progress[0],
+                        total_bytes=self.rehydrate_progress[1])
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported; the exports go on from the store
+            self.rehydrate_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            logger.error("mount_rehydrate_failed", to=str(self.options.rehydrate_to), error=self.rehydrate_error)
+            return
+        by_disk = {img["disk"]: img["path"] for img in result["images"]}
+        for disk in self.disks.values():
+            image = ImageSource(by_disk[disk.disk.disk])
+            self._images.append(image)
+            disk.lower = image
+        self.rehydrated = True
+        summary = {"to": str(self.options.rehydrate_to), "seconds": round(time.monotonic() - t0, 3),
+                   "bytes_written": result["bytes_written"], "bytes_fetched": self.rehydrate_store.bytes,
+                   "resumed": result["resumed"], "images": result["images"]}
+        logger.info("mount_rehydrated", **summary)
+        if on_done is not None:
+            on_done(summary)
+
+    # ------------------------------------------------------------------ stopping
+
+    async def close(self) -> dict[str, Any]:
+        """Stop (after the server is closed): flush the overlays, stop or finish the
+        rehydration, apply the overlays to rehydrated images, release everything; the
+        summary."""
+        try:
+            for disk in self.disks.values():
+                if disk.overlay is not None:
+                    await disk.overlay.flush()
+            if self.rehydration is not None and not self.rehydration.done():
+                self.rehydration.cancel()
+            if self.rehydration is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.rehydration
+            if self.rehydrated and self.options.writable:
+                for disk in self.disks.values():
+                    self.overlay_bytes_applied += await asyncio.to_thread(self._apply, disk)
+                logger.info("mount_overlay_applied", bytes=self.overlay_bytes_applied)
+        finally:
+            for image in self._images:
+                image.close()
+            for disk in self.disks.values():
+                if disk.overlay is not None:
+                    disk.overlay.close()
+            if self.overlay_dir is not None:
+                self.overlay_dir.close(self.options.keep_overlay)
+            await self.cache.close()
+            self.executor.shutdown(wait=True)
+        return self.summary()
+
+    def _apply(self, disk: MountedDisk) -> int:
+        assert isinstance(disk.lower, ImageSource) and disk.overlay is not None
+        fd = os.open(disk.lower.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            return disk.overlay.apply_to(fd)
+        finally:
+            os.close(fd)
+
+    def summary(self) -> dict[str, Any]:
+        overlays = [d.overlay for d in self.disks.values() if d.overlay is not None]
+        done, total = self.rehydrate_progress
+        return {
+            "domain": self.plan.domain, "seq": self.plan.seq, "timeline": self.plan.timeline,
+            "reads": sum(d.reads for d in self.disks.values()),
+            "bytes_served": sum(d.bytes_served for d in self.disks.values()),
+            "writes": sum(o.writes for o in overlays), "bytes_written": sum(o.bytes_written for o in overlays),
+            **self.cache.stats(),
+            "rehydrated": self.rehydrated, "rehydrate_error": self.rehydrate_error,
+            "rehydrate_done_bytes": done, "rehydrate_total_bytes": total,
+            "rehydrate_bytes_fetched": self.rehydrate_store.bytes if self.rehydrate_store else 0,
+            "overlay_bytes_applied": self.overlay_bytes_applied,
+            "overlay": (str(self.overlay_dir.path) if self.overlay_dir and (not self.overlay_dir.temporary
+                                                                            or self.options.keep_overlay) else None),
+        }

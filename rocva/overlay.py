@@ -1,0 +1,329 @@
+"""The copy-on-write overlay of a writable ``cdp mount`` (FORMAT.md §18.3).
+
+One overlay per disk, in the overlay directory::
+
+    <vm>-<disk>.overlay        sparse file of the disk's size: the bytes of written blocks
+    <vm>-<disk>.overlay.map    header(64) + the bitmap of written blocks, replaced whole
+                               and durably at each FLUSH / FUA that follows a change
+
+The disk is cut into blocks of ``OVERLAY_BLOCK_BYTES`` (4 KiB; the last one may be
+shorter). A block whose bit is set is read from the overlay file, any other from the
+*lower* layer (the plan, or the rehydrated image): a read merges runs of the two.
+
+Invariants:
+
+- a bit is set only after its whole block has been written into the overlay file: a
+  write that covers part of a block not yet in the overlay first copies the rest of
+  the block from the lower layer (read-modify-write);
+- bits are only ever set, never cleared (TRIM and WRITE_ZEROES write zeros into the
+  overlay: a hole punched in it, the bit set), so the map on disk only grows;
+- the map file is written only after ``fdatasync`` of the overlay file, while no write
+  runs (``_lock``): every bit it holds names bytes that are durable. A crash loses at
+  most what the client had not flushed, as a disk does;
+- mutations are serialized (``_lock``): a read-modify-write cannot interleave with
+  another write of the same block. Reads take no lock.
+
+The store is never written: the overlay is the only place writes go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from cdp.durable import atomic_write, pwrite_all
+from cdp.errors import ChecksumMismatch, ConfigError, FormatError
+from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
+from cdp.summed import pack_summed, unpack_summed
+
+OVERLAY_BLOCK_BYTES = 4096
+MAP_MAGIC = b"CDPO"
+MAP_VERSION = 1
+# magic, version, flags, domain, disk, timeline, block_bytes, seq, disk_size, bitmap_bytes, bitmap_xxh3, header_xxh3
+_MAP_HEADER = struct.Struct("<4sHHIIIIQQQQQ")
+assert _MAP_HEADER.size == 64  # FORMAT.md §18.3
+_MAP_ZERO = {"flags": (6, 2)}
+DATA_SUFFIX = ".overlay"
+MAP_SUFFIX = ".overlay.map"
+#: Zeros written at most this many bytes at a time where a hole cannot be punched.
+ZERO_FILL_BYTES = 1 << 20
+#: Bytes copied at a time when the overlay is applied to an image.
+APPLY_BYTES = 8 << 20
+
+LowerRead = Callable[[int, int], Awaitable[bytes | bytearray | memoryview]]
+
+
+@dataclass(frozen=True)
+class OverlayIdentity:
+    """What an overlay belongs to: one disk of one domain at one point. Reopening an
+    overlay for anything else is refused."""
+
+    domain: int
+    timeline: int
+    seq: int
+    disk: int
+    disk_size: int
+
+
+def _runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, value) of each run of equal values in the 0/1 array ``bits``."""
+    change = np.flatnonzero(np.diff(bits)) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.append(change, len(bits))
+    return starts, ends, bits[starts]
+
+
+class Overlay:
+    """The overlay of one disk (invariants in the module docstring)."""
+
+    def __init__(self, directory: Path, name: str, identity: OverlayIdentity, fd: int, bitmap: np.ndarray,
+                 block_bytes: int = OVERLAY_BLOCK_BYTES) -> None:
+        self.directory = directory
+        self.name = name
+        self.identity = identity
+        self.size = identity.disk_size
+        self.block_bytes = block_bytes
+        self.blocks = -(-self.size // block_bytes)
+        self._fd = fd
+        self._bitmap = bitmap  # packed, little bit order: bit k of byte k // 8 is block k
+        self._lock = asyncio.Lock()
+        self._dirty = False  # bits set since the map was last written
+        self.writes = 0
+        self.bytes_written = 0
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, directory: Path, name: str, identity: OverlayIdentity,
+             block_bytes: int = OVERLAY_BLOCK_BYTES) -> Overlay:
+        """The overlay ``name`` in ``directory``: reopened when its map exists (refused,
+        naming the field, when made for another identity), else created empty (an overlay
+        file without a map was never flushed: its bytes are dropped)."""
+        data_path = directory / (name + DATA_SUFFIX)
+        map_path = directory / (name + MAP_SUFFIX)
+        blocks = -(-identity.disk_size // block_bytes)
+        try:
+            raw = map_path.read_bytes()
+        except FileNotFoundError:
+            raw = None
+        if raw is not None:
+            bitmap = _decode_map(str(map_path), raw, identity, block_bytes, blocks)
+            flags = os.O_RDWR
+        else:
+            bitmap = np.zeros(-(-blocks // 8), dtype=np.uint8)
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        fd = os.open(data_path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            if raw is not None and os.fstat(fd).st_size != identity.disk_size:
+                raise FormatError(f"{data_path}: {os.fstat(fd).st_size} bytes, its map says the disk has "
+                                  f"{identity.disk_size}")
+            os.ftruncate(fd, identity.disk_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(directory, name, identity, fd, bitmap, block_bytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def map_path(self) -> Path:
+        return self.directory / (self.name + MAP_SUFFIX)
+
+    @property
+    def blocks_written(self) -> int:
+        return int(np.unpackbits(self._bitmap, bitorder="little")[: self.blocks].sum())
+
+    # ------------------------------------------------------------------ bits
+
+    def _bits(self, first: int, end: int) -> np.ndarray:
+        """0/1 per block ``first..end-1``."""
+        lo = first // 8
+        bits = np.unpackbits(self._bitmap[lo : -(-end // 8)], bitorder="little")
+        return bits[first - lo * 8 : end - lo * 8]
+
+    def _set_bits(self, first: int, end: int) -> None:
+        lo, hi = first // 8, -(-end // 8)
+        bits = np.unpackbits(self._bitmap[lo:hi], bitorder="little")
+        bits[first - lo * 8 : end - lo * 8] = 1
+        self._bitmap[lo:hi] = np.packbits(bits, bitorder="little")
+        self._dirty = True
+
+    def _block_range(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.block_bytes, -(-(offset + length) // self.block_bytes)
+
+    def _block_end(self, block: int) -> int:
+        return min((block + 1) * self.block_bytes, self.size)
+
+    # ------------------------------------------------------------------ reading
+
+    async def read(self, offset: int, length: int, lower: LowerRead) -> bytes | bytearray | memoryview:
+        """``length`` bytes from ``offset``: written blocks from the overlay, others from ``lower``."""
+        first, end = self._block_range(offset, length)
+        bits = self._bits(first, end)
+        if not bits.any():
+            return await lower(offset, length)
+        if bits.all():
+            return await asyncio.to_thread(self._pread, offset, length)
+        out = bytearray(length)
+        view = memoryview(out)
+        starts, ends, values = _runs(bits)
+        lowers = []
+        for a, b, v in zip(starts.tolist(), ends.tolist(), values.tolist()):
+            lo = max(offset, (first + a) * self.block_bytes)
+            hi = min(offset + length, (first + b) * self.block_bytes)
+            if v:
+                view[lo - offset : hi - offset] = await asyncio.to_thread(self._pread, lo, hi - lo)
+            else:
+                lowers.append((lo, hi))
+        parts = await asyncio.gather(*(lower(lo, hi - lo) for lo, hi in lowers))
+        for (lo, hi), data in zip(lowers, parts):
+            view[lo - offset : hi - offset] = data
+        return out
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"{self.name}{DATA_SUFFIX}: short read at {offset}")
+        return data
+
+    # ------------------------------------------------------------------ writing
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, lower: LowerRead,
+                    fua: bool = False) -> None:
+        async with self._lock:
+            await self._write_locked(offset, memoryview(data).cast("B"), lower)
+            if fua:
+                await self._flush_locked()
+
+    async def _write_locked(self, offset: int, data: memoryview, lower: LowerRead) -> None:
+        end = offset + len(data)
+        first, last_end = self._block_range(offset, len(data))
+        fills = []  # the rest of partly written blocks not yet in the overlay
+        head = first * self.block_bytes
+        if offset > head and not self._bits(first, first + 1)[0]:
+            fills.append((head, offset))
+        tail = self._block_end(last_end - 1)
+        if end < tail and not self._bits(last_end - 1, last_end)[0]:
+            fills.append((end, tail))
+        old = await asyncio.gather(*(lower(lo, hi - lo) for lo, hi in fills))
+        buffers = [(lo, memoryview(b).cast("B")) for (lo, _), b in zip(fills, old)] + [(offset, data)]
+        await asyncio.to_thread(self._pwrite_parts, buffers)
+        self._set_bits(first, last_end)
+        self.writes += 1
+        self.bytes_written += len(data)
+
+    def _pwrite_parts(self, parts: list[tuple[int, memoryview]]) -> None:
+        for offset, data in parts:
+            pwrite_all(self._fd, [data], offset)
+
+    async def write_zeroes(self, offset: int, length: int, lower: LowerRead, fua: bool = False) -> None:
+        """The range reads back as zeros: whole blocks become holes of the overlay file,
+        the parts of blocks at either end are written as zeros (read-modify-write)."""
+        end = offset + length
+        bb = self.block_bytes
+        whole_lo = -(-offset // bb) * bb
+        whole_hi = end if end == self.size else end // bb * bb
+        async with self._lock:
+            if whole_lo >= whole_hi:  # inside one block
+                await self._write_locked(offset, memoryview(bytes(length)), lower)
+            else:
+                if offset < whole_lo:
+                    await self._write_locked(offset, memoryview(bytes(whole_lo - offset)), lower)
+                if whole_hi < end:
+                    await self._write_locked(whole_hi, memoryview(bytes(end - whole_hi)), lower)
+                await asyncio.to_thread(self._zero, whole_lo, whole_hi - whole_lo)
+                self._set_bits(whole_lo // bb, -(-whole_hi // bb))
+                self.writes += 1
+                self.bytes_written += whole_hi - whole_lo
+            if fua:
+                await self._flush_locked()
+
+    def _zero(self, offset: int, length: int) -> None:
+        if fallocate(self._fd, PUNCH_HOLE | KEEP_SIZE, offset, length):
+            return
+        zeros = memoryview(bytes(min(length, ZERO_FILL_BYTES)))
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(zeros))
+            pwrite_all(self._fd, [zeros[:n]], offset)
+            offset += n
+
+    # ------------------------------------------------------------------ durability
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        await asyncio.to_thread(os.fdatasync, self._fd)
+        if self._dirty:
+            doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes())
+            await asyncio.to_thread(atomic_write, self.map_path, doc)
+            self._dirty = False
+
+    # ------------------------------------------------------------------ applying
+
+    def apply_to(self, image_fd: int) -> int:
+        """Copy every written block into the image ``image_fd`` (a file of the disk's size)
+        and fsync it; the bytes copied. Blocking: call from a thread."""
+        bits = self._bits(0, self.blocks)
+        copied = 0
+        if bits.any():
+            starts, ends, values = _runs(bits)
+            for a, b in zip(starts[values == 1].tolist(), ends[values == 1].tolist()):
+                lo, hi = a * self.block_bytes, min(b * self.block_bytes, self.size)
+                while lo < hi:
+                    n = min(APPLY_BYTES, hi - lo)
+                    pwrite_all(image_fd, [self._pread(lo, n)], lo)
+                    lo += n
+                    copied += n
+        os.fsync(image_fd)
+        return copied
+
+
+def encode_map(identity: OverlayIdentity, block_bytes: int, bitmap: bytes) -> bytes:
+    """A map file (FORMAT.md §18.3): the summed header, then the bitmap."""
+    header = pack_summed(_MAP_HEADER, MAP_MAGIC, MAP_VERSION, 0, identity.domain, identity.disk,
+                         identity.timeline, block_bytes, identity.seq, identity.disk_size, len(bitmap),
+                         xxhash.xxh3_64_intdigest(bitmap))
+    return header + bitmap
+
+
+def _decode_map(where: str, raw: bytes, identity: OverlayIdentity, block_bytes: int, blocks: int) -> np.ndarray:
+    """The bitmap of a map file, after every check of §18.3; ConfigError when the overlay
+    belongs to another disk or point, FormatError when the file is damaged."""
+    (_, domain, disk, timeline, bb, seq, disk_size, bitmap_bytes, bitmap_xxh3) = unpack_summed(
+        _MAP_HEADER, raw, where=where, magic=MAP_MAGIC, version=MAP_VERSION, zero=_MAP_ZERO)
+    found = OverlayIdentity(domain, timeline, seq, disk, disk_size)
+    if found != identity:
+        diffs = ", ".join(f"{name} {getattr(found, name)} (this mount: {getattr(identity, name)})"
+                          for name in ("domain", "timeline", "seq", "disk", "disk_size")
+                          if getattr(found, name) != getattr(identity, name))
+        raise ConfigError(f"{where}: this overlay was made for another disk or point: {diffs}; "
+                          f"mount the point it was made for, or use another --overlay directory")
+    if bb != block_bytes:
+        raise FormatError(f"{where}: header at offset 20: block_bytes {bb}, expected {block_bytes}")
+    if bitmap_bytes != -(-blocks // 8):
+        raise FormatError(f"{where}: header at offset 40: bitmap_bytes {bitmap_bytes}, a disk of {disk_size} "
+                          f"bytes needs {-(-blocks // 8)}")
+    body = memoryview(raw)[_MAP_HEADER.size :]
+    if len(body) != bitmap_bytes:
+        raise FormatError(f"{where}: {len(raw)} bytes, the header promises {_MAP_HEADER.size + bitmap_bytes}")
+    if xxhash.xxh3_64_intdigest(body) != bitmap_xxh3:
+        raise ChecksumMismatch(f"{where}: bitmap_xxh3 does not match the bitmap at offset {_MAP_HEADER.size}")
+    bitmap = np.frombuffer(body, dtype=np.uint8).copy()
+    spare = blocks % 8
+    if spare and bitmap[-1] >> spare:
+        raise FormatError(f"{where}: bits past the last block are set")
+    return bitmap
