@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp.errors import ConfigError
 from cdp.logs import get_logger
+from cdp.nbd.address import parse_tcp  # noqa: F401  (iofilter_sim.__main__ imports it from here)
 from cdp.nbd.server import NbdServer
 from iofilter_sim.nbd_capture import CapturedDisk, DomainCapture
 
@@ -41,15 +42,6 @@ class NbdListen:
     def __post_init__(self) -> None:
         if self.tcp is None and self.unix is None:
             raise ConfigError("NBD: give a TCP address, a Unix socket path, or both")
-
-
-def parse_tcp(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) as a pair; ConfigError naming what is wrong."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"NBD address {text!r}: expected HOST:PORT, e.g. 127.0.0.1:10809 (port 0: any free one)")
-    return host, int(port)
 
 
 def export_name(vm: str, disk: str) -> str:

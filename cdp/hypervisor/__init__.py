@@ -10,8 +10,10 @@ Drivers:
 * ``simulator`` (``cdp.hypervisor.simulator``): one supervised ``iofilter-sim`` process
   per host, running the inventory workload of the domains whose VMs it hosts.
 
-A driver for real block clients (issue 13, NBD) implements the same ``Hypervisor``
-protocol. ``open_hypervisor`` picks the one the site file's ``[hypervisor] driver`` names.
+* ``nbd`` (``cdp.hypervisor.nbd``): the same host processes, serving each domain's disks
+  as NBD exports to real block clients (QEMU, fio, the kernel) instead of workloads.
+
+``open_hypervisor`` picks the one the site file's ``[hypervisor] driver`` names.
 """
 
 from __future__ import annotations
@@ -77,4 +79,8 @@ def open_hypervisor(cfg: Any, env: Mapping[str, str], **options: Any) -> Hypervi
         from cdp.hypervisor.simulator import SimulatorHypervisor
 
         return SimulatorHypervisor(cfg, env, **options)
+    if cfg.hypervisor.driver == "nbd":
+        from cdp.hypervisor.nbd import NbdHypervisor
+
+        return NbdHypervisor(cfg, env, **options)
     raise AssertionError(cfg.hypervisor.driver)  # the site loader admits only the drivers above

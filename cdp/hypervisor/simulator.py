@@ -149,7 +149,12 @@ class SimulatorHypervisor:
         isolated = [a for d in hp.domains if d in self.cfg.isolated for a in ("--isolated", d)]
         await self.keeper.spawn(hp, ("-m", "iofilter_sim", "run", str(hp.inventory_path), "--status",
                                      str(hp.status_path), "--marks-log", str(hp.marks_log), "--control",
-                                     str(hp.control_path), "--no-hashes", *isolated), domains=list(hp.domains))
+                                     str(hp.control_path), "--no-hashes", *isolated, *self._vm_args(hp)),
+                                domains=list(hp.domains))
+
+    def _vm_args(self, hp: HostProcess) -> tuple[str, ...]:
+        """What the host's VMs do: here, each domain's workload from the inventory."""
+        return ()
 
     async def pause(self, domain: str, timeout_s: float = PAUSE_WAIT_S) -> dict[str, Any]:
         """Make ``domain``'s VMs stop issuing writes (their filter stays connected) and

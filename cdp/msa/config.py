@@ -46,7 +46,8 @@ one that needs no service at all (file store, log files in a local directory)::
     retention_days = 60                # job records are kept this long
 
     [hypervisor]                       # how the MSA powers VMs on and off (cdp.hypervisor)
-    driver = "simulator"               # the only driver so far: a simulator process per host
+    driver = "simulator"               # "simulator": a workload per domain; "nbd": its disks as NBD exports
+    nbd_listen = "127.0.0.1:0"         # nbd only, optional: TCP too (besides <state_dir>/hypervisor/<host>.nbd.sock)
     on_demand_hosts = ["esx-b02"]      # hosts a failover may add to the inventory (pilot light)
     vms_per_host = 16                  # a host running this many VMs has no room left
     recovered_workload = { kind = "random", rate_mb_s = 1 }  # what failed-over VMs write
@@ -90,6 +91,7 @@ from typing import Any
 
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
+from cdp.nbd.address import parse_tcp
 from cdp.store.open import check_store_url, config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
@@ -101,7 +103,7 @@ from drva.config import (
 SECRET_MIN_CHARS = 16
 DRVA_PORTS = range(32873, 32879)  # the seed's DRVA ports
 DEFAULT_API = "127.0.0.1:32880"
-HYPERVISOR_DRIVERS = ("simulator",)
+HYPERVISOR_DRIVERS = ("simulator", "nbd")
 STANDBY_MODES = ("continuous",)
 VMS_PER_HOST_DEFAULT = 16
 VMS_PER_HOST_RANGE = (1, 1024)
@@ -156,6 +158,7 @@ class HypervisorSpec:
     vms_per_host: int = VMS_PER_HOST_DEFAULT  # a host with this many VMs has no room left
     recovered_workload: Mapping[str, Any] = field(  # what recovered VMs write (the simulator's options)
         default_factory=lambda: dict(RECOVERED_WORKLOAD_DEFAULT), hash=False)
+    nbd_listen: str | None = None  # driver "nbd": also serve on TCP at HOST:PORT (port 0: any free one)
 
 
 @dataclass(frozen=True)
@@ -484,7 +487,8 @@ def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
 
 
 def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
-    t = r.table(value, "hypervisor", set(), {"driver", "on_demand_hosts", "vms_per_host", "recovered_workload"})
+    t = r.table(value, "hypervisor", set(), {"driver", "on_demand_hosts", "vms_per_host", "recovered_workload",
+                                             "nbd_listen"})
     driver = t.get("driver", "simulator")
     if driver not in HYPERVISOR_DRIVERS:
         r.fail("hypervisor.driver", f"one of {', '.join(HYPERVISOR_DRIVERS)}", driver)
@@ -499,7 +503,15 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     # The options are the simulator's: it checks them (cdp.hypervisor.simulator).
     r.table(workload, "hypervisor.recovered_workload", {"kind"}, set(workload) - {"kind"}
             if isinstance(workload, Mapping) else set())
-    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload))
+    nbd_listen = t.get("nbd_listen")
+    if nbd_listen is not None:
+        if driver != "nbd":
+            r.fail("hypervisor.nbd_listen", 'nothing unless driver = "nbd"', nbd_listen)
+        try:
+            parse_tcp(nbd_listen if isinstance(nbd_listen, str) else "")
+        except ConfigError:
+            r.fail("hypervisor.nbd_listen", "HOST:PORT (port 0: any free one)", nbd_listen)
+    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen)
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:

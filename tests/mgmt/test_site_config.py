@@ -104,6 +104,10 @@ def test_hypervisor_keys_are_checked(tmp_path: Path) -> None:
                        ({"vms_per_host": 0}, "hypervisor.vms_per_host"),
                        ({"on_demand_hosts": ["a b"]}, "hypervisor.on_demand_hosts[0]"),
                        ({"recovered_workload": {"rate_mb_s": 1}}, "hypervisor.recovered_workload"),
+                       ({"nbd_listen": "127.0.0.1:0"}, "hypervisor.nbd_listen"),  # the simulator serves no NBD
+                       ({"driver": "nbd", "nbd_listen": "127.0.0.1"}, "hypervisor.nbd_listen"),
+                       ({"driver": "nbd", "nbd_listen": 10809}, "hypervisor.nbd_listen"),
+                       ({"driver": "nbd", "nbd_listen": "unix:/tmp/x.sock"}, "hypervisor.nbd_listen"),
                        ({"surprise": 1}, "hypervisor")):
         path = write_site(tmp_path)
         path.write_text(path.read_text() + "\n[hypervisor]\n" + "".join(
