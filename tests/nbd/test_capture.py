@@ -174,3 +174,27 @@ async def test_overlapping_writes_from_many_connections_replicate_in_disk_order(
         images = await recover(site, tmp_path / "out", "--latest")
         assert sha256_file(images["db/data"]) == sha256_file(site.image("db/data"))
         assert site.filt.stats["writes"] >= 8 * 12
+
+
+async def test_hostile_clients_capture_nothing_and_the_others_are_served(tmp_path) -> None:
+    """A write cut off in its payload, a read past the end and a bad request magic: no
+    record is captured for any of them, each gets the protocol's answer, and a well-behaved
+    client on another connection is served all along."""
+    from cdp.nbd import protocol as nbd
+    from tests.nbd.raw_client import RawClient
+
+    async with protected_site(tmp_path) as site:
+        host, port = site.tcp.rsplit(":", 1)
+        cut = await RawClient.connect((host, int(port)))
+        await cut.go("db/data")
+        await cut.request(nbd.CMD_WRITE, 1, 0, 65536, payload=b"\xaa" * 1000)  # 1000 of 65,536 bytes
+        await cut.close()
+        past = await RawClient.connect(site.unix)
+        size, _ = await past.go("db/log")
+        await past.request(nbd.CMD_READ, 2, size - 4096, 8192)
+        assert (await past.reply()).error == nbd.EINVAL
+        await past.send(b"\x00" * nbd.REQUEST_SIZE)  # not a request magic: the server hangs up
+        assert await past.closed_by_server()
+        await run_tool("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 64k", "-c", "read -P 0x77 0 64k", site.uri())
+        assert site.filt.stats["writes"] == 1  # qemu-io's write, nothing of the cut one
+        assert site.image("db/data").read_bytes()[:65536] == b"\x77" * 65536
