@@ -32,6 +32,8 @@ logger = get_logger("iofilter.nbd")
 INFLIGHT_MAX = 16  # requests running at once per connection
 INFLIGHT_BYTES_MAX = 64 << 20  # payload bytes held at once per connection (two maximal requests)
 CONNECTIONS_MAX = 64
+#: Replies queued past this many bytes (with the socket's buffer) make the sender wait.
+WRITE_BUFFER_HIGH = 4 << 20
 #: A client gets this long to finish haggling; one that stalls is dropped.
 HANDSHAKE_TIMEOUT_S = 30.0
 #: Options one connection may send before it is dropped (a client looping on LIST).
@@ -200,6 +202,9 @@ class _Connection:
         self.export: Export | None = None
         self.limits: nbd.ExportLimits | None = None
         self._write_lock = asyncio.Lock()
+        self._outbox: list[bytes | bytearray | memoryview] = []
+        self._outbox_bytes = 0
+        self._flush_scheduled = False
         self._requests: set[asyncio.Task] = set()
         self._budget = _InflightBudget(server.inflight_max, server.inflight_bytes_max)
         self.served = 0  # requests answered, refused ones included
@@ -228,16 +233,34 @@ class _Connection:
             logger.error("nbd_connection_failed", exc_info=True, peer=self.peer)
         finally:
             await self._cancel_requests()
+            self._flush()  # what was answered before the end goes out
             self.writer.close()
             with contextlib.suppress(Exception):  # the peer may be gone already
                 await self.writer.wait_closed()
         logger.info("nbd_disconnected", peer=self.peer, reason=reason, requests=self.served, refused=self.refused)
 
     async def _send(self, *parts: bytes | bytearray | memoryview) -> None:
-        """One whole message: no other reply can come between its parts."""
-        async with self._write_lock:
+        """One whole message: no other reply can come between its parts.
+
+        Messages are queued and written together once per loop iteration: the replies of
+        a batch of writes, answered in the same iteration, go out in one ``send`` instead
+        of one each (a syscall per 4 KiB reply was an eighth of an export's CPU). The
+        sender waits only when the socket's buffer is past ``WRITE_BUFFER_HIGH``."""
+        self._outbox.extend(parts)
+        self._outbox_bytes += sum(map(len, parts))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if self.writer.transport.get_write_buffer_size() + self._outbox_bytes > WRITE_BUFFER_HIGH:
+            self._flush()
+            async with self._write_lock:
+                await self.writer.drain()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        parts, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        if parts and not self.writer.is_closing():
             self.writer.writelines(parts)
-            await self.writer.drain()
 
     # ------------------------------------------------------------------ handshake
 
