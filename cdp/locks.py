@@ -19,7 +19,9 @@ list-after-put).
 A lock lives until ``expires_ns`` (+ ``skew_s`` for everyone but its holder, for clock
 skew between hosts); the holder rewrites it every ``ttl / 3`` and stops relying on it
 (``check()`` raises ``LeaseLost``) once its own clock passes ``expires_ns − ttl / 3``
-without a renewal, or, for an exclusive lock, when a higher ``n`` appears.
+without a renewal, or, for an exclusive lock, when a higher ``n`` appears. A holder that
+wakes up past that point (paused, stalled) does not renew: the others may have acted on
+the expiry, and a renewal would make the lock live again under them.
 """
 
 from __future__ import annotations
@@ -184,6 +186,14 @@ class Lease:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.ttl_s / 3)
+            if time.time_ns() > self.expires_ns - int(self.ttl_s / 3 * 1e9):
+                # Paused past the renewal window (a stopped process, a stalled loop): the
+                # others may already have taken the lock or acted on its expiry. Renewing
+                # now would bring it back to life under them; the lease is lost instead,
+                # and check() says so at the holder's next step.
+                self.lost = self.lost or f"not renewed in time: paused {self._late_s():.1f} s past its window"
+                log.error("lock_lost", key=self.key, reason=self.lost)
+                return
             try:
                 if self.exclusive_prefix is not None:
                     newer = [i.key async for i in self.store.list(self.exclusive_prefix) if i.key > self.key]
@@ -191,11 +201,16 @@ class Lease:
                         self.lost = f"superseded by {newer[-1]}"
                         log.error("lock_lost", key=self.key, reason=self.lost)
                         return
+                # The expiry is fixed before the put: a put delayed past it writes a lock
+                # that is already expired for everyone, and for this holder too.
                 data, expires = self._object()
                 await self.store.put(self.key, data)
                 self.expires_ns = expires
             except StoreError as exc:  # retried next tick; check() tells when it is too late
                 log.warning("lock_renew_failed", key=self.key, error=exc.message)
+
+    def _late_s(self) -> float:
+        return (time.time_ns() - (self.expires_ns - int(self.ttl_s / 3 * 1e9))) / 1e9
 
     async def release(self) -> None:
         if self._task is not None:

@@ -44,3 +44,31 @@ def test_every_flipped_byte_and_truncation_is_detected() -> None:
 def test_a_body_with_unknown_keys_is_refused() -> None:
     with pytest.raises(FormatError, match="body keys"):
         decode_lock(KEY, encode_lock(KIND_RECOVERY, 7, 1, {**BODY, "extra": 1}))
+
+
+async def test_a_holder_paused_past_its_window_does_not_bring_its_lock_back(tmp_path) -> None:
+    """A recovery lease whose holder stalled past its renewal window: meanwhile another
+    process saw it expired and removed it. The holder's next renewal tick must not write
+    it again (retention would then see a live recovery it already planned around), and
+    the holder must learn that it lost it."""
+    import asyncio
+    import time
+
+    import pytest
+
+    from cdp.errors import LeaseLost
+    from cdp.locks import recovery_lease
+    from cdp.store.fs import FileStore
+
+    store = FileStore(tmp_path / "store")
+    lease = await recovery_lease(store, 3, owner="test", ttl_s=0.3)
+    try:
+        lease.check()
+        lease.expires_ns = time.time_ns() - 1  # as if the process had been stopped past its expiry
+        await store.delete(lease.key)  # the others saw it expired
+        await asyncio.sleep(0.25)  # more than one renewal tick (ttl / 3)
+        assert [i.key async for i in store.list("l/")] == []
+        with pytest.raises(LeaseLost, match="paused"):
+            lease.check()
+    finally:
+        await lease.release()
