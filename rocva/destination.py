@@ -303,6 +303,7 @@ def open_output_dir(to: str | os.PathLike[str], destination: Destination) -> Out
                     raise RecoveryError(f"{shown!r}: more than {CREATE_DEPTH_MAX} directories to create") from None
                 try:
                     os.mkdir(part, DIR_MODE, dir_fd=fd)
+                    _fsync_dir_at(fd, shown)  # the new entry survives a power loss with what goes in it
                 except FileExistsError:
                     pass
                 except OSError as exc:
@@ -320,6 +321,17 @@ def open_output_dir(to: str | os.PathLike[str], destination: Destination) -> Out
     finally:
         os.close(fd)
     return OutputDir(out, real)
+
+
+def _fsync_dir_at(fd: int, shown: str) -> None:
+    """fsync the directory ``fd`` (an ``O_PATH`` descriptor, which cannot be synced itself)
+    after an entry was created in it: without it, a recovery that finished and fsynced
+    its images could lose its whole directory to a power cut."""
+    d = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        os.fsync(d)
+    finally:
+        os.close(d)
 
 
 def _open_component(fd: int, part: str, shown: str) -> int:

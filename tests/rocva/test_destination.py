@@ -252,3 +252,27 @@ async def test_a_partial_swapped_before_publication_is_not_published(b, tmp_path
         await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path))
     assert not (out / "vm-a.img").exists() and not (out / "vm-a.img").is_symlink()
     assert vic.read_bytes() == VICTIM
+
+
+def test_each_directory_created_is_fsynced_into_its_parent(tmp_path, monkeypatch) -> None:
+    """A recovery that created its output directory must make that directory's entry
+    durable, in every parent it created it in (a power cut would otherwise lose images
+    that were themselves fsynced)."""
+    (tmp_path / "roots").mkdir()
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = open_output_dir(tmp_path / "roots" / "a" / "b", Destination((tmp_path / "roots",)))
+    try:
+        parents = [tmp_path / "roots", tmp_path / "roots" / "a"]
+        assert [p.stat().st_ino for p in parents] == synced[:2], "each parent fsynced after its mkdir"
+    finally:
+        out.close()
+    synced.clear()
+    open_output_dir(tmp_path / "roots" / "a" / "b", Destination((tmp_path / "roots",))).close()
+    assert synced == []  # nothing created, nothing to sync
