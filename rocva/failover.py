@@ -127,13 +127,13 @@ async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: i
     """The disks at ``target`` in ``out_dir``: from a standby there (continuous
     rehydration, ``rocva.standby``) by applying its tail when it can, else a recovery."""
     from rocva.destination import for_store, open_output_dir
-    from rocva.recover import _take_lease
+    from rocva.recover import take_recovery_lease
     from rocva.standby import STATE_NAME as STANDBY_NAME
     from rocva.standby import StandbyUnusable, bring_to, discard
     from rocva.target import as_target
 
     if (out_dir / STANDBY_NAME).is_file():
-        lease = await _take_lease(store, domain)
+        lease = await take_recovery_lease(store, domain)
         try:
             out = open_output_dir(out_dir, for_store(store, destination))
             try:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import Busy, ConfigError
+from cdp.locks import Lease
 from cdp.logs import get_logger
 from cdp.nbd.backend import BlockSizes
 from rocva.fetch import pool_workers
@@ -46,7 +47,7 @@ from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCa
 from rocva.mount_source import PlanSource
 from rocva.overlay import Overlay, OverlayIdentity
 from rocva.plan import CONCURRENCY_DEFAULT, DiskPlan, RecoveryPlan, plan_recovery
-from rocva.recover import CountingStore, execute_plan
+from rocva.recover import CountingStore, execute_plan, take_recovery_lease
 from rocva.target import Target
 
 logger = get_logger("rocva.mount")
@@ -200,9 +201,25 @@ class Mount:
         self.rehydrate_store: CountingStore | None = None
         self.overlay_bytes_applied = 0
         self._images: list[ImageSource] = []
+        self.lease: Lease | None = None  # the recovery lease (None: a store we may only read)
 
     @classmethod
     async def open(cls, store, options: MountOptions) -> Mount:
+        # A mount is a recovery that may last for days: the same lease keeps retention
+        # from deleting the objects its reads and its rehydration need, and is taken
+        # before the catalog is read (FORMAT.md §11.3).
+        lease = await take_recovery_lease(store, options.domain, owner=f"cdp mount domain {options.domain}")
+        try:
+            mount = await cls._open(store, options)
+        except BaseException:
+            if lease is not None:
+                await lease.release()
+            raise
+        mount.lease = lease
+        return mount
+
+    @classmethod
+    async def _open(cls, store, options: MountOptions) -> Mount:
         plan = await plan_recovery(store, options.domain, options.target, timeline=options.timeline)
         cache = UnitCache(options.cache_bytes_max, options.loads_max)
         executor = ThreadPoolExecutor(pool_workers(options.loads_max), thread_name_prefix="rocva-mount")
@@ -314,6 +331,8 @@ class Mount:
                 self.overlay_dir.close(self.options.keep_overlay)
             await self.cache.close()
             self.executor.shutdown(wait=True)
+            if self.lease is not None:
+                await self.lease.release()
         return self.summary()
 
     def _apply(self, disk: MountedDisk) -> int:

@@ -447,7 +447,7 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
 
     resolve_destination(out_dir, for_store(store, destination))  # refuse early; checked again when opened
     counting = CountingStore(store)
-    lease = await _take_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
+    lease = await take_recovery_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
     try:
         plan = await plan_recovery(counting, domain, target, timeline=timeline, concurrency=concurrency,
                                    now_ns=now_ns)
@@ -459,13 +459,13 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
             await lease.release()
 
 
-async def _take_lease(store, domain: int) -> Lease | None:
+async def take_recovery_lease(store, domain: int, owner: str | None = None) -> Lease | None:
     """The recovery lease that keeps retention from deleting what this recovery reads.
     Credentials that may only read the store cannot write one: the recovery goes on
     without it (a concurrent retention could then delete an object it needs, which the
     recovery reports by name — never a wrong image)."""
     try:
-        return await recovery_lease(store, domain, owner=f"cdp recover domain {domain}")
+        return await recovery_lease(store, domain, owner=owner or f"cdp recover domain {domain}")
     except (PermissionDenied, NotFound) as exc:
         log.warning("recovery_without_lease", domain=domain, error=exc.message)
         return None

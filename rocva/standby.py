@@ -166,9 +166,9 @@ async def keep_warm(store, domain: int, out_dir: Path, *, destination: Destinati
     """One step of continuous rehydration: the standby in ``out_dir`` at the newest
     consistent point of the current timeline — the tail applied, or built cold when
     there is none or it cannot be used. Holds the recovery lease throughout."""
-    from rocva.recover import _take_lease, recover
+    from rocva.recover import recover, take_recovery_lease
 
-    lease = await _take_lease(store, domain)
+    lease = await take_recovery_lease(store, domain)
     try:
         out = open_output_dir(out_dir, for_store(store, destination))
         try:

@@ -135,6 +135,22 @@ async def test_first_read_fetches_one_unit(world: World, tmp_path: Path) -> None
     assert 1 <= summary["fetches"] <= 2 and summary["bytes_fetched"] <= 2 * 64 * KiB + 4 * KiB, summary
 
 
+async def test_a_mount_holds_a_recovery_lease_while_it_serves(world: World, tmp_path: Path) -> None:
+    """Retention deletes nothing of a domain while a recovery lease on it is live
+    (FORMAT.md §11.3): a mount, which may serve for days, holds one from before it plans
+    until it stops."""
+    from cdp.locks import live_locks, recovery_prefix
+
+    store = FileStore(world.domain.store_dir)
+    mounted = await start_mount(world.domain.url, tmp_path, "--latest", "--nbd", "127.0.0.1:0")
+    try:
+        leases = await live_locks(store, recovery_prefix(7))
+        assert [lease.body["owner"] for lease in leases] == ["cdp mount domain 7"]
+    finally:
+        await mounted.stop()
+    assert await live_locks(store, recovery_prefix(7)) == []
+
+
 async def test_read_only_mount_refuses_writes(world: World, tmp_path: Path) -> None:
     before = tree_digest(Path(world.domain.store_dir))
     mounted = await start_mount(world.domain.url, tmp_path, "--latest", "--nbd", "127.0.0.1:0")
