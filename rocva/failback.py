@@ -189,10 +189,16 @@ async def failback(store, domain: int, target: Target | int | str, *, site: str,
             found = [delta.union(a, b) for a, b in zip(found, more)]
         return found
 
+    async def timed(name: str, work: Any) -> Any:
+        result = await work
+        phases[name] = round(time.monotonic() - t0, 3)
+        return result
+
     # Both timelines' indexes and the logs at once: each is mostly waiting on reads.
-    theirs, ours, in_logs = await asyncio.gather(delta.changed_in_store(store, view, fork, resolved.seq),
-                                                 delta.changed_in_store(store, old_view, fork, old.committed_seq),
-                                                 asyncio.to_thread(scan_logs))
+    theirs, ours, in_logs = await asyncio.gather(
+        timed("theirs_known", delta.changed_in_store(store, view, fork, resolved.seq)),
+        timed("ours_known", delta.changed_in_store(store, old_view, fork, old.committed_seq)),
+        timed("logs_known", asyncio.to_thread(scan_logs)))
     phases["ranges_known"] = round(time.monotonic() - t0, 3)
     ranges, report = [], []
     for k, disk in enumerate(mine):
