@@ -34,8 +34,9 @@ import click
 
 from cdp.errors import CdpError
 from cdp.logs import setup_logging
+from cdp.nbd.address import parse_tcp
 from iofilter_sim.cluster import load_cluster
-from iofilter_sim.nbd_site import NbdListen, parse_tcp
+from iofilter_sim.nbd_site import NbdListen
 from iofilter_sim.runner import ClusterRunner, RunOptions
 
 

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from cdp.errors import ConfigError
 from cdp.logs import get_logger
-from cdp.nbd.address import parse_tcp  # noqa: F401  (iofilter_sim.__main__ imports it from here)
 from cdp.nbd.server import NbdServer
 from iofilter_sim.nbd_capture import CapturedDisk, DomainCapture
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cdp.errors import ConfigError
 from cdp.logs import get_logger
-from cdp.nbd.address import NbdAddress, parse_nbd_address  # noqa: F401  (the CLI imports it from here)
+from cdp.nbd.address import NbdAddress
 from cdp.nbd.server import NbdServer
 from rocva.mount import Mount, MountOptions
 

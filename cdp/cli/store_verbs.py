@@ -138,8 +138,9 @@ def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: st
 
     from cdp.errors import ConfigError
     from cdp.logs import setup_logging
+    from cdp.nbd.address import parse_nbd_address
     from rocva.mount import MountOptions
-    from rocva.mount_serve import parse_nbd_address, serve_mount
+    from rocva.mount_serve import serve_mount
 
     target = one_point(at, seq, mark, latest)
     address = parse_nbd_address(nbd_address)

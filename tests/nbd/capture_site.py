@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,9 @@ from cdp.store.fs import FileStore
 from iofilter_sim.cluster import load_cluster
 from iofilter_sim.nbd_site import NbdListen
 from iofilter_sim.runner import ClusterRunner, RunOptions
-from tests.drva.harness import SECRET, config, domain_doc, drva_doc, running_drva
+from tests.drva.harness import ROOT, SECRET, config, domain_doc, drva_doc, running_drva
 from tests.drva.test_crash import wait_until_committed
+from tests.nbd.conftest import run_process
 
 MiB = 1 << 20
 DOMAIN_ID = 7
@@ -98,29 +101,14 @@ async def wait_for(predicate, what: str, timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def run_cdp(*args: str, timeout_s: float = 120.0) -> tuple[int, str, str]:
+async def run_cdp(*args: str) -> tuple[int, str, str]:
     """``python -m cdp.cli ARGS`` as a subprocess of the running loop: (status, stdout, stderr)."""
-    import sys
-
-    from tests.drva.harness import ROOT
-
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cdp.cli", *args, cwd=ROOT,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode, out.decode(), err.decode()
+    return await run_process([sys.executable, "-m", "cdp.cli", *args], cwd=ROOT)
 
 
-async def recover(site: Site, out: Path, *point: str) -> dict[str, Path]:
-    """``cdp recover erp --store ... POINT --to OUT``: the images by export name."""
-    import json
-
-    code, stdout, stderr = await run_cdp("recover", "erp", "--store", f"file://{site.tmp / 'store'}", *point,
+async def recover(tmp: Path, out: Path, *point: str) -> dict[str, Path]:
+    """``cdp recover erp --store file://TMP/store POINT --to OUT``: the images by export name."""
+    code, stdout, stderr = await run_cdp("recover", "erp", "--store", f"file://{tmp / 'store'}", *point,
                                          "--to", str(out), "--json")
     assert code == 0, stderr[-3000:]
     json.loads(stdout.splitlines()[-1])

@@ -37,18 +37,25 @@ def tool(name: str) -> str:
     return path
 
 
-async def run_tool_status(name: str, *args: str) -> tuple[int, str, str]:
-    """Run a real client: (exit status, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        tool(name), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+async def run_process(argv: list[str], *, timeout_s: float = TOOL_TIMEOUT_S, cwd: Path | None = None
+                      ) -> tuple[int, str, str]:
+    """Run ``argv`` as a subprocess of the test's loop (so a server in that loop answers
+    it): (exit status, stdout, stderr); killed and reaped when it outlives ``timeout_s``."""
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
     try:
-        async with asyncio.timeout(TOOL_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise
     return proc.returncode, out.decode(), err.decode()
+
+
+async def run_tool_status(name: str, *args: str) -> tuple[int, str, str]:
+    """Run a real client: (exit status, stdout, stderr)."""
+    return await run_process([tool(name), *args])
 
 
 async def run_tool(name: str, *args: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from rocva import recover
+from tests.nbd.conftest import run_process
 from tests.rocva.build import seed_initial
 from tests.rocva.domain import DomainBuilder, random_workload
 
@@ -141,13 +142,4 @@ async def start_mount(url: str, work: Path, *args: str) -> Mounted:
 async def run_mount_to_end(url: str, work: Path, *args: str, domain: str = "7",
                            timeout_s: float = MOUNT_START_S) -> tuple[int, str, str]:
     """A mount expected to fail before serving: (exit status, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(*mount_command(url, *args, domain=domain), cwd=ROOT,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode, out.decode(), err.decode()
+    return await run_process(mount_command(url, *args, domain=domain), timeout_s=timeout_s, cwd=ROOT)
