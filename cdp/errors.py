@@ -22,6 +22,7 @@ default message::
         ├── InvalidKey                        a key the validator refuses
         ├── NotFound                          no object under that key
         ├── AlreadyExists                     a conditional (if-absent) put lost
+        ├── PreconditionFailed                a conditional (if-match) put lost
         ├── PermissionDenied                  credentials refused
         └── StoreUnavailable                  transient: network, 5xx, throttling
             └── StoreTimeout                  the store did not answer in time
@@ -128,6 +129,11 @@ class NotFound(StoreError):
 
 class AlreadyExists(StoreError):
     """An object already exists under that key (conditional put lost)."""
+
+
+class PreconditionFailed(StoreError):
+    """The object under that key is no longer the one a conditional put (``if_match``)
+    was made against: another writer replaced or deleted it."""
 
 
 class PermissionDenied(StoreError):

@@ -21,7 +21,10 @@ skew between hosts); the holder rewrites it every ``ttl / 3`` and stops relying 
 (``check()`` raises ``LeaseLost``) once its own clock passes ``expires_ns − ttl / 3``
 without a renewal, or, for an exclusive lock, when a higher ``n`` appears. A holder that
 wakes up past that point (paused, stalled) does not renew: the others may have acted on
-the expiry, and a renewal would make the lock live again under them.
+the expiry, and a renewal would make the lock live again under them. A renewal is also a
+conditional write (``if_match`` on the etag of the holder's last write): a holder paused
+*between* that check and its put still cannot recreate a lock its successor deleted or
+replace one written over it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 
 import xxhash
 
-from cdp.errors import AlreadyExists, Busy, FormatError, LeaseLost, NotFound, StoreError
+from cdp.errors import AlreadyExists, Busy, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
@@ -57,6 +60,8 @@ TTL_DEFAULT_S = 120.0
 #: after its expiry. ``cdp preflight system`` checks the skew against the store.
 SKEW_DEFAULT_S = 30.0
 WRITER_WAIT_DEFAULT_S = 600.0
+#: After a failed renewal, the next attempt comes after ttl / 12, at most this long.
+RENEW_RETRY_S_MAX = 5.0
 
 # FORMAT.md §11.1: lock header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _HEADER = struct.Struct("<4sHHIIQQ24sQ")
@@ -163,6 +168,9 @@ class Lease:
         self.body = {"owner": owner, "host": socket.gethostname()[:255], "pid": os.getpid(),
                      "token": uuid.uuid4().hex, "created_ns": time.time_ns()}
         self.expires_ns = 0
+        #: The etag of this holder's last write of the lock: renewals replace only that
+        #: object (None where a backend cannot tell: renewals are then unconditional).
+        self.etag: str | None = None
         self.lost: str | None = None
         self._task: asyncio.Task | None = None
 
@@ -172,7 +180,7 @@ class Lease:
 
     async def create(self, *, if_absent: bool = False) -> None:
         data, expires = self._object()
-        await self.store.put(self.key, data, if_absent=if_absent)
+        self.etag = await self.store.put(self.key, data, if_absent=if_absent)
         self.expires_ns = expires
         self._task = asyncio.create_task(self._renew_loop(), name=f"lease {self.key}")
 
@@ -184,8 +192,9 @@ class Lease:
             raise LeaseLost(f"lock {self.key} lost: {self.lost}")
 
     async def _renew_loop(self) -> None:
+        delay = self.ttl_s / 3
         while True:
-            await asyncio.sleep(self.ttl_s / 3)
+            await asyncio.sleep(delay)
             if time.time_ns() > self.expires_ns - int(self.ttl_s / 3 * 1e9):
                 # Paused past the renewal window (a stopped process, a stalled loop): the
                 # others may already have taken the lock or acted on its expiry. Renewing
@@ -204,10 +213,40 @@ class Lease:
                 # The expiry is fixed before the put: a put delayed past it writes a lock
                 # that is already expired for everyone, and for this holder too.
                 data, expires = self._object()
-                await self.store.put(self.key, data)
+                try:
+                    self.etag = await self.store.put(self.key, data, if_match=self.etag)
+                except PreconditionFailed:
+                    if not await self._adopt_own_write():
+                        raise
+                    continue  # our last write landed after all: renew on the next tick
                 self.expires_ns = expires
-            except StoreError as exc:  # retried next tick; check() tells when it is too late
+                delay = self.ttl_s / 3
+            except PreconditionFailed as exc:
+                self.lost = f"deleted or replaced by another process ({exc.message})"
+                log.error("lock_lost", key=self.key, reason=self.lost)
+                return
+            except StoreError as exc:  # retried soon; check() tells when it is too late
                 log.warning("lock_renew_failed", key=self.key, error=exc.message)
+                # A full tick later would be the very end of the window: one transient
+                # store error would cost the lease. Retry well inside it.
+                delay = min(self.ttl_s / 12, RENEW_RETRY_S_MAX)
+
+    async def _adopt_own_write(self) -> bool:
+        """After a conditional renewal lost: is the object our own earlier renewal, whose
+        reply was lost (a timeout after the store had written it)? Then take its etag
+        and expiry as ours. Anything else there — nothing, or another holder's token —
+        and the lease is lost."""
+        try:
+            info = await self.store.stat(self.key)
+            current = decode_lock(self.key, await self.store.get(self.key))
+        except (NotFound, FormatError):
+            return False
+        if current.body.get("token") != self.body["token"] or info.etag is None:
+            return False
+        # Only the holder writes its token under this key, so the stat and the get saw
+        # the same object: ours.
+        self.etag, self.expires_ns = info.etag, current.expires_ns
+        return True
 
     def _late_s(self) -> float:
         return (time.time_ns() - (self.expires_ns - int(self.ttl_s / 3 * 1e9))) / 1e9

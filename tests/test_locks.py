@@ -72,3 +72,97 @@ async def test_a_holder_paused_past_its_window_does_not_bring_its_lock_back(tmp_
             lease.check()
     finally:
         await lease.release()
+
+
+class _HeldRenewal:
+    """A store whose next conditional put (a lease renewal) runs ``before`` first: what
+    another process did while the renewing holder was stalled between its window check
+    and its write."""
+
+    def __init__(self, inner, before) -> None:
+        self.inner, self.before, self.renewals = inner, before, 0
+
+    async def put(self, key, data, *, if_absent=False, if_match=None):
+        if if_match is not None:
+            self.renewals += 1
+            if self.before is not None:
+                before, self.before = self.before, None
+                await before()
+        return await self.inner.put(key, data, if_absent=if_absent, if_match=if_match)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("backend", ["file", "memory"])
+async def test_a_renewal_stalled_before_its_put_cannot_recreate_a_taken_lock(tmp_path, backend) -> None:
+    """An exclusive lock's holder passes its window check, then stalls; meanwhile a
+    successor takes ``n + 1`` and deletes ``n``. The stalled put must not bring ``n``
+    back (the conditional write refuses it) and the holder must learn it lost the lock."""
+    import asyncio
+
+    from cdp.errors import LeaseLost
+    from cdp.locks import KIND_MAINTENANCE, acquire_exclusive, maintenance_prefix
+    from cdp.store.fs import FileStore
+    from cdp.store.memory import MemoryStore
+
+    inner = FileStore(tmp_path / "store") if backend == "file" else MemoryStore("locks")
+    prefix = maintenance_prefix(5)
+    successor = []
+
+    async def successor_takes_over() -> None:  # as acquire_exclusive does once n expired
+        taken = await acquire_exclusive(inner, prefix, KIND_MAINTENANCE, 5, owner="successor", ttl_s=60,
+                                        skew_s=-3600)  # sees every lock as expired
+        successor.append(taken)
+
+    store = _HeldRenewal(inner, successor_takes_over)
+    lease = await acquire_exclusive(store, prefix, KIND_MAINTENANCE, 5, owner="stalled", ttl_s=0.3)
+    try:
+        for _ in range(100):
+            if lease.lost is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert store.renewals == 1, "the holder tried exactly one renewal, and it was refused"
+        assert [i.key async for i in inner.list(prefix)] == [successor[0].key]
+        with pytest.raises(LeaseLost, match="deleted or replaced"):
+            lease.check()
+    finally:
+        await lease.release()
+        for taken in successor:
+            await taken.release()
+
+
+async def test_a_renewal_whose_reply_was_lost_keeps_the_lease(tmp_path) -> None:
+    """A renewal the store wrote but whose answer never came back (a timeout after the
+    write): the next conditional renewal finds a newer etag. It is the holder's own
+    write (its token), so the lease goes on instead of being given up for nothing."""
+    import asyncio
+
+    from cdp.errors import StoreTimeout
+    from cdp.locks import recovery_lease
+    from cdp.store.fs import FileStore
+
+    inner = FileStore(tmp_path / "store")
+
+    class LostReply:
+        lost = 1
+
+        async def put(self, key, data, *, if_absent=False, if_match=None):
+            etag = await inner.put(key, data, if_absent=if_absent, if_match=if_match)
+            if if_match is not None and self.lost:
+                self.lost -= 1
+                raise StoreTimeout(f"put {key}: injected: written, reply lost")
+            return etag
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    lease = await recovery_lease(LostReply(), 3, owner="test", ttl_s=0.3)
+    try:
+        first = lease.etag
+        await asyncio.sleep(0.5)  # the lost reply, the adoption, and at least one renewal
+        lease.check()
+        assert lease.lost is None
+        assert lease.etag != first and lease.etag == (await inner.stat(lease.key)).etag
+    finally:
+        await lease.release()

@@ -8,6 +8,8 @@ Invariants and how Azure gives them:
 - ``if_absent``: ``overwrite=False`` makes the SDK send ``If-None-Match: *``
   on the committing request, which Azure evaluates atomically; 409
   BlobAlreadyExists (or 412 ConditionNotMet) is AlreadyExists.
+- ``if_match``: ``If-Match`` on the etag (``match_condition=IfNotModified``);
+  412 ConditionNotMet or 404 (the blob is gone) is PreconditionFailed.
 - ``list``: List Blobs returns names in lexical (byte) order; ``start_after``
   is applied on this side (the service has no portable "start after").
 - Suffix ranges need the size: ``get`` stats the blob, then reads the range
@@ -46,11 +48,12 @@ from cdp.errors import (
     ConfigError,
     NotFound,
     PermissionDenied,
+    PreconditionFailed,
     StoreError,
     StoreTimeout,
     StoreUnavailable,
 )
-from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range, http_date_seconds
+from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_conditions, check_range, http_date_seconds
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
 
 #: List Blobs returns at most this many blobs a request.
@@ -124,15 +127,23 @@ class AzureBlobStore(StoreBase):
 
     # -- the store ---------------------------------------------------------
 
-    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str | None:
+        check_conditions(if_absent, if_match)
         name = self.prefix + validate_key(key)
         blob = data if isinstance(data, bytes) else bytes(data)
+        extra: dict[str, Any] = {}
+        if if_match is not None:
+            quoted = if_match if if_match.startswith('"') else f'"{if_match}"'
+            extra = {"etag": quoted, "match_condition": MatchConditions.IfNotModified}
         try:
-            await self._client.upload_blob(
-                name, blob, overwrite=not if_absent, max_concurrency=self.max_concurrency
+            # The blob client's upload (not the container's) answers with the new etag.
+            reply = await self._client.get_blob_client(name).upload_blob(
+                blob, overwrite=not if_absent, max_concurrency=self.max_concurrency, **extra
             )
         except Exception as exc:
-            raise self._error("put", key, exc, if_absent=if_absent) from exc
+            raise self._error("put", key, exc, if_absent=if_absent, if_match=if_match) from exc
+        return (reply.get("etag") or "").strip('"') or None
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         name = self.prefix + validate_key(key)
@@ -264,7 +275,8 @@ class AzureBlobStore(StoreBase):
 
     # -- errors ------------------------------------------------------------
 
-    def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False) -> StoreError:
+    def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False,
+               if_match: str | None = None) -> StoreError:
         """Translate an SDK error of `op` on `key` into the store error tree.
 
         Built from the status and error code only: the SDK's text may quote a
@@ -278,6 +290,10 @@ class AzureBlobStore(StoreBase):
             said = f"HTTP {status} {code}".rstrip()
             if code == "ContainerNotFound":
                 return NotFound(f"{where}: {said}: container {self.container!r} does not exist")
+            if if_match is not None and (isinstance(exc, (ResourceModifiedError, ResourceNotFoundError))
+                                         or status in (404, 409, 412)):
+                return PreconditionFailed(f"{where}: {said}: if_match put lost: the object is not"
+                                          f" the one with etag {if_match} (replaced or gone)")
             if isinstance(exc, ResourceNotFoundError) or status == 404:
                 return NotFound(f"{where}: {said}: no such object")
             if isinstance(exc, ClientAuthenticationError) or status == 403:

@@ -7,6 +7,10 @@ contract suite (tests/store/test_contract.py):
 - ``put`` is atomic: a reader sees the whole old object, none, or the whole
   new one, never a part. ``if_absent=True`` creates only if no object exists,
   atomically against concurrent writers, else raises ``AlreadyExists``.
+  ``if_match=etag`` replaces the object only if it is still the one with that
+  etag (as ``put``, ``stat`` or ``list`` gave it), else raises
+  ``PreconditionFailed`` — also when the object is gone. ``put`` returns the new
+  object's etag (None only where a backend cannot tell).
 - ``get`` reads the whole object or a byte range (see ``resolve_range``).
 - ``list`` yields objects in ascending byte order of their keys.
 - ``delete`` is idempotent; ``stat`` and ``get`` raise ``NotFound``.
@@ -61,8 +65,10 @@ class ObjectInfo:
 class ObjectStore(Protocol):
     """A flat namespace of immutable-by-convention byte objects."""
 
-    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
-        """Store data under key atomically; if_absent: AlreadyExists if present.
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str | None:
+        """Store data under key atomically and return its etag; if_absent: AlreadyExists
+        if present; if_match: PreconditionFailed unless the object has that etag.
 
         data must not change until put returns (backends may write it from
         another thread, or send it in parts).
@@ -135,6 +141,14 @@ class StoreBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+def check_conditions(if_absent: bool, if_match: str | None) -> None:
+    """Refuse a put that is both a create and a replace (a programmer's error)."""
+    if if_absent and if_match is not None:
+        raise ValueError("put takes if_absent or if_match, not both")
+    if if_match is not None and not if_match:
+        raise ValueError("if_match must be a non-empty etag")
 
 
 def check_range(offset: int, length: int | None) -> None:

@@ -136,10 +136,12 @@ class FaultyStore(StoreBase):
 
     # -- the store ---------------------------------------------------------
 
-    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str | None:
         after = await self._before("put", validate_key(key))
-        await self.inner.put(key, data, if_absent=if_absent)
+        etag = await self.inner.put(key, data, if_absent=if_absent, if_match=if_match)
         self._after("put", key, after)
+        return etag
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         after = await self._before("get", validate_key(key))

@@ -10,6 +10,13 @@ Key "a/b/c" is the file ``root/a/b/c``. Invariants:
   parents. After a crash, a key holds the old or the new object; a leftover
   ``.tmp-*`` file is garbage that ``list`` skips (names starting with "." are
   never keys, see cdp.store.keys).
+- ``if_match`` compares and replaces under an exclusive ``flock`` of the key's
+  directory, which ``delete`` takes too: a conditional put cannot bring back an
+  object deleted after its comparison. A plain put does not take it (its rename
+  is atomic on its own); keys written with ``if_match`` (lock objects) are only
+  ever replaced conditionally.
+- An etag is the file's inode, mtime (ns) and size: the temporary file's, taken
+  before it is renamed or linked to the key (neither changes them).
 - POSIX promises durability only for what was fsynced: file data and the
   directory entry are; a ``delete`` is not fsynced (a crash may bring a
   deleted object back, never a partial one).
@@ -31,7 +38,9 @@ device's queue is deep, not as the loop's default pool (CPUs + 4 threads) is wid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import stat as stat_mode
@@ -48,10 +57,11 @@ from cdp.errors import (
     InvalidKey,
     NotFound,
     PermissionDenied,
+    PreconditionFailed,
     StoreError,
     StoreUnavailable,
 )
-from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_range, resolve_range
+from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_conditions, check_range, resolve_range
 from cdp.store.keys import is_valid_key, show_key, validate_key, validate_prefix
 
 TMP_PREFIX = ".tmp-"
@@ -98,10 +108,16 @@ class FileStore(StoreBase):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
-    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str:
+        check_conditions(if_absent, if_match)
         path = self._path(key)
         try:
-            await asyncio.to_thread(_write_atomic, path, data, if_absent=if_absent)
+            return await asyncio.to_thread(_write_atomic, path, data, if_absent=if_absent, if_match=if_match)
+        except _EtagMismatch as exc:
+            raise PreconditionFailed(
+                f"{self.describe()}: put if_match {show_key(key)}: {exc.args[0]}"
+            ) from None
         except FileExistsError as exc:
             if if_absent and exc.filename2 == str(path) and not path.is_dir():
                 raise AlreadyExists(
@@ -261,22 +277,53 @@ def _open_temp(directory: Path) -> tuple[int, Path]:
     raise AssertionError("unreachable")
 
 
-def _write_atomic(path: Path, data: Bytes, *, if_absent: bool) -> None:
-    """Write data to path so that path never holds a partial object.
+class _EtagMismatch(Exception):
+    """The object is not the one an if_match put was made against (args[0]: how)."""
+
+
+def _write_atomic(path: Path, data: Bytes, *, if_absent: bool, if_match: str | None = None) -> str:
+    """Write data to path so that path never holds a partial object; return its etag.
 
     if_absent: fails with FileExistsError (filename2 == path) when path exists, even
-    against a concurrent writer (see cdp.durable.publish).
+    against a concurrent writer (see cdp.durable.publish). if_match: _EtagMismatch
+    unless path is still the object with that etag (see the module docstring).
     """
     fd, tmp = _open_temp(path.parent)
     try:
         write_all(fd, data, IO_CHUNK_BYTES_MAX)
         os.fsync(fd)
+        etag = _etag(os.fstat(fd))
     except BaseException:
         os.close(fd)
         _unlink_quietly(tmp)
         raise
     os.close(fd)
-    publish(tmp, path, if_absent=if_absent)
+    if if_match is None:
+        publish(tmp, path, if_absent=if_absent)
+        return etag
+    try:
+        with _directory_locked(path.parent):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise _EtagMismatch(f"the object is gone (expected etag {if_match})") from None
+            if not stat_mode.S_ISREG(st.st_mode) or _etag(st) != if_match:
+                raise _EtagMismatch(f"the object was replaced (etag {_etag(st)}, expected {if_match})")
+            publish(tmp, path)
+    finally:
+        _unlink_quietly(tmp)  # still there when the comparison failed
+    return etag
+
+
+@contextlib.contextmanager
+def _directory_locked(directory: Path):
+    """Hold an exclusive flock of ``directory`` (conditional puts and deletes in it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -318,7 +365,8 @@ def _read_range(path: Path, offset: int, length: int | None) -> bytes:
 
 def _delete(path: Path, root: Path) -> None:
     try:
-        os.unlink(path)
+        with _directory_locked(path.parent):  # see _write_atomic's if_match
+            os.unlink(path)
     except (FileNotFoundError, IsADirectoryError):
         return  # no such object: delete is idempotent
     # Prune directories left empty, so listings do not walk dead branches.

@@ -16,8 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from cdp.errors import AlreadyExists, NotFound
-from cdp.store.base import Bytes, ObjectInfo, StoreBase, resolve_range
+from cdp.errors import AlreadyExists, NotFound, PreconditionFailed
+from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_conditions, resolve_range
 from cdp.store.keys import show_key, validate_key, validate_prefix
 
 #: Keys yielded between two awaits of list(), like one page of a listing.
@@ -45,15 +45,26 @@ class MemoryStore(StoreBase):
     def describe(self) -> str:
         return f"mem://{self.name}"
 
-    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str:
+        check_conditions(if_absent, if_match)
         validate_key(key)
         blob = bytes(data)  # copy: the caller may reuse its buffer
         if if_absent and key in self._objects:
             raise AlreadyExists(
                 f"{self.describe()}: put if_absent {show_key(key)}: an object already exists"
             )
+        if if_match is not None:
+            old = self._objects.get(key)
+            if old is None or old.etag != if_match:
+                raise PreconditionFailed(
+                    f"{self.describe()}: put if_match {show_key(key)}: "
+                    f"{'the object is gone' if old is None else f'the object was replaced (etag {old.etag})'},"
+                    f" expected etag {if_match}"
+                )
         etag = hashlib.blake2b(blob, digest_size=8).hexdigest()
         self._objects[key] = _Object(blob, time.time(), etag)
+        return etag
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         validate_key(key)

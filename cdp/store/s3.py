@@ -10,6 +10,8 @@ Invariants and how S3 gives them:
 - ``if_absent``: ``IfNoneMatch="*"`` on PutObject / CompleteMultipartUpload,
   which S3 evaluates atomically; 412 PreconditionFailed (or 409
   ConditionalRequestConflict, a concurrent conditional write) is AlreadyExists.
+- ``if_match``: ``IfMatch=etag`` on the same requests; 412, 409 or 404 (the
+  object is gone) is PreconditionFailed.
 - ``list``: ListObjectsV2, ``page_size`` keys a request, StartAfter on the
   first; S3 returns keys in UTF-8 byte order.
 - Keys are ``prefix + key``; callers only see keys relative to the prefix.
@@ -39,11 +41,12 @@ from cdp.errors import (
     ConfigError,
     NotFound,
     PermissionDenied,
+    PreconditionFailed,
     StoreError,
     StoreTimeout,
     StoreUnavailable,
 )
-from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_range, http_date_seconds
+from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_conditions, check_range, http_date_seconds
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
 from cdp.store.open import redact_url
 
@@ -155,20 +158,25 @@ class S3Store(StoreBase):
 
     # -- the store ---------------------------------------------------------
 
-    async def put(self, key: str, data: Bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str | None:
+        check_conditions(if_absent, if_match)
         name = self.prefix + validate_key(key)
         view = memoryview(data).cast("B")
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        if if_match is not None:
+            extra["IfMatch"] = if_match if if_match.startswith('"') else f'"{if_match}"'
         try:
             s3 = await self._s3()
             if len(view) > self.multipart_threshold:
-                await self._put_multipart(s3, name, view, if_absent)
+                reply = await self._put_multipart(s3, name, view, extra)
             else:
-                extra = {"IfNoneMatch": "*"} if if_absent else {}
-                await s3.put_object(Bucket=self.bucket, Key=name, Body=bytes(view), **extra)
+                reply = await s3.put_object(Bucket=self.bucket, Key=name, Body=bytes(view), **extra)
         except Exception as exc:
-            raise self._error("put", key, exc, if_absent=if_absent) from exc
+            raise self._error("put", key, exc, if_absent=if_absent, if_match=if_match) from exc
+        return reply.get("ETag", "").strip('"') or None
 
-    async def _put_multipart(self, s3: Any, name: str, view: memoryview, if_absent: bool) -> None:
+    async def _put_multipart(self, s3: Any, name: str, view: memoryview, extra: dict[str, str]) -> dict[str, Any]:
         part_size = max(self.part_size, -(-len(view) // PARTS_MAX))
         created = await s3.create_multipart_upload(Bucket=self.bucket, Key=name)
         upload_id = created["UploadId"]
@@ -192,8 +200,7 @@ class S3Store(StoreBase):
                     ]
             except BaseExceptionGroup as failed:
                 raise failed.exceptions[0]  # the first part that failed says why
-            extra = {"IfNoneMatch": "*"} if if_absent else {}
-            await s3.complete_multipart_upload(
+            return await s3.complete_multipart_upload(
                 Bucket=self.bucket, Key=name, UploadId=upload_id,
                 MultipartUpload={"Parts": [task.result() for task in tasks]}, **extra,
             )
@@ -342,7 +349,8 @@ class S3Store(StoreBase):
 
     # -- errors ------------------------------------------------------------
 
-    def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False) -> StoreError:
+    def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False,
+               if_match: str | None = None) -> StoreError:
         """Translate an SDK error of `op` on `key` into the store error tree.
 
         The message is built from the status and code only: SDK text may
@@ -354,6 +362,10 @@ class S3Store(StoreBase):
             said = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
             if code == "NoSuchBucket":
                 return NotFound(f"{where}: {said}: bucket {self.bucket!r} does not exist")
+            if if_match is not None and (code in _CONFLICT_CODES or code in _NOT_FOUND_CODES
+                                         or status in (404, 409, 412)):
+                return PreconditionFailed(f"{where}: {said}: if_match put lost: the object is not"
+                                          f" the one with etag {if_match} (replaced or gone)")
             if code in _NOT_FOUND_CODES or status == 404:
                 return NotFound(f"{where}: {said}: no such object")
             if code in _DENIED_CODES or status == 403:

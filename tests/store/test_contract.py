@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cdp.errors import AlreadyExists, InvalidKey, NotFound
+from cdp.errors import AlreadyExists, InvalidKey, NotFound, PreconditionFailed
 from cdp.store import ObjectInfo, ObjectStore
 from tests.conftest import TEST_PAGE_SIZE, TEST_PART_BYTES
 
@@ -192,9 +192,9 @@ async def test_if_absent_is_atomic_between_concurrent_writers(store: Any) -> Non
         key = f"cat/{round_:04x}"
         writers = [store.put(key, b"writer-%d" % i, if_absent=True) for i in range(6)]
         results = await asyncio.gather(*writers, return_exceptions=True)
-        winners = [i for i, result in enumerate(results) if result is None]
+        winners = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
         assert len(winners) == 1, results
-        assert all(isinstance(r, AlreadyExists) for r in results if r is not None), results
+        assert all(isinstance(r, AlreadyExists) for i, r in enumerate(results) if i not in winners), results
         assert await store.get(key) == b"writer-%d" % winners[0]
 
 
@@ -204,6 +204,47 @@ async def test_if_absent_big_object(store: Any) -> None:
     with pytest.raises(AlreadyExists):
         await store.put("big", pattern(2 * TEST_PART_BYTES + 1, seed=6), if_absent=True)
     assert await store.get("big") == data
+
+
+async def test_put_returns_the_etag_that_stat_and_list_give(store: Any) -> None:
+    first = await store.put("l/k", b"one")
+    assert first and first == (await store.stat("l/k")).etag
+    second = await store.put("l/k", b"two")
+    assert second and second != first
+    assert [i.etag async for i in store.list("l/")] == [second]
+
+
+async def test_if_match_replaces_only_the_object_it_names(store: Any) -> None:
+    etag = await store.put("l/k", b"mine")
+    renewed = await store.put("l/k", b"mine, renewed", if_match=etag)
+    assert await store.get("l/k") == b"mine, renewed"
+    with pytest.raises(PreconditionFailed, match="l/k"):  # the etag of an older version
+        await store.put("l/k", b"stale", if_match=etag)
+    await store.put("l/k", b"someone else's")  # written over by another process
+    with pytest.raises(PreconditionFailed, match="l/k"):
+        await store.put("l/k", b"mine again", if_match=renewed)
+    assert await store.get("l/k") == b"someone else's"
+
+
+async def test_if_match_never_recreates_a_deleted_object(store: Any) -> None:
+    etag = await store.put("l/gone", b"held")
+    await store.delete("l/gone")
+    with pytest.raises(PreconditionFailed, match="l/gone"):
+        await store.put("l/gone", b"renewed", if_match=etag)
+    with pytest.raises(NotFound):
+        await store.stat("l/gone")
+    with pytest.raises(ValueError):
+        await store.put("l/gone", b"x", if_absent=True, if_match=etag)
+
+
+async def test_if_match_is_atomic_between_concurrent_writers(store: Any) -> None:
+    etag = await store.put("l/race", b"v0")
+    writers = [store.put("l/race", b"writer-%d" % i, if_match=etag) for i in range(6)]
+    results = await asyncio.gather(*writers, return_exceptions=True)
+    winners = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, PreconditionFailed) for i, r in enumerate(results) if i not in winners), results
+    assert await store.get("l/race") == b"writer-%d" % winners[0]
 
 
 async def test_buffer_inputs(store: Any) -> None:
