@@ -1,0 +1,126 @@
+"""The torture campaigns in their quick form (issue 14), and proof that each can fail.
+
+``python -m tests.torture --quick --json`` runs the same campaigns; these tests assert
+the acceptance figures on each: at least 200 crash states and 1,000 wire fuzz cases, with
+nothing lost and no daemon crash. The other tests break something on purpose — the group
+commit's ``fdatasync``, a DRVA process, an error body — and see the campaign say so.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+from cdp import durable
+from cdp.replog import ReplicationLog
+from tests.torture import __main__ as torture_main
+from tests.torture import power_loss, rest_fuzz, wire_fuzz
+from tests.torture.result import Result, total
+
+
+def test_power_loss_through_the_command_line(capsys):
+    """The quick power-loss campaign, run as ``python -m tests.torture`` runs it."""
+    assert torture_main.main(["--quick", "--json", "--only", "power_loss"]) == 0
+    doc = json.loads(capsys.readouterr().out.splitlines()[-1])
+    figures = doc["power_loss"]
+    assert figures["crash_states"] >= 200
+    assert figures["lost"] == 0 and figures["failures"] == 0
+    assert figures["acked_checked"] > 10 * figures["crash_states"]  # each state looked for hundreds of seqs
+    assert doc["total"] == figures | {"elapsed_s": doc["total"]["elapsed_s"]}
+
+
+def test_power_loss_tears_commits_and_the_log_still_opens():
+    """The crash states reach the case §3.5 is about: part of an unsynced group commit on
+    disk, which the recovery scan must cut quietly (not a ``LogCorruption``)."""
+    res = power_loss.run(quick=True, seed=7)
+    assert res.passed, res.problems
+    assert res.notes["torn_tails"] > 20, res.notes
+
+
+def test_power_loss_fails_when_the_group_commit_fdatasync_is_removed(monkeypatch):
+    real = durable.sync_data
+    removed = []
+
+    def sync_data(fd: int) -> None:
+        if sys._getframe(1).f_code is ReplicationLog._commit.__code__:
+            removed.append(fd)  # the group commit's fdatasync: gone
+            return
+        real(fd)
+
+    monkeypatch.setattr(durable, "sync_data", sync_data)
+    res = power_loss.run(quick=True)
+    assert len(removed) >= power_loss.QUICK.commits
+    assert res.lost > 0, res.figures()
+    assert any("acknowledged seqs missing" in p for p in res.problems), res.problems
+
+
+def test_wire_fuzz_quick():
+    res = wire_fuzz.run(quick=True)
+    assert res.passed, res.problems
+    assert res.cases >= 1000
+    frames = res.notes["log_frames"]
+    assert frames["drva-fuzz"] > 0 and frames["drva-fuzz-tls"] > 0, frames
+    assert res.notes["good_sessions"] >= (wire_fuzz.QUICK.mutations + wire_fuzz.QUICK.tls_mutations) // \
+        wire_fuzz.QUICK.batch
+    answers = res.notes["answers"]
+    assert answers["bad_frame"] and answers["bad_message"] and answers["bad_checksum"], answers
+
+
+def test_wire_fuzz_counts_a_dead_drva(tmp_path):
+    target = wire_fuzz.Target("drva-dead", tmp_path, None)
+    target.start()
+    try:
+        res = Result("wire_fuzz")
+        target.check(res, random.Random(1))
+        assert res.passed and target.good_sessions == 1, res.problems
+        target.proc.kill()
+        target.check(res, random.Random(1))
+        assert res.daemon_crashes == 1 and "drva-dead exited" in res.problems[0]
+    finally:
+        target.proc.stop()
+
+
+def test_rest_fuzz_quick():
+    res = rest_fuzz.run(quick=True)
+    assert res.passed, res.problems
+    statuses = res.notes["statuses"]
+    assert res.cases >= 500 and statuses[401] >= res.cases // 2 - 1, statuses
+    assert statuses[200] and statuses[400] and statuses[404], statuses  # handlers reached, bad input refused
+
+
+def test_rest_checker_refuses_what_13_5_forbids():
+    res = Result("rest_fuzz")
+    checker = rest_fuzz._Checker(res, ("sekret-token", "/tmp/site"))
+
+    class Answer:
+        def __init__(self, status: int, body: object, headers: dict | None = None) -> None:
+            self.status_code, self.headers = status, headers or {}
+            self.content = json.dumps(body).encode()
+            self.text = self.content.decode()
+
+    good = {"error": {"status": 404, "code": "unknown_domain", "message": "no domain x", "field": "name",
+                      "exit_code": 2}}
+    checker.answer("GET /v1/domains/x/points", Answer(404, good), authed=True)
+    assert res.passed
+    bad = [
+        (500, {"error": dict(good["error"], status=500, code="internal")}),  # a 5xx
+        (404, {"error": dict(good["error"], exit_code=3)}),
+        (404, {"error": dict(good["error"], code="nope")}),
+        (404, {"error": dict(good["error"], message="see /tmp/site/state")}),
+        (404, {"error": {k: v for k, v in good["error"].items() if k != "field"}}),
+        (404, {"error": good["error"], "extra": 1}),
+        (200, {}),  # without the token (below)
+    ]
+    for status, body in bad[:-1]:
+        checker.answer("GET /v1/domains/x/points", Answer(status, body), authed=True)
+    checker.answer("GET /v1/status", Answer(200, {}), authed=False)
+    assert res.failures == len(bad), res.problems
+
+
+def test_totals_add_up():
+    a = Result("a", cases=3, lost=1, crash_states=5, elapsed_s=1.0)
+    b = Result("b", cases=4, kills=2, elapsed_s=2.5)
+    t = total([a, b])
+    assert (t.cases, t.lost, t.kills, t.crash_states, t.elapsed_s) == (7, 1, 2, 5, 3.5)
+    assert not t.passed and b.passed
