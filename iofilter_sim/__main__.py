@@ -32,9 +32,10 @@ from pathlib import Path
 
 import click
 
-from cdp.errors import CdpError
+from cdp.errors import CdpError, ConfigError
 from cdp.logs import setup_logging
 from cdp.nbd.address import parse_tcp
+from cdp.units import parse_size
 from iofilter_sim.cluster import load_cluster
 from iofilter_sim.nbd_site import NbdListen
 from iofilter_sim.runner import ClusterRunner, RunOptions
@@ -106,12 +107,16 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--flush-timeout", type=float, default=None,
               help="With NBD: fail a FLUSH/FUA with EIO when the DRVA has not got the writes within S seconds "
                    "(default: wait).")
+@click.option("--spill-bytes", default=None, metavar="SIZE",
+              help="Spill journal per domain beside its first disk, for frames past the memory buffer "
+                   "while a DRVA is away (e.g. 1GiB, the default; 0: none, go to bitmap mode at once).")
 @click.option("--json", "as_json", is_flag=True)
 def run(cluster_file: Path, duration: float | None, workload: str | None, rate_mb_s: float | None,
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
         control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, nbd_tcp: str | None,
-        nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None, as_json: bool) -> None:
+        nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None,
+        spill_bytes: str | None, as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
@@ -131,6 +136,11 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
                       control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,
                       workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {}, nbd=nbd)
+    if spill_bytes is not None:
+        try:
+            opts.spill_bytes_max = parse_size(spill_bytes, "--spill-bytes")
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
     summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks), as_json))
     if as_json:
         click.echo(json.dumps(summary))

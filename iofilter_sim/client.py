@@ -199,7 +199,7 @@ class FilterClient:
                 # Re-read the buffer after every await: capture may have dropped unsent
                 # frames meanwhile (bitmap mode), and their seqs are reused.
                 while not f.backpressure and (frame := f.next_unsent()) is not None:
-                    writer.writelines(wire.frame_message(frame.parts))
+                    writer.writelines(wire.frame_message(f.wire_parts(frame)))
                     f.mark_sent()
                     sent += frame.nbytes
                     if sent >= SEND_WINDOW_BYTES:

@@ -5,9 +5,12 @@ Modes (FORMAT.md §1 kinds RESYNC_BEGIN/END mark the windows in the stream):
 
 * ``normal``: every write is applied to its primary disk, given the domain's next seq
   and a timestamp, and kept in a bounded buffer of frames until a DRVA acks it.
-* ``bitmap``: the buffer was full. Frames not yet sent are dropped (their seqs are
-  reused: no DRVA has seen them) and their regions, like every new write's, are marked
-  in a bounded dirty bitmap. Sent-but-unacked frames stay, to be resent.
+* ``bitmap``: the buffer was full, and so was the spill journal if there is one
+  (``iofilter_sim.spill``: frames past the memory buffer wait in a bounded ring file
+  beside the disks, numbered and in order, so a DRVA restart of a few seconds opens no
+  window). Frames not yet sent are dropped (their seqs are reused: no DRVA has seen
+  them) and their regions, like every new write's, are marked in a bounded dirty bitmap.
+  Sent-but-unacked frames stay, to be resent.
 * ``resync``: the path is healthy again; a RESYNC_BEGIN record opens the window, dirty
   regions are read back from the primary disks and captured as ordinary writes (live
   writes keep being captured between them), and RESYNC_END closes the window when the
@@ -22,8 +25,9 @@ bitmap, so they are resynced.
 Invariants: seqs in the buffer are consecutive and start right after ``acked_seq``;
 the frames before ``buffer[unsent_from]`` have been sent on the current connection and
 the others not (so only never-sent frames are ever dropped, and their seqs reused);
-``buffered_bytes <= buffer_bytes_max`` except for one frame; a region is either in a
-buffered frame, in the bitmap, or already acked.
+``buffered_bytes <= buffer_bytes_max`` except for one frame (bytes in memory; a frame
+in the spill journal counts in ``spilled_bytes`` instead, and keeps only its records in
+memory); a region is either in a buffered frame, in the bitmap, or already acked.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, empty_records,
     payload_lengths,
 )
+from iofilter_sim.spill import SpillJournal
 
 FRAME_BYTES_MAX = 1 << 20
 FRAME_RECORDS_MAX = 4096
@@ -83,9 +88,10 @@ class FilterError(Exception):
 class BufferedFrame:
     first_seq: int
     last_seq: int
-    parts: list
+    parts: list  # empty when the frame is in the spill journal
     nbytes: int
     records: np.ndarray  # kept to mark regions dirty if the frame is dropped unsent
+    spilled_at: int = -1  # its offset in the spill journal, or -1: in memory
 
 
 class DomainFilter:
@@ -93,7 +99,8 @@ class DomainFilter:
 
     def __init__(self, domain: int, disks: Sequence[Disk], *, buffer_bytes_max: int = BUFFER_BYTES_MAX,
                  frame_bytes_max: int = FRAME_BYTES_MAX, clock: Callable[[], int] = time.time_ns,
-                 first_seq: int = 1, dirty_maps: Sequence[DirtyMap] | None = None) -> None:
+                 first_seq: int = 1, dirty_maps: Sequence[DirtyMap] | None = None,
+                 spill: SpillJournal | None = None) -> None:
         self.domain = domain
         self.disks = list(disks)
         self.buffer_bytes_max = buffer_bytes_max
@@ -109,6 +116,8 @@ class DomainFilter:
         self.window_open_seq: int | None = None
         self.buffer: collections.deque[BufferedFrame] = collections.deque()
         self.buffered_bytes = 0
+        self.spill = spill
+        self.spilled_bytes = 0
         self.unsent_from = 0
         self.region_bytes = [region_bytes_for(d.size) for d in self.disks]
         self.dirty = [np.zeros(-(-d.size // r), dtype=bool) for d, r in zip(self.disks, self.region_bytes)]
@@ -217,7 +226,8 @@ class DomainFilter:
     def _capture_records(self, records: np.ndarray, payload: bytes | memoryview) -> bool:
         """Stamp and buffer records as frames; False (and bitmap mode) if they do not fit."""
         lengths = payload_lengths(records)
-        if self.buffered_bytes + int(lengths.sum()) + 40 * len(records) > self.buffer_bytes_max and self.buffer:
+        if (self.spill is None and self.buffer
+                and self.buffered_bytes + int(lengths.sum()) + 40 * len(records) > self.buffer_bytes_max):
             self._enter_bitmap(records)
             return False
         self._stamp(records)
@@ -232,17 +242,49 @@ class DomainFilter:
             stop = int(np.searchsorted(ends, limit, side="right"))
             stop = max(start_rec + 1, min(stop, start_rec + FRAME_RECORDS_MAX, len(records)))
             end_byte = int(ends[stop - 1])
-            self._buffer_frame(records[start_rec:stop], view[start_byte:end_byte])
+            if not self._buffer_frame(records[start_rec:stop], view[start_byte:end_byte], spillable=True):
+                # Neither memory nor the journal holds it: this frame and the batch's
+                # rest go to the bitmap, with every unsent frame (this batch's too). Their
+                # seqs were never buffered: the next write reuses them.
+                self.next_seq = int(records["seq"][start_rec])
+                self._enter_bitmap(records[start_rec:])
+                return False
             start_rec, start_byte = stop, end_byte
         self.on_change()
         return True
 
-    def _buffer_frame(self, records: np.ndarray, payload: memoryview) -> None:
+    def _buffer_frame(self, records: np.ndarray, payload: memoryview, *, spillable: bool = False) -> bool:
+        """Encode and keep one frame: in memory while the buffer has room (or is empty),
+        else, if ``spillable``, in the spill journal. False if it went nowhere."""
         parts = list(encode_frame_parts(self.domain, records, payload))
         nbytes = sum(len(memoryview(p).cast("B")) for p in parts)
-        self.buffer.append(BufferedFrame(int(records["seq"][0]), int(records["seq"][-1]), parts,
-                                         nbytes, records.copy()))
+        first, last = int(records["seq"][0]), int(records["seq"][-1])
+        if spillable and self.buffer and self.buffered_bytes + nbytes > self.buffer_bytes_max:
+            at = self.spill.append(parts, nbytes) if self.spill is not None else None
+            if at is None:
+                return False
+            self.buffer.append(BufferedFrame(first, last, [], nbytes, records.copy(), at))
+            self.spilled_bytes += nbytes
+            self.stats["spilled_frames"] += 1
+            return True
+        self.buffer.append(BufferedFrame(first, last, parts, nbytes, records.copy()))
         self.buffered_bytes += nbytes
+        return True
+
+    def wire_parts(self, frame: BufferedFrame) -> list:
+        """The encoded frame to send: its parts in memory, or its bytes read back from the
+        spill journal."""
+        if frame.spilled_at < 0:
+            return frame.parts
+        return [self.spill.read(frame.spilled_at, frame.nbytes)]
+
+    def _forget(self, frame: BufferedFrame, *, newest: bool) -> None:
+        """Account for a frame leaving the buffer (acked: the oldest; dropped: the newest)."""
+        if frame.spilled_at < 0:
+            self.buffered_bytes -= frame.nbytes
+            return
+        self.spilled_bytes -= frame.nbytes
+        self.spill.drop_newest() if newest else self.spill.release_oldest()
 
     def _special(self, kind: int, name: bytes = b"") -> int:
         records = empty_records(1)
@@ -276,7 +318,7 @@ class DomainFilter:
     def on_ack(self, durable_seq: int) -> None:
         while self.buffer and self.buffer[0].last_seq <= durable_seq:
             f = self.buffer.popleft()
-            self.buffered_bytes -= f.nbytes
+            self._forget(f, newest=False)
             self.unsent_from = max(0, self.unsent_from - 1)
         if self.first_ack_time is None and durable_seq > self.acked_seq:
             self.first_ack_time = time.time()
@@ -340,6 +382,11 @@ class DomainFilter:
             m.close(clean=clean)
         return clean
 
+    def close_spill(self) -> None:
+        """Remove the spill journal (what it held is acked, or flagged in the dirty maps)."""
+        if self.spill is not None:
+            self.spill.close()
+
     def next_unsent(self) -> BufferedFrame | None:
         """The oldest frame not sent on this connection yet, if any."""
         return self.buffer[self.unsent_from] if self.unsent_from < len(self.buffer) else None
@@ -358,7 +405,7 @@ class DomainFilter:
         self._mark_dirty(records)
         while len(self.buffer) > self.unsent_from:
             f = self.buffer.pop()
-            self.buffered_bytes -= f.nbytes
+            self._forget(f, newest=True)
             self._mark_dirty(f.records)
             self.next_seq = f.first_seq
             if self.window_open_seq is not None and self.window_open_seq >= f.first_seq:
@@ -378,7 +425,9 @@ class DomainFilter:
         return sum(int(m.sum()) * r for m, r in zip(self.dirty, self.region_bytes))
 
     def healthy(self, connected: bool) -> bool:
-        return connected and not self.backpressure and self.buffered_bytes < self.buffer_bytes_max // 4
+        # Frames still waiting in the journal mean the path has not caught up yet.
+        return (connected and not self.backpressure and not self.spilled_bytes
+                and self.buffered_bytes < self.buffer_bytes_max // 4)
 
     def resync_step(self, connected: bool, step_bytes: int = RESYNC_STEP_BYTES) -> int:
         """Move up to ``step_bytes`` of dirty regions back into the stream; bytes moved."""

@@ -28,6 +28,7 @@ from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import BUFFER_BYTES_MAX, DomainFilter, FilterError
 from iofilter_sim.nbd_site import NbdFace, NbdListen
 from iofilter_sim.seeding import seed_disk
+from iofilter_sim.spill import SPILL_BYTES_MAX, SpillJournal
 from iofilter_sim.trace import TraceWorkload
 from iofilter_sim.workloads import Workload, make_workload
 
@@ -67,6 +68,9 @@ class RunOptions:
     hash_at_end: bool = True
     # Keep a dirty-region map (cdp.dirtymap) next to each disk of a replicated domain.
     dirty_maps: bool = True
+    # Frames past the memory buffer wait in a spill journal of at most this many bytes
+    # beside the domain's first disk (``<image>.spill``, iofilter_sim.spill); 0: none.
+    spill_bytes_max: int = SPILL_BYTES_MAX
     # Serve the disks over NBD instead of running workloads (real block clients write).
     nbd: NbdListen | None = None
 
@@ -103,8 +107,12 @@ class ClusterRunner:
                     if m.left.any():
                         log.warning("dirty_regions_left", domain=dom.name, map=str(m.path),
                                     bytes=int(m.left.sum()) * m.region_bytes, reason=m.left_reason)
+            spill = None
+            if self.opts.spill_bytes_max and dom.name not in self.opts.isolated:
+                spill = SpillJournal(f"{dom.disks[0].disk.image}.spill", self.opts.spill_bytes_max)
             self.filters[dom.name] = DomainFilter(dom.id, self.disks[dom.name],
-                                                  buffer_bytes_max=self.opts.buffer_bytes_max, dirty_maps=maps)
+                                                  buffer_bytes_max=self.opts.buffer_bytes_max, dirty_maps=maps,
+                                                  spill=spill)
             if self.opts.nbd is None:
                 self.workloads[dom.name] = self._workload(dom)
         for endpoint in self.cluster.drvas:
@@ -289,6 +297,7 @@ class ClusterRunner:
                 d.fsync()
                 d.close()
         for name, f in self.filters.items():
+            f.close_spill()
             if f.maps and not f.close_maps():
                 log.warning("dirty_regions_kept", domain=name, bytes=sum(m.dirty_bytes() for m in f.maps),
                             acked_seq=f.acked_seq, captured_seq=f.next_seq - 1)
@@ -302,6 +311,8 @@ class ClusterRunner:
                 "mb_per_s": round(f.stats["bytes"] / elapsed / 1e6, 2),
                 "captured_seq": f.next_seq - 1, "acked_seq": f.acked_seq, "mode": f.mode,
                 "bitmap_entries": f.stats["bitmap_entries"], "resyncs": f.stats["resyncs_completed"],
+                "spilled_frames": f.stats["spilled_frames"],
+                "spill_peak_bytes": f.spill.peak_bytes if f.spill is not None else 0,
                 "sha256": [d.sha256() for d in self.disks[name]] if self.opts.hash_at_end else None,
             }
         return {"site": self.cluster.site, "elapsed_s": round(elapsed, 2), "domains": doms,
