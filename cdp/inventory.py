@@ -30,6 +30,12 @@ a complete one)::
                                      # the simulator (iofilter_sim.cluster); seed
                                      # defaults to the domain id
 
+    [tls]                            # optional: the DRVAs serve TLS (FORMAT.md §20)
+    ca = "tls/ca.pem"                # the site CA: the only one the filters trust;
+                                     # relative to the directory of this file
+    server_name = "drva.example.net" # optional: the name the DRVAs' certificates must
+                                     # hold (default: the host of each domain's drva)
+
 Rules, each refused with a ``ConfigError`` naming the file, the key path (for example
 ``vms[2].disks[0].size``) and what was expected: names match ``[A-Za-z0-9._-]{1,64}``
 and are unique among hosts, among VMs, among a VM's disks and among domains; sizes are
@@ -44,6 +50,7 @@ them, so a protected domain's file must only ever be appended to.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +62,7 @@ from cdp.errors import ConfigError
 from cdp.tomlread import NAME, Endpoint, TomlReader
 
 DEFAULT_STATE_DIR = "sim-state"
+_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")  # a DNS name or an IP address
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,8 @@ class Cluster:
     vms: tuple[Vm, ...]
     domains: tuple[DomainSpec, ...]
     source: str = "<cluster>"
+    tls_ca: Path | None = None  # [tls] ca: connect to the DRVAs with TLS, trusting this CA only
+    tls_server_name: str | None = None  # [tls] server_name
 
     def vm(self, name: str) -> Vm:
         return _by_name(self.vms, name, "VM", self.source)
@@ -175,7 +185,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     ``base_dir``; the ``state_dir`` argument, when given, overrides the file's.
     """
     r = TomlReader(source)
-    r.table(data, "", {"site", "hosts"}, {"state_dir", "vms", "domains"})
+    r.table(data, "", {"site", "hosts"}, {"state_dir", "vms", "domains", "tls"})
     site = r.name(data["site"], "site")
     state = state_dir if state_dir is not None else data.get("state_dir", DEFAULT_STATE_DIR)
     if not isinstance(state, (str, Path)) or not str(state):
@@ -190,7 +200,18 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     vms = _vms(r, data.get("vms", []), set(host_names), state_path)
     hosts = tuple(Host(h, tuple(vm.name for vm in vms if vm.host == h)) for h in host_names)
     domains = _domains(r, data.get("domains", []), {vm.name: vm for vm in vms})
-    return Cluster(site, state_path, hosts, vms, domains, source)
+    tls_ca, server_name = _tls(r, data["tls"], Path(base_dir)) if "tls" in data else (None, None)
+    return Cluster(site, state_path, hosts, vms, domains, source, tls_ca, server_name)
+
+
+def _tls(r: TomlReader, value: Any, base_dir: Path) -> tuple[Path, str | None]:
+    t = r.table(value, "tls", {"ca"}, {"server_name"})
+    if not isinstance(t["ca"], str) or not t["ca"]:
+        r.fail("tls.ca", "the path of the site CA's certificate (PEM)", t["ca"])
+    name = t.get("server_name")
+    if name is not None and (not isinstance(name, str) or not _SERVER_NAME.fullmatch(name)):
+        r.fail("tls.server_name", "a host name or an IP address", name)
+    return base_dir / t["ca"], name
 
 
 def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[Vm, ...]:

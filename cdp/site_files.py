@@ -45,13 +45,17 @@ def domain(name: str, domain_id: int, drva: str, vms: Sequence[str],
 
 
 def inventory(site: str, hosts: Sequence[str], vms: Sequence[Mapping[str, Any]],
-              domains: Sequence[Mapping[str, Any]], *, state_dir: str | Path | None = None) -> dict[str, Any]:
-    """The inventory (cluster file) document; ``state_dir`` holds the simulated disks."""
+              domains: Sequence[Mapping[str, Any]], *, state_dir: str | Path | None = None,
+              tls: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The inventory (cluster file) document; ``state_dir`` holds the simulated disks;
+    ``tls``: its ``[tls]`` table (``{"ca": PATH}``: the filters connect with TLS)."""
     doc: dict[str, Any] = {"site": site}
     if state_dir is not None:
         doc["state_dir"] = str(state_dir)
     doc.update({"hosts": [{"name": h} for h in hosts], "vms": [dict(v) for v in vms],
                 "domains": [dict(d) for d in domains]})
+    if tls is not None:
+        doc["tls"] = {k: str(v) for k, v in tls.items()}
     return doc
 
 
@@ -74,7 +78,8 @@ def site(name: str, *, drvas: Sequence[Mapping[str, Any]], protect: Sequence[str
          secret_env: str | None = None, api_listen: str | None = None, token_env: str | None = None,
          recovery_roots: Sequence[str | Path] | None = None, defaults: Mapping[str, Any] | None = None,
          alarms: Mapping[str, Any] | None = None, hypervisor: Mapping[str, Any] | None = None,
-         peer: Mapping[str, Any] | None = None, standby: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+         peer: Mapping[str, Any] | None = None, standby: Sequence[Mapping[str, Any]] = (),
+         tls: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The site file document. ``protect``: domain names, or ``[[protect]]`` tables with a
     policy (``{"domain": "erp", "rpo_target_s": 30}``)."""
     doc: dict[str, Any] = {"site": name, "cluster": cluster, "store": store, "state_dir": str(state_dir)}
@@ -98,6 +103,8 @@ def site(name: str, *, drvas: Sequence[Mapping[str, Any]], protect: Sequence[str
         doc["peer"] = dict(peer)
     if standby:
         doc["standby"] = [dict(x) for x in standby]
+    if tls is not None:
+        doc["tls"] = dict(tls)
     return doc
 
 

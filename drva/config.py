@@ -54,7 +54,6 @@ against them, so that preflight and install refuse what a DRVA would.
 from __future__ import annotations
 
 import os
-import ssl
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -65,6 +64,7 @@ from typing import Any
 from cdp.errors import ConfigError
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START
 from cdp.store.open import check_store_url, config_store_url
+from cdp.tls import server_context
 from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX
 from cdp.units import parse_size
 
@@ -292,12 +292,10 @@ def _check_tls(cfg: DrvaConfig, tls: _Reader) -> None:
             raise ConfigError(f"{tls.where('key')}: a key without tls.cert (expected both, or a cert holding the key)")
         return
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    except OSError as exc:
-        problem = exc.strerror if exc.strerror and not isinstance(exc, ssl.SSLError) else (
-            getattr(exc, "reason", None) or str(exc))
-        raise ConfigError(f"{tls.where('cert')}: expected a readable PEM certificate (and key) at {cfg.tls_cert}"
-                          f"{'' if cfg.tls_key is None else f' and {cfg.tls_key}'}: {problem}") from None
+        server_context(cfg.tls_cert, cfg.tls_key)
+    except ConfigError as exc:  # it names the file that failed, never a key's content
+        raise ConfigError(f"{tls.where('cert')}: expected a readable PEM certificate (and key): "
+                          f"{exc.message}") from None
 
 
 def _store_url(r: _Reader, key: str, here: Path) -> str:

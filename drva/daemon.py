@@ -33,6 +33,7 @@ from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
 from cdp.meta import MetaRepository
 from cdp.replog import ReplicationLog
+from cdp.tls import server_context
 from drva.committer import GroupCommitter, log_entry
 from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
@@ -154,9 +155,7 @@ class Drva:
     def _tls(self) -> ssl.SSLContext | None:
         if self.cfg.tls_cert is None:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
-        return ctx
+        return server_context(self.cfg.tls_cert, self.cfg.tls_key)  # TLS >= 1.2 (cdp.tls)
 
     def _open_log(self) -> ReplicationLog:
         if not self.cfg.log_path.exists():

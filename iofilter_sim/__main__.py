@@ -5,6 +5,11 @@
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
                  [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN] [--no-hashes] [--json]
                  [--nbd HOST:PORT] [--nbd-unix PATH] [--export-name VM/DISK] [--flush-timeout S]
+                 [--tls-ca CA.pem [--tls-server-name NAME]]
+
+With ``--tls-ca`` (or the cluster file's ``[tls] ca``) every DRVA connection is TLS and
+the DRVA's certificate must be signed by that CA and hold the address dialled (or
+``--tls-server-name``); nothing falls back to plain TCP.
 
 With ``--nbd`` or ``--nbd-unix`` no workload runs: every disk (or each ``--export-name``)
 is served as the NBD export ``vm/disk`` and what real block clients write is captured
@@ -107,6 +112,10 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--flush-timeout", type=float, default=None,
               help="With NBD: fail a FLUSH/FUA with EIO when the DRVA has not got the writes within S seconds "
                    "(default: wait).")
+@click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
+              help="Connect to the DRVAs with TLS, trusting only this CA certificate (PEM).")
+@click.option("--tls-server-name", default=None, metavar="NAME",
+              help="The name the DRVAs' certificates must hold (default: the address dialled).")
 @click.option("--spill-bytes", default=None, metavar="SIZE",
               help="Spill journal per domain beside its first disk, for frames past the memory buffer "
                    "while a DRVA is away (e.g. 1GiB, the default; 0: none, go to bitmap mode at once).")
@@ -116,7 +125,7 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
         control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, nbd_tcp: str | None,
         nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None,
-        spill_bytes: str | None, as_json: bool) -> None:
+        tls_ca: Path | None, tls_server_name: str | None, spill_bytes: str | None, as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
@@ -135,12 +144,15 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
                       control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,
-                      workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {}, nbd=nbd)
+                      workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {}, nbd=nbd,
+                      tls_ca=tls_ca, tls_server_name=tls_server_name)
     if spill_bytes is not None:
         try:
             opts.spill_bytes_max = parse_size(spill_bytes, "--spill-bytes")
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+    if tls_server_name is not None and tls_ca is None and cluster.tls_ca is None:
+        raise click.UsageError("--tls-server-name goes with --tls-ca (or the cluster file's [tls] ca)")
     summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks), as_json))
     if as_json:
         click.echo(json.dumps(summary))

@@ -1,5 +1,11 @@
 """The filter's connection to a DRVA: handshake, stream frames, take acks, reconnect.
 
+With ``tls`` (the site CA's context, ``cdp.tls.client_context``) every connection is TLS
+and the DRVA's certificate must be the site CA's and name the address dialled (or
+``server_name``): there is no fallback to plain TCP. A refused certificate is retried
+like any other failed connection (the operator may be fixing it), logged when its
+reason changes, and kept in ``last_error`` in words (``cdp.tls.describe_tls_error``).
+
 One ``FilterClient`` carries the domains that stream to one DRVA. It keeps connecting
 (with backoff) for as long as it runs; after each ``WELCOME`` it drops what the DRVA
 reports durable and resends every other buffered frame, oldest first — the DRVA drops
@@ -16,6 +22,7 @@ from typing import Any
 
 from cdp import wire
 from cdp.logs import get_logger
+from cdp.tls import describe_tls_error
 from iofilter_sim.filter import DomainFilter, FilterError
 
 log = get_logger("iofilter.client")
@@ -37,9 +44,12 @@ class FilterClient:
     """Streams the frames of ``filters`` to the DRVA at ``host:port``."""
 
     def __init__(self, filters: Sequence[DomainFilter], host: str, port: int, secret: bytes,
-                 name: str, *, site: str = "site", tls: ssl.SSLContext | None = None) -> None:
+                 name: str, *, site: str = "site", tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         self.filters = {f.domain: f for f in filters}
         self.host, self.port, self.secret, self.name, self.site, self.tls = host, port, secret, name, site, tls
+        # The name the DRVA's certificate must hold (default: the host dialled).
+        self.server_name = server_name if tls is not None else None
         self.connected = False
         self.connections = 0
         self.last_error: str | None = None
@@ -59,7 +69,16 @@ class FilterClient:
         attempt = 0
         while True:
             try:
-                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls,
+                                                               server_hostname=self.server_name)
+            except ssl.SSLError as exc:  # before OSError: it is one
+                attempt += 1
+                error = describe_tls_error(exc, f"DRVA {self.host}:{self.port}", ctx=self.tls)
+                if error != self.last_error:
+                    log.warning("filter_tls_refused", drva=f"{self.host}:{self.port}", error=error)
+                self.last_error = error
+                await asyncio.sleep(random.uniform(0, min(RECONNECT_MAX_S, 0.05 * 2 ** attempt)))
+                continue
             except OSError as exc:
                 attempt += 1
                 self.last_error = f"connect: {exc}"
@@ -84,7 +103,14 @@ class FilterClient:
         writer.writelines(wire.control(wire.HELLO, {
             "version": wire.WIRE_VERSION, "filter": self.name, "site": self.site,
             "domains": sorted(self.filters), "nonce": nonce.hex()}))
-        challenge = await self._expect(reader, wire.CHALLENGE, where)
+        try:
+            challenge = await self._expect(reader, wire.CHALLENGE, where)
+        except asyncio.IncompleteReadError as exc:
+            if self.tls is not None or exc.partial:
+                raise
+            # A DRVA that serves TLS closes a plain connection without a byte of ours read.
+            raise ConnectionError(f"{where} closed the connection before its CHALLENGE: if it serves TLS, give "
+                                  f"this filter the site CA (--tls-ca, or [tls] ca in the cluster file)") from None
         drva_nonce = wire.parse_nonce(challenge.get("nonce"), where)
         drva_name = str(challenge.get("drva", ""))
         writer.writelines(wire.control(wire.AUTH, {"mac": wire.filter_mac(self.secret, nonce, drva_nonce, self.name)}))

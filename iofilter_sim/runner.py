@@ -22,6 +22,7 @@ from cdp.dirtymap import DirtyMap
 from cdp.durable import atomic_write
 from cdp.inventory import Cluster, DomainSpec
 from cdp.logs import get_logger
+from cdp.tls import client_context
 from iofilter_sim.client import FilterClient
 from iofilter_sim.cluster import domain_workload
 from iofilter_sim.disks import PrimaryDisk
@@ -73,6 +74,10 @@ class RunOptions:
     spill_bytes_max: int = SPILL_BYTES_MAX
     # Serve the disks over NBD instead of running workloads (real block clients write).
     nbd: NbdListen | None = None
+    # Connect to the DRVAs with TLS, trusting this CA only (``--tls-ca``; the cluster
+    # file's ``[tls] ca`` when None), and expect this name in their certificates.
+    tls_ca: Path | None = None
+    tls_server_name: str | None = None
 
 
 class ClusterRunner:
@@ -115,12 +120,16 @@ class ClusterRunner:
                                                   spill=spill)
             if self.opts.nbd is None:
                 self.workloads[dom.name] = self._workload(dom)
+        tls_ca = self.opts.tls_ca or self.cluster.tls_ca
+        tls = client_context(tls_ca) if tls_ca is not None else None  # ConfigError naming the file
+        server_name = self.opts.tls_server_name or self.cluster.tls_server_name
         for endpoint in self.cluster.drvas:
             doms = tuple(d for d in self.cluster.domains_of(endpoint) if d.name not in self.opts.isolated)
             if not doms:
                 continue
             client = FilterClient([self.filters[d.name] for d in doms], endpoint.host, endpoint.port,
-                                  self.secret, f"{self.cluster.site}-filter", site=self.cluster.site)
+                                  self.secret, f"{self.cluster.site}-filter", site=self.cluster.site,
+                                  tls=tls, server_name=server_name)
             client.on_mark = self._requested_mark
             self.clients.append(client)
             for d in doms:

@@ -132,8 +132,8 @@ def _peer_extents(cfg: Any, name: str) -> Any:
 
     if cfg.peer is None or not os.environ.get(cfg.peer.token_env):
         return None
-    return Peer(f"http://{cfg.peer.api}/v1/failback/{quote(name, safe='')}/extents", cfg.peer_token(os.environ),
-                cfg.peer.site)
+    return Peer(f"{cfg.peer.api_url}/v1/failback/{quote(name, safe='')}/extents", cfg.peer_token(os.environ),
+                cfg.peer.site, cfg.peer.ca)
 
 
 @click.group()

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
@@ -24,6 +25,7 @@ from cdp import durable
 from cdp.errors import CdpError, FormatError, TruncatedError
 from cdp.extent_stream import PIECE, STREAM, TRAILER, ExtentRequest, StreamReader, encode_request, split
 from cdp.msa.extents import CONTENT_TYPE
+from cdp.tls import client_context, describe_tls_error
 
 STREAMS = 8
 WRITE_BATCH_BYTES = 4 << 20  # written by one thread call; a stream holds at most this much
@@ -43,6 +45,7 @@ class Peer:
     url: str
     token: str
     name: str
+    ca: Path | None = None  # https: the peer site's CA certificate, the only one trusted
 
     def __repr__(self) -> str:  # the token stays out of logs and tracebacks
         return f"Peer(url={self.url!r}, name={self.name!r})"
@@ -160,7 +163,9 @@ async def copy_from_peer(peer: Peer, req: ExtentRequest, fds: Mapping[int, int],
     parts = split(req, streams)
     try:
         with ThreadPoolExecutor(max(1, len(parts)), thread_name_prefix="peer-write") as pool:
-            async with aiohttp.ClientSession() as session:
+            # The peer's CA alone (cdp.tls), when its API is HTTPS (ConfigError naming the file).
+            connector = aiohttp.TCPConnector(ssl=client_context(peer.ca)) if peer.ca is not None else None
+            async with aiohttp.ClientSession(connector=connector) as session:
                 tasks = [asyncio.ensure_future(_one(session, peer, part, fds, pool, progress)) for part in parts]
                 try:
                     done = await asyncio.gather(*tasks)
@@ -178,6 +183,9 @@ async def copy_from_peer(peer: Peer, req: ExtentRequest, fds: Mapping[int, int],
         raise PeerUnavailable(f"extent stream from site {peer.name} ended early: {exc.message}") from None
     except FormatError as exc:
         raise PeerUnavailable(exc.message) from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise PeerUnavailable(describe_tls_error(exc.certificate_error, f"site {peer.name} ({peer.url})",
+                                                 peer.ca)) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise PeerUnavailable(f"site {peer.name} ({peer.url}): {type(exc).__name__}: {exc}") from None
     return sum(done)

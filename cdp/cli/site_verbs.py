@@ -74,6 +74,10 @@ def _install_text(r: dict[str, Any]) -> str:
         lines.append(f"  DRVA {d['name']} ({d['listen']}): log {d['log']['path']} {d['log']['action']}, "
                      f"metadata {d['meta']['path']} {d['meta']['action']}, config {d['config']['path']} "
                      f"{d['config']['action']} (domains: {', '.join(d['config']['domains']) or 'none'})")
+    if r.get("tls") is not None:
+        tls = r["tls"]
+        lines.append(f"  TLS {tls['dir']}: CA {tls['ca']['action']} (expires {tls['ca']['expires']})")
+        lines += [f"    {c['cert']}: {c['action']} ({', '.join(c['names'])})" for c in tls["certs"]]
     return "\n".join(lines)
 
 
@@ -82,6 +86,8 @@ def _uninstall_text(r: dict[str, Any]) -> str:
     lines += [f"  removed {e.get('path') or e.get('key')} ({e['what']})" for e in r["removed"]]
     lines += [f"  left alone {e['path']}: {e['why']}" for e in r["left_alone"]]
     lines.append(f"  kept the job history {r['kept']['jobs']}")
+    if r["kept"].get("tls"):
+        lines.append(f"  kept the site CA and certificates {r['kept']['tls']}")
     for u in r["kept"]["domains"]:
         lines.append(f"  kept domain {u['domain']}: {u['objects']} objects, {u['bytes']:,} bytes "
                      f"under {u['prefix']} (--purge deletes them)")

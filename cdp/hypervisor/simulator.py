@@ -12,7 +12,9 @@ appends each mark, with the primaries' sha256 at it, to ``<host>.marks.jsonl``.
 ``pause`` (a planned failover's quiesce) lists domains in ``<host>.control.json`` and
 sends SIGUSR1: their workloads stop issuing writes, their filters stay connected. A
 domain the site registered as isolated (a test failover's copy) runs with
-``--isolated``: its VMs write their disks and nothing else.
+``--isolated``: its VMs write their disks and nothing else. With the site's ``[tls]``
+on, the host inventory names the site CA (``[tls] ca``): the filters connect to the
+DRVAs with TLS only.
 
 A host whose set of domains changes is restarted: SIGTERM makes the simulator stop its
 workloads and drain (every captured write acked) before it exits, so the domains that
@@ -133,7 +135,9 @@ class SimulatorHypervisor:
             [site_files.domain(d.name, d.id, str(d.drva), [vm.name for vm in d.vms],
                                {"kind": d.workload.kind, **d.workload.options} if d.workload else None)
              for d in specs],
-            state_dir=cluster.state_dir.resolve())
+            state_dir=cluster.state_dir.resolve(),
+            # [tls] on: the filters reach the DRVAs over TLS, trusting the site CA only.
+            tls={"ca": self.cfg.tls.ca_cert.resolve()} if self.cfg.tls is not None else None)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(hp.inventory_path, site_files.toml_text(doc).encode())
 

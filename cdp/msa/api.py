@@ -514,9 +514,27 @@ async def start_api(daemon: MsaDaemon) -> web.AppRunner:
     await runner.setup()
     listen = daemon.cfg.api_listen
     try:
-        await LimitedSite(runner, listen.host, listen.port, limits.connections_max).start()
+        tls = _tls_context(daemon.cfg)
+        await LimitedSite(runner, listen.host, listen.port, limits.connections_max, ssl_context=tls,
+                          handshake_timeout_s=limits.header_timeout_s).start()
+    except ConfigError:
+        await runner.cleanup()
+        raise
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"{daemon.cfg.path}: api.listen {listen}: cannot listen ({exc.strerror})") from exc
-    log.info("api_listening", listen=str(listen))
+    log.info("api_listening", listen=str(listen), tls=tls is not None)
     return runner
+
+
+def _tls_context(cfg: Any) -> Any:
+    """The API's server context when the site serves TLS (``[tls] mode = "on"``)."""
+    if cfg.tls is None:
+        return None
+    from cdp.tls import server_context
+
+    try:
+        return server_context(cfg.tls.api_cert, cfg.tls.api_key)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.path}: tls.mode is on, but the API's certificate cannot be used: "
+                          f"{exc.message} (cdp install makes it)") from None

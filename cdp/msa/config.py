@@ -64,6 +64,17 @@ one that needs no service at all (file store, log files in a local directory)::
     mode = "continuous"                # so a failover applies only the tail
     interval_s = 0.5                   # how often the catalog is read
 
+    [tls]                              # FORMAT.md §20
+    mode = "on"                        # "off" (the default) or "on": cdp install makes a site CA
+                                       # and certificates; the DRVAs and the API serve TLS only,
+                                       # the filters and cdp's verbs trust that CA only
+    dir = "state/tls"                  # optional (default <state_dir>/tls): where they are
+    server_names = ["dr-a.example.net"]  # optional: more names or addresses clients dial
+                                       # (besides each listen host, localhost, 127.0.0.1)
+
+With ``[peer] ca = "PATH"`` (the peer site's CA certificate) the peer's API is called
+over HTTPS, trusting that CA only.
+
 The inventory the site uses is the ``cluster`` file plus what this MSA registered in
 ``<state_dir>/registered.toml`` (``cdp.msa.registry``): the VMs a failover brought.
 
@@ -83,6 +94,7 @@ one per direction, each site's ``store`` being the other's ``[peer] store``.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +104,7 @@ from typing import Any
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
 from cdp.nbd.address import parse_tcp
+from cdp.pki import LeafSpec, TlsFiles, server_names
 from cdp.store.open import check_store_url, config_store_url
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
@@ -108,7 +121,11 @@ STANDBY_MODES = ("continuous",)
 VMS_PER_HOST_DEFAULT = 16
 VMS_PER_HOST_RANGE = (1, 1024)
 RECOVERED_WORKLOAD_DEFAULT: Mapping[str, Any] = {"kind": "random", "rate_mb_s": 1}
+TLS_MODES = ("off", "on")
+TLS_SERVER_NAMES_MAX = 64
+API_STEM = "api"  # the REST API's certificate and key: <tls dir>/api.pem, api.key
 SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
+_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")  # a DNS name or an IP address
 #: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
 #: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
 #: for both, so the API refuses what the site file would (and no policy is inf or NaN).
@@ -179,6 +196,47 @@ class PeerSpec:
     api: Endpoint
     token_env: str
     store_url: str | None = None
+    ca: Path | None = None  # the peer's CA certificate: its API is called over HTTPS
+
+    @property
+    def api_url(self) -> str:
+        return f"{'https' if self.ca is not None else 'http'}://{self.api}"
+
+
+@dataclass(frozen=True)
+class TlsSpec:
+    """``[tls] mode = "on"``: where the site's CA and certificates are (``cdp.pki``) and
+    the extra names its servers' certificates hold."""
+
+    dir: Path
+    server_names: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> TlsFiles:
+        return TlsFiles(self.dir)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.files.ca_cert
+
+    def drva_stem(self, drva: DrvaSpec) -> str:
+        return f"drva-{drva.name}"
+
+    def drva_leaf(self, drva: DrvaSpec) -> LeafSpec:
+        # The DRVA's name too: a filter that dials it by another address may ask for it.
+        return LeafSpec(self.drva_stem(drva), drva.name,
+                        server_names(drva.listen.host, extra=(*self.server_names, drva.name)))
+
+    def api_leaf(self, api: Endpoint) -> LeafSpec:
+        return LeafSpec(API_STEM, "cdp-api", server_names(api.host, extra=self.server_names))
+
+    @property
+    def api_cert(self) -> Path:
+        return self.files.cert(API_STEM)
+
+    @property
+    def api_key(self) -> Path:
+        return self.files.key(API_STEM)
 
 
 @dataclass(frozen=True)
@@ -206,6 +264,12 @@ class SiteConfig:
     isolated: frozenset[str] = frozenset()  # registered domains whose VMs run unreplicated (test failovers)
     standby: tuple[StandbySpec, ...] = ()
     own_domains: frozenset[str] = frozenset()  # the cluster file's domains (not registered): in ``store``
+    tls: TlsSpec | None = None  # [tls] mode = "on"
+
+    @property
+    def api_url(self) -> str:
+        """The REST API's base URL: https when the site serves TLS."""
+        return f"{'https' if self.tls is not None else 'http'}://{self.api_listen}"
 
     # ---- lookups
 
@@ -293,6 +357,9 @@ class SiteConfig:
             "meta": {"path": str(drva.meta_path)},
             "domains": doms,
         }
+        if self.tls is not None:
+            stem = self.tls.drva_stem(drva)
+            doc["tls"] = {"cert": str(self.tls.files.cert(stem)), "key": str(self.tls.files.key(stem))}
         if drva.seal_bytes is not None or drva.seal_age_s is not None:
             doc["seal"] = {k: v for k, v in (("bytes", drva.seal_bytes), ("age_s", drva.seal_age_s))
                            if v is not None}
@@ -368,7 +435,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     here = path.resolve().parent
     r.table(data, "", {"site", "cluster", "store", "drvas"},
             {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs", "recovery_roots",
-             "hypervisor", "peer", "standby"})
+             "hypervisor", "peer", "standby", "tls"})
     site = r.name(data["site"], "site")
     if not isinstance(data["cluster"], str):
         r.fail("cluster", "a file path", data["cluster"])
@@ -416,15 +483,18 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     hypervisor = _hypervisor(r, data.get("hypervisor", {}))
     peer = None
     if "peer" in data:
-        p = r.table(data["peer"], "peer", {"site", "api"}, {"token_env", "store"})
+        p = r.table(data["peer"], "peer", {"site", "api"}, {"token_env", "store", "ca"})
         peer_name = r.name(p["site"], "peer.site")
         if peer_name == site:
             r.fail("peer.site", "another site's name", peer_name)
         peer_token_env = p.get("token_env", "CDP_PEER_TOKEN")
         if not isinstance(peer_token_env, str) or not peer_token_env:
             r.fail("peer.token_env", "an environment variable name", peer_token_env)
+        if "ca" in p and (not isinstance(p["ca"], str) or not p["ca"]):
+            r.fail("peer.ca", "the path of the peer site's CA certificate (PEM)", p["ca"])
         peer = PeerSpec(peer_name, r.endpoint(p["api"], "peer.api"), peer_token_env,
-                        _store_url(r, p["store"], "peer.store", here) if "store" in p else None)
+                        _store_url(r, p["store"], "peer.store", here) if "store" in p else None,
+                        here / p["ca"] if "ca" in p else None)
     standby: list[StandbySpec] = []
     for i, sb in enumerate(r.list(data.get("standby", []), "standby", nonempty=False)):
         at = f"standby[{i}]"
@@ -440,7 +510,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
                      protect, alarms, retention_days * 86400, tuple(recovery_roots), hypervisor, peer, isolated,
-                     tuple(standby), own)
+                     tuple(standby), own, _tls(r, data.get("tls", {}), here, here / state_dir))
     for name in protect:  # every protected domain has a DRVA here
         spec = cluster.domain(name)
         if not any(d.listen == spec.drva for d in drvas):
@@ -514,6 +584,26 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen)
 
 
+def _tls(r: TomlReader, value: Any, here: Path, state_dir: Path) -> TlsSpec | None:
+    t = r.table(value, "tls", set(), {"mode", "dir", "server_names"})
+    mode = t.get("mode", "off")
+    if mode not in TLS_MODES:
+        r.fail("tls.mode", f"one of {', '.join(TLS_MODES)}", mode)
+    if mode == "off":
+        return None
+    tls_dir = t.get("dir")
+    if tls_dir is not None and (not isinstance(tls_dir, str) or not tls_dir):
+        r.fail("tls.dir", "a directory path", tls_dir)
+    names: list[str] = []
+    for i, name in enumerate(r.list(t.get("server_names", []), "tls.server_names", nonempty=False)):
+        if not isinstance(name, str) or not _SERVER_NAME.fullmatch(name) or name in names:
+            r.fail(f"tls.server_names[{i}]", "a host name or an IP address, not listed twice", name)
+        names.append(name)
+    if len(names) > TLS_SERVER_NAMES_MAX:
+        r.fail("tls.server_names", f"at most {TLS_SERVER_NAMES_MAX} names", len(names))
+    return TlsSpec(here / tls_dir if tls_dir is not None else state_dir / "tls", tuple(names))
+
+
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:
     """The cluster file allows any u32; a DRVA serves none of them outside its range
     (0 is no domain), so a site that names one would restart its DRVA for ever."""
@@ -533,6 +623,7 @@ def _check_drva_configs(cfg: SiteConfig) -> None:
     for i, drva in enumerate(cfg.drvas):
         domains = [d.name for d in cfg.cluster.domains if d.drva == drva.listen]
         doc = cfg.drva_config_doc(drva, domains)
+        doc.pop("tls", None)  # its files are made by install (cdp.pki), and checked by the DRVA at start
         try:
             parse_drva_config(doc, f"drvas/{drva.name}.toml", secret, base_dir=cfg.state_dir)
         except ConfigError as exc:

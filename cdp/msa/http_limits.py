@@ -17,12 +17,18 @@ a task and a parse buffer for ever (issue 10: 1,000 such sockets stayed open 80 
   ``connections_max`` is answered ``503`` (FORMAT.md §13.5, ``too_many_connections``) and
   closed at once, holding nothing. aiohttp has no such setting; ``web.BaseSite`` is its
   public base class for a listener of one's own.
+* **TLS** (``ssl_context``: the site serves HTTPS): the handshake has ``header_timeout_s``
+  too. A connection is counted from its accept, but asyncio tells the protocol nothing
+  of a handshake that fails (a plain-HTTP client, a client that does not trust the
+  certificate): such a connection is released once its handshake deadline has passed
+  without the connection being made, so refused handshakes cannot use up the cap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +37,7 @@ from aiohttp import web
 
 HEADERS_MAX = 32  # header lines of a request (aiohttp's default is 128)
 FIELD_BYTES_MAX = 8190  # of the request line and of one header (aiohttp's default)
+HANDSHAKE_SLACK_S = 1.0  # a TLS connection not made this long after its handshake deadline is released
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,24 @@ class _Counted(asyncio.Protocol):
     """aiohttp's protocol of one connection, with a callback when the connection ends.
     Every event a transport gives its protocol is passed on unchanged."""
 
-    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None], made_within_s: float | None = None) -> None:
         self.inner = inner
         self.release: Callable[[], None] | None = release
+        # TLS: connection_made comes after the handshake, and never if it fails.
+        self._unmade = (asyncio.get_running_loop().call_later(made_within_s, self._never_made)
+                        if made_within_s is not None else None)
+
+    def _never_made(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._unmade is not None:
+            self._unmade.cancel()
+            if self.release is None:  # made after its deadline (cannot happen: the handshake has one)
+                transport.close()
+                return
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -105,16 +125,18 @@ class LimitedSite(web.BaseSite):
     connections at once. Invariant: ``open`` counts the connections handed to aiohttp
     that have not ended; it never exceeds ``connections_max``."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, connections_max: int) -> None:
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, connections_max: int, *,
+                 ssl_context: ssl.SSLContext | None = None, handshake_timeout_s: float = 10.0) -> None:
         super().__init__(runner)
         self.host, self.port, self.connections_max = host, port, connections_max
+        self.ssl_context, self.handshake_timeout_s = ssl_context, handshake_timeout_s
         self.open = 0
         self.refused = 0
         self._answer = _refusal(connections_max)
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{self.host}:{self.port}"
 
     def _protocol(self) -> asyncio.Protocol:
         # Counted when the connection is accepted (the factory is called before the
@@ -125,7 +147,8 @@ class LimitedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None, "the runner is set up before its site starts"
         self.open += 1
-        return _Counted(server(), self._release)
+        made_within_s = self.handshake_timeout_s + HANDSHAKE_SLACK_S if self.ssl_context is not None else None
+        return _Counted(server(), self._release, made_within_s)
 
     def _release(self) -> None:
         self.open -= 1
@@ -133,4 +156,6 @@ class LimitedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self.host, self.port, reuse_address=True)
+        tls = ({"ssl": self.ssl_context, "ssl_handshake_timeout": self.handshake_timeout_s}
+               if self.ssl_context is not None else {})
+        self._server = await loop.create_server(self._protocol, self.host, self.port, reuse_address=True, **tls)

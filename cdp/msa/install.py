@@ -11,16 +11,21 @@ half-way) ends in the same state:
    DRVA's name as label when missing or blank; kept when it already carries that label;
    anything else is refused, never overwritten), its metadata repository (same rules)
    and its configuration file ``<state_dir>/drvas/<name>.toml``;
-3. ``<state_dir>/protection.json`` from the site file's ``[[protect]]``, only if absent:
+3. with ``[tls] mode = "on"``, the site CA and a certificate for each DRVA and for the
+   API (``cdp.pki.ensure_site_pki``, in ``[tls] dir``): kept while good, renewed when
+   near expiry, when the names they must hold changed, or when another CA signed them;
+   each DRVA's configuration then names its certificate and key (``[tls]``);
+4. ``<state_dir>/protection.json`` from the site file's ``[[protect]]``, only if absent:
    the daemon owns it afterwards (``cdp protect`` / ``unprotect``);
-4. last, the deployment record ``sites/<site>/deployment.cdpd`` (FORMAT.md §12), so a
+5. last, the deployment record ``sites/<site>/deployment.cdpd`` (FORMAT.md §12), so a
    record in the store means a completed installation.
 
 Uninstall stops the daemon (SIGTERM to the process ``<state_dir>/msa.pid`` names, then
 waits), removes what install made — DRVA configurations and state directories, log
 partitions and metadata repositories that carry this DRVA's format, protection.json,
 the deployment record — and keeps ``<state_dir>/jobs`` (job history has its own
-retention) and every replicated object, unless ``purge``: then each domain of the
+retention), the TLS directory (the site CA: a reinstall keeps trusting it) and every
+replicated object, unless ``purge``: then each domain of the
 cluster file loses every object under ``d/<id>/`` and a chunk sweep drops the chunks no
 manifest names any more. A domain a failover registered here is never purged: its
 objects are the peer site's history too (``registered_kept``).
@@ -60,6 +65,7 @@ from cdp.msa.deployment import (
 )
 from cdp.msa.protection import load_protection, protection_path, save_protection
 from cdp.msa.procs import pid_alive
+from cdp.pki import ensure_site_pki
 from cdp.replog import ReplicationLog
 
 log = get_logger("cdp.msa.install")
@@ -397,6 +403,17 @@ def _install_drva_config(cfg: SiteConfig, drva: DrvaSpec, protected: list[str]) 
             "action": action}
 
 
+def _install_tls(cfg: SiteConfig) -> dict[str, Any] | None:
+    """The site's CA and its servers' certificates (``cdp.pki``), when TLS is on."""
+    if cfg.tls is None:
+        return None
+    leaves = [cfg.tls.drva_leaf(d) for d in cfg.drvas] + [cfg.tls.api_leaf(cfg.api_listen)]
+    report = ensure_site_pki(cfg.tls.files, cfg.site, leaves)
+    changed = [c["cert"] for c in report["certs"] if c["action"] != "kept"]
+    log.info("tls_files", dir=report["dir"], ca=report["ca"]["action"], issued=changed)
+    return report
+
+
 def _install_protection(cfg: SiteConfig) -> dict[str, Any]:
     path = protection_path(cfg)
     if path.exists():
@@ -416,7 +433,7 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
     progress = progress or _no_progress
     cfg.secret(env)  # ConfigError naming the variable: the DRVAs could not start without it
     cfg.api_token(env)
-    steps = 3 + len(cfg.drvas)
+    steps = 4 + len(cfg.drvas)
     store, opened = _open(cfg, env, store)
     try:
         progress("store", 0, steps)
@@ -429,8 +446,10 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
                               f"site's: {'; '.join(foreign)} — give this site's domains ids of their own, "
                               f"or point store in {cfg.path} at another bucket or prefix")
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        tls = await asyncio.to_thread(_install_tls, cfg)  # before the DRVA configurations that name its files
+        progress("tls", 1, steps)
         protection = await asyncio.to_thread(_install_protection, cfg)
-        progress("protection", 1, steps)
+        progress("protection", 2, steps)
         drvas = []
         for i, drva in enumerate(cfg.drvas):
             log_part = await asyncio.to_thread(_install_log, cfg, drva, i)
@@ -438,13 +457,13 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
             conf = await asyncio.to_thread(_install_drva_config, cfg, drva, protection["domains"])
             drvas.append({"name": drva.name, "listen": str(drva.listen), "log": log_part, "meta": meta,
                           "config": conf})
-            progress(f"drva {drva.name}", 2 + i, steps)
+            progress(f"drva {drva.name}", 3 + i, steps)
         record, record_action = await _write_deployment(store, cfg)
         progress("deployment record", steps, steps)
         log.info("installed", site=cfg.site, store=store.describe(), record=record_action)
         return {"site": cfg.site, "store": store.describe(), "state_dir": str(cfg.state_dir),
                 "deployment": {"key": deployment_key(cfg.site), "action": record_action, **record.body()},
-                "protection": protection, "drvas": drvas}
+                "protection": protection, "drvas": drvas, "tls": tls}
     finally:
         if opened:
             await store.close()
@@ -608,7 +627,9 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
             await store.delete(key)
             removed.append({"key": key, "what": "deployment record"})
         purged = await _purge(store, cfg, progress) if purge else None
-        kept = {"jobs": str(jobs_dir(cfg)),
+        # The site CA stays: a reinstall keeps it, so the peers and clients that trust it
+        # need nothing new (FORMAT.md §20 says how to replace it).
+        kept = {"jobs": str(jobs_dir(cfg)), "tls": str(cfg.tls.dir) if cfg.tls is not None else None,
                 "domains": [] if purge else await domain_usage(store, cfg), "registered": registered_kept(cfg)}
         log.info("uninstalled", site=cfg.site, purge=purge, removed=len(removed))
         return {"site": cfg.site, "store": store.describe(), "purge": purge, "daemon": daemon.to_dict(),

@@ -243,7 +243,7 @@ def openapi_document(cfg: SiteConfig) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "cdp MSA", "version": "1",
                  "description": f"The management API of site {cfg.site}: protection, status, recovery, jobs."},
-        "servers": [{"url": f"http://{cfg.api_listen}"}],
+        "servers": [{"url": cfg.api_url}],
         "security": [{"bearer": []}],
         "paths": _paths(),
         "components": {

@@ -42,7 +42,8 @@ def inventory_doc(p1: int, p2: int) -> dict[str, Any]:
 
 
 def site_doc(p1: int, p2: int, api: int, *, log_size: str, protect: Iterable[str],
-             recovery_roots: list[str], hypervisor: dict[str, Any] | None = None) -> dict[str, Any]:
+             recovery_roots: list[str], hypervisor: dict[str, Any] | None = None,
+             tls: dict[str, Any] | None = None) -> dict[str, Any]:
     drvas = [site_files.drva(name, f"127.0.0.1:{port}", log_path=f"state/{name}/replog", log_size=log_size,
                              meta_path=f"state/{name}/meta", seal_bytes="1MiB", seal_age_s=0.2)
              for name, port in (("drva-1", p1), ("drva-2", p2))]
@@ -51,7 +52,7 @@ def site_doc(p1: int, p2: int, api: int, *, log_size: str, protect: Iterable[str
         recovery_roots=recovery_roots or None, drvas=drvas,
         defaults={"retention": "72h", "rpo_target_s": 60, "consolidate_after": "1h", "consolidate_every": "15m"},
         protect=[{"domain": d, "rpo_target_s": 30} if d == "erp" else d for d in protect],
-        alarms={"log_usage_pct": 90, "backpressure_s": 300}, hypervisor=hypervisor)
+        alarms={"log_usage_pct": 90, "backpressure_s": 300}, hypervisor=hypervisor, tls=tls)
 
 
 @dataclass
@@ -63,7 +64,14 @@ class Site:
 
     @property
     def api(self) -> str:
-        return f"http://{self.cfg.api_listen}"
+        return self.cfg.api_url  # https with [tls] on
+
+    @property
+    def ssl(self) -> Any:
+        """The client context for the API (the site CA) with [tls] on; None otherwise."""
+        from cdp.tls import client_context
+
+        return client_context(self.cfg.tls.ca_cert) if self.cfg.tls is not None else None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -72,13 +80,13 @@ class Site:
 
 def make_site(root: Path, *, protect: Iterable[str] = ("erp",), log_size: str = "8MiB",
               install: bool = True, recovery_roots: Iterable[str] | None = None,
-              hypervisor: dict[str, Any] | None = None) -> Site:
+              hypervisor: dict[str, Any] | None = None, tls: dict[str, Any] | None = None) -> Site:
     """``recovery_roots``: the site file's (default: ``root``'s parent, which holds the
     site's store and state directory, where recoveries are refused all the same)."""
     p1, p2, api = free_port(), free_port(), free_port()
     roots = [str(root.parent)] if recovery_roots is None else list(recovery_roots)
     path = site_files.write_site(root, site_doc(p1, p2, api, log_size=log_size, protect=protect, recovery_roots=roots,
-                                                      hypervisor=hypervisor),
+                                                      hypervisor=hypervisor, tls=tls),
                                  inventory_doc(p1, p2))
     cfg = load_site_config(path)
     env = {**os.environ, "CDP_SITE_SECRET": SECRET, "CDP_API_TOKEN": TOKEN}
