@@ -264,7 +264,11 @@ class Recorder:
         real = self._real["open"]
         where = None if dir_fd is not None else self._where(path)
         if where is None:
-            return real(path, flags, mode, dir_fd=dir_fd)
+            fd = real(path, flags, mode, dir_fd=dir_fd)
+            if dir_fd is None and not isinstance(path, int) and os.path.realpath(path) == str(self.root):
+                with self._lock:
+                    self._fds[fd] = ("d", "")  # the root itself: its fsync makes its entries durable
+            return fd
         with self._lock:
             existed = os.path.lexists(path)
             fd = real(path, flags, mode)
