@@ -19,6 +19,7 @@ This module is the codec only: ``encode_chunk``/``decode_chunk``,
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lz4.block
@@ -71,6 +72,27 @@ def xxh3_128(raw: bytes | bytearray | memoryview) -> bytes:
     return xxhash.xxh3_128_intdigest(raw).to_bytes(HASH_BYTES, "little")
 
 
+#: A chunk's name function: raw bytes -> the 16 bytes of its name (§6.1). None means
+#: ``xxh3_128``; an encrypted store names chunks with a keyed hash (§19.6).
+Namer = Callable[[bytes | bytearray | memoryview], bytes] | None
+
+
+def chunk_hash(raw: bytes | bytearray | memoryview, namer: Namer = None) -> bytes:
+    """The 16 bytes that name the chunk ``raw`` (key, manifest entry, header, §6.1)."""
+    return xxh3_128(raw) if namer is None else namer(raw)
+
+
+def chunk_namer_of(store: object) -> Namer:
+    """How ``store`` names chunks: its ``chunk_namer`` (an encrypted store, §19.6), looked
+    for through wrappers (``inner``); None (``xxh3_128``) for a plaintext store."""
+    while store is not None:
+        namer = getattr(store, "chunk_namer", None)
+        if namer is not None:
+            return namer
+        store = getattr(store, "inner", None)
+    return None
+
+
 def is_zero(buf: bytes | bytearray | memoryview | np.ndarray) -> bool:
     """True when every byte of ``buf`` is zero (numpy: a probe, then u64 words)."""
     a = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.view(np.uint8).ravel()
@@ -85,12 +107,13 @@ def is_zero(buf: bytes | bytearray | memoryview | np.ndarray) -> bool:
 # --------------------------------------------------------------------------- chunks
 
 
-def encode_chunk(raw: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+def encode_chunk(raw: bytes | bytearray | memoryview, namer: Namer = None) -> tuple[bytes, bytes]:
     """(hash16, object) of one chunk, version 2 (§6.1): 64 KiB sub-blocks, each LZ4
     block when smaller, else stored, behind a table that lets a reader fetch only some.
 
-    ``hash16`` is ``xxh3_128(raw)`` as stored; the key is ``cdp.layout.chunk_key(hash16)``.
-    An all-zero chunk is never stored: the caller checks ``is_zero`` first.
+    ``hash16`` is ``chunk_hash(raw, namer)`` (``xxh3_128`` unless the store is encrypted);
+    the key is ``cdp.layout.chunk_key(hash16)``. An all-zero chunk is never stored: the
+    caller checks ``is_zero`` first.
     """
     mv = _chunk_raw(raw)
     count = -(-len(mv) // SUB_BLOCK_BYTES)
@@ -105,7 +128,7 @@ def encode_chunk(raw: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
         stored_parts.append(stored)
         at += len(stored)
     table_bytes = table.tobytes()
-    h = xxh3_128(mv)
+    h = chunk_hash(mv, namer)
     header = pack_summed(_CHUNK2, CHUNK_MAGIC, VERSION_CHUNK, 0, len(mv), SUB_BLOCK_BYTES, h, count, 0,
                          xxhash.xxh3_64_intdigest(table_bytes), 0)
     return h, b"".join([header, table_bytes, *stored_parts])
@@ -143,7 +166,7 @@ def _version_of(mv: memoryview) -> int | None:
 
 
 def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: bytes | None, *,
-                 out: bytearray | None = None) -> bytes | memoryview:
+                 out: bytearray | None = None, namer: Namer = None) -> bytes | memoryview:
     """Verify a whole chunk object (§6.1, version 1 or 2) and return its raw bytes.
 
     ``name`` (the key) is used in messages; ``expected_hash`` (16 bytes, the key's or
@@ -152,10 +175,11 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
     ``out``: a buffer to decode a version-2 chunk into when it is large enough (the
     result is then a view of it, valid until the caller reuses it): a fresh 4 MiB per
     chunk cost a page fault per 4 KiB, as for segment blocks (``cdp.segment._scratch``).
+    ``namer``: the store's chunk names (``chunk_namer_of``), for the check of the whole.
     """
     mv = memoryview(obj).cast("B")
     if _version_of(mv) == VERSION:
-        return _decode_chunk_v1(name, mv, expected_hash)
+        return _decode_chunk_v1(name, mv, expected_hash, namer)
     table = decode_chunk_head(name, mv, expected_hash)
     assert table is not None
     size = table.stored_end
@@ -165,12 +189,16 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
     raw = memoryview(out)[: table.raw_len] if out is not None and len(out) >= table.raw_len \
         else memoryview(bytearray(table.raw_len))
     table.decode_into(0, table.block_count - 1, mv[table.stored_start :], raw)
-    if xxh3_128(raw) != table.raw_hash:
-        raise ChecksumMismatch(f"chunk {name}: xxh3_128 of the {len(raw)} raw bytes is not raw_xxh3_128")
+    if chunk_hash(raw, namer) != table.raw_hash:
+        raise ChecksumMismatch(f"chunk {name}: {_hash_name(namer)} of the {len(raw)} raw bytes is not raw_xxh3_128")
     return raw if out is not None else raw.obj
 
 
-def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None) -> bytes:
+def _hash_name(namer: Namer) -> str:
+    return "xxh3_128" if namer is None else "the keyed chunk name (§19.6)"
+
+
+def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None, namer: Namer = None) -> bytes:
     where = f"chunk {name}"
     codec, raw_len, stored_len, raw_hash, stored_xxh3, _ = unpack_summed(
         _CHUNK, mv, where=where, magic=CHUNK_MAGIC, version=VERSION, zero=_CHUNK_ZERO
@@ -191,8 +219,8 @@ def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None) -> 
             raw = lz4.block.decompress(stored, uncompressed_size=raw_len)
         except lz4.block.LZ4BlockError as exc:
             raise FormatError(f"{where}: LZ4 data at offset 64 does not decompress") from exc
-    if len(raw) != raw_len or xxh3_128(raw) != raw_hash:
-        raise ChecksumMismatch(f"{where}: xxh3_128 of the {len(raw)} raw bytes is not raw_xxh3_128")
+    if len(raw) != raw_len or chunk_hash(raw, namer) != raw_hash:
+        raise ChecksumMismatch(f"{where}: {_hash_name(namer)} of the {len(raw)} raw bytes is not raw_xxh3_128")
     return raw
 
 

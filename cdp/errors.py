@@ -8,8 +8,11 @@ default message::
 
     CdpError                         exit 1
     ├── ConfigError                  exit 2   bad configuration or arguments
+    │   └── KeyUnavailable                    an encrypted object's store key is not held (§19)
     ├── FormatError                  exit 3   bytes that do not follow docs/FORMAT.md
     │   ├── ChecksumMismatch                  a checksum does not match its bytes
+    │   │   └── IntegrityError                an encrypted object fails authentication (§19)
+    │   ├── NotEncrypted                      a plaintext object in an encrypted store (§19)
     │   └── TruncatedError                    fewer bytes than a length field promises
     ├── LogError                     exit 4   replication-log partition
     │   ├── LogFull                           appending would overwrite untrimmed data
@@ -54,6 +57,11 @@ class ConfigError(CdpError):
     exit_code = 2
 
 
+class KeyUnavailable(ConfigError):
+    """An object is encrypted with a store key this process does not hold (FORMAT.md §19):
+    set CDP_STORE_KEY or CDP_STORE_KEY_FILE."""
+
+
 class FailoverRefused(ConfigError):
     """A failover cannot be done as asked (the domain's state forbids it); the message says
     what to do instead."""
@@ -71,6 +79,16 @@ class ChecksumMismatch(FormatError):
 
 class TruncatedError(FormatError):
     """Fewer bytes than a length field promises."""
+
+
+class IntegrityError(ChecksumMismatch):
+    """An encrypted object (FORMAT.md §19) fails authentication: a byte of it was changed,
+    it was truncated, or its pages were reordered or moved from another object."""
+
+
+class NotEncrypted(FormatError):
+    """A plaintext object where the store is encrypted (FORMAT.md §19): refused, since
+    anyone who can write the store could have planted it."""
 
 
 class LogError(CdpError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdp.base_image import decode_chunk, decode_manifest
+from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView
 from cdp.errors import FormatError, NotFound
@@ -69,7 +69,7 @@ async def _restore_base(store, key: str, fd: int) -> None:
     for i in np.flatnonzero(~zero):
         h = manifest.hash_of(int(i))
         ck = chunk_key(h)
-        raw = decode_chunk(ck, await store.get(ck), h)
+        raw = decode_chunk(ck, await store.get(ck), h, namer=chunk_namer_of(store))
         os.pwrite(fd, raw, int(i) * manifest.chunk_size)
 
 

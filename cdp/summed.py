@@ -13,9 +13,12 @@ import struct
 
 import xxhash
 
-from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
+from cdp.errors import ChecksumMismatch, FormatError, KeyUnavailable, TruncatedError
 
 SUMMED = 56  # the checksum covers [0, 56) and sits at [56, 64)
+#: §19.1: the envelope at both ends of an encrypted object. A decoder that finds it where
+#: its own magic should be reads through a store opened without a key: it says so.
+SEALED_MAGIC = b"CDPN"
 
 
 def pack_summed(layout: struct.Struct, *fields: object) -> bytes:
@@ -54,6 +57,10 @@ def unpack_summed(
         raise error(f"{where}: {what} at offset {at + offset}: {problem}")
 
     if fields[0] != magic:
+        if fields[0] == SEALED_MAGIC:
+            raise KeyUnavailable(
+                f"{where}: the object is encrypted (key id {bytes(mv[8:24]).hex()}, FORMAT.md §19) and this "
+                f"process holds no store key: set CDP_STORE_KEY or CDP_STORE_KEY_FILE")
         fail(FormatError, 0, f"magic {fields[0]!r}, expected {magic!r}")
     if fields[1] != version:
         fail(FormatError, 4, f"version {fields[1]}, expected {version}")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cdp import wire
-from cdp.base_image import encode_chunk, encode_manifest, is_zero
+from cdp.base_image import chunk_namer_of, encode_chunk, encode_manifest, is_zero
 from cdp.errors import NotFound, StoreError
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import Lease, chunk_writer_lease
@@ -136,13 +136,14 @@ class Seeder:
     async def _upload(self, job: SeedJob, chunk: int, data: bytes) -> None:
         try:
             loop = asyncio.get_running_loop()
-            h, obj = await loop.run_in_executor(self.drva.pool, encode_chunk, data)
+            store = self.drva.shipper.store_of(job.domain)  # the domain's store: its chunks and its lease
+            # An encrypted store names chunks with a keyed hash (FORMAT.md §19.6).
+            h, obj = await loop.run_in_executor(self.drva.pool, encode_chunk, data, chunk_namer_of(store))
             job.hashes[chunk] = np.frombuffer(h, dtype=np.uint8)
             if h in job.known:
                 job.deduplicated += 1
                 return
             key = chunk_key(h)
-            store = self.drva.shipper.store_of(job.domain)  # the domain's store: its chunks and its lease
             attempt = 0
             while True:
                 try:

@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from cdp.base_image import CHUNK_SIZE_DEFAULT, HASH_BYTES, encode_chunk, encode_manifest, is_zero, xxh3_128
+from cdp.base_image import (
+    CHUNK_SIZE_DEFAULT, HASH_BYTES, Namer, chunk_hash, chunk_namer_of, encode_chunk, encode_manifest, is_zero,
+)
 from cdp.catalog import CatalogWriter
 from cdp.catalog_read import CatalogView
 from cdp.errors import AlreadyExists, Busy, NotFound
@@ -86,14 +88,14 @@ async def consolidation_seq(state: CatalogView, cutoff_ns: int) -> int | None:
 # --------------------------------------------------------------------------- chunking
 
 
-def _read_chunk(fd: int, offset: int, length: int) -> tuple[bytes | None, bytes]:
+def _read_chunk(fd: int, offset: int, length: int, namer: Namer = None) -> tuple[bytes | None, bytes]:
     """(hash16, raw) of one chunk of an image; (None, b"") when it is all zeros."""
     raw = os.pread(fd, length, offset)
     if len(raw) != length:
         raise OSError(f"short read of {len(raw)} bytes at offset {offset}, expected {length}")
     if is_zero(raw):
         return None, b""
-    return xxh3_128(raw), raw
+    return chunk_hash(raw, namer), raw
 
 
 class _ChunkUploader:
@@ -104,6 +106,7 @@ class _ChunkUploader:
         self.lease = lease
         self.pool = pool
         self.sem = asyncio.Semaphore(concurrency)
+        self.namer = chunk_namer_of(store)  # how the store names chunks (FORMAT.md §19.6)
         self.present: set[bytes] = set()  # seen in the store (or put) under this lease
         self.failed: BaseException | None = None  # the first error of a chunk task
         self.stats = {"chunks": 0, "zero_chunks": 0, "chunks_stored": 0, "chunks_deduplicated": 0,
@@ -143,7 +146,7 @@ class _ChunkUploader:
         loop = asyncio.get_running_loop()
         try:
             length = min(chunk_size, size - i * chunk_size)
-            h, raw = await loop.run_in_executor(self.pool, _read_chunk, fd, i * chunk_size, length)
+            h, raw = await loop.run_in_executor(self.pool, _read_chunk, fd, i * chunk_size, length, self.namer)
             self.stats["chunks"] += 1
             if h is None:
                 self.stats["zero_chunks"] += 1
@@ -170,7 +173,7 @@ class _ChunkUploader:
             return
         except NotFound:
             pass
-        _, obj = await asyncio.get_running_loop().run_in_executor(self.pool, encode_chunk, raw)
+        _, obj = await asyncio.get_running_loop().run_in_executor(self.pool, encode_chunk, raw, self.namer)
         self.lease.check()
         await self.store.put(key, obj)
         self.stats["chunks_stored"] += 1

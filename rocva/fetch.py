@@ -57,7 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from cdp.base_image import SUB_BLOCK_BYTES, ChunkTable, chunk_head_bytes, decode_chunk, decode_chunk_head
+from cdp.base_image import (
+    SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_chunk_head,
+)
 from cdp.errors import FormatError, NotFound
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
@@ -373,9 +375,10 @@ def _place(fds: list[int], unit: Unit, parts: list[tuple[int, bytes | bytearray 
 
 
 def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None,
-                 sparse: bool = True) -> int:
-    """Verify and decode one chunk object, pwrite its pieces (thread pool); its digest."""
-    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len))
+                 sparse: bool = True, namer: Namer = None) -> int:
+    """Verify and decode one chunk object, pwrite its pieces (thread pool); its digest.
+    ``namer``: the store's chunk names (``chunk_namer_of``)."""
+    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len), namer=namer)
     if len(raw) != unit.chunk_len:
         raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
     digest = _place(fds, unit, [(0, raw)], sparse)
@@ -590,6 +593,7 @@ class Fetcher:
         self.executor = executor
         self.writeback = writeback
         self.sparse = sparse
+        self.namer = chunk_namer_of(store)  # how the store names chunks (FORMAT.md §19.6)
         self.bytes_written = 0
         self.units_done = 0
 
@@ -615,7 +619,7 @@ class Fetcher:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
             if table is None:
                 digest = await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, stored[0],
-                                                    self.writeback, self.sparse)
+                                                    self.writeback, self.sparse, self.namer)
             else:
                 digest = await loop.run_in_executor(self.executor, _place_chunk_parts, self.fds, unit, table, runs,
                                                     stored, self.writeback, self.sparse)

@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from cdp.base_image import decode_chunk
+from cdp.base_image import Namer, chunk_namer_of, decode_chunk
 from cdp.errors import CdpError, FormatError, NotFound
 from cdp.layout import chunk_key
 from cdp.logs import get_logger
@@ -162,7 +162,8 @@ class PlanSource:
             try:
                 stored = await self.store.get(key)
                 loop = asyncio.get_running_loop()
-                raw = await loop.run_in_executor(self.executor, _decode_chunk, key, stored, hash16, chunk_len)
+                raw = await loop.run_in_executor(self.executor, _decode_chunk, key, stored, hash16, chunk_len,
+                                                 chunk_namer_of(self.store))
             except NotFound as exc:
                 raise _unit_failed(key, "chunk", NotFound(f"chunk {key} is missing from {self.store.describe()}")
                                    ) from exc
@@ -178,9 +179,9 @@ def _decode_block(index: SegmentIndex, block: int, stored: bytes) -> Unit:
     return raw
 
 
-def _decode_chunk(key: str, stored: bytes, hash16: bytes, chunk_len: int) -> Unit:
+def _decode_chunk(key: str, stored: bytes, hash16: bytes, chunk_len: int, namer: Namer = None) -> Unit:
     """One base chunk verified and decoded (a thread of the pool)."""
-    raw = decode_chunk(key, stored, hash16)
+    raw = decode_chunk(key, stored, hash16, namer=namer)
     if len(raw) != chunk_len:
         raise FormatError(f"chunk {key}: {len(raw)} bytes, the manifest needs {chunk_len}")
     return raw

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cdp.base_image import decode_chunk, decode_manifest
+from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView
 from cdp.errors import CdpError, NotFound
@@ -162,7 +162,7 @@ async def _check_base(store, key: str, deep: bool, report: _Report, sem: asyncio
                 if deep:
                     data = await store.get(ck)
                     report.checked["bytes_read"] += len(data)
-                    decode_chunk(ck, data, h)
+                    decode_chunk(ck, data, h, namer=chunk_namer_of(store))
                 else:
                     await store.stat(ck)
                 report.checked["chunks"] += 1

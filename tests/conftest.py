@@ -18,8 +18,9 @@ import pytest_asyncio
 from tests import lanes
 from tests.services import Azurite, MotoServer, ServiceError
 
-#: The backends of the `store` fixture; "faulty" is FaultyStore(MemoryStore) with no fault.
-STORE_BACKENDS = ("memory", "file", "s3", "azure", "faulty")
+#: The backends of the `store` fixture; "faulty" is FaultyStore(MemoryStore) with no fault;
+#: "encrypted" is EncryptedStore(MemoryStore) (FORMAT.md §19) with a test key.
+STORE_BACKENDS = ("memory", "file", "s3", "azure", "faulty", "encrypted")
 MiB = 1024 * 1024
 #: Small settings so tests reach multipart uploads and several list pages cheaply.
 TEST_PAGE_SIZE = 7
@@ -126,6 +127,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
         made = FileStore(tmp_path / "store")
     elif kind == "faulty":
         made = FaultyStore(MemoryStore("test", page_size=TEST_PAGE_SIZE))
+    elif kind == "encrypted":
+        from cdp.store.crypt import EncryptedStore
+        from cdp.store.storekeys import StoreKey, StoreKeyring
+
+        made = EncryptedStore(MemoryStore("test", page_size=TEST_PAGE_SIZE),
+                              StoreKeyring([StoreKey(bytes(range(32)))], "a test key"))
     elif kind == "s3":
         made = make_s3_store(request.getfixturevalue("moto_server"), unique_name())
     elif kind == "azure":

@@ -13,7 +13,8 @@
                                CDP_AZURE_CONNECTION_STRING, else
                                AZURE_STORAGE_CONNECTION_STRING
 
-Secrets never travel in the URL: a URL with user info or an unknown query
+With ``CDP_STORE_KEY`` or ``CDP_STORE_KEY_FILE`` set, every store is encrypted at rest
+(``cdp.store.crypt``, FORMAT.md §19). Secrets never travel in the URL: a URL with user info or an unknown query
 parameter is refused, and every message quotes the URL through
 ``redact_url``. The prefix is applied transparently: callers use keys
 relative to it.
@@ -77,7 +78,24 @@ def check_store_url(url: str) -> None:
 
 
 def open_store(url: str, *, env: Mapping[str, str] = os.environ) -> ObjectStore:
-    """Return the store that url names (see the module docstring); ConfigError if bad."""
+    """Return the store that url names (see the module docstring); ConfigError if bad.
+
+    When the environment holds a store key (``CDP_STORE_KEY`` or ``CDP_STORE_KEY_FILE``,
+    ``cdp.store.storekeys``), the store is an ``EncryptedStore`` over the backend: every
+    object is sealed (FORMAT.md §19), and a plaintext one is refused.
+    """
+    store = _open_plain(url, env)
+    if env.get("CDP_STORE_KEY") or env.get("CDP_STORE_KEY_FILE"):
+        from cdp.store.crypt import EncryptedStore  # cryptography: only when used
+        from cdp.store.storekeys import StoreKeyring
+
+        keyring = StoreKeyring.from_env(env)
+        assert keyring is not None
+        return EncryptedStore(store, keyring)
+    return store
+
+
+def _open_plain(url: str, env: Mapping[str, str]) -> ObjectStore:
     scheme, parts, params = _checked(url)
     try:
         if scheme == "file":

@@ -1,0 +1,401 @@
+"""EncryptedStore: encryption at rest of every object, as a wrapper of any store (FORMAT.md §19).
+
+    store = EncryptedStore(open_inner(url), keyring)    # open_store does this when a key is set
+
+Every object is *sealed*: an envelope (64 bytes: key id, a random salt, the plaintext
+length), the plaintext cut into pages of ``PAGE_BYTES``, each AES-256-GCM with its own
+tag, and the envelope again at the end. A page's nonce is its index; its key is the
+object's own (derived from the data key and the salt); its associated data binds the
+envelope, the object's key (name), the page index and whether it is the last page — so
+a page cannot be changed, dropped, reordered or moved to another object or position
+unnoticed. Invariants:
+
+- A sealed object's size is ``sealed_size(plaintext size)``, a pure function both ways
+  (``plain_size``): ``list`` and ``stat`` report plaintext sizes without a GET.
+- A ranged ``get`` fetches only the pages it needs: one GET when the envelope is cached
+  (from an earlier read or write of the key) or when the range runs to the end (the
+  trailing envelope comes with it, e.g. a segment's tail read); else the envelope and
+  the pages are fetched concurrently.
+- Cached envelopes are trusted only as far as the pages they decrypt: objects under some
+  keys are replaced (locks, deployment records), so a page that fails with a cached
+  envelope is read again with a fresh one, once, before the failure is reported.
+- Nothing unsealed is ever returned: a plaintext object (``NotEncrypted``), an unknown
+  key id (``KeyUnavailable``) and any changed byte (``IntegrityError``, naming the object
+  and page) are errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from cdp.errors import ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
+from cdp.store.base import Bytes, ObjectInfo, ObjectStore, StoreBase, check_range, resolve_range
+from cdp.store.keys import show_key, validate_key, validate_prefix
+from cdp.store.storekeys import SALT_BYTES, ChunkNamer, StoreKey, StoreKeyring
+from cdp.summed import SEALED_MAGIC, SUMMED, pack_summed, unpack_summed
+
+VERSION = 1
+PAGE_SHIFT = 16  # §19.2: 64 KiB pages in version 1 (another size is another version)
+PAGE_BYTES = 1 << PAGE_SHIFT
+TAG_BYTES = 16  # AES-GCM tag
+ENVELOPE_BYTES = 64
+SEALED_PAGE_BYTES = PAGE_BYTES + TAG_BYTES
+# §19.1: envelope = magic, version, page_shift, flags, key_id, salt, plain_len, reserved, xxh3.
+_ENVELOPE = struct.Struct("<4sHBB16s16sQQQ")
+assert _ENVELOPE.size == ENVELOPE_BYTES, "FORMAT.md §19.1"
+_ENVELOPE_ZERO = {"flags": (7, 1), "reserved": (48, 8)}
+_AAD_TAIL = struct.Struct("<QB")  # §19.3: page index, last-page flag
+_NONCE = struct.Struct("<Q4x")  # §19.3: the page index, 12 bytes
+#: Envelopes cached (objects are immutable by convention; see the module docstring).
+ENVELOPES_CACHED_MAX = 4096
+#: Bytes sealed or opened on the event loop; more go to a worker thread (AES-GCM of
+#: ``cryptography`` releases the GIL on large buffers: 2 threads sealed 8 MiB buffers
+#: at 1.65x the speed of one here).
+INLINE_BYTES_MAX = 256 << 10
+#: A cold ranged get that starts within this many bytes of the object's start fetches
+#: from offset 0 in one GET (envelope included) rather than two concurrent ones.
+HEAD_MERGE_BYTES = 256 << 10
+
+
+def page_count(plain_len: int) -> int:
+    """Pages of a sealed object: an empty object still has one (empty) page, which
+    carries the last-page tag, so truncation to the envelope is detected."""
+    return max(1, -(-plain_len // PAGE_BYTES))
+
+
+def sealed_size(plain_len: int) -> int:
+    """§19.2: the size of the sealed object of ``plain_len`` bytes."""
+    return 2 * ENVELOPE_BYTES + plain_len + TAG_BYTES * page_count(plain_len)
+
+
+def plain_size(size: int) -> int | None:
+    """The plaintext size of a sealed object of ``size`` bytes; None when no sealed object
+    has that size."""
+    rest = size - 2 * ENVELOPE_BYTES
+    if rest < TAG_BYTES:
+        return None
+    full, last = divmod(rest, SEALED_PAGE_BYTES)
+    if last == 0:
+        return full * PAGE_BYTES
+    if last < TAG_BYTES or (last == TAG_BYTES and full > 0):
+        return None  # a partial tag, or an empty page after full ones: never written
+    return full * PAGE_BYTES + last - TAG_BYTES
+
+
+def page_offset(index: int) -> int:
+    """Object offset of sealed page ``index``."""
+    return ENVELOPE_BYTES + index * SEALED_PAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed, checksummed envelope (§19.1) and the AEAD of its object."""
+
+    raw: bytes  # the 64 bytes as stored
+    key: StoreKey
+    plain_len: int
+    aead: AESGCM
+
+    @property
+    def pages(self) -> int:
+        return page_count(self.plain_len)
+
+    @property
+    def size(self) -> int:
+        return sealed_size(self.plain_len)
+
+    def page_len(self, index: int) -> int:
+        """Plaintext bytes of page ``index``."""
+        return min(PAGE_BYTES, self.plain_len - index * PAGE_BYTES)
+
+
+def _summed_ok(mv: memoryview) -> bool:
+    """Whether the 64 bytes at the start of ``mv`` carry their own xxh3 (§0)."""
+    return xxhash.xxh3_64_intdigest(mv[:SUMMED]) == int.from_bytes(mv[SUMMED:ENVELOPE_BYTES], "little")
+
+
+def _aad(envelope: bytes, name: bytes, index: int, last: bool) -> bytes:
+    """§19.3: the envelope's first 56 bytes, the page index, the last-page flag, the key."""
+    return b"".join((envelope[:56], _AAD_TAIL.pack(index, last), name))
+
+
+def seal(key: StoreKey, name: str, data: Bytes, salt: bytes | None = None) -> tuple[bytes, bytes]:
+    """(envelope, sealed object) of ``data`` stored under ``name`` with ``key`` (§19)."""
+    view = memoryview(data).cast("B")
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    envelope = pack_summed(_ENVELOPE, SEALED_MAGIC, VERSION, PAGE_SHIFT, 0, key.key_id, salt, len(view), 0)
+    aead = key.object_aead(salt)
+    count = page_count(len(view))
+    encoded = name.encode("ascii")
+    parts = [envelope]
+    for index in range(count):
+        page = view[index * PAGE_BYTES : (index + 1) * PAGE_BYTES]
+        parts.append(aead.encrypt(_NONCE.pack(index), page, _aad(envelope, encoded, index, index == count - 1)))
+    parts.append(envelope)
+    return envelope, b"".join(parts)
+
+
+def open_pages(env: Envelope, name: str, where: str, sealed: memoryview, first: int, last: int) -> bytes:
+    """The plaintext of pages ``first..last`` from their sealed bytes (``sealed`` starts at
+    page ``first``'s offset; anything after page ``last`` is ignored)."""
+    encoded = name.encode("ascii")
+    out = []
+    at = 0
+    for index in range(first, last + 1):
+        stored = env.page_len(index) + TAG_BYTES
+        piece = sealed[at : at + stored]
+        offset = page_offset(index)
+        if len(piece) != stored:
+            raise IntegrityError(f"{where}: page {index} at offset {offset}: {len(piece)} bytes, the envelope "
+                                 f"promises {stored}: the object is truncated")
+        try:
+            out.append(env.aead.decrypt(_NONCE.pack(index), piece,
+                                        _aad(env.raw, encoded, index, index == env.pages - 1)))
+        except InvalidTag:
+            raise IntegrityError(f"{where}: page {index} at offset {offset}: authentication failed (a byte "
+                                 f"was changed, or the page was moved from another object or place)") from None
+        at += stored
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+class EncryptedStore(StoreBase):
+    """Seals every object put into ``inner`` and opens every object got from it, with
+    the keys of ``keyring`` (module docstring)."""
+
+    kind = "encrypted"
+
+    def __init__(self, inner: ObjectStore, keyring: StoreKeyring) -> None:
+        self.inner = inner
+        self.keyring = keyring
+        #: The keyed hash that names chunks in this store (cdp.base_image.chunk_namer_of).
+        self.chunk_namer: ChunkNamer = keyring.namer
+        self._envelopes: OrderedDict[str, Envelope] = OrderedDict()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def __repr__(self) -> str:
+        return f"<EncryptedStore {self.describe()} key ids {', '.join(self.keyring.key_ids())}>"
+
+    # -- the store ---------------------------------------------------------
+
+    async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
+                  if_match: str | None = None) -> str | None:
+        validate_key(key)
+        writer = self.keyring.writer
+        if len(data) > INLINE_BYTES_MAX:
+            envelope, sealed = await asyncio.to_thread(seal, writer, key, data)
+        else:
+            envelope, sealed = seal(writer, key, data)
+        self._envelopes.pop(key, None)
+        etag = await self.inner.put(key, sealed, if_absent=if_absent, if_match=if_match)
+        self._remember(key, self._parse(key, envelope, "put"))
+        return etag
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        validate_key(key)
+        check_range(offset, length)
+        if offset == 0 and length is None:
+            return await self._get_whole(key)
+        cached = self._envelopes.get(key)
+        if cached is not None:
+            try:
+                return await self._get_range(key, offset, length, cached)
+            except (IntegrityError, FormatError):
+                self._envelopes.pop(key, None)  # replaced since it was cached: read it afresh
+        return await self._get_range(key, offset, length, None)
+
+    async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        validate_prefix(prefix)
+        async for info in self.inner.list(prefix, start_after=start_after):
+            yield self._plain_info(info, "list")
+
+    async def stat(self, key: str) -> ObjectInfo:
+        validate_key(key)
+        return self._plain_info(await self.inner.stat(key), "stat")
+
+    async def delete(self, key: str) -> None:
+        validate_key(key)
+        self._envelopes.pop(key, None)
+        await self.inner.delete(key)
+
+    async def server_time(self) -> float | None:
+        inner = getattr(self.inner, "server_time", None)
+        return None if inner is None else await inner()
+
+    async def ensure_container(self) -> None:
+        inner = getattr(self.inner, "ensure_container", None)
+        if inner is not None:
+            await inner()
+
+    async def close(self) -> None:
+        self._envelopes.clear()
+        await self.inner.close()
+
+    # -- reading -----------------------------------------------------------
+
+    def _where(self, op: str, key: str) -> str:
+        return f"{self.describe()}: {op} {show_key(key)}"
+
+    def _plain_info(self, info: ObjectInfo, op: str) -> ObjectInfo:
+        size = plain_size(info.size)
+        if size is None:
+            raise NotEncrypted(f"{self._where(op, info.key)}: {info.size} bytes is no sealed object's size: "
+                               f"a plaintext object in an encrypted store (FORMAT.md §19) is refused")
+        return ObjectInfo(info.key, size, info.mtime, info.etag)
+
+    def _parse(self, key: str, raw: Bytes, op: str, what: str = "envelope", at: int = 0,
+               twin: memoryview | None = None) -> Envelope:
+        """The envelope at the start of ``raw`` (§19.1), its key found in the keyring.
+
+        Its checksum is checked first: a changed byte anywhere in it (the magic, the
+        version, the key id) is an ``IntegrityError``, unless neither it nor its ``twin``
+        (the other end's copy, when read) looks like an envelope: then the object was
+        never sealed (``NotEncrypted``)."""
+        where = self._where(op, key)
+        mv = memoryview(raw).cast("B")
+        if len(mv) >= ENVELOPE_BYTES and not _summed_ok(mv):
+            if bytes(mv[:4]) == SEALED_MAGIC or (twin is not None and _summed_ok(twin)
+                                                 and bytes(twin[:4]) == SEALED_MAGIC):
+                raise IntegrityError(f"{where}: {what} at offset {at + SUMMED}: header_xxh3 does not match "
+                                     f"{what}[0:56]: the envelope was changed")
+        if len(mv) < 4 or bytes(mv[:4]) != SEALED_MAGIC:
+            raise NotEncrypted(f"{where}: not a sealed object (it starts {bytes(mv[:4])!r}, expected "
+                               f"{SEALED_MAGIC!r}): a plaintext object in an encrypted store is refused "
+                               f"(FORMAT.md §19)")
+        try:
+            page_shift, _, key_id, salt, plain_len, _ = unpack_summed(
+                _ENVELOPE, mv, where=where, magic=SEALED_MAGIC, version=VERSION, what=what, at=at,
+                zero=_ENVELOPE_ZERO)
+        except ChecksumMismatch as exc:
+            raise IntegrityError(exc.message) from None
+        if page_shift != PAGE_SHIFT:
+            raise FormatError(f"{where}: {what} at offset {at + 6}: page_shift {page_shift}, expected {PAGE_SHIFT}")
+        store_key = self.keyring.by_id.get(key_id)
+        if store_key is None:
+            raise KeyUnavailable(f"{where}: sealed with key id {key_id.hex()}, which is not among the keys of "
+                                 f"{self.keyring.source} (key ids {', '.join(self.keyring.key_ids())})")
+        return Envelope(bytes(mv[:ENVELOPE_BYTES]), store_key, plain_len, store_key.object_aead(salt))
+
+    def _remember(self, key: str, env: Envelope) -> None:
+        self._envelopes[key] = env
+        self._envelopes.move_to_end(key)
+        while len(self._envelopes) > ENVELOPES_CACHED_MAX:
+            self._envelopes.popitem(last=False)
+
+    def _check_trailer(self, key: str, env: Envelope, trailer: memoryview, size: int) -> None:
+        if bytes(trailer) != env.raw:
+            raise IntegrityError(f"{self._where('get', key)}: envelope at offset {size - ENVELOPE_BYTES}: "
+                                 f"differs from the envelope at offset 0")
+
+    async def _open(self, env: Envelope, key: str, sealed: memoryview, first: int, last: int) -> bytes:
+        where = self._where("get", key)
+        if len(sealed) > INLINE_BYTES_MAX:
+            return await asyncio.to_thread(open_pages, env, key, where, sealed, first, last)
+        return open_pages(env, key, where, sealed, first, last)
+
+    async def _get_whole(self, key: str) -> bytes:
+        blob = memoryview(await self.inner.get(key))
+        env = self._parse(key, blob, "get", twin=blob[-ENVELOPE_BYTES:] if len(blob) >= 2 * ENVELOPE_BYTES else None)
+        if len(blob) != env.size:
+            raise IntegrityError(f"{self._where('get', key)}: {len(blob)} bytes, the envelope promises "
+                                 f"{env.size} ({env.plain_len} bytes sealed): the object is truncated or extended")
+        self._check_trailer(key, env, blob[-ENVELOPE_BYTES:], len(blob))
+        plain = await self._open(env, key, blob[ENVELOPE_BYTES:], 0, env.pages - 1)
+        self._remember(key, env)
+        return plain
+
+    async def _get_range(self, key: str, offset: int, length: int | None, env: Envelope | None) -> bytes:
+        if offset < 0:
+            if env is None:
+                return await self._get_suffix(key, -offset)
+            offset, length = max(0, env.plain_len + offset), None
+        if env is None:
+            if length is None:
+                return await self._get_to_end(key, offset)
+            env, sealed, base = await self._fetch_cold(key, offset, length)
+        else:
+            sealed, base = None, 0
+        start, end = resolve_range(env.plain_len, offset, length)
+        if start == end:
+            if sealed is None:
+                await self.inner.stat(key)  # NotFound if it is gone
+            return b""
+        first, last = start // PAGE_BYTES, (end - 1) // PAGE_BYTES
+        if sealed is None:
+            base = page_offset(first)
+            sealed = memoryview(await self.inner.get(key, base, page_offset(last) + env.page_len(last) + TAG_BYTES - base))
+        plain = await self._open(env, key, sealed[page_offset(first) - base :], first, last)
+        self._remember(key, env)
+        return plain[start - first * PAGE_BYTES : end - first * PAGE_BYTES]
+
+    async def _fetch_cold(self, key: str, offset: int, length: int) -> tuple[Envelope, memoryview, int]:
+        """(envelope, sealed bytes, their object offset) for plaintext ``[offset, offset +
+        length)`` with no envelope known: the pages that range would need, and the envelope."""
+        first = offset // PAGE_BYTES
+        last = max(first, (offset + length - 1) // PAGE_BYTES)
+        base, end = page_offset(first), page_offset(last + 1)
+        if base <= HEAD_MERGE_BYTES:
+            blob = memoryview(await self.inner.get(key, 0, end))
+            return self._parse(key, blob, "get"), blob, 0
+        head, pages = await asyncio.gather(self.inner.get(key, 0, ENVELOPE_BYTES), self.inner.get(key, base, end - base))
+        return self._parse(key, head, "get"), memoryview(pages), base
+
+    async def _get_to_end(self, key: str, offset: int) -> bytes:
+        """Plaintext from ``offset`` to the end, envelope unknown: one GET from the first
+        page needed, which brings the trailing envelope."""
+        base = page_offset(offset // PAGE_BYTES)
+        tail = memoryview(await self.inner.get(key, base))
+        if len(tail) < ENVELOPE_BYTES:  # the offset is past the end (or the object is not sealed)
+            env = self._parse(key, await self.inner.get(key, 0, ENVELOPE_BYTES), "get")
+            if env.plain_len > offset:
+                raise IntegrityError(f"{self._where('get', key)}: {base + len(tail)} bytes, the envelope "
+                                     f"promises {env.size}: the object is truncated")
+            self._remember(key, env)
+            return b""
+        return await self._open_tail(key, tail, offset, None)
+
+    async def _get_suffix(self, key: str, count: int) -> bytes:
+        """The last ``count`` plaintext bytes, envelope unknown: one suffix GET of enough
+        sealed pages (the last may be short, so one more than ``count`` needs) and the
+        trailing envelope."""
+        want = ENVELOPE_BYTES + (-(-count // PAGE_BYTES) + 1) * SEALED_PAGE_BYTES
+        tail = memoryview(await self.inner.get(key, -want))
+        return await self._open_tail(key, tail, None, count)
+
+    async def _open_tail(self, key: str, tail: memoryview, offset: int | None, count: int | None) -> bytes:
+        """Plaintext from ``offset`` (or the last ``count`` bytes) to the end, from ``tail``,
+        the object's last bytes, whose trailing envelope says where they start."""
+        if len(tail) < ENVELOPE_BYTES:
+            self._parse(key, tail, "get")  # NotEncrypted or a truncated envelope
+        env = self._parse(key, tail[-ENVELOPE_BYTES:], "get", "trailing envelope", -ENVELOPE_BYTES)
+        size = env.size
+        if len(tail) > size:
+            raise IntegrityError(f"{self._where('get', key)}: at least {len(tail)} bytes, the envelope "
+                                 f"promises {size}: the object was extended")
+        base = size - len(tail)  # the object offset of tail[0]
+        if base == 0:
+            self._check_trailer(key, env, tail[:ENVELOPE_BYTES], size)
+        if offset is None:
+            assert count is not None
+            offset = max(0, env.plain_len - count)
+        start, end = offset, env.plain_len
+        if start >= end:
+            self._remember(key, env)
+            return b""
+        first, last = start // PAGE_BYTES, env.pages - 1
+        if page_offset(first) < base:
+            raise IntegrityError(f"{self._where('get', key)}: the trailing envelope promises {size} bytes, "
+                                 f"which the bytes read do not fit: the object is truncated")
+        plain = await self._open(env, key, tail[page_offset(first) - base :], first, last)
+        self._remember(key, env)
+        return plain[start - first * PAGE_BYTES :]

@@ -1,0 +1,279 @@
+"""Encryption at rest (FORMAT.md §19, ``cdp.store.crypt``): the sealed format, ranges,
+tampering, keys and rotation. The ObjectStore contract runs on EncryptedStore too (the
+``encrypted`` backend of tests/conftest.py); the end-to-end runs are in
+tests/drva/test_encrypted_store.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdp.base_image import chunk_namer_of, decode_chunk, encode_chunk
+from cdp.catalog import decode_catalog_object, encode_catalog_object
+from cdp.errors import ConfigError, IntegrityError, KeyUnavailable, NotEncrypted
+from cdp.layout import chunk_key
+from cdp.store import open_store
+from cdp.store.base import resolve_range
+from cdp.store.crypt import (
+    ENVELOPE_BYTES, PAGE_BYTES, SEALED_PAGE_BYTES, TAG_BYTES, EncryptedStore, page_offset, plain_size, sealed_size,
+)
+from cdp.store.memory import MemoryStore
+from cdp.store.storekeys import StoreKey, StoreKeyring
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(100, 132))
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def ring(*secrets: bytes) -> StoreKeyring:
+    return StoreKeyring([StoreKey(s) for s in secrets], "test keys")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- format
+
+
+@given(st.integers(0, 50 * PAGE_BYTES))
+def test_plain_size_inverts_sealed_size(n: int) -> None:
+    assert plain_size(sealed_size(n)) == n
+
+
+@given(st.integers(0, 50 * SEALED_PAGE_BYTES))
+def test_a_size_no_sealed_object_has_is_refused(size: int) -> None:
+    n = plain_size(size)
+    assert n is None or sealed_size(n) == size
+
+
+@SETTINGS
+@given(body=st.binary(max_size=3 * PAGE_BYTES + 100), data=st.data())
+def test_random_bodies_and_ranges_round_trip(body: bytes, data) -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        writer = EncryptedStore(inner, ring(KEY_A))
+        await writer.put("d/obj", body)
+        assert len(await inner.get("d/obj")) == sealed_size(len(body))
+        for _ in range(4):
+            reader = EncryptedStore(inner, ring(KEY_A))  # cold: no envelope cached
+            if data.draw(st.booleans()):
+                offset, length = -data.draw(st.integers(1, len(body) + 10)), None
+            else:
+                offset = data.draw(st.integers(0, len(body) + 10))
+                length = data.draw(st.none() | st.integers(0, len(body) + 10))
+            start, end = resolve_range(len(body), offset, length)
+            assert await reader.get("d/obj", offset, length) == body[start:end]
+            assert await reader.get("d/obj", offset, length) == body[start:end]  # warm
+        assert (await reader.stat("d/obj")).size == len(body)
+    run(check())
+
+
+def test_the_envelope_is_at_both_ends_and_nothing_is_in_the_clear() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        body = b"known plaintext pattern " * 10000
+        await EncryptedStore(inner, ring(KEY_A)).put("d/x", body)
+        raw = await inner.get("d/x")
+        assert raw[:4] == b"CDPN" and raw[:ENVELOPE_BYTES] == raw[-ENVELOPE_BYTES:]
+        assert raw[8:24] == StoreKey(KEY_A).key_id and struct.unpack_from("<Q", raw, 40)[0] == len(body)
+        assert b"known plaintext" not in raw and KEY_A not in raw
+        again = EncryptedStore(inner, ring(KEY_A))
+        await again.put("d/y", body)
+        assert (await inner.get("d/y"))[24:40] != raw[24:40]  # a fresh salt per object
+    run(check())
+
+
+# --------------------------------------------------------------------------- tampering
+
+
+async def _sealed(body: bytes) -> tuple[MemoryStore, bytes]:
+    inner = MemoryStore()
+    await EncryptedStore(inner, ring(KEY_A)).put("d/obj", body)
+    return inner, await inner.get("d/obj")
+
+
+BODY = os.urandom(2 * PAGE_BYTES + 999)
+
+
+@SETTINGS
+@given(position=st.integers(0, sealed_size(len(BODY)) - 1), bit=st.integers(0, 7))
+def test_a_flipped_byte_anywhere_is_a_named_integrity_error(position: int, bit: int) -> None:
+    async def check() -> None:
+        inner, raw = await _sealed(BODY)
+        bad = bytearray(raw)
+        bad[position] ^= 1 << bit
+        await inner.put("d/obj", bytes(bad))
+        with pytest.raises(IntegrityError) as err:
+            await EncryptedStore(inner, ring(KEY_A)).get("d/obj")
+        assert "'d/obj'" in err.value.message
+        if ENVELOPE_BYTES <= position < len(raw) - ENVELOPE_BYTES:
+            page = (position - ENVELOPE_BYTES) // SEALED_PAGE_BYTES
+            assert f"page {page} at offset {page_offset(page)}" in err.value.message
+            # A ranged read of that page fails the same way, cold and warm.
+            reader = EncryptedStore(inner, ring(KEY_A))
+            with pytest.raises(IntegrityError, match=f"page {page}"):
+                await reader.get("d/obj", page * PAGE_BYTES, 10)
+    run(check())
+
+
+def test_truncated_extended_swapped_and_moved_objects_are_refused() -> None:
+    async def check() -> None:
+        inner, raw = await _sealed(BODY)
+        store = EncryptedStore(inner, ring(KEY_A))
+        # Truncated by a whole page (the envelope copied to the new end): the size and
+        # the envelope disagree; so does every ranged read of the tail.
+        short = raw[: page_offset(2)] + raw[-ENVELOPE_BYTES:]
+        await inner.put("d/obj", short)
+        with pytest.raises(IntegrityError, match="truncated"):
+            await store.get("d/obj")
+        with pytest.raises(IntegrityError):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/obj", -10)
+        await inner.put("d/obj", raw + b"x")
+        with pytest.raises(IntegrityError):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/obj")
+        # Pages 0 and 1 swapped (both full): each fails its tag, by index.
+        p0, p1 = raw[page_offset(0) : page_offset(1)], raw[page_offset(1) : page_offset(2)]
+        await inner.put("d/obj", raw[: page_offset(0)] + p1 + p0 + raw[page_offset(2) :])
+        with pytest.raises(IntegrityError, match="page 0 at offset 64"):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/obj")
+        with pytest.raises(IntegrityError, match="page 1"):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/obj", PAGE_BYTES + 5, 10)
+        # A whole valid object moved to another key: its pages are bound to their name.
+        await inner.put("d/other", raw)
+        with pytest.raises(IntegrityError, match="'d/other'"):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/other")
+        # A page of another object with the same key spliced in.
+        await EncryptedStore(inner, ring(KEY_A)).put("d/obj2", BODY)
+        raw2 = await inner.get("d/obj2")
+        await inner.put("d/obj", raw[: page_offset(1)] + raw2[page_offset(1) : page_offset(2)] + raw[page_offset(2) :])
+        with pytest.raises(IntegrityError, match="page 1"):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/obj")
+    run(check())
+
+
+def test_a_plaintext_object_is_refused_naming_it() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        store = EncryptedStore(inner, ring(KEY_A))
+        planted = encode_catalog_object(1, 1, 2, {"writer": {"id": "0" * 32, "by": "test"}})
+        await inner.put("d/00000001/cat/0000000000000001.cat", planted)
+        for offset, length in ((0, None), (0, 10), (-10, None), (30, None)):
+            with pytest.raises(NotEncrypted, match="cat/0000000000000001.cat"):
+                await store.get("d/00000001/cat/0000000000000001.cat", offset, length)
+        await inner.put("d/tiny", b"abc")  # no sealed object is 3 bytes long
+        with pytest.raises(NotEncrypted, match="d/tiny"):
+            await store.stat("d/tiny")
+        with pytest.raises(NotEncrypted, match="no sealed object's size"):
+            [info async for info in store.list("d/")]
+    run(check())
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_a_missing_or_unknown_key_names_the_object_and_key_id() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        key_id = StoreKey(KEY_A).key_id.hex()
+        obj = encode_catalog_object(1, 1, 2, {"writer": {"id": "0" * 32, "by": "test"}})
+        await EncryptedStore(inner, ring(KEY_A)).put("d/00000001/cat/0000000000000001.cat", obj)
+        with pytest.raises(KeyUnavailable) as err:
+            await EncryptedStore(inner, ring(KEY_B)).get("d/00000001/cat/0000000000000001.cat")
+        assert key_id in err.value.message and "cat/0000000000000001.cat" in err.value.message
+        assert StoreKey(KEY_B).key_id.hex() in err.value.message  # the ids this process has
+        # With no key at all, the decoders see the envelope where their magic should be.
+        raw = await inner.get("d/00000001/cat/0000000000000001.cat")
+        with pytest.raises(KeyUnavailable) as err:
+            decode_catalog_object("d/00000001/cat/0000000000000001.cat", raw)
+        assert key_id in err.value.message and "CDP_STORE_KEY" in err.value.message
+        assert err.value.exit_code == 2
+    run(check())
+
+
+def test_rotation_reads_old_objects_writes_with_the_newest_and_keeps_chunk_names() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        old = EncryptedStore(inner, ring(KEY_A))
+        await old.put("d/a", b"sealed with A" * 1000)
+        both = EncryptedStore(inner, ring(KEY_A, KEY_B))
+        assert await both.get("d/a") == b"sealed with A" * 1000
+        await both.put("d/b", b"sealed with B")
+        assert (await inner.get("d/b"))[8:24] == StoreKey(KEY_B).key_id
+        with pytest.raises(KeyUnavailable, match=StoreKey(KEY_B).key_id.hex()):
+            await old.get("d/b")
+        # Chunk names come from the first key: the same before and after the rotation,
+        # so deduplication and whole-chunk checks hold across it.
+        raw = os.urandom(200_000)
+        h_old, obj_old = encode_chunk(raw, chunk_namer_of(old))
+        h_new, _ = encode_chunk(raw, chunk_namer_of(both))
+        assert h_old == h_new != encode_chunk(raw)[0]
+        assert decode_chunk(chunk_key(h_old), obj_old, h_old, namer=chunk_namer_of(both)) == raw
+        with pytest.raises(Exception, match="keyed chunk name"):
+            decode_chunk(chunk_key(h_old), obj_old, h_old, namer=chunk_namer_of(EncryptedStore(inner, ring(KEY_B))))
+    run(check())
+
+
+def test_a_replaced_object_is_not_read_with_a_stale_cached_envelope() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        reader, writer = EncryptedStore(inner, ring(KEY_A)), EncryptedStore(inner, ring(KEY_A))
+        await writer.put("l/gc/0000000000000001.lock", b"first" * 30000)
+        assert await reader.get("l/gc/0000000000000001.lock", 10, 5) == (b"first" * 30000)[10:15]
+        await writer.put("l/gc/0000000000000001.lock", b"again" * 20000)  # another process renews it
+        assert await reader.get("l/gc/0000000000000001.lock", 10, 5) == (b"again" * 20000)[10:15]
+        assert await reader.get("l/gc/0000000000000001.lock", -7) == (b"again" * 20000)[-7:]
+        etag = (await reader.stat("l/gc/0000000000000001.lock")).etag
+        assert etag and await reader.put("l/gc/0000000000000001.lock", b"x", if_match=etag)
+    run(check())
+
+
+def test_key_sources_and_what_they_never_show(tmp_path, monkeypatch) -> None:
+    hex_a, b64_b = KEY_A.hex(), base64.b64encode(KEY_B).decode()
+    assert StoreKeyring.from_env({}) is None
+    one = StoreKeyring.from_env({"CDP_STORE_KEY": hex_a})
+    assert one.writer.key_id == StoreKey(KEY_A).key_id
+    path = tmp_path / "keys"
+    path.write_text(f"# store keys, oldest first\n{hex_a}\n\n{b64_b}\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        StoreKeyring.from_file(path)
+    path.chmod(0o600)
+    keyring = StoreKeyring.from_env({"CDP_STORE_KEY_FILE": str(path)})
+    assert keyring.key_ids() == [StoreKey(KEY_A).key_id.hex(), StoreKey(KEY_B).key_id.hex()]
+    assert keyring.writer.key_id == StoreKey(KEY_B).key_id
+    with pytest.raises(ConfigError, match="not both"):
+        StoreKeyring.from_env({"CDP_STORE_KEY": hex_a, "CDP_STORE_KEY_FILE": str(path)})
+    with pytest.raises(ConfigError) as err:
+        StoreKeyring.from_env({"CDP_STORE_KEY": hex_a[:-2] + "zz"})
+    assert hex_a[:20] not in err.value.message
+    store = open_store("mem://crypt-env", env={"CDP_STORE_KEY_FILE": str(path)})
+    assert isinstance(store, EncryptedStore)
+    shown = " ".join([repr(store), repr(keyring), repr(keyring.keys[0]), repr(store.chunk_namer), store.describe()])
+    for secret in (KEY_A, KEY_B):
+        assert secret.hex() not in shown and base64.b64encode(secret).decode() not in shown
+    assert not isinstance(open_store("mem://crypt-env", env={}), EncryptedStore)
+    import pickle
+    with pytest.raises(TypeError):
+        pickle.dumps(keyring.keys[0])
+
+
+def test_sizes_in_listings_are_plaintext_sizes_and_etags_pass_through() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        store = EncryptedStore(inner, ring(KEY_A))
+        for n in (0, 1, PAGE_BYTES, PAGE_BYTES + 1):
+            await store.put(f"s/{n:08d}", bytes(n))
+        listed = [(i.key, i.size, i.etag) async for i in store.list("s/")]
+        raw = [(i.key, i.size, i.etag) async for i in inner.list("s/")]
+        assert [size for _, size, _ in listed] == [0, 1, PAGE_BYTES, PAGE_BYTES + 1]
+        assert [etag for *_, etag in listed] == [etag for *_, etag in raw]
+        assert [size for _, size, _ in raw] == [sealed_size(n) for n in (0, 1, PAGE_BYTES, PAGE_BYTES + 1)]
+        assert sealed_size(0) == 2 * ENVELOPE_BYTES + TAG_BYTES
+    run(check())
