@@ -190,3 +190,27 @@ async def check_api(site: Site, daemon: Any, other: TlsFiles) -> None:
     r = await asyncio.to_thread(cdp, site, "status", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["site"] == site.cfg.site
+
+
+def test_the_tls_settings_are_checked_and_reach_the_hosts_inventories(tmp_path: Path) -> None:
+    from cdp.hypervisor.nbd import NbdHypervisor
+    from iofilter_sim.cluster import load_cluster
+
+    with pytest.raises(ConfigError, match=r"tls.mode: expected one of off, on, got 'yes'"):
+        tls_site(tmp_path / "a", {"mode": "yes"})
+    with pytest.raises(ConfigError, match=r"tls.server_names\[0\]: expected a host name or an IP address"):
+        tls_site(tmp_path / "b", {"mode": "on", "server_names": ["bad name"]})
+    assert tls_site(tmp_path / "c", {"mode": "off"}).cfg.tls is None
+    site = tls_site(tmp_path / "d", {"mode": "on", "dir": "pki"})
+    assert site.cfg.tls.dir == site.root / "pki"  # relative to the site file
+    # The NBD driver (as the simulator's) names the site CA in each host's inventory,
+    # which iofilter-sim reads as its [tls] ca.
+    hv = NbdHypervisor(site.cfg, site.env)
+    hp = hv._new("esx-01", ("erp",))
+    hv._write_inventory(hp)
+    cluster = load_cluster(hp.inventory_path)
+    assert cluster.tls_ca == site.cfg.tls.ca_cert.resolve() and cluster.tls_server_name is None
+    text = hp.inventory_path.read_text().replace("[tls]", '[tls]\nserver_name = "not a name"')
+    hp.inventory_path.write_text(text)
+    with pytest.raises(ConfigError, match=r"tls.server_name: expected a host name or an IP address"):
+        load_cluster(hp.inventory_path)
