@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from cdp.errors import CdpError, LogCorruption
 from cdp.frame import decode_frame
 from cdp.layout import segment_key
@@ -55,6 +57,7 @@ FRAMES_PER_COMMIT_MAX = 3
 RECORDS_PER_FRAME_MAX = 6
 SECTORS_PER_RECORD_MAX = 12
 SEAL_PROBABILITY = 0.15  # and always once the log is half full
+PROGRESS_POINTS = 100  # a progress line every this many crash points
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class _Checker:
     def __init__(self, res: Result) -> None:
         self.res = res
         self._expected: dict[tuple[int, int], bytes] = {}
+        self._segments: dict[tuple[str, int], tuple[list[int], list[int]] | str] = {}
         self.torn_tails = 0  # states whose log kept part of an unsynced commit and opened quietly
 
     def _payload(self, seq: int, n: int) -> bytes:
@@ -155,6 +159,26 @@ class _Checker:
         if key not in self._expected:
             self._expected[key] = payload_for(seq, n)
         return self._expected[key]
+
+    def _segment(self, key: str, data: bytes) -> tuple[list[int], list[int]] | str:
+        """(seqs with their exact bytes, seqs with other bytes) of a segment object, or why
+        it does not decode. Crash states mostly hold the same objects: each content is
+        decoded once."""
+        digest = (key, xxhash.xxh3_128_intdigest(data))
+        if digest not in self._segments:
+            try:
+                index, raw = decode_segment(key, data)
+            except CdpError as exc:
+                self._segments[digest] = str(exc)
+            else:
+                good, wrong = [], []
+                rec = index.records
+                for i, seq in enumerate(rec["seq"].tolist()):
+                    a, n = int(rec["raw_pos"][i]), int(rec["length"][i])
+                    ok = int(rec["kind"][i]) == KIND_WRITE and raw[a : a + n] == self._payload(seq, n)
+                    (good if ok else wrong).append(seq)
+                self._segments[digest] = (good, wrong)
+        return self._segments[digest]
 
     def check(self, where: str, dest: Path, acked: _Acked) -> None:
         res = self.res
@@ -199,16 +223,12 @@ class _Checker:
                 path = Path(dirpath) / name
                 key = path.relative_to(store).as_posix()
                 present.add(key)
-                try:
-                    index, raw = decode_segment(key, path.read_bytes())
-                except CdpError as exc:
-                    self.res.problem("failures", f"{where}: object {key} is visible but not whole: {exc}")
+                got = self._segment(key, path.read_bytes())
+                if isinstance(got, str):
+                    self.res.problem("failures", f"{where}: object {key} is visible but not whole: {got}")
                     continue
-                rec = index.records
-                for i, seq in enumerate(rec["seq"].tolist()):
-                    a, n = int(rec["raw_pos"][i]), int(rec["length"][i])
-                    ok = int(rec["kind"][i]) == KIND_WRITE and raw[a : a + n] == self._payload(seq, n)
-                    (found if ok else bad).add(seq)
+                found.update(got[0])
+                bad.update(got[1])
         for key in acked.objects:
             if key not in present:
                 self.res.problem("lost", f"{where}: object {key} was put (acknowledged) and is gone")
@@ -255,7 +275,9 @@ def run(quick: bool = True, seed: int = 14, progress: Callable[[str], None] = la
         acked = _Acked()
         at = 0
         dest = Path(tmp) / "crash"
-        for k in points:
+        for n, k in enumerate(points):
+            if n and n % PROGRESS_POINTS == 0:
+                progress(f"{NAME}: {n}/{len(points)} crash points, {res.crash_states} states, lost {res.lost}")
             for what in fsrecord.acks_until(ops[at:k], k - at):
                 acked.take(what)
             at = k
