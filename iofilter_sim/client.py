@@ -105,10 +105,11 @@ class FilterClient:
             "domains": sorted(self.filters), "nonce": nonce.hex()}))
         try:
             challenge = await self._expect(reader, wire.CHALLENGE, where)
-        except asyncio.IncompleteReadError as exc:
-            if self.tls is not None or exc.partial:
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            if self.tls is not None or getattr(exc, "partial", b""):
                 raise
-            # A DRVA that serves TLS closes a plain connection without a byte of ours read.
+            # A DRVA that serves TLS closes a plain connection (reset, when our HELLO was not
+            # all read) without a byte of ours read.
             raise ConnectionError(f"{where} closed the connection before its CHALLENGE: if it serves TLS, give "
                                   f"this filter the site CA (--tls-ca, or [tls] ca in the cluster file)") from None
         drva_nonce = wire.parse_nonce(challenge.get("nonce"), where)

@@ -59,7 +59,7 @@ MODULES = (
     ("numpy", "numpy"), ("lz4", "lz4"), ("xxhash", "xxhash"), ("aioboto3", "aioboto3"),
     ("azure.storage.blob", "azure-storage-blob"), ("uvloop", "uvloop"), ("aiohttp", "aiohttp"),
     ("prometheus_client", "prometheus-client"), ("click", "click"), ("tqdm", "tqdm"),
-    ("tomli_w", "tomli-w"),
+    ("tomli_w", "tomli-w"), ("cryptography", "cryptography"),
 )
 SKEW_WARN_S = 5.0
 SKEW_FAIL_S = SKEW_DEFAULT_S  # store locks (FORMAT.md §11.1) tolerate this much

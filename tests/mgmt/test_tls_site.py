@@ -186,6 +186,14 @@ async def check_api(site: Site, daemon: Any, other: TlsFiles) -> None:
     with pytest.raises(CdpError, match=r"certificate is not signed by the CA in .*other-ca/ca.pem"):
         async with MsaClient(foreign, site.env) as client:
             await client.get("/v1/status")
+    # The peer's API over HTTPS ([peer] ca): here this site plays its own peer.
+    from cdp.msa.config import PeerSpec
+
+    as_peer = dataclasses.replace(site.cfg, peer=PeerSpec("site-p", listen, "CDP_API_TOKEN", None,
+                                                          site.cfg.tls.ca_cert))
+    async with MsaClient.for_peer(as_peer, site.env) as client:
+        assert client.base_url == f"https://{listen}"
+        assert (await client.get("/v1/status"))["site"] == site.cfg.site
     # A verb of the CLI, in its own process, over HTTPS.
     r = await asyncio.to_thread(cdp, site, "status", "--json")
     assert r.returncode == 0, r.stderr
