@@ -536,5 +536,5 @@ def _tls_context(cfg: Any) -> Any:
     try:
         return server_context(cfg.tls.api_cert, cfg.tls.api_key)
     except ConfigError as exc:
-        raise ConfigError(f"{cfg.path}: tls.mode is on, but the API's certificate cannot be used: "
-                          f"{exc.message} (cdp install makes it)") from None
+        raise ConfigError(f"{cfg.path}: tls.mode is on, but {exc.message} (cdp install makes the site's "
+                          f"certificates)") from None

@@ -106,6 +106,7 @@ from cdp.inventory import Cluster, DomainSpec, parse_cluster
 from cdp.nbd.address import parse_tcp
 from cdp.pki import LeafSpec, TlsFiles, server_names
 from cdp.store.open import check_store_url, config_store_url
+from cdp.tls import server_context
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
 from drva.config import (
@@ -237,6 +238,17 @@ class TlsSpec:
     @property
     def api_key(self) -> Path:
         return self.files.key(API_STEM)
+
+    def check_files(self, drvas: Collection[DrvaSpec], source: Path) -> None:
+        """Load every server's certificate and key as the DRVAs and the API will: a
+        missing or bad file is a ``ConfigError`` naming it, before anything starts."""
+        pairs = [(self.files.cert(self.drva_stem(d)), self.files.key(self.drva_stem(d))) for d in drvas]
+        for cert, key in [*pairs, (self.api_cert, self.api_key)]:
+            try:
+                server_context(cert, key)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: tls.mode is on, but {exc.message} (cdp install makes the site's "
+                                  f"certificates)") from None
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,8 @@ class MsaDaemon:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._claim_pid_file()
         try:
+            if self.cfg.tls is not None:  # before a DRVA or the API would fail on a missing file
+                await asyncio.to_thread(self.cfg.tls.check_files, self.cfg.drvas, self.cfg.path)
             self.protection = load_protection(self.cfg)
             await asyncio.to_thread(self.jobs.prune)
             await self.supervisor.apply(self.protection)

@@ -222,3 +222,14 @@ def test_the_tls_settings_are_checked_and_reach_the_hosts_inventories(tmp_path: 
     hp.inventory_path.write_text(text)
     with pytest.raises(ConfigError, match=r"tls.server_name: expected a host name or an IP address"):
         load_cluster(hp.inventory_path)
+
+
+async def test_a_daemon_with_tls_on_and_no_certificates_says_which_file(tmp_path: Path) -> None:
+    from tests.mgmt.site_fixture import install_site
+
+    site = tls_site(tmp_path / "site", {"mode": "on"})
+    install_site(site.cfg)  # partitions and protection.json, but no TLS files
+    missing = site.cfg.tls.files.cert("drva-drva-1")
+    with pytest.raises(ConfigError, match=f"tls.mode is on, but {missing}: cannot read the TLS certificate"):
+        async with running_daemon(site):
+            pass
