@@ -7,8 +7,8 @@ fuzzed one. A case is one generated input, sent and answered:
 - byte mutations (bit flips, interesting values, header fields, cuts, insertions,
   duplications) of a valid ``HELLO`` (from a stranger), of a valid ``AUTH`` (after a real
   ``CHALLENGE``) and of a valid ``FRAME`` (after a real ``WELCOME``). The client then ends
-  its side of the stream and reads until the DRVA closes the connection;
-- the steps of a hypothesis state machine (``FilterSession``) that drives one session as
+  its side of the stream (TLS: see ``Peer.rest``) and reads until the DRVA closes it;
+- the steps of a hypothesis state machine (``FilterSession``, on both DRVAs) that drives one session as
   a filter might, well or badly — frames in order, resends, overlaps, gaps, frames of a
   domain not named in ``HELLO``, wrong secrets, pings, filter states good and bad, garbage
   after ``WELCOME`` — and checks each answer against FORMAT.md §9.
@@ -70,12 +70,15 @@ class Plan:
     mutations: int  # mutation cases on the plain DRVA
     tls_mutations: int  # mutation cases on the TLS one
     machine_examples: int  # hypothesis runs of FilterSession (plain DRVA)
+    tls_machine_examples: int  # and on the TLS one
     machine_steps: int  # steps per run at most
     batch: int  # cases between liveness checks
 
 
-QUICK = Plan(mutations=800, tls_mutations=60, machine_examples=10, machine_steps=20, batch=100)
-LONG = Plan(mutations=8000, tls_mutations=1500, machine_examples=60, machine_steps=40, batch=250)
+QUICK = Plan(mutations=800, tls_mutations=60, machine_examples=10, tls_machine_examples=3, machine_steps=20,
+             batch=100)
+LONG = Plan(mutations=8000, tls_mutations=1500, machine_examples=60, tls_machine_examples=20, machine_steps=40,
+            batch=250)
 
 
 # ------------------------------------------------------------------ a blocking wire client
@@ -289,6 +292,7 @@ class FilterSession(RuleBasedStateMachine):
     """A filter session on the fuzzed domain, well or badly behaved, step by step."""
 
     port = 0
+    tls: ssl.SSLContext | None = None
     res: Result
 
     def __init__(self) -> None:
@@ -327,7 +331,7 @@ class FilterSession(RuleBasedStateMachine):
         self._drop()
         self._count()
         secret = SECRET.encode() if good_secret else b"not-the-site-secret"
-        self.peer, ans = welcome(self.port, None, [FUZZ_DOMAIN], secret)
+        self.peer, ans = welcome(self.port, self.tls, [FUZZ_DOMAIN], secret)
         if good_secret:
             assert ans is not None and ans.type == wire.WELCOME, ans and ans.json("t")
             self.next_seq = durable_of(ans, FUZZ_DOMAIN) + 1
@@ -415,12 +419,13 @@ class FilterSession(RuleBasedStateMachine):
         self._drop()
 
 
-def run_machine(port: int, alive: Callable[[], bool], plan: Plan, derandomize: bool, res: Result) -> None:
-    """Run ``FilterSession``; ``derandomize``: the same examples every time (CI)."""
-    FilterSession.port, FilterSession.res, FilterSession.alive = port, res, staticmethod(alive)
+def run_machine(target: "Target", examples: int, plan: Plan, derandomize: bool, res: Result) -> None:
+    """Run ``FilterSession`` on ``target``; ``derandomize``: the same examples every time (CI)."""
+    FilterSession.port, FilterSession.tls, FilterSession.res = target.port, target.ctx, res
+    FilterSession.alive = staticmethod(target.alive)
     try:
         run_state_machine_as_test(FilterSession, settings=settings(
-            max_examples=plan.machine_examples, stateful_step_count=plan.machine_steps, deadline=None,
+            max_examples=examples, stateful_step_count=plan.machine_steps, deadline=None,
             database=None, derandomize=derandomize, phases=[Phase.generate],
             suppress_health_check=list(HealthCheck)))
     except Exception as exc:  # an assertion of the machine: the DRVA answered off the protocol
@@ -557,10 +562,11 @@ def run(quick: bool = True, seed: int = 14, progress: Callable[[str], None] = la
                         target.check(res, rng)
                         progress(f"{NAME}: {target.name}: {i + 1}/{count} mutation cases, "
                                  f"RSS {target.rss_max >> 20} MiB")
-            machine_cases = res.cases
-            run_machine(plain.port, plain.alive, plan, quick, res)
-            plain.check(res, rng)
-            progress(f"{NAME}: state machine: {res.cases - machine_cases} steps")
+            for target, examples in ((plain, plan.machine_examples), (tls, plan.tls_machine_examples)):
+                machine_cases = res.cases
+                run_machine(target, examples, plan, quick, res)
+                target.check(res, rng)
+                progress(f"{NAME}: {target.name}: state machine: {res.cases - machine_cases} steps")
         finally:
             frames = {t.name: t.stop_and_check_log(res) for t in targets}
     res.notes = {"rss_mib": {t.name: [t.rss_first >> 20, t.rss_max >> 20] for t in targets},
