@@ -50,7 +50,6 @@ them, so a protected domain's file must only ever be appended to.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,10 +58,10 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from cdp.errors import ConfigError
+from cdp.tls import SERVER_NAME, SERVER_NAME_EXPECTED
 from cdp.tomlread import NAME, Endpoint, TomlReader
 
 DEFAULT_STATE_DIR = "sim-state"
-_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")  # a DNS name or an IP address
 
 
 @dataclass(frozen=True)
@@ -209,8 +208,8 @@ def _tls(r: TomlReader, value: Any, base_dir: Path) -> tuple[Path, str | None]:
     if not isinstance(t["ca"], str) or not t["ca"]:
         r.fail("tls.ca", "the path of the site CA's certificate (PEM)", t["ca"])
     name = t.get("server_name")
-    if name is not None and (not isinstance(name, str) or not _SERVER_NAME.fullmatch(name)):
-        r.fail("tls.server_name", "a host name or an IP address", name)
+    if name is not None and (not isinstance(name, str) or not SERVER_NAME.fullmatch(name)):
+        r.fail("tls.server_name", SERVER_NAME_EXPECTED, name)
     return base_dir / t["ca"], name
 
 

@@ -14,12 +14,16 @@ site's CA, or the site's CA was replaced and a peer still has the old one.
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 
 from cdp.errors import ConfigError
 
 TLS_VERSION_MIN = ssl.TLSVersion.TLSv1_2
+#: A name a client may ask a server's certificate for (``server_name``, ``server_names``).
+SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")  # a DNS name or an IP address
+SERVER_NAME_EXPECTED = "a host name or an IP address"
 # OpenSSL's X509_V_ERR_* codes (x509_vfy.h) that mean "the issuer is not one we trust".
 _UNTRUSTED_CODES = {
     2,   # unable to get issuer certificate
@@ -112,5 +116,5 @@ def looks_like_tls(data: bytes) -> bool:
     return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
 
 
-__all__ = ["TLS_VERSION_MIN", "client_context", "describe_tls_error", "looks_like_tls", "server_context",
+__all__ = ["SERVER_NAME", "SERVER_NAME_EXPECTED", "TLS_VERSION_MIN", "client_context", "describe_tls_error", "looks_like_tls", "server_context",
            "trusted_cas"]

@@ -94,7 +94,6 @@ one per direction, each site's ``store`` being the other's ``[peer] store``.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -104,9 +103,8 @@ from typing import Any
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
 from cdp.nbd.address import parse_tcp
-from cdp.pki import LeafSpec, TlsFiles, server_names
+from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
-from cdp.tls import server_context
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
 from drva.config import (
@@ -122,11 +120,7 @@ STANDBY_MODES = ("continuous",)
 VMS_PER_HOST_DEFAULT = 16
 VMS_PER_HOST_RANGE = (1, 1024)
 RECOVERED_WORKLOAD_DEFAULT: Mapping[str, Any] = {"kind": "random", "rate_mb_s": 1}
-TLS_MODES = ("off", "on")
-TLS_SERVER_NAMES_MAX = 64
-API_STEM = "api"  # the REST API's certificate and key: <tls dir>/api.pem, api.key
 SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
-_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")  # a DNS name or an IP address
 #: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
 #: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
 #: for both, so the API refuses what the site file would (and no policy is inf or NaN).
@@ -202,53 +196,6 @@ class PeerSpec:
     @property
     def api_url(self) -> str:
         return f"{'https' if self.ca is not None else 'http'}://{self.api}"
-
-
-@dataclass(frozen=True)
-class TlsSpec:
-    """``[tls] mode = "on"``: where the site's CA and certificates are (``cdp.pki``) and
-    the extra names its servers' certificates hold."""
-
-    dir: Path
-    server_names: tuple[str, ...] = ()
-
-    @property
-    def files(self) -> TlsFiles:
-        return TlsFiles(self.dir)
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.files.ca_cert
-
-    def drva_stem(self, drva: DrvaSpec) -> str:
-        return f"drva-{drva.name}"
-
-    def drva_leaf(self, drva: DrvaSpec) -> LeafSpec:
-        # The DRVA's name too: a filter that dials it by another address may ask for it.
-        return LeafSpec(self.drva_stem(drva), drva.name,
-                        server_names(drva.listen.host, extra=(*self.server_names, drva.name)))
-
-    def api_leaf(self, api: Endpoint) -> LeafSpec:
-        return LeafSpec(API_STEM, "cdp-api", server_names(api.host, extra=self.server_names))
-
-    @property
-    def api_cert(self) -> Path:
-        return self.files.cert(API_STEM)
-
-    @property
-    def api_key(self) -> Path:
-        return self.files.key(API_STEM)
-
-    def check_files(self, drvas: Collection[DrvaSpec], source: Path) -> None:
-        """Load every server's certificate and key as the DRVAs and the API will: a
-        missing or bad file is a ``ConfigError`` naming it, before anything starts."""
-        pairs = [(self.files.cert(self.drva_stem(d)), self.files.key(self.drva_stem(d))) for d in drvas]
-        for cert, key in [*pairs, (self.api_cert, self.api_key)]:
-            try:
-                server_context(cert, key)
-            except ConfigError as exc:
-                raise ConfigError(f"{source}: tls.mode is on, but {exc.message} (cdp install makes the site's "
-                                  f"certificates)") from None
 
 
 @dataclass(frozen=True)
@@ -522,7 +469,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
                      here / state_dir, secret_env,
                      r.endpoint(api.get("listen", DEFAULT_API), "api.listen"), token_env, drvas, defaults,
                      protect, alarms, retention_days * 86400, tuple(recovery_roots), hypervisor, peer, isolated,
-                     tuple(standby), own, _tls(r, data.get("tls", {}), here, here / state_dir))
+                     tuple(standby), own, parse_tls(r, data.get("tls", {}), here, here / state_dir))
     for name in protect:  # every protected domain has a DRVA here
         spec = cluster.domain(name)
         if not any(d.listen == spec.drva for d in drvas):
@@ -594,26 +541,6 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
         except ConfigError:
             r.fail("hypervisor.nbd_listen", "HOST:PORT (port 0: any free one)", nbd_listen)
     return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen)
-
-
-def _tls(r: TomlReader, value: Any, here: Path, state_dir: Path) -> TlsSpec | None:
-    t = r.table(value, "tls", set(), {"mode", "dir", "server_names"})
-    mode = t.get("mode", "off")
-    if mode not in TLS_MODES:
-        r.fail("tls.mode", f"one of {', '.join(TLS_MODES)}", mode)
-    if mode == "off":
-        return None
-    tls_dir = t.get("dir")
-    if tls_dir is not None and (not isinstance(tls_dir, str) or not tls_dir):
-        r.fail("tls.dir", "a directory path", tls_dir)
-    names: list[str] = []
-    for i, name in enumerate(r.list(t.get("server_names", []), "tls.server_names", nonempty=False)):
-        if not isinstance(name, str) or not _SERVER_NAME.fullmatch(name) or name in names:
-            r.fail(f"tls.server_names[{i}]", "a host name or an IP address, not listed twice", name)
-        names.append(name)
-    if len(names) > TLS_SERVER_NAMES_MAX:
-        r.fail("tls.server_names", f"at most {TLS_SERVER_NAMES_MAX} names", len(names))
-    return TlsSpec(here / tls_dir if tls_dir is not None else state_dir / "tls", tuple(names))
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:
