@@ -40,6 +40,7 @@ from cdp.errors import CdpError, ConfigError
 from cdp.hypervisor import PowerView
 from cdp.inventory import DomainSpec
 from cdp.logs import get_logger
+from cdp.store.storekeys import STORE_KEY_ENV, STORE_KEY_FILE_ENV
 from cdp.msa.keeper import Kept, ProcessKeeper, send_signal
 
 log = get_logger("cdp.hypervisor.simulator")
@@ -68,6 +69,9 @@ class SimulatorHypervisor:
         # nothing of the API's.
         sim_env = cfg.child_env(env)
         sim_env[SIM_SECRET_ENV] = cfg.secret(env).decode()
+        # The hosts capture writes and never open the store: no store key (FORMAT.md §19.5).
+        for name in (STORE_KEY_ENV, STORE_KEY_FILE_ENV):
+            sim_env.pop(name, None)
         keeper_options.setdefault("stop_timeout_s", DRAIN_STOP_TIMEOUT_S)
         self.keeper = ProcessKeeper("host", sim_env, clock, **keeper_options)
         self.hosts: dict[str, HostProcess] = {}

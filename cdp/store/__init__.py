@@ -6,8 +6,10 @@
 
 Modules: ``base`` (the protocol, ObjectInfo, range rules), ``keys`` (the key
 validator), ``fs``, ``memory``, ``s3``, ``azure`` (backends), ``faulty`` (a
-fault-injecting wrapper for tests), ``open`` (URL -> store). S3Store and
-AzureBlobStore are imported on first use: their SDKs are slow to import.
+fault-injecting wrapper for tests), ``crypt`` (EncryptedStore: encryption at rest,
+a wrapper of any backend, FORMAT.md §19) and ``storekeys`` (its keys), ``open``
+(URL -> store). S3Store, AzureBlobStore and EncryptedStore are imported on first use:
+their libraries are slow to import.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from cdp.store.open import open_store, redact_url
 
 if TYPE_CHECKING:
     from cdp.store.azure import AzureBlobStore
+    from cdp.store.crypt import EncryptedStore
     from cdp.store.s3 import S3Store
 
 __all__ = [
     "AzureBlobStore",
+    "EncryptedStore",
     "FaultyStore",
     "FileStore",
     "MemoryStore",
@@ -49,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from cdp.store.azure import AzureBlobStore
 
         return AzureBlobStore
+    if name == "EncryptedStore":
+        from cdp.store.crypt import EncryptedStore
+
+        return EncryptedStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

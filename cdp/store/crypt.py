@@ -128,43 +128,51 @@ def _aad(envelope: bytes, name: bytes, index: int, last: bool) -> bytes:
     return b"".join((envelope[:56], _AAD_TAIL.pack(index, last), name))
 
 
-def seal(key: StoreKey, name: str, data: Bytes, salt: bytes | None = None) -> tuple[bytes, bytes]:
-    """(envelope, sealed object) of ``data`` stored under ``name`` with ``key`` (§19)."""
+def seal(key: StoreKey, name: str, data: Bytes, salt: bytes | None = None) -> tuple[bytes, bytearray]:
+    """(envelope, sealed object) of ``data`` stored under ``name`` with ``key`` (§19).
+    Pages are sealed into one buffer of the final size (no per-page objects, no join)."""
     view = memoryview(data).cast("B")
     salt = os.urandom(SALT_BYTES) if salt is None else salt
     envelope = pack_summed(_ENVELOPE, SEALED_MAGIC, VERSION, PAGE_SHIFT, 0, key.key_id, salt, len(view), 0)
     aead = key.object_aead(salt)
     count = page_count(len(view))
     encoded = name.encode("ascii")
-    parts = [envelope]
+    out = bytearray(sealed_size(len(view)))
+    mv = memoryview(out)
+    mv[:ENVELOPE_BYTES] = envelope
+    mv[-ENVELOPE_BYTES:] = envelope
     for index in range(count):
         page = view[index * PAGE_BYTES : (index + 1) * PAGE_BYTES]
-        parts.append(aead.encrypt(_NONCE.pack(index), page, _aad(envelope, encoded, index, index == count - 1)))
-    parts.append(envelope)
-    return envelope, b"".join(parts)
+        at = page_offset(index)
+        aead.encrypt_into(_NONCE.pack(index), page, _aad(envelope, encoded, index, index == count - 1),
+                          mv[at : at + len(page) + TAG_BYTES])
+    return envelope, out
 
 
-def open_pages(env: Envelope, name: str, where: str, sealed: memoryview, first: int, last: int) -> bytes:
+def open_pages(env: Envelope, name: str, where: str, sealed: memoryview, first: int, last: int) -> bytearray:
     """The plaintext of pages ``first..last`` from their sealed bytes (``sealed`` starts at
-    page ``first``'s offset; anything after page ``last`` is ignored)."""
+    page ``first``'s offset; anything after page ``last`` is ignored), in one buffer."""
     encoded = name.encode("ascii")
-    out = []
-    at = 0
+    out = bytearray(sum(env.page_len(index) for index in range(first, last + 1)))
+    mv = memoryview(out)
+    at = done = 0
     for index in range(first, last + 1):
-        stored = env.page_len(index) + TAG_BYTES
+        plain_len = env.page_len(index)
+        stored = plain_len + TAG_BYTES
         piece = sealed[at : at + stored]
         offset = page_offset(index)
         if len(piece) != stored:
             raise IntegrityError(f"{where}: page {index} at offset {offset}: {len(piece)} bytes, the envelope "
                                  f"promises {stored}: the object is truncated")
         try:
-            out.append(env.aead.decrypt(_NONCE.pack(index), piece,
-                                        _aad(env.raw, encoded, index, index == env.pages - 1)))
+            env.aead.decrypt_into(_NONCE.pack(index), piece, _aad(env.raw, encoded, index, index == env.pages - 1),
+                                  mv[done : done + plain_len])
         except InvalidTag:
             raise IntegrityError(f"{where}: page {index} at offset {offset}: authentication failed (a byte "
                                  f"was changed, or the page was moved from another object or place)") from None
         at += stored
-    return out[0] if len(out) == 1 else b"".join(out)
+        done += plain_len
+    return out
 
 
 class EncryptedStore(StoreBase):
@@ -192,7 +200,7 @@ class EncryptedStore(StoreBase):
                   if_match: str | None = None) -> str | None:
         validate_key(key)
         writer = self.keyring.writer
-        if len(data) > INLINE_BYTES_MAX:
+        if memoryview(data).nbytes > INLINE_BYTES_MAX:
             envelope, sealed = await asyncio.to_thread(seal, writer, key, data)
         else:
             envelope, sealed = seal(writer, key, data)
@@ -297,7 +305,7 @@ class EncryptedStore(StoreBase):
             raise IntegrityError(f"{self._where('get', key)}: envelope at offset {size - ENVELOPE_BYTES}: "
                                  f"differs from the envelope at offset 0")
 
-    async def _open(self, env: Envelope, key: str, sealed: memoryview, first: int, last: int) -> bytes:
+    async def _open(self, env: Envelope, key: str, sealed: memoryview, first: int, last: int) -> bytearray:
         where = self._where("get", key)
         if len(sealed) > INLINE_BYTES_MAX:
             return await asyncio.to_thread(open_pages, env, key, where, sealed, first, last)
@@ -312,7 +320,7 @@ class EncryptedStore(StoreBase):
         self._check_trailer(key, env, blob[-ENVELOPE_BYTES:], len(blob))
         plain = await self._open(env, key, blob[ENVELOPE_BYTES:], 0, env.pages - 1)
         self._remember(key, env)
-        return plain
+        return bytes(plain)
 
     async def _get_range(self, key: str, offset: int, length: int | None, env: Envelope | None) -> bytes:
         if offset < 0:
@@ -336,7 +344,7 @@ class EncryptedStore(StoreBase):
             sealed = memoryview(await self.inner.get(key, base, page_offset(last) + env.page_len(last) + TAG_BYTES - base))
         plain = await self._open(env, key, sealed[page_offset(first) - base :], first, last)
         self._remember(key, env)
-        return plain[start - first * PAGE_BYTES : end - first * PAGE_BYTES]
+        return bytes(memoryview(plain)[start - first * PAGE_BYTES : end - first * PAGE_BYTES])
 
     async def _fetch_cold(self, key: str, offset: int, length: int) -> tuple[Envelope, memoryview, int]:
         """(envelope, sealed bytes, their object offset) for plaintext ``[offset, offset +
@@ -398,4 +406,4 @@ class EncryptedStore(StoreBase):
                                  f"which the bytes read do not fit: the object is truncated")
         plain = await self._open(env, key, tail[page_offset(first) - base :], first, last)
         self._remember(key, env)
-        return plain[start - first * PAGE_BYTES :]
+        return bytes(memoryview(plain)[start - first * PAGE_BYTES :])

@@ -31,6 +31,7 @@ from cdp.errors import ConfigError
 from cdp.store.base import ObjectStore
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
+from cdp.store.storekeys import StoreKeyring
 
 #: Query parameters whose values are not secret (shown in messages).
 PUBLIC_PARAMS = frozenset({"endpoint", "region"})
@@ -85,12 +86,10 @@ def open_store(url: str, *, env: Mapping[str, str] = os.environ) -> ObjectStore:
     object is sealed (FORMAT.md §19), and a plaintext one is refused.
     """
     store = _open_plain(url, env)
-    if env.get("CDP_STORE_KEY") or env.get("CDP_STORE_KEY_FILE"):
+    keyring = StoreKeyring.from_env(env)
+    if keyring is not None:
         from cdp.store.crypt import EncryptedStore  # cryptography: only when used
-        from cdp.store.storekeys import StoreKeyring
 
-        keyring = StoreKeyring.from_env(env)
-        assert keyring is not None
         return EncryptedStore(store, keyring)
     return store
 

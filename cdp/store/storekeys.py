@@ -28,12 +28,12 @@ import os
 import stat as stat_mode
 from collections.abc import Mapping
 from pathlib import Path
-
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import TYPE_CHECKING
 
 from cdp.errors import ConfigError
+
+if TYPE_CHECKING:  # cryptography is imported where it is used: the names below are imported widely
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 STORE_KEY_ENV = "CDP_STORE_KEY"
 STORE_KEY_FILE_ENV = "CDP_STORE_KEY_FILE"
@@ -52,6 +52,9 @@ INFO_OBJECT = b"cdp-store-1 object key"
 
 
 def _hkdf(secret: bytes, info: bytes, length: int, salt: bytes | None = None) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
 
 
@@ -74,6 +77,8 @@ class StoreKey:
     def object_aead(self, salt: bytes) -> AESGCM:
         """The AES-256-GCM of one object: its key is derived from the data key and the
         object's random salt (§19.4), so nonces never repeat across objects."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         assert len(salt) == SALT_BYTES, len(salt)
         return AESGCM(_hkdf(self._data_key, INFO_OBJECT, KEY_BYTES, salt))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdp.base_image import ZERO_HASH, encode_chunk, encode_manifest, is_zero
+from cdp.base_image import ZERO_HASH, chunk_namer_of, encode_chunk, encode_manifest, is_zero
 from cdp.catalog import CatalogState, CatalogWriter
 from cdp.catalog_fork import fork_timeline
 from cdp.digest import sha256_file
@@ -168,7 +168,7 @@ class DomainBuilder:
             raw = content[i * chunk_size : (i + 1) * chunk_size]
             if is_zero(raw):
                 continue
-            h, obj = encode_chunk(raw)
+            h, obj = encode_chunk(raw, chunk_namer_of(self.store))  # keyed names in a sealed store (§19.6)
             hashes[i] = np.frombuffer(h, dtype=np.uint8)
             if chunk_key(h) not in self.chunk_keys:
                 await self.store.put(chunk_key(h), obj)
