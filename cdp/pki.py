@@ -255,6 +255,28 @@ def _ensure_ca(files: TlsFiles, site: str, now: dt.datetime) -> tuple[x509.Certi
     return ca, action
 
 
+def plan_site_pki(files: TlsFiles, leaves: Sequence[LeafSpec], *,
+                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> dict[str, Any]:
+    """What ``ensure_site_pki`` would do, writing nothing (``cdp preflight install``):
+    ``{"ca": ACTION, "certs": {PATH: ACTION}, "needs_ca_key": bool}``, an action being
+    ``keep``, ``create`` or ``renew (<reason>)``."""
+    now = clock()
+    ca = read_cert(files.ca_cert) if files.ca_cert.exists() else None
+    if ca is None:
+        ca_action = "create"
+    elif _expires_s(ca, now) < RENEW_BEFORE_S:
+        ca_action = f"replace (it expires {ca.not_valid_after_utc:%Y-%m-%d})"
+    else:
+        ca_action = "keep"
+    certs = {}
+    for spec in leaves:
+        problem = "missing" if ca is None or ca_action != "keep" else _leaf_problem(files, spec, ca, now)
+        action = "keep" if problem is None else "create" if problem == "missing" else f"renew ({problem})"
+        certs[str(files.cert(spec.stem))] = action
+    return {"ca": ca_action, "certs": certs,
+            "needs_ca_key": ca_action == "keep" and any(a != "keep" for a in certs.values())}
+
+
 def ensure_site_pki(files: TlsFiles, site: str, leaves: Sequence[LeafSpec], *,
                     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> dict[str, Any]:
     """Make ``files`` hold a CA of ``site`` and a good certificate for each of ``leaves``
@@ -288,5 +310,5 @@ def ensure_site_pki(files: TlsFiles, site: str, leaves: Sequence[LeafSpec], *,
 
 __all__ = [
     "CA_VALID_S", "LEAF_VALID_S", "RENEW_BEFORE_S", "LeafSpec", "TlsFiles", "cert_names", "ensure_site_pki",
-    "make_ca", "make_leaf", "read_cert", "read_key", "server_names",
+    "make_ca", "make_leaf", "plan_site_pki", "read_cert", "read_key", "server_names",
 ]

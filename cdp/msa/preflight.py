@@ -759,9 +759,31 @@ async def preflight_install(cfg: SiteConfig, env: Mapping[str, str] = os.environ
         ("site", lambda: check_site(cfg)), ("domains", lambda: check_domains(cfg)),
         ("disk-images", lambda: check_disk_images(cfg)), ("names", lambda: check_names(cfg)),
         ("ports", lambda: check_ports(cfg)), ("state", lambda: check_local_state(cfg)),
-        ("installation", installation)]
+        ("tls", lambda: check_tls(cfg)), ("installation", installation)]
     checks = await _run_checks(steps, progress or _no_progress)
     return summarize("install", checks, site=cfg.site, config=str(cfg.path))
+
+
+def check_tls(cfg: SiteConfig) -> list[Check]:
+    """With ``[tls]`` on: what install would do with the site CA and the certificates
+    (``cdp.pki.plan_site_pki``); a renewal without the CA key is refused now."""
+    from cdp.pki import plan_site_pki
+    from drva.config import blocking_file
+
+    if cfg.tls is None:
+        return []
+    tls = cfg.tls
+    if (blocker := blocking_file(tls.dir)) is not None:
+        return [Check("tls", "fail", f"tls.dir {tls.dir}: {blocker!r} is a regular file, not a directory")]
+    leaves = [tls.drva_leaf(d) for d in cfg.drvas] + [tls.api_leaf(cfg.api_listen)]
+    plan = plan_site_pki(tls.files, leaves)
+    if plan["needs_ca_key"] and not tls.files.ca_key.exists():
+        due = [path for path, action in plan["certs"].items() if action != "keep"]
+        return [Check("tls", "fail", f"{tls.files.ca_key} is missing and install must sign {', '.join(due)}: "
+                                     f"put the CA key back (or move {tls.dir} away for a new CA)", plan)]
+    changes = [f"{Path(path).name}: {action}" for path, action in plan["certs"].items() if action != "keep"]
+    text = f"CA {plan['ca']}; " + ("; ".join(changes) if changes else "every certificate kept")
+    return [Check("tls", "pass", f"{tls.dir}: {text}", plan)]
 
 
 # --------------------------------------------------------------------------- uninstall

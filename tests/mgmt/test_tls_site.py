@@ -25,6 +25,7 @@ from cdp.errors import CdpError, ConfigError
 from cdp.msa.client import MsaClient
 from cdp.msa.config import load_site_config
 from cdp.msa.install import install
+from cdp.msa.preflight import check_tls
 from cdp.pki import LEAF_VALID_S, RENEW_BEFORE_S, TlsFiles, cert_names, ensure_site_pki, read_cert
 from cdp.store.fs import FileStore
 from cdp.tls import client_context
@@ -62,6 +63,9 @@ def mode(path: Path) -> int:
 
 async def test_install_with_tls_makes_the_site_ca_and_certificates(tmp_path: Path) -> None:
     site = tls_site(tmp_path / "site", {"mode": "on", "server_names": ["dr-a.example.net"]})
+    planned = check_tls(site.cfg)[0]  # cdp preflight install's view
+    assert planned.status == "pass" and planned.details["ca"] == "create", planned
+    assert set(planned.details["certs"].values()) == {"create"}
     r = cdp(site, "install", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.splitlines()[-1])
@@ -94,6 +98,7 @@ async def test_install_with_tls_makes_the_site_ca_and_certificates(tmp_path: Pat
     again = (await install(site.cfg, site.env))["tls"]
     assert again["ca"]["action"] == "kept" and {c["action"] for c in again["certs"]} == {"kept"}
     assert {p.name: p.read_bytes() for p in files.dir.iterdir()} == before
+    assert "every certificate kept" in check_tls(site.cfg)[0].reason
     # ... renews those whose names changed ...
     text = site.config_path.read_text().replace("dr-a.example.net", "dr-b.example.net")
     site.config_path.write_text(text)
@@ -115,6 +120,8 @@ async def test_install_with_tls_makes_the_site_ca_and_certificates(tmp_path: Pat
     files.ca_key.rename(tmp_path / "ca.key.offline")
     assert {c["action"] for c in (await install(cfg, site.env))["tls"]["certs"]} == {"kept"}
     files.cert("api").unlink()
+    refused = check_tls(cfg)[0]
+    assert refused.status == "fail" and f"{files.ca_key} is missing and install must sign" in refused.reason
     with pytest.raises(ConfigError, match=f"{files.ca_key}: missing, and the certificate {files.cert('api')}"):
         await install(cfg, site.env)
 
