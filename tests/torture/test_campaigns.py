@@ -85,8 +85,9 @@ def test_rest_fuzz_quick():
     res = rest_fuzz.run(quick=True)
     assert res.passed, res.problems
     statuses = res.notes["statuses"]
-    assert res.cases >= 500 and statuses[401] >= res.cases // 2 - 1, statuses
-    assert statuses[200] and statuses[400] and statuses[404], statuses  # handlers reached, bad input refused
+    sent, refused, healthz = res.notes["strangers"]
+    assert res.cases >= 500 and sent == res.cases // 2 and refused == sent - healthz, res.notes
+    assert statuses[200] and statuses[400] and statuses[404] and statuses[409], statuses  # handlers reached
 
 
 def test_rest_checker_refuses_what_13_5_forbids():
