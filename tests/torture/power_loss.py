@@ -17,7 +17,8 @@ files and reopened: ``ReplicationLog.open`` (the recovery scan of FORMAT.md §3.
 - every acknowledged seq is in the log or in a segment, with exactly its bytes (``lost``
   counts those that are not, and any acknowledged object, metadata generation, or log
   that refuses to open — a ``LogCorruption`` where a torn tail was all there was);
-- a segment visible in the store is whole, a reported trim stays done (``failures``).
+- a segment visible in the store is whole, a reported trim stays done, and what the
+  metadata says is committed is in the store (``failures``).
 """
 
 from __future__ import annotations
@@ -200,22 +201,33 @@ class _Checker:
                                         f"{acked.trimmed_to}")
         except LogCorruption as exc:
             res.problem("lost", f"{where}: the log refuses to open after a crash that only tore its tail: {exc}")
+        in_store = self._check_store(where, dest / "store", acked, found, bad)
         try:
             with MetaRepository.open(dest / "meta", slot_size=META_SLOT_BYTES) as meta:
                 if meta.generation < acked.meta_generation:
                     res.problem("lost", f"{where}: metadata generation {meta.generation}, "
                                         f"{acked.meta_generation} was reported durable")
+                doc = meta.read()
+            # The metadata is written after the segment it names (FORMAT.md §4): what it
+            # says is committed must be in the store.
+            committed = doc.get("domains", {}).get(str(DOMAIN), {}).get("committed_seq", 0)
+            gone = [s for s in range(1, committed + 1) if s not in in_store]
+            if gone:
+                res.problem("failures", f"{where}: the metadata says seq {committed} is committed, the store "
+                                        f"lacks {len(gone)} seqs up to it (first {gone[:5]})")
         except CdpError as exc:
             res.problem("lost", f"{where}: the metadata repository does not open: {exc}")
-        self._check_store(where, dest / "store", acked, found, bad)
         res.acked_checked += acked.seq
         missing = [s for s in range(1, acked.seq + 1) if s not in found]
         if missing:
             res.problem("lost", f"{where}: {len(missing)} acknowledged seqs missing or wrong "
                                 f"(first {missing[:5]}; wrong bytes: {sorted(bad)[:5]})", len(missing))
 
-    def _check_store(self, where: str, store: Path, acked: _Acked, found: set[int], bad: set[int]) -> None:
+    def _check_store(self, where: str, store: Path, acked: _Acked, found: set[int], bad: set[int]) -> set[int]:
+        """Check every object in the store; add the seqs they hold to ``found`` or ``bad``
+        and return the good ones."""
         present = set()
+        in_store: set[int] = set()
         for dirpath, _, names in os.walk(store):
             for name in names:
                 if name.startswith("."):
@@ -227,11 +239,13 @@ class _Checker:
                 if isinstance(got, str):
                     self.res.problem("failures", f"{where}: object {key} is visible but not whole: {got}")
                     continue
-                found.update(got[0])
+                in_store.update(got[0])
                 bad.update(got[1])
         for key in acked.objects:
             if key not in present:
                 self.res.problem("lost", f"{where}: object {key} was put (acknowledged) and is gone")
+        found.update(in_store)
+        return in_store
 
 
 # ------------------------------------------------------------------ the campaign

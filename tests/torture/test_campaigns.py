@@ -55,6 +55,17 @@ def test_power_loss_fails_when_the_group_commit_fdatasync_is_removed(monkeypatch
     assert any("acknowledged seqs missing" in p for p in res.problems), res.problems
 
 
+def test_power_loss_fails_when_a_put_does_not_sync_its_directory(monkeypatch):
+    """Without the directory fsync of ``durable.publish`` a put returns before its rename
+    is durable: objects reported stored vanish, and the metadata, synced later, names
+    seqs the store no longer holds."""
+    monkeypatch.setattr(durable, "fsync_dir", lambda path: None)
+    res = power_loss.run(quick=True)
+    assert res.lost > 0 and res.failures > 0, res.figures()
+    assert any("was put (acknowledged) and is gone" in p for p in res.problems), res.problems
+    assert any("the metadata says seq" in p for p in res.problems), res.problems
+
+
 def test_wire_fuzz_quick():
     res = wire_fuzz.run(quick=True)
     assert res.passed, res.problems
