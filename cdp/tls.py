@@ -110,11 +110,5 @@ def describe_tls_error(exc: BaseException, peer: str, ca: Path | str | None = No
     return f"{peer}: {type(exc).__name__}: {exc}"
 
 
-def looks_like_tls(data: bytes) -> bool:
-    """Whether ``data`` starts like a TLS record (handshake or alert, version 3.x): what a
-    plain client reads from a TLS server."""
-    return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
-
-
-__all__ = ["SERVER_NAME", "SERVER_NAME_EXPECTED", "TLS_VERSION_MIN", "client_context", "describe_tls_error", "looks_like_tls", "server_context",
-           "trusted_cas"]
+__all__ = ["SERVER_NAME", "SERVER_NAME_EXPECTED", "TLS_VERSION_MIN", "client_context", "describe_tls_error",
+           "server_context", "trusted_cas"]
