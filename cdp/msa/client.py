@@ -3,8 +3,10 @@
 The base URL is the site file's ``[api] listen`` (``https`` when the site's ``[tls]`` is
 on: the daemon's certificate must then be signed by the site CA, which alone is
 trusted, and hold the address dialled); the token comes from the environment variable
-it names. The peer's API is HTTPS when ``[peer] ca`` names its CA. An error answer becomes a ``DaemonError`` carrying the daemon's message
-and the exit code it chose (FORMAT.md §13.5); no daemon at all is ``DaemonNotRunning``.
+it names. The peer's API is HTTPS when ``[peer] ca`` names its CA. An error answer
+becomes a ``DaemonError`` carrying the daemon's message and the exit code it chose
+(FORMAT.md §13.5); no daemon at all is ``DaemonNotRunning``; a refused certificate is a
+``CdpError`` that says why (``cdp.tls.describe_tls_error``).
 """
 
 from __future__ import annotations

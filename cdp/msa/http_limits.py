@@ -81,7 +81,8 @@ class _Counted(asyncio.Protocol):
     """aiohttp's protocol of one connection, with a callback when the connection ends.
     Every event a transport gives its protocol is passed on unchanged."""
 
-    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None], made_within_s: float | None = None) -> None:
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None],
+                 made_within_s: float | None = None) -> None:
         self.inner = inner
         self.release: Callable[[], None] | None = release
         # TLS: connection_made comes after the handshake, and never if it fails.
