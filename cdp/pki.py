@@ -89,6 +89,10 @@ def server_names(*hosts: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
     out: list[str] = []
     for name in (*hosts, *LOCAL_NAMES, *extra):
         name = name.strip("[]")
+        try:
+            name = str(ipaddress.ip_address(name))  # the form a certificate gives back: compared at each install
+        except ValueError:
+            pass
         if name in ("0.0.0.0", "::") or not name or name in out:
             continue
         out.append(name)
@@ -110,7 +114,7 @@ def read_cert(path: Path) -> x509.Certificate:
         raise ConfigError(f"{path}: not a PEM certificate") from None
 
 
-def read_key(path: Path) -> ec.EllipticCurvePrivateKey | Any:
+def read_key(path: Path) -> Any:
     """A PEM private key, or ``ConfigError`` naming the file (never its content)."""
     try:
         data = path.read_bytes()
