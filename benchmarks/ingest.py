@@ -10,6 +10,9 @@ the same load on a second domain whose filter keeps dirty-region maps
 each captured batch during the throughput phases. ``drva_rss_mb_max``: the DRVA's peak
 RSS. ``ratio_vs_raw``: ``mb_per_s_64k`` over the raw write+fdatasync loop of
 ``benchmarks.log_append`` measured in the same run on the same file system.
+``encrypted_ratio``: the 64 KiB phase again on two fresh DRVAs, one with a plain store and
+one with a store key (every object sealed, FORMAT.md §19), in turns; encrypted MB/s over
+plain MB/s (``mb_per_s_64k_plain``, ``mb_per_s_64k_encrypted``: the medians of their turns).
 
 The filter keeps at most ``INFLIGHT_BYTES`` unacked, as a VM whose writes wait on
 acks would, so the numbers are sustained durable throughput, not a burst into buffers.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -121,7 +125,7 @@ class Load:
         return elapsed, (f.acked_seq - acked0) * self.write_bytes
 
 
-def start_drva(d: Path, port: int) -> tuple[subprocess.Popen, Path]:
+def start_drva(d: Path, port: int, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
     domains = [domain_doc(1, "bench", [("vm", "disk0", DISK_BYTES)]),
                domain_doc(2, "bench-map", [("vm2", "disk0", DISK_BYTES)])]
     doc = drva_doc(d, "drva-bench", domains, port=port,
@@ -129,7 +133,8 @@ def start_drva(d: Path, port: int) -> tuple[subprocess.Popen, Path]:
     cfg = write_toml(doc, d / "drva.toml")
     log = open(d / "drva.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "drva.daemon", "--config", str(cfg), "--log-level", "warning"],
-                            cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": SECRET}, stdout=log, stderr=log)
+                            cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": SECRET, **(env or {})},
+                            stdout=log, stderr=log)
     return proc, Path(doc["state_dir"]) / "status.json"
 
 
@@ -173,6 +178,48 @@ async def rpo_samples(status: Path, seconds: float, load: Load) -> list[float]:
         task.cancel()  # and wait for it: a task left pending is cancelled at exit, if ever
         await asyncio.gather(task, return_exceptions=True)
     return samples
+
+
+async def run_64k(d: Path, seconds: float, env: dict[str, str] | None = None) -> float:
+    """MB/s of the 64 KiB phase on a fresh DRVA in ``d`` (its own log and store) run with
+    ``env`` added to its environment; drained before it stops."""
+    d.mkdir(parents=True)
+    port = free_port()
+    proc, status = start_drva(d, port, env)
+    preallocate(d / "primary.img", DISK_BYTES)
+    disk = PrimaryDisk(d / "primary.img", DISK_BYTES)
+    f = DomainFilter(1, [disk], buffer_bytes_max=INFLIGHT_BYTES * 2)
+    client = FilterClient([f], "127.0.0.1", port, SECRET.encode(), "bench")
+    ctask = asyncio.create_task(client.run())
+    try:
+        while not client.connected:
+            if proc.poll() is not None:
+                raise RuntimeError((d / "drva.log").read_text()[-2000:])
+            await asyncio.sleep(0.05)
+        load = Load(f, 64 << 10, 1)
+        await load.run(1.0, 64)  # warm up
+        el, acked = await load.run(seconds, 64)
+        await drained(status, f)
+    finally:
+        ctask.cancel()
+        await asyncio.gather(ctask, return_exceptions=True)
+        proc.terminate()
+        proc.wait(30)
+        disk.close()
+    (d / "primary.img").unlink()
+    return acked / el / 1e6
+
+
+async def encrypted_turns(d: Path, seconds: float, turns: int) -> tuple[float, float]:
+    """(plain, encrypted) MB/s of the 64 KiB phase: medians of ``turns`` pairs, run in
+    turns (A B B A ...) so that the machine's drift falls on both alike."""
+    key = {"CDP_STORE_KEY": os.urandom(32).hex()}  # a fresh key, in this process only
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    order = [False, True, True, False] * (-(-turns // 2))
+    for i, sealed in enumerate(order[: 2 * turns]):
+        runs[sealed].append(await run_64k(d / f"turn-{i}", seconds, key if sealed else None))
+        shutil.rmtree(d / f"turn-{i}")
+    return float(np.median(runs[False])), float(np.median(runs[True]))
 
 
 async def bench(d: Path, quick: bool) -> dict:
@@ -242,6 +289,8 @@ async def bench(d: Path, quick: bool) -> dict:
         disk.close()
         mapped.close_maps()
         mapped_disk.close()
+    (d / "primary.img").unlink()
+    plain_64k, sealed_64k = await encrypted_turns(d / "encrypted", seconds, 2 if quick else 4)
     q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
     return {
         "benchmark": "ingest",
@@ -259,6 +308,9 @@ async def bench(d: Path, quick: bool) -> dict:
         "drva_rss_mb_max": round(rss, 1),
         "raw_mb_per_s": round(raw_mb_s, 1),
         "ratio_vs_raw": round(mb_64k / raw_mb_s, 3),
+        "mb_per_s_64k_plain": round(plain_64k, 1),
+        "mb_per_s_64k_encrypted": round(sealed_64k, 1),
+        "encrypted_ratio": round(sealed_64k / plain_64k, 3),
         "quick": quick,
     }
 
@@ -276,6 +328,8 @@ def main() -> None:
         ("RPO lag p50 / p99 at 100 MB/s", f"{result['rpo_p50_s']} / {result['rpo_p99_s']} s"),
         ("DRVA peak RSS", f"{result['drva_rss_mb_max']} MiB"),
         ("raw write+fdatasync", f"{result['raw_mb_per_s']:,} MB/s (ratio {result['ratio_vs_raw']})"),
+        ("64 KiB writes, sealed store", f"{result['mb_per_s_64k_encrypted']:,} MB/s vs {result['mb_per_s_64k_plain']:,} "
+                                        f"plain (ratio {result['encrypted_ratio']})"),
     ])
 
 

@@ -23,6 +23,10 @@ consolidation*, in seconds, over the 1x latest seconds. The consolidation is the
 window of the same length, so the store afterwards holds a base and 1x of history, as a
 domain consolidated on a schedule would.
 ``verified``: every recovered image's sha256 equals the model's at its point (untimed).
+``encrypted_ratio``: the same 1x domain built again in a store with a key (every object
+sealed, FORMAT.md §19); cold recoveries of the latest point from both stores, in turns;
+plain seconds over sealed seconds (the sealed store's speed as a share of the plain one's),
+with ``encrypted_recover_latest_s`` and ``plain_recover_latest_s`` (medians of the turns).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from benchmarks._common import emit, parse_args, progress, work_dir
 from cdp.digest import sha256_file
 from cdp.base_image import CHUNK_SIZE_DEFAULT
 from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
+from cdp.store.base import ObjectStore
+from cdp.store.crypt import EncryptedStore
 from cdp.store.fs import FileStore
+from cdp.store.storekeys import StoreKey, StoreKeyring
 from iofilter_sim.payloads import PayloadSource
 from rocva import Target, recover
 from rocva.consolidate import consolidate
@@ -103,9 +110,15 @@ async def write_history(b: DomainBuilder, src: PayloadSource, rng: np.random.Gen
     return mark_sha
 
 
-async def build(root: Path, size: int, bar) -> tuple[DomainBuilder, PayloadSource, np.random.Generator, str]:
+def sealed(store_dir: Path, keyring: StoreKeyring | None) -> ObjectStore:
+    """The file store at ``store_dir``, sealed with ``keyring`` when there is one."""
+    return FileStore(store_dir) if keyring is None else EncryptedStore(FileStore(store_dir), keyring)
+
+
+async def build(root: Path, size: int, bar, keyring: StoreKeyring | None = None,
+                store_name: str = "store") -> tuple[DomainBuilder, PayloadSource, np.random.Generator, str]:
     """The 1x domain: a base at seq 0, ``size`` bytes of writes; returns the mark's sha256."""
-    b = await DomainBuilder(FileStore(root / "store"), disks=(("vm", "disk0", size),),
+    b = await DomainBuilder(sealed(root / store_name, keyring), disks=(("vm", "disk0", size),),
                             block_raw_size=BLOCK_RAW_SIZE_DEFAULT).start()
     src = PayloadSource("mixed", seed=1)
     rng = np.random.default_rng(1)
@@ -116,14 +129,15 @@ async def build(root: Path, size: int, bar) -> tuple[DomainBuilder, PayloadSourc
     return b, src, rng, half_sha
 
 
-def time_recover(store_dir: Path, domain: int, target: Target, out: Path, rounds: int) -> tuple[float, Path]:
+def time_recover(store_dir: Path, domain: int, target: Target, out: Path, rounds: int,
+                 keyring: StoreKeyring | None = None) -> tuple[float, Path]:
     """Median seconds of ``rounds`` cold recoveries; the last image's path."""
     times = []
     for _ in range(rounds):
         clear(out)
         evict(store_dir)
         t0 = time.perf_counter()
-        result = asyncio.run(recover(FileStore(store_dir), domain, target, out, concurrency=CONCURRENCY))
+        result = asyncio.run(recover(sealed(store_dir, keyring), domain, target, out, concurrency=CONCURRENCY))
         times.append(time.perf_counter() - t0)
     return statistics.median(times), Path(result["images"][0]["path"])
 
@@ -193,6 +207,21 @@ def main() -> None:
         middle_s, image = time_recover(store_dir, b.domain, Target.mark("half"), root / "out", rounds)
         verified &= sha256_file(image) == half_sha
         clear(root / "out")
+        # The same domain in a sealed store; both recovered in turns (plain, sealed, ...).
+        keyring = StoreKeyring([StoreKey(os.urandom(32))], "benchmark key")
+        bar = progress(2 * size, "build 1x, sealed")
+        b_sealed, *_ = asyncio.run(build(root, size, bar, keyring, "store-sealed"))
+        bar.close()
+        del b_sealed
+        turns: dict[bool, list[float]] = {False: [], True: []}
+        for with_key in [False, True, True, False] * 2:
+            seconds, image = time_recover(root / ("store-sealed" if with_key else "store"), b.domain,
+                                          Target.latest(), root / "out", 1, keyring if with_key else None)
+            turns[with_key].append(seconds)
+            verified &= sha256_file(image) == model_sha
+        plain_turn_s, sealed_turn_s = statistics.median(turns[False]), statistics.median(turns[True])
+        shutil.rmtree(root / "store-sealed")
+        clear(root / "out")
         cp_s = time_cp(primary, root / "cp-out", rounds)
         restic_s = time_restic(primary, root, rounds)
 
@@ -247,6 +276,9 @@ def main() -> None:
         "segments_removed": job["segments_removed"],
         "store_bytes_16x": store_bytes_16x,
         "store_bytes_after_consolidation": store_bytes_after,
+        "plain_recover_latest_s": round(plain_turn_s, 3),
+        "encrypted_recover_latest_s": round(sealed_turn_s, 3),
+        "encrypted_ratio": round(plain_turn_s / sealed_turn_s, 3),
         "verified": bool(verified),
     }
     emit(args, result, [
@@ -257,6 +289,8 @@ def main() -> None:
         ("consolidation at 16x", f"{consolidate_s:.2f} s, {job['segments_removed']} segments dropped, "
                                  f"store {store_bytes_16x / 1e9:.2f} -> {store_bytes_after / 1e9:.2f} GB"),
         ("16x churn after consolidation", f"{churn16_s:.2f} s ({churn16_s / latest_s:.2f}x)"),
+        ("recover latest, sealed store", f"{sealed_turn_s:.2f} s vs {plain_turn_s:.2f} s plain "
+                                         f"(ratio {plain_turn_s / sealed_turn_s:.2f})"),
         ("verified", str(bool(verified))),
     ])
 

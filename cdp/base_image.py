@@ -166,7 +166,7 @@ def _version_of(mv: memoryview) -> int | None:
 
 
 def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: bytes | None, *,
-                 out: bytearray | None = None, namer: Namer = None) -> bytes | memoryview:
+                 out: bytearray | None = None, namer: Namer = None, check_name: bool = True) -> bytes | memoryview:
     """Verify a whole chunk object (§6.1, version 1 or 2) and return its raw bytes.
 
     ``name`` (the key) is used in messages; ``expected_hash`` (16 bytes, the key's or
@@ -175,11 +175,14 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
     ``out``: a buffer to decode a version-2 chunk into when it is large enough (the
     result is then a view of it, valid until the caller reuses it): a fresh 4 MiB per
     chunk cost a page fault per 4 KiB, as for segment blocks (``cdp.segment._scratch``).
-    ``namer``: the store's chunk names (``chunk_namer_of``), for the check of the whole.
+    ``namer``: the store's chunk names (``chunk_namer_of``), for the check of the whole;
+    ``check_name`` False skips that one check, for a sealed store's object only: its seal
+    binds its bytes to its key, which holds the name (FORMAT.md §19.6).
     """
+    assert check_name or namer is not None, "only a sealed store's chunk may skip its name check"
     mv = memoryview(obj).cast("B")
     if _version_of(mv) == VERSION:
-        return _decode_chunk_v1(name, mv, expected_hash, namer)
+        return _decode_chunk_v1(name, mv, expected_hash, namer, check_name)
     table = decode_chunk_head(name, mv, expected_hash)
     assert table is not None
     size = table.stored_end
@@ -189,7 +192,7 @@ def decode_chunk(name: str, obj: bytes | bytearray | memoryview, expected_hash: 
     raw = memoryview(out)[: table.raw_len] if out is not None and len(out) >= table.raw_len \
         else memoryview(bytearray(table.raw_len))
     table.decode_into(0, table.block_count - 1, mv[table.stored_start :], raw)
-    if chunk_hash(raw, namer) != table.raw_hash:
+    if check_name and chunk_hash(raw, namer) != table.raw_hash:
         raise ChecksumMismatch(f"chunk {name}: {_hash_name(namer)} of the {len(raw)} raw bytes is not raw_xxh3_128")
     return raw if out is not None else raw.obj
 
@@ -198,7 +201,8 @@ def _hash_name(namer: Namer) -> str:
     return "xxh3_128" if namer is None else "the keyed chunk name (§19.6)"
 
 
-def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None, namer: Namer = None) -> bytes:
+def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None, namer: Namer = None,
+                     check_name: bool = True) -> bytes:
     where = f"chunk {name}"
     codec, raw_len, stored_len, raw_hash, stored_xxh3, _ = unpack_summed(
         _CHUNK, mv, where=where, magic=CHUNK_MAGIC, version=VERSION, zero=_CHUNK_ZERO
@@ -219,7 +223,7 @@ def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None, nam
             raw = lz4.block.decompress(stored, uncompressed_size=raw_len)
         except lz4.block.LZ4BlockError as exc:
             raise FormatError(f"{where}: LZ4 data at offset 64 does not decompress") from exc
-    if len(raw) != raw_len or chunk_hash(raw, namer) != raw_hash:
+    if len(raw) != raw_len or (check_name and chunk_hash(raw, namer) != raw_hash):
         raise ChecksumMismatch(f"{where}: {_hash_name(namer)} of the {len(raw)} raw bytes is not raw_xxh3_128")
     return raw
 

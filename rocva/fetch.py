@@ -377,8 +377,11 @@ def _place(fds: list[int], unit: Unit, parts: list[tuple[int, bytes | bytearray 
 def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeback | None = None,
                  sparse: bool = True, namer: Namer = None) -> int:
     """Verify and decode one chunk object, pwrite its pieces (thread pool); its digest.
-    ``namer``: the store's chunk names (``chunk_namer_of``)."""
-    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len), namer=namer)
+    ``namer``: the store's chunk names (``chunk_namer_of``). A sealed store's chunk is not
+    hashed whole again: its seal binds it to its name (FORMAT.md §19.6; ``cdp verify --deep``
+    does hash it), which saves an HMAC-SHA256 of every chunk recovered."""
+    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len), namer=namer,
+                       check_name=namer is None)
     if len(raw) != unit.chunk_len:
         raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
     digest = _place(fds, unit, [(0, raw)], sparse)

@@ -180,8 +180,9 @@ def _decode_block(index: SegmentIndex, block: int, stored: bytes) -> Unit:
 
 
 def _decode_chunk(key: str, stored: bytes, hash16: bytes, chunk_len: int, namer: Namer = None) -> Unit:
-    """One base chunk verified and decoded (a thread of the pool)."""
-    raw = decode_chunk(key, stored, hash16, namer=namer)
+    """One base chunk verified and decoded (a thread of the pool); a sealed store's is not
+    hashed whole again (its seal binds it to its name, FORMAT.md §19.6)."""
+    raw = decode_chunk(key, stored, hash16, namer=namer, check_name=namer is None)
     if len(raw) != chunk_len:
         raise FormatError(f"chunk {key}: {len(raw)} bytes, the manifest needs {chunk_len}")
     return raw
