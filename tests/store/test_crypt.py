@@ -145,6 +145,13 @@ def test_truncated_extended_swapped_and_moved_objects_are_refused() -> None:
             await EncryptedStore(inner, ring(KEY_A)).get("d/obj")
         with pytest.raises(IntegrityError, match="page 1"):
             await EncryptedStore(inner, ring(KEY_A)).get("d/obj", PAGE_BYTES + 5, 10)
+        # An empty object is one empty page: its tag is still checked.
+        await store.put("d/empty", b"")
+        empty = await inner.get("d/empty")
+        assert await EncryptedStore(inner, ring(KEY_A)).get("d/empty") == b""
+        await inner.put("d/empty", empty[:70] + bytes([empty[70] ^ 1]) + empty[71:])
+        with pytest.raises(IntegrityError, match="page 0 at offset 64"):
+            await EncryptedStore(inner, ring(KEY_A)).get("d/empty")
         # A whole valid object moved to another key: its pages are bound to their name.
         await inner.put("d/other", raw)
         with pytest.raises(IntegrityError, match="'d/other'"):
