@@ -372,6 +372,33 @@ async def test_mount_over_s3(world: World, moto_server: str, tmp_path: Path) -> 
     assert summary["fetches"] > 0 and summary["fetch_failures"] == 0
 
 
+async def test_mount_of_a_sealed_store(world: World, tmp_path: Path) -> None:
+    """The module's domain copied into a store sealed with a key (FORMAT.md §19), the key
+    given to the mount in its environment: the same exports, read through the seal."""
+    from cdp.store.crypt import EncryptedStore
+    from cdp.store.storekeys import STORE_KEY_ENV, StoreKeyring
+
+    key = os.urandom(32).hex()
+    source = FileStore(world.domain.store_dir)
+    store = EncryptedStore(FileStore(tmp_path / "sealed"), StoreKeyring.from_env({STORE_KEY_ENV: key}))
+
+    async def copy(name: str) -> None:
+        await store.put(name, await source.get(name))
+
+    await asyncio.gather(*[copy(info.key) async for info in source.list("")])
+    assert (tmp_path / "sealed" / next(iter([i.key async for i in source.list("")]))).read_bytes()[:4] == b"CDPN"
+    os.environ[STORE_KEY_ENV] = key
+    try:
+        mounted = await start_mount(f"file://{tmp_path / 'sealed'}", tmp_path, "--latest", "--nbd", "127.0.0.1:0")
+    finally:
+        del os.environ[STORE_KEY_ENV]
+    try:
+        await assert_identical(mounted, {"vm2/data": world.images["latest"]["vm2/data"]})
+    finally:
+        summary = await mounted.stop()
+    assert summary["fetches"] > 0 and summary["fetch_failures"] == 0
+
+
 # --------------------------------------------------------------------------- the cache alone
 
 
