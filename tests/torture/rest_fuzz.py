@@ -71,7 +71,7 @@ class Plan:
     examples: int  # per operation and generation mode
 
 
-QUICK = Plan(examples=8)
+QUICK = Plan(examples=6)
 LONG = Plan(examples=150)
 
 
