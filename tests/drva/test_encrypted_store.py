@@ -154,3 +154,18 @@ def test_the_demo_site_runs_sealed_and_records_no_key(tmp_path) -> None:
         data = path.read_bytes()
         for secret in (KEY.hex().encode(), base64.b64encode(KEY), KEY):
             assert secret not in data, f"the store key is in {path}"
+
+
+def test_the_simulated_hosts_get_no_store_key_and_the_drvas_do(tmp_path) -> None:
+    """The daemon's children inherit its environment without the API tokens (§13); the
+    simulated hosts, which never open the store, get no store key either."""
+    from cdp.hypervisor.simulator import SimulatorHypervisor
+    from cdp.msa.supervisor import Supervisor
+    from tests.mgmt.site_fixture import make_site
+
+    site = make_site(tmp_path / "site", install=False)
+    env = {**site.env, "CDP_STORE_KEY": KEY.hex()}
+    hosts = SimulatorHypervisor(site.cfg, env)
+    assert "CDP_STORE_KEY" not in hosts.keeper.env and hosts.keeper.env["CDP_SITE_SECRET"]
+    drvas = Supervisor(site.cfg, env)
+    assert drvas.keeper.env["CDP_STORE_KEY"] == KEY.hex() and "CDP_API_TOKEN" not in drvas.keeper.env
