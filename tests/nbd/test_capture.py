@@ -94,7 +94,10 @@ async def test_a_flush_waits_for_the_drva_through_bitmap_mode_and_resync(tmp_pat
     writethrough, every write FUA, and the first write would wait instead.) The DRVA comes up, the filter resyncs,
     the FLUSH returns, and the store holds the primary byte for byte."""
     port = free_port()
-    async with nbd_runner(tmp_path, port, buffer_bytes_max=256 * 1024, connect_wait_s=0.1) as runner:
+    # No spill journal: with one, the frames would wait in it and the filter would never
+    # reach the bitmap mode this test is about (tests/iofilter/test_spill.py covers it).
+    async with nbd_runner(tmp_path, port, buffer_bytes_max=256 * 1024, spill_bytes_max=0,
+                          connect_wait_s=0.1) as runner:
         site_uri = f"nbd://{runner.nbd.address['tcp']}/db/data"
         proc = await asyncio.create_subprocess_exec(
             tool("qemu-io"), "-f", "raw", "-t", "writeback", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 3M 512k", "-c", "flush",
