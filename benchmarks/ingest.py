@@ -180,6 +180,14 @@ async def rpo_samples(status: Path, seconds: float, load: Load) -> list[float]:
     return samples
 
 
+async def connected(client: FilterClient, proc, d: Path) -> None:
+    """Wait for the filter's first connection; the DRVA's log tail if it died first."""
+    while not client.connected:
+        if proc.poll() is not None:
+            raise RuntimeError((d / "drva.log").read_text()[-2000:])
+        await asyncio.sleep(0.05)
+
+
 async def run_64k(d: Path, seconds: float, env: dict[str, str] | None = None) -> float:
     """MB/s of the 64 KiB phase on a fresh DRVA in ``d`` (its own log and store) run with
     ``env`` added to its environment; drained before it stops."""
@@ -192,10 +200,7 @@ async def run_64k(d: Path, seconds: float, env: dict[str, str] | None = None) ->
     client = FilterClient([f], "127.0.0.1", port, SECRET.encode(), "bench")
     ctask = asyncio.create_task(client.run())
     try:
-        while not client.connected:
-            if proc.poll() is not None:
-                raise RuntimeError((d / "drva.log").read_text()[-2000:])
-            await asyncio.sleep(0.05)
+        await connected(client, proc, d)
         load = Load(f, 64 << 10, 1)
         await load.run(1.0, 64)  # warm up
         el, acked = await load.run(seconds, 64)
@@ -245,10 +250,7 @@ async def bench(d: Path, quick: bool) -> dict:
     client = FilterClient([f, mapped], "127.0.0.1", port, SECRET.encode(), "bench")
     ctask = asyncio.create_task(client.run())
     try:
-        while not client.connected:
-            if proc.poll() is not None:
-                raise RuntimeError((d / "drva.log").read_text()[-2000:])
-            await asyncio.sleep(0.05)
+        await connected(client, proc, d)
         load64 = Load(f, 64 << 10, 1)
         await load64.run(1.0, 64)  # warm up
         load64.ack_ms.clear()
