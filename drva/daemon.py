@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -33,7 +34,7 @@ from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
 from cdp.meta import MetaRepository
 from cdp.replog import ReplicationLog
-from cdp.tls import server_context
+from cdp.tls import describe_tls_error, server_context
 from drva.committer import GroupCommitter, log_entry
 from drva.config import DrvaConfig, load_drva_config
 from drva.domain import DomainState
@@ -57,6 +58,22 @@ TAKEOVER_WAITING = "waiting for the failover's fork"
 BUSY_LOG_INTERVAL_S = 1.0
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket on (host, port); port 0 picks a free one."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Drva:
     """One DRVA process (see the module docstring)."""
 
@@ -69,6 +86,9 @@ class Drva:
         self.sessions: set[Session] = set()  # welcomed
         self.handshaking: set[Session] = set()  # accepted, not welcomed yet (<= HANDSHAKES_MAX)
         self.refused_busy = 0
+        self.refused_tls = 0  # connections whose TLS handshake failed or timed out
+        self.tls_handshaking = 0  # accepted TLS connections still in the TLS handshake (count in the cap)
+        self._listener: socket.socket | None = None  # with TLS: the socket _accept_tls_loop accepts on
         self._busy_logged = -BUSY_LOG_INTERVAL_S
         self.session_tasks: set[asyncio.Task] = set()
         self.tasks: list[asyncio.Task] = []
@@ -106,13 +126,18 @@ class Drva:
         spawn(self._status_loop(), "status")
         spawn(RequestBox(self).run(), "requests")
         tls = self._tls()
-        # The TLS handshake comes before _accept (and its cap): give it the wire
-        # handshake's deadline rather than asyncio's 60 s.
-        tls_timeout = {"ssl_handshake_timeout": HANDSHAKE_TIMEOUT_S} if tls is not None else {}
-        self.server = await asyncio.start_server(
-            self._accept, cfg.host, cfg.port, ssl=tls, limit=STREAM_READ_AHEAD_BYTES,
-            reuse_address=True, **tls_timeout)
-        self._port = self.server.sockets[0].getsockname()[1]
+        if tls is None:
+            self.server = await asyncio.start_server(
+                self._accept, cfg.host, cfg.port, limit=STREAM_READ_AHEAD_BYTES, reuse_address=True)
+            self._port = self.server.sockets[0].getsockname()[1]
+        else:
+            # Not start_server(ssl=...): there the TLS handshake runs before the accept
+            # callback, outside the cap of HANDSHAKES_MAX and its deadline, so a flood of
+            # slow TLS handshakes would hold sockets and buffers unbounded. Here a
+            # connection takes its slot at accept and keeps it until WELCOME.
+            self._listener = _listen_socket(cfg.host, cfg.port)
+            self._port = self._listener.getsockname()[1]
+            spawn(self._accept_tls_loop(tls), "tls-accept")
         log.info("drva_started", name=cfg.name, listen=f"{cfg.host}:{self.port}",
                  log=str(cfg.log_path), store=self.shipper.store.describe(),
                  domains=sorted(self.domains), log_head=self.log.head, log_tail=self.log.tail,
@@ -140,6 +165,8 @@ class Drva:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._listener is not None:
+            self._listener.close()  # its accept loop is among the tasks cancelled next
         pending = [*self.session_tasks, *self.seeder.finishing, *self.tasks]
         for t in pending:
             t.cancel()
@@ -223,14 +250,62 @@ class Drva:
         self.session_tasks.add(task)
         task.add_done_callback(self._session_done)
 
+    async def _accept_tls_loop(self, tls: ssl.SSLContext) -> None:
+        """Accept on the TLS listener: each connection takes a handshake slot before its
+        TLS handshake starts (or is closed at once when none is free)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                # EMFILE, ECONNABORTED...: the listener is fine, this accept was not.
+                log.warning("accept_failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            if len(self.handshaking) + self.tls_handshaking >= HANDSHAKES_MAX:
+                # No ERROR busy: before its TLS handshake the peer could not read it.
+                conn.close()
+                self._count_busy()
+                continue
+            self.tls_handshaking += 1
+            task = asyncio.create_task(self._tls_session(conn, addr, tls), name="session")
+            self.session_tasks.add(task)
+            task.add_done_callback(self._session_done)
+
+    async def _tls_session(self, conn: socket.socket, addr: Any, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDSHAKE_TIMEOUT_S  # from accept to WELCOME, TLS included
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        reader = asyncio.StreamReader(limit=STREAM_READ_AHEAD_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            finally:
+                self.tls_handshaking -= 1
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            conn.close()
+            self.refused_tls += 1
+            log.warning("tls_handshake_refused", peer=peer, refused_total=self.refused_tls,
+                        reason=describe_tls_error(exc, f"filter {peer}"))
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        session = Session(self, reader, writer, handshake_deadline=deadline)
+        self.handshaking.add(session)  # the slot passes from TLS to the wire handshake, no await between
+        await session.run()
+
     def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
-        """Too many handshakes in progress: ERROR busy and close, nothing read. Logged
-        at most once per BUSY_LOG_INTERVAL_S, with the count: a flood must not flood
-        the log too."""
-        self.refused_busy += 1
+        """Too many handshakes in progress: ERROR busy and close, nothing read."""
         writer.writelines(wire.error_message(
             "busy", f"DRVA {self.cfg.name}: {HANDSHAKES_MAX} handshakes in progress, retry later"))
         writer.close()  # the ERROR fits the socket's send buffer: this does not linger
+        self._count_busy()
+
+    def _count_busy(self) -> None:
+        """Logged at most once per BUSY_LOG_INTERVAL_S, with the count: a flood must not
+        flood the log too."""
+        self.refused_busy += 1
         now = time.monotonic()
         if now - self._busy_logged >= BUSY_LOG_INTERVAL_S:
             self._busy_logged = now

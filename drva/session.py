@@ -69,8 +69,13 @@ class _PeerEnded(Exception):
 class Session:
     """A filter's connection. Invariant: ``domains`` are streamed by this session only."""
 
-    def __init__(self, drva: "Drva", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, drva: "Drva", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 handshake_deadline: float | None = None):
         self.drva = drva
+        # Loop time by which WELCOME must be sent: HANDSHAKE_TIMEOUT_S from accept (a TLS
+        # session's own handshake came first and spent part of it).
+        self.handshake_deadline = (asyncio.get_running_loop().time() + HANDSHAKE_TIMEOUT_S
+                                   if handshake_deadline is None else handshake_deadline)
         self.reader = reader
         self.writer = writer
         peer = writer.get_extra_info("peername")
@@ -85,7 +90,7 @@ class Session:
         ack_task = None
         try:
             try:
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                async with asyncio.timeout_at(self.handshake_deadline):
                     await self._handshake()
             except TimeoutError:
                 raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None

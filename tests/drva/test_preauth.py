@@ -191,9 +191,9 @@ async def _welcomed(port: int) -> None:
 
 
 async def test_a_tls_handshake_has_the_same_deadline(tmp_path, monkeypatch):
-    """The TLS handshake runs before the wire handshake and its cap: a peer that opens a
-    TCP connection to a TLS DRVA and says nothing is dropped at the wire deadline, not
-    after asyncio's default 60 s."""
+    """The TLS handshake is part of the wire handshake's deadline: a peer that opens a
+    TCP connection to a TLS DRVA and says nothing is dropped at that deadline, not after
+    asyncio's default 60 s."""
     from drva import daemon as daemon_mod
     from tests.drva.test_tls_trace import self_signed
 
@@ -209,4 +209,69 @@ async def test_a_tls_handshake_has_the_same_deadline(tmp_path, monkeypatch):
             assert await reader.read() == b""  # the DRVA closed it
         writer.close()
     finally:
+        await d.stop()
+
+
+async def test_tls_handshakes_take_their_slot_at_accept(tmp_path, monkeypatch):
+    """With TLS the cap counts from accept: sixteen peers that open TCP and never start
+    their TLS handshake hold every slot, a seventeenth is closed at once (it could not
+    read an ERROR before TLS); a plain peer's failed TLS handshake is counted and logged;
+    once the slots are free a TLS filter is served."""
+    import ssl
+
+    import numpy as np
+
+    from drva import daemon as daemon_mod
+    from iofilter_sim.client import FilterClient
+    from iofilter_sim.filter import DomainFilter
+    from tests.drva.harness import SECRET, Disk, random_writes
+    from tests.drva.test_tls_trace import self_signed
+
+    monkeypatch.setattr(daemon_mod, "HANDSHAKE_TIMEOUT_S", 600.0)  # the silent peers outlive the test
+    cert, key = self_signed(tmp_path)
+    doc = drva_doc(tmp_path, "drva-tls-cap", [domain_doc(1, "erp", [("vm1", "d0", SIZE)])],
+                   tls={"cert": str(cert), "key": str(key)})
+    d = Drva(config(doc), exit_on_task_failure=False)
+    await d.start()
+    silent = []
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(daemon_mod.HANDSHAKES_MAX)]
+        await wait_until(lambda: d.tls_handshaking == daemon_mod.HANDSHAKES_MAX, EVENTUALLY_S,
+                         "every silent TLS connection to hold a slot")
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        async with asyncio.timeout(EVENTUALLY_S):
+            assert await reader.read() == b""  # closed at once, nothing sent
+        writer.close()
+        assert d.refused_busy == 1 and d.tls_handshaking == daemon_mod.HANDSHAKES_MAX
+        for _, w in silent:
+            w.close()
+        await wait_until(lambda: d.tls_handshaking == 0, EVENTUALLY_S, "the silent connections' slots to be freed")
+
+        assert d.refused_tls == daemon_mod.HANDSHAKES_MAX  # each closed mid-handshake: counted too
+        # A plain filter's HELLO is no TLS ClientHello: refused, counted, its slot freed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(b"".join(wire.control(wire.HELLO, {"version": 1, "filter": "f", "site": "s",
+                                                        "domains": [1], "nonce": "00" * 32})))
+        async with asyncio.timeout(EVENTUALLY_S):
+            await reader.read()
+        writer.close()
+        await wait_until(lambda: d.refused_tls == daemon_mod.HANDSHAKES_MAX + 1 and d.tls_handshaking == 0,
+                         EVENTUALLY_S,
+                         "the plain peer's TLS handshake to be refused")
+        assert not d.handshaking
+
+        disk = Disk(tmp_path / "p.img", SIZE)
+        f = DomainFilter(1, [disk])
+        client = FilterClient([f], "127.0.0.1", d.port, SECRET.encode(), "host-1",
+                              tls=ssl.create_default_context(cafile=str(cert)))
+        task = asyncio.create_task(client.run())
+        try:
+            f.capture(*random_writes(np.random.default_rng(1), [SIZE], 32, 16))
+            await wait_until(lambda: f.acked_seq == f.next_seq - 1, EVENTUALLY_S, "acks over TLS")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        for _, w in silent:
+            w.close()
         await d.stop()
