@@ -446,7 +446,7 @@ class MsaDaemon:
                             "status": dom, "throughput": self.throughput.rates(drva, name),
                             "failed_over": self.failed_over.get(name),
                             "alarms": [a.id for a in active if a.subject in (name, drva)]})
-        return {"site": self.cfg.site, "pid": os.getpid(), "api": str(self.cfg.api_listen),
+        return {"site": self.cfg.site, "pid": os.getpid(), "api": self.cfg.api_url,
                 "store": redact_url(self.cfg.store_url), "state_dir": str(self.cfg.state_dir),
                 **self._peer_store(),
                 "started_ns": self.started_ns, "time_ns": time.time_ns(), "drvas": drvas, "domains": domains,

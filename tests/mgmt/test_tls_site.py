@@ -204,7 +204,8 @@ async def check_api(site: Site, daemon: Any, other: TlsFiles) -> None:
     # A verb of the CLI, in its own process, over HTTPS.
     r = await asyncio.to_thread(cdp, site, "status", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["site"] == site.cfg.site
+    doc = json.loads(r.stdout)
+    assert doc["site"] == site.cfg.site and doc["api"] == f"https://{listen}"  # the address a browser or curl needs
 
 
 def test_the_tls_settings_are_checked_and_reach_the_hosts_inventories(tmp_path: Path) -> None:
