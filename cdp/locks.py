@@ -180,8 +180,14 @@ class Lease:
 
     async def create(self, *, if_absent: bool = False) -> None:
         data, expires = self._object()
-        self.etag = await self.store.put(self.key, data, if_absent=if_absent)
-        self.expires_ns = expires
+        try:
+            self.etag = await self.store.put(self.key, data, if_absent=if_absent)
+            self.expires_ns = expires
+        except AlreadyExists:
+            # A conditional create whose reply was lost, retried (by the SDK or a caller),
+            # finds the object it wrote itself: ours, not a rival's that took it first.
+            if not await self._adopt_own_write():
+                raise
         self._task = asyncio.create_task(self._renew_loop(), name=f"lease {self.key}")
 
     def check(self) -> None:

@@ -166,3 +166,51 @@ async def test_a_renewal_whose_reply_was_lost_keeps_the_lease(tmp_path) -> None:
         assert lease.etag != first and lease.etag == (await inner.stat(lease.key)).etag
     finally:
         await lease.release()
+
+
+async def test_an_exclusive_lock_whose_create_reply_was_lost_is_taken(tmp_path) -> None:
+    """The conditional create of ``n + 1`` lands but its answer is lost, and the retry
+    finds the object there (``AlreadyExists``): it is the taker's own (its token), so the
+    lock is taken. It used to be refused as "taken at the same moment by another process",
+    leaving the taker's own lock to block every taker, itself included, until it expired."""
+    from cdp.errors import AlreadyExists, Busy
+    from cdp.locks import KIND_MAINTENANCE, Lease, acquire_exclusive, maintenance_prefix
+    from cdp.store import FaultyStore
+    from cdp.store.fs import FileStore
+
+    inner = FileStore(tmp_path / "store")
+    store = FaultyStore(inner)
+    store.fail_next("put", 1, AlreadyExists, after=True)  # written; the retry's answer
+    prefix = maintenance_prefix(5)
+    lease = await acquire_exclusive(store, prefix, KIND_MAINTENANCE, 5, owner="taker", ttl_s=60)
+    try:
+        lease.check()
+        assert store.injected["put"] == 1
+        assert lease.etag == (await inner.stat(lease.key)).etag
+        with pytest.raises(Busy, match="held by taker"):  # and it holds it for the others
+            await acquire_exclusive(inner, prefix, KIND_MAINTENANCE, 5, owner="other", ttl_s=60)
+    finally:
+        await lease.release()
+    assert [i.key async for i in inner.list(prefix)] == []
+
+    class RivalFirst:  # another process creates the same n + 1 just before this one does
+        def __init__(self) -> None:
+            self.rival: list[Lease] = []
+
+        async def put(self, key, data, *, if_absent=False, if_match=None):
+            if if_absent and not self.rival:
+                self.rival.append(Lease(inner, key, KIND_MAINTENANCE, 5, owner="rival", ttl_s=60,
+                                        exclusive_prefix=prefix))
+                await self.rival[0].create(if_absent=True)
+            return await inner.put(key, data, if_absent=if_absent, if_match=if_match)
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    racing = RivalFirst()
+    try:
+        with pytest.raises(Busy, match="at the same moment by another process"):
+            await acquire_exclusive(racing, prefix, KIND_MAINTENANCE, 5, owner="late", ttl_s=60)
+    finally:
+        for rival in racing.rival:
+            await rival.release()
