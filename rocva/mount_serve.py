@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -29,27 +30,31 @@ async def _listen(server: NbdServer, address: NbdAddress) -> dict[str, Any]:
     try:
         if address.path is not None:
             path = await server.start_unix(address.path)
-            return {"transport": "unix", "path": path, "uri": "nbd+unix:///?socket=" + path}
+            scheme = "nbds+unix" if server.tls is not None else "nbd+unix"
+            return {"transport": "unix", "path": path, "uri": f"{scheme}:///?socket={path}",
+                    "tls": server.tls is not None}
         host, port = await server.start_tcp(address.host, address.port)
     except OSError as exc:
         why = "the address is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise ConfigError(f"--nbd {address}: cannot listen: {why}") from None
     shown = f"[{host}]" if ":" in host else host
-    return {"transport": "tcp", "host": host, "port": port, "uri": f"nbd://{shown}:{port}"}
+    scheme = "nbds" if server.tls is not None else "nbd"
+    return {"transport": "tcp", "host": host, "port": port, "uri": f"{scheme}://{shown}:{port}",
+            "tls": server.tls is not None}
 
 
-async def serve_mount(store, options: MountOptions, address: NbdAddress, emit: Emit, stop: asyncio.Event
-                      ) -> dict[str, Any]:
+async def serve_mount(store, options: MountOptions, address: NbdAddress, emit: Emit, stop: asyncio.Event,
+                      tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Serve ``options``' point at ``address`` until ``stop`` is set; the final summary.
 
     Events given to ``emit``: ``serving`` (once listening: address, exports, point),
     ``rehydrated`` (if ``options.rehydrate_to`` and it finished), and the returned
-    summary is the ``stopped`` one."""
+    summary is the ``stopped`` one. With ``tls`` every client must STARTTLS first."""
     mount = await Mount.open(store, options)
     server: NbdServer | None = None
     try:
         server = NbdServer(mount.disks, descriptions={n: f"domain {mount.plan.domain} seq {mount.plan.seq}"
-                                                      for n in mount.disks})
+                                                      for n in mount.disks}, tls=tls)
         listening = await _listen(server, address)
         emit({"event": "serving", "address": listening, **mount.describe()})
         if options.rehydrate_to is not None:

@@ -128,10 +128,16 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
               help="Restore the point into this directory in the background while serving; then serve from it.")
 @click.option("--cache-mb", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
               help="MiB of decoded segment blocks and base chunks kept in memory.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), default=None,
+              help="Serve NBD over TLS only (clients must STARTTLS) with this certificate (PEM; "
+                   "e.g. the site's api.pem from cdp install).")
+@click.option("--tls-key", type=click.Path(path_type=Path), default=None,
+              help="The certificate's private key (PEM); default: read from the --tls-cert file.")
 @json_option
 def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None, latest: bool,
           timeline: int | None, nbd_address: str, writable: bool, overlay_dir: Path | None, keep_overlay: bool,
-          rehydrate_to: Path | None, cache_mb: int, as_json: bool) -> None:
+          rehydrate_to: Path | None, cache_mb: int, tls_cert: Path | None, tls_key: Path | None,
+          as_json: bool) -> None:
     """Serve DOMAIN's disks at one point as NBD exports named VM/DISK, straight from the
     store (instant recovery), until SIGINT or SIGTERM."""
     import signal
@@ -146,6 +152,13 @@ def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: st
     address = parse_nbd_address(nbd_address)
     if (overlay_dir is not None or keep_overlay) and not writable:
         raise ConfigError("--overlay and --keep-overlay need --writable")
+    if tls_key is not None and tls_cert is None:
+        raise ConfigError("--tls-key needs --tls-cert")
+    tls = None
+    if tls_cert is not None:
+        from cdp.tls import server_context
+
+        tls = server_context(tls_cert, tls_key)  # a missing or unreadable file: a ConfigError naming it
     setup_logging("info")
 
     def say(event: dict[str, Any]) -> None:
@@ -158,7 +171,7 @@ def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: st
             loop.add_signal_handler(signum, stop.set)
         options = MountOptions(await domain_id_of(store, domain), target, timeline, writable, overlay_dir,
                                keep_overlay, rehydrate_to, cache_bytes_max=cache_mb << 20)
-        return await serve_mount(store, options, address, say, stop)
+        return await serve_mount(store, options, address, say, stop, tls=tls)
 
     say(asyncio.run(with_store(store_url, work)))
 

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from cdp.errors import CdpError, ConfigError, LogFull
 from cdp.logs import get_logger
 from cdp.nbd import protocol as nbd
 from cdp.nbd.backend import NbdBackend
+from cdp.tls import describe_tls_error
 
 logger = get_logger("iofilter.nbd")
 
@@ -104,7 +106,8 @@ class NbdServer:
 
     def __init__(self, exports: Mapping[str, NbdBackend], *, descriptions: Mapping[str, str] | None = None,
                  inflight_max: int = INFLIGHT_MAX, inflight_bytes_max: int = INFLIGHT_BYTES_MAX,
-                 connections_max: int = CONNECTIONS_MAX, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+                 connections_max: int = CONNECTIONS_MAX, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.exports: dict[str, Export] = {}
         for name, backend in exports.items():
             try:
@@ -117,6 +120,9 @@ class NbdServer:
         self.inflight_bytes_max = inflight_bytes_max
         self.connections_max = connections_max
         self.handshake_timeout_s = handshake_timeout_s
+        # With a TLS context the server requires TLS (the protocol's FORCEDTLS): before
+        # STARTTLS a client may only ABORT; no export name, size or byte goes in the clear.
+        self.tls = tls
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._connections: set[asyncio.Task] = set()
@@ -209,6 +215,8 @@ class _Connection:
         self._budget = _InflightBudget(server.inflight_max, server.inflight_bytes_max)
         self.served = 0  # requests answered, refused ones included
         self.refused = 0
+        self.tls_active = False
+        self._plain_streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def run(self) -> None:
         sock = self.writer.get_extra_info("socket")
@@ -288,6 +296,24 @@ class _Connection:
 
     async def _option(self, option: int, data: bytes) -> tuple[bool, Export | None]:
         """Answer one option; (True, export) when haggling is over."""
+        if option == nbd.OPT_STARTTLS:
+            if self.server.tls is None:
+                await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNSUP, "this server serves without TLS"))
+                return False, None
+            if self.tls_active:
+                raise nbd.OptionInvalid("STARTTLS on a connection already in TLS")
+            if data:
+                raise nbd.OptionInvalid("STARTTLS takes no data")
+            await self._send(nbd.pack_option_reply(option, nbd.REP_ACK))
+            await self._start_tls()
+            return False, None
+        if self.server.tls is not None and not self.tls_active and option != nbd.OPT_ABORT:
+            if option == nbd.OPT_EXPORT_NAME:
+                # This option cannot carry an error: the protocol says hang up.
+                raise nbd.NbdProtocolError("EXPORT_NAME before STARTTLS on a server that requires TLS")
+            await self._send(nbd.pack_option_error(option, nbd.REP_ERR_TLS_REQD,
+                                                   "this server requires TLS: send STARTTLS first"))
+            return False, None
         if option == nbd.OPT_EXPORT_NAME:
             try:
                 export = self.server.exports.get(nbd.parse_export_name(data))
@@ -326,9 +352,34 @@ class _Connection:
             self.structured = True
             await self._send(nbd.pack_option_reply(option, nbd.REP_ACK))
             return False, None
-        # STARTTLS (we serve without TLS), meta contexts, and anything newer.
+        # Meta contexts, and anything newer.
         await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNSUP, f"option {option} is not supported"))
         return False, None
+
+    async def _start_tls(self) -> None:
+        """Upgrade this connection to TLS, server side, after STARTTLS's ACK went out.
+
+        A new reader and protocol over the TLS transport rather than
+        ``StreamWriter.start_tls``: on Python 3.11 that one leaves the reader pausing and
+        resuming the raw socket's transport, under the TLS layer's own flow control, so
+        the reader's bound on what it buffers would no longer hold."""
+        self._flush()
+        await self.writer.drain()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport = await loop.start_tls(self.writer.transport, protocol, self.server.tls, server_side=True)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            logger.warning("nbd_tls_refused", peer=self.peer, reason=describe_tls_error(exc, f"NBD client {self.peer}"))
+            raise ConnectionResetError("TLS handshake failed") from None
+        protocol.connection_made(transport)  # start_tls does not: the protocol is new to the transport
+        # The plain writer stays referenced: when collected, a StreamWriter whose transport
+        # is open closes it — here the socket under the TLS session.
+        self._plain_streams = (self.reader, self.writer)
+        self.reader, self.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+        self.tls_active = True
+        logger.info("nbd_tls", peer=self.peer, version=transport.get_extra_info("ssl_object").version())
 
     def _info_replies(self, option: int, export: Export, wanted: tuple[int, ...]) -> list[bytes]:
         sizes = export.backend.block_sizes

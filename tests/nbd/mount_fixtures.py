@@ -86,11 +86,14 @@ class Mounted:
     stderr_path: Path
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def uri(self, name: str) -> str:
+    def uri(self, name: str, tls_dir: Path | None = None) -> str:
+        """libnbd's URI of export ``name`` (with TLS: ``nbds``, trusting ``tls_dir``'s ca-cert.pem)."""
         address = self.serving["address"]
+        s = "s" if address.get("tls") else ""
+        query = f"tls-certificates={tls_dir}" if tls_dir is not None else ""
         if address["transport"] == "unix":
-            return f"nbd+unix:///{name}?socket={address['path']}"
-        return f"nbd://{address['host']}:{address['port']}/{name}"
+            return f"nbd{s}+unix:///{name}?socket={address['path']}" + (f"&{query}" if query else "")
+        return f"nbd{s}://{address['host']}:{address['port']}/{name}" + (f"?{query}" if query else "")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()

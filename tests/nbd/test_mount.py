@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cdp.nbd import protocol as nbd_protocol
 from cdp.store.fs import FileStore
 from rocva import Target, plan_recovery
 from rocva.mount_cache import UnitCache
@@ -116,6 +117,69 @@ async def test_exports_equal_the_recovered_images(world: World, tmp_path: Path, 
         summary = await mounted.stop()
     assert summary["reads"] > 0 and summary["bytes_served"] >= sum(SIZES.values())
     assert summary["fetch_failures"] == 0 and summary["rehydrated"] is False
+
+
+def site_ca_and_nbd_cert(root: Path) -> tuple[Path, Path, Path]:
+    """A site CA (cdp.pki, as cdp install makes it) and a server certificate for
+    127.0.0.1; returns (clients' certificate dir holding ca-cert.pem, cert, key)."""
+    import datetime as dt
+
+    from cdp import pki
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca, ca_key = pki.make_ca("site-a", now)
+    cert, key = pki.make_leaf(pki.LeafSpec("nbd", "cdp mount", pki.server_names("127.0.0.1")), ca, ca_key, now)
+    files = pki.TlsFiles(root / "tls")
+    files.dir.mkdir(parents=True)
+    pki._write_pair(files.cert("nbd"), files.key("nbd"), cert, key)
+    clients = root / "clients"
+    clients.mkdir()
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    (clients / "ca-cert.pem").write_bytes(ca.public_bytes(Encoding.PEM))  # libnbd's and qemu's file name
+    return clients, files.cert("nbd"), files.key("nbd")
+
+
+async def test_a_tls_mount_serves_only_after_starttls(world: World, tmp_path: Path) -> None:
+    """``--tls-cert``: the protocol's FORCEDTLS. libnbd's tools read the exports over TLS,
+    byte-exact; a plain client learns TLS is required (and no export, size or byte); an
+    EXPORT_NAME before STARTTLS is hung up on; the server goes on serving."""
+    from tests.nbd.raw_client import RawClient
+
+    clients, cert, key = site_ca_and_nbd_cert(tmp_path)
+    mounted = await start_mount(world.domain.url, tmp_path, "--latest", "--nbd", "127.0.0.1:0",
+                                "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        address = mounted.serving["address"]
+        assert address["tls"] is True and address["uri"].startswith("nbds://")
+        listing = json.loads(await run_tool("nbdinfo", "--list", "--json",
+                                            f"nbds://127.0.0.1:{address['port']}?tls-certificates={clients}"))
+        assert {e["export-name"]: e["export-size"] for e in listing["exports"]} == SIZES
+        copy = tmp_path / "copy.img"
+        await run_tool("nbdcopy", mounted.uri("vm1/sys", clients), str(copy))
+        assert sha256_file(copy) == sha256_file(world.images["latest"]["vm1/sys"])
+
+        code, _, err = await run_tool_status("nbdinfo", "--list", f"nbd://127.0.0.1:{address['port']}")
+        assert code != 0 and "error to list request" in err, err  # libnbd shows TLS_REQD as ENOTSUP
+        plain = await RawClient.connect(("127.0.0.1", address["port"]))
+        await plain.greet()
+        for option in (nbd_protocol.OPT_LIST, nbd_protocol.OPT_GO, nbd_protocol.OPT_INFO):
+            data = nbd_protocol.pack_info_request("vm1/sys") if option != nbd_protocol.OPT_LIST else b""
+            [(_, reply_type, _)] = await plain.option(option, data)
+            assert reply_type == nbd_protocol.REP_ERR_TLS_REQD, (option, reply_type)
+        await plain.send(nbd_protocol.pack_option(nbd_protocol.OPT_EXPORT_NAME, b"vm1/sys"))
+        async with asyncio.timeout(10):
+            assert await plain.reader.read() == b""  # hung up on, nothing of the export sent
+        plain.writer.close()
+        # A client that STARTTLSes with a certificate of another CA gets nothing either.
+        other, _, _ = site_ca_and_nbd_cert(tmp_path / "other")
+        code, _, err = await run_tool_status("nbdinfo", "--list",
+                                             f"nbds://127.0.0.1:{address['port']}?tls-certificates={other}")
+        assert code != 0, err
+        await run_tool("nbdcopy", mounted.uri("vm1/sys", clients), str(copy))  # still served
+    finally:
+        summary = await mounted.stop()
+    assert summary["fetch_failures"] == 0
 
 
 async def test_first_read_fetches_one_unit(world: World, tmp_path: Path) -> None:
