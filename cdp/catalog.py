@@ -33,7 +33,7 @@ import xxhash
 from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
-from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound
+from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound, StoreError
 from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
@@ -357,7 +357,9 @@ class CatalogWriter:
         (§8.3): a lost create that was this writer's own earlier attempt (its reply lost)
         or a maintenance job's is moved over, and the delta is rebuilt on top —
         ``make_delta`` returns None when nothing is left to commit. Anything else raises
-        ``Fenced`` saying why. Returns the generation that holds the change."""
+        ``Fenced`` saying why; a ``StoreError`` reading the generations found in the way
+        propagates (nothing is known of them yet: retry). Returns the generation that
+        holds the change."""
         domain = self.state.domain_id
         for _ in range(retries):
             delta = make_delta(self.state)
@@ -388,6 +390,10 @@ class CatalogWriter:
                 new = _state_after(self.state, kind, body, f"catalog {key}")
             except NotFound:
                 return None
+            except StoreError:
+                # The store failed to answer (busy, unreachable, a cut-off read): nothing
+                # is known about that generation yet. The caller retries the commit later.
+                raise
             except CdpError as exc:
                 return f"another writer created generation {generation}: {exc.message}"
             own = new.writer is not None and new.writer["id"] == self.writer["id"]

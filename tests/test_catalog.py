@@ -465,6 +465,28 @@ def test_a_lost_reply_does_not_fence_the_writer_even_when_the_retry_carries_more
     run(go())
 
 
+def test_a_store_error_while_catching_up_is_no_fence() -> None:
+    """Found by the store faults campaign: a generation whose reply was lost, then the read
+    of it, to tell whose it is, fails (the store is busy). That says nothing about its
+    writer: the error propagates (the DRVA retries), and the next commit moves over it."""
+    async def go() -> None:
+        inner = MemoryStore()
+        store = FaultyStore(inner)
+        w = CatalogWriter(store, CatalogState.new(7, "erp", TS0, "site-a"), by="drva", owner="site-a")
+        await w.commit({"disks": DISKS})
+        store.fail_next("put", 1, AlreadyExists, after=True)  # lands; the SDK's retry finds it there
+        store.fail_next("get", 1, StoreUnavailable)  # and the read of it fails
+        with pytest.raises(StoreUnavailable):
+            await w.commit_shared(lambda st: {"add_segments": seg(1, 10)} if st.timeline().committed_seq < 10
+                                  else None)
+        generation = await w.commit_shared(lambda st: {"add_segments": seg(1, 10)}
+                                           if st.timeline().committed_seq < 10 else None)
+        assert generation == 2 and w.state.timeline().committed_seq == 10
+        assert store.injected["get"] == 1
+
+    run(go())
+
+
 def test_commit_shared_absorbs_maintenance_and_refuses_another_owner() -> None:
     async def go() -> None:
         store = MemoryStore()
