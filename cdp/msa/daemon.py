@@ -356,6 +356,8 @@ class MsaDaemon:
         Returns the mark's seq: the point the recovery site fails over at."""
         from cdp.msa.marks import request_mark
 
+        if domain not in self.protection and (again := self._handed_back_again(domain)) is not None:
+            return again
         if domain not in self.protection:
             raise NotProtected(f"domain {domain} is not protected at site {self.cfg.site}: nothing to hand over")
         if domain not in self.powered:
@@ -378,6 +380,24 @@ class MsaDaemon:
         log.info("domain_quiesced", domain=domain, mark=mark, seq=placed["seq"], acked_seq=acked)
         return {"domain": domain, "site": self.cfg.site, "mark": mark, "seq": placed["seq"], "ts": placed["ts"],
                 "captured_seq_at_pause": paused.get("captured_seq"), "acked_seq": acked}
+
+    def _handed_back_again(self, domain: str) -> dict[str, Any] | None:
+        """A quiesce asked again of a domain this site already handed back for a failback
+        (the asking site died before it recorded the answer): the same answer, at the
+        recorded mark — the VMs stayed off since, so it is still the final point."""
+        from cdp.msa.failover import read_record as read_failover
+
+        try:
+            doc = read_failover(self.cfg.state_dir, domain)
+        except ConfigError:
+            return None
+        back = doc.get("handed_back") if doc is not None else None
+        if not isinstance(back, dict) or domain in self.powered:
+            return None
+        last = self.hypervisor.last_run(domain) or {}
+        log.info("domain_quiesced_again", domain=domain, mark=back["mark"], seq=back["seq"])
+        return {"domain": domain, "site": self.cfg.site, "mark": back["mark"], "seq": back["seq"], "ts": None,
+                "captured_seq_at_pause": None, "acked_seq": last.get("acked_seq"), "again": True}
 
     async def protect(self, domain: str, policy: Policy, job: Job, *, takeover: bool = False,
                       reopen: bool = False) -> dict[str, Any]:

@@ -97,6 +97,10 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
         raise FailoverRefused(f"site {cfg.site} already has a domain {name} of its own in "
                               f"{cfg.cluster_path.name}: a failover would shadow it; rename one of them")
     record = read_record(cfg.state_dir, name)
+    # A rerun of a run that died (its MSA killed) before it was done: the DRVA the
+    # restarted daemon started serves the domain without takeover — fenced by the old
+    # timeline if the fork had not happened — so it is restarted below.
+    resuming = record is not None and record.get("phase") in ("started", "forked")
     if record is not None and record.get("phase") == "done" and registered:
         raise FailoverRefused(
             f"domain {name} already failed over to site {cfg.site} (timeline {record.get('timeline')}, forked "
@@ -130,7 +134,8 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     phases["register"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     protecting = asyncio.create_task(
-        _timed(lambda: daemon.protect(name, daemon.cfg.policy(name), _Quiet(), takeover=True), phases, "protect"))
+        _timed(lambda: daemon.protect(name, daemon.cfg.policy(name), _Quiet(), takeover=True, reopen=resuming),
+               phases, "protect"))
     job.progress("rehydrate", 0, 0)
     t_rehydrate = time.monotonic()
     await daemon.standby.suspend(name)  # the appliance alone touches the images from here
@@ -295,7 +300,10 @@ async def _handover(daemon: Any, name: str, job: Job, *, failback: bool = False)
     job.progress("quiesce", 1, 1)
     log.info("domain_handed_over", domain=name, peer=cfg.peer.site, mark=mark, seq=out.get("seq"),
              acked_seq=out.get("acked_seq"), failback=failback)
-    return {"site": cfg.peer.site, "mark": mark, "seq": out.get("seq"), "acked_seq": out.get("acked_seq")}
+    # The peer names the mark it handed over at: its own earlier one when it had already
+    # handed the domain back to a run of this job that died before recording it.
+    return {"site": cfg.peer.site, "mark": out.get("mark") or mark, "seq": out.get("seq"),
+            "acked_seq": out.get("acked_seq")}
 
 
 async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]], int]:
