@@ -24,9 +24,17 @@ window of the same length, so the store afterwards holds a base and 1x of histor
 domain consolidated on a schedule would.
 ``verified``: every recovered image's sha256 equals the model's at its point (untimed).
 ``encrypted_ratio``: the same 1x domain built again in a store with a key (every object
-sealed, FORMAT.md §19); cold recoveries of the latest point from both stores, in turns;
-plain seconds over sealed seconds (the sealed store's speed as a share of the plain one's),
-with ``encrypted_recover_latest_s`` and ``plain_recover_latest_s`` (medians of the turns).
+sealed, FORMAT.md §19); cold recoveries of the latest point from both stores, in turns
+(plain, sealed, sealed, plain; three times); plain seconds over sealed seconds (the sealed
+store's speed as a share of the plain one's), with ``encrypted_recover_latest_s`` and
+``plain_recover_latest_s`` (medians of the turns). What the seal costs in CPU, which is
+what decides the ratio on a busy machine: ``plain_recover_cpu_s`` and
+``encrypted_recover_cpu_s`` (user + system seconds of this process during each turn's
+recovery, medians) and their ratio ``encrypted_cpu_ratio``; ``encrypted_bytes_opened``
+(plaintext bytes the sealed recovery read: every one is opened) and
+``aes_gcm_open_gb_per_s`` (one core opening 64 KiB pages into a reused buffer, as the
+recovery does, best of 5 passes over 16 MiB, measured in the run), whose quotient
+``encrypted_aes_floor_s`` is the CPU time AES-GCM alone adds to a sealed recovery.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,6 +58,7 @@ from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
 from cdp.store.base import ObjectStore
 from cdp.store.crypt import EncryptedStore
 from cdp.store.fs import FileStore
+from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
 from iofilter_sim.payloads import PayloadSource
 from rocva import Target, recover
@@ -129,17 +139,49 @@ async def build(root: Path, size: int, bar, keyring: StoreKeyring | None = None,
     return b, src, rng, half_sha
 
 
+def cpu_seconds() -> float:
+    """User + system seconds of this process (all its threads) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def time_recover(store_dir: Path, domain: int, target: Target, out: Path, rounds: int,
-                 keyring: StoreKeyring | None = None) -> tuple[float, Path]:
-    """Median seconds of ``rounds`` cold recoveries; the last image's path."""
+                 keyring: StoreKeyring | None = None, cpu: list[float] | None = None,
+                 results: list[dict] | None = None) -> tuple[float, Path]:
+    """Median seconds of ``rounds`` cold recoveries; the last image's path. ``cpu``: gets
+    each recovery's CPU seconds; ``results``: each recovery's summary."""
     times = []
     for _ in range(rounds):
         clear(out)
         evict(store_dir)
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         result = asyncio.run(recover(sealed(store_dir, keyring), domain, target, out, concurrency=CONCURRENCY))
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(cpu_seconds() - c0)
+        if results is not None:
+            results.append(result)
     return statistics.median(times), Path(result["images"][0]["path"])
+
+
+def aes_gcm_open_gb_per_s(keyring: StoreKeyring) -> float:
+    """One core opening sealed 64 KiB pages (``Unopened.open_into`` a reused buffer, as a
+    recovery's pool thread does): GB/s, best of 5 passes over 16 MiB of random data."""
+    data = os.urandom(16 * MiB)
+
+    async def unopened():
+        store = EncryptedStore(MemoryStore(), keyring)
+        await store.put("d/aes-benchmark", data)
+        return await store.get_unopened("d/aes-benchmark")
+
+    pages, out = asyncio.run(unopened()), bytearray(len(data))
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        pages.open_into(out)
+        best = min(best, time.perf_counter() - t0)
+    assert out == data
+    return len(data) / best / 1e9
 
 
 def time_cp(primary: Path, out: Path, rounds: int) -> float:
@@ -214,12 +256,18 @@ def main() -> None:
         bar.close()
         del b_sealed
         turns: dict[bool, list[float]] = {False: [], True: []}
-        for with_key in [False, True, True, False] * 2:
+        turns_cpu: dict[bool, list[float]] = {False: [], True: []}
+        sealed_results: list[dict] = []
+        for with_key in [False, True, True, False] * 3:
             seconds, image = time_recover(root / ("store-sealed" if with_key else "store"), b.domain,
-                                          Target.latest(), root / "out", 1, keyring if with_key else None)
+                                          Target.latest(), root / "out", 1, keyring if with_key else None,
+                                          cpu=turns_cpu[with_key], results=sealed_results if with_key else None)
             turns[with_key].append(seconds)
             verified &= sha256_file(image) == model_sha
         plain_turn_s, sealed_turn_s = statistics.median(turns[False]), statistics.median(turns[True])
+        plain_cpu_s, sealed_cpu_s = statistics.median(turns_cpu[False]), statistics.median(turns_cpu[True])
+        bytes_opened = sealed_results[-1]["bytes_fetched"]
+        aes_gb_s = aes_gcm_open_gb_per_s(keyring)
         shutil.rmtree(root / "store-sealed")
         clear(root / "out")
         cp_s = time_cp(primary, root / "cp-out", rounds)
@@ -279,6 +327,12 @@ def main() -> None:
         "plain_recover_latest_s": round(plain_turn_s, 3),
         "encrypted_recover_latest_s": round(sealed_turn_s, 3),
         "encrypted_ratio": round(plain_turn_s / sealed_turn_s, 3),
+        "plain_recover_cpu_s": round(plain_cpu_s, 3),
+        "encrypted_recover_cpu_s": round(sealed_cpu_s, 3),
+        "encrypted_cpu_ratio": round(plain_cpu_s / sealed_cpu_s, 3),
+        "encrypted_bytes_opened": bytes_opened,
+        "aes_gcm_open_gb_per_s": round(aes_gb_s, 2),
+        "encrypted_aes_floor_s": round(bytes_opened / 1e9 / aes_gb_s, 3),
         "verified": bool(verified),
     }
     emit(args, result, [
@@ -291,6 +345,9 @@ def main() -> None:
         ("16x churn after consolidation", f"{churn16_s:.2f} s ({churn16_s / latest_s:.2f}x)"),
         ("recover latest, sealed store", f"{sealed_turn_s:.2f} s vs {plain_turn_s:.2f} s plain "
                                          f"(ratio {plain_turn_s / sealed_turn_s:.2f})"),
+        ("  CPU, sealed vs plain", f"{sealed_cpu_s:.2f} s vs {plain_cpu_s:.2f} s (ratio {plain_cpu_s / sealed_cpu_s:.2f}); "
+                                  f"AES-GCM {aes_gb_s:.2f} GB/s a core: {bytes_opened / 1e9 / aes_gb_s:.3f} s "
+                                  f"for {bytes_opened / 1e6:,.0f} MB"),
         ("verified", str(bool(verified))),
     ])
 

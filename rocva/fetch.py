@@ -42,7 +42,8 @@ one raw chunk (4 MiB by default, 64 MiB at most), in the pool thread's buffer (a
 version-1 chunk: in python-lz4's output, twice while it copies it). So memory stays
 below ``concurrency × (2 × run_bytes_max + one block) + pool_workers × (2 × one
 chunk)``: 8 × 33 MiB + 2 × 8 MiB with the defaults and blocks of 1 MiB at most, 4 MiB chunks, 2
-CPUs.
+CPUs. From a sealed store (FORMAT.md §19) each pool thread also keeps the opened bytes of
+its largest unit (``_opened``): ``pool_workers × (2 × run_bytes_max + one block)`` more.
 """
 
 from __future__ import annotations
@@ -247,17 +248,31 @@ def pool_workers(concurrency: int) -> int:
 _scratch_local = threading.local()
 
 
-def _scratch(size: int) -> bytearray:
-    """This pool thread's reusable buffer for decompressed blocks or chunks, at least
-    ``size`` bytes (one ``block_raw_size``, 1 MiB by default, 16 MiB at most; one chunk,
-    4 MiB by default, 64 MiB at most).
+def _scratch(size: int, name: str = "buf") -> bytearray:
+    """This pool thread's reusable buffer ``name``, at least ``size`` bytes: ``buf`` for
+    decompressed blocks or chunks (one ``block_raw_size``, 1 MiB by default, 16 MiB at
+    most; one chunk, 4 MiB by default, 64 MiB at most), ``opened`` for the stored bytes
+    of one unit opened from a sealed store (``_opened``).
 
     A fresh buffer per block cost a page fault per 4 KiB every time (python-lz4's own
     output: two); the buffer lives as long as the pool's thread, i.e. one recovery."""
-    buf = getattr(_scratch_local, "buf", None)
+    buf = getattr(_scratch_local, name, None)
     if buf is None or len(buf) < size:
-        buf = _scratch_local.buf = bytearray(size)
+        buf = bytearray(size)
+        setattr(_scratch_local, name, buf)
     return buf
+
+
+def _opened(stored):
+    """The stored bytes of a unit: as fetched, or, from a sealed store (``Unopened``,
+    FORMAT.md §19), decrypted and checked here, in the pool thread, into its reused
+    ``opened`` buffer (a view valid for this job only).
+
+    Why here and not in the store's ``get``: that opens into a fresh buffer per object
+    (a page fault per 4 KiB, which this project's machines pay at ~0.3 GB/s) on one more
+    thread hand-off; here the pages are opened by the thread that decodes them next."""
+    open_into = getattr(stored, "open_into", None)
+    return stored if open_into is None else open_into(_scratch(len(stored), "opened"))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -380,7 +395,7 @@ def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeb
     ``namer``: the store's chunk names (``chunk_namer_of``). A sealed store's chunk is not
     hashed whole again: its seal binds it to its name (FORMAT.md §19.6; ``cdp verify --deep``
     does hash it), which saves an HMAC-SHA256 of every chunk recovered."""
-    raw = decode_chunk(unit.key, data, unit.hash16, out=_scratch(unit.chunk_len), namer=namer,
+    raw = decode_chunk(unit.key, _opened(data), unit.hash16, out=_scratch(unit.chunk_len), namer=namer,
                        check_name=namer is None)
     if len(raw) != unit.chunk_len:
         raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
@@ -452,6 +467,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     that page's bytes (< 4 KiB, copied) and they are written together with the next
     block's bytes of the same page.
     """
+    stored = _opened(stored)
     brs = unit.index.block_raw_size
     starts = unit.start
     ends = unit.start + unit.length  # pieces are sorted by start and disjoint in the stream
@@ -597,38 +613,73 @@ class Fetcher:
         self.writeback = writeback
         self.sparse = sparse
         self.namer = chunk_namer_of(store)  # how the store names chunks (FORMAT.md §19.6)
+        # A sealed store's runs and chunks are fetched unopened and opened by the pool
+        # job that decodes them (``_opened``).
+        self.unopened = _Unopening(store) if hasattr(store, "get_unopened") else None
         self.bytes_written = 0
         self.units_done = 0
 
     async def run(self, unit: Unit) -> int:
         """One GET (a partial chunk read: the head, then one per run of sub-blocks), then
-        one job on the pool that verifies, decodes and writes it all (one hand-off per
-        unit, not one per block: the event loop only schedules); the unit's digest."""
+        one job on the pool that verifies (opens, from a sealed store), decodes and writes
+        it all (one hand-off per unit, not one per block: the event loop only schedules);
+        the unit's digest."""
+        try:
+            return await self._run(unit, self.unopened)
+        except FormatError as exc:
+            if not getattr(exc, "stale_envelope", False):
+                raise
+        # Opened with a cached envelope that did not fit: the object may have been
+        # replaced since; ``get`` reads it with a fresh envelope and decides (cdp.store.crypt).
+        return await self._run(unit, None)
+
+    async def _run(self, unit: Unit, unopened: _Unopening | None) -> int:
         loop = asyncio.get_running_loop()
         if isinstance(unit, SegmentRun):
             try:
-                stored = await fetch_blocks(self.store, unit.index, unit.first_block, unit.last_block)
+                stored = await fetch_blocks(unopened or self.store, unit.index, unit.first_block, unit.last_block)
             except NotFound as exc:
                 raise NotFound(f"segment {unit.index.key} is missing from {self.store.describe()}") from exc
-            digest = await loop.run_in_executor(self.executor, _place_run, self.fds, unit, stored, self.writeback,
-                                                self.sparse)
+            digest = await _stale_marked(stored, loop.run_in_executor(
+                self.executor, _place_run, self.fds, unit, stored, self.writeback, self.sparse))
         else:
             try:
                 if unit.partial:
                     table, runs, stored = await _fetch_chunk_parts(self.store, unit)
                 else:
-                    table, runs, stored = None, [], [await self.store.get(unit.key)]
+                    table, runs, stored = None, [], [await (unopened or self.store).get(unit.key)]
             except NotFound as exc:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
             if table is None:
-                digest = await loop.run_in_executor(self.executor, _place_chunk, self.fds, unit, stored[0],
-                                                    self.writeback, self.sparse, self.namer)
+                digest = await _stale_marked(stored[0], loop.run_in_executor(
+                    self.executor, _place_chunk, self.fds, unit, stored[0], self.writeback, self.sparse, self.namer))
             else:
                 digest = await loop.run_in_executor(self.executor, _place_chunk_parts, self.fds, unit, table, runs,
                                                     stored, self.writeback, self.sparse)
         self.bytes_written += unit.nbytes
         self.units_done += 1
         return digest
+
+
+class _Unopening:
+    """A sealed store seen through its ``get_unopened``: ``get`` returns the ranges still
+    sealed (``cdp.store.crypt.Unopened``, whose ``len`` is the plaintext's, so
+    ``fetch_blocks`` checks it as it checks bytes)."""
+
+    def __init__(self, store) -> None:
+        self.get = store.get_unopened
+        self.describe = store.describe
+
+
+async def _stale_marked(stored, job) -> int:
+    """``await job`` (which opens ``stored``); a failure to open it with a cached envelope
+    (``Unopened.stale``) is marked ``stale_envelope`` for ``Fetcher.run`` to retry."""
+    try:
+        return await job
+    except FormatError as exc:
+        if getattr(stored, "stale", False):
+            exc.stale_envelope = True
+        raise
 
 
 async def execute(groups, fetcher: Fetcher, *, concurrency: int, skip: Callable[[str, int], bool],

@@ -78,9 +78,17 @@ class CountingStore:
         self.inner = inner
         self.gets = 0
         self.bytes = 0
+        if hasattr(inner, "get_unopened"):  # a sealed store (rocva.fetch opens in its pool)
+            self.get_unopened = self._get_unopened
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         data = await self.inner.get(key, offset, length)
+        self.gets += 1
+        self.bytes += len(data)
+        return data
+
+    async def _get_unopened(self, key: str, offset: int = 0, length: int | None = None):
+        data = await self.inner.get_unopened(key, offset, length)
         self.gets += 1
         self.bytes += len(data)
         return data

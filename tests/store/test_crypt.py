@@ -295,3 +295,118 @@ async def test_consolidation_retention_and_deep_verify_work_on_a_sealed_store(tm
     await window_survives(store, tmp_path)
     names = [info.key async for info in store.list("c/")]
     assert names and all(raw[:4] == b"CDPN" for raw in [await store.inner.get(k) for k in names])
+
+
+# --------------------------------------------------------------------------- unopened reads
+
+
+@SETTINGS
+@given(body=st.binary(max_size=3 * PAGE_BYTES + 100), data=st.data())
+def test_unopened_ranges_open_to_what_get_returns(body: bytes, data) -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        await EncryptedStore(inner, ring(KEY_A)).put("d/obj", body)
+        reader = EncryptedStore(inner, ring(KEY_A))
+        for _ in range(4):  # cold, then with the envelope cached
+            if data.draw(st.booleans()):
+                offset, length = 0, None
+            else:
+                offset, length = data.draw(st.integers(0, len(body) + 10)), data.draw(st.integers(0, len(body) + 10))
+            start, end = resolve_range(len(body), offset, length)
+            unopened = await reader.get_unopened("d/obj", offset, length)
+            assert len(unopened) == end - start
+            spare = data.draw(st.integers(-1, 5))  # -1: no buffer; else one with this many bytes to spare
+            buf = None if spare < 0 else bytearray(b"\xee" * (end - start + spare))
+            plain = unopened.open_into(buf)
+            assert bytes(plain) == body[start:end] == await reader.get("d/obj", offset, length)
+            if buf is not None and end > start:
+                assert bytes(buf[: end - start]) == body[start:end]  # opened in place, not copied elsewhere
+        with pytest.raises(ValueError):
+            await reader.get_unopened("d/obj", -5)
+    run(check())
+
+
+@SETTINGS
+@given(position=st.integers(0, sealed_size(len(BODY)) - 1), bit=st.integers(0, 7))
+def test_an_unopened_read_refuses_a_flipped_byte_by_name(position: int, bit: int) -> None:
+    async def check() -> None:
+        inner, raw = await _sealed(BODY)
+        bad = bytearray(raw)
+        bad[position] ^= 1 << bit
+        await inner.put("d/obj", bytes(bad))
+        with pytest.raises(IntegrityError) as err:
+            (await EncryptedStore(inner, ring(KEY_A)).get_unopened("d/obj")).open_into(bytearray(len(BODY)))
+        assert "'d/obj'" in err.value.message
+        if ENVELOPE_BYTES <= position < len(raw) - ENVELOPE_BYTES:
+            page = (position - ENVELOPE_BYTES) // SEALED_PAGE_BYTES
+            assert f"page {page} at offset {page_offset(page)}" in err.value.message
+            with pytest.raises(IntegrityError, match=f"page {page}"):
+                unopened = await EncryptedStore(inner, ring(KEY_A)).get_unopened("d/obj", page * PAGE_BYTES, 10)
+                unopened.open_into()
+    run(check())
+
+
+def test_an_unopened_read_with_a_stale_envelope_is_marked_and_get_reads_afresh() -> None:
+    async def check() -> None:
+        inner = MemoryStore()
+        reader, writer = EncryptedStore(inner, ring(KEY_A)), EncryptedStore(inner, ring(KEY_A))
+        await writer.put("d/obj", BODY)
+        assert await reader.get("d/obj", 5, 10) == BODY[5:15]  # the envelope is cached
+        fresh = await reader.get_unopened("d/obj", 5, 10)
+        assert fresh.cached and bytes(fresh.open_into()) == BODY[5:15] and not fresh.stale
+        other = bytes(reversed(BODY))
+        await writer.put("d/obj", other)  # replaced: another salt, another page key
+        unopened = await reader.get_unopened("d/obj", 5, 10)
+        with pytest.raises(IntegrityError, match="page 0"):
+            unopened.open_into()
+        assert unopened.stale
+        assert await reader.get("d/obj", 5, 10) == other[5:15]
+        # Not cached: a failure is the object's, not the envelope's.
+        bad = bytearray(await inner.get("d/obj"))
+        bad[ENVELOPE_BYTES + 3] ^= 1
+        await inner.put("d/obj", bytes(bad))
+        unopened = await EncryptedStore(inner, ring(KEY_A)).get_unopened("d/obj", 0, 10)
+        with pytest.raises(IntegrityError):
+            unopened.open_into()
+        assert not unopened.cached and not unopened.stale
+    run(check())
+
+
+async def test_recovery_opens_in_its_pool_retries_stale_envelopes_and_refuses_a_flipped_byte(tmp_path) -> None:
+    """rocva.fetch opens a sealed store's runs and chunks in its pool (``get_unopened``):
+    the images equal the model; segments replaced after the plan cached their envelopes
+    (same bytes, fresh salts) are read again with fresh ones; a flipped byte in a segment
+    is an IntegrityError naming it, and no image is published."""
+    import numpy as np
+
+    from rocva import Target, plan_recovery
+    from rocva.recover import execute_plan
+    from tests.rocva.build import seed_initial
+    from tests.rocva.domain import DomainBuilder, file_sha256, random_workload
+
+    inner = MemoryStore()
+    b = await DomainBuilder(EncryptedStore(inner, ring(KEY_A)), disks=(("vm", "d", 512 << 10),)).start()
+    rng = np.random.default_rng(5)
+    await seed_initial(b, 0, rng, chunk=64 << 10)
+    await random_workload(b, rng, 120, seal_every=15)
+    model = b.snapshot()
+    store = EncryptedStore(inner, ring(KEY_A))
+    plan = await plan_recovery(store, b.domain, Target.latest())
+    result = await execute_plan(store, plan, tmp_path / "a")
+    assert [file_sha256(im["path"]) for im in result["images"]] == model
+
+    plan = await plan_recovery(store, b.domain, Target.latest())  # caches every segment's envelope
+    writer = EncryptedStore(inner, ring(KEY_A))
+    for key in b.segment_keys:
+        await writer.put(key, await writer.get(key))  # the same plaintext, sealed afresh
+    result = await execute_plan(store, plan, tmp_path / "b")
+    assert [file_sha256(im["path"]) for im in result["images"]] == model
+
+    key = b.segment_keys[-1]
+    bad = bytearray(await inner.get(key))
+    bad[ENVELOPE_BYTES + 100] ^= 4
+    await inner.put(key, bytes(bad))
+    reader = EncryptedStore(inner, ring(KEY_A))
+    with pytest.raises(IntegrityError, match=f"{key}.*page 0 at offset {ENVELOPE_BYTES}"):
+        await execute_plan(reader, plan, tmp_path / "c")
+    assert not any(name.endswith(".img") for name in os.listdir(tmp_path / "c"))
