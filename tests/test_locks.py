@@ -8,6 +8,7 @@ import pytest
 
 from cdp.errors import FormatError
 from cdp.locks import KIND_RECOVERY, NO_DOMAIN, _HEADER, decode_lock, encode_lock
+from tests.waiting import EVENTUALLY_S, wait_until
 
 BODY = {"owner": "cdp recover", "host": "h", "pid": 42, "token": "ab" * 16, "created_ns": 5}
 KEY = "l/recovery/00000007/" + "cd" * 16 + ".lock"
@@ -157,10 +158,15 @@ async def test_a_renewal_whose_reply_was_lost_keeps_the_lease(tmp_path) -> None:
         def __getattr__(self, name):
             return getattr(inner, name)
 
-    lease = await recovery_lease(LostReply(), 3, owner="test", ttl_s=0.3)
+    # A ttl of whole seconds: the renewal window (ttl/3) must outlast a loaded machine's
+    # stalls, or the test would measure the machine instead of the adoption.
+    replies = LostReply()
+    lease = await recovery_lease(replies, 3, owner="test", ttl_s=3.0)
     try:
-        first = lease.etag
-        await asyncio.sleep(0.5)  # the lost reply, the adoption, and at least one renewal
+        first, first_expires = lease.etag, lease.expires_ns
+        # The lost reply, the adoption, then a renewal that moved the expiry.
+        await wait_until(lambda: replies.lost == 0 and lease.expires_ns > first_expires or lease.lost is not None,
+                         EVENTUALLY_S, "a renewal after the lost reply")
         lease.check()
         assert lease.lost is None
         assert lease.etag != first and lease.etag == (await inner.stat(lease.key)).etag
