@@ -7,4 +7,4 @@ them; a new campaign (kills, store faults) is a module plus its name here. Each 
 is also a test in the suite, in its quick form (``tests/torture/test_campaigns.py``).
 """
 
-CAMPAIGNS = ("power_loss", "wire_fuzz", "rest_fuzz", "store_faults")
+CAMPAIGNS = ("power_loss", "kills", "wire_fuzz", "rest_fuzz", "store_faults")

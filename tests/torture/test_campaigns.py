@@ -19,7 +19,7 @@ from cdp import durable
 from cdp.replog import ReplicationLog
 from tests.torture import CAMPAIGNS
 from tests.torture import __main__ as torture_main
-from tests.torture import power_loss, rest_fuzz, wire_fuzz
+from tests.torture import kills, power_loss, rest_fuzz, wire_fuzz
 from tests.torture.result import Result, total
 
 
@@ -39,6 +39,7 @@ def test_the_command_line_adds_up_and_fails_on_a_loss(capsys, monkeypatch):
     """``python -m tests.torture``: the JSON line, the totals, the exit code (the campaigns
     stubbed: each runs in its own test)."""
     figures = {"power_loss": Result("power_loss", crash_states=250, acked_checked=9000, elapsed_s=1.5),
+               "kills": Result("kills", kills=10, acked_checked=4000),
                "wire_fuzz": Result("wire_fuzz", cases=1100, elapsed_s=7.0),
                "rest_fuzz": Result("rest_fuzz", cases=1000, elapsed_s=9.0)}
     for name in CAMPAIGNS:  # the campaigns added later run nothing here
@@ -47,12 +48,27 @@ def test_the_command_line_adds_up_and_fails_on_a_loss(capsys, monkeypatch):
                             lambda quick, seed, progress, name=name: figures[name])
     assert torture_main.main(["--quick", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert list(doc) == [*CAMPAIGNS, "total"] and list(doc)[:3] == ["power_loss", "wire_fuzz", "rest_fuzz"]
+    assert list(doc) == [*CAMPAIGNS, "total"] and list(doc)[:4] == ["power_loss", "kills", "wire_fuzz", "rest_fuzz"]
     assert doc["total"]["cases"] == 2100 and doc["total"]["crash_states"] == 250 and doc["total"]["elapsed_s"] == 17.5
+    assert doc["total"]["kills"] == 10 and doc["total"]["acked_checked"] == 13000
     assert set(doc["total"]) == {"cases", "faults", "kills", "acked_checked", "lost", "false_fences",
                                  "daemon_crashes", "crash_states", "failures", "elapsed_s"}
     figures["wire_fuzz"].daemon_crashes = 1
     assert torture_main.main(["--quick", "--json", "--only", "wire_fuzz"]) == 1
+
+
+def test_kills_quick():
+    """At least 10 SIGKILLs, every kind of process among them (DRVA, simulated host, MSA,
+    RocVA), nothing acknowledged lost, every recovery byte-exact, every killed job
+    finished on its rerun; and no resync window behind a DRVA kill (the spill journal)."""
+    res = kills.run(quick=True)
+    assert res.passed, res.problems
+    assert res.kills >= 10 and res.lost == 0 and res.acked_checked > 0, res.figures()
+    assert all(res.notes["kinds"].get(k) for k in ("drva", "sim", "msa", "rocva")), res.notes["kinds"]
+    rocva = res.notes["rocva"]
+    assert rocva["recoveries_checked"] == rocva["recoveries_exact"] >= 3, rocva
+    assert rocva.get("consolidations_finished", 0) + rocva.get("consolidate_done_before_kill", 0) >= 1, rocva
+    assert res.notes["drva_kills"] >= 1 and res.notes["drva_kill_window_seqs"] == 0, res.notes
 
 
 @pytest.mark.parametrize("workload", ["own", "drva"])
