@@ -242,23 +242,35 @@ class FaultProxy:
                 if fault in ("error_503", "error_500"):
                     cwriter.write(self._error(int(fault[-3:]), method))
                     await cwriter.drain()
-                    return  # Connection: close
+                    cwriter.close()  # Connection: close, an orderly end (a reset could lose the answer)
+                    return
                 if fault == "timeout":
                     await asyncio.sleep(self.timeout_s)
                     return  # reset below
                 if fault == "slow_list":
                     await asyncio.sleep(self.slow_list_s)
-                if up is None:
-                    up = await asyncio.open_connection(*self.target, limit=HEAD_BYTES_MAX)
-                    self._writers.add(up[1])
-                ureader, uwriter = up
-                if fault == "reset_put" and len(body) >= CUT_BYTES_MIN:
-                    uwriter.write(req.head(headers) + body[: len(body) // 2])
-                    await uwriter.drain()
+                if fault == "reset_put":
+                    up = await self._upstream(up)
+                    up[1].write(req.head(headers) + body[: len(body) // 2])
+                    await up[1].drain()
                     return
-                uwriter.write(req.head(headers) + body)
-                await uwriter.drain()
-                resp = await _read_head(ureader)
+                for reused in (up is not None, False):
+                    # A kept-alive upstream connection the server closed meanwhile is no
+                    # fault of ours to pass on: the request goes again on a new one.
+                    if not reused and up is not None:
+                        up[1].transport.abort()
+                        self._writers.discard(up[1])
+                        up = None
+                    up = await self._upstream(up)
+                    ureader, uwriter = up
+                    try:
+                        uwriter.write(req.head(headers) + body)
+                        await uwriter.drain()
+                        resp = await _read_head(ureader)
+                    except ConnectionError:
+                        resp = None
+                    if resp is not None or not reused:
+                        break
                 if resp is None:
                     return
                 while resp.first.split(" ", 2)[1].startswith("1"):  # an interim answer
@@ -301,6 +313,15 @@ class FaultProxy:
                 cwriter.transport.abort()
             self._writers.discard(cwriter)
             self._tasks.discard(task)
+
+    async def _upstream(self, up: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """``up`` when given, else a new connection to the server (the old one dropped)."""
+        if up is not None:
+            return up
+        up = await asyncio.open_connection(*self.target, limit=HEAD_BYTES_MAX)
+        self._writers.add(up[1])
+        return up
 
     def _count(self, fault: str, method: str, target: str) -> None:
         self.injected[fault] += 1

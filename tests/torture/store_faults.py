@@ -12,7 +12,8 @@ seconds — at the proxies 503 ``SlowDown``/``ServerBusy``, 500, timeouts (no an
 the client's read timeout), connections reset in the middle of a PUT body or of a GET's
 answer, GET answers cut short, PUTs forwarded whole whose answer is lost, slow listings;
 in the store wrapper lost replies, failed calls and a hang of every PUT — each kind
-forced once a round and then drawn at random; then switches them off and waits for the
+forced once a round and then drawn at random, and at the end a storm of 503s on every
+request (``storm_s``) so that the RPO lag climbs; then switches them off and waits for the
 RPO lag of both domains to come back under ``RPO_HEALTHY_S`` with the load still running
 (else ``failures``). At the end the load stops, the filters drain and, read straight from
 moto and Azurite (no proxy): every acknowledged seq is committed in the catalog (each
@@ -21,20 +22,27 @@ one missing counts in ``lost``) and the replay of the store equals the primary d
 (nobody else writes these domains), a DRVA task that died in ``daemon_crashes``. Then
 each domain is recovered (``rocva.recover``) ``recoveries`` times through its faulting
 proxy, with resets and truncations of GET answers — also ``short_get``, whose
-``Content-Length`` is rewritten so that only the object formats can tell: each recovery
+``Content-Length`` is rewritten so that only the object formats can tell: each attempt
 must give images equal to the primaries or raise an error whose message names the
-object it could not read (else ``failures``).
+object it could not read (else ``failures``). A refused recovery is run again into the
+same directory (a resume), with fewer faults, the last attempt with none: it must then
+be exact.
 
 **Locks** (``parts`` holds "locks"). Per backend, through a proxy of its own, a holder
-takes a maintenance lock (FORMAT.md §11.2) with a short TTL; its renewals meet a lost PUT
-reply, 503s and slow listings. A second process whose clock runs ahead *within* the skew
+takes a maintenance lock (FORMAT.md §11.2) with a short TTL, its conditional create's
+answer lost (refused as ``Busy``: ``false_fences``); its renewals meet a lost PUT reply,
+503s and slow listings. A second process whose clock runs ahead *within* the skew
 allowance must be refused (``Busy``) and the holder must keep its lease through two
 renewals (else ``false_fences``); then one whose clock runs ahead *past* the allowance
 takes the lock, and the holder must notice it lost it within its renewal window (else
 ``failures``: two holders). Clock skew is per asyncio task (``_SkewedTime``): each
 "process" has its own clock, like hosts do.
 
-``faults`` counts every fault injected; ``notes["faults"]`` by kind.
+``faults`` counts every fault injected; ``notes["faults"]`` by kind (the proxies' kinds,
+``store_injected`` and ``store_hang`` for the store wrapper, ``clock_skew``);
+``notes["outcomes"]`` what the recoveries and the lock scenarios came to;
+``notes["rpo_lag_max_s"]`` and ``notes["rpo_recovery_s"]`` per round, the worst RPO lag
+while the faults fired and how long it took to get healthy once they stopped.
 """
 
 from __future__ import annotations
@@ -115,12 +123,13 @@ CREDS = ("torture-access-key", "torture-secret-key")
 class Plan:
     rounds: int  # fault rounds of the ingest
     round_s: float  # seconds of faults a round
+    storm_s: float  # then seconds of 503s on every request
     recoveries: int  # recoveries per domain through the faulting proxy
     lock_scenarios: int  # lock scenarios per backend
 
 
-QUICK = Plan(rounds=1, round_s=4.0, recoveries=1, lock_scenarios=1)
-LONG = Plan(rounds=6, round_s=15.0, recoveries=4, lock_scenarios=3)
+QUICK = Plan(rounds=1, round_s=3.0, storm_s=3.0, recoveries=1, lock_scenarios=1)
+LONG = Plan(rounds=6, round_s=15.0, storm_s=4.0, recoveries=4, lock_scenarios=3)
 
 # ------------------------------------------------------------------ clocks per task
 
@@ -204,9 +213,11 @@ class _Run:
         self.kinds: Counter[str] = Counter()  # faults by kind, other than the proxies'
         self.outcomes: Counter[str] = Counter()
         self.refusals: list[str] = []  # the first words of each refused recovery
-        self.rpo_recovery_s: list[float] = []
+        self.rpo_recovery_s: list[float] = []  # per round: from the faults' end to a healthy lag
+        self.rpo_lag_max_s: list[float] = []  # per round: the worst lag seen while faults fired
         self.backends: list[Backend] = []
         self.faulty: dict[str, FaultyStore] = {}
+        self.undrained: set[int] = set()  # domains whose captured writes are not all in the store
 
     # -- ingest ------------------------------------------------------------
 
@@ -260,6 +271,7 @@ class _Run:
         if d.failure is not None:
             res.problem("daemon_crashes", f"a DRVA task failed: {d.failure!r}")
         await self._check_store(filters, disks)
+        self.progress(f"{NAME}: {self.res.acked_checked} acknowledged seqs checked in the store")
         await self._recoveries(disks)
 
     async def _fault_round(self, d: Any, r: int) -> None:
@@ -272,6 +284,14 @@ class _Run:
             faulty.set_error_rate("put", STORE_LOST_REPLY_RATE, seed=self.seed + r, after=True)
             faulty.set_error_rate("get", STORE_ERROR_RATE, seed=self.seed + r)
             faulty.set_error_rate("list", STORE_ERROR_RATE, seed=self.seed + r)
+        lags: list[float] = []
+
+        async def sample() -> None:
+            while True:
+                lags.append(max(dom.rpo_lag_s() for dom in d.domains.values()))
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample())
         try:
             # The faults last round_s: the wait is the point. Halfway, every PUT hangs a while.
             await asyncio.sleep(self.plan.round_s / 2)
@@ -282,11 +302,19 @@ class _Run:
             for faulty in self.faulty.values():
                 faulty.release("put")
             await asyncio.sleep(max(0.0, self.plan.round_s / 2 - STORE_HANG_S))
+            # Then a storm: every request throttled, long enough for the RPO lag to climb
+            # past what a healthy path shows, so that its coming back means something.
+            for b in self.backends:
+                b.ingest.set_rates({"error_503": 1.0})
+            await asyncio.sleep(self.plan.storm_s)
         finally:
             for b in self.backends:
                 b.ingest.clear()
             for faulty in self.faulty.values():
                 faulty.clear()
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        self.rpo_lag_max_s.append(round(max(lags, default=0.0), 2))
         off = time.monotonic()
         self.res.cases += 1
         try:
@@ -299,7 +327,8 @@ class _Run:
             self.res.problem("failures", f"round {r}: {exc}: lags {lags}, last errors "
                              f"{[dom.stats.last_error for dom in d.domains.values()]}")
         self.progress(f"{NAME}: round {r + 1}/{self.plan.rounds}: faults so far {dict(self._faults())}, "
-                      f"RPO back in {self.rpo_recovery_s[-1:]} s")
+                      f"RPO lag at most {self.rpo_lag_max_s[-1]} s, back under {RPO_HEALTHY_S:g} s in "
+                      f"{self.rpo_recovery_s[-1:]} s")
 
     async def _drain(self, d: Any, filters: list[Any]) -> None:
         def drained() -> bool:
@@ -314,45 +343,57 @@ class _Run:
 
     async def _check_store(self, filters: list[Any], disks: list[Any]) -> None:
         """Read straight from the services: every acked seq committed, the replay exact."""
-        for f, disk, b in zip(filters, disks, self.backends):
-            store = b.store()
+        await asyncio.gather(*(self._check_domain(*args) for args in zip(filters, disks, self.backends)))
+
+    async def _check_domain(self, f: Any, disk: Any, b: Backend) -> None:
+        store = b.store()
+        try:
+            head, generation = await load_catalog(store, f.domain)
+            committed = 0 if head is None else CatalogView(store, head, generation).committed_seq
+            self.res.acked_checked += f.acked_seq
+            if committed < f.acked_seq:
+                self.res.problem("lost", f"domain {f.domain} ({b.kind}): acknowledged up to seq {f.acked_seq}, "
+                                 f"the catalog commits only {committed}", f.acked_seq - committed)
+            if committed < f.next_seq - 1:
+                # Not drained (reported): the primary holds writes the store does not have,
+                # so neither the replay nor a recovery can be compared with it.
+                self.undrained.add(f.domain)
+                return
             try:
-                head, generation = await load_catalog(store, f.domain)
-                committed = 0 if head is None else CatalogView(store, head, generation).committed_seq
-                self.res.acked_checked += f.acked_seq
-                if committed < f.acked_seq:
-                    self.res.problem("lost", f"domain {f.domain} ({b.kind}): acknowledged up to seq {f.acked_seq}, "
-                                     f"the catalog commits only {committed}", f.acked_seq - committed)
-                    continue
-                try:
-                    await check_store(store, f.domain, [disk.sha256()], self.tmp)
-                except (AssertionError, CdpError) as exc:
-                    self.res.problem("lost", f"domain {f.domain} ({b.kind}): the store's replay is not the "
-                                     f"primary: {exc}")
-            finally:
-                await store.close()
+                await check_store(store, f.domain, [disk.sha256()], self.tmp)
+            except (AssertionError, CdpError) as exc:
+                self.res.problem("lost", f"domain {f.domain} ({b.kind}): the store's replay is not the "
+                                 f"primary: {exc}")
+        finally:
+            await store.close()
 
     async def _recoveries(self, disks: list[Any]) -> None:
-        """Recover each domain through its faulting proxy, as an operator would: again into
-        the same directory (a resume) after a refusal, with fewer faults, the last attempt
-        with none. Each attempt is exact or refused naming the object; the last is exact."""
-        for domain, (disk, b) in enumerate(zip(disks, self.backends), start=1):
-            direct = b.store()
+        """Recover each domain through its faulting proxy (the two side by side), as an
+        operator would: again into the same directory (a resume) after a refusal, with
+        fewer faults, the last attempt with none. Each attempt is exact or refused naming
+        the object; the last is exact."""
+        await asyncio.gather(*(self._recover_domain(domain, disk, b)
+                               for domain, (disk, b) in enumerate(zip(disks, self.backends), start=1)))
+
+    async def _recover_domain(self, domain: int, disk: Any, b: Backend) -> None:
+        if domain in self.undrained:
+            return
+        direct = b.store()
+        try:
+            keys = {info.key async for info in direct.list("")}
+        finally:
+            await direct.close()
+        expected = disk.sha256()
+        for i in range(self.plan.recoveries):
+            out = self.tmp / f"recovered-{domain}-{i}"
             try:
-                keys = {info.key async for info in direct.list("")}
+                for attempt in range(RECOVERY_ATTEMPTS):
+                    if await self._recovery(domain, b, out, expected, keys, i, attempt):
+                        break
             finally:
-                await direct.close()
-            expected = disk.sha256()
-            for i in range(self.plan.recoveries):
-                out = self.tmp / f"recovered-{domain}-{i}"
-                try:
-                    for attempt in range(RECOVERY_ATTEMPTS):
-                        if await self._recovery(domain, b, out, expected, keys, i, attempt):
-                            break
-                finally:
-                    shutil.rmtree(out, ignore_errors=True)
-            self.progress(f"{NAME}: domain {domain} ({b.kind}): {self.plan.recoveries} recoveries, "
-                          f"outcomes so far {dict(self.outcomes)}")
+                shutil.rmtree(out, ignore_errors=True)
+        self.progress(f"{NAME}: domain {domain} ({b.kind}): {self.plan.recoveries} recoveries, "
+                      f"outcomes so far {dict(self.outcomes)}")
 
     async def _recovery(self, domain: int, b: Backend, out: Path, expected: str, keys: set[str], i: int,
                         attempt: int) -> bool:
@@ -417,8 +458,16 @@ class _Run:
 
     async def _lock_scenario(self, b: Backend, holder: Any, other: Any, i: int) -> None:
         res = self.res
-        lease = await maintenance_lock(holder, LOCK_DOMAIN, owner="torture holder", ttl_s=LOCK_TTL_S,
-                                       skew_s=LOCK_SKEW_S)
+        res.cases += 1
+        b.locks.force("lost_put_reply")  # the holder's conditional create lands, its answer is lost
+        try:
+            lease = await maintenance_lock(holder, LOCK_DOMAIN, owner="torture holder", ttl_s=LOCK_TTL_S,
+                                           skew_s=LOCK_SKEW_S)
+        except Busy as exc:
+            res.problem("false_fences", f"{b.kind}: a lock whose create's answer was lost is refused to its "
+                        f"own taker: {exc}")
+            return
+        self.outcomes["lock_taken_through_a_lost_reply"] += 1
         first_expiry = lease.expires_ns
         try:
             b.locks.set_rates(LOCK_RATES)
@@ -495,7 +544,11 @@ async def _campaign(run_: _Run, parts: tuple[str, ...]) -> None:
     proxies: list[FaultProxy] = []
     saved_time = cdp.locks.time
     try:
-        await asyncio.gather(asyncio.to_thread(moto.start), asyncio.to_thread(azurite.start))
+        started = await asyncio.gather(asyncio.to_thread(moto.start), asyncio.to_thread(azurite.start),
+                                       return_exceptions=True)  # both done before either is stopped
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
         name = f"faults-{uuid.uuid4().hex[:12]}"
         for i, (kind, port) in enumerate((("s3", moto.port), ("azure", azurite.port))):
             ingest = await FaultProxy(port, kind, seed=run_.seed * 7 + i).start()
@@ -511,6 +564,7 @@ async def _campaign(run_: _Run, parts: tuple[str, ...]) -> None:
             finally:
                 await admin.close()
         cdp.locks.time = _SkewedTime()
+        run_.progress(f"{NAME}: moto on {moto.port}, Azurite on {azurite.port}, proxies up")
         jobs = []
         if "ingest" in parts:
             jobs.append(run_.ingest())
@@ -529,8 +583,9 @@ async def _campaign(run_: _Run, parts: tuple[str, ...]) -> None:
 
 
 def run(quick: bool = False, seed: int = 14, progress: Callable[[str], None] = lambda s: None,
-        parts: tuple[str, ...] = ("ingest", "locks")) -> Result:
-    plan = QUICK if quick else LONG
+        parts: tuple[str, ...] = ("ingest", "locks"), plan: Plan | None = None) -> Result:
+    """The campaign (its ``parts``), in the size ``quick`` says unless ``plan`` is given."""
+    plan = plan or (QUICK if quick else LONG)
     res = Result(NAME)
     t0 = time.monotonic()
     # The DRVA, the SDKs and the leases log every fault they meet: with no handler set up
@@ -551,7 +606,7 @@ def run(quick: bool = False, seed: int = 14, progress: Callable[[str], None] = l
     res.elapsed_s = time.monotonic() - t0
     res.notes = {"faults": dict(sorted(kinds.items())), "outcomes": dict(run_.outcomes),
                  "refusals": run_.refusals[:10],
-                 "rpo_recovery_s": run_.rpo_recovery_s,
+                 "rpo_lag_max_s": run_.rpo_lag_max_s, "rpo_recovery_s": run_.rpo_recovery_s,
                  "lock_faults": {b.kind: dict(b.locks.injected) for b in run_.backends},
                  "requests": {b.kind: dict(b.ingest.requests + b.locks.requests) for b in run_.backends}}
     return res

@@ -235,16 +235,18 @@ def test_store_faults_quick():
     outcomes = res.notes["outcomes"]
     assert sum(n for o, n in outcomes.items() if o.startswith("exact_at_attempt_")) == 2, outcomes
     assert outcomes["skew_within_refused"] == outcomes["lease_kept_through_faults"] == 2, outcomes
-    assert outcomes["holder_saw_takeover"] == 2, outcomes
+    assert outcomes["holder_saw_takeover"] == outcomes["lock_taken_through_a_lost_reply"] == 2, outcomes
     assert all(f.get("lost_put_reply") for f in res.notes["lock_faults"].values()), res.notes["lock_faults"]
     assert len(res.notes["rpo_recovery_s"]) == store_faults.QUICK.rounds, res.notes
+    assert max(res.notes["rpo_lag_max_s"]) > store_faults.QUICK.storm_s / 2, res.notes  # it climbed, came back
 
 
 def test_store_faults_reports_a_false_fence_and_a_wrong_recovery(monkeypatch):
-    """Break two guarantees and see the campaign say so: a lease renewal whose reply was
-    lost is no longer recognised as the holder's own write (the lease is lost with nobody
-    else holding it: a false fence), and a recovery hands back an image with one byte
-    wrong and no error (what accepting a corrupt GET body unnoticed would do)."""
+    """Break two guarantees and see the campaign say so: a lock write whose reply was lost
+    is no longer recognised as the holder's own (the lock is refused to its taker, or
+    the lease lost, with nobody else holding it: a false fence), and a recovery hands
+    back an image with one byte wrong and no error (what accepting a corrupt GET body
+    unnoticed would do)."""
     from cdp.locks import Lease
     from tests.torture import store_faults
 
@@ -264,9 +266,11 @@ def test_store_faults_reports_a_false_fence_and_a_wrong_recovery(monkeypatch):
         return summary
 
     monkeypatch.setattr(store_faults, "rocva_recover", corrupting_recover)
-    res = store_faults.run(quick=True)
+    res = store_faults.run(plan=store_faults.Plan(rounds=1, round_s=1.0, storm_s=0.0, recoveries=1,
+                                                  lock_scenarios=1))
     assert not res.passed
     assert res.false_fences >= 1, res.figures()
-    assert any("lost its lease with nobody else holding it" in p for p in res.problems), res.problems
+    assert any("refused to its own taker" in p or "lost its lease with nobody else holding it" in p
+               for p in res.problems), res.problems
     assert res.failures >= 2, res.figures()  # each domain's recovery
     assert any("gave a wrong image and raised nothing" in p for p in res.problems), res.problems
