@@ -361,6 +361,13 @@ def test_an_unopened_read_with_a_stale_envelope_is_marked_and_get_reads_afresh()
             unopened.open_into()
         assert unopened.stale
         assert await reader.get("d/obj", 5, 10) == other[5:15]
+        # An empty object read whole still has its one empty page checked.
+        await writer.put("d/empty", b"")
+        assert (await reader.get_unopened("d/empty")).open_into() == b""
+        empty = await inner.get("d/empty")
+        await inner.put("d/empty", empty[:70] + bytes([empty[70] ^ 1]) + empty[71:])
+        with pytest.raises(IntegrityError, match="page 0 at offset 64"):
+            (await EncryptedStore(inner, ring(KEY_A)).get_unopened("d/empty")).open_into(bytearray(8))
         # Not cached: a failure is the object's, not the envelope's.
         bad = bytearray(await inner.get("d/obj"))
         bad[ENVELOPE_BYTES + 3] ^= 1
