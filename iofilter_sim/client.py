@@ -60,6 +60,7 @@ class FilterClient:
         # Called as on_mark(domain, name, seq) right after a requested mark is inserted,
         # before anything else runs: the primaries are exactly at the mark then.
         self.on_mark: Callable[[int, str, int], None] | None = None
+        self._live: dict[int, DomainFilter] = dict(self.filters)  # the domains of the current session
         for f in filters:
             f.on_change = self._wake.set
 
@@ -68,6 +69,11 @@ class FilterClient:
     async def run(self) -> None:
         attempt = 0
         while True:
+            if all(f.fenced for f in self.filters.values()):
+                # Every domain runs at another site now: nothing may be sent, ever.
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             try:
                 reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls,
                                                                server_hostname=self.server_name)
@@ -100,9 +106,12 @@ class FilterClient:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         where = f"DRVA {self.host}:{self.port}"
         nonce = wire.new_nonce()
+        # A fenced domain is left out: the DRVA refuses a HELLO naming one (and with it
+        # the whole session), which would stop every other domain of this filter too.
+        self._live = {d: f for d, f in self.filters.items() if not f.fenced}
         writer.writelines(wire.control(wire.HELLO, {
             "version": wire.WIRE_VERSION, "filter": self.name, "site": self.site,
-            "domains": sorted(self.filters), "nonce": nonce.hex()}))
+            "domains": sorted(self._live), "nonce": nonce.hex()}))
         try:
             challenge = await self._expect(reader, wire.CHALLENGE, where)
         except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
@@ -119,7 +128,7 @@ class FilterClient:
         if not wire.mac_matches(wire.drva_mac(self.secret, nonce, drva_nonce, drva_name), welcome.get("mac")):
             raise AuthError(f"{where} failed to prove it knows the site secret")
         for domain, st in (welcome.get("domains") or {}).items():
-            f = self.filters.get(int(domain))
+            f = self._live.get(int(domain))
             if f is None:
                 continue
             durable = int(st.get("durable_seq", 0))
@@ -139,7 +148,7 @@ class FilterClient:
         self.connected = True
         self.connections += 1
         self._writer = writer
-        log.info("filter_connected", drva=where, drva_name=drva_name, domains=sorted(self.filters))
+        log.info("filter_connected", drva=where, drva_name=drva_name, domains=sorted(self._live))
         tasks = [asyncio.create_task(self._receive(reader, where)), asyncio.create_task(self._send(writer))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -218,11 +227,12 @@ class FilterClient:
     async def _send(self, writer: asyncio.StreamWriter) -> None:
         """Send unsent frames, oldest first; a FILTER_STATE per domain every second."""
         loop = asyncio.get_running_loop()
+        live = list(self._live.values())  # this session's domains: a fenced one is not among them
         next_state = 0.0
         reported: dict[int, str] = {}
         while True:
             sent = 0
-            for f in self.filters.values():
+            for f in live:
                 # Re-read the buffer after every await: capture may have dropped unsent
                 # frames meanwhile (bitmap mode), and their seqs are reused.
                 while not f.backpressure and (frame := f.next_unsent()) is not None:
@@ -232,18 +242,18 @@ class FilterClient:
                     if sent >= SEND_WINDOW_BYTES:
                         await writer.drain()
                         sent = 0
-            for f in self.filters.values():
+            for f in live:
                 if f.mode != "normal":  # bitmap/resync: the path is up, move dirty regions
                     f.resync_step(self.connected)
-            modes = {d: f.mode for d, f in self.filters.items()}
+            modes = {f.domain: f.mode for f in live}
             if loop.time() >= next_state or modes != reported:
-                for f in self.filters.values():
+                for f in live:
                     writer.writelines(wire.control(wire.FILTER_STATE, f.state()))
                 next_state, reported = loop.time() + STATE_EVERY_S, modes
             await writer.drain()
             self._wake.clear()
             if not any((f.next_unsent() and not f.backpressure) or (f.mode != "normal" and f.healthy(True))
-                       for f in self.filters.values()):
+                       for f in live):
                 # Not wait_for (Python 3.11): a cancellation landing as the wake fires
                 # would be dropped and this loop would run on, so a stop never ended.
                 try:

@@ -1,6 +1,7 @@
 """A domain fenced on a DRVA (its timeline now belongs to another site) must not hold
-the replication log back from the DRVA's other domains (issue 9, defect 1): the fenced
-domain's entries will never be committed here, so the log trims past them."""
+back the DRVA's other domains: not the replication log (issue 9, defect 1: the fenced
+domain's entries will never be committed here, so the log trims past them), and not
+their filter's session (the filter leaves the fenced domain out of its next HELLO)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ async def test_a_fenced_domain_does_not_stop_the_log_from_trimming(tmp_path) -> 
         await fork_timeline(FileStore(tmp_path / "store"), 1, d.domains[1].committed_seq, "site-b")
         filters[0].capture(*random_writes(rng, [DISK], 16, 16))
         await wait_until(lambda: d.domains[1].fenced, WAIT_S, "domain 1 fenced")
+        # Domain 1's filter writes on: its next frame is refused as fenced, the session
+        # ends, and the filter must come back without domain 1 (a HELLO naming it would
+        # be refused whole, and domain 2 would stop with it).
+        filters[0].capture(*random_writes(rng, [DISK], 16, 16))
+        await wait_until(lambda: filters[0].fenced, WAIT_S, "the filter to learn domain 1 is fenced")
         # Domain 2 writes three times the log's size: only trimming past domain 1 makes room.
         written = 0
         while written < 3 * (8 << 20):
@@ -50,6 +56,7 @@ async def test_a_fenced_domain_does_not_stop_the_log_from_trimming(tmp_path) -> 
         await wait_until(lambda: d.domains[2].committed_seq == filters[1].next_seq - 1, WAIT_S, "domain 2 committed")
         assert filters[1].mode == "normal"  # never fell back to the dirty-region bitmap
         assert d.domains[1].fenced and not d.domains[2].fenced
+        assert client.connections >= 2  # reconnected after the refusal, for domain 2 alone
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
