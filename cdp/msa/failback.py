@@ -21,11 +21,14 @@ half-written).
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cdp import durable
 from cdp.errors import CdpError, ConfigError, FailoverRefused
 from cdp.logs import get_logger
 from cdp.msa.failover import _find, _handover, _Quiet, check_domain_name, run_appliance
@@ -231,8 +234,9 @@ async def extent_files(daemon: Any, name: str, req: Any) -> dict[int, tuple[Path
 async def release_failed_over(daemon: Any, name: str) -> dict[str, Any]:
     """At the site a domain had failed over to: the domain runs at another site again
     (its current timeline is not this site's): power its VMs off if they are on, stop
-    protecting it, unregister its VMs and the on-demand hosts they took, and remove the
-    failover record. Refused while the domain still runs here."""
+    protecting it, unregister its VMs and the on-demand hosts they took, move the disks
+    they ran on aside (``_move_images_aside``) and remove the failover record. Refused
+    while the domain still runs here."""
     from cdp.msa import registry
     from cdp.msa.failover import record_path as failover_record
 
@@ -253,8 +257,33 @@ async def release_failed_over(daemon: Any, name: str) -> dict[str, Any]:
     remaining = registry.without_domain(reg, name)
     registry.save_registry(cfg.state_dir, remaining)
     daemon.reload_config()
+    kept = await asyncio.to_thread(_move_images_aside, cfg.cluster.state_dir, name)
     failover_record(cfg.state_dir, name).unlink(missing_ok=True)
     left = {h["name"] for h in remaining["hosts"]}
     removed = sorted(h["name"] for h in reg["hosts"] if h["name"] not in left)
-    log.info("failed_over_domain_released", domain=name, now_at=where["site"], hosts_removed=removed)
-    return {"domain": name, "site": cfg.site, "released": True, "runs_at": where["site"], "hosts_removed": removed}
+    log.info("failed_over_domain_released", domain=name, now_at=where["site"], hosts_removed=removed,
+             images_kept=str(kept) if kept else None)
+    return {"domain": name, "site": cfg.site, "released": True, "runs_at": where["site"], "hosts_removed": removed,
+            "images_kept": str(kept) if kept else None}
+
+
+def _move_images_aside(datastore: Path, name: str) -> Path | None:
+    """Rename ``<datastore>/<name>/`` (the disks the domain ran on here, and the
+    appliance's record of that failover) to ``<name>.released-<UTC time>``: a later
+    failover to this site rehydrates into a fresh ``<name>/`` instead of finding these
+    images and refusing to overwrite them. Moved, not deleted: after a failback that read
+    the store because this site was unreachable, they are the only copy of what its VMs
+    wrote last and never shipped; the operator removes them once that is settled."""
+    images = datastore / name
+    if not images.is_dir():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(1000):
+        kept = datastore / f"{name}.released-{stamp}{f'-{n}' if n else ''}"
+        if not kept.exists():
+            break
+    else:
+        raise ConfigError(f"{images}: cannot move it aside, {kept} and 999 others exist")
+    os.rename(images, kept)
+    durable.fsync_dir(datastore)  # the rename survives a crash before the record goes
+    return kept

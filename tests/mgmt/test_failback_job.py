@@ -7,6 +7,7 @@ into A's disks, A's DRVA adopts the new timeline, A's VMs run, B releases the do
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,9 +73,19 @@ async def test_failback_brings_the_domain_home_moving_only_what_changed(tmp_path
         await power_off_and_commit(a)
         again = await failback(a)
         assert again["state"] == "failed" and "nothing to fail back" in again["error"], again
+        # B's release moved the disks it ran on aside (never deleted): a new failover to B
+        # rehydrates fresh ones instead of refusing to overwrite them.
+        kept = Path(out["release"]["images_kept"])
+        assert kept.parent == b.cfg.cluster.state_dir and kept.name.startswith("erp.released-"), kept
+        assert sorted(p.name for p in kept.glob("*.img")) and not (b.cfg.cluster.state_dir / "erp").exists()
+        over_again = await failover(b, target="latest")
+        assert over_again["state"] == "succeeded", over_again
+        assert over_again["output"]["parent_timeline"] == 3, over_again["output"]
+        await b.power("erp", False)
     store = FileStore(sites.store)
     state, _ = await load_catalog(store, 1)
-    assert state.current == 3 and state.timeline().owner == "site-a"
+    assert state.timeline(3).owner == "site-a"
+    assert state.current == 4 and state.timeline().owner == "site-b" and state.timeline().parent == 3
     # A's disks were B's at the mark: what A wrote since on top of them is the new
     # timeline's latest point, byte for byte.
     latest = await recover(store, 1, Target.latest(), tmp_path / "t3", timeline=3)

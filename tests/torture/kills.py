@@ -841,12 +841,15 @@ async def failover_round(ctx: Ctx) -> None:
             else:
                 ctx.res.acked_checked += seq - int(out["fork_seq"])
     ctx.timeline = int(back["timeline"])
-    # The release leaves B's images of this failover (and the appliance's failover.json)
-    # in B's datastore, where the next failover to B would refuse to overwrite them: the
-    # operator's cleanup, done here (a finding of this campaign, not a kill's doing).
-    stale = ctx.sites.b.cfg.cluster.state_dir / "erp"
-    if stale.exists():
-        shutil.rmtree(stale)
+    # The release moves B's images of this failover aside (erp.released-*), so that the
+    # next failover to B rehydrates fresh ones; what was moved aside is the operator's
+    # to remove, done here to keep the campaign's datastore small.
+    datastore = ctx.sites.b.cfg.cluster.state_dir
+    if (datastore / "erp").exists():
+        ctx.res.problem("failures", f"the release left {datastore / 'erp'} in place: the next failover to B "
+                                    f"would refuse to overwrite it")
+    for kept in datastore.glob("erp.released-*"):
+        shutil.rmtree(kept)
         ctx.rocva["b_datastore_cleanups"] += 1
     deadline = time.monotonic() + EVENTUALLY_S
     while ctx.acked("a") <= int(back["fork_seq"]) or ctx.host_status("a").get("pid") is None:
