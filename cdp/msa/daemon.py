@@ -356,7 +356,7 @@ class MsaDaemon:
         Returns the mark's seq: the point the recovery site fails over at."""
         from cdp.msa.marks import request_mark
 
-        if domain not in self.protection and (again := self._handed_back_again(domain)) is not None:
+        if domain not in self.protection and (again := self._quiesced_again(domain)) is not None:
             return again
         if domain not in self.protection:
             raise NotProtected(f"domain {domain} is not protected at site {self.cfg.site}: nothing to hand over")
@@ -373,26 +373,31 @@ class MsaDaemon:
         job.progress("unprotect", 3, 4)
         await self.unprotect(domain)
         from cdp.msa.failback import record_handed_back
+        from cdp.msa.handover import write_handover
 
         await asyncio.to_thread(record_handed_back, self.cfg, domain, mark, placed["seq"])
+        await asyncio.to_thread(write_handover, self.cfg.state_dir, domain, mark, placed["seq"])
         job.progress("done", 4, 4)
         acked = off["acked_seq"]
         log.info("domain_quiesced", domain=domain, mark=mark, seq=placed["seq"], acked_seq=acked)
         return {"domain": domain, "site": self.cfg.site, "mark": mark, "seq": placed["seq"], "ts": placed["ts"],
                 "captured_seq_at_pause": paused.get("captured_seq"), "acked_seq": acked}
 
-    def _handed_back_again(self, domain: str) -> dict[str, Any] | None:
-        """A quiesce asked again of a domain this site already handed back for a failback
-        (the asking site died before it recorded the answer): the same answer, at the
-        recorded mark — the VMs stayed off since, so it is still the final point."""
-        from cdp.msa.failover import read_record as read_failover
+    def _quiesced_again(self, domain: str) -> dict[str, Any] | None:
+        """A quiesce asked again of a domain this site already handed over — for a
+        planned failover or a failback — whose asking site died before it recorded the
+        answer: the same answer, at the recorded mark. The domain has been neither
+        protected nor powered on here since (``handovers/<domain>.json`` goes when it is
+        protected again), so that mark is still its final point."""
+        from cdp.msa.handover import read_handover
 
+        if domain in self.powered:
+            return None
         try:
-            doc = read_failover(self.cfg.state_dir, domain)
+            back = read_handover(self.cfg.state_dir, domain)
         except ConfigError:
             return None
-        back = doc.get("handed_back") if doc is not None else None
-        if not isinstance(back, dict) or domain in self.powered:
+        if back is None:
             return None
         last = self.hypervisor.last_run(domain) or {}
         log.info("domain_quiesced_again", domain=domain, mark=back["mark"], seq=back["seq"])
@@ -425,6 +430,10 @@ class MsaDaemon:
             restarted = await self.supervisor.apply(protection)
             if reopen and drva.name not in restarted and await self.supervisor.restart_serving(domain):
                 restarted.append(drva.name)
+        from cdp.msa.handover import forget_handover
+
+        # Protected here again: a quiesce asked from now on hands over a new final point.
+        await asyncio.to_thread(forget_handover, self.cfg.state_dir, domain)
         log.info("domain_protected", domain=domain, drva=drva.name, policy=asdict(policy),
                  already=was is not None)
         await self.supervisor.wait_serving(drva.name, domain, SERVE_TIMEOUT_S)

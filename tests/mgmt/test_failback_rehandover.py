@@ -1,7 +1,8 @@
-"""A failback whose MSA died after the other site handed the domain back, before it
-recorded the handover (found by the kills campaign, tests/torture/kills.py): the rerun
-asks again, and the other site — which stopped protecting the domain — answers with the
-mark it already handed back at, instead of refusing "nothing to hand over"."""
+"""A failback or a planned failover whose MSA died after the other site handed the
+domain over, before it recorded the handover (found by the kills campaign,
+tests/torture/kills.py): the rerun asks again, and the other site — which stopped
+protecting the domain — answers with the mark it already handed over at
+(``handovers/<domain>.json``), instead of refusing "nothing to hand over"."""
 
 from __future__ import annotations
 
@@ -36,3 +37,34 @@ async def test_a_failback_that_died_after_the_handover_resumes_at_the_handed_bac
         assert out["handover"]["mark"] == mark and out["target"] == f"mark:{mark}", out
         assert out["fork_seq"] == out["handover"]["seq"] == first["output"]["seq"], out
         assert a.powered == ["erp"] and b.powered == [] and out["release"]["released"] is True
+
+
+async def test_a_planned_failover_that_died_after_the_quiesce_resumes_at_the_handed_over_mark(tmp_path):
+    from cdp.msa.failover import read_record as read_failover
+    from cdp.msa.handover import read_handover
+    from cdp.store.fs import FileStore
+    from rocva import Target, recover
+    from tests.mgmt.two_sites import sha256
+
+    sites = make_two_sites(tmp_path)
+    async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:
+        await a.power("erp", True)
+        await wait_until(lambda: committed(a, "erp") >= 50, WRITE_S, "site A's writes committed")
+        # B asked A to quiesce for a planned failover, and died before recording the answer.
+        mark = "handover-to-site-b-1"
+        job = await a.start_job("quiesce", {"domain": "erp"}, lambda j: a.quiesce("erp", mark, j))
+        first = await a.runner.wait(job["id"])
+        assert first["state"] == "succeeded", first
+        assert a.powered == [] and "erp" not in a.protection and read_failover(b.cfg.state_dir, "erp") is None
+        assert read_handover(a.cfg.state_dir, "erp")["seq"] == first["output"]["seq"]
+        quiesced = sites.primaries_a()
+
+        record = await failover(b, planned=True)  # the rerun asks A again
+        assert record["state"] == "succeeded", record
+        out = record["output"]
+        assert out["handover"]["mark"] == mark and out["target"] == f"mark:{mark}", out
+        assert out["fork_seq"] == out["handover"]["seq"] == first["output"]["seq"], out
+        assert out["handover"]["lost_writes"] == 0
+        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        assert [sha256(i["path"]) for i in at_fork["images"]] == quiesced
+        assert b.powered == ["erp"] and a.powered == []
