@@ -166,4 +166,11 @@ def report_phase(report: Any) -> None:
 def finish(config: pytest.Config) -> None:
     lane = config.stash.get(LANE_KEY, None)
     if lane is not None:
+        # The lane's own summary line ("N passed in S s"), so that a run shows how long
+        # the lane took beside the main session: what balancing LANE_FILES goes by.
+        summary = [line for line in lane.log_tail().splitlines() if " in " in line and ("passed" in line
+                                                                                        or "failed" in line)]
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if summary and reporter is not None:
+            reporter.write_line(f"test lane: {summary[-1].strip('= ')}")
         lane.remove()
