@@ -15,7 +15,11 @@ FORMAT.md §13.13). A daemon that was killed leaves its children running; the ne
 finds them by these files and stops them (SIGTERM, then SIGKILL) before it starts its
 own: two DRVAs on one replication log, or two hosts writing one disk, must never run.
 The start time (``/proc/PID/stat`` field 22) tells a leftover from a process that got
-its pid later.
+its pid later. A daemon killed between spawning a child and writing its pid file leaves
+a child no file names (the kills campaign hit that window in two runs of three: a
+failover restarts the domain's DRVA as it starts); so a process running this very
+command line (same interpreter, same arguments: the same configuration file) that is not
+this daemon's child is a leftover too, found in ``/proc``.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class ProcessKeeper:
         A leftover of an earlier daemon under the same name is stopped first."""
         try:
             await self.stop_leftover(kept)
+            await self.stop_same_command(kept, [sys.executable, *args])
             kept.log_path.parent.mkdir(parents=True, exist_ok=True)
             _rotate(kept.log_path)
             out = os.open(kept.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
@@ -161,6 +166,26 @@ class ProcessKeeper:
             raise OSError(f"process {pid} (named by {path}) outlived SIGKILL")
         path.unlink(missing_ok=True)
         log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
+
+    async def stop_same_command(self, kept: Kept, argv: Sequence[str]) -> None:
+        """Stop every process running ``argv`` exactly that is not a child of this
+        daemon's (module docstring): SIGTERM, then SIGKILL after ``stop_timeout_s``."""
+        ours = {k.proc.pid for k in (kept,) if k.proc is not None and k.proc.returncode is None}
+        for pid, ticks in _running_command(argv):
+            if pid in ours:
+                continue
+            log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, found="by its command line")
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                deadline = time.monotonic() + self.stop_timeout_s
+                while _same_process(pid, ticks) and time.monotonic() < deadline:
+                    await asyncio.sleep(LEFTOVER_POLL_S)
+                if not _same_process(pid, ticks):
+                    break
+            else:
+                raise OSError(f"process {pid} (running {' '.join(argv)[:200]}) outlived SIGKILL")
+            log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
 
     def schedule_restart(self, kept: Kept) -> None:
         now = self.clock()
@@ -250,6 +275,26 @@ def _write_pid_file(path: Path, pid: int) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(f"{pid} {start_ticks(pid) or 0}\n")
     os.replace(tmp, path)
+
+
+def _running_command(argv: Sequence[str]) -> list[tuple[int, int]]:
+    """(pid, start ticks) of every live process whose command line is ``argv``, this
+    process excepted."""
+    want = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if f.read(len(want) + 1) != want:
+                    continue
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        ticks = start_ticks(int(entry.name))
+        if ticks is not None:
+            found.append((int(entry.name), ticks))
+    return found
 
 
 def _leftover(path: Path) -> tuple[int, int] | None:

@@ -62,7 +62,7 @@ async def test_a_leftover_that_ignores_sigterm_is_killed(tmp_path: Path) -> None
 
 async def test_a_pid_file_naming_another_process_is_ignored(tmp_path: Path) -> None:
     log = tmp_path / "drva-b1.log"
-    other = subprocess.Popen([sys.executable, *SLEEPER])
+    other = subprocess.Popen([sys.executable, *SLEEPER, "another command line"])
     try:
         for text in (f"{other.pid} {start_ticks(other.pid) + 1}\n",  # its pid, reused: not the same process
                      f"{other.pid}\n", "garbage", ""):
@@ -78,3 +78,25 @@ async def test_a_pid_file_naming_another_process_is_ignored(tmp_path: Path) -> N
     finally:
         other.kill()
         other.wait()
+
+
+async def test_a_leftover_no_pid_file_names_is_found_by_its_command_line(tmp_path: Path) -> None:
+    """A daemon killed between spawning a child and writing its pid file: the child runs
+    on, named by nothing; the next spawn of the same command line stops it first. A
+    process of another command line is left alone."""
+    log = tmp_path / "drva-b1.log"
+    orphan = subprocess.Popen([sys.executable, *SLEEPER], start_new_session=True)
+    bystander = subprocess.Popen([sys.executable, *SLEEPER, "another command line"])
+    try:
+        kept = Kept(name="drva-b1", log_path=log)
+        k = keeper()
+        await k.spawn(kept, SLEEPER)
+        try:
+            assert orphan.wait(30) == -15  # stopped by SIGTERM before the new one started
+            assert bystander.poll() is None and kept.proc.returncode is None
+        finally:
+            await k.stop(kept)
+    finally:
+        for p in (orphan, bystander):
+            p.kill()
+            p.wait()
