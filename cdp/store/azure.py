@@ -304,6 +304,11 @@ class AzureBlobStore(StoreBase):
                 return StoreTimeout(f"{where}: {said}: the server timed out")
             if code in _BUSY_CODES or status == 429 or (status or 0) >= 500:
                 return StoreUnavailable(f"{where}: {said}: server busy or failing")
+            if status is None:
+                # No status: the SDK could not read the answer (a body cut short, a broken
+                # stream: IncompleteReadError, DecodeError). The transfer failed, not the
+                # request: retried like an unreachable server.
+                return StoreUnavailable(f"{where}: the answer could not be read ({type(exc).__name__})")
             return StoreError(f"{where}: {said}: unexpected error")
         if isinstance(exc, (ServiceRequestTimeoutError, ServiceResponseTimeoutError, TimeoutError)):
             return StoreTimeout(f"{where}: no answer in time ({type(exc).__name__})")

@@ -137,3 +137,14 @@ def test_azure_bad_connection_string_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         make_azure_store(f"nonsense;{secret}", "container")
     assert "SECRETSECRET" not in str(caught.value)
+
+
+def test_azure_an_answer_cut_short_is_unavailable_not_unexpected() -> None:
+    """The SDK raises a status-less HttpResponseError when a download's body is cut
+    (the store-faults campaign's truncated GETs): a transfer failure, retried as such."""
+    from azure.core.exceptions import DecodeError, IncompleteReadError
+
+    store = make_azure_store(connection_string(9, AZURITE_KEY), "container")
+    for exc in (IncompleteReadError("cut short"), DecodeError("unreadable")):
+        err = store._error("get", "s/0001.seg", exc)
+        assert type(err) is StoreUnavailable and "s/0001.seg" in str(err) and type(exc).__name__ in str(err), err
