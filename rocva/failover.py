@@ -102,8 +102,12 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
     images = None
     record_warm = False
     if not ours:
-        recovered = await _rehydrate(store, domain, target, out_dir, current.id, progress=progress,
-                                     destination=destination, now_ns=now_ns)
+        recovered = await _rehydrated_before(store, domain, record, out_dir, current.id)
+        if recovered is None:
+            if record is None or record["phase"] == "rehydrated":
+                await _discard_unforked(store, domain, out_dir, destination)
+            recovered = await _rehydrate(store, domain, target, out_dir, current.id, progress=progress,
+                                         destination=destination, now_ns=now_ns)
         record = {"version": STATE_VERSION, "domain": domain, "site": site, "parent_timeline": current.id,
                   "seq": recovered["seq"], "phase": "rehydrated", "timeline": None}
         _write_state(out_dir, record)
@@ -120,6 +124,45 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
     log.info("failover_forked", domain=domain, site=site, timeline=state.current,
              parent=record["parent_timeline"], fork_seq=record["seq"])
     return {**_summary(domain, record, images, ours, t0), "warm": record_warm}
+
+
+async def _rehydrated_before(store, domain: int, record: dict[str, Any] | None, out_dir: Path,
+                             timeline: int) -> dict[str, Any] | None:
+    """An earlier run's images, when its record says it rehydrated them from the current
+    timeline and it was killed before the fork: they were published only once fsynced,
+    and recorded after, so the rerun forks at the recorded seq instead of rehydrating."""
+    if record is None or record["phase"] != "rehydrated" or record.get("parent_timeline") != timeline:
+        return None
+    images = [{"disk": d["disk"], "path": str(out_dir / f"{d['vm']}-{d['name']}.img"), "size": d["size"]}
+              for d in await _disks(store, domain)]
+    if not all(Path(i["path"]).is_file() and Path(i["path"]).stat().st_size == i["size"] for i in images):
+        return None
+    log.info("failover_rehydrated_before", domain=domain, seq=record["seq"])
+    return {"seq": record["seq"], "images": images, "bytes_written": 0, "seconds": 0.0, "warm": False}
+
+
+async def _discard_unforked(store, domain: int, out_dir: Path, destination: Any) -> None:
+    """Remove images an earlier run of this failover published and was killed before it
+    recorded them (or before its fork): no VM ever ran on them (VMs start after the fork),
+    they are the store's bytes at some point, and a recovery never overwrites an image.
+    A standby's images are not touched (``_rehydrate`` applies its tail to them)."""
+    from rocva.destination import for_store, open_output_dir
+    from rocva.recover import STATE_NAME as RECOVERY_STATE
+    from rocva.standby import STATE_NAME as STANDBY_NAME
+
+    if not out_dir.is_dir() or (out_dir / STANDBY_NAME).is_file():
+        return
+    names = [f"{d['vm']}-{d['name']}.img" for d in await _disks(store, domain)]
+    if (out_dir / RECOVERY_STATE).is_file() or not any((out_dir / n).exists() for n in names):
+        return  # an interrupted recovery resumes from its own state; or nothing to remove
+    log.warning("failover_unforked_images_discarded", domain=domain, dir=str(out_dir), images=names)
+    out = open_output_dir(out_dir, for_store(store, destination))
+    try:
+        for name in names:
+            out.unlink(name)
+        out.fsync()
+    finally:
+        out.close()
 
 
 async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: int, *, progress: Progress | None,

@@ -94,6 +94,36 @@ async def test_a_crash_between_the_fork_and_its_record_does_not_fork_twice(prote
     assert images(out) == b.latest
 
 
+@pytest.mark.parametrize("killed", ["before_the_record", "before_the_fork"])
+async def test_a_failover_killed_after_its_images_were_published_resumes(protected, tmp_path, monkeypatch, killed):
+    """The appliance dies after the recovery published the images (and removed its own
+    state), before its record says ``rehydrated`` — or after that, before the fork. The
+    rerun must not refuse ("already exists: a recovery never overwrites an image", found
+    by the kills campaign): no VM ran on them, so it rehydrates again, or forks at the
+    recorded seq."""
+    b = protected
+    out = tmp_path / "ds" / "erp"
+    if killed == "before_the_record":
+        def killed_before_the_record(out_dir, doc):
+            raise OSError(5, "killed after the images were published")
+
+        monkeypatch.setattr(failover_mod, "_write_state", killed_before_the_record)
+    else:
+        async def killed_before_the_fork(*args, **kwargs):
+            raise OSError(5, "killed before the fork")
+
+        monkeypatch.setattr(failover_mod, "fork_timeline", killed_before_the_fork)
+    with pytest.raises(OSError, match="killed"):
+        await failover(b.store, b.domain, Target.latest(), out, site=SITE_B)
+    assert images(out) == b.latest and (await load_catalog(b.store, b.domain))[0].current == 1
+    monkeypatch.undo()  # the rerun's appliance lives
+    (out / "vm1-disk0.img.dirty").write_bytes(b"a sidecar of the images' earlier life")
+    result = await failover(b.store, b.domain, Target.latest(), out, site=SITE_B)
+    state, _ = await load_catalog(b.store, b.domain)
+    assert result["timeline"] == state.current == 2 and result["fork_seq"] == b.seq
+    assert images(out) == b.latest and not (out / "vm1-disk0.img.dirty").exists()
+
+
 async def test_what_cannot_be_failed_over_is_refused_with_what_to_do(protected, tmp_path):
     b = protected
     with pytest.raises(NotFound, match="nothing to fail over"):
