@@ -154,38 +154,34 @@ class ProcessKeeper:
             return
         pid, ticks = found
         log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, pid_file=str(path))
-        for sig, wait_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, self.stop_timeout_s)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + wait_s
-            while _same_process(pid, ticks) and time.monotonic() < deadline:
-                await asyncio.sleep(LEFTOVER_POLL_S)
-            if not _same_process(pid, ticks):
-                break
-        else:
-            raise OSError(f"process {pid} (named by {path}) outlived SIGKILL")
+        await self._stop_process(pid, ticks, f"named by {path}")
         path.unlink(missing_ok=True)
         log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
 
     async def stop_same_command(self, kept: Kept, argv: Sequence[str]) -> None:
-        """Stop every process running ``argv`` exactly that is not a child of this
-        daemon's (module docstring): SIGTERM, then SIGKILL after ``stop_timeout_s``."""
-        ours = {k.proc.pid for k in (kept,) if k.proc is not None and k.proc.returncode is None}
+        """Stop every process running ``argv`` exactly that is not this daemon's child
+        (module docstring): SIGTERM, then SIGKILL after ``stop_timeout_s``."""
+        ours = kept.proc.pid if kept.proc is not None and kept.proc.returncode is None else None
         for pid, ticks in _running_command(argv):
-            if pid in ours:
+            if pid == ours:
                 continue
             log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, found="by its command line")
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                deadline = time.monotonic() + self.stop_timeout_s
-                while _same_process(pid, ticks) and time.monotonic() < deadline:
-                    await asyncio.sleep(LEFTOVER_POLL_S)
-                if not _same_process(pid, ticks):
-                    break
-            else:
-                raise OSError(f"process {pid} (running {' '.join(argv)[:200]}) outlived SIGKILL")
+            await self._stop_process(pid, ticks, f"running {' '.join(argv)[:200]}")
             log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
+
+    async def _stop_process(self, pid: int, ticks: int, what: str) -> None:
+        """SIGTERM process ``pid`` (started at ``ticks``), SIGKILL it after
+        ``stop_timeout_s``, and wait by polling until it is gone (it is not our child:
+        whoever inherited it reaps it). ``OSError`` if it outlives SIGKILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + self.stop_timeout_s
+            while _same_process(pid, ticks) and time.monotonic() < deadline:
+                await asyncio.sleep(LEFTOVER_POLL_S)
+            if not _same_process(pid, ticks):
+                return
+        raise OSError(f"process {pid} ({what}) outlived SIGKILL")
 
     def schedule_restart(self, kept: Kept) -> None:
         now = self.clock()
