@@ -23,6 +23,7 @@ import pytest
 from cdp.layout import domain_prefix
 from tests.mgmt.two_sites import TwoSites, make_two_sites, sha256
 from tests.test_failover_sites import WRITES_S, Operator, _kill_site, domain_objects, start_both
+from tests.procs import children
 from tests.test_walkthrough import CLI_EXIT_S, EXIT_S, _stop
 
 
@@ -30,30 +31,12 @@ APPLIANCE_POLL_S = 0.01
 KILL_WITHIN_S = 0.15  # after it is seen: a random moment of its start or its work
 
 
-def appliances(parent: int) -> list[int]:
-    """Pids of the ``python -m rocva ... failback`` processes whose parent is ``parent``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        if ppid == parent and b"rocva" in argv and b"failback" in argv:
-            found.append(int(entry.name))
-    return found
-
-
 def first_appliance(op: Operator, what: str) -> int:
     """The pid of A's failback appliance, seen within ``APPLIANCE_POLL_S`` of its start:
     the kill that follows must land while it runs, and its imports alone outlast the
     poll plus ``KILL_WITHIN_S`` (a 0.2 s poll and a 0.5 s wait once found it finished)."""
     deadline = time.monotonic() + CLI_EXIT_S
-    while not (found := appliances(op.daemons["a"].pid)):
+    while not (found := children(op.daemons["a"].pid, b"rocva", b"failback")):
         assert time.monotonic() < deadline, f"timed out after {CLI_EXIT_S:g} s waiting for {what}\n{op.logs()}"
         time.sleep(APPLIANCE_POLL_S)
     return found[0]

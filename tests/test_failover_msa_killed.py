@@ -7,32 +7,14 @@ writing and nothing ever acknowledged."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from tests.mgmt.two_sites import make_two_sites, sha256
+from tests.procs import children
 from tests.test_failback_sites import gone
 from tests.test_failover_sites import WRITES_S, Operator
 from tests.test_walkthrough import CLI_EXIT_S, EXIT_S, _stop
-
-
-def _appliances(parent: int) -> list[int]:
-    """Pids of the ``python -m rocva failover`` processes whose parent is ``parent``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        if ppid == parent and b"rocva" in argv and b"failover" in argv:
-            found.append(int(entry.name))
-    return found
 
 
 def test_a_failover_whose_msa_was_killed_protects_the_domain_when_rerun(tmp_path: Path) -> None:
@@ -51,7 +33,7 @@ def test_a_failover_whose_msa_was_killed_protects_the_domain_when_rerun(tmp_path
         dies = op.at_background("b", "failover", "erp", "--latest")
         daemon = op.daemons["b"]
         deadline = time.monotonic() + CLI_EXIT_S
-        while not (appliance := _appliances(daemon.pid)):
+        while not (appliance := children(daemon.pid, b"rocva", b"failover")):
             assert time.monotonic() < deadline, f"no failover appliance\n{op.logs()}"
             time.sleep(0.01)
         op.daemons.pop("b").kill()  # B's MSA dies before the fork: its appliance goes with it

@@ -102,14 +102,21 @@ async def _sealed(body: bytes) -> tuple[MemoryStore, bytes]:
 BODY = os.urandom(2 * PAGE_BYTES + 999)
 
 
+async def _flipped(position: int, bit: int) -> tuple[MemoryStore, bytes]:
+    """``BODY`` sealed as ``d/obj``, then stored again with bit ``bit`` of byte
+    ``position`` flipped: the inner store, and the sealed bytes before the flip."""
+    inner, raw = await _sealed(BODY)
+    bad = bytearray(raw)
+    bad[position] ^= 1 << bit
+    await inner.put("d/obj", bytes(bad))
+    return inner, raw
+
+
 @SETTINGS
 @given(position=st.integers(0, sealed_size(len(BODY)) - 1), bit=st.integers(0, 7))
 def test_a_flipped_byte_anywhere_is_a_named_integrity_error(position: int, bit: int) -> None:
     async def check() -> None:
-        inner, raw = await _sealed(BODY)
-        bad = bytearray(raw)
-        bad[position] ^= 1 << bit
-        await inner.put("d/obj", bytes(bad))
+        inner, raw = await _flipped(position, bit)
         with pytest.raises(IntegrityError) as err:
             await EncryptedStore(inner, ring(KEY_A)).get("d/obj")
         assert "'d/obj'" in err.value.message
@@ -330,10 +337,7 @@ def test_unopened_ranges_open_to_what_get_returns(body: bytes, data) -> None:
 @given(position=st.integers(0, sealed_size(len(BODY)) - 1), bit=st.integers(0, 7))
 def test_an_unopened_read_refuses_a_flipped_byte_by_name(position: int, bit: int) -> None:
     async def check() -> None:
-        inner, raw = await _sealed(BODY)
-        bad = bytearray(raw)
-        bad[position] ^= 1 << bit
-        await inner.put("d/obj", bytes(bad))
+        inner, raw = await _flipped(position, bit)
         with pytest.raises(IntegrityError) as err:
             (await EncryptedStore(inner, ring(KEY_A)).get_unopened("d/obj")).open_into(bytearray(len(BODY)))
         assert "'d/obj'" in err.value.message

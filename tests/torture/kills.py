@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.procs import children
+
 NAME = "kills"
 HOST_A = "esx-a1"
 DOMAIN_ID = 1  # erp, tests/mgmt/two_sites.py
@@ -236,24 +238,6 @@ def _alive(pid: int) -> bool:
     from cdp.msa.procs import pid_alive
 
     return pid_alive(pid)
-
-
-def _children(parent: int, word: bytes) -> list[int]:
-    """Pids of processes whose parent is ``parent`` and whose command line holds ``word``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields_ = f.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if int(fields_[1]) == parent and fields_[0] != b"Z" and any(word in a for a in argv):
-            found.append(int(entry.name))
-    return found
 
 
 # ---------------------------------------------------------------------- ingest kills
@@ -738,7 +722,7 @@ async def _job(ctx: Ctx, site: str, path: str, body: dict[str, Any], phase: str,
     if target == "appliance":
         deadline = time.monotonic() + EVENTUALLY_S
         while appliance is None and time.monotonic() < deadline:
-            found = _children(daemon_pid, b"rocva")
+            found = children(daemon_pid, b"rocva")
             if found:
                 appliance = found[0]
             elif (await ctx.api(site, "GET", f"/v1/jobs/{started['id']}"))["state"] not in ("running", "queued"):
@@ -822,12 +806,7 @@ async def failover_round(ctx: Ctx) -> None:
     doc = await ctx.status("b")
     ctx.hosts["b"] = next(v["host"] for v in doc["vms"] if v["domain"] == "erp")
     await ctx.wait(lambda: ctx.acked("b") > int(out["fork_seq"]), "B's writes acknowledged on the new timeline")
-    await baseline(ctx, "b")
-    await ctx.wait_normal("b")
-    await asyncio.sleep(ctx.rng.uniform(*ctx.plan.kill_window_s))
-    if not await kill_one(ctx, ctx.rng.choice(("drva", "sim")), "b", "failover"):
-        raise _Abort("site B did not come back")
-    await check_daemon_restarts(ctx, "b")
+    await _kill_on_the_new_timeline(ctx, "b", "failover", "site B did not come back")
 
     await ctx.wait_normal("b")  # B quiesces at a final mark: not while its filter resyncs
     back = await _job(ctx, "a", "/v1/failback/erp", {}, "failback", ("appliance", "msa", "peer"))
@@ -856,13 +835,20 @@ async def failover_round(ctx: Ctx) -> None:
         if time.monotonic() > deadline:
             raise _Abort("A's VMs did not write after the failback")
         await asyncio.sleep(0.1)
-    await baseline(ctx, "a")
-    await ctx.wait_normal("a")
-    await asyncio.sleep(ctx.rng.uniform(*ctx.plan.kill_window_s))
-    if not await kill_one(ctx, ctx.rng.choice(("drva", "sim")), "a", "failback"):
-        raise _Abort("site A did not come back after the failback")
-    await check_daemon_restarts(ctx, "a")
+    await _kill_on_the_new_timeline(ctx, "a", "failback", "site A did not come back after the failback")
     await final_check(ctx)
+
+
+async def _kill_on_the_new_timeline(ctx: Ctx, site: str, phase: str, why: str) -> None:
+    """Once ``site`` writes on the timeline a failover or failback gave it: one SIGKILL
+    of its DRVA or host at a random moment, and the site must come back (else ``_Abort``
+    with ``why``) with no restart of ours unaccounted for."""
+    await baseline(ctx, site)
+    await ctx.wait_normal(site)
+    await asyncio.sleep(ctx.rng.uniform(*ctx.plan.kill_window_s))
+    if not await kill_one(ctx, ctx.rng.choice(("drva", "sim")), site, phase):
+        raise _Abort(why)
+    await check_daemon_restarts(ctx, site)
 
 
 def _cleanup(ctx: Ctx) -> None:
