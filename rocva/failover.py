@@ -38,6 +38,7 @@ from cdp.catalog_fork import fork_timeline
 from cdp.durable import atomic_write
 from cdp.errors import FailoverRefused, NotFound
 from cdp.logs import get_logger
+from rocva.plan import image_file_name
 from rocva.recover import Progress, recover
 from rocva.target import Target
 
@@ -133,8 +134,7 @@ async def _rehydrated_before(store, domain: int, record: dict[str, Any] | None, 
     and recorded after, so the rerun forks at the recorded seq instead of rehydrating."""
     if record is None or record["phase"] != "rehydrated" or record.get("parent_timeline") != timeline:
         return None
-    images = [{"disk": d["disk"], "path": str(out_dir / f"{d['vm']}-{d['name']}.img"), "size": d["size"]}
-              for d in await _disks(store, domain)]
+    images = await _images(store, domain, out_dir)
     if not all(Path(i["path"]).is_file() and Path(i["path"]).stat().st_size == i["size"] for i in images):
         return None
     log.info("failover_rehydrated_before", domain=domain, seq=record["seq"])
@@ -152,7 +152,7 @@ async def _discard_unforked(store, domain: int, out_dir: Path, destination: Any)
 
     if not out_dir.is_dir() or (out_dir / STANDBY_NAME).is_file():
         return
-    names = [f"{d['vm']}-{d['name']}.img" for d in await _disks(store, domain)]
+    names = [Path(i["path"]).name for i in await _images(store, domain, out_dir)]
     if (out_dir / RECOVERY_STATE).is_file() or not any((out_dir / n).exists() for n in names):
         return  # an interrupted recovery resumes from its own state; or nothing to remove
     log.warning("failover_unforked_images_discarded", domain=domain, dir=str(out_dir), images=names)
@@ -186,14 +186,13 @@ async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: i
                     out.fsync()
                     log.info("failover_warm", domain=domain, seq=warm["seq"], from_seq=warm["from_seq"],
                              bytes=warm["bytes_written"], seconds=warm["seconds"])
-                    images = [{"disk": d["disk"], "path": str(out_dir / f"{d['vm']}-{d['name']}.img"),
-                               "size": d["size"]} for d in await _disks(store, domain)]
+                    images = await _images(store, domain, out_dir)
                     return {"seq": warm["seq"], "bytes_written": warm["bytes_written"], "seconds": warm["seconds"],
                             "images": images, "warm": True, "standby_seq": warm["from_seq"]}
                 except StandbyUnusable as why:
                     log.info("failover_standby_unusable", domain=domain, reason=str(why))
-                    await asyncio.to_thread(discard, out, [f"{d['vm']}-{d['name']}.img"
-                                                           for d in await _disks(store, domain)])
+                    await asyncio.to_thread(discard, out, [Path(i["path"]).name
+                                                           for i in await _images(store, domain, out_dir)])
             finally:
                 out.close()
         finally:
@@ -218,6 +217,12 @@ def _forget_dirty_maps(store, out_dir: Path, images: list[dict[str, Any]], desti
         out.fsync()
     finally:
         out.close()
+
+
+async def _images(store, domain: int, out_dir: Path) -> list[dict[str, Any]]:
+    """The domain's images in ``out_dir``, in disk order: ``disk``, ``path``, ``size``."""
+    return [{"disk": d["disk"], "path": str(out_dir / image_file_name(d["vm"], d["name"])), "size": d["size"]}
+            for d in await _disks(store, domain)]
 
 
 async def _disks(store, domain: int) -> list[dict[str, Any]]:

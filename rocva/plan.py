@@ -53,6 +53,11 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}")
 assert SRC_WRITE == 0 and SRC_ZERO == KIND_ZERO
 
 
+
+def image_file_name(vm: str, disk: str) -> str:
+    """The file a disk's image is recovered into: ``<vm>-<disk>.img``."""
+    return f"{vm}-{disk}.img"
+
 @dataclass(frozen=True, eq=False)
 class DiskPlan:
     """How to build one disk's image (invariants in the module docstring)."""
@@ -68,7 +73,7 @@ class DiskPlan:
 
     @property
     def image_name(self) -> str:
-        return f"{self.vm}-{self.name}.img"
+        return image_file_name(self.vm, self.name)
 
     def bytes_of(self, kind: int) -> int:
         sel = self.extents["kind"] == kind

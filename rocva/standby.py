@@ -37,7 +37,7 @@ from cdp.logs import get_logger
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir
 from rocva.errors import InvalidTarget
 from rocva.fetch import Fetcher, execute, pool_workers, segment_groups
-from rocva.plan import SRC_BASE, RecoveryPlan, build_plan, load_state
+from rocva.plan import SRC_BASE, RecoveryPlan, build_plan, image_file_name, load_state
 from rocva.resume import zero_range
 from rocva.target import Target, recoverable_ranges, resolve_target
 
@@ -181,7 +181,7 @@ async def keep_warm(store, domain: int, out_dir: Path, *, destination: Destinati
                 return {**await bring_to(store, domain, out, newest), "cold": False}
             except StandbyUnusable as why:
                 reason = str(why)
-            names = [f"{d['vm']}-{d['name']}.img" for d in view.disks]
+            names = [image_file_name(d["vm"], d["name"]) for d in view.disks]
             await asyncio.to_thread(discard, out, names)
         finally:
             out.close()
