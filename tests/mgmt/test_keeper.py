@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from cdp.msa.keeper import Kept, ProcessKeeper, pid_path, start_ticks
+from cdp.msa.keeper import Kept, ProcessKeeper, _running_command, pid_path, start_ticks
 
 SLEEPER = ["-c", "import time; time.sleep(120)"]
 STUBBORN = ["-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -88,6 +88,13 @@ async def test_a_leftover_no_pid_file_names_is_found_by_its_command_line(tmp_pat
     orphan = subprocess.Popen([sys.executable, *SLEEPER], start_new_session=True)
     bystander = subprocess.Popen([sys.executable, *SLEEPER, "another command line"])
     try:
+        # Popen returns once the exec began, and the kernel sets a process's argument
+        # area a little later: a /proc scan in between reads an empty command line. A
+        # leftover of a killed daemon ran long before; wait until this one is as visible.
+        deadline = time.monotonic() + 30
+        while orphan.pid not in dict(_running_command([sys.executable, *SLEEPER])):
+            assert time.monotonic() < deadline, "the orphan's command line never showed in /proc"
+            time.sleep(0.01)
         kept = Kept(name="drva-b1", log_path=log)
         k = keeper()
         await k.spawn(kept, SLEEPER)
