@@ -1,6 +1,7 @@
 """The MSA's REST API (aiohttp): one endpoint per management verb, JSON in and out.
 
-Every request but ``GET /healthz`` (and ``HEAD``) carries ``Authorization: Bearer <token>``,
+Every request but ``GET /healthz`` and the web console's static files (``GET /``,
+``/console/...``: they carry no data; ``cdp.msa.console``) carries ``Authorization: Bearer <token>``,
 the token of the environment variable the site file names (``[api] token_env``); it is
 compared in constant time and never logged. A request is checked by
 ``cdp.msa.api_input`` before anything uses it; a connection is bounded in time and number
@@ -15,17 +16,19 @@ Long operations start a job and answer ``202`` with its record (``Location:
 Routes (the OpenAPI document, ``GET /openapi.json``, describes each one):
 
     GET  /healthz                          no token
+    GET  /   GET /console/{file}           the web console's files, no token (``cdp.msa.console``)
     GET  /openapi.json                     GET /metrics
     GET  /v1/status                        GET /v1/alarms
     POST /v1/domains/{name}/protect        job "protect" (optional policy fields)
     POST /v1/domains/{name}/unprotect
-    GET  /v1/domains/{name}/points
+    GET  /v1/domains/{name}/points         GET /v1/domains/{name}/history (the console's charts)
     POST /v1/domains/{name}/marks          job "mark"         {"name": ...}
     POST /v1/domains/{name}/recover        job "recover"      {"target": ..., "to": DIR}
     POST /v1/domains/{name}/verify         job "verify"       {"deep": bool, "sample": 0..1}
     POST /v1/domains/{name}/consolidate    job "consolidate"
     POST /v1/preflight/{kind}              job "preflight"    kind: system | install | uninstall
     POST /v1/failback/{name}/extents       an extent stream of this site's handed-back disks (FORMAT.md §16)
+    GET  /v1/failover/{name}/points        a domain's points as the store knows it (before a failover)
     GET  /v1/jobs                          GET /v1/jobs/{id}
 """
 
@@ -43,7 +46,7 @@ from aiohttp import web
 
 from cdp.errors import Busy, CdpError, ConfigError, FailoverRefused, LeaseLost, NotFound, StoreError
 from cdp.logs import get_logger
-from cdp.msa import operations
+from cdp.msa import console, operations
 from cdp.msa.api_input import (
     BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, not_a_directory, policy_from, read_body, recovery_dir, shown,
     target_from, wants_wait,
@@ -65,6 +68,7 @@ JOBS_LIST_MAX = 1000
 SHUTDOWN_TIMEOUT_S = 3.0  # open requests (a ?wait=1) get this long at shutdown
 JOB_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 LIMIT = re.compile(r"[0-9]{1,4}")
+SINCE_NS = re.compile(r"[0-9]{1,19}")
 _dumps = partial(json.dumps, sort_keys=True)
 
 
@@ -153,7 +157,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path == "/healthz" and request.method in ("GET", "HEAD"):
+    if request.method in ("GET", "HEAD") and (request.path == "/healthz" or console.is_static(request.path)):
         return await handler(request)
     daemon = request.app[MSA]
     sent = request.headers.getall("Authorization", [])
@@ -261,6 +265,29 @@ async def unprotect(request: web.Request) -> web.Response:
 async def points(request: web.Request) -> web.Response:
     domain = domain_of(request)
     return _json(await operations.points(request.app[MSA].cfg, domain))
+
+
+async def history(request: web.Request) -> web.Response:
+    """The domain's status samples (``cdp.msa.history``) after ``since_ns``, as columns."""
+    from cdp.msa.daemon import ALARM_INTERVAL_S
+
+    daemon = request.app[MSA]
+    domain = domain_of(request)
+    text = request.query.get("since_ns", "0")
+    if not SINCE_NS.fullmatch(text):
+        raise bad("since_ns", f"expected a time in ns since the epoch (0..19 digits), got {shown(text)}")
+    policy = daemon.protection.get(domain)
+    return _json({"domain": domain, "protected": policy is not None, "interval_s": ALARM_INTERVAL_S,
+                  "samples_max": daemon.history.samples_max, "time_ns": time.time_ns(),
+                  "rpo_target_s": policy.rpo_target_s if policy is not None else None,
+                  "samples": daemon.history.columns(domain, int(text))})
+
+
+async def failover_points(request: web.Request) -> web.Response:
+    """Points of a domain named as the store knows it: the recovery site picks a failover's
+    point before its inventory has the domain."""
+    name = store_domain_of(request)
+    return _json(await console.store_points(request.app[MSA].cfg, name))
 
 
 async def mark(request: web.Request) -> web.Response:
@@ -479,9 +506,11 @@ async def job_get(request: web.Request) -> web.Response:
 
 ROUTES = (
     ("GET", "/healthz", healthz), ("GET", "/openapi.json", openapi), ("GET", "/metrics", metrics),
+    ("GET", "/", console.serve), ("GET", "/console/{file}", console.serve),
     ("GET", "/v1/status", status), ("GET", "/v1/alarms", alarms),
     ("POST", "/v1/domains/{name}/protect", protect), ("POST", "/v1/domains/{name}/unprotect", unprotect),
     ("GET", "/v1/domains/{name}/points", points), ("POST", "/v1/domains/{name}/marks", mark),
+    ("GET", "/v1/domains/{name}/history", history), ("GET", "/v1/failover/{name}/points", failover_points),
     ("POST", "/v1/domains/{name}/recover", recover), ("POST", "/v1/domains/{name}/verify", verify),
     ("POST", "/v1/domains/{name}/consolidate", consolidate), ("POST", "/v1/preflight/{kind}", preflight),
     ("POST", "/v1/domains/{name}/power", power), ("POST", "/v1/domains/{name}/quiesce", quiesce),
@@ -502,6 +531,7 @@ def make_app(daemon: MsaDaemon) -> web.Application:
             app.router.add_get(path, handler)  # and HEAD: a HEAD /healthz is a health check too
         else:
             app.router.add_route(method, path, handler)
+    console.install(app)
     return app
 
 

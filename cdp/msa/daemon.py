@@ -7,11 +7,13 @@ One process, a few long-lived tasks around it:
 * the **hypervisor** driver (``cdp.hypervisor``) runs the VMs of ``<state_dir>/power.json``;
 * the **standby keeper** (``cdp.msa.standby``) keeps the ``[[standby]]`` domains warm;
 * the **alarm loop** reads the DRVAs' statuses every second, raises and clears alarms
-  (``cdp.msa.alarms``) and measures throughput;
+  (``cdp.msa.alarms``), measures throughput and keeps an hour of samples for the
+  console's charts (``cdp.msa.history``);
 * the **consolidation scheduler** starts a ``consolidate`` job per protected domain every
   ``consolidate_every`` of its policy (not while one of that domain runs);
 * the **pruner** deletes job records older than ``[jobs] retention_days``, daily;
-* the **REST API** (``cdp.msa.api``) on ``[api] listen``, with ``/metrics``.
+* the **REST API** (``cdp.msa.api``) on ``[api] listen``, with ``/metrics`` and the web
+  console at ``/`` (``cdp.msa.console``).
 
 ``<state_dir>/msa.pid`` holds the daemon's pid while it runs (``cdp uninstall`` sends it
 SIGTERM); a second daemon for the same state directory refuses to start. SIGTERM and
@@ -37,6 +39,7 @@ from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.alarms import AlarmEvaluator
 from cdp.msa.config import Policy, SiteConfig
+from cdp.msa.history import StatusHistory
 from cdp.msa.http_limits import ApiLimits
 from cdp.msa.jobs import Job, JobStore
 from cdp.msa.power import load_power, save_power
@@ -120,6 +123,7 @@ class MsaDaemon:
         self.alarms = AlarmEvaluator(cfg.alarms, **(alarm_options or {}))
         self.metrics = MsaMetrics(self.metrics_snapshot)
         self.throughput = Throughput()
+        self.history = StatusHistory()  # what the console charts (GET /v1/domains/{name}/history)
         self.protection: dict[str, Policy] = {}
         self.pid_path = cfg.state_dir / PID_NAME
         self.started_ns = 0
@@ -217,6 +221,7 @@ class MsaDaemon:
     def evaluate_alarms(self) -> None:
         views = self.supervisor.views()
         self.throughput.update(time.monotonic(), views)
+        self.history.record(time.time_ns(), views, self.protection, self.throughput)
         self.alarms.evaluate(time.time_ns(), views, self.protection)
         self.alarms.forget_subjects(set(self.protection) | {d.name for d in self.cfg.drvas})
 
@@ -477,12 +482,17 @@ class MsaDaemon:
                             "alarms": [a.id for a in active if a.subject in (name, drva)]})
         return {"site": self.cfg.site, "pid": os.getpid(), "api": self.cfg.api_url,
                 "store": redact_url(self.cfg.store_url), "state_dir": str(self.cfg.state_dir),
-                **self._peer_store(),
+                **self._peer_store(), "peer": self._peer(),
                 "started_ns": self.started_ns, "time_ns": time.time_ns(), "drvas": drvas, "domains": domains,
                 "vms": [v.to_dict() for v in self.hypervisor.views()], "powered": list(self.powered),
                 "standby": self.standby.views(),
                 "failed_over": dict(self.failed_over),
                 "alarms": [a.to_dict() for a in active], "jobs_running": len(self.runner.tasks)}
+
+    def _peer(self) -> dict[str, str] | None:
+        """The peer site (``[peer]``): its name and API, for the console; None without one."""
+        peer = self.cfg.peer
+        return None if peer is None else {"site": peer.site, "api": peer.api_url}
 
     def _peer_store(self) -> dict[str, str]:
         """``{"peer_store": URL}`` (redacted) when the peer's domains live in a store of

@@ -91,11 +91,23 @@ def _schemas() -> dict[str, Any]:
              "properties": {"mark": {"type": "string"}}},
             {"type": "object", "required": ["at"], "additionalProperties": False,
              "properties": {"at": {"type": "string", "description": "ISO 8601 with a zone, or relative (-15m)."}}}]},
+        "History": {"type": "object", "properties": {
+            "domain": {"type": "string"}, "protected": {"type": "boolean"},
+            "interval_s": {"type": "number"}, "samples_max": {"type": "integer"}, "time_ns": {"type": "integer"},
+            "rpo_target_s": {"type": ["number", "null"], "description": "The policy's, while protected."},
+            "samples": {"type": "object", "description": "Columns of equal length, oldest sample first.",
+                        "properties": {
+                            "t_ns": {"type": "array", "items": {"type": "integer"}},
+                            **{f: {"type": "array", "items": {"type": ["number", "null"]}}
+                               for f in ("rpo_lag_s", "rpo_lag_bytes", "received_bytes_per_s",
+                                         "uploaded_bytes_per_s")}}}}},
         "Status": {"type": "object", "properties": {
             "site": {"type": "string"}, "pid": {"type": "integer"}, "api": {"type": "string"},
             "store": {"type": "string", "description": "This site's own store (its domains'), redacted."},
             "peer_store": {"type": "string", "description": "Where the peer's domains live, when not in store "
                            "([peer] store), redacted; absent otherwise."},
+            "peer": {"type": ["object", "null"], "description": "The peer site ([peer]): site and api.",
+                     "properties": {"site": {"type": "string"}, "api": {"type": "string"}}},
             "drvas": {"type": "array", "items": {"type": "object"}},
             "domains": {"type": "array", "items": {"type": "object", "properties": {
                 "name": {"type": "string"}, "id": {"type": "integer"}, "drva": {"type": "string"},
@@ -118,6 +130,18 @@ def _paths() -> dict[str, Any]:
     return {
         "/healthz": {"get": {"summary": "Liveness (no token needed).", "security": [],
                              "responses": {"200": _json({"type": "object"}, "The daemon answers.")}}},
+        "/": {"get": {"summary": "The web console's page (no token needed: it holds no data; it signs in with "
+                                 "the API token and calls this API).", "security": [],
+                      "responses": {"200": {"description": "The console.",
+                                            "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/console/{file}": {"get": {
+            "summary": "A file of the web console (script, style sheet, vendored library); no token needed.",
+            "security": [], "parameters": [{"name": "file", "in": "path", "required": True,
+                                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}}],
+            "responses": {"200": {"description": "The file.", "content": {
+                "text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}},
+                "text/plain": {"schema": {"type": "string"}}}},
+                "404": {"$ref": "#/components/responses/NotFound"}}}},
         "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_ERRORS}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format).", "responses": {
@@ -140,6 +164,13 @@ def _paths() -> dict[str, Any]:
             **domain_get, "summary": "Recovery points of the domain, from the store's catalog.",
             "responses": {"200": _json({"type": "object"}, "Consistent windows, marks, bases."),
                           **_DOMAIN_ERRORS}}},
+        "/v1/domains/{name}/history": {"get": {
+            "summary": "The domain's status over the last hour, as the MSA sampled it every interval_s (in "
+                       "memory: a restarted MSA starts again), oldest first: what the web console charts.",
+            "parameters": [_NAME, {"name": "since_ns", "in": "query", "required": False,
+                                   "description": "Only the samples taken after this time (ns since the epoch).",
+                                   "schema": {"type": "string", "pattern": "^[0-9]{1,19}$", "default": "0"}}],
+            "responses": {"200": _json(_ref("History"), "The samples, one list per field."), **_DOMAIN_ERRORS}}},
         "/v1/domains/{name}/marks": {"post": _job_op(
             "Insert a named mark in the domain's stream; the job ends when it is in the catalog.",
             {"type": "object", "required": ["name"], "additionalProperties": False,
@@ -187,6 +218,12 @@ def _paths() -> dict[str, Any]:
                                         "the store, /v1/failover/{name}/cleanup removes them"}}},
             extra={"409": {"$ref": "#/components/responses/Conflict"},
                    "501": {"$ref": "#/components/responses/NotImplemented"}})},
+        "/v1/failover/{name}/points": {"get": {
+            "summary": "Recovery points of a domain named as the store knows it (as /v1/domains/{name}/points): "
+                       "the recovery site's pick of a failover's point, before its inventory has the domain.",
+            "parameters": [_NAME],
+            "responses": {"200": _json({"type": "object"}, "Consistent windows, marks, bases, per timeline."),
+                          **_DOMAIN_ERRORS}}},
         "/v1/failover/{name}/cleanup": {"post": {
             "summary": "Remove a test failover: power its VMs off, unregister them and their on-demand hosts, "
                        "delete its test area.", "parameters": [_NAME],
