@@ -140,6 +140,7 @@ def _paths() -> dict[str, Any]:
                                             "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}}],
             "responses": {"200": {"description": "The file.", "content": {
                 "text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}},
+                "text/html": {"schema": {"type": "string"}},
                 "text/plain": {"schema": {"type": "string"}}}},
                 "404": {"$ref": "#/components/responses/NotFound"}}}},
         "/openapi.json": {"get": {"summary": "This document.",

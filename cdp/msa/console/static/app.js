@@ -486,16 +486,16 @@
 
   // ------------------------------------------------------------------ the time axis
 
-  // Known (seq, ts) pairs of a points document, for placing seqs in time.
-  function seqTimes(doc) {
+  // Known (seq, ts) pairs of one timeline, for placing its seqs in time: its windows'
+  // ends, its marks, and its start (seq 0, or its fork, when it was created).
+  function seqTimes(t) {
     const pairs = [];
-    for (const t of doc.timelines || []) {
-      for (const w of t.consistent || []) {
-        if (w.first_ts) pairs.push([w.first_seq, w.first_ts]);
-        if (w.last_ts) pairs.push([w.last_seq, w.last_ts]);
-      }
-      for (const m of t.marks || []) if (m.ts) pairs.push([m.seq, m.ts]);
+    if (t.created_ns) pairs.push([t.parent ? t.fork_seq || 0 : 0, t.created_ns]);
+    for (const w of t.consistent || []) {
+      if (w.first_ts) pairs.push([w.first_seq, w.first_ts]);
+      if (w.last_ts) pairs.push([w.last_seq, w.last_ts]);
     }
+    for (const m of t.marks || []) if (m.ts) pairs.push([m.seq, m.ts]);
     pairs.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
     return pairs;
   }
@@ -515,30 +515,32 @@
   }
 
   // An SVG of every timeline's points; clicking picks a point: onPick({seq, ts, timeline} | {mark, ...}).
-  function timeAxis(doc, picked, onPick) {
-    const pairs = seqTimes(doc);
+  function timeAxis(doc, picked, onPick, widthPx) {
     const timelines = doc.timelines || [];
-    if (!pairs.length) return el("p", { class: "muted", text: "No recovery point with a time yet." });
-    const tsOf = (seq) => interp(pairs, seq, 0, 1);
-    const seqOf = (ts) => Math.round(interp(pairs.slice().sort((a, b) => a[1] - b[1]), ts, 1, 0));
-    let t0 = pairs[0][1];
-    let t1 = Math.max(...pairs.map((p) => p[1]));
+    const maps = new Map(timelines.map((t) => [t.timeline, seqTimes(t)]));
+    const all = [...maps.values()].flat();
+    if (!all.length) return el("p", { class: "muted", text: "No recovery point with a time yet." });
+    const tsOf = (t, seq) => interp(maps.get(t.timeline), seq, 0, 1);
+    const seqOf = (t, ts) => Math.round(interp(maps.get(t.timeline).slice().sort((a, b) => a[1] - b[1]), ts, 1, 0));
+    let t0 = Math.min(...all.map((p) => p[1]));
+    let t1 = Math.max(...all.map((p) => p[1]));
     if (t1 - t0 < 1e9) t1 = t0 + 1e9;
     const pad = (t1 - t0) * 0.03;
     t0 -= pad;
     t1 += pad;
-    const W = 1000;
-    const left = 150;
+    const W = Math.max(320, Math.round(widthPx || 1000)); // user units = CSS pixels: text stays legible
+    const left = W < 600 ? 100 : 150;
     const rowH = 46;
     const H = 30 + rowH * timelines.length;
     const x = (ts) => left + ((ts - t0) / (t1 - t0)) * (W - left - 10);
     const tsAt = (px) => t0 + ((px - left) / (W - left - 10)) * (t1 - t0);
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "axis", role: "img",
       "aria-label": `Recovery points of domain ${doc.domain.name} from ${fmtTime(t0)} to ${fmtTime(t1)}` });
-    for (let i = 0; i <= 4; i += 1) {
-      const ts = t0 + ((t1 - t0) * i) / 4;
+    const ticks = W < 600 ? 2 : 4;
+    for (let i = 0; i <= ticks; i += 1) {
+      const ts = t0 + ((t1 - t0) * i) / ticks;
       root.append(svg("line", { x1: x(ts), x2: x(ts), y1: 18, y2: H, class: "tick" }),
-        svg("text", { x: x(ts), y: 12, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle",
+        svg("text", { x: x(ts), y: 12, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle",
           class: "tick-label", text: fmtTime(ts).slice(11, 19) }));
     }
     const rowY = new Map();
@@ -549,34 +551,38 @@
       g.append(svg("text", { x: 4, y: y + 16, class: "row-label",
         text: `timeline ${t.timeline}${t.current ? " *" : ""}` }),
       svg("text", { x: 4, y: y + 32, class: "row-sub", text: `${t.owner}, ${t.segments} seg.` }));
-      const spanA = tsOf(Math.max(t.horizon_seq, t.fork_seq || 0));
-      const spanB = tsOf(t.committed_seq);
+      if (!maps.get(t.timeline).length) { // nothing of it has a time yet
+        root.append(g);
+        continue;
+      }
+      const spanA = tsOf(t, Math.max(t.horizon_seq, t.fork_seq || 0));
+      const spanB = tsOf(t, t.committed_seq);
       if (spanA !== null && spanB !== null) {
         g.append(svg("rect", { x: x(spanA), y: y + 4, width: Math.max(1, x(spanB) - x(spanA)), height: 26,
           class: "span" }, svg("title", { text: `retained span: seq ${t.horizon_seq}..${t.committed_seq}, ` +
           `${t.segments} segments` })));
       }
       for (const w of t.consistent || []) {
-        const a = tsOf(w.first_seq);
-        const b = tsOf(w.last_seq);
+        const a = tsOf(t, w.first_seq);
+        const b = tsOf(t, w.last_seq);
         g.append(svg("rect", { x: x(a), y: y + 8, width: Math.max(2, x(b) - x(a)), height: 18, class: "win" },
           svg("title", { text: `consistent: seq ${w.first_seq}..${w.last_seq}, ${fmtTime(w.first_ts)} .. ` +
             fmtTime(w.last_ts) })));
       }
       for (const w of t.not_consistent || []) {
-        const a = tsOf(w.first_seq);
-        const b = w.last_seq === null ? t1 : tsOf(w.last_seq);
+        const a = tsOf(t, w.first_seq);
+        const b = w.last_seq === null ? t1 : tsOf(t, w.last_seq);
         g.append(svg("rect", { x: x(a), y: y + 8, width: Math.max(2, x(b) - x(a)), height: 18, class: "nc" },
           svg("title", { text: `NOT consistent (${w.kind}): seq ${w.first_seq}..${show(w.last_seq)}` })));
       }
       const baseSeqs = [...new Set((t.bases || []).map((b) => b.seq))];
       for (const seq of baseSeqs) {
-        const bx = x(tsOf(seq));
+        const bx = x(tsOf(t, seq));
         g.append(svg("rect", { x: bx - 4, y: y + 30, width: 8, height: 8, class: "base", "data-base": seq },
           svg("title", { text: `base at seq ${seq}` })));
       }
       for (const m of t.marks || []) {
-        const mx = x(m.ts || tsOf(m.seq));
+        const mx = x(m.ts || tsOf(t, m.seq));
         g.append(svg("g", { class: m.consistent ? "mark" : "mark bad", "data-mark": m.name,
           onclick: (ev) => { ev.stopPropagation(); onPick({ mark: m.name, seq: m.seq, ts: m.ts, timeline: t.timeline }); } },
         svg("line", { x1: mx, x2: mx, y1: y + 2, y2: y + 32 }),
@@ -584,14 +590,17 @@
         svg("title", { text: `mark ${m.name}: seq ${m.seq}, ${fmtTime(m.ts)}${m.consistent ? "" : " (not consistent)"}` })));
       }
       if (t.parent && rowY.has(t.parent) && t.fork_seq) {
-        const fx = x(tsOf(t.fork_seq));
+        const fx = x(tsOf(timelines.find((p) => p.timeline === t.parent), t.fork_seq));
         root.append(svg("path", { d: `M${fx},${rowY.get(t.parent) + 26} L${fx},${y + 8}`, class: "fork" },
           svg("title", { text: `timeline ${t.timeline} forked from ${t.parent} at seq ${t.fork_seq}` })));
       }
       root.append(g);
     }
-    if (picked && picked.ts) {
-      const px = x(picked.ts);
+    const current = timelines.find((tl) => tl.current);
+    const latestTs = current && current.latest !== null ? tsOf(current, current.latest) : null;
+    const pickedTs = picked && picked.latest ? latestTs : picked && picked.ts;
+    if (pickedTs) {
+      const px = x(pickedTs);
       root.append(svg("line", { x1: px, x2: px, y1: 18, y2: H, class: "picked" }));
     }
     root.addEventListener("click", (ev) => {
@@ -602,7 +611,7 @@
       const t = timelines.find((tl) => py >= rowY.get(tl.timeline) && py < rowY.get(tl.timeline) + rowH) ||
         timelines.find((tl) => tl.current);
       if (!t) return;
-      let seq = seqOf(tsAt(px));
+      let seq = seqOf(t, tsAt(px));
       const wins = t.consistent || [];
       const inside = wins.find((w) => seq >= w.first_seq && seq <= w.last_seq);
       if (!inside && wins.length) { // the nearest consistent point
@@ -613,7 +622,7 @@
         seq = best;
       }
       if (!wins.length) return;
-      onPick({ seq, ts: tsOf(seq), timeline: t.timeline });
+      onPick({ seq, ts: tsOf(t, seq), timeline: t.timeline });
     });
     return root;
   }
@@ -650,7 +659,7 @@
     }
     function draw() {
       if (!state.doc) return;
-      axisBox.replaceChildren(timeAxis(state.doc, state.pick, pick));
+      axisBox.replaceChildren(timeAxis(state.doc, state.pick, pick, axisBox.clientWidth));
       pickedOut.textContent = `Picked: ${pickText(state.pick)}`;
       const rows = [];
       for (const t of state.doc.timelines || []) {
