@@ -61,7 +61,7 @@ import xxhash
 from cdp.base_image import (
     SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_chunk_head,
 )
-from cdp.errors import FormatError, NotFound
+from cdp.errors import FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
 from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
@@ -275,6 +275,24 @@ def _opened(stored):
     return stored if open_into is None else open_into(_scratch(len(stored), "opened"))
 
 
+def _opened_ranges(stored, ranges: list[tuple[int, int]]):
+    """``_opened``, but from a sealed store only the pages that hold ``ranges`` (ascending
+    ``[a, b)`` of the unit's stored bytes) are opened (``Unopened.open_ranges``): the
+    caller reads nothing else of the result."""
+    open_ranges = getattr(stored, "open_ranges", None)
+    return stored if open_ranges is None else open_ranges(ranges, _scratch(len(stored), "opened"))
+
+
+def _byte_runs(offsets: np.ndarray, lengths: np.ndarray, keep: np.ndarray, base: int) -> list[tuple[int, int]]:
+    """``[a, b)`` relative to ``base`` of each run of consecutive entries flagged in
+    ``keep``, entries being contiguous stored byte ranges (``offsets``, ``lengths``)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
+    ends = offsets + lengths
+    runs = ((int(offsets[a]) - base, int(ends[b - 1]) - base) for a, b in zip(edges[0::2].tolist(),
+                                                                               edges[1::2].tolist()))
+    return [(a, b) for a, b in runs if a < b]
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, offset)
@@ -395,14 +413,51 @@ def _place_chunk(fds: list[int], unit: ChunkCopy, data: bytes, writeback: Writeb
     ``namer``: the store's chunk names (``chunk_namer_of``). A sealed store's chunk is not
     hashed whole again: its seal binds it to its name (FORMAT.md §19.6; ``cdp verify --deep``
     does hash it), which saves an HMAC-SHA256 of every chunk recovered."""
-    raw = decode_chunk(unit.key, _opened(data), unit.hash16, out=_scratch(unit.chunk_len), namer=namer,
-                       check_name=namer is None)
-    if len(raw) != unit.chunk_len:
-        raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
-    digest = _place(fds, unit, [(0, raw)], sparse)
+    parts = _sealed_chunk_parts(unit, data) if hasattr(data, "open_ranges") else None
+    if parts is None:
+        raw = decode_chunk(unit.key, _opened(data), unit.hash16, out=_scratch(unit.chunk_len), namer=namer,
+                           check_name=namer is None)
+        if len(raw) != unit.chunk_len:
+            raise FormatError(f"chunk {unit.key}: {len(raw)} bytes, the manifest needs {unit.chunk_len}")
+        parts = [(0, raw)]
+    digest = _place(fds, unit, parts, sparse)
     if writeback is not None:
         writeback.written(unit)
     return digest
+
+
+def _sealed_chunk_parts(unit: ChunkCopy, data) -> list[tuple[int, memoryview]] | None:
+    """From a sealed store's whole (version-2) chunk, still sealed: open its header and
+    table, then only the sub-blocks that hold ``unit``'s pieces, and decode those into this
+    thread's buffer, as a partial read does (FORMAT.md §6.1); ``(raw start, raw bytes)``
+    per run of sub-blocks. None for a version-1 chunk (no table: decoded whole).
+
+    What a partial read checks, this checks (the header and table, each sub-block's
+    ``stored_xxh3`` and ``raw_xxh3``); the whole chunk's ``raw_xxh3_128`` is not recomputed:
+    the seal binds the object to its key, which holds the name (§19.6). Why: later writes
+    leave a full recovery only part of most chunks (a third in ``benchmarks.recovery``),
+    and opening and decompressing the rest was most of what a seal added to it."""
+    size = len(data)
+    head_len = min(size, chunk_head_bytes(unit.chunk_len))
+    if head_len == 0:
+        return None
+    head = data.open_ranges([(0, head_len)], _scratch(size, "opened"))
+    table = decode_chunk_head(unit.key, head[:head_len], unit.hash16, unit.chunk_len)
+    if table is None:
+        return None
+    if table.stored_end != size:
+        err = TruncatedError if size < table.stored_end else FormatError
+        raise err(f"chunk {unit.key}: {size} bytes, the header and table promise {table.stored_end}")
+    runs = _sub_block_runs(unit)
+    spans = [table.span(a, b) for a, b in runs]
+    opened = data.open_ranges([(a, a + n) for a, n in spans], _scratch(size, "opened"))
+    raw = memoryview(_scratch(unit.chunk_len))
+    parts = []
+    for (a, b), (offset, n) in zip(runs, spans):
+        lo, hi = a * SUB_BLOCK_BYTES, min(unit.chunk_len, (b + 1) * SUB_BLOCK_BYTES)
+        table.decode_into(a, b, opened[offset : offset + n], raw[lo:hi])
+        parts.append((lo, raw[lo:hi]))
+    return parts
 
 
 def _covered(first: np.ndarray, last: np.ndarray, count: int) -> np.ndarray:
@@ -467,7 +522,6 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     that page's bytes (< 4 KiB, copied) and they are written together with the next
     block's bytes of the same page.
     """
-    stored = _opened(stored)
     brs = unit.index.block_raw_size
     starts = unit.start
     ends = unit.start + unit.length  # pieces are sorted by start and disjoint in the stream
@@ -477,7 +531,12 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     hi = 0
     h = xxhash.xxh3_64()
     # The blocks some piece lies in; the rest only joined them into one GET.
-    wanted = _covered(starts // brs, (ends - 1) // brs, unit.last_block - unit.first_block + 1).tolist()
+    covered = _covered(starts // brs, (ends - 1) // brs, unit.last_block - unit.first_block + 1)
+    if hasattr(stored, "open_ranges"):  # sealed: open only the blocks read below
+        rows = unit.index.blocks[unit.first_block : unit.last_block + 1]
+        stored = _opened_ranges(stored, _byte_runs(rows["stored_offset"], rows["stored_len"], covered,
+                                                   int(rows["stored_offset"][0])))
+    wanted = covered.tolist()
     group = max(brs, DECODE_GROUP_BYTES)
     groups = unpack_block_groups(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(group),
                                  wanted=wanted, group_bytes=group)

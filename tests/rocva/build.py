@@ -51,20 +51,21 @@ async def check(b: DomainBuilder, seq: int, work: Path, expected: list[str] | No
 
 
 async def recovery_property(store, seed: int, ops: int, seal_every: int, bases: str, resync: bool,
-                            brs: int, work: Path) -> None:
-    """A random domain in ``store`` (1-3 disks, marks, optional bases and resync window):
+                            brs: int, work: Path, chunk: int = 64 * KiB) -> None:
+    """A random domain in ``store`` (1-3 disks, marks, optional bases of ``chunk`` bytes
+    per chunk, and a resync window):
     every mark, the latest seq and four random seqs recover to the reference replay's
     images, and exactly the points inside a window or before a disk's first base are refused."""
     rng = np.random.default_rng(seed)
     disks = tuple((f"vm{k}", "d", int(rng.integers(16, 384)) * SECTOR) for k in range(int(rng.integers(1, 4))))
     b = await DomainBuilder(store, disks=disks, block_raw_size=brs).start()
     if bases != "none":
-        await seed_initial(b, 0, rng, chunk=64 * KiB)
+        await seed_initial(b, 0, rng, chunk=chunk)
     marks = await random_workload(b, rng, ops // 2, seal_every=seal_every, resync=resync)
     first_base = {0: 0} if bases != "none" else {}
     if bases == "initial+mid":
         for disk in range(len(disks)):
-            await b.add_base(disk, chunk_size=64 * KiB)
+            await b.add_base(disk, chunk_size=chunk)
             first_base.setdefault(disk, b.seq)
     marks |= await random_workload(b, rng, ops - ops // 2, seal_every=seal_every)
     state = await load_state(b.store, b.domain)
