@@ -243,6 +243,9 @@ async def test_every_page_is_drawn_and_accessible_at_desktop_and_phone_width(sit
         if route.startswith(("#/points", "#/failover")):
             await page.wait_for_selector("#time-axis svg", timeout=UI_S * 1000)
         await check(route.strip("#/").replace("/", "-"))
+        if route == "#/jobs":  # the mark placed from the console, with its final progress
+            await expect(page.locator('main [data-state="succeeded"]').first).to_be_visible()
+            await expect(page.locator("main")).to_contain_text("mark")
     assert {n: f["axe"] for n, f in found.items() if f["axe"]} == {}
     assert not console.errors, "\n".join(console.errors)
     await console.close()

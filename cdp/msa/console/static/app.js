@@ -678,9 +678,18 @@
         table("Marks", ["mark", "timeline", "seq", "time", "consistent", "pick"], rows, "No marks."));
     }
     const node = el("div", {}, legend, axisBox, el("div", { class: "buttons" }, latestBtn), pickedOut, marksBox);
+    let drawnWidth = 0;
+    const onResize = () => { // redrawn at the new width: text in the axis stays at its size
+      if (node.isConnected && axisBox.clientWidth !== drawnWidth) {
+        drawnWidth = axisBox.clientWidth;
+        draw();
+      }
+    };
+    window.addEventListener("resize", onResize);
     return {
       node,
       state,
+      dispose() { window.removeEventListener("resize", onResize); },
       async load() {
         state.doc = await api("GET", pathOf());
         draw();
@@ -723,6 +732,7 @@
       section("Actions", markForm, recoverForm, out));
     let at = 0;
     return {
+      dispose: view.dispose,
       async refresh() {
         if (Date.now() - at < POINTS_EVERY_MS && view.state.doc) return;
         at = Date.now();
@@ -774,6 +784,7 @@
     if (!initial) view.clear("Name a domain to see its points.");
     let loaded = !initial;
     return {
+      dispose: view.dispose,
       async refresh() {
         if (!loaded) {
           loaded = true;
