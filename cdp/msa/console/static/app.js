@@ -165,14 +165,15 @@
     });
   }
 
-  function jobLine(job) {
+  function jobLine(job, inTable) {
     const p = job.progress || {};
     const share = typeof p.total === "number" && p.total > 0 && typeof p.done === "number" ? p.done / p.total : null;
     const bar = el("progress", { max: 1, "aria-label": `job ${job.id} progress` });
     if (share !== null) bar.value = Math.min(1, share);
     else if (job.state !== "running") bar.value = 1;
     return el("span", { class: `job job-${job.state}`, dataset: { job: job.id, state: job.state } },
-      el("a", { href: "#/jobs", text: `${job.name} ${job.id}` }), " ", el("strong", { text: job.state }), " ",
+      inTable ? null : el("a", { href: "#/jobs", text: `${job.name} ${job.id}` }), " ",
+      el("strong", { text: job.state }), " ",
       job.state === "running" ? bar : null, p.phase ? ` ${p.phase}` : "",
       share !== null ? ` ${p.done}/${p.total}` : "", job.error ? ` — ${job.error}` : "");
   }
@@ -269,7 +270,7 @@
     const policy = policyInputs();
     const domainIn = el("input", { type: "text", pattern: NAME_PATTERN, required: true });
     const protectForm = el("form", { class: "card" }, el("h2", { text: "Protect a domain" }),
-      field("Domain", domainIn, "A domain of the site's inventory"), ...policy.fields,
+      el("div", { class: "fields" }, field("Domain", domainIn, "A domain of the site's inventory"), ...policy.fields),
       el("button", { type: "submit", class: "primary", text: "Protect…" }), protectOut);
     protectForm.addEventListener("submit", (ev) => {
       ev.preventDefault();
@@ -829,9 +830,10 @@
         const rows = doc.jobs.map((j) => {
           const args = j.args || {};
           const ended = j.ended_ns ? ((j.ended_ns - j.created_ns) / 1e9).toFixed(1) + " s" : "running";
-          return [j.id, j.name, args.domain || args.kind || dash, jobLine(j), fmtTime(j.created_ns), ended];
+          return [el("span", {}, el("strong", { text: j.name }), el("br"), el("span", { class: "muted small",
+            text: j.id })), args.domain || args.kind || dash, jobLine(j, true), fmtTime(j.created_ns), ended];
         });
-        body.replaceChildren(section("Recent jobs", table("Jobs, newest first", ["id", "job", "subject",
+        body.replaceChildren(section("Recent jobs", table("Jobs, newest first", ["job", "subject",
           "state and progress", "started", "took"], rows, "No jobs yet.")));
       },
     };
