@@ -184,6 +184,19 @@ async def test_a_mark_placed_from_the_console_shows_on_the_time_axis_and_in_cdp_
     assert proc.returncode == 0, err.decode()
     marks = [m["name"] for t in json.loads(out)["timelines"] for m in t["marks"]]
     assert "from-console" in marks
+
+    # Cancelled: nothing is sent. Hostile text in an answer stays text.
+    jobs = len(sites.a.jobs.list(limit=100))
+    await page.fill("#mark-name", "never-placed")
+    await page.get_by_role("button", name="Place a mark…").click()
+    await page.click("#confirm-cancel")
+    await expect(page.locator(".action-out")).to_have_text("Mark: cancelled.")
+    hostile = '/tmp/<img src=x onerror="window.pwned=1">'
+    await page.fill("#recover-dir", hostile)
+    await console.confirm("Recover at the picked point…", hostile)
+    await expect(page.locator(".action-out .error")).to_contain_text("Recover failed: 400")
+    assert await page.locator("main img").count() == 0 and await page.evaluate("() => window.pwned") is None
+    assert len(sites.a.jobs.list(limit=100)) == jobs
     await console.close()
 
 
