@@ -217,9 +217,8 @@ async def apply_in_place(store, plan: RecoveryPlan, paths: Sequence[Path]) -> in
             if have != d.size:
                 raise ValueError(f"{path}: {have} bytes, the domain's disk {d.disk} has {d.size}")
         await asyncio.to_thread(_punch_zeros, plan, fds)
-        fetcher = Fetcher(store, fds, None, sparse=False)
         with ThreadPoolExecutor(pool_workers(CONCURRENCY), thread_name_prefix="delta") as pool:
-            fetcher.executor = pool
+            fetcher = Fetcher(store, fds, pool, sparse=False)
             for groups in (segment_groups(plan, RUN_BYTES_MAX, GAP_BYTES_MAX), base_groups(plan, partial=True)):
                 await execute(groups, fetcher, concurrency=CONCURRENCY, skip=lambda name, nbytes: False,
                               on_group_done=lambda name, digest: None, on_unit_done=lambda nbytes: None)

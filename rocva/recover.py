@@ -335,8 +335,11 @@ class _Tally:
             self.progress(self.done_bytes, self.total)
 
 
-async def _fetch_all(plan, state: ResumeState, fds: list[int], fetcher: Fetcher, tally: _Tally,
-                     concurrency: int, units: dict[str, int]) -> None:
+async def _fetch_all(store, plan, state: ResumeState, fds: list[int], tally: _Tally,
+                     concurrency: int, units: dict[str, int]) -> int:
+    """Run every group not done yet into ``fds``; the bytes written. Each image region's
+    write-out starts once it is complete, so that the fsync before publication has little
+    left to write (``rocva.fetch.Writeback``)."""
     def skip(name: str, nbytes: int) -> bool:
         tally.groups.add(name)
         if name not in state.done:
@@ -352,21 +355,21 @@ async def _fetch_all(plan, state: ResumeState, fds: list[int], fetcher: Fetcher,
 
     # Fewer threads than units in flight: see pool_workers.
     with ThreadPoolExecutor(pool_workers(concurrency), thread_name_prefix="rocva") as pool:
-        fetcher.executor = pool
+        writeback = Writeback(plan, fds)
+        fetcher = Fetcher(store, fds, pool, writeback)
         try:
             await execute(all_groups(plan, units), fetcher, concurrency=concurrency, skip=skip,
                           on_group_done=group_done, on_unit_done=tally.add)
         except BaseException:
-            if fetcher.writeback is not None:  # the images are closed next: drop the hints not begun
-                fetcher.writeback.close(drop_pending=True)
+            writeback.close(drop_pending=True)  # the images are closed next: drop the hints not begun
             raise
-        if fetcher.writeback is not None:
-            try:
-                await asyncio.to_thread(fetcher.writeback.close)
-            except BaseException:
-                fetcher.writeback.close(drop_pending=True)
-                raise
+        try:
+            await asyncio.to_thread(writeback.close)
+        except BaseException:
+            writeback.close(drop_pending=True)
+            raise
     await state.settle()
+    return fetcher.bytes_written
 
 
 async def _execute_locked(store, plan, out: OutputDir, progress, concurrency, checksum, units) -> dict:
@@ -375,14 +378,11 @@ async def _execute_locked(store, plan, out: OutputDir, progress, concurrency, ch
     finished_before = state.complete
     tally = _Tally(plan.bytes_to_write, progress)
     tally.add(0)  # tell the progress bar the total before the first unit ends
-    fetcher = Fetcher(store, fds, None)
+    bytes_written = 0
     try:
         if not finished_before:
-            # Start each image region's write-out once it is complete, so that the fsync
-            # before publication has little left to write (see rocva.fetch.Writeback).
-            fetcher.writeback = Writeback(plan, fds)
-            await _fetch_all(plan, state, fds, fetcher, tally, concurrency, units)
-            _verify(plan, fds, state, tally, fetcher)
+            bytes_written = await _fetch_all(store, plan, state, fds, tally, concurrency, units)
+            _verify(plan, fds, state, tally, bytes_written)
             state.complete = True
             state.save(fds)
     except BaseException:
@@ -406,21 +406,21 @@ async def _execute_locked(store, plan, out: OutputDir, progress, concurrency, ch
         "domain": plan.domain, "seq": plan.seq, "target_seq": plan.seq, "generation": plan.generation,
         "target": plan.target.target.describe(), "resumed": resume, "state_discarded": discarded_because,
         "bytes_fetched": getattr(store, "bytes", None), "gets": getattr(store, "gets", None),
-        "bytes_written": fetcher.bytes_written, "bytes_skipped": tally.skipped_bytes,
+        "bytes_written": bytes_written, "bytes_skipped": tally.skipped_bytes,
         "groups_skipped": tally.skipped_groups, "groups": len(tally.groups),
         "seconds": round(seconds, 3),
-        "mb_per_s": round(fetcher.bytes_written / 1e6 / seconds, 1) if seconds > 0 else None,
+        "mb_per_s": round(bytes_written / 1e6 / seconds, 1) if seconds > 0 else None,
         "images": images, "plan": plan.summary(),
     }
 
 
-def _verify(plan: RecoveryPlan, fds: list[int], state: ResumeState, tally: _Tally, fetcher: Fetcher) -> None:
+def _verify(plan: RecoveryPlan, fds: list[int], state: ResumeState, tally: _Tally, bytes_written: int) -> None:
     """Refuse to publish unless every group is done and every byte of the plan is written."""
     missing = tally.groups - set(state.done)
     if missing:
         raise RecoveryError(f"recovery of domain {plan.domain} at seq {plan.seq}: {len(missing)} work "
                             f"groups not done (e.g. {min(missing)})")
-    written = fetcher.bytes_written + tally.skipped_bytes
+    written = bytes_written + tally.skipped_bytes
     if written != plan.bytes_to_write:
         raise RecoveryError(f"recovery of domain {plan.domain} at seq {plan.seq}: wrote "
                             f"{written} bytes, the plan has {plan.bytes_to_write}")

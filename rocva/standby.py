@@ -96,9 +96,8 @@ async def apply_tail(store, out: OutputDir, plan: RecoveryPlan) -> int:
             if os.fstat(fds[-1]).st_size != d.size:
                 raise StandbyUnusable(f"{out.show(d.image_name)} is not {d.size} bytes")
         await asyncio.to_thread(_punch, plan, fds)
-        fetcher = Fetcher(store, fds, None)
         with ThreadPoolExecutor(pool_workers(CONCURRENCY), thread_name_prefix="standby") as pool:
-            fetcher.executor = pool
+            fetcher = Fetcher(store, fds, pool)
             await execute(segment_groups(plan, RUN_BYTES_MAX), fetcher, concurrency=CONCURRENCY,
                           skip=lambda name, nbytes: False, on_group_done=lambda name, digest: None,
                           on_unit_done=lambda nbytes: None)
