@@ -89,7 +89,8 @@ def machine(path: Path) -> dict[str, Any]:
     fstype, source = (_run_text("findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(path)).split() + ["?", "?"])[:2]
     disk = source
     if source.startswith("/dev/"):
-        pairs = dict(re.findall(r'(\w+)="([^"]*)"', _run_text("lsblk", "-P", "-d", "-o", "NAME,MODEL,ROTA,SIZE", source)))
+        listed = _run_text("lsblk", "-P", "-d", "-o", "NAME,MODEL,ROTA,SIZE", source)
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', listed))
         if pairs:
             kind = "rotational" if pairs.get("ROTA") == "1" else "non-rotational"
             disk = f"{pairs.get('NAME')} {pairs.get('MODEL') or ''} ({kind} as the kernel sees it, {pairs.get('SIZE')})"

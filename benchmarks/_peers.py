@@ -44,7 +44,8 @@ def ensure(tools: list[str]) -> dict[str, str]:
 
 
 def version(tool: str) -> str:
-    out = subprocess.run([tool, "version" if tool == "restic" else "--version"], capture_output=True, text=True).stdout.strip()
+    cmd = [tool, "version" if tool == "restic" else "--version"]  # restic has no --version
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
     return out.splitlines()[0] if out else "?"
 
 
@@ -96,3 +97,9 @@ class Borg:
         """A new archive of ``path`` (borg's default compression, lz4)."""
         self.archives += 1
         self.run("create", f"{self.repo}::a{self.archives}", str(path))
+
+    def restore_latest(self, target: Path) -> None:
+        """Extract the newest archive under ``target`` (its paths, as restic does, in full)."""
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["borg", "extract", f"{self.repo}::a{self.archives}"], env=self.env, check=True,
+                       cwd=target, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,4 +1,4 @@
-"""Cold point-in-time recovery from the file store against ``cp`` and ``restic restore``.
+"""Cold point-in-time recovery from the file store against ``cp``, ``restic restore`` and ``borg extract``.
 
 Setup (not timed): one 1 GiB disk (``--quick``: 256 MiB) whose base image (4 MiB chunks)
 holds realistic data (``PayloadSource("mixed")``), then as many bytes again of random
@@ -7,15 +7,17 @@ built with the library (``tests.rocva.domain.DomainBuilder``) in a ``FileStore``
 disk as it is at the end (the model) is kept as a file: the primary image.
 
 Timed, every read cold: before each run the page cache of every input file (all files
-under the store; the primary image for ``cp``; the repository for restic) and of the
+under the store; the primary image for ``cp``; the repository for restic and borg) and of the
 previous run's output is dropped with ``posix_fadvise(DONTNEED)`` after an ``os.sync()``.
 Each side is timed until its output is durable: recovery fsyncs its images itself, and
-the ``cp --sparse=auto`` copy and restic's restored file are fsynced inside the timing.
+the ``cp --sparse=auto`` copy and restic's and borg's restored files are fsynced inside the timing.
 Medians over rounds.
 
 Fields: ``mb_per_s`` (disk bytes / seconds to recover the latest point),
 ``middle_mb_per_s`` (the mark half way), ``ratio_vs_cp`` (our speed / cp's),
 ``ratio_vs_restic`` (restic restore seconds / ours; null without ``restic`` on PATH),
+``borg_extract_s`` and ``ratio_vs_borg`` likewise (``borg extract`` of the newest archive
+of an unencrypted repository, default lz4 compression; null without ``borg``),
 ``churn16_vs_churn1``: the same disk after 16x the writes, recovered latest *after
 consolidation*, in seconds, over the 1x latest seconds. The consolidation is the real job
 (``rocva.consolidate``, not timed in the ratio but reported as ``consolidate_s``) with
@@ -52,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import emit, parse_args, progress, work_dir
+from benchmarks._peers import Borg, Restic
 from cdp.digest import sha256_file
 from cdp.base_image import CHUNK_SIZE_DEFAULT
 from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
@@ -199,31 +202,21 @@ def time_cp(primary: Path, out: Path, rounds: int) -> float:
     return statistics.median(times)
 
 
-def time_restic(primary: Path, root: Path, rounds: int) -> float | None:
-    """Median seconds of a cold ``restic restore latest``; None when restic is absent."""
-    restic = shutil.which("restic")
-    if restic is None:
-        return None
-    repo, out = root / "restic-repo", root / "restic-out"
-    env = {**os.environ, "RESTIC_PASSWORD": "benchmark", "RESTIC_REPOSITORY": str(repo)}
-
-    def run(*args: str) -> None:
-        subprocess.run([restic, "--no-cache", "--quiet", *args], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
-
-    run("init")
-    run("backup", str(primary))
+def time_peer(peer: Restic | Borg, primary: Path, out: Path, rounds: int) -> float:
+    """Median seconds of a cold restore of ``primary`` from a fresh backup of it by ``peer``
+    (restic or borg: ``benchmarks._peers``), until the restored file is durable."""
+    peer.init()
+    peer.backup(primary)
     times = []
     for _ in range(rounds):
         clear(out)
-        evict(repo)
+        evict(peer.repo)
         t0 = time.perf_counter()
-        run("restore", "latest", "--target", str(out))
-        restored = out / primary.relative_to(primary.anchor)
-        fsync_file(restored)
+        peer.restore_latest(out)
+        fsync_file(out / primary.relative_to(primary.anchor))
         times.append(time.perf_counter() - t0)
     clear(out)
-    shutil.rmtree(repo)
+    shutil.rmtree(peer.repo)
     return statistics.median(times)
 
 
@@ -271,7 +264,10 @@ def main() -> None:
         shutil.rmtree(root / "store-sealed")
         clear(root / "out")
         cp_s = time_cp(primary, root / "cp-out", rounds)
-        restic_s = time_restic(primary, root, rounds)
+        restic_s = time_peer(Restic(root / "restic-repo"), primary, root / "restic-out", rounds) \
+            if shutil.which("restic") else None
+        borg_s = time_peer(Borg(root / "borg-repo"), primary, root / "borg-out", rounds) \
+            if shutil.which("borg") else None
 
         # 16x the churn: continue the history to 16x the writes, then consolidate all but
         # the newest 1x of writes and apply a retention window of that length.
@@ -304,7 +300,8 @@ def main() -> None:
         "segments_16x": len(b.segment_keys),
         "rounds": rounds,
         "cold": "posix_fadvise DONTNEED on every input and previous output before each run",
-        "sync": "included: recovery fsyncs its images; cp's copy and restic's file are fsynced in the timing",
+        "sync": "included: recovery fsyncs its images; cp's copy and restic's and borg's files are fsynced "
+                "in the timing",
         "recover_latest_s": round(latest_s, 3),
         "recover_middle_s": round(middle_s, 3),
         "middle_seq": half_seq,
@@ -315,6 +312,8 @@ def main() -> None:
         "ratio_vs_cp": round(cp_s / latest_s, 3),
         "restic_restore_s": None if restic_s is None else round(restic_s, 3),
         "ratio_vs_restic": None if restic_s is None else round(restic_s / latest_s, 3),
+        "borg_extract_s": None if borg_s is None else round(borg_s, 3),
+        "ratio_vs_borg": None if borg_s is None else round(borg_s / latest_s, 3),
         "churn16_recover_s": round(churn16_s, 3),
         "churn16_vs_churn1": round(churn16_s / latest_s, 3),
         "consolidation": "rocva.consolidate",
@@ -340,6 +339,7 @@ def main() -> None:
         ("recover middle mark (cold)", f"{middle_s:.2f} s"),
         ("cp --sparse=auto + fsync", f"{cp_s:.2f} s (ratio ours/cp {cp_s / latest_s:.2f})"),
         ("restic restore", "absent" if restic_s is None else f"{restic_s:.2f} s"),
+        ("borg extract", "absent" if borg_s is None else f"{borg_s:.2f} s"),
         ("consolidation at 16x", f"{consolidate_s:.2f} s, {job['segments_removed']} segments dropped, "
                                  f"store {store_bytes_16x / 1e9:.2f} -> {store_bytes_after / 1e9:.2f} GB"),
         ("16x churn after consolidation", f"{churn16_s:.2f} s ({churn16_s / latest_s:.2f}x)"),

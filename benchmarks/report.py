@@ -6,7 +6,7 @@ Each benchmark (``BENCHMARKS``) runs as a subprocess, ``python -m benchmarks.NAM
 (``--quick`` passed on), one after the other so that none measures another's load; its
 last JSON line is its result, its output goes to ``DIR/logs/NAME.log``. The peers (cp,
 restic, borg) are measured inside the benchmarks that compare with them (``recovery``:
-cp and restic; ``storage``: restic and borg); restic and borg are installed first from
+cp, restic and borg; ``storage``: restic and borg); restic and borg are installed first from
 Debian packages when missing (``benchmarks._peers``). Then ``DIR/results.json`` (every
 result, the machine, the run), ``DIR/report.md`` and ``DIR/report.html`` (the same page)
 with matplotlib PNG charts beside them. Every figure on the page comes from this run:
@@ -37,7 +37,7 @@ from benchmarks._peers import PeerMissing, ensure
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("ingest", "log_append", "recovery", "history", "failover", "failback", "nbd", "scale", "storage")
-PEER_USERS = {"recovery": ["restic"], "storage": ["restic", "borg"]}
+PEER_USERS = {"recovery": ["restic", "borg"], "storage": ["restic", "borg"]}
 BENCH_TIMEOUT_S, BENCH_TIMEOUT_S_QUICK = 4 * 3600, 3600
 LOG_TAIL_CHARS = 1500
 NOT_MEASURED = "not measured"

@@ -190,7 +190,8 @@ async def sample_rpo(status_path: Path, pid: int, t0: float, rpo: dict[int, list
             rpo[x["id"]].append(x["rpo_lag_s"])
         series.append([round(time.monotonic() - t0, 2), round(float(np.median(lags)), 3), round(max(lags), 3)])
         rss.append(proc_rss_mb(pid))
-        for key, field in (("inflight_segments_max", "inflight_segments"), ("unsealed_entries_max", "unsealed_entries")):
+        for key, field in (("inflight_segments_max", "inflight_segments"),
+                           ("unsealed_entries_max", "unsealed_entries")):
             backlog[key] = max(backlog.get(key, 0), sum(x[field] for x in doc["domains"]))
         uploads = [x["upload_latency_p99_s"] for x in doc["domains"] if x["upload_latency_p99_s"] is not None]
         backlog["upload_latency_p99_s_max"] = max([backlog.get("upload_latency_p99_s_max", 0.0), *uploads])
@@ -309,7 +310,8 @@ def main() -> None:
         table.append((f"{c['domains']} / {c['disks']}",
                       f"{c['mb_per_s']} | {c['cpu_s_per_gb']} | {c['rss_mb_max']} | {c['rpo_p99_s_max']} / "
                       f"{c['rpo_p99_s_median']} | {c['bitmap_domains']} | {c['drain_s']}"))
-    table.append(("targets (100 domains: RSS <= 512 MiB, RPO p99 <= 2 s)", "met" if result["targets_met"] else "not met"))
+    table.append(("targets (100 domains: RSS <= 512 MiB, RPO p99 <= 2 s)",
+                  "met" if result["targets_met"] else "not met"))
     emit(args, result, table)
 
 

@@ -119,7 +119,8 @@ async def protect(d: Path, image: Path, size: int, offsets: np.ndarray, payload:
     cfg = drva_toml(d, port, size)
     with open(d / "drva.log", "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "drva.daemon", "--config", str(cfg), "--log-level", "warning"],
-                                cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": SECRET}, stdout=log_file, stderr=log_file)
+                                cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": SECRET},
+                                stdout=log_file, stderr=log_file)
     status = d / "state" / "status.json"
     disk = PrimaryDisk(image, size, create=False)
     f = DomainFilter(1, [disk], buffer_bytes_max=2 * INFLIGHT_BYTES)

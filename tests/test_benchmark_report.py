@@ -48,9 +48,9 @@ def test_report_quick_subset_writes_the_page_and_its_charts(tmp_path):
 
 def results_of_every_benchmark() -> dict:
     return {
-        "ingest": {"mb_per_s_64k": 300.0, "stages": {"socket_receive": {"bare_cpu_s_per_gb": 0.2, "drva_cpu_s_per_gb": 0.5},
-                                                     "lz4": {"bare_cpu_s_per_gb": 1.0, "drva_cpu_s_per_gb": None}},
-                   "rpo_p99_s": 0.8},
+        "ingest": {"mb_per_s_64k": 300.0, "rpo_p99_s": 0.8,
+                   "stages": {"socket_receive": {"bare_cpu_s_per_gb": 0.2, "drva_cpu_s_per_gb": 0.5},
+                              "lz4": {"bare_cpu_s_per_gb": 1.0, "drva_cpu_s_per_gb": None}}},
         "log_append": {"mb_per_s": 500.0, "ratio_vs_raw": 0.95},
         "recovery": {"disk_bytes": 1 << 30, "recover_latest_s": 2.0, "cp_s": 1.8, "restic_restore_s": None,
                      "churn16_recover_s": 2.2, "ratio_vs_cp": 0.9},
