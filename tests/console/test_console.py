@@ -33,6 +33,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 UI_S = 15.0  # bound on the console showing what the API already has (it polls every 2 s)
 JOB_S = 60.0  # bound on a job the console started (a test failover rehydrates 6 MiB)
 PAGES = ("#/site", "#/domain/erp", "#/points/erp", "#/alarms", "#/jobs", "#/failover/erp")
+expect.set_options(timeout=UI_S * 1000)  # Playwright's 5 s is short for a page that polls every 2 s on a busy CI
 
 
 @dataclass
@@ -151,7 +152,7 @@ async def test_the_rpo_chart_moves_while_the_simulator_writes(sites, browser):
     await page.wait_for_function(f"last => {chart}.dataset.last !== last", arg=before[0], timeout=UI_S * 1000)
     after = await page.evaluate(f"() => [{chart}.dataset.last, {chart}.querySelector('canvas').toDataURL()]")
     assert after[1] != before[1]  # the drawing moved, not only its data
-    assert _committed(sites.a) > seq_before  # ... while the VMs wrote
+    await wait_until(lambda: _committed(sites.a) > seq_before, UI_S, "the VMs' writes committed meanwhile")
     await expect(page.locator("figure.chart figcaption").first).to_contain_text("target 60 s")
     await expect(page.locator("main")).to_contain_text("runs here")
     await console.close()
