@@ -1,19 +1,22 @@
-"""A second lane for the test session: the two-site tests, the walkthrough, the S3
-outage and the other tests that mostly wait on processes of their own (``LANE_FILES``)
-run in a pytest process of their own, beside the rest of the suite.
+"""Lanes for the test session: the two-site tests, the walkthrough, the S3 outage and
+the other tests that mostly wait on processes of their own, and the browser, benchmark
+and emulator tests (``LANES``), each group run in a pytest process of its own, beside
+the rest of the suite.
 
 Those tests drive daemons, DRVAs, simulated hosts and ``cdp`` commands as subprocesses,
 or wait out an outage, and spend most of their wall clock waiting: measured, a two-site
 test keeps about half of the machine's two cores busy. Run after the rest they add minutes to
 the suite; run beside it they mostly fill the idle core.
 
-At collection (``tests/conftest.py``) the session starts ``python -m pytest`` on the
+At collection (``tests/conftest.py``) the session starts ``python -m pytest`` on each
 lane's test ids, with ``CDP_TEST_LANE`` naming a report file: that process's
 ``pytest_runtest_logreport`` appends one JSON line per test phase to it. The session
 keeps the lane's items, last in its order, but without their fixtures: each one waits
 for its own phases in the report and passes, fails (with the lane's failure text) or
 skips as they did. A lane that does not end in ``LANE_WITHIN_S`` is killed and its
-waiting tests fail with the tail of its output.
+waiting tests fail with the tail of its output. Why more than one lane: with one, the
+main session kept a core busy and the lane about half of the other (1,482 tests: 452 s
+beside 444 s); a second lane of tests that also wait fills the rest.
 
 ``CDP_TEST_LANES=0`` runs everything in the one session. A session that selected only
 lane tests runs them itself (there is nothing to run beside them).
@@ -35,17 +38,24 @@ import pytest
 
 LANE_ENV = "CDP_TEST_LANE"  # in the lane's process: where its phases are reported
 LANES_ENV = "CDP_TEST_LANES"  # "0": no lane
-LANE_FILES = ("tests/test_failover_sites.py::", "tests/test_failback_sites.py::", "tests/test_walkthrough.py::",
-              "tests/drva/test_outage.py::",
-              # Subprocess DRVAs, simulators and daemons that spend their time waiting:
-              # with these here the two lanes end within about a minute of each other
-              # (measured: the main session ran 9.5 min beside a 4 min lane without them;
-              # 535 s beside 388 s before the last line's move).
-              "tests/drva/test_e2e.py::", "tests/drva/test_crash.py::", "tests/test_log_crash.py::",
-              "tests/mgmt/test_failover_job.py::", "tests/mgmt/test_failback_job.py::", "tests/test_cli.py::",
-              "tests/torture/test_campaigns.py::test_kills_quick", "tests/torture/test_campaigns.py::test_store_faults",
-              "tests/test_failover_msa_killed.py::", "tests/mgmt/test_failback_rehandover.py::",
-              "tests/mgmt/test_failback_appliance.py::")
+LANE_2 = ("tests/console/", "tests/test_benchmark_report.py::", "tests/test_benchmark_scale.py::",
+          "tests/test_benchmark_storage.py::", "tests/rocva/test_recover_cloud.py::",
+          "tests/rocva/test_consolidate.py::test_consolidation_and_retention_on_")
+LANES: tuple[tuple[str, ...], ...] = (
+    # Lane 1: the two-site tests, the walkthrough, the S3 outage, and the subprocess
+    # DRVAs, simulators and daemons that spend their time waiting.
+    ("tests/test_failover_sites.py::", "tests/test_failback_sites.py::", "tests/test_walkthrough.py::",
+     "tests/drva/test_outage.py::", "tests/drva/test_e2e.py::", "tests/drva/test_crash.py::",
+     "tests/test_log_crash.py::", "tests/mgmt/test_failover_job.py::", "tests/mgmt/test_failback_job.py::",
+     "tests/test_cli.py::", "tests/torture/test_campaigns.py::test_kills_quick",
+     "tests/torture/test_campaigns.py::test_store_faults", "tests/test_failover_msa_killed.py::",
+     "tests/mgmt/test_failback_rehandover.py::", "tests/mgmt/test_failback_appliance.py::"),
+    # Lane 2: what waits on a browser, on benchmark subprocesses, or on the S3 and Azure
+    # emulators (each lane starts its own).
+    LANE_2,
+)
+#: Every lane's files, for a test that asks whether a node id runs in a lane.
+LANE_FILES = tuple(prefix for files in LANES for prefix in files)
 #: The lane's own run (about 7 minutes on an idle 2-core machine) on a machine the rest
 #: of the suite keeps busy meanwhile; bounds a hang, not a speed.
 LANE_WITHIN_S = 1500.0
@@ -120,22 +130,27 @@ class Lane:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-LANE_KEY = pytest.StashKey[Lane]()
+LANE_KEY = pytest.StashKey[list[Lane]]()
 
 
 def split(config: pytest.Config, items: list[Any]) -> None:
-    """Start the lane on the selected lane tests and make their items wait for it (module
+    """Start each lane on its selected tests and make their items wait for it (module
     docstring). Called by ``pytest_collection_modifyitems``."""
     if os.environ.get(LANE_ENV) or os.environ.get(LANES_ENV) == "0" or config.option.collectonly:
         return
-    lane = [item for item in items if item.nodeid.startswith(LANE_FILES)]
-    if not lane or len(lane) == len(items):
+    groups = [[item for item in items if item.nodeid.startswith(files)] for files in LANES]
+    moved = [item for group in groups for item in group]
+    if not moved or len(moved) == len(items):
         return
-    started = config.stash[LANE_KEY] = Lane([item.nodeid for item in lane], config)
-    for item in lane:
-        _wait_instead(item, started)
-    ids = {id(item) for item in lane}
-    items[:] = [item for item in items if id(item) not in ids] + lane
+    started = config.stash[LANE_KEY] = []
+    for group in groups:
+        if group:
+            lane = Lane([item.nodeid for item in group], config)
+            started.append(lane)
+            for item in group:
+                _wait_instead(item, lane)
+    ids = {id(item) for item in moved}
+    items[:] = [item for item in items if id(item) not in ids] + moved
 
 
 def _wait_instead(item: Any, lane: Lane) -> None:
@@ -167,13 +182,12 @@ def report_phase(report: Any) -> None:
 
 
 def finish(config: pytest.Config) -> None:
-    lane = config.stash.get(LANE_KEY, None)
-    if lane is not None:
+    for number, lane in enumerate(config.stash.get(LANE_KEY, []), 1):
         # The lane's own summary line ("N passed in S s"), so that a run shows how long
         # the lane took beside the main session: what balancing LANE_FILES goes by.
         summary = [line for line in lane.log_tail().splitlines() if " in " in line and ("passed" in line
                                                                                         or "failed" in line)]
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if summary and reporter is not None:
-            reporter.write_line(f"test lane: {summary[-1].strip('= ')}")
+            reporter.write_line(f"test lane {number}: {summary[-1].strip('= ')}")
         lane.remove()
