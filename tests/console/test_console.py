@@ -269,14 +269,17 @@ async def test_the_history_endpoint_is_bounded_and_columnar(sites):
     """What the chart reads: one list per field, equal lengths, one sample a second."""
     import aiohttp
 
+    await wait_until(lambda: len(sites.a.history.rings.get("erp", ())) >= 2, EVENTUALLY_S, "samples taken")
     async with aiohttp.ClientSession() as http:
         async with http.get(sites.two.a.api + "/v1/domains/erp/history", headers=sites.two.a.headers) as resp:
             doc = await resp.json()
         async with http.get(sites.two.a.api + "/v1/domains/erp/history?since_ns=x1",
                             headers=sites.two.a.headers) as bad:
             assert bad.status == 400 and (await bad.json())["error"]["field"] == "since_ns"
+        async with http.get(sites.two.b.api + "/v1/failover/nowhere/points", headers=sites.two.b.headers) as gone:
+            error = (await gone.json())["error"]
+            assert gone.status == 404 and "no domain named nowhere in <store>" in error["message"], error
     samples = doc["samples"]
     assert doc["protected"] and doc["rpo_target_s"] == 60 and doc["samples_max"] == 3600
     assert len({len(column) for column in samples.values()}) == 1 and len(samples["t_ns"]) >= 2
     assert samples["t_ns"] == sorted(samples["t_ns"])
-    await wait_until(lambda: len(sites.a.history.rings["erp"]) >= 3, EVENTUALLY_S, "samples taken")
