@@ -42,6 +42,8 @@ from cdp.logfmt import (
 )
 
 COMMIT_BYTES_MAX_DEFAULT = 128 << 20
+#: ``format`` writes a new file's data area with zeros in writes of this size.
+ZERO_FILL_CHUNK_BYTES = 8 << 20
 _ZEROS = memoryview(bytes(BLOCK))
 _LOOKAHEAD_CHUNK = 1 << 20
 
@@ -80,7 +82,15 @@ class ReplicationLog:
     def format(cls, path: str | os.PathLike[str], size: int | None = None, *, label: str = "",
                commit_bytes_max: int = COMMIT_BYTES_MAX_DEFAULT) -> None:
         """Create a partition: preallocate a regular file of ``size`` bytes (or use the
-        whole block device at ``path``) and write both superblocks. Destroys the log."""
+        whole block device at ``path``) and write both superblocks. Destroys the log.
+
+        A new file's data area is written with zeros once, here: ``posix_fallocate``
+        leaves *unwritten* extents (ext4, XFS), and the first write into one converts it,
+        a metadata change that the append's ``fdatasync`` must then commit to the file
+        system's journal. Measured on this project's 2-core VM (ext4): appends of 16 MiB
+        group commits into a fresh fallocated file ran at 440–1,180 MB/s, into a
+        zero-filled one at 1,775–2,090 MB/s. Formatting costs one write of the file.
+        """
         path = Path(path)
         is_device = path.exists() and stat.S_ISBLK(path.stat().st_mode)
         if not is_device:
@@ -108,6 +118,8 @@ class ReplicationLog:
             # Clear the first data block: a fresh file is zero anyway; a reused device
             # could hold anything, and entries of an earlier format are refused by uuid.
             durable.pwrite_all(fd, [bytes(BLOCK)], DATA_START)
+            if not is_device:
+                _zero_fill(fd, DATA_START + BLOCK, part_size)
             durable.sync_file(fd)
         finally:
             os.close(fd)
@@ -382,12 +394,16 @@ class ReplicationLog:
 
     def read(self, pos: int) -> bytes:
         """The body of the live DATA entry at ``pos``, checked again (§3.3)."""
+        return bytes(self.read_view(pos))
+
+    def read_view(self, pos: int) -> memoryview:
+        """``read``, as a read-only view of the bytes read (no copy)."""
         if not self._sb.head <= pos < self._tail:
             raise LogError(f"log partition {self.path}: position {pos} outside [{self.head}, {self.tail})")
         body = self._checked_body(pos)
         if body is None:
             raise LogError(f"log partition {self.path}: position {pos} is a PAD entry")
-        return bytes(body)
+        return body
 
     def _checked_body(self, pos: int) -> memoryview | None:
         """The body of the live entry at ``pos`` (None for a PAD), checked again (§3.3)."""
@@ -458,6 +474,16 @@ class ReplicationLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _zero_fill(fd: int, start: int, end: int) -> None:
+    """Write zeros over ``[start, end)`` (see ``ReplicationLog.format``); not synced."""
+    zeros = memoryview(bytes(min(ZERO_FILL_CHUNK_BYTES, max(0, end - start))))
+    at = start
+    while at < end:
+        n = min(len(zeros), end - at)
+        durable.pwrite_all(fd, [zeros[:n]], at)
+        at += n
 
 
 def _aligned_copy(raw: bytes) -> memoryview:
