@@ -8,7 +8,8 @@ The code lives in three modules; import everything from this one:
 
 - ``cdp.segment_format``: the layouts (structs and numpy dtypes, sizes asserted next to
   their §), ``SegmentIndex`` and ``parse_segment_tail``, the §5.6 checks of the tail;
-- ``cdp.segment_build``: ``build_segment``, the batch writer;
+- ``cdp.segment_build``: ``build_segment``, the batch writer (``build_segment_info``: with
+  what it knows of the object, ``BuiltSegment``);
 - here: the readers. ``read_segment_index`` fetches footer, block table and record index
   with one suffix GET (a second one only when the index is larger than the guess, and
   no ``stat``: the footer gives the object size); ``read_blocks`` fetches just the
@@ -37,7 +38,7 @@ import numpy as np
 import xxhash
 
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
-from cdp.segment_build import build_segment, build_segment_from_arrays
+from cdp.segment_build import BuiltSegment, build_segment, build_segment_from_arrays, build_segment_info
 from cdp.segment_format import (
     BLOCK_DTYPE,
     BLOCK_RAW_SIZE_DEFAULT,
@@ -64,8 +65,8 @@ from cdp.summed import unpack_summed
 __all__ = [
     "BLOCK_DTYPE", "BLOCK_RAW_SIZE_DEFAULT", "BLOCK_RAW_SIZE_MAX", "BLOCK_RAW_SIZE_MIN",
     "CODEC_LZ4", "CODEC_STORED", "FOOTER_MAGIC", "FOOTER_SIZE", "HEADER_SIZE", "INDEX_DTYPE",
-    "SEGMENT_MAGIC", "SEGMENT_VERSION", "TAIL_GUESS_DEFAULT", "SegmentHeader", "SegmentIndex",
-    "build_segment", "build_segment_from_arrays", "decode_segment", "fetch_blocks",
+    "SEGMENT_MAGIC", "SEGMENT_VERSION", "TAIL_GUESS_DEFAULT", "BuiltSegment", "SegmentHeader", "SegmentIndex",
+    "build_segment", "build_segment_from_arrays", "build_segment_info", "decode_segment", "fetch_blocks",
     "index_as_records", "lz4_decompress", "parse_segment_header", "parse_segment_tail", "payload_spans",
     "read_block_list", "read_blocks", "read_payloads", "read_segment_index", "unpack_blocks",
 ]

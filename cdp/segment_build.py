@@ -2,16 +2,24 @@
 
 Everything works on batches: the record tables of the frames are concatenated with
 numpy; all-zero ``WRITE`` payloads are found with one OR-reduction (``reduceat``) per
-mark-free run of payloads and become ``ZERO`` records; the remaining payloads are
-gathered into the payload stream with one copy (``np.compress`` over 512-byte sectors
-when zero writes have to be dropped); the stream is cut into blocks, each compressed
-and summed on the executor when one is given (lz4 and xxhash release the GIL).
+mark-free run of payloads and become ``ZERO`` records. The payload stream is the frames'
+payloads in order, less the zero writes: a frame without a zero write is used in place
+(a view, no copy), one with zero writes is gathered once (``np.compress`` over 512-byte
+sectors). The stream is cut into blocks — views, but for a block that straddles two
+frames, which is copied — and the blocks are compressed and summed in a few batches on
+the executor when one is given (lz4 and xxhash release the GIL; a batch per task keeps
+the executor's own cost per block out of it).
+
+``build_segment_info`` returns what the writer knows besides the bytes (``BuiltSegment``:
+payload bytes, seqs, times, stored sizes), so that a caller need not parse the object
+it just built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import lz4.block
 import numpy as np
@@ -46,6 +54,31 @@ from cdp.segment_format import (
 )
 
 
+#: Blocks are packed on an executor in at most this many tasks per segment: a task per
+#: 64 KiB block cost the executor's hand-over (tens of microseconds) 256 times a segment.
+PACK_TASKS_MAX = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltSegment:
+    """A segment object and what its writer knows of it (the footer's and header's
+    figures, without parsing them back)."""
+
+    data: bytes
+    first_seq: int
+    last_seq: int
+    first_ts: int
+    last_ts: int
+    record_count: int
+    block_count: int
+    payload_raw_len: int  # bytes of the payload stream (the footer's ``payload_raw_len``)
+    payload_stored_len: int  # bytes of its blocks as stored
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
 def build_segment(
     domain: int,
     frames: Sequence[Frame],
@@ -58,6 +91,17 @@ def build_segment(
     ``WRITE`` records whose payload is all zero bytes become ``ZERO`` records. Blocks are
     compressed on ``executor`` when one is given.
     """
+    return build_segment_info(domain, frames, block_raw_size=block_raw_size, executor=executor).data
+
+
+def build_segment_info(
+    domain: int,
+    frames: Sequence[Frame],
+    *,
+    block_raw_size: int = BLOCK_RAW_SIZE_DEFAULT,
+    executor: Executor | None = None,
+) -> BuiltSegment:
+    """``build_segment``, with what the writer knows of the object (``BuiltSegment``)."""
     if not frames:
         raise ValueError("build_segment needs at least one frame")
     where = f"segment to build (domain {domain})"
@@ -89,7 +133,7 @@ def build_segment_from_arrays(
         raise ValueError("a segment holds at least one record")
     where = f"segment to build (domain {domain})"
     sources = [(records, memoryview(payload).cast("B"))]
-    return _build(domain, sources, block_raw_size, executor, where)
+    return _build(domain, sources, block_raw_size, executor, where).data
 
 
 def _build(
@@ -98,7 +142,7 @@ def _build(
     block_raw_size: int,
     executor: Executor | None,
     where: str,
-) -> bytes:
+) -> BuiltSegment:
     check_block_raw_size(block_raw_size)
     # np.concatenate always copies: the kinds may be rewritten below without touching
     # the caller's (read-only) frame views.
@@ -106,13 +150,19 @@ def _build(
     first_seq = int(records["seq"][0])
     # The author refuses a bad record, not only the reader.
     check_records(records, first_seq, where)
-    stream = _payload_stream(records, sources, where)
-    raw = memoryview(stream).cast("B")
-    pieces = [raw[a : a + block_raw_size] for a in range(0, len(raw), block_raw_size)]
-    packed = list(executor.map(_pack_block, pieces)) if executor else list(map(_pack_block, pieces))
+    spans = _payload_spans(records, sources, where)
+    pieces = _cut_blocks(spans, block_raw_size)
+    raw_len = sum(len(p) for p in pieces)
+    if executor is None or len(pieces) < 2:
+        packed = _pack_blocks(pieces)
+    else:
+        step = -(-len(pieces) // PACK_TASKS_MAX)
+        packed = [b for batch in executor.map(_pack_blocks, [pieces[a : a + step]
+                                                             for a in range(0, len(pieces), step)]) for b in batch]
 
     table = _block_table(pieces, packed)
-    index_offset = HEADER_SIZE + int(table["stored_len"].sum(dtype=np.uint64))
+    stored_len = int(table["stored_len"].sum(dtype=np.uint64))
+    index_offset = HEADER_SIZE + stored_len
     index = _record_index(records)
     table_bytes = table.view(np.uint8)
     index_bytes = index.view(np.uint8)
@@ -120,16 +170,48 @@ def _build(
     summer.update(table_bytes)
     summer.update(index_bytes)
     last_seq = int(records["seq"][-1])
+    first_ts, last_ts = int(records["timestamp_ns"][0]), int(records["timestamp_ns"][-1])
     header = pack_summed(
         HEADER, SEGMENT_MAGIC, SEGMENT_VERSION, 0, domain, block_raw_size, first_seq,
-        last_seq, int(records["timestamp_ns"][0]), int(records["timestamp_ns"][-1]), 0,
+        last_seq, first_ts, last_ts, 0,
     )
     footer = pack_summed(
         FOOTER, FOOTER_MAGIC, SEGMENT_VERSION, 0, domain, len(packed), first_seq,
-        last_seq, index_offset, len(raw), summer.intdigest(),
+        last_seq, index_offset, raw_len, summer.intdigest(),
     )
     parts = [header, *(p[0] for p in packed), table_bytes, index_bytes, footer]
-    return b"".join(parts)
+    return BuiltSegment(b"".join(parts), first_seq, last_seq, first_ts, last_ts, len(records),
+                        len(packed), raw_len, stored_len)
+
+
+def _cut_blocks(spans: list[memoryview], block_raw_size: int) -> list[memoryview]:
+    """The payload stream (``spans`` back to back) cut into blocks of ``block_raw_size``
+    (the last one shorter): a view into its span, or a copy when it straddles spans."""
+    blocks: list[memoryview] = []
+    partial: list[memoryview] = []  # the start of a block that straddles spans
+    partial_len = 0
+    for span in spans:
+        at = 0
+        if partial:
+            take = min(block_raw_size - partial_len, len(span))
+            partial.append(span[:take])
+            partial_len += take
+            at = take
+            if partial_len < block_raw_size:
+                continue
+            blocks.append(memoryview(b"".join(partial)))
+            partial, partial_len = [], 0
+        whole = at + (len(span) - at) // block_raw_size * block_raw_size
+        blocks.extend(span[a : a + block_raw_size] for a in range(at, whole, block_raw_size))
+        if whole < len(span):
+            partial, partial_len = [span[whole:]], len(span) - whole
+    if partial:
+        blocks.append(partial[0] if len(partial) == 1 else memoryview(b"".join(partial)))
+    return blocks
+
+
+def _pack_blocks(pieces: list[memoryview]) -> list[tuple[bytes | memoryview, int, int, int]]:
+    return [_pack_block(p) for p in pieces]
 
 
 def _block_table(pieces: list[memoryview], packed: list[tuple]) -> np.ndarray:
@@ -221,9 +303,11 @@ def _gather(kind, starts, plen, zero, payload, pieces, out: np.ndarray, pos: int
     return pos
 
 
-def _payload_stream(records: np.ndarray, sources, where: str) -> np.ndarray:
-    """Turn all-zero WRITEs of ``records`` into ZEROs; return the payload stream (§5.2)."""
-    plans = []
+def _payload_spans(records: np.ndarray, sources, where: str) -> list[memoryview]:
+    """Turn all-zero WRITEs of ``records`` into ZEROs; return the payload stream (§5.2)
+    as spans to be read back to back: a source's payload itself when it keeps all of it,
+    else its kept payloads gathered into a new buffer."""
+    spans: list[memoryview] = []
     row = 0
     for recs, payload in sources:
         kind = recs["kind"]
@@ -237,13 +321,16 @@ def _payload_stream(records: np.ndarray, sources, where: str) -> np.ndarray:
             )
         pieces = _pieces(kind)
         zero = _zero_writes(kind, starts, plen, payload, pieces)
-        records["kind"][row : row + len(recs)][zero] = KIND_ZERO
-        plans.append((kind, starts, plen, zero, payload, pieces))
+        row_kinds = records["kind"][row : row + len(recs)]
+        row_kinds[zero] = KIND_ZERO
         row += len(recs)
-    out = np.empty(int(payload_lengths(records).sum()), dtype=np.uint8)
-    pos = 0
-    for plan in plans:
-        pos = _gather(*plan, out, pos)
-    assert pos == len(out), (pos, len(out))
-    return out
-
+        if not zero.any():
+            if len(payload):
+                spans.append(payload)
+            continue
+        out = np.empty(int(payload_lengths(records[row - len(recs) : row]).sum()), dtype=np.uint8)
+        pos = _gather(kind, starts, plen, zero, payload, pieces, out, 0)
+        assert pos == len(out), (pos, len(out))
+        if pos:
+            spans.append(memoryview(out).cast("B"))
+    return spans

@@ -177,6 +177,7 @@ class Drva:
         self.log.close()
         self.meta.close()
         self.pool.shutdown()
+        self.shipper.close()
         log.info("drva_stopped", name=self.cfg.name)
 
     def _tls(self) -> ssl.SSLContext | None:

@@ -21,7 +21,7 @@ from cdp.records import (
 )
 from cdp.segment import (
     BLOCK_DTYPE, CODEC_LZ4, CODEC_STORED, FOOTER_SIZE, HEADER_SIZE, INDEX_DTYPE,
-    build_segment, build_segment_from_arrays, decode_segment, index_as_records,
+    build_segment, build_segment_from_arrays, build_segment_info, decode_segment, index_as_records,
     fetch_blocks, parse_segment_tail, read_block_list, read_blocks, read_payloads,
     read_segment_index, unpack_blocks,
 )
@@ -348,6 +348,29 @@ def test_all_zero_payloads_make_no_blocks() -> None:
     index, stream = decode_segment(segment_key(1, 1, 1, 2), obj)
     assert index.block_count == 0 and stream == b"" and index.index_offset == HEADER_SIZE
     assert index.block_span(index.records) is None
+
+
+def test_build_segment_info_says_what_the_object_holds() -> None:
+    # Frames of 3 x 12 KiB cut into 16 KiB blocks: blocks straddle frames (copied) or lie
+    # inside one (views); a zero write drops out of one frame's span.
+    b = _Batch(1)
+    for i in range(30):
+        b.add(KIND_WRITE, length=12288, offset=i * 12288, style="zero" if i == 7 else STYLES[1 + i % 3])
+    b.add(KIND_MARK, name=b"after")
+    frames = b.frames(4, [3, 6, 9, 12, 15])
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            built = build_segment_info(4, frames, block_raw_size=16384, executor=executor)
+            assert built.data == build_segment(4, frames, block_raw_size=16384)
+            key = segment_key(4, 1, 1, 31)
+            index, stream = decode_segment(key, built.data)
+            assert stream == b.expected()[1]
+            assert (built.payload_raw_len, built.block_count, built.size) == (len(stream), index.block_count,
+                                                                              len(built.data))
+            assert (built.first_seq, built.last_seq, built.record_count) == (1, 31, 31)
+            assert built.first_ts == int(index.records["timestamp_ns"][0])
+            assert built.last_ts == int(index.records["timestamp_ns"][-1])
+            assert built.payload_stored_len == int(index.blocks["stored_len"].sum())
 
 
 def test_executor_gives_the_same_bytes() -> None:
