@@ -143,6 +143,7 @@
   const dialog = document.getElementById("confirm");
 
   function confirmAction(title, message) {
+    if (dialog.open) return Promise.resolve(false); // one question at a time
     document.getElementById("confirm-title").textContent = title;
     document.getElementById("confirm-text").textContent = message;
     return new Promise((resolve) => {
