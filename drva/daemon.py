@@ -41,7 +41,7 @@ from drva.domain import DomainState
 from drva.lanes import StoreLane, open_lanes
 from drva.seeder import Seeder
 from drva.requests import RequestBox
-from drva.session import HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session
+from drva.session import HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session, SessionStream
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
 
@@ -127,8 +127,9 @@ class Drva:
         spawn(RequestBox(self).run(), "requests")
         tls = self._tls()
         if tls is None:
-            self.server = await asyncio.start_server(
-                self._accept, cfg.host, cfg.port, limit=STREAM_READ_AHEAD_BYTES, reuse_address=True)
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: SessionStream(STREAM_READ_AHEAD_BYTES, self._accept), cfg.host, cfg.port,
+                reuse_address=True)
             self._port = self.server.sockets[0].getsockname()[1]
         else:
             # Not start_server(ssl=...): there the TLS handshake runs before the accept
@@ -238,7 +239,7 @@ class Drva:
 
     # ------------------------------------------------------------------ loops
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, reader: SessionStream, writer: asyncio.StreamWriter) -> None:
         if len(self.handshaking) >= HANDSHAKES_MAX:
             self._refuse_busy(writer)
             return
@@ -277,11 +278,10 @@ class Drva:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDSHAKE_TIMEOUT_S  # from accept to WELCOME, TLS included
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        reader = asyncio.StreamReader(limit=STREAM_READ_AHEAD_BYTES)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        protocol = SessionStream(STREAM_READ_AHEAD_BYTES)
         try:
             try:
-                transport, _ = await loop.connect_accepted_socket(
+                await loop.connect_accepted_socket(
                     lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
             finally:
                 self.tls_handshaking -= 1
@@ -291,8 +291,8 @@ class Drva:
             log.warning("tls_handshake_refused", peer=peer, refused_total=self.refused_tls,
                         reason=describe_tls_error(exc, f"filter {peer}"))
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        session = Session(self, reader, writer, handshake_deadline=deadline)
+        assert protocol.writer is not None  # connection_made ran
+        session = Session(self, protocol, protocol.writer, handshake_deadline=deadline)
         self.handshaking.add(session)  # the slot passes from TLS to the wire handshake, no await between
         await session.run()
 
