@@ -37,8 +37,9 @@ ATTRIBUTION = (
     ("socket_receive", ("read_message", "readexactly", "streams.py", "data_received")),
 )
 #: Leaves where a thread waits rather than works: py-spy counts a thread blocked in the
-#: kernel (fdatasync, fsync: state D) as active, and a pool's idle worker now and then.
-_WAIT_SOURCE = re.compile(r"fsync|fdatasync|sync_data|sync_file|work_queue.get|\.wait\(")
+#: kernel (fdatasync, fsync: state D) as active, and now and then one waiting on a pool's
+#: queue or on a condition (a build waiting for its blocks).
+_WAIT_SOURCE = re.compile(r"fsync|fdatasync|sync_data|sync_file|work_queue.get|\.wait\(|waiter.acquire\(")
 _FRAME = re.compile(r"(.*) \((.*):(\d+)\)$")
 
 

@@ -42,6 +42,7 @@ POOL_BYTES = 32 << 20  # distinct payload bytes replayed: more than the DRVA's f
 INFLIGHT_BYTES = 48 << 20  # as the end-to-end load's filter: unacked bytes at most
 DRAIN_BYTES = 4 << 20  # socket write buffer above which the sender waits for it to drain
 ACKED_WITHIN_S = 120.0  # after a run, every frame is acked in this time or the sender fails
+CONNECT_WITHIN_S = 60.0  # a DRVA starting (formatting its log) is retried this long
 
 
 def records_per_frame(write_bytes: int) -> int:
@@ -160,7 +161,15 @@ async def handshake(reader, writer, domain: int, secret: bytes, name: str) -> in
 
 async def main_async(args: argparse.Namespace) -> None:
     pool = frame_pool(args.write_bytes, args.pool_bytes)
-    reader, writer = await asyncio.open_connection("127.0.0.1", args.port, limit=1 << 20)
+    deadline = time.monotonic() + CONNECT_WITHIN_S
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", args.port, limit=1 << 20)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
     durable = await handshake(reader, writer, args.domain, os.environ["CDP_SITE_SECRET"].encode(), args.name)
     sender = Sender(reader, writer, args.domain, pool, durable, args.inflight_bytes)
     receiving = asyncio.create_task(sender.receive())
