@@ -217,7 +217,7 @@ def chart_history(rec: dict[str, Any], hist: dict[str, Any], out: Path) -> tuple
     if sizes:
         segs = [s["segments"] for s in sizes]
         for key, label in (("plan_mid_s", "plan a point (catalog)"), ("load_s", "load the catalog"),
-                           ("commit_p99_ms", "commit p99 (ms / 1000)")):
+                           ("commit_p99_ms", "one commit, p99")):
             ys = [s.get(key) for s in sizes]
             if all(y is not None for y in ys):
                 ax.plot(segs, [y / 1000 if key.endswith("_ms") else y for y in ys], marker="o", label=label)
