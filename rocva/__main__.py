@@ -72,7 +72,7 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
     from cdp.store import open_store
     from rocva.destination import Destination
     from rocva.failover import failover
-    from rocva.target import as_target
+    from rocva.target import Target
 
     cfg = load_site_config(config)
     store = open_store(cfg.store_url_for(name))  # the peer's, for a domain of the peer
@@ -84,11 +84,11 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
         if test:  # a plain recovery: no fork, nothing written to the store but its lease
             from rocva.recover import recover
 
-            result = await recover(store, domain, as_target(target), failover_dir(cfg, name, test=True),
+            result = await recover(store, domain, Target.parse(target), failover_dir(cfg, name, test=True),
                                    progress=progress, destination=destination)
             result.pop("plan", None)
             return result
-        return await failover(store, domain, as_target(target), failover_dir(cfg, name), site=cfg.site,
+        return await failover(store, domain, Target.parse(target), failover_dir(cfg, name), site=cfg.site,
                               progress=progress, destination=destination)
     finally:
         await store.close()
@@ -100,7 +100,7 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
     from cdp.msa.config import load_site_config
     from cdp.store import open_store
     from rocva.failback import failback, inventory_disks
-    from rocva.target import as_target
+    from rocva.target import Target
 
     cfg = load_site_config(config)
     spec = next((d for d in cfg.cluster.domains if d.name == name), None)
@@ -116,7 +116,7 @@ async def _failback(config: Path, domain: int, target: str, name: str) -> dict[s
                                 cfg.cluster_path.name)
         progress = _progress_lines()
         logs = [d.log_path for d in cfg.drvas if d.log_path.exists()]
-        return await failback(store, domain, as_target(target), site=cfg.site, disks=disks, logs=logs,
+        return await failback(store, domain, Target.parse(target), site=cfg.site, disks=disks, logs=logs,
                               progress=progress, peer=_peer_extents(cfg, name))
     finally:
         await store.close()

@@ -53,7 +53,7 @@ from cdp.logs import get_logger
 from rocva import delta
 from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
 from rocva.plan import build_plan
-from rocva.target import Target, as_target, resolve_target
+from rocva.target import Target, resolve_target
 
 log = get_logger("rocva.failback")
 
@@ -173,7 +173,7 @@ async def failback(store, domain: int, target: Target | int | str, *, site: str,
     old = _timeline_chain(state, current, site)
     fork = current.fork_seq
     view = CatalogView(store, state, generation)
-    resolved = await resolve_target(view, as_target(target), now_ns=now_ns)
+    resolved = await resolve_target(view, Target.parse(target), now_ns=now_ns)
     if resolved.seq < fork:
         raise FailoverRefused(f"domain {domain}: the point (seq {resolved.seq}) is before timeline {current.id}'s fork "
                               f"from this site's timeline (seq {fork}); fail back to the recovery site's final mark")

@@ -173,7 +173,7 @@ async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: i
     from rocva.recover import take_recovery_lease
     from rocva.standby import STATE_NAME as STANDBY_NAME
     from rocva.standby import StandbyUnusable, bring_to, discard
-    from rocva.target import as_target
+    from rocva.target import Target
 
     if (out_dir / STANDBY_NAME).is_file():
         lease = await take_recovery_lease(store, domain)
@@ -181,7 +181,7 @@ async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: i
             out = open_output_dir(out_dir, for_store(store, destination))
             try:
                 try:
-                    warm = await bring_to(store, domain, out, as_target(target), timeline=timeline, now_ns=now_ns)
+                    warm = await bring_to(store, domain, out, Target.parse(target), timeline=timeline, now_ns=now_ns)
                     out.unlink(STANDBY_NAME)  # the images are the failover's now
                     out.fsync()
                     log.info("failover_warm", domain=domain, seq=warm["seq"], from_seq=warm["from_seq"],

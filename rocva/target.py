@@ -46,14 +46,32 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 #: The latest time a target may name: numpy's int64 ns (2262-04-11T23:47:16Z).
 TIME_NS_MAX = (1 << 63) - 1
 _TIME_MAX_TEXT = "2262-04-11T23:47:16Z"
+SEQ_MAX = (1 << 64) - 1  # seqs are u64 (FORMAT.md §1)
+MARK_BYTES_MAX = 255  # FORMAT.md §13.6
+TIME_CHARS_MAX = 64  # an ISO 8601 time with its zone is far shorter
 
 Ranges = list[tuple[int, int]]  # sorted, disjoint, non-adjacent, inclusive (first, last)
+
+
+class TargetSyntaxError(ConfigError):
+    """A target written wrong; ``part`` names what: ``target`` (its form) or the kind
+    (``seq``, ``mark``, ``at``) whose value is wrong."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     """What the user asked for; build one with ``Target.seq(n)``, ``.mark(name)``,
-    ``.at(text)`` or ``.latest()`` (the CLI's four options map one to one)."""
+    ``.at(text)`` or ``.latest()`` (the CLI's four options map one to one), or read one
+    written down with ``Target.parse``. Each checks its value (``TargetSyntaxError``)."""
 
     kind: str
     value: int | str | None = None
@@ -63,24 +81,64 @@ class Target:
 
     @classmethod
     def seq(cls, n: int) -> Target:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ConfigError(f"--seq {n!r}: expected a non-negative integer")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= SEQ_MAX:
+            raise TargetSyntaxError("seq", f"seq {_shown(n)}: expected an integer in 0..{SEQ_MAX}")
         return cls("seq", n)
 
     @classmethod
     def mark(cls, name: str) -> Target:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"--mark {name!r}: expected a mark name")
+        if not isinstance(name, str) or not 1 <= len(name.encode("utf-8", "replace")) <= MARK_BYTES_MAX \
+                or "\0" in name:
+            raise TargetSyntaxError("mark", f"mark {_shown(name)}: expected a mark name of 1..{MARK_BYTES_MAX} "
+                                            f"UTF-8 bytes")
         return cls("mark", name)
 
     @classmethod
     def at(cls, text: str) -> Target:
-        parse_time(text, time.time_ns())  # refuse a malformed time now, not after loading the catalog
+        if not isinstance(text, str) or not 1 <= len(text) <= TIME_CHARS_MAX:
+            raise TargetSyntaxError("at", f"at {_shown(text)}: expected a time of 1..{TIME_CHARS_MAX} characters "
+                                          f"(ISO 8601 with a zone, or relative such as -15m)")
+        try:
+            parse_time(text, time.time_ns())  # refuse a malformed time now, not after loading the catalog
+        except ConfigError as exc:
+            raise TargetSyntaxError("at", exc.message) from None
         return cls("at", text)
 
     @classmethod
     def latest(cls) -> Target:
         return cls("latest")
+
+    @classmethod
+    def parse(cls, written: Target | int | str | dict) -> Target:
+        """The one reader of a target written down, in any of its forms: a ``Target``; a
+        bare seq; the text forms ``latest``, ``seq:N``, ``mark:NAME``, ``at:TIME`` (a
+        recovery appliance's ``--target``, and ``text()``); the REST API's ``"latest"``,
+        ``{"seq": N}``, ``{"mark": NAME}``, ``{"at": TIME}``. ``TargetSyntaxError``
+        naming the part that is wrong."""
+        if isinstance(written, Target):
+            return written
+        if isinstance(written, int) and not isinstance(written, bool):
+            return cls.seq(written)
+        if written == "latest":
+            return cls.latest()
+        if isinstance(written, dict) and len(written) == 1:
+            ((kind, value),) = written.items()
+        elif isinstance(written, str) and ":" in written:
+            kind, _, value = written.partition(":")
+            if kind == "seq" and value.isascii() and value.isdigit():
+                value = int(value)
+        else:
+            kind, value = None, None
+        build = {"seq": cls.seq, "mark": cls.mark, "at": cls.at}.get(kind)  # type: ignore[arg-type]
+        if build is None:
+            raise TargetSyntaxError("target", f"recovery target {_shown(written)}: expected latest, seq:N, "
+                                              f"mark:NAME or at:TIME (REST: \"latest\", {{\"seq\": N}}, "
+                                              f"{{\"mark\": NAME}} or {{\"at\": TIME}})")
+        return build(value)
+
+    def text(self) -> str:
+        """The text form ``parse`` reads back: ``latest``, ``seq:N``, ``mark:NAME``, ``at:TIME``."""
+        return "latest" if self.kind == "latest" else f"{self.kind}:{self.value}"
 
     def describe(self) -> str:
         return "--latest" if self.kind == "latest" else f"--{self.kind} {self.value}"
@@ -96,25 +154,6 @@ class ResolvedTarget:
     at_ns: int | None = None
     #: The mark (``--mark``): ``{"name", "seq", "ts"}``.
     mark: dict | None = None
-
-
-def as_target(target: Target | int | str) -> Target:
-    """Accept a Target, a bare seq, or one of "latest", "seq:N", "mark:NAME", "at:TIME"."""
-    if isinstance(target, Target):
-        return target
-    if isinstance(target, int) and not isinstance(target, bool):
-        return Target.seq(target)
-    if isinstance(target, str):
-        kind, _, value = target.partition(":")
-        if kind == "latest" and not value:
-            return Target.latest()
-        if kind == "seq" and value.isdigit():
-            return Target.seq(int(value))
-        if kind == "mark" and value:
-            return Target.mark(value)
-        if kind == "at" and value:
-            return Target.at(value)
-    raise ConfigError(f"recovery target {target!r}: expected a seq, latest, seq:N, mark:NAME or at:TIME")
 
 
 def parse_time(text: str, now_ns: int) -> int:
@@ -314,7 +353,7 @@ async def resolve_target(state: CatalogView, target: Target | int | str, *,
     """Resolve ``target`` on the timeline ``state`` reads; ``InvalidTarget`` unless it is
     a recovery point there. ``now_ns`` anchors relative times (default: the wall clock).
     """
-    target = as_target(target)
+    target = Target.parse(target)
     dom = f"domain {state.domain_id}{_timeline_text(state)}"
     if target.kind == "latest":
         seq = state.committed_seq

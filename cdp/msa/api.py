@@ -410,7 +410,7 @@ async def failover(request: web.Request) -> web.Response:
         raise bad("target", "a planned failover is at the final mark the protected site places: give no target")
     if "target" not in doc and mode != "planned":
         raise bad("target", 'expected "latest", {"seq": N}, {"mark": NAME} or {"at": TIME}')
-    target = target_text(target_from(doc.get("target", "latest")))
+    target = target_from(doc.get("target", "latest")).text()
     if daemon.runner.running("failover", {"domain": name}):
         raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
     async def work(job: Any) -> Any:
@@ -476,11 +476,6 @@ async def failback_extents(request: web.Request) -> web.StreamResponse:
         field = "Content-Type" if exc.status == 415 else "request body"
         raise ApiError(exc.status, codes.get(exc.status, "bad_request"), exc.message, field) from None
     return await send_extents(request, req, files, f"domain {name}")
-
-
-def target_text(target: Any) -> str:
-    """A ``rocva.Target`` as the recovery appliance's --target takes it."""
-    return "latest" if target.kind == "latest" else f"{target.kind}:{target.value}"
 
 
 async def jobs_list(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from cdp.errors import ConfigError
 from cdp.store.memory import MemoryStore
 from rocva import InconsistentPoint, InvalidTarget, OutsideRetention, Target, recoverable_ranges, resolve_target
 from rocva.plan import load_state
-from rocva.target import as_target, parse_time
+from rocva.target import TargetSyntaxError, parse_time
 from tests.rocva.domain import TS0, DomainBuilder
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -82,10 +82,30 @@ def test_time_parsing() -> None:
         Target.at("yesterday")
     with pytest.raises(ConfigError):
         Target.seq(-1)
-    assert as_target(5) == Target.seq(5) and as_target("latest") == Target.latest()
-    assert as_target("mark:x") == Target.mark("x") and as_target("seq:9") == Target.seq(9)
     with pytest.raises(ConfigError):
-        as_target("soon")
+        Target.seq(1 << 64)
+
+
+@pytest.mark.parametrize("target", [Target.latest(), Target.seq(0), Target.seq((1 << 64) - 1), Target.mark("a:b"),
+                                    Target.mark("ünïcode"), Target.at("-15m"), Target.at("2024-05-01T12:00:00Z")])
+def test_every_written_form_of_a_target_reads_back_the_same(target: Target) -> None:
+    """``Target.parse`` reads every form a target is written in: its text (an appliance's
+    --target), the REST API's JSON, a bare seq."""
+    assert Target.parse(target.text()) == target == Target.parse(target)
+    assert Target.parse("latest" if target.kind == "latest" else {target.kind: target.value}) == target
+    if target.kind == "seq":
+        assert Target.parse(target.value) == target
+
+
+@pytest.mark.parametrize("written, part", [
+    ("soon", "target"), ("seq:", "seq"), ("seq:-1", "seq"), ("seq:٣", "seq"), ({"seq": "7"}, "seq"),
+    ({"seq": True}, "seq"), ({"seq": 1, "mark": "x"}, "target"), ({"mark": ""}, "mark"), ({"mark": "a\0b"}, "mark"),
+    ({"mark": "x" * 256}, "mark"), ("at:yesterday", "at"), ({"at": "1" * 65}, "at"), (["latest"], "target"),
+    (None, "target"), (True, "target"), (-1, "seq")])
+def test_a_target_written_wrong_is_refused_naming_its_part(written, part) -> None:
+    with pytest.raises(TargetSyntaxError) as err:
+        Target.parse(written)
+    assert err.value.part == part
 
 
 async def test_point_inside_a_resync_window_is_refused_with_the_nearest_points() -> None:
