@@ -451,7 +451,7 @@ def main() -> None:
             m = asyncio.run(run_methods(root / "failback", s, size, ROUNDS_QUICK if args.quick else ROUNDS, peer))
         shutil.rmtree(root / "failback")  # the ingest run needs the room
         (root / "ingest").mkdir()
-        ingest = asyncio.run(ingest_bench(root / "ingest", args.quick))
+        ingest = asyncio.run(ingest_bench(root / "ingest", "quick" if args.quick else "full"))
     fb = m["failback"]
     ranges = {key: sum(disk["ranges"][key] for disk in fb["disks"]) for key in ("theirs", "ours", "log")}
     result = {

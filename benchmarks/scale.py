@@ -240,7 +240,9 @@ async def run_config(d: Path, domains: int, quick: bool, rate: float, seconds: f
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
         drain_s = await drained(status_path, site.captured_seqs())
-        rss_max = proc_rss_mb(proc.pid, "VmHWM")
+        # The kernel's high-water mark, or a sample above it: RSS counters are summed
+        # lazily per CPU, so a sample may read a few pages above a later VmHWM.
+        rss_max = max([proc_rss_mb(proc.pid, "VmHWM"), *rss])
         bitmap = sum(1 for f in site.filters if f.stats["bitmap_entries"] or f.mode != "normal")
     finally:
         await site.close()
