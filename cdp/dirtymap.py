@@ -165,6 +165,11 @@ class DirtyMap:
         # after it was written has returned (``sync_async`` runs off the caller's thread).
         self._written = 0
         self._synced = 0
+        # Per region, the set (its count in ``_written``) that last flagged it: the region's
+        # flag is durable once ``_synced`` reaches it (0: flagged at open, synced then).
+        self._set_by = np.zeros(len(flags), dtype=np.uint64)
+        # The latest sync running in a worker thread: (sets it covers, its task).
+        self._running: tuple[int, asyncio.Task[None]] | None = None
 
     @classmethod
     def open(cls, image: str | os.PathLike[str], disk_size: int, domain: int) -> DirtyMap:
@@ -202,9 +207,10 @@ class DirtyMap:
     def set_before_write(self, regions: np.ndarray) -> bool:
         """Flag ``regions`` (indexes, repetitions allowed) durably; True when something
         had to be synced (new flags, or flags ``flag`` wrote and no sync covers yet).
-        Call before the writes reach the disk."""
+        Call before the writes reach the disk. Flags of other regions written and not yet
+        synced (a ``flag`` for a later batch) do not make it sync."""
         self.flag(regions)
-        if self._synced == self._written:
+        if self.pending_set(regions) <= self._synced:
             return False
         upto = self._written
         durable.sync_data(self._fd)
@@ -222,18 +228,43 @@ class DirtyMap:
         self.flags[new] = True
         self._write_pages(new)
         self._written += 1
+        self._set_by[new] = self._written
         return True
+
+    def pending_set(self, regions: np.ndarray) -> int:
+        """The set that ``regions``' flags (all flagged) wait for: they are durable once
+        a sync covering it has returned (``sync_covering``)."""
+        return int(self._set_by[regions].max()) if len(regions) else 0
 
     async def sync_async(self) -> bool:
         """Make every flag written so far durable, in a worker thread: the event loop
         keeps sending and acking while the device flushes. True if it had to sync."""
-        if self._synced == self._written:
-            return False
-        upto = self._written
-        await asyncio.to_thread(durable.sync_data, self._fd)
+        return await self.sync_covering(self._written)
+
+    async def sync_covering(self, written: int) -> bool:
+        """Until the sets up to ``written`` are durable: joins a running sync that began
+        after them, else starts one in a worker thread at once — a running sync that
+        began before them does not cover them, and waiting for it first would cost two
+        device flushes (the capture pipeline flags a batch while the one before syncs).
+        True if this call started a sync."""
+        started = False
+        while self._synced < written:
+            running = self._running
+            if running is None or running[0] < written:
+                running = (self._written, asyncio.create_task(self._sync_thread(self._written)))
+                self._running = running
+                started = True
+            await asyncio.shield(running[1])
+        return started
+
+    async def _sync_thread(self, upto: int) -> None:
+        try:
+            await asyncio.to_thread(durable.sync_data, self._fd)
+        finally:
+            if self._running is not None and self._running[0] == upto:
+                self._running = None
         self._synced = max(self._synced, upto)
         self.syncs += 1
-        return True
 
     def clear(self, mask: np.ndarray) -> int:
         """Unflag the regions of ``mask`` (every write to them acknowledged); written,

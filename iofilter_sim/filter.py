@@ -66,7 +66,7 @@ MAP_CLEAR_EVERY_S = 1.0
 MAP_KEEP_S = 5.0
 
 
-def _batch_records(disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray) -> np.ndarray:
+def batch_records(disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray) -> np.ndarray:
     """A batch's records, not yet stamped (no seq, no timestamp)."""
     records = empty_records(len(disk))
     records["disk"], records["offset"], records["length"], records["kind"] = disk, offset, length, kind
@@ -156,7 +156,7 @@ class DomainFilter:
                 payload: bytes) -> None:
         """Apply a batch of writes to the primary disks and capture them, in order."""
         if len(disk):
-            self._capture(_batch_records(disk, offset, length, kind), payload)
+            self._capture(batch_records(disk, offset, length, kind), payload)
 
     def _capture(self, records: np.ndarray, payload: bytes) -> None:
         if self.maps:
@@ -178,13 +178,28 @@ class DomainFilter:
         per filter: a batch is captured before the next one is flagged."""
         if not len(disk):
             return
-        records = _batch_records(disk, offset, length, kind)
-        if self.maps:
-            for d, idx in self._map_regions(records):
-                self.maps[d].flag(idx)
-            synced = await asyncio.gather(*(m.sync_async() for m in self.maps))
-            self.stats["map_syncs"] += sum(synced)
-        # A region unflagged by an ack meanwhile is flagged (and synced) again here.
+        records = batch_records(disk, offset, length, kind)
+        await self.flag_durably(records)
+        self.capture_flagged(records, payload)
+
+    async def flag_durably(self, records: np.ndarray) -> None:
+        """Flag the regions of a batch (``batch_records``) in the dirty-region maps and
+        return once they are durable (syncs in worker threads). A caller may flag later
+        batches while this one syncs, and capture them in order after
+        (``capture_flagged``): a flag set early is always safe — it only guards more."""
+        if not self.maps:
+            return
+        waits = []
+        for d, idx in self._map_regions(records):
+            m = self.maps[d]
+            m.flag(idx)
+            waits.append(m.sync_covering(m.pending_set(idx)))
+        synced = await asyncio.gather(*waits)
+        self.stats["map_syncs"] += sum(synced)
+
+    def capture_flagged(self, records: np.ndarray, payload: bytes | memoryview) -> None:
+        """``capture`` of a batch whose regions ``flag_durably`` has flagged. A region
+        unflagged by an ack since is flagged (and synced, on this thread) again here."""
         self._capture(records, payload)
 
     def write_only(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
@@ -193,7 +208,7 @@ class DomainFilter:
         runs isolated (a test failover's copy) writes locally and replicates nothing."""
         if len(disk) == 0:
             return
-        records = _batch_records(disk, offset, length, kind)
+        records = batch_records(disk, offset, length, kind)
         self._apply(records, payload)
         self.stats["writes"] += len(disk)
         self.stats["bytes"] += int(length.sum())
@@ -203,7 +218,7 @@ class DomainFilter:
         it and the stream none, so its regions go to the bitmap; the resync reads them
         back from the disks."""
         if len(disk):
-            self._enter_bitmap(_batch_records(disk, offset, length, kind))
+            self._enter_bitmap(batch_records(disk, offset, length, kind))
 
     def _apply(self, records: np.ndarray, payload: bytes) -> None:
         lengths = payload_lengths(records)

@@ -122,7 +122,7 @@ class NbdFace:
 
     def status(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.address.items()},
-                "domains": {n: dict(c.stats) for n, c in self.captures.items()}}
+                "domains": {n: {**c.stats, "map_syncs": c.filt.stats["map_syncs"]} for n, c in self.captures.items()}}
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -239,3 +239,30 @@ def test_regions_of_covers_every_byte_range():
     idx, count = regions_of(offset[[0, 3]], length[[0, 3]], r)
     assert idx.tolist() == [0, 7] and count is None
     assert region_bytes_for(1 << 40) == 1 << 20 and region_bytes_for(4096) == 64 << 10
+
+
+def test_a_flag_waits_only_for_its_own_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NBD capture pipeline flags a batch while an older one syncs: the older batch's
+    regions do not wait for the newer set, callers of one set share one sync, and a set
+    written after a sync began gets a sync of its own."""
+    syncs: list[int] = []
+    real_sync = durable.sync_data
+    monkeypatch.setattr(durable, "sync_data", lambda fd: (syncs.append(fd), real_sync(fd)))
+    m = DirtyMap.open(tmp_path / "d.img", 8 << 20, 1)
+    syncs.clear()
+    assert m.set_before_write(np.array([1]))  # a new flag: synced here
+    assert m.flag(np.array([2, 3]))  # a later batch's, not synced yet
+    assert not m.set_before_write(np.array([1]))  # region 1's flag is durable already
+    assert len(syncs) == 1
+    later = m.pending_set(np.array([2, 3]))
+    assert later > m.pending_set(np.array([1]))
+
+    async def main() -> None:
+        a, b = await asyncio.gather(m.sync_covering(later), m.sync_covering(later))
+        assert (a, b) == (True, False) and len(syncs) == 2  # one sync for both callers
+        assert not await m.sync_covering(later)
+        m.flag(np.array([4]))
+        assert await m.sync_async() and len(syncs) == 3
+
+    asyncio.run(main())
+    m.close(clean=False)
