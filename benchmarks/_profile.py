@@ -15,16 +15,20 @@ up by writeback looks like work).
 
 from __future__ import annotations
 
-import os
+import asyncio
 import linecache
+import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from benchmarks._stages import cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
+PY_SPY_ATTACH_S = 0.5  # py-spy's start before the run it samples
 
 #: py-spy stacks to stages: the first rule whose marker is in a stack wins.
 ATTRIBUTION = (
@@ -121,3 +125,38 @@ def attribute(raw: str, group_cpu: dict[str, float] | None) -> dict[str, float]:
     return dict(sorted(shares.items()))
 
 
+
+
+async def profile_run(pid: int, run: Callable[[], Awaitable[None]], out: Path,
+                      within_s: float) -> dict[str, float] | None:
+    """Shares of process ``pid``'s CPU by stage while ``run()`` runs (``attribute``, with
+    each thread group's exact CPU), or None without py-spy or when it could not attach.
+    py-spy samples for at most ``within_s``."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return None
+    rec = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+                            "--nonblocking", "--output", str(out), "--duration", str(int(within_s))],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.sleep(PY_SPY_ATTACH_S)
+        cpu0 = thread_cpu(pid)
+        await run()
+        cpu1 = thread_cpu(pid)
+    finally:
+        rec.send_signal(signal.SIGINT)  # it writes what it has
+        try:
+            rec.wait(30)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            rec.wait()
+    if not out.exists():
+        return None
+    groups = thread_groups(pid)
+    group_cpu: dict[str, float] | None = {}
+    for tid, cpu in cpu1.items():
+        if tid not in groups:
+            group_cpu = None  # a thread we cannot name: the samples alone
+            break
+        group_cpu[groups[tid]] = group_cpu.get(groups[tid], 0.0) + cpu - cpu0.get(tid, 0.0)
+    return attribute(out.read_text(), group_cpu)

@@ -26,8 +26,10 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +45,7 @@ INFLIGHT_BYTES = 48 << 20  # as the end-to-end load's filter: unacked bytes at m
 DRAIN_BYTES = 4 << 20  # socket write buffer above which the sender waits for it to drain
 ACKED_WITHIN_S = 120.0  # after a run, every frame is acked in this time or the sender fails
 CONNECT_WITHIN_S = 60.0  # a DRVA starting (formatting its log) is retried this long
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def records_per_frame(write_bytes: int) -> int:
@@ -140,6 +143,53 @@ class Sender:
                 await self.acked.wait()
         return {"elapsed_s": elapsed, "acked_bytes": acked_in_window * self.write_bytes,
                 "writes": acked_in_window, "last_seq": self.next_seq - 1}
+
+
+class SenderProc:
+    """The driver's side: this module in a process of its own, on one domain of a DRVA
+    (the lines of the module docstring on its stdin and stdout)."""
+
+    def __init__(self, port: int, domain: int, write_bytes: int, d: Path, secret: str,
+                 pool_bytes: int = POOL_BYTES, inflight_bytes: int = INFLIGHT_BYTES) -> None:
+        self.domain, self.write_bytes = domain, write_bytes
+        self.err = open(d / f"sender-{domain}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks._sender", "--port", str(port), "--domain", str(domain),
+             "--write-bytes", str(write_bytes), "--inflight-bytes", str(inflight_bytes),
+             "--pool-bytes", str(pool_bytes)],
+            cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": secret}, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.err)
+        self.last_seq = 0
+
+    async def _answer(self) -> dict:
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        if not line:
+            self.err.flush()
+            raise RuntimeError(f"sender of domain {self.domain} ended: "
+                               + Path(self.err.name).read_text()[-2000:])
+        return json.loads(line)
+
+    async def ready(self) -> None:
+        self.last_seq = (await self._answer())["durable_seq"]
+
+    async def run(self, seconds: float, rate_bytes_s: float | None = None) -> dict:
+        self.proc.stdin.write(f"run {seconds}{'' if rate_bytes_s is None else f' {rate_bytes_s}'}\n".encode())
+        self.proc.stdin.flush()
+        got = await self._answer()
+        got["sent_bytes"] = (got["last_seq"] - self.last_seq) * self.write_bytes
+        self.last_seq = got["last_seq"]
+        return got
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b"quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
 
 
 async def handshake(reader, writer, domain: int, secret: bytes, name: str) -> int:

@@ -52,7 +52,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -61,8 +60,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import emit, progress, work_dir
-from benchmarks._profile import attribute, thread_cpu, thread_groups
-from benchmarks._sender import POOL_BYTES, frame_pool
+from benchmarks._profile import profile_run
+from benchmarks._sender import POOL_BYTES, SenderProc, frame_pool
 from benchmarks._stages import GB, STAGES, bare_stages, cpu_s, fs_type, median
 from benchmarks.log_append import run_raw
 from cdp.dirtymap import DirtyMap
@@ -193,51 +192,6 @@ async def drained(status: Path, f: DomainFilter | None, timeout_s: float = 120, 
     raise TimeoutError("the DRVA did not drain")
 
 
-class SenderProc:
-    """``benchmarks._sender`` in a process of its own, on one domain of the DRVA."""
-
-    def __init__(self, port: int, domain: int, write_bytes: int, d: Path, pool_bytes: int = POOL_BYTES) -> None:
-        self.domain, self.write_bytes = domain, write_bytes
-        self.err = open(d / f"sender-{domain}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks._sender", "--port", str(port), "--domain", str(domain),
-             "--write-bytes", str(write_bytes), "--inflight-bytes", str(INFLIGHT_BYTES),
-             "--pool-bytes", str(pool_bytes)],
-            cwd=ROOT, env={**os.environ, "CDP_SITE_SECRET": SECRET}, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.err)
-        self.last_seq = 0
-
-    async def _answer(self) -> dict:
-        line = await asyncio.to_thread(self.proc.stdout.readline)
-        if not line:
-            self.err.flush()
-            raise RuntimeError(f"sender of domain {self.domain} ended: "
-                               + Path(self.err.name).read_text()[-2000:])
-        return json.loads(line)
-
-    async def ready(self) -> None:
-        self.last_seq = (await self._answer())["durable_seq"]
-
-    async def run(self, seconds: float, rate_bytes_s: float | None = None) -> dict:
-        self.proc.stdin.write(f"run {seconds}{'' if rate_bytes_s is None else f' {rate_bytes_s}'}\n".encode())
-        self.proc.stdin.flush()
-        got = await self._answer()
-        got["sent_bytes"] = (got["last_seq"] - self.last_seq) * self.write_bytes
-        self.last_seq = got["last_seq"]
-        return got
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.close()
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.err.close()
-
-
 async def drva_only(sender: SenderProc, status: Path, pid: int, seconds: float) -> tuple[float, float]:
     """(MB/s acked, the DRVA's CPU seconds per GB) of one DRVA-only run, drained before
     and after so that its CPU covers exactly the bytes it sent, all the way to the store."""
@@ -250,39 +204,14 @@ async def drva_only(sender: SenderProc, status: Path, pid: int, seconds: float) 
 
 
 async def profiled(sender: SenderProc, status: Path, pid: int, seconds: float, d: Path) -> dict[str, float] | None:
-    """Shares of the DRVA's CPU by stage during one more DRVA-only run (``attribute``),
-    or None without py-spy."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        return None
+    """Shares of the DRVA's CPU by stage during one more DRVA-only run, drained before and
+    after (``benchmarks._profile``), or None without py-spy."""
     await drained(status, None, domain=sender.domain, seq=sender.last_seq)
-    out = d / "profile.txt"
-    rec = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-                            "--nonblocking", "--output", str(out), "--duration", str(int(seconds + 30))],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        await asyncio.sleep(0.5)  # py-spy attaches
-        cpu0 = thread_cpu(pid)
+
+    async def run() -> None:
         await sender.run(seconds)
         await drained(status, None, domain=sender.domain, seq=sender.last_seq)
-        cpu1 = thread_cpu(pid)
-    finally:
-        rec.send_signal(signal.SIGINT)  # it writes what it has
-        try:
-            rec.wait(30)
-        except subprocess.TimeoutExpired:
-            rec.kill()
-            rec.wait()
-    if not out.exists():
-        return None
-    groups = thread_groups(pid)
-    group_cpu: dict[str, float] | None = {}
-    for tid, cpu in cpu1.items():
-        if tid not in groups:
-            group_cpu = None  # a thread we cannot name: the samples alone
-            break
-        group_cpu[groups[tid]] = group_cpu.get(groups[tid], 0.0) + cpu - cpu0.get(tid, 0.0)
-    return attribute(out.read_text(), group_cpu)
+    return await profile_run(pid, run, d / "profile.txt", seconds + 30)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -485,8 +414,8 @@ async def bench(d: Path, mode: str) -> dict:
         await connected(client, proc, d)
         _trace('filter connected')
         pool_bytes = m.get("pool_bytes", POOL_BYTES)
-        only64 = SenderProc(port, ONLY_64K, 64 << 10, d, pool_bytes)
-        only4 = SenderProc(port, ONLY_4K, 4 << 10, d, pool_bytes)
+        only64 = SenderProc(port, ONLY_64K, 64 << 10, d, SECRET, pool_bytes, INFLIGHT_BYTES)
+        only4 = SenderProc(port, ONLY_4K, 4 << 10, d, SECRET, pool_bytes, INFLIGHT_BYTES)
         senders += [only64, only4]
         await asyncio.gather(only64.ready(), only4.ready())
         _trace('senders ready')
