@@ -266,3 +266,35 @@ def test_a_flag_waits_only_for_its_own_set(tmp_path: Path, monkeypatch: pytest.M
 
     asyncio.run(main())
     m.close(clean=False)
+
+
+def test_a_sync_due_anyway_flags_again_the_regions_cleared_lately(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that must sync a map re-flags the regions a clear unflagged in the last
+    ``MAP_REFLAG_S`` (one sync, not one per region a random workload comes back to), and
+    no longer once that time has passed since their first clear."""
+    from iofilter_sim import filter as filter_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(filter_mod.time, "monotonic", lambda: now[0])
+    f, disks, maps = open_filter(tmp_path / "r")
+
+    def write(region: int) -> None:
+        f.capture(np.array([0], np.uint32), np.array([region << 16], np.uint64), np.array([4096], np.uint32),
+                  np.array([KIND_WRITE], np.uint16), os.urandom(4096))
+        f.on_ack(f.next_seq - 1)
+
+    write(0)
+    f.clear_acked_regions(keep_s=0)
+    assert not maps[0].flags[0]
+    syncs = f.stats["map_syncs"]
+    write(5)  # a new flag: the sync it needs flags region 0 again
+    assert maps[0].flags[[0, 5]].all() and f.stats["map_syncs"] == syncs + 1 and f.stats["map_reflagged"] == 1
+    now[0] += 1
+    f.clear_acked_regions(keep_s=0)
+    assert not maps[0].flags[[0, 5]].any()
+    now[0] += filter_mod.MAP_REFLAG_S - 0.5  # region 0 was first cleared longer ago than that; 5 not
+    write(9)
+    assert maps[0].flags[[5, 9]].all() and not maps[0].flags[0]
+    f.on_ack(f.next_seq - 1)
+    assert f.close_maps()
