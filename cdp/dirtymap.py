@@ -9,11 +9,12 @@ failback uses that to undo the protected site's writes that never replicated; a
 filter that starts on a disk with flags left resyncs those regions.
 
 Why a byte per region and no body checksum while it runs: flags only go 0 → 1 before
-the write they guard (and that set is synced before the write is issued) and 1 → 0
-after its ack (lazily, never synced). A torn page after a power loss mixes old and new
-flag bytes, and either value of either transition is safe: an unsynced set guards a
-write that was never issued, an unsynced clear leaves a region flagged that needs
-nothing (more is moved, nothing is lost). The header and a body checksum are written
+the write they guard (and that set is synced before the write is issued) or with no
+write to guard (the filter sets recently cleared regions again when a sync is due
+anyway), and 1 → 0 after the ack (lazily, never synced). A torn page after a power loss
+mixes old and new flag bytes, and either value of either transition is safe: an
+unsynced set guards a write that was never issued, an unsynced clear or a set guarding
+nothing leaves a region flagged that needs nothing (more is moved, nothing is lost). The header and a body checksum are written
 only at a clean close, when every write was acknowledged; a map whose header does not
 check, whose geometry does not match its disk, or whose body holds a byte other than
 0/1 is *unusable*: whoever reads it must treat every region as dirty, and says so.
