@@ -44,7 +44,7 @@ LANE_2 = ("tests/console/", "tests/test_benchmark_report.py::", "tests/test_benc
           "tests/test_catalog_model.py::test_s3_", "tests/test_catalog_model.py::test_azure_",
           "tests/nbd/test_readme_nbd.py::", "tests/drva/test_encrypted_store.py::",
           "tests/mgmt/test_api.py::test_daemon_process_and_cli_verbs",
-          "tests/torture/test_campaigns.py::test_store_faults")
+          "tests/torture/test_campaigns.py::test_store_faults", "tests/test_benchmark_ingest.py::")
 LANES: tuple[tuple[str, ...], ...] = (
     # Lane 1: the two-site tests, the walkthrough, the S3 outage, and the subprocess
     # DRVAs, simulators and daemons that spend their time waiting.
