@@ -159,6 +159,9 @@ def policy_from(doc: dict[str, Any], base: Policy) -> Policy:
                   consolidate_every_s=given.get("consolidate_every", base.consolidate_every_s))
 
 
+TIME_CHARS_MAX = 64  # an ISO 8601 time with its zone is far shorter
+
+
 def target_from(value: Any) -> Any:
     """The recovery target of a request: "latest", {"seq": N}, {"mark": NAME}, {"at": TIME}
     (the REST forms; ``rocva.Target.parse`` reads them, and checks each value)."""
@@ -166,6 +169,10 @@ def target_from(value: Any) -> Any:
 
     if not (value == "latest" or isinstance(value, dict)):
         raise bad("target", f'expected "latest", {{"seq": N}}, {{"mark": NAME}} or {{"at": TIME}}, got {shown(value)}')
+    at = value.get("at") if isinstance(value, dict) else None
+    if isinstance(at, str) and len(at) > TIME_CHARS_MAX:  # a request's size, before any parsing
+        raise bad("target.at", f"expected a time of 1..{TIME_CHARS_MAX} characters (ISO 8601 with a zone, or "
+                               f"relative such as -15m), got {shown(at)}")
     try:
         return Target.parse(value)
     except TargetSyntaxError as exc:
