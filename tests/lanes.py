@@ -44,15 +44,16 @@ LANE_2 = ("tests/console/", "tests/test_benchmark_report.py::", "tests/test_benc
           "tests/test_catalog_model.py::test_s3_", "tests/test_catalog_model.py::test_azure_",
           "tests/nbd/test_readme_nbd.py::", "tests/drva/test_encrypted_store.py::",
           "tests/mgmt/test_api.py::test_daemon_process_and_cli_verbs",
-          "tests/torture/test_campaigns.py::test_store_faults", "tests/test_benchmark_ingest.py::")
+          "tests/torture/test_campaigns.py::test_store_faults", "tests/test_benchmark_ingest.py::",
+          "tests/torture/test_campaigns.py::test_kills_quick", "tests/test_failover_msa_killed.py::",
+          "tests/nbd/test_mount.py::", "tests/nbd/test_capture.py::", "tests/nbd/test_protect_then_mount.py::")
 LANES: tuple[tuple[str, ...], ...] = (
     # Lane 1: the two-site tests, the walkthrough, the S3 outage, and the subprocess
     # DRVAs, simulators and daemons that spend their time waiting.
     ("tests/test_failover_sites.py::", "tests/test_failback_sites.py::", "tests/test_walkthrough.py::",
      "tests/drva/test_outage.py::", "tests/drva/test_e2e.py::", "tests/drva/test_crash.py::",
      "tests/test_log_crash.py::", "tests/mgmt/test_failover_job.py::", "tests/mgmt/test_failback_job.py::",
-     "tests/test_cli.py::", "tests/torture/test_campaigns.py::test_kills_quick",
-     "tests/test_failover_msa_killed.py::",
+     "tests/test_cli.py::",
      "tests/mgmt/test_failback_rehandover.py::", "tests/mgmt/test_failback_appliance.py::"),
     # Lane 2: what waits on a browser, on benchmark subprocesses, or on the S3 and Azure
     # emulators (each lane starts its own).
