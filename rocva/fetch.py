@@ -275,22 +275,18 @@ def _opened(stored):
     return stored if open_into is None else open_into(_scratch(len(stored), "opened"))
 
 
-def _opened_ranges(stored, ranges: list[tuple[int, int]]):
-    """``_opened``, but from a sealed store only the pages that hold ``ranges`` (ascending
-    ``[a, b)`` of the unit's stored bytes) are opened (``Unopened.open_ranges``): the
-    caller reads nothing else of the result."""
-    open_ranges = getattr(stored, "open_ranges", None)
-    return stored if open_ranges is None else open_ranges(ranges, _scratch(len(stored), "opened"))
-
-
 def _byte_runs(offsets: np.ndarray, lengths: np.ndarray, keep: np.ndarray, base: int) -> list[tuple[int, int]]:
     """``[a, b)`` relative to ``base`` of each run of consecutive entries flagged in
     ``keep``, entries being contiguous stored byte ranges (``offsets``, ``lengths``)."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]]).astype(np.int8)))
     ends = offsets + lengths
-    runs = ((int(offsets[a]) - base, int(ends[b - 1]) - base) for a, b in zip(edges[0::2].tolist(),
-                                                                               edges[1::2].tolist()))
+    runs = ((int(offsets[a]) - base, int(ends[b]) - base) for a, b in _true_runs(keep))
     return [(a, b) for a, b in runs if a < b]
+
+
+def _true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) index of each run of consecutive True entries of ``flags``."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], flags, [False]]).astype(np.int8)))
+    return [(a, b - 1) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -476,8 +472,7 @@ def _sub_block_runs(unit: ChunkCopy) -> list[tuple[int, int]]:
     most of the chunk."""
     covered = _covered(unit.start // SUB_BLOCK_BYTES, (unit.start + unit.length - 1) // SUB_BLOCK_BYTES,
                        -(-unit.chunk_len // SUB_BLOCK_BYTES))
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], covered, [False]]).astype(np.int8)))
-    return [(a, b - 1) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
+    return _true_runs(covered)
 
 
 async def _fetch_chunk_parts(store, unit: ChunkCopy) -> tuple[ChunkTable | None, list, list]:
@@ -534,8 +529,8 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     covered = _covered(starts // brs, (ends - 1) // brs, unit.last_block - unit.first_block + 1)
     if hasattr(stored, "open_ranges"):  # sealed: open only the blocks read below
         rows = unit.index.blocks[unit.first_block : unit.last_block + 1]
-        stored = _opened_ranges(stored, _byte_runs(rows["stored_offset"], rows["stored_len"], covered,
-                                                   int(rows["stored_offset"][0])))
+        stored = stored.open_ranges(_byte_runs(rows["stored_offset"], rows["stored_len"], covered,
+                                               int(rows["stored_offset"][0])), _scratch(len(stored), "opened"))
     wanted = covered.tolist()
     group = max(brs, DECODE_GROUP_BYTES)
     groups = unpack_block_groups(unit.index, unit.first_block, unit.last_block, stored, out=_scratch(group),
