@@ -106,6 +106,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: How long a stopped daemon (SIGTERM) may take to drain before it is killed.
+STOP_TIMEOUT_S = 60.0
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM ``proc``; SIGKILL it if it has not exited within ``STOP_TIMEOUT_S``."""
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

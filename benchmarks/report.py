@@ -102,6 +102,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` as a PNG and free it; ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _bars(path: Path, title: str, ylabel: str, items: list[tuple[str, float | None]],
           hlines: tuple[tuple[float, str], ...] = ()) -> Path | None:
     """A bar chart of ``items``; a None value is drawn as an empty slot labelled not measured."""
@@ -121,10 +129,7 @@ def _bars(path: Path, title: str, ylabel: str, items: list[tuple[str, float | No
     ax.set_xticks(list(xs), [k for k, _ in items], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def chart_ingest(r: dict[str, Any], out: Path) -> tuple[Path | None, str]:
@@ -150,10 +155,7 @@ def chart_ingest(r: dict[str, Any], out: Path) -> tuple[Path | None, str]:
     ax.set_xlabel("CPU seconds per GB ingested")
     ax.set_title("Ingest by stage: the DRVA's CPU against each stage's bare cost", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "ingest_stages.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save(plt, fig, out / "ingest_stages.png")
     note = "" if any(d is not None for d in drva) else "the DRVA's per-stage split " + NOT_MEASURED + " (no py-spy)"
     return path, note
 
@@ -181,10 +183,7 @@ def chart_rpo(results: dict[str, Any], out: Path) -> tuple[Path | None, str]:
     ax.set_ylabel("RPO lag (s)")
     ax.set_title("RPO lag over time (the DRVA's status, each rewrite)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "rpo.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save(plt, fig, out / "rpo.png")
     return path, ""
 
 
@@ -228,10 +227,7 @@ def chart_history(rec: dict[str, Any], hist: dict[str, Any], out: Path) -> tuple
     else:
         ax.text(0.5, 0.5, NOT_MEASURED, ha="center")
     ax.set_title("Catalog cost vs history length (benchmarks.history)", fontsize=9)
-    fig.tight_layout()
-    path = out / "history.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save(plt, fig, out / "history.png")
     return path, ""
 
 
@@ -272,10 +268,7 @@ def chart_scale(r: dict[str, Any], out: Path) -> tuple[Path | None, str]:
             ax.axhline(target, color="#c53030", linestyle="--", linewidth=1)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    path = out / "scale.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save(plt, fig, out / "scale.png")
     return path, ""
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import tomli_w
 
 from benchmarks._common import (
-    emit, free_port, machine, parse_args, proc_cpu_s, proc_rss_mb, progress, work_dir,
+    emit, free_port, machine, parse_args, proc_cpu_s, proc_rss_mb, progress, stop_process, work_dir,
 )
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
@@ -72,7 +72,6 @@ FILTER_BUFFER_BYTES_MIN = 8 << 20
 STATUS_INTERVAL_S = 0.5
 READY_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 60.0
 
 
 class NullDisk:
@@ -246,12 +245,7 @@ async def run_config(d: Path, domains: int, quick: bool, rate: float, seconds: f
         bitmap = sum(1 for f in site.filters if f.stats["bitmap_entries"] or f.mode != "normal")
     finally:
         await site.close()
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     gb = (bytes1 - bytes0) / 1e9
     p99 = [float(np.percentile(v, 99)) for v in rpo.values() if v]
     everything = [x for v in rpo.values() for x in v]

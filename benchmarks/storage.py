@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from benchmarks._common import emit, free_port, machine, parse_args, progress, work_dir
+from benchmarks._common import emit, free_port, machine, parse_args, progress, stop_process, work_dir
 from benchmarks._peers import Borg, PeerMissing, Restic, dir_bytes, ensure, version
 from iofilter_sim.client import FilterClient
 from iofilter_sim.disks import PrimaryDisk
@@ -50,7 +50,6 @@ WRITE_BYTES = 4 << 10
 BATCH_WRITES = 1024  # writes captured at a time (4 MiB)
 INFLIGHT_BYTES = 32 << 20  # unacked bytes the filter holds at most before the next batch
 COMMIT_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 60.0
 COLLECT_WAIT_S = 0.5  # after the last commit: the catalog collection it started ends
 KINDS = {"seg": "segments", "cat": "catalog", "page": "catalog", "base": "bases", "c": "bases"}
 
@@ -151,12 +150,7 @@ async def protect(d: Path, image: Path, size: int, offsets: np.ndarray, payload:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         disk.fsync()
         disk.close()
     return {"before": before, "after": after, "seed_s": seed_s, "change_s": change_s, "seeded": seeded}
