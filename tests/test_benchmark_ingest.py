@@ -110,3 +110,21 @@ def test_refuses_tmpfs(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(ingest, "fs_type", lambda d: "ext4")
     ingest.refuse_tmpfs(tmp_path)
     assert os.path.isdir(tmp_path)
+
+
+def test_drained_phases_drop_only_the_segments_the_drva_committed(tmp_path: Path) -> None:
+    # A full run receives ~95 GB: kept, its segments filled the disk and the DRVA stalled.
+    from cdp.layout import segment_key
+
+    store = tmp_path / "store"
+    keys = {segment_key(1, 1, 1, 10): True, segment_key(1, 1, 11, 20): False,  # domain 1 committed up to 10
+            segment_key(2, 1, 1, 5): True, segment_key(3, 1, 1, 5): False}  # domain 3: not in the status
+    for key in keys:
+        (store / key).parent.mkdir(parents=True, exist_ok=True)
+        (store / key).write_bytes(bytes(100))
+    (store / "d/00000001/cat").mkdir(parents=True)
+    (store / "d/00000001/cat/0000000000000001.cat").write_bytes(b"catalog")
+    doc = {"store": f"file://{store}", "domains": [{"id": 1, "committed_seq": 10}, {"id": 2, "committed_seq": 9}]}
+    assert ingest.drop_committed_segments(doc) == 200
+    assert {key: (store / key).exists() for key in keys} == {key: not gone for key, gone in keys.items()}
+    assert (store / "d/00000001/cat/0000000000000001.cat").exists()
