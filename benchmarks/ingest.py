@@ -248,10 +248,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-#: RPO samples start this long after the load (at most a third of the phase). The lag
-#: counts from the newest write in the store (drva.domain): right after an idle phase,
-#: that is the previous phase's last write, and the first statuses measure the idle time
-#: (1.46 s in one quick run, where every later sample was under 0.4 s).
+#: RPO samples start this long after the load (at most a third of the phase): the steady
+#: state, not the first seal. (The lag once counted from the newest write in the store, and
+#: the first statuses after an idle phase measured the idle time: 1.46 s in one quick run
+#: whose later samples were all under 0.4 s; drva.domain counts from the oldest pending
+#: write now.)
 RPO_SETTLE_S = 1.0
 
 

@@ -12,9 +12,10 @@ per DRVA, Zerto 1,500 volumes per VRA).
 Per configuration, over the measured window (after a warm-up): ``mb_per_s`` (captured),
 ``cpu_s_per_gb`` (the DRVA's user + system seconds over GB captured), ``rss_mb_max`` (the
 DRVA's peak RSS, ``VmHWM``, start-up included), RPO: each domain's ``rpo_lag_s`` as the
-DRVA's status document reports it (the newest captured write's time less the newest
-committed write's: the data a site loss would lose, in seconds), sampled at each status
-rewrite; per domain its p99, then ``rpo_p99_s_max`` (the worst domain) and
+DRVA's status document reports it (from the recovery point in the store — just before
+the oldest write not in it — to the newest write captured, and at least that oldest
+write's wait: how far back a site loss would take the domain, ``drva.domain``), sampled
+at each status rewrite; per domain its p99, then ``rpo_p99_s_max`` (the worst domain) and
 ``rpo_p99_s_median``; ``bitmap_domains`` (filters that fell back to dirty-region bitmaps:
 should be 0); ``drain_s`` (from the end of the load until every captured write is
 committed); ``load_1m_start``/``load_1m_end``: the machine's load around it (on a shared

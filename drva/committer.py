@@ -87,6 +87,8 @@ class GroupCommitter:
             self._staged and self._staged_bytes + len(raw) > self.staging_bytes_max
         ):
             await self._wait_change()
+        if domain.accepted_seq == domain.durable_seq:  # its first staged frame (rpo_lag_s)
+            domain.staged_first = (frame.first_seq, int(frame.records["timestamp_ns"][0]), time.monotonic())
         self._staged.append(_Staged(domain, raw, frame))
         self._staged_bytes += len(raw)
         domain.accepted_seq = frame.last_seq

@@ -14,6 +14,7 @@ before the first entry of either (``first_needed_pos``).
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,10 @@ class DomainState:
         self.committed_seq = 0
         self.committed_ts = 0
         self.newest_received_ts = 0
+        # (seq, timestamp, monotonic time) of the first frame staged for a group commit
+        # while none of the domain's was: the oldest write not in the store when every
+        # durable one is (``rpo_lag_s``).
+        self.staged_first: tuple[int, int, float] | None = None
         self.unsealed: collections.deque[LogEntry] = collections.deque()
         self.inflight: collections.deque[SegmentJob] = collections.deque()
         self.catalog_ready = False
@@ -117,11 +122,12 @@ class DomainState:
     def pending_bytes(self) -> int:
         return self.unsealed_bytes() + sum(sum(e.nbytes for e in j.entries) for j in self.inflight)
 
-    def oldest_pending_ts(self) -> int | None:
+    def oldest_pending(self) -> LogEntry | None:
+        """The oldest log entry not yet in the store, if any."""
         if self.inflight:
-            return self.inflight[0].entries[0].first_ts
+            return self.inflight[0].entries[0]
         if self.unsealed:
-            return self.unsealed[0].first_ts
+            return self.unsealed[0]
         return None
 
     def newest_seq_ts(self) -> tuple[int, int]:
@@ -132,15 +138,36 @@ class DomainState:
             seq, ts = fs["captured_seq"], max(ts, fs.get("captured_ts") or 0)
         return seq, ts
 
-    def rpo_lag_s(self) -> float:
-        """Time between the newest captured write and the newest write in the store
-        (0 when everything captured is in the store)."""
+    def rpo_lag_s(self, now: float | None = None) -> float:
+        """How far back in time a site loss now would take the domain: from the recovery
+        point the store holds to the newest write captured. 0 when everything captured
+        is in the store.
+
+        The store holds every write up to ``committed_seq``, and none was captured
+        between that one and the next: the store equals the primary at any instant
+        before the next write, so that write's time is the recovery point — when this
+        DRVA holds it (its oldest pending entry, or the oldest frame staged for a group
+        commit). Counting from the newest committed write instead made a quiet spell
+        count as lag as soon as the next write came: a domain writing in bursts a second
+        apart showed 2 s with a 1 s seal age, and an idle domain's first write raised an
+        RPO alarm. When the next write is not here (still in the filter), its time is
+        unknown and the lag counts from the newest committed write: never less than the
+        truth.
+
+        Writes that wait with none after them (a store outage on a quiet domain) still
+        age: the lag is at least how long the oldest pending write has been here
+        (``now``: ``time.monotonic()``). Both figures are differences of one clock — the
+        filter's timestamps, this host's monotonic clock — so a skew between hosts
+        cannot show as lag."""
         seq, ts = self.newest_seq_ts()
         if seq <= self.committed_seq:
             return 0.0
-        # Nothing committed yet: the exposure starts at the oldest write not in the store.
-        base = self.committed_ts or self.oldest_pending_ts() or ts
-        return max(0.0, (ts - base) / 1e9)
+        entry = self.oldest_pending()
+        first = (entry.first_seq, entry.first_ts, entry.arrived) if entry is not None else self.staged_first
+        if first is None or first[0] != self.committed_seq + 1:
+            return max(0.0, (ts - (self.committed_ts or ts)) / 1e9)
+        waited = (time.monotonic() if now is None else now) - first[2]
+        return max(0.0, (ts - first[1]) / 1e9, waited)
 
     def rpo_lag_bytes(self) -> int:
         """Bytes captured that are not in the store yet (here, and buffered in the filter)."""
