@@ -47,7 +47,7 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from cdp.errors import ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
+from cdp.errors import CdpError, ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
 from cdp.store.base import Bytes, ObjectInfo, ObjectStore, StoreBase, check_range, resolve_range
 from cdp.store.keys import show_key, validate_key, validate_prefix
 from cdp.store.storekeys import SALT_BYTES, ChunkNamer, StoreKey, StoreKeyring
@@ -71,6 +71,10 @@ ENVELOPES_CACHED_MAX = 4096
 #: ``cryptography`` releases the GIL on large buffers: 2 threads sealed 8 MiB buffers
 #: at 1.65x the speed of one here).
 INLINE_BYTES_MAX = 256 << 10
+#: Buffers ``EncryptedStore.put`` keeps to seal large objects into (as many as a DRVA
+#: has uploads in flight by default), their sizes rounded up to this.
+SEAL_BUFFERS_KEPT = 4
+SEAL_BUFFER_ROUND = 1 << 20
 #: A cold ranged get that starts within this many bytes of the object's start fetches
 #: from offset 0 in one GET (envelope included) rather than two concurrent ones.
 HEAD_MERGE_BYTES = 256 << 10
@@ -138,16 +142,22 @@ def _aad(envelope: bytes, name: bytes, index: int, last: bool) -> bytes:
     return b"".join((envelope[:56], _AAD_TAIL.pack(index, last), name))
 
 
-def seal(key: StoreKey, name: str, data: Bytes, salt: bytes | None = None) -> tuple[bytes, bytearray]:
+def seal(key: StoreKey, name: str, data: Bytes, salt: bytes | None = None,
+         into: bytearray | None = None) -> tuple[bytes, bytearray | memoryview]:
     """(envelope, sealed object) of ``data`` stored under ``name`` with ``key`` (§19).
-    Pages are sealed into one buffer of the final size (no per-page objects, no join)."""
+    Pages are sealed into one buffer of the final size (no per-page objects, no join):
+    a new ``bytearray``, or the start of ``into`` when it is large enough (a view)."""
     view = memoryview(data).cast("B")
     salt = os.urandom(SALT_BYTES) if salt is None else salt
     envelope = pack_summed(_ENVELOPE, SEALED_MAGIC, VERSION, PAGE_SHIFT, 0, key.key_id, salt, len(view), 0)
     aead = key.object_aead(salt)
     count = page_count(len(view))
     encoded = name.encode("ascii")
-    out = bytearray(sealed_size(len(view)))
+    size = sealed_size(len(view))
+    if into is not None and len(into) >= size:
+        out: bytearray | memoryview = memoryview(into)[:size]
+    else:
+        out = bytearray(size)
     mv = memoryview(out)
     mv[:ENVELOPE_BYTES] = envelope
     mv[-ENVELOPE_BYTES:] = envelope
@@ -312,6 +322,7 @@ class EncryptedStore(StoreBase):
         #: The keyed hash that names chunks in this store (cdp.base_image.chunk_namer_of).
         self.chunk_namer: ChunkNamer = keyring.namer
         self._envelopes: OrderedDict[str, Envelope] = OrderedDict()
+        self._seal_buffers: list[bytearray] = []  # see _seal_buffer
         self._envelopes_lock = threading.Lock()  # ``Unopened.open_into`` runs in any thread
 
     def describe(self) -> str:
@@ -326,14 +337,41 @@ class EncryptedStore(StoreBase):
                   if_match: str | None = None) -> str | None:
         validate_key(key)
         writer = self.keyring.writer
-        if memoryview(data).nbytes > INLINE_BYTES_MAX:
-            envelope, sealed = await asyncio.to_thread(seal, writer, key, data)
-        else:
+        nbytes = memoryview(data).nbytes
+        if nbytes <= INLINE_BYTES_MAX:
             envelope, sealed = seal(writer, key, data)
-        self._forget(key)
-        etag = await self.inner.put(key, sealed, if_absent=if_absent, if_match=if_match)
+            self._forget(key)
+            etag = await self.inner.put(key, sealed, if_absent=if_absent, if_match=if_match)
+        else:
+            buf = self._seal_buffer(sealed_size(nbytes))
+            envelope, sealed = await asyncio.to_thread(seal, writer, key, data, None, buf)
+            self._forget(key)
+            try:
+                etag = await self.inner.put(key, sealed, if_absent=if_absent, if_match=if_match)
+            except CdpError:
+                self._seal_buffer_done(buf)
+                raise
+            # Cancelled (above, or while sealing): the buffer is dropped, not kept — a
+            # put or seal still running in a worker thread may be reading or writing it.
+            self._seal_buffer_done(buf)
         self._remember(key, self._parse(key, envelope, "put"))
         return etag
+
+    def _seal_buffer(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes to seal into: a kept one when one is large
+        enough. Why: a fresh 16 MiB buffer per segment cost its zero-fill and page faults,
+        about as much CPU as AES-GCM itself (``benchmarks.ingest``'s encrypted turns)."""
+        for i, buf in enumerate(self._seal_buffers):
+            if len(buf) >= size:
+                return self._seal_buffers.pop(i)
+        return bytearray(-(-size // SEAL_BUFFER_ROUND) * SEAL_BUFFER_ROUND)
+
+    def _seal_buffer_done(self, buf: bytearray) -> None:
+        """Keep ``buf`` for the next put (the stores copy or write what they are given
+        before their put returns), the largest ``SEAL_BUFFERS_KEPT`` at most."""
+        self._seal_buffers.append(buf)
+        if len(self._seal_buffers) > SEAL_BUFFERS_KEPT:
+            self._seal_buffers.remove(min(self._seal_buffers, key=len))
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         validate_key(key)

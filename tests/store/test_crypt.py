@@ -421,3 +421,43 @@ async def test_recovery_opens_in_its_pool_retries_stale_envelopes_and_refuses_a_
     with pytest.raises(IntegrityError, match=f"{key}.*page 0 at offset {ENVELOPE_BYTES}"):
         await execute_plan(reader, plan, tmp_path / "c")
     assert not any(name.endswith(".img") for name in os.listdir(tmp_path / "c"))
+
+
+def test_large_puts_reuse_their_sealing_buffers_and_never_a_running_one(tmp_path) -> None:
+    from cdp.store.fs import FileStore
+
+    keys = [f"d/00000001/seg/00000001/{i:016x}-{i:016x}.seg" for i in range(1, 8)]
+    bodies = [os.urandom(n) for n in (3 << 20, 1 << 20, 5 << 20, 2 << 20, (1 << 20) + 7, 4 << 20, 600_000)]
+
+    async def check() -> None:
+        for inner in (MemoryStore(), FileStore(tmp_path / "store")):
+            store = EncryptedStore(inner, ring(KEY_A))
+            for key, body in zip(keys, bodies):
+                await store.put(key, body)
+            # Sealed one after the other into the same few buffers: each object is its own.
+            assert len(store._seal_buffers) <= 4
+            for key, body in zip(keys, bodies):
+                assert await EncryptedStore(inner, ring(KEY_A)).get(key) == body
+            # Concurrent puts seal into distinct buffers.
+            await asyncio.gather(*(store.put(k, b[::-1]) for k, b in zip(keys, bodies)))
+            for key, body in zip(keys, bodies):
+                assert await EncryptedStore(inner, ring(KEY_A)).get(key) == body[::-1]
+
+        # A put cancelled while its inner put runs: that buffer may still be read by a
+        # worker thread, and is not kept for the next put.
+        class Stalled(MemoryStore):
+            started = asyncio.Event()
+
+            async def put(self, key, data, **kwargs):
+                self.started.set()
+                await asyncio.sleep(3600)
+
+        store = EncryptedStore(Stalled(), ring(KEY_A))
+        task = asyncio.create_task(store.put(keys[0], bodies[0]))
+        await Stalled.started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert store._seal_buffers == []
+
+    run(check())
