@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import emit, progress, work_dir
+from benchmarks._common import emit, progress, stop_process, work_dir
 from benchmarks._profile import profile_run
 from benchmarks._sender import POOL_BYTES, SenderProc, frame_pool
 from benchmarks._stages import GB, STAGES, bare_stages, cpu_s, fs_type, median
@@ -320,8 +320,7 @@ async def run_64k(d: Path, seconds: float, env: dict[str, str] | None = None) ->
     finally:
         ctask.cancel()
         await asyncio.gather(ctask, return_exceptions=True)
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
         disk.close()
     (d / "primary.img").unlink()
     return acked / el / 1e6
@@ -506,8 +505,7 @@ async def bench(d: Path, mode: str) -> dict:
             s.close()
         ctask.cancel()
         await asyncio.gather(ctask, return_exceptions=True)
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
         disk.close()
         mapped.close_maps()
         mapped_disk.close()
