@@ -14,10 +14,11 @@ write to guard (the filter sets recently cleared regions again when a sync is du
 anyway), and 1 → 0 after the ack (lazily, never synced). A torn page after a power loss
 mixes old and new flag bytes, and either value of either transition is safe: an
 unsynced set guards a write that was never issued, an unsynced clear or a set guarding
-nothing leaves a region flagged that needs nothing (more is moved, nothing is lost). The header and a body checksum are written
-only at a clean close, when every write was acknowledged; a map whose header does not
-check, whose geometry does not match its disk, or whose body holds a byte other than
-0/1 is *unusable*: whoever reads it must treat every region as dirty, and says so.
+nothing leaves a region flagged that needs nothing (more is moved, nothing is lost).
+The header and a body checksum are written only at a clean close, when every write was
+acknowledged; a map whose header does not check, whose geometry does not match its
+disk, or whose body holds a byte other than 0/1 is *unusable*: whoever reads it must
+treat every region as dirty, and says so.
 """
 
 from __future__ import annotations

@@ -100,8 +100,8 @@ def test_every_written_form_of_a_target_reads_back_the_same(target: Target) -> N
 @pytest.mark.parametrize("written, part", [
     ("soon", "target"), ("seq:", "seq"), ("seq:-1", "seq"), ("seq:٣", "seq"), ({"seq": "7"}, "seq"),
     ({"seq": True}, "seq"), ({"seq": 1, "mark": "x"}, "target"), ({"mark": ""}, "mark"), ({"mark": "a\0b"}, "mark"),
-    ({"mark": "x" * 256}, "mark"), ("at:yesterday", "at"), ({"at": "-" + "9" * 5000 + "s"}, "at"), (["latest"], "target"),
-    (None, "target"), (True, "target"), (-1, "seq")])
+    ({"mark": "x" * 256}, "mark"), ("at:yesterday", "at"), ({"at": "-" + "9" * 5000 + "s"}, "at"),
+    (["latest"], "target"), (None, "target"), (True, "target"), (-1, "seq")])
 def test_a_target_written_wrong_is_refused_naming_its_part(written, part) -> None:
     with pytest.raises(TargetSyntaxError) as err:
         Target.parse(written)
