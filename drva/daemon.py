@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cdp import wire
+from cdp import eventloop, wire
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, Fenced, StoreError
 from cdp.frame import decode_frame
@@ -433,14 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     bound_malloc()
     try:
         cfg = load_drva_config(args.config)
-        try:
-            import uvloop
-        except ImportError:  # uvloop is optional on platforms that lack it
-            uvloop = None
-        if uvloop is None or os.environ.get("CDP_NO_UVLOOP"):
-            asyncio.run(run(cfg))
-        else:
-            uvloop.run(run(cfg))
+        eventloop.run(run(cfg))
     except CdpError as exc:
         log.error("drva_failed", error=exc.message)
         print(f"drva: error: {exc.message}", file=sys.stderr)

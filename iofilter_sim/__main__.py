@@ -37,6 +37,7 @@ from pathlib import Path
 
 import click
 
+from cdp import eventloop
 from cdp.errors import CdpError, ConfigError
 from cdp.logs import setup_logging
 from cdp.nbd.address import parse_tcp
@@ -153,7 +154,7 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
             raise click.UsageError(str(exc)) from None
     if tls_server_name is not None and tls_ca is None and cluster.tls_ca is None:
         raise click.UsageError("--tls-server-name goes with --tls-ca (or the cluster file's [tls] ca)")
-    summary = asyncio.run(_run(cluster, secret.encode(), opts, duration, _marks(marks), as_json))
+    summary = eventloop.run(_run(cluster, secret.encode(), opts, duration, _marks(marks), as_json))
     if as_json:
         click.echo(json.dumps(summary))
     else:

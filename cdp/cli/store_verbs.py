@@ -173,7 +173,9 @@ def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: st
                                keep_overlay, rehydrate_to, cache_bytes_max=cache_mb << 20)
         return await serve_mount(store, options, address, say, stop, tls=tls)
 
-    say(asyncio.run(with_store(store_url, work)))
+    from cdp import eventloop
+
+    say(eventloop.run(with_store(store_url, work)))
 
 
 def _mount_event_text(event: dict[str, Any]) -> str:
