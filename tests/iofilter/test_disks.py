@@ -116,3 +116,34 @@ def test_read_outside_the_disk(tmp_path: Path) -> None:
             disk.read(SIZE - 512, 1024)
         with pytest.raises(ValueError):
             disk.zero(-512, 512)
+
+
+def test_long_runs_go_down_in_bounded_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of writes longer than WRITE_PIECE_BYTES is cut into pieces of at most that
+    (large page-cache folios make later small writes dear), and lands whole and in place."""
+    from iofilter_sim import disks as disks_mod
+
+    calls: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+        calls.append((offset, len(data)))
+        return real_pwrite(fd, data, offset)
+
+    piece = disks_mod.WRITE_PIECE_BYTES
+    run = 4 * piece + 3 * 512  # not a multiple of the piece: the last one is short
+    records = empty_records(2)
+    records["kind"] = KIND_WRITE
+    half = piece + 512
+    records["offset"] = [512, 512 + half]  # two records that continue each other: one run
+    records["length"] = [half, run - half]
+    payload = np.random.default_rng(3).integers(0, 256, run, dtype=np.uint8).tobytes()
+    size = 8 * piece
+    with PrimaryDisk(tmp_path / "d.img", size, name="vm/d0") as disk:
+        monkeypatch.setattr(disks_mod.os, "pwrite", pwrite)
+        disk.write_batch(records, payload)
+        monkeypatch.undo()
+        assert disk.read(0, size) == bytes(512) + payload + bytes(size - 512 - run)
+    assert max(n for _, n in calls) == piece
+    assert sum(n for _, n in calls) == run
+    assert [o for o, _ in calls] == [512 + i * piece for i in range(len(calls))]
