@@ -28,6 +28,11 @@ Key "a/b/c" is the file ``root/a/b/c``. Invariants:
   also be the directory part of another key ("a" and "a/b"); such a put raises
   InvalidKey.
 
+Objects of ``DIRECT_MIN_BYTES`` (1 MiB) or more are written with ``O_DIRECT`` where the
+file system takes it (``cdp.direct_io``): segments and base chunks are written once and
+read back, if ever, long after; copying them into the page cache cost the DRVA more than
+the disk write itself.
+
 Blocking file I/O runs in worker threads (``asyncio.to_thread``); a put that
 is cancelled may still complete in its thread, but never leaves a partial
 object. Gets run on a pool of their own (``READ_THREADS``): a cold read waits on
@@ -51,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from cdp.direct_io import DIRECT_MIN_BYTES, write_direct
 from cdp.durable import fsync_dir, publish, write_all
 from cdp.errors import (
     AlreadyExists,
@@ -290,7 +296,8 @@ def _write_atomic(path: Path, data: Bytes, *, if_absent: bool, if_match: str | N
     """
     fd, tmp = _open_temp(path.parent)
     try:
-        write_all(fd, data, IO_CHUNK_BYTES_MAX)
+        if len(data) < DIRECT_MIN_BYTES or not write_direct(fd, data):
+            write_all(fd, data, IO_CHUNK_BYTES_MAX)
         os.fsync(fd)
         etag = _etag(os.fstat(fd))
     except BaseException:

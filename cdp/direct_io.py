@@ -1,0 +1,94 @@
+"""Writing a new file's data past the page cache (``O_DIRECT``), for objects written once
+and not read back soon: the file store's segments, base chunks, recovered images' peers.
+
+Why: a buffered write copies every byte into page-cache pages, and a page freed by a
+deleted object and handed out again comes back cold on this project's machines (a VM
+whose free pages go back to the host): writing 16 MiB objects into new files while
+older ones were deleted measured 1.94 CPU-s/GB and 0.37 GB/s buffered, 0.20-0.24 CPU-s/GB
+and 0.88 GB/s direct (once pages are recycled warm, buffered costs 0.32). In the DRVA the
+segment writes' copy was 23 % of its CPU under 4 KiB NBD writes (perf).
+
+How: ``O_DIRECT`` wants the memory, the file offset and the length aligned
+(``ALIGN``: 4096 covers 512- and 4096-byte devices and page-sized file system blocks).
+The data is copied, ``STAGE_BYTES`` at a time, into this thread's page-aligned staging
+buffer (reused, so its pages stay warm) and written from there; a last partial block
+goes out zero-padded and the file is cut back to the data's length (``ftruncate``).
+Nothing here makes data durable: the caller still fsyncs (the device may cache).
+A file system that refuses ``O_DIRECT`` (tmpfs, some FUSE and overlay mounts) makes
+``write_direct`` return False before anything is written, and the caller writes
+buffered.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+
+ALIGN = 4096
+#: The staging buffer of each writing thread; also the size of each direct write.
+STAGE_BYTES = 4 << 20
+#: Objects smaller than this are written buffered: the copy to the staging buffer and
+#: the synchronous direct writes are not worth it for a catalog page or a lock object.
+DIRECT_MIN_BYTES = 1 << 20
+
+_local = threading.local()
+
+
+def _stage() -> memoryview:
+    view = getattr(_local, "stage", None)
+    if view is None:
+        view = memoryview(mmap.mmap(-1, STAGE_BYTES))  # page-aligned, private to the thread
+        _local.stage = view
+    return view
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
+    """Write all of ``data`` at offset 0 of the empty regular file ``fd`` with
+    ``O_DIRECT``; False (nothing written, ``fd`` as it was) where the file system
+    refuses it. Leaves ``fd`` without ``O_DIRECT``; its file offset is not used."""
+    view = memoryview(data).cast("B")
+    if not hasattr(os, "O_DIRECT") or not _set_direct(fd, True):
+        return False
+    try:
+        stage = _stage()
+        total = len(view)
+        done = 0
+        try:
+            while done < total:
+                n = min(STAGE_BYTES, total - done)
+                padded = -(-n // ALIGN) * ALIGN
+                stage[:n] = view[done : done + n]
+                if padded > n:
+                    stage[n:padded] = bytes(padded - n)
+                _pwrite_all(fd, stage[:padded], done)
+                done += n
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or done:
+                raise
+            return False  # accepted the flag, refused the write: nothing was written
+        if total % ALIGN:
+            os.ftruncate(fd, total)  # the last block's padding
+        return True
+    finally:
+        _set_direct(fd, False)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
