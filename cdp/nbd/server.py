@@ -1,10 +1,13 @@
 """An asyncio NBD server: named exports over TCP and Unix sockets (docs/FORMAT.md §17).
 
 One task per connection. A connection haggles options (``cdp.nbd.protocol``
-decodes them), then reads requests in order and runs each as a task of its own, at most
-``inflight_max`` requests and ``inflight_bytes_max`` payload bytes at once per
-connection: when either cap is reached the reader stops reading and TCP pushes back on
-the client. Replies go out whole, one at a time, under the connection's write lock.
+decodes them), then reads requests in order and runs each as a task of its own — except
+a WRITE without FUA to a backend that has ``submit_write`` (the filter's capture), which
+is handed over with a callback that answers it — at most ``inflight_max`` requests and
+``inflight_bytes_max`` payload bytes at once per connection: when either cap is reached
+the reader stops reading and TCP pushes back on the client; it also stops while the
+replies it owes are past ``WRITE_BUFFER_HIGH`` (a client that does not read them).
+Replies go out whole, one at a time, under the connection's write lock.
 
 Every request is checked against its export before the backend sees it. What a client
 can make us buffer is bounded by ``OPTION_BYTES_MAX`` while haggling and by the
@@ -219,6 +222,9 @@ class _Connection:
         self._outbox_bytes = 0
         self._flush_scheduled = False
         self._requests: set[asyncio.Task] = set()
+        self._submitted = 0  # writes handed to the backend's submit_write, not answered yet
+        self._submitted_idle = asyncio.Event()
+        self._submitted_idle.set()
         self._budget = _InflightBudget(server.inflight_max, server.inflight_bytes_max)
         self.served = 0  # requests answered, refused ones included
         self.refused = 0
@@ -270,6 +276,15 @@ class _Connection:
             self._flush()
             async with self._write_lock:
                 await self.writer.drain()
+
+    def _send_nowait(self, *parts: bytes | bytearray | memoryview) -> None:
+        """``_send`` for a callback, which cannot wait: the reader loop waits instead,
+        before it reads the next request, while replies are past ``WRITE_BUFFER_HIGH``."""
+        self._outbox.extend(parts)
+        self._outbox_bytes += sum(map(len, parts))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -428,7 +443,12 @@ class _Connection:
         a client can make us hold at most the budget, plus what the reader buffers
         (``READ_BUFFER_BYTES``, twice that at most before it stops reading the socket)."""
         assert self.export is not None and self.limits is not None
+        submit = getattr(self.export.backend, "submit_write", None)
         while True:
+            if self.writer.transport.get_write_buffer_size() + self._outbox_bytes > WRITE_BUFFER_HIGH:
+                self._flush()  # a client that does not read its replies: stop reading its requests
+                async with self._write_lock:
+                    await self.writer.drain()
             req = nbd.parse_request(await self.reader.readexactly(nbd.REQUEST_SIZE))
             if req.command == nbd.CMD_DISC:
                 await self._drain_requests()
@@ -446,9 +466,44 @@ class _Connection:
             except BaseException:
                 self._budget.give(cost)
                 raise
+            if (submit is not None and req.command == nbd.CMD_WRITE and not req.flags & nbd.CMD_FLAG_FUA
+                    and self._submit(submit, req, payload, cost)):
+                continue
             task = asyncio.create_task(self._serve(req, payload, cost))
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
+
+    def _submit(self, submit, req: nbd.Request, payload: bytes, cost: int) -> bool:
+        """Hand a plain WRITE to the backend's ``submit_write`` (no task per request, see
+        ``iofilter_sim.nbd_capture.DomainCapture.submit``); False when the request must
+        take the task path instead (it is refused, or the backend has no room now)."""
+        if nbd.request_error(req, self.limits)[0]:
+            return False  # _serve refuses it, and logs why
+
+        def done(exc: BaseException | None) -> None:
+            try:
+                if exc is None:
+                    self._send_nowait(nbd.pack_simple_reply(req.handle))
+                else:
+                    code = nbd_errno(exc)
+                    logger.warning("nbd_backend_error", peer=self.peer, export=self.export.name, command=req.name,
+                                   offset=req.offset, length=req.length, error=code, reason=str(exc))
+                    self._send_nowait(*self._error_parts(req, code, f"{req.name} failed: {exc}"))
+            finally:
+                self.served += 1
+                self._budget.give(cost)
+                self._submitted -= 1
+                if not self._submitted:
+                    self._submitted_idle.set()
+
+        self._submitted += 1
+        self._submitted_idle.clear()
+        if submit(req.offset, payload, done):
+            return True
+        self._submitted -= 1
+        if not self._submitted:
+            self._submitted_idle.set()
+        return False
 
     async def _serve(self, req: nbd.Request, payload: bytes, cost: int) -> None:
         try:
@@ -521,15 +576,18 @@ class _Connection:
             await self._send(nbd.pack_none_chunk(req.handle))  # a data chunk holds at least one byte
 
     async def _reply_error(self, req: nbd.Request, code: int, message: str) -> None:
+        await self._send(*self._error_parts(req, code, message))
+
+    def _error_parts(self, req: nbd.Request, code: int, message: str) -> tuple[bytes]:
         if self.structured:
-            await self._send(nbd.pack_error_chunk(req.handle, code, message))
-        else:
-            await self._send(nbd.pack_simple_reply(req.handle, code))
+            return (nbd.pack_error_chunk(req.handle, code, message),)
+        return (nbd.pack_simple_reply(req.handle, code),)
 
     async def _drain_requests(self) -> None:
         """DISC: the protocol wants every outstanding request answered first."""
-        while self._requests:
+        while self._requests or self._submitted:
             await asyncio.gather(*self._requests, return_exceptions=True)
+            await self._submitted_idle.wait()
 
     async def _cancel_requests(self) -> None:
         for task in self._requests:

@@ -253,3 +253,123 @@ async def test_close_removes_the_unix_socket(served: Served, tmp_path: Path) -> 
     assert path.is_socket()
     await server.close()
     assert not path.exists()
+
+
+class SubmittingBackend(GatedBackend):
+    """A backend with ``submit_write`` (the capture's path): plain writes are held until the
+    test answers them, in any order; ``room`` False makes it refuse (the task path runs)."""
+
+    def __init__(self, inner: FileBackend) -> None:
+        super().__init__(inner)
+        self.submitted: dict[int, tuple[bytes, object]] = {}  # offset -> (data, done)
+        self.written: list[tuple[int, bool]] = []  # (offset, fua) through write()
+        self.room = True
+        self.arrived = asyncio.Event()
+        self.gate.set()  # reads are not held here
+
+    def submit_write(self, offset: int, data: bytes, done) -> bool:
+        if not self.room:
+            return False
+        self.submitted[offset] = (bytes(data), done)
+        self.arrived.set()
+        return True
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        self.written.append((offset, fua))
+        await self.inner.write(offset, data, fua)
+
+    async def until_submitted(self, n: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.submitted) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+    def answer(self, offset: int, exc: BaseException | None = None) -> None:
+        data, done = self.submitted.pop(offset)
+        if exc is None:
+            self.inner._write(offset, data, False)
+        done(exc)
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+async def test_plain_writes_are_submitted_and_answered_when_done(served: Served, tmp_path: Path,
+                                                                 structured: bool) -> None:
+    backend = SubmittingBackend(served.backends["vm/disk"])
+    server = NbdServer({"vm/disk": backend})
+    address = await server.start_unix(tmp_path / "s.sock")
+    try:
+        client = await RawClient.connect(address)
+        await client.go("vm/disk", structured=structured)
+        for handle in range(3):
+            await client.request(nbd.CMD_WRITE, handle, handle * 4096, 4096, payload=bytes([handle + 1]) * 4096)
+        await client.request(nbd.CMD_WRITE, 7, 5 * 4096, 512, nbd.CMD_FLAG_FUA, payload=b"f" * 512)
+        await backend.until_submitted(3)
+        assert (await client.reply()).handle == 7  # FUA goes through write(), answered first
+        assert backend.written == [(5 * 4096, True)]
+        backend.answer(2 * 4096)
+        backend.answer(0, OSError(errno.ENOSPC, "no room"))
+        backend.answer(4096)
+        got = [await client.reply() for _ in range(3)]
+        assert [(r.handle, r.error) for r in got] == [(2, 0), (0, nbd.ENOSPC), (1, 0)]
+        disk = served.file_bytes()
+        assert disk[4096:3 * 4096] == bytes([2]) * 4096 + bytes([3]) * 4096
+        assert disk[:4096] == bytes(4096)
+        # A write refused by submit_write (no room) takes the task path.
+        backend.room = False
+        await client.request(nbd.CMD_WRITE, 8, 8 * 4096, 4096, payload=b"r" * 4096)
+        assert (await client.reply()).handle == 8
+        assert backend.written[-1] == (8 * 4096, False)
+        assert served.file_bytes()[8 * 4096 : 9 * 4096] == b"r" * 4096
+        # A write the server refuses never reaches submit_write.
+        backend.room = True
+        await client.request(nbd.CMD_WRITE, 9, 1, 512, payload=bytes(512))
+        assert (await client.reply()).error == nbd.EINVAL
+        assert not backend.submitted
+        await client.close()
+    finally:
+        await server.close()
+
+
+async def test_disc_waits_for_submitted_writes(served: Served, tmp_path: Path) -> None:
+    backend = SubmittingBackend(served.backends["vm/disk"])
+    server = NbdServer({"vm/disk": backend})
+    address = await server.start_unix(tmp_path / "s.sock")
+    try:
+        client = await RawClient.connect(address)
+        await client.go("vm/disk")
+        for handle in range(2):
+            await client.request(nbd.CMD_WRITE, handle, handle * 4096, 4096, payload=b"w" * 4096)
+        await backend.until_submitted(2)
+        await client.request(nbd.CMD_DISC, 9, 0, 0)
+        await asyncio.sleep(0.05)
+        assert server.connection_count == 1  # still open: two writes are not answered
+        backend.answer(4096)
+        backend.answer(0)
+        assert {(await client.reply()).handle for _ in range(2)} == {0, 1}
+        assert await client.closed_by_server()
+    finally:
+        await server.close()
+
+
+async def test_a_submitted_write_answered_after_its_connection_closed(served: Served, tmp_path: Path) -> None:
+    """The client went away: the answer goes nowhere, the budget is returned, the server serves on."""
+    backend = SubmittingBackend(served.backends["vm/disk"])
+    server = NbdServer({"vm/disk": backend})
+    address = await server.start_unix(tmp_path / "s.sock")
+    try:
+        client = await RawClient.connect(address)
+        await client.go("vm/disk")
+        await client.request(nbd.CMD_WRITE, 1, 0, 4096, payload=b"w" * 4096)
+        await backend.until_submitted(1)
+        await client.close()
+        await server.wait_connections()
+        backend.answer(0)
+        await asyncio.sleep(0)
+        client = await RawClient.connect(address)
+        await client.go("vm/disk")
+        await client.request(nbd.CMD_READ, 2, 0, 4096)
+        got = await client.reply(4096)
+        assert (got.error, got.data) == (0, b"w" * 4096)
+        await client.close()
+    finally:
+        await server.close()
