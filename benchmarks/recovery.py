@@ -56,6 +56,7 @@ import numpy as np
 from benchmarks._common import emit, parse_args, progress, work_dir
 from benchmarks._peers import Borg, Restic
 from cdp.digest import sha256_file
+from cdp.memory import bound_malloc
 from cdp.base_image import CHUNK_SIZE_DEFAULT
 from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
 from cdp.store.base import ObjectStore
@@ -222,6 +223,7 @@ def time_peer(peer: Restic | Borg, primary: Path, out: Path, rounds: int) -> flo
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    bound_malloc()  # the recoveries run in this process, under the policy of cdp recover
     size = (256 if args.quick else 1024) * MiB
     rounds = 3
     with work_dir(args) as d:

@@ -37,6 +37,7 @@ import click
 
 from cdp.errors import CdpError
 from cdp.logs import setup_logging
+from cdp.memory import bound_malloc
 
 PROGRESS_EVERY_S = 0.25
 
@@ -254,6 +255,7 @@ def failback_command(config: Path, domain: int, name: str, target: str) -> None:
 
 def main() -> None:
     setup_logging(os.environ.get("CDP_LOG_LEVEL", "warning"))
+    bound_malloc()
     try:
         cli.main(standalone_mode=False)
     except click.ClickException as exc:

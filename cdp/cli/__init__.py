@@ -17,6 +17,7 @@ import click
 
 from cdp.cli import msa_verbs, site_verbs, store_verbs
 from cdp.errors import CdpError
+from cdp.memory import bound_malloc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,7 @@ for _module in (store_verbs, site_verbs, msa_verbs):
 
 
 def main() -> None:
+    bound_malloc()  # recover, mount, consolidate: large reads and decodes reuse warm heap
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
