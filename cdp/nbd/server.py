@@ -466,8 +466,8 @@ class _Connection:
             except BaseException:
                 self._budget.give(cost)
                 raise
-            if (submit is not None and req.command == nbd.CMD_WRITE and not req.flags & nbd.CMD_FLAG_FUA
-                    and self._submit(submit, req, payload, cost)):
+            if (submit is not None and req.command == nbd.CMD_WRITE and req.length
+                    and not req.flags & nbd.CMD_FLAG_FUA and self._submit(submit, req, payload, cost)):
                 continue
             task = asyncio.create_task(self._serve(req, payload, cost))
             self._requests.add(task)

@@ -320,10 +320,12 @@ async def test_plain_writes_are_submitted_and_answered_when_done(served: Served,
         assert (await client.reply()).handle == 8
         assert backend.written[-1] == (8 * 4096, False)
         assert served.file_bytes()[8 * 4096 : 9 * 4096] == b"r" * 4096
-        # A write the server refuses never reaches submit_write.
+        # A write the server refuses never reaches submit_write, nor does an empty one.
         backend.room = True
         await client.request(nbd.CMD_WRITE, 9, 1, 512, payload=bytes(512))
         assert (await client.reply()).error == nbd.EINVAL
+        await client.request(nbd.CMD_WRITE, 10, 4096, 0)
+        assert (await client.reply()).error == 0
         assert not backend.submitted
         await client.close()
     finally:
