@@ -320,7 +320,7 @@ class ClusterRunner:
                 "mb_per_s": round(f.stats["bytes"] / elapsed / 1e6, 2),
                 "captured_seq": f.next_seq - 1, "acked_seq": f.acked_seq, "mode": f.mode,
                 "bitmap_entries": f.stats["bitmap_entries"], "resyncs": f.stats["resyncs_completed"],
-                "spilled_frames": f.stats["spilled_frames"],
+                "spilled_frames": f.stats["spilled_frames"], "map_syncs": f.stats["map_syncs"],
                 "spill_peak_bytes": f.spill.peak_bytes if f.spill is not None else 0,
                 "sha256": [d.sha256() for d in self.disks[name]] if self.opts.hash_at_end else None,
             }
