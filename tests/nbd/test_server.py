@@ -5,7 +5,9 @@ NBD errors. Backends here wrap the test's FileBackend; outcomes are counted, not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -291,13 +293,22 @@ class SubmittingBackend(GatedBackend):
         done(exc)
 
 
-@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
-async def test_plain_writes_are_submitted_and_answered_when_done(served: Served, tmp_path: Path,
-                                                                 structured: bool) -> None:
+@contextlib.asynccontextmanager
+async def submitting_server(served: Served, tmp_path: Path) -> AsyncIterator[tuple[SubmittingBackend, NbdServer, str]]:
+    """A server of ``vm/disk`` through a SubmittingBackend on a Unix socket: (backend, server, address)."""
     backend = SubmittingBackend(served.backends["vm/disk"])
     server = NbdServer({"vm/disk": backend})
     address = await server.start_unix(tmp_path / "s.sock")
     try:
+        yield backend, server, address
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+async def test_plain_writes_are_submitted_and_answered_when_done(served: Served, tmp_path: Path,
+                                                                 structured: bool) -> None:
+    async with submitting_server(served, tmp_path) as (backend, server, address):
         client = await RawClient.connect(address)
         await client.go("vm/disk", structured=structured)
         for handle in range(3):
@@ -328,15 +339,10 @@ async def test_plain_writes_are_submitted_and_answered_when_done(served: Served,
         assert (await client.reply()).error == 0
         assert not backend.submitted
         await client.close()
-    finally:
-        await server.close()
 
 
 async def test_disc_waits_for_submitted_writes(served: Served, tmp_path: Path) -> None:
-    backend = SubmittingBackend(served.backends["vm/disk"])
-    server = NbdServer({"vm/disk": backend})
-    address = await server.start_unix(tmp_path / "s.sock")
-    try:
+    async with submitting_server(served, tmp_path) as (backend, server, address):
         client = await RawClient.connect(address)
         await client.go("vm/disk")
         for handle in range(2):
@@ -349,16 +355,11 @@ async def test_disc_waits_for_submitted_writes(served: Served, tmp_path: Path) -
         backend.answer(0)
         assert {(await client.reply()).handle for _ in range(2)} == {0, 1}
         assert await client.closed_by_server()
-    finally:
-        await server.close()
 
 
 async def test_a_submitted_write_answered_after_its_connection_closed(served: Served, tmp_path: Path) -> None:
     """The client went away: the answer goes nowhere, the budget is returned, the server serves on."""
-    backend = SubmittingBackend(served.backends["vm/disk"])
-    server = NbdServer({"vm/disk": backend})
-    address = await server.start_unix(tmp_path / "s.sock")
-    try:
+    async with submitting_server(served, tmp_path) as (backend, server, address):
         client = await RawClient.connect(address)
         await client.go("vm/disk")
         await client.request(nbd.CMD_WRITE, 1, 0, 4096, payload=b"w" * 4096)
@@ -373,5 +374,3 @@ async def test_a_submitted_write_answered_after_its_connection_closed(served: Se
         got = await client.reply(4096)
         assert (got.error, got.data) == (0, b"w" * 4096)
         await client.close()
-    finally:
-        await server.close()
