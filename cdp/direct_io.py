@@ -27,6 +27,8 @@ import mmap
 import os
 import threading
 
+from cdp.durable import pwrite_all
+
 ALIGN = 4096
 #: The staging buffer of each writing thread; also the size of each direct write.
 STAGE_BYTES = 4 << 20
@@ -75,7 +77,7 @@ def write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
                 stage[:n] = view[done : done + n]
                 if padded > n:
                     stage[n:padded] = bytes(padded - n)
-                _pwrite_all(fd, stage[:padded], done)
+                pwrite_all(fd, [stage[:padded]], done)
                 done += n
         except OSError as exc:
             if exc.errno != errno.EINVAL or done:
@@ -86,9 +88,3 @@ def write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
         return True
     finally:
         _set_direct(fd, False)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n

@@ -205,27 +205,32 @@ class DomainCapture:
         Why: at 4 KiB and a queue depth of 32 the export was bound by its own Python per
         request, and a task, a future and the coroutines around them were a good part of it."""
         cost = len(data)
-        if self._room_waiters or (self._queued_bytes and self._queued_bytes + cost > self.queue_bytes_max):
+        if self._room_waiters or not self._has_room(cost):
             return False
-        self._queue.append(_Write(disk, offset, cost, KIND_WRITE, data, None, done))
-        self._queued_bytes += cost
-        self._work.set()
+        self._push(_Write(disk, offset, cost, KIND_WRITE, data, None, done), cost)
         return True
 
     async def _enqueue(self, w: _Write) -> None:
         cost = w.length if w.kind == KIND_WRITE else 0
         self._room_waiters += 1
         try:
-            while self._queued_bytes and self._queued_bytes + cost > self.queue_bytes_max:
+            while not self._has_room(cost):
                 self._room.clear()
                 await self._room.wait()
         finally:
             self._room_waiters -= 1
+        self._push(w, cost)
+        assert w.done is not None
+        await w.done  # a cancelled request leaves its write queued: it was sent, it may land
+
+    def _has_room(self, cost: int) -> bool:
+        """The queue takes ``cost`` more bytes (an empty queue takes any write)."""
+        return not self._queued_bytes or self._queued_bytes + cost <= self.queue_bytes_max
+
+    def _push(self, w: _Write, cost: int) -> None:
         self._queue.append(w)
         self._queued_bytes += cost
         self._work.set()
-        assert w.done is not None
-        await w.done  # a cancelled request leaves its write queued: it was sent, it may land
 
     async def _intake_loop(self) -> None:
         """Take batches, in order, and start flagging each (module docstring)."""

@@ -267,11 +267,7 @@ class _Connection:
         a batch of writes, answered in the same iteration, go out in one ``send`` instead
         of one each (a syscall per 4 KiB reply was an eighth of an export's CPU). The
         sender waits only when the socket's buffer is past ``WRITE_BUFFER_HIGH``."""
-        self._outbox.extend(parts)
-        self._outbox_bytes += sum(map(len, parts))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._send_nowait(*parts)
         if self.writer.transport.get_write_buffer_size() + self._outbox_bytes > WRITE_BUFFER_HIGH:
             self._flush()
             async with self._write_lock:
@@ -492,18 +488,20 @@ class _Connection:
             finally:
                 self.served += 1
                 self._budget.give(cost)
-                self._submitted -= 1
-                if not self._submitted:
-                    self._submitted_idle.set()
+                self._unsubmit()
 
         self._submitted += 1
         self._submitted_idle.clear()
         if submit(req.offset, payload, done):
             return True
+        self._unsubmit()
+        return False
+
+    def _unsubmit(self) -> None:
+        """One submitted write less (answered, or refused by the backend)."""
         self._submitted -= 1
         if not self._submitted:
             self._submitted_idle.set()
-        return False
 
     async def _serve(self, req: nbd.Request, payload: bytes, cost: int) -> None:
         try:

@@ -35,10 +35,10 @@ def test_write_direct_writes_exactly_the_data(tmp_path: Path, size: int) -> None
 def test_a_refused_direct_write_leaves_the_file_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file system that takes the flag but refuses the write: False, nothing written,
     and the store writes the object buffered instead."""
-    def refuse(fd: int, data: memoryview, offset: int) -> int:
+    def refuse(fd: int, buffers: list[memoryview], offset: int) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(direct_io.os, "pwrite", refuse)
+    monkeypatch.setattr(os, "pwritev", refuse)  # what cdp.durable.pwrite_all writes with
     path = tmp_path / "obj"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
