@@ -90,12 +90,12 @@ from cdp.frame import encode_frame
 from cdp.records import KIND_WRITE, empty_records
 from cdp.replog import ReplicationLog
 from cdp.store.fs import FileStore
+from cdp.testing.domain import SITE as SITE_A
+from cdp.testing.domain import DomainBuilder
 from rocva import Target, recover
 from rocva.failback import LocalDisk, failback
 from rocva.peer_extents import Peer
 from iofilter_sim.payloads import PayloadSource
-from tests.rocva.domain import SITE as SITE_A
-from tests.rocva.domain import DomainBuilder
 
 MiB = 1 << 20
 PAGE = 4096  # the granularity of changed_bytes

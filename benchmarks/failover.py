@@ -3,8 +3,8 @@
 Setup (not timed): a domain ``erp`` of 3 disks of 1 GiB each (``--quick``: 128 MiB) whose
 bases hold realistic data (``PayloadSource("mixed")``) and a quarter of each disk again
 of random 64 KiB writes (churn) sealed in 16 MiB segments, built with the library in a
-file store as site A's DRVA would have left it (``tests.rocva.domain.DomainBuilder``).
-Site B is the two-site fixture's pilot light (``tests.mgmt.two_sites``): its MSA runs
+file store as site A's DRVA would have left it (``cdp.testing.domain.DomainBuilder``).
+Site B is the two-site fixture's pilot light (``cdp.testing.two_sites``): its MSA runs
 in this process, its DRVA, simulated hosts and recovery appliance as subprocesses.
 
 Fields (the last line of ``--json``):
@@ -52,11 +52,11 @@ from cdp.base_image import CHUNK_SIZE_DEFAULT
 from cdp.catalog import CatalogWriter
 from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder
+from cdp.testing.site import running_daemon
+from cdp.testing.two_sites import make_two_sites
 from iofilter_sim.payloads import PayloadSource
 from rocva import Target, recover
-from tests.mgmt.site_fixture import running_daemon
-from tests.mgmt.two_sites import make_two_sites
-from tests.rocva.domain import DomainBuilder
 
 MiB = 1 << 20
 WRITE = 64 << 10
@@ -219,7 +219,7 @@ async def warm(root: Path, size: int, rounds: int) -> dict[str, Any]:
 
 
 async def planned_and_test(root: Path) -> dict[str, Any]:
-    from tests.mgmt.test_failover_job import committed
+    from cdp.testing.two_sites import committed
 
     sites = make_two_sites(root, disk="16MiB", workload={"kind": "random", "rate_mb_s": 4, "write_size": "16KiB"})
     async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from benchmarks._common import emit, median_rate, parse_args, progress
 from cdp.frame import decode_frame, encode_frame
-from tests.frames_gen import write_batch
+from cdp.testing.records import write_batch
 
 
 def measure(record_len: int, per_frame: int, frames: int, rounds: int) -> tuple[float, float]:

@@ -67,11 +67,11 @@ from benchmarks.log_append import run_raw
 from cdp.dirtymap import DirtyMap
 from cdp.durable import preallocate
 from cdp.layout import parse_segment_key
+from cdp.testing.drva_config import SECRET, domain_doc, drva_doc, free_port, write_toml
 from iofilter_sim.client import FilterClient
 from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import DomainFilter
 from iofilter_sim.payloads import PayloadSource
-from tests.drva.harness import SECRET, domain_doc, drva_doc, free_port, write_toml
 
 DISK_BYTES = 1 << 30
 INFLIGHT_BYTES = 48 << 20

@@ -20,7 +20,7 @@ from cdp.durable import preallocate
 from cdp.frame import encode_frame_parts
 from cdp.logfmt import DATA_START
 from cdp.replog import ReplicationLog
-from tests.frames_gen import write_batch
+from cdp.testing.records import write_batch
 
 FRAME_RECORDS = 16  # 16 × 64 KiB = 1 MiB frames
 BATCH_FRAMES = 16  # 16 MiB per group commit

@@ -3,7 +3,7 @@
 Setup (not timed): one 1 GiB disk (``--quick``: 256 MiB) whose base image (4 MiB chunks)
 holds realistic data (``PayloadSource("mixed")``), then as many bytes again of random
 64 KiB writes of the same style, sealed in 16 MiB segments, with a mark half way; all
-built with the library (``tests.rocva.domain.DomainBuilder``) in a ``FileStore``. The
+built with the library (``cdp.testing.domain.DomainBuilder``) in a ``FileStore``. The
 disk as it is at the end (the model) is kept as a file: the primary image.
 
 Timed, every read cold: before each run the page cache of every input file (all files
@@ -64,10 +64,10 @@ from cdp.store.crypt import EncryptedStore
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
+from cdp.testing.domain import DomainBuilder
 from iofilter_sim.payloads import PayloadSource
 from rocva import Target, recover
 from rocva.consolidate import consolidate
-from tests.rocva.domain import DomainBuilder
 
 MiB = 1 << 20
 WRITE = 64 << 10

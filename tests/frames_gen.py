@@ -1,31 +1,18 @@
-"""Record batches for tests: hypothesis strategies and a deterministic generator.
+"""Record batches for tests, drawn by hypothesis (``record_batches``).
 
-Payloads are a function of (seq, disk, offset) so that a test can rebuild the bytes any
-record should carry without keeping them.
+The deterministic generator (``TS0``, ``payload_for``, ``write_batch``) lives in
+``cdp.testing.records``, shared with the benchmarks; it is re-exported here for the
+tests that import it from this module.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import xxhash
 from hypothesis import strategies as st
 
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, SECTOR, empty_records,
 )
-
-TS0 = 1_700_000_000_000_000_000
-
-
-def payload_for(seq: int, length: int, style: str = "mixed") -> bytes:
-    """Deterministic bytes for record ``seq``: compressible text-like, random or zeros."""
-    if style == "zero":
-        return bytes(length)
-    rng = np.random.default_rng(seq)
-    if style == "random":
-        return rng.integers(0, 256, length, dtype=np.uint8).tobytes()
-    words = rng.integers(0, 16, length // 8 + 1, dtype=np.uint8)
-    return (b"%016x" % xxhash.xxh3_64_intdigest(words.tobytes()) * (length // 16 + 1))[:length]
+from cdp.testing.records import TS0, payload_for, write_batch  # noqa: F401  (write_batch: tests import it from here)
 
 
 @st.composite
@@ -58,16 +45,3 @@ def record_batches(draw, max_records: int = 12, max_sectors: int = 64):
             r["disk"] = draw(st.integers(0, 3))
     return records, b"".join(parts)
 
-
-def write_batch(first_seq: int, count: int, length: int, *, disk: int = 0,
-                style: str = "mixed", ts: int = TS0) -> tuple[np.ndarray, bytes]:
-    """``count`` WRITE records of ``length`` bytes each, at deterministic offsets."""
-    records = empty_records(count)
-    seqs = np.arange(first_seq, first_seq + count, dtype=np.uint64)
-    records["seq"] = seqs
-    records["timestamp_ns"] = ts + seqs * 1000
-    records["offset"] = (seqs * 7919 % 4096) * length
-    records["length"] = length
-    records["disk"] = disk
-    payload = b"".join(payload_for(int(s), length, style) for s in seqs)
-    return records, payload

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cdp.layout import domain_prefix
-from tests.mgmt.two_sites import TwoSites, make_two_sites, sha256
+from cdp.testing.two_sites import TwoSites, make_two_sites, sha256
 from tests.test_failover_sites import WRITES_S, Operator, _kill_site, domain_objects, start_both
 from tests.procs import children
 from tests.test_walkthrough import CLI_EXIT_S, EXIT_S, _stop
@@ -136,7 +136,7 @@ def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_reru
 
 
 
-ERP_ID, CRM_ID = 1, 3  # tests.mgmt.two_sites
+ERP_ID, CRM_ID = 1, 3  # cdp.testing.two_sites
 
 
 def domains_in(root: Path) -> set[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.mgmt.two_sites import make_two_sites, sha256
+from cdp.testing.two_sites import make_two_sites, sha256
 from tests.procs import children
 from tests.test_failback_sites import gone
 from tests.test_failover_sites import WRITES_S, Operator

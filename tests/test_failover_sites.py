@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from cdp.testing.two_sites import TwoSites, make_two_sites, sha256
 from tests.conftest import unique_name
-from tests.mgmt.two_sites import TwoSites, make_two_sites, sha256
 from tests.test_walkthrough import CDP, CLI_EXIT_S, EXIT_S, HTTP_S, _stop
 
 S3_CREDS = {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key"}

@@ -1,5 +1,5 @@
 """The web console (issue 16) in a real browser: Debian's chromium, headless, driven by
-Playwright against two sites' daemons in this process (``tests.mgmt.two_sites``: site A
+Playwright against two sites' daemons in this process (``cdp.testing.two_sites``: site A
 protects ``erp``, whose simulated VMs write all along; site B is its recovery site).
 
 One browser and one pair of sites for the module, so the whole file stays within a few
@@ -22,10 +22,10 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import async_playwright, expect
 
+from cdp.testing.site import TOKEN, Site, running_daemon
+from cdp.testing.two_sites import TwoSites, make_two_sites
 from tests.console.browser import DESKTOP, PHONE, axe_violations, check_not_blank, launch
 from tests.drva.harness import ROOT
-from tests.mgmt.site_fixture import TOKEN, Site, running_daemon
-from tests.mgmt.two_sites import TwoSites, make_two_sites
 from tests.waiting import EVENTUALLY_S, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

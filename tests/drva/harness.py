@@ -21,42 +21,19 @@ from cdp.catalog_read import CatalogView
 from cdp.digest import sha256_file  # noqa: F401  (tests import it from here)
 from cdp.replay import replay_reference
 from cdp.segment import decode_segment
+from cdp.testing.drva_config import (  # noqa: F401  (free_port: tests import it from here)
+    SECRET, domain_doc, drva_doc, free_port, write_toml,
+)
 from drva.config import DrvaConfig, parse_drva_config
 from iofilter_sim.disks import PrimaryDisk
 from tests.waiting import EVENTUALLY_S, wait_until, wait_until_sync  # noqa: F401  (wait_until: tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "test-site-secret-0123456789"
 # A SIGKILLed process is reaped at once; a SIGTERMed DRVA drains its tasks first.
 KILLED_EXIT_S = 10.0
 STOP_EXIT_S = 20.0
 # One attempt to connect to a local port that is not listening yet fails at once.
 CONNECT_PROBE_S = 0.2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def drva_doc(tmp: Path, name: str, domains: list[dict], *, port: int = 0, store: str | None = None,
-             log_size: str = "64MiB", seal_bytes: str = "4MiB", seal_age_s: float = 0.3,
-             **extra: Any) -> dict[str, Any]:
-    d = tmp / name
-    doc = {
-        "name": name, "listen": f"127.0.0.1:{port}", "state_dir": str(d),
-        "store": store or f"file://{tmp / 'store'}",
-        "log": {"path": str(d / "replog"), "size": log_size}, "meta": {"path": str(d / "meta")},
-        "seal": {"bytes": seal_bytes, "age_s": seal_age_s}, "domains": domains,
-    }
-    doc.update(extra)
-    return doc
-
-
-def domain_doc(domain_id: int, name: str, disks: list[tuple[str, str, int]]) -> dict[str, Any]:
-    return {"id": domain_id, "name": name,
-            "disks": [{"vm": vm, "name": dn, "size": size} for vm, dn, size in disks]}
 
 
 def two_domains(tmp: Path, name: str, size: int = 8 << 20, **options: Any) -> dict[str, Any]:
@@ -87,22 +64,6 @@ async def running_drva(cfg: DrvaConfig, *, check_failure: bool = True, ready: bo
         await d.stop()
     if check_failure:
         assert d.failure is None
-
-
-def write_toml(doc: dict[str, Any], path: Path) -> Path:
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
-        return "[" + ", ".join(val(x) for x in v) + "]"
-    lines = [f"{k} = {val(v)}" for k, v in doc.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def Disk(path: Path, size: int, fill_seed: int | None = None) -> PrimaryDisk:

@@ -161,7 +161,7 @@ def test_the_simulated_hosts_get_no_store_key_and_the_drvas_do(tmp_path) -> None
     simulated hosts, which never open the store, get no store key either."""
     from cdp.hypervisor.simulator import SimulatorHypervisor
     from cdp.msa.supervisor import Supervisor
-    from tests.mgmt.site_fixture import make_site
+    from cdp.testing.site import make_site
 
     site = make_site(tmp_path / "site", install=False)
     env = {**site.env, "CDP_STORE_KEY": KEY.hex()}

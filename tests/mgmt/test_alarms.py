@@ -13,10 +13,10 @@ import numpy as np
 from cdp.msa.alarms import KINDS, AlarmEvaluator
 from cdp.msa.config import Alarms, Policy
 from cdp.msa.supervisor import DrvaView
+from cdp.testing.site import installed_site, running_daemon
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import SECRET, Disk, random_writes
-from tests.mgmt.site_fixture import installed_site, running_daemon
 from tests.waiting import EVENTUALLY_S, wait_until
 
 # Held writes are captured at this pace while the test waits for the RPO alarm.

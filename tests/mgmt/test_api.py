@@ -25,11 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from cdp.digest import sha256_file
 from cdp.msa.api import ROUTES, make_app
 from cdp.msa.protection import load_protection
+from cdp.testing.site import TOKEN, Site, installed_site, running_daemon
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import ROOT, SECRET, Disk, random_writes
 from tests.drva.test_crash import wait_until_committed
-from tests.mgmt.site_fixture import TOKEN, Site, installed_site, running_daemon
 from tests.waiting import EVENTUALLY_S, wait_until, wait_until_async, wait_until_sync
 
 MARKS_WRITTEN = importlib.util.find_spec("cdp.msa.marks") is not None

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cdp.msa.api import ROUTES
-from tests.mgmt.site_fixture import TOKEN
+from cdp.testing.site import TOKEN
 from tests.mgmt.test_api import Api, api  # noqa: F401  (the fixture)
 
 RAW_TIMEOUT_S = 30.0

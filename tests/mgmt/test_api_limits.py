@@ -14,8 +14,8 @@ import aiohttp
 
 from cdp.msa.http_limits import ApiLimits, LimitedSite
 from cdp.msa.runner import RUNNING_MAX
+from cdp.testing.site import TOKEN, installed_site, running_daemon
 from tests.drva.harness import wait_until
-from tests.mgmt.site_fixture import TOKEN, installed_site, running_daemon
 from tests.mgmt.test_api import Api, api  # noqa: F401  (the fixture)
 
 PARALLEL_MARKS = 150

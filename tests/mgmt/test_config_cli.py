@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cdp.testing.site import Site, make_site
 from tests.drva.harness import ROOT, SECRET, write_toml
-from tests.mgmt.site_fixture import Site, make_site
 
 CONFIG_EXIT = 2
 #: Every verb that reads the site file, with its arguments; the first case runs them all,

@@ -14,9 +14,9 @@ from pathlib import Path
 from cdp.catalog import load_catalog
 from cdp.dirtymap import sidecar_path
 from cdp.store.fs import FileStore
-from tests.mgmt.site_fixture import running_daemon
+from cdp.testing.site import running_daemon
+from cdp.testing.two_sites import make_two_sites, sha256
 from tests.mgmt.test_failover_job import WRITE_S, committed, failover, power_off_and_commit
-from tests.mgmt.two_sites import make_two_sites, sha256
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

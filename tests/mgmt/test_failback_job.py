@@ -20,11 +20,11 @@ from cdp.msa.failback import read_record, run_failback
 from cdp.msa.failover import _find
 from cdp.msa.failover import read_record as read_failover
 from cdp.store.fs import FileStore
+from cdp.testing.site import running_daemon
+from cdp.testing.two_sites import make_two_sites, sha256
 from rocva import Target, recover
 from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
-from tests.mgmt.site_fixture import running_daemon
 from tests.mgmt.test_failover_job import WRITE_S, committed, failover, power_off_and_commit
-from tests.mgmt.two_sites import make_two_sites, sha256
 from tests.waiting import wait_until
 
 

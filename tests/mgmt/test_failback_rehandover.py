@@ -7,10 +7,10 @@ protecting the domain — answers with the mark it already handed over at
 from __future__ import annotations
 
 from cdp.msa.failback import read_record
-from tests.mgmt.site_fixture import running_daemon
+from cdp.testing.site import running_daemon
+from cdp.testing.two_sites import make_two_sites
 from tests.mgmt.test_failback_job import failback
 from tests.mgmt.test_failover_job import WRITE_S, committed, failover, power_off_and_commit
-from tests.mgmt.two_sites import make_two_sites
 from tests.waiting import wait_until
 
 
@@ -44,7 +44,7 @@ async def test_a_planned_failover_that_died_after_the_quiesce_resumes_at_the_han
     from cdp.msa.handover import read_handover
     from cdp.store.fs import FileStore
     from rocva import Target, recover
-    from tests.mgmt.two_sites import sha256
+    from cdp.testing.two_sites import sha256
 
     sites = make_two_sites(tmp_path)
     async with running_daemon(sites.a) as a, running_daemon(sites.b) as b:

@@ -14,24 +14,12 @@ import pytest
 from cdp.errors import CdpError
 from cdp.msa.failover import cleanup_test_failover, run_failover, run_test_failover
 from cdp.store.fs import FileStore
+from cdp.testing.site import running_daemon
+from cdp.testing.two_sites import TwoSites, committed, drva_domain, make_two_sites, reload, sha256
 from rocva import Target, recover
-from tests.mgmt.site_fixture import running_daemon
-from tests.mgmt.two_sites import TwoSites, make_two_sites, reload, sha256
 from tests.waiting import EVENTUALLY_S, wait_until
 
 WRITE_S = 60.0  # bound on waiting for a few hundred KB of writes to be committed
-
-
-def drva_domain(daemon: Any, name: str) -> dict[str, Any] | None:
-    for v in daemon.supervisor.views():
-        for d in (v.status or {}).get("domains", []):
-            if d.get("name") == name:
-                return d
-    return None
-
-
-def committed(daemon: Any, name: str) -> int:
-    return int((drva_domain(daemon, name) or {}).get("committed_seq") or 0)
 
 
 async def power_off_and_commit(daemon: Any, name: str = "erp") -> int:

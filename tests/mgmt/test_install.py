@@ -29,11 +29,11 @@ from cdp.msa.jobs import JobStore
 from cdp.msa.protection import load_protection, save_protection
 from cdp.replog import ReplicationLog
 from cdp.store import FileStore, open_store
+from cdp.testing.domain import DomainBuilder
+from cdp.testing.site import Site, make_site
 from drva.config import load_drva_config
 from tests.conftest import unique_name
-from tests.mgmt.site_fixture import Site, make_site
 from tests.rocva.build import seed_initial
-from tests.rocva.domain import DomainBuilder
 
 ROOT = Path(__file__).resolve().parents[2]
 # A verb as a process (preflight, install, uninstall): seconds; bounds a hang.

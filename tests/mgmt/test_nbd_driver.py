@@ -8,10 +8,10 @@ import asyncio
 
 from cdp.digest import sha256_file
 from cdp.store.fs import FileStore
+from cdp.testing.site import make_site, running_daemon
 from rocva import recover
 from rocva.target import Target
 from tests.drva.test_crash import wait_until_committed
-from tests.mgmt.site_fixture import make_site, running_daemon
 from tests.nbd.conftest import run_tool
 
 

@@ -12,8 +12,8 @@ from cdp.catalog import load_catalog
 from cdp.meta import MetaRepository
 from cdp.msa import operations
 from cdp.store.fs import FileStore
-from tests.mgmt.site_fixture import make_site
-from tests.rocva.domain import DomainBuilder, random_workload
+from cdp.testing.domain import DomainBuilder, random_workload
+from cdp.testing.site import make_site
 
 
 def record_commit(path: Path, domain: int, timeline: int, committed_seq: int, generation: int) -> None:

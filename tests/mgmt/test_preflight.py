@@ -26,8 +26,8 @@ from cdp.msa.preflight import (
 from cdp.msa.protection import save_protection
 from cdp.replog import ReplicationLog
 from cdp.store import FaultyStore, FileStore, MemoryStore, open_store
+from cdp.testing.site import Site, make_site
 from tests.conftest import unique_name
-from tests.mgmt.site_fixture import Site, make_site
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
            "AWS_REGION": "us-east-1"}

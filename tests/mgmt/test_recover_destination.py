@@ -21,9 +21,9 @@ import pytest_asyncio
 
 from cdp.digest import sha256_file
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder, random_workload
+from cdp.testing.site import TOKEN, Site, make_site, running_daemon
 from rocva import Target, plan_recovery
-from tests.mgmt.site_fixture import TOKEN, Site, make_site, running_daemon
-from tests.rocva.domain import DomainBuilder, random_workload
 from tests.rocva.test_recover import seed_initial
 from tests.rocva.test_resume import forge, garbage_partials, group_names, interrupted
 

@@ -13,11 +13,11 @@ import numpy as np
 
 from cdp.msa.supervisor import Supervisor
 from cdp.store.fs import FileStore
+from cdp.testing.site import installed_site, running_daemon
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import SECRET, Disk, check_store, random_writes
 from tests.drva.test_crash import wait_until_committed
-from tests.mgmt.site_fixture import installed_site, running_daemon
 from tests.waiting import EVENTUALLY_S, wait_until
 
 # A back-off that does not end by itself: the test moves the supervisor's clock past it,

@@ -28,13 +28,13 @@ from cdp.msa.install import install
 from cdp.msa.preflight import check_tls
 from cdp.pki import LEAF_VALID_S, RENEW_BEFORE_S, TlsFiles, cert_names, ensure_site_pki, read_cert
 from cdp.store.fs import FileStore
+from cdp.testing.site import TOKEN, Site, inventory_doc, running_daemon, site_doc
 from cdp.tls import client_context
 from drva.config import load_drva_config
 from rocva import recover
 from rocva.target import Target
 from tests.drva.harness import SECRET, free_port
 from tests.drva.test_crash import wait_until_committed
-from tests.mgmt.site_fixture import TOKEN, Site, inventory_doc, running_daemon, site_doc
 from tests.waiting import EVENTUALLY_S, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,7 +233,7 @@ def test_the_tls_settings_are_checked_and_reach_the_hosts_inventories(tmp_path: 
 
 
 async def test_a_daemon_with_tls_on_and_no_certificates_says_which_file(tmp_path: Path) -> None:
-    from tests.mgmt.site_fixture import install_site
+    from cdp.testing.site import install_site
 
     site = tls_site(tmp_path / "site", {"mode": "on"})
     install_site(site.cfg)  # partitions and protection.json, but no TLS files

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from cdp.testing.domain import DomainBuilder, random_workload
 from rocva import recover
 from tests.nbd.conftest import run_process
 from tests.rocva.build import seed_initial
-from tests.rocva.domain import DomainBuilder, random_workload
 
 ROOT = Path(__file__).resolve().parents[2]
 KiB, MiB = 1 << 10, 1 << 20

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder, file_sha256, sha256
 from rocva import Target, recover
-from tests.rocva.domain import DomainBuilder, file_sha256, sha256
 
 MiB = 1 << 20
 WRITE = 64 << 10

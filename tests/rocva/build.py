@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cdp.testing.domain import SECTOR, DomainBuilder, random_workload
 from rocva import InvalidTarget, recover, recoverable_ranges
 from rocva.plan import load_state
-from tests.rocva.domain import SECTOR, DomainBuilder, random_workload
 
 KiB = 1 << 10
 

@@ -19,6 +19,7 @@ from cdp.locks import chunk_writer_lease, gc_lock, maintenance_lock, recovery_le
 from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import SECTOR, DomainBuilder
 from rocva import OutsideRetention, recover, recoverable_ranges
 from rocva.consolidate import consolidate
 from rocva.plan import load_state
@@ -26,7 +27,6 @@ from rocva.retention import sweep_chunks
 from rocva.verify import verify
 from tests.conftest import make_azure_store, make_s3_store, unique_name
 from tests.rocva.build import seed_initial
-from tests.rocva.domain import SECTOR, DomainBuilder
 from tests.waiting import EVENTUALLY_S, wait_until
 
 KiB = 1 << 10

@@ -17,10 +17,10 @@ from cdp.frame import encode_frame
 from cdp.records import KIND_WRITE, empty_records
 from cdp.replog import ReplicationLog
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import DomainBuilder, random_workload
 from rocva.delta import apply_in_place, changed_in_log, changed_in_store, clip, flagged, merge, restrict, total, union
 from rocva.plan import EXTENT_DTYPE, SRC_BASE, SRC_WRITE, SRC_ZERO, build_plan, load_state
 from rocva.target import resolve_target
-from tests.rocva.domain import DomainBuilder, random_workload
 
 KiB = 1 << 10
 PAGE = 4 * KiB

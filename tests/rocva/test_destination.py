@@ -16,11 +16,11 @@ import pytest
 
 from cdp.errors import ConfigError
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
 from rocva import RecoveryError, Target, plan_recovery, recover
 from rocva import destination as dest
 from rocva.destination import Destination, open_output_dir, resolve_destination
 from rocva.points import list_points
-from tests.rocva.domain import DomainBuilder, file_sha256, random_workload
 from tests.rocva.test_recover import seed_initial
 
 KiB = 1 << 10

@@ -11,8 +11,8 @@ from cdp.base_image import chunk_head_bytes
 from cdp.errors import ChecksumMismatch, NotFound
 from cdp.layout import chunk_key
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import DomainBuilder, random_workload
 from rocva import Target, plan_recovery, recover
-from tests.rocva.domain import DomainBuilder, random_workload
 from tests.rocva.test_recover import seed_initial
 
 KiB = 1 << 10

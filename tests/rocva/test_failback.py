@@ -16,10 +16,10 @@ from cdp.catalog import load_catalog
 from cdp.dirtymap import DirtyMap, sidecar_path
 from cdp.errors import FailoverRefused
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import SITE
 from rocva import delta
 from rocva.failback import LocalDisk, failback
 from rocva.recover import recover
-from tests.rocva.domain import SITE
 from tests.rocva.test_delta import DISKS, _two_histories
 
 KiB = 1 << 10
@@ -103,7 +103,7 @@ async def test_bad_input_is_refused_with_nothing_changed(tmp_path):
     assert [d.path.read_bytes() for d in disks] == before and (await load_catalog(store, b.domain))[1] == generation
 
     never = MemoryStore()  # a domain that never failed over
-    from tests.rocva.domain import DomainBuilder
+    from cdp.testing.domain import DomainBuilder
 
     nb = await DomainBuilder(never, disks=DISKS).start()
     nb.write(0, 0, b"x" * 512)

@@ -14,10 +14,10 @@ import pytest
 from cdp.catalog import load_catalog
 from cdp.errors import FailoverRefused, Fenced, NotFound
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder, random_workload, sha256
 from rocva import InvalidTarget, Target, recover
 from rocva import failover as failover_mod
 from rocva.failover import STATE_NAME, failover
-from tests.rocva.domain import DomainBuilder, random_workload, sha256
 
 SITE_B = "site-b"
 

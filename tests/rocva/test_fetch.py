@@ -14,12 +14,12 @@ from cdp.errors import ChecksumMismatch
 from cdp.layout import chunk_key
 from cdp.segment import fetch_blocks, read_blocks
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import SECTOR, DomainBuilder
 from rocva import Target, fetch, plan_recovery
 from rocva.fetch import (
     PAGE, ChunkCopy, Fetcher, SegmentRun, Writeback, _place_run, _pwrite_sparse, _region_parts, _sub_block_runs,
     _write_piece, _zero_pages_before, base_groups, segment_groups,
 )
-from tests.rocva.domain import SECTOR, DomainBuilder
 
 KiB = 1 << 10
 

@@ -21,11 +21,11 @@ from cdp.errors import MetaError, NotFound
 from cdp.layout import catalog_key, segment_prefix
 from cdp.meta import MetaRepository
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder, random_workload
 from rocva import recover
 from rocva.integrity import SeenCommit, seen_in_metadata
 from rocva.points import list_points
 from rocva.verify import verify
-from tests.rocva.domain import DomainBuilder, random_workload
 
 HOUR_S = 3600
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,9 +16,9 @@ from cdp.store.fs import FileStore
 from cdp.store.crypt import EncryptedStore
 from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
+from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
 from rocva import RecoveryError, Target, plan_recovery, recover
 from tests.rocva.build import check, recovery_property, seed_initial
-from tests.rocva.domain import DomainBuilder, file_sha256, random_workload
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdp.store.fs import FileStore
+from cdp.testing.domain import DomainBuilder, random_workload, sha256
 from rocva import Target
 from rocva.failover import failover
 from rocva.plan import build_plan, load_state
 from rocva.standby import STATE_NAME, _punch, keep_warm
 from rocva.target import resolve_target
-from tests.rocva.domain import DomainBuilder, random_workload, sha256
 
 SITE_B = "site-b"
 

@@ -9,10 +9,10 @@ import pytest
 
 from cdp.errors import ConfigError
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import TS0, DomainBuilder
 from rocva import InconsistentPoint, InvalidTarget, OutsideRetention, Target, recoverable_ranges, resolve_target
 from rocva.plan import load_state
 from rocva.target import TargetSyntaxError, parse_time
-from tests.rocva.domain import TS0, DomainBuilder
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

@@ -15,11 +15,11 @@ from cdp.catalog_read import CatalogView
 from cdp.errors import Fenced
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
+from cdp.testing.domain import SECTOR, DomainBuilder, sha256
 from rocva import InvalidTarget, recover
 from rocva.consolidate import consolidate
 from rocva.points import list_points
 from rocva.verify import verify
-from tests.rocva.domain import SECTOR, DomainBuilder, sha256
 
 KiB = 1 << 10
 S = 1_000_000_000

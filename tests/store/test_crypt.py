@@ -393,7 +393,7 @@ async def test_recovery_opens_in_its_pool_retries_stale_envelopes_and_refuses_a_
     from rocva import Target, plan_recovery
     from rocva.recover import execute_plan
     from tests.rocva.build import seed_initial
-    from tests.rocva.domain import DomainBuilder, file_sha256, random_workload
+    from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
 
     inner = MemoryStore()
     b = await DomainBuilder(EncryptedStore(inner, ring(KEY_A)), disks=(("vm", "d", 512 << 10),)).start()

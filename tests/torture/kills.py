@@ -1,6 +1,6 @@
 """Campaign 2, kills: SIGKILLs at random moments across every process of a site.
 
-Two sites over one file store (``tests/mgmt/two_sites.py``), each ``cdp daemon`` a real
+Two sites over one file store (``cdp/testing/two_sites.py``), each ``cdp daemon`` a real
 subprocess (``tests/test_failover_sites.Operator``) whose DRVAs and simulated hosts are
 its own subprocesses. Site A's VMs write a random workload. Every kill is a SIGKILL of a
 real process, at a moment drawn from ``random.Random(seed)``:
@@ -71,7 +71,7 @@ from tests.procs import children
 
 NAME = "kills"
 HOST_A = "esx-a1"
-DOMAIN_ID = 1  # erp, tests/mgmt/two_sites.py
+DOMAIN_ID = 1  # erp, cdp/testing/two_sites.py
 LEASE_TTL_S = 1.5  # the killed consolidation's maintenance lease: the rerun waits this long at most
 LEASE_SKEW_S = 0.1
 KILL_AFTER_WORK_S = 0.1  # a RocVA kill lands within this of its first sign of work
@@ -133,7 +133,7 @@ class Ctx:
     progress: Any
     plan: Plan
     op: Any = None  # tests.test_failover_sites.Operator
-    sites: Any = None  # tests.mgmt.two_sites.TwoSites
+    sites: Any = None  # cdp.testing.two_sites.TwoSites
     store: Any = None
     marks: list[Mark] = field(default_factory=list)
     acked_at_kills: list[tuple[int, int]] = field(default_factory=list)  # (timeline, acked seq)
@@ -643,7 +643,7 @@ def _leftovers(ctx: Ctx) -> None:
 
 async def _start_site_a(ctx: Ctx, rate_mb_s: float, write_size: str, disk: str) -> None:
     from cdp.store.fs import FileStore
-    from tests.mgmt.two_sites import make_two_sites
+    from cdp.testing.two_sites import make_two_sites
     from tests.test_failover_sites import Operator
 
     workload = {"kind": "random", "rate_mb_s": rate_mb_s, "write_size": write_size}

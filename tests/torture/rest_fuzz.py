@@ -1,6 +1,6 @@
 """Campaign 4, REST fuzzing: schemathesis against the MSA's served ``/openapi.json``.
 
-A small site (``tests/mgmt/site_fixture.py``: file store, two DRVAs, ``erp`` protected)
+A small site (``cdp/testing/site.py``: file store, two DRVAs, ``erp`` protected)
 is installed and its daemon started as a process (``python -m cdp.cli daemon``). The
 schema is the one the daemon serves. For every operation, schemathesis generates cases
 valid for the schema and cases that break it (``GenerationMode.POSITIVE`` and
@@ -40,8 +40,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from cdp.testing.site import TOKEN, installed_site
 from tests.drva.harness import ROOT
-from tests.mgmt.site_fixture import TOKEN, installed_site
 from tests.torture.result import Result
 from tests.waiting import EVENTUALLY_S, wait_until_sync
 

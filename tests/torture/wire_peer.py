@@ -3,7 +3,7 @@
 Blocking sockets, not asyncio: a hypothesis state machine calls it step by step, and every
 read has a deadline (``IO_TIMEOUT_S``), so a DRVA that stops answering fails a case
 instead of hanging the run. Every frame's bytes are ``payload_for`` its seqs
-(``tests/frames_gen.py``), which is how the campaign tells a good frame in the log from
+(``cdp/testing/records.py``), which is how the campaign tells a good frame in the log from
 anything else.
 """
 

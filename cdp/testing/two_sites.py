@@ -18,8 +18,8 @@ from typing import Any
 from cdp import site_files
 from cdp.digest import sha256_file
 from cdp.msa.config import load_site_config
-from tests.drva.harness import SECRET, free_port
-from tests.mgmt.site_fixture import TOKEN, Site, install_site
+from cdp.testing.drva_config import SECRET, free_port
+from cdp.testing.site import TOKEN, Site, install_site
 
 DISK = "2MiB"
 WORKLOAD = {"kind": "random", "rate_mb_s": 2, "write_size": "4KiB"}
@@ -107,3 +107,15 @@ def make_two_sites(root: Path, *, workload: dict[str, Any] | None = None, store_
 
 def reload(site: Site) -> Site:
     return Site(site.root, site.config_path, load_site_config(site.config_path), site.env)
+
+
+def drva_domain(daemon: Any, name: str) -> dict[str, Any] | None:
+    for v in daemon.supervisor.views():
+        for d in (v.status or {}).get("domains", []):
+            if d.get("name") == name:
+                return d
+    return None
+
+
+def committed(daemon: Any, name: str) -> int:
+    return int((drva_domain(daemon, name) or {}).get("committed_seq") or 0)

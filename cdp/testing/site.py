@@ -24,7 +24,7 @@ from cdp.meta import MetaRepository
 from cdp.msa.config import SiteConfig, load_site_config
 from cdp.msa.protection import save_protection
 from cdp.replog import ReplicationLog
-from tests.drva.harness import SECRET, free_port
+from cdp.testing.drva_config import SECRET, free_port
 
 TOKEN = "test-api-token-0123456789abcdef"
 DISK_SIZE = 4 << 20
