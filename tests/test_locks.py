@@ -137,8 +137,6 @@ async def test_a_renewal_whose_reply_was_lost_keeps_the_lease(tmp_path) -> None:
     """A renewal the store wrote but whose answer never came back (a timeout after the
     write): the next conditional renewal finds a newer etag. It is the holder's own
     write (its token), so the lease goes on instead of being given up for nothing."""
-    import asyncio
-
     from cdp.errors import StoreTimeout
     from cdp.locks import recovery_lease
     from cdp.store.fs import FileStore

@@ -1,7 +1,7 @@
 """Deterministic record batches for the tests and the benchmarks.
 
-Payloads are a function of (seq, disk, offset) so that a test can rebuild the bytes any
-record should carry without keeping them.
+Payloads are a function of the record's seq (and length and style) so that a test can rebuild
+the bytes any record should carry without keeping them.
 """
 
 from __future__ import annotations
