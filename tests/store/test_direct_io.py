@@ -1,4 +1,5 @@
-"""cdp.direct_io: a new file's data written past the page cache, exactly."""
+"""cdp.direct_io: a new file's data written, and any range of a file read, past the page
+cache, exactly."""
 
 from __future__ import annotations
 
@@ -81,3 +82,99 @@ async def test_file_store_puts_large_objects_whole(tmp_path: Path, monkeypatch: 
         assert await store.get(key) == data
         assert await store.get(key, 4000, 5000) == data[4000:9000]
         assert (await store.stat(key)).size == len(data)
+
+
+READ_SIZE = 2 * direct_io.STAGE_BYTES + 4096 + 123  # three stages, the last one partial
+READ_RANGES = [(0, READ_SIZE), (0, 1), (1, 4095), (4095, 4097), (4096, 8192), (READ_SIZE - 10, READ_SIZE),
+               (direct_io.STAGE_BYTES - 1, direct_io.STAGE_BYTES + 1), (123, direct_io.STAGE_BYTES + 77),
+               (0, direct_io.STAGE_BYTES), (4096, 2 * direct_io.STAGE_BYTES + 4096), (7, 7)]
+
+
+@pytest.fixture
+def read_file(tmp_path: Path):
+    data = os.urandom(READ_SIZE)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data
+    os.close(fd)
+
+
+@pytest.mark.parametrize("start,end", READ_RANGES)
+def test_read_direct_reads_exactly_the_range(read_file, start: int, end: int) -> None:
+    fd, data = read_file
+    got = direct_io.read_direct(fd, start, end)
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT  # left as it was
+    if got is None:
+        pytest.skip("this file system refuses O_DIRECT")  # the fallback is tested below
+    assert isinstance(got, bytes) and got == data[start:end]
+
+
+def test_read_direct_stops_at_the_end_of_the_file(read_file) -> None:
+    """A range past the end returns what there is, as pread does (the store's caller
+    resolves ranges against the size first; a file cut short meanwhile reads short)."""
+    fd, data = read_file
+    got = direct_io.read_direct(fd, READ_SIZE - 5000, READ_SIZE + 9000)
+    if got is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert got == data[-5000:]
+
+
+def test_a_refused_direct_read_says_so(read_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag taken but the read refused: None, and the store reads buffered."""
+    def refuse(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    fd, _ = read_file
+    monkeypatch.setattr(os, "preadv", refuse)
+    assert direct_io.read_direct(fd, 0, 8192) is None
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+
+
+def test_a_direct_read_error_is_raised(read_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other error (here, after a first stage was read) is the read's, not a refusal."""
+    fd, _ = read_file
+    if direct_io.read_direct(fd, 0, 1) is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    real = os.preadv
+    calls = []
+
+    def fail_second(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", fail_second)
+    try:
+        with pytest.raises(OSError) as err:
+            direct_io.read_direct(fd, 0, READ_SIZE)
+    finally:
+        monkeypatch.setattr(os, "preadv", real)
+    assert err.value.errno == errno.EIO and calls == [0, direct_io.STAGE_BYTES]
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "refused"])
+async def test_file_store_gets_ranges_of_large_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       direct: bool) -> None:
+    """Objects of DIRECT_MIN_BYTES or more are read with O_DIRECT (where refused: buffered);
+    every range comes back exact either way."""
+    read = []
+    real = direct_io.read_direct
+
+    def spy(fd: int, start: int, end: int) -> bytes | None:
+        read.append((start, end))
+        return real(fd, start, end) if direct else None
+
+    monkeypatch.setattr("cdp.store.fs.read_direct", spy)
+    store = FileStore(tmp_path / "store")
+    small, large = os.urandom(direct_io.DIRECT_MIN_BYTES - 1), os.urandom(READ_SIZE)
+    await store.put("small", small)
+    await store.put("large", large)
+    assert await store.get("small") == small and await store.get("small", 10, 20) == small[10:30]
+    assert read == []  # small objects are read buffered (they were written so)
+    for start, end in READ_RANGES:
+        assert await store.get("large", start, end - start) == large[start:end]
+    assert await store.get("large") == large
+    assert len(read) == len(READ_RANGES) + 1
