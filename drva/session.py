@@ -79,7 +79,10 @@ class SessionStream(asyncio.BufferedProtocol):
         self._loop = loop
         self._limit = limit
         self._on_connected = on_connected
-        self._ahead = bytearray(limit)
+        # Allocated by the first read (``get_buffer``): a connection refused at accept
+        # (ERROR busy) never holds one, so a flood of connects costs HANDSHAKES_MAX
+        # read-aheads at most, not one per connection.
+        self._ahead = bytearray()
         self._start = self._end = 0
         self._target: memoryview | None = None
         self._target_got = 0
@@ -105,6 +108,8 @@ class SessionStream(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is not None:
             return self._target[self._target_got:]
+        if not self._ahead:
+            self._ahead = bytearray(self._limit)
         if self._start == self._end:
             self._start = self._end = 0
         elif self._end == len(self._ahead):  # room only before the unread bytes: move them
@@ -200,7 +205,7 @@ class SessionStream(asyncio.BufferedProtocol):
     async def readexactly(self, n: int) -> bytes | bytearray:
         """The next ``n`` bytes (``asyncio.StreamReader.readexactly``); a body above
         ``DIRECT_READ_BYTES`` comes back as the ``bytearray`` the socket was read into."""
-        if n <= DIRECT_READ_BYTES and n <= len(self._ahead):
+        if n <= DIRECT_READ_BYTES and n <= self._limit:
             while self._end - self._start < n:
                 self._resume_reading()
                 await self._wait(memoryview(self._ahead)[self._start : self._end], n)
