@@ -1,6 +1,6 @@
 """Writing a new file's data past the page cache (``O_DIRECT``), for objects written once
 and not read back soon: the file store's segments, base chunks, recovered images' peers;
-and reading such files past it (``read_direct``).
+and reading such files past it (``read_direct``, ``read_direct_into``).
 
 Why: a buffered write copies every byte into page-cache pages, and a page freed by a
 deleted object and handed out again comes back cold on this project's machines (a VM
@@ -131,5 +131,52 @@ def read_direct(fd: int, start: int, end: int) -> bytes | None:
             parts[-1] = bytes(parts[-1])  # the stage is read into again
             pos += got
         return b"".join(parts)
+    finally:
+        _set_direct(fd, False)
+
+
+class ReadBuffer:
+    """Page-aligned memory for direct reads, reused read after read so that its pages
+    stay warm (a fresh page costs a fault, and on this project's machines a cold one);
+    it grows, by whole stages, to the largest read asked of it. One read at a time: a
+    view it returned is valid until the next read into it."""
+
+    def __init__(self) -> None:
+        self._memory: memoryview | None = None
+
+    def window(self, n: int) -> memoryview:
+        if self._memory is None or len(self._memory) < n:
+            # The old memory goes when its last view does.
+            self._memory = memoryview(mmap.mmap(-1, max(STAGE_BYTES, -(-n // STAGE_BYTES) * STAGE_BYTES)))
+        return self._memory[:n]
+
+
+def read_direct_into(fd: int, start: int, end: int, buf: ReadBuffer) -> memoryview | None:
+    """``read_direct`` without the copy: the bytes ``[start, end)`` as a view into
+    ``buf``, which the device reads the covering aligned blocks into, in one request and
+    without the GIL; None (``fd`` as it was) where the file system refuses ``O_DIRECT``.
+
+    Why: ``read_direct``'s copy out of its staging buffer holds the GIL, and in a cold
+    recovery it was 40 % of the time the GIL was held while segments were read (py-spy
+    --gil); reading into warm reused buffers instead took the 1 GiB recovery from
+    2.3-2.4 s to 1.9-2.0 s."""
+    if not hasattr(os, "O_DIRECT") or not _set_direct(fd, True):
+        return None
+    try:
+        first = start - start % ALIGN
+        window = buf.window(max(-(-end // ALIGN) * ALIGN - first, 0))
+        got = 0
+        while first + got < end:
+            try:
+                n = os.preadv(fd, [window[got:]], first + got)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and not got:
+                    return None  # accepted the flag, refused the read
+                raise
+            got += n
+            if not n or n % ALIGN:
+                break  # the end of the file (a partial block, or none)
+        lo = start - first
+        return window[lo : max(lo, min(end - first, got))]
     finally:
         _set_direct(fd, False)

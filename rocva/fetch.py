@@ -36,6 +36,9 @@ Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* 
 is created, so pending work never piles up as tasks). A unit holds its stored bytes:
 one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
 ``run_bytes_max`` for scattered writes) or one chunk object (a partial read: less).
+From a file store those bytes are read into a buffer lent to the unit (``ReadBuffer``,
+``O_DIRECT``, no copy) and kept for the next unit: at most ``concurrency`` buffers, each
+the size of the largest read it took rounded up to 4 MiB.
 While it is decoded it holds one group of raw blocks (``DECODE_GROUP_BYTES`` or one
 block) and one page carried to the next group, or
 one raw chunk (4 MiB by default, 64 MiB at most), in the pool thread's buffer (a
@@ -61,6 +64,7 @@ import xxhash
 from cdp.base_image import (
     SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_chunk_head,
 )
+from cdp.direct_io import ReadBuffer
 from cdp.errors import FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
@@ -670,6 +674,10 @@ class Fetcher:
         # A sealed store's runs and chunks are fetched unopened and opened by the pool
         # job that decodes them (``_opened``).
         self.unopened = _Unopening(store) if hasattr(store, "get_unopened") else None
+        # A store that reads into buffers (a file store: O_DIRECT, no copy) is lent one
+        # per unit in flight; a unit gives it back once its pool job has decoded it.
+        self.lends = hasattr(store, "get_into") and self.unopened is None
+        self._buffers: list[ReadBuffer] = []
         self.bytes_written = 0
         self.units_done = 0
 
@@ -688,10 +696,20 @@ class Fetcher:
         return await self._run(unit, None)
 
     async def _run(self, unit: Unit, unopened: _Unopening | None) -> int:
+        if not self.lends or (isinstance(unit, ChunkCopy) and unit.partial):  # a partial read: gets at once
+            return await self._run_from(unit, unopened or self.store)
+        buf = self._buffers.pop() if self._buffers else ReadBuffer()
+        digest = await self._run_from(unit, _Lent(self.store, buf))
+        # Only now: a unit that failed or was cancelled may leave a read or a decode
+        # still running on its buffer, which is then dropped, not lent again.
+        self._buffers.append(buf)
+        return digest
+
+    async def _run_from(self, unit: Unit, source) -> int:
         loop = asyncio.get_running_loop()
         if isinstance(unit, SegmentRun):
             try:
-                stored = await fetch_blocks(unopened or self.store, unit.index, unit.first_block, unit.last_block)
+                stored = await fetch_blocks(source, unit.index, unit.first_block, unit.last_block)
             except NotFound as exc:
                 raise NotFound(f"segment {unit.index.key} is missing from {self.store.describe()}") from exc
             digest = await _stale_marked(stored, loop.run_in_executor(
@@ -701,7 +719,7 @@ class Fetcher:
                 if unit.partial:
                     table, runs, stored = await _fetch_chunk_parts(self.store, unit)
                 else:
-                    table, runs, stored = None, [], [await (unopened or self.store).get(unit.key)]
+                    table, runs, stored = None, [], [await source.get(unit.key)]
             except NotFound as exc:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
             if table is None:
@@ -713,6 +731,19 @@ class Fetcher:
         self.bytes_written += unit.nbytes
         self.units_done += 1
         return digest
+
+
+class _Lent:
+    """A store that reads into buffers seen as a plain store whose gets land in ``buf``
+    (``FileStore.get_into``): what ``fetch_blocks`` and a whole chunk's get call."""
+
+    def __init__(self, store, buf: ReadBuffer) -> None:
+        self.store = store
+        self.buf = buf
+        self.describe = store.describe
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None):
+        return await self.store.get_into(key, offset, length, self.buf)
 
 
 class _Unopening:

@@ -80,6 +80,8 @@ class CountingStore:
         self.bytes = 0
         if hasattr(inner, "get_unopened"):  # a sealed store (rocva.fetch opens in its pool)
             self.get_unopened = self._get_unopened
+        if hasattr(inner, "get_into"):  # a file store (rocva.fetch lends it read buffers)
+            self.get_into = self._get_into
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         data = await self.inner.get(key, offset, length)
@@ -89,6 +91,12 @@ class CountingStore:
 
     async def _get_unopened(self, key: str, offset: int = 0, length: int | None = None):
         data = await self.inner.get_unopened(key, offset, length)
+        self.gets += 1
+        self.bytes += len(data)
+        return data
+
+    async def _get_into(self, key: str, offset: int, length: int | None, buf):
+        data = await self.inner.get_into(key, offset, length, buf)
         self.gets += 1
         self.bytes += len(data)
         return data

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from cdp.direct_io import DIRECT_MIN_BYTES, read_direct, write_direct
+from cdp.direct_io import DIRECT_MIN_BYTES, ReadBuffer, read_direct, read_direct_into, write_direct
 from cdp.durable import fsync_dir, publish, write_all
 from cdp.errors import (
     AlreadyExists,
@@ -139,6 +139,18 @@ class FileStore(StoreBase):
         check_range(offset, length)
         try:
             return await asyncio.get_running_loop().run_in_executor(_readers(), _read_range, path, offset, length)
+        except OSError as exc:
+            raise self._error("get", key, exc) from exc
+
+    async def get_into(self, key: str, offset: int, length: int | None, buf: ReadBuffer) -> Bytes:
+        """``get``, but an object read with ``O_DIRECT`` (``DIRECT_MIN_BYTES`` or more) comes
+        back as a view into ``buf``, without a copy: valid until ``buf`` is read into
+        again. Smaller objects, and file systems that refuse ``O_DIRECT``, give bytes."""
+        path = self._path(key)
+        check_range(offset, length)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_readers(), _read_range, path, offset, length,
+                                                                    buf)
         except OSError as exc:
             raise self._error("get", key, exc) from exc
 
@@ -341,8 +353,9 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _read_range(path: Path, offset: int, length: int | None) -> bytes:
-    """Bytes ``[offset, offset + length)`` of the file, read in ``READ_STEP_BYTES`` steps.
+def _read_range(path: Path, offset: int, length: int | None, into: ReadBuffer | None = None) -> Bytes:
+    """Bytes ``[offset, offset + length)`` of the file (``into``: read with ``O_DIRECT``, a
+    view into that buffer), or, buffered, read in ``READ_STEP_BYTES`` steps.
 
     Why steps, not one pread of the whole range: reading a cold store (ext4, 6 threads,
     objects of 2.7 and 10 MB) measured 1.5 GB/s and 0.14 s of CPU per 338 MB with one
@@ -358,7 +371,7 @@ def _read_range(path: Path, offset: int, length: int | None) -> bytes:
             raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
         start, end = resolve_range(st.st_size, offset, length)
         if st.st_size >= DIRECT_MIN_BYTES:  # written past the page cache (_write_atomic)
-            data = read_direct(fd, start, end)
+            data = read_direct(fd, start, end) if into is None else read_direct_into(fd, start, end, into)
             if data is not None:
                 return data
         if end - start <= RANDOM_READ_BYTES_MAX and (start or end < st.st_size):

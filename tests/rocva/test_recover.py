@@ -116,3 +116,66 @@ def test_random_workloads_match_the_reference_from_a_sealed_store(seed, ops, sea
     store = EncryptedStore(MemoryStore(), StoreKeyring([StoreKey(bytes(range(32)))], "a test key"))
     with tempfile.TemporaryDirectory() as work:
         asyncio.run(recovery_property(store, seed, ops, seal_every, bases, False, brs, Path(work), chunk))
+
+
+async def test_a_file_store_lends_read_buffers_per_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments and base chunks of 1 MiB and more are read with O_DIRECT into buffers the
+    fetcher lends, one per unit in flight: the images are the model's at every point,
+    each unit read into a buffer, and no more buffers were made than units ran at once.
+    A unit that fails does not give its buffer back (a read may still be landing in it)."""
+    from cdp import direct_io
+    from cdp.errors import ChecksumMismatch
+    from rocva import fetch
+
+    size = 12 * MiB
+    b = await DomainBuilder(FileStore(tmp_path / "store"), disks=(("vm", "d", size),), block_raw_size=64 * KiB).start()
+    rng = np.random.default_rng(4)
+    for off in range(0, size, MiB):
+        b.write(0, off, rng.bytes(MiB))
+    await b.seal()
+    await b.add_base(0, chunk_size=4 * MiB)  # chunks of 4 MiB: read direct too
+    shas = {}
+    for _ in range(3):
+        for _ in range(48):  # 3 MiB per segment, random and so incompressible
+            b.write(0, int(rng.integers(0, size // (64 * KiB))) * 64 * KiB, rng.bytes(64 * KiB))
+        await b.seal()
+        shas[b.seq] = b.snapshot()
+    made: list[direct_io.ReadBuffer] = []
+    lent_reads: list[str] = []
+    real_init, real_get_into = direct_io.ReadBuffer.__init__, FileStore.get_into
+
+    def counted_init(self) -> None:
+        made.append(self)
+        real_init(self)
+
+    async def counted_get_into(self, key, offset, length, buf):
+        data = await real_get_into(self, key, offset, length, buf)
+        lent_reads.append(key)
+        return data
+
+    monkeypatch.setattr(direct_io.ReadBuffer, "__init__", counted_init)
+    monkeypatch.setattr(FileStore, "get_into", counted_get_into)
+    for seq, expected in shas.items():
+        made.clear()
+        lent_reads.clear()
+        result = await check(b, seq, tmp_path, expected, concurrency=2)
+        assert result["bytes_written"] == size
+        assert any(k.endswith(".seg") for k in lent_reads) and any(k.endswith(".chk") for k in lent_reads)
+        assert 1 <= len(made) <= 2
+    # A unit whose bytes do not verify: the recovery fails, its buffer is not lent again.
+    fetcher_buffers: list[list] = []
+    real_fetcher_init = fetch.Fetcher.__init__
+
+    def keep(self, *args, **kwargs) -> None:
+        real_fetcher_init(self, *args, **kwargs)
+        fetcher_buffers.append(self._buffers)
+
+    monkeypatch.setattr(fetch.Fetcher, "__init__", keep)
+    segment = max((tmp_path / "store").rglob("*.seg"))  # the newest: every one of its blocks is needed
+    raw = bytearray(segment.read_bytes())
+    raw[4096] ^= 0xFF  # in its first block's stored bytes
+    segment.write_bytes(bytes(raw))
+    made.clear()
+    with pytest.raises(ChecksumMismatch):
+        await recover(b.store, b.domain, b.seq, tmp_path / "bad", concurrency=1)
+    assert len(made) == 1 and fetcher_buffers[-1] == []  # made for the failed unit, not given back

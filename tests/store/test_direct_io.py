@@ -178,3 +178,64 @@ async def test_file_store_gets_ranges_of_large_objects(tmp_path: Path, monkeypat
         assert await store.get("large", start, end - start) == large[start:end]
     assert await store.get("large") == large
     assert len(read) == len(READ_RANGES) + 1
+
+
+@pytest.mark.parametrize("start,end", READ_RANGES)
+def test_read_direct_into_gives_a_view_of_exactly_the_range(read_file, start: int, end: int) -> None:
+    fd, data = read_file
+    buf = direct_io.ReadBuffer()
+    got = direct_io.read_direct_into(fd, start, end, buf)
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    if got is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert isinstance(got, memoryview) and got == data[start:end]
+    assert got.obj is buf.window(0).obj  # no copy: the view is into the buffer
+
+
+def test_a_read_buffer_is_reused_and_grows(read_file) -> None:
+    """Reads into one buffer reuse its memory while they fit, and it grows for a larger
+    one; each view is right when it is taken (and the next read overwrites it)."""
+    fd, data = read_file
+    buf = direct_io.ReadBuffer()
+    first = direct_io.read_direct_into(fd, 10, 5000, buf)
+    if first is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    assert first == data[10:5000]
+    memory = first.obj
+    second = direct_io.read_direct_into(fd, 4096, direct_io.STAGE_BYTES, buf)
+    assert second == data[4096 : direct_io.STAGE_BYTES] and second.obj is memory
+    big = direct_io.read_direct_into(fd, 1, READ_SIZE, buf)
+    assert big == data[1:] and big.obj is not memory and len(big.obj) >= READ_SIZE + 1
+
+
+def test_a_refused_read_into_says_so(read_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, _ = read_file
+
+    def refuse(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "preadv", refuse)
+    assert direct_io.read_direct_into(fd, 0, 8192, direct_io.ReadBuffer()) is None
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+
+
+async def test_file_store_get_into(tmp_path: Path) -> None:
+    """A large object comes back as a view into the buffer, a small one as bytes; both
+    exact, and a missing key is NotFound as for get."""
+    from cdp.errors import NotFound
+
+    store = FileStore(tmp_path / "store")
+    small, large = os.urandom(1000), os.urandom(READ_SIZE)
+    await store.put("small", small)
+    await store.put("large", large)
+    buf = direct_io.ReadBuffer()
+    got = await store.get_into("small", 10, 20, buf)
+    assert isinstance(got, bytes) and got == small[10:30]
+    for start, end in READ_RANGES:
+        got = await store.get_into("large", start, end - start, buf)
+        assert got == large[start:end]
+        if isinstance(got, memoryview):
+            assert got.obj is buf.window(0).obj
+    assert await store.get_into("large", 0, None, buf) == large
+    with pytest.raises(NotFound):
+        await store.get_into("absent", 0, None, buf)
