@@ -89,6 +89,7 @@ from cdp.dirtymap import DirtyMap, sidecar_path
 from cdp.frame import encode_frame
 from cdp.records import KIND_WRITE, empty_records
 from cdp.replog import ReplicationLog
+from cdp.store.base import ObjectStore
 from cdp.store.fs import FileStore
 from cdp.testing.domain import SITE as SITE_A
 from cdp.testing.domain import DomainBuilder
@@ -113,7 +114,7 @@ class CountingStore:
     """The store, counting the bytes its GETs return by kind of object (base chunks,
     segments, the rest); everything else passes through."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
         self.bytes = {"chunks": 0, "segments": 0, "other": 0}
 

@@ -51,6 +51,7 @@ from benchmarks.recovery import clear, evict
 from cdp.base_image import CHUNK_SIZE_DEFAULT
 from cdp.catalog import CatalogWriter
 from cdp.segment_format import BLOCK_RAW_SIZE_DEFAULT
+from cdp.store.base import ObjectStore
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder
 from cdp.testing.site import running_daemon
@@ -155,7 +156,7 @@ async def cold(root: Path, size: int, rounds: int) -> dict[str, Any]:
             "rto_cold_rounds_s": rto_s, "recover_rounds_s": [round(x, 3) for x in recover_s]}
 
 
-async def clone_onto(b: DomainBuilder, store: FileStore) -> DomainBuilder:
+async def clone_onto(b: DomainBuilder, store: ObjectStore) -> DomainBuilder:
     """``b`` writing on into ``store`` (a linked copy of its store) from where it stands:
     its own catalog writer and lists; the model is shared (a warm round checks nothing
     against it)."""

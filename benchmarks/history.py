@@ -42,6 +42,7 @@ from benchmarks._common import emit, parse_args, progress, work_dir
 from cdp.catalog import CatalogState, CatalogWriter, collect_generations, load_catalog
 from cdp.catalog_page import ROW_FIELDS
 from cdp.layout import base_manifest_key, catalog_prefix, page_prefix
+from cdp.store.base import ObjectStore
 from cdp.store.fs import FileStore
 
 SIZES_FULL = (1_000, 100_000, 2_592_000)
@@ -85,7 +86,7 @@ def segment_delta(domain: int, first_index: int, n: int) -> dict[str, Any]:
     return delta
 
 
-async def collect(store, writer: CatalogWriter, done: dict[int, int]) -> None:
+async def collect(store: ObjectStore, writer: CatalogWriter, done: dict[int, int]) -> None:
     """The DRVA's collection of old generations after each snapshot it writes."""
     domain = writer.state.domain_id
     if writer.snapshots_written > done.get(domain, 0):
@@ -93,7 +94,7 @@ async def collect(store, writer: CatalogWriter, done: dict[int, int]) -> None:
         await collect_generations(store, domain, writer.snapshots_written)
 
 
-async def build(store, domain: int, n: int, bar) -> None:
+async def build(store: ObjectStore, domain: int, n: int, bar) -> None:
     writer = CatalogWriter(store, CatalogState.new(domain, f"history-{n}", T0, OWNER),
                            by="benchmarks.history", owner=OWNER)
     await writer.commit({"disks": DISKS})
@@ -105,7 +106,7 @@ async def build(store, domain: int, n: int, bar) -> None:
         bar.update(k)
 
 
-async def measure_commits(store, sizes: dict[int, int], rounds: int, bar) -> dict[Any, list[float]]:
+async def measure_commits(store: ObjectStore, sizes: dict[int, int], rounds: int, bar) -> dict[Any, list[float]]:
     """Interleaved rounds of one-segment commits; latencies in ms per size, and under
     ``"put"`` those of the bare conditional put of a small object (the floor of a commit
     on this store, measured in the same rounds)."""
@@ -141,7 +142,7 @@ async def timed(rounds: int, fn) -> float:
     return statistics.median(times)
 
 
-async def measure_reads(store, domain: int) -> dict[str, Any]:
+async def measure_reads(store: ObjectStore, domain: int) -> dict[str, Any]:
     from rocva.plan import load_state, plan_rows
     from rocva.points import list_points
     from rocva.target import resolve_target

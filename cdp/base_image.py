@@ -29,6 +29,7 @@ import xxhash
 from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
 from cdp.layout import parse_base_manifest_key
 from cdp.segment import _lz4_decompress_safe
+from cdp.store.base import ObjectStore
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 CHUNK_MAGIC = b"CDPK"
@@ -82,14 +83,15 @@ def chunk_hash(raw: bytes | bytearray | memoryview, namer: Namer = None) -> byte
     return xxh3_128(raw) if namer is None else namer(raw)
 
 
-def chunk_namer_of(store: object) -> Namer:
+def chunk_namer_of(store: ObjectStore) -> Namer:
     """How ``store`` names chunks: its ``chunk_namer`` (an encrypted store, §19.6), looked
     for through wrappers (``inner``); None (``xxh3_128``) for a plaintext store."""
-    while store is not None:
-        namer = getattr(store, "chunk_namer", None)
+    layer: object = store
+    while layer is not None:
+        namer = getattr(layer, "chunk_namer", None)
         if namer is not None:
             return namer
-        store = getattr(store, "inner", None)
+        layer = getattr(layer, "inner", None)
     return None
 
 

@@ -38,6 +38,7 @@ from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 __all__ = [
@@ -142,7 +143,7 @@ def _state_after(state: CatalogState | None, kind: int, body: Any, where: str) -
     return new
 
 
-async def commit_catalog(store, domain: int, generation: int, kind: int, body: dict) -> str:
+async def commit_catalog(store: ObjectStore, domain: int, generation: int, kind: int, body: dict) -> str:
     """Create generation ``generation`` with a conditional put; return its key.
 
     ``AlreadyExists`` propagates: another writer created that generation first.
@@ -152,7 +153,7 @@ async def commit_catalog(store, domain: int, generation: int, kind: int, body: d
     return key
 
 
-async def list_generations(store, domain: int) -> list[int]:
+async def list_generations(store: ObjectStore, domain: int) -> list[int]:
     """The generations under ``d/<domain>/cat/``, ascending; stray keys are logged and
     skipped (§8.1)."""
     generations = []
@@ -168,7 +169,8 @@ async def list_generations(store, domain: int) -> list[int]:
     return generations
 
 
-async def load_catalog(store, domain: int, *, stats: dict | None = None) -> tuple[CatalogState | None, int]:
+async def load_catalog(store: ObjectStore, domain: int, *,
+                       stats: dict | None = None) -> tuple[CatalogState | None, int]:
     """(head, generation) at the newest catalog generation of ``domain``; (None, 0) if none.
 
     Walks back from the newest generation to the newest snapshot (fetching a few objects
@@ -192,7 +194,7 @@ async def load_catalog(store, domain: int, *, stats: dict | None = None) -> tupl
     raise AssertionError("unreachable")
 
 
-async def find_domain(store, name: str) -> tuple[int, CatalogState] | None:
+async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState] | None:
     """(id, head) of the domain named ``name`` in the store; None when none is. Walks the
     domains in key order, one listing call and one catalog load each (no full listing)."""
     after = "d/"
@@ -213,7 +215,8 @@ async def find_domain(store, name: str) -> tuple[int, CatalogState] | None:
         after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
 
 
-async def _load_chain(store, domain: int, present: set[int], head: int, stats: dict | None) -> CatalogState:
+async def _load_chain(store: ObjectStore, domain: int, present: set[int], head: int,
+                      stats: dict | None) -> CatalogState:
     chain: list[tuple[str, int, Any]] = []  # (key, kind, body), newest first
     nxt = head
     # Writers snapshot every SNAPSHOT_EVERY generations: fetch from there to the head in
@@ -251,7 +254,7 @@ async def _load_chain(store, domain: int, present: set[int], head: int, stats: d
     return state
 
 
-async def collect_generations(store, domain: int, generation: int, *,
+async def collect_generations(store: ObjectStore, domain: int, generation: int, *,
                               skew_s: float = SKEW_DEFAULT_S) -> dict[str, Any]:
     """Delete the generations older than the snapshot before the newest one at or below
     ``generation`` (§8.1), unless a recovery lease on the domain is live (§11.3).
@@ -287,7 +290,7 @@ class CatalogWriter:
     timeline, and only while that timeline is ``owner``'s (§8.5).
     """
 
-    def __init__(self, store, state: CatalogState, generation: int = 0, *, by: str,
+    def __init__(self, store: ObjectStore, state: CatalogState, generation: int = 0, *, by: str,
                  owner: str | None = None, snapshot_every: int = SNAPSHOT_EVERY) -> None:
         assert snapshot_every >= 1, snapshot_every
         self.store = store
@@ -300,7 +303,7 @@ class CatalogWriter:
         self.snapshots_written = 0
 
     @classmethod
-    async def open(cls, store, domain: int, **kwargs: Any) -> CatalogWriter | None:
+    async def open(cls, store: ObjectStore, domain: int, **kwargs: Any) -> CatalogWriter | None:
         """A writer at the newest generation of ``domain``; None when it has no catalog."""
         state, generation = await load_catalog(store, domain)
         return None if state is None else cls(store, state, generation, **kwargs)

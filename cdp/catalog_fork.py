@@ -22,6 +22,7 @@ from cdp.catalog_json import refs_json, rows_json
 from cdp.catalog_read import CatalogView
 from cdp.catalog_state import CatalogState
 from cdp.errors import AlreadyExists, Busy, NotFound
+from cdp.store.base import ObjectStore
 
 #: Attempts to commit the fork when others commit first (their generation is reloaded).
 FORK_ATTEMPTS_MAX = 8
@@ -64,7 +65,7 @@ async def fork_body(view: CatalogView, fork_seq: int, new_id: int, owner: str, c
     }
 
 
-async def fork_timeline(store, domain: int, fork_seq: int, owner: str, *, parent: int | None = None,
+async def fork_timeline(store: ObjectStore, domain: int, fork_seq: int, owner: str, *, parent: int | None = None,
                         by: str = "cdp fork", created_ns: int | None = None) -> tuple[CatalogState, int]:
     """Create the next timeline of ``domain`` from ``parent`` (default: the current one)
     at ``fork_seq``, owned by ``owner`` (§8.5). Returns the head and generation that hold

@@ -21,6 +21,7 @@ from cdp.catalog_state import CatalogState, Timeline
 from cdp.gather import gather_bounded
 from cdp.layout import segment_key, segment_prefix
 from cdp.segment import read_segment_index
+from cdp.store.base import ObjectStore
 
 #: Pages fetched at once.
 PAGE_FETCH_CONCURRENCY = 8
@@ -31,7 +32,8 @@ PAGE_CACHE_MAX = 256
 class CatalogView:
     """Timeline ``timeline`` (default: the current one) of ``state``, read from ``store``."""
 
-    def __init__(self, store, state: CatalogState, generation: int = 0, timeline: int | None = None) -> None:
+    def __init__(self, store: ObjectStore, state: CatalogState, generation: int = 0,
+                 timeline: int | None = None) -> None:
         self.store = store
         self.state = state
         self.generation = generation

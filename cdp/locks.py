@@ -44,6 +44,7 @@ import xxhash
 from cdp.errors import AlreadyExists, Busy, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 log = get_logger("cdp.locks")
@@ -132,7 +133,7 @@ def decode_lock(key: str, data: bytes | bytearray | memoryview) -> LockInfo:
     return LockInfo(key, kind, domain, expires_ns, body)
 
 
-async def list_locks(store, prefix: str) -> list[LockInfo]:
+async def list_locks(store: ObjectStore, prefix: str) -> list[LockInfo]:
     """Every lock object under ``prefix``, in key order. A lock that vanishes between the
     listing and the read is skipped (its holder released it)."""
     out = []
@@ -144,7 +145,7 @@ async def list_locks(store, prefix: str) -> list[LockInfo]:
     return out
 
 
-async def live_locks(store, prefix: str, *, now_ns: int | None = None,
+async def live_locks(store: ObjectStore, prefix: str, *, now_ns: int | None = None,
                      skew_s: float = SKEW_DEFAULT_S) -> list[LockInfo]:
     now_ns = time.time_ns() if now_ns is None else now_ns
     return [lk for lk in await list_locks(store, prefix) if lk.live(now_ns, skew_s)]
@@ -156,7 +157,7 @@ async def live_locks(store, prefix: str, *, now_ns: int | None = None,
 class Lease:
     """A lock object this process holds, renewed in the background until ``release``."""
 
-    def __init__(self, store, key: str, kind: int, domain: int, *, owner: str,
+    def __init__(self, store: ObjectStore, key: str, kind: int, domain: int, *, owner: str,
                  ttl_s: float = TTL_DEFAULT_S, exclusive_prefix: str | None = None) -> None:
         assert ttl_s > 0, ttl_s
         self.store = store
@@ -281,7 +282,7 @@ def _exclusive_number(prefix: str, key: str) -> int:
     return int(name[:16], 16)
 
 
-async def acquire_exclusive(store, prefix: str, kind: int, domain: int, *, owner: str,
+async def acquire_exclusive(store: ObjectStore, prefix: str, kind: int, domain: int, *, owner: str,
                             ttl_s: float = TTL_DEFAULT_S, skew_s: float = SKEW_DEFAULT_S) -> Lease:
     """Hold the exclusive lock under ``prefix`` (§11.2), or raise ``Busy`` naming its holder."""
     locks = await list_locks(store, prefix)
@@ -303,7 +304,7 @@ async def acquire_exclusive(store, prefix: str, kind: int, domain: int, *, owner
     return lease
 
 
-async def recovery_lease(store, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S) -> Lease:
+async def recovery_lease(store: ObjectStore, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S) -> Lease:
     """Announce a recovery reading ``domain`` (§11.3). Take it *before* loading the catalog."""
     lease = Lease(store, f"{recovery_prefix(domain)}{uuid.uuid4().hex}.lock", KIND_RECOVERY, domain,
                   owner=owner, ttl_s=ttl_s)
@@ -311,14 +312,14 @@ async def recovery_lease(store, domain: int, *, owner: str, ttl_s: float = TTL_D
     return lease
 
 
-async def maintenance_lock(store, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+async def maintenance_lock(store: ObjectStore, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
                            skew_s: float = SKEW_DEFAULT_S) -> Lease:
     """The one consolidation/retention job of ``domain`` at a time (§11.2)."""
     return await acquire_exclusive(store, maintenance_prefix(domain), KIND_MAINTENANCE, domain,
                                    owner=owner, ttl_s=ttl_s, skew_s=skew_s)
 
 
-async def chunk_writer_lease(store, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+async def chunk_writer_lease(store: ObjectStore, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
                              skew_s: float = SKEW_DEFAULT_S,
                              wait_s: float = WRITER_WAIT_DEFAULT_S) -> Lease:
     """Announce a chunk writer (§11.4): create ours, then make sure no sweep runs.
@@ -347,7 +348,7 @@ async def chunk_writer_lease(store, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
         delay = min(delay * 2, 2.0)
 
 
-async def gc_lock(store, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+async def gc_lock(store: ObjectStore, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
                   skew_s: float = SKEW_DEFAULT_S) -> Lease:
     """The store-wide chunk-sweep lock (§11.4): exclusive, and only while no chunk writer
     is live (``Busy`` naming one otherwise, the lock released)."""

@@ -21,9 +21,10 @@ from cdp.errors import FormatError, NotFound
 from cdp.layout import chunk_key
 from cdp.records import KIND_WRITE, KIND_ZERO
 from cdp.segment import read_blocks, read_segment_index
+from cdp.store.base import ObjectStore
 
 
-async def replay_reference(store, domain: int, out_dir: Path, upto_seq: int | None = None, *,
+async def replay_reference(store: ObjectStore, domain: int, out_dir: Path, upto_seq: int | None = None, *,
                            initial: dict[int, Path] | None = None,
                            timeline: int | None = None) -> tuple[list[Path], CatalogView]:
     """Write one image per disk of ``domain`` into ``out_dir`` at ``upto_seq`` (default:
@@ -63,7 +64,7 @@ async def replay_reference(store, domain: int, out_dir: Path, upto_seq: int | No
     return paths, state
 
 
-async def _restore_base(store, key: str, fd: int) -> None:
+async def _restore_base(store: ObjectStore, key: str, fd: int) -> None:
     manifest = decode_manifest(key, await store.get(key))
     zero = manifest.zero_mask()
     for i in np.flatnonzero(~zero):
@@ -81,7 +82,7 @@ def _copy_into(src: Path, fd: int) -> None:
             at += len(chunk)
 
 
-async def _apply_segment(store, state: CatalogView, row: np.void, fds: list[int],
+async def _apply_segment(store: ObjectStore, state: CatalogView, row: np.void, fds: list[int],
                          base_seq: np.ndarray, target: int) -> None:
     key = state.row_key(row)
     index = await read_segment_index(store, key)

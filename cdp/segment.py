@@ -60,6 +60,7 @@ from cdp.segment_format import (
     parse_segment_tail,
     payload_spans,
 )
+from cdp.store.base import ObjectStore
 from cdp.summed import unpack_summed
 
 __all__ = [
@@ -105,7 +106,7 @@ def parse_segment_header(key: str, raw: bytes | bytearray | memoryview) -> Segme
     return SegmentHeader(domain, block_raw_size, first_seq, last_seq, first_ts, last_ts)
 
 
-async def read_segment_index(store, key: str, *, tail_guess: int = TAIL_GUESS_DEFAULT) -> SegmentIndex:
+async def read_segment_index(store: ObjectStore, key: str, *, tail_guess: int = TAIL_GUESS_DEFAULT) -> SegmentIndex:
     """Fetch and validate a segment's tail (§5.6): one suffix GET, two if the index is big.
 
     The object size comes from the footer (``index_offset + index + 64``), so no ``stat``
@@ -241,7 +242,7 @@ def _check_block_range(index: SegmentIndex, first_block: int, last_block: int) -
         )
 
 
-async def fetch_blocks(store, index: SegmentIndex, first_block: int, last_block: int) -> bytes:
+async def fetch_blocks(store: ObjectStore, index: SegmentIndex, first_block: int, last_block: int) -> bytes:
     """The *stored* (still compressed, not yet verified) bytes of blocks
     ``first_block..last_block``: one ranged GET, its length checked. ``unpack_blocks``
     verifies and decompresses them."""
@@ -314,7 +315,7 @@ def unpack_block_groups(
 
 
 async def read_block_list(
-    store, index: SegmentIndex, first_block: int, last_block: int, *, executor: Executor | None = None
+    store: ObjectStore, index: SegmentIndex, first_block: int, last_block: int, *, executor: Executor | None = None
 ) -> list[bytes | memoryview]:
     """The raw bytes of blocks ``first_block..last_block`` (inclusive), one buffer per
     block, each verified (``stored_xxh3``, then ``raw_xxh3`` after decompression); their
@@ -331,7 +332,7 @@ async def read_block_list(
 
 
 async def read_blocks(
-    store, index: SegmentIndex, first_block: int, last_block: int, *, executor: Executor | None = None
+    store: ObjectStore, index: SegmentIndex, first_block: int, last_block: int, *, executor: Executor | None = None
 ) -> bytes:
     """The raw payload-stream bytes of blocks ``first_block..last_block`` (inclusive), as
     one object: ``read_block_list`` joined. The result starts at stream position
@@ -343,7 +344,7 @@ async def read_blocks(
 
 
 async def read_payloads(
-    store, index: SegmentIndex, rows: np.ndarray, *, executor: Executor | None = None
+    store: ObjectStore, index: SegmentIndex, rows: np.ndarray, *, executor: Executor | None = None
 ) -> tuple[bytes, np.ndarray, np.ndarray]:
     """(raw, starts, lengths): the payload of row ``i`` is ``raw[starts[i]:starts[i] + lengths[i]]``.
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 from cdp.store import open_store
+from cdp.store.base import ObjectStore
 from drva.config import DrvaConfig
 from drva.domain import DomainState, SegmentJob
 
@@ -37,7 +37,7 @@ class StoreLane:
 
     index: int
     url: str
-    store: Any  # an ObjectStore (tests swap in a fault-injecting one)
+    store: ObjectStore  # tests swap in a fault-injecting one
     domains: list[DomainState]
     queue: asyncio.Queue[SegmentJob] = field(
         default_factory=lambda: asyncio.Queue(maxsize=LANE_QUEUE_SEGMENTS_MAX))

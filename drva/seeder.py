@@ -32,6 +32,7 @@ from cdp.errors import NotFound, StoreError
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import Lease, chunk_writer_lease
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from drva import messages
 from drva.shipper import backoff_s
 
@@ -243,7 +244,7 @@ class Seeder:
                 "domain": dom.id, "disk": disk, "base_seq": job.start_seq,
                 "chunks_stored": job.stored, "chunks_deduplicated": job.deduplicated}))
 
-    async def _put_retrying(self, store: Any, key: str, data: bytes) -> None:
+    async def _put_retrying(self, store: ObjectStore, key: str, data: bytes) -> None:
         attempt = 0
         while True:
             try:

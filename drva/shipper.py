@@ -45,6 +45,7 @@ from cdp.meta import MetaRepository
 from cdp.records import KIND_RESYNC_BEGIN
 from cdp.replog import ReplicationLog
 from cdp.segment import build_segment_info
+from cdp.store.base import ObjectStore
 from drva.committer import GroupCommitter
 from drva.domain import DomainState, SegmentJob
 from drva.lanes import StoreLane
@@ -101,12 +102,12 @@ class Shipper:
         self._collected: dict[int, int] = {}
 
     @property
-    def store(self) -> Any:
+    def store(self) -> ObjectStore:
         """The configuration's ``store`` (lane 0): the only one of a one-store DRVA."""
         return self.lanes[0].store
 
     @store.setter
-    def store(self, store: Any) -> None:  # tests swap in a fault-injecting store
+    def store(self, store: ObjectStore) -> None:  # tests swap in a fault-injecting store
         self.lanes[0].store = store
 
     @property
@@ -114,7 +115,7 @@ class Shipper:
         """Lane 0's upload event (``StoreLane.uploaded``)."""
         return self.lanes[0].uploaded
 
-    def store_of(self, domain: int) -> Any:
+    def store_of(self, domain: int) -> ObjectStore:
         """The store domain ``domain`` (an id) lives in."""
         return self.lane_of[domain].store
 

@@ -47,6 +47,7 @@ from cdp.errors import AlreadyExists, Busy, NotFound
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from rocva.plan import CONCURRENCY_DEFAULT, build_plan, load_state
 from rocva.recover import execute_plan
 from rocva.retention import retention_delta, sweep_chunks, sweep_domain
@@ -101,7 +102,7 @@ def _read_chunk(fd: int, offset: int, length: int, namer: Namer = None) -> tuple
 class _ChunkUploader:
     """Stores the chunks of images under one chunk-writer lease, each distinct one once."""
 
-    def __init__(self, store, lease: Lease, pool: ThreadPoolExecutor, concurrency: int) -> None:
+    def __init__(self, store: ObjectStore, lease: Lease, pool: ThreadPoolExecutor, concurrency: int) -> None:
         self.store = store
         self.lease = lease
         self.pool = pool
@@ -180,7 +181,7 @@ class _ChunkUploader:
         self.stats["bytes_stored"] += len(obj)
 
 
-async def build_bases(store, state: CatalogView, seq: int, scratch: Path, *,
+async def build_bases(store: ObjectStore, state: CatalogView, seq: int, scratch: Path, *,
                       chunk_size: int = CHUNK_SIZE_DEFAULT, concurrency: int = CONCURRENCY_DEFAULT,
                       progress: Progress | None = None, lease_ttl_s: float = TTL_DEFAULT_S,
                       skew_s: float = SKEW_DEFAULT_S) -> tuple[list[dict], dict]:
@@ -217,7 +218,7 @@ async def build_bases(store, state: CatalogView, seq: int, scratch: Path, *,
 # --------------------------------------------------------------------------- the job
 
 
-async def consolidate(store, domain: int, *, older_than_s: float, retention_s: float | None = None,
+async def consolidate(store: ObjectStore, domain: int, *, older_than_s: float, retention_s: float | None = None,
                       now_ns: int | None = None, scratch_dir: Path | str | None = None,
                       chunk_size: int = CHUNK_SIZE_DEFAULT, concurrency: int = CONCURRENCY_DEFAULT,
                       progress: Progress | None = None, lease_ttl_s: float = TTL_DEFAULT_S,
@@ -254,7 +255,7 @@ async def consolidate(store, domain: int, *, older_than_s: float, retention_s: f
     return summary
 
 
-async def _consolidate_timeline(store, domain: int, timeline: int, mlock: Lease, *, older_than_s: float,
+async def _consolidate_timeline(store: ObjectStore, domain: int, timeline: int, mlock: Lease, *, older_than_s: float,
                                 retention_s: float | None, now_ns: int, scratch_dir: Path | str | None,
                                 chunk_size: int, concurrency: int, progress: Progress | None,
                                 lease_ttl_s: float, skew_s: float) -> dict[str, Any]:

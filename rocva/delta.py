@@ -37,6 +37,7 @@ from cdp.frame import decode_frame
 from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
 from cdp.replog import ReplicationLog
+from cdp.store.base import ObjectStore
 from rocva.fetch import Fetcher, base_groups, execute, pool_workers, segment_groups
 from rocva.plan import (
     EXTENT_DTYPE, SRC_BASE, SRC_WRITE, SRC_ZERO, DiskPlan, RecoveryPlan, _base_pieces, _get_index, base_parts,
@@ -97,7 +98,7 @@ def _by_disk(disk: np.ndarray, offset: np.ndarray, length: np.ndarray, slots: di
     return out
 
 
-async def changed_in_store(store, view: CatalogView, after_seq: int, upto_seq: int) -> list[Ranges]:
+async def changed_in_store(store: ObjectStore, view: CatalogView, after_seq: int, upto_seq: int) -> list[Ranges]:
     """Per disk slot of ``view``, the ranges its WRITE/ZERO records in ``(after_seq,
     upto_seq]`` touch (segment indexes only)."""
     slots = {int(d["disk"]): k for k, d in enumerate(view.disks)}
@@ -206,7 +207,7 @@ def _punch_zeros(plan: RecoveryPlan, fds: list[int]) -> None:
             zero_range(fd, a, b - a)
 
 
-async def apply_in_place(store, plan: RecoveryPlan, paths: Sequence[Path]) -> int:
+async def apply_in_place(store: ObjectStore, plan: RecoveryPlan, paths: Sequence[Path]) -> int:
     """Write ``plan``'s extents (``restrict``) into the existing disk files ``paths`` (one
     per disk slot, each exactly its disk's size), fsync them; bytes written."""
     fds = []

@@ -40,6 +40,7 @@ from typing import Any
 
 from cdp.durable import write_all
 from cdp.errors import ConfigError
+from cdp.store.base import ObjectStore
 from rocva.errors import RecoveryError
 
 #: Longest destination path, in bytes (Linux's PATH_MAX).
@@ -63,7 +64,7 @@ class Destination:
         return Destination(self.roots, (*self.forbidden, *extra))
 
 
-def store_root(store: Any) -> Path | None:
+def store_root(store: ObjectStore) -> Path | None:
     """The local directory of a file store (through wrappers that keep it as ``inner``);
     None for any other store."""
     from cdp.store.fs import FileStore
@@ -77,7 +78,7 @@ def store_root(store: Any) -> Path | None:
     return None
 
 
-def for_store(store: Any, destination: Destination | None = None) -> Destination:
+def for_store(store: ObjectStore, destination: Destination | None = None) -> Destination:
     """``destination`` (default: anywhere) that also never writes into ``store``'s root."""
     destination = destination or Destination()
     root = store_root(store)

@@ -50,6 +50,7 @@ from cdp.dirtymap import DirtyMapUnusable, read_dirty_map, sidecar_path
 from cdp.errors import FailoverRefused, NotFound
 from cdp.extent_stream import request_for
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from rocva import delta
 from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
 from rocva.plan import build_plan
@@ -148,9 +149,10 @@ def _prepare_whole(disk: LocalDisk) -> None:
         os.close(fd)
 
 
-async def failback(store, domain: int, target: Target | int | str, *, site: str, disks: Sequence[LocalDisk],
-                   logs: Sequence[Path] = (), progress: Callable[[int, int], None] | None = None,
-                   now_ns: int | None = None, peer: Peer | None = None) -> dict[str, Any]:
+async def failback(store: ObjectStore, domain: int, target: Target | int | str, *, site: str,
+                   disks: Sequence[LocalDisk], logs: Sequence[Path] = (),
+                   progress: Callable[[int, int], None] | None = None, now_ns: int | None = None,
+                   peer: Peer | None = None) -> dict[str, Any]:
     """Bring ``disks`` to the current timeline at ``target`` and fork a timeline for
     ``site`` there (module docstring). Returns what was moved, per disk, and the fork.
     ``peer``: read the delta from the recovery site's quiesced disks (``source`` "peer"),

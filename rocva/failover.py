@@ -38,6 +38,7 @@ from cdp.catalog_fork import fork_timeline
 from cdp.durable import atomic_write
 from cdp.errors import FailoverRefused, NotFound
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from rocva.plan import image_file_name
 from rocva.recover import Progress, recover
 from rocva.target import Target
@@ -78,7 +79,7 @@ def _write_state(out_dir: Path, doc: dict[str, Any]) -> None:
     atomic_write(out_dir / STATE_NAME, json.dumps(doc, sort_keys=True).encode())
 
 
-async def failover(store, domain: int, target: Target | int | str, out_dir: Path | str, *, site: str,
+async def failover(store: ObjectStore, domain: int, target: Target | int | str, out_dir: Path | str, *, site: str,
                    progress: Progress | None = None, destination: Any = None,
                    now_ns: int | None = None) -> dict[str, Any]:
     """Fail ``domain`` over to ``site`` at ``target`` (module docstring). Returns the
@@ -127,7 +128,7 @@ async def failover(store, domain: int, target: Target | int | str, out_dir: Path
     return {**_summary(domain, record, images, ours, t0), "warm": record_warm}
 
 
-async def _rehydrated_before(store, domain: int, record: dict[str, Any] | None, out_dir: Path,
+async def _rehydrated_before(store: ObjectStore, domain: int, record: dict[str, Any] | None, out_dir: Path,
                              timeline: int) -> dict[str, Any] | None:
     """An earlier run's images, when its record says it rehydrated them from the current
     timeline and it was killed before the fork: they were published only once fsynced,
@@ -141,7 +142,7 @@ async def _rehydrated_before(store, domain: int, record: dict[str, Any] | None, 
     return {"seq": record["seq"], "images": images, "bytes_written": 0, "seconds": 0.0, "warm": False}
 
 
-async def _discard_unforked(store, domain: int, out_dir: Path, destination: Any) -> None:
+async def _discard_unforked(store: ObjectStore, domain: int, out_dir: Path, destination: Any) -> None:
     """Remove images an earlier run of this failover published and was killed before it
     recorded them (or before its fork): no VM ever ran on them (VMs start after the fork),
     they are the store's bytes at some point, and a recovery never overwrites an image.
@@ -165,8 +166,8 @@ async def _discard_unforked(store, domain: int, out_dir: Path, destination: Any)
         out.close()
 
 
-async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: int, *, progress: Progress | None,
-                     destination: Any, now_ns: int | None) -> dict[str, Any]:
+async def _rehydrate(store: ObjectStore, domain: int, target: Any, out_dir: Path, timeline: int, *,
+                     progress: Progress | None, destination: Any, now_ns: int | None) -> dict[str, Any]:
     """The disks at ``target`` in ``out_dir``: from a standby there (continuous
     rehydration, ``rocva.standby``) by applying its tail when it can, else a recovery."""
     from rocva.destination import for_store, open_output_dir
@@ -203,7 +204,7 @@ async def _rehydrate(store, domain: int, target: Any, out_dir: Path, timeline: i
     return {**recovered, "warm": False}
 
 
-def _forget_dirty_maps(store, out_dir: Path, images: list[dict[str, Any]], destination: Any) -> None:
+def _forget_dirty_maps(store: ObjectStore, out_dir: Path, images: list[dict[str, Any]], destination: Any) -> None:
     """Remove the dirty-region map (``cdp.dirtymap``) an earlier life of these images left
     next to them: their content comes from the store now, the map describes nothing of
     it, and a filter opening it would resync regions for no reason."""
@@ -219,13 +220,13 @@ def _forget_dirty_maps(store, out_dir: Path, images: list[dict[str, Any]], desti
         out.close()
 
 
-async def _images(store, domain: int, out_dir: Path) -> list[dict[str, Any]]:
+async def _images(store: ObjectStore, domain: int, out_dir: Path) -> list[dict[str, Any]]:
     """The domain's images in ``out_dir``, in disk order: ``disk``, ``path``, ``size``."""
     return [{"disk": d["disk"], "path": str(out_dir / image_file_name(d["vm"], d["name"])), "size": d["size"]}
             for d in await _disks(store, domain)]
 
 
-async def _disks(store, domain: int) -> list[dict[str, Any]]:
+async def _disks(store: ObjectStore, domain: int) -> list[dict[str, Any]]:
     state, _ = await load_catalog(store, domain)
     assert state is not None
     return sorted(state.disks, key=lambda d: d["disk"])

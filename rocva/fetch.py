@@ -68,6 +68,7 @@ from cdp.direct_io import ReadBuffer
 from cdp.errors import FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
+from cdp.store.base import ObjectStore
 from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
 
 RUN_BYTES_MAX_DEFAULT = 16 << 20
@@ -479,7 +480,7 @@ def _sub_block_runs(unit: ChunkCopy) -> list[tuple[int, int]]:
     return _true_runs(covered)
 
 
-async def _fetch_chunk_parts(store, unit: ChunkCopy) -> tuple[ChunkTable | None, list, list]:
+async def _fetch_chunk_parts(store: ObjectStore, unit: ChunkCopy) -> tuple[ChunkTable | None, list, list]:
     """The partial read of a chunk (FORMAT.md §6.1): its header and table (verified),
     then the stored bytes of each run of sub-blocks ``unit`` needs, as (table, runs,
     stored bytes per run). A version-1 chunk has no table: (None, [], [the whole object])."""
@@ -663,7 +664,7 @@ class Fetcher:
     zero pages are left unwritten, as holes; false for files with old content there (a
     delta applied in place), where every byte is written."""
 
-    def __init__(self, store, fds: list[int], executor: Executor, writeback: Writeback | None = None,
+    def __init__(self, store: ObjectStore, fds: list[int], executor: Executor, writeback: Writeback | None = None,
                  *, sparse: bool = True) -> None:
         self.store = store
         self.fds = fds
@@ -737,7 +738,7 @@ class _Lent:
     """A store that reads into buffers seen as a plain store whose gets land in ``buf``
     (``FileStore.get_into``): what ``fetch_blocks`` and a whole chunk's get call."""
 
-    def __init__(self, store, buf: ReadBuffer) -> None:
+    def __init__(self, store: ObjectStore, buf: ReadBuffer) -> None:
         self.store = store
         self.buf = buf
         self.describe = store.describe
@@ -751,7 +752,7 @@ class _Unopening:
     sealed (``cdp.store.crypt.Unopened``, whose ``len`` is the plaintext's, so
     ``fetch_blocks`` checks it as it checks bytes)."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store: ObjectStore) -> None:
         self.get = store.get_unopened
         self.describe = store.describe
 

@@ -31,6 +31,7 @@ from cdp.errors import MetaError, NotFound
 from cdp.gather import gather_bounded
 from cdp.layout import U32_MAX, U64_MAX, page_prefix, parse_page_key, segment_prefix
 from cdp.meta import read_metadata
+from cdp.store.base import ObjectStore
 
 #: An upload not yet named by the catalog after this long is no upload in flight.
 PENDING_GRACE_S = 120.0
@@ -40,7 +41,7 @@ STAT_CONCURRENCY = 16
 NAMED_MAX = 20
 
 
-async def _exists(store, key: str) -> bool:
+async def _exists(store: ObjectStore, key: str) -> bool:
     try:
         await store.stat(key)
         return True
@@ -66,7 +67,8 @@ async def missing_for_points(view: CatalogView, seqs: list[int]) -> dict[int, li
     return {seq: [k for k in keys if not present[k]] for seq, keys in needs.items()}
 
 
-async def rollback_problems(store, state: CatalogState, *, now: float | None = None) -> list[dict[str, Any]]:
+async def rollback_problems(store: ObjectStore, state: CatalogState, *,
+                            now: float | None = None) -> list[dict[str, Any]]:
     """Signs that generations of ``state``'s catalog were removed (module docstring)."""
     now = time.time() if now is None else now
     domain, tl = state.domain_id, state.timeline()

@@ -42,6 +42,7 @@ from cdp.errors import Busy, ConfigError
 from cdp.locks import Lease
 from cdp.logs import get_logger
 from cdp.nbd.backend import BlockSizes
+from cdp.store.base import ObjectStore
 from rocva.fetch import pool_workers
 from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCache
 from rocva.mount_source import PlanSource
@@ -185,7 +186,7 @@ class Mount:
     """A recovery point being served (module docstring). ``open``, then ``exports`` to a
     server, ``start_rehydration`` if wanted, and ``close`` once the server is closed."""
 
-    def __init__(self, store, plan: RecoveryPlan, options: MountOptions, cache: UnitCache,
+    def __init__(self, store: ObjectStore, plan: RecoveryPlan, options: MountOptions, cache: UnitCache,
                  executor: ThreadPoolExecutor, disks: dict[str, MountedDisk], overlay_dir: _OverlayDir | None) -> None:
         self.store = store
         self.plan = plan
@@ -204,7 +205,7 @@ class Mount:
         self.lease: Lease | None = None  # the recovery lease (None: a store we may only read)
 
     @classmethod
-    async def open(cls, store, options: MountOptions) -> Mount:
+    async def open(cls, store: ObjectStore, options: MountOptions) -> Mount:
         # A mount is a recovery that may last for days: the same lease keeps retention
         # from deleting the objects its reads and its rehydration need, and is taken
         # before the catalog is read (FORMAT.md §11.3).
@@ -219,7 +220,7 @@ class Mount:
         return mount
 
     @classmethod
-    async def _open(cls, store, options: MountOptions) -> Mount:
+    async def _open(cls, store: ObjectStore, options: MountOptions) -> Mount:
         plan = await plan_recovery(store, options.domain, options.target, timeline=options.timeline)
         cache = UnitCache(options.cache_bytes_max, options.loads_max)
         executor = ThreadPoolExecutor(pool_workers(options.loads_max), thread_name_prefix="rocva-mount")

@@ -20,6 +20,7 @@ from cdp.errors import ConfigError
 from cdp.logs import get_logger
 from cdp.nbd.address import NbdAddress
 from cdp.nbd.server import NbdServer
+from cdp.store.base import ObjectStore
 from rocva.mount import Mount, MountOptions
 
 logger = get_logger("rocva.mount")
@@ -43,7 +44,7 @@ async def _listen(server: NbdServer, address: NbdAddress) -> dict[str, Any]:
             "tls": server.tls is not None}
 
 
-async def serve_mount(store, options: MountOptions, address: NbdAddress, emit: Emit, stop: asyncio.Event,
+async def serve_mount(store: ObjectStore, options: MountOptions, address: NbdAddress, emit: Emit, stop: asyncio.Event,
                       tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Serve ``options``' point at ``address`` until ``stop`` is set; the final summary.
 

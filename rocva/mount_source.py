@@ -33,6 +33,7 @@ from cdp.errors import CdpError, FormatError, NotFound
 from cdp.layout import chunk_key
 from cdp.logs import get_logger
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_blocks
+from cdp.store.base import ObjectStore
 from rocva.mount_cache import Unit, UnitCache
 from rocva.plan import SRC_BASE, SRC_WRITE, DiskPlan
 
@@ -62,7 +63,7 @@ class PlanSource:
     Invariant: ``starts`` are the plan's extent offsets, ascending, ``starts[0] == 0``
     (the extents tile the disk), so ``searchsorted`` finds the extents of any range."""
 
-    def __init__(self, store, disk: DiskPlan, segments: list[SegmentIndex], cache: UnitCache,
+    def __init__(self, store: ObjectStore, disk: DiskPlan, segments: list[SegmentIndex], cache: UnitCache,
                  executor: Executor) -> None:
         self.store = store
         self.disk = disk

@@ -38,6 +38,7 @@ from cdp.errors import FormatError, NotFound
 from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
 from cdp.segment import SegmentIndex, read_segment_index
+from cdp.store.base import ObjectStore
 from rocva.extents import last_writer
 from rocva.errors import InvalidTarget
 from rocva.target import ResolvedTarget, Target, resolve_target
@@ -140,7 +141,7 @@ class RecoveryPlan:
 # --------------------------------------------------------------------------- reading
 
 
-async def _get_manifest(store, key: str) -> Manifest:
+async def _get_manifest(store: ObjectStore, key: str) -> Manifest:
     try:
         data = await store.get(key)
     except NotFound as exc:
@@ -148,7 +149,7 @@ async def _get_manifest(store, key: str) -> Manifest:
     return decode_manifest(key, data)
 
 
-async def _get_index(store, key: str, payload_raw_len: int) -> SegmentIndex:
+async def _get_index(store: ObjectStore, key: str, payload_raw_len: int) -> SegmentIndex:
     try:
         index = await read_segment_index(store, key)
     except NotFound as exc:
@@ -274,7 +275,7 @@ async def plan_rows(state: CatalogView, seq: int) -> tuple[list[dict | None], in
     return bases, lo, rows
 
 
-async def build_plan(store, state: CatalogView, target: ResolvedTarget, *,
+async def build_plan(store: ObjectStore, state: CatalogView, target: ResolvedTarget, *,
                      concurrency: int = CONCURRENCY_DEFAULT, after_seq: int | None = None) -> RecoveryPlan:
     """Plan the recovery of every disk of ``state`` at ``target.seq`` (already checked to be a
     recovery point by ``resolve_target``). Reads the chosen base manifests and the
@@ -330,7 +331,7 @@ async def build_plan(store, state: CatalogView, target: ResolvedTarget, *,
                         disks, indexes, len(cols["seq"]))
 
 
-async def load_state(store, domain: int, timeline: int | None = None) -> CatalogView:
+async def load_state(store: ObjectStore, domain: int, timeline: int | None = None) -> CatalogView:
     """Timeline ``timeline`` (default: the current one) of ``domain``'s catalog; NotFound
     when it has no catalog, InvalidTarget when it has no such timeline."""
     state, generation = await load_catalog(store, domain)
@@ -342,7 +343,7 @@ async def load_state(store, domain: int, timeline: int | None = None) -> Catalog
     return CatalogView(store, state, generation, timeline)
 
 
-async def plan_recovery(store, domain: int, target: Target | int | str, *, timeline: int | None = None,
+async def plan_recovery(store: ObjectStore, domain: int, target: Target | int | str, *, timeline: int | None = None,
                         concurrency: int = CONCURRENCY_DEFAULT, now_ns: int | None = None) -> RecoveryPlan:
     """Load the catalog of ``domain``, resolve ``target`` on ``timeline`` (default: the
     current one) and plan its recovery (no payload is fetched). ``InvalidTarget`` names

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from cdp.catalog_read import CatalogView
+from cdp.store.base import ObjectStore
 from rocva.integrity import SeenCommit, behind_problems, missing_for_points, rollback_problems
 from rocva.plan import load_state
 from rocva.target import recoverable_ranges
@@ -67,7 +68,7 @@ async def timeline_points(state: CatalogView) -> dict[str, Any]:
     }
 
 
-async def list_points(store, domain: int, timeline: int | None = None,
+async def list_points(store: ObjectStore, domain: int, timeline: int | None = None,
                       seen: tuple[SeenCommit, ...] = ()) -> dict[str, Any]:
     """Everything a user needs to pick a recovery point (see the module docstring).
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from cdp.errors import NotFound, PermissionDenied
 from cdp.locks import Lease, recovery_lease
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
 from rocva.errors import RecoveryError
 from rocva.fetch import (
@@ -74,7 +75,7 @@ Progress = Callable[[int, int], None]
 class CountingStore:
     """A read-through view of a store that counts GETs and the bytes they returned."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
         self.gets = 0
         self.bytes = 0
@@ -302,7 +303,7 @@ def _sha256(out: OutputDir, name: str) -> str:
         os.close(fd)
 
 
-async def execute_plan(store, plan: RecoveryPlan, out_dir: Path | str, *, progress: Progress | None = None,
+async def execute_plan(store: ObjectStore, plan: RecoveryPlan, out_dir: Path | str, *, progress: Progress | None = None,
                        concurrency: int = CONCURRENCY_DEFAULT, checksum: bool = False,
                        run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
                        base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT,
@@ -343,7 +344,7 @@ class _Tally:
             self.progress(self.done_bytes, self.total)
 
 
-async def _fetch_all(store, plan, state: ResumeState, fds: list[int], tally: _Tally,
+async def _fetch_all(store: ObjectStore, plan, state: ResumeState, fds: list[int], tally: _Tally,
                      concurrency: int, units: dict[str, int]) -> int:
     """Run every group not done yet into ``fds``; the bytes written. Each image region's
     write-out starts once it is complete, so that the fsync before publication has little
@@ -380,7 +381,7 @@ async def _fetch_all(store, plan, state: ResumeState, fds: list[int], tally: _Ta
     return fetcher.bytes_written
 
 
-async def _execute_locked(store, plan, out: OutputDir, progress, concurrency, checksum, units) -> dict:
+async def _execute_locked(store: ObjectStore, plan, out: OutputDir, progress, concurrency, checksum, units) -> dict:
     t0 = time.monotonic()
     state, fds, resume, discarded_because = await asyncio.to_thread(_prepare, plan, out, units)
     finished_before = state.complete
@@ -438,7 +439,7 @@ def _verify(plan: RecoveryPlan, fds: list[int], state: ResumeState, tally: _Tall
             raise RecoveryError(f"{d.image_name}{PARTIAL_SUFFIX}: {size} bytes, disk {d.disk} has {d.size}")
 
 
-async def recover(store, domain: int, target: Target | int | str, out_dir: Path | str, *,
+async def recover(store: ObjectStore, domain: int, target: Target | int | str, out_dir: Path | str, *,
                   progress: Progress | None = None, concurrency: int = CONCURRENCY_DEFAULT,
                   checksum: bool = False, now_ns: int | None = None,
                   run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
@@ -475,7 +476,7 @@ async def recover(store, domain: int, target: Target | int | str, out_dir: Path 
             await lease.release()
 
 
-async def take_recovery_lease(store, domain: int, owner: str | None = None) -> Lease | None:
+async def take_recovery_lease(store: ObjectStore, domain: int, owner: str | None = None) -> Lease | None:
     """The recovery lease that keeps retention from deleting what this recovery reads.
     Credentials that may only read the store cannot write one: the recovery goes on
     without it (a concurrent retention could then delete an object it needs, which the

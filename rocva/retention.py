@@ -47,6 +47,7 @@ from cdp.layout import (
 )
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, gc_lock, live_locks, recovery_prefix
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 
 log = get_logger("rocva.retention")
 
@@ -80,7 +81,7 @@ async def retention_delta(state: CatalogView, cutoff_ns: int) -> dict[str, Any]:
     return delta
 
 
-async def _delete_all(store, keys: list[str], check=None) -> int:
+async def _delete_all(store: ObjectStore, keys: list[str], check=None) -> int:
     async def one(key: str) -> None:
         if check is not None:  # right before each delete: a lost lock stops the sweep
             check()
@@ -103,7 +104,7 @@ def _still_named(state: CatalogState, owner: int, first: int, last: int) -> bool
     return False
 
 
-async def _expired_segments(store, state: CatalogState) -> list[str]:
+async def _expired_segments(store: ObjectStore, state: CatalogState) -> list[str]:
     """Segments no timeline keeps: each timeline's listing is read only up to its
     horizon (keys sort by first seq), so a sweep costs what expired, not the history."""
     out = []
@@ -117,7 +118,7 @@ async def _expired_segments(store, state: CatalogState) -> list[str]:
     return out
 
 
-async def _expired_pages(store, state: CatalogState) -> list[str]:
+async def _expired_pages(store: ObjectStore, state: CatalogState) -> list[str]:
     """Pages no timeline can reference any more: at or below every timeline's horizon
     (or after all it holds). Pages are shared between timelines and name none, so this
     is the conservative rule (FORMAT.md §8.4)."""
@@ -133,7 +134,7 @@ async def _expired_pages(store, state: CatalogState) -> list[str]:
     return out
 
 
-async def sweep_domain(store, state: CatalogState, generation: int, *, skew_s: float = SKEW_DEFAULT_S,
+async def sweep_domain(store: ObjectStore, state: CatalogState, generation: int, *, skew_s: float = SKEW_DEFAULT_S,
                        check=None) -> dict[str, Any]:
     """Delete the objects of ``state``'s domain the catalog no longer needs (module
     docstring): segments and pages behind every timeline's horizon, manifests no
@@ -168,7 +169,7 @@ async def sweep_domain(store, state: CatalogState, generation: int, *, skew_s: f
             "uncommitted_manifests_kept": kept, "generations_deleted": generations["deleted"]}
 
 
-async def sweep_chunks(store, *, owner: str = "cdp consolidate", ttl_s: float = TTL_DEFAULT_S,
+async def sweep_chunks(store: ObjectStore, *, owner: str = "cdp consolidate", ttl_s: float = TTL_DEFAULT_S,
                        skew_s: float = SKEW_DEFAULT_S) -> dict[str, Any]:
     """Delete every chunk no manifest in the store names (module docstring); ``Busy`` while
     a chunk writer is live. A manifest that does not decode stops the sweep (FormatError

@@ -34,6 +34,7 @@ import numpy as np
 
 from cdp.errors import NotFound
 from cdp.logs import get_logger
+from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir
 from rocva.errors import InvalidTarget
 from rocva.fetch import Fetcher, execute, pool_workers, segment_groups
@@ -83,7 +84,7 @@ def discard(out: OutputDir, plan_images: list[str]) -> None:
     out.fsync()
 
 
-async def apply_tail(store, out: OutputDir, plan: RecoveryPlan) -> int:
+async def apply_tail(store: ObjectStore, out: OutputDir, plan: RecoveryPlan) -> int:
     """Apply a tail plan (``build_plan(after_seq=...)``) to the images in ``out``: punch
     every WRITE and ZERO extent, then write the WRITE extents; fsync. Bytes written."""
     fds = []
@@ -123,7 +124,7 @@ def _punch(plan: RecoveryPlan, fds: list[int]) -> None:
             zero_range(fd, int(start[a]), int(end[b - 1] - start[a]))
 
 
-async def bring_to(store, domain: int, out: OutputDir, target: Target, *, timeline: int | None = None,
+async def bring_to(store: ObjectStore, domain: int, out: OutputDir, target: Target, *, timeline: int | None = None,
                    now_ns: int | None = None) -> dict[str, Any]:
     """Bring the standby in ``out`` to ``target`` on ``timeline`` (default: the current
     one) by applying the tail; ``StandbyUnusable`` when it cannot (then rehydrate cold).
@@ -161,7 +162,8 @@ async def bring_to(store, domain: int, out: OutputDir, target: Target, *, timeli
             "seconds": round(time.monotonic() - t0, 3)}
 
 
-async def keep_warm(store, domain: int, out_dir: Path, *, destination: Destination | None = None) -> dict[str, Any]:
+async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
+                    destination: Destination | None = None) -> dict[str, Any]:
     """One step of continuous rehydration: the standby in ``out_dir`` at the newest
     consistent point of the current timeline — the tail applied, or built cold when
     there is none or it cannot be used. Holds the recovery lease throughout."""

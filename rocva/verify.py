@@ -35,6 +35,7 @@ from cdp.catalog_read import CatalogView
 from cdp.errors import CdpError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.segment import decode_segment, read_segment_index
+from cdp.store.base import ObjectStore
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
 
 CONCURRENCY = 8
@@ -50,7 +51,7 @@ class _Report:
         self.problems.append({"object": key, "problem": what})
 
 
-async def verify(store, domain: int, *, deep: bool = False, sample: float = 0.0, seed: int | None = None,
+async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample: float = 0.0, seed: int | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  timeline: int | None = None, seen: tuple[SeenCommit, ...] = ()) -> dict[str, Any]:
     """Check ``domain`` (see the module docstring): every timeline, or only ``timeline``;
@@ -143,7 +144,7 @@ async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str
         report.problem(last_key, f"{where}segments end at seq {end}, committed_seq is {view.committed_seq}")
 
 
-async def _check_base(store, key: str, deep: bool, report: _Report, sem: asyncio.Semaphore) -> None:
+async def _check_base(store: ObjectStore, key: str, deep: bool, report: _Report, sem: asyncio.Semaphore) -> None:
     try:
         manifest = decode_manifest(key, await store.get(key))
     except NotFound:

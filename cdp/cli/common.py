@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from cdp.errors import ConfigError
+from cdp.store.base import ObjectStore
 from cdp.units import parse_size
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -74,7 +75,7 @@ async def with_store(url: str, work: Callable[[Any], Any]) -> Any:
         await store.close()
 
 
-async def domain_id_of(store: Any, domain: str) -> int:
+async def domain_id_of(store: ObjectStore, domain: str) -> int:
     """A domain id from its number or its name (``cdp.catalog.find_domain``)."""
     if domain.isdigit():
         return int(domain)

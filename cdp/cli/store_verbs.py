@@ -15,6 +15,7 @@ import click
 from cdp.cli.common import (domain_id_of, emit, json_option, metadata_option, ns_text, one_point,
                             parse_duration_option, parse_size_option, point_options, progress_bar,
                             seen_from_metadata, store_option, timeline_option, with_store)
+from cdp.store.base import ObjectStore
 
 @click.command()
 @click.option("--dir", "workdir", type=click.Path(path_type=Path), default=None,
@@ -46,7 +47,7 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
     (checked against DRVA metadata with --metadata)."""
     from rocva.points import list_points
 
-    async def work(store: Any) -> dict[str, Any]:
+    async def work(store: ObjectStore) -> dict[str, Any]:
         domain_id = await domain_id_of(store, domain)
         return await list_points(store, domain_id, timeline, seen_from_metadata(metadata, domain_id))
 
@@ -97,7 +98,7 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
     target = one_point(at, seq, mark, latest)
     bar, update = progress_bar("recover", as_json)
 
-    async def work(store: Any) -> dict[str, Any]:
+    async def work(store: ObjectStore) -> dict[str, Any]:
         return await rocva_recover(store, await domain_id_of(store, domain), target, out_dir,
                                    progress=update, concurrency=concurrency, timeline=timeline)
 
@@ -164,7 +165,7 @@ def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: st
     def say(event: dict[str, Any]) -> None:
         emit(as_json, event, _mount_event_text)
 
-    async def work(store: Any) -> dict[str, Any]:
+    async def work(store: ObjectStore) -> dict[str, Any]:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -207,7 +208,7 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int
 
     bar, update = progress_bar("verify", as_json)
 
-    async def work(store: Any) -> dict[str, Any]:
+    async def work(store: ObjectStore) -> dict[str, Any]:
         domain_id = await domain_id_of(store, domain)
         return await rocva_verify(store, domain_id, deep=deep, sample=sample, progress=update,
                                   timeline=timeline, seen=seen_from_metadata(metadata, domain_id))
@@ -252,7 +253,7 @@ def consolidate(domain: str, store_url: str, older_than: str, retention: str | N
         bar.set_description(phase, refresh=False)
         update(done, total)
 
-    async def work(store: Any) -> dict[str, Any]:
+    async def work(store: ObjectStore) -> dict[str, Any]:
         return await run(store, await domain_id_of(store, domain), older_than_s=older_s,
                          retention_s=retention_s, scratch_dir=scratch, concurrency=concurrency,
                          progress=progress, sweep_all_chunks=sweep_chunks)

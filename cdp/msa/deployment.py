@@ -21,6 +21,7 @@ from typing import Any
 import xxhash
 
 from cdp.errors import FormatError, NotFound
+from cdp.store.base import ObjectStore
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 DEPLOYMENT_MAGIC = b"CDPD"
@@ -96,7 +97,7 @@ def decode_deployment(key: str, data: bytes | bytearray | memoryview) -> Deploym
                       tuple((d["name"], d["listen"]) for d in drvas), body["api"])
 
 
-async def read_deployment(store: Any, site: str) -> Deployment | None:
+async def read_deployment(store: ObjectStore, site: str) -> Deployment | None:
     """``site``'s record in ``store``, None when there is none."""
     key = deployment_key(site)
     try:
@@ -106,7 +107,7 @@ async def read_deployment(store: Any, site: str) -> Deployment | None:
     return decode_deployment(key, data)
 
 
-async def installed_sites(store: Any) -> list[str]:
+async def installed_sites(store: ObjectStore) -> list[str]:
     """Every site with a deployment record in ``store``, in key order (records only
     listed, not read: a damaged record still counts as an installation)."""
     return [site async for info in store.list(SITES_PREFIX)

@@ -67,6 +67,7 @@ from cdp.msa.protection import load_protection, protection_path, save_protection
 from cdp.msa.procs import pid_alive
 from cdp.pki import ensure_site_pki
 from cdp.replog import ReplicationLog
+from cdp.store.base import ObjectStore
 
 log = get_logger("cdp.msa.install")
 
@@ -291,7 +292,7 @@ async def stop_daemon(cfg: SiteConfig, timeout_s: float = DAEMON_STOP_TIMEOUT_S)
 # --------------------------------------------------------------------------- the store
 
 
-def _open(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> tuple[Any, bool]:
+def _open(cfg: SiteConfig, env: Mapping[str, str], store: ObjectStore | None) -> tuple[Any, bool]:
     """The store to use and whether we opened it (and so must close it)."""
     if store is not None:
         return store, False
@@ -300,7 +301,7 @@ def _open(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> tuple[Any, boo
     return open_store(cfg.store_url, env=env), True
 
 
-async def other_sites(store: Any, site: str) -> list[str]:
+async def other_sites(store: ObjectStore, site: str) -> list[str]:
     """Sites other than ``site`` installed on ``store`` ([] when the bucket is missing)."""
     try:
         return [s for s in await installed_sites(store) if s != site]
@@ -308,7 +309,7 @@ async def other_sites(store: Any, site: str) -> list[str]:
         return []
 
 
-async def foreign_domains(store: Any, cfg: SiteConfig) -> list[str]:
+async def foreign_domains(store: ObjectStore, cfg: SiteConfig) -> list[str]:
     """This site's domains whose id the store holds as another site's (the owner of the
     catalog's current timeline), as "<name> (id N: <what the store has>)"."""
     from cdp.catalog import load_catalog
@@ -332,7 +333,7 @@ def _deployment_for(cfg: SiteConfig, created_ns: int) -> Deployment:
                       tuple((d.name, str(d.listen)) for d in cfg.drvas), str(cfg.api_listen))
 
 
-async def _write_deployment(store: Any, cfg: SiteConfig) -> tuple[Deployment, str]:
+async def _write_deployment(store: ObjectStore, cfg: SiteConfig) -> tuple[Deployment, str]:
     """Create the record, or bring an existing one up to date keeping its ``created_ns``."""
     key = deployment_key(cfg.site)
     old = await read_deployment(store, cfg.site)
@@ -424,7 +425,7 @@ def _install_protection(cfg: SiteConfig) -> dict[str, Any]:
     return {"path": str(path), "domains": list(load_protection(cfg)), "action": action}
 
 
-async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store: Any = None,
+async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store: ObjectStore | None = None,
                   progress: Progress | None = None) -> dict[str, Any]:
     """Install ``cfg``'s site (module docstring); return what each step did.
 
@@ -523,7 +524,7 @@ def _uninstall_drva(cfg: SiteConfig, drva: DrvaSpec) -> tuple[list[dict[str, Any
     return removed, left
 
 
-async def domain_usage(store: Any, cfg: SiteConfig) -> list[dict[str, Any]]:
+async def domain_usage(store: ObjectStore, cfg: SiteConfig) -> list[dict[str, Any]]:
     """Per domain of this site's own (its cluster file's): its objects in the store
     (count, bytes). Not a domain a failover registered here (``registered_kept``)."""
     out = []
@@ -551,7 +552,7 @@ def registered_kept(cfg: SiteConfig) -> list[dict[str, Any]]:
             for spec in cfg.cluster.domains if spec.name not in cfg.own_domains]
 
 
-async def _purge_domain(store: Any, domain_id: int, progress: Progress, done_bytes: list[int],
+async def _purge_domain(store: ObjectStore, domain_id: int, progress: Progress, done_bytes: list[int],
                         total_bytes: int) -> int:
     """Delete every object of one domain, catalog first (so that an interrupted purge
     leaves no catalog naming missing objects); return how many were deleted."""
@@ -577,7 +578,7 @@ async def _purge_domain(store: Any, domain_id: int, progress: Progress, done_byt
     return len(cat) + len(rest)
 
 
-async def _purge(store: Any, cfg: SiteConfig, progress: Progress) -> dict[str, Any]:
+async def _purge(store: ObjectStore, cfg: SiteConfig, progress: Progress) -> dict[str, Any]:
     from rocva.retention import sweep_chunks
 
     usage = await domain_usage(store, cfg)
@@ -595,7 +596,7 @@ async def _purge(store: Any, cfg: SiteConfig, progress: Progress) -> dict[str, A
 
 
 async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str] = os.environ, *,
-                    store: Any = None, progress: Progress | None = None,
+                    store: ObjectStore | None = None, progress: Progress | None = None,
                     stop_timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> dict[str, Any]:
     """Uninstall ``cfg``'s site (module docstring); return what was removed and kept."""
     progress = progress or _no_progress

@@ -51,6 +51,7 @@ from cdp.msa.install import (
     other_sites, registered_kept,
 )
 from cdp.msa.protection import load_protection, protection_path
+from cdp.store.base import ObjectStore
 
 STATUSES = ("pass", "warn", "fail")
 PYTHON_MIN = (3, 11)
@@ -183,7 +184,7 @@ async def _run_checks(steps: list[tuple[str, Callable[[], Any]]], progress: Prog
     return checks
 
 
-def _open_store(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> tuple[Any, bool]:
+def _open_store(cfg: SiteConfig, env: Mapping[str, str], store: ObjectStore | None) -> tuple[Any, bool]:
     if store is not None:
         return store, False
     from cdp.store import open_store
@@ -191,7 +192,7 @@ def _open_store(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> tuple[An
     return open_store(cfg.store_url, env=env), True
 
 
-def _store_kind(store: Any) -> str:
+def _store_kind(store: ObjectStore) -> str:
     while getattr(store, "inner", None) is not None:  # FaultyStore and other wrappers
         store = store.inner
     return getattr(store, "kind", "store")
@@ -291,13 +292,13 @@ async def _timed(op: Awaitable[Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - t0
 
 
-async def check_store_writable(cfg: SiteConfig, store: Any, name: str = "store.write") -> Check:
+async def check_store_writable(cfg: SiteConfig, store: ObjectStore, name: str = "store.write") -> Check:
     """Put, get, compare and delete a probe object under the site's prefix."""
     got = await _probe_writes(cfg, store)
     return Check(name, got.status, got.reason, got.details)
 
 
-async def _probe_writes(cfg: SiteConfig, store: Any) -> Check:
+async def _probe_writes(cfg: SiteConfig, store: ObjectStore) -> Check:
     key = f"{SITES_PREFIX}{cfg.site}/preflight/{uuid.uuid4().hex}.probe"
     data = os.urandom(PROBE_BYTES)
     where = store.describe()
@@ -331,7 +332,7 @@ async def _probe_writes(cfg: SiteConfig, store: Any) -> Check:
                  f"{latency['put_ms']:.1f}/{latency['get_ms']:.1f}/{latency['delete_ms']:.1f} ms", latency)
 
 
-async def check_clock(store: Any) -> Check:
+async def check_clock(store: ObjectStore) -> Check:
     """The store's clock against ours, from the sample with the shortest round trip."""
     server_time = getattr(store, "server_time", None)
     if server_time is None:
@@ -390,7 +391,7 @@ async def check_peer_store(cfg: SiteConfig, env: Mapping[str, str]) -> list[Chec
     return [check]
 
 
-async def check_store(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> list[Check]:
+async def check_store(cfg: SiteConfig, env: Mapping[str, str], store: ObjectStore | None) -> list[Check]:
     try:
         store, opened = _open_store(cfg, env, store)
     except ConfigError as exc:
@@ -510,7 +511,7 @@ def check_meta(drva: DrvaSpec) -> Check:
 
 
 async def preflight_system(cfg: SiteConfig, env: Mapping[str, str] = os.environ,
-                           progress: Progress | None = None, *, store: Any = None) -> dict[str, Any]:
+                           progress: Progress | None = None, *, store: ObjectStore | None = None) -> dict[str, Any]:
     """``cdp preflight system``. ``store``: use it instead of opening ``cfg.store_url``."""
 
     async def store_checks() -> list[Check]:
@@ -710,7 +711,7 @@ def check_local_state(cfg: SiteConfig) -> Check:
     return Check("state", "pass", f"{cfg.state_dir}: no installation", details)
 
 
-async def check_installation(cfg: SiteConfig, env: Mapping[str, str], store: Any) -> Check:
+async def check_installation(cfg: SiteConfig, env: Mapping[str, str], store: ObjectStore | None) -> Check:
     """The store's deployment records: this site's = already installed; another's = no."""
     try:
         store, opened = _open_store(cfg, env, store)
@@ -749,7 +750,7 @@ def _when(ns: int) -> str:
 
 
 async def preflight_install(cfg: SiteConfig, env: Mapping[str, str] = os.environ,
-                            progress: Progress | None = None, *, store: Any = None) -> dict[str, Any]:
+                            progress: Progress | None = None, *, store: ObjectStore | None = None) -> dict[str, Any]:
     """``cdp preflight install``."""
 
     async def installation() -> Check:
@@ -836,7 +837,7 @@ def check_site_removal(cfg: SiteConfig, installed: bool) -> Check:
                  {"remove": remove, "keep": [str(jobs_dir(cfg))]})
 
 
-async def check_kept_data(cfg: SiteConfig, store: Any) -> list[Check]:
+async def check_kept_data(cfg: SiteConfig, store: ObjectStore) -> list[Check]:
     """Each domain's objects: kept by uninstall, deleted by ``--purge``."""
     usage = await _within(domain_usage(store, cfg), STORE_OP_TIMEOUT_S * 10)
     checks = []
@@ -849,7 +850,7 @@ async def check_kept_data(cfg: SiteConfig, store: Any) -> list[Check]:
 
 
 async def preflight_uninstall(cfg: SiteConfig, env: Mapping[str, str] = os.environ,
-                              progress: Progress | None = None, *, store: Any = None) -> dict[str, Any]:
+                              progress: Progress | None = None, *, store: ObjectStore | None = None) -> dict[str, Any]:
     """``cdp preflight uninstall``."""
     progress = progress or _no_progress
     try:

@@ -24,6 +24,7 @@ from cdp.records import (
 )
 from cdp.replay import replay_reference
 from cdp.segment import build_segment_from_arrays, decode_segment
+from cdp.store.base import ObjectStore
 
 TS0 = 1_700_000_000_000_000_000
 SECTOR = 512
@@ -40,7 +41,8 @@ file_sha256 = sha256_file  # the tests' name for it
 class DomainBuilder:
     """One domain in ``store``; ``model[k]`` is disk ``k``'s content after record ``seq``."""
 
-    def __init__(self, store, *, domain: int = 7, disks=(("vm1", "disk0", 256 << 10), ("vm2", "disk1", 128 << 10)),
+    def __init__(self, store: ObjectStore, *, domain: int = 7,
+                 disks=(("vm1", "disk0", 256 << 10), ("vm2", "disk1", 128 << 10)),
                  block_raw_size: int = 8 << 10, ns_per_seq: int = 1_000_000, name: str = "dom") -> None:
         self.store = store
         self.domain = domain

@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
+from cdp.store.base import ObjectStore
+
 STATIC_DIR = Path(__file__).parent / "static"
 PREFIX = "/console/"
 FILES_MAX = 64  # the console is a handful of files; more means something was dropped here
@@ -72,7 +74,7 @@ async def store_points(cfg: Any, name: str) -> dict[str, Any]:
     from cdp.msa.operations import jsonable, with_store
     from rocva.points import list_points
 
-    async def work(store: Any) -> dict[str, Any]:
+    async def work(store: ObjectStore) -> dict[str, Any]:
         found = await find_domain(store, name)
         if found is None:
             raise NotFound(f"no domain named {name} in {store.describe()}")
