@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from cdp.testing.drva_config import free_port  # noqa: F401  (the benchmarks import it from here)
 
 
 def parse_args(description: str,
@@ -98,12 +99,6 @@ def machine(path: Path) -> dict[str, Any]:
             "memory_gib": round(mem_kib / (1 << 20), 1), "fs_type": fstype, "fs_source": source,
             "disk": " ".join(disk.split()), "path": str(path), "python": platform.python_version(),
             "kernel": platform.release(), "load_1m": round(os.getloadavg()[0], 2)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 #: How long a stopped daemon (SIGTERM) may take to drain before it is killed.

@@ -18,7 +18,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO
+
+from cdp.testing.drva_config import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,13 +47,6 @@ _running: set[_Service] = set()
 
 class ServiceError(RuntimeError):
     """A local test service could not be started."""
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers_http(url: str) -> bool:
