@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 import tomli_w
 
+from cdp.testing.drva_config import free_port
 from tests.waiting import EVENTUALLY_S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,12 +64,13 @@ SIM = _command("iofilter-sim", "iofilter_sim")
 
 
 def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all bound at once, so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+    """``n`` distinct free ports, outside the ephemeral range (``free_port``)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _sha256(path: Path) -> str:
