@@ -40,12 +40,13 @@ DIRECT_MIN_BYTES = 1 << 20
 _local = threading.local()
 
 
-def _stage() -> memoryview:
-    view = getattr(_local, "stage", None)
-    if view is None:
-        view = memoryview(mmap.mmap(-1, STAGE_BYTES))  # page-aligned, private to the thread
-        _local.stage = view
-    return view
+def _thread_buffer() -> ReadBuffer:
+    """This thread's staging buffer (page-aligned, kept warm): ``STAGE_BYTES``, for the
+    writes of ``write_direct`` and the stages of ``read_direct``, which never grow it."""
+    buf = getattr(_local, "buffer", None)
+    if buf is None:
+        buf = _local.buffer = ReadBuffer()
+    return buf
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -68,7 +69,7 @@ def write_direct(fd: int, data: bytes | bytearray | memoryview) -> bool:
     if not hasattr(os, "O_DIRECT") or not _set_direct(fd, True):
         return False
     try:
-        stage = _stage()
+        stage = _thread_buffer().window(STAGE_BYTES)
         total = len(view)
         done = 0
         try:
@@ -101,38 +102,25 @@ def read_direct(fd: int, start: int, end: int) -> bytes | None:
     against 3.25-3.8 CPU-s). And a ranged read fetches its aligned blocks only: no
     readahead past it.
 
-    How: the device reads whole aligned blocks into this thread's staging buffer
-    (``ALIGN`` and ``STAGE_BYTES`` as for writes) and the wanted bytes are copied out:
-    one copy for a range within one stage, two for a longer one (each stage's part,
-    then the join). A read that ends at the end of the file returns short there, as
-    ``pread`` does; the bytes past ``end`` are not returned."""
-    if end <= start:
-        return b""
-    if not hasattr(os, "O_DIRECT") or not _set_direct(fd, True):
-        return None
-    try:
-        stage = _stage()
-        pos = start - start % ALIGN
-        parts: list[bytes | memoryview] = []
-        while pos < end:
-            want = min(STAGE_BYTES, -(-(end - pos) // ALIGN) * ALIGN)
-            try:
-                got = os.preadv(fd, [stage[:want]], pos)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and not parts:
-                    return None  # accepted the flag, refused the read
-                raise
-            lo = max(start - pos, 0)
-            hi = min(end - pos, got)
-            if hi > lo:
-                parts.append(stage[lo:hi])
-            if got % ALIGN or not got or pos + got >= end:
-                break  # the end of the file (a partial block, or none), or of the range
-            parts[-1] = bytes(parts[-1])  # the stage is read into again
-            pos += got
-        return b"".join(parts)
-    finally:
-        _set_direct(fd, False)
+    How: ``read_direct_into`` this thread's staging buffer, at most ``STAGE_BYTES`` of
+    aligned blocks at a time, each stage's bytes copied out: one copy for a range within
+    one stage, two for a longer one (each stage's part, then the join). A read that ends
+    at the end of the file returns short there, as ``pread`` does."""
+    buf = _thread_buffer()
+    parts: list[bytes] = []
+    pos = start
+    while pos < end:
+        stop = min(end, pos - pos % ALIGN + STAGE_BYTES)  # its aligned blocks fill one stage at most
+        view = read_direct_into(fd, pos, stop, buf)
+        if view is None:
+            if parts:  # refused after a first stage was read: an error, not a refusal
+                raise OSError(errno.EINVAL, "O_DIRECT read refused part way")
+            return None
+        parts.append(bytes(view))  # the buffer is read into again
+        if len(view) < stop - pos:
+            break  # the end of the file
+        pos = stop
+    return b"".join(parts)  # one part: that very object, not a copy
 
 
 class ReadBuffer:

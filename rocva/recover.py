@@ -85,19 +85,15 @@ class CountingStore:
             self.get_into = self._get_into
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = await self.inner.get(key, offset, length)
-        self.gets += 1
-        self.bytes += len(data)
-        return data
+        return self._counted(await self.inner.get(key, offset, length))
 
     async def _get_unopened(self, key: str, offset: int = 0, length: int | None = None):
-        data = await self.inner.get_unopened(key, offset, length)
-        self.gets += 1
-        self.bytes += len(data)
-        return data
+        return self._counted(await self.inner.get_unopened(key, offset, length))
 
     async def _get_into(self, key: str, offset: int, length: int | None, buf):
-        data = await self.inner.get_into(key, offset, length, buf)
+        return self._counted(await self.inner.get_into(key, offset, length, buf))
+
+    def _counted(self, data):
         self.gets += 1
         self.bytes += len(data)
         return data

@@ -135,22 +135,20 @@ class FileStore(StoreBase):
             raise self._error("put", key, exc) from exc
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        path = self._path(key)
-        check_range(offset, length)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(_readers(), _read_range, path, offset, length)
-        except OSError as exc:
-            raise self._error("get", key, exc) from exc
+        return await self._get(key, offset, length, None)
 
     async def get_into(self, key: str, offset: int, length: int | None, buf: ReadBuffer) -> Bytes:
         """``get``, but an object read with ``O_DIRECT`` (``DIRECT_MIN_BYTES`` or more) comes
         back as a view into ``buf``, without a copy: valid until ``buf`` is read into
         again. Smaller objects, and file systems that refuse ``O_DIRECT``, give bytes."""
+        return await self._get(key, offset, length, buf)
+
+    async def _get(self, key: str, offset: int, length: int | None, into: ReadBuffer | None) -> Bytes:
         path = self._path(key)
         check_range(offset, length)
         try:
             return await asyncio.get_running_loop().run_in_executor(_readers(), _read_range, path, offset, length,
-                                                                    buf)
+                                                                    into)
         except OSError as exc:
             raise self._error("get", key, exc) from exc
 

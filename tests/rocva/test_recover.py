@@ -142,18 +142,20 @@ async def test_a_file_store_lends_read_buffers_per_unit(tmp_path: Path, monkeypa
         shas[b.seq] = b.snapshot()
     made: list[direct_io.ReadBuffer] = []
     lent_reads: list[str] = []
-    real_init, real_get_into = direct_io.ReadBuffer.__init__, FileStore.get_into
+    real_get_into = FileStore.get_into
 
-    def counted_init(self) -> None:
-        made.append(self)
-        real_init(self)
+    # The buffers the fetcher makes (the read threads' staging buffers are ReadBuffers too).
+    class CountedBuffer(direct_io.ReadBuffer):
+        def __init__(self) -> None:
+            made.append(self)
+            super().__init__()
 
     async def counted_get_into(self, key, offset, length, buf):
         data = await real_get_into(self, key, offset, length, buf)
         lent_reads.append(key)
         return data
 
-    monkeypatch.setattr(direct_io.ReadBuffer, "__init__", counted_init)
+    monkeypatch.setattr(fetch, "ReadBuffer", CountedBuffer)
     monkeypatch.setattr(FileStore, "get_into", counted_get_into)
     for seq, expected in shas.items():
         made.clear()
