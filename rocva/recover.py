@@ -81,14 +81,15 @@ class CountingStore:
         self.bytes = 0
         if hasattr(inner, "get_unopened"):  # a sealed store (rocva.fetch opens in its pool)
             self.get_unopened = self._get_unopened
+            self.unopened_into = inner.unopened_into  # ... and lends it read buffers
         if hasattr(inner, "get_into"):  # a file store (rocva.fetch lends it read buffers)
             self.get_into = self._get_into
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._counted(await self.inner.get(key, offset, length))
 
-    async def _get_unopened(self, key: str, offset: int = 0, length: int | None = None):
-        return self._counted(await self.inner.get_unopened(key, offset, length))
+    async def _get_unopened(self, key: str, offset: int = 0, length: int | None = None, *, into=None):
+        return self._counted(await self.inner.get_unopened(key, offset, length, into=into))
 
     async def _get_into(self, key: str, offset: int, length: int | None, buf):
         return self._counted(await self.inner.get_into(key, offset, length, buf))

@@ -28,6 +28,9 @@ unnoticed. Invariants:
   A recovery (``rocva.fetch``) opens each segment run and chunk in its pool thread into
   a buffer that thread reuses: no fresh memory per object and no extra thread hand-off
   (a fresh buffer cost a page fault per 4 KiB, and this machine faults in at ~0.3 GB/s).
+  Over a store that reads into lent buffers (a file store's ``get_into``:
+  ``unopened_into`` is then true), ``get_unopened(..., into=buf)`` fetches the sealed
+  pages into ``buf`` with no copy, as a plain recovery's reads are.
 - Nothing unsealed is ever returned: a plaintext object (``NotEncrypted``), an unknown
   key id (``KeyUnavailable``) and any changed byte (``IntegrityError``, naming the object
   and page) are errors.
@@ -47,6 +50,7 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cdp.direct_io import ReadBuffer
 from cdp.errors import CdpError, ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
 from cdp.store.base import Bytes, ObjectInfo, ObjectStore, StoreBase, check_range, resolve_range
 from cdp.store.keys import show_key, validate_key, validate_prefix
@@ -324,6 +328,9 @@ class EncryptedStore(StoreBase):
         self._envelopes: OrderedDict[str, Envelope] = OrderedDict()
         self._seal_buffers: list[bytearray] = []  # see _seal_buffer
         self._envelopes_lock = threading.Lock()  # ``Unopened.open_into`` runs in any thread
+        #: ``get_unopened(..., into=buf)`` reads the sealed pages into ``buf`` (the inner
+        #: store has ``get_into``); else ``into`` is ignored.
+        self.unopened_into = hasattr(inner, "get_into")
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -485,9 +492,16 @@ class EncryptedStore(StoreBase):
             return bytes(open_range(env, key, where, sealed, start, end))
         return await asyncio.to_thread(open_range, env, key, where, sealed, start, end)
 
-    async def _fetch_whole(self, key: str) -> tuple[Envelope, memoryview]:
+    async def _inner_get(self, key: str, offset: int, length: int | None, into: ReadBuffer | None) -> Bytes:
+        """The inner store's bytes, read into ``into`` when it is given and the inner store
+        reads into buffers (then valid until ``into`` is read into again)."""
+        if into is not None and self.unopened_into:
+            return await self.inner.get_into(key, offset, length, into)  # type: ignore[attr-defined]
+        return await self.inner.get(key, offset, length)
+
+    async def _fetch_whole(self, key: str, into: ReadBuffer | None = None) -> tuple[Envelope, memoryview]:
         """(envelope, sealed pages) of the whole object, its size and both envelopes checked."""
-        blob = memoryview(await self.inner.get(key))
+        blob = memoryview(await self._inner_get(key, 0, None, into))
         env = self._parse(key, blob, "get", twin=blob[-ENVELOPE_BYTES:] if len(blob) >= 2 * ENVELOPE_BYTES else None)
         if len(blob) != env.size:
             raise IntegrityError(f"{self._where('get', key)}: {len(blob)} bytes, the envelope promises "
@@ -501,15 +515,15 @@ class EncryptedStore(StoreBase):
         self._remember(key, env)
         return plain
 
-    async def _fetch_range(self, key: str, offset: int, length: int | None,
-                           env: Envelope | None) -> tuple[Envelope, memoryview | None, int, int]:
+    async def _fetch_range(self, key: str, offset: int, length: int | None, env: Envelope | None,
+                           into: ReadBuffer | None = None) -> tuple[Envelope, memoryview | None, int, int]:
         """(envelope, sealed pages from the first one needed, start, end) of plaintext
         ``[offset, offset + length)``, ``offset >= 0``; ``length`` None only with ``env``
         (a cached envelope; without one, reading to the end is ``_get_to_end``). Sealed
         None for an empty range (the object checked to exist)."""
         if env is None:
             assert length is not None
-            env, sealed, base = await self._fetch_cold(key, offset, length)
+            env, sealed, base = await self._fetch_cold(key, offset, length, into)
         else:
             sealed, base = None, 0
         start, end = resolve_range(env.plain_len, offset, length)
@@ -520,7 +534,8 @@ class EncryptedStore(StoreBase):
         first, last = start // PAGE_BYTES, (end - 1) // PAGE_BYTES
         if sealed is None:
             base = page_offset(first)
-            sealed = memoryview(await self.inner.get(key, base, page_offset(last) + env.page_len(last) + TAG_BYTES - base))
+            sealed = memoryview(await self._inner_get(
+                key, base, page_offset(last) + env.page_len(last) + TAG_BYTES - base, into))
         return env, sealed[page_offset(first) - base :], start, end
 
     async def _get_range(self, key: str, offset: int, length: int | None, env: Envelope | None) -> bytes:
@@ -537,34 +552,39 @@ class EncryptedStore(StoreBase):
         self._remember(key, env)
         return plain
 
-    async def get_unopened(self, key: str, offset: int = 0, length: int | None = None) -> Unopened:
+    async def get_unopened(self, key: str, offset: int = 0, length: int | None = None, *,
+                           into: ReadBuffer | None = None) -> Unopened:
         """What ``get(key, offset, length)`` would return, still sealed: the same GETs, the
         envelope checked, the pages left for ``Unopened.open_into`` to open and check
         (in the caller's thread, into the caller's buffer). ``offset >= 0``; a range to
-        the end needs ``offset`` 0 (the whole object)."""
+        the end needs ``offset`` 0 (the whole object). With ``into`` (and
+        ``unopened_into``), the sealed pages are read into it: the ``Unopened`` is valid
+        until ``into`` is read into again."""
         validate_key(key)
         check_range(offset, length)
         if offset < 0 or (length is None and offset != 0):
             raise ValueError(f"get_unopened: offset {offset}, length {length}: a suffix or a read to the end "
                              f"is for get")
         if length is None:
-            env, sealed = await self._fetch_whole(key)
+            env, sealed = await self._fetch_whole(key, into)
             return Unopened(self, key, env, sealed, 0, env.plain_len, cached=False)
         cached = self._envelopes.get(key)
-        env, sealed, start, end = await self._fetch_range(key, offset, length, cached)
+        env, sealed, start, end = await self._fetch_range(key, offset, length, cached, into)
         return Unopened(self, key, env, memoryview(b"") if sealed is None else sealed, start, end,
                         cached=cached is not None)
 
-    async def _fetch_cold(self, key: str, offset: int, length: int) -> tuple[Envelope, memoryview, int]:
+    async def _fetch_cold(self, key: str, offset: int, length: int,
+                          into: ReadBuffer | None = None) -> tuple[Envelope, memoryview, int]:
         """(envelope, sealed bytes, their object offset) for plaintext ``[offset, offset +
         length)`` with no envelope known: the pages that range would need, and the envelope."""
         first = offset // PAGE_BYTES
         last = max(first, (offset + length - 1) // PAGE_BYTES)
         base, end = page_offset(first), page_offset(last + 1)
         if base <= HEAD_MERGE_BYTES:
-            blob = memoryview(await self.inner.get(key, 0, end))
+            blob = memoryview(await self._inner_get(key, 0, end, into))
             return self._parse(key, blob, "get"), blob, 0
-        head, pages = await asyncio.gather(self.inner.get(key, 0, ENVELOPE_BYTES), self.inner.get(key, base, end - base))
+        head, pages = await asyncio.gather(self.inner.get(key, 0, ENVELOPE_BYTES),
+                                           self._inner_get(key, base, end - base, into))
         return self._parse(key, head, "get"), memoryview(pages), base
 
     async def _get_to_end(self, key: str, offset: int) -> bytes:

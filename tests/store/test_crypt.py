@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import random
 import struct
 
 import pytest
@@ -347,6 +348,51 @@ def test_an_unopened_read_refuses_a_flipped_byte_by_name(position: int, bit: int
             with pytest.raises(IntegrityError, match=f"page {page}"):
                 unopened = await EncryptedStore(inner, ring(KEY_A)).get_unopened("d/obj", page * PAGE_BYTES, 10)
                 unopened.open_into()
+    run(check())
+
+
+def test_unopened_reads_land_in_a_lent_buffer_over_a_file_store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a store that reads into buffers (a file store), ``get_unopened(..., into=buf)``
+    reads the sealed pages into ``buf`` (with O_DIRECT from 1 MiB on, no copy), whole and
+    ranged, cold and with the envelope cached, and they open to what ``get`` returns;
+    over a store that does not, ``into`` is ignored."""
+    from cdp.direct_io import ReadBuffer
+    from cdp.store.fs import FileStore
+
+    body = random.Random(5).randbytes(3 * (1 << 20) + 12345)  # sealed pages past 1 MiB: read direct
+    into_calls: list[tuple[int, int | None]] = []
+    real = FileStore.get_into
+
+    async def counted(self, key, offset, length, buf):
+        into_calls.append((offset, length))
+        return await real(self, key, offset, length, buf)
+
+    monkeypatch.setattr(FileStore, "get_into", counted)
+
+    async def check() -> None:
+        inner = FileStore(tmp_path / "store")
+        await EncryptedStore(inner, ring(KEY_A)).put("d/obj", body)
+        rng = random.Random(6)
+        ranges = [(0, None), (0, len(body)), (5, 2 << 20), (PAGE_BYTES - 3, 10), (len(body) - 70_000, 70_000)]
+        ranges += [(o, rng.randrange(1, len(body) - o + 1)) for o in (rng.randrange(len(body)) for _ in range(6))]
+        for cached in (False, True):
+            reader = EncryptedStore(inner, ring(KEY_A))
+            assert reader.unopened_into
+            if cached:
+                await reader.get("d/obj", 0, 1)
+            buf = ReadBuffer()
+            for offset, length in ranges:
+                into_calls.clear()
+                start, end = resolve_range(len(body), offset, length)
+                unopened = await reader.get_unopened("d/obj", offset, length, into=buf)
+                assert into_calls, (offset, length)  # the pages went into the lent buffer
+                assert bytes(unopened.open_into()) == body[start:end] == await reader.get("d/obj", offset, length)
+        # A store that does not read into buffers: ``into`` is ignored.
+        memory = MemoryStore()
+        await EncryptedStore(memory, ring(KEY_A)).put("d/obj", body)
+        reader = EncryptedStore(memory, ring(KEY_A))
+        assert not reader.unopened_into
+        assert bytes((await reader.get_unopened("d/obj", 7, 100_000, into=ReadBuffer())).open_into()) == body[7:100_007]
     run(check())
 
 
