@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from cdp import site_files
 from cdp.catalog import load_catalog
 from cdp.errors import CdpError
 from cdp.msa.client import MsaClient
+from cdp.ports import free_port
 from cdp.msa.config import load_site_config
 from cdp.msa.install import install
 from cdp.store import open_store
@@ -65,14 +65,13 @@ class DemoOptions:
     seed: int = 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_site(root: Path, opts: DemoOptions, rate_mb_s: float) -> Path:
-    drva_port, api_port = _free_port(), _free_port()
+    # Outside the ephemeral range (cdp.ports): the filter starts reconnecting before the
+    # DRVA listens, and one of its source ports could otherwise be the DRVA's.
+    drva_port = free_port()
+    api_port = free_port()
+    while api_port == drva_port:
+        api_port = free_port()
     size = opts.disk_size
     drva_at = f"127.0.0.1:{drva_port}"
     workload = {"kind": "database", "log_disk": 1, "rate_mb_s": round(rate_mb_s, 3), "payload": "mixed",

@@ -1,4 +1,4 @@
-"""cdp.testing.drva_config.free_port: free ports outside the kernel's ephemeral range."""
+"""cdp.ports.free_port: free ports outside the kernel's ephemeral range."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from cdp import ports
 from cdp.testing import drva_config
 
 
 def test_free_ports_are_bindable_and_outside_the_ephemeral_range() -> None:
-    lo, hi = drva_config._ephemeral_range()
+    lo, hi = ports._ephemeral_range()
     for _ in range(200):
-        port = drva_config.free_port()
-        assert drva_config.PORT_MIN <= port < lo or hi < port <= 65535, port
+        port = ports.free_port()
+        assert ports.PORT_MIN <= port < lo or hi < port <= 65535, port
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # free: no EADDRINUSE
 
@@ -26,8 +27,8 @@ def test_a_port_in_use_is_not_given(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         rng = tmp_path / "range"
-        rng.write_text(f"{drva_config.PORT_MIN} {port - 1}\n")
-        monkeypatch.setattr(drva_config, "EPHEMERAL_RANGE_PATH", rng)
+        rng.write_text(f"{ports.PORT_MIN} {port - 1}\n")
+        monkeypatch.setattr(ports, "EPHEMERAL_RANGE_PATH", rng)
         for _ in range(20):
             got = drva_config.free_port()
             assert got != port
@@ -35,8 +36,13 @@ def test_a_port_in_use_is_not_given(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 def test_no_room_outside_the_range_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     rng = tmp_path / "range"
-    rng.write_text(f"{drva_config.PORT_MIN} 65535\n")
-    monkeypatch.setattr(drva_config, "EPHEMERAL_RANGE_PATH", rng)
+    rng.write_text(f"{ports.PORT_MIN} 65535\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE_PATH", rng)
     port = drva_config.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_the_tests_and_the_demo_take_the_same_function() -> None:
+    from cdp import demo
+    assert drva_config.free_port is ports.free_port is demo.free_port

@@ -1,0 +1,57 @@
+"""Free local TCP ports for servers started a moment later: the demo's, the tests' and
+the benchmarks' DRVAs, MSAs and NBD servers, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+#: Where the kernel picks the source ports of outgoing connections (and the ports of
+#: ``bind(0)``); read from /proc where it can be.
+EPHEMERAL_RANGE_PATH = Path("/proc/sys/net/ipv4/ip_local_port_range")
+EPHEMERAL_RANGE_DEFAULT = (32768, 60999)
+#: Ports below this are left to the system's services.
+PORT_MIN = 10000
+_ports = random.Random()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in EPHEMERAL_RANGE_PATH.read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return EPHEMERAL_RANGE_DEFAULT
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now and *outside* the kernel's ephemeral range.
+
+    Why outside: tests stop and restart a server on the port they picked while its
+    clients keep reconnecting. A port from the ephemeral range (what ``bind(0)`` hands
+    out) can become, meanwhile, the source port of some outgoing connection — another
+    test's, or even the reconnecting client's own (a TCP self-connect when nothing
+    listens on a local port) — and the restart fails with EADDRINUSE: CI saw a DRVA
+    started late by tests/nbd/test_capture.py fail so. Outside that range a port is
+    taken only by an explicit bind; every test, and the demo, picks its ports here, at
+    random.
+    Falls back to ``bind(0)`` when no port outside the range is free."""
+    lo, hi = _ephemeral_range()
+    spans = [(a, b) for a, b in ((PORT_MIN, lo - 1), (hi + 1, 65535)) if b >= a]
+    total = sum(b - a + 1 for a, b in spans)
+    for _ in range(100 if total else 0):
+        k = _ports.randrange(total)
+        for a, b in spans:
+            if k <= b - a:
+                port = a + k
+                break
+            k -= b - a + 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): another
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
