@@ -40,9 +40,9 @@ from cdp import site_files
 from cdp.catalog import load_catalog
 from cdp.errors import CdpError
 from cdp.msa.client import MsaClient
-from cdp.ports import free_port
 from cdp.msa.config import load_site_config
 from cdp.msa.install import install
+from cdp.ports import free_port
 from cdp.store import open_store
 from iofilter_sim.cluster import load_cluster
 from iofilter_sim.runner import ClusterRunner
