@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cdp.testing.drva_config import free_port  # noqa: F401  (the benchmarks import it from here)
+from cdp.ports import free_port  # noqa: F401  (the benchmarks import it from here)
 
 
 def parse_args(description: str,

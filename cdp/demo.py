@@ -42,7 +42,7 @@ from cdp.errors import CdpError
 from cdp.msa.client import MsaClient
 from cdp.msa.config import load_site_config
 from cdp.msa.install import install
-from cdp.ports import free_port
+from cdp.ports import free_ports
 from cdp.store import open_store
 from iofilter_sim.cluster import load_cluster
 from iofilter_sim.runner import ClusterRunner
@@ -68,10 +68,7 @@ class DemoOptions:
 def _write_site(root: Path, opts: DemoOptions, rate_mb_s: float) -> Path:
     # Outside the ephemeral range (cdp.ports): the filter starts reconnecting before the
     # DRVA listens, and one of its source ports could otherwise be the DRVA's.
-    drva_port = free_port()
-    api_port = free_port()
-    while api_port == drva_port:
-        api_port = free_port()
+    drva_port, api_port = free_ports(2)
     size = opts.disk_size
     drva_at = f"127.0.0.1:{drva_port}"
     workload = {"kind": "database", "log_disk": 1, "rate_mb_s": round(rate_mb_s, 3), "payload": "mixed",

@@ -768,8 +768,6 @@ class _Unopening:
         self.describe = store.describe
 
     async def get(self, key: str, offset: int = 0, length: int | None = None):
-        if self.buf is None:
-            return await self.store.get_unopened(key, offset, length)
         return await self.store.get_unopened(key, offset, length, into=self.buf)
 
 

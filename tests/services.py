@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from cdp.testing.drva_config import free_port
+from cdp.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -44,5 +44,14 @@ def test_no_room_outside_the_range_falls_back(monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_the_tests_and_the_demo_take_the_same_function() -> None:
+    from benchmarks import _common
     from cdp import demo
-    assert drva_config.free_port is ports.free_port is demo.free_port
+    assert drva_config.free_port is ports.free_port is _common.free_port
+    assert demo.free_ports is ports.free_ports
+
+
+def test_free_ports_are_distinct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two draws may give the same port: ``free_ports`` draws again until they differ."""
+    draws = iter([20001, 20001, 20002, 20001, 20003])
+    monkeypatch.setattr(ports, "free_port", lambda: next(draws))
+    assert ports.free_ports(3) == [20001, 20002, 20003]

@@ -30,7 +30,7 @@ from typing import Any
 
 import tomli_w
 
-from cdp.testing.drva_config import free_port
+from cdp.ports import free_ports
 from tests.waiting import EVENTUALLY_S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,16 +63,6 @@ CDP = _command("cdp", "cdp.cli")
 SIM = _command("iofilter-sim", "iofilter_sim")
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, outside the ephemeral range (``free_port``)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -88,7 +78,7 @@ def _smaller(size: str) -> str:
 
 def write_site(root: Path) -> tuple[Path, dict[str, Any]]:
     """Copy ``examples/{site,cluster}.toml`` into ``root``, adapted (module docstring)."""
-    p1, p2, api = _free_ports(3)
+    p1, p2, api = free_ports(3)
     ports = {"127.0.0.1:32873": f"127.0.0.1:{p1}", "127.0.0.1:32874": f"127.0.0.1:{p2}"}
 
     cluster = tomllib.loads((EXAMPLES / "cluster.toml").read_text())
