@@ -38,6 +38,36 @@ def sync_file(fd: int) -> None:
     os.fsync(fd)
 
 
+def _libc_sync_file_range():
+    """libc's ``sync_file_range`` (Linux only), or None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-out of dirty pages not yet under it; no wait
+
+
+def start_writeout(fd: int) -> bool:
+    """Start writing out every dirty page of ``fd`` without waiting for it: a hint that
+    makes **nothing** durable (only ``sync_data``/``sync_file`` do) and reports no error
+    (a write-back error stays for the fsync to report: without a wait flag,
+    ``sync_file_range`` does not consume it). The pages stay cached, so a later write to
+    part of one does not read it back. False where there is no ``sync_file_range`` (or
+    the file does not take it), true when the write-out was started."""
+    if _sync_file_range is None:
+        return False
+    return _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 def pwrite_all(fd: int, buffers: Sequence[Buffer], offset: int) -> None:
     """``pwritev`` every buffer at ``offset``, resuming after short writes, at most
     ``IOV_MAX`` buffers a call. Like any write, it makes nothing durable (``sync_data``)."""

@@ -1,4 +1,5 @@
-"""rocva.fetch's writers: block-by-block placement, zero pages, region write-out."""
+"""rocva.fetch's writers: block-by-block placement, zero pages, region and early write-out,
+base chunks decoded only where their pieces are."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdp.base_image import SUB_BLOCK_BYTES, encode_chunk, encode_chunk_v1
-from cdp.errors import ChecksumMismatch
+from cdp import durable
+from cdp.base_image import SUB_BLOCK_BYTES, decode_chunk_head, encode_chunk, encode_chunk_v1
+from cdp.errors import ChecksumMismatch, FormatError
 from cdp.layout import chunk_key
 from cdp.segment import fetch_blocks, read_blocks
 from cdp.store.memory import MemoryStore
@@ -277,3 +279,114 @@ async def test_a_partial_chunk_read_places_what_a_whole_read_does(tmp_path: Path
     for a, n in zip(start.tolist(), length.tolist()):
         want[a : a + n] = raw[a : a + n]
     assert files[0] == bytes(want)
+
+
+async def test_early_writeout_starts_every_images_writeout_as_units_land(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``EARLY_WRITEOUT_BYTES`` placed, the write-out of every image is started (no
+    region need be complete), one at a time; below it, none."""
+    rng = np.random.default_rng(5)
+    size = 1 << 20
+    b = await DomainBuilder(MemoryStore(), disks=(("vm", "a", size), ("vm", "b", size // 2)),
+                            block_raw_size=8 * KiB).start()
+    for k in range(200):
+        disk = int(rng.integers(0, 2))
+        length = int(rng.integers(1, 64)) * SECTOR
+        offset = int(rng.integers(0, (b.disks[disk]["size"] - length) // SECTOR + 1)) * SECTOR
+        b.write(disk, offset, rng.bytes(length))
+        if k % 20 == 19:
+            await b.seal()  # one segment, one run at least, per 20 writes
+    plan = await plan_recovery(b.store, b.domain, Target.latest())
+    units = [u for _, _, us in segment_groups(plan) for u in us]
+    assert len(units) >= 10
+    total = sum(u.nbytes for u in units)
+    started: list[int] = []
+    monkeypatch.setattr(durable, "start_writeout", lambda fd: started.append(fd) or True)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: None)
+    monkeypatch.setattr(fetch, "EARLY_WRITEOUT_BYTES", total + 1)
+    wb = Writeback(plan, [100, 101])
+    for unit in units:
+        wb.written(unit)
+    wb.close()
+    assert started == []  # fewer bytes placed than the step
+    step = max(1, total // 8)
+    monkeypatch.setattr(fetch, "EARLY_WRITEOUT_BYTES", step)
+    wb = Writeback(plan, [100, 101])
+    for unit in units:
+        wb.written(unit)
+        wb._early is None or wb._early.result()  # let each finish: the count is then exact
+    wb.close()
+    steps, placed = 0, 0
+    for unit in units:
+        placed += unit.nbytes
+        if placed >= step:
+            steps, placed = steps + 1, 0
+    assert steps >= 2 and started == [100, 101] * steps
+
+
+def test_start_writeout_is_a_hint_on_a_real_file(tmp_path: Path) -> None:
+    """On Linux it starts the write-out (true) and changes no byte; a bad fd is false."""
+    path = tmp_path / "f"
+    data = os.urandom(3 << 20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, data, 4096)
+        assert durable.start_writeout(fd) is (durable._sync_file_range is not None)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(4096) + data
+    assert durable.start_writeout(fd) is False  # closed
+
+
+async def test_a_whole_chunk_is_verified_and_decoded_only_where_its_pieces_are(tmp_path: Path) -> None:
+    """A full recovery's whole chunk (version 2): a changed byte in a sub-block no piece
+    uses does not stop it, one in a used sub-block is found and names the chunk; a chunk
+    whose header names another (swapped objects) is refused."""
+    rng = np.random.default_rng(11)
+    size = 8 * SUB_BLOCK_BYTES
+    raw = rng.bytes(size)
+    h, obj = encode_chunk(raw)
+    table = decode_chunk_head("k", obj, h, size)
+    start = np.array([SUB_BLOCK_BYTES + 10, 5 * SUB_BLOCK_BYTES], np.int64)  # sub-blocks 1 and 5
+    length = np.array([100, SUB_BLOCK_BYTES], np.int64)
+
+    async def place(stored: bytes, key_hash: bytes = h) -> bytes:
+        store = MemoryStore()
+        await store.put(chunk_key(key_hash), stored)
+        path = tmp_path / "img"
+        path.write_bytes(bytes(size))
+        fd = os.open(path, os.O_RDWR)
+        try:
+            unit = ChunkCopy(chunk_key(key_hash), key_hash, size, np.zeros(2, np.int64), start, start, length,
+                             int(length.sum()))
+            with ThreadPoolExecutor(1) as pool:
+                await Fetcher(store, [fd], pool).run(unit)
+        finally:
+            os.close(fd)
+        return path.read_bytes()
+
+    def changed(sub_block: int) -> bytes:
+        at = int(table.entries["stored_offset"][sub_block]) + 7
+        out = bytearray(obj)
+        out[at] ^= 0x20
+        return bytes(out)
+
+    want = bytearray(size)
+    for a, n in zip(start.tolist(), length.tolist()):
+        want[a : a + n] = raw[a : a + n]
+    assert await place(obj) == bytes(want)
+    assert await place(changed(3)) == bytes(want)  # no piece in sub-block 3
+    for used in (1, 5):
+        with pytest.raises(ChecksumMismatch, match=rf"chunk {chunk_key(h)}.*sub-block"):
+            await place(changed(used))
+    other, other_obj = encode_chunk(rng.bytes(size))
+    with pytest.raises(FormatError, match="raw_xxh3_128 .* is not the expected"):
+        store = MemoryStore()
+        await store.put(chunk_key(h), other_obj)
+        unit = ChunkCopy(chunk_key(h), h, size, np.zeros(2, np.int64), start, start, length, int(length.sum()))
+        with ThreadPoolExecutor(1) as pool:
+            fd = os.open(tmp_path / "img", os.O_RDWR)
+            try:
+                await Fetcher(store, [fd], pool).run(unit)
+            finally:
+                os.close(fd)
