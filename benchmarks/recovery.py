@@ -11,7 +11,14 @@ under the store; the primary image for ``cp``; the repository for restic and bor
 previous run's output is dropped with ``posix_fadvise(DONTNEED)`` after an ``os.sync()``.
 Each side is timed until its output is durable: recovery fsyncs its images itself, and
 the ``cp --sparse=auto`` copy and restic's and borg's restored files are fsynced inside the timing.
-Medians over rounds.
+Medians over rounds. The baselines are timed in the same rounds as the recoveries of
+the latest point they divide, in turns (``cp``, recovery, restic, borg; the order
+rotated each round; restic's and borg's backups and one untimed cp made before the
+first round; the recovered image checked after the last): this
+VM's speed drifts with its memory state (a page it gave back to the host costs a fault
+when touched again), and a baseline timed after all the recoveries met a warmer machine
+than they did (in one full run: the first rounds' recoveries took 2.33 s, the same
+recoveries later in the run 1.67 s, and cp, timed after them all, 1.04 s).
 
 Fields: ``mb_per_s`` (disk bytes / seconds to recover the latest point),
 ``middle_mb_per_s`` (the mark half way), ``ratio_vs_cp`` (our speed / cp's),
@@ -49,6 +56,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -188,37 +196,72 @@ def aes_gcm_open_gb_per_s(keyring: StoreKeyring) -> float:
     return len(data) / best / 1e9
 
 
-def time_cp(primary: Path, out: Path, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        clear(out)
-        out.mkdir()
-        evict(primary)
-        dst = out / "copy.img"
-        t0 = time.perf_counter()
-        subprocess.run(["cp", "--sparse=auto", str(primary), str(dst)], check=True)
-        fsync_file(dst)
-        times.append(time.perf_counter() - t0)
+def time_cp(primary: Path, out: Path) -> float:
+    """Seconds of one cold ``cp`` of ``primary`` until the copy is durable."""
     clear(out)
-    return statistics.median(times)
+    out.mkdir()
+    evict(primary)
+    dst = out / "copy.img"
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "--sparse=auto", str(primary), str(dst)], check=True)
+    fsync_file(dst)
+    seconds = time.perf_counter() - t0
+    clear(out)
+    return seconds
 
 
-def time_peer(peer: Restic | Borg, primary: Path, out: Path, rounds: int) -> float:
-    """Median seconds of a cold restore of ``primary`` from a fresh backup of it by ``peer``
-    (restic or borg: ``benchmarks._peers``), until the restored file is durable."""
-    peer.init()
-    peer.backup(primary)
-    times = []
-    for _ in range(rounds):
-        clear(out)
-        evict(peer.repo)
-        t0 = time.perf_counter()
-        peer.restore_latest(out)
-        fsync_file(out / primary.relative_to(primary.anchor))
-        times.append(time.perf_counter() - t0)
+def time_peer(peer: Restic | Borg, primary: Path, out: Path) -> float:
+    """Seconds of one cold restore of ``primary`` by ``peer`` (restic or borg:
+    ``benchmarks._peers``, its backup made), until the restored file is durable."""
     clear(out)
-    shutil.rmtree(peer.repo)
-    return statistics.median(times)
+    evict(peer.repo)
+    t0 = time.perf_counter()
+    peer.restore_latest(out)
+    fsync_file(out / primary.relative_to(primary.anchor))
+    seconds = time.perf_counter() - t0
+    clear(out)
+    return seconds
+
+
+def time_latest_and_baselines(store_dir: Path, domain: int, primary: Path, root: Path, rounds: int,
+                              model_sha: str) -> tuple[float, dict[str, float | None], bool]:
+    """(recovery seconds, baseline seconds by name, verified): ``rounds`` cold recoveries of
+    the latest point and, in the same rounds, in turns, cp and each peer installed (its
+    backup made first); medians. A missing peer's seconds are None."""
+    peers: dict[str, Restic | Borg] = {}
+    if shutil.which("restic"):
+        peers["restic"] = Restic(root / "restic-repo")
+    if shutil.which("borg"):
+        peers["borg"] = Borg(root / "borg-repo")
+    for peer in peers.values():
+        peer.init()
+        peer.backup(primary)
+    turns: dict[str, Callable[[], float]] = {"cp": lambda: time_cp(primary, root / "cp-out")}
+    for name, peer in peers.items():
+        turns[name] = lambda peer=peer, name=name: time_peer(peer, primary, root / f"{name}-out")
+    recovered: list[Path] = []
+
+    def recover_once() -> float:
+        seconds, image = time_recover(store_dir, domain, Target.latest(), root / "out", 1)
+        recovered.append(image)
+        return seconds
+
+    turns["recovery"] = recover_once
+    times: dict[str, list[float]] = {name: [] for name in turns}
+    order = list(turns)
+    turns["cp"]()  # untimed: the first turn after the build met a colder machine (2.7 s against 1.0)
+    for k in range(rounds):
+        for name in order[k % len(order):] + order[: k % len(order)]:
+            times[name].append(turns[name]())
+    # Checked after the rounds: reading the image back just before a turn slowed that
+    # turn (a cp, 1.0 s to 2.0 s).
+    verified = sha256_file(recovered[-1]) == model_sha
+    for peer in peers.values():
+        shutil.rmtree(peer.repo)
+    medians: dict[str, float | None] = {name: statistics.median(t) for name, t in times.items()}
+    for name in ("restic", "borg"):
+        medians.setdefault(name, None)
+    return medians.pop("recovery"), medians, verified
 
 
 def main() -> None:
@@ -239,8 +282,9 @@ def main() -> None:
         store_bytes = sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file())
         half_seq = b.marks[0]["seq"]
 
-        latest_s, image = time_recover(store_dir, b.domain, Target.latest(), root / "out", rounds)
-        verified = sha256_file(image) == model_sha
+        latest_s, baselines, verified = time_latest_and_baselines(store_dir, b.domain, primary, root, rounds,
+                                                                  model_sha)
+        cp_s, restic_s, borg_s = baselines["cp"], baselines["restic"], baselines["borg"]
         middle_s, image = time_recover(store_dir, b.domain, Target.mark("half"), root / "out", rounds)
         verified &= sha256_file(image) == half_sha
         clear(root / "out")
@@ -265,11 +309,6 @@ def main() -> None:
         aes_gb_s = aes_gcm_open_gb_per_s(keyring)
         shutil.rmtree(root / "store-sealed")
         clear(root / "out")
-        cp_s = time_cp(primary, root / "cp-out", rounds)
-        restic_s = time_peer(Restic(root / "restic-repo"), primary, root / "restic-out", rounds) \
-            if shutil.which("restic") else None
-        borg_s = time_peer(Borg(root / "borg-repo"), primary, root / "borg-out", rounds) \
-            if shutil.which("borg") else None
 
         # 16x the churn: continue the history to 16x the writes, then consolidate all but
         # the newest 1x of writes and apply a retention window of that length.
