@@ -41,7 +41,7 @@ from drva.domain import DomainState
 from drva.lanes import StoreLane, open_lanes
 from drva.seeder import Seeder
 from drva.requests import RequestBox
-from drva.session import HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, STREAM_READ_AHEAD_BYTES, Session, SessionStream
+from drva.session import HANDSHAKE_READ_AHEAD_BYTES, HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, Session, SessionStream
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
 
@@ -128,7 +128,7 @@ class Drva:
         tls = self._tls()
         if tls is None:
             self.server = await asyncio.get_running_loop().create_server(
-                lambda: SessionStream(STREAM_READ_AHEAD_BYTES, self._accept), cfg.host, cfg.port,
+                lambda: SessionStream(HANDSHAKE_READ_AHEAD_BYTES, self._accept), cfg.host, cfg.port,
                 reuse_address=True)
             self._port = self.server.sockets[0].getsockname()[1]
         else:
@@ -278,7 +278,7 @@ class Drva:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANDSHAKE_TIMEOUT_S  # from accept to WELCOME, TLS included
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        protocol = SessionStream(STREAM_READ_AHEAD_BYTES)
+        protocol = SessionStream(HANDSHAKE_READ_AHEAD_BYTES)
         try:
             try:
                 await loop.connect_accepted_socket(

@@ -32,12 +32,15 @@ log = get_logger("drva.session")
 # Before WELCOME a peer is a stranger (FORMAT.md §9.1): only HELLO, then AUTH, whose
 # bodies are at most CONTROL_BODY_MAX (64 KiB); any other type is refused from its header
 # before its body is read. At most HANDSHAKES_MAX connections may be between accept and
-# WELCOME (more get ERROR busy at once), each for at most HANDSHAKE_TIMEOUT_S; a
-# connection's read-ahead buffer is STREAM_READ_AHEAD_BYTES, and reading stops while it is
-# full (TCP flow control takes over). So the bytes buffered for peers not yet
-# authenticated stay under HANDSHAKES_MAX x STREAM_READ_AHEAD_BYTES = 4 MiB.
+# WELCOME (more get ERROR busy at once), each for at most HANDSHAKE_TIMEOUT_S; until
+# WELCOME a connection's read-ahead buffer is HANDSHAKE_READ_AHEAD_BYTES (what the largest
+# handshake body needs), and reading stops while it is full (TCP flow control takes
+# over). So the bytes buffered for peers not yet authenticated stay under
+# HANDSHAKES_MAX x HANDSHAKE_READ_AHEAD_BYTES = 1 MiB. A welcomed filter's read-ahead
+# grows to STREAM_READ_AHEAD_BYTES (SessionStream.grow).
 HANDSHAKES_MAX = 16
 HANDSHAKE_TIMEOUT_S = 10.0  # from accept to WELCOME sent
+HANDSHAKE_READ_AHEAD_BYTES = wire.CONTROL_BODY_MAX
 STREAM_READ_AHEAD_BYTES = 256 << 10
 HANDSHAKE_TYPES = (wire.HELLO, wire.AUTH)
 assert all(wire.body_max(t) == wire.CONTROL_BODY_MAX for t in HANDSHAKE_TYPES), "FORMAT.md §9.1"
@@ -199,6 +202,20 @@ class SessionStream(asyncio.BufferedProtocol):
             await self._waiter
         finally:
             self._waiter = None
+
+    def grow(self, limit: int) -> None:
+        """Raise the read-ahead to ``limit`` bytes, keeping the unread ones: a filter
+        once welcomed (the handshake's read-ahead is smaller, see HANDSHAKES_MAX)."""
+        if limit <= self._limit:
+            return
+        self._limit = limit
+        if self._ahead:
+            ahead = bytearray(limit)
+            n = self._end - self._start
+            ahead[:n] = memoryview(self._ahead)[self._start : self._end]
+            self._ahead, self._start, self._end = ahead, 0, n
+        if self._target is None:
+            self._resume_reading()  # paused while the smaller one was full: there is room now
 
     # ------------------------------------------------------------------ reader side
 
@@ -374,6 +391,9 @@ class Session:
             self.domains[domain_id] = dom
         self.drva.handshaking.discard(self)
         self.drva.sessions.add(self)
+        grow = getattr(self.reader, "grow", None)
+        if grow is not None:
+            grow(STREAM_READ_AHEAD_BYTES)
 
     # ------------------------------------------------------------------ streaming
 

@@ -19,7 +19,7 @@ from drva import session as session_mod
 from drva.daemon import Drva
 from tests.drva.harness import (EVENTUALLY_S, DrvaProcess, config, domain_doc, drva_doc, free_port,
                                 running_drva, two_domains, wait_until)
-from tests.drva.test_protocol import expect_error, good_session_still_works, welcomed
+from tests.drva.test_protocol import expect_error, good_session_still_works, handshake, welcomed
 
 SIZE = 8 << 20
 
@@ -69,6 +69,29 @@ async def test_a_handshake_body_over_64_kib_is_refused_from_its_header(drva):
     writer.close()
 
 
+async def test_a_stranger_gets_the_handshakes_read_ahead_and_a_welcomed_filter_the_streams(drva):
+    """Until WELCOME a connection may buffer HANDSHAKE_READ_AHEAD_BYTES (64 KiB, its
+    largest body), then reading stops; once welcomed its read-ahead grows to
+    STREAM_READ_AHEAD_BYTES with what it held unread kept (the frame after WELCOME)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
+    writer.write(wire.pack_header(wire.HELLO, wire.CONTROL_BODY_MAX, 0) + bytes(wire.CONTROL_BODY_MAX - 1))
+    await writer.drain()
+    await wait_until(lambda: len(drva.handshaking) == 1, EVENTUALLY_S, "the stranger's handshake")
+    stranger = next(iter(drva.handshaking)).reader
+    await wait_until(lambda: stranger._end - stranger._start >= wire.CONTROL_BODY_MAX - 1, EVENTUALLY_S,
+                     "the stranger's bytes to be read ahead")
+    assert len(stranger._ahead) == session_mod.HANDSHAKE_READ_AHEAD_BYTES == wire.CONTROL_BODY_MAX
+    writer.close()
+    r2, w2, *_ = await handshake(drva, (2,))
+    assert (await wire.read_message(r2, "t")).type == wire.WELCOME
+    (session,) = [s for s in drva.sessions if 2 in s.domains]
+    assert session.reader._limit == session_mod.STREAM_READ_AHEAD_BYTES
+    w2.writelines(wire.control(wire.PING, {}))
+    assert (await wire.read_message(r2, "t")).type == wire.PONG  # the stream still reads
+    w2.close()
+    await good_session_still_works(drva)
+
+
 # ---------------------------------------------------------------------- caps and deadline
 
 
@@ -107,8 +130,10 @@ FLOOD_SOCKETS = 40
 FLOOD_CHUNK = bytes(1 << 20)
 RSS_SAMPLE_S = 0.02
 # What the flood may add besides the read-aheads of the connections in their handshake
-# (sessions, tasks, transports, the allocator's slack): measured +4.0 MiB in all, which
-# is the read-aheads alone; a read-ahead per connection (40) was +9.5 MiB.
+# (sessions, tasks, transports, the allocator's slack). With 256 KiB read-aheads before
+# WELCOME the flood measured +4.0-4.1 MiB in all, the read-aheads alone (and +9.8 MiB,
+# 40 of them, twice in a busy run); with the 64 KiB ones of HANDSHAKE_READ_AHEAD_BYTES,
+# +0.8 MiB (three runs alone, three beside two CPU-bound processes).
 FLOOD_OVERHEAD_KB = 3 << 10
 
 
@@ -173,7 +198,7 @@ async def test_rss_stays_bounded_under_unauthenticated_big_bodies(tmp_path):
         assert peak_kb <= 2 * idle_kb, f"RSS peaked at {peak_kb} KiB, idle was {idle_kb} KiB"
         # Only the connections in their handshake hold a read-ahead: those refused busy
         # at accept never allocate one.
-        bound_kb = session_mod.HANDSHAKES_MAX * session_mod.STREAM_READ_AHEAD_BYTES // 1024 + FLOOD_OVERHEAD_KB
+        bound_kb = session_mod.HANDSHAKES_MAX * session_mod.HANDSHAKE_READ_AHEAD_BYTES // 1024 + FLOOD_OVERHEAD_KB
         assert peak_kb - idle_kb <= bound_kb, f"RSS grew {peak_kb - idle_kb} KiB under the flood (bound {bound_kb})"
 
         settled: list[int] = []

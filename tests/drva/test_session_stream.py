@@ -73,3 +73,24 @@ async def test_stops_reading_while_its_read_ahead_is_full():
         assert await stream.readexactly(16 << 20) == b"z" * (16 << 20)
     writer.close()
     server.close()
+
+
+async def test_grow_keeps_the_unread_bytes_and_reads_on_into_the_larger_read_ahead():
+    # A welcomed filter's stream grows from the handshake's read-ahead (drva.session).
+    stream, writer, server = await _pair(limit=64 << 10)
+    data = os.urandom(16 << 20)
+    writer.write(data)
+    await asyncio.sleep(0.3)
+    assert stream._end - stream._start == 64 << 10 and stream._reading_paused
+    head = await stream.readexactly(10)  # the read-ahead now holds 64 KiB - 10 unread
+    stream.grow(256 << 10)
+    await asyncio.sleep(0.3)
+    assert len(stream._ahead) == 256 << 10 and stream._end - stream._start == 256 << 10
+    assert stream._reading_paused  # full again: flow control, not an unbounded buffer
+    async with asyncio.timeout(EVENTUALLY_S):
+        rest = await stream.readexactly(len(data) - 10)
+    assert head + bytes(rest) == data
+    stream.grow(64 << 10)  # never shrinks
+    assert stream._limit == 256 << 10
+    writer.close()
+    server.close()
