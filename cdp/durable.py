@@ -15,6 +15,8 @@ cannot see a missing sync, the page cache survives it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 import secrets
@@ -40,9 +42,6 @@ def sync_file(fd: int) -> None:
 
 def _libc_sync_file_range():
     """libc's ``sync_file_range`` (Linux only), or None."""
-    import ctypes
-    import ctypes.util
-
     try:
         fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
     except (OSError, AttributeError):

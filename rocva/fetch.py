@@ -673,7 +673,8 @@ class Writeback:
 
     def written(self, unit: Unit) -> None:
         """Count the unit's bytes as written (from any thread, once its pwrites are done);
-        start the write-out of the regions it completed."""
+        drop the regions it completed from the cache, and start the write-out of every
+        image when ``EARLY_WRITEOUT_BYTES`` more were placed."""
         done = []
         for k in np.unique(unit.slot).tolist():
             sel = unit.slot == k
