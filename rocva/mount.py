@@ -18,9 +18,10 @@ had finished, each overlay's blocks are copied into its image, so that the rehyd
 directory holds exactly what the exports served last.
 
 Memory: the cache's bound (``cache_bytes_max``), plus the units being fetched (at most
-``loads_max`` GETs of one segment block or base chunk each), plus what the NBD server
-holds in flight (FORMAT.md §17.4); the plan's extent arrays; one bit per 4 KiB per
-disk for an overlay. Nothing grows with how much of a disk is read.
+``loads_max`` GETs of one segment block or base chunk part each), plus what the NBD
+server holds in flight (FORMAT.md §17.4); the plan's extent arrays; the chunk tables
+kept per disk (``rocva.mount_source.HEADS_KEPT``, about 2 KiB each for 4 MiB chunks);
+one bit per 4 KiB per disk for an overlay. Nothing grows with how much of a disk is read.
 """
 
 from __future__ import annotations

@@ -1,0 +1,134 @@
+"""rocva.mount_source: a base read fetches and decodes only the part of its chunk it
+needs, verified; every byte served equals the disk at the point."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from cdp.base_image import SUB_BLOCK_BYTES, decode_chunk_head, encode_chunk_v1
+from cdp.layout import chunk_key
+from cdp.store.memory import MemoryStore
+from cdp.testing.domain import SECTOR, DomainBuilder
+from rocva import Target
+from rocva import mount_source
+from rocva.mount import Mount, MountOptions
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 1 * MiB
+PART = 256 * KiB
+DISK = 6 * MiB
+
+
+class _CountingStore(MemoryStore):
+    """A memory store that counts the bytes its gets return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_bytes = 0
+        self.gets: list[tuple[str, int, int | None]] = []
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = await super().get(key, offset, length)
+        self.read_bytes += len(data)
+        self.gets.append((key, offset, length))
+        return data
+
+
+@pytest.fixture
+async def domain(monkeypatch: pytest.MonkeyPatch):
+    """A 6 MiB disk: a base of 1 MiB chunks (the fourth all zeros), then scattered writes."""
+    monkeypatch.setattr(mount_source, "CHUNK_PART_BYTES", PART)
+    rng = np.random.default_rng(7)
+    b = await DomainBuilder(_CountingStore(), disks=(("vm", "disk0", DISK),), block_raw_size=64 * KiB).start()
+    b.model[0][:] = rng.bytes(DISK)
+    b.model[0][3 * CHUNK : 4 * CHUNK] = bytes(CHUNK)
+    await b.add_base(0, chunk_size=CHUNK)
+    for _ in range(40):
+        length = int(rng.integers(1, 32)) * SECTOR
+        b.write(0, int(rng.integers(0, (DISK - length) // SECTOR)) * SECTOR, rng.bytes(length))
+    await b.seal()
+    return b
+
+
+async def _mounted(b: DomainBuilder):
+    mount = await Mount.open(b.store, MountOptions(b.domain, Target.latest()))
+    return mount, next(iter(mount.disks.values()))
+
+
+async def _base_chunks(b: DomainBuilder) -> list[tuple[str, bytes]]:
+    """(key, object) of every stored chunk."""
+    return [(k, await MemoryStore.get(b.store, k)) for k in sorted(b.chunk_keys)]
+
+
+async def test_random_reads_equal_the_disk_at_the_point(domain):
+    b = domain
+    mount, disk = await _mounted(b)
+    try:
+        rng = np.random.default_rng(1)
+        for _ in range(60):
+            length = int(rng.integers(1, 3 * PART))
+            offset = int(rng.integers(0, DISK - length))
+            assert bytes(await disk.read(offset, length)) == bytes(b.model[0][offset : offset + length])
+        assert bytes(await disk.read(0, DISK)) == bytes(b.model[0])
+    finally:
+        await mount.close()
+
+
+async def test_a_base_read_fetches_the_chunks_table_and_one_part_only(domain):
+    b = domain
+    mount, disk = await _mounted(b)
+    try:
+        key = chunk_key(mount.plan.disks[0].manifest.hash_of(4))
+        size = len(await MemoryStore.get(b.store, key))
+        b.store.read_bytes, b.store.gets = 0, []
+        offset = 4 * CHUNK + 3 * PART  # the fifth chunk's last part, whole
+        assert bytes(await disk.read(offset, PART)) == bytes(b.model[0][offset : offset + PART])
+        assert any(k == key for k, _, _ in b.store.gets)
+        assert b.store.read_bytes < size // 2  # its table and one part (and maybe a segment block)
+        offset = 4 * CHUNK + PART
+        assert bytes(await disk.read(offset, PART)) == bytes(b.model[0][offset : offset + PART])
+        heads = [g for g in b.store.gets if g[0] == key and g[1] == 0]
+        assert len(heads) == 1, b.store.gets  # the table is read once, then kept
+    finally:
+        await mount.close()
+
+
+async def test_a_changed_byte_fails_the_reads_of_its_part_only(domain):
+    b = domain
+    mount, disk = await _mounted(b)
+    try:
+        key = chunk_key(mount.plan.disks[0].manifest.hash_of(5))
+        obj = await MemoryStore.get(b.store, key)
+        table = decode_chunk_head(key, obj, None)
+        bad = bytearray(obj)
+        bad[int(table.entries["stored_offset"][PART // SUB_BLOCK_BYTES]) + 5] ^= 1  # in its second part
+        await MemoryStore.put(b.store, key, bytes(bad))
+        first = 5 * CHUNK
+        assert bytes(await disk.read(first, PART)) == bytes(b.model[0][first : first + PART])
+        with pytest.raises(OSError) as failed:
+            await disk.read(first + PART, PART)
+        assert failed.value.errno == errno.EIO and "stored_xxh3" in str(failed.value)
+        third = first + 2 * PART
+        assert bytes(await disk.read(third, PART)) == bytes(b.model[0][third : third + PART])
+    finally:
+        await mount.close()
+
+
+async def test_a_version_1_chunk_is_read_whole_and_its_part_served(domain):
+    b = domain
+    for key, obj in await _base_chunks(b):
+        table = decode_chunk_head(key, obj, None)
+        raw = table.decode(0, table.block_count - 1, obj[table.stored_start :])
+        h, v1 = encode_chunk_v1(bytes(raw))
+        assert chunk_key(h) == key
+        await MemoryStore.put(b.store, key, v1)
+    mount, disk = await _mounted(b)
+    try:
+        assert bytes(await disk.read(0, DISK)) == bytes(b.model[0])
+        offset = 5 * CHUNK + 2 * PART + 100
+        assert bytes(await disk.read(offset, 5000)) == bytes(b.model[0][offset : offset + 5000])
+    finally:
+        await mount.close()
