@@ -3,6 +3,7 @@ needs, verified; every byte served equals the disk at the point."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 import numpy as np
@@ -53,9 +54,19 @@ async def domain(monkeypatch: pytest.MonkeyPatch):
     return b
 
 
+@contextlib.asynccontextmanager
 async def _mounted(b: DomainBuilder):
+    """(the mount of the latest point, its one disk), closed after."""
     mount = await Mount.open(b.store, MountOptions(b.domain, Target.latest()))
-    return mount, next(iter(mount.disks.values()))
+    try:
+        yield mount, next(iter(mount.disks.values()))
+    finally:
+        await mount.close()
+
+
+async def _reads_right(b: DomainBuilder, disk, offset: int, length: int) -> None:
+    """``length`` bytes read at ``offset`` are the disk's at the point."""
+    assert bytes(await disk.read(offset, length)) == bytes(b.model[0][offset : offset + length])
 
 
 async def _base_chunks(b: DomainBuilder) -> list[tuple[str, bytes]]:
@@ -65,41 +76,34 @@ async def _base_chunks(b: DomainBuilder) -> list[tuple[str, bytes]]:
 
 async def test_random_reads_equal_the_disk_at_the_point(domain):
     b = domain
-    mount, disk = await _mounted(b)
-    try:
+    async with _mounted(b) as (mount, disk):
         rng = np.random.default_rng(1)
         for _ in range(60):
             length = int(rng.integers(1, 3 * PART))
             offset = int(rng.integers(0, DISK - length))
-            assert bytes(await disk.read(offset, length)) == bytes(b.model[0][offset : offset + length])
-        assert bytes(await disk.read(0, DISK)) == bytes(b.model[0])
-    finally:
-        await mount.close()
+            await _reads_right(b, disk, offset, length)
+        await _reads_right(b, disk, 0, DISK)
 
 
 async def test_a_base_read_fetches_the_chunks_table_and_one_part_only(domain):
     b = domain
-    mount, disk = await _mounted(b)
-    try:
+    async with _mounted(b) as (mount, disk):
         key = chunk_key(mount.plan.disks[0].manifest.hash_of(4))
         size = len(await MemoryStore.get(b.store, key))
         b.store.read_bytes, b.store.gets = 0, []
         offset = 4 * CHUNK + 3 * PART  # the fifth chunk's last part, whole
-        assert bytes(await disk.read(offset, PART)) == bytes(b.model[0][offset : offset + PART])
+        await _reads_right(b, disk, offset, PART)
         assert any(k == key for k, _, _ in b.store.gets)
         assert b.store.read_bytes < size // 2  # its table and one part (and maybe a segment block)
         offset = 4 * CHUNK + PART
-        assert bytes(await disk.read(offset, PART)) == bytes(b.model[0][offset : offset + PART])
+        await _reads_right(b, disk, offset, PART)
         heads = [g for g in b.store.gets if g[0] == key and g[1] == 0]
         assert len(heads) == 1, b.store.gets  # the table is read once, then kept
-    finally:
-        await mount.close()
 
 
 async def test_a_changed_byte_fails_the_reads_of_its_part_only(domain):
     b = domain
-    mount, disk = await _mounted(b)
-    try:
+    async with _mounted(b) as (mount, disk):
         key = chunk_key(mount.plan.disks[0].manifest.hash_of(5))
         obj = await MemoryStore.get(b.store, key)
         table = decode_chunk_head(key, obj, None)
@@ -107,14 +111,12 @@ async def test_a_changed_byte_fails_the_reads_of_its_part_only(domain):
         bad[int(table.entries["stored_offset"][PART // SUB_BLOCK_BYTES]) + 5] ^= 1  # in its second part
         await MemoryStore.put(b.store, key, bytes(bad))
         first = 5 * CHUNK
-        assert bytes(await disk.read(first, PART)) == bytes(b.model[0][first : first + PART])
+        await _reads_right(b, disk, first, PART)
         with pytest.raises(OSError) as failed:
             await disk.read(first + PART, PART)
         assert failed.value.errno == errno.EIO and "stored_xxh3" in str(failed.value)
         third = first + 2 * PART
-        assert bytes(await disk.read(third, PART)) == bytes(b.model[0][third : third + PART])
-    finally:
-        await mount.close()
+        await _reads_right(b, disk, third, PART)
 
 
 async def test_a_version_1_chunk_is_read_whole_and_its_part_served(domain):
@@ -125,10 +127,7 @@ async def test_a_version_1_chunk_is_read_whole_and_its_part_served(domain):
         h, v1 = encode_chunk_v1(bytes(raw))
         assert chunk_key(h) == key
         await MemoryStore.put(b.store, key, v1)
-    mount, disk = await _mounted(b)
-    try:
-        assert bytes(await disk.read(0, DISK)) == bytes(b.model[0])
+    async with _mounted(b) as (mount, disk):
+        await _reads_right(b, disk, 0, DISK)
         offset = 5 * CHUNK + 2 * PART + 100
-        assert bytes(await disk.read(offset, 5000)) == bytes(b.model[0][offset : offset + 5000])
-    finally:
-        await mount.close()
+        await _reads_right(b, disk, offset, 5000)
