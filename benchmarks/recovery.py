@@ -12,13 +12,13 @@ previous run's output is dropped with ``posix_fadvise(DONTNEED)`` after an ``os.
 Each side is timed until its output is durable: recovery fsyncs its images itself, and
 the ``cp --sparse=auto`` copy and restic's and borg's restored files are fsynced inside the timing.
 Medians over rounds. The baselines are timed in the same rounds as the recoveries of
-the latest point they divide, in turns (``cp``, recovery, restic, borg; the order
-rotated each round; restic's and borg's backups and one untimed cp made before the
-first round; the recovered image checked after the last): this
-VM's speed drifts with its memory state (a page it gave back to the host costs a fault
-when touched again), and a baseline timed after all the recoveries met a warmer machine
-than they did (in one full run: the first rounds' recoveries took 2.33 s, the same
-recoveries later in the run 1.67 s, and cp, timed after them all, 1.04 s).
+the latest point they divide, in turns (``cp``, restic, borg, recovery, the order
+rotated each round; restic's and borg's backups and one untimed cp before the first
+round; the recovered image checked after the last). Why: this VM's speed drifts with
+its memory state (a page it gave back to the host costs a fault when touched again),
+and a baseline timed after all the recoveries met a warmer machine than they did (in
+one full run: the first rounds' recoveries took 2.33 s, the same recoveries later in
+the run 1.67 s, and cp, timed after them all, 1.04 s).
 
 Fields: ``mb_per_s`` (disk bytes / seconds to recover the latest point),
 ``middle_mb_per_s`` (the mark half way), ``ratio_vs_cp`` (our speed / cp's),
