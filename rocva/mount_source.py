@@ -17,10 +17,10 @@ copied out of it.
 Why parts: a random 4 KiB read that fell in the base decoded its whole 4 MiB chunk
 (6.7 ms of a pool thread), and a VM booting from the mount reads that way. With parts
 of 512 KiB, cold random 4 KiB reads of a 1 GiB mount (fio, NBD, 32 deep) went from
-714-892 to 1,484-1,576 a second; sequential reads stayed as fast (1 GiB by ``nbdcopy``
-in 6.45-6.93 s against 6.24-6.62). In process, parts of 4 MiB read in order 5-10 %
-faster and at random 40 % slower; parts of 256 KiB read in order 5-8 % slower and at
-random no faster.
+714-892 to 1,484-1,576 a second; sequential reads stayed about as fast (1 GiB by
+``nbdcopy`` in 6.45-6.93 s against 6.24-6.62). In process, parts of 4 MiB read in
+order 5-10 % faster and at random 40 % slower; parts of 256 KiB read in order 5-8 %
+slower and at random no faster.
 
 The cut of a range into (unit, offset in unit, length, offset in the answer) pieces is
 numpy over the extents; Python only loops over pieces to copy them. Nothing is read
