@@ -8,7 +8,7 @@ block that holds them and ``BASE`` bytes from a *part* of the base chunk
 (``CHUNK_PART_BYTES`` of raw bytes, the sub-blocks of FORMAT.md §6.1 that hold them),
 each a *unit* fetched by one ranged GET and decoded and verified by the same functions
 a recovery uses (``cdp.segment.fetch_blocks`` + ``unpack_blocks``: ``stored_xxh3`` and
-``raw_xxh3`` of the block; ``ChunkTable.decode_into``: each sub-block's ``stored_xxh3``
+``raw_xxh3`` of the block; ``ChunkTable.decode``: each sub-block's ``stored_xxh3``
 and ``raw_xxh3``, behind the chunk's header and table, checked against the manifest's
 hash and length once per chunk and kept: ``HEADS_KEPT``), and kept in the shared
 ``UnitCache``. A version-1 chunk (no table) is fetched and verified whole, and the part
@@ -202,8 +202,7 @@ class PlanSource:
                 first, last = lo // SUB_BLOCK_BYTES, (hi - 1) // SUB_BLOCK_BYTES
                 offset, length = table.span(first, last)
                 stored = await self.store.get(key, offset, length)
-                raw = await loop.run_in_executor(self.executor, _decode_sub_blocks, table, first, last, stored,
-                                                 hi - lo)
+                raw = await loop.run_in_executor(self.executor, table.decode, first, last, stored)
             except NotFound as exc:
                 raise _unit_failed(key, "chunk", NotFound(f"chunk {key} is missing from {self.store.describe()}")
                                    ) from exc
@@ -230,13 +229,6 @@ class PlanSource:
 def _decode_block(index: SegmentIndex, block: int, stored: bytes) -> Unit:
     """One segment block verified and decompressed (a thread of the pool)."""
     (raw,) = unpack_blocks(index, block, block, stored)
-    return raw
-
-
-def _decode_sub_blocks(table: ChunkTable, first: int, last: int, stored: bytes, raw_len: int) -> Unit:
-    """Sub-blocks ``first..last`` of a chunk verified and decoded (a thread of the pool)."""
-    raw = bytearray(raw_len)
-    table.decode_into(first, last, stored, memoryview(raw))
     return raw
 
 

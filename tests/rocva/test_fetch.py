@@ -228,15 +228,17 @@ async def test_writeback_starts_each_region_once_when_complete(tmp_path: Path,
 
 
 class _CountingStore(MemoryStore):
-    """A memory store that counts the bytes its gets return."""
+    """A memory store that counts the bytes its gets return and records each get."""
 
     def __init__(self) -> None:
         super().__init__()
         self.read_bytes = 0
+        self.gets: list[tuple[str, int, int | None]] = []
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         data = await super().get(key, offset, length)
         self.read_bytes += len(data)
+        self.gets.append((key, offset, length))
         return data
 
 

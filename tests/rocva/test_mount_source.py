@@ -16,26 +16,12 @@ from cdp.testing.domain import SECTOR, DomainBuilder
 from rocva import Target
 from rocva import mount_source
 from rocva.mount import Mount, MountOptions
+from tests.rocva.test_fetch import _CountingStore
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = 1 * MiB
 PART = 256 * KiB
 DISK = 6 * MiB
-
-
-class _CountingStore(MemoryStore):
-    """A memory store that counts the bytes its gets return."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.read_bytes = 0
-        self.gets: list[tuple[str, int, int | None]] = []
-
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = await super().get(key, offset, length)
-        self.read_bytes += len(data)
-        self.gets.append((key, offset, length))
-        return data
 
 
 @pytest.fixture
