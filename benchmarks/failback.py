@@ -93,7 +93,7 @@ from cdp.store.base import ObjectStore
 from cdp.store.fs import FileStore
 from cdp.testing.domain import SITE as SITE_A
 from cdp.testing.domain import DomainBuilder
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 from rocva.failback import LocalDisk, failback
 from rocva.peer_extents import Peer
 from iofilter_sim.payloads import PayloadSource
@@ -387,8 +387,8 @@ async def run_methods(root: Path, s: dict[str, Any], size: int, rounds: int, pee
         evict(*cold, run)
         bar = progress(total, f"full copy (rocva.recover), round {r + 1}/{rounds}")
         t0 = time.perf_counter()
-        full = await recover(FileStore(store_dir), s["domain"], target, out,
-                             progress=lambda done, all_: (setattr(bar, "n", done), bar.refresh()))
+        full = await recover(FileStore(store_dir), s["domain"], RecoverOptions(target, out),
+                                       progress=lambda done, all_: (setattr(bar, "n", done), bar.refresh()))
         times["full_copy_s"].append(time.perf_counter() - t0)
         bar.close()
         check([Path(i["path"]) for i in full["images"]], s["target_sha"], "full copy")

@@ -57,7 +57,7 @@ from cdp.testing.domain import DomainBuilder
 from cdp.testing.site import running_daemon
 from cdp.testing.two_sites import make_two_sites
 from iofilter_sim.payloads import PayloadSource
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 
 MiB = 1 << 20
 WRITE = 64 << 10
@@ -136,7 +136,7 @@ async def cold(root: Path, size: int, rounds: int) -> dict[str, Any]:
         await asyncio.to_thread(shutil.copytree, pristine, copy)
         evict(copy, pristine)
         t0 = time.perf_counter()
-        await recover(FileStore(copy), b.domain, Target.latest(), out)
+        await recover(FileStore(copy), b.domain, RecoverOptions(Target.latest(), out))
         recover_s.append(time.perf_counter() - t0)
         clear(out)
         clear(copy)

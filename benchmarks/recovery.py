@@ -74,7 +74,7 @@ from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
 from cdp.testing.domain import DomainBuilder
 from iofilter_sim.payloads import PayloadSource
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 from rocva.consolidate import consolidate
 
 MiB = 1 << 20
@@ -167,7 +167,8 @@ def time_recover(store_dir: Path, domain: int, target: Target, out: Path, rounds
         clear(out)
         evict(store_dir)
         c0, t0 = cpu_seconds(), time.perf_counter()
-        result = asyncio.run(recover(sealed(store_dir, keyring), domain, target, out, concurrency=CONCURRENCY))
+        result = asyncio.run(recover(sealed(store_dir, keyring), domain,
+                                     RecoverOptions(target, out, concurrency=CONCURRENCY)))
         times.append(time.perf_counter() - t0)
         if cpu is not None:
             cpu.append(cpu_seconds() - c0)

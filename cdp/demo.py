@@ -46,7 +46,7 @@ from cdp.ports import free_ports
 from cdp.store import open_store
 from iofilter_sim.cluster import load_cluster
 from iofilter_sim.runner import ClusterRunner
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 
 DOMAIN, DOMAIN_ID, MARK_NAME = "erp", 1, "demo-mark"
 RATE_MB_S = 64.0  # the workload's pace: well inside what one DRVA takes here
@@ -164,10 +164,12 @@ async def _run(opts: DemoOptions, root: Path, env: dict[str, str]) -> dict[str, 
     store = open_store(cfg.store_url)
     try:
         t0 = time.monotonic()
-        at_mark = await recover(store, DOMAIN_ID, Target.mark(MARK_NAME), root / "recovered-mark", checksum=True)
+        at_mark = await recover(store, DOMAIN_ID,
+                                RecoverOptions(Target.mark(MARK_NAME), root / "recovered-mark", checksum=True))
         mark_s = time.monotonic() - t0
         t0 = time.monotonic()
-        latest = await recover(store, DOMAIN_ID, Target.latest(), root / "recovered-latest", checksum=True)
+        latest = await recover(store, DOMAIN_ID,
+                               RecoverOptions(Target.latest(), root / "recovered-latest", checksum=True))
         latest_s = time.monotonic() - t0
     finally:
         await store.close()

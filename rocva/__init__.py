@@ -2,25 +2,27 @@
 
 ::
 
-    from rocva import Target, recover
-    result = await recover(store, domain, Target.mark("app-quiesced"), "/srv/restore")
+    from rocva import RecoverOptions, Target, recover
+    result = await recover(store, domain, RecoverOptions(Target.mark("app-quiesced"), "/srv/restore"))
 
 Modules: ``target`` (``--seq/--mark/--at/--latest`` -> a checked seq, and the set of
 recovery points), ``extents`` (vectorised last-writer resolution), ``plan`` (the
 planner: bases, segment indexes, extents per disk), ``fetch`` (work units: ranged GETs
 of block runs and base chunks, pwrite, digests), ``recover`` (images, verification,
-publication), ``resume`` (the state file and what a resume must prove), ``destination``
-(where a recovery may write, and opening its directory without following links),
-``errors``.
+publication), ``recover_options`` (what a recovery is asked for, checked once),
+``resume`` (the state file and what a resume must prove), ``destination`` (where a
+recovery may write, and opening its directory without following links), ``errors``.
 """
 
 from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention, RecoveryError
 from rocva.plan import DiskPlan, RecoveryPlan, build_plan, plan_recovery
 from rocva.recover import execute_plan, recover
+from rocva.recover_options import RecoverOptionError, RecoverOptions
 from rocva.target import ResolvedTarget, Target, recoverable_ranges, resolve_target
 
 __all__ = [
     "DiskPlan", "InconsistentPoint", "InvalidTarget", "OutsideRetention", "RecoveryError",
-    "RecoveryPlan", "ResolvedTarget", "Target", "build_plan", "execute_plan", "plan_recovery",
+    "RecoverOptionError", "RecoverOptions", "RecoveryPlan", "ResolvedTarget", "Target", "build_plan",
+    "execute_plan", "plan_recovery",
     "recover", "recoverable_ranges", "resolve_target",
 ]

@@ -84,8 +84,9 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
     try:
         if test:  # a plain recovery: no fork, nothing written to the store but its lease
             from rocva.recover import recover
+            from rocva.recover_options import RecoverOptions
 
-            result = await recover(store, domain, Target.parse(target), failover_dir(cfg, name, test=True),
+            result = await recover(store, domain, RecoverOptions(target, failover_dir(cfg, name, test=True)),
                                    progress=progress, destination=destination)
             result.pop("plan", None)
             return result

@@ -41,6 +41,7 @@ from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
 from rocva.plan import image_file_name
 from rocva.recover import Progress, recover
+from rocva.recover_options import RecoverOptions
 from rocva.target import Target
 
 log = get_logger("rocva.failover")
@@ -199,8 +200,8 @@ async def _rehydrate(store: ObjectStore, domain: int, target: Any, out_dir: Path
         finally:
             if lease is not None:
                 await lease.release()
-    recovered = await recover(store, domain, target, out_dir, progress=progress, destination=destination,
-                              timeline=timeline, now_ns=now_ns)
+    recovered = await recover(store, domain, RecoverOptions(target, out_dir, timeline=timeline), progress=progress,
+                              destination=destination, now_ns=now_ns)
     return {**recovered, "warm": False}
 
 

@@ -55,11 +55,11 @@ from rocva.fetch import (
     BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, execute, pool_workers,
 )
 from rocva.plan import CONCURRENCY_DEFAULT, RecoveryPlan, plan_recovery
+from rocva.recover_options import RecoverOptions
 from rocva.resume import (
     PARTIAL_SUFFIX, STATE_NAME, STATE_SAVE_INTERVAL_S, STATE_VERSION, ResumeState, SavedState, all_groups,
     clear_outside, discarded, prove, read_state, zeros_outside,
 )
-from rocva.target import Target
 
 log = get_logger("rocva.recover")
 
@@ -436,18 +436,18 @@ def _verify(plan: RecoveryPlan, fds: list[int], state: ResumeState, tally: _Tall
             raise RecoveryError(f"{d.image_name}{PARTIAL_SUFFIX}: {size} bytes, disk {d.disk} has {d.size}")
 
 
-async def recover(store: ObjectStore, domain: int, target: Target | int | str, out_dir: Path | str, *,
-                  progress: Progress | None = None, concurrency: int = CONCURRENCY_DEFAULT,
-                  checksum: bool = False, now_ns: int | None = None,
+async def recover(store: ObjectStore, domain: int, options: RecoverOptions, *,
+                  progress: Progress | None = None, now_ns: int | None = None,
                   run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
                   base_batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT,
-                  destination: Destination | None = None, timeline: int | None = None) -> dict:
-    """Rebuild every disk of ``domain`` at ``target`` on ``timeline`` (default: the
-    current one) as ``<vm>-<disk>.img`` in ``out_dir``.
+                  destination: Destination | None = None) -> dict:
+    """Rebuild every disk of ``domain`` at ``options.target`` on ``options.timeline``
+    (default: the current one) as ``<vm>-<disk>.img`` in ``options.out_dir``
+    (``RecoverOptions``: what the CLI and the REST API fill alike).
 
     ``progress(done_bytes, total_bytes)`` is called as work completes. Returns a summary:
     ``bytes_fetched``, ``bytes_written``, ``seconds``, ``mb_per_s``, ``images`` (path,
-    size, and ``sha256`` when ``checksum``), ``resumed``/``groups_skipped``,
+    size, and ``sha256`` when ``options.checksum``), ``resumed``/``groups_skipped``,
     ``state_discarded`` (why a saved state could not be kept, or None), the plan.
     ``run_bytes_max`` bounds one ranged GET of blocks, ``base_batch_chunks`` the chunk
     positions per resume group of a base (see ``rocva.fetch``). ``destination``: where
@@ -459,14 +459,17 @@ async def recover(store: ObjectStore, domain: int, target: Target | int | str, o
     """
     from rocva.destination import resolve_destination
 
+    if not isinstance(options, RecoverOptions):
+        raise TypeError(f"recover() takes RecoverOptions, not {type(options).__name__}")
+    out_dir = options.out_dir
     resolve_destination(out_dir, for_store(store, destination))  # refuse early; checked again when opened
     counting = CountingStore(store)
     lease = await take_recovery_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
     try:
-        plan = await plan_recovery(counting, domain, target, timeline=timeline, concurrency=concurrency,
-                                   now_ns=now_ns)
-        return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=concurrency,
-                                  checksum=checksum, run_bytes_max=run_bytes_max,
+        plan = await plan_recovery(counting, domain, options.target, timeline=options.timeline,
+                                   concurrency=options.concurrency, now_ns=now_ns)
+        return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=options.concurrency,
+                                  checksum=options.checksum, run_bytes_max=run_bytes_max,
                                   base_batch_chunks=base_batch_chunks, destination=for_store(store, destination))
     finally:
         if lease is not None:

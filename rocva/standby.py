@@ -168,6 +168,7 @@ async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
     consistent point of the current timeline — the tail applied, or built cold when
     there is none or it cannot be used. Holds the recovery lease throughout."""
     from rocva.recover import recover, take_recovery_lease
+    from rocva.recover_options import RecoverOptions
 
     lease = await take_recovery_lease(store, domain)
     try:
@@ -187,7 +188,7 @@ async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
         finally:
             out.close()
         log.info("standby_cold", domain=domain, reason=reason)
-        result = await recover(store, domain, newest, out_dir, destination=destination)
+        result = await recover(store, domain, RecoverOptions(newest, out_dir), destination=destination)
         out = open_output_dir(out_dir, for_store(store, destination))
         try:
             await asyncio.to_thread(_write_state, out, {

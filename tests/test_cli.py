@@ -107,3 +107,5 @@ def test_points_recover_verify_on_the_demo_store(tmp_path):
     assert json.loads(cdp("verify", "erp", *store, "--deep", "--json").stdout)["ok"] is True
     r = cdp("consolidate", "erp", *store, "--older-than", "soon")
     assert r.returncode == 2 and "duration" in r.stderr
+    r = cdp("consolidate", "erp", *store, "--concurrency", "0")  # was an AssertionError traceback
+    assert r.returncode == 2 and "--concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr

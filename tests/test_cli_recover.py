@@ -123,3 +123,26 @@ async def test_cli_resumes_an_interrupted_recovery(b, tmp_path):
     assert images_ok(b, out)
     assert doc["resumed"] and doc["groups_skipped"] == len(state["done"]) and doc.get("state_discarded") is None
     assert doc["bytes_written"] + doc["bytes_skipped"] == plan.bytes_to_write and doc["bytes_skipped"] > 0
+
+
+async def test_cli_options_are_checked_before_anything_is_read(b, tmp_path):
+    """``--concurrency`` out of 1..32 is a usage error naming it (it was an AssertionError
+    traceback at 0, and unbounded above); nothing is created, the store is not read."""
+    from rocva.plan import CONCURRENCY_DEFAULT
+    from rocva.recover_options import CONCURRENCY_MAX
+
+    for bad in ("0", "-3", str(CONCURRENCY_MAX + 1)):
+        r = cdp_recover(tmp_path / "store", tmp_path / "out", "--concurrency", bad)
+        assert r.returncode == 2 and "--concurrency" in r.stderr and f"1..{CONCURRENCY_MAX}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    # The help states the numbers RecoverOptions checks (written out there: see store_verbs).
+    usage = subprocess.run([sys.executable, "-m", "cdp.cli", "recover", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300).stdout
+    assert f"1..{CONCURRENCY_MAX}, default {CONCURRENCY_DEFAULT}" in " ".join(usage.split()), usage
+
+
+async def test_cli_checksum_gives_each_image_sha256(b, tmp_path):
+    r = cdp_recover(tmp_path / "store", tmp_path / "out", "--checksum", "--concurrency", "1")
+    assert r.returncode == 0, r.stderr
+    images = json.loads(r.stdout)["images"]
+    assert [i["sha256"] for i in images] == b.snapshot() and images_ok(b, tmp_path / "out")

@@ -87,20 +87,29 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
 @point_options
 @click.option("--to", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Directory for the images (<vm>-<disk>.img); an interrupted recovery resumes.")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Ranged GETs in flight.")
+# The numbers are rocva.recover_options' (CONCURRENCY_DEFAULT, _MAX), written out: importing
+# rocva here would cost every cdp command 0.2 s. A test holds them equal.
+@click.option("--concurrency", type=int, default=None,
+              help="Ranged GETs (and their decoding) in flight: 1..32, default 8.")
 @timeline_option
+@click.option("--checksum", is_flag=True, help="Read each image back and give its sha256.")
 @json_option
 def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None,
-            latest: bool, out_dir: Path, concurrency: int, timeline: int | None, as_json: bool) -> None:
+            latest: bool, out_dir: Path, concurrency: int | None, timeline: int | None, checksum: bool,
+            as_json: bool) -> None:
     """Rebuild DOMAIN's disks at one point in time, from the object store alone."""
+    from rocva import RecoverOptionError, RecoverOptions
     from rocva import recover as rocva_recover
 
-    target = one_point(at, seq, mark, latest)
+    try:
+        options = RecoverOptions(one_point(at, seq, mark, latest), out_dir, timeline=timeline, checksum=checksum,
+                                 **({} if concurrency is None else {"concurrency": concurrency}))
+    except RecoverOptionError as exc:
+        raise click.BadParameter(exc.detail, param_hint=f"--{exc.field}") from None
     bar, update = progress_bar("recover", as_json)
 
     async def work(store: ObjectStore) -> dict[str, Any]:
-        return await rocva_recover(store, await domain_id_of(store, domain), target, out_dir,
-                                   progress=update, concurrency=concurrency, timeline=timeline)
+        return await rocva_recover(store, await domain_id_of(store, domain), options, progress=update)
 
     try:
         result = asyncio.run(with_store(store_url, work))
@@ -110,7 +119,8 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
     emit(as_json, result, lambda r: "\n".join(
         [f"recovered seq {r.get('seq')} into {out_dir}: {r['bytes_written'] / 1e6:,.1f} MB written, "
          f"{r['bytes_fetched'] / 1e6:,.1f} MB fetched, {r['seconds']} s ({r['mb_per_s']} MB/s)"]
-        + [f"  {img['path']}" for img in r.get("images", [])]))
+        + [f"  {img['path']}" + (f"  sha256 {img['sha256']}" if "sha256" in img else "")
+           for img in r.get("images", [])]))
 
 
 @click.command()
@@ -238,7 +248,8 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int
 @click.option("--scratch", type=click.Path(path_type=Path), default=None,
               help="Directory for the temporary images (default: the system's temporary directory).")
 @click.option("--sweep-chunks", is_flag=True, help="Also delete unreferenced chunks when no base was removed.")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Store requests in flight.")
+@click.option("--concurrency", type=click.IntRange(1, 32), default=8, show_default=True,
+              help="Store requests in flight (as recover's: 1..32).")
 @json_option
 def consolidate(domain: str, store_url: str, older_than: str, retention: str | None, scratch: Path | None,
                 sweep_chunks: bool, concurrency: int, as_json: bool) -> None:

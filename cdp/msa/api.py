@@ -48,8 +48,8 @@ from cdp.errors import Busy, CdpError, ConfigError, FailoverRefused, LeaseLost, 
 from cdp.logs import get_logger
 from cdp.msa import console, operations
 from cdp.msa.api_input import (
-    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, not_a_directory, policy_from, read_body, recovery_dir, shown,
-    target_from, wants_wait,
+    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, not_a_directory, policy_from, read_body, recover_options_from,
+    shown, target_from, wants_wait,
 )
 from cdp.msa.http_limits import LimitedSite
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
@@ -311,9 +311,9 @@ async def recover(request: web.Request) -> web.Response:
     daemon = request.app[MSA]
     domain = domain_of(request)
     wait = wants_wait(request)
-    doc = await read_body(request, {"target", "to"}, {"target", "to"})
-    target = target_from(doc["target"])
-    to = recovery_dir(doc["to"])
+    doc = await read_body(request, {"target", "to", "timeline", "concurrency", "checksum"}, {"target", "to"})
+    options = recover_options_from(doc)
+    to = options.out_dir
     if (blocker := await asyncio.to_thread(not_a_directory, to)) is not None:
         raise bad("to", f"expected a directory (or a path where one can be made), but {blocker!r} on "
                         f"the way is not a directory")
@@ -321,8 +321,9 @@ async def recover(request: web.Request) -> web.Response:
         operations.check_recovery_destination(daemon.cfg, str(to))
     except CdpError as exc:
         raise bad("to", exc.message) from None
-    record = await daemon.start_job("recover", {"domain": domain, "target": doc["target"], "to": str(to)},
-                                    lambda job: operations.recover(daemon.cfg, domain, target, to, job))
+    params = {"domain": domain, "target": doc["target"], "to": str(to), "timeline": options.timeline,
+              "concurrency": options.concurrency, "checksum": options.checksum}
+    record = await daemon.start_job("recover", params, lambda job: operations.recover(daemon.cfg, domain, options, job))
     return await _job_answer(request, record, wait)
 
 

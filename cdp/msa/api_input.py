@@ -179,6 +179,20 @@ def target_from(value: Any) -> Any:
         raise bad("target" if exc.part == "target" else f"target.{exc.part}", exc.message) from None
 
 
+def recover_options_from(doc: dict[str, Any]) -> Any:
+    """The ``rocva.RecoverOptions`` of a recover request's body: ``target`` and ``to`` as
+    above; ``timeline``, ``concurrency`` and ``checksum`` checked by ``RecoverOptions``
+    itself (the ranges ``cdp recover`` has), each error naming its field."""
+    from rocva.recover_options import RecoverOptionError, RecoverOptions
+
+    target, to = target_from(doc["target"]), recovery_dir(doc["to"])
+    extra = {k: doc[k] for k in ("timeline", "concurrency", "checksum") if k in doc}
+    try:
+        return RecoverOptions(target, to, **extra)
+    except RecoverOptionError as exc:
+        raise bad(exc.field, exc.detail) from None
+
+
 def recovery_dir(value: Any) -> Path:
     """The ``to`` of a recover request, checked as a string that can name a directory:
     where recoveries may land at all is the recovery's own policy (rocva), not this."""

@@ -126,6 +126,8 @@ def _schemas() -> dict[str, Any]:
 
 
 def _paths() -> dict[str, Any]:
+    from rocva.recover_options import CONCURRENCY_MAX, TIMELINE_MAX  # the ranges the recover job checks
+
     domain_get = {"parameters": [_NAME]}
     return {
         "/healthz": {"get": {"summary": "Liveness (no token needed).", "security": [],
@@ -181,7 +183,13 @@ def _paths() -> dict[str, Any]:
         "/v1/domains/{name}/recover": {"post": _job_op(
             "Rebuild the domain's disks at a point in time into a directory of the daemon's host.",
             {"type": "object", "required": ["target", "to"], "additionalProperties": False,
-             "properties": {"target": _ref("Target"), "to": {"type": "string", "description": "An absolute path."}}})},
+             "properties": {
+                 "target": _ref("Target"), "to": {"type": "string", "description": "An absolute path."},
+                 "timeline": {"type": "integer", "minimum": 1, "maximum": TIMELINE_MAX,
+                              "description": "The timeline of the point (default: the current one)."},
+                 "concurrency": {"type": "integer", "minimum": 1, "maximum": CONCURRENCY_MAX,
+                                 "description": "Store reads (and their decoding) in flight."},
+                 "checksum": {"type": "boolean", "description": "Give each image's sha256 in the result."}}})},
         "/v1/domains/{name}/verify": {"post": _job_op(
             "Check the domain's objects in the store.",
             {"type": "object", "additionalProperties": False, "properties": {

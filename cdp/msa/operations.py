@@ -95,14 +95,15 @@ def check_recovery_destination(cfg: SiteConfig, to: str) -> None:
     resolve_destination(to, recovery_destination(cfg))
 
 
-async def recover(cfg: SiteConfig, domain: str, target: Any, out_dir: Path, job: Job) -> dict[str, Any]:
+async def recover(cfg: SiteConfig, domain: str, options: Any, job: Job) -> dict[str, Any]:
+    """The ``recover`` job: ``options`` is the request's ``rocva.RecoverOptions``."""
     from rocva import recover as rocva_recover
 
     domain_id = cfg.domain(domain).id
     destination = recovery_destination(cfg)
     try:
         result = await with_store(cfg, domain, lambda store: rocva_recover(
-            store, domain_id, target, out_dir, progress=lambda done, total: job.progress("recover", done, total),
+            store, domain_id, options, progress=lambda done, total: job.progress("recover", done, total),
             destination=destination))
     except OSError as exc:  # the destination, as the client named it: an error of the request, not a bug
         raise CdpError(f"to: cannot write the images there: {exc.strerror or type(exc).__name__}") from exc

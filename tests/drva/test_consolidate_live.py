@@ -12,7 +12,7 @@ from cdp.catalog import load_catalog
 from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from rocva import recover
+from rocva import RecoverOptions, recover
 from rocva.consolidate import consolidate
 from rocva.verify import verify
 from tests.drva.harness import (
@@ -82,7 +82,7 @@ async def test_consolidation_races_a_live_drva(tmp_path):
     state, _ = await load_catalog(store, 1)
     assert state.timeline().committed_seq == filt.next_seq - 1 and state.timeline().horizon_seq > 0
     assert sum(j["segments_removed"] for j in jobs) > 0
-    result = await recover(store, 1, "latest", tmp_path / "out", checksum=True)
+    result = await recover(store, 1, RecoverOptions("latest", tmp_path / "out", checksum=True))
     assert [im["sha256"] for im in result["images"]] == [d.sha256() for d in disks]
     report = await verify(store, 1, deep=True)
     assert report["ok"], report["problems"]

@@ -16,7 +16,7 @@ from cdp.digest import sha256_file
 from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 from rocva.failover import failover
 from tests.drva.harness import (EVENTUALLY_S, SECRET, Disk, config, domain_doc, drva_doc, random_writes,
                                 stream_committed,
@@ -64,11 +64,11 @@ async def test_the_recovery_site_continues_the_domain_on_the_new_timeline(tmp_pa
     state, _ = await load_catalog(store, 1)
     tl = state.timeline()
     assert (tl.id, tl.owner, tl.fork_seq, tl.committed_seq) == (2, "site-b", fork_seq, fork_seq + 150)
-    recovered = await recover(store, 1, Target.latest(), tmp_path / "check", checksum=True)
+    recovered = await recover(store, 1, RecoverOptions(Target.latest(), tmp_path / "check", checksum=True))
     assert recovered["images"][0]["sha256"] == sha256_file(datastore / "vm1-d0.img")
     # Nothing site A wrote after the fork is on the new timeline: at the fork seq the
     # new timeline equals site A's disk at the failover.
-    at_fork = await recover(store, 1, Target.seq(fork_seq), tmp_path / "fork", checksum=True)
+    at_fork = await recover(store, 1, RecoverOptions(Target.seq(fork_seq), tmp_path / "fork", checksum=True))
     assert at_fork["images"][0]["sha256"] == at_failover
 
 
@@ -114,7 +114,7 @@ async def test_a_filter_is_not_welcomed_before_the_catalog_says_where_seqs_conti
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     assert filter_b.next_seq - 1 == fork_seq + 60
-    recovered = await recover(store, 1, Target.latest(), tmp_path / "check", checksum=True)
+    recovered = await recover(store, 1, RecoverOptions(Target.latest(), tmp_path / "check", checksum=True))
     assert recovered["images"][0]["sha256"] == sha256_file(datastore / "vm1-d0.img")
 
 
@@ -197,5 +197,5 @@ async def test_after_a_failback_the_old_site_drva_adopts_the_new_timeline_and_dr
     state, _ = await load_catalog(store, 1)
     tl = state.timeline()
     assert (tl.id, tl.owner, tl.parent, tl.fork_seq, tl.committed_seq) == (3, "site-a", 2, final, final + 60)
-    latest = await recover(store, 1, Target.latest(), tmp_path / "t3", checksum=True)
+    latest = await recover(store, 1, RecoverOptions(Target.latest(), tmp_path / "t3", checksum=True))
     assert latest["images"][0]["sha256"] == sha256_file(primary_a.path)

@@ -265,6 +265,16 @@ async def test_points_recover_verify_consolidate_and_jobs(api, tmp_path):
     assert record["progress"]["phase"] == "recover"
     for disk, spec in zip(disks, api.site.cfg.domain("erp").disks):
         assert sha256_file(out / f"{spec.vm.name}-{spec.disk.name}.img") == disk.sha256()
+    # What `cdp recover` can choose, the REST API can too (one RecoverOptions for both).
+    sums = str(tmp_path / "sums")
+    record = await api.ok("POST", "/v1/domains/erp/recover?wait=1", {"target": "latest", "to": sums, "timeline": 1,
+                                                                     "concurrency": 2, "checksum": True})
+    assert record["state"] == "succeeded", record
+    assert [i["sha256"] for i in record["output"]["images"]] == [d.sha256() for d in disks]
+    assert record["args"] == {"domain": "erp", "target": "latest", "to": sums, "timeline": 1, "concurrency": 2,
+                              "checksum": True}
+    record = await api.ok("POST", "/v1/domains/erp/recover?wait=1", {"target": "latest", "to": sums, "timeline": 2})
+    assert record["state"] == "failed" and "no timeline 2" in record["error"], record
     record = await api.ok("POST", "/v1/domains/erp/recover?wait=1", {"target": {"seq": last // 2},
                                                                      "to": str(tmp_path / "half")})
     assert record["state"] == "succeeded" and record["output"]["seq"] == last // 2
@@ -282,6 +292,9 @@ async def test_points_recover_verify_consolidate_and_jobs(api, tmp_path):
     await bad_recover({"target": {"seq": 1, "mark": "x"}, "to": str(out)}, "target")
     await bad_recover({"target": "latest", "to": "relative/dir"}, "to", "absolute")
     await bad_recover({"target": "latest"}, "to", "missing")
+    for field, value in (("timeline", 0), ("timeline", "1"), ("timeline", True), ("timeline", 1 << 32),
+                         ("concurrency", 0), ("concurrency", 33), ("concurrency", 2.5), ("checksum", "yes")):
+        await bad_recover({"target": "latest", "to": str(out), field: value}, field, "expected")
     await api.error("POST", "/v1/domains/nope/recover", {"target": "latest", "to": str(out)}, status=404)
 
     record = await api.ok("POST", "/v1/domains/erp/verify?wait=1", {"deep": True})
@@ -298,7 +311,7 @@ async def test_points_recover_verify_consolidate_and_jobs(api, tmp_path):
     await api.error("GET", "/v1/domains/nope/points", status=404, field="name")
 
     jobs = (await api.ok("GET", "/v1/jobs"))["jobs"]
-    assert sorted(j["name"] for j in jobs) == ["consolidate", "recover", "recover", "recover", "verify"]
+    assert sorted(j["name"] for j in jobs) == ["consolidate"] + ["recover"] * 5 + ["verify"]
     assert all(j["name"] == "verify" for j in (await api.ok("GET", "/v1/jobs?name=verify"))["jobs"])
     assert len((await api.ok("GET", "/v1/jobs?limit=2"))["jobs"]) == 2
     await api.error("GET", "/v1/jobs?limit=0", status=400, field="limit")

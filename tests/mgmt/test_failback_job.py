@@ -22,7 +22,7 @@ from cdp.msa.failover import read_record as read_failover
 from cdp.store.fs import FileStore
 from cdp.testing.site import running_daemon
 from cdp.testing.two_sites import make_two_sites, sha256
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
 from tests.mgmt.test_failover_job import WRITE_S, committed, failover, power_off_and_commit
 from tests.waiting import wait_until
@@ -88,10 +88,10 @@ async def test_failback_brings_the_domain_home_moving_only_what_changed(tmp_path
     assert state.current == 4 and state.timeline().owner == "site-b" and state.timeline().parent == 3
     # A's disks were B's at the mark: what A wrote since on top of them is the new
     # timeline's latest point, byte for byte.
-    latest = await recover(store, 1, Target.latest(), tmp_path / "t3", timeline=3)
+    latest = await recover(store, 1, RecoverOptions(Target.latest(), tmp_path / "t3", timeline=3))
     assert [sha256(i["path"]) for i in latest["images"]] == [sha256(p) for p in images_a]
-    at_mark = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "t2", timeline=2)
-    on_three = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "t3m", timeline=3)
+    at_mark = await recover(store, 1, RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "t2", timeline=2))
+    on_three = await recover(store, 1, RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "t3m", timeline=3))
     assert [sha256(i["path"]) for i in at_mark["images"]] == [sha256(i["path"]) for i in on_three["images"]]
 
 

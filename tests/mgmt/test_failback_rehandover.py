@@ -43,7 +43,7 @@ async def test_a_planned_failover_that_died_after_the_quiesce_resumes_at_the_han
     from cdp.msa.failover import read_record as read_failover
     from cdp.msa.handover import read_handover
     from cdp.store.fs import FileStore
-    from rocva import Target, recover
+    from rocva import RecoverOptions, Target, recover
     from cdp.testing.two_sites import sha256
 
     sites = make_two_sites(tmp_path)
@@ -65,6 +65,7 @@ async def test_a_planned_failover_that_died_after_the_quiesce_resumes_at_the_han
         assert out["handover"]["mark"] == mark and out["target"] == f"mark:{mark}", out
         assert out["fork_seq"] == out["handover"]["seq"] == first["output"]["seq"], out
         assert out["handover"]["lost_writes"] == 0
-        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        at_fork = await recover(FileStore(sites.store), 1,
+                                          RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2))
         assert [sha256(i["path"]) for i in at_fork["images"]] == quiesced
         assert b.powered == ["erp"] and a.powered == []

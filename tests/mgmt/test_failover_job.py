@@ -16,7 +16,7 @@ from cdp.msa.failover import cleanup_test_failover, run_failover, run_test_failo
 from cdp.store.fs import FileStore
 from cdp.testing.site import running_daemon
 from cdp.testing.two_sites import TwoSites, committed, drva_domain, make_two_sites, reload, sha256
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 from tests.waiting import EVENTUALLY_S, wait_until
 
 WRITE_S = 60.0  # bound on waiting for a few hundred KB of writes to be committed
@@ -66,7 +66,7 @@ async def test_unplanned_failover_runs_the_domain_at_b_on_a_new_timeline(tmp_pat
                   (("erp-db", "data"), ("erp-db", "log"), ("erp-app", "disk0"))]
         # The VMs already write to these images: their state at the fork is in the store.
         store = FileStore(sites.store)
-        at_fork = await recover(store, 1, Target.seq(out["fork_seq"]), tmp_path / "at-fork", timeline=2)
+        at_fork = await recover(store, 1, RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "at-fork", timeline=2))
         assert [i["sha256"] for i in await _hashed(at_fork)] == expected
         assert out["first_write_acked_s"] is not None  # a recovered VM's write was acked at B
         assert b.cfg.domain("erp").drva == b.cfg.drvas[0].listen and "erp" in b.protection
@@ -76,7 +76,7 @@ async def test_unplanned_failover_runs_the_domain_at_b_on_a_new_timeline(tmp_pat
         await wait_until(lambda: committed(b, "erp") > out["fork_seq"] + 50, WRITE_S, "B's writes committed")
         await power_off_and_commit(b)
         b_disks = [sha256(p) for p in images]
-        latest = await recover(store, 1, Target.latest(), tmp_path / "b-latest", timeline=2)
+        latest = await recover(store, 1, RecoverOptions(Target.latest(), tmp_path / "b-latest", timeline=2))
         assert [i["sha256"] for i in await _hashed(latest)] == b_disks
         assert b_disks != expected
 
@@ -165,7 +165,8 @@ async def test_a_failover_that_failed_after_the_fork_resumes_when_rerun(tmp_path
         assert second["state"] == "succeeded", second
         out = second["output"]
         assert out["resumed"] and (out["timeline"], out["parent_timeline"]) == (2, 1)  # not forked twice
-        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        at_fork = await recover(FileStore(sites.store), 1,
+                                          RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2))
         assert [i["sha256"] for i in await _hashed(at_fork)] == expected
 
 
@@ -182,7 +183,8 @@ async def test_planned_failover_loses_no_write_site_a_acknowledged(tmp_path):
         assert handover["lost_writes"] == 0 and handover["acked_seq"] <= out["fork_seq"] == handover["seq"]
         assert out["target"] == f"mark:{handover['mark']}" and out["planned"] is True
         quiesced = sites.primaries_a()  # A wrote nothing after the mark: its disks are every acked write
-        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        at_fork = await recover(FileStore(sites.store), 1,
+                                          RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2))
         assert [i["sha256"] for i in await _hashed(at_fork)] == quiesced
         assert a.powered == [] and "erp" not in a.protection  # A stopped its VMs and its shipping
         with pytest.raises(CdpError, match="runs at site site-b now"):
@@ -220,7 +222,8 @@ async def test_a_planned_failover_that_failed_before_the_fork_resumes_at_the_han
         out = second["output"]
         assert calls == [f"mark:{mark}", f"mark:{mark}"] and out["target"] == f"mark:{mark}"
         assert out["handover"]["lost_writes"] == 0 and out["fork_seq"] == kept["handover"]["seq"]
-        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        at_fork = await recover(FileStore(sites.store), 1,
+                                          RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2))
         assert [i["sha256"] for i in await _hashed(at_fork)] == quiesced
         assert b.powered == ["erp"]
 
@@ -296,7 +299,8 @@ async def test_a_failover_from_a_continuous_standby_applies_only_the_tail(tmp_pa
         assert record["state"] == "succeeded", record
         out = record["output"]
         assert out["warm"] is True and out["fork_seq"] == expected_seq, out
-        at_fork = await recover(FileStore(sites.store), 1, Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2)
+        at_fork = await recover(FileStore(sites.store), 1,
+                                          RecoverOptions(Target.seq(out["fork_seq"]), tmp_path / "f", timeline=2))
         assert [i["sha256"] for i in await _hashed(at_fork)] == expected
         assert next(v for v in b.status()["standby"] if v["domain"] == "erp")["state"] == "owned here"
         assert b.powered == ["erp"] and out["first_write_acked_s"] is not None

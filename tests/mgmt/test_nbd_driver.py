@@ -9,7 +9,7 @@ import asyncio
 from cdp.digest import sha256_file
 from cdp.store.fs import FileStore
 from cdp.testing.site import make_site, running_daemon
-from rocva import recover
+from rocva import RecoverOptions, recover
 from rocva.target import Target
 from tests.drva.test_crash import wait_until_committed
 from tests.nbd.conftest import run_tool
@@ -48,7 +48,7 @@ async def test_a_domain_powered_on_serves_its_disks_and_replicates_what_clients_
         await wait_until_committed(store, 1, last["acked_seq"])
     primaries = site.cfg.cluster.state_dir
     out = tmp_path / "out"
-    await recover(store, 1, Target.latest(), out)
+    await recover(store, 1, RecoverOptions(Target.latest(), out))
     for vm_disk in ("erp-db-data", "erp-db-log"):
         assert sha256_file(out / f"{vm_disk}.img") == sha256_file(primaries / f"{vm_disk}.img"), vm_disk
     assert (out / "erp-db-data.img").read_bytes()[: 3 << 20] == image.read_bytes()

@@ -31,7 +31,7 @@ from cdp.store.fs import FileStore
 from cdp.testing.site import TOKEN, Site, inventory_doc, running_daemon, site_doc
 from cdp.tls import client_context
 from drva.config import load_drva_config
-from rocva import recover
+from rocva import RecoverOptions, recover
 from rocva.target import Target
 from tests.drva.harness import SECRET, free_port
 from tests.drva.test_crash import wait_until_committed
@@ -161,7 +161,7 @@ async def test_a_tls_site_protects_end_to_end_and_serves_https_only(tmp_path: Pa
         store = FileStore(site.cfg.store_url.removeprefix("file://"))
         await wait_until_committed(store, 1, last["acked_seq"])
     out = tmp_path / "out"
-    await recover(store, 1, Target.latest(), out)
+    await recover(store, 1, RecoverOptions(Target.latest(), out))
     primaries = site.cfg.cluster.state_dir
     for image in ("erp-db-data.img", "erp-db-log.img"):
         assert sha256_file(out / image) == sha256_file(primaries / image), image

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cdp.testing.domain import DomainBuilder, random_workload
-from rocva import recover
+from rocva import RecoverOptions, recover
 from tests.nbd.conftest import run_process
 from tests.rocva.build import seed_initial
 
@@ -71,7 +71,7 @@ async def new_builder(store) -> DomainBuilder:
 
 async def recovered(store, domain: int, seq: int, out: Path) -> dict[str, Path]:
     """``cdp recover``'s images of ``seq`` by export name (vm/disk)."""
-    result = await recover(store, domain, seq, out)
+    result = await recover(store, domain, RecoverOptions(seq, out))
     names = {f"{d['vm']}-{d['name']}.img": f"{d['vm']}/{d['name']}" for d in (
         {"vm": vm, "name": name} for vm, name, _ in DISKS)}
     return {names[Path(img["path"]).name]: Path(img["path"]) for img in result["images"]}

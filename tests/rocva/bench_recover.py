@@ -20,7 +20,7 @@ import numpy as np
 
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, file_sha256, sha256
-from rocva import Target, recover
+from rocva import RecoverOptions, Target, recover
 
 MiB = 1 << 20
 WRITE = 64 << 10
@@ -42,7 +42,7 @@ async def bench(root: Path, disk_mib: int, writes_mib: int, concurrency: int, bl
             await b.seal()
     await b.seal()
     build_s = time.perf_counter() - t
-    result = await recover(b.store, b.domain, Target.latest(), root / "out", concurrency=concurrency)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), root / "out", concurrency=concurrency))
     ok = file_sha256(result["images"][0]["path"]) == sha256(b.model[0])
     return {"verified": ok, "disk_mib": disk_mib, "writes_mib": writes_mib, "segments": len(b.segment_keys),
             "build_s": round(build_s, 2), "recover_s": result["seconds"],

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cdp.testing.domain import SECTOR, DomainBuilder, random_workload
-from rocva import InvalidTarget, recover, recoverable_ranges
+from rocva import InvalidTarget, RecoverOptions, recover, recoverable_ranges
 from rocva.plan import load_state
 
 KiB = 1 << 10
@@ -41,7 +41,8 @@ async def seed_initial(b: DomainBuilder, disk: int, rng: np.random.Generator, ch
 async def check(b: DomainBuilder, seq: int, work: Path, expected: list[str] | None = None, **kw) -> dict:
     """Recover at ``seq``; the images must equal the reference replay (and ``expected``)."""
     out = Path(tempfile.mkdtemp(dir=work))
-    result = await recover(b.store, b.domain, seq, out / "rec", checksum=True, **kw)
+    chosen = {k: kw.pop(k) for k in ("timeline", "concurrency") if k in kw}  # RecoverOptions' own
+    result = await recover(b.store, b.domain, RecoverOptions(seq, out / "rec", checksum=True, **chosen), **kw)
     got = [im["sha256"] for im in result["images"]]
     assert got == await b.reference(out / "ref", seq), f"seq {seq}"
     if expected is not None:
@@ -79,7 +80,7 @@ async def recovery_property(store, seed: int, ops: int, seal_every: int, bases: 
         assert any(a <= seq <= z for a, z in ranges) == (not refused), (seq, ranges, b.windows)
         if refused:
             with pytest.raises(InvalidTarget):
-                await recover(b.store, b.domain, seq, work / f"x{seq}")
+                await recover(b.store, b.domain, RecoverOptions(seq, work / f"x{seq}"))
             assert not (work / f"x{seq}").exists()
             continue
         await check(b, seq, work, marks.get(seq), concurrency=int(rng.integers(1, 9)))

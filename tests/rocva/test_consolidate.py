@@ -20,7 +20,7 @@ from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
 from cdp.testing.domain import SECTOR, DomainBuilder
-from rocva import OutsideRetention, recover, recoverable_ranges
+from rocva import OutsideRetention, RecoverOptions, recover, recoverable_ranges
 from rocva.consolidate import consolidate
 from rocva.plan import load_state
 from rocva.retention import sweep_chunks
@@ -57,7 +57,7 @@ async def workload(b: DomainBuilder, rng: np.random.Generator, ops: int, shas: d
 
 async def recovered(b: DomainBuilder, seq: int, work: Path) -> list[str]:
     out = Path(tempfile.mkdtemp(dir=work))
-    result = await recover(b.store, b.domain, seq, out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(seq, out, checksum=True))
     return [im["sha256"] for im in result["images"]]
 
 
@@ -128,7 +128,7 @@ async def window_survives(store, tmp_path: Path) -> None:
         assert await recovered(b, seq, tmp_path) == shas[seq], seq
     for seq in (0, base1 - 1):  # before the horizon: a clear refusal naming the nearest point
         with pytest.raises(OutsideRetention, match=f"nearest consistent point: seq {base1}"):
-            await recover(store, b.domain, seq, tmp_path / f"x{seq}")
+            await recover(store, b.domain, RecoverOptions(seq, tmp_path / f"x{seq}"))
     # The store holds what the catalog names, and no more.
     remaining = await keys(store, segment_prefix(b.domain))
     assert remaining == set(state.segment_keys(await state.rows_between(1, state.committed_seq)))
@@ -253,7 +253,7 @@ async def test_recover_holds_a_lease_while_it_reads(tmp_path: Path) -> None:
         return await real_get(key, *a, **kw)
 
     store.get = spying_get
-    await recover(store, b.domain, "latest", tmp_path / "out")
+    await recover(store, b.domain, RecoverOptions("latest", tmp_path / "out"))
     assert seen and all(len(s) == 1 for s in seen)  # the lease existed when the catalog was read
     assert await keys(store, "l/") == set()
 

@@ -17,7 +17,7 @@ import pytest
 from cdp.errors import ConfigError
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
-from rocva import RecoveryError, Target, plan_recovery, recover
+from rocva import RecoverOptions, RecoveryError, Target, plan_recovery, recover
 from rocva import destination as dest
 from rocva.destination import Destination, open_output_dir, resolve_destination
 from rocva.points import list_points
@@ -59,21 +59,24 @@ async def test_dotdot_traversal_out_of_the_roots_is_refused(b, tmp_path):
     policy = msa_policy(tmp_path)
     to = f"{tmp_path}/roots/x/../../escaped"
     with pytest.raises(RecoveryError, match="is not under a recovery root"):
-        await recover(b.store, b.domain, Target.latest(), to, destination=policy)
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), to), destination=policy)
     assert not (tmp_path / "escaped").exists() and tree(tmp_path / "roots") == []
     # '..' that stays inside a root is only a path: the recovery lands where it resolves.
-    result = await recover(b.store, b.domain, Target.latest(), f"{tmp_path}/roots/x/../y", destination=policy,
-                           checksum=True)
+    result = await recover(b.store, b.domain,
+                           RecoverOptions(Target.latest(), f"{tmp_path}/roots/x/../y", checksum=True),
+                           destination=policy)
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert tree(tmp_path / "roots") == ["y", "y/vm-a.img", "y/vm-b.img"]
 
 
 async def test_an_absolute_path_outside_the_roots_is_refused(b, tmp_path):
     with pytest.raises(RecoveryError, match="is not under a recovery root"):
-        await recover(b.store, b.domain, Target.latest(), tmp_path / "elsewhere", destination=msa_policy(tmp_path))
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "elsewhere"),
+                      destination=msa_policy(tmp_path))
     assert not (tmp_path / "elsewhere").exists()
     with pytest.raises(RecoveryError, match="no recovery root is configured"):
-        await recover(b.store, b.domain, Target.latest(), tmp_path / "roots" / "x", destination=Destination(()))
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "roots" / "x"),
+                      destination=Destination(()))
     with pytest.raises(ConfigError, match="absolute"):
         resolve_destination("relative/dir", msa_policy(tmp_path))
     for bad, what in (("/tmp/a\0b", "NUL"), ("/tmp/\ud800", "surrogate"), ("/" + "a" * 5000, "at most")):
@@ -87,7 +90,7 @@ async def test_a_symlinked_target_directory_or_root_is_resolved_first(b, tmp_pat
     (tmp_path / "roots" / "link").symlink_to(tmp_path / "outside")
     for to in (tmp_path / "roots" / "link", tmp_path / "roots" / "link" / "sub"):
         with pytest.raises(RecoveryError, match="is not under a recovery root"):
-            await recover(b.store, b.domain, Target.latest(), to, destination=policy)
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), to), destination=policy)
     assert tree(tmp_path / "outside") == ["victim.txt"] and vic.read_bytes() == VICTIM
 
     # A root that is itself a link into the store: the store is refused all the same.
@@ -95,14 +98,16 @@ async def test_a_symlinked_target_directory_or_root_is_resolved_first(b, tmp_pat
     into_store = Destination((tmp_path / "rootlink",), policy.forbidden)
     before = tree(tmp_path / "store")
     with pytest.raises(RecoveryError, match="inside the object store"):
-        await recover(b.store, b.domain, Target.latest(), tmp_path / "rootlink" / "x", destination=into_store)
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "rootlink" / "x"),
+                      destination=into_store)
     assert tree(tmp_path / "store") == before
 
     # A link that resolves inside a root is followed to where it points, and checked there.
     (tmp_path / "roots" / "real").mkdir()
     (tmp_path / "roots" / "alias").symlink_to(tmp_path / "roots" / "real")
-    result = await recover(b.store, b.domain, Target.latest(), tmp_path / "roots" / "alias", destination=policy,
-                           checksum=True)
+    result = await recover(b.store, b.domain,
+                           RecoverOptions(Target.latest(), tmp_path / "roots" / "alias", checksum=True),
+                           destination=policy)
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert result["images"][0]["path"] == str(tmp_path / "roots" / "real" / "vm-a.img")
     assert tree(tmp_path / "roots" / "real") == ["vm-a.img", "vm-b.img"]
@@ -133,7 +138,8 @@ async def test_a_planted_partial_symlink_is_refused(b, tmp_path, msa):
     vic = victim(tmp_path)
     (out / "vm-a.img.partial").symlink_to(vic)
     with pytest.raises(RecoveryError, match=r"vm-a\.img\.partial is a symbolic link"):
-        await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path) if msa else None)
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), out),
+                      destination=msa_policy(tmp_path) if msa else None)
     assert vic.read_bytes() == VICTIM and os.readlink(out / "vm-a.img.partial") == str(vic)
     assert sorted(p.name for p in out.iterdir()) == [".recover.lock", "vm-a.img.partial"]
 
@@ -146,13 +152,13 @@ async def test_a_planted_final_image_symlink_is_refused(b, tmp_path):
     (out / "vm-b.img").symlink_to(out / "vm-b.img.partial")  # to the partial, not there yet
     for _ in range(2):
         with pytest.raises(RecoveryError, match=r"vm-a\.img already exists"):
-            await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path))
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), out), destination=msa_policy(tmp_path))
         assert vic.read_bytes() == VICTIM and (out / "vm-a.img").is_symlink() and (out / "vm-b.img").is_symlink()
         (out / "vm-a.img").unlink()
         (out / "vm-a.img").symlink_to(tmp_path / "nowhere")  # dangling: exists() says False
     (out / "vm-a.img").unlink()
     with pytest.raises(RecoveryError, match=r"vm-b\.img already exists"):
-        await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path))
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), out), destination=msa_policy(tmp_path))
     assert os.readlink(out / "vm-b.img") == str(out / "vm-b.img.partial")
     assert not (out / "vm-b.img.partial").exists() and not (out / "vm-a.img").exists()
 
@@ -171,7 +177,7 @@ async def test_other_planted_files_are_refused_by_name(b, tmp_path):
         out.mkdir(parents=True)
         plant(out / name)
         with pytest.raises(RecoveryError, match=message):
-            await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path))
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), out), destination=msa_policy(tmp_path))
         assert vic.read_bytes() == VICTIM, case
         assert not (out / "vm-a.img").exists() and not (out / "vm-b.img").exists(), case
     assert (tmp_path / "roots" / "unclaimed-partial" / "vm-a.img.partial").read_bytes() == b"mine"
@@ -188,7 +194,7 @@ async def test_a_hard_linked_partial_claimed_by_a_forged_state_is_refused(b, tmp
               "images": ["vm-a.img", "vm-b.img"]}
     (out / "recover.state.json").write_text(json.dumps(forged))
     with pytest.raises(RecoveryError, match="hard links"):
-        await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path))
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), out), destination=msa_policy(tmp_path))
     assert vic.read_bytes() == VICTIM
 
 
@@ -199,14 +205,15 @@ async def test_to_inside_the_store_is_refused_and_the_domain_stays_recoverable(b
     before = tree(tmp_path / "store")
     for to in (cat, tmp_path / "store", tmp_path / "store" / "new" / "dir"):
         with pytest.raises(RecoveryError, match="lies inside the object store"):
-            await recover(b.store, b.domain, Target.latest(), to, destination=msa_policy(tmp_path) if msa else None)
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), to),
+                          destination=msa_policy(tmp_path) if msa else None)
     assert tree(tmp_path / "store") == before
     assert (await list_points(b.store, b.domain))["committed_seq"] == b.seq
     # Through a link to the store, or a bind-mount-like alias, it is the same directory.
     (tmp_path / "roots").mkdir(exist_ok=True)
     (tmp_path / "roots" / "cat").symlink_to(cat)
     with pytest.raises(RecoveryError, match="lies inside the object store"):
-        await recover(b.store, b.domain, Target.latest(), tmp_path / "roots" / "cat",
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "roots" / "cat"),
                       destination=msa_policy(tmp_path) if msa else None)
     assert tree(tmp_path / "store") == before
 
@@ -216,10 +223,10 @@ async def test_to_inside_the_state_directory_is_refused(b, tmp_path):
     policy = Destination((tmp_path,), msa_policy(tmp_path).forbidden)  # a root that holds the state dir
     for to in (tmp_path / "state", tmp_path / "state" / "jobs", tmp_path / "state" / "drvas" / "x"):
         with pytest.raises(RecoveryError, match="lies inside the MSA's state directory"):
-            await recover(b.store, b.domain, Target.latest(), to, destination=policy)
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), to), destination=policy)
     assert tree(tmp_path / "state") == ["jobs"]
-    result = await recover(b.store, b.domain, Target.latest(), tmp_path / "restored", destination=policy,
-                           checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "restored", checksum=True),
+                           destination=policy)
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert [file_sha256(i["path"]) for i in result["images"]] == b.snapshot()
 
@@ -229,7 +236,7 @@ async def test_a_regular_file_as_destination_is_refused(b, tmp_path):
     (tmp_path / "roots" / "file").write_bytes(VICTIM)
     for to in (tmp_path / "roots" / "file", tmp_path / "roots" / "file" / "sub"):
         with pytest.raises(RecoveryError, match="is not a directory"):
-            await recover(b.store, b.domain, Target.latest(), to, destination=msa_policy(tmp_path))
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), to), destination=msa_policy(tmp_path))
     assert (tmp_path / "roots" / "file").read_bytes() == VICTIM
 
 
@@ -249,7 +256,7 @@ async def test_a_partial_swapped_before_publication_is_not_published(b, tmp_path
 
     monkeypatch.setattr(rr, "_publish", swap_then_publish)
     with pytest.raises(RecoveryError, match="was replaced during the recovery"):
-        await recover(b.store, b.domain, Target.latest(), out, destination=msa_policy(tmp_path))
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), out), destination=msa_policy(tmp_path))
     assert not (out / "vm-a.img").exists() and not (out / "vm-a.img").is_symlink()
     assert vic.read_bytes() == VICTIM
 

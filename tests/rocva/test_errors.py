@@ -12,7 +12,7 @@ from cdp.errors import ChecksumMismatch, NotFound
 from cdp.layout import chunk_key
 from cdp.store.memory import MemoryStore
 from cdp.testing.domain import DomainBuilder, random_workload
-from rocva import Target, plan_recovery, recover
+from rocva import RecoverOptions, Target, plan_recovery, recover
 from tests.rocva.test_recover import seed_initial
 
 KiB = 1 << 10
@@ -77,7 +77,7 @@ async def test_damage_is_detected_and_named(damage: str, tmp_path: Path) -> None
         await b.store.delete(key)
     out = tmp_path / "out"
     with pytest.raises(error) as info:
-        await recover(b.store, b.domain, Target.latest(), out)
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), out))
     assert key in str(info.value) and what in str(info.value), str(info.value)
     finals, partials = images(out)
     assert finals == []  # never a silently wrong image
@@ -92,7 +92,7 @@ async def test_a_flip_in_an_unneeded_block_does_not_matter(tmp_path: Path) -> No
     b.write(0, 0, b"\2" * 4 * KiB)
     await b.seal()
     await flip(b.store, b.segment_keys[0], 64 + 1)  # inside block 0 of the first segment
-    result = await recover(b.store, b.domain, Target.latest(), tmp_path / "out", checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "out", checksum=True))
     assert result["images"][0]["sha256"] == b.snapshot()[0]
     with pytest.raises(ChecksumMismatch, match=b.segment_keys[0]):
-        await recover(b.store, b.domain, 1, tmp_path / "out1")
+        await recover(b.store, b.domain, RecoverOptions(1, tmp_path / "out1"))

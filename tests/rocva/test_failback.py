@@ -20,6 +20,7 @@ from cdp.testing.domain import SITE
 from rocva import delta
 from rocva.failback import LocalDisk, failback
 from rocva.recover import recover
+from rocva.recover_options import RecoverOptions
 from tests.rocva.test_delta import DISKS, _two_histories
 
 KiB = 1 << 10
@@ -67,7 +68,7 @@ async def test_a_failback_moves_only_what_changed_and_forks_for_the_site(tmp_pat
     state, _ = await load_catalog(store, b.domain)
     assert state.current == 3 and state.timeline().owner == SITE
     assert not any(sidecar_path(d.path).exists() for d in disks)  # the old life's maps are gone
-    again = await recover(store, b.domain, mark, tmp_path / "t3", timeline=3)
+    again = await recover(store, b.domain, RecoverOptions(mark, tmp_path / "t3", timeline=3))
     assert [sha(Path(i["path"]).read_bytes()) for i in again["images"]] == [sha(m) for m in at_mark]
     rerun = await failback(store, b.domain, mark, site=SITE, disks=disks)  # finished: only says so
     assert rerun["resumed"] and rerun["timeline"] == 3

@@ -15,7 +15,7 @@ from cdp.catalog import load_catalog
 from cdp.errors import FailoverRefused, Fenced, NotFound
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, random_workload, sha256
-from rocva import InvalidTarget, Target, recover
+from rocva import InvalidTarget, RecoverOptions, Target, recover
 from rocva import failover as failover_mod
 from rocva.failover import STATE_NAME, failover
 
@@ -67,7 +67,7 @@ async def test_a_failover_at_a_mark_before_the_damage(protected, tmp_path):
     result = await failover(b.store, b.domain, Target.mark(name), out, site=SITE_B)
     assert images(out) == shas and result["fork_seq"] == seq
     # The new timeline holds the parent's history up to the mark: every earlier point too.
-    recovered = await recover(b.store, b.domain, Target.latest(), tmp_path / "check", checksum=True)
+    recovered = await recover(b.store, b.domain, RecoverOptions(Target.latest(), tmp_path / "check", checksum=True))
     assert [im["sha256"] for im in recovered["images"]] == shas
 
 

@@ -22,7 +22,7 @@ from cdp.layout import catalog_key, segment_prefix
 from cdp.meta import MetaRepository
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, random_workload
-from rocva import recover
+from rocva import RecoverOptions, recover
 from rocva.integrity import SeenCommit, seen_in_metadata
 from rocva.points import list_points
 from rocva.verify import verify
@@ -75,7 +75,7 @@ async def test_stray_objects_under_the_catalog_prefix_do_not_make_the_domain_unr
     (cat / "0000000000000099.cat.tmp").write_bytes(b"partial")  # not a key: .tmp suffix
     pts = await list_points(b.store, b.domain)
     assert pts["latest"] == b.seq
-    result = await recover(b.store, b.domain, "latest", tmp_path / "out", checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions("latest", tmp_path / "out", checksum=True))
     assert [im["sha256"] for im in result["images"]] == b.snapshot()
     assert len(await list_generations(b.store, b.domain)) >= 1
 
@@ -96,7 +96,7 @@ async def test_a_mark_whose_segment_is_missing_is_shown_and_refused_by_name(tmp_
     shown = next(m for m in pts["marks"] if m["seq"] == victim["seq"])
     assert shown["missing"] == [key] and shown["consistent"] is False
     with pytest.raises(NotFound, match=key):
-        await recover(b.store, b.domain, f"mark:{victim['name']}", tmp_path / "out")
+        await recover(b.store, b.domain, RecoverOptions(f"mark:{victim['name']}", tmp_path / "out"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.img"))
 
 

@@ -17,7 +17,7 @@ from cdp.store.crypt import EncryptedStore
 from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
 from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
-from rocva import RecoveryError, Target, plan_recovery, recover
+from rocva import RecoverOptions, RecoveryError, Target, plan_recovery, recover
 from tests.rocva.build import check, recovery_property, seed_initial
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -82,8 +82,8 @@ async def test_result_progress_and_no_overwrite(tmp_path: Path) -> None:
     await random_workload(b, rng, 200, seal_every=15)
     calls: list[tuple[int, int]] = []
     out = tmp_path / "out"
-    result = await recover(b.store, b.domain, Target.latest(), out, progress=lambda d, t: calls.append((d, t)),
-                           concurrency=3)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, concurrency=3),
+                           progress=lambda d, t: calls.append((d, t)))
     for key in ("bytes_fetched", "bytes_written", "seconds", "mb_per_s", "images", "target_seq"):
         assert key in result
     total = result["bytes_written"]
@@ -92,7 +92,7 @@ async def test_result_progress_and_no_overwrite(tmp_path: Path) -> None:
     assert not (out / "recover.state.json").exists()
     before = [file_sha256(i["path"]) for i in result["images"]]
     with pytest.raises(RecoveryError, match="already exists: a recovery never overwrites"):
-        await recover(b.store, b.domain, 10, out)
+        await recover(b.store, b.domain, RecoverOptions(10, out))
     assert before == [file_sha256(i["path"]) for i in result["images"]]
 
 
@@ -188,5 +188,5 @@ async def test_a_file_store_lends_read_buffers_per_unit(tmp_path: Path, monkeypa
     # Sealed, the page fails its authentication; the retry with a fresh envelope
     # (cdp.store.crypt) reads with get, into no lent buffer, and fails the same way.
     with pytest.raises(IntegrityError if sealed else ChecksumMismatch):
-        await recover(b.store, b.domain, b.seq, tmp_path / "bad", concurrency=1)
+        await recover(b.store, b.domain, RecoverOptions(b.seq, tmp_path / "bad", concurrency=1))
     assert len(made) == 1 and fetcher_buffers[-1] == []  # made for the failed unit, not given back

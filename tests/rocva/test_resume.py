@@ -14,7 +14,7 @@ from cdp.errors import StoreUnavailable
 from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
-from rocva import RecoveryError, Target, plan_recovery, recover
+from rocva import RecoverOptions, RecoveryError, Target, plan_recovery, recover
 from rocva.fetch import (
     BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, READBACK_BYTES, RUN_BYTES_MAX_DEFAULT, group_digest, unit_digest_from_file,
 )
@@ -60,15 +60,15 @@ async def test_resume_after_a_store_failure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     flaky = FailAfter(b.store, await planning_gets(b, target) + 20)
     with pytest.raises(StoreUnavailable, match="offline"):
-        await recover(flaky, b.domain, target, out, concurrency=1, base_batch_chunks=2)
+        await recover(flaky, b.domain, RecoverOptions(target, out, concurrency=1), base_batch_chunks=2)
     names = sorted(p.name for p in out.iterdir())
     assert names == [".recover.lock", "recover.state.json", "vm-a.img.partial", "vm-b.img.partial"]
     state = json.loads((out / "recover.state.json").read_text())
     assert state["target_seq"] == b.seq and not state["complete"] and len(state["done"]) >= 10
     assert any(g.startswith("seg:") for g in state["done"])
 
-    fresh = await recover(b.store, b.domain, target, tmp_path / "fresh", base_batch_chunks=2)
-    result = await recover(b.store, b.domain, target, out, checksum=True, base_batch_chunks=2)
+    fresh = await recover(b.store, b.domain, RecoverOptions(target, tmp_path / "fresh"), base_batch_chunks=2)
+    result = await recover(b.store, b.domain, RecoverOptions(target, out, checksum=True), base_batch_chunks=2)
     assert result["resumed"] and result["groups_skipped"] == len(state["done"])
     assert result["groups"] == fresh["groups"] and result["bytes_skipped"] > 0
     assert result["bytes_written"] + result["bytes_skipped"] == fresh["bytes_written"]
@@ -83,18 +83,18 @@ async def test_a_different_target_or_a_lost_partial_starts_over(tmp_path: Path) 
     out = tmp_path / "out"
     flaky = FailAfter(b.store, await planning_gets(b, Target.latest()) + 10)
     with pytest.raises(StoreUnavailable):
-        await recover(flaky, b.domain, Target.latest(), out, concurrency=1)
+        await recover(flaky, b.domain, RecoverOptions(Target.latest(), out, concurrency=1))
     mark = b.marks[len(b.marks) // 2]["seq"]
-    result = await recover(b.store, b.domain, mark, out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(mark, out, checksum=True))
     assert not result["resumed"] and result["groups_skipped"] == 0
     assert [i["sha256"] for i in result["images"]] == await b.reference(tmp_path / "ref", mark)
 
     out2 = tmp_path / "out2"
     flaky = FailAfter(b.store, await planning_gets(b, Target.latest()) + 10)
     with pytest.raises(StoreUnavailable):
-        await recover(flaky, b.domain, Target.latest(), out2, concurrency=1)
+        await recover(flaky, b.domain, RecoverOptions(Target.latest(), out2, concurrency=1))
     (out2 / "vm-b.img.partial").unlink()
-    result = await recover(b.store, b.domain, Target.latest(), out2, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out2, checksum=True))
     assert not result["resumed"]
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
 
@@ -114,10 +114,10 @@ async def test_an_interrupted_publication_completes(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(rr, "_publish", crash_after_first)
     with pytest.raises(OSError, match="power lost"):
-        await recover(b.store, b.domain, Target.latest(), out)
+        await recover(b.store, b.domain, RecoverOptions(Target.latest(), out))
     assert json.loads((out / "recover.state.json").read_text())["complete"] is True
     monkeypatch.setattr(rr, "_publish", real_publish)
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
     assert result["resumed"] and result["bytes_written"] == 0
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert sorted(p.name for p in out.iterdir()) == ["vm-a.img", "vm-b.img"]
@@ -179,7 +179,7 @@ async def test_a_forged_complete_state_over_garbage_is_not_published(tmp_path: P
     rng = np.random.default_rng(5)
     forge(out2, plan, complete=True, done={n: int(rng.integers(0, 1 << 63)) for n in group_names(plan)})
     for out in (out1, out2):
-        result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+        result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
         assert not result["resumed"] and result["bytes_written"] == plan.bytes_to_write, out
         assert [i["sha256"] for i in result["images"]] == b.snapshot(), out
         assert sorted(p.name for p in out.iterdir()) == ["vm-a.img", "vm-b.img"]
@@ -194,7 +194,7 @@ async def test_a_complete_state_is_proved_outside_its_groups_too(tmp_path: Path)
     out = tmp_path / "out"
     plan = await garbage_partials(b, out)
     ref = tmp_path / "ref"
-    await recover(b.store, b.domain, Target.latest(), ref)
+    await recover(b.store, b.domain, RecoverOptions(Target.latest(), ref))
     for d in plan.disks:  # the right images, plus one stray byte in the zeroed region
         (out / (d.image_name + PARTIAL_SUFFIX)).write_bytes((ref / d.image_name).read_bytes())
     with open(out / ("vm-a.img" + PARTIAL_SUFFIX), "r+b") as f:
@@ -203,7 +203,7 @@ async def test_a_complete_state_is_proved_outside_its_groups_too(tmp_path: Path)
         f.seek(100 * KiB)
         f.write(b"\x01")
     forge(out, plan, complete=True, done=digests_now(out, plan, group_names(plan)))
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert "should be zeros" in result["state_discarded"] and not result["resumed"]
 
@@ -219,13 +219,13 @@ async def test_a_forged_incomplete_state_over_garbage_is_redone(tmp_path: Path) 
             "version": 1, "identity": plan.identity(), "domain": plan.domain, "target_seq": plan.seq,
             "generation": plan.generation, "complete": False, "images": [d.image_name for d in plan.disks],
             "done": done}))
-        result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+        result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
         assert [i["sha256"] for i in result["images"]] == b.snapshot(), len(done)
     # Every group "done" with digests the bytes do not have: discarded, all redone.
     out = tmp_path / "wrong"
     await garbage_partials(b, out)
     forge(out, plan, complete=False, done={n: 12345 for n in group_names(plan)})
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert not result["resumed"] and "digest" in result["state_discarded"]
     assert result["bytes_written"] == plan.bytes_to_write
@@ -234,7 +234,7 @@ async def test_a_forged_incomplete_state_over_garbage_is_redone(tmp_path: Path) 
     out = tmp_path / "nothing-done"
     await garbage_partials(b, out)
     forge(out, plan, complete=False, done={})
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert result["resumed"] and result["bytes_skipped"] == 0
 
@@ -243,7 +243,8 @@ async def interrupted(b: DomainBuilder, out: Path, gets_after_plan: int = 20, ba
     """A recovery of the latest point into ``out`` that the store fails part way; its state."""
     flaky = FailAfter(b.store, await planning_gets(b, Target.latest()) + gets_after_plan)
     with pytest.raises(StoreUnavailable):
-        await recover(flaky, b.domain, Target.latest(), out, concurrency=1, base_batch_chunks=base_batch_chunks)
+        await recover(flaky, b.domain, RecoverOptions(Target.latest(), out, concurrency=1),
+                      base_batch_chunks=base_batch_chunks)
     return json.loads((out / "recover.state.json").read_text())
 
 
@@ -273,7 +274,7 @@ async def test_a_resume_checks_the_done_groups_and_clears_the_rest(tmp_path: Pat
         for fd in fds:
             os.close(fd)
     assert dirty > 0
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True, base_batch_chunks=2)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True), base_batch_chunks=2)
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert result["resumed"] and result["groups_skipped"] == len(state["done"]) and not result["state_discarded"]
     assert all(len(v) == 16 for v in state["done"].values())  # a digest per group
@@ -289,7 +290,7 @@ async def test_a_resume_checks_the_done_groups_and_clears_the_rest(tmp_path: Pat
         byte = f.read(1)
         f.seek(int(unit.offset[0]))
         f.write(bytes([byte[0] ^ 0xFF]))
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True, base_batch_chunks=2)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True), base_batch_chunks=2)
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert not result["resumed"] and name in result["state_discarded"]
     assert result["bytes_written"] == plan.bytes_to_write
@@ -299,7 +300,7 @@ async def test_a_resume_cut_into_other_units_starts_over(tmp_path: Path) -> None
     b = await domain(tmp_path)
     out = tmp_path / "out"
     await interrupted(b, out)  # base groups of 2 chunks
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)  # of 64
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))  # of 64
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert not result["resumed"] and result["groups_skipped"] == 0
 
@@ -321,7 +322,7 @@ async def test_a_state_cut_before_gaps_parses_and_is_not_resumed(tmp_path: Path)
     assert state["units"] == UNITS and state["done"]  # as it is, it would be resumed
     state["units"] = old
     (out / "recover.state.json").write_text(json.dumps(state))
-    result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)
+    result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
     assert [i["sha256"] for i in result["images"]] == b.snapshot()
     assert not result["resumed"] and result["groups_skipped"] == 0
 
@@ -339,7 +340,8 @@ async def test_a_malformed_state_claims_nothing(tmp_path: Path) -> None:
         out = tmp_path / f"m{i}"
         out.mkdir()
         (out / "recover.state.json").write_text(text, errors="surrogateescape")
-        result = await recover(b.store, b.domain, Target.latest(), out, checksum=True)  # no partial: all fresh
+        # No partial: all fresh.
+        result = await recover(b.store, b.domain, RecoverOptions(Target.latest(), out, checksum=True))
         assert not result["resumed"] and [i["sha256"] for i in result["images"]] == b.snapshot()
         # With a partial there, an unusable state claims nothing: the partial is refused.
         out = tmp_path / f"p{i}"
@@ -347,5 +349,5 @@ async def test_a_malformed_state_claims_nothing(tmp_path: Path) -> None:
         (out / "recover.state.json").write_text(text, errors="surrogateescape")
         (out / "vm-a.img.partial").write_bytes(b"x")
         with pytest.raises(RecoveryError, match="no recover.state.json claims it"):
-            await recover(b.store, b.domain, Target.latest(), out)
+            await recover(b.store, b.domain, RecoverOptions(Target.latest(), out))
         assert (out / "vm-a.img.partial").read_bytes() == b"x"

@@ -16,7 +16,7 @@ from cdp.errors import Fenced
 from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
 from cdp.testing.domain import SECTOR, DomainBuilder, sha256
-from rocva import InvalidTarget, recover
+from rocva import InvalidTarget, RecoverOptions, recover
 from rocva.consolidate import consolidate
 from rocva.points import list_points
 from rocva.verify import verify
@@ -37,7 +37,7 @@ def _write_some(b: DomainBuilder, rng: np.random.Generator, n: int, shas: dict[i
 
 async def _recovered(b: DomainBuilder, seq: int, work: Path, timeline: int | None = None) -> list[str]:
     out = Path(tempfile.mkdtemp(dir=work))
-    result = await recover(b.store, b.domain, seq, out, checksum=True, timeline=timeline)
+    result = await recover(b.store, b.domain, RecoverOptions(seq, out, checksum=True, timeline=timeline))
     return [im["sha256"] for im in result["images"]]
 
 

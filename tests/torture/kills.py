@@ -445,7 +445,7 @@ async def recoveries(ctx: Ctx, n: int) -> None:
 
 
 async def recover_exact(ctx: Ctx, mark: Mark, out: Path, what: str) -> bool:
-    from rocva import Target, recover
+    from rocva import RecoverOptions, Target, recover
     from rocva.recover import PARTIAL_SUFFIX, STATE_NAME
 
     ctx.rocva["recoveries_checked"] += 1
@@ -458,7 +458,8 @@ async def recover_exact(ctx: Ctx, mark: Mark, out: Path, what: str) -> bool:
         ctx.rocva["finished_at_kill"] += 1
     else:
         try:
-            result = await recover(ctx.store, DOMAIN_ID, Target.seq(mark.seq), out, timeline=mark.timeline)
+            result = await recover(ctx.store, DOMAIN_ID,
+                                   RecoverOptions(Target.seq(mark.seq), out, timeline=mark.timeline))
         except Exception as exc:  # noqa: BLE001
             ctx.res.problem("failures", f"{what} at seq {mark.seq} (mark {mark.name}): {type(exc).__name__}: {exc}")
             return False
@@ -559,7 +560,7 @@ async def final_check(ctx: Ctx, site: str = "a") -> None:
     point equals the primaries byte for byte."""
     from cdp.catalog import load_catalog
     from cdp.catalog_read import CatalogView
-    from rocva import Target, recover
+    from rocva import RecoverOptions, Target, recover
 
     off = await ctx.api(site, "POST", "/v1/domains/erp/power", {"on": False})
     acked = int(off.get("acked_seq") or 0)
@@ -608,7 +609,7 @@ async def final_check(ctx: Ctx, site: str = "a") -> None:
         [await asyncio.to_thread(_sha256, d.disk.image) for d in ctx.op.site_cfg("b").domain("erp").disks]
     out = ctx.root / f"latest-{site}-{tl}"
     ctx.rocva["recoveries_checked"] += 1
-    result = await recover(ctx.store, DOMAIN_ID, Target.latest(), out, timeline=tl)
+    result = await recover(ctx.store, DOMAIN_ID, RecoverOptions(Target.latest(), out, timeline=tl))
     got = [await asyncio.to_thread(_sha256, i["path"]) for i in result["images"]]
     if result["seq"] != acked and acked:
         ctx.res.problem("lost", f"the latest point of timeline {tl} is seq {result['seq']}, the VMs' last ack {acked}")

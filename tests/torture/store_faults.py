@@ -74,6 +74,7 @@ from cdp.errors import Busy, CdpError, LeaseLost
 from cdp.locks import maintenance_lock
 from cdp.store import FaultyStore
 from rocva.recover import recover as rocva_recover
+from rocva.recover_options import RecoverOptions
 from tests.drva.harness import SECRET, Disk, check_store, config, domain_doc, drva_doc, random_writes
 from tests.services import AZURITE_KEY, Azurite, MotoServer, connection_string
 from tests.torture.fault_proxy import FaultProxy
@@ -409,7 +410,7 @@ class _Run:
         elif not last:
             b.ingest.set_rates(RECOVERY_RETRY_RATES)
         try:
-            summary = await rocva_recover(store, domain, "latest", out)
+            summary = await rocva_recover(store, domain, RecoverOptions("latest", out))
         except CdpError as exc:
             self._refused(domain, b, str(exc), keys)
             if last:
