@@ -38,6 +38,7 @@ from pathlib import Path
 import click
 
 from cdp import eventloop
+from cdp.cli.common import FiniteRange
 from cdp.errors import CdpError, ConfigError
 from cdp.logs import setup_logging
 from cdp.nbd.address import parse_tcp
@@ -58,6 +59,11 @@ def _marks(values: tuple[str, ...]) -> list[tuple[float, str]]:
         if not sep or not name:
             raise click.BadParameter(f"{v!r}: expected SECONDS:NAME")
     return out
+
+
+#: Seconds, MB/s, a speed factor: finite and above zero (NaN passed ``float``, and a
+#: flush timeout of NaN waited forever).
+POSITIVE = FiniteRange(0, min_open=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,13 +92,13 @@ def check(cluster_file: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("cluster_file", type=click.Path(exists=True, path_type=Path))
-@click.option("--duration", type=float, default=None, help="Seconds to run (default: until stopped).")
+@click.option("--duration", type=POSITIVE, default=None, help="Seconds to run (default: until stopped).")
 @click.option("--workload", default=None, help="Override every domain's workload kind.")
-@click.option("--rate-mb-s", type=float, default=None, help="With --workload: MB/s per domain.")
+@click.option("--rate-mb-s", type=POSITIVE, default=None, help="With --workload: MB/s per domain.")
 @click.option("--trace", type=click.Path(exists=True, path_type=Path), default=None,
               help="Replay an MSR Cambridge CSV trace instead of a workload.")
 @click.option("--trace-domain", default=None, help="The domain the trace feeds (default: all).")
-@click.option("--speed", type=float, default=None, help="Trace speed factor (default: as fast as possible).")
+@click.option("--speed", type=POSITIVE, default=None, help="Trace speed factor (default: as fast as possible).")
 @click.option("--mark", "marks", multiple=True, help="SECONDS:NAME — place a mark in every domain.")
 @click.option("--seed-disks", is_flag=True, help="Seed each disk's existing content first.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, help="Where the disk images live.")
@@ -110,7 +116,7 @@ def check(cluster_file: Path, as_json: bool) -> None:
               help="Serve the NBD exports on this Unix socket too (or only).")
 @click.option("--export-name", "export_names", multiple=True, metavar="VM/DISK",
               help="With --nbd/--nbd-unix: serve only these disks (default: every disk).")
-@click.option("--flush-timeout", type=float, default=None,
+@click.option("--flush-timeout", type=POSITIVE, default=None,
               help="With NBD: fail a FLUSH/FUA with EIO when the DRVA has not got the writes within S seconds "
                    "(default: wait).")
 @click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
@@ -136,8 +142,6 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     if nbd_tcp is not None or nbd_unix is not None:
         if workload or trace:
             raise click.UsageError("--nbd serves the disks to real clients: no --workload or --trace with it")
-        if flush_timeout is not None and flush_timeout <= 0:
-            raise click.UsageError("--flush-timeout must be > 0")
         nbd = NbdListen(tcp=parse_tcp(nbd_tcp) if nbd_tcp is not None else None, unix=nbd_unix,
                         exports=frozenset(export_names) if export_names else None, flush_timeout_s=flush_timeout)
     elif export_names or flush_timeout is not None:

@@ -32,7 +32,7 @@ from typing import Any
 from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView
-from cdp.errors import CdpError, NotFound
+from cdp.errors import CdpError, ConfigError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.segment import decode_segment, read_segment_index
 from cdp.store.base import ObjectStore
@@ -55,7 +55,11 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
                  progress: Callable[[int, int], None] | None = None,
                  timeline: int | None = None, seen: tuple[SeenCommit, ...] = ()) -> dict[str, Any]:
     """Check ``domain`` (see the module docstring): every timeline, or only ``timeline``;
-    returns a report with ``ok``."""
+    returns a report with ``ok``. ``ConfigError`` for a ``sample`` that is no share in
+    0..1 (NaN compared false with everything and deep-checked nothing: a report of
+    "OK" for a check that never ran)."""
+    if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 <= sample <= 1:
+        raise ConfigError(f"sample: expected a share of segments in 0..1, got {sample!r}")
     t0 = time.monotonic()
     report = _Report()
     try:

@@ -107,5 +107,8 @@ def test_points_recover_verify_on_the_demo_store(tmp_path):
     assert json.loads(cdp("verify", "erp", *store, "--deep", "--json").stdout)["ok"] is True
     r = cdp("consolidate", "erp", *store, "--older-than", "soon")
     assert r.returncode == 2 and "duration" in r.stderr
+    for share in ("nan", "inf", "2", "-1"):  # NaN deep-checked nothing and said OK
+        r = cdp("verify", "erp", *store, "--sample", share)
+        assert r.returncode == 2 and "--sample" in r.stderr and "Traceback" not in r.stderr, (share, r.stderr)
     r = cdp("consolidate", "erp", *store, "--concurrency", "0")  # was an AssertionError traceback
     assert r.returncode == 2 and "--concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr

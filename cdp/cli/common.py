@@ -8,6 +8,7 @@ Nothing here imports a verb module, so the verb modules import from here and
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,20 @@ from cdp.store.base import ObjectStore
 from cdp.units import parse_size
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+class FiniteRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and the infinities: click's lets NaN
+    through (every comparison with it is false), and ``cdp verify --sample nan`` then
+    deep-checked nothing and reported OK."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
 
 
 def point_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cdp.cli.common import (domain_id_of, emit, json_option, metadata_option, ns_text, one_point,
+from cdp.cli.common import (FiniteRange, domain_id_of, emit, json_option, metadata_option, ns_text, one_point,
                             parse_duration_option, parse_size_option, point_options, progress_bar,
                             seen_from_metadata, store_option, timeline_option, with_store)
 from cdp.store.base import ObjectStore
@@ -206,7 +206,8 @@ def _mount_event_text(event: dict[str, Any]) -> str:
 @click.argument("domain")
 @store_option
 @click.option("--deep", is_flag=True, help="Read every byte of every object (default: indexes and manifests).")
-@click.option("--sample", type=float, default=0.0, help="Deep-check this share of segments (0..1).")
+@click.option("--sample", type=FiniteRange(0, 1), default=0.0,
+              help="Deep-check this share of segments (0..1).")
 @timeline_option
 @metadata_option
 @json_option

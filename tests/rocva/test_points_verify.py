@@ -7,6 +7,7 @@ import pytest
 
 from cdp.base_image import encode_chunk, encode_manifest
 from cdp.catalog import CatalogState, CatalogWriter
+from cdp.errors import ConfigError
 from cdp.frame import decode_frame, encode_frame
 from cdp.layout import base_manifest_key, chunk_key, segment_key
 from cdp.segment import build_segment
@@ -103,6 +104,19 @@ async def test_verify_clean_then_every_kind_of_damage_is_named():
     await store.delete(made["chunk"])
     problems = (await verify(store, 1))["problems"]
     assert any(p["object"] == made["chunk"] and "missing" in p["problem"] for p in problems)
+
+
+async def test_verify_refuses_a_sample_that_is_no_share():
+    """NaN compared false with everything: ``sample=nan`` deep-checked nothing and said OK."""
+    store = MemoryStore()
+    made = await make_domain(store)
+    data = bytearray(await store.get(segment_key(1, 1, 21, 40)))
+    data[100] ^= 1  # only a deep check (or a sampled one) finds it
+    await store.put(segment_key(1, 1, 21, 40), bytes(data))
+    for bad in (float("nan"), float("inf"), -0.1, 1.5, True, "0.5"):
+        with pytest.raises(ConfigError, match="sample: expected a share of segments in 0..1"):
+            await verify(store, 1, sample=bad)
+    assert not (await verify(store, 1, sample=1.0))["ok"] and made
 
 
 async def test_verify_a_domain_without_catalog():
