@@ -16,6 +16,7 @@ from cdp.testing.domain import SECTOR, DomainBuilder
 from rocva import Target
 from rocva import mount_source
 from rocva.mount import Mount, MountOptions
+from rocva.plan import SRC_ZERO
 from tests.rocva.test_fetch import _CountingStore
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -36,6 +37,7 @@ async def domain(monkeypatch: pytest.MonkeyPatch):
     for _ in range(40):
         length = int(rng.integers(1, 32)) * SECTOR
         b.write(0, int(rng.integers(0, (DISK - length) // SECTOR)) * SECTOR, rng.bytes(length))
+    b.zero(0, 5 * CHUNK + 3 * SECTOR, 40 * SECTOR)  # a ZERO extent too
     await b.seal()
     return b
 
@@ -117,3 +119,24 @@ async def test_a_version_1_chunk_is_read_whole_and_its_part_served(domain):
         await _reads_right(b, disk, 0, DISK)
         offset = 5 * CHUNK + 2 * PART + 100
         await _reads_right(b, disk, offset, 5000)
+
+
+async def test_a_range_inside_one_extent_is_cut_as_the_general_path_cuts_it(domain):
+    """``_pieces_in_extent`` (plain integers, most small reads) gives exactly the pieces
+    the numpy path over extents gives, for ranges inside every kind of extent."""
+    b = domain
+    async with _mounted(b) as (mount, disk):
+        source = disk.lower
+        rng = np.random.default_rng(5)
+        kinds_seen = set()
+        for i in range(len(source.starts)):
+            start, end = int(source.starts[i]), int(source.ends[i])
+            for _ in range(6):
+                offset = int(rng.integers(start, end))
+                length = int(rng.integers(1, end - offset + 1))
+                fast = source._pieces_in_extent(i, offset, length)
+                slow = source._pieces_of_extents(i, offset, length)
+                assert fast[0] == slow[0] and fast[2:] == slow[2:], (i, offset, length)
+                assert source._pieces(offset, length)[0] == fast[0]
+            kinds_seen.add(int(source.kinds[i]))
+        assert kinds_seen == {mount_source.SRC_WRITE, mount_source.SRC_BASE, SRC_ZERO}, kinds_seen
