@@ -246,17 +246,23 @@ async def fetch_blocks(store: ObjectStore, index: SegmentIndex, first_block: int
     """The *stored* (still compressed, not yet verified) bytes of blocks
     ``first_block..last_block``: one ranged GET, its length checked. ``unpack_blocks``
     verifies and decompresses them."""
+    start, length = stored_span(index, first_block, last_block)
+    data = await store.get(index.key, offset=start, length=length)
+    if len(data) != length:
+        raise TruncatedError(
+            f"segment {index.key}: blocks {first_block}..{last_block} at offset {start}: "
+            f"got {len(data)} bytes, expected {length}"
+        )
+    return data
+
+
+def stored_span(index: SegmentIndex, first_block: int, last_block: int) -> tuple[int, int]:
+    """(offset, length) in the segment object of the stored bytes of blocks
+    ``first_block..last_block``: the range ``fetch_blocks`` gets."""
     _check_block_range(index, first_block, last_block)
     rows = index.blocks[first_block : last_block + 1]
     start = int(rows["stored_offset"][0])
-    end = int(rows["stored_offset"][-1]) + int(rows["stored_len"][-1])
-    data = await store.get(index.key, offset=start, length=end - start)
-    if len(data) != end - start:
-        raise TruncatedError(
-            f"segment {index.key}: blocks {first_block}..{last_block} at offset {start}: "
-            f"got {len(data)} bytes, expected {end - start}"
-        )
-    return data
+    return start, int(rows["stored_offset"][-1]) + int(rows["stored_len"][-1]) - start
 
 
 def unpack_blocks(

@@ -224,7 +224,14 @@ class Mount:
     async def _open(cls, store: ObjectStore, options: MountOptions) -> Mount:
         plan = await plan_recovery(store, options.domain, options.target, timeline=options.timeline)
         cache = UnitCache(options.cache_bytes_max, options.loads_max)
-        executor = ThreadPoolExecutor(pool_workers(options.loads_max), thread_name_prefix="rocva-mount")
+        workers = pool_workers(options.loads_max)
+        if hasattr(store, "read_blocking"):
+            # Its GETs wait in the pool too (PlanSource._got_and_decoded): up to twice the
+            # CPUs, so that some read while others decode. Cold random 4 KiB reads in process,
+            # 2 CPUs: 2 threads 2,326-2,984/s, 4 threads 2,614-2,746/s (the device kept
+            # busier), 8 threads 2,260-2,563/s and 15 % more CPU.
+            workers = min(options.loads_max, 2 * workers)
+        executor = ThreadPoolExecutor(workers, thread_name_prefix="rocva-mount")
         overlay_dir = None
         disks: dict[str, MountedDisk] = {}
         try:

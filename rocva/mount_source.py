@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 
 import numpy as np
@@ -45,11 +45,11 @@ import numpy as np
 from cdp.base_image import (
     SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_chunk_head,
 )
-from cdp.errors import CdpError, FormatError, NotFound
+from cdp.errors import CdpError, FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.logs import get_logger
-from cdp.segment import SegmentIndex, fetch_blocks, unpack_blocks
-from cdp.store.base import ObjectStore
+from cdp.segment import SegmentIndex, stored_span, unpack_blocks
+from cdp.store.base import Bytes, ObjectStore
 from rocva.mount_cache import Unit, UnitCache
 from rocva.plan import SRC_BASE, SRC_WRITE, DiskPlan
 
@@ -94,6 +94,8 @@ class PlanSource:
         self.segments = segments
         self.cache = cache
         self.executor = executor
+        # A store whose GETs can run in the pool job that decodes them (``_got_and_decoded``).
+        self._read_blocking = getattr(store, "read_blocking", None)
         ext = disk.extents
         self.starts = ext["offset"].astype(np.int64)
         self.ends = self.starts + ext["length"].astype(np.int64)
@@ -227,15 +229,14 @@ class PlanSource:
     def _block_loader(self, index: SegmentIndex, block: int):
         async def load() -> tuple[Unit, int]:
             try:
-                stored = await fetch_blocks(self.store, index, block, block)
-                loop = asyncio.get_running_loop()
-                raw = await loop.run_in_executor(self.executor, _decode_block, index, block, stored)
+                offset, length = stored_span(index, block, block)
+                return await self._got_and_decoded(index.key, offset, length,
+                                                   lambda stored: _decode_block(index, block, stored))
             except NotFound as exc:
                 raise _unit_failed(index.key, f"block {block}", NotFound(
                     f"segment {index.key} is missing from {self.store.describe()}")) from exc
             except CdpError as exc:
                 raise _unit_failed(index.key, f"block {block}", exc) from exc
-            return raw, len(stored)
         return load
 
     def _chunk_part_loader(self, key: str, hash16: bytes, chunk_len: int, k: int):
@@ -255,15 +256,36 @@ class PlanSource:
                     return raw, fetched + len(stored)
                 first, last = lo // SUB_BLOCK_BYTES, (hi - 1) // SUB_BLOCK_BYTES
                 offset, length = table.span(first, last)
-                stored = await self.store.get(key, offset, length)
-                raw = await loop.run_in_executor(self.executor, table.decode, first, last, stored)
+                raw, got = await self._got_and_decoded(key, offset, length,
+                                                       lambda stored: table.decode(first, last, stored))
+                return raw, fetched + got
             except NotFound as exc:
                 raise _unit_failed(key, "chunk", NotFound(f"chunk {key} is missing from {self.store.describe()}")
                                    ) from exc
             except CdpError as exc:
                 raise _unit_failed(key, "chunk", exc) from exc
-            return raw, fetched + len(stored)
         return load
+
+    async def _got_and_decoded(self, key: str, offset: int, length: int,
+                               decode: Callable[[Bytes], Unit]) -> tuple[Unit, int]:
+        """(``decode`` of bytes ``[offset, offset + length)`` of ``key``, bytes fetched):
+        the GET and the decoding in one job of the pool when the store reads blocking (a
+        file store's ``read_blocking``), else the GET and then a job.
+
+        Why one job: every hand-off to a thread and back costs wake-ups and GIL
+        transfers; with two per fetch (the store's reader, then the pool), cold random
+        4 KiB reads of a mount in process took 2.2-2.6 s of CPU for 3,515 fetches, with
+        one 1.5-1.9 s, and went 12-24 % faster."""
+        loop = asyncio.get_running_loop()
+        if self._read_blocking is not None:
+            def job() -> tuple[Unit, int]:
+                stored = self._read_blocking(key, offset, length)
+                _check_length(key, offset, length, stored)
+                return decode(stored), len(stored)
+            return await loop.run_in_executor(self.executor, job)
+        stored = await self.store.get(key, offset, length)
+        _check_length(key, offset, length, stored)
+        return await loop.run_in_executor(self.executor, decode, stored), len(stored)
 
     async def _table(self, key: str, hash16: bytes, chunk_len: int) -> tuple[int, ChunkTable | None]:
         """(bytes fetched for it, the chunk's verified header and table; None for a
@@ -278,6 +300,14 @@ class PlanSource:
         while len(self._tables) > HEADS_KEPT:
             self._tables.popitem(last=False)
         return len(head), table
+
+
+def _check_length(key: str, offset: int, length: int, stored: Bytes) -> None:
+    """A ranged GET gave the whole range (an object shorter than its index says is
+    damaged, and named)."""
+    if len(stored) != length:
+        raise TruncatedError(f"{key}: bytes {offset}..{offset + length}: got {len(stored)} bytes, "
+                             f"expected {length}")
 
 
 def _decode_block(index: SegmentIndex, block: int, stored: bytes) -> Unit:

@@ -144,11 +144,19 @@ class FileStore(StoreBase):
         return await self._get(key, offset, length, buf)
 
     async def _get(self, key: str, offset: int, length: int | None, into: ReadBuffer | None) -> Bytes:
+        return await asyncio.get_running_loop().run_in_executor(_readers(), self._read, key, offset, length, into)
+
+    def read_blocking(self, key: str, offset: int = 0, length: int | None = None) -> Bytes:
+        """``get``, blocking: for a worker thread that goes on to decode what it read, so
+        that one hand-off to a thread serves both (``rocva.mount_source``: a cold
+        random 4 KiB read of a mount cost 0.8 ms of CPU with two, read then decode)."""
+        return self._read(key, offset, length, None)
+
+    def _read(self, key: str, offset: int, length: int | None, into: ReadBuffer | None) -> Bytes:
         path = self._path(key)
         check_range(offset, length)
         try:
-            return await asyncio.get_running_loop().run_in_executor(_readers(), _read_range, path, offset, length,
-                                                                    into)
+            return _read_range(path, offset, length, into)
         except OSError as exc:
             raise self._error("get", key, exc) from exc
 

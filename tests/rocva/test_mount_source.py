@@ -11,6 +11,7 @@ import pytest
 
 from cdp.base_image import SUB_BLOCK_BYTES, decode_chunk_head, encode_chunk_v1
 from cdp.layout import chunk_key
+from cdp.store.fs import FileStore
 from cdp.store.memory import MemoryStore
 from cdp.testing.domain import SECTOR, DomainBuilder
 from rocva import Target
@@ -28,9 +29,20 @@ DISK = 6 * MiB
 @pytest.fixture
 async def domain(monkeypatch: pytest.MonkeyPatch):
     """A 6 MiB disk: a base of 1 MiB chunks (the fourth all zeros), then scattered writes."""
+    return await _build(monkeypatch, _CountingStore())
+
+
+@pytest.fixture
+async def file_domain(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """``domain`` in a file store, whose mount reads and decodes a unit in one pool job
+    (``FileStore.read_blocking``)."""
+    return await _build(monkeypatch, FileStore(tmp_path / "store"))
+
+
+async def _build(monkeypatch: pytest.MonkeyPatch, store) -> DomainBuilder:
     monkeypatch.setattr(mount_source, "CHUNK_PART_BYTES", PART)
     rng = np.random.default_rng(7)
-    b = await DomainBuilder(_CountingStore(), disks=(("vm", "disk0", DISK),), block_raw_size=64 * KiB).start()
+    b = await DomainBuilder(store, disks=(("vm", "disk0", DISK),), block_raw_size=64 * KiB).start()
     b.model[0][:] = rng.bytes(DISK)
     b.model[0][3 * CHUNK : 4 * CHUNK] = bytes(CHUNK)
     await b.add_base(0, chunk_size=CHUNK)
@@ -140,3 +152,38 @@ async def test_a_range_inside_one_extent_is_cut_as_the_general_path_cuts_it(doma
                 assert source._pieces(offset, length)[0] == fast[0]
             kinds_seen.add(int(source.kinds[i]))
         assert kinds_seen == {mount_source.SRC_WRITE, mount_source.SRC_BASE, SRC_ZERO}, kinds_seen
+
+
+async def test_a_file_store_mount_reads_in_one_job_and_still_checks_everything(file_domain, monkeypatch):
+    """From a file store each unit is read and decoded in one pool job; what it serves is
+    the disk, a changed byte fails its part's reads with EIO, a cut segment fails its
+    blocks' reads naming what is missing."""
+    b = file_domain
+    blocking = []
+    real = FileStore.read_blocking
+    monkeypatch.setattr(FileStore, "read_blocking", lambda self, *a: blocking.append(a) or real(self, *a))
+    async with _mounted(b) as (mount, disk):
+        await _reads_right(b, disk, 0, DISK)
+        assert blocking and all(len(a) == 3 for a in blocking)
+    root = b.store.root
+    key = chunk_key(mount.plan.disks[0].manifest.hash_of(5))
+    obj = (root / key).read_bytes()
+    table = decode_chunk_head(key, obj, None)
+    bad = bytearray(obj)
+    bad[int(table.entries["stored_offset"][PART // SUB_BLOCK_BYTES]) + 5] ^= 1
+    (root / key).write_bytes(bytes(bad))
+    async with _mounted(b) as (mount, disk):
+        await _reads_right(b, disk, 5 * CHUNK, PART)
+        with pytest.raises(OSError) as failed:
+            await disk.read(5 * CHUNK + PART, PART)
+        assert failed.value.errno == errno.EIO and "stored_xxh3" in str(failed.value)
+        # Cut in its first block after the mount read its index: that block's reads fail.
+        source = disk.lower
+        w = int(np.flatnonzero(source.kinds == mount_source.SRC_WRITE)[0])
+        index = source.segments[int(source.segs[w])]
+        first = int(source.poss[w]) // index.block_raw_size
+        path = root / index.key
+        path.write_bytes(path.read_bytes()[: int(index.blocks["stored_offset"][first]) + 10])
+        with pytest.raises(OSError) as failed:
+            await disk.read(int(source.starts[w]), SECTOR)
+        assert failed.value.errno == errno.EIO and "got 10 bytes, expected" in str(failed.value), failed.value
