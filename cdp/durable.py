@@ -16,12 +16,13 @@ cannot see a missing sync, the page cache survives it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+
+from cdp.libc import libc_function
 
 # Most buffers one pwritev takes (Linux's IOV_MAX).
 IOV_MAX = 1024
@@ -40,18 +41,8 @@ def sync_file(fd: int) -> None:
     os.fsync(fd)
 
 
-def _libc_sync_file_range():
-    """libc's ``sync_file_range`` (Linux only), or None."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
+#: libc's ``sync_file_range`` (Linux only), or None.
+_sync_file_range = libc_function(["sync_file_range"], [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-out of dirty pages not yet under it; no wait
 
 

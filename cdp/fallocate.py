@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Any
+
+from cdp.libc import libc_function
 
 # Modes (linux/falloc.h).
 KEEP_SIZE = 0x01
@@ -21,18 +22,7 @@ ZERO_RANGE = 0x10
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
 
-def _bind() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _bind()
+_fallocate = libc_function(["fallocate64", "fallocate"], [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 available = _fallocate is not None  # False where libc has no fallocate (not Linux)
 
 

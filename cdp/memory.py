@@ -23,7 +23,8 @@ the arenas stops each worker thread from growing a heap of its own.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+
+from cdp.libc import libc_function
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -32,13 +33,8 @@ _M_ARENA_MAX = -8
 
 def bound_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20, arenas: int = 2) -> bool:
     """Apply the policy above; False where the C library is not glibc (nothing done)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function(["mallopt"], [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
     return (bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
             and bool(mallopt(_M_ARENA_MAX, arenas)))

@@ -230,3 +230,17 @@ async def test_the_drva_acks_a_seq_only_once_its_log_entry_is_synced(tmp_path: P
                 if why is not None:
                     problems.append(f"ACK of seq {seq}: entry at position {pos} (seq {first_seq}..): {why}")
     assert problems == [], problems[:5]
+
+
+def test_the_c_library_functions_are_found_once_and_typed():
+    """``cdp.libc``: the functions the os module lacks come from the process's own
+    symbols, typed; an unknown one is None (callers then do without)."""
+    import ctypes
+
+    from cdp import durable, fallocate, memory
+    from cdp.libc import libc_function
+
+    assert fallocate.available and durable._sync_file_range is not None and memory.bound_malloc()
+    fn = libc_function(["no_such_function_here", "getpid"], [], ctypes.c_int)
+    assert fn is not None and fn() == os.getpid()
+    assert libc_function(["no_such_function_here"], []) is None
