@@ -70,11 +70,6 @@ class RecoverOptions:
         if not isinstance(self.checksum, bool):
             raise RecoverOptionError("checksum", f"expected true or false, got {_shown(self.checksum)}")
 
-    def describe(self) -> dict[str, Any]:
-        """The options as a job record or a log line shows them."""
-        return {"target": self.target.text(), "to": str(self.out_dir), "timeline": self.timeline,
-                "concurrency": self.concurrency, "checksum": self.checksum}
-
 
 def _int_in(value: Any, lo: int, hi: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi

@@ -27,8 +27,8 @@ def test_defaults_and_the_forms_of_a_target(tmp_path):
     for written, expected in ((7, Target.seq(7)), ("seq:7", Target.seq(7)), ({"seq": 7}, Target.seq(7)),
                               ({"mark": "m"}, Target.mark("m")), (Target.mark("m"), Target.mark("m"))):
         assert RecoverOptions(written, tmp_path).target == expected
-    assert RecoverOptions(1, tmp_path, timeline=3, concurrency=CONCURRENCY_MAX, checksum=True).describe() == {
-        "target": "seq:1", "to": str(tmp_path), "timeline": 3, "concurrency": CONCURRENCY_MAX, "checksum": True}
+    o = RecoverOptions(1, tmp_path, timeline=TIMELINE_MAX, concurrency=CONCURRENCY_MAX, checksum=True)
+    assert (o.target, o.timeline, o.concurrency, o.checksum) == (Target.seq(1), TIMELINE_MAX, CONCURRENCY_MAX, True)
 
 
 @pytest.mark.parametrize("field, value", [
