@@ -112,3 +112,12 @@ def test_points_recover_verify_on_the_demo_store(tmp_path):
         assert r.returncode == 2 and "--sample" in r.stderr and "Traceback" not in r.stderr, (share, r.stderr)
     r = cdp("consolidate", "erp", *store, "--concurrency", "0")  # was an AssertionError traceback
     assert r.returncode == 2 and "--concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_protect_refuses_an_rpo_target_that_is_not_a_positive_number(tmp_path):
+    """NaN reached the REST API, which refused it as "not JSON" without naming the option;
+    now the CLI refuses it, and infinities, zero and negatives, naming ``--rpo-target``
+    (the API still checks the policy's own range)."""
+    for value in ("nan", "inf", "0", "-5"):
+        r = cdp("protect", "erp", "--config", str(tmp_path / "never-read.toml"), "--rpo-target", value)
+        assert r.returncode == 2 and "--rpo-target" in r.stderr and "Traceback" not in r.stderr, (value, r.stderr)

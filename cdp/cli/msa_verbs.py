@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from cdp.cli.common import config_option, emit, json_option, one_point, point_options, progress_bar
+from cdp.cli.common import FiniteRange, config_option, emit, json_option, one_point, point_options, progress_bar
 from cdp.errors import ConfigError
 from cdp.msa.jobs import FINAL
 
@@ -267,7 +267,10 @@ def daemon(config_path: Path, log_level: str) -> None:
 @click.argument("domain")
 @config_option
 @click.option("--retention", default=None, help="Keep points at least this long (e.g. 72h).")
-@click.option("--rpo-target", "rpo_target", type=float, default=None, help="RPO alarm threshold in seconds.")
+# Finite and above zero here (NaN reached the API, refused there as "not JSON"); the
+# API checks the policy's own range (cdp.msa.config.POLICY_LIMITS).
+@click.option("--rpo-target", "rpo_target", type=FiniteRange(0, min_open=True), default=None,
+              help="RPO alarm threshold in seconds.")
 @click.option("--consolidate-after", default=None, help="Roll segments older than this into a base (e.g. 1h).")
 @click.option("--consolidate-every", default=None, help="Run the consolidation job this often (e.g. 15m).")
 @json_option
