@@ -48,10 +48,10 @@ from cdp.errors import Busy, CdpError, ConfigError, FailoverRefused, LeaseLost, 
 from cdp.logs import get_logger
 from cdp.msa import console, operations
 from cdp.msa.api_input import (
-    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, not_a_directory, policy_from, read_body, recover_options_from,
+    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, policy_change, read_body, recover_options_from,
     shown, target_from, wants_wait,
 )
-from cdp.msa.http_limits import LimitedSite
+from cdp.msa.http_limits import LimitedSite, quiet_parser_errors
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
 from cdp.msa.runner import TooManyJobs
 from cdp.tomlread import NAME
@@ -250,9 +250,9 @@ async def protect(request: web.Request) -> web.Response:
     except ConfigError as exc:
         raise ApiError(409, "no_drva", f"domain {domain} streams to {spec.drva}, which no DRVA of the site "
                                        f"listens on", "name", exit_code=exc.exit_code) from None
-    policy = policy_from(doc, daemon.protection.get(domain) or daemon.cfg.policy(domain))
+    change = policy_change(doc)
     record = await daemon.start_job("protect", {"domain": domain, **doc},
-                                    lambda job: daemon.protect(domain, policy, job))
+                                    lambda job: daemon.protect(domain, change, job))
     return await _job_answer(request, record, wait)
 
 
@@ -314,11 +314,11 @@ async def recover(request: web.Request) -> web.Response:
     doc = await read_body(request, {"target", "to", "timeline", "concurrency", "checksum"}, {"target", "to"})
     options = recover_options_from(doc)
     to = options.out_dir
-    if (blocker := await asyncio.to_thread(not_a_directory, to)) is not None:
-        raise bad("to", f"expected a directory (or a path where one can be made), but {blocker!r} on "
-                        f"the way is not a directory")
-    try:  # under the site's recovery_roots, not in the store or the state directory
-        operations.check_recovery_destination(daemon.cfg, str(to))
+    # Under the site's recovery_roots, not in the store or the state directory, and a
+    # directory: checked in that order, so that what lies outside the roots is never
+    # looked at (a "not a directory" for /etc/passwd/x told a client that file exists).
+    try:
+        await asyncio.to_thread(operations.check_recovery_destination, daemon.cfg, str(to))
     except CdpError as exc:
         raise bad("to", exc.message) from None
     params = {"domain": domain, "target": doc["target"], "to": str(to), "timeline": options.timeline,
@@ -388,11 +388,15 @@ async def quiesce(request: web.Request) -> web.Response:
     wait = wants_wait(request)
     doc = await read_body(request, {"mark"}, {"mark"})
     name = mark_name(doc, "mark")
-    if daemon.runner.running("quiesce", {"domain": domain}):
-        raise ApiError(409, "busy", f"domain {domain} is being quiesced already", "name")
     record = await daemon.start_job("quiesce", {"domain": domain, "mark": name},
-                                    lambda job: daemon.quiesce(domain, name, job))
+                                    lambda job: daemon.quiesce(domain, name, job), claim=("quiesce", domain))
     return await _job_answer(request, record, wait)
+
+
+def site_move(domain: str) -> tuple[str, str]:
+    """The claim that failovers, test-failover clean-ups, failbacks and releases of one
+    domain share: each forks or fences a timeline, so two at once would leave two."""
+    return ("failover or failback", domain)
 
 
 async def failover(request: web.Request) -> web.Response:
@@ -412,14 +416,13 @@ async def failover(request: web.Request) -> web.Response:
     if "target" not in doc and mode != "planned":
         raise bad("target", 'expected "latest", {"seq": N}, {"mark": NAME} or {"at": TIME}')
     target = target_from(doc.get("target", "latest")).text()
-    if daemon.runner.running("failover", {"domain": name}):
-        raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
     async def work(job: Any) -> Any:
         if mode == "test":
             return await run_test_failover(daemon, name, target, job)
         return await run_failover(daemon, name, target, job, planned=mode == "planned")
 
-    record = await daemon.start_job("failover", {"domain": name, "target": doc.get("target"), "mode": mode}, work)
+    record = await daemon.start_job("failover", {"domain": name, "target": doc.get("target"), "mode": mode}, work,
+                                    claim=site_move(name))
     return await _job_answer(request, record, wait)
 
 
@@ -429,9 +432,8 @@ async def failover_cleanup(request: web.Request) -> web.Response:
     daemon = request.app[MSA]
     name = store_domain_of(request)
     await read_body(request, set())
-    if daemon.runner.running("failover", {"domain": name}):
-        raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
-    return _json(await cleanup_test_failover(daemon, name))
+    with daemon.runner.claim(site_move(name), "a test failover's clean-up"):
+        return _json(await cleanup_test_failover(daemon, name))
 
 
 async def failback(request: web.Request) -> web.Response:
@@ -442,9 +444,8 @@ async def failback(request: web.Request) -> web.Response:
     name = store_domain_of(request)
     wait = wants_wait(request)
     await read_body(request, set())
-    if daemon.runner.running("failback", {"domain": name}):
-        raise ApiError(409, "busy", f"a failback of domain {name} is running (`cdp jobs --name failback`)", "name")
-    record = await daemon.start_job("failback", {"domain": name}, lambda job: run_failback(daemon, name, job))
+    record = await daemon.start_job("failback", {"domain": name}, lambda job: run_failback(daemon, name, job),
+                                    claim=site_move(name))
     return await _job_answer(request, record, wait)
 
 
@@ -455,9 +456,8 @@ async def failover_release(request: web.Request) -> web.Response:
     daemon = request.app[MSA]
     name = store_domain_of(request)
     await read_body(request, set())
-    if daemon.runner.running("failover", {"domain": name}):
-        raise ApiError(409, "busy", f"a failover of domain {name} is running (`cdp jobs --name failover`)", "name")
-    return _json(await release_failed_over(daemon, name))
+    with daemon.runner.claim(site_move(name), "a release for a failback"):
+        return _json(await release_failed_over(daemon, name))
 
 
 async def failback_extents(request: web.Request) -> web.StreamResponse:
@@ -535,6 +535,7 @@ async def start_api(daemon: MsaDaemon) -> web.AppRunner:
     """Serve the API on the site's ``[api] listen`` within ``daemon.api_limits``
     (``cdp.msa.http_limits``); the caller cleans the runner up."""
     limits = daemon.api_limits
+    quiet_parser_errors()
     runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            **limits.runner_options())
     await runner.setup()

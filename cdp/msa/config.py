@@ -96,7 +96,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,24 @@ class Policy:
     rpo_target_s: float = 60.0
     consolidate_after_s: float = 3600.0
     consolidate_every_s: float = 900.0
+
+
+#: A protect request's key -> the ``Policy`` field it sets.
+POLICY_FIELDS: Mapping[str, str] = {"retention": "retention_s", "rpo_target_s": "rpo_target_s",
+                                    "consolidate_after": "consolidate_after_s",
+                                    "consolidate_every": "consolidate_every_s"}
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    """The fields one protect request sets (``Policy`` field -> value, checked), applied to
+    the domain's policy as it is when the change is made, not when it was asked for: two
+    requests that each change one field both take effect."""
+
+    fields: Mapping[str, float]
+
+    def applied_to(self, base: Policy) -> Policy:
+        return replace(base, **self.fields)
 
 
 @dataclass(frozen=True)

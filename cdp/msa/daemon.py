@@ -38,7 +38,7 @@ from cdp.hypervisor import open_hypervisor
 from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.alarms import AlarmEvaluator
-from cdp.msa.config import Policy, SiteConfig
+from cdp.msa.config import Policy, PolicyChange, SiteConfig
 from cdp.msa.history import StatusHistory
 from cdp.msa.http_limits import ApiLimits
 from cdp.msa.jobs import Job, JobStore
@@ -257,8 +257,9 @@ class MsaDaemon:
         """ConfigError (→ 404) when the cluster file has no such domain."""
         self.cfg.domain(domain)
 
-    async def start_job(self, name: str, args: dict[str, Any], work: Any) -> dict[str, Any]:
-        return await self.runner.start(name, args, JOB_TIMEOUT_S[name], work)
+    async def start_job(self, name: str, args: dict[str, Any], work: Any, *,
+                        claim: tuple[str, str] | None = None) -> dict[str, Any]:
+        return await self.runner.start(name, args, JOB_TIMEOUT_S[name], work, claim=claim)
 
     async def start_consolidation(self, domain: str, trigger: str = "request") -> dict[str, Any]:
         policy = self.protection.get(domain) or self.cfg.policy(domain)
@@ -409,9 +410,11 @@ class MsaDaemon:
         return {"domain": domain, "site": self.cfg.site, "mark": back["mark"], "seq": back["seq"], "ts": None,
                 "captured_seq_at_pause": None, "acked_seq": last.get("acked_seq"), "again": True}
 
-    async def protect(self, domain: str, policy: Policy, job: Job, *, takeover: bool = False,
+    async def protect(self, domain: str, policy: Policy | PolicyChange, job: Job, *, takeover: bool = False,
                       reopen: bool = False) -> dict[str, Any]:
-        """Protect ``domain`` with ``policy`` (or change its policy); its DRVA is restarted
+        """Protect ``domain`` with ``policy`` (or change its policy: a ``PolicyChange`` is
+        applied to the policy it has under the lock, so concurrent changes of different
+        fields all take effect); its DRVA is restarted
         when its domain set changes, and the job ends when the DRVA serves the domain.
         ``takeover``: a failover to this site is forking the domain (``cdp.msa.failover``):
         its DRVA starts now and waits for the fork instead of being fenced. ``reopen``:
@@ -428,6 +431,8 @@ class MsaDaemon:
         async with self._protection_lock:
             protection = dict(self.protection)
             was = protection.get(domain)
+            if isinstance(policy, PolicyChange):
+                policy = policy.applied_to(was or self.cfg.policy(domain))
             protection[domain] = policy
             await asyncio.to_thread(save_protection, self.cfg, protection)
             self.protection = protection

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from cdp.errors import FormatError
 from cdp.extent_stream import (
@@ -35,6 +36,7 @@ from cdp.extent_stream import (
     trailer,
 )
 from cdp.logs import get_logger
+from cdp.msa.api_input import content_encoding
 
 log = get_logger("msa.extents")
 
@@ -64,6 +66,10 @@ async def read_request(request: web.Request, timeout_s: float) -> ExtentRequest:
     if request.content_type != CONTENT_TYPE:
         raise BadExtentRequest(415, f"Content-Type {request.content_type[:80]!r}: an extent request is "
                                     f"{CONTENT_TYPE} (FORMAT.md §16.1)")
+    encoding = content_encoding(request)
+    if encoding is not None:
+        raise BadExtentRequest(415, f"Content-Encoding {encoding[:80]!r}: an extent request is sent as it is "
+                                    f"(identity)")
     if (request.content_length or 0) > REQUEST_BYTES_MAX:
         raise BadExtentRequest(413, f"extent request: {request.content_length} bytes, at most {REQUEST_BYTES_MAX}")
     buf = bytearray()
@@ -75,6 +81,8 @@ async def read_request(request: web.Request, timeout_s: float) -> ExtentRequest:
                     raise BadExtentRequest(413, f"extent request: more than {REQUEST_BYTES_MAX} bytes")
     except TimeoutError:
         raise BadExtentRequest(408, f"extent request: not received within {timeout_s:g} s") from None
+    except RequestPayloadError as exc:  # a chunked body that breaks its framing
+        raise BadExtentRequest(400, f"extent request: could not be read: {str(exc)[:80]!r}") from None
     try:
         return parse_request(buf)
     except FormatError as exc:

@@ -17,6 +17,12 @@ a task and a parse buffer for ever (issue 10: 1,000 such sockets stayed open 80 
   ``connections_max`` is answered ``503`` (FORMAT.md §13.5, ``too_many_connections``) and
   closed at once, holding nothing. aiohttp has no such setting; ``web.BaseSite`` is its
   public base class for a listener of one's own.
+* **Unreadable heads** (a line over ``FIELD_BYTES_MAX``, more than ``HEADERS_MAX``
+  headers, a bad ``Content-Length``, a ``Content-Encoding`` aiohttp cannot decode):
+  aiohttp's parser answers them ``400`` in text before any route or middleware runs, and
+  logs each with a traceback at ERROR. ``quiet_parser_errors`` makes that one WARNING
+  line with the status and the error's class (not the bytes the client sent), so that a
+  client with no token cannot flood the log with tracebacks.
 * **TLS** (``ssl_context``: the site serves HTTPS): the handshake has ``header_timeout_s``
   too. A connection is counted from its accept, but asyncio tells the protocol nothing
   of a handshake that fails (a plain-HTTP client, a client that does not trust the
@@ -28,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 HEADERS_MAX = 32  # header lines of a request (aiohttp's default is 128)
 FIELD_BYTES_MAX = 8190  # of the request line and of one header (aiohttp's default)
@@ -53,6 +61,30 @@ class ApiLimits:
         """The ``web.AppRunner`` keywords that carry these bounds into aiohttp."""
         return {"keepalive_timeout": self.header_timeout_s, "lingering_time": self.linger_s,
                 "max_headers": HEADERS_MAX, "max_line_size": FIELD_BYTES_MAX, "max_field_size": FIELD_BYTES_MAX}
+
+
+class _ParserErrorsOnOneLine(logging.Filter):
+    """On aiohttp's server logger: a request its HTTP parser refused (an
+    ``HttpProcessingError``) becomes one ``http_request_refused`` warning without the
+    traceback and without the client's bytes; every other record passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.exc_text = "http_request_refused", (), None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.fields = {"status": exc.code, "error": type(exc).__name__}
+        return True
+
+
+_PARSER_ERRORS = _ParserErrorsOnOneLine()
+
+
+def quiet_parser_errors() -> None:
+    """Install the filter (once per process; idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if _PARSER_ERRORS not in logger.filters:
+        logger.addFilter(_PARSER_ERRORS)
 
 
 def _refusal(connections_max: int) -> bytes:

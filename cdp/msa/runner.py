@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from cdp.errors import CdpError
+from cdp.errors import Busy, CdpError
 from cdp.logs import get_logger
 from cdp.msa.jobs import Job, JobStore, run_job
 
@@ -29,10 +30,22 @@ class TooManyJobs(CdpError):
     exit_code = 7  # busy, as a held lock: the same request later succeeds
 
 
+#: What a claim names: (what, domain), e.g. ("site move", "erp") — see ``JobRunner.claim``.
+ClaimKey = tuple[str, str]
+
+
 class JobRunner:
     """Invariant: ``tasks`` holds exactly the jobs started here that have not ended, and
     ``len(tasks) + reserved <= running_max``: ``start`` takes its slot before its first
-    ``await``, so requests that arrive together cannot all pass the check."""
+    ``await``, so requests that arrive together cannot all pass the check.
+
+    Claims make operations on one domain exclusive (two failovers of one domain, or a
+    failover and a failback, each forking a timeline): ``claims`` maps a key to what holds
+    it, taken with no ``await`` between the check and the taking, and given back when the
+    job's task ends (``start(..., claim=key)``) or the block ends (``claim(key, what)``).
+    A check of ``running`` followed by an ``await`` would let a request queued behind the
+    first one pass as well (found by sending two failovers at the same instant).
+    """
 
     def __init__(self, store: JobStore, running_max: int = RUNNING_MAX) -> None:
         self.store = store
@@ -43,14 +56,35 @@ class JobRunner:
         self.finished: collections.Counter[tuple[str, str]] = collections.Counter()
         self.reserved = 0  # slots of jobs being started (their record not written yet)
         self._live: set[asyncio.Task] = set()  # every job task, registered or still starting
+        self.claims: dict[ClaimKey, str] = {}  # key -> what holds it (a job name and id, or a request)
+
+    def _take(self, key: ClaimKey, holder: str) -> None:
+        held = self.claims.get(key)
+        if held is not None:
+            what, domain = key
+            raise Busy(f"domain {domain}: a {what} is in progress ({held}); try again when it has ended "
+                       f"(`cdp jobs`)")
+        self.claims[key] = holder
+
+    @contextlib.contextmanager
+    def claim(self, key: ClaimKey, holder: str) -> Iterator[None]:
+        """Hold ``key`` for the block (an operation that is not a job); Busy if it is held."""
+        self._take(key, holder)
+        try:
+            yield
+        finally:
+            del self.claims[key]
 
     async def start(self, name: str, args: dict[str, Any], timeout_s: float,
-                    work: Callable[[Job], Awaitable[Any]]) -> dict[str, Any]:
-        """Start job ``name``; return its first record (state ``running``)."""
+                    work: Callable[[Job], Awaitable[Any]], *, claim: ClaimKey | None = None) -> dict[str, Any]:
+        """Start job ``name``; return its first record (state ``running``). With ``claim``,
+        the key is held until the job's task ends (Busy when something holds it)."""
         # Check and reserve with no await in between: this is the only place a slot is taken.
         if len(self.tasks) + self.reserved >= self.running_max:
             raise TooManyJobs(f"{len(self.tasks) + self.reserved} jobs are running (at most {self.running_max}); "
                               f"try again when some have finished")
+        if claim is not None:
+            self._take(claim, f"job {name}")
         self.reserved += 1
         loop = asyncio.get_running_loop()
         created: asyncio.Future[Job] = loop.create_future()
@@ -62,11 +96,15 @@ class JobRunner:
             self.reserved -= 1
             ids.append(job.id)
             self.tasks[job.id], self.names[job.id], self.args[job.id] = task, name, args
+            if claim is not None:
+                self.claims[claim] = f"job {job.id}"
             if not created.done():
                 created.set_result(job)
 
         def on_done(t: asyncio.Task) -> None:
             self._live.discard(t)
+            if claim is not None:
+                del self.claims[claim]
             if ids:
                 self._done(ids[0], t)
             else:  # it ended before its record existed

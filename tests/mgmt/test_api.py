@@ -465,3 +465,60 @@ def test_daemon_process_and_cli_verbs(tmp_path):
     assert gone.returncode == 1 and "no daemon at" in gone.stderr and "cdp daemon --config" in gone.stderr
     jobs = json.loads(_cdp(site, "jobs", "--json").stdout)["jobs"]
     assert [j["state"] for j in jobs] == ["succeeded", "succeeded"]
+
+
+async def test_two_protect_changes_both_take_effect(api):
+    """Each request changes its own field of the policy as the policy is when its job
+    runs: the second no longer rewrites the first's field with the value it read."""
+    before = api.daemon.protection["erp"]
+    first = await api.ok("POST", "/v1/domains/erp/protect", {"retention": "5h"}, status=202)
+    second = await api.ok("POST", "/v1/domains/erp/protect", {"rpo_target_s": 45}, status=202)
+    for record in (first, second):
+        done = await api.daemon.runner.wait(record['id'])
+        assert done["state"] == "succeeded", done
+    after = api.daemon.protection["erp"]
+    assert (after.retention_s, after.rpo_target_s) == (5 * 3600.0, 45.0), after
+    assert after.consolidate_every_s == before.consolidate_every_s
+    assert load_protection(api.site.cfg)["erp"] == after
+
+
+# ---------------------------------------------------------------------- one failover or failback at a time
+
+
+@pytest.mark.parametrize("second", ["failover", "failback"])
+async def test_failovers_and_failbacks_of_one_domain_are_exclusive(api, monkeypatch, second):
+    """Requests that arrive together: the first takes the domain, the other gets 409 busy
+    (both used to be accepted, and two failovers forked two timelines)."""
+    import cdp.msa.failback as failback_mod
+    import cdp.msa.failover as failover_mod
+
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def held(_daemon, name, *_args, **_kw):
+        started.append(name)
+        await release.wait()
+        return {"domain": name}
+
+    monkeypatch.setattr(failover_mod, "run_failover", held)
+    monkeypatch.setattr(failback_mod, "run_failback", held)
+    requests = {"failover": ("/v1/failover/ghost", {"target": "latest"}), "failback": ("/v1/failback/ghost", None)}
+    calls = [api.call("POST", requests["failover"][0], requests["failover"][1]),
+             api.call("POST", requests[second][0], requests[second][1])]
+    answers = await asyncio.gather(*calls)
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [202, 409], answers
+    refused = next(doc for status, doc, _ in answers if status == 409)
+    assert refused["error"]["code"] == "busy" and "ghost" in refused["error"]["message"], refused
+    # Clean-up and release of the same domain wait their turn too, and another domain does not.
+    for path in ("/v1/failover/ghost/cleanup", "/v1/failover/ghost/release"):
+        await api.error("POST", path, status=409, contains="is in progress")
+    other = await api.ok("POST", "/v1/failover/other", {"target": "latest"}, status=202)
+    release.set()
+    accepted = next(doc for status, doc, _ in answers if status == 202)
+    for record in (accepted, other):
+        assert (await api.daemon.runner.wait(record['id']))["state"] == "succeeded"
+    assert sorted(started) == ["ghost", "other"]
+    again = await api.ok("POST", "/v1/failover/ghost", {"target": "latest"}, status=202)  # given back
+    assert (await api.daemon.runner.wait(again['id']))["state"] == "succeeded"
+    assert api.daemon.runner.claims == {}

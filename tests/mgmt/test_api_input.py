@@ -230,3 +230,69 @@ async def test_library_errors_name_no_path_of_this_machine(api):
     got, doc, _ = await api.call("GET", "/v1/domains/files/points")
     err = assert_refusal(api, got, doc, expect=404)
     assert "no catalog in <store>" in err["message"], err
+
+
+async def test_an_encoded_body_is_415_and_a_broken_chunked_one_400(api):
+    """A compressed body is refused before aiohttp inflates it (a broken gzip body was a
+    500 "internal" with a traceback in the log); the extent route does the same."""
+    import gzip
+    import zlib
+
+    host = f"Host: {api.site.cfg.api_listen}\r\n"
+    for path in ("/v1/domains/erp/verify", "/v1/domains/erp/marks"):
+        head = f"POST {path} HTTP/1.1\r\n{host}{auth()}Content-Type: application/json\r\n"
+        for encoding, body in (("gzip", gzip.compress(b"{}")), ("deflate", zlib.compress(b"{}"))):
+            status, doc, _ = await raw(api, head + f"Content-Encoding: {encoding}", body)
+            err = assert_refusal(api, status, doc, expect=415, field="Content-Encoding")
+            assert encoding in err["message"], err
+        # Broken gzip: aiohttp's parser may refuse it as it arrives (its text 400, §13.5),
+        # or the route first; never a 500.
+        status, doc, answer = await raw(api, head + "Content-Encoding: gzip", b"abc")
+        assert status in (400, 415), answer[:300]
+        if status == 415:
+            assert_refusal(api, status, doc, expect=415, field="Content-Encoding")
+    head = (f"POST /v1/failback/erp/extents HTTP/1.1\r\n{host}{auth()}Content-Type: application/octet-stream\r\n"
+            f"Content-Encoding: gzip")
+    status, doc, _ = await raw(api, head, gzip.compress(b"x"))
+    err = assert_refusal(api, status, doc, expect=415)
+    assert "Content-Encoding" in err["message"], err
+    head = (f"POST /v1/domains/erp/verify HTTP/1.1\r\n{host}{auth()}Content-Type: application/json\r\n"
+            f"Transfer-Encoding: chunked")
+    status, doc, _ = await raw(api, head, b"5\r\n{}\r\n")  # says 5 bytes, sends 4, then ends
+    assert status in (400, 408), (status, doc)
+
+
+async def test_a_repeated_key_is_refused_naming_it(api):
+    for body, field in (('{"mode": "test", "target": "latest", "mode": "unplanned"}', "mode"),
+                        ('{"target": {"seq": 1, "seq": 2}}', "seq")):
+        got, doc, _ = await api.call("POST", "/v1/failover/erp", data=body)
+        err = assert_refusal(api, got, doc, field=field)
+        assert "twice" in err["message"], err
+    assert (await api.ok("GET", "/v1/jobs"))["jobs"] == []
+
+
+async def test_control_characters_of_a_key_are_escaped_in_the_error(api):
+    key = "x\x1b[31m\r\nINFO forged\x7f"
+    got, doc, _ = await api.call("POST", "/v1/domains/erp/verify", data=json.dumps({key: 1}))
+    err = assert_refusal(api, got, doc)
+    text = err["field"] + err["message"]
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7f for c in text), err
+    assert err["field"].startswith("x\\u001b[31m\\r\\nINFO forged\\u007f"), err
+
+
+async def test_a_head_the_parser_refuses_is_one_log_line(api, caplog):
+    """What aiohttp's parser refuses before any route (FORMAT.md §13.5's exception) is
+    logged as one warning, without a traceback or the client's bytes."""
+    import logging
+
+    host = f"Host: {api.site.cfg.api_listen}\r\n"
+    head = f"POST /v1/domains/erp/verify HTTP/1.1\r\n{host}{auth()}Content-Type: application/json\r\n"
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        for extra in ("Content-Encoding: br", "X-Long: " + "SECRETBYTES" * 1000, "Content-Length: -1"):
+            status, _, answer = await raw(api, head + extra)
+            assert status == 400, answer[:200]
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 3, [r.getMessage() for r in records]
+    for r in records:
+        assert r.levelname == "WARNING" and r.getMessage() == "http_request_refused" and r.exc_info is None, r
+        assert r.fields["status"] == 400 and "SECRETBYTES" not in repr(r.fields), r.fields

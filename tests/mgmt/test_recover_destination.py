@@ -234,5 +234,14 @@ async def test_a_regular_file_as_to_is_refused(rest):
     victim = rest.tmp / "roots" / "file"
     victim.write_bytes(VICTIM)
     await rest.refused(str(victim), "is not a directory")
-    await rest.refused(str(victim / "sub"), "'file' on the way is not a directory")
+    await rest.refused(str(victim / "sub"), "'file' is not a directory")
     assert victim.read_bytes() == VICTIM
+
+
+async def test_what_lies_outside_the_roots_is_not_looked_at(rest):
+    """A file outside every recovery root answers as a missing one does: the refusal of
+    ``to`` does not tell a client which files exist on the MSA's host."""
+    outside = rest.tmp / "elsewhere"
+    outside.write_bytes(VICTIM)
+    for to in (outside / "x", rest.tmp / "no-such-file" / "x"):
+        await rest.refused(str(to), "is not under a recovery root")
