@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import struct
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import xxhash
 from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
-from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound, StoreError
+from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, KeyUnavailable, NotFound, StoreError
 from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
@@ -69,6 +70,7 @@ MAINTENANCE_RETRIES = 16
 DELETE_CONCURRENCY = 8
 
 log = get_logger("cdp.catalog")
+_DOMAIN_DIR = re.compile(r"[0-9a-f]{8}")  # d/<domain id: 8 lower-case hex digits>/ (§7)
 
 # FORMAT.md §8.1: catalog object header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _HEADER = struct.Struct("<4sHHIIQQ24sQ")
@@ -198,21 +200,33 @@ async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState]
     """(id, head) of the domain named ``name`` in the store; None when none is. Walks the
     domains in key order, one listing call and one catalog load each (no full listing)."""
     after = "d/"
+    unreadable: list[str] = []  # domains whose catalog did not load, said if none is ``name``
     while True:
         first = None
         async for info in store.list("d/", start_after=after):
             first = info.key
             break
         if first is None:
+            if unreadable:
+                raise FormatError(f"{store.describe()}: no readable domain is named {name!r}, and "
+                                  f"{len(unreadable)} catalog(s) could not be read: {'; '.join(unreadable[:3])}")
             return None
+        part, slash, _ = first[2:].partition("/")
+        # A stray key is stepped over, not taken for the end of the walk or an error: one
+        # file dropped under d/ must not hide every domain that sorts after it.
+        after = f"d/{part}/~" if slash else first  # '~' sorts after every key under d/<part>/
+        if not _DOMAIN_DIR.fullmatch(part):
+            log.warning("stray_key_skipped", store=store.describe(), key=first[:200])
+            continue
+        domain_id = int(part, 16)
         try:
-            domain_id = int(first.split("/")[1], 16)
-        except (IndexError, ValueError):
-            raise FormatError(f"{store.describe()}: key {first!r} is not under d/<domain id in hex>/") from None
-        state, _ = await load_catalog(store, domain_id)
+            state, _ = await load_catalog(store, domain_id)
+        except (FormatError, KeyUnavailable) as exc:  # the store's own failures are not skipped
+            log.warning("catalog_unreadable", store=store.describe(), domain=domain_id, error=exc.message)
+            unreadable.append(f"domain {domain_id}: {exc.message}"[:300])
+            continue
         if state is not None and state.domain["name"] == name:
             return domain_id, state
-        after = f"d/{domain_id:08x}/~"  # '~' sorts after every key of this domain
 
 
 async def _load_chain(store: ObjectStore, domain: int, present: set[int], head: int,

@@ -16,6 +16,7 @@ import numpy as np
 from cdp.catalog_page import REF_DTYPE, REF_FIELDS, ROW_DTYPE, ROW_FIELDS
 from cdp.errors import FormatError
 from cdp.layout import U32_MAX, U64_MAX, base_manifest_key
+from cdp.units import SECTOR
 
 WINDOW_KINDS = ("seeding", "resync")
 #: §8.2: "seed": the disk joined with this content (nothing before it is known);
@@ -24,6 +25,7 @@ BASE_ORIGINS = ("seed", "consolidation")
 MARK_NAME_BYTES_MAX = 255  # §1
 WRITER_BY_CHARS_MAX = 200  # §8.1
 OWNER_CHARS_MAX = 200  # §8.5
+DISK_SIZE_MAX = 1 << 62  # §1: offset + length never exceeds 2^62
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
@@ -62,6 +64,14 @@ def check_writer(value: Any, where: str) -> dict:
     return {"id": w["id"], "by": check_str(w["by"], "writer.by", where, WRITER_BY_CHARS_MAX)}
 
 
+def check_disk_size(value: Any, field: str, where: str) -> int:
+    """A disk's size: whole sectors, 512 .. 2^62 bytes (§1: no record reaches past 2^62)."""
+    size = check_int(value, field, where, DISK_SIZE_MAX)
+    if size < SECTOR or size % SECTOR:
+        raise FormatError(f"{where}: {field} is {size}, expected a multiple of {SECTOR} in {SECTOR}..{DISK_SIZE_MAX}")
+    return size
+
+
 def check_disks(value: Any, where: str) -> list[dict]:
     out = []
     for i, d in enumerate(check_list(value, "disks", where)):
@@ -69,7 +79,7 @@ def check_disks(value: Any, where: str) -> list[dict]:
         out.append({"disk": check_int(d["disk"], f"disks[{i}].disk", where, U32_MAX),
                     "vm": check_str(d["vm"], f"disks[{i}].vm", where),
                     "name": check_str(d["name"], f"disks[{i}].name", where),
-                    "size": check_int(d["size"], f"disks[{i}].size", where)})
+                    "size": check_disk_size(d["size"], f"disks[{i}].size", where)})
     if len({d["disk"] for d in out}) != len(out):
         raise FormatError(f"{where}: disks lists a disk index twice")
     return out

@@ -20,7 +20,8 @@ from cdp.catalog_page import Page, decode_page, empty_rows, ref_key
 from cdp.catalog_state import CatalogState, Timeline
 from cdp.gather import gather_bounded
 from cdp.layout import segment_key, segment_prefix
-from cdp.segment import read_segment_index
+from cdp.errors import FormatError
+from cdp.segment import SegmentIndex, read_segment_index
 from cdp.store.base import ObjectStore
 
 #: Pages fetched at once.
@@ -163,9 +164,9 @@ class CatalogView:
             return int(row["last_ts"])
         if seq == int(row["first_seq"]):
             return int(row["first_ts"])
-        index = await read_segment_index(self.store, self.row_key(row))
-        i = int(np.searchsorted(index.records["seq"], np.uint64(seq)))
-        return int(index.records["timestamp_ns"][i])
+        key = self.row_key(row)
+        recs = row_records(key, row, await read_segment_index(self.store, key))
+        return int(recs["timestamp_ns"][seq - int(row["first_seq"])])
 
     async def seq_at_time(self, t_ns: int) -> int | None:
         """The seq of the last record with ``timestamp_ns <= t_ns`` (None if none is held).
@@ -186,9 +187,30 @@ class CatalogView:
             refs, rows = (page.entries, empty_rows()) if page.level else (self.tl.refs[:0], page.entries)
 
     async def _seq_in_segment(self, row: np.void, t_ns: int) -> int:
-        index = await read_segment_index(self.store, self.row_key(row))
-        recs = index.records
-        recs = recs[(recs["seq"] >= row["first_seq"]) & (recs["seq"] <= row["last_seq"])]
+        key = self.row_key(row)
+        recs = row_records(key, row, await read_segment_index(self.store, key))
+        # row_records checked the first record's time is the row's first_ts <= t_ns: j >= 0.
         j = int(np.searchsorted(recs["timestamp_ns"], np.uint64(t_ns), side="right")) - 1
-        assert j >= 0, "first_ts <= t_ns, so the first record is at or before t"
         return int(recs["seq"][j])
+
+
+def row_records(key: str, row: np.void, index: SegmentIndex) -> np.ndarray:
+    """The index records (a view) of catalog ``row``, whose segment ``key`` has ``index``,
+    after checking that the two agree: ``payload_raw_len``, the row's seqs within the
+    segment's, and the row's ``first_ts``/``last_ts`` equal to its first and last records'
+    times. A segment rewritten with valid checksums but other times (or a catalog row that
+    lies) is a FormatError naming both, not a wrong point in time for ``--at``."""
+    first, last = int(row["first_seq"]), int(row["last_seq"])
+    if index.payload_raw_len != int(row["payload_raw_len"]):
+        raise FormatError(f"segment {key}: payload_raw_len {index.payload_raw_len}, the catalog "
+                          f"says {int(row['payload_raw_len'])}")
+    if not index.first_seq <= first <= last <= index.last_seq:
+        raise FormatError(f"segment {key}: holds seqs {index.first_seq}..{index.last_seq}, the catalog "
+                          f"row names {first}..{last}")
+    recs = index.rows_for_seqs(first, last)
+    got = (int(recs["timestamp_ns"][0]), int(recs["timestamp_ns"][-1]))
+    said = (int(row["first_ts"]), int(row["last_ts"]))
+    if got != said:
+        raise FormatError(f"segment {key}: seqs {first}..{last} are timed {got[0]}..{got[1]} ns, the catalog "
+                          f"says {said[0]}..{said[1]}")
+    return recs

@@ -316,6 +316,8 @@ class CatalogState:
         bases = {(b["seq"], b["disk"]): b for b in new.bases}
         for i, r in enumerate(check_list(body.get("remove_bases", []), "remove_bases", where)):
             r = check_obj(r, {"seq", "disk"}, f"remove_bases[{i}]", where)
+            r = {"seq": check_int(r["seq"], f"remove_bases[{i}].seq", where),
+                 "disk": check_int(r["disk"], f"remove_bases[{i}].disk", where, U32_MAX)}
             if bases.pop((r["seq"], r["disk"]), None) is None:
                 raise FormatError(f"{where}: remove_bases[{i}] (seq {r['seq']!r}, disk {r['disk']!r}) is not "
                                   f"in the catalog")

@@ -295,6 +295,8 @@ def _check_blocks(key: str, footer: Footer, blocks: np.ndarray) -> int:
             fail(k, field, what)
     if n > 1 and (stride & (stride - 1) or not BLOCK_RAW_SIZE_MIN <= stride <= BLOCK_RAW_SIZE_MAX):
         fail(0, "raw_len", f"{stride} is not a block_raw_size (power of two, 4 KiB..16 MiB)")
+    if stride > BLOCK_RAW_SIZE_MAX:  # one block: shorter than block_raw_size, never above its maximum
+        fail(0, "raw_len", f"{stride} exceeds the largest block_raw_size {BLOCK_RAW_SIZE_MAX} (16 MiB)")
     total = int(raw_len.sum())
     if total != footer.payload_raw_len:
         fail(n - 1, "raw_len", f"sum {total} differs from payload_raw_len {footer.payload_raw_len}")

@@ -106,8 +106,7 @@ async def changed_in_store(store: ObjectStore, view: CatalogView, after_seq: int
         return [empty() for _ in view.disks]
     rows = await view.rows_between(after_seq + 1, upto_seq)
     keys = view.segment_keys(rows)
-    indexes = await gather_bounded([_get_index(store, k, int(r)) for k, r in zip(keys, rows["payload_raw_len"])],
-                                   CONCURRENCY)
+    indexes = await gather_bounded([_get_index(store, k, r) for k, r in zip(keys, rows)], CONCURRENCY)
     parts = []
     for index, row in zip(indexes, rows):
         recs = index.rows_for_seqs(max(after_seq + 1, int(row["first_seq"])), min(upto_seq, int(row["last_seq"])))

@@ -33,7 +33,7 @@ import numpy as np
 
 from cdp.base_image import Manifest, decode_manifest
 from cdp.catalog import load_catalog
-from cdp.catalog_read import CatalogView
+from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import FormatError, NotFound
 from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
@@ -149,14 +149,13 @@ async def _get_manifest(store: ObjectStore, key: str) -> Manifest:
     return decode_manifest(key, data)
 
 
-async def _get_index(store: ObjectStore, key: str, payload_raw_len: int) -> SegmentIndex:
+async def _get_index(store: ObjectStore, key: str, row: np.void) -> SegmentIndex:
+    """The index of catalog ``row``'s segment, checked to agree with the row (``row_records``)."""
     try:
         index = await read_segment_index(store, key)
     except NotFound as exc:
         raise NotFound(f"segment {key} is missing from {store.describe()}") from exc
-    if index.payload_raw_len != payload_raw_len:
-        raise FormatError(f"segment {key}: payload_raw_len {index.payload_raw_len}, the catalog "
-                          f"says {payload_raw_len}")
+    row_records(key, row, index)
     return index
 
 
@@ -302,8 +301,7 @@ async def build_plan(store: ObjectStore, state: CatalogView, target: ResolvedTar
                               f"{d['disk']} has {d['size']} bytes")
     base_seq = np.array([b["seq"] if b else (after_seq or 0) for b in bases], dtype=np.uint64)
     keys = state.segment_keys(rows)
-    indexes = await gather_bounded([_get_index(store, k, int(r)) for k, r in zip(keys, rows["payload_raw_len"])],
-                                   concurrency)
+    indexes = await gather_bounded([_get_index(store, k, r) for k, r in zip(keys, rows)], concurrency)
     cols = _concat_rows(indexes, np.maximum(rows["first_seq"], lo).tolist(),
                         np.minimum(rows["last_seq"], seq).tolist())
     disk_ids = np.array([d["disk"] for d in state.disks], dtype=np.int64)

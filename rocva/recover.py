@@ -233,7 +233,11 @@ def _start_over(plan: RecoveryPlan, out: OutputDir, found: list[_Found], units: 
                 out.unlink(name)
             fd = out.create(name)
             fds.append(fd)
-            os.ftruncate(fd, d.size)  # a hole: reads as zeros, takes no blocks
+            try:
+                os.ftruncate(fd, d.size)  # a hole: reads as zeros, takes no blocks
+            except OSError as exc:  # EFBIG: the file system's largest file is smaller than the disk
+                raise OSError(exc.errno, f"{exc.strerror}: cannot size {name} to disk {d.image_name}'s "
+                                         f"{d.size} bytes") from exc
             state.inos[k] = os.fstat(fd).st_ino
         state.save(fds)
     except BaseException:

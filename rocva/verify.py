@@ -29,9 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
-from cdp.catalog_read import CatalogView
+from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import CdpError, ConfigError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.segment import decode_segment, read_segment_index
@@ -77,14 +79,16 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
         return _summary(domain, generation, report, t0, deep, state)
     listed = {info.key: info.size async for info in store.list(segment_prefix(domain))}
     named: dict[str, int] = {}  # key -> size, every timeline's rows (shared objects once)
-    bases: dict[str, dict] = {}
+    rows_of: dict[str, list[np.void]] = {}  # key -> the catalog rows naming it (a fork cuts one)
+    bases: dict[str, int | None] = {}  # manifest key -> its disk's size, as the catalog says
     for tl in ([timeline] if timeline is not None else sorted(state.timelines)):
         view = CatalogView(store, state, generation, tl)
         try:
-            await _continuity(view, listed, named, report)
+            await _continuity(view, listed, named, rows_of, report)
         except CdpError as exc:  # a page that does not decode: the rest of it is unknown
             report.problem(f"d/{domain:08x}/page/", f"timeline {tl}: {exc.message}")
-        bases.update({b["key"]: b for b in view.bases})
+        sizes = {int(d["disk"]): int(d["size"]) for d in view.disks}
+        bases.update({b["key"]: sizes.get(int(b["disk"])) for b in view.bases})
     rng = random.Random(seed)
     jobs = [(k, size, deep or (sample > 0 and rng.random() < sample)) for k, size in named.items() if k in listed]
     done = 0
@@ -98,10 +102,12 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
                 if whole:
                     data = await store.get(key)
                     report.checked["bytes_read"] += len(data)
-                    decode_segment(key, data)
+                    index, _ = decode_segment(key, data)
                 else:
                     index = await read_segment_index(store, key)
                     report.checked["bytes_read"] += index.object_size - index.index_offset
+                for row in rows_of[key]:
+                    row_records(key, row, index)
                 report.checked["segments"] += 1
             except CdpError as exc:
                 report.problem(key, exc.message)
@@ -111,7 +117,7 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
 
     await asyncio.gather(*(one_segment(*j) for j in jobs))
     for key in sorted(bases):
-        await _check_base(store, key, deep, report, sem)
+        await _check_base(store, key, bases[key], deep, report, sem)
         done += 1
         if progress:
             progress(done, total)
@@ -121,9 +127,11 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
     return _summary(domain, generation, report, t0, deep, state)
 
 
-async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str, int], report: _Report) -> None:
+async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str, int],
+                      rows_of: dict[str, list[np.void]], report: _Report) -> None:
     """Every segment the timeline's rows name exists with its size; the rows hold every
-    seq from ``horizon_seq + 1`` to ``committed_seq``."""
+    seq from ``horizon_seq + 1`` to ``committed_seq``. Each row is kept in ``rows_of``
+    for the segment's check against its index (seqs, times, payload length)."""
     expect = None
     where = f"timeline {view.timeline_id}: " if len(view.state.timelines) > 1 else ""
     last_key = f"d/{view.domain_id:08x}/cat/"
@@ -135,6 +143,7 @@ async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str
             if first != expect:
                 report.problem(key, f"{where}seq gap: expected a segment starting at seq {expect}")
             expect, last_key = last + 1, key
+            rows_of.setdefault(key, []).append(row.copy())
             if key in named:
                 continue
             named[key] = int(row["size"])
@@ -148,7 +157,10 @@ async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str
         report.problem(last_key, f"{where}segments end at seq {end}, committed_seq is {view.committed_seq}")
 
 
-async def _check_base(store: ObjectStore, key: str, deep: bool, report: _Report, sem: asyncio.Semaphore) -> None:
+async def _check_base(store: ObjectStore, key: str, disk_size: int | None, deep: bool, report: _Report,
+                      sem: asyncio.Semaphore) -> None:
+    """The manifest decodes, is the size the catalog gives its disk (a recovery refuses
+    it otherwise), and its chunks exist (``deep``: and decode)."""
     try:
         manifest = decode_manifest(key, await store.get(key))
     except NotFound:
@@ -157,6 +169,9 @@ async def _check_base(store: ObjectStore, key: str, deep: bool, report: _Report,
     except CdpError as exc:
         report.problem(key, exc.message)
         return
+    if manifest.disk_size != disk_size:
+        report.problem(key, f"disk_size {manifest.disk_size}, the catalog says its disk has "
+                            f"{'no entry' if disk_size is None else f'{disk_size} bytes'}")
     report.checked["manifests"] += 1
     hashes = {manifest.hash_of(i) for i in range(manifest.chunk_count) if manifest.hashes[i].any()}
 

@@ -52,10 +52,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cdp.direct_io import ReadBuffer
 from cdp.errors import CdpError, ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
+from cdp.logs import get_logger
 from cdp.store.base import Bytes, ObjectInfo, ObjectStore, StoreBase, check_range, resolve_range
 from cdp.store.keys import show_key, validate_key, validate_prefix
 from cdp.store.storekeys import SALT_BYTES, ChunkNamer, StoreKey, StoreKeyring
 from cdp.summed import SEALED_MAGIC, SUMMED, pack_summed, unpack_summed
+
+log = get_logger("cdp.store.crypt")
 
 VERSION = 1
 PAGE_SHIFT = 16  # §19.2: 64 KiB pages in version 1 (another size is another version)
@@ -394,9 +397,17 @@ class EncryptedStore(StoreBase):
         return await self._get_range(key, offset, length, None)
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        """The sealed objects under ``prefix``, with their plaintext sizes. An object whose
+        size no sealed object has is left out and logged (``plaintext_object_skipped``):
+        one stray file must not stop a listing (a domain's catalog, a verify); reading it
+        by name (``get``, ``stat``) is still refused as ``NotEncrypted``."""
         validate_prefix(prefix)
         async for info in self.inner.list(prefix, start_after=start_after):
-            yield self._plain_info(info, "list")
+            try:
+                yield self._plain_info(info, "list")
+            except NotEncrypted as exc:
+                log.warning("plaintext_object_skipped", store=self.describe(), key=show_key(info.key),
+                            size=info.size, why=exc.message)
 
     async def stat(self, key: str) -> ObjectInfo:
         validate_key(key)
