@@ -29,7 +29,10 @@ from typing import Any
 
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, NotFound
+from cdp.logs import get_logger
 from cdp.msa.procs import pid_alive
+
+log = get_logger("cdp.msa.jobs")
 
 JOB_VERSION = 1
 STATES = ("running", "succeeded", "failed", "timed_out", "cancelled", "abandoned")
@@ -39,6 +42,16 @@ PROGRESS_WRITES_PER_S = 2.0
 RETENTION_DEFAULT_S = 60 * 86400.0
 JOB_ID_CHARS_MAX = 128  # a name of 64 and the 23 characters around it, with room to spare
 JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{JOB_ID_CHARS_MAX}}}")
+#: Records kept at most: past it the oldest are deleted, whatever their age. A client
+#: looping on a cheap request wrote 300 records a second (14 GB a day, kept 60 days).
+RECORDS_KEPT_MAX = 10_000
+RECORDS_CHECK_EVERY = 64  # creations between two counts of the directory (a count of 10,000 names: ~5 ms)
+RECORD_BYTES_MAX = 4 << 20  # a record is a few KB (200 events at most); a larger file is not one of ours
+#: The keys and JSON types every record has; a file without them is refused naming it.
+RECORD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "version": int, "id": str, "name": str, "args": dict, "state": str, "created_ns": int,
+    "ended_ns": (int, type(None)), "pid": int, "progress": dict, "events": list,
+}
 
 
 class Job:
@@ -76,9 +89,12 @@ class Job:
 class JobStore:
     """The job records of one state directory."""
 
-    def __init__(self, root: Path, retention_s: float = RETENTION_DEFAULT_S) -> None:
+    def __init__(self, root: Path, retention_s: float = RETENTION_DEFAULT_S,
+                 kept_max: int = RECORDS_KEPT_MAX) -> None:
         self.root = Path(root)
         self.retention_s = retention_s
+        self.kept_max = kept_max
+        self._created = 0  # records created here since the directory was last counted
 
     def path(self, job_id: str) -> Path:
         if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
@@ -103,6 +119,10 @@ class JobStore:
         except OSError as exc:
             raise CdpError(f"job records {self.root}: cannot write a record ({exc.strerror}): the state "
                            f"directory must be a writable directory") from exc
+        self._created += 1
+        if self._created >= RECORDS_CHECK_EVERY:
+            self._created = 0
+            self._cap(keep=job.id)
         return job
 
     def write(self, record: dict[str, Any]) -> None:
@@ -111,24 +131,39 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any]:
         path = self.path(job_id)
         try:
-            record = json.loads(path.read_bytes())
+            with open(path, "rb", opener=_nofollow) as f:
+                data = f.read(RECORD_BYTES_MAX + 1)
         except FileNotFoundError:
             raise NotFound(f"no job {job_id} in {self.root}") from None
-        except (OSError, ValueError) as exc:
-            raise CdpError(f"job record {path}: unreadable: {exc}") from exc
-        if record.get("state") == "running" and not pid_alive(record.get("pid", 0)):
+        except OSError as exc:
+            raise CdpError(f"job record {path}: unreadable ({exc.strerror or type(exc).__name__})") from exc
+        record = _checked_record(path, job_id, data)
+        if record["state"] == "running" and not pid_alive(record["pid"]):
             record["state"] = "abandoned"  # its process is gone; the record says how far it got
         return record
 
-    def list(self, *, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest ``limit`` records (optionally of one ``name``), newest first."""
-        if not self.root.is_dir():
+    def _ids(self) -> list[str]:
+        """Every record's id, oldest first (an id starts with its creation time, UTC)."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
             return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and JOB_ID.fullmatch(n[:-5]))
+
+    def list(self, *, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` records (optionally of one ``name``), newest first. A record
+        that does not read as one is skipped and logged, never the end of the listing."""
+        ids = self._ids()
+        if name is not None:  # by the id's name part, so that only candidates are read
+            ids = [i for i in ids if i.endswith(f"-{name}-{i[-6:]}")]
         out = []
-        for path in sorted(self.root.glob("*.json"), reverse=True):
+        for job_id in reversed(ids):
             try:
-                record = self.get(path.stem)
-            except CdpError:
+                record = self.get(job_id)
+            except NotFound:
+                continue  # pruned meanwhile
+            except CdpError as exc:
+                log.warning("job_record_skipped", id=job_id, error=exc.message)
                 continue
             if name is None or record["name"] == name:
                 out.append(record)
@@ -137,15 +172,70 @@ class JobStore:
         return out
 
     def prune(self, now_ns: int | None = None) -> int:
-        """Delete records that ended more than ``retention_s`` ago; return how many."""
+        """Delete records last written more than ``retention_s`` ago (a record is written
+        for the last time when its job ends), then the oldest past ``kept_max``; return
+        how many. By file name and time: no record is parsed for its age, and a malformed
+        one goes like any other."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         gone = 0
-        for record in self.list(limit=1 << 30):
-            ended = record.get("ended_ns") or (record["created_ns"] if record["state"] == "abandoned" else None)
-            if ended is not None and now_ns - ended > self.retention_s * 1e9:
-                self.path(record["id"]).unlink(missing_ok=True)
-                gone += 1
+        for job_id in self._ids():
+            try:
+                written_ns = os.lstat(self.root / f"{job_id}.json").st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if now_ns - written_ns > self.retention_s * 1e9:
+                gone += self._delete(job_id)
+        return gone + self._cap()
+
+    def _cap(self, keep: str | None = None) -> int:
+        """Delete the oldest records past ``kept_max`` (not a job whose process still runs
+        it, nor ``keep``); return how many."""
+        ids = self._ids()
+        gone = 0
+        for job_id in ids[: max(0, len(ids) - self.kept_max)]:
+            if job_id != keep and not self._running(job_id):
+                gone += self._delete(job_id)
+        if gone:
+            log.warning("job_records_capped", deleted=gone, kept_max=self.kept_max)
         return gone
+
+    def _running(self, job_id: str) -> bool:
+        try:
+            return self.get(job_id)["state"] == "running"
+        except CdpError:
+            return False
+
+    def _delete(self, job_id: str) -> int:
+        try:
+            os.unlink(self.root / f"{job_id}.json")
+        except FileNotFoundError:
+            return 0
+        return 1
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def _checked_record(path: Path, job_id: str, data: bytes) -> dict[str, Any]:
+    """The record in ``data`` (file ``path``), or a CdpError naming the file and what is
+    wrong: a planted or damaged file must not stop a listing, a prune or a daemon start
+    with a traceback."""
+    if len(data) > RECORD_BYTES_MAX:
+        raise CdpError(f"job record {path}: over {RECORD_BYTES_MAX} bytes, not a job record")
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise CdpError(f"job record {path}: not JSON ({str(exc)[:80]})") from None
+    if not isinstance(record, dict):
+        raise CdpError(f"job record {path}: expected a JSON object, got {type(record).__name__}")
+    for key, kind in RECORD_KEYS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise CdpError(f"job record {path}: {key}: missing or not of the expected type")
+    if record["version"] != JOB_VERSION or record["id"] != job_id or record["state"] not in STATES:
+        raise CdpError(f"job record {path}: expected version {JOB_VERSION}, id {job_id!r} (its file's name) "
+                       f"and a state in {', '.join(STATES)}")
+    return record
 
 
 async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: float,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import time
 
 import pytest
 
-from cdp.errors import ConfigError, NotFound, StoreUnavailable
-from cdp.msa.jobs import JobStore, run_job
+from cdp.errors import CdpError, ConfigError, NotFound, StoreUnavailable
+from cdp.msa.jobs import RECORDS_CHECK_EVERY, JobStore, run_job
 
 
 async def test_a_job_records_progress_output_and_state(tmp_path):
@@ -132,3 +134,44 @@ def test_job_ids_are_ascii_and_bounded(tmp_path):
         with pytest.raises(ConfigError) as err:
             store.path(job_id)
         assert str(tmp_path) not in err.value.message
+
+
+@pytest.mark.parametrize("planted", [b"[]", b"null", b'"str"', b'{"id": "x"}', b"{" * 100_000, b"\xff",
+                                     b'{"version": 1, "id": "bad/id", "name": "x", "args": {}, "state": "succeeded", '
+                                     b'"created_ns": 1, "ended_ns": 1, "pid": 1, "progress": {}, "events": []}'])
+async def test_a_malformed_record_is_skipped_and_pruned_by_its_file_name(tmp_path, caplog, planted):
+    """A planted or damaged file in the jobs directory made `cdp jobs`, install and the
+    daemon's start end in a traceback; a record whose own id named another file had
+    prune delete that one."""
+    store = JobStore(tmp_path / "jobs", retention_s=60)
+    good = await run_job(store, "protect", {}, 60, _nothing)
+    victim = await run_job(store, "verify", {}, 60, _nothing)
+    bad = store.root / "99999999-000000-protect-abcdef.json"
+    bad.write_bytes(planted)
+    with caplog.at_level(logging.WARNING, logger="cdp.msa.jobs"):
+        assert [r["id"] for r in store.list()] == [victim["id"], good["id"]]
+        assert [r["id"] for r in store.list(name="protect")] == [good["id"]]
+    assert "job_record_skipped" in [r.getMessage() for r in caplog.records]
+    with pytest.raises(CdpError, match="99999999-000000-protect-abcdef.json"):
+        store.get("99999999-000000-protect-abcdef")
+    old_ns = time.time_ns() - 3600 * 10**9
+    os.utime(bad, ns=(old_ns, old_ns))
+    assert store.prune() == 1 and not bad.exists()
+    assert {r["id"] for r in store.list()} == {good["id"], victim["id"]}  # nothing else went with it
+
+
+async def test_records_past_the_cap_are_deleted_oldest_first(tmp_path):
+    store = JobStore(tmp_path / "jobs", kept_max=5)
+    ids = [(await run_job(store, "protect", {"n": n}, 60, _nothing))["id"] for n in range(70)]
+    # Counted every RECORDS_CHECK_EVERY creations, so between two counts it may run over.
+    assert len(store.list(limit=1000)) <= 5 + RECORDS_CHECK_EVERY
+    assert store.prune() > 0
+    assert [r["id"] for r in store.list(limit=1000)] == sorted(ids)[-5:][::-1]
+    running = store.create("failover", {}, 60)  # a live job is never capped away
+    store.kept_max = 0
+    store.prune()
+    assert [r["id"] for r in store.list()] == [running.id]
+
+
+async def _nothing(job):
+    return None
