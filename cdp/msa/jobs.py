@@ -146,7 +146,7 @@ class JobStore:
         """Every record's id, oldest first (an id starts with its creation time, UTC)."""
         try:
             names = os.listdir(self.root)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no records (a create says what is wrong)
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json") and JOB_ID.fullmatch(n[:-5]))
 
