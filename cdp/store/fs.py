@@ -27,6 +27,19 @@ Key "a/b/c" is the file ``root/a/b/c``. Invariants:
 - A file and a directory cannot share a name: with this backend a key cannot
   also be the directory part of another key ("a" and "a/b"); such a put raises
   InvalidKey.
+- Nothing outside the root is read, written or removed, and no symbolic link below
+  it is followed (the daemons run as root: a link planted in the store must not
+  let them reach anything else). Every key is opened relative to a directory fd
+  of the root, held for the store's life, with ``openat2`` and
+  ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`` (where seccomp
+  or the kernel refuses ``openat2``: one ``O_NOFOLLOW`` component at a time); each
+  mkdir, create, rename, link, unlink, flock and directory fsync goes through the
+  fd of the directory so opened, never through a path. Only directories and
+  regular files are used: a key through a symbolic link, or one naming a link, a
+  FIFO, a socket or a device, is refused with a ``StoreError`` that names it. A
+  hard link is a regular file: a get reads it, a put replaces it by rename and
+  never writes through it. The root's own path is configuration, resolved as
+  given when first used.
 
 Objects of ``DIRECT_MIN_BYTES`` (1 MiB) or more are written with ``O_DIRECT`` where the
 file system takes it (``cdp.direct_io``): segments and base chunks are written once and
@@ -52,13 +65,13 @@ import secrets
 import stat as stat_mode
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from cdp.direct_io import DIRECT_MIN_BYTES, ReadBuffer, read_direct, read_direct_into, write_direct
-from cdp.durable import fsync_dir, publish, write_all
+from cdp.durable import write_all
 from cdp.errors import (
     AlreadyExists,
     InvalidKey,
@@ -67,6 +80,19 @@ from cdp.errors import (
     PreconditionFailed,
     StoreError,
     StoreUnavailable,
+)
+from cdp.store import beneath
+from cdp.store.beneath import (
+    DIRECTORY,
+    OBJECT,
+    Dir,
+    RootDir,
+    Unconfined,
+    make_root,
+    open_beneath,
+    open_dir,
+    open_object,
+    special_entry,
 )
 from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_conditions, check_range, resolve_range
 from cdp.store.keys import is_valid_key, show_key, validate_key, validate_prefix
@@ -92,6 +118,8 @@ READ_THREADS = 32
 _read_pool: ThreadPoolExecutor | None = None
 _read_pool_lock = threading.Lock()
 
+_T = TypeVar("_T")
+
 
 def _readers() -> ThreadPoolExecutor:
     global _read_pool
@@ -108,29 +136,45 @@ class FileStore(StoreBase):
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).absolute()
+        self._root_dir = RootDir(self.root)
 
     def describe(self) -> str:
         return f"file://{self.root}"
 
-    def _path(self, key: str) -> Path:
-        return self.root / validate_key(key)
+    async def close(self) -> None:
+        """Close the root's directory fd (once no thread uses it); a later call opens it again."""
+        self._root_dir.close()
+
+    def _at_root(self, fn: Callable[..., _T], *args: Any, create: bool = False) -> _T:
+        """``fn(root, *args)`` with the root's directory held open (``create``: made first if
+        missing; FileNotFoundError if it is missing otherwise). Once more if the root path
+        was removed or replaced under the fd held (``RootDir.forget_if_replaced``)."""
+        for attempt in range(2):
+            root = self._root_dir.hold(create)
+            try:
+                return fn(root, *args)
+            except FileNotFoundError:
+                if attempt == 1 or not self._root_dir.forget_if_replaced():
+                    raise
+            finally:
+                self._root_dir.let_go()
+        raise AssertionError("unreachable")
 
     async def put(self, key: str, data: Bytes, *, if_absent: bool = False,
                   if_match: str | None = None) -> str:
         check_conditions(if_absent, if_match)
-        path = self._path(key)
+        validate_key(key)
         try:
-            return await asyncio.to_thread(_write_atomic, path, data, if_absent=if_absent, if_match=if_match)
+            return await asyncio.to_thread(self._at_root, _write_atomic, key, data, if_absent, if_match,
+                                           create=True)
         except _EtagMismatch as exc:
             raise PreconditionFailed(
                 f"{self.describe()}: put if_match {show_key(key)}: {exc.args[0]}"
             ) from None
-        except FileExistsError as exc:
-            if if_absent and exc.filename2 == str(path) and not path.is_dir():
-                raise AlreadyExists(
-                    f"{self.describe()}: put if_absent {show_key(key)}: an object already exists"
-                ) from exc
-            raise self._error("put", key, exc) from exc
+        except _KeyExists:
+            raise AlreadyExists(
+                f"{self.describe()}: put if_absent {show_key(key)}: an object already exists"
+            ) from None
         except OSError as exc:
             raise self._error("put", key, exc) from exc
 
@@ -153,27 +197,27 @@ class FileStore(StoreBase):
         return self._read(key, offset, length, None)
 
     def _read(self, key: str, offset: int, length: int | None, into: ReadBuffer | None) -> Bytes:
-        path = self._path(key)
+        validate_key(key)
         check_range(offset, length)
         try:
-            return _read_range(path, offset, length, into)
+            return self._at_root(_read_range, key, offset, length, into)
         except OSError as exc:
             raise self._error("get", key, exc) from exc
 
     async def stat(self, key: str) -> ObjectInfo:
-        path = self._path(key)
+        validate_key(key)
         try:
-            st = await asyncio.to_thread(os.stat, path)
+            st = await asyncio.to_thread(self._at_root, _stat_object, key)
         except OSError as exc:
             raise self._error("stat", key, exc) from exc
-        if not stat_mode.S_ISREG(st.st_mode):
-            raise NotFound(f"{self.describe()}: stat {show_key(key)}: no such object")
         return ObjectInfo(key, st.st_size, st.st_mtime, _etag(st))
 
     async def delete(self, key: str) -> None:
-        path = self._path(key)
+        validate_key(key)
         try:
-            await asyncio.to_thread(_delete, path, self.root)
+            await asyncio.to_thread(self._at_root, _delete, key)
+        except FileNotFoundError:
+            return  # no root: no object
         except OSError as exc:
             raise self._error("delete", key, exc) from exc
 
@@ -184,7 +228,7 @@ class FileStore(StoreBase):
     async def ensure_container(self) -> None:
         """Create the root directory (and its parents) if missing."""
         try:
-            await asyncio.to_thread(_make_dirs, self.root)
+            await asyncio.to_thread(make_root, self.root)
         except OSError as exc:
             raise self._error("ensure_container", ".", exc) from exc
 
@@ -201,7 +245,7 @@ class FileStore(StoreBase):
     ) -> AsyncIterator[ObjectInfo]:
         """Objects below the relative `directory`, in key order (recursive)."""
         try:
-            entries = await asyncio.to_thread(_scan, self.root / directory)
+            entries = await asyncio.to_thread(self._scan, directory)
         except OSError as exc:
             raise self._error("list", directory or ".", exc) from exc
         for entry in entries:
@@ -218,10 +262,21 @@ class FileStore(StoreBase):
             elif start_after is None or key > start_after:
                 yield ObjectInfo(key, entry.size, entry.mtime, entry.etag)
 
+    def _scan(self, directory: str) -> list[_Entry]:
+        try:
+            return self._at_root(_scan, directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # no root: an empty store
+
     def _error(self, op: str, key: str, exc: OSError) -> StoreError:
         """Translate an OSError of `op` on `key` into the store error tree."""
         where = f"{self.describe()}: {op} {show_key(key)}"
         code = errno.errorcode.get(exc.errno or 0, "?")
+        if isinstance(exc, Unconfined):
+            return StoreError(
+                f"{where}: refused: {exc.args[0]}; the file store follows no symbolic link below "
+                f"its root and keeps only directories and regular files there"
+            )
         if op in ("get", "stat") and isinstance(
             exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)
         ):
@@ -249,11 +304,18 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
-def _scan(directory: Path) -> list[_Entry]:
+# --- Reading, writing, deleting, listing (run in worker threads) ---------------------------
+
+
+def _scan(root: Dir, directory: str) -> list[_Entry]:
     """The key-like entries of one directory, sorted as their full keys sort."""
+    try:
+        d = open_dir(root, directory, create=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
     entries = []
     try:
-        with os.scandir(directory) as it:
+        with os.scandir(d.fd) as it:
             for dirent in it:
                 if not is_valid_key(dirent.name):
                     continue  # temp files (".tmp-*") and foreign names
@@ -264,41 +326,33 @@ def _scan(directory: Path) -> list[_Entry]:
                         st = dirent.stat(follow_symlinks=False)
                         name = dirent.name
                         entries.append(_Entry(name, name, False, st.st_size, st.st_mtime, _etag(st)))
+                    # else: a symbolic link or special file is not an object
                 except FileNotFoundError:
                     continue  # deleted while listing
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    finally:
+        os.close(d.fd)
     entries.sort()
     return entries
 
 
-def _make_dirs(directory: Path) -> None:
-    """Create directory and its missing parents, each fsynced into its parent."""
-    missing = []
-    while not directory.is_dir():
-        missing.append(directory)
-        directory = directory.parent
-    for new in reversed(missing):
-        try:
-            os.mkdir(new)
-        except FileExistsError:
-            if not new.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(new)) from None
-        fsync_dir(new.parent)
-
-
-def _open_temp(directory: Path) -> tuple[int, Path]:
-    """Create a fresh temp file in directory (creating it); return (fd, path)."""
+def _open_temp(root: Dir, directory: str) -> tuple[Dir, int, str]:
+    """Create a fresh temp file in ``directory`` (creating it); return (the directory,
+    open; the file's fd; its name)."""
     for attempt in range(DIR_CREATE_ATTEMPTS_MAX):
         try:
-            _make_dirs(directory)
-            tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            return fd, tmp
+            d = open_dir(root, directory, create=True)
+            tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                             dir_fd=d.fd)
+            except BaseException:
+                os.close(d.fd)
+                raise
+            return d, fd, tmp
         except FileNotFoundError:
             if attempt == DIR_CREATE_ATTEMPTS_MAX - 1:
                 raise
-            # A concurrent delete pruned a directory we just made: retry.
+            # A concurrent delete pruned a directory we had made or opened: retry.
     raise AssertionError("unreachable")
 
 
@@ -306,61 +360,112 @@ class _EtagMismatch(Exception):
     """The object is not the one an if_match put was made against (args[0]: how)."""
 
 
-def _write_atomic(path: Path, data: Bytes, *, if_absent: bool, if_match: str | None = None) -> str:
-    """Write data to path so that path never holds a partial object; return its etag.
+class _KeyExists(Exception):
+    """An if_absent put found an object under its key."""
 
-    if_absent: fails with FileExistsError (filename2 == path) when path exists, even
-    against a concurrent writer (see cdp.durable.publish). if_match: _EtagMismatch
-    unless path is still the object with that etag (see the module docstring).
+
+def _write_atomic(root: Dir, key: str, data: Bytes, if_absent: bool, if_match: str | None) -> str:
+    """Write data under key so that it never holds a partial object; return its etag.
+
+    if_absent: _KeyExists when an object is there, even against a concurrent writer
+    (``_publish``). if_match: _EtagMismatch unless key is still the object with that
+    etag (see the module docstring).
     """
-    fd, tmp = _open_temp(path.parent)
+    directory, _, name = key.rpartition("/")
+    d, fd, tmp = _open_temp(root, directory)
     try:
-        if len(data) < DIRECT_MIN_BYTES or not write_direct(fd, data):
-            write_all(fd, data, IO_CHUNK_BYTES_MAX)
-        os.fsync(fd)
-        etag = _etag(os.fstat(fd))
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    if if_match is None:
-        publish(tmp, path, if_absent=if_absent)
+        try:
+            if len(data) < DIRECT_MIN_BYTES or not write_direct(fd, data):
+                write_all(fd, data, IO_CHUNK_BYTES_MAX)
+            os.fsync(fd)
+            etag = _etag(os.fstat(fd))
+        finally:
+            os.close(fd)
+        if if_match is None:
+            _publish_new(d, tmp, name, key, if_absent)
+        else:
+            _publish_if_match(d, tmp, name, key, if_match)
         return etag
-    try:
-        with _directory_locked(path.parent):
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                raise _EtagMismatch(f"the object is gone (expected etag {if_match})") from None
-            if not stat_mode.S_ISREG(st.st_mode) or _etag(st) != if_match:
-                raise _EtagMismatch(f"the object was replaced (etag {_etag(st)}, expected {if_match})")
-            publish(tmp, path)
+    except BaseException:
+        _unlink_quietly(d, tmp)  # still there when the write or a comparison failed
+        raise
     finally:
-        _unlink_quietly(tmp)  # still there when the comparison failed
-    return etag
+        os.close(d.fd)
+
+
+def _publish_new(d: Dir, tmp: str, name: str, key: str, if_absent: bool) -> None:
+    # A link or special file under the key would only be replaced, never written
+    # through; refused all the same, as every other operation refuses it.
+    refused = special_entry(d.fd, name, key, OBJECT)
+    if refused is not None:
+        raise refused
+    try:
+        _publish(d, tmp, name, if_absent=if_absent)
+    except FileExistsError:
+        try:
+            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise _KeyExists() from None  # it was there when the link failed
+        if stat_mode.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory", key) from None
+        if not stat_mode.S_ISREG(st.st_mode):
+            raise Unconfined(key, st.st_mode, OBJECT) from None
+        raise _KeyExists() from None
+
+
+def _publish_if_match(d: Dir, tmp: str, name: str, key: str, if_match: str) -> None:
+    with _locked(d):
+        try:
+            st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise _EtagMismatch(f"the object is gone (expected etag {if_match})") from None
+        if not (stat_mode.S_ISREG(st.st_mode) or stat_mode.S_ISDIR(st.st_mode)):
+            raise Unconfined(key, st.st_mode, OBJECT)
+        if not stat_mode.S_ISREG(st.st_mode) or _etag(st) != if_match:
+            raise _EtagMismatch(f"the object was replaced (etag {_etag(st)}, expected {if_match})")
+        _publish(d, tmp, name)
+
+
+def _publish(d: Dir, tmp: str, name: str, *, if_absent: bool = False) -> None:
+    """``cdp.durable.publish`` within the open directory ``d``: move the complete, fsynced
+    temp file to ``name`` (``if_absent``: link, FileExistsError if ``name`` exists), then
+    fsync the directory. Neither name is resolved through a path, and a rename or a link
+    replaces or fails on the entry ``name``: it never writes through it."""
+    try:
+        if if_absent:
+            os.link(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd, follow_symlinks=False)
+        else:
+            os.replace(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+    finally:
+        _unlink_quietly(d, tmp)
+    beneath.fsync_dir(d)  # through the module: tests replace it to see what is synced
 
 
 @contextlib.contextmanager
-def _directory_locked(directory: Path):
-    """Hold an exclusive flock of ``directory`` (conditional puts and deletes in it)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _locked(d: Dir):
+    """Hold an exclusive flock of the open directory ``d`` (conditional puts and deletes in it)."""
+    fcntl.flock(d.fd, fcntl.LOCK_EX)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        fcntl.flock(d.fd, fcntl.LOCK_UN)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(d: Dir, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=d.fd)
     except FileNotFoundError:
         pass
 
 
-def _read_range(path: Path, offset: int, length: int | None, into: ReadBuffer | None = None) -> Bytes:
-    """Bytes ``[offset, offset + length)`` of the file (``into``: read with ``O_DIRECT``, a
+def _stat_object(root: Dir, key: str) -> os.stat_result:
+    fd, st = open_object(root, key, os.O_PATH)
+    os.close(fd)
+    return st
+
+
+def _read_range(root: Dir, key: str, offset: int, length: int | None, into: ReadBuffer | None = None) -> Bytes:
+    """Bytes ``[offset, offset + length)`` of the object (``into``: read with ``O_DIRECT``, a
     view into that buffer), or, buffered, read in ``READ_STEP_BYTES`` steps.
 
     Why steps, not one pread of the whole range: reading a cold store (ext4, 6 threads,
@@ -369,12 +474,12 @@ def _read_range(path: Path, offset: int, length: int | None, into: ReadBuffer | 
     better with moderate requests; 128 KiB..512 KiB measured alike, 2 MiB as slow as one
     read). Joining the steps costs one copy, included in those figures; a range of one
     step is not copied at all (``join`` returns its only part).
+
+    ``O_NONBLOCK``: a FIFO planted under the key must not block the open (it is refused
+    once open); on a regular file the flag changes nothing.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, st = open_object(root, key, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        st = os.fstat(fd)
-        if not stat_mode.S_ISREG(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
         start, end = resolve_range(st.st_size, offset, length)
         if st.st_size >= DIRECT_MIN_BYTES:  # written past the page cache (_write_atomic)
             data = read_direct(fd, start, end) if into is None else read_direct_into(fd, start, end, into)
@@ -394,17 +499,41 @@ def _read_range(path: Path, offset: int, length: int | None, into: ReadBuffer | 
         os.close(fd)
 
 
-def _delete(path: Path, root: Path) -> None:
+def _delete(root: Dir, key: str) -> None:
+    directory, _, name = key.rpartition("/")
     try:
-        with _directory_locked(path.parent):  # see _write_atomic's if_match
-            os.unlink(path)
-    except (FileNotFoundError, IsADirectoryError):
+        d = open_dir(root, directory, create=False)
+    except FileNotFoundError:
         return  # no such object: delete is idempotent
-    # Prune directories left empty, so listings do not walk dead branches.
-    directory = path.parent
-    while directory != root and root in directory.parents:
+    try:
+        with _locked(d):  # see _publish_if_match
+            try:
+                st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat_mode.S_ISDIR(st.st_mode):
+                return  # not an object
+            if not stat_mode.S_ISREG(st.st_mode):
+                raise Unconfined(key, st.st_mode, OBJECT)
+            _unlink_quietly(d, name)  # a hard link: only this name goes
+    finally:
+        os.close(d.fd)
+    _prune(root, directory)
+
+
+def _prune(root: Dir, directory: str) -> None:
+    """Remove ``directory`` and its parents while they are empty (not the root), so
+    that listings do not walk dead branches."""
+    parts = directory.split("/") if directory else []
+    while parts:
         try:
-            os.rmdir(directory)
+            parent = open_beneath(root, "/".join(parts[:-1]) or ".", os.O_PATH | os.O_DIRECTORY, DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.rmdir(parts[-1], dir_fd=parent)  # a link under that name: ENOTDIR, stop
         except OSError:
             return  # not empty (or gone): stop
-        directory = directory.parent
+        finally:
+            os.close(parent)
+        parts.pop()

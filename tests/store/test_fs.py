@@ -13,6 +13,7 @@ from cdp import durable
 
 from cdp.errors import AlreadyExists, InvalidKey, NotFound, StoreUnavailable
 from cdp.store import FileStore
+from cdp.store import beneath
 from cdp.store import fs as fs_module
 
 
@@ -110,7 +111,7 @@ async def test_put_fsyncs_the_file_and_every_new_directory(
         real(d)
 
     # directories made by the store, then the rename done by cdp.durable.publish
-    monkeypatch.setattr(fs_module, "fsync_dir", spy)
+    monkeypatch.setattr(beneath, "fsync_dir", spy)
     monkeypatch.setattr(durable, "fsync_dir", spy)
     store = FileStore(root)
     await store.put("x/y/z", b"1")

@@ -235,12 +235,16 @@ class Recorder:
 
     # -------------------------------------------------------------- where
 
-    def _where(self, path: Any) -> tuple[str, str] | None:
-        """(relative dir, name) of ``path`` when it is below the root, else None."""
+    def _where(self, path: Any, dir_fd: int | None = None) -> tuple[str, str] | None:
+        """(relative dir, name) of ``path`` (relative to ``dir_fd``, if given) when it is
+        below the root, else None."""
         if isinstance(path, int):
             return None
-        full = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(os.fspath(path)))),
-                            os.path.basename(os.fspath(path)))
+        path = os.fspath(path)
+        if dir_fd is not None and not os.path.isabs(path):
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        full = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
+                            os.path.basename(path))
         rel = os.path.relpath(full, self.root)
         if rel.startswith("..") or rel == ".":
             return None
@@ -262,7 +266,7 @@ class Recorder:
 
     def _open(self, path, flags, mode=0o777, *, dir_fd=None):
         real = self._real["open"]
-        where = None if dir_fd is not None else self._where(path)
+        where = self._where(path, dir_fd)
         if where is None:
             fd = real(path, flags, mode, dir_fd=dir_fd)
             if dir_fd is None and not isinstance(path, int) and os.path.realpath(path) == str(self.root):
@@ -270,8 +274,12 @@ class Recorder:
                     self._fds[fd] = ("d", "")  # the root itself: its fsync makes its entries durable
             return fd
         with self._lock:
-            existed = os.path.lexists(path)
-            fd = real(path, flags, mode)
+            try:
+                os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+                existed = True
+            except FileNotFoundError:
+                existed = False
+            fd = real(path, flags, mode, dir_fd=dir_fd)
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 self._fds[fd] = ("d", _join(*where) if where[0] else where[1])
@@ -285,6 +293,16 @@ class Recorder:
                     self.ops.append(Resize(ino, 0, False))
             self._fds[fd] = ("f", ino)
             return fd
+
+    def _dir_by_fd(self, fd: int) -> tuple[str, str] | None:
+        """("d", relative dir) for a directory below the root opened without ``os.open``
+        (the file store opens them with openat2), else None."""
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return None
+        rel = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), self.root)
+        if rel.startswith(".."):
+            return None
+        return ("d", "" if rel == "." else rel)
 
     def _close(self, fd):
         with self._lock:
@@ -340,34 +358,35 @@ class Recorder:
     def _sync(self, name: str, fd: int) -> None:
         with self._lock:
             self._real[name](fd)
-            got = self._fds.get(fd)
+            got = self._fds.get(fd) or self._dir_by_fd(fd)
             if got is not None:
                 self.ops.append(Sync(got[1]) if got[0] == "f" else SyncDir(got[1]))
 
     def _rename(self, name: str, src, dst, *args, **kwargs):
         with self._lock:
-            s, d = self._where(src), self._where(dst)
+            s, d = self._where(src, kwargs.get("src_dir_fd")), self._where(dst, kwargs.get("dst_dir_fd"))
             self._real[name](src, dst, *args, **kwargs)
             if s is not None and d is not None:
                 self.ops.append(Rename(s[0], s[1], d[0], d[1]))
 
     def _link(self, src, dst, *args, **kwargs):
         with self._lock:
-            d = self._where(dst)
+            d = self._where(dst, kwargs.get("dst_dir_fd"))
             self._real["link"](src, dst, *args, **kwargs)
             if d is not None:
-                self.ops.append(Create(d[0], d[1], self._inode(os.stat(dst))))
+                st = os.stat(dst, dir_fd=kwargs.get("dst_dir_fd"), follow_symlinks=False)
+                self.ops.append(Create(d[0], d[1], self._inode(st)))
 
     def _unlink(self, name: str, path, *args, **kwargs):
         with self._lock:
-            where = self._where(path)
+            where = self._where(path, kwargs.get("dir_fd"))
             self._real[name](path, *args, **kwargs)
             if where is not None:
                 self.ops.append(Unlink(*where))
 
     def _mkdir(self, path, *args, **kwargs):
         with self._lock:
-            where = self._where(path)
+            where = self._where(path, kwargs.get("dir_fd"))
             self._real["mkdir"](path, *args, **kwargs)
             if where is not None:
                 self.ops.append(Mkdir(*where))
