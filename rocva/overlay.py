@@ -24,6 +24,13 @@ Invariants:
   another write of the same block. Reads take no lock.
 
 The store is never written: the overlay is the only place writes go.
+
+Both files are reached through the overlay directory's descriptor (``OutputDir`` of
+``rocva.destination``), never by path: a name planted in the directory — a symbolic
+link, a hard link to a file elsewhere, a FIFO, a device — is refused with an error
+naming it (or, for an overlay file without a map, unlinked and created afresh), so the
+overlay never writes, truncates or blocks on anything but a file of its own, and reads
+no more of a map than the map of this disk can hold.
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from cdp.durable import atomic_write, pwrite_all
+from cdp.durable import pwrite_all
 from cdp.errors import ChecksumMismatch, ConfigError, FormatError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from cdp.summed import pack_summed, unpack_summed
+from rocva.destination import OutputDir
+from rocva.errors import RecoveryError
 
 OVERLAY_BLOCK_BYTES = 4096
 MAP_MAGIC = b"CDPO"
@@ -84,9 +93,10 @@ def _runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class Overlay:
     """The overlay of one disk (invariants in the module docstring)."""
 
-    def __init__(self, directory: Path, name: str, identity: OverlayIdentity, fd: int, bitmap: np.ndarray,
+    def __init__(self, out: OutputDir, name: str, identity: OverlayIdentity, fd: int, bitmap: np.ndarray,
                  block_bytes: int = OVERLAY_BLOCK_BYTES) -> None:
-        self.directory = directory
+        self.out = out  # the overlay directory: every file of the overlay is opened through it
+        self.directory = out.path
         self.name = name
         self.identity = identity
         self.size = identity.disk_size
@@ -106,35 +116,21 @@ class Overlay:
              block_bytes: int = OVERLAY_BLOCK_BYTES) -> Overlay:
         """The overlay ``name`` in ``directory``: reopened when its map exists (refused,
         naming the field, when made for another identity), else created empty (an overlay
-        file without a map was never flushed: its bytes are dropped)."""
-        data_path = directory / (name + DATA_SUFFIX)
-        map_path = directory / (name + MAP_SUFFIX)
-        blocks = -(-identity.disk_size // block_bytes)
+        file without a map was never flushed: its bytes are dropped). RecoveryError, naming
+        the file, when a name in the directory is not a regular file of the overlay's own."""
+        out = _open_directory(directory)
         try:
-            raw = map_path.read_bytes()
-        except FileNotFoundError:
-            raw = None
-        if raw is not None:
-            bitmap = _decode_map(str(map_path), raw, identity, block_bytes, blocks)
-            flags = os.O_RDWR
-        else:
-            bitmap = np.zeros(-(-blocks // 8), dtype=np.uint8)
-            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
-        fd = os.open(data_path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            if raw is not None and os.fstat(fd).st_size != identity.disk_size:
-                raise FormatError(f"{data_path}: {os.fstat(fd).st_size} bytes, its map says the disk has "
-                                  f"{identity.disk_size}")
-            os.ftruncate(fd, identity.disk_size)
+            fd, bitmap = _open_files(out, name, identity, block_bytes)
         except BaseException:
-            os.close(fd)
+            out.close()
             raise
-        return cls(directory, name, identity, fd, bitmap, block_bytes)
+        return cls(out, name, identity, fd, bitmap, block_bytes)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self.out.close()
 
     @property
     def map_path(self) -> Path:
@@ -269,7 +265,7 @@ class Overlay:
         await asyncio.to_thread(os.fdatasync, self._fd)
         if self._dirty:
             doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes())
-            await asyncio.to_thread(atomic_write, self.map_path, doc)
+            await asyncio.to_thread(self.out.write_atomic, self.name + MAP_SUFFIX, doc)
             self._dirty = False
 
     # ------------------------------------------------------------------ applying
@@ -300,11 +296,100 @@ def encode_map(identity: OverlayIdentity, block_bytes: int, bitmap: bytes) -> by
     return header + bitmap
 
 
-def _decode_map(where: str, raw: bytes, identity: OverlayIdentity, block_bytes: int, blocks: int) -> np.ndarray:
-    """The bitmap of a map file, after every check of §18.3; ConfigError when the overlay
-    belongs to another disk or point, FormatError when the file is damaged."""
+def _open_directory(directory: Path) -> OutputDir:
+    """The overlay directory, opened once: the mount made it (``--overlay DIR`` may be a
+    symbolic link to a directory: that is the user's choice); its entries are not followed."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"overlay directory {directory}: cannot open it ({exc.strerror})") from None
+    return OutputDir(fd, Path(directory))
+
+
+def _open_files(out: OutputDir, name: str, identity: OverlayIdentity, block_bytes: int) -> tuple[int, np.ndarray]:
+    """(descriptor of the overlay file, bitmap): the map's bitmap and the file it describes,
+    or an empty bitmap and a new, empty file of the disk's size."""
+    data_name, map_name = name + DATA_SUFFIX, name + MAP_SUFFIX
+    blocks = -(-identity.disk_size // block_bytes)
+    bitmap = _read_map(out, map_name, identity, block_bytes, blocks)
+    if bitmap is None:
+        return _create_data(out, data_name, identity.disk_size), np.zeros(-(-blocks // 8), dtype=np.uint8)
+    try:
+        fd = out.open(data_name, os.O_RDWR)  # a regular file with one link, or RecoveryError
+    except FileNotFoundError:
+        raise FormatError(f"{out.show(data_name)} is missing, yet {out.show(map_name)} records written "
+                          f"blocks: put the file back, or remove the map to start an empty overlay") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != identity.disk_size:
+            raise FormatError(f"{out.show(data_name)}: {size} bytes, its map says the disk has "
+                              f"{identity.disk_size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, bitmap
+
+
+def _create_data(out: OutputDir, data_name: str, disk_size: int) -> int:
+    """A new, empty overlay file. Whatever had the name (a file never flushed, or a link
+    or FIFO planted there) is unlinked first — the name only, never what it points to —
+    and the file is created ``O_EXCL|O_NOFOLLOW``: an existing file is never truncated,
+    as truncating would follow a hard link to a file outside the directory."""
+    try:
+        out.unlink(data_name)
+    except OSError as exc:
+        raise RecoveryError(f"{out.show(data_name)}: cannot remove the stale entry ({exc.strerror}): remove it "
+                            f"or choose another --overlay directory") from None
+    fd = out.create(data_name, 0o600)
+    try:
+        os.ftruncate(fd, disk_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_map(out: OutputDir, map_name: str, identity: OverlayIdentity, block_bytes: int,
+              blocks: int) -> np.ndarray | None:
+    """The bitmap of the map file, after every check of §18.3; None when there is none.
+    The file must be a regular file with one link (``OutputDir.open``: a FIFO does not
+    block, a link to a device is not followed); its header is checked before more is
+    read, and no more than the map of this disk holds is read."""
+    where = out.show(map_name)
+    try:
+        fd = out.open(map_name, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        header = _pread_exact(fd, min(size, _MAP_HEADER.size), 0, where)
+        bitmap_bytes, bitmap_xxh3 = _check_map_header(where, header, identity, block_bytes, blocks)
+        if size != _MAP_HEADER.size + bitmap_bytes:
+            raise FormatError(f"{where}: {size} bytes, the header promises {_MAP_HEADER.size + bitmap_bytes}")
+        body = _pread_exact(fd, bitmap_bytes, _MAP_HEADER.size, where)
+    finally:
+        os.close(fd)
+    return _check_bitmap(where, body, bitmap_xxh3, blocks)
+
+
+def _pread_exact(fd: int, length: int, offset: int, where: str) -> bytes:
+    parts, done = [], 0
+    while done < length:
+        chunk = os.pread(fd, length - done, offset + done)
+        if not chunk:
+            raise FormatError(f"{where}: ends at offset {offset + done}, {length - done} bytes short "
+                              f"(the file shrank while read)")
+        parts.append(chunk)
+        done += len(chunk)
+    return b"".join(parts)
+
+
+def _check_map_header(where: str, header: bytes, identity: OverlayIdentity, block_bytes: int,
+                      blocks: int) -> tuple[int, int]:
+    """(bitmap_bytes, bitmap_xxh3) of a map header; ConfigError when the overlay belongs
+    to another disk or point, FormatError when the header is damaged."""
     (_, domain, disk, timeline, bb, seq, disk_size, bitmap_bytes, bitmap_xxh3) = unpack_summed(
-        _MAP_HEADER, raw, where=where, magic=MAP_MAGIC, version=MAP_VERSION, zero=_MAP_ZERO)
+        _MAP_HEADER, header, where=where, magic=MAP_MAGIC, version=MAP_VERSION, zero=_MAP_ZERO)
     found = OverlayIdentity(domain, timeline, seq, disk, disk_size)
     if found != identity:
         diffs = ", ".join(f"{name} {getattr(found, name)} (this mount: {getattr(identity, name)})"
@@ -317,9 +402,10 @@ def _decode_map(where: str, raw: bytes, identity: OverlayIdentity, block_bytes: 
     if bitmap_bytes != -(-blocks // 8):
         raise FormatError(f"{where}: header at offset 40: bitmap_bytes {bitmap_bytes}, a disk of {disk_size} "
                           f"bytes needs {-(-blocks // 8)}")
-    body = memoryview(raw)[_MAP_HEADER.size :]
-    if len(body) != bitmap_bytes:
-        raise FormatError(f"{where}: {len(raw)} bytes, the header promises {_MAP_HEADER.size + bitmap_bytes}")
+    return bitmap_bytes, bitmap_xxh3
+
+
+def _check_bitmap(where: str, body: bytes, bitmap_xxh3: int, blocks: int) -> np.ndarray:
     if xxhash.xxh3_64_intdigest(body) != bitmap_xxh3:
         raise ChecksumMismatch(f"{where}: bitmap_xxh3 does not match the bitmap at offset {_MAP_HEADER.size}")
     bitmap = np.frombuffer(body, dtype=np.uint8).copy()

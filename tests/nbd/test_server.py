@@ -157,7 +157,11 @@ async def test_connection_cap(served: Served, tmp_path: Path) -> None:
     try:
         first = await RawClient.connect(address)
         await first.go("vm/disk")
-        second = await RawClient.connect(address)
+        second = await RawClient.connect(address)  # over the cap: told so, then closed
+        await second.greet()
+        [(_, reply_type, _)] = await second.option(nbd.OPT_GO, nbd.pack_info_request("vm/disk"))
+        assert reply_type == nbd.REP_ERR_POLICY
+        await second.send(nbd.pack_option(nbd.OPT_ABORT))
         assert await second.closed_by_server()
         await first.request(nbd.CMD_READ, 1, 0, 512)
         assert (await first.reply(512)).error == 0

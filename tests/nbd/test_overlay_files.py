@@ -1,0 +1,166 @@
+"""The overlay directory of a writable mount with names planted in it: symbolic links, hard
+links to files elsewhere, a FIFO, maps of the wrong size. The overlay never writes,
+truncates or blocks on anything but a regular file of its own, and never reads more of
+a map than this disk's map holds; a refusal names the file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from cdp.errors import ConfigError, FormatError
+from rocva.errors import RecoveryError
+from rocva.overlay import MAP_SUFFIX, Overlay, OverlayIdentity, encode_map
+
+SIZE = 16 * 4096
+IDENTITY = OverlayIdentity(domain=7, timeline=1, seq=42, disk=0, disk_size=SIZE)
+NAME = "vm-d"
+PRECIOUS = b"precious data\n" * 100
+#: A blocking open or read fails the test instead of hanging it.
+OPEN_TIMEOUT_S = 10.0
+
+
+async def _lower(offset: int, length: int) -> bytes:
+    return bytes(length)
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A file outside the overlay directory that nothing may change."""
+    path = tmp_path / "victim"
+    path.write_bytes(PRECIOUS)
+    return path
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    path = tmp_path / "overlay"
+    path.mkdir()
+    return path
+
+
+async def open_overlay(directory: Path) -> Overlay:
+    async with asyncio.timeout(OPEN_TIMEOUT_S):
+        return await asyncio.to_thread(Overlay.open, directory, NAME, IDENTITY)
+
+
+async def write_and_flush(directory: Path) -> None:
+    overlay = await open_overlay(directory)
+    try:
+        await overlay.write(0, b"\x77" * 4096, _lower, fua=True)
+        assert bytes(await overlay.read(0, 4096, _lower)) == b"\x77" * 4096
+    finally:
+        overlay.close()
+
+
+def a_valid_map() -> bytes:
+    """The map a flushed, empty overlay of this disk leaves behind."""
+    return encode_map(IDENTITY, 4096, bytes(-(-SIZE // 4096) // 8))
+
+
+# --------------------------------------------------------------------------- the overlay file
+
+
+@pytest.mark.parametrize("plant", ["hard_link", "symlink"])
+async def test_a_planted_overlay_file_without_a_map_is_replaced_not_written(directory: Path, victim: Path,
+                                                                           plant: str) -> None:
+    data = directory / (NAME + ".overlay")
+    if plant == "hard_link":
+        os.link(victim, data)
+    else:
+        os.symlink(victim, data)
+    await write_and_flush(directory)
+    assert victim.read_bytes() == PRECIOUS  # neither truncated nor written through the link
+    assert not data.is_symlink() and data.stat().st_nlink == 1
+    assert data.stat().st_ino != victim.stat().st_ino and data.stat().st_size == SIZE
+
+
+async def test_a_hard_link_under_a_map_refuses_the_reopen(directory: Path, victim: Path) -> None:
+    await write_and_flush(directory)  # a real overlay, with its map
+    data = directory / (NAME + ".overlay")
+    data.unlink()
+    victim.write_bytes(PRECIOUS.ljust(SIZE, b"\x00"))
+    os.link(victim, data)  # the same size as the disk: only the link count tells
+    with pytest.raises(RecoveryError, match=rf"{re.escape(str(data))} has 2 hard links"):
+        await open_overlay(directory)
+    assert victim.read_bytes() == PRECIOUS.ljust(SIZE, b"\x00")
+
+
+async def test_a_map_without_its_overlay_file_is_refused_by_name(directory: Path) -> None:
+    await write_and_flush(directory)
+    (directory / (NAME + ".overlay")).unlink()
+    with pytest.raises(FormatError, match=rf"{re.escape(str(directory / (NAME + '.overlay')))} is missing"):
+        await open_overlay(directory)
+
+
+# --------------------------------------------------------------------------- the map
+
+
+async def test_a_fifo_as_the_map_is_refused_without_blocking(directory: Path) -> None:
+    fifo = directory / (NAME + MAP_SUFFIX)
+    os.mkfifo(fifo)
+    with pytest.raises(RecoveryError, match=rf"{re.escape(str(fifo))} is not a regular file"):
+        await open_overlay(directory)
+
+
+async def test_a_link_to_dev_zero_as_the_map_is_refused(directory: Path) -> None:
+    link = directory / (NAME + MAP_SUFFIX)
+    os.symlink("/dev/zero", link)
+    with pytest.raises(RecoveryError, match=rf"{re.escape(str(link))} is a symbolic link"):
+        await open_overlay(directory)
+
+
+async def test_a_hard_linked_map_is_refused(directory: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "map-elsewhere"
+    elsewhere.write_bytes(a_valid_map())
+    os.link(elsewhere, directory / (NAME + MAP_SUFFIX))
+    with pytest.raises(RecoveryError, match="2 hard links"):
+        await open_overlay(directory)
+
+
+async def test_a_map_longer_than_its_header_promises_is_refused_unread(directory: Path) -> None:
+    """A valid header followed by a 1 GiB hole: refused from its size, not read."""
+    path = directory / (NAME + MAP_SUFFIX)
+    path.write_bytes(a_valid_map())
+    os.truncate(path, 1 << 30)
+    promised = len(a_valid_map())
+    with pytest.raises(FormatError, match=rf"{re.escape(str(path))}: {1 << 30} bytes, the header promises {promised}"):
+        await open_overlay(directory)
+
+
+async def test_a_map_of_another_disk_is_still_named_as_such(directory: Path) -> None:
+    """The header is checked before the size: a map made for a larger disk (so a longer
+    file) is refused as another disk's (ConfigError), not as a damaged file."""
+    other = OverlayIdentity(domain=7, timeline=1, seq=42, disk=0, disk_size=4 * SIZE)
+    (directory / (NAME + MAP_SUFFIX)).write_bytes(encode_map(other, 4096, bytes(-(-4 * SIZE // 4096) // 8)))
+    with pytest.raises(ConfigError, match="disk_size"):
+        await open_overlay(directory)
+
+
+async def test_a_short_map_is_refused(directory: Path) -> None:
+    path = directory / (NAME + MAP_SUFFIX)
+    path.write_bytes(a_valid_map()[:40])
+    with pytest.raises(FormatError, match=rf"{re.escape(str(path))}: 40 bytes"):
+        await open_overlay(directory)
+
+
+async def test_the_map_is_replaced_not_written_through_a_planted_link(directory: Path, victim: Path) -> None:
+    """A flush replaces the map by rename: a link planted under its name after the open
+    is replaced, never written through."""
+    overlay = await open_overlay(directory)
+    try:
+        os.symlink(victim, directory / (NAME + MAP_SUFFIX))
+        await overlay.write(0, b"\x11" * 4096, _lower, fua=True)
+    finally:
+        overlay.close()
+    assert victim.read_bytes() == PRECIOUS
+    assert not (directory / (NAME + MAP_SUFFIX)).is_symlink()
+    reopened = await open_overlay(directory)
+    try:
+        assert bytes(await reopened.read(0, 4096, _lower)) == b"\x11" * 4096
+    finally:
+        reopened.close()
