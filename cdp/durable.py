@@ -135,6 +135,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
     publish(tmp, path, if_absent=if_absent)
 
 
+def create_new(path: str | os.PathLike[str], mode: int = 0o600) -> os.stat_result:
+    """Create ``path`` as a new, empty regular file; return its ``fstat``.
+
+    ``O_EXCL`` makes it fail (``FileExistsError``) when anything is at ``path``: a file,
+    or a symbolic link, which it never follows, not even a dangling one (``O_NOFOLLOW``
+    says so for the last component once more). So a link planted at ``path`` cannot make
+    the caller create or truncate a file elsewhere. Nothing is durable yet: the caller
+    fsyncs the directory once the file holds what it should (``preallocate`` does).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def preallocate(path: str | os.PathLike[str], size: int) -> None:
     """Create (or grow) a regular file to ``size`` bytes with its blocks allocated.
 

@@ -26,6 +26,7 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,12 +260,65 @@ def _ensure_ca(files: TlsFiles, site: str, now: dt.datetime) -> tuple[x509.Certi
     return ca, action
 
 
+def _dir_problem(st: os.stat_result, created: bool) -> str | None:
+    """Why a TLS directory with this ``lstat``/``fstat`` is not ours alone, or None. One
+    install itself just created is ours whatever its mode (it is set next)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "a symbolic link, never followed here" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by uid {os.geteuid()} (this process)"
+    if not created and st.st_mode & 0o022:
+        return f"mode {stat.S_IMODE(st.st_mode):04o}: others may write in it"
+    return None
+
+
+def _dir_error(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"TLS directory {path}: {problem}; expected a directory owned by uid {os.geteuid()} "
+                       f"that no one else may write (it holds the CA key): fix it, or point [tls] dir "
+                       f"elsewhere (install creates it {DIR_MODE:04o})")
+
+
+def _check_dir(path: Path) -> None:
+    """``ConfigError`` when ``path`` exists and install would refuse it (``_private_dir``)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (problem := _dir_problem(st, created=False)) is not None:
+        raise _dir_error(path, problem)
+
+
+def _private_dir(path: Path) -> None:
+    """Make ``path`` a directory only we may enter (``DIR_MODE``): one created here, or
+    one that already was ours and that no one else could write. Never through a
+    symbolic link: the mode is set on the directory opened with ``O_NOFOLLOW``, so a
+    link planted at ``path`` cannot make us chmod, and then fill, a directory elsewhere."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, DIR_MODE)
+        created = True
+    except FileExistsError:
+        created = False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:  # ELOOP: a symbolic link; ENOTDIR: something else
+        st = os.lstat(path)
+        raise _dir_error(path, _dir_problem(st, created) or exc.strerror or str(exc)) from exc
+    try:
+        if (problem := _dir_problem(os.fstat(fd), created)) is not None:
+            raise _dir_error(path, problem)
+        os.fchmod(fd, DIR_MODE)
+    finally:
+        os.close(fd)
+
+
 def plan_site_pki(files: TlsFiles, leaves: Sequence[LeafSpec], *,
                   clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> dict[str, Any]:
     """What ``ensure_site_pki`` would do, writing nothing (``cdp preflight install``):
     ``{"ca": ACTION, "certs": {PATH: ACTION}, "needs_ca_key": bool}``, an action being
     ``keep``, ``create`` or ``renew (<reason>)``."""
     now = clock()
+    _check_dir(files.dir)
     ca = read_cert(files.ca_cert) if files.ca_cert.exists() else None
     if ca is None:
         ca_action = "create"
@@ -286,8 +340,7 @@ def ensure_site_pki(files: TlsFiles, site: str, leaves: Sequence[LeafSpec], *,
     """Make ``files`` hold a CA of ``site`` and a good certificate for each of ``leaves``
     (module docstring); return what was done, by file (no key material)."""
     now = clock()
-    files.dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(files.dir, DIR_MODE)
+    _private_dir(files.dir)
     ca, ca_action = _ensure_ca(files, site, now)
     ca_key = None
     report: dict[str, Any] = {"dir": str(files.dir), "ca": {"cert": str(files.ca_cert), "action": ca_action,

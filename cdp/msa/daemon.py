@@ -15,8 +15,10 @@ One process, a few long-lived tasks around it:
 * the **REST API** (``cdp.msa.api``) on ``[api] listen``, with ``/metrics`` and the web
   console at ``/`` (``cdp.msa.console``).
 
-``<state_dir>/msa.pid`` holds the daemon's pid while it runs (``cdp uninstall`` sends it
-SIGTERM); a second daemon for the same state directory refuses to start. SIGTERM and
+``<state_dir>/msa.pid`` holds the daemon's pid and start time while it runs (FORMAT.md
+§13.3: ``cdp uninstall`` sends SIGTERM to that process, and only to it); a second daemon
+for the same state directory refuses to start, while a file naming a process that is
+gone, or another process that got the pid later, is stale and replaced. SIGTERM and
 SIGINT stop it in order: API, jobs (recorded as cancelled), DRVAs (SIGTERM, then
 SIGKILL), pid file.
 """
@@ -32,7 +34,6 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from cdp.durable import atomic_write
 from cdp.errors import Busy, CdpError, ConfigError
 from cdp.hypervisor import open_hypervisor
 from cdp.logs import get_logger
@@ -42,8 +43,8 @@ from cdp.msa.config import Policy, PolicyChange, SiteConfig
 from cdp.msa.history import StatusHistory
 from cdp.msa.http_limits import ApiLimits
 from cdp.msa.jobs import Job, JobStore
+from cdp.msa.keeper import read_pid_file, same_process, stale_reason, write_pid_file
 from cdp.msa.power import load_power, save_power
-from cdp.msa.procs import pid_alive
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
 from cdp.msa.runner import JobRunner
@@ -181,23 +182,28 @@ class MsaDaemon:
         log.info("msa_stopped", site=self.cfg.site)
 
     def _claim_pid_file(self) -> None:
+        """Refuse to start while the daemon the pid file names runs; else name this one.
+        A file naming a process that is gone, or a process started at another time than
+        the file says (its pid was reused), is a leftover of a killed daemon: replaced."""
         try:
-            other = int(self.pid_path.read_text().strip() or 0)
-        except FileNotFoundError:
-            other = 0
-        except (OSError, ValueError):
-            other = 0  # unreadable: a leftover, replaced below
-        if other and other != os.getpid() and pid_alive(other):
-            raise Busy(f"a daemon already runs for {self.cfg.state_dir} (pid {other}, from {self.pid_path}); "
+            found = read_pid_file(self.pid_path)
+        except (OSError, ValueError) as exc:
+            found = None  # unreadable: a leftover, replaced below
+            log.warning("msa_pid_file_replaced", pid_file=str(self.pid_path), error=str(exc))
+        if found is not None and found[0] != os.getpid() and same_process(*found):
+            raise Busy(f"a daemon already runs for {self.cfg.state_dir} (pid {found[0]}, from {self.pid_path}); "
                        f"stop it first")
-        atomic_write(self.pid_path, f"{os.getpid()}\n".encode())
+        if found is not None and found[0] != os.getpid():
+            log.warning("msa_pid_file_stale", pid_file=str(self.pid_path), pid=found[0], why=stale_reason(*found))
+        write_pid_file(self.pid_path, os.getpid())
 
     def _release_pid_file(self) -> None:
         try:
-            if int(self.pid_path.read_text().strip() or 0) == os.getpid():
-                self.pid_path.unlink()
+            found = read_pid_file(self.pid_path)
         except (OSError, ValueError):
-            pass
+            return
+        if found is not None and found[0] == os.getpid():
+            self.pid_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ loops
 

@@ -9,18 +9,27 @@ the preflights read it to tell "already installed" from "another site's store". 
      "engine_version": "0.1.0", "site": "site-a"}
 
 It never holds a secret: names, endpoints and times only.
+
+Beside it, on the installing host, ``<state_dir>/install.json`` (FORMAT.md §13.15) is the
+install record: exactly which partitions ``cdp install`` created or formatted, each with
+the identity it had right after (device and inode, and a log's superblock uuid and
+label, a metadata repository's mark). ``cdp uninstall`` removes those and only those, and only while they still are
+that same file: a partition install found and kept is never its to delete.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from cdp.errors import FormatError, NotFound
+from cdp.durable import atomic_write
+from cdp.errors import ConfigError, FormatError, NotFound
 from cdp.store.base import ObjectStore
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
@@ -112,3 +121,96 @@ async def installed_sites(store: ObjectStore) -> list[str]:
     listed, not read: a damaged record still counts as an installation)."""
     return [site async for info in store.list(SITES_PREFIX)
             if (site := site_of_key(info.key)) is not None]
+
+
+# --------------------------------------------------------------------------- the install record
+
+INSTALL_RECORD_NAME = "install.json"
+INSTALL_RECORD_VERSION = 1
+INSTALL_RECORD_BYTES_MAX = 1 << 20  # a few entries per DRVA; more is not a file we wrote
+PARTITION_ROLES = ("log", "meta")
+PARTITION_KINDS = ("file", "device")
+
+
+@dataclass(frozen=True)
+class MadePartition:
+    """One partition ``cdp install`` created or formatted, as it was right after.
+
+    ``dev``/``ino``: a file's ``st_dev``/``st_ino``; a block device's number
+    (``st_rdev``) and 0. ``formatted`` is false between the moment install made the
+    file and the end of its format (a crash there: the next install formats it again).
+    ``identity``: a log's superblock uuid (hex); for a metadata repository file, whose
+    format carries no identity, the mark install set in its ``user.cdp.install``
+    extended attribute ("" where the file system keeps none, and for a device).
+    ``label``: the label install wrote in a log's superblock ("" for a repository).
+    """
+
+    drva: str
+    role: str  # "log" | "meta"
+    path: str  # absolute
+    kind: str  # "file" | "device"
+    dev: int
+    ino: int
+    formatted: bool
+    identity: str = ""
+    label: str = ""
+
+
+_MADE_TYPES = {"drva": str, "role": str, "path": str, "kind": str, "dev": int, "ino": int, "formatted": bool,
+               "identity": str, "label": str}
+assert set(_MADE_TYPES) == {f.name for f in fields(MadePartition)}
+
+
+def install_record_path(state_dir: Path) -> Path:
+    return state_dir / INSTALL_RECORD_NAME
+
+
+def _made_partition(path: Path, i: int, item: Any) -> MadePartition:
+    where = f"{path}: partitions[{i}]"
+    if not isinstance(item, dict) or set(item) != set(_MADE_TYPES):
+        raise ConfigError(f"{where}: expected an object with exactly the keys {sorted(_MADE_TYPES)}")
+    for key, typ in _MADE_TYPES.items():
+        value = item[key]
+        if type(value) is not typ:  # bool is an int: only the exact type will do
+            raise ConfigError(f"{where}.{key}: expected a {typ.__name__}, got {value!r}")
+    if item["role"] not in PARTITION_ROLES or item["kind"] not in PARTITION_KINDS:
+        raise ConfigError(f"{where}: role {item['role']!r} / kind {item['kind']!r}: expected one of "
+                          f"{PARTITION_ROLES} / {PARTITION_KINDS}")
+    if not os.path.isabs(item["path"]):
+        raise ConfigError(f"{where}.path: expected an absolute path, got {item['path']!r}")
+    return MadePartition(**item)
+
+
+def load_install_record(state_dir: Path, site: str) -> dict[str, MadePartition]:
+    """The partitions install made, by path ({} when there is no record). ``ConfigError``
+    naming the file and the field when it is not one install wrote for ``site``."""
+    path = install_record_path(state_dir)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(INSTALL_RECORD_BYTES_MAX + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable install record ({exc.strerror})") from exc
+    if len(data) > INSTALL_RECORD_BYTES_MAX:
+        raise ConfigError(f"{path}: more than {INSTALL_RECORD_BYTES_MAX} bytes: not an install record")
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(doc, dict) or set(doc) != {"version", "site", "partitions"} \
+            or not isinstance(doc["partitions"], list):
+        raise ConfigError(f"{path}: expected {{'version': {INSTALL_RECORD_VERSION}, 'site', 'partitions': [...]}}")
+    if doc["version"] != INSTALL_RECORD_VERSION:
+        raise ConfigError(f"{path}: version {doc['version']!r}, expected {INSTALL_RECORD_VERSION}")
+    if doc["site"] != site:
+        raise ConfigError(f"{path}: the install record of site {doc['site']!r}, the site file says {site!r}")
+    made = [_made_partition(path, i, item) for i, item in enumerate(doc["partitions"])]
+    return {m.path: m for m in made}
+
+
+def save_install_record(state_dir: Path, site: str, made: dict[str, MadePartition]) -> None:
+    """Replace the record atomically and durably (``cdp.durable.atomic_write``)."""
+    doc = {"version": INSTALL_RECORD_VERSION, "site": site,
+           "partitions": [asdict(m) for _, m in sorted(made.items())]}
+    atomic_write(install_record_path(state_dir), json.dumps(doc, indent=1, sort_keys=True).encode())

@@ -1,16 +1,28 @@
 """``cdp install`` and ``cdp uninstall``: the seed's Install-JetDR / Uninstall-JetDR.
 
+Both run as root: they write and delete only what they were told they may.
+
 Install, in this order, each step idempotent so a second run (or a run after a crash
 half-way) ends in the same state:
 
+0. every directory it will write in — ``state_dir``, ``[tls] dir``, each partition's
+   directory — is ours alone (``dir_problem``: owned by us or root, writable by no other
+   user, reached only through directories and links no other user controls, as ssh's
+   StrictModes asks), or missing (install creates it). Anything else is refused before
+   anything is written: another user could point our writes elsewhere;
 1. the bucket / container / root directory exists (``ensure_container``), and no domain
    of this site's inventory has an id whose catalog in the store another site owns
    (``foreign_domains``). Sites may share a store — a recovery site must reach its
    protected site's — but a domain id is one domain's in the store;
-2. per DRVA: its state directory, its replication-log partition (formatted with the
-   DRVA's name as label when missing or blank; kept when it already carries that label;
-   anything else is refused, never overwritten), its metadata repository (same rules)
-   and its configuration file ``<state_dir>/drvas/<name>.toml``;
+2. per DRVA: its state directory, its replication-log partition and its metadata
+   repository, and its configuration file ``<state_dir>/drvas/<name>.toml``. A partition
+   that is missing or blank is created (never through a symbolic link) and formatted —
+   a log with the label ``<drva>@<site>`` (``label_for``) — and written down in the
+   install record ``<state_dir>/install.json`` (``cdp.msa.deployment``) with the
+   identity it has (device and inode, a log's uuid). One the record names, still that
+   same file, is kept. Any other valid partition of this DRVA is kept as "not made by
+   this install" (uninstall leaves it); one that carries another site's or another
+   DRVA's label, or that is no partition at all, is refused, never overwritten;
 3. with ``[tls] mode = "on"``, the site CA and a certificate for each DRVA and for the
    API (``cdp.pki.ensure_site_pki``, in ``[tls] dir``): kept while good, renewed when
    near expiry, when the names they must hold changed, or when another CA signed them;
@@ -20,15 +32,19 @@ half-way) ends in the same state:
 5. last, the deployment record ``sites/<site>/deployment.cdpd`` (FORMAT.md §12), so a
    record in the store means a completed installation.
 
-Uninstall stops the daemon (SIGTERM to the process ``<state_dir>/msa.pid`` names, then
-waits), removes what install made — DRVA configurations and state directories, log
-partitions and metadata repositories that carry this DRVA's format, protection.json,
-the deployment record — and keeps ``<state_dir>/jobs`` (job history has its own
-retention), the TLS directory (the site CA: a reinstall keeps trusting it) and every
-replicated object, unless ``purge``: then each domain of the
-cluster file loses every object under ``d/<id>/`` and a chunk sweep drops the chunks no
-manifest names any more. A domain a failover registered here is never purged: its
-objects are the peer site's history too (``registered_kept``).
+Uninstall stops the daemon (SIGTERM to the process ``<state_dir>/msa.pid`` names, only
+if it is the process that wrote it: same pid *and* start time; then waits), removes
+what install made — DRVA configurations and state directories, the partitions the
+install record names while they still are the files it made, the record,
+protection.json, the deployment record — and keeps ``<state_dir>/jobs`` (job history
+has its own retention), the TLS directory (the site CA: a reinstall keeps trusting it),
+every partition install did not make, and every replicated object, unless ``purge``:
+then each domain of the cluster file this site owns loses every object under
+``d/<id>/`` and a chunk sweep drops the chunks no manifest names any more. A domain is
+this site's when its catalog's current timeline is (the check install makes); one of
+another site, or whose catalog cannot be read, is left alone and said so. A domain a
+failover registered here is never purged: its objects are the peer site's history too
+(``registered_kept``).
 
 Secrets are read from the environment only to check that they are there; no summary,
 log line or record holds one.
@@ -37,34 +53,37 @@ log line or record holds one.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import stat
 import time
+import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from cdp.durable import atomic_write, fsync_dir
-from cdp.errors import AlreadyExists, Busy, ConfigError, LogError, MetaError, NotFound
+from cdp.durable import atomic_write, create_new, fsync_dir
+from cdp.errors import AlreadyExists, Busy, CdpError, ConfigError, LogError, MetaError, NotFound
 from cdp.layout import catalog_prefix, domain_prefix
 from cdp.locks import live_locks, maintenance_lock, recovery_prefix
 from cdp.logfmt import BLOCK, SUPERBLOCK_COUNT, unpack_superblock
+from cdp.inventory import DomainSpec
 from cdp.logs import get_logger
 from cdp.meta import SLOT_SIZE_DEFAULT, MetaRepository
 from cdp.msa.config import DrvaSpec, SiteConfig
 from cdp.msa.deployment import (
-    Deployment, decode_deployment, deployment_key, encode_deployment, installed_sites,
-    read_deployment,
+    Deployment, MadePartition, decode_deployment, deployment_key, encode_deployment, install_record_path,
+    installed_sites, load_install_record, read_deployment, save_install_record,
 )
+from cdp.msa.keeper import read_pid_file, same_process, stale_reason
 from cdp.msa.protection import load_protection, protection_path, save_protection
-from cdp.msa.procs import pid_alive
 from cdp.pki import ensure_site_pki
 from cdp.replog import ReplicationLog
 from cdp.store.base import ObjectStore
@@ -76,6 +95,11 @@ DAEMON_STOP_TIMEOUT_S = 60.0
 DELETE_CONCURRENCY = 16
 _LOG_HEAD_BYTES = SUPERBLOCK_COUNT * BLOCK  # both superblock copies
 _LABEL_BYTES = 32  # FORMAT.md §3.2: the superblock keeps the first 32 bytes of a label
+SYMLINK_HOPS_MAX = 40  # Linux's MAXSYMLINKS: a longer chain of links is a loop
+#: Set by install on a metadata repository file it made: the repository's format carries
+#: no identity (an inode number is reused as soon as a file is deleted), this does.
+MARK_XATTR = "user.cdp.install"
+MARK_CHARS_MAX = 200  # two names of 64 characters and 32 hex digits fit
 
 
 def engine_version() -> str:
@@ -101,6 +125,112 @@ def _no_progress(phase: str, done: int | None = None, total: int | None = None) 
     return None
 
 
+# --------------------------------------------------------------------------- directories we write in
+
+
+def _who(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def dir_problem(path: Path) -> str | None:
+    """Why another user could change what lies at or below directory ``path``, or None.
+
+    Walks ``path`` from ``/`` as the kernel resolves it: every directory on the way and
+    every symbolic link must be owned by root or by us; a directory on the way that
+    others may write must be sticky (as /tmp: no one else may rename or replace what is
+    ours there), and ``path`` itself writable by no one else (in a sticky directory
+    another user could still create the names we are about to). A missing tail is
+    fine: install creates it. The rules of ssh's StrictModes, for the same reason: any
+    other user who controls a step of the path chooses where root's writes land.
+    """
+    trusted = (0, os.geteuid())
+    absolute = path if path.is_absolute() else Path.cwd() / path  # ".." kept: the kernel resolves it after links
+    todo = list(reversed(absolute.parts[1:]))
+    here, hops = Path("/"), 0
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            here = here.parent
+            continue
+        step = here / name
+        try:
+            st = os.lstat(step)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"{step}: {exc.strerror}"
+        if st.st_uid not in trusted:
+            return f"{step} is owned by {_who(st.st_uid)}"
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > SYMLINK_HOPS_MAX:
+                return f"{step}: more than {SYMLINK_HOPS_MAX} symbolic links on the way (a loop)"
+            target = os.readlink(step)
+            if os.path.isabs(target):
+                here = Path("/")
+            todo.extend(reversed([part for part in Path(target).parts if part not in ("/", ".")]))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{step} is not a directory"
+        if st.st_mode & 0o022 and (not todo or not st.st_mode & stat.S_ISVTX):
+            return f"{step} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+        here = step
+    return None
+
+
+def _dir_error(cfg: SiteConfig, field: str, path: Path, problem: str) -> ConfigError:
+    return ConfigError(
+        f"{field} in {cfg.path} ({path}): {problem}; cdp install and uninstall write there as "
+        f"{_who(os.geteuid())}, so every directory on the way must be owned by it or by root and "
+        f"writable by no other user (a shared one like /tmp only if sticky), and the directory itself "
+        f"by no one else at all: fix the owner or mode (chown, chmod go-w), or set {field} elsewhere")
+
+
+def _local_dirs(cfg: SiteConfig) -> list[tuple[str, Path]]:
+    """(site-file field, directory) for each directory install writes in."""
+    dirs = [("state_dir", cfg.state_dir), ("state_dir", cfg.state_dir / "drvas")]
+    if cfg.tls is not None:
+        dirs.append(("[tls] dir", cfg.tls.dir))
+    for i, drva in enumerate(cfg.drvas):
+        dirs += [("state_dir", cfg.drva_state_dir(drva)), (f"drvas[{i}].log.path", drva.log_path.parent),
+                 (f"drvas[{i}].meta.path", drva.meta_path.parent)]
+    return dirs
+
+
+def check_local_dirs(cfg: SiteConfig) -> None:
+    """``ConfigError`` naming the first directory install writes in that is not ours
+    alone (``dir_problem``), or a TLS directory that is a symbolic link (install sets
+    its mode: never through a link)."""
+    for field, path in _local_dirs(cfg):
+        if (problem := dir_problem(path)) is not None:
+            raise _dir_error(cfg, field, path, problem)
+    if cfg.tls is not None and cfg.tls.dir.is_symlink():
+        raise ConfigError(f"[tls] dir in {cfg.path} ({cfg.tls.dir}): a symbolic link; install sets this "
+                          f"directory's mode and writes the CA key in it, never through a link: put the "
+                          f"directory itself there, or set [tls] dir to its own path")
+
+
+def _ensure_dir(cfg: SiteConfig, field: str, path: Path) -> None:
+    """Create ``path`` and its missing parents (0755: no umask makes them writable by
+    others), then check the whole path again: a directory someone else made first, in a
+    race or not, is refused all the same (``dir_problem``)."""
+    missing = []
+    here = path
+    while not os.path.lexists(here):
+        missing.append(here)
+        here = here.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o755)
+        except FileExistsError:
+            pass
+    if (problem := dir_problem(path)) is not None:
+        raise _dir_error(cfg, field, path, problem)
+
+
 # --------------------------------------------------------------------------- what is on disk
 
 
@@ -108,9 +238,11 @@ def _no_progress(phase: str, done: int | None = None, total: int | None = None) 
 class PathState:
     """What lies at a partition's path, as install and uninstall see it.
 
-    ``ours``: a valid partition this DRVA may keep (install) or remove (uninstall);
-    ``blank``: nothing was ever formatted there (missing, empty, or zeros where the
-    format's headers go), so install may format it.
+    ``ours``: a valid partition this DRVA may use; ``blank``: nothing was ever
+    formatted there (missing, empty, or zeros where the format's headers go), so install
+    may format it. ``owner``: the site a log's label names ("" for a label naming none:
+    an older install's, or a DRVA's that formatted its own log; None: not a log).
+    ``identity``: a log's superblock uuid (hex), "" otherwise.
     """
 
     path: Path
@@ -119,6 +251,8 @@ class PathState:
     ours: bool
     blank: bool
     what: str
+    owner: str | None = None
+    identity: str = ""
 
     @property
     def exists(self) -> bool:
@@ -126,7 +260,7 @@ class PathState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "kind": self.kind, "size": self.size, "ours": self.ours,
-                "blank": self.blank, "what": self.what}
+                "blank": self.blank, "what": self.what, "owner": self.owner, "identity": self.identity}
 
 
 def _path_kind(path: Path) -> tuple[str, int]:
@@ -153,14 +287,37 @@ def _read_at(path: Path, length: int, offset: int = 0) -> bytes:
         os.close(fd)
 
 
-def label_for(drva_name: str) -> str:
-    """The label a DRVA's partition carries (the superblock keeps 32 bytes of it)."""
-    return drva_name.encode("utf-8")[:_LABEL_BYTES].decode("utf-8", "ignore")
+def label_for(drva_name: str, site: str | None = None) -> str:
+    """The label install writes in a DRVA's log superblock: ``<drva>@<site>`` (names hold
+    no "@"), cut to the 32 bytes the superblock keeps. Without ``site``: the DRVA's name
+    alone, the label of a log an older install (or the DRVA itself) formatted."""
+    text = drva_name if site is None else f"{drva_name}@{site}"
+    return text.encode("utf-8")[:_LABEL_BYTES].decode("utf-8", "ignore")
 
 
-def inspect_log(path: Path, drva_name: str) -> PathState:
-    """Is ``path`` missing, blank, ``drva_name``'s log partition, or something else?
-    Reads the two superblocks only (no recovery scan, nothing written)."""
+def _log_label_state(path: Path, kind: str, sb: Any, drva_name: str, site: str | None) -> PathState:
+    """Whose log is it, by its label? ``site`` None: any site's log of ``drva_name``
+    counts as this DRVA's (a caller that does not know the site)."""
+    label, uuid = sb.label, sb.uuid.hex()
+    mine = f"the log partition of {drva_name}"
+    if label == label_for(drva_name):
+        return PathState(path, kind, sb.partition_size, True, False, mine, "", uuid)
+    prefix = label_for(drva_name) + "@"
+    if not label.startswith(prefix):
+        return PathState(path, kind, sb.partition_size, False, False,
+                         f"the log partition of {label!r}, not of DRVA {drva_name!r}", None, uuid)
+    owner = label[len(prefix):]
+    if site is None or label == label_for(drva_name, site):
+        return PathState(path, kind, sb.partition_size, True, False, f"{mine} of site {owner!r}", owner, uuid)
+    return PathState(path, kind, sb.partition_size, False, False,
+                     f"the log partition of DRVA {drva_name!r} of site {owner!r}, not of this site {site!r}",
+                     owner, uuid)
+
+
+def inspect_log(path: Path, drva_name: str, site: str | None = None) -> PathState:
+    """Is ``path`` missing, blank, ``drva_name``'s log partition (of ``site``, when
+    given), or something else? Reads the two superblocks only (no recovery scan,
+    nothing written)."""
     try:
         kind, size = _path_kind(path)
         if kind == "absent":
@@ -177,15 +334,22 @@ def inspect_log(path: Path, drva_name: str) -> PathState:
         blank = not any(head)
         what = "blank (never formatted)" if blank else "not a log partition (no valid superblock)"
         return PathState(path, kind, size, False, blank, what)
-    sb = max(found, key=lambda s: s.generation)
-    if sb.label != label_for(drva_name):
-        return PathState(path, kind, size, False, False,
-                         f"the log partition of {sb.label!r}, not of DRVA {drva_name!r}")
-    return PathState(path, kind, sb.partition_size, True, False, f"the log partition of {drva_name}")
+    return _log_label_state(path, kind, max(found, key=lambda s: s.generation), drva_name, site)
 
 
-def inspect_meta(path: Path) -> PathState:
-    """Is ``path`` missing, blank, a metadata repository, or something else?"""
+def _install_mark(path: Path) -> str:
+    """The mark install set on a metadata repository file it made (``MARK_XATTR``:
+    ``<drva>@<site> <random hex>``), "" when there is none."""
+    try:
+        return os.getxattr(path, MARK_XATTR, follow_symlinks=False).decode("utf-8", "replace")[:MARK_CHARS_MAX]
+    except OSError:  # none, no extended attributes here, or a device node
+        return ""
+
+
+def inspect_meta(path: Path, drva_name: str | None = None, site: str | None = None) -> PathState:
+    """Is ``path`` missing, blank, a metadata repository, or something else? With
+    ``drva_name`` (and ``site``): one another DRVA's document names, or whose install
+    mark names another DRVA or site, is not ours."""
     try:
         kind, size = _path_kind(path)
         if kind == "absent":
@@ -198,10 +362,20 @@ def inspect_meta(path: Path) -> PathState:
     if not any(slot_heads):
         return PathState(path, kind, size, False, True, "blank (never formatted)")
     try:
-        MetaRepository.open(path).close()
+        with MetaRepository.open(path) as repo:
+            writer = repo.read().get("drva")  # FORMAT.md §4: the DRVA's document names it
     except MetaError as exc:
         return PathState(path, kind, size, False, False, f"not a metadata repository ({exc.message})")
-    return PathState(path, kind, size, True, False, "a metadata repository")
+    mark = _install_mark(path)
+    marked_drva, _, owner = mark.partition(" ")[0].partition("@")
+    if drva_name is not None and isinstance(writer, str) and writer != drva_name:
+        return PathState(path, kind, size, False, False,
+                         f"the metadata repository of DRVA {writer!r}, not of DRVA {drva_name!r}", None, mark)
+    if mark and drva_name is not None and (marked_drva != drva_name or site not in (None, owner)):
+        return PathState(path, kind, size, False, False, f"the metadata repository install made for DRVA "
+                         f"{marked_drva!r} of site {owner!r}, not for DRVA {drva_name!r} of site {site!r}",
+                         owner, mark)
+    return PathState(path, kind, size, True, False, "a metadata repository", owner, mark)
 
 
 def _wipe_headers(path: Path, length: int, offsets: tuple[int, ...]) -> None:
@@ -224,69 +398,74 @@ class DaemonState:
     pid: int | None
     running: bool
     note: str
+    ticks: int | None = None  # its start time, from the pid file (FORMAT.md §13.3)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid_file": str(self.pid_file), "pid": self.pid, "running": self.running, "note": self.note}
 
 
-def _read_pid(path: Path) -> int | None:
-    """The pid in the daemon's pid file: plain digits, or JSON with a "pid" key."""
+def daemon_state(cfg: SiteConfig) -> DaemonState:
+    """The daemon ``<state_dir>/msa.pid`` names, running only if that process is the one
+    that wrote it (same pid and start time). ``ConfigError`` when the state directory is
+    not ours alone: a pid file another user can write could aim our SIGTERM anywhere."""
+    if (problem := dir_problem(cfg.state_dir)) is not None:
+        raise _dir_error(cfg, "state_dir", cfg.state_dir, problem)
+    path = pid_path(cfg)
     try:
-        text = path.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        found = read_pid_file(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{path}: unreadable pid file ({exc.strerror})") from exc
-    try:
-        value = json.loads(text)["pid"] if text.startswith("{") else int(text.split()[0])
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise ConfigError(f"{path}: expected a process id, got {text[:40]!r}") from None
-    if not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{path}: expected a process id > 0, got {value!r}")
-    return value
-
-
-def _looks_like_cdp(pid: int) -> bool:
-    """A pid file left by a crashed daemon may name a process that reused the pid: only a
-    process whose command line mentions cdp is ever signalled (without procfs, trust it)."""
-    try:
-        return b"cdp" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
-    except OSError:
-        return True
-
-
-def daemon_state(cfg: SiteConfig) -> DaemonState:
-    path = pid_path(cfg)
-    pid = _read_pid(path)
-    if pid is None:
+    if found is None:
         return DaemonState(path, None, False, "no pid file")
-    if not pid_alive(pid):
-        return DaemonState(path, pid, False, f"stale pid file: process {pid} is gone")
-    if not _looks_like_cdp(pid):
-        return DaemonState(path, pid, False, f"stale pid file: process {pid} is not a cdp process")
-    return DaemonState(path, pid, True, f"running as process {pid}")
+    pid, ticks = found
+    if not same_process(pid, ticks):
+        return DaemonState(path, pid, False, f"stale pid file: {stale_reason(pid, ticks)}", ticks)
+    return DaemonState(path, pid, True, f"running as process {pid}", ticks)
+
+
+def _signal_if_same(pid: int, ticks: int | None, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` only while it is the process started at ``ticks``; False
+    when it is not (any more). A pidfd pins the process between the check and the
+    signal, so a pid reused in between is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfd (Linux < 5.3): check, then kill; the window is the pid's reuse
+        if not same_process(pid, ticks):
+            return False
+        os.kill(pid, sig)
+        return True
+    try:
+        if not same_process(pid, ticks):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
 
 
 async def stop_daemon(cfg: SiteConfig, timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> DaemonState:
-    """SIGTERM the running daemon and wait until it exits (``Busy`` after ``timeout_s``)."""
+    """SIGTERM the running daemon and wait until it exits (``Busy`` after ``timeout_s``).
+    A stale pid file signals nothing (``daemon_state``)."""
     state = daemon_state(cfg)
     if not state.running or state.pid is None:
         return state
     log.info("daemon_stopping", pid=state.pid, pid_file=str(state.pid_file))
-    try:
-        os.kill(state.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return DaemonState(state.pid_file, state.pid, False, f"process {state.pid} exited")
+    if not _signal_if_same(state.pid, state.ticks, signal.SIGTERM):
+        return DaemonState(state.pid_file, state.pid, False, f"process {state.pid} exited", state.ticks)
     deadline = time.monotonic() + timeout_s
-    while pid_alive(state.pid):
+    while same_process(state.pid, state.ticks):
         if time.monotonic() >= deadline:
             raise Busy(f"the daemon (process {state.pid}, from {state.pid_file}) did not exit within "
                        f"{timeout_s:g} s of SIGTERM; stop it (kill {state.pid}) and run uninstall again")
         await asyncio.sleep(0.1)
     log.info("daemon_stopped", pid=state.pid)
-    return DaemonState(state.pid_file, state.pid, False, f"stopped process {state.pid} (SIGTERM)")
+    return DaemonState(state.pid_file, state.pid, False, f"stopped process {state.pid} (SIGTERM)", state.ticks)
 
 
 # --------------------------------------------------------------------------- the store
@@ -328,6 +507,47 @@ async def foreign_domains(store: ObjectStore, cfg: SiteConfig) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class PurgePlan:
+    """The ids of this site's own domains (the cluster file's, not a failover's) that
+    ``--purge`` leaves alone, each with why (a left-alone entry of ``uninstall``)."""
+
+    skipped: list[dict[str, Any]]
+
+
+async def _not_ours_to_purge(store: ObjectStore, cfg: SiteConfig, spec: DomainSpec) -> str | None:
+    """Why ``--purge`` must leave domain ``spec`` alone, or None. The check install makes
+    (``foreign_domains``): the catalog's current timeline is another site's. A catalog
+    that cannot be read cannot say whose the objects are: they stay too."""
+    from cdp.catalog import load_catalog
+
+    try:
+        state, _ = await load_catalog(store, spec.id)
+    except NotFound:
+        return None  # no bucket: nothing to delete
+    except CdpError as exc:
+        return f"its catalog cannot be read ({exc.message}), so whose objects these are is unknown: not purged"
+    if state is None:
+        return None  # no catalog: objects this site's DRVA wrote before its first commit
+    tl = state.timeline()
+    if tl.owner != cfg.site:
+        return (f"its catalog's current timeline ({tl.id}) belongs to site {tl.owner!r} (domain "
+                f"{state.domain.get('name')!r}), not to {cfg.site!r}: another site's domain under this id, not purged")
+    return None
+
+
+async def purge_plan(store: ObjectStore, cfg: SiteConfig) -> PurgePlan:
+    skipped = []
+    for spec in cfg.cluster.domains:
+        if spec.name not in cfg.own_domains:
+            continue  # registered by a failover: registered_kept
+        why = await _not_ours_to_purge(store, cfg, spec)
+        if why is not None:
+            skipped.append({"domain": spec.name, "id": spec.id, "path": domain_prefix(spec.id),
+                            "why": f"domain {spec.name} (id {spec.id}): {why}"})
+    return PurgePlan(skipped)
+
+
 def _deployment_for(cfg: SiteConfig, created_ns: int) -> Deployment:
     return Deployment(cfg.site, created_ns, engine_version(),
                       tuple((d.name, str(d.listen)) for d in cfg.drvas), str(cfg.api_listen))
@@ -354,34 +574,178 @@ async def _write_deployment(store: ObjectStore, cfg: SiteConfig) -> tuple[Deploy
 # --------------------------------------------------------------------------- install
 
 
-def _install_log(cfg: SiteConfig, drva: DrvaSpec, index: int) -> dict[str, Any]:
-    state = inspect_log(drva.log_path, drva.name)
-    if state.ours:
-        return {"path": str(drva.log_path), "size": state.size, "action": "kept"}
-    if not state.blank:
-        raise LogError(f"log partition {drva.log_path} of DRVA {drva.name}: {state.what}; install "
-                       f"formats only a missing or blank partition and keeps one labelled "
-                       f"{label_for(drva.name)!r}: move it away or change drvas[{index}].log.path "
-                       f"in {cfg.path}")
-    drva.log_path.parent.mkdir(parents=True, exist_ok=True)
-    ReplicationLog.format(drva.log_path, None if state.kind == "device" else drva.log_size,
-                          label=label_for(drva.name))
-    log.info("log_partition_formatted", drva=drva.name, path=str(drva.log_path))
-    return {"path": str(drva.log_path), "size": _path_kind(drva.log_path)[1], "action": "formatted"}
+@dataclass(frozen=True)
+class _Role:
+    """How install and uninstall treat one kind of partition."""
+
+    name: str  # "log" | "meta": the key in the install record and the DRVA configuration
+    what: str
+    error: type[CdpError]
+    wipe_offsets: tuple[int, ...]  # where a device's headers go (uninstall blanks them)
+    wipe_length: int
+
+    def path(self, drva: DrvaSpec) -> Path:
+        return drva.log_path if self.name == "log" else drva.meta_path
+
+    def inspect(self, path: Path, drva: str, site: str | None) -> PathState:
+        return inspect_log(path, drva, site) if self.name == "log" else inspect_meta(path, drva, site)
 
 
-def _install_meta(cfg: SiteConfig, drva: DrvaSpec, index: int) -> dict[str, Any]:
-    state = inspect_meta(drva.meta_path)
-    if state.ours:
-        return {"path": str(drva.meta_path), "action": "kept"}
-    if not state.blank:
-        raise MetaError(f"metadata repository {drva.meta_path} of DRVA {drva.name}: {state.what}; "
-                        f"install formats only a missing or blank one: move it away or change "
-                        f"drvas[{index}].meta.path in {cfg.path}")
-    drva.meta_path.parent.mkdir(parents=True, exist_ok=True)
-    MetaRepository.format(drva.meta_path)
-    log.info("metadata_repository_formatted", drva=drva.name, path=str(drva.meta_path))
-    return {"path": str(drva.meta_path), "action": "formatted"}
+ROLES = {"log": _Role("log", "log partition", LogError, (0,), _LOG_HEAD_BYTES),
+         "meta": _Role("meta", "metadata repository", MetaError, (0, SLOT_SIZE_DEFAULT), BLOCK)}
+KEPT_NOT_MADE = "kept (not made by this install)"
+
+
+def _same_file(made: MadePartition) -> str | None:
+    """Why ``made.path`` is no longer the file or device install made, or None."""
+    path = Path(made.path)
+    try:
+        st = os.stat(path) if made.kind == "device" else os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    if made.kind == "device":
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != made.dev:
+            return "another device than the one install formatted"
+    elif not stat.S_ISREG(st.st_mode):
+        return "no longer a regular file"
+    elif (st.st_dev, st.st_ino) != (made.dev, made.ino):
+        return "another file than the one install made (device and inode differ)"
+    return None
+
+
+def _made_problem(made: MadePartition, state: PathState) -> str | None:
+    """Why ``made`` is not, as it lies now, the partition install made, or None."""
+    if (why := _same_file(made)) is not None:
+        return why
+    if not made.formatted:
+        return None  # install's own, its format cut short: anything may be there
+    if not state.ours and not state.blank:
+        return f"no longer a {ROLES[made.role].what} of DRVA {made.drva} ({state.what})"
+    if made.identity and state.identity != made.identity:
+        return "not the one install made (another file given its inode number, or formatted again since)"
+    return None
+
+
+def _format_target_problem(path: Path) -> str | None:
+    """Why install must not create or format a file at ``path``, or None. Checked with
+    ``lstat`` right before: a regular file must be ours and reached without a link (a
+    link would aim our writes elsewhere); a block device may be reached through a
+    trusted link (/dev/disk/by-id/...). Partition directories were checked already
+    (``check_local_dirs``): no other user can put anything here meanwhile."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        if st.st_uid not in (0, os.geteuid()):
+            return f"a symbolic link owned by {_who(st.st_uid)}"
+        try:
+            target = os.stat(path)
+        except FileNotFoundError:
+            return (f"a symbolic link to {os.readlink(path)!r}, which does not exist: install creates a "
+                    f"partition file only at its own path, never through a link")
+        if stat.S_ISBLK(target.st_mode):
+            return None
+        return "a symbolic link to a file: give the file's own path (install never writes through a link)"
+    if stat.S_ISREG(st.st_mode) and st.st_uid != os.geteuid():
+        return f"a file owned by {_who(st.st_uid)}, not by {_who(os.geteuid())}"
+    return None
+
+
+def _format(cfg: SiteConfig, drva: DrvaSpec, index: int, role: _Role, made: dict[str, MadePartition]) -> PathState:
+    """Create (never through a link) and format ``drva``'s partition, writing it down in
+    the install record before the format (a crash in between: the next install sees it
+    is its own and formats it again) and after."""
+    path = role.path(drva)
+    field = f"drvas[{index}].{role.name}.path"
+    if (problem := _format_target_problem(path)) is not None:
+        raise role.error(f"{role.what} {path} of DRVA {drva.name}: {problem}; change {field} in {cfg.path}")
+    _ensure_dir(cfg, field, path.parent)
+    if not os.path.lexists(path):
+        st = create_new(path)
+    else:
+        st = os.stat(path)  # a blank file of ours, or a block device (_format_target_problem)
+    device = stat.S_ISBLK(st.st_mode)
+    entry = MadePartition(drva.name, role.name, str(path), "device" if device else "file",
+                          st.st_rdev if device else st.st_dev, 0 if device else st.st_ino, formatted=False)
+    made[str(path)] = entry
+    save_install_record(cfg.state_dir, cfg.site, made)
+    label = label_for(drva.name, cfg.site) if role.name == "log" else ""
+    if role.name == "log":
+        ReplicationLog.format(path, None if device else drva.log_size, label=label)
+    else:
+        MetaRepository.format(path)
+    if (why := _same_file(entry)) is not None:
+        raise role.error(f"{role.what} {path} of DRVA {drva.name}: {why} while install formatted it")
+    if role.name == "meta" and not device:
+        _set_mark(path, f"{label_for(drva.name, cfg.site)} {secrets.token_hex(16)}")
+    state = role.inspect(path, drva.name, cfg.site)
+    made[str(path)] = replace(entry, formatted=True, identity=state.identity, label=label)
+    save_install_record(cfg.state_dir, cfg.site, made)
+    log.info(f"{role.name}_partition_formatted", drva=drva.name, path=str(path))
+    return state
+
+
+def _set_mark(path: Path, mark: str) -> None:
+    """Best effort: a file system without user extended attributes keeps no mark, and
+    the record then knows the file by its device and inode only."""
+    try:
+        os.setxattr(path, MARK_XATTR, mark.encode(), follow_symlinks=False)
+    except OSError as exc:
+        log.warning("install_mark_not_set", path=str(path), error=exc.strerror)
+
+
+def _named_by_own_config(cfg: SiteConfig, drva: DrvaSpec, role: _Role) -> bool:
+    """Does this site's configuration of ``drva`` name this partition? An install older
+    than the install record wrote it so: the partition is that install's."""
+    try:
+        doc = tomllib.loads(drva_config_path(cfg, drva).read_text())
+    except (OSError, ValueError):
+        return False
+    section = doc.get(role.name)
+    return doc.get("site") == cfg.site and isinstance(section, dict) and section.get("path") == str(role.path(drva))
+
+
+def _install_partition(cfg: SiteConfig, drva: DrvaSpec, index: int, role: _Role,
+                       made: dict[str, MadePartition]) -> dict[str, Any]:
+    """Keep, format or refuse ``drva``'s partition of ``role`` (module docstring, step 2)."""
+    path = role.path(drva)
+    state = role.inspect(path, drva.name, cfg.site)
+    entry = made.get(str(path))
+    if entry is not None and _made_problem(entry, state) is not None:
+        del made[str(path)]  # not the partition it made any more: not its to keep or remove
+        save_install_record(cfg.state_dir, cfg.site, made)
+        entry = None
+    if entry is not None and entry.formatted and state.ours:
+        return {"path": str(path), "size": state.size, "action": "kept"}
+    if entry is None and state.ours:
+        if state.owner in ("", None) and _named_by_own_config(cfg, drva, role):
+            made[str(path)] = _adopted(cfg, drva, role, state)
+            save_install_record(cfg.state_dir, cfg.site, made)
+            return {"path": str(path), "size": state.size, "action": "kept"}
+        log.info("partition_kept_not_made", drva=drva.name, path=str(path), what=state.what)
+        return {"path": str(path), "size": state.size, "action": KEPT_NOT_MADE}
+    if not state.blank and (entry is None or entry.formatted):
+        keeps = f"keeps one labelled {label_for(drva.name, cfg.site)!r}" if role.name == "log" else "keeps its own"
+        raise role.error(f"{role.what} {path} of DRVA {drva.name}: {state.what}; install formats only a "
+                         f"missing or blank one and {keeps}: move it away or change "
+                         f"drvas[{index}].{role.name}.path in {cfg.path}")
+    state = _format(cfg, drva, index, role, made)  # blank, or its own whose format did not finish
+    return {"path": str(path), "size": state.size, "action": "formatted"}
+
+
+def _adopted(cfg: SiteConfig, drva: DrvaSpec, role: _Role, state: PathState) -> MadePartition:
+    """The record entry of a partition an older install made (``_named_by_own_config``);
+    a metadata repository file gets the mark install now sets on the ones it makes."""
+    device = stat.S_ISBLK(os.stat(state.path).st_mode)
+    st = os.stat(state.path) if device else os.lstat(state.path)
+    identity = state.identity
+    if role.name == "meta" and not device:
+        _set_mark(state.path, f"{label_for(drva.name, cfg.site)} {secrets.token_hex(16)}")
+        identity = _install_mark(state.path)
+    return MadePartition(drva.name, role.name, str(state.path), "device" if device else "file",
+                         st.st_rdev if device else st.st_dev, 0 if device else st.st_ino, formatted=True,
+                         identity=identity, label=label_for(drva.name) if role.name == "log" else "")
 
 
 def _write_if_changed(path: Path, data: bytes) -> str:
@@ -390,7 +754,6 @@ def _write_if_changed(path: Path, data: bytes) -> str:
             return "kept"
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
     return "written"
 
@@ -398,7 +761,7 @@ def _write_if_changed(path: Path, data: bytes) -> str:
 def _install_drva_config(cfg: SiteConfig, drva: DrvaSpec, protected: list[str]) -> dict[str, Any]:
     domains = [name for name in protected if cfg.drva_of(cfg.domain(name)) is drva]
     path = drva_config_path(cfg, drva)
-    cfg.drva_state_dir(drva).mkdir(parents=True, exist_ok=True)
+    _ensure_dir(cfg, "state_dir", cfg.drva_state_dir(drva))
     action = _write_if_changed(path, tomli_w.dumps(cfg.drva_config_doc(drva, domains)).encode())
     return {"path": str(path), "state_dir": str(cfg.drva_state_dir(drva)), "domains": domains,
             "action": action}
@@ -434,6 +797,7 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
     progress = progress or _no_progress
     cfg.secret(env)  # ConfigError naming the variable: the DRVAs could not start without it
     cfg.api_token(env)
+    check_local_dirs(cfg)  # before the store is touched: a refused install leaves nothing behind
     steps = 4 + len(cfg.drvas)
     store, opened = _open(cfg, env, store)
     try:
@@ -446,15 +810,17 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
             raise ConfigError(f"{store.describe()} holds domain ids of {cfg.cluster_path.name} as another "
                               f"site's: {'; '.join(foreign)} — give this site's domains ids of their own, "
                               f"or point store in {cfg.path} at another bucket or prefix")
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(check_local_dirs, cfg)  # again, right before: nothing is made in a foreign one
+        await asyncio.to_thread(_ensure_dir, cfg, "state_dir", cfg.state_dir)
+        made = load_install_record(cfg.state_dir, cfg.site)
         tls = await asyncio.to_thread(_install_tls, cfg)  # before the DRVA configurations that name its files
         progress("tls", 1, steps)
         protection = await asyncio.to_thread(_install_protection, cfg)
         progress("protection", 2, steps)
         drvas = []
         for i, drva in enumerate(cfg.drvas):
-            log_part = await asyncio.to_thread(_install_log, cfg, drva, i)
-            meta = await asyncio.to_thread(_install_meta, cfg, drva, i)
+            log_part = await asyncio.to_thread(_install_partition, cfg, drva, i, ROLES["log"], made)
+            meta = await asyncio.to_thread(_install_partition, cfg, drva, i, ROLES["meta"], made)
             conf = await asyncio.to_thread(_install_drva_config, cfg, drva, protection["domains"])
             drvas.append({"name": drva.name, "listen": str(drva.listen), "log": log_part, "meta": meta,
                           "config": conf})
@@ -473,16 +839,6 @@ async def install(cfg: SiteConfig, env: Mapping[str, str] = os.environ, *, store
 # --------------------------------------------------------------------------- uninstall
 
 
-def _remove_partition(state: PathState, wipe_offsets: tuple[int, ...], wipe_length: int) -> str:
-    """Remove a partition file, or blank a device's headers; say which."""
-    if state.kind == "file":
-        state.path.unlink()
-        fsync_dir(state.path.parent)
-        return "removed"
-    _wipe_headers(state.path, wipe_length, wipe_offsets)
-    return "wiped (block device)"
-
-
 def _rmdir_if_empty(directory: Path, within: Path) -> None:
     """Remove ``directory`` and its empty parents, never leaving ``within``."""
     within = within.resolve()
@@ -495,38 +851,80 @@ def _rmdir_if_empty(directory: Path, within: Path) -> None:
         directory = directory.parent
 
 
-def _uninstall_drva(cfg: SiteConfig, drva: DrvaSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Remove one DRVA's files; return (removed, left alone) entries."""
-    removed: list[dict[str, Any]] = []
-    left: list[dict[str, Any]] = []
-    for state, what, offsets, length in (
-            (inspect_log(drva.log_path, drva.name), "log partition", (0,), _LOG_HEAD_BYTES),
-            (inspect_meta(drva.meta_path), "metadata repository", (0, SLOT_SIZE_DEFAULT), BLOCK)):
-        if state.ours:
-            action = _remove_partition(state, offsets, length)
-            removed.append({"path": str(state.path), "what": f"{what} of DRVA {drva.name}",
-                            "size": state.size, "action": action})
-            log.info("partition_removed", drva=drva.name, path=str(state.path), what=what)
-            _rmdir_if_empty(state.path.parent, cfg.state_dir)
-        elif state.exists:  # never ours to delete: someone else's data, or nothing formatted
-            left.append({"path": str(state.path), "why": f"{state.what}: not removed"})
+Entries = list[dict[str, Any]]
+
+
+def _remove_made(cfg: SiteConfig, made: MadePartition) -> tuple[Entries, Entries]:
+    """Remove (a file) or blank (a device) a partition install made, if it still is the
+    one it made; return (removed, left alone) entries."""
+    role = ROLES[made.role]
+    path = Path(made.path)
+    if not os.path.lexists(path):
+        return [], []
+    if (problem := dir_problem(path.parent)) is not None:  # a path others control may lead elsewhere
+        return [], [{"path": made.path, "why": f"{role.what} of DRVA {made.drva}: kept: {problem}"}]
+    state = role.inspect(path, made.drva, None)
+    if (why := _made_problem(made, state)) is not None:
+        return [], [{"path": made.path, "why": f"{state.what}: {KEPT_NOT_MADE}: {why}"}]
+    if made.kind == "file":
+        path.unlink()
+        fsync_dir(path.parent)
+        action = "removed"
+        _rmdir_if_empty(path.parent, cfg.state_dir)
+    else:
+        _wipe_headers(path, role.wipe_length, role.wipe_offsets)
+        action = "wiped (block device)"
+    log.info("partition_removed", drva=made.drva, path=made.path, what=role.what)
+    return [{"path": made.path, "what": f"{role.what} of DRVA {made.drva}", "size": state.size,
+             "action": action}], []
+
+
+def _uninstall_partitions(cfg: SiteConfig, made: dict[str, MadePartition]) -> tuple[Entries, Entries]:
+    """Remove what the install record names (``_remove_made``); say which configured
+    partitions stay because install did not make them."""
+    removed: Entries = []
+    left: Entries = []
+    for entry in sorted(made.values(), key=lambda m: m.path):
+        r, lf = _remove_made(cfg, entry)
+        removed += r
+        left += lf
+    for drva in cfg.drvas:
+        for role in ROLES.values():
+            path = role.path(drva)
+            state = role.inspect(path, drva.name, cfg.site)
+            if str(path) not in made and state.exists:
+                left.append({"path": str(path), "why": f"{state.what}: {KEPT_NOT_MADE}"})
+    return removed, left
+
+
+def _uninstall_drva(cfg: SiteConfig, drva: DrvaSpec, left: Entries) -> tuple[Entries, Entries]:
+    """Remove one DRVA's configuration and state directory (unless it holds a partition
+    left alone); return (removed, left alone) entries."""
+    removed: Entries = []
+    kept: Entries = []
     conf = drva_config_path(cfg, drva)
     if conf.exists():
         conf.unlink()
         removed.append({"path": str(conf), "what": f"configuration of DRVA {drva.name}"})
     state_dir = cfg.drva_state_dir(drva)
     keep_inside = [e["path"] for e in left if state_dir.resolve() in Path(e["path"]).resolve().parents]
-    if state_dir.exists() and not keep_inside:
+    if state_dir.is_symlink():  # install made a directory: never follow a link planted in its place
+        kept.append({"path": str(state_dir), "why": "a symbolic link, not the directory install made: not "
+                     "followed, not removed"})
+    elif state_dir.exists() and not keep_inside:
         shutil.rmtree(state_dir)
         removed.append({"path": str(state_dir), "what": f"state directory of DRVA {drva.name}"})
     elif keep_inside:
-        left.append({"path": str(state_dir), "why": f"holds {', '.join(keep_inside)}: not removed"})
-    return removed, left
+        kept.append({"path": str(state_dir), "why": f"holds {', '.join(keep_inside)}: not removed"})
+    return removed, kept
 
 
-async def domain_usage(store: ObjectStore, cfg: SiteConfig) -> list[dict[str, Any]]:
+async def domain_usage(store: ObjectStore, cfg: SiteConfig, plan: PurgePlan | None = None) -> list[dict[str, Any]]:
     """Per domain of this site's own (its cluster file's): its objects in the store
-    (count, bytes). Not a domain a failover registered here (``registered_kept``)."""
+    (count, bytes), and whether ``--purge`` deletes them (``purge``; when not, ``why``:
+    ``purge_plan``). Not a domain a failover registered here (``registered_kept``)."""
+    plan = plan or await purge_plan(store, cfg)
+    skipped = {s["id"]: s["why"] for s in plan.skipped}
     out = []
     for spec in cfg.cluster.domains:
         if spec.name not in cfg.own_domains:
@@ -539,7 +937,10 @@ async def domain_usage(store: ObjectStore, cfg: SiteConfig) -> list[dict[str, An
                 size += info.size
         except NotFound:  # no bucket: no objects
             pass
-        out.append({"domain": spec.name, "id": spec.id, "prefix": prefix, "objects": count, "bytes": size})
+        out.append({"domain": spec.name, "id": spec.id, "prefix": prefix, "objects": count, "bytes": size,
+                    "purge": spec.id not in skipped})
+        if spec.id in skipped:
+            out[-1]["why"] = skipped[spec.id]
     return out
 
 
@@ -578,10 +979,10 @@ async def _purge_domain(store: ObjectStore, domain_id: int, progress: Progress, 
     return len(cat) + len(rest)
 
 
-async def _purge(store: ObjectStore, cfg: SiteConfig, progress: Progress) -> dict[str, Any]:
+async def _purge(store: ObjectStore, cfg: SiteConfig, plan: PurgePlan, progress: Progress) -> dict[str, Any]:
     from rocva.retention import sweep_chunks
 
-    usage = await domain_usage(store, cfg)
+    usage = [u for u in await domain_usage(store, cfg, plan) if u["purge"]]
     total = sum(u["bytes"] for u in usage)
     done = [0]
     domains = []
@@ -592,7 +993,7 @@ async def _purge(store: ObjectStore, cfg: SiteConfig, progress: Progress) -> dic
         chunks = await sweep_chunks(store, owner="cdp uninstall --purge")
     except Busy as exc:  # a chunk writer of another site or job: the next sweep gets them
         chunks = {"deferred": exc.message}
-    return {"domains": domains, "bytes": total, "chunk_sweep": chunks}
+    return {"domains": domains, "bytes": total, "chunk_sweep": chunks, "skipped": plan.skipped}
 
 
 async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str] = os.environ, *,
@@ -610,14 +1011,17 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
         except NotFound:  # no record, or no bucket at all
             installed = False
         progress("daemon", 0, None)
-        daemon = await stop_daemon(cfg, stop_timeout_s)
-        removed: list[dict[str, Any]] = []
-        left: list[dict[str, Any]] = []
+        daemon = await stop_daemon(cfg, stop_timeout_s)  # ConfigError first if state_dir is not ours alone
+        made = load_install_record(cfg.state_dir, cfg.site)
+        removed, left = await asyncio.to_thread(_uninstall_partitions, cfg, made)
         for drva in cfg.drvas:
-            r, lf = await asyncio.to_thread(_uninstall_drva, cfg, drva)
+            r, lf = await asyncio.to_thread(_uninstall_drva, cfg, drva, left)
             removed += r
             left += lf
         _rmdir_if_empty(cfg.state_dir / "drvas", cfg.state_dir)
+        if install_record_path(cfg.state_dir).exists():  # last: a rerun after a crash still knows
+            install_record_path(cfg.state_dir).unlink()
+            removed.append({"path": str(install_record_path(cfg.state_dir)), "what": "install record"})
         if protection_path(cfg).exists():
             protection_path(cfg).unlink()
             removed.append({"path": str(protection_path(cfg)), "what": "protected domains"})
@@ -627,11 +1031,14 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
         if installed:
             await store.delete(key)
             removed.append({"key": key, "what": "deployment record"})
-        purged = await _purge(store, cfg, progress) if purge else None
+        plan = await purge_plan(store, cfg)
+        left += plan.skipped  # said either way: --purge would not delete them
+        purged = await _purge(store, cfg, plan, progress) if purge else None
         # The site CA stays: a reinstall keeps it, so the peers and clients that trust it
         # need nothing new (FORMAT.md §20 says how to replace it).
         kept = {"jobs": str(jobs_dir(cfg)), "tls": str(cfg.tls.dir) if cfg.tls is not None else None,
-                "domains": [] if purge else await domain_usage(store, cfg), "registered": registered_kept(cfg)}
+                "domains": [] if purge else [u for u in await domain_usage(store, cfg, plan) if u["purge"]],
+                "registered": registered_kept(cfg)}
         log.info("uninstalled", site=cfg.site, purge=purge, removed=len(removed))
         return {"site": cfg.site, "store": store.describe(), "purge": purge, "daemon": daemon.to_dict(),
                 "removed": removed, "left_alone": left, "kept": kept, "purged": purged}
@@ -641,7 +1048,7 @@ async def uninstall(cfg: SiteConfig, purge: bool = False, env: Mapping[str, str]
 
 
 __all__ = [
-    "DaemonState", "PathState", "daemon_state", "domain_usage", "drva_config_path", "registered_kept",
-    "engine_version", "foreign_domains", "inspect_log", "inspect_meta", "install", "label_for", "other_sites",
-    "pid_path", "stop_daemon", "uninstall",
+    "DaemonState", "PathState", "PurgePlan", "check_local_dirs", "daemon_state", "dir_problem", "domain_usage",
+    "drva_config_path", "registered_kept", "engine_version", "foreign_domains", "inspect_log", "inspect_meta",
+    "install", "label_for", "other_sites", "pid_path", "purge_plan", "stop_daemon", "uninstall",
 ]

@@ -47,6 +47,7 @@ LOG_ROTATE_BYTES = 64 << 20
 LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
 ERROR_TEXT_MAX = 400
 LEFTOVER_POLL_S = 0.05
+PID_FILE_BYTES_MAX = 256  # "PID START_TICKS\n" is under 50 bytes; more is not a pid file we wrote
 #: Where ``python -m drva.daemon`` and ``python -m iofilter_sim`` find their packages.
 CODE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,7 +115,7 @@ class ProcessKeeper:
             return
         kept.expected_exit = False
         try:
-            _write_pid_file(pid_path(kept), kept.proc.pid)
+            write_pid_file(pid_path(kept), kept.proc.pid)
         except OSError as exc:  # it runs; only a later daemon's cleanup after a kill is lost
             log.warning(f"{self.kind}_pid_file_failed", name=kept.name, error=str(exc))
         self.set_state(kept, "starting")
@@ -177,9 +178,9 @@ class ProcessKeeper:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             deadline = time.monotonic() + self.stop_timeout_s
-            while _same_process(pid, ticks) and time.monotonic() < deadline:
+            while same_process(pid, ticks) and time.monotonic() < deadline:
                 await asyncio.sleep(LEFTOVER_POLL_S)
-            if not _same_process(pid, ticks):
+            if not same_process(pid, ticks):
                 return
         raise OSError(f"process {pid} ({what}) outlived SIGKILL")
 
@@ -262,15 +263,55 @@ def start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _same_process(pid: int, ticks: int | None) -> bool:
+def same_process(pid: int, ticks: int | None) -> bool:
+    """Is process ``pid`` the one that started at ``ticks``? (Not if it is gone, a
+    zombie, or a later process that was given the same pid.)"""
     return ticks is not None and start_ticks(pid) == ticks
 
 
-def _write_pid_file(path: Path, pid: int) -> None:
-    """Not fsynced: after a power loss no process it could name is running."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(f"{pid} {start_ticks(pid) or 0}\n")
+def stale_reason(pid: int, ticks: int | None) -> str:
+    """Why a pid file naming ``pid`` (started at ``ticks``) names no process of ours."""
+    if start_ticks(pid) is None:
+        return f"process {pid} is gone"
+    if ticks is None:
+        return (f"the file has no start time (an older cdp wrote it), so process {pid} cannot be told "
+                f"from a later one given its pid: never signalled")
+    return f"process {pid} started at another time than the file says (its pid was reused)"
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """``PID START_TICKS`` (FORMAT.md §13.13), replaced by a rename so a reader never sees
+    half of it. Not fsynced: after a power loss no process it could name is running."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # one per writer: two daemons never share one
+    tmp.unlink(missing_ok=True)  # a crashed writer's, with our pid; O_EXCL never writes through a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{pid} {start_ticks(pid) or 0}\n".encode())
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+
+
+def read_pid_file(path: Path) -> tuple[int, int | None] | None:
+    """(pid, start ticks) a pid file names; ticks None when the file holds a bare pid
+    (or a JSON ``{"pid": N}``), as files of older versions did. None when there is no
+    file. ``ValueError`` naming the file when it holds neither."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(PID_FILE_BYTES_MAX).decode(errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        if text.startswith("{"):
+            pid, ticks = json.loads(text)["pid"], None
+        else:
+            words = text.split()
+            pid, ticks = int(words[0]), (int(words[1]) if len(words) > 1 else None)
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"{path}: expected 'PID START_TICKS', got {text[:40]!r}") from None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or (ticks is not None and ticks < 0):
+        raise ValueError(f"{path}: expected a process id > 0 and start ticks >= 0, got {text[:40]!r}")
+    return pid, ticks
 
 
 def _running_command(argv: Sequence[str]) -> list[tuple[int, int]]:
@@ -297,11 +338,13 @@ def _leftover(path: Path) -> tuple[int, int] | None:
     """The pid and start ticks ``path`` names if that process still runs (same start
     time), else None."""
     try:
-        words = path.read_text(errors="replace").split()
-        pid, ticks = int(words[0]), int(words[1])
-    except (OSError, ValueError, IndexError):
-        return None  # none, or not one we wrote: nothing to stop
-    return (pid, ticks) if pid > 1 and pid != os.getpid() and _same_process(pid, ticks) else None
+        found = read_pid_file(path)
+    except (OSError, ValueError):
+        return None  # not one we wrote: nothing to stop
+    if found is None or found[1] is None:
+        return None  # none, or no start time to tell the process by
+    pid, ticks = found
+    return (pid, ticks) if pid > 1 and pid != os.getpid() and same_process(pid, ticks) else None
 
 
 def exit_text(code: int | None) -> str:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -26,9 +27,11 @@ from cdp.msa.deployment import (
 )
 from cdp.msa.install import install, uninstall
 from cdp.msa.jobs import JobStore
+from cdp.msa.keeper import start_ticks, write_pid_file
 from cdp.msa.protection import load_protection, save_protection
 from cdp.replog import ReplicationLog
 from cdp.store import FileStore, open_store
+from cdp.testing import domain as testing_domain
 from cdp.testing.domain import DomainBuilder
 from cdp.testing.site import Site, make_site
 from drva.config import load_drva_config
@@ -124,7 +127,7 @@ async def test_install_formats_partitions_and_writes_loadable_drva_configs(site:
     await install(site.cfg, site.env)
     for drva in site.cfg.drvas:
         with ReplicationLog.open(drva.log_path, readonly=True) as lg:
-            assert lg.label == drva.name and lg.stats().used_bytes == 0
+            assert lg.label == f"{drva.name}@site-t" and lg.stats().used_bytes == 0
         assert drva.log_path.stat().st_size == 8 << 20
         MetaRepository.open(drva.meta_path).close()
         conf = load_drva_config(site.cfg.state_dir / "drvas" / f"{drva.name}.toml", site.env)
@@ -225,9 +228,11 @@ async def test_install_creates_a_missing_bucket(site: Site, moto_server: str) ->
 # --------------------------------------------------------------------------- uninstall
 
 
-async def build_domain(store: Any, domain_id: int, seed: int) -> DomainBuilder:
-    """A domain with a seeded base (chunks, manifests) and a few segments."""
-    b = await DomainBuilder(store, domain=domain_id, disks=(("vm", "disk0", 256 << 10),)).start()
+async def build_domain(store: Any, domain_id: int, seed: int, owner: str = "site-t") -> DomainBuilder:
+    """A domain with a seeded base (chunks, manifests) and a few segments, its timeline
+    ``owner``'s (the test site's, unless another site's domain is wanted)."""
+    with mock.patch.object(testing_domain, "SITE", owner):  # the builder's timelines' owner
+        b = await DomainBuilder(store, domain=domain_id, disks=(("vm", "disk0", 256 << 10),)).start()
     rng = np.random.default_rng(seed)
     await seed_initial(b, 0, rng)
     for i in range(3):
@@ -331,7 +336,7 @@ async def test_uninstall_stops_the_daemon(site: Site, tmp_path: Path) -> None:
     daemon = subprocess.Popen([sys.executable, str(script), "polite"], stdout=subprocess.PIPE)
     try:
         assert daemon.stdout is not None and daemon.stdout.readline() == b"ready\n"
-        (site.cfg.state_dir / "msa.pid").write_text(f"{daemon.pid}\n")
+        write_pid_file(site.cfg.state_dir / "msa.pid", daemon.pid)  # as the daemon does: pid and start time
         from cdp.msa.preflight import preflight_uninstall
 
         check = {c["name"]: c for c in (await preflight_uninstall(site.cfg, site.env))["checks"]}["daemon"]
@@ -352,7 +357,7 @@ async def test_a_daemon_that_does_not_stop_is_a_clear_error(site: Site, tmp_path
     daemon = subprocess.Popen([sys.executable, str(script), "stubborn"], stdout=subprocess.PIPE)
     try:
         assert daemon.stdout is not None and daemon.stdout.readline() == b"ready\n"
-        (site.cfg.state_dir / "msa.pid").write_text(f"{daemon.pid}\n")
+        write_pid_file(site.cfg.state_dir / "msa.pid", daemon.pid)  # as the daemon does: pid and start time
         with pytest.raises(Busy, match=f"process {daemon.pid}.*did not exit within {STUBBORN_STOP_S:g} s") as err:
             await uninstall(site.cfg, False, site.env, stop_timeout_s=STUBBORN_STOP_S)
         assert err.value.exit_code == 7
@@ -367,10 +372,13 @@ async def test_a_stale_pid_file_naming_another_process_is_not_signalled(site: Si
     await install(site.cfg, site.env)
     other = subprocess.Popen(["sleep", "30"])
     try:
-        (site.cfg.state_dir / "msa.pid").write_text(f"{other.pid}\n")
+        # Its pid, another start time: the daemon that wrote it is gone and the pid reused.
+        (site.cfg.state_dir / "msa.pid").write_text(f"{other.pid} {start_ticks(other.pid) + 1}\n")
         result = await uninstall(site.cfg, False, site.env)
-        assert result["daemon"]["running"] is False and "not a cdp process" in result["daemon"]["note"]
+        assert result["daemon"]["running"] is False and "stale pid file" in result["daemon"]["note"]
+        assert "started at another time" in result["daemon"]["note"]
         assert other.poll() is None
+        assert {"path": str(site.cfg.state_dir / "msa.pid"), "what": "stale daemon pid file"} in result["removed"]
     finally:
         other.kill()
         other.wait()
