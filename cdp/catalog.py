@@ -34,7 +34,7 @@ import xxhash
 from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
-from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, KeyUnavailable, NotFound, StoreError
+from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound, StoreError
 from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
@@ -221,7 +221,7 @@ async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState]
         domain_id = int(part, 16)
         try:
             state, _ = await load_catalog(store, domain_id)
-        except (FormatError, KeyUnavailable) as exc:  # the store's own failures are not skipped
+        except FormatError as exc:  # not the store's failures, nor a key this process lacks (its config)
             log.warning("catalog_unreadable", store=store.describe(), domain=domain_id, error=exc.message)
             unreadable.append(f"domain {domain_id}: {exc.message}"[:300])
             continue
