@@ -3,7 +3,9 @@
 A batch of records is one ``RECORD_DTYPE`` array, never a list of Python objects: the
 record table of a frame *is* such an array, viewed in place over the received bytes.
 ``check_records`` holds the per-kind rules of §1, vectorised, so the frame and segment
-codecs share one definition of a valid record.
+codecs share one definition of a valid record. A DRVA adds two checks before it logs a
+frame (FORMAT.md §9.2): ``check_mark_names`` (MARK names are strict UTF-8, §1) and
+``check_disk_bounds`` (records inside the domain's disks).
 """
 
 from __future__ import annotations
@@ -111,3 +113,61 @@ def check_records(records: np.ndarray, first_seq: int, where: str) -> None:
     is_resync = kind >= KIND_RESYNC_BEGIN
     bad_resync = is_resync & ((offset != 0) | (length != 0))
     _first_bad(bad_resync, records, "RESYNC_BEGIN/END need offset 0 and length 0", where)
+
+
+def _payload_bytes(records: np.ndarray, payload: memoryview, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The payload bytes of the ``chosen`` records, concatenated (one numpy gather), and
+    where each chosen record's bytes start in that concatenation."""
+    lengths = payload_lengths(records)
+    starts = payload_starts(lengths)[chosen].astype(np.int64)
+    sizes = lengths[chosen].astype(np.int64)
+    at = payload_starts(sizes.astype(np.uint64)).astype(np.int64)
+    index = np.repeat(starts - at, sizes) + np.arange(int(sizes.sum()), dtype=np.int64)
+    return np.frombuffer(payload, dtype=np.uint8)[index], at
+
+
+def check_mark_names(records: np.ndarray, payload: bytes | bytearray | memoryview, where: str) -> None:
+    """Raise FormatError naming the first MARK whose name is not strict UTF-8 (§1).
+
+    One decode for all the marks of a frame, not one per mark: the names are gathered
+    into one buffer, which must decode, and each name must start on a character (its
+    first byte is no continuation byte 0x80..0xBF) — a valid buffer cut only at character
+    starts is valid in every piece. Lengths (1..255) are ``check_records``' business.
+    """
+    is_mark = records["kind"] == KIND_MARK
+    if not is_mark.any():  # nearly every frame: one pass over the kinds
+        return
+    marks = np.flatnonzero(is_mark)
+    names, at = _payload_bytes(records, memoryview(payload).cast("B"), marks)
+    first = names[at]
+    bad = np.zeros(len(records), dtype=bool)
+    bad[marks] = (first >= 0x80) & (first <= 0xBF)
+    _first_bad(bad, records, "MARK name does not start with a UTF-8 character", where)
+    try:
+        names.tobytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad[marks] = (at <= exc.start) & (exc.start < at + records["length"][marks].astype(np.int64))
+        _first_bad(bad, records, f"MARK name is not UTF-8 ({exc.reason})", where)
+        raise FormatError(f"{where}: a MARK name is not UTF-8 ({exc.reason})") from None
+
+
+def check_disk_bounds(records: np.ndarray, disk_sizes: np.ndarray, where: str) -> None:
+    """Raise FormatError naming the first WRITE or ZERO record on a disk index the domain
+    does not have, or ending past its disk's end (``disk_sizes[disk]`` bytes).
+
+    Vectorised. ``check_records`` ran first: ``offset + length`` is at most 2**62, so the
+    sum cannot wrap."""
+    is_data = records["kind"] <= KIND_ZERO
+    disk = records["disk"]
+    count = len(disk_sizes)
+    outside = is_data & (disk >= count)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        _first_bad(outside, records, f"disk {int(disk[i])} is not a disk of the domain (it has disks "
+                                     f"0..{count - 1})", where)
+    size = disk_sizes[np.minimum(disk, max(count - 1, 0))]
+    end = records["offset"] + records["length"].astype(np.uint64)
+    past = is_data & (end > size)
+    if past.any():
+        i = int(np.flatnonzero(past)[0])
+        _first_bad(past, records, f"runs past the end of disk {int(disk[i])} ({int(size[i])} bytes)", where)

@@ -1,14 +1,18 @@
 """Group commit: frames from every session become durable together, then get acked.
 
-Sessions ``submit`` validated frames; a single task takes everything staged that fits
-in the log, appends it with one ``append_batch`` (``pwritev`` + one ``fdatasync``, in a
-worker thread so the event loop keeps receiving), then registers the entries with their
-domains and wakes the sessions to ack. One commit is in flight at a time: frames that
-arrive meanwhile form the next group, which is what makes acks cheap under load.
+Sessions stage validated frames: ``wait_room`` until there is room, then ``stage``, with
+no await between the session's last check and ``stage`` (a resend on a new session
+must not stage the seqs an older one staged meanwhile). A single task takes everything
+staged that fits in the log, appends it with one ``append_batch`` (``pwritev`` + one
+``fdatasync``, in a worker thread so the event loop keeps receiving), then registers the
+entries with their domains and wakes the sessions to ack. One commit is in flight at a
+time: frames that arrive meanwhile form the next group, which is what makes acks cheap
+under load.
 
-Bounds: staged bytes (``staging_bytes_max``; ``submit`` waits for room) and log usage
+Bounds: staged bytes (``staging_bytes_max``; ``wait_room`` waits for room), log usage
 (above ``high_water`` sessions wait until it drops below ``low_water`` — back-pressure
-that the filters feel as a slow socket and see as a flag in every ``ACK``).
+that the filters feel as a slow socket and see as a flag in every ``ACK``), and the
+largest frame (``frame_len_max``: one the log can always take, refused above).
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdp.frame import Frame
+from cdp.logfmt import BLOCK, ENTRY_HEADER_SIZE
+from cdp.logs import get_logger
 from cdp.records import KIND_MARK, KIND_RESYNC_BEGIN
 from cdp.replog import ReplicationLog
 from drva.domain import DomainState, LogEntry
+
+log = get_logger("drva.committer")
 
 
 @dataclass(slots=True)
@@ -55,7 +63,18 @@ class GroupCommitter:
         self.cache_bytes_max = cache_bytes_max
         self.cache_bytes = 0
 
-    # ------------------------------------------------------------------ back-pressure
+    # ------------------------------------------------------------------ bounds
+
+    @property
+    def frame_len_max(self) -> int:
+        """The largest frame this log can always take: one whose entry fills at most half
+        its data area. An entry never crosses the ring's end (FORMAT.md §3.3): with the
+        log empty at ring offset x, an entry of stride s fits only if s <= data_size - x
+        or, after a PAD to the end, s <= x; s <= data_size / 2 always does. A larger
+        frame could wait forever for a trim that cannot make room — and every frame
+        staged behind it with it — so it is refused before it is staged."""
+        half = self.log.data_size // 2 // BLOCK * BLOCK
+        return half - ENTRY_HEADER_SIZE
 
     def usage(self) -> float:
         st = self.log.stats()
@@ -81,17 +100,23 @@ class GroupCommitter:
 
     # ------------------------------------------------------------------ the two sides
 
-    async def submit(self, domain: DomainState, raw: bytes, frame: Frame) -> None:
-        """Stage a validated frame; waits while staging is full or the log is held."""
+    async def wait_room(self, nbytes: int) -> None:
+        """Return once a frame of ``nbytes`` may be staged: the log is not held back and
+        staging has room (or is empty). The caller stages with no await in between."""
         while self.backpressure or (
-            self._staged and self._staged_bytes + len(raw) > self.staging_bytes_max
+            self._staged and self._staged_bytes + nbytes > self.staging_bytes_max
         ):
             await self._wait_change()
+
+    def stage(self, domain: DomainState, raw: bytes, frame: Frame) -> None:
+        """Stage a validated frame that continues ``domain.accepted_seq``."""
+        assert frame.first_seq == domain.accepted_seq + 1, (domain.id, frame.first_seq, domain.accepted_seq)
         if domain.accepted_seq == domain.durable_seq:  # its first staged frame (rpo_lag_s)
             domain.staged_first = (frame.first_seq, int(frame.records["timestamp_ns"][0]), time.monotonic())
         self._staged.append(_Staged(domain, raw, frame))
         self._staged_bytes += len(raw)
         domain.accepted_seq = frame.last_seq
+        domain.accepted_ts = int(frame.records["timestamp_ns"][-1])
         self._changed.set()
 
     async def run(self) -> None:
@@ -117,11 +142,15 @@ class GroupCommitter:
         touched: set[DomainState] = set()
         for s, pos in zip(batch, positions):
             entry = log_entry(s.frame, len(s.raw), pos, now)
+            if not s.domain.add_durable(entry):
+                # Staging keeps a domain's frames in seq order (``stage``): only a change
+                # of timeline under a session (``Shipper._adopt``) gets here. Not acked.
+                log.error("log_entry_out_of_order", domain=s.domain.id, first_seq=entry.first_seq,
+                          last_seq=entry.last_seq, durable_seq=s.domain.durable_seq, pos=pos)
+                continue
             if self.cache_bytes + entry.nbytes <= self.cache_bytes_max:
                 entry.frame = s.frame
                 self.cache_bytes += entry.nbytes
-            s.domain.unsealed.append(entry)
-            s.domain.durable_seq = s.frame.last_seq
             touched.add(s.domain)
         self.durable_end = tail
         self._changed.set()

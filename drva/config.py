@@ -62,7 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
-from cdp.logfmt import DATA_SIZE_MIN, DATA_START
+from cdp.frame import FRAME_LEN_MAX
+from cdp.logfmt import DATA_SIZE_MIN, DATA_START, entry_stride
 from cdp.store.open import check_store_url, config_store_url
 from cdp.tls import server_context
 from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX
@@ -81,6 +82,13 @@ SEAL_AGE_S_RANGE = (0.05, 3600.0)
 UPLOAD_CONCURRENCY_RANGE = (1, 64)
 STATUS_INTERVAL_S_RANGE = (0.1, 60.0)  # status.json is rewritten this often: below, a busy loop
 LOG_SIZE_MIN = DATA_START + DATA_SIZE_MIN  # FORMAT.md §3.1: the superblocks and the smallest ring
+#: A log of at least this many bytes takes any frame the wire allows (FORMAT.md §9.2): a
+#: DRVA takes frames whose log entry fills at most half the log's data area
+#: (``GroupCommitter.frame_len_max``) and refuses larger ones (``ERROR frame_too_large``).
+#: A smaller log (down to LOG_SIZE_MIN) is allowed — the simulated filter's frames are
+#: 1 MiB of payload, or one write of at most 16 MiB — and the DRVA says at start which
+#: frames it refuses.
+LOG_SIZE_ANY_FRAME = DATA_START + 2 * entry_stride(FRAME_LEN_MAX)
 
 
 def blocking_file(path: Path) -> str | None:

@@ -28,20 +28,22 @@ from typing import Any
 
 from cdp import eventloop, wire
 from cdp.durable import atomic_write
-from cdp.errors import CdpError, ConfigError, Fenced, StoreError
-from cdp.frame import decode_frame
+from cdp.errors import CdpError, ConfigError, Fenced, FormatError, StoreError
+from cdp.frame import FRAME_LEN_MAX, Frame, decode_frame, decode_header
 from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
 from cdp.meta import MetaRepository
+from cdp.records import check_mark_names
 from cdp.replog import ReplicationLog
 from cdp.tls import describe_tls_error, server_context
 from drva.committer import GroupCommitter, log_entry
-from drva.config import DrvaConfig, load_drva_config
-from drva.domain import DomainState
+from drva.config import LOG_SIZE_ANY_FRAME, DrvaConfig, load_drva_config
+from drva.domain import DomainState, frame_from
 from drva.lanes import StoreLane, open_lanes
 from drva.seeder import Seeder
 from drva.requests import RequestBox
-from drva.session import HANDSHAKE_READ_AHEAD_BYTES, HANDSHAKE_TIMEOUT_S, HANDSHAKES_MAX, Session, SessionStream
+from drva.handshakes import HANDSHAKES_MAX, HandshakeSlots, source_of
+from drva.session import HANDSHAKE_READ_AHEAD_BYTES, HANDSHAKE_TIMEOUT_S, Session, SessionStream
 from drva.shipper import Shipper, backoff_s
 from drva.status import build_status
 
@@ -84,7 +86,9 @@ class Drva:
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
         self.lanes: list[StoreLane] = []  # one per store (start)
         self.sessions: set[Session] = set()  # welcomed
-        self.handshaking: set[Session] = set()  # accepted, not welcomed yet (<= HANDSHAKES_MAX)
+        self.handshaking: set[Session] = set()  # accepted, not welcomed yet (each holds a slot)
+        # Slots of the connections between accept and WELCOME, TLS handshakes included.
+        self.slots = HandshakeSlots(HANDSHAKES_MAX)
         self.refused_busy = 0
         self.refused_tls = 0  # connections whose TLS handshake failed or timed out
         self.tls_handshaking = 0  # accepted TLS connections still in the TLS handshake (count in the cap)
@@ -115,6 +119,11 @@ class Drva:
             committer=self.committer, domains=self.domains, seal_bytes=cfg.seal_bytes,
             seal_age_s=cfg.seal_age_s, upload_concurrency=cfg.upload_concurrency, pool=self.pool)
         self.seeder = Seeder(self)
+        if self.committer.frame_len_max < FRAME_LEN_MAX:
+            log.warning("log_refuses_large_frames", log=str(cfg.log_path), data_size=self.log.data_size,
+                        frame_len_max=self.committer.frame_len_max, wire_frame_len_max=FRAME_LEN_MAX,
+                        reason=f"frames whose log entry fills more than half the log are refused "
+                               f"(ERROR frame_too_large); a log.size of {LOG_SIZE_ANY_FRAME} bytes takes any frame")
         spawn = self._spawn
         spawn(self.committer.run(), "committer")
         for lane in self.lanes:
@@ -206,14 +215,20 @@ class Drva:
         for dom in self.domains.values():
             state = doc.get(str(dom.id), {})
             dom.committed_seq = dom.sealed_seq = state.get("committed_seq", 0)
-            dom.committed_ts = state.get("committed_ts", 0)
+            dom.committed_ts = dom.accepted_ts = state.get("committed_ts", 0)
             dom.accepted_seq = dom.durable_seq = dom.committed_seq
             dom.catalog_known = state.get("generation", 0) > 0 or dom.committed_seq > 0
             dom.meta_timeline = state.get("timeline", 0)
         now = time.monotonic()
         dropped: dict[int, list[int]] = {}  # unconfigured domain -> [frames, first, last] unshipped
         for pos, body in self.log.entries():
-            frame = decode_frame(body, f"{self.cfg.log_path} position {pos}")
+            where = f"{self.cfg.log_path} position {pos}"
+            try:
+                frame = decode_frame(body, where)
+                check_mark_names(frame.records, frame.payload, where)  # as a session checks them now
+            except FormatError as exc:
+                self._refused_entry(decode_header(body, where).domain, exc)
+                continue
             dom = self.domains.get(frame.domain)
             if dom is None:
                 # The domain was unprotected (removed from the configuration): its frames
@@ -225,26 +240,57 @@ class Drva:
                     d[0] += 1
                     d[2] = frame.last_seq
                 continue
-            if frame.last_seq <= dom.committed_seq:
-                continue
-            dom.unsealed.append(log_entry(frame, len(body), pos, now))
-            dom.accepted_seq = dom.durable_seq = frame.last_seq
+            if not dom.fenced and frame.last_seq > dom.durable_seq:
+                self._recover_entry(dom, frame, len(body), pos, now)
+            elif not dom.fenced and frame.last_seq > dom.committed_seq:
+                dom.stats.log_entries_skipped += 1  # seqs an earlier entry holds: a resend logged twice
         for domain, (frames, first, last) in dropped.items():
             log.warning("unconfigured_domain_frames_dropped", domain=domain, frames=frames,
                         first_seq=first, last_seq=last,
                         reason="the domain is no longer in this DRVA's configuration (unprotected)")
         for dom in self.domains.values():
+            if dom.stats.log_entries_skipped:
+                log.warning("log_entries_skipped", domain=dom.id, entries=dom.stats.log_entries_skipped,
+                            reason="their seqs were logged before (a resend staged twice by an earlier DRVA)")
             log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,
                      durable_seq=dom.durable_seq, pending_entries=len(dom.unsealed))
+
+    def _recover_entry(self, dom: DomainState, frame: Frame, nbytes: int, pos: int, now: float) -> None:
+        """Register a logged frame that holds seqs after ``dom.durable_seq``: from there on
+        if it overlaps (a resend logged twice, in part, before this DRVA refused that);
+        after a gap, the domain cannot continue — it is stopped here, and only it."""
+        if frame.first_seq > dom.durable_seq + 1:
+            reason = (f"the log holds seqs {frame.first_seq}..{frame.last_seq} of domain {dom.id} at position "
+                      f"{pos} after seq {dom.durable_seq}, with a gap between: the domain is stopped on this DRVA")
+            dom.stop(reason)
+            log.error("log_gap", domain=dom.id, pos=pos, first_seq=frame.first_seq, durable_seq=dom.durable_seq,
+                      reason=reason)
+            return
+        entry = log_entry(frame_from(frame, dom.durable_seq + 1), nbytes, pos, now)
+        dom.add_durable(entry)  # continues durable_seq: it cannot refuse
+        dom.accepted_seq, dom.accepted_ts = dom.durable_seq, entry.last_ts
+
+    def _refused_entry(self, domain_id: int, exc: FormatError) -> None:
+        """A log entry whose checksums hold but whose frame breaks a rule this DRVA
+        enforces (an older one logged it): its domain cannot be shipped on from there."""
+        dom = self.domains.get(domain_id)
+        if dom is None or dom.fenced:
+            return
+        reason = (f"the log holds a frame of domain {domain_id} that this DRVA refuses ({exc.message}): "
+                  f"the domain is stopped on this DRVA")
+        dom.stop(reason)
+        log.error("log_entry_refused", domain=domain_id, reason=reason)
 
     # ------------------------------------------------------------------ loops
 
     def _accept(self, reader: SessionStream, writer: asyncio.StreamWriter) -> None:
-        if len(self.handshaking) >= HANDSHAKES_MAX:
-            self._refuse_busy(writer)
+        source = source_of(writer.get_extra_info("peername"))
+        refusal = self.slots.refusal(source)
+        if refusal is not None:
+            self._refuse_busy(writer, refusal)
             return
         session = Session(self, reader, writer)
-        self.handshaking.add(session)  # until WELCOME (Session._take_over) or close
+        self._hold_slot(session, source)  # until WELCOME (Session._take_over) or close
         # A task of our own rather than a coroutine callback: Python 3.11's stream server
         # calls task.exception() on a cancelled callback task (stop() cancels sessions),
         # which raises; and so nothing here has to swallow a cancellation.
@@ -264,11 +310,14 @@ class Drva:
                 log.warning("accept_failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            if len(self.handshaking) + self.tls_handshaking >= HANDSHAKES_MAX:
+            source = source_of(addr)
+            refusal = self.slots.refusal(source)
+            if refusal is not None:
                 # No ERROR busy: before its TLS handshake the peer could not read it.
                 conn.close()
-                self._count_busy()
+                self._count_busy(refusal)
                 continue
+            self.slots.take(source)
             self.tls_handshaking += 1
             task = asyncio.create_task(self._tls_session(conn, addr, tls), name="session")
             self.session_tasks.add(task)
@@ -279,12 +328,17 @@ class Drva:
         deadline = loop.time() + HANDSHAKE_TIMEOUT_S  # from accept to WELCOME, TLS included
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         protocol = SessionStream(HANDSHAKE_READ_AHEAD_BYTES)
+        source = source_of(addr)
+        connected = False
         try:
             try:
                 await loop.connect_accepted_socket(
                     lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+                connected = True
             finally:
                 self.tls_handshaking -= 1
+                if not connected:
+                    self.slots.release(source)  # it never reaches the wire handshake
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             conn.close()
             self.refused_tls += 1
@@ -293,24 +347,38 @@ class Drva:
             return
         assert protocol.writer is not None  # connection_made ran
         session = Session(self, protocol, protocol.writer, handshake_deadline=deadline)
-        self.handshaking.add(session)  # the slot passes from TLS to the wire handshake, no await between
+        # The slot passes from TLS to the wire handshake, no await between.
+        session.slot_source = source
+        self.handshaking.add(session)
         await session.run()
 
-    def _refuse_busy(self, writer: asyncio.StreamWriter) -> None:
-        """Too many handshakes in progress: ERROR busy and close, nothing read."""
-        writer.writelines(wire.error_message(
-            "busy", f"DRVA {self.cfg.name}: {HANDSHAKES_MAX} handshakes in progress, retry later"))
-        writer.close()  # the ERROR fits the socket's send buffer: this does not linger
-        self._count_busy()
+    def _hold_slot(self, session: Session, source: str) -> None:
+        self.slots.take(source)
+        session.slot_source = source
+        self.handshaking.add(session)
 
-    def _count_busy(self) -> None:
+    def handshake_ended(self, session: Session) -> None:
+        """``session`` was welcomed or closed: the handshake slot it held (if any) is free."""
+        self.handshaking.discard(session)
+        if session.slot_source is not None:
+            self.slots.release(session.slot_source)
+            session.slot_source = None
+
+    def _refuse_busy(self, writer: asyncio.StreamWriter, refusal: str) -> None:
+        """No handshake slot for this peer: ERROR busy and close, nothing read."""
+        writer.writelines(wire.error_message("busy", f"DRVA {self.cfg.name}: {refusal}, retry later"))
+        writer.close()  # the ERROR fits the socket's send buffer: this does not linger
+        self._count_busy(refusal)
+
+    def _count_busy(self, refusal: str) -> None:
         """Logged at most once per BUSY_LOG_INTERVAL_S, with the count: a flood must not
         flood the log too."""
         self.refused_busy += 1
         now = time.monotonic()
         if now - self._busy_logged >= BUSY_LOG_INTERVAL_S:
             self._busy_logged = now
-            log.warning("handshakes_full", handshakes_max=HANDSHAKES_MAX, refused_total=self.refused_busy)
+            log.warning("handshakes_full", reason=refusal, handshakes_max=self.slots.total_max,
+                        per_source_max=self.slots.per_source_max, refused_total=self.refused_busy)
 
     def _session_done(self, task: asyncio.Task) -> None:
         self.session_tasks.discard(task)

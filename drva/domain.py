@@ -9,15 +9,25 @@ Seqs of one domain move through four marks, never backwards:
 ``unsealed`` holds the log entries in (sealed_seq, durable_seq], ``inflight`` the segment
 jobs in (committed_seq, sealed_seq], both in seq order. The log may be trimmed only
 before the first entry of either (``first_needed_pos``).
+
+Timestamps never go backwards along a domain's seqs (FORMAT.md §1): ``accepted_ts`` is
+the timestamp of the record at ``accepted_seq``, and a frame stamped earlier is raised to
+it before it is staged (``drva.session``). ``unsealed`` keeps the same rule for what a
+log holds from before that rule (``add_durable``, ``raise_ts_floor``): such an entry gets
+a ``ts_floor`` that the sealer applies (``entry_frame``).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from cdp.frame import Frame
 from drva.config import DomainConfig
 
 
@@ -37,6 +47,44 @@ class LogEntry:
     # The decoded frame while it is cached in memory (within the DRVA's budget), so the
     # sealer need not read it back from the log; None once evicted or after a restart.
     frame: Any = None
+    # Timestamps below this are raised to it when sealed (0: none are): an entry logged
+    # before this DRVA kept a domain's timestamps from going backwards.
+    ts_floor: int = 0
+
+    def raise_ts(self, floor: int) -> None:
+        """Raise this entry's timestamps to at least ``floor`` (see ``ts_floor``)."""
+        if self.first_ts >= floor:
+            return
+        self.ts_floor = floor
+        self.first_ts = floor
+        self.last_ts = max(self.last_ts, floor)
+        self.marks = [(seq, name, max(ts, floor)) for seq, name, ts in self.marks]
+
+
+def frame_from(frame: Frame, seq: int) -> Frame:
+    """The records of ``frame`` from ``seq`` on, as views into it (no copy). Not
+    re-encoded: its header's ``body_xxh3`` does not cover it, so it is never written
+    anywhere as a frame — it is for what reads records (``log_entry``, the segment builder)."""
+    skip = seq - frame.first_seq
+    if skip == 0:
+        return frame
+    at = int(frame.payload_starts()[skip])
+    records, payload = frame.records[skip:], frame.payload[at:]
+    header = dataclasses.replace(frame.header, record_count=len(records), first_seq=seq, payload_len=len(payload))
+    return Frame(header, records, payload)
+
+
+def entry_frame(entry: LogEntry, frame: Frame) -> Frame:
+    """The records of ``frame`` (the log's, or the cache's) that ``entry`` stands for,
+    for the segment builder: from ``entry.first_seq`` on (a frame logged twice, in part,
+    by a DRVA that did not refuse such resends yet), timestamps raised to
+    ``entry.ts_floor``. Nearly always ``frame`` itself."""
+    frame = frame_from(frame, entry.first_seq)
+    if not entry.ts_floor:
+        return frame
+    records = np.array(frame.records)
+    np.maximum(records["timestamp_ns"], np.uint64(entry.ts_floor), out=records["timestamp_ns"])
+    return Frame(frame.header, records, frame.payload)
 
 
 @dataclass(slots=True)
@@ -73,6 +121,8 @@ class DomainStats:
     catalog_errors: int = 0
     upload_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
     last_error: str | None = None
+    timestamps_raised: int = 0  # records stamped before the domain's newest earlier one (session)
+    log_entries_skipped: int = 0  # log entries whose seqs an earlier entry held (recovery)
 
 
 class DomainState:
@@ -80,12 +130,16 @@ class DomainState:
 
     def __init__(self, cfg: DomainConfig) -> None:
         self.cfg = cfg
+        # Disk sizes by index: the bounds of every WRITE and ZERO record (drva.session).
+        self.disk_sizes = np.array([d.size for d in cfg.disks], dtype=np.uint64)
         self.accepted_seq = 0
+        self.accepted_ts = 0  # timestamp of the record at accepted_seq (0: not known)
         self.durable_seq = 0
         self.sealed_seq = 0
         self.committed_seq = 0
         self.committed_ts = 0
         self.newest_received_ts = 0
+        self.ts_raised_logged = -float("inf")  # monotonic time of the last timestamps_raised log line
         # (seq, timestamp, monotonic time) of the first frame staged for a group commit
         # while none of the domain's was: the oldest write not in the store when every
         # durable one is (``rpo_lag_s``).
@@ -107,6 +161,33 @@ class DomainState:
     @property
     def id(self) -> int:
         return self.cfg.id
+
+    def stop(self, reason: str) -> None:
+        """Stop the domain on this DRVA until it restarts (the caller logs why): its
+        filter is refused (``ERROR fenced``, with ``reason``), nothing of it is shipped,
+        and its log entries hold no log space back (``Shipper.trim``)."""
+        self.fenced = True
+        self.stats.last_error = reason
+
+    def add_durable(self, entry: LogEntry) -> bool:
+        """Append a durable log entry to ``unsealed`` if it continues ``durable_seq`` (the
+        caller cut what overlapped), its timestamps raised to the last entry's; False
+        (nothing changed) if it does not: a segment must hold every seq once, in order."""
+        if entry.first_seq != self.durable_seq + 1:
+            return False
+        if self.unsealed:
+            entry.raise_ts(self.unsealed[-1].last_ts)
+        self.unsealed.append(entry)
+        self.durable_seq = entry.last_seq
+        return True
+
+    def raise_ts_floor(self, floor: int) -> None:
+        """Nothing after a timestamp of ``floor`` (the catalog's newest, when it opens)
+        may be stamped earlier: raise the unsealed entries that are, and ``accepted_ts``."""
+        for entry in self.unsealed:
+            entry.raise_ts(floor)
+            floor = entry.last_ts
+        self.accepted_ts = max(self.accepted_ts, floor)
 
     def first_needed_pos(self) -> int | None:
         """Log position of the oldest entry not yet committed to the store, if any."""

@@ -7,12 +7,21 @@ domain as a ``MARK_REQUEST`` (§9) and deletes the file. The filter inserts the 
 MSA sees it when the catalog names it. A request that cannot be delivered (no filter
 connected) waits up to ``REQUEST_TTL_S`` and is then dropped with a log line, so the
 directory never fills up; a malformed one is dropped at once.
+
+Whatever is in the directory, the task goes on: each entry is handled on its own, and
+one that fails in any way is logged and dropped (one request with a lone surrogate for a
+name, one nested 100,000 deep, or a directory named like a request once ended the DRVA).
+Only regular files are read — never through a symlink, never a FIFO (whose open would
+block the event loop), never more than ``REQUEST_BYTES_MAX``. Other entries are removed,
+except directories, which are not the DRVA's to remove: those are logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,42 +37,70 @@ log = get_logger("drva.requests")
 POLL_S = 0.2
 REQUEST_TTL_S = 60.0
 NAME_BYTES_MAX = 255
+REQUEST_BYTES_MAX = 4096  # a request is {"domain": ID, "name": NAME}: some 300 bytes at most
+REQUESTS_PER_POLL_MAX = 256  # the rest wait for the next poll: a flood of files does not stall the loop
+REPORTED_MAX = 64  # directories named like a request, remembered so that each is logged once
 
 
 def requests_dir(state_dir: Path) -> Path:
     return state_dir / "requests"
 
 
+class _Refused(Exception):
+    """This request is dropped; the message says why."""
+
+
 class RequestBox:
     def __init__(self, drva: "Drva") -> None:
         self.drva = drva
         self.root = requests_dir(drva.cfg.state_dir)
+        self._reported: set[str] = set()
 
     async def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         while True:
-            for path in sorted(self.root.glob("mark-*.json")):
-                self._mark(path)
+            self.step()
             await asyncio.sleep(POLL_S)
 
+    def step(self) -> None:
+        """Handle the requests in the directory now (at most REQUESTS_PER_POLL_MAX)."""
+        try:
+            paths = sorted(self.root.glob("mark-*.json"))[:REQUESTS_PER_POLL_MAX]
+        except OSError as exc:  # the directory itself is gone or unreadable: next poll
+            log.warning("requests_unreadable", path=str(self.root), error=str(exc))
+            return
+        for path in paths:
+            try:
+                self._mark(path)
+            except Exception as exc:  # one bad request must not end the task (CancelledError is not one)
+                self._drop(path, "request_failed", reason=f"{type(exc).__name__}: {exc}")
+
     def _drop(self, path: Path, event: str, **fields: Any) -> None:
-        log.warning(event, request=path.name, **fields)
-        path.unlink(missing_ok=True)
+        log.warning(event, request=_shown(path.name), **fields)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a directory (IsADirectoryError), or a permission: logged once
+            if len(self._reported) < REPORTED_MAX and path.name not in self._reported:
+                self._reported.add(path.name)
+                log.warning("request_not_removed", request=_shown(path.name), error=str(exc))
 
     def _mark(self, path: Path) -> None:
         try:
-            doc = json.loads(path.read_bytes())
-            age = time.time() - path.stat().st_mtime
+            doc, age = _read(path)
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
-            self._drop(path, "request_refused", reason=f"unreadable: {exc}")
+        except _Refused as exc:
+            if path.name in self._reported:
+                return  # a directory, logged once already
+            self._drop(path, "request_refused", reason=str(exc))
             return
         domain, name = (doc.get("domain"), doc.get("name")) if isinstance(doc, dict) else (None, None)
         dom = self.drva.domains.get(domain) if isinstance(domain, int) else None
-        if dom is None or not isinstance(name, str) or not 1 <= len(name.encode()) <= NAME_BYTES_MAX:
+        if dom is None or not isinstance(name, str) or not 1 <= _utf8_len(name) <= NAME_BYTES_MAX:
             self._drop(path, "request_refused",
-                       reason=f"expected a domain of this DRVA and a name of 1..{NAME_BYTES_MAX} bytes")
+                       reason=f"expected a domain of this DRVA and a name of 1..{NAME_BYTES_MAX} UTF-8 bytes")
             return
         session = dom.session
         if session is None or session.closed:
@@ -74,3 +111,42 @@ class RequestBox:
         session.writer.writelines(wire.control(wire.MARK_REQUEST, {"domain": domain, "name": name}))
         path.unlink(missing_ok=True)
         log.info("mark_requested", domain=domain, name=name)
+
+
+def _read(path: Path) -> tuple[Any, float]:
+    """(the JSON document, its age in seconds) of the regular file at ``path``, read
+    without following a symlink or blocking on a FIFO; ``_Refused`` for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # ELOOP: a symlink; EISDIR is not raised for O_RDONLY, fstat tells
+        raise _Refused(f"not a regular file ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused("not a regular file")
+        if st.st_size > REQUEST_BYTES_MAX:
+            raise _Refused(f"{st.st_size} bytes, expected at most {REQUEST_BYTES_MAX}")
+        raw = os.read(fd, REQUEST_BYTES_MAX + 1)
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _Refused(f"not a JSON request: {type(exc).__name__}: {exc}") from None
+    return doc, time.time() - st.st_mtime
+
+
+def _utf8_len(name: str) -> int:
+    """Bytes of ``name`` in UTF-8; 0 (no name) for one that has none, such as a lone surrogate."""
+    try:
+        return len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return 0
+
+
+def _shown(name: str) -> str:
+    """A file name as the log shows it: undecodable bytes escaped, at most 100 characters."""
+    shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown if len(shown) <= 100 else shown[:100] + "..."

@@ -4,14 +4,23 @@ Every refusal is logged with its reason and answered with an ``ERROR``; a refuse
 never reaches the log (it is validated whole before it is staged), and a broken stream
 closes only this connection. Frames of a domain are deduplicated by seq: records at or
 below the domain's accepted seq are a resend and are dropped, a frame that overlaps is
-cut to its new records, a frame after a gap is refused.
+cut to its new records, a frame after a gap is refused. The check and the staging are
+one step: a frame waits for room first, then is checked again and staged with no await
+in between, so that a filter reconnecting while both its sessions wait (log
+back-pressure) cannot stage a seq twice; a session replaced meanwhile stages nothing.
+
+Before it is staged a frame is held to what the DRVA knows of its domain (FORMAT.md
+§9.2): its WRITE and ZERO records on the domain's disks, inside them; its MARK names
+strict UTF-8 (``decode_frame`` takes them as they are); no bigger than the
+log can always take (``GroupCommitter.frame_len_max``); its timestamps not before the
+domain's newest accepted one — a filter's clock that stepped back (or a filter on
+another host) has them raised to it, as the filter itself does with its own clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-from collections.abc import Callable
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,8 +29,11 @@ from cdp import wire
 from cdp.errors import FormatError
 from cdp.frame import Frame, decode_frame, encode_frame
 from cdp.logs import get_logger
-from cdp.records import payload_lengths, payload_starts
+from cdp.records import check_disk_bounds, check_mark_names, payload_lengths, payload_starts
 from drva import messages
+from drva.handshakes import HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX
+# SessionStream lived here: the daemon and tests still import it (and its constant) from here.
+from drva.stream import DIRECT_READ_BYTES, SessionStream  # noqa: F401
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -32,14 +44,18 @@ log = get_logger("drva.session")
 # Before WELCOME a peer is a stranger (FORMAT.md §9.1): only HELLO, then AUTH, whose
 # bodies are at most CONTROL_BODY_MAX (64 KiB); any other type is refused from its header
 # before its body is read. At most HANDSHAKES_MAX connections may be between accept and
-# WELCOME (more get ERROR busy at once), each for at most HANDSHAKE_TIMEOUT_S; until
-# WELCOME a connection's read-ahead buffer is HANDSHAKE_READ_AHEAD_BYTES (what the largest
-# handshake body needs), and reading stops while it is full (TCP flow control takes
-# over). So the bytes buffered for peers not yet authenticated stay under
-# HANDSHAKES_MAX x HANDSHAKE_READ_AHEAD_BYTES = 1 MiB. A welcomed filter's read-ahead
-# grows to STREAM_READ_AHEAD_BYTES (SessionStream.grow).
-HANDSHAKES_MAX = 16
+# WELCOME, HANDSHAKES_PER_SOURCE_MAX of them from one source (drva.handshakes; more get
+# ERROR busy at once), each for at most HANDSHAKE_TIMEOUT_S, and with its HELLO complete
+# within HELLO_TIMEOUT_S; until WELCOME a connection's read-ahead buffer is
+# HANDSHAKE_READ_AHEAD_BYTES (what the largest handshake body needs), and reading stops
+# while it is full (TCP flow control takes over). So the bytes buffered for peers not yet
+# authenticated stay under HANDSHAKES_MAX x HANDSHAKE_READ_AHEAD_BYTES = 1 MiB. A welcomed
+# filter's read-ahead grows to STREAM_READ_AHEAD_BYTES (SessionStream.grow).
+assert HANDSHAKES_PER_SOURCE_MAX < HANDSHAKES_MAX, "one source must not fill every slot"
 HANDSHAKE_TIMEOUT_S = 10.0  # from accept to WELCOME sent
+# From accept (or from the end of the TLS handshake) to a complete HELLO: a filter sends
+# it at once, so an idle connection gives its slot back well before HANDSHAKE_TIMEOUT_S.
+HELLO_TIMEOUT_S = 3.0
 HANDSHAKE_READ_AHEAD_BYTES = wire.CONTROL_BODY_MAX
 STREAM_READ_AHEAD_BYTES = 256 << 10
 HANDSHAKE_TYPES = (wire.HELLO, wire.AUTH)
@@ -49,202 +65,12 @@ STREAM_TYPES = frozenset((wire.FRAME, wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEE
                           wire.FILTER_STATE, wire.PING, wire.PONG, wire.ERROR))
 REFUSE_DRAIN_TIMEOUT_S = 2.0  # for the ERROR of a refusal to leave; then the socket closes
 ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at least this often
+# Above this many bytes unsent to a filter, no ACK or PONG is added: the filter does not
+# read, and what it is owed is cumulative (the next ACK) or coalesced (one PONG answers
+# every PING), so the DRVA's memory for a peer that never reads stays bounded.
 ACK_WRITE_BUFFER_MAX = 1 << 20
-
-
-#: Bodies above this are read straight from the socket into their own buffer
-#: (``SessionStream``); smaller ones (headers, control messages) through the read-ahead.
-DIRECT_READ_BYTES = 64 << 10
-
-
-class SessionStream(asyncio.BufferedProtocol):
-    """A filter connection's protocol: the socket is read into buffers it hands out.
-
-    ``asyncio.StreamReader`` copies a 1 MiB frame four times on its way in (the
-    transport's bytes, the reader's buffer, a slice, ``bytes``): a third of the event
-    loop's time under a DRVA-only load of ``benchmarks.ingest``. Here the kernel writes a
-    body larger than ``DIRECT_READ_BYTES`` straight into the buffer that becomes the
-    frame (``readexactly`` returns it, a ``bytearray``); headers and control messages go
-    through a read-ahead buffer of ``limit`` bytes, allocated once.
-
-    Invariant: unread bytes are ``_ahead[_start:_end]``; while a direct read is pending
-    (``_target``), the socket's bytes go to it and the read-ahead holds none. Reading
-    stops while the read-ahead is full and no direct read is pending.
-
-    It is also the protocol of the connection's ``StreamWriter`` (``drain`` waits while
-    the transport has paused writing). Not ``asyncio.streams.FlowControlMixin``: that is
-    an ``asyncio.Protocol``, and uvloop reads into a protocol's buffers only when it is not.
-    """
-
-    def __init__(self, limit: int, on_connected: Callable[["SessionStream", asyncio.StreamWriter], None] | None
-                 = None) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._limit = limit
-        self._on_connected = on_connected
-        # Allocated by the first read (``get_buffer``): a connection refused at accept
-        # (ERROR busy) never holds one, so a flood of connects costs HANDSHAKES_MAX
-        # read-aheads at most, not one per connection.
-        self._ahead = bytearray()
-        self._start = self._end = 0
-        self._target: memoryview | None = None
-        self._target_got = 0
-        self._waiter: asyncio.Future | None = None
-        self._eof = False
-        self._exception: BaseException | None = None
-        self._reading_paused = False
-        self._closed = loop.create_future()
-        self._writing_paused = False
-        self._drain_waiters: collections.deque[asyncio.Future] = collections.deque()
-        self._connection_lost = False
-        self.transport: asyncio.Transport | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    # ------------------------------------------------------------------ protocol side
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.writer = asyncio.StreamWriter(transport, self, None, self._loop)  # type: ignore[arg-type]
-        if self._on_connected is not None:
-            self._on_connected(self, self.writer)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._target is not None:
-            return self._target[self._target_got:]
-        if not self._ahead:
-            self._ahead = bytearray(self._limit)
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._end == len(self._ahead):  # room only before the unread bytes: move them
-            n = self._end - self._start
-            self._ahead[:n] = self._ahead[self._start : self._end]
-            self._start, self._end = 0, n
-        return memoryview(self._ahead)[self._end:]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._target is not None:
-            self._target_got += nbytes
-            if self._target_got == len(self._target):
-                self._target = None  # full: the next bytes go to the read-ahead
-        else:
-            self._end += nbytes
-            if self._end - self._start >= len(self._ahead):
-                self._pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake()
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._connection_lost = True
-        if exc is not None:
-            self._exception = exc
-        self._wake()
-        if not self._closed.done():
-            self._closed.set_result(None)
-        for waiter in self._drain_waiters:
-            if waiter.done():
-                continue
-            if exc is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(exc)
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _drain_helper(self) -> None:  # StreamWriter.drain waits on this
-        if self._connection_lost:
-            raise ConnectionResetError("Connection lost")
-        if not self._writing_paused:
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._drain_waiters.remove(waiter)
-
-    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future:  # StreamWriter.wait_closed
-        return self._closed
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
-            self._reading_paused = False
-            self.transport.resume_reading()
-
-    async def _wait(self, partial: bytes | bytearray | memoryview, n: int) -> None:
-        """Wait for more bytes; IncompleteReadError (or what broke the connection) at EOF."""
-        if self._eof:
-            if self._exception is not None and not isinstance(self._exception, ConnectionError):
-                raise self._exception
-            raise asyncio.IncompleteReadError(bytes(partial), n)
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def grow(self, limit: int) -> None:
-        """Raise the read-ahead to ``limit`` bytes, keeping the unread ones: a filter
-        once welcomed (the handshake's read-ahead is smaller, see HANDSHAKES_MAX)."""
-        if limit <= self._limit:
-            return
-        self._limit = limit
-        if self._ahead:
-            ahead = bytearray(limit)
-            n = self._end - self._start
-            ahead[:n] = memoryview(self._ahead)[self._start : self._end]
-            self._ahead, self._start, self._end = ahead, 0, n
-        if self._target is None:
-            self._resume_reading()  # paused while the smaller one was full: there is room now
-
-    # ------------------------------------------------------------------ reader side
-
-    async def readexactly(self, n: int) -> bytes | bytearray:
-        """The next ``n`` bytes (``asyncio.StreamReader.readexactly``); a body above
-        ``DIRECT_READ_BYTES`` comes back as the ``bytearray`` the socket was read into."""
-        if n <= DIRECT_READ_BYTES and n <= self._limit:
-            while self._end - self._start < n:
-                self._resume_reading()
-                await self._wait(memoryview(self._ahead)[self._start : self._end], n)
-            data = bytes(memoryview(self._ahead)[self._start : self._start + n])
-            self._start += n
-            self._resume_reading()
-            return data
-        out = bytearray(n)
-        view = memoryview(out)
-        have = min(self._end - self._start, n)
-        view[:have] = memoryview(self._ahead)[self._start : self._start + have]
-        self._start += have
-        if have == n:
-            return out
-        self._target, self._target_got = view, have
-        try:
-            while self._target_got < n:
-                self._resume_reading()
-                await self._wait(view[: self._target_got], n)
-        finally:
-            self._target = None
-        return out
+# A frame's timestamps raised to the domain's newest one are logged at most this often.
+TS_RAISED_LOG_INTERVAL_S = 1.0
 
 
 class Refused(Exception):
@@ -281,6 +107,9 @@ class Session:
         peer = writer.get_extra_info("peername")
         self.where = f"filter session from {peer[0]}:{peer[1]}" if peer else "filter session"
         self.filter_name = "?"
+        # The source whose handshake slot this session holds until WELCOME or close
+        # (drva.handshakes); None once given back, or for a session that never took one.
+        self.slot_source: str | None = None
         self.domains: dict[int, DomainState] = {}
         self._acked: dict[int, int] = {}
         self._ack_wanted = asyncio.Event()
@@ -289,9 +118,15 @@ class Session:
     async def run(self) -> None:
         ack_task = None
         try:
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout_at(min(self.handshake_deadline, loop.time() + HELLO_TIMEOUT_S)):
+                    hello = await self._expect(wire.HELLO)
+            except TimeoutError:
+                raise Refused("timeout", f"no complete HELLO in {HELLO_TIMEOUT_S} s") from None
             try:
                 async with asyncio.timeout_at(self.handshake_deadline):
-                    await self._handshake()
+                    await self._handshake(hello)
             except TimeoutError:
                 raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None
             ack_task = asyncio.create_task(self._ack_loop())
@@ -332,7 +167,7 @@ class Session:
             if dom.session is self:
                 dom.session = None
         self.drva.sessions.discard(self)
-        self.drva.handshaking.discard(self)
+        self.drva.handshake_ended(self)
         self.writer.close()
 
     # ------------------------------------------------------------------ handshake
@@ -344,8 +179,7 @@ class Session:
         msg = await wire.read_message(self.reader, self.where, (mtype,))
         return messages.parse(msg, self.where)
 
-    async def _handshake(self) -> None:
-        hello = await self._expect(wire.HELLO)
+    async def _handshake(self, hello: dict[str, Any]) -> None:
         name, wanted = hello["filter"], hello["domains"]
         self.filter_name = name
         filter_nonce = bytes.fromhex(hello["nonce"])
@@ -389,7 +223,7 @@ class Session:
                 dom.session.close()
             dom.session = self
             self.domains[domain_id] = dom
-        self.drva.handshaking.discard(self)
+        self.drva.handshake_ended(self)
         self.drva.sessions.add(self)
         grow = getattr(self.reader, "grow", None)
         if grow is not None:
@@ -406,7 +240,10 @@ class Session:
             self._filter_state(messages.parse(msg, self.where))
         elif msg.type == wire.PING:
             messages.parse(msg, self.where)
-            self.writer.writelines(wire.control(wire.PONG, {}))
+            if self.writer.transport.get_write_buffer_size() <= ACK_WRITE_BUFFER_MAX:
+                self.writer.writelines(wire.control(wire.PONG, {}))
+            # else the peer has not read the PONGs it was sent: one more would only grow
+            # the buffer (a PING flood from a peer that never reads grew it unbounded).
         elif msg.type == wire.PONG:
             messages.parse(msg, self.where)
         elif msg.type == wire.ERROR:
@@ -418,7 +255,7 @@ class Session:
         else:
             raise Refused("unexpected_message", f"{msg.name} is not expected from a filter")
 
-    async def _frame(self, raw: bytes) -> None:
+    async def _frame(self, raw: bytes | bytearray) -> None:
         frame = decode_frame(raw, self.where)
         dom = self.domains.get(frame.domain)
         if dom is None:
@@ -427,19 +264,80 @@ class Session:
             raise _fenced(dom)
         dom.stats.frames_received += 1
         dom.stats.bytes_received += len(raw)
+        self._check_frame(dom, raw, frame)
+        if not self._continues(dom, frame):
+            return
+        # Received, if not staged yet: the newest write captured (rpo_lag_s), as it will be staged.
+        dom.newest_received_ts = max(int(frame.records["timestamp_ns"][-1]), dom.accepted_ts)
+        await self.drva.committer.wait_room(len(raw))
+        # Checked again: while this frame waited, another session of the domain (the
+        # filter, reconnected) may have staged these seqs, or taken the domain over.
+        if self.closed or dom.session is not self:
+            log.info("frame_dropped", peer=self.where, domain=dom.id, first_seq=frame.first_seq,
+                     last_seq=frame.last_seq, reason="the session was replaced while the frame waited")
+            return
+        if dom.fenced:
+            raise _fenced(dom)
+        if not self._continues(dom, frame):
+            return
+        # From here to stage(): no await.
+        if frame.first_seq <= dom.accepted_seq:
+            raw, frame = _cut(frame, dom.accepted_seq + 1)
+        if int(frame.records["timestamp_ns"][0]) < dom.accepted_ts:
+            raw, frame = self._raise_ts(dom, frame)
+        self.drva.committer.stage(dom, raw, frame)
+
+    def _check_frame(self, dom: "DomainState", raw: bytes | bytearray, frame: Frame) -> None:
+        """Refuse a frame this DRVA must not log for ``dom`` (see the module docstring)."""
+        frame_len_max = self.drva.committer.frame_len_max
+        if len(raw) > frame_len_max:
+            dom.stats.frames_refused += 1
+            raise Refused("frame_too_large", f"domain {dom.id}: frame of seqs {frame.first_seq}..{frame.last_seq} "
+                                             f"is {len(raw)} bytes; this DRVA's log takes frames of at most "
+                                             f"{frame_len_max} bytes (half its data area)")
+        try:
+            check_disk_bounds(frame.records, dom.disk_sizes, f"{self.where}: domain {dom.id}")
+            # A name the catalog cannot hold once stopped every domain's commits.
+            check_mark_names(frame.records, frame.payload, f"{self.where}: domain {dom.id}")
+        except FormatError:
+            dom.stats.frames_refused += 1
+            raise
+
+    def _continues(self, dom: "DomainState", frame: Frame) -> bool:
+        """True if ``frame`` holds seqs after ``dom.accepted_seq`` and none after a gap;
+        False for a resend of accepted seqs (dropped, acked again); Refused after a gap."""
         if frame.last_seq <= dom.accepted_seq:
             dom.stats.duplicates_dropped += 1
             log.debug("duplicate_dropped", domain=dom.id, first_seq=frame.first_seq, last_seq=frame.last_seq)
             self.want_ack()
-            return
+            return False
         if frame.first_seq > dom.accepted_seq + 1:
             dom.stats.frames_refused += 1
             raise Refused("seq_gap", f"domain {dom.id}: frame starts at seq {frame.first_seq}, "
                                      f"expected {dom.accepted_seq + 1} (records are missing)")
-        if frame.first_seq <= dom.accepted_seq:
-            raw, frame = _cut(frame, dom.accepted_seq + 1)
-        dom.newest_received_ts = int(frame.records["timestamp_ns"][-1])
-        await self.drva.committer.submit(dom, raw, frame)
+        return True
+
+    def _raise_ts(self, dom: "DomainState", frame: Frame) -> tuple[bytes, Frame]:
+        """``frame`` with its timestamps raised to ``dom.accepted_ts`` (FORMAT.md §9.2):
+        seqs order a domain's writes, and the catalog maps time to seq, so time may not
+        go backwards along them. Refusing would leave the filter no way on until its
+        clock passed the old one again; the record keeps its seq, disk, offset and data,
+        and its time is the newest the domain had, which is what it saw last."""
+        records = np.array(frame.records)
+        ts = records["timestamp_ns"]
+        raised = int(np.count_nonzero(ts < dom.accepted_ts))
+        back_ns = dom.accepted_ts - int(ts[0])
+        np.maximum(ts, np.uint64(dom.accepted_ts), out=ts)
+        dom.stats.timestamps_raised += raised
+        now = time.monotonic()
+        if now - dom.ts_raised_logged >= TS_RAISED_LOG_INTERVAL_S:
+            dom.ts_raised_logged = now
+            log.warning("timestamps_raised", peer=self.where, filter=self.filter_name, domain=dom.id,
+                        first_seq=frame.first_seq, records=raised, back_ns=back_ns,
+                        raised_total=dom.stats.timestamps_raised,
+                        reason="the filter's clock is behind the domain's newest accepted timestamp")
+        raw = encode_frame(frame.domain, records, frame.payload)
+        return raw, decode_frame(raw, "frame with raised timestamps")
 
     def _filter_state(self, doc: dict[str, Any]) -> None:
         """``doc`` is checked whole (drva.messages): every field is there, typed, in range."""

@@ -47,7 +47,7 @@ from cdp.replog import ReplicationLog
 from cdp.segment import build_segment_info
 from cdp.store.base import ObjectStore
 from drva.committer import GroupCommitter
-from drva.domain import DomainState, SegmentJob
+from drva.domain import DomainState, SegmentJob, entry_frame
 from drva.lanes import StoreLane
 
 log = get_logger("drva.shipper")
@@ -153,6 +153,9 @@ class Shipper:
         dom.committed_seq = committed  # never below the metadata's: _behind_metadata stopped that
         while dom.unsealed and dom.unsealed[0].last_seq <= dom.committed_seq:
             dom.unsealed.popleft()  # committed before a restart; only the trim was lost
+        # What follows the catalog's newest timestamp may not be stamped before it (a log
+        # of a DRVA that did not raise timestamps yet may hold such frames).
+        dom.raise_ts_floor(_newest_ts(writer.state.timeline()))
         # Nothing is sealed before the catalog is open (seal_step waits for it).
         dom.sealed_seq = dom.committed_seq
         if dom.accepted_seq < dom.committed_seq:  # durable_seq <= accepted_seq always
@@ -171,7 +174,7 @@ class Shipper:
         dropped = list(dom.unsealed)
         dom.unsealed.clear()
         dom.committed_seq = dom.sealed_seq = dom.accepted_seq = dom.durable_seq = current.committed_seq
-        dom.committed_ts = 0
+        dom.committed_ts = dom.accepted_ts = 0  # open_catalog raises it to the timeline's newest
         log.warning("timeline_adopted", domain=dom.id, old_timeline=dom.meta_timeline, timeline=current.id,
                     parent=current.parent, fork_seq=current.fork_seq, entries_dropped=len(dropped),
                     first_seq=dropped[0].first_seq if dropped else None,
@@ -205,9 +208,19 @@ class Shipper:
             due = force or dom.unsealed_bytes() >= self.seal_bytes or (
                 now - dom.unsealed[0].arrived >= self.seal_age_s)
             if due:
-                await self._seal(dom)
+                try:
+                    await self._seal(dom)
+                except CdpError as exc:  # its frames cannot make a segment: this domain stops, not the DRVA
+                    self._stop(dom, "seal_failed", exc)
+                    continue
                 sealed += 1
         return sealed
+
+    def _stop(self, dom: DomainState, event: str, exc: CdpError) -> None:
+        reason = (f"{type(exc).__name__}: {exc.message}; domain {dom.id} is stopped on this DRVA "
+                  f"(its other domains go on)")
+        dom.stop(reason)
+        log.error(event, domain=dom.id, reason=reason)
 
     async def _seal(self, dom: DomainState) -> None:
         entries, nbytes = [], 0
@@ -228,8 +241,8 @@ class Shipper:
         await self.lane_of[dom.id].queue.put(job)  # waits while its uploaders are busy: bounded memory
 
     def _build(self, domain: int, entries: list) -> tuple[bytes, int]:
-        frames = [e.frame if e.frame is not None else
-                  decode_frame(self.log.read_view(e.pos), f"{self.log.path} position {e.pos}")
+        frames = [entry_frame(e, e.frame if e.frame is not None else
+                              decode_frame(self.log.read_view(e.pos), f"{self.log.path} position {e.pos}"))
                   for e in entries]
         built = build_segment_info(domain, frames, executor=self.pack_pool)
         return built.data, built.payload_raw_len
@@ -306,6 +319,10 @@ class Shipper:
             self._store_error(dom, "catalog_commit_failed", exc)
             return 0
         except Fenced:
+            return 0
+        except CdpError as exc:  # the catalog refused the delta: retrying cannot change that
+            dom.stats.catalog_errors += 1
+            self._stop(dom, "catalog_commit_refused", exc)
             return 0
         return self._committed(dom)
 
@@ -400,6 +417,15 @@ class Shipper:
                         "generation": self.writers[d.id].generation if d.id in self.writers else 0,
                         "timeline": self.writers[d.id].state.current if d.id in self.writers else 0}
             for d in self.domains.values()}}
+
+
+def _newest_ts(timeline: Any) -> int:
+    """The newest timestamp a timeline's catalog rows hold (0: none)."""
+    if len(timeline.tail):
+        return int(timeline.tail["last_ts"][-1])
+    if len(timeline.refs):
+        return int(timeline.refs["last_ts"][-1])
+    return 0
 
 
 def _apply_resync(windows: list[dict], events: list[tuple[int, int]]) -> list[dict]:

@@ -50,6 +50,8 @@ def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
         "bytes_received": st.bytes_received,
         "duplicates_dropped": st.duplicates_dropped,
         "frames_refused": st.frames_refused,
+        "timestamps_raised": st.timestamps_raised,
+        "log_entries_skipped": st.log_entries_skipped,
         "segments_uploaded": st.segments_uploaded,
         "bytes_uploaded": st.bytes_uploaded,
         "upload_errors": st.upload_errors,

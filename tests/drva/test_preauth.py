@@ -95,11 +95,18 @@ async def test_a_stranger_gets_the_handshakes_read_ahead_and_a_welcomed_filter_t
 # ---------------------------------------------------------------------- caps and deadline
 
 
+def _source(i: int) -> tuple[str, int]:
+    """A local address for the i-th of HANDSHAKES_MAX connections: as many sources as
+    it takes for them to hold every slot (one source holds HANDSHAKES_PER_SOURCE_MAX)."""
+    return f"127.0.0.{2 + i // session_mod.HANDSHAKES_PER_SOURCE_MAX}", 0
+
+
 async def test_handshakes_in_progress_are_capped(drva, monkeypatch):
     # The idle connections must outlive the test's steps, however slow the machine.
     monkeypatch.setattr(session_mod, "HANDSHAKE_TIMEOUT_S", 600.0)
-    idle = [await asyncio.open_connection("127.0.0.1", drva.port)
-            for _ in range(session_mod.HANDSHAKES_MAX)]
+    monkeypatch.setattr(session_mod, "HELLO_TIMEOUT_S", 600.0)
+    idle = [await asyncio.open_connection("127.0.0.1", drva.port, local_addr=_source(i))
+            for i in range(session_mod.HANDSHAKES_MAX)]
     await wait_until(lambda: len(drva.handshaking) == session_mod.HANDSHAKES_MAX, EVENTUALLY_S,
                      "every idle connection counted as a handshake")
     reader, writer = await asyncio.open_connection("127.0.0.1", drva.port)
@@ -268,7 +275,8 @@ async def test_tls_handshakes_take_their_slot_at_accept(tmp_path, monkeypatch):
     await d.start()
     silent = []
     try:
-        silent = [await asyncio.open_connection("127.0.0.1", d.port) for _ in range(daemon_mod.HANDSHAKES_MAX)]
+        silent = [await asyncio.open_connection("127.0.0.1", d.port, local_addr=_source(i))
+                  for i in range(daemon_mod.HANDSHAKES_MAX)]
         await wait_until(lambda: d.tls_handshaking == daemon_mod.HANDSHAKES_MAX, EVENTUALLY_S,
                          "every silent TLS connection to hold a slot")
         reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
