@@ -32,6 +32,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from cdp.locks import Lease
 from cdp.logs import get_logger
 from cdp.nbd.backend import BlockSizes
 from cdp.store.base import ObjectStore
+from rocva.errors import RecoveryError
 from rocva.fetch import pool_workers
 from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCache
 from rocva.mount_source import PlanSource
@@ -151,14 +153,60 @@ class MountedDisk:
         await self.overlay.write_zeroes(offset, length, self._lower_read, fua)
 
 
+def _open_lock_file(path: Path) -> int:
+    """The overlay directory's lock file, created if absent. Opened without following a
+    symbolic link (a link there made the open fail with a bare ELOOP) and without blocking
+    (``O_NONBLOCK``: a FIFO or device planted under the name must not hang the mount),
+    then kept only if it is a regular file with one link: the mount locks a file of its
+    own, never one a planted name leads to. RecoveryError (exit 6) naming the file and
+    what was found there otherwise."""
+    expected = "where the overlay directory's lock file is expected"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RecoveryError(f"{path}: a symbolic link {expected}; cdp mount never follows one: remove it, "
+                                f"or choose another --overlay directory") from None
+        try:
+            found = os.stat(path, follow_symlinks=False).st_mode
+        except OSError:
+            found = None
+        if found is not None and not stat.S_ISREG(found):
+            raise RecoveryError(f"{path}: {_file_kind(found)} {expected}: remove it, or choose another "
+                                f"--overlay directory") from None
+        raise RecoveryError(f"{path}: cannot open the overlay directory's lock file ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RecoveryError(f"{path}: {_file_kind(st.st_mode)} {expected}: remove it, or choose another "
+                                f"--overlay directory")
+        if st.st_nlink > 1:
+            raise RecoveryError(f"{path}: a file with {st.st_nlink} hard links {expected} (a mount locks only a "
+                                f"file of its own): remove it, or choose another --overlay directory")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return "a non-regular file"
+
+
 class _OverlayDir:
-    """The overlay directory, locked (``flock``) for as long as one mount uses it."""
+    """The overlay directory, locked (``flock`` of its lock file, ``_open_lock_file``) for
+    as long as one mount uses it."""
 
     def __init__(self, path: Path, temporary: bool) -> None:
         self.path = path
         self.temporary = temporary
-        self._lock_fd = os.open(path / OVERLAY_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                0o600)
+        self._lock_fd = _open_lock_file(path / OVERLAY_LOCK_NAME)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,88 +1,61 @@
 """An asyncio NBD server: named exports over TCP and Unix sockets (docs/FORMAT.md §17).
 
-One task per connection. A connection haggles options (``cdp.nbd.protocol``
-decodes them), then reads requests in order and runs each as a task of its own — except
-a WRITE without FUA to a backend that has ``submit_write`` (the filter's capture), which
-is handed over with a callback that answers it — at most ``inflight_max`` requests and
-``inflight_bytes_max`` payload bytes at once per connection, and
-``server_inflight_bytes_max`` bytes over all connections: when a cap is reached the
-reader stops reading and TCP pushes back on the client. A request's bytes (its WRITE
-payload, or its READ's data) count from before its payload is read until its reply is
-queued *and* the replies waiting to be sent are at most ``WRITE_BUFFER_HIGH``: what a
-client that does not read its replies makes us hold stays within the caps (plus
-``WRITE_BUFFER_HIGH``). Replies go out whole: each is queued in one piece.
+One task per connection. A connection haggles options (``cdp.nbd.handshake``; the codec
+is ``cdp.nbd.protocol``), then reads requests in order and runs each as a task of its
+own (``cdp.nbd.commands``) — except a WRITE without FUA to a backend that has
+``submit_write`` (the filter's capture), which is handed over with a callback that
+answers it — within the in-flight budgets (``cdp.nbd.budget``): per connection
+``inflight_max`` requests and ``inflight_bytes_max`` payload bytes, over all
+``server_inflight_bytes_max``. Past a cap the reader stops reading and TCP pushes back on
+the client. A request's share lasts until its reply is queued *and* the replies waiting
+to be sent are at most ``WRITE_BUFFER_HIGH``, so a client that reads no replies makes us
+hold no more than the caps plus that. Replies go out whole: each is queued in one piece.
 
-Every request is checked against its export before the backend sees it. What a client
-can make us buffer is bounded by ``OPTION_BYTES_MAX`` while haggling and by the
-in-flight caps after. A client that breaks the protocol loses its connection (its
-in-flight requests are cancelled and awaited); the other connections carry on.
+Every request is checked against its export before the backend sees it. A client that
+breaks the protocol loses its connection (its in-flight requests are cancelled and
+awaited); the other connections carry on.
 
-Time bounds (§17.4): the handshake (``handshake_timeout_s``); a client that owes us
-bytes — the rest of a request, or the reading of replies we queued — and moves none for
-``stall_timeout_s`` is dropped (a watchdog timer per connection: an ``asyncio.timeout``
-per request cost 13 us); an idle connection is never dropped for being idle, only when
-the server is full and a new client needs its slot (``idle_timeout_s``); a connection's
-close waits at most ``close_linger_s`` for its last replies to leave, and not at all
-when the server is closing or the client left, stalled or was evicted (``_linger_s``).
+Time bounds (§17.4; every bound is in ``cdp.nbd.limits``): the handshake
+(``handshake_timeout_s``); a client that owes us bytes and moves none for
+``stall_timeout_s`` is dropped (``cdp.nbd.watchdog``); an idle connection is dropped only
+when the server is full and it has been idle ``idle_timeout_s``, else the newcomer is
+refused (``cdp.nbd.refusal``); a close waits at most ``close_linger_s`` for the last
+replies to leave, and not at all when the server is closing or the client left, stalled
+or was evicted (``_linger_s``, ``cdp.nbd.streams.close_stream``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cdp.errors import CdpError, ConfigError, LogFull
+from cdp.errors import CdpError, ConfigError
 from cdp.logs import get_logger
 from cdp.nbd import protocol as nbd
 from cdp.nbd.backend import NbdBackend
-from cdp.tls import describe_tls_error
+from cdp.nbd.budget import ConnectionBudget, ServerBudget
+from cdp.nbd.commands import error_reply, nbd_errno, ok_reply, run_command
+from cdp.nbd.handshake import HandshakePhase
+from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, INFLIGHT_BYTES_MAX,
+                            INFLIGHT_MAX, OPTIONS_PER_CONNECTION_MAX, READ_BUFFER_BYTES, REFUSE_OPTIONS_MAX,
+                            REFUSE_TIMEOUT_S, REFUSING_MAX, SERVER_INFLIGHT_BYTES_MAX, STALL_TIMEOUT_S,
+                            WRITE_BUFFER_HIGH, check_bounds)
+from cdp.nbd.refusal import longest_idle, refuse
+from cdp.nbd.streams import CountingReader, close_stream, peer_name
+from cdp.nbd.watchdog import StallWatchdog
+
+# The bounds were defined here before cdp.nbd.limits held them: they stay importable.
+__all__ = ["CLOSE_LINGER_S", "CONNECTIONS_MAX", "HANDSHAKE_TIMEOUT_S", "IDLE_TIMEOUT_S", "INFLIGHT_BYTES_MAX",
+           "INFLIGHT_MAX", "OPTIONS_PER_CONNECTION_MAX", "READ_BUFFER_BYTES", "REFUSE_OPTIONS_MAX",
+           "REFUSE_TIMEOUT_S", "REFUSING_MAX", "SERVER_INFLIGHT_BYTES_MAX", "STALL_TIMEOUT_S", "WRITE_BUFFER_HIGH",
+           "Export", "NbdServer", "nbd_errno"]
 
 logger = get_logger("iofilter.nbd")
-
-#: Requests running at once per connection. Above the queue depth clients use (fio and
-#: qemu: 32-64): the writes a client has in flight arrive together and are captured as one
-#: batch — one frame, one dirty-map sync. At 16, a 4 KiB qd-32 job was cut into batches of
-#: 16, each paying a map sync: half the IOPS (benchmarks.nbd).
-INFLIGHT_MAX = 128
-INFLIGHT_BYTES_MAX = 64 << 20  # payload bytes held at once per connection (two maximal requests)
-#: Payload bytes held at once by all connections: without it 64 connections could pin
-#: 64 x 64 MiB. 256 MiB is four connections at their cap, or 64 at a qd-64 of 64 KiB.
-SERVER_INFLIGHT_BYTES_MAX = 256 << 20
-CONNECTIONS_MAX = 64
-#: Replies queued past this many bytes (with the socket's buffer) make the sender wait.
-WRITE_BUFFER_HIGH = 4 << 20
-#: What a connection's reader buffers unread (it stops reading the socket past twice this):
-#: asyncio's default of 64 KiB paused and resumed the socket four times per 1 MiB write.
-READ_BUFFER_BYTES = 1 << 20
-#: A client gets this long to finish haggling; one that stalls is dropped.
-HANDSHAKE_TIMEOUT_S = 30.0
-#: Options one connection may send before it is dropped (a client looping on LIST).
-OPTIONS_PER_CONNECTION_MAX = 256
-#: A client that owes us bytes (the rest of a request, or reading the replies queued for
-#: it) and moves none for this long is dropped. Real clients never pause mid-request and
-#: read replies as they come; a minute allows for a congested link (progress resets it).
-STALL_TIMEOUT_S = 60.0
-#: A connection idle this long (nothing in flight, nothing owed either way) gives its slot
-#: to a new client when the server is full. Idle connections are otherwise kept: qemu
-#: (without reconnect-delay, its default) and the kernel client fail the disk when the
-#: server drops them, and an idle guest may not touch its disk for hours.
-IDLE_TIMEOUT_S = 300.0
-#: A closing connection waits this long for its last replies to leave: asyncio reports a
-#: close only once the send buffer has drained, which it never does if the peer stopped
-#: reading. Then the socket is aborted.
-CLOSE_LINGER_S = 5.0
-#: A client over the connection cap gets the greeting and NBD_REP_ERR_POLICY for each
-#: option, for at most this long and this many options, then is closed; at most
-#: REFUSING_MAX such exchanges at once (past that, a new client is closed at once).
-REFUSE_TIMEOUT_S = 5.0
-REFUSE_OPTIONS_MAX = 8
-REFUSING_MAX = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,90 +63,6 @@ class Export:
     name: str
     backend: NbdBackend
     description: str = ""
-
-
-def nbd_errno(exc: BaseException) -> int:
-    """The NBD error for a backend failure (the protocol's mapping of errno values)."""
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return nbd.ENOSPC
-        if exc.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
-            return nbd.EPERM
-        if exc.errno == errno.EINVAL:
-            return nbd.EINVAL
-        return nbd.EIO
-    if isinstance(exc, LogFull):
-        return nbd.ENOSPC
-    if isinstance(exc, ConfigError):
-        return nbd.EINVAL
-    return nbd.EIO
-
-
-class _ServerBudget:
-    """Payload bytes in flight over every connection of a server: at most ``bytes_max``
-    (one request larger than that still runs, alone). Changed only by ``_InflightBudget``."""
-
-    def __init__(self, bytes_max: int) -> None:
-        self.bytes_max = bytes_max
-        self.bytes = 0
-        self.changed = asyncio.Event()
-
-    def fits(self, cost: int) -> bool:
-        return self.bytes == 0 or self.bytes + cost <= self.bytes_max
-
-
-class _InflightBudget:
-    """Requests and payload bytes in flight on one connection: at most ``requests_max``
-    requests and ``bytes_max`` bytes (one request larger than ``bytes_max`` still runs,
-    alone), and within the server's budget ``shared``.
-
-    One taker (the connection's reader loop); ``give`` is synchronous so that a finishing
-    or cancelled request returns its share without awaiting anything.
-    """
-
-    def __init__(self, requests_max: int, bytes_max: int, shared: _ServerBudget) -> None:
-        self.requests_max, self.bytes_max = requests_max, bytes_max
-        self.shared = shared
-        self.requests = 0
-        self.bytes = 0
-        self._changed = asyncio.Event()
-
-    def _fits(self, cost: int) -> bool:
-        return self.requests < self.requests_max and (self.bytes == 0 or self.bytes + cost <= self.bytes_max)
-
-    async def take(self, cost: int) -> None:
-        while True:
-            if not self._fits(cost):
-                changed = self._changed
-            elif not self.shared.fits(cost):
-                changed = self.shared.changed  # another connection's give() sets it
-            else:
-                break
-            changed.clear()
-            await changed.wait()
-        self.requests += 1
-        self.bytes += cost
-        self.shared.bytes += cost
-
-    def give(self, cost: int) -> None:
-        self.requests -= 1
-        self.bytes -= cost
-        self.shared.bytes -= cost
-        assert self.requests >= 0 and self.bytes >= 0 and self.shared.bytes >= 0, (self.requests, self.bytes)
-        self._changed.set()
-        self.shared.changed.set()
-
-
-class _CountingReader(asyncio.StreamReader):
-    """A StreamReader that counts the bytes fed to it: with the bytes the connection has
-    read from it, the watchdog tells a partial request from an idle connection, and a
-    client that sends slowly from one that stopped."""
-
-    received = 0
-
-    def feed_data(self, data: bytes) -> None:
-        self.received += len(data)
-        super().feed_data(data)
 
 
 class NbdServer:
@@ -197,8 +86,8 @@ class NbdServer:
                 raise ConfigError(f"NBD export name {name[:64]!r}: {exc.message}") from None
             backend.block_sizes.check(backend.size, f"export {name!r}")
             self.exports[name] = Export(name, backend, (descriptions or {}).get(name, ""))
-        _check_bounds(stall_timeout_s=stall_timeout_s, server_inflight_bytes_max=server_inflight_bytes_max,
-                      idle_timeout_s=idle_timeout_s, close_linger_s=close_linger_s)
+        check_bounds(stall_timeout_s=stall_timeout_s, server_inflight_bytes_max=server_inflight_bytes_max,
+                     idle_timeout_s=idle_timeout_s, close_linger_s=close_linger_s)
         self.inflight_max = inflight_max
         self.inflight_bytes_max = inflight_bytes_max
         self.connections_max = connections_max
@@ -206,7 +95,7 @@ class NbdServer:
         self.stall_timeout_s = stall_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.close_linger_s = close_linger_s
-        self.budget = _ServerBudget(server_inflight_bytes_max)
+        self.budget = ServerBudget(server_inflight_bytes_max)
         # With a TLS context the server requires TLS (the protocol's FORCEDTLS): before
         # STARTTLS a client may only ABORT; no export name, size or byte goes in the clear.
         self.tls = tls
@@ -219,7 +108,7 @@ class NbdServer:
     def _protocol(self) -> asyncio.StreamReaderProtocol:
         """asyncio.start_server's protocol, with a reader that counts what it is fed."""
         loop = asyncio.get_running_loop()
-        return asyncio.StreamReaderProtocol(_CountingReader(limit=READ_BUFFER_BYTES, loop=loop), self._accept,
+        return asyncio.StreamReaderProtocol(CountingReader(limit=READ_BUFFER_BYTES, loop=loop), self._accept,
                                             loop=loop)
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
@@ -264,10 +153,10 @@ class NbdServer:
                 os.unlink(path)
         self._unix_paths.clear()
 
-    async def _accept(self, reader: _CountingReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: CountingReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = _peer_name(writer)
+        peer = peer_name(writer)
         try:
             if len(self._connections) >= self.connections_max and not await self._evict_idle():
                 await self._refuse(reader, writer, peer)
@@ -291,11 +180,11 @@ class NbdServer:
         """At the connection cap: drop the connection idle longest, if one has been idle
         for ``idle_timeout_s``, and wait until it is gone. False when none has."""
         now = asyncio.get_running_loop().time()
-        idle = [(c.idle_for(now), task) for task, c in self._connections.items()]
-        idle = [(seconds, task) for seconds, task in idle if seconds is not None and seconds >= self.idle_timeout_s]
-        if not idle:
+        idlest = longest_idle(((task, c.idle_for(now)) for task, c in self._connections.items()),
+                              self.idle_timeout_s)
+        if idlest is None:
             return False
-        seconds, task = max(idle, key=lambda pair: pair[0])
+        task, seconds = idlest
         victim = self._connections[task]
         logger.info("nbd_idle_evicted", peer=victim.peer, idle_s=round(seconds, 1),
                     connections_max=self.connections_max)
@@ -304,9 +193,8 @@ class NbdServer:
         return True
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
-        """A client over the connection cap: the protocol has no refusal before the
-        options, so it gets the greeting and NBD_REP_ERR_POLICY, with the reason, for each
-        option (qemu and libnbd print it), within REFUSE_TIMEOUT_S; then the close."""
+        """A client over the connection cap: refused in words (``cdp.nbd.refusal.refuse``),
+        at most REFUSING_MAX at once (past that, or while closing, closed at once)."""
         logger.warning("nbd_connection_refused", peer=peer, reason="connections_max",
                        connections_max=self.connections_max)
         task = asyncio.current_task()
@@ -316,74 +204,17 @@ class NbdServer:
         self._refusing.add(task)
         message = f"the server is at its maximum of {self.connections_max} connections: try again later"
         try:
-            async with asyncio.timeout(REFUSE_TIMEOUT_S):
-                await _refuse_options(reader, writer, message)
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, nbd.NbdProtocolError):
-            pass  # the client went, stalled or broke the protocol: it is closed all the same
+            await refuse(reader, writer, message)
         finally:
             self._refusing.discard(task)
-            await _close_stream(writer, None if self._closing else self.close_linger_s)
+            await close_stream(writer, None if self._closing else self.close_linger_s)
 
 
-async def _refuse_options(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, message: str) -> None:
-    writer.write(nbd.server_greeting())
-    nbd.parse_client_flags(await reader.readexactly(nbd.CLIENT_FLAGS_SIZE))
-    for _ in range(REFUSE_OPTIONS_MAX):
-        option, length = nbd.parse_option_header(await reader.readexactly(nbd.OPTION_HEADER_SIZE))
-        if option == nbd.OPT_EXPORT_NAME:
-            return  # this option cannot carry an error: the protocol says hang up
-        if length:
-            await reader.readexactly(length)  # at most OPTION_BYTES_MAX (parse_option_header)
-        if option == nbd.OPT_ABORT:
-            writer.write(nbd.pack_option_reply(option, nbd.REP_ACK))
-            return
-        writer.write(nbd.pack_option_error(option, nbd.REP_ERR_POLICY, message))
+class _Connection(HandshakePhase):
+    """One client: handshake and option haggling (``HandshakePhase``), then the
+    transmission phase."""
 
-
-async def _close_stream(writer: asyncio.StreamWriter, linger_s: float | None) -> None:
-    """Close ``writer``'s socket: after what is queued has left, for at most ``linger_s``,
-    else (or with None) at once, dropping it. Never waits past the bound, cancelled or not."""
-    transport = writer.transport
-    if linger_s is None:
-        transport.abort()
-        return
-    writer.close()
-    try:
-        async with asyncio.timeout(linger_s):
-            await writer.wait_closed()
-    except TimeoutError:
-        transport.abort()  # the peer reads nothing: the send buffer would never drain
-    except asyncio.CancelledError:
-        transport.abort()
-        raise
-    except OSError:  # the peer is gone already (a reset, a TLS error)
-        transport.abort()
-
-
-def _check_bounds(*, stall_timeout_s: float, server_inflight_bytes_max: int, idle_timeout_s: float,
-                  close_linger_s: float) -> None:
-    """ConfigError naming the argument: the first two must be above zero (a watchdog
-    every quarter of 0 s would spin), the others at least zero."""
-    for name, value, minimum_excluded in (("stall_timeout_s", stall_timeout_s, True),
-                                          ("server_inflight_bytes_max", server_inflight_bytes_max, True),
-                                          ("idle_timeout_s", idle_timeout_s, False),
-                                          ("close_linger_s", close_linger_s, False)):
-        if value < 0 or (minimum_excluded and value == 0):
-            raise ConfigError(f"NBD server {name} {value}: expected {'above' if minimum_excluded else 'at least'} 0")
-
-
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}"
-    return "unix"
-
-
-class _Connection:
-    """One client: handshake, option haggling, then the transmission phase."""
-
-    def __init__(self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 peer: str) -> None:
+    def __init__(self, server: NbdServer, reader: CountingReader, writer: asyncio.StreamWriter, peer: str) -> None:
         self.server = server
         self.reader, self.writer, self.peer = reader, writer, peer
         self.no_zeroes = False
@@ -399,7 +230,7 @@ class _Connection:
         self._submitted = 0  # writes handed to the backend's submit_write, not answered yet
         self._submitted_idle = asyncio.Event()
         self._submitted_idle.set()
-        self._budget = _InflightBudget(server.inflight_max, server.inflight_bytes_max, server.budget)
+        self._budget = ConnectionBudget(server.inflight_max, server.inflight_bytes_max, server.budget)
         # What the watchdog looks at: bytes read from ``reader`` (vs its ``received``),
         # bytes handed to the transport (less its buffer: bytes sent), and what the reader
         # loop waits for from the client (None: nothing, "header" or "payload").
@@ -407,9 +238,8 @@ class _Connection:
         self._queued_total = 0
         self._awaiting: str | None = None
         self._active_at = self._loop.time()  # last reply handed to the transport
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._progress = (0, 0)
-        self._quiet_since = 0.0
+        self._watchdog = StallWatchdog(self._loop, server.stall_timeout_s, self._bytes_moved, self._owes,
+                                       self._stalled)
         self._dropped: str | None = None  # why drop() ended the connection
         self.served = 0  # requests answered, refused ones included
         self.refused = 0
@@ -438,10 +268,10 @@ class _Connection:
             reason = "server_error"
             logger.error("nbd_connection_failed", exc_info=True, peer=self.peer)
         finally:
-            self._stop_watchdog()
+            self._watchdog.stop()
             await self._cancel_requests()
             self._flush()  # what was answered before the end goes out
-            await _close_stream(self.writer, self._linger_s(reason))
+            await close_stream(self.writer, self._linger_s(reason))
         reason = self._dropped or reason
         logger.info("nbd_disconnected", peer=self.peer, reason=reason, requests=self.served, refused=self.refused)
 
@@ -479,28 +309,12 @@ class _Connection:
 
     # ------------------------------------------------------------------ watchdog
 
-    def _start_watchdog(self) -> None:
-        self._progress = (self.reader.received, self._sent_total())
-        self._quiet_since = self._loop.time()
-        self._watchdog = self._loop.call_later(self.server.stall_timeout_s / 4, self._watch)
+    def _bytes_moved(self) -> tuple[int, int]:
+        """(bytes received, bytes sent): the watchdog's measure of progress."""
+        return self.reader.received, self._sent_total()
 
-    def _stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-
-    def _watch(self) -> None:
-        """Timer, four times per ``stall_timeout_s``: drops a client that owes us bytes
-        and has moved none since ``stall_timeout_s`` ago."""
-        now = self._loop.time()
-        progress = (self.reader.received, self._sent_total())
-        if progress != self._progress or not self._owes():
-            self._progress, self._quiet_since = progress, now
-        elif now - self._quiet_since >= self.server.stall_timeout_s:
-            self._watchdog = None
-            self.drop("stalled")
-            return
-        self._watchdog = self._loop.call_later(self.server.stall_timeout_s / 4, self._watch)
+    def _stalled(self) -> None:
+        self.drop("stalled")
 
     def _owes(self) -> bool:
         """The client owes us bytes: replies it has not read, or the rest of a request."""
@@ -550,157 +364,8 @@ class _Connection:
             self._queued_total += queued
             self._active_at = self._loop.time()
 
-    # ------------------------------------------------------------------ handshake
-
-    async def _handshake(self) -> Export | None:
-        """The export chosen by GO or EXPORT_NAME, or None after ABORT."""
-        await self._send(nbd.server_greeting())
-        client_flags = nbd.parse_client_flags(await self._read(nbd.CLIENT_FLAGS_SIZE))
-        self.no_zeroes = bool(client_flags & nbd.FLAG_C_NO_ZEROES)
-        for _ in range(OPTIONS_PER_CONNECTION_MAX):
-            header = await self._read(nbd.OPTION_HEADER_SIZE)
-            try:
-                option, length = nbd.parse_option_header(header)
-            except nbd.OptionTooBig as exc:
-                await self._send(nbd.pack_option_error(exc.option, nbd.REP_ERR_TOO_BIG, exc.message))
-                raise
-            data = await self._read(length) if length else b""
-            try:
-                done, export = await self._option(option, data)
-            except nbd.OptionInvalid as exc:
-                await self._send(nbd.pack_option_error(option, nbd.REP_ERR_INVALID, exc.message))
-                continue
-            if done:
-                return export
-        raise nbd.NbdProtocolError(f"more than {OPTIONS_PER_CONNECTION_MAX} options")
-
-    async def _read(self, n: int) -> bytes:
-        data = await self.reader.readexactly(n)
-        self._consumed += n
-        return data
-
-    async def _option(self, option: int, data: bytes) -> tuple[bool, Export | None]:
-        """Answer one option; (True, export) when haggling is over."""
-        if option == nbd.OPT_STARTTLS:
-            if self.server.tls is None:
-                await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNSUP, "this server serves without TLS"))
-                return False, None
-            if self.tls_active:
-                raise nbd.OptionInvalid("STARTTLS on a connection already in TLS")
-            if data:
-                raise nbd.OptionInvalid("STARTTLS takes no data")
-            await self._send(nbd.pack_option_reply(option, nbd.REP_ACK))
-            await self._start_tls()
-            return False, None
-        if self.server.tls is not None and not self.tls_active and option != nbd.OPT_ABORT:
-            if option == nbd.OPT_EXPORT_NAME:
-                # This option cannot carry an error: the protocol says hang up.
-                raise nbd.NbdProtocolError("EXPORT_NAME before STARTTLS on a server that requires TLS")
-            await self._send(nbd.pack_option_error(option, nbd.REP_ERR_TLS_REQD,
-                                                   "this server requires TLS: send STARTTLS first"))
-            return False, None
-        if option == nbd.OPT_EXPORT_NAME:
-            try:
-                export = self.server.exports.get(nbd.parse_export_name(data))
-            except nbd.OptionInvalid as exc:
-                raise nbd.NbdProtocolError(f"EXPORT_NAME: {exc.message}") from None
-            if export is None:
-                # This option cannot carry an error: the protocol says hang up.
-                raise nbd.NbdProtocolError(f"EXPORT_NAME of unknown export {data[:64]!r}")
-            self._enter(export)
-            await self._send(nbd.pack_export_name_reply(export.backend.size, self._tflags(export), self.no_zeroes))
-            return True, export
-        if option in (nbd.OPT_GO, nbd.OPT_INFO):
-            name, wanted = nbd.parse_info_request(data)
-            export = self.server.exports.get(name)
-            if export is None:
-                await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNKNOWN, f"no export named {name!r}"))
-                return False, None
-            await self._send(*self._info_replies(option, export, wanted))
-            if option == nbd.OPT_GO:
-                self._enter(export)
-                return True, export
-            return False, None
-        if option == nbd.OPT_ABORT:
-            await self._send(nbd.pack_option_reply(option, nbd.REP_ACK))
-            return True, None
-        if option == nbd.OPT_LIST:
-            if data:
-                raise nbd.OptionInvalid("LIST takes no data")
-            replies = [nbd.pack_option_reply(option, nbd.REP_SERVER, nbd.pack_rep_server(e.name, e.description))
-                       for e in self.server.exports.values()]
-            await self._send(*replies, nbd.pack_option_reply(option, nbd.REP_ACK))
-            return False, None
-        if option == nbd.OPT_STRUCTURED_REPLY:
-            if data:
-                raise nbd.OptionInvalid("STRUCTURED_REPLY takes no data")
-            self.structured = True
-            await self._send(nbd.pack_option_reply(option, nbd.REP_ACK))
-            return False, None
-        # Meta contexts, and anything newer.
-        await self._send(nbd.pack_option_error(option, nbd.REP_ERR_UNSUP, f"option {option} is not supported"))
-        return False, None
-
-    async def _start_tls(self) -> None:
-        """Upgrade this connection to TLS, server side, after STARTTLS's ACK went out.
-
-        A new reader and protocol over the TLS transport rather than
-        ``StreamWriter.start_tls``: on Python 3.11 that one leaves the reader pausing and
-        resuming the raw socket's transport, under the TLS layer's own flow control, so
-        the reader's bound on what it buffers would no longer hold."""
-        self._flush()
-        await self.writer.drain()
-        loop = asyncio.get_running_loop()
-        reader = _CountingReader(limit=READ_BUFFER_BYTES)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        try:
-            transport = await loop.start_tls(self.writer.transport, protocol, self.server.tls, server_side=True)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            logger.warning("nbd_tls_refused", peer=self.peer, reason=describe_tls_error(exc, f"NBD client {self.peer}"))
-            raise ConnectionResetError("TLS handshake failed") from None
-        protocol.connection_made(transport)  # start_tls does not: the protocol is new to the transport
-        # The plain writer stays referenced: when collected, a StreamWriter whose transport
-        # is open closes it — here the socket under the TLS session.
-        self._plain_streams = (self.reader, self.writer)
-        self.reader, self.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-        self._consumed = 0  # counted from here against the new reader
-        self._queued_total = 0
-        self.tls_active = True
-        logger.info("nbd_tls", peer=self.peer, version=transport.get_extra_info("ssl_object").version())
-
-    def _info_replies(self, option: int, export: Export, wanted: tuple[int, ...]) -> list[bytes]:
-        sizes = export.backend.block_sizes
-        # EXPORT is mandatory; BLOCK_SIZE always goes along, as our minimum is not the default 1.
-        infos = [nbd.pack_info_export(export.backend.size, self._tflags(export)),
-                 nbd.pack_info_block_size(sizes.minimum, sizes.preferred, sizes.maximum)]
-        if nbd.INFO_NAME in wanted:
-            infos.append(nbd.pack_info_string(nbd.INFO_NAME, export.name))
-        if nbd.INFO_DESCRIPTION in wanted and export.description:
-            infos.append(nbd.pack_info_string(nbd.INFO_DESCRIPTION, export.description))
-        replies = [nbd.pack_option_reply(option, nbd.REP_INFO, info) for info in infos]
-        replies.append(nbd.pack_option_reply(option, nbd.REP_ACK))
-        return replies
-
-    def _tflags(self, export: Export) -> int:
-        backend = export.backend
-        flags = nbd.TFLAG_HAS_FLAGS | nbd.TFLAG_SEND_FLUSH | nbd.TFLAG_SEND_FUA
-        if backend.read_only:
-            flags |= nbd.TFLAG_READ_ONLY
-        else:
-            flags |= nbd.TFLAG_SEND_TRIM | nbd.TFLAG_SEND_WRITE_ZEROES
-        if self.structured:
-            flags |= nbd.TFLAG_SEND_DF  # a read is always answered with one data chunk
-        if backend.multi_conn_safe:
-            flags |= nbd.TFLAG_CAN_MULTI_CONN
-        return flags
-
-    def _enter(self, export: Export) -> None:
-        sizes = export.backend.block_sizes
-        self.export = export
-        self.limits = nbd.ExportLimits(export.backend.size, export.backend.read_only,
-                                       sizes.minimum, sizes.maximum, self.structured)
-
     # ------------------------------------------------------------------ transmission
+    # (the handshake before it is HandshakePhase's: cdp.nbd.handshake)
 
     async def _transmission(self) -> str:
         """Read requests until DISC (returns "disc") or a protocol error / end of stream.
@@ -709,11 +374,11 @@ class _Connection:
         not yet sent, plus what the reader buffers (``READ_BUFFER_BYTES``, twice that at
         most before it stops reading the socket). The watchdog runs meanwhile."""
         assert self.export is not None and self.limits is not None
-        self._start_watchdog()
+        self._watchdog.start()
         try:
             return await self._read_requests()
         finally:
-            self._stop_watchdog()
+            self._watchdog.stop()
 
     async def _read_requests(self) -> str:
         submit = getattr(self.export.backend, "submit_write", None)
@@ -771,7 +436,7 @@ class _Connection:
                     code = nbd_errno(exc)
                     logger.warning("nbd_backend_error", peer=self.peer, export=self.export.name, command=req.name,
                                    offset=req.offset, length=req.length, error=code, reason=str(exc))
-                    self._send_nowait(*self._error_parts(req, code, f"{req.name} failed: {exc}"))
+                    self._reply_error(req, code, f"{req.name} failed: {exc}")
             finally:
                 self.served += 1
                 self._budget.give(cost)
@@ -818,7 +483,7 @@ class _Connection:
             self._reply_error(req, code, message)
             return
         try:
-            data = await self._run(req, payload)
+            data = await run_command(self.export.backend, req, payload)
         except asyncio.CancelledError:
             raise
         except (OSError, CdpError) as exc:
@@ -832,51 +497,10 @@ class _Connection:
                          command=req.name)
             self._reply_error(req, nbd.EIO, f"{req.name} failed: {type(exc).__name__}")
             return
-        self._reply_ok(req, data)
-
-    async def _run(self, req: nbd.Request, payload: bytes) -> bytes | bytearray | memoryview | None:
-        backend = self.export.backend
-        fua = bool(req.flags & nbd.CMD_FLAG_FUA)
-        if req.command == nbd.CMD_READ:
-            data = await backend.read(req.offset, req.length) if req.length else b""
-            if len(data) != req.length:
-                raise OSError(errno.EIO, f"backend returned {len(data)} bytes for a read of {req.length}")
-            return data
-        if req.command == nbd.CMD_WRITE:
-            if req.length:
-                await backend.write(req.offset, payload, fua)
-        elif req.command == nbd.CMD_FLUSH:
-            await backend.flush()
-        elif req.command == nbd.CMD_TRIM:
-            if req.length:
-                await backend.trim(req.offset, req.length)
-            if fua:
-                await backend.flush()
-        elif req.command == nbd.CMD_WRITE_ZEROES:
-            if req.length:
-                may_trim = not req.flags & nbd.CMD_FLAG_NO_HOLE
-                await backend.write_zeroes(req.offset, req.length, may_trim, fua)
-        else:
-            raise AssertionError(f"request_error let {req.name} through")
-        return None
-
-    def _reply_ok(self, req: nbd.Request, data: bytes | bytearray | memoryview | None) -> None:
-        if req.command != nbd.CMD_READ:
-            self._send_nowait(nbd.pack_simple_reply(req.handle))
-        elif not self.structured:
-            self._send_nowait(nbd.pack_simple_reply(req.handle), data)
-        elif req.length:
-            self._send_nowait(nbd.pack_data_chunk_header(req.handle, req.offset, req.length, done=True), data)
-        else:
-            self._send_nowait(nbd.pack_none_chunk(req.handle))  # a data chunk holds at least one byte
+        self._send_nowait(*ok_reply(req, data, self.structured))
 
     def _reply_error(self, req: nbd.Request, code: int, message: str) -> None:
-        self._send_nowait(*self._error_parts(req, code, message))
-
-    def _error_parts(self, req: nbd.Request, code: int, message: str) -> tuple[bytes]:
-        if self.structured:
-            return (nbd.pack_error_chunk(req.handle, code, message),)
-        return (nbd.pack_simple_reply(req.handle, code),)
+        self._send_nowait(*error_reply(req, code, message, self.structured))
 
     async def _drain_requests(self) -> None:
         """DISC: the protocol wants every outstanding request answered first."""

@@ -403,6 +403,30 @@ async def test_bad_inputs_exit_with_a_message(world: World, tmp_path: Path) -> N
         assert message in err and "Traceback" not in err, (domain, args, err)
 
 
+async def test_a_planted_lock_file_is_refused_with_exit_6(world: World, tmp_path: Path) -> None:
+    """A symbolic link as the overlay directory's .mount.lock ended cdp mount with "Too
+    many levels of symbolic links" and exit 1; a FIFO there was locked as if a file."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not a lock file\n")
+    plants = {"symlink": "a symbolic link", "fifo": "a FIFO"}
+    directories = {plant: tmp_path / f"overlay-{plant}" for plant in plants}
+    for plant, directory in directories.items():
+        directory.mkdir()
+        if plant == "symlink":
+            os.symlink(victim, directory / ".mount.lock")
+        else:
+            os.mkfifo(directory / ".mount.lock")
+    results = await asyncio.gather(*(run_mount_to_end(world.domain.url, tmp_path, "--latest", "--nbd", "127.0.0.1:0",
+                                                      "--writable", "--overlay", str(directory))
+                                     for directory in directories.values()))
+    for (plant, found), (code, out, err) in zip(plants.items(), results):
+        lock = directories[plant] / ".mount.lock"
+        assert code == 6 and not out.strip(), (plant, code, out, err)
+        assert f"{lock}: {found} where the overlay directory's lock file is expected" in err, (plant, err)
+        assert "Traceback" not in err, err
+    assert victim.read_bytes() == b"not a lock file\n"
+
+
 # --------------------------------------------------------------------------- S3
 
 

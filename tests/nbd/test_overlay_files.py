@@ -1,7 +1,8 @@
 """The overlay directory of a writable mount with names planted in it: symbolic links, hard
-links to files elsewhere, a FIFO, maps of the wrong size. The overlay never writes,
-truncates or blocks on anything but a regular file of its own, and never reads more of
-a map than this disk's map holds; a refusal names the file."""
+links to files elsewhere, a FIFO, maps of the wrong size, a lock file that is not one.
+The overlay never writes, truncates or blocks on anything but a regular file of its own,
+and never reads more of a map than this disk's map holds; the mount locks only a lock
+file of its own; a refusal names the file."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cdp.errors import ConfigError, FormatError
+from cdp.errors import Busy, ConfigError, FormatError
 from rocva.errors import RecoveryError
+from rocva.mount import OVERLAY_LOCK_NAME, _OverlayDir
 from rocva.overlay import MAP_SUFFIX, Overlay, OverlayIdentity, encode_map
 
 SIZE = 16 * 4096
@@ -164,3 +166,49 @@ async def test_the_map_is_replaced_not_written_through_a_planted_link(directory:
         assert bytes(await reopened.read(0, 4096, _lower)) == b"\x11" * 4096
     finally:
         reopened.close()
+
+
+# --------------------------------------------------------------------------- the lock file
+
+
+async def lock_directory(directory: Path) -> _OverlayDir:
+    async with asyncio.timeout(OPEN_TIMEOUT_S):
+        return await asyncio.to_thread(_OverlayDir.make, directory)
+
+
+@pytest.mark.parametrize("plant,found", [("symlink", "a symbolic link"), ("dangling_symlink", "a symbolic link"),
+                                         ("fifo", "a FIFO"), ("directory", "a directory"),
+                                         ("hard_link", "a file with 2 hard links")])
+async def test_a_planted_lock_file_is_refused_by_name(directory: Path, victim: Path, plant: str,
+                                                      found: str) -> None:
+    """Each used to end cdp mount with a bare OSError (exit 1: "Too many levels of symbolic
+    links") or to lock a file that is not the mount's own."""
+    lock = directory / OVERLAY_LOCK_NAME
+    if plant == "symlink":
+        os.symlink(victim, lock)
+    elif plant == "dangling_symlink":
+        os.symlink(directory / "nowhere", lock)
+    elif plant == "fifo":
+        os.mkfifo(lock)
+    elif plant == "directory":
+        lock.mkdir()
+    else:
+        os.link(victim, lock)
+    with pytest.raises(RecoveryError, match=rf"^{re.escape(str(lock))}: {found} where the overlay directory's "
+                                            rf"lock file is expected") as refused:
+        await lock_directory(directory)
+    assert refused.value.exit_code == 6
+    assert victim.read_bytes() == PRECIOUS
+    assert not (directory / "nowhere").exists()  # a dangling link's target is not created
+
+
+async def test_the_lock_file_is_created_then_reused_and_held(directory: Path) -> None:
+    first = await lock_directory(directory)
+    try:
+        assert (directory / OVERLAY_LOCK_NAME).stat().st_nlink == 1
+        with pytest.raises(Busy, match="another cdp mount uses it"):
+            await lock_directory(directory)
+    finally:
+        first.close(keep=True)
+    again = await lock_directory(directory)  # the lock file left behind is the mount's own: reused
+    again.close(keep=True)
