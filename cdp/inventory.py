@@ -189,6 +189,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     state = state_dir if state_dir is not None else data.get("state_dir", DEFAULT_STATE_DIR)
     if not isinstance(state, (str, Path)) or not str(state):
         r.fail("state_dir", "a directory path", state)
+    r.file_path(str(state), "state_dir")
     state_path = Path(base_dir) / Path(state)
     host_names: list[str] = []
     for i, host in enumerate(r.list(data["hosts"], "hosts", nonempty=True)):
@@ -233,8 +234,7 @@ def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[V
             disk_name = r.name(disk["name"], f"{dat}.name")
             r.unique(disk_name, disk_names, f"{dat}.name", "disk")
             image = disk.get("image", f"{name}-{disk_name}.img")
-            if not isinstance(image, str) or not image:
-                r.fail(f"{dat}.image", "a file path", image)
+            r.file_path(image, f"{dat}.image")
             path = state_dir / image
             if path.resolve() in images:
                 r.fail(f"{dat}.image", "an image file no other disk uses", str(path))

@@ -24,6 +24,16 @@ _ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 U32_MAX = 2**32 - 1
 SIZE_MAX = 1 << 50  # 1 PiB: larger is a typo, and more than a file system will preallocate
 _MISSING = object()
+PATH_BYTES_MAX = 4095  # Linux's PATH_MAX, less its NUL
+NAME_BYTES_MAX = 255  # one path component (NAME_MAX)
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SHOWN_CHARS_MAX = 80  # of a value quoted in an error: a 100 KB name made a 100 KB message
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to SHOWN_CHARS_MAX characters for a message."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS_MAX else f"{text[:SHOWN_CHARS_MAX]}... ({len(text)} characters)"
 
 
 class Endpoint(NamedTuple):
@@ -42,7 +52,7 @@ class TomlReader:
         self.source = source
 
     def fail(self, path: str, expected: str, value: Any = _MISSING) -> NoReturn:
-        got = "nothing" if value is _MISSING else repr(value)
+        got = "nothing" if value is _MISSING else shown(value)
         raise ConfigError(f"{self.source}: {path}: expected {expected}, got {got}")
 
     def table(self, value: Any, path: str, required: set[str], optional: set[str]) -> Mapping:
@@ -50,7 +60,8 @@ class TomlReader:
             self.fail(path, "a table", value)
         for key in sorted(set(value) - required - optional):
             keys = ", ".join(sorted(required | optional))
-            at = f"{path}.{key}" if path else key
+            key_text = key if _PLAIN_KEY.fullmatch(key) else shown(key)  # a typo as written; anything else quoted
+            at = f"{path}.{key_text}" if path else key_text
             raise ConfigError(f"{self.source}: {at}: unknown key (expected one of: {keys})")
         for key in sorted(required - set(value)):
             self.fail(f"{path}.{key}" if path else key, self._expects.get(key, "a value"))
@@ -61,6 +72,20 @@ class TomlReader:
                 "vms": "a list of VM names", "site": "a site name", "hosts": "a list of hosts",
                 "listen": "'host:port'", "domain": "a domain name", "cluster": "a file path",
                 "store": "a store URL or path", "path": "a file path"}
+
+    def file_path(self, value: Any, path: str) -> str:
+        """A path as written (relative ones are the caller's to resolve): a non-empty
+        string with no NUL (the OS would refuse it later, with a traceback), at most
+        PATH_BYTES_MAX bytes and NAME_BYTES_MAX per component."""
+        if not isinstance(value, str) or not value or "\0" in value:
+            self.fail(path, "a file path (a non-empty string without NUL)", value)
+        try:
+            encoded = value.encode()
+        except UnicodeEncodeError:
+            self.fail(path, "a file path in valid Unicode", value)
+        if len(encoded) > PATH_BYTES_MAX or any(len(part) > NAME_BYTES_MAX for part in encoded.split(b"/")):
+            self.fail(path, f"a file path of at most {PATH_BYTES_MAX} bytes, {NAME_BYTES_MAX} per name", value)
+        return value
 
     def list(self, value: Any, path: str, *, nonempty: bool) -> list:
         if not isinstance(value, list) or (nonempty and not value):

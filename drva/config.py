@@ -66,7 +66,7 @@ from cdp.frame import FRAME_LEN_MAX
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START, entry_stride
 from cdp.store.open import check_store_url, config_store_url
 from cdp.tls import server_context
-from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX
+from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX, TomlReader
 from cdp.units import parse_size
 
 DEFAULT_SITE = "default"
@@ -197,6 +197,16 @@ class _Reader:
             raise ConfigError(f"{self.where(key)}: {value!r} is not a {names}")
         return value
 
+    def path(self, key: str) -> str:
+        """A path: a non-empty string without NUL, at most 4,095 bytes and 255 per name
+        (as ``cdp.tomlread.TomlReader.file_path``; a NUL ended the load in a traceback)."""
+        value = self.get(key, str)
+        try:
+            TomlReader(self.source).file_path(value, f"{self.prefix}{key}")
+        except ConfigError as exc:
+            raise ConfigError(exc.message) from None
+        return value
+
     def table(self, key: str) -> "_Reader":
         return _Reader(self.get(key, dict, {}), self.source, f"{self.prefix}{key}.")
 
@@ -255,7 +265,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
                     for i, d in enumerate(r.get("domains", list)))
     if len({d.id for d in domains}) != len(domains):
         raise ConfigError(f"{r.where('domains')}: domain ids must be unique")
-    state_dir = here / r.get("state_dir", str)
+    state_dir = here / r.path("state_dir")
     if (blocker := blocking_file(state_dir)) is not None:
         raise ConfigError(f"{r.where('state_dir')}: expected a directory (or a path where one can be made); "
                           f"{blocker!r} is a regular file")
@@ -270,10 +280,10 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
         site=r.name("site") if "site" in r.doc else DEFAULT_SITE,
         state_dir=state_dir, store_url=_store_url(r, "store", here),
         secret=secret.encode(),
-        log_path=here / log.get("path", str),
+        log_path=here / log.path("path"),
         log_size=log_size,
         log_direct=log.get("direct", bool, False),
-        meta_path=here / meta.get("path", str),
+        meta_path=here / meta.path("path"),
         domains=domains,
         seal_bytes=parse_size(seal.get("bytes", (int, str), 16 << 20), seal.where("bytes")),
         seal_age_s=seal.number("age_s", 1.0, *SEAL_AGE_S_RANGE),

@@ -414,13 +414,9 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
             {"state_dir", "secret_env", "api", "defaults", "protect", "alarms", "jobs", "recovery_roots",
              "hypervisor", "peer", "standby", "tls"})
     site = r.name(data["site"], "site")
-    if not isinstance(data["cluster"], str):
-        r.fail("cluster", "a file path", data["cluster"])
-    cluster_path = here / data["cluster"]
+    cluster_path = here / r.file_path(data["cluster"], "cluster")
     store_url = _store_url(r, data["store"], "store", here)
-    state_dir = data.get("state_dir", "state")
-    if not isinstance(state_dir, str) or not state_dir:
-        r.fail("state_dir", "a directory path", state_dir)
+    state_dir = r.file_path(data.get("state_dir", "state"), "state_dir")
     if (blocker := blocking_file(here / state_dir)) is not None:
         raise ConfigError(f"{path}: state_dir: expected a directory (or a path where one can be made), got "
                           f"{state_dir!r}: {blocker!r} is a regular file")
@@ -433,6 +429,9 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     token_env = api.get("token_env", "CDP_API_TOKEN")
     if not isinstance(token_env, str) or not token_env:
         r.fail("api.token_env", "an environment variable name", token_env)
+    if token_env == secret_env:  # every host holds the secret: it would drive the API too
+        r.fail("api.token_env", f"a variable other than secret_env ({secret_env}): the filters' handshake "
+                                f"secret, which every host holds, must not also be the API's token", token_env)
     drvas = _drvas(r, data["drvas"], here)
     defaults = _policy(r, r.table(data.get("defaults", {}), "defaults", set(), _POLICY_KEYS), "defaults",
                        Policy())
@@ -454,9 +453,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
     retention_days = r.number(jobs.get("retention_days", 60), "jobs.retention_days", 1, 3650)
     recovery_roots = []
     for i, root in enumerate(r.list(data.get("recovery_roots", []), "recovery_roots", nonempty=False)):
-        if not isinstance(root, str) or not root or "\0" in root:
-            r.fail(f"recovery_roots[{i}]", "a directory path", root)
-        recovery_roots.append(here / root)
+        recovery_roots.append(here / r.file_path(root, f"recovery_roots[{i}]"))
     hypervisor = _hypervisor(r, data.get("hypervisor", {}))
     peer = None
     if "peer" in data:
@@ -467,8 +464,11 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         peer_token_env = p.get("token_env", "CDP_PEER_TOKEN")
         if not isinstance(peer_token_env, str) or not peer_token_env:
             r.fail("peer.token_env", "an environment variable name", peer_token_env)
-        if "ca" in p and (not isinstance(p["ca"], str) or not p["ca"]):
-            r.fail("peer.ca", "the path of the peer site's CA certificate (PEM)", p["ca"])
+        if peer_token_env in (secret_env, token_env):  # a secret of this site sent to the peer
+            r.fail("peer.token_env", f"a variable other than secret_env ({secret_env}) and api.token_env "
+                                     f"({token_env}): the peer's token is sent to the peer", peer_token_env)
+        if "ca" in p:
+            r.file_path(p["ca"], "peer.ca")
         peer = PeerSpec(peer_name, r.endpoint(p["api"], "peer.api"), peer_token_env,
                         _store_url(r, p["store"], "peer.store", here) if "store" in p else None,
                         here / p["ca"] if "ca" in p else None)
@@ -592,6 +592,7 @@ def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
     out: list[DrvaSpec] = []
     names: set[str] = set()
     endpoints: set[Endpoint] = set()
+    partitions: dict[str, str] = {}  # normalised path -> the key that named it (links: preflight resolves)
     for i, d in enumerate(r.list(value, "drvas", nonempty=True)):
         at = f"drvas[{i}]"
         r.table(d, at, {"name", "listen", "log", "meta"}, {"seal", "upload_concurrency"})
@@ -605,8 +606,11 @@ def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
         meta = r.table(d["meta"], f"{at}.meta", {"path"}, set())
         seal = r.table(d.get("seal", {}), f"{at}.seal", set(), {"bytes", "age_s"})
         for key, tbl in (("log.path", log), ("meta.path", meta)):
-            if not isinstance(tbl["path"], str) or not tbl["path"]:
-                r.fail(f"{at}.{key}", "a file path", tbl["path"])
+            r.file_path(tbl["path"], f"{at}.{key}")
+            where = os.path.normpath(here / tbl["path"])
+            if where in partitions:  # two writers of one partition: the second would find the first's
+                r.fail(f"{at}.{key}", f"a path no other partition uses ({partitions[where]} is there)", tbl["path"])
+            partitions[where] = f"{at}.{key}"
             if (blocker := blocking_file((here / tbl["path"]).parent)) is not None:
                 raise ConfigError(f"{r.source}: {at}.{key}: expected a file path whose directories exist or can "
                                   f"be made, got {tbl['path']!r}: {blocker!r} is a regular file")

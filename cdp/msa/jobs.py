@@ -272,7 +272,7 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
         store.write(record)
         raise
     except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
-        record["state"], record["error"] = "failed", f"{exc.strerror or type(exc).__name__}" + (
+        record["state"], record["error"] = "failed", f"{exc.strerror or str(exc) or type(exc).__name__}" + (
             f": {exc.filename}" if exc.filename else "")
         record["exit_code"] = 1
     except Exception as exc:

@@ -82,8 +82,8 @@ def parse_tls(r: TomlReader, value: Any, here: Path, state_dir: Path) -> TlsSpec
     if mode == "off":
         return None
     tls_dir = t.get("dir")
-    if tls_dir is not None and (not isinstance(tls_dir, str) or not tls_dir):
-        r.fail("tls.dir", "a directory path", tls_dir)
+    if tls_dir is not None:
+        r.file_path(tls_dir, "tls.dir")
     listed = r.list(t.get("server_names", []), "tls.server_names", nonempty=False)
     if len(listed) > TLS_SERVER_NAMES_MAX:
         r.fail("tls.server_names", f"at most {TLS_SERVER_NAMES_MAX} names", len(listed))

@@ -115,6 +115,8 @@ RULES = [
     ("size bad unit", _set(["vms", 2, "disks", 0, "size"], "64XB"), "vms[2].disks[0].size"),
     ("size a bool", _set(["vms", 2, "disks", 0, "size"], True), "vms[2].disks[0].size"),
     ("shared image", _set(["vms", 1, "disks", 0, "image"], "a-d0.img"), "vms[1].disks[0].image"),
+    ("image with a NUL", _set(["vms", 1, "disks", 0, "image"], "b\0.img"), "vms[1].disks[0].image"),
+    ("state_dir with a NUL", _set(["state_dir"], "st\0ate"), "state_dir"),
     ("vm in two domains", _set(["domains", 1, "vms"], ["c", "a"]), "domains[1].vms[1]"),
     ("vm twice in a domain", _set(["domains", 0, "vms"], ["a", "a"]), "domains[0].vms[1]"),
     ("unknown vm", _set(["domains", 0, "vms"], ["a", "zz"]), "domains[0].vms[1]"),

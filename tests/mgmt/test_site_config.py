@@ -177,6 +177,19 @@ BAD_SITES = [
      "drvas[1].seal.bytes", "at least 1048576 bytes"),
     ("a DRVA named ..", lambda s: s.replace('name = "drva-2"', 'name = ".."'), "drvas[1].name", "not '.' or '..'"),
     ("empty drvas", lambda s: s.split("[[drvas]]")[0] + "drvas = []\n", "drvas", "a non-empty list"),
+    # A review's hostile site files: each used to load (or end in a traceback).
+    ("two DRVAs on one metadata repository", lambda s: s.replace('path = "state/drva-2/meta"', 'path = "state/drva-1/meta"'),
+     "drvas[1].meta.path", "a path no other partition uses (drvas[0].meta.path is there)"),
+    ("a log on another's metadata", lambda s: s.replace('path = "state/drva-2/replog"', 'path = "state/./drva-1/meta"'),
+     "drvas[1].log.path", "a path no other partition uses (drvas[0].meta.path is there)"),
+    ("the API token in the filters' secret", lambda s: s.replace('store = "store"\n', 'store = "store"\nsecret_env = "SHARED"\n'
+                                                                     '[api]\ntoken_env = "SHARED"\n'),
+     "api.token_env", "a variable other than secret_env (SHARED)"),
+    ("a NUL in state_dir", lambda s: 'state_dir = "st\\u0000ate"\n' + s, "state_dir", "without NUL"),
+    ("a NUL in a log path", lambda s: s.replace('path = "state/drva-2/replog"', 'path = "state/drva-2/re\\u0000plog"'),
+     "drvas[1].log.path", "without NUL"),
+    ("a path longer than PATH_MAX", lambda s: s.replace('path = "state/drva-2/replog"', 'path = "' + "a/" * 3000 + 'x"'),
+     "drvas[1].log.path", "at most 4095 bytes"),
 ]
 
 
@@ -323,3 +336,11 @@ def test_the_examples_with_one_store_per_direction_load(tmp_path: Path) -> None:
     assert (site_b.store_url, site_b.store_urls()) == (sb, (sb, sa))
     assert site_a.store_url_for("erp") == site_b.store_url_for("erp") == sa  # erp's for its whole life
     assert site_a.store_url_for("crm") == site_b.store_url_for("crm") == sb
+
+
+def test_a_long_value_is_cut_short_in_the_message(tmp_path: Path) -> None:
+    """A 100 KB name made a 100 KB error: a quoted value is at most 80 characters."""
+    path = write_site(tmp_path, SITE.replace('name = "drva-2"', 'name = "' + "x" * 100_000 + '"'))
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    assert len(err.value.message) < 400 and "(100002 characters)" in err.value.message, err.value.message
