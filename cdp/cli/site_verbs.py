@@ -35,9 +35,13 @@ def _run_as_job(config_path: Path, name: str, args: dict[str, Any], timeout_s: f
                 human: Callable[[dict[str, Any]], str]) -> None:
     """Load the site file, run ``work(cfg, job)`` as job ``name``, print the result, exit."""
     from cdp.msa.config import load_site_config
+    from cdp.msa.install_dirs import ensure_state_dir
     from cdp.msa.jobs import JobStore, run_job
 
     cfg = load_site_config(config_path)
+    # Install's directory check, before the job store prunes or writes a record there: a
+    # state_dir another user controls is refused with nothing written in it.
+    ensure_state_dir(cfg, f"the {name} job writes its record")
     jobs = JobStore(cfg.state_dir / "jobs", cfg.jobs_retention_s)
     jobs.prune()
 

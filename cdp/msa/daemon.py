@@ -138,8 +138,11 @@ class MsaDaemon:
 
     async def start(self) -> None:
         from cdp.msa.api import start_api
+        from cdp.msa.install_dirs import ensure_state_dir
 
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # The check install makes: a state_dir another user can write could have the pid
+        # file (which uninstall signals) or a job record point elsewhere.
+        ensure_state_dir(self.cfg, "the daemon writes its pid file and job records")
         self._claim_pid_file()
         try:
             if self.cfg.tls is not None:  # before a DRVA or the API would fail on a missing file

@@ -16,10 +16,19 @@ is a failure of that check, never an exception out of the preflight.
   lives, and its metadata repository.
 - ``preflight_install``: the site and cluster files agree; each protected domain's VMs
   and hosts; the simulated disk images; name clashes (DRVAs, VMs, hosts; two DRVAs on
-  one port); the ports free (DRVAs by convention on 32873–32878); no installation of
-  another site in the store nor in the state directory.
-- ``preflight_uninstall``: the installation (deployment record, daemon); what uninstall
-  would remove, and what it keeps unless ``--purge`` (each domain's objects).
+  one port); the directories install writes in are ours alone (``dirs``: the check
+  install makes first); the ports free (DRVAs by convention on 32873–32878); no
+  installation of another site in the store nor in the state directory.
+- ``preflight_uninstall``: the installation (deployment record, daemon); the state
+  directory ours alone (``dirs``); what uninstall would remove — the partitions the
+  install record names, still the files install made — and what it keeps (every other
+  partition, and each domain's objects unless ``--purge``, or even then when another
+  site owns them).
+
+A directory ``dirs`` refuses is reported there only: a check that would read in it (the
+state directory's installation and pid file, the TLS directory, the install record) is
+not run, as install and uninstall stop before reading it; the ports are checked without
+asking the daemon.
 """
 
 from __future__ import annotations
@@ -45,11 +54,17 @@ from cdp.locks import SKEW_DEFAULT_S
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START
 from cdp.meta import SLOT_SIZE_DEFAULT
 from cdp.msa.config import DRVA_PORTS, DrvaSpec, SiteConfig
-from cdp.msa.deployment import SITES_PREFIX, deployment_key, read_deployment
-from cdp.msa.install import (
-    daemon_state, domain_usage, drva_config_path, foreign_domains, inspect_log, inspect_meta, jobs_dir,
-    other_sites, registered_kept,
+from cdp.msa.deployment import (
+    SITES_PREFIX, MadePartition, deployment_key, install_record_path, load_install_record, read_deployment,
 )
+from cdp.msa.install_daemon import DaemonState, daemon_state
+from cdp.msa.install_dirs import (
+    check_state_dir, dir_problem, drva_config_path, jobs_dir, local_dir_errors, local_dirs, who,
+)
+from cdp.msa.install_inspect import ROLES, PathState, inspect_log, inspect_meta
+from cdp.msa.install_purge import domain_usage, registered_kept
+from cdp.msa.install_removal import drva_dir_kept, kept_not_made, made_verdict
+from cdp.msa.install_store import foreign_domains, other_sites
 from cdp.msa.protection import load_protection, protection_path
 from cdp.store.base import ObjectStore
 
@@ -403,12 +418,13 @@ async def check_store(cfg: SiteConfig, env: Mapping[str, str], store: ObjectStor
             await store.close()
 
 
-def check_log_partition(drva: DrvaSpec) -> Check:
-    """The DRVA's replication-log partition: this DRVA's (kept by install), or a path
-    install can format (missing or blank, with room); its size."""
+def check_log_partition(cfg: SiteConfig, drva: DrvaSpec) -> Check:
+    """The DRVA's replication-log partition: this DRVA's of this site (kept by install;
+    one labelled for another site is refused, as install refuses it), or a path install
+    can format (missing or blank, with room); its size."""
     name = f"drva.{drva.name}.log"
     path, want = drva.log_path, drva.log_size
-    state = inspect_log(path, drva.name)
+    state = inspect_log(path, drva.name, cfg.site)
     details: dict[str, Any] = {"path": str(path), "configured_bytes": want, **state.to_dict()}
     if state.kind == "other" or (state.exists and not state.ours and not state.blank):
         return Check(name, "fail", f"{path}: {state.what}; install refuses to overwrite it", details)
@@ -491,10 +507,12 @@ def check_fsync(drva: DrvaSpec) -> Check:
     return Check(name, "pass", text, details)
 
 
-def check_meta(drva: DrvaSpec) -> Check:
+def check_meta(cfg: SiteConfig, drva: DrvaSpec) -> Check:
+    """The DRVA's metadata repository: one install keeps (not another DRVA's, nor one
+    install made for another site), or a path it can create."""
     name = f"drva.{drva.name}.meta"
     path = drva.meta_path
-    state = inspect_meta(path)
+    state = inspect_meta(path, drva.name, cfg.site)
     details = state.to_dict()
     if state.exists and not state.ours and not state.blank:
         return Check(name, "fail", f"{path}: {state.what}; install refuses to overwrite it", details)
@@ -525,9 +543,9 @@ async def preflight_system(cfg: SiteConfig, env: Mapping[str, str] = os.environ,
         ("secrets", lambda: check_secrets(cfg, env)), ("store", store_checks),
         ("peer_store", peer_store_checks)]
     for drva in cfg.drvas:
-        steps += [(f"drva.{drva.name}.log", lambda d=drva: check_log_partition(d)),
+        steps += [(f"drva.{drva.name}.log", lambda d=drva: check_log_partition(cfg, d)),
                   (f"drva.{drva.name}.fsync", lambda d=drva: check_fsync(d)),
-                  (f"drva.{drva.name}.meta", lambda d=drva: check_meta(d))]
+                  (f"drva.{drva.name}.meta", lambda d=drva: check_meta(cfg, d))]
     checks = await _run_checks(steps, progress or _no_progress)
     return summarize("system", checks, site=cfg.site, config=str(cfg.path))
 
@@ -673,15 +691,23 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _daemon_if_readable(cfg: SiteConfig) -> DaemonState | None:
+    """The daemon the pid file names; None when ``state_dir`` is refused (the ``dirs``
+    check says why): a pid file there proves nothing."""
+    if _state_dir_refused(cfg):
+        return None
+    return daemon_state(cfg)
+
+
 def check_ports(cfg: SiteConfig) -> list[Check]:
-    daemon = daemon_state(cfg)
+    daemon = _daemon_if_readable(cfg)
     conventional = f"{DRVA_PORTS.start}–{DRVA_PORTS.stop - 1}"
     checks = []
     targets = [(f"port.{d.name}", d.listen, True) for d in cfg.drvas] + [("port.api", cfg.api_listen, False)]
     for name, listen, is_drva in targets:
         problem = _bind_problem(listen.host, listen.port)
         details = {"listen": str(listen)}
-        if problem == "in use" and daemon.running:
+        if problem == "in use" and daemon is not None and daemon.running:
             checks.append(Check(name, "warn", f"{listen} in use, likely by the running daemon "
                                 f"(process {daemon.pid})", details))
         elif problem is not None:
@@ -692,6 +718,39 @@ def check_ports(cfg: SiteConfig) -> list[Check]:
         else:
             checks.append(Check(name, "pass", f"{listen} free", details))
     return checks
+
+
+def check_dirs(cfg: SiteConfig) -> Check:
+    """Every directory install writes in is ours alone, or missing: the check install
+    makes before anything else (``cdp.msa.install_dirs``), each problem named once."""
+    dirs = sorted({str(path) for _, path in local_dirs(cfg)})
+    errors = local_dir_errors(cfg)
+    if errors:
+        return Check("dirs", "fail", "; ".join(e.message for e in errors),
+                     {"dirs": dirs, "problems": [e.message for e in errors]})
+    return Check("dirs", "pass", f"{_n(len(dirs), 'directory')} to write in, each missing or owned by "
+                 f"{who(os.geteuid())} or root and writable by no other user", {"dirs": dirs})
+
+
+def check_state_dirs(cfg: SiteConfig) -> Check:
+    """``state_dir`` (and its job records) ours alone: uninstall reads the daemon's pid
+    file and the install record there, and refuses the directory otherwise."""
+    check_state_dir(cfg)  # a ConfigError is this check's failure (_run_checks)
+    return Check("dirs", "pass", f"{cfg.state_dir}: missing or owned by {who(os.geteuid())} or root and "
+                 "writable by no other user", {"dirs": [str(cfg.state_dir), str(jobs_dir(cfg))]})
+
+
+def _state_dir_refused(cfg: SiteConfig) -> bool:
+    try:
+        check_state_dir(cfg)
+    except ConfigError:
+        return True
+    return False
+
+
+def _tls_dir_refused(cfg: SiteConfig) -> bool:
+    """Install would refuse ``[tls] dir`` before planning anything in it (``check_dirs``)."""
+    return cfg.tls is not None and (dir_problem(cfg.tls.dir) is not None or cfg.tls.dir.is_symlink())
 
 
 def check_local_state(cfg: SiteConfig) -> Check:
@@ -759,8 +818,9 @@ async def preflight_install(cfg: SiteConfig, env: Mapping[str, str] = os.environ
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("site", lambda: check_site(cfg)), ("domains", lambda: check_domains(cfg)),
         ("disk-images", lambda: check_disk_images(cfg)), ("names", lambda: check_names(cfg)),
-        ("ports", lambda: check_ports(cfg)), ("state", lambda: check_local_state(cfg)),
-        ("tls", lambda: check_tls(cfg)), ("installation", installation)]
+        ("dirs", lambda: check_dirs(cfg)), ("ports", lambda: check_ports(cfg)),
+        ("state", lambda: [] if _state_dir_refused(cfg) else check_local_state(cfg)),
+        ("tls", lambda: [] if _tls_dir_refused(cfg) else check_tls(cfg)), ("installation", installation)]
     checks = await _run_checks(steps, progress or _no_progress)
     return summarize("install", checks, site=cfg.site, config=str(cfg.path))
 
@@ -802,48 +862,89 @@ def _tree_bytes(path: Path) -> tuple[int, int]:
     return files, size
 
 
+Verdicts = tuple[list[tuple[MadePartition, PathState]], list[dict[str, Any]]]
+
+
+def _partition_verdicts(cfg: SiteConfig, made: dict[str, MadePartition]) -> Verdicts:
+    """What uninstall would do with the partitions: (the install record's entries it
+    would remove, each with what lies there; the partitions it would leave alone, each
+    with why). The same verdicts uninstall acts on (``cdp.msa.install_removal``)."""
+    remove: list[tuple[MadePartition, PathState]] = []
+    left: list[dict[str, Any]] = []
+    for entry in sorted(made.values(), key=lambda m: m.path):
+        state, why = made_verdict(entry)
+        if why is not None:
+            left.append({"path": entry.path, "why": why})
+        elif state is not None:
+            remove.append((entry, state))
+    return remove, left + kept_not_made(cfg, made)
+
+
 def check_removal(cfg: SiteConfig, drva: DrvaSpec) -> Check:
-    """What uninstall would remove for one DRVA, and what it would leave alone."""
-    remove, leave = [], []
+    """What uninstall would remove for one DRVA — its configuration, its state directory,
+    the partitions the install record names that still are the files install made — and
+    what it would leave alone, with why (``details.left_alone``: as uninstall says it)."""
+    made = load_install_record(cfg.state_dir, cfg.site)
+    remove_all, left_all = _partition_verdicts(cfg, made)
+    remove: list[str] = []
     conf = drva_config_path(cfg, drva)
     if conf.exists():
         remove.append(f"config {conf}")
     state_dir = cfg.drva_state_dir(drva)
-    if state_dir.exists():
+    mine = {str(role.path(drva)) for role in ROLES.values()} | {m.path for m in made.values() if m.drva == drva.name}
+    left = [e for e in left_all if e["path"] in mine]
+    if (why := drva_dir_kept(cfg, drva, left_all)) is not None:
+        left.append({"path": str(state_dir), "why": why})
+    elif state_dir.exists():
         files, size = _tree_bytes(state_dir)
         remove.append(f"state dir {state_dir} ({files} files, {format_size(size)})")
-    for state, what in ((inspect_log(drva.log_path, drva.name), "log partition"),
-                        (inspect_meta(drva.meta_path), "metadata")):
-        if state.ours:
-            remove.append(f"{what} {state.path} ({format_size(state.size)})")
-        elif state.exists:
-            leave.append(f"{state.path} ({state.what})")
-    details = {"remove": remove, "leave": leave}
+    remove += [f"{ROLES[entry.role].what} {entry.path} ({format_size(state.size)})"
+               for entry, state in remove_all if entry.drva == drva.name]
+    leave = [f"{e['path']} ({e['why']})" for e in left]
+    details = {"remove": remove, "leave": leave, "left_alone": left}
     text = f"would remove {'; '.join(remove)}" if remove else "nothing to remove"
     if leave:
-        return Check(f"remove.{drva.name}", "warn", f"{text}; would leave {'; '.join(leave)}: not "
-                     "this DRVA's format", details)
+        return Check(f"remove.{drva.name}", "warn", f"{text}; would leave {'; '.join(leave)}", details)
     return Check(f"remove.{drva.name}", "pass", text, details)
 
 
 def check_site_removal(cfg: SiteConfig, installed: bool) -> Check:
-    remove = []
+    """What uninstall would remove for the whole site: protection.json, the install
+    record (and any partition it names of a DRVA no longer in the site file), the
+    deployment record; it keeps the job history."""
+    made = load_install_record(cfg.state_dir, cfg.site)
+    configured = {d.name for d in cfg.drvas}
+    remove_all, left_all = _partition_verdicts(cfg, made)
+    remove = [f"{ROLES[entry.role].what} {entry.path} of DRVA {entry.drva} (no longer in the site file)"
+              for entry, _ in remove_all if entry.drva not in configured]
+    left = [e for e in left_all if e["path"] in made and made[e["path"]].drva not in configured]
+    leave = [f"{e['path']} ({e['why']})" for e in left]
     if protection_path(cfg).exists():
         remove.append(f"{protection_path(cfg)}")
+    if install_record_path(cfg.state_dir).exists():
+        remove.append(f"the install record {install_record_path(cfg.state_dir)}")
     if installed:
         remove.append(f"the deployment record {deployment_key(cfg.site)}")
     text = f"would remove {', '.join(remove)}" if remove else "nothing to remove"
-    return Check("remove.site", "pass", f"{text}; keeps the job history {jobs_dir(cfg)}",
-                 {"remove": remove, "keep": [str(jobs_dir(cfg))]})
+    details = {"remove": remove, "keep": [str(jobs_dir(cfg))], "leave": leave, "left_alone": left}
+    if leave:
+        return Check("remove.site", "warn", f"{text}; would leave {'; '.join(leave)}; keeps the job history "
+                     f"{jobs_dir(cfg)}", details)
+    return Check("remove.site", "pass", f"{text}; keeps the job history {jobs_dir(cfg)}", details)
 
 
 async def check_kept_data(cfg: SiteConfig, store: ObjectStore) -> list[Check]:
-    """Each domain's objects: kept by uninstall, deleted by ``--purge``."""
+    """Each domain's objects: kept by uninstall, deleted by ``--purge`` — unless purge
+    leaves them alone (another site's, or a catalog that cannot be read: a warning,
+    saying why), or a failover registered the domain here."""
     usage = await _within(domain_usage(store, cfg), STORE_OP_TIMEOUT_S * 10)
     checks = []
     for u in usage:
-        checks.append(Check(f"keep.{u['domain']}", "pass", f"{u['objects']} objects, "
-                            f"{format_size(u['bytes'])} under {u['prefix']}: kept (deleted with --purge)", u))
+        held = f"{u['objects']} objects, {format_size(u['bytes'])} under {u['prefix']}"
+        if u["purge"]:
+            checks.append(Check(f"keep.{u['domain']}", "pass", f"{held}: kept (deleted with --purge)", u))
+        else:
+            checks.append(Check(f"keep.{u['domain']}", "warn", f"{held}: kept, even with --purge: {u['why']}", u))
     for r in registered_kept(cfg):
         checks.append(Check(f"keep.{r['domain']}", "pass", f"kept, even with --purge: {r['why']}", r))
     return checks
@@ -886,9 +987,13 @@ async def preflight_uninstall(cfg: SiteConfig, env: Mapping[str, str] = os.envir
         async def kept() -> list[Check]:
             return await check_kept_data(cfg, store_)
 
-        steps: list[tuple[str, Callable[[], Any]]] = [("installation", installation), ("daemon", daemon)]
-        steps += [(f"remove.{d.name}", lambda d=d: check_removal(cfg, d)) for d in cfg.drvas]
-        steps += [("remove.site", lambda: check_site_removal(cfg, installed)), ("keep", kept)]
+        steps: list[tuple[str, Callable[[], Any]]] = [("installation", installation),
+                                                      ("dirs", lambda: check_state_dirs(cfg))]
+        if not _state_dir_refused(cfg):  # else uninstall stops there: nothing below is read or removed
+            steps += [("daemon", daemon)]
+            steps += [(f"remove.{d.name}", lambda d=d: check_removal(cfg, d)) for d in cfg.drvas]
+            steps += [("remove.site", lambda: check_site_removal(cfg, installed))]
+        steps += [("keep", kept)]
         checks = await _run_checks(steps, progress)
     finally:
         if opened:

@@ -436,7 +436,8 @@ async def test_a_tls_directory_that_is_a_link_or_not_ours_is_refused(tmp_path: P
         await install(site.cfg, site.env)
     assert stat.S_IMODE(target.stat().st_mode) == 0o755 and list(target.iterdir()) == []
     checks = {c["name"]: c for c in (await preflight_install(site.cfg, site.env))["checks"]}
-    assert checks["tls"]["status"] == "fail" and "a symbolic link" in checks["tls"]["reason"]
+    assert checks["dirs"]["status"] == "fail" and "a symbolic link" in checks["dirs"]["reason"]
+    assert "tls" not in checks  # refused under "dirs", not planned inside the link's target
     # cdp.pki on its own: never through a link, never a directory others could write.
     with pytest.raises(ConfigError, match="a symbolic link, never followed here"):
         ensure_site_pki(TlsFiles(site.cfg.tls.dir), "site-t", [])

@@ -328,9 +328,12 @@ async def test_name_and_port_clashes_fail(site: Site) -> None:
                               'domain = "files"', 'domain = "web"')  # files' DRVA is gone
     check = by_name(await preflight_install(one_port.cfg, site.env))["ports.distinct"]
     assert check["status"] == "fail" and f"DRVA drva-1 and DRVA drva-2 on port {p1}" in check["reason"]
-    # Two partitions on one path: drva-2 would find drva-1's log there.
+    # Two partitions on one path, through a link (the same literal path is refused as the
+    # site file is read): drva-2 would find drva-1's log there.
     site.config_path.write_text(original)
-    shared = with_site_text(site, 'path = "state/drva-2/replog"', 'path = "state/drva-1/replog"')
+    (site.root / "state" / "drva-1").mkdir(parents=True)
+    (site.root / "state" / "alias").symlink_to("drva-1")
+    shared = with_site_text(site, 'path = "state/drva-2/replog"', 'path = "state/alias/replog"')
     checks = by_name(await preflight_install(shared.cfg, site.env))
     assert checks["paths.distinct"]["status"] == "fail"
     assert "the log of DRVA drva-1 and the log of DRVA drva-2 share" in checks["paths.distinct"]["reason"]
