@@ -113,16 +113,24 @@ def _log_label_state(path: Path, kind: str, sb: Any, drva_name: str, site: str |
                      owner, uuid)
 
 
+def _no_partition_there(path: Path, kind: str) -> PathState | None:
+    """The state of a path with nothing to read as a partition (absent, or neither a
+    regular file nor a block device); None when there is something to read."""
+    if kind == "absent":
+        return PathState(path, kind, 0, False, True, "absent")
+    if kind == "other":
+        return PathState(path, kind, 0, False, False, "neither a regular file nor a block device")
+    return None
+
+
 def inspect_log(path: Path, drva_name: str, site: str | None = None) -> PathState:
     """Is ``path`` missing, blank, ``drva_name``'s log partition (of ``site``, when
     given), or something else? Reads the two superblocks only (no recovery scan,
     nothing written)."""
     try:
         kind, size = _path_kind(path)
-        if kind == "absent":
-            return PathState(path, kind, 0, False, True, "absent")
-        if kind == "other":
-            return PathState(path, kind, 0, False, False, "neither a regular file nor a block device")
+        if (early := _no_partition_there(path, kind)) is not None:
+            return early
         head = _read_at(path, LOG_HEAD_BYTES)
     except OSError as exc:
         return PathState(path, "other", 0, False, False, f"unreadable ({exc.strerror})")
@@ -151,10 +159,8 @@ def inspect_meta(path: Path, drva_name: str | None = None, site: str | None = No
     mark names another DRVA or site, is not ours."""
     try:
         kind, size = _path_kind(path)
-        if kind == "absent":
-            return PathState(path, kind, 0, False, True, "absent")
-        if kind == "other":
-            return PathState(path, kind, 0, False, False, "neither a regular file nor a block device")
+        if (early := _no_partition_there(path, kind)) is not None:
+            return early
         slot_heads = _read_at(path, BLOCK) + _read_at(path, BLOCK, SLOT_SIZE_DEFAULT)
     except OSError as exc:
         return PathState(path, "other", 0, False, False, f"unreadable ({exc.strerror})")
