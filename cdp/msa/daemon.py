@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import os
 import signal
 import time
@@ -55,6 +56,7 @@ from cdp.store.open import redact_url
 log = get_logger("cdp.msa.daemon")
 
 PID_NAME = "msa.pid"
+LOCK_NAME = "msa.lock"  # flocked by the running daemon (FORMAT.md §13.3)
 ALARM_INTERVAL_S = 1.0
 SCHEDULE_INTERVAL_S = 1.0
 PRUNE_INTERVAL_S = 3600.0
@@ -127,6 +129,7 @@ class MsaDaemon:
         self.history = StatusHistory()  # what the console charts (GET /v1/domains/{name}/history)
         self.protection: dict[str, Policy] = {}
         self.pid_path = cfg.state_dir / PID_NAME
+        self._lock_fd: int | None = None  # msa.lock, flocked while this daemon runs
         self.started_ns = 0
         self._protection_lock = asyncio.Lock()
         self._next_consolidation: dict[str, float] = {}
@@ -185,28 +188,58 @@ class MsaDaemon:
         log.info("msa_stopped", site=self.cfg.site)
 
     def _claim_pid_file(self) -> None:
-        """Refuse to start while the daemon the pid file names runs; else name this one.
-        A file naming a process that is gone, or a process started at another time than
-        the file says (its pid was reused), is a leftover of a killed daemon: replaced."""
+        """Refuse to start while another daemon runs for this state directory; else name
+        this one in the pid file. The claim is an exclusive flock of ``msa.lock``, held
+        while the daemon runs and dropped by the kernel when it dies: two daemons started
+        at the same instant both read "no daemon" from the pid file, and both wrote it.
+        The pid file stays what ``cdp uninstall`` reads: a file naming a process that is
+        gone, or a process started at another time than the file says (its pid was
+        reused), is a leftover of a killed daemon: replaced."""
+        self._take_lock()
+        try:
+            self._name_this_daemon()
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+
+    def _name_this_daemon(self) -> None:
         try:
             found = read_pid_file(self.pid_path)
         except (OSError, ValueError) as exc:
             found = None  # unreadable: a leftover, replaced below
             log.warning("msa_pid_file_replaced", pid_file=str(self.pid_path), error=str(exc))
         if found is not None and found[0] != os.getpid() and same_process(*found):
+            # The lock is ours, so this is a daemon that takes none (an older version).
             raise Busy(f"a daemon already runs for {self.cfg.state_dir} (pid {found[0]}, from {self.pid_path}); "
                        f"stop it first")
         if found is not None and found[0] != os.getpid():
             log.warning("msa_pid_file_stale", pid_file=str(self.pid_path), pid=found[0], why=stale_reason(*found))
         write_pid_file(self.pid_path, os.getpid())
 
+    def _take_lock(self) -> None:
+        fd = os.open(self.cfg.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"a daemon already runs for {self.cfg.state_dir} (it holds {LOCK_NAME} there); "
+                       f"stop it first") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
     def _release_pid_file(self) -> None:
         try:
             found = read_pid_file(self.pid_path)
         except (OSError, ValueError):
-            return
+            found = None
         if found is not None and found[0] == os.getpid():
             self.pid_path.unlink(missing_ok=True)
+        if self._lock_fd is not None:  # after the pid file: a daemon starting now finds it gone
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ loops
 

@@ -152,3 +152,25 @@ async def test_domain_set_change_restarts_the_drva_and_daemon_stop_stops_all(tmp
         assert (site.cfg.state_dir / "msa.pid").read_text().split()[0] == str(os.getpid())
     assert not _alive(last)
     assert not (site.cfg.state_dir / "msa.pid").exists()
+
+
+async def test_a_second_daemon_of_one_state_directory_is_refused_even_in_one_process(tmp_path):
+    """Two daemons started together both read "no daemon" from the pid file: the claim is
+    an flock of msa.lock, which a second open refuses even in the same process, and which
+    the first daemon's stop gives back."""
+    from cdp.errors import Busy
+    from cdp.msa.daemon import MsaDaemon
+
+    site = await installed_site(tmp_path / "site", protect=())
+    async with running_daemon(site):
+        second = MsaDaemon(site.cfg, site.env)
+        try:
+            await second.start()
+        except Busy as exc:
+            assert "msa.lock" in exc.message, exc.message
+        else:
+            await second.stop()
+            raise AssertionError("a second daemon started on the same state directory")
+        assert (site.cfg.state_dir / "msa.pid").read_text().split()[0] == str(os.getpid())
+    async with running_daemon(site):  # given back at stop
+        pass
