@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import Busy, ConfigError
+from cdp.file_kinds import file_kind
 from cdp.locks import Lease
 from cdp.logs import get_logger
 from cdp.nbd.backend import BlockSizes
@@ -172,13 +173,13 @@ def _open_lock_file(path: Path) -> int:
         except OSError:
             found = None
         if found is not None and not stat.S_ISREG(found):
-            raise RecoveryError(f"{path}: {_file_kind(found)} {expected}: remove it, or choose another "
+            raise RecoveryError(f"{path}: {file_kind(found)} {expected}: remove it, or choose another "
                                 f"--overlay directory") from None
         raise RecoveryError(f"{path}: cannot open the overlay directory's lock file ({exc.strerror})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise RecoveryError(f"{path}: {_file_kind(st.st_mode)} {expected}: remove it, or choose another "
+            raise RecoveryError(f"{path}: {file_kind(st.st_mode)} {expected}: remove it, or choose another "
                                 f"--overlay directory")
         if st.st_nlink > 1:
             raise RecoveryError(f"{path}: a file with {st.st_nlink} hard links {expected} (a mount locks only a "
@@ -187,16 +188,6 @@ def _open_lock_file(path: Path) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _file_kind(mode: int) -> str:
-    """What a file that is not a regular one is, for a message."""
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return kind
-    return "a non-regular file"
 
 
 class _OverlayDir:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cdp import durable
+from cdp.file_kinds import file_kind
 from cdp.libc import libc_function
 from cdp.store.keys import show_key
 
@@ -112,27 +113,11 @@ class Unconfined(OSError):
     was expected (args[0]: which, and what it is)."""
 
     def __init__(self, rel: str, mode: int, expected: str) -> None:
-        super().__init__(f"{show_key(rel)} is {_file_kind(mode)}, where {expected} was expected")
+        super().__init__(f"{show_key(rel)} is {file_kind(mode)}, where {expected} was expected")
 
 
-_FILE_KINDS = (
-    (stat_mode.S_ISLNK, "a symbolic link"),
-    (stat_mode.S_ISFIFO, "a FIFO"),
-    (stat_mode.S_ISSOCK, "a socket"),
-    (stat_mode.S_ISCHR, "a character device"),
-    (stat_mode.S_ISBLK, "a block device"),
-    (stat_mode.S_ISDIR, "a directory"),
-    (stat_mode.S_ISREG, "a regular file"),
-)
 OBJECT = "an object (a regular file)"
 DIRECTORY = "a directory"
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in _FILE_KINDS:
-        if test(mode):
-            return kind
-    return f"a file of type {stat_mode.S_IFMT(mode):o}"
 
 
 #: openat2(2): 437 on x86_64 and aarch64 (the unified syscall table); elsewhere keys are
