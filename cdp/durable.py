@@ -76,11 +76,19 @@ def pwrite_all(fd: int, buffers: Sequence[Buffer], offset: int) -> None:
                 break
 
 
+def sync_dir(fd: int) -> None:
+    """Make the entries of the open directory ``fd`` (creations, renames, links) durable.
+    Every directory sync of the project goes through here (``fsync_dir``, ``publish_at``,
+    the file store's ``beneath.fsync_dir``), looked up at each call, so one test can drop
+    it and watch a power loss take the entries with it."""
+    sync_file(fd)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` (renames, creations) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        sync_file(fd)
+        sync_dir(fd)
     finally:
         os.close(fd)
 
@@ -93,46 +101,62 @@ def write_all(fd: int, data: bytes | bytearray | memoryview, chunk_bytes_max: in
         done += os.write(fd, view[done : done + chunk_bytes_max])
 
 
-def publish(tmp: Path, path: Path, *, if_absent: bool = False) -> None:
-    """Move the complete, fsynced temporary file ``tmp`` to ``path`` and make it durable.
+def publish_at(dir_fd: int, tmp: str, name: str, *, if_absent: bool = False) -> None:
+    """Move the complete, fsynced temporary file ``tmp`` to ``name``, both names in the
+    open directory ``dir_fd``, and make the move durable (the directory fsynced).
 
-    ``if_absent`` links instead of renaming, so that it fails with ``FileExistsError``
-    when ``path`` exists, even against a concurrent writer. ``tmp`` is gone afterwards,
-    whatever happened.
+    Neither name is resolved through a path, and a rename or a link replaces (or fails
+    on) the entry ``name``: it never writes through a link planted there. ``if_absent``
+    links instead of renaming, so that it fails with ``FileExistsError`` when ``name``
+    exists, even against a concurrent writer. ``tmp`` is gone afterwards, whatever
+    happened.
     """
     try:
         if if_absent:
-            os.link(tmp, path)
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         else:
-            os.replace(tmp, path)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     finally:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
-    fsync_dir(path.parent)
+    sync_dir(dir_fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
-                 if_absent: bool = False) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
-
-    Writes a temporary file beside it, fsyncs it, renames it over ``path`` and fsyncs
-    the directory. A crash leaves either the old content or the new one; at worst a
-    stray ``.tmp-*`` file that the next write's rename never touches.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def atomic_write_at(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *,
+                    if_absent: bool = False, mode: int = 0o600) -> None:
+    """Replace ``name`` in the open directory ``dir_fd`` with ``data``, atomically and
+    durably: a new temporary file beside it (``O_EXCL|O_NOFOLLOW``: never an existing
+    file, never through a link), fsynced, then ``publish_at``. A crash leaves either the
+    old content or the new one; at worst a stray ``.tmp-*`` file that the next write's
+    rename never touches."""
+    tmp = f".tmp-{name}-{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         write_all(fd, data)
         sync_file(fd)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
         raise
     os.close(fd)
-    publish(tmp, path, if_absent=if_absent)
+    publish_at(dir_fd, tmp, name, if_absent=if_absent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
+                 if_absent: bool = False) -> None:
+    """``atomic_write_at`` of ``path``'s name in its parent directory (``if_absent``:
+    ``FileExistsError`` when ``path`` exists)."""
+    path = Path(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        atomic_write_at(dir_fd, path.name, data, if_absent=if_absent)
+    finally:
+        os.close(dir_fd)
 
 
 def create_new(path: str | os.PathLike[str], mode: int = 0o600) -> os.stat_result:

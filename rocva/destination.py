@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdp.durable import write_all
+from cdp import durable
 from cdp.errors import ConfigError
 from cdp.store.base import ObjectStore
 from rocva.errors import RecoveryError
@@ -168,7 +167,7 @@ class OutputDir:
             self.fd = -1
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        durable.sync_dir(self.fd)
 
     def lstat(self, name: str) -> os.stat_result | None:
         """The name's own status (a symbolic link is not followed), None when absent."""
@@ -239,23 +238,7 @@ class OutputDir:
         """Replace ``name`` with ``data`` atomically and durably: a new temporary file
         (``O_EXCL|O_NOFOLLOW``) fsynced, renamed over the name (a rename replaces a
         symbolic link, it never writes through one), the directory fsynced."""
-        tmp = f".tmp-{name}-{secrets.token_hex(6)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.fd)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            self.unlink(tmp)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        except BaseException:
-            self.unlink(tmp)
-            raise
-        self.fsync()
+        durable.atomic_write_at(self.fd, name, data)
 
 
 def refuse_odd(out: OutputDir, name: str, st: os.stat_result, links_max: int = 1) -> None:
@@ -330,7 +313,7 @@ def _fsync_dir_at(fd: int, shown: str) -> None:
     its images could lose its whole directory to a power cut."""
     d = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
     try:
-        os.fsync(d)
+        durable.sync_dir(d)
     finally:
         os.close(d)
 

@@ -28,8 +28,7 @@ from cdp.store.keys import show_key
 
 class Dir(NamedTuple):
     """A directory of the store, open. ``fd`` is what every operation in it goes through.
-    The store never opens ``path``: it only tells a test which directory ``fsync_dir`` synced
-    (tests/store/test_fs.py records them through ``os.fspath``)."""
+    The store never opens ``path``: it only says which directory this is (``os.fspath``)."""
 
     fd: int
     path: str
@@ -307,4 +306,4 @@ def make_root(directory: Path) -> None:
 
 def fsync_dir(directory: Dir) -> None:
     """Make the entries of an open store directory (creations, renames) durable."""
-    os.fsync(directory.fd)
+    durable.sync_dir(directory.fd)

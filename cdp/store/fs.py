@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from cdp.direct_io import DIRECT_MIN_BYTES, ReadBuffer, read_direct, read_direct_into, write_direct
+from cdp import durable
 from cdp.durable import write_all
 from cdp.errors import (
     AlreadyExists,
@@ -81,7 +82,6 @@ from cdp.errors import (
     StoreError,
     StoreUnavailable,
 )
-from cdp.store import beneath
 from cdp.store.beneath import (
     DIRECTORY,
     OBJECT,
@@ -368,8 +368,8 @@ def _write_atomic(root: Dir, key: str, data: Bytes, if_absent: bool, if_match: s
     """Write data under key so that it never holds a partial object; return its etag.
 
     if_absent: _KeyExists when an object is there, even against a concurrent writer
-    (``_publish``). if_match: _EtagMismatch unless key is still the object with that
-    etag (see the module docstring).
+    (``durable.publish_at`` links). if_match: _EtagMismatch unless key is still the
+    object with that etag (see the module docstring).
     """
     directory, _, name = key.rpartition("/")
     d, fd, tmp = _open_temp(root, directory)
@@ -400,7 +400,7 @@ def _publish_new(d: Dir, tmp: str, name: str, key: str, if_absent: bool) -> None
     if refused is not None:
         raise refused
     try:
-        _publish(d, tmp, name, if_absent=if_absent)
+        durable.publish_at(d.fd, tmp, name, if_absent=if_absent)
     except FileExistsError:
         try:
             st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
@@ -423,22 +423,7 @@ def _publish_if_match(d: Dir, tmp: str, name: str, key: str, if_match: str) -> N
             raise Unconfined(key, st.st_mode, OBJECT)
         if not stat_mode.S_ISREG(st.st_mode) or _etag(st) != if_match:
             raise _EtagMismatch(f"the object was replaced (etag {_etag(st)}, expected {if_match})")
-        _publish(d, tmp, name)
-
-
-def _publish(d: Dir, tmp: str, name: str, *, if_absent: bool = False) -> None:
-    """``cdp.durable.publish`` within the open directory ``d``: move the complete, fsynced
-    temp file to ``name`` (``if_absent``: link, FileExistsError if ``name`` exists), then
-    fsync the directory. Neither name is resolved through a path, and a rename or a link
-    replaces or fails on the entry ``name``: it never writes through it."""
-    try:
-        if if_absent:
-            os.link(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd, follow_symlinks=False)
-        else:
-            os.replace(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
-    finally:
-        _unlink_quietly(d, tmp)
-    beneath.fsync_dir(d)  # through the module: tests replace it to see what is synced
+        durable.publish_at(d.fd, tmp, name)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from cdp import durable
 
 from cdp.errors import AlreadyExists, InvalidKey, NotFound, StoreUnavailable
 from cdp.store import FileStore
-from cdp.store import beneath
 from cdp.store import fs as fs_module
 
 
@@ -104,15 +103,14 @@ async def test_put_fsyncs_the_file_and_every_new_directory(
 ) -> None:
     root.mkdir()
     synced: list[Path] = []
-    real = durable.fsync_dir
+    real = durable.sync_dir
 
-    def spy(d: Path) -> None:
-        synced.append(Path(d))
-        real(d)
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
 
-    # directories made by the store, then the rename done by cdp.durable.publish
-    monkeypatch.setattr(beneath, "fsync_dir", spy)
-    monkeypatch.setattr(durable, "fsync_dir", spy)
+    # directories made by the store, then the rename done by cdp.durable.publish_at
+    monkeypatch.setattr(durable, "sync_dir", spy)
     store = FileStore(root)
     await store.put("x/y/z", b"1")
     # x made in root, y made in x, then the rename into y

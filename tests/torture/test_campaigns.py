@@ -90,13 +90,10 @@ def test_power_loss_fails_when_the_group_commit_fdatasync_is_removed(monkeypatch
 
 
 def test_power_loss_fails_when_a_put_does_not_sync_its_directory(monkeypatch):
-    """Without the directory fsync of ``durable.publish`` a put returns before its rename
+    """Without the directory fsync of ``durable.publish_at`` a put returns before its rename
     is durable: objects reported stored vanish, and the metadata, synced later, names
     seqs the store no longer holds."""
-    from cdp.store import beneath
-
-    monkeypatch.setattr(durable, "fsync_dir", lambda path: None)
-    monkeypatch.setattr(beneath, "fsync_dir", lambda directory: None)  # the file store's, by its fd
+    monkeypatch.setattr(durable, "sync_dir", lambda fd: None)  # every directory sync goes through it
     res = power_loss.run(quick=True, workloads=("own",))
     assert res.lost > 0 and res.failures > 0, res.figures()
     assert any("was put (acknowledged) and is gone" in p for p in res.problems), res.problems
