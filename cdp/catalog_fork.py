@@ -21,7 +21,7 @@ from cdp.catalog import CatalogWriter, load_catalog
 from cdp.catalog_json import refs_json, rows_json
 from cdp.catalog_read import CatalogView
 from cdp.catalog_state import CatalogState
-from cdp.errors import AlreadyExists, Busy, NotFound
+from cdp.errors import AlreadyExists, Busy, FailoverRefused, NotFound
 from cdp.store.base import ObjectStore
 
 #: Attempts to commit the fork when others commit first (their generation is reloaded).
@@ -67,20 +67,40 @@ async def fork_body(view: CatalogView, fork_seq: int, new_id: int, owner: str, c
 
 async def fork_timeline(store: ObjectStore, domain: int, fork_seq: int, owner: str, *, parent: int | None = None,
                         by: str = "cdp fork", created_ns: int | None = None) -> tuple[CatalogState, int]:
-    """Create the next timeline of ``domain`` from ``parent`` (default: the current one)
-    at ``fork_seq``, owned by ``owner`` (§8.5). Returns the head and generation that hold
-    it. NotFound when the domain has no catalog; ``Fenced`` never (this takes over)."""
+    """Create the next timeline of ``domain`` from ``parent`` at ``fork_seq``, owned by
+    ``owner`` (§8.5). Returns the head and generation that hold it. NotFound when the
+    domain has no catalog; ``Fenced`` never (this takes over).
+
+    ``parent`` is the timeline the caller saw current (and rehydrated or rewrote disks
+    from): the fork is committed only while it still is. The commit is a conditional
+    create of the generation after the one loaded, so a generation committed meanwhile
+    makes it fail, and the head is loaded again: when another timeline became current —
+    another site failed over, or back, first — ``FailoverRefused`` names it and nothing
+    is forked (forking the old parent again would leave the winner's timeline dead, and
+    two sites each believing they own the domain). Without ``parent``, the current
+    timeline is forked, whichever it is at the commit."""
     created_ns = time.time_ns() if created_ns is None else created_ns
     for _ in range(FORK_ATTEMPTS_MAX):
         state, generation = await load_catalog(store, domain)
         if state is None:
             raise NotFound(f"domain {domain}: no catalog in {store.describe()}")
+        if parent is not None and state.current != parent:
+            raise FailoverRefused(_superseded(state, domain, parent, owner))
         view = CatalogView(store, state, generation, parent)
         body = await fork_body(view, fork_seq, max(state.timelines) + 1, owner, created_ns)
         writer = CatalogWriter(store, state, generation, by=by)
         try:
             await writer.commit({"add_timeline": body})
-        except AlreadyExists:  # someone committed first: fork from their generation
+        except AlreadyExists:  # someone committed first: load their generation, check the parent again
             continue
         return writer.state, writer.generation
     raise Busy(f"domain {domain}: lost {FORK_ATTEMPTS_MAX} catalog races in a row while forking; try again")
+
+
+def _superseded(state: CatalogState, domain: int, parent: int, owner: str) -> str:
+    """Why a fork of ``parent`` for ``owner`` is refused: the timeline current instead."""
+    won = state.timeline()
+    origin = f", forked from timeline {won.parent} at seq {won.fork_seq}" if won.parent else ""
+    return (f"domain {domain}: timeline {parent} is no longer current: timeline {won.id} (owner {won.owner!r}"
+            f"{origin}) is, committed by another writer while this fork for {owner!r} was made; nothing was "
+            f"forked: the domain runs at site {won.owner!r} now (`cdp points` shows its timelines)")

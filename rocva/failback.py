@@ -23,12 +23,15 @@ from the store), and for disks rewritten whole. A disk
 whose image is missing, of another size than the inventory says, or whose dirty-region
 map is missing or damaged cannot say what it holds: it is rewritten whole from the
 store, and the result says so. Then the domain gets a new timeline owned by this site,
-forked from the current one at ``target``; the dirty-region maps are removed (they
-describe the disks' old life).
+forked from the current one at ``target`` (refused when another timeline became current
+meanwhile: ``fork_timeline``); the dirty-region maps are removed (they describe the
+disks' old life).
 
 A rerun after a crash computes the same ranges (nothing writes the disks meanwhile: the
 MSA keeps the VMs off until the failback is done) and writes them again; once the fork
-exists it only finishes (removes the maps). Nothing here powers a VM on.
+exists it only finishes (removes the maps). A disk rewritten whole loses its map, durably,
+before its image is touched, so that its rerun rewrites it whole again rather than
+trusting a delta over a half-written disk. Nothing here powers a VM on.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from cdp import durable
 from cdp.catalog import load_catalog
 from cdp.catalog_fork import fork_timeline
 from cdp.catalog_read import CatalogView
@@ -136,8 +140,31 @@ def _flagged_or_why_whole(disk: LocalDisk) -> tuple[delta.Ranges | None, str | N
     return delta.flagged(flags, region, disk.size), None
 
 
+def _drop_map(disk: LocalDisk) -> None:
+    """Remove the disk's dirty-region map, durably (unlink, then the directory fsynced
+    through ``cdp.durable``), before a byte of the disk is rewritten whole: a run that
+    dies half way leaves an image of the right size whose content is neither its old
+    one nor the point, and the old map beside it would have the rerun pick a delta over
+    it. Without a map, the rerun rewrites the disk whole again."""
+    path = sidecar_path(disk.path)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return  # no directory, no map
+    try:
+        try:
+            os.unlink(path.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        durable.sync_dir(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _prepare_whole(disk: LocalDisk) -> None:
-    """A fresh sparse image of the right size where the old one is missing or mis-sized."""
+    """A fresh sparse image of the right size where the old one is missing or mis-sized
+    (its map removed first: ``_drop_map``)."""
+    _drop_map(disk)
     disk.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(disk.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:

@@ -15,34 +15,47 @@ Order, and what a crash leaves (``failover.json`` in ``out_dir``, FORMAT.md §14
 2. ``phase: "rehydrated"`` is recorded with the parent timeline and the seq.
 3. fork. A crash between the fork and step 4 is recognised on rerun: the current
    timeline is owned by this site and forked from the recorded parent at the recorded
-   seq — it is ours, and is not forked again.
+   seq — it is ours, and is not forked again. A rerun that finds no fork reuses the
+   images only when its target resolves to the recorded seq (else the record is
+   removed and the disks rehydrated again): a ``latest`` asked again after the
+   protected site went on writing is a later point, and the MSA resumes a standby
+   (which moves the images and removes the record) when a fork fails. The fork
+   is committed only while the timeline rehydrated from is still current: a failover
+   to another site that forked first wins, and this one is refused (``fork_timeline``).
 4. ``phase: "forked"`` with the new timeline. A rerun now returns the same result and
    touches nothing (the VMs may already be writing to the images).
 
 Refused, with what to do: a domain without a catalog; a point outside retention or in a
 not-consistent window (``InvalidTarget`` naming the nearest points); a domain whose
 current timeline this site already owns and this failover did not create (it failed over
-before: there is nothing to fail over; failing back is another verb).
+before: there is nothing to fail over; failing back is another verb); a record that is
+not a small regular file, or names a timeline or seq the catalog never had (move it
+away); a fork once another timeline became current (another site won).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from cdp.catalog import load_catalog
 from cdp.catalog_fork import fork_timeline
+from cdp.catalog_read import CatalogView
+from cdp.catalog_state import CatalogState
 from cdp.durable import atomic_write
 from cdp.errors import FailoverRefused, NotFound
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
+from rocva.destination import OutputDir
+from rocva.errors import RecoveryError
 from rocva.plan import image_file_name
 from rocva.recover import Progress, recover
 from rocva.recover_options import RecoverOptions
-from rocva.target import Target
+from rocva.target import Target, resolve_target
 
 log = get_logger("rocva.failover")
 
@@ -53,10 +66,39 @@ STATE_BYTES_MAX = 64 << 10
 
 def _read_state(out_dir: Path, domain: int, site: str) -> dict[str, Any] | None:
     """This failover's record in ``out_dir`` (None: none, or another domain's or site's)."""
-    path = out_dir / STATE_NAME
+    out = _open_dir(out_dir)
+    if out is None:
+        return None
     try:
-        raw = path.read_bytes()[:STATE_BYTES_MAX + 1]
+        doc = read_record(out)
+    finally:
+        out.close()
+    if doc is not None and (doc["domain"] != domain or doc["site"] != site):
+        raise FailoverRefused(f"{out_dir / STATE_NAME}: the record of a failover of domain {doc['domain']} to site "
+                              f"{doc['site']!r}; use another directory for domain {domain} to site {site!r}")
+    return doc
+
+
+def _open_dir(out_dir: Path) -> OutputDir | None:
+    """``out_dir`` opened to reach its entries by descriptor (None when it is not there)."""
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
+        return None
+    return OutputDir(fd, Path(out_dir))
+
+
+def read_record(out: OutputDir) -> dict[str, Any] | None:
+    """The failover record in ``out``, its fields checked (None: there is none). It is
+    opened without following a link or blocking on a FIFO, and at most
+    ``STATE_BYTES_MAX + 1`` bytes are read: anything else there is refused by name."""
+    path = out.show(STATE_NAME)
+    try:
+        raw = out.read(STATE_NAME, STATE_BYTES_MAX)
+    except RecoveryError as exc:  # a link, a FIFO, a device, a hard link: never a record of ours
+        raise FailoverRefused(f"{exc.message} (not a failover record); move it away to start this failover over") \
+            from None
+    if raw is None:
         return None
     try:
         doc = json.loads(raw) if len(raw) <= STATE_BYTES_MAX else None
@@ -70,10 +112,73 @@ def _read_state(out_dir: Path, domain: int, site: str) -> dict[str, Any] | None:
     if doc["version"] != STATE_VERSION or doc["phase"] not in ("rehydrated", "forked"):
         raise FailoverRefused(f"{path}: failover record version {doc['version']} phase {doc['phase']!r}; "
                               f"expected version {STATE_VERSION}")
-    if doc["domain"] != domain or doc["site"] != site:
-        raise FailoverRefused(f"{path}: the record of a failover of domain {doc['domain']} to site "
-                              f"{doc['site']!r}; use another directory for domain {domain} to site {site!r}")
     return doc
+
+
+def _check_record(path: Path | str, record: dict[str, Any], state: CatalogState) -> None:
+    """FailoverRefused naming the field when the record names a timeline the catalog never
+    had, or a seq its timeline never held: a failover records only a point it recovered."""
+    tl = state.timelines.get(record["parent_timeline"])
+    if tl is None:
+        raise FailoverRefused(
+            f"{path}: field 'parent_timeline' is {record['parent_timeline']}, and domain {state.domain_id} has no "
+            f"such timeline ({', '.join(map(str, sorted(state.timelines)))}); not a record of this domain's "
+            f"failover: move it away to start this failover over")
+    if not 0 <= record["seq"] <= tl.committed_seq:
+        raise FailoverRefused(
+            f"{path}: field 'seq' is {record['seq']}, outside timeline {tl.id} (seqs 0..{tl.committed_seq} "
+            f"committed): not a point a failover recovered; move it away to start this failover over")
+
+
+def forked_by(record: dict[str, Any], state: CatalogState) -> bool:
+    """The record's failover forked: it says so, or a timeline of the catalog is the one
+    it was about to fork (its site's, from its parent at its seq) and only the record of
+    it was lost. Its images are then that failover's (VMs may run on them)."""
+    return record["phase"] == "forked" or any(_is_its_fork(record, tl) for tl in state.timelines.values())
+
+
+def _is_its_fork(record: dict[str, Any], tl: Any) -> bool:
+    """``tl`` is the timeline the record's failover forks: its site's, from its parent at
+    its seq."""
+    return tl.owner == record["site"] and tl.parent == record["parent_timeline"] and tl.fork_seq == record["seq"]
+
+
+def forget_unforked(out: OutputDir, state: CatalogState) -> dict[str, Any] | None:
+    """Remove the record in ``out`` of a failover that did not fork (``state``: the
+    domain's catalog now), durably, before anything else touches the images it claims:
+    a rerun must not fork at its seq over images that hold another point. Returns the
+    record when its failover forked (it is kept, and so must the images be); None when
+    there was none or it was removed."""
+    doc = read_record(out)
+    if doc is None:
+        return None
+    if doc["domain"] != state.domain_id:
+        raise FailoverRefused(f"{out.show(STATE_NAME)}: the record of a failover of domain {doc['domain']}, not "
+                              f"{state.domain_id}; move it away")
+    if forked_by(doc, state):
+        return doc
+    log.warning("failover_record_discarded", domain=doc["domain"], site=doc["site"], seq=doc["seq"],
+                path=out.show(STATE_NAME), reason="its fork did not happen")
+    out.unlink(STATE_NAME)
+    out.fsync()
+    return None
+
+
+async def forget_unforked_at(store: ObjectStore, domain: int, out_dir: Path) -> bool:
+    """``forget_unforked`` in ``out_dir`` against the domain's catalog now (the MSA's
+    rollback of a failover job that failed before its fork). True when removed."""
+    out = _open_dir(out_dir)
+    if out is None:
+        return False
+    try:
+        if out.lstat(STATE_NAME) is None:
+            return False
+        state, _ = await load_catalog(store, domain)
+        if state is None:
+            return False
+        return forget_unforked(out, state) is None
+    finally:
+        out.close()
 
 
 def _write_state(out_dir: Path, doc: dict[str, Any]) -> None:
@@ -88,15 +193,16 @@ async def failover(store: ObjectStore, domain: int, target: Target | int | str, 
     (``None`` on a rerun that found the failover done), and ``resumed``."""
     out_dir = Path(out_dir)
     t0 = time.monotonic()
-    state, _ = await load_catalog(store, domain)
+    state, generation = await load_catalog(store, domain)
     if state is None:
         raise NotFound(f"domain {domain}: no catalog in {store.describe()}: nothing to fail over")
     record = _read_state(out_dir, domain, site) if out_dir.is_dir() else None
+    if record is not None and record["phase"] == "rehydrated":
+        _check_record(out_dir / STATE_NAME, record, state)
     current = state.timeline()
     if record is not None and record["phase"] == "forked" and record.get("timeline") == current.id:
         return {**_summary(domain, record, None, True, t0), "warm": False}
-    ours = (record is not None and current.owner == site and current.parent == record["parent_timeline"]
-            and current.fork_seq == record["seq"])
+    ours = record is not None and _is_its_fork(record, current)
     if current.owner == site and not ours:
         fork = (f", forked from timeline {current.parent} at seq {current.fork_seq}" if current.parent else "")
         raise FailoverRefused(
@@ -105,8 +211,11 @@ async def failover(store: ObjectStore, domain: int, target: Target | int | str, 
     images = None
     record_warm = False
     if not ours:
-        recovered = await _rehydrated_before(store, domain, record, out_dir, current.id)
+        view = CatalogView(store, state, generation, current.id)
+        recovered = await _rehydrated_before(store, domain, record, out_dir, view, target, now_ns)
         if recovered is None:
+            if record is not None and record["phase"] == "rehydrated":
+                _forget_record(out_dir)  # its claim on the images ends before they change
             if record is None or record["phase"] == "rehydrated":
                 await _discard_unforked(store, domain, out_dir, destination)
             recovered = await _rehydrate(store, domain, target, out_dir, current.id, progress=progress,
@@ -130,17 +239,35 @@ async def failover(store: ObjectStore, domain: int, target: Target | int | str, 
 
 
 async def _rehydrated_before(store: ObjectStore, domain: int, record: dict[str, Any] | None, out_dir: Path,
-                             timeline: int) -> dict[str, Any] | None:
+                             view: CatalogView, target: Any, now_ns: int | None) -> dict[str, Any] | None:
     """An earlier run's images, when its record says it rehydrated them from the current
-    timeline and it was killed before the fork: they were published only once fsynced,
-    and recorded after, so the rerun forks at the recorded seq instead of rehydrating."""
-    if record is None or record["phase"] != "rehydrated" or record.get("parent_timeline") != timeline:
+    timeline (``view``) at the point ``target`` resolves to now, and it was stopped before
+    the fork: they were published only once fsynced, and recorded after, so the rerun
+    forks at the recorded seq instead of rehydrating. Another point (a ``latest`` asked
+    again after more writes, a standby that moved on) is rehydrated again."""
+    if record is None or record["phase"] != "rehydrated" or record.get("parent_timeline") != view.timeline_id:
+        return None
+    resolved = await resolve_target(view, Target.parse(target), now_ns=now_ns)
+    if resolved.seq != record["seq"]:
+        log.info("failover_rehydrated_elsewhere", domain=domain, recorded_seq=record["seq"], seq=resolved.seq)
         return None
     images = await _images(store, domain, out_dir)
     if not all(Path(i["path"]).is_file() and Path(i["path"]).stat().st_size == i["size"] for i in images):
         return None
     log.info("failover_rehydrated_before", domain=domain, seq=record["seq"])
     return {"seq": record["seq"], "images": images, "bytes_written": 0, "seconds": 0.0, "warm": False}
+
+
+def _forget_record(out_dir: Path) -> None:
+    """Remove this failover's record, durably (the directory fsynced)."""
+    out = _open_dir(out_dir)
+    if out is None:
+        return
+    try:
+        out.unlink(STATE_NAME)
+        out.fsync()
+    finally:
+        out.close()
 
 
 async def _discard_unforked(store: ObjectStore, domain: int, out_dir: Path, destination: Any) -> None:

@@ -36,7 +36,7 @@ from cdp.errors import NotFound
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir
-from rocva.errors import InvalidTarget
+from rocva.errors import InvalidTarget, RecoveryError
 from rocva.fetch import Fetcher, execute, pool_workers, segment_groups
 from rocva.plan import SRC_BASE, RecoveryPlan, build_plan, image_file_name, load_state
 from rocva.resume import zero_range
@@ -162,11 +162,29 @@ async def bring_to(store: ObjectStore, domain: int, out: OutputDir, target: Targ
             "seconds": round(time.monotonic() - t0, 3)}
 
 
+def _release_failover_claim(out: OutputDir, view: Any) -> None:
+    """Before the standby touches the images: a failover that rehydrated into this
+    directory and did not fork left its record (``failover.json``, FORMAT.md §14.4),
+    which says the images hold its seq — the images are about to hold another point, so
+    the record goes first (durably). A failover that forked owns the images (its VMs
+    may run on them, or serve them for a failback): they are never touched, and this
+    is refused (RecoveryError) naming the record."""
+    from rocva.failover import STATE_NAME as FAILOVER_NAME
+    from rocva.failover import forget_unforked
+
+    forked = forget_unforked(out, view.state)
+    if forked is not None:
+        raise RecoveryError(f"{out.show(FAILOVER_NAME)}: a failover of domain {forked['domain']} to site "
+                            f"{forked['site']!r} forked on these images (from timeline {forked['parent_timeline']} "
+                            f"at seq {forked['seq']}): the standby never touches them")
+
+
 async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
                     destination: Destination | None = None) -> dict[str, Any]:
     """One step of continuous rehydration: the standby in ``out_dir`` at the newest
     consistent point of the current timeline — the tail applied, or built cold when
-    there is none or it cannot be used. Holds the recovery lease throughout."""
+    there is none or it cannot be used. Holds the recovery lease throughout. The record
+    of a failover that did not fork there is removed first (``_release_failover_claim``)."""
     from rocva.recover import recover, take_recovery_lease
     from rocva.recover_options import RecoverOptions
 
@@ -175,6 +193,7 @@ async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
         out = open_output_dir(out_dir, for_store(store, destination))
         try:
             view = await load_state(store, domain)
+            _release_failover_claim(out, view)
             ranges = recoverable_ranges(view)
             if not ranges:
                 raise InvalidTarget(f"domain {domain}: no consistent point yet", (None, None))

@@ -548,3 +548,46 @@ def test_a_fork_fences_the_old_writer_for_good_and_keeps_both_histories() -> Non
         assert len(await v1.rows_between(1, v1.committed_seq)) == PAGE_ROWS * 3 + 10
 
     run(go())
+
+
+def test_a_fork_is_refused_when_another_timeline_became_current_while_it_was_made(monkeypatch) -> None:
+    """Two sites fork timeline 1 at once: site C commits first, while site B's fork was
+    being made. B's commit loses the generation, and the head it loads again has C's
+    timeline current: B is refused, naming it — forking timeline 1 again would leave
+    C's timeline dead while C believes it owns the domain."""
+    from cdp import catalog_fork
+    from cdp.errors import FailoverRefused
+
+    async def go() -> None:
+        store = MemoryStore()
+        a = await new_domain(store, owner="site-a")
+        await append(a, 30)
+        real = catalog_fork.fork_body
+        raced = []
+
+        async def site_c_commits_first(view, fork_seq, new_id, owner, created_ns):
+            body = await real(view, fork_seq, new_id, owner, created_ns)
+            if owner == "site-b" and not raced:
+                raced.append(True)
+                await fork_timeline(store, 7, fork_seq, "site-c", parent=1)
+            return body
+
+        monkeypatch.setattr(catalog_fork, "fork_body", site_c_commits_first)
+        with pytest.raises(FailoverRefused, match=r"domain 7: timeline 1 is no longer current: timeline 2 \(owner "
+                                                  r"'site-c', forked from timeline 1 at seq 100\) is, .* nothing was "
+                                                  r"forked: the domain runs at site 'site-c' now"):
+            await fork_timeline(store, 7, 100, "site-b", parent=1)
+        assert raced == [True]
+        state, _ = await load_catalog(store, 7)
+        assert state.current == 2
+        assert [(t, state.timeline(t).owner, state.timeline(t).parent) for t in sorted(state.timelines)] == [
+            (1, "site-a", 0), (2, "site-c", 1)]
+        # Asked for later with the same stale parent: refused as well, nothing forked.
+        with pytest.raises(FailoverRefused, match="timeline 1 is no longer current: timeline 2"):
+            await fork_timeline(store, 7, 100, "site-b", parent=1)
+        assert sorted((await load_catalog(store, 7))[0].timelines) == [1, 2]
+        # Forking the current timeline (no parent named, or the current one) still works.
+        state, _ = await fork_timeline(store, 7, 100, "site-a", parent=2)
+        assert (state.current, state.timeline().parent, state.timeline().owner) == (3, 2, "site-a")
+
+    run(go())

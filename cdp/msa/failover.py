@@ -16,7 +16,8 @@ From the store alone — the protected site may be gone:
    least-loaded DRVA, running ``[hypervisor] recovered_workload``; and **protect** it:
    the DRVA starts while the appliance works, and waits for the fork (``takeover`` in its
    configuration) instead of being fenced by the other site's timeline. If the appliance
-   fails before the fork, both are rolled back;
+   fails before the fork, both are rolled back, and so is the appliance's record of the
+   point it rehydrated (the standby, resumed, moves the images);
 4. once forked, **power on** its VMs (``cdp.hypervisor``): the DRVA continues the domain
    on the new timeline;
 5. wait (bounded) for the first write of a recovered VM to be acknowledged by the DRVA:
@@ -149,6 +150,7 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
             await _unregister(daemon, name)
             if not record.get("planned"):  # a planned one keeps its handover: a rerun resumes at its mark
                 record_path(cfg.state_dir, name).unlink(missing_ok=True)
+            await _forget_appliance_record(cfg, domain_id, name)  # before the standby may move the images
             daemon.standby.resume(name)
         raise
     rehydrate_s = time.monotonic() - t_rehydrate
@@ -259,6 +261,27 @@ async def _unregister(daemon: Any, name: str) -> None:
                                                                   name))
     daemon.reload_config()
     log.info("failover_rolled_back", domain=name)
+
+
+async def _forget_appliance_record(cfg: Any, domain_id: int, name: str) -> None:
+    """The appliance's own record in the datastore (``<datastore>/<name>/failover.json``,
+    FORMAT.md §14.4) of a run that did not fork: it says the images hold its point, and
+    the standby resumed next (or a rerun at another point) changes them. Removed unless
+    the catalog shows the fork happened (the appliance died after it: the rerun
+    recognises it by that record). Best effort: the job's own error is what is reported,
+    and a record left here is still checked by the rerun and removed by the standby."""
+    from rocva.failover import forget_unforked_at
+
+    out_dir = cfg.cluster.state_dir / name  # rocva.__main__.failover_dir
+    try:
+        store = open_store(cfg.store_url_for(name))
+        try:
+            if await forget_unforked_at(store, domain_id, out_dir):
+                log.info("failover_appliance_record_removed", domain=name, dir=str(out_dir))
+        finally:
+            await store.close()
+    except Exception as exc:  # noqa: BLE001 - the rollback goes on; the record is checked again later
+        log.warning("failover_appliance_record_kept", domain=name, dir=str(out_dir), error=str(exc)[:400])
 
 
 async def _timed(work: Callable[[], Awaitable[Any]], phases: dict[str, float], name: str) -> Any:

@@ -7,6 +7,7 @@ that died half way completes when rerun."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,49 @@ async def test_the_delta_is_read_from_the_peer_and_from_the_store_when_the_peer_
             assert out["peer_error"] is None and out["bytes_written"] == out["bytes_moved"]
         else:
             assert "site-b" in out["peer_error"] and ("ended early" in out["peer_error"]) is (how == "cut"), out
+
+
+@pytest.mark.parametrize("how", ["missing", "short"])
+async def test_a_failback_that_died_rewriting_a_disk_whole_rewrites_it_whole_again(tmp_path, monkeypatch, how):
+    """A's image of disk 0 is gone (or lost its tail): the failback rewrites it whole, and
+    dies after it created (or truncated) the image and before the disk holds the mark.
+    Its dirty-region map was removed — durably, before the image was touched — so the
+    rerun, finding an image of the right size, rewrites it whole again instead of moving
+    a delta over zeros, and the disks end at the mark."""
+    from cdp import durable
+
+    store = MemoryStore()
+    b, fork, mark, a_disks, at_mark = await _two_histories(store, 22, 6, 6, True)
+    disks = site_a_disks(tmp_path, a_disks)
+    if how == "missing":
+        disks[0].path.unlink()
+    else:
+        with open(disks[0].path, "r+b") as f:
+            f.truncate(disks[0].size // 2)
+    assert sidecar_path(disks[0].path).exists()
+    real_sync_dir, seen = durable.sync_dir, []
+
+    def watch_dir_syncs(fd: int) -> None:  # what the disks' directory holds when its entries become durable
+        if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(tmp_path):
+            seen.append((sidecar_path(disks[0].path).exists(),
+                         disks[0].path.stat().st_size if disks[0].path.exists() else None))
+        real_sync_dir(fd)
+
+    async def dies(*args, **kwargs):
+        raise OSError(5, "the appliance died (injected)")
+
+    monkeypatch.setattr(durable, "sync_dir", watch_dir_syncs)
+    monkeypatch.setattr(delta, "apply_in_place", dies)
+    with pytest.raises(OSError, match="injected"):
+        await failback(store, b.domain, mark, site=SITE, disks=disks)
+    assert disks[0].path.stat().st_size == disks[0].size  # an image of the right size ...
+    assert sha(disks[0].path.read_bytes()) != sha(at_mark[0])  # ... that is not the mark
+    assert (await load_catalog(store, b.domain))[0].current == 2  # no fork before the disks are right
+    monkeypatch.undo()
+    out = await failback(store, b.domain, mark, site=SITE, disks=disks)
+    assert [x["mode"] for x in out["disks"]] == ["whole", "delta"], out["disks"]
+    assert "dirty-region map" in out["disks"][0]["reason"]
+    assert [sha(d.path.read_bytes()) for d in disks] == [sha(m) for m in at_mark]
+    assert out["timeline"] == 3 and (await load_catalog(store, b.domain))[0].current == 3
+    # The first run made the map's removal durable while the image was still as it found it.
+    assert (False, None if how == "missing" else disks[0].size // 2) in seen, seen
