@@ -19,12 +19,23 @@ The header and a body checksum are written only at a clean close, when every wri
 acknowledged; a map whose header does not check, whose geometry does not match its
 disk, or whose body holds a byte other than 0/1 is *unusable*: whoever reads it must
 treat every region as dirty, and says so.
+
+The map sits in a datastore others may write, and the filter may run as root: it is
+opened without following a link (``O_NOFOLLOW``) or blocking (``O_NONBLOCK``: a FIFO
+planted there must not hang the open), and must be a regular file — with one link, to
+be written. A reader takes anything else as unusable (every region dirty) and reads at
+most one byte past the size the map of its disk has (a link to ``/dev/zero`` would have
+been read until memory ran out); the writer refuses it (``DirtyMapRefused``, naming
+the path), as writing the header through a link to another file would overwrite that
+file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +44,8 @@ import numpy as np
 import xxhash
 
 from cdp import durable
-from cdp.errors import FormatError
+from cdp.errors import CdpError, FormatError
+from cdp.file_kinds import file_kind
 
 MAGIC = b"CDPR"
 VERSION = 1
@@ -52,6 +64,15 @@ _PAGE = 4096
 
 class DirtyMapUnusable(FormatError):
     """A map that cannot say which regions are clean (see the module docstring)."""
+
+
+class DirtyMapRefused(CdpError):
+    """The map's path is not a regular file of its own (a link, a FIFO, a device, a
+    directory, a file with other hard links): the filter will not write through it."""
+
+
+# Opening a map: never through a link, never waiting on a FIFO.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 def region_bytes_for(disk_size: int) -> int:
@@ -127,16 +148,33 @@ def read_dirty_map(path: str | os.PathLike[str], disk_size: int) -> tuple[np.nda
 
 def _read(path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except FileNotFoundError:
         raise DirtyMapUnusable(f"{path}: no dirty-region map next to the disk") from None
+    except OSError as exc:
+        what = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise DirtyMapUnusable(f"{path}: {what}, not a dirty-region map") from None
+    try:
+        return _read_fd(fd, path, disk_size)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
+    """The map open at ``fd``, checked whole; at most one byte past its size is read."""
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise DirtyMapUnusable(f"{path}: {file_kind(mode)}, not a dirty-region map")
+    size_max = HEADER_BYTES + -(-disk_size // region_bytes_for(disk_size))
+    raw = _pread_upto(fd, size_max + 1)
     h = _unpack_header(raw, str(path))
     want_regions = -(-disk_size // h.region_bytes)
     if h.disk_size != disk_size or h.region_bytes != region_bytes_for(disk_size) or h.regions != want_regions:
         raise DirtyMapUnusable(f"{path}: a map of a {h.disk_size}-byte disk in {h.regions} regions of "
                                f"{h.region_bytes} bytes; the disk is {disk_size} bytes")
     if len(raw) != HEADER_BYTES + h.regions:
-        raise DirtyMapUnusable(f"{path}: {len(raw)} bytes, expected {HEADER_BYTES + h.regions}")
+        size = f"{len(raw)} bytes" if len(raw) <= size_max else f"more than {size_max} bytes"
+        raise DirtyMapUnusable(f"{path}: {size}, expected {HEADER_BYTES + h.regions}")
     body = np.frombuffer(raw, dtype=np.uint8, count=h.regions, offset=HEADER_BYTES)
     if (body > 1).any():
         i = int(np.flatnonzero(body > 1)[0])
@@ -144,6 +182,42 @@ def _read(path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
     if h.clean and xxhash.xxh3_64_intdigest(body.tobytes()) != h.body_xxh3:
         raise DirtyMapUnusable(f"{path}: closed clean but its body checksum does not match")
     return h, body.astype(bool)
+
+
+def _pread_upto(fd: int, limit: int) -> bytes:
+    """The first ``limit`` bytes of the file at ``fd`` (fewer at its end)."""
+    parts = []
+    got = 0
+    while got < limit:
+        chunk = os.pread(fd, limit - got, got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _open_for_writing(path: Path) -> tuple[int, bool]:
+    """(fd, created): the map at ``path`` opened read-write, created if absent.
+    ``DirtyMapRefused`` when the path is anything but a regular file with one link."""
+    flags = os.O_RDWR | _OPEN_FLAGS
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True  # O_EXCL: not through a link either
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        what = "a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+        raise DirtyMapRefused(f"{path}: {what}; expected the disk's dirty-region map, a regular file: "
+                              f"refusing to write through it (remove it to start a new map)") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = file_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} links"
+        raise DirtyMapRefused(f"{path}: {what}; expected the disk's dirty-region map, a regular file with one "
+                              f"link: refusing to write through it (remove it to start a new map)")
+    return fd, False
 
 
 class DirtyMap:
@@ -182,18 +256,17 @@ class DirtyMap:
         regions = -(-disk_size // region_bytes)
         left_reason = None
         opens = 0
-        created = not path.exists()
-        if created:  # a disk never written through a filter with a map: nothing is pending
-            left = np.zeros(regions, dtype=bool)
-        else:
-            try:
-                old, left = _read(path, disk_size)
-                opens = old.opens
-            except DirtyMapUnusable as exc:  # there, and not to be trusted: every region is suspect
-                left_reason = str(exc)
-                left = np.ones(regions, dtype=bool)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd, created = _open_for_writing(path)
         try:
+            if created:  # a disk never written through a filter with a map: nothing is pending
+                left = np.zeros(regions, dtype=bool)
+            else:
+                try:
+                    old, left = _read_fd(fd, path, disk_size)
+                    opens = old.opens
+                except DirtyMapUnusable as exc:  # there, and not to be trusted: every region is suspect
+                    left_reason = str(exc)
+                    left = np.ones(regions, dtype=bool)
             header = MapHeader(disk_size, region_bytes, domain, regions, opens + 1, False, 0)
             flags = left.copy()
             durable.pwrite_all(fd, [_pack_header(header), flags.view(np.uint8)], 0)

@@ -8,9 +8,11 @@ Modes (FORMAT.md §1 kinds RESYNC_BEGIN/END mark the windows in the stream):
 * ``bitmap``: the buffer was full, and so was the spill journal if there is one
   (``iofilter_sim.spill``: frames past the memory buffer wait in a bounded ring file
   beside the disks, numbered and in order, so a DRVA restart of a few seconds opens no
-  window). Frames not yet sent are dropped (their seqs are reused: no DRVA has seen
+  window), or the journal lost frames (a short read, a checksum that fails). Frames
+  never sent on any connection are dropped (their seqs are reused: no DRVA has seen
   them) and their regions, like every new write's, are marked in a bounded dirty bitmap.
-  Sent-but-unacked frames stay, to be resent.
+  Frames ever sent stay until acked, to be resent: a DRVA may hold them staged from an
+  older connection and make them durable later, so their seqs are never numbered again.
 * ``resync``: the path is healthy again; a RESYNC_BEGIN record opens the window, dirty
   regions are read back from the primary disks and captured as ordinary writes (live
   writes keep being captured between them), and RESYNC_END closes the window when the
@@ -24,7 +26,9 @@ bitmap, so they are resynced.
 
 Invariants: seqs in the buffer are consecutive and start right after ``acked_seq``;
 the frames before ``buffer[unsent_from]`` have been sent on the current connection and
-the others not (so only never-sent frames are ever dropped, and their seqs reused);
+the others not on it; ``acked_seq <= sent_seq < next_seq``, where ``sent_seq`` is the
+highest seq ever sent on any connection (only frames above it are ever dropped, and
+only their seqs reused — so a seq once on the wire names one write, for good);
 ``buffered_bytes <= buffer_bytes_max`` except for one frame (bytes in memory; a frame
 in the spill journal counts in ``spilled_bytes`` instead, and keeps only its records in
 memory); a region is either in a buffered frame, in the bitmap, or already acked.
@@ -42,12 +46,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from cdp.dirtymap import DirtyMap, region_bytes_for, regions_of
+from cdp.errors import FormatError
 from cdp.frame import encode_frame_parts
+from cdp.logs import get_logger
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, empty_records,
     payload_lengths,
 )
 from iofilter_sim.spill import SpillJournal
+
+log = get_logger("iofilter.filter")
 
 FRAME_BYTES_MAX = 1 << 20
 FRAME_RECORDS_MAX = 4096
@@ -116,6 +124,11 @@ class DomainFilter:
         self.clock = clock
         self.next_seq = first_seq
         self.acked_seq = first_seq - 1
+        # The highest seq ever sent to a DRVA, on any connection. A DRVA may hold a frame
+        # staged from a connection that dropped and make it durable after the WELCOME of
+        # the next one said otherwise: no seq at or below this is ever numbered again,
+        # and an ack above it is a lie (FilterClient refuses it).
+        self.sent_seq = first_seq - 1
         # Wall-clock time of the first ack of a write this instance numbered (the end of
         # a recovery time objective: a recovered VM's write is durable at its DRVA).
         self.first_ack_time: float | None = None
@@ -171,13 +184,21 @@ class DomainFilter:
     def _capture(self, records: np.ndarray, payload: bytes) -> None:
         if self.maps:
             self._flag(records)
-        self._apply(records, payload)
-        self.stats["writes"] += len(records)
-        self.stats["bytes"] += int(records["length"].sum())
-        if self.mode == "bitmap":
-            self._mark_dirty(records)
-            return
-        self._capture_records(records, payload)
+        try:
+            self._apply(records, payload)
+            self.stats["writes"] += len(records)
+            self.stats["bytes"] += int(records["length"].sum())
+            if self.mode == "bitmap":
+                self._mark_dirty(records)
+                return
+            self._capture_records(records, payload)
+        except Exception:
+            # The primary may hold the batch (or part of it) and the stream not: whatever
+            # failed — the disk, or numbering and encoding after it — its regions go to
+            # the bitmap and a resync reads back what the disk holds. A write that reached
+            # the primary and neither the buffer nor the bitmap would never replicate.
+            self._enter_bitmap(records)
+            raise
 
     async def capture_async(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
                             payload: bytes) -> None:
@@ -224,9 +245,9 @@ class DomainFilter:
         self.stats["bytes"] += int(length.sum())
 
     def mark_unreplicated(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray) -> None:
-        """A batch failed part way (its primary write raised): the disks may hold some of
-        it and the stream none, so its regions go to the bitmap; the resync reads them
-        back from the disks."""
+        """A batch failed part way: the disks may hold some of it and the stream none, so
+        its regions go to the bitmap; the resync reads them back from the disks.
+        (``capture`` does this itself for a batch that fails inside it.)"""
         if len(disk):
             self._enter_bitmap(batch_records(disk, offset, length, kind))
 
@@ -269,9 +290,8 @@ class DomainFilter:
             end_byte = int(ends[stop - 1])
             if not self._buffer_frame(records[start_rec:stop], view[start_byte:end_byte], spillable=True):
                 # Neither memory nor the journal holds it: this frame and the batch's
-                # rest go to the bitmap, with every unsent frame (this batch's too). Their
-                # seqs were never buffered: the next write reuses them.
-                self.next_seq = int(records["seq"][start_rec])
+                # rest go to the bitmap, with every frame never sent (this batch's too).
+                # Their seqs never reached a DRVA: the next write reuses them.
                 self._enter_bitmap(records[start_rec:])
                 return False
             start_rec, start_byte = stop, end_byte
@@ -296,12 +316,52 @@ class DomainFilter:
         self.buffered_bytes += nbytes
         return True
 
-    def wire_parts(self, frame: BufferedFrame) -> list:
+    def wire_parts(self, frame: BufferedFrame) -> list | None:
         """The encoded frame to send: its parts in memory, or its bytes read back from the
-        spill journal."""
+        spill journal and checked. None when the journal lost them: the filter then went
+        to bitmap mode and the buffer changed (``_spill_lost``), so the caller looks at
+        ``next_unsent`` again."""
         if frame.spilled_at < 0:
             return frame.parts
-        return [self.spill.read(frame.spilled_at, frame.nbytes)]
+        try:
+            data = self.spill.read_frame(frame.spilled_at, frame.nbytes, (frame.first_seq, frame.last_seq))
+        except (OSError, FormatError) as exc:
+            self._spill_lost(exc)
+            return None
+        return [data]
+
+    def _spill_lost(self, exc: Exception) -> None:
+        """The spill journal cannot give a frame back (EIO, truncated, overwritten): no
+        frame in it is trusted again, and it takes no more. Frames never sent go to the
+        bitmap, as when the buffer is full. A frame ever sent may be staged at a DRVA, or
+        not: it is replaced by a filler of ``RESYNC_BEGIN`` records with its seqs — a
+        DRVA that holds the original drops the filler as a duplicate, one that does not
+        takes it and opens a resync window there — and its regions go to the bitmap too,
+        so the resync writes them again after it, whichever happened."""
+        spill = self.spill
+        assert spill is not None
+        lost = sum(1 for f in self.buffer if f.spilled_at >= 0)
+        log.error("spill_journal_broken", path=str(spill.path), domain=self.domain, error=str(exc),
+                  frames_lost=lost, sent_seq=self.sent_seq)
+        self._enter_bitmap(empty_records(0))  # never-sent frames, the journal's among them
+        for i, f in enumerate(self.buffer):
+            if f.spilled_at >= 0:
+                self._mark_dirty(f.records)
+                self.buffer[i] = self._filler(f)
+                self.buffered_bytes += self.buffer[i].nbytes
+        spill.abandon(str(exc))
+        self.spilled_bytes = 0
+        self.stats["spill_frames_lost"] += lost
+
+    def _filler(self, frame: BufferedFrame) -> BufferedFrame:
+        """A frame of ``RESYNC_BEGIN`` records with ``frame``'s seqs and timestamps (see
+        ``_spill_lost``); it keeps the original records, whose regions are dirty."""
+        records = empty_records(len(frame.records))
+        records["seq"], records["timestamp_ns"] = frame.records["seq"], frame.records["timestamp_ns"]
+        records["kind"] = KIND_RESYNC_BEGIN
+        parts = list(encode_frame_parts(self.domain, records, memoryview(b"")))
+        nbytes = sum(len(memoryview(p).cast("B")) for p in parts)
+        return BufferedFrame(frame.first_seq, frame.last_seq, parts, nbytes, frame.records)
 
     def _forget(self, frame: BufferedFrame, *, newest: bool) -> None:
         """Account for a frame leaving the buffer (acked: the oldest; dropped: the newest)."""
@@ -338,7 +398,7 @@ class DomainFilter:
         if self.next_seq != 1 or self.buffer:
             raise FilterError(f"domain {self.domain}: cannot continue after seq {seq}: "
                               f"this filter already numbered writes up to {self.next_seq - 1}")
-        self.next_seq, self.acked_seq = seq + 1, seq
+        self.next_seq, self.acked_seq, self.sent_seq = seq + 1, seq, seq
 
     def on_ack(self, durable_seq: int) -> None:
         while self.buffer and self.buffer[0].last_seq <= durable_seq:
@@ -437,6 +497,8 @@ class DomainFilter:
         return self.buffer[self.unsent_from] if self.unsent_from < len(self.buffer) else None
 
     def mark_sent(self) -> None:
+        """``next_unsent`` went on the wire (its bytes may reach the DRVA from now on)."""
+        self.sent_seq = max(self.sent_seq, self.buffer[self.unsent_from].last_seq)
         self.unsent_from += 1
 
     def rewind(self) -> None:
@@ -446,17 +508,22 @@ class DomainFilter:
     # ------------------------------------------------------------------ bitmap and resync
 
     def _enter_bitmap(self, records: np.ndarray) -> None:
-        """The buffer is full: drop unsent frames (their seqs are reused) into the bitmap."""
+        """The buffer is full: drop the frames never sent on any connection (their seqs
+        are reused) into the bitmap. A frame sent on an older connection and rewound
+        stays: the DRVA may have it staged and make it durable yet (its seqs are taken)."""
         self._mark_dirty(records)
-        while len(self.buffer) > self.unsent_from:
+        while len(self.buffer) > self.unsent_from and self.buffer[-1].first_seq > self.sent_seq:
             f = self.buffer.pop()
             self._forget(f, newest=True)
             self._mark_dirty(f.records)
-            self.next_seq = f.first_seq
             if self.window_open_seq is not None and self.window_open_seq >= f.first_seq:
                 self.window_open_seq = None  # the RESYNC_BEGIN itself was never sent
             dropped_marks = int((f.records["kind"] == KIND_MARK).sum())
             self.stats["marks_dropped"] += dropped_marks
+        # Number on right after what is kept (a batch that failed part way may have been
+        # numbered past it), and never at or below a seq ever sent.
+        kept = self.buffer[-1].last_seq if self.buffer else self.acked_seq
+        self.next_seq = max(kept, self.sent_seq) + 1
         if self.mode != "bitmap":
             self.stats["bitmap_entries"] += 1
         self.mode = "bitmap"

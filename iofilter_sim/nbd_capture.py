@@ -308,13 +308,10 @@ class DomainCapture:
         if self.isolated:
             self.filt.write_only(r["disk"], r["offset"], r["length"], r["kind"], b.payload)
         else:
-            try:
-                self.filt.capture_flagged(r, b.payload)
-            except OSError:
-                # The primary may hold part of the batch: its regions go to the bitmap,
-                # and a resync reads them back from the disk (what it holds is what counts).
-                self.filt.mark_unreplicated(r["disk"], r["offset"], r["length"], r["kind"])
-                raise
+            # A batch that fails once it may have reached the primary — its write, or
+            # numbering and buffering after it, whatever the error — has its regions put
+            # in the bitmap by the filter itself: a resync reads back what the disk holds.
+            self.filt.capture_flagged(r, b.payload)
         self.stats["writes"] += len(b.writes)
         self.stats["batches"] += 1
 

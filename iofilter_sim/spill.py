@@ -9,8 +9,16 @@ the frames instead, numbered and in order, so the stream resumes where it stoppe
 
 What it is not: a durability layer. A frame is only ever acknowledged by the DRVA, after
 the DRVA's own fdatasync; the journal is never fsynced, and a fresh one is created by each
-run (the file is truncated on open). What a filter that crashes leaves unacknowledged is
-covered by the dirty-region maps (``cdp.dirtymap``): those regions are resynced.
+run. What a filter that crashes leaves unacknowledged is covered by the dirty-region maps
+(``cdp.dirtymap``): those regions are resynced. A frame read back to be sent is checked
+(``read_frame``: its own checksums and seqs); one that cannot be read back ends the
+journal for the run (``abandon``) and the filter resyncs what it held
+(``DomainFilter._spill_lost``).
+
+The path is a sidecar in a datastore others may write, and the filter may run as root:
+whatever is at it when a run starts (a planted symbolic link, say) is unlinked, never
+followed, and the journal is created afresh there (``O_EXCL | O_NOFOLLOW``); at the end
+it is removed only if the path still names the journal's own file.
 
 Layout: the file is a ring of ``capacity_bytes``; each frame is one contiguous run of
 bytes, exactly the encoded frame as it goes on the wire (FORMAT.md §2: it carries its own
@@ -25,8 +33,12 @@ from __future__ import annotations
 
 import collections
 import os
+import stat
 from pathlib import Path
 
+from cdp.errors import CdpError, FormatError
+from cdp.file_kinds import file_kind
+from cdp.frame import decode_frame
 from cdp.logs import get_logger
 
 log = get_logger("iofilter_sim.spill")
@@ -36,6 +48,32 @@ log = get_logger("iofilter_sim.spill")
 SPILL_BYTES_MAX = 1 << 30
 
 
+class SpillRefused(CdpError):
+    """The spill journal's path holds something that cannot be replaced by a new file."""
+
+
+def _create(path: Path) -> int:
+    """A new, empty journal file at ``path``: what was there is unlinked (a link is
+    removed, not followed), and the file is created exclusively, without following a
+    link planted in between."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a directory, a read-only datastore
+        raise SpillRefused(f"{path}: cannot replace it with a spill journal: {exc.strerror}") from None
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:  # EEXIST: something was put there since the unlink
+        raise SpillRefused(f"{path}: cannot create the spill journal: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise SpillRefused(f"{path}: {file_kind(mode)}, expected the regular file just created")
+    return fd
+
+
 class SpillJournal:
     """Frames waiting for acknowledgement, in a ring file (see the module docstring)."""
 
@@ -43,11 +81,13 @@ class SpillJournal:
         assert capacity_bytes > 0, capacity_bytes
         self.path = Path(path)
         self.capacity_bytes = capacity_bytes
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._fd = _create(self.path)
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino)  # close() removes this file, nothing else
         self._frames: collections.deque[tuple[int, int]] = collections.deque()  # (offset, nbytes)
         self.used_bytes = 0  # bytes of the frames in it (gaps not counted)
         self.peak_bytes = 0
-        self.broken: str | None = None  # a write failed (e.g. ENOSPC): take no more frames
+        self.broken: str | None = None  # a write or a read back failed: take no more frames
 
     def _place(self, nbytes: int) -> int | None:
         """Where a frame of ``nbytes`` goes, or None if there is no room for it."""
@@ -94,6 +134,24 @@ class SpillJournal:
             raise OSError(f"{self.path}: short read of a spilled frame: {len(data)} of {nbytes} bytes at {offset}")
         return data
 
+    def abandon(self, reason: str) -> None:
+        """A frame could not be read back: trust none of the journal again. Its frames
+        are forgotten (the filter resyncs their regions) and it takes no more this run."""
+        self.broken = reason
+        self._frames.clear()
+        self.used_bytes = 0
+
+    def read_frame(self, offset: int, nbytes: int, seqs: tuple[int, int]) -> bytes:
+        """``read``, checked right after reading: a whole frame (FORMAT.md §2.3, its own
+        checksums) of seqs ``seqs`` (first, last). ``FormatError`` naming the file and the
+        offset otherwise — sent as it is, a DRVA would refuse it on every reconnect."""
+        data = self.read(offset, nbytes)
+        frame = decode_frame(data, f"{self.path}: spilled frame at offset {offset}")
+        if (frame.first_seq, frame.last_seq) != seqs:
+            raise FormatError(f"{self.path}: spilled frame at offset {offset} holds seqs {frame.first_seq}.."
+                              f"{frame.last_seq}, expected {seqs[0]}..{seqs[1]}")
+        return data
+
     def release_oldest(self) -> None:
         """The oldest frame was acknowledged."""
         self.used_bytes -= self._frames.popleft()[1]
@@ -106,8 +164,15 @@ class SpillJournal:
         return len(self._frames)
 
     def close(self) -> None:
-        """Close and remove the file: what it held is acknowledged or in the dirty maps."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close and remove the file: what it held is acknowledged or in the dirty maps.
+        Only the journal's own file is removed: not whatever was put at its path since."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._identity:
             self.path.unlink(missing_ok=True)

@@ -88,7 +88,7 @@ async def test_a_cancelled_sender_ends_even_as_it_is_woken() -> None:
 
 
 async def test_a_cancelled_handshake_ends_even_as_the_reply_arrives() -> None:
-    reply = b"".join(wire.control(wire.CHALLENGE, {"drva": "drva-1", "nonce": "00" * 16}))
+    reply = b"".join(wire.control(wire.CHALLENGE, {"drva": "drva-1", "nonce": "00" * wire.NONCE_BYTES}))
     results = {}
     for n in range(ITERATIONS_SWEPT):
         client = FilterClient([DomainFilter(1, [])], "127.0.0.1", 9, b"s" * 16, "host-1")

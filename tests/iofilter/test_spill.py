@@ -1,21 +1,28 @@
 """The filter's spill journal (iofilter_sim/spill.py): frames past the memory buffer wait
-in a bounded ring file, in order, instead of sending the filter to bitmap mode."""
+in a bounded ring file, in order, instead of sending the filter to bitmap mode; a
+journal that loses them sends the filter to a resync, never into a stall."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp.frame import decode_frame
+from cdp.records import KIND_RESYNC_BEGIN, KIND_WRITE
 from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
+from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import DomainFilter
 from iofilter_sim.spill import SpillJournal
 from tests.drva.harness import SECRET, Disk, DrvaProcess, check_store, domain_doc, drva_doc, free_port, random_writes
 from tests.drva.test_crash import wait_until_committed
+from tests.iofilter.fake_drva import SECRET as FAKE_SECRET
+from tests.iofilter.fake_drva import FakeDrva
 from tests.waiting import EVENTUALLY_S, wait_until
 
 # ---------------------------------------------------------------- the ring, against a model
@@ -178,3 +185,100 @@ async def test_a_drva_restart_under_load_opens_no_window_with_the_journal(tmp_pa
     lost = await check_store(store, 2, [disks[2].sha256()], tmp_path)
     assert lost["windows"], "the control domain's resync window should be in its catalog"
     with_journal.close_spill()
+
+
+# ---------------------------------------------------------------- a journal that loses its bytes
+
+def _spill_a_lot(f: DomainFilter, size: int, seed: int) -> None:
+    """Writes past the memory buffer, with no chance to send between them."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        f.capture(*random_writes(rng, [size], 16, 32))
+    assert f.spilled_bytes > 1 << 20 and f.mode == "normal"
+
+
+def _damage(f: DomainFilter, how: str) -> int:
+    """Damage the journal under the filter; the first seq it held."""
+    first = next(frame for frame in f.buffer if frame.spilled_at >= 0)
+    if how == "truncated":
+        os.truncate(f.spill.path, 0)
+    else:  # one byte of the first spilled frame's payload, as a bad sector would
+        with open(f.spill.path, "r+b") as fh:
+            fh.seek(first.spilled_at + first.nbytes - 1)
+            byte = fh.read(1)
+            fh.seek(first.spilled_at + first.nbytes - 1)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+    return first.first_seq
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+async def test_a_damaged_journal_sends_the_filter_to_a_resync_not_into_a_stall(tmp_path, how: str) -> None:
+    """Frames never sent are in the journal when it loses its bytes: they go to the
+    bitmap, the filter resyncs, and the DRVA's latest point is the primary. (Before, the
+    session ended on the short read, and every reconnect met the same frame again.)"""
+    size = 8 << 20
+    disk = PrimaryDisk(tmp_path / "d.img", size)
+    f = DomainFilter(1, [disk], buffer_bytes_max=256 << 10, frame_bytes_max=64 << 10,
+                     spill=SpillJournal(tmp_path / "d.img.spill", 16 << 20))
+    _spill_a_lot(f, size, 5)
+    _damage(f, how)
+    fake = FakeDrva()
+    await fake.start()
+    client = FilterClient([f], "127.0.0.1", fake.port, FAKE_SECRET, "host-1")
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_until(lambda: f.mode == "normal" and f.acked_seq == f.next_seq - 1 == fake.durable_seq,
+                         EVENTUALLY_S, "the resync acked")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await fake.close()
+    assert f.stats["spill_frames_lost"] > 0 and f.stats["resyncs_completed"] == 1
+    assert f.spill.broken is not None and f.spilled_bytes == 0 and f.spill.used_bytes == 0
+    assert fake.gaps == [] and client.connections == 1  # no session ended over it
+    assert fake.image(0, size) == disk.read(0, size)
+    f.close_spill()
+
+
+@pytest.mark.parametrize("drva_restarted", [False, True])
+async def test_spilled_frames_sent_then_lost_keep_their_seqs_and_are_resynced(tmp_path, drva_restarted: bool) -> None:
+    """Spilled frames were sent, staged at the DRVA, not durable; the connection drops
+    and the journal loses them. Their seqs may be the DRVA's: each is resent as a filler
+    of RESYNC_BEGIN records — dropped as a duplicate where the DRVA kept the frame, a
+    resync window opened where a restart lost it — and their regions are resynced."""
+    size = 8 << 20
+    disk = PrimaryDisk(tmp_path / "d.img", size)
+    f = DomainFilter(1, [disk], buffer_bytes_max=256 << 10, frame_bytes_max=64 << 10,
+                     spill=SpillJournal(tmp_path / "d.img.spill", 16 << 20))
+    fake = FakeDrva()
+    await fake.start()
+    fake.hold()  # everything stays staged
+    client = FilterClient([f], "127.0.0.1", fake.port, FAKE_SECRET, "host-1")
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_until(lambda: client.connected, EVENTUALLY_S, "the WELCOME")
+        _spill_a_lot(f, size, 6)
+        await wait_until(lambda: fake.accepted == f.next_seq - 1, EVENTUALLY_S, "every frame sent")
+        lost_first = _damage(f, "truncated")
+        if drva_restarted:
+            fake.forget_staged()
+        before = client.connections
+        fake.drop()
+        await wait_until(lambda: f.stats["spill_frames_lost"] > 0, EVENTUALLY_S, "the resend to meet the damage")
+        assert client.connections == before + 1 and f.mode == "bitmap"
+        fake.release()
+        await wait_until(lambda: f.mode == "normal" and f.acked_seq == f.next_seq - 1 == fake.durable_seq,
+                         EVENTUALLY_S, "the resync acked")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await fake.close()
+    assert fake.gaps == []
+    assert fake.image(0, size) == disk.read(0, size)
+    if drva_restarted:  # the filler opened the window, the resync closed it
+        assert fake.records[lost_first][0] == KIND_RESYNC_BEGIN
+        assert fake.windows() == [(lost_first, fake.windows()[0][1])] and fake.windows()[0][1] is not None
+    else:  # the DRVA's frames stand; the resync's own window follows them
+        assert fake.records[lost_first][0] == KIND_WRITE
+        assert all(first > lost_first for first, _ in fake.windows())
+    f.close_spill()
