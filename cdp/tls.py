@@ -34,7 +34,8 @@ _UNTRUSTED_CODES = {
     7,   # certificate signature failure
 }
 _EXPIRED_CODES = {9, 10}  # not yet valid, expired
-_HOSTNAME_CODE = 62
+# The certificate does not hold the name dialled: a host name (62), or an IP address (64).
+_NAME_MISMATCH_CODES = {62, 64}
 
 
 def _readable(path: Path, what: str) -> None:
@@ -97,7 +98,7 @@ def describe_tls_error(exc: BaseException, peer: str, ca: Path | str | None = No
                     f"(another site's, or the site CA was replaced: give this client the current ca.pem)")
         if code in _EXPIRED_CODES:
             return f"TLS: {peer}'s certificate is not valid now ({detail}): rerun cdp install and restart it"
-        if code == _HOSTNAME_CODE:
+        if code in _NAME_MISMATCH_CODES:
             return (f"TLS: {peer}'s certificate is not for the name dialled ({detail}): add the name to "
                     f"[tls] server_names and rerun cdp install, or set the server name to one it holds")
         return f"TLS: {peer}'s certificate was refused ({detail})"

@@ -36,12 +36,30 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS_MAX else f"{text[:SHOWN_CHARS_MAX]}... ({len(text)} characters)"
 
 
+#: C0 controls, DEL and C1 controls: a terminal acts on them (ESC starts a sequence that
+#: can retitle the window, clear the screen or forge a line; in UTF-8, U+009B is an 8-bit
+#: CSI to some terminals). Written as JSON writes them, ``\u001b``.
+_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` from elsewhere (a peer's or a daemon's message, a record read back) with
+    its control characters escaped (``_CONTROLS``), for a terminal or a log line; the rest
+    is kept as written, and applying it twice changes nothing more."""
+    return text.translate(_CONTROLS)
+
+
 class Endpoint(NamedTuple):
     host: str
     port: int
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` for a URL: an IPv6 address in brackets (RFC 3986), ``[::1]:8080``."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 

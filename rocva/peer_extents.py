@@ -13,6 +13,7 @@ content).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,20 @@ import aiohttp
 from cdp import durable
 from cdp.errors import CdpError, FormatError, TruncatedError
 from cdp.extent_stream import PIECE, STREAM, TRAILER, ExtentRequest, StreamReader, encode_request, split
-from cdp.msa.extents import CONTENT_TYPE
+from cdp.msa.extents import CONTENT_TYPE, STREAMS_MAX
 from cdp.tls import client_context, describe_tls_error
+from cdp.tomlread import printable
 
-STREAMS = 8
+STREAMS = STREAMS_MAX  # the most the other site serves at once for a domain (429 past it)
 WRITE_BATCH_BYTES = 4 << 20  # written by one thread call; a stream holds at most this much
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0  # between two reads of a stream: the other site's disk or network stalled
+# The whole copy must go at least this fast: a peer that trickles a byte now and then
+# (never READ_TIMEOUT_S apart) would hold the failback for days instead of letting it read
+# the store. The streams share one link, so the deadline counts the bytes of all of them.
+PEER_BYTES_PER_S_MIN = 1 << 20
+PEER_DEADLINE_BASE_S = 60.0  # on top: connecting, the other site's first reads
+ERROR_BYTES_MAX = 64 << 10  # of a refusal's body, read and parsed (a §13.5 body is < 1 KiB)
 
 
 class PeerUnavailable(CdpError):
@@ -128,12 +136,7 @@ async def _one(session: aiohttp.ClientSession, peer: Peer, req: ExtentRequest, f
     async with session.post(peer.url, data=encode_request(req), timeout=timeout,
                             headers={"Authorization": f"Bearer {peer.token}", "Content-Type": CONTENT_TYPE}) as resp:
         if resp.status != 200:
-            try:
-                doc = await resp.json(content_type=None)
-                message = doc["error"]["message"]
-            except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-                message = f"HTTP {resp.status}"
-            raise PeerUnavailable(f"site {peer.name} refused the extent request: {str(message)[:500]}")
+            raise PeerUnavailable(f"site {peer.name} refused the extent request: {await _refusal(resp)}")
         parser = _Parser(StreamReader(req, where), fds)
         written = 0
         async for chunk in resp.content.iter_any():
@@ -156,19 +159,53 @@ async def _one(session: aiohttp.ClientSession, peer: Peer, req: ExtentRequest, f
         return written
 
 
+async def _refusal(resp: aiohttp.ClientResponse) -> str:
+    """What a refusal says: the message of its §13.5 body, read no further than
+    ``ERROR_BYTES_MAX`` (a peer answered 1 GiB), else its status; escaped for a log line."""
+    raw = bytearray()
+    try:
+        while len(raw) < ERROR_BYTES_MAX and (chunk := await resp.content.read(ERROR_BYTES_MAX - len(raw))):
+            raw += chunk
+        doc = json.loads(raw.decode("utf-8", errors="replace"))
+        message = doc["error"]["message"]
+    except (ValueError, KeyError, TypeError, RecursionError, aiohttp.ClientError):
+        message = None
+    if not isinstance(message, str) or not message:
+        return f"HTTP {resp.status}"
+    return printable(message[:500])
+
+
+def deadline_s(byte_count: int, bytes_per_s_min: float = PEER_BYTES_PER_S_MIN,
+               base_s: float = PEER_DEADLINE_BASE_S) -> float:
+    """How long reading ``byte_count`` bytes from the other site may take."""
+    return base_s + byte_count / bytes_per_s_min
+
+
 async def copy_from_peer(peer: Peer, req: ExtentRequest, fds: Mapping[int, int], *, streams: int = STREAMS,
-                         progress: Callable[[int], None] | None = None) -> int:
+                         progress: Callable[[int], None] | None = None,
+                         bytes_per_s_min: float = PEER_BYTES_PER_S_MIN, deadline_base_s: float = PEER_DEADLINE_BASE_S
+                         ) -> int:
     """Write ``req``'s ranges, read from ``peer``, into ``fds`` (disk id -> an open image,
-    read-write) and fsync them; bytes written. ``PeerUnavailable`` on any failure."""
+    read-write) and fsync them; bytes written. ``PeerUnavailable`` on any failure, and
+    when the streams are not all read within ``deadline_s`` of the request's bytes."""
     parts = split(req, streams)
+    limit_s = deadline_s(req.byte_count, bytes_per_s_min, deadline_base_s)
     try:
         with ThreadPoolExecutor(max(1, len(parts)), thread_name_prefix="peer-write") as pool:
             # The peer's CA alone (cdp.tls), when its API is HTTPS (ConfigError naming the file).
             connector = aiohttp.TCPConnector(ssl=client_context(peer.ca)) if peer.ca is not None else None
             async with aiohttp.ClientSession(connector=connector) as session:
                 tasks = [asyncio.ensure_future(_one(session, peer, part, fds, pool, progress)) for part in parts]
+                deadline = asyncio.timeout(limit_s)
                 try:
-                    done = await asyncio.gather(*tasks)
+                    async with deadline:
+                        done = await asyncio.gather(*tasks)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise  # a socket's own timeout: below
+                    raise PeerUnavailable(f"site {peer.name} ({peer.url}) did not send {req.byte_count} bytes within "
+                                          f"{limit_s:g} s (at least {bytes_per_s_min / (1 << 20):g} MiB/s): "
+                                          f"too slow, or stalled") from None
                 finally:
                     for t in tasks:
                         t.cancel()

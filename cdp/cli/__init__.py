@@ -18,6 +18,7 @@ import click
 from cdp.cli import msa_verbs, site_verbs, store_verbs
 from cdp.errors import CdpError
 from cdp.memory import bound_malloc
+from cdp.tomlread import printable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,10 +42,10 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except CdpError as exc:
-        click.echo(f"cdp: error: {exc.message}", err=True)
+    except CdpError as exc:  # on one line, whatever a daemon, a peer or a file put in it
+        click.echo(f"cdp: error: {printable(exc.message)}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
         where = f": {exc.filename}" if exc.filename else ""
-        click.echo(f"cdp: error: {exc.strerror or type(exc).__name__}{where}", err=True)
+        click.echo(f"cdp: error: {exc.strerror or type(exc).__name__}{printable(where)}", err=True)
         sys.exit(1)

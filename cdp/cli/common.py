@@ -18,6 +18,7 @@ import click
 
 from cdp.errors import ConfigError
 from cdp.store.base import ObjectStore
+from cdp.tomlread import printable
 from cdp.units import parse_size
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -60,7 +61,21 @@ def one_point(at: str | None, seq: int | None, mark: str | None, latest: bool) -
 
 
 def emit(as_json: bool, result: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
-    click.echo(json.dumps(result, sort_keys=True) if as_json else human(result))
+    """``result`` as JSON (its control characters escaped by JSON), or as ``human`` writes
+    it for people from ``result`` with every string's control characters escaped
+    (``printable_doc``): much of it is a daemon's, a peer's or a record's text."""
+    click.echo(json.dumps(result, sort_keys=True) if as_json else human(printable_doc(result)))
+
+
+def printable_doc(value: Any) -> Any:
+    """``value`` (JSON) with every string in it, keys too, through ``cdp.tomlread.printable``."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable_doc(k): printable_doc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable_doc(v) for v in value]
+    return value
 
 
 def parse_size_option(text: str) -> int:

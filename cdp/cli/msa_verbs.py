@@ -19,8 +19,12 @@ import click
 from cdp.cli.common import FiniteRange, config_option, emit, json_option, one_point, point_options, progress_bar
 from cdp.errors import ConfigError
 from cdp.msa.jobs import FINAL
+from cdp.tomlread import printable
 
 FOLLOW_POLL_S = 0.5
+#: `cdp jobs --limit 1000`: up to 1,000 records of a few KB (200 events at most), from this
+#: site's own daemon; one record alone is bounded by the client's default.
+JOBS_ANSWER_BYTES_MAX = 64 << 20
 
 
 # ---------------------------------------------------------------------- calling the daemon
@@ -48,9 +52,11 @@ def _job_result(record: dict[str, Any]) -> dict[str, Any]:
     """The record of a job that ended; a job that did not succeed is an error with its code."""
     from cdp.msa.client import DaemonError
 
-    if record.get("state") != "succeeded":
+    if not isinstance(record, dict):
+        raise DaemonError(f"daemon: expected a job record, got {type(record).__name__}", 200, "not_a_job")
+    if record.get("state") != "succeeded":  # DaemonError escapes what the record says, checks its exit code
         raise DaemonError(f"job {record.get('id')} {record.get('state')}: {record.get('error')}", 200,
-                          str(record.get("state")), int(record.get("exit_code") or 1))
+                          str(record.get("state")), record.get("exit_code"))
     return record
 
 
@@ -196,7 +202,7 @@ def _jobs_list(config_path: Path, name: str | None, limit: int) -> dict[str, Any
 
     params = {"limit": str(limit), **({"name": name} if name else {})}
     try:
-        return _call(config_path, lambda c: c.get("/v1/jobs", **params))
+        return _call(config_path, lambda c: c.get("/v1/jobs", answer_bytes_max=JOBS_ANSWER_BYTES_MAX, **params))
     except (DaemonNotRunning, ConfigError):
         # No daemon, or no API token in this shell: the records are files in the state
         # directory (a site file that is itself wrong fails again, with its own message).
@@ -235,8 +241,8 @@ def _follow(get: Callable[[str], dict[str, Any]], job_id: str, as_json: bool) ->
         while True:
             record = get(job_id)
             p = record.get("progress") or {}
-            if p.get("phase"):
-                bar.set_description(p["phase"], refresh=False)
+            if isinstance(p.get("phase"), str) and p["phase"]:
+                bar.set_description(printable(p["phase"]), refresh=False)
             if isinstance(p.get("done"), int) and isinstance(p.get("total"), int):
                 update(p["done"], p["total"])
             if record["state"] in FINAL or record["state"] == "abandoned":
@@ -329,7 +335,9 @@ def jobs(job_id: str | None, config_path: Path, follow: bool, name: str | None, 
     record = _follow(get, job_id, as_json) if follow else get(job_id)
     emit(as_json, record, job_text)
     if follow and record["state"] != "succeeded":
-        sys.exit(int(record.get("exit_code") or 1))
+        from cdp.msa.client import exit_code_of
+
+        sys.exit(exit_code_of(record.get("exit_code")))
 
 
 @click.command()

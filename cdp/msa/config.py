@@ -121,6 +121,9 @@ VMS_PER_HOST_DEFAULT = 16
 VMS_PER_HOST_RANGE = (1, 1024)
 RECOVERED_WORKLOAD_DEFAULT: Mapping[str, Any] = {"kind": "random", "rate_mb_s": 1}
 SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
+#: A wildcard ``[api] listen`` host and the address a client on this machine dials
+#: instead: no certificate names a wildcard (``cdp.pki.server_names``), nor can one be dialled.
+WILDCARD_DIALLED: Mapping[str, str] = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 #: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
 #: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
 #: for both, so the API refuses what the site file would (and no policy is inf or NaN).
@@ -213,7 +216,7 @@ class PeerSpec:
 
     @property
     def api_url(self) -> str:
-        return f"{'https' if self.ca is not None else 'http'}://{self.api}"
+        return f"{'https' if self.ca is not None else 'http'}://{self.api.authority}"
 
 
 @dataclass(frozen=True)
@@ -245,8 +248,19 @@ class SiteConfig:
 
     @property
     def api_url(self) -> str:
-        """The REST API's base URL: https when the site serves TLS."""
-        return f"{'https' if self.tls is not None else 'http'}://{self.api_listen}"
+        """The REST API's base URL, as a client on this machine dials it: https when the
+        site serves TLS; a wildcard listen address is dialled at the loopback address of
+        its family (``WILDCARD_DIALLED``), an IPv6 address in brackets."""
+        host = WILDCARD_DIALLED.get(self.api_listen.host, self.api_listen.host)
+        return f"{'https' if self.tls is not None else 'http'}://{Endpoint(host, self.api_listen.port).authority}"
+
+    @property
+    def api_server_name(self) -> str | None:
+        """The name the API's certificate is checked for when it is not the host dialled:
+        a certificate holds 127.0.0.1 and localhost whatever the listen address
+        (``cdp.pki.LOCAL_NAMES``), and ::1 only when listed, so ``[::]`` is checked for
+        localhost."""
+        return "localhost" if self.tls is not None and self.api_listen.host == "::" else None
 
     # ---- lookups
 

@@ -4,7 +4,10 @@ The recovery site answers ``POST /v1/failback/{name}/extents`` with the bytes of
 quiesced disks that the site failing back asks for (``cdp.msa.failback.extent_files``
 says whether it may, and which files). Reads run on their own threads, one batch ahead
 of the socket, so a cold disk's latency overlaps the sending; a stream holds at most two
-batches (``BATCH_BYTES_MAX``) in memory.
+batches (``BATCH_BYTES_MAX``, ``BATCH_PIECES_MAX``) in memory, made from the request's
+range arrays as the stream goes (a list of every piece of a 4 Mi-range request took
+980 MiB). At most ``STREAMS_MAX`` streams of one domain are sent at once; past that the
+answer is 429 (``too_many_streams``).
 
 ``serve_files`` is the same answer without an MSA: the benchmark's stand-in for the
 recovery site's daemon (``benchmarks.failback``) and the tests'.
@@ -15,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from aiohttp import web
@@ -25,25 +29,31 @@ from aiohttp.web_protocol import RequestPayloadError
 from cdp.errors import FormatError
 from cdp.extent_stream import (
     PIECE,
+    PIECE_BYTES_MAX,
     REQUEST_BYTES_MAX,
     STREAM,
     TRAILER,
     ExtentRequest,
     parse_request,
     piece_head,
-    pieces,
     stream_header,
     trailer,
 )
 from cdp.logs import get_logger
-from cdp.msa.api_input import content_encoding
+from cdp.msa.api_input import ApiError, content_encoding
 
 log = get_logger("msa.extents")
 
 BATCH_BYTES_MAX = 4 << 20
+BATCH_PIECES_MAX = 8192  # 4 MiB of 512-byte pieces; a batch of 1-byte ones stays small too
+RANGES_PER_STEP = 1 << 16  # ranges turned into Python ints at a time
 READ_THREADS = 8  # outstanding reads of one site: a cold disk serves random reads faster at depth
+#: Extent streams of one domain sent at once: what a failback asks for (``rocva.peer_extents``
+#: sends this many); each may hold its request's range arrays (up to 64 MiB on the wire).
+STREAMS_MAX = 8
 CONTENT_TYPE = "application/octet-stream"
 _readers: ThreadPoolExecutor | None = None
+_streams: dict[int, int] = {}  # domain id -> its extent streams being sent
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -99,23 +109,63 @@ def _read_batch(fds: Mapping[int, int], batch: list[tuple[int, int, int]]) -> li
     return out
 
 
-def _batches(req: ExtentRequest) -> list[list[tuple[int, int, int]]]:
-    out: list[list[tuple[int, int, int]]] = [[]]
+def piece_count(req: ExtentRequest) -> int:
+    """How many pieces the stream answering ``req`` has (``cdp.extent_stream.pieces``),
+    from the range arrays."""
+    return sum(int(((end - start + PIECE_BYTES_MAX - 1) // PIECE_BYTES_MAX).sum()) for start, end in req.ranges)
+
+
+def batches(req: ExtentRequest) -> Iterator[list[tuple[int, int, int]]]:
+    """The pieces of ``req``'s stream, ``(disk, offset, length)`` in order, in batches of
+    at most ``BATCH_BYTES_MAX`` bytes and ``BATCH_PIECES_MAX`` pieces, made as they are
+    taken: what is held is one batch and ``RANGES_PER_STEP`` ranges, whatever the
+    request's size."""
+    batch: list[tuple[int, int, int]] = []
     size = 0
-    for piece in pieces(req):
-        if size + piece[2] > BATCH_BYTES_MAX and out[-1]:
-            out.append([])
-            size = 0
-        out[-1].append(piece)
-        size += piece[2]
-    return [b for b in out if b]
+    for disk, (start, end) in zip(req.disks, req.ranges):
+        for k in range(0, len(start), RANGES_PER_STEP):
+            for a, b in zip(start[k:k + RANGES_PER_STEP].tolist(), end[k:k + RANGES_PER_STEP].tolist()):
+                for offset in range(a, b, PIECE_BYTES_MAX):
+                    length = min(PIECE_BYTES_MAX, b - offset)
+                    if batch and (size + length > BATCH_BYTES_MAX or len(batch) >= BATCH_PIECES_MAX):
+                        yield batch
+                        batch, size = [], 0
+                    batch.append((disk, offset, length))
+                    size += length
+    if batch:
+        yield batch
+
+
+@contextmanager
+def _stream_slot(domain: int, where: str) -> Iterator[None]:
+    """One of the ``STREAMS_MAX`` streams of ``domain``, held while it is sent; an
+    ``ApiError`` 429 when they are all taken (checked and taken with no await between)."""
+    if _streams.get(domain, 0) >= STREAMS_MAX:
+        raise ApiError(429, "too_many_streams", f"{where}: {STREAMS_MAX} extent streams of the domain are being "
+                                                f"sent already, the most at once: send this one when one ends",
+                       "request body", exit_code=7)
+    _streams[domain] = _streams.get(domain, 0) + 1
+    try:
+        yield
+    finally:
+        _streams[domain] -= 1
+        if not _streams[domain]:
+            del _streams[domain]
 
 
 async def send_extents(request: web.Request, req: ExtentRequest, files: Mapping[int, tuple[Path, int]],
                        where: str) -> web.StreamResponse:
     """Answer ``req`` from ``files`` (disk id -> image path and its size), every range of
     which has been checked to lie inside its disk. An error after the head is sent ends
-    the connection without the trailer: the reader sees a stream cut short."""
+    the connection without the trailer: the reader sees a stream cut short. Before the
+    head, an ``ApiError``: 429 past ``STREAMS_MAX`` streams of the domain, 409 when an
+    image is shorter than its disk."""
+    with _stream_slot(req.domain, where):
+        return await _send(request, req, files, where)
+
+
+async def _send(request: web.Request, req: ExtentRequest, files: Mapping[int, tuple[Path, int]],
+                where: str) -> web.StreamResponse:
     fds: dict[int, int] = {}
     loop = asyncio.get_running_loop()
     try:
@@ -123,25 +173,30 @@ async def send_extents(request: web.Request, req: ExtentRequest, files: Mapping[
             path, size = files[disk]
             fds[disk] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             if os.fstat(fds[disk]).st_size < size:
-                raise BadExtentRequest(409, f"{where}: disk {disk}'s image is shorter than the disk")
-        batches = _batches(req)
-        length = STREAM.size + TRAILER.size + req.byte_count + PIECE.size * sum(len(b) for b in batches)
+                raise ApiError(409, "failover_refused", f"{where}: disk {disk}'s image is shorter than the disk",
+                               "request body")
+        count = piece_count(req)
+        length = STREAM.size + TRAILER.size + req.byte_count + PIECE.size * count
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
         resp.content_length = length
         await resp.prepare(request)
         ahead = None
         try:
             await resp.write(stream_header(req))
-            ahead = loop.run_in_executor(_pool(), _read_batch, fds, batches[0]) if batches else None
-            for k, batch in enumerate(batches):
+            todo = batches(req)
+            batch = next(todo, None)
+            ahead = loop.run_in_executor(_pool(), _read_batch, fds, batch) if batch is not None else None
+            while batch is not None:
                 assert ahead is not None
                 data = await ahead
-                ahead = (loop.run_in_executor(_pool(), _read_batch, fds, batches[k + 1])
-                         if k + 1 < len(batches) else None)
+                following = next(todo, None)
+                ahead = (loop.run_in_executor(_pool(), _read_batch, fds, following)
+                         if following is not None else None)
                 for (disk, offset, _), piece in zip(batch, data):
                     await resp.write(piece_head(disk, offset, piece))
                     await resp.write(piece)
-            await resp.write(trailer(sum(len(b) for b in batches), req.byte_count))
+                batch = following
+            await resp.write(trailer(count, req.byte_count))
             await resp.write_eof()
             log.info("extents_sent", where=where, ranges=req.range_count, bytes=req.byte_count)
         except (OSError, ConnectionError) as exc:
@@ -184,9 +239,9 @@ def serve_files(domain: int, seq: int, files: Mapping[int, tuple[Path, int]], to
                 raise BadExtentRequest(409, f"serving domain {domain} at seq {seq}, asked for domain {req.domain} "
                                             f"at seq {req.seq}")
             check_inside(req, files, "extents")
-        except BadExtentRequest as exc:
+            return await send_extents(request, req, files, "extents")
+        except (BadExtentRequest, ApiError) as exc:
             return web.json_response({"error": {"status": exc.status, "message": exc.message}}, status=exc.status)
-        return await send_extents(request, req, files, "extents")
 
     app = web.Application()
     app.router.add_post("/extents", handler)

@@ -12,7 +12,12 @@
   const JOB_POLL_MS = 1000;
   const HOUR_S = 3600;
   const POINTS_EVERY_MS = 10000; // the catalog is read from the store: not at every poll
-  const NAME_PATTERN = "[A-Za-z0-9._\\-]{1,64}"; // an <input pattern> (anchored; valid with the v flag)
+  // The API's NAME (cdp.tomlread.NAME): never "." or "..", which a URL's dot segments would
+  // resolve away (`/v1/failover/./cleanup` is fetched as `/v1/failover/cleanup`).
+  const NAME_PATTERN = "(?!\\.\\.?$)[A-Za-z0-9._\\-]{1,64}"; // an <input pattern> (anchored; valid with the v flag)
+  const NAME_RE = new RegExp(`^(?:${NAME_PATTERN})$`, "u");
+  const NAME_EXPECTED = "1 to 64 characters A-Z, a-z, 0-9, '.', '_' or '-', and not '.' or '..'";
+  const validName = (name) => typeof name === "string" && NAME_RE.test(name);
   const SVG_NS = "http://www.w3.org/2000/svg";
 
   const main = document.getElementById("main");
@@ -753,34 +758,43 @@
     const here = el("div");
     const form = el("form", { class: "inline" }, field("Domain (as the store knows it)", nameIn),
       el("button", { type: "submit", text: "Show its points" }));
+    const dom = () => nameIn.value.trim();
+    const refused = () => `"${dom()}" is not a domain name: expected ${NAME_EXPECTED}.`;
     form.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      if (nameIn.value.trim() !== initial) location.hash = `#/failover/${enc(nameIn.value.trim())}`;
+      if (!validName(dom())) view.clear(refused());
+      else if (dom() !== initial) location.hash = `#/failover/${enc(dom())}`;
       else view.load().catch((err) => view.clear(err.message));
     });
-    const dom = () => nameIn.value.trim();
+    // The buttons are outside the form, so its pattern does not stop them: each checks the
+    // name before it asks for confirmation, let alone sends anything.
+    const checked = (action) => () => {
+      if (validName(dom())) return action();
+      out.replaceChildren(el("span", { class: "error", role: "alert", text: refused() }));
+      return undefined;
+    };
     const fpath = () => `/v1/failover/${enc(dom())}`;
     const buttons = el("div", { class: "buttons" },
-      el("button", { type: "button", text: "Test failover…", onclick: () => act(out, "Test failover",
+      el("button", { type: "button", text: "Test failover…", onclick: checked(() => act(out, "Test failover",
         `Bring domain ${dom()}'s VMs up at this site from ${pickText(view.state.pick)}, isolated: nothing is ` +
         "written to the store and the protected site keeps replicating. Clean it up afterwards.", "POST", fpath(),
-      { mode: "test", target: targetOf(view.state.pick) }) }),
-      el("button", { type: "button", text: "Clean up test failover…", onclick: () => act(out, "Clean up",
+      { mode: "test", target: targetOf(view.state.pick) })) }),
+      el("button", { type: "button", text: "Clean up test failover…", onclick: checked(() => act(out, "Clean up",
         `Remove the test failover of domain ${dom()}: power its VMs off here, unregister them and their ` +
-        "on-demand hosts, delete its test area.", "POST", `${fpath()}/cleanup`, {}) }),
-      el("button", { type: "button", class: "danger", text: "Failover…", onclick: () => act(out, "Failover",
+        "on-demand hosts, delete its test area.", "POST", `${fpath()}/cleanup`, {})) }),
+      el("button", { type: "button", class: "danger", text: "Failover…", onclick: checked(() => act(out, "Failover",
         `FAIL OVER domain ${dom()} to this site at ${pickText(view.state.pick)}: its timeline forks there, the ` +
         "other site is fenced for good, its VMs start here and are protected on the new timeline. Writes after " +
         "that point are not carried over.", "POST", fpath(), { mode: "unplanned", target: targetOf(view.state.pick) },
-      () => view.load()) }),
-      el("button", { type: "button", class: "danger", text: "Planned failover…", onclick: () => act(out,
+      () => view.load())) }),
+      el("button", { type: "button", class: "danger", text: "Planned failover…", onclick: checked(() => act(out,
         "Planned failover", `Planned failover of domain ${dom()}: the peer site quiesces it, places a final ` +
         "mark, and this site takes it over at that mark with no loss.", "POST", fpath(), { mode: "planned" },
-      () => view.load()) }),
-      el("button", { type: "button", class: "danger", text: "Failback…", onclick: () => act(out, "Failback",
+      () => view.load())) }),
+      el("button", { type: "button", class: "danger", text: "Failback…", onclick: checked(() => act(out, "Failback",
         `Fail domain ${dom()} back to this site from the site it failed over to: that site quiesces it, only ` +
         "the regions that differ are copied here, this site protects it on a new timeline and powers it on.",
-        "POST", `/v1/failback/${enc(dom())}`, {}, () => view.load()) }));
+        "POST", `/v1/failback/${enc(dom())}`, {}, () => view.load())) }));
     main.replaceChildren(el("h1", { text: "Failover and failback" }), section("Domain", form),
       section("Points in the store", view.node), section("Actions", buttons, out), here);
     if (!initial) view.clear("Name a domain to see its points.");
@@ -842,10 +856,11 @@
 
   // ------------------------------------------------------------------ routing, polling
 
+  const routeOf = (pattern) => new RegExp(`^${pattern.replaceAll("NAME", `(${NAME_PATTERN})`)}$`, "u");
   const ROUTES = [
-    [/^#\/site$/, sitePage], [/^#\/domain\/([A-Za-z0-9._-]{1,64})$/, domainPage],
-    [/^#\/points\/([A-Za-z0-9._-]{1,64})$/, pointsPage], [/^#\/alarms$/, alarmsPage], [/^#\/jobs$/, jobsPage],
-    [/^#\/failover(?:\/([A-Za-z0-9._-]{1,64}))?$/, failoverPage],
+    [routeOf("#/site"), sitePage], [routeOf("#/domain/NAME"), domainPage],
+    [routeOf("#/points/NAME"), pointsPage], [routeOf("#/alarms"), alarmsPage], [routeOf("#/jobs"), jobsPage],
+    [routeOf("#/failover(?:/NAME)?"), failoverPage],
   ];
 
   function route() {
