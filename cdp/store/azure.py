@@ -12,6 +12,8 @@ Invariants and how Azure gives them:
   412 ConditionNotMet or 404 (the blob is gone) is PreconditionFailed.
 - ``list``: List Blobs returns names in lexical (byte) order; ``start_after``
   is applied on this side (the service has no portable "start after").
+  ``ListingGuard`` refuses a name outside the asked prefix, out of order or
+  repeated, and a continuation marker (``by_page``) that repeats.
 - Suffix ranges need the size: ``get`` stats the blob, then reads the range
   with ``If-Match`` on the etag it saw, and retries if the blob was replaced
   in between, so the bytes always come from one version.
@@ -19,11 +21,23 @@ Invariants and how Azure gives them:
 
 The connection string (which holds the account key or a SAS) goes straight
 into the SDK client; ``describe()`` and error messages name only the account,
-host, container, key, HTTP status and Azure error code.
+host (user info of a BlobEndpoint replaced by ***), container, key, HTTP status
+and Azure error code.
+
+What the service answers is checked (``cdp.store.base``): a put of one Put Blob
+sends ``Content-MD5`` and needs the answer's Content-MD5 to be the same (else
+StoreUnavailable: the caller puts again); a put in blocks sends each block's MD5
+(``validate_content``), which the service checks. Every answer to a ranged read
+(the SDK reads in ranges, even a whole blob) must be a 206 whose Content-Range and
+Content-Length are the range asked for, checked before its body is read. The
+SDK's RedirectPolicy is off: a 3xx is an error. Every call ends within its
+deadline (``within``): StoreTimeout.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,8 +67,25 @@ from cdp.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_conditions, check_range, http_date_seconds
+from cdp.store.base import (
+    DEADLINE_BASE_S,
+    TRANSFER_BYTES_PER_S_MIN,
+    MiB,
+    Bytes,
+    ListingGuard,
+    ObjectInfo,
+    StoreBase,
+    check_conditions,
+    check_deadline_settings,
+    check_range,
+    deadline_s,
+    http_date_seconds,
+    md5_digest,
+    resolve_range,
+    within,
+)
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
+from cdp.store.open import redact_host
 
 #: List Blobs returns at most this many blobs a request.
 PAGE_BLOBS_MAX = 5000
@@ -63,7 +94,9 @@ SUFFIX_READ_ATTEMPTS_MAX = 3
 
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 _TIMEOUT_CODES = {"OperationTimedOut"}
-_BUSY_CODES = {"ServerBusy", "InternalError"}
+_BUSY_CODES = {"ServerBusy", "InternalError", "Md5Mismatch"}  # Md5Mismatch: the body arrived changed
+_RANGE_ASKED = re.compile(r"bytes=([0-9]+)-([0-9]*)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")
 
 
 class AzureBlobStore(StoreBase):
@@ -84,6 +117,8 @@ class AzureBlobStore(StoreBase):
         read_timeout: float = 60.0,
         max_attempts: int = 5,
         page_size: int = PAGE_BLOBS_MAX,
+        deadline_base_s: float = DEADLINE_BASE_S,
+        transfer_bytes_per_s_min: float = TRANSFER_BYTES_PER_S_MIN,
     ) -> None:
         if _CONTAINER_NAME.fullmatch(container) is None:
             raise ConfigError(
@@ -93,10 +128,14 @@ class AzureBlobStore(StoreBase):
             raise ConfigError(f"Azure page_size {page_size}: expected 1..{PAGE_BLOBS_MAX}")
         if max_concurrency < 1 or max_attempts < 1:
             raise ConfigError("Azure max_concurrency and max_attempts must be >= 1")
+        check_deadline_settings("Azure", deadline_base_s, transfer_bytes_per_s_min)
         self.container = container
         self.prefix = normalize_root_prefix(prefix)
         self.max_concurrency = max_concurrency
+        self.max_single_put_size = max_single_put_size
         self.page_size = page_size
+        self.deadline_base_s = deadline_base_s
+        self.transfer_bytes_per_s_min = transfer_bytes_per_s_min
         retry = ExponentialRetry(
             initial_backoff=1, increment_base=2, retry_total=max_attempts - 1, random_jitter_range=1
         )
@@ -109,6 +148,7 @@ class AzureBlobStore(StoreBase):
                 read_timeout=read_timeout,
                 max_single_put_size=max_single_put_size,
                 max_block_size=block_size,
+                permit_redirects=False,  # a 3xx is an error, never a success from elsewhere
             )
         except (ValueError, TypeError, AttributeError) as exc:
             # The SDK's text may quote the string: name only what was wrong.
@@ -117,7 +157,8 @@ class AzureBlobStore(StoreBase):
                 "'AccountName=...;AccountKey=...' or a BlobEndpoint with a SAS"
             ) from exc
         self.account = self._client.account_name or "?"
-        self.host = self._client.primary_hostname
+        # A BlobEndpoint may carry user info (http://user:password@host/...): never shown.
+        self.host = redact_host(self._client.primary_hostname or "?")
 
     def describe(self) -> str:
         return f"azure://{self.container}/{self.prefix} (account {self.account} at {self.host})"
@@ -136,13 +177,29 @@ class AzureBlobStore(StoreBase):
         if if_match is not None:
             quoted = if_match if if_match.startswith('"') else f'"{if_match}"'
             extra = {"etag": quoted, "match_condition": MatchConditions.IfNotModified}
-        try:
-            # The blob client's upload (not the container's) answers with the new etag.
-            reply = await self._client.get_blob_client(name).upload_blob(
-                blob, overwrite=not if_absent, max_concurrency=self.max_concurrency, **extra
-            )
-        except Exception as exc:
-            raise self._error("put", key, exc, if_absent=if_absent, if_match=if_match) from exc
+        single = len(blob) <= self.max_single_put_size  # one Put Blob, as the SDK decides
+        async with self._within("put", key, len(blob)):
+            if single:
+                digest = await md5_digest(blob)
+                extra["headers"] = {"Content-MD5": base64.b64encode(digest).decode("ascii")}
+            else:
+                extra["validate_content"] = True  # each Put Block sends its MD5, checked by the service
+            try:
+                # The blob client's upload (not the container's) answers with the new etag.
+                reply = await self._client.get_blob_client(name).upload_blob(
+                    blob, overwrite=not if_absent, max_concurrency=self.max_concurrency, **extra
+                )
+            except Exception as exc:
+                raise self._error("put", key, exc, if_absent=if_absent, if_match=if_match) from exc
+        if single:
+            # Put Blob answers the MD5 of the blob it stored (Put Block List's is of the list).
+            echoed = reply.get("content_md5")
+            if echoed is None or bytes(echoed) != digest:
+                shown = "none" if echoed is None else bytes(echoed).hex()
+                raise StoreUnavailable(
+                    f"{self.describe()}: put {show_key(key)}: the answer's Content-MD5 is {shown}, not the MD5"
+                    f" of the bytes sent ({digest.hex()}): the store did not keep what was sent"
+                )
         return (reply.get("etag") or "").strip('"') or None
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -172,62 +229,79 @@ class AzureBlobStore(StoreBase):
         if etag is not None:
             quoted = etag if etag.startswith('"') else f'"{etag}"'  # as the service sent it
             extra = {"etag": quoted, "match_condition": MatchConditions.IfNotModified}
-        try:
-            downloader = await self._client.download_blob(
-                name, offset=offset, length=length, max_concurrency=self.max_concurrency, **extra
-            )
-            return await downloader.readall()
-        except ResourceModifiedError as exc:
-            raise _Replaced from exc
-        except HttpResponseError as exc:
-            if exc.status_code == 416:
-                return b""  # the blob exists; the range starts at or after its end
-            raise self._error("get", key, exc) from exc
-        except Exception as exc:
-            raise self._error("get", key, exc) from exc
+        async with self._within("get", key) as limit:
+            answers = _RangeCheck(f"{self.describe()}: get {show_key(key)}", offset, length, limit,
+                                  self.transfer_bytes_per_s_min)
+            try:
+                downloader = await self._client.download_blob(
+                    name, offset=offset, length=length, max_concurrency=self.max_concurrency,
+                    raw_response_hook=answers, **extra
+                )
+                data = await downloader.readall()
+            except ResourceModifiedError as exc:
+                raise _Replaced from exc
+            except HttpResponseError as exc:
+                if exc.status_code == 416:
+                    return b""  # the blob exists; the range starts at or after its end
+                raise self._error("get", key, exc) from exc
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise self._error("get", key, exc) from exc
+        answers.check_total(data)
+        return data
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None
     ) -> AsyncIterator[ObjectInfo]:
         validate_prefix(prefix)
-        cut = len(self.prefix)
-        after = None if start_after is None else self.prefix + start_after
-        blobs = self._client.list_blobs(
+        guard = ListingGuard(f"{self.describe()}: list {show_key(prefix)}", self.prefix, prefix,
+                             start_after, skip_to_start_after=True)
+        pages = self._client.list_blobs(
             name_starts_with=self.prefix + prefix, results_per_page=self.page_size
-        )
-        try:
-            async for props in blobs:
-                if after is not None and props.name <= after:
-                    continue
-                yield ObjectInfo(
-                    key=props.name[cut:],
-                    size=int(props.size),
-                    mtime=props.last_modified.timestamp() if props.last_modified else None,
-                    etag=(props.etag or "").strip('"') or None,
-                )
-        except Exception as exc:
-            raise self._error("list", prefix, exc) from exc
+        ).by_page()
+        while True:
+            async with self._within("list", prefix):
+                try:
+                    items = [props async for props in await anext(pages)]  # a page: one request
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    raise self._error("list", prefix, exc) from exc
+            page = []  # the whole page is checked before any of it is yielded
+            for props in items:
+                key = guard.key(props.name)
+                if key is not None:
+                    page.append(_listed(guard.where, key, props))
+            for info in page:
+                yield info
+            token = pages.continuation_token  # type: ignore[attr-defined]
+            if token is None:
+                return  # the last page (the SDK ends on an empty NextMarker)
+            guard.next_page(token, len(items))
 
     async def delete(self, key: str) -> None:
         name = self.prefix + validate_key(key)
-        try:
-            await self._client.delete_blob(name)
-        except ResourceNotFoundError as exc:
-            if getattr(exc, "error_code", None) == "ContainerNotFound":
+        async with self._within("delete", key):
+            try:
+                await self._client.delete_blob(name)
+            except ResourceNotFoundError as exc:
+                if getattr(exc, "error_code", None) == "ContainerNotFound":
+                    raise self._error("delete", key, exc) from exc
+                return  # no such blob: delete is idempotent
+            except Exception as exc:
                 raise self._error("delete", key, exc) from exc
-            return  # no such blob: delete is idempotent
-        except Exception as exc:
-            raise self._error("delete", key, exc) from exc
 
     async def stat(self, key: str) -> ObjectInfo:
         return await self._properties("stat", validate_key(key))
 
     async def _properties(self, op: str, key: str) -> ObjectInfo:
         blob = self._client.get_blob_client(self.prefix + key)
-        try:
-            props = await blob.get_blob_properties()
-        except Exception as exc:
-            raise self._error(op, key, exc) from exc
+        async with self._within(op, key):
+            try:
+                props = await blob.get_blob_properties()
+            except Exception as exc:
+                raise self._error(op, key, exc) from exc
         return ObjectInfo(
             key=key,
             size=int(props.size),
@@ -243,37 +317,45 @@ class AzureBlobStore(StoreBase):
         def keep_date(response: Any) -> None:
             dates.append(response.http_response.headers.get("Date"))
 
-        try:
-            await self._client.get_container_properties(raw_response_hook=keep_date)
-        except Exception as exc:
-            when = http_date_seconds(dates[-1]) if dates and isinstance(exc, HttpResponseError) else None
-            if when is None:
-                raise self._error("server_time", "", exc) from exc
-            return when
+        async with self._within("server_time", ""):
+            try:
+                await self._client.get_container_properties(raw_response_hook=keep_date)
+            except Exception as exc:
+                when = http_date_seconds(dates[-1]) if dates and isinstance(exc, HttpResponseError) else None
+                if when is None:
+                    raise self._error("server_time", "", exc) from exc
+                return when
         return http_date_seconds(dates[-1]) if dates else None
 
     async def ensure_container(self) -> None:
         """Create the container unless it exists (a SAS that may not create containers
         can still use an existing one)."""
-        try:
-            await self._client.get_container_properties()
-            return
-        except ResourceNotFoundError:
-            pass
-        except Exception as exc:
-            raise self._error("ensure_container", "", exc) from exc
+        async with self._within("ensure_container", ""):
+            try:
+                await self._client.get_container_properties()
+                return
+            except ResourceNotFoundError:
+                pass
+            except Exception as exc:
+                raise self._error("ensure_container", "", exc) from exc
         await self.create_container()
 
     async def create_container(self) -> None:
         """Create the container if it does not exist (for install and tests)."""
-        try:
-            await self._client.create_container()
-        except ResourceExistsError:
-            return
-        except Exception as exc:
-            raise self._error("create_container", "", exc) from exc
+        async with self._within("create_container", ""):
+            try:
+                await self._client.create_container()
+            except ResourceExistsError:
+                return
+            except Exception as exc:
+                raise self._error("create_container", "", exc) from exc
 
-    # -- errors ------------------------------------------------------------
+    # -- deadlines and errors ---------------------------------------------
+
+    def _within(self, op: str, key: str, size: int = 0) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The deadline of one call that moves `size` bytes: StoreTimeout past it."""
+        seconds = deadline_s(self.deadline_base_s, self.transfer_bytes_per_s_min, size)
+        return within(seconds, f"{self.describe()}: {op} {show_key(key)}")
 
     def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False,
                if_match: str | None = None) -> StoreError:
@@ -288,6 +370,12 @@ class AzureBlobStore(StoreBase):
             code = getattr(exc, "error_code", None) or ""
             code = str(getattr(code, "value", code))  # a StorageErrorCode enum or a str
             said = f"HTTP {status} {code}".rstrip()
+            if status is not None and 300 <= status < 400:
+                # Not followed (permit_redirects=False): the configured endpoint did not do it.
+                if status in (301, 308):
+                    return StoreError(f"{where}: {said}: permanently redirected elsewhere, not followed"
+                                      f" (check the BlobEndpoint)")
+                return StoreUnavailable(f"{where}: {said}: redirected elsewhere, not followed")
             if code == "ContainerNotFound":
                 return NotFound(f"{where}: {said}: container {self.container!r} does not exist")
             if if_match is not None and (isinstance(exc, (ResourceModifiedError, ResourceNotFoundError))
@@ -320,3 +408,80 @@ class AzureBlobStore(StoreBase):
 
 class _Replaced(Exception):
     """The blob changed between the stat and the read of a suffix get."""
+
+
+class _RangeCheck:
+    """The SDK's ``raw_response_hook`` for one get: checks every answer to a ranged
+    Get Blob (the first, and each further chunk of a large read) before its body is read.
+
+    Each must be a 206 whose Content-Range is the range its request asked for (cut at
+    the blob's end), of the same blob size as the first, and whose Content-Length is that
+    range's length — so at most that many bytes are read (aiohttp stops there). A refusal
+    is StoreUnavailable naming the ranges, raised through the SDK (not an AzureError, so
+    neither the SDK's retries nor its downloader catch it); the connection is dropped.
+    On the first answer the get's deadline grows by the bytes it will move.
+    """
+
+    def __init__(self, where: str, offset: int, length: int | None, limit: Any, bytes_per_s_min: float) -> None:
+        self.where = where
+        self.offset = offset
+        self.length = length
+        self.limit = limit
+        self.bytes_per_s_min = bytes_per_s_min
+        self.total: int | None = None
+
+    def __call__(self, pipeline_response: Any) -> None:
+        request, answer = pipeline_response.http_request, pipeline_response.http_response
+        asked = request.headers.get("x-ms-range") or request.headers.get("Range")
+        if request.method != "GET" or not asked or not 200 <= answer.status_code < 300:
+            return  # not a ranged read, or an error the SDK reports
+        problem = self._problem(asked, answer)
+        if problem is not None:
+            with contextlib.suppress(Exception):
+                answer.internal_response.close()  # its body is never read
+            raise StoreUnavailable(f"{self.where}: asked {asked}, {problem}")
+
+    def _problem(self, asked: str, answer: Any) -> str | None:
+        wanted = _RANGE_ASKED.fullmatch(asked)
+        shown = answer.headers.get("Content-Range")
+        found = _CONTENT_RANGE.fullmatch(shown or "")
+        if wanted is None or answer.status_code != 206 or found is None:
+            return f"got HTTP {answer.status_code} Content-Range {show_key(shown)}"
+        first, last, total = (int(group) for group in found.groups())
+        start = int(wanted.group(1))
+        end = total if not wanted.group(2) else min(int(wanted.group(2)) + 1, total)
+        length = answer.headers.get("Content-Length")
+        if (first, last + 1) != (start, end) or length != str(end - start):
+            return (f"expected bytes [{start}, {end}) of {total}, got Content-Range bytes [{first}, {last + 1})"
+                    f" with Content-Length {show_key(length)}")
+        if self.total is None:
+            self.total = total
+            start, end = resolve_range(total, self.offset, self.length)  # the whole read
+            self.limit.reschedule(self.limit.when() + (end - start) / self.bytes_per_s_min)
+        elif total != self.total:
+            return f"got a blob of {total} bytes where the first answer had {self.total}"
+        return None
+
+    def check_total(self, data: bytes) -> None:
+        """After the read: exactly the bytes asked for, of the blob the answers described."""
+        if self.total is None:
+            if data:
+                raise StoreUnavailable(f"{self.where}: {len(data)} bytes came without a ranged answer")
+            return  # an empty blob: the SDK's plain GET after a 416
+        start, end = resolve_range(self.total, self.offset, self.length)
+        if len(data) != end - start:
+            raise StoreUnavailable(f"{self.where}: expected bytes [{start}, {end}) of {self.total},"
+                                   f" got {len(data)} bytes")
+
+
+def _listed(where: str, key: str, props: Any) -> ObjectInfo:
+    """The ObjectInfo of one listed blob; StoreError if it has no usable size."""
+    size = props.size
+    if not isinstance(size, int) or size < 0:
+        raise StoreError(f"{where}: the server listed {show_key(key)} with size {show_key(size)}: listing refused")
+    return ObjectInfo(
+        key=key,
+        size=size,
+        mtime=props.last_modified.timestamp() if props.last_modified else None,
+        etag=(props.etag or "").strip('"') or None,
+    )

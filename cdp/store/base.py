@@ -31,22 +31,60 @@ Every key goes through ``cdp.store.keys.validate_key`` before any I/O. Keys
 are relative to the store's root or prefix; ``list`` returns relative keys.
 Errors are ``cdp.errors.StoreError`` subclasses; SDK errors never leak.
 Stores do not take ``timeout=`` arguments: callers apply timeouts (a
-cancelled call leaves no partial object behind).
+cancelled call leaves no partial object behind). The network backends (S3,
+Azure) also bound every call of their own, whatever the caller does: a call
+that moves ``n`` bytes ends within ``deadline_base_s + n /
+transfer_bytes_per_s_min`` (``within``, constructor settings) or raises
+``StoreTimeout``, so a server that answers a byte every few seconds — each
+within the SDK's read timeout — cannot hold a call for ever.
+
+What a network backend takes from its server is checked, not trusted: a listing
+(``ListingGuard``) names only keys under the asked prefix, after ``start_after``,
+in strictly ascending order, with a fresh continuation token for every further
+page; a ranged read returns exactly the bytes asked for; a put's answer echoes the
+MD5 of the bytes sent where the protocol says it must; a redirect is never followed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+from cdp.errors import ConfigError, StoreError, StoreTimeout
+from cdp.store.keys import is_valid_key, show_key
+
 Bytes = bytes | bytearray | memoryview
 MiB = 1024 * 1024
 
 #: Operation names, as used by FaultyStore plans and error messages.
 OPS = ("put", "get", "list", "delete", "stat")
+
+#: A network store's call may take this long whatever it moves: connecting, the
+#: server's first answer and the SDK's own retries (5 attempts, each bounded by the
+#: read timeout, with backoff in between, fit in it for the usual settings).
+DEADLINE_BASE_S = 120.0
+#: On top of the base, one second per this many bytes the call moves. A transfer
+#: slower than this is a broken link or a slow-loris answer (one byte every few
+#: seconds, each within the read timeout), not a store worth waiting on: the call
+#: raises StoreTimeout and the caller's retry starts afresh. 64 KiB/s is 512 kbit/s
+#: per transfer, well below a WAN link shared by a recovery's parallel reads.
+TRANSFER_BYTES_PER_S_MIN = 64 * 1024
+#: Pages in a row that bring no name before a listing is refused: a server may answer
+#: an empty page with a continuation token (Azure does when a scan runs out of time),
+#: but one that keeps doing so would page for ever.
+LIST_EMPTY_PAGES_MAX = 100
+#: Below this, an MD5 on the event loop costs less than a hop to a worker thread;
+#: above, it runs in one (16 MiB take ~30 ms, hashlib releases the GIL).
+HASH_ON_LOOP_BYTES_MAX = 256 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +229,106 @@ def http_date_seconds(value: str | None) -> float | None:
     if when.tzinfo is None:  # RFC 9110: an HTTP date is always GMT
         return None
     return when.timestamp() + 0.5
+
+
+def check_deadline_settings(kind: str, deadline_base_s: float, transfer_bytes_per_s_min: float) -> None:
+    """Refuse deadline settings that would make every call fail or never end."""
+    if not deadline_base_s > 0 or not transfer_bytes_per_s_min > 0:
+        raise ConfigError(f"{kind} deadline_base_s and transfer_bytes_per_s_min must be > 0")
+
+
+def deadline_s(base_s: float, bytes_per_s_min: float, size: int) -> float:
+    """The deadline of a call that moves `size` bytes (see TRANSFER_BYTES_PER_S_MIN)."""
+    return base_s + size / bytes_per_s_min
+
+
+@contextlib.asynccontextmanager
+async def within(seconds: float, where: str) -> AsyncIterator[asyncio.Timeout]:
+    """Run the body for at most `seconds`, then cancel it and raise StoreTimeout naming
+    `where`. The body may move the deadline (``reschedule``) once it knows how many bytes
+    it moves. A cancellation from outside stays a CancelledError: ``asyncio.timeout``
+    turns only its own into a TimeoutError, and only then does this raise StoreTimeout.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    limit = asyncio.timeout(seconds)
+    try:
+        async with limit:
+            yield limit
+    except TimeoutError as exc:
+        if not limit.expired():
+            raise  # someone else's TimeoutError: the caller maps it
+        took = (limit.when() or loop.time()) - started
+        raise StoreTimeout(f"{where}: no complete answer within the call's deadline of {took:.1f} s") from exc
+
+
+async def md5_digest(data: Bytes) -> bytes:
+    """The MD5 of data, computed in a worker thread when it is large."""
+    if len(data) <= HASH_ON_LOOP_BYTES_MAX:
+        return hashlib.md5(data).digest()
+    return await asyncio.to_thread(lambda: hashlib.md5(data).digest())
+
+
+class ListingGuard:
+    """Checks the names a server lists for one ``list`` call before any is yielded.
+
+    Invariant: every name yielded is under ``root + prefix``, after ``root +
+    start_after``, and strictly above every name the server listed before it (so a
+    listing cannot repeat itself, and a page that brings nothing new cannot loop); a
+    page that follows carries a continuation token different from the one before.
+    A name that breaks one of these is a server (or a proxy) that does not follow the
+    protocol: StoreError naming the name and the rule, and nothing further is yielded.
+    A name under the prefix that is not a key (a console's "folder" marker ``d/``, a
+    foreign file) is skipped and logged, as the file store skips such names.
+
+    ``skip_to_start_after``: the server cannot start after a name (Azure), so names up
+    to ``start_after`` are dropped here; otherwise (S3, which is asked ``StartAfter``)
+    such a name is an error.
+    """
+
+    def __init__(self, where: str, root: str, prefix: str, start_after: str | None, *,
+                 skip_to_start_after: bool) -> None:
+        self.where = where
+        self.root = root
+        self.asked = root + prefix
+        self.after = None if start_after is None else root + start_after
+        self.skip_to_start_after = skip_to_start_after
+        self.previous: str | None = None
+        self.token: str | None = None
+        self.empty_pages = 0
+
+    def key(self, name: object) -> str | None:
+        """The key of one listed name, or None when it is skipped; StoreError if refused."""
+        if not isinstance(name, str):
+            self._refuse(name, "which is not a name")
+        if not name.startswith(self.asked):
+            self._refuse(name, f"outside the asked prefix {show_key(self.asked)}")
+        if self.previous is not None and name <= self.previous:
+            rule = "listed twice" if name == self.previous else f"out of order (after {show_key(self.previous)})"
+            self._refuse(name, rule)
+        self.previous = name
+        if self.after is not None and name <= self.after:
+            if self.skip_to_start_after:
+                return None
+            self._refuse(name, f"not after start_after {show_key(self.after)} (the server ignored it)")
+        key = name[len(self.root):]
+        if not is_valid_key(key):
+            logger.warning("%s: listed name %s is not a key: skipped", self.where, show_key(name))
+            return None
+        return key
+
+    def next_page(self, token: str | None, names: int) -> None:
+        """Before asking for the page after one that listed `names` names with `token`."""
+        if not token:
+            raise StoreError(f"{self.where}: the listing is cut short: more pages, no continuation token")
+        if token == self.token:
+            raise StoreError(f"{self.where}: the server sent continuation token {show_key(token)} twice:"
+                             f" the listing would never end")
+        self.empty_pages = 0 if names else self.empty_pages + 1
+        if self.empty_pages > LIST_EMPTY_PAGES_MAX:
+            raise StoreError(f"{self.where}: {self.empty_pages} pages in a row listed nothing:"
+                             f" the listing would never end")
+        self.token = token
+
+    def _refuse(self, name: object, rule: str) -> None:
+        raise StoreError(f"{self.where}: the server listed {show_key(name)}, {rule}: listing refused")

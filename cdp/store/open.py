@@ -48,15 +48,21 @@ def config_store_url(value: str, base_dir: Path) -> str:
     return f"file://{(base_dir / value).resolve()}"
 
 
+def redact_host(host: str) -> str:
+    """A host (``netloc``, maybe followed by a path) with any user info replaced by ***:
+    everything before the last "@" goes, so no part of a password that holds one stays."""
+    if "@" in host:
+        return "***@" + host.rpartition("@")[2]
+    return host
+
+
 def redact_url(url: str) -> str:
     """url with user info, non-public query values and fragment replaced by ***."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
+    netloc = redact_host(parts.netloc)
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     query = "&".join(
         f"{name}={redact_url(value) if name in PUBLIC_PARAMS else '***'}" for name, value in pairs

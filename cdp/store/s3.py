@@ -13,8 +13,21 @@ Invariants and how S3 gives them:
 - ``if_match``: ``IfMatch=etag`` on the same requests; 412, 409 or 404 (the
   object is gone) is PreconditionFailed.
 - ``list``: ListObjectsV2, ``page_size`` keys a request, StartAfter on the
-  first; S3 returns keys in UTF-8 byte order.
+  first; S3 returns keys in UTF-8 byte order. ``ListingGuard`` refuses a name
+  outside the asked prefix, not after StartAfter, out of order or repeated, and
+  a continuation token that is missing or repeated.
 - Keys are ``prefix + key``; callers only see keys relative to the prefix.
+
+What the server answers is checked (``cdp.store.base``): every put sends
+``Content-MD5`` (S3 refuses a body that does not match it) and a plain-MD5 ETag
+in the answer must be the MD5 of what was sent (of each part, and the
+``md5-of-part-md5s-N`` of a multipart upload) — a mismatch is StoreUnavailable,
+and the caller's retry puts again; SSE-KMS and SSE-C ETags are not MD5s and are
+not compared. A ranged get needs a 206 whose Content-Range is the range asked
+for (a 200 only when the whole object is the answer), reads at most one byte
+more than that, and must get exactly it. HTTP redirects are never followed (the
+aiohttp session is told so): a 3xx is an error, never a success from another
+host. Every call ends within its deadline (``within``): StoreTimeout.
 
 One aioboto3 session and one client are opened on first use and reused until
 ``close()``. Credentials go straight into the session: they are never stored
@@ -25,7 +38,9 @@ is built from the operation, key, HTTP status and S3 error code only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -35,6 +50,7 @@ import aiohttp
 import aioboto3
 import botocore.exceptions as bce
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 
 from cdp.errors import (
     AlreadyExists,
@@ -46,7 +62,23 @@ from cdp.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from cdp.store.base import MiB, Bytes, ObjectInfo, StoreBase, check_conditions, check_range, http_date_seconds
+from cdp.store.base import (
+    DEADLINE_BASE_S,
+    TRANSFER_BYTES_PER_S_MIN,
+    MiB,
+    Bytes,
+    ListingGuard,
+    ObjectInfo,
+    StoreBase,
+    check_conditions,
+    check_deadline_settings,
+    check_range,
+    deadline_s,
+    http_date_seconds,
+    md5_digest,
+    resolve_range,
+    within,
+)
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
 from cdp.store.open import redact_url
 
@@ -72,6 +104,39 @@ _THROTTLE_CODES = {
     "TooManyRequestsException", "ServiceUnavailable", "InternalError", "503", "500",
 }
 _TIMEOUT_CODES = {"RequestTimeout", "RequestTimeoutException"}
+#: The body did not arrive as sent (S3 checked it against Content-MD5): send it again.
+_DIGEST_CODES = {"BadDigest", "InvalidDigest"}
+#: An ETag that is the MD5 of the object (single PUT, no SSE-KMS / SSE-C) and one that is
+#: the MD5 of the part MD5s, then "-" and the part count (multipart).
+_PLAIN_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+_MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-[0-9]+")
+#: Server-side encryption whose ETags are not MD5s of the content.
+_OPAQUE_ETAG_SSE = {"aws:kms", "aws:kms:dsse"}
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")
+
+
+class _NoRedirects:
+    """An aiohttp ClientSession whose requests never follow a redirect."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    def request(self, method: str, **options: Any) -> Any:
+        return self._session.request(method, allow_redirects=False, **options)
+
+
+class _NoRedirectSession(AIOHTTPSession):
+    """aiobotocore's HTTP session with redirects off, as botocore's own urllib3 session
+    has them (``Retry(False)``): aiohttp follows 301/302/303/307/308 by default, which
+    sent a PUT's body to whatever host the answer named and took its 200 as the store's.
+    botocore still sees the 3xx (its S3 region redirector may re-sign for another region,
+    against the same configured endpoint) and it becomes an error here."""
+
+    async def _get_session(self, proxy_url: str | None) -> Any:
+        return _NoRedirects(await super()._get_session(proxy_url))
+
+
+assert hasattr(AIOHTTPSession, "_get_session"), "aiobotocore changed: see _NoRedirectSession"
 
 
 class S3Store(StoreBase):
@@ -96,6 +161,8 @@ class S3Store(StoreBase):
         read_timeout: float = 60.0,
         max_attempts: int = 5,
         page_size: int = PAGE_KEYS_MAX,
+        deadline_base_s: float = DEADLINE_BASE_S,
+        transfer_bytes_per_s_min: float = TRANSFER_BYTES_PER_S_MIN,
     ) -> None:
         if _BUCKET_NAME.fullmatch(bucket) is None:
             raise ConfigError(f"invalid S3 bucket name {bucket!r}: expected 3-63 of a-z 0-9 . -")
@@ -109,6 +176,7 @@ class S3Store(StoreBase):
             raise ConfigError(f"S3 page_size {page_size}: expected 1..{PAGE_KEYS_MAX}")
         if max_concurrency < 1 or max_attempts < 1:
             raise ConfigError("S3 max_concurrency and max_attempts must be >= 1")
+        check_deadline_settings("S3", deadline_base_s, transfer_bytes_per_s_min)
         self.bucket = bucket
         self.prefix = normalize_root_prefix(prefix)
         self.endpoint_url = endpoint_url
@@ -117,6 +185,8 @@ class S3Store(StoreBase):
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.page_size = page_size
+        self.deadline_base_s = deadline_base_s
+        self.transfer_bytes_per_s_min = transfer_bytes_per_s_min
         self._session = aioboto3.Session(
             aws_access_key_id=access_key,
             aws_secret_access_key=secret_key,
@@ -129,6 +199,7 @@ class S3Store(StoreBase):
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max(10, 2 * max_concurrency),
             s3={"addressing_style": "path"} if endpoint_url else None,
+            http_session_cls=_NoRedirectSession,
         )
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
@@ -153,6 +224,8 @@ class S3Store(StoreBase):
                         "s3", endpoint_url=self.endpoint_url, config=self._config
                     )
                     self._client = await stack.enter_async_context(client)
+                    if self.endpoint_url:
+                        self._client.meta.events.register("before-call.s3", _no_region_redirect)
                     self._stack = stack
         return self._client
 
@@ -166,31 +239,40 @@ class S3Store(StoreBase):
         extra = {"IfNoneMatch": "*"} if if_absent else {}
         if if_match is not None:
             extra["IfMatch"] = if_match if if_match.startswith('"') else f'"{if_match}"'
-        try:
-            s3 = await self._s3()
-            if len(view) > self.multipart_threshold:
-                reply = await self._put_multipart(s3, name, view, extra)
-            else:
-                reply = await s3.put_object(Bucket=self.bucket, Key=name, Body=bytes(view), **extra)
-        except Exception as exc:
-            raise self._error("put", key, exc, if_absent=if_absent, if_match=if_match) from exc
+        async with self._within("put", key, len(view)):
+            try:
+                s3 = await self._s3()
+                if len(view) > self.multipart_threshold:
+                    reply = await self._put_multipart(s3, key, name, view, extra)
+                else:
+                    digest = await md5_digest(view)
+                    reply = await s3.put_object(Bucket=self.bucket, Key=name, Body=bytes(view),
+                                                ContentMD5=_base64(digest), **extra)
+                    self._check_etag(key, "put", reply, digest.hex())
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise self._error("put", key, exc, if_absent=if_absent, if_match=if_match) from exc
         return reply.get("ETag", "").strip('"') or None
 
-    async def _put_multipart(self, s3: Any, name: str, view: memoryview, extra: dict[str, str]) -> dict[str, Any]:
+    async def _put_multipart(self, s3: Any, key: str, name: str, view: memoryview,
+                             extra: dict[str, str]) -> dict[str, Any]:
         part_size = max(self.part_size, -(-len(view) // PARTS_MAX))
         created = await s3.create_multipart_upload(Bucket=self.bucket, Key=name)
         upload_id = created["UploadId"]
         try:
             slots = asyncio.Semaphore(self.max_concurrency)
 
-            async def upload_part(number: int, start: int) -> dict[str, Any]:
+            async def upload_part(number: int, start: int) -> tuple[dict[str, Any], bytes]:
                 async with slots:
                     body = bytes(view[start : start + part_size])
+                    digest = await md5_digest(body)
                     reply = await s3.upload_part(
                         Bucket=self.bucket, Key=name, UploadId=upload_id,
-                        PartNumber=number, Body=body,
+                        PartNumber=number, Body=body, ContentMD5=_base64(digest),
                     )
-                    return {"PartNumber": number, "ETag": reply["ETag"]}
+                    self._check_etag(key, f"part {number}", reply, digest.hex())
+                    return {"PartNumber": number, "ETag": reply["ETag"]}, digest
 
             try:
                 async with asyncio.TaskGroup() as group:
@@ -200,18 +282,38 @@ class S3Store(StoreBase):
                     ]
             except BaseExceptionGroup as failed:
                 raise failed.exceptions[0]  # the first part that failed says why
-            return await s3.complete_multipart_upload(
+            parts = [task.result() for task in tasks]
+            reply = await s3.complete_multipart_upload(
                 Bucket=self.bucket, Key=name, UploadId=upload_id,
-                MultipartUpload={"Parts": [task.result() for task in tasks]}, **extra,
+                MultipartUpload={"Parts": [part for part, _ in parts]}, **extra,
             )
+            # S3's multipart ETag: the MD5 of the parts' binary MD5s, "-", the part count.
+            whole = hashlib.md5(b"".join(digest for _, digest in parts)).hexdigest()
+            self._check_etag(key, "complete", reply, f"{whole}-{len(parts)}", _MULTIPART_ETAG)
+            return reply
         except BaseException as exc:
             await self._abort(s3, name, upload_id, exc)
             raise
 
+    def _check_etag(self, key: str, step: str, reply: dict[str, Any], expected: str,
+                    form: re.Pattern[str] = _PLAIN_MD5_ETAG) -> None:
+        """StoreUnavailable unless the ETag S3 answered is `expected` (the MD5 of what was
+        sent) where it has that ETag's form; with SSE-KMS or SSE-C an ETag is no MD5."""
+        if reply.get("ServerSideEncryption") in _OPAQUE_ETAG_SSE or reply.get("SSECustomerAlgorithm"):
+            return
+        etag = str(reply.get("ETag", "")).strip('"')
+        if form.fullmatch(etag) and etag != expected:
+            raise StoreUnavailable(
+                f"{self.describe()}: put {show_key(key)}: {step} answered ETag {show_key(etag)}, not the MD5"
+                f" of the bytes sent ({expected}): the store did not keep what was sent"
+            )
+
     async def _abort(self, s3: Any, name: str, upload_id: str, cause: BaseException) -> None:
-        """Abort a failed upload so its parts neither show nor cost (best effort)."""
+        """Abort a failed upload so its parts neither show nor cost (best effort, within
+        the base deadline: it may run after the put's own deadline passed)."""
         try:
-            await s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+            async with asyncio.timeout(self.deadline_base_s):
+                await s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
         except Exception as exc:  # the original error matters more
             log.warning(
                 "%s: could not abort multipart upload of %r after %s: %s",
@@ -231,18 +333,59 @@ class S3Store(StoreBase):
             extra["Range"] = f"bytes={offset}-{offset + length - 1}"
         elif offset > 0:
             extra["Range"] = f"bytes={offset}-"
-        try:
-            s3 = await self._s3()
-            reply = await s3.get_object(Bucket=self.bucket, Key=name, **extra)
-            stream = reply["Body"]
-            async with stream:
-                return bytes(await stream.read())
-        except bce.ClientError as exc:
-            if _status(exc) == 416:
-                return b""  # the object exists; the range starts at or after its end
-            raise self._error("get", key, exc) from exc
-        except Exception as exc:
-            raise self._error("get", key, exc) from exc
+        async with self._within("get", key) as limit:
+            try:
+                s3 = await self._s3()
+                reply = await s3.get_object(Bucket=self.bucket, Key=name, **extra)
+                stream = reply["Body"]
+                async with stream:
+                    span = self._answered_span(key, extra.get("Range"), offset, length, reply)
+                    limit.reschedule(limit.when() + span / self.transfer_bytes_per_s_min)
+                    data = await _read_at_most(stream, span + 1)
+            except bce.ClientError as exc:
+                if _status(exc) == 416:
+                    return b""  # the object exists; the range starts at or after its end
+                raise self._error("get", key, exc) from exc
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise self._error("get", key, exc) from exc
+        if len(data) != span:
+            raise StoreUnavailable(f"{self.describe()}: get {show_key(key)}: the answer announced {span} bytes"
+                                   f" and {'held more' if len(data) > span else f'ended after {len(data)}'}")
+        return data
+
+    def _answered_span(self, key: str, asked: str | None, offset: int, length: int | None,
+                       reply: dict[str, Any]) -> int:
+        """How many bytes the answer to a get must hold, once its status and headers say
+        it is the range asked for; StoreUnavailable naming both ranges if not.
+
+        A 206 must name, in Content-Range, the range asked for (cut at the object's end).
+        A 200 is the whole object: right for a whole-object get, and for a range only when
+        that range is the whole object (an empty object, or one inside the range asked).
+        """
+        status = reply.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        size = reply.get("ContentLength")
+        where = f"{self.describe()}: get {show_key(key)}"
+        if not isinstance(size, int) or size < 0:
+            raise StoreUnavailable(f"{where}: the answer (HTTP {status}) has no Content-Length")
+        if status == 200:
+            start, end = resolve_range(size, offset, length)
+            if asked is None or (start, end) == (0, size):
+                return size
+            raise StoreUnavailable(f"{where}: asked {asked}, got HTTP 200 with the whole object"
+                                   f" ({size} bytes) instead of bytes [{start}, {end})")
+        found = _CONTENT_RANGE.fullmatch(str(reply.get("ContentRange", "")))
+        if status != 206 or asked is None or found is None:
+            raise StoreUnavailable(f"{where}: asked {asked or 'the whole object'}, got HTTP {status}"
+                                   f" Content-Range {show_key(reply.get('ContentRange'))}")
+        first, last, total = (int(group) for group in found.groups())
+        start, end = resolve_range(total, offset, length)
+        if (first, last + 1) != (start, end) or size != end - start:
+            raise StoreUnavailable(f"{where}: asked {asked} of a {total}-byte object, expected bytes"
+                                   f" [{start}, {end}), got Content-Range bytes [{first}, {last + 1})"
+                                   f" with {size} bytes")
+        return size
 
     async def list(
         self, prefix: str = "", *, start_after: str | None = None
@@ -253,42 +396,48 @@ class S3Store(StoreBase):
         }
         if start_after is not None:
             request["StartAfter"] = self.prefix + start_after
-        cut = len(self.prefix)
+        guard = ListingGuard(f"{self.describe()}: list {show_key(prefix)}", self.prefix, prefix,
+                             start_after, skip_to_start_after=False)
         while True:
-            try:
-                s3 = await self._s3()
-                reply = await s3.list_objects_v2(**request)
-            except Exception as exc:
-                raise self._error("list", prefix, exc) from exc
-            for item in reply.get("Contents", ()):
-                yield ObjectInfo(
-                    key=item["Key"][cut:],
-                    size=int(item["Size"]),
-                    mtime=item["LastModified"].timestamp() if "LastModified" in item else None,
-                    etag=item.get("ETag", "").strip('"') or None,
-                )
+            async with self._within("list", prefix):
+                try:
+                    s3 = await self._s3()
+                    reply = await s3.list_objects_v2(**request)
+                except Exception as exc:
+                    raise self._error("list", prefix, exc) from exc
+            items = reply.get("Contents", ())
+            page = []  # the whole page is checked before any of it is yielded
+            for item in items:
+                key = guard.key(item.get("Key"))
+                if key is not None:
+                    page.append(_listed(guard.where, key, item))
+            for info in page:
+                yield info
             if not reply.get("IsTruncated"):
                 return
-            request["ContinuationToken"] = reply["NextContinuationToken"]
+            guard.next_page(reply.get("NextContinuationToken"), len(items))
+            request["ContinuationToken"] = guard.token
             request.pop("StartAfter", None)
 
     async def delete(self, key: str) -> None:
         name = self.prefix + validate_key(key)
-        try:
-            s3 = await self._s3()
-            await s3.delete_object(Bucket=self.bucket, Key=name)
-        except Exception as exc:  # S3 answers 204 for a missing key: no NotFound case
-            raise self._error("delete", key, exc) from exc
+        async with self._within("delete", key):
+            try:
+                s3 = await self._s3()
+                await s3.delete_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:  # S3 answers 204 for a missing key: no NotFound case
+                raise self._error("delete", key, exc) from exc
 
     async def stat(self, key: str) -> ObjectInfo:
         return await self._head("stat", validate_key(key))
 
     async def _head(self, op: str, key: str) -> ObjectInfo:
-        try:
-            s3 = await self._s3()
-            reply = await s3.head_object(Bucket=self.bucket, Key=self.prefix + key)
-        except Exception as exc:
-            raise self._error(op, key, exc) from exc
+        async with self._within(op, key):
+            try:
+                s3 = await self._s3()
+                reply = await s3.head_object(Bucket=self.bucket, Key=self.prefix + key)
+            except Exception as exc:
+                raise self._error(op, key, exc) from exc
         return ObjectInfo(
             key=key,
             size=int(reply["ContentLength"]),
@@ -299,30 +448,32 @@ class S3Store(StoreBase):
     async def server_time(self) -> float | None:
         """The server's clock from the Date header of a HeadBucket. Any HTTP answer has
         one, so a missing bucket or refused credentials still tell the time."""
-        try:
-            s3 = await self._s3()
-            reply = await s3.head_bucket(Bucket=self.bucket)
-        except bce.ClientError as exc:
-            when = http_date_seconds(_header(exc.response, "date"))
-            if when is None:
+        async with self._within("server_time", ""):
+            try:
+                s3 = await self._s3()
+                reply = await s3.head_bucket(Bucket=self.bucket)
+            except bce.ClientError as exc:
+                when = http_date_seconds(_header(exc.response, "date"))
+                if when is None:
+                    raise self._error("server_time", "", exc) from exc
+                return when
+            except Exception as exc:
                 raise self._error("server_time", "", exc) from exc
-            return when
-        except Exception as exc:
-            raise self._error("server_time", "", exc) from exc
         return http_date_seconds(_header(reply, "date"))
 
     async def ensure_container(self) -> None:
         """Create the bucket unless HeadBucket finds it (a credential that may not
         create buckets can still use an existing one)."""
-        try:
-            s3 = await self._s3()
-            await s3.head_bucket(Bucket=self.bucket)
-            return
-        except bce.ClientError as exc:
-            if _status(exc) != 404:
-                raise self._bucket_error("ensure_container", exc) from exc
-        except Exception as exc:
-            raise self._error("ensure_container", "", exc) from exc
+        async with self._within("ensure_container", ""):
+            try:
+                s3 = await self._s3()
+                await s3.head_bucket(Bucket=self.bucket)
+                return
+            except bce.ClientError as exc:
+                if _status(exc) != 404:
+                    raise self._bucket_error("ensure_container", exc) from exc
+            except Exception as exc:
+                raise self._error("ensure_container", "", exc) from exc
         await self.create_bucket()
 
     def _bucket_error(self, op: str, exc: bce.ClientError) -> StoreError:
@@ -337,17 +488,25 @@ class S3Store(StoreBase):
         extra = {}
         if self.region != "us-east-1":
             extra["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-        try:
-            s3 = await self._s3()
-            await s3.create_bucket(Bucket=self.bucket, **extra)
-        except bce.ClientError as exc:
-            if _code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                return
-            raise self._error("create_bucket", "", exc) from exc
-        except Exception as exc:
-            raise self._error("create_bucket", "", exc) from exc
+        async with self._within("create_bucket", ""):
+            try:
+                s3 = await self._s3()
+                await s3.create_bucket(Bucket=self.bucket, **extra)
+            except bce.ClientError as exc:
+                if _code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    return
+                raise self._error("create_bucket", "", exc) from exc
+            except Exception as exc:
+                raise self._error("create_bucket", "", exc) from exc
 
-    # -- errors ------------------------------------------------------------
+    # -- deadlines and errors ---------------------------------------------
+
+    def _deadline_s(self, size: int) -> float:
+        return deadline_s(self.deadline_base_s, self.transfer_bytes_per_s_min, size)
+
+    def _within(self, op: str, key: str, size: int = 0) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The deadline of one call that moves `size` bytes: StoreTimeout past it."""
+        return within(self._deadline_s(size), f"{self.describe()}: {op} {show_key(key)}")
 
     def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False,
                if_match: str | None = None) -> StoreError:
@@ -360,6 +519,12 @@ class S3Store(StoreBase):
         if isinstance(exc, bce.ClientError):
             code, status = _code(exc), _status(exc)
             said = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
+            if status is not None and 300 <= status < 400:
+                # Not followed (_NoRedirectSession): the configured endpoint did not do it.
+                if status in (301, 308):
+                    return StoreError(f"{where}: {said}: permanently redirected elsewhere, not followed"
+                                      f" (check the endpoint and region)")
+                return StoreUnavailable(f"{where}: {said}: redirected elsewhere, not followed")
             if code == "NoSuchBucket":
                 return NotFound(f"{where}: {said}: bucket {self.bucket!r} does not exist")
             if if_match is not None and (code in _CONFLICT_CODES or code in _NOT_FOUND_CODES
@@ -374,6 +539,8 @@ class S3Store(StoreBase):
                 return AlreadyExists(f"{where}: {said}: if_absent put lost, the object exists")
             if code in _TIMEOUT_CODES:
                 return StoreTimeout(f"{where}: {said}: the server timed out")
+            if code in _DIGEST_CODES:
+                return StoreUnavailable(f"{where}: {said}: the body arrived changed (Content-MD5)")
             if code in _THROTTLE_CODES or (status or 0) >= 500 or status == 429:
                 return StoreUnavailable(f"{where}: {said}: server busy or failing")
             return StoreError(f"{where}: {said}: unexpected error")
@@ -387,6 +554,47 @@ class S3Store(StoreBase):
         if isinstance(exc, unreachable):
             return StoreUnavailable(f"{where}: cannot reach the server ({type(exc).__name__})")
         return StoreError(f"{where}: unexpected error ({type(exc).__name__})")
+
+
+def _no_region_redirect(context: dict[str, Any], **_: Any) -> None:
+    """With a configured endpoint, no redirect at all: mark each call as redirected already,
+    so that botocore's S3 region redirector leaves a 3xx alone (it would re-send the call
+    for another region, and against a server that always redirects, ask HeadBucket for the
+    region, be redirected, ask again... until RecursionError)."""
+    redirect = context.get("s3_redirect")
+    if isinstance(redirect, dict):
+        redirect["redirected"] = True
+
+
+def _base64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+async def _read_at_most(stream: Any, size_max: int) -> bytes:
+    """The body of an answer, but never more than size_max bytes of it."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < size_max:
+        chunk = await stream.read(size_max - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _listed(where: str, key: str, item: dict[str, Any]) -> ObjectInfo:
+    """The ObjectInfo of one ListObjectsV2 entry; StoreError if it has no usable size."""
+    size = item.get("Size")
+    if not isinstance(size, int) or size < 0:
+        raise StoreError(f"{where}: the server listed {show_key(key)} with size {show_key(size)}: listing refused")
+    modified = item.get("LastModified")
+    return ObjectInfo(
+        key=key,
+        size=size,
+        mtime=modified.timestamp() if modified is not None else None,
+        etag=str(item.get("ETag", "")).strip('"') or None,
+    )
 
 
 def _code(exc: bce.ClientError) -> str:
