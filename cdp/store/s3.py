@@ -46,20 +46,14 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import aioboto3
 import botocore.exceptions as bce
 from aiobotocore.config import AioConfig
-from aiobotocore.httpsession import AIOHTTPSession
 
 from cdp.errors import (
-    AlreadyExists,
     ConfigError,
-    NotFound,
     PermissionDenied,
-    PreconditionFailed,
     StoreError,
-    StoreTimeout,
     StoreUnavailable,
 )
 from cdp.store.base import (
@@ -81,6 +75,9 @@ from cdp.store.base import (
 )
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
 from cdp.store.open import redact_url
+from cdp.store.s3_protocol import (
+    NoRedirectSession, error_code, http_header, http_status, no_region_redirect, translate_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +90,6 @@ PAGE_KEYS_MAX = 1000
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
-_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchBucket"}
-_DENIED_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "403",
-}
-_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
-_THROTTLE_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-    "TooManyRequestsException", "ServiceUnavailable", "InternalError", "503", "500",
-}
-_TIMEOUT_CODES = {"RequestTimeout", "RequestTimeoutException"}
-#: The body did not arrive as sent (S3 checked it against Content-MD5): send it again.
-_DIGEST_CODES = {"BadDigest", "InvalidDigest"}
 #: An ETag that is the MD5 of the object (single PUT, no SSE-KMS / SSE-C) and one that is
 #: the MD5 of the part MD5s, then "-" and the part count (multipart).
 _PLAIN_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
@@ -115,28 +99,6 @@ _OPAQUE_ETAG_SSE = {"aws:kms", "aws:kms:dsse"}
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")
 
 
-class _NoRedirects:
-    """An aiohttp ClientSession whose requests never follow a redirect."""
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-
-    def request(self, method: str, **options: Any) -> Any:
-        return self._session.request(method, allow_redirects=False, **options)
-
-
-class _NoRedirectSession(AIOHTTPSession):
-    """aiobotocore's HTTP session with redirects off, as botocore's own urllib3 session
-    has them (``Retry(False)``): aiohttp follows 301/302/303/307/308 by default, which
-    sent a PUT's body to whatever host the answer named and took its 200 as the store's.
-    botocore still sees the 3xx (its S3 region redirector may re-sign for another region,
-    against the same configured endpoint) and it becomes an error here."""
-
-    async def _get_session(self, proxy_url: str | None) -> Any:
-        return _NoRedirects(await super()._get_session(proxy_url))
-
-
-assert hasattr(AIOHTTPSession, "_get_session"), "aiobotocore changed: see _NoRedirectSession"
 
 
 class S3Store(StoreBase):
@@ -199,7 +161,7 @@ class S3Store(StoreBase):
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max(10, 2 * max_concurrency),
             s3={"addressing_style": "path"} if endpoint_url else None,
-            http_session_cls=_NoRedirectSession,
+            http_session_cls=NoRedirectSession,
         )
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
@@ -225,7 +187,7 @@ class S3Store(StoreBase):
                     )
                     self._client = await stack.enter_async_context(client)
                     if self.endpoint_url:
-                        self._client.meta.events.register("before-call.s3", _no_region_redirect)
+                        self._client.meta.events.register("before-call.s3", no_region_redirect)
                     self._stack = stack
         return self._client
 
@@ -343,7 +305,7 @@ class S3Store(StoreBase):
                     limit.reschedule(limit.when() + span / self.transfer_bytes_per_s_min)
                     data = await _read_at_most(stream, span + 1)
             except bce.ClientError as exc:
-                if _status(exc) == 416:
+                if http_status(exc) == 416:
                     return b""  # the object exists; the range starts at or after its end
                 raise self._error("get", key, exc) from exc
             except StoreError:
@@ -453,13 +415,13 @@ class S3Store(StoreBase):
                 s3 = await self._s3()
                 reply = await s3.head_bucket(Bucket=self.bucket)
             except bce.ClientError as exc:
-                when = http_date_seconds(_header(exc.response, "date"))
+                when = http_date_seconds(http_header(exc.response, "date"))
                 if when is None:
                     raise self._error("server_time", "", exc) from exc
                 return when
             except Exception as exc:
                 raise self._error("server_time", "", exc) from exc
-        return http_date_seconds(_header(reply, "date"))
+        return http_date_seconds(http_header(reply, "date"))
 
     async def ensure_container(self) -> None:
         """Create the bucket unless HeadBucket finds it (a credential that may not
@@ -470,7 +432,7 @@ class S3Store(StoreBase):
                 await s3.head_bucket(Bucket=self.bucket)
                 return
             except bce.ClientError as exc:
-                if _status(exc) != 404:
+                if http_status(exc) != 404:
                     raise self._bucket_error("ensure_container", exc) from exc
             except Exception as exc:
                 raise self._error("ensure_container", "", exc) from exc
@@ -478,7 +440,7 @@ class S3Store(StoreBase):
 
     def _bucket_error(self, op: str, exc: bce.ClientError) -> StoreError:
         # HeadBucket answers without a body: a bare 403 is about the bucket, not a key.
-        if _status(exc) == 403:
+        if http_status(exc) == 403:
             return PermissionDenied(f"{self.describe()}: {op}: HTTP 403: access to bucket "
                                     f"{self.bucket!r} refused")
         return self._error(op, "", exc)
@@ -493,7 +455,7 @@ class S3Store(StoreBase):
                 s3 = await self._s3()
                 await s3.create_bucket(Bucket=self.bucket, **extra)
             except bce.ClientError as exc:
-                if _code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                if error_code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     return
                 raise self._error("create_bucket", "", exc) from exc
             except Exception as exc:
@@ -510,61 +472,9 @@ class S3Store(StoreBase):
 
     def _error(self, op: str, key: str, exc: Exception, *, if_absent: bool = False,
                if_match: str | None = None) -> StoreError:
-        """Translate an SDK error of `op` on `key` into the store error tree.
-
-        The message is built from the status and code only: SDK text may
-        quote a URL, and never reaches the caller.
-        """
-        where = f"{self.describe()}: {op} {show_key(key)}"
-        if isinstance(exc, bce.ClientError):
-            code, status = _code(exc), _status(exc)
-            said = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
-            if status is not None and 300 <= status < 400:
-                # Not followed (_NoRedirectSession): the configured endpoint did not do it.
-                if status in (301, 308):
-                    return StoreError(f"{where}: {said}: permanently redirected elsewhere, not followed"
-                                      f" (check the endpoint and region)")
-                return StoreUnavailable(f"{where}: {said}: redirected elsewhere, not followed")
-            if code == "NoSuchBucket":
-                return NotFound(f"{where}: {said}: bucket {self.bucket!r} does not exist")
-            if if_match is not None and (code in _CONFLICT_CODES or code in _NOT_FOUND_CODES
-                                         or status in (404, 409, 412)):
-                return PreconditionFailed(f"{where}: {said}: if_match put lost: the object is not"
-                                          f" the one with etag {if_match} (replaced or gone)")
-            if code in _NOT_FOUND_CODES or status == 404:
-                return NotFound(f"{where}: {said}: no such object")
-            if code in _DENIED_CODES or status == 403:
-                return PermissionDenied(f"{where}: {said}: credentials refused")
-            if if_absent and (code in _CONFLICT_CODES or status == 412):
-                return AlreadyExists(f"{where}: {said}: if_absent put lost, the object exists")
-            if code in _TIMEOUT_CODES:
-                return StoreTimeout(f"{where}: {said}: the server timed out")
-            if code in _DIGEST_CODES:
-                return StoreUnavailable(f"{where}: {said}: the body arrived changed (Content-MD5)")
-            if code in _THROTTLE_CODES or (status or 0) >= 500 or status == 429:
-                return StoreUnavailable(f"{where}: {said}: server busy or failing")
-            return StoreError(f"{where}: {said}: unexpected error")
-        if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
-            return PermissionDenied(f"{where}: no usable credentials configured")
-        if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError, TimeoutError)):
-            return StoreTimeout(f"{where}: no answer in time ({type(exc).__name__})")
-        if isinstance(exc, aiohttp.ServerTimeoutError):
-            return StoreTimeout(f"{where}: no answer in time ({type(exc).__name__})")
-        unreachable = (bce.ConnectionError, bce.HTTPClientError, aiohttp.ClientError, OSError)
-        if isinstance(exc, unreachable):
-            return StoreUnavailable(f"{where}: cannot reach the server ({type(exc).__name__})")
-        return StoreError(f"{where}: unexpected error ({type(exc).__name__})")
-
-
-def _no_region_redirect(context: dict[str, Any], **_: Any) -> None:
-    """With a configured endpoint, no redirect at all: mark each call as redirected already,
-    so that botocore's S3 region redirector leaves a 3xx alone (it would re-send the call
-    for another region, and against a server that always redirects, ask HeadBucket for the
-    region, be redirected, ask again... until RecursionError)."""
-    redirect = context.get("s3_redirect")
-    if isinstance(redirect, dict):
-        redirect["redirected"] = True
-
+        """An SDK error of ``op`` on ``key`` as a store error (``s3_protocol.translate_error``)."""
+        return translate_error(f"{self.describe()}: {op} {show_key(key)}", self.bucket, exc,
+                               if_absent=if_absent, if_match=if_match)
 
 def _base64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
@@ -595,17 +505,3 @@ def _listed(where: str, key: str, item: dict[str, Any]) -> ObjectInfo:
         mtime=modified.timestamp() if modified is not None else None,
         etag=str(item.get("ETag", "")).strip('"') or None,
     )
-
-
-def _code(exc: bce.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _header(response: dict[str, Any], name: str) -> str | None:
-    """An HTTP header of a botocore response (botocore lower-cases the names)."""
-    return response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(name)
-
-
-def _status(exc: bce.ClientError) -> int | None:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return int(status) if status is not None else None
