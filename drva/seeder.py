@@ -6,7 +6,23 @@ copy: a chunk may be read before or after a write that lands on it. It is made e
 the stream: the base is recorded at ``start_seq`` (the last seq captured before the
 copy began), and replaying every record after ``start_seq`` over it gives the disk at
 any seq from ``end_seq`` on. Points in ``(start_seq, end_seq)`` are not consistent and
-the catalog says so with a ``seeding`` window.
+the catalog says so with a ``seeding`` window: an **open** one (``last_seq`` null) is
+committed at ``SEED_BEGIN``, before any record after ``start_seq`` is read from the
+session, so that no recovery or consolidation takes a point inside the copy for a
+consistent one; ``SEED_END`` closes it as it commits the base (FORMAT.md §6.2).
+
+A seed lives inside one session (invariant: a job in ``jobs`` belongs to a session that
+is not closed, or has had its ``SEED_END``). It is abandoned — its uploads cancelled,
+its lease dropped, its open window removed — when its session closes, when
+``idle_s`` pass with no ``SEED_CHUNK`` and no upload in flight, or when a new
+``SEED_BEGIN`` restarts it. An open window no live job owns (a DRVA that died
+mid-seed) is removed when a session of the domain is next welcomed.
+
+``start_seq`` may be ahead of what the DRVA has accepted: the filter numbers records
+when it captures them, and sends its frames after. So ``SEED_END`` waits (at most
+``end_wait_s``, and only while the session lives) for the stream to reach ``end_seq``
+before the base is committed; a seed whose seqs never come is refused (``ERROR
+bad_seed`` naming ``SEED_END.end_seq``) and nothing of it is committed.
 
 Chunks are content-addressed (FORMAT.md §6.1): an all-zero chunk is never sent nor
 stored, a chunk already in the store (or seen by this job) is not uploaded again. A job
@@ -22,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -38,16 +54,25 @@ from drva.shipper import backoff_s
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
+    from drva.domain import DomainState
     from drva.session import Session
 
 log = get_logger("drva.seeder")
 
 UPLOADS_MAX = 4
-CATALOG_POLL_S = 0.1  # SEED_END waits for the domain's catalog to be open, polling
+CATALOG_POLL_S = 0.1  # SEED_BEGIN/SEED_END wait for the domain's catalog (and stream), polling
 KNOWN_CHUNKS_MAX = 1 << 16  # hashes remembered to skip a stat; bounded memory
+# A seed with no SEED_CHUNK and no upload in flight this long is abandoned (a filter that
+# hangs without closing its connection): its lease would otherwise hold every chunk
+# sweep of the store off. A filter reads a chunk (4 MiB by default) in well under this.
+SEED_IDLE_S = 300.0
+# SEED_END waits at most this long for the stream to reach its end_seq (the records the
+# filter captured during the copy, sent behind it); then the seed is refused.
+SEED_END_WAIT_S = 600.0
+SEQ_MAX = (1 << 64) - 1  # FORMAT.md §1: seqs are u64
 
 
-@dataclass
+@dataclass(eq=False)
 class SeedJob:
     domain: int
     disk: int
@@ -55,6 +80,7 @@ class SeedJob:
     chunk_size: int
     start_seq: int
     hashes: np.ndarray
+    session: "Session | None" = None
     tasks: set[asyncio.Task] = field(default_factory=set)
     # Chunks seen in the store (or put) under ``lease``: valid only while it is held.
     known: collections.OrderedDict = field(default_factory=collections.OrderedDict)
@@ -63,16 +89,28 @@ class SeedJob:
     stored: int = 0
     deduplicated: int = 0
     failed: BaseException | None = None
+    ending: bool = False  # SEED_END taken: ``_end`` owns the job now
+    dropped: bool = False  # abandoned: nothing of it may be committed
+    last_active: float = 0.0  # loop time of the last SEED_CHUNK or upload done
+    watchdog: asyncio.Task | None = None
+
+    @property
+    def window(self) -> dict[str, Any]:
+        """The open seeding window this job keeps in the catalog until SEED_END."""
+        return {"kind": "seeding", "first_seq": self.start_seq + 1, "last_seq": None}
 
 
 class Seeder:
     """Turns SEED_* messages into chunks, a manifest and a catalog base (module docstring)."""
 
-    def __init__(self, drva: "Drva") -> None:
+    def __init__(self, drva: "Drva", *, idle_s: float = SEED_IDLE_S, end_wait_s: float = SEED_END_WAIT_S) -> None:
         self.drva = drva
         self.jobs: dict[tuple[int, int], SeedJob] = {}
         self.slots = asyncio.Semaphore(UPLOADS_MAX)
         self.finishing: set[asyncio.Task] = set()
+        self.idle_s = idle_s
+        self.end_wait_s = end_wait_s
+        self.ending: set[SeedJob] = set()  # jobs whose SEED_END is being committed
 
     async def handle(self, session: "Session", msg: wire.Message) -> None:
         from drva.session import Refused
@@ -80,8 +118,9 @@ class Seeder:
         if msg.type == wire.SEED_CHUNK:
             domain, disk, chunk, data = wire.parse_seed_chunk(msg.body, session.where)
             job = self.jobs.get((domain, disk))
-            if job is None or domain not in session.domains:
+            if job is None or job.session is not session or job.ending or domain not in session.domains:
                 raise Refused("bad_seed", f"SEED_CHUNK for domain {domain} disk {disk} without SEED_BEGIN")
+            job.last_active = asyncio.get_running_loop().time()
             await self._chunk(job, chunk, bytes(data), session)
             return
         doc = messages.parse(msg, session.where)  # every field present, typed, in range
@@ -90,19 +129,33 @@ class Seeder:
         if dom is None or not disk < len(dom.cfg.disks):
             raise Refused("bad_seed", f"{msg.name} for unknown domain/disk {domain}/{disk}")
         if msg.type == wire.SEED_BEGIN:
-            self._begin(dom, disk, doc)
-        else:
-            # Finishing waits for uploads and the catalog: not on the session's read path.
-            task = asyncio.create_task(self._end(session, dom, disk, doc))
-            self.finishing.add(task)
-            task.add_done_callback(self._finished)
+            await self._begin(session, dom, disk, doc)
+            return
+        job = self.jobs.get((domain, disk))
+        if job is None or job.session is not session or job.ending:
+            raise Refused("bad_seed", f"SEED_END for domain {domain} disk {disk} without SEED_BEGIN")
+        end = doc["end_seq"]
+        if end < job.start_seq:
+            raise Refused("bad_seed", f"SEED_END.end_seq {end} of domain {domain} disk {disk} is below its "
+                                      f"SEED_BEGIN.start_seq {job.start_seq}")
+        job.ending = True
+        self.ending.add(job)
+        # Finishing waits for uploads, the stream and the catalog: not on the session's read path.
+        self._spawn(self._end(session, dom, job, end))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.finishing.add(task)
+        task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task) -> None:
         self.finishing.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("seed_failed", error=repr(task.exception()))
 
-    def _begin(self, dom: Any, disk: int, doc: dict[str, Any]) -> None:
+    # ------------------------------------------------------------------ begin
+
+    async def _begin(self, session: "Session", dom: "DomainState", disk: int, doc: dict[str, Any]) -> None:
         from drva.session import Refused
 
         # Types and ranges were checked at the edge (drva.messages); what is left is
@@ -110,15 +163,136 @@ class Seeder:
         size, chunk_size, start = doc["disk_size"], doc["chunk_size"], doc["start_seq"]
         if size != dom.cfg.disks[disk].size:
             raise Refused("bad_seed", f"disk {disk} of domain {dom.id}: size {size}, configured {dom.cfg.disks[disk].size}")
-        count = -(-size // chunk_size)
+        if start >= SEQ_MAX:  # the window opens at start + 1, a u64
+            raise Refused("bad_seed", f"SEED_BEGIN.start_seq {start} of domain {dom.id} disk {disk}: no seq follows it")
         old = self.jobs.get((dom.id, disk))
-        if old is not None and old.lease is not None:  # a restarted seeding: the old one is abandoned
-            task = asyncio.create_task(self._drop_lease(old))
-            self.finishing.add(task)
-            task.add_done_callback(self._finished)
-        self.jobs[(dom.id, disk)] = SeedJob(dom.id, disk, size, chunk_size, start,
-                                            np.zeros((count, 16), dtype=np.uint8))
+        if old is not None:  # a restarted seeding: the old one is abandoned
+            self._abandon(old, "restarted by a new SEED_BEGIN")
+        count = -(-size // chunk_size)
+        job = SeedJob(dom.id, disk, size, chunk_size, start, np.zeros((count, 16), dtype=np.uint8),
+                      session=session, last_active=asyncio.get_running_loop().time())
+        self.jobs[(dom.id, disk)] = job
         log.info("seed_begin", domain=dom.id, disk=disk, disk_size=size, chunk_size=chunk_size, start_seq=start)
+        # On the session's read path on purpose: every record after start_seq comes
+        # behind SEED_BEGIN in the stream, so none is taken before the window is in the
+        # catalog, and no point inside the copy is ever committed as a consistent one.
+        try:
+            await self._commit_windows(dom, lambda windows: windows if job.window in windows
+                                       else [*windows, job.window], session)
+        except BaseException:
+            self._abandon(job, "its window could not be committed")
+            raise
+        if self.jobs.get((dom.id, disk)) is not job or job.dropped:
+            self._abandon(job, "abandoned while its window was committed")  # removes the window again
+            return
+        job.watchdog = asyncio.create_task(self._watch(job))
+
+    async def _commit_windows(self, dom: "DomainState", change: Callable[[list[dict]], list[dict]],
+                              session: "Session | None" = None) -> bool:
+        """Commit ``change(windows)`` to the domain's catalog (nothing if unchanged);
+        False if the catalog cannot be written here (fenced) or ``session`` closed first."""
+        from drva.session import Refused
+
+        while not dom.catalog_ready:
+            if dom.fenced:
+                if session is not None:
+                    raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA", dom.id)
+                return False
+            if session is not None and session.closed:
+                return False
+            await asyncio.sleep(CATALOG_POLL_S)
+
+        def delta(state: Any) -> dict[str, Any] | None:
+            windows = [dict(w) for w in state.timeline().windows]
+            new = change(windows)
+            return None if new == state.timeline().windows else {"set_windows": new}
+
+        attempt = 0
+        while True:
+            try:
+                await self.drva.shipper.commit_delta(dom, delta)
+                return True
+            except StoreError as exc:  # Fenced is not retried: it propagates
+                if not exc.retryable or (session is not None and session.closed):
+                    raise
+                attempt += 1
+                log.warning("seed_commit_failed", domain=dom.id, attempt=attempt, error=exc.message)
+                await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
+
+    # ------------------------------------------------------------------ abandoning
+
+    def _abandon(self, job: SeedJob, reason: str) -> None:
+        """Drop ``job``: no more uploads, its lease released, its open window removed
+        (unless SEED_END owns it: ``_end`` closes the window itself)."""
+        if self.jobs.get((job.domain, job.disk)) is job:
+            del self.jobs[(job.domain, job.disk)]
+        if job.dropped or job.ending:
+            return  # SEED_END owns an ending job: it commits, or cleans up, by itself
+        job.dropped = True
+        log.warning("seed_abandoned", domain=job.domain, disk=job.disk, start_seq=job.start_seq, reason=reason)
+        for task in job.tasks:
+            task.cancel()
+        if job.watchdog is not None and job.watchdog is not asyncio.current_task():
+            job.watchdog.cancel()
+        self._spawn(self._cleanup(job))
+
+    async def _cleanup(self, job: SeedJob) -> None:
+        try:
+            await asyncio.gather(*list(job.tasks), return_exceptions=True)
+            await self._drop_lease(job)
+            await self._remove_window(job)
+        except Exception as exc:  # noqa: BLE001 - a DRVA stopping closes its store under us
+            log.warning("seed_cleanup_failed", domain=job.domain, disk=job.disk, error=repr(exc))
+
+    async def _remove_window(self, job: SeedJob) -> None:
+        dom = self.drva.domains.get(job.domain)
+        if dom is None or dom.fenced:
+            return
+        try:
+            await self._commit_windows(dom, lambda windows: [w for w in windows if w != job.window or
+                                                             self._owner_of(job.domain, w) is not None])
+        except StoreError as exc:  # the next session of the domain removes it (session_opened)
+            log.warning("seed_window_left_open", domain=job.domain, disk=job.disk, error=exc.message)
+
+    def _owner_of(self, domain: int, window: dict) -> SeedJob | None:
+        """The live job whose open window ``window`` is (None: an orphan). A job that
+        SEED_END owns counts while it finishes, even once a new SEED_BEGIN replaced it."""
+        for other in [*self.jobs.values(), *self.ending]:
+            if other.domain == domain and not other.dropped and other.window == window:
+                return other
+        return None
+
+    def session_closed(self, session: "Session") -> None:
+        """A seed lives inside its session: those of ``session`` that have no SEED_END yet end."""
+        for job in [j for j in self.jobs.values() if j.session is session and not j.ending]:
+            self._abandon(job, "its session closed")
+
+    def session_opened(self, session: "Session") -> None:
+        """Remove the open seeding windows of ``session``'s domains that no live job owns
+        (a DRVA that stopped mid-seed left them: they would hide every later point)."""
+        for dom in session.domains.values():
+            self._spawn(self._remove_orphans(dom))
+
+    async def _remove_orphans(self, dom: "DomainState") -> None:
+        def change(windows: list[dict]) -> list[dict]:
+            return [w for w in windows if not (w["kind"] == "seeding" and w["last_seq"] is None)
+                    or self._owner_of(dom.id, w) is not None]
+        try:
+            await self._commit_windows(dom, change)
+        except StoreError as exc:
+            log.warning("seed_window_left_open", domain=dom.id, error=exc.message)
+
+    async def _watch(self, job: SeedJob) -> None:
+        """Abandon ``job`` once it has been idle for ``idle_s`` (module docstring)."""
+        loop = asyncio.get_running_loop()
+        while not job.dropped and not job.ending:
+            idle_until = job.last_active + self.idle_s
+            if loop.time() >= idle_until and not job.tasks:
+                self._abandon(job, f"no SEED_CHUNK for {self.idle_s} s")
+                return
+            await asyncio.sleep(max(idle_until - loop.time(), CATALOG_POLL_S))
+
+    # ------------------------------------------------------------------ chunks
 
     async def _chunk(self, job: SeedJob, chunk: int, data: bytes, session: "Session") -> None:
         from drva.session import Refused
@@ -130,6 +304,9 @@ class Seeder:
         if is_zero(data):
             return
         await self.slots.acquire()  # bounded uploads; the session waits here
+        if job.dropped:  # abandoned while this waited for a slot
+            self.slots.release()
+            return
         task = asyncio.create_task(self._upload(job, chunk, data))
         job.tasks.add(task)
         task.add_done_callback(job.tasks.discard)
@@ -168,6 +345,7 @@ class Seeder:
             job.failed = exc
             raise
         finally:
+            job.last_active = asyncio.get_running_loop().time()
             self.slots.release()
 
     async def _hold_lease(self, job: SeedJob) -> None:
@@ -180,28 +358,59 @@ class Seeder:
 
     @staticmethod
     async def _drop_lease(job: SeedJob) -> None:
-        if job.lease is not None:
-            lease, job.lease = job.lease, None
-            job.known.clear()
-            await lease.release()
+        async with job.lease_lock:
+            if job.lease is not None:
+                lease, job.lease = job.lease, None
+                job.known.clear()
+                await lease.release()
 
-    async def _end(self, session: "Session", dom: Any, disk: int, doc: dict[str, Any]) -> None:
-        job = self.jobs.get((dom.id, disk))
-        end = doc["end_seq"]
-        if job is None or end < job.start_seq:
-            log.warning("seed_refused", domain=dom.id, disk=disk, reason="SEED_END without SEED_BEGIN or bad end_seq")
-            return
-        while job.tasks:
-            await asyncio.gather(*list(job.tasks), return_exceptions=True)
-        if job.failed is not None:
-            log.error("seed_failed", domain=dom.id, disk=disk, error=repr(job.failed))
+    # ------------------------------------------------------------------ end
+
+    async def _end(self, session: "Session", dom: "DomainState", job: SeedJob, end: int) -> None:
+        committed = False
+        try:
+            while job.tasks:
+                await asyncio.gather(*list(job.tasks), return_exceptions=True)
+            if job.failed is not None:
+                log.error("seed_failed", domain=dom.id, disk=job.disk, error=repr(job.failed))
+                return
+            if not await self._reach(session, dom, job, end):
+                return
+            committed = await self._commit_base(session, dom, job, end)
+        finally:
+            job.dropped = True
+            self.ending.discard(job)
+            if self.jobs.get((dom.id, job.disk)) is job:  # a new SEED_BEGIN may have replaced it
+                del self.jobs[(dom.id, job.disk)]
             await self._drop_lease(job)
-            return
+            if not committed:
+                await self._remove_window(job)
+
+    async def _reach(self, session: "Session", dom: "DomainState", job: SeedJob, end: int) -> bool:
+        """Wait for the stream to reach ``end`` (module docstring); False: the seed is off."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.end_wait_s
+        while dom.accepted_seq < end:
+            if dom.fenced:
+                log.error("seed_failed", domain=dom.id, disk=job.disk, error="the domain is fenced on this DRVA")
+                return False
+            if session.closed or loop.time() >= deadline:
+                why = (f"SEED_END.end_seq {end} of domain {dom.id} disk {job.disk} is above every seq this DRVA "
+                       f"accepted for the domain (seq {dom.accepted_seq}) after {self.end_wait_s} s: the seed "
+                       f"(SEED_BEGIN.start_seq {job.start_seq}) is refused")
+                log.error("seed_refused", domain=dom.id, disk=job.disk, reason=why)
+                if not session.closed:
+                    await session.end("bad_seed", why)
+                return False
+            await asyncio.sleep(CATALOG_POLL_S)
+        return True
+
+    async def _commit_base(self, session: "Session", dom: "DomainState", job: SeedJob, end: int) -> bool:
+        disk = job.disk
         while not dom.catalog_ready:
             if dom.fenced:  # the catalog will not open: the base can never be committed here
                 log.error("seed_failed", domain=dom.id, disk=disk, error="the domain is fenced on this DRVA")
-                await self._drop_lease(job)
-                return
+                return False
             await asyncio.sleep(CATALOG_POLL_S)
         timeline = self.drva.shipper.writers[dom.id].state.current
         key = base_manifest_key(dom.id, timeline, job.start_seq, disk)
@@ -213,17 +422,28 @@ class Seeder:
         finally:
             await self._drop_lease(job)
         base = {"timeline": timeline, "seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}
+        # Every chunk was read before SEED_END, after record ``end`` at the latest:
+        # replaying (start, end] over the copy is exact at ``end``, not before.
+        closed = ({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1}
+                  if end - 1 > job.start_seq else None)
 
         def delta(state: Any) -> dict[str, Any] | None:
             tl = state.timeline()
-            if base in tl.bases:
-                return None  # a generation of ours holds it already (its reply was lost: §8.3)
-            windows = list(tl.windows)
-            # Every chunk was read before SEED_END, after record ``end`` at the latest:
-            # replaying (start, end] over the copy is exact at ``end``, not before.
-            if end - 1 > job.start_seq:
-                windows.append({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1})
-            return {"add_bases": [base], "set_windows": windows}
+            windows = [dict(w) for w in tl.windows if w != job.window]
+            if closed is not None and closed not in windows:
+                windows.append(closed)
+            # A base of this disk inside the copy (a consolidation that raced the open
+            # window, or an older DRVA's) was built from zeros, not from this content.
+            stale = [{"seq": b["seq"], "disk": disk} for b in tl.bases
+                     if b["disk"] == disk and job.start_seq <= b["seq"] < end and b != base]
+            out: dict[str, Any] = {}
+            if stale:
+                out["remove_bases"] = stale
+            if base not in tl.bases:  # else a generation of ours holds it (its reply was lost: §8.3)
+                out["add_bases"] = [base]
+            if windows != tl.windows:
+                out["set_windows"] = windows
+            return out or None
 
         attempt = 0
         while True:
@@ -236,13 +456,13 @@ class Seeder:
                 attempt += 1
                 log.warning("seed_commit_failed", domain=dom.id, disk=disk, attempt=attempt, error=exc.message)
                 await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
-        del self.jobs[(dom.id, disk)]
         log.info("seed_done", domain=dom.id, disk=disk, base_seq=job.start_seq, end_seq=end,
                  chunks_stored=job.stored, chunks_deduplicated=job.deduplicated)
         if not session.closed:
             session.writer.writelines(wire.control(wire.SEED_DONE, {
                 "domain": dom.id, "disk": disk, "base_seq": job.start_seq,
                 "chunks_stored": job.stored, "chunks_deduplicated": job.deduplicated}))
+        return True
 
     async def _put_retrying(self, store: ObjectStore, key: str, data: bytes) -> None:
         attempt = 0

@@ -168,7 +168,16 @@ class Session:
                 dom.session = None
         self.drva.sessions.discard(self)
         self.drva.handshake_ended(self)
+        self.drva.seeder.session_closed(self)  # a seed lives inside its session
         self.writer.close()
+
+    async def end(self, code: str, message: str) -> None:
+        """Refuse and close from outside the read loop (a seed refused at SEED_END's
+        commit): the ERROR first, as ``run`` does, then the connection."""
+        if self.closed:
+            return
+        await self._refuse(code, message)
+        self.close()
 
     # ------------------------------------------------------------------ handshake
 
@@ -225,6 +234,9 @@ class Session:
             self.domains[domain_id] = dom
         self.drva.handshake_ended(self)
         self.drva.sessions.add(self)
+        # A seed of these domains that an earlier session (or DRVA run) left has ended:
+        # its open window must not hide the points after it.
+        self.drva.seeder.session_opened(self)
         grow = getattr(self.reader, "grow", None)
         if grow is not None:
             grow(STREAM_READ_AHEAD_BYTES)

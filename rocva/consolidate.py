@@ -51,7 +51,7 @@ from cdp.store.base import ObjectStore
 from rocva.plan import CONCURRENCY_DEFAULT, build_plan, load_state
 from rocva.recover import execute_plan
 from rocva.retention import retention_delta, sweep_chunks, sweep_domain
-from rocva.target import ResolvedTarget, Target, recoverable_ranges
+from rocva.target import SEQ_INF, ResolvedTarget, Target, recoverable_ranges
 
 log = get_logger("rocva.consolidate")
 
@@ -60,6 +60,31 @@ COMMIT_RETRIES = 16
 #: by the ``CatalogWriter`` that commits it).
 CONSOLIDATE_WRITER = {"id": "0" * 32, "by": "cdp consolidate"}
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def seeding_spans(state: CatalogView) -> list[tuple[int, int]]:
+    """The seqs no consolidation base may be at: each ``seeding`` window with the seq of
+    its fuzzy base (``first_seq - 1``), an open one to the end of the seq space. While a
+    seed is copying, the catalog has no base of the disk yet and still takes it for zeros
+    there (FORMAT.md §6.2, §8.2): a base built then would be zeros plus writes."""
+    return [(w["first_seq"] - 1, SEQ_INF if w["last_seq"] is None else w["last_seq"])
+            for w in state.windows if w["kind"] == "seeding"]
+
+
+def _outside(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` (inclusive, sorted) minus ``holes`` (inclusive)."""
+    for lo, hi in holes:
+        out = []
+        for a, b in ranges:
+            if b < lo or a > hi:
+                out.append((a, b))
+                continue
+            if a < lo:
+                out.append((a, lo - 1))
+            if b > hi:
+                out.append((hi + 1, b))
+        ranges = out
+    return ranges
 
 
 async def consolidation_seq(state: CatalogView, cutoff_ns: int) -> int | None:
@@ -71,7 +96,7 @@ async def consolidation_seq(state: CatalogView, cutoff_ns: int) -> int | None:
     # The newest segment end at or before r: r itself, or the end of the row before.
     end = r if row is None or int(row["last_seq"]) == r else int(row["first_seq"]) - 1
     best = None
-    for a, b in reversed(recoverable_ranges(state)):
+    for a, b in reversed(_outside(recoverable_ranges(state), seeding_spans(state))):
         cap = min(b, end)
         if cap < a:
             continue
@@ -277,7 +302,11 @@ async def _consolidate_timeline(store: ObjectStore, domain: int, timeline: int, 
     for _ in range(COMMIT_RETRIES):
         have = {(b["seq"], b["disk"]) for b in state.bases}
         delta: dict[str, Any] = {"timeline": timeline}
-        add = [b for b in built if (b["seq"], b["disk"]) not in have]
+        # The catalog read again after a lost race may have opened a seeding window
+        # over ``seq`` since it was chosen: the bases built there are not committed.
+        spans = seeding_spans(state)
+        add = [b for b in built if (b["seq"], b["disk"]) not in have
+               and not any(lo <= b["seq"] <= hi for lo, hi in spans)]
         if add:
             delta["add_bases"] = add
         after = state.state.copy()

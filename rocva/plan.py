@@ -256,11 +256,32 @@ def _base_pieces(extents: np.ndarray, manifest: Manifest | None) -> np.ndarray:
     return out
 
 
+def _inside_copies(state: CatalogView) -> set[tuple[int, int]]:
+    """(seq, disk) of the bases that lie inside a seed's copy of their disk: after its
+    seed base and within its ``seeding`` window (FORMAT.md §6.2). Such a base was built
+    before the window was known, from zeros and writes, not from the seeded content
+    (a catalog an older DRVA wrote can hold one); it is never a replay's start."""
+    seeds = {(b["seq"], b["disk"]) for b in state.bases if b["origin"] == "seed"}
+    out = set()
+    for w in state.windows:
+        if w["kind"] != "seeding":
+            continue
+        last = w["last_seq"]
+        for b in state.bases:
+            if ((w["first_seq"] - 1, b["disk"]) in seeds and w["first_seq"] <= b["seq"]
+                    and (last is None or b["seq"] <= last)):
+                out.add((b["seq"], b["disk"]))
+    return out
+
+
 def choose_bases(state: CatalogView, seq: int) -> list[dict | None]:
-    """Per disk of ``state``, its newest base at or below ``seq`` (None: zeros)."""
+    """Per disk of ``state``, its newest base at or below ``seq`` (None: zeros), never
+    one inside a seed's copy of the disk (``_inside_copies``)."""
     bases = []
+    skip = _inside_copies(state)
     for d in state.disks:
-        below = [b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= seq]
+        below = [b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= seq
+                 and (b["seq"], b["disk"]) not in skip]
         bases.append(max(below, key=lambda b: b["seq"]) if below else None)
     return bases
 
