@@ -19,7 +19,7 @@ import numpy as np
 from cdp.catalog_page import Page, decode_page, empty_rows, ref_key
 from cdp.catalog_state import CatalogState, Timeline
 from cdp.gather import gather_bounded
-from cdp.layout import segment_key, segment_prefix
+from cdp.layout import U64_MAX, segment_key, segment_prefix
 from cdp.errors import FormatError
 from cdp.segment import SegmentIndex, read_segment_index
 from cdp.store.base import ObjectStore
@@ -138,20 +138,24 @@ class CatalogView:
         return rows[0] if len(rows) else None
 
     async def iter_rows(self) -> AsyncIterator[np.ndarray]:
-        """Every retained row, a level-0 page (or the tail) at a time, oldest first."""
+        """Every retained row, a level-0 page (or the tail) at a time, oldest first. A
+        page under a reference that the horizon cuts through may lie wholly behind it:
+        it is not read (the retention sweep may have deleted it)."""
+        horizon = np.uint64(self.horizon_seq)
+
         async def walk(refs: np.ndarray) -> AsyncIterator[np.ndarray]:
-            for ref in refs:
+            for ref in refs[refs["last_seq"] > horizon]:
                 page = await self.page(ref)
                 if page.level == 0:
                     rows = page.entries
-                    yield rows[rows["last_seq"] > np.uint64(self.horizon_seq)]
+                    yield rows[rows["last_seq"] > horizon]
                 else:
                     async for rows in walk(page.entries):
                         yield rows
 
         async for rows in walk(self.tl.refs):
             yield rows
-        yield self.tl.tail[self.tl.tail["last_seq"] > np.uint64(self.horizon_seq)]
+        yield self.tl.tail[self.tl.tail["last_seq"] > horizon]
 
     def row_key(self, row: np.void) -> str:
         """§7 key of the segment object of one row."""
@@ -170,7 +174,12 @@ class CatalogView:
 
     async def seq_at_time(self, t_ns: int) -> int | None:
         """The seq of the last record with ``timestamp_ns <= t_ns`` (None if none is held).
-        At or below the horizon, a seq there (its segment may be gone) without reading it."""
+        At or below the horizon, a seq there (its segment may be gone) without reading it.
+        Any int is asked: before the epoch nothing is held (a retention cutoff of now minus
+        a window longer than since 1970), and after the u64 times end, every record is."""
+        if t_ns < 0:
+            return None
+        t_ns = min(t_ns, U64_MAX)
         refs, rows = self.tl.refs, self.tl.tail
         while True:
             firsts = np.concatenate([refs["first_ts"], rows["first_ts"]])

@@ -123,6 +123,11 @@ class Busy(CdpError):
     exit_code = 7
 
 
+class HorizonPassed(CdpError):
+    """Retention moved a timeline's horizon past the seq a delta starts from: the records
+    in between are gone from the store, so what they changed cannot be known from it."""
+
+
 class LeaseLost(CdpError):
     """A lock or lease expired (or was superseded) while its holder still needed it."""
 

@@ -43,7 +43,7 @@ from cdp.base_image import (
 )
 from cdp.catalog import CatalogWriter
 from cdp.catalog_read import CatalogView
-from cdp.errors import AlreadyExists, Busy, NotFound
+from cdp.errors import AlreadyExists, Busy, ConfigError, NotFound
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
@@ -59,6 +59,9 @@ COMMIT_RETRIES = 16
 #: The ``writer`` a delta is checked with before it is committed (the real one is drawn
 #: by the ``CatalogWriter`` that commits it).
 CONSOLIDATE_WRITER = {"id": "0" * 32, "by": "cdp consolidate"}
+#: The longest ``older_than_s`` / ``retention_s`` taken: a century, past any policy
+#: (``cdp.msa.config.POLICY_LIMITS``) and still far inside the ns clock.
+DURATION_S_MAX = 100 * 365.25 * 86400
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -256,6 +259,10 @@ async def consolidate(store: ObjectStore, domain: int, *, older_than_s: float, r
     Raises ``Busy`` when another job holds the domain's maintenance lock. The top level
     of the summary is the current timeline's; ``timelines`` has one per timeline.
     """
+    for name, value in (("older_than_s", older_than_s), ("retention_s", retention_s)):
+        # The CLI and the policies bound these; a library caller may not (int(inf) raised).
+        if value is not None and not 0 <= value <= DURATION_S_MAX:
+            raise ConfigError(f"consolidate: {name} is {value!r}; expected 0..{DURATION_S_MAX:g} seconds")
     t0 = time.monotonic()
     now_ns = time.time_ns() if now_ns is None else now_ns
     owner = f"cdp consolidate domain {domain}"

@@ -19,6 +19,11 @@ the sub-blocks of base chunks that hold them, every byte written; holes where th
 content is zeros without a payload — so each range ends exactly as the recovered image
 would hold it. Ranges are per disk slot, as ``(start, end)`` int64 arrays, sorted and
 disjoint once merged.
+
+The store can say what changed only above a timeline's horizon: the rows at or below it
+are gone with retention (``CatalogView.rows_between`` returns only the rows it keeps).
+``changed_in_store`` asked to start below the horizon raises ``HorizonPassed`` instead of
+answering with the part it still holds: the caller rewrites the disks whole.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from cdp.catalog_read import CatalogView
+from cdp.errors import HorizonPassed
 from cdp.frame import decode_frame
 from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
@@ -100,10 +106,17 @@ def _by_disk(disk: np.ndarray, offset: np.ndarray, length: np.ndarray, slots: di
 
 async def changed_in_store(store: ObjectStore, view: CatalogView, after_seq: int, upto_seq: int) -> list[Ranges]:
     """Per disk slot of ``view``, the ranges its WRITE/ZERO records in ``(after_seq,
-    upto_seq]`` touch (segment indexes only)."""
+    upto_seq]`` touch (segment indexes only). ``HorizonPassed`` when ``after_seq`` is below
+    the view's horizon: the rows of ``(after_seq, horizon_seq]`` are gone, and
+    ``rows_between`` would silently leave their writes out."""
     slots = {int(d["disk"]): k for k, d in enumerate(view.disks)}
     if upto_seq <= after_seq:
         return [empty() for _ in view.disks]
+    if after_seq < view.horizon_seq:
+        raise HorizonPassed(
+            f"domain {view.domain_id} timeline {view.timeline_id}: retention moved its horizon to seq "
+            f"{view.horizon_seq}, past seq {after_seq}: the writes in ({after_seq}, {view.horizon_seq}] are no "
+            f"longer in the store")
     rows = await view.rows_between(after_seq + 1, upto_seq)
     keys = view.segment_keys(rows)
     indexes = await gather_bounded([_get_index(store, k, r) for k, r in zip(keys, rows)], CONCURRENCY)

@@ -22,10 +22,12 @@ given, or when the peer refuses or fails (a partial stream's writes are then rew
 from the store), and for disks rewritten whole. A disk
 whose image is missing, of another size than the inventory says, or whose dirty-region
 map is missing or damaged cannot say what it holds: it is rewritten whole from the
-store, and the result says so. Then the domain gets a new timeline owned by this site,
-forked from the current one at ``target`` (refused when another timeline became current
-meanwhile: ``fork_timeline``); the dirty-region maps are removed (they describe the
-disks' old life).
+store, and the result says so. So is every disk when retention has moved either
+timeline's horizon past the fork: the records that said what changed after it are gone
+(``HorizonPassed``), and a delta without them would leave those bytes as they were.
+Then the domain gets a new timeline owned by this site, forked from the current one at
+``target`` (refused when another timeline became current meanwhile: ``fork_timeline``);
+the dirty-region maps are removed (they describe the disks' old life).
 
 A rerun after a crash computes the same ranges (nothing writes the disks meanwhile: the
 MSA keeps the VMs off until the failback is done) and writes them again; once the fork
@@ -51,7 +53,7 @@ from cdp.catalog import load_catalog
 from cdp.catalog_fork import fork_timeline
 from cdp.catalog_read import CatalogView
 from cdp.dirtymap import DirtyMapUnusable, read_dirty_map, sidecar_path
-from cdp.errors import FailoverRefused, NotFound
+from cdp.errors import FailoverRefused, HorizonPassed, NotFound
 from cdp.extent_stream import request_for
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
@@ -223,25 +225,39 @@ async def failback(store: ObjectStore, domain: int, target: Target | int | str, 
         phases[name] = round(time.monotonic() - t0, 3)
         return result
 
+    async def in_store(name: str, on: CatalogView, upto: int) -> tuple[list[delta.Ranges] | None, str | None]:
+        try:
+            return await timed(name, delta.changed_in_store(store, on, fork, upto)), None
+        except HorizonPassed as exc:
+            return None, exc.message
+
     # Both timelines' indexes and the logs at once: each is mostly waiting on reads.
-    theirs, ours, in_logs = await asyncio.gather(
-        timed("theirs_known", delta.changed_in_store(store, view, fork, resolved.seq)),
-        timed("ours_known", delta.changed_in_store(store, old_view, fork, old.committed_seq)),
+    (theirs, theirs_gone), (ours, ours_gone), in_logs = await asyncio.gather(
+        in_store("theirs_known", view, resolved.seq), in_store("ours_known", old_view, old.committed_seq),
         timed("logs_known", asyncio.to_thread(scan_logs)))
     phases["ranges_known"] = round(time.monotonic() - t0, 3)
+    # Retention passed the fork on a timeline: what changed after it is no longer in the
+    # store, so no delta of any disk can be trusted.
+    unknown = theirs_gone or ours_gone
+    if unknown is not None:
+        unknown = f"what changed after the fork (seq {fork}) cannot be known: {unknown}"
     ranges, report = [], []
     for k, disk in enumerate(mine):
         unacked, why = _flagged_or_why_whole(disk)
+        if unacked is not None and unknown is not None:
+            unacked, why = None, unknown
         if unacked is None:
             log.warning("failback_whole_disk", domain=domain, disk=disk.disk, path=str(disk.path), reason=why)
             _prepare_whole(disk)
             r = (np.zeros(1, np.int64), np.full(1, disk.size, np.int64))
         else:
+            assert theirs is not None and ours is not None  # else unknown, and unacked None
             r = delta.union(theirs[k], ours[k], in_logs[k], unacked)
         ranges.append(r)
         report.append({"disk": disk.disk, "path": str(disk.path), "mode": "whole" if why else "delta",
                        "reason": why, "bytes": delta.total(r),
-                       "ranges": {"theirs": delta.total(theirs[k]), "ours": delta.total(ours[k]),
+                       "ranges": {"theirs": None if theirs is None else delta.total(theirs[k]),
+                                  "ours": None if ours is None else delta.total(ours[k]),
                                   "log": delta.total(in_logs[k])}})
     moved = sum(delta.total(r) for r in ranges)
     if progress is not None:

@@ -16,7 +16,9 @@ Three steps, each on its own (``rocva.consolidate`` runs them in order):
     Deletes what the catalog no longer needs, found by listing (so a sweep that was
     deferred or interrupted is finished by the next one): segments that no timeline keeps
     (a timeline keeps its own rows above its horizon, and those it inherited at a fork),
-    listed only up to each timeline's horizon; pages behind every timeline's horizon;
+    listed only up to each timeline's horizon; pages no timeline can hold (``page_expired``:
+    behind every timeline's horizon, or beyond what a timeline that no longer receives
+    segments holds);
     manifests no timeline names below their timeline's horizon; catalog generations older
     than the previous snapshot (FORMAT.md §8.1). Nothing of the first three while a
     recovery lease on the domain is live (§11.3: the recovery may have planned from an
@@ -118,18 +120,40 @@ async def _expired_segments(store: ObjectStore, state: CatalogState) -> list[str
     return out
 
 
+def page_expired(state: CatalogState, first: int, last: int) -> bool:
+    """May the page of seqs ``first..last`` go, ``state`` being the head as loaded?
+
+    Pages name no timeline, and timelines share seq numbers after a fork, so a page is
+    judged against every timeline, each of which must let it go:
+
+    * ``last <= horizon_seq``: the timeline needs none of its seqs, and never will (a
+      horizon only rises; a timeline forked from it later starts at or above it);
+    * or the timeline is not current and ``first > committed_seq``: it is none of this
+      timeline's, ever — only the current timeline receives segments (§8.5), so a
+      non-current one's rows are final.
+
+    The current timeline gets no second way out: its writer commits (and folds pages) while
+    the sweep runs, after the head was loaded, so a page above its loaded
+    ``committed_seq`` may be its newest. (The same holds of a timeline forked after the
+    load: its pages end above the current's horizon.) FORMAT.md §8.4."""
+    for tl_id, t in state.timelines.items():
+        if last <= t.horizon_seq:
+            continue
+        if tl_id != state.current and first > t.committed_seq:
+            continue
+        return False
+    return True
+
+
 async def _expired_pages(store: ObjectStore, state: CatalogState) -> list[str]:
-    """Pages no timeline can reference any more: at or below every timeline's horizon
-    (or after all it holds). Pages are shared between timelines and name none, so this
-    is the conservative rule (FORMAT.md §8.4)."""
+    """Pages no timeline can reference any more (``page_expired``)."""
     out = []
-    horizons = [(t.horizon_seq, t.committed_seq) for t in state.timelines.values()]
-    low = min(h for h, _ in horizons)
+    current_horizon = state.timeline().horizon_seq
     async for info in store.list(page_prefix(state.domain_id)):
         _, first, last, _, _ = parse_page_key(info.key)
-        if first > max(h for h, _ in horizons):
+        if first > current_horizon:  # keys sort by first seq: none after this ends at or below it
             break
-        if last <= low or all(last <= h or first > c for h, c in horizons):
+        if page_expired(state, first, last):
             out.append(info.key)
     return out
 

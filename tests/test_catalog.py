@@ -270,6 +270,31 @@ def test_plan_folds_matches_what_the_writer_commits(monkeypatch) -> None:
     run(go())
 
 
+def test_rows_are_read_after_the_sweep_deleted_a_page_under_a_straddling_one(monkeypatch) -> None:
+    """A level-1 page the horizon cuts through stays in the head; its children behind the
+    horizon (of every timeline) are swept. Every read of the rows steps over them."""
+    from rocva.retention import sweep_domain
+
+    monkeypatch.setattr(catalog_page, "PAGE_ROWS", 4)
+    monkeypatch.setattr(catalog_page, "PAGE_FANOUT", 3)
+
+    async def go() -> None:
+        store = MemoryStore()
+        w = await new_domain(store)
+        committed = await append(w, 50, per=2)  # a level-2 page 1..72 over level-1 1..24, 25..48, 49..72
+        await w.commit({"horizon_seq": 36})  # inside 25..48, past its first child 25..32
+        tl = w.state.timeline()
+        assert [int(tl.refs["level"][0]), int(tl.refs["first_seq"][0]), int(tl.refs["last_seq"][0])] == [2, 1, 72]
+        swept = await sweep_domain(store, w.state, w.generation)
+        assert swept["pages_deleted"] == 1 + 3 + 1  # 1..24 and its 3 children, and 25..32
+        view = CatalogView(store, *(await load_catalog(store, 7)))
+        rows = np.concatenate([r async for r in view.iter_rows()])
+        assert int(rows["first_seq"][0]) == 37 and int(rows["last_seq"][-1]) == committed
+        assert len(await view.rows_between(1, committed)) == len(rows)
+
+    run(go())
+
+
 # --------------------------------------------------------------------------- delta rules
 
 

@@ -155,12 +155,25 @@ timeline_option = click.option("--timeline", "timeline", type=click.IntRange(1, 
                                help="The timeline (default: the current one; see `cdp points`).")
 
 
-def parse_duration_option(text: str | None, option: str) -> float | None:
-    from cdp.units import parse_duration
+def parse_duration_option(text: str | None, option: str, policy_key: str) -> float | None:
+    """Seconds of a duration option, at most the upper bound of the MSA policy key it
+    stands for (``cdp.msa.config.POLICY_LIMITS``: a verb run by hand is bounded as the
+    daemon's job is); a usage error naming ``option`` otherwise. The bound keeps every
+    instant computed from it (now minus it) an int the store's u64 times can hold: a
+    400-digit value read as infinity and crashed the job on ``int(inf)``. The policy's
+    lower bounds are not taken: ``--retention 0`` (keep nothing older than now) is a
+    meaningful one-off run."""
+    from cdp.msa.config import POLICY_LIMITS
+    from cdp.units import parse_duration, shown_value
 
     if text is None:
         return None
     try:
-        return parse_duration(text, option)
+        seconds = parse_duration(text, option)
     except ConfigError as exc:
-        raise click.BadParameter(exc.message) from exc
+        raise click.BadParameter(exc.message.removeprefix(f"{option}: "), param_hint=option) from exc
+    cap = POLICY_LIMITS[policy_key][1]
+    if seconds > cap:
+        raise click.BadParameter(f"{shown_value(text)} is longer than {cap / 86400:g} days ({cap:.0f} s), the "
+                                 f"longest allowed", param_hint=option)
+    return seconds

@@ -257,8 +257,8 @@ def consolidate(domain: str, store_url: str, older_than: str, retention: str | N
     """Roll DOMAIN's old segments into a base image and apply retention."""
     from rocva.consolidate import consolidate as run
 
-    older_s = parse_duration_option(older_than, "--older-than")
-    retention_s = parse_duration_option(retention, "--retention")
+    older_s = parse_duration_option(older_than, "--older-than", "consolidate_after")
+    retention_s = parse_duration_option(retention, "--retention", "retention")
     bar, update = progress_bar("consolidate", as_json)
 
     def progress(phase: str, done: int, total: int) -> None:
