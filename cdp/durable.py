@@ -16,6 +16,7 @@ cannot see a missing sync, the page cache survives it.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import secrets
@@ -188,6 +189,18 @@ def preallocate(path: str | os.PathLike[str], size: int) -> None:
     finally:
         os.close(fd)
     fsync_dir(Path(path).resolve().parent)
+
+
+def lock_exclusive(fd: int) -> bool:
+    """Take an exclusive ``flock`` on the open file ``fd`` without waiting: True when
+    taken, False when another open file (another process, or another ``open`` in this
+    one) holds it. The lock belongs to the open file description: closing ``fd`` (and
+    every copy a fork made) releases it, so a crashed holder never leaves it behind."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def aligned_buffer(size: int) -> mmap.mmap:

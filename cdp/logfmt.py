@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
+from cdp.frame import FRAME_LEN_MAX
+
 BLOCK = 4096  # §0: log block; O_DIRECT alignment
 SUPERBLOCK_COUNT = 2
 DATA_START = SUPERBLOCK_COUNT * BLOCK  # §3.1
@@ -24,6 +26,12 @@ ENTRY_VERSION = 1
 KIND_DATA = 1
 KIND_PAD = 2
 EMPTY_XXH3 = xxhash.xxh3_64_intdigest(b"")
+#: §3.2 bounds on a superblock's counters, so every increment the writer makes fits its
+#: field: ``epoch`` is a u32 bumped at each open; ``generation`` and positions are u64,
+#: kept below 2**63 (29 years of appends at 10 GB/s) so no sum of them can overflow.
+EPOCH_MAX = (1 << 32) - 2
+GENERATION_MAX = 1 << 63
+POSITION_MAX = 1 << 63
 
 # FORMAT.md §3.2: superblock fields; the copy on disk is padded to one log block.
 _SB = struct.Struct("<8sHHI16sQQQQQQII32sQ")
@@ -102,13 +110,39 @@ def unpack_superblock(raw: bytes | memoryview) -> Superblock | str:
         return "superblock checksum mismatch"
     if flags or block_size != BLOCK or data_start != DATA_START:
         return f"unsupported geometry (flags {flags}, block {block_size}, data_start {data_start})"
-    if data_size < DATA_SIZE_MIN or data_size % BLOCK or head > tail_hint:
-        return f"inconsistent fields (data_size {data_size}, head {head}, tail_hint {tail_hint})"
+    bad = _field_problem(partition_size, data_size, generation, head, tail_hint, epoch, commit_max)
+    if bad:
+        return bad
     return Superblock(
         uuid=uid, partition_size=partition_size, data_size=data_size, generation=generation,
         head=head, tail_hint=tail_hint, epoch=epoch, commit_bytes_max=commit_max,
         label=label.rstrip(b"\0").decode("utf-8", "replace"),
     )
+
+
+def _field_problem(partition_size: int, data_size: int, generation: int, head: int,
+                   tail_hint: int, epoch: int, commit_max: int) -> str | None:
+    """Why these superblock fields cannot be a real state (§3.2), naming the field; None
+    when they can. The checksum is unkeyed (§0): a forged copy passes it."""
+    if data_size < DATA_SIZE_MIN or data_size % BLOCK:
+        return f"data_size {data_size}: not a multiple of {BLOCK} of at least {DATA_SIZE_MIN}"
+    if partition_size < DATA_START + data_size:
+        return f"partition_size {partition_size} < data_start + data_size {DATA_START + data_size}"
+    if head % BLOCK or tail_hint % BLOCK:
+        return f"head {head} / tail_hint {tail_hint}: not a multiple of {BLOCK}"
+    if head > tail_hint:
+        return f"head {head} > tail_hint {tail_hint}"
+    if tail_hint - head > data_size:
+        return f"tail_hint {tail_hint} - head {head} > data_size {data_size}"
+    if tail_hint + data_size >= POSITION_MAX:
+        return f"tail_hint {tail_hint}: no room left for positions (limit {POSITION_MAX})"
+    if generation >= GENERATION_MAX:
+        return f"generation {generation} >= {GENERATION_MAX}"
+    if epoch > EPOCH_MAX:
+        return f"epoch {epoch} > {EPOCH_MAX}: no room left to open it again"
+    if commit_max < entry_stride(FRAME_LEN_MAX):
+        return f"commit_bytes_max {commit_max} < the largest entry ({entry_stride(FRAME_LEN_MAX)} bytes)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

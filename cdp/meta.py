@@ -27,6 +27,12 @@ META_MAGIC = b"CDPM"
 META_VERSION = 1
 SLOT_SIZE_DEFAULT = 1 << 20
 _ALIGN = 4096
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+#: FORMAT.md §4: the fields of ``domains.<id>``, each an integer in 0..its maximum.
+DOMAIN_FIELDS_MAX = {"committed_seq": U64_MAX, "committed_ts": U64_MAX, "generation": U64_MAX,
+                     "timeline": U32_MAX}
+DOCUMENT_KEYS = ("drva", "domains")
 
 # FORMAT.md §4: slot header, 64 bytes; header_xxh3 covers [0, 56).
 _SLOT = struct.Struct("<4sHHQIIQ24sQ")
@@ -67,6 +73,32 @@ def _unpack_slot(raw: bytes, slot_size: int) -> tuple[int, dict[str, Any]] | str
     return gen, doc
 
 
+def document_problem(doc: dict[str, Any]) -> str | None:
+    """Why ``doc`` is not a DRVA's document (§4), naming the key; None when it is one.
+    A document whose checksums hold may still come from a bug or another writer."""
+    for key in doc:
+        if key not in DOCUMENT_KEYS:
+            return f"unknown key {key!r} (known: {', '.join(DOCUMENT_KEYS)})"
+    if "drva" in doc and not isinstance(doc["drva"], str):
+        return f"drva is {doc['drva']!r}, expected a string"
+    domains = doc.get("domains", {})
+    if not isinstance(domains, dict):
+        return f"domains is {domains!r}, expected an object keyed by domain id"
+    for domain, entry in domains.items():
+        if not (domain.isascii() and domain.isdecimal() and str(int(domain)) == domain
+                and int(domain) <= U32_MAX):
+            return f"domains key {domain!r} is not a decimal domain id in 0..{U32_MAX}"
+        if not isinstance(entry, dict):
+            return f"domains.{domain} is {entry!r}, expected an object"
+        for name, value in entry.items():
+            high = DOMAIN_FIELDS_MAX.get(name)
+            if high is None:
+                return f"domains.{domain}: unknown key {name!r} (known: {', '.join(DOMAIN_FIELDS_MAX)})"
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                return f"domains.{domain}.{name} is {value!r}, expected an integer in 0..{high}"
+    return None
+
+
 def _open(path: Path, flags: int) -> int:
     try:
         return os.open(path, flags)
@@ -79,7 +111,13 @@ def _newest_slot(fd: int, path: Path, slot_size: int) -> tuple[int, dict[str, An
     best: tuple[int, dict[str, Any]] | None = None
     reasons = []
     for i in range(2):
-        got = _unpack_slot(os.pread(fd, slot_size, i * slot_size), slot_size)
+        try:
+            raw = os.pread(fd, slot_size, i * slot_size)
+        except OSError as exc:  # a bad sector under one slot: the other may still hold a state
+            reasons.append(f"slot {i}: cannot read {slot_size} bytes at offset {i * slot_size} "
+                           f"({exc.strerror or exc})")
+            continue
+        got = _unpack_slot(raw, slot_size)
         if isinstance(got, str):
             reasons.append(f"slot {i}: {got}")
         elif got[0] % 2 != i:
@@ -137,11 +175,23 @@ class MetaRepository:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, slot_size: int = SLOT_SIZE_DEFAULT) -> "MetaRepository":
+        """Open for writing: one writer at a time (an exclusive ``flock``, held until
+        ``close``); ``MetaError`` naming the file and the key when the current document
+        is not a DRVA's (``document_problem``)."""
         path = Path(path)
         fd = _open(path, os.O_RDWR)
         try:
+            try:
+                taken = durable.lock_exclusive(fd)
+            except OSError as exc:
+                raise MetaError(f"metadata repository {path}: cannot lock ({exc.strerror})") from exc
+            if not taken:
+                raise MetaError(f"metadata repository {path}: in use by another process (locked)")
             generation, doc = _newest_slot(fd, path, slot_size)
-        except MetaError:
+            bad = document_problem(doc)
+            if bad is not None:
+                raise MetaError(f"metadata repository {path}: generation {generation}: {bad}")
+        except BaseException:
             os.close(fd)
             raise
         return cls(path, fd, slot_size, generation, doc)

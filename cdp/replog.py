@@ -3,7 +3,8 @@
 Layout and rules are docs/FORMAT.md §3. This class does the I/O:
 
 * ``format`` writes two superblocks on a preallocated file or an existing block device.
-* ``open`` picks the newest valid superblock, scans from ``head`` and stops at the first
+* ``open`` locks the partition (one writer, §3.2), picks the newest valid superblock,
+  scans from ``head`` — reading the device, not the page cache — and stops at the first
   invalid entry: a torn tail is cut quietly, damage where durable data must be raises
   ``LogCorruption`` (§3.5). It then bumps the epoch durably before any append.
 * ``append_batch`` is the group commit: every body of the batch is written with
@@ -21,6 +22,7 @@ a lock, so the daemon may run them in a worker thread while its event loop carri
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import stat
 import threading
@@ -46,6 +48,9 @@ COMMIT_BYTES_MAX_DEFAULT = 128 << 20
 ZERO_FILL_CHUNK_BYTES = 8 << 20
 _ZEROS = memoryview(bytes(BLOCK))
 _LOOKAHEAD_CHUNK = 1 << 20
+#: The recovery scan reads the ring in chunks of this size (entries are 4 KiB and up: one
+#: read per entry would cost one device round trip each through ``O_DIRECT``).
+SCAN_CHUNK_BYTES = 1 << 20
 
 Body = Sequence[bytes | bytearray | memoryview]
 
@@ -75,6 +80,12 @@ class ReplicationLog:
         self._body_len_max = FRAME_LEN_MAX
         self._closed = False
         self._readonly = False
+        # Reads go through ``_read``: ``_rfd``/``_rdirect`` is the recovery scan's own
+        # source while it runs (``_scan_source``), and ``_window`` its read-ahead chunk.
+        self._rfd = fd
+        self._rdirect = direct
+        self._window: tuple[int, bytes] | None = None
+        self._rejected = ""  # why a superblock copy was refused at open ("": none)
 
     # ------------------------------------------------------------------ format / open
 
@@ -129,46 +140,74 @@ class ReplicationLog:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, direct: bool = False,
              readonly: bool = False) -> "ReplicationLog":
-        """Open for writing: recover (§3.5), then bump the epoch durably.
+        """Open for writing: lock, recover (§3.5), then bump the epoch durably.
 
-        ``readonly`` recovers the same way but writes nothing (inspection tools); such a
-        log refuses appends and trims.
+        ``readonly`` recovers the same way but writes nothing and takes no lock
+        (inspection tools); such a log refuses appends and trims.
         """
         path = Path(path)
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | (
+        # O_NONBLOCK only so that opening a FIFO planted at ``path`` does not wait for a
+        # writer; ``_check_kind`` refuses it and clears the flag.
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK | (
             getattr(os, "O_DIRECT", 0) if direct else 0)
         try:
             fd = os.open(path, flags)
         except OSError as exc:
             raise LogError(f"log partition {path}: cannot open ({exc.strerror})") from exc
         try:
-            sb = cls._read_superblocks(path, fd, direct)
-            log = cls(path, fd, sb, direct)
-            log._recover()
+            _check_kind(path, fd)
+            if not readonly:
+                _lock(path, fd)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            scan_fd, scan_direct = _scan_source(path, fd, direct, sync=not readonly)
+            try:
+                sb, rejected = cls._read_superblocks(path, scan_fd, scan_direct, size)
+                log = cls(path, fd, sb, direct)
+                log._rejected = rejected
+                log._rfd, log._rdirect = scan_fd, scan_direct
+                log._window = (0, b"")
+                log._recover()
+            finally:
+                if scan_fd != fd:
+                    os.close(scan_fd)
+            log._rfd, log._rdirect, log._window = fd, direct, None
             log._readonly = readonly
             if not readonly:
                 log._write_superblock(log._sb.next(epoch=sb.epoch + 1, tail_hint=log._tail))
         except BaseException:
-            os.close(fd)
+            os.close(fd)  # releases the lock too
             raise
         return log
 
     @staticmethod
-    def _read_superblocks(path: Path, fd: int, direct: bool) -> Superblock:
+    def _read_superblocks(path: Path, fd: int, direct: bool, size: int) -> tuple[Superblock, str]:
+        """The newest valid copy, and why the other one was refused ("" when it was not:
+        older is not refused). A copy that cannot be read is refused like a corrupt one,
+        and so is one recording more bytes than the partition's ``size``: a partition cut
+        short (a file truncated, a LUN shrunk) while stopped would otherwise read its last
+        entries short and cut them as a torn tail, acked data lost quietly."""
         found: list[Superblock] = []
         reasons = []
         for i in range(2):
-            raw = _pread(fd, BLOCK, i * BLOCK, direct)
+            try:
+                raw = _pread_checked(path, fd, BLOCK, i * BLOCK, direct, f"superblock copy {i}")
+            except LogError as exc:
+                reasons.append(f"copy {i}: {exc.message}")
+                continue
             sb = unpack_superblock(raw)
             if isinstance(sb, str):
                 reasons.append(f"copy {i}: {sb}")
             elif sb.copy_index() != i:
                 reasons.append(f"copy {i}: generation {sb.generation} belongs to the other copy")
+            elif size < sb.partition_size:
+                reasons.append(f"copy {i}: records partition_size {sb.partition_size}, but the "
+                               f"partition holds {size} bytes: it was cut short")
             else:
                 found.append(sb)
         if not found:
-            raise LogCorruption(f"log partition {path}: no valid superblock ({'; '.join(reasons)})")
-        return max(found, key=lambda s: s.generation)
+            raise LogCorruption(
+                f"log partition {path}: no valid superblock ({'; '.join(reasons)})")
+        return max(found, key=lambda s: s.generation), "; ".join(reasons)
 
     def _phys(self, pos: int) -> int:
         return DATA_START + pos % self._sb.data_size
@@ -190,7 +229,7 @@ class ReplicationLog:
             raise LogCorruption(
                 f"log partition {self.path}: invalid entry at position {pos} (offset "
                 f"{self._phys(pos)}): {reason}; the superblock records durable data up to "
-                f"position {sb.tail_hint}"
+                f"position {sb.tail_hint}{self._fallback_note()}"
             )
         later = self._later_commit_after(pos, prev_epoch)
         if later is not None:
@@ -198,15 +237,24 @@ class ReplicationLog:
                 f"log partition {self.path}: invalid entry at position {pos} (offset "
                 f"{self._phys(pos)}): {reason}; a later group commit starts at position "
                 f"{later}, so this data was durable: damage in the middle of the log"
+                f"{self._fallback_note()}"
             )
         self._tail = pos
+
+    def _fallback_note(self) -> str:
+        """For a corruption message: the superblock copy refused at open, if one was — the
+        scan then started from the other, possibly older, copy's head (§3.2)."""
+        if not self._rejected:
+            return ""
+        return (f" (superblock {self._rejected} — refused, so the scan used copy "
+                f"{self._sb.copy_index()}, generation {self._sb.generation}, head {self._sb.head})")
 
     def _check_entry(self, pos: int, prev_epoch: int,
                      epoch_max: int) -> tuple[int, int, memoryview | None] | str:
         """(stride, epoch, body) of the valid entry at ``pos`` — body None for a PAD — or
         why there is none. Reads the entry once."""
         lap_left = self._sb.data_size - pos % self._sb.data_size
-        raw = _pread(self._fd, min(BLOCK, lap_left), self._phys(pos), self._direct)
+        raw = self._read(min(BLOCK, lap_left), self._phys(pos), pos)
         h = unpack_entry_header(raw, pos, self._sb.uuid, self._body_len_max)
         if isinstance(h, str):
             return h
@@ -222,12 +270,27 @@ class ReplicationLog:
             return "entry body checksum mismatch"
         return stride, h.epoch, body
 
-    def _read_body(self, pos: int, body_len: int, first_block: bytes) -> memoryview:
+    def _read_body(self, pos: int, body_len: int, first_block: bytes | memoryview) -> memoryview:
         end = ENTRY_HEADER_SIZE + body_len
         if end <= len(first_block):
             return memoryview(first_block)[ENTRY_HEADER_SIZE:end]
-        raw = _pread(self._fd, align_up(end), self._phys(pos), self._direct)
+        raw = self._read(align_up(end), self._phys(pos), pos)
         return memoryview(raw)[ENTRY_HEADER_SIZE:end]
+
+    def _read(self, n: int, offset: int, pos: int) -> bytes | memoryview:
+        """``n`` bytes at physical ``offset`` (logical ``pos``, for messages), never past
+        the ring's end; ``LogError`` naming both on an I/O error. During the recovery scan
+        it serves them from a read-ahead chunk of ``SCAN_CHUNK_BYTES``."""
+        if self._window is None:
+            return _pread_checked(self.path, self._rfd, n, offset, self._rdirect, f"position {pos}")
+        start, data = self._window
+        if not start <= offset <= offset + n <= start + len(data):
+            want = min(max(n, SCAN_CHUNK_BYTES), DATA_START + self._sb.data_size - offset)
+            data = _pread_checked(self.path, self._rfd, max(n, want), offset, self._rdirect,
+                                  f"position {pos}")
+            start = offset
+            self._window = (start, data)
+        return memoryview(data)[offset - start : offset - start + n]
 
     def _later_commit_after(self, end: int, last_epoch: int) -> int | None:
         """Position of a valid entry header in ``(end, end + commit_bytes_max]`` whose
@@ -238,7 +301,7 @@ class ReplicationLog:
         while b <= limit:
             lap_left = sb.data_size - b % sb.data_size
             n = min(_LOOKAHEAD_CHUNK, lap_left, align_up(limit - b + BLOCK))
-            raw = memoryview(_pread(self._fd, n, self._phys(b), self._direct))
+            raw = memoryview(self._read(n, self._phys(b), b))
             for off in range(0, len(raw), BLOCK):
                 if raw[off : off + 4] != b"CDPL":  # cheap pre-filter before the checksum
                     continue
@@ -495,9 +558,79 @@ def _aligned_copy(raw: bytes) -> memoryview:
 def _pread(fd: int, n: int, offset: int, direct: bool = False) -> bytes:
     if direct:
         buf = durable.aligned_buffer(n)
-        got = os.preadv(fd, [buf], offset)
-        data = bytes(memoryview(buf)[:got])
-        buf.close()
-        return data
+        try:
+            got = os.preadv(fd, [buf], offset)
+            return bytes(memoryview(buf)[:got])
+        finally:
+            buf.close()
     return os.pread(fd, n, offset)
 
+
+def _pread_checked(path: Path, fd: int, n: int, offset: int, direct: bool, where: str) -> bytes:
+    """``_pread``, an I/O error (EIO of a bad sector, …) raised as ``LogError`` naming
+    the partition, the offset and ``where`` (a position, a superblock copy)."""
+    try:
+        return _pread(fd, n, offset, direct)
+    except OSError as exc:
+        raise LogError(f"log partition {path}: cannot read {n} bytes at offset {offset} "
+                       f"({where}): {exc.strerror or exc}") from exc
+
+
+def _check_kind(path: Path, fd: int) -> None:
+    """Refuse anything but a regular file or a block device (a FIFO, ``/dev/zero``, …)."""
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise LogError(f"log partition {path}: not a regular file or a block device "
+                       f"(file type {stat.filemode(mode)[0]!r})")
+    os.set_blocking(fd, True)
+
+
+def _lock(path: Path, fd: int) -> None:
+    """One writer per partition (``durable.lock_exclusive``), until ``close``."""
+    try:
+        taken = durable.lock_exclusive(fd)
+    except OSError as exc:
+        raise LogError(f"log partition {path}: cannot lock ({exc.strerror})") from exc
+    if not taken:
+        raise LogError(f"log partition {path}: in use by another process (locked)")
+
+
+def _scan_source(path: Path, fd: int, direct: bool, *, sync: bool) -> tuple[int, bool]:
+    """The fd (and its ``O_DIRECT`` mode) the recovery scan reads through.
+
+    After a failed write-back (fsyncgate), Linux keeps the never-written pages in the
+    cache, marked clean: a buffered scan would read entries that are not on the device
+    and report them durable. So the scan reads the device: through ``fd`` when it is
+    ``O_DIRECT`` already, else through a second, ``O_DIRECT`` open of the same file
+    (``/proc/self/fd``: the same inode, whatever ``path`` names now). Where the file
+    system refuses ``O_DIRECT``, the cache is dropped instead (``POSIX_FADV_DONTNEED``,
+    after an ``fdatasync`` of what a dead writer left dirty when ``sync``): a weaker
+    fallback, FORMAT.md §3.5.
+    """
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        return fd, True
+    if o_direct:
+        try:
+            scan_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | o_direct)
+        except OSError:
+            scan_fd = -1
+        if scan_fd >= 0:
+            try:
+                _pread(scan_fd, BLOCK, 0, True)  # some file systems refuse only at the read
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    os.close(scan_fd)
+                    scan_fd = -1
+                # else: the device's error, met again (and reported) by the scan's read
+            if scan_fd >= 0:
+                return scan_fd, True
+    if sync:
+        try:
+            durable.sync_data(fd)
+        except OSError as exc:
+            raise LogError(f"log partition {path}: cannot sync before the recovery scan "
+                           f"({exc.strerror})") from exc
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd, False

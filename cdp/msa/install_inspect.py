@@ -19,7 +19,7 @@ from typing import Any
 
 from cdp.errors import CdpError, LogError, MetaError
 from cdp.logfmt import BLOCK, SUPERBLOCK_COUNT, unpack_superblock
-from cdp.meta import SLOT_SIZE_DEFAULT, MetaRepository
+from cdp.meta import SLOT_SIZE_DEFAULT, read_metadata
 from cdp.msa.config import DrvaSpec
 from cdp.msa.deployment import MadePartition
 
@@ -167,8 +167,8 @@ def inspect_meta(path: Path, drva_name: str | None = None, site: str | None = No
     if not any(slot_heads):
         return PathState(path, kind, size, False, True, "blank (never formatted)")
     try:
-        with MetaRepository.open(path) as repo:
-            writer = repo.read().get("drva")  # FORMAT.md §4: the DRVA's document names it
+        # Read-only, without the writer's lock: the DRVA may be running and hold it.
+        writer = read_metadata(path).get("drva")  # FORMAT.md §4: the DRVA's document names it
     except MetaError as exc:
         return PathState(path, kind, size, False, False, f"not a metadata repository ({exc.message})")
     mark = read_mark(path)
