@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -27,12 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cdp import eventloop, wire
-from cdp.durable import atomic_write
-from cdp.errors import CdpError, ConfigError, Fenced, FormatError, StoreError
+from cdp.errors import CdpError, ConfigError, Fenced, FormatError, LogError, MetaError, StoreError
 from cdp.frame import FRAME_LEN_MAX, Frame, decode_frame, decode_header
 from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
 from cdp.meta import MetaRepository
+from cdp.msa.install_inspect import inspect_log
 from cdp.records import check_mark_names
 from cdp.replog import ReplicationLog
 from cdp.tls import describe_tls_error, server_context
@@ -45,7 +44,7 @@ from drva.requests import RequestBox
 from drva.handshakes import HANDSHAKES_MAX, HandshakeSlots, source_of
 from drva.session import HANDSHAKE_READ_AHEAD_BYTES, HANDSHAKE_TIMEOUT_S, Session, SessionStream
 from drva.shipper import Shipper, backoff_s
-from drva.status import build_status
+from drva.status import SideFileReport, build_status, os_error_text, write_status_file
 
 log = get_logger("drva")
 
@@ -100,16 +99,16 @@ class Drva:
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="drva-seal")
         self.started = time.time()
         self._port = cfg.port
+        self.status_report = SideFileReport("status_unwritable")
+        self.log_label_ours = False  # the log's label names this DRVA (_check_log_label)
 
     # ------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log = await asyncio.to_thread(self._open_log)
-        self.meta = await asyncio.to_thread(self._open_meta)
+        await asyncio.to_thread(self._open_partitions)
         self.lanes = open_lanes(cfg, self.domains)
-        await asyncio.to_thread(self._recover)
         self.committer = GroupCommitter(
             self.log, staging_bytes_max=cfg.staging_bytes_max, high_water=cfg.high_water,
             low_water=cfg.low_water, on_durable=self._on_durable,
@@ -195,19 +194,71 @@ class Drva:
             return None
         return server_context(self.cfg.tls_cert, self.cfg.tls_key)  # TLS >= 1.2 (cdp.tls)
 
+    def _open_partitions(self) -> None:
+        """Open the log and the metadata repository and recover from them; what was
+        opened is closed again when that fails (the DRVA does not start)."""
+        self.log = self._open_log()
+        try:
+            self.meta = self._open_meta()
+        except BaseException:
+            self.log.close()
+            raise
+        try:
+            self._recover()
+        except BaseException:
+            self.log.close()
+            self.meta.close()
+            raise
+
     def _open_log(self) -> ReplicationLog:
-        if not self.cfg.log_path.exists():
-            if self.cfg.log_size is None:
-                raise ConfigError(f"log partition {self.cfg.log_path} does not exist and log.size is not set")
-            self.cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
-            ReplicationLog.format(self.cfg.log_path, self.cfg.log_size, label=self.cfg.name)
-        return ReplicationLog.open(self.cfg.log_path, direct=self.cfg.log_direct)
+        """Open (formatting a missing one) this DRVA's log partition; ``ConfigError`` for
+        one another DRVA's or site's label names (``_check_log_label``), ``LogError``
+        for one the device cannot read."""
+        path = self.cfg.log_path
+        try:
+            if not path.exists():
+                if self.cfg.log_size is None:
+                    raise ConfigError(f"log partition {path} does not exist and log.size is not set")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ReplicationLog.format(path, self.cfg.log_size, label=self.cfg.name)
+            replog = ReplicationLog.open(path, direct=self.cfg.log_direct)
+        except OSError as exc:  # EIO in the recovery scan...: one line and exit 4, not a traceback
+            raise LogError(f"log partition {path}: {os_error_text(exc)}") from exc
+        try:
+            self._check_log_label(replog.label)
+        except BaseException:
+            replog.close()
+            raise
+        return replog
+
+    def _check_log_label(self, label: str) -> None:
+        """Refuse a log partition whose superblock label (FORMAT.md §3.2) names another
+        DRVA, or this DRVA of another site: adopting it would call that DRVA's acked,
+        unshipped frames "unconfigured" and trim them away. Read as install reads it
+        (``inspect_log``): ``<drva>@<site>``, or the DRVA's name alone (an older install's,
+        or a log this DRVA formatted). An empty label names no one (``cdp log format``
+        without ``--label``): accepted, but such a log's frames of domains this DRVA does
+        not serve are never dropped (``_recover``)."""
+        self.log_label_ours = bool(label)
+        if not label:
+            return
+        state = inspect_log(self.cfg.log_path, self.cfg.name, self.cfg.site)
+        if state.ours:
+            return
+        raise ConfigError(
+            f"log partition {self.cfg.log_path} is labelled {label!r}: {state.what}; DRVA {self.cfg.name!r} "
+            f"of site {self.cfg.site!r} refuses it (its frames are another DRVA's, which this one would "
+            f"trim away): correct log.path, or move that partition away")
 
     def _open_meta(self) -> MetaRepository:
-        if not self.cfg.meta_path.exists():
-            self.cfg.meta_path.parent.mkdir(parents=True, exist_ok=True)
-            MetaRepository.format(self.cfg.meta_path)
-        return MetaRepository.open(self.cfg.meta_path)
+        path = self.cfg.meta_path
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                MetaRepository.format(path)
+            return MetaRepository.open(path)
+        except OSError as exc:  # EIO...: one line and exit 4, not a traceback
+            raise MetaError(f"metadata repository {path}: {os_error_text(exc)}") from exc
 
     def _recover(self) -> None:
         """Per domain: committed seq from the metadata repository, entries from the log."""
@@ -219,8 +270,28 @@ class Drva:
             dom.accepted_seq = dom.durable_seq = dom.committed_seq
             dom.catalog_known = state.get("generation", 0) > 0 or dom.committed_seq > 0
             dom.meta_timeline = state.get("timeline", 0)
+        try:
+            dropped = self._scan_log(doc)
+        except OSError as exc:  # EIO reading an entry: one line and exit 4, not a traceback
+            raise LogError(f"log partition {self.cfg.log_path}: recovery scan: {os_error_text(exc)}") from exc
+        if dropped and not self.log_label_ours:
+            self._refuse_unlabelled(dropped)
+        for domain, (frames, first, last) in dropped.items():
+            log.warning("unconfigured_domain_frames_dropped", domain=domain, frames=frames,
+                        first_seq=first, last_seq=last,
+                        reason="the domain is no longer in this DRVA's configuration (unprotected)")
+        for dom in self.domains.values():
+            if dom.stats.log_entries_skipped:
+                log.warning("log_entries_skipped", domain=dom.id, entries=dom.stats.log_entries_skipped,
+                            reason="their seqs were logged before (a resend staged twice by an earlier DRVA)")
+            log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,
+                     durable_seq=dom.durable_seq, pending_entries=len(dom.unsealed))
+
+    def _scan_log(self, doc: dict[str, Any]) -> dict[int, list[int]]:
+        """Register the log's entries with their domains; return the unshipped frames of
+        domains this DRVA does not serve: domain -> [frames, first seq, last seq]."""
         now = time.monotonic()
-        dropped: dict[int, list[int]] = {}  # unconfigured domain -> [frames, first, last] unshipped
+        dropped: dict[int, list[int]] = {}
         for pos, body in self.log.entries():
             where = f"{self.cfg.log_path} position {pos}"
             try:
@@ -244,16 +315,19 @@ class Drva:
                 self._recover_entry(dom, frame, len(body), pos, now)
             elif not dom.fenced and frame.last_seq > dom.committed_seq:
                 dom.stats.log_entries_skipped += 1  # seqs an earlier entry holds: a resend logged twice
-        for domain, (frames, first, last) in dropped.items():
-            log.warning("unconfigured_domain_frames_dropped", domain=domain, frames=frames,
-                        first_seq=first, last_seq=last,
-                        reason="the domain is no longer in this DRVA's configuration (unprotected)")
-        for dom in self.domains.values():
-            if dom.stats.log_entries_skipped:
-                log.warning("log_entries_skipped", domain=dom.id, entries=dom.stats.log_entries_skipped,
-                            reason="their seqs were logged before (a resend staged twice by an earlier DRVA)")
-            log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,
-                     durable_seq=dom.durable_seq, pending_entries=len(dom.unsealed))
+        return dropped
+
+    def _refuse_unlabelled(self, dropped: dict[int, list[int]]) -> None:
+        """An unlabelled log holds unshipped frames of domains this DRVA does not serve:
+        nothing says they are of a domain it unprotected rather than another DRVA's, so
+        they are not dropped — the DRVA does not start (``ConfigError``)."""
+        held = ", ".join(f"domain {d} (seqs {first}..{last}, {n} frames)"
+                         for d, (n, first, last) in sorted(dropped.items()))
+        raise ConfigError(
+            f"log partition {self.cfg.log_path} carries no label and holds unshipped frames of {held}, which "
+            f"DRVA {self.cfg.name!r} of site {self.cfg.site!r} does not serve: they may be another DRVA's, and "
+            f"this one would trim them away; start the DRVA they belong to on it, or (to drop them) move the "
+            f"partition away")
 
     def _recover_entry(self, dom: DomainState, frame: Frame, nbytes: int, pos: int, now: float) -> None:
         """Register a logged frame that holds seqs after ``dom.durable_seq``: from there on
@@ -467,16 +541,20 @@ class Drva:
         """The status document; on the loop only (it iterates deques the loop mutates)."""
         return build_status(self)
 
-    async def write_status(self) -> None:
+    async def write_status(self) -> bool:
         """One status write: the snapshot is a plain dict taken here, on the loop, where
         nothing mutates the domains' deques meanwhile; only its encoding and the file
-        write leave the loop (they touch nothing shared)."""
+        write leave the loop (they touch nothing shared). False when it failed: the
+        error is reported (``status_unwritable``) and the next tick tries again — a side
+        file never stops the data path."""
         doc = self.status()
-        await asyncio.to_thread(_write_json, self.cfg.status_path, doc)
-
-
-def _write_json(path: Any, doc: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(doc, indent=1).encode())
+        path = self.cfg.status_path
+        problem = await asyncio.to_thread(write_status_file, path, doc)
+        if problem is not None:
+            self.status_report.failed(path, problem)
+            return False
+        self.status_report.succeeded(path)
+        return True
 
 
 async def run(cfg: DrvaConfig) -> None:

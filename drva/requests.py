@@ -14,6 +14,11 @@ name, one nested 100,000 deep, or a directory named like a request once ended th
 Only regular files are read — never through a symlink, never a FIFO (whose open would
 block the event loop), never more than ``REQUEST_BYTES_MAX``. Other entries are removed,
 except directories, which are not the DRVA's to remove: those are logged once.
+
+The directory is a side file, as ``status.json`` is: when it cannot be made or read, or
+something else is at its path (a file, a symbolic link), that is logged
+(``requests_unusable``, rate-limited by ``drva.status.SideFileReport``) and the next poll
+tries again — the DRVA goes on serving; such a path is never followed nor replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp import wire
 from cdp.logs import get_logger
+from drva.status import SideFileReport, file_kind, os_error_text
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -55,25 +61,54 @@ class RequestBox:
         self.drva = drva
         self.root = requests_dir(drva.cfg.state_dir)
         self._reported: set[str] = set()
+        self.report = SideFileReport("requests_unusable")
 
     async def run(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         while True:
-            self.step()
+            self.poll()
             await asyncio.sleep(POLL_S)
 
-    def step(self) -> None:
-        """Handle the requests in the directory now (at most REQUESTS_PER_POLL_MAX)."""
+    def poll(self) -> None:
+        """One poll: the directory made if missing, its requests handled. A directory
+        that cannot be made or read is reported (``requests_unusable``, rate-limited)
+        and tried again next poll; what is there and no directory (a file, a symbolic
+        link, dangling or not) is left alone, never followed."""
+        problem = self._directory_problem()
+        if problem is None:
+            problem = self.step()
+        if problem is None:
+            self.report.succeeded(self.root)
+        else:
+            self.report.failed(self.root, problem)
+
+    def _directory_problem(self) -> str | None:
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            try:
+                self.root.mkdir()
+            except OSError as exc:  # state_dir gone, read-only, full...: next poll
+                return f"cannot make it: {os_error_text(exc)}"
+            return None
+        except OSError as exc:
+            return os_error_text(exc)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{file_kind(st.st_mode)}, not a directory: left alone (never followed nor replaced)"
+        return None
+
+    def step(self) -> str | None:
+        """Handle the requests in the directory now (at most REQUESTS_PER_POLL_MAX);
+        what stopped it reading the directory, if anything (the next poll tries again)."""
         try:
             paths = sorted(self.root.glob("mark-*.json"))[:REQUESTS_PER_POLL_MAX]
         except OSError as exc:  # the directory itself is gone or unreadable: next poll
-            log.warning("requests_unreadable", path=str(self.root), error=str(exc))
-            return
+            return f"unreadable: {os_error_text(exc)}"
         for path in paths:
             try:
                 self._mark(path)
             except Exception as exc:  # one bad request must not end the task (CancelledError is not one)
                 self._drop(path, "request_failed", reason=f"{type(exc).__name__}: {exc}")
+        return None
 
     def _drop(self, path: Path, event: str, **fields: Any) -> None:
         log.warning(event, request=_shown(path.name), **fields)

@@ -36,7 +36,7 @@ from typing import Any
 
 from cdp.catalog import CatalogState, CatalogWriter, collect_generations
 from cdp.catalog_page import ROW_FIELDS
-from cdp.errors import CdpError, Fenced, StoreError
+from cdp.errors import CdpError, Fenced, LogError, StoreError
 from cdp.frame import decode_frame
 from cdp.gather import gather_bounded
 from cdp.layout import segment_key
@@ -132,6 +132,13 @@ class Shipper:
         writer.check_owner()
         current = writer.state.timeline()
         if dom.meta_timeline and dom.meta_timeline != current.id:
+            unknown = _unknown_timeline(dom, writer.state)
+            if unknown is not None:
+                # Adopting would drop the domain's unshipped log entries on the word of a
+                # value that names no timeline of this catalog: stop it, keep them.
+                dom.stop(unknown)
+                log.error("timeline_unknown", domain=dom.id, reason=unknown)
+                return
             self._adopt(dom, current)
         behind = self._behind_metadata(dom, writer)
         if behind is not None:
@@ -241,11 +248,20 @@ class Shipper:
         await self.lane_of[dom.id].queue.put(job)  # waits while its uploaders are busy: bounded memory
 
     def _build(self, domain: int, entries: list) -> tuple[bytes, int]:
-        frames = [entry_frame(e, e.frame if e.frame is not None else
-                              decode_frame(self.log.read_view(e.pos), f"{self.log.path} position {e.pos}"))
-                  for e in entries]
+        frames = [entry_frame(e, e.frame if e.frame is not None else self._read_frame(e.pos)) for e in entries]
         built = build_segment_info(domain, frames, executor=self.pack_pool)
         return built.data, built.payload_raw_len
+
+    def _read_frame(self, pos: int) -> Any:
+        """The frame logged at ``pos``, read back; ``LogError`` when the device fails the
+        read (EIO: a bad sector), so that ``seal_step`` stops this domain and no other."""
+        where = f"{self.log.path} position {pos}"
+        try:
+            body = self.log.read_view(pos)
+        except OSError as exc:
+            raise LogError(f"log partition {self.log.path}: cannot read the entry at position {pos} "
+                           f"({exc.strerror or exc})") from exc
+        return decode_frame(body, where)
 
     def close(self) -> None:
         """Stop the block compressors (after the tasks that use them)."""
@@ -417,6 +433,21 @@ class Shipper:
                         "generation": self.writers[d.id].generation if d.id in self.writers else 0,
                         "timeline": self.writers[d.id].state.current if d.id in self.writers else 0}
             for d in self.domains.values()}}
+
+
+def _unknown_timeline(dom: DomainState, state: CatalogState) -> str | None:
+    """Why the timeline the metadata repository records for ``dom`` (not the catalog's
+    current one) is no ground to adopt the current one (``Shipper._adopt``), or None: it
+    is a timeline this catalog holds, so the catalog does say another one is current
+    now. Anything else — not an id, or one the catalog never had (another store, a
+    forged or damaged repository) — says nothing of a failback."""
+    recorded = dom.meta_timeline
+    if type(recorded) is int and recorded in state.timelines:
+        return None
+    return (f"the metadata repository records timeline {recorded!r} for domain {dom.id}, which its catalog "
+            f"does not hold (timelines {sorted(state.timelines)}, current {state.current}): not adopting "
+            f"timeline {state.current} (that would drop the domain's {len(dom.unsealed)} unshipped log "
+            f"entries); the domain is stopped here (cdp verify --metadata shows the problem)")
 
 
 def _newest_ts(timeline: Any) -> int:

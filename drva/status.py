@@ -4,17 +4,100 @@ Per domain: the four seq marks, RPO lag in seconds and bytes, the filter's mode
 (normal / bitmap / resync) and back-pressure, upload latency and error counts; for the
 DRVA: log usage, group-commit figures, sessions, store errors, and — when it ships to more
 than one store — each store with its domains.
+
+``status.json`` and ``requests/`` are side files: the data path (acks, shipping) never
+depends on them. Their operating errors (a full file system, a directory where the file
+goes) are logged by a ``SideFileReport`` and retried on the next tick; they never end the
+DRVA (they once ended it with exit 70, on every restart).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import stat
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cdp.durable import atomic_write
+from cdp.logs import get_logger
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
     from drva.domain import DomainState
+
+log = get_logger("drva.status")
+
+#: A side-file error that persists is logged again at most this often (a status write
+#: fails every second while a file system is full: one line a second would flood the log).
+SIDE_FILE_REPORT_INTERVAL_S = 60.0
+
+
+class SideFileReport:
+    """The operating errors of one side file (``event``): each distinct error is logged
+    once, the same one again at most every ``SIDE_FILE_REPORT_INTERVAL_S`` (with how many
+    failures there were meanwhile), and the recovery once (``<event>_cleared``)."""
+
+    def __init__(self, event: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.event = event
+        self.clock = clock
+        self.failures = 0  # since the last success
+        self._error: str | None = None  # the last error logged
+        self._logged_at = 0.0
+
+    def failed(self, path: Path, error: str) -> None:
+        self.failures += 1
+        now = self.clock()
+        if error == self._error and now - self._logged_at < SIDE_FILE_REPORT_INTERVAL_S:
+            return
+        self._error, self._logged_at = error, now
+        log.warning(self.event, path=str(path), error=error, failures=self.failures,
+                    reason="a side file: the DRVA goes on serving and retries on its next tick")
+
+    def succeeded(self, path: Path) -> None:
+        if self._error is not None:
+            log.info(f"{self.event}_cleared", path=str(path), failures=self.failures)
+        self._error, self.failures = None, 0
+
+
+def os_error_text(exc: OSError) -> str:
+    """An ``OSError`` as a log shows it: the errno's name and text, without the path
+    (the caller names the path)."""
+    if exc.errno is None or not exc.strerror:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{errno.errorcode.get(exc.errno, str(exc.errno))}: {exc.strerror}"
+
+
+def write_status_file(path: Path, doc: dict[str, Any]) -> str | None:
+    """Replace the status file at ``path`` with ``doc`` (atomically); why it was not, or
+    None. It is written only where nothing is, or a regular file is: anything else there
+    (a directory, a symbolic link, a FIFO) is left alone, never followed nor replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return os_error_text(exc)
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            return f"{file_kind(st.st_mode)}, not a regular file: left alone (never followed nor replaced)"
+    try:
+        atomic_write(path, json.dumps(doc, indent=1).encode())
+    except OSError as exc:  # ENOSPC, EIO, EACCES, a missing state_dir...
+        return os_error_text(exc)
+    return None
+
+
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _percentile(values: list[float], q: float) -> float | None:
