@@ -191,16 +191,18 @@ def preallocate(path: str | os.PathLike[str], size: int) -> None:
     fsync_dir(Path(path).resolve().parent)
 
 
-def lock_exclusive(fd: int) -> bool:
-    """Take an exclusive ``flock`` on the open file ``fd`` without waiting: True when
-    taken, False when another open file (another process, or another ``open`` in this
-    one) holds it. The lock belongs to the open file description: closing ``fd`` (and
-    every copy a fork made) releases it, so a crashed holder never leaves it behind."""
+def lock_exclusive(fd: int, error: type[Exception], what: str) -> None:
+    """Take an exclusive ``flock`` on the open file ``fd`` without waiting, or raise
+    ``error`` naming ``what`` (``"log partition /x"``): when another open file (another
+    process, or another ``open`` in this one) holds it, or the file takes no lock. The
+    lock belongs to the open file description: closing ``fd`` (and every copy a fork
+    made) releases it, so a crashed holder never leaves it behind."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
-    return True
+        raise error(f"{what}: in use by another process (locked)") from None
+    except OSError as exc:
+        raise error(f"{what}: cannot lock ({exc.strerror})") from exc
 
 
 def aligned_buffer(size: int) -> mmap.mmap:

@@ -181,12 +181,7 @@ class MetaRepository:
         path = Path(path)
         fd = _open(path, os.O_RDWR)
         try:
-            try:
-                taken = durable.lock_exclusive(fd)
-            except OSError as exc:
-                raise MetaError(f"metadata repository {path}: cannot lock ({exc.strerror})") from exc
-            if not taken:
-                raise MetaError(f"metadata repository {path}: in use by another process (locked)")
+            durable.lock_exclusive(fd, MetaError, f"metadata repository {path}")
             generation, doc = _newest_slot(fd, path, slot_size)
             bad = document_problem(doc)
             if bad is not None:

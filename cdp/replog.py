@@ -157,7 +157,7 @@ class ReplicationLog:
         try:
             _check_kind(path, fd)
             if not readonly:
-                _lock(path, fd)
+                durable.lock_exclusive(fd, LogError, f"log partition {path}")  # one writer (§3.2), until close
             size = os.lseek(fd, 0, os.SEEK_END)
             scan_fd, scan_direct = _scan_source(path, fd, direct, sync=not readonly)
             try:
@@ -583,16 +583,6 @@ def _check_kind(path: Path, fd: int) -> None:
         raise LogError(f"log partition {path}: not a regular file or a block device "
                        f"(file type {stat.filemode(mode)[0]!r})")
     os.set_blocking(fd, True)
-
-
-def _lock(path: Path, fd: int) -> None:
-    """One writer per partition (``durable.lock_exclusive``), until ``close``."""
-    try:
-        taken = durable.lock_exclusive(fd)
-    except OSError as exc:
-        raise LogError(f"log partition {path}: cannot lock ({exc.strerror})") from exc
-    if not taken:
-        raise LogError(f"log partition {path}: in use by another process (locked)")
 
 
 def _scan_source(path: Path, fd: int, direct: bool, *, sync: bool) -> tuple[int, bool]:

@@ -81,6 +81,7 @@ from cdp.store.base import (
     deadline_s,
     http_date_seconds,
     md5_digest,
+    redirect_error,
     resolve_range,
     within,
 )
@@ -370,12 +371,8 @@ class AzureBlobStore(StoreBase):
             code = getattr(exc, "error_code", None) or ""
             code = str(getattr(code, "value", code))  # a StorageErrorCode enum or a str
             said = f"HTTP {status} {code}".rstrip()
-            if status is not None and 300 <= status < 400:
-                # Not followed (permit_redirects=False): the configured endpoint did not do it.
-                if status in (301, 308):
-                    return StoreError(f"{where}: {said}: permanently redirected elsewhere, not followed"
-                                      f" (check the BlobEndpoint)")
-                return StoreUnavailable(f"{where}: {said}: redirected elsewhere, not followed")
+            if status is not None and 300 <= status < 400:  # not followed (permit_redirects=False)
+                return redirect_error(where, said, status, "the BlobEndpoint")
             if code == "ContainerNotFound":
                 return NotFound(f"{where}: {said}: container {self.container!r} does not exist")
             if if_match is not None and (isinstance(exc, (ResourceModifiedError, ResourceNotFoundError))

@@ -57,7 +57,7 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from cdp.errors import ConfigError, StoreError, StoreTimeout
+from cdp.errors import ConfigError, StoreError, StoreTimeout, StoreUnavailable
 from cdp.store.keys import is_valid_key, show_key
 
 Bytes = bytes | bytearray | memoryview
@@ -260,6 +260,15 @@ async def within(seconds: float, where: str) -> AsyncIterator[asyncio.Timeout]:
             raise  # someone else's TimeoutError: the caller maps it
         took = (limit.when() or loop.time()) - started
         raise StoreTimeout(f"{where}: no complete answer within the call's deadline of {took:.1f} s") from exc
+
+
+def redirect_error(where: str, said: str, status: int, check: str) -> StoreError:
+    """The error of a 3xx answer, never followed (the configured endpoint did not do the
+    call): a permanent redirect (301, 308) is the configuration's to fix (``check``), the
+    others may pass and are retried."""
+    if status in (301, 308):
+        return StoreError(f"{where}: {said}: permanently redirected elsewhere, not followed (check {check})")
+    return StoreUnavailable(f"{where}: {said}: redirected elsewhere, not followed")
 
 
 async def md5_digest(data: Bytes) -> bytes:

@@ -19,6 +19,7 @@ from cdp.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
+from cdp.store.base import redirect_error
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchBucket"}
 _DENIED_CODES = {
@@ -76,12 +77,8 @@ def translate_error(where: str, bucket: str, exc: Exception, *, if_absent: bool 
     if isinstance(exc, bce.ClientError):
         code, status = error_code(exc), http_status(exc)
         said = f"HTTP {status}" if code == str(status) else f"HTTP {status} {code}"
-        if status is not None and 300 <= status < 400:
-            # Not followed (NoRedirectSession): the configured endpoint did not do it.
-            if status in (301, 308):
-                return StoreError(f"{where}: {said}: permanently redirected elsewhere, not followed"
-                                  f" (check the endpoint and region)")
-            return StoreUnavailable(f"{where}: {said}: redirected elsewhere, not followed")
+        if status is not None and 300 <= status < 400:  # not followed (NoRedirectSession)
+            return redirect_error(where, said, status, "the endpoint and region")
         if code == "NoSuchBucket":
             return NotFound(f"{where}: {said}: bucket {bucket!r} does not exist")
         if if_match is not None and (code in _CONFLICT_CODES or code in _NOT_FOUND_CODES
