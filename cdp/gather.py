@@ -18,14 +18,11 @@ async def gather_bounded(aws: Iterable[Awaitable[Any]], limit: int) -> list:
     that it was never awaited."""
     assert limit >= 1, limit
     sem = asyncio.Semaphore(limit)
+    aws = list(aws)
 
     async def one(aw: Awaitable[Any]) -> Any:
-        try:
-            async with sem:
-                return await aw
-        finally:
-            if asyncio.iscoroutine(aw):
-                aw.close()  # a no-op once it ran; else it never started
+        async with sem:
+            return await aw
 
     tasks = [asyncio.ensure_future(one(a)) for a in aws]
     try:
@@ -35,3 +32,10 @@ async def gather_bounded(aws: Iterable[Awaitable[Any]], limit: int) -> list:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    finally:
+        # A task cancelled before its first step never runs ``one``'s body (a caller
+        # cancelled as soon as it started, say), so its coroutine is closed here: a no-op
+        # for one that ran.
+        for aw in aws:
+            if asyncio.iscoroutine(aw):
+                aw.close()

@@ -60,3 +60,31 @@ async def test_a_cancelled_caller_cancels_every_job() -> None:
         await caller
     assert started == [0, 1]
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_a_caller_cancelled_before_any_job_ran_leaves_no_coroutine_unawaited() -> None:
+    """The caller cancelled before the loop ran any job (an HTTP handler dropped at once,
+    say): every task is cancelled before its first step, and its coroutine must still be
+    closed (the suite once warned "coroutine 'FileStore.get' was never awaited")."""
+    ran = []
+
+    async def job(i: int) -> None:
+        ran.append(i)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        caller = asyncio.create_task(gather_bounded([job(i) for i in range(8)], 2))
+        await asyncio.sleep(0)  # the caller starts and creates its tasks; none of them has run
+        caller.cancel()
+        cancelled = False
+        try:
+            await caller
+        except asyncio.CancelledError:
+            cancelled = True
+        del caller  # it (and pytest.raises' record) would hold the jobs' coroutines until then
+        for _ in range(3):  # the cancelled tasks take their last step, and drop their coroutines
+            await asyncio.sleep(0)
+        gc.collect()
+    assert cancelled
+    assert ran == []
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
