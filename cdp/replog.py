@@ -22,7 +22,6 @@ a lock, so the daemon may run them in a worker thread while its event loop carri
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import stat
 import threading
@@ -42,6 +41,7 @@ from cdp.logfmt import (
     Superblock, align_up, entry_stride, pack_entry_header, pack_superblock,
     unpack_entry_header, unpack_superblock,
 )
+from cdp.replog_reads import check_kind, pread_checked, scan_source
 
 COMMIT_BYTES_MAX_DEFAULT = 128 << 20
 #: ``format`` writes a new file's data area with zeros in writes of this size.
@@ -155,11 +155,11 @@ class ReplicationLog:
         except OSError as exc:
             raise LogError(f"log partition {path}: cannot open ({exc.strerror})") from exc
         try:
-            _check_kind(path, fd)
+            check_kind(path, fd)
             if not readonly:
                 durable.lock_exclusive(fd, LogError, f"log partition {path}")  # one writer (§3.2), until close
             size = os.lseek(fd, 0, os.SEEK_END)
-            scan_fd, scan_direct = _scan_source(path, fd, direct, sync=not readonly)
+            scan_fd, scan_direct = scan_source(path, fd, direct, sync=not readonly)
             try:
                 sb, rejected = cls._read_superblocks(path, scan_fd, scan_direct, size)
                 log = cls(path, fd, sb, direct)
@@ -190,7 +190,7 @@ class ReplicationLog:
         reasons = []
         for i in range(2):
             try:
-                raw = _pread_checked(path, fd, BLOCK, i * BLOCK, direct, f"superblock copy {i}")
+                raw = pread_checked(path, fd, BLOCK, i * BLOCK, direct, f"superblock copy {i}")
             except LogError as exc:
                 reasons.append(f"copy {i}: {exc.message}")
                 continue
@@ -282,11 +282,11 @@ class ReplicationLog:
         the ring's end; ``LogError`` naming both on an I/O error. During the recovery scan
         it serves them from a read-ahead chunk of ``SCAN_CHUNK_BYTES``."""
         if self._window is None:
-            return _pread_checked(self.path, self._rfd, n, offset, self._rdirect, f"position {pos}")
+            return pread_checked(self.path, self._rfd, n, offset, self._rdirect, f"position {pos}")
         start, data = self._window
         if not start <= offset <= offset + n <= start + len(data):
             want = min(max(n, SCAN_CHUNK_BYTES), DATA_START + self._sb.data_size - offset)
-            data = _pread_checked(self.path, self._rfd, max(n, want), offset, self._rdirect,
+            data = pread_checked(self.path, self._rfd, max(n, want), offset, self._rdirect,
                                   f"position {pos}")
             start = offset
             self._window = (start, data)
@@ -553,74 +553,3 @@ def _aligned_copy(raw: bytes) -> memoryview:
     buf = durable.aligned_buffer(len(raw))
     buf[: len(raw)] = raw
     return memoryview(buf)[: len(raw)]
-
-
-def _pread(fd: int, n: int, offset: int, direct: bool = False) -> bytes:
-    if direct:
-        buf = durable.aligned_buffer(n)
-        try:
-            got = os.preadv(fd, [buf], offset)
-            return bytes(memoryview(buf)[:got])
-        finally:
-            buf.close()
-    return os.pread(fd, n, offset)
-
-
-def _pread_checked(path: Path, fd: int, n: int, offset: int, direct: bool, where: str) -> bytes:
-    """``_pread``, an I/O error (EIO of a bad sector, …) raised as ``LogError`` naming
-    the partition, the offset and ``where`` (a position, a superblock copy)."""
-    try:
-        return _pread(fd, n, offset, direct)
-    except OSError as exc:
-        raise LogError(f"log partition {path}: cannot read {n} bytes at offset {offset} "
-                       f"({where}): {exc.strerror or exc}") from exc
-
-
-def _check_kind(path: Path, fd: int) -> None:
-    """Refuse anything but a regular file or a block device (a FIFO, ``/dev/zero``, …)."""
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise LogError(f"log partition {path}: not a regular file or a block device "
-                       f"(file type {stat.filemode(mode)[0]!r})")
-    os.set_blocking(fd, True)
-
-
-def _scan_source(path: Path, fd: int, direct: bool, *, sync: bool) -> tuple[int, bool]:
-    """The fd (and its ``O_DIRECT`` mode) the recovery scan reads through.
-
-    After a failed write-back (fsyncgate), Linux keeps the never-written pages in the
-    cache, marked clean: a buffered scan would read entries that are not on the device
-    and report them durable. So the scan reads the device: through ``fd`` when it is
-    ``O_DIRECT`` already, else through a second, ``O_DIRECT`` open of the same file
-    (``/proc/self/fd``: the same inode, whatever ``path`` names now). Where the file
-    system refuses ``O_DIRECT``, the cache is dropped instead (``POSIX_FADV_DONTNEED``,
-    after an ``fdatasync`` of what a dead writer left dirty when ``sync``): a weaker
-    fallback, FORMAT.md §3.5.
-    """
-    o_direct = getattr(os, "O_DIRECT", 0)
-    if direct:
-        return fd, True
-    if o_direct:
-        try:
-            scan_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | o_direct)
-        except OSError:
-            scan_fd = -1
-        if scan_fd >= 0:
-            try:
-                _pread(scan_fd, BLOCK, 0, True)  # some file systems refuse only at the read
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    os.close(scan_fd)
-                    scan_fd = -1
-                # else: the device's error, met again (and reported) by the scan's read
-            if scan_fd >= 0:
-                return scan_fd, True
-    if sync:
-        try:
-            durable.sync_data(fd)
-        except OSError as exc:
-            raise LogError(f"log partition {path}: cannot sync before the recovery scan "
-                           f"({exc.strerror})") from exc
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return fd, False
