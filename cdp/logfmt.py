@@ -54,6 +54,44 @@ def entry_stride(body_len: int) -> int:
     return align_up(ENTRY_HEADER_SIZE + body_len)
 
 
+
+LABEL_BYTES = 32  # FORMAT.md §3.2: the superblock keeps the first 32 bytes of a label
+
+
+def label_for(drva_name: str, site: str | None = None) -> str:
+    """The label install writes in a DRVA's log superblock: ``<drva>@<site>`` (names hold
+    no "@"), cut to the ``LABEL_BYTES`` the superblock keeps. Without ``site``: the DRVA's
+    name alone, the label of a log an older install (or the DRVA itself) formatted."""
+    text = drva_name if site is None else f"{drva_name}@{site}"
+    return text.encode("utf-8")[:LABEL_BYTES].decode("utf-8", "ignore")
+
+
+@dataclass(frozen=True)
+class LabelOwner:
+    """Whose log a label says it is, for DRVA ``drva_name`` of ``site``."""
+
+    ours: bool
+    site: str | None  # the site the label names ("" for a bare DRVA name; None: another DRVA's)
+    what: str  # for messages
+
+
+def label_owner(label: str, drva_name: str, site: str | None) -> LabelOwner:
+    """Read ``label`` as install and the DRVA both do (FORMAT.md §3.2): ``<drva>@<site>``,
+    or the DRVA's name alone. ``site`` None: any site's log of ``drva_name`` counts as this
+    DRVA's (a caller that does not know the site)."""
+    mine = f"the log partition of {drva_name}"
+    if label == label_for(drva_name):
+        return LabelOwner(True, "", mine)
+    prefix = label_for(drva_name) + "@"
+    if not label.startswith(prefix):
+        return LabelOwner(False, None, f"the log partition of {label!r}, not of DRVA {drva_name!r}")
+    owner = label[len(prefix):]
+    if site is None or label == label_for(drva_name, site):
+        return LabelOwner(True, owner, f"{mine} of site {owner!r}")
+    return LabelOwner(False, owner, f"the log partition of DRVA {drva_name!r} of site {owner!r}, "
+                                    f"not of this site {site!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Superblock:
     """One decoded superblock copy (§3.2). ``head <= tail_hint`` always holds."""

@@ -10,9 +10,9 @@ from typing import Any
 
 from cdp.errors import ConfigError, FormatError, LogError, MetaError
 from cdp.frame import Frame, decode_frame, decode_header
+from cdp.logfmt import label_owner
 from cdp.logs import get_logger
 from cdp.meta import MetaRepository
-from cdp.msa.install_inspect import inspect_log
 from cdp.records import check_mark_names
 from cdp.replog import ReplicationLog
 from drva.committer import log_entry
@@ -67,18 +67,18 @@ class PartitionsMixin:
         """Refuse a log partition whose superblock label (FORMAT.md §3.2) names another
         DRVA, or this DRVA of another site: adopting it would call that DRVA's acked,
         unshipped frames "unconfigured" and trim them away. Read as install reads it
-        (``inspect_log``): ``<drva>@<site>``, or the DRVA's name alone (an older install's,
-        or a log this DRVA formatted). An empty label names no one (``cdp log format``
+        (``cdp.logfmt.label_owner``): ``<drva>@<site>``, or the DRVA's name alone (an older
+        install's, or a log this DRVA formatted). An empty label names no one (``cdp log format``
         without ``--label``): accepted, but such a log's frames of domains this DRVA does
         not serve are never dropped (``_recover``)."""
         self.log_label_ours = bool(label)
         if not label:
             return
-        state = inspect_log(self.cfg.log_path, self.cfg.name, self.cfg.site)
-        if state.ours:
+        owner = label_owner(label, self.cfg.name, self.cfg.site)
+        if owner.ours:
             return
         raise ConfigError(
-            f"log partition {self.cfg.log_path} is labelled {label!r}: {state.what}; DRVA {self.cfg.name!r} "
+            f"log partition {self.cfg.log_path} is labelled {label!r}: {owner.what}; DRVA {self.cfg.name!r} "
             f"of site {self.cfg.site!r} refuses it (its frames are another DRVA's, which this one would "
             f"trim away): correct log.path, or move that partition away")
 

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from cdp.errors import CdpError, LogError, MetaError
-from cdp.logfmt import BLOCK, SUPERBLOCK_COUNT, unpack_superblock
+from cdp.logfmt import BLOCK, LABEL_BYTES, SUPERBLOCK_COUNT, label_for, label_owner, unpack_superblock
 from cdp.meta import SLOT_SIZE_DEFAULT, read_metadata
 from cdp.msa.config import DrvaSpec
 from cdp.msa.deployment import MadePartition
 
 LOG_HEAD_BYTES = SUPERBLOCK_COUNT * BLOCK  # both superblock copies
-LABEL_BYTES = 32  # FORMAT.md §3.2: the superblock keeps the first 32 bytes of a label
 #: Set by install on a metadata repository file it made: the repository's format carries
 #: no identity (an inode number is reused as soon as a file is deleted), this does.
 MARK_XATTR = "user.cdp.install"
@@ -86,31 +85,10 @@ def _read_at(path: Path, length: int, offset: int = 0) -> bytes:
         os.close(fd)
 
 
-def label_for(drva_name: str, site: str | None = None) -> str:
-    """The label install writes in a DRVA's log superblock: ``<drva>@<site>`` (names hold
-    no "@"), cut to the 32 bytes the superblock keeps. Without ``site``: the DRVA's name
-    alone, the label of a log an older install (or the DRVA itself) formatted."""
-    text = drva_name if site is None else f"{drva_name}@{site}"
-    return text.encode("utf-8")[:LABEL_BYTES].decode("utf-8", "ignore")
-
-
 def _log_label_state(path: Path, kind: str, sb: Any, drva_name: str, site: str | None) -> PathState:
-    """Whose log is it, by its label? ``site`` None: any site's log of ``drva_name``
-    counts as this DRVA's (a caller that does not know the site)."""
-    label, uuid = sb.label, sb.uuid.hex()
-    mine = f"the log partition of {drva_name}"
-    if label == label_for(drva_name):
-        return PathState(path, kind, sb.partition_size, True, False, mine, "", uuid)
-    prefix = label_for(drva_name) + "@"
-    if not label.startswith(prefix):
-        return PathState(path, kind, sb.partition_size, False, False,
-                         f"the log partition of {label!r}, not of DRVA {drva_name!r}", None, uuid)
-    owner = label[len(prefix):]
-    if site is None or label == label_for(drva_name, site):
-        return PathState(path, kind, sb.partition_size, True, False, f"{mine} of site {owner!r}", owner, uuid)
-    return PathState(path, kind, sb.partition_size, False, False,
-                     f"the log partition of DRVA {drva_name!r} of site {owner!r}, not of this site {site!r}",
-                     owner, uuid)
+    """Whose log is it, by its label (``cdp.logfmt.label_owner``)?"""
+    owner = label_owner(sb.label, drva_name, site)
+    return PathState(path, kind, sb.partition_size, owner.ours, False, owner.what, owner.site, sb.uuid.hex())
 
 
 def _no_partition_there(path: Path, kind: str) -> PathState | None:
