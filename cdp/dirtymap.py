@@ -44,6 +44,7 @@ import numpy as np
 import xxhash
 
 from cdp import durable
+from cdp.bounded_read import pread_upto
 from cdp.errors import CdpError, FormatError
 from cdp.file_kinds import file_kind
 
@@ -166,7 +167,7 @@ def _read_fd(fd: int, path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray
     if not stat.S_ISREG(mode):
         raise DirtyMapUnusable(f"{path}: {file_kind(mode)}, not a dirty-region map")
     size_max = HEADER_BYTES + -(-disk_size // region_bytes_for(disk_size))
-    raw = _pread_upto(fd, size_max + 1)
+    raw = pread_upto(fd, size_max + 1)
     h = _unpack_header(raw, str(path))
     want_regions = -(-disk_size // h.region_bytes)
     if h.disk_size != disk_size or h.region_bytes != region_bytes_for(disk_size) or h.regions != want_regions:
@@ -182,19 +183,6 @@ def _read_fd(fd: int, path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray
     if h.clean and xxhash.xxh3_64_intdigest(body.tobytes()) != h.body_xxh3:
         raise DirtyMapUnusable(f"{path}: closed clean but its body checksum does not match")
     return h, body.astype(bool)
-
-
-def _pread_upto(fd: int, limit: int) -> bytes:
-    """The first ``limit`` bytes of the file at ``fd`` (fewer at its end)."""
-    parts = []
-    got = 0
-    while got < limit:
-        chunk = os.pread(fd, limit - got, got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
 
 
 def _open_for_writing(path: Path) -> tuple[int, bool]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp import durable
+from cdp.bounded_read import pread_upto
 from cdp.errors import ConfigError
 from cdp.store.base import ObjectStore
 from rocva.errors import RecoveryError
@@ -223,14 +224,7 @@ class OutputDir:
         except FileNotFoundError:
             return None
         try:
-            chunks, left = [], bytes_max + 1
-            while left > 0:
-                chunk = os.read(fd, min(left, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-            return b"".join(chunks)
+            return pread_upto(fd, bytes_max + 1)
         finally:
             os.close(fd)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from cdp import durable
+from cdp.bounded_read import read_at_most
 from cdp.errors import CdpError, FormatError, TruncatedError
 from cdp.extent_stream import PIECE, STREAM, TRAILER, ExtentRequest, StreamReader, encode_request, split
 from cdp.msa.extents import CONTENT_TYPE, STREAMS_MAX
@@ -162,10 +163,8 @@ async def _one(session: aiohttp.ClientSession, peer: Peer, req: ExtentRequest, f
 async def _refusal(resp: aiohttp.ClientResponse) -> str:
     """What a refusal says: the message of its §13.5 body, read no further than
     ``ERROR_BYTES_MAX`` (a peer answered 1 GiB), else its status; escaped for a log line."""
-    raw = bytearray()
     try:
-        while len(raw) < ERROR_BYTES_MAX and (chunk := await resp.content.read(ERROR_BYTES_MAX - len(raw))):
-            raw += chunk
+        raw = await read_at_most(resp.content, ERROR_BYTES_MAX)
         doc = json.loads(raw.decode("utf-8", errors="replace"))
         message = doc["error"]["message"]
     except (ValueError, KeyError, TypeError, RecursionError, aiohttp.ClientError):

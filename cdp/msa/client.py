@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from cdp.bounded_read import read_at_most
 from cdp.errors import CdpError, ConfigError
 from cdp.msa.config import SiteConfig
 from cdp.tls import client_context, describe_tls_error
@@ -184,12 +185,10 @@ async def _read_bounded(resp: aiohttp.ClientResponse, bytes_max: int, where: str
     too_large = f"{where}: the answer is over {bytes_max} bytes: not read (not an answer of a cdp daemon)"
     if resp.content_length is not None and resp.content_length > bytes_max:
         raise CdpError(too_large)
-    buf = bytearray()
-    while chunk := await resp.content.read(bytes_max + 1 - len(buf)):
-        buf += chunk
-        if len(buf) > bytes_max:
-            raise CdpError(too_large)
-    return bytes(buf)
+    raw = await read_at_most(resp.content, bytes_max + 1)
+    if len(raw) > bytes_max:
+        raise CdpError(too_large)
+    return raw
 
 
 def _error(status: int, doc: Any, text: str) -> DaemonError:

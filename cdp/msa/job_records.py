@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cdp.bounded_read import pread_upto
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
 from cdp.file_kinds import file_kind
@@ -53,12 +54,7 @@ def _read_bounded(path: Path, bytes_max: int, what: str) -> bytes | None:
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path}: {file_kind(st.st_mode)}, not a {what} record; move it away to run the "
                               f"{what} again")
-        chunks = []
-        left = bytes_max + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+        return pread_upto(fd, bytes_max + 1)
     finally:
         os.close(fd)
 

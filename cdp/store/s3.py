@@ -50,6 +50,7 @@ import aioboto3
 import botocore.exceptions as bce
 from aiobotocore.config import AioConfig
 
+from cdp.bounded_read import read_at_most
 from cdp.errors import (
     ConfigError,
     PermissionDenied,
@@ -303,7 +304,7 @@ class S3Store(StoreBase):
                 async with stream:
                     span = self._answered_span(key, extra.get("Range"), offset, length, reply)
                     limit.reschedule(limit.when() + span / self.transfer_bytes_per_s_min)
-                    data = await _read_at_most(stream, span + 1)
+                    data = await read_at_most(stream, span + 1)
             except bce.ClientError as exc:
                 if http_status(exc) == 416:
                     return b""  # the object exists; the range starts at or after its end
@@ -478,19 +479,6 @@ class S3Store(StoreBase):
 
 def _base64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
-
-
-async def _read_at_most(stream: Any, size_max: int) -> bytes:
-    """The body of an answer, but never more than size_max bytes of it."""
-    chunks: list[bytes] = []
-    got = 0
-    while got < size_max:
-        chunk = await stream.read(size_max - got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 def _listed(where: str, key: str, item: dict[str, Any]) -> ObjectInfo:
