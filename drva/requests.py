@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdp import wire
+from cdp.file_kinds import file_kind
 from cdp.logs import get_logger
-from drva.status import SideFileReport, file_kind, os_error_text
+from cdp.small_file import NotRegularFile, read_small_file
+from drva.status import SideFileReport, os_error_text
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -152,20 +154,11 @@ def _read(path: Path) -> tuple[Any, float]:
     """(the JSON document, its age in seconds) of the regular file at ``path``, read
     without following a symlink or blocking on a FIFO; ``_Refused`` for anything else."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # ELOOP: a symlink; EISDIR is not raised for O_RDONLY, fstat tells
-        raise _Refused(f"not a regular file ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Refused("not a regular file")
-        if st.st_size > REQUEST_BYTES_MAX:
-            raise _Refused(f"{st.st_size} bytes, expected at most {REQUEST_BYTES_MAX}")
-        raw = os.read(fd, REQUEST_BYTES_MAX + 1)
-    finally:
-        os.close(fd)
+        raw, st = read_small_file(path, REQUEST_BYTES_MAX)
+    except NotRegularFile as exc:
+        raise _Refused(f"{exc}, not a regular file") from None
+    if len(raw) > REQUEST_BYTES_MAX:
+        raise _Refused(f"{st.st_size} bytes, expected at most {REQUEST_BYTES_MAX}")
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdp.durable import atomic_write
+from cdp.file_kinds import file_kind
 from cdp.logs import get_logger
 
 if TYPE_CHECKING:
@@ -89,15 +90,6 @@ def write_status_file(path: Path, doc: dict[str, Any]) -> str | None:
     except OSError as exc:  # ENOSPC, EIO, EACCES, a missing state_dir...
         return os_error_text(exc)
     return None
-
-
-def file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cdp.dirtymap import DirtyMap
+from cdp.errors import ConfigError
 from cdp.durable import atomic_write
 from cdp.inventory import Cluster, DomainSpec
 from cdp.logs import get_logger
+from cdp.small_file import read_json_file
 from cdp.tls import client_context
 from iofilter_sim.client import FilterClient
 from iofilter_sim.cluster import domain_workload
@@ -38,6 +40,7 @@ log = get_logger("iofilter.runner")
 BATCH_WRITES_MAX = 4096
 BATCH_BYTES_MAX = 4 << 20
 STATUS_INTERVAL_S = 0.5
+CONTROL_BYTES_MAX = 1 << 20  # {'pause': [domain, ...]}
 
 
 @dataclass
@@ -194,10 +197,8 @@ class ClusterRunner:
         if self.opts.control_path is None:
             return
         try:
-            doc = json.loads(self.opts.control_path.read_bytes())
-        except FileNotFoundError:
-            doc = {}
-        except (OSError, ValueError) as exc:
+            doc = read_json_file(self.opts.control_path, CONTROL_BYTES_MAX, "a control file") or {}
+        except ConfigError as exc:
             log.error("control_unreadable", path=str(self.opts.control_path), error=str(exc))
             return
         pause = doc.get("pause", []) if isinstance(doc, dict) else []

@@ -41,7 +41,8 @@ from cdp.hypervisor import PowerView
 from cdp.inventory import DomainSpec
 from cdp.logs import get_logger
 from cdp.store.storekeys import STORE_KEY_ENV, STORE_KEY_FILE_ENV
-from cdp.msa.keeper import Kept, ProcessKeeper, send_signal
+from cdp.msa.keeper import STATUS_BYTES_MAX, Kept, ProcessKeeper, send_signal
+from cdp.small_file import NotRegularFile, read_small_file
 
 log = get_logger("cdp.hypervisor.simulator")
 
@@ -191,8 +192,9 @@ class SimulatorHypervisor:
         await self.keeper.stop(hp)
         hp.status = None
         try:
-            doc = json.loads(hp.status_path.read_bytes())
-        except (OSError, ValueError):
+            raw = read_small_file(hp.status_path, STATUS_BYTES_MAX)[0]
+            doc = json.loads(raw) if len(raw) <= STATUS_BYTES_MAX else None
+        except (OSError, NotRegularFile, ValueError, RecursionError):
             return
         if isinstance(doc, dict) and pid is not None and doc.get("pid") == pid:
             for name, figures in (doc.get("domains") or {}).items():

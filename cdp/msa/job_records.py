@@ -5,18 +5,14 @@ stopped. A record is read as a regular file of at most its bound, never through 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cdp.bounded_read import pread_upto
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
-from cdp.file_kinds import file_kind
+from cdp.small_file import NotRegularFile, read_small_file
 
 
 def read_domain_record(path: Path, domain: str, *, version: int, bytes_max: int, what: str,
@@ -39,24 +35,15 @@ def read_domain_record(path: Path, domain: str, *, version: int, bytes_max: int,
 
 def _read_bounded(path: Path, bytes_max: int, what: str) -> bytes | None:
     """At most ``bytes_max`` + 1 bytes of the regular file at ``path`` (None: there is
-    none), opened without following a symbolic link or waiting for a FIFO's writer: a
+    none), never through a link nor waiting for a FIFO's writer (``read_small_file``): a
     link to /dev/zero or a 2 GiB sparse file planted there was read whole, a FIFO hung
     the job."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_small_file(path, bytes_max)[0]
     except FileNotFoundError:
         return None
-    except OSError as exc:  # ELOOP: a symbolic link (ENXIO: a socket)
-        kind = "a symbolic link" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
-        raise ConfigError(f"{path}: {kind}, not a {what} record; move it away to run the {what} again") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: {file_kind(st.st_mode)}, not a {what} record; move it away to run the "
-                              f"{what} again")
-        return pread_upto(fd, bytes_max + 1)
-    finally:
-        os.close(fd)
+    except NotRegularFile as exc:
+        raise ConfigError(f"{path}: {exc}, not a {what} record; move it away to run the {what} again") from None
 
 
 def write_domain_record(path: Path, doc: Mapping[str, Any]) -> None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdp.logs import get_logger
+from cdp.small_file import NotRegularFile, read_small_file
 
 log = get_logger("cdp.msa.keeper")
 
@@ -47,6 +48,9 @@ LOG_ROTATE_BYTES = 64 << 20
 LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
 ERROR_TEXT_MAX = 400
 LEFTOVER_POLL_S = 0.05
+# A DRVA's status with 100 domains is about 200 KB; a larger file was not written by the
+# process it names (a link to /dev/zero, a planted sparse file) and is not read whole.
+STATUS_BYTES_MAX = 16 << 20
 PID_FILE_BYTES_MAX = 256  # "PID START_TICKS\n" is under 50 bytes; more is not a pid file we wrote
 #: Where ``python -m drva.daemon`` and ``python -m iofilter_sim`` find their packages.
 CODE_ROOT = Path(__file__).resolve().parents[2]
@@ -226,8 +230,9 @@ class ProcessKeeper:
         if kept.status_path is None or kept.proc is None:
             return False
         try:
-            doc = json.loads(kept.status_path.read_bytes())
-        except (OSError, ValueError):
+            raw = read_small_file(kept.status_path, STATUS_BYTES_MAX)[0]
+            doc = json.loads(raw) if len(raw) <= STATUS_BYTES_MAX else None
+        except (OSError, NotRegularFile, ValueError, RecursionError):
             return False  # not written yet, or between its writes: the next round reads it
         if not isinstance(doc, dict) or doc.get("pid") != kept.proc.pid:
             return False  # an earlier process's document

@@ -15,8 +15,10 @@ from pathlib import Path
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
 from cdp.msa.config import SiteConfig
+from cdp.small_file import read_json_file
 
 POWER_VERSION = 1
+POWER_BYTES_MAX = 1 << 20  # a list of domain names; anything larger was not written by the MSA
 
 
 def power_path(cfg: SiteConfig) -> Path:
@@ -26,12 +28,9 @@ def power_path(cfg: SiteConfig) -> Path:
 def load_power(cfg: SiteConfig) -> list[str]:
     """The powered-on domains, in the order they were powered on."""
     path = power_path(cfg)
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    doc = read_json_file(path, POWER_BYTES_MAX, "a power record")
+    if doc is None:
         return []
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable: {exc}") from exc
     if (not isinstance(doc, dict) or doc.get("version") != POWER_VERSION or not isinstance(doc.get("on"), list)
             or not all(isinstance(d, str) for d in doc["on"])):
         raise ConfigError(f"{path}: expected {{'version': {POWER_VERSION}, 'site', 'on': [domain, ...]}}")

@@ -20,9 +20,11 @@ from pathlib import Path
 
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
-from cdp.msa.config import Policy, SiteConfig
+from cdp.msa.config import POLICY_FIELDS, Policy, SiteConfig, policy_value
+from cdp.small_file import read_json_file
 
 PROTECTION_VERSION = 1
+PROTECTION_BYTES_MAX = 4 << 20  # a few hundred bytes per domain; anything larger was not written by the MSA
 _POLICY_FIELDS = {f.name for f in fields(Policy)}
 
 
@@ -33,12 +35,9 @@ def protection_path(cfg: SiteConfig) -> Path:
 def load_protection(cfg: SiteConfig) -> dict[str, Policy]:
     """The protected domains and their policies, in protection order ({} when none)."""
     path = protection_path(cfg)
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    doc = read_json_file(path, PROTECTION_BYTES_MAX, "a protection record")
+    if doc is None:
         return {}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != PROTECTION_VERSION or not isinstance(doc.get("domains"), dict):
         raise ConfigError(f"{path}: expected {{'version': {PROTECTION_VERSION}, 'site', 'domains': {{...}}}}")
     if doc.get("site") != cfg.site:
@@ -48,8 +47,23 @@ def load_protection(cfg: SiteConfig) -> dict[str, Policy]:
         if not isinstance(p, dict) or set(p) != _POLICY_FIELDS:
             raise ConfigError(f"{path}: domains.{name}: expected the keys {sorted(_POLICY_FIELDS)}")
         cfg.domain(name)  # a domain the cluster file no longer has is an error, not a silent drop
-        out[name] = Policy(**{k: float(v) for k, v in p.items()})
+        out[name] = Policy(**{k: _stored_seconds(path, name, k, v) for k, v in p.items()})
     return out
+
+
+def _stored_seconds(path: Path, domain: str, field_name: str, value: object) -> float:
+    """A stored policy field, held to the bounds a protect request is (a hand-edited
+    ``"retention_s": "x"`` or ``1e308`` stopped the MSA with a traceback, or ran it with
+    a policy no request could set)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: domains.{domain}.{field_name}: expected a number of seconds, got {value!r:.80}")
+    try:
+        return policy_value(_REQUEST_KEY[field_name], value)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: domains.{domain}.{field_name}: {exc}") from None
+
+
+_REQUEST_KEY = {field_name: key for key, field_name in POLICY_FIELDS.items()}
 
 
 def save_protection(cfg: SiteConfig, domains: dict[str, Policy]) -> None:
