@@ -462,21 +462,22 @@ async def failover_release(request: web.Request) -> web.Response:
 
 async def failback_extents(request: web.Request) -> web.StreamResponse:
     """The site failing a domain back reads this site's quiesced disks (FORMAT.md §16)."""
-    from cdp.msa.extents import BadExtentRequest, check_inside, read_request, send_extents
+    from cdp.msa.extents import BadExtentRequest, check_inside, read_request, send_extents, stream_slot
     from cdp.msa.failback import extent_files
 
     daemon = request.app[MSA]
     name = store_domain_of(request)
     codes = {400: "bad_request", 408: "timeout", 409: "failover_refused", 413: "too_large",
              415: "unsupported_media_type"}
-    try:
-        req = await read_request(request, request.app[BODY_TIMEOUT_S])
-        files = await extent_files(daemon, name, req)
-        check_inside(req, files, f"domain {name}")
-    except BadExtentRequest as exc:
-        field = "Content-Type" if exc.status == 415 else "request body"
-        raise ApiError(exc.status, codes.get(exc.status, "bad_request"), exc.message, field) from None
-    return await send_extents(request, req, files, f"domain {name}")
+    with stream_slot(name, f"domain {name}"):
+        try:
+            req = await read_request(request, request.app[BODY_TIMEOUT_S])
+            files = await extent_files(daemon, name, req)
+            check_inside(req, files, f"domain {name}")
+        except BadExtentRequest as exc:
+            field = "Content-Type" if exc.status == 415 else "request body"
+            raise ApiError(exc.status, codes.get(exc.status, "bad_request"), exc.message, field) from None
+        return await send_extents(request, req, files, f"domain {name}")
 
 
 async def jobs_list(request: web.Request) -> web.Response:

@@ -53,7 +53,7 @@ READ_THREADS = 8  # outstanding reads of one site: a cold disk serves random rea
 STREAMS_MAX = 8
 CONTENT_TYPE = "application/octet-stream"
 _readers: ThreadPoolExecutor | None = None
-_streams: dict[int, int] = {}  # domain id -> its extent streams being sent
+_streams: dict[str, int] = {}  # domain name -> its extent streams being read or sent
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -137,9 +137,11 @@ def batches(req: ExtentRequest) -> Iterator[list[tuple[int, int, int]]]:
 
 
 @contextmanager
-def _stream_slot(domain: int, where: str) -> Iterator[None]:
-    """One of the ``STREAMS_MAX`` streams of ``domain``, held while it is sent; an
-    ``ApiError`` 429 when they are all taken (checked and taken with no await between)."""
+def stream_slot(domain: str, where: str) -> Iterator[None]:
+    """One of the ``STREAMS_MAX`` streams of ``domain`` (its name, as the route names it),
+    held from before its request body is read until its answer is sent: a request's
+    range arrays may be 64 MiB, so a peer sending many of them at once is refused (429)
+    before they are read, not after. Checked and taken with no await between."""
     if _streams.get(domain, 0) >= STREAMS_MAX:
         raise ApiError(429, "too_many_streams", f"{where}: {STREAMS_MAX} extent streams of the domain are being "
                                                 f"sent already, the most at once: send this one when one ends",
@@ -156,12 +158,11 @@ def _stream_slot(domain: int, where: str) -> Iterator[None]:
 async def send_extents(request: web.Request, req: ExtentRequest, files: Mapping[int, tuple[Path, int]],
                        where: str) -> web.StreamResponse:
     """Answer ``req`` from ``files`` (disk id -> image path and its size), every range of
-    which has been checked to lie inside its disk. An error after the head is sent ends
-    the connection without the trailer: the reader sees a stream cut short. Before the
-    head, an ``ApiError``: 429 past ``STREAMS_MAX`` streams of the domain, 409 when an
-    image is shorter than its disk."""
-    with _stream_slot(req.domain, where):
-        return await _send(request, req, files, where)
+    which has been checked to lie inside its disk, inside the caller's ``stream_slot``.
+    An error after the head is sent ends the connection without the trailer: the reader
+    sees a stream cut short. Before the head, an ``ApiError`` 409 when an image is
+    shorter than its disk."""
+    return await _send(request, req, files, where)
 
 
 async def _send(request: web.Request, req: ExtentRequest, files: Mapping[int, tuple[Path, int]],
@@ -234,12 +235,13 @@ def serve_files(domain: int, seq: int, files: Mapping[int, tuple[Path, int]], to
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return web.json_response({"error": {"status": 401, "message": "bad token"}}, status=401)
         try:
-            req = await read_request(request, 30.0)
-            if (req.domain, req.seq) != (domain, seq):
-                raise BadExtentRequest(409, f"serving domain {domain} at seq {seq}, asked for domain {req.domain} "
-                                            f"at seq {req.seq}")
-            check_inside(req, files, "extents")
-            return await send_extents(request, req, files, "extents")
+            with stream_slot(str(domain), "extents"):
+                req = await read_request(request, 30.0)
+                if (req.domain, req.seq) != (domain, seq):
+                    raise BadExtentRequest(409, f"serving domain {domain} at seq {seq}, asked for domain "
+                                                f"{req.domain} at seq {req.seq}")
+                check_inside(req, files, "extents")
+                return await send_extents(request, req, files, "extents")
         except (BadExtentRequest, ApiError) as exc:
             return web.json_response({"error": {"status": exc.status, "message": exc.message}}, status=exc.status)
 

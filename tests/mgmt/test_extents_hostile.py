@@ -228,3 +228,34 @@ async def test_streams_of_a_domain_past_the_most_at_once_are_429(tmp_path):
         async with session.post(base + "/extents", data=encode_request(REQ), headers=headers) as again:
             assert again.status == 200
             await again.read()
+
+
+async def test_bodies_being_read_hold_the_domains_slots(tmp_path):
+    """A peer opening many requests of 64 MiB and sending their bodies slowly: each holds
+    its slot while its body is read, so the one past ``STREAMS_MAX`` is refused before a
+    byte of its body is read (it was read whole, then refused)."""
+    image = tmp_path / "theirs.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    app = serve_files(7, 10, {0: (image, 1 << 20)}, TOKEN)
+    head = (f"POST /extents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {64 << 20}\r\n\r\n").encode()
+    async with serving(app) as base:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        slow = []
+        try:
+            for _ in range(STREAMS_MAX):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(head + b"\0" * 4096)  # a body begun, never finished
+                await writer.drain()
+                slow.append(writer)
+            await wait_until(lambda: extents._streams.get("7") == STREAMS_MAX, EVENTUALLY_S,
+                             "the slow bodies to take every slot")
+            async with aiohttp.ClientSession() as session:
+                async with session.post(base + "/extents", data=encode_request(REQ), headers={
+                        "Authorization": f"Bearer {TOKEN}", "Content-Type": CONTENT_TYPE}) as refused:
+                    assert refused.status == 429
+        finally:
+            for writer in slow:
+                writer.close()
+        await wait_until(lambda: not extents._streams, EVENTUALLY_S, "the dropped bodies' slots to be released")
