@@ -25,7 +25,7 @@ import collections
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,12 +138,14 @@ class ReplicationLog:
             durable.fsync_dir(path.resolve().parent)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, direct: bool = False,
-             readonly: bool = False) -> "ReplicationLog":
+    def open(cls, path: str | os.PathLike[str], *, direct: bool = False, readonly: bool = False,
+             check_label: Callable[[str], None] | None = None) -> "ReplicationLog":
         """Open for writing: lock, recover (§3.5), then bump the epoch durably.
 
         ``readonly`` recovers the same way but writes nothing and takes no lock
-        (inspection tools); such a log refuses appends and trims.
+        (inspection tools); such a log refuses appends and trims. ``check_label`` sees
+        the superblock's label before anything is scanned or written, and raises to
+        refuse the partition (a DRVA refusing another's log leaves it as it was).
         """
         path = Path(path)
         # O_NONBLOCK only so that opening a FIFO planted at ``path`` does not wait for a
@@ -162,6 +164,8 @@ class ReplicationLog:
             scan_fd, scan_direct = scan_source(path, fd, direct, sync=not readonly)
             try:
                 sb, rejected = cls._read_superblocks(path, scan_fd, scan_direct, size)
+                if check_label is not None:
+                    check_label(sb.label)
                 log = cls(path, fd, sb, direct)
                 log._rejected = rejected
                 log._rfd, log._rdirect = scan_fd, scan_direct

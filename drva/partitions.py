@@ -53,15 +53,11 @@ class PartitionsMixin:
                     raise ConfigError(f"log partition {path} does not exist and log.size is not set")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 ReplicationLog.format(path, self.cfg.log_size, label=self.cfg.name)
-            replog = ReplicationLog.open(path, direct=self.cfg.log_direct)
+            # The label is checked before the log is scanned or its epoch bumped: a refused
+            # partition is left exactly as it was.
+            return ReplicationLog.open(path, direct=self.cfg.log_direct, check_label=self._check_log_label)
         except OSError as exc:  # EIO in the recovery scan...: one line and exit 4, not a traceback
             raise LogError(f"log partition {path}: {os_error_text(exc)}") from exc
-        try:
-            self._check_log_label(replog.label)
-        except BaseException:
-            replog.close()
-            raise
-        return replog
 
     def _check_log_label(self, label: str) -> None:
         """Refuse a log partition whose superblock label (FORMAT.md §3.2) names another

@@ -104,8 +104,11 @@ async def test_a_label_naming_another_drva_or_site_is_refused(tmp_path, label):
     cfg = config(_doc(tmp_path, "drva-a", [1], site="site-a"))
     cfg.log_path.parent.mkdir(parents=True)
     ReplicationLog.format(cfg.log_path, LOG_SIZE, label=label)
+    before = cfg.log_path.read_bytes()
     with pytest.raises(ConfigError, match=f"labelled {label!r}"):
         await Drva(cfg, exit_on_task_failure=False).start()
+    # Refused before anything was written: not even the epoch was bumped.
+    assert cfg.log_path.read_bytes() == before
     with ReplicationLog.open(cfg.log_path, readonly=True) as lg:
         assert lg.label == label
 
