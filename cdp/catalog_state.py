@@ -278,11 +278,27 @@ class CatalogState:
         bad = next((b for b in new.bases if b["timeline"] not in caps or b["seq"] > caps[b["timeline"]]), None)
         if bad is not None:
             raise FormatError(f"{where}: base {bad['key']} is not in the history of timeline {tl_id}")
-        disks = check_disks(body["disks"], where) if "disks" in body else self.disks
+        disks = self._disks_after(check_disks(body["disks"], where), where) if "disks" in body else self.disks
         # Every check passed: change the head.
         self.timelines[tl_id] = new
         self.disks = disks
         self.writer = writer
+
+    def _disks_after(self, disks: list[dict], where: str) -> list[dict]:
+        """A ``disks`` delta may add disks and grow them, never drop nor shrink one (§8.2):
+        the history holds that disk's writes, up to its old end, and a recovery of any
+        point refuses records of a disk the catalog no longer lists or past its end."""
+        new = {d["disk"]: d for d in disks}
+        for old in self.disks:
+            now = new.get(old["disk"])
+            if now is None:
+                raise FormatError(f"{where}: disks drops disk {old['disk']} ({old['vm']}/{old['name']}): a disk of "
+                                  f"a domain is never removed from its catalog (its history holds its writes)")
+            if now["size"] < old["size"]:
+                raise FormatError(f"{where}: disks shrinks disk {old['disk']} ({old['vm']}/{old['name']}) from "
+                                  f"{old['size']} to {now['size']} bytes: a disk never shrinks (its history "
+                                  f"holds writes up to its old end)")
+        return disks
 
     def _apply_rows(self, new: Timeline, body: dict, tl_id: int, where: str) -> None:
         """Append ``add_segments``, fold ``add_pages`` in, set ``committed_seq`` (§8.2)."""

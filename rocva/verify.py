@@ -34,8 +34,9 @@ import numpy as np
 from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView, row_records
-from cdp.errors import CdpError, ConfigError, NotFound
+from cdp.errors import CdpError, ConfigError, FormatError, NotFound
 from cdp.layout import chunk_key, segment_prefix
+from cdp.records import KIND_ZERO
 from cdp.segment import decode_segment, read_segment_index
 from cdp.store.base import ObjectStore
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
@@ -89,6 +90,7 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
             report.problem(f"d/{domain:08x}/page/", f"timeline {tl}: {exc.message}")
         sizes = {int(d["disk"]): int(d["size"]) for d in view.disks}
         bases.update({b["key"]: sizes.get(int(b["disk"])) for b in view.bases})
+    disk_sizes = {int(d["disk"]): int(d["size"]) for d in state.disks}
     rng = random.Random(seed)
     jobs = [(k, size, deep or (sample > 0 and rng.random() < sample)) for k, size in named.items() if k in listed]
     done = 0
@@ -108,6 +110,8 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
                     report.checked["bytes_read"] += index.object_size - index.index_offset
                 for row in rows_of[key]:
                     row_records(key, row, index)
+                    _check_extents(key, index.rows_for_seqs(int(row["first_seq"]), int(row["last_seq"])),
+                                   disk_sizes)
                 report.checked["segments"] += 1
             except CdpError as exc:
                 report.problem(key, exc.message)
@@ -125,6 +129,27 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
     for p in await rollback_problems(store, state):
         report.problem(p["object"], p["problem"])
     return _summary(domain, generation, report, t0, deep, state)
+
+
+def _check_extents(key: str, records: np.ndarray, disk_sizes: dict[int, int]) -> None:
+    """``FormatError`` for the first write of ``records`` to a disk the catalog does not
+    list or past its end, as a recovery of any point refuses it (``rocva.plan``): a
+    verify that passed such a segment said "OK" of a domain no point of which recovers."""
+    writes = records[records["kind"] <= KIND_ZERO]
+    if not len(writes):
+        return
+    ids = np.array(sorted(disk_sizes), dtype=np.int64)
+    sizes = np.array([disk_sizes[i] for i in ids.tolist()], dtype=np.uint64)
+    disk = writes["disk"].astype(np.int64)
+    at = np.minimum(np.searchsorted(ids, disk), max(len(ids) - 1, 0))
+    known = ids[at] == disk if len(ids) else np.zeros(len(disk), bool)
+    bad = ~known | (writes["offset"] + writes["length"] > np.where(known, sizes[at], 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        r = writes[i]
+        what = "writes past the end of the disk" if known[i] else "the catalog lists no such disk"
+        raise FormatError(f"segment {key}: record seq {int(r['seq'])} (disk {int(r['disk'])}, offset {int(r['offset'])}, "
+                          f"length {int(r['length'])}): {what}")
 
 
 async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str, int],
