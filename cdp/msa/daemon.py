@@ -353,7 +353,7 @@ class MsaDaemon:
             if where is not None:
                 log.error("power_on_refused", domain=name, reason=operations.failed_over_text(name, where))
                 continue
-            if (why := self._half_failed_back(name)) is not None:
+            if (why := self._half_failed_back(name) or self._handing_over(name)) is not None:
                 log.error("power_on_refused", domain=name, reason=why)
                 continue
             out.append(name)
@@ -374,6 +374,29 @@ class MsaDaemon:
         return (f"a failback of domain {domain} started and its disks are not brought back yet (phase "
                 f"{doc['phase']}): they may be half-written; run `cdp failback {domain}` again to finish it")
 
+    def _handing_over(self, domain: str) -> str | None:
+        """Why ``domain``'s VMs may not be powered on because this site is handing it over
+        for a planned failover, else None: its quiesce is running (between its power-off
+        and its handover record a power-on once passed every check), or it handed the
+        domain over at a final mark and has not protected it since. A recovery site forks
+        at that mark and reports no loss; writes made here after it would be lost, and
+        both sites would run the VMs."""
+        from cdp.msa.handover import read_handover
+
+        holder = self.runner.claims.get(("quiesce", domain))
+        if holder is not None:
+            return (f"domain {domain} is being handed over for a planned failover ({holder}): its VMs stay off "
+                    f"until it ends")
+        try:
+            back = read_handover(self.cfg.state_dir, domain)
+        except ConfigError as exc:
+            return f"domain {domain}: its handover record cannot be read ({exc.message}); its VMs stay off"
+        if back is None or domain in self.cfg.isolated:
+            return None
+        return (f"domain {domain} was handed over at its final mark {back['mark']!r} (seq {back['seq']}) for a "
+                f"planned failover: the recovery site runs it from that point, and writes made here would be lost; "
+                f"to run it here again, protect it here first (`cdp protect {domain}`)")
+
     async def power(self, domain: str, on: bool) -> dict[str, Any]:
         """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts."""
         spec = self.cfg.domain(domain)
@@ -384,6 +407,10 @@ class MsaDaemon:
                 if (why := self._half_failed_back(domain)) is not None:
                     raise FailedOver(why)
         async with self._power_lock:
+            # Under the lock: a quiesce powers the VMs off under it too, so a power-on
+            # checked before it and applied after it cannot slip past.
+            if on and (why := self._handing_over(domain)) is not None:
+                raise FailedOver(why)
             was = domain in self.powered
             powered = [d for d in self.powered if d != domain] + ([domain] if on else [])
             await asyncio.to_thread(save_power, self.cfg, powered)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cdp.errors import CdpError
+from cdp.msa.daemon import FailedOver
 from cdp.msa.failover import cleanup_test_failover, run_failover, run_test_failover
 from cdp.store.fs import FileStore
 from cdp.testing.site import running_daemon
@@ -216,6 +217,17 @@ async def test_a_planned_failover_that_failed_before_the_fork_resumes_at_the_han
         mark = kept["handover"]["mark"]
         assert a.powered == [] and "erp" not in a.protection  # A handed over once, and only once
         assert b.protection == {} and b.powered == []  # nothing of the domain left running at B
+        # Handed over: A's VMs stay off (they ran on past the final mark, unprotected, while
+        # B was to fork at it and report no loss), and so they do while a quiesce runs.
+        with pytest.raises(FailedOver, match="handed over at its final mark"):
+            await a.power("erp", True)
+        a.runner.claims[("quiesce", "erp")] = "job q-1"
+        try:
+            with pytest.raises(FailedOver, match="being handed over for a planned failover"):
+                await a.power("erp", True)
+        finally:
+            del a.runner.claims[("quiesce", "erp")]
+        assert a.powered == []
         quiesced = sites.primaries_a()
         second = await failover(b, planned=True)  # A would refuse a second handover: B resumes at the mark
         assert second["state"] == "succeeded", second
