@@ -14,16 +14,26 @@ a benchmark that failed or did not produce a field is shown as not measured, nev
 filled in from elsewhere.
 
 The machine (cores, CPU, memory, the work directory's file system and disk, the load) is
-at the top. Durable figures on tmpfs would measure memory, not a disk: the report
-refuses a work directory there (``--dir`` on a disk file system).
+at the top. Durable figures on tmpfs or ramfs would measure memory, not a disk: the
+report refuses a work directory there, or on a file system it cannot tell
+(``/proc/self/mountinfo``); pass ``--dir`` on a disk file system.
+
+``--out`` must be a directory (created if missing). Every file the report writes in it
+(and in ``logs/``, opened without following a link) is a new temporary file, created
+``O_EXCL|O_NOFOLLOW`` through the directory's descriptor and renamed over its name: a
+link planted at a name is replaced, never written through. A bad ``--out`` or ``--dir``
+is refused with one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import html
+import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import last_json_line, machine
+from benchmarks._common import (FS_UNKNOWN, OPEN_DIR, Refused, kind_at, last_json_line, machine, make_dir,
+                                write_at, write_beside)
 from benchmarks._peers import PeerMissing, ensure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +52,9 @@ PEER_USERS = {"recovery": ["restic", "borg"], "storage": ["restic", "borg"]}
 BENCH_TIMEOUT_S, BENCH_TIMEOUT_S_QUICK = 4 * 3600, 3600
 LOG_TAIL_CHARS = 1500
 NOT_MEASURED = "not measured"
+#: File systems held in memory: durable figures there would measure RAM, not a disk.
+FS_IN_MEMORY = ("tmpfs", "ramfs")
+LOGS = "logs"
 
 # (benchmark, field, comparison, target): issue 15's targets, and the earlier ones the
 # benchmarks report on (issues 11 and 12).
@@ -70,10 +84,54 @@ def git_commit() -> str:
     return (out.stdout.strip() or "?") + (" (with uncommitted changes)" if dirty else "")
 
 
-def run_benchmark(name: str, quick: bool, work: Path, logs: Path) -> dict[str, Any]:
-    """One benchmark as a subprocess: its result (its last JSON line), or why there is none."""
+# ---------------------------------------------------------------- the output directory
+
+def open_out_dir(out: Path) -> int:
+    """The ``--out`` directory, created if missing, open (the user's path, links and all,
+    is followed: it is theirs to choose); Refused when it is not a directory."""
+    make_dir(out, "--out")
+    try:
+        return os.open(out, OPEN_DIR)
+    except OSError as exc:
+        raise Refused(f"--out {out}: cannot open the directory ({exc.strerror})") from None
+
+
+def open_logs_dir(out_fd: int, out: Path) -> int:
+    """``logs/`` in the open ``--out`` directory, created if missing, opened
+    ``O_NOFOLLOW|O_DIRECTORY`` through ``out_fd``: a link planted there is refused."""
+    try:
+        os.mkdir(LOGS, 0o755, dir_fd=out_fd)
+    except FileExistsError:
+        pass  # a directory of an earlier run, or something the open below refuses
+    except OSError as exc:
+        raise Refused(f"--out {out}: cannot create {LOGS}/ ({exc.strerror})") from None
+    try:
+        return os.open(LOGS, OPEN_DIR | os.O_NOFOLLOW, dir_fd=out_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise Refused(f"--out {out}: cannot open {out / LOGS} ({exc.strerror})") from None
+        raise Refused(f"--out {out}: {out / LOGS} is {kind_at(LOGS, out_fd)}: expected a directory "
+                      f"(a link there is never followed)") from None
+
+
+def refuse_memory_fs(m: dict[str, Any], work: str) -> None:
+    """Refused when the work directory is on a file system held in memory, or on one the
+    mount table does not tell: durable figures must come from a disk."""
+    if m["fs_type"] in FS_IN_MEMORY:
+        raise Refused(f"the work directory {work} is on {m['fs_type']}: durable figures there would measure "
+                      f"memory, not a disk; pass --dir on a disk file system")
+    if m["fs_type"] == FS_UNKNOWN:
+        raise Refused(f"the file system of the work directory {work} is unknown (not in /proc/self/mountinfo): "
+                      f"durable figures need a disk; pass --dir on a disk file system")
+
+
+# ---------------------------------------------------------------- one benchmark
+
+def run_benchmark(name: str, quick: bool, work: Path, logs_fd: int) -> dict[str, Any]:
+    """One benchmark as a subprocess: its result (its last JSON line), or why there is
+    none. Its output goes to ``NAME.log`` in the open directory ``logs_fd``."""
     cmd = [sys.executable, "-m", f"benchmarks.{name}", "--json", "--dir", str(work)] + (["--quick"] if quick else [])
-    log_path = logs / f"{name}.log"
+    log_name = f"{name}.log"
     t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -82,8 +140,8 @@ def run_benchmark(name: str, quick: bool, work: Path, logs: Path) -> dict[str, A
     except subprocess.TimeoutExpired as exc:
         out, err, rc = str(exc.stdout or ""), str(exc.stderr or "") + "\n(timed out)", None
     seconds = round(time.perf_counter() - t0, 1)
-    log_path.write_text(f"$ {' '.join(cmd)}\n# exit {rc}, {seconds} s\n--- stdout\n{out}\n--- stderr\n{err}")
-    run = {"command": " ".join(cmd[1:]), "exit": rc, "seconds": seconds, "log": f"logs/{log_path.name}"}
+    write_at(logs_fd, log_name, f"$ {' '.join(cmd)}\n# exit {rc}, {seconds} s\n--- stdout\n{out}\n--- stderr\n{err}")
+    run = {"command": " ".join(cmd[1:]), "exit": rc, "seconds": seconds, "log": f"{LOGS}/{log_name}"}
     try:
         result = last_json_line(out) if rc == 0 else None
     except ValueError:
@@ -103,10 +161,13 @@ def _plt():
 
 
 def _save(plt, fig, path: Path) -> Path:
-    """Lay ``fig`` out, write it to ``path`` as a PNG and free it; ``path``."""
+    """Lay ``fig`` out, write it to ``path`` as a PNG (``write_beside``: never through a
+    link planted there) and free it; ``path``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_beside(path, png.getvalue())
     return path
 
 
@@ -453,7 +514,7 @@ def make_charts(results: dict[str, Any], out: Path) -> dict[str, list[tuple[Path
     return charts
 
 
-def main() -> None:
+def _arguments() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="where report.md, report.html and the charts go")
     p.add_argument("--quick", action="store_true", help="every benchmark in its quick mode")
@@ -465,48 +526,77 @@ def main() -> None:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"--only: unknown benchmark(s) {', '.join(unknown)} (expected some of {', '.join(BENCHMARKS)})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "logs").mkdir(exist_ok=True)
-    if args.dir is not None:
-        args.dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="cdp-report-", dir=args.dir) as work:
-        m = machine(Path(work))
-        if m["fs_type"] == "tmpfs":
-            sys.exit(f"benchmarks.report: the work directory {work} is on tmpfs: durable figures there would "
-                     f"measure memory, not a disk; pass --dir on a disk file system")
-        peers_note = ""
-        wanted = sorted({t for n in names for t in PEER_USERS.get(n, [])})
-        if wanted:
-            try:
-                ensure(wanted)
-            except PeerMissing as exc:
-                peers_note = str(exc)
-                print(f"benchmarks.report: {exc}; going on without them", file=sys.stderr)
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        t0 = time.perf_counter()
-        runs = {}
-        for name in names:
-            print(f"benchmarks.report: {name} ...", file=sys.stderr, flush=True)
-            runs[name] = run_benchmark(name, args.quick, Path(work), args.out / "logs")
-            state = "ok" if "result" in runs[name] else "FAILED"
-            print(f"benchmarks.report: {name} {state} in {runs[name]['run']['seconds']} s", file=sys.stderr)
-    results = {n: runs[n].get("result") for n in names}
-    doc = {"started": started, "commit": git_commit(), "quick": args.quick, "machine": m, "benchmarks": names,
-           "seconds": round(time.perf_counter() - t0, 1), "peers_note": peers_note, "runs": runs,
-           "results": results}
-    (args.out / "results.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
-    blocks = page(doc, make_charts(results, args.out))
-    if peers_note:
-        blocks.insert(2, ("p", f"**Peers:** {peers_note}"))
-    (args.out / "report.md").write_text(render_md(blocks))
-    (args.out / "report.html").write_text(render_html(blocks))
-    failed = [n for n in names if results[n] is None]
+    return args, names
+
+
+def _peers(names: list[str]) -> str:
+    """Install the peers the chosen benchmarks compare with; why some are missing, or ""."""
+    wanted = sorted({t for n in names for t in PEER_USERS.get(n, [])})
+    if not wanted:
+        return ""
+    try:
+        ensure(wanted)
+    except PeerMissing as exc:
+        print(f"benchmarks.report: {exc}; going on without them", file=sys.stderr)
+        return str(exc)
+    return ""
+
+
+def _run_all(args: argparse.Namespace, names: list[str], out_fd: int) -> dict[str, Any]:
+    """Run the benchmarks in a work directory on a disk; the document of the run."""
+    logs_fd = open_logs_dir(out_fd, args.out)
+    try:
+        if args.dir is not None:
+            make_dir(args.dir, "--dir")
+        with tempfile.TemporaryDirectory(prefix="cdp-report-", dir=args.dir) as work:
+            m = machine(Path(work))
+            refuse_memory_fs(m, work)
+            peers_note = _peers(names)
+            started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            t0 = time.perf_counter()
+            runs = {}
+            for name in names:
+                print(f"benchmarks.report: {name} ...", file=sys.stderr, flush=True)
+                runs[name] = run_benchmark(name, args.quick, Path(work), logs_fd)
+                state = "ok" if "result" in runs[name] else "FAILED"
+                print(f"benchmarks.report: {name} {state} in {runs[name]['run']['seconds']} s", file=sys.stderr)
+    finally:
+        os.close(logs_fd)
+    return {"started": started, "commit": git_commit(), "quick": args.quick, "machine": m, "benchmarks": names,
+            "seconds": round(time.perf_counter() - t0, 1), "peers_note": peers_note, "runs": runs,
+            "results": {n: runs[n].get("result") for n in names}}
+
+
+def _write_report(doc: dict[str, Any], out_fd: int) -> None:
+    """results.json, the charts, report.md and report.html, each by ``write_at`` in the
+    open ``--out`` directory. The charts reach it through ``/proc/self/fd``: the very
+    directory opened, no name on the way resolved again."""
+    write_at(out_fd, "results.json", json.dumps(doc, indent=1, sort_keys=True))
+    blocks = page(doc, make_charts(doc["results"], Path(f"/proc/self/fd/{out_fd}")))
+    if doc["peers_note"]:
+        blocks.insert(2, ("p", f"**Peers:** {doc['peers_note']}"))
+    write_at(out_fd, "report.md", render_md(blocks))
+    write_at(out_fd, "report.html", render_html(blocks))
+
+
+def main() -> None:
+    args, names = _arguments()
+    try:
+        out_fd = open_out_dir(args.out)
+        try:
+            doc = _run_all(args, names, out_fd)
+            _write_report(doc, out_fd)
+        finally:
+            os.close(out_fd)
+    except Refused as exc:
+        print(f"benchmarks.report: {exc}", file=sys.stderr)
+        sys.exit(2)
+    failed = [n for n in names if doc["results"][n] is None]
     print(f"benchmarks.report: {args.out / 'report.md'} and report.html written"
           + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     print(json.dumps({"benchmark": "report", "out": str(args.out), "benchmarks": names, "failed": failed,
                       "seconds": doc["seconds"]}))
     sys.exit(1 if failed else 0)
-
 
 if __name__ == "__main__":
     main()

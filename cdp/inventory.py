@@ -39,7 +39,9 @@ a complete one)::
 Rules, each refused with a ``ConfigError`` naming the file, the key path (for example
 ``vms[2].disks[0].size``) and what was expected: names match ``[A-Za-z0-9._-]{1,64}``
 and are unique among hosts, among VMs, among a VM's disks and among domains; sizes are
-multiples of 512 and > 0; two disks never share an image file; a VM is in at most one
+multiples of 512 and > 0; two disks never share an image file (neither one path, after
+symbolic links, nor — for images that exist — one file by device and inode, as two hard
+links are); a VM is in at most one
 domain (a VM in none is simply not protected); domain ids are unique u32s; a DRVA is
 ``host:port`` with a port in 1..65535; unknown keys are refused (they are typos).
 
@@ -50,6 +52,7 @@ them, so a protected domain's file must only ever be appended to.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +221,7 @@ def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[V
     vms: list[Vm] = []
     vm_names: set[str] = set()
     images: set[Path] = set()
+    inodes: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of an existing image -> its key path
     for i, vm in enumerate(r.list(value, "vms", nonempty=False)):
         at = f"vms[{i}]"
         r.table(vm, at, {"name", "host", "disks"}, set())
@@ -239,9 +243,25 @@ def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[V
             if path.resolve() in images:
                 r.fail(f"{dat}.image", "an image file no other disk uses", str(path))
             images.add(path.resolve())
+            _refuse_same_file(r, path, f"{dat}.image", inodes)
             disks.append(Disk(name, disk_name, r.size(disk["size"], f"{dat}.size"), path))
         vms.append(Vm(name, host, tuple(disks)))
     return tuple(vms)
+
+
+def _refuse_same_file(r: TomlReader, path: Path, at: str, inodes: dict[tuple[int, int], str]) -> None:
+    """Refuse the image at ``path`` when it is, by device and inode, the file of another
+    disk's image (``inodes``): two hard links pass the path comparison, and a write to
+    one disk would show in the other. An image not there yet (made on first use) has no
+    inode to compare; one that cannot be looked at is for the disk's open to report."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in inodes:
+        r.fail(at, f"an image file no other disk uses ({inodes[key]} names the same file: a hard link)", str(path))
+    inodes[key] = at
 
 
 def _domains(r: TomlReader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSpec, ...]:

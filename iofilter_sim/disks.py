@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 from cdp.errors import ConfigError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from cdp.fallocate import available as fallocate_available
+from cdp.file_kinds import file_kind
 from cdp.records import (
     KIND_WRITE, KIND_ZERO, SECTOR, WRITE_LEN_MAX, payload_lengths, payload_starts,
 )
@@ -40,6 +42,33 @@ HASH_CHUNK_BYTES = 8 << 20
 #: 64 KiB). A sequential fill in 64 KiB pieces costs 0.26 CPU-s/GB instead of 0.23.
 WRITE_PIECE_BYTES = 64 << 10
 _ZEROS = bytes(1 << 20)
+
+
+#: A new image's mode: a VM's disk is readable by its owner only.
+IMAGE_MODE = 0o600
+
+
+def _open_image(path: Path, name: str, create: bool) -> int:
+    """The image at ``path``, open read-write (created ``IMAGE_MODE`` when missing and
+    ``create``). Never through a symbolic link (``O_NOFOLLOW``: a link planted at the
+    image path would make the VM's writes land in its target), never blocking on a FIFO
+    (``O_NONBLOCK``, which a regular file ignores); anything but a regular file is
+    refused with a ConfigError naming the disk and the path."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, IMAGE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"disk {name}: {path} is a symbolic link: expected a regular file (a raw image; "
+                              f"a link is never followed)") from None
+        if exc.errno == errno.EISDIR:  # a directory cannot be opened for writing at all
+            raise ConfigError(f"disk {name}: {path} is a directory: expected a regular file (a raw image)") from None
+        raise ConfigError(f"disk {name}: cannot open {path}: {exc.strerror}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"disk {name}: {path} is {file_kind(mode)}: expected a regular file (a raw image)")
+    return fd
 
 
 class PrimaryDisk:
@@ -58,11 +87,7 @@ class PrimaryDisk:
             raise ConfigError(f"disk {self.name} ({self.path}): size {size}: "
                               f"expected a multiple of 512 > 0")
         self.size = size
-        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self._fd = os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"disk {self.name}: cannot open {self.path}: {exc.strerror}") from exc
+        self._fd = _open_image(self.path, self.name, create)
         try:
             have = os.fstat(self._fd).st_size
             if have == 0:

@@ -21,7 +21,8 @@ the recovery is refused and nothing is written through the link.
 
 Every file of the output directory is then reached through ``OutputDir``, relative to
 the directory's descriptor and never by path: new files are created with
-``O_CREAT|O_EXCL|O_NOFOLLOW``; existing ones are opened with ``O_NOFOLLOW|O_NONBLOCK``
+``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600 (``FILE_MODE``; the directories it creates
+0700, ``DIR_MODE``: the images may be plaintext disks of an encrypted store); existing ones are opened with ``O_NOFOLLOW|O_NONBLOCK``
 (a FIFO planted under a file's name does not block the open) and used only when they
 are regular files with no other hard link. Anything else is refused with an error that
 names the file (``RecoveryError``).
@@ -47,7 +48,11 @@ from rocva.errors import RecoveryError
 PATH_BYTES_MAX = 4096
 #: Directories created for a destination at most (its missing components).
 CREATE_DEPTH_MAX = 64
-DIR_MODE = 0o777  # less the umask, as mkdir -p
+#: Directories a recovery creates, and the files in them: the owner's alone. A recovery
+#: from an encrypted store writes plaintext disks, so what it makes must not be readable
+#: by every local user. An existing directory is left with the mode it has.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 _O_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # open a directory to walk it without needing to read it
 
 
@@ -177,7 +182,7 @@ class OutputDir:
         except FileNotFoundError:
             return None
 
-    def create(self, name: str, mode: int = 0o644) -> int:
+    def create(self, name: str, mode: int = FILE_MODE) -> int:
         """A new, empty file (read-write); refused if the name exists, even as a link."""
         try:
             return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,

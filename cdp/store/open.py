@@ -14,15 +14,18 @@
                                AZURE_STORAGE_CONNECTION_STRING
 
 With ``CDP_STORE_KEY`` or ``CDP_STORE_KEY_FILE`` set, every store is encrypted at rest
-(``cdp.store.crypt``, FORMAT.md §19). Secrets never travel in the URL: a URL with user info or an unknown query
-parameter is refused, and every message quotes the URL through
-``redact_url``. The prefix is applied transparently: callers use keys
-relative to it.
+(``cdp.store.crypt``, FORMAT.md §19). Secrets never travel in the URL: a URL with an
+"@" after its scheme (user info) or an unknown query parameter is refused, and every
+message quotes the URL through ``redact_url``. User info is found in the raw text, not
+by ``urlsplit``: a password may hold "/", "?" or "#" (AWS secret keys often hold "/"),
+which end urlsplit's host early, so it sees no user info and the secret stays in what it
+calls the path. The prefix is applied transparently: callers use keys relative to it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
@@ -35,6 +38,17 @@ from cdp.store.storekeys import StoreKeyring
 
 #: Query parameters whose values are not secret (shown in messages).
 PUBLIC_PARAMS = frozenset({"endpoint", "region"})
+#: Where each backend's credentials belong instead of the URL (the module docstring).
+CREDENTIALS_FROM = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment",
+    "azure": "set CDP_AZURE_CONNECTION_STRING (or AZURE_STORAGE_CONNECTION_STRING) in the environment",
+}
+#: A scheme as urlsplit recognises one, then what follows it (without a leading "//").
+_SCHEME_REST = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?://)?(.*)", re.DOTALL)
+#: What urlsplit drops before reading a URL (WHATWG): leading C0 controls and spaces,
+#: and every tab and line break wherever it is.
+_LEADING_DROPPED = "".join(map(chr, range(0x21)))
+_DROPPED = str.maketrans("", "", "\t\r\n")
 
 _memory_stores: dict[str, MemoryStore] = {}
 
@@ -48,16 +62,60 @@ def config_store_url(value: str, base_dir: Path) -> str:
     return f"file://{(base_dir / value).resolve()}"
 
 
+def _after_userinfo(text: str) -> str | None:
+    """What follows the last "@" of ``text``, or None when it holds none: the one rule
+    every redaction here applies. Everything before the last "@" may be user info, and a
+    password may hold "@", ":", "/", "?" or "#", so no earlier cut is safe."""
+    if "@" not in text:
+        return None
+    return text.rpartition("@")[2]
+
+
+def _userinfo_split(url: str) -> tuple[str, str] | None:
+    """(scheme, what follows the last "@") when the raw text of ``url`` holds an "@" after
+    its scheme; None otherwise (a plain path, or no "@"). Read as urlsplit reads the
+    text (dropped characters dropped), so a tab in the scheme hides nothing."""
+    text = url.lstrip(_LEADING_DROPPED).translate(_DROPPED)
+    match = _SCHEME_REST.fullmatch(text)
+    if match is None:
+        return None
+    tail = _after_userinfo(match.group(2))
+    return None if tail is None else (match.group(1), tail)
+
+
 def redact_host(host: str) -> str:
     """A host (``netloc``, maybe followed by a path) with any user info replaced by ***:
     everything before the last "@" goes, so no part of a password that holds one stays."""
-    if "@" in host:
-        return "***@" + host.rpartition("@")[2]
-    return host
+    tail = _after_userinfo(host)
+    return host if tail is None else "***@" + tail
 
 
 def redact_url(url: str) -> str:
-    """url with user info, non-public query values and fragment replaced by ***."""
+    """url with user info, non-public query values and fragment replaced by ***.
+
+    User info is everything between the scheme and the last "@" of the raw text
+    (``_userinfo_split``), whatever urlsplit would make of it."""
+    found = _userinfo_split(url)
+    if found is None:
+        return _redact_parts(url)
+    scheme, tail = found
+    return f"{scheme}://***@{_redact_tail(scheme, tail)}"
+
+
+def _redact_tail(scheme: str, tail: str) -> str:
+    """What follows the last "@", redacted as a host, path, query and fragment. When the
+    "@" was in the query (an endpoint with user info), the tail is the rest of that query
+    without its "?": its pairs would show as a host, so a host or path holding "=" or
+    "&" (no bucket or container name does; a prefix that does is hidden too) is
+    replaced whole."""
+    head = re.split(r"[?#]", tail, maxsplit=1)[0]
+    if "=" in head or "&" in head:
+        return "***"
+    return _redact_parts(f"{scheme}://{tail}").partition("://")[2] or "***"
+
+
+def _redact_parts(url: str) -> str:
+    """``redact_url`` of a URL whose raw text holds no user info."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -122,13 +180,12 @@ def _checked(url: str) -> tuple[str, SplitResult, dict[str, str]]:
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("empty store URL: expected file://, mem://, s3:// or azure://")
     try:
+        _refuse_userinfo(url)  # first: urlsplit may fail on a password, and show it then
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if not scheme or scheme == "file":
             _file_path(url, parts)
             return "file", parts, {}
-        if parts.username is not None or parts.password is not None:
-            raise ConfigError("credentials in the URL are refused: use the environment")
         if scheme == "mem":
             return scheme, parts, {}
         if scheme not in ("s3", "azure"):
@@ -147,6 +204,19 @@ def _checked(url: str) -> tuple[str, SplitResult, dict[str, str]]:
         raise ConfigError(f"store URL {redact_url(url)}: not a valid URL") from exc
 
 
+def _refuse_userinfo(url: str) -> None:
+    """ConfigError when the raw text of ``url`` holds an "@" after its scheme: user info,
+    whatever urlsplit makes of it (a password holding "/" ends its host early). A file
+    URL is a path, where "@" is just a character. The message says where the credentials
+    belong; the caller quotes the URL redacted."""
+    found = _userinfo_split(url)
+    if found is None or found[0].lower() == "file":
+        return
+    scheme = found[0].lower()
+    where = CREDENTIALS_FROM.get(scheme, "use the environment")
+    raise ConfigError(f"credentials in the URL are refused ('@' after {scheme}://): {where}")
+
+
 def _params(query: str) -> dict[str, str]:
     params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     unknown = sorted(set(params) - PUBLIC_PARAMS)
@@ -163,7 +233,8 @@ def _file_path(url: str, parts: SplitResult) -> Path:
     if not parts.scheme:
         return Path(url)
     if parts.netloc not in ("", "localhost"):
-        raise ConfigError(f"file URL with host {parts.netloc!r}: expected file:///absolute/path")
+        # The host is not quoted: it may be user info cut short by a "/" in a password.
+        raise ConfigError("file URL with a host: expected file:///absolute/path")
     if parts.query or parts.fragment or not parts.path.startswith("/"):
         raise ConfigError("expected file:///absolute/path with no query")
     return Path(unquote(parts.path))

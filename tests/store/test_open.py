@@ -83,7 +83,7 @@ SECRET = "hunter2-SECRET"
         ("s3://bucket/a/../b", "store prefix"),
         (f"s3://AKID:{SECRET}@bucket/x", "credentials in the URL"),
         (f"s3://bucket/x?secret_key={SECRET}", "unknown query parameter"),
-        (f"s3://bucket/x?endpoint=http://u:{SECRET}@h&region=r&token={SECRET}", "unknown query"),
+        (f"s3://bucket/x?endpoint=http://u:{SECRET}@h&region=r&token={SECRET}", "credentials in the URL"),
         ("azure://", "no container"),
         ("azure://cont-x?endpoint=x", "no query parameters"),
         ("azure://cont-x", "no connection string"),
