@@ -43,7 +43,7 @@ async def replay_reference(store: ObjectStore, domain: int, out_dir: Path, upto_
         for d in state.disks:
             path = out_dir / f"{d['vm']}-{d['name']}.img"
             paths.append(path)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             fds.append(fd)
             os.ftruncate(fd, d["size"])
             base = max((b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= target),

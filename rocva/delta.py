@@ -39,6 +39,7 @@ import numpy as np
 
 from cdp.catalog_read import CatalogView
 from cdp.errors import HorizonPassed
+from cdp.file_kinds import open_regular
 from cdp.frame import decode_frame
 from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
@@ -225,7 +226,7 @@ async def apply_in_place(store: ObjectStore, plan: RecoveryPlan, paths: Sequence
     fds = []
     try:
         for d, path in zip(plan.disks, paths):
-            fds.append(os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0)))
+            fds.append(open_regular(path, os.O_RDWR))
             have = os.fstat(fds[-1]).st_size
             if have != d.size:
                 raise ValueError(f"{path}: {have} bytes, the domain's disk {d.disk} has {d.size}")

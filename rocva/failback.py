@@ -54,6 +54,7 @@ from cdp.catalog_fork import fork_timeline
 from cdp.catalog_read import CatalogView
 from cdp.dirtymap import DirtyMapUnusable, read_dirty_map, sidecar_path
 from cdp.errors import FailoverRefused, HorizonPassed, NotFound
+from cdp.file_kinds import open_regular
 from cdp.extent_stream import request_for
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
@@ -168,7 +169,7 @@ def _prepare_whole(disk: LocalDisk) -> None:
     (its map removed first: ``_drop_map``)."""
     _drop_map(disk)
     disk.path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(disk.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fd = open_regular(disk.path, os.O_RDWR | os.O_CREAT)
     try:
         if os.fstat(fd).st_size != disk.size:
             os.ftruncate(fd, 0)
@@ -311,7 +312,7 @@ async def _from_peer(peer: Peer, domain: int, seq: int, disks: Sequence[LocalDis
     fds: dict[int, int] = {}
     try:
         for d in disks:
-            fds[d.disk] = os.open(d.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            fds[d.disk] = open_regular(d.path, os.O_RDWR)
             if os.fstat(fds[d.disk]).st_size != d.size:
                 raise FailoverRefused(f"{d.path}: {os.fstat(fds[d.disk]).st_size} bytes, its disk has {d.size}")
         return await copy_from_peer(peer, req, fds, progress=step)

@@ -246,3 +246,20 @@ async def test_a_failback_that_died_rewriting_a_disk_whole_rewrites_it_whole_aga
     assert out["timeline"] == 3 and (await load_catalog(store, b.domain))[0].current == 3
     # The first run made the map's removal durable while the image was still as it found it.
     assert (False, None if how == "missing" else disks[0].size // 2) in seen, seen
+
+
+@pytest.mark.parametrize("victim_size", ["the disk's", "another"])
+async def test_a_link_planted_at_a_disk_image_is_never_written_through(tmp_path, victim_size):
+    """The MSA runs the failback as root: a symbolic link in place of a primary image
+    (whatever its target's size, so whether the disk is rewritten whole or by delta)
+    is refused, and its target left as it was."""
+    store = MemoryStore()
+    b, fork, mark, a_disks, at_mark = await _two_histories(store, 24, 4, 4, False)
+    disks = site_a_disks(tmp_path, a_disks)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v" * (disks[0].size if victim_size == "the disk's" else 4096))
+    disks[0].path.unlink()
+    disks[0].path.symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        await failback(store, b.domain, mark, site=SITE, disks=disks)
+    assert set(victim.read_bytes()) == {ord("v")}
