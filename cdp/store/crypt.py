@@ -520,6 +520,15 @@ class EncryptedStore(StoreBase):
         self._check_trailer(key, env, blob[-ENVELOPE_BYTES:], len(blob))
         return env, blob[ENVELOPE_BYTES:]
 
+    async def _open_last_page(self, key: str, env: Envelope) -> None:
+        """Open (authenticate) the object's last page, for a read that opens no page: an
+        envelope is only checksummed, and its key id is public, so a forged one would
+        otherwise be taken for an empty object (§19.2: even an empty object has a
+        tagged last page for this)."""
+        last = env.pages - 1
+        sealed = memoryview(await self.inner.get(key, page_offset(last), env.page_len(last) + TAG_BYTES))
+        open_range(env, key, self._where("get", key), sealed, last * PAGE_BYTES, env.plain_len)
+
     async def _get_whole(self, key: str) -> bytes:
         env, sealed = await self._fetch_whole(key)
         plain = await self._open(env, key, sealed, 0, env.plain_len)
@@ -539,8 +548,7 @@ class EncryptedStore(StoreBase):
             sealed, base = None, 0
         start, end = resolve_range(env.plain_len, offset, length)
         if start == end:
-            if sealed is None:
-                await self.inner.stat(key)  # NotFound if it is gone
+            await self._open_last_page(key, env)  # NotFound if it is gone
             return env, None, start, end
         first, last = start // PAGE_BYTES, (end - 1) // PAGE_BYTES
         if sealed is None:
@@ -638,6 +646,7 @@ class EncryptedStore(StoreBase):
             offset = max(0, env.plain_len - count)
         start, end = offset, env.plain_len
         if start >= end:
+            await self._open_last_page(key, env)
             self._remember(key, env)
             return b""
         first = start // PAGE_BYTES

@@ -23,10 +23,12 @@ from cdp.layout import chunk_key
 from cdp.store import open_store
 from cdp.store.base import resolve_range
 from cdp.store.crypt import (
-    ENVELOPE_BYTES, PAGE_BYTES, SEALED_PAGE_BYTES, TAG_BYTES, EncryptedStore, page_offset, plain_size, sealed_size,
+    _ENVELOPE, ENVELOPE_BYTES, PAGE_BYTES, PAGE_SHIFT, SEALED_PAGE_BYTES, TAG_BYTES, EncryptedStore, page_offset,
+    plain_size, sealed_size,
 )
 from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
+from cdp.summed import pack_summed
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))
@@ -513,3 +515,23 @@ def test_large_puts_reuse_their_sealing_buffers_and_never_a_running_one(tmp_path
         assert store._seal_buffers == []
 
     run(check())
+
+
+@pytest.mark.parametrize("plain_len", [0, PAGE_BYTES, 3 * PAGE_BYTES + 10])
+@pytest.mark.parametrize("read", ["suffix", "empty range", "to the end", "past the end"])
+def test_a_forged_envelope_is_refused_by_reads_that_open_no_page(plain_len: int, read: str) -> None:
+    """An envelope is only checksummed and its key id is public: one forged without the
+    key (here with pages of random bytes before it) was taken for an object whose empty
+    reads returned b"" (§19.2's tagged last page is opened for them now)."""
+    keys = ring(b"k" * 32)
+    inner = MemoryStore()
+    forged = pack_summed(_ENVELOPE, b"CDPN", 1, PAGE_SHIFT, 0, keys.writer.key_id, bytes(16), plain_len, 0)
+    body = os.urandom(sealed_size(plain_len) - 2 * ENVELOPE_BYTES)
+    run(inner.put("d/forged", forged + body + forged))
+    reads = {"suffix": ("d/forged", -100), "empty range": ("d/forged", 0, 0),
+             "to the end": ("d/forged", plain_len), "past the end": ("d/forged", plain_len, 10)}
+    with pytest.raises(IntegrityError):
+        run(EncryptedStore(inner, keys).get(*reads[read]))
+    real = EncryptedStore(MemoryStore(), keys)  # a real object's empty reads still answer b""
+    run(real.put("d/real", os.urandom(plain_len)))
+    assert run(real.get("d/real", plain_len)) == b"" and run(real.get("d/real", 0, 0)) == b""
