@@ -41,6 +41,7 @@ from cdp.hypervisor import PowerView
 from cdp.inventory import DomainSpec
 from cdp.logs import get_logger
 from cdp.store.storekeys import STORE_KEY_ENV, STORE_KEY_FILE_ENV
+from cdp.msa.install_dirs import ensure_dir
 from cdp.msa.keeper import STATUS_BYTES_MAX, Kept, ProcessKeeper, send_signal
 from cdp.small_file import NotRegularFile, read_small_file
 
@@ -49,6 +50,12 @@ log = get_logger("cdp.hypervisor.simulator")
 SIM_SECRET_ENV = "CDP_SITE_SECRET"  # where iofilter-sim reads the handshake secret
 DRAIN_STOP_TIMEOUT_S = 60.0  # a host draining longer than this is killed (its DRVA is gone)
 PAUSE_WAIT_S = 10.0  # a paused domain's loop notices within one batch
+
+
+def host_args(inventory_path: Path) -> tuple[str, ...]:
+    """How a host process's arguments after the interpreter begin (``cdp uninstall``
+    finds one a killed daemon left running by them)."""
+    return ("-m", "iofilter_sim", "run", str(inventory_path))
 
 
 @dataclass(kw_only=True)
@@ -143,7 +150,8 @@ class SimulatorHypervisor:
             state_dir=cluster.state_dir.resolve(),
             # [tls] on: the filters reach the DRVAs over TLS, trusting the site CA only.
             tls={"ca": self.cfg.tls.ca_cert.resolve()} if self.cfg.tls is not None else None)
-        self.root.mkdir(parents=True, exist_ok=True)
+        # 0755 under any umask: the host process's control and status files are read here.
+        ensure_dir(self.cfg, "state_dir", self.root, "the daemon writes its hosts' inventories")
         atomic_write(hp.inventory_path, site_files.toml_text(doc).encode())
 
     def _write_control(self, hp: HostProcess) -> None:
@@ -156,7 +164,7 @@ class SimulatorHypervisor:
             self.stopped.pop(domain, None)
         self._write_control(hp)
         isolated = [a for d in hp.domains if d in self.cfg.isolated for a in ("--isolated", d)]
-        await self.keeper.spawn(hp, ("-m", "iofilter_sim", "run", str(hp.inventory_path), "--status",
+        await self.keeper.spawn(hp, (*host_args(hp.inventory_path), "--status",
                                      str(hp.status_path), "--marks-log", str(hp.marks_log), "--control",
                                      str(hp.control_path), "--no-hashes", *isolated, *self._vm_args(hp)),
                                 domains=list(hp.domains))

@@ -99,6 +99,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
@@ -508,7 +509,56 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
             r.fail(f"protect[{list(protect).index(name)}].domain",
                    f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
     _check_drva_configs(cfg)
+    _check_drva_state_dirs(cfg)
     return cfg
+
+
+def _file_store_root(url: str | None) -> Path | None:
+    """The directory of a ``file://`` store URL (already checked), None for any other."""
+    if url is None or not url.startswith("file://"):
+        return None
+    return Path(unquote(urlsplit(url).path))
+
+
+def _kept_places(cfg: SiteConfig) -> list[tuple[str, Path]]:
+    """(site- or cluster-file key, path) of what must outlive ``cdp uninstall`` without
+    ``--purge``: the file stores, the TLS directory (the site CA), the recovery roots,
+    the inventory's datastore and every VM's image."""
+    stores = [("store", cfg.store_url)]
+    if cfg.peer is not None:
+        stores.append(("peer.store", cfg.peer.store_url))
+    places = [(key, root) for key, url in stores if (root := _file_store_root(url)) is not None]
+    if cfg.tls is not None:
+        places.append(("tls.dir", cfg.tls.dir))
+    places += [(f"recovery_roots[{i}]", root) for i, root in enumerate(cfg.recovery_roots)]
+    places.append((f"state_dir of {cfg.cluster_path.name}", cfg.cluster.state_dir))
+    places += [(f"the image of disk {disk.name} of VM {vm.name} in {cfg.cluster_path.name}", disk.image)
+               for vm in cfg.cluster.vms for disk in vm.disks]
+    return places
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Is ``path`` ``directory`` or below it, as written or once links are resolved?"""
+    as_written = (Path(os.path.abspath(path)), Path(os.path.abspath(directory)))
+    for p, d in (as_written, (path.resolve(), directory.resolve())):
+        if p == d or d in p.parents:
+            return True
+    return False
+
+
+def _check_drva_state_dirs(cfg: SiteConfig) -> None:
+    """``ConfigError`` naming both keys when something uninstall must keep lies in a
+    DRVA's state directory (``<state_dir>/drvas/<name>``): that directory is the DRVA's
+    own, and ``cdp uninstall`` empties it of what the DRVA writes there and removes it."""
+    places = _kept_places(cfg)
+    for i, drva in enumerate(cfg.drvas):
+        state_dir = cfg.drva_state_dir(drva)
+        for key, path in places:
+            if _inside(path, state_dir):
+                raise ConfigError(
+                    f"{cfg.path}: {key} ({path}) lies inside the state directory of DRVA {drva.name} ({state_dir}, "
+                    f"from state_dir and drvas[{i}].name): that directory is the DRVA's, and cdp uninstall empties "
+                    f"and removes it; set {key} outside it")
 
 
 def _inventory(cluster_path: Path, state_dir: Path, site: str) -> tuple[Cluster, frozenset[str], frozenset[str]]:

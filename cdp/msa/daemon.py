@@ -141,11 +141,15 @@ class MsaDaemon:
 
     async def start(self) -> None:
         from cdp.msa.api import start_api
-        from cdp.msa.install_dirs import ensure_state_dir
+        from cdp.msa.install_dirs import ensure_dir, ensure_state_dir
 
         # The check install makes: a state_dir another user can write could have the pid
         # file (which uninstall signals) or a job record point elsewhere.
         ensure_state_dir(self.cfg, "the daemon writes its pid file and job records")
+        # Its children's logs and pid files: a logs/ others may write would let them name
+        # any process for the next start to stop, or a file for root to append to.
+        ensure_dir(self.cfg, "state_dir", self.cfg.state_dir / "logs",
+                   "the daemon writes its children's logs and pid files")
         self._claim_pid_file()
         try:
             if self.cfg.tls is not None:  # before a DRVA or the API would fail on a missing file

@@ -19,23 +19,37 @@ its pid later. A daemon killed between spawning a child and writing its pid file
 a child no file names (the kills campaign hit that window in two runs of three: a
 failover restarts the domain's DRVA as it starts); so a process running this very
 command line (same interpreter, same arguments: the same configuration file) that is not
-this daemon's child is a leftover too, found in ``/proc``.
+this daemon's child is a leftover too, found in ``/proc``. ``cdp uninstall`` stops the
+same leftovers (``find_leftovers``, ``stop_leftovers``) before it removes the partitions
+they hold open.
+
+The logs directory is where those pid files are trusted, so it must be ours alone
+(``cdp.msa.install_dirs.dir_problem``): a user who can write there could name any
+process in a pid file (stopped at the next start) or put a link at a log path (appended
+to by root). It is made ``DIR_MODE`` whatever the umask, a child is not started while it
+is not ours alone, and a log is opened without following a link and only if it is a
+regular file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cdp.file_kinds import file_kind
 from cdp.logs import get_logger
+from cdp.msa.install_dirs import DIR_MODE, dir_problem
 from cdp.small_file import NotRegularFile, read_small_file
 
 log = get_logger("cdp.msa.keeper")
@@ -100,11 +114,11 @@ class ProcessKeeper:
         """Start ``python args...``; on failure the next ``reap`` retries after the back-off.
         A leftover of an earlier daemon under the same name is stopped first."""
         try:
+            check_private_dirs(kept)  # before its pid file is read or its log opened (module docstring)
             await self.stop_leftover(kept)
             await self.stop_same_command(kept, [sys.executable, *args])
-            kept.log_path.parent.mkdir(parents=True, exist_ok=True)
             _rotate(kept.log_path)
-            out = os.open(kept.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            out = open_log(kept.log_path)
             try:
                 kept.proc = await asyncio.create_subprocess_exec(
                     sys.executable, *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
@@ -154,12 +168,12 @@ class ProcessKeeper:
         exit is seen by polling (whoever inherited it reaps it)."""
         path = pid_path(kept)
         found = _leftover(path)
-        if found is None:
+        if found is None:  # none, or not one we wrote: removed, replaced at the spawn
             path.unlink(missing_ok=True)
             return
         pid, ticks = found
         log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, pid_file=str(path))
-        await self._stop_process(pid, ticks, f"named by {path}")
+        await stop_process(pid, ticks, f"named by {path}", self.stop_timeout_s)
         path.unlink(missing_ok=True)
         log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
 
@@ -171,22 +185,8 @@ class ProcessKeeper:
             if pid == ours:
                 continue
             log.warning(f"{self.kind}_leftover_stopping", name=kept.name, pid=pid, found="by its command line")
-            await self._stop_process(pid, ticks, f"running {' '.join(argv)[:200]}")
+            await stop_process(pid, ticks, f"running {' '.join(argv)[:200]}", self.stop_timeout_s)
             log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
-
-    async def _stop_process(self, pid: int, ticks: int, what: str) -> None:
-        """SIGTERM process ``pid`` (started at ``ticks``), SIGKILL it after
-        ``stop_timeout_s``, and wait by polling until it is gone (it is not our child:
-        whoever inherited it reaps it). ``OSError`` if it outlives SIGKILL."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + self.stop_timeout_s
-            while same_process(pid, ticks) and time.monotonic() < deadline:
-                await asyncio.sleep(LEFTOVER_POLL_S)
-            if not same_process(pid, ticks):
-                return
-        raise OSError(f"process {pid} ({what}) outlived SIGKILL")
 
     def schedule_restart(self, kept: Kept) -> None:
         now = self.clock()
@@ -255,6 +255,128 @@ def pid_path(kept: Kept) -> Path:
     return kept.log_path.with_suffix(".pid")
 
 
+def private_dir_problem(path: Path) -> str | None:
+    """Create directory ``path`` and its missing parents (``DIR_MODE``: a umask only
+    takes bits away, so none is writable by others), then say why another user could
+    change what lies in it (``dir_problem``: one made by someone else first, or 0777 from
+    an older daemon), or None."""
+    missing = []
+    here = path
+    while not os.path.lexists(here):
+        missing.append(here)
+        here = here.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: checked below all the same
+            os.mkdir(directory, DIR_MODE)
+    return dir_problem(path)
+
+
+def check_private_dirs(kept: Kept) -> None:
+    """Make the directories of ``kept``'s log, pid file and status (``private_dir_problem``);
+    ``OSError`` naming the first one another user could write: what is read there is
+    trusted (a pid file names a process to stop), what is written there is root's."""
+    dirs = [kept.log_path.parent] + ([kept.status_path.parent] if kept.status_path is not None else [])
+    for directory in dirs:
+        if (problem := private_dir_problem(directory)) is not None:
+            raise OSError(errno.EPERM, f"{problem}: the directories of its log, pid file and status must be "
+                          f"owned by root or by uid {os.geteuid()} and writable by no other user (chmod go-w)",
+                          str(directory))
+
+
+def open_log(path: Path) -> int:
+    """``path`` opened for appending (created 0640), never through a symbolic link
+    (``O_NOFOLLOW``), nor waiting on a FIFO (``O_NONBLOCK``, cleared once it is known to
+    be a regular file, which the child then writes to). ``OSError`` naming it otherwise."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError as exc:
+        what = {errno.ELOOP: "a symbolic link", errno.ENXIO: "a FIFO or a socket"}.get(exc.errno or 0)
+        if what is None:
+            raise
+        raise OSError(exc.errno, f"{what}, not a log file: never followed; move it away", str(path)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{file_kind(mode)}, not a log file: move it away", str(path))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def stop_process(pid: int, ticks: int, what: str, timeout_s: float) -> None:
+    """SIGTERM process ``pid`` (started at ``ticks``), SIGKILL it after ``timeout_s``, and
+    wait by polling until it is gone (it is not our child: whoever inherited it reaps
+    it). A process with that pid and another start time is never signalled. ``OSError``
+    if it outlives SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not same_process(pid, ticks):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while same_process(pid, ticks) and time.monotonic() < deadline:
+            await asyncio.sleep(LEFTOVER_POLL_S)
+    if same_process(pid, ticks):
+        raise OSError(f"process {pid} ({what}) outlived SIGKILL")
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A child process a killed daemon left running: ``pid``, started at ``ticks``;
+    ``found`` says how it was found (its pid file, or its command line)."""
+
+    pid: int
+    ticks: int
+    found: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pid": self.pid, "found": self.found}
+
+
+def find_leftovers(logs_dir: Path, pid_glob: str, arg_prefixes: Sequence[Sequence[str]]) -> list[Leftover]:
+    """The children a killed daemon may have left running (module docstring), for
+    ``cdp uninstall``: each process a pid file ``logs_dir/<pid_glob>`` names (same pid
+    and start time; a file that is not one we wrote is never acted on), then each
+    process owned by root or by us whose arguments after the interpreter begin with one
+    of ``arg_prefixes`` (any interpreter: the daemon may have been started through
+    another path to it). Reads only; the caller checked that ``logs_dir`` is ours alone."""
+    found: dict[int, Leftover] = {}
+    try:
+        paths = sorted(p for p in logs_dir.glob(pid_glob) if not p.name.startswith("."))
+    except OSError:  # no directory (nothing ever ran), or not one
+        paths = []
+    for path in paths:
+        hit = _leftover(path)
+        if hit is not None:
+            found.setdefault(hit[0], Leftover(hit[0], hit[1], f"named by {path}"))
+    prefixes = [[os.fsencode(a) for a in prefix] for prefix in arg_prefixes]
+    for pid, args in _command_lines():
+        if pid in found or not any(args[1:1 + len(p)] == p for p in prefixes):
+            continue
+        ticks = start_ticks(pid)
+        if ticks is not None and _owner(pid) in (0, os.geteuid()):
+            found[pid] = Leftover(pid, ticks, "running " + os.fsdecode(b" ".join(args))[:200])
+    return list(found.values())
+
+
+async def stop_leftovers(leftovers: Sequence[Leftover], timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
+    """Stop each of ``leftovers`` (``stop_process``, all at once); what survived SIGKILL,
+    one line each (empty: all gone)."""
+    async def stop(one: Leftover) -> str | None:
+        log.warning("leftover_stopping", pid=one.pid, found=one.found)
+        try:
+            await stop_process(one.pid, one.ticks, one.found, timeout_s)
+        except OSError as exc:
+            return str(exc)
+        log.warning("leftover_stopped", pid=one.pid)
+        return None
+
+    return [why for why in await asyncio.gather(*(stop(one) for one in leftovers)) if why is not None]
+
+
 def start_ticks(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot), None if it is gone or a
     zombie (exited: only waiting to be reaped)."""
@@ -300,12 +422,18 @@ def write_pid_file(path: Path, pid: int) -> None:
 def read_pid_file(path: Path) -> tuple[int, int | None] | None:
     """(pid, start ticks) a pid file names; ticks None when the file holds a bare pid
     (or a JSON ``{"pid": N}``), as files of older versions did. None when there is no
-    file. ``ValueError`` naming the file when it holds neither."""
+    file. ``ValueError`` naming the file when it holds neither, or is no pid file we
+    wrote: not a regular file (a FIFO is not waited on, a link not followed), or longer
+    than ``PID_FILE_BYTES_MAX``."""
     try:
-        with open(path, "rb") as f:
-            text = f.read(PID_FILE_BYTES_MAX).decode(errors="replace").strip()
-    except (FileNotFoundError, NotADirectoryError):
+        raw, _ = read_small_file(path, PID_FILE_BYTES_MAX)
+    except FileNotFoundError:
         return None
+    except NotRegularFile as exc:
+        raise ValueError(f"{path}: {exc}, not a pid file cdp wrote") from None
+    if len(raw) > PID_FILE_BYTES_MAX:
+        raise ValueError(f"{path}: more than {PID_FILE_BYTES_MAX} bytes, not a pid file cdp wrote")
+    text = raw.decode(errors="replace").strip()
     try:
         if text.startswith("{"):
             pid, ticks = json.loads(text)["pid"], None
@@ -322,30 +450,49 @@ def read_pid_file(path: Path) -> tuple[int, int | None] | None:
 def _running_command(argv: Sequence[str]) -> list[tuple[int, int]]:
     """(pid, start ticks) of every live process whose command line is ``argv``, this
     process excepted."""
-    want = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+    want = [os.fsencode(a) for a in argv]
     found = []
+    for pid, args in _command_lines():
+        if args == want and (ticks := start_ticks(pid)) is not None:
+            found.append((pid, ticks))
+    return found
+
+
+CMDLINE_BYTES_MAX = 64 << 10  # ours are a few hundred bytes; a longer one is no child of ours
+
+
+def _command_lines() -> list[tuple[int, list[bytes]]]:
+    """(pid, arguments) of every process but this one whose command line can be read."""
+    out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                if f.read(len(want) + 1) != want:
-                    continue
+                raw = f.read(CMDLINE_BYTES_MAX + 1)
         except OSError:
             continue  # gone meanwhile, or not ours to read
-        ticks = start_ticks(int(entry.name))
-        if ticks is not None:
-            found.append((int(entry.name), ticks))
-    return found
+        if raw and len(raw) <= CMDLINE_BYTES_MAX:
+            out.append((int(entry.name), raw.removesuffix(b"\0").split(b"\0")))
+    return out
+
+
+def _owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
 
 
 def _leftover(path: Path) -> tuple[int, int] | None:
     """The pid and start ticks ``path`` names if that process still runs (same start
-    time), else None."""
+    time), else None: also when it is not a pid file we wrote (``read_pid_file``), which
+    is logged and never acted on."""
     try:
         found = read_pid_file(path)
-    except (OSError, ValueError):
-        return None  # not one we wrote: nothing to stop
+    except (OSError, ValueError) as exc:
+        log.warning("pid_file_ignored", pid_file=str(path), error=str(exc))
+        return None
     if found is None or found[1] is None:
         return None  # none, or no start time to tell the process by
     pid, ticks = found
@@ -372,7 +519,7 @@ def send_signal(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 def _rotate(path: Path) -> None:
     try:
-        if path.stat().st_size > LOG_ROTATE_BYTES:
+        if os.lstat(path).st_size > LOG_ROTATE_BYTES:  # a link is not followed (open_log refuses it)
             os.replace(path, path.with_name(path.name + ".1"))
     except FileNotFoundError:
         pass
@@ -381,11 +528,18 @@ def _rotate(path: Path) -> None:
 def last_error(path: Path) -> str | None:
     """The last error a log holds (JSON lines from cdp.logs, or a plain traceback line)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-            lines = f.read().decode(errors="replace").splitlines()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None  # not the log we opened for the child: never waited on (a FIFO)
+        lines = os.pread(fd, LOG_TAIL_BYTES, max(0, st.st_size - LOG_TAIL_BYTES)).decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     for line in reversed(lines):
         line = line.strip()
         if not line:

@@ -6,6 +6,7 @@ site), and each domain's objects kept or purged.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from cdp.msa.install_daemon import daemon_state
 from cdp.msa.install_dirs import check_state_dir, drva_config_path, jobs_dir, who
 from cdp.msa.install_inspect import ROLES, PathState
 from cdp.msa.install_purge import domain_usage, registered_kept
-from cdp.msa.install_removal import drva_dir_kept, kept_not_made, made_verdict
+from cdp.msa.install_removal import drva_dir_kept, drva_dir_plan, kept_not_made, leftover_children, made_verdict
 from cdp.msa.preflight_check import (
     STORE_OP_TIMEOUT_S, Check, Progress, _no_progress, _open_store, _run_checks, _state_dir_refused, _when,
     _within, format_size, summarize,
@@ -36,15 +37,16 @@ def check_state_dirs(cfg: SiteConfig) -> Check:
                  "writable by no other user", {"dirs": [str(cfg.state_dir), str(jobs_dir(cfg))]})
 
 
-def _tree_bytes(path: Path) -> tuple[int, int]:
+def _files_bytes(paths: list[Path]) -> tuple[int, int]:
     files = size = 0
-    for root, _, names in os.walk(path):
-        for n in names:
-            try:
-                size += os.lstat(os.path.join(root, n)).st_size
-                files += 1
-            except OSError:
-                continue
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files += 1
+            size += st.st_size
     return files, size
 
 
@@ -79,10 +81,13 @@ def check_removal(cfg: SiteConfig, drva: DrvaSpec) -> Check:
     state_dir = cfg.drva_state_dir(drva)
     mine = {str(role.path(drva)) for role in ROLES.values()} | {m.path for m in made.values() if m.drva == drva.name}
     left = [e for e in left_all if e["path"] in mine]
-    if (why := drva_dir_kept(cfg, drva, left_all)) is not None:
+    files, size = _files_bytes(drva_dir_plan(cfg, drva)[0])
+    why = drva_dir_kept(cfg, drva, {entry.path for entry, _ in remove_all})
+    if why is not None:
+        if files:
+            remove.append(f"the DRVA's status and requests in {state_dir} ({files} files, {format_size(size)})")
         left.append({"path": str(state_dir), "why": why})
     elif state_dir.exists():
-        files, size = _tree_bytes(state_dir)
         remove.append(f"state dir {state_dir} ({files} files, {format_size(size)})")
     remove += [f"{ROLES[entry.role].what} {entry.path} ({format_size(state.size)})"
                for entry, state in remove_all if entry.drva == drva.name]
@@ -168,6 +173,13 @@ async def preflight_uninstall(cfg: SiteConfig, env: Mapping[str, str] = os.envir
             if state.running:
                 return Check("daemon", "warn", f"{state.note}: uninstall stops it (SIGTERM) first",
                              state.to_dict())
+            hosts, others = leftover_children(cfg)  # a running daemon stops its own children
+            if hosts or others:
+                left = [one.to_dict() for one in hosts + others]
+                pids = ", ".join(str(one["pid"]) for one in left)
+                return Check("daemon", "warn", f"not running ({state.note}), but {len(left)} of its processes are "
+                             f"(pid {pids}): uninstall stops them (SIGTERM, then SIGKILL) first",
+                             state.to_dict() | {"leftovers": left})
             return Check("daemon", "pass", f"not running ({state.note})", state.to_dict())
 
         async def kept() -> list[Check]:

@@ -14,12 +14,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cdp.logs import get_logger
 from cdp.msa.keeper import Kept, ProcessKeeper
 
 log = get_logger("cdp.msa.standby")
+
+
+def standby_args(site_path: Path) -> tuple[str, ...]:
+    """How the arguments of a standby of the site file ``site_path`` begin, after the
+    interpreter (``cdp uninstall`` finds one a killed daemon left running by them)."""
+    return ("-m", "rocva", "standby", "--config", str(site_path))
 
 
 @dataclass(kw_only=True)
@@ -58,8 +65,7 @@ class StandbyKeeper:
 
     async def _start(self, sp: StandbyProcess) -> None:
         sp.status = None
-        await self.keeper.spawn(sp, ("-m", "rocva", "standby", "--config", str(self.cfg.path), "--name", sp.name,
-                                     "--interval", str(sp.interval_s)))
+        await self.keeper.spawn(sp, (*standby_args(self.cfg.path), "--name", sp.name, "--interval", str(sp.interval_s)))
 
     async def step(self) -> None:
         await self.apply()

@@ -24,6 +24,8 @@ calls it a few times a second (``STEP_INTERVAL_S``); tests may call it directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -37,13 +39,22 @@ from cdp.durable import atomic_write
 from cdp.errors import CdpError
 from cdp.logs import get_logger
 from cdp.msa.config import DrvaSpec, Policy, SiteConfig
+from cdp.msa.install_dirs import DIR_MODE, ensure_dir
 from cdp.msa.keeper import (
     BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S, STOP_TIMEOUT_S, Kept, ProcessKeeper, exit_text, send_signal,
 )
+from drva.requests import requests_dir
 
 log = get_logger("cdp.msa.supervisor")
 
 STEP_INTERVAL_S = 0.2
+WRITER_SUPERVISOR = "the daemon writes its DRVAs' configurations and requests"  # install_dirs.dir_error
+
+
+def drva_args(config_path: Path) -> tuple[str, ...]:
+    """A DRVA process's arguments after the interpreter (``cdp uninstall`` finds one a
+    killed daemon left running by them)."""
+    return ("-m", "drva.daemon", "--config", str(config_path))
 
 
 @dataclass(kw_only=True)
@@ -169,15 +180,26 @@ class Supervisor:
     def _write_config(self, sup: Supervised) -> None:
         sup.spec = self.cfg.drva(sup.spec.name)  # the site may have been reloaded (a failover registered VMs)
         doc = self.cfg.drva_config_doc(sup.spec, list(sup.domains), self.takeover)
-        sup.config_path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.cfg, "state_dir", sup.config_path.parent, WRITER_SUPERVISOR)  # 0755 under any umask
+        self._make_requests_box(sup.spec)
         atomic_write(sup.config_path, tomli_w.dumps(doc).encode())
+
+    def _make_requests_box(self, spec: DrvaSpec) -> None:
+        """The DRVA's state directory and its requests box, 0755 under any umask: the
+        DRVA makes a missing box itself with the umask it inherits (0777 under 000), and
+        reads any request file found there. A box that cannot be made is the DRVA's to
+        report (``requests_unusable``): it is a side file, no reason not to start."""
+        state_dir = self.cfg.drva_state_dir(spec)
+        ensure_dir(self.cfg, "state_dir", state_dir, WRITER_SUPERVISOR)
+        with contextlib.suppress(OSError):
+            os.mkdir(requests_dir(state_dir), DIR_MODE)
 
     # ------------------------------------------------------------------ processes
 
     async def _start(self, sup: Supervised) -> None:
         sup.status = None
-        await self.keeper.spawn(sup, ("-m", "drva.daemon", "--config", str(sup.config_path)),
-                                domains=list(sup.domains), config=str(sup.config_path))
+        await self.keeper.spawn(sup, drva_args(sup.config_path), domains=list(sup.domains),
+                                config=str(sup.config_path))
 
     async def _stop(self, sup: Supervised) -> None:
         await self.keeper.stop(sup)
