@@ -46,6 +46,7 @@ from cdp.locks import Lease
 from cdp.logs import get_logger
 from cdp.nbd.backend import BlockSizes
 from cdp.store.base import ObjectStore
+from rocva.destination import OutputDir, for_store, open_output_dir, resolve_destination
 from rocva.errors import RecoveryError
 from rocva.fetch import pool_workers
 from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCache
@@ -82,12 +83,30 @@ def export_name(disk: DiskPlan) -> str:
     return f"{disk.vm}/{disk.name}"
 
 
-class ImageSource:
-    """A rehydrated image, read with ``pread`` in a thread."""
+def _check_rehydrate_to(store: ObjectStore, path: Path) -> None:
+    """``--rehydrate-to`` refused before anything starts (ConfigError, exit 2) when it is
+    not, or cannot become, a directory a recovery may write (a file, a FIFO, a path
+    through one, the store's own directory): found only once serving, it was a
+    ``rehydrate_error`` in a mount that exited 0."""
+    try:
+        resolve_destination(path, for_store(store))
+    except RecoveryError as exc:
+        raise ConfigError(f"--rehydrate-to: {exc.message}") from None
 
-    def __init__(self, path: str) -> None:
+
+class ImageSource:
+    """A rehydrated image, read with ``pread`` in a thread from ``fd`` — opened through the
+    rehydration directory's descriptor (``Mount._open_images``), never by path. The overlay
+    is applied through this very descriptor when the mount stops: only the file that was
+    served is ever written."""
+
+    def __init__(self, fd: int, path: str) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = fd
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     async def read(self, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self._pread, offset, length)
@@ -242,10 +261,13 @@ class Mount:
         self.rehydrate_store: CountingStore | None = None
         self.overlay_bytes_applied = 0
         self._images: list[ImageSource] = []
+        self._rehydrate_dir: OutputDir | None = None  # open from the start of the rehydration until close
         self.lease: Lease | None = None  # the recovery lease (None: a store we may only read)
 
     @classmethod
     async def open(cls, store: ObjectStore, options: MountOptions) -> Mount:
+        if options.rehydrate_to is not None:
+            _check_rehydrate_to(store, options.rehydrate_to)
         # A mount is a recovery that may last for days: the same lease keeps retention
         # from deleting the objects its reads and its rehydration need, and is taken
         # before the catalog is read (FORMAT.md §11.3).
@@ -327,8 +349,13 @@ class Mount:
 
         logger.info("mount_rehydrate_started", to=str(self.options.rehydrate_to), total_bytes=self.plan.bytes_to_write)
         try:
+            # The directory is opened (and kept) first: the images are then opened, and at
+            # stop checked, through its descriptor, never by a path a name swap redirects.
+            self._rehydrate_dir = await asyncio.to_thread(open_output_dir, self.options.rehydrate_to,
+                                                          for_store(self.store))
             result = await execute_plan(self.rehydrate_store, self.plan, self.options.rehydrate_to, progress=progress,
                                         concurrency=self.options.rehydrate_concurrency)
+            images = await asyncio.to_thread(self._open_images, self._rehydrate_dir)
         except asyncio.CancelledError:
             logger.info("mount_rehydrate_stopped", done_bytes=self.rehydrate_progress[0],
                         total_bytes=self.rehydrate_progress[1])
@@ -337,9 +364,7 @@ class Mount:
             self.rehydrate_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             logger.error("mount_rehydrate_failed", to=str(self.options.rehydrate_to), error=self.rehydrate_error)
             return
-        by_disk = {img["disk"]: img["path"] for img in result["images"]}
-        for disk in self.disks.values():
-            image = ImageSource(by_disk[disk.disk.disk])
+        for disk, image in zip(self.disks.values(), images):
             self._images.append(image)
             disk.lower = image
         self.rehydrated = True
@@ -350,46 +375,111 @@ class Mount:
         if on_done is not None:
             on_done(summary)
 
+    def _open_images(self, out: OutputDir) -> list[ImageSource]:
+        """The published image of every disk (in ``self.disks``' order), opened through
+        ``out``'s descriptor — read-write when the mount is writable, so that the overlay
+        is applied to the very file served: a regular file with one link (``OutputDir.open``
+        refuses anything else, naming it) of the disk's size."""
+        flags = os.O_RDWR if self.options.writable else os.O_RDONLY
+        images: list[ImageSource] = []
+        try:
+            for disk in self.disks.values():
+                name = disk.disk.image_name
+                image = ImageSource(out.open(name, flags), out.show(name))
+                images.append(image)
+                size = os.fstat(image.fd).st_size
+                if size != disk.size:
+                    raise RecoveryError(f"{out.show(name)}: {size} bytes, disk {disk.disk.disk} has {disk.size}")
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
+        return images
+
     # ------------------------------------------------------------------ stopping
 
     async def close(self) -> dict[str, Any]:
         """Stop (after the server is closed): flush the overlays, stop or finish the
         rehydration, apply the overlays to rehydrated images, release everything; the
-        summary."""
+        summary.
+
+        A temporary overlay directory is removed only when all of that succeeded: it may
+        hold the only copy of writes the clients flushed. Otherwise it is kept and the
+        error (``RecoveryError``, exit 6) names it and says how to apply it."""
+        kept = True
         try:
-            for disk in self.disks.values():
-                if disk.overlay is not None:
-                    await disk.overlay.flush()
-            if self.rehydration is not None and not self.rehydration.done():
-                self.rehydration.cancel()
-            if self.rehydration is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self.rehydration
-            if self.rehydrated and self.options.writable:
-                for disk in self.disks.values():
-                    self.overlay_bytes_applied += await asyncio.to_thread(self._apply, disk)
-                logger.info("mount_overlay_applied", bytes=self.overlay_bytes_applied)
+            await self._finish()
+            kept = False
+        except Exception as exc:
+            if self.overlay_dir is None:
+                raise
+            raise self._overlay_kept(exc) from exc
         finally:
             for image in self._images:
                 image.close()
+            if self._rehydrate_dir is not None:
+                self._rehydrate_dir.close()
             for disk in self.disks.values():
                 if disk.overlay is not None:
                     disk.overlay.close()
             if self.overlay_dir is not None:
-                self.overlay_dir.close(self.options.keep_overlay)
+                self.overlay_dir.close(self.options.keep_overlay or kept)
             await self.cache.close()
             self.executor.shutdown(wait=True)
             if self.lease is not None:
                 await self.lease.release()
         return self.summary()
 
+    async def _finish(self) -> None:
+        for name, disk in self.disks.items():
+            if disk.overlay is not None:
+                try:
+                    await disk.overlay.flush()
+                except OSError as exc:
+                    raise RecoveryError(f"flushing the overlay of {name} failed ({exc.strerror or exc})") from exc
+        if self.rehydration is not None and not self.rehydration.done():
+            self.rehydration.cancel()
+        if self.rehydration is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.rehydration
+        if self.rehydrated and self.options.writable:
+            for disk in self.disks.values():
+                self.overlay_bytes_applied += await asyncio.to_thread(self._apply, disk)
+            logger.info("mount_overlay_applied", bytes=self.overlay_bytes_applied)
+
     def _apply(self, disk: MountedDisk) -> int:
-        assert isinstance(disk.lower, ImageSource) and disk.overlay is not None
-        fd = os.open(disk.lower.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        """Copy ``disk``'s overlay into its image, through the descriptor the image was
+        served from — and only while the image's name in the rehydration directory still
+        leads to that file: a name removed or swapped (for a hard link to another file)
+        while serving is refused, naming it, and nothing is written."""
+        image, out = disk.lower, self._rehydrate_dir
+        assert isinstance(image, ImageSource) and disk.overlay is not None and out is not None
+        name = disk.disk.image_name
+        served = os.fstat(image.fd)
+        found = out.lstat(name)
+        if found is None or (found.st_dev, found.st_ino) != (served.st_dev, served.st_ino):
+            what = "was removed" if found is None else "now leads to another file"
+            raise RecoveryError(f"{out.show(name)} {what}: it is not the image this mount served, and the "
+                                f"overlay is not applied to it")
         try:
-            return disk.overlay.apply_to(fd)
-        finally:
-            os.close(fd)
+            return disk.overlay.apply_to(image.fd)
+        except OSError as exc:
+            raise RecoveryError(f"applying the overlay to {out.show(name)} failed ({exc.strerror or exc}); the "
+                                f"image may hold part of the writes") from exc
+
+    def _overlay_kept(self, exc: Exception) -> RecoveryError:
+        """The error of a stop that could not finish: the overlay directory is kept, and
+        this names it and says how to apply what it holds."""
+        assert self.overlay_dir is not None
+        reason = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        kept = self.overlay_dir.path
+        logger.error("mount_stop_failed", error=reason, overlay_kept=str(kept))
+        return RecoveryError(
+            f"cdp mount could not stop cleanly: {reason}. The writes made through the exports are kept in the "
+            f"overlay directory {kept} (not removed). To apply them, serve the same point with that overlay and "
+            f"rehydrate into an empty directory with room for the images: cdp mount {self.plan.domain} --seq "
+            f"{self.plan.seq} --timeline {self.plan.timeline} --nbd ADDR --writable --overlay {kept} "
+            f"--rehydrate-to NEW_DIR; once it has said 'rehydrated', stop it: the overlay is applied then")
 
     def summary(self) -> dict[str, Any]:
         overlays = [d.overlay for d in self.disks.values() if d.overlay is not None]

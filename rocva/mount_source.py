@@ -61,6 +61,9 @@ logger = get_logger("rocva.mount")
 CHUNK_PART_BYTES = 512 << 10
 #: Verified chunk tables kept, by chunk hash (each about 2 KiB for a 4 MiB chunk).
 HEADS_KEPT = 4096
+#: A read inside one unit smaller than 1 / this of the unit's buffer is copied out, not a
+#: view of it (``_slice``): a reply waiting to be sent then holds at most twice its bytes.
+SLICE_COPY_BELOW = 2
 
 
 def _split(start: np.ndarray, length: np.ndarray, unit_bytes: np.ndarray | int
@@ -117,9 +120,8 @@ class PlanSource:
             units = [await self.cache.get(keys[0], loads[0])]
         else:
             units = await asyncio.gather(*(self.cache.get(k, load) for k, load in zip(keys, loads)))
-        if len(n) == 1 and n[0] == length:  # one piece covers the range: no copy
-            u = unit_of[0]
-            return memoryview(units[u])[src[0] : src[0] + length]
+        if len(n) == 1 and n[0] == length:  # one piece covers the range
+            return _slice(units[unit_of[0]], src[0], length)
         out = bytearray(length)  # zeros wherever no piece lands
         view = memoryview(out)
         for u, s, d, k in zip(unit_of, src, dst, n):
@@ -300,6 +302,31 @@ class PlanSource:
         while len(self._tables) > HEADS_KEPT:
             self._tables.popitem(last=False)
         return len(head), table
+
+
+def _slice(unit: Unit, start: int, length: int) -> bytes | memoryview:
+    """Bytes ``[start, start + length)`` of ``unit``: a view when they are at least
+    ``1 / SLICE_COPY_BELOW`` of the buffer behind it, else a copy.
+
+    Why: the answer may wait in the NBD server's reply queue (under uvloop the transport
+    keeps the object itself) long after the cache dropped its unit, and the server's
+    budgets count only the answer's bytes. A 4 KiB view pinned its whole 512 KiB unit: a
+    client that sent small READs and read no replies made a mount with ``--cache-mb 32``
+    hold 1 GiB. A copy of a small slice costs less than the GET behind it."""
+    view = memoryview(unit).cast("B")
+    if length * SLICE_COPY_BELOW < _buffer_bytes(view):
+        return bytes(view[start : start + length])
+    return view[start : start + length]
+
+
+def _buffer_bytes(view: memoryview) -> int:
+    """Bytes of the object ``view`` keeps alive (a unit may itself be a view into a
+    larger buffer: a codec-0 block is one into its stored bytes)."""
+    owner = view.obj
+    try:
+        return memoryview(owner).nbytes
+    except TypeError:  # an exporter that lends no buffer again: count the view
+        return view.nbytes
 
 
 def _check_length(key: str, offset: int, length: int, stored: Bytes) -> None:

@@ -5,7 +5,7 @@ Output directory layout (FORMAT.md §14)::
     <vm>-<disk>.img            a finished image (never overwritten)
     <vm>-<disk>.img.partial    an image being built
     recover.state.json         progress of the unfinished recovery (gone when it finishes)
-    .recover.lock              flock()ed while a recovery runs (removed when it finishes)
+    .recover.lock              flock()ed while a recovery runs (removed when it ends, however it ends)
 
 Where the directory may be, and how it and its files are opened: ``rocva.destination``
 (every name is reached through the directory's descriptor and never followed if it is
@@ -107,16 +107,43 @@ class CountingStore:
 
 
 def _lock(out: OutputDir) -> int:
+    """The directory's lock file, ``flock``ed. Only a file still under the lock's name
+    counts as locked: a run that ends unlinks the name while it holds the lock
+    (``_unlock``), and another that opened the file before that must not lock the
+    unlinked file and run beside a third that created the name anew."""
     try:
         fd = out.create(LOCK_NAME)
     except RecoveryError:  # there already (left by an earlier run, or another one's)
         fd = out.open(LOCK_NAME)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = _is_named(out, fd)  # False: another run just ended with it; a third may hold the new one
     except BlockingIOError:
+        locked = False
+    except BaseException:
         os.close(fd)
-        raise RecoveryError(f"{out.path}: another recovery is running in this directory") from None
+        raise
+    if not locked:
+        os.close(fd)
+        raise RecoveryError(f"{out.path}: another recovery is running in this directory")
     return fd
+
+
+def _is_named(out: OutputDir, fd: int) -> bool:
+    """``fd``'s file is what the lock's name holds now."""
+    st, found = os.fstat(fd), out.lstat(LOCK_NAME)
+    return found is not None and (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _unlock(out: OutputDir, fd: int) -> None:
+    """End this run's hold of the directory, however the run ended: the lock's name is
+    removed while the lock is still held (so it is this run's file, which no other process
+    holds), unless the name now leads to another file; then the lock is released."""
+    try:
+        if _is_named(out, fd):
+            out.unlink(LOCK_NAME)
+    finally:
+        os.close(fd)
 
 
 def _close(fds: list[int]) -> None:
@@ -317,13 +344,12 @@ async def execute_plan(store: ObjectStore, plan: RecoveryPlan, out_dir: Path | s
     try:
         lock = _lock(out)
         try:
-            result = await _execute_locked(store, plan, out, progress, concurrency, checksum,
-                                           {"run_bytes_max": run_bytes_max, "gap_bytes_max": GAP_BYTES_MAX_DEFAULT,
-                                            "base_batch_chunks": base_batch_chunks})
-            out.unlink(LOCK_NAME)  # still held: a finished directory holds only images
-            return result
+            # A finished directory holds only images; a refused or failed run leaves no lock.
+            return await _execute_locked(store, plan, out, progress, concurrency, checksum,
+                                         {"run_bytes_max": run_bytes_max, "gap_bytes_max": GAP_BYTES_MAX_DEFAULT,
+                                          "base_batch_chunks": base_batch_chunks})
         finally:
-            os.close(lock)
+            _unlock(out, lock)
     finally:
         out.close()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import ssl
@@ -410,9 +411,9 @@ class _Connection(HandshakePhase):
             if (submit is not None and req.command == nbd.CMD_WRITE and req.length
                     and not req.flags & nbd.CMD_FLAG_FUA and self._submit(submit, req, payload, cost)):
                 continue
-            task = asyncio.create_task(self._serve(req, payload, cost))
+            task = asyncio.create_task(self._serve(req, payload))
             self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
+            task.add_done_callback(functools.partial(self._served, cost))
 
     async def _read_payload(self, n: int) -> bytes:
         self._awaiting = "payload"
@@ -455,10 +456,10 @@ class _Connection(HandshakePhase):
         if not self._submitted:
             self._submitted_idle.set()
 
-    async def _serve(self, req: nbd.Request, payload: bytes, cost: int) -> None:
-        """Answer one request; its share of the budget is given back once its reply is
-        queued and the replies owed are back under ``WRITE_BUFFER_HIGH`` — the reply's
-        bytes then sit in the transport, and count until they could leave it."""
+    async def _serve(self, req: nbd.Request, payload: bytes) -> None:
+        """Answer one request; it ends once its reply is queued and the replies owed are
+        back under ``WRITE_BUFFER_HIGH`` — the reply's bytes then sit in the transport, and
+        count until they could leave it (``_served`` gives its share back then)."""
         try:
             await self._answer(req, payload)
             payload = b""  # the reply is queued (and the READ's data with it): hold nothing while it waits
@@ -467,9 +468,16 @@ class _Connection(HandshakePhase):
         except ConnectionError:
             # The socket went away under the reply; the reader loop sees it and cleans up.
             pass
-        finally:
-            self.served += 1
-            self._budget.give(cost)
+
+    def _served(self, cost: int, task: asyncio.Task) -> None:
+        """A request task ended, however it ended: its share of the budget goes back, once.
+        A done callback, not ``_serve``'s ``finally``: a task cancelled before its first
+        step (its connection ended as it was created) never runs its coroutine, and its
+        share would stay taken for good — past the server's budget, every later client
+        would wait forever."""
+        self._requests.discard(task)
+        self.served += 1
+        self._budget.give(cost)
 
     async def _answer(self, req: nbd.Request, payload: bytes) -> None:
         """Run ``req`` and queue its reply (or its error)."""
