@@ -106,6 +106,7 @@ from cdp.inventory import Cluster, DomainSpec, parse_cluster
 from cdp.nbd.address import parse_tcp
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
+from cdp.store.storekeys import STORE_KEY_FILE_ENV
 from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
 from drva.config import (
@@ -310,7 +311,13 @@ class SiteConfig:
         """``env`` for the processes the MSA starts (DRVAs, hosts, appliances): without
         the API tokens — this site's and the peer's — which only the MSA uses."""
         tokens = {self.token_env} | ({self.peer.token_env} if self.peer is not None else set())
-        return {k: v for k, v in env.items() if k not in tokens}
+        out = {k: v for k, v in env.items() if k not in tokens}
+        # The children start in the code root, not in the daemon's directory: a relative
+        # key file would name another file there (or none), so it is passed absolute.
+        key_file = out.get(STORE_KEY_FILE_ENV)
+        if key_file and not os.path.isabs(key_file):
+            out[STORE_KEY_FILE_ENV] = os.path.abspath(key_file)
+        return out
 
     def peer_token(self, env: Mapping[str, str] = os.environ) -> str:
         assert self.peer is not None

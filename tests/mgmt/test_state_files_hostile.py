@@ -105,3 +105,12 @@ def test_read_small_file_reads_one_byte_past_its_bound_at_most(tmp_path: Path) -
     (tmp_path / "l").symlink_to(path)
     with pytest.raises(NotRegularFile, match="symbolic link"):
         read_small_file(tmp_path / "l", 10)
+
+
+def test_a_relative_store_key_file_reaches_the_children_absolute(site: Site, tmp_path: Path, monkeypatch) -> None:
+    """The children start in the code root: a relative ``CDP_STORE_KEY_FILE`` made every
+    DRVA, host and appliance fail to open it (or open another file of that name)."""
+    monkeypatch.chdir(tmp_path)
+    env = site.cfg.child_env({"CDP_STORE_KEY_FILE": "keys", "PATH": "/bin"})
+    assert env["CDP_STORE_KEY_FILE"] == str(tmp_path / "keys") and env["PATH"] == "/bin"
+    assert site.cfg.child_env({"CDP_STORE_KEY_FILE": "/etc/k"})["CDP_STORE_KEY_FILE"] == "/etc/k"
