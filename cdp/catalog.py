@@ -25,7 +25,7 @@ import json
 import re
 import secrets
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ import xxhash
 from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
-from cdp.errors import AlreadyExists, CdpError, Fenced, FormatError, NotFound, StoreError
+from cdp.errors import AlreadyExists, AmbiguousDomain, CdpError, Fenced, FormatError, NotFound, StoreError
 from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
@@ -197,28 +197,16 @@ async def load_catalog(store: ObjectStore, domain: int, *,
 
 
 async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState] | None:
-    """(id, head) of the domain named ``name`` in the store; None when none is. Walks the
-    domains in key order, one listing call and one catalog load each (no full listing)."""
-    after = "d/"
-    unreadable: list[str] = []  # domains whose catalog did not load, said if none is ``name``
-    while True:
-        first = None
-        async for info in store.list("d/", start_after=after):
-            first = info.key
-            break
-        if first is None:
-            if unreadable:
-                raise FormatError(f"{store.describe()}: no readable domain is named {name!r}, and "
-                                  f"{len(unreadable)} catalog(s) could not be read: {'; '.join(unreadable[:3])}")
-            return None
-        part, slash, _ = first[2:].partition("/")
-        # A stray key is stepped over, not taken for the end of the walk or an error: one
-        # file dropped under d/ must not hide every domain that sorts after it.
-        after = f"d/{part}/~" if slash else first  # '~' sorts after every key under d/<part>/
-        if not _DOMAIN_DIR.fullmatch(part):
-            log.warning("stray_key_skipped", store=store.describe(), key=first[:200])
-            continue
-        domain_id = int(part, 16)
+    """(id, head) of the domain named ``name`` in the store; None when none is.
+
+    Several domains of one name (nothing in the store forbids it: two sites' installs, a
+    rename) raise ``AmbiguousDomain`` listing their ids: taking the first in key order
+    acted on the wrong domain without a word. So every domain is looked at, in key order,
+    one listing call and one catalog load each (no full listing). A catalog that does not
+    load is skipped with a warning, and said when no readable domain has the name."""
+    found: list[tuple[int, CatalogState]] = []
+    unreadable: list[str] = []  # domains whose catalog did not load
+    async for domain_id in _domain_ids(store):
         try:
             state, _ = await load_catalog(store, domain_id)
         except FormatError as exc:  # not the store's failures, nor a key this process lacks (its config)
@@ -226,7 +214,35 @@ async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState]
             unreadable.append(f"domain {domain_id}: {exc.message}"[:300])
             continue
         if state is not None and state.domain["name"] == name:
-            return domain_id, state
+            found.append((domain_id, state))
+    if len(found) > 1:
+        ids = [domain_id for domain_id, _ in found]
+        raise AmbiguousDomain(f"{store.describe()}: {len(ids)} domains are named {name!r} "
+                              f"(ids {', '.join(map(str, ids))})", ids)
+    if not found and unreadable:
+        raise FormatError(f"{store.describe()}: no readable domain is named {name!r}, and "
+                          f"{len(unreadable)} catalog(s) could not be read: {'; '.join(unreadable[:3])}")
+    return found[0] if found else None
+
+
+async def _domain_ids(store: ObjectStore) -> AsyncIterator[int]:
+    """The id of every ``d/<id>/`` in the store, in key order, one listing call each."""
+    after = "d/"
+    while True:
+        first = None
+        async for info in store.list("d/", start_after=after):
+            first = info.key
+            break
+        if first is None:
+            return
+        part, slash, _ = first[2:].partition("/")
+        # A stray key is stepped over, not taken for the end of the walk or an error: one
+        # file dropped under d/ must not hide every domain that sorts after it.
+        after = f"d/{part}/~" if slash else first  # '~' sorts after every key under d/<part>/
+        if not _DOMAIN_DIR.fullmatch(part):
+            log.warning("stray_key_skipped", store=store.describe(), key=first[:200])
+            continue
+        yield int(part, 16)
 
 
 async def _load_chain(store: ObjectStore, domain: int, present: set[int], head: int,

@@ -37,6 +37,8 @@ status codes, not from SDK exception text that may echo a signed URL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class CdpError(Exception):
     """CDP engine error."""
@@ -60,6 +62,15 @@ class ConfigError(CdpError):
 class KeyUnavailable(ConfigError):
     """An object is encrypted with a store key this process does not hold (FORMAT.md §19):
     set CDP_STORE_KEY or CDP_STORE_KEY_FILE."""
+
+
+class AmbiguousDomain(ConfigError):
+    """More than one domain of a store answers to one domain name: name the one meant by
+    its id (``id:N``)."""
+
+    def __init__(self, message: str, ids: Sequence[int]) -> None:
+        super().__init__(message)
+        self.ids = tuple(ids)
 
 
 class FailoverRefused(ConfigError):

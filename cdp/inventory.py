@@ -273,6 +273,9 @@ def _domains(r: TomlReader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSp
         at = f"domains[{i}]"
         r.table(dom, at, {"name", "id", "drva", "vms"}, {"workload"})
         name = r.name(dom["name"], f"{at}.name")
+        if name.isascii() and name.isdigit():
+            # `cdp recover 7` means domain id 7: a domain named "7" would be another one.
+            r.fail(f"{at}.name", "a domain name that is not a number (a number names a domain by its id)", name)
         r.unique(name, names, f"{at}.name", "domain")
         dom_id = r.u32(dom["id"], f"{at}.id")
         if dom_id in ids:

@@ -208,7 +208,7 @@ def test_LeftoverOfEarlierEpochIsNotResurrected(path):
 def test_entries_of_an_earlier_format_are_refused(path):
     with ReplicationLog.open(path) as log:
         log.append_batch([[body(1)], [body(2)]])
-    ReplicationLog.format(path, SIZE)
+    ReplicationLog.format(path, SIZE, force=True)
     # format cleared only the first block; the second entry is intact but foreign
     with ReplicationLog.open(path) as log:
         assert list(log.entries()) == []

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from cdp.errors import ConfigError
+from cdp.layout import U32_MAX
 from cdp.store.base import ObjectStore
 from cdp.tomlread import printable
 from cdp.units import parse_size
@@ -36,6 +39,17 @@ class FiniteRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{number} is not a finite number.", param, ctx)
         return number
+
+
+class NonEmptyPath(click.Path):
+    """``click.Path`` that refuses an empty or blank path: click turns "" into
+    ``Path(".")``, and ``cdp recover --to ""`` wrote its images into the current directory."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            blank = "an empty" if not value else "a blank"
+            self.fail(f"{value!r} is {blank} path; give a path (\".\" for the current directory).", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def point_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,7 +101,7 @@ def parse_size_option(text: str) -> int:
 
 
 config_option = click.option(
-    "--config", "config_path", envvar="CDP_CONFIG", required=True, type=click.Path(path_type=Path),
+    "--config", "config_path", envvar="CDP_CONFIG", required=True, type=NonEmptyPath(path_type=Path),
     help="The site file (see examples/site.toml; env CDP_CONFIG).")
 
 store_option = click.option(
@@ -105,15 +119,72 @@ async def with_store(url: str, work: Callable[[Any], Any]) -> Any:
         await store.close()
 
 
-async def domain_id_of(store: ObjectStore, domain: str) -> int:
-    """A domain id from its number or its name (``cdp.catalog.find_domain``)."""
-    if domain.isdigit():
-        return int(domain)
-    from cdp.catalog import find_domain
+#: A domain id as a DOMAIN argument gives it: ASCII decimal digits only (``str.isdigit``
+#: also takes "²" and "٣", which ``int`` then refused with a traceback, or read as 3).
+_DOMAIN_ID_TEXT = re.compile(r"[0-9]{1,10}")
 
-    found = await find_domain(store, domain)
+
+@dataclass(frozen=True)
+class DomainRef:
+    """A DOMAIN argument: ``7`` or ``id:7`` (an id), ``erp`` or ``name:erp`` (a name).
+    ``explicit`` when given with its prefix: the user said which, so it is never ambiguous.
+    Cluster-file names cannot hold ':' (``cdp.tomlread.NAME``), so the prefixes clash with none."""
+
+    text: str  # as given, for messages
+    domain_id: int | None = None
+    name: str | None = None
+    explicit: bool = False
+
+
+class DomainArg(click.ParamType):
+    """The DOMAIN argument of the store verbs, parsed before the store is opened: a bad one
+    is a usage error (exit 2), not a traceback."""
+
+    name = "domain"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> DomainRef:
+        if isinstance(value, DomainRef):
+            return value
+        text = str(value)
+        prefix, colon, rest = text.partition(":")
+        if colon and prefix == "name":
+            if not rest:
+                self.fail("name: needs a domain name after it (e.g. name:erp).", param, ctx)
+            return DomainRef(text, name=rest, explicit=True)
+        if colon and prefix == "id":
+            return DomainRef(text, domain_id=self._domain_id(rest, text, param, ctx), explicit=True)
+        if _DOMAIN_ID_TEXT.fullmatch(text) or text.isdigit():
+            return DomainRef(text, domain_id=self._domain_id(text, text, param, ctx))
+        if not text.strip():
+            self.fail(f"{text!r} is not a domain id or name.", param, ctx)
+        return DomainRef(text, name=text)
+
+    def _domain_id(self, digits: str, text: str, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if not _DOMAIN_ID_TEXT.fullmatch(digits) or int(digits) > U32_MAX:
+            self.fail(f"{text!r} is not a domain id: expected decimal digits 0-9, at most {U32_MAX} "
+                      f"(a name: name:NAME).", param, ctx)
+        return int(digits)
+
+
+domain_argument = click.argument("domain", type=DomainArg())
+
+
+async def domain_id_of(store: ObjectStore, domain: DomainRef) -> int:
+    """The id a DOMAIN argument names (``DomainArg``): a name through
+    ``cdp.catalog.find_domain``; a number is an id (README), without a walk of the store:
+    the cluster file refuses numeric domain names, and ``name:7`` reaches one written
+    before that."""
+    from cdp.catalog import AmbiguousDomain, find_domain
+
+    if domain.domain_id is not None:
+        return domain.domain_id
+    assert domain.name is not None, "a DomainRef holds an id or a name"
+    try:
+        found = await find_domain(store, domain.name)
+    except AmbiguousDomain as exc:
+        raise AmbiguousDomain(f"{exc.message}: give the one meant as id:N", exc.ids) from None
     if found is None:
-        raise ConfigError(f"no domain named {domain!r} in {store.describe()}")
+        raise ConfigError(f"no domain named {domain.name!r} in {store.describe()}")
     return found[0]
 
 
@@ -139,7 +210,7 @@ def ns_text(ns: int | None) -> str:
 
 
 metadata_option = click.option(
-    "--metadata", "metadata", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
+    "--metadata", "metadata", type=NonEmptyPath(path_type=Path, dir_okay=False), multiple=True,
     help="A DRVA's metadata repository (its [meta] path; repeatable): a catalog older than what it "
          "last saw committed is reported as rolled back.")
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import click
 
-from cdp.cli.common import (FiniteRange, domain_id_of, emit, json_option, metadata_option, ns_text, one_point,
-                            parse_duration_option, parse_size_option, point_options, progress_bar,
-                            seen_from_metadata, store_option, timeline_option, with_store)
+from cdp.cli.common import (DomainRef, FiniteRange, NonEmptyPath, domain_argument, domain_id_of, emit, json_option,
+                            metadata_option, ns_text, one_point, parse_duration_option, parse_size_option,
+                            point_options, progress_bar, seen_from_metadata, store_option, timeline_option,
+                            with_store)
 from cdp.store.base import ObjectStore
 
 @click.command()
-@click.option("--dir", "workdir", type=click.Path(path_type=Path), default=None,
+@click.option("--dir", "workdir", type=NonEmptyPath(path_type=Path), default=None,
               help="Work here instead of a temporary directory (kept afterwards).")
 @click.option("--disk-size", default="64MiB", show_default=True, help="Size of each simulated disk.")
 @click.option("--writes-mb", default=256, show_default=True, help="MB of writes to generate.")
@@ -37,12 +38,12 @@ def demo(workdir: Path | None, disk_size: str, writes_mb: int, as_json: bool) ->
 
 
 @click.command()
-@click.argument("domain")
+@domain_argument
 @store_option
 @timeline_option
 @metadata_option
 @json_option
-def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Path, ...], as_json: bool) -> None:
+def points(domain: DomainRef, store_url: str, timeline: int | None, metadata: tuple[Path, ...], as_json: bool) -> None:
     """List DOMAIN's recovery points (id or name) on every timeline, from the store's catalog
     (checked against DRVA metadata with --metadata)."""
     from rocva.points import list_points
@@ -82,10 +83,10 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
 
 
 @click.command()
-@click.argument("domain")
+@domain_argument
 @store_option
 @point_options
-@click.option("--to", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--to", "out_dir", type=NonEmptyPath(path_type=Path), required=True,
               help="Directory for the images (<vm>-<disk>.img); an interrupted recovery resumes.")
 # The numbers are rocva.recover_options' (CONCURRENCY_DEFAULT, _MAX), written out: importing
 # rocva here would cost every cdp command 0.2 s. A test holds them equal.
@@ -94,7 +95,7 @@ def points(domain: str, store_url: str, timeline: int | None, metadata: tuple[Pa
 @timeline_option
 @click.option("--checksum", is_flag=True, help="Read each image back and give its sha256.")
 @json_option
-def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None,
+def recover(domain: DomainRef, store_url: str, at: str | None, seq: int | None, mark: str | None,
             latest: bool, out_dir: Path, concurrency: int | None, timeline: int | None, checksum: bool,
             as_json: bool) -> None:
     """Rebuild DOMAIN's disks at one point in time, from the object store alone."""
@@ -124,28 +125,28 @@ def recover(domain: str, store_url: str, at: str | None, seq: int | None, mark: 
 
 
 @click.command()
-@click.argument("domain")
+@domain_argument
 @store_option
 @point_options
 @timeline_option
 @click.option("--nbd", "nbd_address", required=True,
               help="Where to serve: HOST:PORT (port 0: any free one) or unix:PATH.")
 @click.option("--writable", is_flag=True, help="Accept writes, into a local copy-on-write overlay (never the store).")
-@click.option("--overlay", "overlay_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--overlay", "overlay_dir", type=NonEmptyPath(path_type=Path), default=None,
               help="Overlay directory (with --writable; reopened when it holds this point's overlay). "
                    "Default: a temporary one, removed at exit.")
 @click.option("--keep-overlay", is_flag=True, help="Keep the temporary overlay directory at exit.")
-@click.option("--rehydrate-to", "rehydrate_to", type=click.Path(path_type=Path), default=None,
+@click.option("--rehydrate-to", "rehydrate_to", type=NonEmptyPath(path_type=Path), default=None,
               help="Restore the point into this directory in the background while serving; then serve from it.")
 @click.option("--cache-mb", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
               help="MiB of decoded segment blocks and base chunks kept in memory.")
-@click.option("--tls-cert", type=click.Path(path_type=Path), default=None,
+@click.option("--tls-cert", type=NonEmptyPath(path_type=Path), default=None,
               help="Serve NBD over TLS only (clients must STARTTLS) with this certificate (PEM; "
                    "e.g. the site's api.pem from cdp install).")
-@click.option("--tls-key", type=click.Path(path_type=Path), default=None,
+@click.option("--tls-key", type=NonEmptyPath(path_type=Path), default=None,
               help="The certificate's private key (PEM); default: read from the --tls-cert file.")
 @json_option
-def mount(domain: str, store_url: str, at: str | None, seq: int | None, mark: str | None, latest: bool,
+def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, mark: str | None, latest: bool,
           timeline: int | None, nbd_address: str, writable: bool, overlay_dir: Path | None, keep_overlay: bool,
           rehydrate_to: Path | None, cache_mb: int, tls_cert: Path | None, tls_key: Path | None,
           as_json: bool) -> None:
@@ -203,7 +204,7 @@ def _mount_event_text(event: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("domain")
+@domain_argument
 @store_option
 @click.option("--deep", is_flag=True, help="Read every byte of every object (default: indexes and manifests).")
 @click.option("--sample", type=FiniteRange(0, 1), default=0.0,
@@ -211,7 +212,7 @@ def _mount_event_text(event: dict[str, Any]) -> str:
 @timeline_option
 @metadata_option
 @json_option
-def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int | None,
+def verify(domain: DomainRef, store_url: str, deep: bool, sample: float, timeline: int | None,
            metadata: tuple[Path, ...], as_json: bool) -> None:
     """Check DOMAIN in the store: catalog vs objects, seq continuity, checksums (and, with
     --metadata, that the catalog is not older than what a DRVA last committed)."""
@@ -239,20 +240,20 @@ def verify(domain: str, store_url: str, deep: bool, sample: float, timeline: int
 
 
 @click.command()
-@click.argument("domain")
+@domain_argument
 @store_option
 @click.option("--older-than", default="1h", show_default=True,
               help="Roll the segments older than this into a new base (e.g. 30m, 24h).")
 @click.option("--retention", default=None,
               help="Keep every point at most this old (e.g. 72h); older segments and bases are deleted. "
                    "Default: no retention.")
-@click.option("--scratch", type=click.Path(path_type=Path), default=None,
+@click.option("--scratch", type=NonEmptyPath(path_type=Path), default=None,
               help="Directory for the temporary images (default: the system's temporary directory).")
 @click.option("--sweep-chunks", is_flag=True, help="Also delete unreferenced chunks when no base was removed.")
 @click.option("--concurrency", type=click.IntRange(1, 32), default=8, show_default=True,
               help="Store requests in flight (as recover's: 1..32).")
 @json_option
-def consolidate(domain: str, store_url: str, older_than: str, retention: str | None, scratch: Path | None,
+def consolidate(domain: DomainRef, store_url: str, older_than: str, retention: str | None, scratch: Path | None,
                 sweep_chunks: bool, concurrency: int, as_json: bool) -> None:
     """Roll DOMAIN's old segments into a base image and apply retention."""
     from rocva.consolidate import consolidate as run
@@ -305,22 +306,26 @@ def log() -> None:
 
 
 @log.command("format")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--size", default=None, help="Create a file of this size (e.g. 1GiB); not for devices.")
+@click.argument("path", type=NonEmptyPath(path_type=Path))
+@click.option("--size", default=None, help="Create a file of this size (e.g. 1GiB); not for devices. "
+                                            "A file formatted again (--force) keeps its size without it.")
 @click.option("--label", default="", help="A name stored in the superblock (e.g. the DRVA's).")
+@click.option("--force", is_flag=True,
+              help="Format over what PATH holds: a file that is not empty, or a device holding a log.")
 @json_option
-def log_format(path: Path, size: str | None, label: str, as_json: bool) -> None:
-    """Format PATH (a file or a block device) as a replication-log partition."""
+def log_format(path: Path, size: str | None, label: str, force: bool, as_json: bool) -> None:
+    """Format PATH (a file or a block device) as a replication-log partition. Refused while a
+    DRVA holds it, and, without --force, when it holds anything (it says what)."""
     from cdp.replog import ReplicationLog
 
-    ReplicationLog.format(path, parse_size_option(size) if size else None, label=label)
+    ReplicationLog.format(path, parse_size_option(size) if size else None, label=label, force=force)
     with ReplicationLog.open(path, readonly=True) as lg:
         info = {"path": str(path), "data_size": lg.data_size, "label": lg.label}
     emit(as_json, info, lambda r: f"formatted {r['path']}: {r['data_size']:,} bytes of ring")
 
 
 @log.command("info")
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=NonEmptyPath(path_type=Path, exists=True))
 @json_option
 def log_info(path: Path, as_json: bool) -> None:
     """Recover PATH read-only and report head, tail, usage and the frames it holds."""

@@ -84,7 +84,9 @@ def format_partition(cfg: SiteConfig, drva: DrvaSpec, index: int, role: Role,
     save_install_record(cfg.state_dir, cfg.site, made)
     label = label_for(drva.name, cfg.site) if role.name == "log" else ""
     if role.name == "log":
-        ReplicationLog.format(path, None if device else drva.log_size, label=label)
+        # Inspected already (install_inspect): a blank file of ours, a partition this install made and
+        # formatted before a crash, or a device the operator named: formatted over on purpose.
+        ReplicationLog.format(path, None if device else drva.log_size, label=label, force=True)
     else:
         MetaRepository.format(path)
     if (why := same_file(entry)) is not None:

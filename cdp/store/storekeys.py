@@ -153,7 +153,11 @@ class StoreKeyring:
     def from_file(cls, path: Path) -> StoreKeyring:
         """The keys of a key file (module docstring); ConfigError naming the file and line."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO named here made every verb wait for a writer, for ever,
+            # before the S_ISREG check below could refuse it (a regular file ignores the
+            # flag). O_NOCTTY: a terminal named here never becomes ours. A link is
+            # followed, and its target's type and mode are what is checked (FORMAT.md §19.5).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as exc:
             raise ConfigError(f"store key file {path}: cannot open ({exc.strerror})") from None
         try:

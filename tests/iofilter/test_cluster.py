@@ -126,6 +126,7 @@ RULES = [
     ("id above u32", _set(["domains", 0, "id"], 2**32), "domains[0].id"),
     ("id negative", _set(["domains", 0, "id"], -1), "domains[0].id"),
     ("id a string", _set(["domains", 0, "id"], "1"), "domains[0].id"),
+    ("domain named by a number", _set(["domains", 0, "name"], "7"), "domains[0].name"),
     ("port zero", _set(["domains", 0, "drva"], "127.0.0.1:0"), "domains[0].drva"),
     ("port too big", _set(["domains", 0, "drva"], "127.0.0.1:65536"), "domains[0].drva"),
     ("no port", _set(["domains", 0, "drva"], "127.0.0.1"), "domains[0].drva"),

@@ -244,7 +244,7 @@ async def test_a_log_partition_too_small_or_not_ours(site: Site) -> None:
     assert checks["drva.drva-1.log"]["status"] == "warn"
     assert "smaller than the configured 64 MiB" in checks["drva.drva-1.log"]["reason"]
     # Another DRVA's partition, or something that is not a partition: refused.
-    ReplicationLog.format(log_path, 8 << 20, label="drva-9")
+    ReplicationLog.format(log_path, 8 << 20, label="drva-9", force=True)
     checks = by_name(await preflight_system(site.cfg, site.env))
     assert checks["drva.drva-1.log"]["status"] == "fail" and "'drva-9'" in checks["drva.drva-1.log"]["reason"]
     log_path.write_bytes(b"precious data " * 1000)

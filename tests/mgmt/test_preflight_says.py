@@ -211,7 +211,7 @@ async def test_system_preflight_flags_another_sites_log_and_repository(site: Sit
     os.setxattr(meta_path, MARK_XATTR, b"drva-1@site-t " + b"0" * 32)  # another DRVA's, of this site
     check = by_name(await preflight_system(site.cfg, site.env))["drva.drva-2.meta"]
     assert check["status"] == "fail" and "not for DRVA 'drva-2'" in check["reason"]
-    ReplicationLog.format(log_path, 8 << 20, label="drva-1@site-t")  # this site's: kept
+    ReplicationLog.format(log_path, 8 << 20, label="drva-1@site-t", force=True)  # this site's: kept
     os.setxattr(meta_path, MARK_XATTR, b"drva-2@site-t " + b"0" * 32)
     checks = by_name(await preflight_system(site.cfg, site.env))
     assert checks["drva.drva-1.log"]["status"] != "fail", checks["drva.drva-1.log"]
