@@ -34,7 +34,9 @@ import xxhash
 from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
-from cdp.errors import AlreadyExists, AmbiguousDomain, CdpError, Fenced, FormatError, NotFound, StoreError
+from cdp.errors import (
+    AlreadyExists, AmbiguousDomain, CdpError, Fenced, FormatError, KeyUnavailable, NotFound, StoreError,
+)
 from cdp.gather import gather_bounded
 from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
@@ -426,6 +428,10 @@ class CatalogWriter:
             except StoreError:
                 # The store failed to answer (busy, unreachable, a cut-off read): nothing
                 # is known about that generation yet. The caller retries the commit later.
+                raise
+            except KeyUnavailable:
+                # Sealed with a key this process lacks (a rotation that reached another
+                # process first): its configuration's problem, said as such, not a fence.
                 raise
             except CdpError as exc:
                 return f"another writer created generation {generation}: {exc.message}"

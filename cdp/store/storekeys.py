@@ -6,11 +6,16 @@ environment names one:
     CDP_STORE_KEY=<64 hex digits | base64 of 32 bytes>     one key
     CDP_STORE_KEY_FILE=/path/to/keys                       one key per line, oldest first
 
-Setting both is refused. In a key file, blank lines and lines starting with ``#``
-are ignored; the file must not be readable by group or others (as ssh's keys). The
-**last** key writes; **every** listed key reads (rotation: append a new key, keep the
-old ones while objects sealed with them exist); the **first** key names chunks, so
-that deduplication and whole-chunk checks stay stable across rotations.
+Setting both is refused, and so is one that is set but empty (``CDP_STORE_KEY=$(cat
+missing)`` silently meant a plaintext store). In a key file, blank lines and lines
+starting with ``#`` are ignored; the file must not be readable by group or others, and
+must belong to root or to us (as ssh's keys: its owner could append a key that then
+seals everything). The **last** key not marked ``read-only`` writes; **every** listed
+key reads; the **first** key names chunks, so that deduplication and whole-chunk
+checks stay stable across rotations. Rotation, without any process sealing with a key
+another one lacks: add the new key as ``read-only <key>`` everywhere and restart; then
+drop the ``read-only`` and restart again; keep the old keys while objects sealed with
+them exist.
 
 From each key only derived values are used (HKDF-SHA256, no salt): a public 128-bit
 *key id* written in the clear in every object, a data key (each object's page key is
@@ -43,6 +48,7 @@ SALT_BYTES = 16  # §19.1: an object's random salt
 NAME_BYTES = 16  # §6.1: a chunk name is 128 bits
 KEYS_PER_FILE_MAX = 64  # a key file is a short list, not a database
 KEY_FILE_BYTES_MAX = 64 << 10
+READ_ONLY_MARK = "read-only"  # a key file line's prefix: the key reads, never seals
 
 # §19.4: the HKDF info strings; a new derivation gets a new string, never a reused one.
 INFO_KEY_ID = b"cdp-store-1 key id"
@@ -121,14 +127,18 @@ class StoreKeyring:
     """The store keys of a process. Invariant: at least one key, key ids distinct;
     ``writer`` is the last, ``namer`` comes from the first."""
 
-    def __init__(self, keys: list[StoreKey], source: str) -> None:
+    def __init__(self, keys: list[StoreKey], source: str, read_only: frozenset[int] = frozenset()) -> None:
+        """``read_only``: indexes of ``keys`` that read but never seal (rotation)."""
         assert keys, "a keyring holds at least one key"
         self.keys = tuple(keys)
         self.source = source  # where the keys came from, for messages (never the keys)
         self.by_id = {key.key_id: key for key in keys}
         if len(self.by_id) != len(keys):
             raise ConfigError(f"{source}: the same key is listed twice")
-        self.writer = keys[-1]
+        sealing = [key for i, key in enumerate(keys) if i not in read_only]
+        if not sealing:
+            raise ConfigError(f"{source}: every key is read-only: at least one must seal")
+        self.writer = sealing[-1]
         self.namer = keys[0].chunk_namer()
 
     def key_ids(self) -> list[str]:
@@ -140,6 +150,10 @@ class StoreKeyring:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> StoreKeyring | None:
         """The keyring the environment names (module docstring), None when it names none."""
+        for name in (STORE_KEY_ENV, STORE_KEY_FILE_ENV):
+            if name in env and not env[name].strip():
+                raise ConfigError(f"{name} is set but empty: give the key (or the key file), or unset it for a "
+                                  f"plaintext store")
         value, path = env.get(STORE_KEY_ENV, ""), env.get(STORE_KEY_FILE_ENV, "")
         if value and path:
             raise ConfigError(f"set {STORE_KEY_ENV} or {STORE_KEY_FILE_ENV}, not both")
@@ -164,6 +178,9 @@ class StoreKeyring:
             st = os.fstat(fd)
             if not stat_mode.S_ISREG(st.st_mode):
                 raise ConfigError(f"store key file {path}: not a regular file")
+            if st.st_uid not in (0, os.geteuid()):
+                raise ConfigError(f"store key file {path}: owned by uid {st.st_uid}, not by root or by this "
+                                  f"user ({os.geteuid()}): its owner could add a key that seals everything")
             if st.st_mode & 0o077:
                 raise ConfigError(f"store key file {path}: readable or writable by group or others "
                                   f"(mode {stat_mode.S_IMODE(st.st_mode):o}): chmod 600 it")
@@ -177,16 +194,21 @@ class StoreKeyring:
         except UnicodeDecodeError:
             raise ConfigError(f"store key file {path}: not ASCII text") from None
         keys = []
+        read_only = set()
         for number, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
+            mark, _, rest = line.partition(" ")
+            if mark == READ_ONLY_MARK:
+                read_only.add(len(keys))
+                line = rest
             keys.append(StoreKey(parse_key(line, f"store key file {path}, line {number}")))
         if not keys:
             raise ConfigError(f"store key file {path}: no key")
         if len(keys) > KEYS_PER_FILE_MAX:
             raise ConfigError(f"store key file {path}: {len(keys)} keys, at most {KEYS_PER_FILE_MAX}")
-        return cls(keys, f"store key file {path}")
+        return cls(keys, f"store key file {path}", frozenset(read_only))
 
 
 def parse_key(text: str, where: str) -> bytes:

@@ -535,3 +535,57 @@ def test_a_forged_envelope_is_refused_by_reads_that_open_no_page(plain_len: int,
     real = EncryptedStore(MemoryStore(), keys)  # a real object's empty reads still answer b""
     run(real.put("d/real", os.urandom(plain_len)))
     assert run(real.get("d/real", plain_len)) == b"" and run(real.get("d/real", 0, 0)) == b""
+
+
+@pytest.mark.parametrize("name", ["CDP_STORE_KEY", "CDP_STORE_KEY_FILE"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_key_variable_set_but_empty_is_refused(name: str, value: str) -> None:
+    """``CDP_STORE_KEY=$(cat missing)`` meant a plaintext store, silently."""
+    with pytest.raises(ConfigError, match=f"{name} is set but empty"):
+        StoreKeyring.from_env({name: value})
+    with pytest.raises(ConfigError, match="set but empty"):
+        open_store("mem://crypt-empty", env={name: value})
+
+
+def test_a_key_file_of_another_user_is_refused(tmp_path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(KEY_A.hex() + "\n")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)  # the tests run as root; nobody's file could get a key appended
+    with pytest.raises(ConfigError, match="owned by uid 65534, not by root or by this user"):
+        StoreKeyring.from_file(path)
+
+
+def test_rotation_a_read_only_key_reads_and_never_seals(tmp_path) -> None:
+    """Step 1 of a rotation (the new key read-only everywhere) seals with the old key, so
+    a process not restarted yet still reads what the others write; step 2 seals with it."""
+    path = tmp_path / "keys"
+    path.write_text(f"{KEY_A.hex()}\nread-only {KEY_B.hex()}\n")
+    path.chmod(0o600)
+    step1 = StoreKeyring.from_file(path)
+    assert step1.writer.key_id == StoreKey(KEY_A).key_id and set(step1.by_id) == {
+        StoreKey(KEY_A).key_id, StoreKey(KEY_B).key_id}
+    path.write_text(f"{KEY_A.hex()}\n{KEY_B.hex()}\n")
+    assert StoreKeyring.from_file(path).writer.key_id == StoreKey(KEY_B).key_id
+    path.write_text(f"read-only {KEY_A.hex()}\n")
+    with pytest.raises(ConfigError, match="every key is read-only"):
+        StoreKeyring.from_file(path)
+
+
+async def test_a_generation_sealed_with_a_key_not_held_is_a_key_error_not_a_fence() -> None:
+    """A writer meeting another process's generation sealed with a newer key was fenced
+    ("another writer created generation N") and its domain stopped for good."""
+    from cdp.catalog import CatalogWriter
+    from cdp.testing.domain import DomainBuilder
+
+    inner = MemoryStore()
+    old = EncryptedStore(inner, ring(KEY_A))
+    new = EncryptedStore(inner, ring(KEY_A, KEY_B))
+    b = await DomainBuilder(old, domain=1, disks=(("v", "d0", 64 << 10),)).start()
+    b.write(0, 0, b"x" * 4096)
+    await b.seal()
+    maintenance = await CatalogWriter.open(new, 1, by="maintenance")  # restarted first, with both keys
+    await maintenance.commit({"horizon_seq": maintenance.state.timeline().horizon_seq})
+    b.write(0, 4096, b"y" * 4096)
+    with pytest.raises(KeyUnavailable):
+        await b.seal()
