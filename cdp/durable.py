@@ -94,6 +94,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def remove(path: str | os.PathLike[str]) -> bool:
+    """Unlink ``path`` and make that durable (its directory fsynced); True when it was
+    there. A missing ``path`` still has its directory fsynced when that exists: the
+    unlink of a run killed before its fsync is in the page cache only, and a power loss
+    would bring the file back. Without the fsync a removed record (a job's progress, a
+    registration) can come back after a power loss and wedge the next run."""
+    path = Path(path)
+    try:
+        os.unlink(path)
+        removed = True
+    except FileNotFoundError:
+        removed = False
+    try:
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        pass  # no directory, no entry to make durable
+    return removed
+
+
 def write_all(fd: int, data: bytes | bytearray | memoryview, chunk_bytes_max: int = 64 << 20) -> None:
     """``os.write`` all of ``data``, resuming after short writes, in bounded chunks."""
     view = memoryview(data).cast("B")

@@ -380,11 +380,11 @@ class MsaDaemon:
 
     def _handing_over(self, domain: str) -> str | None:
         """Why ``domain``'s VMs may not be powered on because this site is handing it over
-        for a planned failover, else None: its quiesce is running (between its power-off
-        and its handover record a power-on once passed every check), or it handed the
-        domain over at a final mark and has not protected it since. A recovery site forks
-        at that mark and reports no loss; writes made here after it would be lost, and
-        both sites would run the VMs."""
+        for a planned failover, else None: its quiesce is running (between its pause and
+        its handover record a power-on would pass every other check), or it committed a
+        final mark to hand the domain over at (the record is written before the power-off)
+        and has not protected it since. A recovery site forks at that mark and reports no
+        loss; writes made here after it would be lost, and both sites would run the VMs."""
         from cdp.msa.handover import read_handover
 
         holder = self.runner.claims.get(("quiesce", domain))
@@ -399,7 +399,8 @@ class MsaDaemon:
             return None
         return (f"domain {domain} was handed over at its final mark {back['mark']!r} (seq {back['seq']}) for a "
                 f"planned failover: the recovery site runs it from that point, and writes made here would be lost; "
-                f"to run it here again, protect it here first (`cdp protect {domain}`)")
+                f"to run it here again, once the recovery site's failover has failed or been given up (one still "
+                f"running forks at that mark), protect it here first (`cdp protect {domain}`)")
 
     async def power(self, domain: str, on: bool) -> dict[str, Any]:
         """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts."""
@@ -432,10 +433,18 @@ class MsaDaemon:
         API): its VMs stop issuing writes, mark ``mark`` is placed after their last write
         and committed — so every write they had acknowledged is in the store before it —
         then they are powered off and the domain is no longer protected (shipped) here.
-        Returns the mark's seq: the point the recovery site fails over at."""
+        Returns the mark's seq: the point the recovery site fails over at.
+
+        The handover record (``handovers/<domain>.json``) is written as soon as the mark
+        is committed, before the power-off: from then on the VMs are refused power-on
+        here, so a quiesce killed after it is finished by the next one asked, which
+        answers with this mark (``_quiesced_again``) instead of finding the domain
+        unprotected, or its VMs off, and refusing."""
+        from cdp.msa.failback import record_handed_back
+        from cdp.msa.handover import write_handover
         from cdp.msa.marks import request_mark
 
-        if domain not in self.protection and (again := self._quiesced_again(domain)) is not None:
+        if (again := await self._quiesced_again(domain)) is not None:
             return again
         if domain not in self.protection:
             raise NotProtected(f"domain {domain} is not protected at site {self.cfg.site}: nothing to hand over")
@@ -447,27 +456,28 @@ class MsaDaemon:
         paused = await self.hypervisor.pause(domain)
         job.progress("mark", 1, 4)
         placed = await request_mark(self.cfg, domain, mark)
+        await asyncio.to_thread(record_handed_back, self.cfg, domain, mark, placed["seq"])
+        await asyncio.to_thread(write_handover, self.cfg.state_dir, domain, mark, placed["seq"])
         job.progress("power-off", 2, 4)
         off = await self.power(domain, False)
         job.progress("unprotect", 3, 4)
         await self.unprotect(domain)
-        from cdp.msa.failback import record_handed_back
-        from cdp.msa.handover import write_handover
-
-        await asyncio.to_thread(record_handed_back, self.cfg, domain, mark, placed["seq"])
-        await asyncio.to_thread(write_handover, self.cfg.state_dir, domain, mark, placed["seq"])
         job.progress("done", 4, 4)
         acked = off["acked_seq"]
         log.info("domain_quiesced", domain=domain, mark=mark, seq=placed["seq"], acked_seq=acked)
         return {"domain": domain, "site": self.cfg.site, "mark": mark, "seq": placed["seq"], "ts": placed["ts"],
                 "captured_seq_at_pause": paused.get("captured_seq"), "acked_seq": acked}
 
-    def _quiesced_again(self, domain: str) -> dict[str, Any] | None:
+    async def _quiesced_again(self, domain: str) -> dict[str, Any] | None:
         """A quiesce asked again of a domain this site already handed over — for a
         planned failover or a failback — whose asking site died before it recorded the
-        answer: the same answer, at the recorded mark. The domain has been neither
-        protected nor powered on here since (``handovers/<domain>.json`` goes when it is
-        protected again), so that mark is still its final point."""
+        answer (or before its fork), or whose own quiesce was killed after the mark: the
+        same answer, at the recorded mark, once the domain is unprotected here (a killed
+        quiesce may not have got that far). Its VMs have not run since the mark (they are
+        refused power-on while ``handovers/<domain>.json`` is there, and it goes when the
+        domain is protected again), so that mark is still its final point. None when
+        there is no record, or the VMs are on (a quiesce that failed before its power-off:
+        a new one places a new mark)."""
         from cdp.msa.handover import read_handover
 
         if domain in self.powered:
@@ -478,6 +488,8 @@ class MsaDaemon:
             return None
         if back is None:
             return None
+        if domain in self.protection:  # the quiesce that wrote the record was killed before this step
+            await self.unprotect(domain)
         last = self.hypervisor.last_run(domain) or {}
         log.info("domain_quiesced_again", domain=domain, mark=back["mark"], seq=back["seq"])
         return {"domain": domain, "site": self.cfg.site, "mark": back["mark"], "seq": back["seq"], "ts": None,

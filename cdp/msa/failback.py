@@ -11,7 +11,8 @@ once the domain runs at the recovery site after a failover:
 3. The domain is protected here again (its DRVA restarted: it adopts the new timeline,
    dropping what it held of the old one) and its VMs are powered on.
 4. The recovery site releases the domain (``POST /v1/failover/{name}/release``): it
-   unregisters the VMs and the on-demand hosts they took.
+   moves the disks the VMs ran on aside, then unregisters the VMs and the on-demand
+   hosts they took (a rerun finishes a release that was interrupted).
 
 ``failbacks/<domain>.json`` (FORMAT.md §13.12) records the phase reached: a rerun resumes
 after it — never asks for a second handover, never forks twice. While a failback is
@@ -29,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from cdp import durable
-from cdp.errors import CdpError, ConfigError, FailoverRefused
+from cdp.errors import CdpError, ConfigError, FailoverRefused, NotFound
 from cdp.logs import get_logger
-from cdp.msa.failover import _find, _handover, _Quiet, check_domain_name, run_appliance
+from cdp.msa.failover import _find, _Quiet, check_domain_name, run_appliance
+from cdp.msa.handover import ask_handover
 from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa.jobs import Job
 
@@ -93,7 +95,7 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
                                   f"[peer] that site")
         await _check_inventory(cfg, spec, name)  # before the peer stops anything
         t = time.monotonic()
-        handover = await _handover(daemon, name, job, failback=True)
+        handover = await ask_handover(daemon, name, job, failback=True)
         phases["quiesce"] = round(time.monotonic() - t, 3)
         record = {"version": RECORD_VERSION, "domain": name, "id": spec.id, "site": cfg.site,
                   "peer": where["site"], "target": f"mark:{handover['mark']}", "handover": handover,
@@ -234,37 +236,110 @@ async def extent_files(daemon: Any, name: str, req: Any) -> dict[int, tuple[Path
 async def release_failed_over(daemon: Any, name: str) -> dict[str, Any]:
     """At the site a domain had failed over to: the domain runs at another site again
     (its current timeline is not this site's): power its VMs off if they are on, stop
-    protecting it, unregister its VMs and the on-demand hosts they took, move the disks
-    they ran on aside (``_move_images_aside``) and remove the failover record. Refused
-    while the domain still runs here."""
+    protecting it, move the disks they ran on aside (``_move_images_aside``), remove the
+    failover record, and last unregister its VMs and the on-demand hosts they took.
+    Refused while the domain still runs here.
+
+    Idempotent, so the failback asking may rerun it: each step is skipped once done, and
+    the registration — what says the domain failed over here — goes last. A release
+    killed after unregistering (before this order) left the record and the images: the
+    record alone lets a rerun finish. With nothing of the domain left here, the answer is
+    "released" again (the first answer may have been lost with the asking site)."""
     from cdp.msa import registry
+    from cdp.msa.failover import read_record as read_failover
     from cdp.msa.failover import record_path as failover_record
 
     cfg = daemon.cfg
     check_domain_name(name)
     reg = registry.load_registry(cfg.state_dir, cfg.site)
-    if name not in registry.registered_domains(reg) or name in reg["isolated"]:
+    registered = name in registry.registered_domains(reg)
+    if name in reg["isolated"] or (not registered and name in {d.name for d in cfg.cluster.domains}):
         raise FailoverRefused(f"domain {name} was not failed over to site {cfg.site} (failed over here: "
-                              f"{', '.join(sorted(registry.registered_domains(reg))) or 'none'}): nothing to release")
-    where = await daemon.owner_elsewhere(name, strict=True)
-    if where is None:
+                              f"{', '.join(_failed_over_here(reg)) or 'none'}): nothing to release")
+    if registered:
+        record = None  # not needed to go on (and removed whatever it holds)
+        where = await daemon.owner_elsewhere(name, strict=True)
+    else:
+        record = read_failover(cfg.state_dir, name)  # left by a release killed after it unregistered
+        if record is not None and record.get("test"):
+            record = None  # a test failover's: `cdp failover-cleanup` removes it
+        where = await _owner_elsewhere_by_name(cfg, name)
+    if where is None and (registered or record is not None):
         raise FailoverRefused(f"domain {name} still runs at site {cfg.site} (its current timeline is this site's): "
                               f"fail it back first (`cdp failback {name}` at the site it came from)")
-    if name in daemon.powered:
+    if not registered and record is None:
+        if where is None:
+            raise FailoverRefused(f"domain {name} was not failed over to site {cfg.site} (failed over here: "
+                                  f"{', '.join(_failed_over_here(reg)) or 'none'}): nothing to release")
+        log.info("failed_over_domain_released_before", domain=name, now_at=where["site"])
+        return {"domain": name, "site": cfg.site, "released": True, "runs_at": where["site"], "hosts_removed": [],
+                "images_kept": None, "already": True}
+    if registered and name in daemon.powered:
         await daemon.power(name, False)
-    if name in daemon.protection:
+    if registered and name in daemon.protection:
         await daemon.unprotect(name)
-    remaining = registry.without_domain(reg, name)
-    registry.save_registry(cfg.state_dir, remaining)
-    daemon.reload_config()
     kept = await asyncio.to_thread(_move_images_aside, cfg.cluster.state_dir, name)
-    failover_record(cfg.state_dir, name).unlink(missing_ok=True)
+    durable.remove(failover_record(cfg.state_dir, name))
+    remaining = registry.without_domain(reg, name)
+    if registered:
+        registry.save_registry(cfg.state_dir, remaining)
+        daemon.reload_config()
     left = {h["name"] for h in remaining["hosts"]}
     removed = sorted(h["name"] for h in reg["hosts"] if h["name"] not in left)
     log.info("failed_over_domain_released", domain=name, now_at=where["site"], hosts_removed=removed,
              images_kept=str(kept) if kept else None)
     return {"domain": name, "site": cfg.site, "released": True, "runs_at": where["site"], "hosts_removed": removed,
             "images_kept": str(kept) if kept else None}
+
+
+def _failed_over_here(reg: Mapping[str, Any]) -> list[str]:
+    from cdp.msa import registry
+
+    return sorted(set(registry.registered_domains(reg)) - set(reg["isolated"]))
+
+
+async def _owner_elsewhere_by_name(cfg: Any, name: str) -> dict[str, Any] | None:
+    """``MsaDaemon.owner_elsewhere`` for a domain this site no longer has in its
+    inventory (a release that unregistered it and was killed): found by name in the
+    store it lives in. None when this site owns it."""
+    from cdp.msa.failover import _find_state
+
+    try:
+        _, state = await _find_state(cfg, name)
+    except NotFound:
+        return None  # the store never had it: nothing failed over anywhere
+    tl = state.timeline()
+    if tl.owner == cfg.site:
+        return None
+    return {"site": tl.owner, "timeline": tl.id, "parent": tl.parent, "fork_seq": tl.fork_seq}
+
+
+async def refuse_unreleased_images(cfg: Any, name: str, domain_id: int, state: Any) -> None:
+    """``FailoverRefused`` when ``<datastore>/<name>/`` holds the disks an earlier
+    failover of the domain to this site ran on — the appliance's record there says it
+    forked a timeline that is no longer the current one: the domain went back (a
+    failback) and this site never released it. The appliance never overwrites them (a
+    new failover fails on them), and they may hold the only copy of writes that were
+    never shipped. Checked before a planned failover asks the peer to stop the domain."""
+    from rocva.failover import _open_dir
+    from rocva.failover import read_record as read_appliance_record
+
+    out_dir = cfg.cluster.state_dir / name  # rocva.__main__.failover_dir
+    out = _open_dir(out_dir)
+    if out is None:
+        return
+    try:
+        doc = read_appliance_record(out)
+    finally:
+        out.close()
+    if doc is None or doc["phase"] != "forked" or doc["domain"] != domain_id or doc.get("timeline") == state.current:
+        return
+    now = state.timeline()
+    raise FailoverRefused(
+        f"{out_dir}: the disks an earlier failover of domain {name} to site {cfg.site} ran on (it forked timeline "
+        f"{doc.get('timeline')}; the domain runs on timeline {now.id} at site {now.owner} now) were never released, "
+        f"and a failover never overwrites them: rerun `cdp failback {name}` at site {now.owner} (its release moves "
+        f"them aside here), or move the directory aside yourself once nothing in it is needed")
 
 
 def _move_images_aside(datastore: Path, name: str) -> Path | None:
@@ -285,5 +360,5 @@ def _move_images_aside(datastore: Path, name: str) -> Path | None:
     else:
         raise ConfigError(f"{images}: cannot move it aside, {kept} and 999 others exist")
     os.rename(images, kept)
-    durable.fsync_dir(datastore)  # the rename survives a crash before the record goes
+    durable.fsync_dir(datastore)  # the rename survives a crash before the record and the registration go
     return kept

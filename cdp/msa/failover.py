@@ -4,7 +4,8 @@ From the store alone — the protected site may be gone:
 
 1. **find** the domain by name in the store and refuse what cannot be done: a name the
    site's own inventory already uses, a domain that already failed over here (its
-   record says ``done``), a domain this site already owns;
+   record says ``done``), a domain this site already owns, a ``<datastore>/<domain>/``
+   still holding the disks of an earlier failover that was never released;
 2. **rehydrate and fork** in a short-lived ``python -m rocva failover`` process (the seed's
    temporary recovery appliance): every disk at the point, into ``<datastore>/<domain>/``,
    then the new timeline owned by this site (``rocva.failover``; progress is relayed to
@@ -23,10 +24,14 @@ From the store alone — the protected site may be gone:
 5. wait (bounded) for the first write of a recovered VM to be acknowledged by the DRVA:
    the recovery time objective ends there.
 
-``<state_dir>/failovers/<domain>.json`` records the phase reached (FORMAT.md §13.4).
+``<state_dir>/failovers/<domain>.json`` records the phase reached (FORMAT.md §13.10).
 Every step is idempotent, so a crashed or failed job is resumed by running it again:
 the recovery resumes, a fork already made is recognised, registration replaces itself.
-Once ``done``, a new failover of the domain is refused.
+Once ``done``, a new failover of the domain is refused. A planned failover
+(``--planned``: the peer site quiesces the domain at a final mark first) that did not
+fork asks the peer again when rerun: the peer answers with the same mark while it has
+not run the domain since, else quiesces it anew — a mark it ran past is never forked
+at. A test failover's record (``test``) is never taken for a real one's progress.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cdp import site_files
+from cdp import durable, site_files
 from cdp.errors import CdpError, ConfigError, FailoverRefused, NotFound
 from cdp.logs import get_logger
+from cdp.msa.handover import ask_handover
 from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa import registry
 from cdp.msa.jobs import Job
@@ -89,6 +95,8 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
     """The job (module docstring). ``daemon`` is the site's ``MsaDaemon``; ``target`` is
     ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME`` — for a ``planned`` one, the
     final mark the peer site places when it hands the domain over (``target`` unused)."""
+    from cdp.msa.failback import refuse_unreleased_images
+
     t0, t0_wall = time.monotonic(), time.time()
     cfg = daemon.cfg
     check_domain_name(name)
@@ -98,6 +106,12 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
         raise FailoverRefused(f"site {cfg.site} already has a domain {name} of its own in "
                               f"{cfg.cluster_path.name}: a failover would shadow it; rename one of them")
     record = read_record(cfg.state_dir, name)
+    if record is not None and record.get("test"):
+        # A test failover's, left by a run killed before it came up (it was never
+        # registered): not this failover's progress, and its point is not this one's.
+        log.warning("failover_test_record_ignored", domain=name, target=record.get("target"),
+                    phase=record.get("phase"))
+        record = None
     # A rerun of a run that died (its MSA killed) before it was done: the DRVA the
     # restarted daemon started serves the domain without takeover — fenced by the old
     # timeline if the fork had not happened — so it is restarted below.
@@ -108,15 +122,29 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
             f"from timeline {record.get('parent_timeline')} at seq {record.get('fork_seq')}); it runs here "
             f"(`cdp status`); failing back is another verb")
     job.progress("find", 0, 1)
-    domain_id, disks, seed = await _find(cfg, name)
+    domain_id, state = await _find_state(cfg, name)
+    disks, seed = _disks(state), state.timeline().committed_seq
     job.progress("find", 1, 1)
+    if not resuming:  # before the peer is asked to stop anything
+        await refuse_unreleased_images(cfg, name, domain_id, state)
     handover = None
-    if planned and record is not None and record.get("phase") != "done" and record.get("planned"):
-        target = str(record["target"])  # the peer handed the domain over already: resume at its mark
+    if planned and record is not None and record.get("phase") == "forked":
+        target = str(record["target"])  # forked at the handed-over mark: the peer is fenced, nothing to ask
     elif planned:
-        handover = await _handover(daemon, name, job)
+        # A rerun of one that did not fork asks again: the peer answers with the mark it
+        # handed over at while it has not run the domain since, else quiesces it anew.
+        asked = record.get("handover") if resuming and record.get("planned") else None
+        handover = await ask_handover(daemon, name, job, resumes=asked)
         target = f"mark:{handover['mark']}"
-    if record is None or record.get("phase") == "done" or (planned and handover is not None):
+        if asked is not None and handover["mark"] != asked.get("mark"):
+            log.warning("planned_failover_handed_over_anew", domain=name, mark=handover["mark"],
+                        seq=handover["seq"], stale_mark=asked.get("mark"), stale_seq=asked.get("seq"))
+    elif resuming and record.get("planned") and record.get("phase") == "started":
+        # Unplanned over a planned one that did not fork (its peer is gone, or no
+        # longer vouches for the handed-over mark): the point is this run's.
+        log.warning("planned_failover_replaced", domain=name, stale_target=record.get("target"), target=target)
+        record = None
+    if record is None or record.get("phase") == "done" or handover is not None:
         # (done but unregistered: a new failover)
         record = {"version": RECORD_VERSION, "domain": name, "id": domain_id, "site": cfg.site, "target": target,
                   "planned": planned, "phase": "started", "started_ns": time.time_ns()}
@@ -148,8 +176,8 @@ async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned
             protecting.cancel()
             await asyncio.gather(protecting, return_exceptions=True)
             await _unregister(daemon, name)
-            if not record.get("planned"):  # a planned one keeps its handover: a rerun resumes at its mark
-                record_path(cfg.state_dir, name).unlink(missing_ok=True)
+            if not record.get("planned"):  # a planned one keeps its handover: a rerun asks again with it
+                durable.remove(record_path(cfg.state_dir, name))
             await _forget_appliance_record(cfg, domain_id, name)  # before the standby may move the images
             daemon.standby.resume(name)
         raise
@@ -204,8 +232,8 @@ async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> di
     job.progress("rehydrate", 0, 0)
     try:
         recovered = await _rocva_failover(cfg, domain_id, name, target, job, daemon.env, test=True)
-    except CdpError:
-        record_path(cfg.state_dir, name).unlink(missing_ok=True)
+    except BaseException:
+        durable.remove(record_path(cfg.state_dir, name))
         raise
     placed = await _register(daemon, name, domain_id, disks, recovered["seq"], test=True)
     job.progress("power-on", 0, 1)
@@ -223,24 +251,39 @@ async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> di
 
 async def cleanup_test_failover(daemon: Any, name: str) -> dict[str, Any]:
     """Remove a test failover: power its VMs off, unregister them (and the on-demand
-    hosts they took), delete ``<datastore>/test-<name>/`` and the record."""
-    import shutil
-
+    hosts they took), delete ``<datastore>/test-<name>/`` and the record. A test failover
+    whose MSA was killed before it registered the VMs left only its record (and perhaps
+    part of its area): those are removed the same way."""
     cfg = daemon.cfg
     check_domain_name(name)
     reg = registry.load_registry(cfg.state_dir, cfg.site)
     if name not in reg["isolated"]:
-        raise FailoverRefused(f"no test failover of domain {name} at site {cfg.site} "
-                              f"(test failovers: {', '.join(reg['isolated']) or 'none'})")
-    if name in daemon.powered:
-        await daemon.power(name, False)
-    registry.save_registry(cfg.state_dir, registry.without_domain(reg, name))
-    daemon.reload_config()
-    area = cfg.cluster.state_dir / f"test-{name}"
-    await asyncio.to_thread(shutil.rmtree, area, True)
-    record_path(cfg.state_dir, name).unlink(missing_ok=True)
+        record = read_record(cfg.state_dir, name)
+        if record is None or not record.get("test") or name in registry.registered_domains(reg):
+            raise FailoverRefused(f"no test failover of domain {name} at site {cfg.site} "
+                                  f"(test failovers: {', '.join(reg['isolated']) or 'none'})")
+        log.warning("test_failover_leftover", domain=name, phase=record.get("phase"), target=record.get("target"))
+    else:
+        if name in daemon.powered:
+            await daemon.power(name, False)
+        registry.save_registry(cfg.state_dir, registry.without_domain(reg, name))
+        daemon.reload_config()
+    area = cfg.cluster.state_dir / f"test-{name}"  # rocva.__main__.failover_dir
+    await asyncio.to_thread(_remove_tree, area)
+    durable.remove(record_path(cfg.state_dir, name))
     log.info("test_failover_removed", domain=name, area=str(area))
     return {"domain": name, "site": cfg.site, "removed": str(area)}
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete the directory ``path`` and what it holds, and make its entry's removal
+    durable (its parent fsynced): a test area back after a power loss is refused by the
+    next test failover's recovery ("already exists")."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    if path.parent.is_dir():
+        durable.fsync_dir(path.parent)
 
 
 class _Quiet:
@@ -294,44 +337,15 @@ async def _timed(work: Callable[[], Awaitable[Any]], phases: dict[str, float], n
         phases[name] = round(time.monotonic() - t, 3)
 
 
-async def _handover(daemon: Any, name: str, job: Job, *, failback: bool = False) -> dict[str, Any]:
-    """Ask the peer site (``[peer]``) to quiesce ``name`` and hand it over at a final mark
-    (``POST /v1/domains/{name}/quiesce``); that job's output. ``failback``: the domain
-    comes back to this site (the messages say so)."""
-    from cdp.msa.client import MsaClient
-
-    cfg = daemon.cfg
-    doing = "a failback" if failback else "a planned failover"
-    instead = ("the domain cannot come back without that site's final mark (its writes since the failover "
-               "are only there)" if failback else "fail over unplanned (without --planned) if it is gone")
-    if cfg.peer is None:
-        raise FailoverRefused(f"{doing} asks the other site to hand domain {name} over, and {cfg.path.name} has no "
-                              f"[peer] (its site, api and token_env); add it" +
-                              ("" if failback else ", or fail over unplanned (without --planned) from the store alone"))
-    mark = f"handover-to-{cfg.site}-{time.time_ns() // 1_000_000_000}"
-    job.progress("quiesce", 0, 1)
-    try:
-        async with MsaClient.for_peer(cfg, daemon.env) as peer:
-            record = await peer.post(f"/v1/domains/{name}/quiesce", {"mark": mark}, wait=True)
-    except CdpError as exc:
-        raise FailoverRefused(f"site {cfg.peer.site} ({cfg.peer.api}) did not hand domain {name} over: "
-                              f"{exc.message}; {doing} needs that site's daemon — {instead}") from None
-    if not isinstance(record, dict) or record.get("state") != "succeeded" or not isinstance(record.get("output"), dict):
-        error = record.get("error") if isinstance(record, dict) else None
-        raise FailoverRefused(f"site {cfg.peer.site} could not hand domain {name} over: {error or record!r:.300}")
-    out = record["output"]
-    job.progress("quiesce", 1, 1)
-    log.info("domain_handed_over", domain=name, peer=cfg.peer.site, mark=mark, seq=out.get("seq"),
-             acked_seq=out.get("acked_seq"), failback=failback)
-    # The peer names the mark it handed over at: its own earlier one when it had already
-    # handed the domain back to a run of this job that died before recording it.
-    return {"site": cfg.peer.site, "mark": out.get("mark") or mark, "seq": out.get("seq"),
-            "acked_seq": out.get("acked_seq")}
-
-
 async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]], int]:
     """The domain's id, its disks and its committed seq (to seed the recovered VMs' writes),
     from the store it lives in: the peer's for a domain of the peer (``store_url_for``)."""
+    domain_id, state = await _find_state(cfg, name)
+    return domain_id, _disks(state), state.timeline().committed_seq
+
+
+async def _find_state(cfg: Any, name: str) -> tuple[int, Any]:
+    """The domain's id and its catalog's state (``_find``)."""
     from cdp.catalog import find_domain
 
     store = open_store(cfg.store_url_for(name))
@@ -342,8 +356,11 @@ async def _find(cfg: Any, name: str) -> tuple[int, list[dict[str, Any]], int]:
                            f"(`cdp points` lists what a store holds)")
     finally:
         await store.close()
-    domain_id, state = found
-    return domain_id, [dict(d) for d in sorted(state.disks, key=lambda d: d["disk"])], state.timeline().committed_seq
+    return found
+
+
+def _disks(state: Any) -> list[dict[str, Any]]:
+    return [dict(d) for d in sorted(state.disks, key=lambda d: d["disk"])]
 
 
 async def _rocva_failover(cfg: Any, domain_id: int, name: str, target: str, job: Job,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cdp import durable
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
 from cdp.small_file import NotRegularFile, read_small_file
@@ -47,6 +48,11 @@ def _read_bounded(path: Path, bytes_max: int, what: str) -> bytes | None:
 
 
 def write_domain_record(path: Path, doc: Mapping[str, Any]) -> None:
-    """Replace the record at ``path`` atomically (whole old or whole new after a crash)."""
+    """Replace the record at ``path`` atomically (whole old or whole new after a crash).
+    Its directory (``failovers/``…) is created if need be, and the state directory
+    fsynced each time: a new directory's entry is durable only then, and a run killed
+    between the mkdir and that fsync leaves a directory the next write must sync too.
+    Without it a power loss took the directory, and the record in it, away."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    durable.fsync_dir(path.parent.parent)
     atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode())

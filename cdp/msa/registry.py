@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cdp import durable
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
 from cdp.site_files import toml_text
@@ -68,9 +69,10 @@ def merged(inventory: Mapping[str, Any], registry: Mapping[str, Any]) -> dict[st
 
 def save_registry(state_dir: Path, doc: Mapping[str, Any]) -> None:
     """Write ``doc``; one that registers nothing removes the file (the site is as the
-    operator's inventory alone makes it)."""
+    operator's inventory alone makes it), durably: a registration back after a power
+    loss made the next failover of the domain refuse ("already failed over")."""
     if not (doc["hosts"] or doc["vms"] or doc["domains"]):
-        registry_path(state_dir).unlink(missing_ok=True)
+        durable.remove(registry_path(state_dir))
         return
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(registry_path(state_dir), toml_text(doc).encode())
