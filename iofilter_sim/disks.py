@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 from cdp.errors import ConfigError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from cdp.fallocate import available as fallocate_available
-from cdp.file_kinds import file_kind
+from cdp.file_kinds import NotRegular, open_regular
 from cdp.records import (
     KIND_WRITE, KIND_ZERO, SECTOR, WRITE_LEN_MAX, payload_lengths, payload_starts,
 )
@@ -50,25 +49,17 @@ IMAGE_MODE = 0o600
 
 def _open_image(path: Path, name: str, create: bool) -> int:
     """The image at ``path``, open read-write (created ``IMAGE_MODE`` when missing and
-    ``create``). Never through a symbolic link (``O_NOFOLLOW``: a link planted at the
-    image path would make the VM's writes land in its target), never blocking on a FIFO
-    (``O_NONBLOCK``, which a regular file ignores); anything but a regular file is
-    refused with a ConfigError naming the disk and the path."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    ``create``), only as a regular file and never through a symbolic link
+    (``cdp.file_kinds.open_regular``: a link planted at the image path would make the
+    VM's writes land in its target); a ConfigError naming the disk and the path else."""
     try:
-        fd = os.open(path, flags, IMAGE_MODE)
+        return open_regular(path, os.O_RDWR | (os.O_CREAT if create else 0), IMAGE_MODE)
+    except NotRegular as exc:
+        raise ConfigError(f"disk {name}: {path} is {exc.strerror} (a raw image)") from None
+    except IsADirectoryError:  # a directory cannot be opened for writing at all
+        raise ConfigError(f"disk {name}: {path} is a directory: expected a regular file (a raw image)") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(f"disk {name}: {path} is a symbolic link: expected a regular file (a raw image; "
-                              f"a link is never followed)") from None
-        if exc.errno == errno.EISDIR:  # a directory cannot be opened for writing at all
-            raise ConfigError(f"disk {name}: {path} is a directory: expected a regular file (a raw image)") from None
         raise ConfigError(f"disk {name}: cannot open {path}: {exc.strerror}") from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise ConfigError(f"disk {name}: {path} is {file_kind(mode)}: expected a regular file (a raw image)")
-    return fd
 
 
 class PrimaryDisk:

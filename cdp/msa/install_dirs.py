@@ -139,10 +139,10 @@ def check_local_dirs(cfg: SiteConfig) -> None:
         raise errors[0]
 
 
-def ensure_dir(cfg: SiteConfig, field: str, path: Path, writer: str = WRITER_INSTALL) -> None:
-    """Create ``path`` and its missing parents (``DIR_MODE``), then check the whole path
-    again: a directory someone else made first, in a race or not, is refused all the
-    same (``dir_problem``)."""
+def make_missing_dirs(path: Path) -> None:
+    """``mkdir -p path`` with ``DIR_MODE`` (a umask only takes bits away, so none is
+    writable by others); one made meanwhile by someone else is left for the caller's
+    ``dir_problem`` to judge."""
     missing = []
     here = path
     while not os.path.lexists(here):
@@ -153,6 +153,13 @@ def ensure_dir(cfg: SiteConfig, field: str, path: Path, writer: str = WRITER_INS
             os.mkdir(directory, DIR_MODE)
         except FileExistsError:
             pass
+
+
+def ensure_dir(cfg: SiteConfig, field: str, path: Path, writer: str = WRITER_INSTALL) -> None:
+    """Create ``path`` and its missing parents (``DIR_MODE``), then check the whole path
+    again: a directory someone else made first, in a race or not, is refused all the
+    same (``dir_problem``)."""
+    make_missing_dirs(path)
     if (problem := dir_problem(path)) is not None:
         raise dir_error(cfg, field, path, problem, writer)
 

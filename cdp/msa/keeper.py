@@ -49,7 +49,7 @@ from pathlib import Path
 
 from cdp.file_kinds import file_kind
 from cdp.logs import get_logger
-from cdp.msa.install_dirs import DIR_MODE, dir_problem
+from cdp.msa.install_dirs import dir_problem, make_missing_dirs
 from cdp.small_file import NotRegularFile, read_small_file
 
 log = get_logger("cdp.msa.keeper")
@@ -260,14 +260,7 @@ def private_dir_problem(path: Path) -> str | None:
     takes bits away, so none is writable by others), then say why another user could
     change what lies in it (``dir_problem``: one made by someone else first, or 0777 from
     an older daemon), or None."""
-    missing = []
-    here = path
-    while not os.path.lexists(here):
-        missing.append(here)
-        here = here.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile: checked below all the same
-            os.mkdir(directory, DIR_MODE)
+    make_missing_dirs(path)
     return dir_problem(path)
 
 
