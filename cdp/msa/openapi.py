@@ -235,13 +235,16 @@ def _paths() -> dict[str, Any]:
                           **_DOMAIN_ERRORS}}},
         "/v1/failover/{name}/cleanup": {"post": {
             "summary": "Remove a test failover: power its VMs off, unregister them and their on-demand hosts, "
-                       "delete its test area.", "parameters": [_NAME],
+                       "delete its test area and record (also those of a test failover killed before its VMs "
+                       "were registered).", "parameters": [_NAME],
             "responses": {"200": _json({"type": "object"}, "Removed."), **_DOMAIN_ERRORS,
                           "409": {"$ref": "#/components/responses/Conflict"}}}},
         "/v1/failover/{name}/release": {"post": {
             "summary": "At the site a domain had failed over to, once it runs at another site again (a "
-                       "failback): power its VMs off, stop protecting it, unregister its VMs and the on-demand "
-                       "hosts they took. Refused while the domain runs here.", "parameters": [_NAME],
+                       "failback): power its VMs off, stop protecting it, move its disks aside, remove its "
+                       "failover record, then unregister its VMs and the on-demand hosts they took. A rerun "
+                       "finishes an interrupted release (already: true when nothing is left). Refused while the "
+                       "domain runs here.", "parameters": [_NAME],
             "responses": {"200": _json({"type": "object"}, "Released."), **_DOMAIN_ERRORS,
                           "409": {"$ref": "#/components/responses/Conflict"}}}},
         "/v1/failback/{name}": {"post": _job_op(
