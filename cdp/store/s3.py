@@ -163,6 +163,10 @@ class S3Store(StoreBase):
             max_pool_connections=max(10, 2 * max_concurrency),
             s3={"addressing_style": "path"} if endpoint_url else None,
             http_session_cls=NoRedirectSession,
+            # Every PUT carries its Content-MD5 (hashed off the loop) and every object its
+            # own checksums: botocore's default CRC32 of each body, on the event loop, was
+            # a second hash of every byte sent.
+            request_checksum_calculation="when_required",
         )
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
