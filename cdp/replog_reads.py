@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 
 from cdp import durable
-from cdp.errors import LogError
-from cdp.logfmt import BLOCK
+from cdp.errors import LogCorruption, LogError
+from cdp.logfmt import BLOCK, Superblock, unpack_superblock
 
 
 def pread(fd: int, n: int, offset: int, direct: bool = False) -> bytes:
@@ -83,3 +83,33 @@ def scan_source(path: Path, fd: int, direct: bool, *, sync: bool) -> tuple[int, 
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return fd, False
+
+
+def read_superblocks(path: Path, fd: int, direct: bool, size: int) -> tuple[Superblock, str]:
+    """The newest valid copy, and why the other one was refused ("" when it was not:
+    older is not refused). A copy that cannot be read is refused like a corrupt one,
+    and so is one recording more bytes than the partition's ``size``: a partition cut
+    short (a file truncated, a LUN shrunk) while stopped would otherwise read its last
+    entries short and cut them as a torn tail, acked data lost quietly."""
+    found: list[Superblock] = []
+    reasons = []
+    for i in range(2):
+        try:
+            raw = pread_checked(path, fd, BLOCK, i * BLOCK, direct, f"superblock copy {i}")
+        except LogError as exc:
+            reasons.append(f"copy {i}: {exc.message}")
+            continue
+        sb = unpack_superblock(raw)
+        if isinstance(sb, str):
+            reasons.append(f"copy {i}: {sb}")
+        elif sb.copy_index() != i:
+            reasons.append(f"copy {i}: generation {sb.generation} belongs to the other copy")
+        elif size < sb.partition_size:
+            reasons.append(f"copy {i}: records partition_size {sb.partition_size}, but the "
+                           f"partition holds {size} bytes: it was cut short")
+        else:
+            found.append(sb)
+    if not found:
+        raise LogCorruption(
+            f"log partition {path}: no valid superblock ({'; '.join(reasons)})")
+    return max(found, key=lambda s: s.generation), "; ".join(reasons)

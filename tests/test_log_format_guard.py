@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cdp import replog
+from cdp import replog_format
 from cdp.errors import ConfigError, LogError
 from cdp.logfmt import BLOCK, DATA_START
 from cdp.replog import ReplicationLog
@@ -125,7 +125,7 @@ def test_a_failed_format_of_a_new_file_leaves_nothing_behind(tmp_path: Path) -> 
 def test_a_device_is_formatted_unless_it_holds_a_log(tmp_path: Path, monkeypatch) -> None:
     """A new LUN holds whatever its array left: formatted without force. One holding a log
     needs force. (A regular file stands in for the device: ``format`` is told it is one.)"""
-    monkeypatch.setattr(replog, "stat", SimpleNamespace(S_ISBLK=lambda mode: True))
+    monkeypatch.setattr(replog_format, "stat", SimpleNamespace(S_ISBLK=lambda mode: True))
     lun = tmp_path / "lun"
     junk = os.urandom(SIZE)
     lun.write_bytes(junk)
