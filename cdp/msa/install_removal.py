@@ -4,7 +4,7 @@ Uninstall stops the daemon (SIGTERM to the process ``<state_dir>/msa.pid`` names
 if it is the process that wrote it: same pid *and* start time; then waits:
 ``cdp.msa.install_daemon``), then whatever children a killed daemon left running — the
 DRVAs, simulated hosts and standbys its pid files (``logs/*.pid``) or their command
-lines name (``cdp.msa.keeper.find_leftovers``): a DRVA left running on a partition
+lines name (``cdp.msa.processes.find_leftovers``): a DRVA left running on a partition
 uninstall unlinks would go on acknowledging writes into a file that no longer exists.
 One that outlives SIGKILL stops uninstall (``Busy``) before anything is removed.
 
@@ -251,7 +251,7 @@ def child_args(cfg: SiteConfig) -> tuple[list[tuple[str, ...]], list[tuple[str, 
 
 
 def leftover_children(cfg: SiteConfig) -> tuple[list[Leftover], list[Leftover]]:
-    """The children a killed daemon left running (``cdp.msa.keeper.find_leftovers``):
+    """The children a killed daemon left running (``cdp.msa.processes.find_leftovers``):
     (the simulated hosts, the rest). ``ConfigError`` when ``<state_dir>/logs`` is not
     ours alone: a pid file there could name any process. Reads only."""
     logs = cfg.state_dir / "logs"

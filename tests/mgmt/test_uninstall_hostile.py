@@ -1,5 +1,5 @@
 """``cdp uninstall`` against what it must keep and what a killed daemon left running
-(cdp/msa/install_removal.py, cdp/msa/config.py, cdp/msa/keeper.py's leftovers).
+(cdp/msa/install_removal.py, cdp/msa/config.py, cdp/msa/processes.py's leftovers).
 
 - A DRVA's state directory (``<state_dir>/drvas/<name>``) loses only what the DRVA
   writes there (``status.json``, ``requests/``); a store, a site CA or anything else
@@ -24,7 +24,7 @@ import pytest
 
 from cdp import site_files
 from cdp.errors import Busy, ConfigError
-from cdp.msa import keeper
+from cdp.msa import processes
 from cdp.msa.config import load_site_config
 from cdp.msa.deployment import install_record_path
 from cdp.msa.install import install, uninstall
@@ -211,8 +211,8 @@ async def test_a_leftover_that_survives_stops_uninstall_before_anything_is_remov
     children.append(drva1)
     wait_running(drva1)
     write_pid_file(logs / "drva-1.pid", drva1.pid)
-    real = keeper.same_process
-    with mock.patch.object(keeper, "same_process", lambda pid, ticks: pid == drva1.pid or real(pid, ticks)):
+    real = processes.same_process
+    with mock.patch.object(processes, "same_process", lambda pid, ticks: pid == drva1.pid or real(pid, ticks)):
         with pytest.raises(Busy) as err:  # as a process stuck in the kernel would: SIGKILL does not end it
             await uninstall(site.cfg, False, site.env, child_stop_timeout_s=0.1)
     assert f"process {drva1.pid} (named by {logs / 'drva-1.pid'}) outlived SIGKILL" in err.value.message
