@@ -321,8 +321,14 @@ class Shipper:
         done = sum(await gather_bounded((self._commit_uploaded(dom) for dom in ready), COMMIT_CONCURRENCY))
         if done:
             async with self.meta_lock:
-                await asyncio.to_thread(self.meta.write, self.meta_doc())
-                await self.trim()
+                # The document and the trim target from one snapshot (no await between):
+                # another lane's commit may land while this write is in its thread, and a
+                # target taken after it would trim that lane's entries while the durable
+                # metadata still names its older committed seq (a restart then found a gap
+                # in the log and stopped the domain, its acked entries behind it unshipped).
+                doc, target = self.meta_doc(), self._trim_target()
+                await asyncio.to_thread(self.meta.write, doc)
+                await self.trim(target)
         return done
 
     async def _commit_uploaded(self, dom: DomainState) -> int:
@@ -418,11 +424,16 @@ class Shipper:
         if result["deleted"] or result["deferred_by"]:
             log.info("catalog_collected", domain=domain, generation=generation, **result)
 
-    async def trim(self) -> None:
-        # A fenced domain's entries will never be committed by this DRVA: they hold no
-        # log space back from the other domains.
+    def _trim_target(self) -> int:
+        """The log position every entry before which is committed to a store, as the
+        domains stand now. A fenced domain's entries will never be committed by this DRVA:
+        they hold no log space back from the other domains."""
         needed = [p for d in self.domains.values() if not d.fenced and (p := d.first_needed_pos()) is not None]
-        target = min(needed) if needed else self.committer.durable_end
+        return min(needed) if needed else self.committer.durable_end
+
+    async def trim(self, target: int) -> None:
+        """Trim the log to ``target`` (``_trim_target``, taken with the metadata document
+        the caller made durable first)."""
         if target > self.log.head:
             await asyncio.to_thread(self.log.trim, target)
             self.committer.poke()
