@@ -247,21 +247,58 @@ def open_object(root: Dir, key: str, flags: int) -> tuple[int, os.stat_result]:
     raise Unconfined(key, st.st_mode, OBJECT)
 
 
+#: (parent directory's path, name) -> (st_dev, st_ino) of a directory this process has
+#: seen durably linked into its parent (made and synced, or synced when first found).
+_linked: dict[tuple[str, str], tuple[int, int]] = {}
+_linked_lock = threading.Lock()
+
+
 def open_dir(root: Dir, rel: str, *, create: bool) -> Dir:
     """Open the directory ``rel`` below the root ("": the root), or, with ``create``,
-    make it and its missing parents (``make_dirs``). The caller closes it."""
+    make it and its missing parents (``make_dirs``). The caller closes it. With
+    ``create`` (a put), the directory is also durably linked into its parent, and each of
+    its parents into theirs, before it is returned: finding it is not enough."""
     try:
         fd = open_beneath(root, rel or ".", os.O_RDONLY | os.O_DIRECTORY, DIRECTORY)
-        return Dir(fd, f"{root.path}/{rel}" if rel else root.path)
     except FileNotFoundError:
         if not create:
             raise
+    else:
+        found = Dir(fd, f"{root.path}/{rel}" if rel else root.path)
+        if not create or not rel or _known_linked(root.path, rel, fd):
+            return found
+        os.close(fd)  # found, but maybe not durable yet: walked below, syncing as needed
     return make_dirs(root, rel)
+
+
+def _known_linked(root_path: str, rel: str, fd: int) -> bool:
+    parent, _, name = f"{root_path}/{rel}".rpartition("/")
+    st = os.fstat(fd)
+    with _linked_lock:
+        return _linked.get((parent, name)) == (st.st_dev, st.st_ino)
+
+
+def _note_linked(parent: Dir, name: str, fd: int, synced: bool) -> None:
+    """Record that directory ``name`` (open as ``fd``) is durably linked into ``parent``,
+    first syncing ``parent`` unless ``synced`` or already recorded for that very
+    directory. A directory found there is not durable for being there: a concurrent
+    put may have made it and not synced it yet, or a writer killed before its sync (a
+    power cut then takes it, and every object put into it, away)."""
+    st = os.fstat(fd)
+    key, ident = (parent.path, name), (st.st_dev, st.st_ino)
+    with _linked_lock:
+        if not synced and _linked.get(key) == ident:
+            return
+    if not synced:
+        fsync_dir(parent)
+    with _linked_lock:
+        _linked[key] = ident
 
 
 def make_dirs(root: Dir, rel: str) -> Dir:
     """Open the directories of ``rel`` one by one, each relative to its parent's fd and
-    ``O_NOFOLLOW``, creating the missing ones, each fsynced into its parent; return the
+    ``O_NOFOLLOW``, creating the missing ones; each is durably linked into its parent
+    (``_note_linked``: synced when made, or when found and not known durable); return the
     last one, open."""
     parent = root
     done: list[str] = []
@@ -271,6 +308,7 @@ def make_dirs(root: Dir, rel: str) -> Dir:
             flags = os.O_RDONLY | os.O_DIRECTORY
             try:
                 fd = open_child(parent.fd, part, flags, "/".join(done), DIRECTORY)
+                made = False
             except FileNotFoundError:
                 try:
                     os.mkdir(part, dir_fd=parent.fd)
@@ -278,6 +316,8 @@ def make_dirs(root: Dir, rel: str) -> Dir:
                     pass  # made by a concurrent writer: synced all the same, as ours would be
                 fsync_dir(parent)  # the new directory is durable in its parent
                 fd = open_child(parent.fd, part, flags, "/".join(done), DIRECTORY)
+                made = True
+            _note_linked(parent, part, fd, synced=made)
             if parent is not root:
                 os.close(parent.fd)
             parent = Dir(fd, f"{parent.path}/{part}")

@@ -88,6 +88,7 @@ from cdp.store.beneath import (
     Dir,
     RootDir,
     Unconfined,
+    fsync_dir,
     make_root,
     open_beneath,
     open_dir,
@@ -410,6 +411,10 @@ def _publish_new(d: Dir, tmp: str, name: str, key: str, if_absent: bool) -> None
             raise IsADirectoryError(errno.EISDIR, "a directory", key) from None
         if not stat_mode.S_ISREG(st.st_mode):
             raise Unconfined(key, st.st_mode, OBJECT) from None
+        # The caller goes on as if it had put it (a page a catalog generation then
+        # names): the object found must be durable, and its writer may have been killed
+        # between its link and its sync. Its bytes were synced before the link.
+        fsync_dir(d)
         raise _KeyExists() from None
 
 
