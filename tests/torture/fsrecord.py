@@ -243,6 +243,9 @@ class Recorder:
         path = os.fspath(path)
         if dir_fd is not None and not os.path.isabs(path):
             path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        # Normalised first: os.open(".", dir_fd=D) is D itself, not an entry "." of D's
+        # parent (a directory sync through such an fd was put on the wrong directory).
+        path = os.path.normpath(os.path.abspath(path))
         full = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))),
                             os.path.basename(path))
         rel = os.path.relpath(full, self.root)
