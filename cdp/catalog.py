@@ -38,7 +38,7 @@ from cdp.errors import (
     AlreadyExists, AmbiguousDomain, CdpError, Fenced, FormatError, KeyUnavailable, NotFound, StoreError,
 )
 from cdp.gather import gather_bounded
-from cdp.layout import catalog_key, catalog_prefix, parse_catalog_key
+from cdp.layout import U64_MAX, catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
@@ -70,6 +70,9 @@ LOAD_ATTEMPTS_MAX = 3
 MAINTENANCE_RETRIES = 16
 #: Deletions of old generations in flight at once.
 DELETE_CONCURRENCY = 8
+#: The newest generation a chain may reach: its successor's key must exist (§7 keys end
+#: at 2^64 − 1), or the writer that loads it can never commit, nor be fenced.
+GENERATION_MAX = U64_MAX - 1
 
 log = get_logger("cdp.catalog")
 _DOMAIN_DIR = re.compile(r"[0-9a-f]{8}")  # d/<domain id: 8 lower-case hex digits>/ (§7)
@@ -147,11 +150,30 @@ def _state_after(state: CatalogState | None, kind: int, body: Any, where: str) -
     return new
 
 
+def check_successor(domain: int, generation: int, *, committing: bool = False) -> None:
+    """FormatError naming the key unless ``generation`` can be followed by another
+    (``GENERATION_MAX``): a chain at 2^64 − 1 can never be committed to — and no writer
+    gets near it by +1, so only a forged or corrupt object puts it there. Refused as it
+    is read (the newest generation), and never created (``committing``)."""
+    if generation <= GENERATION_MAX:
+        return
+    key = catalog_key(domain, min(generation, U64_MAX))
+    if committing:
+        raise FormatError(f"catalog {key}: generation {generation} of domain {domain} would be one no generation "
+                          f"can follow (keys end at 2^64 - 1): not committed; the chain it would extend, at "
+                          f"generation {generation - 1}, comes from a forged or corrupt catalog object")
+    raise FormatError(f"catalog {key}: the newest generation of domain {domain} is {generation}, which no generation "
+                      f"can follow (keys end at 2^64 - 1): a forged or corrupt catalog object (no writer gets there "
+                      f"by +1); the chain cannot go on")
+
+
 async def commit_catalog(store: ObjectStore, domain: int, generation: int, kind: int, body: dict) -> str:
     """Create generation ``generation`` with a conditional put; return its key.
 
     ``AlreadyExists`` propagates: another writer created that generation first.
+    FormatError when it would be a generation no other can follow (``check_successor``).
     """
+    check_successor(domain, generation, committing=True)
     key = catalog_key(domain, generation)
     await store.put(key, encode_catalog_object(domain, generation, kind, body), if_absent=True)
     return key
@@ -189,6 +211,7 @@ async def load_catalog(store: ObjectStore, domain: int, *,
             stats["objects_listed"] = stats.get("objects_listed", 0) + len(generations)
         if not generations:
             return None, 0
+        check_successor(domain, max(generations))
         try:
             return await _load_chain(store, domain, set(generations), max(generations), stats), max(generations)
         except NotFound:
@@ -290,7 +313,13 @@ async def collect_generations(store: ObjectStore, domain: int, generation: int, 
                               skew_s: float = SKEW_DEFAULT_S) -> dict[str, Any]:
     """Delete the generations older than the snapshot before the newest one at or below
     ``generation`` (§8.1), unless a recovery lease on the domain is live (§11.3).
-    Returns ``{"deleted": n, "deferred_by": lease or None}``."""
+    Returns ``{"deleted": n, "deferred_by": lease or None}``.
+
+    Only when ``generation`` is reached from ``keep_from`` by the +1 chain in the store
+    (every generation between them present, as a load walks it): a head that is not —
+    a forged generation far above the real chain, such as 2^63 — would otherwise make
+    the genuine chain look old and have it deleted. Then nothing is deleted (a warning
+    says why when something would have been)."""
     snapshot = generation // SNAPSHOT_EVERY * SNAPSHOT_EVERY
     keep_from = snapshot - SNAPSHOT_EVERY
     if keep_from <= 1:
@@ -298,7 +327,19 @@ async def collect_generations(store: ObjectStore, domain: int, generation: int, 
     leases = await live_locks(store, recovery_prefix(domain), skew_s=skew_s)
     if leases:
         return {"deleted": 0, "deferred_by": leases[0].describe()}
-    old = [g for g in await list_generations(store, domain) if g < keep_from]
+    present = set(await list_generations(store, domain))
+    old = [g for g in present if g < keep_from]
+    # At most generation - keep_from (< 2 * SNAPSHOT_EVERY) steps down the chain.
+    low = generation if generation in present else None
+    while low is not None and low > keep_from and low - 1 in present:
+        low -= 1
+    if low != keep_from:
+        if old:  # another collector that got further leaves nothing below keep_from: no warning then
+            log.warning("catalog_collect_refused", domain=domain, generation=generation, keep_from=keep_from,
+                        reason=f"generation {generation} is not reached from generation {keep_from} by the +1 "
+                               f"chain in the store (a gap below {low if low is not None else generation}): "
+                               f"{len(old)} older generations kept")
+        return {"deleted": 0, "deferred_by": None}
     sem = asyncio.Semaphore(DELETE_CONCURRENCY)
 
     async def delete(g: int) -> None:
@@ -360,6 +401,7 @@ class CatalogWriter:
         domain = self.state.domain_id
         self.check_owner()
         generation = self.next_generation
+        check_successor(domain, generation, committing=True)
         where = f"catalog delta for generation {generation} of domain {domain}"
         body = dict(delta, writer=self.writer)
         new = self.state.copy()
@@ -418,6 +460,7 @@ class CatalogWriter:
         delta on top), else why not: another writer owns the domain and this one is
         fenced. The head is left at the last generation moved over."""
         while True:
+            check_successor(self.state.domain_id, self.generation)
             generation = self.next_generation
             key = catalog_key(self.state.domain_id, generation)
             try:

@@ -20,7 +20,7 @@ import numpy as np
 import xxhash
 
 from cdp.errors import FormatError
-from cdp.layout import U32_MAX, page_key, parse_page_key
+from cdp.layout import U32_MAX, U64_MAX, page_key, parse_page_key
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 PAGE_MAGIC = b"CDPG"
@@ -77,7 +77,7 @@ def rows_problem(rows: np.ndarray) -> str | None:
         return (f"row {i} is not a segment row (timeline {int(rows['timeline'][i])}, seqs "
                 f"{int(rows['first_seq'][i])}..{int(rows['last_seq'][i])} of "
                 f"..{int(rows['object_last_seq'][i])}, ts {int(rows['first_ts'][i])}..{int(rows['last_ts'][i])})")
-    return _gap(rows, "row", "rows")
+    return _gap(rows, "row", "rows") or _backwards(rows, "row")
 
 
 def refs_problem(refs: np.ndarray) -> str | None:
@@ -92,7 +92,7 @@ def refs_problem(refs: np.ndarray) -> str | None:
         return (f"page reference {i} is not one (level {int(refs['level'][i])}, seqs "
                 f"{int(refs['first_seq'][i])}..{int(refs['last_seq'][i])}, count {int(refs['count'][i])}, "
                 f"segments {int(refs['segments'][i])})")
-    return _gap(refs, "page reference", "pages")
+    return _gap(refs, "page reference", "pages") or _backwards(refs, "page reference")
 
 
 def _gap(entries: np.ndarray, what: str, whats: str) -> str | None:
@@ -103,6 +103,53 @@ def _gap(entries: np.ndarray, what: str, whats: str) -> str | None:
     i = int(gap[0]) + 1
     return (f"{what} {i} starts at seq {int(entries['first_seq'][i])}, expected "
             f"{int(entries['last_seq'][i - 1]) + 1} ({whats} are contiguous)")
+
+
+def _backwards(entries: np.ndarray, what: str) -> str | None:
+    """Where ``entries`` (rows or references) go back in time, if they do: record times
+    are non-decreasing along seq (§1), so each entry starts no earlier than the one
+    before it ends — which is what lets ``--at`` binary-search the ``first_ts`` column."""
+    back = np.flatnonzero(entries["first_ts"][1:] < entries["last_ts"][:-1])
+    if not len(back):
+        return None
+    i = int(back[0]) + 1
+    return (f"{what} {i} (seqs {int(entries['first_seq'][i])}..{int(entries['last_seq'][i])}) starts at ts "
+            f"{int(entries['first_ts'][i])}, before {what} {i - 1} ends (ts {int(entries['last_ts'][i - 1])}): "
+            f"record times are non-decreasing along seq (FORMAT.md §1)")
+
+
+def rows_lineage_problem(rows: np.ndarray, history: list[tuple[int, int, int]]) -> str | None:
+    """What is wrong with ``rows`` as rows of a timeline whose history is ``history``
+    (``CatalogState.history``: per timeline of its lineage, ``(timeline, floor, cap)``:
+    it holds that timeline's seqs ``floor + 1 .. cap``), None when nothing is: every
+    row is of a timeline of the lineage and lies within that timeline's part, and only
+    a row that ends at its part's end (the fork, §8.5) may be clipped
+    (``object_last_seq > last_seq``). Checked per column, not per row."""
+    if not len(rows):
+        return None
+    ids = np.array([t for t, _, _ in history], dtype=np.uint64)
+    order = np.argsort(ids)
+    ids = ids[order]
+    floors = np.array([f for _, f, _ in history], dtype=np.uint64)[order]
+    caps = np.array([c for _, _, c in history], dtype=np.uint64)[order]
+    at = np.minimum(np.searchsorted(ids, rows["timeline"]), len(ids) - 1)
+    known = ids[at] == rows["timeline"]
+    floor, cap = floors[at], caps[at]
+    bad = (~known | (rows["first_seq"] <= floor) | (rows["last_seq"] > cap)
+           | ((rows["object_last_seq"] > rows["last_seq"]) & (rows["last_seq"] != cap)))
+    if not bad.any():
+        return None
+    i = int(np.flatnonzero(bad)[0])
+    t = int(rows["timeline"][i])
+    row = (f"row {i} (timeline {t}, seqs {int(rows['first_seq'][i])}..{int(rows['last_seq'][i])} of "
+           f"..{int(rows['object_last_seq'][i])})")
+    lineage = ", ".join(str(x) for x, _, _ in history)
+    if not known[i]:
+        return f"{row} is of no timeline of its lineage ({lineage})"
+    part = f"{int(floor[i]) + 1}..{int(cap[i]) if int(cap[i]) != U64_MAX else ''}"
+    if int(rows["first_seq"][i]) <= int(floor[i]) or int(rows["last_seq"][i]) > int(cap[i]):
+        return f"{row} lies outside the seqs {part} that its history (lineage {lineage}) holds of timeline {t}"
+    return f"{row} is clipped, but ends before the seqs {part} of timeline {t} in its history end"
 
 
 def summary_ref(level: int, entries: np.ndarray, body_hash: int) -> np.ndarray:

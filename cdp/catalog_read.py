@@ -3,8 +3,9 @@
 A ``CatalogView`` is a head (``CatalogState``) seen through one timeline. What is small
 (disks, bases, marks, windows, seqs) is an attribute; the segment rows are behind async
 methods that walk the page tree and fetch only the pages that overlap the seqs or time
-asked for, each verified against the reference that led to it and kept in a bounded
-cache (pages are immutable, so a cached page never goes stale).
+asked for, each verified against the reference that led to it — and its rows against
+the timeline's history (§8.5) — and kept in a bounded cache (pages are immutable, so a
+cached page never goes stale).
 
 Only rows that retention keeps (``last_seq > horizon_seq``) are returned.
 """
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from cdp.catalog_page import Page, decode_page, empty_rows, ref_key
+from cdp.catalog_page import Page, decode_page, empty_rows, ref_key, rows_lineage_problem
 from cdp.catalog_state import CatalogState, Timeline
 from cdp.gather import gather_bounded
 from cdp.layout import U64_MAX, segment_key, segment_prefix
@@ -39,6 +40,7 @@ class CatalogView:
         self.state = state
         self.generation = generation
         self.tl: Timeline = state.timeline(timeline)
+        self._history = state.history(self.tl.id)
         self._cache: OrderedDict[str, Page] = OrderedDict()
         self.pages_read = 0
 
@@ -103,6 +105,11 @@ class CatalogView:
             self._cache.move_to_end(key)
             return page
         page = decode_page(key, await self.store.get(key), ref)
+        # Pages are shared and name no timeline: their rows must lie in this timeline's
+        # history, or a forged page makes it recover another branch's segments.
+        problem = rows_lineage_problem(page.entries, self._history) if page.level == 0 else None
+        if problem is not None:
+            raise FormatError(f"catalog page {key}: {problem}, read for timeline {self.tl.id}")
         self.pages_read += 1
         self._cache[key] = page
         if len(self._cache) > PAGE_CACHE_MAX:

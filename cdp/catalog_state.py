@@ -19,7 +19,9 @@ from cdp.catalog_json import (
     OWNER_CHARS_MAX, check_base, check_disks, check_int, check_list, check_marks, check_obj,
     check_refs, check_rows, check_str, check_windows, check_writer, refs_json, rows_json,
 )
-from cdp.catalog_page import Fold, apply_fold, empty_refs, empty_rows, plan_folds, refs_problem, rows_problem
+from cdp.catalog_page import (
+    Fold, apply_fold, empty_refs, empty_rows, plan_folds, refs_problem, rows_lineage_problem, rows_problem,
+)
 from cdp.errors import FormatError
 from cdp.layout import U32_MAX
 
@@ -39,8 +41,10 @@ class Timeline:
     Invariants (checked by ``from_body``, kept by ``CatalogState.apply_delta``): the rows
     under ``refs`` then ``tail`` are contiguous and hold every seq from
     ``horizon_seq + 1`` to ``committed_seq`` (the last row's ``last_seq``), nothing whose
-    ``last_seq <= horizon_seq`` is kept; bases are unique per (seq, disk); marks have
-    strictly increasing seqs in ``horizon_seq .. committed_seq``.
+    ``last_seq <= horizon_seq`` is kept; each row and page reference starts no earlier in
+    time than the one before it ends (§1: times are non-decreasing along seq); bases are
+    unique per (seq, disk); marks have strictly increasing seqs in
+    ``horizon_seq .. committed_seq``.
     """
 
     id: int
@@ -118,6 +122,10 @@ class Timeline:
         if problem is None and len(self.refs) and len(self.tail) and (
                 int(self.tail["first_seq"][0]) != int(self.refs["last_seq"][-1]) + 1):
             problem = "the tail does not continue the last page"
+        if problem is None and len(self.refs) and len(self.tail) and (
+                int(self.tail["first_ts"][0]) < int(self.refs["last_ts"][-1])):
+            problem = (f"the tail starts at ts {int(self.tail['first_ts'][0])}, before the last page ends (ts "
+                       f"{int(self.refs['last_ts'][-1])}): record times are non-decreasing along seq (FORMAT.md §1)")
         last = (int(self.tail["last_seq"][-1]) if len(self.tail)
                 else int(self.refs["last_seq"][-1]) if len(self.refs) else None)
         first = self.first_entry_seq
@@ -159,7 +167,9 @@ class CatalogState:
 
     Invariant: every timeline satisfies ``Timeline.check``; ids are 1..n; ``current`` is
     one of them; a timeline's parent exists and its ``fork_seq`` is at most the parent's
-    ``committed_seq``.
+    ``committed_seq``; its bases and tail rows lie in its history (``history``: its own
+    seqs, and each ancestor's up to the fork that left it). Rows inside pages are held to
+    the same rule as a ``CatalogView`` reads them (``cdp.catalog_read``).
     """
 
     domain: dict
@@ -203,6 +213,18 @@ class CatalogState:
             tl, cap = t.parent, min(cap, t.fork_seq)
         return out
 
+    def history(self, tl: int) -> list[tuple[int, int, int]]:
+        """(timeline, floor, cap) from ``tl`` back to timeline 1: ``tl``'s history holds
+        that timeline's seqs ``floor + 1 .. cap`` — its own from its fork on, each
+        ancestor's from that ancestor's own fork up to the fork that left it (§8.5). So
+        a row of ``tl`` must be of one of them and lie within its part
+        (``catalog_page.rows_lineage_problem``)."""
+        out = []
+        for t, cap in self.lineage(tl):
+            timeline = self.timelines[t]
+            out.append((t, timeline.fork_seq if timeline.parent else 0, cap))
+        return out
+
     # ---- snapshots
 
     def to_snapshot_body(self, writer: dict | None) -> dict:
@@ -242,6 +264,9 @@ class CatalogState:
             bad = next((b for b in t.bases if b["timeline"] not in caps or b["seq"] > caps[b["timeline"]]), None)
             if bad is not None:
                 raise FormatError(f"{where}: timeline {t.id} lists base {bad['key']}, which is not in its history")
+            problem = rows_lineage_problem(t.tail, self.history(t.id))
+            if problem is not None:
+                raise FormatError(f"{where}: timeline {t.id}: tail {problem}")
 
     # ---- deltas
 
@@ -308,14 +333,16 @@ class CatalogState:
                 raise FormatError(f"{where}: add_segments to timeline {tl_id}, which is not current ({self.current})")
             if (rows["timeline"] != tl_id).any() or (rows["object_last_seq"] != rows["last_seq"]).any():
                 raise FormatError(f"{where}: add_segments holds a row of another timeline or a clipped row")
-            problem = rows_problem(rows)
+            problem = rows_problem(rows) or rows_lineage_problem(rows, self.history(tl_id))
+            problem = None if problem is None else f"add_segments {problem}"
             if problem is None and int(rows["first_seq"][0]) != new.committed_seq + 1:
                 problem = (f"add_segments starts at seq {int(rows['first_seq'][0])}, expected committed_seq + 1 "
                            f"= {new.committed_seq + 1} (segments only extend the end)")
             if problem is not None:
                 raise FormatError(f"{where}: {problem}")
             if len(new.tail) and int(rows["first_ts"][0]) < int(new.tail["last_ts"][-1]):
-                raise FormatError(f"{where}: add_segments starts before the previous segment ends in time")
+                raise FormatError(f"{where}: add_segments starts at ts {int(rows['first_ts'][0])}, before the "
+                                  f"previous segment ends (ts {int(new.tail['last_ts'][-1])})")
             new.tail = np.concatenate([new.tail, rows])
         pages = check_refs(body.get("add_pages", {"level": [], "first_seq": [], "last_seq": [], "first_ts": [],
                                                   "last_ts": [], "count": [], "segments": [], "bytes": [],

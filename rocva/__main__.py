@@ -209,6 +209,9 @@ async def _standby(config: Path, name: str, interval_s: float) -> None:
                 doc.update(state="waiting", last_error=exc.message)
             except (StoreError, CdpError) as exc:
                 doc.update(state="error", last_error=exc.message)
+            except OSError as exc:  # the datastore's (EFBIG, ENOSPC, EIO): said, and retried as the store's are
+                where = f": {exc.filename}" if exc.filename else ""
+                doc.update(state="error", last_error=f"{exc.strerror or str(exc) or type(exc).__name__}{where}")
             atomic_write(status_path, json.dumps({**doc, "id": domain_id, "time": time.time()}).encode())
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t0)))
     finally:

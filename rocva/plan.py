@@ -274,6 +274,13 @@ def _inside_copies(state: CatalogView) -> set[tuple[int, int]]:
     return out
 
 
+def seeds_between(state: CatalogView, first: int, last: int) -> list[dict]:
+    """The ``seed`` bases of ``state`` at a seq in ``first..last``: each says its disk
+    holds, at that seq, content no record before it says (§8.2) — so images that hold the
+    domain at ``first`` (a standby's) cannot be brought past it by replaying records."""
+    return [b for b in state.bases if b["origin"] == "seed" and first <= b["seq"] <= last]
+
+
 def choose_bases(state: CatalogView, seq: int) -> list[dict | None]:
     """Per disk of ``state``, its newest base at or below ``seq`` (None: zeros), never
     one inside a seed's copy of the disk (``_inside_copies``)."""
@@ -303,7 +310,9 @@ async def build_plan(store: ObjectStore, state: CatalogView, target: ResolvedTar
 
     ``after_seq``: the disks already hold the domain at that seq (a standby's images,
     ``rocva.standby``): no base is used, only the records in ``(after_seq, S]`` are
-    planned, and ``BASE`` extents mean "keep what the image holds"."""
+    planned, and ``BASE`` extents mean "keep what the image holds". That is only right
+    when no disk was seeded at a seq in ``after_seq..S`` (``seeds_between``: the caller
+    rebuilds cold then); ValueError otherwise."""
     assert concurrency >= 1, concurrency
     _check_disks(state)
     seq = target.seq
@@ -311,6 +320,9 @@ async def build_plan(store: ObjectStore, state: CatalogView, target: ResolvedTar
         bases, lo, rows = await plan_rows(state, seq)
     else:
         assert after_seq <= seq, (after_seq, seq)
+        seeds = seeds_between(state, after_seq, seq)
+        if seeds:
+            raise ValueError(f"a tail plan from seq {after_seq} to {seq} cannot hold the seed base {seeds[0]['key']}")
         bases, lo = [None] * len(state.disks), after_seq + 1
         rows = await state.rows_between(lo, seq) if lo <= seq else await state.rows_between(1, 0)
     manifests = await gather_bounded([_get_manifest(store, b["key"]) for b in bases if b], concurrency)

@@ -9,8 +9,9 @@ the records in ``(W, S]`` (``rocva.plan.build_plan(after_seq=W)``), whose ``WRIT
 ``ZERO`` extents are first punched to holes and then written as a fresh image's would be
 — so the bytes written are the changed data, not the disk. A failover to a point at or
 after ``W`` applies the same way (``apply_tail``) and forks; a point before it, a
-standby of another timeline, or segments that retention already deleted fall back to a
-cold rehydration (the standby is discarded).
+standby of another timeline, segments that retention already deleted, or a disk seeded
+at or after the standby's seq (its ``seed`` base holds content no record says) fall back
+to a cold rehydration (the standby is discarded).
 
 Crash safety: ``standby.json`` says ``applying`` with ``from`` and ``to`` before any
 byte moves, and ``ready`` only after the images are fsynced. A tail plan writes every
@@ -38,7 +39,7 @@ from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir
 from rocva.errors import InvalidTarget, RecoveryError
 from rocva.fetch import Fetcher, execute, pool_workers, segment_groups
-from rocva.plan import SRC_BASE, RecoveryPlan, build_plan, image_file_name, load_state
+from rocva.plan import SRC_BASE, RecoveryPlan, build_plan, image_file_name, load_state, seeds_between
 from rocva.resume import zero_range
 from rocva.target import Target, recoverable_ranges, resolve_target
 
@@ -146,6 +147,13 @@ async def bring_to(store: ObjectStore, domain: int, out: OutputDir, target: Targ
                 "seconds": round(time.monotonic() - t0, 3)}
     if w < view.horizon_seq:  # rows_between would skip the writes in (w, horizon]
         raise StandbyUnusable(f"retention moved past the standby's seq {w}")
+    # A disk seeded at or after w holds content no record says (a filter that lost
+    # track re-seeds it): replaying (w, S] over the images would keep the old bytes.
+    # At w itself too: the seed may have been committed after the images were built.
+    seeds = seeds_between(view, w, resolved.seq)
+    if seeds:
+        raise StandbyUnusable(f"disk {seeds[0]['disk']} was seeded at seq {seeds[0]['seq']} "
+                              f"({seeds[0]['key']}), at or after the standby's seq {w}")
     try:
         plan = await build_plan(store, view, resolved, after_seq=w)
     except NotFound as exc:

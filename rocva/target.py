@@ -16,6 +16,9 @@ A seq ``S`` is a **recovery point** of a domain when all of these hold (FORMAT.m
 
 Everything is read from one timeline of the catalog (a ``CatalogView``): its bases,
 marks and windows, and its rows — the parent's up to the fork, then its own (§8.5).
+A mark names its point only when the record at its seq is that mark (a ``MARK`` of its
+name and time: one index and one block read), so a mark moved in the catalog is a
+``FormatError``, not another point.
 
 ``recoverable_ranges`` computes the whole set as a few inclusive ranges, so a refusal
 can name the nearest valid points on either side. Time targets map to the last record
@@ -33,8 +36,10 @@ from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 
 
-from cdp.catalog_read import CatalogView
-from cdp.errors import ConfigError
+from cdp.catalog_read import CatalogView, row_records
+from cdp.errors import ConfigError, FormatError
+from cdp.records import KIND_MARK, KIND_NAMES
+from cdp.segment import SegmentIndex, read_payloads, read_segment_index
 from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention
 
 #: An upper bound above every seq (seqs are u64): the end of an open range.
@@ -339,6 +344,56 @@ def check_point(state: CatalogView, seq: int, what: str = "") -> None:
     raise error(f"domain {state.domain_id}{_timeline_text(state)}: {what}{why}; {_nearest_text(near)}", near)
 
 
+def mark_problem(index: SegmentIndex, mark: dict, name: bytes | None = None) -> str | None:
+    """Why the record at ``mark``'s seq in ``index``'s segment (which holds that seq) is
+    not that mark — a ``MARK`` record of its name at its time (FORMAT.md §1) — or None
+    when it is. ``name`` is the record's payload when it was read; without it only the
+    name's length is compared (the index alone)."""
+    seq = mark["seq"]
+    rec = index.rows_for_seqs(seq, seq)
+    assert len(rec) == 1, (index.key, seq)
+    kind, ts, length = int(rec["kind"][0]), int(rec["timestamp_ns"][0]), int(rec["length"][0])
+    want = mark["name"].encode("utf-8", "surrogatepass")
+    where = f"segment {index.key}: record seq {seq}"
+    if kind != KIND_MARK:
+        return f"{where} is a {KIND_NAMES[kind] if kind < len(KIND_NAMES) else kind} record, not a MARK"
+    if ts != mark["ts"]:
+        return f"{where} is a MARK of ts {ts}, the catalog's mark says ts {mark['ts']}"
+    if length != len(want):
+        return f"{where} is a MARK of a {length}-byte name, not {mark['name']!r}"
+    if name is not None and name != want:
+        return f"{where} is the MARK {name.decode('utf-8', 'replace')!r}, not {mark['name']!r}"
+    return None
+
+
+def mark_payload(index: SegmentIndex, payload: bytes | memoryview, seq: int) -> bytes:
+    """The payload (a MARK's name) of record ``seq`` in ``index``'s whole payload stream."""
+    rec = index.rows_for_seqs(seq, seq)
+    pos = int(rec["raw_pos"][0])
+    return bytes(payload[pos : pos + int(rec["length"][0])])
+
+
+async def check_mark_record(state: CatalogView, mark: dict) -> None:
+    """FormatError unless the record at ``mark``'s seq is that mark (``mark_problem``,
+    the name read from its block): a catalog mark moved off its record must not name a
+    point the domain never marked. A mark at the horizon, whose segment retention
+    dropped, is taken as the catalog says."""
+    row = await state.row_for_seq(mark["seq"])
+    if row is None:
+        return
+    key = state.row_key(row)
+    index = await read_segment_index(state.store, key)
+    row_records(key, row, index)
+    problem = mark_problem(index, mark)
+    if problem is None:
+        rec = index.rows_for_seqs(mark["seq"], mark["seq"])
+        raw, starts, lengths = await read_payloads(state.store, index, rec)
+        problem = mark_problem(index, mark, bytes(raw[int(starts[0]) : int(starts[0]) + int(lengths[0])]))
+    if problem is not None:
+        raise FormatError(f"catalog of domain {state.domain_id}{_timeline_text(state)}: mark {mark['name']!r} at "
+                          f"seq {mark['seq']}: {problem}")
+
+
 def _timeline_text(state: CatalogView) -> str:
     """", timeline N" when the domain has more than one timeline (else nothing)."""
     return f", timeline {state.timeline_id}" if len(state.state.timelines) > 1 else ""
@@ -365,6 +420,7 @@ async def resolve_target(state: CatalogView, target: Target | int | str, *,
             raise InvalidTarget(f"{dom}: no mark named {target.value!r} in retention (newest marks: {known})")
         mark = max(marks, key=lambda m: m["seq"])  # a name used twice: the newest one
         check_point(state, mark["seq"], f"mark {target.value!r}: ")
+        await check_mark_record(state, mark)
         return ResolvedTarget(mark["seq"], target, mark=mark)
     if now_ns is None:
         now_ns = time.time_ns()

@@ -8,6 +8,8 @@ the first one, so one run tells an operator everything that is wrong:
   references that name them; the segments its rows name exist, with the size the catalog
   records, and cover ``horizon_seq + 1 .. committed_seq`` without a gap (a deleted
   segment is reported as a gap);
+* each mark the catalog holds is a ``MARK`` record of its time and name length at its
+  seq (from the index), and of its very name where the segment is read whole;
 * base manifests exist and decode, and every chunk they name exists;
 * checksums: the default reads every segment's index (its tail: footer and index sums)
   and every manifest; ``deep`` reads every byte — whole segments, every chunk — and
@@ -40,6 +42,7 @@ from cdp.records import KIND_ZERO
 from cdp.segment import decode_segment, read_segment_index
 from cdp.store.base import ObjectStore
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
+from rocva.target import mark_payload, mark_problem
 
 CONCURRENCY = 8
 
@@ -81,11 +84,12 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
     listed = {info.key: info.size async for info in store.list(segment_prefix(domain))}
     named: dict[str, int] = {}  # key -> size, every timeline's rows (shared objects once)
     rows_of: dict[str, list[np.void]] = {}  # key -> the catalog rows naming it (a fork cuts one)
+    marks_of: dict[str, dict[tuple, str]] = {}  # key -> {(seq, name, ts): timeline text} of its marks
     bases: dict[str, int | None] = {}  # manifest key -> its disk's size, as the catalog says
     for tl in ([timeline] if timeline is not None else sorted(state.timelines)):
         view = CatalogView(store, state, generation, tl)
         try:
-            await _continuity(view, listed, named, rows_of, report)
+            await _continuity(view, listed, named, rows_of, marks_of, report)
         except CdpError as exc:  # a page that does not decode: the rest of it is unknown
             report.problem(f"d/{domain:08x}/page/", f"timeline {tl}: {exc.message}")
         sizes = {int(d["disk"]): int(d["size"]) for d in view.disks}
@@ -101,10 +105,11 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
         nonlocal done
         async with sem:
             try:
+                payload = None
                 if whole:
                     data = await store.get(key)
                     report.checked["bytes_read"] += len(data)
-                    index, _ = decode_segment(key, data)
+                    index, payload = decode_segment(key, data)
                 else:
                     index = await read_segment_index(store, key)
                     report.checked["bytes_read"] += index.object_size - index.index_offset
@@ -113,6 +118,13 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
                     _check_extents(key, index.rows_for_seqs(int(row["first_seq"]), int(row["last_seq"])),
                                    disk_sizes)
                 report.checked["segments"] += 1
+                for (seq, name, ts), where in marks_of.get(key, {}).items():
+                    # The name itself only where the payload was read anyway (deep): its length otherwise.
+                    got = None if payload is None else mark_payload(index, payload, seq)
+                    problem = mark_problem(index, {"seq": seq, "name": name, "ts": ts}, got)
+                    if problem is not None:
+                        report.problem(key, f"{where}the catalog's mark {name!r} at seq {seq} is no such mark: "
+                                            f"{problem}")
             except CdpError as exc:
                 report.problem(key, exc.message)
         done += 1
@@ -153,14 +165,26 @@ def _check_extents(key: str, records: np.ndarray, disk_sizes: dict[int, int]) ->
 
 
 async def _continuity(view: CatalogView, listed: dict[str, int], named: dict[str, int],
-                      rows_of: dict[str, list[np.void]], report: _Report) -> None:
+                      rows_of: dict[str, list[np.void]], marks_of: dict[str, dict[tuple, str]],
+                      report: _Report) -> None:
     """Every segment the timeline's rows name exists with its size; the rows hold every
     seq from ``horizon_seq + 1`` to ``committed_seq``. Each row is kept in ``rows_of``
-    for the segment's check against its index (seqs, times, payload length)."""
+    for the segment's check against its index (seqs, times, payload length), and each
+    mark in ``marks_of`` under the segment that holds its seq (checked to be that MARK
+    record, ``rocva.target.mark_problem``)."""
     expect = None
     where = f"timeline {view.timeline_id}: " if len(view.state.timelines) > 1 else ""
     last_key = f"d/{view.domain_id:08x}/cat/"
+    mark_seqs = np.array([m["seq"] for m in view.marks], dtype=np.uint64)
     async for rows in view.iter_rows():
+        if len(rows) and len(mark_seqs):  # the marks these rows hold: a searchsorted, no loop over rows
+            at = np.searchsorted(rows["last_seq"], mark_seqs)
+            inside = at < len(rows)
+            inside[inside] &= rows["first_seq"][at[inside]] <= mark_seqs[inside]
+            keys = view.segment_keys(rows[at[inside]])
+            for key, i in zip(keys, np.flatnonzero(inside).tolist()):
+                m = view.marks[i]
+                marks_of.setdefault(key, {}).setdefault((m["seq"], m["name"], m["ts"]), where)
         for key, row in zip(view.segment_keys(rows), rows):
             first, last = int(row["first_seq"]), int(row["last_seq"])
             if expect is None:

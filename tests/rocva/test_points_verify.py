@@ -10,6 +10,7 @@ from cdp.catalog import CatalogState, CatalogWriter
 from cdp.errors import ConfigError
 from cdp.frame import decode_frame, encode_frame
 from cdp.layout import base_manifest_key, chunk_key, segment_key
+from cdp.records import KIND_MARK
 from cdp.segment import build_segment
 from cdp.store.memory import MemoryStore
 from rocva.points import list_points
@@ -40,6 +41,11 @@ async def make_domain(store, segments: int = 6) -> dict:
         records["timestamp_ns"] = 1_000_000 * records["seq"]
         records["offset"] %= DISK
         records["offset"] -= records["offset"] % 4096
+        name = {1: b"m1", 3: b"in-resync"}.get(i)
+        if name is not None:  # the record at seq + 5 is the mark the catalog names (FORMAT.md §1)
+            records["kind"][5], records["length"][5] = KIND_MARK, len(name)
+            records["offset"][5] = records["disk"][5] = 0
+            payload = payload[: 5 * 4096] + name + payload[6 * 4096 :]
         frame = decode_frame(encode_frame(1, records, payload))
         data = build_segment(1, [frame])
         key = segment_key(1, 1, seq, seq + PER_SEGMENT - 1)
@@ -47,7 +53,7 @@ async def make_domain(store, segments: int = 6) -> dict:
         delta = {"add_segments": segment_rows({
             "first_seq": seq, "last_seq": seq + PER_SEGMENT - 1, "first_ts": 1_000_000 * seq,
             "last_ts": 1_000_000 * (seq + PER_SEGMENT - 1), "size": len(data),
-            "payload_raw_len": PER_SEGMENT * 4096})}
+            "payload_raw_len": len(payload)})}
         if i == 1:
             delta["add_marks"] = [{"name": "m1", "seq": seq + 5, "ts": 1_000_000 * (seq + 5)}]
         if i == 3:
