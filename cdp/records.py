@@ -4,11 +4,13 @@ A batch of records is one ``RECORD_DTYPE`` array, never a list of Python objects
 record table of a frame *is* such an array, viewed in place over the received bytes.
 ``check_records`` holds the per-kind rules of §1, vectorised, so the frame and segment
 codecs share one definition of a valid record. A DRVA adds two checks before it logs a
-frame (FORMAT.md §9.2): ``check_mark_names`` (MARK names are strict UTF-8, §1) and
-``check_disk_bounds`` (records inside the domain's disks).
+frame (FORMAT.md §9.2): ``check_mark_names`` (MARK names are strict UTF-8, §1, with no
+control character) and ``check_disk_bounds`` (records inside the domain's disks).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -17,6 +19,10 @@ from cdp.units import SECTOR
 
 WRITE_LEN_MAX = 16 << 20  # §1: one write is at most 16 MiB
 MARK_NAME_MAX = 255  # §1: a mark's name is 1..255 UTF-8 bytes
+# §9.2: what a DRVA refuses in a MARK name (``check_mark_names``): the C0 and C1 control
+# characters and DEL. A name holding one cannot be typed as `--mark NAME` (a NUL cannot
+# be passed at all) and prints as something else in a terminal or a log.
+MARK_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 OFFSET_END_MAX = 1 << 62  # §1: offset + length must not exceed 2**62
 
 KIND_WRITE = 0
@@ -126,13 +132,16 @@ def _payload_bytes(records: np.ndarray, payload: memoryview, chosen: np.ndarray)
     return np.frombuffer(payload, dtype=np.uint8)[index], at
 
 
-def check_mark_names(records: np.ndarray, payload: bytes | bytearray | memoryview, where: str) -> None:
-    """Raise FormatError naming the first MARK whose name is not strict UTF-8 (§1).
+def check_mark_names(records: np.ndarray, payload: bytes | bytearray | memoryview, where: str, *,
+                     controls: bool = True) -> None:
+    """Raise FormatError naming the first MARK whose name is not strict UTF-8 (§1), or
+    (unless ``controls`` is False) holds a control character (``MARK_NAME_CONTROL``).
 
     One decode for all the marks of a frame, not one per mark: the names are gathered
     into one buffer, which must decode, and each name must start on a character (its
     first byte is no continuation byte 0x80..0xBF) — a valid buffer cut only at character
-    starts is valid in every piece. Lengths (1..255) are ``check_records``' business.
+    starts is valid in every piece; one search of the decoded buffer finds a control
+    character. Lengths (1..255, so never empty) are ``check_records``' business.
     """
     is_mark = records["kind"] == KIND_MARK
     if not is_mark.any():  # nearly every frame: one pass over the kinds
@@ -143,12 +152,18 @@ def check_mark_names(records: np.ndarray, payload: bytes | bytearray | memoryvie
     bad = np.zeros(len(records), dtype=bool)
     bad[marks] = (first >= 0x80) & (first <= 0xBF)
     _first_bad(bad, records, "MARK name does not start with a UTF-8 character", where)
+    ends = at + records["length"][marks].astype(np.int64)
     try:
-        names.tobytes().decode("utf-8")
+        text = names.tobytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad[marks] = (at <= exc.start) & (exc.start < at + records["length"][marks].astype(np.int64))
+        bad[marks] = (at <= exc.start) & (exc.start < ends)
         _first_bad(bad, records, f"MARK name is not UTF-8 ({exc.reason})", where)
         raise FormatError(f"{where}: a MARK name is not UTF-8 ({exc.reason})") from None
+    found = MARK_NAME_CONTROL.search(text) if controls else None
+    if found is not None:
+        byte = len(text[: found.start()].encode("utf-8"))  # where it is in ``names``
+        bad[marks] = (at <= byte) & (byte < ends)
+        _first_bad(bad, records, f"MARK name holds a control character (U+{ord(found.group()):04X})", where)
 
 
 def check_disk_bounds(records: np.ndarray, disk_sizes: np.ndarray, where: str) -> None:

@@ -8,7 +8,8 @@ Seqs of one domain move through four marks, never backwards:
 
 ``unsealed`` holds the log entries in (sealed_seq, durable_seq], ``inflight`` the segment
 jobs in (committed_seq, sealed_seq], both in seq order. The log may be trimmed only
-before the first entry of either (``first_needed_pos``).
+before the first entry of either (``first_needed_pos``). ``log_bytes`` is what the
+domain holds of the log meanwhile (its share decides back-pressure: ``drva.committer``).
 
 Timestamps never go backwards along a domain's seqs (FORMAT.md §1): ``accepted_ts`` is
 the timestamp of the record at ``accepted_seq``, and a frame stamped earlier is raised to
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cdp.frame import Frame
+from cdp.logfmt import entry_stride
 from drva.config import DomainConfig
 
 
@@ -122,6 +124,7 @@ class DomainStats:
     upload_latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
     last_error: str | None = None
     timestamps_raised: int = 0  # records stamped before the domain's newest earlier one (session)
+    timestamps_clamped: int = 0  # records stamped too far ahead of the DRVA's clock (session)
     log_entries_skipped: int = 0  # log entries whose seqs an earlier entry held (recovery)
 
 
@@ -140,6 +143,15 @@ class DomainState:
         self.committed_ts = 0
         self.newest_received_ts = 0
         self.ts_raised_logged = -float("inf")  # monotonic time of the last timestamps_raised log line
+        self.ts_clamped_logged = -float("inf")  # ... and of the last timestamps_clamped one
+        # Log bytes (entry strides) of frames staged for a group commit (``GroupCommitter``).
+        self.staged_bytes = 0
+        # (last_seq, log bytes of the entries added up to it) of the entries not known to
+        # be committed, in seq order; ``log_bytes`` drops the committed ones as it goes,
+        # so that it costs O(1) however many entries the domain holds.
+        self._logged: collections.deque[tuple[int, int]] = collections.deque()
+        self._logged_total = 0  # log bytes of every entry ever added (add_durable)
+        self._logged_base = 0  # ... of those known to be committed
         # (seq, timestamp, monotonic time) of the first frame staged for a group commit
         # while none of the domain's was: the oldest write not in the store when every
         # durable one is (``rpo_lag_s``).
@@ -175,11 +187,31 @@ class DomainState:
         (nothing changed) if it does not: a segment must hold every seq once, in order."""
         if entry.first_seq != self.durable_seq + 1:
             return False
+        self._settle()  # bounded: it holds no more than unsealed and inflight do
         if self.unsealed:
             entry.raise_ts(self.unsealed[-1].last_ts)
         self.unsealed.append(entry)
         self.durable_seq = entry.last_seq
+        self._logged_total += entry_stride(entry.nbytes)
+        self._logged.append((entry.last_seq, self._logged_total))
         return True
+
+    def _settle(self) -> None:
+        """Drop from ``_logged`` what is committed (amortised O(1) per entry)."""
+        if not self.unsealed and not self.inflight:  # nothing pending (also after a timeline adopted)
+            self._logged.clear()
+            self._logged_base = self._logged_total
+        while self._logged and self._logged[0][0] <= self.committed_seq:
+            self._logged_base = self._logged.popleft()[1]
+
+    def log_bytes(self) -> int:
+        """Bytes of the log this domain holds: its entries not committed yet (their
+        strides, as the log counts them) and its frames staged for a group commit. A
+        stopped domain holds none (its entries hold no log space back)."""
+        if self.fenced:
+            return 0
+        self._settle()
+        return self._logged_total - self._logged_base + self.staged_bytes
 
     def raise_ts_floor(self, floor: int) -> None:
         """Nothing after a timestamp of ``floor`` (the catalog's newest, when it opens)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from cdp import wire
 from cdp.file_kinds import file_kind
 from cdp.logs import get_logger
+from cdp.records import MARK_NAME_CONTROL
 from cdp.small_file import NotRegularFile, read_small_file
 from drva.status import SideFileReport, os_error_text
 
@@ -135,9 +136,13 @@ class RequestBox:
             return
         domain, name = (doc.get("domain"), doc.get("name")) if isinstance(doc, dict) else (None, None)
         dom = self.drva.domains.get(domain) if isinstance(domain, int) else None
-        if dom is None or not isinstance(name, str) or not 1 <= _utf8_len(name) <= NAME_BYTES_MAX:
+        if (dom is None or not isinstance(name, str) or not 1 <= _utf8_len(name) <= NAME_BYTES_MAX
+                or MARK_NAME_CONTROL.search(name)):
+            # A control character too: the MARK it would make is refused at the frame
+            # check, and its filter would resend it, refused again, for ever.
             self._drop(path, "request_refused",
-                       reason=f"expected a domain of this DRVA and a name of 1..{NAME_BYTES_MAX} UTF-8 bytes")
+                       reason=f"expected a domain of this DRVA and a name of 1..{NAME_BYTES_MAX} UTF-8 bytes "
+                              f"without control characters")
             return
         session = dom.session
         if session is None or session.closed:

@@ -18,6 +18,14 @@ its lease dropped, its open window removed — when its session closes, when
 ``SEED_BEGIN`` restarts it. An open window no live job owns (a DRVA that died
 mid-seed) is removed when a session of the domain is next welcomed.
 
+``start_seq`` may not be behind what the DRVA has accepted of the domain (``ERROR
+bad_seed``, the catalog untouched): a filter sends ``SEED_BEGIN`` with the last seq it
+captured, so every seq it ever sent is at or below it, and a base below would make points
+already committed — marks too — part of the copy, and its ``SEED_END`` would remove the
+bases before it, consolidation bases retention relies on. The catalog is held to the
+same two rules as the base is committed: no window opens at or below the committed seq,
+no base at or below the retention horizon is removed.
+
 ``start_seq`` may be ahead of what the DRVA has accepted: the filter numbers records
 when it captures them, and sends its frames after. So ``SEED_END`` waits (at most
 ``end_wait_s``, and only while the session lives) for the stream to reach ``end_seq``
@@ -165,6 +173,11 @@ class Seeder:
             raise Refused("bad_seed", f"disk {disk} of domain {dom.id}: size {size}, configured {dom.cfg.disks[disk].size}")
         if start >= SEQ_MAX:  # the window opens at start + 1, a u64
             raise Refused("bad_seed", f"SEED_BEGIN.start_seq {start} of domain {dom.id} disk {disk}: no seq follows it")
+        if start < dom.accepted_seq:
+            raise Refused("bad_seed", f"SEED_BEGIN.start_seq {start} of domain {dom.id} disk {disk} is below seq "
+                                      f"{dom.accepted_seq}, which this DRVA has already accepted for the domain: "
+                                      f"the copy would hide points already taken (the filter sends the last seq "
+                                      f"it captured)")
         old = self.jobs.get((dom.id, disk))
         if old is not None:  # a restarted seeding: the old one is abandoned
             self._abandon(old, "restarted by a new SEED_BEGIN")
@@ -173,12 +186,17 @@ class Seeder:
                       session=session, last_active=asyncio.get_running_loop().time())
         self.jobs[(dom.id, disk)] = job
         log.info("seed_begin", domain=dom.id, disk=disk, disk_size=size, chunk_size=chunk_size, start_seq=start)
+        def after_committed(timeline: Any) -> None:
+            if start < timeline.committed_seq:  # the window would open at or below it
+                raise Refused("bad_seed", f"SEED_BEGIN.start_seq {start} of domain {dom.id} disk {disk} is below "
+                                          f"the catalog's committed seq {timeline.committed_seq}")
+
         # On the session's read path on purpose: every record after start_seq comes
         # behind SEED_BEGIN in the stream, so none is taken before the window is in the
         # catalog, and no point inside the copy is ever committed as a consistent one.
         try:
             await self._commit_windows(dom, lambda windows: windows if job.window in windows
-                                       else [*windows, job.window], session)
+                                       else [*windows, job.window], session, check=after_committed)
         except BaseException:
             self._abandon(job, "its window could not be committed")
             raise
@@ -188,9 +206,12 @@ class Seeder:
         job.watchdog = asyncio.create_task(self._watch(job))
 
     async def _commit_windows(self, dom: "DomainState", change: Callable[[list[dict]], list[dict]],
-                              session: "Session | None" = None) -> bool:
+                              session: "Session | None" = None,
+                              check: Callable[[Any], None] | None = None) -> bool:
         """Commit ``change(windows)`` to the domain's catalog (nothing if unchanged);
-        False if the catalog cannot be written here (fenced) or ``session`` closed first."""
+        False if the catalog cannot be written here (fenced) or ``session`` closed first.
+        ``check(timeline)``, if given, runs on the timeline the change is made on, and
+        may refuse it (raise): nothing is committed then."""
         from drva.session import Refused
 
         while not dom.catalog_ready:
@@ -203,6 +224,8 @@ class Seeder:
             await asyncio.sleep(CATALOG_POLL_S)
 
         def delta(state: Any) -> dict[str, Any] | None:
+            if check is not None:
+                check(state.timeline())
             windows = [dict(w) for w in state.timeline().windows]
             new = change(windows)
             return None if new == state.timeline().windows else {"set_windows": new}
@@ -412,8 +435,13 @@ class Seeder:
                 log.error("seed_failed", domain=dom.id, disk=disk, error="the domain is fenced on this DRVA")
                 return False
             await asyncio.sleep(CATALOG_POLL_S)
-        timeline = self.drva.shipper.writers[dom.id].state.current
+        state = self.drva.shipper.writers[dom.id].state
+        timeline = state.current
         key = base_manifest_key(dom.id, timeline, job.start_seq, disk)
+        base = {"timeline": timeline, "seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}
+        why = _behind_horizon(state.timeline(), job, end, base)
+        if why is not None:  # and again in the delta, on the catalog it is committed to
+            return await self._refuse_base(session, dom, job, why)
         data = encode_manifest(dom.id, disk, job.start_seq, job.disk_size, job.chunk_size, job.hashes)
         try:
             if job.lease is not None:
@@ -421,11 +449,11 @@ class Seeder:
             await self._put_retrying(self.drva.shipper.store_of(dom.id), key, data)
         finally:
             await self._drop_lease(job)
-        base = {"timeline": timeline, "seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}
         # Every chunk was read before SEED_END, after record ``end`` at the latest:
         # replaying (start, end] over the copy is exact at ``end``, not before.
         closed = ({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1}
                   if end - 1 > job.start_seq else None)
+        refused: list[str] = []
 
         def delta(state: Any) -> dict[str, Any] | None:
             tl = state.timeline()
@@ -436,6 +464,10 @@ class Seeder:
             # window, or an older DRVA's) was built from zeros, not from this content.
             stale = [{"seq": b["seq"], "disk": disk} for b in tl.bases
                      if b["disk"] == disk and job.start_seq <= b["seq"] < end and b != base]
+            why = _behind_horizon(tl, job, end, base)  # a base at or below it is never removed
+            if why is not None:
+                refused.append(why)
+                return None
             out: dict[str, Any] = {}
             if stale:
                 out["remove_bases"] = stale
@@ -456,6 +488,8 @@ class Seeder:
                 attempt += 1
                 log.warning("seed_commit_failed", domain=dom.id, disk=disk, attempt=attempt, error=exc.message)
                 await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
+        if refused:
+            return await self._refuse_base(session, dom, job, refused[-1])
         log.info("seed_done", domain=dom.id, disk=disk, base_seq=job.start_seq, end_seq=end,
                  chunks_stored=job.stored, chunks_deduplicated=job.deduplicated)
         if not session.closed:
@@ -463,6 +497,14 @@ class Seeder:
                 "domain": dom.id, "disk": disk, "base_seq": job.start_seq,
                 "chunks_stored": job.stored, "chunks_deduplicated": job.deduplicated}))
         return True
+
+    @staticmethod
+    async def _refuse_base(session: "Session", dom: "DomainState", job: SeedJob, why: str) -> bool:
+        """Refuse a seed at its SEED_END: nothing of it is committed (False)."""
+        log.error("seed_refused", domain=dom.id, disk=job.disk, reason=why)
+        if not session.closed:
+            await session.end("bad_seed", why)
+        return False
 
     async def _put_retrying(self, store: ObjectStore, key: str, data: bytes) -> None:
         attempt = 0
@@ -474,3 +516,22 @@ class Seeder:
                 attempt += 1
                 log.warning("seed_upload_failed", key=key, attempt=attempt, error=exc.message)
                 await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
+
+
+def _behind_horizon(timeline: Any, job: SeedJob, end: int, base: dict) -> str | None:
+    """Why ``job``'s base (``base``) may not be committed on ``timeline``, or None: it
+    would lie before the retention horizon, or replace a base at or below it (a seed
+    removes the bases of its disk in its copy, ``start_seq .. end - 1``). The points
+    after the horizon are recovered from the bases there (the segments before it are
+    gone): removing one left the domain no recovery point at all. SEED_BEGIN refuses a
+    ``start_seq`` behind what was accepted, so only a catalog changed under a seed gets here."""
+    if base in timeline.bases:  # committed already: a generation of ours whose reply was lost
+        return None
+    horizon = timeline.horizon_seq
+    kept = [b["seq"] for b in timeline.bases
+            if b["disk"] == job.disk and job.start_seq <= b["seq"] < end and b["seq"] <= horizon]
+    if not kept and job.start_seq >= horizon:
+        return None
+    return (f"the seed's base (SEED_BEGIN.start_seq {job.start_seq}) of domain {job.domain} disk {job.disk} is "
+            f"not after the retention horizon (seq {horizon})"
+            + (f": it would replace the base at seq {kept[0]}" if kept else ""))

@@ -8,13 +8,18 @@ cut to its new records, a frame after a gap is refused. The check and the stagin
 one step: a frame waits for room first, then is checked again and staged with no await
 in between, so that a filter reconnecting while both its sessions wait (log
 back-pressure) cannot stage a seq twice; a session replaced meanwhile stages nothing.
+A session that closes (a new HELLO replaced it) drops the frame it waits with at once
+and reads no more: what a DRVA holds of frames received but not staged is at most one
+frame per live session, and a live session streams at least one domain of its own.
 
 Before it is staged a frame is held to what the DRVA knows of its domain (FORMAT.md
 §9.2): its WRITE and ZERO records on the domain's disks, inside them; its MARK names
-strict UTF-8 (``decode_frame`` takes them as they are); no bigger than the
-log can always take (``GroupCommitter.frame_len_max``); its timestamps not before the
-domain's newest accepted one — a filter's clock that stepped back (or a filter on
-another host) has them raised to it, as the filter itself does with its own clock.
+strict UTF-8 without control characters (``decode_frame`` takes them as they are); no
+bigger than the log can always take (``GroupCommitter.frame_len_max``); its timestamps
+not before the domain's newest accepted one — a filter's clock that stepped back (or a
+filter on another host) has them raised to it, as the filter itself does with its own
+clock — nor after this host's clock plus ``TS_AHEAD_MAX_S`` (``GroupCommitter.ts_ceiling``):
+a clock that jumped ahead has them clamped there.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from cdp.frame import Frame, decode_frame, encode_frame
 from cdp.logs import get_logger
 from cdp.records import check_disk_bounds, check_mark_names, payload_lengths, payload_starts
 from drva import messages
+from drva.committer import TS_AHEAD_MAX_S
 from drva.handshakes import HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX
 # SessionStream lived here: the daemon and tests still import it (and its constant) from here.
 from drva.stream import DIRECT_READ_BYTES, SessionStream  # noqa: F401
@@ -69,7 +75,8 @@ ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at l
 # read, and what it is owed is cumulative (the next ACK) or coalesced (one PONG answers
 # every PING), so the DRVA's memory for a peer that never reads stays bounded.
 ACK_WRITE_BUFFER_MAX = 1 << 20
-# A frame's timestamps raised to the domain's newest one are logged at most this often.
+# A frame's timestamps raised to the domain's newest one (or clamped to the DRVA's clock
+# plus committer.TS_AHEAD_MAX_S) are logged at most this often, per domain.
 TS_RAISED_LOG_INTERVAL_S = 1.0
 
 
@@ -130,7 +137,7 @@ class Session:
             except TimeoutError:
                 raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None
             ack_task = asyncio.create_task(self._ack_loop())
-            while True:
+            while not self.closed:  # a session replaced by a new HELLO reads no more
                 msg = await wire.read_message(self.reader, self.where, STREAM_TYPES)
                 await self._dispatch(msg)
         except (asyncio.IncompleteReadError, ConnectionError, _PeerEnded):
@@ -170,6 +177,9 @@ class Session:
         self.drva.handshake_ended(self)
         self.drva.seeder.session_closed(self)  # a seed lives inside its session
         self.writer.close()
+        # If it waits for room (wait_room), it returns now and drops its frame: a
+        # session replaced under back-pressure must not hold a frame until room comes.
+        self.drva.committer.wake()
 
     async def end(self, code: str, message: str) -> None:
         """Refuse and close from outside the read loop (a seed refused at SEED_END's
@@ -243,6 +253,14 @@ class Session:
 
     # ------------------------------------------------------------------ streaming
 
+    def _held_back(self) -> list[bool]:
+        """Per store lane (``drva.lanes``), whether its domains' frames wait for room
+        (back-pressure: ``GroupCommitter.held_back``)."""
+        return self.drva.committer.held_back([lane.domains for lane in self.drva.lanes])
+
+    def _lane(self, dom: "DomainState") -> int:
+        return self.drva.shipper.lane_of[dom.id].index
+
     async def _dispatch(self, msg: wire.Message) -> None:
         if msg.type == wire.FRAME:
             await self._frame(msg.body)
@@ -279,12 +297,16 @@ class Session:
         self._check_frame(dom, raw, frame)
         if not self._continues(dom, frame):
             return
+        committer = self.drva.committer
         # Received, if not staged yet: the newest write captured (rpo_lag_s), as it will be staged.
-        dom.newest_received_ts = max(int(frame.records["timestamp_ns"][-1]), dom.accepted_ts)
-        await self.drva.committer.wait_room(len(raw))
+        dom.newest_received_ts = max(min(int(frame.records["timestamp_ns"][-1]), committer.ts_ceiling(dom)),
+                                     dom.accepted_ts)
+        lane = self._lane(dom)
+        staged = await committer.wait_room(len(raw), held_back=lambda: self._held_back()[lane],
+                                           gone=lambda: self.closed or dom.session is not self)
         # Checked again: while this frame waited, another session of the domain (the
         # filter, reconnected) may have staged these seqs, or taken the domain over.
-        if self.closed or dom.session is not self:
+        if not staged or self.closed or dom.session is not self:
             log.info("frame_dropped", peer=self.where, domain=dom.id, first_seq=frame.first_seq,
                      last_seq=frame.last_seq, reason="the session was replaced while the frame waited")
             return
@@ -295,9 +317,11 @@ class Session:
         # From here to stage(): no await.
         if frame.first_seq <= dom.accepted_seq:
             raw, frame = _cut(frame, dom.accepted_seq + 1)
-        if int(frame.records["timestamp_ns"][0]) < dom.accepted_ts:
-            raw, frame = self._raise_ts(dom, frame)
-        self.drva.committer.stage(dom, raw, frame)
+        ts, ceiling = frame.records["timestamp_ns"], committer.ts_ceiling(dom)
+        # Non-decreasing in a frame (decode_frame): its first and last are its bounds.
+        if int(ts[0]) < dom.accepted_ts or int(ts[-1]) > ceiling:
+            raw, frame = self._restamp(dom, frame, ceiling)
+        committer.stage(dom, raw, frame)
 
     def _check_frame(self, dom: "DomainState", raw: bytes | bytearray, frame: Frame) -> None:
         """Refuse a frame this DRVA must not log for ``dom`` (see the module docstring)."""
@@ -329,27 +353,43 @@ class Session:
                                      f"expected {dom.accepted_seq + 1} (records are missing)")
         return True
 
-    def _raise_ts(self, dom: "DomainState", frame: Frame) -> tuple[bytes, Frame]:
-        """``frame`` with its timestamps raised to ``dom.accepted_ts`` (FORMAT.md §9.2):
-        seqs order a domain's writes, and the catalog maps time to seq, so time may not
-        go backwards along them. Refusing would leave the filter no way on until its
-        clock passed the old one again; the record keeps its seq, disk, offset and data,
-        and its time is the newest the domain had, which is what it saw last."""
+    def _restamp(self, dom: "DomainState", frame: Frame, ceiling: int) -> tuple[bytes, Frame]:
+        """``frame`` with its timestamps raised to ``dom.accepted_ts`` and clamped to
+        ``ceiling`` (``GroupCommitter.ts_ceiling``, never below the former): FORMAT.md §9.2.
+
+        Raised: seqs order a domain's writes, and the catalog maps time to seq, so time
+        may not go backwards along them. Refusing would leave the filter no way on until
+        its clock passed the old one again; the record keeps its seq, disk, offset and
+        data, and its time is the newest the domain had, which is what it saw last.
+        Clamped: a time far ahead of this host's clock (a filter clock that jumped) would
+        be raised into every later record of the domain, and put them all past any time
+        ``--at`` names, and past every consolidation and retention cut-off, for good."""
         records = np.array(frame.records)
         ts = records["timestamp_ns"]
-        raised = int(np.count_nonzero(ts < dom.accepted_ts))
-        back_ns = dom.accepted_ts - int(ts[0])
-        np.maximum(ts, np.uint64(dom.accepted_ts), out=ts)
-        dom.stats.timestamps_raised += raised
+        floor = dom.accepted_ts
+        raised = int(np.count_nonzero(ts < floor))
+        clamped = int(np.count_nonzero(ts > ceiling))
+        back_ns, ahead_ns = floor - int(ts[0]), int(ts[-1]) - ceiling
+        np.clip(ts, np.uint64(floor), np.uint64(ceiling), out=ts)
         now = time.monotonic()
-        if now - dom.ts_raised_logged >= TS_RAISED_LOG_INTERVAL_S:
-            dom.ts_raised_logged = now
-            log.warning("timestamps_raised", peer=self.where, filter=self.filter_name, domain=dom.id,
-                        first_seq=frame.first_seq, records=raised, back_ns=back_ns,
-                        raised_total=dom.stats.timestamps_raised,
-                        reason="the filter's clock is behind the domain's newest accepted timestamp")
+        if raised:
+            dom.stats.timestamps_raised += raised
+            if now - dom.ts_raised_logged >= TS_RAISED_LOG_INTERVAL_S:
+                dom.ts_raised_logged = now
+                log.warning("timestamps_raised", peer=self.where, filter=self.filter_name, domain=dom.id,
+                            first_seq=frame.first_seq, records=raised, back_ns=back_ns,
+                            raised_total=dom.stats.timestamps_raised,
+                            reason="the filter's clock is behind the domain's newest accepted timestamp")
+        if clamped:
+            dom.stats.timestamps_clamped += clamped
+            if now - dom.ts_clamped_logged >= TS_RAISED_LOG_INTERVAL_S:
+                dom.ts_clamped_logged = now
+                log.warning("timestamps_clamped", peer=self.where, filter=self.filter_name, domain=dom.id,
+                            first_seq=frame.first_seq, records=clamped, ahead_ns=ahead_ns,
+                            clamped_total=dom.stats.timestamps_clamped,
+                            reason=f"the filter's clock is more than {TS_AHEAD_MAX_S:g} s ahead of this DRVA's")
         raw = encode_frame(frame.domain, records, frame.payload)
-        return raw, decode_frame(raw, "frame with raised timestamps")
+        return raw, decode_frame(raw, "frame with restamped timestamps")
 
     def _filter_state(self, doc: dict[str, Any]) -> None:
         """``doc`` is checked whole (drva.messages): every field is there, typed, in range."""
@@ -360,6 +400,8 @@ class Session:
             log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc["dirty_bytes"])
         dom.filter_state = {k: doc[k] for k in
                             ("mode", "captured_seq", "captured_ts", "buffered_bytes", "dirty_bytes")}
+        # Bounded as its records' timestamps are (rpo_lag_s compares the two).
+        dom.filter_state["captured_ts"] = min(doc["captured_ts"], self.drva.committer.ts_ceiling(dom))
 
     # ------------------------------------------------------------------ acks
 
@@ -378,9 +420,10 @@ class Session:
             self._ack_wanted.clear()
             if self.writer.transport.get_write_buffer_size() > ACK_WRITE_BUFFER_MAX:
                 continue  # the filter does not read: acks are cumulative, send later
-            flags = wire.ACK_BACKPRESSURE if self.drva.committer.backpressure else 0
             permille = int(self.drva.committer.usage() * 1000)
+            held = self._held_back()  # a store that holds the log up holds back only its own domains
             for dom in self.domains.values():
+                flags = wire.ACK_BACKPRESSURE if held[self._lane(dom)] else 0
                 if self._acked.get(dom.id) == dom.durable_seq and not flags:
                     continue
                 f = flags | (wire.ACK_STOPPED if dom.fenced else 0)

@@ -126,6 +126,7 @@ def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
         "duplicates_dropped": st.duplicates_dropped,
         "frames_refused": st.frames_refused,
         "timestamps_raised": st.timestamps_raised,
+        "timestamps_clamped": st.timestamps_clamped,
         "log_entries_skipped": st.log_entries_skipped,
         "segments_uploaded": st.segments_uploaded,
         "bytes_uploaded": st.bytes_uploaded,
@@ -140,6 +141,8 @@ def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
 def build_status(drva: "Drva") -> dict[str, Any]:
     log_stats = drva.log.stats()
     backpressure = drva.committer.backpressure
+    # Per domain: held back only when its store holds the log up (committer.held_back).
+    held = drva.committer.held_back([lane.domains for lane in drva.lanes])
     return {
         "drva": drva.cfg.name,
         "listen": f"{drva.cfg.host}:{drva.port}",
@@ -165,7 +168,7 @@ def build_status(drva: "Drva") -> dict[str, Any]:
         "store": drva.shipper.store.describe(),
         "store_errors": drva.shipper.store_errors,
         "last_store_error": drva.shipper.last_store_error,
-        "domains": [domain_status(d, backpressure) for d in drva.domains.values()],
+        "domains": [domain_status(d, held[drva.shipper.lane_of[d.id].index]) for d in drva.domains.values()],
         **({"stores": stores_status(drva)} if len(drva.lanes) > 1 else {}),
     }
 

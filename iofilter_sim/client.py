@@ -33,7 +33,7 @@ from typing import Any
 from cdp import wire
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
-from cdp.records import MARK_NAME_MAX
+from cdp.records import MARK_NAME_CONTROL, MARK_NAME_MAX
 from cdp.tls import describe_tls_error
 from cdp.tomlread import NAME
 from cdp.wire_checks import (
@@ -361,8 +361,8 @@ def _mark_name(value: Any, field: str) -> str:
         raw = value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: JSON's \ud800 decodes to one
         raise refuse(field, expected, value) from None
-    if not 1 <= len(raw) <= MARK_NAME_MAX:
-        raise refuse(field, expected, value)
+    if not 1 <= len(raw) <= MARK_NAME_MAX or MARK_NAME_CONTROL.search(value):
+        raise refuse(field, expected + " without control characters", value)
     return value
 
 

@@ -50,7 +50,7 @@ from cdp.errors import FormatError
 from cdp.frame import encode_frame_parts
 from cdp.logs import get_logger
 from cdp.records import (
-    KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, empty_records,
+    KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, MARK_NAME_CONTROL, empty_records,
     payload_lengths,
 )
 from iofilter_sim.spill import SpillJournal
@@ -387,6 +387,8 @@ class DomainFilter:
         raw = name.encode()
         if not 1 <= len(raw) <= 255:
             raise FilterError(f"mark name must be 1..255 UTF-8 bytes, got {len(raw)}")
+        if MARK_NAME_CONTROL.search(name):  # the DRVA refuses such a MARK (FORMAT.md §2.3)
+            raise FilterError(f"mark name {name!r} holds a control character")
         return self._special(KIND_MARK, raw)
 
     # ------------------------------------------------------------------ acks and sending
