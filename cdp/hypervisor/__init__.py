@@ -59,6 +59,10 @@ class Hypervisor(Protocol):
         """Quiesce ``domain``'s running VMs: no new writes, their filter still connected
         (a final mark can be placed); returns once they stopped, with their figures."""
 
+    def resume(self, domain: str) -> None:
+        """Undo ``pause``: ``domain``'s VMs issue writes again (a quiesce that failed
+        before it handed the domain over). Asks and returns; nothing if not paused."""
+
     async def step(self) -> None:
         """Supervise: restart what crashed, read what the VMs report."""
 

@@ -1,7 +1,7 @@
 """Real block clients as the VMs: each host process serves its domains' disks over NBD.
 
 The same supervised ``iofilter-sim run`` process per host as the simulator driver
-(``cdp.hypervisor.simulator``: placement, restart with back-off, pause, drain on stop,
+(``cdp.hypervisor.simulator``: placement, restart with back-off, pause and resume, drain on stop,
 status and marks files), started with ``--nbd-unix <state_dir>/hypervisor/<host>.nbd.sock``
 (and ``--nbd HOST:PORT`` when the site's ``[hypervisor] nbd_listen`` asks for TCP)
 instead of workloads: every disk of a powered-on domain is the export ``vm/disk``, and

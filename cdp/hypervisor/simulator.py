@@ -10,7 +10,8 @@ host with powered-on domains the driver writes ``<state_dir>/hypervisor/<host>.t
 ``<host>.status.json`` twice a second (each domain's captured and acked seq, mode) and
 appends each mark, with the primaries' sha256 at it, to ``<host>.marks.jsonl``.
 ``pause`` (a planned failover's quiesce) lists domains in ``<host>.control.json`` and
-sends SIGUSR1: their workloads stop issuing writes, their filters stay connected. A
+sends SIGUSR1: their workloads stop issuing writes, their filters stay connected;
+``resume`` (a quiesce that failed before its handover) drops them from it the same way. A
 domain the site registered as isolated (a test failover's copy) runs with
 ``--isolated``: its VMs write their disks and nothing else. With the site's ``[tls]``
 on, the host inventory names the site CA (``[tls] ca``): the filters connect to the
@@ -192,6 +193,21 @@ class SimulatorHypervisor:
             await asyncio.sleep(0.05)
         raise CdpError(f"domain {domain}: its VMs on host {hp.name} did not stop writing within {timeout_s:g} s "
                        f"(see {hp.log_path})")
+
+    def resume(self, domain: str) -> None:
+        """Let ``domain``'s VMs write again after ``pause``: dropped from the control file,
+        and the host told (SIGUSR1). A host not running starts unpaused (``_start``
+        writes the control file); a power-off also ends a pause (``apply``)."""
+        if domain not in self.paused:
+            return
+        self.paused.discard(domain)
+        hp = next((h for h in self.hosts.values() if domain in h.domains), None)
+        if hp is None:
+            return
+        self._write_control(hp)
+        if hp.proc is not None:
+            send_signal(hp.proc, signal.SIGUSR1)
+        log.info("domain_resumed", domain=domain, host=hp.name)
 
     async def _stop(self, hp: HostProcess) -> None:
         """Stop the host (its simulator drains first) and keep what it said last: the

@@ -53,7 +53,7 @@ from cdp.msa.api_input import (
 )
 from cdp.msa.http_limits import LimitedSite, quiet_parser_errors
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
-from cdp.msa.runner import TooManyJobs
+from cdp.msa.runner import TooManyJobs, quiesce_claim, site_move
 from cdp.tomlread import NAME
 
 if TYPE_CHECKING:
@@ -251,6 +251,7 @@ async def protect(request: web.Request) -> web.Response:
         raise ApiError(409, "no_drva", f"domain {domain} streams to {spec.drva}, which no DRVA of the site "
                                        f"listens on", "name", exit_code=exc.exit_code) from None
     change = policy_change(doc)
+    daemon.runner.refuse_if_moving(domain, "protecting it")  # at once, not as a failed job (checked again in it)
     record = await daemon.start_job("protect", {"domain": domain, **doc},
                                     lambda job: daemon.protect(domain, change, job))
     return await _job_answer(request, record, wait)
@@ -299,11 +300,12 @@ async def mark(request: web.Request) -> web.Response:
     if domain not in daemon.protection:
         raise ApiError(409, "not_protected", f"domain {domain} is not protected: a mark needs its stream", "name")
     try:
-        from cdp.msa.marks import request_mark
+        from cdp.msa import marks
     except ImportError:
         raise ApiError(501, "not_implemented", "marks are not available in this build (cdp.msa.marks)") from None
+    daemon.runner.refuse_if_moving(domain, "placing a mark")
     record = await daemon.start_job("mark", {"domain": domain, "name": name},
-                                    lambda job: request_mark(daemon.cfg, domain, name))
+                                    lambda job: marks.request_mark(daemon.cfg, domain, name))
     return await _job_answer(request, record, wait)
 
 
@@ -389,14 +391,8 @@ async def quiesce(request: web.Request) -> web.Response:
     doc = await read_body(request, {"mark"}, {"mark"})
     name = mark_name(doc, "mark")
     record = await daemon.start_job("quiesce", {"domain": domain, "mark": name},
-                                    lambda job: daemon.quiesce(domain, name, job), claim=("quiesce", domain))
+                                    lambda job: daemon.quiesce(domain, name, job), claim=quiesce_claim(domain))
     return await _job_answer(request, record, wait)
-
-
-def site_move(domain: str) -> tuple[str, str]:
-    """The claim that failovers, test-failover clean-ups, failbacks and releases of one
-    domain share: each forks or fences a timeline, so two at once would leave two."""
-    return ("failover or failback", domain)
 
 
 async def failover(request: web.Request) -> web.Response:

@@ -48,7 +48,7 @@ from cdp.msa.keeper import read_pid_file, same_process, stale_reason, write_pid_
 from cdp.msa.power import load_power, save_power
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
-from cdp.msa.runner import JobRunner
+from cdp.msa.runner import JobRunner, acting_claim, quiesce_claim
 from cdp.msa.standby import StandbyKeeper
 from cdp.msa.supervisor import STEP_INTERVAL_S, DrvaView, Supervisor
 from cdp.store.open import redact_url
@@ -347,8 +347,12 @@ class MsaDaemon:
         self.standby.set_config(cfg)
 
     async def _runnable(self, domains: list[str]) -> list[str]:
-        """``domains`` less those that failed over to another site (their VMs stay off)."""
-        out = []
+        """``domains`` less those that failed over to another site (their VMs stay off).
+        A domain handed over (``_handing_over``) is also dropped from ``power.json``: its
+        VMs run here again only when asked, once it is protected here again — not at
+        the next restart after that (a quiesce killed before its power-off left it
+        listed)."""
+        out, handed_over = [], []
         for name in domains:
             if name in self.cfg.isolated:
                 out.append(name)
@@ -357,24 +361,37 @@ class MsaDaemon:
             if where is not None:
                 log.error("power_on_refused", domain=name, reason=operations.failed_over_text(name, where))
                 continue
-            if (why := self._half_failed_back(name) or self._handing_over(name)) is not None:
+            if (why := self._half_failed_back(name)) is not None:
                 log.error("power_on_refused", domain=name, reason=why)
                 continue
+            if (why := self._handing_over(name)) is not None:
+                log.error("power_on_refused", domain=name, reason=why)
+                handed_over.append(name)
+                continue
             out.append(name)
+        if handed_over:
+            await asyncio.to_thread(save_power, self.cfg, [d for d in domains if d not in handed_over])
         return out
 
     def _half_failed_back(self, domain: str) -> str | None:
         """Why ``domain``'s disks may not be run on, else None: a failback here has not
-        brought them to its point yet (``cdp.msa.failback``), or this site handed the
-        domain back to the site it came from, which reads these disks as they were at the
-        final mark (``handed_back``)."""
+        reached ``protected`` yet (``cdp.msa.failback``) — its disks may be half-written
+        (``handed_over``), or its DRVA still serves the old, fenced timeline (``forked``:
+        VMs started now would have nothing they write acknowledged, for good) — or this
+        site handed the domain back to the site it came from, which reads these disks as
+        they were at the final mark (``handed_back``)."""
         from cdp.msa.failback import handed_back, in_progress
 
         if (why := handed_back(self.cfg, domain)) is not None:
             return why
         doc = in_progress(self.cfg.state_dir, domain)
-        if doc is None or doc["phase"] not in ("handed_over", "unreadable"):
+        if doc is None or doc["phase"] not in ("handed_over", "forked", "unreadable"):
             return None
+        if doc["phase"] == "forked":
+            return (f"a failback of domain {domain} brought its disks to the final mark and forked the new timeline, "
+                    f"and its DRVA does not serve that timeline yet (phase forked): VMs started now would meet "
+                    f"the old, fenced one and nothing they write would be acknowledged; run `cdp failback "
+                    f"{domain}` again to finish it (it powers them on)")
         return (f"a failback of domain {domain} started and its disks are not brought back yet (phase "
                 f"{doc['phase']}): they may be half-written; run `cdp failback {domain}` again to finish it")
 
@@ -387,7 +404,7 @@ class MsaDaemon:
         loss; writes made here after it would be lost, and both sites would run the VMs."""
         from cdp.msa.handover import read_handover
 
-        holder = self.runner.claims.get(("quiesce", domain))
+        holder = self.runner.claims.get(quiesce_claim(domain))
         if holder is not None:
             return (f"domain {domain} is being handed over for a planned failover ({holder}): its VMs stay off "
                     f"until it ends")
@@ -403,7 +420,9 @@ class MsaDaemon:
                 f"running forks at that mark), protect it here first (`cdp protect {domain}`)")
 
     async def power(self, domain: str, on: bool) -> dict[str, Any]:
-        """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts."""
+        """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts.
+        ``Busy`` while a job moves the domain between sites, unless this is its own step
+        (``JobRunner.refuse_if_moving``)."""
         spec = self.cfg.domain(domain)
         if on:
             self.hypervisor.check(spec)
@@ -416,6 +435,7 @@ class MsaDaemon:
             # checked before it and applied after it cannot slip past.
             if on and (why := self._handing_over(domain)) is not None:
                 raise FailedOver(why)
+            self.runner.refuse_if_moving(domain, f"powering its VMs {'on' if on else 'off'}")
             was = domain in self.powered
             powered = [d for d in self.powered if d != domain] + ([domain] if on else [])
             await asyncio.to_thread(save_power, self.cfg, powered)
@@ -453,11 +473,21 @@ class MsaDaemon:
                               f"mark can be placed in their stream; power them on (`cdp power {domain} on`), "
                               f"or fail over unplanned at the latest point (they write nothing)")
         job.progress("pause", 0, 4)
-        paused = await self.hypervisor.pause(domain)
-        job.progress("mark", 1, 4)
-        placed = await request_mark(self.cfg, domain, mark)
-        await asyncio.to_thread(record_handed_back, self.cfg, domain, mark, placed["seq"])
-        await asyncio.to_thread(write_handover, self.cfg.state_dir, domain, mark, placed["seq"])
+        handed_over = False
+        try:
+            paused = await self.hypervisor.pause(domain)
+            job.progress("mark", 1, 4)
+            placed = await request_mark(self.cfg, domain, mark)
+            await asyncio.to_thread(record_handed_back, self.cfg, domain, mark, placed["seq"])
+            async with self._protection_lock:  # never between a protect's claim check and its forget_handover
+                await asyncio.to_thread(write_handover, self.cfg.state_dir, domain, mark, placed["seq"])
+            handed_over = True
+        finally:
+            if not handed_over:
+                # Nothing was handed over (the asking site gets this job's error and forks
+                # nothing): the VMs write on. Left paused, they stayed stopped for good —
+                # powered on, so a power-on changed nothing.
+                self.hypervisor.resume(domain)
         job.progress("power-off", 2, 4)
         off = await self.power(domain, False)
         job.progress("unprotect", 3, 4)
@@ -490,10 +520,19 @@ class MsaDaemon:
             return None
         if domain in self.protection:  # the quiesce that wrote the record was killed before this step
             await self.unprotect(domain)
+        await self._forget_power(domain)  # nor its power-off (power.json still listed the domain)
         last = self.hypervisor.last_run(domain) or {}
         log.info("domain_quiesced_again", domain=domain, mark=back["mark"], seq=back["seq"])
         return {"domain": domain, "site": self.cfg.site, "mark": back["mark"], "seq": back["seq"], "ts": None,
                 "captured_seq_at_pause": None, "acked_seq": last.get("acked_seq"), "again": True}
+
+    async def _forget_power(self, domain: str) -> None:
+        """``power.json`` without ``domain`` (its VMs are off here: ``domain`` is not in
+        ``powered``), so that no restart powers them on unasked."""
+        async with self._power_lock:
+            listed = await asyncio.to_thread(load_power, self.cfg)
+            if domain in listed and domain not in self.powered:
+                await asyncio.to_thread(save_power, self.cfg, [d for d in listed if d != domain])
 
     async def protect(self, domain: str, policy: Policy | PolicyChange, job: Job, *, takeover: bool = False,
                       reopen: bool = False) -> dict[str, Any]:
@@ -504,7 +543,12 @@ class MsaDaemon:
         ``takeover``: a failover to this site is forking the domain (``cdp.msa.failover``):
         its DRVA starts now and waits for the fork instead of being fenced. ``reopen``:
         its DRVA is restarted even if it already served the domain (a failback forked a
-        new timeline for it: ``cdp.msa.failback``)."""
+        new timeline for it: ``cdp.msa.failback``). ``Busy`` while a job moves the
+        domain between sites, unless this is its own step (``JobRunner.refuse_if_moving``):
+        a protect during a quiesce removed the handover record, and the quiesce then
+        stopped protecting the domain anyway."""
+        from cdp.msa.handover import forget_handover
+
         if domain in self.cfg.isolated:
             raise ConfigError(f"domain {domain} is a test failover's copy: its VMs run isolated and are never "
                               f"protected (`cdp failover-cleanup {domain}` removes them)")
@@ -514,6 +558,7 @@ class MsaDaemon:
             await self.refuse_if_failed_over(domain, "protecting it")
         drva = self.cfg.drva_of(self.cfg.domain(domain))
         async with self._protection_lock:
+            self.runner.refuse_if_moving(domain, "protecting it")
             protection = dict(self.protection)
             was = protection.get(domain)
             if isinstance(policy, PolicyChange):
@@ -525,10 +570,11 @@ class MsaDaemon:
             restarted = await self.supervisor.apply(protection)
             if reopen and drva.name not in restarted and await self.supervisor.restart_serving(domain):
                 restarted.append(drva.name)
-        from cdp.msa.handover import forget_handover
-
-        # Protected here again: a quiesce asked from now on hands over a new final point.
-        await asyncio.to_thread(forget_handover, self.cfg.state_dir, domain)
+            # Protected here again: a quiesce asked from now on hands over a new final
+            # point. Under the lock a quiesce writes its record under, and never while
+            # one holds the domain: its record is what keeps the VMs off meanwhile.
+            if quiesce_claim(domain) not in self.runner.claims:
+                await asyncio.to_thread(forget_handover, self.cfg.state_dir, domain)
         log.info("domain_protected", domain=domain, drva=drva.name, policy=asdict(policy),
                  already=was is not None)
         await self.supervisor.wait_serving(drva.name, domain, SERVE_TIMEOUT_S)
@@ -537,11 +583,22 @@ class MsaDaemon:
                 "policy": asdict(policy), "was_protected": was is not None, "drva_restarted": drva.name in restarted}
 
     async def unprotect(self, domain: str) -> dict[str, Any]:
+        """Stop protecting ``domain``: its DRVA no longer serves it. ``Busy`` while a job
+        moves the domain between sites, unless this is its own step
+        (``JobRunner.refuse_if_moving``), and, asked directly, while a mark job of the
+        domain runs: a mark its filter took ships only when the domain is protected
+        again, after the job reported it failed."""
         drva = self.cfg.drva_of(self.cfg.domain(domain))
         async with self._protection_lock:
+            self.runner.refuse_if_moving(domain, "unprotecting it")
             if domain not in self.protection:
                 raise NotProtected(f"domain {domain} is not protected (protected: "
                                    f"{', '.join(sorted(self.protection)) or 'none'})")
+            marking = self.runner.running("mark", {"domain": domain})
+            if marking and acting_claim() is None:
+                raise Busy(f"domain {domain}: a mark is being placed (job {marking[0]}); unprotecting it now would "
+                           f"leave that mark to be committed only if the domain is protected again; try again "
+                           f"when it has ended (`cdp jobs`)")
             protection = {d: p for d, p in self.protection.items() if d != domain}
             await asyncio.to_thread(save_protection, self.cfg, protection)
             self.protection = protection

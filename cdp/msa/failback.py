@@ -15,9 +15,14 @@ once the domain runs at the recovery site after a failover:
    hosts they took (a rerun finishes a release that was interrupted).
 
 ``failbacks/<domain>.json`` (FORMAT.md §13.12) records the phase reached: a rerun resumes
-after it — never asks for a second handover, never forks twice. While a failback is
-recorded and not done, the domain's VMs are not powered on here (their disks may be
-half-written).
+after it — never asks for a second handover, never forks twice. Until it is
+``protected``, the domain's VMs are not powered on here: their disks may be
+half-written, then their DRVA serves the old, fenced timeline (a filter that meets it
+stays fenced: nothing it captures is acknowledged). A failback is refused while they
+run here before the appliance (it writes their disks); VMs found running at ``forked``
+(left by an earlier version, which let them on) are powered off before the protect:
+their writes since, never acknowledged, stay flagged in their dirty-region maps and are
+resynced onto the new timeline when they run again.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
             raise FailoverRefused(f"domain {name} runs at site {where['site']}, and {cfg.path.name} has {peer}: "
                                   f"the failback asks the site running the domain for its final mark; make "
                                   f"[peer] that site")
-        await _check_inventory(cfg, spec, name)  # before the peer stops anything
+        _refuse_if_running(daemon, name)  # before the peer stops anything
+        await _check_inventory(cfg, spec, name)
         t = time.monotonic()
         handover = await ask_handover(daemon, name, job, failback=True)
         phases["quiesce"] = round(time.monotonic() - t, 3)
@@ -104,6 +110,7 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
     else:
         log.info("failback_resumed", domain=name, phase=record["phase"])
     if record["phase"] == "handed_over":
+        _refuse_if_running(daemon, name)
         t = time.monotonic()
         job.progress("rehydrate", 0, 0)
         result = await run_appliance(cfg, ["failback", "--domain", str(record["id"]), "--name", name,
@@ -114,6 +121,10 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
         write_record(cfg.state_dir, record)
     if record["phase"] == "forked":
         t = time.monotonic()
+        if name in daemon.powered:
+            # On the old timeline, fenced for good: restarted on the new one below.
+            log.warning("failback_vms_restarted", domain=name, phase=record["phase"])
+            await daemon.power(name, False)
         job.progress("protect", 0, 1)
         await daemon.protect(name, daemon.protection.get(name) or cfg.policy(name), _Quiet(), reopen=True)
         phases["protect"] = round(time.monotonic() - t, 3)
@@ -139,6 +150,14 @@ async def run_failback(daemon: Any, name: str, job: Job) -> dict[str, Any]:
            "release": record.get("release"), "phases_s": phases, "seconds": round(time.monotonic() - t0, 3)}
     log.info("failback_done", **{k: v for k, v in out.items() if k != "disks"})
     return out
+
+
+def _refuse_if_running(daemon: Any, name: str) -> None:
+    """``FailoverRefused`` while ``name``'s VMs run here: the appliance writes their disks."""
+    if name in daemon.powered:
+        raise FailoverRefused(f"domain {name}'s VMs are on at site {daemon.cfg.site}: a failback brings their disks "
+                              f"to the other site's final mark under them; power them off first (`cdp power {name} "
+                              f"off`: what they wrote since the failover is not on the domain's current timeline)")
 
 
 async def _check_inventory(cfg: Any, spec: Any, name: str) -> None:

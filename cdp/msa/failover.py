@@ -94,7 +94,19 @@ def check_domain_name(name: str) -> None:
 async def run_failover(daemon: Any, name: str, target: str, job: Job, *, planned: bool = False) -> dict[str, Any]:
     """The job (module docstring). ``daemon`` is the site's ``MsaDaemon``; ``target`` is
     ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME`` — for a ``planned`` one, the
-    final mark the peer site places when it hands the domain over (``target`` unused)."""
+    final mark the peer site places when it hands the domain over (``target`` unused).
+
+    However it ends, the domain leaves ``supervisor.takeover``: a failed run kept it
+    there for good (a later restart of its DRVA waited for a fork instead of fencing);
+    a rerun's protect adds it again."""
+    try:
+        return await _failover(daemon, name, target, job, planned=planned)
+    finally:
+        daemon.supervisor.takeover.discard(name)
+
+
+async def _failover(daemon: Any, name: str, target: str, job: Job, *, planned: bool) -> dict[str, Any]:
+    """``run_failover``'s steps."""
     from cdp.msa.failback import refuse_unreleased_images
 
     t0, t0_wall = time.monotonic(), time.time()

@@ -5,6 +5,12 @@ The request goes to the DRVA serving the domain as a file in its requests direct
 filter inserts a ``MARK`` record after every write it captured so far. The mark is a
 recovery point once the catalog in the store names it, which is what ``request_mark``
 waits for: it returns the mark's seq and time as the catalog has them.
+
+Once the filter took the request, the ``MARK`` record is in the domain's stream: a wait
+that ends first (the domain in bitmap mode, its DRVA stopped or the domain unprotected
+before the record shipped) does not take it back, and it may still be committed when
+the domain's log ships — later, or once the domain is protected again. The error says
+so, naming the mark, rather than that no mark was placed.
 """
 
 from __future__ import annotations
@@ -46,12 +52,19 @@ async def request_mark(cfg: SiteConfig, domain: str, name: str, timeout_s: float
             new = [m for m in (state.timeline().marks if state else []) if m["name"] == name and m["seq"] > before]
             if new:
                 return {"domain": domain, "name": name, "seq": new[0]["seq"], "ts": new[0]["ts"]}
-        delivered = not path.exists()
-        path.unlink(missing_ok=True)
-        raise CdpError(
-            f"domain {domain}: mark {name!r} is not in the catalog after {timeout_s:g} s: "
-            + ("the filter got the request but no mark was committed (bitmap or resync mode? "
-               "see `cdp status`)" if delivered else
-               f"DRVA {drva.name} did not pass it on (is it running and is the domain's filter connected?)"))
+        try:
+            path.unlink()  # withdrawn; gone already: the DRVA passed it on
+            delivered = False
+        except FileNotFoundError:
+            delivered = True
+        if delivered:
+            raise CdpError(
+                f"domain {domain}: mark {name!r} is not in the catalog after {timeout_s:g} s, but DRVA {drva.name} "
+                f"passed the request to the domain's filter: the mark may be in its stream and still be committed "
+                f"when its log ships (later, or once the domain is protected again if it was unprotected; bitmap or "
+                f"resync mode? see `cdp status`); look for mark {name!r} in `cdp points {domain}` before placing "
+                f"another")
+        raise CdpError(f"domain {domain}: mark {name!r} is not in the catalog after {timeout_s:g} s: DRVA {drva.name} "
+                       f"did not pass it on (is it running and is the domain's filter connected?)")
     finally:
         await store.close()

@@ -4,6 +4,15 @@ once (HTTP 202), or wait for its end (``?wait=1``).
 Each job is ``cdp.msa.jobs.run_job`` in an asyncio task; the record file is the truth
 (the CLI reads it too). The runner bounds how many jobs run at once and counts finished
 ones by name and state for the metrics.
+
+A job that moves a domain between sites — a quiesce (``quiesce_claim``), a failover, a
+failback or a release (``site_move``) — holds a claim on it while it runs. The direct
+operations that would undo or contradict it (power, protect, unprotect, mark) are then
+refused ``Busy`` naming the holder (``refuse_if_moving``), except when they are that
+job's own steps: code running under a claim — the job's task and the tasks it starts, a
+``claim(...)`` block — carries the claim in a context variable (``acting_claim``), and a
+check lets its own claim through. No parameter to thread through, nothing a request can
+set: a request's handler runs under no claim.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -32,6 +42,31 @@ class TooManyJobs(CdpError):
 
 #: What a claim names: (what, domain), e.g. ("site move", "erp") — see ``JobRunner.claim``.
 ClaimKey = tuple[str, str]
+
+#: The claim the running code acts under (module docstring): set in the context of a job
+#: started with a claim, and inside a ``claim(...)`` block; None for a request's handler.
+_acting: contextvars.ContextVar[ClaimKey | None] = contextvars.ContextVar("cdp_msa_acting_claim", default=None)
+
+
+def quiesce_claim(domain: str) -> ClaimKey:
+    """The claim of a quiesce of ``domain`` (``MsaDaemon.quiesce``: a handover to the peer)."""
+    return ("quiesce", domain)
+
+
+def site_move(domain: str) -> ClaimKey:
+    """The claim that failovers, test-failover clean-ups, failbacks and releases of one
+    domain share: each forks or fences a timeline, so two at once would leave two."""
+    return ("failover or failback", domain)
+
+
+def moving_claims(domain: str) -> tuple[ClaimKey, ...]:
+    """The claims of the jobs that move ``domain`` between sites."""
+    return (quiesce_claim(domain), site_move(domain))
+
+
+def acting_claim() -> ClaimKey | None:
+    """The claim the running code acts under (a step of the job holding it), else None."""
+    return _acting.get()
 
 
 class JobRunner:
@@ -68,12 +103,27 @@ class JobRunner:
 
     @contextlib.contextmanager
     def claim(self, key: ClaimKey, holder: str) -> Iterator[None]:
-        """Hold ``key`` for the block (an operation that is not a job); Busy if it is held."""
+        """Hold ``key`` for the block (an operation that is not a job); Busy if it is held.
+        The block acts under it (``acting_claim``)."""
         self._take(key, holder)
+        token = _acting.set(key)
         try:
             yield
         finally:
+            _acting.reset(token)
             del self.claims[key]
+
+    def refuse_if_moving(self, domain: str, doing: str) -> None:
+        """``Busy`` naming the holder while a job moves ``domain`` between sites
+        (``moving_claims``) — unless the running code is that job's own step. No
+        ``await`` in it: call it right before the change it guards, under the lock
+        that change is made under."""
+        acting = _acting.get()
+        for key in moving_claims(domain):
+            held = self.claims.get(key)
+            if held is not None and key != acting:
+                raise Busy(f"domain {domain}: a {key[0]} is in progress ({held}); {doing} is refused until it "
+                           f"has ended (`cdp jobs`)")
 
     async def start(self, name: str, args: dict[str, Any], timeout_s: float,
                     work: Callable[[Job], Awaitable[Any]], *, claim: ClaimKey | None = None) -> dict[str, Any]:
@@ -86,6 +136,8 @@ class JobRunner:
         if claim is not None:
             self._take(claim, f"job {name}")
         self.reserved += 1
+        context = contextvars.copy_context()  # the job's task, and the tasks it starts, act under its claim
+        context.run(_acting.set, claim)
         loop = asyncio.get_running_loop()
         created: asyncio.Future[Job] = loop.create_future()
         ids: list[str] = []
@@ -111,7 +163,7 @@ class JobRunner:
                 self.reserved -= 1
 
         task = asyncio.create_task(run_job(self.store, name, args, timeout_s, work, on_start=on_start),
-                                   name=f"job-{name}")
+                                   name=f"job-{name}", context=context)
         self._live.add(task)
         task.add_done_callback(on_done)
         await asyncio.wait({created, task}, return_when=asyncio.FIRST_COMPLETED)
