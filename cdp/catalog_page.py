@@ -22,6 +22,7 @@ import xxhash
 from cdp.errors import FormatError
 from cdp.layout import U32_MAX, U64_MAX, page_key, parse_page_key
 from cdp.summed import checked_body, pack_summed, unpack_summed
+from cdp.sorted_find import find_keys
 
 PAGE_MAGIC = b"CDPG"
 PAGE_VERSION = 2  # the catalog's version (§8.4)
@@ -127,14 +128,9 @@ def rows_lineage_problem(rows: np.ndarray, history: list[tuple[int, int, int]]) 
     (``object_last_seq > last_seq``). Checked per column, not per row."""
     if not len(rows):
         return None
-    ids = np.array([t for t, _, _ in history], dtype=np.uint64)
-    order = np.argsort(ids)
-    ids = ids[order]
-    floors = np.array([f for _, f, _ in history], dtype=np.uint64)[order]
-    caps = np.array([c for _, _, c in history], dtype=np.uint64)[order]
-    at = np.minimum(np.searchsorted(ids, rows["timeline"]), len(ids) - 1)
-    known = ids[at] == rows["timeline"]
-    floor, cap = floors[at], caps[at]
+    at, known = find_keys(np.array([t for t, _, _ in history], dtype=np.uint64), rows["timeline"])
+    floor = np.array([f for _, f, _ in history], dtype=np.uint64)[at]
+    cap = np.array([c for _, _, c in history], dtype=np.uint64)[at]
     bad = (~known | (rows["first_seq"] <= floor) | (rows["last_seq"] > cap)
            | ((rows["object_last_seq"] > rows["last_seq"]) & (rows["last_seq"] != cap)))
     if not bad.any():

@@ -39,6 +39,7 @@ from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
 from cdp.segment import SegmentIndex, read_segment_index
 from cdp.store.base import ObjectStore
+from cdp.sorted_find import find_keys
 from rocva.extents import last_writer
 from rocva.errors import InvalidTarget
 from rocva.target import ResolvedTarget, Target, resolve_target
@@ -337,13 +338,8 @@ async def build_plan(store: ObjectStore, state: CatalogView, target: ResolvedTar
     indexes = await gather_bounded([_get_index(store, k, r) for k, r in zip(keys, rows)], concurrency)
     cols = _concat_rows(indexes, np.maximum(rows["first_seq"], lo).tolist(),
                         np.minimum(rows["last_seq"], seq).tolist())
-    disk_ids = np.array([d["disk"] for d in state.disks], dtype=np.int64)
-    order = np.argsort(disk_ids)
-    at = np.searchsorted(disk_ids[order], cols["disk"].astype(np.int64))
-    at = np.minimum(at, max(len(order) - 1, 0))
-    known = (disk_ids[order][at] == cols["disk"]) if len(order) else np.zeros(len(at), bool)
+    slot, known = find_keys(np.array([d["disk"] for d in state.disks], dtype=np.int64), cols["disk"])
     _blame(indexes, cols, ~known, "the catalog lists no such disk")
-    slot = order[at]
     live = cols["seq"] > base_seq[slot]  # records at or below the disk's base are in the base
     cols = {k: v[live] for k, v in cols.items()}
     slot = slot[live]

@@ -41,6 +41,7 @@ from cdp.layout import chunk_key, segment_prefix
 from cdp.records import KIND_ZERO
 from cdp.segment import decode_segment, read_segment_index
 from cdp.store.base import ObjectStore
+from cdp.sorted_find import find_keys
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
 from rocva.target import mark_payload, mark_problem
 
@@ -150,12 +151,9 @@ def _check_extents(key: str, records: np.ndarray, disk_sizes: dict[int, int]) ->
     writes = records[records["kind"] <= KIND_ZERO]
     if not len(writes):
         return
-    ids = np.array(sorted(disk_sizes), dtype=np.int64)
-    sizes = np.array([disk_sizes[i] for i in ids.tolist()], dtype=np.uint64)
-    disk = writes["disk"].astype(np.int64)
-    at = np.minimum(np.searchsorted(ids, disk), max(len(ids) - 1, 0))
-    known = ids[at] == disk if len(ids) else np.zeros(len(disk), bool)
-    bad = ~known | (writes["offset"] + writes["length"] > np.where(known, sizes[at], 0))
+    at, known = find_keys(np.array(list(disk_sizes), dtype=np.int64), writes["disk"])
+    sizes = np.array(list(disk_sizes.values()), dtype=np.uint64)
+    bad = ~known | (writes["offset"] + writes["length"] > np.where(known, sizes[at] if len(sizes) else 0, 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         r = writes[i]
