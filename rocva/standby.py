@@ -73,6 +73,21 @@ def read_standby(out: OutputDir) -> dict[str, Any] | None:
     return doc
 
 
+def seeds_held(doc: dict[str, Any]) -> set[str]:
+    """The keys of the ``seed`` bases at the record's ``seq`` that its images hold
+    (``seeds``; none in a record written before the field: a seed there rebuilds)."""
+    keys = doc.get("seeds")
+    return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set()
+
+
+def ready_state(domain: int, timeline: int, seq: int, view: Any) -> dict[str, Any]:
+    """The record of images that hold ``seq`` of ``timeline``, with the seeds at that seq
+    that ``view`` (read before the images were built, of that timeline) names."""
+    seeds = seeds_between(view, seq, seq) if view.timeline_id == timeline else []
+    return {"version": STATE_VERSION, "domain": domain, "timeline": timeline, "seq": seq,
+            "phase": "ready", "applied_ns": time.time_ns(), "seeds": sorted(b["key"] for b in seeds)}
+
+
 def _write_state(out: OutputDir, doc: dict[str, Any]) -> None:
     out.write_atomic(STATE_NAME, json.dumps(doc, sort_keys=True).encode())
 
@@ -142,18 +157,21 @@ async def bring_to(store: ObjectStore, domain: int, out: OutputDir, target: Targ
         raise StandbyUnusable(f"the standby holds timeline {doc['timeline']}, not {view.timeline_id}")
     if resolved.seq < reached:
         raise StandbyUnusable(f"the point (seq {resolved.seq}) is before the standby's (seq {reached})")
+    # A disk seeded at or after w holds content no record says (a filter that lost
+    # track re-seeds it): replaying (w, S] over the images would keep the old bytes.
+    # At w itself too, unless the record names that seed among those its images hold:
+    # the seed may have been committed after the images were built — even when S is w
+    # and there is nothing to apply.
+    held = seeds_held(doc)
+    seeds = [b for b in seeds_between(view, w, resolved.seq) if not (b["seq"] == w and b["key"] in held)]
+    if seeds:
+        raise StandbyUnusable(f"disk {seeds[0]['disk']} was seeded at seq {seeds[0]['seq']} "
+                              f"({seeds[0]['key']}), at or after the standby's seq {w}")
     if resolved.seq == w and doc["phase"] == "ready":
         return {"seq": w, "from_seq": w, "timeline": view.timeline_id, "bytes_written": 0,
                 "seconds": round(time.monotonic() - t0, 3)}
     if w < view.horizon_seq:  # rows_between would skip the writes in (w, horizon]
         raise StandbyUnusable(f"retention moved past the standby's seq {w}")
-    # A disk seeded at or after w holds content no record says (a filter that lost
-    # track re-seeds it): replaying (w, S] over the images would keep the old bytes.
-    # At w itself too: the seed may have been committed after the images were built.
-    seeds = seeds_between(view, w, resolved.seq)
-    if seeds:
-        raise StandbyUnusable(f"disk {seeds[0]['disk']} was seeded at seq {seeds[0]['seq']} "
-                              f"({seeds[0]['key']}), at or after the standby's seq {w}")
     try:
         plan = await build_plan(store, view, resolved, after_seq=w)
     except NotFound as exc:
@@ -163,9 +181,7 @@ async def bring_to(store: ObjectStore, domain: int, out: OutputDir, target: Targ
         written = await apply_tail(store, out, plan)
     except NotFound as exc:
         raise StandbyUnusable(f"a segment of its tail is gone: {exc.message}") from None
-    await asyncio.to_thread(_write_state, out, {"version": STATE_VERSION, "domain": domain,
-                                                "timeline": view.timeline_id, "seq": resolved.seq,
-                                                "phase": "ready", "applied_ns": time.time_ns()})
+    await asyncio.to_thread(_write_state, out, ready_state(domain, view.timeline_id, resolved.seq, view))
     return {"seq": resolved.seq, "from_seq": w, "timeline": view.timeline_id, "bytes_written": written,
             "seconds": round(time.monotonic() - t0, 3)}
 
@@ -218,9 +234,11 @@ async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
         result = await recover(store, domain, RecoverOptions(newest, out_dir), destination=destination)
         out = open_output_dir(out_dir, for_store(store, destination))
         try:
-            await asyncio.to_thread(_write_state, out, {
-                "version": STATE_VERSION, "domain": domain, "timeline": result["plan"]["timeline"],
-                "seq": result["seq"], "phase": "ready", "applied_ns": time.time_ns()})
+            # The seeds named are those of the view read before the recovery: one
+            # committed since, at that seq, is in the images but not named, and costs
+            # one more cold rebuild — never a standby trusted with a seed it lacks.
+            state = ready_state(domain, result["plan"]["timeline"], result["seq"], view)
+            await asyncio.to_thread(_write_state, out, state)
         finally:
             out.close()
         return {"seq": result["seq"], "from_seq": None, "timeline": result["plan"]["timeline"],

@@ -78,6 +78,34 @@ async def test_a_disk_seeded_at_or_after_the_standby_point_rebuilds_it_cold(tmp_
     assert not step["cold"] and images(out) == b.snapshot() == await cold(b, b.seq)
 
 
+async def test_a_seed_at_the_standby_point_with_nothing_after_it_rebuilds_it_cold(tmp_path):
+    """The seed committed after the images were built, at their very seq, and no record
+    since: there is no tail to apply, and the standby was once handed over as it was
+    (its disk 0 without the seed's content). A standby built with that seed in its
+    view names it, and stays warm."""
+    b, rng = await _domain(tmp_path)
+    out = tmp_path / "datastore" / "erp"
+    first = await keep_warm(b.store, b.domain, out)
+    assert first["cold"] and first["seq"] == b.seq
+    await _reseed(b, rng)
+    step = await keep_warm(b.store, b.domain, out)
+    assert step["cold"] and "was seeded at seq" in step["reason"] and step["seq"] == first["seq"]
+    assert images(out) == b.snapshot() == await cold(b, b.seq)
+    again = await keep_warm(b.store, b.domain, out)
+    assert not again["cold"] and again["bytes_written"] == 0 and images(out) == b.snapshot()
+    doc = json.loads((out / "standby.json").read_text())
+    assert doc["seq"] == b.seq and len(doc["seeds"]) == 1
+
+
+async def test_a_failover_from_a_standby_at_a_later_seed_rehydrates_cold(tmp_path):
+    b, rng = await _domain(tmp_path)
+    out = tmp_path / "datastore" / "erp"
+    await keep_warm(b.store, b.domain, out)
+    await _reseed(b, rng)
+    result = await failover(b.store, b.domain, Target.latest(), out, site="site-b")
+    assert not result["warm"] and images(out) == b.snapshot() == await cold(b, b.seq)
+
+
 async def test_a_failover_from_a_standby_behind_a_reseed_rehydrates_cold(tmp_path):
     b, rng = await _domain(tmp_path)
     out = tmp_path / "datastore" / "erp"
