@@ -33,9 +33,7 @@ file.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ import xxhash
 from cdp import durable
 from cdp.bounded_read import pread_upto
 from cdp.errors import CdpError, FormatError
-from cdp.file_kinds import file_kind
+from cdp.file_kinds import NotRegular, open_regular
 
 MAGIC = b"CDPR"
 VERSION = 1
@@ -72,8 +70,8 @@ class DirtyMapRefused(CdpError):
     directory, a file with other hard links): the filter will not write through it."""
 
 
-# Opening a map: never through a link, never waiting on a FIFO.
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+# Creating a map: never through a link (an existing one is opened by open_regular).
+_CREATE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def region_bytes_for(disk_size: int) -> int:
@@ -149,12 +147,13 @@ def read_dirty_map(path: str | os.PathLike[str], disk_size: int) -> tuple[np.nda
 
 def _read(path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
     try:
-        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+        fd = open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         raise DirtyMapUnusable(f"{path}: no dirty-region map next to the disk") from None
+    except NotRegular as exc:
+        raise DirtyMapUnusable(f"{path}: {exc.kind}, not a dirty-region map") from None
     except OSError as exc:
-        what = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
-        raise DirtyMapUnusable(f"{path}: {what}, not a dirty-region map") from None
+        raise DirtyMapUnusable(f"{path}: {exc.strerror}, not a dirty-region map") from None
     try:
         return _read_fd(fd, path, disk_size)
     finally:
@@ -162,10 +161,8 @@ def _read(path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
 
 
 def _read_fd(fd: int, path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray]:
-    """The map open at ``fd``, checked whole; at most one byte past its size is read."""
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        raise DirtyMapUnusable(f"{path}: {file_kind(mode)}, not a dirty-region map")
+    """The map open at ``fd`` (a regular file: ``open_regular``), checked whole; at most
+    one byte past its size is read."""
     size_max = HEADER_BYTES + -(-disk_size // region_bytes_for(disk_size))
     raw = pread_upto(fd, size_max + 1)
     h = _unpack_header(raw, str(path))
@@ -188,24 +185,18 @@ def _read_fd(fd: int, path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray
 def _open_for_writing(path: Path) -> tuple[int, bool]:
     """(fd, created): the map at ``path`` opened read-write, created if absent.
     ``DirtyMapRefused`` when the path is anything but a regular file with one link."""
-    flags = os.O_RDWR | _OPEN_FLAGS
-    try:
-        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True  # O_EXCL: not through a link either
+    try:  # O_EXCL: not through a link either
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CREATE_FLAGS, 0o644), True
     except FileExistsError:
         pass
     try:
-        fd = os.open(path, flags)
+        return open_regular(path, os.O_RDWR, links_max=1), False
+    except NotRegular as exc:
+        what = exc.kind
     except OSError as exc:
-        what = "a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
-        raise DirtyMapRefused(f"{path}: {what}; expected the disk's dirty-region map, a regular file: "
-                              f"refusing to write through it (remove it to start a new map)") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        what = file_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} links"
-        raise DirtyMapRefused(f"{path}: {what}; expected the disk's dirty-region map, a regular file with one "
-                              f"link: refusing to write through it (remove it to start a new map)")
-    return fd, False
+        what = f"cannot be opened ({exc.strerror})"
+    raise DirtyMapRefused(f"{path}: {what}; expected the disk's dirty-region map, a regular file with one "
+                          f"link: refusing to write through it (remove it to start a new map)")
 
 
 class DirtyMap:

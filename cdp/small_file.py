@@ -10,19 +10,14 @@ error and decides what a missing file means.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from cdp.bounded_read import pread_upto
 from cdp.errors import ConfigError
-from cdp.file_kinds import file_kind
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
+from cdp.file_kinds import NotRegular, open_regular
 
 class NotRegularFile(Exception):
     """The name is not a regular file the caller may read; ``str()`` says what it is
@@ -34,17 +29,15 @@ def read_small_file(path: Path | str, bytes_max: int) -> tuple[bytes, os.stat_re
     caller tells "more than its bound" by the length), never through a link.
     ``FileNotFoundError`` when there is none; ``NotRegularFile`` for anything else."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         raise
-    except OSError as exc:  # ELOOP: a symbolic link; ENXIO: a socket
-        raise NotRegularFile("a symbolic link" if exc.errno == errno.ELOOP
-                             else f"unreadable ({exc.strerror})") from None
+    except NotRegular as exc:
+        raise NotRegularFile(exc.kind) from None
+    except OSError as exc:
+        raise NotRegularFile(f"unreadable ({exc.strerror})") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(file_kind(st.st_mode))
-        return pread_upto(fd, bytes_max + 1), st
+        return pread_upto(fd, bytes_max + 1), os.fstat(fd)
     finally:
         os.close(fd)
 

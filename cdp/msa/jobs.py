@@ -29,6 +29,7 @@ from typing import Any
 
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError, NotFound
+from cdp.file_kinds import open_regular
 from cdp.logs import get_logger
 from cdp.msa.procs import pid_alive
 
@@ -131,7 +132,7 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any]:
         path = self.path(job_id)
         try:
-            with open(path, "rb", opener=_nofollow) as f:
+            with open(path, "rb", opener=open_regular) as f:
                 data = f.read(RECORD_BYTES_MAX + 1)
         except FileNotFoundError:
             raise NotFound(f"no job {job_id} in {self.root}") from None
@@ -211,10 +212,6 @@ class JobStore:
         except FileNotFoundError:
             return 0
         return 1
-
-
-def _nofollow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def _checked_record(path: Path, job_id: str, data: bytes) -> dict[str, Any]:

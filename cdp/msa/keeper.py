@@ -35,17 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import json
 import os
 import signal
-import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdp.file_kinds import file_kind
+from cdp.file_kinds import NotRegular, open_regular
 from cdp.logs import get_logger
 from cdp.msa.install_dirs import dir_problem, make_missing_dirs
 from cdp.msa.processes import (  # noqa: F401 (re-exported: the keeper's callers and tests import them here)
@@ -276,26 +274,13 @@ def check_private_dirs(kept: Kept) -> None:
 
 
 def open_log(path: Path) -> int:
-    """``path`` opened for appending (created 0640), never through a symbolic link
-    (``O_NOFOLLOW``), nor waiting on a FIFO (``O_NONBLOCK``, cleared once it is known to
-    be a regular file, which the child then writes to). ``OSError`` naming it otherwise."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    """``path`` opened for appending (created 0640), only as a regular file
+    (``open_regular``: never through a symbolic link, never waiting on a FIFO), which
+    the child then writes to. ``OSError`` naming it otherwise."""
     try:
-        fd = os.open(path, flags, 0o640)
-    except OSError as exc:
-        what = {errno.ELOOP: "a symbolic link", errno.ENXIO: "a FIFO or a socket"}.get(exc.errno or 0)
-        if what is None:
-            raise
-        raise OSError(exc.errno, f"{what}, not a log file: never followed; move it away", str(path)) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"{file_kind(mode)}, not a log file: move it away", str(path))
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    except NotRegular as exc:
+        raise OSError(exc.errno, f"{exc.kind}, not a log file: never followed; move it away", str(path)) from None
 
 
 def exit_text(code: int | None) -> str:
@@ -327,14 +312,12 @@ def _rotate(path: Path) -> None:
 def last_error(path: Path) -> str | None:
     """The last error a log holds (JSON lines from cdp.logs, or a plain traceback line)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path, os.O_RDONLY)  # not the log we opened for the child (a FIFO): None
     except OSError:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None  # not the log we opened for the child: never waited on (a FIFO)
-        lines = os.pread(fd, LOG_TAIL_BYTES, max(0, st.st_size - LOG_TAIL_BYTES)).decode(errors="replace").splitlines()
+        size = os.fstat(fd).st_size
+        lines = os.pread(fd, LOG_TAIL_BYTES, max(0, size - LOG_TAIL_BYTES)).decode(errors="replace").splitlines()
     except OSError:
         return None
     finally:
