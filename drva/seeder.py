@@ -99,6 +99,7 @@ class SeedJob:
     failed: BaseException | None = None
     ending: bool = False  # SEED_END taken: ``_end`` owns the job now
     dropped: bool = False  # abandoned: nothing of it may be committed
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set with ``dropped``
     last_active: float = 0.0  # loop time of the last SEED_CHUNK or upload done
     watchdog: asyncio.Task | None = None
 
@@ -252,6 +253,7 @@ class Seeder:
         if job.dropped or job.ending:
             return  # SEED_END owns an ending job: it commits, or cleans up, by itself
         job.dropped = True
+        job.gone.set()
         log.warning("seed_abandoned", domain=job.domain, disk=job.disk, start_seq=job.start_seq, reason=reason)
         for task in job.tasks:
             task.cancel()
@@ -326,13 +328,34 @@ class Seeder:
             raise Refused("bad_seed", f"SEED_CHUNK {chunk} of disk {job.disk}: {len(data)} bytes, expected {expect}")
         if is_zero(data):
             return
-        await self.slots.acquire()  # bounded uploads; the session waits here
-        if job.dropped:  # abandoned while this waited for a slot
-            self.slots.release()
+        if not await self._slot(job):  # bounded uploads; the session waits here
             return
         task = asyncio.create_task(self._upload(job, chunk, data))
         job.tasks.add(task)
         task.add_done_callback(job.tasks.discard)
+
+    async def _slot(self, job: SeedJob) -> bool:
+        """An upload slot for ``job`` (True), or False as soon as the job is abandoned
+        (its session closed or replaced): such a session's chunk, up to 64 MiB, is let go
+        then, not held until another seed's uploads free a slot."""
+        if job.dropped:
+            return False
+        acquire = asyncio.ensure_future(self.slots.acquire())
+        gone = asyncio.ensure_future(job.gone.wait())
+        try:
+            await asyncio.wait((acquire, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            gone.cancel()
+            if not acquire.cancel():  # it had acquired: give the slot back
+                self.slots.release()
+            raise
+        gone.cancel()
+        if acquire.cancel():  # still waiting (a cancelled acquire passes its wake-up on)
+            return False
+        if job.dropped:
+            self.slots.release()
+            return False
+        return True
 
     async def _upload(self, job: SeedJob, chunk: int, data: bytes) -> None:
         try:

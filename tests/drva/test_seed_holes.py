@@ -222,3 +222,35 @@ async def test_seed_end_waits_for_records_the_filter_sends_behind_it(tmp_path):
     assert [(b["seq"], b["origin"]) for b in state.bases] == [(start, "seed")]
     r = await recover(store, 1, RecoverOptions(state.committed_seq, tmp_path / "out", checksum=True))
     assert r["images"][0]["sha256"] == disk.sha256()
+
+
+# ------------------------------------------------------------------ a replaced session's chunk
+
+
+async def test_a_replaced_session_waiting_for_an_upload_slot_lets_its_chunk_go(tmp_path):
+    """Every upload slot is taken (another seed's uploads, against a slow store); a
+    session's SEED_CHUNK waits for one, holding its chunk (up to 64 MiB). The filter
+    reconnects: the new session replaces the old, whose seed is abandoned — and the
+    chunk it waited with was still held until a slot freed, one more per reconnection."""
+    from drva.seeder import UPLOADS_MAX
+
+    d, disk, f, client, task = await _start(tmp_path)
+    slots = d.seeder.slots
+    for _ in range(UPLOADS_MAX):
+        await slots.acquire()
+    await client.send_seed([_begin(f.next_seq - 1)])
+    await client.send_seed([wire.seed_chunk_message(1, 0, 0, f.disks[0].read(0, CHUNK))])
+    # The semaphore's queue is the one place a waiting acquire shows.
+    await wait_until(lambda: len(slots._waiters or ()) == 1, EVENTUALLY_S, "the chunk waiting for a slot")
+    old = next(iter(d.sessions))
+    task.cancel()  # the host's process goes; its session, waiting in the seeder, does not notice
+    await asyncio.gather(task, return_exceptions=True)
+    again = FilterClient([DomainFilter(1, [disk])], "127.0.0.1", d.port, SECRET.encode(), "host-1")
+    task = asyncio.create_task(again.run())
+    await wait_until(lambda: again.connected and old.closed, EVENTUALLY_S, "the new session in the old one's place")
+    await wait_until(lambda: not slots._waiters, EVENTUALLY_S, "the replaced session's chunk let go")
+    assert not d.seeder.jobs
+    for _ in range(UPLOADS_MAX):
+        slots.release()
+    assert slots._value == UPLOADS_MAX  # no slot taken by the abandoned chunk
+    await _stop(d, task)
