@@ -12,6 +12,18 @@ A session that closes (a new HELLO replaced it) drops the frame it waits with at
 and reads no more: what a DRVA holds of frames received but not staged is at most one
 frame per live session, and a live session streams at least one domain of its own.
 
+A seq is acked to a session only for content that session sent (FORMAT.md §9.2). A
+session that takes a domain over may find frames an older one staged and the log has
+not made durable yet — the older one may be a host process that died, and the new one
+a new instance of its filter, which numbers on from the durable seq ``WELCOME`` gives
+it: numbered over those staged seqs, its writes were dropped as duplicates and acked
+for the dead instance's content. So ``WELCOME`` waits (``TAKEOVER_WAIT_S``, then
+``ERROR not_ready``: the filter retries) until each domain taken over is durable up to
+its accepted seq. And each session keeps, per domain, the highest seq it can vouch for
+(``_vouched``: durable at its ``WELCOME``, or staged by it): a frame whose seqs would be
+dropped as duplicates of seqs above it is refused (``ERROR seq_conflict``), and no
+``ACK`` goes above it.
+
 Before it is staged a frame is held to what the DRVA knows of its domain (FORMAT.md
 §9.2): its WRITE and ZERO records on the domain's disks, inside them; its MARK names
 strict UTF-8 without control characters (``decode_frame`` takes them as they are); no
@@ -75,6 +87,13 @@ ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at l
 # read, and what it is owed is cumulative (the next ACK) or coalesced (one PONG answers
 # every PING), so the DRVA's memory for a peer that never reads stays bounded.
 ACK_WRITE_BUFFER_MAX = 1 << 20
+# WELCOME waits at most this long for the frames an older session of its domains staged to
+# be durable (see the module docstring); then ERROR not_ready, and the filter retries. A
+# staged frame waits only for the group commit in flight, unless the log is full (behind
+# a store that is down), when no domain of that log is logged until a trim makes room.
+TAKEOVER_WAIT_S = 5.0
+# ... and looks again at least this often (a commit of its domains wakes it at once).
+TAKEOVER_RECHECK_S = 0.25
 # A frame's timestamps raised to the domain's newest one (or clamped to the DRVA's clock
 # plus committer.TS_AHEAD_MAX_S) are logged at most this often, per domain.
 TS_RAISED_LOG_INTERVAL_S = 1.0
@@ -96,7 +115,8 @@ def _fenced(dom: "DomainState") -> Refused:
 
 
 class _PeerEnded(Exception):
-    """The filter ended the session (a fatal ERROR): close it, answer nothing."""
+    """The filter ended the session (a fatal ERROR), or a newer session replaced it
+    before its WELCOME: close it, answer nothing."""
 
 
 class Session:
@@ -118,6 +138,9 @@ class Session:
         # (drva.handshakes); None once given back, or for a session that never took one.
         self.slot_source: str | None = None
         self.domains: dict[int, DomainState] = {}
+        # Per domain, the highest seq whose logged content this session vouches for: durable
+        # when it was welcomed, or staged by it (see the module docstring).
+        self._vouched: dict[int, int] = {}
         self._acked: dict[int, int] = {}
         self._ack_wanted = asyncio.Event()
         self.closed = False
@@ -133,9 +156,10 @@ class Session:
                 raise Refused("timeout", f"no complete HELLO in {HELLO_TIMEOUT_S} s") from None
             try:
                 async with asyncio.timeout_at(self.handshake_deadline):
-                    await self._handshake(hello)
+                    mac = await self._handshake(hello)
             except TimeoutError:
                 raise Refused("timeout", f"no complete handshake in {HANDSHAKE_TIMEOUT_S} s") from None
+            await self._welcome(mac)
             ack_task = asyncio.create_task(self._ack_loop())
             while not self.closed:  # a session replaced by a new HELLO reads no more
                 msg = await wire.read_message(self.reader, self.where, STREAM_TYPES)
@@ -198,7 +222,9 @@ class Session:
         msg = await wire.read_message(self.reader, self.where, (mtype,))
         return messages.parse(msg, self.where)
 
-    async def _handshake(self, hello: dict[str, Any]) -> None:
+    async def _handshake(self, hello: dict[str, Any]) -> str:
+        """CHALLENGE, AUTH and every check of the HELLO, then the take-over of its
+        domains; the mac of the ``WELCOME`` to send (``_welcome``)."""
         name, wanted = hello["filter"], hello["domains"]
         self.filter_name = name
         filter_nonce = bytes.fromhex(hello["nonce"])
@@ -227,15 +253,54 @@ class Session:
         # Every check passed: only now may this session take its domains over. A refused
         # HELLO must never close the live session of a domain it named.
         self._take_over(accepted)
-        mac = wire.drva_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, self.drva.cfg.name)
+        return wire.drva_mac(self.drva.cfg.secret, filter_nonce, drva_nonce, self.drva.cfg.name)
+
+    async def _welcome(self, mac: str) -> None:
+        """``WELCOME`` once every domain taken over is durable up to its accepted seq, so
+        that no seq after the durable seq it reports is held by a frame an older session
+        staged (module docstring); ``Refused`` not_ready after ``TAKEOVER_WAIT_S``.
+
+        Only this session may stage its domains' frames now (the older ones are closed,
+        and drop what they wait with), and it reads none before ``WELCOME``: the accepted
+        seqs stay put, and each commit that moves a durable one wakes it (``want_ack``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TAKEOVER_WAIT_S
+        while True:
+            if self.closed:  # a newer HELLO took a domain over meanwhile
+                raise _PeerEnded()
+            for dom in self.domains.values():
+                if dom.fenced:
+                    raise _fenced(dom)
+            pending = [d for d in self.domains.values() if d.durable_seq < d.accepted_seq]
+            if not pending:
+                break
+            if loop.time() >= deadline:
+                d = pending[0]
+                raise Refused("not_ready", f"domain {d.id}: seqs {d.durable_seq + 1}..{d.accepted_seq} that an "
+                                           f"earlier session sent are staged on DRVA {self.drva.cfg.name} and not "
+                                           f"durable after {TAKEOVER_WAIT_S:g} s (is its log full behind a store "
+                                           f"that is down?); a new session numbers after them once they are: retry",
+                              d.id)
+            self._ack_wanted.clear()
+            try:
+                async with asyncio.timeout(min(TAKEOVER_RECHECK_S, max(0.0, deadline - loop.time()))):
+                    await self._ack_wanted.wait()
+            except TimeoutError:
+                pass
+        # From the check above to WELCOME: no await.
+        self._vouched = {d.id: d.durable_seq for d in self.domains.values()}
         state = {str(d.id): {"durable_seq": d.durable_seq} for d in self.domains.values()}
         self.writer.writelines(wire.control(wire.WELCOME, {"mac": mac, "domains": state}))
-        await self.writer.drain()
-        log.info("session_open", peer=self.where, filter=name, domains=sorted(self.domains))
+        log.info("session_open", peer=self.where, filter=self.filter_name, domains=sorted(self.domains))
+        try:
+            async with asyncio.timeout_at(deadline + REFUSE_DRAIN_TIMEOUT_S):
+                await self.writer.drain()
+        except TimeoutError:
+            raise Refused("timeout", "the filter does not read its WELCOME") from None
 
     def _take_over(self, domains: dict[int, "DomainState"]) -> None:
         """Become the one session of ``domains``, closing any older one (FORMAT.md §9.2).
-        No await in here: nothing can run between the last check and WELCOME."""
+        No await in here: nothing can run between the last check and the take-over."""
         for domain_id, dom in domains.items():
             if dom.session is not None and dom.session is not self:
                 log.info("session_replaced", domain=domain_id, old=dom.session.where, new=self.where)
@@ -322,6 +387,7 @@ class Session:
         if int(ts[0]) < dom.accepted_ts or int(ts[-1]) > ceiling:
             raw, frame = self._restamp(dom, frame, ceiling)
         committer.stage(dom, raw, frame)
+        self._vouched[dom.id] = frame.last_seq
 
     def _check_frame(self, dom: "DomainState", raw: bytes | bytearray, frame: Frame) -> None:
         """Refuse a frame this DRVA must not log for ``dom`` (see the module docstring)."""
@@ -341,7 +407,18 @@ class Session:
 
     def _continues(self, dom: "DomainState", frame: Frame) -> bool:
         """True if ``frame`` holds seqs after ``dom.accepted_seq`` and none after a gap;
-        False for a resend of accepted seqs (dropped, acked again); Refused after a gap."""
+        False for a resend of accepted seqs (dropped, acked again); Refused after a gap,
+        or when seqs it holds would be dropped as duplicates of content this session
+        cannot vouch for (``_vouched``: it did not stage them, and they were not durable
+        at its WELCOME) — dropped and acked, the filter's writes would be lost."""
+        dropped_to = min(frame.last_seq, dom.accepted_seq)
+        if frame.first_seq <= dropped_to and dropped_to > self._vouched.get(dom.id, dropped_to):
+            dom.stats.frames_refused += 1
+            raise Refused("seq_conflict", f"domain {dom.id}: frame of seqs {frame.first_seq}..{frame.last_seq}: "
+                                          f"seqs {self._vouched[dom.id] + 1}..{dropped_to} are accepted on this "
+                                          f"DRVA, but not from this session (another filter instance, or another "
+                                          f"site, numbered them); reconnect to learn where the domain's seqs go on",
+                          dom.id)
         if frame.last_seq <= dom.accepted_seq:
             dom.stats.duplicates_dropped += 1
             log.debug("duplicate_dropped", domain=dom.id, first_seq=frame.first_seq, last_seq=frame.last_seq)
@@ -424,11 +501,14 @@ class Session:
             held = self._held_back()  # a store that holds the log up holds back only its own domains
             for dom in self.domains.values():
                 flags = wire.ACK_BACKPRESSURE if held[self._lane(dom)] else 0
-                if self._acked.get(dom.id) == dom.durable_seq and not flags:
+                # Never above what this session vouches for: what is durable beyond it is not
+                # its filter's content (the domain's seqs moved under it: a catalog said so).
+                durable = min(dom.durable_seq, self._vouched.get(dom.id, dom.durable_seq))
+                if self._acked.get(dom.id) == durable and not flags:
                     continue
                 f = flags | (wire.ACK_STOPPED if dom.fenced else 0)
-                self.writer.writelines(wire.ack_message(dom.id, dom.durable_seq, f, permille))
-                self._acked[dom.id] = dom.durable_seq
+                self.writer.writelines(wire.ack_message(dom.id, durable, f, permille))
+                self._acked[dom.id] = durable
 
 
 def _cut(frame: Frame, from_seq: int) -> tuple[bytes, Frame]:

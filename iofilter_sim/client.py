@@ -184,10 +184,12 @@ class FilterClient:
         f.backpressure = False
         if durable > f.sent_seq:
             # The DRVA holds seqs this filter never sent: a new filter instance for an
-            # existing domain. Before any capture it continues after them; after, taking
+            # existing domain. If it never sent a frame, nothing of its own is there: it
+            # numbers on after them (what it captured meanwhile, numbered before it knew
+            # where to, goes to the bitmap and is resynced). Once it sent frames, taking
             # the ack would silently drop our own writes numbered <= durable.
-            if f.next_seq == 1 and not f.buffer:
-                f.continue_after(durable)
+            if not f.sent_any:
+                f.restart_after(durable)
             else:
                 raise wire.ProtocolError(
                     "seq_behind", f"{where}: domain {f.domain} is durable up to seq {durable} on the DRVA, "

@@ -11,7 +11,10 @@ of two overlapping writes in one batch, the later wins — and skips ``MARK`` an
 continue each other on the disk and in the payload go down in one ``pwrite``.
 
 A ``ZERO`` record punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``) where the file
-system can; elsewhere it writes zeros. Either way the range reads back as zeros.
+system can; elsewhere it writes zeros. Either way the range reads back as zeros. One
+that ``write_batch`` is told to keep allocated (NBD's ``NO_HOLE``: the guest asked for
+zeros, not for the space to be freed) is zeroed in place (``fallocate(ZERO_RANGE |
+KEEP_SIZE)``, or zeros written) and never punched.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cdp.errors import ConfigError
-from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
+from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, fallocate
 from cdp.fallocate import available as fallocate_available
 from cdp.file_kinds import NotRegular, open_regular
 from cdp.records import (
@@ -90,6 +93,7 @@ class PrimaryDisk:
             os.close(self._fd)
             raise
         self._punch = fallocate_available
+        self._zero_range = fallocate_available
 
     @classmethod
     def for_disk(cls, disk: Any, *, create: bool = True) -> PrimaryDisk:
@@ -100,12 +104,15 @@ class PrimaryDisk:
 
     # ------------------------------------------------------------------ writes
 
-    def write_batch(self, records: np.ndarray, payload: bytes | bytearray | memoryview) -> None:
+    def write_batch(self, records: np.ndarray, payload: bytes | bytearray | memoryview,
+                    no_hole: np.ndarray | None = None) -> None:
         """Apply the ``WRITE``/``ZERO`` records of a batch, in order.
 
-        ``payload`` is in frame layout (see the module docstring). Raises ValueError naming
-        the disk and the record when a record is unaligned, too long, past the end of the
-        disk or past the end of the payload; nothing of the batch is written then.
+        ``payload`` is in frame layout (see the module docstring); ``no_hole``, one bool
+        per record, names the ``ZERO`` records whose range stays allocated (NBD's
+        ``NO_HOLE``). Raises ValueError naming the disk and the record when a record is
+        unaligned, too long, past the end of the disk or past the end of the payload;
+        nothing of the batch is written then.
         """
         view = memoryview(payload).cast("B")
         starts = payload_starts(payload_lengths(records)).astype(np.int64)
@@ -118,10 +125,12 @@ class PrimaryDisk:
         offset = records["offset"][data].astype(np.int64)  # now known to be < size
         length = records["length"][data].astype(np.int64)
         start = starts[data]
-        # A run continues while the kind stays the same, the disk range continues and (for
-        # WRITE) the payload range continues: then it is one system call.
+        keep = np.zeros(len(data), dtype=bool) if no_hole is None else np.asarray(no_hole, dtype=bool)[data]
+        # A run continues while the kind (and, for ZERO, NO_HOLE) stays the same, the disk
+        # range continues and (for WRITE) the payload range continues: then it is one
+        # system call.
         cont = np.zeros(len(data), dtype=bool)
-        cont[1:] = (kind[1:] == kind[:-1]) & (offset[1:] == offset[:-1] + length[:-1]) & (
+        cont[1:] = (kind[1:] == kind[:-1]) & (keep[1:] == keep[:-1]) & (offset[1:] == offset[:-1] + length[:-1]) & (
             (kind[1:] == KIND_ZERO) | (start[1:] == start[:-1] + length[:-1]))
         heads = np.flatnonzero(~cont)
         run_bytes = np.add.reduceat(length, heads)
@@ -130,7 +139,7 @@ class PrimaryDisk:
             if kind[h] == KIND_WRITE:
                 self._pwrite_all(view[int(start[h]) : int(start[h]) + nbytes], at)
             else:
-                self.zero(at, nbytes)
+                self.zero(at, nbytes, no_hole=bool(keep[h]))
 
     def _check(self, data: np.ndarray, kind: np.ndarray, offset: np.ndarray, length: np.ndarray,
                start: np.ndarray, payload_len: int) -> None:
@@ -157,10 +166,16 @@ class PrimaryDisk:
             n = os.pwrite(self._fd, data[:WRITE_PIECE_BYTES], offset)
             data, offset = data[n:], offset + n
 
-    def zero(self, offset: int, length: int) -> None:
-        """Make [offset, offset + length) read as zeros (a hole where possible)."""
+    def zero(self, offset: int, length: int, *, no_hole: bool = False) -> None:
+        """Make [offset, offset + length) read as zeros: a hole where possible, or, with
+        ``no_hole``, zeros in place (the range stays allocated)."""
         self._check_range(offset, length)
-        if self._punch:
+        if no_hole:
+            if self._zero_range and fallocate(self._fd, ZERO_RANGE | KEEP_SIZE, offset, length,
+                                              f"fallocate(ZERO_RANGE) on {self.path}"):
+                return
+            self._zero_range = False  # this file system cannot: write zeros from now on
+        elif self._punch:
             if fallocate(self._fd, PUNCH_HOLE | KEEP_SIZE, offset, length, f"fallocate(PUNCH_HOLE) on {self.path}"):
                 return
             self._punch = False  # this file system cannot: write zeros from now on

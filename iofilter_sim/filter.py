@@ -92,7 +92,10 @@ def batch_records(disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind
 class Disk(Protocol):
     size: int
 
-    def write_batch(self, records: np.ndarray, payload: bytes | memoryview) -> None: ...
+    # ``no_hole`` (given only when some record has it): one bool per record, the ZERO
+    # records whose range must stay allocated (NBD's NO_HOLE), as PrimaryDisk.write_batch.
+    def write_batch(self, records: np.ndarray, payload: bytes | memoryview,
+                    no_hole: np.ndarray | None = None) -> None: ...
     def read(self, offset: int, length: int) -> bytes: ...
 
 
@@ -129,6 +132,9 @@ class DomainFilter:
         # the next one said otherwise: no seq at or below this is ever numbered again,
         # and an ack above it is a lie (FilterClient refuses it).
         self.sent_seq = first_seq - 1
+        # A frame was sent on some connection in this run: until then nothing of this
+        # instance's can be at a DRVA, and its seqs may still be given again (``restart_after``).
+        self.sent_any = False
         # Wall-clock time of the first ack of a write this instance numbered (the end of
         # a recovery time objective: a recovered VM's write is durable at its DRVA).
         self.first_ack_time: float | None = None
@@ -181,11 +187,11 @@ class DomainFilter:
         if len(disk):
             self._capture(batch_records(disk, offset, length, kind), payload)
 
-    def _capture(self, records: np.ndarray, payload: bytes) -> None:
+    def _capture(self, records: np.ndarray, payload: bytes, no_hole: np.ndarray | None = None) -> None:
         if self.maps:
             self._flag(records)
         try:
-            self._apply(records, payload)
+            self._apply(records, payload, no_hole)
             self.stats["writes"] += len(records)
             self.stats["bytes"] += int(records["length"].sum())
             if self.mode == "bitmap":
@@ -228,19 +234,22 @@ class DomainFilter:
         synced = await asyncio.gather(*waits)
         self.stats["map_syncs"] += sum(synced)
 
-    def capture_flagged(self, records: np.ndarray, payload: bytes | memoryview) -> None:
+    def capture_flagged(self, records: np.ndarray, payload: bytes | memoryview,
+                        no_hole: np.ndarray | None = None) -> None:
         """``capture`` of a batch whose regions ``flag_durably`` has flagged. A region
-        unflagged by an ack since is flagged (and synced, on this thread) again here."""
-        self._capture(records, payload)
+        unflagged by an ack since is flagged (and synced, on this thread) again here.
+        ``no_hole``: per record, a ZERO whose range the primary keeps allocated (NBD's
+        NO_HOLE); the captured record is a ZERO all the same."""
+        self._capture(records, payload, no_hole)
 
     def write_only(self, disk: np.ndarray, offset: np.ndarray, length: np.ndarray, kind: np.ndarray,
-                   payload: bytes) -> None:
+                   payload: bytes, no_hole: np.ndarray | None = None) -> None:
         """Apply a batch of writes to the primary disks without capturing them: a VM that
         runs isolated (a test failover's copy) writes locally and replicates nothing."""
         if len(disk) == 0:
             return
         records = batch_records(disk, offset, length, kind)
-        self._apply(records, payload)
+        self._apply(records, payload, no_hole)
         self.stats["writes"] += len(disk)
         self.stats["bytes"] += int(length.sum())
 
@@ -251,7 +260,7 @@ class DomainFilter:
         if len(disk):
             self._enter_bitmap(batch_records(disk, offset, length, kind))
 
-    def _apply(self, records: np.ndarray, payload: bytes) -> None:
+    def _apply(self, records: np.ndarray, payload: bytes, no_hole: np.ndarray | None = None) -> None:
         lengths = payload_lengths(records)
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
         view = memoryview(payload)
@@ -259,7 +268,10 @@ class DomainFilter:
             sel = np.flatnonzero(records["disk"] == d)
             parts = b"".join(view[int(starts[i]) : int(starts[i] + lengths[i])] for i in sel
                              if lengths[i]) if len(sel) != len(records) else payload
-            self.disks[int(d)].write_batch(records[sel], parts)
+            if no_hole is None:
+                self.disks[int(d)].write_batch(records[sel], parts)
+            else:
+                self.disks[int(d)].write_batch(records[sel], parts, no_hole=no_hole[sel])
 
     def _stamp(self, records: np.ndarray) -> None:
         """Give records the next seqs and non-decreasing timestamps."""
@@ -400,7 +412,32 @@ class DomainFilter:
         if self.next_seq != 1 or self.buffer:
             raise FilterError(f"domain {self.domain}: cannot continue after seq {seq}: "
                               f"this filter already numbered writes up to {self.next_seq - 1}")
+        self._number_after(seq)
+
+    def _number_after(self, seq: int) -> None:
         self.next_seq, self.acked_seq, self.sent_seq = seq + 1, seq, seq
+
+    def restart_after(self, seq: int) -> None:
+        """A DRVA holds the domain up to ``seq``, beyond anything this filter sent, and
+        this filter never sent a frame: it numbered writes before any DRVA could tell it
+        where the domain's seqs go on (it started while its DRVA was down). None of them
+        reached a DRVA, so their seqs are given again: the buffered frames go to the
+        bitmap — a resync captures their regions again from the primaries, and a FLUSH
+        waits for it — and numbering goes on from ``seq + 1``."""
+        if self.sent_any:
+            raise FilterError(f"domain {self.domain}: cannot number on after seq {seq}: this filter sent "
+                              f"writes up to seq {self.sent_seq}, which a DRVA may hold")
+        if self.buffer:
+            log.warning("numbered_before_welcome", domain=self.domain, durable_seq=seq,
+                        numbered_to=self.next_seq - 1, frames=len(self.buffer),
+                        reason="captured while no DRVA was reached: the writes go to the bitmap and are resynced")
+            self._enter_bitmap(empty_records(0))  # every frame: none was ever sent
+            assert not self.buffer, len(self.buffer)
+            # Every region this run wrote is in the bitmap now: the seqs of its last
+            # writes, given again from seq + 1, no longer name them (the resync notes new ones).
+            for seqs in self.last_seq:
+                seqs[:] = 0
+        self._number_after(seq)
 
     def on_ack(self, durable_seq: int) -> None:
         while self.buffer and self.buffer[0].last_seq <= durable_seq:
@@ -501,6 +538,7 @@ class DomainFilter:
     def mark_sent(self) -> None:
         """``next_unsent`` went on the wire (its bytes may reach the DRVA from now on)."""
         self.sent_seq = max(self.sent_seq, self.buffer[self.unsent_from].last_seq)
+        self.sent_any = True
         self.unsent_from += 1
 
     def rewind(self) -> None:

@@ -29,7 +29,9 @@ nothing written here can be protected any more. An isolated domain (a test failo
 copy) replicates nothing: its flushes sync the primary only.
 
 TRIM is captured as a ``ZERO`` record like WRITE_ZEROES: its range reads back as zeros
-at both sites, so the replica keeps equal to the primary byte for byte.
+at both sites, so the replica keeps equal to the primary byte for byte. A WRITE_ZEROES
+with ``NO_HOLE`` is a ``ZERO`` record too, but its range on the primary is zeroed in
+place, never deallocated (``PrimaryDisk.write_batch``'s ``no_hole``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class _Write:
     data: bytes | memoryview | None  # KIND_WRITE only
     done: asyncio.Future[None] | None  # awaited by ``write``/``zero`` ...
     callback: WriteDone | None = None  # ... or called, for ``submit``
+    no_hole: bool = False  # KIND_ZERO only: the primary keeps the range allocated (NBD's NO_HOLE)
 
 
 @dataclass(slots=True)
@@ -95,6 +98,7 @@ class _Batch:
     records: np.ndarray
     payload: bytes | memoryview
     flagged: asyncio.Task[None] | None
+    no_hole: np.ndarray | None = None  # per record, when any write of the batch has NO_HOLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +197,11 @@ class DomainCapture:
         await self._enqueue(_Write(disk, offset, len(data), KIND_WRITE, data,
                                    asyncio.get_running_loop().create_future()))
 
-    async def zero(self, disk: int, offset: int, length: int) -> None:
-        await self._enqueue(_Write(disk, offset, length, KIND_ZERO, None, asyncio.get_running_loop().create_future()))
+    async def zero(self, disk: int, offset: int, length: int, *, no_hole: bool = False) -> None:
+        """Zeros on [offset, offset + length): a ZERO record; on the primary a hole, or with
+        ``no_hole`` zeros in place."""
+        await self._enqueue(_Write(disk, offset, length, KIND_ZERO, None, asyncio.get_running_loop().create_future(),
+                                   no_hole=no_hole))
 
     def submit(self, disk: int, offset: int, data: bytes | memoryview, done: WriteDone) -> bool:
         """``write`` without a task or a future per write: queue it and return True, and
@@ -244,12 +251,13 @@ class DomainCapture:
             writes = self._take()
             disk, offset, length, kind = _records_of(writes)
             records = batch_records(disk, offset, length, kind)
+            no_hole = _no_hole_of(writes) if any(w.no_hole for w in writes) else None
             datas = [w.data for w in writes if w.kind == KIND_WRITE]
             payload = datas[0] if len(datas) == 1 else b"".join(datas)  # type: ignore[arg-type]
             flagged = None
             if not self.isolated:
                 flagged = asyncio.create_task(self.filt.flag_durably(records), name=f"nbd-flag-{self.name}")
-            self._pipeline.append(_Batch(writes, records, payload, flagged))
+            self._pipeline.append(_Batch(writes, records, payload, flagged, no_hole))
             self._taken.set()
 
     async def _capture_loop(self) -> None:
@@ -306,12 +314,12 @@ class DomainCapture:
     def _capture(self, b: _Batch) -> None:
         r = b.records
         if self.isolated:
-            self.filt.write_only(r["disk"], r["offset"], r["length"], r["kind"], b.payload)
+            self.filt.write_only(r["disk"], r["offset"], r["length"], r["kind"], b.payload, b.no_hole)
         else:
             # A batch that fails once it may have reached the primary — its write, or
             # numbering and buffering after it, whatever the error — has its regions put
             # in the bitmap by the filter itself: a resync reads back what the disk holds.
-            self.filt.capture_flagged(r, b.payload)
+            self.filt.capture_flagged(r, b.payload, b.no_hole)
         self.stats["writes"] += len(b.writes)
         self.stats["batches"] += 1
 
@@ -386,6 +394,16 @@ def _complete(w: _Write, exc: BaseException | None) -> None:
             w.done.set_exception(exc)
 
 
+def _pieces(w: _Write) -> int:
+    """Records a write is cut into (``_records_of``)."""
+    return -(-w.length // (WRITE_RECORD_BYTES if w.kind == KIND_WRITE else WRITE_LEN_MAX))
+
+
+def _no_hole_of(batch: list[_Write]) -> np.ndarray:
+    """Per record of ``_records_of(batch)``: its write's ``no_hole``."""
+    return np.repeat(np.array([w.no_hole for w in batch], dtype=bool), [_pieces(w) for w in batch])
+
+
 def _records_of(batch: list[_Write]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The batch as record columns: writes cut into WRITE_RECORD_BYTES pieces, zeroes
     into WRITE_LEN_MAX pieces (a record's limit), in order."""
@@ -437,6 +455,6 @@ class CapturedDisk:
         await self.capture.zero(self.index, offset, length)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        await self.capture.zero(self.index, offset, length)
+        await self.capture.zero(self.index, offset, length, no_hole=not may_trim)
         if fua:
             await self.capture.durable([self.index])

@@ -27,6 +27,15 @@ WRITE_BUFFER_HIGH = 4 << 20
 READ_BUFFER_BYTES = 1 << 20
 #: A client gets this long to finish haggling; one that stalls is dropped.
 HANDSHAKE_TIMEOUT_S = 30.0
+#: ... and this long from accept to its first option (its flags and an option header),
+#: which a client sends at once: a socket that says nothing gives its slot back early.
+FIRST_OPTION_TIMEOUT_S = 5.0
+#: Connections between accept and an export chosen (or ABORT), at once. At the cap — or
+#: at CONNECTIONS_MAX — the one that has been haggling longest is dropped to make room
+#: (``evicted_handshake``): a real client haggles for milliseconds, so 64 sockets that
+#: never finish their handshake no longer lock every new client out.
+HANDSHAKES_MAX = 16
+assert HANDSHAKES_MAX < CONNECTIONS_MAX, "connections haggling leave room for those past the handshake"
 #: Options one connection may send before it is dropped (a client looping on LIST).
 OPTIONS_PER_CONNECTION_MAX = 256
 #: A client that owes us bytes (the rest of a request, or reading the replies queued for

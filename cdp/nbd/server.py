@@ -16,8 +16,10 @@ breaks the protocol loses its connection (its in-flight requests are cancelled a
 awaited); the other connections carry on.
 
 Time bounds (§17.4; every bound is in ``cdp.nbd.limits``): the handshake
-(``handshake_timeout_s``); a client that owes us bytes and moves none for
-``stall_timeout_s`` is dropped (``cdp.nbd.watchdog``); an idle connection is dropped only
+(``handshake_timeout_s``, and ``first_option_timeout_s`` to its first option; at most
+``handshakes_max`` connections haggle at once, and the one haggling longest is dropped to
+make room — as it is at ``connections_max``, before an idle one is); a client that owes
+us bytes and moves none for ``stall_timeout_s`` is dropped (``cdp.nbd.watchdog``); an idle connection is dropped only
 when the server is full and it has been idle ``idle_timeout_s``, else the newcomer is
 refused (``cdp.nbd.refusal``); a close waits at most ``close_linger_s`` for the last
 replies to leave, and not at all when the server is closing or the client left, stalled
@@ -32,6 +34,7 @@ import functools
 import os
 import socket
 import ssl
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,18 +45,20 @@ from cdp.nbd.backend import NbdBackend
 from cdp.nbd.budget import ConnectionBudget, ServerBudget
 from cdp.nbd.commands import error_reply, nbd_errno, ok_reply, run_command
 from cdp.nbd.handshake import HandshakePhase
-from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, INFLIGHT_BYTES_MAX,
-                            INFLIGHT_MAX, OPTIONS_PER_CONNECTION_MAX, READ_BUFFER_BYTES, REFUSE_OPTIONS_MAX,
-                            REFUSE_TIMEOUT_S, REFUSING_MAX, SERVER_INFLIGHT_BYTES_MAX, STALL_TIMEOUT_S,
-                            WRITE_BUFFER_HIGH, check_bounds)
+from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, FIRST_OPTION_TIMEOUT_S, HANDSHAKE_TIMEOUT_S,
+                            HANDSHAKES_MAX, IDLE_TIMEOUT_S, INFLIGHT_BYTES_MAX, INFLIGHT_MAX,
+                            OPTIONS_PER_CONNECTION_MAX, READ_BUFFER_BYTES, REFUSE_OPTIONS_MAX, REFUSE_TIMEOUT_S,
+                            REFUSING_MAX, SERVER_INFLIGHT_BYTES_MAX, STALL_TIMEOUT_S, WRITE_BUFFER_HIGH,
+                            check_bounds)
 from cdp.nbd.refusal import longest_idle, refuse
 from cdp.nbd.streams import CountingReader, close_stream, peer_name
 from cdp.nbd.watchdog import StallWatchdog
 
 # The bounds were defined here before cdp.nbd.limits held them: they stay importable.
-__all__ = ["CLOSE_LINGER_S", "CONNECTIONS_MAX", "HANDSHAKE_TIMEOUT_S", "IDLE_TIMEOUT_S", "INFLIGHT_BYTES_MAX",
-           "INFLIGHT_MAX", "OPTIONS_PER_CONNECTION_MAX", "READ_BUFFER_BYTES", "REFUSE_OPTIONS_MAX",
-           "REFUSE_TIMEOUT_S", "REFUSING_MAX", "SERVER_INFLIGHT_BYTES_MAX", "STALL_TIMEOUT_S", "WRITE_BUFFER_HIGH",
+__all__ = ["CLOSE_LINGER_S", "CONNECTIONS_MAX", "FIRST_OPTION_TIMEOUT_S", "HANDSHAKE_TIMEOUT_S", "HANDSHAKES_MAX",
+           "IDLE_TIMEOUT_S", "INFLIGHT_BYTES_MAX", "INFLIGHT_MAX", "OPTIONS_PER_CONNECTION_MAX", "READ_BUFFER_BYTES",
+           "REFUSE_OPTIONS_MAX", "REFUSE_TIMEOUT_S", "REFUSING_MAX", "SERVER_INFLIGHT_BYTES_MAX", "STALL_TIMEOUT_S",
+           "WRITE_BUFFER_HIGH",
            "Export", "NbdServer", "nbd_errno"]
 
 logger = get_logger("iofilter.nbd")
@@ -78,7 +83,8 @@ class NbdServer:
                  connections_max: int = CONNECTIONS_MAX, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  tls: ssl.SSLContext | None = None, server_inflight_bytes_max: int = SERVER_INFLIGHT_BYTES_MAX,
                  stall_timeout_s: float = STALL_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                 close_linger_s: float = CLOSE_LINGER_S) -> None:
+                 close_linger_s: float = CLOSE_LINGER_S, handshakes_max: int = HANDSHAKES_MAX,
+                 first_option_timeout_s: float = FIRST_OPTION_TIMEOUT_S) -> None:
         self.exports: dict[str, Export] = {}
         for name, backend in exports.items():
             try:
@@ -92,7 +98,9 @@ class NbdServer:
         self.inflight_max = inflight_max
         self.inflight_bytes_max = inflight_bytes_max
         self.connections_max = connections_max
+        self.handshakes_max = max(1, handshakes_max)
         self.handshake_timeout_s = handshake_timeout_s
+        self.first_option_timeout_s = first_option_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.close_linger_s = close_linger_s
@@ -101,7 +109,9 @@ class NbdServer:
         # STARTTLS a client may only ABORT; no export name, size or byte goes in the clear.
         self.tls = tls
         self._servers: list[asyncio.Server] = []
-        self._unix_paths: list[str] = []
+        # Each Unix socket bound, with the (st_dev, st_ino) of the socket file: close()
+        # removes only that file, not whatever another process has put at the path since.
+        self._unix_paths: list[tuple[str, tuple[int, int]]] = []
         self._connections: dict[asyncio.Task, _Connection] = {}
         self._refusing: set[asyncio.Task] = set()
         self._closing = False
@@ -124,7 +134,8 @@ class NbdServer:
         path = os.fspath(path)
         server = await asyncio.get_running_loop().create_unix_server(self._protocol, path)
         self._servers.append(server)
-        self._unix_paths.append(path)
+        st = os.lstat(path)
+        self._unix_paths.append((path, (st.st_dev, st.st_ino)))
         logger.info("nbd_listening", transport="unix", path=path, exports=sorted(self.exports))
         return path
 
@@ -149,9 +160,8 @@ class NbdServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        for path in self._unix_paths:  # Python 3.11 leaves the socket file behind
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        for path, identity in self._unix_paths:  # Python 3.11 leaves the socket file behind
+            _unlink_if_ours(path, identity)
         self._unix_paths.clear()
 
     async def _accept(self, reader: CountingReader, writer: asyncio.StreamWriter) -> None:
@@ -159,7 +169,10 @@ class NbdServer:
         assert task is not None
         peer = peer_name(writer)
         try:
-            if len(self._connections) >= self.connections_max and not await self._evict_idle():
+            if self._haggling() >= self.handshakes_max:
+                await self._evict_haggling("handshakes_max")
+            if (len(self._connections) >= self.connections_max and not await self._evict_haggling("connections_max")
+                    and not await self._evict_idle()):
                 await self._refuse(reader, writer, peer)
                 return
             if self._closing:  # accepted as close() began: close() does not wait for us
@@ -176,6 +189,25 @@ class NbdServer:
             # cancelled handler task as an error. Any other cancellation goes through.
             if not self._closing:
                 raise
+
+    def _haggling(self) -> int:
+        """Connections in their handshake (not dropped yet)."""
+        return sum(1 for c in self._connections.values() if c.haggling and c.dropped is None)
+
+    async def _evict_haggling(self, cap: str) -> bool:
+        """At a cap (``cap`` names it, for the log): drop the connection that has been in
+        its handshake longest, and wait until it is gone. False when none is."""
+        haggling = [(c.accepted_at, task) for task, c in self._connections.items() if c.haggling and c.dropped is None]
+        if not haggling:
+            return False
+        since, task = min(haggling, key=lambda pair: pair[0])
+        victim = self._connections[task]
+        logger.info("nbd_handshake_evicted", peer=victim.peer, cap=cap,
+                    haggling_s=round(asyncio.get_running_loop().time() - since, 1),
+                    handshakes_max=self.handshakes_max, connections_max=self.connections_max)
+        victim.drop("evicted_handshake")
+        await asyncio.wait([task])
+        return True
 
     async def _evict_idle(self) -> bool:
         """At the connection cap: drop the connection idle longest, if one has been idle
@@ -242,6 +274,8 @@ class _Connection(HandshakePhase):
         self._watchdog = StallWatchdog(self._loop, server.stall_timeout_s, self._bytes_moved, self._owes,
                                        self._stalled)
         self._dropped: str | None = None  # why drop() ended the connection
+        self.accepted_at = self._loop.time()
+        self.haggling = True  # in the handshake: no export chosen yet
         self.served = 0  # requests answered, refused ones included
         self.refused = 0
         self.tls_active = False
@@ -252,9 +286,14 @@ class _Connection(HandshakePhase):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the protocol asks for it
         reason = "closed"
+        first_option = self._loop.call_later(self.server.first_option_timeout_s, self._first_option_due)
         try:
-            async with asyncio.timeout(self.server.handshake_timeout_s):
-                export = await self._handshake()
+            try:
+                async with asyncio.timeout(self.server.handshake_timeout_s):
+                    export = await self._handshake()
+            finally:
+                first_option.cancel()
+                self.haggling = False
             if export is not None:
                 logger.info("nbd_transmission", peer=self.peer, export=export.name, structured=self.structured)
                 reason = await self._transmission()
@@ -275,6 +314,18 @@ class _Connection(HandshakePhase):
             await close_stream(self.writer, self._linger_s(reason))
         reason = self._dropped or reason
         logger.info("nbd_disconnected", peer=self.peer, reason=reason, requests=self.served, refused=self.refused)
+
+    @property
+    def dropped(self) -> str | None:
+        """Why ``drop`` ended this connection (None: it did not)."""
+        return self._dropped
+
+    def _first_option_due(self) -> None:
+        """``first_option_timeout_s`` after accept: a client that has not sent its flags
+        and an option header yet (nor started TLS, which takes one) is dropped."""
+        if self.haggling and not self.tls_active and self.reader.received < (
+                nbd.CLIENT_FLAGS_SIZE + nbd.OPTION_HEADER_SIZE):
+            self.drop("no_first_option")
 
     def _linger_s(self, reason: str) -> float | None:
         """How long the close may wait for the last replies (None: abort at once). They
@@ -521,3 +572,17 @@ class _Connection(HandshakePhase):
             task.cancel()
         while self._requests:
             await asyncio.gather(*self._requests, return_exceptions=True)
+
+
+def _unlink_if_ours(path: str, identity: tuple[int, int]) -> None:
+    """Remove the Unix socket file at ``path`` if it is still the one bound (``identity``:
+    its st_dev, st_ino): a file put there since — another server's socket, anything — stays."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) != identity or not stat.S_ISSOCK(st.st_mode):
+        logger.warning("nbd_socket_replaced", path=path, reason="not the socket this server bound: left in place")
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,6 +1,7 @@
 """A new filter instance for a domain a DRVA already holds (a second ``iofilter-sim run``
 against the same store): it continues after the DRVA's durable seq instead of having
-its first writes taken for duplicates and silently dropped."""
+its first writes taken for duplicates and silently dropped — and one that captured writes
+before it could learn that seq resyncs them after it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from cdp.catalog import load_catalog
 from cdp.store.fs import FileStore
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter, FilterError
-from tests.drva.harness import SECRET, Disk, DrvaProcess, domain_doc, drva_doc, free_port, random_writes
+from tests.drva.harness import (
+    SECRET, Disk, DrvaProcess, check_store, domain_doc, drva_doc, free_port, random_writes,
+)
 from tests.waiting import EVENTUALLY_S, wait_until
 from tests.drva.test_crash import wait_until_committed
 
@@ -47,17 +50,20 @@ async def test_a_second_filter_run_continues_the_domain(tmp_path):
         await wait_until_committed(store, 1, second.next_seq - 1)
         state, _ = await load_catalog(store, 1)
         assert state.timeline().committed_seq == second.next_seq - 1
-        # A filter that numbered writes before it could learn the DRVA's seq is refused
-        # loudly (and keeps its writes unacked) instead of losing them.
+        # A filter that numbered writes before it could learn the DRVA's seq, and never
+        # sent them (its host started while the DRVA was down), puts them in its bitmap,
+        # numbers on after the DRVA's seqs and resyncs them: nothing lost, nothing refused.
         late = DomainFilter(1, [disk])
         late.capture(*random_writes(rng, [DISK], 5, 16))
         client = FilterClient([late], "127.0.0.1", port, SECRET.encode(), "host-1")
         task = asyncio.create_task(client.run())
-        await wait_until(lambda: client.last_error and "another filter instance" in client.last_error,
-                         EVENTUALLY_S, "the refusal")
+        await wait_until(lambda: late.mode == "normal" and late.acked_seq == late.next_seq - 1
+                         and late.acked_seq > second.next_seq - 1, EVENTUALLY_S, "the resync acked")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        assert late.acked_seq == 0 and len(late.buffer) > 0
+        assert late.stats["resyncs_completed"] == 1 and client.connections >= 1
+        await wait_until_committed(store, 1, late.next_seq - 1)
+        await check_store(store, 1, [disk.sha256()], tmp_path)
     finally:
         drva.stop()
 
