@@ -41,7 +41,9 @@ Rules, each refused with a ``ConfigError`` naming the file, the key path (for ex
 and are unique among hosts, among VMs, among a VM's disks and among domains; sizes are
 multiples of 512 and > 0; two disks never share an image file (neither one path, after
 symbolic links, nor — for images that exist — one file by device and inode, as two hard
-links are); a VM is in at most one
+links are); no two disks of a domain recover to one image file (``image_file_name``,
+``<vm>-<disk>.img``: VM ``a-b`` disk ``c`` and VM ``a`` disk ``b-c`` cannot share a
+domain, whatever their ``image``); a VM is in at most one
 domain (a VM in none is simply not protected); domain ids are unique u32s; a DRVA is
 ``host:port`` with a port in 1..65535; unknown keys are refused (they are typos).
 
@@ -65,6 +67,27 @@ from cdp.tls import SERVER_NAME, SERVER_NAME_EXPECTED
 from cdp.tomlread import NAME, Endpoint, TomlReader
 
 DEFAULT_STATE_DIR = "sim-state"
+
+
+def image_file_name(vm: str, disk: str) -> str:
+    """The file a disk's image is recovered into (``rocva.plan``), and a disk's default
+    image in the inventory: ``<vm>-<disk>.img``."""
+    return f"{vm}-{disk}.img"
+
+
+def image_clash(disks: Sequence[tuple[str, str]]) -> tuple[int, int, str] | None:
+    """The first two of ``disks`` (``(vm, disk)`` names, one domain's in disk order) whose
+    images are one file (``image_file_name``: ``(vm1, d0)`` twice, or ``(a-b, c)`` and
+    ``(a, b-c)``), as ``(first, second, image)`` indexes; None when each has its own. A
+    recovery builds every image of a domain in one directory, so it refuses such a domain
+    (``rocva.plan``): the cluster and DRVA files refuse it first."""
+    seen: dict[str, int] = {}
+    for i, (vm, disk) in enumerate(disks):
+        image = image_file_name(vm, disk)
+        if image in seen:
+            return seen[image], i, image
+        seen[image] = i
+    return None
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,7 @@ def _tls(r: TomlReader, value: Any, base_dir: Path) -> tuple[Path, str | None]:
     t = r.table(value, "tls", {"ca"}, {"server_name"})
     if not isinstance(t["ca"], str) or not t["ca"]:
         r.fail("tls.ca", "the path of the site CA's certificate (PEM)", t["ca"])
+    r.file_path(t["ca"], "tls.ca")  # a NUL ended the load in a traceback (cdp.tls)
     name = t.get("server_name")
     if name is not None and (not isinstance(name, str) or not SERVER_NAME.fullmatch(name)):
         r.fail("tls.server_name", SERVER_NAME_EXPECTED, name)
@@ -237,7 +261,7 @@ def _vms(r: TomlReader, value: Any, hosts: set[str], state_dir: Path) -> tuple[V
             r.table(disk, dat, {"name", "size"}, {"image"})
             disk_name = r.name(disk["name"], f"{dat}.name")
             r.unique(disk_name, disk_names, f"{dat}.name", "disk")
-            image = disk.get("image", f"{name}-{disk_name}.img")
+            image = disk.get("image", image_file_name(name, disk_name))
             r.file_path(image, f"{dat}.image")
             path = state_dir / image
             if path.resolve() in images:
@@ -292,10 +316,23 @@ def _domains(r: TomlReader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSp
                 r.fail(path, f"a VM in no other domain (domain {owner[vm_name]} has it)", vm_name)
             owner[vm_name] = name
             members.append(vms[vm_name])
+        _refuse_image_clash(r, at, members)
         workload = _workload(r, dom["workload"], f"{at}.workload", dom_id) if "workload" in dom else None
         domains.append(DomainSpec(name, dom_id, r.endpoint(dom["drva"], f"{at}.drva"),
                                   tuple(members), workload))
     return tuple(domains)
+
+
+def _refuse_image_clash(r: TomlReader, at: str, members: list[Vm]) -> None:
+    """Refuse a domain two of whose disks recover to one image file (``image_clash``):
+    their images in the datastore may differ (``image =``), the recovered ones cannot."""
+    disks = [(vm.name, disk.name) for vm in members for disk in vm.disks]
+    clash = image_clash(disks)
+    if clash is not None:
+        (vm1, disk1), (vm2, disk2) = disks[clash[0]], disks[clash[1]]
+        r.fail(f"{at}.vms", f"VMs whose disks each recover to an image of their own (<vm>-<disk>.img): "
+                            f"disk {disk1} of VM {vm1} and disk {disk2} of VM {vm2} both make {clash[2]}",
+               [vm.name for vm in members])
 
 
 def _workload(r: TomlReader, table: Any, path: str, default_seed: int) -> WorkloadSpec:

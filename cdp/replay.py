@@ -18,6 +18,7 @@ from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView
 from cdp.errors import FormatError, NotFound
+from cdp.inventory import image_file_name
 from cdp.layout import chunk_key
 from cdp.records import KIND_WRITE, KIND_ZERO
 from cdp.segment import read_blocks, read_segment_index
@@ -41,7 +42,7 @@ async def replay_reference(store: ObjectStore, domain: int, out_dir: Path, upto_
     paths, fds, base_seq = [], [], []
     try:
         for d in state.disks:
-            path = out_dir / f"{d['vm']}-{d['name']}.img"
+            path = out_dir / image_file_name(d["vm"], d["name"])
             paths.append(path)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             fds.append(fd)

@@ -8,6 +8,7 @@ with a port in 1..65535 (e.g. '127.0.0.1:32873'), got 'localhost'``.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple, NoReturn
@@ -77,10 +78,12 @@ class TomlReader:
         if not isinstance(value, Mapping):
             self.fail(path, "a table", value)
         for key in sorted(set(value) - required - optional):
-            keys = ", ".join(sorted(required | optional))
+            keys = ", ".join(sorted(required | optional)) or "none: an empty table"
             key_text = key if _PLAIN_KEY.fullmatch(key) else shown(key)  # a typo as written; anything else quoted
             at = f"{path}.{key_text}" if path else key_text
-            raise ConfigError(f"{self.source}: {at}: unknown key (expected one of: {keys})")
+            close = difflib.get_close_matches(str(key), sorted(required | optional), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{self.source}: {at}: unknown key (expected one of: {keys}{hint})")
         for key in sorted(required - set(value)):
             self.fail(f"{path}.{key}" if path else key, self._expects.get(key, "a value"))
         return value
@@ -128,6 +131,12 @@ class TomlReader:
         if size % SECTOR:
             self.fail(path, f"a size that is a multiple of {SECTOR} (e.g. 67108864, '64MiB')", value)
         return size
+
+    def integer(self, value: Any, path: str, lo: int, hi: int) -> int:
+        """An integer in ``lo..hi``: ``true`` and ``2.7`` are refused, not read as 1 and 2."""
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.fail(path, f"an integer in {lo}..{hi}", value)
+        return value
 
     def u32(self, value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:

@@ -45,8 +45,12 @@ store = "s3://dr-site-b/cdp"
 ```
 
 ``load_drva_config`` refuses a bad file with the file, the key and what was expected,
-before the DRVA touches anything: a value out of range, a ``state_dir`` that is a file
-(or below one), a TLS certificate that does not load. The ranges are constants here
+before the DRVA touches anything: an unknown key (a typo: ``TOP_KEYS``, ``TABLE_KEYS``,
+``DOMAIN_KEYS``, ``DISK_KEYS``), a value out of range, ``true`` for a number, a
+``state_dir`` that is a file (or below one), a partition where the DRVA writes something
+else (the other partition, ``state_dir`` itself, ``status.json``, ``requests/``), two
+disks of a domain that would recover to one image file (``<vm>-<disk>.img``), a TLS
+certificate that does not load. The ranges are constants here
 (``SEAL_BYTES_RANGE``, …): the site file (``cdp.msa.config``) checks its own values
 against them, so that preflight and install refuse what a DRVA would.
 """
@@ -63,11 +67,13 @@ from typing import Any
 
 from cdp.errors import ConfigError
 from cdp.frame import FRAME_LEN_MAX
+from cdp.inventory import image_clash
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START, entry_stride
 from cdp.store.open import check_store_url, config_store_url
 from cdp.tls import server_context
 from cdp.tomlread import NAME, NAME_EXPECTED, SIZE_MAX, TomlReader
 from cdp.units import parse_size
+from drva.requests import requests_dir
 
 DEFAULT_SITE = "default"
 #: Versions of this file a DRVA reads. Version 2 added ``[[domains]] store``: a reader of
@@ -82,6 +88,18 @@ SEAL_AGE_S_RANGE = (0.05, 3600.0)
 UPLOAD_CONCURRENCY_RANGE = (1, 64)
 STATUS_INTERVAL_S_RANGE = (0.1, 60.0)  # status.json is rewritten this often: below, a busy loop
 LOG_SIZE_MIN = DATA_START + DATA_SIZE_MIN  # FORMAT.md §3.1: the superblocks and the smallest ring
+DISK_SIZE_MAX = SIZE_MAX  # as the cluster file's (cdp.tomlread): 1 PiB
+# The keys of each table of the file (the module docstring): any other is refused, it is a
+# typo — ``[seal] byte`` was read as no key at all, and a domain's ``stor`` shipped it to ``store``.
+TOP_KEYS = frozenset(("version", "name", "site", "listen", "state_dir", "status_interval_s", "store",
+                      "secret_env", "log", "meta", "seal", "upload", "backpressure", "tls", "domains"))
+TABLE_KEYS: Mapping[str, frozenset[str]] = {
+    "log": frozenset(("path", "size", "direct")), "meta": frozenset(("path",)),
+    "seal": frozenset(("bytes", "age_s")), "upload": frozenset(("concurrency",)),
+    "backpressure": frozenset(("high_water", "low_water")), "tls": frozenset(("cert", "key")),
+}
+DOMAIN_KEYS = frozenset(("id", "name", "disks", "takeover", "store"))
+DISK_KEYS = frozenset(("vm", "name", "size"))
 #: A log of at least this many bytes takes any frame the wire allows (FORMAT.md §9.2): a
 #: DRVA takes frames whose log entry fills at most half the log's data area
 #: (``GroupCommitter.frame_len_max``) and refuses larger ones (``ERROR frame_too_large``).
@@ -104,6 +122,15 @@ def blocking_file(path: Path) -> str | None:
         if not stat.S_ISDIR(mode):
             return part.name or str(part)
     return None
+
+
+def inside(path: Path, directory: Path) -> bool:
+    """Is ``path`` ``directory`` or below it, as written or once links are resolved?"""
+    as_written = (Path(os.path.abspath(path)), Path(os.path.abspath(directory)))
+    for p, d in (as_written, (path.resolve(), directory.resolve())):
+        if p == d or d in p.parents:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -192,7 +219,8 @@ class _Reader:
                 raise ConfigError(f"{self.where(key)}: missing")
             return default
         value = self.doc[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        kinds = (kind,) if isinstance(kind, type) else kind
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):  # true is no number
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ConfigError(f"{self.where(key)}: {value!r} is not a {names}")
         return value
@@ -207,8 +235,16 @@ class _Reader:
             raise ConfigError(exc.message) from None
         return value
 
+    def known(self, keys: frozenset[str]) -> "_Reader":
+        """This reader, once every key of its table is one of ``keys`` (and it is a table):
+        an unknown key is refused as ``TomlReader.table`` does, naming the file, the key and
+        the keys expected."""
+        TomlReader(self.source).table(self.doc, self.prefix.removesuffix("."), set(), set(keys))
+        return self
+
     def table(self, key: str) -> "_Reader":
-        return _Reader(self.get(key, dict, {}), self.source, f"{self.prefix}{key}.")
+        """Table ``key`` (one of ``TABLE_KEYS``, whose keys it may hold), empty if absent."""
+        return _Reader(self.get(key, dict, {}), self.source, f"{self.prefix}{key}.").known(TABLE_KEYS[key])
 
     def name(self, key: str) -> str:
         value = self.get(key, str)
@@ -238,7 +274,7 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
                       base_dir: Path | None = None) -> DrvaConfig:
     """``base_dir``: relative paths (and a store given as a plain path) are relative to it
     — the configuration file's directory — rather than to wherever the daemon started."""
-    r = _Reader(doc, source)
+    r = _Reader(doc, source).known(TOP_KEYS)
     here = base_dir or Path.cwd()
     version = r.get("version", int, 1)
     if version not in DRVA_CONFIG_VERSIONS:
@@ -290,16 +326,39 @@ def parse_drva_config(doc: Mapping[str, Any], source: str, env: Mapping[str, str
         upload_concurrency=upload.get("concurrency", int, 4),
         high_water=high, low_water=low,
         status_interval_s=r.number("status_interval_s", 1.0, *STATUS_INTERVAL_S_RANGE),
-        tls_cert=here / tls.get("cert", str) if "cert" in tls.doc else None,
-        tls_key=here / tls.get("key", str) if "key" in tls.doc else None,
+        tls_cert=here / tls.path("cert") if "cert" in tls.doc else None,
+        tls_key=here / tls.path("key") if "key" in tls.doc else None,
     )
     if not UPLOAD_CONCURRENCY_RANGE[0] <= cfg.upload_concurrency <= UPLOAD_CONCURRENCY_RANGE[1]:
         raise ConfigError(f"{upload.where('concurrency')}: expected {UPLOAD_CONCURRENCY_RANGE[0]}.."
                           f"{UPLOAD_CONCURRENCY_RANGE[1]}")
     if not SEAL_BYTES_RANGE[0] <= cfg.seal_bytes <= SEAL_BYTES_RANGE[1]:
         raise ConfigError(f"{seal.where('bytes')}: expected 1MiB..256MiB")
+    _check_partition_paths(cfg, log, meta)
     _check_tls(cfg, tls)
     return cfg
+
+
+def _check_partition_paths(cfg: DrvaConfig, log: _Reader, meta: _Reader) -> None:
+    """Refuse a partition where the DRVA writes something else: the other partition (each
+    takes an exclusive lock: one file for both was "in use by another process"),
+    ``state_dir`` or a directory above it, ``status.json`` (rewritten every second by an
+    atomic replace: a log there became JSON, its acked writes lost) and ``requests/``
+    (each file there is read and deleted). A partition elsewhere in ``state_dir`` is fine
+    (``<state_dir>/replog`` is the usual place)."""
+    own = ((cfg.status_path, "its status file (status.json, replaced every status_interval_s)"),
+           (requests_dir(cfg.state_dir), "requests from the MSA (requests/, whose files it deletes)"))
+    for reader, path in ((log, cfg.log_path), (meta, cfg.meta_path)):
+        if inside(cfg.state_dir, path):
+            raise ConfigError(f"{reader.where('path')}: expected a file, got {path}, which is state_dir "
+                              f"({cfg.state_dir}) or a directory above it")
+        for place, what in own:
+            if inside(path, place):
+                raise ConfigError(f"{reader.where('path')}: expected a file apart from {place}, got {path}: the DRVA "
+                                  f"writes {what} there, which would destroy the partition")
+    if inside(cfg.meta_path, cfg.log_path) or inside(cfg.log_path, cfg.meta_path):
+        raise ConfigError(f"{meta.where('path')}: expected a file apart from log.path ({cfg.log_path}): the log "
+                          f"and the metadata repository are two partitions, got {cfg.meta_path}")
 
 
 def _check_tls(cfg: DrvaConfig, tls: _Reader) -> None:
@@ -330,18 +389,29 @@ def _store_url(r: _Reader, key: str, here: Path) -> str:
 
 
 def _domain(r: _Reader, i: int, here: Path, version: int) -> DomainConfig:
+    r.known(DOMAIN_KEYS)
     domain_id = r.get("id", int)
     if not DOMAIN_ID_RANGE[0] <= domain_id <= DOMAIN_ID_RANGE[1]:
         raise ConfigError(f"{r.where('id')}: expected {DOMAIN_ID_RANGE[0]}..{DOMAIN_ID_RANGE[1]}, got {domain_id}")
     disks = []
     for j, d in enumerate(r.get("disks", list)):
-        dr = _Reader(d, r.source, f"{r.prefix}disks[{j}].")
+        dr = _Reader(d, r.source, f"{r.prefix}disks[{j}].").known(DISK_KEYS)
         size = parse_size(dr.get("size", (int, str)), dr.where("size"))
         if size <= 0 or size % 512:
             raise ConfigError(f"{dr.where('size')}: {size} is not a positive multiple of 512")
+        if size > DISK_SIZE_MAX:
+            raise ConfigError(f"{dr.where('size')}: expected at most {DISK_SIZE_MAX} bytes "
+                              f"({DISK_SIZE_MAX >> 40} TiB, as the cluster file), got {size}")
         disks.append(DiskSpec(j, dr.name("vm"), dr.name("name"), size))
     if not disks:
         raise ConfigError(f"{r.where('disks')}: a domain needs at least one disk")
+    clash = image_clash([(d.vm, d.name) for d in disks])
+    if clash is not None:
+        first, second = disks[clash[0]], disks[clash[1]]
+        raise ConfigError(f"{r.where(f'disks[{second.index}]')}: expected a disk whose image (<vm>-<disk>.img) "
+                          f"is its own, got vm {second.vm!r} name {second.name!r}, which makes {clash[2]} as "
+                          f"disks[{first.index}] (vm {first.vm!r} name {first.name!r}) does: a recovery of the "
+                          f"domain would refuse it")
     takeover = r.get("takeover", bool, False)
     store_url = None
     if "store" in r.doc:

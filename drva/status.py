@@ -8,7 +8,9 @@ than one store — each store with its domains.
 ``status.json`` and ``requests/`` are side files: the data path (acks, shipping) never
 depends on them. Their operating errors (a full file system, a directory where the file
 goes) are logged by a ``SideFileReport`` and retried on the next tick; they never end the
-DRVA (they once ended it with exit 70, on every restart).
+DRVA (they once ended it with exit 70, on every restart). Nor is a file replaced that is
+not a status document (``not_status``): a log partition configured at ``status.json`` was
+replaced by JSON, its acked writes lost.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdp.durable import atomic_write
-from cdp.file_kinds import file_kind
+from cdp.file_kinds import file_kind, open_regular
+from cdp.logfmt import SB_MAGIC
 from cdp.logs import get_logger
+from cdp.meta import META_MAGIC
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -35,6 +39,12 @@ log = get_logger("drva.status")
 #: A side-file error that persists is logged again at most this often (a status write
 #: fails every second while a file system is full: one line a second would flood the log).
 SIDE_FILE_REPORT_INTERVAL_S = 60.0
+#: A status document begins with this (``json.dumps`` of a dict): a file at ``status.json``
+#: that begins otherwise is not one, and is never replaced (``write_status_file``).
+STATUS_HEAD = b"{"
+#: What a file that is not a status document begins with, in the words of a message.
+_NOT_STATUS = ((SB_MAGIC, "a replication-log partition (FORMAT.md §3.2)"),
+               (META_MAGIC, "a metadata repository (FORMAT.md §4)"))
 
 
 class SideFileReport:
@@ -74,8 +84,10 @@ def os_error_text(exc: OSError) -> str:
 
 def write_status_file(path: Path, doc: dict[str, Any]) -> str | None:
     """Replace the status file at ``path`` with ``doc`` (atomically); why it was not, or
-    None. It is written only where nothing is, or a regular file is: anything else there
-    (a directory, a symbolic link, a FIFO) is left alone, never followed nor replaced."""
+    None. It is written only where nothing is, or a regular file is that is empty or a
+    status document (``not_status``): anything else there (a directory, a symbolic link,
+    a FIFO, a partition a configuration put at ``status.json``) is left alone, never
+    followed nor replaced."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -85,11 +97,34 @@ def write_status_file(path: Path, doc: dict[str, Any]) -> str | None:
     else:
         if not stat.S_ISREG(st.st_mode):
             return f"{file_kind(st.st_mode)}, not a regular file: left alone (never followed nor replaced)"
+        if st.st_size and (problem := not_status(path)) is not None:
+            return problem
     try:
         atomic_write(path, json.dumps(doc, indent=1).encode())
     except OSError as exc:  # ENOSPC, EIO, EACCES, a missing state_dir...
         return os_error_text(exc)
     return None
+
+
+def not_status(path: Path) -> str | None:
+    """Why the regular file at ``path`` is not a status document to replace (it does not
+    begin with ``STATUS_HEAD``), or None. One read of a few bytes a tick: the backstop
+    under ``drva.config``, which refuses a partition at ``status.json`` — a log there was
+    replaced by JSON, its acked writes lost."""
+    head_bytes = max(len(magic) for magic, _ in _NOT_STATUS)
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+        try:
+            head = os.read(fd, head_bytes)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return os_error_text(exc)
+    if head.startswith(STATUS_HEAD) or not head:
+        return None
+    what = next((what for magic, what in _NOT_STATUS if head.startswith(magic)), None)
+    return (f"{what or 'a file that is not a status document'} (it begins {head!r}, a status document "
+            f"{STATUS_HEAD!r}): left alone, never replaced; is a partition configured at this path?")
 
 
 def _percentile(values: list[float], q: float) -> float | None:

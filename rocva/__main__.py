@@ -35,6 +35,7 @@ from typing import Any
 
 import click
 
+from cdp.cli.common import FiniteRange
 from cdp.errors import CdpError
 from cdp.logs import setup_logging
 from cdp.memory import bound_malloc
@@ -221,7 +222,7 @@ async def _standby(config: Path, name: str, interval_s: float) -> None:
 @cli.command("standby")
 @click.option("--config", "config", type=click.Path(path_type=Path), required=True)
 @click.option("--name", required=True, help="The domain's name (its directory in the datastore).")
-@click.option("--interval", "interval_s", type=click.FloatRange(0.05, 60.0), default=0.5, show_default=True)
+@click.option("--interval", "interval_s", type=FiniteRange(0.05, 60.0), default=0.5, show_default=True)
 def standby_command(config: Path, name: str, interval_s: float) -> None:
     """Continuous rehydration of domain NAME (supervised by the MSA)."""
     from cdp.msa.failover import check_domain_name

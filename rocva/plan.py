@@ -36,6 +36,7 @@ from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import FormatError, NotFound
 from cdp.gather import gather_bounded
+from cdp.inventory import image_clash, image_file_name  # image_file_name: re-exported for rocva's modules
 from cdp.records import KIND_ZERO
 from cdp.segment import SegmentIndex, read_segment_index
 from cdp.store.base import ObjectStore
@@ -54,11 +55,6 @@ CONCURRENCY_DEFAULT = 8
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}")
 assert SRC_WRITE == 0 and SRC_ZERO == KIND_ZERO
 
-
-
-def image_file_name(vm: str, disk: str) -> str:
-    """The file a disk's image is recovered into: ``<vm>-<disk>.img``."""
-    return f"{vm}-{disk}.img"
 
 @dataclass(frozen=True, eq=False)
 class DiskPlan:
@@ -161,16 +157,14 @@ async def _get_index(store: ObjectStore, key: str, row: np.void) -> SegmentIndex
 
 
 def _check_disks(state: CatalogView) -> None:
-    names = set()
     for d in state.disks:
         for part in (d["vm"], d["name"]):
             if not _SAFE_NAME.fullmatch(part):
                 raise FormatError(f"catalog of domain {state.domain_id}: disk {d['disk']}: name "
                                   f"{part!r} cannot name an image file ([A-Za-z0-9._-], no leading dot)")
-        image = f"{d['vm']}-{d['name']}"
-        if image in names:
-            raise FormatError(f"catalog of domain {state.domain_id}: two disks make image {image}.img")
-        names.add(image)
+    clash = image_clash([(d["vm"], d["name"]) for d in state.disks])
+    if clash is not None:
+        raise FormatError(f"catalog of domain {state.domain_id}: two disks make image {clash[2]}")
 
 
 # --------------------------------------------------------------------------- resolving

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from cdp.cli.common import config_option, emit, json_option, progress_bar
+from cdp.cli.common import FiniteRange, config_option, emit, json_option, progress_bar
 
 #: Default job timeouts, seconds (--timeout overrides).
 PREFLIGHT_TIMEOUT_S = 600.0
@@ -26,7 +26,8 @@ UNINSTALL_TIMEOUT_S = 3600.0
 
 
 def _timeout_option(default: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=default,
+    # FiniteRange: click's FloatRange let nan and inf through, into the job record (and the API's JSON).
+    return click.option("--timeout", "timeout_s", type=FiniteRange(min=1), default=default,
                         show_default=True, help="Stop the job after this many seconds.")
 
 

@@ -37,9 +37,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import re
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -69,7 +69,23 @@ SHUTDOWN_TIMEOUT_S = 3.0  # open requests (a ?wait=1) get this long at shutdown
 JOB_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 LIMIT = re.compile(r"[0-9]{1,4}")
 SINCE_NS = re.compile(r"[0-9]{1,19}")
-_dumps = partial(json.dumps, sort_keys=True)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity (a job record's, stored before ``--timeout``
+    refused them) as None: the answer stays valid JSON, which has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    """An answer's JSON: strict (``allow_nan=False``: ``NaN`` is no JSON), non-finite numbers as null."""
+    return json.dumps(_finite(value), sort_keys=True, allow_nan=False)
 
 
 def error_response(err: ApiError, places: tuple[tuple[str, str], ...] = ()) -> web.Response:

@@ -104,6 +104,8 @@ from urllib.parse import unquote, urlsplit
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster
 from cdp.nbd.address import parse_tcp
+from cdp.dirtymap import sidecar_path
+from cdp.msa.registry import REGISTERED_NAME
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
 from cdp.store.storekeys import STORE_KEY_FILE_ENV
@@ -111,7 +113,7 @@ from cdp.tomlread import Endpoint, TomlReader
 from cdp.units import parse_duration
 from drva.config import (
     DOMAIN_ID_RANGE, DRVA_DOMAIN_STORES_VERSION, LOG_SIZE_MIN, SEAL_AGE_S_RANGE, SEAL_BYTES_RANGE,
-    UPLOAD_CONCURRENCY_RANGE, blocking_file, parse_drva_config,
+    UPLOAD_CONCURRENCY_RANGE, blocking_file, inside, parse_drva_config,
 )
 
 SECRET_MIN_CHARS = 16
@@ -136,6 +138,11 @@ POLICY_LIMITS: Mapping[str, tuple[float, float, bool]] = {
     "consolidate_every": (1.0, 365 * 86400.0, True),
 }
 _POLICY_KEYS = set(POLICY_LIMITS)
+#: What the MSA keeps in its ``state_dir`` (FORMAT.md §13), besides ``drvas/``: no
+#: partition may be one of these or below one (``_check_partition_places``).
+MSA_STATE_ENTRIES = ("protection.json", "jobs", "msa.pid", "msa.lock", "install.json", "logs", "scratch",
+                     "registered.toml", "power.json", "hypervisor", "failovers", "standby", "failbacks",
+                     "handovers", "tls")
 
 
 @dataclass(frozen=True)
@@ -515,6 +522,7 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if not any(d.listen == spec.drva for d in drvas):
             r.fail(f"protect[{list(protect).index(name)}].domain",
                    f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
+    _check_partition_places(cfg)
     _check_drva_configs(cfg)
     _check_drva_state_dirs(cfg)
     return cfg
@@ -544,13 +552,64 @@ def _kept_places(cfg: SiteConfig) -> list[tuple[str, Path]]:
     return places
 
 
-def _inside(path: Path, directory: Path) -> bool:
-    """Is ``path`` ``directory`` or below it, as written or once links are resolved?"""
-    as_written = (Path(os.path.abspath(path)), Path(os.path.abspath(directory)))
-    for p, d in (as_written, (path.resolve(), directory.resolve())):
-        if p == d or d in p.parents:
-            return True
-    return False
+def _partition_taboos(cfg: SiteConfig, drva: DrvaSpec) -> list[tuple[str, Path, bool]]:
+    """(what, path, whether below it is refused too) of the places a partition of ``drva``
+    must not be, because something else is written or kept there: the MSA's own state
+    (``MSA_STATE_ENTRIES``, the DRVA configurations, the other DRVAs' state directories),
+    the site and cluster files, the file stores, the TLS directory, the datastore. Its own
+    state directory is the DRVA's reader's to judge (``drva.config``: ``status.json`` and
+    ``requests/``); the VMs' images are ``_image_places``'."""
+    state = cfg.state_dir
+    taboos = [("state_dir", state, False), ("drvas/ of state_dir (the DRVA configurations)", state / "drvas", False)]
+    taboos += [(f"{name} of state_dir (the MSA's own, FORMAT.md §13)", state / name, True)
+               for name in MSA_STATE_ENTRIES]
+    for other in cfg.drvas:
+        taboos.append((f"the configuration of DRVA {other.name}", state / "drvas" / f"{other.name}.toml", False))
+        if other.name != drva.name:
+            taboos.append((f"the state directory of DRVA {other.name}", cfg.drva_state_dir(other), True))
+    taboos += [("the site file", cfg.path, False), ("the cluster file", cfg.cluster_path, False),
+               ("the registered inventory", state / REGISTERED_NAME, False)]
+    taboos += [(f"{key} (a file store)", root, True) for key, url in (("store", cfg.store_url),
+               ("peer.store", cfg.peer.store_url if cfg.peer is not None else None))
+               if (root := _file_store_root(url)) is not None]
+    if cfg.tls is not None:
+        taboos.append(("tls.dir", cfg.tls.dir, True))
+    taboos.append((f"state_dir of {cfg.cluster_path.name} (the datastore)", cfg.cluster.state_dir, False))
+    return taboos
+
+
+def _image_places(cfg: SiteConfig) -> dict[Path, str]:
+    """Each VM's image and its dirty-region map (``cdp.dirtymap``), as written and with
+    links resolved -> what it is: looked up, not compared one by one (a site may have
+    thousands)."""
+    places: dict[Path, str] = {}
+    for vm in cfg.cluster.vms:
+        for disk in vm.disks:
+            what = f"the image of disk {disk.name} of VM {vm.name} in {cfg.cluster_path.name}"
+            for path, role in ((disk.image, what), (sidecar_path(disk.image), f"the dirty-region map of {what}")):
+                places[Path(os.path.abspath(path))] = places[path.resolve()] = role
+    return places
+
+
+def _check_partition_places(cfg: SiteConfig) -> None:
+    """``ConfigError`` naming the key when a DRVA's log or metadata partition is at (or
+    above; for a directory, below) a place ``_partition_taboos`` or ``_image_places``
+    names: the partition would be replaced or removed by what writes there (a log at a
+    DRVA's ``status.json`` became JSON, its acked writes lost), or would destroy what is
+    kept there."""
+    images = _image_places(cfg)
+    for i, drva in enumerate(cfg.drvas):
+        taboos = _partition_taboos(cfg, drva)
+        for key, path in (("log.path", drva.log_path), ("meta.path", drva.meta_path)):
+            found = [(what, place) for what, place, below in taboos
+                     if inside(place, path) or (below and inside(path, place))]
+            image = images.get(Path(os.path.abspath(path))) or images.get(path.resolve())
+            if image is not None:
+                found.append((image, path))
+            if found:
+                what, place = found[0]
+                raise ConfigError(f"{cfg.path}: drvas[{i}].{key}: expected a partition apart from {what} "
+                                  f"({place}), got {path}")
 
 
 def _check_drva_state_dirs(cfg: SiteConfig) -> None:
@@ -561,7 +620,7 @@ def _check_drva_state_dirs(cfg: SiteConfig) -> None:
     for i, drva in enumerate(cfg.drvas):
         state_dir = cfg.drva_state_dir(drva)
         for key, path in places:
-            if _inside(path, state_dir):
+            if inside(path, state_dir):
                 raise ConfigError(
                     f"{cfg.path}: {key} ({path}) lies inside the state directory of DRVA {drva.name} ({state_dir}, "
                     f"from state_dir and drvas[{i}].name): that directory is the DRVA's, and cdp uninstall empties "
@@ -615,8 +674,8 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
         name = r.name(h, f"hypervisor.on_demand_hosts[{i}]")
         r.unique(name, set(hosts), f"hypervisor.on_demand_hosts[{i}]", "on-demand host")
         hosts.append(name)
-    vms_per_host = int(r.number(t.get("vms_per_host", VMS_PER_HOST_DEFAULT), "hypervisor.vms_per_host",
-                                *VMS_PER_HOST_RANGE))
+    vms_per_host = r.integer(t.get("vms_per_host", VMS_PER_HOST_DEFAULT), "hypervisor.vms_per_host",
+                             *VMS_PER_HOST_RANGE)
     workload = t.get("recovered_workload", RECOVERED_WORKLOAD_DEFAULT)
     # The options are the simulator's: it checks them (cdp.hypervisor.simulator).
     r.table(workload, "hypervisor.recovered_workload", {"kind"}, set(workload) - {"kind"}
@@ -691,6 +750,6 @@ def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
             here / meta["path"],
             r.size(seal["bytes"], f"{at}.seal.bytes", *SEAL_BYTES_RANGE) if "bytes" in seal else None,
             r.number(seal["age_s"], f"{at}.seal.age_s", *SEAL_AGE_S_RANGE) if "age_s" in seal else None,
-            int(r.number(upload, f"{at}.upload_concurrency", *UPLOAD_CONCURRENCY_RANGE))
+            r.integer(upload, f"{at}.upload_concurrency", *UPLOAD_CONCURRENCY_RANGE)
             if upload is not None else None))
     return tuple(out)

@@ -46,6 +46,7 @@ from typing import Any
 
 from cdp import durable, site_files
 from cdp.errors import CdpError, ConfigError, FailoverRefused, NotFound
+from cdp.inventory import image_file_name
 from cdp.logs import get_logger
 from cdp.msa.handover import ask_handover
 from cdp.msa.job_records import read_domain_record, write_domain_record
@@ -458,7 +459,7 @@ async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str
     hosts, added = _place(cfg, reg, name, list(vms))
     drva = _least_loaded_drva(daemon)
     folder = f"test-{name}" if test else name  # rocva.__main__.failover_dir
-    vm_entries = [site_files.vm(vm, hosts[vm], [(d["name"], d["size"], f"{folder}/{vm}-{d['name']}.img")
+    vm_entries = [site_files.vm(vm, hosts[vm], [(d["name"], d["size"], f"{folder}/{image_file_name(vm, d['name'])}")
                                                 for d in vm_disks]) for vm, vm_disks in vms.items()]
     workload = dict(cfg.hypervisor.recovered_workload)
     # Seeded by the point (its committed seq when the failover began): the protected
