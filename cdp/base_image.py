@@ -11,9 +11,11 @@ table (``chunk_head_bytes``, ``decode_chunk_head``) and then only the sub-blocks
 cover them (``ChunkTable.span``, ``ChunkTable.decode``); ``decode_chunk`` reads a whole
 object of either version.
 
-This module is the codec only: ``encode_chunk``/``decode_chunk``,
+This module is the codec: ``encode_chunk``/``decode_chunk``,
 ``encode_manifest``/``decode_manifest`` and ``is_zero``. Every check follows the rule of
 §0: a checksum is verified right after the bytes are read, before a field is trusted.
+It also holds ``put_manifest``, the one way a manifest enters the store: created, never
+written over another (seeding and consolidation both use it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import lz4.block
 import numpy as np
 import xxhash
 
-from cdp.errors import ChecksumMismatch, FormatError, TruncatedError
+from cdp.errors import AlreadyExists, ChecksumMismatch, FormatError, NotFound, TruncatedError
 from cdp.layout import parse_base_manifest_key
 from cdp.segment import _lz4_decompress_safe
 from cdp.store.base import ObjectStore
@@ -495,3 +497,34 @@ def decode_manifest(key: str, data: bytes | bytearray | memoryview) -> Manifest:
     hashes = np.frombuffer(table, dtype=np.uint8).reshape(count, HASH_BYTES).copy()
     hashes.flags.writeable = False
     return Manifest(key, domain, disk, seq, disk_size, chunk_size, hashes)
+
+
+#: A manifest deleted between a lost create and the read of what was found there is
+#: created again at most this many times (only a retention sweep deletes manifests).
+PUT_MANIFEST_ATTEMPTS_MAX = 3
+
+
+async def put_manifest(store: ObjectStore, key: str, data: bytes) -> bool:
+    """Create the manifest ``data`` under ``key``; a manifest is never overwritten
+    (FORMAT.md §6.2, §7). True when this call created it; False when the very same bytes
+    were there already (an earlier attempt whose reply was lost, a rerun). Another
+    manifest under the key (the base of another writer at that seq) is left as it is:
+    ``AlreadyExists`` naming the key. Why: a seed put at the key of a consolidation base
+    at its ``start_seq`` replaced that base's content with its fuzzy copy before the
+    catalog changed, and a recovery at that seq returned wrong bytes, every checksum
+    passing."""
+    for _ in range(PUT_MANIFEST_ATTEMPTS_MAX):
+        try:
+            await store.put(key, data, if_absent=True)
+            return True
+        except AlreadyExists:
+            pass
+        try:
+            found = await store.get(key)
+        except NotFound:
+            continue  # gone again (a sweep): create it
+        if bytes(found) == bytes(data):
+            return False
+        raise AlreadyExists(f"base manifest {key} already exists in {store.describe()} with other content (another "
+                            f"writer's base of that disk at that seq): a manifest is never overwritten")
+    raise AlreadyExists(f"base manifest {key}: created and deleted again {PUT_MANIFEST_ATTEMPTS_MAX} times in a row")

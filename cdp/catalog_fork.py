@@ -30,11 +30,15 @@ FORK_ATTEMPTS_MAX = 8
 
 async def fork_body(view: CatalogView, fork_seq: int, new_id: int, owner: str, created_ns: int) -> dict:
     """The ``add_timeline`` value for timeline ``new_id`` forked from ``view``'s timeline
-    at ``fork_seq`` (§8.5). ValueError when the parent does not hold ``fork_seq``."""
+    at ``fork_seq`` (§8.5). ``FailoverRefused`` when the parent does not hold ``fork_seq``
+    (a retention moved its horizon past the point after the caller chose it)."""
     parent = view.tl
     if not parent.horizon_seq <= fork_seq <= parent.committed_seq:
-        raise ValueError(f"timeline {parent.id} holds seqs {parent.horizon_seq}..{parent.committed_seq}, "
-                         f"not {fork_seq}")
+        why = (f"retention moved its horizon to seq {parent.horizon_seq} since the point was chosen: the point "
+               f"is outside retention now" if fork_seq < parent.horizon_seq else "the point is not committed")
+        raise FailoverRefused(f"domain {view.domain_id}: timeline {parent.id} holds seqs {parent.horizon_seq}.."
+                              f"{parent.committed_seq}, not {fork_seq} ({why}); nothing was forked: choose a "
+                              f"point at or after seq {parent.horizon_seq} (`cdp points`)")
     f = np.uint64(fork_seq)
     refs = parent.refs[parent.refs["last_seq"] <= f]
     straddle = parent.refs[(parent.refs["first_seq"] <= f) & (parent.refs["last_seq"] > f)]

@@ -90,7 +90,11 @@ def check_base(b: Any, what: str, domain: int, where: str) -> dict:
     timeline = check_int(b["timeline"], f"{what}.timeline", where, U32_MAX)
     seq = check_int(b["seq"], f"{what}.seq", where)
     disk = check_int(b["disk"], f"{what}.disk", where, U32_MAX)
-    if timeline < 1 or b["key"] != base_manifest_key(domain, timeline, seq, disk):
+    # A seed's base has a key of its own (§6.2); one an older DRVA committed has the plain one.
+    keys = {base_manifest_key(domain, timeline, seq, disk)} if timeline >= 1 else set()
+    if timeline >= 1 and b["origin"] == "seed":
+        keys.add(base_manifest_key(domain, timeline, seq, disk, seed=True))
+    if b["key"] not in keys:
         raise FormatError(f"{where}: {what}.key {b['key']!r} is not the key of timeline {timeline}, "
                           f"seq {seq}, disk {disk}")
     if b["origin"] not in BASE_ORIGINS:

@@ -6,6 +6,7 @@
     d/<domain:08x>/page/<first:016x>-<last:016x>-<level:02x>-<h:016x>.pg   catalog page (§8.4)
     d/<domain:08x>/seg/<timeline:08x>/<first_seq:016x>-<last_seq:016x>.seg segment (§5)
     d/<domain:08x>/base/<timeline:08x>/<seq:016x>/<disk:08x>.bmf          base manifest (§6.2)
+    d/<domain:08x>/base/<timeline:08x>/<seq:016x>/<disk:08x>.seed.bmf     a seed's (§6.2)
     c/<h[0:2]>/<h:032x>.chk                                                chunk (§6.1), all domains
 
 Numbers are fixed-width lower-case hex, so a plain listing (byte order) returns objects
@@ -33,7 +34,7 @@ HASH_BYTES = 16  # §0: xxh3_128 is stored as 16 bytes
 _SEGMENT = re.compile(r"d/([0-9a-f]{8})/seg/([0-9a-f]{8})/([0-9a-f]{16})-([0-9a-f]{16})\.seg")
 _CATALOG = re.compile(r"d/([0-9a-f]{8})/cat/([0-9a-f]{16})\.cat")
 _PAGE = re.compile(r"d/([0-9a-f]{8})/page/([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{2})-([0-9a-f]{16})\.pg")
-_MANIFEST = re.compile(r"d/([0-9a-f]{8})/base/([0-9a-f]{8})/([0-9a-f]{16})/([0-9a-f]{8})\.bmf")
+_MANIFEST = re.compile(r"d/([0-9a-f]{8})/base/([0-9a-f]{8})/([0-9a-f]{16})/([0-9a-f]{8})(?:\.seed)?\.bmf")
 _CHUNK = re.compile(r"c/([0-9a-f]{2})/([0-9a-f]{32})\.chk")
 
 
@@ -134,12 +135,15 @@ def parse_catalog_key(key: str) -> tuple[int, int]:
     return domain, generation
 
 
-def base_manifest_key(domain: int, timeline: int, seq: int, disk: int) -> str:
-    """Key of the base manifest of ``disk`` at ``seq`` on ``timeline``."""
+def base_manifest_key(domain: int, timeline: int, seq: int, disk: int, *, seed: bool = False) -> str:
+    """Key of the base manifest of ``disk`` at ``seq`` on ``timeline``; ``seed``: a seed's,
+    which never shares a key with a consolidation's base at the same seq (the seed takes
+    that base's place in the catalog, and a reader that planned on the older one still
+    finds it whole)."""
     _u(timeline, U32_MAX, "timeline")
     _u(seq, U64_MAX, "seq")
     _u(disk, U32_MAX, "disk")
-    return f"{base_prefix(domain)}{timeline:08x}/{seq:016x}/{disk:08x}.bmf"
+    return f"{base_prefix(domain)}{timeline:08x}/{seq:016x}/{disk:08x}{'.seed' if seed else ''}.bmf"
 
 
 def parse_base_manifest_key(key: str) -> tuple[int, int, int, int]:

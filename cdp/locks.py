@@ -173,6 +173,7 @@ class Lease:
         #: object (None where a backend cannot tell: renewals are then unconditional).
         self.etag: str | None = None
         self.lost: str | None = None
+        self._lost_event = asyncio.Event()  # set with ``lost``: ``wait_lost``
         self._task: asyncio.Task | None = None
 
     def _object(self) -> tuple[bytes, int]:
@@ -194,9 +195,23 @@ class Lease:
     def check(self) -> None:
         """Raise ``LeaseLost`` unless this lease is certainly still held."""
         if self.lost is None and time.time_ns() > self.expires_ns - int(self.ttl_s / 3 * 1e9):
-            self.lost = f"not renewed since {self.ttl_s * 2 / 3:.0f} s before its expiry"
+            self._lose(f"not renewed since {self.ttl_s * 2 / 3:.0f} s before its expiry")
         if self.lost is not None:
             raise LeaseLost(f"lock {self.key} lost: {self.lost}")
+
+    async def wait_lost(self) -> str:
+        """Return (why) once this lease is lost. A holder that must not go on without one
+        (a mount serving for days) takes a new one then, and checks what it relies on."""
+        await self._lost_event.wait()
+        assert self.lost is not None
+        return self.lost
+
+    def _lose(self, reason: str) -> None:
+        """The lease is lost (the first reason stays): logged, and ``wait_lost`` returns."""
+        if self.lost is None:
+            self.lost = reason
+            log.error("lock_lost", key=self.key, reason=reason)
+        self._lost_event.set()
 
     async def _renew_loop(self) -> None:
         delay = self.ttl_s / 3
@@ -207,15 +222,13 @@ class Lease:
                 # others may already have taken the lock or acted on its expiry. Renewing
                 # now would bring it back to life under them; the lease is lost instead,
                 # and check() says so at the holder's next step.
-                self.lost = self.lost or f"not renewed in time: paused {self._late_s():.1f} s past its window"
-                log.error("lock_lost", key=self.key, reason=self.lost)
+                self._lose(f"not renewed in time: paused {self._late_s():.1f} s past its window")
                 return
             try:
                 if self.exclusive_prefix is not None:
                     newer = [i.key async for i in self.store.list(self.exclusive_prefix) if i.key > self.key]
                     if newer:
-                        self.lost = f"superseded by {newer[-1]}"
-                        log.error("lock_lost", key=self.key, reason=self.lost)
+                        self._lose(f"superseded by {newer[-1]}")
                         return
                 # The expiry is fixed before the put: a put delayed past it writes a lock
                 # that is already expired for everyone, and for this holder too.
@@ -229,8 +242,7 @@ class Lease:
                 self.expires_ns = expires
                 delay = self.ttl_s / 3
             except PreconditionFailed as exc:
-                self.lost = f"deleted or replaced by another process ({exc.message})"
-                log.error("lock_lost", key=self.key, reason=self.lost)
+                self._lose(f"deleted or replaced by another process ({exc.message})")
                 return
             except StoreError as exc:  # retried soon; check() tells when it is too late
                 log.warning("lock_renew_failed", key=self.key, error=exc.message)

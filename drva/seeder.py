@@ -36,7 +36,13 @@ Chunks are content-addressed (FORMAT.md §6.1): an all-zero chunk is never sent 
 stored, a chunk already in the store (or seen by this job) is not uploaded again. A job
 relies on chunks it saw in the store only under its chunk-writer lease (FORMAT.md §11.4),
 held from its first upload until its manifest is in the store, so that no chunk sweep
-can delete one between the look and the manifest that names it.
+can delete one between the look and the manifest that names it. A lease lost before the
+manifest landed is replaced, and every chunk the manifest names looked at again before
+the base is committed (``_chunks_gone``). The manifest has a key of its own
+(``….seed.bmf``: a consolidation's base at ``start_seq``, which the seed replaces in the
+catalog, stays whole for the readers that planned on it), and is created, never written
+over another (``cdp.base_image.put_manifest``): one already under its key with other
+content (an earlier seed at this ``start_seq``) refuses the seed (``ERROR bad_seed``).
 Uploads run with bounded concurrency; when they lag, the session stops reading, which
 slows the filter down.
 """
@@ -51,8 +57,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from cdp import wire
-from cdp.base_image import chunk_namer_of, encode_chunk, encode_manifest, is_zero
-from cdp.errors import NotFound, StoreError
+from cdp.base_image import chunk_namer_of, encode_chunk, encode_manifest, is_zero, put_manifest
+from cdp.errors import AlreadyExists, LeaseLost, NotFound, StoreError
+from cdp.gather import gather_bounded
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import Lease, chunk_writer_lease
 from cdp.logs import get_logger
@@ -78,6 +85,7 @@ SEED_IDLE_S = 300.0
 # filter captured during the copy, sent behind it); then the seed is refused.
 SEED_END_WAIT_S = 600.0
 SEQ_MAX = (1 << 64) - 1  # FORMAT.md §1: seqs are u64
+CHECK_BATCH_MAX = 1024  # chunks looked at per batch after a lost lease (``_chunks_gone``)
 
 
 @dataclass(eq=False)
@@ -460,18 +468,25 @@ class Seeder:
             await asyncio.sleep(CATALOG_POLL_S)
         state = self.drva.shipper.writers[dom.id].state
         timeline = state.current
-        key = base_manifest_key(dom.id, timeline, job.start_seq, disk)
+        key = base_manifest_key(dom.id, timeline, job.start_seq, disk, seed=True)
         base = {"timeline": timeline, "seq": job.start_seq, "disk": disk, "key": key, "origin": "seed"}
         why = _behind_horizon(state.timeline(), job, end, base)
         if why is not None:  # and again in the delta, on the catalog it is committed to
             return await self._refuse_base(session, dom, job, why)
         data = encode_manifest(dom.id, disk, job.start_seq, job.disk_size, job.chunk_size, job.hashes)
+        store = self.drva.shipper.store_of(dom.id)
         try:
-            if job.lease is not None:
-                job.lease.check()  # the chunks it names were seen under the lease (§11.4)
-            await self._put_retrying(self.drva.shipper.store_of(dom.id), key, data)
+            try:
+                await self._put_retrying(store, key, data)
+            except AlreadyExists as exc:  # an earlier seed's at this seq, of other content: never written over
+                return await self._refuse_base(session, dom, job, (
+                    f"the seed's base (SEED_BEGIN.start_seq {job.start_seq}) of domain {dom.id} disk {disk} cannot be "
+                    f"stored: {exc.message}; seed again once the domain has a write after seq {job.start_seq}"))
+            why = await self._chunks_gone(job, store, key)  # the chunks it names were seen under the lease (§11.4)
         finally:
             await self._drop_lease(job)
+        if why is not None:
+            return await self._refuse_base(session, dom, job, why)
         # Every chunk was read before SEED_END, after record ``end`` at the latest:
         # replaying (start, end] over the copy is exact at ``end``, not before.
         closed = ({"kind": "seeding", "first_seq": job.start_seq + 1, "last_seq": end - 1}
@@ -530,16 +545,69 @@ class Seeder:
         return False
 
     async def _put_retrying(self, store: ObjectStore, key: str, data: bytes) -> None:
+        """Create the manifest (``put_manifest``: never over another one), retrying a store
+        that fails; ``AlreadyExists`` (another manifest is there) is not retried."""
         attempt = 0
         while True:
             try:
-                await store.put(key, data)
+                await put_manifest(store, key, data)
                 return
+            except AlreadyExists:
+                raise
             except StoreError as exc:
                 attempt += 1
                 log.warning("seed_upload_failed", key=key, attempt=attempt, error=exc.message)
                 await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
 
+    async def _chunks_gone(self, job: SeedJob, store: ObjectStore, key: str) -> str | None:
+        """Why the chunks the manifest ``key`` names (just put) cannot be relied on, or None.
+
+        A chunk seen in the store counts only under the chunk-writer lease, held until the
+        manifest naming it is in the store (FORMAT.md §11.4). A lease lost before that (a
+        stall, a store outage longer than its window) let a chunk sweep on another host
+        delete chunks of this seed that no manifest named yet. Then a new lease is taken
+        (it waits while a sweep runs; a sweep that starts later reads this manifest) and
+        every chunk the manifest names is looked at. The seed keeps no chunk's bytes: one
+        chunk gone refuses it, before anything names the manifest."""
+        if job.lease is None:
+            return None  # nothing uploaded nor looked up: every chunk is zero
+        try:
+            job.lease.check()
+            return None
+        except LeaseLost as exc:
+            log.warning("seed_lease_lost", domain=job.domain, disk=job.disk, manifest=key, error=exc.message)
+        await self._drop_lease(job)
+        await self._hold_lease(job)
+        rows = np.unique(job.hashes, axis=0)
+        missing = await self._missing(store, [chunk_key(r.tobytes()) for r in rows if r.any()])
+        log.info("seed_chunks_checked", domain=job.domain, disk=job.disk, chunks=len(rows), missing=len(missing))
+        if not missing:
+            return None
+        return (f"chunk {missing[0]} ({len(missing)} in all) named by the seed's manifest {key} of domain {job.domain} "
+                f"disk {job.disk} was deleted by a chunk sweep while the seed's chunk-writer lease was lost: the "
+                f"seed is refused, nothing of it is committed; seed the disk again")
+
+    async def _missing(self, store: ObjectStore, keys: list[str]) -> list[str]:
+        """Those of ``keys`` the store does not hold (a store that fails is asked again)."""
+        missing: list[str] = []
+
+        async def one(key: str) -> None:
+            attempt = 0
+            while True:
+                try:
+                    await store.stat(key)
+                    return
+                except NotFound:
+                    missing.append(key)
+                    return
+                except StoreError as exc:
+                    attempt += 1
+                    log.warning("seed_check_failed", key=key, attempt=attempt, error=exc.message)
+                    await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
+
+        for at in range(0, len(keys), CHECK_BATCH_MAX):  # bounded: not one task per chunk of a large disk
+            await gather_bounded((one(k) for k in keys[at : at + CHECK_BATCH_MAX]), UPLOADS_MAX)
+        return sorted(missing)
 
 def _behind_horizon(timeline: Any, job: SeedJob, end: int, base: dict) -> str | None:
     """Why ``job``'s base (``base``) may not be committed on ``timeline``, or None: it

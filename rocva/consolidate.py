@@ -40,10 +40,11 @@ import numpy as np
 
 from cdp.base_image import (
     CHUNK_SIZE_DEFAULT, HASH_BYTES, Namer, chunk_hash, chunk_namer_of, encode_chunk, encode_manifest, is_zero,
+    put_manifest,
 )
 from cdp.catalog import CatalogWriter
 from cdp.catalog_read import CatalogView
-from cdp.errors import AlreadyExists, Busy, ConfigError, NotFound
+from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost, NotFound
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
@@ -213,8 +214,12 @@ async def build_bases(store: ObjectStore, state: CatalogView, seq: int, scratch:
                       chunk_size: int = CHUNK_SIZE_DEFAULT, concurrency: int = CONCURRENCY_DEFAULT,
                       progress: Progress | None = None, lease_ttl_s: float = TTL_DEFAULT_S,
                       skew_s: float = SKEW_DEFAULT_S) -> tuple[list[dict], dict]:
-    """Write a base (chunks + manifest) of every disk of ``state`` at ``seq`` (step 2);
-    return the catalog ``add_bases`` entries and the chunk statistics."""
+    """Write a base (chunks + manifest) at ``seq`` of every disk of ``state`` that has none
+    there yet (step 2); return the catalog ``add_bases`` entries and the chunk statistics.
+
+    A manifest is created, never written over another (``put_manifest``): a disk with a
+    base at ``seq`` keeps it, and a manifest of another writer found under the key stops
+    the job (``AlreadyExists``, nothing committed)."""
     plan = await build_plan(store, state, ResolvedTarget(seq, Target.seq(seq)), concurrency=concurrency)
     images = scratch / "images"
     total = sum(d.size for d in plan.disks)
@@ -228,19 +233,52 @@ async def build_bases(store: ObjectStore, state: CatalogView, seq: int, scratch:
         if progress:
             progress("chunk", done, total)
 
+    have = {b["disk"] for b in state.bases if b["seq"] == seq}
+    disks = [d for d in plan.disks if d.disk not in have]
     entries = []
+    owner = f"cdp consolidate domain {state.domain_id}"
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="consolidate") as pool:
-        async with await chunk_writer_lease(store, owner=f"cdp consolidate domain {state.domain_id}",
-                                            ttl_s=lease_ttl_s, skew_s=skew_s) as lease:
+        lease = await chunk_writer_lease(store, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s)
+        try:
             up = _ChunkUploader(store, lease, pool, concurrency)
-            for d in plan.disks:
+            for d in disks:
                 hashes = await up.image(images / d.image_name, d.size, chunk_size, chunked)
                 key = base_manifest_key(state.domain_id, state.timeline_id, seq, d.disk)
-                lease.check()  # the chunks it names were seen under this lease (§11.4)
-                await store.put(key, encode_manifest(state.domain_id, d.disk, seq, d.size, chunk_size, hashes))
+                await put_manifest(store, key, encode_manifest(state.domain_id, d.disk, seq, d.size, chunk_size,
+                                                               hashes))
                 entries.append({"timeline": state.timeline_id, "seq": seq, "disk": d.disk, "key": key,
                                 "origin": "consolidation"})
+            try:
+                lease.check()  # the chunks the manifests name were seen under this lease (§11.4)
+            except LeaseLost as exc:
+                lease = await _chunks_again(store, lease, exc, pool, concurrency, [
+                    (images / d.image_name, d.size) for d in disks], chunk_size, owner, lease_ttl_s, skew_s)
+        finally:
+            await lease.release()
     return entries, up.stats
+
+
+async def _chunks_again(store: ObjectStore, lost: Lease, exc: LeaseLost, pool: ThreadPoolExecutor, concurrency: int,
+                        images: list[tuple[Path, int]], chunk_size: int, owner: str, ttl_s: float,
+                        skew_s: float) -> Lease:
+    """The chunk-writer lease was lost before the manifests were in the store: a chunk
+    sweep on another host may have deleted chunks they name (FORMAT.md §11.4). Under a
+    new lease (it waits while a sweep runs; a sweep that starts later reads the
+    manifests), every chunk of the images is looked at again and the missing ones put
+    back from the images, before anything names the manifests. Returns the new lease."""
+    log.warning("consolidation_lease_lost", lease=lost.key, error=exc.message)
+    await lost.release()
+    lease = await chunk_writer_lease(store, owner=owner, ttl_s=ttl_s, skew_s=skew_s)
+    try:
+        up = _ChunkUploader(store, lease, pool, concurrency)
+        for path, size in images:
+            await up.image(path, size, chunk_size, lambda n: None)
+        lease.check()
+    except BaseException:
+        await lease.release()
+        raise
+    log.info("consolidation_chunks_checked", chunks=up.stats["chunks"], chunks_put_back=up.stats["chunks_stored"])
+    return lease
 
 
 # --------------------------------------------------------------------------- the job

@@ -61,6 +61,7 @@ from cdp.store.base import ObjectStore
 from rocva import delta
 from rocva.peer_extents import Peer, PeerUnavailable, copy_from_peer
 from rocva.plan import build_plan
+from rocva.recover import recovery_lease_held
 from rocva.target import Target, resolve_target
 
 log = get_logger("rocva.failback")
@@ -186,7 +187,21 @@ async def failback(store: ObjectStore, domain: int, target: Target | int | str, 
     """Bring ``disks`` to the current timeline at ``target`` and fork a timeline for
     ``site`` there (module docstring). Returns what was moved, per disk, and the fork.
     ``peer``: read the delta from the recovery site's quiesced disks (``source`` "peer"),
-    and from the store when it cannot serve them; else from the store."""
+    and from the store when it cannot serve them; else from the store.
+
+    Holds a recovery lease on the domain from before the catalog is read until the fork
+    is committed (FORMAT.md §11.3): a retention beside it deleted the segments its delta
+    and plan were reading, and it failed half way (``NotFound``)."""
+    async with recovery_lease_held(store, domain, f"cdp failback domain {domain} to {site}"):
+        return await _failback(store, domain, target, site=site, disks=disks, logs=logs, progress=progress,
+                               now_ns=now_ns, peer=peer)
+
+
+async def _failback(store: ObjectStore, domain: int, target: Target | int | str, *, site: str,
+                    disks: Sequence[LocalDisk], logs: Sequence[Path],
+                    progress: Callable[[int, int], None] | None, now_ns: int | None,
+                    peer: Peer | None) -> dict[str, Any]:
+    """``failback``'s work, under its lease."""
     t0 = time.monotonic()
     phases: dict[str, float] = {}  # seconds from the start to each step's end
     state, generation = await load_catalog(store, domain)

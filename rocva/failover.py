@@ -9,9 +9,10 @@ new filter numbers its writes from ``fork_seq + 1``.
 
 Order, and what a crash leaves (``failover.json`` in ``out_dir``, FORMAT.md §14.4):
 
-1. rehydrate: a resumable recovery (``rocva.recover``, under a recovery lease) of the
-   current timeline. A crash here leaves the catalog untouched and the protected site
-   unfenced; a rerun resumes the recovery.
+1. rehydrate: a resumable recovery (``rocva.recover``) of the current timeline (the
+   whole failover, from the catalog's first read to the fork, holds a recovery lease).
+   A crash here leaves the catalog untouched and the protected site unfenced; a rerun
+   resumes the recovery.
 2. ``phase: "rehydrated"`` is recorded with the parent timeline and the seq.
 3. fork. A crash between the fork and step 4 is recognised on rerun: the current
    timeline is owned by this site and forked from the recorded parent at the recorded
@@ -53,7 +54,7 @@ from cdp.store.base import ObjectStore
 from rocva.destination import OutputDir
 from rocva.errors import RecoveryError
 from rocva.plan import image_file_name
-from rocva.recover import Progress, recover
+from rocva.recover import Progress, recover, recovery_lease_held
 from rocva.recover_options import RecoverOptions
 from rocva.target import Target, resolve_target
 
@@ -190,8 +191,20 @@ async def failover(store: ObjectStore, domain: int, target: Target | int | str, 
                    now_ns: int | None = None) -> dict[str, Any]:
     """Fail ``domain`` over to ``site`` at ``target`` (module docstring). Returns the
     timeline the domain now continues on, its fork seq and parent, the recovered images
-    (``None`` on a rerun that found the failover done), and ``resumed``."""
-    out_dir = Path(out_dir)
+    (``None`` on a rerun that found the failover done), and ``resumed``.
+
+    Holds a recovery lease on the domain from before the catalog is read until the fork
+    is committed (FORMAT.md §11.3): nothing the rehydration reads is deleted meanwhile.
+    A retention may still move the horizon past the point before the fork: the fork is
+    then refused (``FailoverRefused`` naming the horizon), the images kept."""
+    async with recovery_lease_held(store, domain, f"cdp failover domain {domain} to {site}"):
+        return await _failover(store, domain, target, Path(out_dir), site=site, progress=progress,
+                               destination=destination, now_ns=now_ns)
+
+
+async def _failover(store: ObjectStore, domain: int, target: Target | int | str, out_dir: Path, *, site: str,
+                    progress: Progress | None, destination: Any, now_ns: int | None) -> dict[str, Any]:
+    """``failover``'s work, under its lease."""
     t0 = time.monotonic()
     state, generation = await load_catalog(store, domain)
     if state is None:
@@ -299,34 +312,28 @@ async def _rehydrate(store: ObjectStore, domain: int, target: Any, out_dir: Path
     """The disks at ``target`` in ``out_dir``: from a standby there (continuous
     rehydration, ``rocva.standby``) by applying its tail when it can, else a recovery."""
     from rocva.destination import for_store, open_output_dir
-    from rocva.recover import take_recovery_lease
     from rocva.standby import STATE_NAME as STANDBY_NAME
     from rocva.standby import StandbyUnusable, bring_to, discard
     from rocva.target import Target
 
-    if (out_dir / STANDBY_NAME).is_file():
-        lease = await take_recovery_lease(store, domain)
+    if (out_dir / STANDBY_NAME).is_file():  # under the failover's recovery lease
+        out = open_output_dir(out_dir, for_store(store, destination))
         try:
-            out = open_output_dir(out_dir, for_store(store, destination))
             try:
-                try:
-                    warm = await bring_to(store, domain, out, Target.parse(target), timeline=timeline, now_ns=now_ns)
-                    out.unlink(STANDBY_NAME)  # the images are the failover's now
-                    out.fsync()
-                    log.info("failover_warm", domain=domain, seq=warm["seq"], from_seq=warm["from_seq"],
-                             bytes=warm["bytes_written"], seconds=warm["seconds"])
-                    images = await _images(store, domain, out_dir)
-                    return {"seq": warm["seq"], "bytes_written": warm["bytes_written"], "seconds": warm["seconds"],
-                            "images": images, "warm": True, "standby_seq": warm["from_seq"]}
-                except StandbyUnusable as why:
-                    log.info("failover_standby_unusable", domain=domain, reason=str(why))
-                    await asyncio.to_thread(discard, out, [Path(i["path"]).name
-                                                           for i in await _images(store, domain, out_dir)])
-            finally:
-                out.close()
+                warm = await bring_to(store, domain, out, Target.parse(target), timeline=timeline, now_ns=now_ns)
+                out.unlink(STANDBY_NAME)  # the images are the failover's now
+                out.fsync()
+                log.info("failover_warm", domain=domain, seq=warm["seq"], from_seq=warm["from_seq"],
+                         bytes=warm["bytes_written"], seconds=warm["seconds"])
+                images = await _images(store, domain, out_dir)
+                return {"seq": warm["seq"], "bytes_written": warm["bytes_written"], "seconds": warm["seconds"],
+                        "images": images, "warm": True, "standby_seq": warm["from_seq"]}
+            except StandbyUnusable as why:
+                log.info("failover_standby_unusable", domain=domain, reason=str(why))
+                await asyncio.to_thread(discard, out, [Path(i["path"]).name
+                                                       for i in await _images(store, domain, out_dir)])
         finally:
-            if lease is not None:
-                await lease.release()
+            out.close()
     recovered = await recover(store, domain, RecoverOptions(target, out_dir, timeline=timeline), progress=progress,
                               destination=destination, now_ns=now_ns)
     return {**recovered, "warm": False}

@@ -50,7 +50,7 @@ from rocva.destination import OutputDir, for_store, open_output_dir, resolve_des
 from rocva.errors import RecoveryError
 from rocva.fetch import pool_workers
 from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCache
-from rocva.mount_source import PlanSource
+from rocva.mount_source import PlanSource, PointGuard
 from rocva.overlay import Overlay, OverlayIdentity
 from rocva.plan import CONCURRENCY_DEFAULT, DiskPlan, RecoveryPlan, plan_recovery
 from rocva.recover import CountingStore, execute_plan, take_recovery_lease
@@ -262,23 +262,33 @@ class Mount:
         self.overlay_bytes_applied = 0
         self._images: list[ImageSource] = []
         self._rehydrate_dir: OutputDir | None = None  # open from the start of the rehydration until close
-        self.lease: Lease | None = None  # the recovery lease (None: a store we may only read)
+        self.guard: PointGuard | None = None  # keeps the recovery lease; None: a store we may only read
+
+    @property
+    def lease(self) -> Lease | None:
+        """The recovery lease held now (None: a store we may only read)."""
+        return self.guard.lease if self.guard is not None else None
 
     @classmethod
     async def open(cls, store: ObjectStore, options: MountOptions) -> Mount:
         if options.rehydrate_to is not None:
             _check_rehydrate_to(store, options.rehydrate_to)
-        # A mount is a recovery that may last for days: the same lease keeps retention
-        # from deleting the objects its reads and its rehydration need, and is taken
-        # before the catalog is read (FORMAT.md §11.3).
-        lease = await take_recovery_lease(store, options.domain, owner=f"cdp mount domain {options.domain}")
+        # A mount is a recovery that may last for days: its lease keeps retention from
+        # deleting the objects its reads and its rehydration need, is taken before the
+        # catalog is read (FORMAT.md §11.3), and taken again if lost (``PointGuard``).
+        owner = f"cdp mount domain {options.domain}"
+        lease = await take_recovery_lease(store, options.domain, owner=owner)
         try:
             mount = await cls._open(store, options)
         except BaseException:
             if lease is not None:
                 await lease.release()
             raise
-        mount.lease = lease
+        if lease is not None:
+            mount.guard = PointGuard(store, mount.plan, lease, owner)
+            for disk in mount.disks.values():
+                disk.lower.guard = mount.guard
+            mount.guard.start()
         return mount
 
     @classmethod
@@ -426,8 +436,8 @@ class Mount:
                 self.overlay_dir.close(self.options.keep_overlay or kept)
             await self.cache.close()
             self.executor.shutdown(wait=True)
-            if self.lease is not None:
-                await self.lease.release()
+            if self.guard is not None:
+                await self.guard.close()
         return self.summary()
 
     async def _finish(self) -> None:
@@ -494,6 +504,8 @@ class Mount:
             "rehydrate_done_bytes": done, "rehydrate_total_bytes": total,
             "rehydrate_bytes_fetched": self.rehydrate_store.bytes if self.rehydrate_store else 0,
             "overlay_bytes_applied": self.overlay_bytes_applied,
+            "leases_retaken": self.guard.leases_retaken if self.guard else 0,
+            "point_lost": self.guard.lost if self.guard else None,
             "overlay": (str(self.overlay_dir.path) if self.overlay_dir and (not self.overlay_dir.temporary
                                                                             or self.options.keep_overlay) else None),
         }

@@ -40,7 +40,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +64,7 @@ from rocva.resume import (
 log = get_logger("rocva.recover")
 
 __all__ = ["LOCK_NAME", "PARTIAL_SUFFIX", "STATE_NAME", "STATE_SAVE_INTERVAL_S", "STATE_VERSION", "execute_plan",
-           "recover"]
+           "recover", "recovery_lease_held", "take_recovery_lease"]
 
 LOCK_NAME = ".recover.lock"
 SHA256_READ_BYTES = 8 << 20
@@ -494,16 +494,12 @@ async def recover(store: ObjectStore, domain: int, options: RecoverOptions, *,
     out_dir = options.out_dir
     resolve_destination(out_dir, for_store(store, destination))  # refuse early; checked again when opened
     counting = CountingStore(store)
-    lease = await take_recovery_lease(store, domain)  # before the catalog is read (FORMAT.md §11.3)
-    try:
+    async with recovery_lease_held(store, domain):  # before the catalog is read (FORMAT.md §11.3)
         plan = await plan_recovery(counting, domain, options.target, timeline=options.timeline,
                                    concurrency=options.concurrency, now_ns=now_ns)
         return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=options.concurrency,
                                   checksum=options.checksum, run_bytes_max=run_bytes_max,
                                   base_batch_chunks=base_batch_chunks, destination=for_store(store, destination))
-    finally:
-        if lease is not None:
-            await lease.release()
 
 
 async def take_recovery_lease(store: ObjectStore, domain: int, owner: str | None = None) -> Lease | None:
@@ -516,3 +512,18 @@ async def take_recovery_lease(store: ObjectStore, domain: int, owner: str | None
     except (PermissionDenied, NotFound) as exc:
         log.warning("recovery_without_lease", domain=domain, error=exc.message)
         return None
+
+
+@contextlib.asynccontextmanager
+async def recovery_lease_held(store: ObjectStore, domain: int, owner: str | None = None
+                              ) -> AsyncIterator[Lease | None]:
+    """Hold a recovery lease on ``domain`` (``take_recovery_lease``) for the block: every
+    reader of a domain's objects (recover, verify, failover, failback) enters it *before*
+    it loads the catalog and leaves it once it read the last of them (FORMAT.md §11.3),
+    however the block ends. Yields the lease (None: the credentials cannot write one)."""
+    lease = await take_recovery_lease(store, domain, owner)
+    try:
+        yield lease
+    finally:
+        if lease is not None:
+            await lease.release()

@@ -23,7 +23,6 @@ Every apply holds the domain's recovery lease, so retention deletes nothing it r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -209,11 +208,10 @@ async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
     consistent point of the current timeline — the tail applied, or built cold when
     there is none or it cannot be used. Holds the recovery lease throughout. The record
     of a failover that did not fork there is removed first (``_release_failover_claim``)."""
-    from rocva.recover import recover, take_recovery_lease
+    from rocva.recover import recover, recovery_lease_held
     from rocva.recover_options import RecoverOptions
 
-    lease = await take_recovery_lease(store, domain)
-    try:
+    async with recovery_lease_held(store, domain):
         out = open_output_dir(out_dir, for_store(store, destination))
         try:
             view = await load_state(store, domain)
@@ -244,7 +242,3 @@ async def keep_warm(store: ObjectStore, domain: int, out_dir: Path, *,
         return {"seq": result["seq"], "from_seq": None, "timeline": result["plan"]["timeline"],
                 "bytes_written": result["bytes_written"], "seconds": result["seconds"], "cold": True,
                 "reason": reason}
-    finally:
-        if lease is not None:
-            with contextlib.suppress(Exception):
-                await lease.release()

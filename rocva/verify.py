@@ -15,6 +15,10 @@ the first one, so one run tells an operator everything that is wrong:
   and every manifest; ``deep`` reads every byte — whole segments, every chunk — and
   checks every block and chunk sum; ``sample`` deep-checks a random share of segments.
 
+It holds a recovery lease on the domain throughout, taken before the catalog is read
+(FORMAT.md §11.3), so that a retention beside it deletes nothing the catalog it checks
+names.
+
 Objects under the domain's prefix that the catalog does not name are listed as
 ``unreferenced`` (uploads whose catalog commit never happened); they are not errors —
 unless they lie past the current timeline's ``committed_seq`` and are no upload in
@@ -43,6 +47,7 @@ from cdp.segment import decode_segment, read_segment_index
 from cdp.store.base import ObjectStore
 from cdp.sorted_find import find_keys
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
+from rocva.recover import recovery_lease_held
 from rocva.target import mark_payload, mark_problem
 
 CONCURRENCY = 8
@@ -67,6 +72,18 @@ async def verify(store: ObjectStore, domain: int, *, deep: bool = False, sample:
     "OK" for a check that never ran)."""
     if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 <= sample <= 1:
         raise ConfigError(f"sample: expected a share of segments in 0..1, got {sample!r}")
+    # Under a recovery lease taken before the catalog is read, as a recovery (FORMAT.md
+    # §11.3): a retention beside it deleted what the catalog it loaded names, and a
+    # healthy store was reported damaged ("missing ... a gap in the recovery history").
+    async with recovery_lease_held(store, domain, f"cdp verify domain {domain}"):
+        return await _verify(store, domain, deep=deep, sample=sample, seed=seed, progress=progress,
+                             timeline=timeline, seen=seen)
+
+
+async def _verify(store: ObjectStore, domain: int, *, deep: bool, sample: float, seed: int | None,
+                  progress: Callable[[int, int], None] | None, timeline: int | None,
+                  seen: tuple[SeenCommit, ...]) -> dict[str, Any]:
+    """``verify``'s work, under its lease."""
     t0 = time.monotonic()
     report = _Report()
     try:

@@ -42,11 +42,24 @@ def test_catalog_key_round_trip(domain, generation) -> None:
     assert key.startswith(catalog_prefix(domain)) and is_valid_key(key)
 
 
-@given(u32, u32, u64, u32)
-def test_base_manifest_key_round_trip(domain, timeline, seq, disk) -> None:
-    key = base_manifest_key(domain, timeline, seq, disk)
+@given(u32, u32, u64, u32, st.booleans())
+def test_base_manifest_key_round_trip(domain, timeline, seq, disk, seed) -> None:
+    key = base_manifest_key(domain, timeline, seq, disk, seed=seed)
     assert parse_base_manifest_key(key) == (domain, timeline, seq, disk)
     assert key.startswith(base_prefix(domain)) and is_valid_key(key)
+    # A seed's manifest never shares a key with a consolidation's base at the same seq.
+    assert (key == base_manifest_key(domain, timeline, seq, disk)) is not seed
+
+
+def test_a_base_key_is_checked_against_its_origin() -> None:
+    from cdp.catalog_json import check_base
+
+    plain, seeded = base_manifest_key(7, 1, 40, 0), base_manifest_key(7, 1, 40, 0, seed=True)
+    base = {"timeline": 1, "seq": 40, "disk": 0}
+    assert check_base({**base, "key": seeded, "origin": "seed"}, "b", 7, "here")["key"] == seeded
+    assert check_base({**base, "key": plain, "origin": "seed"}, "b", 7, "here")["key"] == plain  # an older DRVA's
+    with pytest.raises(FormatError, match="is not the key of timeline 1, seq 40, disk 0"):
+        check_base({**base, "key": seeded, "origin": "consolidation"}, "b", 7, "here")
 
 
 @given(st.binary(min_size=16, max_size=16))
