@@ -8,10 +8,13 @@ and raises or clears alarms. One alarm per (kind, subject) at a time:
 kind           severity  subject  raised while
 =============  ========  =======  ==========================================================
 drva_down      critical  DRVA     it is restarting after an exit, has not come up within
-                                  ``start_grace_s``, or its status.json is older than ``stale_s``
+                                  ``start_grace_s``, its status.json has not changed for
+                                  ``stale_s`` (the MSA's clock), or its status.json cannot be
+                                  used (no JSON, or a field mistyped: the message names it)
 fenced         critical  domain   the DRVA stopped shipping it (another writer owns its catalog,
                                   or the catalog is unusable)
-rpo_lag        major     domain   its RPO lag is above the policy's ``rpo_target_s``
+rpo_lag        major     domain   its RPO lag is above the policy's ``rpo_target_s``, or unknown
+                                  (absent, or not a finite number of seconds ≥ 0)
 bitmap_mode    major     domain   its filter fell back to a dirty-region bitmap
 backpressure   major     DRVA     back-pressure held longer than ``alarms.backpressure_s``
 store_errors   warning   domain   its upload/catalog error counters rose, or a new last_error
@@ -20,22 +23,26 @@ log_usage      warning   DRVA     its log partition is fuller than ``alarms.log_
 =============  ========  =======  ==========================================================
 
 While a DRVA is not up its domains cannot be judged: their alarms stay as they are
-(neither raised nor cleared), and ``drva_down`` says why. An active alarm's message is
-kept current (the lag it quotes); raising and clearing are logged once each. Cleared
-alarms are kept in a bounded history, newest last.
+(neither raised nor cleared), and ``drva_down`` says why. Each DRVA is judged on its
+own: should judging one fail (a bug), it is logged, that DRVA gets a ``drva_down`` saying
+so and its domains stay as they are, and every other DRVA is judged as ever. An active
+alarm's message is kept current (the lag it quotes); raising and clearing are logged once
+each. Cleared alarms are kept in a bounded history, newest last.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from cdp.logs import get_logger
 from cdp.msa.config import Alarms, Policy
-from cdp.msa.keeper import exit_text
+from cdp.msa.keeper import ERROR_TEXT_MAX, exit_text
+from cdp.msa.status_doc import COUNT_MAX, domains_of, shown
 from cdp.msa.supervisor import DrvaView
 
 log = get_logger("cdp.msa.alarms")
@@ -82,6 +89,7 @@ class AlarmEvaluator:
         # (DRVA, domain) -> (pid, error count, last_error) seen last time; a new pid restarts the counters
         self._errors_seen: dict[tuple[str, str], tuple[int, int, str | None]] = {}
         self._error_at_ns: dict[str, tuple[int, str]] = {}  # domain -> (when, what) of its newest error
+        self._failing: dict[str, str] = {}  # DRVA -> why judging it failed (logged when it changes)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -91,21 +99,18 @@ class AlarmEvaluator:
         conditions: dict[tuple[str, str], Condition] = {}
         unknown: set[str] = set()  # subjects that cannot be judged now (their DRVA is not up)
         for v in drvas:
-            down = self._drva_down(v)
-            if down is not None:
-                conditions[("drva_down", v.name)] = ("drva", down)
+            found: dict[tuple[str, str], Condition] = {}
+            try:
+                judged = self._judge(now_ns, v, policies, found)
+            except Exception as exc:  # a bug: this DRVA alone goes unjudged, and says so
+                judged = False
+                found = {("drva_down", v.name): ("drva", self._judging_failed(v, exc))}
+            else:
+                self._failing.pop(v.name, None)
+            conditions.update(found)
+            if not judged:
                 unknown.update(v.domains)
                 unknown.add(v.name)
-                continue
-            if v.status is None:
-                unknown.update(v.domains)
-                unknown.add(v.name)
-                continue
-            self._drva_conditions(now_ns, v, conditions)
-            for dom in v.status.get("domains", []):
-                policy = policies.get(dom.get("name"))
-                if policy is not None:
-                    self._domain_conditions(now_ns, v, dom, policy, conditions)
         raised, cleared = [], []
         for key, (subject_kind, message) in conditions.items():
             alarm = self.active.get(key)
@@ -125,23 +130,54 @@ class AlarmEvaluator:
             log.info("alarm_cleared", **alarm.to_dict())
         return raised, cleared
 
+    def _judge(self, now_ns: int, v: DrvaView, policies: Mapping[str, Policy],
+               out: dict[tuple[str, str], Condition]) -> bool:
+        """The conditions of DRVA ``v`` and its domains; False when they cannot be judged."""
+        down = self._drva_down(v)
+        if down is not None:
+            out[("drva_down", v.name)] = ("drva", down)
+            return False
+        if v.status is None:
+            return False
+        self._drva_conditions(now_ns, v, out)
+        for dom in domains_of(v.status):
+            policy = policies.get(dom["name"])
+            if policy is not None:
+                self._domain_conditions(now_ns, v, dom, policy, out)
+        return True
+
+    def _judging_failed(self, v: DrvaView, exc: Exception) -> str:
+        why = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]
+        if self._failing.get(v.name) != why:
+            self._failing[v.name] = why
+            log.error("alarm_evaluation_failed", drva=v.name, error=why, exc_info=True)
+        return f"DRVA {v.name} cannot be judged: evaluating its status failed ({why}); see the MSA's log"
+
     def _drva_down(self, v: DrvaView) -> str | None:
+        if v.state == "up" and v.status_problem is not None:
+            return f"DRVA {v.name} cannot be judged: its status.json {_said(v.status_problem)}"
         if v.state == "restarting":
             why = exit_text(v.last_exit) + (f" ({v.last_error})" if v.last_error else "")
             return (f"DRVA {v.name} is down: {why}; restart {v.restarts + 1} in "
                     f"{v.restart_in_s or 0:.1f} s")
         if v.state == "starting" and v.state_for_s > self.start_grace_s:
-            return f"DRVA {v.name} has not come up {v.state_for_s:.0f} s after it was started"
+            return (f"DRVA {v.name} has not come up {v.state_for_s:.0f} s after it was started"
+                    + (f" (its status.json {_said(v.status_problem)})" if v.status_problem else ""))
         if v.state == "up" and v.status_age_s is not None and v.status_age_s > self.stale_s:
-            return f"DRVA {v.name} is not reporting: its status is {v.status_age_s:.0f} s old (hung?)"
+            return f"DRVA {v.name} is not reporting: its status has not changed for {v.status_age_s:.0f} s (hung?)"
         return None
 
     def _drva_conditions(self, now_ns: int, v: DrvaView, out: dict[tuple[str, str], Condition]) -> None:
         st = v.status or {}
-        usage = (st.get("log") or {}).get("used_ratio")
-        if isinstance(usage, (int, float)) and usage * 100 > self.thresholds.log_usage_pct:
-            out[("log_usage", v.name)] = ("drva", f"DRVA {v.name}: log partition {usage * 100:.1f} % full "
-                                                  f"(alarm above {self.thresholds.log_usage_pct:g} %)")
+        log_doc = st.get("log")
+        if isinstance(log_doc, dict) and "used_ratio" in log_doc:
+            usage = _finite(log_doc["used_ratio"])
+            if usage is None or usage < 0:
+                out[("log_usage", v.name)] = ("drva", f"DRVA {v.name}: log partition usage unknown (its status "
+                                                      f"says {shown(log_doc['used_ratio'])})")
+            elif usage * 100 > self.thresholds.log_usage_pct:
+                out[("log_usage", v.name)] = ("drva", f"DRVA {v.name}: log partition {usage * 100:.1f} % full "
+                                                      f"(alarm above {self.thresholds.log_usage_pct:g} %)")
         if st.get("backpressure"):
             since = self._backpressure_since_ns.setdefault(v.name, now_ns)
             held_s = (now_ns - since) / 1e9
@@ -154,20 +190,24 @@ class AlarmEvaluator:
     def _domain_conditions(self, now_ns: int, v: DrvaView, dom: Mapping[str, Any], policy: Policy,
                            out: dict[tuple[str, str], Condition]) -> None:
         name = str(dom.get("name"))
+        last_error = _said(dom["last_error"]) if dom.get("last_error") else None
         if dom.get("fenced"):
             out[("fenced", name)] = ("domain", f"domain {name}: DRVA {v.name} stopped shipping it (fenced)"
-                                     + (f": {dom['last_error']}" if dom.get("last_error") else ""))
-        lag = dom.get("rpo_lag_s")
-        if isinstance(lag, (int, float)) and lag > policy.rpo_target_s:
+                                     + (f": {last_error}" if last_error else ""))
+        lag = _finite(dom.get("rpo_lag_s"))
+        if lag is None or lag < 0:  # a DRVA that cannot say its lag is not one that has none
+            out[("rpo_lag", name)] = ("domain", f"domain {name}: RPO lag unknown: DRVA {v.name} reports "
+                                                f"{shown(dom.get('rpo_lag_s'))} (expected seconds ≥ 0); its target "
+                                                f"is {policy.rpo_target_s:g} s")
+        elif lag > policy.rpo_target_s:
             out[("rpo_lag", name)] = ("domain", f"domain {name}: RPO lag {lag:.1f} s exceeds its target "
-                                                f"{policy.rpo_target_s:g} s ({dom.get('rpo_lag_bytes') or 0:,} "
-                                                f"bytes not in the store)")
+                                                f"{policy.rpo_target_s:g} s ({_bytes(dom.get('rpo_lag_bytes'))} "
+                                                f"not in the store)")
         if dom.get("bitmap_mode"):
             out[("bitmap_mode", name)] = ("domain", f"domain {name}: the filter fell back to a dirty-region bitmap "
-                                                    f"({dom.get('dirty_bytes') or 0:,} bytes dirty); no consistent "
+                                                    f"({_bytes(dom.get('dirty_bytes'))} dirty); no consistent "
                                                     f"point until its resync ends")
-        errors = int(dom.get("upload_errors") or 0) + int(dom.get("catalog_errors") or 0)
-        last_error = dom.get("last_error")
+        errors = _count(dom.get("upload_errors")) + _count(dom.get("catalog_errors"))
         pid = v.pid or 0
         seen = self._errors_seen.get((v.name, name))
         if seen is None or seen[0] != pid:
@@ -182,8 +222,8 @@ class AlarmEvaluator:
         recent = self._error_at_ns.get(name)
         if recent is not None and (now_ns - recent[0]) / 1e9 < self.store_error_quiet_s:
             out[("store_errors", name)] = (
-                "domain", f"domain {name}: store errors (upload {dom.get('upload_errors') or 0}, catalog "
-                          f"{dom.get('catalog_errors') or 0} since DRVA {v.name} started); last: {recent[1]}")
+                "domain", f"domain {name}: store errors (upload {_count(dom.get('upload_errors'))}, catalog "
+                          f"{_count(dom.get('catalog_errors'))} since DRVA {v.name} started); last: {recent[1]}")
 
     # ------------------------------------------------------------------ reading
 
@@ -206,3 +246,35 @@ class AlarmEvaluator:
             del self._errors_seen[k]
         for k in [k for k in self._error_at_ns if k not in keep]:
             del self._error_at_ns[k]
+        for k in [k for k in self._failing if k not in keep]:
+            del self._failing[k]
+
+
+def _finite(value: Any) -> float | None:
+    """A status field as a finite number, or None (absent, null, mistyped, NaN, infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _count(value: Any) -> int:
+    """A status counter, 0 when it is not one (``cdp.msa.status_doc`` lets none through)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
+        return value
+    return 0
+
+
+def _bytes(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
+        return f"{value:,} bytes"
+    return "unknown bytes" if value is not None else "0 bytes"
+
+
+def _said(text: Any) -> str:
+    """Another process's text in an alarm's message: a string, cut to ``ERROR_TEXT_MAX``."""
+    text = text if isinstance(text, str) else shown(text)
+    return text if len(text) <= ERROR_TEXT_MAX else text[:ERROR_TEXT_MAX] + "…"

@@ -51,7 +51,7 @@ from cdp.msa.api_input import (
     BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, policy_change, read_body, recover_options_from,
     shown, target_from, wants_wait,
 )
-from cdp.msa.http_limits import LimitedSite, quiet_parser_errors
+from cdp.msa.http_limits import LimitedSite, RefusalLog, quiet_parser_errors, request_fields
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
 from cdp.msa.runner import TooManyJobs, quiesce_claim, site_move
 from cdp.tomlread import NAME
@@ -63,6 +63,10 @@ log = get_logger("cdp.msa.api")
 
 MSA: web.AppKey[MsaDaemon] = web.AppKey("msa")
 REDACTIONS: web.AppKey[tuple[tuple[str, str], ...]] = web.AppKey("redactions")
+REFUSALS: web.AppKey[RefusalLog] = web.AppKey("refusals")
+#: Refused before any work (no token, no such route, a wrong method): logged one by one
+#: only up to a bound per minute (``http_limits.RefusalLog``), then counted.
+REFUSED_STATUSES = frozenset({401, 404, 405})
 PREFLIGHT_KINDS = ("system", "install", "uninstall")
 JOBS_LIST_MAX = 1000
 SHUTDOWN_TIMEOUT_S = 3.0  # open requests (a ?wait=1) get this long at shutdown
@@ -161,13 +165,18 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except CdpError as exc:
         response = error_response(_from_cdp_error(exc), places)
     except Exception as exc:  # a bug: logged with its traceback, answered without it
-        log.error("api_handler_failed", exc_info=True, method=request.method, path=request.path)
+        log.error("api_handler_failed", exc_info=True, **request_fields(request.method, request.path))
         response = error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"))
     # The path only: the token is in a header, and query strings carry no secret either.
     # Reads that succeed (scrapes, `cdp jobs --follow` polling) only at debug level.
-    quiet = request.method == "GET" and response.status < 400
-    (log.debug if quiet else log.info)("api_request", method=request.method, path=request.path,
-                                       status=response.status, ms=round((time.monotonic() - t0) * 1000, 1))
+    # A path is cut (it may be 8,190 bytes), and refusals are bounded: a client with no
+    # token once wrote ~32 MB/s of log lines from one connection.
+    fields = {**request_fields(request.method, request.path), "status": response.status,
+              "ms": round((time.monotonic() - t0) * 1000, 1)}
+    if request.method in ("GET", "HEAD") and response.status < 400:
+        log.debug("api_request", **fields)
+    elif response.status not in REFUSED_STATUSES or request.app[REFUSALS].admit(response.status):
+        log.info("api_request", **fields)
     return response
 
 
@@ -534,6 +543,7 @@ def make_app(daemon: MsaDaemon) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth], client_max_size=BODY_BYTES_MAX)
     app[MSA] = daemon
     app[REDACTIONS] = redactions(daemon)
+    app[REFUSALS] = RefusalLog()
     app[BODY_TIMEOUT_S] = daemon.api_limits.body_timeout_s
     for method, path, handler in ROUTES:
         if method == "GET":
@@ -556,7 +566,7 @@ async def start_api(daemon: MsaDaemon) -> web.AppRunner:
     try:
         tls = _tls_context(daemon.cfg)
         await LimitedSite(runner, listen.host, listen.port, limits.connections_max, ssl_context=tls,
-                          handshake_timeout_s=limits.header_timeout_s).start()
+                          **limits.site_options()).start()
     except ConfigError:
         await runner.cleanup()
         raise

@@ -50,6 +50,7 @@ from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
 from cdp.msa.runner import JobRunner, acting_claim, quiesce_claim
 from cdp.msa.standby import StandbyKeeper
+from cdp.msa.status_doc import COUNT_MAX, domains_of
 from cdp.msa.supervisor import STEP_INTERVAL_S, DrvaView, Supervisor
 from cdp.store.open import redact_url
 
@@ -80,11 +81,14 @@ class Throughput:
     def update(self, now: float, views: list[DrvaView]) -> None:
         seen = set()
         for v in views:
-            for dom in (v.status or {}).get("domains", []):
-                key = (v.name, str(dom.get("name")))
+            for dom in domains_of(v.status):
+                received, uploaded = _counter(dom.get("bytes_received")), _counter(dom.get("bytes_uploaded"))
+                if received is None or uploaded is None:
+                    continue  # no figure: no rate (the status check lets no such document through)
+                key = (v.name, dom["name"])
                 seen.add(key)
                 q = self.samples.setdefault(key, collections.deque(maxlen=RATE_SAMPLES))
-                sample = (now, v.pid, int(dom.get("bytes_received") or 0), int(dom.get("bytes_uploaded") or 0))
+                sample = (now, v.pid, received, uploaded)
                 if q and (q[-1][1] != sample[1] or sample[2] < q[-1][2] or sample[3] < q[-1][3]):
                     q.clear()  # the DRVA restarted: its counters started again
                 q.append(sample)
@@ -98,6 +102,15 @@ class Throughput:
         dt = q[-1][0] - q[0][0]
         return {"received_bytes_per_s": round((q[-1][2] - q[0][2]) / dt),
                 "uploaded_bytes_per_s": round((q[-1][3] - q[0][3]) / dt)}
+
+
+def _counter(value: Any) -> int | None:
+    """A DRVA's byte counter (absent: 0), or None when it is not one."""
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
+        return value
+    return None
 
 
 class MsaDaemon:
@@ -255,8 +268,8 @@ class MsaDaemon:
         """Who owns the domains a DRVA stopped shipping (fenced): a failover elsewhere shows
         in the status as such, not only as an alarm."""
         for v in self.supervisor.views():
-            for dom in (v.status or {}).get("domains", []):
-                name = str(dom.get("name"))
+            for dom in domains_of(v.status):
+                name = dom["name"]
                 if not dom.get("fenced") or name not in self.protection:
                     continue
                 if now - self._owner_checked.get(name, -OWNER_CHECK_EVERY_S) < OWNER_CHECK_EVERY_S:
@@ -265,11 +278,14 @@ class MsaDaemon:
                 await self.owner_elsewhere(name)
 
     def evaluate_alarms(self) -> None:
+        """Alarms first: what the charts keep (throughput, history) must never stand
+        between a DRVA and its ``drva_down`` (a mistyped counter once raised here first,
+        every second, and froze every alarm of the site)."""
         views = self.supervisor.views()
-        self.throughput.update(time.monotonic(), views)
-        self.history.record(time.time_ns(), views, self.protection, self.throughput)
         self.alarms.evaluate(time.time_ns(), views, self.protection)
         self.alarms.forget_subjects(set(self.protection) | {d.name for d in self.cfg.drvas})
+        self.throughput.update(time.monotonic(), views)
+        self.history.record(time.time_ns(), views, self.protection, self.throughput)
 
     async def _schedule_step(self) -> None:
         await self.consolidation_step(time.monotonic())
@@ -622,7 +638,7 @@ class MsaDaemon:
         for name, policy in self.protection.items():
             drva = self.cfg.drva_of(self.cfg.domain(name)).name
             v = views.get(drva)
-            dom = next((d for d in (v.status or {}).get("domains", []) if d.get("name") == name), None) if v else None
+            dom = next((d for d in domains_of(v.status) if d["name"] == name), None) if v else None
             domains.append({"name": name, "id": self.cfg.domain(name).id, "drva": drva, "policy": asdict(policy),
                             "status": dom, "throughput": self.throughput.rates(drva, name),
                             "failed_over": self.failed_over.get(name),

@@ -16,8 +16,11 @@ library draws without reshaping.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Iterable
 from typing import Any, Protocol
+
+from cdp.msa.status_doc import domains_of
 
 SAMPLES_MAX = 3600  # one hour at the alarm loop's 1 s
 FIELDS = ("t_ns", "rpo_lag_s", "rpo_lag_bytes", "received_bytes_per_s", "uploaded_bytes_per_s")
@@ -34,10 +37,14 @@ class _Rates(Protocol):
 
 
 def _number(value: Any) -> float | None:
-    """A status field as a number, or None (a status document is another process's JSON)."""
+    """A status field as a finite number, or None (a status document is another process's
+    JSON: a NaN kept here made every answer of the ring invalid JSON for an hour)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return value
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int too large for a float
+        return None
 
 
 class StatusHistory:
@@ -56,13 +63,13 @@ class StatusHistory:
         for v in views:
             if v.state != "up":
                 continue  # a down DRVA's status is stale: a gap in the chart, not a flat line
-            for dom in (v.status or {}).get("domains", []):
-                name = dom.get("name")
+            for dom in domains_of(v.status):
+                name = dom["name"]
                 if name not in wanted:
                     continue
                 rates = throughput.rates(v.name, name)
                 sample = (now_ns, _number(dom.get("rpo_lag_s")), _number(dom.get("rpo_lag_bytes")),
-                          rates.get("received_bytes_per_s"), rates.get("uploaded_bytes_per_s"))
+                          _number(rates.get("received_bytes_per_s")), _number(rates.get("uploaded_bytes_per_s")))
                 ring = self.rings.setdefault(name, collections.deque(maxlen=self.samples_max))
                 ring.append(sample)
 

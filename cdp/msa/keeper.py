@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -89,16 +91,25 @@ class Kept:
     status_path: Path | None = None
     status: dict | None = None
     status_read_at: float | None = None  # monotonic
+    # Why the newest document at status_path is not used (no JSON, or refused by the
+    # keeper's check_status), None when it is; and when its content last changed
+    # (monotonic: a hung process's document says nothing true about its own age).
+    status_problem: str | None = None
+    status_digest: bytes | None = field(default=None, repr=False)
+    status_changed_at: float | None = None
 
 
 class ProcessKeeper:
     """Spawns, stops and restarts ``Kept`` processes. ``kind`` prefixes the log events
-    (``drva_spawned``, ``host_exited``); ``clock`` is monotonic (tests move it)."""
+    (``drva_spawned``, ``host_exited``); ``clock`` is monotonic (tests move it);
+    ``check_status`` says why a status document cannot be used (None: it can)."""
 
     def __init__(self, kind: str, env: Mapping[str, str], clock: Callable[[], float], *,
                  backoff_first_s: float = BACKOFF_FIRST_S, backoff_max_s: float = BACKOFF_MAX_S,
-                 stable_after_s: float = STABLE_AFTER_S, stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
+                 stable_after_s: float = STABLE_AFTER_S, stop_timeout_s: float = STOP_TIMEOUT_S,
+                 check_status: Callable[[dict], str | None] | None = None) -> None:
         self.kind = kind
+        self.check_status = check_status
         self.env = dict(env)
         self.clock = clock
         self.backoff_first_s, self.backoff_max_s = backoff_first_s, backoff_max_s
@@ -223,22 +234,50 @@ class ProcessKeeper:
 
     def read_status(self, kept: Kept) -> bool:
         """Read ``kept.status_path`` if the current process wrote it; True when that made
-        it ``up`` (its first status)."""
+        it ``up`` (its first status). A document that is no JSON (NaN and Infinity are
+        none), no object, or that ``check_status`` refuses, is unusable: none is kept, and
+        ``status_problem`` says why (one that names an earlier process is only ignored).
+        ``status_changed_at`` is when the content of the documents kept last changed, on
+        this keeper's clock."""
         if kept.status_path is None or kept.proc is None:
             return False
         try:
             raw = read_small_file(kept.status_path, STATUS_BYTES_MAX)[0]
-            doc = json.loads(raw) if len(raw) <= STATUS_BYTES_MAX else None
-        except (OSError, NotRegularFile, ValueError, RecursionError):
-            return False  # not written yet, or between its writes: the next round reads it
-        if not isinstance(doc, dict) or doc.get("pid") != kept.proc.pid:
+        except (OSError, NotRegularFile):
+            return False  # not written yet: the next round reads it
+        if len(raw) > STATUS_BYTES_MAX:
+            return self._unusable(kept, f"is larger than {STATUS_BYTES_MAX} bytes")
+        try:
+            doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        except (ValueError, RecursionError) as exc:
+            return self._unusable(kept, f"is not JSON ({type(exc).__name__}: {exc})")
+        if not isinstance(doc, dict):
+            return self._unusable(kept, "is not a JSON object")
+        if doc.get("pid") != kept.proc.pid:
+            kept.status_problem = None
             return False  # an earlier process's document
-        kept.status, kept.status_read_at = doc, self.clock()
+        problem = self.check_status(doc) if self.check_status is not None else None
+        if problem is not None:
+            return self._unusable(kept, f"is unusable: {problem}")
+        if kept.status_problem is not None:
+            log.info(f"{self.kind}_status_usable", name=kept.name, was=kept.status_problem)
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
+        if digest != kept.status_digest:
+            kept.status_digest, kept.status_changed_at = digest, self.clock()
+        kept.status, kept.status_read_at, kept.status_problem = doc, self.clock(), None
         if kept.state != "starting":
             return False
         self.set_state(kept, "up")
         kept.last_error = None
         return True
+
+    def _unusable(self, kept: Kept, problem: str) -> bool:
+        """Keep no status from this document; say why (logged when it changes)."""
+        problem = problem[:ERROR_TEXT_MAX]
+        if problem != kept.status_problem:
+            log.warning(f"{self.kind}_status_unusable", name=kept.name, path=str(kept.status_path), problem=problem)
+        kept.status, kept.status_problem = None, problem
+        return False
 
     def restart_due(self, kept: Kept) -> bool:
         due = kept.state == "restarting" and kept.restart_at is not None and self.clock() >= kept.restart_at
@@ -246,6 +285,17 @@ class ProcessKeeper:
             kept.restarts += 1
             kept.restart_at = None
         return due
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is no JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
 
 
 def pid_path(kept: Kept) -> Path:

@@ -33,6 +33,7 @@ treats that as a counter reset.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from cdp.msa.config import Policy
+from cdp.msa.status_doc import domains_of
 from cdp.msa.supervisor import DrvaView
 
 
@@ -108,8 +110,8 @@ class MsaCollector:
         for v in snap.drvas:
             if v.status is None:
                 continue  # not up: no figures rather than stale ones
-            for dom in v.status.get("domains", []):
-                labels = [str(dom.get("name")), v.name]
+            for dom in domains_of(v.status):
+                labels = [dom["name"], v.name]
                 for family, key in families:
                     value = _number(dom.get(key))
                     if value is not None:
@@ -131,7 +133,8 @@ class MsaCollector:
         for v in snap.drvas:
             up.add_metric([v.name], 1.0 if v.state == "up" else 0.0)
             restarts.add_metric([v.name], v.restarts)
-            ratio = _number(((v.status or {}).get("log") or {}).get("used_ratio"))
+            log_doc = (v.status or {}).get("log")
+            ratio = _number(log_doc.get("used_ratio")) if isinstance(log_doc, dict) else None
             if ratio is not None:
                 usage.add_metric([v.name], ratio)
         yield up
@@ -140,11 +143,17 @@ class MsaCollector:
 
 
 def _number(value: Any) -> float | None:
+    """A status field as a sample: a flag as 0/1, a finite number; None for anything else
+    (the text format would carry a NaN as a value no alarm rule compares)."""
     if isinstance(value, bool):
         return 1.0 if value else 0.0
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
+    if not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return number if math.isfinite(number) else None
 
 
 class MsaMetrics:

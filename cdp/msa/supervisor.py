@@ -11,7 +11,11 @@ starts the DRVA with its output appended to ``<state_dir>/logs/<name>.log``, and
 * restarts it when its set of domains changes (``apply`` after protect / unprotect), and
   stops a DRVA left with no domain;
 * reads its ``status.json`` (``drva/status.py``), trusting only a document written by the
-  current process (its ``pid``): a restarted DRVA's old status says nothing about it;
+  current process (its ``pid``): a restarted DRVA's old status says nothing about it; a
+  document that is no JSON or not of the shape ``cdp.msa.status_doc`` checks is not used
+  (``status_problem`` says why, and ``drva_down`` quotes it). How old a status is comes
+  from this daemon's monotonic clock, from when the document last changed: the ``time``
+  a hung DRVA last wrote (or any it claims, a day ahead) says nothing of whether it runs;
 * stops them all on shutdown: SIGTERM, then SIGKILL after ``stop_timeout_s``.
 
 States of one DRVA: ``starting`` (spawned, no status of its own yet), ``up`` (it wrote
@@ -43,6 +47,7 @@ from cdp.msa.install_dirs import DIR_MODE, ensure_dir
 from cdp.msa.keeper import (
     BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S, STOP_TIMEOUT_S, Kept, ProcessKeeper, exit_text, send_signal,
 )
+from cdp.msa.status_doc import domains_of, problem as status_problem
 from drva.requests import requests_dir
 
 log = get_logger("cdp.msa.supervisor")
@@ -80,11 +85,13 @@ class DrvaView:
     last_exit: int | None
     last_error: str | None
     restart_in_s: float | None
-    status: dict[str, Any] | None
-    status_age_s: float | None  # how old its status.json is (by its own clock field)
+    status: dict[str, Any] | None  # its newest usable status document (cdp.msa.status_doc)
+    status_age_s: float | None  # since that document last changed, on the MSA's monotonic clock
+    status_problem: str | None = None  # why its newest status.json is not used (None: it is)
 
     def to_dict(self) -> dict[str, Any]:
-        log_doc = (self.status or {}).get("log") or {}
+        log_doc = (self.status or {}).get("log")
+        log_doc = log_doc if isinstance(log_doc, dict) else {}
         return {"name": self.name, "listen": self.listen, "domains": list(self.domains), "state": self.state,
                 "up": self.state == "up", "state_for_s": round(self.state_for_s, 1), "pid": self.pid,
                 "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error,
@@ -93,7 +100,8 @@ class DrvaView:
                 "log_size_bytes": log_doc.get("data_size"),
                 "backpressure": (self.status or {}).get("backpressure"),
                 "uptime_s": (self.status or {}).get("uptime_s"),
-                "status_age_s": None if self.status_age_s is None else round(self.status_age_s, 1)}
+                "status_age_s": None if self.status_age_s is None else round(self.status_age_s, 1),
+                "status_problem": self.status_problem}
 
 
 class Supervisor:
@@ -107,7 +115,8 @@ class Supervisor:
         # The DRVAs get the site secret, not the API token: they never serve the API.
         self.keeper = ProcessKeeper("drva", cfg.child_env(env), clock,
                                     backoff_first_s=backoff_first_s, backoff_max_s=backoff_max_s,
-                                    stable_after_s=stable_after_s, stop_timeout_s=stop_timeout_s)
+                                    stable_after_s=stable_after_s, stop_timeout_s=stop_timeout_s,
+                                    check_status=status_problem)
         self.clock = clock
         self.drvas: dict[str, Supervised] = {}
         self.takeover: set[str] = set()  # domains a failover is forking to this site (drva.config)
@@ -197,7 +206,7 @@ class Supervisor:
     # ------------------------------------------------------------------ processes
 
     async def _start(self, sup: Supervised) -> None:
-        sup.status = None
+        sup.status, sup.status_problem = None, None
         await self.keeper.spawn(sup, drva_args(sup.config_path), domains=list(sup.domains),
                                 config=str(sup.config_path))
 
@@ -223,13 +232,12 @@ class Supervisor:
         out = []
         for sup in self.drvas.values():
             st = sup.status
-            age = None
-            if st is not None and isinstance(st.get("time"), (int, float)):
-                age = max(0.0, time.time() - st["time"])
+            # Not the document's own "time": a hung DRVA's last claim (a day ahead, or none).
+            age = None if st is None or sup.status_changed_at is None else max(0.0, now - sup.status_changed_at)
             out.append(DrvaView(
                 sup.spec.name, str(sup.spec.listen), sup.domains, sup.state, now - sup.state_since,
                 sup.proc.pid if sup.proc is not None else None, sup.restarts, sup.last_exit, sup.last_error,
-                None if sup.restart_at is None else max(0.0, sup.restart_at - now), st, age))
+                None if sup.restart_at is None else max(0.0, sup.restart_at - now), st, age, sup.status_problem))
         return out
 
     def view(self, name: str) -> DrvaView | None:
@@ -245,7 +253,7 @@ class Supervisor:
         while True:
             v = self.view(name)
             if v is not None and v.state == "up" and v.status is not None and any(
-                    d.get("name") == domain for d in v.status.get("domains", [])):
+                    d["name"] == domain for d in domains_of(v.status)):
                 return v
             if self.clock() >= deadline:
                 why = "" if v is None else f" (it is {v.state}; {exit_text(v.last_exit)}" + (

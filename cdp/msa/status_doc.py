@@ -1,0 +1,125 @@
+"""The shape of a DRVA's status document (``status.json``, written by ``drva/status.py``)
+as the MSA takes it: checked once, where the supervisor reads it (``problem``), so that
+alarms, history, throughput, metrics and the status answer never meet a mistyped field.
+
+The document is another process's JSON: a field of the wrong type (``"bytes_received":
+"12 B"``, ``"domains": {...}``, ``"name": ["erp"]``) once raised in the alarm loop every
+second, before ``drva_down`` was judged for any DRVA, and a NaN reached the API's answers.
+The reader refuses NaN and Infinity (they are no JSON; ``cdp.msa.keeper``); here each
+field that is present has its type:
+
+* a **count** is an integer in 0..2^63-1 (never a bool);
+* a **gauge** is a finite number (never a bool);
+* a **flag** is a bool, a **text** a string; some may be null (as the DRVA writes them);
+* ``domains`` is a list of objects, each with a ``name`` (a string); ``log`` an object.
+
+Fields may be absent (an older DRVA's, a test's document) and unknown fields are
+passed on. A document that fails is unusable as a whole: the supervisor keeps no figure
+from it, and ``drva_down`` says which field (``domains[0].bytes_received: expected a
+count (an integer ≥ 0), got "12 B"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+COUNT_MAX = (1 << 63) - 1  # what every reader (Prometheus' float, the console's JS) holds
+SHOWN_CHARS_MAX = 40  # of a wrong value in a message
+
+COUNT, GAUGE, FLAG, TEXT = "count", "gauge", "flag", "text"
+_EXPECTED = {COUNT: "a count (an integer ≥ 0)", GAUGE: "a finite number", FLAG: "true or false", TEXT: "a string"}
+
+#: field -> (kind, null allowed)
+DOMAIN_FIELDS: dict[str, tuple[str, bool]] = {
+    "id": (COUNT, False), "name": (TEXT, False),
+    "accepted_seq": (COUNT, False), "durable_seq": (COUNT, False), "sealed_seq": (COUNT, False),
+    "committed_seq": (COUNT, False), "committed_ts": (COUNT, False),
+    "rpo_lag_s": (GAUGE, False), "rpo_lag_bytes": (COUNT, False),
+    "filter_mode": (TEXT, True), "bitmap_mode": (FLAG, False), "dirty_bytes": (COUNT, True),
+    "backpressure": (FLAG, False), "connected": (FLAG, False), "catalog_ready": (FLAG, False), "fenced": (FLAG, False),
+    "unsealed_entries": (COUNT, False), "inflight_segments": (COUNT, False),
+    **{name: (COUNT, False) for name in (
+        "frames_received", "bytes_received", "duplicates_dropped", "frames_refused", "timestamps_raised",
+        "timestamps_clamped", "log_entries_skipped", "segments_uploaded", "bytes_uploaded", "upload_errors",
+        "catalog_errors")},
+    "upload_latency_p50_s": (GAUGE, True), "upload_latency_p99_s": (GAUGE, True),
+    "last_error": (TEXT, True),
+}
+LOG_FIELDS: dict[str, tuple[str, bool]] = {
+    "path": (TEXT, False), "head": (COUNT, False), "tail": (COUNT, False), "data_size": (COUNT, False),
+    "used_bytes": (COUNT, False), "used_ratio": (GAUGE, False), "epoch": (COUNT, False),
+}
+DRVA_FIELDS: dict[str, tuple[str, bool]] = {
+    "drva": (TEXT, False), "listen": (TEXT, False), "pid": (COUNT, False), "time": (GAUGE, False),
+    "uptime_s": (GAUGE, False), "backpressure": (FLAG, False), "group_commits": (COUNT, False),
+    "last_commit_latency_s": (GAUGE, False), "sessions": (COUNT, False), "handshakes": (COUNT, False),
+    "handshakes_refused_busy": (COUNT, False), "handshakes_refused_tls": (COUNT, False),
+    "store": (TEXT, False), "store_errors": (COUNT, False), "last_store_error": (TEXT, True),
+}
+
+
+def shown(value: Any) -> str:
+    """A wrong value as a message quotes it: JSON, control characters escaped, cut."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= SHOWN_CHARS_MAX else text[:SHOWN_CHARS_MAX] + "…"
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind == COUNT:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX
+    if kind == GAUGE:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == FLAG:
+        return isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _fields_problem(doc: Mapping[str, Any], fields: Mapping[str, tuple[str, bool]], where: str) -> str | None:
+    for name, (kind, nullable) in fields.items():
+        if name not in doc:
+            continue
+        value = doc[name]
+        if value is None and nullable:
+            continue
+        if not _fits(kind, value):
+            return f"{where}{name}: expected {_EXPECTED[kind]}{' or null' if nullable else ''}, got {shown(value)}"
+    return None
+
+
+def problem(doc: Mapping[str, Any]) -> str | None:
+    """Why the status document ``doc`` cannot be used, naming the field; None if it can."""
+    if (found := _fields_problem(doc, DRVA_FIELDS, "")) is not None:
+        return found
+    if "log" in doc:
+        if not isinstance(doc["log"], dict):
+            return f"log: expected an object, got {shown(doc['log'])}"
+        if (found := _fields_problem(doc["log"], LOG_FIELDS, "log.")) is not None:
+            return found
+    domains = doc.get("domains", [])
+    if not isinstance(domains, list):
+        return f"domains: expected a list of objects, got {shown(domains)}"
+    for i, dom in enumerate(domains):
+        if not isinstance(dom, dict):
+            return f"domains[{i}]: expected an object, got {shown(dom)}"
+        if "name" not in dom:
+            return f"domains[{i}].name: missing"
+        if (found := _fields_problem(dom, DOMAIN_FIELDS, f"domains[{i}].")) is not None:
+            return found
+    stores = doc.get("stores", [])
+    if not isinstance(stores, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("store"), str) and isinstance(s.get("domains"), list)
+            and all(_fits(COUNT, d) for d in s["domains"]) for s in stores):
+        return f"stores: expected a list of {{store: string, domains: [count]}}, got {shown(stores)}"
+    return None
+
+
+def domains_of(status: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The domains of a status document (checked by ``problem``), [] without one. What a
+    check let through is all there is; this only spares each reader the guard."""
+    domains = (status or {}).get("domains")
+    if not isinstance(domains, list):
+        return []
+    return [d for d in domains if isinstance(d, dict) and isinstance(d.get("name"), str)]
