@@ -4,7 +4,10 @@ hypervisor's host processes (``cdp.hypervisor.simulator``) are both built on it.
 
 Each process gets its own session (a Ctrl-C meant for the daemon must not reach it
 directly: the daemon stops its children in order) and its output appended to its log
-file, which is moved to ``.1`` at a start when it grew past ``LOG_ROTATE_BYTES``.
+file, which is moved to ``.1`` at a start when it grew past ``LOG_ROTATE_BYTES`` — and
+while it runs, checked every ``LOG_CHECK_INTERVAL_S``: copied to ``.1`` and cut to nothing
+(``rotate_running``; the child appends, ``O_APPEND``, so it writes on at the new end). A
+DRVA that ran for months grew one log without bound.
 
 States of one kept process: ``starting`` (spawned; the owner says when it is ``up``),
 ``up``, ``restarting`` (exited; waiting for its back-off), ``stopped``. A process that
@@ -60,6 +63,7 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # up this long: the next exit starts the back-off afresh
 LOG_ROTATE_BYTES = 64 << 20
+LOG_CHECK_INTERVAL_S = 10.0  # a running child's log size is looked at this often
 LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
 ERROR_TEXT_MAX = 400
 # A DRVA's status with 100 domains is about 200 KB; a larger file was not written by the
@@ -97,6 +101,7 @@ class Kept:
     status_problem: str | None = None
     status_digest: bytes | None = field(default=None, repr=False)
     status_changed_at: float | None = None
+    log_checked_at: float = 0.0  # monotonic: when rotate_running last looked
 
 
 class ProcessKeeper:
@@ -229,6 +234,12 @@ class ProcessKeeper:
             kept.status = None
             await start(kept)
         elif kept.proc is not None:
+            if self.clock() - kept.log_checked_at >= LOG_CHECK_INTERVAL_S:
+                kept.log_checked_at = self.clock()
+                try:
+                    rotate_running(kept.log_path)
+                except OSError as exc:  # a full file system: the child's log goes on growing
+                    log.warning(f"{self.kind}_log_rotate_failed", name=kept.name, error=str(exc))
             return self.read_status(kept)
         return False
 
@@ -357,6 +368,44 @@ def _rotate(path: Path) -> None:
             os.replace(path, path.with_name(path.name + ".1"))
     except FileNotFoundError:
         pass
+
+
+def rotate_running(path: Path, limit: int | None = None) -> bool:
+    """The log of a running child, past ``limit`` bytes (``LOG_ROTATE_BYTES``): copied to
+    ``<log>.1`` (replacing it) and cut to nothing; True when it was. The child appends
+    (``O_APPEND``), so it writes on at the new end; what it writes between the copy's
+    last read and the cut — microseconds — is lost, as with logrotate's copytruncate.
+    Never through a link (``open_regular``); the logs directory is ours alone."""
+    limit = LOG_ROTATE_BYTES if limit is None else limit
+    try:
+        fd = open_regular(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.fstat(fd).st_size <= limit:
+            return False
+        old = path.with_name(path.name + ".1")
+        tmp = path.with_name(path.name + ".1.tmp")
+        tmp.unlink(missing_ok=True)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        try:
+            copied = 0
+            while True:  # to the end as it is now, then again for what came meanwhile
+                end = os.fstat(fd).st_size
+                while copied < end:
+                    n = os.sendfile(out, fd, copied, end - copied)
+                    if not n:
+                        break
+                    copied += n
+                if os.fstat(fd).st_size == copied or copied < end:
+                    break
+        finally:
+            os.close(out)
+        os.replace(tmp, old)
+        os.ftruncate(fd, 0)
+        return True
+    finally:
+        os.close(fd)
 
 
 def last_error(path: Path) -> str | None:

@@ -210,3 +210,39 @@ async def test_a_daemon_under_umask_000_leaves_nothing_others_may_write(tmp_path
             writable = [str(p) for p in [state, *state.rglob("*")] if p.is_dir() and not p.is_symlink()
                         and mode(p) & 0o022]
     assert writable == []
+
+
+async def test_a_running_childs_log_is_rotated_and_the_child_writes_on(tmp_path: Path, monkeypatch) -> None:
+    """A child's log was rotated only at its next start: a DRVA that ran for months grew
+    one file without bound."""
+    import cdp.msa.keeper as keeper_mod
+
+    monkeypatch.setattr(keeper_mod, "LOG_ROTATE_BYTES", 64 << 10)
+    monkeypatch.setattr(keeper_mod, "LOG_CHECK_INTERVAL_S", 0.0)
+    log = tmp_path / "logs" / "talker.log"
+    log.parent.mkdir(mode=0o755)
+    kept = Kept(name="talker", log_path=log)
+    k = keeper()
+    chatty = ["-c", "import sys, time\nfor i in range(10**9):\n    print(f'line {i:08d}', flush=True)\n"
+                    "    if i % 500 == 0: time.sleep(0.001)\n"]
+    await k.spawn(kept, chatty)
+    try:
+        rotated = log.with_name(log.name + ".1")
+        deadline = time.monotonic() + 60
+        while not rotated.exists() and time.monotonic() < deadline:
+            await k.tend(kept, k.spawn)
+            await asyncio.sleep(0.01)
+        assert rotated.exists() and rotated.stat().st_size > 64 << 10
+        first_kept = rotated.read_text().splitlines()[0]
+        assert first_kept == "line 00000000"
+        sizes = []
+        for _ in range(50):
+            await k.tend(kept, k.spawn)
+            sizes.append(log.stat().st_size)
+            await asyncio.sleep(0.01)
+        assert max(sizes) < 4 << 20 and kept.proc is not None and kept.proc.returncode is None
+        # The child writes on, at the start of the cut file (O_APPEND), whole lines.
+        lines = log.read_text().splitlines()
+        assert lines and all(line.startswith("line ") for line in lines[:-1])
+    finally:
+        await k.stop(kept)
