@@ -22,6 +22,7 @@ import xxhash
 from cdp import durable  # every write and sync through it, looked up at each call
 from cdp.durable import fsync_dir, preallocate
 from cdp.errors import ConfigError, MetaError
+from cdp.tomlread import NAME, NAME_EXPECTED
 
 META_MAGIC = b"CDPM"
 META_VERSION = 1
@@ -32,6 +33,9 @@ U64_MAX = (1 << 64) - 1
 #: FORMAT.md §4: the fields of ``domains.<id>``, each an integer in 0..its maximum.
 DOMAIN_FIELDS_MAX = {"committed_seq": U64_MAX, "committed_ts": U64_MAX, "generation": U64_MAX,
                      "timeline": U32_MAX}
+#: FORMAT.md §4: ``domains.<id>.name``, the domain's name in the DRVA's configuration when
+#: it last started serving it (absent in documents written before names were recorded).
+DOMAIN_NAME_KEY = "name"
 DOCUMENT_KEYS = ("drva", "domains")
 
 # FORMAT.md §4: slot header, 64 bytes; header_xxh3 covers [0, 56).
@@ -91,9 +95,14 @@ def document_problem(doc: dict[str, Any]) -> str | None:
         if not isinstance(entry, dict):
             return f"domains.{domain} is {entry!r}, expected an object"
         for name, value in entry.items():
+            if name == DOMAIN_NAME_KEY:
+                if not isinstance(value, str) or not NAME.fullmatch(value):
+                    return f"domains.{domain}.name is {value!r:.80}, expected {NAME_EXPECTED}"
+                continue
             high = DOMAIN_FIELDS_MAX.get(name)
             if high is None:
-                return f"domains.{domain}: unknown key {name!r} (known: {', '.join(DOMAIN_FIELDS_MAX)})"
+                known = ", ".join([*DOMAIN_FIELDS_MAX, DOMAIN_NAME_KEY])
+                return f"domains.{domain}: unknown key {name!r} (known: {known})"
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
                 return f"domains.{domain}.{name} is {value!r}, expected an integer in 0..{high}"
     return None

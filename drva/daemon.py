@@ -41,6 +41,7 @@ from drva.requests import RequestBox
 from drva.handshakes import HANDSHAKES_MAX, HandshakeSlots, source_of
 from drva.session import HANDSHAKE_READ_AHEAD_BYTES, HANDSHAKE_TIMEOUT_S, Session, SessionStream
 from drva.shipper import Shipper, backoff_s
+from drva.state_lock import StateDirLock
 from drva.status import SideFileReport, build_status, write_status_file
 
 log = get_logger("drva")
@@ -98,12 +99,24 @@ class Drva(PartitionsMixin):
         self._port = cfg.port
         self.status_report = SideFileReport("status_unwritable")
         self.log_label_ours = False  # the log's label names this DRVA (_check_log_label)
+        self.state_lock: StateDirLock | None = None  # held from start to stop
 
     # ------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything is opened or written: a second DRVA given this state directory
+        # (a copied configuration) is refused (Busy, exit 7), not run beside the first.
+        self.state_lock = StateDirLock.take(cfg.state_dir)
+        try:
+            await self._start()
+        except BaseException:
+            self.state_lock.release()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.cfg
         await asyncio.to_thread(self._open_partitions)
         self.lanes = open_lanes(cfg, self.domains)
         self.committer = GroupCommitter(
@@ -184,6 +197,8 @@ class Drva(PartitionsMixin):
         self.meta.close()
         self.pool.shutdown()
         self.shipper.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
         log.info("drva_stopped", name=self.cfg.name)
 
     def _tls(self) -> ssl.SSLContext | None:

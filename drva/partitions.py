@@ -1,10 +1,19 @@
 """What a DRVA reads back from its own partitions before it listens (``Drva.start``):
 the log partition and the metadata repository opened (or formatted), the log's label
 checked against this DRVA, each domain's committed seq from the metadata and its pending
-entries from the log (FORMAT.md §3, §4)."""
+entries from the log (FORMAT.md §3, §4).
+
+Then the domains' identities: the metadata repository records the id and name of each
+domain the DRVA serves (written here, before the first ack). A configuration that gives a
+recorded name another id, or a recorded id another name, is refused: the unshipped frames
+of a domain whose id was mistyped were once dropped as an unprotected domain's, its acked
+writes lost for good. Only a domain taken out of the configuration altogether (what the
+MSA's ``cdp unprotect`` does), or given up by an unprotect request
+(``requests/unprotect-<id>.json``, FORMAT.md §13.6), has its unshipped frames dropped."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -12,11 +21,12 @@ from cdp.errors import ConfigError, FormatError, LogError, MetaError
 from cdp.frame import Frame, decode_frame, decode_header
 from cdp.logfmt import label_owner
 from cdp.logs import get_logger
-from cdp.meta import MetaRepository
+from cdp.meta import DOMAIN_FIELDS_MAX, DOMAIN_NAME_KEY, MetaRepository
 from cdp.records import check_mark_names
 from cdp.replog import ReplicationLog
 from drva.committer import log_entry
 from drva.domain import DomainState, frame_from
+from drva.requests import UnprotectRequest, drop_request, read_unprotect_requests, unprotect_request_path
 from drva.status import os_error_text
 
 log = get_logger("drva")
@@ -89,7 +99,10 @@ class PartitionsMixin:
             raise MetaError(f"metadata repository {path}: {os_error_text(exc)}") from exc
 
     def _recover(self) -> None:
-        """Per domain: committed seq from the metadata repository, entries from the log."""
+        """Per domain: committed seq from the metadata repository, entries from the log;
+        then the identities the repository records checked against the configuration
+        (``_check_identities``) and recorded anew (``_record_identities``) — before the
+        DRVA listens, so that a domain's id and name are on record before its first ack."""
         doc = self.meta.read().get("domains", {})
         for dom in self.domains.values():
             state = doc.get(str(dom.id), {})
@@ -102,18 +115,116 @@ class PartitionsMixin:
             dropped = self._scan_log(doc)
         except OSError as exc:  # EIO reading an entry: one line and exit 4, not a traceback
             raise LogError(f"log partition {self.cfg.log_path}: recovery scan: {os_error_text(exc)}") from exc
-        if dropped and not self.log_label_ours:
-            self._refuse_unlabelled(dropped)
+        given_up = self._unprotect_requests(doc)
+        self._check_identities(doc, dropped, given_up)
+        unasked = {d: held for d, held in dropped.items() if d not in given_up}
+        if unasked and not self.log_label_ours:
+            self._refuse_unlabelled(unasked)
         for domain, (frames, first, last) in dropped.items():
+            asked = given_up.get(domain)
+            reason = (f"an unprotect request ({asked.path.name}) gave up domain {domain} ({asked.name!r})"
+                      if asked is not None else
+                      "the domain is no longer in this DRVA's configuration (unprotected)")
             log.warning("unconfigured_domain_frames_dropped", domain=domain, frames=frames,
-                        first_seq=first, last_seq=last,
-                        reason="the domain is no longer in this DRVA's configuration (unprotected)")
+                        first_seq=first, last_seq=last, reason=reason)
+        self._record_identities(doc)
+        for asked in given_up.values():
+            drop_request(asked.path, "unprotect_request_done", domain=asked.domain, name=asked.name)
         for dom in self.domains.values():
             if dom.stats.log_entries_skipped:
                 log.warning("log_entries_skipped", domain=dom.id, entries=dom.stats.log_entries_skipped,
                             reason="their seqs were logged before (a resend staged twice by an earlier DRVA)")
             log.info("domain_recovered", domain=dom.id, committed_seq=dom.committed_seq,
                      durable_seq=dom.durable_seq, pending_entries=len(dom.unsealed))
+
+    # ------------------------------------------------------------------ identities
+
+    def _unprotect_requests(self, doc: dict[str, Any]) -> dict[int, UnprotectRequest]:
+        """The unprotect requests (FORMAT.md §13.6) that give up a recorded domain: one
+        this DRVA no longer serves, named as the metadata repository records it (a request
+        with an id typo gives up nothing). The others are dropped, saying why."""
+        found, malformed = read_unprotect_requests(self.cfg.state_dir)
+        for path, reason in malformed:
+            drop_request(path, "request_refused", reason=reason)
+        given_up: dict[int, UnprotectRequest] = {}
+        for asked in found:
+            recorded = doc.get(str(asked.domain), {}).get(DOMAIN_NAME_KEY)
+            if asked.domain in self.domains:
+                drop_request(asked.path, "request_refused", domain=asked.domain, reason=(
+                    f"domain {asked.domain} is in this DRVA's configuration (as "
+                    f"{self.domains[asked.domain].cfg.name!r}): its writes ship, none is given up"))
+            elif recorded is None:
+                drop_request(asked.path, "unprotect_request_done", domain=asked.domain, name=asked.name,
+                             reason=f"domain {asked.domain} is not on record here: nothing is held for it")
+            elif recorded != asked.name:
+                drop_request(asked.path, "request_refused", domain=asked.domain, reason=(
+                    f"domain {asked.domain} is recorded as {recorded!r}, not {asked.name!r}: nothing is given up"))
+            else:
+                given_up[asked.domain] = asked
+        return given_up
+
+    def _check_identities(self, doc: dict[str, Any], dropped: dict[int, list[int]],
+                          given_up: dict[int, UnprotectRequest]) -> None:
+        """Refuse (``ConfigError``, exit 2) a configuration that gives a domain the
+        metadata repository records another id or another name: an id typed wrong would
+        call the recorded domain's acked, unshipped writes those of an unprotected one and
+        drop them, or ship them into another domain's catalog. A domain taken out of the
+        configuration altogether is unprotected (FORMAT.md §13.4); one given up by an
+        unprotect request is no longer on record."""
+        recorded = {int(k): entry[DOMAIN_NAME_KEY] for k, entry in doc.items()
+                    if DOMAIN_NAME_KEY in entry and int(k) not in given_up}
+        problems = []
+        for dom in self.domains.values():
+            was = recorded.get(dom.id)
+            if was is not None and was != dom.cfg.name:
+                problems.append(
+                    f"domain {dom.id} is configured as {dom.cfg.name!r} but recorded as {was!r} "
+                    f"({self._held(dom.id, dropped)}): name it {was!r} again; to unprotect it instead, start "
+                    f"the DRVA once without domain {dom.id} (what it holds unshipped is then dropped)")
+        for old_id, name in sorted(recorded.items()):
+            for dom in self.domains.values():
+                if dom.cfg.name != name or dom.id == old_id:
+                    continue
+                way = f"give {name!r} id {old_id} again"
+                if old_id not in self.domains:
+                    request = json.dumps({"domain": old_id, "name": name})
+                    way += (f"; or, to unprotect domain {old_id} and give up what it holds, write {request} to "
+                            f"{unprotect_request_path(self.cfg.state_dir, old_id)} and start the DRVA again")
+                problems.append(f"domain {name!r} is configured with id {dom.id} but recorded as domain {old_id} "
+                                f"({self._held(old_id, dropped)}): {way}")
+        if problems:
+            raise ConfigError(
+                f"DRVA {self.cfg.name!r}: the configuration names domains otherwise than the metadata "
+                f"repository {self.cfg.meta_path} records them, which the DRVA does not start with (it would "
+                f"drop acked writes, or ship them into another domain's catalog): {'; '.join(problems)}")
+
+    def _held(self, domain: int, dropped: dict[int, list[int]]) -> str:
+        """What the log holds of ``domain`` that is not in the store, in words."""
+        dom = self.domains.get(domain)
+        if dom is not None and dom.unsealed:
+            frames, first, last = len(dom.unsealed), dom.unsealed[0].first_seq, dom.unsealed[-1].last_seq
+        elif dom is None and domain in dropped:
+            frames, first, last = dropped[domain]
+        else:
+            return "the log holds no unshipped write of it"
+        return f"the log holds its acked, unshipped seqs {first}..{last} ({frames} frame{'' if frames == 1 else 's'})"
+
+    def _record_identities(self, doc: dict[str, Any]) -> None:
+        """Make the metadata document name exactly the configured domains, each with its
+        id and name (FORMAT.md §4), keeping what it records of their commits; a domain no
+        longer configured is forgotten. Written only when that changes the document."""
+        domains = {}
+        for dom in self.domains.values():
+            entry = doc.get(str(dom.id), {})
+            domains[str(dom.id)] = {**{key: entry.get(key, 0) for key in DOMAIN_FIELDS_MAX},
+                                    DOMAIN_NAME_KEY: dom.cfg.name}
+        wanted = {"drva": self.cfg.name, "domains": domains}
+        if self.meta.read() == wanted:
+            return
+        try:
+            self.meta.write(wanted)
+        except OSError as exc:  # EIO, ENOSPC...: one line and exit 4, not a traceback
+            raise MetaError(f"metadata repository {self.cfg.meta_path}: {os_error_text(exc)}") from exc
 
     def _scan_log(self, doc: dict[str, Any]) -> dict[int, list[int]]:
         """Register the log's entries with their domains; return the unshipped frames of

@@ -15,6 +15,12 @@ Only regular files are read — never through a symlink, never a FIFO (whose ope
 block the event loop), never more than ``REQUEST_BYTES_MAX``. Other entries are removed,
 except directories, which are not the DRVA's to remove: those are logged once.
 
+The same directory carries one more kind of request, read only when the DRVA starts
+(``read_unprotect_requests``, FORMAT.md §13.6): ``unprotect-<id>.json``
+(``{"domain": ID, "name": NAME}``) gives up a domain this DRVA no longer serves but whose
+identity its metadata repository records, with whatever of it the log holds unshipped
+(``drva.partitions``). The polling task leaves those files alone.
+
 The directory is a side file, as ``status.json`` is: when it cannot be made or read, or
 something else is at its path (a file, a symbolic link), that is logged
 (``requests_unusable``, rate-limited by ``drva.status.SideFileReport``) and the next poll
@@ -28,14 +34,16 @@ import json
 import os
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdp import wire
+from cdp import durable, wire
 from cdp.file_kinds import file_kind
 from cdp.logs import get_logger
 from cdp.records import MARK_NAME_CONTROL
 from cdp.small_file import NotRegularFile, read_small_file
+from cdp.tomlread import U32_MAX
 from drva.status import SideFileReport, os_error_text
 
 if TYPE_CHECKING:
@@ -49,10 +57,76 @@ NAME_BYTES_MAX = 255
 REQUEST_BYTES_MAX = 4096  # a request is {"domain": ID, "name": NAME}: some 300 bytes at most
 REQUESTS_PER_POLL_MAX = 256  # the rest wait for the next poll: a flood of files does not stall the loop
 REPORTED_MAX = 64  # directories named like a request, remembered so that each is logged once
+UNPROTECT_PATTERN = "unprotect-*.json"  # read at start only (drva.partitions), never by the polling task
 
 
 def requests_dir(state_dir: Path) -> Path:
     return state_dir / "requests"
+
+
+def unprotect_request_path(state_dir: Path, domain: int) -> Path:
+    """Where an operator (or the MSA) puts the unprotect request of ``domain``."""
+    return requests_dir(state_dir) / f"unprotect-{domain}.json"
+
+
+@dataclass(frozen=True)
+class UnprotectRequest:
+    """``unprotect-*.json``: domain ``domain``, recorded as ``name``, is given up."""
+
+    path: Path
+    domain: int
+    name: str
+
+
+def read_unprotect_requests(state_dir: Path) -> tuple[list[UnprotectRequest], list[tuple[Path, str]]]:
+    """The unprotect requests in ``state_dir``'s requests box (at most
+    REQUESTS_PER_POLL_MAX), and (path, reason) of the files there that are none (the
+    caller drops them). A box that cannot be read holds none: the polling task reports it."""
+    try:
+        paths = sorted(requests_dir(state_dir).glob(UNPROTECT_PATTERN))[:REQUESTS_PER_POLL_MAX]
+    except OSError:
+        return [], []
+    found: list[UnprotectRequest] = []
+    refused: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            doc, _ = _read(path)
+        except FileNotFoundError:
+            continue
+        except _Refused as exc:
+            refused.append((path, str(exc)))
+            continue
+        except OSError as exc:
+            refused.append((path, os_error_text(exc)))
+            continue
+        fields = _unprotect_fields(doc)
+        if fields is None:
+            refused.append((path, 'expected {"domain": ID, "name": NAME}, the id and name the DRVA\'s error gave'))
+            continue
+        found.append(UnprotectRequest(path, *fields))
+    return found, refused
+
+
+def _unprotect_fields(doc: Any) -> tuple[int, str] | None:
+    """(domain, name) of an unprotect request's document; None when it is not one."""
+    if not isinstance(doc, dict) or set(doc) != {"domain", "name"}:
+        return None
+    domain, name = doc["domain"], doc["name"]
+    if type(domain) is not int or not 1 <= domain <= U32_MAX:  # drva.config.DOMAIN_ID_RANGE (which imports this)
+        return None
+    if not isinstance(name, str) or not 1 <= _utf8_len(name) <= NAME_BYTES_MAX:
+        return None
+    return domain, name
+
+
+def drop_request(path: Path, event: str, **fields: Any) -> None:
+    """Log ``event`` and remove the request at ``path`` (durably: a request that came back
+    after a power loss would act again)."""
+    log.warning(event, request=_shown(path.name), **fields)
+    try:
+        durable.remove(path)
+    except OSError as exc:  # a directory named like a request, a permission...
+        log.warning("request_not_removed", request=_shown(path.name), error=str(exc))
 
 
 class _Refused(Exception):

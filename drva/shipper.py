@@ -439,10 +439,13 @@ class Shipper:
             self.committer.poke()
 
     def meta_doc(self) -> dict[str, Any]:
+        """The metadata document (FORMAT.md §4): each served domain's commit, and its id
+        and name as configured (``drva.partitions`` checks them at the next start)."""
         return {"drva": self.name, "domains": {
             str(d.id): {"committed_seq": d.committed_seq, "committed_ts": d.committed_ts,
                         "generation": self.writers[d.id].generation if d.id in self.writers else 0,
-                        "timeline": self.writers[d.id].state.current if d.id in self.writers else 0}
+                        "timeline": self.writers[d.id].state.current if d.id in self.writers else 0,
+                        "name": d.cfg.name}
             for d in self.domains.values()}}
 
 

@@ -212,3 +212,28 @@ def test_a_state_directory_that_cannot_be_opened_is_run_without_the_claim(tmp_pa
     lock = StateDirLock.take(tmp_path / "missing")
     assert not lock.held
     lock.release()
+
+
+async def test_a_second_drva_on_a_state_directory_is_refused_and_the_first_goes_on(tmp_path):
+    """Two configurations copied and not edited but for the partitions and the port: the
+    second DRVA is refused before it opens anything; once the first stops, it starts."""
+    from drva.daemon import Drva
+    from tests.drva.harness import config
+
+    state = tmp_path / "state"
+    docs = []
+    for name in ("a", "b"):
+        doc = drva_doc(tmp_path / name, "drva-1", [domain_doc(1, "erp", [("vm1", "d0", 1 << 20)])])
+        docs.append({**doc, "state_dir": str(state)})
+    first = Drva(config(docs[0]), exit_on_task_failure=False)
+    await first.start()
+    try:
+        second = Drva(config(docs[1]), exit_on_task_failure=False)
+        with pytest.raises(Busy, match="another DRVA runs with this state directory"):
+            await second.start()
+        assert not Path(docs[1]["log"]["path"]).exists()  # refused before its partitions were touched
+    finally:
+        await first.stop()
+    second = Drva(config(docs[1]), exit_on_task_failure=False)
+    await second.start()
+    await second.stop()
