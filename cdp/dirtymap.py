@@ -20,6 +20,16 @@ acknowledged; a map whose header does not check, whose geometry does not match i
 disk, or whose body holds a byte other than 0/1 is *unusable*: whoever reads it must
 treat every region as dirty, and says so.
 
+A failed sync of the map is for good (``durable.StickySync``): after a failed write-back
+Linux marks the lost pages clean and the next fsync returns 0, so a retried sync would
+vouch for flags that never reached the disk, and the write they guard would then be
+issued. From the first failure on, every ``flag``, ``set_before_write`` and sync of the
+map raises ``OSError`` (EIO) naming it — the disk takes no more writes through this
+filter — a close writes nothing more, and the header is rewritten, once, with the
+``unusable`` flag (FORMAT.md §15): the next filter (or failback) that reads the map
+treats every region as dirty, as for any unusable map. In memory, a flag that is set
+has been written to the file: a ``flag`` whose write fails is taken back.
+
 The map sits in a datastore others may write, and the filter may run as root: it is
 opened without following a link (``O_NOFOLLOW``) or blocking (``O_NONBLOCK``: a FIFO
 planted there must not hang the open), and must be a regular file — with one link, to
@@ -35,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +61,8 @@ MAGIC = b"CDPR"
 VERSION = 1
 HEADER_BYTES = 4096  # the body (one flag byte per region) starts on the next block
 FLAG_CLEAN = 0x0001
+#: Set by a writer whose sync of the map failed: its flags may not be on the disk.
+FLAG_UNUSABLE = 0x0002
 # magic, version, flags, disk_size, region_shift, domain, regions, opens, body_xxh3
 _HEADER = struct.Struct("<4sHHQIIQQQ")
 _HEADER_SUM = struct.Struct("<Q")
@@ -112,8 +125,10 @@ class MapHeader:
     body_xxh3: int
 
 
-def _pack_header(h: MapHeader) -> bytes:
-    body = _HEADER.pack(MAGIC, VERSION, FLAG_CLEAN if h.clean else 0, h.disk_size,
+def _pack_header(h: MapHeader, flags: int | None = None) -> bytes:
+    if flags is None:
+        flags = FLAG_CLEAN if h.clean else 0
+    body = _HEADER.pack(MAGIC, VERSION, flags, h.disk_size,
                         h.region_bytes.bit_length() - 1, h.domain, h.regions, h.opens, h.body_xxh3)
     out = body + _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(body))
     return out + bytes(HEADER_BYTES - len(out))
@@ -130,7 +145,10 @@ def _unpack_header(raw: bytes, where: str) -> MapHeader:
     (want,) = _HEADER_SUM.unpack_from(raw, _HEADER.size)
     if xxhash.xxh3_64_intdigest(raw[: _HEADER.size]) != want:
         raise DirtyMapUnusable(f"{where}: header checksum mismatch")
-    if flags & ~FLAG_CLEAN or any(raw[_HEADER.size + _HEADER_SUM.size : HEADER_BYTES]):
+    if flags & FLAG_UNUSABLE:
+        raise DirtyMapUnusable(f"{where}: marked unusable by its writer, whose sync of the map failed (its "
+                               f"flags may never have reached the disk)")
+    if flags & ~(FLAG_CLEAN | FLAG_UNUSABLE) or any(raw[_HEADER.size + _HEADER_SUM.size : HEADER_BYTES]):
         raise DirtyMapUnusable(f"{where}: unknown flags or non-zero reserved bytes (a newer writer?)")
     if not 16 <= shift <= 40:
         raise DirtyMapUnusable(f"{where}: region_shift {shift}, expected 16..40")
@@ -204,7 +222,10 @@ class DirtyMap:
 
     ``left`` holds the regions flagged when it was opened: writes of an earlier run that
     may never have been acknowledged (all of them when the map was unusable, and
-    ``left_reason`` then says why)."""
+    ``left_reason`` then says why).
+
+    Invariants: a region set in ``flags`` is set in the file (written, maybe not synced);
+    once a sync has failed (``broken``) nothing is synced, flagged or closed clean again."""
 
     def __init__(self, path: Path, fd: int, header: MapHeader, flags: np.ndarray, left: np.ndarray,
                  left_reason: str | None) -> None:
@@ -225,6 +246,9 @@ class DirtyMap:
         self._set_by = np.zeros(len(flags), dtype=np.uint64)
         # The latest sync running in a worker thread: (sets it covers, its task).
         self._running: tuple[int, asyncio.Task[None]] | None = None
+        self._syncs = durable.StickySync()
+        self._marked_unusable = False
+        self._mark_lock = threading.Lock()  # syncs run in worker threads
 
     @classmethod
     def open(cls, image: str | os.PathLike[str], disk_size: int, domain: int) -> DirtyMap:
@@ -267,7 +291,7 @@ class DirtyMap:
         if self.pending_set(regions) <= self._synced:
             return False
         upto = self._written
-        durable.sync_data(self._fd)
+        self._sync()
         self._synced = max(self._synced, upto)
         self.syncs += 1
         return True
@@ -276,11 +300,18 @@ class DirtyMap:
         """Flag ``regions`` and write them, without syncing: True when new flags were
         written. They are durable only after a ``sync_async`` (or ``set_before_write``)
         that began after this call returns."""
+        self.check()
         new = np.unique(regions[~self.flags[regions]]) if len(regions) else regions
         if not len(new):
             return False
         self.flags[new] = True
-        self._write_pages(new)
+        try:
+            self._write_pages(new)
+        except BaseException:
+            # Not known to be in the file: unset, so that the next flag writes (and syncs)
+            # them again. A page written before the failure holds 1s, which is safe.
+            self.flags[new] = False
+            raise
         self._written += 1
         self._set_by[new] = self._written
         return True
@@ -301,6 +332,7 @@ class DirtyMap:
         began before them does not cover them, and waiting for it first would cost two
         device flushes (the capture pipeline flags a batch while the one before syncs).
         True if this call started a sync."""
+        self.check()
         started = False
         while self._synced < written:
             running = self._running
@@ -313,16 +345,53 @@ class DirtyMap:
 
     async def _sync_thread(self, upto: int) -> None:
         try:
-            await asyncio.to_thread(durable.sync_data, self._fd)
+            await asyncio.to_thread(self._sync)
         finally:
             if self._running is not None and self._running[0] == upto:
                 self._running = None
         self._synced = max(self._synced, upto)
         self.syncs += 1
 
+    @property
+    def broken(self) -> OSError | None:
+        """The failed sync that made the map unusable (module docstring), or None."""
+        return self._syncs.failed
+
+    def check(self) -> None:
+        """``OSError`` (EIO) naming the map once a sync of it has failed."""
+        self._syncs.check(str(self.path))
+
+    def _sync(self) -> None:
+        """``fdatasync`` of the map, believed only while no sync of it has failed; on the
+        first failure the header is marked unusable (``_mark_unusable``)."""
+        try:
+            self._syncs.sync(self._fd, str(self.path))
+        except durable.SyncFailed:
+            self._mark_unusable()
+            raise
+
+    def _mark_unusable(self) -> None:
+        """Rewrite the header, once, with the ``unusable`` flag and sync it: the next reader
+        treats every region as dirty. Only new pages are written and synced here (the lost
+        ones stay lost: their flags are not trusted any more); if this fails too, the map
+        keeps what earlier good syncs made durable, which guards every write issued."""
+        with self._mark_lock:
+            if self._marked_unusable:
+                return
+            self._marked_unusable = True
+        try:
+            durable.pwrite_all(self._fd, [_pack_header(self.header, FLAG_UNUSABLE)], 0)
+            durable.sync_data(self._fd)
+        except OSError:
+            pass  # best effort: see the docstring
+
     def clear(self, mask: np.ndarray) -> int:
         """Unflag the regions of ``mask`` (every write to them acknowledged); written,
-        not synced (see the module docstring). How many were cleared."""
+        not synced (see the module docstring). How many were cleared. Nothing, once the
+        map is broken: it is unusable anyway. (A failed write leaves them unflagged in
+        memory and maybe flagged in the file: safe, the file flags more.)"""
+        if self.broken is not None:
+            return 0
         gone = np.flatnonzero(mask & self.flags)
         if len(gone):
             self.flags[gone] = False
@@ -343,20 +412,23 @@ class DirtyMap:
     def close(self, *, clean: bool) -> None:
         """Close. ``clean``: every write of this run was acknowledged — the flags are all
         cleared, and the header says so with the body's checksum. Otherwise the flags
-        stay as they are, synced."""
+        stay as they are, synced. A broken map is closed and nothing more is written:
+        it stays unusable (a clean header would be written after a failed sync)."""
         if self._fd < 0:
             return
         try:
+            if self.broken is not None:
+                return
             if clean:
                 self.flags[:] = False
                 body = self.flags.view(np.uint8)
                 durable.pwrite_all(self._fd, [body], HEADER_BYTES)
-                durable.sync_data(self._fd)
+                self._sync()
                 self.header = MapHeader(self.header.disk_size, self.region_bytes, self.header.domain,
                                         self.header.regions, self.header.opens, True,
                                         xxhash.xxh3_64_intdigest(body.tobytes()))
                 durable.pwrite_all(self._fd, [_pack_header(self.header)], 0)
-            durable.sync_data(self._fd)
+            self._sync()
         finally:
             os.close(self._fd)
             self._fd = -1

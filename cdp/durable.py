@@ -11,15 +11,21 @@ Every write and sync of the replication log and the metadata repository goes thr
 looked up at each call), so a test can record their order and check that nothing was
 reported durable before a sync covered it (tests/test_durable_order.py): a SIGKILL test
 cannot see a missing sync, the page cache survives it.
+
+A failed sync is for good (``StickySync``): after a failed write-back Linux reports the
+error once and marks the pages clean, so a second fsync returns 0 for bytes that never
+reached the disk ("fsyncgate").
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
 import secrets
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +46,75 @@ def sync_data(fd: int) -> None:
 def sync_file(fd: int) -> None:
     """``fsync``: as ``sync_data``, and every metadata of the file too (size, times)."""
     os.fsync(fd)
+
+
+class SyncFailed(OSError):
+    """A sync that cannot be believed (``StickySync``): it failed, or one before it (or
+    beside it) failed. ``filename`` is the file synced; ``first`` the first failure."""
+
+    def __init__(self, code: int, text: str, filename: str, first: OSError) -> None:
+        super().__init__(code, text, filename)
+        self.first = first
+
+
+class StickySync:
+    """The syncs of some files (one overlay, the images of one recovery, one dirty map)
+    where a failure is for good.
+
+    Why: after a failed write-back, Linux reports the error to one ``fsync`` of each open
+    file and marks the pages clean, keeping the lost bytes in the cache; the next fsync
+    returns 0 though they never reached the disk (PostgreSQL's "fsyncgate", 2018). So
+    once a sync of these files has failed, no later one is believed: ``sync`` and
+    ``check`` raise ``SyncFailed`` (EIO) from then on, and the caller must never write a
+    record saying that what it wrote since its last good sync is durable. A sync that ran
+    beside the failing one is not believed either: the error went to one of them only,
+    so each sync waits until every sync begun before it ended (syscalls: a bounded wait)
+    and then asks whether any of them failed. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.failed: OSError | None = None  # the first failure
+        self._cond = threading.Condition()
+        self._issued = 0  # syncs begun
+        self._running: set[int] = set()  # the numbers of those not ended yet
+
+    def check(self, name: str) -> None:
+        """``SyncFailed`` (EIO) naming ``name`` once a sync has failed."""
+        first = self.failed
+        if first is not None:
+            raise SyncFailed(errno.EIO, f"a sync failed earlier ({first.strerror or first}): nothing written "
+                                        f"since the last good sync is known to be on the disk", name, first)
+
+    def sync(self, fd: int, name: str, *, data_only: bool = True) -> None:
+        """``sync_data`` (``sync_file`` if not ``data_only``) of ``fd``, the file ``name``:
+        ``SyncFailed`` if it fails, if one ran beside it and failed, or if one failed before."""
+        with self._cond:
+            self.check(name)
+            ticket = self._issued
+            self._issued += 1
+            self._running.add(ticket)
+        error: OSError | None = None
+        try:
+            if data_only:
+                sync_data(fd)
+            else:
+                sync_file(fd)
+        except OSError as exc:
+            error = exc
+        finally:
+            with self._cond:
+                self._running.discard(ticket)
+                if error is not None and self.failed is None:
+                    self.failed = error
+                self._cond.notify_all()
+        if error is not None:
+            raise SyncFailed(error.errno or errno.EIO, f"sync failed ({error.strerror or error}): the kernel may "
+                                                      f"have dropped what was written since the last good sync",
+                             name, error) from error
+        with self._cond:
+            horizon = self._issued  # every sync that began before this one ended
+            while self.failed is None and any(t < horizon for t in self._running):
+                self._cond.wait()
+        self.check(name)
 
 
 #: libc's ``sync_file_range`` (Linux only), or None.

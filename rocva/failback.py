@@ -175,7 +175,11 @@ def _prepare_whole(disk: LocalDisk) -> None:
         if os.fstat(fd).st_size != disk.size:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, disk.size)
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # not retried: a rerun writes the whole disk again, every byte
+            raise OSError(exc.errno, f"{exc.strerror} (fsync of the disk a failback rewrites whole; run the "
+                                     f"failback again once the disk is healthy)", str(disk.path)) from exc
     finally:
         os.close(fd)
 

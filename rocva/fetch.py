@@ -300,9 +300,24 @@ def _true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b - 1) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
 
 
+class ImageWriteError(OSError):
+    """A ``pwrite`` into an image failed (a full file system, a failing disk): ``fd`` and
+    ``offset``, ``length`` of the write, for the caller, who knows which image ``fd`` is,
+    to name it."""
+
+    def __init__(self, exc: OSError, fd: int, offset: int, length: int) -> None:
+        super().__init__(exc.errno, exc.strerror)
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
-        n = os.pwrite(fd, data, offset)
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as exc:
+            raise ImageWriteError(exc, fd, offset, len(data)) from exc
         data, offset = data[n:], offset + n
 
 
@@ -378,19 +393,27 @@ def group_digest(unit_digests: list[int]) -> int:
 READBACK_BYTES = 1 << 20  # one pread of a piece read back
 
 
-def unit_digest_from_file(fds: list[int], unit: Unit, buf: bytearray) -> int:
+ReadBack = Callable[[int, int, int], memoryview]  # (fd, offset, length) -> at most length bytes, b"" at the end
+
+
+def unit_digest_from_file(fds: list[int], unit: Unit, buf: bytearray, read: ReadBack | None = None) -> int:
     """The digest of ``unit`` as its pieces read now in the image files (``buf``: the
-    reused read buffer, any size). A file too short reads as a different digest."""
+    reused read buffer, any size; ``read``: how to read, at most ``len(buf)`` bytes at a
+    time — default ``preadv`` into ``buf``, through the page cache). A file too short
+    reads as a different digest."""
     h = xxhash.xxh3_64()
     view = memoryview(buf)
     for s, o, n in zip(unit.slot.tolist(), unit.offset.tolist(), unit.length.tolist()):
         while n > 0:
-            got = os.preadv(fds[s], [view[: min(n, len(view))]], o)
-            if got <= 0:
+            if read is None:
+                data = view[: os.preadv(fds[s], [view[: min(n, len(view))]], o)]
+            else:
+                data = read(fds[s], o, min(n, len(view)))
+            if not len(data):
                 h.update(b"\xff")  # short: the bytes are missing, and that must not hash as if present
                 break
-            h.update(view[:got])
-            o, n = o + got, n - got
+            h.update(data)
+            o, n = o + len(data), n - len(data)
     return h.intdigest()
 
 

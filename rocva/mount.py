@@ -441,12 +441,22 @@ class Mount:
         return self.summary()
 
     async def _finish(self) -> None:
+        # Every overlay is flushed, even after one failed: each holds its own clients' writes.
+        failed: list[str] = []
+        first: OSError | None = None
         for name, disk in self.disks.items():
             if disk.overlay is not None:
                 try:
                     await disk.overlay.flush()
                 except OSError as exc:
-                    raise RecoveryError(f"flushing the overlay of {name} failed ({exc.strerror or exc})") from exc
+                    why = exc.strerror or str(exc)
+                    broken = disk.overlay.broken
+                    if broken is not None:  # its own message advises a restart: said once, below
+                        why = f"{disk.overlay.data_path}: {broken.strerror or broken}"
+                    failed.append(f"flushing the overlay of {name} failed ({why})")
+                    first = first or exc
+        if failed:
+            raise RecoveryError("; ".join(failed)) from first
         if self.rehydration is not None and not self.rehydration.done():
             self.rehydration.cancel()
         if self.rehydration is not None:
@@ -483,9 +493,17 @@ class Mount:
         assert self.overlay_dir is not None
         reason = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         kept = self.overlay_dir.path
-        logger.error("mount_stop_failed", error=reason, overlay_kept=str(kept))
+        broken = [n for n, d in self.disks.items() if d.overlay is not None and d.overlay.broken is not None]
+        logger.error("mount_stop_failed", error=reason, overlay_kept=str(kept), overlays_broken=broken)
+        kept_what = "The writes made through the exports are kept"
+        if broken:
+            # A failed flush (fsyncgate): what the kernel failed to write may be gone, and
+            # what it still caches may be served once more, then not: only the map is trusted.
+            kept_what = (f"A flush of the overlay of {', '.join(broken)} failed: the writes acknowledged to "
+                         f"{'its' if len(broken) == 1 else 'their'} clients after the last good flush may be "
+                         f"lost, as a disk's unflushed writes in a crash. The writes flushed before that are kept")
         return RecoveryError(
-            f"cdp mount could not stop cleanly: {reason}. The writes made through the exports are kept in the "
+            f"cdp mount could not stop cleanly: {reason}. {kept_what} in the "
             f"overlay directory {kept} (not removed). To apply them, serve the same point with that overlay and "
             f"rehydrate into an empty directory with room for the images: cdp mount {self.plan.domain} --seq "
             f"{self.plan.seq} --timeline {self.plan.timeline} --nbd ADDR --writable --overlay {kept} "

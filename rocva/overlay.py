@@ -21,7 +21,17 @@ Invariants:
   runs (``_lock``): every bit it holds names bytes that are durable. A crash loses at
   most what the client had not flushed, as a disk does;
 - mutations are serialized (``_lock``): a read-modify-write cannot interleave with
-  another write of the same block. Reads take no lock.
+  another write of the same block. Reads take no lock;
+- a FLUSH that fails *breaks* the overlay, for good (``broken``): every later write,
+  WRITE_ZEROES, FUA and FLUSH fails with EIO naming the overlay file, and the map is
+  never written again. Why: after a failed write-back Linux marks the lost pages clean
+  and the next ``fdatasync`` returns 0 ("fsyncgate", ``cdp.durable.StickySync``): a
+  retried FLUSH would be acked and the next map would name blocks whose bytes never
+  reached the disk (a restart then served zeros for them). The writes acked since the
+  last good FLUSH may be lost, as a disk's unflushed writes in a crash; the map on disk
+  is the last good one, and a mount started again on the directory serves the overlay
+  as of that FLUSH (the file's cached pages dropped first, so that no lost page is
+  served from the cache).
 
 The store is never written: the overlay is the only place writes go.
 
@@ -46,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from cdp import durable
 from cdp.durable import pwrite_all
 from cdp.errors import ChecksumMismatch, ConfigError, FormatError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
@@ -66,6 +77,9 @@ MAP_SUFFIX = ".overlay.map"
 ZERO_FILL_BYTES = 1 << 20
 #: Bytes copied at a time when the overlay is applied to an image.
 APPLY_BYTES = 8 << 20
+#: What the operator does with a broken overlay (``Overlay.broken``).
+BROKEN_ADVICE = ("stop the mount and start it again with this --overlay directory once the file system is "
+                 "healthy: it serves the overlay as of its last good flush")
 
 LowerRead = Callable[[int, int], Awaitable[bytes | bytearray | memoryview]]
 
@@ -106,6 +120,7 @@ class Overlay:
         self._bitmap = bitmap  # packed, little bit order: bit k of byte k // 8 is block k
         self._lock = asyncio.Lock()
         self._dirty = False  # bits set since the map was last written
+        self.broken: OSError | None = None  # the failure of a FLUSH: no write or FLUSH is taken after it
         self.writes = 0
         self.bytes_written = 0
 
@@ -135,6 +150,17 @@ class Overlay:
     @property
     def map_path(self) -> Path:
         return self.directory / (self.name + MAP_SUFFIX)
+
+    @property
+    def data_path(self) -> Path:
+        return self.directory / (self.name + DATA_SUFFIX)
+
+    def _refuse_if_broken(self) -> None:
+        """EIO naming the overlay file once a FLUSH has failed (module docstring)."""
+        if self.broken is not None:
+            raise OSError(errno.EIO, f"{self.data_path}: a flush of this overlay failed earlier "
+                                     f"({self.broken.strerror or self.broken}); it takes no more writes or "
+                                     f"flushes: {BROKEN_ADVICE}")
 
     @property
     def blocks_written(self) -> int:
@@ -198,6 +224,7 @@ class Overlay:
     async def write(self, offset: int, data: bytes | bytearray | memoryview, lower: LowerRead,
                     fua: bool = False) -> None:
         async with self._lock:
+            self._refuse_if_broken()
             await self._write_locked(offset, memoryview(data).cast("B"), lower)
             if fua:
                 await self._flush_locked()
@@ -231,6 +258,7 @@ class Overlay:
         whole_lo = -(-offset // bb) * bb
         whole_hi = end if end == self.size else end // bb * bb
         async with self._lock:
+            self._refuse_if_broken()
             if whole_lo >= whole_hi:  # inside one block
                 await self._write_locked(offset, memoryview(bytes(length)), lower)
             else:
@@ -262,11 +290,21 @@ class Overlay:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
-        await asyncio.to_thread(os.fdatasync, self._fd)
-        if self._dirty:
-            doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes())
-            await asyncio.to_thread(self.out.write_atomic, self.name + MAP_SUFFIX, doc)
-            self._dirty = False
+        """``fdatasync`` the overlay file, then write the map if a bit changed. Any failure
+        breaks the overlay (module docstring): a failed map write may be a failed sync of
+        the directory after the rename, which no retry could prove either."""
+        self._refuse_if_broken()
+        try:
+            await asyncio.to_thread(durable.sync_data, self._fd)
+            if self._dirty:
+                doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes())
+                await asyncio.to_thread(self.out.write_atomic, self.name + MAP_SUFFIX, doc)
+                self._dirty = False
+        except OSError as exc:
+            self.broken = exc
+            raise OSError(exc.errno or errno.EIO, f"{self.data_path}: flush failed ({exc.strerror or exc}): the "
+                                                  f"writes acknowledged since its last good flush may be lost; "
+                                                  f"it takes no more writes or flushes: {BROKEN_ADVICE}") from exc
 
     # ------------------------------------------------------------------ applying
 
@@ -324,10 +362,22 @@ def _open_files(out: OutputDir, name: str, identity: OverlayIdentity, block_byte
         if size != identity.disk_size:
             raise FormatError(f"{out.show(data_name)}: {size} bytes, its map says the disk has "
                               f"{identity.disk_size}")
+        _drop_cache(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd, bitmap
+
+
+def _drop_cache(fd: int) -> None:
+    """Drop the cached pages of a reopened overlay file (``POSIX_FADV_DONTNEED``, advice):
+    after a FLUSH failed, the pages whose write-back failed stay cached, marked clean, and
+    would be served although the disk does not hold them (module docstring)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice
 
 
 def _create_data(out: OutputDir, data_name: str, disk_size: int) -> int:

@@ -23,7 +23,12 @@ Invariants:
   directory fsynced. On any error the ``.partial`` files stay and nothing is renamed:
   a recovery never hands back a silently wrong disk.
 - A group listed as done in ``recover.state.json``, with the digest of its bytes, had
-  them pwritten *and fsynced* before the state file was (atomically) written.
+  them pwritten *and fsynced* before the state file was (atomically) written. Once an
+  fsync of the images (or a save) failed, the state is not written again in this run
+  (``ResumeState.failed``): a retried fsync returns 0 for bytes the kernel dropped
+  ("fsyncgate"), and the state would claim them. The run stops; the state on disk is the
+  last good one, and the error (``RecoveryError``) names the file and says that the
+  same command resumes.
 - A state of the same plan (``RecoveryPlan.identity``) cut into the same units resumes
   only once its done groups' digests are read back from the images and match; then
   every byte outside them is zeroed. A state that says the images are complete is
@@ -45,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp.durable import SyncFailed
 from cdp.errors import NotFound, PermissionDenied
 from cdp.locks import Lease, recovery_lease
 from cdp.logs import get_logger
@@ -52,13 +58,14 @@ from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
 from rocva.errors import RecoveryError
 from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, Writeback, execute, pool_workers,
+    BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, ImageWriteError, Writeback,
+    execute, pool_workers,
 )
 from rocva.plan import CONCURRENCY_DEFAULT, RecoveryPlan, plan_recovery
 from rocva.recover_options import RecoverOptions
 from rocva.resume import (
-    PARTIAL_SUFFIX, STATE_NAME, STATE_SAVE_INTERVAL_S, STATE_VERSION, ResumeState, SavedState, all_groups,
-    clear_outside, discarded, prove, read_state, zeros_outside,
+    PARTIAL_SUFFIX, STATE_NAME, STATE_SAVE_INTERVAL_S, STATE_VERSION, ResumeState, SavedState, StateWriteError,
+    all_groups, clear_outside, discarded, prove, read_state, zeros_outside,
 )
 
 log = get_logger("rocva.recover")
@@ -218,6 +225,24 @@ def _open_saved(plan: RecoveryPlan, out: OutputDir, saved: SavedState, found: li
     return fds, None
 
 
+def _proved(plan: RecoveryPlan, fds: list[int], units: dict[str, int], saved: SavedState) -> tuple[str | None, list]:
+    """``prove`` of the saved run, and for a complete one zeros outside its groups: (None,
+    the done groups' pieces per disk), or (why not, []). A read that fails proves nothing:
+    a direct read reports a write-back that failed since (the kernel's ``AS_EIO`` or
+    ``AS_ENOSPC``), and the bytes the state claims there may be lost."""
+    try:
+        problem, keep = prove(plan, fds, units, saved.done, complete=saved.complete)
+        if problem is None and saved.complete:
+            for d, fd, pieces in zip(plan.disks, fds, keep):
+                stray = zeros_outside(fd, d.size, pieces)
+                if stray is not None:
+                    return f"{d.image_name}: bytes {stray[0]}..{stray[1]} should be zeros and are not", []
+    except OSError as exc:
+        return (f"reading the images back failed ({exc.strerror or exc}): a write-back to them may have failed, "
+                f"and what the state claims may not be on the disk"), []
+    return problem, keep
+
+
 def _resume(plan: RecoveryPlan, out: OutputDir, saved: SavedState, found: list[_Found],
             units: dict[str, int]) -> tuple[ResumeState, list[int]] | str:
     """The state and images of a saved run proved right (and, unless complete, cleared
@@ -225,13 +250,7 @@ def _resume(plan: RecoveryPlan, out: OutputDir, saved: SavedState, found: list[_
     fds, problem = _open_saved(plan, out, saved, found, saved.complete)
     try:
         if problem is None:
-            problem, keep = prove(plan, fds, units, saved.done, complete=saved.complete)
-        if problem is None and saved.complete:
-            for d, fd, pieces in zip(plan.disks, fds, keep):
-                stray = zeros_outside(fd, d.size, pieces)
-                if stray is not None:
-                    problem = f"{d.image_name}: bytes {stray[0]}..{stray[1]} should be zeros and are not"
-                    break
+            problem, keep = _proved(plan, fds, units, saved)
         if problem is not None:
             _close(fds)
             return problem
@@ -364,6 +383,12 @@ class _Tally:
         self.skipped_bytes = 0
         self.skipped_groups = 0
         self.groups: set[str] = set()
+        self.sizes: dict[str, int] = {}  # bytes of each group seen
+
+    def left(self, saved: frozenset[str]) -> int:
+        """Bytes of the plan outside the groups ``saved`` (what a rerun writes), as far as
+        the groups seen tell."""
+        return max(0, self.total - sum(self.sizes.get(name, 0) for name in saved))
 
     def add(self, nbytes: int) -> None:
         self.done_bytes += nbytes
@@ -377,7 +402,9 @@ async def _fetch_all(store: ObjectStore, plan, state: ResumeState, fds: list[int
     write-out starts once it is complete, so that the fsync before publication has little
     left to write (``rocva.fetch.Writeback``)."""
     def skip(name: str, nbytes: int) -> bool:
+        state.check()  # a save failed: nothing more can be recorded, stop now
         tally.groups.add(name)
+        tally.sizes[name] = nbytes
         if name not in state.done:
             return False
         tally.skipped_bytes += nbytes
@@ -410,25 +437,36 @@ async def _fetch_all(store: ObjectStore, plan, state: ResumeState, fds: list[int
 
 async def _execute_locked(store: ObjectStore, plan, out: OutputDir, progress, concurrency, checksum, units) -> dict:
     t0 = time.monotonic()
-    state, fds, resume, discarded_because = await asyncio.to_thread(_prepare, plan, out, units)
-    finished_before = state.complete
     tally = _Tally(plan.bytes_to_write, progress)
+    try:
+        state, fds, resume, discarded_because = await asyncio.to_thread(_prepare, plan, out, units)
+    except (ImageWriteError, SyncFailed, StateWriteError) as exc:
+        raise _write_failed(exc, plan, out, {}, plan.bytes_to_write) from exc
+    finished_before = state.complete
+    names = {fd: out.show(d.image_name + PARTIAL_SUFFIX) for d, fd in zip(plan.disks, fds)}
     tally.add(0)  # tell the progress bar the total before the first unit ends
     bytes_written = 0
     try:
-        if not finished_before:
-            bytes_written = await _fetch_all(store, plan, state, fds, tally, concurrency, units)
-            _verify(plan, fds, state, tally, bytes_written)
-            state.complete = True
-            state.save(fds)
-    except BaseException:
-        if fds and not finished_before:  # keep what is durable for a resume; the first error is raised
-            with contextlib.suppress(Exception):
-                await state.settle()
-            await asyncio.to_thread(state.save, fds)
-        raise
-    finally:
-        _close(fds)
+        try:
+            if not finished_before:
+                bytes_written = await _fetch_all(store, plan, state, fds, tally, concurrency, units)
+                _verify(plan, fds, state, tally, bytes_written)
+                state.complete = True
+                state.save(fds)
+        except BaseException:
+            if fds and not finished_before:  # keep what is durable for a resume; the first error is raised
+                with contextlib.suppress(Exception):
+                    await state.settle()
+                if state.failed is None:  # else the state on disk is the last good one: never a newer
+                    try:
+                        await asyncio.to_thread(state.save, fds)
+                    except OSError as exc:
+                        log.warning("recover_state_not_saved", dir=str(out.path), error=str(exc))
+            raise
+        finally:
+            _close(fds)
+    except (ImageWriteError, SyncFailed, StateWriteError) as exc:
+        raise _write_failed(exc, plan, out, names, tally.left(state.saved)) from exc
     _publish(plan, out, state.inos)
     out.unlink(STATE_NAME)
     out.fsync()
@@ -448,6 +486,33 @@ async def _execute_locked(store: ObjectStore, plan, out: OutputDir, progress, co
         "mb_per_s": round(bytes_written / 1e6 / seconds, 1) if seconds > 0 else None,
         "images": images, "plan": plan.summary(),
     }
+
+
+def _write_failed(exc: OSError, plan: RecoveryPlan, out: OutputDir, names: dict[int, str],
+                  left: int) -> RecoveryError:
+    """The error of a recovery whose write or fsync of an image, or write of its state,
+    failed (a full file system, a failing disk): the file, the directory, the bytes a
+    rerun has ``left`` to write, and that the same command resumes."""
+    if isinstance(exc, ImageWriteError):
+        where = names.get(exc.fd, f"an image in {out.path}")
+        what = f"writing {exc.length} bytes at offset {exc.offset} failed ({exc.strerror})"
+    elif isinstance(exc, SyncFailed):
+        first = exc.first.strerror or str(exc.first)
+        where = exc.filename
+        what = (f"fsync failed ({first})" if exc.__cause__ is exc.first else f"an earlier fsync failed ({first})")
+        what += ": bytes written since the last good save may be lost, so no new state was saved"
+    else:
+        where, what = exc.filename, f"writing the recovery state failed ({exc.strerror})"
+    try:
+        st = os.fstatvfs(out.fd)
+        free = f"; the file system says {st.f_bavail * st.f_frsize} bytes are free"
+    except OSError:
+        free = ""
+    return RecoveryError(
+        f"{where}: {what}. The recovery into {out.path} still needs {left} of the plan's "
+        f"{plan.bytes_to_write} bytes written{free}. Make room (or fix the disk) and run the same command again: it "
+        f"resumes from {STATE_NAME}, keeping only the work it recorded as durable and checking that against the "
+        f"disk")
 
 
 def _verify(plan: RecoveryPlan, fds: list[int], state: ResumeState, tally: _Tally, bytes_written: int) -> None:

@@ -12,7 +12,13 @@ its files can be damaged, copied from elsewhere or written by hand. So:
   done groups' pieces (punching holes), since a later piece's all-zero pages are left
   as holes and would otherwise show whatever the file held there;
 - a state that claims completion is proved in full (every group, and zeros everywhere
-  else) before its images are published.
+  else) before its images are published;
+- the proofs read the images past the page cache (``DeviceReader``: ``O_DIRECT``): after
+  a failed write-back Linux keeps the lost bytes cached, marked clean ("fsyncgate");
+- a save whose fsync (or write) failed poisons the state for the rest of the process
+  (``ResumeState.failed``): it is never written again, since a later fsync returns 0 for
+  bytes the kernel dropped and the state would claim them. The state on disk stays the
+  last good one, which claims only bytes an fsync that succeeded made durable.
 
 A state that fails any proof is discarded with a warning and the recovery starts over.
 The digests are plain xxh3: they catch damage, stale or foreign files and garbage, not a
@@ -35,11 +41,13 @@ from typing import Any
 
 import numpy as np
 
+from cdp import durable
+from cdp.direct_io import ReadBuffer, read_direct_into
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from cdp.logs import get_logger
 from rocva.destination import OutputDir
 from rocva.fetch import (
-    READBACK_BYTES, Unit, base_groups, group_digest, segment_groups, unit_digest_from_file,
+    READBACK_BYTES, ReadBack, Unit, base_groups, group_digest, segment_groups, unit_digest_from_file,
 )
 from rocva.plan import RecoveryPlan
 
@@ -112,9 +120,8 @@ def parse_state(doc: Any) -> SavedState:
         images = doc.get("images")
         if not isinstance(images, list) or len(images) > STATE_IMAGES_MAX:
             raise ValueError("images: expected a list of image names")
-        return SavedState(1, None, None, False,
-                          {n: SavedImage(None, None) for n in images if isinstance(n, str) and _IMAGE_NAME.fullmatch(n)},
-                          {})
+        named = [n for n in images if isinstance(n, str) and _IMAGE_NAME.fullmatch(n)]
+        return SavedState(1, None, None, False, {n: SavedImage(None, None) for n in named}, {})
     if isinstance(version, bool) or version != STATE_VERSION:
         raise ValueError(f"version: expected {STATE_VERSION}, got {version!r:.40}")
     _keys(doc, "state", {"version", "identity", "domain", "target_seq", "generation", "units", "complete",
@@ -173,10 +180,17 @@ def discarded(out: OutputDir, reason: str) -> None:
     log.warning("recover_state_discarded", dir=str(out.path), reason=reason)
 
 
+class StateWriteError(OSError):
+    """Writing ``recover.state.json`` failed; ``filename`` names it."""
+
+
 class ResumeState:
     """Progress of one recovery in its output directory (see ``rocva.recover``'s invariants):
     ``done`` maps each group whose bytes are pwritten (and fsynced before the next save)
-    to their digest; ``inos`` are the ``.partial`` images' inodes (None before creation)."""
+    to their digest; ``inos`` are the ``.partial`` images' inodes (None before creation).
+
+    Invariant: once a save failed (``failed``), no save writes the state again in this
+    process (module docstring)."""
 
     def __init__(self, out: OutputDir, plan: RecoveryPlan, units: dict[str, int], done: dict[str, int],
                  inos: list[int | None]) -> None:
@@ -187,7 +201,9 @@ class ResumeState:
         self.inos = inos
         self.complete = False
         self._task: asyncio.Task | None = None
-        self._failed: BaseException | None = None
+        self.failed: OSError | None = None  # the save that failed: the state is not written again
+        self.saved = frozenset(done)  # the groups the state on disk claims
+        self._syncs = durable.StickySync()  # the images' fsyncs
         self._last_save = time.monotonic()
 
     def document(self, done: dict[str, int]) -> dict:
@@ -198,33 +214,50 @@ class ResumeState:
                 "done": {name: f"{done[name]:016x}" for name in sorted(done)}}
 
     def save(self, fds: list[int]) -> None:
-        """fsync every image, then atomically write the groups done before that fsync."""
+        """fsync every image (``fds``: the plan's disks in order), then atomically write
+        the groups done before that fsync. ``durable.SyncFailed`` naming the image, or
+        ``StateWriteError``; either poisons the state (``failed``, raised by every later
+        save)."""
+        self.check()
         done = dict(self.done)
-        for fd in fds:
-            os.fsync(fd)
-        self.out.write_atomic(STATE_NAME, json.dumps(self.document(done), indent=1).encode())
+        try:
+            for d, fd in zip(self.plan.disks, fds):
+                self._syncs.sync(fd, self.out.show(d.image_name + PARTIAL_SUFFIX), data_only=False)
+            try:
+                self.out.write_atomic(STATE_NAME, json.dumps(self.document(done), indent=1).encode())
+            except OSError as exc:
+                raise StateWriteError(exc.errno, exc.strerror, self.out.show(STATE_NAME)) from exc
+        except OSError as exc:
+            self.failed = self.failed or exc
+            raise
+        self.saved = frozenset(done)
         self._last_save = time.monotonic()
 
+    def check(self) -> None:
+        """Raise the failure of an earlier save, if one failed."""
+        if self.failed is not None:
+            raise self.failed
+
     def save_soon(self, fds: list[int]) -> None:
-        """Start a save in a thread, at most every STATE_SAVE_INTERVAL_S, one at a time."""
+        """Start a save in a thread, at most every STATE_SAVE_INTERVAL_S, one at a time;
+        none once a save failed."""
         if self._task is not None:
             if not self._task.done():
                 return
-            if not self._task.cancelled() and self._task.exception() is not None:
-                self._failed = self._failed or self._task.exception()
+            if not self._task.cancelled():
+                self._task.exception()  # retrieved; a failure is in ``failed``
             self._task = None
-        if time.monotonic() - self._last_save < STATE_SAVE_INTERVAL_S:
+        if self.failed is not None or time.monotonic() - self._last_save < STATE_SAVE_INTERVAL_S:
             return
         self._task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.save, fds))
 
     async def settle(self) -> None:
         """Wait for the save in flight (call before closing the images); raise the error
-        of any background save that failed."""
+        of any save that failed."""
         task, self._task = self._task, None
         if task is not None:
             await task
-        if self._failed is not None:
-            raise self._failed
+        self.check()
 
 
 # --------------------------------------------------------------------------- proofs
@@ -239,6 +272,33 @@ def all_groups(plan: RecoveryPlan, units: dict[str, int]) -> Iterator[tuple[str,
 Pieces = list[tuple[np.ndarray, np.ndarray]]  # per disk slot: (offsets, lengths) arrays
 
 
+class DeviceReader:
+    """Reads the images back past the page cache, for the proofs of a resume: after a
+    failed write-back Linux keeps the lost pages cached and marks them clean, so a
+    buffered read would prove bytes the disk does not hold. ``O_DIRECT``
+    (``cdp.direct_io.read_direct_into``, into one reused buffer); where the file system
+    refuses it, the image's cached pages are dropped once (``POSIX_FADV_DONTNEED``,
+    advice) and it is read buffered (tmpfs refuses it, and there the cache is the file).
+    A ``ReadBack`` (``rocva.fetch``): at most ``READBACK_BYTES`` a call."""
+
+    def __init__(self) -> None:
+        self._direct = ReadBuffer()
+        self._buffer = bytearray(READBACK_BYTES)
+        self._buffered: set[int] = set()  # descriptors whose file system refused O_DIRECT
+
+    def __call__(self, fd: int, offset: int, length: int) -> memoryview:
+        length = min(length, READBACK_BYTES)
+        if fd not in self._buffered:
+            got = read_direct_into(fd, offset, offset + length, self._direct)
+            if got is not None:
+                return got
+            self._buffered.add(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        view = memoryview(self._buffer)[:length]
+        return view[: os.preadv(fd, [view], offset)]
+
+
 def prove(plan: RecoveryPlan, fds: list[int], units: dict[str, int], done: dict[str, int], *,
           complete: bool) -> tuple[str | None, list[Pieces]]:
     """(None, the done groups' pieces per disk) when the images hold, for every group of
@@ -247,11 +307,12 @@ def prove(plan: RecoveryPlan, fds: list[int], units: dict[str, int], done: dict[
     keep: list[Pieces] = [[] for _ in plan.disks]
     names = set()
     buf = bytearray(READBACK_BYTES)
+    read = DeviceReader()
     for name, _, group in all_groups(plan, units):
         names.add(name)
         if name not in done:
             continue
-        digest = group_digest([unit_digest_from_file(fds, u, buf) for u in group])
+        digest = group_digest([unit_digest_from_file(fds, u, buf, read) for u in group])
         if digest != done[name]:
             return (f"work group {name}: the images hold bytes of digest {digest:016x}, the state records "
                     f"{done[name]:016x}"), []
@@ -331,17 +392,17 @@ def clear_outside(fd: int, size: int, pieces: Pieces) -> int:
     return cleared
 
 
-def zeros_outside(fd: int, size: int, pieces: Pieces) -> tuple[int, int] | None:
-    """None when every byte outside ``pieces`` reads zero; else the first range that does not."""
-    buf = bytearray(READBACK_BYTES)
-    view = memoryview(buf)
+def zeros_outside(fd: int, size: int, pieces: Pieces, read: ReadBack | None = None) -> tuple[int, int] | None:
+    """None when every byte outside ``pieces`` reads zero (read past the page cache:
+    ``DeviceReader``, unless ``read`` is given); else the first range that does not."""
+    read = read or DeviceReader()
     for a, b in outside(fd, size, pieces):
         pos = a
         while pos < b:
-            got = os.preadv(fd, [view[: min(b - pos, len(view))]], pos)
-            if got <= 0:
+            data = read(fd, pos, b - pos)
+            if not len(data):
                 break
-            if np.frombuffer(view[:got], dtype=np.uint8).any():
+            if np.frombuffer(data, dtype=np.uint8).any():
                 return a, b
-            pos += got
+            pos += len(data)
     return None
