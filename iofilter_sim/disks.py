@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cdp.durable import StickySync
 from cdp.errors import ConfigError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, fallocate
 from cdp.fallocate import available as fallocate_available
@@ -82,6 +83,7 @@ class PrimaryDisk:
                               f"expected a multiple of 512 > 0")
         self.size = size
         self._fd = _open_image(self.path, self.name, create)
+        self._sync = StickySync()
         try:
             have = os.fstat(self._fd).st_size
             if have == 0:
@@ -223,7 +225,10 @@ class PrimaryDisk:
     # ------------------------------------------------------------------ lifetime
 
     def fsync(self) -> None:
-        os.fsync(self._fd)
+        """``fsync`` of the image; once one failed, every later one fails (EIO naming the
+        image: ``durable.StickySync``) — after a failed write-back a retried fsync returns
+        0 for bytes the kernel dropped, and a guest's FLUSH would be answered over them."""
+        self._sync.sync(self._fd, str(self.path), data_only=False)
 
     def close(self) -> None:
         if self._fd >= 0:

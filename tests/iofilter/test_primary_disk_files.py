@@ -113,3 +113,30 @@ def test_distinct_images_and_images_not_there_yet_pass(tmp_path: Path) -> None:
 def test_one_path_twice_is_still_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="an image file no other disk uses"):
         load_cluster(cluster_file(tmp_path, "a.img", "./a.img"))
+
+
+def test_a_failed_fsync_of_the_primary_is_for_good(tmp_path: Path, monkeypatch) -> None:
+    """After a failed write-back Linux reports the error once and marks the pages clean:
+    the next fsync returned 0, and a guest's next FLUSH was answered over lost writes."""
+    import errno
+
+    import cdp.durable
+    from cdp.durable import SyncFailed
+
+    disk = PrimaryDisk(tmp_path / "vm-disk0.img", SIZE, name="vm/disk0")
+    real, failed = os.fsync, []
+
+    def fsync_once_failing(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+    monkeypatch.setattr(cdp.durable.os, "fsync", fsync_once_failing)
+    try:
+        with pytest.raises(OSError):
+            disk.fsync()
+        with pytest.raises(SyncFailed, match="a sync failed earlier") as caught:
+            disk.fsync()  # the kernel would say 0 now
+        assert caught.value.filename == str(disk.path)
+    finally:
+        disk.close()
