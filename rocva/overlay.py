@@ -292,19 +292,38 @@ class Overlay:
     async def _flush_locked(self) -> None:
         """``fdatasync`` the overlay file, then write the map if a bit changed. Any failure
         breaks the overlay (module docstring): a failed map write may be a failed sync of
-        the directory after the rename, which no retry could prove either."""
+        the directory after the rename, which no retry could prove either.
+
+        The failure is recorded by the worker thread itself (``_sync_and_map``): a FLUSH
+        cancelled while its sync runs (its connection ended) would otherwise lose the
+        error, and the next sync's 0 would put the lost blocks in the map. And the lock is
+        held until that thread ends, cancelled or not: a second flush beside it could
+        rename an older map over a newer one."""
         self._refuse_if_broken()
+        doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes()) if self._dirty else None
+        work = asyncio.ensure_future(asyncio.to_thread(self._sync_and_map, doc))
         try:
-            await asyncio.to_thread(durable.sync_data, self._fd)
-            if self._dirty:
-                doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes())
-                await asyncio.to_thread(self.out.write_atomic, self.name + MAP_SUFFIX, doc)
-                self._dirty = False
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.gather(work, return_exceptions=True)
+            raise
         except OSError as exc:
-            self.broken = exc
             raise OSError(exc.errno or errno.EIO, f"{self.data_path}: flush failed ({exc.strerror or exc}): the "
                                                   f"writes acknowledged since its last good flush may be lost; "
                                                   f"it takes no more writes or flushes: {BROKEN_ADVICE}") from exc
+        if doc is not None:
+            self._dirty = False
+
+    def _sync_and_map(self, doc: bytes | None) -> None:
+        """In a worker thread: the sync, then the map ``doc`` (None: unchanged); a failure
+        breaks the overlay here, whoever waits for it."""
+        try:
+            durable.sync_data(self._fd)
+            if doc is not None:
+                self.out.write_atomic(self.name + MAP_SUFFIX, doc)
+        except OSError as exc:
+            self.broken = exc
+            raise
 
     # ------------------------------------------------------------------ applying
 

@@ -114,6 +114,43 @@ async def test_a_failed_flush_breaks_the_overlay_and_its_map_names_only_flushed_
         ov.close()
 
 
+async def test_a_flush_cancelled_during_its_failing_sync_still_breaks_the_overlay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NBD server cancels a connection's requests when it ends: a FLUSH whose
+    fdatasync was failing in its thread lost the error, and the next flush (the kernel's
+    0) wrote a map naming the lost blocks."""
+    import threading
+
+    ov = Overlay.open(tmp_path, "vm-d0", IDENTITY)
+    await ov.write(0, b"\x01" * 4096, lower)
+    await ov.flush()
+    real, calls, started, release = os.fdatasync, [], threading.Event(), threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            started.set()
+            release.wait(30)  # a slow write-back ...
+            raise OSError(errno.EIO, "Input/output error")  # ... that fails
+        real(fd)  # then 0, as Linux says once it reported the failure
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    await ov.write(8 * KiB, b"\x02" * 8192, lower)
+    flushing = asyncio.create_task(ov.flush())
+    await asyncio.to_thread(started.wait, 30)
+    flushing.cancel()  # the client went away
+    release.set()
+    await asyncio.gather(flushing, return_exceptions=True)
+    assert ov.broken is not None and ov.broken.errno == errno.EIO
+    with pytest.raises(OSError, match="no more writes"):
+        await ov.flush()
+    ov.close()
+    ov = Overlay.open(tmp_path, "vm-d0", IDENTITY)
+    try:
+        assert ov.blocks_written == 1  # the map is the last good one
+    finally:
+        ov.close()
+
+
 @pytest.fixture(scope="module")
 def mount_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsync-mount")
