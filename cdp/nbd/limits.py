@@ -32,9 +32,14 @@ HANDSHAKE_TIMEOUT_S = 30.0
 FIRST_OPTION_TIMEOUT_S = 5.0
 #: Connections between accept and an export chosen (or ABORT), at once. At the cap — or
 #: at CONNECTIONS_MAX — the one that has been haggling longest is dropped to make room
-#: (``evicted_handshake``): a real client haggles for milliseconds, so 64 sockets that
-#: never finish their handshake no longer lock every new client out.
+#: (``evicted_handshake``), if it has haggled ``HANDSHAKE_EVICT_AFTER_S`` at least: 64
+#: sockets that never finish their handshake no longer lock every new client out, and
+#: 17 real clients connecting at once (a boot storm; TLS over a WAN haggles for hundreds
+#: of ms) do not reset the first: a newcomer waits up to ``HANDSHAKE_WAIT_S`` for a slot
+#: to free or a victim to age, then is refused.
 HANDSHAKES_MAX = 16
+HANDSHAKE_EVICT_AFTER_S = 1.0
+HANDSHAKE_WAIT_S = 3.0
 assert HANDSHAKES_MAX < CONNECTIONS_MAX, "connections haggling leave room for those past the handshake"
 #: Options one connection may send before it is dropped (a client looping on LIST).
 OPTIONS_PER_CONNECTION_MAX = 256

@@ -45,8 +45,8 @@ from cdp.nbd.backend import NbdBackend
 from cdp.nbd.budget import ConnectionBudget, ServerBudget
 from cdp.nbd.commands import error_reply, nbd_errno, ok_reply, run_command
 from cdp.nbd.handshake import HandshakePhase
-from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, FIRST_OPTION_TIMEOUT_S, HANDSHAKE_TIMEOUT_S,
-                            HANDSHAKES_MAX, IDLE_TIMEOUT_S, INFLIGHT_BYTES_MAX, INFLIGHT_MAX,
+from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, FIRST_OPTION_TIMEOUT_S, HANDSHAKE_EVICT_AFTER_S,
+                            HANDSHAKE_TIMEOUT_S, HANDSHAKE_WAIT_S, HANDSHAKES_MAX, IDLE_TIMEOUT_S, INFLIGHT_BYTES_MAX, INFLIGHT_MAX,
                             OPTIONS_PER_CONNECTION_MAX, READ_BUFFER_BYTES, REFUSE_OPTIONS_MAX, REFUSE_TIMEOUT_S,
                             REFUSING_MAX, SERVER_INFLIGHT_BYTES_MAX, STALL_TIMEOUT_S, WRITE_BUFFER_HIGH,
                             check_bounds)
@@ -99,6 +99,7 @@ class NbdServer:
         self.inflight_bytes_max = inflight_bytes_max
         self.connections_max = connections_max
         self.handshakes_max = max(1, handshakes_max)
+        self._waiting = 0  # connections waiting for a handshake slot (_handshake_slot)
         self.handshake_timeout_s = handshake_timeout_s
         self.first_option_timeout_s = first_option_timeout_s
         self.stall_timeout_s = stall_timeout_s
@@ -169,8 +170,9 @@ class NbdServer:
         assert task is not None
         peer = peer_name(writer)
         try:
-            if self._haggling() >= self.handshakes_max:
-                await self._evict_haggling("handshakes_max")
+            if self._haggling() >= self.handshakes_max and not await self._handshake_slot():
+                await self._refuse(reader, writer, peer)
+                return
             if (len(self._connections) >= self.connections_max and not await self._evict_haggling("connections_max")
                     and not await self._evict_idle()):
                 await self._refuse(reader, writer, peer)
@@ -194,10 +196,38 @@ class NbdServer:
         """Connections in their handshake (not dropped yet)."""
         return sum(1 for c in self._connections.values() if c.haggling and c.dropped is None)
 
+    async def _handshake_slot(self) -> bool:
+        """At the handshake cap: True once a connection left its handshake or one haggling
+        for ``HANDSHAKE_EVICT_AFTER_S`` was dropped for this one; False after
+        ``HANDSHAKE_WAIT_S`` (then the newcomer is refused), or at once when as many wait
+        as may haggle. Looks every 50 ms: only a connection over the cap waits here, and
+        each holds nothing but its socket."""
+        if self._haggling() < self.handshakes_max or await self._evict_haggling("handshakes_max"):
+            return True
+        if self._waiting >= self.handshakes_max:
+            return False
+        self._waiting += 1
+        try:
+            deadline = self._loop_time() + HANDSHAKE_WAIT_S
+            while not self._closing and self._loop_time() < deadline:
+                await asyncio.sleep(0.05)
+                if self._haggling() < self.handshakes_max or await self._evict_haggling("handshakes_max"):
+                    return True
+            return False
+        finally:
+            self._waiting -= 1
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
     async def _evict_haggling(self, cap: str) -> bool:
         """At a cap (``cap`` names it, for the log): drop the connection that has been in
-        its handshake longest, and wait until it is gone. False when none is."""
-        haggling = [(c.accepted_at, task) for task, c in self._connections.items() if c.haggling and c.dropped is None]
+        its handshake longest, if for ``HANDSHAKE_EVICT_AFTER_S`` at least, and wait until
+        it is gone. False when none is."""
+        old_enough = self._loop_time() - HANDSHAKE_EVICT_AFTER_S
+        haggling = [(c.accepted_at, task) for task, c in self._connections.items()
+                    if c.haggling and c.dropped is None and c.accepted_at <= old_enough]
         if not haggling:
             return False
         since, task = min(haggling, key=lambda pair: pair[0])
