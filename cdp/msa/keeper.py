@@ -234,10 +234,10 @@ class ProcessKeeper:
             kept.status = None
             await start(kept)
         elif kept.proc is not None:
-            if self.clock() - kept.log_checked_at >= LOG_CHECK_INTERVAL_S:
+            if self.clock() - kept.log_checked_at >= LOG_CHECK_INTERVAL_S and kept.proc.returncode is None:
                 kept.log_checked_at = self.clock()
-                try:
-                    rotate_running(kept.log_path)
+                try:  # a copy of 64 MiB: off the event loop (the API and the supervision go on)
+                    await asyncio.to_thread(rotate_running, kept.log_path)
                 except OSError as exc:  # a full file system: the child's log goes on growing
                     log.warning(f"{self.kind}_log_rotate_failed", name=kept.name, error=str(exc))
             return self.read_status(kept)
@@ -409,7 +409,18 @@ def rotate_running(path: Path, limit: int | None = None) -> bool:
 
 
 def last_error(path: Path) -> str | None:
-    """The last error a log holds (JSON lines from cdp.logs, or a plain traceback line)."""
+    """The last error a log holds (JSON lines from cdp.logs, or a plain traceback line) —
+    or, when it holds none, ``<log>.1``'s: the log may have been cut (``rotate_running``)
+    just before the child's exit was seen."""
+    found = _last_error_in(path)
+    if found is not None:
+        return found
+    older = path.with_name(path.name + ".1")
+    found = _last_error_in(older)
+    return None if found is None else f"{found} (in {older.name})"[:ERROR_TEXT_MAX + 32]
+
+
+def _last_error_in(path: Path) -> str | None:
     try:
         fd = open_regular(path, os.O_RDONLY)  # not the log we opened for the child (a FIFO): None
     except OSError:

@@ -246,3 +246,19 @@ async def test_a_running_childs_log_is_rotated_and_the_child_writes_on(tmp_path:
         assert lines and all(line.startswith("line ") for line in lines[:-1])
     finally:
         await k.stop(kept)
+
+
+def test_the_last_error_of_a_log_cut_just_before_the_exit_is_read_from_its_copy(tmp_path: Path) -> None:
+    """The log of a child that logged its error and exited may be cut (copytruncate) before
+    its exit is seen: the reason is in ``<log>.1``, and said so."""
+    import json as json_mod
+
+    from cdp.msa.keeper import last_error
+
+    log = tmp_path / "drva-1.log"
+    log.write_text("")
+    (tmp_path / "drva-1.log.1").write_text(json_mod.dumps({"level": "error", "event": "log_error",
+                                                           "error": "EIO reading the log"}) + "\n")
+    assert last_error(log) == "log_error: EIO reading the log (in drva-1.log.1)"
+    log.write_text(json_mod.dumps({"level": "error", "event": "meta_error", "error": "no slot"}) + "\n")
+    assert last_error(log) == "meta_error: no slot"
