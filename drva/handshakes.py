@@ -8,33 +8,28 @@ a filter needs one connection per DRVA, and retries a refused one with backoff â
 rest stay for the others: a stranger now has to come from four sources to fill them.
 
 A source is a peer's IP address; an IPv6 one by its /64, the smallest block a site is
-given, so that one host cannot take every slot by cycling through its own addresses.
+given, so that one host cannot take every slot by cycling through its own addresses
+(``cdp.netaddr``, which the management API's per-address share uses too).
 """
 
 from __future__ import annotations
 
 import collections
-import ipaddress
 from typing import Any
+
+from cdp.netaddr import peer_ip, share_key
 
 HANDSHAKES_MAX = 16
 HANDSHAKES_PER_SOURCE_MAX = 4
-IPV6_SOURCE_PREFIX = 64
 
 
 def source_of(peername: Any) -> str:
     """The source a peer's handshakes count under (see the module docstring);
     ``peername`` as ``transport.get_extra_info("peername")`` gives it (None: unknown)."""
-    host = peername[0] if isinstance(peername, tuple) and peername else str(peername)
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])  # without an IPv6 zone (fe80::1%eth0)
-    except ValueError:
-        return host  # a Unix socket's path, or nothing: one source
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, IPV6_SOURCE_PREFIX), strict=False))
-    return str(addr)
+    ip = peer_ip(peername)
+    if ip is None:  # a Unix socket's path, or nothing: one source
+        return peername[0] if isinstance(peername, tuple) and peername else str(peername)
+    return share_key(ip)
 
 
 class HandshakeSlots:

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import json
 import logging
 import ssl
@@ -69,13 +68,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from cdp.logs import get_logger
+from cdp.netaddr import peer_ip, share_key
 
 log = get_logger("cdp.msa.http_limits")
 
 HEADERS_MAX = 32  # header lines of a request (aiohttp's default is 128)
 FIELD_BYTES_MAX = 8190  # of the request line and of one header (aiohttp's default)
 ADDRESS_SHARE = 4  # one address holds at most 1/ADDRESS_SHARE of connections_max, unless set
-IPV6_PREFIX_BITS = 64  # an IPv6 client gets a /64: its addresses count as one
 PATH_LOGGED_CHARS_MAX = 200  # of a request path in a log line (a path may be 8,190 bytes)
 METHOD_LOGGED_CHARS_MAX = 20
 REFUSALS_LOGGED_MAX = 20  # refused requests logged one by one per interval; the rest are counted
@@ -210,18 +209,10 @@ def address_key(peer: Any, loopback_shared: bool = False) -> str | None:
     """The address whose share a connection from ``peer`` (a ``peername``) counts against:
     the IPv4 address, or the /64 of an IPv6 one (an IPv4-mapped one as IPv4); None for
     one that has no share (loopback unless ``loopback_shared``; no IP address)."""
-    try:
-        ip = ipaddress.ip_address(peer[0].partition("%")[0])
-    except (TypeError, ValueError, IndexError, AttributeError):
+    ip = peer_ip(peer)
+    if ip is None or (ip.is_loopback and not loopback_shared):
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback and not loopback_shared:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((int(ip) >> (128 - IPV6_PREFIX_BITS) << (128 - IPV6_PREFIX_BITS),
-                                          IPV6_PREFIX_BITS)))
-    return str(ip)
+    return share_key(ip)
 
 
 class _Refused(asyncio.Protocol):
