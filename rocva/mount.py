@@ -50,7 +50,8 @@ from rocva.destination import OutputDir, for_store, open_output_dir, resolve_des
 from rocva.errors import RecoveryError
 from rocva.fetch import pool_workers
 from rocva.mount_cache import CACHE_BYTES_MAX_DEFAULT, LOADS_MAX_DEFAULT, UnitCache
-from rocva.mount_source import PlanSource, PointGuard
+from rocva.mount_source import PlanSource
+from rocva.point_guard import PointGuard
 from rocva.overlay import Overlay, OverlayIdentity
 from rocva.plan import CONCURRENCY_DEFAULT, DiskPlan, RecoveryPlan, plan_recovery
 from rocva.recover import CountingStore, execute_plan, take_recovery_lease
