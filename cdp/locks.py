@@ -25,12 +25,23 @@ the expiry, and a renewal would make the lock live again under them. A renewal i
 conditional write (``if_match`` on the etag of the holder's last write): a holder paused
 *between* that check and its put still cannot recreate a lock its successor deleted or
 replace one written over it.
+
+Clocks (§11.1): every host's clock is within ``skew_s`` of the store's. A lease is taken
+and renewed only by a host whose clock is (``check_clock_skew`` against the store's
+``server_time()``, where the backend has one), and a deleter judges leases only then
+(``live_locks``): a host whose clock is behind would otherwise write leases the others
+already see expired, and one ahead would see live leases expired. A lock whose expiry
+lies more than ``TTL_MAX_S`` + skew after the time the store wrote it (or whose
+``created_ns`` lies more than the skew after it) was written by a clock outside the skew
+— a crashed host whose clock was days ahead — and is not live (``LockInfo.from_future``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import os
 import socket
 import struct
@@ -41,7 +52,9 @@ from typing import Any
 
 import xxhash
 
-from cdp.errors import AlreadyExists, Busy, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError
+from cdp.errors import (
+    AlreadyExists, Busy, ConfigError, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError,
+)
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
@@ -60,6 +73,12 @@ TTL_DEFAULT_S = 120.0
 #: How far the clocks of two hosts may disagree: a lock is someone else's until this long
 #: after its expiry. ``cdp preflight system`` checks the skew against the store.
 SKEW_DEFAULT_S = 30.0
+#: The longest ttl a lease is taken with (``Lease`` refuses more). A holder writes its
+#: clock plus its ttl as the expiry: a lock that claims more than this (plus the skew)
+#: after the time the store wrote it came from a clock outside the skew (§11.1).
+TTL_MAX_S = 600.0
+#: The store's object times (S3 ``LastModified``) and its ``Date`` header have whole seconds.
+STORE_TIME_RESOLUTION_S = 1.0
 WRITER_WAIT_DEFAULT_S = 600.0
 #: After a failed renewal, the next attempt comes after ttl / 12, at most this long.
 RENEW_RETRY_S_MAX = 5.0
@@ -99,14 +118,35 @@ class LockInfo:
     domain: int
     expires_ns: int
     body: dict
+    #: When the store wrote this version of the lock, by the store's clock (None: unknown).
+    stored_ns: int | None = None
 
     def live(self, now_ns: int, skew_s: float = SKEW_DEFAULT_S) -> bool:
         """Seen by anyone but its holder: still held at ``now_ns``."""
-        return now_ns <= self.expires_ns + int(skew_s * 1e9)
+        return self.from_future(skew_s) is None and now_ns <= self.expires_ns + int(skew_s * 1e9)
+
+    def from_future(self, skew_s: float = SKEW_DEFAULT_S) -> str | None:
+        """Why no holder whose clock was within ``skew_s`` of the store's can have written
+        this lock, or None. Its expiry is its holder's clock at a write plus a ttl of at
+        most ``TTL_MAX_S``; ``created_ns`` precedes every write. Judged against the time
+        the store wrote it, not the judge's clock: a judge whose clock is behind must not
+        take every live lock for one from the future."""
+        if self.stored_ns is None:
+            return None
+        slack_ns = int((max(skew_s, 0.0) + STORE_TIME_RESOLUTION_S) * 1e9)
+        ahead_s = (self.expires_ns - self.stored_ns) / 1e9
+        if self.expires_ns > self.stored_ns + int(TTL_MAX_S * 1e9) + slack_ns:
+            return (f"it expires {_iso(self.expires_ns)}, {ahead_s:.0f} s after the store wrote it "
+                    f"({_iso(self.stored_ns)}; a ttl is at most {TTL_MAX_S:g} s, the skew {skew_s:g} s)")
+        created = self.body.get("created_ns")
+        if isinstance(created, int) and created > self.stored_ns + slack_ns:
+            return (f"it was created {_iso(created)}, {(created - self.stored_ns) / 1e9:.0f} s after the "
+                    f"store wrote it ({_iso(self.stored_ns)}; the skew is {skew_s:g} s)")
+        return None
 
     def describe(self) -> str:
         b = self.body
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b["created_ns"] / 1e9))
+        since = _iso(b["created_ns"]) if isinstance(b["created_ns"], int) else repr(b["created_ns"])
         return f"{b['owner']} (host {b['host']}, pid {b['pid']}, since {since}, lock {self.key})"
 
 
@@ -133,22 +173,107 @@ def decode_lock(key: str, data: bytes | bytearray | memoryview) -> LockInfo:
     return LockInfo(key, kind, domain, expires_ns, body)
 
 
-async def list_locks(store: ObjectStore, prefix: str) -> list[LockInfo]:
-    """Every lock object under ``prefix``, in key order. A lock that vanishes between the
-    listing and the read is skipped (its holder released it)."""
+def _iso(ns: int) -> str:
+    """A wall-clock time in a message, UTC to the second (any int: a lock's field may be wild)."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+    except (OverflowError, OSError, ValueError):
+        return f"{ns} ns"
+
+
+def _stored_ns(mtime: float | None) -> int | None:
+    return int(mtime * 1e9) if mtime is not None and math.isfinite(mtime) else None
+
+
+async def list_locks(store: ObjectStore, prefix: str, skew_s: float = SKEW_DEFAULT_S) -> list[LockInfo]:
+    """Every lock object under ``prefix``, in key order, with the time the store wrote it.
+    A lock that vanishes between the listing and the read is skipped (its holder released
+    it). One from the future (``LockInfo.from_future``) is logged, naming its holder."""
     out = []
     async for info in store.list(prefix):
         try:
-            out.append(decode_lock(info.key, await store.get(info.key)))
+            lock = dataclasses.replace(decode_lock(info.key, await store.get(info.key)),
+                                       stored_ns=_stored_ns(info.mtime))
+            if lock.from_future(skew_s) is not None:
+                # The listing may predate the version read (a renewal in between): the
+                # store's time of a version at least as new as the one read decides.
+                lock = dataclasses.replace(lock, stored_ns=_stored_ns((await store.stat(info.key)).mtime))
         except NotFound:
             continue
+        why = lock.from_future(skew_s)
+        if why is not None:
+            b = lock.body
+            log.warning("lock_from_future", key=lock.key, owner=b.get("owner"), host=b.get("host"),
+                        pid=b.get("pid"), created_ns=b.get("created_ns"), expires_ns=lock.expires_ns,
+                        stored_ns=lock.stored_ns, reason=f"not live: its holder's clock was outside the skew: {why}")
+        out.append(lock)
     return out
 
 
 async def live_locks(store: ObjectStore, prefix: str, *, now_ns: int | None = None,
                      skew_s: float = SKEW_DEFAULT_S) -> list[LockInfo]:
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    return [lk for lk in await list_locks(store, prefix) if lk.live(now_ns, skew_s)]
+    """The locks under ``prefix`` live at ``now_ns``. Without ``now_ns`` they are judged
+    by this host's clock, and only while it is within ``skew_s`` of the store's
+    (``ConfigError`` otherwise, naming both): a deleter whose clock is ahead would take
+    live leases for expired ones."""
+    if now_ns is None:
+        await check_clock_skew(store, skew_s, f"the locks under {prefix} are not judged")
+        now_ns = time.time_ns()
+    return [lk for lk in await list_locks(store, prefix, skew_s) if lk.live(now_ns, skew_s)]
+
+
+# --------------------------------------------------------------------------- clocks
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    """This host's clock against the store's, read once (``read_store_clock``)."""
+
+    host_ns: int  # this host's clock in the middle of the round trip
+    store_ns: int
+    uncertainty_s: float  # half the round trip, and half a second of an HTTP Date
+
+    @property
+    def offset_s(self) -> float:
+        """How far this host's clock is ahead of the store's (negative: behind)."""
+        return (self.host_ns - self.store_ns) / 1e9
+
+    def beyond(self, skew_s: float) -> bool:
+        """Certainly off from the store's clock by more than ``skew_s`` (a negative skew, as
+        a test uses to see every lock expired, allows none)."""
+        return abs(self.offset_s) > max(skew_s, 0.0) + self.uncertainty_s
+
+    def describe(self, skew_s: float) -> str:
+        way = "ahead of" if self.offset_s >= 0 else "behind"
+        return (f"this host's clock ({_iso(self.host_ns)}) is {abs(self.offset_s):.1f} s {way} the store's "
+                f"({_iso(self.store_ns)}), more than the {skew_s:g} s of skew that store locks allow "
+                f"(FORMAT.md §11.1): synchronise the clocks (NTP)")
+
+
+async def read_store_clock(store: ObjectStore) -> ClockReading | None:
+    """The store's clock (``server_time()``) against this host's; None when the store
+    cannot tell. The file and memory stores answer with this host's clock: for them the
+    reading says nothing (offset 0)."""
+    server_time = getattr(store, "server_time", None)
+    if server_time is None:
+        return None
+    host0_ns, mono0_ns = time.time_ns(), time.monotonic_ns()
+    theirs = await server_time()
+    half_ns = (time.monotonic_ns() - mono0_ns) // 2
+    if theirs is None or not math.isfinite(theirs):
+        return None
+    return ClockReading(host0_ns + half_ns, int(theirs * 1e9), half_ns / 1e9 + STORE_TIME_RESOLUTION_S / 2)
+
+
+async def check_clock_skew(store: ObjectStore, skew_s: float, what: str) -> ClockReading | None:
+    """Read the store's clock (``read_store_clock``); ``ConfigError`` saying ``what`` is
+    refused when this host's is off from it by more than ``skew_s``."""
+    reading = await read_store_clock(store)
+    if reading is not None and reading.beyond(skew_s):
+        log.error("clock_skew_refused", what=what, host_ns=reading.host_ns, store_ns=reading.store_ns,
+                  offset_s=round(reading.offset_s, 3), skew_s=skew_s)
+        raise ConfigError(f"{what}: {reading.describe(skew_s)}")
+    return reading
 
 
 # --------------------------------------------------------------------------- holding
@@ -158,13 +283,15 @@ class Lease:
     """A lock object this process holds, renewed in the background until ``release``."""
 
     def __init__(self, store: ObjectStore, key: str, kind: int, domain: int, *, owner: str,
-                 ttl_s: float = TTL_DEFAULT_S, exclusive_prefix: str | None = None) -> None:
-        assert ttl_s > 0, ttl_s
+                 ttl_s: float = TTL_DEFAULT_S, skew_s: float = SKEW_DEFAULT_S,
+                 exclusive_prefix: str | None = None) -> None:
+        assert 0 < ttl_s <= TTL_MAX_S, ttl_s
         self.store = store
         self.key = key
         self.kind = kind
         self.domain = domain
         self.ttl_s = ttl_s
+        self.skew_s = skew_s
         self.exclusive_prefix = exclusive_prefix
         self.body = {"owner": owner, "host": socket.gethostname()[:255], "pid": os.getpid(),
                      "token": uuid.uuid4().hex, "created_ns": time.time_ns()}
@@ -181,6 +308,10 @@ class Lease:
         return encode_lock(self.kind, self.domain, expires, self.body), expires
 
     async def create(self, *, if_absent: bool = False) -> None:
+        """Write the lock and start renewing it. Refused (``ConfigError``) when this host's
+        clock is off from the store's by more than the skew: the others would judge the
+        lease by clocks it does not share."""
+        await check_clock_skew(self.store, self.skew_s, f"lock {self.key} not taken")
         data, expires = self._object()
         try:
             self.etag = await self.store.put(self.key, data, if_absent=if_absent)
@@ -225,6 +356,16 @@ class Lease:
                 self._lose(f"not renewed in time: paused {self._late_s():.1f} s past its window")
                 return
             try:
+                try:
+                    reading = await read_store_clock(self.store)
+                except StoreError as exc:  # checked when taken and at the next renewal: renew now
+                    log.warning("lock_clock_unchecked", key=self.key, error=exc.message)
+                    reading = None
+                if reading is not None and reading.beyond(self.skew_s):
+                    # Stepped since the lease was taken: behind, this renewal would already
+                    # look expired to the others; ahead, it may have let lapse what they hold.
+                    self._lose(reading.describe(self.skew_s))
+                    return
                 if self.exclusive_prefix is not None:
                     newer = [i.key async for i in self.store.list(self.exclusive_prefix) if i.key > self.key]
                     if newer:
@@ -297,8 +438,8 @@ def _exclusive_number(prefix: str, key: str) -> int:
 async def acquire_exclusive(store: ObjectStore, prefix: str, kind: int, domain: int, *, owner: str,
                             ttl_s: float = TTL_DEFAULT_S, skew_s: float = SKEW_DEFAULT_S) -> Lease:
     """Hold the exclusive lock under ``prefix`` (§11.2), or raise ``Busy`` naming its holder."""
-    locks = await list_locks(store, prefix)
-    now = time.time_ns()
+    locks = await list_locks(store, prefix, skew_s)
+    now = time.time_ns()  # judged only if the lock is then taken: Lease.create checks this clock
     n = 0
     if locks:
         top = locks[-1]
@@ -306,7 +447,7 @@ async def acquire_exclusive(store: ObjectStore, prefix: str, kind: int, domain: 
             raise Busy(f"{KIND_NAMES[kind]} lock held by {top.describe()}")
         n = _exclusive_number(prefix, top.key)
     key = f"{prefix}{n + 1:016x}.lock"
-    lease = Lease(store, key, kind, domain, owner=owner, ttl_s=ttl_s, exclusive_prefix=prefix)
+    lease = Lease(store, key, kind, domain, owner=owner, ttl_s=ttl_s, skew_s=skew_s, exclusive_prefix=prefix)
     try:
         await lease.create(if_absent=True)
     except AlreadyExists:
@@ -316,10 +457,11 @@ async def acquire_exclusive(store: ObjectStore, prefix: str, kind: int, domain: 
     return lease
 
 
-async def recovery_lease(store: ObjectStore, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S) -> Lease:
+async def recovery_lease(store: ObjectStore, domain: int, *, owner: str, ttl_s: float = TTL_DEFAULT_S,
+                         skew_s: float = SKEW_DEFAULT_S) -> Lease:
     """Announce a recovery reading ``domain`` (§11.3). Take it *before* loading the catalog."""
     lease = Lease(store, f"{recovery_prefix(domain)}{uuid.uuid4().hex}.lock", KIND_RECOVERY, domain,
-                  owner=owner, ttl_s=ttl_s)
+                  owner=owner, ttl_s=ttl_s, skew_s=skew_s)
     await lease.create()
     return lease
 
@@ -344,7 +486,7 @@ async def chunk_writer_lease(store: ObjectStore, *, owner: str, ttl_s: float = T
     delay = 0.05
     while True:
         lease = Lease(store, f"{writer_prefix()}{uuid.uuid4().hex}.lock", KIND_WRITER, NO_DOMAIN,
-                      owner=owner, ttl_s=ttl_s)
+                      owner=owner, ttl_s=ttl_s, skew_s=skew_s)
         await lease.create()
         try:
             sweeps = await live_locks(store, gc_prefix(), skew_s=skew_s)
@@ -378,8 +520,9 @@ async def gc_lock(store: ObjectStore, *, owner: str, ttl_s: float = TTL_DEFAULT_
 
 
 __all__ = [
-    "KIND_GC", "KIND_MAINTENANCE", "KIND_NAMES", "KIND_RECOVERY", "KIND_WRITER", "Lease", "LockInfo",
-    "NO_DOMAIN", "SKEW_DEFAULT_S", "TTL_DEFAULT_S", "acquire_exclusive", "chunk_writer_lease",
-    "decode_lock", "encode_lock", "gc_lock", "gc_prefix", "list_locks", "live_locks",
-    "maintenance_lock", "maintenance_prefix", "recovery_lease", "recovery_prefix", "writer_prefix",
+    "KIND_GC", "KIND_MAINTENANCE", "KIND_NAMES", "KIND_RECOVERY", "KIND_WRITER", "ClockReading", "Lease",
+    "LockInfo", "NO_DOMAIN", "SKEW_DEFAULT_S", "TTL_DEFAULT_S", "TTL_MAX_S", "acquire_exclusive",
+    "check_clock_skew", "chunk_writer_lease", "decode_lock", "encode_lock", "gc_lock", "gc_prefix", "list_locks",
+    "live_locks", "maintenance_lock", "maintenance_prefix", "read_store_clock", "recovery_lease",
+    "recovery_prefix", "writer_prefix",
 ]

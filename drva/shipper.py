@@ -418,7 +418,7 @@ class Shipper:
     async def _collect(self, domain: int, generation: int) -> None:
         try:
             result = await collect_generations(self.store_of(domain), domain, generation)
-        except StoreError as exc:  # a later snapshot tries again
+        except CdpError as exc:  # a later snapshot tries again (a store error; a clock off the store's)
             log.warning("catalog_collect_failed", domain=domain, error=exc.message)
             return
         if result["deleted"] or result["deferred_by"]:

@@ -13,7 +13,10 @@ each of the domain's timelines in turn (§8.5; the current one first):
    store (looked up under a chunk-writer lease, §11.4) or already seen in this job is
    stored once; a manifest per disk names them.
 3. **Commit** one catalog delta: the new bases, plus the retention delta
-   (``rocva.retention.retention_delta``) when a retention window is given. The DRVA
+   (``rocva.retention.retention_delta``) when a retention window is given. The window is
+   measured back from the job's clock, never from later than the domain's newest record
+   plus the skew (``retention_cutoff``), and nothing runs when this host's clock is off
+   from the store's by more than the skew (``cdp.locks.check_clock_skew``). The DRVA
    writing the same catalog absorbs this generation and retries its own on top (§8.3);
    if the DRVA wins the race, the job reloads the catalog and recomputes the delta.
 4. **Sweep**: delete what the catalog no longer names (``sweep_domain``; deferred while a
@@ -46,12 +49,12 @@ from cdp.catalog import CatalogWriter
 from cdp.catalog_read import CatalogView
 from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost, NotFound
 from cdp.layout import base_manifest_key, chunk_key
-from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, chunk_writer_lease, maintenance_lock
+from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, check_clock_skew, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
 from rocva.plan import CONCURRENCY_DEFAULT, build_plan, load_state
 from rocva.recover import execute_plan
-from rocva.retention import retention_delta, sweep_chunks, sweep_domain
+from rocva.retention import newest_record_ns, retention_cutoff, retention_delta, sweep_chunks, sweep_domain
 from rocva.target import SEQ_INF, ResolvedTarget, Target, recoverable_ranges
 
 log = get_logger("rocva.consolidate")
@@ -293,29 +296,41 @@ async def consolidate(store: ObjectStore, domain: int, *, older_than_s: float, r
 
     ``older_than_s``: consolidate what is older than this; ``retention_s``: keep every
     point at most this old (None: no retention). ``now_ns`` anchors both (default: the
-    clock). ``sweep_all_chunks`` runs the chunk sweep even when no manifest was deleted.
-    Raises ``Busy`` when another job holds the domain's maintenance lock. The top level
-    of the summary is the current timeline's; ``timelines`` has one per timeline.
+    clock); retention's never later than the newest record plus ``skew_s``
+    (``retention_cutoff``; the summary's ``retention`` says which). ``sweep_all_chunks``
+    runs the chunk sweep even when no manifest was deleted. Raises ``Busy`` when another
+    job holds the domain's maintenance lock, ``ConfigError`` (nothing done) when this
+    host's clock is off from the store's by more than ``skew_s``. The top level of the
+    summary is the current timeline's; ``timelines`` has one per timeline.
     """
     for name, value in (("older_than_s", older_than_s), ("retention_s", retention_s)):
         # The CLI and the policies bound these; a library caller may not (int(inf) raised).
         if value is not None and not 0 <= value <= DURATION_S_MAX:
             raise ConfigError(f"consolidate: {name} is {value!r}; expected 0..{DURATION_S_MAX:g} seconds")
     t0 = time.monotonic()
+    # A clock off from the store's cannot judge or hold leases, and its cut-offs are not
+    # the policy's: refused before anything (the message names both clocks).
+    clock = await check_clock_skew(store, skew_s, f"consolidate domain {domain} refused (nothing consolidated "
+                                                  f"or deleted)")
     now_ns = time.time_ns() if now_ns is None else now_ns
     owner = f"cdp consolidate domain {domain}"
-    opts = dict(older_than_s=older_than_s, retention_s=retention_s, now_ns=now_ns, scratch_dir=scratch_dir,
-                chunk_size=chunk_size, concurrency=concurrency, progress=progress, lease_ttl_s=lease_ttl_s,
-                skew_s=skew_s)
+    opts = dict(older_than_s=older_than_s, now_ns=now_ns, scratch_dir=scratch_dir, chunk_size=chunk_size,
+                concurrency=concurrency, progress=progress, lease_ttl_s=lease_ttl_s, skew_s=skew_s)
     async with await maintenance_lock(store, domain, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s) as mlock:
         state = await load_state(store, domain)
+        retention, cutoff_ns = None, None
+        if retention_s is not None:
+            retention = retention_cutoff(now_ns, newest_record_ns(state.state), retention_s, skew_s)
+            retention["store_clock_offset_s"] = None if clock is None else round(clock.offset_s, 3)
+            log.info("retention_anchor", domain=domain, **retention)
+            cutoff_ns = retention["cutoff_ns"]
         order = [state.state.current] + sorted(t for t in state.state.timelines if t != state.state.current)
         per = []
         for tl in order:
-            per.append(await _consolidate_timeline(store, domain, tl, mlock, **opts))
+            per.append(await _consolidate_timeline(store, domain, tl, mlock, retention_cutoff_ns=cutoff_ns, **opts))
         state = await load_state(store, domain)
         sweep = await sweep_domain(store, state.state, state.generation, skew_s=skew_s, check=mlock.check)
-    summary = dict(per[0], domain=domain, sweep=sweep, chunk_sweep=None, timelines=per)
+    summary = dict(per[0], domain=domain, retention=retention, sweep=sweep, chunk_sweep=None, timelines=per)
     if sweep["manifests_deleted"] or sweep_all_chunks:
         try:
             summary["chunk_sweep"] = await sweep_chunks(store, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s)
@@ -326,10 +341,11 @@ async def consolidate(store: ObjectStore, domain: int, *, older_than_s: float, r
 
 
 async def _consolidate_timeline(store: ObjectStore, domain: int, timeline: int, mlock: Lease, *, older_than_s: float,
-                                retention_s: float | None, now_ns: int, scratch_dir: Path | str | None,
+                                retention_cutoff_ns: int | None, now_ns: int, scratch_dir: Path | str | None,
                                 chunk_size: int, concurrency: int, progress: Progress | None,
                                 lease_ttl_s: float, skew_s: float) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring on one timeline."""
+    """Steps 1-3 of the module docstring on one timeline; no retention when
+    ``retention_cutoff_ns`` is None."""
     summary: dict[str, Any] = {"timeline": timeline, "consolidated_seq": None, "bases_added": 0, "chunks": None,
                                "horizon_seq": None, "segments_removed": 0, "bases_removed": 0, "generation": None}
     state = await load_state(store, domain, timeline)
@@ -356,9 +372,9 @@ async def _consolidate_timeline(store: ObjectStore, domain: int, timeline: int, 
             delta["add_bases"] = add
         after = state.state.copy()
         after.apply_delta(dict(delta, writer=CONSOLIDATE_WRITER))
-        if retention_s is not None:
+        if retention_cutoff_ns is not None:
             delta.update(await retention_delta(CatalogView(store, after, state.generation, timeline),
-                                               now_ns - int(retention_s * 1e9)))
+                                               retention_cutoff_ns))
         if set(delta) == {"timeline"}:
             break
         removed = 0

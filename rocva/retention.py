@@ -2,6 +2,11 @@
 
 Three steps, each on its own (``rocva.consolidate`` runs them in order):
 
+``retention_cutoff``
+    The time the window is measured back from: the job's clock, but never later than the
+    domain's newest record plus the skew. A host whose clock jumped ahead cannot cut
+    recent history that way; an idle domain keeps the last window of what was written.
+
 ``retention_delta``
     The catalog delta that moves one timeline's horizon. With ``R`` the last record older
     than the retention window, the new horizon ``F`` is the newest seq ``<= R`` at which
@@ -63,6 +68,36 @@ def full_base_seqs(state: CatalogView) -> list[int]:
         return []
     per_disk = [{b["seq"] for b in state.bases if b["disk"] == d["disk"]} for d in state.disks]
     return sorted(set.intersection(*per_disk))
+
+
+def newest_record_ns(state: CatalogState) -> int | None:
+    """The newest record time any timeline of ``state`` holds (None: none holds a row).
+    Rows are in seq order and never go back in time (FORMAT.md §8.2): a timeline's last
+    row ends with its newest."""
+    newest = None
+    for t in state.timelines.values():
+        rows = t.tail if len(t.tail) else t.refs
+        if len(rows):
+            ts = int(rows["last_ts"][-1])
+            newest = ts if newest is None else max(newest, ts)
+    return newest
+
+
+def retention_cutoff(now_ns: int, newest_ns: int | None, retention_s: float, skew_s: float) -> dict[str, Any]:
+    """Where a retention of ``retention_s`` cuts, for a job whose clock says ``now_ns``
+    (module docstring): ``cutoff_ns`` (None: the domain holds no record), the anchor it
+    is measured back from and why, for the job's output."""
+    out: dict[str, Any] = {"retention_s": retention_s, "job_clock_ns": now_ns, "newest_record_ns": newest_ns,
+                           "anchor_ns": None, "anchored_on": "no records", "cutoff_ns": None}
+    if newest_ns is None:
+        return out
+    ceiling_ns = newest_ns + int(skew_s * 1e9)
+    if now_ns <= ceiling_ns:
+        out.update(anchor_ns=now_ns, anchored_on="job clock")
+    else:  # an idle domain, or a clock ahead: the records' own time bounds what may go
+        out.update(anchor_ns=ceiling_ns, anchored_on=f"newest record + {skew_s:g} s skew")
+    out["cutoff_ns"] = out["anchor_ns"] - int(retention_s * 1e9)
+    return out
 
 
 async def retention_delta(state: CatalogView, cutoff_ns: int) -> dict[str, Any]:
@@ -165,6 +200,8 @@ async def sweep_domain(store: ObjectStore, state: CatalogState, generation: int,
     timeline names below their timeline's horizon, generations older than the previous
     snapshot — nothing while a recovery lease on the domain is live (§11.3)."""
     domain = state.domain_id
+    # Leases are judged by this host's clock: ConfigError while it is off from the store's
+    # by more than the skew (cdp.locks.live_locks), before anything is deleted.
     expired = await _expired_segments(store, state)
     pages = await _expired_pages(store, state)
     named = {b["key"] for t in state.timelines.values() for b in t.bases}

@@ -1,26 +1,34 @@
 """Alarms: conditions of the DRVAs and the protected domains that need a person.
 
-``AlarmEvaluator.evaluate(now_ns, drvas, policies)`` looks at the supervisor's views
-(``DrvaView``: state, restarts, the DRVA's ``status.json``) and the domains' policies,
-and raises or clears alarms. One alarm per (kind, subject) at a time:
+``AlarmEvaluator.evaluate(now_ns, drvas, policies, monotonic_ns=...)`` looks at the
+supervisor's views (``DrvaView``: state, restarts, the DRVA's ``status.json``) and the
+domains' policies, and raises or clears alarms. How long a condition has held or been
+quiet is measured on the monotonic clock (``monotonic_ns``): a step of the wall clock
+(NTP, an operator) neither keeps an alarm raised for the length of the step nor fires
+one at once. The wall clock (``now_ns``) only dates alarms (``raised_ns``,
+``cleared_ns``). One alarm per (kind, subject) at a time:
 
-=============  ========  =======  ==========================================================
-kind           severity  subject  raised while
-=============  ========  =======  ==========================================================
-drva_down      critical  DRVA     it is restarting after an exit, has not come up within
-                                  ``start_grace_s``, its status.json has not changed for
-                                  ``stale_s`` (the MSA's clock), or its status.json cannot be
-                                  used (no JSON, or a field mistyped: the message names it)
-fenced         critical  domain   the DRVA stopped shipping it (another writer owns its catalog,
-                                  or the catalog is unusable)
-rpo_lag        major     domain   its RPO lag is above the policy's ``rpo_target_s``, or unknown
-                                  (absent, or not a finite number of seconds ≥ 0)
-bitmap_mode    major     domain   its filter fell back to a dirty-region bitmap
-backpressure   major     DRVA     back-pressure held longer than ``alarms.backpressure_s``
-store_errors   warning   domain   its upload/catalog error counters rose, or a new last_error
-                                  appeared, within the last ``store_error_quiet_s`` (not when fenced)
-log_usage      warning   DRVA     its log partition is fuller than ``alarms.log_usage_pct``
-=============  ========  =======  ==========================================================
+====================  ========  =======  ==================================================================
+kind                  severity  subject  raised while
+====================  ========  =======  ==================================================================
+drva_down             critical  DRVA     it is restarting after an exit, has not come up within
+                                         ``start_grace_s``, its status.json has not changed for
+                                         ``stale_s`` (the MSA's clock), or its status.json cannot be
+                                         used (no JSON, or a field mistyped: the message names it)
+fenced                critical  domain   the DRVA stopped shipping it (another writer owns its catalog,
+                                         or the catalog is unusable)
+rpo_lag               major     domain   its RPO lag is above the policy's ``rpo_target_s``, or unknown
+                                         (absent, or not a finite number of seconds ≥ 0)
+bitmap_mode           major     domain   its filter fell back to a dirty-region bitmap
+backpressure          major     DRVA     back-pressure held longer than ``alarms.backpressure_s``
+store_errors          warning   domain   its upload/catalog error counters rose, or a new last_error
+                                         appeared, within the last ``store_error_quiet_s`` (not when fenced)
+timestamps_rewritten  major     domain   its DRVA's ``timestamps_raised`` or ``timestamps_clamped``
+                                         counter rose within the last ``timestamps_quiet_s``: records were
+                                         stored with other times than their filter gave (a clock off), and
+                                         ``--at`` near then may pick another point than meant
+log_usage             warning   DRVA     its log partition is fuller than ``alarms.log_usage_pct``
+====================  ========  =======  ==================================================================
 
 While a DRVA is not up its domains cannot be judged: their alarms stay as they are
 (neither raised nor cleared), and ``drva_down`` says why. Each DRVA is judged on its
@@ -35,6 +43,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,13 +56,17 @@ from cdp.msa.supervisor import DrvaView
 
 log = get_logger("cdp.msa.alarms")
 
-KINDS = ("drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage")
+KINDS = ("drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
+         "timestamps_rewritten")
 SEVERITY = {"drva_down": "critical", "fenced": "critical", "rpo_lag": "major", "bitmap_mode": "major",
-            "backpressure": "major", "store_errors": "warning", "log_usage": "warning"}
+            "backpressure": "major", "store_errors": "warning", "log_usage": "warning",
+            "timestamps_rewritten": "major"}
 HISTORY_MAX = 500
 START_GRACE_S = 15.0
 STALE_S = 10.0
 STORE_ERROR_QUIET_S = 60.0
+#: A clock that is off rewrites timestamps with every frame: an hour without one says it was set right.
+TIMESTAMPS_QUIET_S = 3600.0
 
 
 @dataclass
@@ -79,29 +92,38 @@ class AlarmEvaluator:
     ``history`` holds at most ``history_max`` cleared alarms."""
 
     def __init__(self, thresholds: Alarms, *, history_max: int = HISTORY_MAX, start_grace_s: float = START_GRACE_S,
-                 stale_s: float = STALE_S, store_error_quiet_s: float = STORE_ERROR_QUIET_S) -> None:
+                 stale_s: float = STALE_S, store_error_quiet_s: float = STORE_ERROR_QUIET_S,
+                 timestamps_quiet_s: float = TIMESTAMPS_QUIET_S) -> None:
         self.thresholds = thresholds
         self.start_grace_s, self.stale_s, self.store_error_quiet_s = start_grace_s, stale_s, store_error_quiet_s
+        self.timestamps_quiet_s = timestamps_quiet_s
         self.active: dict[tuple[str, str], Alarm] = {}
         self.history: collections.deque[Alarm] = collections.deque(maxlen=history_max)
         self._ids = itertools.count(1)
+        # Times below are monotonic ns unless named ``wall``.
         self._backpressure_since_ns: dict[str, int] = {}  # DRVA -> when back-pressure began
         # (DRVA, domain) -> (pid, error count, last_error) seen last time; a new pid restarts the counters
         self._errors_seen: dict[tuple[str, str], tuple[int, int, str | None]] = {}
         self._error_at_ns: dict[str, tuple[int, str]] = {}  # domain -> (when, what) of its newest error
+        # (DRVA, domain) -> (pid, timestamps_raised, timestamps_clamped) seen last time
+        self._rewrites_seen: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._rewrite_at_ns: dict[str, tuple[int, int]] = {}  # domain -> (when, wall when) of its newest rise
         self._failing: dict[str, str] = {}  # DRVA -> why judging it failed (logged when it changes)
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, now_ns: int, drvas: Sequence[DrvaView], policies: Mapping[str, Policy]
-                 ) -> tuple[list[Alarm], list[Alarm]]:
-        """Raise and clear alarms for this moment; return (raised, cleared)."""
+    def evaluate(self, now_ns: int, drvas: Sequence[DrvaView], policies: Mapping[str, Policy], *,
+                 monotonic_ns: int | None = None) -> tuple[list[Alarm], list[Alarm]]:
+        """Raise and clear alarms for this moment; return (raised, cleared). ``now_ns`` is
+        the wall clock, ``monotonic_ns`` the clock durations are measured on (the daemon
+        passes ``time.monotonic_ns()``; a test may drive both with ``now_ns``)."""
+        mono_ns = now_ns if monotonic_ns is None else monotonic_ns
         conditions: dict[tuple[str, str], Condition] = {}
         unknown: set[str] = set()  # subjects that cannot be judged now (their DRVA is not up)
         for v in drvas:
             found: dict[tuple[str, str], Condition] = {}
             try:
-                judged = self._judge(now_ns, v, policies, found)
+                judged = self._judge(now_ns, mono_ns, v, policies, found)
             except Exception as exc:  # a bug: this DRVA alone goes unjudged, and says so
                 judged = False
                 found = {("drva_down", v.name): ("drva", self._judging_failed(v, exc))}
@@ -130,7 +152,7 @@ class AlarmEvaluator:
             log.info("alarm_cleared", **alarm.to_dict())
         return raised, cleared
 
-    def _judge(self, now_ns: int, v: DrvaView, policies: Mapping[str, Policy],
+    def _judge(self, now_ns: int, mono_ns: int, v: DrvaView, policies: Mapping[str, Policy],
                out: dict[tuple[str, str], Condition]) -> bool:
         """The conditions of DRVA ``v`` and its domains; False when they cannot be judged."""
         down = self._drva_down(v)
@@ -139,11 +161,11 @@ class AlarmEvaluator:
             return False
         if v.status is None:
             return False
-        self._drva_conditions(now_ns, v, out)
+        self._drva_conditions(mono_ns, v, out)
         for dom in domains_of(v.status):
             policy = policies.get(dom["name"])
             if policy is not None:
-                self._domain_conditions(now_ns, v, dom, policy, out)
+                self._domain_conditions(now_ns, mono_ns, v, dom, policy, out)
         return True
 
     def _judging_failed(self, v: DrvaView, exc: Exception) -> str:
@@ -167,7 +189,7 @@ class AlarmEvaluator:
             return f"DRVA {v.name} is not reporting: its status has not changed for {v.status_age_s:.0f} s (hung?)"
         return None
 
-    def _drva_conditions(self, now_ns: int, v: DrvaView, out: dict[tuple[str, str], Condition]) -> None:
+    def _drva_conditions(self, mono_ns: int, v: DrvaView, out: dict[tuple[str, str], Condition]) -> None:
         st = v.status or {}
         log_doc = st.get("log")
         if isinstance(log_doc, dict) and "used_ratio" in log_doc:
@@ -179,15 +201,15 @@ class AlarmEvaluator:
                 out[("log_usage", v.name)] = ("drva", f"DRVA {v.name}: log partition {usage * 100:.1f} % full "
                                                       f"(alarm above {self.thresholds.log_usage_pct:g} %)")
         if st.get("backpressure"):
-            since = self._backpressure_since_ns.setdefault(v.name, now_ns)
-            held_s = (now_ns - since) / 1e9
+            since = self._backpressure_since_ns.setdefault(v.name, mono_ns)
+            held_s = (mono_ns - since) / 1e9
             if held_s > self.thresholds.backpressure_s:
                 out[("backpressure", v.name)] = ("drva", f"DRVA {v.name}: back-pressure held for {held_s:.0f} s "
                                                          f"(alarm after {self.thresholds.backpressure_s:g} s)")
         else:
             self._backpressure_since_ns.pop(v.name, None)
 
-    def _domain_conditions(self, now_ns: int, v: DrvaView, dom: Mapping[str, Any], policy: Policy,
+    def _domain_conditions(self, now_ns: int, mono_ns: int, v: DrvaView, dom: Mapping[str, Any], policy: Policy,
                            out: dict[tuple[str, str], Condition]) -> None:
         name = str(dom.get("name"))
         last_error = _said(dom["last_error"]) if dom.get("last_error") else None
@@ -207,6 +229,7 @@ class AlarmEvaluator:
             out[("bitmap_mode", name)] = ("domain", f"domain {name}: the filter fell back to a dirty-region bitmap "
                                                     f"({_bytes(dom.get('dirty_bytes'))} dirty); no consistent "
                                                     f"point until its resync ends")
+        self._rewrite_condition(now_ns, mono_ns, v, dom, name, out)
         errors = _count(dom.get("upload_errors")) + _count(dom.get("catalog_errors"))
         pid = v.pid or 0
         seen = self._errors_seen.get((v.name, name))
@@ -218,12 +241,38 @@ class AlarmEvaluator:
         if dom.get("fenced"):
             return  # the fenced alarm quotes its error already
         if rising:
-            self._error_at_ns[name] = (now_ns, str(last_error or "store error"))
+            self._error_at_ns[name] = (mono_ns, str(last_error or "store error"))
         recent = self._error_at_ns.get(name)
-        if recent is not None and (now_ns - recent[0]) / 1e9 < self.store_error_quiet_s:
+        if recent is not None and (mono_ns - recent[0]) / 1e9 < self.store_error_quiet_s:
             out[("store_errors", name)] = (
                 "domain", f"domain {name}: store errors (upload {_count(dom.get('upload_errors'))}, catalog "
                           f"{_count(dom.get('catalog_errors'))} since DRVA {v.name} started); last: {recent[1]}")
+
+    def _rewrite_condition(self, now_ns: int, mono_ns: int, v: DrvaView, dom: Mapping[str, Any], name: str,
+                           out: dict[tuple[str, str], Condition]) -> None:
+        """``timestamps_rewritten``: the DRVA's counters of raised and clamped record times
+        (per DRVA process, like the error counters) rose within ``timestamps_quiet_s``."""
+        raised, clamped = _count(dom.get("timestamps_raised")), _count(dom.get("timestamps_clamped"))
+        seen = self._rewrites_seen.get((v.name, name))
+        pid = v.pid or 0
+        if seen is None or seen[0] != pid:
+            rising = bool(raised or clamped)
+        else:
+            rising = raised > seen[1] or clamped > seen[2]
+        self._rewrites_seen[(v.name, name)] = (pid, raised, clamped)
+        if rising:
+            self._rewrite_at_ns[name] = (mono_ns, now_ns)
+        recent = self._rewrite_at_ns.get(name)
+        if recent is None or (mono_ns - recent[0]) / 1e9 >= self.timestamps_quiet_s:
+            return
+        last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recent[1] / 1e9))
+        out[("timestamps_rewritten", name)] = (
+            "domain", f"domain {name}: DRVA {v.name} stored records with other times than their filter gave "
+                      f"(since it started: {raised} raised to the domain's newest time, a filter's clock behind; "
+                      f"{clamped} lowered to the bound above the DRVA's clock (FORMAT.md §9.2), a filter's "
+                      f"clock ahead or the DRVA's behind), last seen rising at {last} (the MSA's clock): a recovery "
+                      f"--at a time near then may pick a later (or earlier) point than meant; check the clocks "
+                      f"(NTP) of the filter hosts and of the DRVA")
 
     # ------------------------------------------------------------------ reading
 
@@ -246,6 +295,10 @@ class AlarmEvaluator:
             del self._errors_seen[k]
         for k in [k for k in self._error_at_ns if k not in keep]:
             del self._error_at_ns[k]
+        for k in [k for k in self._rewrites_seen if k[0] not in keep or k[1] not in keep]:
+            del self._rewrites_seen[k]
+        for k in [k for k in self._rewrite_at_ns if k not in keep]:
+            del self._rewrite_at_ns[k]
         for k in [k for k in self._failing if k not in keep]:
             del self._failing[k]
 

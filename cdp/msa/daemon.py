@@ -282,7 +282,7 @@ class MsaDaemon:
         between a DRVA and its ``drva_down`` (a mistyped counter once raised here first,
         every second, and froze every alarm of the site)."""
         views = self.supervisor.views()
-        self.alarms.evaluate(time.time_ns(), views, self.protection)
+        self.alarms.evaluate(time.time_ns(), views, self.protection, monotonic_ns=time.monotonic_ns())
         self.alarms.forget_subjects(set(self.protection) | {d.name for d in self.cfg.drvas})
         self.throughput.update(time.monotonic(), views)
         self.history.record(time.time_ns(), views, self.protection, self.throughput)

@@ -78,7 +78,8 @@ def _schemas() -> dict[str, Any]:
             "error": {"type": ["string", "null"]}, "exit_code": {"type": "integer"}}},
         "Alarm": {"type": "object", "properties": {
             "id": {"type": "string"}, "kind": {"type": "string", "enum": [
-                "drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage"]},
+                "drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
+                "timestamps_rewritten"]},
             "severity": {"type": "string", "enum": ["critical", "major", "warning"]},
             "subject": {"type": "string"}, "subject_kind": {"type": "string", "enum": ["domain", "drva"]},
             "message": {"type": "string"}, "raised_ns": {"type": "integer"},

@@ -280,8 +280,8 @@ async def test_failback_beside_retention_holds_it_off(tmp_path):
     b, _, mark, a_disks, at_mark = await _two_histories(store, 21, 12, 12, True)
     jobs: list[dict] = []
 
-    async def job():
-        jobs.append(await consolidate(store, b.domain, older_than_s=3600, retention_s=72 * 3600,
+    async def job():  # keeps nothing: a window measured back from the newest record would keep it all
+        jobs.append(await consolidate(store, b.domain, older_than_s=3600, retention_s=0,
                                       now_ns=b.ts(b.seq) + 4 * DAY_NS))
 
     disks = site_a_disks(tmp_path, a_disks)

@@ -34,8 +34,10 @@ answer lost (refused as ``Busy``: ``false_fences``); its renewals meet a lost PU
 503s and slow listings. A second process whose clock runs ahead *within* the skew
 allowance must be refused (``Busy``) and the holder must keep its lease through two
 renewals (else ``false_fences``); then one whose clock runs ahead *past* the allowance
-takes the lock, and the holder must notice it lost it within its renewal window (else
-``failures``: two holders). Clock skew is per asyncio task (``_SkewedTime``): each
+must be refused by the store's clock (``ConfigError``, FORMAT.md §11.1; else ``failures``),
+and one that judges the lock expired (a right clock, a negative allowance: as if the
+holder had stalled) takes it, and the holder must notice it lost it within its renewal
+window (else ``failures``: two holders). Clock skew is per asyncio task (``_SkewedTime``): each
 "process" has its own clock, like hosts do.
 
 ``faults`` counts every fault injected; ``notes["faults"]`` by kind (the proxies' kinds,
@@ -70,7 +72,7 @@ import drva.lanes
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView
 from cdp.digest import sha256_file
-from cdp.errors import Busy, CdpError, LeaseLost
+from cdp.errors import Busy, CdpError, ConfigError, LeaseLost
 from cdp.locks import maintenance_lock
 from cdp.store import FaultyStore
 from rocva.recover import recover as rocva_recover
@@ -505,14 +507,22 @@ class _Run:
             self.kinds["clock_skew"] += 1
             b.locks.set_rates({"slow_list": LOCK_RATES["slow_list"]})
             ahead = LOCK_TTL_S + LOCK_SKEW_S + 1.0
-            with _clock_ahead(ahead):  # past the allowance: the lock is expired for this one
+            with _clock_ahead(ahead):  # past the allowance: the store's clock says so (§11.1)
                 try:
                     taken = await maintenance_lock(other, LOCK_DOMAIN, owner="torture skewed, past",
                                                    ttl_s=LOCK_TTL_S, skew_s=LOCK_SKEW_S)
-                except Busy as exc:
-                    res.problem("failures", f"{b.kind}: a process {ahead:g} s ahead was refused an expired lock: "
-                                f"{exc}")
+                except ConfigError:
+                    self.outcomes["skew_past_refused"] += 1
+                else:
+                    await taken.release()
+                    res.problem("failures", f"{b.kind}: a process {ahead:g} s ahead of the store took {taken.key}")
                     return
+            try:  # sees the live lock expired, as if its holder had stalled past its window
+                taken = await maintenance_lock(other, LOCK_DOMAIN, owner="torture successor", ttl_s=LOCK_TTL_S,
+                                               skew_s=-ahead)
+            except Busy as exc:
+                res.problem("failures", f"{b.kind}: a successor was refused an expired lock: {exc}")
+                return
             try:
                 try:
                     await wait_until(lambda: lease.lost is not None, LOCK_TTL_S, "the holder to see its lock taken")

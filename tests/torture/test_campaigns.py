@@ -236,6 +236,7 @@ def test_store_faults_quick():
     assert sum(n for o, n in outcomes.items() if o.startswith("exact_at_attempt_")) == 2, outcomes
     assert outcomes["skew_within_refused"] == outcomes["lease_kept_through_faults"] == 2, outcomes
     assert outcomes["holder_saw_takeover"] == outcomes["lock_taken_through_a_lost_reply"] == 2, outcomes
+    assert outcomes["skew_past_refused"] == 2, outcomes
     assert all(f.get("lost_put_reply") for f in res.notes["lock_faults"].values()), res.notes["lock_faults"]
     assert len(res.notes["rpo_recovery_s"]) == store_faults.QUICK.rounds, res.notes
     assert max(res.notes["rpo_lag_max_s"]) > store_faults.QUICK.storm_s / 2, res.notes  # it climbed, came back
