@@ -15,7 +15,6 @@ manifest rules (each test failed before the fix):
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import importlib
@@ -45,6 +44,7 @@ from tests.rocva.build import seed_initial
 from tests.rocva.test_consolidate import workload
 from tests.rocva.test_delta import _two_histories
 from tests.rocva.test_failback import site_a_disks
+from tests.waiting import EVENTUALLY_S, wait_until, wait_until_async
 
 KiB = 1 << 10
 S = 1_000_000_000
@@ -196,8 +196,7 @@ async def _stall_until_lost(mount: Mount) -> None:
     then the event loop runs again: the renewal finds itself late, the lease is lost."""
     lease = mount.lease
     time.sleep(TTL_S * 0.8)
-    await asyncio.sleep(TTL_S / 3 + 0.3)
-    assert lease.lost is not None
+    await wait_until(lambda: lease.lost is not None, EVENTUALLY_S, "the renewal to find itself late")
 
 
 async def test_a_mount_takes_its_lease_again_after_a_stall(tmp_path, short_recovery_leases, caplog):
@@ -209,11 +208,14 @@ async def test_a_mount_takes_its_lease_again_after_a_stall(tmp_path, short_recov
         [disk] = mount.disks.values()
         await disk.read(0, 4096)
         await _stall_until_lost(mount)
-        assert mount.lease is not None and mount.lease.lost is None, "the lease was not taken again"
-        assert "mount_lease_retaken" in caplog.text and "mount_point_checked" in caplog.text
-        await asyncio.sleep(TTL_S)  # the old lease has expired for everyone
-        live = await locks.live_locks(store, locks.recovery_prefix(b.domain), skew_s=0)
-        assert [lk.key for lk in live] == [mount.lease.key]
+        await wait_until(lambda: mount.lease is not None and mount.lease.lost is None
+                         and "mount_point_checked" in caplog.text, EVENTUALLY_S, "the lease taken again, the point checked")
+        assert "mount_lease_retaken" in caplog.text
+
+        async def only_the_new_lease() -> bool:  # the old one expires for everyone, in TTL_S
+            live = await locks.live_locks(store, locks.recovery_prefix(b.domain), skew_s=0)
+            return [lk.key for lk in live] == [mount.lease.key]
+        await wait_until_async(only_the_new_lease, EVENTUALLY_S, "only the new lease live")
         r = await _job(tmp_path / "store", b, scratch_dir=tmp_path, skew_s=0)
         assert r["sweep"]["deferred"] > 0 and r["sweep"]["objects_deleted"] == 0, r["sweep"]
         image = b"".join([bytes(await disk.read(off, 64 * KiB)) for off in range(0, disk.size, 64 * KiB)])
@@ -235,7 +237,10 @@ async def test_a_mount_whose_point_retention_took_apart_fails_every_read(tmp_pat
             await disk.read(off, 4096)
         gate.shut = True  # the lease cannot be taken again for a while...
         await _stall_until_lost(mount)
-        await asyncio.sleep(TTL_S)
+
+        async def no_live_lease() -> bool:  # the lost one expires for everyone, in TTL_S
+            return not await locks.live_locks(raw, locks.recovery_prefix(b.domain), skew_s=0)
+        await wait_until_async(no_live_lease, EVENTUALLY_S, "the lost lease expired")
         r = await _job(tmp_path / "store", b, scratch_dir=tmp_path, skew_s=0)  # ... and retention runs then
         assert r["sweep"]["segments_deleted"] > 0, r["sweep"]
         gate.shut = False
