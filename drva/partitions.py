@@ -115,21 +115,20 @@ class PartitionsMixin:
             dropped = self._scan_log(doc)
         except OSError as exc:  # EIO reading an entry: one line and exit 4, not a traceback
             raise LogError(f"log partition {self.cfg.log_path}: recovery scan: {os_error_text(exc)}") from exc
-        given_up = self._unprotect_requests(doc)
+        given_up = self._unprotect_requests(doc, dropped)
         self._check_identities(doc, dropped, given_up)
         unasked = {d: held for d, held in dropped.items() if d not in given_up}
-        if unasked and not self.log_label_ours:
-            self._refuse_unlabelled(unasked)
+        if unasked:
+            self._refuse_unasked(unasked)
         for domain, (frames, first, last) in dropped.items():
             asked = given_up.get(domain)
-            reason = (f"an unprotect request ({asked.path.name}) gave up domain {domain} ({asked.name!r})"
-                      if asked is not None else
-                      "the domain is no longer in this DRVA's configuration (unprotected)")
+            reason = f"an unprotect request ({asked.path.name}) gave up domain {domain} ({asked.name!r})"
             log.warning("unconfigured_domain_frames_dropped", domain=domain, frames=frames,
                         first_seq=first, last_seq=last, reason=reason)
         self._record_identities(doc)
-        for asked in given_up.values():
-            drop_request(asked.path, "unprotect_request_done", domain=asked.domain, name=asked.name)
+        # A request that gave frames up stays until a start finds none of them left (the
+        # log is trimmed past them as the other domains ship): the record of the domain is
+        # forgotten now, and its frames must stay given up at every start until then.
         for dom in self.domains.values():
             if dom.stats.log_entries_skipped:
                 log.warning("log_entries_skipped", domain=dom.id, entries=dom.stats.log_entries_skipped,
@@ -139,7 +138,7 @@ class PartitionsMixin:
 
     # ------------------------------------------------------------------ identities
 
-    def _unprotect_requests(self, doc: dict[str, Any]) -> dict[int, UnprotectRequest]:
+    def _unprotect_requests(self, doc: dict[str, Any], dropped: dict[int, Any]) -> dict[int, UnprotectRequest]:
         """The unprotect requests (FORMAT.md §13.6) that give up a recorded domain: one
         this DRVA no longer serves, named as the metadata repository records it (a request
         with an id typo gives up nothing). The others are dropped, saying why."""
@@ -153,6 +152,8 @@ class PartitionsMixin:
                 drop_request(asked.path, "request_refused", domain=asked.domain, reason=(
                     f"domain {asked.domain} is in this DRVA's configuration (as "
                     f"{self.domains[asked.domain].cfg.name!r}): its writes ship, none is given up"))
+            elif recorded is None and asked.domain in dropped:
+                given_up[asked.domain] = asked  # held, but never named here (a document from before names)
             elif recorded is None:
                 drop_request(asked.path, "unprotect_request_done", domain=asked.domain, name=asked.name,
                              reason=f"domain {asked.domain} is not on record here: nothing is held for it")
@@ -256,12 +257,23 @@ class PartitionsMixin:
                 dom.stats.log_entries_skipped += 1  # seqs an earlier entry holds: a resend logged twice
         return dropped
 
-    def _refuse_unlabelled(self, dropped: dict[int, list[int]]) -> None:
-        """An unlabelled log holds unshipped frames of domains this DRVA does not serve:
-        nothing says they are of a domain it unprotected rather than another DRVA's, so
-        they are not dropped — the DRVA does not start (``ConfigError``)."""
+    def _refuse_unasked(self, dropped: dict[int, list[int]]) -> None:
+        """The log holds unshipped frames of domains this DRVA does not serve, and no
+        unprotect request gave them up: acked writes that only this log holds. A domain
+        removed from the configuration by hand, or moved to another DRVA, is not an
+        unprotect (``cdp unprotect`` writes the request, FORMAT.md §13.6): the DRVA does
+        not start (``ConfigError``) rather than trim them away. An unlabelled log may also
+        be another DRVA's."""
         held = ", ".join(f"domain {d} (seqs {first}..{last}, {n} frames)"
                          for d, (n, first, last) in sorted(dropped.items()))
+        if self.log_label_ours:
+            asks = " or ".join(f"{unprotect_request_path(self.cfg.state_dir, d)}" for d in sorted(dropped))
+            raise ConfigError(
+                f"log partition {self.cfg.log_path} holds acked, unshipped frames of {held}, which DRVA "
+                f"{self.cfg.name!r}'s configuration no longer serves, and no unprotect request gave them up: "
+                f"they would be lost. Put the domain back in the configuration (they ship), or unprotect it "
+                f"(`cdp unprotect NAME`; by hand: {asks} holding {{\"domain\": ID, \"name\": NAME}}) to give "
+                f"them up")
         raise ConfigError(
             f"log partition {self.cfg.log_path} carries no label and holds unshipped frames of {held}, which "
             f"DRVA {self.cfg.name!r} of site {self.cfg.site!r} does not serve: they may be another DRVA's, and "

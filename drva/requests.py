@@ -69,6 +69,17 @@ def unprotect_request_path(state_dir: Path, domain: int) -> Path:
     return requests_dir(state_dir) / f"unprotect-{domain}.json"
 
 
+def write_unprotect_request(state_dir: Path, domain: int, name: str) -> Path:
+    """Ask the DRVA of ``state_dir`` to give up domain ``domain`` (``name``) at its next
+    start (FORMAT.md §13.6): written atomically, the box made if missing. What ``cdp
+    unprotect`` does before the DRVA's configuration loses the domain."""
+    box = requests_dir(state_dir)
+    box.mkdir(parents=True, exist_ok=True)
+    path = unprotect_request_path(state_dir, domain)
+    durable.atomic_write(path, json.dumps({"domain": domain, "name": name}).encode())
+    return path
+
+
 @dataclass(frozen=True)
 class UnprotectRequest:
     """``unprotect-*.json``: domain ``domain``, recorded as ``name``, is given up."""

@@ -53,6 +53,7 @@ from cdp.msa.standby import StandbyKeeper
 from cdp.msa.status_doc import COUNT_MAX, domains_of
 from cdp.msa.supervisor import STEP_INTERVAL_S, DrvaView, Supervisor
 from cdp.store.open import redact_url
+from drva.requests import write_unprotect_request
 
 log = get_logger("cdp.msa.daemon")
 
@@ -604,7 +605,8 @@ class MsaDaemon:
         (``JobRunner.refuse_if_moving``), and, asked directly, while a mark job of the
         domain runs: a mark its filter took ships only when the domain is protected
         again, after the job reported it failed."""
-        drva = self.cfg.drva_of(self.cfg.domain(domain))
+        spec = self.cfg.domain(domain)
+        drva = self.cfg.drva_of(spec)
         async with self._protection_lock:
             self.runner.refuse_if_moving(domain, "unprotecting it")
             if domain not in self.protection:
@@ -616,6 +618,10 @@ class MsaDaemon:
                            f"leave that mark to be committed only if the domain is protected again; try again "
                            f"when it has ended (`cdp jobs`)")
             protection = {d: p for d, p in self.protection.items() if d != domain}
+            # First the request that lets its DRVA give up what its log still holds of the
+            # domain (FORMAT.md §13.6): without one, a DRVA whose configuration lost a
+            # domain with acked, unshipped frames refuses to start rather than drop them.
+            await asyncio.to_thread(write_unprotect_request, self.cfg.drva_state_dir(drva), spec.id, spec.name)
             await asyncio.to_thread(save_protection, self.cfg, protection)
             self.protection = protection
             await self.supervisor.apply(protection)

@@ -158,11 +158,15 @@ async def test_an_unprotect_request_gives_the_recorded_domain_up(tmp_path, caplo
     request.write_text(json.dumps({"domain": 1, "name": "erp"}))
     async with running_drva(typo) as d:
         assert sorted(d.domains) == [11]
-    assert not request.exists()
     dropped = [r for r in caplog.records if r.getMessage() == "unconfigured_domain_frames_dropped"]
     assert [(r.fields["domain"], r.fields["last_seq"]) for r in dropped] == [(1, WRITES)]
     assert "unprotect-1.json" in dropped[0].fields["reason"]
     assert read_metadata(cfg.meta_path)["domains"].keys() == {"11"}
+    # Kept while the log holds domain 1's frames (nothing was trimmed yet): the next start
+    # gives them up again rather than refuse.
+    assert request.exists()
+    async with running_drva(typo) as d:
+        assert sorted(d.domains) == [11]
 
 
 async def test_a_request_for_a_served_domain_gives_up_nothing(tmp_path, caplog):
@@ -176,15 +180,25 @@ async def test_a_request_for_a_served_domain_gives_up_nothing(tmp_path, caplog):
     assert not any(r.getMessage() == "unconfigured_domain_frames_dropped" for r in caplog.records)
 
 
-async def test_a_domain_taken_out_of_the_configuration_is_still_unprotected(tmp_path, caplog):
-    """What ``cdp unprotect`` does to a DRVA: its configuration no longer has the domain."""
+async def test_a_domain_taken_out_of_the_configuration_needs_an_unprotect_request(tmp_path, caplog):
+    """A domain removed from a DRVA's configuration by hand (or moved to another DRVA)
+    while its log holds its acked, unshipped frames: the DRVA refuses to start rather
+    than drop them; with the request ``cdp unprotect`` writes, they are given up."""
+    from drva.requests import write_unprotect_request
+
     caplog.set_level(logging.WARNING)
     cfg = config(_doc(tmp_path, [(1, "erp"), (3, "web")]))
     async with running_drva(cfg) as d:
         await _stream_acked(d, Disk(tmp_path / "web.img", DISK), 3)
     assert read_metadata(cfg.meta_path)["domains"]["3"]["name"] == "web"
-    unprotected = dataclasses.replace(cfg, domains=tuple(x for x in cfg.domains if x.id == 1))
-    async with running_drva(unprotected):
+    removed = dataclasses.replace(cfg, domains=tuple(x for x in cfg.domains if x.id == 1))
+    message = (await _refused(removed)).message
+    assert "holds acked, unshipped frames of domain 3" in message and "unprotect-3.json" in message
+    assert not any(r.getMessage() == "unconfigured_domain_frames_dropped" for r in caplog.records)
+    async with running_drva(cfg) as d:  # put back: they are still there, and ship
+        assert d.domains[3].unsealed
+    write_unprotect_request(cfg.state_dir, 3, "web")
+    async with running_drva(removed):
         pass
     assert any(r.getMessage() == "unconfigured_domain_frames_dropped" and r.fields["domain"] == 3
                for r in caplog.records)

@@ -142,12 +142,16 @@ async def test_an_unlabelled_log_with_frames_of_an_unserved_domain_is_not_trimme
 
 
 async def test_an_own_log_still_drops_frames_of_an_unprotected_domain(tmp_path, caplog):
-    """Labelled as this DRVA's: a domain missing from its configuration was unprotected."""
+    """Labelled as this DRVA's: a domain missing from its configuration, with the unprotect
+    request ``cdp unprotect`` writes, was unprotected (without one: test_domain_identity)."""
+    from drva.requests import write_unprotect_request
+
     caplog.set_level(logging.WARNING)
     cfg = config(_doc(tmp_path, "drva-a", [1, 3], site="site-a"))
     async with running_drva(cfg) as d:
         await _stream_acked(d, tmp_path, 3)
     unprotected = dataclasses.replace(cfg, domains=tuple(x for x in cfg.domains if x.id == 1))
+    write_unprotect_request(cfg.state_dir, 3, next(x.name for x in cfg.domains if x.id == 3))
     async with running_drva(unprotected):
         pass
     assert any(r.getMessage() == "unconfigured_domain_frames_dropped" and r.fields["domain"] == 3

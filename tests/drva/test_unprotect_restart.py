@@ -1,14 +1,16 @@
-"""A domain removed from a DRVA's configuration (``cdp unprotect``) while its frames are
-still in the log: the DRVA restarts, reports what it no longer ships, and keeps serving
-the other domains with nothing of theirs lost."""
+"""A domain unprotected (``cdp unprotect``: an unprotect request, then a configuration
+without it) while its frames are still in the log: the DRVA restarts, reports what it no
+longer ships, and keeps serving the other domains with nothing of theirs lost."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 
 from cdp.store.fs import FileStore
+from drva.requests import write_unprotect_request
 from iofilter_sim.client import FilterClient
 from iofilter_sim.filter import DomainFilter
 from tests.drva.harness import (
@@ -41,6 +43,7 @@ async def test_unprotected_domain_frames_do_not_stop_the_drva(tmp_path):
     doc["domains"] = [erp]
     doc["seal"] = {"bytes": "1MiB", "age_s": 0.2}
     write_toml(doc, drva.path)
+    write_unprotect_request(Path(doc["state_dir"]), 2, "web")  # what `cdp unprotect web` writes first
     drva.start()
     client = FilterClient([filters[1]], "127.0.0.1", port, SECRET.encode(), "host-1")
     task = asyncio.create_task(client.run())

@@ -5,6 +5,7 @@ stopping the daemon stops its DRVAs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -148,6 +149,11 @@ async def test_domain_set_change_restarts_the_drva_and_daemon_stop_stops_all(tmp
         assert sup.view("drva-1").restarts == 0  # a requested restart is no crash
         await daemon.unprotect("files")
         assert "drva-2" not in sup.drvas and not _alive(pids["drva-2"])
+        # The request that lets drva-2 give up what its log holds of the domain at its
+        # next start (without one, it would refuse to start rather than drop acked writes).
+        files = site.cfg.domain("files")
+        request = site.cfg.drva_state_dir(site.cfg.drva_of(files)) / "requests" / f"unprotect-{files.id}.json"
+        assert json.loads(request.read_text()) == {"domain": files.id, "name": "files"}
         last = sup.pid("drva-1")
         assert (site.cfg.state_dir / "msa.pid").read_text().split()[0] == str(os.getpid())
     assert not _alive(last)
