@@ -69,15 +69,20 @@ def unprotect_request_path(state_dir: Path, domain: int) -> Path:
     return requests_dir(state_dir) / f"unprotect-{domain}.json"
 
 
-def write_unprotect_request(state_dir: Path, domain: int, name: str) -> Path:
-    """Ask the DRVA of ``state_dir`` to give up domain ``domain`` (``name``) at its next
-    start (FORMAT.md §13.6): written atomically, the box made if missing. What ``cdp
-    unprotect`` does before the DRVA's configuration loses the domain."""
+def write_request(state_dir: Path, file_name: str, doc: dict[str, Any]) -> Path:
+    """Put the request ``doc`` in the box of the DRVA of ``state_dir`` as ``file_name``:
+    written atomically, the box made if missing (FORMAT.md §13.6). The MSA's one way in."""
     box = requests_dir(state_dir)
     box.mkdir(parents=True, exist_ok=True)
-    path = unprotect_request_path(state_dir, domain)
-    durable.atomic_write(path, json.dumps({"domain": domain, "name": name}).encode())
+    path = box / file_name
+    durable.atomic_write(path, json.dumps(doc).encode())
     return path
+
+
+def write_unprotect_request(state_dir: Path, domain: int, name: str) -> Path:
+    """Ask the DRVA of ``state_dir`` to give up domain ``domain`` (``name``) at its next
+    start: what ``cdp unprotect`` does before the DRVA's configuration loses the domain."""
+    return write_request(state_dir, unprotect_request_path(state_dir, domain).name, {"domain": domain, "name": name})
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,14 @@ so, naming the mark, rather than that no mark was placed.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 
 from cdp.catalog import load_catalog
-from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError
 from cdp.msa.config import SiteConfig
 from cdp.store import open_store
-from drva.requests import NAME_BYTES_MAX, requests_dir
+from drva.requests import NAME_BYTES_MAX, write_request
 
 POLL_S = 0.25
 
@@ -41,10 +39,8 @@ async def request_mark(cfg: SiteConfig, domain: str, name: str, timeout_s: float
     try:
         state, _ = await load_catalog(store, spec.id)
         before = max((m["seq"] for m in state.timeline().marks if m["name"] == name), default=0) if state else 0
-        box = requests_dir(cfg.drva_state_dir(drva))
-        box.mkdir(parents=True, exist_ok=True)
-        path = box / f"mark-{time.time_ns():x}-{secrets.token_hex(4)}.json"
-        atomic_write(path, json.dumps({"domain": spec.id, "name": name}).encode())
+        path = write_request(cfg.drva_state_dir(drva), f"mark-{time.time_ns():x}-{secrets.token_hex(4)}.json",
+                             {"domain": spec.id, "name": name})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
