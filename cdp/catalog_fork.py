@@ -58,7 +58,7 @@ async def fork_body(view: CatalogView, fork_seq: int, new_id: int, owner: str, c
         row = tail[-1]
         tail["last_ts"][-1] = await view.record_time(row, fork_seq)
         tail["last_seq"][-1] = fork_seq
-    return {
+    body = {
         "id": new_id, "parent": parent.id, "fork_seq": fork_seq, "owner": owner, "created_ns": created_ns,
         "committed_seq": fork_seq, "horizon_seq": parent.horizon_seq,
         "pages": refs_json(refs), "tail": rows_json(tail),
@@ -67,6 +67,9 @@ async def fork_body(view: CatalogView, fork_seq: int, new_id: int, owner: str, c
         "windows": [dict(w, last_seq=fork_seq if w["last_seq"] is None or w["last_seq"] > fork_seq else w["last_seq"])
                     for w in parent.windows if w["first_seq"] <= fork_seq],
     }
+    if parent.horizon_ts:  # the same record as the parent's horizon; absent = 0, as in a head (§8.2)
+        body["horizon_ts"] = parent.horizon_ts
+    return body
 
 
 async def fork_timeline(store: ObjectStore, domain: int, fork_seq: int, owner: str, *, parent: int | None = None,

@@ -49,11 +49,15 @@ def check_list(value: Any, what: str, where: str) -> list:
     return value
 
 
-def check_obj(value: Any, keys: frozenset[str] | set[str], what: str, where: str) -> dict:
-    """A JSON object with exactly ``keys``: an unknown key means a newer writer (§0)."""
-    if not isinstance(value, dict) or set(value) != set(keys):
+def check_obj(value: Any, keys: frozenset[str] | set[str], what: str, where: str,
+              optional: frozenset[str] = frozenset()) -> dict:
+    """A JSON object with exactly ``keys``, and any of ``optional`` (keys added after the
+    layout's first writers, absent from what they wrote): an unknown key means a newer
+    writer (§0)."""
+    if not isinstance(value, dict) or not set(keys) <= set(value) <= set(keys) | optional:
         got = sorted(value) if isinstance(value, dict) else type(value).__name__
-        raise FormatError(f"{where}: {what} has keys {got}, expected {sorted(keys)}")
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        raise FormatError(f"{where}: {what} has keys {got}, expected {sorted(keys)}{extra}")
     return value
 
 

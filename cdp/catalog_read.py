@@ -83,6 +83,11 @@ class CatalogView:
         return self.tl.horizon_seq
 
     @property
+    def horizon_ts(self) -> int:
+        """The time of the record at ``horizon_seq``; 0 when the catalog does not know it."""
+        return self.tl.horizon_ts
+
+    @property
     def segment_count(self) -> int:
         """Rows held, counted from the references (no page is read); may include a few
         that retention has passed but whose page is still partly needed."""
@@ -179,14 +184,38 @@ class CatalogView:
         recs = row_records(key, row, await read_segment_index(self.store, key))
         return int(recs["timestamp_ns"][seq - int(row["first_seq"])])
 
+    async def time_of(self, seq: int) -> int | None:
+        """``timestamp_ns`` of record ``seq``: ``horizon_ts`` at the horizon (when known),
+        else from the retained row holding it (its segment's index unless ``seq`` ends or
+        starts the row). None for seq 0 and for a seq whose time the head no longer holds."""
+        if seq == self.horizon_seq:
+            return self.horizon_ts or None
+        row = await self.row_for_seq(seq) if seq > 0 else None
+        return None if row is None else await self.record_time(row, seq)
+
     async def seq_at_time(self, t_ns: int) -> int | None:
         """The seq of the last record with ``timestamp_ns <= t_ns`` (None if none is held).
-        At or below the horizon, a seq there (its segment may be gone) without reading it.
-        Any int is asked: before the epoch nothing is held (a retention cutoff of now minus
-        a window longer than since 1970), and after the u64 times end, every record is."""
+
+        The horizon point counts when its time is known (``horizon_ts``): from that time
+        until the next record's it is the answer, though no row may hold it any more.
+        Before the horizon, a seq below it (its segment may be gone) without reading it —
+        not necessarily the exact one. Any int is asked: before the epoch nothing is held (a
+        retention cutoff of now minus a window longer than since 1970), and after the u64
+        times end, every record is."""
         if t_ns < 0:
             return None
         t_ns = min(t_ns, U64_MAX)
+        seq = await self._seq_in_rows(t_ns)
+        h, h_ts = self.horizon_seq, self.horizon_ts
+        if not h_ts:
+            return seq
+        if t_ns < h_ts:  # before the horizon record, whatever a row straddling it says
+            return None if seq is None else min(seq, h - 1)
+        # At or after the horizon record: the rows answer from the record after it on.
+        return seq if seq is not None and seq > h else h
+
+    async def _seq_in_rows(self, t_ns: int) -> int | None:
+        """``seq_at_time`` from the rows and pages the head references alone."""
         refs, rows = self.tl.refs, self.tl.tail
         while True:
             firsts = np.concatenate([refs["first_ts"], rows["first_ts"]])
@@ -194,9 +223,14 @@ class CatalogView:
             if i < 0:
                 return None
             entry = refs[i] if i < len(refs) else rows[i - len(refs)]
-            if int(entry["last_ts"]) <= t_ns or int(entry["last_seq"]) <= self.horizon_seq:
+            if int(entry["last_ts"]) <= t_ns:
                 # Entries do not overlap in time: nothing after this one is at or before t.
                 return int(entry["last_seq"])
+            if int(entry["last_seq"]) <= self.horizon_seq:
+                # Some record before this entry's last (its time is after t), behind the
+                # horizon: its segment may be gone, so which one is not read. Not the last:
+                # an entry ending at the horizon would pass for the horizon point.
+                return int(entry["last_seq"]) - 1
             if i >= len(refs):
                 return await self._seq_in_segment(entry, t_ns)
             page = await self.page(entry)

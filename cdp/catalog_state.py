@@ -28,10 +28,14 @@ from cdp.layout import U32_MAX
 SNAPSHOT_KEYS = frozenset(("writer", "domain", "disks", "current", "timelines"))
 TIMELINE_KEYS = frozenset(("id", "parent", "fork_seq", "owner", "created_ns", "committed_seq", "horizon_seq",
                            "pages", "tail", "bases", "marks", "windows"))
+#: §8.2: keys a timeline holds only when they say something (``horizon_ts`` 0 is written as
+#: no key): a head without them reads the same to a reader from before them (§10).
+TIMELINE_OPTIONAL_KEYS = frozenset(("horizon_ts",))
 DELTA_KEYS = frozenset(("writer", "timeline", "add_segments", "add_pages", "add_bases", "remove_bases",
-                        "add_marks", "set_windows", "disks", "committed_seq", "horizon_seq", "add_timeline"))
+                        "add_marks", "set_windows", "disks", "committed_seq", "horizon_seq", "horizon_ts",
+                        "add_timeline"))
 #: §8.3: what a consolidation/retention job's delta may hold.
-MAINTENANCE_KEYS = frozenset(("writer", "timeline", "add_bases", "remove_bases", "horizon_seq"))
+MAINTENANCE_KEYS = frozenset(("writer", "timeline", "add_bases", "remove_bases", "horizon_seq", "horizon_ts"))
 
 
 @dataclass(eq=False)
@@ -44,7 +48,9 @@ class Timeline:
     ``last_seq <= horizon_seq`` is kept; each row and page reference starts no earlier in
     time than the one before it ends (§1: times are non-decreasing along seq); bases are
     unique per (seq, disk); marks have strictly increasing seqs in
-    ``horizon_seq .. committed_seq``.
+    ``horizon_seq .. committed_seq``. ``horizon_ts`` is the time of the record at
+    ``horizon_seq`` (0: unknown, or no record: ``horizon_seq`` 0); no row after the horizon
+    and no mark is older, and a row still holding the horizon record spans it.
     """
 
     id: int
@@ -59,6 +65,9 @@ class Timeline:
     bases: list[dict] = field(default_factory=list)
     marks: list[dict] = field(default_factory=list)
     windows: list[dict] = field(default_factory=list)
+    #: ``timestamp_ns`` of the record at ``horizon_seq`` (§8.2): once its row is dropped, the
+    #: only record of when the horizon point was, which ``--at`` needs. 0 = unknown.
+    horizon_ts: int = 0
 
     def copy(self) -> Timeline:
         """An independent copy. Arrays are replaced, never changed in place, and the dicts
@@ -66,7 +75,7 @@ class Timeline:
         safe and the copy costs the size of the head."""
         return Timeline(self.id, self.parent, self.fork_seq, self.owner, self.created_ns, self.committed_seq,
                         self.horizon_seq, self.refs, self.tail, list(self.bases), list(self.marks),
-                        list(self.windows))
+                        list(self.windows), self.horizon_ts)
 
     @property
     def segments(self) -> int:
@@ -85,15 +94,18 @@ class Timeline:
         return plan_folds(domain, self.refs, self.tail)
 
     def to_body(self) -> dict:
-        return {"id": self.id, "parent": self.parent, "fork_seq": self.fork_seq, "owner": self.owner,
+        body = {"id": self.id, "parent": self.parent, "fork_seq": self.fork_seq, "owner": self.owner,
                 "created_ns": self.created_ns, "committed_seq": self.committed_seq,
                 "horizon_seq": self.horizon_seq, "pages": refs_json(self.refs), "tail": rows_json(self.tail),
                 "bases": [dict(b) for b in self.bases], "marks": [dict(m) for m in self.marks],
                 "windows": [dict(w) for w in self.windows]}
+        if self.horizon_ts:  # absent = 0: a head retention never moved stays readable by older readers
+            body["horizon_ts"] = self.horizon_ts
+        return body
 
     @classmethod
     def from_body(cls, body: Any, domain: int, what: str, where: str) -> Timeline:
-        t = check_obj(body, TIMELINE_KEYS, what, where)
+        t = check_obj(body, TIMELINE_KEYS, what, where, TIMELINE_OPTIONAL_KEYS)
         tl = cls(
             id=check_int(t["id"], f"{what}.id", where, U32_MAX),
             parent=check_int(t["parent"], f"{what}.parent", where, U32_MAX),
@@ -104,6 +116,7 @@ class Timeline:
             horizon_seq=check_int(t["horizon_seq"], f"{what}.horizon_seq", where),
             refs=check_refs(t["pages"], f"{what}.pages", where),
             tail=check_rows(t["tail"], f"{what}.tail", where),
+            horizon_ts=check_int(t.get("horizon_ts", 0), f"{what}.horizon_ts", where),
         )
         bases = [check_base(b, f"{what}.bases[{i}]", domain, where)
                  for i, b in enumerate(check_list(t["bases"], f"{what}.bases", where))]
@@ -149,8 +162,36 @@ class Timeline:
         if problem is None and self.marks and not (
                 self.horizon_seq <= self.marks[0]["seq"] and self.marks[-1]["seq"] <= self.committed_seq):
             problem = f"a mark lies outside horizon_seq..committed_seq ({self.horizon_seq}..{self.committed_seq})"
+        if problem is None and self.horizon_ts:
+            problem = self._horizon_ts_problem()
         if problem is not None:
             raise FormatError(f"{where} (timeline {self.id}): {problem}")
+
+    def _horizon_ts_problem(self) -> str | None:
+        """Why ``horizon_ts`` (non-zero) cannot be the time of record ``horizon_seq``, or None.
+        Times never go back along seq (§1), so the first entry after the horizon starts no
+        earlier, an entry still holding the horizon record spans its time, and no mark (all
+        at or after the horizon) is older. Exactness needs the segment (``cdp verify``)."""
+        h, ts = self.horizon_seq, self.horizon_ts
+        if h == 0:
+            return f"horizon_ts {ts} with horizon_seq 0: seq 0 is no record and has no time (expected 0)"
+        entry = self.refs[0] if len(self.refs) else self.tail[0] if len(self.tail) else None
+        if entry is not None:
+            first, first_ts, last_ts = int(entry["first_seq"]), int(entry["first_ts"]), int(entry["last_ts"])
+            if first > h and ts > first_ts:
+                return (f"horizon_ts {ts} (seq {h}) is after the first retained record's time {first_ts} "
+                        f"(seq {first}): record times are non-decreasing along seq (FORMAT.md §1)")
+            if first <= h and not first_ts <= ts <= last_ts:
+                return (f"horizon_ts {ts} (seq {h}) is outside the times {first_ts}..{last_ts} of the entry "
+                        f"holding seqs {first}..{int(entry['last_seq'])}, which holds the horizon record")
+        for m in self.marks:
+            if m["seq"] == h and m["ts"] != ts:
+                return (f"mark {m['name']!r} at the horizon seq {h} has ts {m['ts']}, horizon_ts is {ts}: "
+                        f"both are the time of that record")
+            if m["ts"] < ts:
+                return (f"mark {m['name']!r} at seq {m['seq']} has ts {m['ts']}, before horizon_ts {ts} (seq {h}): "
+                        f"record times are non-decreasing along seq (FORMAT.md §1)")
+        return None
 
     def drop_before_horizon(self) -> None:
         """Forget the pages, rows and marks the horizon has passed (§8.2)."""
@@ -296,6 +337,7 @@ class CatalogState:
         horizon = check_int(body.get("horizon_seq", new.horizon_seq), "horizon_seq", where)
         if horizon < new.horizon_seq:
             raise FormatError(f"{where}: horizon_seq {horizon} goes back from {new.horizon_seq}")
+        new.horizon_ts = _horizon_ts_after(new, horizon, body, where)
         new.horizon_seq = horizon
         new.drop_before_horizon()
         new.check(where)
@@ -383,6 +425,11 @@ class CatalogState:
             raise FormatError(f"{where}: add_timeline: fork_seq {tl.fork_seq} (committed_seq {tl.committed_seq}) "
                               f"is not a seq timeline {parent.id} holds "
                               f"({parent.horizon_seq}..{parent.committed_seq})")
+        # The fork shares the parent's records up to fork_seq: the same horizon seq is the
+        # same record, so the same time.
+        if tl.horizon_seq == parent.horizon_seq and tl.horizon_ts != parent.horizon_ts:
+            raise FormatError(f"{where}: add_timeline: horizon_ts {tl.horizon_ts} at horizon_seq {tl.horizon_seq}, "
+                              f"but timeline {parent.id} has horizon_ts {parent.horizon_ts} there (the same record)")
         current = self.current
         self.timelines[tl.id], self.current = tl, tl.id
         try:
@@ -417,6 +464,9 @@ class CatalogState:
                 return f"timeline {k}: its windows changed"
             if t.horizon_seq < old.horizon_seq:
                 return f"timeline {k}: horizon_seq went back from {old.horizon_seq} to {t.horizon_seq}"
+            if t.horizon_seq == old.horizon_seq and t.horizon_ts != old.horizon_ts:
+                return (f"timeline {k}: horizon_ts changed from {old.horizon_ts} to {t.horizon_ts} while "
+                        f"horizon_seq stayed {t.horizon_seq}")
             expect = old.copy()
             expect.horizon_seq = t.horizon_seq
             expect.drop_before_horizon()
@@ -425,3 +475,23 @@ class CatalogState:
             if t.marks != expect.marks:
                 return f"timeline {k}: marks changed"
         return None
+
+
+def _horizon_ts_after(tl: Timeline, horizon: int, body: dict, where: str) -> int:
+    """``horizon_ts`` of ``tl`` after a delta that sets its horizon to ``horizon`` (§8.2).
+
+    It belongs to the record at ``horizon_seq``: unchanged while the horizon stays (a
+    delta may repeat it, not change it); when the horizon moves it is the delta's value,
+    0 (unknown) when the delta gives none — the old one is another record's time — and
+    never earlier than a known old one (times do not go back along seq, §1)."""
+    given = check_int(body["horizon_ts"], "horizon_ts", where) if "horizon_ts" in body else None
+    if horizon == tl.horizon_seq:
+        if given is not None and given != tl.horizon_ts:
+            raise FormatError(f"{where}: horizon_ts {given} changes the time of seq {horizon}, whose horizon_ts is "
+                              f"{tl.horizon_ts}: it changes only with horizon_seq")
+        return tl.horizon_ts
+    ts = given or 0
+    if ts and ts < tl.horizon_ts:
+        raise FormatError(f"{where}: horizon_ts {ts} (seq {horizon}) goes back from {tl.horizon_ts} (seq "
+                          f"{tl.horizon_seq}): record times are non-decreasing along seq (FORMAT.md §1)")
+    return ts

@@ -28,11 +28,9 @@ from rocva.target import recoverable_ranges
 
 
 async def seq_time_ns(state: CatalogView, seq: int) -> int | None:
-    """``timestamp_ns`` of record ``seq`` (None for seq 0 or one no retained row holds)."""
-    row = await state.row_for_seq(seq) if seq > 0 else None
-    if row is None:
-        return None
-    return await state.record_time(row, seq)
+    """``timestamp_ns`` of record ``seq`` (None for seq 0, or one whose time the catalog no
+    longer holds: no retained row, nor the horizon's ``horizon_ts``)."""
+    return await state.time_of(seq)
 
 
 async def timeline_points(state: CatalogView) -> dict[str, Any]:
@@ -57,6 +55,7 @@ async def timeline_points(state: CatalogView) -> dict[str, Any]:
         "current": tl.id == state.state.current,
         "committed_seq": state.committed_seq,
         "horizon_seq": state.horizon_seq,
+        "horizon_ts": state.horizon_ts or None,
         "segments": state.segment_count,
         "consistent": windows,
         "latest": latest,
@@ -88,8 +87,8 @@ async def list_points(store: ObjectStore, domain: int, timeline: int | None = No
         "generation": state.generation,
         "timeline": asked,
         "current_timeline": state.state.current,
-        **{k: top[k] for k in ("committed_seq", "horizon_seq", "consistent", "latest", "latest_missing", "marks",
-                               "bases", "not_consistent")},
+        **{k: top[k] for k in ("committed_seq", "horizon_seq", "horizon_ts", "consistent", "latest", "latest_missing",
+                               "marks", "bases", "not_consistent")},
         "disks": list(state.disks),
         "timelines": [per[tl] for tl in others],
         "problems": (behind_problems(domain, state.state, state.generation, list(seen))

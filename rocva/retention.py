@@ -13,8 +13,9 @@ Three steps, each on its own (``rocva.consolidate`` runs them in order):
     **every** disk has a base (a consolidation writes such a cut). Points ``>= F`` keep
     everything they need: the bases at ``F`` and after, the rows holding seqs after
     ``F``. So the delta sets ``horizon_seq = F`` (the rows ending at or before it leave
-    the head with it, FORMAT.md §8.2) and removes the bases below ``F``. The newest base
-    is never removed (it is at ``F`` or later). Points older than the window stay
+    the head with it, FORMAT.md §8.2), ``horizon_ts`` to the time of record ``F`` (so
+    ``--at`` still finds that point once its row is gone), and removes the bases below
+    ``F``. The newest base is never removed (it is at ``F`` or later). Points older than the window stay
     recoverable until the next base passes them: retention is at least the window.
 
 ``sweep_domain``
@@ -111,11 +112,24 @@ async def retention_delta(state: CatalogView, cutoff_ns: int) -> dict[str, Any]:
     if not cuts or cuts[-1] <= state.horizon_seq:
         return {}
     f = cuts[-1]
-    delta: dict[str, Any] = {"timeline": state.timeline_id, "horizon_seq": f}
+    # The record at F leaves the head with its row; its time stays as horizon_ts, which
+    # --at needs for the times between it and the next record (FORMAT.md §8.2).
+    delta: dict[str, Any] = {"timeline": state.timeline_id, "horizon_seq": f,
+                             "horizon_ts": await _record_time(state, f)}
     old = [{"seq": b["seq"], "disk": b["disk"]} for b in state.bases if b["seq"] < f]
     if old:
         delta["remove_bases"] = old
     return delta
+
+
+async def _record_time(state: CatalogView, seq: int) -> int:
+    """``timestamp_ns`` of record ``seq``, which is after the horizon (so a row holds it)."""
+    ts = await state.time_of(seq)
+    if ts is None:
+        raise FormatError(f"catalog of domain {state.domain_id}, timeline {state.timeline_id}: no row holds seq {seq}, "
+                          f"though the rows hold every seq from horizon_seq + 1 = {state.horizon_seq + 1} to "
+                          f"committed_seq {state.committed_seq}")
+    return ts
 
 
 async def _delete_all(store: ObjectStore, keys: list[str], check=None) -> int:

@@ -24,7 +24,10 @@ name and time: one index and one block read), so a mark moved in the catalog is 
 can name the nearest valid points on either side. Time targets map to the last record
 whose ``timestamp_ns <= T``: a ``searchsorted`` down the page tree's ``first_ts``/``last_ts``
 columns (a page per level), then, only when ``T`` falls inside a segment, one
-``searchsorted`` over that segment's index (one index read).
+``searchsorted`` over that segment's index (one index read). The horizon point's record
+may be gone with its row: its time is the head's ``horizon_ts`` (§8.2), so ``T`` from
+then until the next record's time is ``horizon_seq``; a catalog that does not know it
+(written before it was kept) refuses such a ``T``, naming ``--seq horizon_seq``.
 """
 
 from __future__ import annotations
@@ -426,11 +429,30 @@ async def resolve_target(state: CatalogView, target: Target | int | str, *,
         now_ns = time.time_ns()
     t_ns = parse_time(target.value, now_ns)
     seq = await state.seq_at_time(t_ns)
-    when = datetime.fromtimestamp(t_ns / 1e9, timezone.utc).isoformat()
-    if seq is None:
+    if seq is None or seq < state.horizon_seq:
         near = nearest_points(recoverable_ranges(state), -1)
-        raise OutsideRetention(
-            f"{dom}: --at {target.value} ({when}) is before the oldest retained record; "
-            f"{_nearest_text(near)}", near)
-    check_point(state, seq, f"--at {target.value} ({when}) is seq {seq}: ")
+        raise OutsideRetention(f"{dom}: --at {target.value} ({_iso(t_ns)}) {_before_retention(state, seq)}; "
+                               f"{_nearest_text(near)}", near)
+    check_point(state, seq, f"--at {target.value} ({_iso(t_ns)}) is seq {seq}: ")
     return ResolvedTarget(seq, target, at_ns=t_ns)
+
+
+def _iso(t_ns: int) -> str:
+    return datetime.fromtimestamp(t_ns / 1e9, timezone.utc).isoformat()
+
+
+def _before_retention(state: CatalogView, seq: int | None) -> str:
+    """Why a time whose last record is ``seq`` (None: none held; below the horizon: some
+    seq there, ``CatalogView.seq_at_time``) names no point retention keeps."""
+    h = state.horizon_seq
+    if h == 0:
+        return "is before the oldest retained record"
+    if state.horizon_ts:
+        return (f"is before the retention horizon (seq {h}, recorded at {_iso(state.horizon_ts)}): nothing older "
+                f"is kept")
+    if seq is not None:
+        return f"is before the retention horizon (seq {h}): nothing older is kept"
+    # A catalog written before horizon_ts (FORMAT.md §8.2): the horizon point's time is
+    # gone with its row, so the time may lie before it or between it and the next record.
+    return (f"is before every retained record, and the catalog does not record when the retention horizon, "
+            f"seq {h}, was (written before horizon_ts was kept): if that is the point meant, --seq {h} takes it")
