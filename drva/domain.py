@@ -142,8 +142,8 @@ class DomainState:
         self.committed_seq = 0
         self.committed_ts = 0
         self.newest_received_ts = 0
-        self.ts_raised_logged = -float("inf")  # monotonic time of the last timestamps_raised log line
-        self.ts_clamped_logged = -float("inf")  # ... and of the last timestamps_clamped one
+        # Monotonic time of the last timestamps_raised and timestamps_clamped log line (drva.session).
+        self.ts_logged = {"raised": -float("inf"), "clamped": -float("inf")}
         # Log bytes (entry strides) of frames staged for a group commit (``GroupCommitter``).
         self.staged_bytes = 0
         # (last_seq, log bytes of the entries added up to it) of the entries not known to
@@ -265,22 +265,37 @@ class DomainState:
         apart showed 2 s with a 1 s seal age, and an idle domain's first write raised an
         RPO alarm. When the next write is not here (still in the filter), its time is
         unknown and the lag counts from the newest committed write: never less than the
-        truth.
+        truth — while the filter's clock runs forward.
 
         Writes that wait with none after them (a store outage on a quiet domain) still
         age: the lag is at least how long the oldest pending write has been here
-        (``now``: ``time.monotonic()``). Both figures are differences of one clock — the
-        filter's timestamps, this host's monotonic clock — so a skew between hosts
-        cannot show as lag."""
+        (``now``: ``time.monotonic()``), and at least how long the filter's oldest
+        write not acked had waited there when it last said (``filter_waited_s``). The
+        timestamps alone hid that once the filter's clock stepped back (NTP, a VM
+        resumed): its stamps stand still until the clock catches up, so a backlog
+        waiting in the filter (a slow link) showed as no lag. Each figure is a
+        difference of one clock — the filter's timestamps, this host's monotonic clock,
+        the filter's monotonic clock — so a skew between hosts cannot show as lag."""
         seq, ts = self.newest_seq_ts()
         if seq <= self.committed_seq:
             return 0.0
+        floor = self.filter_waited_s()
         entry = self.oldest_pending()
         first = (entry.first_seq, entry.first_ts, entry.arrived) if entry is not None else self.staged_first
         if first is None or first[0] != self.committed_seq + 1:
-            return max(0.0, (ts - (self.committed_ts or ts)) / 1e9)
+            return max(floor, (ts - (self.committed_ts or ts)) / 1e9)
         waited = (time.monotonic() if now is None else now) - first[2]
-        return max(0.0, (ts - first[1]) / 1e9, waited)
+        return max(floor, (ts - first[1]) / 1e9, waited)
+
+    def filter_waited_s(self) -> float:
+        """How long the filter's oldest write not acked had waited, on the filter's
+        monotonic clock, when its last FILTER_STATE left (0: it said nothing, being
+        older than ``oldest_unacked_age_ms`` or having no write unacked). A write not
+        acked is not in the store, so the lag was at least that then. The age is of a
+        write captured and waiting, never of the last one: a quiet spell before it is
+        not counted. Not aged further here: the write may have been acked since, and
+        the next report (every second) says how long the oldest one waits then."""
+        return (self.filter_state.get("oldest_unacked_age_ms") or 0) / 1000
 
     def rpo_lag_bytes(self) -> int:
         """Bytes captured that are not in the store yet (here, and buffered in the filter)."""

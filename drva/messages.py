@@ -1,7 +1,8 @@
 """The control messages a filter sends a DRVA, checked at the edge (FORMAT.md §9).
 
 Every body from a socket is hostile until ``parse`` has checked it: strict UTF-8 JSON
-(``wire.Message.json``), one object with exactly the keys of its type, each value of
+(``wire.Message.json``), one object with exactly the keys of its type (those in
+``OPTIONAL`` may be absent: a filter older than them does not send them), each value of
 the right JSON type and in range. A failure is a ``wire.ProtocolError`` ``bad_message``
 naming the message, the field and what was expected; the session that sent it is
 closed, nothing else. Invariant: what ``parse`` returns has been checked whole, so code
@@ -81,6 +82,9 @@ SCHEMAS: dict[int, dict[str, Check]] = {
     wire.FILTER_STATE: {
         "domain": DOMAIN, "mode": _one_of(FILTER_MODES), "captured_seq": U64,
         "captured_ts": uint(0, U64_MAX, " (ns)"), "buffered_bytes": U64, "dirty_bytes": U64,
+        # A floor of the RPO lag (DomainState.rpo_lag_s): bounded, so that one filter's
+        # figure stays a number every reader of the status can take.
+        "oldest_unacked_age_ms": uint(0, U32_MAX, " (ms)"),
     },
     wire.SEED_BEGIN: {
         "domain": DOMAIN, "disk": DISK, "disk_size": uint(1, U64_MAX),
@@ -91,6 +95,8 @@ SCHEMAS: dict[int, dict[str, Check]] = {
     wire.PONG: {},
     wire.ERROR: ERROR_FIELDS,
 }
+# Keys a message may leave out: added after the type was, so older filters do not send them.
+OPTIONAL: dict[int, frozenset[str]] = {wire.FILTER_STATE: frozenset({"oldest_unacked_age_ms"})}
 
 
 def parse(msg: wire.Message, where: str) -> dict[str, Any]:
@@ -101,4 +107,4 @@ def parse(msg: wire.Message, where: str) -> dict[str, Any]:
         if isinstance(version, int) and not isinstance(version, bool) and version != wire.WIRE_VERSION:
             raise wire.ProtocolError("unsupported_version", f"{where}: protocol version {shown(version)}, "
                                                             f"this DRVA speaks {wire.WIRE_VERSION}")
-    return check_body(msg, where, SCHEMAS[msg.type])
+    return check_body(msg, where, SCHEMAS[msg.type], OPTIONAL.get(msg.type, ()))

@@ -448,35 +448,42 @@ class Session:
         clamped = int(np.count_nonzero(ts > ceiling))
         back_ns, ahead_ns = floor - int(ts[0]), int(ts[-1]) - ceiling
         np.clip(ts, np.uint64(floor), np.uint64(ceiling), out=ts)
-        now = time.monotonic()
-        if raised:
-            dom.stats.timestamps_raised += raised
-            if now - dom.ts_raised_logged >= TS_RAISED_LOG_INTERVAL_S:
-                dom.ts_raised_logged = now
-                log.warning("timestamps_raised", peer=self.where, filter=self.filter_name, domain=dom.id,
-                            first_seq=frame.first_seq, records=raised, back_ns=back_ns,
-                            raised_total=dom.stats.timestamps_raised,
-                            reason="the filter's clock is behind the domain's newest accepted timestamp")
-        if clamped:
-            dom.stats.timestamps_clamped += clamped
-            if now - dom.ts_clamped_logged >= TS_RAISED_LOG_INTERVAL_S:
-                dom.ts_clamped_logged = now
-                log.warning("timestamps_clamped", peer=self.where, filter=self.filter_name, domain=dom.id,
-                            first_seq=frame.first_seq, records=clamped, ahead_ns=ahead_ns,
-                            clamped_total=dom.stats.timestamps_clamped,
-                            reason=f"the filter's clock is more than {TS_AHEAD_MAX_S:g} s ahead of this DRVA's")
+        self._note_rewritten(dom, frame, "raised", raised, "back_ns", back_ns,
+                             "the filter's clock is behind the domain's newest accepted timestamp")
+        self._note_rewritten(dom, frame, "clamped", clamped, "ahead_ns", ahead_ns,
+                             f"the filter's clock is more than {TS_AHEAD_MAX_S:g} s ahead of this DRVA's")
         raw = encode_frame(frame.domain, records, frame.payload)
         return raw, decode_frame(raw, "frame with restamped timestamps")
 
+    def _note_rewritten(self, dom: "DomainState", frame: Frame, how: str, records: int, off_field: str,
+                        off_ns: int, reason: str) -> None:
+        """Count the ``records`` of ``frame`` whose timestamps were ``how`` ("raised" or
+        "clamped") in the status counter ``timestamps_<how>``, and log an event of that
+        name — at most once per ``TS_RAISED_LOG_INTERVAL_S`` per domain and kind: a
+        filter clock off for hours would log every frame."""
+        if not records:
+            return
+        event = f"timestamps_{how}"
+        total = getattr(dom.stats, event) + records
+        setattr(dom.stats, event, total)
+        now = time.monotonic()
+        if now - dom.ts_logged[how] < TS_RAISED_LOG_INTERVAL_S:
+            return
+        dom.ts_logged[how] = now
+        log.warning(event, peer=self.where, filter=self.filter_name, domain=dom.id, first_seq=frame.first_seq,
+                    records=records, **{off_field: off_ns, f"{how}_total": total}, reason=reason)
+
     def _filter_state(self, doc: dict[str, Any]) -> None:
-        """``doc`` is checked whole (drva.messages): every field is there, typed, in range."""
+        """``doc`` is checked whole (drva.messages): every field is there (but the optional
+        ``oldest_unacked_age_ms``), typed, in range."""
         dom = self.domains.get(doc["domain"])
         if dom is None:
             raise Refused("unknown_domain", f"FILTER_STATE for domain {doc['domain']}, not in this session")
         if dom.filter_state.get("mode") != doc["mode"]:
             log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc["dirty_bytes"])
-        dom.filter_state = {k: doc[k] for k in
-                            ("mode", "captured_seq", "captured_ts", "buffered_bytes", "dirty_bytes")}
+        # All of it, each report anew: a field this one leaves out (a filter older than
+        # it, or nothing waits unacked) is not taken from the one before.
+        dom.filter_state = {k: v for k, v in doc.items() if k != "domain"}
         # Bounded as its records' timestamps are (rpo_lag_s compares the two).
         dom.filter_state["captured_ts"] = min(doc["captured_ts"], self.drva.committer.ts_ceiling(dom))
 

@@ -48,6 +48,7 @@ import numpy as np
 from cdp.dirtymap import DirtyMap, region_bytes_for, regions_of
 from cdp.errors import FormatError
 from cdp.frame import encode_frame_parts
+from cdp.layout import U32_MAX
 from cdp.logs import get_logger
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, MARK_NAME_CONTROL, empty_records,
@@ -111,6 +112,9 @@ class BufferedFrame:
     nbytes: int
     records: np.ndarray  # kept to mark regions dirty if the frame is dropped unsent
     spilled_at: int = -1  # its offset in the spill journal, or -1: in memory
+    # The filter's monotonic time when its writes were captured: how long they have
+    # waited unacked (``state``), whatever the wall clock that stamped them did.
+    captured_at: float = 0.0
 
 
 class DomainFilter:
@@ -119,12 +123,13 @@ class DomainFilter:
     def __init__(self, domain: int, disks: Sequence[Disk], *, buffer_bytes_max: int = BUFFER_BYTES_MAX,
                  frame_bytes_max: int = FRAME_BYTES_MAX, clock: Callable[[], int] = time.time_ns,
                  first_seq: int = 1, dirty_maps: Sequence[DirtyMap] | None = None,
-                 spill: SpillJournal | None = None) -> None:
+                 spill: SpillJournal | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.domain = domain
         self.disks = list(disks)
         self.buffer_bytes_max = buffer_bytes_max
         self.frame_bytes_max = frame_bytes_max
-        self.clock = clock
+        self.clock = clock  # stamps the records (a wall clock: it may step back, or jump)
+        self.monotonic = monotonic  # ages the unacked writes (FILTER_STATE.oldest_unacked_age_ms)
         self.next_seq = first_seq
         self.acked_seq = first_seq - 1
         # The highest seq ever sent to a DRVA, on any connection. A DRVA may hold a frame
@@ -316,15 +321,16 @@ class DomainFilter:
         parts = list(encode_frame_parts(self.domain, records, payload))
         nbytes = sum(len(memoryview(p).cast("B")) for p in parts)
         first, last = int(records["seq"][0]), int(records["seq"][-1])
+        now = self.monotonic()
         if spillable and self.buffer and self.buffered_bytes + nbytes > self.buffer_bytes_max:
             at = self.spill.append(parts, nbytes) if self.spill is not None else None
             if at is None:
                 return False
-            self.buffer.append(BufferedFrame(first, last, [], nbytes, records.copy(), at))
+            self.buffer.append(BufferedFrame(first, last, [], nbytes, records.copy(), at, captured_at=now))
             self.spilled_bytes += nbytes
             self.stats["spilled_frames"] += 1
             return True
-        self.buffer.append(BufferedFrame(first, last, parts, nbytes, records.copy()))
+        self.buffer.append(BufferedFrame(first, last, parts, nbytes, records.copy(), captured_at=now))
         self.buffered_bytes += nbytes
         return True
 
@@ -373,7 +379,8 @@ class DomainFilter:
         records["kind"] = KIND_RESYNC_BEGIN
         parts = list(encode_frame_parts(self.domain, records, memoryview(b"")))
         nbytes = sum(len(memoryview(p).cast("B")) for p in parts)
-        return BufferedFrame(frame.first_seq, frame.last_seq, parts, nbytes, frame.records)
+        return BufferedFrame(frame.first_seq, frame.last_seq, parts, nbytes, frame.records,
+                             captured_at=frame.captured_at)
 
     def _forget(self, frame: BufferedFrame, *, newest: bool) -> None:
         """Account for a frame leaving the buffer (acked: the oldest; dropped: the newest)."""
@@ -625,6 +632,19 @@ class DomainFilter:
 
     def state(self) -> dict[str, Any]:
         """The FILTER_STATE body (FORMAT.md §9)."""
-        return {"domain": self.domain, "mode": self.mode, "captured_seq": self.next_seq - 1,
-                "captured_ts": self.last_ts, "buffered_bytes": self.buffered_bytes,
-                "dirty_bytes": self.dirty_bytes()}
+        doc = {"domain": self.domain, "mode": self.mode, "captured_seq": self.next_seq - 1,
+               "captured_ts": self.last_ts, "buffered_bytes": self.buffered_bytes,
+               "dirty_bytes": self.dirty_bytes()}
+        # Only while a write waits unacked: with none, there is no age to give (and a
+        # filter older than the field gives none either; the DRVA takes both alike).
+        if self.buffer:
+            doc["oldest_unacked_age_ms"] = self.oldest_unacked_age_ms()
+        return doc
+
+    def oldest_unacked_age_ms(self) -> int:
+        """How long the oldest write not acked yet (the buffer's first) has waited, on this
+        filter's monotonic clock: the DRVA's RPO lag is at least that (``captured_ts``
+        cannot say it once the wall clock stepped back: the stamps stand still until it
+        catches up). At most U32_MAX ms (~49.7 days), the bound the DRVA takes."""
+        waited_s = max(0.0, self.monotonic() - self.buffer[0].captured_at)
+        return min(int(waited_s * 1000), U32_MAX)
