@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +49,7 @@ from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost, NotFound
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, check_clock_skew, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
+from cdp.scratch import scratch_directory
 from cdp.store.base import ObjectStore
 from rocva.plan import CONCURRENCY_DEFAULT, build_plan, load_state
 from rocva.recover import execute_plan
@@ -58,6 +57,8 @@ from rocva.retention import newest_record_ns, retention_cutoff, retention_delta,
 from rocva.target import SEQ_INF, ResolvedTarget, Target, recoverable_ranges
 
 log = get_logger("rocva.consolidate")
+
+SCRATCH_PREFIX = "consolidate-"  # + 8 random characters (one domain's job or another's)
 
 COMMIT_RETRIES = 16
 #: The ``writer`` a delta is checked with before it is committed (the real one is drawn
@@ -352,13 +353,12 @@ async def _consolidate_timeline(store: ObjectStore, domain: int, timeline: int, 
     seq = await consolidation_seq(state, now_ns - int(older_than_s * 1e9))
     built: list[dict] = []
     if seq is not None:
-        scratch = Path(tempfile.mkdtemp(prefix=f"consolidate-{domain:08x}-", dir=scratch_dir))
-        try:
+        # Whole disks are rebuilt there: a killed job's directory is swept by the next job
+        # (any domain's), never left to fill the disk (cdp.scratch).
+        with scratch_directory(scratch_dir, SCRATCH_PREFIX) as scratch:
             built, summary["chunks"] = await build_bases(
                 store, state, seq, scratch, chunk_size=chunk_size, concurrency=concurrency,
                 progress=progress, lease_ttl_s=lease_ttl_s, skew_s=skew_s)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
         summary["consolidated_seq"] = seq
     for _ in range(COMMIT_RETRIES):
         have = {(b["seq"], b["disk"]) for b in state.bases}

@@ -8,6 +8,7 @@ that cannot start fails the tests that need it (never a skip).
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -31,6 +32,25 @@ TEST_AZURE_BLOCK_BYTES = 1 * MiB
 def unique_name(kind: str = "t") -> str:
     """A fresh bucket / container name (valid for S3 and Azure)."""
     return f"{kind}-{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temporary files made outside ``tmp_path`` (``tempfile`` in tests and in the code
+    they run, and in the commands they start: ``TMPDIR``) go under this session's
+    ``--basetemp``, which pytest removes after a passing session: left in /tmp, every
+    run of the suite left ~50 directories there (consolidation scratch of killed
+    ``cdp consolidate`` runs among them)."""
+    path = tmp_path_factory.mktemp("tmp", numbered=False)
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = str(path)
+    os.environ["TMPDIR"] = str(path)
+    yield
+    tempfile.tempdir = before[0]
+    if before[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[1]
 
 
 def _start(service: Any) -> None:
