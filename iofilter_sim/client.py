@@ -288,6 +288,15 @@ class FilterClient:
         live = list(self._live.values())  # this session's domains: a fenced one is not among them
         next_state = 0.0
         reported: dict[int, str] = {}
+
+        def state_if_due() -> None:
+            nonlocal next_state, reported
+            modes = {f.domain: f.mode for f in live}
+            if loop.time() >= next_state or modes != reported:
+                for f in live:
+                    writer.writelines(wire.control(wire.FILTER_STATE, f.state()))
+                next_state, reported = loop.time() + STATE_EVERY_S, modes
+
         while True:
             sent = 0
             for f in live:
@@ -303,14 +312,14 @@ class FilterClient:
                     if sent >= SEND_WINDOW_BYTES:
                         await writer.drain()
                         sent = 0
+                        # Between windows too: on a slow link a backlog takes minutes to
+                        # send, and a state sent only after it told the DRVA its lag
+                        # (oldest_unacked_age_ms) that late.
+                        state_if_due()
             for f in live:
                 if f.mode != "normal":  # bitmap/resync: the path is up, move dirty regions
                     f.resync_step(self.connected)
-            modes = {f.domain: f.mode for f in live}
-            if loop.time() >= next_state or modes != reported:
-                for f in live:
-                    writer.writelines(wire.control(wire.FILTER_STATE, f.state()))
-                next_state, reported = loop.time() + STATE_EVERY_S, modes
+            state_if_due()
             await writer.drain()
             self._wake.clear()
             if not any((f.next_unsent() and not f.backpressure) or (f.mode != "normal" and f.healthy(True))

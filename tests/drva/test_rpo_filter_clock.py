@@ -275,3 +275,42 @@ async def test_raised_and_clamped_timestamps_are_counted_and_logged_at_most_once
     assert (clamped["first_seq"], clamped["records"], clamped["clamped_total"]) == (8, 1, 1)
     assert clamped["ahead_ns"] == STEP_BACK_NS - 300 * SECOND
     assert "behind" in raised["reason"] and "300 s ahead" in clamped["reason"]
+
+
+class _SlowLink:
+    """A writer on a slow link: each drain takes ``drain_s`` (a window of frames crossing
+    it); records the type of each message written, in order."""
+
+    def __init__(self, drain_s: float) -> None:
+        self.drain_s = drain_s
+        self.types: list[int] = []
+        self._pending = b""
+
+    def writelines(self, parts) -> None:
+        head = b"".join(bytes(memoryview(p).cast("B")) for p in parts)[:wire.HEADER_SIZE]
+        mtype, _, _ = wire.parse_header(head, "test link")
+        self.types.append(mtype)
+
+    async def drain(self) -> None:
+        await asyncio.sleep(self.drain_s)
+
+
+async def test_a_backlog_on_a_slow_link_does_not_hold_back_the_filter_state(tmp_path) -> None:
+    """FILTER_STATE was written only once every unsent frame was: on a slow link the
+    DRVA heard the filter's age (and so the lag) only after the whole backlog, minutes
+    late. It goes between windows of frames now, as often as it is due."""
+    f = DomainFilter(1, [Disk(tmp_path / "d.img", SIZE)], buffer_bytes_max=64 << 20)
+    rng = np.random.default_rng(5)
+    while f.buffered_bytes < 5 * (8 << 20):  # five send windows of backlog
+        f.capture(*random_writes(rng, [SIZE], 64, 2048))
+    client = FilterClient([f], "127.0.0.1", 1, SECRET, "slow-link")
+    link = _SlowLink(drain_s=0.6)  # a window every 0.6 s: a state is due more than once meanwhile
+    sender = asyncio.create_task(client._send(link))
+    try:
+        await wait_until(lambda: f.next_unsent() is None, EVENTUALLY_S, "the backlog to be sent")
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    last_frame = max(i for i, t in enumerate(link.types) if t == wire.FRAME)
+    states = [i for i, t in enumerate(link.types) if t == wire.FILTER_STATE]
+    assert len([i for i in states if i < last_frame]) >= 2, link.types
