@@ -11,7 +11,9 @@ Ownership is fencing by conditional create: a generation is written with
 ``put(if_absent=True)`` after every object it names (segments, manifests, pages) is
 durable; whoever creates generation ``n + 1`` owns the domain. ``CatalogWriter`` tells a
 lost create that was its own (its writer id in the object), or a maintenance job's,
-from another owner's, which fences it (``Fenced``).
+from another owner's, which fences it (``Fenced``). Only whole bytes are judged: a
+generation whose bytes fail their own sums is read again, and when it stays bad it is
+``CorruptGeneration`` — retried later, never a fence (``read_generation``).
 
 This module holds the object codec, ``load_catalog``, ``CatalogWriter`` and the
 collection of old generations; the head and the delta rules are in
@@ -35,18 +37,20 @@ from cdp.catalog_json import refs_json
 from cdp.catalog_page import Fold
 from cdp.catalog_state import MAINTENANCE_KEYS, CatalogState
 from cdp.errors import (
-    AlreadyExists, AmbiguousDomain, CdpError, Fenced, FormatError, KeyUnavailable, NotFound, StoreError,
+    AlreadyExists, AmbiguousDomain, CdpError, ChecksumMismatch, Fenced, FormatError, KeyUnavailable, NotFound,
+    StoreError, TruncatedError,
 )
 from cdp.gather import gather_bounded
 from cdp.layout import U64_MAX, catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
-from cdp.summed import checked_body, pack_summed, unpack_summed
+from cdp.summed import SUMMED, checked_body, pack_summed, unpack_summed
 
 __all__ = [
-    "KIND_DELTA", "KIND_SNAPSHOT", "CatalogState", "CatalogWriter", "collect_generations",
-    "commit_catalog", "decode_catalog_object", "encode_catalog_object", "load_catalog",
+    "KIND_DELTA", "KIND_SNAPSHOT", "CatalogState", "CatalogWriter", "CorruptGeneration", "collect_generations",
+    "commit_catalog", "decode_catalog_object", "domain_ids", "encode_catalog_object", "load_catalog",
+    "read_generation",
 ]
 
 CATALOG_MAGIC = b"CDPC"
@@ -70,6 +74,12 @@ LOAD_ATTEMPTS_MAX = 3
 MAINTENANCE_RETRIES = 16
 #: Deletions of old generations in flight at once.
 DELETE_CONCURRENCY = 8
+#: Reads of one catalog object whose bytes fail their own sums or length before it is
+#: called corrupt (``read_generation``): one flipped bit or cut body in transit is not a
+#: damaged object, and must not be taken for another writer's generation (§8.3).
+READ_ATTEMPTS = 4
+#: The wait before the first re-read, doubled before each next one (0.05 + 0.1 + 0.2 s).
+REREAD_WAIT_S = 0.05
 #: The newest generation a chain may reach: its successor's key must exist (§7 keys end
 #: at 2^64 − 1), or the writer that loads it can never commit, nor be fenced.
 GENERATION_MAX = U64_MAX - 1
@@ -82,6 +92,16 @@ _HEADER = struct.Struct("<4sHHIIQQ24sQ")
 assert _HEADER.size == 64, "FORMAT.md §8.1"
 HEADER_SIZE = _HEADER.size
 _HEADER_ZERO = {"reserved": (32, 24)}  # must be zero: {name: (offset, size)}
+
+
+class CorruptGeneration(ChecksumMismatch):
+    """A catalog object whose bytes failed their own checksums or length on every one of
+    ``READ_ATTEMPTS`` reads: damaged in the store, or by every transfer of it so far. It
+    says nothing of who wrote it — never a fence (§8.3): a writer tries again later."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _refuse_constant(name: str) -> None:
@@ -138,6 +158,52 @@ def decode_catalog_object(key: str, data: bytes | bytearray | memoryview) -> tup
     if not isinstance(body, dict):
         raise FormatError(f"{where}: the body is not a JSON object")
     return kind, generation, domain, body
+
+
+def _bytes_intact(data: bytes | bytearray | memoryview) -> bool:
+    """Do ``data`` pass their own sums (§8.1: ``header_xxh3``, then ``body_xxh3`` over
+    exactly ``body_len`` bytes)? Checked without trusting any other field, not even the
+    magic: True means these are the bytes some writer summed, whatever they say."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < HEADER_SIZE:
+        return False
+    fields = _HEADER.unpack_from(mv)
+    body_len, body_xxh3, header_xxh3 = fields[4], fields[6], fields[8]
+    return (xxhash.xxh3_64_intdigest(mv[:SUMMED]) == header_xxh3 and len(mv) == HEADER_SIZE + body_len
+            and xxhash.xxh3_64_intdigest(mv[HEADER_SIZE:]) == body_xxh3)
+
+
+async def read_generation(store: ObjectStore, key: str,
+                          data: bytes | None = None) -> tuple[int, int, int, Any]:
+    """``decode_catalog_object`` of the object under ``key`` (``data``: its bytes, read
+    already). Bytes that fail their own sums or length (a flipped bit, a cut or empty
+    body in transit; an encrypted store's failed authentication) are read again, up to
+    ``READ_ATTEMPTS`` reads in all with a doubling wait, before ``CorruptGeneration``
+    naming the key. Intact bytes that do not decode are what a writer wrote: their
+    FormatError is raised at once. ``NotFound`` and other store errors propagate."""
+    failure: CdpError | None = None
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            # Info, not a warning: a read that heals is no problem, and one that stays bad is
+            # raised (CorruptGeneration), which its caller reports.
+            log.info("catalog_read_again", key=key, attempt=attempt + 1, error=failure.message if failure else "")
+            await asyncio.sleep(REREAD_WAIT_S * 2 ** (attempt - 1))
+        try:
+            blob = await store.get(key) if data is None else data
+        except (ChecksumMismatch, TruncatedError) as exc:  # an encrypted store's own check of what it read
+            data, failure = None, exc
+            continue
+        data = None
+        try:
+            return decode_catalog_object(key, blob)
+        except FormatError as exc:
+            if _bytes_intact(blob):
+                raise
+            failure = exc
+    raise CorruptGeneration(
+        f"catalog {key}: corrupt generation: its bytes failed their checksums or length on each of "
+        f"{READ_ATTEMPTS} reads (last: {failure.message if failure else '?'}); damaged in the store or on "
+        f"every transfer — not taken for another writer's", key)
 
 
 def _state_after(state: CatalogState | None, kind: int, body: Any, where: str) -> CatalogState:
@@ -202,8 +268,10 @@ async def load_catalog(store: ObjectStore, domain: int, *,
     Walks back from the newest generation to the newest snapshot (fetching a few objects
     at once), then applies the deltas after it in order. A generation missing from that
     chain is a FormatError naming it, unless it vanished while being read (a collector
-    raced the load): then the load lists again (§8.1). ``stats``, when given, receives
-    ``objects_listed`` and ``objects_read``.
+    raced the load): then the load lists again (§8.1). An object whose bytes fail their
+    sums is read again before the load fails (``read_generation``: ``CorruptGeneration``
+    when it stays bad). ``stats``, when given, receives ``objects_listed`` and
+    ``objects_read``.
     """
     for attempt in range(LOAD_ATTEMPTS_MAX):
         generations = await list_generations(store, domain)
@@ -231,7 +299,7 @@ async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState]
     load is skipped with a warning, and said when no readable domain has the name."""
     found: list[tuple[int, CatalogState]] = []
     unreadable: list[str] = []  # domains whose catalog did not load
-    async for domain_id in _domain_ids(store):
+    async for domain_id in domain_ids(store):
         try:
             state, _ = await load_catalog(store, domain_id)
         except FormatError as exc:  # not the store's failures, nor a key this process lacks (its config)
@@ -250,8 +318,12 @@ async def find_domain(store: ObjectStore, name: str) -> tuple[int, CatalogState]
     return found[0] if found else None
 
 
-async def _domain_ids(store: ObjectStore) -> AsyncIterator[int]:
-    """The id of every ``d/<id>/`` in the store, in key order, one listing call each."""
+async def domain_ids(store: ObjectStore) -> AsyncIterator[int]:
+    """The id of every ``d/<id>/`` in the store, in key order, one listing call each.
+
+    Each call asks only for the first key after the domains seen so far, and the walk
+    ends on a call that lists nothing: a listing the server ends early (a page marked
+    the last that is not) cannot hide a domain from it."""
     after = "d/"
     while True:
         first = None
@@ -268,6 +340,16 @@ async def _domain_ids(store: ObjectStore) -> AsyncIterator[int]:
             log.warning("stray_key_skipped", store=store.describe(), key=first[:200])
             continue
         yield int(part, 16)
+
+
+async def _fetch(store: ObjectStore, key: str) -> bytes | None:
+    """The object under ``key``; None when an encrypted store found it tampered with on
+    the way (``read_generation`` reads it again, rather than one bad transfer failing
+    the whole batch)."""
+    try:
+        return await store.get(key)
+    except (ChecksumMismatch, TruncatedError):
+        return None
 
 
 async def _load_chain(store: ObjectStore, domain: int, present: set[int], head: int,
@@ -292,11 +374,11 @@ async def _load_chain(store: ObjectStore, domain: int, present: set[int], head: 
             batch.append(catalog_key(domain, nxt))
             nxt -= 1
         batch_max = FETCH_BATCH_MAX
-        blobs = await gather_bounded((store.get(key) for key in batch), FETCH_CONCURRENCY)
+        blobs = await gather_bounded((_fetch(store, key) for key in batch), FETCH_CONCURRENCY)
         if stats is not None:
             stats["objects_read"] = stats.get("objects_read", 0) + len(batch)
         for key, blob in zip(batch, blobs):
-            kind, _, _, body = decode_catalog_object(key, blob)
+            kind, _, _, body = await read_generation(store, key, blob)  # a bad transfer is read again
             chain.append((key, kind, body))
             if kind == KIND_SNAPSHOT:
                 break
@@ -434,9 +516,10 @@ class CatalogWriter:
         (§8.3): a lost create that was this writer's own earlier attempt (its reply lost)
         or a maintenance job's is moved over, and the delta is rebuilt on top —
         ``make_delta`` returns None when nothing is left to commit. Anything else raises
-        ``Fenced`` saying why; a ``StoreError`` reading the generations found in the way
-        propagates (nothing is known of them yet: retry). Returns the generation that
-        holds the change."""
+        ``Fenced`` saying why; a ``StoreError`` reading the generations found in the way,
+        or a ``CorruptGeneration`` (bytes that stayed bad over several reads), propagates
+        (nothing is known of them yet: retry later). Returns the generation that holds
+        the change."""
         domain = self.state.domain_id
         for _ in range(retries):
             delta = make_delta(self.state)
@@ -458,13 +541,15 @@ class CatalogWriter:
         that are our own (an earlier attempt whose reply was lost) or only consolidate or
         apply retention (§8.3). Returns None when caught up (the caller rebuilds its
         delta on top), else why not: another writer owns the domain and this one is
-        fenced. The head is left at the last generation moved over."""
+        fenced. Only a generation read whole can fence: one whose bytes fail their sums
+        on every read raises ``CorruptGeneration`` instead. The head is left at the last
+        generation moved over."""
         while True:
             check_successor(self.state.domain_id, self.generation)
             generation = self.next_generation
             key = catalog_key(self.state.domain_id, generation)
             try:
-                kind, _, _, body = decode_catalog_object(key, await self.store.get(key))
+                kind, _, _, body = await read_generation(self.store, key)
                 new = _state_after(self.state, kind, body, f"catalog {key}")
             except NotFound:
                 return None
@@ -476,7 +561,12 @@ class CatalogWriter:
                 # Sealed with a key this process lacks (a rotation that reached another
                 # process first): its configuration's problem, said as such, not a fence.
                 raise
-            except CdpError as exc:
+            except CorruptGeneration:
+                # Bytes that failed their sums on every read say nothing of their writer:
+                # the generation may be our own whose reply was lost. Not a fence; the
+                # caller tries again later (read_generation already re-read it).
+                raise
+            except CdpError as exc:  # whole bytes that do not decode or apply: not ours, not maintenance
                 return f"another writer created generation {generation}: {exc.message}"
             own = new.writer is not None and new.writer["id"] == self.writer["id"]
             if not own:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cdp import eventloop, wire
+from cdp.catalog import CorruptGeneration
 from cdp.errors import CdpError, Fenced, StoreError
 from cdp.frame import FRAME_LEN_MAX
 from cdp.logs import get_logger, setup_logging
@@ -338,8 +339,9 @@ class Drva(PartitionsMixin):
 
     async def _open_catalogs(self, lane: StoreLane) -> None:
         """Open the catalog of every domain of ``lane``, retrying while its store is
-        unreachable, and while a domain taken over from another site (``takeover``) is
-        not this site's yet."""
+        unreachable, while a generation of a domain stays corrupt over several reads
+        (``CorruptGeneration``), and while a domain taken over from another site
+        (``takeover``) is not this site's yet."""
         attempt = 0
         pending = list(lane.domains)
         while pending:
@@ -372,7 +374,17 @@ class Drva(PartitionsMixin):
                 attempt += 1
                 self.shipper._store_error(dom, "catalog_open_failed", exc, attempt=attempt)
                 await asyncio.sleep(backoff_s(attempt, self.shipper.rng))
-            except CdpError as exc:  # a corrupt catalog: this domain cannot be served
+            except CorruptGeneration as exc:
+                # Bytes that failed their sums on every read: damaged in the store or on
+                # each transfer so far, which says nothing of another writer. Stopping the
+                # domain for good on it needed a restart once the link healed: said (an
+                # MSA raises store_errors), tried again; the lane's other domains open meanwhile.
+                attempt += 1
+                dom.stats.catalog_errors += 1
+                self.shipper._store_error(dom, "catalog_open_corrupt", exc, attempt=attempt, key=exc.key)
+                pending.append(pending.pop(0))
+                await asyncio.sleep(backoff_s(attempt, self.shipper.rng))
+            except CdpError as exc:  # a catalog that does not decode: this domain cannot be served
                 self._unusable(dom, exc)
                 pending.pop(0)
 

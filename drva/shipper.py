@@ -14,7 +14,9 @@ short loops):
 * ``commit_step`` names uploaded segments in the catalog, in seq order, after they are
   durable in the store (conditional create: losing it means another owner — fenced),
   records the committed seq in the metadata repository, then trims the log behind the
-  oldest entry any domain still needs.
+  oldest entry any domain still needs. A generation in the way whose bytes stay bad
+  over several reads (``CorruptGeneration``) is no proof of another owner: that
+  domain's commits pause, with a growing wait, and are tried again.
 
 Each store the DRVA ships to is a lane (``drva.lanes``): a step given a lane works on
 that lane's domains only, and segments go to their domain's lane's store.
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cdp.catalog import CatalogState, CatalogWriter, collect_generations
+from cdp.catalog import CatalogState, CatalogWriter, CorruptGeneration, collect_generations
 from cdp.catalog_page import ROW_FIELDS
 from cdp.errors import CdpError, Fenced, LogError, StoreError
 from cdp.frame import decode_frame
@@ -54,6 +56,10 @@ log = get_logger("drva.shipper")
 
 RETRY_BASE_S = 0.1
 RETRY_MAX_S = 5.0
+#: The longest pause of a domain's commits while a catalog generation in their way stays
+#: corrupt (``Shipper._corrupt_generation``): each try reads it a few times, and a
+#: commit round of the lane waits for that.
+CORRUPT_RETRY_MAX_S = 30.0
 #: Threads compressing a segment's blocks. A sealer alone on one thread kept up with
 #: 60 % of what the log took on a 2-core machine (the log filled up behind it).
 PACK_THREADS = max(2, min(4, os.cpu_count() or 2))
@@ -65,6 +71,12 @@ COMMIT_CONCURRENCY = 8
 def backoff_s(attempt: int, rng: random.Random) -> float:
     """Exponential backoff with full jitter, capped."""
     return rng.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** min(attempt, 16)))
+
+
+def corrupt_backoff_s(attempt: int, rng: random.Random) -> float:
+    """The pause after the ``attempt``-th commit that met a corrupt generation: doubling,
+    with jitter, up to ``CORRUPT_RETRY_MAX_S`` (never near 0: each try costs reads)."""
+    return rng.uniform(0.5, 1.0) * min(CORRUPT_RETRY_MAX_S, 2 * RETRY_BASE_S * 2 ** min(attempt, 16))
 
 
 class Shipper:
@@ -100,6 +112,9 @@ class Shipper:
         # Old catalog generations are deleted off the commit path, one domain at a time per store.
         self._collecting: dict[int, asyncio.Task] = {}  # lane index -> its collection
         self._collected: dict[int, int] = {}
+        # domain -> (commits in a row that met a corrupt generation, monotonic time before
+        # which its commits pause): ``_corrupt_generation``.
+        self._corrupt: dict[int, tuple[int, float]] = {}
 
     @property
     def store(self) -> ObjectStore:
@@ -316,8 +331,10 @@ class Shipper:
         domain's commit waited for. One domain's commits stay in order under its
         catalog lock. (On the file store, ``benchmarks.scale`` at 100 domains showed no
         difference either way: its round trips are short.)"""
+        now = time.monotonic()
         ready = [dom for dom in (self.domains.values() if lane is None else lane.domains)
-                 if dom.inflight and dom.inflight[0].uploaded and not dom.fenced and dom.id in self.writers]
+                 if dom.inflight and dom.inflight[0].uploaded and not dom.fenced and dom.id in self.writers
+                 and self._corrupt.get(dom.id, (0, 0.0))[1] <= now]
         done = sum(await gather_bounded((self._commit_uploaded(dom) for dom in ready), COMMIT_CONCURRENCY))
         if done:
             async with self.meta_lock:
@@ -342,11 +359,32 @@ class Shipper:
             return 0
         except Fenced:
             return 0
+        except CorruptGeneration as exc:  # before CdpError: it is no refusal, and no fence
+            self._corrupt_generation(dom, exc)
+            return 0
         except CdpError as exc:  # the catalog refused the delta: retrying cannot change that
             dom.stats.catalog_errors += 1
             self._stop(dom, "catalog_commit_refused", exc)
             return 0
+        if self._corrupt.pop(dom.id, None) is not None:
+            log.info("catalog_generation_readable", domain=dom.id, generation=self.writers[dom.id].generation)
         return self._committed(dom)
+
+    def _corrupt_generation(self, dom: DomainState, exc: CorruptGeneration) -> None:
+        """A generation in the way of ``dom``'s commit stayed corrupt over several reads.
+        It may be this writer's own whose reply was lost (FORMAT.md §8.3): fencing on it
+        stopped the domain until a restart. Instead its commits pause (a growing wait:
+        ``corrupt_backoff_s``) and are tried again — its entries stay in the log, as in
+        a store outage — and the error is counted and logged, which raises an MSA's
+        ``store_errors`` alarm."""
+        attempt = self._corrupt.get(dom.id, (0, 0.0))[0] + 1
+        wait = corrupt_backoff_s(attempt, self.rng)
+        self._corrupt[dom.id] = (attempt, time.monotonic() + wait)
+        dom.stats.catalog_errors += 1
+        self.store_errors += 1
+        self.last_store_error = dom.stats.last_error = f"{type(exc).__name__}: {exc.message}"
+        log.error("catalog_generation_corrupt", domain=dom.id, key=exc.key, attempt=attempt,
+                  retry_in_s=round(wait, 3), error=exc.message)
 
     def _committed(self, dom: DomainState) -> int:
         """Retire the in-flight segments the catalog now names; return how many."""

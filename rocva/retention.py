@@ -34,7 +34,12 @@ Three steps, each on its own (``rocva.consolidate`` runs them in order):
 
 ``sweep_chunks``
     Store-wide: under the gc lock (only while no chunk writer is live, §11.4), reads every
-    manifest in the store and deletes the chunks none of them names.
+    manifest in the store and deletes the chunks none of them names. It is the one step
+    that deletes on what a listing did *not* show, so it deletes nothing until the listing
+    is shown whole: each domain's manifests are listed on their own (``d/<id>/base/``),
+    a second listing after the last key must be empty (a server or proxy may end a
+    listing early, marking a page the last that is not), and every manifest a timeline
+    of the domain's catalog names must be among those listed.
 """
 
 from __future__ import annotations
@@ -44,10 +49,10 @@ from typing import Any
 import numpy as np
 
 from cdp.base_image import decode_manifest
-from cdp.catalog import collect_generations
+from cdp.catalog import collect_generations, domain_ids, load_catalog
 from cdp.catalog_read import CatalogView
 from cdp.catalog_state import CatalogState
-from cdp.errors import FormatError
+from cdp.errors import FormatError, StoreError
 from cdp.gather import gather_bounded
 from cdp.layout import (
     base_prefix, page_prefix, parse_base_manifest_key, parse_chunk_key, parse_page_key, parse_segment_key,
@@ -247,17 +252,22 @@ async def sweep_domain(store: ObjectStore, state: CatalogState, generation: int,
 async def sweep_chunks(store: ObjectStore, *, owner: str = "cdp consolidate", ttl_s: float = TTL_DEFAULT_S,
                        skew_s: float = SKEW_DEFAULT_S) -> dict[str, Any]:
     """Delete every chunk no manifest in the store names (module docstring); ``Busy`` while
-    a chunk writer is live. A manifest that does not decode stops the sweep (FormatError
-    naming it): without it we cannot know which chunks are still needed."""
+    a chunk writer is live. Nothing is deleted unless every domain's listing of manifests
+    is shown whole (``_domain_manifests``: StoreError naming what is missing). A manifest
+    that does not decode stops the sweep (FormatError naming it): without it we cannot
+    know which chunks are still needed."""
     async with await gc_lock(store, owner=owner, ttl_s=ttl_s, skew_s=skew_s) as lease:
-        keys = [i.key async for i in store.list("d/") if i.key.endswith(_MANIFEST_SUFFIX)]
+        domains = await _domains_twice(store)
+        listed = await gather_bounded((_domain_manifests(store, d) for d in domains), CONCURRENCY)
+        keys = [k for per_domain in listed for k in per_domain]
+
         async def hashes(key: str) -> np.ndarray:
             return decode_manifest(key, await store.get(key)).hashes
 
         tables = await gather_bounded((hashes(k) for k in keys), CONCURRENCY)
         referenced = {row.tobytes() for t in tables for row in t}
         garbage, kept = [], 0
-        async for info in store.list("c/"):
+        async for info in store.list("c/"):  # one cut short only keeps chunks: no check needed
             try:
                 h = parse_chunk_key(info.key)
             except FormatError:
@@ -268,4 +278,69 @@ async def sweep_chunks(store: ObjectStore, *, owner: str = "cdp consolidate", tt
             else:
                 garbage.append(info.key)
         deleted = await _delete_all(store, garbage, lease.check)
-    return {"manifests_read": len(keys), "chunks_kept": kept, "chunks_deleted": deleted}
+    return {"domains_read": len(domains), "manifests_read": len(keys), "chunks_kept": kept,
+            "chunks_deleted": deleted}
+
+
+async def _domains_twice(store: ObjectStore) -> list[int]:
+    """Every domain id, walked twice (``domain_ids``): the walk ends on a listing call
+    that shows nothing, and one answered empty in error hid every domain after it — whose
+    chunks the sweep then took for garbage. Two walks that differ refuse the sweep."""
+    first = [d async for d in domain_ids(store)]
+    second = [d async for d in domain_ids(store)]
+    if first != second:
+        raise StoreError(f"chunk sweep of {store.describe()} refused, nothing deleted: two walks of the store's "
+                         f"domains differ ({len(first)} and {len(second)} domains; first difference at "
+                         f"{next((f'{a}/{b}' for a, b in zip(first, second) if a != b), 'the end')}): a listing "
+                         f"answered short, or a domain was created meanwhile (the next sweep tells)")
+    return first
+
+
+async def _domain_manifests(store: ObjectStore, domain: int) -> list[str]:
+    """The keys of ``domain``'s manifests, shown to be all of them (StoreError otherwise):
+    listed to the end (``_listed_whole``), and holding every manifest the domain's catalog
+    names (a catalog that does not load is warned of, and only the end is checked). The
+    catalog is loaded after the listing: a base committed meanwhile had its manifest
+    stored before (§8), so a manifest named and not listed is a listing that missed it —
+    or a catalog naming one the store lacks, which the sweep does not guess at either."""
+    prefix = base_prefix(domain)
+    manifests = [k for k in await _listed_whole(store, prefix) if k.endswith(_MANIFEST_SUFFIX)]
+    try:
+        state, generation = await load_catalog(store, domain)
+    except FormatError as exc:
+        # A damaged or foreign domain must not stop the collection of every other one's
+        # garbage: its listing was shown to reach its end, and every manifest listed is
+        # kept; only the cross-check is lost, and said.
+        log.warning("chunk_sweep_catalog_unreadable", domain=domain, manifests=len(manifests), error=exc.message,
+                    reason="the listing of its manifests is checked for its end only")
+        return manifests
+    if state is None:  # no catalog names anything (a domain being purged, or not begun)
+        return manifests
+    named = {b["key"] for t in state.timelines.values() for b in t.bases}
+    missing = sorted(named.difference(manifests))
+    if missing:
+        raise StoreError(f"chunk sweep of {store.describe()} refused, nothing deleted: manifest {missing[0]} "
+                         f"({len(missing)} in all), named by generation {generation} of domain {domain}'s catalog, "
+                         f"is not in the listing of {prefix} ({len(manifests)} manifests listed): the listing is "
+                         f"incomplete, or the manifest came or went after it (the next sweep tells), so the chunks "
+                         f"it names could be taken for garbage")
+    return manifests
+
+
+async def _listed_whole(store: ObjectStore, prefix: str) -> list[str]:
+    """Every key under ``prefix``, and proof that the listing reached the end: a listing
+    that starts after its last key must be empty. A server or proxy that marks a page
+    the last when it is not ends the first listing early without an error; the rest
+    then shows up in the second (StoreError naming where the listing stopped)."""
+    keys = [info.key async for info in store.list(prefix)]
+    if not keys:
+        return keys
+    beyond = None
+    async for info in store.list(prefix, start_after=keys[-1]):
+        beyond = info.key
+        break
+    if beyond is not None:
+        raise StoreError(f"chunk sweep of {store.describe()} refused, nothing deleted: the listing of {prefix} "
+                         f"ended at {keys[-1]} ({len(keys)} keys), but {beyond} comes after it: the store (or a "
+                         f"proxy) cut the listing short, or that key was created since")
+    return keys

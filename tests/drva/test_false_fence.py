@@ -1,0 +1,294 @@
+"""One bad transfer of a catalog generation is not another writer (FORMAT.md §8.3).
+
+A writer whose create of generation n + 1 landed but whose reply was lost reads n + 1
+back to find its own writer id. When that one read came back damaged — a flipped byte,
+a cut or empty body — the writer took the generation for another writer's and was
+fenced: a DRVA stopped shipping the domain until a restart, and at start-up a damaged
+read of the catalog stopped the domain the same way. Real moto behind
+``tests.mangling_proxy``: a damaged read is read again; one that stays damaged is a
+``CorruptGeneration`` that is retried later, never a fence; another writer's whole
+generation still fences at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cdp.catalog import CatalogState, CatalogWriter, CorruptGeneration, load_catalog
+from cdp.errors import Fenced, StoreError
+from cdp.layout import catalog_key
+from cdp.store.crypt import EncryptedStore
+from cdp.store.storekeys import StoreKey, StoreKeyring
+from iofilter_sim.client import FilterClient
+from iofilter_sim.filter import DomainFilter
+from tests.conftest import make_s3_store, unique_name
+from tests.drva.harness import SECRET, Disk, check_store, config, domain_doc, drva_doc, random_writes, running_drva
+from tests.mangling_proxy import ManglingProxy, answer, cut
+from tests.test_catalog import DISKS, TS0, seg
+from tests.waiting import EVENTUALLY_S, wait_until
+
+DISK = 8 << 20
+SPOILS = ("flip", "flip-magic", "short", "empty")
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-key"}
+
+
+def spoiled(body: bytes, how: str) -> bytes:
+    """``body`` as a bad transfer gives it: a bit flipped in the JSON body, or in the magic
+    (checked before any sum), half of it, or none."""
+    if how == "short":
+        return body[: len(body) // 2]
+    if how == "empty":
+        return b""
+    data = bytearray(body)
+    data[0 if how == "flip-magic" else min(100, len(data) - 1)] ^= 1
+    return bytes(data)
+
+
+class Faults:
+    """The proxy's mangle for catalog objects under ``under`` (a URL path): the reply to
+    the next create of a generation lost once (``lose_next_reply``; the store keeps it),
+    then ``bad_reads`` reads of that generation spoiled; with ``first_reads``, the first
+    read of every generation spoiled."""
+
+    def __init__(self, under: str) -> None:
+        self.under = under
+        self.target: str | None = None
+        self.lose_reply = False
+        self.how = "flip"
+        self.bad_reads = 0
+        self.first_reads = False
+        self.read_once: set[str] = set()
+        self.cut = self.spoiled = self.reads = 0
+
+    def lose_next_reply(self, how: str, bad_reads: int) -> None:
+        self.target, self.lose_reply, self.how, self.bad_reads = None, True, how, bad_reads
+
+    def __call__(self, method: str, path: str, head: bytes, body: bytes):
+        where = path.split("?")[0]
+        if not where.startswith(self.under) or not where.endswith(".cat"):
+            return None
+        ok = b" 200 " in head.split(b"\r\n", 1)[0]
+        if method == "PUT" and ok and self.lose_reply:
+            self.lose_reply, self.target = False, where
+            self.cut += 1
+            return cut
+        if method != "GET" or not ok:
+            return None
+        self.reads += where == self.target
+        first = self.first_reads and where not in self.read_once
+        self.read_once.add(where)
+        if (where == self.target and self.bad_reads > 0) or first:
+            self.bad_reads -= where == self.target
+            self.spoiled += 1
+            return answer(head, spoiled(body, self.how))
+        return None
+
+
+async def commit_as_the_shipper(writer: CatalogWriter, make_delta) -> int:
+    """``commit_shared``, retried on a StoreError as the shipper does (a lost reply
+    surfaces as one when the client gives up on it)."""
+    for _ in range(5):
+        try:
+            return await writer.commit_shared(make_delta)
+        except StoreError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the store kept failing")
+
+
+def ten_seqs(state: CatalogState):
+    return None if state.timeline().committed_seq >= 10 else {"add_segments": seg(1, 10)}
+
+
+@pytest.mark.parametrize("how", SPOILS)
+async def test_a_bad_read_of_its_own_lost_generation_is_read_again_not_a_fence(moto_service, how) -> None:
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        async with make_s3_store(proxy.url, unique_name("fence")) as store:
+            await store.create_bucket()
+            w = CatalogWriter(store, CatalogState.new(7, "erp", TS0, "site-a"), by="drva test", owner="site-a")
+            await w.commit({"disks": DISKS})
+            faults = proxy.mangle = Faults(f"/{store.bucket}/{store.prefix}")
+            faults.lose_next_reply(how, bad_reads=1)
+            assert await commit_as_the_shipper(w, ten_seqs) == 2  # not Fenced
+            assert faults.cut == 1 and faults.spoiled == 1 and faults.target.endswith(catalog_key(7, 2))
+            state, generation = await load_catalog(store, 7)
+            assert generation == 2 and state.timeline().committed_seq == 10 == w.state.timeline().committed_seq
+
+
+async def test_a_generation_that_stays_corrupt_is_said_so_and_retried_not_fenced(moto_service) -> None:
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        async with make_s3_store(proxy.url, unique_name("fence")) as store:
+            await store.create_bucket()
+            w = CatalogWriter(store, CatalogState.new(7, "erp", TS0, "site-a"), by="drva test", owner="site-a")
+            await w.commit({"disks": DISKS})
+            faults = proxy.mangle = Faults(f"/{store.bucket}/{store.prefix}")
+            faults.lose_next_reply("flip", bad_reads=10**9)
+            key = catalog_key(7, 2)
+            with pytest.raises(CorruptGeneration, match=f"catalog {key}: corrupt generation: .* on each of 4 reads"):
+                await commit_as_the_shipper(w, ten_seqs)
+            assert faults.reads == 4  # read again, a bounded number of times
+            faults.bad_reads = 0  # the link heals: the same writer goes on, from its own generation
+            assert await commit_as_the_shipper(w, ten_seqs) == 2
+
+
+@pytest.mark.parametrize("bad_reads", [0, 1])
+async def test_another_writers_whole_generation_still_fences_at_once(moto_service, bad_reads) -> None:
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        async with make_s3_store(proxy.url, unique_name("fence")) as store:
+            await store.create_bucket()
+            a = CatalogWriter(store, CatalogState.new(7, "erp", TS0, "site-a"), by="drva a", owner="site-a")
+            await a.commit({"disks": DISKS})
+            b = await CatalogWriter.open(store, 7, by="drva b", owner="site-a")
+            await b.commit({"add_segments": seg(1, 5)})  # generation 2: not a maintenance delta
+            faults = proxy.mangle = Faults(f"/{store.bucket}/{store.prefix}")
+            faults.target, faults.bad_reads = f"/{store.bucket}/{store.prefix}{catalog_key(7, 2)}", bad_reads
+            with pytest.raises(Fenced, match="generation 2 by drva b"):
+                await a.commit_shared(ten_seqs)
+            assert faults.reads == 1 + bad_reads  # a whole read fences: no read more than needed
+
+
+@pytest.mark.parametrize("how", SPOILS)
+async def test_a_bad_read_while_loading_the_catalog_is_read_again(moto_service, how) -> None:
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        async with make_s3_store(proxy.url, unique_name("fence")) as store:
+            await store.create_bucket()
+            await load_twice_spoiled(store, proxy, how, f"/{store.bucket}/{store.prefix}")
+
+
+@pytest.mark.parametrize("how", ["flip", "short"])
+async def test_a_bad_read_of_an_encrypted_catalog_is_read_again(moto_service, how) -> None:
+    """The encrypted store finds the damage itself (IntegrityError, before any decode)."""
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        async with make_s3_store(proxy.url, unique_name("fence")) as inner:
+            await inner.create_bucket()
+            store = EncryptedStore(inner, StoreKeyring([StoreKey(bytes(range(32)))], "test keys"))
+            await load_twice_spoiled(store, proxy, how, f"/{inner.bucket}/{inner.prefix}")
+
+
+async def load_twice_spoiled(store, proxy: ManglingProxy, how: str, under: str) -> None:
+    """Two generations, the first read of each spoiled: the load reads them again."""
+    w = CatalogWriter(store, CatalogState.new(7, "erp", TS0, "site-a"), by="drva test", owner="site-a")
+    await w.commit({"disks": DISKS})
+    await w.commit({"add_segments": seg(1, 10)})
+    faults = proxy.mangle = Faults(under)
+    faults.first_reads, faults.how = True, how
+    state, generation = await load_catalog(store, 7)
+    assert faults.spoiled == 2 and generation == 2 and state == w.state
+
+
+# ---------------------------------------------------------------- a DRVA on S3
+
+
+@pytest.fixture
+def s3_creds(monkeypatch) -> None:
+    for name, value in CREDS.items():
+        monkeypatch.setenv(name, value)
+
+
+def drva_config(tmp_path, bucket: str, endpoint: str):
+    return config(drva_doc(tmp_path, "drva-f", [domain_doc(1, "erp", [("vm1", "d0", DISK)])],
+                           store=f"s3://{bucket}/site-a?endpoint={endpoint}&region=us-east-1",
+                           seal_bytes="1MiB", seal_age_s=0.1))
+
+
+async def ship(d, f: DomainFilter, rng: np.random.Generator, writes: int = 32) -> None:
+    """``writes`` more writes captured and streamed until the domain committed them; the
+    domain must not be fenced meanwhile."""
+    client = FilterClient([f], "127.0.0.1", d.port, SECRET.encode(), "host-1")
+    task = asyncio.create_task(client.run())
+    dom = d.domains[1]
+    try:
+        await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter connected")
+        f.capture(*random_writes(rng, [DISK], writes, 16))
+        await wait_until(lambda: dom.fenced or dom.committed_seq == f.next_seq - 1, EVENTUALLY_S,
+                         "every write committed")
+        assert not dom.fenced, dom.stats.last_error
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def direct_check(moto_service, bucket: str, disk, tmp_path) -> None:
+    """The store, read without the proxy, replays to the primary."""
+    async with make_s3_store(moto_service.endpoint, bucket, "site-a") as store:
+        await check_store(store, 1, [disk.sha256()], tmp_path)
+
+
+async def new_bucket(moto_service) -> str:
+    bucket = unique_name("fence")
+    async with make_s3_store(moto_service.endpoint, bucket) as admin:
+        await admin.create_bucket()
+    return bucket
+
+
+@pytest.mark.parametrize("how", ["flip", "short"])
+async def test_a_drva_whose_own_generation_reads_back_bad_keeps_shipping(moto_service, s3_creds, tmp_path,
+                                                                         how) -> None:
+    bucket = await new_bucket(moto_service)
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        faults = proxy.mangle = Faults(f"/{bucket}/site-a/d/00000001/cat/")
+        disk = Disk(tmp_path / "erp.img", DISK)
+        f = DomainFilter(1, [disk])
+        rng = np.random.default_rng(7)
+        async with running_drva(drva_config(tmp_path, bucket, proxy.url)) as d:
+            await ship(d, f, rng)
+            faults.lose_next_reply(how, bad_reads=1)
+            await ship(d, f, rng)  # its commit's reply is lost, and the read back is bad
+            assert faults.cut == 1 and faults.spoiled == 1
+            await ship(d, f, rng)  # and the domain goes on
+            assert not d.domains[1].fenced and d.status()["domains"][0]["fenced"] is False
+    await direct_check(moto_service, bucket, disk, tmp_path)
+
+
+async def test_a_drva_pauses_on_a_generation_that_stays_corrupt_then_goes_on(moto_service, s3_creds,
+                                                                             tmp_path) -> None:
+    bucket = await new_bucket(moto_service)
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        faults = proxy.mangle = Faults(f"/{bucket}/site-a/d/00000001/cat/")
+        disk = Disk(tmp_path / "erp.img", DISK)
+        f = DomainFilter(1, [disk])
+        rng = np.random.default_rng(8)
+        async with running_drva(drva_config(tmp_path, bucket, proxy.url)) as d:
+            await ship(d, f, rng)
+            dom = d.domains[1]
+            faults.lose_next_reply("flip", bad_reads=10**9)
+            client = FilterClient([f], "127.0.0.1", d.port, SECRET.encode(), "host-1")
+            task = asyncio.create_task(client.run())
+            try:
+                await wait_until(lambda: client.connections >= 1, EVENTUALLY_S, "the filter connected")
+                f.capture(*random_writes(rng, [DISK], 32, 16))
+                await wait_until(lambda: dom.fenced or dom.stats.catalog_errors >= 2, EVENTUALLY_S,
+                                 "the corrupt generation met twice")
+                assert not dom.fenced
+                assert "CorruptGeneration" in dom.stats.last_error and faults.target.split("/site-a/")[1] \
+                    in dom.stats.last_error, dom.stats.last_error
+                assert d.status()["domains"][0]["catalog_errors"] >= 2  # what raises the MSA's store_errors alarm
+                faults.bad_reads = 0  # the link heals
+                await wait_until(lambda: dom.fenced or dom.committed_seq == f.next_seq - 1, EVENTUALLY_S,
+                                 "the held writes committed")
+                assert not dom.fenced
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await ship(d, f, rng)
+    await direct_check(moto_service, bucket, disk, tmp_path)
+
+
+async def test_a_bad_read_of_the_catalog_at_start_up_does_not_stop_the_domain(moto_service, s3_creds,
+                                                                             tmp_path) -> None:
+    bucket = await new_bucket(moto_service)
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
+        faults = proxy.mangle = Faults(f"/{bucket}/site-a/d/00000001/cat/")
+        cfg = drva_config(tmp_path, bucket, proxy.url)
+        disk = Disk(tmp_path / "erp.img", DISK)
+        f = DomainFilter(1, [disk])
+        rng = np.random.default_rng(9)
+        async with running_drva(cfg) as d:
+            await ship(d, f, rng)
+        faults.first_reads = True  # every generation's first read at the next start is bad
+        async with running_drva(cfg) as d:
+            assert faults.spoiled >= 1
+            assert d.domains[1].catalog_ready and not d.domains[1].fenced, d.domains[1].stats.last_error
+            await ship(d, f, rng)
+    await direct_check(moto_service, bucket, disk, tmp_path)
