@@ -53,11 +53,11 @@ from typing import Any
 import xxhash
 
 from cdp.errors import (
-    AlreadyExists, Busy, ConfigError, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError,
+    AlreadyExists, Busy, CdpError, ConfigError, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError,
 )
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 log = get_logger("cdp.locks")
@@ -87,6 +87,9 @@ RENEW_RETRY_S_MAX = 5.0
 _HEADER = struct.Struct("<4sHHIIQQ24sQ")
 assert _HEADER.size == 64, "FORMAT.md §11.1"
 _HEADER_ZERO = {"reserved": (32, 24)}
+#: The largest lock object (§11.1: header and body): a larger one is refused before it is
+#: read, not read whole and then found wrong (a planted 2 GiB lock took every sweep's memory).
+LOCK_BYTES_MAX = _HEADER.size + BODY_LEN_MAX
 _BODY_KEYS = frozenset(("owner", "host", "pid", "token", "created_ns"))
 
 
@@ -192,7 +195,7 @@ async def list_locks(store: ObjectStore, prefix: str, skew_s: float = SKEW_DEFAU
     out = []
     async for info in store.list(prefix):
         try:
-            lock = dataclasses.replace(decode_lock(info.key, await store.get(info.key)),
+            lock = dataclasses.replace(decode_lock(info.key, await get_bounded(store, info.key, LOCK_BYTES_MAX)),
                                        stored_ns=_stored_ns(info.mtime))
             if lock.from_future(skew_s) is not None:
                 # The listing may predate the version read (a renewal in between): the
@@ -252,8 +255,9 @@ class ClockReading:
 
 async def read_store_clock(store: ObjectStore) -> ClockReading | None:
     """The store's clock (``server_time()``) against this host's; None when the store
-    cannot tell. The file and memory stores answer with this host's clock: for them the
-    reading says nothing (offset 0)."""
+    has none. The file and memory stores answer with this host's clock: for them the
+    reading says nothing (offset 0). A network store that cannot tell its time on this
+    answer (no usable Date) raises StoreUnavailable: nothing is judged by this clock alone."""
     server_time = getattr(store, "server_time", None)
     if server_time is None:
         return None
@@ -390,6 +394,14 @@ class Lease:
                 # A full tick later would be the very end of the window: one transient
                 # store error would cost the lease. Retry well inside it.
                 delay = min(self.ttl_s / 12, RENEW_RETRY_S_MAX)
+            except Exception as exc:
+                # Anything else (a bug, an answer no one foresaw) would end this task
+                # silently: the holder would go on, and ``wait_lost`` never return, while
+                # the lock expires under it. Lost, said now. A foreign error's text may
+                # quote what it should not (an SDK's URL): only our own messages are shown.
+                said = exc.message if isinstance(exc, CdpError) else "no message shown"
+                self._lose(f"renewal failed unexpectedly: {type(exc).__name__} ({said})")
+                return
 
     async def _adopt_own_write(self) -> bool:
         """After a conditional renewal lost: is the object our own earlier renewal, whose
@@ -398,7 +410,7 @@ class Lease:
         and the lease is lost."""
         try:
             info = await self.store.stat(self.key)
-            current = decode_lock(self.key, await self.store.get(self.key))
+            current = decode_lock(self.key, await get_bounded(self.store, self.key, LOCK_BYTES_MAX))
         except (NotFound, FormatError):
             return False
         if current.body.get("token") != self.body["token"] or info.etag is None:

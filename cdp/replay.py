@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
+from cdp.base_image import (
+    CHUNK_SIZE_MIN, HASH_BYTES, HEADER_SIZE, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_manifest,
+)
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView
 from cdp.errors import FormatError, NotFound
@@ -22,7 +24,7 @@ from cdp.inventory import image_file_name
 from cdp.layout import chunk_key
 from cdp.records import KIND_WRITE, KIND_ZERO
 from cdp.segment import read_blocks, read_segment_index
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 
 
 async def replay_reference(store: ObjectStore, domain: int, out_dir: Path, upto_seq: int | None = None, *,
@@ -50,7 +52,7 @@ async def replay_reference(store: ObjectStore, domain: int, out_dir: Path, upto_
             base = max((b for b in state.bases if b["disk"] == d["disk"] and b["seq"] <= target),
                        key=lambda b: b["seq"], default=None)
             if base is not None:
-                await _restore_base(store, base["key"], fd)
+                await _restore_base(store, base["key"], fd, d["size"])
                 base_seq.append(base["seq"])
             else:
                 if initial and d["disk"] in initial:
@@ -65,13 +67,19 @@ async def replay_reference(store: ObjectStore, domain: int, out_dir: Path, upto_
     return paths, state
 
 
-async def _restore_base(store: ObjectStore, key: str, fd: int) -> None:
-    manifest = decode_manifest(key, await store.get(key))
+async def _restore_base(store: ObjectStore, key: str, fd: int, disk_size: int) -> None:
+    # The largest objects the format allows here (rocva.plan.manifest_bytes_max and
+    # chunk_bytes_max, which this module below rocva cannot import): one entry per
+    # chunk of the smallest size; a chunk's header, table and raw bytes.
+    manifest = decode_manifest(key, await get_bounded(
+        store, key, HEADER_SIZE + HASH_BYTES * -(-disk_size // CHUNK_SIZE_MIN)))
     zero = manifest.zero_mask()
     for i in np.flatnonzero(~zero):
         h = manifest.hash_of(int(i))
         ck = chunk_key(h)
-        raw = decode_chunk(ck, await store.get(ck), h, namer=chunk_namer_of(store))
+        chunk_len = manifest.chunk_len(int(i))
+        stored = await get_bounded(store, ck, chunk_head_bytes(chunk_len) + chunk_len)
+        raw = decode_chunk(ck, stored, h, namer=chunk_namer_of(store))
         os.pwrite(fd, raw, int(i) * manifest.chunk_size)
 
 

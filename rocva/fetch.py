@@ -57,6 +57,7 @@ its largest unit (``_opened``): ``pool_workers × (2 × run_bytes_max + one bloc
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -74,8 +75,8 @@ from cdp.direct_io import ReadBuffer
 from cdp.errors import FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
-from cdp.store.base import ObjectStore
-from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
+from cdp.store.base import ObjectStore, bounded_call, get_bounded
+from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan, chunk_bytes_max
 
 RUN_BYTES_MAX_DEFAULT = 16 << 20
 # A full recovery reads through gaps of overwritten writes up to this many raw bytes
@@ -522,10 +523,11 @@ async def _fetch_chunk_parts(store: ObjectStore, unit: ChunkCopy) -> tuple[Chunk
     """The partial read of a chunk (FORMAT.md §6.1): its header and table (verified),
     then the stored bytes of each run of sub-blocks ``unit`` needs, as (table, runs,
     stored bytes per run). A version-1 chunk has no table: (None, [], [the whole object])."""
-    head = await store.get(unit.key, 0, chunk_head_bytes(unit.chunk_len))
+    bound = chunk_bytes_max(unit.chunk_len)
+    head = await get_bounded(store, unit.key, bound, 0, chunk_head_bytes(unit.chunk_len))
     table = decode_chunk_head(unit.key, head, unit.hash16, unit.chunk_len)
     if table is None:
-        return None, [], [head + await store.get(unit.key, len(head))]
+        return None, [], [head + await get_bounded(store, unit.key, bound, len(head))]
     runs = _sub_block_runs(unit)
     spans = [table.span(a, b) for a, b in runs]
     stored = await asyncio.gather(*(store.get(unit.key, offset, length) for offset, length in spans))
@@ -792,7 +794,8 @@ class Fetcher:
                 if unit.partial:
                     table, runs, stored = await _fetch_chunk_parts(self.store, unit)
                 else:
-                    table, runs, stored = None, [], [await source.get(unit.key)]
+                    table, runs, stored = None, [], [await get_bounded(source, unit.key,
+                                                                       chunk_bytes_max(unit.chunk_len))]
             except NotFound as exc:
                 raise NotFound(f"chunk {unit.key} is missing from {self.store.describe()}") from exc
             if table is None:
@@ -815,8 +818,9 @@ class _Lent:
         self.buf = buf
         self.describe = store.describe
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None):
-        return await self.store.get_into(key, offset, length, self.buf)
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *, max_bytes: int | None = None):
+        return await bounded_call(self.store.get_into, key, offset, length, self.buf, max_bytes=max_bytes,
+                                  whole=offset == 0 and length is None)
 
 
 class _Unopening:
@@ -830,8 +834,10 @@ class _Unopening:
         self.buf = buf
         self.describe = store.describe
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None):
-        return await self.store.get_unopened(key, offset, length, into=self.buf)
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *, max_bytes: int | None = None):
+        unopened = functools.partial(self.store.get_unopened, into=self.buf)
+        return await bounded_call(unopened, key, offset, length, max_bytes=max_bytes,
+                                  whole=offset == 0 and length is None)
 
 
 async def _stale_marked(stored, job) -> int:

@@ -51,9 +51,9 @@ from cdp.errors import CdpError, FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.logs import get_logger
 from cdp.segment import SegmentIndex, stored_span, unpack_blocks
-from cdp.store.base import Bytes, ObjectStore
+from cdp.store.base import Bytes, ObjectStore, get_bounded
 from rocva.mount_cache import Unit, UnitCache
-from rocva.plan import SRC_BASE, SRC_WRITE, DiskPlan
+from rocva.plan import SRC_BASE, SRC_WRITE, DiskPlan, chunk_bytes_max
 
 if TYPE_CHECKING:
     from rocva.point_guard import PointGuard
@@ -261,7 +261,7 @@ class PlanSource:
             try:
                 fetched, table = await self._table(key, hash16, chunk_len)
                 if table is None:
-                    stored = await self.store.get(key)
+                    stored = await get_bounded(self.store, key, chunk_bytes_max(chunk_len))
                     raw = await loop.run_in_executor(self.executor, _decode_chunk_part, key, stored, hash16,
                                                      chunk_len, lo, hi, chunk_namer_of(self.store))
                     return raw, fetched + len(stored)
@@ -305,7 +305,7 @@ class PlanSource:
         if hash16 in self._tables:
             self._tables.move_to_end(hash16)
             return 0, self._tables[hash16]
-        head = await self.store.get(key, 0, chunk_head_bytes(chunk_len))
+        head = await get_bounded(self.store, key, chunk_bytes_max(chunk_len), 0, chunk_head_bytes(chunk_len))
         table = decode_chunk_head(key, head, hash16, chunk_len)
         self._tables[hash16] = table
         while len(self._tables) > HEADS_KEPT:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cdp.base_image import Manifest, decode_manifest
+from cdp.base_image import CHUNK_SIZE_MIN, HASH_BYTES, HEADER_SIZE, Manifest, chunk_head_bytes, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import FormatError, NotFound
@@ -39,7 +39,8 @@ from cdp.gather import gather_bounded
 from cdp.inventory import image_clash, image_file_name  # image_file_name: re-exported for rocva's modules
 from cdp.records import KIND_ZERO
 from cdp.segment import SegmentIndex, read_segment_index
-from cdp.store.base import ObjectStore
+from cdp.layout import U32_MAX
+from cdp.store.base import ObjectStore, get_bounded
 from cdp.sorted_find import find_keys
 from rocva.extents import last_writer
 from rocva.errors import InvalidTarget
@@ -138,9 +139,27 @@ class RecoveryPlan:
 # --------------------------------------------------------------------------- reading
 
 
-async def _get_manifest(store: ObjectStore, key: str) -> Manifest:
+def manifest_bytes_max(disk_size: int | None) -> int:
+    """The largest base manifest (FORMAT.md §6.2) of a disk of ``disk_size`` bytes: one
+    entry per chunk of the smallest chunk size (the chunk size is only known once the
+    manifest is read; its exact size is then checked by ``decode_manifest``). With no size
+    known, the format's own limit (a u32 chunk count). A larger object under a manifest's
+    key is refused before it is read."""
+    chunks = U32_MAX if disk_size is None else -(-disk_size // CHUNK_SIZE_MIN)
+    return HEADER_SIZE + HASH_BYTES * chunks
+
+
+def chunk_bytes_max(chunk_len: int) -> int:
+    """The largest chunk object (FORMAT.md §6.1) holding ``chunk_len`` raw bytes, of either
+    version: the header, the table and each sub-block stored as it is or smaller
+    (version 1: the header and one block no larger than the raw bytes). A larger object
+    under a chunk's key is refused before it is read."""
+    return chunk_head_bytes(chunk_len) + chunk_len
+
+
+async def _get_manifest(store: ObjectStore, key: str, disk_size: int | None) -> Manifest:
     try:
-        data = await store.get(key)
+        data = await get_bounded(store, key, manifest_bytes_max(disk_size))
     except NotFound as exc:
         raise NotFound(f"base manifest {key} is missing from {store.describe()}") from exc
     return decode_manifest(key, data)
@@ -320,7 +339,9 @@ async def build_plan(store: ObjectStore, state: CatalogView, target: ResolvedTar
             raise ValueError(f"a tail plan from seq {after_seq} to {seq} cannot hold the seed base {seeds[0]['key']}")
         bases, lo = [None] * len(state.disks), after_seq + 1
         rows = await state.rows_between(lo, seq) if lo <= seq else await state.rows_between(1, 0)
-    manifests = await gather_bounded([_get_manifest(store, b["key"]) for b in bases if b], concurrency)
+    sizes_of = {d["disk"]: d["size"] for d in state.disks}
+    manifests = await gather_bounded([_get_manifest(store, b["key"], sizes_of.get(b["disk"])) for b in bases if b],
+                                     concurrency)
     by_disk = dict(zip([b["disk"] for b in bases if b], manifests))
     for d in state.disks:
         m = by_disk.get(d["disk"])

@@ -44,9 +44,10 @@ from cdp.errors import CdpError, ConfigError, FormatError, NotFound
 from cdp.layout import chunk_key, segment_prefix
 from cdp.records import KIND_ZERO
 from cdp.segment import decode_segment, read_segment_index
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 from cdp.sorted_find import find_keys
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
+from rocva.plan import chunk_bytes_max, manifest_bytes_max
 from rocva.recover import recovery_lease_held
 from rocva.target import mark_payload, mark_problem
 
@@ -125,7 +126,7 @@ async def _verify(store: ObjectStore, domain: int, *, deep: bool, sample: float,
             try:
                 payload = None
                 if whole:
-                    data = await store.get(key)
+                    data = await get_bounded(store, key, size)  # the size the catalog records
                     report.checked["bytes_read"] += len(data)
                     index, payload = decode_segment(key, data)
                 else:
@@ -226,7 +227,7 @@ async def _check_base(store: ObjectStore, key: str, disk_size: int | None, deep:
     """The manifest decodes, is the size the catalog gives its disk (a recovery refuses
     it otherwise), and its chunks exist (``deep``: and decode)."""
     try:
-        manifest = decode_manifest(key, await store.get(key))
+        manifest = decode_manifest(key, await get_bounded(store, key, manifest_bytes_max(disk_size)))
     except NotFound:
         report.problem(key, "missing: the catalog names this base manifest")
         return
@@ -244,7 +245,7 @@ async def _check_base(store: ObjectStore, key: str, disk_size: int | None, deep:
         async with sem:
             try:
                 if deep:
-                    data = await store.get(ck)
+                    data = await get_bounded(store, ck, chunk_bytes_max(manifest.chunk_size))
                     report.checked["bytes_read"] += len(data)
                     decode_chunk(ck, data, h, namer=chunk_namer_of(store))
                 else:

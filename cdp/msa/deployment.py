@@ -30,7 +30,7 @@ import xxhash
 
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError, FormatError, NotFound
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 DEPLOYMENT_MAGIC = b"CDPD"
@@ -45,6 +45,10 @@ assert _HEADER.size == 64, "FORMAT.md §12"
 _HEADER_ZERO = {"reserved": (6, 6), "reserved2": (32, 24)}
 _BODY_KEYS = frozenset(("site", "created_ns", "engine_version", "drvas", "api"))
 _DRVA_KEYS = frozenset(("name", "listen"))
+#: The largest record (§12: exactly ``64 + body_len`` bytes): a larger object under the key
+#: is refused before it is read, not read whole first (a planted 2 GiB one took the memory
+#: of every preflight and install).
+DEPLOYMENT_BYTES_MAX = _HEADER.size + BODY_LEN_MAX
 
 
 def deployment_key(site: str) -> str:
@@ -110,7 +114,7 @@ async def read_deployment(store: ObjectStore, site: str) -> Deployment | None:
     """``site``'s record in ``store``, None when there is none."""
     key = deployment_key(site)
     try:
-        data = await store.get(key)
+        data = await get_bounded(store, key, DEPLOYMENT_BYTES_MAX)
     except NotFound:
         return None
     return decode_deployment(key, data)

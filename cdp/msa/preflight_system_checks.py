@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cdp.errors import ConfigError, NotFound, StoreError
+from cdp.errors import ConfigError, FormatError, NotFound, StoreError
 from cdp.locks import SKEW_DEFAULT_S
 from cdp.logfmt import DATA_SIZE_MIN, DATA_START
 from cdp.meta import SLOT_SIZE_DEFAULT
@@ -27,7 +27,7 @@ from cdp.msa.preflight_check import (
     STORE_OP_TIMEOUT_S, Check, Progress, _existing_ancestor, _free_bytes, _no_progress, _open_store,
     _probe_writable, _run_checks, _within, format_size, summarize,
 )
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 
 PYTHON_MIN = (3, 11)
 #: (import name, distribution name): what the engine imports, and where its version is.
@@ -164,7 +164,8 @@ async def _probe_writes(cfg: SiteConfig, store: ObjectStore) -> Check:
         except NotFound as exc:  # only a missing bucket / container makes a put NotFound
             return Check("store.write", "warn", f"{where}: the bucket or container does not exist "
                          f"yet (cdp install creates it); writes not verified: {exc.message}")
-        got, get_s = await _timed(store.get(key))
+        # The probe's own size bounds the read: an answer of gigabytes is refused unread.
+        got, get_s = await _timed(get_bounded(store, key, PROBE_BYTES))
         if got != data:
             return Check("store.write", "fail", f"{where}: the probe {key} read back differs from "
                          f"what was written ({len(got)} bytes for {len(data)})")
@@ -176,7 +177,7 @@ async def _probe_writes(cfg: SiteConfig, store: ObjectStore) -> Check:
             pass
     except TimeoutError:
         return Check("store.write", "fail", f"{where}: no answer within {STORE_OP_TIMEOUT_S:g} s")
-    except StoreError as exc:
+    except (StoreError, FormatError) as exc:  # FormatError: the probe read back larger than written
         return Check("store.write", "fail", exc.message)
     finally:
         try:

@@ -29,9 +29,16 @@ sends ``Content-MD5`` and needs the answer's Content-MD5 to be the same (else
 StoreUnavailable: the caller puts again); a put in blocks sends each block's MD5
 (``validate_content``), which the service checks. Every answer to a ranged read
 (the SDK reads in ranges, even a whole blob) must be a 206 whose Content-Range and
-Content-Length are the range asked for, checked before its body is read. The
-SDK's RedirectPolicy is off: a 3xx is an error. Every call ends within its
-deadline (``within``): StoreTimeout.
+Content-Length are the range asked for, with no content coding, checked before its
+body is read: the SDK is told not to decompress (its default inflates a gzip body
+without limit: a 1 MiB answer became 1 GiB), and a ``Content-Encoding`` other than
+identity is refused. A get with ``max_bytes`` refuses a blob the first answer says
+is larger, before its body is read. A 416 is an empty read only when its
+``Content-Range: bytes */N`` puts the range at or past the end (the SDK asks a
+range even for a whole blob: an empty blob answers 416 ``bytes */0``). The SDK's
+RedirectPolicy is off: a 3xx is an error. Every call ends within its deadline
+(``within``): StoreTimeout. An answer without a usable ``Date`` makes
+``server_time`` fail (StoreUnavailable), never answer None.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import aiohttp
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
+    DeserializationError,
     HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
@@ -59,6 +67,7 @@ from azure.storage.blob.aio import ContainerClient, ExponentialRetry
 
 from cdp.errors import (
     AlreadyExists,
+    CdpError,
     ConfigError,
     NotFound,
     PermissionDenied,
@@ -77,12 +86,16 @@ from cdp.store.base import (
     StoreBase,
     check_conditions,
     check_deadline_settings,
+    check_max_bytes,
     check_range,
+    check_size,
     deadline_s,
     http_date_seconds,
     md5_digest,
     redirect_error,
     resolve_range,
+    server_date,
+    transfer_s,
     within,
 )
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
@@ -96,8 +109,13 @@ SUFFIX_READ_ATTEMPTS_MAX = 3
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
 _TIMEOUT_CODES = {"OperationTimedOut"}
 _BUSY_CODES = {"ServerBusy", "InternalError", "Md5Mismatch"}  # Md5Mismatch: the body arrived changed
+#: What the SDK raises when it cannot deserialize an answer's headers (OverflowError: a
+#: date whose year has eleven digits).
+_UNREADABLE = (DeserializationError, OverflowError)
 _RANGE_ASKED = re.compile(r"bytes=([0-9]+)-([0-9]*)")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")
+#: The Content-Range of a 416: no range of the blob, whose size it names.
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/([0-9]+)")
 
 
 class AzureBlobStore(StoreBase):
@@ -203,16 +221,19 @@ class AzureBlobStore(StoreBase):
                 )
         return (reply.get("etag") or "").strip('"') or None
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
         name = self.prefix + validate_key(key)
         check_range(offset, length)
+        check_max_bytes(max_bytes)
         if offset >= 0:
-            return await self._read(key, name, offset, length, etag=None)
+            return await self._read(key, name, offset, length, max_bytes, etag=None)
         for _ in range(SUFFIX_READ_ATTEMPTS_MAX):
             info = await self._properties("get", key)
+            check_size(f"{self.describe()}: get {show_key(key)}", info.size, max_bytes)
             start = max(0, info.size + offset)
             try:
-                return await self._read(key, name, start, None, etag=info.etag)
+                return await self._read(key, name, start, None, max_bytes, etag=info.etag)
             except _Replaced:
                 continue  # replaced between stat and read: read the new version
         raise StoreUnavailable(
@@ -221,31 +242,32 @@ class AzureBlobStore(StoreBase):
         )
 
     async def _read(
-        self, key: str, name: str, offset: int, length: int | None, *, etag: str | None
+        self, key: str, name: str, offset: int, length: int | None, max_bytes: int | None, *, etag: str | None
     ) -> bytes:
+        where = f"{self.describe()}: get {show_key(key)}"
         if length == 0:
-            await self._properties("get", key)  # NotFound if missing
+            info = await self._properties("get", key)  # NotFound if missing
+            check_size(where, info.size, max_bytes)
             return b""
         extra: dict[str, Any] = {}
         if etag is not None:
             quoted = etag if etag.startswith('"') else f'"{etag}"'  # as the service sent it
             extra = {"etag": quoted, "match_condition": MatchConditions.IfNotModified}
         async with self._within("get", key) as limit:
-            answers = _RangeCheck(f"{self.describe()}: get {show_key(key)}", offset, length, limit,
-                                  self.transfer_bytes_per_s_min)
+            answers = _RangeCheck(where, offset, length, max_bytes, limit, self.transfer_bytes_per_s_min)
             try:
                 downloader = await self._client.download_blob(
                     name, offset=offset, length=length, max_concurrency=self.max_concurrency,
-                    raw_response_hook=answers, **extra
+                    raw_response_hook=answers, decompress=False, **extra
                 )
                 data = await downloader.readall()
             except ResourceModifiedError as exc:
                 raise _Replaced from exc
             except HttpResponseError as exc:
                 if exc.status_code == 416:
-                    return b""  # the blob exists; the range starts at or after its end
+                    return _unsatisfiable(where, exc, offset, length, max_bytes)
                 raise self._error("get", key, exc) from exc
-            except StoreError:
+            except CdpError:
                 raise
             except Exception as exc:
                 raise self._error("get", key, exc) from exc
@@ -266,6 +288,7 @@ class AzureBlobStore(StoreBase):
                 try:
                     items = [props async for props in await anext(pages)]  # a page: one request
                 except StopAsyncIteration:
+                    guard.done()
                     return
                 except Exception as exc:
                     raise self._error("list", prefix, exc) from exc
@@ -274,10 +297,12 @@ class AzureBlobStore(StoreBase):
                 key = guard.key(props.name)
                 if key is not None:
                     page.append(_listed(guard.where, key, props))
+            guard.page_done()
             for info in page:
                 yield info
             token = pages.continuation_token  # type: ignore[attr-defined]
             if token is None:
+                guard.done()
                 return  # the last page (the SDK ends on an empty NextMarker)
             guard.next_page(token, len(items))
 
@@ -310,23 +335,27 @@ class AzureBlobStore(StoreBase):
             etag=(props.etag or "").strip('"') or None,
         )
 
-    async def server_time(self) -> float | None:
+    async def server_time(self) -> float:
         """The service's clock from the Date header of Get Container Properties. Any
-        HTTP answer has one, so a missing container still tells the time."""
+        HTTP answer has one, so a missing container still tells the time; one without
+        a usable Date is an error (``server_date``), never None."""
         dates: list[str | None] = []
 
         def keep_date(response: Any) -> None:
             dates.append(response.http_response.headers.get("Date"))
 
+        where = f"{self.describe()}: server_time"
         async with self._within("server_time", ""):
             try:
                 await self._client.get_container_properties(raw_response_hook=keep_date)
             except Exception as exc:
                 when = http_date_seconds(dates[-1]) if dates and isinstance(exc, HttpResponseError) else None
-                if when is None:
-                    raise self._error("server_time", "", exc) from exc
-                return when
-        return http_date_seconds(dates[-1]) if dates else None
+                if when is not None:
+                    return when
+                if dates and isinstance(exc, _UNREADABLE):
+                    server_date(where, dates[-1])  # the SDK could not read the answer's Date: that error
+                raise self._error("server_time", "", exc) from exc
+        return server_date(where, dates[-1] if dates else None)
 
     async def ensure_container(self) -> None:
         """Create the container unless it exists (a SAS that may not create containers
@@ -400,6 +429,10 @@ class AzureBlobStore(StoreBase):
         unreachable = (ServiceRequestError, ServiceResponseError, aiohttp.ClientError, OSError)
         if isinstance(exc, unreachable):
             return StoreUnavailable(f"{where}: cannot reach the server ({type(exc).__name__})")
+        if isinstance(exc, _UNREADABLE):
+            # The SDK could not read a header of the answer (a Date whose year overflows):
+            # the call may have been done, its answer is lost; retried as such.
+            return StoreUnavailable(f"{where}: the answer could not be read ({type(exc).__name__})")
         return StoreError(f"{where}: unexpected error ({type(exc).__name__})")
 
 
@@ -407,22 +440,46 @@ class _Replaced(Exception):
     """The blob changed between the stat and the read of a suffix get."""
 
 
+def _unsatisfiable(where: str, exc: HttpResponseError, offset: int, length: int | None,
+                   max_bytes: int | None) -> bytes:
+    """What a 416 ("range not satisfiable") to a read from ``offset`` answered: an empty
+    read when its ``Content-Range: bytes */N`` names a blob of N bytes that ends at or
+    before ``offset`` (an empty blob read whole: ``bytes */0``); StoreUnavailable
+    (retryable) otherwise — a 416 that proves nothing, or one to a range inside the blob."""
+    shown = exc.response.headers.get("Content-Range") if exc.response is not None else None
+    found = _UNSATISFIED_RANGE.fullmatch(shown or "")
+    if found is None:
+        raise StoreUnavailable(f"{where}: got HTTP 416 (range not satisfiable) with Content-Range"
+                               f" {show_key(shown)}, which names no blob size")
+    size = int(found.group(1))
+    check_size(where, size, max_bytes)
+    start, end = resolve_range(size, offset, length)
+    if start != end:
+        raise StoreUnavailable(f"{where}: got HTTP 416 (range not satisfiable) for a blob of {size} bytes,"
+                               f" which hold bytes [{start}, {end}) of the range asked")
+    return b""
+
+
 class _RangeCheck:
     """The SDK's ``raw_response_hook`` for one get: checks every answer to a ranged
     Get Blob (the first, and each further chunk of a large read) before its body is read.
 
     Each must be a 206 whose Content-Range is the range its request asked for (cut at
-    the blob's end), of the same blob size as the first, and whose Content-Length is that
-    range's length — so at most that many bytes are read (aiohttp stops there). A refusal
-    is StoreUnavailable naming the ranges, raised through the SDK (not an AzureError, so
-    neither the SDK's retries nor its downloader catch it); the connection is dropped.
-    On the first answer the get's deadline grows by the bytes it will move.
+    the blob's end), of the same blob size as the first, whose Content-Length is that
+    range's length — so at most that many bytes are read (aiohttp stops there) — and
+    with no Content-Encoding but identity (the bytes are the blob's as they are read).
+    A refusal is StoreUnavailable naming the ranges, raised through the SDK (not an
+    AzureError, so neither the SDK's retries nor its downloader catch it); the connection
+    is dropped. The first answer names the blob's size: more than ``max_bytes`` is
+    TooLarge, raised the same way; else the get's deadline grows by the bytes it will move.
     """
 
-    def __init__(self, where: str, offset: int, length: int | None, limit: Any, bytes_per_s_min: float) -> None:
+    def __init__(self, where: str, offset: int, length: int | None, max_bytes: int | None, limit: Any,
+                 bytes_per_s_min: float) -> None:
         self.where = where
         self.offset = offset
         self.length = length
+        self.max_bytes = max_bytes
         self.limit = limit
         self.bytes_per_s_min = bytes_per_s_min
         self.total: int | None = None
@@ -432,11 +489,19 @@ class _RangeCheck:
         asked = request.headers.get("x-ms-range") or request.headers.get("Range")
         if request.method != "GET" or not asked or not 200 <= answer.status_code < 300:
             return  # not a ranged read, or an error the SDK reports
-        problem = self._problem(asked, answer)
+        try:
+            problem = self._problem(asked, answer)
+        except CdpError:
+            self._drop(answer)
+            raise
         if problem is not None:
-            with contextlib.suppress(Exception):
-                answer.internal_response.close()  # its body is never read
+            self._drop(answer)
             raise StoreUnavailable(f"{self.where}: asked {asked}, {problem}")
+
+    @staticmethod
+    def _drop(answer: Any) -> None:
+        with contextlib.suppress(Exception):
+            answer.internal_response.close()  # its body is never read
 
     def _problem(self, asked: str, answer: Any) -> str | None:
         wanted = _RANGE_ASKED.fullmatch(asked)
@@ -444,6 +509,9 @@ class _RangeCheck:
         found = _CONTENT_RANGE.fullmatch(shown or "")
         if wanted is None or answer.status_code != 206 or found is None:
             return f"got HTTP {answer.status_code} Content-Range {show_key(shown)}"
+        coding = answer.headers.get("Content-Encoding")
+        if coding and coding.strip().lower() != "identity":
+            return f"got Content-Encoding {show_key(coding)}: the body is not the blob's bytes as stored"
         first, last, total = (int(group) for group in found.groups())
         start = int(wanted.group(1))
         end = total if not wanted.group(2) else min(int(wanted.group(2)) + 1, total)
@@ -452,9 +520,10 @@ class _RangeCheck:
             return (f"expected bytes [{start}, {end}) of {total}, got Content-Range bytes [{first}, {last + 1})"
                     f" with Content-Length {show_key(length)}")
         if self.total is None:
+            check_size(self.where, total, self.max_bytes)
             self.total = total
             start, end = resolve_range(total, self.offset, self.length)  # the whole read
-            self.limit.reschedule(self.limit.when() + (end - start) / self.bytes_per_s_min)
+            self.limit.reschedule(self.limit.when() + transfer_s(end - start, self.bytes_per_s_min))
         elif total != self.total:
             return f"got a blob of {total} bytes where the first answer had {self.total}"
         return None
@@ -464,7 +533,7 @@ class _RangeCheck:
         if self.total is None:
             if data:
                 raise StoreUnavailable(f"{self.where}: {len(data)} bytes came without a ranged answer")
-            return  # an empty blob: the SDK's plain GET after a 416
+            return  # no ranged answer came, and nothing with it
         start, end = resolve_range(self.total, self.offset, self.length)
         if len(data) != end - start:
             raise StoreUnavailable(f"{self.where}: expected bytes [{start}, {end}) of {self.total},"

@@ -11,7 +11,12 @@ contract suite (tests/store/test_contract.py):
   etag (as ``put``, ``stat`` or ``list`` gave it), else raises
   ``PreconditionFailed`` — also when the object is gone. ``put`` returns the new
   object's etag (None only where a backend cannot tell).
-- ``get`` reads the whole object or a byte range (see ``resolve_range``).
+- ``get`` reads the whole object or a byte range (see ``resolve_range``). With
+  ``max_bytes``, an object larger than that is refused before its body is read
+  (``TooLarge``, a FormatError naming the key, its size and the bound): a reader of
+  an object that is small by its format (a lock, a manifest, a chunk) passes the
+  format's bound, so that a planted or mangled giant cannot exhaust its memory.
+  A reader calls ``get_bounded``, which also serves wrappers that predate the bound.
 - ``list`` yields objects in ascending byte order of their keys.
 - ``delete`` is idempotent; ``stat`` and ``get`` raise ``NotFound``.
 
@@ -19,11 +24,13 @@ Two more coroutines are optional (callers look them up with ``getattr`` and cope
 with their absence); every backend here has them, and the contract suite checks them:
 
 - ``server_time() -> float | None``: the store's own clock, seconds since the epoch,
-  or None when the store cannot tell. S3 and Azure read the HTTP ``Date`` header of
-  a cheap request (1 s resolution: the middle of the second it names); the file and
-  memory stores are local and give this host's clock. ``cdp preflight system``
-  compares it with the local clock, because store locks (FORMAT.md §11) allow only
-  so much skew between hosts.
+  or None for a store that has none. S3 and Azure read the HTTP ``Date`` header of a
+  cheap request (1 s resolution: the middle of the second it names); an answer
+  without a usable one is StoreUnavailable, never None (``server_date``): a caller
+  takes None for "no clock to compare" and would judge locks by its own clock
+  alone. The file and memory stores are local and give this host's clock.
+  ``cdp preflight system`` compares it with the local clock, because store locks
+  (FORMAT.md §11) allow only so much skew between hosts.
 - ``ensure_container() -> None``: create the bucket, container or root directory if
   it does not exist yet (``cdp install``); idempotent.
 
@@ -36,12 +43,16 @@ Azure) also bound every call of their own, whatever the caller does: a call
 that moves ``n`` bytes ends within ``deadline_base_s + n /
 transfer_bytes_per_s_min`` (``within``, constructor settings) or raises
 ``StoreTimeout``, so a server that answers a byte every few seconds — each
-within the SDK's read timeout — cannot hold a call for ever.
+within the SDK's read timeout — cannot hold a call for ever. For a read, ``n`` is
+what the server announces, counted up to ``ANNOUNCED_BYTES_MAX`` only
+(``transfer_s``): announcing a terabyte buys no months of dripping.
 
 What a network backend takes from its server is checked, not trusted: a listing
 (``ListingGuard``) names only keys under the asked prefix, after ``start_after``,
 in strictly ascending order, with a fresh continuation token for every further
-page; a ranged read returns exactly the bytes asked for; a put's answer echoes the
+page; a ranged read returns exactly the bytes asked for, with no content coding (an
+answer the client would inflate); a 416 ("range not satisfiable") is an empty read
+only where the object's size proves the range empty; a put's answer echoes the
 MD5 of the bytes sent where the protocol says it must; a redirect is never followed.
 """
 
@@ -49,15 +60,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
-from cdp.errors import ConfigError, StoreError, StoreTimeout, StoreUnavailable
+from cdp.errors import ConfigError, FormatError, StoreError, StoreTimeout, StoreUnavailable
 from cdp.store.keys import is_valid_key, show_key
 
 Bytes = bytes | bytearray | memoryview
@@ -76,6 +89,15 @@ DEADLINE_BASE_S = 120.0
 #: raises StoreTimeout and the caller's retry starts afresh. 64 KiB/s is 512 kbit/s
 #: per transfer, well below a WAN link shared by a recovery's parallel reads.
 TRANSFER_BYTES_PER_S_MIN = 64 * 1024
+#: The most bytes a read's deadline grows by, whatever size the server announces. No
+#: object the engine writes comes near it (FORMAT.md §7: a segment is at most a seal of
+#: 256 MiB plus one 64 MiB frame and its index, a chunk 64 MiB and its table, a manifest
+#: of a 64 TiB disk in 4 MiB chunks 256 MiB): at the slowest acceptable rate, a call
+#: may take 120 s + 4.6 h, not the 194 days a 1 TiB Content-Length would buy. A larger
+#: object is still read, by a link faster than that rate.
+ANNOUNCED_BYTES_MAX = 1 << 30
+#: Names skipped by one listing that its log lines show (the rest are counted).
+SKIPPED_NAMES_SHOWN = 3
 #: Pages in a row that bring no name before a listing is refused: a server may answer
 #: an empty page with a continuation token (Azure does when a scan runs out of time),
 #: but one that keeps doing so would page for ever.
@@ -113,8 +135,10 @@ class ObjectStore(Protocol):
         """
         ...
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        """Return bytes [offset, offset+length) (see resolve_range); NotFound if missing."""
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
+        """Return bytes [offset, offset+length) (see resolve_range); NotFound if missing;
+        TooLarge, before any of its body is read, if the object has more than max_bytes."""
         ...
 
     def list(
@@ -215,7 +239,8 @@ def resolve_range(size: int, offset: int, length: int | None) -> tuple[int, int]
 
 
 def http_date_seconds(value: str | None) -> float | None:
-    """An HTTP ``Date`` header as seconds since the epoch, None if absent or unparsable.
+    """An HTTP ``Date`` header as seconds since the epoch, None if absent or unparsable
+    (a year or zone offset too large for a date is unparsable too: OverflowError).
 
     The header has a resolution of one second and names the second during which the
     server answered: the middle of that second is the best estimate of its clock.
@@ -224,11 +249,94 @@ def http_date_seconds(value: str | None) -> float | None:
         return None
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:  # RFC 9110: an HTTP date is always GMT
+            return None
+        return when.timestamp() + 0.5
+    except (TypeError, ValueError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:  # RFC 9110: an HTTP date is always GMT
-        return None
-    return when.timestamp() + 0.5
+
+
+def server_date(where: str, value: str | None) -> float:
+    """The clock an answer's ``Date`` header tells (``http_date_seconds``); StoreUnavailable
+    naming ``where`` when it has no usable one. Never None: a network store always tells
+    its time, and a caller that took None for "this store has no clock" would judge
+    leases by its own clock alone (FORMAT.md §11.1) — a host ahead would see live leases
+    expired. Retryable: a proxy in the way may drop the header on one answer."""
+    when = http_date_seconds(value)
+    if when is None:
+        shown = "none" if not value else show_key(value)
+        raise StoreUnavailable(f"{where}: the answer has no usable Date header ({shown}): the store's clock is"
+                               f" unknown, so no lock is taken or judged by it")
+    return when
+
+
+class TooLarge(FormatError):
+    """An object larger than its reader's bound (``get(..., max_bytes=)``), refused
+    before its body was read. ``size`` and ``max_bytes`` as the message says them."""
+
+    def __init__(self, where: str, size: int, max_bytes: int) -> None:
+        super().__init__(f"{where}: the object is {size} bytes, at most {max_bytes} expected: refused unread")
+        self.where, self.size, self.max_bytes = where, size, max_bytes
+
+
+def check_size(where: str, size: int, max_bytes: int | None) -> None:
+    """TooLarge unless an object of ``size`` bytes is within ``max_bytes`` (None: any)."""
+    if max_bytes is not None and size > max_bytes:
+        raise TooLarge(where, size, max_bytes)
+
+
+def check_max_bytes(max_bytes: int | None) -> None:
+    """Refuse a bound no object can meet (a programmer's error)."""
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 or None, not {max_bytes}")
+
+
+_TAKES_MAX_BYTES: dict[object, bool] = {}  # by function: a class's methods are looked at once
+_TAKES_MAX_BYTES_KEPT = 1024
+
+
+def takes_max_bytes(method: Any) -> bool:
+    """Whether a store's ``get`` (or ``get_into``, ``get_unopened``; a bound method, or a
+    ``functools.partial`` of one) takes ``max_bytes``: a wrapper written before the bound
+    (a counting view, a test double) may not."""
+    while isinstance(method, functools.partial):
+        method = method.func
+    fn = getattr(method, "__func__", method)
+    known = _TAKES_MAX_BYTES.get(fn)
+    if known is None:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        known = any(p.name == "max_bytes" or p.kind is p.VAR_KEYWORD for p in params)
+        if len(_TAKES_MAX_BYTES) >= _TAKES_MAX_BYTES_KEPT:
+            _TAKES_MAX_BYTES.clear()  # functions made on the fly: looked at again, not kept for ever
+        _TAKES_MAX_BYTES[fn] = known
+    return known
+
+
+async def bounded_call(method: Any, key: str, *args: Any, max_bytes: int | None, whole: bool) -> Any:
+    """``method(key, *args, max_bytes=max_bytes)`` (a get, get_into or get_unopened), or,
+    where ``method`` does not take the bound, the plain call and the bound checked on
+    what it returned when it read the ``whole`` object: then too large an object was
+    read before it was refused — such a wrapper should pass the bound on."""
+    if max_bytes is None:
+        return await method(key, *args)
+    if takes_max_bytes(method):
+        return await method(key, *args, max_bytes=max_bytes)
+    data = await method(key, *args)
+    if whole:
+        describe = getattr(getattr(method, "__self__", None), "describe", None)
+        check_size(f"{describe() if describe else 'store'}: get {show_key(key)}", len(data), max_bytes)
+    return data
+
+
+async def get_bounded(store: ObjectStore, key: str, max_bytes: int, offset: int = 0,
+                      length: int | None = None) -> Any:
+    """``store.get(key, offset, length, max_bytes=max_bytes)``: what a reader of an object
+    small by its format calls (``bounded_call`` for stores that do not take the bound)."""
+    return await bounded_call(store.get, key, offset, length, max_bytes=max_bytes,
+                              whole=offset == 0 and length is None)
 
 
 def check_deadline_settings(kind: str, deadline_base_s: float, transfer_bytes_per_s_min: float) -> None:
@@ -240,6 +348,13 @@ def check_deadline_settings(kind: str, deadline_base_s: float, transfer_bytes_pe
 def deadline_s(base_s: float, bytes_per_s_min: float, size: int) -> float:
     """The deadline of a call that moves `size` bytes (see TRANSFER_BYTES_PER_S_MIN)."""
     return base_s + size / bytes_per_s_min
+
+
+def transfer_s(announced: int, bytes_per_s_min: float) -> float:
+    """How much longer a read may take once the server announced ``announced`` bytes:
+    counted up to ``ANNOUNCED_BYTES_MAX`` (the caller's bound, when it has one, was
+    checked before: the announced size is then within it)."""
+    return min(announced, ANNOUNCED_BYTES_MAX) / bytes_per_s_min
 
 
 @contextlib.asynccontextmanager
@@ -288,7 +403,10 @@ class ListingGuard:
     A name that breaks one of these is a server (or a proxy) that does not follow the
     protocol: StoreError naming the name and the rule, and nothing further is yielded.
     A name under the prefix that is not a key (a console's "folder" marker ``d/``, a
-    foreign file) is skipped and logged, as the file store skips such names.
+    foreign file) is skipped, as the file store skips such names, and counted: the
+    backend calls ``page_done`` after each page and ``done`` at the end, which log the
+    count and the first few names in one line (not a line per name: a hostile listing
+    of endless foreign names wrote 91 MB of log in 40 s).
 
     ``skip_to_start_after``: the server cannot start after a name (Azure), so names up
     to ``start_after`` are dropped here; otherwise (S3, which is asked ``StartAfter``)
@@ -305,6 +423,10 @@ class ListingGuard:
         self.previous: str | None = None
         self.token: str | None = None
         self.empty_pages = 0
+        self.skipped = 0  # names that are not keys, skipped
+        self.skipped_shown: list[str] = []  # the first few of them, for the log
+        self.skipped_logged = 0  # how many the last log line counted
+        self.skipping_pages = 0  # pages that skipped a name
 
     def key(self, name: object) -> str | None:
         """The key of one listed name, or None when it is skipped; StoreError if refused."""
@@ -322,9 +444,30 @@ class ListingGuard:
             self._refuse(name, f"not after start_after {show_key(self.after)} (the server ignored it)")
         key = name[len(self.root):]
         if not is_valid_key(key):
-            logger.warning("%s: listed name %s is not a key: skipped", self.where, show_key(name))
+            self.skipped += 1
+            if len(self.skipped_shown) < SKIPPED_NAMES_SHOWN:
+                self.skipped_shown.append(show_key(name))
             return None
         return key
+
+    def page_done(self) -> None:
+        """After each page is checked: the names skipped so far are logged in one line on
+        the 1st, 2nd, 4th, 8th... page that skipped any, so that a listing that never ends
+        writes a few lines, not one per page."""
+        if self.skipped > self.skipped_logged:
+            self.skipping_pages += 1
+            if self.skipping_pages & (self.skipping_pages - 1) == 0:
+                self._log_skipped()
+
+    def done(self) -> None:
+        """At the end of the listing: the names skipped since the last line, if any."""
+        if self.skipped > self.skipped_logged:
+            self._log_skipped()
+
+    def _log_skipped(self) -> None:
+        logger.warning("%s: %d listed name(s) that are not keys skipped so far, e.g. %s", self.where,
+                       self.skipped, ", ".join(self.skipped_shown))
+        self.skipped_logged = self.skipped
 
     def next_page(self, token: str | None, names: int) -> None:
         """Before asking for the page after one that listed `names` names with `token`."""

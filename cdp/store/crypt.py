@@ -34,16 +34,20 @@ unnoticed. Invariants:
 - Nothing unsealed is ever returned: a plaintext object (``NotEncrypted``), an unknown
   key id (``KeyUnavailable``) and any changed byte (``IntegrityError``, naming the object
   and page) are errors.
+- ``max_bytes`` bounds the plaintext: the inner store is asked for at most the sealed
+  size of that many bytes (``sealed_size`` grows with the plaintext), so a larger object
+  is refused before its body is read, and ``TooLarge`` names the plaintext sizes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -53,7 +57,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cdp.direct_io import ReadBuffer
 from cdp.errors import CdpError, ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
 from cdp.logs import get_logger
-from cdp.store.base import Bytes, ObjectInfo, ObjectStore, StoreBase, check_range, resolve_range
+from cdp.store.base import (
+    Bytes, ObjectInfo, ObjectStore, StoreBase, TooLarge, bounded_call, check_max_bytes, check_range, check_size,
+    resolve_range,
+)
 from cdp.store.keys import show_key, validate_key, validate_prefix
 from cdp.store.storekeys import SALT_BYTES, ChunkNamer, StoreKey, StoreKeyring
 from cdp.summed import SEALED_MAGIC, SUMMED, pack_summed, unpack_summed
@@ -110,6 +117,12 @@ def plain_size(size: int) -> int | None:
     if last < TAG_BYTES or (last == TAG_BYTES and full > 0):
         return None  # a partial tag, or an empty page after full ones: never written
     return full * PAGE_BYTES + last - TAG_BYTES
+
+
+def _sealed_bound(max_bytes: int | None) -> int | None:
+    """The inner store's bound for a plaintext bound: a sealed object of at most
+    ``max_bytes`` of plaintext is at most this large (``sealed_size`` grows with it)."""
+    return None if max_bytes is None else sealed_size(max_bytes)
 
 
 def page_offset(index: int) -> int:
@@ -383,18 +396,36 @@ class EncryptedStore(StoreBase):
         if len(self._seal_buffers) > SEAL_BUFFERS_KEPT:
             self._seal_buffers.remove(min(self._seal_buffers, key=len))
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
         validate_key(key)
         check_range(offset, length)
-        if offset == 0 and length is None:
-            return await self._get_whole(key)
-        cached = self._envelopes.get(key)
-        if cached is not None:
-            try:
-                return await self._get_range(key, offset, length, cached)
-            except (IntegrityError, FormatError):
-                self._forget(key)  # replaced since it was cached: read it afresh
-        return await self._get_range(key, offset, length, None)
+        check_max_bytes(max_bytes)
+        with self._bounded(key, max_bytes):
+            if offset == 0 and length is None:
+                return await self._get_whole(key, max_bytes)
+            cached = self._envelopes.get(key)
+            if cached is not None:
+                try:
+                    return await self._get_range(key, offset, length, cached, max_bytes)
+                except (IntegrityError, FormatError):
+                    self._forget(key)  # replaced since it was cached: read it afresh
+            return await self._get_range(key, offset, length, None, max_bytes)
+
+    @contextlib.contextmanager
+    def _bounded(self, key: str, max_bytes: int | None) -> Iterator[None]:
+        """The inner store's TooLarge (a sealed size against ``_sealed_bound``) as the
+        plaintext sizes the caller knows."""
+        try:
+            yield
+        except TooLarge as exc:
+            if max_bytes is None or exc.max_bytes == max_bytes:
+                raise  # already in plaintext terms
+            plain = plain_size(exc.size)
+            raise TooLarge(self._where("get", key), exc.size if plain is None else plain, max_bytes) from None
+
+    def _check_plain(self, key: str, env: Envelope, max_bytes: int | None) -> None:
+        check_size(self._where("get", key), env.plain_len, max_bytes)
 
     async def list(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         """The sealed objects under ``prefix``, with their plaintext sizes. An object whose
@@ -503,21 +534,28 @@ class EncryptedStore(StoreBase):
             return bytes(open_range(env, key, where, sealed, start, end))
         return await asyncio.to_thread(open_range, env, key, where, sealed, start, end)
 
-    async def _inner_get(self, key: str, offset: int, length: int | None, into: ReadBuffer | None) -> Bytes:
+    async def _inner_get(self, key: str, offset: int, length: int | None, into: ReadBuffer | None,
+                         max_bytes: int | None = None) -> Bytes:
         """The inner store's bytes, read into ``into`` when it is given and the inner store
-        reads into buffers (then valid until ``into`` is read into again)."""
+        reads into buffers (then valid until ``into`` is read into again); an object
+        sealing more than ``max_bytes`` of plaintext refused unread."""
+        whole = offset == 0 and length is None
         if into is not None and self.unopened_into:
-            return await self.inner.get_into(key, offset, length, into)  # type: ignore[attr-defined]
-        return await self.inner.get(key, offset, length)
+            return await bounded_call(self.inner.get_into, key, offset, length, into,  # type: ignore[attr-defined]
+                                      max_bytes=_sealed_bound(max_bytes), whole=whole)
+        return await bounded_call(self.inner.get, key, offset, length, max_bytes=_sealed_bound(max_bytes),
+                                  whole=whole)
 
-    async def _fetch_whole(self, key: str, into: ReadBuffer | None = None) -> tuple[Envelope, memoryview]:
+    async def _fetch_whole(self, key: str, into: ReadBuffer | None = None,
+                           max_bytes: int | None = None) -> tuple[Envelope, memoryview]:
         """(envelope, sealed pages) of the whole object, its size and both envelopes checked."""
-        blob = memoryview(await self._inner_get(key, 0, None, into))
+        blob = memoryview(await self._inner_get(key, 0, None, into, max_bytes))
         env = self._parse(key, blob, "get", twin=blob[-ENVELOPE_BYTES:] if len(blob) >= 2 * ENVELOPE_BYTES else None)
         if len(blob) != env.size:
             raise IntegrityError(f"{self._where('get', key)}: {len(blob)} bytes, the envelope promises "
                                  f"{env.size} ({env.plain_len} bytes sealed): the object is truncated or extended")
         self._check_trailer(key, env, blob[-ENVELOPE_BYTES:], len(blob))
+        self._check_plain(key, env, max_bytes)
         return env, blob[ENVELOPE_BYTES:]
 
     async def _open_last_page(self, key: str, env: Envelope) -> None:
@@ -529,23 +567,25 @@ class EncryptedStore(StoreBase):
         sealed = memoryview(await self.inner.get(key, page_offset(last), env.page_len(last) + TAG_BYTES))
         open_range(env, key, self._where("get", key), sealed, last * PAGE_BYTES, env.plain_len)
 
-    async def _get_whole(self, key: str) -> bytes:
-        env, sealed = await self._fetch_whole(key)
+    async def _get_whole(self, key: str, max_bytes: int | None = None) -> bytes:
+        env, sealed = await self._fetch_whole(key, None, max_bytes)
         plain = await self._open(env, key, sealed, 0, env.plain_len)
         self._remember(key, env)
         return plain
 
     async def _fetch_range(self, key: str, offset: int, length: int | None, env: Envelope | None,
-                           into: ReadBuffer | None = None) -> tuple[Envelope, memoryview | None, int, int]:
+                           into: ReadBuffer | None = None,
+                           max_bytes: int | None = None) -> tuple[Envelope, memoryview | None, int, int]:
         """(envelope, sealed pages from the first one needed, start, end) of plaintext
         ``[offset, offset + length)``, ``offset >= 0``; ``length`` None only with ``env``
         (a cached envelope; without one, reading to the end is ``_get_to_end``). Sealed
         None for an empty range (the object checked to exist)."""
         if env is None:
             assert length is not None
-            env, sealed, base = await self._fetch_cold(key, offset, length, into)
+            env, sealed, base = await self._fetch_cold(key, offset, length, into, max_bytes)
         else:
             sealed, base = None, 0
+        self._check_plain(key, env, max_bytes)
         start, end = resolve_range(env.plain_len, offset, length)
         if start == end:
             await self._open_last_page(key, env)  # NotFound if it is gone
@@ -554,17 +594,18 @@ class EncryptedStore(StoreBase):
         if sealed is None:
             base = page_offset(first)
             sealed = memoryview(await self._inner_get(
-                key, base, page_offset(last) + env.page_len(last) + TAG_BYTES - base, into))
+                key, base, page_offset(last) + env.page_len(last) + TAG_BYTES - base, into, max_bytes))
         return env, sealed[page_offset(first) - base :], start, end
 
-    async def _get_range(self, key: str, offset: int, length: int | None, env: Envelope | None) -> bytes:
+    async def _get_range(self, key: str, offset: int, length: int | None, env: Envelope | None,
+                         max_bytes: int | None = None) -> bytes:
         if offset < 0:
             if env is None:
-                return await self._get_suffix(key, -offset)
+                return await self._get_suffix(key, -offset, max_bytes)
             offset, length = max(0, env.plain_len + offset), None
         if env is None and length is None:
-            return await self._get_to_end(key, offset)
-        env, sealed, start, end = await self._fetch_range(key, offset, length, env)
+            return await self._get_to_end(key, offset, max_bytes)
+        env, sealed, start, end = await self._fetch_range(key, offset, length, env, None, max_bytes)
         if sealed is None:
             return b""
         plain = await self._open(env, key, sealed, start, end)
@@ -572,68 +613,77 @@ class EncryptedStore(StoreBase):
         return plain
 
     async def get_unopened(self, key: str, offset: int = 0, length: int | None = None, *,
-                           into: ReadBuffer | None = None) -> Unopened:
-        """What ``get(key, offset, length)`` would return, still sealed: the same GETs, the
-        envelope checked, the pages left for ``Unopened.open_into`` to open and check
-        (in the caller's thread, into the caller's buffer). ``offset >= 0``; a range to
-        the end needs ``offset`` 0 (the whole object). With ``into`` (and
+                           into: ReadBuffer | None = None, max_bytes: int | None = None) -> Unopened:
+        """What ``get(key, offset, length, max_bytes=max_bytes)`` would return, still sealed:
+        the same GETs, the envelope checked, the pages left for ``Unopened.open_into`` to
+        open and check (in the caller's thread, into the caller's buffer). ``offset >= 0``;
+        a range to the end needs ``offset`` 0 (the whole object). With ``into`` (and
         ``unopened_into``), the sealed pages are read into it: the ``Unopened`` is valid
         until ``into`` is read into again."""
         validate_key(key)
         check_range(offset, length)
+        check_max_bytes(max_bytes)
         if offset < 0 or (length is None and offset != 0):
             raise ValueError(f"get_unopened: offset {offset}, length {length}: a suffix or a read to the end "
                              f"is for get")
+        with self._bounded(key, max_bytes):
+            return await self._get_unopened(key, offset, length, into, max_bytes)
+
+    async def _get_unopened(self, key: str, offset: int, length: int | None, into: ReadBuffer | None,
+                            max_bytes: int | None) -> Unopened:
         if length is None:
-            env, sealed = await self._fetch_whole(key, into)
+            env, sealed = await self._fetch_whole(key, into, max_bytes)
             return Unopened(self, key, env, sealed, 0, env.plain_len, cached=False)
         cached = self._envelopes.get(key)
-        env, sealed, start, end = await self._fetch_range(key, offset, length, cached, into)
+        env, sealed, start, end = await self._fetch_range(key, offset, length, cached, into, max_bytes)
         return Unopened(self, key, env, memoryview(b"") if sealed is None else sealed, start, end,
                         cached=cached is not None)
 
-    async def _fetch_cold(self, key: str, offset: int, length: int,
-                          into: ReadBuffer | None = None) -> tuple[Envelope, memoryview, int]:
+    async def _fetch_cold(self, key: str, offset: int, length: int, into: ReadBuffer | None = None,
+                          max_bytes: int | None = None) -> tuple[Envelope, memoryview, int]:
         """(envelope, sealed bytes, their object offset) for plaintext ``[offset, offset +
         length)`` with no envelope known: the pages that range would need, and the envelope."""
         first = offset // PAGE_BYTES
         last = max(first, (offset + length - 1) // PAGE_BYTES)
         base, end = page_offset(first), page_offset(last + 1)
         if base <= HEAD_MERGE_BYTES:
-            blob = memoryview(await self._inner_get(key, 0, end, into))
+            blob = memoryview(await self._inner_get(key, 0, end, into, max_bytes))
             return self._parse(key, blob, "get"), blob, 0
-        head, pages = await asyncio.gather(self.inner.get(key, 0, ENVELOPE_BYTES),
-                                           self._inner_get(key, base, end - base, into))
+        head, pages = await asyncio.gather(self._inner_get(key, 0, ENVELOPE_BYTES, None, max_bytes),
+                                           self._inner_get(key, base, end - base, into, max_bytes))
         return self._parse(key, head, "get"), memoryview(pages), base
 
-    async def _get_to_end(self, key: str, offset: int) -> bytes:
+    async def _get_to_end(self, key: str, offset: int, max_bytes: int | None = None) -> bytes:
         """Plaintext from ``offset`` to the end, envelope unknown: one GET from the first
         page needed, which brings the trailing envelope."""
         base = page_offset(offset // PAGE_BYTES)
-        tail = memoryview(await self.inner.get(key, base))
+        tail = memoryview(await self._inner_get(key, base, None, None, max_bytes))
         if len(tail) < ENVELOPE_BYTES:  # the offset is past the end (or the object is not sealed)
             env = self._parse(key, await self.inner.get(key, 0, ENVELOPE_BYTES), "get")
+            self._check_plain(key, env, max_bytes)
             if env.plain_len > offset:
                 raise IntegrityError(f"{self._where('get', key)}: {base + len(tail)} bytes, the envelope "
                                      f"promises {env.size}: the object is truncated")
             self._remember(key, env)
             return b""
-        return await self._open_tail(key, tail, offset, None)
+        return await self._open_tail(key, tail, offset, None, max_bytes)
 
-    async def _get_suffix(self, key: str, count: int) -> bytes:
+    async def _get_suffix(self, key: str, count: int, max_bytes: int | None = None) -> bytes:
         """The last ``count`` plaintext bytes, envelope unknown: one suffix GET of enough
         sealed pages (the last may be short, so one more than ``count`` needs) and the
         trailing envelope."""
         want = ENVELOPE_BYTES + (-(-count // PAGE_BYTES) + 1) * SEALED_PAGE_BYTES
-        tail = memoryview(await self.inner.get(key, -want))
-        return await self._open_tail(key, tail, None, count)
+        tail = memoryview(await self._inner_get(key, -want, None, None, max_bytes))
+        return await self._open_tail(key, tail, None, count, max_bytes)
 
-    async def _open_tail(self, key: str, tail: memoryview, offset: int | None, count: int | None) -> bytes:
+    async def _open_tail(self, key: str, tail: memoryview, offset: int | None, count: int | None,
+                         max_bytes: int | None = None) -> bytes:
         """Plaintext from ``offset`` (or the last ``count`` bytes) to the end, from ``tail``,
         the object's last bytes, whose trailing envelope says where they start."""
         if len(tail) < ENVELOPE_BYTES:
             self._parse(key, tail, "get")  # NotEncrypted or a truncated envelope
         env = self._parse(key, tail[-ENVELOPE_BYTES:], "get", "trailing envelope", -ENVELOPE_BYTES)
+        self._check_plain(key, env, max_bytes)
         size = env.size
         if len(tail) > size:
             raise IntegrityError(f"{self._where('get', key)}: at least {len(tail)} bytes, the envelope "

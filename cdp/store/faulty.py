@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cdp.errors import StoreError, StoreUnavailable
-from cdp.store.base import OPS, Bytes, ObjectInfo, ObjectStore, StoreBase
+from cdp.store.base import OPS, Bytes, ObjectInfo, ObjectStore, StoreBase, bounded_call
 from cdp.store.keys import show_key, validate_key, validate_prefix
 
 
@@ -143,9 +143,11 @@ class FaultyStore(StoreBase):
         self._after("put", key, after)
         return etag
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
         after = await self._before("get", validate_key(key))
-        data = await self.inner.get(key, offset, length)
+        data = await bounded_call(self.inner.get, key, offset, length, max_bytes=max_bytes,
+                                  whole=offset == 0 and length is None)
         self._after("get", key, after)
         return data
 
@@ -169,7 +171,8 @@ class FaultyStore(StoreBase):
         return info
 
     async def server_time(self) -> float | None:
-        """The inner store's clock (None if it cannot tell); fails while offline."""
+        """The inner store's clock (None only if it has none: a network store's missing
+        Date is its error, passed on); fails while offline."""
         self._check_online("server_time")
         inner = getattr(self.inner, "server_time", None)
         return None if inner is None else await inner()

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cdp.errors import AlreadyExists, NotFound, PreconditionFailed
-from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_conditions, resolve_range
+from cdp.store.base import Bytes, ObjectInfo, StoreBase, check_conditions, check_max_bytes, check_size, resolve_range
 from cdp.store.keys import show_key, validate_key, validate_prefix
 
 #: Keys yielded between two awaits of list(), like one page of a listing.
@@ -66,9 +66,12 @@ class MemoryStore(StoreBase):
         self._objects[key] = _Object(blob, time.time(), etag)
         return etag
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
         validate_key(key)
+        check_max_bytes(max_bytes)
         obj = self._lookup("get", key)
+        check_size(f"{self.describe()}: get {show_key(key)}", len(obj.data), max_bytes)
         start, end = resolve_range(len(obj.data), offset, length)
         return obj.data[start:end]
 

@@ -25,9 +25,14 @@ in the answer must be the MD5 of what was sent (of each part, and the
 and the caller's retry puts again; SSE-KMS and SSE-C ETags are not MD5s and are
 not compared. A ranged get needs a 206 whose Content-Range is the range asked
 for (a 200 only when the whole object is the answer), reads at most one byte
-more than that, and must get exactly it. HTTP redirects are never followed (the
-aiohttp session is told so): a 3xx is an error, never a success from another
-host. Every call ends within its deadline (``within``): StoreTimeout.
+more than that, and must get exactly it; a 416 is an empty read only when the
+object's size (the error's ``ActualObjectSize``, else a HEAD) puts the range past
+its end, and never for a whole-object get, which asks no range. A get with
+``max_bytes`` refuses an object the answer's headers say is larger before reading
+its body. HTTP redirects are never followed (the aiohttp session is told so): a
+3xx is an error, never a success from another host. Every call ends within its
+deadline (``within``): StoreTimeout. An answer to HeadBucket without a usable
+``Date`` makes ``server_time`` fail (StoreUnavailable), never answer None.
 
 One aioboto3 session and one client are opened on first use and reused until
 ``close()``. Credentials go straight into the session: they are never stored
@@ -52,6 +57,7 @@ from aiobotocore.config import AioConfig
 
 from cdp.bounded_read import read_at_most
 from cdp.errors import (
+    CdpError,
     ConfigError,
     PermissionDenied,
     StoreError,
@@ -67,11 +73,15 @@ from cdp.store.base import (
     StoreBase,
     check_conditions,
     check_deadline_settings,
+    check_max_bytes,
     check_range,
+    check_size,
     deadline_s,
     http_date_seconds,
     md5_digest,
     resolve_range,
+    server_date,
+    transfer_s,
     within,
 )
 from cdp.store.keys import normalize_root_prefix, show_key, validate_key, validate_prefix
@@ -287,11 +297,14 @@ class S3Store(StoreBase):
                 self.describe(), name, type(cause).__name__, type(exc).__name__,
             )
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
         name = self.prefix + validate_key(key)
         check_range(offset, length)
+        check_max_bytes(max_bytes)
         if length == 0:
-            await self._head("get", key)  # NotFound if missing; S3 cannot ask for 0 bytes
+            info = await self._head("get", key)  # NotFound if missing; S3 cannot ask for 0 bytes
+            check_size(f"{self.describe()}: get {show_key(key)}", info.size, max_bytes)
             return b""
         extra = {}
         if offset < 0:
@@ -300,32 +313,55 @@ class S3Store(StoreBase):
             extra["Range"] = f"bytes={offset}-{offset + length - 1}"
         elif offset > 0:
             extra["Range"] = f"bytes={offset}-"
+        unsatisfiable: bce.ClientError | None = None
         async with self._within("get", key) as limit:
             try:
                 s3 = await self._s3()
                 reply = await s3.get_object(Bucket=self.bucket, Key=name, **extra)
                 stream = reply["Body"]
-                async with stream:
-                    span = self._answered_span(key, extra.get("Range"), offset, length, reply)
-                    limit.reschedule(limit.when() + span / self.transfer_bytes_per_s_min)
+                async with stream:  # left unread (the connection dropped) when an answer is refused
+                    span = self._answered_span(key, extra.get("Range"), offset, length, reply, max_bytes)
+                    limit.reschedule(limit.when() + transfer_s(span, self.transfer_bytes_per_s_min))
                     data = await read_at_most(stream, span + 1)
             except bce.ClientError as exc:
-                if http_status(exc) == 416:
-                    return b""  # the object exists; the range starts at or after its end
-                raise self._error("get", key, exc) from exc
-            except StoreError:
+                if http_status(exc) != 416:
+                    raise self._error("get", key, exc) from exc
+                unsatisfiable = exc
+            except CdpError:
                 raise
             except Exception as exc:
                 raise self._error("get", key, exc) from exc
+        if unsatisfiable is not None:
+            return await self._unsatisfiable(key, extra.get("Range"), offset, length, unsatisfiable, max_bytes)
         if len(data) != span:
             raise StoreUnavailable(f"{self.describe()}: get {show_key(key)}: the answer announced {span} bytes"
                                    f" and {'held more' if len(data) > span else f'ended after {len(data)}'}")
         return data
 
+    async def _unsatisfiable(self, key: str, asked: str | None, offset: int, length: int | None,
+                             exc: bce.ClientError, max_bytes: int | None) -> bytes:
+        """What a 416 ("range not satisfiable") answered: an empty read when the object's
+        size — the one the error names (``ActualObjectSize``), else a HEAD's — puts the
+        range past its end; StoreUnavailable (retryable) otherwise. A whole-object get
+        asks no range: a 416 to it is never an empty object."""
+        where = f"{self.describe()}: get {show_key(key)}"
+        if asked is None:
+            raise StoreUnavailable(f"{where}: asked the whole object, got HTTP 416 (range not satisfiable)")
+        size = _actual_object_size(exc)
+        if size is None:
+            size = (await self._head("get", key)).size
+        check_size(where, size, max_bytes)
+        start, end = resolve_range(size, offset, length)
+        if start != end:
+            raise StoreUnavailable(f"{where}: asked {asked}, got HTTP 416 (range not satisfiable), but the object"
+                                   f" has {size} bytes, which hold bytes [{start}, {end}) of that range")
+        return b""
+
     def _answered_span(self, key: str, asked: str | None, offset: int, length: int | None,
-                       reply: dict[str, Any]) -> int:
+                       reply: dict[str, Any], max_bytes: int | None = None) -> int:
         """How many bytes the answer to a get must hold, once its status and headers say
-        it is the range asked for; StoreUnavailable naming both ranges if not.
+        it is the range asked for; StoreUnavailable naming both ranges if not, TooLarge
+        if the object they describe has more than ``max_bytes``.
 
         A 206 must name, in Content-Range, the range asked for (cut at the object's end).
         A 200 is the whole object: right for a whole-object get, and for a range only when
@@ -337,6 +373,7 @@ class S3Store(StoreBase):
         if not isinstance(size, int) or size < 0:
             raise StoreUnavailable(f"{where}: the answer (HTTP {status}) has no Content-Length")
         if status == 200:
+            check_size(where, size, max_bytes)
             start, end = resolve_range(size, offset, length)
             if asked is None or (start, end) == (0, size):
                 return size
@@ -347,6 +384,7 @@ class S3Store(StoreBase):
             raise StoreUnavailable(f"{where}: asked {asked or 'the whole object'}, got HTTP {status}"
                                    f" Content-Range {show_key(reply.get('ContentRange'))}")
         first, last, total = (int(group) for group in found.groups())
+        check_size(where, total, max_bytes)
         start, end = resolve_range(total, offset, length)
         if (first, last + 1) != (start, end) or size != end - start:
             raise StoreUnavailable(f"{where}: asked {asked} of a {total}-byte object, expected bytes"
@@ -378,9 +416,11 @@ class S3Store(StoreBase):
                 key = guard.key(item.get("Key"))
                 if key is not None:
                     page.append(_listed(guard.where, key, item))
+            guard.page_done()
             for info in page:
                 yield info
             if not reply.get("IsTruncated"):
+                guard.done()
                 return
             guard.next_page(reply.get("NextContinuationToken"), len(items))
             request["ContinuationToken"] = guard.token
@@ -412,9 +452,10 @@ class S3Store(StoreBase):
             etag=reply.get("ETag", "").strip('"') or None,
         )
 
-    async def server_time(self) -> float | None:
+    async def server_time(self) -> float:
         """The server's clock from the Date header of a HeadBucket. Any HTTP answer has
-        one, so a missing bucket or refused credentials still tell the time."""
+        one, so a missing bucket or refused credentials still tell the time; one without
+        a usable Date is an error (``server_date``), never None."""
         async with self._within("server_time", ""):
             try:
                 s3 = await self._s3()
@@ -426,7 +467,7 @@ class S3Store(StoreBase):
                 return when
             except Exception as exc:
                 raise self._error("server_time", "", exc) from exc
-        return http_date_seconds(http_header(reply, "date"))
+        return server_date(f"{self.describe()}: server_time", http_header(reply, "date"))
 
     async def ensure_container(self) -> None:
         """Create the bucket unless HeadBucket finds it (a credential that may not
@@ -480,6 +521,12 @@ class S3Store(StoreBase):
         """An SDK error of ``op`` on ``key`` as a store error (``s3_protocol.translate_error``)."""
         return translate_error(f"{self.describe()}: {op} {show_key(key)}", self.bucket, exc,
                                if_absent=if_absent, if_match=if_match)
+
+def _actual_object_size(exc: bce.ClientError) -> int | None:
+    """The object size S3 names in an InvalidRange error (``ActualObjectSize``), if any."""
+    value = exc.response.get("Error", {}).get("ActualObjectSize")
+    return int(value) if isinstance(value, str) and value.isdigit() and value.isascii() else None
+
 
 def _base64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
