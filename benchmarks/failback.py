@@ -118,8 +118,9 @@ class CountingStore:
         self.inner = inner
         self.bytes = {"chunks": 0, "segments": 0, "other": 0}
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = await self.inner.get(key, offset, length)
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
+        data = await self.inner.get(key, offset, length, max_bytes=max_bytes)
         kind = "chunks" if key.endswith(".chk") else "segments" if key.endswith(".seg") else "other"
         self.bytes[kind] += len(data)
         return data

@@ -31,7 +31,7 @@ import xxhash
 from cdp.errors import AlreadyExists, ChecksumMismatch, FormatError, NotFound, TruncatedError
 from cdp.layout import parse_base_manifest_key
 from cdp.segment import _lz4_decompress_safe
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, TooLarge, get_bounded
 from cdp.summed import checked_body, pack_summed, unpack_summed
 
 CHUNK_MAGIC = b"CDPK"
@@ -520,9 +520,11 @@ async def put_manifest(store: ObjectStore, key: str, data: bytes) -> bool:
         except AlreadyExists:
             pass
         try:
-            found = await store.get(key)
+            found = await get_bounded(store, key, len(data))
         except NotFound:
             continue  # gone again (a sweep): create it
+        except TooLarge:  # larger than ours: other content, refused below unread
+            found = b""
         if bytes(found) == bytes(data):
             return False
         raise AlreadyExists(f"base manifest {key} already exists in {store.describe()} with other content (another "

@@ -44,7 +44,7 @@ from cdp.gather import gather_bounded
 from cdp.layout import U64_MAX, catalog_key, catalog_prefix, parse_catalog_key
 from cdp.locks import SKEW_DEFAULT_S, live_locks, recovery_prefix
 from cdp.logs import get_logger
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 from cdp.summed import SUMMED, checked_body, pack_summed, unpack_summed
 
 __all__ = [
@@ -91,6 +91,9 @@ _DOMAIN_DIR = re.compile(r"[0-9a-f]{8}")  # d/<domain id: 8 lower-case hex digit
 _HEADER = struct.Struct("<4sHHIIQQ24sQ")
 assert _HEADER.size == 64, "FORMAT.md §8.1"
 HEADER_SIZE = _HEADER.size
+#: The largest generation object: a larger one under a catalog key is refused unread (a
+#: planted 2 GiB one took 8 GB of memory to refuse after reading it).
+GENERATION_BYTES_MAX = HEADER_SIZE + BODY_LEN_MAX
 _HEADER_ZERO = {"reserved": (32, 24)}  # must be zero: {name: (offset, size)}
 
 
@@ -189,7 +192,7 @@ async def read_generation(store: ObjectStore, key: str,
             log.info("catalog_read_again", key=key, attempt=attempt + 1, error=failure.message if failure else "")
             await asyncio.sleep(REREAD_WAIT_S * 2 ** (attempt - 1))
         try:
-            blob = await store.get(key) if data is None else data
+            blob = await get_bounded(store, key, GENERATION_BYTES_MAX) if data is None else data
         except (ChecksumMismatch, TruncatedError) as exc:  # an encrypted store's own check of what it read
             data, failure = None, exc
             continue
@@ -347,7 +350,7 @@ async def _fetch(store: ObjectStore, key: str) -> bytes | None:
     the way (``read_generation`` reads it again, rather than one bad transfer failing
     the whole batch)."""
     try:
-        return await store.get(key)
+        return await get_bounded(store, key, GENERATION_BYTES_MAX)
     except (ChecksumMismatch, TruncatedError):
         return None
 

@@ -49,6 +49,8 @@ assert ROW_DTYPE.itemsize == 64 and len(CHILD_FIELDS) * 8 == 64, "FORMAT.md §8.
 # FORMAT.md §8.4: page header, 64 bytes; header_xxh3 (last field) covers [0, 56).
 _HEADER = struct.Struct("<4sHBBIIQQQ16sQ")
 assert _HEADER.size == 64, "FORMAT.md §8.4"
+PAGE_HEADER_BYTES = _HEADER.size
+PAGE_ENTRY_BYTES = ROW_DTYPE.itemsize
 _HEADER_ZERO = {"reserved": (7, 1), "reserved2": (40, 16)}
 
 

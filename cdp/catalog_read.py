@@ -17,13 +17,16 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from cdp.catalog_page import Page, decode_page, empty_rows, ref_key, rows_lineage_problem
+from cdp.catalog_page import (
+    PAGE_ENTRIES_MAX, PAGE_ENTRY_BYTES, PAGE_HEADER_BYTES, Page, decode_page, empty_rows, ref_key,
+    rows_lineage_problem,
+)
 from cdp.catalog_state import CatalogState, Timeline
 from cdp.gather import gather_bounded
 from cdp.layout import U64_MAX, segment_key, segment_prefix
 from cdp.errors import FormatError
 from cdp.segment import SegmentIndex, read_segment_index
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 
 #: Pages fetched at once.
 PAGE_FETCH_CONCURRENCY = 8
@@ -109,7 +112,9 @@ class CatalogView:
         if page is not None:
             self._cache.move_to_end(key)
             return page
-        page = decode_page(key, await self.store.get(key), ref)
+        # Exactly a header and its entries (§8.4): a larger object is refused unread.
+        size = PAGE_HEADER_BYTES + PAGE_ENTRY_BYTES * min(int(ref["count"]), PAGE_ENTRIES_MAX)
+        page = decode_page(key, await get_bounded(self.store, key, size), ref)
         # Pages are shared and name no timeline: their rows must lie in this timeline's
         # history, or a forged page makes it recover another branch's segments.
         problem = rows_lineage_problem(page.entries, self._history) if page.level == 0 else None

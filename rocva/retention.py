@@ -60,7 +60,9 @@ from cdp.layout import (
 )
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, gc_lock, live_locks, recovery_prefix
 from cdp.logs import get_logger
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
+from cdp.tomlread import SIZE_MAX
+from rocva.plan import manifest_bytes_max
 
 log = get_logger("rocva.retention")
 
@@ -261,10 +263,10 @@ async def sweep_chunks(store: ObjectStore, *, owner: str = "cdp consolidate", tt
         listed = await gather_bounded((_domain_manifests(store, d) for d in domains), CONCURRENCY)
         keys = [k for per_domain in listed for k in per_domain]
 
-        async def hashes(key: str) -> np.ndarray:
-            return decode_manifest(key, await store.get(key)).hashes
+        async def hashes(key: str, bound: int) -> np.ndarray:
+            return decode_manifest(key, await get_bounded(store, key, bound)).hashes
 
-        tables = await gather_bounded((hashes(k) for k in keys), CONCURRENCY)
+        tables = await gather_bounded((hashes(k, bound) for k, bound in keys), CONCURRENCY)
         referenced = {row.tobytes() for t in tables for row in t}
         garbage, kept = [], 0
         async for info in store.list("c/"):  # one cut short only keeps chunks: no check needed
@@ -296,8 +298,15 @@ async def _domains_twice(store: ObjectStore) -> list[int]:
     return first
 
 
-async def _domain_manifests(store: ObjectStore, domain: int) -> list[str]:
-    """The keys of ``domain``'s manifests, shown to be all of them (StoreError otherwise):
+def _manifest_bound(state: CatalogState | None) -> int:
+    """The largest manifest of the domain: of its largest disk (§6.2), or of the largest
+    disk a configuration takes (1 PiB) when its catalog does not say."""
+    sizes = [int(d["size"]) for d in state.disks] if state is not None else []
+    return manifest_bytes_max(max(sizes, default=SIZE_MAX))
+
+
+async def _domain_manifests(store: ObjectStore, domain: int) -> list[tuple[str, int]]:
+    """The keys of ``domain``'s manifests, each with the bound of its read, shown to be all of them (StoreError otherwise):
     listed to the end (``_listed_whole``), and holding every manifest the domain's catalog
     names (a catalog that does not load is warned of, and only the end is checked). The
     catalog is loaded after the listing: a base committed meanwhile had its manifest
@@ -313,9 +322,9 @@ async def _domain_manifests(store: ObjectStore, domain: int) -> list[str]:
         # kept; only the cross-check is lost, and said.
         log.warning("chunk_sweep_catalog_unreadable", domain=domain, manifests=len(manifests), error=exc.message,
                     reason="the listing of its manifests is checked for its end only")
-        return manifests
+        return [(k, _manifest_bound(None)) for k in manifests]
     if state is None:  # no catalog names anything (a domain being purged, or not begun)
-        return manifests
+        return [(k, _manifest_bound(None)) for k in manifests]
     named = {b["key"] for t in state.timelines.values() for b in t.bases}
     missing = sorted(named.difference(manifests))
     if missing:
@@ -324,7 +333,7 @@ async def _domain_manifests(store: ObjectStore, domain: int) -> list[str]:
                          f"is not in the listing of {prefix} ({len(manifests)} manifests listed): the listing is "
                          f"incomplete, or the manifest came or went after it (the next sweep tells), so the chunks "
                          f"it names could be taken for garbage")
-    return manifests
+    return [(k, _manifest_bound(state)) for k in manifests]
 
 
 async def _listed_whole(store: ObjectStore, prefix: str) -> list[str]:

@@ -18,9 +18,10 @@ from typing import Any
 from cdp.errors import AlreadyExists, NotFound
 from cdp.msa.config import SiteConfig
 from cdp.msa.deployment import (
-    Deployment, decode_deployment, deployment_key, encode_deployment, installed_sites, read_deployment,
+    DEPLOYMENT_BYTES_MAX, Deployment, decode_deployment, deployment_key, encode_deployment, installed_sites,
+    read_deployment,
 )
-from cdp.store.base import ObjectStore
+from cdp.store.base import ObjectStore, get_bounded
 
 #: ``progress(phase, done, total)``: how install and uninstall report their steps.
 Progress = Callable[[str, int | None, int | None], None]
@@ -88,7 +89,7 @@ async def write_deployment(store: ObjectStore, cfg: SiteConfig) -> tuple[Deploym
             await store.put(key, encode_deployment(new), if_absent=True)
             return new, "written"
         except AlreadyExists:  # a concurrent install of this site won: follow it
-            old = decode_deployment(key, await store.get(key))
+            old = decode_deployment(key, await get_bounded(store, key, DEPLOYMENT_BYTES_MAX))
     new = _deployment_for(cfg, old.created_ns)
     if new == old:
         return old, "kept"
