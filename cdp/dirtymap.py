@@ -37,7 +37,9 @@ be written. A reader takes anything else as unusable (every region dirty) and re
 most one byte past the size the map of its disk has (a link to ``/dev/zero`` would have
 been read until memory ran out); the writer refuses it (``DirtyMapRefused``, naming
 the path), as writing the header through a link to another file would overwrite that
-file.
+file. It also refuses a regular file that cannot be a map — not empty, not beginning
+with ``MAGIC``, not the map's size: another disk's image or a partition configured at
+the path —, which replacing an unusable map would have overwritten and truncated.
 """
 
 from __future__ import annotations
@@ -200,21 +202,44 @@ def _read_fd(fd: int, path: Path, disk_size: int) -> tuple[MapHeader, np.ndarray
     return h, body.astype(bool)
 
 
-def _open_for_writing(path: Path) -> tuple[int, bool]:
+def _open_for_writing(path: Path, map_bytes: int) -> tuple[int, bool]:
     """(fd, created): the map at ``path`` opened read-write, created if absent.
-    ``DirtyMapRefused`` when the path is anything but a regular file with one link."""
+    ``DirtyMapRefused`` when the path is anything but a regular file with one link, or
+    a file that is no map (``_refuse_foreign``; ``map_bytes``: the size of this disk's)."""
     try:  # O_EXCL: not through a link either
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CREATE_FLAGS, 0o644), True
     except FileExistsError:
         pass
     try:
-        return open_regular(path, os.O_RDWR, links_max=1), False
+        fd = open_regular(path, os.O_RDWR, links_max=1)
     except NotRegular as exc:
         what = exc.kind
     except OSError as exc:
         what = f"cannot be opened ({exc.strerror})"
+    else:
+        try:
+            _refuse_foreign(fd, path, map_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, False
     raise DirtyMapRefused(f"{path}: {what}; expected the disk's dirty-region map, a regular file with one "
                           f"link: refusing to write through it (remove it to start a new map)")
+
+
+def _refuse_foreign(fd: int, path: Path, map_bytes: int) -> None:
+    """``DirtyMapRefused`` unless the file open at ``fd`` may be a map the writer
+    replaces: empty (a creation a crash cut short), beginning with ``MAGIC`` (a map,
+    usable or not), or exactly ``map_bytes`` long (a map whose header was damaged, or
+    whose blocks a crash left unwritten). Anything else — another disk's image or a
+    partition configured at this path — would be overwritten and truncated."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, len(MAGIC), 0)
+    if size == 0 or head == MAGIC or size == map_bytes:
+        return
+    raise DirtyMapRefused(f"{path}: a {size}-byte file beginning {head!r}, not a dirty-region map (magic "
+                          f"{MAGIC!r}, {map_bytes} bytes for this disk): refusing to overwrite it — is another "
+                          f"disk's image or a partition configured at this path? Move it away to start a new map")
 
 
 class DirtyMap:
@@ -259,7 +284,7 @@ class DirtyMap:
         regions = -(-disk_size // region_bytes)
         left_reason = None
         opens = 0
-        fd, created = _open_for_writing(path)
+        fd, created = _open_for_writing(path, HEADER_BYTES + regions)
         try:
             if created:  # a disk never written through a filter with a map: nothing is pending
                 left = np.zeros(regions, dtype=bool)

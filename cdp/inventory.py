@@ -43,7 +43,10 @@ multiples of 512 and > 0; two disks never share an image file (neither one path,
 symbolic links, nor — for images that exist — one file by device and inode, as two hard
 links are); no two disks of a domain recover to one image file (``image_file_name``,
 ``<vm>-<disk>.img``: VM ``a-b`` disk ``c`` and VM ``a`` disk ``b-c`` cannot share a
-domain, whatever their ``image``); a VM is in at most one
+domain, whatever their ``image``); no image is another disk's sidecar file — its
+dirty-region map ``<image>.dirty``, or the spill journal ``<image>.spill`` of a
+domain's first disk (FORMAT.md §15, §15.1): the filter rewrites, truncates or replaces
+those files when the domain starts; a VM is in at most one
 domain (a VM in none is simply not protected); domain ids are unique u32s; a DRVA is
 ``host:port`` with a port in 1..65535; unknown keys are refused (they are typos).
 
@@ -67,6 +70,12 @@ from cdp.tls import SERVER_NAME, SERVER_NAME_EXPECTED
 from cdp.tomlread import NAME, Endpoint, TomlReader
 
 DEFAULT_STATE_DIR = "sim-state"
+#: The filter's sidecar files beside a primary disk (FORMAT.md §15, §15.1): every disk's
+#: dirty-region map (``cdp.dirtymap.sidecar_path``), and the spill journal of a domain's
+#: first disk (``iofilter_sim.runner``). Spelled here too, so that the inventory refuses an
+#: image at one without importing the filter.
+DIRTY_MAP_SUFFIX = ".dirty"
+SPILL_SUFFIX = ".spill"
 
 
 def image_file_name(vm: str, disk: str) -> str:
@@ -226,6 +235,7 @@ def parse_cluster(data: Mapping[str, Any], source: str = "<cluster>", *,
     vms = _vms(r, data.get("vms", []), set(host_names), state_path)
     hosts = tuple(Host(h, tuple(vm.name for vm in vms if vm.host == h)) for h in host_names)
     domains = _domains(r, data.get("domains", []), {vm.name: vm for vm in vms})
+    _refuse_sidecar_clash(r, vms, domains)
     tls_ca, server_name = _tls(r, data["tls"], Path(base_dir)) if "tls" in data else (None, None)
     return Cluster(site, state_path, hosts, vms, domains, source, tls_ca, server_name)
 
@@ -286,6 +296,48 @@ def _refuse_same_file(r: TomlReader, path: Path, at: str, inodes: dict[tuple[int
     if key in inodes:
         r.fail(at, f"an image file no other disk uses ({inodes[key]} names the same file: a hard link)", str(path))
     inodes[key] = at
+
+
+def sidecars(vms: Sequence[Vm], domains: Sequence[DomainSpec]) -> list[tuple[Disk, str | None, Path]]:
+    """(disk, domain, path) of every sidecar file the filter writes beside the images:
+    each disk's dirty-region map (domain None), each domain's spill journal (beside its
+    first disk)."""
+    out: list[tuple[Disk, str | None, Path]] = [(disk, None, _beside(disk.image, DIRTY_MAP_SUFFIX))
+                                                for vm in vms for disk in vm.disks]
+    for dom in domains:
+        first = dom.vms[0].disks[0]  # a domain has a VM, a VM a disk
+        out.append((first, dom.name, _beside(first.image, SPILL_SUFFIX)))
+    return out
+
+
+def sidecar_role(domain: str | None, image: str) -> str:
+    """What a sidecar of ``sidecars`` is, for a message; ``image`` names the disk's image."""
+    if domain is None:
+        return f"the dirty-region map of {image}"
+    return f"the spill journal of domain {domain}, beside {image}"
+
+
+def _beside(image: Path, suffix: str) -> Path:
+    return image.with_name(image.name + suffix)
+
+
+def _refuse_sidecar_clash(r: TomlReader, vms: Sequence[Vm], domains: Sequence[DomainSpec]) -> None:
+    """Refuse an image at another disk's sidecar file (``sidecars``), as written or after
+    links, naming both disks: the filter of that disk's domain would rewrite and truncate
+    the image (a map) or unlink it (a journal) when it starts. Looked up, not compared
+    pairwise: a site may have thousands of disks."""
+    images: dict[Path, str] = {}
+    keys: dict[tuple[str, str], str] = {}  # (vm, disk) -> its key path
+    for i, vm in enumerate(vms):
+        for j, disk in enumerate(vm.disks):
+            keys[(vm.name, disk.name)] = at = f"vms[{i}].disks[{j}]"
+            images[Path(os.path.abspath(disk.image))] = images[disk.image.resolve()] = at
+    for disk, domain, path in sidecars(vms, domains):
+        at = images.get(Path(os.path.abspath(path))) or images.get(path.resolve())
+        if at is not None:
+            what = sidecar_role(domain, f"the image of disk {disk.name} of VM {disk.vm} ({keys[(disk.vm, disk.name)]})")
+            r.fail(f"{at}.image", f"an image apart from {what}: the filter rewrites or replaces that file when the "
+                                  f"domain starts", str(path))
 
 
 def _domains(r: TomlReader, value: Any, vms: Mapping[str, Vm]) -> tuple[DomainSpec, ...]:

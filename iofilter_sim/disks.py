@@ -32,6 +32,7 @@ from cdp.errors import ConfigError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, fallocate
 from cdp.fallocate import available as fallocate_available
 from cdp.file_kinds import NotRegular, open_regular
+from cdp.msa.install_dirs import dir_problem, make_missing_dirs, who
 from cdp.records import (
     KIND_WRITE, KIND_ZERO, SECTOR, WRITE_LEN_MAX, payload_lengths, payload_starts,
 )
@@ -49,6 +50,9 @@ _ZEROS = bytes(1 << 20)
 
 #: A new image's mode: a VM's disk is readable by its owner only.
 IMAGE_MODE = 0o600
+# An image is refused unless root or this process owns it (``_open_image``), and its
+# directory unless no other user may write there (``ensure_image_dir``): the host process
+# may run as root, and the datastore is where other users' files could otherwise wait.
 
 
 def _open_image(path: Path, name: str, create: bool) -> int:
@@ -57,13 +61,37 @@ def _open_image(path: Path, name: str, create: bool) -> int:
     (``cdp.file_kinds.open_regular``: a link planted at the image path would make the
     VM's writes land in its target); a ConfigError naming the disk and the path else."""
     try:
-        return open_regular(path, os.O_RDWR | (os.O_CREAT if create else 0), IMAGE_MODE)
+        fd = open_regular(path, os.O_RDWR | (os.O_CREAT if create else 0), IMAGE_MODE)
     except NotRegular as exc:
         raise ConfigError(f"disk {name}: {path} is {exc.strerror} (a raw image)") from None
     except IsADirectoryError:  # a directory cannot be opened for writing at all
         raise ConfigError(f"disk {name}: {path} is a directory: expected a regular file (a raw image)") from None
     except OSError as exc:
         raise ConfigError(f"disk {name}: cannot open {path}: {exc.strerror}") from exc
+    owner = os.fstat(fd).st_uid
+    if owner not in (0, os.geteuid()):
+        os.close(fd)
+        raise ConfigError(f"disk {name}: {path} is owned by {who(owner)}; expected an image owned by root or by "
+                          f"{who(os.geteuid())} (this process): another user's file is theirs to read, truncate or "
+                          f"swap under the VM. Check who made it, then chown it or move it away")
+    return fd
+
+
+def ensure_image_dir(directory: Path, name: str, *, create: bool = True) -> None:
+    """Create ``directory`` and its missing parents (``create``: 0755 under any umask),
+    then check it as install checks ``state_dir`` (``dir_problem``: every directory on
+    the way owned by root or us, none writable by others unless sticky, the directory
+    itself by no one else): others who may write there could plant the image before it
+    is made, and replace or remove it and its sidecar files (dirty-region map, spill
+    journal) under a running VM. A ``ConfigError`` naming the disk, the directory and
+    what is expected."""
+    if create:
+        make_missing_dirs(directory)
+    if (problem := dir_problem(directory)) is not None:
+        raise ConfigError(f"disk {name}: {problem}; a VM's disk ({directory}/…) is kept only where no other "
+                          f"user may write: every directory on the way owned by root or by "
+                          f"{who(os.geteuid())} and writable by no other user (a shared one like /tmp only if "
+                          f"sticky), the directory itself by no one else (chmod go-w, or move the datastore)")
 
 
 class PrimaryDisk:
@@ -99,10 +127,11 @@ class PrimaryDisk:
 
     @classmethod
     def for_disk(cls, disk: Any, *, create: bool = True) -> PrimaryDisk:
-        """The image of a ``cluster.Disk`` (its directory is created if needed)."""
-        if create:
-            Path(disk.image).parent.mkdir(parents=True, exist_ok=True)
-        return cls(disk.image, disk.size, name=f"{disk.vm}/{disk.name}", create=create)
+        """The image of a ``cluster.Disk``, in a directory created if needed (0755, with
+        ``create``) and checked (``ensure_image_dir``) before the image is opened or made."""
+        name = f"{disk.vm}/{disk.name}"
+        ensure_image_dir(Path(disk.image).parent, name, create=create)
+        return cls(disk.image, disk.size, name=name, create=create)
 
     # ------------------------------------------------------------------ writes
 

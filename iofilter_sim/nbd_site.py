@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp.errors import ConfigError
 from cdp.logs import get_logger
-from cdp.nbd.server import NbdServer
+from cdp.nbd.server import NbdServer, unauthenticated_tcp_problem
 from iofilter_sim.nbd_capture import CapturedDisk, DomainCapture
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ class NbdListen:
     def __post_init__(self) -> None:
         if self.tcp is None and self.unix is None:
             raise ConfigError("NBD: give a TCP address, a Unix socket path, or both")
+        if self.tcp is not None and (why := unauthenticated_tcp_problem(self.tcp[0])) is not None:
+            host, port = self.tcp
+            raise ConfigError(f"NBD: --nbd {f'[{host}]' if ':' in host else host}:{port}: expected a loopback "
+                              f"address: {why}")
 
 
 def export_name(vm: str, disk: str) -> str:

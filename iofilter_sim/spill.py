@@ -15,10 +15,12 @@ run. What a filter that crashes leaves unacknowledged is covered by the dirty-re
 journal for the run (``abandon``) and the filter resyncs what it held
 (``DomainFilter._spill_lost``).
 
-The path is a sidecar in a datastore others may write, and the filter may run as root:
-whatever is at it when a run starts (a planted symbolic link, say) is unlinked, never
-followed, and the journal is created afresh there (``O_EXCL | O_NOFOLLOW``); at the end
-it is removed only if the path still names the journal's own file.
+The path is a sidecar beside the domain's first disk, and the filter may run as root:
+what an earlier run left at it (a journal, or a planted symbolic link) is unlinked, never
+followed, and the journal is created afresh there (``O_EXCL | O_NOFOLLOW``); anything else
+there — a regular file that is not empty and does not begin with a frame, as another
+disk's image or a partition configured at the path would not — is refused, never removed.
+At the end the journal is removed only if the path still names its own file.
 
 Layout: the file is a ring of ``capacity_bytes``; each frame is one contiguous run of
 bytes, exactly the encoded frame as it goes on the wire (FORMAT.md §2: it carries its own
@@ -37,8 +39,8 @@ import stat
 from pathlib import Path
 
 from cdp.errors import CdpError, FormatError
-from cdp.file_kinds import file_kind
-from cdp.frame import decode_frame
+from cdp.file_kinds import file_kind, open_regular
+from cdp.frame import FRAME_MAGIC, decode_frame
 from cdp.logs import get_logger
 
 log = get_logger("iofilter_sim.spill")
@@ -52,16 +54,56 @@ class SpillRefused(CdpError):
     """The spill journal's path holds something that cannot be replaced by a new file."""
 
 
-def _create(path: Path) -> int:
-    """A new, empty journal file at ``path``: what was there is unlinked (a link is
-    removed, not followed), and the file is created exclusively, without following a
-    link planted in between."""
+def _remove_left(path: Path) -> None:
+    """Remove what an earlier run left at ``path``: a journal (a regular file, empty or
+    beginning with a frame's magic: its first frame is always at offset 0), or a symbolic
+    link (only the link goes; what it names is never touched). Nothing there is fine.
+    Anything else — another disk's image, a DRVA's partition, a directory, a FIFO — is
+    refused (``SpillRefused`` naming it): a journal is not worth another file's bytes."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SpillRefused(f"{path}: cannot look at it: {exc.strerror}") from None
+    if stat.S_ISREG(mode):
+        _check_journal(path)
+    elif not stat.S_ISLNK(mode):
+        raise SpillRefused(f"{path}: {file_kind(mode)}; expected nothing there or a spill journal an earlier "
+                           f"run left: refusing to remove it (move it away, or check the inventory's images)")
     try:
         path.unlink()
     except FileNotFoundError:
         pass
-    except OSError as exc:  # a directory, a read-only datastore
+    except OSError as exc:  # a read-only datastore
         raise SpillRefused(f"{path}: cannot replace it with a spill journal: {exc.strerror}") from None
+
+
+def _check_journal(path: Path) -> None:
+    """``SpillRefused`` unless the regular file at ``path`` is empty or begins with
+    ``FRAME_MAGIC``, as every journal does."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except OSError as exc:  # replaced since the lstat
+        raise SpillRefused(f"{path}: cannot read it to see whether it is a spill journal: {exc.strerror}") from None
+    try:
+        head = os.pread(fd, len(FRAME_MAGIC), 0)
+    except OSError as exc:
+        raise SpillRefused(f"{path}: cannot read it to see whether it is a spill journal: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if head and head != FRAME_MAGIC:
+        raise SpillRefused(f"{path}: a regular file beginning {head!r}, not a spill journal (which begins with a "
+                           f"frame, {FRAME_MAGIC!r}): refusing to remove it — is another disk's image or a "
+                           f"partition configured at this path? Move it away to let the filter start")
+
+
+def _create(path: Path) -> int:
+    """A new, empty journal file at ``path``: what an earlier run left is removed
+    (``_remove_left``: a link is removed, not followed; anything not a journal is
+    refused), and the file is created exclusively, without following a link planted in
+    between."""
+    _remove_left(path)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)

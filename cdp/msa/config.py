@@ -21,7 +21,7 @@ one that needs no service at all (file store, log files in a local directory)::
     token_env = "CDP_API_TOKEN"        # the API's bearer token (>= 16 characters)
 
     [[drvas]]
-    name = "drva-1"
+    name = "drva-1"                    # not "host-…", "standby-…" (the logs of hosts, standbys) nor "….toml"
     listen = "127.0.0.1:32873"         # one DRVA per port, 32873..32878 by convention
     log = { path = "state/drva-1/replog", size = "256MiB" }   # the replication-log partition
     meta = { path = "state/drva-1/meta" }                      # the metadata repository
@@ -47,7 +47,8 @@ one that needs no service at all (file store, log files in a local directory)::
 
     [hypervisor]                       # how the MSA powers VMs on and off (cdp.hypervisor)
     driver = "simulator"               # "simulator": a workload per domain; "nbd": its disks as NBD exports
-    nbd_listen = "127.0.0.1:0"         # nbd only, optional: TCP too (besides <state_dir>/hypervisor/<host>.nbd.sock)
+    nbd_listen = "127.0.0.1:0"         # nbd only, optional: TCP too (besides <state_dir>/hypervisor/<host>.nbd.sock),
+                                       # a loopback address only: the exports carry no authentication
     on_demand_hosts = ["esx-b02"]      # hosts a failover may add to the inventory (pilot light)
     vms_per_host = 16                  # a host running this many VMs has no room left
     recovered_workload = { kind = "random", rate_mb_s = 1 }  # what failed-over VMs write
@@ -102,9 +103,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cdp.errors import ConfigError
-from cdp.inventory import Cluster, DomainSpec, parse_cluster
+from cdp.inventory import Cluster, DomainSpec, parse_cluster, sidecar_role, sidecars
 from cdp.nbd.address import parse_tcp
-from cdp.dirtymap import sidecar_path
+from cdp.nbd.server import unauthenticated_tcp_problem
 from cdp.msa.registry import REGISTERED_NAME
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
@@ -138,6 +139,11 @@ POLICY_LIMITS: Mapping[str, tuple[float, float, bool]] = {
     "consolidate_every": (1.0, 365 * 86400.0, True),
 }
 _POLICY_KEYS = set(POLICY_LIMITS)
+#: The stems of the other children's logs and pid files in ``<state_dir>/logs/`` (FORMAT.md
+#: §13, §13.13): a simulated host's ``host-<host>``, a standby's ``standby-<domain>``. A
+#: DRVA's are its name, so no DRVA name begins with one (``_check_drva_name``).
+CHILD_LOG_PREFIXES = ("host-", "standby-")
+DRVA_CONFIG_SUFFIX = ".toml"  # drvas/<name>.toml beside drvas/<name>/
 #: What the MSA keeps in its ``state_dir`` (FORMAT.md §13), besides ``drvas/``: no
 #: partition may be one of these or below one (``_check_partition_places``).
 MSA_STATE_ENTRIES = ("protection.json", "jobs", "msa.pid", "msa.lock", "install.json", "logs", "scratch",
@@ -522,7 +528,9 @@ def parse_site_config(data: Mapping[str, Any], path: Path) -> SiteConfig:
         if not any(d.listen == spec.drva for d in drvas):
             r.fail(f"protect[{list(protect).index(name)}].domain",
                    f"a domain whose DRVA ({spec.drva}, from {cluster_path.name}) is one of the [[drvas]]", name)
-    _check_partition_places(cfg)
+    images = _image_places(cfg)
+    _check_site_files_apart(cfg, images)
+    _check_partition_places(cfg, images)
     _check_drva_configs(cfg)
     _check_drva_state_dirs(cfg)
     return cfg
@@ -579,25 +587,41 @@ def _partition_taboos(cfg: SiteConfig, drva: DrvaSpec) -> list[tuple[str, Path, 
 
 
 def _image_places(cfg: SiteConfig) -> dict[Path, str]:
-    """Each VM's image and its dirty-region map (``cdp.dirtymap``), as written and with
-    links resolved -> what it is: looked up, not compared one by one (a site may have
-    thousands)."""
+    """Each VM's image and the filter's sidecar files beside the images — every disk's
+    dirty-region map (``cdp.dirtymap``), each domain's spill journal (``<first
+    image>.spill``: ``cdp.inventory.sidecars``) —, as written and with links resolved ->
+    what it is: looked up, not compared one by one (a site may have thousands)."""
     places: dict[Path, str] = {}
     for vm in cfg.cluster.vms:
         for disk in vm.disks:
             what = f"the image of disk {disk.name} of VM {vm.name} in {cfg.cluster_path.name}"
-            for path, role in ((disk.image, what), (sidecar_path(disk.image), f"the dirty-region map of {what}")):
-                places[Path(os.path.abspath(path))] = places[path.resolve()] = role
+            places[Path(os.path.abspath(disk.image))] = places[disk.image.resolve()] = what
+    for disk, domain, path in sidecars(cfg.cluster.vms, cfg.cluster.domains):
+        image = f"the image of disk {disk.name} of VM {disk.vm} in {cfg.cluster_path.name}"
+        places[Path(os.path.abspath(path))] = places[path.resolve()] = sidecar_role(domain, image)
     return places
 
 
-def _check_partition_places(cfg: SiteConfig) -> None:
+def _check_site_files_apart(cfg: SiteConfig, images: Mapping[Path, str]) -> None:
+    """``ConfigError`` naming both when the site file, the cluster file or the registered
+    inventory is at an image or a sidecar file (``_image_places``): the host process
+    writes over an image, and the filter rewrites a dirty-region map or unlinks a spill
+    journal's path when its domain starts."""
+    files = (("the site file", cfg.path), ("cluster (the cluster file)", cfg.cluster_path),
+             ("the registered inventory", cfg.state_dir / REGISTERED_NAME))
+    for what, path in files:
+        place = images.get(Path(os.path.abspath(path))) or images.get(path.resolve())
+        if place is not None:
+            raise ConfigError(f"{cfg.path}: {what} ({path}) is {place}: expected it apart from every VM image "
+                              f"and the filter's files beside them, which are written over when a domain starts")
+
+
+def _check_partition_places(cfg: SiteConfig, images: Mapping[Path, str]) -> None:
     """``ConfigError`` naming the key when a DRVA's log or metadata partition is at (or
     above; for a directory, below) a place ``_partition_taboos`` or ``_image_places``
     names: the partition would be replaced or removed by what writes there (a log at a
     DRVA's ``status.json`` became JSON, its acked writes lost), or would destroy what is
     kept there."""
-    images = _image_places(cfg)
     for i, drva in enumerate(cfg.drvas):
         taboos = _partition_taboos(cfg, drva)
         for key, path in (("log.path", drva.log_path), ("meta.path", drva.meta_path)):
@@ -685,9 +709,11 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
         if driver != "nbd":
             r.fail("hypervisor.nbd_listen", 'nothing unless driver = "nbd"', nbd_listen)
         try:
-            parse_tcp(nbd_listen if isinstance(nbd_listen, str) else "")
+            host, _ = parse_tcp(nbd_listen if isinstance(nbd_listen, str) else "")
         except ConfigError:
             r.fail("hypervisor.nbd_listen", "HOST:PORT (port 0: any free one)", nbd_listen)
+        if (why := unauthenticated_tcp_problem(host)) is not None:
+            r.fail("hypervisor.nbd_listen", f"a loopback address (127.0.0.1, ::1 or localhost): {why}", nbd_listen)
     return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen)
 
 
@@ -718,6 +744,25 @@ def _check_drva_configs(cfg: SiteConfig) -> None:
                               f"the MSA writes for it: {exc.message}") from None
 
 
+def _check_drva_name(r: TomlReader, name: str, at: str) -> None:
+    """Refuse a DRVA name whose files would be another's: ``logs/<name>.log`` and
+    ``.pid`` are a simulated host's (``host-<host>``) or a standby's (``standby-<domain>``)
+    for a name with their prefix — each keeper would stop the other's process as its own
+    leftover (FORMAT.md §13.13) —, and ``drvas/<name>.toml`` is DRVA ``<name>``'s
+    configuration for a name ending ``.toml`` — DRVA ``d1``'s file would be DRVA
+    ``d1.toml``'s state directory. Refused rather than the files renamed: installed
+    sites keep their paths."""
+    prefix = next((p for p in CHILD_LOG_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        owner = "a simulated host's" if prefix == "host-" else "a standby's"
+        r.fail(at, f"a DRVA name not beginning {prefix!r}: logs/{name}.log and logs/{name}.pid would be "
+                   f"{owner} ({prefix}<name>) as well as the DRVA's", name)
+    if name.endswith(DRVA_CONFIG_SUFFIX):
+        r.fail(at, f"a DRVA name not ending {DRVA_CONFIG_SUFFIX!r}: drvas/{name} would be this DRVA's state "
+                   f"directory and the configuration file of a DRVA named {name[:-len(DRVA_CONFIG_SUFFIX)]!r}",
+               name)
+
+
 def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
     out: list[DrvaSpec] = []
     names: set[str] = set()
@@ -728,6 +773,7 @@ def _drvas(r: TomlReader, value: Any, here: Path) -> tuple[DrvaSpec, ...]:
         r.table(d, at, {"name", "listen", "log", "meta"}, {"seal", "upload_concurrency"})
         name = r.name(d["name"], f"{at}.name")
         r.unique(name, names, f"{at}.name", "DRVA")
+        _check_drva_name(r, name, f"{at}.name")
         listen = r.endpoint(d["listen"], f"{at}.listen")
         if listen in endpoints:
             r.fail(f"{at}.listen", "an endpoint no other DRVA listens on", str(listen))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import os
 import socket
 import ssl
@@ -59,9 +60,15 @@ __all__ = ["CLOSE_LINGER_S", "CONNECTIONS_MAX", "FIRST_OPTION_TIMEOUT_S", "HANDS
            "IDLE_TIMEOUT_S", "INFLIGHT_BYTES_MAX", "INFLIGHT_MAX", "OPTIONS_PER_CONNECTION_MAX", "READ_BUFFER_BYTES",
            "REFUSE_OPTIONS_MAX", "REFUSE_TIMEOUT_S", "REFUSING_MAX", "SERVER_INFLIGHT_BYTES_MAX", "STALL_TIMEOUT_S",
            "WRITE_BUFFER_HIGH",
-           "Export", "NbdServer", "nbd_errno"]
+           "Export", "LOOPBACK_NAMES", "NbdServer", "SOCKET_MODE", "nbd_errno", "unauthenticated_tcp_problem"]
 
 logger = get_logger("iofilter.nbd")
+
+#: A Unix socket's file: the exports carry no authentication (FORMAT.md §17), so only
+#: its owner (and root) may connect.
+SOCKET_MODE = 0o600
+#: Host names ``unauthenticated_tcp_problem`` takes for loopback without resolving them.
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +139,17 @@ class NbdServer:
         return bound[0], bound[1]
 
     async def start_unix(self, path: str | os.PathLike[str]) -> str:
+        """Listen on a Unix socket at ``path`` (a socket file there is replaced, as
+        asyncio does), its file ``SOCKET_MODE`` from the moment it exists whatever the
+        umask (``_bind_unix``): the exports carry no authentication, so who may connect
+        is exactly who may open that file."""
         path = os.fspath(path)
-        server = await asyncio.get_running_loop().create_unix_server(self._protocol, path)
+        sock = _bind_unix(path)
+        try:
+            server = await asyncio.get_running_loop().create_unix_server(self._protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self._servers.append(server)
         st = os.lstat(path)
         self._unix_paths.append((path, (st.st_dev, st.st_ino)))
@@ -602,6 +618,47 @@ class _Connection(HandshakePhase):
             task.cancel()
         while self._requests:
             await asyncio.gather(*self._requests, return_exceptions=True)
+
+
+def unauthenticated_tcp_problem(host: str) -> str | None:
+    """Why serving protected disks without authentication on TCP ``host`` is refused, or
+    None for a loopback address (``LOOPBACK_NAMES``, 127.0.0.0/8, ::1). A wildcard or
+    any other address lets other machines read and write every disk; a name other than
+    localhost may resolve to anything."""
+    if host in LOOPBACK_NAMES:
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"{host} is reachable from other machines (or may be), and the NBD exports carry no "
+            f"authentication: anyone who reaches it reads and writes every protected disk; serve on the "
+            f"Unix socket, or on a loopback address reached through an authenticated tunnel (ssh -L)")
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """A Unix stream socket bound at ``path``, its file ``SOCKET_MODE``. Linux makes the
+    file with the socket inode's mode less the umask, so the mode is set before ``bind``
+    (no moment in which others may connect, even under umask 000); a kernel that ignored
+    it has the file set right after. A socket file already at the path (a dead server's)
+    is removed first, never through a link; anything else there fails the bind."""
+    abstract = path.startswith("\0")
+    if not abstract:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(OSError):  # not every kernel lets a socket be chmod-ed
+            os.fchmod(sock.fileno(), SOCKET_MODE)
+        sock.bind(path)
+        if not abstract and stat.S_IMODE(os.lstat(path).st_mode) & ~SOCKET_MODE:
+            os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _unlink_if_ours(path: str, identity: tuple[int, int]) -> None:
