@@ -6,11 +6,21 @@ workload (or a block trace) at its pace — or, with ``RunOptions.nbd``, serves 
 as an NBD export and captures what real block clients write (``iofilter_sim.nbd_site``).
 Marks are placed while it runs; ``drain`` waits until every captured write is acked;
 ``summary`` reports what happened.
+
+Each mark is recorded (``marks``, ``RunOptions.marks_log``) with the sha256 of the
+domain's primaries at the mark — the oracle recovery at the mark is checked against.
+Hashing a disk takes as long as reading it (a minute for 16 GiB), so it never runs on the
+event loop, where it stopped capture, acks and NBD serving of every domain of the host,
+and never holds the VMs' writes: one worker thread reads the disks as they were at the
+mark while the VMs write on (``SnapshotDisk``: a write first keeps the bytes it
+overwrites where the thread has not read yet). The mark's record is complete, and its
+line appended to the log, once the thread is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import time
@@ -18,14 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 from cdp.dirtymap import DirtyMap
 from cdp.errors import ConfigError
 from cdp.durable import atomic_write
+from cdp.file_kinds import open_regular
 from cdp.inventory import Cluster, DomainSpec
 from cdp.logs import get_logger
 from cdp.small_file import read_json_file
 from cdp.tls import client_context
 from iofilter_sim.client import FilterClient
+from iofilter_sim.mark_hash import MARK_HASHES_PENDING_MAX, MarkHash, SnapshotDisk
 from iofilter_sim.cluster import domain_workload
 from iofilter_sim.disks import PrimaryDisk
 from iofilter_sim.filter import BUFFER_BYTES_MAX, DomainFilter, FilterError
@@ -41,6 +54,7 @@ BATCH_WRITES_MAX = 4096
 BATCH_BYTES_MAX = 4 << 20
 STATUS_INTERVAL_S = 0.5
 CONTROL_BYTES_MAX = 1 << 20  # {'pause': [domain, ...]}
+MARK_SETTLE_WAIT_S = 10.0
 
 
 @dataclass
@@ -58,7 +72,7 @@ class RunOptions:
     connect_wait_s: float = 10.0
     # For the hypervisor that runs this simulator (cdp.hypervisor.simulator): a status
     # document rewritten every STATUS_INTERVAL_S, and each mark appended as a JSON line
-    # (with the primaries' sha256 at it) to ``marks_log``.
+    # (with the primaries' sha256 at it, once hashed: module docstring) to ``marks_log``.
     status_path: Path | None = None
     marks_log: Path | None = None
     # ``{"pause": [domain, ...]}``: those domains' workloads stop issuing writes (their
@@ -70,6 +84,9 @@ class RunOptions:
     # The summary's sha256 of every disk (a supervisor that reads the status does
     # without: hashing terabytes at every power-off would be the slowest part of it).
     hash_at_end: bool = True
+    # Each mark's record has the sha256 of its domain's disks at the mark (hashed in a
+    # worker thread, module docstring); False: ``null`` there, and nothing is read.
+    hash_marks: bool = True
     # Keep a dirty-region map (cdp.dirtymap) next to each disk of a replicated domain.
     dirty_maps: bool = True
     # Frames past the memory buffer wait in a spill journal of at most this many bytes
@@ -103,11 +120,14 @@ class ClusterRunner:
         self.paused: set[str] = set()  # ... and that stopped writing: their loops saw it
         self.started = time.monotonic()
         self.nbd: NbdFace | None = None
+        # Mark hashes (module docstring): one thread, so the marks log keeps mark order.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mark-hash")
+        self._settling: dict[asyncio.Future, MarkHash | None] = {}  # marks not yet recorded
 
     async def start(self) -> None:
         self.read_control()
         for dom in self.cluster.domains:
-            self.disks[dom.name] = [PrimaryDisk.for_disk(d.disk) for d in dom.disks]
+            self.disks[dom.name] = [SnapshotDisk.for_disk(d.disk) for d in dom.disks]
             maps = None
             if self.opts.dirty_maps and dom.name not in self.opts.isolated:
                 maps = [DirtyMap.open(d.disk.image, d.disk.size, dom.id) for d in dom.disks]
@@ -242,7 +262,7 @@ class ClusterRunner:
         while True:
             try:
                 seq = f.mark(name)
-                self._record_mark(domain, name, seq)
+                self._mark_placed(domain, name, seq)
                 log.info("mark_placed", domain=domain, name=name, seq=seq)
                 return seq
             except FilterError as exc:
@@ -255,13 +275,70 @@ class ClusterRunner:
         """A mark the management server asked for (``cdp mark``): recorded like ours, with
         the primaries' sha256 at that very point (nothing ran since it was inserted)."""
         domain = next(n for n, f in self.filters.items() if f.domain == domain_id)
-        self._record_mark(domain, name, seq)
+        self._mark_placed(domain, name, seq)
 
-    def _record_mark(self, domain: str, name: str, seq: int) -> None:
-        record = {"domain": domain, "name": name, "seq": seq, "sha256": [d.sha256() for d in self.disks[domain]]}
+    def _mark_placed(self, domain: str, name: str, seq: int) -> None:
+        """Record the mark just inserted: called before anything else runs on the loop, so
+        the snapshot taken here is of the primaries exactly at the mark. Its hashes and
+        its line in the marks log follow from the worker thread."""
+        record: dict[str, Any] = {"domain": domain, "name": name, "seq": seq, "sha256": None}
         self.marks.append(record)
+        job = self._snapshot(domain, name)
+        settled = asyncio.wrap_future(self._hasher.submit(self._settle_mark, record, job))
+        self._settling[settled] = job
+        settled.add_done_callback(self._mark_settled)
+
+    def _snapshot(self, domain: str, name: str) -> MarkHash | None:
+        """The domain's disks as they are now, to hash (None: no hashes for this mark)."""
+        if not self.opts.hash_marks:
+            return None
+        pending = sum(j is not None for j in self._settling.values())
+        if pending >= MARK_HASHES_PENDING_MAX:
+            log.warning("mark_not_hashed", domain=domain, name=name,
+                        reason=f"{pending} marks are being hashed already")
+            return None
+        job = MarkHash(f"{domain}/{name}", self.disks[domain])
+        for d, snap in zip(self.disks[domain], job.snapshots):
+            d.snapshots = (*d.snapshots, snap)
+        return job
+
+    def _settle_mark(self, record: dict[str, Any], job: MarkHash | None) -> None:
+        """(worker thread) Hash the mark's snapshot, then append its line to the log."""
+        if job is not None:
+            record["sha256"] = job.sha256()
+            if record["sha256"] is None:
+                log.warning("mark_not_hashed", domain=record["domain"], name=record["name"], reason=job.abandoned)
+        try:
+            self._record_mark(record)
+        except OSError as exc:  # the mark is placed all the same: only its record is lost
+            log.error("marks_log_failed", path=str(self.opts.marks_log), domain=record["domain"],
+                      name=record["name"], error=str(exc))
+
+    def _mark_settled(self, settled: asyncio.Future) -> None:
+        """(loop) A mark is recorded: its snapshot stops keeping what writes overwrite."""
+        job = self._settling.pop(settled)
+        if job is not None:
+            for d, snap in zip(job.disks, job.snapshots):
+                d.snapshots = tuple(s for s in d.snapshots if s is not snap)
+        if not settled.cancelled() and settled.exception() is not None:
+            log.error("mark_record_failed", error=repr(settled.exception()))
+
+    async def _settle_marks(self) -> None:
+        """Wait until every mark placed is recorded: hashed within MARK_SETTLE_WAIT_S
+        (none at all in a run given up, by a second signal), or without hashes."""
+        if self._settling and not self._give_up.is_set():
+            await asyncio.wait(list(self._settling), timeout=MARK_SETTLE_WAIT_S)
+        for job in self._settling.values():
+            if job is not None:
+                job.abandon("the run stopped before its disks were hashed")
+        await asyncio.gather(*self._settling, return_exceptions=True)
+        self._hasher.shutdown(wait=False)
+
+    def _record_mark(self, record: dict[str, Any]) -> None:
+        """(worker thread) Append a mark's record to the marks log, durably."""
         if self.opts.marks_log is not None:
-            with open(self.opts.marks_log, "ab") as f:
+            # 0600 whatever the umask, never through a link, a regular file only (FORMAT.md §13.9).
+            with open(open_regular(self.opts.marks_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as f:
                 f.write(json.dumps(record).encode() + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -302,6 +379,7 @@ class ClusterRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.opts.status_path is not None:  # the last word: what was acked when it stopped
             await asyncio.to_thread(atomic_write, self.opts.status_path, json.dumps(self.status()).encode())
+        await self._settle_marks()  # before the disks close: the thread reads them
         for disks in self.disks.values():
             for d in disks:
                 d.fsync()
@@ -327,3 +405,4 @@ class ClusterRunner:
             }
         return {"site": self.cluster.site, "elapsed_s": round(elapsed, 2), "domains": doms,
                 "marks": self.marks, "connections": sum(c.connections for c in self.clients)}
+

@@ -158,8 +158,12 @@ def test_unplanned_failover_at_a_mark_before_the_garbage_and_at_the_latest_point
         start_both(op, ("erp", "web"))
         mark = op.at("a", "mark", "erp", MARK)["output"]
         marks_log = sites.a.cfg.state_dir / "hypervisor" / "esx-a1.marks.jsonl"
-        at_mark = next(json.loads(line) for line in marks_log.read_text().splitlines()
-                       if json.loads(line)["name"] == MARK)
+
+        def logged() -> dict | None:  # the host appends the line once its disks are hashed
+            lines = marks_log.read_text().splitlines() if marks_log.exists() else []
+            return next((m for m in map(json.loads, lines) if m["name"] == MARK and m["sha256"]), None)
+
+        at_mark = op.wait(f"mark {MARK} hashed in {marks_log.name}", logged, WRITES_S)
         assert at_mark["seq"] == mark["seq"]
         acked_web = op.at("a", "power", "web", "off")["acked_seq"]
         op.wait(f"web's seq {acked_web} committed", lambda: op.committed("a", "web") >= acked_web, WRITES_S)

@@ -76,6 +76,7 @@ LEASE_TTL_S = 1.5  # the killed consolidation's maintenance lease: the rerun wai
 LEASE_SKEW_S = 0.1
 KILL_AFTER_WORK_S = 0.1  # a RocVA kill lands within this of its first sign of work
 CONSOLIDATE_OLDER_S = 0.5
+MARK_LOGGED_WITHIN_S = 30.0  # the host's line for a mark (after hashing disks of a few MiB)
 
 
 @dataclass(frozen=True)
@@ -332,14 +333,32 @@ async def place_mark(ctx: Ctx, site: str = "a") -> Mark | None:
         return None
     cfg = ctx.sites.a.cfg if site == "a" else ctx.sites.b.cfg
     log_path = cfg.state_dir / "hypervisor" / f"{ctx.hosts.get(site, HOST_A)}.marks.jsonl"
-    for line in reversed(log_path.read_text().splitlines()):
+    # The host appends the line once it has hashed the disks (a worker thread reads them
+    # as they were at the mark): wait for it. A host killed meanwhile, or one that gave up
+    # hashing (``sha256`` null), leaves a mark with nothing to check a recovery against.
+    deadline = time.monotonic() + MARK_LOGGED_WITHIN_S
+    while True:
+        m = _logged_mark(log_path, name)
+        if m is not None and m.get("sha256"):
+            mark = Mark(name, int(m["seq"]), list(m["sha256"]), ctx.timeline)
+            ctx.marks.append(mark)
+            return mark
+        if m is not None or time.monotonic() > deadline:
+            ctx.rocva["marks_unhashed"] += 1
+            return None
+        await asyncio.sleep(0.1)
+
+
+def _logged_mark(log_path: Path, name: str) -> dict | None:
+    try:
+        lines = log_path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
         with contextlib.suppress(ValueError):
             m = json.loads(line)
-            if m.get("name") == name:
-                mark = Mark(name, int(m["seq"]), list(m["sha256"]), ctx.timeline)
-                ctx.marks.append(mark)
-                return mark
-    ctx.res.problem("failures", f"mark {name}: not in {log_path.name}")
+            if isinstance(m, dict) and m.get("name") == name:
+                return m
     return None
 
 
