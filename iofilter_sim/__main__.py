@@ -3,7 +3,8 @@
     iofilter-sim check CLUSTER.toml
     iofilter-sim run CLUSTER.toml [--duration 60] [--workload random --rate-mb-s 50]
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
-                 [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN] [--no-hashes] [--json]
+                 [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN]
+                 [--no-hashes] [--no-mark-hashes] [--json]
                  [--nbd HOST:PORT] [--nbd-unix PATH] [--export-name VM/DISK] [--flush-timeout S]
                  [--tls-ca CA.pem [--tls-server-name NAME]]
 
@@ -28,10 +29,18 @@ Exit status of ``run``: 0 when every captured write was acked ("drained"), 1 whe
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":
+    # Run as ``python -m iofilter_sim`` (the MSA's hosts): SIGUSR1, "read the control
+    # file again", is held pending from here until its handler is installed (``_run``).
+    # Its default action kills the process, and the imports below take a good part of a
+    # second: a pause asked of a host just started killed it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
 import asyncio
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -105,11 +114,14 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--status", "status_path", type=click.Path(path_type=Path), default=None,
               help="Rewrite this JSON status file twice a second (for a supervisor).")
 @click.option("--marks-log", type=click.Path(path_type=Path), default=None,
-              help="Append each mark placed (with the disks' sha256 at it) to this file, one JSON line each.")
+              help="Append each mark placed (with the disks' sha256 at it, hashed in a worker thread while the "
+                   "VMs write on) to this file, one JSON line each.")
 @click.option("--control", "control_path", type=click.Path(path_type=Path), default=None,
               help='A JSON file {"pause": [domain, ...]}: re-read on SIGUSR1; paused domains stop writing.')
 @click.option("--isolated", multiple=True, help="DOMAIN: its VMs write their disks only (no DRVA).")
 @click.option("--no-hashes", is_flag=True, help="No sha256 of the disks in the summary.")
+@click.option("--no-mark-hashes", is_flag=True,
+              help="No sha256 of the disks at each mark (null in its record): nothing is read at a mark.")
 @click.option("--nbd", "nbd_tcp", default=None, metavar="HOST:PORT",
               help="Serve the disks as NBD exports on TCP (port 0: any free one) instead of running workloads.")
 @click.option("--nbd-unix", type=click.Path(path_type=Path), default=None,
@@ -130,8 +142,8 @@ def check(cluster_file: Path, as_json: bool) -> None:
 def run(cluster_file: Path, duration: float | None, workload: str | None, rate_mb_s: float | None,
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
-        control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, nbd_tcp: str | None,
-        nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None,
+        control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, no_mark_hashes: bool,
+        nbd_tcp: str | None, nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None,
         tls_ca: Path | None, tls_server_name: str | None, spill_bytes: str | None, as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
@@ -149,6 +161,7 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
                       control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,
+                      hash_marks=not no_mark_hashes,
                       workload_options={"rate_mb_s": rate_mb_s} if rate_mb_s else {}, nbd=nbd,
                       tls_ca=tls_ca, tls_server_name=tls_server_name)
     if spill_bytes is not None:
@@ -190,6 +203,8 @@ async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGUSR1, runner.read_control)
+    # Handled now: a SIGUSR1 held pending since the start (``python -m``) is delivered.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     await runner.start()
     try:
         if runner.nbd is not None:

@@ -5,8 +5,8 @@
     python -m rocva failback --config SITE.toml --domain ID --name NAME --target TARGET
 
 Rehydrates the domain into the site's datastore and forks its timeline for this site
-(``rocva.failover``), then exits; with ``--test``, only recovers into ``test-<name>``
-(a test failover: no fork). It speaks to the MSA in JSON lines on stdout, one
+(``rocva.failover``), then exits; with ``--test``, only recovers into ``+test/<name>``
+(a test failover: no fork; ``cdp.msa.failover.isolated_area``). It speaks to the MSA in JSON lines on stdout, one
 object each: ``{"progress": [done_bytes, total_bytes]}`` (a few a second at most), then
 ``{"result": {...}}`` and exit 0, or ``{"error": MESSAGE, "exit_code": N}`` and exit N
 (``cdp.errors``). TARGET is ``latest``, ``seq:N``, ``mark:NAME`` or ``at:TIME``.
@@ -63,9 +63,14 @@ def _progress_lines() -> Any:
 
 def failover_dir(cfg: Any, domain_name: str, *, test: bool = False) -> Path:
     """Where a failover of ``domain_name`` rehydrates its disks: a directory of its own
-    in the site's datastore (the inventory's ``state_dir``); ``test-<name>`` for a test
-    failover, which must never touch a real one's images."""
-    return cfg.cluster.state_dir / (f"test-{domain_name}" if test else domain_name)
+    in the site's datastore (the inventory's ``state_dir``); ``+test/<name>`` for a test
+    failover, which must never touch a real one's images — nor be a real one's folder,
+    as ``test-<name>`` was (the folder of a domain so named, deleted by the clean-up)."""
+    from cdp.msa.failover import isolated_area
+
+    if test:
+        return isolated_area(cfg.cluster.state_dir, domain_name)
+    return cfg.cluster.state_dir / domain_name
 
 
 async def _failover(config: Path, domain: int, target: str, name: str, test: bool) -> dict[str, Any]:
@@ -236,7 +241,7 @@ def standby_command(config: Path, name: str, interval_s: float) -> None:
 @click.option("--domain", type=int, required=True, help="The domain id.")
 @click.option("--name", required=True, help="The domain's name (its directory in the datastore).")
 @click.option("--target", default="latest", show_default=True)
-@click.option("--test", is_flag=True, help="Rehydrate into test-<name> only: no fork (a test failover).")
+@click.option("--test", is_flag=True, help="Rehydrate into +test/<name> only: no fork (a test failover).")
 def failover_command(config: Path, domain: int, name: str, target: str, test: bool) -> None:
     from cdp.msa.failover import check_domain_name
 

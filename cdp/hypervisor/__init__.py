@@ -66,6 +66,11 @@ class Hypervisor(Protocol):
     async def step(self) -> None:
         """Supervise: restart what crashed, read what the VMs report."""
 
+    async def stop_leftovers(self) -> None:
+        """Stop what a killed daemon of this site left running of its VMs (the daemon
+        calls it at start, before its first ``apply``); ``apply`` stops those of what it
+        does not run."""
+
     async def stop_all(self) -> None:
         """Power everything off (the MSA is stopping); ``apply`` after it starts them again."""
 

@@ -11,7 +11,10 @@ host with powered-on domains the driver writes ``<state_dir>/hypervisor/<host>.t
 appends each mark, with the primaries' sha256 at it, to ``<host>.marks.jsonl``.
 ``pause`` (a planned failover's quiesce) lists domains in ``<host>.control.json`` and
 sends SIGUSR1: their workloads stop issuing writes, their filters stay connected;
-``resume`` (a quiesce that failed before its handover) drops them from it the same way. A
+``resume`` (a quiesce that failed before its handover) drops them from it the same way.
+The signal goes only to a host that is ``up`` (it wrote its first status, after it
+installed its handler; the default action of SIGUSR1 kills a process): one still
+starting reads the file as it starts, and is signalled anyway once up. A
 domain the site registered as isolated (a test failover's copy) runs with
 ``--isolated``: its VMs write their disks and nothing else. With the site's ``[tls]``
 on, the host inventory names the site CA (``[tls] ca``): the filters connect to the
@@ -22,6 +25,17 @@ workloads and drain (every captured write acked) before it exits, so the domains
 stay on it continue on the DRVA's sequence (the filter waits for its WELCOME). A host
 killed outright loses what it had captured and not yet sent — a crashed host's VMs
 lose their in-flight writes too.
+
+A daemon that was killed leaves its host processes running (each leads its own session).
+``stop_leftovers`` stops every one of them at the next daemon's start, before its first
+``apply`` — found as ``cdp uninstall`` finds them (``cdp.msa.processes.find_leftovers``:
+``logs/host-*.pid`` by pid and start time, then command lines) — and ``apply`` stops
+those of the hosts it does not run: else a domain that must stay off here (it failed
+over to the other site meanwhile) ran on, on both sites.
+
+Host processes get an allow-listed environment (``host_env``): what the interpreter
+needs, the variables iofilter-sim reads and the site secret. They never open the store,
+so none of its credentials.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +55,10 @@ from cdp.errors import CdpError, ConfigError
 from cdp.hypervisor import PowerView
 from cdp.inventory import DomainSpec
 from cdp.logs import get_logger
-from cdp.store.storekeys import STORE_KEY_ENV, STORE_KEY_FILE_ENV
-from cdp.msa.install_dirs import ensure_dir
-from cdp.msa.keeper import STATUS_BYTES_MAX, Kept, ProcessKeeper, send_signal
+from cdp.msa.install_dirs import dir_problem, ensure_dir
+from cdp.msa.keeper import (
+    STATUS_BYTES_MAX, Kept, ProcessKeeper, _leftover, find_leftovers, read_pid_file, send_signal, stop_leftovers,
+)
 from cdp.small_file import NotRegularFile, read_small_file
 
 log = get_logger("cdp.hypervisor.simulator")
@@ -51,12 +66,28 @@ log = get_logger("cdp.hypervisor.simulator")
 SIM_SECRET_ENV = "CDP_SITE_SECRET"  # where iofilter-sim reads the handshake secret
 DRAIN_STOP_TIMEOUT_S = 60.0  # a host draining longer than this is killed (its DRVA is gone)
 PAUSE_WAIT_S = 10.0  # a paused domain's loop notices within one batch
+#: What a host process keeps of the daemon's environment (``host_env``), by name and by
+#: prefix: what the interpreter needs to run, what iofilter-sim reads (its log level,
+#: its event loop), and coverage's measuring of subprocesses (``pytest --cov``). Nothing
+#: else: a host never opens the store (no AWS_*, AZURE_*, CDP_STORE_KEY*), nor the API.
+HOST_ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+                            "CDP_LOG_LEVEL", "CDP_NO_UVLOOP"})
+HOST_ENV_PREFIXES = ("LC_", "PYTHON", "COVERAGE_", "COV_CORE_")
 
 
 def host_args(inventory_path: Path) -> tuple[str, ...]:
     """How a host process's arguments after the interpreter begin (``cdp uninstall``
     finds one a killed daemon left running by them)."""
     return ("-m", "iofilter_sim", "run", str(inventory_path))
+
+
+def host_env(cfg: Any, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment of ``cfg``'s host processes, from the daemon's ``env``: the
+    allow-listed variables (``HOST_ENV_NAMES``, ``HOST_ENV_PREFIXES``) and the site
+    secret under the name iofilter-sim reads. ``ConfigError`` without the secret."""
+    kept = {k: v for k, v in cfg.child_env(env).items() if k in HOST_ENV_NAMES or k.startswith(HOST_ENV_PREFIXES)}
+    kept[SIM_SECRET_ENV] = cfg.secret(env).decode()
+    return kept
 
 
 @dataclass(kw_only=True)
@@ -66,6 +97,9 @@ class HostProcess(Kept):
     status_path: Path
     marks_log: Path
     control_path: Path
+    # The control file changed while the process was not up yet: it is signalled once up
+    # (it may have read the file before the change).
+    control_unsent: bool = False
 
 
 class SimulatorHypervisor:
@@ -74,19 +108,16 @@ class SimulatorHypervisor:
     def __init__(self, cfg: Any, env: Mapping[str, str], *, clock: Callable[[], float] = time.monotonic,
                  **keeper_options: Any) -> None:
         self.cfg = cfg
-        # The filters get the site secret under the name the simulator reads, and
-        # nothing of the API's.
-        sim_env = cfg.child_env(env)
-        sim_env[SIM_SECRET_ENV] = cfg.secret(env).decode()
-        # The hosts capture writes and never open the store: no store key (FORMAT.md §19.5).
-        for name in (STORE_KEY_ENV, STORE_KEY_FILE_ENV):
-            sim_env.pop(name, None)
         keeper_options.setdefault("stop_timeout_s", DRAIN_STOP_TIMEOUT_S)
-        self.keeper = ProcessKeeper("host", sim_env, clock, **keeper_options)
+        self.keeper = ProcessKeeper("host", host_env(cfg, env), clock, **keeper_options)
         self.hosts: dict[str, HostProcess] = {}
         self.root = cfg.state_dir / "hypervisor"
         self.stopped: dict[str, dict[str, Any]] = {}  # domain -> its figures when its host last stopped
         self.paused: set[str] = set()  # powered-on domains whose VMs issue no writes (quiesced)
+        # Held by what starts and stops host processes (apply, step, stop_all,
+        # stop_leftovers): a crashed host that step() restarted while apply() stopped it
+        # ran on, held by no one.
+        self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ what runs where
 
@@ -111,6 +142,10 @@ class SimulatorHypervisor:
         return {host: tuple(sorted(doms)) for host, doms in out.items()}
 
     async def apply(self, powered: Sequence[str]) -> list[str]:
+        async with self._lock:
+            return await self._apply(powered)
+
+    async def _apply(self, powered: Sequence[str]) -> list[str]:
         self.paused &= set(powered)  # a domain powered off is no longer paused
         wanted = self.placement(powered)
         started: list[str] = []
@@ -118,6 +153,9 @@ class SimulatorHypervisor:
             hp = self.hosts.pop(host)
             log.info("host_powered_off", host=host, domains=list(hp.domains))
             await self._stop(hp)
+        # A host a killed daemon left running that this one does not run: its VMs must be
+        # off (a wanted host's leftover is stopped when its new process is spawned).
+        await self._stop_leftovers(self.known_hosts() - set(wanted))
         for host, domains in wanted.items():
             hp = self.hosts.get(host)
             if hp is not None and hp.domains == domains and hp.state != "stopped":
@@ -161,6 +199,7 @@ class SimulatorHypervisor:
 
     async def _start(self, hp: HostProcess) -> None:
         hp.status = None
+        hp.control_unsent = False  # the new process reads the file as it starts
         for domain in hp.domains:  # a new run: the last one's figures say nothing of it
             self.stopped.pop(domain, None)
         self._write_control(hp)
@@ -183,10 +222,11 @@ class SimulatorHypervisor:
         self.paused.add(domain)
         self._write_control(hp)
         asked = time.time()
-        send_signal(hp.proc, signal.SIGUSR1)
+        self._tell_control(hp)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.keeper.read_status(hp)
+            self._flush_control(hp)  # it may have come up meanwhile
             st = hp.status or {}
             if domain in (st.get("paused") or []) and float(st.get("time") or 0) > asked:
                 return dict((st.get("domains") or {}).get(domain) or {})
@@ -205,9 +245,22 @@ class SimulatorHypervisor:
         if hp is None:
             return
         self._write_control(hp)
-        if hp.proc is not None:
-            send_signal(hp.proc, signal.SIGUSR1)
+        self._tell_control(hp)
         log.info("domain_resumed", domain=domain, host=hp.name)
+
+    def _tell_control(self, hp: HostProcess) -> None:
+        """Make the host re-read its control file (SIGUSR1), once it is up: its handler is
+        installed before its first status, and the signal's default action kills it. One
+        not up yet is told when it is (``_flush_control``): it may have read the file
+        before this change."""
+        hp.control_unsent = True
+        self._flush_control(hp)
+
+    def _flush_control(self, hp: HostProcess) -> None:
+        """Send the SIGUSR1 ``_tell_control`` kept back, if the host is up now."""
+        if hp.control_unsent and hp.proc is not None and hp.state == "up":
+            send_signal(hp.proc, signal.SIGUSR1)
+            hp.control_unsent = False
 
     async def _stop(self, hp: HostProcess) -> None:
         """Stop the host (its simulator drains first) and keep what it said last: the
@@ -232,13 +285,59 @@ class SimulatorHypervisor:
     # ------------------------------------------------------------------ supervision
 
     async def step(self) -> None:
-        for hp in list(self.hosts.values()):
-            if await self.keeper.tend(hp, self._start):
-                log.info("host_up", host=hp.name, pid=hp.proc.pid, domains=list(hp.domains))
+        async with self._lock:
+            for hp in list(self.hosts.values()):
+                if await self.keeper.tend(hp, self._start):
+                    log.info("host_up", host=hp.name, pid=hp.proc.pid, domains=list(hp.domains))
+                self._flush_control(hp)
 
     async def stop_all(self) -> None:
-        for hp in self.hosts.values():
-            await self._stop(hp)
+        async with self._lock:
+            for hp in self.hosts.values():
+                await self._stop(hp)
+
+    # ------------------------------------------------------------------ leftovers
+
+    def known_hosts(self) -> set[str]:
+        """Every host a process of this site may have run for: the inventory's (with the
+        registered ones), the on-demand ones, and any with an inventory file here (a
+        registration removed since)."""
+        hosts = {h.name for h in self.cfg.cluster.hosts} | set(self.cfg.hypervisor.on_demand_hosts)
+        try:
+            hosts |= {p.name.removesuffix(".toml") for p in self.root.iterdir()
+                      if p.name.endswith(".toml") and not p.name.startswith(".")}
+        except OSError:  # no directory yet: no host ever ran
+            pass
+        return hosts
+
+    async def stop_leftovers(self) -> None:
+        """Stop every host process a killed daemon of this site left running (module
+        docstring). The daemon calls it at start, before its first ``apply``."""
+        async with self._lock:
+            await self._stop_leftovers(self.known_hosts())
+
+    async def _stop_leftovers(self, hosts: Collection[str]) -> None:
+        """Stop the leftovers of ``hosts`` (by their pid files ``logs/host-<host>.pid`` and
+        their command lines), never a process this driver runs: SIGTERM (the filters
+        drain), SIGKILL after the stop timeout. One that outlives SIGKILL is logged."""
+        if not hosts:
+            return
+        logs = self.cfg.state_dir / "logs"
+        if (problem := dir_problem(logs)) is not None:  # anyone could name any process in a pid file there
+            log.error("host_leftovers_not_looked_for", dir=str(logs), problem=problem)
+            return
+        names = {f"host-{h}.pid" for h in hosts}
+        prefixes = [host_args(self.root / f"{h}.toml") for h in sorted(hosts)]
+        ours = {hp.proc.pid for hp in self.hosts.values() if hp.proc is not None}
+        found = await asyncio.to_thread(find_leftovers, logs, "host-*.pid", prefixes, names=names)
+        found = [one for one in found if one.pid not in ours]
+        if not found:
+            return
+        log.warning("host_leftovers_stopping", pids=[one.pid for one in found], hosts=sorted(hosts))
+        for why in await stop_leftovers(found, self.keeper.stop_timeout_s):
+            log.error("host_leftover_survived", error=why)
+        for name in names:  # a file naming no running process (they are gone now) goes
+            await asyncio.to_thread(_remove_stale_pid_file, logs / name)
 
     def views(self) -> list[PowerView]:
         out = []
@@ -259,6 +358,16 @@ class SimulatorHypervisor:
         except OSError:
             return []
         return [m for m in map(_json_line, lines) if isinstance(m, dict) and m.get("domain") == domain]
+
+
+def _remove_stale_pid_file(path: Path) -> None:
+    """Remove ``path`` when it names no running process (``processes._leftover``); a file
+    that is not one we wrote is left alone, as the keeper leaves it."""
+    try:
+        if read_pid_file(path) is not None and _leftover(path) is None:
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _json_line(line: str) -> Any:

@@ -171,6 +171,10 @@ class MsaDaemon:
             self.protection = load_protection(self.cfg)
             await asyncio.to_thread(self.jobs.prune)
             await self.supervisor.apply(self.protection)
+            # What a killed daemon left running of the VMs goes first (its filters drain
+            # into the DRVAs just started): a domain that must stay off here — it failed
+            # over to another site meanwhile — is dropped by _runnable, and its VMs ran on.
+            await self.hypervisor.stop_leftovers()
             self.powered = await self._runnable(load_power(self.cfg))
             await self.hypervisor.apply(self.powered)
             await self.standby.apply()

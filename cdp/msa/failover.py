@@ -32,12 +32,22 @@ Once ``done``, a new failover of the domain is refused. A planned failover
 fork asks the peer again when rerun: the peer answers with the same mark while it has
 not run the domain since, else quiesces it anew — a mark it ran past is never forked
 at. A test failover's record (``test``) is never taken for a real one's progress.
+
+A test failover's disks live in ``<datastore>/+test/<domain>/`` (``isolated_area``): no
+domain's folder (``<datastore>/<domain>/``, a name of ``[A-Za-z0-9._-]``) can be there,
+so its clean-up — which deletes that folder — never touches a domain's disks. Earlier
+versions used ``<datastore>/test-<domain>/``, the folder of a domain named so: the
+clean-up takes from there only the files the test's recovery provably wrote
+(``_clean_old_area``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -63,6 +73,19 @@ RECORD_BYTES_MAX = 64 << 10
 FIRST_ACK_WAIT_S = 60.0
 ROCVA_LINE_BYTES_MAX = 1 << 20  # a result line with every image's path is far below this
 ROCVA_STDERR_BYTES_MAX = 64 << 10
+#: The datastore's folder of test failovers' areas: "+" is no character of a domain name
+#: (``cdp.tomlread.NAME``), so this is no domain's folder (".test" would be one).
+ISOLATED_DIR = "+test"
+
+
+def isolated_area(datastore: Path, name: str) -> Path:
+    """Where a test failover of domain ``name`` recovers its disks (module docstring)."""
+    return datastore / ISOLATED_DIR / name
+
+
+def old_isolated_area(datastore: Path, name: str) -> Path:
+    """Where versions before ``ISOLATED_DIR`` put it: also domain ``test-<name>``'s folder."""
+    return datastore / f"test-{name}"
 
 
 def record_path(state_dir: Path, domain: str) -> Path:
@@ -228,7 +251,7 @@ async def _failover(daemon: Any, name: str, target: str, job: Job, *, planned: b
 
 async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> dict[str, Any]:
     """``cdp failover --test``: the domain's VMs come up here from ``target`` in an
-    isolated test area — disks in ``<datastore>/test-<name>/``, registered as isolated,
+    isolated test area — disks in ``<datastore>/+test/<name>/``, registered as isolated,
     powered on — while the protected site keeps replicating. No DRVA, no fork: nothing is
     written to the store but the recovery's lease. ``cleanup_test_failover`` undoes it."""
     t0 = time.monotonic()
@@ -238,6 +261,11 @@ async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> di
     if any(d.name == name for d in cfg.cluster.domains):
         raise FailoverRefused(f"site {cfg.site} already runs a domain {name} (its own, or failed over here): "
                               f"a test failover would shadow it")
+    if (used := _site_disks_in(cfg, isolated_area(cfg.cluster.state_dir, name))):
+        raise FailoverRefused(f"a test failover of domain {name} recovers into "
+                              f"{isolated_area(cfg.cluster.state_dir, name)}, which holds the image of {used[0]} "
+                              f"of {cfg.cluster_path.name}: its clean-up would delete it; move that image out of "
+                              f"{cfg.cluster.state_dir / ISOLATED_DIR}")
     job.progress("find", 0, 1)
     domain_id, disks, _ = await _find(cfg, name)
     write_record(cfg.state_dir, {"version": RECORD_VERSION, "domain": name, "id": domain_id, "site": cfg.site,
@@ -264,28 +292,86 @@ async def run_test_failover(daemon: Any, name: str, target: str, job: Job) -> di
 
 async def cleanup_test_failover(daemon: Any, name: str) -> dict[str, Any]:
     """Remove a test failover: power its VMs off, unregister them (and the on-demand
-    hosts they took), delete ``<datastore>/test-<name>/`` and the record. A test failover
+    hosts they took), delete ``<datastore>/+test/<name>/`` and the record. A test failover
     whose MSA was killed before it registered the VMs left only its record (and perhaps
-    part of its area): those are removed the same way."""
+    part of its area): those are removed the same way. One of an earlier version, in
+    ``<datastore>/test-<name>/``, loses only what its recovery provably wrote there
+    (``_clean_old_area``); what else is there is kept and said."""
     cfg = daemon.cfg
     check_domain_name(name)
     reg = registry.load_registry(cfg.state_dir, cfg.site)
+    # What an earlier version's area may hold of the test: the registered VMs' images,
+    # else (a run killed before registering) its recovery's, known by the domain id.
+    images: list[str] | None = None
+    domain_id = None
     if name not in reg["isolated"]:
         record = read_record(cfg.state_dir, name)
         if record is None or not record.get("test") or name in registry.registered_domains(reg):
             raise FailoverRefused(f"no test failover of domain {name} at site {cfg.site} "
                                   f"(test failovers: {', '.join(reg['isolated']) or 'none'})")
         log.warning("test_failover_leftover", domain=name, phase=record.get("phase"), target=record.get("target"))
+        domain_id = record.get("id")
     else:
+        images = _registered_images(reg, name)
         if name in daemon.powered:
             await daemon.power(name, False)
         registry.save_registry(cfg.state_dir, registry.without_domain(reg, name))
         daemon.reload_config()
-    area = cfg.cluster.state_dir / f"test-{name}"  # rocva.__main__.failover_dir
-    await asyncio.to_thread(_remove_tree, area)
+    outcome = await asyncio.to_thread(_remove_areas, daemon.cfg, name, images, domain_id)
     durable.remove(record_path(cfg.state_dir, name))
-    log.info("test_failover_removed", domain=name, area=str(area))
-    return {"domain": name, "site": cfg.site, "removed": str(area)}
+    log.info("test_failover_removed", domain=name, **outcome)
+    return {"domain": name, "site": cfg.site, **outcome}
+
+
+def _registered_images(reg: Mapping[str, Any], name: str) -> list[str]:
+    """The image paths (relative to the datastore) of registered domain ``name``'s VMs."""
+    domain = next(d for d in reg["domains"] if d.get("name") == name)
+    vms = set(domain.get("vms") or [])
+    return [str(disk["image"]) for vm in reg["vms"] if vm.get("name") in vms
+            for disk in vm.get("disks") or [] if isinstance(disk, dict) and "image" in disk]
+
+
+def _site_disks_in(cfg: Any, area: Path) -> list[str]:
+    """The site's disks (``VM/disk``: the inventory's and the registered ones) whose image
+    lies in ``area``, by path and, for what exists, as the file system resolves it."""
+    real = Path(os.path.realpath(area))
+    return [f"disk {x.vm.name}/{x.disk.name} ({x.disk.image})" for d in cfg.cluster.domains for x in d.disks
+            if Path(os.path.abspath(x.disk.image)).is_relative_to(os.path.abspath(area))
+            or Path(os.path.realpath(x.disk.image)).is_relative_to(real)]
+
+
+def _remove_areas(cfg: Any, name: str, images: list[str] | None, domain_id: Any) -> dict[str, Any]:
+    """Remove the test failover's area, and what it left in an earlier version's; what
+    was removed (``removed``: the area, for the messages) and what was ``kept`` (with why)."""
+    datastore = cfg.cluster.state_dir
+    removed: list[str] = []
+    kept: list[dict[str, str]] = []
+    area = isolated_area(datastore, name)
+    if os.path.lexists(area):
+        if (why := _remove_area(cfg, area)) is None:
+            removed.append(str(area))
+        else:
+            kept.append({"path": str(area), "why": why})
+    old = old_isolated_area(datastore, name)
+    if os.path.lexists(old):
+        gone, why = _clean_old_area(cfg, old, images, domain_id)
+        removed += gone
+        if why:
+            kept.append({"path": str(old), "why": why})
+    return {"removed": ", ".join(removed) or "nothing", "kept": kept}
+
+
+def _remove_area(cfg: Any, area: Path) -> str | None:
+    """Delete ``area`` (``<datastore>/+test/<name>/``) and what it holds, durably; why not,
+    or None. Nothing else uses it, unless an image of the site was put there (refused
+    at the test failover's start) or it is not a directory of its own."""
+    for path in (area.parent, area):
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return f"{path} is not a directory (a symbolic link?): never followed; move it away"
+    if (used := _site_disks_in(cfg, area)):
+        return f"it holds the image of {used[0]}: kept"
+    _remove_tree(area)
+    return None
 
 
 def _remove_tree(path: Path) -> None:
@@ -297,6 +383,148 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if path.parent.is_dir():
         durable.fsync_dir(path.parent)
+
+
+def _clean_old_area(cfg: Any, folder: Path, images: list[str] | None, domain_id: Any) -> tuple[list[str], str | None]:
+    """What a test failover of an earlier version left in ``<datastore>/test-<name>/``,
+    which is also the folder of a domain named ``test-<name>`` (a real failover's disks,
+    a standby's): only what its recovery provably wrote goes (``_old_test_files``), each
+    a regular file, under the folder's recovery lock (no recovery runs there meanwhile);
+    then the folder, once empty, unless it is a domain's of the site. Returns the paths
+    removed and why something of the test's area was kept (None: nothing was)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return [], None  # no area of ours: never followed, never removed
+    except FileNotFoundError:
+        return [], None
+    removed: list[str] = []
+    if _old_test_files(folder, images, domain_id):
+        try:
+            removed = _remove_old_test_files(folder, images, domain_id)
+        except OSError as exc:
+            return [], _lock_problem(exc)
+    domains = {d.name for d in cfg.cluster.domains} | {sb.domain for sb in getattr(cfg, "standby", ())}
+    if folder.name in domains:
+        return removed, None  # its domain's disks stay; the test's, if any, are gone
+    try:
+        os.rmdir(folder)  # only once empty: an empty one is a killed test's, or nothing's
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if not removed:
+            return [], None  # nothing of the test was there: another folder, left as it is
+        left = sorted(os.listdir(folder))
+        return removed, (f"holds {len(left)} entries no test recovery of this domain provably wrote "
+                         f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}): an earlier version's test "
+                         f"failover may have shared it with domain {folder.name}'s disks; remove them by hand if "
+                         f"they are not that domain's")
+    durable.fsync_dir(folder.parent)
+    return removed + [str(folder)], None
+
+
+def _remove_old_test_files(folder: Path, images: list[str] | None, domain_id: Any) -> list[str]:
+    """Unlink ``_old_test_files`` (regular files only) under the folder's recovery lock,
+    durably; the paths removed. ``OSError`` when the lock cannot be taken."""
+    from rocva.recover import LOCK_NAME
+
+    lock = _hold_recovery_lock(folder / LOCK_NAME)
+    try:
+        removed = [str(folder / f) for f in _old_test_files(folder, images, domain_id) if _unlink_regular(folder / f)]
+        if removed:
+            durable.fsync_dir(folder)
+        return removed
+    finally:
+        _release_recovery_lock(folder / LOCK_NAME, lock)
+
+
+def _lock_problem(exc: OSError) -> str:
+    from rocva.recover import LOCK_NAME
+
+    if isinstance(exc, BlockingIOError) or exc.errno == errno.EBUSY:
+        return f"a recovery is running there ({LOCK_NAME} is locked): run the clean-up again once it ended"
+    return f"its recovery lock {LOCK_NAME} cannot be taken: {exc.strerror or exc}"
+
+
+def _old_test_files(folder: Path, images: list[str] | None, domain_id: Any) -> list[str]:
+    """The names in ``folder`` (an earlier version's test area) that the test's recovery
+    provably wrote: the images its registration names (``images``: a test failover that
+    came up), else those its recovery state names when that state is of the test's
+    domain ``domain_id`` (a run killed before registering; a real failover of domain
+    ``test-<name>`` has another id), with the state and its temporary files; each with
+    its ``.partial``."""
+    from rocva.resume import PARTIAL_SUFFIX, STATE_NAME
+
+    if images is not None:
+        names, recovery_files = [Path(i).name for i in images if Path(i).parent == Path(folder.name)], []
+    else:
+        names = _test_recovery_images(folder, domain_id)
+        recovery_files = ([STATE_NAME] + [n for n in os.listdir(folder) if n.startswith(f".tmp-{STATE_NAME}-")]
+                          if names else [])
+    return [n + suffix for n in names for suffix in ("", PARTIAL_SUFFIX)] + recovery_files
+
+
+def _hold_recovery_lock(path: Path) -> int:
+    """Take a recovery directory's lock as a recovery does (``rocva.recover._lock``): the
+    file, created if missing (never through a link), ``flock``ed without waiting, and
+    still under its name. ``OSError`` when it cannot be (``BlockingIOError``: held)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st, named = os.fstat(fd), os.lstat(path)
+        if (st.st_dev, st.st_ino) != (named.st_dev, named.st_ino):
+            raise OSError(errno.EBUSY, "another recovery has just taken it", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _release_recovery_lock(path: Path, fd: int) -> None:
+    """Give the lock up as a recovery does (``rocva.recover._unlock``): its name removed
+    while held, unless it now names another file."""
+    try:
+        st = os.fstat(fd)
+        named = os.lstat(path)
+        if (st.st_dev, st.st_ino) == (named.st_dev, named.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _test_recovery_images(folder: Path, domain_id: Any) -> list[str]:
+    """The images the recovery state in ``folder`` names when the state is of domain
+    ``domain_id`` (the test's: a real failover of domain ``test-<name>`` has another
+    id); none otherwise — nothing there is provably the test's."""
+    from cdp.small_file import NotRegularFile, read_small_file
+    from rocva.resume import STATE_BYTES_MAX, STATE_NAME, parse_state
+
+    if not isinstance(domain_id, int) or isinstance(domain_id, bool):
+        return []
+    try:
+        raw = read_small_file(folder / STATE_NAME, STATE_BYTES_MAX)[0]
+        doc = json.loads(raw)
+        saved = parse_state(doc)
+    except (OSError, NotRegularFile, ValueError, RecursionError):
+        return []
+    if saved.version == 1 or doc.get("domain") != domain_id:  # a version-1 state names no domain
+        return []
+    return list(saved.images)
+
+
+def _unlink_regular(path: Path) -> bool:
+    """Unlink ``path`` if it is a regular file (a link or anything else is left alone);
+    True when it was."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class _Quiet:
@@ -449,7 +677,7 @@ async def _tail(stream: asyncio.StreamReader | None, limit: int) -> bytes:
 async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str, Any]],
                     seed: int, *, test: bool = False) -> dict[str, Any]:
     """Register the domain's VMs here (module docstring, step 3); reload the site.
-    ``test``: isolated, their images under ``test-<name>/``."""
+    ``test``: isolated, their images under ``+test/<name>/`` (``isolated_area``)."""
     cfg = daemon.cfg
     previous = registry.load_registry(cfg.state_dir, cfg.site)
     reg = registry.without_domain(previous, name)
@@ -458,7 +686,7 @@ async def _register(daemon: Any, name: str, domain_id: int, disks: list[dict[str
         vms.setdefault(d["vm"], []).append(d)
     hosts, added = _place(cfg, reg, name, list(vms))
     drva = _least_loaded_drva(daemon)
-    folder = f"test-{name}" if test else name  # rocva.__main__.failover_dir
+    folder = f"{ISOLATED_DIR}/{name}" if test else name  # rocva.__main__.failover_dir
     vm_entries = [site_files.vm(vm, hosts[vm], [(d["name"], d["size"], f"{folder}/{image_file_name(vm, d['name'])}")
                                                 for d in vm_disks]) for vm, vm_disks in vms.items()]
     workload = dict(cfg.hypervisor.recovered_workload)

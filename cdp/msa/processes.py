@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +55,19 @@ class Leftover:
         return {"pid": self.pid, "found": self.found}
 
 
-def find_leftovers(logs_dir: Path, pid_glob: str, arg_prefixes: Sequence[Sequence[str]]) -> list[Leftover]:
+def find_leftovers(logs_dir: Path, pid_glob: str, arg_prefixes: Sequence[Sequence[str]], *,
+                   names: Collection[str] | None = None) -> list[Leftover]:
     """The children a killed daemon may have left running (module docstring), for
-    ``cdp uninstall``: each process a pid file ``logs_dir/<pid_glob>`` names (same pid
-    and start time; a file that is not one we wrote is never acted on), then each
-    process owned by root or by us whose arguments after the interpreter begin with one
-    of ``arg_prefixes`` (any interpreter: the daemon may have been started through
-    another path to it). Reads only; the caller checked that ``logs_dir`` is ours alone."""
+    ``cdp uninstall`` and the simulator's start: each process a pid file
+    ``logs_dir/<pid_glob>`` (only those of ``names``, when given) names (same pid and
+    start time; a file that is not one we wrote is never acted on), then each process
+    owned by root or by us whose arguments after the interpreter begin with one of
+    ``arg_prefixes`` (any interpreter: the daemon may have been started through another
+    path to it). Reads only; the caller checked that ``logs_dir`` is ours alone."""
     found: dict[int, Leftover] = {}
     try:
-        paths = sorted(p for p in logs_dir.glob(pid_glob) if not p.name.startswith("."))
+        paths = sorted(p for p in logs_dir.glob(pid_glob)
+                       if not p.name.startswith(".") and (names is None or p.name in names))
     except OSError:  # no directory (nothing ever ran), or not one
         paths = []
     for path in paths:

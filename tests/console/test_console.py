@@ -217,7 +217,7 @@ async def test_a_test_failover_from_the_console_runs_the_vms_at_b_and_its_cleanu
     await page.get_by_role("button", name="Pick the latest point").click()
     await console.confirm("Test failover…", "Bring domain erp's VMs up at this site from the latest point")
     await page.wait_for_selector('.action-out [data-state="succeeded"]', timeout=JOB_S * 1000)
-    area = b.cfg.cluster.state_dir / "test-erp"
+    area = b.cfg.cluster.state_dir / "+test" / "erp"
     assert b.powered == ["erp"] and b.cfg.isolated == {"erp"} and len(list(area.glob("*.img"))) == 3
     assert b.protection == {}  # isolated: nothing of B's is shipped
     await page.evaluate("() => window.cdpConsole.tick()")

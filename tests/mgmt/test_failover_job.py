@@ -266,7 +266,7 @@ async def test_a_test_failover_runs_isolated_and_cleanup_leaves_b_as_it_was(tmp_
         assert record["state"] == "succeeded", record
         assert record["output"]["test"] and b.powered == ["erp"] and b.cfg.isolated == {"erp"}
         assert b.protection == {}
-        area = b.cfg.cluster.state_dir / "test-erp"
+        area = b.cfg.cluster.state_dir / "+test" / "erp"
         images = sorted(area.glob("*.img"))
         sums = [sha256(p) for p in images]
         assert len(images) == 3 and sorted(sums) == sorted(sites.primaries_a())

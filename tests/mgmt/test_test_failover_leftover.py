@@ -25,7 +25,7 @@ def leave_a_killed_test_failover(b: Any) -> None:
     write_record(b.cfg.state_dir, {"version": 1, "domain": "erp", "id": 1, "site": b.cfg.site,
                                    "target": f"seq:{OLD_SEQ}", "test": True, "phase": "started",
                                    "started_ns": time.time_ns()})
-    area = b.cfg.cluster.state_dir / "test-erp"
+    area = b.cfg.cluster.state_dir / "+test" / "erp"
     area.mkdir(parents=True, exist_ok=True)
     (area / "erp-db-data.img.partial").write_bytes(b"\0" * 4096)
 
@@ -36,7 +36,7 @@ async def test_a_killed_test_failover_is_cleaned_up_and_never_resumed_as_a_real_
         await a.power("erp", True)
         await wait_until(lambda: committed(a, "erp") >= 100, WRITE_S, "site A's writes committed")
         acked = await power_off_and_commit(a)
-        area = b.cfg.cluster.state_dir / "test-erp"
+        area = b.cfg.cluster.state_dir / "+test" / "erp"
 
         leave_a_killed_test_failover(b)
         cleaned = await cleanup_test_failover(b, "erp")
