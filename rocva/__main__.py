@@ -37,6 +37,7 @@ import click
 
 from cdp.cli.common import FiniteRange
 from cdp.errors import CdpError
+from cdp.msa.install_dirs import make_missing_dirs
 from cdp.logs import setup_logging
 from cdp.memory import bound_malloc
 
@@ -85,7 +86,7 @@ async def _failover(config: Path, domain: int, target: str, name: str, test: boo
     store = open_store(cfg.store_url_for(name))  # the peer's, for a domain of the peer
     progress = _progress_lines()
 
-    cfg.cluster.state_dir.mkdir(parents=True, exist_ok=True)  # the datastore: a pilot light's may be new
+    make_missing_dirs(cfg.cluster.state_dir)  # 0755 under any umask; the datastore: a pilot light's may be new
     destination = Destination((cfg.cluster.state_dir,), forbidden_places(cfg))
     try:
         if test:  # a plain recovery: no fork, nothing written to the store but its lease
@@ -185,8 +186,8 @@ async def _standby(config: Path, name: str, interval_s: float) -> None:
     cfg = load_site_config(config)
     store = open_store(cfg.store_url_for(name))  # the peer's: a standby is of a domain of the peer
     status_path = cfg.state_dir / "standby" / f"{name}.status.json"
-    status_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg.cluster.state_dir.mkdir(parents=True, exist_ok=True)
+    make_missing_dirs(status_path.parent)
+    make_missing_dirs(cfg.cluster.state_dir)
     destination = Destination((cfg.cluster.state_dir,), forbidden_places(cfg))
     doc: dict[str, Any] = {"pid": os.getpid(), "domain": name, "seq": None, "timeline": None, "committed_seq": None,
                            "cold_builds": 0, "applies": 0, "last_error": None}

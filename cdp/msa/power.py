@@ -15,6 +15,7 @@ from pathlib import Path
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
 from cdp.msa.config import SiteConfig
+from cdp.msa.install_dirs import make_missing_dirs
 from cdp.small_file import read_json_file
 
 POWER_VERSION = 1
@@ -42,5 +43,5 @@ def load_power(cfg: SiteConfig) -> list[str]:
 
 
 def save_power(cfg: SiteConfig, on: list[str]) -> None:
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    make_missing_dirs(cfg.state_dir)
     atomic_write(power_path(cfg), json.dumps({"version": POWER_VERSION, "site": cfg.site, "on": on}).encode())

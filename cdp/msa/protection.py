@@ -21,6 +21,7 @@ from pathlib import Path
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
 from cdp.msa.config import POLICY_FIELDS, Policy, SiteConfig, policy_value
+from cdp.msa.install_dirs import make_missing_dirs
 from cdp.small_file import read_json_file
 
 PROTECTION_VERSION = 1
@@ -69,5 +70,5 @@ _REQUEST_KEY = {field_name: key for key, field_name in POLICY_FIELDS.items()}
 def save_protection(cfg: SiteConfig, domains: dict[str, Policy]) -> None:
     doc = {"version": PROTECTION_VERSION, "site": cfg.site,
            "domains": {name: asdict(p) for name, p in domains.items()}}
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    make_missing_dirs(cfg.state_dir)
     atomic_write(protection_path(cfg), json.dumps(doc, indent=1, sort_keys=True).encode())

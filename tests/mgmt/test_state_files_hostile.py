@@ -114,3 +114,24 @@ def test_a_relative_store_key_file_reaches_the_children_absolute(site: Site, tmp
     env = site.cfg.child_env({"CDP_STORE_KEY_FILE": "keys", "PATH": "/bin"})
     assert env["CDP_STORE_KEY_FILE"] == str(tmp_path / "keys") and env["PATH"] == "/bin"
     assert site.cfg.child_env({"CDP_STORE_KEY_FILE": "/etc/k"})["CDP_STORE_KEY_FILE"] == "/etc/k"
+
+
+def test_state_dirs_made_under_umask_000_are_0755(site: Site) -> None:
+    """The MSA's state_dir (made by the first power or protection write) and the datastore
+    a failover recovers into are 0755 whatever the umask: a host now refuses a datastore
+    others may write (iofilter_sim.disks.ensure_image_dir), and under umask 000 plain
+    mkdir made them 0777."""
+    import shutil
+
+    from cdp.msa.install_dirs import make_missing_dirs
+
+    shutil.rmtree(site.cfg.state_dir, ignore_errors=True)
+    old = os.umask(0)
+    try:
+        save_power(site.cfg, ["erp"])
+        save_protection(site.cfg, {})
+        make_missing_dirs(site.cfg.cluster.state_dir / "a" / "b")
+    finally:
+        os.umask(old)
+    for path in (site.cfg.state_dir, site.cfg.cluster.state_dir / "a", site.cfg.cluster.state_dir / "a" / "b"):
+        assert path.stat().st_mode & 0o777 == 0o755, path
