@@ -247,11 +247,18 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
     """``atomic_write_at`` of ``path``'s name in its parent directory (``if_absent``:
     ``FileExistsError`` when ``path`` exists)."""
     path = Path(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        atomic_write_at(dir_fd, path.name, data, if_absent=if_absent)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            atomic_write_at(dir_fd, path.name, data, if_absent=if_absent)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        # The write of a temporary file beside it fails with no file name (ENOSPC, EROFS):
+        # the caller's error would not say which file could not be written.
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def create_new(path: str | os.PathLike[str], mode: int = 0o600) -> os.stat_result:

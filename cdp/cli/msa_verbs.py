@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,11 +18,14 @@ from typing import Any
 import click
 
 from cdp.cli.common import FiniteRange, config_option, emit, json_option, one_point, point_options, progress_bar
-from cdp.errors import ConfigError
+from cdp.errors import CdpError, ConfigError
 from cdp.msa.jobs import FINAL
 from cdp.tomlread import printable
 
 FOLLOW_POLL_S = 0.5
+#: A followed record that still says running this long past its job's timeout (which ends
+#: the job) can no longer change: following it stops, saying so.
+FOLLOW_GRACE_S = 60.0
 #: `cdp jobs --limit 1000`: up to 1,000 records of a few KB (200 events at most), from this
 #: site's own daemon; one record alone is bounded by the client's default.
 JOBS_ANSWER_BYTES_MAX = 64 << 20
@@ -210,7 +214,11 @@ def _jobs_list(config_path: Path, name: str | None, limit: int) -> dict[str, Any
 
 
 def _job_get(config_path: Path) -> Callable[[str], dict[str, Any]]:
-    """A reader of job records: from the daemon, or from the state directory without one."""
+    """A reader of job records: from the daemon, or from the state directory without one.
+    The daemon's answer comes first: a job whose final record the state directory could
+    not take yet (full, read-only) ended in the daemon's memory, while its file still says
+    ``running``. So a daemon that did not answer is asked again at each read (it may be
+    back); only one that refuses this shell (no API token) is given up for the files."""
     from cdp.msa.client import DaemonNotRunning, MsaClient
 
     cfg = _site(config_path)
@@ -224,19 +232,27 @@ def _job_get(config_path: Path) -> Callable[[str], dict[str, Any]]:
     def local(job_id: str) -> dict[str, Any]:
         return _local_jobs(config_path).get(job_id)
 
-    state = {"reader": via_daemon}
+    state = {"daemon": True}
 
     def get(job_id: str) -> dict[str, Any]:
-        try:
-            return state["reader"](job_id)
-        except (DaemonNotRunning, ConfigError):  # no daemon, or no API token: read the file
-            state["reader"] = local
-            return local(job_id)
+        if state["daemon"]:
+            try:
+                return via_daemon(job_id)
+            except DaemonNotRunning:  # not now: the file, and the daemon again next time
+                pass
+            except ConfigError:  # no API token in this shell: the files from now on
+                state["daemon"] = False
+        return local(job_id)
     return get
 
 
 def _follow(get: Callable[[str], dict[str, Any]], job_id: str, as_json: bool) -> dict[str, Any]:
+    """Poll job ``job_id`` until it ends (or is abandoned). Never for ever: the job's
+    timeout ends it, so a record still ``running`` ``FOLLOW_GRACE_S`` after its timeout
+    (counted from here, never shorter than the job's own) is one nobody will change — a
+    daemon that cannot write it and does not answer — and is an error saying so."""
     bar, update = progress_bar(job_id, as_json)
+    started = time.monotonic()
     try:
         while True:
             record = get(job_id)
@@ -247,9 +263,22 @@ def _follow(get: Callable[[str], dict[str, Any]], job_id: str, as_json: bool) ->
                 update(p["done"], p["total"])
             if record["state"] in FINAL or record["state"] == "abandoned":
                 return record
+            _check_not_stuck(record, job_id, time.monotonic() - started)
             time.sleep(FOLLOW_POLL_S)
     finally:
         bar.close()
+
+
+def _check_not_stuck(record: dict[str, Any], job_id: str, followed_s: float) -> None:
+    timeout_s = record.get("timeout_s")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s):
+        return  # no timeout known: the job's own end is all there is to wait for
+    if followed_s <= timeout_s + FOLLOW_GRACE_S:
+        return
+    raise CdpError(f"job {job_id}: its record still says running {followed_s:.0f} s after it was followed, past "
+                   f"its timeout of {timeout_s:g} s, which ends a job: no daemon has written its end (a full or "
+                   f"read-only state directory? `cdp status` shows the alarm) nor answers for it; see `cdp jobs "
+                   f"{job_id}` later")
 
 
 # ---------------------------------------------------------------------- the commands

@@ -12,9 +12,17 @@ one at once. The wall clock (``now_ns``) only dates alarms (``raised_ns``,
 kind                  severity  subject  raised while
 ====================  ========  =======  ==================================================================
 drva_down             critical  DRVA     it is restarting after an exit, has not come up within
-                                         ``start_grace_s``, its status.json has not changed for
-                                         ``stale_s`` (the MSA's clock), or its status.json cannot be
+                                         ``start_grace_s``, is stopped though it serves protected domains
+                                         (its configuration could not be written: the message says why),
+                                         its status.json has not changed for ``stale_s`` (the MSA's
+                                         clock; the message says when the state directory is unwritable,
+                                         where status.json is rewritten), or its status.json cannot be
                                          used (no JSON, or a field mistyped: the message names it)
+state_dir_unwritable  critical  site     the MSA's state directory cannot be written: a write of ours
+                                         failed there with ENOSPC, EDQUOT, EROFS or EIO and none has
+                                         succeeded since (a probe retries), or ``statvfs`` says its file
+                                         system is read-only, full or out of inodes
+                                         (``cdp.msa.state_fs``); subject ``state_dir``
 fenced                critical  domain   the DRVA stopped shipping it (another writer owns its catalog,
                                          or the catalog is unusable)
 rpo_lag               major     domain   its RPO lag is above the policy's ``rpo_target_s``, or unknown
@@ -30,7 +38,8 @@ timestamps_rewritten  major     domain   its DRVA's ``timestamps_raised`` or ``t
 log_usage             warning   DRVA     its log partition is fuller than ``alarms.log_usage_pct``
 ====================  ========  =======  ==================================================================
 
-While a DRVA is not up its domains cannot be judged: their alarms stay as they are
+The state directory's condition comes with the views (``DrvaViews.state_fs_problem``, the
+supervisor's look at it). While a DRVA is not up its domains cannot be judged: their alarms stay as they are
 (neither raised nor cleared), and ``drva_down`` says why. Each DRVA is judged on its
 own: should judging one fail (a bug), it is logged, that DRVA gets a ``drva_down`` saying
 so and its domains stay as they are, and every other DRVA is judged as ever. An active
@@ -57,12 +66,16 @@ from cdp.msa.supervisor import DrvaView
 log = get_logger("cdp.msa.alarms")
 
 KINDS = ("drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
-         "timestamps_rewritten")
+         "timestamps_rewritten", "state_dir_unwritable")
 SEVERITY = {"drva_down": "critical", "fenced": "critical", "rpo_lag": "major", "bitmap_mode": "major",
             "backpressure": "major", "store_errors": "warning", "log_usage": "warning",
-            "timestamps_rewritten": "major"}
+            "timestamps_rewritten": "major", "state_dir_unwritable": "critical"}
+STATE_DIR_SUBJECT = "state_dir"  # the subject of state_dir_unwritable (subject_kind "site")
 HISTORY_MAX = 500
 START_GRACE_S = 15.0
+#: Stopped this long while serving protected domains is down (the supervisor stops a DRVA
+#: only to start it again at once): a DRVA whose configuration could not be written.
+STOPPED_GRACE_S = 2.0
 STALE_S = 10.0
 STORE_ERROR_QUIET_S = 60.0
 #: A clock that is off rewrites timestamps with every frame: an hour without one says it was set right.
@@ -120,10 +133,16 @@ class AlarmEvaluator:
         mono_ns = now_ns if monotonic_ns is None else monotonic_ns
         conditions: dict[tuple[str, str], Condition] = {}
         unknown: set[str] = set()  # subjects that cannot be judged now (their DRVA is not up)
+        state_fs = getattr(drvas, "state_fs_problem", None)
+        if state_fs is not None:
+            conditions[("state_dir_unwritable", STATE_DIR_SUBJECT)] = (
+                "site", f"the MSA's state directory cannot be written: {_said(state_fs)}; job records, DRVA "
+                        f"configurations, protection.json and power.json are not saved, and the DRVAs' status.json "
+                        f"there goes stale")
         for v in drvas:
             found: dict[tuple[str, str], Condition] = {}
             try:
-                judged = self._judge(now_ns, mono_ns, v, policies, found)
+                judged = self._judge(now_ns, mono_ns, v, policies, found, state_fs)
             except Exception as exc:  # a bug: this DRVA alone goes unjudged, and says so
                 judged = False
                 found = {("drva_down", v.name): ("drva", self._judging_failed(v, exc))}
@@ -153,9 +172,9 @@ class AlarmEvaluator:
         return raised, cleared
 
     def _judge(self, now_ns: int, mono_ns: int, v: DrvaView, policies: Mapping[str, Policy],
-               out: dict[tuple[str, str], Condition]) -> bool:
+               out: dict[tuple[str, str], Condition], state_fs: str | None = None) -> bool:
         """The conditions of DRVA ``v`` and its domains; False when they cannot be judged."""
-        down = self._drva_down(v)
+        down = self._drva_down(v, state_fs)
         if down is not None:
             out[("drva_down", v.name)] = ("drva", down)
             return False
@@ -175,7 +194,11 @@ class AlarmEvaluator:
             log.error("alarm_evaluation_failed", drva=v.name, error=why, exc_info=True)
         return f"DRVA {v.name} cannot be judged: evaluating its status failed ({why}); see the MSA's log"
 
-    def _drva_down(self, v: DrvaView) -> str | None:
+    def _drva_down(self, v: DrvaView, state_fs: str | None = None) -> str | None:
+        if v.state == "stopped" and v.domains and (v.config_problem is not None or v.state_for_s > STOPPED_GRACE_S):
+            why = f": its configuration could not be written ({_said(v.config_problem)})" if v.config_problem else ""
+            return (f"DRVA {v.name} is stopped though it serves protected domains {', '.join(v.domains)}{why}; "
+                    f"the supervisor tries again" + (f" (the state directory: {_said(state_fs)})" if state_fs else ""))
         if v.state == "up" and v.status_problem is not None:
             return f"DRVA {v.name} cannot be judged: its status.json {_said(v.status_problem)}"
         if v.state == "restarting":
@@ -186,6 +209,10 @@ class AlarmEvaluator:
             return (f"DRVA {v.name} has not come up {v.state_for_s:.0f} s after it was started"
                     + (f" (its status.json {_said(v.status_problem)})" if v.status_problem else ""))
         if v.state == "up" and v.status_age_s is not None and v.status_age_s > self.stale_s:
+            if state_fs is not None:  # it rewrites status.json in the state directory, which takes no write
+                return (f"DRVA {v.name} is not reporting: its status has not changed for {v.status_age_s:.0f} s, "
+                        f"and the state directory it rewrites status.json in cannot be written "
+                        f"({_said(state_fs)}): it may be replicating still (see the state_dir_unwritable alarm)")
             return f"DRVA {v.name} is not reporting: its status has not changed for {v.status_age_s:.0f} s (hung?)"
         return None
 

@@ -35,9 +35,11 @@ Routes (the OpenAPI document, ``GET /openapi.json``, describes each one):
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import math
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ from cdp.msa.api_input import (
 from cdp.msa.http_limits import LimitedSite, RefusalLog, quiet_parser_errors, request_fields
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
 from cdp.msa.runner import TooManyJobs, quiesce_claim, site_move
+from cdp.msa.state_fs import StateUnwritable, error_text, fs_problem, hint
 from cdp.tomlread import NAME
 
 if TYPE_CHECKING:
@@ -124,9 +127,49 @@ def redactions(daemon: MsaDaemon) -> tuple[tuple[str, str], ...]:
     return tuple(sorted({**paths, **urls}.items(), key=lambda item: -len(item[0])))
 
 
+#: An unwritable file system (cdp.msa.state_fs) is answered by its errno: full (507: free
+#: space and retry) or unusable (503: read-only, failing; repair it). FORMAT.md §13.5.
+_STORAGE_ANSWERS = {errno.ENOSPC: (507, "insufficient_storage"), errno.EDQUOT: (507, "insufficient_storage"),
+                    errno.EROFS: (503, "storage_unavailable"), errno.EIO: (503, "storage_unavailable")}
+
+
+def _storage_error(code: int | None, message: str) -> ApiError | None:
+    """The answer of an unwritable file system's error (``_STORAGE_ANSWERS``), else None."""
+    found = _STORAGE_ANSWERS.get(code) if code is not None else None
+    if found is None:
+        return None
+    return ApiError(found[0], found[1], message, exit_code=1)
+
+
+def _from_os_error(exc: OSError, daemon: MsaDaemon) -> ApiError:
+    """An operating error a handler met (the daemon's own files: protection.json,
+    power.json, a DRVA's configuration...): the file and the cause, never ``internal``.
+    An error that names no file (``atomic_write``'s do not) is the state directory's when
+    its file system is what fails there; the state directory's watch is told either way."""
+    state_dir = str(daemon.cfg.state_dir)
+    name = os.fsdecode(exc.filename) if exc.filename is not None else None
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    if name is not None and os.path.isabs(name):
+        text = f"{name}: {cause}"
+    elif exc.errno in _STORAGE_ANSWERS and fs_problem(daemon.cfg.state_dir) is not None:
+        # No file, or a name in a directory opened earlier (a temporary file's): the
+        # state directory is the place the daemon writes that is full or read-only now.
+        text = f"{state_dir}: {cause}" + (f" (writing {name})" if name else "")
+        name = state_dir
+    else:
+        text = f"a file the daemon writes{f' ({name})' if name else ''}: {cause}"
+    if name is None or name == state_dir or name.startswith(state_dir.rstrip("/") + "/"):
+        daemon.supervisor.state_fs.failed(name, exc)
+    todo = hint(exc.errno)
+    message = text + (f" ({todo})" if todo else "")
+    return _storage_error(exc.errno, message) or ApiError(500, "failed", text, exit_code=1)
+
+
 def _from_cdp_error(exc: CdpError) -> ApiError:
     from cdp.msa.daemon import FailedOver, NotProtected
 
+    if isinstance(exc, StateUnwritable) and (found := _storage_error(exc.errno, exc.message)) is not None:
+        return found
     if isinstance(exc, NotProtected):
         return ApiError(409, "not_protected", exc.message, exit_code=exc.exit_code)
     if isinstance(exc, FailedOver):
@@ -164,6 +207,10 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
                                            f"{request.method} {shown(request.path)}: {exc.reason}"), places)
     except CdpError as exc:
         response = error_response(_from_cdp_error(exc), places)
+    except OSError as exc:  # an operating error (a full or read-only state directory), not a bug
+        log.warning("api_handler_os_error", error=error_text(exc), errno=errno.errorcode.get(exc.errno, exc.errno),
+                    **request_fields(request.method, request.path))
+        response = error_response(_from_os_error(exc, request.app[MSA]), places)
     except Exception as exc:  # a bug: logged with its traceback, answered without it
         log.error("api_handler_failed", exc_info=True, **request_fields(request.method, request.path))
         response = error_response(ApiError(500, "internal", f"internal error ({type(exc).__name__})"))

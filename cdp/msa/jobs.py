@@ -8,6 +8,13 @@ follower (``cdp jobs ID``) always read a whole record. Records older than the re
 period (default 60 days) are pruned. A job the process never finished (the process
 died) is reported as ``abandoned`` by whoever reads it: its ``pid`` is gone.
 
+The state directory's file system may be full or read-only (``cdp.msa.state_fs``). A
+progress write is a side effect: one that fails is logged (once, then at most every
+``PROGRESS_LOG_EVERY_S``) and the work goes on. A job's final record is what its
+callers wait for: when it cannot be written it is kept in memory (``JobStore.get`` and
+``list`` serve it, so ``?wait=1`` and ``cdp jobs --follow`` see the job end) and written
+again in the background, after 0.5 s, doubling to ``RETRY_MAX_S``, until it is on disk.
+
 ::
 
     store = JobStore(state_dir / "jobs")
@@ -32,6 +39,7 @@ from cdp.errors import CdpError, ConfigError, NotFound
 from cdp.file_kinds import open_regular
 from cdp.logs import get_logger
 from cdp.msa.procs import pid_alive
+from cdp.msa.state_fs import StateUnwritable, error_text, fs_problem, hint, is_unwritable, watch
 
 log = get_logger("cdp.msa.jobs")
 
@@ -48,6 +56,10 @@ JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{JOB_ID_CHARS_MAX}}}")
 RECORDS_KEPT_MAX = 10_000
 RECORDS_CHECK_EVERY = 64  # creations between two counts of the directory (a count of 10,000 names: ~5 ms)
 RECORD_BYTES_MAX = 4 << 20  # a record is a few KB (200 events at most); a larger file is not one of ours
+PROGRESS_LOG_EVERY_S = 60.0  # a job's failing progress writes: logged once, then at most this often
+RETRY_FIRST_S = 0.5  # an unwritten final record: written again after this, doubling...
+RETRY_MAX_S = 10.0  # ...up to this (a record is a few KB: the disk freed, it is written within this)
+RETRY_LOG_EVERY_S = 60.0  # a record still unwritten: logged at the first retry, then at most this often
 #: The keys and JSON types every record has; a file without them is refused naming it.
 RECORD_KEYS: dict[str, type | tuple[type, ...]] = {
     "version": int, "id": str, "name": str, "args": dict, "state": str, "created_ns": int,
@@ -62,6 +74,7 @@ class Job:
         self.store = store
         self.record = record
         self._last_write = 0.0
+        self._write_failed_at: float | None = None  # when a failed progress write was last logged
 
     @property
     def id(self) -> str:
@@ -83,8 +96,22 @@ class Job:
         self._write()
 
     def _write(self) -> None:
+        """Progress and events, best effort: a record that cannot be rewritten (a full
+        state file system) must not fail the work it describes; the final record says
+        how it ended (``JobStore.finish``)."""
         self._last_write = time.monotonic()
-        self.store.write(self.record)
+        try:
+            self.store.write(self.record)
+        except OSError as exc:
+            self._progress_unwritten(exc)
+
+    def _progress_unwritten(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if self._write_failed_at is not None and now - self._write_failed_at < PROGRESS_LOG_EVERY_S:
+            return
+        self._write_failed_at = now
+        log.warning("job_progress_unwritten", job=self.id, error=error_text(exc),
+                    reason="the job goes on; its final record is kept until it can be written")
 
 
 class JobStore:
@@ -96,6 +123,11 @@ class JobStore:
         self.retention_s = retention_s
         self.kept_max = kept_max
         self._created = 0  # records created here since the directory was last counted
+        self.watch = watch(self.root.parent)  # the state directory's file system (cdp.msa.state_fs)
+        # Final records not on disk yet (module docstring), served in their stead, and
+        # the task writing them again.
+        self.unsaved: dict[str, dict[str, Any]] = {}
+        self._retry_task: asyncio.Task | None = None
 
     def path(self, job_id: str) -> Path:
         if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
@@ -116,10 +148,11 @@ class JobStore:
         job = Job(self, record)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            job._write()
-        except OSError as exc:
-            raise CdpError(f"job records {self.root}: cannot write a record ({exc.strerror}): the state "
-                           f"directory must be a writable directory") from exc
+            self.write(record)
+        except OSError as exc:  # nothing ran: the job is refused, naming the file and why
+            raise StateUnwritable(f"job records {self.root}: cannot write a record ({error_text(exc)}): "
+                                  f"{hint(exc.errno) or 'the state directory must be a writable directory'}",
+                                  exc.errno) from exc
         self._created += 1
         if self._created >= RECORDS_CHECK_EVERY:
             self._created = 0
@@ -127,10 +160,91 @@ class JobStore:
         return job
 
     def write(self, record: dict[str, Any]) -> None:
-        atomic_write(self.path(record["id"]), json.dumps(record, sort_keys=True).encode())
+        """Replace the record's file; ``OSError`` naming it (``atomic_write``'s own errors
+        name no file), told to the state directory's watch either way."""
+        path = self.path(record["id"])
+        try:
+            atomic_write(path, json.dumps(record, sort_keys=True).encode())
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(path)
+            self.watch.failed(path, exc)
+            raise
+        self.watch.succeeded()
+
+    def finish(self, record: dict[str, Any]) -> None:
+        """Write a job's final record; never raises ``OSError``: a record that cannot be
+        written is kept and served from memory, and written again in the background
+        (module docstring)."""
+        try:
+            self.write(record)
+        except OSError as exc:
+            self.unsaved[record["id"]] = record
+            log.error("job_record_unwritten", job=record["id"], state=record["state"], error=error_text(exc),
+                      retry_in_s=RETRY_FIRST_S, reason="kept in memory and served from there until it is written")
+            self._retry_later()
+            return
+        self.unsaved.pop(record["id"], None)
+
+    def _retry_later(self) -> None:
+        if self._retry_task is not None and not self._retry_task.done():
+            return
+        try:
+            self._retry_task = asyncio.get_running_loop().create_task(self._write_unsaved(), name="job-records-retry")
+        except RuntimeError:  # no event loop (a synchronous caller): the record stays in memory only
+            log.warning("job_record_retry_unscheduled", jobs=sorted(self.unsaved))
+
+    async def _write_unsaved(self) -> None:
+        """Write the unsaved final records again, with a bounded back-off, until none is left."""
+        delay_s, tries, logged_at = RETRY_FIRST_S, 0, None
+        while self.unsaved:
+            await asyncio.sleep(delay_s)
+            tries += 1
+            for job_id, record in list(self.unsaved.items()):
+                try:
+                    await asyncio.to_thread(self.write, record)
+                except OSError as exc:
+                    now = time.monotonic()
+                    if logged_at is None or now - logged_at >= RETRY_LOG_EVERY_S:
+                        logged_at = now
+                        log.warning("job_record_still_unwritten", job=job_id, error=error_text(exc), tries=tries,
+                                    unsaved=len(self.unsaved), retry_in_s=min(RETRY_MAX_S, delay_s * 2))
+                    continue
+                if self.unsaved.get(job_id) is record:
+                    del self.unsaved[job_id]
+                log.info("job_record_written", job=job_id, state=record["state"], tries=tries)
+            delay_s = min(RETRY_MAX_S, delay_s * 2)
+
+    async def close(self) -> None:
+        """The daemon stops: one last try at the unsaved records, then no more retries (a
+        record left ``running`` on disk reads as ``abandoned`` once this process is gone)."""
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            await asyncio.gather(self._retry_task, return_exceptions=True)
+            self._retry_task = None
+        for job_id, record in list(self.unsaved.items()):
+            try:
+                await asyncio.to_thread(self.write, record)
+            except OSError as exc:
+                log.error("job_record_lost", job=job_id, state=record["state"], error=error_text(exc))
+                continue
+            self.unsaved.pop(job_id, None)
+
+    def describe(self, exc: OSError) -> str:
+        """A job's error from ``exc``: ``<file>: <cause>``. An unwritable file system's
+        error that names no file (``atomic_write``'s do not: power.json, a handover
+        record...) is the state directory's when ``statvfs`` says it is full or read-only
+        there: named so, with what to do, rather than a bare "No space left on device"."""
+        if exc.filename is None and is_unwritable(exc) and fs_problem(self.watch.state_dir) is not None:
+            self.watch.failed(self.watch.state_dir, exc)
+            return f"{error_text(exc, self.watch.state_dir)} ({hint(exc.errno)})"
+        return error_text(exc)
 
     def get(self, job_id: str) -> dict[str, Any]:
         path = self.path(job_id)
+        unsaved = self.unsaved.get(job_id)
+        if unsaved is not None:  # ended, and newer than its file
+            return json.loads(json.dumps(unsaved))
         try:
             with open(path, "rb", opener=open_regular) as f:
                 data = f.read(RECORD_BYTES_MAX + 1)
@@ -144,12 +258,14 @@ class JobStore:
         return record
 
     def _ids(self) -> list[str]:
-        """Every record's id, oldest first (an id starts with its creation time, UTC)."""
+        """Every record's id, oldest first (an id starts with its creation time, UTC), with
+        those kept in memory (``unsaved``)."""
         try:
             names = os.listdir(self.root)
         except (FileNotFoundError, NotADirectoryError):  # no records (a create says what is wrong)
-            return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and JOB_ID.fullmatch(n[:-5]))
+            names = []
+        ids = {n[:-5] for n in names if n.endswith(".json") and JOB_ID.fullmatch(n[:-5])}
+        return sorted(ids | set(self.unsaved))
 
     def list(self, *, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` records (optionally of one ``name``), newest first. A record
@@ -266,17 +382,16 @@ async def run_job(store: JobStore, name: str, args: dict[str, Any], timeout_s: f
     except asyncio.CancelledError:
         record["state"], record["error"] = "cancelled", "cancelled"
         record["ended_ns"] = time.time_ns()
-        store.write(record)
+        store.finish(record)
         raise
     except OSError as exc:  # an operating error (a file, a permission, a full disk), not a bug
-        record["state"], record["error"] = "failed", f"{exc.strerror or str(exc) or type(exc).__name__}" + (
-            f": {exc.filename}" if exc.filename else "")
+        record["state"], record["error"] = "failed", store.describe(exc)
         record["exit_code"] = 1
     except Exception as exc:
         record["state"], record["error"] = "failed", f"internal error: {type(exc).__name__}: {exc}"
         record["ended_ns"] = time.time_ns()
-        store.write(record)
+        store.finish(record)
         raise
     record["ended_ns"] = time.time_ns()
-    store.write(record)
+    store.finish(record)  # never raises: the record is served from memory until it is on disk
     return record

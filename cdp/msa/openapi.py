@@ -29,7 +29,9 @@ _DOMAIN_ERRORS = {**_ERRORS, "404": {"$ref": "#/components/responses/NotFound"}}
 #: What any operation with a body may answer besides (FORMAT.md §13.5).
 _BODY_ERRORS = {"408": {"$ref": "#/components/responses/RequestTimeout"},
                 "413": {"$ref": "#/components/responses/TooLarge"},
-                "415": {"$ref": "#/components/responses/UnsupportedMediaType"}}
+                "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
+                # The operations with a body write the MSA's state (FORMAT.md §13.5).
+                "507": {"$ref": "#/components/responses/InsufficientStorage"}}
 _NAME = {"name": "name", "in": "path", "required": True, "description": "A domain of the cluster file.",
          "schema": {"type": "string", "pattern": "^(?!\\.\\.?$)[A-Za-z0-9._-]{1,64}$"}}
 _WAIT = {"name": "wait", "in": "query", "required": False,
@@ -79,9 +81,9 @@ def _schemas() -> dict[str, Any]:
         "Alarm": {"type": "object", "properties": {
             "id": {"type": "string"}, "kind": {"type": "string", "enum": [
                 "drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
-                "timestamps_rewritten"]},
+                "timestamps_rewritten", "state_dir_unwritable"]},
             "severity": {"type": "string", "enum": ["critical", "major", "warning"]},
-            "subject": {"type": "string"}, "subject_kind": {"type": "string", "enum": ["domain", "drva"]},
+            "subject": {"type": "string"}, "subject_kind": {"type": "string", "enum": ["domain", "drva", "site"]},
             "message": {"type": "string"}, "raised_ns": {"type": "integer"},
             "cleared_ns": {"type": ["integer", "null"]}}},
         "Target": {"oneOf": [
@@ -310,7 +312,12 @@ def openapi_document(cfg: SiteConfig) -> dict[str, Any]:
                 "TooLarge": error("A body over 1 MiB."),
                 "UnsupportedMediaType": error("A charset other than UTF-8."),
                 "TooManyJobs": error("As many jobs as the daemon runs at once are running (or, as "
-                                     "too_many_connections, as many connections are open): try again later."),
+                                     "too_many_connections, as many connections are open): try again later; or, "
+                                     "as storage_unavailable, the state directory is read-only or failing "
+                                     "(EROFS, EIO): the message names the file and the cause."),
+                "InsufficientStorage": error("insufficient_storage: the state directory is full or over quota "
+                                             "(ENOSPC, EDQUOT): the message names the file, the cause and what "
+                                             "to do."),
             },
         },
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,33 @@ async def recover(cfg: SiteConfig, domain: str, options: Any, job: Job) -> dict[
         result = await with_store(cfg, domain, lambda store: rocva_recover(
             store, domain_id, options, progress=lambda done, total: job.progress("recover", done, total),
             destination=destination))
-    except OSError as exc:  # the destination, as the client named it: an error of the request, not a bug
+    except OSError as exc:
+        if not on_destination(exc, Path(options.out_dir)):
+            raise  # the state directory's, the store's...: the job's record names the file (run_job)
+        # The destination, as the client named it: an error of the request, not a bug.
         raise CdpError(f"to: cannot write the images there: {exc.strerror or type(exc).__name__}") from exc
     result.pop("plan", None)  # large, and the summary says what matters
     return jsonable(result)
+
+
+def on_destination(exc: OSError, to: Path) -> bool:
+    """Whether ``exc`` names a file of the recovery's destination ``to``: a path under it
+    (as given or resolved), or a bare name — the destination is worked on through its open
+    directory (``rocva.destination.OutputDir``: ``*at`` calls name files relative to it).
+    An error naming no file, or another place (a job record in the state directory whose
+    file system is full), is not the destination's: blaming it sent the operator to free
+    space where there was plenty."""
+    names = [os.fsdecode(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if not names:
+        return False
+    roots = {os.path.abspath(to), os.path.realpath(to)}
+    for name in names:
+        if not os.path.isabs(name):
+            return True
+        path = os.path.abspath(name)
+        if any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots):
+            return True
+    return False
 
 
 async def verify(cfg: SiteConfig, domain: str, deep: bool, sample: float, job: Job) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 once (HTTP 202), or wait for its end (``?wait=1``).
 
 Each job is ``cdp.msa.jobs.run_job`` in an asyncio task; the record file is the truth
-(the CLI reads it too). The runner bounds how many jobs run at once and counts finished
+(the CLI reads it too) — except for a final record the state directory could not take
+yet, which the store keeps and serves from memory (``JobStore.finish``): ``wait``
+answers with the job's own final record, never a file that still says ``running``. The runner bounds how many jobs run at once and counts finished
 ones by name and state for the metrics.
 
 A job that moves a domain between sites — a quiesce (``quiesce_claim``), a failover, a
@@ -191,11 +193,14 @@ class JobRunner:
         self.finished[(name, state)] += 1
 
     async def wait(self, job_id: str) -> dict[str, Any]:
-        """The final record of job ``job_id`` (waits while it runs here)."""
+        """The final record of job ``job_id`` (waits while it runs here): the one the job
+        ended with, whether or not its file could be written (a full state directory)."""
         task = self.tasks.get(job_id)
         if task is not None:
-            await asyncio.wait({task})  # not the task's result: a bug in it is logged by _done
-        return self.store.get(job_id)
+            await asyncio.wait({task})  # a bug in it is logged by _done
+            if not task.cancelled() and task.exception() is None:
+                return _copy(task.result())
+        return self.store.get(job_id)  # unsaved final records first (JobStore.get)
 
     def running(self, name: str | None = None, args: dict[str, Any] | None = None) -> list[str]:
         """Ids of running jobs, optionally of one name whose args contain ``args``."""
@@ -207,10 +212,13 @@ class JobRunner:
         return dict(collections.Counter(self.names.values()))
 
     async def cancel_all(self) -> None:
+        """Cancel every job (each ends ``cancelled``), then give the final records the
+        state directory did not take one last try (``JobStore.close``)."""
         tasks = list(self._live)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
 
 
 def _copy(record: dict[str, Any]) -> dict[str, Any]:
