@@ -103,8 +103,7 @@ async def ask_handover(daemon: Any, name: str, job: Any, *, failback: bool = Fal
         raise FailoverRefused(f"site {cfg.peer.site} ({cfg.peer.api}) did not hand domain {name} over: "
                               f"{exc.message}; {doing} needs that site's daemon — {instead}") from None
     if not isinstance(record, dict) or record.get("state") != "succeeded" or not isinstance(record.get("output"), dict):
-        error = record.get("error") if isinstance(record, dict) else None
-        raise FailoverRefused(f"site {cfg.peer.site} could not hand domain {name} over: {error or record!r:.300}" +
+        raise FailoverRefused(f"site {cfg.peer.site} could not hand domain {name} over: {_why_not(record)}" +
                               (f"; {instead}" if resumes is not None else ""))
     out = record["output"]
     job.progress("quiesce", 1, 1)
@@ -115,3 +114,16 @@ async def ask_handover(daemon: Any, name: str, job: Any, *, failback: bool = Fal
     # before its fork), and has not run it since.
     return {"site": cfg.peer.site, "mark": out.get("mark") or mark, "seq": out.get("seq"),
             "acked_seq": out.get("acked_seq")}
+
+
+def _why_not(record: object) -> str:
+    """What the peer's quiesce job record says went wrong, readably and bounded (the
+    peer's text is shown, not a dump of its record)."""
+    if not isinstance(record, dict):
+        return f"its answer is not a job record ({type(record).__name__})"
+    error = record.get("error")
+    if isinstance(error, str) and error:
+        return error[:300] + ("…" if len(error) > 300 else "")
+    state = record.get("state")
+    return f"its quiesce job ended {str(state)[:40]!r} with no output" if state == "succeeded" else \
+        f"its quiesce job ended {str(state)[:40]!r} with no error given"
