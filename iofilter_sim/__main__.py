@@ -20,7 +20,10 @@ first line on stdout then says where it serves (a JSON object with ``--json``).
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
 captured write is acked) and prints a summary, including each disk's sha256. A second
-SIGINT/SIGTERM stops waiting for the drain.
+SIGINT/SIGTERM stops waiting for the drain. Output that cannot be written (a full or
+read-only file system under the log the MSA gives a host) changes none of this: the
+drain starts before the message about it, and the exit status still says whether it
+drained.
 
 Exit status of ``run``: 0 when every captured write was acked ("drained"), 1 when not
 (the drain timed out or was given up), 2 for bad arguments or a bad cluster file, another
@@ -172,14 +175,31 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     if tls_server_name is not None and tls_ca is None and cluster.tls_ca is None:
         raise click.UsageError("--tls-server-name goes with --tls-ca (or the cluster file's [tls] ca)")
     summary = eventloop.run(_run(cluster, secret.encode(), opts, duration, _marks(marks), as_json))
+    try:
+        _print_summary(summary, as_json)
+    except OSError:  # stdout on a full disk: the exit code still says whether it drained
+        _drop_stdout()
+    sys.exit(0 if summary["drained"] else 1)
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary))
-    else:
-        for name, d in summary["domains"].items():
-            click.echo(f"{name}: {d['writes']:,} writes, {d['bytes'] / 1e6:,.1f} MB "
-                       f"({d['mb_per_s']} MB/s), acked through seq {d['acked_seq']}, mode {d['mode']}")
-        click.echo("drained" if summary["drained"] else "NOT drained: some writes are not acked")
-    sys.exit(0 if summary["drained"] else 1)
+        return
+    for name, d in summary["domains"].items():
+        click.echo(f"{name}: {d['writes']:,} writes, {d['bytes'] / 1e6:,.1f} MB "
+                   f"({d['mb_per_s']} MB/s), acked through seq {d['acked_seq']}, mode {d['mode']}")
+    click.echo("drained" if summary["drained"] else "NOT drained: some writes are not acked")
+
+
+def _drop_stdout() -> None:
+    """Give up what stdout could not write: the interpreter's flush at exit would fail
+    again, and make the exit code 120 whatever the drain did."""
+    try:
+        sys.stdout = open(os.devnull, "w")
+        os.dup2(sys.stdout.fileno(), 1)  # the old stream's buffer now goes nowhere
+    except OSError:
+        pass
 
 
 async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None, marks, as_json: bool) -> dict:
@@ -189,16 +209,17 @@ async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None,
 
     def on_signal() -> None:
         # The first signal stops the workloads and drains; a second one (the user will
-        # not wait for a DRVA that does not answer) gives the drain up too.
+        # not wait for a DRVA that does not answer) gives the drain up too. The runner is
+        # told first: the message goes to a log that may be on a full file system, and
+        # its ENOSPC once kept the host from stopping (SIGKILLed 60 s later, undrained).
         nonlocal signals
         signals += 1
         if signals == 1:
-            click.echo("iofilter-sim: stopping: waiting until every captured write is acked "
-                       "(signal again to give up)", err=True)
             runner.stop()
+            _say("iofilter-sim: stopping: waiting until every captured write is acked (signal again to give up)")
         else:
-            click.echo("iofilter-sim: giving up the drain", err=True)
             runner.give_up()
+            _say("iofilter-sim: giving up the drain")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -214,6 +235,15 @@ async def _run(cluster, secret: bytes, opts: RunOptions, duration: float | None,
         return {**runner.summary(), "drained": drained}
     finally:
         await runner.close()
+
+
+def _say(text: str) -> None:
+    """``text`` on stderr, if it can be written: a full or read-only file system under
+    the log must not stop what the message is about."""
+    try:
+        click.echo(text, err=True)
+    except (OSError, ValueError):  # ValueError: stderr closed
+        pass
 
 
 def _say_serving(address: dict, as_json: bool) -> None:

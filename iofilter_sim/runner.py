@@ -53,6 +53,7 @@ log = get_logger("iofilter.runner")
 BATCH_WRITES_MAX = 4096
 BATCH_BYTES_MAX = 4 << 20
 STATUS_INTERVAL_S = 0.5
+STATUS_ERROR_LOG_EVERY_S = 60.0  # a status write that goes on failing the same way is logged this seldom
 CONTROL_BYTES_MAX = 1 << 20  # {'pause': [domain, ...]}
 MARK_SETTLE_WAIT_S = 10.0
 
@@ -356,9 +357,30 @@ class ClusterRunner:
             "connections": sum(c.connections for c in self.clients)}
 
     async def _write_status_every(self, path: Path) -> None:
+        """Rewrite the status every ``STATUS_INTERVAL_S``. A write that fails (a full or
+        read-only state directory) is logged — each new error once, the same one again at
+        most every ``STATUS_ERROR_LOG_EVERY_S`` — and the next tick tries again: the
+        first ENOSPC once ended this task, and the supervisor then took the host for hung
+        (a quiesce refused for good) or never saw it come up."""
+        failing: StatusFailing | None = None
         while True:
-            await asyncio.to_thread(atomic_write, path, json.dumps(self.status()).encode())
+            try:
+                await asyncio.to_thread(atomic_write, path, json.dumps(self.status()).encode())
+            except OSError as exc:
+                failing = _status_failed(path, exc, failing)
+            else:
+                if failing is not None:
+                    log.info("status_unwritable_cleared", path=str(path), failures=failing.count)
+                failing = None
             await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _write_last_status(self, path: Path) -> None:
+        """The status once more as the run ends; a write that fails is logged, and the
+        close goes on (the disks are still to be synced and closed)."""
+        try:
+            await asyncio.to_thread(atomic_write, path, json.dumps(self.status()).encode())
+        except OSError as exc:
+            log.error("status_unwritable", path=str(path), error=exc.strerror or str(exc), last=True)
 
     async def drain(self, timeout_s: float = 120.0) -> bool:
         """Wait until every captured write of every domain is acked and no domain is in
@@ -378,7 +400,7 @@ class ClusterRunner:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.opts.status_path is not None:  # the last word: what was acked when it stopped
-            await asyncio.to_thread(atomic_write, self.opts.status_path, json.dumps(self.status()).encode())
+            await self._write_last_status(self.opts.status_path)
         await self._settle_marks()  # before the disks close: the thread reads them
         for disks in self.disks.values():
             for d in disks:
@@ -406,3 +428,28 @@ class ClusterRunner:
         return {"site": self.cluster.site, "elapsed_s": round(elapsed, 2), "domains": doms,
                 "marks": self.marks, "connections": sum(c.connections for c in self.clients)}
 
+
+@dataclass
+class StatusFailing:
+    """The status write's current error: what it is, since when it was last logged
+    (monotonic), how many writes failed."""
+
+    error: str
+    logged_at: float
+    count: int = 1
+
+
+def _status_failed(path: Path, exc: OSError, was: StatusFailing | None) -> StatusFailing:
+    """Count a failed status write; log it when the error is new, or every
+    ``STATUS_ERROR_LOG_EVERY_S`` while it lasts."""
+    error = exc.strerror or str(exc)
+    now = time.monotonic()
+    if was is not None and was.error == error:
+        was.count += 1
+        if now - was.logged_at < STATUS_ERROR_LOG_EVERY_S:
+            return was
+        was.logged_at = now
+        log.error("status_unwritable", path=str(path), error=error, failures=was.count)
+        return was
+    log.error("status_unwritable", path=str(path), error=error)
+    return StatusFailing(error, now)

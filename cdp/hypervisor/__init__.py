@@ -28,7 +28,8 @@ from cdp.inventory import DomainSpec
 @dataclass(frozen=True)
 class PowerView:
     """One powered-on domain, as its driver sees it. ``state``: ``starting``, ``up``,
-    ``restarting`` (its host process exited and is restarted after a back-off)."""
+    ``restarting`` (its host process exited and is restarted after a back-off),
+    ``stopped``, ``not placed`` (its host's inventory or start failed: tried again)."""
 
     domain: str
     host: str
@@ -42,6 +43,22 @@ class PowerView:
         return {"domain": self.domain, "host": self.host, "state": self.state, "pid": self.pid,
                 "restarts": self.restarts, "last_error": self.last_error,
                 "status": dict(self.status) if self.status is not None else None}
+
+
+@dataclass(frozen=True)
+class VmsDown:
+    """A powered-on domain whose VMs do not run (``Hypervisor.vms_not_up``). ``state``:
+    its host's (``starting``, ``restarting``, ``stopped``), or ``not placed`` (its host's
+    inventory or start failed: tried again after ``retry_in_s``); ``for_s``: how long."""
+
+    domain: str
+    host: str
+    state: str
+    for_s: float
+    restarts: int
+    last_exit: int | None
+    last_error: str | None
+    retry_in_s: float | None
 
 
 class Hypervisor(Protocol):
@@ -76,6 +93,10 @@ class Hypervisor(Protocol):
 
     def views(self) -> list[PowerView]:
         """The powered domains, in ``apply`` order."""
+
+    def vms_not_up(self) -> list[VmsDown]:
+        """The powered domains whose VMs do not run (their host is not up, or could not be
+        placed), with how long: what an alarm judges."""
 
     def last_run(self, domain: str) -> Mapping[str, Any] | None:
         """What ``domain``'s VMs reported when they last stopped (at least ``acked_seq``:

@@ -26,6 +26,15 @@ stay on it continue on the DRVA's sequence (the filter waits for its WELCOME). A
 killed outright loses what it had captured and not yet sent — a crashed host's VMs
 lose their in-flight writes too.
 
+A full or read-only state directory stops no VM for good. The new inventory is written
+before the host running the old set is stopped: one that cannot be written leaves those
+VMs running, ``apply`` raises the first such error after trying every host, and
+``step`` places the host again after a back-off (the keeper's). The control file is
+written inside the keeper's start (``spawn``'s ``prepare``): a start that fails is
+retried after the back-off, as a crash is. ``vms_not_up`` lists the powered domains
+whose VMs do not run (for the alarms). Before, a host killed while the directory was
+full, or restarted for a power change then, stayed down with nothing left to restart it.
+
 A daemon that was killed leaves its host processes running (each leads its own session).
 ``stop_leftovers`` stops every one of them at the next daemon's start, before its first
 ``apply`` — found as ``cdp uninstall`` finds them (``cdp.msa.processes.find_leftovers``:
@@ -41,6 +50,7 @@ so none of its credentials.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import time
@@ -52,7 +62,7 @@ from typing import Any
 from cdp import site_files
 from cdp.durable import atomic_write
 from cdp.errors import CdpError, ConfigError
-from cdp.hypervisor import PowerView
+from cdp.hypervisor import PowerView, VmsDown
 from cdp.inventory import DomainSpec
 from cdp.logs import get_logger
 from cdp.msa.install_dirs import dir_problem, ensure_dir
@@ -100,6 +110,20 @@ class HostProcess(Kept):
     # The control file changed while the process was not up yet: it is signalled once up
     # (it may have read the file before the change).
     control_unsent: bool = False
+    # The control file could not be rewritten (a full state directory): ``step`` tries again.
+    control_unwritten: bool = False
+
+
+@dataclass
+class Unplaced:
+    """A host whose domains could not be placed on it (its inventory not written, or its
+    process not started): ``step`` tries again at ``retry_at`` (the keeper's clock)."""
+
+    domains: tuple[str, ...]
+    error: str
+    since: float
+    retry_at: float
+    backoff_s: float
 
 
 class SimulatorHypervisor:
@@ -114,6 +138,8 @@ class SimulatorHypervisor:
         self.root = cfg.state_dir / "hypervisor"
         self.stopped: dict[str, dict[str, Any]] = {}  # domain -> its figures when its host last stopped
         self.paused: set[str] = set()  # powered-on domains whose VMs issue no writes (quiesced)
+        self.wanted: dict[str, tuple[str, ...]] = {}  # host -> its domains, as the last apply placed them
+        self.unplaced: dict[str, Unplaced] = {}  # hosts whose placement failed, to try again
         # Held by what starts and stops host processes (apply, step, stop_all,
         # stop_leftovers): a crashed host that step() restarted while apply() stopped it
         # ran on, held by no one.
@@ -146,8 +172,13 @@ class SimulatorHypervisor:
             return await self._apply(powered)
 
     async def _apply(self, powered: Sequence[str]) -> list[str]:
+        """Place ``powered``; the first error of a host that could not be placed is raised
+        once every host was tried (``step`` tries that one again)."""
         self.paused &= set(powered)  # a domain powered off is no longer paused
         wanted = self.placement(powered)
+        self.wanted = wanted
+        for host in [h for h in self.unplaced if h not in wanted]:
+            del self.unplaced[host]
         started: list[str] = []
         for host in [h for h in self.hosts if h not in wanted]:
             hp = self.hosts.pop(host)
@@ -156,19 +187,62 @@ class SimulatorHypervisor:
         # A host a killed daemon left running that this one does not run: its VMs must be
         # off (a wanted host's leftover is stopped when its new process is spawned).
         await self._stop_leftovers(self.known_hosts() - set(wanted))
+        errors: list[Exception] = []
         for host, domains in wanted.items():
             hp = self.hosts.get(host)
-            if hp is not None and hp.domains == domains and hp.state != "stopped":
+            if hp is not None and hp.domains == domains and hp.state != "stopped" and host not in self.unplaced:
                 continue
+            try:
+                await self._place(host, domains)
+            except Exception as exc:  # logged by _place; the other hosts are placed all the same
+                errors.append(exc)
+                continue
+            started += list(domains)
+        if errors:
+            raise errors[0]
+        return started
+
+    async def _place(self, host: str, domains: tuple[str, ...]) -> None:
+        """Run exactly ``domains`` on ``host``. The new inventory is written first, and only
+        then is the process running the old set stopped: an inventory that cannot be
+        written (a full state directory) leaves those VMs running. A failure is logged
+        and raised, and ``step`` tries again after a back-off (``unplaced``)."""
+        hp = self.hosts.get(host)
+        try:
+            # A copy naming the new set: the running process's record keeps the old one
+            # until it is stopped (``_stop`` keeps those domains' last figures).
+            self._write_inventory(dataclasses.replace(hp, domains=domains) if hp else self._new(host, domains))
             if hp is not None:
                 await self._stop(hp)
             hp = hp or self._new(host, domains)
             hp.domains = domains
-            self._write_inventory(hp)
-            await self._start(hp)
             self.hosts[host] = hp
-            started += list(domains)
-        return started
+            await self._start(hp)
+        except Exception as exc:
+            self._place_failed(host, domains, exc)
+            raise
+        self.unplaced.pop(host, None)
+
+    def _place_failed(self, host: str, domains: tuple[str, ...], exc: Exception) -> None:
+        """Remember that ``host`` is to be placed again, after a back-off doubling from the
+        keeper's first step to its last."""
+        now = self.keeper.clock()
+        was = self.unplaced.get(host)
+        backoff = self.keeper.backoff_first_s if was is None else min(self.keeper.backoff_max_s, was.backoff_s * 2)
+        error = (exc.message if isinstance(exc, CdpError) else str(exc))[:400]
+        self.unplaced[host] = Unplaced(domains, error, was.since if was else now, now + backoff, backoff)
+        log.error("host_place_failed", host=host, domains=list(domains), error=error, retry_in_s=backoff)
+
+    async def _place_again(self) -> None:
+        """Place again the hosts whose placement failed, once their back-off is over."""
+        for host, failed in list(self.unplaced.items()):
+            if self.keeper.clock() < failed.retry_at or self.wanted.get(host) != failed.domains:
+                continue
+            try:
+                await self._place(host, failed.domains)
+            except Exception:  # logged, and tried again later
+                continue
+            log.info("host_placed", host=host, domains=list(failed.domains))
 
     def _new(self, host: str, domains: tuple[str, ...]) -> HostProcess:
         return HostProcess(name=host, log_path=self.cfg.state_dir / "logs" / f"host-{host}.log", domains=domains,
@@ -191,23 +265,25 @@ class SimulatorHypervisor:
             tls={"ca": self.cfg.tls.ca_cert.resolve()} if self.cfg.tls is not None else None)
         # 0755 under any umask: the host process's control and status files are read here.
         ensure_dir(self.cfg, "state_dir", self.root, "the daemon writes its hosts' inventories")
-        atomic_write(hp.inventory_path, site_files.toml_text(doc).encode())
+        _write_file(hp.inventory_path, site_files.toml_text(doc).encode(), "host inventory")
 
     def _write_control(self, hp: HostProcess) -> None:
         doc = {"pause": sorted(self.paused & set(hp.domains))}
-        atomic_write(hp.control_path, json.dumps(doc).encode())
+        _write_file(hp.control_path, json.dumps(doc).encode(), "host control file")
+        hp.control_unwritten = False
 
     async def _start(self, hp: HostProcess) -> None:
         hp.status = None
         hp.control_unsent = False  # the new process reads the file as it starts
         for domain in hp.domains:  # a new run: the last one's figures say nothing of it
             self.stopped.pop(domain, None)
-        self._write_control(hp)
         isolated = [a for d in hp.domains if d in self.cfg.isolated for a in ("--isolated", d)]
+        # The control file is written inside the keeper's error handling: one that cannot
+        # be written is a failed start, tried again after the back-off.
         await self.keeper.spawn(hp, (*host_args(hp.inventory_path), "--status",
                                      str(hp.status_path), "--marks-log", str(hp.marks_log), "--control",
                                      str(hp.control_path), "--no-hashes", *isolated, *self._vm_args(hp)),
-                                domains=list(hp.domains))
+                                prepare=lambda: self._write_control(hp), domains=list(hp.domains))
 
     def _vm_args(self, hp: HostProcess) -> tuple[str, ...]:
         """What the host's VMs do: here, each domain's workload from the inventory."""
@@ -244,9 +320,25 @@ class SimulatorHypervisor:
         hp = next((h for h in self.hosts.values() if domain in h.domains), None)
         if hp is None:
             return
-        self._write_control(hp)
+        try:
+            self._write_control(hp)
+        except OSError as exc:  # its VMs stay paused until step() can write it
+            hp.control_unwritten = True
+            log.error("domain_resume_delayed", domain=domain, host=hp.name, error=str(exc))
+            return
         self._tell_control(hp)
         log.info("domain_resumed", domain=domain, host=hp.name)
+
+    def _rewrite_control(self, hp: HostProcess) -> None:
+        """Write the control file a ``resume`` could not, and tell the host."""
+        if not hp.control_unwritten:
+            return
+        try:
+            self._write_control(hp)
+        except OSError:
+            return  # logged by resume; tried again at the next step
+        self._tell_control(hp)
+        log.info("domain_resumed", host=hp.name, domains=sorted(set(hp.domains) - self.paused))
 
     def _tell_control(self, hp: HostProcess) -> None:
         """Make the host re-read its control file (SIGUSR1), once it is up: its handler is
@@ -286,15 +378,27 @@ class SimulatorHypervisor:
 
     async def step(self) -> None:
         async with self._lock:
+            await self._place_again()
             for hp in list(self.hosts.values()):
                 if await self.keeper.tend(hp, self._start):
                     log.info("host_up", host=hp.name, pid=hp.proc.pid, domains=list(hp.domains))
+                self._rewrite_control(hp)
                 self._flush_control(hp)
 
     async def stop_all(self) -> None:
+        """Stop every host, each whatever the one before did; the first error is raised at
+        the end."""
         async with self._lock:
+            self.wanted, self.unplaced = {}, {}  # nothing is placed again after this
+            errors = []
             for hp in self.hosts.values():
-                await self._stop(hp)
+                try:
+                    await self._stop(hp)
+                except Exception as exc:
+                    log.error("host_stop_failed", host=hp.name, error=str(exc))
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
 
     # ------------------------------------------------------------------ leftovers
 
@@ -340,12 +444,38 @@ class SimulatorHypervisor:
             await asyncio.to_thread(_remove_stale_pid_file, logs / name)
 
     def views(self) -> list[PowerView]:
+        """The domains of the hosts, then those whose host could not be placed
+        (``not placed``, its last error)."""
         out = []
         for hp in self.hosts.values():
             for d in hp.domains:
                 status = ((hp.status or {}).get("domains") or {}).get(d)
                 out.append(PowerView(d, hp.name, hp.state, hp.proc.pid if hp.proc else None, hp.restarts,
                                      hp.last_error, status if isinstance(status, dict) else None))
+        shown = {v.domain for v in out}
+        for host, failed in self.unplaced.items():
+            out += [PowerView(d, host, "not placed", None, 0, failed.error, None) for d in failed.domains
+                    if d not in shown]
+        return out
+
+    def vms_not_up(self) -> list[VmsDown]:
+        """Every powered domain (as the last ``apply`` placed them) whose VMs do not run:
+        its host not ``up``, or not placed (its inventory or start failed: ``not
+        placed``). For the alarms; how long is ``for_s``, on the keeper's clock."""
+        now = self.keeper.clock()
+        out = []
+        for host, domains in self.wanted.items():
+            hp = self.hosts.get(host)
+            failed = self.unplaced.get(host)
+            for d in domains:
+                if hp is not None and d in hp.domains and hp.state == "up":
+                    continue
+                if hp is not None and d in hp.domains and (failed is None or hp.state != "stopped"):
+                    out.append(VmsDown(d, host, hp.state, max(0.0, now - hp.state_since), hp.restarts, hp.last_exit,
+                                       hp.last_error, None if hp.restart_at is None else max(0.0, hp.restart_at - now)))
+                elif failed is not None:
+                    out.append(VmsDown(d, host, "not placed", max(0.0, now - failed.since), 0, None, failed.error,
+                                       max(0.0, failed.retry_at - now)))
         return out
 
     def marks(self, domain: str) -> list[dict[str, Any]]:
@@ -358,6 +488,15 @@ class SimulatorHypervisor:
         except OSError:
             return []
         return [m for m in map(_json_line, lines) if isinstance(m, dict) and m.get("domain") == domain]
+
+
+def _write_file(path: Path, data: bytes, what: str) -> None:
+    """``atomic_write``, its ``OSError`` naming ``path`` and what it is (a failed write
+    names no file, or the temporary one)."""
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write the {what}: {exc.strerror or exc}", str(path)) from exc
 
 
 def _remove_stale_pid_file(path: Path) -> None:

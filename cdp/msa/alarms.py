@@ -57,6 +57,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cdp.hypervisor import VmsDown
 from cdp.logs import get_logger
 from cdp.msa.config import Alarms, Policy
 from cdp.msa.keeper import ERROR_TEXT_MAX, exit_text
@@ -66,10 +67,10 @@ from cdp.msa.supervisor import DrvaView
 log = get_logger("cdp.msa.alarms")
 
 KINDS = ("drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
-         "timestamps_rewritten", "state_dir_unwritable")
+         "timestamps_rewritten", "state_dir_unwritable", "vms_down")
 SEVERITY = {"drva_down": "critical", "fenced": "critical", "rpo_lag": "major", "bitmap_mode": "major",
             "backpressure": "major", "store_errors": "warning", "log_usage": "warning",
-            "timestamps_rewritten": "major", "state_dir_unwritable": "critical"}
+            "timestamps_rewritten": "major", "state_dir_unwritable": "critical", "vms_down": "critical"}
 STATE_DIR_SUBJECT = "state_dir"  # the subject of state_dir_unwritable (subject_kind "site")
 HISTORY_MAX = 500
 START_GRACE_S = 15.0
@@ -126,7 +127,7 @@ class AlarmEvaluator:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, now_ns: int, drvas: Sequence[DrvaView], policies: Mapping[str, Policy], *,
-                 monotonic_ns: int | None = None) -> tuple[list[Alarm], list[Alarm]]:
+                 monotonic_ns: int | None = None, vms_down: Sequence[VmsDown] = ()) -> tuple[list[Alarm], list[Alarm]]:
         """Raise and clear alarms for this moment; return (raised, cleared). ``now_ns`` is
         the wall clock, ``monotonic_ns`` the clock durations are measured on (the daemon
         passes ``time.monotonic_ns()``; a test may drive both with ``now_ns``)."""
@@ -152,6 +153,9 @@ class AlarmEvaluator:
             if not judged:
                 unknown.update(v.domains)
                 unknown.add(v.name)
+        for d in vms_down:
+            if (why := self._vms_down(d)) is not None:
+                conditions[("vms_down", d.domain)] = ("domain", why)
         raised, cleared = [], []
         for key, (subject_kind, message) in conditions.items():
             alarm = self.active.get(key)
@@ -163,7 +167,8 @@ class AlarmEvaluator:
             self.active[key] = alarm
             raised.append(alarm)
             log.warning("alarm_raised", **alarm.to_dict())
-        for key in [k for k in self.active if k not in conditions and k[1] not in unknown]:
+        # vms_down is judged by the hypervisor, not the DRVA: a DRVA not up leaves it judged.
+        for key in [k for k in self.active if k not in conditions and (k[0] == "vms_down" or k[1] not in unknown)]:
             alarm = self.active.pop(key)
             alarm.cleared_ns = now_ns
             self.history.append(alarm)
@@ -186,6 +191,20 @@ class AlarmEvaluator:
             if policy is not None:
                 self._domain_conditions(now_ns, mono_ns, v, dom, policy, out)
         return True
+
+    def _vms_down(self, d: VmsDown) -> str | None:
+        """Why a domain powered on here has no VMs running, or None while its host is
+        merely being (re)started for a power change (it passes through both states)."""
+        if d.state in ("starting", "stopped") and d.for_s <= self.start_grace_s:
+            return None
+        why = {"restarting": f"its host {d.host} is down ({exit_text(d.last_exit)})",
+               "not placed": f"its host {d.host} could not be started",
+               "starting": f"its host {d.host} has not come up {d.for_s:.0f} s after it was started",
+               "stopped": f"its host {d.host} has been stopped for {d.for_s:.0f} s"}.get(
+                   d.state, f"its host {d.host} is {shown(d.state)}")
+        error = f": {_said(d.last_error)}" if d.last_error else ""
+        retry = f"; tried again in {d.retry_in_s:.1f} s" if d.retry_in_s is not None else ""
+        return f"domain {d.domain}: its VMs are powered on here but do not run: {why}{error}{retry}"
 
     def _judging_failed(self, v: DrvaView, exc: Exception) -> str:
         why = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_MAX]

@@ -19,8 +19,9 @@ One process, a few long-lived tasks around it:
 §13.3: ``cdp uninstall`` sends SIGTERM to that process, and only to it); a second daemon
 for the same state directory refuses to start, while a file naming a process that is
 gone, or another process that got the pid later, is stale and replaced. SIGTERM and
-SIGINT stop it in order: API, jobs (recorded as cancelled), DRVAs (SIGTERM, then
-SIGKILL), pid file.
+SIGINT stop it in order: API, jobs (recorded as cancelled), VMs, standbys, DRVAs
+(SIGTERM, then SIGKILL), pid file — each step whatever the one before did (a read-only
+state directory once ended the stop at the VMs, its DRVAs left running).
 """
 
 from __future__ import annotations
@@ -188,26 +189,42 @@ class MsaDaemon:
             for step, interval_s, name in loops:
                 self._tasks.append(asyncio.create_task(_every(interval_s, step, name), name=name))
         except BaseException:
-            await self.stop()
+            try:
+                await self.stop()
+            except Exception:  # logged step by step; the start's own error is the one to tell
+                pass
             raise
         self.started_ns = time.time_ns()
         log.info("msa_started", site=self.cfg.site, api=str(self.cfg.api_listen), pid=os.getpid(),
                  protected=sorted(self.protection), drvas=sorted(self.supervisor.drvas))
 
     async def stop(self) -> None:
+        """Stop in order: API, loops, jobs, VMs (their filters drain into the DRVAs before
+        those stop), standbys, DRVAs, pid file. Each step runs whatever the one before
+        did — on a read-only state directory a failed step once skipped the rest, and left
+        the DRVAs running with no daemon — and the first error is raised at the end."""
+        errors: list[BaseException] = []
+        await _stop_step("api", self._stop_api, errors)
+        await _stop_step("loops", self._stop_loops, errors)
+        await _stop_step("jobs", self.runner.cancel_all, errors)
+        await _stop_step("hypervisor", self.hypervisor.stop_all, errors)
+        await _stop_step("standby", self.standby.stop_all, errors)
+        await _stop_step("supervisor", self.supervisor.stop_all, errors)
+        await _stop_step("pid-file", self._release_pid_file, errors)  # a plain function: called as is
+        log.info("msa_stopped", site=self.cfg.site, **({"failed_steps": len(errors)} if errors else {}))
+        if errors:
+            raise errors[0]
+
+    async def _stop_api(self) -> None:
         if self._api is not None:
-            await self._api.cleanup()
-            self._api = None
+            api, self._api = self._api, None
+            await api.cleanup()
+
+    async def _stop_loops(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.runner.cancel_all()
-        await self.hypervisor.stop_all()  # the filters drain into the DRVAs before those stop
-        await self.standby.stop_all()
-        await self.supervisor.stop_all()
-        self._release_pid_file()
-        log.info("msa_stopped", site=self.cfg.site)
 
     def _claim_pid_file(self) -> None:
         """Refuse to start while another daemon runs for this state directory; else name
@@ -253,12 +270,18 @@ class MsaDaemon:
         self._lock_fd = fd
 
     def _release_pid_file(self) -> None:
+        """Remove ``msa.pid`` if it names this daemon, then drop the lock. A file that
+        cannot be removed (a read-only state directory) is logged and left: it names a
+        process that is gone, which the next daemon tells by its start time."""
         try:
             found = read_pid_file(self.pid_path)
         except (OSError, ValueError):
             found = None
-        if found is not None and found[0] == os.getpid():
-            self.pid_path.unlink(missing_ok=True)
+        try:
+            if found is not None and found[0] == os.getpid():
+                self.pid_path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("msa_pid_file_not_removed", pid_file=str(self.pid_path), error=exc.strerror or str(exc))
         if self._lock_fd is not None:  # after the pid file: a daemon starting now finds it gone
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -287,7 +310,8 @@ class MsaDaemon:
         between a DRVA and its ``drva_down`` (a mistyped counter once raised here first,
         every second, and froze every alarm of the site)."""
         views = self.supervisor.views()
-        self.alarms.evaluate(time.time_ns(), views, self.protection, monotonic_ns=time.monotonic_ns())
+        self.alarms.evaluate(time.time_ns(), views, self.protection, monotonic_ns=time.monotonic_ns(),
+                             vms_down=self.hypervisor.vms_not_up())
         self.alarms.forget_subjects(set(self.protection) | {d.name for d in self.cfg.drvas})
         self.throughput.update(time.monotonic(), views)
         self.history.record(time.time_ns(), views, self.protection, self.throughput)
@@ -676,6 +700,19 @@ class MsaDaemon:
     def metrics_snapshot(self) -> MetricsSnapshot:
         return MetricsSnapshot(self.supervisor.views(), dict(self.protection), self.alarms.counts_by_kind(),
                                self.runner.running_by_name(), dict(self.runner.finished))
+
+
+async def _stop_step(name: str, step: Any, errors: list[BaseException]) -> None:
+    """Run one step of the daemon's stop; an error is logged (naming the step and the
+    cause) and kept in ``errors``, and the next step runs all the same."""
+    try:
+        if asyncio.iscoroutine(done := step()):
+            await done
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error("msa_stop_step_failed", step=name, error=str(exc) or type(exc).__name__, exc_info=True)
+        errors.append(exc)
 
 
 async def _every(interval_s: float, step: Any, name: str) -> None:

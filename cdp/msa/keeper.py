@@ -7,7 +7,16 @@ directly: the daemon stops its children in order) and its output appended to its
 file, which is moved to ``.1`` at a start when it grew past ``LOG_ROTATE_BYTES`` — and
 while it runs, checked every ``LOG_CHECK_INTERVAL_S``: copied to ``.1`` and cut to nothing
 (``rotate_running``; the child appends, ``O_APPEND``, so it writes on at the new end). A
-DRVA that ran for months grew one log without bound.
+DRVA that ran for months grew one log without bound. The copy is made only when its file
+system has room for it and ``ROTATE_KEEP_FREE_*`` besides, a partial copy is removed, and
+a rotation that failed is tried again after a growing back-off (to
+``LOG_CHECK_BACKOFF_MAX_S``): a copy of a large log on a nearly full state directory once
+filled it, and was made again every 10 s, keeping it full.
+
+A start that fails (the state directory is full or read-only: its control file, its log,
+its pid file) is tried again after the back-off, like an exit; a pid file that cannot be
+removed is logged and left (it names a process that is gone: the next start sees that by
+its start time). Before, either stopped the supervision of that process for good.
 
 States of one kept process: ``starting`` (spawned; the owner says when it is ``up``),
 ``up``, ``restarting`` (exited; waiting for its back-off), ``stopped``. A process that
@@ -37,6 +46,7 @@ regular file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -64,6 +74,14 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # up this long: the next exit starts the back-off afresh
 LOG_ROTATE_BYTES = 64 << 20
 LOG_CHECK_INTERVAL_S = 10.0  # a running child's log size is looked at this often
+LOG_CHECK_BACKOFF_MAX_S = 600.0  # ... and, after failed rotations, at most this seldom
+# A running child's log is copied only when this much stays free after the copy: the
+# state directory also holds the daemon's job records and the children's status files.
+# At least 16 MiB, 5 % of the file system on a larger one, but never more than 1 GiB (5 %
+# of a large disk would stop every rotation long before it is nearly full).
+ROTATE_KEEP_FREE_BYTES = 16 << 20
+ROTATE_KEEP_FREE_FRACTION = 0.05
+ROTATE_KEEP_FREE_MAX_BYTES = 1 << 30
 LOG_TAIL_BYTES = 8192  # read back after an exit, to say why it exited
 ERROR_TEXT_MAX = 400
 # A DRVA's status with 100 domains is about 200 KB; a larger file was not written by the
@@ -102,6 +120,7 @@ class Kept:
     status_digest: bytes | None = field(default=None, repr=False)
     status_changed_at: float | None = None
     log_checked_at: float = 0.0  # monotonic: when rotate_running last looked
+    log_check_every_s: float = LOG_CHECK_INTERVAL_S  # grows while rotations fail
 
 
 class ProcessKeeper:
@@ -123,11 +142,16 @@ class ProcessKeeper:
     def set_state(self, kept: Kept, state: str) -> None:
         kept.state, kept.state_since = state, self.clock()
 
-    async def spawn(self, kept: Kept, args: Sequence[str], **fields: object) -> None:
-        """Start ``python args...``; on failure the next ``reap`` retries after the back-off.
-        A leftover of an earlier daemon under the same name is stopped first."""
+    async def spawn(self, kept: Kept, args: Sequence[str], *, prepare: Callable[[], None] | None = None,
+                    **fields: object) -> None:
+        """Start ``python args...``; on failure (``OSError``) a restart is scheduled after
+        the back-off. A leftover of an earlier daemon under the same name is stopped first.
+        ``prepare`` writes what the child reads as it starts (a host's control file): its
+        failure is a failed start too."""
         try:
             check_private_dirs(kept)  # before its pid file is read or its log opened (module docstring)
+            if prepare is not None:
+                prepare()
             await self.stop_leftover(kept)
             await self.stop_same_command(kept, [sys.executable, *args])
             _rotate(kept.log_path)
@@ -171,7 +195,7 @@ class ProcessKeeper:
                 await proc.wait()
         kept.proc = None
         kept.last_exit = proc.returncode
-        pid_path(kept).unlink(missing_ok=True)
+        self._remove_pid_file(kept)
         self.set_state(kept, "stopped")
         log.info(f"{self.kind}_stopped", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode))
 
@@ -201,6 +225,18 @@ class ProcessKeeper:
             await stop_process(pid, ticks, f"running {' '.join(argv)[:200]}", self.stop_timeout_s)
             log.warning(f"{self.kind}_leftover_stopped", name=kept.name, pid=pid)
 
+    def _remove_pid_file(self, kept: Kept) -> None:
+        """Remove ``kept``'s pid file, its process gone. A file that cannot be removed (a
+        read-only state directory) is logged and left: it names a process that is gone,
+        which the next start tells by its start time (``_leftover``). Raised, it ended a
+        daemon's stop half-way, and left an exited DRVA never restarted."""
+        path = pid_path(kept)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning(f"{self.kind}_pid_file_not_removed", name=kept.name, pid_file=str(path),
+                        error=exc.strerror or str(exc))
+
     def schedule_restart(self, kept: Kept) -> None:
         now = self.clock()
         if kept.state == "up" and now - kept.state_since >= self.stable_after_s:
@@ -217,7 +253,7 @@ class ProcessKeeper:
         if proc is None or proc.returncode is None or kept.expected_exit:
             return False
         kept.proc, kept.last_exit = None, proc.returncode
-        pid_path(kept).unlink(missing_ok=True)
+        self._remove_pid_file(kept)
         kept.last_error = last_error(kept.log_path)
         log.error(f"{self.kind}_exited", name=kept.name, pid=proc.pid, exit=exit_text(proc.returncode),
                   error=kept.last_error)
@@ -232,16 +268,40 @@ class ProcessKeeper:
             kept.status = None
         elif self.restart_due(kept):
             kept.status = None
-            await start(kept)
+            await self._restart(kept, start)
         elif kept.proc is not None:
-            if self.clock() - kept.log_checked_at >= LOG_CHECK_INTERVAL_S and kept.proc.returncode is None:
-                kept.log_checked_at = self.clock()
-                try:  # a copy of 64 MiB: off the event loop (the API and the supervision go on)
-                    await asyncio.to_thread(rotate_running, kept.log_path)
-                except OSError as exc:  # a full file system: the child's log goes on growing
-                    log.warning(f"{self.kind}_log_rotate_failed", name=kept.name, error=str(exc))
+            if self.clock() - kept.log_checked_at >= kept.log_check_every_s and kept.proc.returncode is None:
+                await self._rotate_log(kept)
             return self.read_status(kept)
         return False
+
+    async def _restart(self, kept: Kept, start: Callable[[Kept], Awaitable[None]]) -> None:
+        """``start(kept)`` after its back-off. One that raises before the process runs (its
+        owner wrote a file first, on a full state directory) gets its next restart
+        scheduled: else it stayed ``restarting`` with no restart due, for good."""
+        try:
+            await start(kept)
+        except Exception as exc:
+            if kept.proc is not None:  # it runs: whatever failed after the spawn, reap sees its exit
+                raise
+            kept.last_error = f"cannot start: {exc}"[:ERROR_TEXT_MAX]
+            log.error(f"{self.kind}_start_failed", name=kept.name, error=kept.last_error)
+            self.schedule_restart(kept)
+
+    async def _rotate_log(self, kept: Kept) -> None:
+        """``rotate_running`` on ``kept``'s log; while it fails (a full file system: the
+        child's log goes on growing), looked at again less and less often."""
+        kept.log_checked_at = self.clock()
+        try:  # a copy of 64 MiB: off the event loop (the API and the supervision go on)
+            await asyncio.to_thread(rotate_running, kept.log_path)
+        except OSError as exc:
+            kept.log_check_every_s = min(LOG_CHECK_BACKOFF_MAX_S, kept.log_check_every_s * 2)
+            other = exc.filename if exc.filename not in (None, str(kept.log_path)) else None
+            log.warning(f"{self.kind}_log_rotate_failed", name=kept.name, log=str(kept.log_path),
+                        error=exc.strerror or str(exc), **({"file": other} if other else {}),
+                        retry_in_s=kept.log_check_every_s)
+        else:
+            kept.log_check_every_s = LOG_CHECK_INTERVAL_S
 
     def read_status(self, kept: Kept) -> bool:
         """Read ``kept.status_path`` if the current process wrote it; True when that made
@@ -375,37 +435,71 @@ def rotate_running(path: Path, limit: int | None = None) -> bool:
     ``<log>.1`` (replacing it) and cut to nothing; True when it was. The child appends
     (``O_APPEND``), so it writes on at the new end; what it writes between the copy's
     last read and the cut — microseconds — is lost, as with logrotate's copytruncate.
-    Never through a link (``open_regular``); the logs directory is ours alone."""
+    Never through a link (``open_regular``); the logs directory is ours alone.
+    ``OSError`` naming the log when its file system has no room for the copy
+    (``rotate_room_problem``: nothing is written then) or the copy failed (the partial
+    copy is removed: left, it kept the file system full)."""
     limit = LOG_ROTATE_BYTES if limit is None else limit
     try:
         fd = open_regular(path, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:
-        if os.fstat(fd).st_size <= limit:
+        size = os.fstat(fd).st_size
+        if size <= limit:
             return False
-        old = path.with_name(path.name + ".1")
+        if (problem := rotate_room_problem(fd, size)) is not None:
+            raise OSError(errno.ENOSPC, f"not copied to {path.name}.1: {problem}", str(path))
         tmp = path.with_name(path.name + ".1.tmp")
         tmp.unlink(missing_ok=True)
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         try:
-            copied = 0
-            while True:  # to the end as it is now, then again for what came meanwhile
-                end = os.fstat(fd).st_size
-                while copied < end:
-                    n = os.sendfile(out, fd, copied, end - copied)
-                    if not n:
-                        break
-                    copied += n
-                if os.fstat(fd).st_size == copied or copied < end:
-                    break
-        finally:
-            os.close(out)
-        os.replace(tmp, old)
+            _copy_log(fd, tmp)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # a read-only file system: there is no copy to remove
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:  # sendfile names no file
+                raise OSError(exc.errno, f"{exc.strerror}: copying it to {tmp.name}", str(path)) from exc
+            raise
+        os.replace(tmp, path.with_name(path.name + ".1"))
         os.ftruncate(fd, 0)
         return True
     finally:
         os.close(fd)
+
+
+def rotate_room_problem(fd: int, size: int) -> str | None:
+    """Why a copy of ``size`` bytes of the log open at ``fd`` would leave its file system
+    too full (less free than ``ROTATE_KEEP_FREE_*`` say), or None."""
+    st = os.fstatvfs(fd)
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    keep = max(ROTATE_KEEP_FREE_BYTES, min(ROTATE_KEEP_FREE_MAX_BYTES, int(total * ROTATE_KEEP_FREE_FRACTION)))
+    if free - size >= keep:
+        return None
+    return (f"a copy of its {_mib(size)} would leave less than {_mib(keep)} free on its file system "
+            f"({_mib(free)} free of {_mib(total)}); free some space there")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _copy_log(fd: int, tmp: Path) -> None:
+    """Copy the file open at ``fd`` to the new file ``tmp``: to its end as it is now,
+    then again for what the child appended meanwhile."""
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        copied = 0
+        while True:
+            end = os.fstat(fd).st_size
+            while copied < end:
+                n = os.sendfile(out, fd, copied, end - copied)
+                if not n:
+                    break
+                copied += n
+            if os.fstat(fd).st_size == copied or copied < end:
+                break
+    finally:
+        os.close(out)
 
 
 def last_error(path: Path) -> str | None:

@@ -91,9 +91,18 @@ class StandbyKeeper:
         self.suspended.discard(name)
 
     async def stop_all(self) -> None:
+        """Stop every standby, each whatever the one before did; the first error is raised
+        at the end (the daemon's stop goes on to its DRVAs all the same)."""
+        errors = []
         for sp in self.running.values():
-            await self.keeper.stop(sp)
+            try:
+                await self.keeper.stop(sp)
+            except Exception as exc:
+                log.error("standby_stop_failed", domain=sp.name, error=str(exc))
+                errors.append(exc)
         self.running.clear()
+        if errors:
+            raise errors[0]
 
     def views(self) -> list[dict[str, Any]]:
         out = []
