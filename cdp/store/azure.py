@@ -78,6 +78,7 @@ from cdp.errors import (
 )
 from cdp.store.base import (
     DEADLINE_BASE_S,
+    empty_past_end,
     TRANSFER_BYTES_PER_S_MIN,
     MiB,
     Bytes,
@@ -451,13 +452,7 @@ def _unsatisfiable(where: str, exc: HttpResponseError, offset: int, length: int 
     if found is None:
         raise StoreUnavailable(f"{where}: got HTTP 416 (range not satisfiable) with Content-Range"
                                f" {show_key(shown)}, which names no blob size")
-    size = int(found.group(1))
-    check_size(where, size, max_bytes)
-    start, end = resolve_range(size, offset, length)
-    if start != end:
-        raise StoreUnavailable(f"{where}: got HTTP 416 (range not satisfiable) for a blob of {size} bytes,"
-                               f" which hold bytes [{start}, {end}) of the range asked")
-    return b""
+    return empty_past_end(where, int(found.group(1)), offset, length, max_bytes, "a range")
 
 
 class _RangeCheck:

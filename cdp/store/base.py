@@ -285,6 +285,20 @@ def check_size(where: str, size: int, max_bytes: int | None) -> None:
         raise TooLarge(where, size, max_bytes)
 
 
+def empty_past_end(where: str, size: int, offset: int, length: int | None, max_bytes: int | None,
+                   asked: str) -> bytes:
+    """A 416 (range not satisfiable) answered to a read of ``[offset, offset+length)`` of
+    an object of ``size`` bytes (as the answer or a HEAD proved it): the empty read it
+    stands for when the range lies at or past the end; StoreUnavailable (retryable)
+    when the object holds bytes of the range — a 416 then proves nothing."""
+    check_size(where, size, max_bytes)
+    start, end = resolve_range(size, offset, length)
+    if start != end:
+        raise StoreUnavailable(f"{where}: asked {asked}, got HTTP 416 (range not satisfiable), but the object"
+                               f" has {size} bytes, which hold bytes [{start}, {end}) of that range")
+    return b""
+
+
 def check_max_bytes(max_bytes: int | None) -> None:
     """Refuse a bound no object can meet (a programmer's error)."""
     if max_bytes is not None and max_bytes < 0:

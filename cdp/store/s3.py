@@ -65,6 +65,7 @@ from cdp.errors import (
 )
 from cdp.store.base import (
     DEADLINE_BASE_S,
+    empty_past_end,
     TRANSFER_BYTES_PER_S_MIN,
     MiB,
     Bytes,
@@ -350,12 +351,7 @@ class S3Store(StoreBase):
         size = _actual_object_size(exc)
         if size is None:
             size = (await self._head("get", key)).size
-        check_size(where, size, max_bytes)
-        start, end = resolve_range(size, offset, length)
-        if start != end:
-            raise StoreUnavailable(f"{where}: asked {asked}, got HTTP 416 (range not satisfiable), but the object"
-                                   f" has {size} bytes, which hold bytes [{start}, {end}) of that range")
-        return b""
+        return empty_past_end(where, size, offset, length, max_bytes, asked)
 
     def _answered_span(self, key: str, asked: str | None, offset: int, length: int | None,
                        reply: dict[str, Any], max_bytes: int | None = None) -> int:
