@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -151,25 +150,30 @@ def _lz4_decompress_safe():
     and a copy made holding the GIL: 13.7 ms per 16 MiB against 2.5 ms for LZ4 alone
     into a reused buffer (measured). ``LZ4_decompress_safe`` is liblz4's stable public
     API and never reads or writes outside the two buffers whatever the input; ctypes
-    releases the GIL for the call. It is looked up in the system liblz4, then in the
-    liblz4 that python-lz4's extension links in (which exports it).
+    releases the GIL for the call.
+
+    It is taken from the liblz4 that python-lz4's extension carries (and exports), which
+    this process has loaded already: never from ``ctypes.util.find_library``, which runs
+    ``ldconfig`` in a child process. A child forked while a recovery holds its
+    directory's lock holds the lock too, until it execs or dies: a recovery killed with
+    its process group then left the lock held for a moment after it was reaped, and an
+    immediate rerun was refused as "another recovery is running" (seen in the kill
+    campaign). Decoding never starts a process.
     """
     try:
-        from lz4.block import _block as extension  # its file, to load the liblz4 it links in
-    except ImportError:  # another python-lz4 layout: the system library or python-lz4 itself
-        extension = None
-    candidates = [ctypes.util.find_library("lz4"), getattr(extension, "__file__", None)]
-    for name in candidates:
-        if not name:
-            continue
-        try:
-            fn = ctypes.CDLL(name).LZ4_decompress_safe
-        except (OSError, AttributeError):
-            continue
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
-        fn.restype = ctypes.c_int
-        return fn
-    return None
+        from lz4.block import _block as extension  # its file, to reach the liblz4 it links in
+    except ImportError:  # another python-lz4 layout: python-lz4's own decompress
+        return None
+    name = getattr(extension, "__file__", None)
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name).LZ4_decompress_safe
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def lz4_decompress(stored: bytes | bytearray | memoryview, raw_len: int, *, out: bytearray | None = None
@@ -180,8 +184,8 @@ def lz4_decompress(stored: bytes | bytearray | memoryview, raw_len: int, *, out:
     ``lz4.block.LZ4BlockError`` when LZ4 refuses the input. With ``out`` (at least
     ``raw_len`` bytes) the bytes go there and the result is a view of it, valid until
     the caller reuses it."""
-    # Looked up on first use, not at import: find_library runs ldconfig (or a compiler),
-    # which every process importing this module (the CLI, each DRVA) need not pay.
+    # Looked up on first use, not at import: loading the library costs every process
+    # importing this module (the CLI, each DRVA) time it may never need.
     decompress_safe = _lz4_decompress_safe()
     if decompress_safe is None:
         return lz4.block.decompress(stored, uncompressed_size=raw_len)

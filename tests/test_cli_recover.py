@@ -146,3 +146,27 @@ async def test_cli_checksum_gives_each_image_sha256(b, tmp_path):
     assert r.returncode == 0, r.stderr
     images = json.loads(r.stdout)["images"]
     assert [i["sha256"] for i in images] == b.snapshot() and images_ok(b, tmp_path / "out")
+
+
+# Any of these audit events is a process being started.
+_PROCESS_EVENTS = ("subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system")
+
+
+async def test_cli_recovery_starts_no_process(b, tmp_path):
+    """A recovery (base chunks and segment blocks decoded) starts no child process: a child
+    forked while the run holds its directory's lock holds it too, so a run killed with its
+    process group could leave its lock held after it was reaped and refuse the rerun.
+    Decoding used to run ``ldconfig`` (ctypes.util.find_library) to find liblz4."""
+    hook = ("import runpy, sys\n"
+            f"EVENTS = {_PROCESS_EVENTS!r}\n"
+            "def refuse(event, args):\n"
+            "    if event in EVENTS:\n"
+            "        raise RuntimeError(f'process started: {event} {args!r}')\n"
+            "sys.addaudithook(refuse)\n"
+            "runpy.run_module('cdp.cli', run_name='__main__')\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", hook, "recover", "7", "--store", f"file://{tmp_path / 'store'}",
+                        "--latest", "--to", str(out), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "process started" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert images_ok(b, out) and doc["bytes_fetched"] > 0
