@@ -208,16 +208,7 @@ def _hash_name(namer: Namer) -> str:
 def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None, namer: Namer = None,
                      check_name: bool = True) -> bytes:
     where = f"chunk {name}"
-    codec, raw_len, stored_len, raw_hash, stored_xxh3, _ = unpack_summed(
-        _CHUNK, mv, where=where, magic=CHUNK_MAGIC, version=VERSION, zero=_CHUNK_ZERO
-    )
-    if codec not in (CODEC_STORED, CODEC_LZ4):
-        raise FormatError(f"{where}: header at offset 6: unknown codec {codec}")
-    if not 1 <= raw_len <= CHUNK_SIZE_MAX:
-        raise FormatError(f"{where}: header at offset 8: raw_len {raw_len} not in 1..{CHUNK_SIZE_MAX}")
-    if codec == CODEC_STORED and stored_len != raw_len:
-        raise FormatError(f"{where}: header at offset 12: stored_len {stored_len} != raw_len {raw_len}")
-    _check_expected(where, raw_hash, expected_hash)
+    codec, raw_len, stored_len, raw_hash, stored_xxh3 = _chunk_v1_header(where, mv, expected_hash)
     stored = checked_body(mv, stored_len, stored_xxh3, where=where, what="stored_xxh3",
                           header_size=HEADER_SIZE)
     if codec == CODEC_STORED:
@@ -232,6 +223,21 @@ def _decode_chunk_v1(name: str, mv: memoryview, expected_hash: bytes | None, nam
     return raw
 
 
+def _chunk_v1_header(where: str, mv: memoryview, expected_hash: bytes | None) -> tuple[int, int, int, bytes, int]:
+    """A version-1 chunk's 64-byte header, verified: (codec, raw_len, stored_len, raw hash, stored_xxh3)."""
+    codec, raw_len, stored_len, raw_hash, stored_xxh3, _ = unpack_summed(
+        _CHUNK, mv, where=where, magic=CHUNK_MAGIC, version=VERSION, zero=_CHUNK_ZERO
+    )
+    if codec not in (CODEC_STORED, CODEC_LZ4):
+        raise FormatError(f"{where}: header at offset 6: unknown codec {codec}")
+    if not 1 <= raw_len <= CHUNK_SIZE_MAX:
+        raise FormatError(f"{where}: header at offset 8: raw_len {raw_len} not in 1..{CHUNK_SIZE_MAX}")
+    if codec == CODEC_STORED and stored_len != raw_len:
+        raise FormatError(f"{where}: header at offset 12: stored_len {stored_len} != raw_len {raw_len}")
+    _check_expected(where, raw_hash, expected_hash)
+    return codec, raw_len, stored_len, raw_hash, stored_xxh3
+
+
 def _check_expected(where: str, raw_hash: bytes, expected_hash: bytes | None) -> None:
     if expected_hash is not None and raw_hash != bytes(expected_hash):
         raise FormatError(
@@ -244,6 +250,14 @@ def chunk_head_bytes(raw_len: int) -> int:
     """Bytes of a version-2 chunk's header and sub-block table for ``raw_len`` raw bytes:
     what a partial reader GETs first (the manifest gives ``raw_len``)."""
     return HEADER_SIZE + SUB_BLOCK_DTYPE.itemsize * -(-raw_len // SUB_BLOCK_BYTES)
+
+
+def chunk_bytes_max(chunk_len: int) -> int:
+    """The largest chunk object (FORMAT.md §6.1) holding ``chunk_len`` raw bytes, of either
+    version: the header, the table and each sub-block stored as it is or smaller
+    (version 1: the header and one block no larger than the raw bytes). A larger object
+    under a chunk's key is refused before it is read."""
+    return chunk_head_bytes(chunk_len) + chunk_len
 
 
 @dataclass(frozen=True)
@@ -497,6 +511,32 @@ def decode_manifest(key: str, data: bytes | bytearray | memoryview) -> Manifest:
     hashes = np.frombuffer(table, dtype=np.uint8).reshape(count, HASH_BYTES).copy()
     hashes.flags.writeable = False
     return Manifest(key, domain, disk, seq, disk_size, chunk_size, hashes)
+
+
+async def chunk_stored(store: ObjectStore, key: str, hash16: bytes, chunk_size: int) -> str | None:
+    """Why the chunk ``hash16`` (at most ``chunk_size`` raw bytes) must be written under
+    ``key``, or None when ``store`` holds it there: what a writer that deduplicates
+    (seeding, consolidation) asks before it skips an upload.
+
+    The chunk's header and table are read back and verified (checksums, the hash they
+    name), not just looked up: a HEAD that answers for an object the store does not
+    hold (a caching proxy, a store still listing what a chunk sweep deleted) made the
+    writer skip the upload and commit a manifest naming a chunk that was never there,
+    which only a recovery found out. An object under the key that is not this chunk
+    (corrupt, of another format, too large) is written over: the reason says which."""
+    try:
+        head = await store.get(key, 0, chunk_head_bytes(chunk_size), max_bytes=chunk_bytes_max(chunk_size))
+    except NotFound:
+        return "absent"
+    except TooLarge as exc:
+        return f"not a chunk: {exc}"
+    mv = memoryview(head).cast("B")
+    try:
+        if decode_chunk_head(key, mv, hash16) is None:  # version 1: no table, its header only
+            _chunk_v1_header(f"chunk {key}", mv[:HEADER_SIZE], hash16)
+    except FormatError as exc:
+        return f"not this chunk: {exc}"
+    return None
 
 
 #: A manifest deleted between a lost create and the read of what was found there is

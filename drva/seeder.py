@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from cdp import wire
-from cdp.base_image import chunk_namer_of, encode_chunk, encode_manifest, is_zero, put_manifest
-from cdp.errors import AlreadyExists, LeaseLost, NotFound, StoreError
+from cdp.base_image import chunk_namer_of, chunk_stored, encode_chunk, encode_manifest, is_zero, put_manifest
+from cdp.errors import AlreadyExists, LeaseLost, StoreError
 from cdp.gather import gather_bounded
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import Lease, chunk_writer_lease
@@ -381,10 +381,12 @@ class Seeder:
                 try:
                     await self._hold_lease(job)
                     job.lease.check()
-                    try:
-                        await store.stat(key)
+                    why = await chunk_stored(store, key, h, job.chunk_size)
+                    if why is None:
                         job.deduplicated += 1
-                    except NotFound:
+                    else:
+                        if why != "absent":
+                            log.warning("seed_chunk_rewritten", key=key, reason=why)
                         await store.put(key, obj)
                         job.stored += 1
                     break
@@ -579,7 +581,7 @@ class Seeder:
         await self._drop_lease(job)
         await self._hold_lease(job)
         rows = np.unique(job.hashes, axis=0)
-        missing = await self._missing(store, [chunk_key(r.tobytes()) for r in rows if r.any()])
+        missing = await self._missing(store, [r.tobytes() for r in rows if r.any()], job.chunk_size)
         log.info("seed_chunks_checked", domain=job.domain, disk=job.disk, chunks=len(rows), missing=len(missing))
         if not missing:
             return None
@@ -587,27 +589,30 @@ class Seeder:
                 f"disk {job.disk} was deleted by a chunk sweep while the seed's chunk-writer lease was lost: the "
                 f"seed is refused, nothing of it is committed; seed the disk again")
 
-    async def _missing(self, store: ObjectStore, keys: list[str]) -> list[str]:
-        """Those of ``keys`` the store does not hold (a store that fails is asked again)."""
+    async def _missing(self, store: ObjectStore, hashes: list[bytes], chunk_size: int) -> list[str]:
+        """The keys of those chunks of ``hashes`` the store does not hold (``chunk_stored``:
+        their heads are read back); a store that fails is asked again."""
         missing: list[str] = []
 
-        async def one(key: str) -> None:
+        async def one(h: bytes) -> None:
+            key = chunk_key(h)
             attempt = 0
             while True:
                 try:
-                    await store.stat(key)
-                    return
-                except NotFound:
-                    missing.append(key)
+                    why = await chunk_stored(store, key, h, chunk_size)
+                    if why is not None:
+                        log.warning("seed_chunk_missing", key=key, reason=why)
+                        missing.append(key)
                     return
                 except StoreError as exc:
                     attempt += 1
                     log.warning("seed_check_failed", key=key, attempt=attempt, error=exc.message)
                     await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
 
-        for at in range(0, len(keys), CHECK_BATCH_MAX):  # bounded: not one task per chunk of a large disk
-            await gather_bounded((one(k) for k in keys[at : at + CHECK_BATCH_MAX]), UPLOADS_MAX)
+        for at in range(0, len(hashes), CHECK_BATCH_MAX):  # bounded: not one task per chunk of a large disk
+            await gather_bounded((one(h) for h in hashes[at : at + CHECK_BATCH_MAX]), UPLOADS_MAX)
         return sorted(missing)
+
 
 def _behind_horizon(timeline: Any, job: SeedJob, end: int, base: dict) -> str | None:
     """Why ``job``'s base (``base``) may not be committed on ``timeline``, or None: it

@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 
 from cdp.base_image import (
-    CHUNK_SIZE_DEFAULT, HASH_BYTES, Namer, chunk_hash, chunk_namer_of, encode_chunk, encode_manifest, is_zero,
-    put_manifest,
+    CHUNK_SIZE_DEFAULT, HASH_BYTES, Namer, chunk_hash, chunk_namer_of, chunk_stored, encode_chunk, encode_manifest,
+    is_zero, put_manifest,
 )
 from cdp.catalog import CatalogWriter
 from cdp.catalog_read import CatalogView
-from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost, NotFound
+from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, check_clock_skew, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
@@ -201,12 +201,12 @@ class _ChunkUploader:
         self.present.add(h)  # before the awaits: a twin in flight counts as a duplicate
         key = chunk_key(h)
         self.lease.check()
-        try:
-            await self.store.stat(key)
+        why = await chunk_stored(self.store, key, h, len(raw))
+        if why is None:
             self.stats["chunks_deduplicated"] += 1
             return
-        except NotFound:
-            pass
+        if why != "absent":
+            log.warning("consolidate_chunk_rewritten", key=key, reason=why)
         _, obj = await asyncio.get_running_loop().run_in_executor(self.pool, encode_chunk, raw, self.namer)
         self.lease.check()
         await self.store.put(key, obj)

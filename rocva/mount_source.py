@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cdp.base_image import (
-    SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_chunk_head,
+    SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_bytes_max, chunk_head_bytes, chunk_namer_of, decode_chunk,
+    decode_chunk_head,
 )
 from cdp.errors import CdpError, FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
@@ -53,7 +54,7 @@ from cdp.logs import get_logger
 from cdp.segment import SegmentIndex, stored_span, unpack_blocks
 from cdp.store.base import Bytes, ObjectStore, get_bounded
 from rocva.mount_cache import Unit, UnitCache
-from rocva.plan import SRC_BASE, SRC_WRITE, DiskPlan, chunk_bytes_max
+from rocva.plan import SRC_BASE, SRC_WRITE, DiskPlan
 
 if TYPE_CHECKING:
     from rocva.point_guard import PointGuard

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cdp.base_image import CHUNK_SIZE_MIN, HASH_BYTES, HEADER_SIZE, Manifest, chunk_head_bytes, decode_manifest
+from cdp.base_image import CHUNK_SIZE_MIN, HASH_BYTES, HEADER_SIZE, Manifest, decode_manifest
+from cdp.base_image import chunk_bytes_max as chunk_bytes_max  # where rocva.fetch still imports it from
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import FormatError, NotFound
@@ -147,14 +148,6 @@ def manifest_bytes_max(disk_size: int | None) -> int:
     key is refused before it is read."""
     chunks = U32_MAX if disk_size is None else -(-disk_size // CHUNK_SIZE_MIN)
     return HEADER_SIZE + HASH_BYTES * chunks
-
-
-def chunk_bytes_max(chunk_len: int) -> int:
-    """The largest chunk object (FORMAT.md §6.1) holding ``chunk_len`` raw bytes, of either
-    version: the header, the table and each sub-block stored as it is or smaller
-    (version 1: the header and one block no larger than the raw bytes). A larger object
-    under a chunk's key is refused before it is read."""
-    return chunk_head_bytes(chunk_len) + chunk_len
 
 
 async def _get_manifest(store: ObjectStore, key: str, disk_size: int | None) -> Manifest:

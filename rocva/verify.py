@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from cdp.base_image import chunk_namer_of, decode_chunk, decode_manifest
+from cdp.base_image import chunk_bytes_max, chunk_namer_of, decode_chunk, decode_manifest
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import CdpError, ConfigError, FormatError, NotFound
@@ -47,7 +47,7 @@ from cdp.segment import decode_segment, read_segment_index
 from cdp.store.base import ObjectStore, get_bounded
 from cdp.sorted_find import find_keys
 from rocva.integrity import SeenCommit, behind_problems, rollback_problems
-from rocva.plan import chunk_bytes_max, manifest_bytes_max
+from rocva.plan import manifest_bytes_max
 from rocva.recover import recovery_lease_held
 from rocva.target import mark_payload, mark_problem
 

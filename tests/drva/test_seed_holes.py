@@ -128,6 +128,9 @@ async def test_a_seed_whose_filter_dies_drops_its_lease_and_window(tmp_path):
         await client.send_seed([wire.seed_chunk_message(1, 0, i, f.disks[0].read(i * CHUNK, CHUNK))])
     await wait_until_async(lambda: locks.live_locks(store, locks.writer_prefix(), skew_s=0), EVENTUALLY_S,
                            "the seed's writer lease")
+    # Its three chunks stored (the sweep below must find them to delete), no manifest yet.
+    await wait_until(lambda: len(list((tmp_path / "store" / "c").rglob("*.chk"))) == 3, EVENTUALLY_S,
+                     "the seed's chunks stored")
     task.cancel()  # the filter dies mid-seed
     await asyncio.gather(task, return_exceptions=True)
     await wait_until(lambda: not d.seeder.jobs and not d.seeder.finishing, EVENTUALLY_S, "the seed dropped")
