@@ -22,7 +22,7 @@ from cdp.testing.domain import DomainBuilder
 from rocva import RecoverOptions, recover
 from rocva.retention import sweep_chunks
 from tests.conftest import TEST_PAGE_SIZE, make_s3_store, unique_name
-from tests.mangling_proxy import ManglingProxy, answer
+from tests.mangling_proxy import Exchange, ManglingProxy, Reply
 from tests.rocva.build import seed_initial
 
 KiB = 1 << 10
@@ -41,12 +41,15 @@ def first_page(path: str) -> bool:
     return "continuation-token" not in path and "start-after" not in path
 
 
-def ended_early(method: str, path: str, head: bytes, body: bytes) -> bytes | None:
+def ended_early(exchange: Exchange) -> Reply | None:
     """Any page of a listing under ``d/`` that has more after it is answered as the last:
     no ``IsTruncated``, no token."""
-    if method == "GET" and _listing_of(path, "d/") and b"<IsTruncated>true</IsTruncated>" in body:
-        body = body.replace(b"<IsTruncated>true</IsTruncated>", b"<IsTruncated>false</IsTruncated>")
-        return answer(head, re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"", body))
+    reply = exchange.reply
+    if (exchange.method == "GET" and _listing_of(exchange.path, "d/")
+            and b"<IsTruncated>true</IsTruncated>" in reply.body):
+        body = reply.body.replace(b"<IsTruncated>true</IsTruncated>", b"<IsTruncated>false</IsTruncated>")
+        reply.body = re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"", body)
+        return reply
     return None
 
 
@@ -148,11 +151,13 @@ async def test_a_manifest_the_listing_left_out_is_named_by_the_catalog(moto_serv
     rng = np.random.default_rng(13)
     dropped: list[bytes] = []
 
-    def drop_first_manifest(method: str, path: str, head: bytes, body: bytes) -> bytes | None:
-        if method == "GET" and _listing_of(path, "d/00000002/base/") and first_page(path):
-            first = re.search(rb"<Contents>.*?</Contents>", body, re.S)
+    def drop_first_manifest(exchange: Exchange) -> Reply | None:
+        reply = exchange.reply
+        if exchange.method == "GET" and _listing_of(exchange.path, "d/00000002/base/") and first_page(exchange.path):
+            first = re.search(rb"<Contents>.*?</Contents>", reply.body, re.S)
             dropped.append(re.search(rb"<Key>(.*?)</Key>", first.group()).group(1))
-            return answer(head, body[:first.start()] + body[first.end():])
+            reply.body = reply.body[:first.start()] + reply.body[first.end():]
+            return reply
         return None
 
     async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:

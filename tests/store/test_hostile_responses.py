@@ -1,4 +1,4 @@
-"""Object stores against answers a raw proxy (``tests/store/raw_proxy.py``) makes of the
+"""Object stores against answers a mangling proxy (``tests/mangling_proxy.py``) makes of the
 real moto and Azurite, byte for byte: what an audit found and what holds now.
 
 1. An Azure answer in a content coding (a gzip body that inflates 256 times) is refused
@@ -58,7 +58,7 @@ from rocva.verify import verify
 from tests.conftest import make_azure_store, make_s3_store, unique_name
 from tests.rocva.build import seed_initial
 from tests.services import AZURITE_KEY, connection_string
-from tests.store.raw_proxy import Exchange, RawProxy, Reply, is_data_get, reply_of
+from tests.mangling_proxy import Exchange, ManglingProxy, Reply, is_data_get
 
 KiB, MiB = 1 << 10, 1 << 20
 S = 1_000_000_000
@@ -73,7 +73,7 @@ class Pair:
     """One bucket or container, reached directly (``direct``) and through ``proxy`` (``via``)."""
 
     kind: str
-    proxy: RawProxy
+    proxy: ManglingProxy
     direct: Any
     via: Any
     make: Callable[..., Any]  # another store through the proxy, with options
@@ -84,7 +84,7 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
     kind = request.param
     server = request.getfixturevalue("moto_service" if kind == "s3" else "azurite_service")
     name = unique_name()
-    async with RawProxy("127.0.0.1", server.port) as proxy:
+    async with ManglingProxy("127.0.0.1", server.port) as proxy:
         if kind == "s3":
             def make(**options: Any) -> Any:
                 return make_s3_store(proxy.url, name, **{"max_attempts": 1, **options})
@@ -160,7 +160,7 @@ async def test_azure_an_answer_in_a_content_coding_is_refused_before_it_is_infla
             exchange.reply.body = bomb + bytes(len(exchange.reply.body) - len(bomb))
         return exchange.reply.set_header("Content-Encoding", coding["value"])
 
-    async with RawProxy("127.0.0.1", server.port) as proxy:
+    async with ManglingProxy("127.0.0.1", server.port) as proxy:
         async with make_azure_store(connection_string(proxy.port, AZURITE_KEY), unique_name(),
                                     max_attempts=1) as store:
             await store.create_container()
@@ -305,7 +305,7 @@ async def test_a_416_that_proves_nothing_is_retryable_not_an_empty_object(
         headers.append(("Content-Range", "bytes */10"))
         detail = "<ActualObjectSize>10</ActualObjectSize>"
     body = f"<Error><Code>InvalidRange</Code><Message>no</Message>{detail}</Error>".encode()
-    pair.proxy.mangle = lambda exchange: (reply_of(416, "Range Not Satisfiable", headers, body)
+    pair.proxy.mangle = lambda exchange: (Reply(416, "Range Not Satisfiable", headers, body)
                                           if is_data_get(exchange, "e/ten") else None)
     with pytest.raises(StoreUnavailable, match="416") as caught:
         await pair.via.get("e/ten", offset, length)
@@ -483,11 +483,11 @@ async def test_a_listing_of_endless_foreign_names_logs_a_few_lines(moto_service:
             return None
         n = pages["served"] = pages["served"] + 1
         if n > 40:
-            return reply_of(200, "OK", [("Content-Type", "application/xml")], s3_page(["p/q/d/zz"], None))
+            return Reply(200, "OK", [("Content-Type", "application/xml")], s3_page(["p/q/d/zz"], None))
         names = [f"p/q/d/x {n:03d}-{i:03d}" for i in range(250)]
-        return reply_of(200, "OK", [("Content-Type", "application/xml")], s3_page(names, f"token-{n}"))
+        return Reply(200, "OK", [("Content-Type", "application/xml")], s3_page(names, f"token-{n}"))
 
-    async with RawProxy("127.0.0.1", moto_service.port) as proxy:
+    async with ManglingProxy("127.0.0.1", moto_service.port) as proxy:
         proxy.mangle = mangle
         async with make_s3_store(proxy.url, unique_name(), max_attempts=1) as store:
             with caplog.at_level(logging.WARNING, logger="cdp.store.base"):
