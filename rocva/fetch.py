@@ -57,7 +57,6 @@ its largest unit (``_opened``): ``pool_workers × (2 × run_bytes_max + one bloc
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -69,14 +68,15 @@ import xxhash
 
 from cdp import durable
 from cdp.base_image import (
-    SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_head_bytes, chunk_namer_of, decode_chunk, decode_chunk_head,
+    SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_bytes_max, chunk_head_bytes, chunk_namer_of, decode_chunk,
+    decode_chunk_head,
 )
 from cdp.direct_io import ReadBuffer
 from cdp.errors import FormatError, NotFound, TruncatedError
 from cdp.layout import chunk_key
 from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
-from cdp.store.base import ObjectStore, bounded_call, get_bounded
-from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan, chunk_bytes_max
+from cdp.store.base import ObjectStore, get_bounded
+from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
 
 RUN_BYTES_MAX_DEFAULT = 16 << 20
 # A full recovery reads through gaps of overwritten writes up to this many raw bytes
@@ -819,8 +819,7 @@ class _Lent:
         self.describe = store.describe
 
     async def get(self, key: str, offset: int = 0, length: int | None = None, *, max_bytes: int | None = None):
-        return await bounded_call(self.store.get_into, key, offset, length, self.buf, max_bytes=max_bytes,
-                                  whole=offset == 0 and length is None)
+        return await self.store.get_into(key, offset, length, self.buf, max_bytes=max_bytes)
 
 
 class _Unopening:
@@ -835,9 +834,7 @@ class _Unopening:
         self.describe = store.describe
 
     async def get(self, key: str, offset: int = 0, length: int | None = None, *, max_bytes: int | None = None):
-        unopened = functools.partial(self.store.get_unopened, into=self.buf)
-        return await bounded_call(unopened, key, offset, length, max_bytes=max_bytes,
-                                  whole=offset == 0 and length is None)
+        return await self.store.get_unopened(key, offset, length, into=self.buf, max_bytes=max_bytes)
 
 
 async def _stale_marked(stored, job) -> int:

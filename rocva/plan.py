@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cdp.base_image import CHUNK_SIZE_MIN, HASH_BYTES, HEADER_SIZE, Manifest, decode_manifest
-from cdp.base_image import chunk_bytes_max as chunk_bytes_max  # where rocva.fetch still imports it from
 from cdp.catalog import load_catalog
 from cdp.catalog_read import CatalogView, row_records
 from cdp.errors import FormatError, NotFound

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import hashlib
 import os
 import stat
@@ -55,7 +54,7 @@ from cdp.durable import SyncFailed
 from cdp.errors import NotFound, PermissionDenied
 from cdp.locks import Lease, recovery_lease
 from cdp.logs import get_logger
-from cdp.store.base import ObjectStore, bounded_call
+from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
 from rocva.errors import RecoveryError
 from rocva.fetch import (
@@ -96,17 +95,14 @@ class CountingStore:
     # Each read passes the reader's bound on (``max_bytes``): refused before the body.
     async def get(self, key: str, offset: int = 0, length: int | None = None, *,
                   max_bytes: int | None = None) -> bytes:
-        return self._counted(await bounded_call(self.inner.get, key, offset, length, max_bytes=max_bytes,
-                                                whole=offset == 0 and length is None))
+        return self._counted(await self.inner.get(key, offset, length, max_bytes=max_bytes))
 
     async def _get_unopened(self, key: str, offset: int = 0, length: int | None = None, *, into=None,
                             max_bytes: int | None = None):
-        get = functools.partial(self.inner.get_unopened, into=into)
-        return self._counted(await bounded_call(get, key, offset, length, max_bytes=max_bytes, whole=False))
+        return self._counted(await self.inner.get_unopened(key, offset, length, into=into, max_bytes=max_bytes))
 
     async def _get_into(self, key: str, offset: int, length: int | None, buf, *, max_bytes: int | None = None):
-        return self._counted(await bounded_call(self.inner.get_into, key, offset, length, buf, max_bytes=max_bytes,
-                                                whole=offset == 0 and length is None))
+        return self._counted(await self.inner.get_into(key, offset, length, buf, max_bytes=max_bytes))
 
     def _counted(self, data):
         self.gets += 1

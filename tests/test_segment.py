@@ -418,9 +418,9 @@ class _CountingStore(MemoryStore):
         super().__init__()
         self.calls: list[tuple] = []
 
-    async def get(self, key, offset=0, length=None):
+    async def get(self, key, offset=0, length=None, *, max_bytes=None):
         self.calls.append(("get", offset, length))
-        return await super().get(key, offset, length)
+        return await super().get(key, offset, length, max_bytes=max_bytes)
 
     async def stat(self, key):
         self.calls.append(("stat",))

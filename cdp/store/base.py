@@ -16,7 +16,7 @@ contract suite (tests/store/test_contract.py):
   (``TooLarge``, a FormatError naming the key, its size and the bound): a reader of
   an object that is small by its format (a lock, a manifest, a chunk) passes the
   format's bound, so that a planted or mangled giant cannot exhaust its memory.
-  A reader calls ``get_bounded``, which also serves wrappers that predate the bound.
+  A reader calls ``get_bounded``; a wrapper passes the bound on to the store it wraps.
 - ``list`` yields objects in ascending byte order of their keys.
 - ``delete`` is idempotent; ``stat`` and ``get`` raise ``NotFound``.
 
@@ -60,9 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
-import inspect
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -305,52 +303,11 @@ def check_max_bytes(max_bytes: int | None) -> None:
         raise ValueError(f"max_bytes must be >= 0 or None, not {max_bytes}")
 
 
-_TAKES_MAX_BYTES: dict[object, bool] = {}  # by function: a class's methods are looked at once
-_TAKES_MAX_BYTES_KEPT = 1024
-
-
-def takes_max_bytes(method: Any) -> bool:
-    """Whether a store's ``get`` (or ``get_into``, ``get_unopened``; a bound method, or a
-    ``functools.partial`` of one) takes ``max_bytes``: a wrapper written before the bound
-    (a counting view, a test double) may not."""
-    while isinstance(method, functools.partial):
-        method = method.func
-    fn = getattr(method, "__func__", method)
-    known = _TAKES_MAX_BYTES.get(fn)
-    if known is None:
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
-            params = ()
-        known = any(p.name == "max_bytes" or p.kind is p.VAR_KEYWORD for p in params)
-        if len(_TAKES_MAX_BYTES) >= _TAKES_MAX_BYTES_KEPT:
-            _TAKES_MAX_BYTES.clear()  # functions made on the fly: looked at again, not kept for ever
-        _TAKES_MAX_BYTES[fn] = known
-    return known
-
-
-async def bounded_call(method: Any, key: str, *args: Any, max_bytes: int | None, whole: bool) -> Any:
-    """``method(key, *args, max_bytes=max_bytes)`` (a get, get_into or get_unopened), or,
-    where ``method`` does not take the bound, the plain call and the bound checked on
-    what it returned when it read the ``whole`` object: then too large an object was
-    read before it was refused — such a wrapper should pass the bound on."""
-    if max_bytes is None:
-        return await method(key, *args)
-    if takes_max_bytes(method):
-        return await method(key, *args, max_bytes=max_bytes)
-    data = await method(key, *args)
-    if whole:
-        describe = getattr(getattr(method, "__self__", None), "describe", None)
-        check_size(f"{describe() if describe else 'store'}: get {show_key(key)}", len(data), max_bytes)
-    return data
-
-
 async def get_bounded(store: ObjectStore, key: str, max_bytes: int, offset: int = 0,
                       length: int | None = None) -> Any:
     """``store.get(key, offset, length, max_bytes=max_bytes)``: what a reader of an object
-    small by its format calls (``bounded_call`` for stores that do not take the bound)."""
-    return await bounded_call(store.get, key, offset, length, max_bytes=max_bytes,
-                              whole=offset == 0 and length is None)
+    small by its format calls."""
+    return await store.get(key, offset, length, max_bytes=max_bytes)
 
 
 def check_deadline_settings(kind: str, deadline_base_s: float, transfer_bytes_per_s_min: float) -> None:

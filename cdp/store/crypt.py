@@ -58,7 +58,7 @@ from cdp.direct_io import ReadBuffer
 from cdp.errors import CdpError, ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
 from cdp.logs import get_logger
 from cdp.store.base import (
-    Bytes, ObjectInfo, ObjectStore, StoreBase, TooLarge, bounded_call, check_max_bytes, check_range, check_size,
+    Bytes, ObjectInfo, ObjectStore, StoreBase, TooLarge, check_max_bytes, check_range, check_size,
     resolve_range,
 )
 from cdp.store.keys import show_key, validate_key, validate_prefix
@@ -539,12 +539,10 @@ class EncryptedStore(StoreBase):
         """The inner store's bytes, read into ``into`` when it is given and the inner store
         reads into buffers (then valid until ``into`` is read into again); an object
         sealing more than ``max_bytes`` of plaintext refused unread."""
-        whole = offset == 0 and length is None
         if into is not None and self.unopened_into:
-            return await bounded_call(self.inner.get_into, key, offset, length, into,  # type: ignore[attr-defined]
-                                      max_bytes=_sealed_bound(max_bytes), whole=whole)
-        return await bounded_call(self.inner.get, key, offset, length, max_bytes=_sealed_bound(max_bytes),
-                                  whole=whole)
+            return await self.inner.get_into(key, offset, length, into,  # type: ignore[attr-defined]
+                                             max_bytes=_sealed_bound(max_bytes))
+        return await self.inner.get(key, offset, length, max_bytes=_sealed_bound(max_bytes))
 
     async def _fetch_whole(self, key: str, into: ReadBuffer | None = None,
                            max_bytes: int | None = None) -> tuple[Envelope, memoryview]:

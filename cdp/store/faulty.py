@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cdp.errors import StoreError, StoreUnavailable
-from cdp.store.base import OPS, Bytes, ObjectInfo, ObjectStore, StoreBase, bounded_call
+from cdp.store.base import OPS, Bytes, ObjectInfo, ObjectStore, StoreBase
 from cdp.store.keys import show_key, validate_key, validate_prefix
 
 
@@ -146,8 +146,7 @@ class FaultyStore(StoreBase):
     async def get(self, key: str, offset: int = 0, length: int | None = None, *,
                   max_bytes: int | None = None) -> bytes:
         after = await self._before("get", validate_key(key))
-        data = await bounded_call(self.inner.get, key, offset, length, max_bytes=max_bytes,
-                                  whole=offset == 0 and length is None)
+        data = await self.inner.get(key, offset, length, max_bytes=max_bytes)
         self._after("get", key, after)
         return data
 

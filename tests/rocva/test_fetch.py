@@ -235,8 +235,9 @@ class _CountingStore(MemoryStore):
         self.read_bytes = 0
         self.gets: list[tuple[str, int, int | None]] = []
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        data = await super().get(key, offset, length)
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
+        data = await super().get(key, offset, length, max_bytes=max_bytes)
         self.read_bytes += len(data)
         self.gets.append((key, offset, length))
         return data

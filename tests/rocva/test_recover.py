@@ -157,8 +157,8 @@ async def test_a_file_store_lends_read_buffers_per_unit(tmp_path: Path, monkeypa
             made.append(self)
             super().__init__()
 
-    async def counted_get_into(self, key, offset, length, buf):
-        data = await real_get_into(self, key, offset, length, buf)
+    async def counted_get_into(self, key, offset, length, buf, *, max_bytes=None):
+        data = await real_get_into(self, key, offset, length, buf, max_bytes=max_bytes)
         lent_reads.append(key)
         return data
 

@@ -31,10 +31,11 @@ class FailAfter(FaultyStore):
         super().__init__(inner)
         self.gets_ok = gets_ok
 
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+    async def get(self, key: str, offset: int = 0, length: int | None = None, *,
+                  max_bytes: int | None = None) -> bytes:
         if self.calls["get"] >= self.gets_ok:
             self.offline()
-        return await super().get(key, offset, length)
+        return await super().get(key, offset, length, max_bytes=max_bytes)
 
 
 async def domain(tmp_path: Path) -> DomainBuilder:

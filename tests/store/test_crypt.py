@@ -371,9 +371,9 @@ def test_unopened_reads_land_in_a_lent_buffer_over_a_file_store(tmp_path, monkey
     into_calls: list[tuple[int, int | None]] = []
     real = FileStore.get_into
 
-    async def counted(self, key, offset, length, buf):
+    async def counted(self, key, offset, length, buf, *, max_bytes=None):
         into_calls.append((offset, length))
-        return await real(self, key, offset, length, buf)
+        return await real(self, key, offset, length, buf, max_bytes=max_bytes)
 
     monkeypatch.setattr(FileStore, "get_into", counted)
 
