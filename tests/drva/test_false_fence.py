@@ -68,6 +68,7 @@ class Faults:
         self.first_reads = False
         self.read_once: set[str] = set()
         self.cut = self.spoiled = self.reads = 0
+        self.gets: dict[str, int] = {}  # GETs answered 200, by generation
 
     def lose_next_reply(self, how: str, bad_reads: int) -> None:
         self.target, self.lose_reply, self.how, self.bad_reads = None, True, how, bad_reads
@@ -84,6 +85,7 @@ class Faults:
         if exchange.method != "GET" or not ok:
             return None
         self.reads += where == self.target
+        self.gets[where] = self.gets.get(where, 0) + 1
         first = self.first_reads and where not in self.read_once
         self.read_once.add(where)
         if (where == self.target and self.bad_reads > 0) or first:
@@ -145,6 +147,7 @@ async def test_a_bad_read_of_its_own_lost_generation_is_read_again_not_a_fence(p
     faults.lose_next_reply(how, bad_reads=1)
     assert await commit_as_the_shipper(w, ten_seqs) == 2  # not Fenced
     assert faults.cut == 1 and faults.spoiled == 1 and faults.target.endswith(catalog_key(7, 2))
+    assert faults.reads == 2  # the spoiled read reached the writer, which read the generation again
     state, generation = await load_catalog(store, 7)
     assert generation == 2 and state.timeline().committed_seq == 10 == w.state.timeline().committed_seq
 
@@ -194,6 +197,8 @@ async def load_twice_spoiled(store, proxied: Proxied, how: str) -> None:
     faults.first_reads, faults.how = True, how
     state, generation = await load_catalog(store, 7)
     assert faults.spoiled == 2 and generation == 2 and state == w.state
+    # Each spoiled generation was read again: the damage reached the loader, which refused it.
+    assert sorted(faults.gets.values()) == [2, 2], faults.gets
 
 
 # ---------------------------------------------------------------- a DRVA on S3
