@@ -45,7 +45,7 @@ from cdp.base_image import (
 )
 from cdp.catalog import CatalogWriter
 from cdp.catalog_read import CatalogView
-from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost
+from cdp.errors import AlreadyExists, Busy, ConfigError, LeaseLost, StoreError
 from cdp.layout import base_manifest_key, chunk_key
 from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, check_clock_skew, chunk_writer_lease, maintenance_lock
 from cdp.logs import get_logger
@@ -333,9 +333,14 @@ async def consolidate(store: ObjectStore, domain: int, *, older_than_s: float, r
         sweep = await sweep_domain(store, state.state, state.generation, skew_s=skew_s, check=mlock.check)
     summary = dict(per[0], domain=domain, retention=retention, sweep=sweep, chunk_sweep=None, timelines=per)
     if sweep["manifests_deleted"] or sweep_all_chunks:
+        # The consolidation is committed by now: a chunk sweep that cannot run (a chunk
+        # writer is live, a listing it cannot trust, the store failing, its lock lost)
+        # deletes nothing and is left to the next job, which the summary says; failing
+        # the job would report a done consolidation as failed.
         try:
             summary["chunk_sweep"] = await sweep_chunks(store, owner=owner, ttl_s=lease_ttl_s, skew_s=skew_s)
-        except Busy as exc:  # a seeding or another consolidation writes chunks: next time
+        except (Busy, LeaseLost, StoreError) as exc:
+            log.warning("chunk_sweep_deferred", domain=domain, error=exc.message)
             summary["chunk_sweep"] = {"deferred": exc.message}
     summary["seconds"] = round(time.monotonic() - t0, 3)
     return summary

@@ -292,7 +292,8 @@ def consolidate(domain: DomainRef, store_url: str, older_than: str, retention: s
                      + (f"; {sw['deferred']} kept for now: {sw['deferred_by']}" if sw["deferred"] else ""))
         if r["chunk_sweep"]:
             cs = r["chunk_sweep"]
-            lines.append(f"  chunk sweep: {cs['deferred']}" if "deferred" in cs else
+            lines.append(f"  chunk sweep deferred (a later run with --sweep-chunks does it): {cs['deferred']}"
+                         if "deferred" in cs else
                          f"  chunk sweep: {cs['chunks_deleted']} deleted, {cs['chunks_kept']} kept")
         lines.append(f"  {r['seconds']} s")
         return "\n".join(lines)

@@ -20,6 +20,7 @@ from cdp.layout import base_manifest_key, catalog_key, chunk_key
 from cdp.store.memory import MemoryStore
 from cdp.testing.domain import DomainBuilder
 from rocva import RecoverOptions, recover
+from rocva.consolidate import consolidate
 from rocva.retention import sweep_chunks
 from tests.conftest import TEST_PAGE_SIZE, make_s3_store, unique_name
 from tests.mangling_proxy import Exchange, ManglingProxy, Reply
@@ -230,3 +231,32 @@ async def test_a_walk_of_the_domains_answered_short_deletes_nothing(tmp_path) ->
     await recovers(two, shas_two, tmp_path)
     result = await sweep_chunks(store, owner="test sweep")
     assert result["chunks_deleted"] == 1 and result["domains_read"] == 2
+
+
+async def test_a_refused_chunk_sweep_defers_and_the_consolidation_stands(tmp_path) -> None:
+    """A chunk sweep refused after the consolidation committed (here: two walks of the
+    domains differ) deletes nothing and is reported deferred; the job used to fail, as
+    if the committed consolidation had not happened."""
+    store = _OneEmptyAnswer()
+    rng = np.random.default_rng(22)
+    one = await DomainBuilder(store, domain=1, disks=(("vm1", "d", DISK),), ns_per_seq=10**9).start()
+    await seed_initial(one, 0, rng, chunk=CHUNK)
+    for _ in range(8):
+        one.write(0, int(rng.integers(0, DISK // 512 - 8)) * 512, rng.bytes(8 * 512))
+    await one.seal()
+    end, sha = one.seq, one.snapshot()
+    for _ in range(4):  # later records, so the segment is older than the cutoff
+        one.mark("later")
+    await one.seal()
+    two = await DomainBuilder(store, domain=2, disks=(("vm2", "d", DISK),)).start()
+    shas_two = await history(two, rng, 1)
+    await store.put(GARBAGE, b"garbage nobody names")
+    before = await chunks_of(store)
+    store.after = "d/00000001/"
+    r = await consolidate(store, 1, older_than_s=0.5, now_ns=one.ts(one.seq), chunk_size=CHUNK,
+                          scratch_dir=tmp_path, sweep_all_chunks=True)
+    assert r["consolidated_seq"] == end and r["bases_added"] == 1, r
+    assert "two walks of the store's domains differ" in r["chunk_sweep"]["deferred"], r["chunk_sweep"]
+    assert before <= await chunks_of(store) and GARBAGE in await chunks_of(store)  # nothing deleted
+    await recovers(one, {end: sha}, tmp_path)
+    await recovers(two, shas_two, tmp_path)
