@@ -325,7 +325,9 @@ def protect(domain: str, config_path: Path, retention: str | None, rpo_target: f
 def unprotect(domain: str, config_path: Path, as_json: bool) -> None:
     """Stop protecting DOMAIN (what is in the store stays recoverable)."""
     result = _call(config_path, lambda c: c.post(f"/v1/domains/{domain}/unprotect"))
-    emit(as_json, result, lambda r: f"domain {r['domain']} is no longer protected (DRVA {r['drva']})")
+    emit(as_json, result, lambda r: f"domain {r['domain']} is no longer protected (DRVA {r['drva']})" + (
+        f"\n  its DRVA's configuration is rewritten when it can be: {r['drva_config_pending']}"
+        if r.get("drva_config_pending") else ""))
 
 @click.command()
 @config_option

@@ -49,6 +49,7 @@ from cdp.msa.keeper import read_pid_file, same_process, stale_reason, write_pid_
 from cdp.msa.power import load_power, save_power
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.protection import load_protection, save_protection
+from cdp.msa.state_fs import StateUnwritable
 from cdp.msa.runner import JobRunner, acting_claim, quiesce_claim
 from cdp.msa.standby import StandbyKeeper
 from cdp.msa.status_doc import COUNT_MAX, domains_of
@@ -652,10 +653,20 @@ class MsaDaemon:
             await asyncio.to_thread(write_unprotect_request, self.cfg.drva_state_dir(drva), spec.id, spec.name)
             await asyncio.to_thread(save_protection, self.cfg, protection)
             self.protection = protection
-            await self.supervisor.apply(protection)
+            pending = None
+            try:
+                await self.supervisor.apply(protection)
+            except StateUnwritable as exc:
+                # Unprotected from here on (protection.json says so, the DRVA's request is
+                # written): only the DRVA's configuration waits for room, and the keeper
+                # rewrites it unasked. Answering 507 told the caller the domain was still
+                # protected, and its retry was then refused as not protected.
+                pending = exc.message
+                log.warning("domain_unprotected_drva_pending", domain=domain, drva=drva.name, error=pending)
         log.info("domain_unprotected", domain=domain, drva=drva.name)
         return {"domain": domain, "drva": drva.name, "protected": False,
-                "drva_running": drva.name in self.supervisor.drvas}
+                "drva_running": drva.name in self.supervisor.drvas,
+                **({"drva_config_pending": pending} if pending else {})}
 
     # ------------------------------------------------------------------ views
 
