@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -361,23 +362,41 @@ async def refuse_unreleased_images(cfg: Any, name: str, domain_id: int, state: A
         f"them aside here), or move the directory aside yourself once nothing in it is needed")
 
 
+#: Where a release keeps the disks a domain ran on here: a directory of the datastore that
+#: no domain's folder can be (``+`` is not in a domain name), as ``+test`` for test failovers.
+RELEASED_DIR = "+released"
+
+
 def _move_images_aside(datastore: Path, name: str) -> Path | None:
     """Rename ``<datastore>/<name>/`` (the disks the domain ran on here, and the
-    appliance's record of that failover) to ``<name>.released-<UTC time>``: a later
-    failover to this site rehydrates into a fresh ``<name>/`` instead of finding these
-    images and refusing to overwrite them. Moved, not deleted: after a failback that read
-    the store because this site was unreachable, they are the only copy of what its VMs
-    wrote last and never shipped; the operator removes them once that is settled."""
+    appliance's record of that failover) to ``<datastore>/+released/<name>-<UTC time>/``:
+    a later failover to this site rehydrates into a fresh ``<name>/`` instead of finding
+    these images and refusing to overwrite them. Moved, not deleted: after a failback that
+    read the store because this site was unreachable, they are the only copy of what its
+    VMs wrote last and never shipped; the operator removes them once that is settled. Not
+    beside the domain's folder as ``<name>.released-<time>``: that is a valid domain name,
+    whose folder a later domain so named would have found holding another's disks."""
     images = datastore / name
     if not images.is_dir():
         return None
+    aside = datastore / RELEASED_DIR
+    try:
+        os.mkdir(aside, 0o700)
+        durable.fsync_dir(datastore)
+    except FileExistsError:
+        pass
+    st = os.lstat(aside)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"{aside}: not a directory of this user's that others cannot write; the disks of "
+                          f"{images} are not moved there (move it aside yourself, or fix {aside})")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for n in range(1000):
-        kept = datastore / f"{name}.released-{stamp}{f'-{n}' if n else ''}"
-        if not kept.exists():
+        kept = aside / f"{name}-{stamp}{f'-{n}' if n else ''}"
+        if not os.path.lexists(kept):
             break
     else:
         raise ConfigError(f"{images}: cannot move it aside, {kept} and 999 others exist")
     os.rename(images, kept)
+    durable.fsync_dir(aside)
     durable.fsync_dir(datastore)  # the rename survives a crash before the record and the registration go
     return kept

@@ -76,7 +76,7 @@ async def test_failback_brings_the_domain_home_moving_only_what_changed(tmp_path
         # B's release moved the disks it ran on aside (never deleted): a new failover to B
         # rehydrates fresh ones instead of refusing to overwrite them.
         kept = Path(out["release"]["images_kept"])
-        assert kept.parent == b.cfg.cluster.state_dir and kept.name.startswith("erp.released-"), kept
+        assert kept.parent == b.cfg.cluster.state_dir / "+released" and kept.name.startswith("erp-"), kept
         assert sorted(p.name for p in kept.glob("*.img")) and not (b.cfg.cluster.state_dir / "erp").exists()
         over_again = await failover(b, target="latest")
         assert over_again["state"] == "succeeded", over_again

@@ -60,7 +60,8 @@ async def test_an_interrupted_release_is_finished_by_the_failbacks_rerun(tmp_pat
         release = second["output"]["release"]
         assert release["released"] is True and release["runs_at"] == "site-a", release
         kept = Path(release["images_kept"])
-        assert kept.name.startswith("erp.released-") and sorted(p.name for p in kept.glob("*.img")), kept
+        assert kept.parent == b.cfg.cluster.state_dir / "+released" and kept.name.startswith("erp-"), kept
+        assert sorted(p.name for p in kept.glob("*.img")), kept
         assert not images.exists() and read_failover(b.cfg.state_dir, "erp") is None
         assert "erp" not in registry.registered_domains(registry.load_registry(b.cfg.state_dir, "site-b"))
         assert not any(d.name == "erp" for d in b.cfg.cluster.domains) and b.powered == []

@@ -840,14 +840,14 @@ async def failover_round(ctx: Ctx) -> None:
             else:
                 ctx.res.acked_checked += seq - int(out["fork_seq"])
     ctx.timeline = int(back["timeline"])
-    # The release moves B's images of this failover aside (erp.released-*), so that the
+    # The release moves B's images of this failover aside (+released/erp-*), so that the
     # next failover to B rehydrates fresh ones; what was moved aside is the operator's
     # to remove, done here to keep the campaign's datastore small.
     datastore = ctx.sites.b.cfg.cluster.state_dir
     if (datastore / "erp").exists():
         ctx.res.problem("failures", f"the release left {datastore / 'erp'} in place: the next failover to B "
                                     f"would refuse to overwrite it")
-    for kept in datastore.glob("erp.released-*"):
+    for kept in datastore.glob("+released/erp-*"):
         shutil.rmtree(kept)
         ctx.rocva["b_datastore_cleanups"] += 1
     deadline = time.monotonic() + EVENTUALLY_S
