@@ -170,3 +170,16 @@ async def test_cli_recovery_starts_no_process(b, tmp_path):
     assert r.returncode == 0 and "process started" not in r.stderr, r.stderr
     doc = json.loads(r.stdout)
     assert images_ok(b, out) and doc["bytes_fetched"] > 0
+
+
+async def test_a_run_killed_holding_only_its_lock_is_rerun(b, tmp_path):
+    """A run killed after it created its lock file and before anything else leaves the
+    file alone in the directory; the rerun takes that lock (nobody holds it) and recovers."""
+    from rocva.recover import LOCK_NAME
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_bytes(b"")
+    r = cdp_recover(tmp_path / "store", out)
+    assert r.returncode == 0, r.stderr
+    assert images_ok(b, out) and not (out / LOCK_NAME).exists()

@@ -468,11 +468,13 @@ async def recover_exact(ctx: Ctx, mark: Mark, out: Path, what: str) -> bool:
     from rocva.recover import PARTIAL_SUFFIX, STATE_NAME
 
     ctx.rocva["recoveries_checked"] += 1
-    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if left and STATE_NAME not in left and not any(n.endswith(PARTIAL_SUFFIX) for n in left):
-        # Killed after it published every image and dropped its state (it was exiting):
-        # finished; a rerun would refuse to overwrite them. Check what it left.
-        names = [f"{d.vm.name}-{d.disk.name}.img" for d in ctx.sites.a.cfg.domain("erp").disks]
+    left = {p.name for p in out.iterdir()} if out.exists() else set()
+    names = [f"{d.vm.name}-{d.disk.name}.img" for d in ctx.sites.a.cfg.domain("erp").disks]
+    if left.issuperset(names) and STATE_NAME not in left and not any(n.endswith(PARTIAL_SUFFIX) for n in left):
+        # Killed after it published every image and dropped its state (it was exiting,
+        # perhaps before it removed its lock file): finished; a rerun would refuse to
+        # overwrite them. Check what it left. (Killed before it wrote its state, it may
+        # have left its lock file alone: a rerun then starts over.)
         result = {"images": [{"path": out / n} for n in names]}
         ctx.rocva["finished_at_kill"] += 1
     else:
