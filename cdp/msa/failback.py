@@ -38,7 +38,8 @@ from typing import Any
 from cdp import durable
 from cdp.errors import CdpError, ConfigError, FailoverRefused, NotFound
 from cdp.logs import get_logger
-from cdp.msa.failover import _find, _Quiet, check_domain_name, run_appliance
+from cdp.msa.appliance import run_appliance
+from cdp.msa.failover import _find, _Quiet, check_domain_name
 from cdp.msa.handover import ask_handover
 from cdp.msa.job_records import read_domain_record, write_domain_record
 from cdp.msa.jobs import Job
