@@ -282,7 +282,9 @@ class SimulatorHypervisor:
         # be written is a failed start, tried again after the back-off.
         await self.keeper.spawn(hp, (*host_args(hp.inventory_path), "--status",
                                      str(hp.status_path), "--marks-log", str(hp.marks_log), "--control",
-                                     str(hp.control_path), "--no-hashes", *isolated, *self._vm_args(hp)),
+                                     str(hp.control_path), "--no-hashes", *isolated,
+                                     *(() if self.cfg.hypervisor.mark_hashes else ("--no-mark-hashes",)),
+                                     *self._vm_args(hp)),
                                 prepare=lambda: self._write_control(hp), domains=list(hp.domains))
 
     def _vm_args(self, hp: HostProcess) -> tuple[str, ...]:

@@ -207,6 +207,10 @@ class HypervisorSpec:
     recovered_workload: Mapping[str, Any] = field(  # what recovered VMs write (the simulator's options)
         default_factory=lambda: dict(RECOVERED_WORKLOAD_DEFAULT), hash=False)
     nbd_listen: str | None = None  # driver "nbd": also serve on TCP at HOST:PORT (port 0: any free one)
+    # Hosts hash the disks at each mark they place (marks.jsonl's sha256): a read of every
+    # protected disk per mark, worth it where marks are checked against recoveries (tests,
+    # drills), not on a site with large disks and frequent marks.
+    mark_hashes: bool = True
 
 
 @dataclass(frozen=True)
@@ -689,7 +693,7 @@ def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
 
 def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     t = r.table(value, "hypervisor", set(), {"driver", "on_demand_hosts", "vms_per_host", "recovered_workload",
-                                             "nbd_listen"})
+                                             "nbd_listen", "mark_hashes"})
     driver = t.get("driver", "simulator")
     if driver not in HYPERVISOR_DRIVERS:
         r.fail("hypervisor.driver", f"one of {', '.join(HYPERVISOR_DRIVERS)}", driver)
@@ -714,7 +718,10 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
             r.fail("hypervisor.nbd_listen", "HOST:PORT (port 0: any free one)", nbd_listen)
         if (why := unauthenticated_tcp_problem(host)) is not None:
             r.fail("hypervisor.nbd_listen", f"a loopback address (127.0.0.1, ::1 or localhost): {why}", nbd_listen)
-    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen)
+    mark_hashes = t.get("mark_hashes", True)
+    if not isinstance(mark_hashes, bool):
+        r.fail("hypervisor.mark_hashes", "true or false", mark_hashes)
+    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen, mark_hashes)
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:

@@ -48,3 +48,34 @@ async def test_under_umask_000_the_datastore_socket_and_marks_log_are_ours_alone
                 "erp-db-log.img": "0600"}
     finally:
         os.umask(before)
+
+
+async def test_a_site_without_mark_hashes_records_marks_unhashed(tmp_path) -> None:
+    """``[hypervisor] mark_hashes = false``: hosts run with ``--no-mark-hashes`` (no read of
+    every disk per mark), and the marks log says ``sha256: null``; by default they hash."""
+    import json
+
+    from cdp.errors import ConfigError
+    from cdp.msa.config import load_site_config
+
+    site = make_site(tmp_path / "site", hypervisor={"driver": "nbd", "mark_hashes": False})
+    async with running_daemon(site) as daemon:
+        await daemon.power("erp", True)
+        hp = daemon.hypervisor.hosts["esx-01"]
+        await wait_until(lambda: hp.state == "up", EVENTUALLY_S, "erp's VMs up")
+        assert b"--no-mark-hashes" in open(f"/proc/{hp.proc.pid}/cmdline", "rb").read().split(b"\0")
+        await asyncio.wait_for(marks.request_mark(daemon.cfg, "erp", "m1"), EVENTUALLY_S)
+        log = site.cfg.state_dir / "hypervisor" / "esx-01.marks.jsonl"
+        await wait_until(lambda: log.exists() and b'"m1"' in log.read_bytes(), EVENTUALLY_S,
+                         "the mark's record in the marks log")
+        [line] = [json.loads(x) for x in log.read_bytes().splitlines() if b'"m1"' in x]
+        assert line["sha256"] is None, line
+    assert make_site(tmp_path / "default").cfg.hypervisor.mark_hashes is True
+    path = site.cfg.path
+    path.write_text(path.read_text().replace("mark_hashes = false", 'mark_hashes = "no"'))
+    try:
+        load_site_config(path)
+    except ConfigError as exc:
+        assert "hypervisor.mark_hashes: expected true or false" in exc.message
+    else:
+        raise AssertionError("a string was taken for mark_hashes")
