@@ -23,6 +23,7 @@ collection of old generations; the head and the delta rules are in
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import re
 import secrets
@@ -74,6 +75,19 @@ LOAD_ATTEMPTS_MAX = 3
 MAINTENANCE_RETRIES = 16
 #: Deletions of old generations in flight at once.
 DELETE_CONCURRENCY = 8
+#: Old generations a collector deletes per batch, streamed from the listing (after a
+#: recovery lease held collection off for weeks there may be millions).
+DELETE_BATCH = 1024
+#: A load keeps the newest this many generations of its listing: the chain it walks
+#: runs from the newest to the snapshot below it (at most SNAPSHOT_EVERY - 1 deltas
+#: for a writer that follows §8.1), however many older ones collection has not removed.
+GENERATIONS_KEPT = 4096
+#: Keys a listing of ``d/<domain>/cat/`` may show before the load gives up on it: far
+#: above what a domain accrues while collection is held off (one generation per commit),
+#: and an end for a store or proxy whose listing never ends.
+GENERATIONS_LISTED_MAX = 10_000_000
+#: Stray keys under ``d/<domain>/cat/`` logged one by one; the rest are counted.
+STRAY_KEYS_LOGGED = 10
 #: Reads of one catalog object whose bytes fail their own sums or length before it is
 #: called corrupt (``read_generation``): one flipped bit or cut body in transit is not a
 #: damaged object, and must not be taken for another writer's generation (§8.3).
@@ -249,19 +263,44 @@ async def commit_catalog(store: ObjectStore, domain: int, generation: int, kind:
 
 
 async def list_generations(store: ObjectStore, domain: int) -> list[int]:
-    """The generations under ``d/<domain>/cat/``, ascending; stray keys are logged and
-    skipped (§8.1)."""
-    generations = []
-    async for info in store.list(catalog_prefix(domain)):
+    """The newest ``GENERATIONS_KEPT`` generations under ``d/<domain>/cat/``, ascending
+    (memory bounded however many the listing shows); stray keys are logged and skipped
+    (§8.1). FormatError when the listing shows more than ``GENERATIONS_LISTED_MAX`` keys."""
+    newest: list[int] = []  # a min-heap of the newest GENERATIONS_KEPT
+    async for generation in _listed_generations(store, domain):
+        if len(newest) < GENERATIONS_KEPT:
+            heapq.heappush(newest, generation)
+        elif generation > newest[0]:
+            heapq.heapreplace(newest, generation)
+    return sorted(newest)
+
+
+async def _listed_generations(store: ObjectStore, domain: int) -> AsyncIterator[int]:
+    """Every generation the listing of ``d/<domain>/cat/`` shows, in its order; stray
+    keys logged (the first ``STRAY_KEYS_LOGGED``) and skipped; FormatError past
+    ``GENERATIONS_LISTED_MAX`` keys (§8.1)."""
+    prefix = catalog_prefix(domain)
+    listed = strays = 0
+    async for info in store.list(prefix):
+        listed += 1
+        if listed > GENERATIONS_LISTED_MAX:
+            raise FormatError(f"catalog of domain {domain}: the listing of {prefix} in {store.describe()} showed "
+                              f"more than {GENERATIONS_LISTED_MAX:,} keys ({strays:,} of them not catalog keys) "
+                              f"without an end: a store or proxy whose listing does not end, or a domain whose "
+                              f"old generations were never collected (§8.1)")
         try:
             key_domain, generation = parse_catalog_key(info.key)
         except FormatError:
-            log.warning("catalog_stray_key", domain=domain, key=info.key,
-                        reason="not a catalog key (FORMAT.md §7): skipped")
+            strays += 1
+            if strays <= STRAY_KEYS_LOGGED:
+                log.warning("catalog_stray_key", domain=domain, key=info.key,
+                            reason="not a catalog key (FORMAT.md §7): skipped")
             continue
         if key_domain == domain:
-            generations.append(generation)
-    return generations
+            yield generation
+    if strays > STRAY_KEYS_LOGGED:
+        log.warning("catalog_stray_keys", domain=domain, prefix=prefix, count=strays,
+                    logged=STRAY_KEYS_LOGGED, reason="not catalog keys (FORMAT.md §7): skipped")
 
 
 async def load_catalog(store: ObjectStore, domain: int, *,
@@ -412,30 +451,43 @@ async def collect_generations(store: ObjectStore, domain: int, generation: int, 
     leases = await live_locks(store, recovery_prefix(domain), skew_s=skew_s)
     if leases:
         return {"deleted": 0, "deferred_by": leases[0].describe()}
-    present = set(await list_generations(store, domain))
-    old = [g for g in present if g < keep_from]
-    # At most generation - keep_from (< 2 * SNAPSHOT_EVERY) steps down the chain.
-    low = generation if generation in present else None
-    while low is not None and low > keep_from and low - 1 in present:
+    # The chain from keep_from up to generation (< 2 * SNAPSHOT_EVERY steps) and whether
+    # anything lies below it, from one listing; what is deleted comes from a second one,
+    # in batches (memory bounded however many there are).
+    chain: set[int] = set()
+    old_seen = 0
+    async for g in _listed_generations(store, domain):
+        if keep_from <= g <= generation:
+            chain.add(g)
+        elif g < keep_from:
+            old_seen += 1
+    low = generation if generation in chain else None
+    while low is not None and low > keep_from and low - 1 in chain:
         low -= 1
     if low != keep_from:
-        if old:  # another collector that got further leaves nothing below keep_from: no warning then
+        if old_seen:  # another collector that got further leaves nothing below keep_from: no warning then
             log.warning("catalog_collect_refused", domain=domain, generation=generation, keep_from=keep_from,
                         reason=f"generation {generation} is not reached from generation {keep_from} by the +1 "
                                f"chain in the store (a gap below {low if low is not None else generation}): "
-                               f"{len(old)} older generations kept")
+                               f"{old_seen} older generations kept")
         return {"deleted": 0, "deferred_by": None}
-    sem = asyncio.Semaphore(DELETE_CONCURRENCY)
 
     async def delete(g: int) -> None:
-        async with sem:
-            try:
-                await store.delete(catalog_key(domain, g))
-            except NotFound:
-                pass  # another collector was first
+        try:
+            await store.delete(catalog_key(domain, g))
+        except NotFound:
+            pass  # another collector was first
 
-    await asyncio.gather(*(delete(g) for g in old))
-    return {"deleted": len(old), "deferred_by": None}
+    deleted = 0
+    batch: list[int] = []
+    async for g in _listed_generations(store, domain):
+        if g < keep_from:
+            batch.append(g)
+        if len(batch) >= DELETE_BATCH:
+            await gather_bounded((delete(x) for x in batch), DELETE_CONCURRENCY)
+            deleted, batch = deleted + len(batch), []
+    await gather_bounded((delete(x) for x in batch), DELETE_CONCURRENCY)
+    return {"deleted": deleted + len(batch), "deferred_by": None}
 
 
 class CatalogWriter:

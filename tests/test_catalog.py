@@ -29,6 +29,7 @@ from cdp.errors import AlreadyExists, ChecksumMismatch, Fenced, FormatError, Not
 from cdp.layout import catalog_key, page_prefix
 from cdp.locks import recovery_lease
 from cdp.store.faulty import FaultyStore
+from cdp.store.base import ObjectInfo
 from cdp.store.memory import MemoryStore
 from tests.catalog_rows import segment_rows
 
@@ -614,5 +615,69 @@ def test_a_fork_is_refused_when_another_timeline_became_current_while_it_was_mad
         # Forking the current timeline (no parent named, or the current one) still works.
         state, _ = await fork_timeline(store, 7, 100, "site-a", parent=2)
         assert (state.current, state.timeline().parent, state.timeline().owner) == (3, 2, "site-a")
+
+    run(go())
+
+
+def test_a_load_keeps_only_the_newest_generations_of_a_long_listing(monkeypatch) -> None:
+    """Collection held off for long (a recovery lease: a mount lives for weeks) leaves a
+    generation per commit: a load keeps the newest GENERATIONS_KEPT of the listing (its
+    chain is among them), and a collector deletes the old ones in batches — memory
+    bounded however many there are (a list of every generation, then a task each)."""
+    import cdp.catalog as catalog_mod
+
+    monkeypatch.setattr(catalog_mod, "GENERATIONS_KEPT", 2 * SNAPSHOT_EVERY)
+    monkeypatch.setattr(catalog_mod, "DELETE_BATCH", 10)
+    gathered: list[int] = []
+    real_gather = catalog_mod.gather_bounded
+
+    async def counting_gather(aws, limit):
+        aws = list(aws)
+        gathered.append(len(aws))
+        return await real_gather(aws, limit)
+
+    monkeypatch.setattr(catalog_mod, "gather_bounded", counting_gather)
+
+    async def go() -> None:
+        store = MemoryStore()
+        w = await new_domain(store)
+        lease = await recovery_lease(store, 7, owner="a long mount")
+        await append(w, 6 * SNAPSHOT_EVERY)
+        gens = await list_generations(store, 7)
+        assert gens == list(range(w.generation - 2 * SNAPSHOT_EVERY + 1, w.generation + 1))
+        state, generation = await load_catalog(store, 7)
+        assert generation == w.generation and state == w.state
+        await lease.release()
+        gathered.clear()
+        done = await collect_generations(store, 7, w.generation)
+        keep_from = w.generation // SNAPSHOT_EVERY * SNAPSHOT_EVERY - SNAPSHOT_EVERY
+        assert done["deleted"] == keep_from - 1
+        assert gathered and max(gathered) <= 10 and sum(gathered) == keep_from - 1
+        assert (await load_catalog(store, 7))[1] == w.generation
+
+    run(go())
+
+
+def test_a_listing_without_an_end_is_refused(monkeypatch) -> None:
+    """A store (or proxy) whose listing of the catalog never ends: the load gives up
+    past GENERATIONS_LISTED_MAX keys naming the prefix, instead of listing for ever;
+    stray keys are logged a few at a time, then counted."""
+    import cdp.catalog as catalog_mod
+
+    monkeypatch.setattr(catalog_mod, "GENERATIONS_LISTED_MAX", 5000)
+
+    class Endless(MemoryStore):
+        def list(self, prefix: str = "", *, start_after: str | None = None):
+            async def keys():
+                n = 0
+                while True:
+                    n += 1
+                    yield ObjectInfo(f"{prefix}{n:016x}.stray", 10)
+            return keys()
+
+    async def go() -> None:
+        with pytest.raises(FormatError, match=r"listing of d/00000007/cat/ in .* more than 5,000 keys \(5,000 "
+                                              r"of them not catalog keys\) without an end"):
+            await load_catalog(Endless(), 7)
 
     run(go())
