@@ -180,5 +180,10 @@ class StoreUnavailable(StoreError):
     retryable = True
 
 
+class StoreClockUnknown(StoreUnavailable):
+    """The store answered, but without a usable ``Date``: its clock is unknown (FORMAT.md
+    §11.1). Not an outage: a reader goes on without its recovery lease (§11.3)."""
+
+
 class StoreTimeout(StoreUnavailable):
     """The object store did not answer in time."""

@@ -24,7 +24,9 @@ wakes up past that point (paused, stalled) does not renew: the others may have a
 the expiry, and a renewal would make the lock live again under them. A renewal is also a
 conditional write (``if_match`` on the etag of the holder's last write): a holder paused
 *between* that check and its put still cannot recreate a lock its successor deleted or
-replace one written over it.
+replace one written over it. What a holder does to the store under its lock (the chunk
+sweep's deletes) must also end before the others may act on the expiry: ``Lease.bounded``
+cancels it once this host's clock reads ``expires_ns − skew``.
 
 Clocks (§11.1): every host's clock is within ``skew_s`` of the store's. A lease is taken
 and renewed only by a host whose clock is (``check_clock_skew`` against the store's
@@ -47,13 +49,15 @@ import socket
 import struct
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
 
 from cdp.errors import (
-    AlreadyExists, Busy, CdpError, ConfigError, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreError,
+    AlreadyExists, Busy, CdpError, ConfigError, FormatError, LeaseLost, NotFound, PreconditionFailed, StoreClockUnknown,
+    StoreError,
 )
 from cdp.layout import U32_MAX
 from cdp.logs import get_logger
@@ -61,6 +65,7 @@ from cdp.store.base import ObjectStore, get_bounded
 from cdp.summed import checked_json_body, pack_summed, unpack_summed
 
 log = get_logger("cdp.locks")
+T = TypeVar("T")
 
 LOCK_MAGIC = b"CDPX"  # "CDPL" is the log entry (§3.3)
 LOCK_VERSION = 1
@@ -227,6 +232,10 @@ async def live_locks(store: ObjectStore, prefix: str, *, now_ns: int | None = No
 
 # --------------------------------------------------------------------------- clocks
 
+class ClockSkewed(ConfigError):
+    """This host's clock is off from the store's by more than the skew locks allow (§11.1)."""
+
+
 
 @dataclass(frozen=True)
 class ClockReading:
@@ -257,12 +266,13 @@ async def read_store_clock(store: ObjectStore) -> ClockReading | None:
     """The store's clock (``server_time()``) against this host's; None when the store
     has none. The file and memory stores answer with this host's clock: for them the
     reading says nothing (offset 0). A network store that cannot tell its time on this
-    answer (no usable Date) raises StoreUnavailable: nothing is judged by this clock alone."""
+    answer (no usable Date) raises StoreClockUnknown, a StoreUnavailable (one that did not
+    answer at all raises its own): nothing is judged by this clock alone."""
     server_time = getattr(store, "server_time", None)
     if server_time is None:
         return None
     host0_ns, mono0_ns = time.time_ns(), time.monotonic_ns()
-    theirs = await server_time()
+    theirs = await server_time()  # StoreClockUnknown without a usable Date (server_date)
     half_ns = (time.monotonic_ns() - mono0_ns) // 2
     if theirs is None or not math.isfinite(theirs):
         return None
@@ -270,13 +280,13 @@ async def read_store_clock(store: ObjectStore) -> ClockReading | None:
 
 
 async def check_clock_skew(store: ObjectStore, skew_s: float, what: str) -> ClockReading | None:
-    """Read the store's clock (``read_store_clock``); ``ConfigError`` saying ``what`` is
-    refused when this host's is off from it by more than ``skew_s``."""
+    """Read the store's clock (``read_store_clock``); ``ClockSkewed`` (a ConfigError)
+    saying ``what`` is refused when this host's is off from it by more than ``skew_s``."""
     reading = await read_store_clock(store)
     if reading is not None and reading.beyond(skew_s):
         log.error("clock_skew_refused", what=what, host_ns=reading.host_ns, store_ns=reading.store_ns,
                   offset_s=round(reading.offset_s, 3), skew_s=skew_s)
-        raise ConfigError(f"{what}: {reading.describe(skew_s)}")
+        raise ClockSkewed(f"{what}: {reading.describe(skew_s)}")
     return reading
 
 
@@ -333,6 +343,38 @@ class Lease:
             self._lose(f"not renewed since {self.ttl_s * 2 / 3:.0f} s before its expiry")
         if self.lost is not None:
             raise LeaseLost(f"lock {self.key} lost: {self.lost}")
+
+    def time_left_s(self) -> float:
+        """How long from now an action under this lease may take to land: until this
+        host's clock reads ``expires_ns − skew``. Every host's clock is within the skew of
+        the store's (§11.1), so that moment comes no later than true time ``expires_ns``;
+        another host acts on the expiry only once its clock passes ``expires_ns + skew``,
+        which is no earlier than true time ``expires_ns``. After a passing ``check()`` (this
+        clock at most ``expires_ns − ttl/3``) that leaves at least ``ttl/3 − skew`` (10 s by
+        default); not ``ttl/3 + skew``: two hosts' clocks may differ by twice the skew."""
+        return (self.expires_ns - int(max(self.skew_s, 0.0) * 1e9) - time.time_ns()) / 1e9
+
+    async def bounded(self, action: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run ``action()`` under this lease: ``check()`` first, and it must end within
+        ``time_left_s``: a store call may otherwise take its own deadline (minutes of SDK
+        retries) and land after the others acted on this lease's expiry (§11.1). Past that
+        it is cancelled and ``LeaseLost`` names ``what``: its caller stops, and does nothing
+        more under this lease."""
+        self.check()
+        left_s = self.time_left_s()
+        if left_s <= 0:
+            raise LeaseLost(f"lock {self.key}: {what} not started: the lease leaves it no time (a ttl of "
+                            f"{self.ttl_s:g} s, at least 3 × the skew of {self.skew_s:g} s expected)")
+        limit = asyncio.timeout(left_s)
+        try:
+            async with limit:
+                return await action()
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise LeaseLost(f"lock {self.key}: {what} did not end within {left_s:.1f} s, before the others may "
+                            f"take the lock for expired (FORMAT.md §11.1): cancelled, and nothing more is done "
+                            f"under it") from None
 
     async def wait_lost(self) -> str:
         """Return (why) once this lease is lost. A holder that must not go on without one
@@ -533,7 +575,8 @@ async def gc_lock(store: ObjectStore, *, owner: str, ttl_s: float = TTL_DEFAULT_
 
 __all__ = [
     "KIND_GC", "KIND_MAINTENANCE", "KIND_NAMES", "KIND_RECOVERY", "KIND_WRITER", "ClockReading", "Lease",
-    "LockInfo", "NO_DOMAIN", "SKEW_DEFAULT_S", "TTL_DEFAULT_S", "TTL_MAX_S", "acquire_exclusive",
+    "ClockSkewed", "LockInfo", "NO_DOMAIN", "SKEW_DEFAULT_S", "StoreClockUnknown",
+    "TTL_DEFAULT_S", "TTL_MAX_S", "acquire_exclusive",
     "check_clock_skew", "chunk_writer_lease", "decode_lock", "encode_lock", "gc_lock", "gc_prefix", "list_locks",
     "live_locks", "maintenance_lock", "maintenance_prefix", "read_store_clock", "recovery_lease",
     "recovery_prefix", "writer_prefix",

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdp.durable import SyncFailed
-from cdp.errors import NotFound, PermissionDenied
-from cdp.locks import Lease, recovery_lease
+from cdp.errors import CdpError, NotFound, PermissionDenied, StoreClockUnknown
+from cdp.locks import ClockSkewed, Lease, recovery_lease
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
@@ -70,8 +70,8 @@ from rocva.resume import (
 
 log = get_logger("rocva.recover")
 
-__all__ = ["LOCK_NAME", "PARTIAL_SUFFIX", "STATE_NAME", "STATE_SAVE_INTERVAL_S", "STATE_VERSION", "execute_plan",
-           "recover", "recovery_lease_held", "take_recovery_lease"]
+__all__ = ["LOCK_NAME", "PARTIAL_SUFFIX", "STATE_NAME", "STATE_SAVE_INTERVAL_S", "STATE_VERSION", "RecoveryLease",
+           "execute_plan", "recover", "recovery_lease_held", "recovery_lease_or_why", "take_recovery_lease"]
 
 LOCK_NAME = ".recover.lock"
 SHA256_READ_BYTES = 8 << 20
@@ -546,7 +546,8 @@ async def recover(store: ObjectStore, domain: int, options: RecoverOptions, *,
     ``progress(done_bytes, total_bytes)`` is called as work completes. Returns a summary:
     ``bytes_fetched``, ``bytes_written``, ``seconds``, ``mb_per_s``, ``images`` (path,
     size, and ``sha256`` when ``options.checksum``), ``resumed``/``groups_skipped``,
-    ``state_discarded`` (why a saved state could not be kept, or None), the plan.
+    ``state_discarded`` (why a saved state could not be kept, or None), ``without_lease``
+    (why it ran without a recovery lease, or None: ``recovery_lease_or_why``), the plan.
     ``run_bytes_max`` bounds one ranged GET of blocks, ``base_batch_chunks`` the chunk
     positions per resume group of a base (see ``rocva.fetch``). ``destination``: where
     ``out_dir`` may be (``rocva.destination``; default anywhere but the store's own
@@ -562,36 +563,67 @@ async def recover(store: ObjectStore, domain: int, options: RecoverOptions, *,
     out_dir = options.out_dir
     resolve_destination(out_dir, for_store(store, destination))  # refuse early; checked again when opened
     counting = CountingStore(store)
-    async with recovery_lease_held(store, domain):  # before the catalog is read (FORMAT.md §11.3)
+    async with recovery_lease_held(store, domain) as held:  # before the catalog is read (FORMAT.md §11.3)
         plan = await plan_recovery(counting, domain, options.target, timeline=options.timeline,
                                    concurrency=options.concurrency, now_ns=now_ns)
-        return await execute_plan(counting, plan, out_dir, progress=progress, concurrency=options.concurrency,
-                                  checksum=options.checksum, run_bytes_max=run_bytes_max,
-                                  base_batch_chunks=base_batch_chunks, destination=for_store(store, destination))
+        summary = await execute_plan(counting, plan, out_dir, progress=progress, concurrency=options.concurrency,
+                                     checksum=options.checksum, run_bytes_max=run_bytes_max,
+                                     base_batch_chunks=base_batch_chunks, destination=for_store(store, destination))
+        return {**summary, "without_lease": held.without}
+
+
+@dataclass(frozen=True)
+class RecoveryLease:
+    """What ``recovery_lease_held`` yields: the lease held, or why there is none."""
+
+    lease: Lease | None
+    #: Why the recovery runs without a lease (None: it holds one); its result says so.
+    without: str | None = None
+
+
+#: Why a recovery may go on without its lease, by the error that refused the lease.
+#: Read-only credentials cannot write one. A clock that disagrees with the store's, or a
+#: store answer without a usable Date, only stops the lease from being judged fairly by
+#: the others (§11.1); the recovery only reads, and in a disaster the recovery host is the
+#: one likely to have a bad clock. Anything else (a store that does not answer) still fails.
+_WITHOUT_LEASE: tuple[tuple[type[CdpError], str], ...] = (
+    (PermissionDenied, "the store refused the lease (read-only credentials)"),
+    (NotFound, "the store refused the lease (read-only credentials)"),
+    (ClockSkewed, "this host's clock is off from the store's"),
+    (StoreClockUnknown, "the store's clock is unknown"),
+)
+_WITHOUT_LEASE_ERRORS = tuple(kind for kind, _ in _WITHOUT_LEASE)
 
 
 async def take_recovery_lease(store: ObjectStore, domain: int, owner: str | None = None) -> Lease | None:
-    """The recovery lease that keeps retention from deleting what this recovery reads.
-    Credentials that may only read the store cannot write one: the recovery goes on
-    without it (a concurrent retention could then delete an object it needs, which the
-    recovery reports by name — never a wrong image)."""
+    """The recovery lease that keeps retention from deleting what this recovery reads
+    (None: the recovery goes on without one, ``recovery_lease_or_why``)."""
+    return (await recovery_lease_or_why(store, domain, owner)).lease
+
+
+async def recovery_lease_or_why(store: ObjectStore, domain: int, owner: str | None = None) -> RecoveryLease:
+    """The recovery lease on ``domain``, or why the recovery goes on without one: read-only
+    credentials, or a clock check that failed (``_WITHOUT_LEASE``). Without it a concurrent
+    retention could delete an object the recovery needs, which the recovery then reports
+    by name (NotFound) — never a wrong image. Logged (``recovery_without_lease``)."""
     try:
-        return await recovery_lease(store, domain, owner=owner or f"cdp recover domain {domain}")
-    except (PermissionDenied, NotFound) as exc:
-        log.warning("recovery_without_lease", domain=domain, error=exc.message)
-        return None
+        return RecoveryLease(await recovery_lease(store, domain, owner=owner or f"cdp recover domain {domain}"))
+    except _WITHOUT_LEASE_ERRORS as exc:
+        reason = next(why for kind, why in _WITHOUT_LEASE if isinstance(exc, kind))
+        log.warning("recovery_without_lease", domain=domain, reason=reason, error=exc.message)
+        return RecoveryLease(None, f"{reason}: {exc.message}")
 
 
 @contextlib.asynccontextmanager
 async def recovery_lease_held(store: ObjectStore, domain: int, owner: str | None = None
-                              ) -> AsyncIterator[Lease | None]:
-    """Hold a recovery lease on ``domain`` (``take_recovery_lease``) for the block: every
+                              ) -> AsyncIterator[RecoveryLease]:
+    """Hold a recovery lease on ``domain`` (``recovery_lease_or_why``) for the block: every
     reader of a domain's objects (recover, verify, failover, failback) enters it *before*
     it loads the catalog and leaves it once it read the last of them (FORMAT.md §11.3),
-    however the block ends. Yields the lease (None: the credentials cannot write one)."""
-    lease = await take_recovery_lease(store, domain, owner)
+    however the block ends. Yields the lease, or why there is none."""
+    held = await recovery_lease_or_why(store, domain, owner)
     try:
-        yield lease
+        yield held
     finally:
-        if lease is not None:
-            await lease.release()
+        if held.lease is not None:
+            await held.lease.release()

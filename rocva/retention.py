@@ -32,6 +32,12 @@ Three steps, each on its own (``rocva.consolidate`` runs them in order):
     and commit) goes when the horizon passes it. Manifests at or above their timeline's
     horizon that no timeline names may be a seeding about to commit: kept.
 
+    Its deletes have no deadline, unlike the chunk sweep's: what it deletes is below a
+    horizon the catalog already holds (horizons only rise, and no key below one is
+    written again), and a recovery whose lease it did not see loads that catalog, so a
+    delete that lands late, even after the maintenance lock expired, takes nothing
+    anyone may still read. The lock only keeps two jobs of a domain apart.
+
 ``sweep_chunks``
     Store-wide: under the gc lock (only while no chunk writer is live, §11.4), reads every
     manifest in the store and deletes the chunks none of them names. It is the one step
@@ -39,7 +45,9 @@ Three steps, each on its own (``rocva.consolidate`` runs them in order):
     is shown whole: each domain's manifests are listed on their own (``d/<id>/base/``),
     a second listing after the last key must be empty (a server or proxy may end a
     listing early, marking a page the last that is not), and every manifest a timeline
-    of the domain's catalog names must be among those listed.
+    of the domain's catalog names must be among those listed. Each delete must land
+    before the gc lock may look expired to a chunk writer (``Lease.bounded``), and the lock
+    is checked once more after the last: a sweep that lost it reports LeaseLost.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from cdp.layout import (
     base_prefix, page_prefix, parse_base_manifest_key, parse_chunk_key, parse_page_key, parse_segment_key,
     segment_prefix,
 )
-from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, gc_lock, live_locks, recovery_prefix
+from cdp.locks import SKEW_DEFAULT_S, TTL_DEFAULT_S, Lease, gc_lock, live_locks, recovery_prefix
 from cdp.logs import get_logger
 from cdp.store.base import ObjectStore, get_bounded
 from cdp.tomlread import SIZE_MAX
@@ -140,10 +148,24 @@ async def _record_time(state: CatalogView, seq: int) -> int:
 
 
 async def _delete_all(store: ObjectStore, keys: list[str], check=None) -> int:
+    """Delete ``keys``; ``check()`` right before each (a lost maintenance lock stops the
+    sweep). No deadline: what ``sweep_domain`` deletes is safe to delete however late it
+    lands (its docstring says why)."""
     async def one(key: str) -> None:
-        if check is not None:  # right before each delete: a lost lock stops the sweep
+        if check is not None:
             check()
         await store.delete(key)
+
+    await gather_bounded((one(k) for k in keys), CONCURRENCY)
+    return len(keys)
+
+
+async def _delete_under_lease(store: ObjectStore, keys: list[str], lease: Lease) -> int:
+    """Delete ``keys``, each within what is left of ``lease`` (``Lease.bounded``): a chunk
+    writer elsewhere may rely on a chunk once the lease looks expired to it, so no delete
+    may land after that. The first that cannot end in time stops them all (LeaseLost)."""
+    async def one(key: str) -> None:
+        await lease.bounded(lambda: store.delete(key), f"chunk sweep: delete of {key}")
 
     await gather_bounded((one(k) for k in keys), CONCURRENCY)
     return len(keys)
@@ -257,7 +279,8 @@ async def sweep_chunks(store: ObjectStore, *, owner: str = "cdp consolidate", tt
     a chunk writer is live. Nothing is deleted unless every domain's listing of manifests
     is shown whole (``_domain_manifests``: StoreError naming what is missing). A manifest
     that does not decode stops the sweep (FormatError naming it): without it we cannot
-    know which chunks are still needed."""
+    know which chunks are still needed. ``LeaseLost`` when the gc lock was lost, or a
+    delete could not end while it surely held (§11.4): what was deleted before was safe."""
     async with await gc_lock(store, owner=owner, ttl_s=ttl_s, skew_s=skew_s) as lease:
         domains = await _domains_twice(store)
         listed = await gather_bounded((_domain_manifests(store, d) for d in domains), CONCURRENCY)
@@ -279,7 +302,8 @@ async def sweep_chunks(store: ObjectStore, *, owner: str = "cdp consolidate", tt
                 kept += 1
             else:
                 garbage.append(info.key)
-        deleted = await _delete_all(store, garbage, lease.check)
+        deleted = await _delete_under_lease(store, garbage, lease)
+        lease.check()  # lost while deleting (superseded, its clock stepped): an error, not a success
     return {"domains_read": len(domains), "manifests_read": len(keys), "chunks_kept": kept,
             "chunks_deleted": deleted}
 

@@ -68,7 +68,7 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
-from cdp.errors import ConfigError, FormatError, StoreError, StoreTimeout, StoreUnavailable
+from cdp.errors import ConfigError, FormatError, StoreClockUnknown, StoreError, StoreTimeout, StoreUnavailable
 from cdp.store.keys import is_valid_key, show_key
 
 Bytes = bytes | bytearray | memoryview
@@ -263,7 +263,7 @@ def server_date(where: str, value: str | None) -> float:
     when = http_date_seconds(value)
     if when is None:
         shown = "none" if not value else show_key(value)
-        raise StoreUnavailable(f"{where}: the answer has no usable Date header ({shown}): the store's clock is"
+        raise StoreClockUnknown(f"{where}: the answer has no usable Date header ({shown}): the store's clock is"
                                f" unknown, so no lock is taken or judged by it")
     return when
 
