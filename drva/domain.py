@@ -32,6 +32,15 @@ from cdp.frame import Frame
 from cdp.logfmt import entry_stride
 from drva.config import DomainConfig
 
+#: The filter's clock offset is the largest of its last this many readings (FILTER_STATE
+#: ``now_ns``, one a second): a reading that waited in the stream (behind frames, or while
+#: back-pressure stopped reading) makes the filter look behind by the wait, never ahead,
+#: so the least delayed one is the nearest to the truth (``filter_clock_offset_ns``).
+FILTER_CLOCK_SAMPLES = 60
+#: What a FILTER_STATE says of one moment only, dropped when its session ends
+#: (``filter_session_ended``); the rest stays true of the filter until it reports again.
+FILTER_MOMENT_FIELDS = ("oldest_unacked_age_ms", "buffered_bytes")
+
 
 @dataclass(slots=True)
 class LogEntry:
@@ -169,6 +178,9 @@ class DomainState:
         self.stats = DomainStats()
         self.session: Any = None  # the filter session streaming this domain, if any
         self.filter_state: dict[str, Any] = {}  # the filter's last FILTER_STATE
+        # Its clock minus this host's, per FILTER_STATE of the current filter (newest last).
+        self.filter_clock_offsets: collections.deque[int] = collections.deque(maxlen=FILTER_CLOCK_SAMPLES)
+        self.filter_clock_skewed = False  # its offset was last logged as past the lock skew (drva.session)
 
     @property
     def id(self) -> int:
@@ -296,6 +308,32 @@ class DomainState:
         not counted. Not aged further here: the write may have been acked since, and
         the next report (every second) says how long the oldest one waits then."""
         return (self.filter_state.get("oldest_unacked_age_ms") or 0) / 1000
+
+    def filter_session_ended(self) -> None:
+        """The domain's filter session ended: drop what its last FILTER_STATE said of that
+        moment only (``FILTER_MOMENT_FIELDS``). Were they kept, the age its oldest unacked
+        write had then would stand in the RPO lag, never aged, for as long as no filter
+        came back. Its mode, dirty bytes and captured seq stay: they change only through a
+        session."""
+        for key in FILTER_MOMENT_FIELDS:
+            self.filter_state.pop(key, None)
+
+    def filter_session_opened(self) -> None:
+        """A new session took the domain over: its filter may run on another host, with
+        another clock, so the readings of the one before no longer count."""
+        self.filter_clock_offsets.clear()
+
+    def note_filter_clock(self, offset_ns: int) -> None:
+        """One reading of the filter's clock minus this host's (``FILTER_STATE.now_ns``
+        less this host's clock when it was read)."""
+        self.filter_clock_offsets.append(offset_ns)
+
+    def filter_clock_offset_ns(self) -> int | None:
+        """How far the filter's clock is ahead of this host's (negative: behind), from its
+        latest readings (``FILTER_CLOCK_SAMPLES``); None when it never said (a filter
+        older than ``now_ns``, or none yet). Kept after its session ends, until another
+        takes the domain over: a clock stays as wrong while its filter reconnects."""
+        return max(self.filter_clock_offsets) if self.filter_clock_offsets else None
 
     def rpo_lag_bytes(self) -> int:
         """Bytes captured that are not in the store yet (here, and buffered in the filter)."""

@@ -85,6 +85,9 @@ SCHEMAS: dict[int, dict[str, Check]] = {
         # A floor of the RPO lag (DomainState.rpo_lag_s): bounded, so that one filter's
         # figure stays a number every reader of the status can take.
         "oldest_unacked_age_ms": uint(0, U32_MAX, " (ms)"),
+        # The filter's wall clock when it sent this: the DRVA takes its offset from its own
+        # (DomainState.note_filter_clock). Any u64 is a time; how far off it is, is judged there.
+        "now_ns": uint(0, U64_MAX, " (ns)"),
     },
     wire.SEED_BEGIN: {
         "domain": DOMAIN, "disk": DISK, "disk_size": uint(1, U64_MAX),
@@ -96,7 +99,7 @@ SCHEMAS: dict[int, dict[str, Check]] = {
     wire.ERROR: ERROR_FIELDS,
 }
 # Keys a message may leave out: added after the type was, so older filters do not send them.
-OPTIONAL: dict[int, frozenset[str]] = {wire.FILTER_STATE: frozenset({"oldest_unacked_age_ms"})}
+OPTIONAL: dict[int, frozenset[str]] = {wire.FILTER_STATE: frozenset({"oldest_unacked_age_ms", "now_ns"})}
 
 
 def parse(msg: wire.Message, where: str) -> dict[str, Any]:

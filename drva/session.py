@@ -31,7 +31,11 @@ bigger than the log can always take (``GroupCommitter.frame_len_max``); its time
 not before the domain's newest accepted one — a filter's clock that stepped back (or a
 filter on another host) has them raised to it, as the filter itself does with its own
 clock — nor after this host's clock plus ``TS_AHEAD_MAX_S`` (``GroupCommitter.ts_ceiling``):
-a clock that jumped ahead has them clamped there.
+a clock that jumped ahead has them clamped there. A clock far behind from the start trips
+neither (its stamps only go forward) and is not corrected: a filter replaying a backlog
+sends old stamps that are true. Its clock is read instead: each ``FILTER_STATE`` carries
+it (``now_ns``), and the status reports its offset from this host's
+(``filter_clock_offset_s``), which the MSA holds to the lock skew (``filter_clock_skew``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 from cdp import wire
 from cdp.errors import FormatError
 from cdp.frame import Frame, decode_frame, encode_frame
+from cdp.locks import SKEW_DEFAULT_S
 from cdp.logs import get_logger
 from cdp.records import check_disk_bounds, check_mark_names, payload_lengths, payload_starts
 from drva import messages
@@ -197,6 +202,7 @@ class Session:
         for dom in self.domains.values():
             if dom.session is self:
                 dom.session = None
+                dom.filter_session_ended()
         self.drva.sessions.discard(self)
         self.drva.handshake_ended(self)
         self.drva.seeder.session_closed(self)  # a seed lives inside its session
@@ -306,6 +312,7 @@ class Session:
                 log.info("session_replaced", domain=domain_id, old=dom.session.where, new=self.where)
                 dom.session.close()
             dom.session = self
+            dom.filter_session_opened()
             self.domains[domain_id] = dom
         self.drva.handshake_ended(self)
         self.drva.sessions.add(self)
@@ -475,7 +482,7 @@ class Session:
 
     def _filter_state(self, doc: dict[str, Any]) -> None:
         """``doc`` is checked whole (drva.messages): every field is there (but the optional
-        ``oldest_unacked_age_ms``), typed, in range."""
+        ``oldest_unacked_age_ms`` and ``now_ns``), typed, in range."""
         dom = self.domains.get(doc["domain"])
         if dom is None:
             raise Refused("unknown_domain", f"FILTER_STATE for domain {doc['domain']}, not in this session")
@@ -483,9 +490,32 @@ class Session:
             log.info("filter_mode", domain=dom.id, mode=doc["mode"], dirty_bytes=doc["dirty_bytes"])
         # All of it, each report anew: a field this one leaves out (a filter older than
         # it, or nothing waits unacked) is not taken from the one before.
-        dom.filter_state = {k: v for k, v in doc.items() if k != "domain"}
+        dom.filter_state = {k: v for k, v in doc.items() if k not in ("domain", "now_ns")}
         # Bounded as its records' timestamps are (rpo_lag_s compares the two).
         dom.filter_state["captured_ts"] = min(doc["captured_ts"], self.drva.committer.ts_ceiling(dom))
+        if "now_ns" in doc:  # a filter older than the field does not say
+            self._note_filter_clock(dom, doc["now_ns"])
+
+    def _note_filter_clock(self, dom: "DomainState", filter_now_ns: int) -> None:
+        """Take one reading of the filter's clock (FORMAT.md §9): its offset from this
+        host's goes in the status (``filter_clock_offset_s``, the MSA's ``filter_clock_skew``
+        alarm). Logged when it goes past ``SKEW_DEFAULT_S`` and when it comes back: the
+        stamps of a filter far behind raise nothing here (they are not before the
+        domain's newest), yet ``--at`` picks points later than meant by that much."""
+        dom.note_filter_clock(filter_now_ns - self.drva.committer.clock_ns())
+        offset_s = dom.filter_clock_offset_ns() / 1e9
+        skewed = abs(offset_s) > SKEW_DEFAULT_S
+        if skewed == dom.filter_clock_skewed:
+            return
+        dom.filter_clock_skewed = skewed
+        if skewed:
+            log.warning("filter_clock_skew", peer=self.where, filter=self.filter_name, domain=dom.id,
+                        offset_s=round(offset_s, 3), bound_s=SKEW_DEFAULT_S,
+                        reason="the filter's clock (that stamps its writes) and this DRVA's differ by more than "
+                               "the store's locks allow: a recovery --at picks points off by that much")
+        else:
+            log.info("filter_clock_skew_cleared", peer=self.where, filter=self.filter_name, domain=dom.id,
+                     offset_s=round(offset_s, 3))
 
     # ------------------------------------------------------------------ acks
 

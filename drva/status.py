@@ -1,7 +1,8 @@
 """A DRVA's status document: what ``status.json`` holds and the management server shows.
 
 Per domain: the four seq marks, RPO lag in seconds and bytes, the filter's mode
-(normal / bitmap / resync) and back-pressure, upload latency and error counts; for the
+(normal / bitmap / resync), whether a filter is connected and how far its clock is off
+this DRVA's, back-pressure, upload latency and error counts; for the
 DRVA: log usage, group-commit figures, sessions, store errors, and — when it ships to more
 than one store — each store with its domains.
 
@@ -134,6 +135,10 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
+def _seconds(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e9, 3)
+
+
 def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
     st = dom.stats
     lat = list(st.upload_latency_s)
@@ -152,6 +157,9 @@ def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
         "dirty_bytes": dom.filter_state.get("dirty_bytes"),
         "backpressure": backpressure,
         "connected": dom.session is not None,
+        # The filter's clock minus this DRVA's, seconds (null: it never said); its last
+        # filter's while none is connected (DomainState.filter_clock_offset_ns).
+        "filter_clock_offset_s": _seconds(dom.filter_clock_offset_ns()),
         "catalog_ready": dom.catalog_ready,
         "fenced": dom.fenced,
         "unsealed_entries": len(dom.unsealed),

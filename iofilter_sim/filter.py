@@ -48,7 +48,7 @@ import numpy as np
 from cdp.dirtymap import DirtyMap, region_bytes_for, regions_of
 from cdp.errors import FormatError
 from cdp.frame import encode_frame_parts
-from cdp.layout import U32_MAX
+from cdp.layout import U32_MAX, U64_MAX
 from cdp.logs import get_logger
 from cdp.records import (
     KIND_MARK, KIND_RESYNC_BEGIN, KIND_RESYNC_END, KIND_WRITE, KIND_ZERO, MARK_NAME_CONTROL, empty_records,
@@ -632,9 +632,13 @@ class DomainFilter:
 
     def state(self) -> dict[str, Any]:
         """The FILTER_STATE body (FORMAT.md §9)."""
+        # now_ns: the clock that stamps the records, read as is (not the last stamp, which
+        # never goes back): the DRVA compares it with its own and reports how far off it
+        # is — a clock far behind stamps writes earlier than they were, and no other
+        # figure shows it (FORMAT.md §9).
         doc = {"domain": self.domain, "mode": self.mode, "captured_seq": self.next_seq - 1,
                "captured_ts": self.last_ts, "buffered_bytes": self.buffered_bytes,
-               "dirty_bytes": self.dirty_bytes()}
+               "dirty_bytes": self.dirty_bytes(), "now_ns": min(max(self.clock(), 0), U64_MAX)}
         # Only while a write waits unacked: with none, there is no age to give (and a
         # filter older than the field gives none either; the DRVA takes both alike).
         if self.buffer:

@@ -40,7 +40,7 @@ from cdp.errors import Busy, CdpError, ConfigError
 from cdp.hypervisor import open_hypervisor
 from cdp.logs import get_logger
 from cdp.msa import operations
-from cdp.msa.alarms import AlarmEvaluator
+from cdp.msa.alarms import AlarmEvaluator, CertificateWatch
 from cdp.msa.config import Policy, PolicyChange, SiteConfig
 from cdp.msa.history import StatusHistory
 from cdp.msa.http_limits import ApiLimits
@@ -140,6 +140,7 @@ class MsaDaemon:
         self._owner_checked: dict[str, float] = {}
         self._power_lock = asyncio.Lock()
         self.alarms = AlarmEvaluator(cfg.alarms, **(alarm_options or {}))
+        self.certificates = CertificateWatch(cfg.tls, cfg.drvas)  # what certificate_expiring judges
         self.metrics = MsaMetrics(self.metrics_snapshot)
         self.throughput = Throughput()
         self.history = StatusHistory()  # what the console charts (GET /v1/domains/{name}/history)
@@ -312,7 +313,8 @@ class MsaDaemon:
         every second, and froze every alarm of the site)."""
         views = self.supervisor.views()
         self.alarms.evaluate(time.time_ns(), views, self.protection, monotonic_ns=time.monotonic_ns(),
-                             vms_down=self.hypervisor.vms_not_up())
+                             vms_down=self.hypervisor.vms_not_up(), powered=self.powered,
+                             certificates=self.certificates.in_use(views))
         self.alarms.forget_subjects(set(self.protection) | {d.name for d in self.cfg.drvas})
         self.throughput.update(time.monotonic(), views)
         self.history.record(time.time_ns(), views, self.protection, self.throughput)

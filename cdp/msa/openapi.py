@@ -81,7 +81,8 @@ def _schemas() -> dict[str, Any]:
         "Alarm": {"type": "object", "properties": {
             "id": {"type": "string"}, "kind": {"type": "string", "enum": [
                 "drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
-                "timestamps_rewritten", "state_dir_unwritable", "vms_down"]},
+                "timestamps_rewritten", "state_dir_unwritable", "vms_down", "filter_clock_skew",
+                "filter_disconnected", "certificate_expiring"]},
             "severity": {"type": "string", "enum": ["critical", "major", "warning"]},
             "subject": {"type": "string"}, "subject_kind": {"type": "string", "enum": ["domain", "drva", "site"]},
             "message": {"type": "string"}, "raised_ns": {"type": "integer"},

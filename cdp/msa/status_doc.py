@@ -40,6 +40,7 @@ DOMAIN_FIELDS: dict[str, tuple[str, bool]] = {
     "rpo_lag_s": (GAUGE, False), "rpo_lag_bytes": (COUNT, False),
     "filter_mode": (TEXT, True), "bitmap_mode": (FLAG, False), "dirty_bytes": (COUNT, True),
     "backpressure": (FLAG, False), "connected": (FLAG, False), "catalog_ready": (FLAG, False), "fenced": (FLAG, False),
+    "filter_clock_offset_s": (GAUGE, True),
     "unsealed_entries": (COUNT, False), "inflight_segments": (COUNT, False),
     **{name: (COUNT, False) for name in (
         "frames_received", "bytes_received", "duplicates_dropped", "frames_refused", "timestamps_raised",

@@ -122,8 +122,8 @@ def test_the_daemon_times_alarms_on_the_monotonic_clock(monkeypatch):
     views = [view(status(domain("erp", upload_errors=1), domain("web")))]
     daemon = SimpleNamespace(
         supervisor=SimpleNamespace(views=lambda: views), alarms=evaluator(store_error_quiet_s=60),
-        hypervisor=SimpleNamespace(vms_not_up=lambda: []),
-        protection=POLICIES, cfg=SimpleNamespace(drvas=[SimpleNamespace(name="drva-1")]),
+        hypervisor=SimpleNamespace(vms_not_up=lambda: []), powered=[],
+        certificates=SimpleNamespace(in_use=lambda views: []), protection=POLICIES, cfg=SimpleNamespace(drvas=[SimpleNamespace(name="drva-1")]),
         throughput=SimpleNamespace(update=lambda *a: None), history=SimpleNamespace(record=lambda *a: None))
     MsaDaemon.evaluate_alarms(daemon)
     assert ("store_errors", "erp") in kinds(daemon.alarms)
