@@ -22,6 +22,7 @@ Routes (the OpenAPI document, ``GET /openapi.json``, describes each one):
     POST /v1/domains/{name}/protect        job "protect" (optional policy fields)
     POST /v1/domains/{name}/unprotect
     GET  /v1/domains/{name}/points         GET /v1/domains/{name}/history (the console's charts)
+                                           (points: ?limit=&before_seq=&timeline=, ``cdp.msa.points_cache``)
     POST /v1/domains/{name}/marks          job "mark"         {"name": ...}
     POST /v1/domains/{name}/recover        job "recover"      {"target": ..., "to": DIR}
     POST /v1/domains/{name}/verify         job "verify"       {"deep": bool, "sample": 0..1}
@@ -50,11 +51,12 @@ from cdp.errors import Busy, CdpError, ConfigError, FailoverRefused, LeaseLost, 
 from cdp.logs import get_logger
 from cdp.msa import console, operations
 from cdp.msa.api_input import (
-    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, bad, policy_change, read_body, recover_options_from,
-    shown, target_from, wants_wait,
+    BODY_BYTES_MAX, BODY_TIMEOUT_S, ApiError, PointsPage, bad, points_page, policy_change, read_body,
+    recover_options_from, shown, target_from, wants_wait,
 )
 from cdp.msa.http_limits import LimitedSite, RefusalLog, quiet_parser_errors, request_fields
 from cdp.msa.jobs import JOB_ID, JOB_ID_CHARS_MAX
+from cdp.msa.points_cache import PointsCache
 from cdp.msa.runner import TooManyJobs, quiesce_claim, site_move
 from cdp.msa.state_fs import StateUnwritable, error_text, fs_problem, hint
 from cdp.tomlread import NAME
@@ -67,6 +69,8 @@ log = get_logger("cdp.msa.api")
 MSA: web.AppKey[MsaDaemon] = web.AppKey("msa")
 REDACTIONS: web.AppKey[tuple[tuple[str, str], ...]] = web.AppKey("redactions")
 REFUSALS: web.AppKey[RefusalLog] = web.AppKey("refusals")
+#: The points routes' computations: at most 2 at once, shared, kept (``cdp.msa.points_cache``).
+POINTS: web.AppKey[PointsCache] = web.AppKey("points")
 #: Refused before any work (no token, no such route, a wrong method): logged one by one
 #: only up to a bound per minute (``http_limits.RefusalLog``), then counted.
 REFUSED_STATUSES = frozenset({401, 404, 405})
@@ -335,9 +339,40 @@ async def unprotect(request: web.Request) -> web.Response:
     return _json(await request.app[MSA].unprotect(domain))
 
 
+def _points_answer(text: str) -> web.Response:
+    return web.Response(text=text, content_type="application/json")
+
+
+async def _paged(page: PointsPage, work: Any) -> str:
+    """``await work``, an unknown timeline of ``page`` answered 400 naming it."""
+    from rocva.errors import InvalidTarget
+
+    try:
+        return await work
+    except InvalidTarget as exc:
+        if page.timeline is None:
+            raise
+        raise bad("timeline", exc.message) from None
+
+
 async def points(request: web.Request) -> web.Response:
+    """A page of the domain's points (``rocva.points``; at most ``limit`` marks per
+    timeline): computed at most 2 at once, shared and kept while the catalog's newest
+    generation is unchanged (``cdp.msa.points_cache``)."""
+    from rocva.points import points_at
+
+    cfg = request.app[MSA].cfg
     domain = domain_of(request)
-    return _json(await operations.points(request.app[MSA].cfg, domain))
+    page = points_page(request)
+    seen = await asyncio.to_thread(operations.seen_by_drva, cfg, domain)
+
+    async def compute(store: Any, head: Any, generation: int) -> str:
+        doc = await points_at(store, head, generation, page.timeline, seen, limit=page.limit,
+                              before_seq=page.before_seq)
+        return _dumps(operations.jsonable(doc))
+
+    work = request.app[POINTS].domain_points(cfg.store_url_for(domain), cfg.domain(domain).id, page, seen, compute)
+    return _points_answer(await _paged(page, work))
 
 
 async def history(request: web.Request) -> web.Response:
@@ -359,8 +394,17 @@ async def history(request: web.Request) -> web.Response:
 async def failover_points(request: web.Request) -> web.Response:
     """Points of a domain named as the store knows it: the recovery site picks a failover's
     point before its inventory has the domain."""
+    cfg = request.app[MSA].cfg
     name = store_domain_of(request)
-    return _json(await console.store_points(request.app[MSA].cfg, name))
+    page = points_page(request)
+
+    async def compute() -> str:
+        doc = await console.store_points(cfg, name, timeline=page.timeline, limit=page.limit,
+                                         before_seq=page.before_seq)
+        return _dumps(doc)
+
+    work = request.app[POINTS].gated(("failover", cfg.store_url_for(name), name, page), compute)
+    return _points_answer(await _paged(page, work))
 
 
 async def mark(request: web.Request) -> web.Response:
@@ -591,6 +635,7 @@ def make_app(daemon: MsaDaemon) -> web.Application:
     app[MSA] = daemon
     app[REDACTIONS] = redactions(daemon)
     app[REFUSALS] = RefusalLog()
+    app[POINTS] = PointsCache()
     app[BODY_TIMEOUT_S] = daemon.api_limits.body_timeout_s
     for method, path, handler in ROUTES:
         if method == "GET":

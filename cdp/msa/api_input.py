@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -179,6 +180,49 @@ def wants_wait(request: web.Request) -> bool:
     if value in ("0", "false", "no", ""):
         return False
     raise bad("wait", f"expected 1 or 0, got {shown(value)}")
+
+
+#: ``GET /v1/domains/{name}/points``: marks per timeline in one answer (FORMAT.md §13.5).
+POINTS_LIMIT_DEFAULT = 1000
+POINTS_LIMIT_MAX = 1000
+POINTS_PARAMS = ("limit", "before_seq", "timeline")
+SEQ_MAX = (1 << 64) - 1  # §1: a seq is a u64
+_QUERY_INT = re.compile(r"[0-9]{1,20}")  # ASCII digits: no sign, space, exponent or other script's digits
+
+
+class PointsPage(NamedTuple):
+    """What a points request asks for: its marks' page, on one timeline or all of them."""
+
+    timeline: int | None = None
+    limit: int = POINTS_LIMIT_DEFAULT
+    before_seq: int | None = None
+
+
+def query_int(request: web.Request, name: str, low: int, high: int, default: int | None) -> int | None:
+    """Query parameter ``name`` as an integer in ``low..high`` (``default`` when absent);
+    400 naming it when it is anything else, or given twice (which one would count?)."""
+    values = request.query.getall(name, [])
+    if not values:
+        return default
+    if len(values) > 1:
+        raise bad(name, f"given {len(values)} times: give it once")
+    text = values[0]
+    if not _QUERY_INT.fullmatch(text) or not low <= int(text) <= high:
+        raise bad(name, f"expected an integer in {low}..{high}, got {shown(text)}")
+    return int(text)
+
+
+def points_page(request: web.Request) -> PointsPage:
+    """The page a points request asks for: ``limit`` marks per timeline (0..1000, default
+    1000), the newest ones below ``before_seq``; only ``timeline`` when given."""
+    from rocva.recover_options import TIMELINE_MAX
+
+    for key in request.query:
+        if key not in POINTS_PARAMS:
+            raise bad(field_name(key), f"unknown query parameter (expected {', '.join(POINTS_PARAMS)})")
+    return PointsPage(query_int(request, "timeline", 1, TIMELINE_MAX, None),
+                      query_int(request, "limit", 0, POINTS_LIMIT_MAX, POINTS_LIMIT_DEFAULT) or 0,
+                      query_int(request, "before_seq", 1, SEQ_MAX, None))
 
 
 def policy_change(doc: dict[str, Any]) -> PolicyChange:

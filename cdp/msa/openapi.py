@@ -34,6 +34,24 @@ _BODY_ERRORS = {"408": {"$ref": "#/components/responses/RequestTimeout"},
                 "507": {"$ref": "#/components/responses/InsufficientStorage"}}
 _NAME = {"name": "name", "in": "path", "required": True, "description": "A domain of the cluster file.",
          "schema": {"type": "string", "pattern": "^(?!\\.\\.?$)[A-Za-z0-9._-]{1,64}$"}}
+def _points_query() -> list[dict[str, Any]]:
+    """The points routes' query (``cdp.msa.api_input.points_page``, FORMAT.md §13.5)."""
+    from cdp.msa.api_input import POINTS_LIMIT_DEFAULT, POINTS_LIMIT_MAX, SEQ_MAX
+    from rocva.recover_options import TIMELINE_MAX
+
+    return [
+        {"name": "limit", "in": "query", "required": False,
+         "description": "At most this many marks per timeline: its newest ones (below before_seq), in seq order.",
+         "schema": {"type": "integer", "minimum": 0, "maximum": POINTS_LIMIT_MAX, "default": POINTS_LIMIT_DEFAULT}},
+        {"name": "before_seq", "in": "query", "required": False,
+         "description": "Only marks whose seq is below this one: the next page is asked for with a timeline's "
+                        "marks_next_before_seq.",
+         "schema": {"type": "integer", "minimum": 1, "maximum": SEQ_MAX}},
+        {"name": "timeline", "in": "query", "required": False,
+         "description": "Only this timeline (default: every one; the top level describes the current one).",
+         "schema": {"type": "integer", "minimum": 1, "maximum": TIMELINE_MAX}}]
+
+
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "description": "1: wait for the job to end and answer 200 with its final record.",
          "schema": {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]}}
@@ -105,6 +123,20 @@ def _schemas() -> dict[str, Any]:
                             **{f: {"type": "array", "items": {"type": ["number", "null"]}}
                                for f in ("rpo_lag_s", "rpo_lag_bytes", "received_bytes_per_s",
                                          "uploaded_bytes_per_s")}}}}},
+        "Points": {"type": "object", "description": "A domain's recovery points from the store's catalog, its marks "
+                   "paged (FORMAT.md §13.5); the top level describes the asked timeline (default: the current one), "
+                   "timelines each one.", "properties": {
+            "domain": {"type": "object"}, "generation": {"type": "integer"}, "timeline": {"type": "integer"},
+            "current_timeline": {"type": "integer"}, "committed_seq": {"type": "integer"},
+            "consistent": {"type": "array", "items": {"type": "object"}},
+            "latest": {"type": ["integer", "null"]},
+            "marks": {"type": "array", "items": {"type": "object"}, "maxItems": 1000,
+                      "description": "The timeline's newest marks below before_seq, at most limit, in seq order."},
+            "marks_total": {"type": "integer", "description": "Every mark the timeline holds."},
+            "marks_next_before_seq": {"type": ["integer", "null"], "description": (
+                "The before_seq that asks for the older marks not given (with timeline=...); null: none left.")},
+            "bases": {"type": "array"}, "not_consistent": {"type": "array"}, "disks": {"type": "array"},
+            "timelines": {"type": "array", "items": {"type": "object"}}, "problems": {"type": "array"}}},
         "Status": {"type": "object", "properties": {
             "site": {"type": "string"}, "pid": {"type": "integer"}, "api": {"type": "string"},
             "store": {"type": "string", "description": "This site's own store (its domains'), redacted."},
@@ -132,7 +164,6 @@ def _schemas() -> dict[str, Any]:
 def _paths() -> dict[str, Any]:
     from rocva.recover_options import CONCURRENCY_MAX, TIMELINE_MAX  # the ranges the recover job checks
 
-    domain_get = {"parameters": [_NAME]}
     return {
         "/healthz": {"get": {"summary": "Liveness (no token needed).", "security": [],
                              "responses": {"200": _json({"type": "object"}, "The daemon answers.")}}},
@@ -168,8 +199,11 @@ def _paths() -> dict[str, Any]:
             "responses": {"200": _json({"type": "object"}, "Unprotected."), **_DOMAIN_ERRORS,
                           "409": {"$ref": "#/components/responses/Conflict"}}}},
         "/v1/domains/{name}/points": {"get": {
-            **domain_get, "summary": "Recovery points of the domain, from the store's catalog.",
-            "responses": {"200": _json({"type": "object"}, "Consistent windows, marks, bases."),
+            "summary": "Recovery points of the domain, from the store's catalog: consistent windows, bases, and "
+                       "a page of each timeline's marks (the newest, at most limit). Never older than the newest "
+                       "catalog generation in the store when the request arrived.",
+            "parameters": [_NAME, *_points_query()],
+            "responses": {"200": _json(_ref("Points"), "Consistent windows, marks, bases."),
                           **_DOMAIN_ERRORS}}},
         "/v1/domains/{name}/history": {"get": {
             "summary": "The domain's status over the last hour, as the MSA sampled it every interval_s (in "
@@ -234,8 +268,8 @@ def _paths() -> dict[str, Any]:
         "/v1/failover/{name}/points": {"get": {
             "summary": "Recovery points of a domain named as the store knows it (as /v1/domains/{name}/points): "
                        "the recovery site's pick of a failover's point, before its inventory has the domain.",
-            "parameters": [_NAME],
-            "responses": {"200": _json({"type": "object"}, "Consistent windows, marks, bases, per timeline."),
+            "parameters": [_NAME, *_points_query()],
+            "responses": {"200": _json(_ref("Points"), "Consistent windows, marks, bases, per timeline."),
                           **_DOMAIN_ERRORS}}},
         "/v1/failover/{name}/cleanup": {"post": {
             "summary": "Remove a test failover: power its VMs off, unregister them and their on-demand hosts, "

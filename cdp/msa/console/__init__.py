@@ -66,9 +66,11 @@ def install(app: web.Application) -> None:
     app[FILES] = load_files()
 
 
-async def store_points(cfg: Any, name: str) -> dict[str, Any]:
+async def store_points(cfg: Any, name: str, *, timeline: int | None = None, limit: int | None = None,
+                       before_seq: int | None = None) -> dict[str, Any]:
     """``rocva.points.list_points`` of the domain named ``name`` in the store it lives in
-    (``cfg.store_url_for``), found by name: the failover page's time axis."""
+    (``cfg.store_url_for``), found by name: the failover page's time axis. ``limit`` and
+    ``before_seq`` page its marks, ``timeline`` picks one (FORMAT.md §13.5)."""
     from cdp.catalog import find_domain
     from cdp.errors import NotFound
     from cdp.msa.operations import jsonable, with_store
@@ -78,6 +80,6 @@ async def store_points(cfg: Any, name: str) -> dict[str, Any]:
         found = await find_domain(store, name)
         if found is None:
             raise NotFound(f"no domain named {name} in {store.describe()}")
-        return await list_points(store, found[0])
+        return await list_points(store, found[0], timeline, limit=limit, before_seq=before_seq)
 
     return jsonable(await with_store(cfg, name, work))

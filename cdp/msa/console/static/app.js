@@ -452,7 +452,8 @@
           api("GET", `${path}/history?since_ns=${hist.since}`)]);
         if (Date.now() - pointsAt > POINTS_EVERY_MS) {
           pointsAt = Date.now();
-          points = await api("GET", `${path}/points`).catch((err) => ({ error: err.message }));
+          // Only what this page shows (the current timeline, how many there are): no marks.
+          points = await api("GET", `${path}/points?limit=0`).catch((err) => ({ error: err.message }));
         }
         const s = h.samples;
         for (let i = 0; i < s.t_ns.length; i += 1) {
@@ -679,10 +680,15 @@
       const tls = (state.doc.timelines || []).map((t) => [t.timeline, t.owner, show(t.parent), show(t.fork_seq),
         t.current ? "yes" : "no", t.committed_seq, t.segments, (t.consistent || []).map((w) =>
           `${w.first_seq}..${w.last_seq}`).join(", ")]);
+      // The API gives each timeline's newest marks (at most 1,000): say when there are more.
+      const cut = (state.doc.timelines || []).filter((t) => t.marks_next_before_seq !== null &&
+        t.marks_next_before_seq !== undefined).map((t) => `timeline ${t.timeline}: the newest ` +
+        `${(t.marks || []).length} of its ${t.marks_total} marks are shown (cdp points lists them all)`);
       marksBox.replaceChildren(
         table("Timelines", ["timeline", "owner", "parent", "fork seq", "current", "committed seq", "segments",
           "consistent seqs"], tls),
-        table("Marks", ["mark", "timeline", "seq", "time", "consistent", "pick"], rows, "No marks."));
+        table("Marks", ["mark", "timeline", "seq", "time", "consistent", "pick"], rows, "No marks."),
+        ...cut.map((text) => el("p", { class: "muted marks-cut", text: `${text}.` })));
     }
     const node = el("div", {}, legend, axisBox, el("div", { class: "buttons" }, latestBtn), pickedOut, marksBox);
     let drawnWidth = 0;
