@@ -49,9 +49,9 @@ from cdp.store.base import ObjectStore, get_bounded
 from cdp.summed import SUMMED, checked_body, pack_summed, unpack_summed
 
 __all__ = [
-    "KIND_DELTA", "KIND_SNAPSHOT", "CatalogState", "CatalogWriter", "CorruptGeneration", "collect_generations",
-    "commit_catalog", "decode_catalog_object", "domain_ids", "encode_catalog_object", "load_catalog",
-    "read_generation",
+    "KIND_DELTA", "KIND_SNAPSHOT", "CatalogState", "CatalogTooLarge", "CatalogWriter", "CorruptGeneration",
+    "collect_generations", "commit_catalog", "decode_catalog_object", "domain_ids", "encode_catalog_object",
+    "load_catalog", "read_generation",
 ]
 
 CATALOG_MAGIC = b"CDPC"
@@ -121,6 +121,14 @@ class CorruptGeneration(ChecksumMismatch):
         self.key = key
 
 
+class CatalogTooLarge(FormatError):
+    """A generation whose body would exceed ``BODY_LEN_MAX`` (§8.1): no reader takes it,
+    so it is not written. A refusal of that domain's commit, like a delta the head
+    refuses: a DRVA stops that domain (its status says why) and serves the others. It
+    once was a ValueError, which ended the DRVA's catalog committer and the DRVA (exit
+    70), at every restart."""
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -139,7 +147,10 @@ def encode_catalog_object(domain: int, generation: int, kind: int, body: dict) -
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     data = text.encode("utf-8")
     if len(data) > BODY_LEN_MAX:
-        raise ValueError(f"catalog body of {len(data)} bytes > {BODY_LEN_MAX}")
+        what = KIND_NAMES[kind]
+        raise CatalogTooLarge(f"catalog {catalog_key(domain, generation)}: the {what} body would be {len(data):,} "
+                              f"bytes, over the {BODY_LEN_MAX:,} a generation may hold (FORMAT.md §8.1): not "
+                              f"written")
     header = pack_summed(
         _HEADER, CATALOG_MAGIC, CATALOG_VERSION, kind, domain, len(data), generation,
         xxhash.xxh3_64_intdigest(data), bytes(24),

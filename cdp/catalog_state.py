@@ -36,6 +36,16 @@ DELTA_KEYS = frozenset(("writer", "timeline", "add_segments", "add_pages", "add_
                         "add_timeline"))
 #: §8.3: what a consolidation/retention job's delta may hold.
 MAINTENANCE_KEYS = frozenset(("writer", "timeline", "add_bases", "remove_bases", "horizon_seq", "horizon_ts"))
+#: §8.2: the most marks a timeline's head keeps; past it the oldest leave the head
+#: (``Timeline.drop_before_horizon``): their points stay recoverable by seq and time,
+#: only the name is gone. 2^17: one mark a minute for three months (131,072 minutes =
+#: 91 days). A DRVA-written mark is at most 575 bytes of snapshot body (a 255-byte name
+#: of characters JSON escapes, 20-digit seq and ts) and ~75 bytes with a 20-byte name:
+#: at most 75 MB of a snapshot's 256 MiB body (§8.1), ~10 MB typically, and ~45 MB of a
+#: DRVA's memory per timeline (~85 MB with 255-byte names). Nothing bounded them before:
+#: 8.1 M marks (1-byte names, from frames of 65,536 MARK records) took a DRVA to 4.7 GB,
+#: and their snapshot past 256 MiB ended it, at every restart.
+MARKS_MAX = 1 << 17
 
 
 @dataclass(eq=False)
@@ -48,9 +58,11 @@ class Timeline:
     ``last_seq <= horizon_seq`` is kept; each row and page reference starts no earlier in
     time than the one before it ends (§1: times are non-decreasing along seq); bases are
     unique per (seq, disk); marks have strictly increasing seqs in
-    ``horizon_seq .. committed_seq``. ``horizon_ts`` is the time of the record at
-    ``horizon_seq`` (0: unknown, or no record: ``horizon_seq`` 0); no row after the horizon
-    and no mark is older, and a row still holding the horizon record spans it.
+    ``horizon_seq .. committed_seq``, at most ``MARKS_MAX`` of them once a delta was
+    applied (a snapshot of an older writer may hold more: the next delta drops them).
+    ``horizon_ts`` is the time of the record at ``horizon_seq`` (0: unknown, or no
+    record: ``horizon_seq`` 0); no row after the horizon and no mark is older, and a row
+    still holding the horizon record spans it.
     """
 
     id: int
@@ -194,12 +206,35 @@ class Timeline:
         return None
 
     def drop_before_horizon(self) -> None:
-        """Forget the pages, rows and marks the horizon has passed (§8.2)."""
-        h = np.uint64(self.horizon_seq)
-        self.refs = self.refs[self.refs["last_seq"] > h]
+        """Forget what the head no longer keeps (§8.2): the pages, rows and marks the
+        horizon has passed, the windows that end below it, and the oldest marks past
+        ``MARKS_MAX``.
+
+        A window that ends below ``horizon_seq`` holds no point a recovery may ask for
+        (they are all outside retention), so it goes — but a ``seeding`` window only once
+        no base lies in it or at its fuzzy base (``first_seq - 1``): such a base, built
+        from zeros and writes while the seed was copying, must still be known as one
+        (``rocva.plan``). A window still open, or ending at or above the horizon, stays:
+        the points at and above the horizon are judged as before."""
+        h = self.horizon_seq
+        self.refs = self.refs[self.refs["last_seq"] > np.uint64(h)]
         if not len(self.refs):
-            self.tail = self.tail[self.tail["last_seq"] > h]
-        self.marks = [m for m in self.marks if m["seq"] >= self.horizon_seq]
+            self.tail = self.tail[self.tail["last_seq"] > np.uint64(h)]
+        if self.marks and self.marks[0]["seq"] < h:
+            self.marks = [m for m in self.marks if m["seq"] >= h]
+        if len(self.marks) > MARKS_MAX:
+            self.marks = self.marks[-MARKS_MAX:]
+        if any(w["last_seq"] is not None and w["last_seq"] < h for w in self.windows):
+            self.windows = [w for w in self.windows if not self._window_gone(w, h)]
+
+    def _window_gone(self, w: dict, horizon: int) -> bool:
+        """Does window ``w`` leave the head at ``horizon`` (``drop_before_horizon``)?"""
+        last = w["last_seq"]
+        if last is None or last >= horizon:
+            return False
+        if w["kind"] == "seeding":
+            return not any(w["first_seq"] - 1 <= b["seq"] <= last for b in self.bases)
+        return True
 
 
 @dataclass(eq=False)
@@ -443,8 +478,9 @@ class CatalogState:
 
     def maintenance_difference(self, new: CatalogState) -> str | None:
         """None when ``new`` is this head after consolidation and retention only (§8.3):
-        bases added or removed, horizons moved (and the pages, rows and marks below them
-        dropped). Otherwise what else changed: another writer owns the domain."""
+        bases added or removed, horizons moved (and the pages, rows, marks and windows
+        below them dropped: ``Timeline.drop_before_horizon``). Otherwise what else
+        changed: another writer owns the domain."""
         if new.domain != self.domain or new.disks != self.disks:
             return "the domain or its disks changed"
         if new.current != self.current or set(new.timelines) != set(self.timelines):
@@ -460,8 +496,6 @@ class CatalogState:
                 return f"timeline {k} changed"
             if t.committed_seq != old.committed_seq:
                 return f"timeline {k}: committed_seq moved from {old.committed_seq} to {t.committed_seq}"
-            if t.windows != old.windows:
-                return f"timeline {k}: its windows changed"
             if t.horizon_seq < old.horizon_seq:
                 return f"timeline {k}: horizon_seq went back from {old.horizon_seq} to {t.horizon_seq}"
             if t.horizon_seq == old.horizon_seq and t.horizon_ts != old.horizon_ts:
@@ -469,10 +503,17 @@ class CatalogState:
                         f"horizon_seq stayed {t.horizon_seq}")
             expect = old.copy()
             expect.horizon_seq = t.horizon_seq
+            expect.bases = list(t.bases)  # a maintenance delta may change them: windows follow them
             expect.drop_before_horizon()
             if not (np.array_equal(expect.refs, t.refs) and np.array_equal(expect.tail, t.tail)):
                 return f"timeline {k}: segments were added or replaced, not only the oldest ones dropped"
-            if t.marks != expect.marks:
+            # Both sides as this reader keeps them: a writer of a release before the rules
+            # of drop_before_horizon (windows, MARKS_MAX) keeps more in its snapshot.
+            got = t.copy()
+            got.drop_before_horizon()
+            if got.windows != expect.windows:
+                return f"timeline {k}: its windows changed"
+            if got.marks != expect.marks:
                 return f"timeline {k}: marks changed"
         return None
 

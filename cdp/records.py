@@ -3,9 +3,11 @@
 A batch of records is one ``RECORD_DTYPE`` array, never a list of Python objects: the
 record table of a frame *is* such an array, viewed in place over the received bytes.
 ``check_records`` holds the per-kind rules of §1, vectorised, so the frame and segment
-codecs share one definition of a valid record. A DRVA adds two checks before it logs a
+codecs share one definition of a valid record. A DRVA adds checks before it logs a
 frame (FORMAT.md §9.2): ``check_mark_names`` (MARK names are strict UTF-8, §1, with no
-control character) and ``check_disk_bounds`` (records inside the domain's disks).
+control character), ``check_disk_bounds`` (records inside the domain's disks) and, with
+it, ``check_special_counts`` (at most ``MARKS_PER_FRAME_MAX`` MARK records and
+``RESYNC_RUNS_PER_FRAME_MAX`` runs of RESYNC records in a frame).
 """
 
 from __future__ import annotations
@@ -24,6 +26,22 @@ MARK_NAME_MAX = 255  # §1: a mark's name is 1..255 UTF-8 bytes
 # be passed at all) and prints as something else in a terminal or a log.
 MARK_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 OFFSET_END_MAX = 1 << 62  # §1: offset + length must not exceed 2**62
+#: §9.2: the most MARK records a DRVA takes in one frame. A filter places a mark when an
+#: operator or a schedule asks (the simulator puts each in a frame of its own); a few
+#: schedules firing at once fit. Each MARK becomes a mark in the catalog head and, until
+#: its segment is committed, a tuple in the DRVA's memory (~180 bytes, beside a log
+#: entry of at least 4 KiB): a frame of 65,536 one-byte MARK records was 2.7 MB of log
+#: and ~12 MB of memory, and the catalog head grew without a bound (FORMAT.md §8.2,
+#: ``MARKS_MAX``).
+MARKS_PER_FRAME_MAX = 8
+#: §9.2: the most runs of RESYNC records a DRVA takes in one frame; a run is the
+#: RESYNC_BEGIN and RESYNC_END records of one kind that follow each other in the frame
+#: (other records between them do not end it). Each run but a repeat of the state opens
+#: or closes a resync window of the catalog: a filter enters a resync, and leaves it once
+#: the dirty regions are sent, so a frame holds one or two runs — a frame of thousands of
+#: RESYNC_BEGIN records (the simulator's filler for frames its spill journal lost) is one.
+#: 60,000 records alternating BEGIN and END opened 30,000 windows in one commit.
+RESYNC_RUNS_PER_FRAME_MAX = 8
 
 KIND_WRITE = 0
 KIND_ZERO = 1
@@ -166,12 +184,44 @@ def check_mark_names(records: np.ndarray, payload: bytes | bytearray | memoryvie
         _first_bad(bad, records, f"MARK name holds a control character (U+{ord(found.group()):04X})", where)
 
 
+def check_special_counts(records: np.ndarray, where: str) -> None:
+    """Raise FormatError when a frame holds more than ``MARKS_PER_FRAME_MAX`` MARK
+    records or more than ``RESYNC_RUNS_PER_FRAME_MAX`` runs of RESYNC records (§9.2),
+    naming the count, the bound and the record past it. Vectorised; nearly every frame
+    costs one pass over its kinds."""
+    kind = records["kind"]
+    special = kind >= KIND_MARK
+    if not special.any():
+        return
+    marks = np.flatnonzero(kind == KIND_MARK)
+    if len(marks) > MARKS_PER_FRAME_MAX:
+        bad = np.zeros(len(records), dtype=bool)
+        bad[marks[MARKS_PER_FRAME_MAX]] = True
+        _first_bad(bad, records, f"the frame holds {len(marks)} MARK records, more than the "
+                                 f"{MARKS_PER_FRAME_MAX} a DRVA takes in one frame", where)
+    resync = np.flatnonzero(kind >= KIND_RESYNC_BEGIN)
+    if len(resync) > RESYNC_RUNS_PER_FRAME_MAX:
+        kinds = kind[resync]
+        starts = np.flatnonzero(np.concatenate(([True], kinds[1:] != kinds[:-1])))
+        if len(starts) > RESYNC_RUNS_PER_FRAME_MAX:
+            bad = np.zeros(len(records), dtype=bool)
+            bad[resync[starts[RESYNC_RUNS_PER_FRAME_MAX]]] = True
+            _first_bad(bad, records, f"the frame holds {len(starts)} runs of RESYNC_BEGIN/RESYNC_END records "
+                                     f"(each switches the resync state), more than the "
+                                     f"{RESYNC_RUNS_PER_FRAME_MAX} a DRVA takes in one frame", where)
+
+
 def check_disk_bounds(records: np.ndarray, disk_sizes: np.ndarray, where: str) -> None:
     """Raise FormatError naming the first WRITE or ZERO record on a disk index the domain
-    does not have, or ending past its disk's end (``disk_sizes[disk]`` bytes).
+    does not have, or ending past its disk's end (``disk_sizes[disk]`` bytes); and what
+    ``check_special_counts`` refuses.
 
     Vectorised. ``check_records`` ran first: ``offset + length`` is at most 2**62, so the
-    sum cannot wrap."""
+    sum cannot wrap. The counts ride here because this is what a session holds each
+    frame to before it logs it (``drva.session``), and only that: a frame an older DRVA
+    logged is not refused for them at a restart (``drva.partitions`` re-checks mark
+    names only) — the catalog bounds what such a frame leaves (FORMAT.md §8.2)."""
+    check_special_counts(records, where)
     is_data = records["kind"] <= KIND_ZERO
     disk = records["disk"]
     count = len(disk_sizes)

@@ -38,6 +38,7 @@ from typing import Any
 
 from cdp.catalog import CatalogState, CatalogWriter, CorruptGeneration, collect_generations
 from cdp.catalog_page import ROW_FIELDS
+from cdp.catalog_state import MARKS_MAX
 from cdp.errors import CdpError, Fenced, LogError, StoreError
 from cdp.frame import decode_frame
 from cdp.gather import gather_bounded
@@ -66,6 +67,17 @@ PACK_THREADS = max(2, min(4, os.cpu_count() or 2))
 #: Domains whose catalog commits are in flight at once (``commit_step``): enough to
 #: overlap the store's round trips, as many as a store client's connection pool serves.
 COMMIT_CONCURRENCY = 8
+#: The most ``resync`` windows a DRVA keeps in a timeline's head (FORMAT.md §8.2): past
+#: it, the two neighbouring closed ones with the fewest seqs between them become one
+#: (``_bounded_windows``). A resync follows an outage or a full filter buffer: at one an
+#: hour that is five and a half months, and retention drops the old ones first. Each
+#: window is ~70 bytes of every delta that changes them (``set_windows`` is the whole
+#: list) and of every snapshot: ~290 KB at most. Unbounded, a filter sending RESYNC_BEGIN
+#: and RESYNC_END by turns grew the head, and each delta, by a window per pair.
+RESYNC_WINDOWS_MAX = 4096
+#: A domain's ``marks_dropped`` and ``resync_windows_merged`` warnings are logged at most
+#: this often (a filter flooding marks past ``MARKS_MAX`` drops some at every commit).
+CUT_LOG_INTERVAL_S = 60.0
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -115,6 +127,14 @@ class Shipper:
         # domain -> (commits in a row that met a corrupt generation, monotonic time before
         # which its commits pause): ``_corrupt_generation``.
         self._corrupt: dict[int, tuple[int, float]] = {}
+        # Per domain, since this DRVA started: the oldest marks its head let go past
+        # MARKS_MAX, and the resync windows merged past RESYNC_WINDOWS_MAX (the status's
+        # ``marks_dropped``, ``resync_windows_merged``); ``_cut``: what the delta being
+        # committed does so (``_delta``), counted once it is committed.
+        self.marks_dropped: dict[int, int] = {d: 0 for d in domains}
+        self.windows_merged: dict[int, int] = {d: 0 for d in domains}
+        self._cut: dict[int, tuple[int, int]] = {}
+        self._cut_logged: dict[int, float] = {}
 
     @property
     def store(self) -> ObjectStore:
@@ -368,7 +388,31 @@ class Shipper:
             return 0
         if self._corrupt.pop(dom.id, None) is not None:
             log.info("catalog_generation_readable", domain=dom.id, generation=self.writers[dom.id].generation)
+        self._count_cut(dom)
         return self._committed(dom)
+
+    def _count_cut(self, dom: DomainState) -> None:
+        """Count (and say, at most every ``CUT_LOG_INTERVAL_S``) the marks and resync
+        windows the delta just committed let go (``_delta``)."""
+        marks, windows = self._cut.pop(dom.id, (0, 0))
+        if not marks and not windows:
+            return
+        self.marks_dropped[dom.id] += marks
+        self.windows_merged[dom.id] += windows
+        now = time.monotonic()
+        if now - self._cut_logged.get(dom.id, -float("inf")) < CUT_LOG_INTERVAL_S:
+            return
+        self._cut_logged[dom.id] = now
+        if self.marks_dropped[dom.id]:
+            log.warning("marks_dropped", domain=dom.id, marks_dropped=self.marks_dropped[dom.id],
+                        marks_max=MARKS_MAX,
+                        reason=f"the catalog keeps the newest {MARKS_MAX} marks of a timeline: the oldest ones' "
+                               f"names are gone (their points stay recoverable by seq and time)")
+        if self.windows_merged[dom.id]:
+            log.warning("resync_windows_merged", domain=dom.id, windows_merged=self.windows_merged[dom.id],
+                        windows_max=RESYNC_WINDOWS_MAX,
+                        reason=f"the catalog keeps at most {RESYNC_WINDOWS_MAX} resync windows of a timeline: "
+                               f"neighbouring ones were merged, and the points between them are not offered")
 
     def _corrupt_generation(self, dom: DomainState, exc: CorruptGeneration) -> None:
         """A generation in the way of ``dom``'s commit stayed corrupt over several reads.
@@ -400,6 +444,7 @@ class Shipper:
         """The delta naming the uploaded head-of-line segments ``state`` does not hold yet
         (a generation of ours whose reply was lost may hold some: FORMAT.md §8.3)."""
         tl = state.timeline()
+        self._cut[dom.id] = (0, 0)
         jobs = []
         for job in dom.inflight:
             if not job.uploaded:
@@ -420,8 +465,12 @@ class Shipper:
         if marks:
             delta["add_marks"] = marks
         events = [ev for j in jobs for e in j.entries for ev in e.resync]
+        merged = 0
         if events:
-            delta["set_windows"] = _apply_resync(tl.windows, events)
+            windows = _apply_resync(tl.windows, events)
+            delta["set_windows"], merged = _bounded_windows(windows, RESYNC_WINDOWS_MAX)
+        # The head keeps the newest MARKS_MAX marks (CatalogState.apply_delta).
+        self._cut[dom.id] = (max(0, len(tl.marks) + len(marks) - MARKS_MAX), merged)
         return delta
 
     async def commit_delta(self, dom: DomainState, make_delta: Callable[[CatalogState], dict | None]) -> None:
@@ -512,14 +561,62 @@ def _newest_ts(timeline: Any) -> int:
 
 
 def _apply_resync(windows: list[dict], events: list[tuple[int, int]]) -> list[dict]:
-    """The catalog's window list after RESYNC_BEGIN/END records (kind, seq), in order."""
+    """The catalog's window list after RESYNC_BEGIN/END records (kind, seq), in order.
+
+    The events act on the first open ``resync`` window of the list (a DRVA only ever
+    has one: it opens one only when none is, at the end of the list). It is found once,
+    and after an END the next one from there on: one pass over the list and one step
+    per event, not a pass over the windows per event (60,000 events of one frame, on
+    the event loop, once held every domain's sessions for 28 s)."""
     out = [dict(w) for w in windows]
+    open_at = _open_resync(out, 0)
     for kind, seq in events:
-        open_ = next((w for w in out if w["kind"] == "resync" and w["last_seq"] is None), None)
         if kind == KIND_RESYNC_BEGIN:
-            if open_ is None:
+            if open_at is None:
                 out.append({"kind": "resync", "first_seq": seq, "last_seq": None})
-        elif open_ is not None:
+                open_at = len(out) - 1
+        elif open_at is not None:
             # FORMAT.md §1: the stream is consistent again from the RESYNC_END record on.
-            open_["last_seq"] = seq - 1
+            out[open_at]["last_seq"] = seq - 1
+            open_at = _open_resync(out, open_at + 1)
     return out
+
+
+def _open_resync(windows: list[dict], start: int) -> int | None:
+    """The index of the first open ``resync`` window at or after ``start``, or None."""
+    return next((i for i in range(start, len(windows))
+                 if windows[i]["kind"] == "resync" and windows[i]["last_seq"] is None), None)
+
+
+def _bounded_windows(windows: list[dict], most: int) -> tuple[list[dict], int]:
+    """(``windows`` with at most ``most`` ``resync`` windows, how many were merged away).
+
+    Past ``most``, neighbouring closed ``resync`` windows (in list order, which is seq
+    order for them: each is opened after the last one closed) are merged, those with the
+    fewest seqs between them first (ties: the oldest first). The merged window covers the
+    seqs between them too: those points are no longer offered as consistent — fewer
+    recovery points, never an inconsistent one, and no record is lost. Other windows
+    stay as they are, where they are."""
+    resync = [i for i, w in enumerate(windows) if w["kind"] == "resync"]
+    excess = len(resync) - most
+    if excess <= 0:
+        return windows, 0
+    pairs = [(windows[b]["first_seq"] - windows[a]["last_seq"], k)
+             for k, (a, b) in enumerate(zip(resync, resync[1:]))
+             if windows[a]["last_seq"] is not None and windows[b]["last_seq"] is not None]
+    joined = {k for _, k in sorted(pairs)[:excess]}  # pair k joins resync[k] and resync[k + 1]
+    out, gone = list(windows), set()
+    k = 0
+    while k < len(resync) - 1:
+        if k not in joined:
+            k += 1
+            continue
+        end = k
+        while end in joined:
+            end += 1
+        group = [windows[i] for i in resync[k : end + 1]]
+        out[resync[k]] = {"kind": "resync", "first_seq": min(w["first_seq"] for w in group),
+                          "last_seq": max(w["last_seq"] for w in group)}
+        gone.update(resync[k + 1 : end + 1])
+        k = end + 1
+    return [w for i, w in enumerate(out) if i not in gone], len(gone)

@@ -139,7 +139,11 @@ def _seconds(ns: int | None) -> float | None:
     return None if ns is None else round(ns / 1e9, 3)
 
 
-def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
+def domain_status(dom: "DomainState", backpressure: bool, marks_dropped: int = 0,
+                  windows_merged: int = 0) -> dict[str, Any]:
+    """One domain's part of the status. ``marks_dropped`` and ``windows_merged``: what
+    its catalog head let go since the DRVA started (``Shipper.marks_dropped``,
+    ``Shipper.windows_merged``; FORMAT.md §8.2)."""
     st = dom.stats
     lat = list(st.upload_latency_s)
     return {
@@ -171,6 +175,10 @@ def domain_status(dom: "DomainState", backpressure: bool) -> dict[str, Any]:
         "timestamps_raised": st.timestamps_raised,
         "timestamps_clamped": st.timestamps_clamped,
         "log_entries_skipped": st.log_entries_skipped,
+        # The oldest marks' names the catalog let go past its bound, and resync windows
+        # merged past theirs (FORMAT.md §8.2): 0 unless a filter places far too many.
+        "marks_dropped": marks_dropped,
+        "resync_windows_merged": windows_merged,
         "segments_uploaded": st.segments_uploaded,
         "bytes_uploaded": st.bytes_uploaded,
         "upload_errors": st.upload_errors,
@@ -211,7 +219,8 @@ def build_status(drva: "Drva") -> dict[str, Any]:
         "store": drva.shipper.store.describe(),
         "store_errors": drva.shipper.store_errors,
         "last_store_error": drva.shipper.last_store_error,
-        "domains": [domain_status(d, held[drva.shipper.lane_of[d.id].index]) for d in drva.domains.values()],
+        "domains": [domain_status(d, held[drva.shipper.lane_of[d.id].index], drva.shipper.marks_dropped.get(d.id, 0),
+                                  drva.shipper.windows_merged.get(d.id, 0)) for d in drva.domains.values()],
         **({"stores": stores_status(drva)} if len(drva.lanes) > 1 else {}),
     }
 

@@ -526,7 +526,8 @@ def test_commit_shared_absorbs_maintenance_and_refuses_another_owner() -> None:
         tl = drva.state.timeline()
         assert tl.horizon_seq == 20 and tl.committed_seq == committed + 10
         other = await CatalogWriter.open(store, 7, by="impostor")
-        await other.commit({"set_windows": [{"kind": "resync", "first_seq": 1, "last_seq": 2}]})
+        # At the horizon (20): a window below it would leave the head at once (§8.2).
+        await other.commit({"set_windows": [{"kind": "resync", "first_seq": 20, "last_seq": 22}]})
         with pytest.raises(Fenced, match="windows changed"):
             await drva.commit_shared(lambda st: {"add_segments": seg(st.timeline().committed_seq + 1,
                                                                           st.timeline().committed_seq + 5)})
