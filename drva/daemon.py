@@ -32,7 +32,7 @@ from cdp.frame import FRAME_LEN_MAX
 from cdp.logs import get_logger, setup_logging
 from cdp.memory import bound_malloc
 from cdp.tls import describe_tls_error, server_context
-from drva.committer import GroupCommitter
+from drva.committer import FrameBudget, GroupCommitter
 from drva.config import LOG_SIZE_ANY_FRAME, DrvaConfig, load_drva_config
 from drva.domain import DomainState
 from drva.lanes import StoreLane, open_lanes
@@ -83,6 +83,8 @@ class Drva(PartitionsMixin):
         self.failure: BaseException | None = None
         self.domains = {d.id: DomainState(d) for d in cfg.domains}
         self.lanes: list[StoreLane] = []  # one per store (start)
+        # Per lane (same index): frames received and not staged yet (FrameBudget).
+        self.frame_budgets: list[FrameBudget] = []
         self.sessions: set[Session] = set()  # welcomed
         self.handshaking: set[Session] = set()  # accepted, not welcomed yet (each holds a slot)
         # Slots of the connections between accept and WELCOME, TLS handshakes included.
@@ -120,6 +122,9 @@ class Drva(PartitionsMixin):
         cfg = self.cfg
         await asyncio.to_thread(self._open_partitions)
         self.lanes = open_lanes(cfg, self.domains)
+        # As many bytes of frames may wait in front of the staging area as it holds
+        # (FORMAT.md §9.2): enough to keep it full, and no more per domain.
+        self.frame_budgets = [FrameBudget(cfg.staging_bytes_max) for _ in self.lanes]
         self.committer = GroupCommitter(
             self.log, staging_bytes_max=cfg.staging_bytes_max, high_water=cfg.high_water,
             low_water=cfg.low_water, on_durable=self._on_durable,

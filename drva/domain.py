@@ -20,6 +20,7 @@ a ``ts_floor`` that the sealer applies (``entry_frame``).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import time
@@ -167,11 +168,15 @@ class DomainState:
         self.staged_first: tuple[int, int, float] | None = None
         self.unsealed: collections.deque[LogEntry] = collections.deque()
         self.inflight: collections.deque[SegmentJob] = collections.deque()
-        self.catalog_ready = False
+        # Set once the domain's catalog is open or the domain is fenced, whichever comes
+        # first (both are for good: neither goes back to False): what waits for the
+        # catalog (the seeder) waits on it, rather than polling.
+        self.catalog_settled = asyncio.Event()
+        self._catalog_ready = False
+        self._fenced = False
         # The metadata repository holds a commit of this domain: its durable seq is known
         # here before the store's catalog is open (see Session._handshake).
         self.catalog_known = False
-        self.fenced = False
         # The timeline this DRVA last committed the domain on (its metadata repository);
         # 0: never. A different current timeline of this site's means a failback.
         self.meta_timeline = 0
@@ -185,6 +190,29 @@ class DomainState:
     @property
     def id(self) -> int:
         return self.cfg.id
+
+    @property
+    def catalog_ready(self) -> bool:
+        """The domain's catalog is open on this DRVA (``Shipper.open_catalog``)."""
+        return self._catalog_ready
+
+    @catalog_ready.setter
+    def catalog_ready(self, value: bool) -> None:
+        self._catalog_ready = value
+        if value:
+            self.catalog_settled.set()
+
+    @property
+    def fenced(self) -> bool:
+        """Stopped on this DRVA until it restarts (``stop``; another owner, a catalog it
+        cannot use): its catalog will not open here."""
+        return self._fenced
+
+    @fenced.setter
+    def fenced(self, value: bool) -> None:
+        self._fenced = value
+        if value:
+            self.catalog_settled.set()
 
     def stop(self, reason: str) -> None:
         """Stop the domain on this DRVA until it restarts (the caller logs why): its

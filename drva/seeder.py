@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 log = get_logger("drva.seeder")
 
 UPLOADS_MAX = 4
-CATALOG_POLL_S = 0.1  # SEED_BEGIN/SEED_END wait for the domain's catalog (and stream), polling
+CATALOG_POLL_S = 0.1  # SEED_END waits for the stream to reach its end_seq, polling
 KNOWN_CHUNKS_MAX = 1 << 16  # hashes remembered to skip a stat; bounded memory
 # A seed with no SEED_CHUNK and no upload in flight this long is abandoned (a filter that
 # hangs without closing its connection): its lease would otherwise hold every chunk
@@ -128,6 +128,10 @@ class Seeder:
         self.idle_s = idle_s
         self.end_wait_s = end_wait_s
         self.ending: set[SeedJob] = set()  # jobs whose SEED_END is being committed
+        # The one orphan clean-up of each domain (``session_opened``), while it runs; and
+        # the domains whose clean-up must look once more when done with what it does now.
+        self.orphan_cleanups: dict[int, asyncio.Task] = {}
+        self._orphans_again: set[int] = set()
 
     async def handle(self, session: "Session", msg: wire.Message) -> None:
         from drva.session import Refused
@@ -223,14 +227,10 @@ class Seeder:
         may refuse it (raise): nothing is committed then."""
         from drva.session import Refused
 
-        while not dom.catalog_ready:
-            if dom.fenced:
-                if session is not None:
-                    raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA", dom.id)
-                return False
-            if session is not None and session.closed:
-                return False
-            await asyncio.sleep(CATALOG_POLL_S)
+        if not await self._catalog_open(dom, session):
+            if dom.fenced and session is not None:
+                raise Refused("fenced", f"domain {dom.id} is fenced on this DRVA", dom.id)
+            return False
 
         def delta(state: Any) -> dict[str, Any] | None:
             if check is not None:
@@ -250,6 +250,26 @@ class Seeder:
                 attempt += 1
                 log.warning("seed_commit_failed", domain=dom.id, attempt=attempt, error=exc.message)
                 await asyncio.sleep(backoff_s(attempt, self.drva.shipper.rng))
+
+    @staticmethod
+    async def _catalog_open(dom: "DomainState", session: "Session | None" = None) -> bool:
+        """Wait until the domain's catalog is open (True), or it is fenced (False: it will
+        not open here), or ``session``, if given, closed (False). No polling: the wait is
+        on ``dom.catalog_settled`` (and the session's ``ended``), so a wait that lasts as
+        long as a store outage costs nothing meanwhile."""
+        while not dom.catalog_ready:
+            if dom.fenced or (session is not None and session.closed):
+                return False
+            if session is None:
+                await dom.catalog_settled.wait()
+                continue
+            waits = [asyncio.ensure_future(dom.catalog_settled.wait()), asyncio.ensure_future(session.ended.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        return True
 
     # ------------------------------------------------------------------ abandoning
 
@@ -302,18 +322,44 @@ class Seeder:
 
     def session_opened(self, session: "Session") -> None:
         """Remove the open seeding windows of ``session``'s domains that no live job owns
-        (a DRVA that stopped mid-seed left them: they would hide every later point)."""
+        (a DRVA that stopped mid-seed left them: they would hide every later point).
+
+        One clean-up per domain at a time, however many sessions open: while a domain's
+        catalog is not open (its store down at start, the domain welcomed on what the
+        metadata repository knows) it waits for it, and a filter reconnecting meanwhile
+        spawned one more each time, thousands of tasks that polled the catalog forever.
+        A session opened while one waits is served by it (it has not looked yet); one
+        opened while it commits makes it look once more when done."""
         for dom in session.domains.values():
-            self._spawn(self._remove_orphans(dom))
+            task = self.orphan_cleanups.get(dom.id)
+            if task is not None and not task.done():
+                self._orphans_again.add(dom.id)
+                continue
+            task = asyncio.create_task(self._remove_orphans(dom))
+            self.orphan_cleanups[dom.id] = task
+            self.finishing.add(task)  # cancelled by Drva.stop with the rest
+            task.add_done_callback(self._finished)
 
     async def _remove_orphans(self, dom: "DomainState") -> None:
         def change(windows: list[dict]) -> list[dict]:
             return [w for w in windows if not (w["kind"] == "seeding" and w["last_seq"] is None)
                     or self._owner_of(dom.id, w) is not None]
+        me = asyncio.current_task()
         try:
-            await self._commit_windows(dom, change)
-        except StoreError as exc:
-            log.warning("seed_window_left_open", domain=dom.id, error=exc.message)
+            if not await self._catalog_open(dom):
+                return  # fenced: the catalog will not open here, nor be written
+            while True:
+                self._orphans_again.discard(dom.id)  # what the commit below sees covers it
+                try:
+                    await self._commit_windows(dom, change)
+                except StoreError as exc:
+                    log.warning("seed_window_left_open", domain=dom.id, error=exc.message)
+                if dom.id not in self._orphans_again:
+                    return
+        finally:
+            if self.orphan_cleanups.get(dom.id) is me:
+                del self.orphan_cleanups[dom.id]
+                self._orphans_again.discard(dom.id)
 
     async def _watch(self, job: SeedJob) -> None:
         """Abandon ``job`` once it has been idle for ``idle_s`` (module docstring)."""
@@ -463,11 +509,9 @@ class Seeder:
 
     async def _commit_base(self, session: "Session", dom: "DomainState", job: SeedJob, end: int) -> bool:
         disk = job.disk
-        while not dom.catalog_ready:
-            if dom.fenced:  # the catalog will not open: the base can never be committed here
-                log.error("seed_failed", domain=dom.id, disk=disk, error="the domain is fenced on this DRVA")
-                return False
-            await asyncio.sleep(CATALOG_POLL_S)
+        if not await self._catalog_open(dom):  # fenced: the base can never be committed here
+            log.error("seed_failed", domain=dom.id, disk=disk, error="the domain is fenced on this DRVA")
+            return False
         state = self.drva.shipper.writers[dom.id].state
         timeline = state.current
         key = base_manifest_key(dom.id, timeline, job.start_seq, disk, seed=True)

@@ -9,8 +9,11 @@ one step: a frame waits for room first, then is checked again and staged with no
 in between, so that a filter reconnecting while both its sessions wait (log
 back-pressure) cannot stage a seq twice; a session replaced meanwhile stages nothing.
 A session that closes (a new HELLO replaced it) drops the frame it waits with at once
-and reads no more: what a DRVA holds of frames received but not staged is at most one
-frame per live session, and a live session streams at least one domain of its own.
+and reads no more. What a DRVA holds of frames received but not staged is bounded by its
+frame budget (``committer.FrameBudget``, one per store lane, ``staging_bytes_max``; a
+larger frame goes alone), not by how many sessions wait: a session takes its frame's
+share from the frame's header, before it reads the body, and while none is left it reads
+nothing (FORMAT.md §9.2).
 
 A seq is acked to a session only for content that session sent (FORMAT.md §9.2). A
 session that takes a domain over may find frames an older one staged and the log has
@@ -48,7 +51,8 @@ import numpy as np
 
 from cdp import wire
 from cdp.errors import FormatError
-from cdp.frame import Frame, decode_frame, encode_frame
+from cdp.frame import HEADER_SIZE as FRAME_HEADER_SIZE
+from cdp.frame import Frame, decode_frame, decode_header, encode_frame
 from cdp.locks import SKEW_DEFAULT_S
 from cdp.logs import get_logger
 from cdp.records import check_disk_bounds, check_mark_names, payload_lengths, payload_starts
@@ -56,7 +60,7 @@ from drva import messages
 from drva.committer import TS_AHEAD_MAX_S
 from drva.handshakes import HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX
 # SessionStream lived here: the daemon and tests still import it (and its constant) from here.
-from drva.stream import DIRECT_READ_BYTES, SessionStream  # noqa: F401
+from drva.stream import DIRECT_READ_BYTES, BodyStalled, SessionStream  # noqa: F401
 
 if TYPE_CHECKING:
     from drva.daemon import Drva
@@ -87,6 +91,10 @@ assert all(wire.body_max(t) == wire.CONTROL_BODY_MAX for t in HANDSHAKE_TYPES), 
 STREAM_TYPES = frozenset((wire.FRAME, wire.SEED_BEGIN, wire.SEED_CHUNK, wire.SEED_END,
                           wire.FILTER_STATE, wire.PING, wire.PONG, wire.ERROR))
 REFUSE_DRAIN_TIMEOUT_S = 2.0  # for the ERROR of a refusal to leave; then the socket closes
+# A FRAME body that stops arriving this long (no byte of it) ends its session (ERROR
+# timeout): it holds a share of the frame budget that other domains wait for
+# (committer.FrameBudget). As the NBD server's stall timeout (cdp.nbd.limits).
+FRAME_BODY_STALL_S = 60.0
 ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at least this often
 # Above this many bytes unsent to a filter, no ACK or PONG is added: the filter does not
 # read, and what it is owed is cumulative (the next ACK) or coalesced (one PONG answers
@@ -149,6 +157,7 @@ class Session:
         self._acked: dict[int, int] = {}
         self._ack_wanted = asyncio.Event()
         self.closed = False
+        self.ended = asyncio.Event()  # set with ``closed`` (what waits on the session's life)
 
     async def run(self) -> None:
         ack_task = None
@@ -167,8 +176,7 @@ class Session:
             await self._welcome(mac)
             ack_task = asyncio.create_task(self._ack_loop())
             while not self.closed:  # a session replaced by a new HELLO reads no more
-                msg = await wire.read_message(self.reader, self.where, STREAM_TYPES)
-                await self._dispatch(msg)
+                await self._next_message()
         except (asyncio.IncompleteReadError, ConnectionError, _PeerEnded):
             log.info("session_closed", peer=self.where, filter=self.filter_name)
         except wire.ProtocolError as exc:
@@ -199,6 +207,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.ended.set()
         for dom in self.domains.values():
             if dom.session is self:
                 dom.session = None
@@ -206,6 +215,8 @@ class Session:
         self.drva.sessions.discard(self)
         self.drva.handshake_ended(self)
         self.drva.seeder.session_closed(self)  # a seed lives inside its session
+        for budget in self.drva.frame_budgets:  # a frame waiting for its share is dropped
+            budget.leave(self)
         self.writer.close()
         # If it waits for room (wait_room), it returns now and drops its frame: a
         # session replaced under back-pressure must not hold a frame until room comes.
@@ -332,6 +343,59 @@ class Session:
 
     def _lane(self, dom: "DomainState") -> int:
         return self.drva.shipper.lane_of[dom.id].index
+
+    async def _next_message(self) -> None:
+        """Read one message and act on it (``wire.read_message``, but for a ``FRAME``:
+        ``_frame_message``). A type not in STREAM_TYPES is refused from its header."""
+        mtype, body_len, summed = wire.parse_header(await self.reader.readexactly(wire.HEADER_SIZE), self.where)
+        if mtype not in STREAM_TYPES:
+            names = "/".join(wire.TYPE_NAMES[t] for t in sorted(STREAM_TYPES))
+            raise wire.ProtocolError("unexpected_message", f"{self.where}: {wire.TYPE_NAMES[mtype]} ({body_len} "
+                                                           f"bytes) where {names} was expected")
+        if mtype == wire.FRAME:
+            await self._frame_message(body_len)
+            return
+        body = await self.reader.readexactly(body_len) if body_len else b""
+        if wire.body_sum(body) != summed:
+            raise wire.ProtocolError("bad_checksum", f"{self.where}: {wire.TYPE_NAMES[mtype]} body checksum mismatch")
+        await self._dispatch(wire.Message(mtype, body))
+
+    async def _frame_message(self, body_len: int) -> None:
+        """A ``FRAME`` of ``body_len`` bytes: its frame header is read first, and its
+        domain's share of the frame budget (``FrameBudget``, per store lane) taken before
+        the rest of it is: while the budget is spent this session reads nothing (its
+        filter feels back-pressure). The share goes back once the frame is staged,
+        dropped or refused, or the session ended, however (FORMAT.md §9.2)."""
+        if body_len < FRAME_HEADER_SIZE:  # not even a header: refused (bad_frame)
+            await self._frame(await self.reader.readexactly(body_len) if body_len else b"")
+            return
+        head = await self.reader.readexactly(FRAME_HEADER_SIZE)
+        try:
+            dom = self.domains.get(decode_header(head, self.where).domain)
+        except FormatError:
+            dom = None
+        # Every check waits for the whole frame, as before (``_frame``): a refusal sent
+        # with the body unread could be lost to the reset that closing such a socket
+        # sends. A frame of no domain of the session takes the first lane's share, and is refused.
+        budget = self.drva.frame_budgets[self._lane(dom) if dom is not None else 0]
+        if not await budget.take(body_len, self):
+            return  # closed while it waited: the loop reads no more
+        try:
+            await self._frame(await self._frame_body(head, body_len))
+        finally:
+            budget.give(body_len)
+
+    async def _frame_body(self, head: bytes, body_len: int) -> bytes | bytearray:
+        """The whole body of a FRAME whose first bytes ``head`` were read. It holds a share
+        of the frame budget meanwhile: a filter that stops sending in its middle (dead,
+        or hostile) is refused after FRAME_BODY_STALL_S with no byte of it, rather than
+        keep that share from every other domain of its store for ever."""
+        if not isinstance(self.reader, SessionStream):
+            return head + await self.reader.readexactly(body_len - len(head))
+        try:
+            return await self.reader.readexactly(body_len, head=head, stall_s=FRAME_BODY_STALL_S)
+        except BodyStalled as exc:
+            raise Refused("timeout", f"FRAME body of {body_len} bytes stalled: {exc}") from None
 
     async def _dispatch(self, msg: wire.Message) -> None:
         if msg.type == wire.FRAME:

@@ -15,6 +15,14 @@ from collections.abc import Callable
 DIRECT_READ_BYTES = 64 << 10
 
 
+class BodyStalled(Exception):
+    """No byte of a body being read arrived for its ``stall_s`` (``SessionStream.readexactly``)."""
+
+    def __init__(self, got: int, n: int, stall_s: float) -> None:
+        super().__init__(f"no byte for {stall_s:g} s with {got} of {n} bytes received")
+        self.got, self.n, self.stall_s = got, n, stall_s
+
+
 class SessionStream(asyncio.BufferedProtocol):
     """A filter connection's protocol: the socket is read into buffers it hands out.
 
@@ -47,6 +55,7 @@ class SessionStream(asyncio.BufferedProtocol):
         self._start = self._end = 0
         self._target: memoryview | None = None
         self._target_got = 0
+        self._received = 0  # bytes the socket gave, ever (a stalled body is one it stopped giving)
         self._waiter: asyncio.Future | None = None
         self._eof = False
         self._exception: BaseException | None = None
@@ -80,6 +89,7 @@ class SessionStream(asyncio.BufferedProtocol):
         return memoryview(self._ahead)[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._received += nbytes
         if self._target is not None:
             self._target_got += nbytes
             if self._target_got == len(self._target):
@@ -177,29 +187,81 @@ class SessionStream(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ reader side
 
-    async def readexactly(self, n: int) -> bytes | bytearray:
+    async def readexactly(self, n: int, head: bytes = b"", stall_s: float | None = None) -> bytes | bytearray:
         """The next ``n`` bytes (``asyncio.StreamReader.readexactly``); a body above
-        ``DIRECT_READ_BYTES`` comes back as the ``bytearray`` the socket was read into."""
+        ``DIRECT_READ_BYTES`` comes back as the ``bytearray`` the socket was read into.
+
+        ``head``: bytes of the body already read (its first ``len(head)``: a frame's
+        header, read first to know what the body is for); the result starts with them and
+        the stream gives the ``n - len(head)`` that follow. ``stall_s``: ``BodyStalled``
+        once no byte has arrived for that long while the body is not all there (the peer
+        stopped in the middle of it)."""
         if n <= DIRECT_READ_BYTES and n <= self._limit:
-            while self._end - self._start < n:
-                self._resume_reading()
-                await self._wait(memoryview(self._ahead)[self._start : self._end], n)
-            data = bytes(memoryview(self._ahead)[self._start : self._start + n])
-            self._start += n
+            want = n - len(head)
+            if self._end - self._start < want:
+                watch = _StallWatch(self, stall_s) if stall_s is not None else None
+                try:
+                    while self._end - self._start < want:
+                        self._resume_reading()
+                        await self._wait(memoryview(self._ahead)[self._start : self._end], want)
+                        if watch is not None and watch.stalled:
+                            raise BodyStalled(len(head) + self._end - self._start, n, stall_s)
+                finally:
+                    if watch is not None:
+                        watch.stop()
+            data = bytes(memoryview(self._ahead)[self._start : self._start + want])
+            self._start += want
             self._resume_reading()
-            return data
+            return head + data if head else data
         out = bytearray(n)
         view = memoryview(out)
-        have = min(self._end - self._start, n)
-        view[:have] = memoryview(self._ahead)[self._start : self._start + have]
+        view[: len(head)] = head
+        have = min(self._end - self._start, n - len(head))
+        view[len(head) : len(head) + have] = memoryview(self._ahead)[self._start : self._start + have]
         self._start += have
+        have += len(head)
         if have == n:
             return out
         self._target, self._target_got = view, have
+        watch = _StallWatch(self, stall_s) if stall_s is not None else None
         try:
             while self._target_got < n:
                 self._resume_reading()
                 await self._wait(view[: self._target_got], n)
+                if watch is not None and watch.stalled:
+                    raise BodyStalled(self._target_got, n, stall_s)
         finally:
             self._target = None
+            if watch is not None:
+                watch.stop()
         return out
+
+
+class _StallWatch:
+    """While a body is read from ``stream``: once ``stall_s`` pass with no byte arriving,
+    ``stalled`` is set and the reader woken. One timer, looking four times per period,
+    not a timeout per wake-up: a large body arrives in many pieces."""
+
+    def __init__(self, stream: SessionStream, stall_s: float) -> None:
+        self.stream, self.stall_s = stream, stall_s
+        self.stalled = False
+        self._got = stream._received
+        self._since = stream._loop.time()
+        self._timer: asyncio.TimerHandle | None = stream._loop.call_later(stall_s / 4, self._check)
+
+    def _check(self) -> None:
+        stream = self.stream
+        now = stream._loop.time()
+        if stream._received != self._got:
+            self._got, self._since = stream._received, now
+        elif now - self._since >= self.stall_s:
+            self._timer = None
+            self.stalled = True
+            stream._wake()
+            return
+        self._timer = stream._loop.call_later(self.stall_s / 4, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
