@@ -62,7 +62,9 @@ from cdp.msa.state_fs import StateUnwritable, error_text, fs_problem, hint
 from cdp.tomlread import NAME
 
 if TYPE_CHECKING:
+    from cdp.catalog_state import CatalogState
     from cdp.msa.daemon import MsaDaemon
+    from cdp.store.base import ObjectStore
 
 log = get_logger("cdp.msa.api")
 
@@ -366,7 +368,7 @@ async def points(request: web.Request) -> web.Response:
     page = points_page(request)
     seen = await asyncio.to_thread(operations.seen_by_drva, cfg, domain)
 
-    async def compute(store: Any, head: Any, generation: int) -> str:
+    async def compute(store: ObjectStore, head: CatalogState, generation: int) -> str:
         doc = await points_at(store, head, generation, page.timeline, seen, limit=page.limit,
                               before_seq=page.before_seq)
         return _dumps(operations.jsonable(doc))
