@@ -6,10 +6,12 @@ Seqs of one domain move through four marks, never backwards:
     (staged for a     (in the log,     (in a segment   (named by a catalog
      group commit)     acked)           being uploaded)  generation in the store)
 
-``unsealed`` holds the log entries in (sealed_seq, durable_seq], ``inflight`` the segment
-jobs in (committed_seq, sealed_seq], both in seq order. The log may be trimmed only
-before the first entry of either (``first_needed_pos``). ``log_bytes`` is what the
-domain holds of the log meanwhile (its share decides back-pressure: ``drva.committer``).
+``unsealed`` holds the log entries in (sealed_seq, durable_seq] (an ``EntryQueue``: a
+store that is down piles them up, so they cost 64 bytes each beyond the first few
+thousand), ``inflight`` the segment jobs in (committed_seq, sealed_seq] (a few: the
+uploaders' queue bounds them), both in seq order. The log may be trimmed only before the
+first entry of either (``first_needed_pos``). ``log_bytes`` is what the domain holds of
+the log meanwhile (its share decides back-pressure: ``drva.committer``).
 
 Timestamps never go backwards along a domain's seqs (FORMAT.md §1): ``accepted_ts`` is
 the timestamp of the record at ``accepted_seq``, and a frame stamped earlier is raised to
@@ -30,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from cdp.frame import Frame
-from cdp.logfmt import entry_stride
 from drva.config import DomainConfig
+from drva.entry_queue import EntryQueue
 
 #: The filter's clock offset is the largest of its last this many readings (FILTER_STATE
 #: ``now_ns``, one a second): a reading that waited in the stream (behind frames, or while
@@ -109,6 +111,7 @@ class SegmentJob:
     entries: list[LogEntry]
     payload_raw_len: int
     size: int
+    strides: int = 0  # log bytes its entries take (entry_stride of each: DomainState.log_bytes)
     uploaded: bool = False
     upload_attempts: int = 0
 
@@ -156,17 +159,11 @@ class DomainState:
         self.ts_logged = {"raised": -float("inf"), "clamped": -float("inf")}
         # Log bytes (entry strides) of frames staged for a group commit (``GroupCommitter``).
         self.staged_bytes = 0
-        # (last_seq, log bytes of the entries added up to it) of the entries not known to
-        # be committed, in seq order; ``log_bytes`` drops the committed ones as it goes,
-        # so that it costs O(1) however many entries the domain holds.
-        self._logged: collections.deque[tuple[int, int]] = collections.deque()
-        self._logged_total = 0  # log bytes of every entry ever added (add_durable)
-        self._logged_base = 0  # ... of those known to be committed
         # (seq, timestamp, monotonic time) of the first frame staged for a group commit
         # while none of the domain's was: the oldest write not in the store when every
         # durable one is (``rpo_lag_s``).
         self.staged_first: tuple[int, int, float] | None = None
-        self.unsealed: collections.deque[LogEntry] = collections.deque()
+        self.unsealed = EntryQueue()
         self.inflight: collections.deque[SegmentJob] = collections.deque()
         # Set once the domain's catalog is open or the domain is fenced, whichever comes
         # first (both are for good: neither goes back to False): what waits for the
@@ -227,22 +224,11 @@ class DomainState:
         (nothing changed) if it does not: a segment must hold every seq once, in order."""
         if entry.first_seq != self.durable_seq + 1:
             return False
-        self._settle()  # bounded: it holds no more than unsealed and inflight do
         if self.unsealed:
-            entry.raise_ts(self.unsealed[-1].last_ts)
+            entry.raise_ts(self.unsealed.last_ts)
         self.unsealed.append(entry)
         self.durable_seq = entry.last_seq
-        self._logged_total += entry_stride(entry.nbytes)
-        self._logged.append((entry.last_seq, self._logged_total))
         return True
-
-    def _settle(self) -> None:
-        """Drop from ``_logged`` what is committed (amortised O(1) per entry)."""
-        if not self.unsealed and not self.inflight:  # nothing pending (also after a timeline adopted)
-            self._logged.clear()
-            self._logged_base = self._logged_total
-        while self._logged and self._logged[0][0] <= self.committed_seq:
-            self._logged_base = self._logged.popleft()[1]
 
     def log_bytes(self) -> int:
         """Bytes of the log this domain holds: its entries not committed yet (their
@@ -250,16 +236,12 @@ class DomainState:
         stopped domain holds none (its entries hold no log space back)."""
         if self.fenced:
             return 0
-        self._settle()
-        return self._logged_total - self._logged_base + self.staged_bytes
+        return self.unsealed.strides + sum(job.strides for job in self.inflight) + self.staged_bytes
 
     def raise_ts_floor(self, floor: int) -> None:
         """Nothing after a timestamp of ``floor`` (the catalog's newest, when it opens)
         may be stamped earlier: raise the unsealed entries that are, and ``accepted_ts``."""
-        for entry in self.unsealed:
-            entry.raise_ts(floor)
-            floor = entry.last_ts
-        self.accepted_ts = max(self.accepted_ts, floor)
+        self.accepted_ts = max(self.accepted_ts, self.unsealed.raise_ts(floor))
 
     def first_needed_pos(self) -> int | None:
         """Log position of the oldest entry not yet committed to the store, if any."""
@@ -270,7 +252,7 @@ class DomainState:
         return None
 
     def unsealed_bytes(self) -> int:
-        return sum(e.nbytes for e in self.unsealed)
+        return self.unsealed.nbytes
 
     def pending_bytes(self) -> int:
         return self.unsealed_bytes() + sum(sum(e.nbytes for e in j.entries) for j in self.inflight)
