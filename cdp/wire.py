@@ -184,6 +184,17 @@ def seed_chunk_message(domain: int, disk: int, chunk: int, data: bytes | memoryv
     return [pack_header(SEED_CHUNK, len(prefix) + len(data), h.intdigest() & 0xFFFFFFFF), prefix, data]
 
 
+#: Bytes of a SEED_CHUNK body before the chunk's bytes (domain u32, disk u32, chunk u64).
+SEED_CHUNK_HEADER_SIZE = _SEED_CHUNK.size
+
+
+def parse_seed_chunk_header(head: bytes, where: str) -> tuple[int, int, int]:
+    """(domain, disk, chunk) of a SEED_CHUNK body's first ``SEED_CHUNK_HEADER_SIZE`` bytes."""
+    if len(head) != _SEED_CHUNK.size:
+        raise ProtocolError("bad_message", f"{where}: SEED_CHUNK of {len(head)} bytes")
+    return _SEED_CHUNK.unpack(head)
+
+
 def parse_seed_chunk(body: bytes, where: str) -> tuple[int, int, int, memoryview]:
     if len(body) < _SEED_CHUNK.size:
         raise ProtocolError("bad_message", f"{where}: SEED_CHUNK of {len(body)} bytes")

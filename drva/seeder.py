@@ -136,14 +136,8 @@ class Seeder:
     async def handle(self, session: "Session", msg: wire.Message) -> None:
         from drva.session import Refused
 
-        if msg.type == wire.SEED_CHUNK:
-            domain, disk, chunk, data = wire.parse_seed_chunk(msg.body, session.where)
-            job = self.jobs.get((domain, disk))
-            if job is None or job.session is not session or job.ending or domain not in session.domains:
-                raise Refused("bad_seed", f"SEED_CHUNK for domain {domain} disk {disk} without SEED_BEGIN")
-            job.last_active = asyncio.get_running_loop().time()
-            await self._chunk(job, chunk, bytes(data), session)
-            return
+        if msg.type == wire.SEED_CHUNK:  # only one too short for its header: the session reads the others
+            wire.parse_seed_chunk(msg.body, session.where)
         doc = messages.parse(msg, session.where)  # every field present, typed, in range
         domain, disk = doc["domain"], doc["disk"]
         dom = session.domains.get(domain)
@@ -373,16 +367,33 @@ class Seeder:
 
     # ------------------------------------------------------------------ chunks
 
-    async def _chunk(self, job: SeedJob, chunk: int, data: bytes, session: "Session") -> None:
+    async def chunk_slot(self, session: "Session", domain: int, disk: int, chunk: int,
+                         nbytes: int) -> SeedJob | None:
+        """A ``SEED_CHUNK`` of ``session`` is coming, ``nbytes`` of ``chunk`` of ``disk``
+        (from its header): its job once it holds an upload slot — the session reads the
+        chunk then, and gives the slot to ``chunk_received`` or back (``slots.release``)
+        — or None if the job was abandoned meanwhile (the chunk is read and let go).
+        ``Refused`` (nothing held) for a chunk of no seed of the session, or of the wrong
+        size. Upload slots bound what the DRVA holds of seed chunks: ``UPLOADS_MAX`` of
+        them, however many sessions seed."""
         from drva.session import Refused
 
+        job = self.jobs.get((domain, disk))
+        if job is None or job.session is not session or job.ending or domain not in session.domains:
+            raise Refused("bad_seed", f"SEED_CHUNK for domain {domain} disk {disk} without SEED_BEGIN")
+        job.last_active = asyncio.get_running_loop().time()
         count = len(job.hashes)
         expect = min(job.chunk_size, job.disk_size - chunk * job.chunk_size) if chunk < count else -1
-        if len(data) != expect:
-            raise Refused("bad_seed", f"SEED_CHUNK {chunk} of disk {job.disk}: {len(data)} bytes, expected {expect}")
-        if is_zero(data):
-            return
-        if not await self._slot(job):  # bounded uploads; the session waits here
+        if nbytes != expect:
+            raise Refused("bad_seed", f"SEED_CHUNK {chunk} of disk {job.disk}: {nbytes} bytes, expected {expect}")
+        return job if await self._slot(job) else None
+
+    def chunk_received(self, job: SeedJob, chunk: int, data: memoryview) -> None:
+        """The chunk ``chunk_slot`` held a slot for: uploaded with that slot (released when
+        the upload ends), or the slot released at once for an all-zero chunk."""
+        job.last_active = asyncio.get_running_loop().time()
+        if job.dropped or is_zero(data):
+            self.slots.release()
             return
         task = asyncio.create_task(self._upload(job, chunk, data))
         job.tasks.add(task)
@@ -411,12 +422,13 @@ class Seeder:
             return False
         return True
 
-    async def _upload(self, job: SeedJob, chunk: int, data: bytes) -> None:
+    async def _upload(self, job: SeedJob, chunk: int, data: memoryview) -> None:
         try:
             loop = asyncio.get_running_loop()
             store = self.drva.shipper.store_of(job.domain)  # the domain's store: its chunks and its lease
             # An encrypted store names chunks with a keyed hash (FORMAT.md §19.6).
             h, obj = await loop.run_in_executor(self.drva.pool, encode_chunk, data, chunk_namer_of(store))
+            del data  # its message's body: the retries below (a store outage) need only obj
             job.hashes[chunk] = np.frombuffer(h, dtype=np.uint8)
             if h in job.known:
                 job.deduplicated += 1

@@ -355,6 +355,9 @@ class Session:
         if mtype == wire.FRAME:
             await self._frame_message(body_len)
             return
+        if mtype == wire.SEED_CHUNK and body_len >= wire.SEED_CHUNK_HEADER_SIZE:
+            await self._seed_chunk_message(body_len, summed)
+            return
         body = await self.reader.readexactly(body_len) if body_len else b""
         if wire.body_sum(body) != summed:
             raise wire.ProtocolError("bad_checksum", f"{self.where}: {wire.TYPE_NAMES[mtype]} body checksum mismatch")
@@ -385,17 +388,60 @@ class Session:
         finally:
             budget.give(body_len)
 
-    async def _frame_body(self, head: bytes, body_len: int) -> bytes | bytearray:
-        """The whole body of a FRAME whose first bytes ``head`` were read. It holds a share
-        of the frame budget meanwhile: a filter that stops sending in its middle (dead,
-        or hostile) is refused after FRAME_BODY_STALL_S with no byte of it, rather than
-        keep that share from every other domain of its store for ever."""
+    async def _seed_chunk_message(self, body_len: int, summed: int) -> None:
+        """A ``SEED_CHUNK`` of ``body_len`` bytes (up to 64 MiB): its 16-byte header is read
+        first, and an upload slot of the seeder taken (``Seeder.chunk_slot``) before the
+        chunk is: a session waiting for a slot holds no chunk. Before, each one held its
+        chunk, and a copy of it, while it waited: 128 MiB per seeding session. The slot
+        goes with the chunk into its upload, or back if none starts (FORMAT.md §9.3)."""
+        head = await self.reader.readexactly(wire.SEED_CHUNK_HEADER_SIZE)
+        domain, disk, chunk = wire.parse_seed_chunk_header(head, self.where)
+        seeder = self.drva.seeder
+        try:
+            job = await seeder.chunk_slot(self, domain, disk, chunk, body_len - len(head))
+        except Refused:
+            # Read past the chunk first, a piece at a time: the refusal, sent with the
+            # body unread, could be lost to the reset that closing such a socket sends.
+            await self._skip(body_len - len(head))
+            raise
+        if job is None:  # its seed was abandoned while it waited: nothing to upload
+            await self._skip(body_len - len(head))
+            return
+        try:
+            body = await self._frame_body(head, body_len, "SEED_CHUNK")
+            if wire.body_sum(body) != summed:
+                raise wire.ProtocolError("bad_checksum", f"{self.where}: SEED_CHUNK body checksum mismatch")
+            job, held = None, job
+            seeder.chunk_received(held, chunk, memoryview(body)[len(head):])
+        finally:
+            if job is not None:
+                seeder.slots.release()
+
+    async def _skip(self, nbytes: int) -> None:
+        """Read ``nbytes`` of the stream and let them go, holding at most 64 KiB at a time."""
+        while nbytes > 0:
+            piece = min(nbytes, DIRECT_READ_BYTES)
+            if isinstance(self.reader, SessionStream):
+                try:
+                    await self.reader.readexactly(piece, stall_s=FRAME_BODY_STALL_S)
+                except BodyStalled as exc:
+                    raise Refused("timeout", f"message body stalled: {exc}") from None
+            else:
+                await self.reader.readexactly(piece)
+            nbytes -= piece
+
+    async def _frame_body(self, head: bytes, body_len: int, what: str = "FRAME") -> bytes | bytearray:
+        """The whole body of a FRAME (or ``what``) whose first bytes ``head`` were read. It
+        holds a share of the frame budget (or a seeder's upload slot) meanwhile: a filter
+        that stops sending in its middle (dead, or hostile) is refused after
+        FRAME_BODY_STALL_S with no byte of it, rather than keep that share from every other
+        domain of its store for ever."""
         if not isinstance(self.reader, SessionStream):
             return head + await self.reader.readexactly(body_len - len(head))
         try:
             return await self.reader.readexactly(body_len, head=head, stall_s=FRAME_BODY_STALL_S)
         except BodyStalled as exc:
-            raise Refused("timeout", f"FRAME body of {body_len} bytes stalled: {exc}") from None
+            raise Refused("timeout", f"{what} body of {body_len} bytes stalled: {exc}") from None
 
     async def _dispatch(self, msg: wire.Message) -> None:
         if msg.type == wire.FRAME:
