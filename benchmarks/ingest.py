@@ -34,7 +34,11 @@ file-store DRVA is ``raw_mb_per_s / (1 + 1 / compression_ratio)`` (``ceiling_mb_
 the compression ratio is lz4's on the sender's bytes). ``ratio_vs_ceiling`` (DRVA-only
 over the ceiling), ``e2e_vs_drva_only`` and ``ratio_vs_raw`` (end to end over raw) are
 medians of the rounds' own ratios. ``cpu_vs_bare``: ``drva_cpu_s_per_gb`` over the sum of
-the bare stages. The DRVA's CPU per stage (``stages[name].drva_cpu_s_per_gb``) is its
+the bare stages. That sum also bounds the DRVA by CPU: no ingest can beat this machine's
+cores spent on the bare stages alone, ``cpu_ceiling_mb_per_s`` = cores × 1000 /
+``bare_cpu_s_per_gb`` (``cores``: the CPUs this process may run on), and
+``ratio_vs_cpu_ceiling`` is DRVA-only over it; ``ceiling_bound`` says which of the two
+ceilings is the lower. The DRVA's CPU per stage (``stages[name].drva_cpu_s_per_gb``) is its
 total split by a py-spy sample of one more DRVA-only run (``cpu_attribution``: the
 shares; stacks with no Python frame below the event loop — uvloop's own recv, send and
 polling — count as socket receive; ``segment_build`` is the build's work beside lz4:
@@ -542,6 +546,8 @@ def figures(mode: str, bare: dict, rounds: dict[str, list[float]], shares: dict[
     drva_cpu = median(rounds["only_cpu"])
     bare_cpu = bare["bare_cpu_s_per_gb"]
     bare_sum = sum(bare_cpu.values())
+    cores = len(os.sched_getaffinity(0))
+    cpu_ceiling = cores * 1000 / bare_sum
     stages = {name: {"bare_cpu_s_per_gb": round(bare_cpu.get(name, 0.0), 3),
                      "drva_cpu_s_per_gb": None if shares is None else round(drva_cpu * shares.get(name, 0.0), 3)}
               for name in (*STAGES, *(["segment_build", "other"] if shares is not None else []))}
@@ -556,6 +562,10 @@ def figures(mode: str, bare: dict, rounds: dict[str, list[float]], shares: dict[
         "compression_ratio": round(cr, 3),
         "ceiling_mb_per_s": round(median(ceiling), 1),
         "ratio_vs_ceiling": round(median([a / b for a, b in zip(only, ceiling)]), 3),
+        "cores": cores,
+        "cpu_ceiling_mb_per_s": round(cpu_ceiling, 1),
+        "ratio_vs_cpu_ceiling": round(median(only) / cpu_ceiling, 3),
+        "ceiling_bound": "cpu" if cpu_ceiling < median(ceiling) else "disk",
         "rounds": {k: [round(x, 3) for x in v] for k, v in rounds.items()},
         "stages": stages,
         "bare_cpu_s_per_gb": round(bare_sum, 3),
@@ -589,6 +599,10 @@ def main() -> None:
                                                f"/ (1 + 1/{result['compression_ratio']}): the log and the "
                                                f"segments are both written to this disk"),
         ("DRVA only / ceiling", f"{result['ratio_vs_ceiling']}"),
+        ("CPU ceiling: cores / bare CPU per GB", f"{result['cpu_ceiling_mb_per_s']:,} MB/s = {result['cores']} "
+                                                 f"cores / {result['bare_cpu_s_per_gb']} s/GB; DRVA only / it "
+                                                 f"{result['ratio_vs_cpu_ceiling']} (the lower ceiling: "
+                                                 f"{result['ceiling_bound']})"),
         ("4 KiB random writes, durable acks", f"{result['writes_per_s_4k']:,} writes/s end to end, "
                                               f"{result['drva_only_writes_per_s_4k']:,} DRVA only"),
         ("... with dirty-region maps", f"{result['writes_per_s_4k_dirty_map']:,} writes/s "

@@ -339,7 +339,8 @@ Block = tuple  # ("h2", text) | ("p", text) | ("table", header, rows) | ("img", 
 
 # Per benchmark: the fields its table shows (those present are shown; none is invented).
 FIELDS = {
-    "ingest": ("mb_per_s_64k", "drva_only_mb_per_s", "ceiling_mb_per_s", "ratio_vs_ceiling", "e2e_vs_drva_only",
+    "ingest": ("mb_per_s_64k", "drva_only_mb_per_s", "ceiling_mb_per_s", "ratio_vs_ceiling", "cpu_ceiling_mb_per_s",
+               "ratio_vs_cpu_ceiling", "ceiling_bound", "e2e_vs_drva_only",
                "raw_mb_per_s", "ratio_vs_raw", "writes_per_s_4k", "drva_only_writes_per_s_4k",
                "bare_cpu_s_per_gb", "drva_cpu_s_per_gb", "cpu_vs_bare", "ack_p99_ms", "rpo_p50_s", "rpo_p99_s",
                "drva_rss_mb_max", "encrypted_ratio", "dirty_map_4k_ratio"),

@@ -53,6 +53,10 @@ def test_smoke_run_gives_every_field_sane(tmp_path: Path) -> None:
     cr = result["compression_ratio"]
     assert 1.0 < cr < 10.0
     assert result["ceiling_mb_per_s"] == pytest.approx(result["raw_mb_per_s"] / (1 + 1 / cr), rel=0.01)
+    # The CPU ceiling: the cores spent on the bare stages alone, measured in the same run.
+    assert result["cpu_ceiling_mb_per_s"] == pytest.approx(
+        result["cores"] * 1000 / result["bare_cpu_s_per_gb"], rel=0.01)
+    assert result["ceiling_bound"] == ("cpu" if result["cpu_ceiling_mb_per_s"] < result["ceiling_mb_per_s"] else "disk")
     stages = result["stages"]
     assert set(STAGES) <= set(stages)
     for name in STAGES:
