@@ -5,8 +5,8 @@ record table of a frame *is* such an array, viewed in place over the received by
 ``check_records`` holds the per-kind rules of §1, vectorised, so the frame and segment
 codecs share one definition of a valid record. A DRVA adds checks before it logs a
 frame (FORMAT.md §9.2): ``check_mark_names`` (MARK names are strict UTF-8, §1, with no
-control character), ``check_disk_bounds`` (records inside the domain's disks) and, with
-it, ``check_special_counts`` (at most ``MARKS_PER_FRAME_MAX`` MARK records and
+control character), ``check_disk_bounds`` (records inside the domain's disks) and
+``check_special_counts`` (at most ``MARKS_PER_FRAME_MAX`` MARK records and
 ``RESYNC_RUNS_PER_FRAME_MAX`` runs of RESYNC records in a frame).
 """
 
@@ -213,15 +213,10 @@ def check_special_counts(records: np.ndarray, where: str) -> None:
 
 def check_disk_bounds(records: np.ndarray, disk_sizes: np.ndarray, where: str) -> None:
     """Raise FormatError naming the first WRITE or ZERO record on a disk index the domain
-    does not have, or ending past its disk's end (``disk_sizes[disk]`` bytes); and what
-    ``check_special_counts`` refuses.
+    does not have, or ending past its disk's end (``disk_sizes[disk]`` bytes).
 
     Vectorised. ``check_records`` ran first: ``offset + length`` is at most 2**62, so the
-    sum cannot wrap. The counts ride here because this is what a session holds each
-    frame to before it logs it (``drva.session``), and only that: a frame an older DRVA
-    logged is not refused for them at a restart (``drva.partitions`` re-checks mark
-    names only) — the catalog bounds what such a frame leaves (FORMAT.md §8.2)."""
-    check_special_counts(records, where)
+    sum cannot wrap."""
     is_data = records["kind"] <= KIND_ZERO
     disk = records["disk"]
     count = len(disk_sizes)

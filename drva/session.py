@@ -55,7 +55,9 @@ from cdp.frame import HEADER_SIZE as FRAME_HEADER_SIZE
 from cdp.frame import Frame, decode_frame, decode_header, encode_frame
 from cdp.locks import SKEW_DEFAULT_S
 from cdp.logs import get_logger
-from cdp.records import check_disk_bounds, check_mark_names, payload_lengths, payload_starts
+from cdp.records import (
+    check_disk_bounds, check_mark_names, check_special_counts, payload_lengths, payload_starts,
+)
 from drva import messages
 from drva.committer import TS_AHEAD_MAX_S
 from drva.handshakes import HANDSHAKES_MAX, HANDSHAKES_PER_SOURCE_MAX
@@ -516,6 +518,11 @@ class Session:
                                              f"{frame_len_max} bytes (half its data area)")
         try:
             check_disk_bounds(frame.records, dom.disk_sizes, f"{self.where}: domain {dom.id}")
+            # What a session holds each frame to before it logs it, and only that: a frame
+            # an older DRVA logged is not refused for its counts at a restart
+            # (``drva.partitions`` re-checks mark names only): the catalog bounds what such
+            # a frame leaves (FORMAT.md §8.2).
+            check_special_counts(frame.records, f"{self.where}: domain {dom.id}")
             # A name the catalog cannot hold once stopped every domain's commits.
             check_mark_names(frame.records, frame.payload, f"{self.where}: domain {dom.id}")
         except FormatError:
