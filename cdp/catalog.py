@@ -278,7 +278,7 @@ async def list_generations(store: ObjectStore, domain: int) -> list[int]:
     (memory bounded however many the listing shows); stray keys are logged and skipped
     (§8.1). FormatError when the listing shows more than ``GENERATIONS_LISTED_MAX`` keys."""
     newest: list[int] = []  # a min-heap of the newest GENERATIONS_KEPT
-    async for generation in _listed_generations(store, domain):
+    async for generation in listed_generations(store, domain):
         if len(newest) < GENERATIONS_KEPT:
             heapq.heappush(newest, generation)
         elif generation > newest[0]:
@@ -286,30 +286,38 @@ async def list_generations(store: ObjectStore, domain: int) -> list[int]:
     return sorted(newest)
 
 
-async def _listed_generations(store: ObjectStore, domain: int) -> AsyncIterator[int]:
-    """Every generation the listing of ``d/<domain>/cat/`` shows, in its order; stray
-    keys logged (the first ``STRAY_KEYS_LOGGED``) and skipped; FormatError past
-    ``GENERATIONS_LISTED_MAX`` keys (§8.1)."""
+class ListingTooLong(FormatError):
+    """A listing of catalog keys went past the bound its caller set (``listed_generations``)."""
+
+
+async def listed_generations(store: ObjectStore, domain: int, *, start: int | None = None,
+                             keys_max: int | None = None, log_strays: bool = True) -> AsyncIterator[int]:
+    """Every generation the listing of ``d/<domain>/cat/`` shows, in its order — with
+    ``start``, of the keys from that generation's on only; stray keys skipped, and logged
+    (the first ``STRAY_KEYS_LOGGED``) with ``log_strays``; ``ListingTooLong`` past ``keys_max`` keys, strays
+    counted (``GENERATIONS_LISTED_MAX`` by default, §8.1)."""
     prefix = catalog_prefix(domain)
+    keys_max = GENERATIONS_LISTED_MAX if keys_max is None else keys_max
     listed = strays = 0
-    async for info in store.list(prefix):
+    start_after = None if start is None else f"{prefix}{start:016x}"  # start's key (.cat) sorts after this
+    async for info in store.list(prefix, start_after=start_after):
         listed += 1
-        if listed > GENERATIONS_LISTED_MAX:
-            raise FormatError(f"catalog of domain {domain}: the listing of {prefix} in {store.describe()} showed "
-                              f"more than {GENERATIONS_LISTED_MAX:,} keys ({strays:,} of them not catalog keys) "
-                              f"without an end: a store or proxy whose listing does not end, or a domain whose "
-                              f"old generations were never collected (§8.1)")
+        if listed > keys_max:
+            raise ListingTooLong(
+                f"catalog of domain {domain}: the listing of {prefix} in {store.describe()} showed more than "
+                f"{keys_max:,} keys ({strays:,} of them not catalog keys) without an end: a store or proxy "
+                f"whose listing does not end, or a domain whose old generations were never collected (§8.1)")
         try:
             key_domain, generation = parse_catalog_key(info.key)
         except FormatError:
             strays += 1
-            if strays <= STRAY_KEYS_LOGGED:
+            if log_strays and strays <= STRAY_KEYS_LOGGED:
                 log.warning("catalog_stray_key", domain=domain, key=info.key,
                             reason="not a catalog key (FORMAT.md §7): skipped")
             continue
         if key_domain == domain:
             yield generation
-    if strays > STRAY_KEYS_LOGGED:
+    if log_strays and strays > STRAY_KEYS_LOGGED:
         log.warning("catalog_stray_keys", domain=domain, prefix=prefix, count=strays,
                     logged=STRAY_KEYS_LOGGED, reason="not catalog keys (FORMAT.md §7): skipped")
 
@@ -467,7 +475,7 @@ async def collect_generations(store: ObjectStore, domain: int, generation: int, 
     # in batches (memory bounded however many there are).
     chain: set[int] = set()
     old_seen = 0
-    async for g in _listed_generations(store, domain):
+    async for g in listed_generations(store, domain):
         if keep_from <= g <= generation:
             chain.add(g)
         elif g < keep_from:
@@ -491,7 +499,7 @@ async def collect_generations(store: ObjectStore, domain: int, generation: int, 
 
     deleted = 0
     batch: list[int] = []
-    async for g in _listed_generations(store, domain):
+    async for g in listed_generations(store, domain):
         if g < keep_from:
             batch.append(g)
         if len(batch) >= DELETE_BATCH:

@@ -33,9 +33,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from cdp.catalog import list_generations, load_catalog
-from cdp.errors import FormatError, NotFound
-from cdp.layout import catalog_prefix, parse_catalog_key
+from cdp.catalog import ListingTooLong, list_generations, listed_generations, load_catalog
+from cdp.errors import NotFound
 from cdp.store import open_store
 from cdp.store.base import ObjectStore
 
@@ -59,19 +58,13 @@ async def newest_generation(store: ObjectStore, domain: int, known: int | None) 
     any generation committed since; the whole listing of ``d/<domain>/cat/`` when none is
     known, or when ``known`` is gone with nothing after it (the catalog was rolled back)."""
     if known is not None:
-        prefix = catalog_prefix(domain)
-        newest = listed = 0
-        async for info in store.list(prefix, start_after=f"{prefix}{known:016x}"):  # known's key sorts after
-            listed += 1
-            if listed > LISTED_AFTER_MAX:
-                newest = 0
-                break
-            try:
-                key_domain, generation = parse_catalog_key(info.key)
-            except FormatError:  # a stray key (list_generations logs them)
-                continue
-            if key_domain == domain:
+        newest = 0
+        try:  # strays are logged by the whole listing (loads), not at every freshness check
+            async for generation in listed_generations(store, domain, start=known, keys_max=LISTED_AFTER_MAX,
+                                                       log_strays=False):
                 newest = max(newest, generation)
+        except ListingTooLong:  # many generations since (or strays): the whole listing says
+            newest = 0
         if newest >= known:
             return newest
     generations = await list_generations(store, domain)
