@@ -21,10 +21,10 @@ import pytest_asyncio
 
 from cdp.digest import sha256_file
 from cdp.store.fs import FileStore
-from cdp.testing.domain import DomainBuilder, random_workload
+from cdp.testing.domain import DomainBuilder
 from cdp.testing.site import TOKEN, Site, make_site, running_daemon
 from rocva import Target, plan_recovery
-from tests.rocva.test_recover import seed_initial
+from tests.rocva.build import erp_history
 from tests.rocva.test_resume import forge, garbage_partials, group_names, interrupted
 
 KiB = 1 << 10
@@ -84,11 +84,7 @@ async def rest(tmp_path):
                      recovery_roots=[str(tmp_path / "roots"), str(tmp_path / "rootlink")])
     (tmp_path / "roots").mkdir()
     rng = np.random.default_rng(4)
-    b = await DomainBuilder(FileStore(site.root / "store"), domain=site.cfg.domain("erp").id,
-                            disks=(("erp-db", "data", 512 * KiB), ("erp-db", "log", 256 * KiB)),
-                            block_raw_size=4 * KiB).start()
-    await seed_initial(b, 0, rng, chunk=64 * KiB)
-    await random_workload(b, rng, 200, seal_every=12, max_sectors=16)
+    b = await erp_history(FileStore(site.root / "store"), site.cfg.domain("erp").id, rng, 200, 512 * KiB)
     (tmp_path / "rootlink").symlink_to(site.root / "store" / "d")
     async with running_daemon(site), aiohttp.ClientSession() as http:
         yield Rest(site, http, b, tmp_path)

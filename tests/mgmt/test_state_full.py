@@ -40,9 +40,8 @@ from cdp.msa.alarms import AlarmEvaluator
 from cdp.msa.config import Alarms
 from cdp.msa.supervisor import DrvaView
 from cdp.store.fs import FileStore
-from cdp.testing.domain import DomainBuilder, random_workload
 from cdp.testing.site import TOKEN, Site, make_site, running_daemon
-from tests.rocva.build import seed_initial
+from tests.rocva.build import erp_history
 from tests.waiting import EVENTUALLY_S, wait_until
 
 KiB = 1 << 10
@@ -266,11 +265,7 @@ async def test_a_failed_progress_write_neither_fails_the_job_nor_blames_the_dest
     with tmpfs(state_on_tmpfs(root)) as state:
         site = make_site(root, protect=(), recovery_roots=[str(roots)])
         rng = np.random.default_rng(7)
-        b = await DomainBuilder(FileStore(site.root / "store"), domain=site.cfg.domain("erp").id,
-                                disks=(("erp-db", "data", 256 * KiB), ("erp-db", "log", 128 * KiB)),
-                                block_raw_size=4 * KiB).start()
-        await seed_initial(b, 0, rng, chunk=64 * KiB)
-        await random_workload(b, rng, 60, seal_every=12, max_sectors=16)
+        await erp_history(FileStore(site.root / "store"), site.cfg.domain("erp").id, rng, 60, 256 * KiB)
         progress = jobs.Job.progress
         met = []
 

@@ -38,6 +38,17 @@ async def seed_initial(b: DomainBuilder, disk: int, rng: np.random.Generator, ch
     await b.add_base(disk, chunk_size=chunk)
 
 
+async def erp_history(store, domain: int, rng: np.random.Generator, ops: int, data_bytes: int) -> DomainBuilder:
+    """The erp domain of ``cdp.testing.site`` in ``store``: erp-db's data disk of
+    ``data_bytes`` and log disk of half that, disk 0 seeded, then ``ops`` random writes."""
+    b = await DomainBuilder(store, domain=domain, disks=(("erp-db", "data", data_bytes),
+                                                         ("erp-db", "log", data_bytes // 2)),
+                            block_raw_size=4 * KiB).start()
+    await seed_initial(b, 0, rng, chunk=64 * KiB)
+    await random_workload(b, rng, ops, seal_every=12, max_sectors=16)
+    return b
+
+
 async def check(b: DomainBuilder, seq: int, work: Path, expected: list[str] | None = None, **kw) -> dict:
     """Recover at ``seq``; the images must equal the reference replay (and ``expected``)."""
     out = Path(tempfile.mkdtemp(dir=work))
