@@ -48,8 +48,8 @@ class EntryQueue:
 
     def _reset(self) -> None:
         self._hot: collections.deque[Any] = collections.deque()
+        # Every block holds at least one row; all of its rows but the last block's are used.
         self._blocks: collections.deque[np.ndarray] = collections.deque()
-        self._head = 0  # first live row of _blocks[0]
         self._tail = 0  # rows used in _blocks[-1]
         self._cold_first = 0  # number of the first entry held as a row
         self._cold_len = 0
@@ -116,12 +116,11 @@ class EntryQueue:
     def _thaw(self) -> None:
         """Make objects of the rows of the first block (the hot deque is empty)."""
         end = BLOCK_ROWS if len(self._blocks) > 1 else self._tail
-        rows = self._blocks[0][self._head:end]
+        rows = self._blocks[0][:end]
         self._hot.extend(self._objects(rows, self._cold_first, pop=True))
         self._cold_first += len(rows)
         self._cold_len -= len(rows)
         self._blocks.popleft()
-        self._head = 0
         if not self._blocks:
             self._tail = 0
 
@@ -143,7 +142,7 @@ class EntryQueue:
         number = self._cold_first
         last = len(self._blocks) - 1
         for i, block in enumerate(self._blocks):
-            rows = block[self._head if i == 0 else 0:self._tail if i == last else BLOCK_ROWS]
+            rows = block[:self._tail if i == last else BLOCK_ROWS]
             yield rows, number
             number += len(rows)
 
@@ -160,8 +159,7 @@ class EntryQueue:
             raise IndexError("EntryQueue index out of range")
         if index < len(self._hot):
             return self._hot[index]
-        at = self._head + index - len(self._hot)
-        block, row = divmod(at, BLOCK_ROWS)
+        block, row = divmod(index - len(self._hot), BLOCK_ROWS)
         rows = self._blocks[block][row:row + 1]
         return next(self._objects(rows, self._cold_first + index - len(self._hot), pop=False))
 
