@@ -5,7 +5,8 @@
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
                  [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN]
                  [--no-hashes] [--no-mark-hashes] [--json]
-                 [--nbd HOST:PORT] [--nbd-unix PATH] [--export-name VM/DISK] [--flush-timeout S]
+                 [--nbd HOST:PORT [--nbd-allow-remote]] [--nbd-unix PATH] [--export-name VM/DISK]
+                 [--flush-timeout S]
                  [--tls-ca CA.pem [--tls-server-name NAME]]
 
 With ``--tls-ca`` (or the cluster file's ``[tls] ca``) every DRVA connection is TLS and
@@ -15,7 +16,9 @@ the DRVA's certificate must be signed by that CA and hold the address dialled (o
 With ``--nbd`` or ``--nbd-unix`` no workload runs: every disk (or each ``--export-name``)
 is served as the NBD export ``vm/disk`` and what real block clients write is captured
 and streamed to the DRVAs; a FLUSH returns once the DRVA holds every earlier write. The
-first line on stdout then says where it serves (a JSON object with ``--json``).
+first line on stdout then says where it serves (a JSON object with ``--json``). Only root
+and this process's uid may connect (``cdp.nbd.peers``); ``--nbd`` is a loopback address
+unless ``--nbd-allow-remote`` says anyone who reaches another one may.
 
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
@@ -128,7 +131,11 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--nbd", "nbd_tcp", default=None, metavar="HOST:PORT",
               help="Serve the disks as NBD exports on TCP (port 0: any free one) instead of running workloads.")
 @click.option("--nbd-unix", type=click.Path(path_type=Path), default=None,
-              help="Serve the NBD exports on this Unix socket too (or only).")
+              help="Serve the NBD exports on this Unix socket too (or only); its directory must be ours alone "
+                   "(made 0700 if missing).")
+@click.option("--nbd-allow-remote", is_flag=True,
+              help="Let --nbd be an address other than loopback: the exports carry no authentication, so "
+                   "anyone who reaches it reads and writes every disk.")
 @click.option("--export-name", "export_names", multiple=True, metavar="VM/DISK",
               help="With --nbd/--nbd-unix: serve only these disks (default: every disk).")
 @click.option("--flush-timeout", type=POSITIVE, default=None,
@@ -146,8 +153,9 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
         control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, no_mark_hashes: bool,
-        nbd_tcp: str | None, nbd_unix: Path | None, export_names: tuple[str, ...], flush_timeout: float | None,
-        tls_ca: Path | None, tls_server_name: str | None, spill_bytes: str | None, as_json: bool) -> None:
+        nbd_tcp: str | None, nbd_unix: Path | None, nbd_allow_remote: bool, export_names: tuple[str, ...],
+        flush_timeout: float | None, tls_ca: Path | None, tls_server_name: str | None, spill_bytes: str | None,
+        as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
@@ -158,9 +166,10 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
         if workload or trace:
             raise click.UsageError("--nbd serves the disks to real clients: no --workload or --trace with it")
         nbd = NbdListen(tcp=parse_tcp(nbd_tcp) if nbd_tcp is not None else None, unix=nbd_unix,
-                        exports=frozenset(export_names) if export_names else None, flush_timeout_s=flush_timeout)
-    elif export_names or flush_timeout is not None:
-        raise click.UsageError("--export-name and --flush-timeout go with --nbd or --nbd-unix")
+                        exports=frozenset(export_names) if export_names else None, flush_timeout_s=flush_timeout,
+                        allow_remote=nbd_allow_remote)
+    elif export_names or flush_timeout is not None or nbd_allow_remote:
+        raise click.UsageError("--export-name, --flush-timeout and --nbd-allow-remote go with --nbd or --nbd-unix")
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
                       control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,

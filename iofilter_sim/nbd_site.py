@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from cdp.errors import ConfigError
 from cdp.logs import get_logger
-from cdp.nbd.server import NbdServer, unauthenticated_tcp_problem
+from cdp.nbd.peers import remote_listen_problem
+from cdp.nbd.server import NbdServer
+from cdp.nbd.socket_dir import prepare_socket_dir
 from iofilter_sim.nbd_capture import CapturedDisk, DomainCapture
 
 if TYPE_CHECKING:
@@ -37,14 +39,21 @@ class NbdListen:
     unix: Path | None = None
     exports: frozenset[str] | None = None  # ``vm/disk`` names to serve; None: every disk
     flush_timeout_s: float | None = None  # None: a flush waits until the DRVA has the writes
+    # TCP on an address other than loopback: no client there can be identified, so it is
+    # served only when the operator says so (--nbd-allow-remote, [hypervisor] nbd_allow_remote).
+    allow_remote: bool = False
 
     def __post_init__(self) -> None:
         if self.tcp is None and self.unix is None:
             raise ConfigError("NBD: give a TCP address, a Unix socket path, or both")
-        if self.tcp is not None and (why := unauthenticated_tcp_problem(self.tcp[0])) is not None:
+        if self.allow_remote and self.tcp is None:
+            raise ConfigError("NBD: --nbd-allow-remote goes with --nbd HOST:PORT (a Unix socket is never remote)")
+        if self.tcp is not None:
             host, port = self.tcp
-            raise ConfigError(f"NBD: --nbd {f'[{host}]' if ':' in host else host}:{port}: expected a loopback "
-                              f"address: {why}")
+            why = remote_listen_problem(host, self.allow_remote, "--nbd-allow-remote")
+            if why is not None:
+                raise ConfigError(f"NBD: --nbd {f'[{host}]' if ':' in host else host}:{port}: expected a loopback "
+                                  f"address: {why}")
 
 
 def export_name(vm: str, disk: str) -> str:
@@ -94,11 +103,15 @@ class NbdFace:
                 self.address["tcp"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 self.address["port"] = port
             if self.listen.unix is not None:
+                prepare_socket_dir(self.listen.unix)  # before anything at the path is touched
                 _remove_stale_socket(self.listen.unix)
                 self.address["unix"] = await self.server.start_unix(self.listen.unix)
         except OSError as exc:
             await self.close()
             raise ConfigError(f"NBD: cannot listen: {exc.strerror or exc}") from exc
+        except ConfigError:  # a socket directory that is not ours alone: the TCP listener goes too
+            await self.close()
+            raise
         self.address["exports"] = {n: b.size for n, b in exports.items()}
         log.info("nbd_serving", **{k: v for k, v in self.address.items() if k != "exports"},
                  exports=sorted(exports))

@@ -130,7 +130,13 @@ def recover(domain: DomainRef, store_url: str, at: str | None, seq: int | None, 
 @point_options
 @timeline_option
 @click.option("--nbd", "nbd_address", required=True,
-              help="Where to serve: HOST:PORT (port 0: any free one) or unix:PATH.")
+              help="Where to serve: HOST:PORT (port 0: any free one; a loopback address unless "
+                   "--nbd-allow-remote) or unix:PATH (its directory ours alone, made 0700 if missing). Only root "
+                   "and this process's uid may connect.")
+@click.option("--nbd-allow-remote", is_flag=True,
+              help="Let --nbd be an address other than loopback: NBD has no client authentication here (not "
+                   "with --tls-cert either), so anyone who reaches it reads the disks (and writes them with "
+                   "--writable).")
 @click.option("--writable", is_flag=True, help="Accept writes, into a local copy-on-write overlay (never the store).")
 @click.option("--overlay", "overlay_dir", type=NonEmptyPath(path_type=Path), default=None,
               help="Overlay directory (with --writable; reopened when it holds this point's overlay). "
@@ -147,8 +153,8 @@ def recover(domain: DomainRef, store_url: str, at: str | None, seq: int | None, 
               help="The certificate's private key (PEM); default: read from the --tls-cert file.")
 @json_option
 def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, mark: str | None, latest: bool,
-          timeline: int | None, nbd_address: str, writable: bool, overlay_dir: Path | None, keep_overlay: bool,
-          rehydrate_to: Path | None, cache_mb: int, tls_cert: Path | None, tls_key: Path | None,
+          timeline: int | None, nbd_address: str, nbd_allow_remote: bool, writable: bool, overlay_dir: Path | None,
+          keep_overlay: bool, rehydrate_to: Path | None, cache_mb: int, tls_cert: Path | None, tls_key: Path | None,
           as_json: bool) -> None:
     """Serve DOMAIN's disks at one point as NBD exports named VM/DISK, straight from the
     store (instant recovery), until SIGINT or SIGTERM."""
@@ -162,6 +168,7 @@ def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, ma
 
     target = one_point(at, seq, mark, latest)
     address = parse_nbd_address(nbd_address)
+    _check_mount_listen(nbd_address, address.host, nbd_allow_remote)
     if (overlay_dir is not None or keep_overlay) and not writable:
         raise ConfigError("--overlay and --keep-overlay need --writable")
     if tls_key is not None and tls_cert is None:
@@ -188,6 +195,21 @@ def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, ma
     from cdp import eventloop
 
     say(eventloop.run(with_store(store_url, work)))
+
+
+def _check_mount_listen(nbd_address: str, host: str | None, allow_remote: bool) -> None:
+    """ConfigError for a TCP ``--nbd`` ``host`` other than loopback without
+    ``--nbd-allow-remote`` (no client there can be identified: cdp.nbd.peers), and for
+    the flag with a Unix socket (``host`` None)."""
+    from cdp.errors import ConfigError
+    from cdp.nbd.peers import remote_listen_problem
+
+    if host is None:
+        if allow_remote:
+            raise ConfigError("--nbd-allow-remote goes with --nbd HOST:PORT (a Unix socket is never remote)")
+        return
+    if (why := remote_listen_problem(host, allow_remote, "--nbd-allow-remote")) is not None:
+        raise ConfigError(f"--nbd {nbd_address}: expected a loopback address: {why}")
 
 
 def _mount_event_text(event: dict[str, Any]) -> str:

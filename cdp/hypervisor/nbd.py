@@ -3,11 +3,13 @@
 The same supervised ``iofilter-sim run`` process per host as the simulator driver
 (``cdp.hypervisor.simulator``: placement, restart with back-off, pause and resume, drain on stop,
 status and marks files), started with ``--nbd-unix <state_dir>/hypervisor/<host>.nbd.sock``
-(and ``--nbd HOST:PORT`` when the site's ``[hypervisor] nbd_listen`` asks for TCP)
+(and ``--nbd HOST:PORT`` when the site's ``[hypervisor] nbd_listen`` asks for TCP; with
+``--nbd-allow-remote`` when ``nbd_allow_remote`` lets that be an address other than loopback)
 instead of workloads: every disk of a powered-on domain is the export ``vm/disk``, and
 what QEMU, fio or a kernel NBD client writes there is captured and replicated — a FLUSH
 returns once the DRVA holds every earlier write. Powering a domain off drops its
-clients' connections; its exports come back when it is powered on.
+clients' connections; its exports come back when it is powered on. Only root and the
+daemon's uid may connect to them (``cdp.nbd.peers``, FORMAT.md §17.6).
 
 A domain needs no workload in the inventory here. The status view of a domain carries
 where its exports are served (``nbd``: ``unix``, ``tcp``, ``exports``), read from the
@@ -35,8 +37,11 @@ class NbdHypervisor(SimulatorHypervisor):
         return self.root / f"{host}.nbd.sock"
 
     def _vm_args(self, hp: HostProcess) -> tuple[str, ...]:
-        tcp = self.cfg.hypervisor.nbd_listen
-        return ("--nbd-unix", str(self.socket_path(hp.name)), *(("--nbd", tcp) if tcp else ()))
+        spec = self.cfg.hypervisor
+        tcp: tuple[str, ...] = ()
+        if spec.nbd_listen:
+            tcp = ("--nbd", spec.nbd_listen, *(("--nbd-allow-remote",) if spec.nbd_allow_remote else ()))
+        return ("--nbd-unix", str(self.socket_path(hp.name)), *tcp)
 
     def views(self) -> list[PowerView]:
         out = []

@@ -48,7 +48,9 @@ one that needs no service at all (file store, log files in a local directory)::
     [hypervisor]                       # how the MSA powers VMs on and off (cdp.hypervisor)
     driver = "simulator"               # "simulator": a workload per domain; "nbd": its disks as NBD exports
     nbd_listen = "127.0.0.1:0"         # nbd only, optional: TCP too (besides <state_dir>/hypervisor/<host>.nbd.sock),
-                                       # a loopback address only: the exports carry no authentication
+                                       # a loopback address: the exports carry no authentication (only root
+                                       # and the daemon's uid may connect); another one only with
+    nbd_allow_remote = false           # true: then anyone who reaches nbd_listen reads and writes the disks
     on_demand_hosts = ["esx-b02"]      # hosts a failover may add to the inventory (pilot light)
     vms_per_host = 16                  # a host running this many VMs has no room left
     recovered_workload = { kind = "random", rate_mb_s = 1 }  # what failed-over VMs write
@@ -105,7 +107,7 @@ from urllib.parse import unquote, urlsplit
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster, sidecar_role, sidecars
 from cdp.nbd.address import parse_tcp
-from cdp.nbd.server import unauthenticated_tcp_problem
+from cdp.nbd.peers import remote_listen_problem
 from cdp.msa.registry import REGISTERED_NAME
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
@@ -207,6 +209,9 @@ class HypervisorSpec:
     recovered_workload: Mapping[str, Any] = field(  # what recovered VMs write (the simulator's options)
         default_factory=lambda: dict(RECOVERED_WORKLOAD_DEFAULT), hash=False)
     nbd_listen: str | None = None  # driver "nbd": also serve on TCP at HOST:PORT (port 0: any free one)
+    # nbd_listen may be an address other than loopback: its clients cannot be identified,
+    # so whoever reaches it reads and writes every disk (docs/FORMAT.md §17.6).
+    nbd_allow_remote: bool = False
     # Hosts hash the disks at each mark they place (marks.jsonl's sha256): a read of every
     # protected disk per mark, worth it where marks are checked against recoveries (tests,
     # drills), not on a site with large disks and frequent marks.
@@ -693,7 +698,7 @@ def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
 
 def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     t = r.table(value, "hypervisor", set(), {"driver", "on_demand_hosts", "vms_per_host", "recovered_workload",
-                                             "nbd_listen", "mark_hashes"})
+                                             "nbd_listen", "nbd_allow_remote", "mark_hashes"})
     driver = t.get("driver", "simulator")
     if driver not in HYPERVISOR_DRIVERS:
         r.fail("hypervisor.driver", f"one of {', '.join(HYPERVISOR_DRIVERS)}", driver)
@@ -708,20 +713,35 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     # The options are the simulator's: it checks them (cdp.hypervisor.simulator).
     r.table(workload, "hypervisor.recovered_workload", {"kind"}, set(workload) - {"kind"}
             if isinstance(workload, Mapping) else set())
-    nbd_listen = t.get("nbd_listen")
-    if nbd_listen is not None:
-        if driver != "nbd":
-            r.fail("hypervisor.nbd_listen", 'nothing unless driver = "nbd"', nbd_listen)
-        try:
-            host, _ = parse_tcp(nbd_listen if isinstance(nbd_listen, str) else "")
-        except ConfigError:
-            r.fail("hypervisor.nbd_listen", "HOST:PORT (port 0: any free one)", nbd_listen)
-        if (why := unauthenticated_tcp_problem(host)) is not None:
-            r.fail("hypervisor.nbd_listen", f"a loopback address (127.0.0.1, ::1 or localhost): {why}", nbd_listen)
+    nbd_listen, nbd_allow_remote = _nbd_listen(r, t, driver)
     mark_hashes = t.get("mark_hashes", True)
     if not isinstance(mark_hashes, bool):
         r.fail("hypervisor.mark_hashes", "true or false", mark_hashes)
-    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen, mark_hashes)
+    return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen=nbd_listen,
+                          nbd_allow_remote=nbd_allow_remote, mark_hashes=mark_hashes)
+
+
+def _nbd_listen(r: TomlReader, t: Mapping, driver: str) -> tuple[str | None, bool]:
+    """``[hypervisor] nbd_listen`` and ``nbd_allow_remote``: a TCP address for the nbd
+    driver, loopback unless the second says that anyone who reaches it may connect."""
+    nbd_listen = t.get("nbd_listen")
+    allow_remote = t.get("nbd_allow_remote", False)
+    if not isinstance(allow_remote, bool):
+        r.fail("hypervisor.nbd_allow_remote", "true or false", allow_remote)
+    if allow_remote and nbd_listen is None:
+        r.fail("hypervisor.nbd_allow_remote", "nothing unless nbd_listen is set (a Unix socket is never remote)",
+               allow_remote)
+    if nbd_listen is None:
+        return None, False
+    if driver != "nbd":
+        r.fail("hypervisor.nbd_listen", 'nothing unless driver = "nbd"', nbd_listen)
+    try:
+        host, _ = parse_tcp(nbd_listen if isinstance(nbd_listen, str) else "")
+    except ConfigError:
+        r.fail("hypervisor.nbd_listen", "HOST:PORT (port 0: any free one)", nbd_listen)
+    if (why := remote_listen_problem(host, allow_remote, "[hypervisor] nbd_allow_remote = true")) is not None:
+        r.fail("hypervisor.nbd_listen", f"a loopback address (127.0.0.1, ::1 or localhost): {why}", nbd_listen)
+    return nbd_listen, allow_remote
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:

@@ -11,6 +11,11 @@ the client. A request's share lasts until its reply is queued *and* the replies 
 to be sent are at most ``WRITE_BUFFER_HIGH``, so a client that reads no replies makes us
 hold no more than the caps plus that. Replies go out whole: each is queued in one piece.
 
+Who may connect (§17.6, ``cdp.nbd.peers``): root and our uid, told by the kernel at
+accept (SO_PEERCRED, or the socket tables for a loopback TCP client); anyone else is
+closed before the greeting. A Unix socket is 0600, in a directory that is ours alone
+(``cdp.nbd.socket_dir``).
+
 Every request is checked against its export before the backend sees it. A client that
 breaks the protocol loses its connection (its in-flight requests are cancelled and
 awaited); the other connections carry on.
@@ -31,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import os
 import socket
 import ssl
@@ -51,7 +55,9 @@ from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, FIRST_OPTION_TIMEOU
                             OPTIONS_PER_CONNECTION_MAX, READ_BUFFER_BYTES, REFUSE_OPTIONS_MAX, REFUSE_TIMEOUT_S,
                             REFUSING_MAX, SERVER_INFLIGHT_BYTES_MAX, STALL_TIMEOUT_S, WRITE_BUFFER_HIGH,
                             check_bounds)
+from cdp.nbd.peers import LOOPBACK_NAMES, check_peer, is_loopback_host, unauthenticated_tcp_problem
 from cdp.nbd.refusal import longest_idle, refuse
+from cdp.nbd.socket_dir import prepare_socket_dir
 from cdp.nbd.streams import CountingReader, close_stream, peer_name
 from cdp.nbd.watchdog import StallWatchdog
 
@@ -64,11 +70,9 @@ __all__ = ["CLOSE_LINGER_S", "CONNECTIONS_MAX", "FIRST_OPTION_TIMEOUT_S", "HANDS
 
 logger = get_logger("iofilter.nbd")
 
-#: A Unix socket's file: the exports carry no authentication (FORMAT.md §17), so only
+#: A Unix socket's file: the exports carry no authentication (FORMAT.md §17.6), so only
 #: its owner (and root) may connect.
 SOCKET_MODE = 0o600
-#: Host names ``unauthenticated_tcp_problem`` takes for loopback without resolving them.
-LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,19 +135,31 @@ class NbdServer:
                                             loop=loop)
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Listen on TCP; port 0 picks a free one. Returns the bound (host, port)."""
+        """Listen on TCP; port 0 picks a free one. Returns the bound (host, port).
+
+        A client of a loopback address must be root or our uid (``cdp.nbd.peers``); any
+        other address identifies no one, and whoever reaches it gets in: the caller
+        decides whether it may be served (``cdp.nbd.peers.remote_listen_problem``)."""
         server = await asyncio.get_running_loop().create_server(self._protocol, host, port)
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         logger.info("nbd_listening", transport="tcp", host=bound[0], port=bound[1], exports=sorted(self.exports))
+        if not is_loopback_host(host):
+            logger.warning("nbd_listening_unauthenticated", host=bound[0], port=bound[1],
+                           reason="not a loopback address: any client that reaches it may read and write "
+                                  "the exports")
         return bound[0], bound[1]
 
     async def start_unix(self, path: str | os.PathLike[str]) -> str:
         """Listen on a Unix socket at ``path`` (a socket file there is replaced, as
         asyncio does), its file ``SOCKET_MODE`` from the moment it exists whatever the
-        umask (``_bind_unix``): the exports carry no authentication, so who may connect
-        is exactly who may open that file."""
+        umask (``_bind_unix``), in a directory that is ours alone (made 0700 if missing;
+        ConfigError naming it otherwise: ``cdp.nbd.socket_dir``): the exports carry no
+        authentication, so who may connect is who may open that file — and, should its
+        mode be wrong, still only root or our uid (``cdp.nbd.peers``)."""
         path = os.fspath(path)
+        if not path.startswith("\0"):  # an abstract socket has no file: the peer check alone guards it
+            prepare_socket_dir(path)
         sock = _bind_unix(path)
         try:
             server = await asyncio.get_running_loop().create_unix_server(self._protocol, sock=sock)
@@ -182,6 +198,8 @@ class NbdServer:
         self._unix_paths.clear()
 
     async def _accept(self, reader: CountingReader, writer: asyncio.StreamWriter) -> None:
+        if not self._peer_admitted(writer):
+            return
         task = asyncio.current_task()
         assert task is not None
         peer = peer_name(writer)
@@ -207,6 +225,19 @@ class NbdServer:
             # cancelled handler task as an error. Any other cancellation goes through.
             if not self._closing:
                 raise
+
+    @staticmethod
+    def _peer_admitted(writer: asyncio.StreamWriter) -> bool:
+        """Whether the kernel says the client is root or our uid (``cdp.nbd.peers``);
+        anyone else is closed before any NBD byte is sent — and before it takes a
+        handshake slot or evicts anyone."""
+        check = check_peer(writer.get_extra_info("socket"))
+        if check.refused is None:
+            return True
+        logger.warning("nbd_peer_refused", transport=check.transport, peer=check.address, uid=check.uid,
+                       pid=check.pid, reason=check.refused)
+        writer.transport.abort()
+        return False
 
     def _haggling(self) -> int:
         """Connections in their handshake (not dropped yet)."""
@@ -618,23 +649,6 @@ class _Connection(HandshakePhase):
             task.cancel()
         while self._requests:
             await asyncio.gather(*self._requests, return_exceptions=True)
-
-
-def unauthenticated_tcp_problem(host: str) -> str | None:
-    """Why serving protected disks without authentication on TCP ``host`` is refused, or
-    None for a loopback address (``LOOPBACK_NAMES``, 127.0.0.0/8, ::1). A wildcard or
-    any other address lets other machines read and write every disk; a name other than
-    localhost may resolve to anything."""
-    if host in LOOPBACK_NAMES:
-        return None
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass
-    return (f"{host} is reachable from other machines (or may be), and the NBD exports carry no "
-            f"authentication: anyone who reaches it reads and writes every protected disk; serve on the "
-            f"Unix socket, or on a loopback address reached through an authenticated tunnel (ssh -L)")
 
 
 def _bind_unix(path: str) -> socket.socket:
