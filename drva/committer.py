@@ -89,6 +89,12 @@ class FrameBudget:
         """Sessions waiting for a share."""
         return sum(1 for _, _, fut in self._queue if not fut.done())
 
+    @property
+    def waiting_bytes(self) -> int:
+        """The shares the waiting sessions wait for, in bytes (the status reports it: a
+        budget held up by one frame larger than what is left shows here)."""
+        return sum(nbytes for nbytes, _, fut in self._queue if not fut.done())
+
     def _fits(self, nbytes: int) -> bool:
         return self.held == 0 or self.held + nbytes <= self.bytes_max
 

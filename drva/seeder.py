@@ -88,6 +88,30 @@ SEQ_MAX = (1 << 64) - 1  # FORMAT.md §1: seqs are u64
 CHECK_BATCH_MAX = 1024  # chunks looked at per batch after a lost lease (``_chunks_gone``)
 
 
+class UploadSlots:
+    """The seeder's ``UPLOADS_MAX`` upload slots: a semaphore that also counts the slots
+    held and the sessions waiting for one, for the DRVA's status (``seed_uploads``)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0  # held: by an upload, or by a chunk being read for one
+        self.waiting = 0  # SEED_CHUNK sessions waiting for one, reading nothing meanwhile
+        self._semaphore = asyncio.Semaphore(capacity)
+
+    async def acquire(self) -> None:
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()  # cancelled: nothing taken (it passes a wake-up on)
+        finally:
+            self.waiting -= 1
+        self.used += 1
+
+    def release(self) -> None:
+        assert self.used > 0, "an upload slot released that was not held"
+        self.used -= 1
+        self._semaphore.release()
+
+
 @dataclass(eq=False)
 class SeedJob:
     domain: int
@@ -123,7 +147,7 @@ class Seeder:
     def __init__(self, drva: "Drva", *, idle_s: float = SEED_IDLE_S, end_wait_s: float = SEED_END_WAIT_S) -> None:
         self.drva = drva
         self.jobs: dict[tuple[int, int], SeedJob] = {}
-        self.slots = asyncio.Semaphore(UPLOADS_MAX)
+        self.slots = UploadSlots(UPLOADS_MAX)
         self.finishing: set[asyncio.Task] = set()
         self.idle_s = idle_s
         self.end_wait_s = end_wait_s

@@ -3,8 +3,10 @@
 Per domain: the four seq marks, RPO lag in seconds and bytes, the filter's mode
 (normal / bitmap / resync), whether a filter is connected and how far its clock is off
 this DRVA's, back-pressure, upload latency and error counts; for the
-DRVA: log usage, group-commit figures, sessions, store errors, and — when it ships to more
-than one store — each store with its domains.
+DRVA: log usage, group-commit figures, sessions, store errors, each store lane with its
+frame budget (``lanes``: what it holds and who waits for it), the seeder's upload slots
+(``seed_uploads``), and — when it ships to more than one store — each store with its
+domains (``stores``, as before ``lanes``).
 
 ``status.json`` and ``requests/`` are side files: the data path (acks, shipping) never
 depends on them. Their operating errors (a full file system, a directory where the file
@@ -34,6 +36,7 @@ from cdp.meta import META_MAGIC
 if TYPE_CHECKING:
     from drva.daemon import Drva
     from drva.domain import DomainState
+    from drva.seeder import UploadSlots
 
 log = get_logger("drva.status")
 
@@ -213,6 +216,7 @@ def build_status(drva: "Drva") -> dict[str, Any]:
         "group_commits": drva.committer.commits,
         "last_commit_latency_s": round(drva.committer.commit_latency_s, 5),
         "sessions": len(drva.sessions),
+        "seed_uploads": seed_uploads_status(drva.seeder.slots),
         "handshakes": len(drva.handshaking) + drva.tls_handshaking,
         "handshakes_refused_busy": drva.refused_busy,
         "handshakes_refused_tls": drva.refused_tls,
@@ -221,6 +225,7 @@ def build_status(drva: "Drva") -> dict[str, Any]:
         "last_store_error": drva.shipper.last_store_error,
         "domains": [domain_status(d, held[drva.shipper.lane_of[d.id].index], drva.shipper.marks_dropped.get(d.id, 0),
                                   drva.shipper.windows_merged.get(d.id, 0)) for d in drva.domains.values()],
+        "lanes": lanes_status(drva),
         **({"stores": stores_status(drva)} if len(drva.lanes) > 1 else {}),
     }
 
@@ -229,3 +234,24 @@ def stores_status(drva: "Drva") -> list[dict[str, Any]]:
     """Each store of a DRVA that ships to more than one (``drva.lanes``), with its domains
     (ids): ``store`` is the first's, where a domain ships unless it names its own."""
     return [{"store": lane.store.describe(), "domains": [d.id for d in lane.domains]} for lane in drva.lanes]
+
+
+def lanes_status(drva: "Drva") -> list[dict[str, Any]]:
+    """Each store lane of the DRVA (``drva.lanes``, one even with a single store), with its
+    domains (ids) and its frame budget (``drva.frame_budgets``, FORMAT.md §9.2): the bytes
+    it grants at most (one frame larger than that is granted alone: held may exceed it),
+    the bytes granted and not given back, and the sessions waiting for a share (each waits
+    with one frame) with the bytes they wait for. Sessions that keep waiting while the
+    held bytes stay near the maximum: the lane's frames are not staged as fast as they
+    come (back-pressure: its store holds the log up, or the log is full)."""
+    return [{"store": lane.store.describe(), "domains": [d.id for d in lane.domains],
+             "frame_budget_bytes_max": budget.bytes_max, "frame_budget_held_bytes": budget.held,
+             "frame_budget_sessions_waiting": budget.waiting, "frame_budget_waiting_bytes": budget.waiting_bytes}
+            for lane, budget in zip(drva.lanes, drva.frame_budgets)]
+
+
+def seed_uploads_status(slots: "UploadSlots") -> dict[str, int]:
+    """The seeder's upload slots (``Seeder.slots``, FORMAT.md §9.3): how many an upload
+    (or a chunk being read for one) holds, and how many ``SEED_CHUNK`` sessions wait for
+    one, reading nothing meanwhile."""
+    return {"slots": slots.capacity, "slots_used": slots.used, "sessions_waiting": slots.waiting}

@@ -90,17 +90,43 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _seed_uploads(slots: Any) -> str:
+    """A DRVA's seed upload slots (its status's ``seed_uploads``): used / all, and the
+    sessions waiting for one; - from a DRVA that does not say."""
+    if not isinstance(slots, dict):
+        return "-"
+    waiting = slots.get("sessions_waiting")
+    return f"{slots.get('slots_used', '-')}/{slots.get('slots', '-')}" + (f", {waiting} waiting" if waiting else "")
+
+
+def _lanes_table(drvas: list[dict[str, Any]], names: dict[Any, str]) -> list[str]:
+    """Each DRVA's store lanes with their frame budgets (held / max, the sessions waiting
+    for a share and the bytes they wait for); nothing when no DRVA says (an older one).
+    A lane lists its domains by id (the DRVA's): shown by name where ``names`` has it."""
+    rows = [["DRVA", "STORE", "DOMAINS", "FRAME BUDGET HELD / MAX", "WAITING FOR IT"]]
+    for d in drvas:
+        for lane in d.get("lanes") or ():
+            waiting = lane.get("frame_budget_sessions_waiting")
+            held, most = _bytes(lane.get("frame_budget_held_bytes")), _bytes(lane.get("frame_budget_bytes_max"))
+            domains = ",".join(names.get(i, str(i)) for i in lane.get("domains", [])) or "-"
+            rows.append([d["name"], str(lane.get("store")), domains,
+                         f"{held} / {most}",
+                         f"{waiting} sessions, {_bytes(lane.get('frame_budget_waiting_bytes'))}" if waiting else "-"])
+    return _table(rows) + [""] if len(rows) > 1 else []
+
+
 def status_text(doc: dict[str, Any]) -> str:
     peer_store = f", peer's domains in {doc['peer_store']}" if doc.get("peer_store") else ""
     lines = [f"site {doc['site']}: daemon pid {doc['pid']}, API {doc['api']}, store {doc['store']}{peer_store}", ""]
-    rows = [["DRVA", "STATE", "PID", "RESTARTS", "LOG USED", "BACK-PRESSURE", "DOMAINS"]]
+    rows = [["DRVA", "STATE", "PID", "RESTARTS", "LOG USED", "BACK-PRESSURE", "SEED UPLOADS", "DOMAINS"]]
     for d in doc["drvas"]:
         ratio = d.get("log_usage_ratio")
         bp = d.get("backpressure")
         rows.append([d["name"], d["state"], str(d.get("pid") or "-"), str(d.get("restarts", 0)),
                      "-" if ratio is None else f"{ratio * 100:.1f} %", "-" if bp is None else ("YES" if bp else "no"),
-                     ",".join(d.get("domains", [])) or "-"])
+                     _seed_uploads(d.get("seed_uploads")), ",".join(d.get("domains", [])) or "-"])
     lines += _table(rows) + [""]
+    lines += _lanes_table(doc["drvas"], {d.get("id"): d["name"] for d in doc["domains"]})
     rows = [["DOMAIN", "DRVA", "RPO LAG / TARGET", "NOT IN STORE", "IN", "UPLOADED", "MODE", "ALARMS"]]
     for d in doc["domains"]:
         st = d.get("status") or {}

@@ -52,6 +52,11 @@ certificate_expiring  major     site     a TLS certificate a server of the site 
                                          API's, a running DRVA's: ``CertificateWatch``) expires within
                                          ``CERT_WARN_S`` (30 days), has expired, or is not valid yet;
                                          subject: the file's stem (``ca``, ``api``, ``drva-<name>``)
+marks_dropped         warning   domain   its DRVA's ``marks_dropped`` is above 0: the catalog keeps at most
+                                         ``MARKS_MAX`` (131,072) marks per timeline, and the oldest names
+                                         left it past that (FORMAT.md §8.2): ``--mark`` no longer finds
+                                         them, their points stay recoverable by ``--seq`` and ``--at``.
+                                         The count is per DRVA process: cleared when the DRVA restarts
 ====================  ========  =======  ==================================================================
 
 The state directory's condition comes with the views (``DrvaViews.state_fs_problem``, the
@@ -76,6 +81,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cdp.catalog_state import MARKS_MAX
 from cdp.errors import ConfigError
 from cdp.hypervisor import VmsDown
 from cdp.locks import SKEW_DEFAULT_S
@@ -91,11 +97,12 @@ log = get_logger("cdp.msa.alarms")
 
 KINDS = ("drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
          "timestamps_rewritten", "state_dir_unwritable", "vms_down", "filter_clock_skew", "filter_disconnected",
-         "certificate_expiring")
+         "certificate_expiring", "marks_dropped")
 SEVERITY = {"drva_down": "critical", "fenced": "critical", "rpo_lag": "major", "bitmap_mode": "major",
             "backpressure": "major", "store_errors": "warning", "log_usage": "warning",
             "timestamps_rewritten": "major", "state_dir_unwritable": "critical", "vms_down": "critical",
-            "filter_clock_skew": "major", "filter_disconnected": "major", "certificate_expiring": "major"}
+            "filter_clock_skew": "major", "filter_disconnected": "major", "certificate_expiring": "major",
+            "marks_dropped": "warning"}
 #: Judged without the DRVAs: a DRVA that is not up leaves them judged (``evaluate``).
 JUDGED_WITHOUT_DRVAS = ("vms_down", "certificate_expiring")
 STATE_DIR_SUBJECT = "state_dir"  # the subject of state_dir_unwritable (subject_kind "site")
@@ -242,6 +249,7 @@ class AlarmEvaluator:
             if policy is not None:
                 self._domain_conditions(now_ns, mono_ns, v, dom, policy, out)
                 self._filter_conditions(mono_ns, v, dom, policy, dom["name"] in running, out)
+                self._marks_dropped_condition(v, dom, out)
         return True
 
     def _vms_down(self, d: VmsDown) -> str | None:
@@ -388,6 +396,23 @@ class AlarmEvaluator:
                           f"reaches the store, and its RPO lag cannot show them (the DRVA sees none); they wait "
                           f"in the filter. Is the filter's host up, and can it reach the DRVA (network, secret, "
                           f"TLS certificate: see its log and any certificate_expiring alarm)?")
+
+    def _marks_dropped_condition(self, v: DrvaView, dom: Mapping[str, Any],
+                                 out: dict[tuple[str, str], Condition]) -> None:
+        """``marks_dropped``: the DRVA let the names of the oldest marks of domain ``dom``
+        go past the catalog's cap. Its count is per DRVA process and only grows while it
+        runs, so the alarm stays until the DRVA restarts (a new process counts from 0):
+        nothing else tells that ``--mark`` lost names, the log line aside."""
+        dropped = _count(dom.get("marks_dropped"))
+        if not dropped:
+            return
+        name = str(dom.get("name"))
+        out[("marks_dropped", name)] = (
+            "domain", f"domain {name}: DRVA {v.name} dropped the names of {dropped:,} marks since it started: a "
+                      f"timeline's catalog keeps at most {MARKS_MAX:,} marks, and the oldest leave it as new ones "
+                      f"come (FORMAT.md §8.2), so cdp recover --mark no longer finds them; their points stay "
+                      f"recoverable by --seq and --at. Something places far too many marks (a filter, a "
+                      f"schedule); cleared when the DRVA restarts (it counts from its start)")
 
     def _skew_message(self, v: DrvaView, dom: Mapping[str, Any], name: str, offset: float) -> str:
         # A filter behind stamps a write earlier than it was: --at T takes writes made up

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cdp.msa.alarms import KINDS as ALARM_KINDS
 from cdp.msa.config import SiteConfig
 
 _REF = "#/components/schemas/"
@@ -97,10 +98,7 @@ def _schemas() -> dict[str, Any]:
             "progress": {"type": "object"}, "events": {"type": "array"}, "output": {},
             "error": {"type": ["string", "null"]}, "exit_code": {"type": "integer"}}},
         "Alarm": {"type": "object", "properties": {
-            "id": {"type": "string"}, "kind": {"type": "string", "enum": [
-                "drva_down", "fenced", "rpo_lag", "bitmap_mode", "backpressure", "store_errors", "log_usage",
-                "timestamps_rewritten", "state_dir_unwritable", "vms_down", "filter_clock_skew",
-                "filter_disconnected", "certificate_expiring"]},
+            "id": {"type": "string"}, "kind": {"type": "string", "enum": list(ALARM_KINDS)},
             "severity": {"type": "string", "enum": ["critical", "major", "warning"]},
             "subject": {"type": "string"}, "subject_kind": {"type": "string", "enum": ["domain", "drva", "site"]},
             "message": {"type": "string"}, "raised_ns": {"type": "integer"},

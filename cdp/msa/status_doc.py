@@ -11,7 +11,9 @@ field that is present has its type:
 * a **count** is an integer in 0..2^63-1 (never a bool);
 * a **gauge** is a finite number (never a bool);
 * a **flag** is a bool, a **text** a string; some may be null (as the DRVA writes them);
-* ``domains`` is a list of objects, each with a ``name`` (a string); ``log`` an object.
+* ``domains`` is a list of objects, each with a ``name`` (a string); ``log`` and
+  ``seed_uploads`` are objects; ``lanes`` is a list of objects, each with its ``store`` (a
+  string) and ``domains`` (a list of domain ids: counts).
 
 Fields may be absent (an older DRVA's, a test's document) and unknown fields are
 passed on. A document that fails is unusable as a whole: the supervisor keeps no figure
@@ -44,14 +46,23 @@ DOMAIN_FIELDS: dict[str, tuple[str, bool]] = {
     "unsealed_entries": (COUNT, False), "inflight_segments": (COUNT, False),
     **{name: (COUNT, False) for name in (
         "frames_received", "bytes_received", "duplicates_dropped", "frames_refused", "timestamps_raised",
-        "timestamps_clamped", "log_entries_skipped", "segments_uploaded", "bytes_uploaded", "upload_errors",
-        "catalog_errors")},
+        "timestamps_clamped", "log_entries_skipped", "marks_dropped", "resync_windows_merged", "segments_uploaded",
+        "bytes_uploaded", "upload_errors", "catalog_errors")},
     "upload_latency_p50_s": (GAUGE, True), "upload_latency_p99_s": (GAUGE, True),
     "last_error": (TEXT, True),
 }
 LOG_FIELDS: dict[str, tuple[str, bool]] = {
     "path": (TEXT, False), "head": (COUNT, False), "tail": (COUNT, False), "data_size": (COUNT, False),
     "used_bytes": (COUNT, False), "used_ratio": (GAUGE, False), "epoch": (COUNT, False),
+}
+#: A store lane's (``lanes[i]``): its frame budget (drva/status.py ``lanes_status``).
+LANE_FIELDS: dict[str, tuple[str, bool]] = {
+    "store": (TEXT, False), "frame_budget_bytes_max": (COUNT, False), "frame_budget_held_bytes": (COUNT, False),
+    "frame_budget_sessions_waiting": (COUNT, False), "frame_budget_waiting_bytes": (COUNT, False),
+}
+#: The seeder's upload slots (``seed_uploads``, drva/status.py ``seed_uploads_status``).
+SEED_UPLOAD_FIELDS: dict[str, tuple[str, bool]] = {
+    "slots": (COUNT, False), "slots_used": (COUNT, False), "sessions_waiting": (COUNT, False),
 }
 DRVA_FIELDS: dict[str, tuple[str, bool]] = {
     "drva": (TEXT, False), "listen": (TEXT, False), "pid": (COUNT, False), "time": (GAUGE, False),
@@ -94,11 +105,11 @@ def problem(doc: Mapping[str, Any]) -> str | None:
     """Why the status document ``doc`` cannot be used, naming the field; None if it can."""
     if (found := _fields_problem(doc, DRVA_FIELDS, "")) is not None:
         return found
-    if "log" in doc:
-        if not isinstance(doc["log"], dict):
-            return f"log: expected an object, got {shown(doc['log'])}"
-        if (found := _fields_problem(doc["log"], LOG_FIELDS, "log.")) is not None:
+    for name, fields in (("log", LOG_FIELDS), ("seed_uploads", SEED_UPLOAD_FIELDS)):
+        if (found := _object_problem(doc, name, fields)) is not None:
             return found
+    if (found := _lanes_problem(doc)) is not None:
+        return found
     domains = doc.get("domains", [])
     if not isinstance(domains, list):
         return f"domains: expected a list of objects, got {shown(domains)}"
@@ -114,6 +125,33 @@ def problem(doc: Mapping[str, Any]) -> str | None:
             isinstance(s, dict) and isinstance(s.get("store"), str) and isinstance(s.get("domains"), list)
             and all(_fits(COUNT, d) for d in s["domains"]) for s in stores):
         return f"stores: expected a list of {{store: string, domains: [count]}}, got {shown(stores)}"
+    return None
+
+
+def _object_problem(doc: Mapping[str, Any], name: str, fields: Mapping[str, tuple[str, bool]]) -> str | None:
+    """Why the object ``doc[name]`` (absent: none) is not one of ``fields``, or None."""
+    if name not in doc:
+        return None
+    if not isinstance(doc[name], dict):
+        return f"{name}: expected an object, got {shown(doc[name])}"
+    return _fields_problem(doc[name], fields, f"{name}.")
+
+
+def _lanes_problem(doc: Mapping[str, Any]) -> str | None:
+    """Why ``lanes`` (absent: an older DRVA's) is not a list of store lanes, or None."""
+    lanes = doc.get("lanes", [])
+    if not isinstance(lanes, list):
+        return f"lanes: expected a list of objects, got {shown(lanes)}"
+    for i, lane in enumerate(lanes):
+        if not isinstance(lane, dict):
+            return f"lanes[{i}]: expected an object, got {shown(lane)}"
+        if "store" not in lane:
+            return f"lanes[{i}].store: missing"
+        ids = lane.get("domains", [])
+        if not isinstance(ids, list) or not all(_fits(COUNT, d) for d in ids):
+            return f"lanes[{i}].domains: expected a list of domain ids ({_EXPECTED[COUNT]}), got {shown(ids)}"
+        if (found := _fields_problem(lane, LANE_FIELDS, f"lanes[{i}].")) is not None:
+            return found
     return None
 
 

@@ -120,6 +120,10 @@ class DrvaView:
                 "log_usage_ratio": log_doc.get("used_ratio"), "log_used_bytes": log_doc.get("used_bytes"),
                 "log_size_bytes": log_doc.get("data_size"),
                 "backpressure": (self.status or {}).get("backpressure"),
+                # Each store lane's frame budget and the seeder's upload slots, as the DRVA
+                # says them (cdp.msa.status_doc checked them; None from an older DRVA).
+                "lanes": (self.status or {}).get("lanes"),
+                "seed_uploads": (self.status or {}).get("seed_uploads"),
                 "uptime_s": (self.status or {}).get("uptime_s"),
                 "status_age_s": None if self.status_age_s is None else round(self.status_age_s, 1),
                 "status_problem": self.status_problem, "config_problem": self.config_problem}

@@ -57,7 +57,7 @@ async def test_sessions_waiting_for_an_upload_slot_hold_no_chunk(tmp_path):
             before = _drva_bytes()
             for i, (_, writer) in enumerate(sessions, 1):
                 writer.writelines(wire.seed_chunk_message(i, 0, 0, chunk))
-            await wait_until(lambda: len(slots._waiters or ()) == SESSIONS, EVENTUALLY_S,
+            await wait_until(lambda: slots.waiting == SESSIONS, EVENTUALLY_S,
                              "every session waiting for an upload slot")
             await asyncio.sleep(0.2)  # what a session would read meanwhile, it has read
             held = _drva_bytes() - before
@@ -70,7 +70,7 @@ async def test_sessions_waiting_for_an_upload_slot_hold_no_chunk(tmp_path):
         # The slots freed: every chunk is read whole, checked and uploaded.
         await wait_until(lambda: all(job.stored + job.deduplicated == 1 for job in d.seeder.jobs.values()),
                          EVENTUALLY_S, "every chunk uploaded")
-        assert slots._value == UPLOADS_MAX
+        assert slots.used == 0
         for _, writer in sessions:
             writer.close()
 
@@ -91,5 +91,5 @@ async def test_a_chunk_refused_from_its_header_takes_no_slot_and_the_error_arriv
         writer.writelines(wire.seed_chunk_message(1, 0, 0, big))
         got = await expect_error(reader, "bad_seed")
         assert ("without SEED_BEGIN" if case == "no_seed" else "33554432 bytes, expected 16777216") in got["message"]
-        assert d.seeder.slots._value == UPLOADS_MAX
+        assert d.seeder.slots.used == 0
         writer.close()

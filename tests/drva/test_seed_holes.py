@@ -243,17 +243,16 @@ async def test_a_replaced_session_waiting_for_an_upload_slot_lets_its_chunk_go(t
         await slots.acquire()
     await client.send_seed([_begin(f.next_seq - 1)])
     await client.send_seed([wire.seed_chunk_message(1, 0, 0, f.disks[0].read(0, CHUNK))])
-    # The semaphore's queue is the one place a waiting acquire shows.
-    await wait_until(lambda: len(slots._waiters or ()) == 1, EVENTUALLY_S, "the chunk waiting for a slot")
+    await wait_until(lambda: slots.waiting == 1, EVENTUALLY_S, "the chunk waiting for a slot")
     old = next(iter(d.sessions))
     task.cancel()  # the host's process goes; its session, waiting in the seeder, does not notice
     await asyncio.gather(task, return_exceptions=True)
     again = FilterClient([DomainFilter(1, [disk])], "127.0.0.1", d.port, SECRET.encode(), "host-1")
     task = asyncio.create_task(again.run())
     await wait_until(lambda: again.connected and old.closed, EVENTUALLY_S, "the new session in the old one's place")
-    await wait_until(lambda: not slots._waiters, EVENTUALLY_S, "the replaced session's chunk let go")
+    await wait_until(lambda: not slots.waiting, EVENTUALLY_S, "the replaced session's chunk let go")
     assert not d.seeder.jobs
     for _ in range(UPLOADS_MAX):
         slots.release()
-    assert slots._value == UPLOADS_MAX  # no slot taken by the abandoned chunk
+    assert slots.used == 0  # no slot taken by the abandoned chunk
     await _stop(d, task)

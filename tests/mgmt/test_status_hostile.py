@@ -45,6 +45,15 @@ def domain_doc(name: str = "erp", **fields: Any) -> dict[str, Any]:
     return doc
 
 
+SEED_UPLOADS = {"slots": 4, "slots_used": 1, "sessions_waiting": 0}
+
+
+def lane_doc(**fields: Any) -> dict[str, Any]:
+    """One store lane of a status (drva/status.py ``lanes_status``)."""
+    return {"store": "file:///s", "domains": [1], "frame_budget_bytes_max": 25165824, "frame_budget_held_bytes": 0,
+            "frame_budget_sessions_waiting": 0, "frame_budget_waiting_bytes": 0, **fields}
+
+
 def status_doc(pid: int, *domains: dict[str, Any], **fields: Any) -> dict[str, Any]:
     doc = {"drva": "drva-1", "listen": "127.0.0.1:1", "pid": pid, "time": time.time(), "uptime_s": 3.0,
            "log": {"path": "/x", "head": 0, "tail": 0, "data_size": 100, "used_bytes": 10, "used_ratio": 0.1,
@@ -128,6 +137,21 @@ def _nan_rpo(pid: int) -> dict[str, Any]:
     (lambda pid: status_doc(pid, domains=["erp"]), "domains[0]: expected an object"),
     (lambda pid: status_doc(pid, domain_doc(bytes_uploaded=1 << 80)), "domains[0].bytes_uploaded"),
     (lambda pid: status_doc(pid, log=[]), "log: expected an object"),
+    (lambda pid: status_doc(pid, domain_doc(marks_dropped="many")), "domains[0].marks_dropped: expected a count"),
+    (lambda pid: status_doc(pid, domain_doc(resync_windows_merged=-2)),
+     "domains[0].resync_windows_merged: expected a count"),
+    (lambda pid: status_doc(pid, lanes={"file:///s": 1}), "lanes: expected a list of objects"),
+    (lambda pid: status_doc(pid, lanes=[lane_doc(frame_budget_held_bytes=-1)]),
+     "lanes[0].frame_budget_held_bytes: expected a count (an integer ≥ 0), got -1"),
+    (lambda pid: status_doc(pid, lanes=[lane_doc(frame_budget_bytes_max=float("nan"))]), "NaN"),
+    (lambda pid: status_doc(pid, lanes=[lane_doc(frame_budget_sessions_waiting="2")]),
+     "lanes[0].frame_budget_sessions_waiting"),
+    (lambda pid: status_doc(pid, lanes=[lane_doc(domains=["erp"])]), "lanes[0].domains: expected a list of domain ids"),
+    (lambda pid: status_doc(pid, lanes=[{"domains": [1]}]), "lanes[0].store: missing"),
+    (lambda pid: status_doc(pid, lanes=[lane_doc(), "lane"]), "lanes[1]: expected an object"),
+    (lambda pid: status_doc(pid, seed_uploads=[4, 0, 0]), "seed_uploads: expected an object"),
+    (lambda pid: status_doc(pid, seed_uploads={**SEED_UPLOADS, "sessions_waiting": True}),
+     "seed_uploads.sessions_waiting: expected a count (an integer ≥ 0), got true"),
 ])
 async def test_a_forged_status_is_unusable_and_drva_down_names_why(drva: Drva, forged, says: str):
     await drva.write(status_doc(drva.pid))
@@ -256,6 +280,8 @@ def test_the_status_check_takes_what_a_drva_writes():
     assert problem(status_doc(1, domain_doc(), stores=[{"store": "s3://b", "domains": [1]}])) is None
     assert problem({"pid": 1}) is None  # absent fields are absent figures
     assert problem(status_doc(1, domain_doc(dirty_bytes=None, filter_mode=None))) is None
+    assert problem(status_doc(1, domain_doc(marks_dropped=3), lanes=[lane_doc(), lane_doc(domains=[])],
+                              seed_uploads=SEED_UPLOADS)) is None
     assert "domains[1].rpo_lag_s: expected a finite number, got true" in problem(
         status_doc(1, domain_doc(), domain_doc("files", rpo_lag_s=True)))
     assert "domains[0].name: missing" in problem(status_doc(1, {"id": 1}))
