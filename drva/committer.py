@@ -319,14 +319,18 @@ class GroupCommitter:
         touched: set[DomainState] = set()
         for s, pos in zip(batch, positions):
             entry = log_entry(s.frame, len(s.raw), pos, now)
+            # Cached before the domain takes it: its unsealed queue keeps what the entry
+            # holds as it goes in (a row past the first entries: drva.entry_queue).
+            cached = self.cache_bytes + entry.nbytes <= self.cache_bytes_max
+            if cached:
+                entry.frame = s.frame
             if not s.domain.add_durable(entry):
                 # Staging keeps a domain's frames in seq order (``stage``): only a change
                 # of timeline under a session (``Shipper._adopt``) gets here. Not acked.
                 log.error("log_entry_out_of_order", domain=s.domain.id, first_seq=entry.first_seq,
                           last_seq=entry.last_seq, durable_seq=s.domain.durable_seq, pos=pos)
                 continue
-            if self.cache_bytes + entry.nbytes <= self.cache_bytes_max:
-                entry.frame = s.frame
+            if cached:
                 self.cache_bytes += entry.nbytes
             touched.add(s.domain)
         self.durable_end = tail

@@ -146,6 +146,13 @@ class EntryQueue:
             yield rows, number
             number += len(rows)
 
+    def cached(self) -> Iterator[Any]:
+        """The entries that hold a frame of the committer's cache (objects made only of
+        those rows that do): what to ``uncache`` before the queue is cleared."""
+        yield from (entry for entry in self._hot if entry.frame is not None)
+        for number in sorted(self._frames):
+            yield self[len(self._hot) + number - self._cold_first]
+
     def __iter__(self) -> Iterator[Any]:
         yield from self._hot
         for rows, number in self._spans():

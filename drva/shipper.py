@@ -195,7 +195,8 @@ class Shipper:
         committed = writer.state.timeline().committed_seq
         dom.committed_seq = committed  # never below the metadata's: _behind_metadata stopped that
         while dom.unsealed and dom.unsealed[0].last_seq <= dom.committed_seq:
-            dom.unsealed.popleft()  # committed before a restart; only the trim was lost
+            # Committed before a restart; only the trim was lost.
+            self.committer.uncache([dom.unsealed.popleft()])
         # What follows the catalog's newest timestamp may not be stamped before it (a log
         # of a DRVA that did not raise timestamps yet may hold such frames).
         dom.raise_ts_floor(_newest_ts(writer.state.timeline()))
@@ -214,14 +215,16 @@ class Shipper:
         and its committed seq — is not part of the new one: the failback rewrote the
         primaries where those writes landed. Drop them; the domain continues from the
         catalog's committed seq, as on a first open."""
-        dropped = list(dom.unsealed)
-        dom.unsealed.clear()
+        held = dom.unsealed  # counted, not made objects of: it may hold millions of rows
+        dropped = len(held)
+        first_seq, last_seq = (held[0].first_seq, held[-1].last_seq) if dropped else (None, None)
+        self.committer.uncache(list(held.cached()))
+        held.clear()
         dom.committed_seq = dom.sealed_seq = dom.accepted_seq = dom.durable_seq = current.committed_seq
         dom.committed_ts = dom.accepted_ts = 0  # open_catalog raises it to the timeline's newest
         log.warning("timeline_adopted", domain=dom.id, old_timeline=dom.meta_timeline, timeline=current.id,
-                    parent=current.parent, fork_seq=current.fork_seq, entries_dropped=len(dropped),
-                    first_seq=dropped[0].first_seq if dropped else None,
-                    last_seq=dropped[-1].last_seq if dropped else None,
+                    parent=current.parent, fork_seq=current.fork_seq, entries_dropped=dropped,
+                    first_seq=first_seq, last_seq=last_seq,
                     reason="the domain came back to this site on a timeline forked from another site's")
         dom.meta_timeline = current.id
 

@@ -150,3 +150,51 @@ def test_log_bytes_count_unsealed_and_inflight_entries_until_committed() -> None
     assert dom.log_bytes() == 6 * stride + 100
     dom.stop("test")
     assert dom.log_bytes() == 0
+
+
+async def _durable_frames(tmp_path, frames: int, cache_bytes_max: int):
+    """A committer that made ``frames`` one-write frames of domain 1 durable, none sealed."""
+    from cdp.frame import decode_frame
+    from cdp.replog import ReplicationLog
+    from drva.committer import GroupCommitter
+    from tests.drva.harness import config, two_domains
+    from tests.drva.test_protocol import frame
+
+    path = tmp_path / "replog"
+    ReplicationLog.format(path, 64 << 20)
+    log = ReplicationLog.open(path)
+    dom = DomainState(config(two_domains(tmp_path, "drva-a")).domains[0])
+    committer = GroupCommitter(log, staging_bytes_max=64 << 20, high_water=0.9, low_water=0.8,
+                               on_durable=lambda _: None, cache_bytes_max=cache_bytes_max)
+    for i in range(frames):
+        raw = frame(i + 1, n=1)
+        committer.stage(dom, raw, decode_frame(raw, "t"))
+        if (i + 1) % 50 == 0:
+            while committer._staged:
+                await committer.step()
+    return log, dom, committer
+
+
+@pytest.mark.parametrize("how", ["sealed", "adopted"])
+async def test_the_frame_cache_budget_comes_back_from_entries_held_as_rows(tmp_path, monkeypatch, how):
+    """Frames cached past the first entries are kept with their rows, and their share of
+    the committer's cache budget comes back when they are sealed, or dropped with the
+    queue (a timeline adopted). Charged while the row dropped the frame, the budget
+    leaked for good at every outage, and nothing was cached any more."""
+    monkeypatch.setattr(entry_queue, "HOT_MAX", 8)
+    monkeypatch.setattr(entry_queue, "BLOCK_ROWS", 16)
+    log, dom, committer = await _durable_frames(tmp_path, 200, cache_bytes_max=1 << 30)
+    try:
+        assert dom.unsealed.rows == 192 and committer.cache_bytes > 0
+        assert sum(e.frame is not None for e in dom.unsealed) == 200  # every one cached, rows too
+        if how == "sealed":  # as Shipper._seal does it
+            entries = list(dom.unsealed)
+            committer.uncache(entries)
+            for _ in entries:
+                dom.unsealed.popleft()
+        else:  # as Shipper._adopt does it
+            committer.uncache(list(dom.unsealed.cached()))
+            dom.unsealed.clear()
+        assert committer.cache_bytes == 0 and not dom.unsealed
+    finally:
+        log.close()
