@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -421,7 +422,19 @@ class Seeder:
             return
         task = asyncio.create_task(self._upload(job, chunk, data))
         job.tasks.add(task)
-        task.add_done_callback(job.tasks.discard)
+        task.add_done_callback(functools.partial(self._upload_ended, job))
+
+    def _upload_ended(self, job: SeedJob, task: asyncio.Task) -> None:
+        """An upload task ended, however it ended: its slot goes back, once. A done
+        callback, not ``_upload``'s ``finally``: a task cancelled before its first step (its
+        seed abandoned as the chunk came: a new SEED_BEGIN, the session closed) never runs
+        its coroutine, and its slot was lost for good — four such, and no seed of the DRVA
+        got one again until it restarted."""
+        job.tasks.discard(task)
+        job.last_active = asyncio.get_running_loop().time()
+        if task.cancelled() and job.failed is None:
+            job.failed = asyncio.CancelledError()  # its chunk is not in the store: SEED_END must not commit
+        self.slots.release()
 
     async def _slot(self, job: SeedJob) -> bool:
         """An upload slot for ``job`` (True), or False as soon as the job is abandoned
@@ -482,9 +495,6 @@ class Seeder:
         except BaseException as exc:  # remembered: SEED_END must not commit a hole
             job.failed = exc
             raise
-        finally:
-            job.last_active = asyncio.get_running_loop().time()
-            self.slots.release()
 
     async def _hold_lease(self, job: SeedJob) -> None:
         async with job.lease_lock:

@@ -97,6 +97,12 @@ REFUSE_DRAIN_TIMEOUT_S = 2.0  # for the ERROR of a refusal to leave; then the so
 # timeout): it holds a share of the frame budget that other domains wait for
 # (committer.FrameBudget). As the NBD server's stall timeout (cdp.nbd.limits).
 FRAME_BODY_STALL_S = 60.0
+# A SEED_CHUNK body is read while it holds one of the seeder's few upload slots
+# (``Seeder.chunk_slot``): it must come at least this fast, after FRAME_BODY_STALL_S of
+# grace, or the session is refused. The stall check alone let a peer sending a byte a
+# minute keep a slot for ever (four such, and no seed of the DRVA went on). 1 MiB/s: a
+# 4 MiB chunk (the default) within 64 s; a link slower than that seeds nothing useful.
+SEED_CHUNK_BYTES_PER_S_MIN = 1 << 20
 ACK_PERIOD_S = 1.0  # every domain's ack (and back-pressure flag) is resent at least this often
 # Above this many bytes unsent to a filter, no ACK or PONG is added: the filter does not
 # read, and what it is owed is cumulative (the next ACK) or coalesced (one PONG answers
@@ -410,7 +416,14 @@ class Session:
             await self._skip(body_len - len(head))
             return
         try:
-            body = await self._frame_body(head, body_len, "SEED_CHUNK")
+            deadline_s = FRAME_BODY_STALL_S + body_len / SEED_CHUNK_BYTES_PER_S_MIN
+            try:
+                async with asyncio.timeout(deadline_s):
+                    body = await self._frame_body(head, body_len, "SEED_CHUNK")
+            except TimeoutError:
+                raise Refused("timeout", f"SEED_CHUNK body of {body_len} bytes not received within "
+                                         f"{deadline_s:.0f} s while it held an upload slot (at least "
+                                         f"{SEED_CHUNK_BYTES_PER_S_MIN >> 20} MiB/s)") from None
             if wire.body_sum(body) != summed:
                 raise wire.ProtocolError("bad_checksum", f"{self.where}: SEED_CHUNK body checksum mismatch")
             job, held = None, job
