@@ -139,9 +139,10 @@ def check_local_dirs(cfg: SiteConfig) -> None:
         raise errors[0]
 
 
-def make_missing_dirs(path: Path) -> None:
-    """``mkdir -p path`` with ``DIR_MODE`` (a umask only takes bits away, so none is
-    writable by others); one made meanwhile by someone else is left for the caller's
+def make_missing_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """``mkdir -p path`` with ``mode`` (``DIR_MODE``: a umask only takes bits away, so none
+    is writable by others; not chmod-ed after, which would follow a link put there
+    meanwhile); one made meanwhile by someone else is left for the caller's
     ``dir_problem`` to judge."""
     missing = []
     here = path
@@ -150,7 +151,7 @@ def make_missing_dirs(path: Path) -> None:
         here = here.parent
     for directory in reversed(missing):
         try:
-            os.mkdir(directory, DIR_MODE)
+            os.mkdir(directory, mode)
         except FileExistsError:
             pass
 

@@ -26,8 +26,11 @@ def prepare_socket_dir(path: str | os.PathLike[str]) -> None:
     and what was expected otherwise. Checked before anything is made too: nothing is
     created under a directory another user controls."""
     directory = Path(path).parent
+    # Imported when used: cdp.msa.config imports cdp.nbd, so a module-level import is a cycle.
+    from cdp.msa.install_dirs import make_missing_dirs
+
     _refuse_if_not_ours(path, directory)
-    _make_missing_dirs(directory)
+    make_missing_dirs(directory, SOCKET_DIR_MODE)
     _refuse_if_not_ours(path, directory)  # one made meanwhile by someone else is judged as any other
 
 
@@ -44,18 +47,3 @@ def _refuse_if_not_ours(path: str | os.PathLike[str], directory: Path) -> None:
         f"{who(os.geteuid())} and writable by no other user (a shared one like /tmp only if sticky), the "
         f"directory itself writable by no one else, and no link on the way owned by another user: fix the "
         f"owner or mode (chown, chmod go-w) or serve on a socket elsewhere")
-
-
-def _make_missing_dirs(directory: Path) -> None:
-    """``mkdir -p`` with ``SOCKET_DIR_MODE``: a umask only takes bits away, so none is
-    open to others (not chmod-ed after: that would follow a link put there meanwhile)."""
-    missing = []
-    here = directory
-    while not os.path.lexists(here):
-        missing.append(here)
-        here = here.parent
-    for step in reversed(missing):
-        try:
-            os.mkdir(step, SOCKET_DIR_MODE)
-        except FileExistsError:
-            pass

@@ -7,6 +7,7 @@ gets through alone, and no domain's frames starve another's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -174,9 +175,11 @@ async def test_a_frame_larger_than_the_budget_gets_through_beside_small_ones(tmp
             writer.close()
 
 
-async def test_a_store_that_holds_the_log_up_keeps_no_budget_from_another_stores_domains(tmp_path):
-    """Per store lane: the frames of domains 1..4 (store A) wait for room for as long as
-    the outage lasts, and domain 5 (store B) is still served."""
+@contextlib.asynccontextmanager
+async def store_a_held_back(tmp_path):
+    """A DRVA whose domains 1..4 ship to store A and domain 5 to store B, with store A's
+    lane held back (its store holds the log up) until ``held["a"]`` is set False: (drva,
+    held)."""
     doms = [domain_doc(i, f"dom{i}", [(f"vm{i}", "d0", 16 << 20)]) for i in range(1, 5)]
     doms.append({**domain_doc(5, "dom5", [("vm5", "d0", 16 << 20)]), "store": f"file://{tmp_path / 'store-b'}"})
     cfg = dataclasses.replace(config(drva_doc(tmp_path, "drva-l", doms, version=2)), staging_bytes_max=BUDGET)
@@ -184,6 +187,13 @@ async def test_a_store_that_holds_the_log_up_keeps_no_budget_from_another_stores
         real = d.committer.held_back
         held = {"a": True}
         d.committer.held_back = lambda lanes: [held["a"], False] if held["a"] else real(lanes)
+        yield d, held
+
+
+async def test_a_store_that_holds_the_log_up_keeps_no_budget_from_another_stores_domains(tmp_path):
+    """Per store lane: the frames of domains 1..4 (store A) wait for room for as long as
+    the outage lasts, and domain 5 (store B) is still served."""
+    async with store_a_held_back(tmp_path) as (d, held):
         sessions = [await _session(d, i) for i in range(1, 6)]
         for i, (_, writer) in enumerate(sessions[:4], start=1):
             writer.writelines(wire.frame_message([big_frame(i, 1, 512 << 10)]))

@@ -9,7 +9,6 @@ the MSA takes it (``cdp.msa.status_doc``) and, for the lanes, what ``cdp status`
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from typing import Any
 
@@ -21,7 +20,7 @@ from cdp.msa.status_doc import problem
 from cdp.msa.supervisor import DrvaView
 from drva.seeder import UPLOADS_MAX
 from tests.drva.harness import config, domain_doc, drva_doc, running_drva
-from tests.drva.test_frame_budget import BUDGET, _cfg, _Room, _session, big_frame
+from tests.drva.test_frame_budget import BUDGET, _cfg, _Room, _session, big_frame, store_a_held_back
 from tests.waiting import EVENTUALLY_S, wait_until
 
 FRAME_PAYLOAD = 384 << 10  # two such frames fit the budget (1 MiB), not three
@@ -88,13 +87,7 @@ async def test_a_lanes_frame_budget_held_and_waited_for_is_in_its_status_and_cdp
 async def test_each_store_lane_reports_its_own_frame_budget(tmp_path):
     """Store A's frames wait for room (its store holds the log up): its lane's budget is
     held and waited for; store B's lane, the other entry, holds nothing."""
-    doms = [domain_doc(i, f"dom{i}", [(f"vm{i}", "d0", 16 << 20)]) for i in range(1, 5)]
-    doms.append({**domain_doc(5, "dom5", [("vm5", "d0", 16 << 20)]), "store": f"file://{tmp_path / 'store-b'}"})
-    cfg = dataclasses.replace(config(drva_doc(tmp_path, "drva-l", doms, version=2)), staging_bytes_max=BUDGET)
-    async with running_drva(cfg) as d:
-        real = d.committer.held_back
-        held = {"a": True}
-        d.committer.held_back = lambda lanes: [held["a"], False] if held["a"] else real(lanes)
+    async with store_a_held_back(tmp_path) as (d, held):
         sessions = [await _session(d, i) for i in range(1, 5)]
         frames = [big_frame(i, 1, 512 << 10) for i in range(1, 5)]
         for (_, writer), raw in zip(sessions, frames):
