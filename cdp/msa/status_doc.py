@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 COUNT_MAX = (1 << 63) - 1  # what every reader (Prometheus' float, the console's JS) holds
@@ -108,18 +108,10 @@ def problem(doc: Mapping[str, Any]) -> str | None:
     for name, fields in (("log", LOG_FIELDS), ("seed_uploads", SEED_UPLOAD_FIELDS)):
         if (found := _object_problem(doc, name, fields)) is not None:
             return found
-    if (found := _lanes_problem(doc)) is not None:
+    if (found := _objects_problem(doc, "lanes", "store", LANE_FIELDS, _lane_domains_problem)) is not None:
         return found
-    domains = doc.get("domains", [])
-    if not isinstance(domains, list):
-        return f"domains: expected a list of objects, got {shown(domains)}"
-    for i, dom in enumerate(domains):
-        if not isinstance(dom, dict):
-            return f"domains[{i}]: expected an object, got {shown(dom)}"
-        if "name" not in dom:
-            return f"domains[{i}].name: missing"
-        if (found := _fields_problem(dom, DOMAIN_FIELDS, f"domains[{i}].")) is not None:
-            return found
+    if (found := _objects_problem(doc, "domains", "name", DOMAIN_FIELDS)) is not None:
+        return found
     stores = doc.get("stores", [])
     if not isinstance(stores, list) or not all(
             isinstance(s, dict) and isinstance(s.get("store"), str) and isinstance(s.get("domains"), list)
@@ -137,21 +129,31 @@ def _object_problem(doc: Mapping[str, Any], name: str, fields: Mapping[str, tupl
     return _fields_problem(doc[name], fields, f"{name}.")
 
 
-def _lanes_problem(doc: Mapping[str, Any]) -> str | None:
-    """Why ``lanes`` (absent: an older DRVA's) is not a list of store lanes, or None."""
-    lanes = doc.get("lanes", [])
-    if not isinstance(lanes, list):
-        return f"lanes: expected a list of objects, got {shown(lanes)}"
-    for i, lane in enumerate(lanes):
-        if not isinstance(lane, dict):
-            return f"lanes[{i}]: expected an object, got {shown(lane)}"
-        if "store" not in lane:
-            return f"lanes[{i}].store: missing"
-        ids = lane.get("domains", [])
-        if not isinstance(ids, list) or not all(_fits(COUNT, d) for d in ids):
-            return f"lanes[{i}].domains: expected a list of domain ids ({_EXPECTED[COUNT]}), got {shown(ids)}"
-        if (found := _fields_problem(lane, LANE_FIELDS, f"lanes[{i}].")) is not None:
+def _objects_problem(doc: Mapping[str, Any], name: str, key: str, fields: Mapping[str, tuple[str, bool]],
+                     more: Callable[[Mapping[str, Any], str], str | None] | None = None) -> str | None:
+    """Why ``doc[name]`` (absent: an older DRVA's) is not a list of objects, each with its
+    ``key`` and ``fields`` (and passing ``more``, given the object and where it is), or None."""
+    items = doc.get(name, [])
+    if not isinstance(items, list):
+        return f"{name}: expected a list of objects, got {shown(items)}"
+    for i, item in enumerate(items):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            return f"{where}: expected an object, got {shown(item)}"
+        if key not in item:
+            return f"{where}.{key}: missing"
+        if more is not None and (found := more(item, where)) is not None:
             return found
+        if (found := _fields_problem(item, fields, f"{where}.")) is not None:
+            return found
+    return None
+
+
+def _lane_domains_problem(lane: Mapping[str, Any], where: str) -> str | None:
+    """Why a store lane's ``domains`` is not a list of domain ids, or None."""
+    ids = lane.get("domains", [])
+    if not isinstance(ids, list) or not all(_fits(COUNT, d) for d in ids):
+        return f"{where}.domains: expected a list of domain ids ({_EXPECTED[COUNT]}), got {shown(ids)}"
     return None
 
 
