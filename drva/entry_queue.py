@@ -186,9 +186,7 @@ class EntryQueue:
         for entry in self._hot:
             entry.raise_ts(floor)
             floor = entry.last_ts
-        for rows, number in self._spans():
-            if not len(rows):
-                continue
+        for rows, number in self._spans():  # never empty: every block holds a row
             last = rows["last_ts"]
             # The floor each entry is raised to: the newest last_ts before it, or floor.
             before = np.maximum.accumulate(np.concatenate(([np.uint64(floor)], last[:-1])))
