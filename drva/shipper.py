@@ -43,7 +43,6 @@ from cdp.errors import CdpError, Fenced, LogError, StoreError
 from cdp.frame import decode_frame
 from cdp.gather import gather_bounded
 from cdp.layout import segment_key
-from cdp.logfmt import entry_stride
 from cdp.logs import get_logger
 from cdp.meta import MetaRepository
 from cdp.records import KIND_RESYNC_BEGIN
@@ -269,20 +268,20 @@ class Shipper:
         log.error(event, domain=dom.id, reason=reason)
 
     async def _seal(self, dom: DomainState) -> None:
-        entries, nbytes, strides = [], 0, 0
+        entries, nbytes = [], 0
         for e in dom.unsealed:
             if entries and nbytes + e.nbytes > self.seal_bytes:
                 break
             entries.append(e)
             nbytes += e.nbytes
-            strides += entry_stride(e.nbytes)
         loop = asyncio.get_running_loop()
         data, raw_len = await loop.run_in_executor(self.pool, self._build, dom.id, entries)
         key = segment_key(dom.id, self.writers[dom.id].state.current, entries[0].first_seq, entries[-1].last_seq)
         self.committer.uncache(entries)
+        held = dom.unsealed.strides  # the queue's running total: what these entries take is what leaves it
         for _ in entries:
             dom.unsealed.popleft()
-        job = SegmentJob(dom.id, key, data, entries, raw_len, len(data), strides)
+        job = SegmentJob(dom.id, key, data, entries, raw_len, len(data), held - dom.unsealed.strides)
         dom.inflight.append(job)
         dom.sealed_seq = job.last_seq
         await self.lane_of[dom.id].queue.put(job)  # waits while its uploaders are busy: bounded memory
