@@ -158,6 +158,32 @@ async def test_the_rpo_chart_moves_while_the_simulator_writes(sites, browser):
     await console.close()
 
 
+async def test_the_site_page_shows_each_drva_s_seed_uploads_and_store_lanes(sites, browser):
+    """The DRVAs' budgets the status reports (issue 15's lanes and seed upload slots): the
+    seed slots in the DRVAs table, and a row per store lane with its domains by name and
+    its frame budget, as the supervisor's views hold them."""
+    await wait_until(lambda: all(v.status and v.status.get("lanes") for v in sites.a.supervisor.views()),
+                     EVENTUALLY_S, "every DRVA of site A reported its lanes")
+    views = sites.a.supervisor.views()
+    console = await signed_in(browser, sites.two.a)
+    await console.show("#/site")
+    drvas = console.page.get_by_role("region", name="DRVAs of this site")
+    lanes = console.page.get_by_role("region", name="Store lanes of this site's DRVAs")
+    for view in views:
+        slots = view.status["seed_uploads"]
+        row = drvas.locator("tr", has_text=view.name)
+        await expect(row).to_contain_text(f"{slots['slots_used']} of {slots['slots']}")
+        for lane in view.status["lanes"]:
+            row = lanes.locator("tr", has_text=view.name)
+            await expect(row).to_contain_text(lane["store"])
+            await expect(row).to_contain_text("erp" if lane["domains"] else "—")
+            assert lane["frame_budget_bytes_max"] > 0
+            await expect(row).to_contain_text(" of ")
+    assert await lanes.locator("tbody tr").count() == sum(len(v.status["lanes"]) for v in views)
+    assert not console.errors, "\n".join(console.errors)
+    await console.close()
+
+
 def _committed(daemon: Any) -> int:
     for view in daemon.supervisor.views():
         for dom in (view.status or {}).get("domains", []):

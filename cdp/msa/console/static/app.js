@@ -292,7 +292,8 @@
         const st = await api("GET", "/v1/status");
         const drvas = st.drvas.map((d) => [d.name, d.listen, badge(d.up, "up", d.state), fmtPct(d.log_usage_ratio),
           `${fmtBytes(d.log_used_bytes)} of ${fmtBytes(d.log_size_bytes)}`,
-          d.backpressure ? badge(false, "", "back-pressure") : "no", d.restarts, (d.domains || []).join(", ")]);
+          d.backpressure ? badge(false, "", "back-pressure") : "no", seedUploads(d.seed_uploads), d.restarts,
+          (d.domains || []).join(", ")]);
         const domains = st.domains.map((d) => {
           const s = d.status || {};
           return [el("a", { href: `#/domain/${enc(d.name)}`, text: d.name }), d.drva, fmtSeconds(s.rpo_lag_s),
@@ -310,7 +311,9 @@
             ["jobs running", st.jobs_running], ["active alarms", st.alarms.length]])),
           section("Peer site", dl(peer)),
           section("DRVAs", table("DRVAs of this site", ["DRVA", "listen", "state", "log usage", "log", "back-pressure",
-            "restarts", "domains"], drvas)),
+            "seed uploads", "restarts", "domains"], drvas)),
+          section("Store lanes", table("Store lanes of this site's DRVAs", ["DRVA", "store", "domains",
+            "frame budget held", "waiting for it"], laneRows(st), "No DRVA reports its store lanes.")),
           section("Protected domains", table("Protected domains", ["domain", "DRVA", "RPO lag", "target", "mode",
             "received", "runs", "alarms"], domains, "No domain is protected here.")),
           section("VMs running here", table("Powered-on domains", ["domain", "host", "state", "acked seq", "protection"], vms,
@@ -319,6 +322,27 @@
             "fork seq"], failed, "None.")));
       },
     };
+  }
+
+  // A DRVA's seed upload slots (its status's seed_uploads): used of all, and the sessions
+  // waiting for one; a dash from a DRVA that does not report them.
+  function seedUploads(slots) {
+    if (!slots) return dash;
+    const waiting = slots.sessions_waiting ? `, ${slots.sessions_waiting} waiting` : "";
+    return `${slots.slots_used} of ${slots.slots}${waiting}`;
+  }
+
+  // Each DRVA's store lanes with their frame budgets. Sessions that keep waiting while the
+  // held bytes stay near the maximum: the lane's store (or a full log) holds the DRVA back.
+  // A lane lists its domains by id: shown by name where the site's domains have it.
+  function laneRows(st) {
+    const names = new Map(st.domains.map((d) => [d.id, d.name]));
+    return st.drvas.flatMap((d) => (d.lanes || []).map((lane) => [d.name, lane.store,
+      (lane.domains || []).map((i) => names.get(i) || String(i)).join(", ") || dash,
+      `${fmtBytes(lane.frame_budget_held_bytes)} of ${fmtBytes(lane.frame_budget_bytes_max)}`,
+      lane.frame_budget_sessions_waiting
+        ? badge(false, "", `${lane.frame_budget_sessions_waiting} sessions, ${fmtBytes(lane.frame_budget_waiting_bytes)}`)
+        : "none"]));
   }
 
   function dl(pairs) {
