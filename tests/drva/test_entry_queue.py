@@ -118,10 +118,10 @@ def test_an_entry_out_of_the_queue_does_not_change_it() -> None:
 
 
 def test_a_domain_holding_many_entries_costs_under_100_bytes_each() -> None:
-    """The store is down: 200,000 one-write frames are durable and not sealed. As objects
+    """The store is down: 100,000 one-write frames are durable and not sealed. As objects
     they took 484 bytes each (a 64 GiB log of 4 KiB frames: 7.7 GB of RAM)."""
     dom = DomainState(DomainConfig(1, "erp", ()))
-    entries = 200_000
+    entries = 100_000
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
