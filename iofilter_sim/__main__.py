@@ -5,7 +5,8 @@
                  [--trace msr.csv --trace-domain erp --speed 10] [--mark 10:before-upgrade]
                  [--seed-disks] [--status FILE] [--marks-log FILE] [--control FILE] [--isolated DOMAIN]
                  [--no-hashes] [--no-mark-hashes] [--json]
-                 [--nbd HOST:PORT [--nbd-allow-remote]] [--nbd-unix PATH] [--export-name VM/DISK]
+                 [--nbd HOST:PORT [--nbd-allow-remote] [--nbd-allow-user USER]] [--nbd-unix PATH]
+                 [--export-name VM/DISK]
                  [--flush-timeout S]
                  [--tls-ca CA.pem [--tls-server-name NAME]]
 
@@ -17,8 +18,9 @@ With ``--nbd`` or ``--nbd-unix`` no workload runs: every disk (or each ``--expor
 is served as the NBD export ``vm/disk`` and what real block clients write is captured
 and streamed to the DRVAs; a FLUSH returns once the DRVA holds every earlier write. The
 first line on stdout then says where it serves (a JSON object with ``--json``). Only root
-and this process's uid may connect (``cdp.nbd.peers``); ``--nbd`` is a loopback address
-unless ``--nbd-allow-remote`` says anyone who reaches another one may.
+and this process's uid may connect (``cdp.nbd.peers``), and on ``--nbd`` each
+``--nbd-allow-user`` too (QEMU run as ``libvirt-qemu``, say); ``--nbd`` is a loopback
+address unless ``--nbd-allow-remote`` says anyone who reaches another one may.
 
 The handshake secret comes from the environment (``CDP_SITE_SECRET``), as for the DRVAs.
 Without ``--duration`` it runs until SIGINT/SIGTERM; then it drains (waits until every
@@ -57,6 +59,7 @@ from cdp.cli.common import FiniteRange
 from cdp.errors import CdpError, ConfigError
 from cdp.logs import setup_logging
 from cdp.nbd.address import parse_tcp
+from cdp.nbd.peers import resolve_users
 from cdp.units import parse_size
 from iofilter_sim.cluster import load_cluster
 from iofilter_sim.nbd_site import NbdListen
@@ -136,6 +139,9 @@ def check(cluster_file: Path, as_json: bool) -> None:
 @click.option("--nbd-allow-remote", is_flag=True,
               help="Let --nbd be an address other than loopback: the exports carry no authentication, so "
                    "anyone who reaches it reads and writes every disk.")
+@click.option("--nbd-allow-user", "nbd_allow_users", multiple=True, metavar="USER",
+              help="Let this user (a name or a uid) connect to --nbd's loopback address too, besides root and "
+                   "this process's uid (repeatable); the Unix socket stays ours alone.")
 @click.option("--export-name", "export_names", multiple=True, metavar="VM/DISK",
               help="With --nbd/--nbd-unix: serve only these disks (default: every disk).")
 @click.option("--flush-timeout", type=POSITIVE, default=None,
@@ -153,7 +159,8 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
         trace: Path | None, trace_domain: str | None, speed: float | None, marks: tuple[str, ...],
         seed_disks: bool, state_dir: Path | None, status_path: Path | None, marks_log: Path | None,
         control_path: Path | None, isolated: tuple[str, ...], no_hashes: bool, no_mark_hashes: bool,
-        nbd_tcp: str | None, nbd_unix: Path | None, nbd_allow_remote: bool, export_names: tuple[str, ...],
+        nbd_tcp: str | None, nbd_unix: Path | None, nbd_allow_remote: bool, nbd_allow_users: tuple[str, ...],
+        export_names: tuple[str, ...],
         flush_timeout: float | None, tls_ca: Path | None, tls_server_name: str | None, spill_bytes: str | None,
         as_json: bool) -> None:
     """Run the filters of CLUSTER_FILE against their DRVAs."""
@@ -167,9 +174,11 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
             raise click.UsageError("--nbd serves the disks to real clients: no --workload or --trace with it")
         nbd = NbdListen(tcp=parse_tcp(nbd_tcp) if nbd_tcp is not None else None, unix=nbd_unix,
                         exports=frozenset(export_names) if export_names else None, flush_timeout_s=flush_timeout,
-                        allow_remote=nbd_allow_remote)
-    elif export_names or flush_timeout is not None or nbd_allow_remote:
-        raise click.UsageError("--export-name, --flush-timeout and --nbd-allow-remote go with --nbd or --nbd-unix")
+                        allow_remote=nbd_allow_remote,
+                        allow_uids=resolve_users(nbd_allow_users, "--nbd-allow-user"))
+    elif export_names or flush_timeout is not None or nbd_allow_remote or nbd_allow_users:
+        raise click.UsageError("--export-name, --flush-timeout, --nbd-allow-remote and --nbd-allow-user go with "
+                               "--nbd or --nbd-unix")
     opts = RunOptions(workload=workload, trace=trace, trace_domain=trace_domain, trace_speed=speed,
                       seed_disks=seed_disks, status_path=status_path, marks_log=marks_log,
                       control_path=control_path, isolated=frozenset(isolated), hash_at_end=not no_hashes,

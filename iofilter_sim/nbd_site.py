@@ -42,12 +42,18 @@ class NbdListen:
     # TCP on an address other than loopback: no client there can be identified, so it is
     # served only when the operator says so (--nbd-allow-remote, [hypervisor] nbd_allow_remote).
     allow_remote: bool = False
+    # Users let in on the TCP listener besides root and our uid (cdp.nbd.peers.resolve_users
+    # of --nbd-allow-user, [hypervisor] nbd_allow_users); the Unix socket stays ours alone.
+    allow_uids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.tcp is None and self.unix is None:
             raise ConfigError("NBD: give a TCP address, a Unix socket path, or both")
         if self.allow_remote and self.tcp is None:
             raise ConfigError("NBD: --nbd-allow-remote goes with --nbd HOST:PORT (a Unix socket is never remote)")
+        if self.allow_uids and self.tcp is None:
+            raise ConfigError("NBD: --nbd-allow-user goes with --nbd HOST:PORT (the Unix socket and its directory "
+                              "are root's and ours alone)")
         if self.tcp is not None:
             host, port = self.tcp
             why = remote_listen_problem(host, self.allow_remote, "--nbd-allow-remote")
@@ -96,7 +102,7 @@ class NbdFace:
         for c in self.captures.values():
             c.start()
         self.server = NbdServer(exports, descriptions={
-            n: f"domain {b.capture.name}, disk {b.index}" for n, b in exports.items()})
+            n: f"domain {b.capture.name}, disk {b.index}" for n, b in exports.items()}, allow_uids=self.listen.allow_uids)
         try:
             if self.listen.tcp is not None:
                 host, port = await self.server.start_tcp(*self.listen.tcp)

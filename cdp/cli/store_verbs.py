@@ -131,12 +131,15 @@ def recover(domain: DomainRef, store_url: str, at: str | None, seq: int | None, 
 @timeline_option
 @click.option("--nbd", "nbd_address", required=True,
               help="Where to serve: HOST:PORT (port 0: any free one; a loopback address unless "
-                   "--nbd-allow-remote) or unix:PATH (its directory ours alone, made 0700 if missing). Only root "
-                   "and this process's uid may connect.")
+                   "--nbd-allow-remote) or unix:PATH (its directory ours alone, made 0700 if missing). Only root, "
+                   "this process's uid and each --nbd-allow-user may connect.")
 @click.option("--nbd-allow-remote", is_flag=True,
               help="Let --nbd be an address other than loopback: NBD has no client authentication here (not "
                    "with --tls-cert either), so anyone who reaches it reads the disks (and writes them with "
                    "--writable).")
+@click.option("--nbd-allow-user", "nbd_allow_users", multiple=True, metavar="USER",
+              help="Let this user (a name or a uid) connect to --nbd HOST:PORT too (repeatable): QEMU run as "
+                   "libvirt-qemu, say; a unix: socket stays ours alone.")
 @click.option("--writable", is_flag=True, help="Accept writes, into a local copy-on-write overlay (never the store).")
 @click.option("--overlay", "overlay_dir", type=NonEmptyPath(path_type=Path), default=None,
               help="Overlay directory (with --writable; reopened when it holds this point's overlay). "
@@ -153,7 +156,8 @@ def recover(domain: DomainRef, store_url: str, at: str | None, seq: int | None, 
               help="The certificate's private key (PEM); default: read from the --tls-cert file.")
 @json_option
 def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, mark: str | None, latest: bool,
-          timeline: int | None, nbd_address: str, nbd_allow_remote: bool, writable: bool, overlay_dir: Path | None,
+          timeline: int | None, nbd_address: str, nbd_allow_remote: bool, nbd_allow_users: tuple[str, ...],
+          writable: bool, overlay_dir: Path | None,
           keep_overlay: bool, rehydrate_to: Path | None, cache_mb: int, tls_cert: Path | None, tls_key: Path | None,
           as_json: bool) -> None:
     """Serve DOMAIN's disks at one point as NBD exports named VM/DISK, straight from the
@@ -163,12 +167,17 @@ def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, ma
     from cdp.errors import ConfigError
     from cdp.logs import setup_logging
     from cdp.nbd.address import parse_nbd_address
+    from cdp.nbd.peers import resolve_users
     from rocva.mount import MountOptions
     from rocva.mount_serve import serve_mount
 
     target = one_point(at, seq, mark, latest)
     address = parse_nbd_address(nbd_address)
     _check_mount_listen(nbd_address, address.host, nbd_allow_remote)
+    if nbd_allow_users and address.host is None:
+        raise ConfigError("--nbd-allow-user goes with --nbd HOST:PORT (a unix: socket and its directory are root's "
+                          "and ours alone)")
+    allow_uids = resolve_users(nbd_allow_users, "--nbd-allow-user")
     if (overlay_dir is not None or keep_overlay) and not writable:
         raise ConfigError("--overlay and --keep-overlay need --writable")
     if tls_key is not None and tls_cert is None:
@@ -190,7 +199,7 @@ def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, ma
             loop.add_signal_handler(signum, stop.set)
         options = MountOptions(await domain_id_of(store, domain), target, timeline, writable, overlay_dir,
                                keep_overlay, rehydrate_to, cache_bytes_max=cache_mb << 20)
-        return await serve_mount(store, options, address, say, stop, tls=tls)
+        return await serve_mount(store, options, address, say, stop, tls=tls, allow_uids=allow_uids)
 
     from cdp import eventloop
 

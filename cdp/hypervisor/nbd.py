@@ -9,7 +9,9 @@ instead of workloads: every disk of a powered-on domain is the export ``vm/disk`
 what QEMU, fio or a kernel NBD client writes there is captured and replicated — a FLUSH
 returns once the DRVA holds every earlier write. Powering a domain off drops its
 clients' connections; its exports come back when it is powered on. Only root and the
-daemon's uid may connect to them (``cdp.nbd.peers``, FORMAT.md §17.6).
+daemon's uid may connect to them, and on ``nbd_listen`` the users ``nbd_allow_users``
+names (``--nbd-allow-user``: QEMU run by libvirt as ``libvirt-qemu``, say;
+``cdp.nbd.peers``, FORMAT.md §17.6).
 
 A domain needs no workload in the inventory here. The status view of a domain carries
 where its exports are served (``nbd``: ``unix``, ``tcp``, ``exports``), read from the
@@ -40,7 +42,8 @@ class NbdHypervisor(SimulatorHypervisor):
         spec = self.cfg.hypervisor
         tcp: tuple[str, ...] = ()
         if spec.nbd_listen:
-            tcp = ("--nbd", spec.nbd_listen, *(("--nbd-allow-remote",) if spec.nbd_allow_remote else ()))
+            tcp = ("--nbd", spec.nbd_listen, *(("--nbd-allow-remote",) if spec.nbd_allow_remote else ()),
+                   *(arg for uid in spec.nbd_allow_uids for arg in ("--nbd-allow-user", str(uid))))
         return ("--nbd-unix", str(self.socket_path(hp.name)), *tcp)
 
     def views(self) -> list[PowerView]:

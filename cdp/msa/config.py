@@ -51,6 +51,7 @@ one that needs no service at all (file store, log files in a local directory)::
                                        # a loopback address: the exports carry no authentication (only root
                                        # and the daemon's uid may connect); another one only with
     nbd_allow_remote = false           # true: then anyone who reaches nbd_listen reads and writes the disks
+    nbd_allow_users = ["libvirt-qemu"] # nbd_listen only: these users (names or uids) may connect to it too
     on_demand_hosts = ["esx-b02"]      # hosts a failover may add to the inventory (pilot light)
     vms_per_host = 16                  # a host running this many VMs has no room left
     recovered_workload = { kind = "random", rate_mb_s = 1 }  # what failed-over VMs write
@@ -107,7 +108,7 @@ from urllib.parse import unquote, urlsplit
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster, sidecar_role, sidecars
 from cdp.nbd.address import parse_tcp
-from cdp.nbd.peers import remote_listen_problem
+from cdp.nbd.peers import remote_listen_problem, resolve_users
 from cdp.msa.registry import REGISTERED_NAME
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
@@ -212,6 +213,9 @@ class HypervisorSpec:
     # nbd_listen may be an address other than loopback: its clients cannot be identified,
     # so whoever reaches it reads and writes every disk (docs/FORMAT.md §17.6).
     nbd_allow_remote: bool = False
+    # Users (their uids, resolved when the file is read) let in on nbd_listen besides root
+    # and the daemon's uid: QEMU run by libvirt as libvirt-qemu, say (cdp.nbd.peers).
+    nbd_allow_uids: tuple[int, ...] = ()
     # Hosts hash the disks at each mark they place (marks.jsonl's sha256): a read of every
     # protected disk per mark, worth it where marks are checked against recoveries (tests,
     # drills), not on a site with large disks and frequent marks.
@@ -698,7 +702,7 @@ def _store_url(r: TomlReader, value: Any, key: str, here: Path) -> str:
 
 def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     t = r.table(value, "hypervisor", set(), {"driver", "on_demand_hosts", "vms_per_host", "recovered_workload",
-                                             "nbd_listen", "nbd_allow_remote", "mark_hashes"})
+                                             "nbd_listen", "nbd_allow_remote", "nbd_allow_users", "mark_hashes"})
     driver = t.get("driver", "simulator")
     if driver not in HYPERVISOR_DRIVERS:
         r.fail("hypervisor.driver", f"one of {', '.join(HYPERVISOR_DRIVERS)}", driver)
@@ -714,11 +718,12 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     r.table(workload, "hypervisor.recovered_workload", {"kind"}, set(workload) - {"kind"}
             if isinstance(workload, Mapping) else set())
     nbd_listen, nbd_allow_remote = _nbd_listen(r, t, driver)
+    nbd_allow_uids = _nbd_allow_users(r, t, nbd_listen)
     mark_hashes = t.get("mark_hashes", True)
     if not isinstance(mark_hashes, bool):
         r.fail("hypervisor.mark_hashes", "true or false", mark_hashes)
     return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen=nbd_listen,
-                          nbd_allow_remote=nbd_allow_remote, mark_hashes=mark_hashes)
+                          nbd_allow_remote=nbd_allow_remote, nbd_allow_uids=nbd_allow_uids, mark_hashes=mark_hashes)
 
 
 def _nbd_listen(r: TomlReader, t: Mapping, driver: str) -> tuple[str | None, bool]:
@@ -742,6 +747,24 @@ def _nbd_listen(r: TomlReader, t: Mapping, driver: str) -> tuple[str | None, boo
     if (why := remote_listen_problem(host, allow_remote, "[hypervisor] nbd_allow_remote = true")) is not None:
         r.fail("hypervisor.nbd_listen", f"a loopback address (127.0.0.1, ::1 or localhost): {why}", nbd_listen)
     return nbd_listen, allow_remote
+
+
+def _nbd_allow_users(r: TomlReader, t: Mapping, nbd_listen: str | None) -> tuple[int, ...]:
+    """``[hypervisor] nbd_allow_users``: users of this host (names or uids) who may connect
+    to ``nbd_listen`` besides root and the daemon's uid; their uids, sorted."""
+    users = t.get("nbd_allow_users")
+    if users is None:
+        return ()
+    key = "hypervisor.nbd_allow_users"
+    if nbd_listen is None:
+        r.fail(key, "nothing unless nbd_listen is set (the Unix socket is root's and the daemon's alone)", users)
+    for i, user in enumerate(r.list(users, key, nonempty=False)):
+        if isinstance(user, bool) or not isinstance(user, (str, int)):
+            r.fail(f"{key}[{i}]", "a user name or a uid", user)
+    try:
+        return tuple(sorted(resolve_users(users, "[hypervisor] nbd_allow_users")))
+    except ConfigError as exc:
+        raise ConfigError(f"{r.source}: {exc.message}") from None
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:

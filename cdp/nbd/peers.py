@@ -12,8 +12,11 @@ first byte of the greeting:
   its exact addresses with the kernel's socket diagnostics (``sock_diag(7)``, netlink),
   which say who made it (``uid``) and whether a file still refers to it (``inode``).
 
-Only root and the server's own uid get in (``allowed_uids``); any other uid, and a
-connection whose owner cannot be known, is refused. A client socket the kernel shows
+Only root, the server's own uid and the users the operator named (``--nbd-allow-user``,
+``[hypervisor] nbd_allow_users``: QEMU run by libvirt as ``libvirt-qemu``, say) get in
+(``allowed_uids``); any other uid, and a connection whose owner cannot be known, is
+refused. A named user connects on the loopback TCP listener: the Unix socket's file and
+directory stay root's and the server's alone (``cdp.nbd.socket_dir``). A client socket the kernel shows
 with inode 0 is such a one: its owner closed it (it lingers as FIN_WAIT1, FIN_WAIT2,
 CLOSING, LAST_ACK or TIME_WAIT to finish the connection), and its uid then says nothing:
 the kernel reports 0, whoever made it (older kernels at once, newer ones from FIN_WAIT2
@@ -46,6 +49,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from cdp.errors import ConfigError
 
 #: Host names taken for loopback without resolving them.
 LOOPBACK_NAMES = frozenset({"localhost"})
@@ -149,9 +154,38 @@ class DiagReplyError(ValueError):
     error other than "no such socket"): the peer is refused, the server goes on."""
 
 
-def allowed_uids() -> frozenset[int]:
-    """Root, and whoever this server runs as."""
-    return frozenset({0, os.geteuid()})
+def allowed_uids(extra: Iterable[int] = ()) -> frozenset[int]:
+    """Root, whoever this server runs as, and the ``extra`` uids the operator allowed."""
+    return frozenset({0, os.geteuid(), *extra})
+
+
+#: The most users one listener may let in besides root and itself: a list that long is a
+#: mistake (a group of users is not what the option is for).
+ALLOW_USERS_MAX = 64
+
+
+def resolve_users(users: Iterable[str | int], option: str) -> frozenset[int]:
+    """The uids of ``users``: names of this host's users (``getpwnam``) or decimal uids
+    (0..2**32-2). ConfigError naming ``option`` and the entry that is neither."""
+    import pwd
+
+    uids: set[int] = set()
+    for user in users:
+        text = str(user)
+        if isinstance(user, int) or text.isdecimal():
+            uid = int(text)
+            if not 0 <= uid < 0xFFFFFFFF:  # (uid_t)-1 means "no user" to the kernel
+                raise ConfigError(f"{option} {text[:32]}: expected a uid of 0..{0xFFFFFFFE}")
+        else:
+            try:
+                uid = pwd.getpwnam(text).pw_uid
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
+                raise ConfigError(f"{option} {text[:64]!r}: no such user on this host "
+                                  f"(expected a user name or a uid)") from None
+        uids.add(uid)
+    if len(uids) > ALLOW_USERS_MAX:
+        raise ConfigError(f"{option}: {len(uids)} users; expected at most {ALLOW_USERS_MAX}")
+    return frozenset(uids)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -190,28 +224,29 @@ def remote_listen_problem(host: str, allow_remote: bool, opt_in: str) -> str | N
 # ---------------------------------------------------------------------- accept
 
 
-def check_peer(sock: Any) -> PeerCheck:
+def check_peer(sock: Any, allow_uids: frozenset[int] = frozenset()) -> PeerCheck:
     """Who made the connection on accepted socket ``sock`` (a socket or asyncio's
-    TransportSocket), and whether they may use the exports. Synchronous, on the event
-    loop: a loopback TCP client costs one sock_diag round trip (``find_client_socket``)."""
+    TransportSocket), and whether they may use the exports: root, our uid, or one of
+    ``allow_uids``. Synchronous, on the event loop: a loopback TCP client costs one
+    sock_diag round trip (``find_client_socket``)."""
     if sock is None:
         return PeerCheck("?", "?", None, refused="no socket to identify the peer by")
     if sock.family == socket.AF_UNIX:
-        return _check_unix_peer(sock)
+        return _check_unix_peer(sock, allow_uids)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        return _check_tcp_peer(sock)
+        return _check_tcp_peer(sock, allow_uids)
     return PeerCheck("?", "?", None, refused=f"socket family {sock.family}: no way to identify its peer")
 
 
-def _check_unix_peer(sock: Any) -> PeerCheck:
+def _check_unix_peer(sock: Any, allow_uids: frozenset[int]) -> PeerCheck:
     try:
         pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     except OSError as exc:
         return PeerCheck("unix", "unix", None, refused=f"SO_PEERCRED failed: {exc.strerror or exc}")
-    return PeerCheck("unix", "unix", uid, pid, _uid_refusal(uid))
+    return PeerCheck("unix", "unix", uid, pid, _uid_refusal(uid, allow_uids))
 
 
-def _check_tcp_peer(sock: Any) -> PeerCheck:
+def _check_tcp_peer(sock: Any, allow_uids: frozenset[int]) -> PeerCheck:
     try:
         ours, theirs = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
     except OSError as exc:  # the client is gone already
@@ -234,13 +269,14 @@ def _check_tcp_peer(sock: Any) -> PeerCheck:
     unknown = found.owner_unknown()
     if unknown is not None:
         return PeerCheck("tcp", address, None, refused=unknown)
-    return PeerCheck("tcp", address, found.uid, refused=_uid_refusal(found.uid))
+    return PeerCheck("tcp", address, found.uid, refused=_uid_refusal(found.uid, allow_uids))
 
 
-def _uid_refusal(uid: int) -> str | None:
-    if uid in allowed_uids():
+def _uid_refusal(uid: int, allow_uids: frozenset[int]) -> str | None:
+    if uid in allowed_uids(allow_uids):
         return None
-    return f"uid {uid} is neither root nor the server's (uid {os.geteuid()})"
+    allowed = f", nor an allowed user's (uids {', '.join(map(str, sorted(allow_uids)))})" if allow_uids else ""
+    return f"uid {uid} is neither root nor the server's (uid {os.geteuid()}){allowed}"
 
 
 def _text(endpoint: Endpoint) -> str:

@@ -95,7 +95,8 @@ class NbdServer:
                  tls: ssl.SSLContext | None = None, server_inflight_bytes_max: int = SERVER_INFLIGHT_BYTES_MAX,
                  stall_timeout_s: float = STALL_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  close_linger_s: float = CLOSE_LINGER_S, handshakes_max: int = HANDSHAKES_MAX,
-                 first_option_timeout_s: float = FIRST_OPTION_TIMEOUT_S) -> None:
+                 first_option_timeout_s: float = FIRST_OPTION_TIMEOUT_S,
+                 allow_uids: frozenset[int] = frozenset()) -> None:
         self.exports: dict[str, Export] = {}
         for name, backend in exports.items():
             try:
@@ -120,6 +121,9 @@ class NbdServer:
         # With a TLS context the server requires TLS (the protocol's FORCEDTLS): before
         # STARTTLS a client may only ABORT; no export name, size or byte goes in the clear.
         self.tls = tls
+        # Users let in besides root and our uid (cdp.nbd.peers.resolve_users of the
+        # operator's --nbd-allow-user): on a loopback TCP listener the kernel names them.
+        self.allow_uids = frozenset(allow_uids)
         self._servers: list[asyncio.Server] = []
         # Each Unix socket bound, with the (st_dev, st_ino) of the socket file: close()
         # removes only that file, not whatever another process has put at the path since.
@@ -137,7 +141,7 @@ class NbdServer:
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on TCP; port 0 picks a free one. Returns the bound (host, port).
 
-        A client of a loopback address must be root or our uid (``cdp.nbd.peers``); any
+        A client of a loopback address must be root, our uid or an allowed user's (``cdp.nbd.peers``); any
         other address identifies no one, and whoever reaches it gets in: the caller
         decides whether it may be served (``cdp.nbd.peers.remote_listen_problem``)."""
         server = await asyncio.get_running_loop().create_server(self._protocol, host, port)
@@ -226,12 +230,11 @@ class NbdServer:
             if not self._closing:
                 raise
 
-    @staticmethod
-    def _peer_admitted(writer: asyncio.StreamWriter) -> bool:
-        """Whether the kernel says the client is root or our uid (``cdp.nbd.peers``);
-        anyone else is closed before any NBD byte is sent — and before it takes a
-        handshake slot or evicts anyone."""
-        check = check_peer(writer.get_extra_info("socket"))
+    def _peer_admitted(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether the kernel says the client is root, our uid or an allowed user's
+        (``cdp.nbd.peers``); anyone else is closed before any NBD byte is sent — and
+        before it takes a handshake slot or evicts anyone."""
+        check = check_peer(writer.get_extra_info("socket"), self.allow_uids)
         if check.refused is None:
             return True
         logger.warning("nbd_peer_refused", transport=check.transport, peer=check.address, uid=check.uid,

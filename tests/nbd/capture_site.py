@@ -76,7 +76,8 @@ async def nbd_runner(tmp: Path, drva_port: int, **opts: Any) -> AsyncIterator[Cl
     sock = tmp / "nbd.sock"
     assert len(os.fsencode(sock)) < 100, f"{sock} is too long for a Unix socket address"
     cluster_path = site_files.write_inventory(tmp / "cluster.toml", inventory(tmp / "disks", drva_port))
-    listen = NbdListen(tcp=("127.0.0.1", 0), unix=sock, flush_timeout_s=opts.pop("flush_timeout_s", None))
+    listen = NbdListen(tcp=("127.0.0.1", 0), unix=sock, flush_timeout_s=opts.pop("flush_timeout_s", None),
+                       allow_uids=opts.pop("allow_uids", frozenset()))
     runner = ClusterRunner(load_cluster(cluster_path), SECRET.encode(),
                            RunOptions(nbd=listen, hash_at_end=False, **opts))
     await runner.start()

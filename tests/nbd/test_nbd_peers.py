@@ -172,7 +172,7 @@ async def test_a_refused_peer_gets_no_byte_of_the_greeting(tmp_path: Path, monke
     (no uid allowed), on TCP and on the Unix socket."""
     from cdp.nbd import peers
 
-    monkeypatch.setattr(peers, "allowed_uids", lambda: frozenset())
+    monkeypatch.setattr(peers, "allowed_uids", lambda extra=(): frozenset())
     server = NbdServer({})
     host, port = await server.start_tcp("127.0.0.1", 0)
     sock = tmp_path / "s.sock"
@@ -209,6 +209,89 @@ async def test_root_and_our_uid_are_let_in(tmp_path: Path) -> None:
             client_port = client.getsockname()[1]
     assert check.transport == "tcp" and check.uid == os.geteuid() and check.refused is None, check
     assert check.address == f"127.0.0.1:{client_port}"
+
+
+# --------------------------------------------------------------------------- users the operator names
+
+OTHER = 65533  # a uid no one allowed (it needs no entry in /etc/passwd for setpriv)
+AS_OTHER = ["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups"]
+
+
+@needs_root
+async def test_a_named_user_reads_a_mounts_loopback_tcp_and_no_one_else_does(store_url: str, tmp_path: Path) -> None:
+    """QEMU run by libvirt as its own user: ``--nbd-allow-user nobody`` (a name) lets
+    nobody in on TCP 127.0.0.1, and still no other uid; the refusal names who is allowed."""
+    mounted = await start_mount(store_url, tmp_path, "--latest", "--nbd", "127.0.0.1:0", "--nbd-allow-user", "nobody")
+    try:
+        uri = f"nbd://127.0.0.1:{mounted.serving['address']['port']}"
+        code, out, err = await list_exports(uri, as_nobody=True)
+        assert code == 0 and all(name in out for name in EXPORTS), (out, err)
+        code, out, err = await read_as_nobody(f"{uri}/vm1/sys")
+        assert code == 0 and "00000000:" in out, (out, err)
+        assert_refused(await run_process([*AS_OTHER, tool("nbdinfo"), "--list", uri]))
+    finally:
+        await mounted.stop()
+    assert peer_refusals(mounted.stderr(), NOBODY) == []
+    refused = peer_refusals(mounted.stderr(), OTHER)
+    assert refused and f"nor an allowed user's (uids {NOBODY})" in refused[0], mounted.stderr()[-3000:]
+
+
+@needs_root
+async def test_a_named_user_writes_a_protected_disk_over_tcp_and_the_write_is_captured(open_dir: Path) -> None:
+    """The hypervisor driver's TCP listener with uid 65534 allowed: its write lands on
+    the primary and reaches the DRVA's store like root's; another uid's does not."""
+    async with protected_site(open_dir, allow_uids=frozenset({NOBODY})) as site:
+        image = site.image("db/data")
+        code, out, err = await run_process([*AS_OTHER, tool("qemu-io"), "-f", "raw", "-c", "write -P 0x41 0 64k",
+                                            site.uri("db/data")])
+        assert code != 0 and "wrote" not in out, (out, err)
+        code, out, err = await run_process([*AS_NOBODY, tool("qemu-io"), "-f", "raw", "-c", "write -P 0x43 0 64k",
+                                            "-c", "flush", site.uri("db/data")])
+        assert code == 0 and "wrote 65536" in out, (out, err)
+        assert image.read_bytes()[:64 << 10] == b"\x43" * (64 << 10)
+        assert site.filt.next_seq > 1  # captured: the filter gave it a seq
+
+
+async def test_named_users_are_checked_before_anything_is_served(store_url: str, tmp_path: Path) -> None:
+    from cdp.nbd.peers import ALLOW_USERS_MAX, resolve_users
+
+    assert resolve_users(["nobody", "0", 65534, "4294967294"], "--nbd-allow-user") == {0, NOBODY, 4294967294}
+    for user, expected in (("no-such-user-here", "'no-such-user-here': no such user on this host"),
+                           ("4294967295", "4294967295: expected a uid of 0..4294967294"),
+                           ("a\0b", "'a\\x00b': no such user on this host")):
+        with pytest.raises(ConfigError, match=re.escape(f"--nbd-allow-user {expected}")):
+            resolve_users([user], "--nbd-allow-user")
+    with pytest.raises(ConfigError, match=f"expected at most {ALLOW_USERS_MAX}"):
+        resolve_users(range(ALLOW_USERS_MAX + 1), "--nbd-allow-user")
+    with pytest.raises(ConfigError, match="--nbd-allow-user goes with --nbd HOST:PORT"):
+        NbdListen(unix=Path("/run/x.sock"), allow_uids=frozenset({NOBODY}))
+    code, out, err = await run_mount_to_end(store_url, tmp_path, "--latest", "--nbd", f"unix:{tmp_path}/m.sock",
+                                            "--nbd-allow-user", "nobody", timeout_s=REFUSAL_TIMEOUT_S)
+    assert code == 2 and "--nbd-allow-user goes with --nbd HOST:PORT" in err, (code, err)
+    code, out, err = await run_mount_to_end(store_url, tmp_path, "--latest", "--nbd", "127.0.0.1:0",
+                                            "--nbd-allow-user", "no-such-user-here", timeout_s=REFUSAL_TIMEOUT_S)
+    assert code == 2 and not out.strip() and "no such user on this host" in err and "Traceback" not in err, err
+
+
+def test_the_site_files_named_users_reach_the_hosts_as_uids(tmp_path: Path) -> None:
+    from cdp.hypervisor.nbd import NbdHypervisor
+
+    cfg = load_site_config(write(tmp_path, hypervisor={"driver": "nbd", "nbd_listen": "127.0.0.1:0",
+                                                       "nbd_allow_users": ["nobody", 1234]}))
+    assert cfg.hypervisor.nbd_allow_uids == (1234, NOBODY)
+    args = NbdHypervisor(cfg, HOST_ENV)._vm_args(SimpleNamespace(name="h1"))
+    assert args[2:] == ("--nbd", "127.0.0.1:0", "--nbd-allow-user", "1234", "--nbd-allow-user", str(NOBODY)), args
+    for hypervisor, expected in (
+            ({"driver": "nbd", "nbd_allow_users": ["nobody"]},
+             "hypervisor.nbd_allow_users: expected nothing unless nbd_listen is set"),
+            ({"driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": "nobody"},
+             "hypervisor.nbd_allow_users: expected a list"),
+            ({"driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": [True]},
+             "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
+            ({"driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": ["no-such-user-here"]},
+             "[hypervisor] nbd_allow_users 'no-such-user-here': no such user on this host")):
+        message = refusal(write(tmp_path, hypervisor=hypervisor))
+        assert expected in message, message
 
 
 # --------------------------------------------------------------------------- the Unix socket's directory
