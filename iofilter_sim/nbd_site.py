@@ -102,7 +102,8 @@ class NbdFace:
         for c in self.captures.values():
             c.start()
         self.server = NbdServer(exports, descriptions={
-            n: f"domain {b.capture.name}, disk {b.index}" for n, b in exports.items()}, allow_uids=self.listen.allow_uids)
+            n: f"domain {b.capture.name}, disk {b.index}" for n, b in exports.items()}, allow_uids=self.listen.allow_uids,
+            allow_remote=self.listen.allow_remote)
         try:
             if self.listen.tcp is not None:
                 host, port = await self.server.start_tcp(*self.listen.tcp)

@@ -45,18 +45,21 @@ async def _listen(server: NbdServer, address: NbdAddress) -> dict[str, Any]:
 
 
 async def serve_mount(store: ObjectStore, options: MountOptions, address: NbdAddress, emit: Emit, stop: asyncio.Event,
-                      tls: ssl.SSLContext | None = None, allow_uids: frozenset[int] = frozenset()) -> dict[str, Any]:
+                      tls: ssl.SSLContext | None = None, allow_uids: frozenset[int] = frozenset(),
+                      allow_remote: bool = False) -> dict[str, Any]:
     """Serve ``options``' point at ``address`` until ``stop`` is set; the final summary.
 
     Events given to ``emit``: ``serving`` (once listening: address, exports, point),
     ``rehydrated`` (if ``options.rehydrate_to`` and it finished), and the returned
     summary is the ``stopped`` one. With ``tls`` every client must STARTTLS first.
-    ``allow_uids``: users let in besides root and our uid (``cdp.nbd.peers``)."""
+    ``allow_uids``: users let in besides root and our uid; ``allow_remote``: the operator
+    said a TCP address other than loopback may be served (``cdp.nbd.peers``)."""
     mount = await Mount.open(store, options)
     server: NbdServer | None = None
     try:
         server = NbdServer(mount.disks, descriptions={n: f"domain {mount.plan.domain} seq {mount.plan.seq}"
-                                                      for n in mount.disks}, tls=tls, allow_uids=allow_uids)
+                                                      for n in mount.disks}, tls=tls, allow_uids=allow_uids,
+                           allow_remote=allow_remote)
         listening = await _listen(server, address)
         emit({"event": "serving", "address": listening, **mount.describe()})
         if options.rehydrate_to is not None:

@@ -199,7 +199,8 @@ def mount(domain: DomainRef, store_url: str, at: str | None, seq: int | None, ma
             loop.add_signal_handler(signum, stop.set)
         options = MountOptions(await domain_id_of(store, domain), target, timeline, writable, overlay_dir,
                                keep_overlay, rehydrate_to, cache_bytes_max=cache_mb << 20)
-        return await serve_mount(store, options, address, say, stop, tls=tls, allow_uids=allow_uids)
+        return await serve_mount(store, options, address, say, stop, tls=tls, allow_uids=allow_uids,
+                                 allow_remote=nbd_allow_remote)
 
     from cdp import eventloop
 

@@ -55,7 +55,9 @@ from cdp.nbd.limits import (CLOSE_LINGER_S, CONNECTIONS_MAX, FIRST_OPTION_TIMEOU
                             OPTIONS_PER_CONNECTION_MAX, READ_BUFFER_BYTES, REFUSE_OPTIONS_MAX, REFUSE_TIMEOUT_S,
                             REFUSING_MAX, SERVER_INFLIGHT_BYTES_MAX, STALL_TIMEOUT_S, WRITE_BUFFER_HIGH,
                             check_bounds)
-from cdp.nbd.peers import LOOPBACK_NAMES, check_peer, is_loopback_host, unauthenticated_tcp_problem
+from cdp.nbd.peers import (
+    LOOPBACK_NAMES, check_peer, is_loopback_host, remote_listen_problem, unauthenticated_tcp_problem,
+)
 from cdp.nbd.refusal import longest_idle, refuse
 from cdp.nbd.socket_dir import prepare_socket_dir
 from cdp.nbd.streams import CountingReader, close_stream, peer_name
@@ -96,7 +98,7 @@ class NbdServer:
                  stall_timeout_s: float = STALL_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  close_linger_s: float = CLOSE_LINGER_S, handshakes_max: int = HANDSHAKES_MAX,
                  first_option_timeout_s: float = FIRST_OPTION_TIMEOUT_S,
-                 allow_uids: frozenset[int] = frozenset()) -> None:
+                 allow_uids: frozenset[int] = frozenset(), allow_remote: bool = False) -> None:
         self.exports: dict[str, Export] = {}
         for name, backend in exports.items():
             try:
@@ -124,6 +126,9 @@ class NbdServer:
         # Users let in besides root and our uid (cdp.nbd.peers.resolve_users of the
         # operator's --nbd-allow-user): on a loopback TCP listener the kernel names them.
         self.allow_uids = frozenset(allow_uids)
+        # TCP beyond loopback identifies no one: start_tcp refuses it unless the operator
+        # said so (--nbd-allow-remote); every caller checks first, this holds if one forgets.
+        self.allow_remote = allow_remote
         self._servers: list[asyncio.Server] = []
         # Each Unix socket bound, with the (st_dev, st_ino) of the socket file: close()
         # removes only that file, not whatever another process has put at the path since.
@@ -141,9 +146,12 @@ class NbdServer:
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on TCP; port 0 picks a free one. Returns the bound (host, port).
 
-        A client of a loopback address must be root, our uid or an allowed user's (``cdp.nbd.peers``); any
-        other address identifies no one, and whoever reaches it gets in: the caller
-        decides whether it may be served (``cdp.nbd.peers.remote_listen_problem``)."""
+        A client of a loopback address must be root, our uid or an allowed user's
+        (``cdp.nbd.peers``); any other address identifies no one, and whoever reaches it
+        gets in: served only with ``allow_remote`` (ConfigError otherwise, before anything
+        listens: ``cdp.nbd.peers.remote_listen_problem``)."""
+        if (why := remote_listen_problem(host, self.allow_remote, "--nbd-allow-remote")) is not None:
+            raise ConfigError(f"NBD: cannot listen on {host}: {why}")
         server = await asyncio.get_running_loop().create_server(self._protocol, host, port)
         self._servers.append(server)
         bound = server.sockets[0].getsockname()

@@ -382,6 +382,23 @@ async def test_cdp_mount_with_the_opt_in_serves_yet_still_tells_local_users_apar
     assert '"nbd_listening_unauthenticated"' in mounted.stderr()
 
 
+async def test_the_server_itself_refuses_beyond_loopback_without_the_opt_in() -> None:
+    """Every caller checks the address first; the server holds the same rule should one forget."""
+    server = NbdServer({})
+    try:
+        for host in ("0.0.0.0", "::", "example.com"):
+            with pytest.raises(ConfigError, match=re.escape(f"NBD: cannot listen on {host}: ")):
+                await server.start_tcp(host, 0)
+        assert server._servers == []
+    finally:
+        await server.close()
+    server = NbdServer({}, allow_remote=True)
+    try:
+        assert (await server.start_tcp("0.0.0.0", 0))[1] > 0
+    finally:
+        await server.close()
+
+
 def test_iofilter_sim_beyond_loopback_needs_the_opt_in() -> None:
     with pytest.raises(ConfigError, match="say so with --nbd-allow-remote"):
         NbdListen(tcp=("0.0.0.0", 10809))
