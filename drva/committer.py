@@ -320,8 +320,9 @@ class GroupCommitter:
         for s, pos in zip(batch, positions):
             entry = log_entry(s.frame, len(s.raw), pos, now)
             # Cached before the domain takes it: its unsealed queue keeps what the entry
-            # holds as it goes in (a row past the first entries: drva.entry_queue).
-            cached = self.cache_bytes + entry.nbytes <= self.cache_bytes_max
+            # holds as it goes in (a row past the first entries: drva.entry_queue). A
+            # stopped domain's frames are never sealed here: they take none of the budget.
+            cached = not s.domain.fenced and self.cache_bytes + entry.nbytes <= self.cache_bytes_max
             if cached:
                 entry.frame = s.frame
             if not s.domain.add_durable(entry):

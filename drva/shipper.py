@@ -115,6 +115,7 @@ class Shipper:
         self.writers: dict[int, CatalogWriter] = {}
         # One catalog commit at a time per domain: the sealer and the seeder both commit.
         self.catalog_locks = {d: asyncio.Lock() for d in domains}
+        self._frames_released: set[int] = set()  # stopped domains whose cached frames went back (_release_frames)
         # The lanes' catalog committers share the metadata repository and the log: one
         # of them at a time records its commits and trims.
         self.meta_lock = asyncio.Lock()
@@ -247,8 +248,11 @@ class Shipper:
         now = time.monotonic() if now is None else now
         sealed = 0
         for dom in self.domains.values() if lane is None else lane.domains:
+            if dom.fenced:
+                self._release_frames(dom)
+                continue
             # Before the catalog is open we do not know which entries it already names.
-            if not dom.unsealed or dom.fenced or not dom.catalog_ready:
+            if not dom.unsealed or not dom.catalog_ready:
                 continue
             due = force or dom.unsealed_bytes() >= self.seal_bytes or (
                 now - dom.unsealed[0].arrived >= self.seal_age_s)
@@ -260,6 +264,21 @@ class Shipper:
                     continue
                 sealed += 1
         return sealed
+
+    def _release_frames(self, dom: DomainState) -> None:
+        """A stopped domain's entries stay until the DRVA restarts (their log space is
+        not held back: ``trim``), but nothing seals them: give their cached frames' share
+        of the committer's budget back to the domains that ship, once (the committer
+        caches no frame of a stopped domain). Held, they kept up to the whole budget
+        from every other domain until a restart."""
+        if dom.id in self._frames_released:
+            return
+        self._frames_released.add(dom.id)
+        released = dom.unsealed.drop_frames()
+        if released:
+            self.committer.uncache(released)
+            log.info("fenced_frames_released", domain=dom.id, entries=len(released),
+                     bytes=sum(e.nbytes for e in released))
 
     def _stop(self, dom: DomainState, event: str, exc: CdpError) -> None:
         reason = (f"{type(exc).__name__}: {exc.message}; domain {dom.id} is stopped on this DRVA "

@@ -71,3 +71,43 @@ async def test_entries_held_as_rows_through_an_outage_and_a_restart_all_ship(tmp
     assert {m["name"]: m["seq"] for m in summary["marks"]} == marks
     state, _ = await load_catalog(store, 1)
     assert state.timeline().committed_seq == filt.next_seq - 1
+
+
+async def test_a_stopped_domain_gives_its_cached_frames_back_to_the_budget(tmp_path, monkeypatch):
+    """Entries pile up, their frames cached, while the store is down; then the domain is
+    stopped here (a fence). Nothing will seal them before a restart: their share of the
+    frame cache goes back at once, rows' frames too, and the entries stay (for the log)."""
+    monkeypatch.setattr(entry_queue, "HOT_MAX", 2)
+    monkeypatch.setattr(entry_queue, "BLOCK_ROWS", 3)
+    stores: list[FaultyStore] = []
+
+    def faulty_store(url: str) -> FaultyStore:
+        stores.append(FaultyStore(open_store(url)))
+        return stores[-1]
+
+    monkeypatch.setattr(drva.lanes, "open_store", faulty_store)
+    doc = drva_doc(tmp_path, "drva-f", [domain_doc(1, "erp", [("vm1", "d0", DISK)])],
+                   store=f"file://{tmp_path / 'store'}", seal_bytes="16MiB", seal_age_s=600)  # none sealed
+    filt = DomainFilter(1, [Disk(tmp_path / "erp.img", DISK)])
+    rng = np.random.default_rng(12)
+    async with running_drva(config(doc)) as d:
+        dom = d.domains[1]
+        await wait_until(lambda: dom.catalog_ready, EVENTUALLY_S, "the catalog open")
+        stores[-1].offline()
+        client = FilterClient([filt], "127.0.0.1", d.port, SECRET.encode(), "host-1")
+        task = asyncio.create_task(client.run())
+        try:
+            for _ in range(20):
+                filt.capture(*random_writes(rng, [DISK], 3, 8))
+                await asyncio.sleep(0.01)
+            await wait_until(lambda: dom.durable_seq == filt.next_seq - 1, EVENTUALLY_S, "every write durable")
+            assert dom.unsealed.rows > 0 and d.committer.cache_bytes > 0
+            assert sum(e.frame is not None for e in dom.unsealed) == len(dom.unsealed)
+            held = [(e.first_seq, e.last_seq) for e in dom.unsealed]
+            dom.stop("stopped by the test")
+            await wait_until(lambda: d.committer.cache_bytes == 0, EVENTUALLY_S, "the cached frames given back")
+            assert [(e.first_seq, e.last_seq) for e in dom.unsealed] == held  # kept for the log
+            assert all(e.frame is None for e in dom.unsealed) and not dom.unsealed.cached_frames()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -198,3 +198,24 @@ async def test_the_frame_cache_budget_comes_back_from_entries_held_as_rows(tmp_p
         assert committer.cache_bytes == 0 and not dom.unsealed
     finally:
         log.close()
+
+
+async def test_a_stopped_domains_new_entries_take_no_frame_cache(tmp_path):
+    """Frames made durable after the domain was stopped are not cached: nothing seals them."""
+    from cdp.frame import decode_frame
+    from tests.drva.test_protocol import frame
+
+    log, dom, committer = await _durable_frames(tmp_path, 50, cache_bytes_max=1 << 30)
+    try:
+        before = committer.cache_bytes
+        assert before > 0
+        dom.stop("test")
+        for seq in range(51, 61):
+            raw = frame(seq, n=1)
+            committer.stage(dom, raw, decode_frame(raw, "t"))
+        while committer._staged:
+            await committer.step()
+        assert dom.durable_seq == 60 and committer.cache_bytes == before
+        assert all(e.frame is None for e in list(dom.unsealed)[50:])
+    finally:
+        log.close()
