@@ -167,6 +167,8 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
     secret = os.environ.get("CDP_SITE_SECRET", "")
     if len(secret) < 16:
         raise click.UsageError("set CDP_SITE_SECRET to the site secret (at least 16 characters)")
+    # Looked up here, where the host starts (the site file passes them on as written).
+    allow_uids = resolve_users(nbd_allow_users, "--nbd-allow-user")
     cluster = load_cluster(cluster_file, state_dir=state_dir)
     nbd = None
     if nbd_tcp is not None or nbd_unix is not None:
@@ -175,7 +177,7 @@ def run(cluster_file: Path, duration: float | None, workload: str | None, rate_m
         nbd = NbdListen(tcp=parse_tcp(nbd_tcp) if nbd_tcp is not None else None, unix=nbd_unix,
                         exports=frozenset(export_names) if export_names else None, flush_timeout_s=flush_timeout,
                         allow_remote=nbd_allow_remote,
-                        allow_uids=resolve_users(nbd_allow_users, "--nbd-allow-user"))
+                        allow_uids=allow_uids)
     elif export_names or flush_timeout is not None or nbd_allow_remote or nbd_allow_users:
         raise click.UsageError("--export-name, --flush-timeout, --nbd-allow-remote and --nbd-allow-user go with "
                                "--nbd or --nbd-unix")

@@ -43,7 +43,7 @@ class NbdHypervisor(SimulatorHypervisor):
         tcp: tuple[str, ...] = ()
         if spec.nbd_listen:
             tcp = ("--nbd", spec.nbd_listen, *(("--nbd-allow-remote",) if spec.nbd_allow_remote else ()),
-                   *(arg for uid in spec.nbd_allow_uids for arg in ("--nbd-allow-user", str(uid))))
+                   *(arg for user in spec.nbd_allow_users for arg in ("--nbd-allow-user", user)))
         return ("--nbd-unix", str(self.socket_path(hp.name)), *tcp)
 
     def views(self) -> list[PowerView]:

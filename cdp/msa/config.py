@@ -51,7 +51,8 @@ one that needs no service at all (file store, log files in a local directory)::
                                        # a loopback address: the exports carry no authentication (only root
                                        # and the daemon's uid may connect); another one only with
     nbd_allow_remote = false           # true: then anyone who reaches nbd_listen reads and writes the disks
-    nbd_allow_users = ["libvirt-qemu"] # nbd_listen only: these users (names or uids) may connect to it too
+    nbd_allow_users = ["libvirt-qemu"] # nbd_listen only: these users (names or uids) may connect to it too,
+                                       # each host resolves them as it starts
     on_demand_hosts = ["esx-b02"]      # hosts a failover may add to the inventory (pilot light)
     vms_per_host = 16                  # a host running this many VMs has no room left
     recovered_workload = { kind = "random", rate_mb_s = 1 }  # what failed-over VMs write
@@ -98,6 +99,7 @@ one per direction, each site's ``store`` being the other's ``[peer] store``.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -108,7 +110,7 @@ from urllib.parse import unquote, urlsplit
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster, sidecar_role, sidecars
 from cdp.nbd.address import parse_tcp
-from cdp.nbd.peers import remote_listen_problem, resolve_users
+from cdp.nbd.peers import ALLOW_USERS_MAX, is_uid_text, overflow_uid, remote_listen_problem
 from cdp.msa.registry import REGISTERED_NAME
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
@@ -213,9 +215,11 @@ class HypervisorSpec:
     # nbd_listen may be an address other than loopback: its clients cannot be identified,
     # so whoever reaches it reads and writes every disk (docs/FORMAT.md §17.6).
     nbd_allow_remote: bool = False
-    # Users (their uids, resolved when the file is read) let in on nbd_listen besides root
-    # and the daemon's uid: QEMU run by libvirt as libvirt-qemu, say (cdp.nbd.peers).
-    nbd_allow_uids: tuple[int, ...] = ()
+    # Users (names or uids, as written) let in on nbd_listen besides root and the daemon's
+    # uid: QEMU run by libvirt as libvirt-qemu, say. Each host resolves them as it starts
+    # (cdp.nbd.peers.resolve_users): reading the site file — at every failover's reload —
+    # never waits on, or fails with, the host's user directory.
+    nbd_allow_users: tuple[str, ...] = ()
     # Hosts hash the disks at each mark they place (marks.jsonl's sha256): a read of every
     # protected disk per mark, worth it where marks are checked against recoveries (tests,
     # drills), not on a site with large disks and frequent marks.
@@ -718,12 +722,12 @@ def _hypervisor(r: TomlReader, value: Any) -> HypervisorSpec:
     r.table(workload, "hypervisor.recovered_workload", {"kind"}, set(workload) - {"kind"}
             if isinstance(workload, Mapping) else set())
     nbd_listen, nbd_allow_remote = _nbd_listen(r, t, driver)
-    nbd_allow_uids = _nbd_allow_users(r, t, nbd_listen)
+    nbd_allow_users = _nbd_allow_users(r, t, nbd_listen)
     mark_hashes = t.get("mark_hashes", True)
     if not isinstance(mark_hashes, bool):
         r.fail("hypervisor.mark_hashes", "true or false", mark_hashes)
     return HypervisorSpec(driver, tuple(hosts), vms_per_host, dict(workload), nbd_listen=nbd_listen,
-                          nbd_allow_remote=nbd_allow_remote, nbd_allow_uids=nbd_allow_uids, mark_hashes=mark_hashes)
+                          nbd_allow_remote=nbd_allow_remote, nbd_allow_users=nbd_allow_users, mark_hashes=mark_hashes)
 
 
 def _nbd_listen(r: TomlReader, t: Mapping, driver: str) -> tuple[str | None, bool]:
@@ -749,22 +753,33 @@ def _nbd_listen(r: TomlReader, t: Mapping, driver: str) -> tuple[str | None, boo
     return nbd_listen, allow_remote
 
 
-def _nbd_allow_users(r: TomlReader, t: Mapping, nbd_listen: str | None) -> tuple[int, ...]:
-    """``[hypervisor] nbd_allow_users``: users of this host (names or uids) who may connect
-    to ``nbd_listen`` besides root and the daemon's uid; their uids, sorted."""
+#: A user name as ``useradd`` takes it (and a trailing $, Samba's machine accounts).
+USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def _nbd_allow_users(r: TomlReader, t: Mapping, nbd_listen: str | None) -> tuple[str, ...]:
+    """``[hypervisor] nbd_allow_users``: users (names, or uids as integers or ASCII digits)
+    who may connect to ``nbd_listen`` besides root and the daemon's uid, as written (uids
+    as digits): each host looks them up as it starts, not this file's every read."""
     users = t.get("nbd_allow_users")
     if users is None:
         return ()
     key = "hypervisor.nbd_allow_users"
     if nbd_listen is None:
         r.fail(key, "nothing unless nbd_listen is set (the Unix socket is root's and the daemon's alone)", users)
+    out: list[str] = []
     for i, user in enumerate(r.list(users, key, nonempty=False)):
-        if isinstance(user, bool) or not isinstance(user, (str, int)):
-            r.fail(f"{key}[{i}]", "a user name or a uid", user)
-    try:
-        return tuple(sorted(resolve_users(users, "[hypervisor] nbd_allow_users")))
-    except ConfigError as exc:
-        raise ConfigError(f"{r.source}: {exc.message}") from None
+        if isinstance(user, int) and not isinstance(user, bool):
+            user = str(user) if 0 <= user < 0xFFFFFFFF else ""
+        if not isinstance(user, str) or not (is_uid_text(user) and int(user) < 0xFFFFFFFF or USER_NAME.fullmatch(user)):
+            r.fail(f"{key}[{i}]", f"a user name or a uid of 0..{0xFFFFFFFE}", users[i])
+        if is_uid_text(user) and int(user) == overflow_uid():
+            r.fail(f"{key}[{i}]", "a uid other than the kernel's overflow uid (every process of another user "
+                                  "namespace shows as it)", users[i])
+        out.append(user)
+    if len(set(out)) > ALLOW_USERS_MAX:
+        r.fail(key, f"at most {ALLOW_USERS_MAX} users", f"{len(set(out))} users")
+    return tuple(out)
 
 
 def _check_domain_ids(cluster: Cluster, cluster_path: Path) -> None:

@@ -164,24 +164,51 @@ def allowed_uids(extra: Iterable[int] = ()) -> frozenset[int]:
 ALLOW_USERS_MAX = 64
 
 
-def resolve_users(users: Iterable[str | int], option: str) -> frozenset[int]:
-    """The uids of ``users``: names of this host's users (``getpwnam``) or decimal uids
-    (0..2**32-2). ConfigError naming ``option`` and the entry that is neither."""
+#: Where the kernel says which uid stands for every user it cannot map into our user
+#: namespace (``overflowuid``, 65534 by default: ``nobody``'s).
+OVERFLOW_UID_PATH = Path("/proc/sys/kernel/overflowuid")
+OVERFLOW_UID_DEFAULT = 65534
+
+
+def overflow_uid() -> int:
+    try:
+        return int(OVERFLOW_UID_PATH.read_text().strip())
+    except (OSError, ValueError):
+        return OVERFLOW_UID_DEFAULT
+
+
+def is_uid_text(text: str) -> bool:
+    """``text`` is written as a uid: ASCII digits only (``str.isdecimal`` also takes other
+    scripts' digits: '١٢٣' would be uid 123, a user whose name it may be)."""
+    return text.isascii() and text.isdigit()
+
+
+def resolve_users(users: Iterable[str], option: str) -> frozenset[int]:
+    """The uids of ``users``: names of this host's users (``getpwnam``) or uids written in
+    ASCII digits (0..2**32-2). ConfigError naming ``option`` and the entry refused: neither
+    of those, or the kernel's overflow uid (``overflow_uid``; ``nobody``) — every process
+    of another user namespace the kernel cannot map shows as that uid, on a Unix socket
+    and in sock_diag alike, so allowing it would let all of them in."""
     import pwd
 
     uids: set[int] = set()
+    overflow = overflow_uid()
     for user in users:
-        text = str(user)
-        if isinstance(user, int) or text.isdecimal():
-            uid = int(text)
+        if not isinstance(user, str):
+            raise ConfigError(f"{option} {str(user)[:32]}: expected a user name or a uid")
+        if is_uid_text(user):
+            uid = int(user)
             if not 0 <= uid < 0xFFFFFFFF:  # (uid_t)-1 means "no user" to the kernel
-                raise ConfigError(f"{option} {text[:32]}: expected a uid of 0..{0xFFFFFFFE}")
+                raise ConfigError(f"{option} {user[:32]}: expected a uid of 0..{0xFFFFFFFE}")
         else:
             try:
-                uid = pwd.getpwnam(text).pw_uid
+                uid = pwd.getpwnam(user).pw_uid
             except (KeyError, ValueError):  # ValueError: a NUL in the name
-                raise ConfigError(f"{option} {text[:64]!r}: no such user on this host "
+                raise ConfigError(f"{option} {user[:64]!r}: no such user on this host "
                                   f"(expected a user name or a uid)") from None
+        if uid == overflow:
+            raise ConfigError(f"{option} {user[:64]!r}: uid {uid} is the kernel's overflow uid: every process "
+                              f"of another user namespace shows as it, so it cannot name one user")
         uids.add(uid)
     if len(uids) > ALLOW_USERS_MAX:
         raise ConfigError(f"{option}: {len(uids)} users; expected at most {ALLOW_USERS_MAX}")
@@ -226,24 +253,26 @@ def remote_listen_problem(host: str, allow_remote: bool, opt_in: str) -> str | N
 
 def check_peer(sock: Any, allow_uids: frozenset[int] = frozenset()) -> PeerCheck:
     """Who made the connection on accepted socket ``sock`` (a socket or asyncio's
-    TransportSocket), and whether they may use the exports: root, our uid, or one of
-    ``allow_uids``. Synchronous, on the event loop: a loopback TCP client costs one
+    TransportSocket), and whether they may use the exports: root, our uid, or on TCP one
+    of ``allow_uids``. Synchronous, on the event loop: a loopback TCP client costs one
     sock_diag round trip (``find_client_socket``)."""
     if sock is None:
         return PeerCheck("?", "?", None, refused="no socket to identify the peer by")
     if sock.family == socket.AF_UNIX:
-        return _check_unix_peer(sock, allow_uids)
+        return _check_unix_peer(sock)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         return _check_tcp_peer(sock, allow_uids)
     return PeerCheck("?", "?", None, refused=f"socket family {sock.family}: no way to identify its peer")
 
 
-def _check_unix_peer(sock: Any, allow_uids: frozenset[int]) -> PeerCheck:
+def _check_unix_peer(sock: Any) -> PeerCheck:
     try:
         pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     except OSError as exc:
         return PeerCheck("unix", "unix", None, refused=f"SO_PEERCRED failed: {exc.strerror or exc}")
-    return PeerCheck("unix", "unix", uid, pid, _uid_refusal(uid, allow_uids))
+    # The named users are for TCP (the module docstring): here root and ours only, so a
+    # socket file whose mode is wrong still lets no one else in.
+    return PeerCheck("unix", "unix", uid, pid, _uid_refusal(uid, frozenset()))
 
 
 def _check_tcp_peer(sock: Any, allow_uids: frozenset[int]) -> PeerCheck:

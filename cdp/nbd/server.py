@@ -170,7 +170,8 @@ class NbdServer:
         authentication, so who may connect is who may open that file — and, should its
         mode be wrong, still only root or our uid (``cdp.nbd.peers``)."""
         path = os.fspath(path)
-        if not path.startswith("\0"):  # an abstract socket has no file: the peer check alone guards it
+        abstract = path.startswith("\0")  # no file: the peer check alone guards it
+        if not abstract:
             prepare_socket_dir(path)
         sock = _bind_unix(path)
         try:
@@ -179,8 +180,9 @@ class NbdServer:
             sock.close()
             raise
         self._servers.append(server)
-        st = os.lstat(path)
-        self._unix_paths.append((path, (st.st_dev, st.st_ino)))
+        if not abstract:  # an abstract name has no file to stat, nor to remove at close
+            st = os.lstat(path)
+            self._unix_paths.append((path, (st.st_dev, st.st_ino)))
         logger.info("nbd_listening", transport="unix", path=path, exports=sorted(self.exports))
         return path
 

@@ -35,6 +35,7 @@ from cdp.msa.config import load_site_config
 from cdp.nbd.server import NbdServer
 from cdp.store.fs import FileStore
 from iofilter_sim.nbd_site import NbdListen
+from tests.drva.harness import ROOT
 from tests.mgmt.test_hv_places import refusal, write
 from tests.nbd.capture_site import protected_site
 from tests.nbd.conftest import run_process, tool
@@ -213,85 +214,137 @@ async def test_root_and_our_uid_are_let_in(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- users the operator names
 
-OTHER = 65533  # a uid no one allowed (it needs no entry in /etc/passwd for setpriv)
-AS_OTHER = ["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups"]
+#: The user named in the tests below: Debian's ``daemon`` (uid 1), a name every Debian
+#: host has. Not ``nobody``: its uid is the kernel's overflow uid, refused as a named user.
+NAMED, NAMED_UID = "daemon", 1
+AS_NAMED = ["setpriv", f"--reuid={NAMED_UID}", f"--regid={NAMED_UID}", "--clear-groups"]
 
 
 @needs_root
-async def test_a_named_user_reads_a_mounts_loopback_tcp_and_no_one_else_does(store_url: str, tmp_path: Path) -> None:
-    """QEMU run by libvirt as its own user: ``--nbd-allow-user nobody`` (a name) lets
-    nobody in on TCP 127.0.0.1, and still no other uid; the refusal names who is allowed."""
-    mounted = await start_mount(store_url, tmp_path, "--latest", "--nbd", "127.0.0.1:0", "--nbd-allow-user", "nobody")
+async def test_a_named_user_reads_a_mounts_loopback_tcp_and_no_one_else_does(store_url: str, tmp_path: Path,
+                                                                             open_dir: Path) -> None:
+    """QEMU run by libvirt as its own user: ``--nbd-allow-user daemon`` (a name) lets
+    daemon in on TCP 127.0.0.1, and still no other uid (nobody); the refusal names who is
+    allowed. The Unix socket stays ours alone: daemon is refused there even when its
+    file's mode is wrong."""
+    mounted = await start_mount(store_url, tmp_path, "--latest", "--nbd", "127.0.0.1:0", "--nbd-allow-user", NAMED)
     try:
         uri = f"nbd://127.0.0.1:{mounted.serving['address']['port']}"
-        code, out, err = await list_exports(uri, as_nobody=True)
+        code, out, err = await run_process([*AS_NAMED, tool("nbdinfo"), "--list", uri])
         assert code == 0 and all(name in out for name in EXPORTS), (out, err)
-        code, out, err = await read_as_nobody(f"{uri}/vm1/sys")
+        code, out, err = await run_process([*AS_NAMED, tool("qemu-io"), "-r", "-f", "raw", "-c", "read -v 0 4k",
+                                            f"{uri}/vm1/sys"])
         assert code == 0 and "00000000:" in out, (out, err)
-        assert_refused(await run_process([*AS_OTHER, tool("nbdinfo"), "--list", uri]))
+        assert_refused(await list_exports(uri, as_nobody=True))
     finally:
         await mounted.stop()
-    assert peer_refusals(mounted.stderr(), NOBODY) == []
-    refused = peer_refusals(mounted.stderr(), OTHER)
-    assert refused and f"nor an allowed user's (uids {NOBODY})" in refused[0], mounted.stderr()[-3000:]
+    assert peer_refusals(mounted.stderr(), NAMED_UID) == []
+    refused = peer_refusals(mounted.stderr(), NOBODY)
+    assert refused and f"nor an allowed user's (uids {NAMED_UID})" in refused[0], mounted.stderr()[-3000:]
 
 
 @needs_root
-async def test_a_named_user_writes_a_protected_disk_over_tcp_and_the_write_is_captured(open_dir: Path) -> None:
-    """The hypervisor driver's TCP listener with uid 65534 allowed: its write lands on
-    the primary and reaches the DRVA's store like root's; another uid's does not."""
-    async with protected_site(open_dir, allow_uids=frozenset({NOBODY})) as site:
+async def test_a_named_user_writes_a_protected_disk_over_tcp_only(open_dir: Path) -> None:
+    """The hypervisor driver's listeners with uid 1 allowed: its write on TCP lands on the
+    primary and is captured like root's; nobody's does not; and on the Unix socket, made
+    0666 by mistake, uid 1 is refused too (the named users are for TCP)."""
+    async with protected_site(open_dir, allow_uids=frozenset({NAMED_UID})) as site:
         image = site.image("db/data")
-        code, out, err = await run_process([*AS_OTHER, tool("qemu-io"), "-f", "raw", "-c", "write -P 0x41 0 64k",
-                                            site.uri("db/data")])
-        assert code != 0 and "wrote" not in out, (out, err)
-        code, out, err = await run_process([*AS_NOBODY, tool("qemu-io"), "-f", "raw", "-c", "write -P 0x43 0 64k",
+        os.chmod(site.unix, 0o666)
+        for uri, who in ((site.uri("db/data"), AS_NOBODY), (site.uri("db/data", "unix"), AS_NAMED)):
+            code, out, err = await run_process([*who, tool("qemu-io"), "-f", "raw", "-c", "write -P 0x41 0 64k", uri])
+            assert code != 0 and "wrote" not in out, (uri, out, err)
+        seq_before = site.filt.next_seq
+        code, out, err = await run_process([*AS_NAMED, tool("qemu-io"), "-f", "raw", "-c", "write -P 0x43 0 64k",
                                             "-c", "flush", site.uri("db/data")])
         assert code == 0 and "wrote 65536" in out, (out, err)
         assert image.read_bytes()[:64 << 10] == b"\x43" * (64 << 10)
-        assert site.filt.next_seq > 1  # captured: the filter gave it a seq
+        assert site.filt.next_seq > seq_before  # captured: the filter gave it a seq
 
 
 async def test_named_users_are_checked_before_anything_is_served(store_url: str, tmp_path: Path) -> None:
     from cdp.nbd.peers import ALLOW_USERS_MAX, resolve_users
 
-    assert resolve_users(["nobody", "0", 65534, "4294967294"], "--nbd-allow-user") == {0, NOBODY, 4294967294}
+    assert resolve_users([NAMED, "0", "00002", "4294967294"], "--nbd-allow-user") == {0, NAMED_UID, 2, 4294967294}
     for user, expected in (("no-such-user-here", "'no-such-user-here': no such user on this host"),
                            ("4294967295", "4294967295: expected a uid of 0..4294967294"),
-                           ("a\0b", "'a\\x00b': no such user on this host")):
+                           ("a\0b", "'a\\x00b': no such user on this host"),
+                           # Other scripts' digits are no uid (str.isdecimal takes them): a name, looked up.
+                           ("\u0661\u0662\u0663", "'\u0661\u0662\u0663': no such user on this host"),
+                           (" 1", "' 1': no such user on this host"),
+                           (True, "True: expected a user name or a uid"),
+                           # Every process of another user namespace shows as the overflow uid.
+                           ("nobody", "'nobody': uid 65534 is the kernel's overflow uid"),
+                           ("65534", "'65534': uid 65534 is the kernel's overflow uid")):
         with pytest.raises(ConfigError, match=re.escape(f"--nbd-allow-user {expected}")):
             resolve_users([user], "--nbd-allow-user")
     with pytest.raises(ConfigError, match=f"expected at most {ALLOW_USERS_MAX}"):
-        resolve_users(range(ALLOW_USERS_MAX + 1), "--nbd-allow-user")
+        resolve_users(map(str, range(ALLOW_USERS_MAX + 1)), "--nbd-allow-user")
     with pytest.raises(ConfigError, match="--nbd-allow-user goes with --nbd HOST:PORT"):
-        NbdListen(unix=Path("/run/x.sock"), allow_uids=frozenset({NOBODY}))
+        NbdListen(unix=Path("/run/x.sock"), allow_uids=frozenset({NAMED_UID}))
     code, out, err = await run_mount_to_end(store_url, tmp_path, "--latest", "--nbd", f"unix:{tmp_path}/m.sock",
-                                            "--nbd-allow-user", "nobody", timeout_s=REFUSAL_TIMEOUT_S)
+                                            "--nbd-allow-user", NAMED, timeout_s=REFUSAL_TIMEOUT_S)
     assert code == 2 and "--nbd-allow-user goes with --nbd HOST:PORT" in err, (code, err)
     code, out, err = await run_mount_to_end(store_url, tmp_path, "--latest", "--nbd", "127.0.0.1:0",
                                             "--nbd-allow-user", "no-such-user-here", timeout_s=REFUSAL_TIMEOUT_S)
     assert code == 2 and not out.strip() and "no such user on this host" in err and "Traceback" not in err, err
 
 
-def test_the_site_files_named_users_reach_the_hosts_as_uids(tmp_path: Path) -> None:
+def test_the_site_files_named_users_reach_the_hosts_as_written(tmp_path: Path) -> None:
+    """The site file checks how each entry is written, and looks no one up: its every read
+    (a failover reloads it) must not wait on, or fail with, the host's user directory.
+    Each host resolves them as it starts (``resolve_users``, refusing an unknown name)."""
     from cdp.hypervisor.nbd import NbdHypervisor
 
     cfg = load_site_config(write(tmp_path, hypervisor={"driver": "nbd", "nbd_listen": "127.0.0.1:0",
-                                                       "nbd_allow_users": ["nobody", 1234]}))
-    assert cfg.hypervisor.nbd_allow_uids == (1234, NOBODY)
+                                                       "nbd_allow_users": [NAMED, 1234, "libvirt-qemu"]}))
+    assert cfg.hypervisor.nbd_allow_users == (NAMED, "1234", "libvirt-qemu")
     args = NbdHypervisor(cfg, HOST_ENV)._vm_args(SimpleNamespace(name="h1"))
-    assert args[2:] == ("--nbd", "127.0.0.1:0", "--nbd-allow-user", "1234", "--nbd-allow-user", str(NOBODY)), args
-    for hypervisor, expected in (
-            ({"driver": "nbd", "nbd_allow_users": ["nobody"]},
-             "hypervisor.nbd_allow_users: expected nothing unless nbd_listen is set"),
-            ({"driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": "nobody"},
-             "hypervisor.nbd_allow_users: expected a list"),
-            ({"driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": [True]},
-             "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
-            ({"driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": ["no-such-user-here"]},
-             "[hypervisor] nbd_allow_users 'no-such-user-here': no such user on this host")):
+    assert args[2:] == ("--nbd", "127.0.0.1:0", "--nbd-allow-user", NAMED, "--nbd-allow-user", "1234",
+                        "--nbd-allow-user", "libvirt-qemu"), args
+    for users, expected in ((None, "hypervisor.nbd_allow_users: expected nothing unless nbd_listen is set"),
+                            ("daemon", "hypervisor.nbd_allow_users: expected a list"),
+                            ([True], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
+                            ([-1], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
+                            (["ok", "-x"], "hypervisor.nbd_allow_users[1]: expected a user name or a uid"),
+                            (["\u0661\u0662"], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
+                            ([4294967295], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
+                            ([65534], "hypervisor.nbd_allow_users[0]: expected a uid other than the kernel's overflow")):
+        hypervisor = {"driver": "nbd", "nbd_allow_users": ["daemon"]} if users is None else {
+            "driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": users}
         message = refusal(write(tmp_path, hypervisor=hypervisor))
         assert expected in message, message
+
+
+def test_a_host_refuses_a_named_user_it_cannot_find_before_serving(tmp_path: Path) -> None:
+    """What the site file passed on unresolved: the host's ``iofilter-sim run`` exits 2
+    naming the user, before it serves or connects to anything."""
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "iofilter_sim", "run", str(cluster), "--nbd", "127.0.0.1:0",
+                           "--nbd-allow-user", "no-such-user-here"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **HOST_ENV}, cwd=ROOT)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "--nbd-allow-user 'no-such-user-here': no such user on this host" in proc.stderr, proc.stderr
+
+
+async def test_an_abstract_socket_serves_and_closes() -> None:
+    """A name starting with NUL has no file (the peer check alone guards it): it serves,
+    and close() stops it. Before, the listener's file was stat-ed after it listened: the
+    call failed and left it listening."""
+    name = f"\0cdp-test-{os.getpid()}-{time.monotonic_ns()}"
+    server = NbdServer({})
+    try:
+        assert await server.start_unix(name) == name
+        reader, writer = await asyncio.open_unix_connection(name)
+        try:
+            assert (await asyncio.wait_for(reader.readexactly(8), 10)) == b"NBDMAGIC"
+        finally:
+            writer.close()
+    finally:
+        await server.close()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_unix_connection(name)
 
 
 # --------------------------------------------------------------------------- the Unix socket's directory
@@ -535,7 +588,7 @@ async def test_nobody_writing_blind_and_closing_does_not_reach_a_protected_disk(
         code, out, err = await run_process([*AS_NOBODY, sys.executable, "-I", str(script), host, port, "db/data",
                                             "41", "400", "60", "close"])
         assert code == 0 and "sent" in out, (code, out, err)
-        for _ in range(20):  # before, it landed well within this (the server answers in milliseconds)
+        for _ in range(60):  # before, it landed well within this
             await asyncio.sleep(0.05)
             assert image.read_bytes()[:64 << 10] == before, "uid 65534 wrote the protected disk"
         code, out, err = await run_process([sys.executable, "-I", str(script), host, port, "db/data", "42", "0",
