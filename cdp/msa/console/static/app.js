@@ -329,7 +329,7 @@
   function seedUploads(slots) {
     if (!slots) return dash;
     const waiting = slots.sessions_waiting ? `, ${slots.sessions_waiting} waiting` : "";
-    return `${slots.slots_used} of ${slots.slots}${waiting}`;
+    return `${show(slots.slots_used)} of ${show(slots.slots)}${waiting}`;
   }
 
   // Each DRVA's store lanes with their frame budgets. Sessions that keep waiting while the
