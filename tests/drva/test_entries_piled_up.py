@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 import drva.lanes
 from cdp.catalog import load_catalog
@@ -26,16 +27,23 @@ DISK = 4 << 20
 BATCHES = 80
 
 
-async def test_entries_held_as_rows_through_an_outage_and_a_restart_all_ship(tmp_path, monkeypatch):
+@pytest.fixture
+def stores(monkeypatch) -> list[FaultyStore]:
+    """Every store the DRVAs open, as a FaultyStore (the newest last); the entry queue's
+    sizes shrunk so that a few dozen frames cross every boundary."""
     monkeypatch.setattr(entry_queue, "HOT_MAX", 2)
     monkeypatch.setattr(entry_queue, "BLOCK_ROWS", 3)
-    stores: list[FaultyStore] = []
+    opened: list[FaultyStore] = []
 
     def faulty_store(url: str) -> FaultyStore:
-        stores.append(FaultyStore(open_store(url)))
-        return stores[-1]
+        opened.append(FaultyStore(open_store(url)))
+        return opened[-1]
 
     monkeypatch.setattr(drva.lanes, "open_store", faulty_store)
+    return opened
+
+
+async def test_entries_held_as_rows_through_an_outage_and_a_restart_all_ship(tmp_path, stores):
     store_dir = tmp_path / "store"
     doc = drva_doc(tmp_path, "drva-p", [domain_doc(1, "erp", [("vm1", "d0", DISK)])], store=f"file://{store_dir}",
                    seal_bytes="1MiB", seal_age_s=0.05)
@@ -73,19 +81,10 @@ async def test_entries_held_as_rows_through_an_outage_and_a_restart_all_ship(tmp
     assert state.timeline().committed_seq == filt.next_seq - 1
 
 
-async def test_a_stopped_domain_gives_its_cached_frames_back_to_the_budget(tmp_path, monkeypatch):
+async def test_a_stopped_domain_gives_its_cached_frames_back_to_the_budget(tmp_path, stores):
     """Entries pile up, their frames cached, while the store is down; then the domain is
     stopped here (a fence). Nothing will seal them before a restart: their share of the
     frame cache goes back at once, rows' frames too, and the entries stay (for the log)."""
-    monkeypatch.setattr(entry_queue, "HOT_MAX", 2)
-    monkeypatch.setattr(entry_queue, "BLOCK_ROWS", 3)
-    stores: list[FaultyStore] = []
-
-    def faulty_store(url: str) -> FaultyStore:
-        stores.append(FaultyStore(open_store(url)))
-        return stores[-1]
-
-    monkeypatch.setattr(drva.lanes, "open_store", faulty_store)
     doc = drva_doc(tmp_path, "drva-f", [domain_doc(1, "erp", [("vm1", "d0", DISK)])],
                    store=f"file://{tmp_path / 'store'}", seal_bytes="16MiB", seal_age_s=600)  # none sealed
     filt = DomainFilter(1, [Disk(tmp_path / "erp.img", DISK)])
