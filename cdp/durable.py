@@ -223,9 +223,16 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes | bytearray | memoryview
                     if_absent: bool = False, mode: int = 0o600) -> None:
     """Replace ``name`` in the open directory ``dir_fd`` with ``data``, atomically and
     durably: a new temporary file beside it (``O_EXCL|O_NOFOLLOW``: never an existing
-    file, never through a link), fsynced, then ``publish_at``. A crash leaves either the
-    old content or the new one; at worst a stray ``.tmp-*`` file that the next write's
-    rename never touches."""
+    file, never through a link), fsynced (``stage_at``), then ``publish_at``. A crash
+    leaves either the old content or the new one; at worst a stray ``.tmp-*`` file that
+    the next write's rename never touches."""
+    publish_at(dir_fd, stage_at(dir_fd, name, data, mode=mode), name, if_absent=if_absent)
+
+
+def stage_at(dir_fd: int, name: str, data: bytes | bytearray | memoryview, *, mode: int = 0o600) -> str:
+    """The first half of ``atomic_write_at``: ``data`` in a new temporary file beside
+    ``name``, fsynced; its name, for ``publish_at``. Nothing is left when it fails (the
+    temporary file is removed), and ``name`` is untouched: a caller may try again."""
     tmp = f".tmp-{name}-{secrets.token_hex(6)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
@@ -239,7 +246,7 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes | bytearray | memoryview
             pass
         raise
     os.close(fd)
-    publish_at(dir_fd, tmp, name, if_absent=if_absent)
+    return tmp
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,

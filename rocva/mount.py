@@ -204,6 +204,9 @@ def _open_lock_file(path: Path) -> int:
         if st.st_nlink > 1:
             raise RecoveryError(f"{path}: a file with {st.st_nlink} hard links {expected} (a mount locks only a "
                                 f"file of its own): remove it, or choose another --overlay directory")
+        if st.st_uid != os.geteuid():  # another user holding it locked would keep every mount out
+            raise RecoveryError(f"{path}: a file of uid {st.st_uid} {expected} (a mount locks only a file of its "
+                                f"own): remove it, or choose another --overlay directory")
     except BaseException:
         os.close(fd)
         raise
@@ -228,10 +231,20 @@ class _OverlayDir:
     def make(cls, wanted: Path | None) -> _OverlayDir:
         if wanted is None:
             return cls(Path(tempfile.mkdtemp(prefix="cdp-mount-overlay-")), True)
-        try:
-            wanted.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--overlay {wanted}: cannot create the directory ({exc.strerror})") from None
+        from cdp.msa.install_dirs import dir_problem, make_missing_dirs
+
+        # Before anything is made there, and after: no other user may control a step of
+        # the path (they would choose where the overlay's files are, or swap the directory
+        # between the lock and the overlays), nor write the directory (plant the files).
+        for _ in range(2):
+            if (problem := dir_problem(wanted)) is not None:
+                raise ConfigError(f"--overlay {wanted}: {problem}; the overlay holds the writes made through the "
+                                  f"exports, so every directory on the way must be owned by root or by this "
+                                  f"mount's user (uid {os.geteuid()}), and the directory writable by no one else")
+            try:
+                make_missing_dirs(wanted, 0o700)
+            except OSError as exc:
+                raise ConfigError(f"--overlay {wanted}: cannot create the directory ({exc.strerror})") from None
         if not wanted.is_dir():
             raise ConfigError(f"--overlay {wanted}: not a directory")
         return cls(wanted, False)
@@ -503,6 +516,11 @@ class Mount:
             kept_what = (f"A flush of the overlay of {', '.join(broken)} failed: the writes acknowledged to "
                          f"{'its' if len(broken) == 1 else 'their'} clients after the last good flush may be "
                          f"lost, as a disk's unflushed writes in a crash. The writes flushed before that are kept")
+        unflushed = [n for n, d in self.disks.items() if d.overlay is not None and not d.overlay.has_map()]
+        if unflushed:
+            # No map: a mount started again on the directory starts that overlay empty.
+            kept_what = (f"The overlay of {', '.join(unflushed)} has no map (no flush of it ever completed): a mount "
+                         f"on this directory starts it empty, its writes are not kept. {kept_what}")
         return RecoveryError(
             f"cdp mount could not stop cleanly: {reason}. {kept_what} in the "
             f"overlay directory {kept} (not removed). To apply them, serve the same point with that overlay and "

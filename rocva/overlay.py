@@ -22,7 +22,12 @@ Invariants:
   most what the client had not flushed, as a disk does;
 - mutations are serialized (``_lock``): a read-modify-write cannot interleave with
   another write of the same block. Reads take no lock;
-- a FLUSH that fails *breaks* the overlay, for good (``broken``): every later write,
+- a write's or a flush's work in its worker thread ends before the lock is let go, even
+  when the request is cancelled (its connection ended): a cancelled write's ``pwrite``
+  landing later would overwrite a newer write of the same block, acknowledged and
+  flushed meanwhile from another connection (``_to_end``);
+- a FLUSH whose ``fdatasync`` fails, or whose new map fails once it is renamed into place,
+  *breaks* the overlay, for good (``broken``): every later write,
   WRITE_ZEROES, FUA and FLUSH fails with EIO naming the overlay file, and the map is
   never written again. Why: after a failed write-back Linux marks the lost pages clean
   and the next ``fdatasync`` returns 0 ("fsyncgate", ``cdp.durable.StickySync``): a
@@ -31,7 +36,14 @@ Invariants:
   last good FLUSH may be lost, as a disk's unflushed writes in a crash; the map on disk
   is the last good one, and a mount started again on the directory serves the overlay
   as of that FLUSH (the file's cached pages dropped first, so that no lost page is
-  served from the cache).
+  served from the cache). A map that cannot be *staged* (its temporary file not created,
+  written or synced: a full file system) fails the FLUSH and breaks nothing: the overlay
+  file's sync succeeded, the map on disk is the last good one, and the next FLUSH tries
+  again — so a client that frees space (TRIM) gets its export back;
+- every file of the overlay, and the directory, belong to this process's user: the
+  directory is checked by the rule of §13.15 (``_OverlayDir``, ``rocva.mount``), and a
+  map or overlay file another user owns is refused (it could hold it open and change
+  what is served after every check).
 
 The store is never written: the overlay is the only place writes go.
 
@@ -241,7 +253,7 @@ class Overlay:
             fills.append((end, tail))
         old = await asyncio.gather(*(lower(lo, hi - lo) for lo, hi in fills))
         buffers = [(lo, memoryview(b).cast("B")) for (lo, _), b in zip(fills, old)] + [(offset, data)]
-        await asyncio.to_thread(self._pwrite_parts, buffers)
+        await _to_end(self._pwrite_parts, buffers)
         self._set_bits(first, last_end)
         self.writes += 1
         self.bytes_written += len(data)
@@ -266,7 +278,7 @@ class Overlay:
                     await self._write_locked(offset, memoryview(bytes(whole_lo - offset)), lower)
                 if whole_hi < end:
                     await self._write_locked(whole_hi, memoryview(bytes(end - whole_hi)), lower)
-                await asyncio.to_thread(self._zero, whole_lo, whole_hi - whole_lo)
+                await _to_end(self._zero, whole_lo, whole_hi - whole_lo)
                 self._set_bits(whole_lo // bb, -(-whole_hi // bb))
                 self.writes += 1
                 self.bytes_written += whole_hi - whole_lo
@@ -301,12 +313,13 @@ class Overlay:
         rename an older map over a newer one."""
         self._refuse_if_broken()
         doc = encode_map(self.identity, self.block_bytes, self._bitmap.tobytes()) if self._dirty else None
-        work = asyncio.ensure_future(asyncio.to_thread(self._sync_and_map, doc))
         try:
-            await asyncio.shield(work)
-        except asyncio.CancelledError:
-            await asyncio.gather(work, return_exceptions=True)
-            raise
+            await _to_end(self._sync_and_map, doc)
+        except MapNotStaged as exc:
+            raise OSError(exc.errno or errno.EIO, f"{self.map_path}: flush failed: the map could not be written "
+                                                  f"({exc.strerror or exc}); the overlay's bytes are durable and "
+                                                  f"its map on disk is the last good one: the next flush writes it "
+                                                  f"again (free some room first)") from exc
         except OSError as exc:
             raise OSError(exc.errno or errno.EIO, f"{self.data_path}: flush failed ({exc.strerror or exc}): the "
                                                   f"writes acknowledged since its last good flush may be lost; "
@@ -315,15 +328,34 @@ class Overlay:
             self._dirty = False
 
     def _sync_and_map(self, doc: bytes | None) -> None:
-        """In a worker thread: the sync, then the map ``doc`` (None: unchanged); a failure
-        breaks the overlay here, whoever waits for it."""
+        """In a worker thread: the sync, then the map ``doc`` (None: unchanged). A failed
+        sync, or a failure once the new map is being renamed into place, breaks the
+        overlay here, whoever waits for it; a map that could not be staged raises
+        ``MapNotStaged`` and breaks nothing (module docstring)."""
         try:
             durable.sync_data(self._fd)
-            if doc is not None:
-                self.out.write_atomic(self.name + MAP_SUFFIX, doc)
         except OSError as exc:
             self.broken = exc
             raise
+        if doc is None:
+            return
+        name = self.name + MAP_SUFFIX
+        try:
+            tmp = durable.stage_at(self.out.fd, name, doc)
+        except OSError as exc:
+            raise MapNotStaged(exc.errno, exc.strerror) from exc
+        try:
+            durable.publish_at(self.out.fd, tmp, name)
+        except OSError as exc:
+            self.broken = exc
+            raise
+
+    def has_map(self) -> bool:
+        """Whether the overlay's map is on disk: an overlay never flushed has none, and a
+        mount started again on the directory starts it empty."""
+        if self.out.fd < 0:  # closed: by its path (the directory is ours alone, §13.15)
+            return os.path.lexists(self.map_path)
+        return self.out.lstat(self.name + MAP_SUFFIX) is not None
 
     # ------------------------------------------------------------------ applying
 
@@ -343,6 +375,30 @@ class Overlay:
                     copied += n
         os.fsync(image_fd)
         return copied
+
+
+class MapNotStaged(OSError):
+    """The new map's temporary file could not be made (a full file system): the FLUSH
+    fails, the overlay does not break (module docstring)."""
+
+
+async def _to_end(fn: Callable[..., None], *args: object) -> None:
+    """``fn(*args)`` in a worker thread, awaited to its end even when the caller is
+    cancelled (then the cancellation goes on once it ended; its error, if any, is
+    dropped with it): the caller holds the overlay's lock, which must not be let go while
+    the thread may still write (module docstring)."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            try:
+                await asyncio.wait({work})
+            except asyncio.CancelledError:
+                continue  # cancelled again: still wait for the thread
+        if not work.cancelled():
+            work.exception()  # retrieved: the cancellation is what the caller gets
+        raise
 
 
 def encode_map(identity: OverlayIdentity, block_bytes: int, bitmap: bytes) -> bytes:
@@ -377,6 +433,7 @@ def _open_files(out: OutputDir, name: str, identity: OverlayIdentity, block_byte
         raise FormatError(f"{out.show(data_name)} is missing, yet {out.show(map_name)} records written "
                           f"blocks: put the file back, or remove the map to start an empty overlay") from None
     try:
+        _refuse_foreign(out, data_name, fd)
         size = os.fstat(fd).st_size
         if size != identity.disk_size:
             raise FormatError(f"{out.show(data_name)}: {size} bytes, its map says the disk has "
@@ -386,6 +443,17 @@ def _open_files(out: OutputDir, name: str, identity: OverlayIdentity, block_byte
         os.close(fd)
         raise
     return fd, bitmap
+
+
+def _refuse_foreign(out: OutputDir, name: str, fd: int) -> None:
+    """RecoveryError naming ``name`` when another user owns the file open at ``fd``: they
+    could have written its map, or hold it open and change what the mount serves after
+    every check."""
+    uid = os.fstat(fd).st_uid
+    if uid != os.geteuid():
+        raise RecoveryError(f"{out.show(name)} belongs to uid {uid}, not to this mount's (uid {os.geteuid()}): "
+                            f"an overlay serves only files of its own; remove it, or choose another --overlay "
+                            f"directory")
 
 
 def _drop_cache(fd: int) -> None:
@@ -430,6 +498,7 @@ def _read_map(out: OutputDir, map_name: str, identity: OverlayIdentity, block_by
     except FileNotFoundError:
         return None
     try:
+        _refuse_foreign(out, map_name, fd)
         size = os.fstat(fd).st_size
         header = _pread_exact(fd, min(size, _MAP_HEADER.size), 0, where)
         bitmap_bytes, bitmap_xxh3 = _check_map_header(where, header, identity, block_bytes, blocks)

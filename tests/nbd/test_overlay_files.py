@@ -212,3 +212,64 @@ async def test_the_lock_file_is_created_then_reused_and_held(directory: Path) ->
         first.close(keep=True)
     again = await lock_directory(directory)  # the lock file left behind is the mount's own: reused
     again.close(keep=True)
+
+
+# ---------------------------------------------------------------------- another user's files
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="files of another user take root to make")
+
+
+@needs_root
+async def test_an_overlay_of_another_users_files_is_refused(directory: Path) -> None:
+    """The map and the overlay file of another user: they could have written the map (its
+    checksums are no signature), or hold the file open and change what is served after
+    every check. Each is refused by name."""
+    await write_and_flush(directory)
+    os.chown(directory / (NAME + ".overlay"), NOBODY, NOBODY)
+    with pytest.raises(RecoveryError, match=rf"{re.escape(NAME)}\.overlay belongs to uid {NOBODY}, not to this "
+                                            rf"mount's \(uid 0\)"):
+        await open_overlay(directory)
+    os.chown(directory / (NAME + MAP_SUFFIX), NOBODY, NOBODY)
+    with pytest.raises(RecoveryError, match=rf"{re.escape(NAME + MAP_SUFFIX)} belongs to uid {NOBODY}"):
+        await open_overlay(directory)
+
+
+@needs_root
+@pytest.mark.parametrize("setup,problem", [
+    (lambda d: d.chmod(0o777), "may be written by other users (mode 0777)"),
+    (lambda d: d.chmod(0o770), "may be written by other users (mode 0770)"),
+    (lambda d: os.chown(d, NOBODY, NOBODY), f"is owned by uid {NOBODY}"),
+    (lambda d: os.chown(d.parent, NOBODY, NOBODY), f"is owned by uid {NOBODY}"),
+])
+async def test_an_overlay_directory_another_user_controls_is_refused(directory: Path, setup, problem: str) -> None:
+    """Such a user could plant the overlay's files, or swap the directory between the
+    mount's lock and its overlays: refused before anything is made or locked there."""
+    setup(directory)
+    with pytest.raises(ConfigError, match=re.escape(problem)) as refused:
+        await lock_directory(directory)
+    assert str(refused.value).startswith(f"--overlay {directory}: ")
+    assert not (directory / OVERLAY_LOCK_NAME).exists()
+
+
+@needs_root
+async def test_a_lock_file_of_another_user_is_refused(directory: Path) -> None:
+    """Held locked by its owner, it kept every mount out of the directory (Busy)."""
+    lock = directory / OVERLAY_LOCK_NAME
+    lock.write_bytes(b"")
+    os.chown(lock, NOBODY, NOBODY)
+    with pytest.raises(RecoveryError, match=rf"a file of uid {NOBODY} where the overlay directory's lock file"):
+        await lock_directory(directory)
+
+
+async def test_a_missing_overlay_directory_is_made_ours_alone(tmp_path: Path) -> None:
+    directory = tmp_path / "new" / "overlay"
+    before = os.umask(0)
+    try:
+        made = await lock_directory(directory)
+    finally:
+        os.umask(before)
+    try:
+        assert (directory.stat().st_mode & 0o777, directory.parent.stat().st_mode & 0o777) == (0o700, 0o700)
+    finally:
+        made.close(keep=True)
