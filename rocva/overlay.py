@@ -60,6 +60,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -424,6 +426,7 @@ def _open_files(out: OutputDir, name: str, identity: OverlayIdentity, block_byte
     or an empty bitmap and a new, empty file of the disk's size."""
     data_name, map_name = name + DATA_SUFFIX, name + MAP_SUFFIX
     blocks = -(-identity.disk_size // block_bytes)
+    _remove_stale_maps(out, map_name)
     bitmap = _read_map(out, map_name, identity, block_bytes, blocks)
     if bitmap is None:
         return _create_data(out, data_name, identity.disk_size), np.zeros(-(-blocks // 8), dtype=np.uint8)
@@ -443,6 +446,20 @@ def _open_files(out: OutputDir, name: str, identity: OverlayIdentity, block_byte
         os.close(fd)
         raise
     return fd, bitmap
+
+
+def _remove_stale_maps(out: OutputDir, map_name: str) -> None:
+    """Remove the temporary maps a crashed mount left (``durable.stage_at``'s
+    ``.tmp-<map name>-<12 hex digits>``): never renamed into place, they are no map.
+    The names only are unlinked (nothing is followed), and only those of this map; the
+    directory is this user's alone (§13.15), so nothing else can be at those names."""
+    stale = re.compile(rf"\.tmp-{re.escape(map_name)}-[0-9a-f]{{12}}")
+    for entry in os.listdir(out.fd):
+        if not stale.fullmatch(entry):
+            continue
+        st = out.lstat(entry)
+        if st is not None and not stat.S_ISDIR(st.st_mode):  # a directory there is not ours to remove
+            out.unlink(entry)
 
 
 def _refuse_foreign(out: OutputDir, name: str, fd: int) -> None:

@@ -273,3 +273,20 @@ async def test_a_missing_overlay_directory_is_made_ours_alone(tmp_path: Path) ->
         assert (directory.stat().st_mode & 0o777, directory.parent.stat().st_mode & 0o777) == (0o700, 0o700)
     finally:
         made.close(keep=True)
+
+
+async def test_temporary_maps_a_crash_left_are_removed_and_nothing_else(directory: Path, victim: Path) -> None:
+    """A crash between staging a map and renaming it leaves ``.tmp-<map>-<12 hex>``: the
+    next open removes those names (a link among them is unlinked, never followed), and
+    leaves every other name alone."""
+    stale = directory / f".tmp-{NAME}{MAP_SUFFIX}-0123456789ab"
+    stale.write_bytes(b"half a map")
+    linked = directory / f".tmp-{NAME}{MAP_SUFFIX}-ba9876543210"
+    os.symlink(victim, linked)
+    others = [directory / f".tmp-other{MAP_SUFFIX}-0123456789ab", directory / f".tmp-{NAME}{MAP_SUFFIX}-xyz"]
+    for path in others:
+        path.write_bytes(b"not ours")
+    overlay = await open_overlay(directory)
+    overlay.close()
+    assert not os.path.lexists(stale) and not os.path.lexists(linked)
+    assert all(path.read_bytes() == b"not ours" for path in others) and victim.read_bytes() == PRECIOUS
