@@ -110,7 +110,7 @@ from urllib.parse import unquote, urlsplit
 from cdp.errors import ConfigError
 from cdp.inventory import Cluster, DomainSpec, parse_cluster, sidecar_role, sidecars
 from cdp.nbd.address import parse_tcp
-from cdp.nbd.peers import ALLOW_USERS_MAX, is_uid_text, overflow_uid, remote_listen_problem
+from cdp.nbd.peers import ALLOW_USERS_MAX, UID_MAX, UserRefused, overflow_uid, remote_listen_problem, written_uid
 from cdp.msa.registry import REGISTERED_NAME
 from cdp.msa.site_tls import TlsSpec, parse_tls
 from cdp.store.open import check_store_url, config_store_url
@@ -768,14 +768,17 @@ def _nbd_allow_users(r: TomlReader, t: Mapping, nbd_listen: str | None) -> tuple
     if nbd_listen is None:
         r.fail(key, "nothing unless nbd_listen is set (the Unix socket is root's and the daemon's alone)", users)
     out: list[str] = []
+    overflow = overflow_uid()
     for i, user in enumerate(r.list(users, key, nonempty=False)):
         if isinstance(user, int) and not isinstance(user, bool):
-            user = str(user) if 0 <= user < 0xFFFFFFFF else ""
-        if not isinstance(user, str) or not (is_uid_text(user) and int(user) < 0xFFFFFFFF or USER_NAME.fullmatch(user)):
-            r.fail(f"{key}[{i}]", f"a user name or a uid of 0..{0xFFFFFFFE}", users[i])
-        if is_uid_text(user) and int(user) == overflow_uid():
-            r.fail(f"{key}[{i}]", "a uid other than the kernel's overflow uid (every process of another user "
-                                  "namespace shows as it)", users[i])
+            user = str(user) if user >= 0 else ""
+        if not isinstance(user, str):
+            user = ""
+        try:
+            if written_uid(user, overflow) is None and not USER_NAME.fullmatch(user):
+                raise UserRefused(f"a user name or a uid of 0..{UID_MAX}")
+        except UserRefused as e:
+            r.fail(f"{key}[{i}]", str(e), users[i])
         out.append(user)
     if len(set(out)) > ALLOW_USERS_MAX:
         r.fail(key, f"at most {ALLOW_USERS_MAX} users", f"{len(set(out))} users")

@@ -183,12 +183,43 @@ def is_uid_text(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+#: The highest uid a user may be named by: (uid_t)-1 means "no user" to the kernel.
+UID_MAX = 0xFFFFFFFE
+
+
+class UserRefused(ValueError):
+    """An allowed-user entry that cannot name one user; the text says what was expected."""
+
+
+def overflow_refusal(uid: int, overflow: int) -> UserRefused | None:
+    """Why ``uid`` cannot be allowed, or None: the kernel's overflow uid (``overflow_uid``;
+    ``nobody``'s) — every process of another user namespace the kernel cannot map shows
+    as that uid, on a Unix socket and in sock_diag alike, so allowing it would let all of
+    them in."""
+    if uid != overflow:
+        return None
+    return UserRefused(f"a uid other than the kernel's overflow uid {overflow} (every process of another "
+                       f"user namespace shows as it, so it cannot name one user)")
+
+
+def written_uid(user: str, overflow: int) -> int | None:
+    """The uid ``user`` is written as (``is_uid_text``), or None for a name to look up.
+    UserRefused for a uid past ``UID_MAX`` or the overflow uid (``overflow_refusal``).
+    Shared by the site file's syntax check and ``resolve_users``, so both refuse alike."""
+    if not is_uid_text(user):
+        return None
+    uid = int(user)
+    if uid > UID_MAX:
+        raise UserRefused(f"a uid of 0..{UID_MAX}")
+    if (refused := overflow_refusal(uid, overflow)) is not None:
+        raise refused
+    return uid
+
+
 def resolve_users(users: Iterable[str], option: str) -> frozenset[int]:
     """The uids of ``users``: names of this host's users (``getpwnam``) or uids written in
-    ASCII digits (0..2**32-2). ConfigError naming ``option`` and the entry refused: neither
-    of those, or the kernel's overflow uid (``overflow_uid``; ``nobody``) — every process
-    of another user namespace the kernel cannot map shows as that uid, on a Unix socket
-    and in sock_diag alike, so allowing it would let all of them in."""
+    ASCII digits (``written_uid``). ConfigError naming ``option`` and the entry refused:
+    neither of those, or a name whose uid is the overflow uid (``overflow_refusal``)."""
     import pwd
 
     uids: set[int] = set()
@@ -196,19 +227,18 @@ def resolve_users(users: Iterable[str], option: str) -> frozenset[int]:
     for user in users:
         if not isinstance(user, str):
             raise ConfigError(f"{option} {str(user)[:32]}: expected a user name or a uid")
-        if is_uid_text(user):
-            uid = int(user)
-            if not 0 <= uid < 0xFFFFFFFF:  # (uid_t)-1 means "no user" to the kernel
-                raise ConfigError(f"{option} {user[:32]}: expected a uid of 0..{0xFFFFFFFE}")
-        else:
+        try:
+            uid = written_uid(user, overflow)
+        except UserRefused as e:
+            raise ConfigError(f"{option} {user[:32]}: expected {e}") from None  # ASCII digits
+        if uid is None:
             try:
                 uid = pwd.getpwnam(user).pw_uid
             except (KeyError, ValueError):  # ValueError: a NUL in the name
                 raise ConfigError(f"{option} {user[:64]!r}: no such user on this host "
                                   f"(expected a user name or a uid)") from None
-        if uid == overflow:
-            raise ConfigError(f"{option} {user[:64]!r}: uid {uid} is the kernel's overflow uid: every process "
-                              f"of another user namespace shows as it, so it cannot name one user")
+            if (refused := overflow_refusal(uid, overflow)) is not None:
+                raise ConfigError(f"{option} {user[:64]!r}: its uid {uid}: expected {refused}")
         uids.add(uid)
     if len(uids) > ALLOW_USERS_MAX:
         raise ConfigError(f"{option}: {len(uids)} users; expected at most {ALLOW_USERS_MAX}")

@@ -274,8 +274,8 @@ async def test_named_users_are_checked_before_anything_is_served(store_url: str,
                            (" 1", "' 1': no such user on this host"),
                            (True, "True: expected a user name or a uid"),
                            # Every process of another user namespace shows as the overflow uid.
-                           ("nobody", "'nobody': uid 65534 is the kernel's overflow uid"),
-                           ("65534", "'65534': uid 65534 is the kernel's overflow uid")):
+                           ("nobody", "'nobody': its uid 65534: expected a uid other than the kernel's overflow uid"),
+                           ("65534", "65534: expected a uid other than the kernel's overflow uid 65534")):
         with pytest.raises(ConfigError, match=re.escape(f"--nbd-allow-user {expected}")):
             resolve_users([user], "--nbd-allow-user")
     with pytest.raises(ConfigError, match=f"expected at most {ALLOW_USERS_MAX}"):
@@ -308,7 +308,8 @@ def test_the_site_files_named_users_reach_the_hosts_as_written(tmp_path: Path) -
                             ([-1], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
                             (["ok", "-x"], "hypervisor.nbd_allow_users[1]: expected a user name or a uid"),
                             (["\u0661\u0662"], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
-                            ([4294967295], "hypervisor.nbd_allow_users[0]: expected a user name or a uid"),
+                            ([4294967295], "hypervisor.nbd_allow_users[0]: expected a uid of 0..4294967294"),
+                            (["4294967295"], "hypervisor.nbd_allow_users[0]: expected a uid of 0..4294967294"),
                             ([65534], "hypervisor.nbd_allow_users[0]: expected a uid other than the kernel's overflow")):
         hypervisor = {"driver": "nbd", "nbd_allow_users": ["daemon"]} if users is None else {
             "driver": "nbd", "nbd_listen": "127.0.0.1:0", "nbd_allow_users": users}
