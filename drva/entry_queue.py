@@ -153,10 +153,6 @@ class EntryQueue:
         for number in sorted(self._frames):
             yield self[len(self._hot) + number - self._cold_first]
 
-    def cached_frames(self) -> int:
-        """How many of the rows hold a cached frame (the objects say it themselves)."""
-        return len(self._frames)
-
     def drop_frames(self) -> list[Any]:
         """Take every cached frame out of the queue; the entries that held one (their
         ``frame`` still set, for the caller to ``uncache``). A row's object is made for

@@ -32,7 +32,7 @@ from cdp.errors import ConfigError
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, fallocate
 from cdp.fallocate import available as fallocate_available
 from cdp.file_kinds import NotRegular, open_regular
-from cdp.msa.install_dirs import dir_problem, make_missing_dirs, who
+from cdp.msa.install_dirs import dir_problem, made_dir_problem, who
 from cdp.records import (
     KIND_WRITE, KIND_ZERO, SECTOR, WRITE_LEN_MAX, payload_lengths, payload_starts,
 )
@@ -85,9 +85,7 @@ def ensure_image_dir(directory: Path, name: str, *, create: bool = True) -> None
     is made, and replace or remove it and its sidecar files (dirty-region map, spill
     journal) under a running VM. A ``ConfigError`` naming the disk, the directory and
     what is expected."""
-    if create:
-        make_missing_dirs(directory)
-    if (problem := dir_problem(directory)) is not None:
+    if (problem := made_dir_problem(directory) if create else dir_problem(directory)) is not None:
         raise ConfigError(f"disk {name}: {problem}; a VM's disk ({directory}/…) is kept only where no other "
                           f"user may write: every directory on the way owned by root or by "
                           f"{who(os.geteuid())} and writable by no other user (a shared one like /tmp only if "

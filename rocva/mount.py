@@ -231,20 +231,24 @@ class _OverlayDir:
     def make(cls, wanted: Path | None) -> _OverlayDir:
         if wanted is None:
             return cls(Path(tempfile.mkdtemp(prefix="cdp-mount-overlay-")), True)
-        from cdp.msa.install_dirs import dir_problem, make_missing_dirs
+        from cdp.msa.install_dirs import dir_problem, made_dir_problem
+
+        def refuse(problem: str) -> ConfigError:
+            return ConfigError(f"--overlay {wanted}: {problem}; the overlay holds the writes made through the "
+                               f"exports, so every directory on the way must be owned by root or by this "
+                               f"mount's user (uid {os.geteuid()}), and the directory writable by no one else")
 
         # Before anything is made there, and after: no other user may control a step of
         # the path (they would choose where the overlay's files are, or swap the directory
         # between the lock and the overlays), nor write the directory (plant the files).
-        for _ in range(2):
-            if (problem := dir_problem(wanted)) is not None:
-                raise ConfigError(f"--overlay {wanted}: {problem}; the overlay holds the writes made through the "
-                                  f"exports, so every directory on the way must be owned by root or by this "
-                                  f"mount's user (uid {os.geteuid()}), and the directory writable by no one else")
-            try:
-                make_missing_dirs(wanted, 0o700)
-            except OSError as exc:
-                raise ConfigError(f"--overlay {wanted}: cannot create the directory ({exc.strerror})") from None
+        if (problem := dir_problem(wanted)) is not None:
+            raise refuse(problem)
+        try:
+            problem = made_dir_problem(wanted, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"--overlay {wanted}: cannot create the directory ({exc.strerror})") from None
+        if problem is not None:
+            raise refuse(problem)
         if not wanted.is_dir():
             raise ConfigError(f"--overlay {wanted}: not a directory")
         return cls(wanted, False)
@@ -509,6 +513,8 @@ class Mount:
         kept = self.overlay_dir.path
         broken = [n for n, d in self.disks.items() if d.overlay is not None and d.overlay.broken is not None]
         logger.error("mount_stop_failed", error=reason, overlay_kept=str(kept), overlays_broken=broken)
+        lost = [n for n, d in self.disks.items()
+                if d.overlay is not None and d.overlay.writes and not d.overlay.has_map()]
         kept_what = "The writes made through the exports are kept"
         if broken:
             # A failed flush (fsyncgate): what the kernel failed to write may be gone, and
@@ -516,11 +522,13 @@ class Mount:
             kept_what = (f"A flush of the overlay of {', '.join(broken)} failed: the writes acknowledged to "
                          f"{'its' if len(broken) == 1 else 'their'} clients after the last good flush may be "
                          f"lost, as a disk's unflushed writes in a crash. The writes flushed before that are kept")
-        unflushed = [n for n, d in self.disks.items() if d.overlay is not None and not d.overlay.has_map()]
-        if unflushed:
-            # No map: a mount started again on the directory starts that overlay empty.
-            kept_what = (f"The overlay of {', '.join(unflushed)} has no map (no flush of it ever completed): a mount "
-                         f"on this directory starts it empty, its writes are not kept. {kept_what}")
+        if lost:
+            # Written to, but no map ever reached the disk: a mount started again on the
+            # directory starts that overlay empty, so none of its writes can be applied.
+            through = "its export" if len(lost) == 1 else "their exports"
+            kept_what = (f"The overlay of {', '.join(lost)} has no map (no flush of it ever completed): a mount on "
+                         f"this directory starts it empty, so the writes made through {through} since this "
+                         f"mount started are lost. {kept_what.replace('the exports', 'the other exports')}")
         return RecoveryError(
             f"cdp mount could not stop cleanly: {reason}. {kept_what} in the "
             f"overlay directory {kept} (not removed). To apply them, serve the same point with that overlay and "

@@ -156,12 +156,18 @@ def make_missing_dirs(path: Path, mode: int = DIR_MODE) -> None:
             pass
 
 
+def made_dir_problem(path: Path, mode: int = DIR_MODE) -> str | None:
+    """Create ``path`` and its missing parents (``make_missing_dirs``), then say why
+    another user could change what lies in it (``dir_problem``: one someone else made
+    first, in a race or not, or 0777 from an older release), or None. OSError when a
+    directory cannot be made."""
+    make_missing_dirs(path, mode)
+    return dir_problem(path)
+
+
 def ensure_dir(cfg: SiteConfig, field: str, path: Path, writer: str = WRITER_INSTALL) -> None:
-    """Create ``path`` and its missing parents (``DIR_MODE``), then check the whole path
-    again: a directory someone else made first, in a race or not, is refused all the
-    same (``dir_problem``)."""
-    make_missing_dirs(path)
-    if (problem := dir_problem(path)) is not None:
+    """``made_dir_problem`` of ``path``, refused as ``field`` of the site file says."""
+    if (problem := made_dir_problem(path)) is not None:
         raise dir_error(cfg, field, path, problem, writer)
 
 

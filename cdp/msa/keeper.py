@@ -60,7 +60,7 @@ from pathlib import Path
 
 from cdp.file_kinds import NotRegular, open_regular
 from cdp.logs import get_logger
-from cdp.msa.install_dirs import dir_problem, make_missing_dirs
+from cdp.msa.install_dirs import made_dir_problem
 from cdp.msa.processes import (  # noqa: F401 (re-exported: the keeper's callers and tests import them here)
     PID_FILE_BYTES_MAX, STOP_TIMEOUT_S, Leftover, _leftover, _running_command, find_leftovers, read_pid_file,
     same_process, stale_reason, start_ticks, stop_leftovers, stop_process, write_pid_file,
@@ -373,22 +373,13 @@ def pid_path(kept: Kept) -> Path:
     return kept.log_path.with_suffix(".pid")
 
 
-def private_dir_problem(path: Path) -> str | None:
-    """Create directory ``path`` and its missing parents (``DIR_MODE``: a umask only
-    takes bits away, so none is writable by others), then say why another user could
-    change what lies in it (``dir_problem``: one made by someone else first, or 0777 from
-    an older daemon), or None."""
-    make_missing_dirs(path)
-    return dir_problem(path)
-
-
 def check_private_dirs(kept: Kept) -> None:
-    """Make the directories of ``kept``'s log, pid file and status (``private_dir_problem``);
+    """Make the directories of ``kept``'s log, pid file and status (``made_dir_problem``);
     ``OSError`` naming the first one another user could write: what is read there is
     trusted (a pid file names a process to stop), what is written there is root's."""
     dirs = [kept.log_path.parent] + ([kept.status_path.parent] if kept.status_path is not None else [])
     for directory in dirs:
-        if (problem := private_dir_problem(directory)) is not None:
+        if (problem := made_dir_problem(directory)) is not None:
             raise OSError(errno.EPERM, f"{problem}: the directories of its log, pid file and status must be "
                           f"owned by root or by uid {os.geteuid()} and writable by no other user (chmod go-w)",
                           str(directory))

@@ -106,7 +106,7 @@ async def test_a_stopped_domain_gives_its_cached_frames_back_to_the_budget(tmp_p
             dom.stop("stopped by the test")
             await wait_until(lambda: d.committer.cache_bytes == 0, EVENTUALLY_S, "the cached frames given back")
             assert [(e.first_seq, e.last_seq) for e in dom.unsealed] == held  # kept for the log
-            assert all(e.frame is None for e in dom.unsealed) and not dom.unsealed.cached_frames()
+            assert all(e.frame is None for e in dom.unsealed) and not list(dom.unsealed.cached())
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

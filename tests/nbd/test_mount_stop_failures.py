@@ -144,6 +144,40 @@ async def test_a_failed_flush_at_stop_keeps_the_overlay(store_dir: Path, tmp_pat
     assert (overlay_dir / "vm1-sys.overlay.map").is_file()
 
 
+async def test_a_stop_whose_first_flush_fails_names_the_overlay_with_no_map(store_dir: Path, tmp_path: Path,
+                                                                              temp_root: Path, monkeypatch) -> None:
+    """No flush of vm1/sys's overlay ever completed: the stop's own flush is the first, and
+    it fails. The error says those writes are lost — a mount on the kept directory starts
+    that overlay empty, which it then does — and names no disk that was not written."""
+    mount = await Mount.open(FileStore(store_dir), MountOptions(7, Target.latest(), writable=True))
+    await mount.disks["vm1/sys"].write(WRITE_AT, WRITTEN, fua=False)
+    overlay_dir = mount.overlay_dir.path
+
+    async def failing_flush(self) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Overlay, "flush", failing_flush)
+        with pytest.raises(RecoveryError, match="Input/output error") as caught:
+            await mount.close()
+    message = caught.value.message
+    assert ("The overlay of vm1/sys has no map (no flush of it ever completed): a mount on this directory starts "
+            "it empty, so the writes made through its export since this mount started are lost. The writes made "
+            f"through the other exports are kept in the overlay directory {overlay_dir} (not removed)") in message, \
+        message
+    others = [name for name in mount.disks if name != "vm1/sys"]
+    assert others and not any(f"The overlay of {name} has no map" in message for name in others), message
+    assert not (overlay_dir / "vm1-sys.overlay.map").exists()
+
+    # What the message says: the same point on the kept directory reads the block unwritten.
+    again = await Mount.open(FileStore(store_dir), MountOptions(7, Target.latest(), writable=True,
+                                                                overlay_dir=overlay_dir))
+    try:
+        assert bytes(await again.disks["vm1/sys"].read(WRITE_AT, len(WRITTEN))) != WRITTEN
+    finally:
+        await again.close()
+
+
 async def test_a_clean_stop_still_removes_the_temporary_overlay(store_dir: Path, tmp_path: Path,
                                                                 temp_root: Path) -> None:
     mount = await rehydrated_mount(FileStore(store_dir), tmp_path / "R")
