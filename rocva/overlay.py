@@ -353,10 +353,8 @@ class Overlay:
             raise
 
     def has_map(self) -> bool:
-        """Whether the overlay's map is on disk: an overlay never flushed has none, and a
-        mount started again on the directory starts it empty."""
-        if self.out.fd < 0:  # closed: by its path (the directory is ours alone, §13.15)
-            return os.path.lexists(self.map_path)
+        """Whether the open overlay's map is on disk: an overlay never flushed has none,
+        and a mount started again on the directory starts it empty."""
         return self.out.lstat(self.name + MAP_SUFFIX) is not None
 
     # ------------------------------------------------------------------ applying
