@@ -14,6 +14,7 @@ publication), ``recover_options`` (what a recovery is asked for, checked once),
 recovery may write, and opening its directory without following links), ``errors``.
 """
 
+import cdp  # noqa: F401 - first: it sets up the environment numpy is loaded in (cdp/__init__.py)
 from rocva.errors import InconsistentPoint, InvalidTarget, OutsideRetention, RecoveryError
 from rocva.plan import DiskPlan, RecoveryPlan, build_plan, plan_recovery
 from rocva.recover import execute_plan, recover
