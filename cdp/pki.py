@@ -3,7 +3,7 @@
 ``cdp install`` with ``[tls] mode = "on"`` calls ``ensure_site_pki``: one CA per site
 (EC P-256, ten years) and one leaf certificate per server — each DRVA's filter port and
 the MSA's REST API — signed by it, with the names and addresses its clients dial as
-subject alternative names. Every file lives in one directory (``TlsFiles``):
+subject alternative names. Every file lives in one directory (``cdp.pki_files.TlsFiles``):
 
     ca.pem  ca.key  drva-<name>.pem  drva-<name>.key  api.pem  api.key
 
@@ -28,7 +28,6 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cdp.durable import atomic_write
 from cdp.errors import ConfigError
+from cdp.pki_files import LeafSpec, TlsFiles, server_names
 
 CA_VALID_S = 10 * 365 * 86400  # the CA outlives many leaf rotations
 LEAF_VALID_S = 397 * 86400  # the longest a public CA may issue today: rotation stays a habit
@@ -48,58 +48,6 @@ CLOCK_SKEW_S = 300  # not_before is backdated this much: a host a little behind 
 CERT_MODE = 0o644
 KEY_MODE = 0o600
 DIR_MODE = 0o700
-#: Always in a server certificate: what a client on the same host dials.
-LOCAL_NAMES = ("localhost", "127.0.0.1")
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Where a site's TLS files are (the module docstring's layout)."""
-
-    dir: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.dir / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.dir / "ca.key"
-
-    def cert(self, stem: str) -> Path:
-        return self.dir / f"{stem}.pem"
-
-    def key(self, stem: str) -> Path:
-        return self.dir / f"{stem}.key"
-
-
-@dataclass(frozen=True)
-class LeafSpec:
-    """A server certificate to keep: file stem (``drva-drva-1``, ``api``), the subject's
-    common name and every name or address clients dial (DNS names and IP addresses)."""
-
-    stem: str
-    common_name: str
-    names: tuple[str, ...]
-
-
-def server_names(*hosts: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The subject alternative names of a server listening on ``hosts``: those, the local
-    names, and ``extra`` (the site file's ``[tls] server_names``), without duplicates and
-    without wildcard addresses (0.0.0.0, ::), which no client dials."""
-    out: list[str] = []
-    for name in (*hosts, *LOCAL_NAMES, *extra):
-        name = name.strip("[]")
-        try:
-            name = str(ipaddress.ip_address(name))  # the form a certificate gives back: compared at each install
-        except ValueError:
-            pass
-        if name in ("0.0.0.0", "::") or not name or name in out:
-            continue
-        out.append(name)
-    return tuple(out)
-
-
 # --------------------------------------------------------------------------- reading
 
 

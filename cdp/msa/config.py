@@ -132,7 +132,7 @@ VMS_PER_HOST_RANGE = (1, 1024)
 RECOVERED_WORKLOAD_DEFAULT: Mapping[str, Any] = {"kind": "random", "rate_mb_s": 1}
 SHOWN_CHARS_MAX = 80  # a value quoted in a message is cut here
 #: A wildcard ``[api] listen`` host and the address a client on this machine dials
-#: instead: no certificate names a wildcard (``cdp.pki.server_names``), nor can one be dialled.
+#: instead: no certificate names a wildcard (``cdp.pki_files.server_names``), nor can one be dialled.
 WILDCARD_DIALLED: Mapping[str, str] = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 #: Each policy key of the site file and of ``POST /v1/domains/{name}/protect``: its bounds
 #: in seconds and whether it is a duration ("72h") or a plain number of seconds. One table
@@ -290,7 +290,7 @@ class SiteConfig:
     def api_server_name(self) -> str | None:
         """The name the API's certificate is checked for when it is not the host dialled:
         a certificate holds 127.0.0.1 and localhost whatever the listen address
-        (``cdp.pki.LOCAL_NAMES``), and ::1 only when listed, so ``[::]`` is checked for
+        (``cdp.pki_files.LOCAL_NAMES``), and ::1 only when listed, so ``[::]`` is checked for
         localhost."""
         return "localhost" if self.tls is not None and self.api_listen.host == "::" else None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdp.errors import ConfigError
-from cdp.pki import LeafSpec, TlsFiles, server_names
+from cdp.pki_files import LeafSpec, TlsFiles, server_names
 from cdp.tls import SERVER_NAME, SERVER_NAME_EXPECTED, server_context
 from cdp.tomlread import Endpoint, TomlReader
 
