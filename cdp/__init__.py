@@ -1,4 +1,4 @@
-"""The core library of the CDP engine (ARCHITECTURE.md): formats, stores, catalog, MSA, CLI."""
+"""The core library of the CDP engine: formats, stores, catalog, MSA, CLI (README.md, "What is here")."""
 
 import os
 
