@@ -127,8 +127,7 @@ def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_reru
         latest = op.cdp("recover", "erp", *store, "--latest", "--timeline", "3", "--to", str(tmp_path / "t3"))
         assert [sha256(Path(i["path"])) for i in latest["images"]] == sites.primaries_a()
     finally:
-        for proc in op.daemons.values():
-            _stop(proc)
+        op.stop_all()
         for proc in op.background:
             if proc.poll() is None:
                 proc.kill()
@@ -223,5 +222,4 @@ def test_both_ways_at_once_erp_goes_to_b_and_back_while_crm_keeps_its_rpo(tmp_pa
         check_stores(sites, two_stores)
     finally:
         sampling.set()
-        for proc in op.daemons.values():
-            _stop(proc)
+        op.stop_all()

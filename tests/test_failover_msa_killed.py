@@ -50,8 +50,7 @@ def test_a_failover_whose_msa_was_killed_protects_the_domain_when_rerun(tmp_path
                          "--to", str(tmp_path / "at-fork"))
         assert [sha256(Path(i["path"])) for i in at_fork["images"]] == expected
     finally:
-        for proc in op.daemons.values():
-            _stop(proc)
+        op.stop_all()
         for proc in op.background:
             if proc.poll() is None:
                 proc.kill()

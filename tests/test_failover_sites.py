@@ -116,6 +116,21 @@ class Operator:
             time.sleep(0.2)
         return got
 
+    def stop_all(self) -> None:
+        """Stop both daemons (SIGTERM, then SIGKILL), then SIGKILL what a killed one left
+        running: every process a pid file in a site's ``logs`` names with its start time
+        (``cdp.msa.processes.find_leftovers``: the DRVAs and hosts its keeper ran). A
+        daemon killed while it starts leaves them, and a failed test must not leave them
+        loading the tests after it."""
+        from cdp.msa.processes import find_leftovers
+
+        for proc in self.daemons.values():
+            _stop(proc)
+        for site in (self.sites.a, self.sites.b):
+            for one in find_leftovers(site.cfg.state_dir / "logs", "*.pid", []):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(one.pid, signal.SIGKILL)
+
     def logs(self) -> str:
         out = []
         for path in sorted(self.root.glob("daemon-*.log")) + sorted(self.root.glob("*/state/logs/*.log")):
@@ -199,8 +214,7 @@ def test_unplanned_failover_at_a_mark_before_the_garbage_and_at_the_latest_point
         assert domain_objects(sites) == before
         fail_back(op, sites, tmp_path, erp)  # issue 12: erp comes home, A's garbage undone
     finally:
-        for proc in op.daemons.values():
-            _stop(proc)
+        op.stop_all()
 
 
 def fail_back(op: Operator, sites: TwoSites, tmp_path: Path, over: dict[str, Any]) -> None:
@@ -323,8 +337,7 @@ def test_test_failover_then_planned_failover(tmp_path: Path) -> None:
         assert status_a["powered"] == [] and status_a["domains"] == []  # A stopped its VMs and shipping
         op.at("a", "power", "erp", "on", expect=2)  # refused: the domain runs at B now
     finally:
-        for proc in op.daemons.values():
-            _stop(proc)
+        op.stop_all()
 
 
 def reload_cluster(sites: TwoSites) -> Any:

@@ -874,11 +874,8 @@ async def _kill_on_the_new_timeline(ctx: Ctx, site: str, phase: str, why: str) -
 
 
 def _cleanup(ctx: Ctx) -> None:
-    from tests.test_walkthrough import _stop
-
     if ctx.op is not None:
-        for proc in list(ctx.op.daemons.values()):
-            _stop(proc)
+        ctx.op.stop_all()
         for proc in ctx.op.background:
             if proc.poll() is None:
                 _pgkill(proc.pid)
