@@ -25,7 +25,7 @@ import pytest
 
 from cdp.testing.two_sites import TwoSites, make_two_sites, sha256
 from tests.conftest import unique_name
-from tests.test_walkthrough import CDP, CLI_EXIT_S, EXIT_S, HTTP_S, _stop
+from tests.test_walkthrough import CDP, CLI_EXIT_S, EXIT_S, HTTP_S, _stop, kill_leftovers
 
 S3_CREDS = {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key"}
 WRITES_S = 60.0  # bound on a few hundred small writes reaching the store's catalog
@@ -117,19 +117,12 @@ class Operator:
         return got
 
     def stop_all(self) -> None:
-        """Stop both daemons (SIGTERM, then SIGKILL), then SIGKILL what a killed one left
-        running: every process a pid file in a site's ``logs`` names with its start time
-        (``cdp.msa.processes.find_leftovers``: the DRVAs and hosts its keeper ran). A
-        daemon killed while it starts leaves them, and a failed test must not leave them
-        loading the tests after it."""
-        from cdp.msa.processes import find_leftovers
-
+        """Stop both daemons (SIGTERM, then SIGKILL), then what a killed one left running
+        (``kill_leftovers``)."""
         for proc in self.daemons.values():
             _stop(proc)
         for site in (self.sites.a, self.sites.b):
-            for one in find_leftovers(site.cfg.state_dir / "logs", "*.pid", []):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(one.pid, signal.SIGKILL)
+            kill_leftovers(site.cfg.state_dir)
 
     def logs(self) -> str:
         out = []

@@ -202,16 +202,16 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = STOP_S) -> bo
         return True
 
 
-def _kill_orphans(pids: set[int]) -> None:
-    """DRVAs a killed daemon left behind (only our own: their command line says so)."""
-    for pid in pids:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"drva.daemon" in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def kill_leftovers(state_dir: Path) -> None:
+    """SIGKILL what a killed daemon left running: every process a pid file in
+    ``state_dir/logs`` names with its start time (``cdp.msa.processes.find_leftovers``: the
+    DRVAs and hosts its keeper ran, each leading a session of its own, which the daemon's
+    SIGKILL does not reach). A failed test must not leave them loading the tests after it."""
+    from cdp.msa.processes import find_leftovers
+
+    for one in find_leftovers(state_dir / "logs", "*.pid", []):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(one.pid, signal.SIGKILL)
 
 
 def test_walkthrough(tmp_path: Path) -> None:
@@ -377,7 +377,7 @@ def test_walkthrough(tmp_path: Path) -> None:
         raise AssertionError(f"{what}\n{w.logs()}") from exc
     finally:
         _stop(sim)
-        if _stop(daemon):
-            _kill_orphans(drva_pids)
+        _stop(daemon)
+        kill_leftovers(w.state_dir)
     elapsed = time.monotonic() - t0
     print(f"walkthrough: {elapsed:.1f} s")
