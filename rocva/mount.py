@@ -515,7 +515,7 @@ class Mount:
         logger.error("mount_stop_failed", error=reason, overlay_kept=str(kept), overlays_broken=broken)
         lost = [n for n, d in self.disks.items()
                 if d.overlay is not None and d.overlay.writes and not d.overlay.has_map()]
-        kept_what = "The writes made through the exports are kept"
+        kept_what = f"The writes made through the {'other ' if lost else ''}exports are kept"
         if broken:
             # A failed flush (fsyncgate): what the kernel failed to write may be gone, and
             # what it still caches may be served once more, then not: only the map is trusted.
@@ -528,7 +528,7 @@ class Mount:
             through = "its export" if len(lost) == 1 else "their exports"
             kept_what = (f"The overlay of {', '.join(lost)} has no map (no flush of it ever completed): a mount on "
                          f"this directory starts it empty, so the writes made through {through} since this "
-                         f"mount started are lost. {kept_what.replace('the exports', 'the other exports')}")
+                         f"mount started are lost. {kept_what}")
         return RecoveryError(
             f"cdp mount could not stop cleanly: {reason}. {kept_what} in the "
             f"overlay directory {kept} (not removed). To apply them, serve the same point with that overlay and "
