@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,63 @@ def test_free_ports_are_distinct(monkeypatch: pytest.MonkeyPatch) -> None:
     draws = iter([20001, 20001, 20002, 20001, 20003])
     monkeypatch.setattr(ports, "free_port", lambda: next(draws))
     assert ports.free_ports(3) == [20001, 20002, 20003]
+
+
+@pytest.fixture
+def only_port(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Confine ``free_port``'s candidates to one free port outside the ephemeral range, in
+    a process that has handed out and reserved nothing yet; gives (port, range file)."""
+    reserved: collections.deque[socket.socket] = collections.deque()
+    monkeypatch.setattr(ports, "_reserved", reserved)
+    port = ports.free_port()  # free now, and reserved by no other process
+    reserved.popleft().close()
+    rng = tmp_path / "range"
+    rng.write_text(f"{port + 1} 65535\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE_PATH", rng)
+    monkeypatch.setattr(ports, "PORT_MIN", port)
+    monkeypatch.setattr(ports, "_given", set())
+    yield port, rng
+    for s in reserved:
+        s.close()
+
+
+def test_a_port_is_handed_out_once_per_process(only_port) -> None:
+    """Two picks before either server binds (a site's DRVA and API ports, two sites of
+    one test) never get the same port: the second takes another."""
+    port, _ = only_port
+    assert ports.free_port() == port
+    again = ports.free_port()
+    assert again != port
+
+
+def test_a_port_another_process_picked_is_not_given_until_it_exits(only_port) -> None:
+    """The port a process picked is reserved (not bound: its server starts later) and no
+    other process gets it; once that process is gone, the port is free again."""
+    port, rng = only_port
+    code = ("import sys; from pathlib import Path; from cdp import ports; "
+            "ports.EPHEMERAL_RANGE_PATH = Path(sys.argv[1]); ports.PORT_MIN = int(sys.argv[2]); "
+            "print(ports.free_port(), flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", code, str(rng), str(port)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and int(other.stdout.readline()) == port
+        assert ports.free_port() != port
+    finally:
+        other.communicate("")
+    assert other.returncode == 0
+    assert ports.free_port() == port
+
+
+def test_a_process_keeps_only_its_latest_reservations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "RESERVED_MAX", 3)
+    reserved: collections.deque[socket.socket] = collections.deque()
+    monkeypatch.setattr(ports, "_reserved", reserved)
+    picked = [ports.free_port() for _ in range(5)]
+    assert len(set(picked)) == 5 and len(reserved) == 3
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(f"\0cdp-port-{picked[0]}")  # released: the oldest picks
+    for port in picked[2:]:
+        with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+            s.bind(f"\0cdp-port-{port}")
+    for s in reserved:
+        s.close()
