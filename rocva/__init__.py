@@ -7,8 +7,9 @@
 
 Modules: ``target`` (``--seq/--mark/--at/--latest`` -> a checked seq, and the set of
 recovery points), ``extents`` (vectorised last-writer resolution), ``plan`` (the
-planner: bases, segment indexes, extents per disk), ``fetch`` (work units: ranged GETs
-of block runs and base chunks, pwrite, digests), ``recover`` (images, verification,
+planner: bases, segment indexes, extents per disk), ``work_units`` (the plan cut into
+units and groups), ``fetch`` (running units: ranged GETs of block runs and base chunks,
+decoding, digests), ``image_writes`` (sparse pwrites, early write-out), ``recover`` (images, verification,
 publication), ``recover_options`` (what a recovery is asked for, checked once),
 ``resume`` (the state file and what a resume must prove), ``destination`` (where a
 recovery may write, and opening its directory without following links), ``errors``.

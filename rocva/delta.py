@@ -45,15 +45,16 @@ from cdp.gather import gather_bounded
 from cdp.records import KIND_ZERO
 from cdp.replog import ReplicationLog
 from cdp.store.base import ObjectStore
-from rocva.fetch import Fetcher, base_groups, execute, pool_workers, segment_groups
+from rocva.fetch import Fetcher, execute, pool_workers
 from rocva.plan import (
     EXTENT_DTYPE, SRC_BASE, SRC_WRITE, SRC_ZERO, DiskPlan, RecoveryPlan, _base_pieces, _get_index, base_parts,
 )
 from rocva.resume import zero_range
+from rocva.work_units import base_groups, segment_groups
 
 Ranges = tuple[np.ndarray, np.ndarray]  # (start, end), int64
 # Units in flight while a delta is applied. Its units are small: a partial chunk read
-# (rocva.fetch.ChunkCopy) is a head of ~2 KiB and then a few 64 KiB sub-blocks, a
+# (rocva.work_units.ChunkCopy) is a head of ~2 KiB and then a few 64 KiB sub-blocks, a
 # segment run one or two 64 KiB blocks of scattered writes, so the time goes into GET
 # latency, not bytes: twice the recovery's 8 keeps GETs outstanding. Memory stays below
 # CONCURRENCY x (2 x RUN_BYTES_MAX + a block) for runs, or x one chunk object: 16 x 5

@@ -1,21 +1,17 @@
 """Executing a plan: fetch the surviving payload ranges and base chunks, pwrite them.
 
-The work is cut into **units**, each one ranged GET (or one chunk GET) followed by the
-``os.pwrite`` calls that place its bytes, and units into **groups**, the granularity of
-resume (``rocva.recover``):
+The plan comes cut into **units** and **groups** (``rocva.work_units``). Here each unit
+is fetched and placed:
 
-- ``seg:<key>``: every ``WRITE`` extent of one segment, sorted by payload position and
-  cut into ``SegmentRun`` units — runs of contiguous blocks (at most about
-  ``run_bytes_max`` raw bytes each, read through gaps of unneeded blocks of at most
-  ``gap_bytes_max``), fetched by ``cdp.segment.fetch_blocks`` and the blocks that hold
-  pieces verified block by block (``stored_xxh3``, ``raw_xxh3``) and decoded a group at
-  a time by ``unpack_block_groups``;
-- ``base:<disk>:<batch>``: the base pieces of ``batch_chunks`` consecutive chunk positions
-  of one disk, one ``ChunkCopy`` unit per distinct chunk hash (a chunk that appears
-  several times in the batch is fetched once), in disk order; of a whole chunk (a
-  version-2 one, FORMAT.md §6.1) only the runs of 64 KiB sub-blocks that hold the
-  unit's pieces are verified and decoded (``_chunk_parts``), and a delta's units
-  (``partial``) fetch only the chunk's header and table and those runs.
+- a ``SegmentRun``: its blocks fetched by ``cdp.segment.fetch_blocks``, the blocks that
+  hold pieces verified block by block (``stored_xxh3``, ``raw_xxh3``) and decoded a group
+  at a time by ``unpack_block_groups``;
+- a ``ChunkCopy``: of a whole chunk (a version-2 one, FORMAT.md §6.1) only the runs of
+  64 KiB sub-blocks that hold the unit's pieces are verified and decoded
+  (``_chunk_parts``), and a delta's units (``partial``) fetch only the chunk's header
+  and table and those runs.
+
+The pwrites themselves, and the early write-out of the images: ``rocva.image_writes``.
 
 Units run segment runs first, then base chunks; a unit writes bytes no other unit
 writes (the plan's extents are disjoint), so any order is correct, and this one lets
@@ -36,7 +32,7 @@ again by reading the pieces back (``unit_digest_from_file``) before it trusts th
 
 Bounds: at most ``concurrency`` units are in flight (a semaphore taken *before* a task
 is created, so pending work never piles up as tasks). A unit holds its stored bytes:
-one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``_split_long``; about
+one run's blocks (below ``2 × run_bytes_max`` plus a block, see ``rocva.work_units``; about
 ``run_bytes_max`` for scattered writes) or one chunk object (a partial read: less).
 From a file store those bytes are read into a buffer lent to the unit (``ReadBuffer``,
 ``O_DIRECT``, no copy) and kept for the next unit: at most ``concurrency`` buffers, each
@@ -59,190 +55,28 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Executor
 
 import numpy as np
 import xxhash
 
-from cdp import durable
 from cdp.base_image import (
     SUB_BLOCK_BYTES, ChunkTable, Namer, chunk_bytes_max, chunk_head_bytes, chunk_namer_of, decode_chunk,
     decode_chunk_head,
 )
 from cdp.direct_io import ReadBuffer
 from cdp.errors import FormatError, NotFound, TruncatedError
-from cdp.layout import chunk_key
-from cdp.segment import SegmentIndex, fetch_blocks, unpack_block_groups
+from cdp.segment import fetch_blocks, unpack_block_groups
 from cdp.store.base import ObjectStore, get_bounded
-from rocva.plan import EXTENT_DTYPE, SRC_WRITE, RecoveryPlan
+from rocva.image_writes import Writeback, pwrite_image, write_piece, zero_pages_before
+from rocva.work_units import PAGE, ChunkCopy, SegmentRun, Unit
 
-RUN_BYTES_MAX_DEFAULT = 16 << 20
-# A full recovery reads through gaps of overwritten writes up to this many raw bytes
-# rather than cutting a run there: one GET instead of many (with 64 KiB blocks, random
-# 64 KiB writes of which a third are dead cut a 16 MiB segment into ~60 runs; 1723 GETs
-# against 97 for 512 MiB of them in tests.rocva.bench_recover), for a few more bytes
-# read; their blocks are not decoded. A delta (rocva.delta) passes its own.
-GAP_BYTES_MAX_DEFAULT = 1 << 20
 # Consecutive blocks of a run are decoded into one buffer of up to this many bytes and
 # placed together (cdp.segment.unpack_block_groups): the per-block work in Python costs
 # as much for a 64 KiB block as for 1 MiB (a full recovery measured ~15 % slower with
 # 64 KiB blocks placed one by one).
 DECODE_GROUP_BYTES = 1 << 20
-PAGE = 4096  # file-system block: all-zero pages are left as holes
-BASE_BATCH_CHUNKS_DEFAULT = 64
-
-
-@dataclass(frozen=True, eq=False)
-class SegmentRun:
-    """Blocks ``first_block..last_block`` of a segment and where their bytes go:
-    ``length[i]`` bytes from ``start[i]`` in the run's raw bytes to ``offset[i]`` of disk
-    slot ``slot[i]``."""
-
-    index: SegmentIndex
-    first_block: int
-    last_block: int
-    slot: np.ndarray
-    offset: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    nbytes: int
-
-
-@dataclass(frozen=True, eq=False)
-class ChunkCopy:
-    """One base chunk and where its pieces go (``chunk_off`` inside the chunk).
-
-    ``partial``: fetch only the sub-blocks that hold the pieces (a version-2 chunk,
-    FORMAT.md §6.1; a version-1 chunk is still fetched whole), for a delta whose pieces
-    are a small part of each chunk. A full recovery needs nearly all of every chunk and
-    fetches each whole, in one GET."""
-
-    key: str
-    hash16: bytes
-    chunk_len: int
-    slot: np.ndarray
-    offset: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    nbytes: int
-    partial: bool = False
-
-
-Unit = SegmentRun | ChunkCopy
-
-
-# --------------------------------------------------------------------------- cutting
-
-
-def _coalesce(slot, off, pos, length):
-    """Merge neighbours contiguous both in the payload stream and on the same disk."""
-    n = len(pos)
-    join = np.zeros(n, dtype=bool)
-    if n > 1:
-        join[1:] = ((pos[1:] == pos[:-1] + length[:-1]) & (off[1:] == off[:-1] + length[:-1])
-                    & (slot[1:] == slot[:-1]))
-    heads = np.flatnonzero(~join)
-    return slot[heads], off[heads], pos[heads], np.add.reduceat(length, heads) if n else length
-
-
-def _split_long(slot, off, pos, length, cap: int):
-    """Cut pieces longer than ``cap`` bytes (coalesced sequential writes can be any length)
-    into parts of at most ``cap``, so that a run, which ``_runs`` cuts by where its pieces
-    start, stays below ``2 × cap`` plus a block. Every cut falls on a file page boundary
-    (the first part is shortened to reach one), so zero pages are found exactly as in
-    the piece written whole."""
-    cap = max(PAGE, cap - cap % PAGE)
-    long = length > cap
-    if not long.any():
-        return slot, off, pos, length
-    head = np.where(long, cap - off % PAGE, length)  # the first part ends on a page boundary
-    parts = 1 + -(-(length - head) // cap)
-    first = np.repeat(np.cumsum(parts) - parts, parts)
-    j = np.arange(int(parts.sum()), dtype=np.int64) - first  # part number within its piece
-    rep = lambda a: np.repeat(a, parts)  # noqa: E731
-    at = np.where(j == 0, 0, rep(head) + (j - 1) * cap)  # where the part starts in its piece
-    size = np.where(j == 0, rep(head), np.minimum(cap, rep(length) - at))
-    return rep(slot), rep(off) + at, rep(pos) + at, size
-
-
-def _runs(index: SegmentIndex, slot, off, pos, length, run_bytes_max: int,
-          gap_bytes_max: int = 0) -> list[SegmentRun]:
-    """Cut one segment's writes (sorted by ``pos``) into runs of contiguous blocks; a gap
-    of unneeded blocks of at most ``gap_bytes_max`` raw bytes is read through rather than
-    cut at (its blocks are fetched, not decoded: ``_place_run``)."""
-    brs = index.block_raw_size
-    fb = (pos // brs).astype(np.int64)
-    lb = ((pos + length - 1) // brs).astype(np.int64)
-    new = np.ones(len(fb), dtype=bool)
-    new[1:] = fb[1:] > np.maximum.accumulate(lb)[:-1] + 1 + gap_bytes_max // brs  # too long a gap
-    group_first = fb[new][np.cumsum(new) - 1]
-    sub = (fb - group_first) // max(1, run_bytes_max // brs)  # cap a long contiguous stretch
-    new[1:] |= sub[1:] != sub[:-1]
-    heads = np.flatnonzero(new)
-    ends = np.append(heads[1:], len(fb))
-    last = np.maximum.reduceat(lb, heads)
-    runs = []
-    for h, e, lb_max in zip(heads.tolist(), ends.tolist(), last.tolist()):
-        first = int(fb[h])
-        runs.append(SegmentRun(index, first, lb_max, slot[h:e], off[h:e], pos[h:e] - first * brs,
-                               length[h:e], int(length[h:e].sum())))
-    return runs
-
-
-def segment_groups(plan: RecoveryPlan, run_bytes_max: int = RUN_BYTES_MAX_DEFAULT,
-                   gap_bytes_max: int = GAP_BYTES_MAX_DEFAULT) -> Iterator[tuple[str, int, list[SegmentRun]]]:
-    """(group name, bytes, units) per segment with surviving writes, in seq order; gaps
-    of at most ``gap_bytes_max`` unneeded raw bytes inside a run (``_runs``)."""
-    parts = []
-    for k, d in enumerate(plan.disks):
-        ext = d.extents[d.extents["kind"] == SRC_WRITE]
-        parts.append((np.full(len(ext), k, np.int64), ext))
-    slot = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    ext = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, EXTENT_DTYPE)
-    order = np.lexsort((ext["pos"], ext["seg"]))
-    slot, ext = slot[order], ext[order]
-    seg = ext["seg"]
-    bounds = np.flatnonzero(np.diff(seg)) + 1
-    for lo, hi in zip(np.concatenate([[0], bounds]).tolist(), np.concatenate([bounds, [len(seg)]]).tolist()):
-        if lo == hi:
-            continue
-        index = plan.segments[int(seg[lo])]
-        cols = _coalesce(slot[lo:hi], ext["offset"][lo:hi].astype(np.int64),
-                         ext["pos"][lo:hi].astype(np.int64), ext["length"][lo:hi].astype(np.int64))
-        units = _runs(index, *_split_long(*cols, run_bytes_max), run_bytes_max, gap_bytes_max)
-        yield f"seg:{index.key}", sum(u.nbytes for u in units), units
-
-
-def base_groups(plan: RecoveryPlan, batch_chunks: int = BASE_BATCH_CHUNKS_DEFAULT, *, partial: bool = False
-                ) -> Iterator[tuple[str, int, list[ChunkCopy]]]:
-    """(group name, bytes, units) per batch of ``batch_chunks`` chunk positions of each
-    disk; ``partial``: units that fetch only the sub-blocks they need (``ChunkCopy``)."""
-    for k, d in enumerate(plan.disks):
-        pieces, m = d.base_pieces, d.manifest
-        if m is None or not len(pieces):
-            continue
-        batch = pieces["chunk"] // batch_chunks
-        bounds = np.flatnonzero(np.diff(batch)) + 1
-        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(pieces)]):
-            p = pieces[lo:hi]
-            hashes = np.ascontiguousarray(m.hashes[p["chunk"]]).view("V16").ravel()
-            uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-            units = []
-            # In disk order (not hash order): a base batch then completes the image's
-            # regions front to back, so their write-out starts early (see Writeback).
-            for u in np.argsort(first, kind="stable").tolist():
-                sel = np.flatnonzero(inverse.ravel() == u)
-                h = m.hash_of(int(p["chunk"][first[u]]))
-                units.append(ChunkCopy(chunk_key(h), h, m.chunk_len(int(p["chunk"][first[u]])),
-                                       np.full(len(sel), k, np.int64), p["offset"][sel].astype(np.int64),
-                                       p["chunk_off"][sel].astype(np.int64), p["length"][sel].astype(np.int64),
-                                       int(p["length"][sel].sum()), partial))
-            yield f"base:{d.disk}:{int(batch[lo])}", sum(u.nbytes for u in units), units
-
-
-# --------------------------------------------------------------------------- doing
 
 
 def pool_workers(concurrency: int) -> int:
@@ -301,90 +135,6 @@ def _true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return [(a, b - 1) for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
 
 
-class ImageWriteError(OSError):
-    """A ``pwrite`` into an image failed (a full file system, a failing disk): ``fd`` and
-    ``offset``, ``length`` of the write, for the caller, who knows which image ``fd`` is,
-    to name it."""
-
-    def __init__(self, exc: OSError, fd: int, offset: int, length: int) -> None:
-        super().__init__(exc.errno, exc.strerror)
-        self.fd = fd
-        self.offset = offset
-        self.length = length
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        try:
-            n = os.pwrite(fd, data, offset)
-        except OSError as exc:
-            raise ImageWriteError(exc, fd, offset, len(data)) from exc
-        data, offset = data[n:], offset + n
-
-
-def _pwrite_sparse(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite ``data`` at ``offset``, skipping the whole file pages it would fill with zeros.
-
-    The image is a fresh sparse file and every byte is written by one piece only, so a
-    zero page left unwritten already reads as zeros, and stays a hole (a base chunk is
-    often partly empty). Head and tail fragments of pages are always written.
-    """
-    head = -offset % PAGE
-    pages = (len(data) - head) // PAGE if len(data) >= head else 0
-    if pages < 1:
-        _pwrite_all(fd, data, offset)
-        return
-    words = np.frombuffer(data[head : head + pages * PAGE], dtype=np.uint64).reshape(pages, PAGE // 8)
-    full = words.any(axis=1)
-    if full.all():
-        _pwrite_all(fd, data, offset)
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], full, [False]]).astype(np.int8)))
-    if head:
-        _pwrite_all(fd, data[:head], offset)
-    for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):  # runs of non-zero pages
-        lo, hi = head + a * PAGE, head + b * PAGE
-        _pwrite_all(fd, data[lo:hi], offset + lo)
-    tail = head + pages * PAGE
-    if tail < len(data):
-        _pwrite_all(fd, data[tail:], offset + tail)
-
-
-def _zero_pages_before(buf) -> list[int]:
-    """``z[i]``: how many of the first ``i`` whole pages of ``buf`` are all zero bytes.
-
-    One numpy pass per decoded block or chunk, so that writing one of its (often
-    hundreds of) pieces costs a little arithmetic and a pwrite, not a zero scan of its
-    own. (``max`` over the words: faster than ``any``, which casts every word to bool.)"""
-    pages = len(buf) // PAGE
-    words = np.frombuffer(buf, dtype=np.uint64, count=pages * (PAGE // 8)).reshape(pages, PAGE // 8)
-    z = np.zeros(pages + 1, dtype=np.int64)
-    np.cumsum(words.max(axis=1, initial=0) == 0, out=z[1:])
-    return z.tolist()
-
-
-def _pwrite(fd: int, data: memoryview, offset: int, sparse: bool) -> None:
-    if sparse:
-        _pwrite_sparse(fd, data, offset)
-    else:
-        _pwrite_all(fd, data, offset)
-
-
-def _write_piece(fd: int, mv: memoryview, x0: int, x1: int, offset: int, zeros: list[int] | None) -> None:
-    """pwrite ``mv[x0:x1]`` at ``offset`` exactly as ``_pwrite_sparse`` would (whole zero
-    pages stay holes): one pwrite when ``zeros`` (``_zero_pages_before(mv)``) shows the
-    piece has no whole zero page, which needs the buffer's pages to be the file's.
-    ``zeros`` None: dense, every byte written (the file is not known to be zero there)."""
-    if zeros is None:
-        _pwrite_all(fd, mv[x0:x1], offset)
-        return
-    if (offset - x0) % PAGE == 0:
-        p0, p1 = -(-x0 // PAGE), x1 // PAGE
-        if p1 <= p0 or zeros[p1] == zeros[p0]:
-            _pwrite_all(fd, mv[x0:x1], offset)
-            return
-    _pwrite_sparse(fd, mv[x0:x1], offset)
-
 
 def group_digest(unit_digests: list[int]) -> int:
     """A group's digest: xxh3 of its units' digests, u64 little-endian, in unit order."""
@@ -425,7 +175,7 @@ def _place(fds: list[int], unit: Unit, parts: list[tuple[int, bytes | bytearray 
     partial read one per run of sub-blocks); runs on the thread pool; its digest."""
     starts = np.array([a for a, _ in parts], dtype=np.int64)
     views = [memoryview(raw) for _, raw in parts]
-    zeros = [_zero_pages_before(mv) if sparse else None for mv in views]
+    zeros = [zero_pages_before(mv) if sparse else None for mv in views]
     which = (np.searchsorted(starts, unit.start, side="right") - 1).tolist()
     h = xxhash.xxh3_64()
     for s, o, a, n, r in zip(unit.slot.tolist(), unit.offset.tolist(), unit.start.tolist(), unit.length.tolist(),
@@ -434,7 +184,7 @@ def _place(fds: list[int], unit: Unit, parts: list[tuple[int, bytes | bytearray 
         if r < 0 or x0 + n > len(mv):  # the plan's positions come from a verified index: a bug if hit
             raise AssertionError(f"piece {a}+{n} outside the fetched bytes")
         h.update(mv[x0 : x0 + n])
-        _write_piece(fds[s], mv, x0, x0 + n, o, zeros[r])
+        write_piece(fds[s], mv, x0, x0 + n, o, zeros[r])
     return h.intdigest()
 
 
@@ -557,7 +307,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     and a run holds one group (plus the previous one's last page) at a time.
 
     A piece that spans a group boundary is written as one part per group. So that zero
-    pages are found exactly as if the piece were written whole (``_pwrite_sparse`` only
+    pages are found exactly as if the piece were written whole (``pwrite_sparse`` only
     skips pages wholly inside one call), a part that does not end on a file page keeps
     that page's bytes (< 4 KiB, copied) and they are written together with the next
     block's bytes of the same page.
@@ -583,7 +333,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
     for k, raw in groups:
         lo, hi = k * brs, k * brs + len(raw)
         mv = memoryview(raw)
-        zeros = _zero_pages_before(mv) if sparse else None
+        zeros = zero_pages_before(mv) if sparse else None
         first = int(np.searchsorted(ends, lo, side="right"))  # pieces ending after lo ...
         last = int(np.searchsorted(starts, hi, side="left"))  # ... and starting before hi
         for i in range(first, last):
@@ -594,7 +344,7 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
             if carry is not None and b0 > a:  # finish the page the previous block began
                 cd, cbytes = carry
                 take = min(-d0 % PAGE, x1 - x0)
-                _pwrite(fds[s], memoryview(cbytes + mv[x0 : x0 + take]), cd, sparse)
+                pwrite_image(fds[s], memoryview(cbytes + mv[x0 : x0 + take]), cd, sparse)
                 x0, d0, carry = x0 + take, d0 + take, None
             if b1 < a + n:  # continues into the next block: hold back its cut page
                 d1 = d0 + x1 - x0
@@ -603,126 +353,13 @@ def _place_run(fds: list[int], unit: SegmentRun, stored: bytes, writeback: Write
                     carry = (cut, bytes(mv[x0 + cut - d0 : x1]))
                     x1 = x0 + cut - d0
             if x1 > x0:
-                _write_piece(fds[s], mv, x0, x1, d0, zeros)
+                write_piece(fds[s], mv, x0, x1, d0, zeros)
     if carry is not None or (len(ends) and int(ends[-1]) > hi):  # verified index: a bug if hit
         raise AssertionError(f"run of {unit.index.key}: pieces outside the {hi} fetched bytes")
     if writeback is not None:
         writeback.written(unit)
     return h.intdigest()
 
-
-def _region_parts(offset: np.ndarray, length: np.ndarray, region: int) -> tuple[np.ndarray, np.ndarray]:
-    """(region, bytes): how many bytes of the pieces ``[offset, offset + length)`` fall in
-    each region of ``region`` bytes they touch, one entry per piece and region (a long
-    piece gives one per region it crosses)."""
-    a = offset.astype(np.int64)
-    b = a + length.astype(np.int64)
-    r0, r1 = a // region, (b - 1) // region
-    counts = np.maximum(r1 - r0 + 1, 0)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    idx = np.repeat(r0, counts) + (np.arange(int(counts.sum()), dtype=np.int64) - first)
-    lo = np.maximum(np.repeat(a, counts), idx * region)
-    hi = np.minimum(np.repeat(b, counts), (idx + 1) * region)
-    return idx, hi - lo
-
-
-WRITEBACK_REGION_DEFAULT = 16 << 20
-#: While units land, the write-out of the images' dirty pages is started after every
-#: this many bytes placed (``Writeback``).
-EARLY_WRITEOUT_BYTES = 32 << 20
-
-
-def _start_writeout_all(fds: list[int]) -> None:
-    """``durable.start_writeout`` of each image: a hint, like ``_start_writeout``."""
-    for fd in fds:
-        durable.start_writeout(fd)
-
-
-def _start_writeout(fd: int, offset: int, length: int) -> None:
-    """``posix_fadvise(DONTNEED)``: starts the write-out of the range's dirty pages
-    without waiting for it (and drops its clean pages). A hint: errors are ignored."""
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-
-
-class Writeback:
-    """Gets the images written out while units still land, so that the final fsync
-    finds little left: the write-out of all their dirty pages is started after every
-    ``EARLY_WRITEOUT_BYTES`` placed (``durable.start_writeout``), and each region of an
-    image is dropped from the cache (its write-out started if it is not yet) as soon as
-    every byte the plan puts in it has been pwritten.
-
-    Why early: the segment runs come first, and their pieces are scattered over the
-    whole image, so no region completes before the base copy. Holding their pages until
-    the regions completed let the device only read during the segment phase (1.1-1.4
-    GB/s) and only write during the base phase and the fsync, where ``cp`` shows it does
-    both at once (1.9 GB/s together). Started every 32 MiB, the 1 GiB recovery of
-    ``benchmarks.recovery`` took 1.64 s (median of 5) against 1.84 s, with less CPU
-    (an earlier attempt, which started the write-out piece by piece or waited for a
-    periodic fdatasync, was slower than one sweep at the end: thousands of small
-    writes, and waits; this starts the kernel's own sorted sweep over all dirty pages,
-    and does not wait). ``sync_file_range`` leaves the pages in the cache, so a later
-    write to part of one (a piece's head or tail page) does not read it back.
-
-    Why regions, and only complete ones, for the drop: no byte of a complete region is
-    written again, so dropping its pages cannot make a later partial-page write read
-    one back from disk. Units come segment runs first, then base chunks in disk order,
-    so regions complete front to back during the base copy.
-
-    Both hints are given on one background thread (starting write-out blocks for
-    milliseconds when the device queue is full, which must not hold a fetch worker),
-    one early write-out at a time. Durability still comes from the fsync before
-    publication; neither hint consumes a write-back error that fsync must report.
-    ``close`` before closing the images.
-    """
-
-    def __init__(self, plan: RecoveryPlan, fds: list[int], region: int = WRITEBACK_REGION_DEFAULT) -> None:
-        assert region > 0 and region % PAGE == 0, region
-        self.fds = fds
-        self.region = region
-        self.left = []  # per disk slot: bytes still to be written in each region
-        for d in plan.disks:
-            count = -(-d.size // region)
-            left = np.zeros(count, dtype=np.int64)
-            for pieces in (d.extents[d.extents["kind"] == SRC_WRITE], d.base_pieces):
-                regions, nbytes = _region_parts(pieces["offset"], pieces["length"], region)
-                left += np.bincount(regions, weights=nbytes, minlength=count).astype(np.int64)  # exact < 2**53
-            self.left.append(left)
-        self.lock = threading.Lock()
-        usable = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rocva-writeback") if usable else None
-        self._placed = 0  # bytes placed since the last early write-out was started
-        self._early: Future | None = None  # that write-out, while it is being started
-
-    def written(self, unit: Unit) -> None:
-        """Count the unit's bytes as written (from any thread, once its pwrites are done);
-        drop the regions it completed from the cache, and start the write-out of every
-        image when ``EARLY_WRITEOUT_BYTES`` more were placed."""
-        done = []
-        for k in np.unique(unit.slot).tolist():
-            sel = unit.slot == k
-            regions, nbytes = _region_parts(unit.offset[sel], unit.length[sel], self.region)
-            touched, where = np.unique(regions, return_inverse=True)
-            got = np.bincount(where.ravel(), weights=nbytes, minlength=len(touched)).astype(np.int64)
-            with self.lock:
-                left = self.left[k]
-                left[touched] -= got
-                done += [(k, r) for r in touched[left[touched] == 0].tolist()]
-        if self._pool is not None:
-            for k, r in done:
-                self._pool.submit(_start_writeout, self.fds[k], r * self.region, self.region)
-            with self.lock:
-                self._placed += unit.nbytes
-                if self._placed >= EARLY_WRITEOUT_BYTES and (self._early is None or self._early.done()):
-                    self._placed = 0
-                    self._early = self._pool.submit(_start_writeout_all, self.fds)
-
-    def close(self, *, drop_pending: bool = False) -> None:
-        """Wait until the hints given are done (``drop_pending``: only the one running)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=drop_pending)
 
 
 class Fetcher:

@@ -57,16 +57,15 @@ from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir, refuse_odd
 from rocva.errors import RecoveryError
-from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT, Fetcher, ImageWriteError, Writeback,
-    execute, pool_workers,
-)
+from rocva.fetch import Fetcher, execute, pool_workers
+from rocva.image_writes import ImageWriteError, Writeback
 from rocva.plan import CONCURRENCY_DEFAULT, RecoveryPlan, plan_recovery
 from rocva.recover_options import RecoverOptions
 from rocva.resume import (
     PARTIAL_SUFFIX, STATE_NAME, STATE_SAVE_INTERVAL_S, STATE_VERSION, ResumeState, SavedState, StateWriteError,
     all_groups, clear_outside, discarded, prove, read_state, zeros_outside,
 )
+from rocva.work_units import BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT
 
 log = get_logger("rocva.recover")
 
@@ -403,7 +402,7 @@ async def _fetch_all(store: ObjectStore, plan, state: ResumeState, fds: list[int
                      concurrency: int, units: dict[str, int]) -> int:
     """Run every group not done yet into ``fds``; the bytes written. Each image region's
     write-out starts once it is complete, so that the fsync before publication has little
-    left to write (``rocva.fetch.Writeback``)."""
+    left to write (``rocva.image_writes.Writeback``)."""
     def skip(name: str, nbytes: int) -> bool:
         state.check()  # a save failed: nothing more can be recorded, stop now
         tally.groups.add(name)

@@ -46,10 +46,9 @@ from cdp.direct_io import ReadBuffer, read_direct_into
 from cdp.fallocate import KEEP_SIZE, PUNCH_HOLE, fallocate
 from cdp.logs import get_logger
 from rocva.destination import OutputDir
-from rocva.fetch import (
-    READBACK_BYTES, ReadBack, Unit, base_groups, group_digest, segment_groups, unit_digest_from_file,
-)
+from rocva.fetch import READBACK_BYTES, ReadBack, group_digest, unit_digest_from_file
 from rocva.plan import RecoveryPlan
+from rocva.work_units import Unit, base_groups, segment_groups
 
 log = get_logger("rocva.resume")
 

@@ -37,10 +37,11 @@ from cdp.logs import get_logger
 from cdp.store.base import ObjectStore
 from rocva.destination import Destination, OutputDir, for_store, open_output_dir
 from rocva.errors import InvalidTarget, RecoveryError
-from rocva.fetch import Fetcher, execute, pool_workers, segment_groups
+from rocva.fetch import Fetcher, execute, pool_workers
 from rocva.plan import SRC_BASE, RecoveryPlan, build_plan, image_file_name, load_state, seeds_between
 from rocva.resume import zero_range
 from rocva.target import Target, recoverable_ranges, resolve_target
+from rocva.work_units import segment_groups
 
 log = get_logger("rocva.standby")
 

@@ -16,7 +16,7 @@ import pytest
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
 from rocva import Target, plan_recovery
-from rocva.fetch import BASE_BATCH_CHUNKS_DEFAULT
+from rocva.work_units import BASE_BATCH_CHUNKS_DEFAULT
 from tests.rocva.test_resume import forge, garbage_partials, group_names, interrupted
 from tests.rocva.test_recover import seed_initial
 

@@ -17,11 +17,10 @@ from cdp.layout import chunk_key
 from cdp.segment import fetch_blocks, read_blocks
 from cdp.store.memory import MemoryStore
 from cdp.testing.domain import SECTOR, DomainBuilder
-from rocva import Target, fetch, plan_recovery
-from rocva.fetch import (
-    PAGE, ChunkCopy, Fetcher, SegmentRun, Writeback, _place_run, _pwrite_sparse, _region_parts, _sub_block_runs,
-    _write_piece, _zero_pages_before, base_groups, segment_groups,
-)
+from rocva import Target, fetch, image_writes, plan_recovery
+from rocva.fetch import Fetcher, _place_run, _sub_block_runs
+from rocva.image_writes import Writeback, pwrite_sparse, region_parts, write_piece, zero_pages_before
+from rocva.work_units import PAGE, ChunkCopy, SegmentRun, base_groups, segment_groups
 
 KiB = 1 << 10
 
@@ -94,7 +93,7 @@ async def test_block_by_block_writes_what_the_joined_run_writes(tmp_path: Path, 
             _place_run([fds[0]], unit, await fetch_blocks(b.store, unit.index, unit.first_block, unit.last_block))
             raw = memoryview(await read_blocks(b.store, unit.index, unit.first_block, unit.last_block))
             for o, a, n in zip(unit.offset.tolist(), unit.start.tolist(), unit.length.tolist()):
-                _pwrite_sparse(fds[1], raw[a : a + n], o)
+                pwrite_sparse(fds[1], raw[a : a + n], o)
         assert os.pread(fds[0], size, 0) == os.pread(fds[1], size, 0)
         assert _extents(fds[0], size) == _extents(fds[1], size)
     finally:
@@ -149,7 +148,7 @@ def test_write_piece_equals_pwrite_sparse(tmp_path: Path) -> None:
     for page in rng.choice(16, 6, replace=False).tolist():
         buf[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
     mv = memoryview(bytes(buf))
-    zeros = _zero_pages_before(mv)
+    zeros = zero_pages_before(mv)
     assert zeros[-1] == 6
     size = 8 << 20
     paths = [tmp_path / "a.img", tmp_path / "b.img"]
@@ -163,8 +162,8 @@ def test_write_piece_equals_pwrite_sparse(tmp_path: Path) -> None:
             x1 = int(rng.integers(x0 // SECTOR + 1, len(mv) // SECTOR + 1)) * SECTOR
             aligned = rng.random() < 0.5  # same page grid as the buffer, or shifted by sectors
             offset = at + (x0 % PAGE if aligned else int(rng.integers(1, 8)) * SECTOR)
-            _write_piece(fds[0], mv, x0, x1, offset, zeros)
-            _pwrite_sparse(fds[1], mv[x0:x1], offset)
+            write_piece(fds[0], mv, x0, x1, offset, zeros)
+            pwrite_sparse(fds[1], mv[x0:x1], offset)
             at = -(-(offset + x1 - x0) // PAGE) * PAGE + PAGE
         assert at < size
         assert os.pread(fds[0], size, 0) == os.pread(fds[1], size, 0)
@@ -185,7 +184,7 @@ def test_region_parts_count_every_byte_once() -> None:
     keep = rng.random(len(starts)) < 0.7
     keep[-1] = True
     offset, length = starts[keep], (ends - starts)[keep]
-    regions, nbytes = _region_parts(offset, length, region)
+    regions, nbytes = region_parts(offset, length, region)
     assert (nbytes > 0).all() and len(regions) == int(((offset + length - 1) // region - offset // region + 1).sum())
     got = np.zeros(count, dtype=np.int64)
     np.add.at(got, regions, nbytes)
@@ -193,7 +192,7 @@ def test_region_parts_count_every_byte_once() -> None:
     for o, n in zip(offset.tolist(), length.tolist()):
         covered[o : o + n] = True
     assert got.tolist() == covered.reshape(count, region).sum(axis=1).tolist()
-    empty = _region_parts(offset[:0], length[:0], region)
+    empty = region_parts(offset[:0], length[:0], region)
     assert len(empty[0]) == len(empty[1]) == 0
 
 
@@ -305,14 +304,14 @@ async def test_early_writeout_starts_every_images_writeout_as_units_land(monkeyp
     started: list[int] = []
     monkeypatch.setattr(durable, "start_writeout", lambda fd: started.append(fd) or True)
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: None)
-    monkeypatch.setattr(fetch, "EARLY_WRITEOUT_BYTES", total + 1)
+    monkeypatch.setattr(image_writes, "EARLY_WRITEOUT_BYTES", total + 1)
     wb = Writeback(plan, [100, 101])
     for unit in units:
         wb.written(unit)
     wb.close()
     assert started == []  # fewer bytes placed than the step
     step = max(1, total // 8)
-    monkeypatch.setattr(fetch, "EARLY_WRITEOUT_BYTES", step)
+    monkeypatch.setattr(image_writes, "EARLY_WRITEOUT_BYTES", step)
     wb = Writeback(plan, [100, 101])
     for unit in units:
         wb.written(unit)

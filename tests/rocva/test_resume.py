@@ -15,9 +15,8 @@ from cdp.store.faulty import FaultyStore
 from cdp.store.fs import FileStore
 from cdp.testing.domain import DomainBuilder, file_sha256, random_workload
 from rocva import RecoverOptions, RecoveryError, Target, plan_recovery, recover
-from rocva.fetch import (
-    BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, READBACK_BYTES, RUN_BYTES_MAX_DEFAULT, group_digest, unit_digest_from_file,
-)
+from rocva.fetch import READBACK_BYTES, group_digest, unit_digest_from_file
+from rocva.work_units import BASE_BATCH_CHUNKS_DEFAULT, GAP_BYTES_MAX_DEFAULT, RUN_BYTES_MAX_DEFAULT
 from rocva.resume import PARTIAL_SUFFIX, all_groups, parse_state, prove
 from tests.rocva.test_recover import seed_initial
 
