@@ -1,7 +1,8 @@
 """Real local services for tests: a moto S3 server and an Azurite blob server.
 
 Each service is a subprocess started by the tests themselves, bound to
-127.0.0.1 on a free ephemeral port, and killed when the test session ends
+127.0.0.1 on a free port (``cdp.ports.free_port``: outside the ephemeral range,
+reserved until the service binds it), and killed when the test session ends
 (``stop()`` from the fixture finalizer, with an ``atexit`` fallback). A
 service that cannot be started raises ``ServiceError`` with the reason and the
 tail of its output; fixtures turn that into a test *failure*, never a skip,
