@@ -2,12 +2,9 @@
 
     store = EncryptedStore(open_inner(url), keyring)    # open_store does this when a key is set
 
-Every object is *sealed*: an envelope (64 bytes: key id, a random salt, the plaintext
-length), the plaintext cut into pages of ``PAGE_BYTES``, each AES-256-GCM with its own
-tag, and the envelope again at the end. A page's nonce is its index; its key is the
-object's own (derived from the data key and the salt); its associated data binds the
-envelope, the object's key (name), the page index and whether it is the last page — so
-a page cannot be changed, dropped, reordered or moved to another object or position
+Every object is *sealed* (``cdp.store.sealed_format``: an envelope, pages each
+AES-256-GCM with its own tag and bound to the object's name and place, the envelope
+again at the end), so that no byte of it can be changed, dropped, reordered or moved
 unnoticed. Invariants:
 
 - A sealed object's size is ``sealed_size(plaintext size)``, a pure function both ways
@@ -43,16 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-
-import xxhash
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cdp.direct_io import ReadBuffer
 from cdp.errors import CdpError, ChecksumMismatch, FormatError, IntegrityError, KeyUnavailable, NotEncrypted
@@ -62,23 +52,15 @@ from cdp.store.base import (
     resolve_range,
 )
 from cdp.store.keys import show_key, validate_key, validate_prefix
-from cdp.store.storekeys import SALT_BYTES, ChunkNamer, StoreKey, StoreKeyring
-from cdp.summed import SEALED_MAGIC, SUMMED, pack_summed, unpack_summed
+from cdp.store.sealed_format import (
+    ENVELOPE, ENVELOPE_BYTES, ENVELOPE_ZERO, PAGE_BYTES, PAGE_SHIFT, SEALED_PAGE_BYTES, TAG_BYTES, VERSION, Envelope,
+    open_range, page_offset, plain_size, seal, sealed_bound, sealed_size, summed_ok,
+)
+from cdp.store.storekeys import ChunkNamer, StoreKeyring
+from cdp.summed import SEALED_MAGIC, SUMMED, unpack_summed
 
 log = get_logger("cdp.store.crypt")
 
-VERSION = 1
-PAGE_SHIFT = 16  # §19.2: 64 KiB pages in version 1 (another size is another version)
-PAGE_BYTES = 1 << PAGE_SHIFT
-TAG_BYTES = 16  # AES-GCM tag
-ENVELOPE_BYTES = 64
-SEALED_PAGE_BYTES = PAGE_BYTES + TAG_BYTES
-# §19.1: envelope = magic, version, page_shift, flags, key_id, salt, plain_len, reserved, xxh3.
-_ENVELOPE = struct.Struct("<4sHBB16s16sQQQ")
-assert _ENVELOPE.size == ENVELOPE_BYTES, "FORMAT.md §19.1"
-_ENVELOPE_ZERO = {"flags": (7, 1), "reserved": (48, 8)}
-_AAD_TAIL = struct.Struct("<QB")  # §19.3: page index, last-page flag
-_NONCE = struct.Struct("<Q4x")  # §19.3: the page index, 12 bytes
 #: Envelopes cached (objects are immutable by convention; see the module docstring).
 ENVELOPES_CACHED_MAX = 4096
 #: Bytes sealed or opened on the event loop; more go to a worker thread (AES-GCM of
@@ -92,153 +74,6 @@ SEAL_BUFFER_ROUND = 1 << 20
 #: A cold ranged get that starts within this many bytes of the object's start fetches
 #: from offset 0 in one GET (envelope included) rather than two concurrent ones.
 HEAD_MERGE_BYTES = 256 << 10
-
-
-def page_count(plain_len: int) -> int:
-    """Pages of a sealed object: an empty object still has one (empty) page, which
-    carries the last-page tag, so truncation to the envelope is detected."""
-    return max(1, -(-plain_len // PAGE_BYTES))
-
-
-def sealed_size(plain_len: int) -> int:
-    """§19.2: the size of the sealed object of ``plain_len`` bytes."""
-    return 2 * ENVELOPE_BYTES + plain_len + TAG_BYTES * page_count(plain_len)
-
-
-def plain_size(size: int) -> int | None:
-    """The plaintext size of a sealed object of ``size`` bytes; None when no sealed object
-    has that size."""
-    rest = size - 2 * ENVELOPE_BYTES
-    if rest < TAG_BYTES:
-        return None
-    full, last = divmod(rest, SEALED_PAGE_BYTES)
-    if last == 0:
-        return full * PAGE_BYTES
-    if last < TAG_BYTES or (last == TAG_BYTES and full > 0):
-        return None  # a partial tag, or an empty page after full ones: never written
-    return full * PAGE_BYTES + last - TAG_BYTES
-
-
-def _sealed_bound(max_bytes: int | None) -> int | None:
-    """The inner store's bound for a plaintext bound: a sealed object of at most
-    ``max_bytes`` of plaintext is at most this large (``sealed_size`` grows with it)."""
-    return None if max_bytes is None else sealed_size(max_bytes)
-
-
-def page_offset(index: int) -> int:
-    """Object offset of sealed page ``index``."""
-    return ENVELOPE_BYTES + index * SEALED_PAGE_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """A parsed, checksummed envelope (§19.1) and the AEAD of its object."""
-
-    raw: bytes  # the 64 bytes as stored
-    key: StoreKey
-    plain_len: int
-    aead: AESGCM
-
-    @property
-    def pages(self) -> int:
-        return page_count(self.plain_len)
-
-    @property
-    def size(self) -> int:
-        return sealed_size(self.plain_len)
-
-    def page_len(self, index: int) -> int:
-        """Plaintext bytes of page ``index``."""
-        return min(PAGE_BYTES, self.plain_len - index * PAGE_BYTES)
-
-
-def _summed_ok(mv: memoryview) -> bool:
-    """Whether the 64 bytes at the start of ``mv`` carry their own xxh3 (§0)."""
-    return xxhash.xxh3_64_intdigest(mv[:SUMMED]) == int.from_bytes(mv[SUMMED:ENVELOPE_BYTES], "little")
-
-
-def _aad(envelope: bytes, name: bytes, index: int, last: bool) -> bytes:
-    """§19.3: the envelope's first 56 bytes, the page index, the last-page flag, the key."""
-    return b"".join((envelope[:56], _AAD_TAIL.pack(index, last), name))
-
-
-def seal(key: StoreKey, name: str, data: Bytes, salt: bytes | None = None,
-         into: bytearray | None = None) -> tuple[bytes, bytearray | memoryview]:
-    """(envelope, sealed object) of ``data`` stored under ``name`` with ``key`` (§19).
-    Pages are sealed into one buffer of the final size (no per-page objects, no join):
-    a new ``bytearray``, or the start of ``into`` when it is large enough (a view)."""
-    view = memoryview(data).cast("B")
-    salt = os.urandom(SALT_BYTES) if salt is None else salt
-    envelope = pack_summed(_ENVELOPE, SEALED_MAGIC, VERSION, PAGE_SHIFT, 0, key.key_id, salt, len(view), 0)
-    aead = key.object_aead(salt)
-    count = page_count(len(view))
-    encoded = name.encode("ascii")
-    size = sealed_size(len(view))
-    if into is not None and len(into) >= size:
-        out: bytearray | memoryview = memoryview(into)[:size]
-    else:
-        out = bytearray(size)
-    mv = memoryview(out)
-    mv[:ENVELOPE_BYTES] = envelope
-    mv[-ENVELOPE_BYTES:] = envelope
-    for index in range(count):
-        page = view[index * PAGE_BYTES : (index + 1) * PAGE_BYTES]
-        at = page_offset(index)
-        aead.encrypt_into(_NONCE.pack(index), page, _aad(envelope, encoded, index, index == count - 1),
-                          mv[at : at + len(page) + TAG_BYTES])
-    return envelope, out
-
-
-def open_range(env: Envelope, name: str, where: str, sealed: memoryview, start: int, end: int,
-               out: Bytes | None = None) -> bytearray | memoryview:
-    """Plaintext ``[start, end)`` (``0 <= start < end <= plain_len``, or ``0, 0`` for an empty
-    object, whose one empty page is still checked) from the sealed bytes of
-    its pages (``sealed`` starts at the first one's offset; anything after the last is
-    ignored). Whole pages are opened straight into the result; only a page cut by the
-    range goes through a buffer of its own, so a large read is not copied again.
-
-    ``out``: a writable buffer of at least ``end - start`` bytes to open into (the result
-    is then a view of its start); else a fresh ``bytearray``. On an error, what was
-    written into ``out`` is unchecked and must not be used."""
-    encoded = name.encode("ascii")
-    first = start // PAGE_BYTES
-    last = (end - 1) // PAGE_BYTES if end > start else first
-    if out is None:
-        result = out = bytearray(end - start)
-        mv = memoryview(out)
-    else:
-        mv = memoryview(out).cast("B")[: end - start]
-        if len(mv) != end - start or mv.readonly:
-            raise ValueError(f"open_range: a writable buffer of {end - start} bytes is needed, not {len(mv)}")
-        result = mv
-    # The associated data and nonce of every page differ only in the page index and
-    # last-page flag: one buffer each, patched per page (§19.3).
-    aad = bytearray(b"".join((env.raw[:56], bytes(_AAD_TAIL.size), encoded)))
-    nonce = bytearray(_NONCE.size)
-    pages, plain_total, decrypt_into = env.pages, env.plain_len, env.aead.decrypt_into
-    at = 0
-    for index in range(first, last + 1):
-        page_start = index * PAGE_BYTES
-        plain_len = min(PAGE_BYTES, plain_total - page_start)
-        stored = plain_len + TAG_BYTES
-        piece = sealed[at : at + stored]
-        if len(piece) != stored:
-            raise IntegrityError(f"{where}: page {index} at offset {page_offset(index)}: {len(piece)} bytes, the "
-                                 f"envelope promises {stored}: the object is truncated")
-        lo, hi = max(start, page_start), min(end, page_start + plain_len)
-        whole = lo == page_start and hi == page_start + plain_len
-        target = mv[lo - start : hi - start] if whole else memoryview(bytearray(plain_len))
-        _AAD_TAIL.pack_into(aad, 56, index, index == pages - 1)
-        _NONCE.pack_into(nonce, 0, index)
-        try:
-            decrypt_into(bytes(nonce), piece, aad, target)
-        except InvalidTag:
-            raise IntegrityError(f"{where}: page {index} at offset {page_offset(index)}: authentication failed (a "
-                                 f"byte was changed, or the page was moved from another object or place)") from None
-        if not whole:
-            mv[lo - start : hi - start] = target[lo - page_start : hi - page_start]
-        at += stored
-    return result
 
 
 class Unopened:
@@ -414,7 +249,7 @@ class EncryptedStore(StoreBase):
 
     @contextlib.contextmanager
     def _bounded(self, key: str, max_bytes: int | None) -> Iterator[None]:
-        """The inner store's TooLarge (a sealed size against ``_sealed_bound``) as the
+        """The inner store's TooLarge (a sealed size against ``sealed_bound``) as the
         plaintext sizes the caller knows."""
         try:
             yield
@@ -485,8 +320,8 @@ class EncryptedStore(StoreBase):
         never sealed (``NotEncrypted``)."""
         where = self._where(op, key)
         mv = memoryview(raw).cast("B")
-        if len(mv) >= ENVELOPE_BYTES and not _summed_ok(mv):
-            if bytes(mv[:4]) == SEALED_MAGIC or (twin is not None and _summed_ok(twin)
+        if len(mv) >= ENVELOPE_BYTES and not summed_ok(mv):
+            if bytes(mv[:4]) == SEALED_MAGIC or (twin is not None and summed_ok(twin)
                                                  and bytes(twin[:4]) == SEALED_MAGIC):
                 raise IntegrityError(f"{where}: {what} at offset {at + SUMMED}: header_xxh3 does not match "
                                      f"{what}[0:56]: the envelope was changed")
@@ -496,8 +331,8 @@ class EncryptedStore(StoreBase):
                                f"(FORMAT.md §19)")
         try:
             page_shift, _, key_id, salt, plain_len, _ = unpack_summed(
-                _ENVELOPE, mv, where=where, magic=SEALED_MAGIC, version=VERSION, what=what, at=at,
-                zero=_ENVELOPE_ZERO)
+                ENVELOPE, mv, where=where, magic=SEALED_MAGIC, version=VERSION, what=what, at=at,
+                zero=ENVELOPE_ZERO)
         except ChecksumMismatch as exc:
             raise IntegrityError(exc.message) from None
         if page_shift != PAGE_SHIFT:
@@ -541,8 +376,8 @@ class EncryptedStore(StoreBase):
         sealing more than ``max_bytes`` of plaintext refused unread."""
         if into is not None and self.unopened_into:
             return await self.inner.get_into(key, offset, length, into,  # type: ignore[attr-defined]
-                                             max_bytes=_sealed_bound(max_bytes))
-        return await self.inner.get(key, offset, length, max_bytes=_sealed_bound(max_bytes))
+                                             max_bytes=sealed_bound(max_bytes))
+        return await self.inner.get(key, offset, length, max_bytes=sealed_bound(max_bytes))
 
     async def _fetch_whole(self, key: str, into: ReadBuffer | None = None,
                            max_bytes: int | None = None) -> tuple[Envelope, memoryview]:

@@ -22,9 +22,9 @@ from cdp.errors import ConfigError, IntegrityError, KeyUnavailable, NotEncrypted
 from cdp.layout import chunk_key
 from cdp.store import open_store
 from cdp.store.base import resolve_range
-from cdp.store.crypt import (
-    _ENVELOPE, ENVELOPE_BYTES, PAGE_BYTES, PAGE_SHIFT, SEALED_PAGE_BYTES, TAG_BYTES, EncryptedStore, page_offset,
-    plain_size, sealed_size,
+from cdp.store.crypt import EncryptedStore
+from cdp.store.sealed_format import (
+    ENVELOPE, ENVELOPE_BYTES, PAGE_BYTES, PAGE_SHIFT, SEALED_PAGE_BYTES, TAG_BYTES, page_offset, plain_size, sealed_size,
 )
 from cdp.store.memory import MemoryStore
 from cdp.store.storekeys import StoreKey, StoreKeyring
@@ -525,7 +525,7 @@ def test_a_forged_envelope_is_refused_by_reads_that_open_no_page(plain_len: int,
     reads returned b"" (§19.2's tagged last page is opened for them now)."""
     keys = ring(b"k" * 32)
     inner = MemoryStore()
-    forged = pack_summed(_ENVELOPE, b"CDPN", 1, PAGE_SHIFT, 0, keys.writer.key_id, bytes(16), plain_len, 0)
+    forged = pack_summed(ENVELOPE, b"CDPN", 1, PAGE_SHIFT, 0, keys.writer.key_id, bytes(16), plain_len, 0)
     body = os.urandom(sealed_size(plain_len) - 2 * ENVELOPE_BYTES)
     run(inner.put("d/forged", forged + body + forged))
     reads = {"suffix": ("d/forged", -100), "empty range": ("d/forged", 0, 0),
