@@ -19,13 +19,14 @@ from cdp.nbd.streams import CountingReader
 from cdp.tls import describe_tls_error
 
 if TYPE_CHECKING:
-    from cdp.nbd.server import Export, NbdServer
+    from cdp.nbd.connection import Export
+    from cdp.nbd.server import NbdServer
 
 logger = get_logger("iofilter.nbd")  # the server's logger: one stream of nbd_* events
 
 
 class HandshakePhase:
-    """The handshake half of a connection (``cdp.nbd.server._Connection`` inherits it).
+    """The handshake half of a connection (``cdp.nbd.connection.Connection`` inherits it).
 
     Uses the connection's streams, its ``_send`` and ``_flush`` (one whole message out)
     and its byte counters, reset when STARTTLS swaps the streams; sets what the haggling
