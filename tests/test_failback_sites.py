@@ -128,10 +128,6 @@ def test_refusals_change_nothing_and_a_failback_killed_twice_completes_when_reru
         assert [sha256(Path(i["path"])) for i in latest["images"]] == sites.primaries_a()
     finally:
         op.stop_all()
-        for proc in op.background:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(EXIT_S)
 
 
 

@@ -51,7 +51,3 @@ def test_a_failover_whose_msa_was_killed_protects_the_domain_when_rerun(tmp_path
         assert [sha256(Path(i["path"])) for i in at_fork["images"]] == expected
     finally:
         op.stop_all()
-        for proc in op.background:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(EXIT_S)

@@ -118,11 +118,16 @@ class Operator:
 
     def stop_all(self) -> None:
         """Stop both daemons (SIGTERM, then SIGKILL), then what a killed one left running
-        (``kill_leftovers``)."""
+        (``kill_leftovers``), then what the test started and did not wait for
+        (``background``): SIGKILLed with its process group when it leads one of its own."""
         for proc in self.daemons.values():
             _stop(proc)
         for site in (self.sites.a, self.sites.b):
             kill_leftovers(site.cfg.state_dir)
+        for proc in self.background:
+            if proc.poll() is None:
+                _kill_with_group(proc)
+            proc.wait(EXIT_S)
 
     def logs(self) -> str:
         out = []
@@ -130,6 +135,16 @@ class Operator:
             lines = path.read_text(errors="replace").splitlines()[-20:]
             out.append(f"--- {path}\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+def _kill_with_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``, and its whole process group when it leads one (started with
+    ``start_new_session``: its children go with it)."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
 
 
 def _healthy(listen: str) -> bool:

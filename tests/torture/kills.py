@@ -876,10 +876,6 @@ async def _kill_on_the_new_timeline(ctx: Ctx, site: str, phase: str, why: str) -
 def _cleanup(ctx: Ctx) -> None:
     if ctx.op is not None:
         ctx.op.stop_all()
-        for proc in ctx.op.background:
-            if proc.poll() is None:
-                _pgkill(proc.pid)
-            proc.wait(10)
     _leftovers(ctx)
 
 
