@@ -102,7 +102,8 @@ def _reserve(port: int) -> bool:
 
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports from ``free_port``: for servers that each bind one of them
-    later (two draws can give the same port, since each is free again once checked)."""
+    later. ``free_port`` never gives a port twice in a process, except its ``bind(0)``
+    fallback (no room outside the ephemeral range), which may: such a repeat is drawn again."""
     ports: list[int] = []
     while len(ports) < n:
         port = free_port()
