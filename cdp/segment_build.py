@@ -57,6 +57,18 @@ from cdp.segment_format import (
 #: Blocks are packed on an executor in at most this many tasks per segment: a task per
 #: 64 KiB block cost the executor's hand-over (tens of microseconds) 256 times a segment.
 PACK_TASKS_MAX = 4
+#: Blocks are packed in groups of this many (a task takes whole groups), and a block's
+#: codec depends only on the blocks before it in its group: a segment's bytes are the
+#: same whether or not it was packed on an executor, and however it was split.
+PACK_GROUP_BLOCKS = 8
+#: After a block that LZ4 made less than 1/2**POOR_SHIFT smaller (a "poor" block: nearly
+#: incompressible data, such as fio's, encrypted or media files), the next block of the
+#: group is first tried on its first SAMPLE_BYTES; it is stored as it is unless the
+#: sample saves that much. LZ4 costs most on such data (~500 MB/s on fio's buffers, which
+#: it makes 6.5 % smaller, against ~3.6 GB/s on random bytes), so the DRVA spent a third
+#: of its CPU on it (benchmarks.nbd's 1 MiB job) for a few percent of the store.
+POOR_SHIFT = 3
+SAMPLE_BYTES = 4 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +165,11 @@ def _build(
     spans = _payload_spans(records, sources, where)
     pieces = _cut_blocks(spans, block_raw_size)
     raw_len = sum(len(p) for p in pieces)
-    if executor is None or len(pieces) < 2:
+    if executor is None or len(pieces) <= PACK_GROUP_BLOCKS:
         packed = _pack_blocks(pieces)
     else:
-        step = -(-len(pieces) // PACK_TASKS_MAX)
+        groups = -(-len(pieces) // PACK_GROUP_BLOCKS)
+        step = -(-groups // PACK_TASKS_MAX) * PACK_GROUP_BLOCKS  # whole groups per task
         packed = [b for batch in executor.map(_pack_blocks, [pieces[a : a + step]
                                                              for a in range(0, len(pieces), step)]) for b in batch]
 
@@ -211,7 +224,26 @@ def _cut_blocks(spans: list[memoryview], block_raw_size: int) -> list[memoryview
 
 
 def _pack_blocks(pieces: list[memoryview]) -> list[tuple[bytes | memoryview, int, int, int]]:
-    return [_pack_block(p) for p in pieces]
+    """Pack consecutive blocks that start a group (``PACK_GROUP_BLOCKS``): each group on
+    its own, a block after a poor one first tried on a sample (``POOR_SHIFT``)."""
+    packed: list[tuple[bytes | memoryview, int, int, int]] = []
+    poor = False
+    for i, raw in enumerate(pieces):
+        if i % PACK_GROUP_BLOCKS == 0:
+            poor = False  # a group's first block is always tried whole
+        if poor and len(raw) > SAMPLE_BYTES and not _saves_enough(raw[:SAMPLE_BYTES]):
+            raw_sum = xxhash.xxh3_64_intdigest(raw)
+            packed.append((raw, raw_sum, raw_sum, CODEC_STORED))
+            continue
+        block = _pack_block(raw)
+        poor = len(block[0]) > len(raw) - (len(raw) >> POOR_SHIFT)
+        packed.append(block)
+    return packed
+
+
+def _saves_enough(sample: memoryview) -> bool:
+    """LZ4 makes ``sample`` at least 1/2**POOR_SHIFT smaller."""
+    return len(lz4.block.compress(sample, store_size=False)) <= len(sample) - (len(sample) >> POOR_SHIFT)
 
 
 def _block_table(pieces: list[memoryview], packed: list[tuple]) -> np.ndarray:
