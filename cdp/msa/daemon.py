@@ -27,8 +27,6 @@ state directory once ended the stop at the VMs, its DRVAs left running).
 from __future__ import annotations
 
 import asyncio
-import collections
-import fcntl
 import os
 import signal
 import time
@@ -42,25 +40,25 @@ from cdp.logs import get_logger
 from cdp.msa import operations
 from cdp.msa.alarms import AlarmEvaluator, CertificateWatch
 from cdp.msa.config import Policy, PolicyChange, SiteConfig
+from cdp.msa.daemon_claim import DaemonClaim
 from cdp.msa.history import StatusHistory
 from cdp.msa.http_limits import ApiLimits
 from cdp.msa.jobs import Job, JobStore
-from cdp.msa.keeper import read_pid_file, same_process, stale_reason, write_pid_file
 from cdp.msa.power import load_power, save_power
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
+from cdp.msa.power_refusals import half_failed_back, handing_over
 from cdp.msa.protection import load_protection, save_protection
 from cdp.msa.state_fs import StateUnwritable
 from cdp.msa.runner import JobRunner, acting_claim, quiesce_claim
 from cdp.msa.standby import StandbyKeeper
-from cdp.msa.status_doc import COUNT_MAX, domains_of
-from cdp.msa.supervisor import STEP_INTERVAL_S, DrvaView, Supervisor
+from cdp.msa.status_doc import domains_of
+from cdp.msa.supervisor import STEP_INTERVAL_S, Supervisor
+from cdp.msa.throughput import Throughput
 from cdp.store.open import redact_url
 from drva.requests import write_unprotect_request
 
 log = get_logger("cdp.msa.daemon")
 
-PID_NAME = "msa.pid"
-LOCK_NAME = "msa.lock"  # flocked by the running daemon (FORMAT.md §13.3)
 ALARM_INTERVAL_S = 1.0
 SCHEDULE_INTERVAL_S = 1.0
 PRUNE_INTERVAL_S = 3600.0
@@ -71,49 +69,6 @@ JOB_TIMEOUT_S = {"protect": 120.0, "mark": 120.0, "preflight": 600.0, "verify": 
                  "consolidate": 6 * 3600.0, "recover": 24 * 3600.0, "failover": 24 * 3600.0, "quiesce": 300.0,
                  "failback": 24 * 3600.0}
 OWNER_CHECK_EVERY_S = 30.0  # a fenced domain's catalog is read this often to say who owns it
-RATE_SAMPLES = 6  # throughput over the last ~5 alarm ticks
-
-
-class Throughput:
-    """Bytes/s received and uploaded per domain, from the DRVAs' counters over the last
-    few samples. Invariant: at most ``RATE_SAMPLES`` samples per (DRVA, domain)."""
-
-    def __init__(self) -> None:
-        self.samples: dict[tuple[str, str], collections.deque] = {}
-
-    def update(self, now: float, views: list[DrvaView]) -> None:
-        seen = set()
-        for v in views:
-            for dom in domains_of(v.status):
-                received, uploaded = _counter(dom.get("bytes_received")), _counter(dom.get("bytes_uploaded"))
-                if received is None or uploaded is None:
-                    continue  # no figure: no rate (the status check lets no such document through)
-                key = (v.name, dom["name"])
-                seen.add(key)
-                q = self.samples.setdefault(key, collections.deque(maxlen=RATE_SAMPLES))
-                sample = (now, v.pid, received, uploaded)
-                if q and (q[-1][1] != sample[1] or sample[2] < q[-1][2] or sample[3] < q[-1][3]):
-                    q.clear()  # the DRVA restarted: its counters started again
-                q.append(sample)
-        for key in [k for k in self.samples if k not in seen]:
-            del self.samples[key]
-
-    def rates(self, drva: str, domain: str) -> dict[str, float | None]:
-        q = self.samples.get((drva, domain))
-        if not q or len(q) < 2 or q[-1][0] <= q[0][0]:
-            return {"received_bytes_per_s": None, "uploaded_bytes_per_s": None}
-        dt = q[-1][0] - q[0][0]
-        return {"received_bytes_per_s": round((q[-1][2] - q[0][2]) / dt),
-                "uploaded_bytes_per_s": round((q[-1][3] - q[0][3]) / dt)}
-
-
-def _counter(value: Any) -> int | None:
-    """A DRVA's byte counter (absent: 0), or None when it is not one."""
-    if value is None:
-        return 0
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
-        return value
-    return None
 
 
 class MsaDaemon:
@@ -145,8 +100,7 @@ class MsaDaemon:
         self.throughput = Throughput()
         self.history = StatusHistory()  # what the console charts (GET /v1/domains/{name}/history)
         self.protection: dict[str, Policy] = {}
-        self.pid_path = cfg.state_dir / PID_NAME
-        self._lock_fd: int | None = None  # msa.lock, flocked while this daemon runs
+        self.claim = DaemonClaim(cfg.state_dir)  # msa.lock and msa.pid (FORMAT.md §13.3)
         self.started_ns = 0
         self._protection_lock = asyncio.Lock()
         self._next_consolidation: dict[str, float] = {}
@@ -167,7 +121,7 @@ class MsaDaemon:
         # any process for the next start to stop, or a file for root to append to.
         ensure_dir(self.cfg, "state_dir", self.cfg.state_dir / "logs",
                    "the daemon writes its children's logs and pid files")
-        self._claim_pid_file()
+        self.claim.take()
         try:
             if self.cfg.tls is not None:  # before a DRVA or the API would fail on a missing file
                 await asyncio.to_thread(self.cfg.tls.check_files, self.cfg.drvas, self.cfg.path)
@@ -212,7 +166,7 @@ class MsaDaemon:
         await _stop_step("hypervisor", self.hypervisor.stop_all, errors)
         await _stop_step("standby", self.standby.stop_all, errors)
         await _stop_step("supervisor", self.supervisor.stop_all, errors)
-        await _stop_step("pid-file", self._release_pid_file, errors)  # a plain function: called as is
+        await _stop_step("pid-file", self.claim.release, errors)  # a plain function: called as is
         log.info("msa_stopped", site=self.cfg.site, **({"failed_steps": len(errors)} if errors else {}))
         if errors:
             raise errors[0]
@@ -227,66 +181,6 @@ class MsaDaemon:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-
-    def _claim_pid_file(self) -> None:
-        """Refuse to start while another daemon runs for this state directory; else name
-        this one in the pid file. The claim is an exclusive flock of ``msa.lock``, held
-        while the daemon runs and dropped by the kernel when it dies: two daemons started
-        at the same instant both read "no daemon" from the pid file, and both wrote it.
-        The pid file stays what ``cdp uninstall`` reads: a file naming a process that is
-        gone, or a process started at another time than the file says (its pid was
-        reused), is a leftover of a killed daemon: replaced."""
-        self._take_lock()
-        try:
-            self._name_this_daemon()
-        except BaseException:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise
-
-    def _name_this_daemon(self) -> None:
-        try:
-            found = read_pid_file(self.pid_path)
-        except (OSError, ValueError) as exc:
-            found = None  # unreadable: a leftover, replaced below
-            log.warning("msa_pid_file_replaced", pid_file=str(self.pid_path), error=str(exc))
-        if found is not None and found[0] != os.getpid() and same_process(*found):
-            # The lock is ours, so this is a daemon that takes none (an older version).
-            raise Busy(f"a daemon already runs for {self.cfg.state_dir} (pid {found[0]}, from {self.pid_path}); "
-                       f"stop it first")
-        if found is not None and found[0] != os.getpid():
-            log.warning("msa_pid_file_stale", pid_file=str(self.pid_path), pid=found[0], why=stale_reason(*found))
-        write_pid_file(self.pid_path, os.getpid())
-
-    def _take_lock(self) -> None:
-        fd = os.open(self.cfg.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Busy(f"a daemon already runs for {self.cfg.state_dir} (it holds {LOCK_NAME} there); "
-                       f"stop it first") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
-
-    def _release_pid_file(self) -> None:
-        """Remove ``msa.pid`` if it names this daemon, then drop the lock. A file that
-        cannot be removed (a read-only state directory) is logged and left: it names a
-        process that is gone, which the next daemon tells by its start time."""
-        try:
-            found = read_pid_file(self.pid_path)
-        except (OSError, ValueError):
-            found = None
-        try:
-            if found is not None and found[0] == os.getpid():
-                self.pid_path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("msa_pid_file_not_removed", pid_file=str(self.pid_path), error=exc.strerror or str(exc))
-        if self._lock_fd is not None:  # after the pid file: a daemon starting now finds it gone
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     # ------------------------------------------------------------------ loops
 
@@ -396,10 +290,10 @@ class MsaDaemon:
 
     async def _runnable(self, domains: list[str]) -> list[str]:
         """``domains`` less those that failed over to another site (their VMs stay off).
-        A domain handed over (``_handing_over``) is also dropped from ``power.json``: its
-        VMs run here again only when asked, once it is protected here again — not at
-        the next restart after that (a quiesce killed before its power-off left it
-        listed)."""
+        A domain handed over (``cdp.msa.power_refusals.handing_over``) is also dropped
+        from ``power.json``: its VMs run here again only when asked, once it is protected
+        here again — not at the next restart after that (a quiesce killed before its
+        power-off left it listed)."""
         out, handed_over = [], []
         for name in domains:
             if name in self.cfg.isolated:
@@ -409,10 +303,10 @@ class MsaDaemon:
             if where is not None:
                 log.error("power_on_refused", domain=name, reason=operations.failed_over_text(name, where))
                 continue
-            if (why := self._half_failed_back(name)) is not None:
+            if (why := half_failed_back(self.cfg, name)) is not None:
                 log.error("power_on_refused", domain=name, reason=why)
                 continue
-            if (why := self._handing_over(name)) is not None:
+            if (why := handing_over(self.cfg, self.runner.claims, name)) is not None:
                 log.error("power_on_refused", domain=name, reason=why)
                 handed_over.append(name)
                 continue
@@ -420,52 +314,6 @@ class MsaDaemon:
         if handed_over:
             await asyncio.to_thread(save_power, self.cfg, [d for d in domains if d not in handed_over])
         return out
-
-    def _half_failed_back(self, domain: str) -> str | None:
-        """Why ``domain``'s disks may not be run on, else None: a failback here has not
-        reached ``protected`` yet (``cdp.msa.failback``) — its disks may be half-written
-        (``handed_over``), or its DRVA still serves the old, fenced timeline (``forked``:
-        VMs started now would have nothing they write acknowledged, for good) — or this
-        site handed the domain back to the site it came from, which reads these disks as
-        they were at the final mark (``handed_back``)."""
-        from cdp.msa.failback import handed_back, in_progress
-
-        if (why := handed_back(self.cfg, domain)) is not None:
-            return why
-        doc = in_progress(self.cfg.state_dir, domain)
-        if doc is None or doc["phase"] not in ("handed_over", "forked", "unreadable"):
-            return None
-        if doc["phase"] == "forked":
-            return (f"a failback of domain {domain} brought its disks to the final mark and forked the new timeline, "
-                    f"and its DRVA does not serve that timeline yet (phase forked): VMs started now would meet "
-                    f"the old, fenced one and nothing they write would be acknowledged; run `cdp failback "
-                    f"{domain}` again to finish it (it powers them on)")
-        return (f"a failback of domain {domain} started and its disks are not brought back yet (phase "
-                f"{doc['phase']}): they may be half-written; run `cdp failback {domain}` again to finish it")
-
-    def _handing_over(self, domain: str) -> str | None:
-        """Why ``domain``'s VMs may not be powered on because this site is handing it over
-        for a planned failover, else None: its quiesce is running (between its pause and
-        its handover record a power-on would pass every other check), or it committed a
-        final mark to hand the domain over at (the record is written before the power-off)
-        and has not protected it since. A recovery site forks at that mark and reports no
-        loss; writes made here after it would be lost, and both sites would run the VMs."""
-        from cdp.msa.handover import read_handover
-
-        holder = self.runner.claims.get(quiesce_claim(domain))
-        if holder is not None:
-            return (f"domain {domain} is being handed over for a planned failover ({holder}): its VMs stay off "
-                    f"until it ends")
-        try:
-            back = read_handover(self.cfg.state_dir, domain)
-        except ConfigError as exc:
-            return f"domain {domain}: its handover record cannot be read ({exc.message}); its VMs stay off"
-        if back is None or domain in self.cfg.isolated:
-            return None
-        return (f"domain {domain} was handed over at its final mark {back['mark']!r} (seq {back['seq']}) for a "
-                f"planned failover: the recovery site runs it from that point, and writes made here would be lost; "
-                f"to run it here again, once the recovery site's failover has failed or been given up (one still "
-                f"running forks at that mark), protect it here first (`cdp protect {domain}`)")
 
     async def power(self, domain: str, on: bool) -> dict[str, Any]:
         """Power ``domain``'s VMs on or off (``cdp.hypervisor``); remembered across restarts.
@@ -476,12 +324,12 @@ class MsaDaemon:
             self.hypervisor.check(spec)
             if domain not in self.cfg.isolated:  # a test failover's copy writes nothing to the store
                 await self.refuse_if_failed_over(domain, "powering its VMs on")
-                if (why := self._half_failed_back(domain)) is not None:
+                if (why := half_failed_back(self.cfg, domain)) is not None:
                     raise FailedOver(why)
         async with self._power_lock:
             # Under the lock: a quiesce powers the VMs off under it too, so a power-on
             # checked before it and applied after it cannot slip past.
-            if on and (why := self._handing_over(domain)) is not None:
+            if on and (why := handing_over(self.cfg, self.runner.claims, domain)) is not None:
                 raise FailedOver(why)
             self.runner.refuse_if_moving(domain, f"powering its VMs {'on' if on else 'off'}")
             was = domain in self.powered

@@ -267,14 +267,14 @@ async def test_a_stale_pid_file_never_signals_and_never_blocks_the_daemon(tmp_pa
                  f"{innocent.pid}\n"):  # an older cdp's file: no start time, so no proof
         pid_file.write_text(text)
         daemon = MsaDaemon(site.cfg, site.env)
-        daemon._claim_pid_file()
+        daemon.claim.take()
         assert pid_file.read_text().split() == [str(os.getpid()), str(start_ticks(os.getpid()))]
-        daemon._release_pid_file()
+        daemon.claim.release()
         assert not pid_file.exists()
     # The file names a process that is that process (same start time): a daemon runs.
     write_pid_file(pid_file, innocent.pid)
     with pytest.raises(Busy, match=f"a daemon already runs .*pid {innocent.pid}"):
-        MsaDaemon(site.cfg, site.env)._claim_pid_file()
+        MsaDaemon(site.cfg, site.env).claim.take()
     # Uninstall with a stale file: nothing signalled, the file removed, said so.
     pid_file.write_text(f"{innocent.pid}\n")
     result = await uninstall(site.cfg, False, site.env)

@@ -109,11 +109,11 @@ def test_uninstall_and_the_daemon_are_not_held_by_a_fifo_at_msa_pid(tmp_path: Pa
         daemon_state(site.cfg)
     assert err.value.message == f"{pid_file}: a FIFO, not a pid file cdp wrote"
     daemon = MsaDaemon(site.cfg, site.env)
-    daemon._claim_pid_file()  # a leftover: replaced by this daemon's
+    daemon.claim.take()  # a leftover: replaced by this daemon's
     try:
         assert read_pid_file(pid_file) == (os.getpid(), start_ticks(os.getpid()))
     finally:
-        daemon._release_pid_file()
+        daemon.claim.release()
 
 
 async def test_a_fifo_at_a_childs_pid_file_is_replaced_not_waited_on(tmp_path: Path, alarm: None) -> None:

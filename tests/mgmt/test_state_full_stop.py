@@ -49,10 +49,10 @@ async def test_a_failed_stop_step_does_not_skip_the_next_ones(tmp_path: Path) ->
             await a.stop()
         assert caught.value.errno == errno.EROFS  # the first error, raised once every step ran
         assert not running(*drva), "the DRVA runs on with no daemon: the stop ended at the hypervisor"
-        assert not a.pid_path.exists() and a._lock_fd is None
+        assert not a.claim.pid_path.exists() and a.claim.lock_fd is None
     finally:
         await a.supervisor.stop_all()  # the parent code's stop left it running
-        a._release_pid_file()
+        a.claim.release()
 
 
 async def test_a_daemon_on_a_read_only_state_dir_stops_its_children(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ async def test_a_daemon_on_a_read_only_state_dir_stops_its_children(tmp_path: Pa
             assert hp.last_exit == 0, f"the host did not drain and exit 0 ({hp.last_exit}) on a read-only log"
             assert took < HOST_STOP_S, f"the stop took {took:.1f} s: the host was killed, not drained"
             assert not [c for c in children if running(*c)], "children left running"
-            assert a._lock_fd is None
+            assert a.claim.lock_fd is None
         finally:
             if not stopped:
                 for step in (a.hypervisor.stop_all, a.supervisor.stop_all):
@@ -88,4 +88,4 @@ async def test_a_daemon_on_a_read_only_state_dir_stops_its_children(tmp_path: Pa
                         await step()
                     except OSError:
                         pass
-                a._release_pid_file()
+                a.claim.release()

@@ -19,7 +19,7 @@ import pytest
 
 from cdp.msa.alarms import AlarmEvaluator
 from cdp.msa.config import Alarms, Policy
-from cdp.msa.daemon import Throughput
+from cdp.msa.throughput import Throughput
 from cdp.msa.history import StatusHistory
 from cdp.msa.metrics import MetricsSnapshot, MsaMetrics
 from cdp.msa.status_doc import problem
