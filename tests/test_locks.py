@@ -52,7 +52,6 @@ async def test_a_holder_paused_past_its_window_does_not_bring_its_lock_back(tmp_
     process saw it expired and removed it. The holder's next renewal tick must not write
     it again (retention would then see a live recovery it already planned around), and
     the holder must learn that it lost it."""
-    import asyncio
     import time
 
     import pytest
@@ -67,7 +66,10 @@ async def test_a_holder_paused_past_its_window_does_not_bring_its_lock_back(tmp_
         lease.check()
         lease.expires_ns = time.time_ns() - 1  # as if the process had been stopped past its expiry
         await store.delete(lease.key)  # the others saw it expired
-        await asyncio.sleep(0.25)  # more than one renewal tick (ttl / 3)
+        # Its next renewal tick finds it past its window: it gives the lease up, and its task ends
+        # (no later tick may write the lock either).
+        await wait_until(lambda: lease.lost is not None and lease._task.done(), EVENTUALLY_S,
+                         "the renewal tick to give the lease up")
         assert [i.key async for i in store.list("l/")] == []
         with pytest.raises(LeaseLost, match="paused"):
             lease.check()

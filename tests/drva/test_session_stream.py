@@ -9,7 +9,7 @@ import os
 import pytest
 
 from drva.session import DIRECT_READ_BYTES, SessionStream
-from tests.waiting import EVENTUALLY_S
+from tests.waiting import EVENTUALLY_S, wait_until
 
 LIMIT = 256 << 10
 
@@ -66,8 +66,8 @@ async def test_stops_reading_while_its_read_ahead_is_full():
     # Nobody reads: the stream holds at most its read-ahead; TCP flow control does the rest.
     stream, writer, server = await _pair(limit=64 << 10)
     writer.write(b"z" * (16 << 20))
-    await asyncio.sleep(0.3)
-    assert stream._end - stream._start == 64 << 10 and stream._reading_paused
+    await wait_until(lambda: stream._end - stream._start == 64 << 10 and stream._reading_paused, EVENTUALLY_S,
+                     "the read-ahead full and reading paused")
     assert writer.transport.get_write_buffer_size() > 0  # the rest waits on the sender's side
     async with asyncio.timeout(EVENTUALLY_S):
         assert await stream.readexactly(16 << 20) == b"z" * (16 << 20)
@@ -80,13 +80,14 @@ async def test_grow_keeps_the_unread_bytes_and_reads_on_into_the_larger_read_ahe
     stream, writer, server = await _pair(limit=64 << 10)
     data = os.urandom(16 << 20)
     writer.write(data)
-    await asyncio.sleep(0.3)
-    assert stream._end - stream._start == 64 << 10 and stream._reading_paused
+    await wait_until(lambda: stream._end - stream._start == 64 << 10 and stream._reading_paused, EVENTUALLY_S,
+                     "the read-ahead full and reading paused")
     head = await stream.readexactly(10)  # the read-ahead now holds 64 KiB - 10 unread
     stream.grow(256 << 10)
-    await asyncio.sleep(0.3)
-    assert len(stream._ahead) == 256 << 10 and stream._end - stream._start == 256 << 10
-    assert stream._reading_paused  # full again: flow control, not an unbounded buffer
+    assert len(stream._ahead) == 256 << 10
+    # Full again, then paused: flow control, not an unbounded buffer.
+    await wait_until(lambda: stream._end - stream._start == 256 << 10 and stream._reading_paused, EVENTUALLY_S,
+                     "the grown read-ahead full and reading paused again")
     async with asyncio.timeout(EVENTUALLY_S):
         rest = await stream.readexactly(len(data) - 10)
     assert head + bytes(rest) == data

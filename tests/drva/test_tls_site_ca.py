@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -96,9 +95,13 @@ async def test_a_tls_drva_refuses_plain_and_foreign_filters_and_serves_the_next(
             assert "filter_tls_refused" in err.read_text()
         finally:
             sim.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
-            sim.send_signal(signal.SIGTERM)  # the second one gives the drain up
-            sim.wait(SIM_EXIT_S)
+            try:
+                # The second signal once the first is handled (it says so): two at once may count as one.
+                wait_until_sync(lambda: "iofilter-sim: stopping" in err.read_text() or sim.poll() is not None,
+                                EVENTUALLY_S, "iofilter-sim to begin its drain")
+            finally:
+                sim.send_signal(signal.SIGTERM)  # the second one gives the drain up
+                sim.wait(SIM_EXIT_S)
         assert json.loads(out_path.read_text().splitlines()[-1])["domains"]["erp"]["acked_seq"] == 0
 
         # The next good session: iofilter-sim with --tls-ca streams, is acked, drains.

@@ -104,7 +104,7 @@ async def test_a_flush_waits_for_the_drva_through_bitmap_mode_and_resync(tmp_pat
             site_uri, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         filt = runner.filters["erp"]
         await wait_for(lambda: filt.stats["writes"] >= 2, "both writes captured")
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # time for the FLUSH to return wrongly: that it does not is the check
         assert proc.returncode is None, "the FLUSH returned while no DRVA had the writes"
         assert filt.mode == "bitmap" and filt.acked_seq < 1
         async with running_drva(drva_config(tmp_path, port)) as drva:
@@ -141,7 +141,7 @@ async def test_a_paused_domain_holds_its_writes_until_resumed(tmp_path) -> None:
             tool("qemu-io"), "-f", "raw", "-c", "write -P 0x44 0 64k", site.uri(),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         await wait_for(lambda: site.runner.nbd.captures["erp"]._queue, "the write queued")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # time for a paused domain to capture the write wrongly: nothing may happen
         assert proc.returncode is None
         assert site.runner.status()["paused"] == ["erp"]
         assert site.filt.stats["writes"] == 0

@@ -520,7 +520,7 @@ s = socket.create_connection((host, int(port)))
 s.sendall(msg)
 if mode == "close":
     s.close()
-    time.sleep(2)
+    time.sleep(2)  # the pairs and the burst stay open (a slow accept) while the server gets to the closed socket
 else:
     s.settimeout(20)
     got = b""
