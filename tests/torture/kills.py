@@ -77,6 +77,7 @@ LEASE_SKEW_S = 0.1
 KILL_AFTER_WORK_S = 0.1  # a RocVA kill lands within this of its first sign of work
 CONSOLIDATE_OLDER_S = 0.5
 MARK_LOGGED_WITHIN_S = 30.0  # the host's line for a mark (after hashing disks of a few MiB)
+RERUNS_FAILED_MAX = 5  # a job rerun after a kill that runs and fails this often is a failure of the campaign
 
 
 @dataclass(frozen=True)
@@ -787,20 +788,27 @@ async def _job(ctx: Ctx, site: str, path: str, body: dict[str, Any], phase: str,
         if record["state"] == "succeeded":
             ctx.rocva[f"{phase}_finished_despite_kill"] += 1
             return record["output"]
-    errors = []
-    for _ in range(5):
+    # Reruns until one succeeds: refused (409 busy) as long as the killed run is still
+    # ending, which a deadline bounds (a count of tries ran out on a slow machine's
+    # long ending); a rerun that ran and failed counts against RERUNS_FAILED_MAX.
+    errors: list[str] = []
+    failed = 0
+    deadline = time.monotonic() + 2 * EVENTUALLY_S
+    while failed < RERUNS_FAILED_MAX and time.monotonic() < deadline:
         try:
             rerun = await ctx.api(site, "POST", path, body, wait=True)
         except Exception as exc:  # noqa: BLE001  (409 busy: the killed run is still ending)
-            errors.append(str(exc))
+            errors = [*errors[-4:], str(exc)]
             await asyncio.sleep(0.5)
             continue
         if rerun["state"] == "succeeded":
             ctx.rocva[f"{phase}_resumed" if (rerun["output"] or {}).get("resumed") else f"{phase}_rerun"] += 1
             return rerun["output"]
-        errors.append(rerun.get("error") or "")
+        failed += 1
+        errors = [*errors[-4:], rerun.get("error") or ""]
         await asyncio.sleep(0.5)
-    ctx.res.problem("failures", f"{phase} at site {site} never finished after its {target} was killed: {errors}")
+    ctx.res.problem("failures", f"{phase} at site {site} never finished after its {target} was killed "
+                                f"({failed} reruns failed; last errors: {errors})")
     return None
 
 
