@@ -224,8 +224,9 @@ def _cut_blocks(spans: list[memoryview], block_raw_size: int) -> list[memoryview
 
 
 def _pack_blocks(pieces: list[memoryview]) -> list[tuple[bytes | memoryview, int, int, int]]:
-    """Pack consecutive blocks that start a group (``PACK_GROUP_BLOCKS``): each group on
-    its own, a block after a poor one first tried on a sample (``POOR_SHIFT``)."""
+    """Pack ``pieces``, consecutive blocks of which the first starts a group
+    (``PACK_GROUP_BLOCKS``): each group on its own, and in a group a block after a poor
+    one first tried on a sample (``POOR_SHIFT``)."""
     packed: list[tuple[bytes | memoryview, int, int, int]] = []
     poor = False
     for i, raw in enumerate(pieces):

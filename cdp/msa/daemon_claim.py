@@ -13,7 +13,7 @@ from cdp.errors import Busy
 from cdp.logs import get_logger
 from cdp.msa.keeper import read_pid_file, same_process, stale_reason, write_pid_file
 
-log = get_logger("cdp.msa.daemon")
+log = get_logger("cdp.msa.daemon")  # its events are the daemon's (msa_pid_file_*), as they were
 
 PID_NAME = "msa.pid"
 LOCK_NAME = "msa.lock"  # flocked by the running daemon (FORMAT.md §13.3)
